@@ -1,0 +1,64 @@
+use kvm_ioctls::Error as KvmError;
+
+/// Errors of the KVM layer: one variant per operation, so a failure names what failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("/dev/kvm does not exist: this host has no KVM (enable virtualisation and load the kvm module)")]
+    KvmMissing,
+    #[error("no permission to open /dev/kvm: run as root or add this user to the kvm group")]
+    KvmPermission,
+    #[error("cannot open /dev/kvm: {0}")]
+    KvmOpen(KvmError),
+    #[error("KVM API version {0} is not supported (need 12)")]
+    KvmApiVersion(i32),
+    #[error("KVM lacks a required capability: {0}")]
+    MissingCapability(&'static str),
+    #[error("KVM_CREATE_VM failed: {0}")]
+    CreateVm(KvmError),
+    #[error("KVM_SET_TSS_ADDR failed: {0}")]
+    SetTssAddr(KvmError),
+    #[error("KVM_SET_USER_MEMORY_REGION (slot {slot}) failed: {err}")]
+    SetMemoryRegion { slot: u32, err: KvmError },
+    #[error("KVM_CREATE_IRQCHIP failed: {0}")]
+    CreateIrqchip(KvmError),
+    #[error("KVM_CREATE_PIT2 failed: {0}")]
+    CreatePit(KvmError),
+    #[error("KVM_IRQFD failed: {0}")]
+    RegisterIrqfd(KvmError),
+    #[error("eventfd failed: {0}")]
+    EventFd(std::io::Error),
+    #[error("KVM_CREATE_VCPU {id} failed: {err}")]
+    CreateVcpu { id: u32, err: KvmError },
+    #[error("KVM_GET_SUPPORTED_CPUID failed: {0}")]
+    GetSupportedCpuid(KvmError),
+    #[error("KVM_SET_CPUID2 failed: {0}")]
+    SetCpuid(KvmError),
+    #[error("KVM_GET_SREGS failed: {0}")]
+    GetSregs(KvmError),
+    #[error("KVM_SET_SREGS failed: {0}")]
+    SetSregs(KvmError),
+    #[error("KVM_SET_REGS failed: {0}")]
+    SetRegs(KvmError),
+    #[error("KVM_GET_REGS failed: {0}")]
+    GetRegs(KvmError),
+    #[error("KVM_SET_FPU failed: {0}")]
+    SetFpu(KvmError),
+    #[error("KVM_SET_MSRS failed: {0}")]
+    SetMsrs(KvmError),
+    #[error("KVM_SET_MSRS wrote {written} of {wanted} MSRs")]
+    PartialMsrWrite { written: usize, wanted: usize },
+    #[error("KVM_SET_LAPIC failed: {0}")]
+    SetLapic(KvmError),
+    #[error("KVM_GET_LAPIC failed: {0}")]
+    GetLapic(KvmError),
+    #[error("KVM_GET_TSC_KHZ failed: {0}")]
+    GetTscKhz(KvmError),
+    #[error("KVM_RUN failed: {0}")]
+    Run(KvmError),
+    #[error("installing the vCPU kick signal handler failed: {0}")]
+    SignalHandler(vmm_sys_util::errno::Error),
+    #[error("sending the kick signal to a vCPU thread failed: {0}")]
+    Kick(std::io::Error),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,90 @@
+use std::os::fd::AsRawFd;
+
+use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Cap, Kvm};
+
+use crate::{Error, Result, Vm};
+
+/// An open `/dev/kvm` with the capabilities warmvm relies on checked once.
+pub struct Hypervisor {
+    kvm: Kvm,
+    supported_cpuid: CpuId,
+    vcpu_mmap_size: usize,
+}
+
+impl Hypervisor {
+    /// Open `/dev/kvm` (or the device named by `WARMVM_KVM_DEVICE`) and check what warmvm
+    /// needs. The errors tell an operator what to fix.
+    pub fn open() -> Result<Self> {
+        let path = std::env::var_os("WARMVM_KVM_DEVICE").unwrap_or_else(|| "/dev/kvm".into());
+        let cpath = std::ffi::CString::new(path.as_encoded_bytes())
+            .map_err(|_| Error::KvmOpen(kvm_ioctls::Error::new(libc::EINVAL)))?;
+        let kvm = Kvm::new_with_path(cpath.as_c_str()).map_err(|e| match e.errno() {
+            libc::ENOENT | libc::ENXIO | libc::ENODEV => Error::KvmMissing,
+            libc::EACCES | libc::EPERM => Error::KvmPermission,
+            _ => Error::KvmOpen(e),
+        })?;
+        let version = kvm.get_api_version();
+        if version != 12 {
+            return Err(Error::KvmApiVersion(version));
+        }
+        for (cap, name) in [
+            (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+            (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+            (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+            (Cap::SetTssAddr, "KVM_CAP_SET_TSS_ADDR"),
+            (Cap::Irqfd, "KVM_CAP_IRQFD"),
+        ] {
+            if !kvm.check_extension(cap) {
+                return Err(Error::MissingCapability(name));
+            }
+        }
+        let supported_cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(Error::GetSupportedCpuid)?;
+        let vcpu_mmap_size = kvm
+            .get_vcpu_mmap_size()
+            .map_err(|e| Error::CreateVcpu { id: 0, err: e })?;
+        Ok(Self {
+            kvm,
+            supported_cpuid,
+            vcpu_mmap_size,
+        })
+    }
+
+    /// Create an empty VM. Memory slots should be added before [`Vm::create_irqchip`]:
+    /// on some KVMs (PVM) each slot costs 5-8 ms once an in-kernel irqchip exists.
+    pub fn create_vm(&self) -> Result<Vm> {
+        let fd = self.kvm.create_vm().map_err(Error::CreateVm)?;
+        Ok(Vm::new(fd, self.supported_cpuid.clone(), self.max_memslots()))
+    }
+
+    /// The CPUID KVM can offer a guest.
+    pub fn supported_cpuid(&self) -> &CpuId {
+        &self.supported_cpuid
+    }
+
+    /// Whether the host CPU (as KVM exposes it) has RDFSBASE/WRFSBASE.
+    pub fn has_fsgsbase(&self) -> bool {
+        self.supported_cpuid
+            .as_slice()
+            .iter()
+            .any(|e| e.function == 7 && e.index == 0 && e.ebx & 1 != 0)
+    }
+
+    pub fn max_memslots(&self) -> usize {
+        self.kvm.get_nr_memslots()
+    }
+
+    pub fn max_vcpus(&self) -> usize {
+        self.kvm.get_max_vcpus()
+    }
+
+    pub fn vcpu_mmap_size(&self) -> usize {
+        self.vcpu_mmap_size
+    }
+
+    pub fn raw_fd(&self) -> i32 {
+        self.kvm.as_raw_fd()
+    }
+}

@@ -1,0 +1,345 @@
+//! VM configuration: the TOML file of `warmvm run`, and the same schema as JSON for the API.
+//! Parsing rejects unknown keys; [`Config::validate`] checks everything that can be checked
+//! before any VM is touched, so a bad config changes nothing.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Most vCPUs one VM may have (KVM's own limit may be lower).
+pub const MAX_VCPUS: u32 = 254;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {err}")]
+    Read { path: PathBuf, err: std::io::Error },
+    #[error("config file {path}: {msg}")]
+    Parse { path: PathBuf, msg: String },
+    #[error("the config defines no VM (add a [[vm]] table)")]
+    NoVms,
+    #[error("VM name {0:?} is invalid: use 1-64 characters from A-Z a-z 0-9 . _ -")]
+    BadName(String),
+    #[error("VM name {0:?} is used twice")]
+    DuplicateName(String),
+    #[error("VM {vm}: memory_mib must be at least {min}")]
+    MemoryTooSmall { vm: String, min: u64 },
+    #[error("VM {vm}: memory_mib = {mib} exceeds this host's memory ({host_mib} MiB)")]
+    MemoryTooLarge { vm: String, mib: u64, host_mib: u64 },
+    #[error("VMs need {total_mib} MiB of RAM together, more than this host's {host_mib} MiB")]
+    TotalMemoryTooLarge { total_mib: u64, host_mib: u64 },
+    #[error("VM {vm}: memory_mib must be even with hugepages = true (2 MiB pages)")]
+    HugeMemoryOdd { vm: String },
+    #[error("VM {vm}: vcpus must be between 1 and {max}")]
+    BadVcpus { vm: String, max: u32 },
+    #[error("VM {vm}: kernel {path}: {err}")]
+    Kernel {
+        vm: String,
+        path: PathBuf,
+        err: std::io::Error,
+    },
+    #[error("VM {vm}: initrd {path}: {err}")]
+    Initrd {
+        vm: String,
+        path: PathBuf,
+        err: std::io::Error,
+    },
+    #[error("VM {vm}: initrd needs a kernel (the built-in reference guest takes none)")]
+    InitrdWithoutKernel { vm: String },
+    #[error("VM {vm}: boot = \"ring3\" is only for the built-in reference guest; use auto, pvh or linux for a kernel file")]
+    Ring3WithKernel { vm: String },
+    #[error("VM {vm}: the command line is longer than {max} bytes or contains a NUL")]
+    BadCmdline { vm: String, max: usize },
+}
+
+/// A host's set of VMs.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where each VM's console log goes (`<state_dir>/<vm>/console.log`) unless the VM
+    /// says otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_dir: Option<PathBuf>,
+    #[serde(default, rename = "vm")]
+    pub vms: Vec<VmConfig>,
+}
+
+/// How a kernel image is entered.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum BootKind {
+    /// Reference guest: ring3; ELF with a PVH note: pvh; bzImage or other ELF: linux.
+    #[default]
+    Auto,
+    Ring3,
+    Pvh,
+    Linux,
+}
+
+/// One VM.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    pub name: String,
+    pub memory_mib: u64,
+    #[serde(default = "one")]
+    pub vcpus: u32,
+    /// Back RAM with 2 MiB huge pages (the host must have them reserved).
+    #[serde(default)]
+    pub hugepages: bool,
+    /// Kernel image (bzImage, ELF vmlinux, PVH ELF). Omitted: the built-in reference guest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<PathBuf>,
+    #[serde(default)]
+    pub boot: BootKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmdline: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<PathBuf>,
+    /// Console log file; default `<state_dir>/<name>/console.log`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub console_log: Option<PathBuf>,
+    /// Also copy the console to the VMM's standard output.
+    #[serde(default)]
+    pub console_stdout: bool,
+    /// Hide CMPXCHG16B from the guest's CPUID (helps Linux under instruction-emulating KVMs).
+    #[serde(default)]
+    pub hide_cx16: bool,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// What [`Config::validate`] needs to know about the host.
+#[derive(Clone, Copy, Debug)]
+pub struct HostLimits {
+    pub memory_mib: u64,
+    pub max_vcpus: u32,
+}
+
+impl HostLimits {
+    pub fn probe() -> Self {
+        Self {
+            memory_mib: warmvm_memory::host_memory_bytes() >> 20,
+            max_vcpus: MAX_VCPUS,
+        }
+    }
+}
+
+pub const CMDLINE_MAX: usize = 4095;
+/// Smallest RAM a VM can have: the reference guest's image and boot area fit in 4 MiB.
+pub const MIN_MEMORY_MIB: u64 = 4;
+
+impl Config {
+    /// Read and parse a TOML config file (not yet validated).
+    pub fn from_toml_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|err| ConfigError::Read {
+            path: path.to_path_buf(),
+            err,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            msg: one_line(&e.to_string()),
+        })
+    }
+
+    /// Check every VM and the whole set against the host.
+    pub fn validate(&self, host: HostLimits) -> Result<(), ConfigError> {
+        if self.vms.is_empty() {
+            return Err(ConfigError::NoVms);
+        }
+        let mut names = HashSet::new();
+        let mut total = 0u64;
+        for vm in &self.vms {
+            vm.validate(host)?;
+            if !names.insert(vm.name.as_str()) {
+                return Err(ConfigError::DuplicateName(vm.name.clone()));
+            }
+            total = total.saturating_add(vm.memory_mib);
+        }
+        if host.memory_mib > 0 && total > host.memory_mib {
+            return Err(ConfigError::TotalMemoryTooLarge {
+                total_mib: total,
+                host_mib: host.memory_mib,
+            });
+        }
+        Ok(())
+    }
+
+    /// The state directory: the config's, or a per-user default.
+    pub fn state_dir(&self) -> PathBuf {
+        self.state_dir.clone().unwrap_or_else(default_state_dir)
+    }
+}
+
+/// `/run/warmvm` for root, `$XDG_RUNTIME_DIR/warmvm` or `/tmp/warmvm-<uid>` otherwise.
+pub fn default_state_dir() -> PathBuf {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    if uid == 0 {
+        return PathBuf::from("/run/warmvm");
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(dir) if !dir.is_empty() => PathBuf::from(dir).join("warmvm"),
+        _ => PathBuf::from(format!("/tmp/warmvm-{uid}")),
+    }
+}
+
+impl VmConfig {
+    /// A reference-guest VM with defaults, as the demo and tests use.
+    pub fn reference(name: &str, memory_mib: u64, vcpus: u32) -> Self {
+        Self {
+            name: name.to_string(),
+            memory_mib,
+            vcpus,
+            hugepages: false,
+            kernel: None,
+            boot: BootKind::Auto,
+            cmdline: None,
+            initrd: None,
+            console_log: None,
+            console_stdout: false,
+            hide_cx16: false,
+        }
+    }
+
+    pub fn validate(&self, host: HostLimits) -> Result<(), ConfigError> {
+        let vm = || self.name.clone();
+        let name_ok = !self.name.is_empty()
+            && self.name.len() <= 64
+            && self
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+            && !self.name.starts_with('.');
+        if !name_ok {
+            return Err(ConfigError::BadName(self.name.clone()));
+        }
+        if self.memory_mib < MIN_MEMORY_MIB {
+            return Err(ConfigError::MemoryTooSmall {
+                vm: vm(),
+                min: MIN_MEMORY_MIB,
+            });
+        }
+        if host.memory_mib > 0 && self.memory_mib > host.memory_mib {
+            return Err(ConfigError::MemoryTooLarge {
+                vm: vm(),
+                mib: self.memory_mib,
+                host_mib: host.memory_mib,
+            });
+        }
+        if self.hugepages && self.memory_mib % 2 != 0 {
+            return Err(ConfigError::HugeMemoryOdd { vm: vm() });
+        }
+        let max_vcpus = if self.kernel.is_none() {
+            warmvm_abi::MAX_VCPUS as u32
+        } else {
+            host.max_vcpus.min(MAX_VCPUS)
+        };
+        if self.vcpus == 0 || self.vcpus > max_vcpus {
+            return Err(ConfigError::BadVcpus {
+                vm: vm(),
+                max: max_vcpus,
+            });
+        }
+        if let Some(cmdline) = &self.cmdline {
+            if cmdline.len() > CMDLINE_MAX || cmdline.contains('\0') {
+                return Err(ConfigError::BadCmdline {
+                    vm: vm(),
+                    max: CMDLINE_MAX,
+                });
+            }
+        }
+        match &self.kernel {
+            Some(path) => {
+                if self.boot == BootKind::Ring3 {
+                    return Err(ConfigError::Ring3WithKernel { vm: vm() });
+                }
+                check_readable_file(path).map_err(|err| ConfigError::Kernel {
+                    vm: vm(),
+                    path: path.clone(),
+                    err,
+                })?;
+            }
+            None if self.initrd.is_some() => {
+                return Err(ConfigError::InitrdWithoutKernel { vm: vm() })
+            }
+            None => {}
+        }
+        if let Some(path) = &self.initrd {
+            check_readable_file(path).map_err(|err| ConfigError::Initrd {
+                vm: vm(),
+                path: path.clone(),
+                err,
+            })?;
+        }
+        Ok(())
+    }
+}
+
+fn check_readable_file(path: &Path) -> std::io::Result<()> {
+    let meta = std::fs::metadata(path)?;
+    if !meta.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    if meta.len() == 0 {
+        return Err(std::io::Error::other("the file is empty"));
+    }
+    std::fs::File::open(path).map(drop)
+}
+
+/// toml's errors span several lines with a source excerpt; an operator gets one line.
+fn one_line(msg: &str) -> String {
+    let mut parts = msg.lines().map(str::trim).filter(|l| {
+        !l.is_empty() && !l.starts_with('|') && !l.chars().next().is_some_and(|c| c.is_ascii_digit())
+    });
+    let first = parts.next().unwrap_or("invalid TOML").to_string();
+    match parts.next() {
+        Some(detail) => format!("{first} {detail}"),
+        None => first,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HOST: HostLimits = HostLimits {
+        memory_mib: 4096,
+        max_vcpus: 64,
+    };
+
+    fn parse(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e| one_line(&e.to_string()))
+    }
+
+    #[test]
+    fn minimal_vm_gets_defaults() {
+        let c = parse("[[vm]]\nname = \"a\"\nmemory_mib = 64\n").unwrap();
+        assert_eq!(c.vms[0].vcpus, 1);
+        assert_eq!(c.vms[0].boot, BootKind::Auto);
+        c.validate(HOST).unwrap();
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_on_one_line() {
+        let e = parse("[[vm]]\nname = \"a\"\nmemory_mib = 64\nmemroy = 1\n").unwrap_err();
+        assert!(e.contains("unknown field `memroy`"), "{e}");
+        assert!(!e.contains('\n'));
+    }
+
+    #[test]
+    fn bad_values_are_rejected() {
+        let check = |toml: &str| parse(toml).unwrap().validate(HOST).unwrap_err().to_string();
+        assert!(check("[[vm]]\nname=\"a\"\nmemory_mib=0\n").contains("at least"));
+        assert!(check("[[vm]]\nname=\"a\"\nmemory_mib=9999999\n").contains("exceeds"));
+        assert!(check("[[vm]]\nname=\"a b\"\nmemory_mib=64\n").contains("invalid"));
+        assert!(check("[[vm]]\nname=\"a\"\nmemory_mib=64\nvcpus=0\n").contains("vcpus"));
+        assert!(check("[[vm]]\nname=\"a\"\nmemory_mib=64\nkernel=\"/nonexistent/k\"\n")
+            .contains("/nonexistent/k"));
+        assert!(check("[[vm]]\nname=\"a\"\nmemory_mib=64\n[[vm]]\nname=\"a\"\nmemory_mib=64\n")
+            .contains("twice"));
+        assert!(check("").contains("no VM"));
+    }
+}

@@ -1,0 +1,12 @@
+//! warmvm's VMs and the host that runs them.
+
+pub mod config;
+pub mod host;
+pub mod status;
+mod vcpu;
+pub mod vm;
+
+pub use config::{Config, ConfigError, HostLimits, VmConfig};
+pub use host::{Host, HostError};
+pub use vcpu::VcpuStats;
+pub use vm::{Lifecycle, Vm, VmError, VmReport};

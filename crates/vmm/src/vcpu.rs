@@ -1,0 +1,330 @@
+//! A vCPU thread and the orders the VMM gives it.
+//!
+//! Each vCPU runs on its own thread, which owns the KVM vCPU. The VMM steers it through
+//! [`VcpuHandle`]: it sets what it wants (run, pause, stop), recalls the vCPU from a
+//! wait-port sleep, and kicks it out of KVM_RUN with a signal; the thread acknowledges by
+//! parking. A pending port or MMIO access is completed before parking, so a parked vCPU's
+//! state is always between two guest instructions.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use warmvm_devices::{IoAction, Wake};
+use warmvm_devices::doorbell::WaitEnd;
+use warmvm_hypervisor::{Exit, ExitHandler, Vcpu};
+
+use crate::vm::{Outcome, VmShared};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Want {
+    Run,
+    Pause,
+    Stop,
+}
+
+#[derive(Debug)]
+struct Control {
+    want: Want,
+    parked: bool,
+    exited: bool,
+}
+
+/// Exit and wait counters of one vCPU; cheap to read at any time.
+#[derive(Debug, Default)]
+pub struct VcpuCounters {
+    pub io_exits: AtomicU64,
+    pub mmio_exits: AtomicU64,
+    pub other_exits: AtomicU64,
+    pub kicks: AtomicU64,
+    pub waits: AtomicU64,
+    pub wait_ns: AtomicU64,
+}
+
+/// A snapshot of [`VcpuCounters`].
+#[derive(Clone, Copy, Debug, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct VcpuStats {
+    pub id: u32,
+    pub io_exits: u64,
+    pub mmio_exits: u64,
+    pub other_exits: u64,
+    pub kicks: u64,
+    pub waits: u64,
+    pub wait_ms: u64,
+}
+
+/// The VMM's side of a vCPU thread.
+pub struct VcpuHandle {
+    pub id: u32,
+    control: Mutex<Control>,
+    cv: Condvar,
+    thread: OnceLock<libc::pthread_t>,
+    pub counters: VcpuCounters,
+}
+
+impl VcpuHandle {
+    pub(crate) fn new(id: u32) -> Arc<Self> {
+        Arc::new(Self {
+            id,
+            control: Mutex::new(Control {
+                want: Want::Pause,
+                parked: false,
+                exited: false,
+            }),
+            cv: Condvar::new(),
+            thread: OnceLock::new(),
+            counters: VcpuCounters::default(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Control> {
+        self.control.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn order(&self, want: Want, vm: &VmShared) {
+        {
+            let mut c = self.lock();
+            if c.exited {
+                return;
+            }
+            c.want = want;
+        }
+        self.cv.notify_all();
+        if want != Want::Run {
+            vm.devices.doorbell.recall();
+            if let Some(t) = self.thread.get() {
+                self.counters.kicks.fetch_add(1, Ordering::Relaxed);
+                if let Err(e) = warmvm_hypervisor::kick_thread(*t) {
+                    tracing::debug!(vcpu = self.id, error = %e, "kick failed (thread gone?)");
+                }
+            }
+        }
+    }
+
+    pub(crate) fn request_pause(&self, vm: &VmShared) {
+        self.order(Want::Pause, vm);
+    }
+
+    pub(crate) fn request_run(&self, vm: &VmShared) {
+        self.order(Want::Run, vm);
+    }
+
+    pub(crate) fn request_stop(&self, vm: &VmShared) {
+        self.order(Want::Stop, vm);
+    }
+
+    /// Wait until the thread has parked (or exited). False on timeout.
+    pub(crate) fn wait_parked(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut c = self.lock();
+        while !(c.parked || c.exited) {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            c = self
+                .cv
+                .wait_timeout(c, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        true
+    }
+
+    pub(crate) fn wait_exited(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut c = self.lock();
+        while !c.exited {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            c = self
+                .cv
+                .wait_timeout(c, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        true
+    }
+
+    pub fn stats(&self) -> VcpuStats {
+        let c = &self.counters;
+        VcpuStats {
+            id: self.id,
+            io_exits: c.io_exits.load(Ordering::Relaxed),
+            mmio_exits: c.mmio_exits.load(Ordering::Relaxed),
+            other_exits: c.other_exits.load(Ordering::Relaxed),
+            kicks: c.kicks.load(Ordering::Relaxed),
+            waits: c.waits.load(Ordering::Relaxed),
+            wait_ms: c.wait_ns.load(Ordering::Relaxed) / 1_000_000,
+        }
+    }
+
+    /// Thread side: what to do next. Parks while paused; returns false to stop.
+    fn next_order(&self, before_park: &mut dyn FnMut()) -> bool {
+        let mut c = self.lock();
+        loop {
+            match c.want {
+                Want::Run => {
+                    c.parked = false;
+                    return true;
+                }
+                Want::Stop => return false,
+                Want::Pause => {
+                    if !c.parked {
+                        drop(c);
+                        before_park();
+                        c = self.lock();
+                        if c.want != Want::Pause {
+                            continue;
+                        }
+                        c.parked = true;
+                        self.cv.notify_all();
+                    }
+                    c = self.cv.wait(c).unwrap_or_else(|p| p.into_inner());
+                }
+            }
+        }
+    }
+
+    fn mark_exited(&self) {
+        let mut c = self.lock();
+        c.exited = true;
+        c.parked = false;
+        self.cv.notify_all();
+    }
+}
+
+/// Routes a vCPU's exits to its VM's devices and remembers what the vCPU must do next.
+struct Exits<'a> {
+    vm: &'a VmShared,
+    action: IoAction,
+    last_wake: Wake,
+}
+
+impl ExitHandler for Exits<'_> {
+    fn pio_read(&mut self, port: u16, data: &mut [u8]) {
+        self.vm.devices.pio_read(port, data, self.last_wake);
+    }
+    fn pio_write(&mut self, port: u16, data: &[u8]) {
+        self.action = self.vm.devices.pio_write(port, data);
+    }
+    fn mmio_read(&mut self, addr: u64, data: &mut [u8]) {
+        self.vm.devices.mmio_read(addr, data);
+    }
+    fn mmio_write(&mut self, addr: u64, data: &[u8]) {
+        self.vm.devices.mmio_write(addr, data);
+    }
+}
+
+/// The body of a vCPU thread.
+pub(crate) fn run_vcpu(mut vcpu: Vcpu, handle: Arc<VcpuHandle>, vm: Arc<VmShared>) {
+    // SAFETY: pthread_self has no preconditions.
+    let _ = handle.thread.set(unsafe { libc::pthread_self() });
+    vcpu.bind_to_current_thread();
+    let span = tracing::info_span!("vcpu", vm = %vm.name, id = handle.id);
+    let _enter = span.enter();
+    let mut exits = Exits {
+        vm: &vm,
+        action: IoAction::None,
+        last_wake: Wake::Timeout,
+    };
+    let mut io_pending = false;
+    let outcome = loop {
+        let recall = vm.devices.doorbell.recall_generation();
+        let mut park_error = None;
+        let keep_going = handle.next_order(&mut || {
+            if io_pending {
+                if let Err(e) = vcpu.complete_pending_io() {
+                    park_error = Some(e);
+                }
+                io_pending = false;
+            }
+            vm.devices.flush();
+        });
+        if let Some(e) = park_error {
+            break Some(Outcome::Crashed(format!("vCPU {}: {e}", handle.id)));
+        }
+        if !keep_going {
+            break None;
+        }
+        vm.note_first_run();
+        exits.action = IoAction::None;
+        let exit = match vcpu.run(&mut exits) {
+            Ok(exit) => exit,
+            Err(e) => break Some(Outcome::Crashed(format!("vCPU {}: {e}", handle.id))),
+        };
+        io_pending = matches!(exit, Exit::Io | Exit::Mmio);
+        let c = &handle.counters;
+        match exit {
+            Exit::Io | Exit::Mmio => {
+                let counter = if exit == Exit::Io { &c.io_exits } else { &c.mmio_exits };
+                counter.fetch_add(1, Ordering::Relaxed);
+                match exits.action {
+                    IoAction::None => {}
+                    IoAction::Wait { timeout_us } => {
+                        exits.last_wake = sleep(&vm, &handle, timeout_us, recall);
+                    }
+                    IoAction::PowerOff { status } => break Some(Outcome::PoweredOff(status)),
+                }
+            }
+            Exit::Interrupted => {}
+            Exit::Hlt => {
+                c.other_exits.fetch_add(1, Ordering::Relaxed);
+                exits.last_wake = sleep(&vm, &handle, warmvm_abi::WAIT_FOREVER, recall);
+            }
+            Exit::SystemEvent { kind } => {
+                c.other_exits.fetch_add(1, Ordering::Relaxed);
+                break Some(Outcome::PoweredOff(kind));
+            }
+            Exit::Shutdown => {
+                break Some(Outcome::Crashed(format!(
+                    "vCPU {} shut down (triple fault)",
+                    handle.id
+                )))
+            }
+            Exit::InternalError { suberror } => {
+                break Some(Outcome::Crashed(format!(
+                    "vCPU {}: KVM internal error (suberror {suberror}), e.g. an instruction KVM cannot emulate",
+                    handle.id
+                )))
+            }
+            Exit::FailEntry { reason } => {
+                break Some(Outcome::Crashed(format!(
+                    "vCPU {}: VM entry failed (reason {reason:#x})",
+                    handle.id
+                )))
+            }
+            Exit::Unhandled { reason } => {
+                break Some(Outcome::Crashed(format!(
+                    "vCPU {}: unhandled KVM exit {reason}",
+                    handle.id
+                )))
+            }
+        }
+    };
+    vm.devices.flush();
+    vcpu.unbind_thread();
+    drop(vcpu);
+    handle.mark_exited();
+    if let Some(outcome) = outcome {
+        vm.finish(outcome);
+    }
+}
+
+fn sleep(vm: &VmShared, handle: &VcpuHandle, timeout_us: u32, recall: u64) -> Wake {
+    let start = Instant::now();
+    let deadline = (timeout_us != warmvm_abi::WAIT_FOREVER)
+        .then(|| start + Duration::from_micros(u64::from(timeout_us)));
+    let end = vm.devices.doorbell.wait(deadline, recall);
+    let c = &handle.counters;
+    c.waits.fetch_add(1, Ordering::Relaxed);
+    c.wait_ns
+        .fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    match end {
+        WaitEnd::Timeout => Wake::Timeout,
+        WaitEnd::DeviceWork | WaitEnd::Recalled => Wake::Event,
+    }
+}

@@ -1,0 +1,490 @@
+//! One VM: its RAM, its KVM VM, its devices and its vCPU threads, and its lifecycle.
+
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use vm_memory::GuestAddress;
+use warmvm_boot::{BootPlan, Protocol, RamRange};
+use warmvm_devices::{ConsoleSink, Devices, IrqLine, SerialConsole};
+use warmvm_hypervisor::{CpuidOptions, Hypervisor};
+use warmvm_memory::GuestRam;
+
+use crate::config::{BootKind, VmConfig};
+use crate::status::{self, GuestFigures};
+use crate::vcpu::{run_vcpu, VcpuHandle, VcpuStats};
+
+/// GSI of COM1's interrupt on the in-kernel PIC/IOAPIC.
+const SERIAL_GSI: u32 = 4;
+/// How long a vCPU may take to park or exit when told to.
+const VCPU_RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("{0}")]
+    Hypervisor(#[from] warmvm_hypervisor::Error),
+    #[error("{0}")]
+    Memory(#[from] warmvm_memory::MemoryError),
+    #[error("{0}")]
+    Boot(#[from] warmvm_boot::BootError),
+    #[error("cannot read {what} {path}: {err}")]
+    ReadFile {
+        what: &'static str,
+        path: PathBuf,
+        err: std::io::Error,
+    },
+    #[error("cannot open console log {path}: {err}")]
+    ConsoleLog { path: PathBuf, err: std::io::Error },
+    #[error("cannot start a vCPU thread: {0}")]
+    Thread(std::io::Error),
+    #[error("VM {vm} is {state}; cannot {action}")]
+    InvalidTransition {
+        vm: String,
+        state: &'static str,
+        action: &'static str,
+    },
+    #[error("vCPU {vcpu} of VM {vm} did not respond within {secs} s")]
+    VcpuUnresponsive { vm: String, vcpu: u32, secs: u64 },
+}
+
+/// How a VM ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    PoweredOff(u32),
+    Crashed(String),
+    /// Stopped by the VMM after the guest did not power off in time.
+    Forced,
+}
+
+/// Where a VM is in its life.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "state", rename_all = "kebab-case")]
+pub enum Lifecycle {
+    Created,
+    Running,
+    Paused,
+    PoweredOff { exit_status: u32 },
+    Crashed { reason: String },
+    Stopped,
+}
+
+impl Lifecycle {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Lifecycle::Created => "created",
+            Lifecycle::Running => "running",
+            Lifecycle::Paused => "paused",
+            Lifecycle::PoweredOff { .. } => "powered-off",
+            Lifecycle::Crashed { .. } => "crashed",
+            Lifecycle::Stopped => "stopped",
+        }
+    }
+
+    pub fn is_finished(&self) -> bool {
+        matches!(
+            self,
+            Lifecycle::PoweredOff { .. } | Lifecycle::Crashed { .. } | Lifecycle::Stopped
+        )
+    }
+}
+
+/// What the vCPU threads share with the VMM.
+pub struct VmShared {
+    pub name: String,
+    pub devices: Devices,
+    lifecycle: Mutex<Lifecycle>,
+    lifecycle_cv: Condvar,
+    vcpus: OnceLock<Vec<Arc<VcpuHandle>>>,
+    pub created_at: Instant,
+    first_run: OnceLock<Instant>,
+    // Declared last: dropped after everything above, and only once no vCPU thread holds
+    // this struct any more, so KVM never runs a vCPU over unmapped RAM.
+    kvm_vm: warmvm_hypervisor::Vm,
+    pub ram: GuestRam,
+}
+
+impl VmShared {
+    pub(crate) fn note_first_run(&self) {
+        let _ = self.first_run.set(Instant::now());
+    }
+
+    fn lifecycle(&self) -> std::sync::MutexGuard<'_, Lifecycle> {
+        self.lifecycle.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A vCPU ended the VM: record how, and stop the other vCPUs.
+    pub(crate) fn finish(&self, outcome: Outcome) {
+        {
+            let mut l = self.lifecycle();
+            if !l.is_finished() {
+                *l = match &outcome {
+                    Outcome::PoweredOff(status) => Lifecycle::PoweredOff {
+                        exit_status: *status,
+                    },
+                    Outcome::Crashed(reason) => Lifecycle::Crashed {
+                        reason: reason.clone(),
+                    },
+                    Outcome::Forced => Lifecycle::Stopped,
+                };
+                match &outcome {
+                    Outcome::Crashed(reason) => tracing::error!(vm = %self.name, %reason, "VM crashed"),
+                    other => tracing::info!(vm = %self.name, outcome = ?other, "VM ended"),
+                }
+            }
+        }
+        self.lifecycle_cv.notify_all();
+        for v in self.vcpus.get().into_iter().flatten() {
+            v.request_stop(self);
+        }
+    }
+
+    pub fn kvm_vm(&self) -> &warmvm_hypervisor::Vm {
+        &self.kvm_vm
+    }
+}
+
+/// A VM, as the VMM holds it.
+pub struct Vm {
+    pub config: VmConfig,
+    shared: Arc<VmShared>,
+    threads: Vec<JoinHandle<()>>,
+    status_addr: Option<GuestAddress>,
+    protocol: Protocol,
+    console_log: PathBuf,
+}
+
+/// A VM's figures, for the CLI, the API and the benchmarks.
+#[derive(Clone, Debug, Serialize)]
+pub struct VmReport {
+    pub name: String,
+    #[serde(flatten)]
+    pub lifecycle: Lifecycle,
+    pub memory_mib: u64,
+    pub vcpus: u32,
+    pub boot: String,
+    pub uptime_ms: u64,
+    pub console_log: PathBuf,
+    pub ram_resident_mib: u64,
+    pub exits: Vec<VcpuStats>,
+    pub unknown_accesses: warmvm_devices::unknown::UnknownCounts,
+    pub guest: Option<GuestFigures>,
+}
+
+impl Vm {
+    /// Build a VM and its vCPU threads, ready to [`start`](Vm::start): everything that can
+    /// fail happens here.
+    pub fn create(hv: &Hypervisor, config: &VmConfig, state_dir: &Path) -> Result<Self, VmError> {
+        let ram = GuestRam::create(&config.name, config.memory_mib << 20, config.hugepages)?;
+        let mut kvm_vm = hv.create_vm()?;
+        for (slot, (guest_addr, size, host_addr)) in ram.slots().into_iter().enumerate() {
+            // SAFETY: the mapping belongs to `ram`, which lives in VmShared beside `kvm_vm`
+            // and is dropped only after every vCPU thread has ended.
+            unsafe { kvm_vm.map_memory(slot as u32, guest_addr, size, host_addr)? };
+        }
+        // Memory slots first: on PVM each slot costs milliseconds once an irqchip exists.
+        kvm_vm.create_irqchip()?;
+
+        let image = match &config.kernel {
+            Some(path) => Some(std::fs::read(path).map_err(|err| VmError::ReadFile {
+                what: "kernel",
+                path: path.clone(),
+                err,
+            })?),
+            None => None,
+        };
+        let initrd = match &config.initrd {
+            Some(path) => Some(std::fs::read(path).map_err(|err| VmError::ReadFile {
+                what: "initrd",
+                path: path.clone(),
+                err,
+            })?),
+            None => None,
+        };
+        let reference = image.is_none();
+        let irq = if reference {
+            IrqLine::none()
+        } else {
+            kvm_vm.create_pit()?;
+            IrqLine::eventfd(kvm_vm.irq_line(SERIAL_GSI)?)
+        };
+
+        let console_log = config
+            .console_log
+            .clone()
+            .unwrap_or_else(|| state_dir.join(&config.name).join("console.log"));
+        let log = open_log(&console_log)?;
+        let sink = ConsoleSink::new(Some(log), config.console_stdout);
+        let devices = Devices::new(&config.name, SerialConsole::new(sink, irq));
+
+        let cpuid = CpuidOptions {
+            hide_cx16: config.hide_cx16,
+        };
+        let mut vcpus = Vec::new();
+        for id in 0..config.vcpus {
+            vcpus.push(kvm_vm.create_vcpu(id, config.vcpus, &cpuid)?);
+        }
+        let tsc_khz = vcpus[0].tsc_khz().map(u64::from).unwrap_or(0);
+
+        let ranges: Vec<RamRange> = ram
+            .regions()
+            .iter()
+            .map(|r| RamRange {
+                start: r.guest_addr,
+                len: r.size,
+            })
+            .collect();
+        let cmdline = config.cmdline.clone().unwrap_or_default();
+        let plan: BootPlan = match &image {
+            None => warmvm_boot::ring3::setup(
+                ram.memory(),
+                &warmvm_boot::ring3::Ring3Params {
+                    image: warmvm_guest_image::REFERENCE_GUEST_ELF,
+                    cmdline: &cmdline,
+                    ram: &ranges,
+                    vcpus: config.vcpus,
+                    tsc_khz,
+                    fsgsbase: hv.has_fsgsbase(),
+                },
+            )?,
+            Some(image) => warmvm_boot::linux::setup(
+                ram.memory(),
+                &warmvm_boot::linux::LinuxParams {
+                    image,
+                    initrd: initrd.as_deref(),
+                    cmdline: &cmdline,
+                    ram: &ranges,
+                    vcpus: config.vcpus,
+                    protocol: match config.boot {
+                        BootKind::Auto => None,
+                        BootKind::Ring3 => Some(Protocol::Ring3),
+                        BootKind::Pvh => Some(Protocol::Pvh),
+                        BootKind::Linux => Some(Protocol::Linux),
+                    },
+                },
+            )?,
+        };
+        for (vcpu, entry) in vcpus.iter().zip(&plan.entries) {
+            vcpu.set_entry_state(entry)?;
+        }
+
+        let shared = Arc::new(VmShared {
+            name: config.name.clone(),
+            devices,
+            lifecycle: Mutex::new(Lifecycle::Created),
+            lifecycle_cv: Condvar::new(),
+            vcpus: OnceLock::new(),
+            created_at: Instant::now(),
+            first_run: OnceLock::new(),
+            kvm_vm,
+            ram,
+        });
+        warmvm_hypervisor::install_kick_handler()?;
+        let handles: Vec<Arc<VcpuHandle>> = (0..config.vcpus).map(VcpuHandle::new).collect();
+        let _ = shared.vcpus.set(handles.clone());
+        let mut threads = Vec::new();
+        for (vcpu, handle) in vcpus.into_iter().zip(handles) {
+            let shared = shared.clone();
+            let t = std::thread::Builder::new()
+                .name(format!("{}-vcpu{}", config.name, handle.id))
+                .stack_size(256 << 10)
+                .spawn(move || run_vcpu(vcpu, handle, shared))
+                .map_err(VmError::Thread)?;
+            threads.push(t);
+        }
+        tracing::info!(vm = %config.name, memory_mib = config.memory_mib, vcpus = config.vcpus,
+            boot = %plan.protocol, "VM created");
+        Ok(Self {
+            config: config.clone(),
+            shared,
+            threads,
+            status_addr: plan.status_addr,
+            protocol: plan.protocol,
+            console_log,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    pub fn shared(&self) -> &Arc<VmShared> {
+        &self.shared
+    }
+
+    pub fn lifecycle(&self) -> Lifecycle {
+        self.shared.lifecycle().clone()
+    }
+
+    fn handles(&self) -> &[Arc<VcpuHandle>] {
+        self.shared.vcpus.get().map(Vec::as_slice).unwrap_or_default()
+    }
+
+    fn transition(
+        &self,
+        action: &'static str,
+        allowed: &[&str],
+        to: Lifecycle,
+    ) -> Result<(), VmError> {
+        let mut l = self.shared.lifecycle();
+        if !allowed.contains(&l.name()) {
+            return Err(VmError::InvalidTransition {
+                vm: self.shared.name.clone(),
+                state: l.name(),
+                action,
+            });
+        }
+        *l = to;
+        Ok(())
+    }
+
+    /// Let the guest run for the first time.
+    pub fn start(&self) -> Result<(), VmError> {
+        self.transition("start", &["created"], Lifecycle::Running)?;
+        for h in self.handles() {
+            h.request_run(&self.shared);
+        }
+        Ok(())
+    }
+
+    /// Stop every vCPU between two instructions and wait until all have parked.
+    pub fn pause(&self) -> Result<(), VmError> {
+        self.transition("pause", &["running"], Lifecycle::Paused)?;
+        for h in self.handles() {
+            h.request_pause(&self.shared);
+        }
+        for h in self.handles() {
+            if !h.wait_parked(VCPU_RESPONSE_TIMEOUT) {
+                return Err(VmError::VcpuUnresponsive {
+                    vm: self.shared.name.clone(),
+                    vcpu: h.id,
+                    secs: VCPU_RESPONSE_TIMEOUT.as_secs(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    pub fn resume(&self) -> Result<(), VmError> {
+        self.transition("resume", &["paused"], Lifecycle::Running)?;
+        for h in self.handles() {
+            h.request_run(&self.shared);
+        }
+        Ok(())
+    }
+
+    /// Ask the guest to power off. Only the reference guest understands the request; other
+    /// guests are stopped by [`Vm::stop`] after its timeout.
+    pub fn request_poweroff(&self) -> bool {
+        let Some(addr) = self.status_addr else {
+            return false;
+        };
+        let ok = status::post_command(
+            self.shared.ram.memory(),
+            addr,
+            warmvm_abi::HOST_COMMAND_POWEROFF,
+        );
+        self.shared.devices.doorbell.ring();
+        ok
+    }
+
+    /// Wait until the VM has ended, at most `timeout`. True if it has.
+    pub fn wait_finished(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut l = self.shared.lifecycle();
+        while !l.is_finished() {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            l = self
+                .shared
+                .lifecycle_cv
+                .wait_timeout(l, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        true
+    }
+
+    /// Power the VM off: ask the guest, and force it after `grace`.
+    pub fn stop(&self, grace: Duration) -> Lifecycle {
+        if self.lifecycle() == Lifecycle::Paused {
+            let _ = self.resume();
+        }
+        if self.lifecycle() == Lifecycle::Created {
+            self.shared.finish(Outcome::Forced);
+        }
+        if !(self.request_poweroff() && self.wait_finished(grace)) {
+            self.shared.finish(Outcome::Forced);
+        }
+        for h in self.handles() {
+            h.wait_exited(VCPU_RESPONSE_TIMEOUT);
+        }
+        self.lifecycle()
+    }
+
+    /// The reference guest's integrity figures, if this VM runs it and it has reported.
+    pub fn guest_figures(&self) -> Option<GuestFigures> {
+        status::read(
+            self.shared.ram.memory(),
+            self.status_addr?,
+            self.config.vcpus,
+        )
+    }
+
+    /// Time from the VM's creation to its first KVM_RUN.
+    pub fn time_to_first_run(&self) -> Option<Duration> {
+        self.shared
+            .first_run
+            .get()
+            .map(|t| t.duration_since(self.shared.created_at))
+    }
+
+    pub fn report(&self) -> VmReport {
+        VmReport {
+            name: self.shared.name.clone(),
+            lifecycle: self.lifecycle(),
+            memory_mib: self.config.memory_mib,
+            vcpus: self.config.vcpus,
+            boot: self.protocol.to_string(),
+            uptime_ms: self.shared.created_at.elapsed().as_millis() as u64,
+            console_log: self.console_log.clone(),
+            ram_resident_mib: self.shared.ram.resident_bytes() >> 20,
+            exits: self.handles().iter().map(|h| h.stats()).collect(),
+            unknown_accesses: self.shared.devices.unknown.counts(),
+            guest: self.guest_figures(),
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if !self.lifecycle().is_finished() {
+            self.shared.finish(Outcome::Forced);
+        }
+        for h in self.handles() {
+            h.request_stop(&self.shared);
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn open_log(path: &Path) -> Result<File, VmError> {
+    let err = |err| VmError::ConsoleLog {
+        path: path.to_path_buf(),
+        err,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(err)
+}

@@ -1,0 +1,22 @@
+//! The `warmvm` command.
+
+mod cli;
+mod demo;
+mod output;
+mod run;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let args = cli::Cli::parse();
+    cli::init_logging(&args);
+    match cli::dispatch(args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("warmvm: error: {}", e.message);
+            ExitCode::from(e.code)
+        }
+    }
+}
