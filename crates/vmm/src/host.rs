@@ -1,11 +1,12 @@
 //! The host: one KVM handle and every VM this process runs.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use warmvm_hypervisor::Hypervisor;
 
-use crate::config::{Config, ConfigError, HostLimits};
+use crate::config::{Config, ConfigError, HostLimits, VmConfig};
 use crate::vm::{Vm, VmError};
 
 #[derive(Debug, thiserror::Error)]
@@ -18,12 +19,16 @@ pub enum HostError {
     Vm { vm: String, err: VmError },
     #[error("a VM named {0} already exists")]
     Exists(String),
+    #[error("no VM named {0}")]
+    NotFound(String),
+    #[error("VM {0} is still running: stop it before deleting it")]
+    StillRunning(String),
 }
 
 /// Every VM of this VMM process.
 pub struct Host {
     hv: Hypervisor,
-    vms: Vec<Vm>,
+    vms: Vec<Arc<Vm>>,
     state_dir: PathBuf,
 }
 
@@ -68,8 +73,55 @@ impl Host {
                 }
             }
         }
-        self.vms.extend(created);
+        self.vms.extend(created.into_iter().map(Arc::new));
         Ok(())
+    }
+
+    /// Create one VM (not started). Nothing changes if it fails.
+    pub fn create_vm(&mut self, config: &VmConfig) -> Result<Arc<Vm>, HostError> {
+        config.validate(self.limits())?;
+        if self.find(&config.name).is_some() {
+            return Err(HostError::Exists(config.name.clone()));
+        }
+        let total: u64 = self.vms.iter().map(|v| v.config.memory_mib).sum::<u64>()
+            + config.memory_mib;
+        let host_mib = self.limits().memory_mib;
+        if host_mib > 0 && total > host_mib {
+            return Err(HostError::Config(ConfigError::TotalMemoryTooLarge {
+                total_mib: total,
+                host_mib,
+            }));
+        }
+        let vm = Vm::create(&self.hv, config, &self.state_dir).map_err(|err| HostError::Vm {
+            vm: config.name.clone(),
+            err,
+        })?;
+        let vm = Arc::new(vm);
+        self.vms.push(vm.clone());
+        Ok(vm)
+    }
+
+    pub fn find(&self, name: &str) -> Option<Arc<Vm>> {
+        self.vms.iter().find(|v| v.name() == name).cloned()
+    }
+
+    /// Forget a VM that has ended (or never started). Its RAM is freed once the last
+    /// reference to it is dropped.
+    pub fn remove(&mut self, name: &str) -> Result<Arc<Vm>, HostError> {
+        let idx = self
+            .vms
+            .iter()
+            .position(|v| v.name() == name)
+            .ok_or_else(|| HostError::NotFound(name.to_string()))?;
+        let state = self.vms[idx].lifecycle();
+        if !(state.is_finished() || state == crate::Lifecycle::Created) {
+            return Err(HostError::StillRunning(name.to_string()));
+        }
+        Ok(self.vms.remove(idx))
+    }
+
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
     }
 
     /// Start every VM that has not started yet.
@@ -85,7 +137,7 @@ impl Host {
         Ok(())
     }
 
-    pub fn vms(&self) -> &[Vm] {
+    pub fn vms(&self) -> &[Arc<Vm>] {
         &self.vms
     }
 
@@ -93,6 +145,7 @@ impl Host {
     pub fn stop_all(&self, grace: Duration) {
         std::thread::scope(|s| {
             for vm in &self.vms {
+                let vm = vm.clone();
                 s.spawn(move || vm.stop(grace));
             }
         });

@@ -88,7 +88,10 @@ impl From<HostError> for Failure {
     fn from(e: HostError) -> Self {
         let code = match &e {
             HostError::Hypervisor(_) => EXIT_HOST,
-            HostError::Config(_) | HostError::Exists(_) => EXIT_BAD_INPUT,
+            HostError::Config(_)
+            | HostError::Exists(_)
+            | HostError::NotFound(_)
+            | HostError::StillRunning(_) => EXIT_BAD_INPUT,
             HostError::Vm { err, .. } => match err {
                 VmError::Boot(_) | VmError::ReadFile { .. } => EXIT_BAD_INPUT,
                 _ => EXIT_HOST,
