@@ -55,6 +55,16 @@ pub enum Error {
     GetTscKhz(KvmError),
     #[error("KVM_RUN failed: {0}")]
     Run(KvmError),
+    #[error("KVM_GET_{0} failed: {1}")]
+    GetStateFailed(&'static str, KvmError),
+    #[error("KVM_SET_{0} failed: {1}")]
+    SetStateFailed(&'static str, KvmError),
+    #[error("the MSR list does not fit KVM's limits")]
+    MsrList,
+    #[error("KVM_GET_MSR_INDEX_LIST failed: {0}")]
+    MsrIndexList(KvmError),
+    #[error("saved state is invalid: {0}")]
+    BadState(&'static str),
     #[error("installing the vCPU kick signal handler failed: {0}")]
     SignalHandler(vmm_sys_util::errno::Error),
     #[error("sending the kick signal to a vCPU thread failed: {0}")]
@@ -62,3 +72,15 @@ pub enum Error {
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+#[allow(non_snake_case)]
+impl Error {
+    /// `map_err(Error::GetState("XSAVE"))`: which state a failing KVM_GET_* was for.
+    pub(crate) fn GetState(what: &'static str) -> impl Fn(KvmError) -> Error {
+        move |e| Error::GetStateFailed(what, e)
+    }
+
+    pub(crate) fn SetState(what: &'static str) -> impl Fn(KvmError) -> Error {
+        move |e| Error::SetStateFailed(what, e)
+    }
+}

@@ -45,6 +45,8 @@ impl Hypervisor {
         let vcpu_mmap_size = kvm
             .get_vcpu_mmap_size()
             .map_err(|e| Error::CreateVcpu { id: 0, err: e })?;
+        let msr_list = kvm.get_msr_index_list().map_err(Error::MsrIndexList)?;
+        crate::state::init_saveable_msrs(msr_list.as_slice().to_vec());
         Ok(Self {
             kvm,
             supported_cpuid,

@@ -1,6 +1,6 @@
 use std::sync::atomic::AtomicU8;
 
-use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, Msrs};
+use kvm_bindings::{kvm_cpuid_entry2, kvm_fpu, kvm_msr_entry, kvm_regs, Msrs};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use warmvm_boot::CpuEntry;
 
@@ -41,13 +41,20 @@ pub enum Exit {
 
 /// One KVM vCPU. `run` needs `&mut self`: a vCPU belongs to the thread that runs it.
 pub struct Vcpu {
-    fd: VcpuFd,
-    id: u32,
+    pub(crate) fd: VcpuFd,
+    pub(crate) id: u32,
+    /// The CPUID this vCPU was given: KVM cannot be asked for it while the vCPU runs, and
+    /// a handover gives the next VMM exactly this.
+    pub(crate) cpuid: Vec<kvm_cpuid_entry2>,
 }
 
 impl Vcpu {
-    pub(crate) fn new(fd: VcpuFd, id: u32) -> Self {
-        Self { fd, id }
+    pub(crate) fn new(fd: VcpuFd, id: u32, cpuid: Vec<kvm_cpuid_entry2>) -> Self {
+        Self { fd, id, cpuid }
+    }
+
+    pub fn cpuid(&self) -> &[kvm_cpuid_entry2] {
+        &self.cpuid
     }
 
     pub fn id(&self) -> u32 {

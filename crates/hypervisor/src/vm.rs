@@ -1,4 +1,6 @@
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_cpuid_entry2, kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::VmFd;
 pub use vmm_sys_util::eventfd::EventFd;
 
@@ -10,7 +12,7 @@ const KVM_TSS_ADDR: usize = 0xfffb_d000;
 
 /// A KVM virtual machine.
 pub struct Vm {
-    fd: VmFd,
+    pub(crate) fd: VmFd,
     supported_cpuid: CpuId,
     max_memslots: usize,
     irqchip: bool,
@@ -97,6 +99,17 @@ impl Vm {
             .map_err(|err| Error::CreateVcpu { id, err })?;
         let cpuid = options.build(&self.supported_cpuid, id, vcpu_count);
         fd.set_cpuid2(&cpuid).map_err(Error::SetCpuid)?;
-        Ok(Vcpu::new(fd, id))
+        Ok(Vcpu::new(fd, id, cpuid.as_slice().to_vec()))
+    }
+
+    /// Create vCPU `id` with exactly the CPUID a previous VMM gave it.
+    pub fn create_vcpu_with_cpuid(&self, id: u32, entries: &[kvm_cpuid_entry2]) -> Result<Vcpu> {
+        let fd = self
+            .fd
+            .create_vcpu(u64::from(id))
+            .map_err(|err| Error::CreateVcpu { id, err })?;
+        let cpuid = CpuId::from_entries(entries).map_err(|_| Error::BadState("CPUID too long"))?;
+        fd.set_cpuid2(&cpuid).map_err(Error::SetCpuid)?;
+        Ok(Vcpu::new(fd, id, entries.to_vec()))
     }
 }
