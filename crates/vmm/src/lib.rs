@@ -3,6 +3,8 @@
 pub mod config;
 pub mod host;
 pub mod status;
+#[doc(hidden)]
+pub mod testing;
 mod vcpu;
 pub mod vm;
 
