@@ -426,6 +426,11 @@ impl Vm {
         self.lifecycle()
     }
 
+    /// Each vCPU's exit and wait counters, read without locking (for metrics).
+    pub fn vcpu_stats(&self) -> impl Iterator<Item = VcpuStats> + '_ {
+        self.handles().iter().map(|h| h.stats())
+    }
+
     /// The reference guest's integrity figures, if this VM runs it and it has reported.
     pub fn guest_figures(&self) -> Option<GuestFigures> {
         status::read(
