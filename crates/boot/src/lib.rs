@@ -23,7 +23,9 @@ pub use x86::{Segments, MSR_IA32_MISC_ENABLE};
 /// Errors of the boot protocols.
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
-    #[error("guest RAM of {ram_mib} MiB is too small for this guest (needs at least {need_mib} MiB)")]
+    #[error(
+        "guest RAM of {ram_mib} MiB is too small for this guest (needs at least {need_mib} MiB)"
+    )]
     RamTooSmall { ram_mib: u64, need_mib: u64 },
     #[error("the kernel image is not a usable x86-64 ELF: {0}")]
     BadElf(String),
@@ -139,4 +141,3 @@ impl RamRange {
         self.start + self.len
     }
 }
-
