@@ -1,0 +1,60 @@
+//! Port I/O. Every access is a VM exit (~26 µs on this project's KVM): use sparingly.
+
+use core::arch::asm;
+use core::sync::atomic::{AtomicU16, Ordering};
+
+static SERIAL_PORT: AtomicU16 = AtomicU16::new(warmvm_abi::SERIAL_PORT);
+static WAIT_PORT: AtomicU16 = AtomicU16::new(warmvm_abi::WAIT_PORT);
+static POWER_PORT: AtomicU16 = AtomicU16::new(warmvm_abi::POWER_PORT);
+
+/// Use the ports the boot information names (the defaults until then).
+pub fn set_ports(serial: u16, wait: u16, power: u16) {
+    SERIAL_PORT.store(serial, Ordering::Relaxed);
+    WAIT_PORT.store(wait, Ordering::Relaxed);
+    POWER_PORT.store(power, Ordering::Relaxed);
+}
+
+pub fn serial_port() -> u16 {
+    SERIAL_PORT.load(Ordering::Relaxed)
+}
+
+pub fn outb(port: u16, value: u8) {
+    // SAFETY: port I/O touches no memory the compiler knows about. The VMM (or the PVH stub)
+    // allows every port in the TSS I/O bitmap, so the access exits to the VMM instead of
+    // faulting.
+    unsafe {
+        asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags))
+    }
+}
+
+pub fn inb(port: u16) -> u8 {
+    let value: u8;
+    // SAFETY: as in `outb`.
+    unsafe {
+        asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack, preserves_flags))
+    }
+    value
+}
+
+/// A 32-bit `out`. Not `nomem`: the VMM may change guest memory (the status area's host
+/// command, for one) while the vCPU is out, so the compiler must not cache memory across it.
+pub fn outl(port: u16, value: u32) {
+    // SAFETY: as in `outb`; the access has no effect on Rust-visible state other than what
+    // the VMM does to guest memory, which every caller reads with volatile loads.
+    unsafe {
+        asm!("out dx, eax", in("dx") port, in("eax") value, options(nostack, preserves_flags))
+    }
+}
+
+/// Idle for up to `micros` µs (`WAIT_FOREVER`: until woken) in the VMM.
+pub fn wait(micros: u32) {
+    outl(WAIT_PORT.load(Ordering::Relaxed), micros);
+}
+
+/// Power the VM off with `status`; never returns (waits forever if the VMM carries on).
+pub fn power_off(status: u32) -> ! {
+    outl(POWER_PORT.load(Ordering::Relaxed), status);
+    loop {
+        wait(warmvm_abi::WAIT_FOREVER);
+    }
+}
