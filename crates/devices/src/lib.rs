@@ -121,6 +121,15 @@ impl Devices {
         self.serial().state()
     }
 
+    /// A duplicate of the console log's fd, to hand to another VMM process.
+    pub fn console_log_file(&self) -> Option<std::fs::File> {
+        self.serial().sink().log_file().and_then(|f| f.try_clone().ok())
+    }
+
+    pub fn restore_serial(&self, state: &SerialStateData) {
+        self.serial().restore(state);
+    }
+
     fn serial(&self) -> std::sync::MutexGuard<'_, SerialConsole> {
         // A vCPU thread that panicked while holding the lock must not take the whole VM's
         // console down with it: the UART state is a handful of bytes, still consistent.

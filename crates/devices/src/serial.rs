@@ -8,7 +8,8 @@ use crate::ConsoleSink;
 
 /// The UART's interrupt line: an eventfd that the VMM has wired to an irqchip pin, or
 /// nothing for guests that poll.
-pub struct IrqLine(Option<EventFd>);
+#[derive(Clone)]
+pub struct IrqLine(Option<std::sync::Arc<EventFd>>);
 
 impl IrqLine {
     pub fn none() -> Self {
@@ -16,7 +17,7 @@ impl IrqLine {
     }
 
     pub fn eventfd(evt: EventFd) -> Self {
-        Self(Some(evt))
+        Self(Some(std::sync::Arc::new(evt)))
     }
 }
 
@@ -50,13 +51,22 @@ pub struct SerialStateData {
 /// COM1, a 16550 emulated by vm-superio, writing to a [`ConsoleSink`].
 pub struct SerialConsole {
     uart: Serial<IrqLine, NoEvents, ConsoleSink>,
+    irq: IrqLine,
 }
 
 impl SerialConsole {
     pub fn new(sink: ConsoleSink, irq: IrqLine) -> Self {
         Self {
-            uart: Serial::new(irq, sink),
+            uart: Serial::new(irq.clone(), sink),
+            irq,
         }
+    }
+
+    /// Load saved UART state, keeping this console's sink and interrupt line.
+    pub fn restore(&mut self, state: &SerialStateData) {
+        let placeholder = Serial::new(IrqLine::none(), ConsoleSink::new(None, false));
+        let sink = std::mem::replace(&mut self.uart, placeholder).into_writer();
+        *self = Self::from_state(state, sink, self.irq.clone());
     }
 
     /// Rebuild the UART from saved state (the receive FIFO is capped at its capacity).
@@ -73,8 +83,8 @@ impl SerialConsole {
             scratch: state.scratch,
             in_buffer: state.in_buffer.iter().copied().take(64).collect(),
         };
-        match Serial::from_state(&s, irq, NoEvents, sink) {
-            Ok(uart) => Self { uart },
+        match Serial::from_state(&s, irq.clone(), NoEvents, sink) {
+            Ok(uart) => Self { uart, irq },
             // from_state only fails on an over-long FIFO, which was capped above.
             Err(_) => unreachable!("receive FIFO capped to its capacity"),
         }

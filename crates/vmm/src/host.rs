@@ -42,6 +42,21 @@ impl Host {
         })
     }
 
+    /// A host made of VMs taken over from another VMM process.
+    pub fn adopted(hv: Hypervisor, vms: Vec<Arc<Vm>>, state_dir: &Path) -> Self {
+        Self {
+            hv,
+            vms,
+            state_dir: state_dir.to_path_buf(),
+        }
+    }
+
+    /// Forget VMs that were handed over to another VMM.
+    pub fn drop_handed_over(&mut self) {
+        self.vms
+            .retain(|v| v.lifecycle() != crate::Lifecycle::HandedOver);
+    }
+
     pub fn hypervisor(&self) -> &Hypervisor {
         &self.hv
     }

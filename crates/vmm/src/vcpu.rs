@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use warmvm_devices::{IoAction, Wake};
 use warmvm_devices::doorbell::WaitEnd;
-use warmvm_hypervisor::{Exit, ExitHandler, Vcpu};
+use warmvm_hypervisor::{Exit, ExitHandler, Vcpu, VcpuState};
 
 use crate::vm::{Outcome, VmShared};
 
@@ -24,11 +24,32 @@ enum Want {
     Stop,
 }
 
-#[derive(Debug)]
+/// Work a parked vCPU thread does on its own vCPU (KVM wants a vCPU's state read and
+/// written on the thread that runs it).
+pub(crate) type Task = Box<dyn FnOnce(&mut Vcpu) -> TaskResult + Send>;
+pub(crate) type TaskResult = Result<Option<VcpuState>, warmvm_hypervisor::Error>;
+
 struct Control {
     want: Want,
     parked: bool,
     exited: bool,
+    task: Option<Task>,
+    task_result: Option<TaskResult>,
+    /// CLOCK_MONOTONIC ns when the thread last parked and last left a park to run.
+    parked_at_ns: u64,
+    resumed_at_ns: u64,
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: comparable between processes on one host, unlike
+/// `Instant`, so the old and the new VMM can time a blackout together.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes a timespec into the pointer it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Exit and wait counters of one vCPU; cheap to read at any time.
@@ -71,6 +92,10 @@ impl VcpuHandle {
                 want: Want::Pause,
                 parked: false,
                 exited: false,
+                task: None,
+                task_result: None,
+                parked_at_ns: 0,
+                resumed_at_ns: 0,
             }),
             cv: Condvar::new(),
             thread: OnceLock::new(),
@@ -102,6 +127,7 @@ impl VcpuHandle {
         }
     }
 
+    /// Park the thread (the VM's lifecycle is the caller's business).
     pub(crate) fn request_pause(&self, vm: &VmShared) {
         self.order(Want::Pause, vm);
     }
@@ -162,26 +188,101 @@ impl VcpuHandle {
         }
     }
 
-    /// Thread side: what to do next. Parks while paused; returns false to stop.
-    fn next_order(&self, before_park: &mut dyn FnMut()) -> bool {
+    /// Give the parked thread `task` to run on its vCPU. False if the thread is not parked.
+    pub(crate) fn post_task(&self, task: Task) -> bool {
+        {
+            let mut c = self.lock();
+            if c.exited || !c.parked {
+                return false;
+            }
+            c.task_result = None;
+            c.task = Some(task);
+        }
+        self.cv.notify_all();
+        true
+    }
+
+    /// Wait for the result of the task given with [`VcpuHandle::post_task`].
+    pub(crate) fn task_result(&self, timeout: Duration) -> Option<TaskResult> {
+        let deadline = Instant::now() + timeout;
+        let mut c = self.lock();
+        loop {
+            if let Some(r) = c.task_result.take() {
+                return Some(r);
+            }
+            if c.exited {
+                return None;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            c = self
+                .cv
+                .wait_timeout(c, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// When the thread last parked, and last left a park (CLOCK_MONOTONIC ns).
+    pub(crate) fn park_times(&self) -> (u64, u64) {
+        let c = self.lock();
+        (c.parked_at_ns, c.resumed_at_ns)
+    }
+
+    /// Wait until the thread has left its park to run the guest (after `request_run`).
+    pub(crate) fn wait_running(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut c = self.lock();
+        while c.parked && !c.exited {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            c = self
+                .cv
+                .wait_timeout(c, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        true
+    }
+
+    /// Thread side: what to do next. Parks while paused (running any task it is given
+    /// there); returns false to stop.
+    fn next_order(&self, vcpu: &mut Vcpu, before_park: &mut dyn FnMut(&mut Vcpu)) -> bool {
         let mut c = self.lock();
         loop {
             match c.want {
                 Want::Run => {
-                    c.parked = false;
+                    if c.parked {
+                        c.parked = false;
+                        c.resumed_at_ns = monotonic_ns();
+                        self.cv.notify_all();
+                    }
                     return true;
                 }
                 Want::Stop => return false,
                 Want::Pause => {
                     if !c.parked {
                         drop(c);
-                        before_park();
+                        before_park(vcpu);
                         c = self.lock();
                         if c.want != Want::Pause {
                             continue;
                         }
                         c.parked = true;
+                        c.parked_at_ns = monotonic_ns();
                         self.cv.notify_all();
+                    }
+                    if let Some(task) = c.task.take() {
+                        drop(c);
+                        let result = task(vcpu);
+                        c = self.lock();
+                        c.task_result = Some(result);
+                        self.cv.notify_all();
+                        continue;
                     }
                     c = self.cv.wait(c).unwrap_or_else(|p| p.into_inner());
                 }
@@ -235,7 +336,7 @@ pub(crate) fn run_vcpu(mut vcpu: Vcpu, handle: Arc<VcpuHandle>, vm: Arc<VmShared
     let outcome = loop {
         let recall = vm.devices.doorbell.recall_generation();
         let mut park_error = None;
-        let keep_going = handle.next_order(&mut || {
+        let keep_going = handle.next_order(&mut vcpu, &mut |vcpu| {
             if io_pending {
                 if let Err(e) = vcpu.complete_pending_io() {
                     park_error = Some(e);

@@ -20,7 +20,7 @@ use crate::vcpu::{run_vcpu, VcpuHandle, VcpuStats};
 /// GSI of COM1's interrupt on the in-kernel PIC/IOAPIC.
 const SERIAL_GSI: u32 = 4;
 /// How long a vCPU may take to park or exit when told to.
-const VCPU_RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const VCPU_RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -69,6 +69,8 @@ pub enum Lifecycle {
     PoweredOff { exit_status: u32 },
     Crashed { reason: String },
     Stopped,
+    /// Handed over to another VMM process: this one must not touch it any more.
+    HandedOver,
 }
 
 impl Lifecycle {
@@ -80,13 +82,17 @@ impl Lifecycle {
             Lifecycle::PoweredOff { .. } => "powered-off",
             Lifecycle::Crashed { .. } => "crashed",
             Lifecycle::Stopped => "stopped",
+            Lifecycle::HandedOver => "handed-over",
         }
     }
 
     pub fn is_finished(&self) -> bool {
         matches!(
             self,
-            Lifecycle::PoweredOff { .. } | Lifecycle::Crashed { .. } | Lifecycle::Stopped
+            Lifecycle::PoweredOff { .. }
+                | Lifecycle::Crashed { .. }
+                | Lifecycle::Stopped
+                | Lifecycle::HandedOver
         )
     }
 }
@@ -96,7 +102,7 @@ pub struct VmShared {
     pub name: String,
     pub devices: Devices,
     lifecycle: Mutex<Lifecycle>,
-    lifecycle_cv: Condvar,
+    pub(crate) lifecycle_cv: Condvar,
     vcpus: OnceLock<Vec<Arc<VcpuHandle>>>,
     pub created_at: Instant,
     first_run: OnceLock<Instant>,
@@ -111,7 +117,7 @@ impl VmShared {
         let _ = self.first_run.set(Instant::now());
     }
 
-    fn lifecycle(&self) -> std::sync::MutexGuard<'_, Lifecycle> {
+    pub(crate) fn lifecycle(&self) -> std::sync::MutexGuard<'_, Lifecycle> {
         self.lifecycle.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -149,11 +155,53 @@ impl VmShared {
 /// A VM, as the VMM holds it.
 pub struct Vm {
     pub config: VmConfig,
-    shared: Arc<VmShared>,
+    pub(crate) shared: Arc<VmShared>,
     threads: Vec<JoinHandle<()>>,
-    status_addr: Option<GuestAddress>,
-    protocol: Protocol,
-    console_log: PathBuf,
+    pub(crate) status_addr: Option<GuestAddress>,
+    pub(crate) protocol: Protocol,
+    pub(crate) console_log: PathBuf,
+    /// The VM has the PIT and a wired serial IRQ (Linux guests), not only the irqchip.
+    pub(crate) linux_devices: bool,
+    pub(crate) cpuids: Vec<Vec<kvm_bindings::kvm_cpuid_entry2>>,
+}
+
+/// What [`Vm::assemble`] puts together.
+pub(crate) struct Parts {
+    pub config: VmConfig,
+    pub kvm_vm: warmvm_hypervisor::Vm,
+    pub ram: GuestRam,
+    pub serial: SerialConsole,
+    pub vcpus: Vec<warmvm_hypervisor::Vcpu>,
+    pub status_addr: Option<GuestAddress>,
+    pub protocol: Protocol,
+    pub console_log: PathBuf,
+    pub linux_devices: bool,
+    pub lifecycle: Lifecycle,
+    /// How long the VM has existed already (in the VMM it comes from).
+    pub age: Duration,
+}
+
+/// Create the KVM VM over `ram`: memory slots first (on PVM each slot costs milliseconds
+/// once an irqchip exists), then the irqchip, and for Linux guests the PIT and COM1's IRQ.
+pub(crate) fn build_kvm_vm(
+    hv: &Hypervisor,
+    ram: &GuestRam,
+    linux_devices: bool,
+) -> Result<(warmvm_hypervisor::Vm, IrqLine), VmError> {
+    let mut kvm_vm = hv.create_vm()?;
+    for (slot, (guest_addr, size, host_addr)) in ram.slots().into_iter().enumerate() {
+        // SAFETY: the mapping belongs to `ram`, which lives in VmShared beside `kvm_vm` and
+        // is dropped only after every vCPU thread has ended.
+        unsafe { kvm_vm.map_memory(slot as u32, guest_addr, size, host_addr)? };
+    }
+    kvm_vm.create_irqchip()?;
+    let irq = if linux_devices {
+        kvm_vm.create_pit()?;
+        IrqLine::eventfd(kvm_vm.irq_line(SERIAL_GSI)?)
+    } else {
+        IrqLine::none()
+    };
+    Ok((kvm_vm, irq))
 }
 
 /// A VM's figures, for the CLI, the API and the benchmarks.
@@ -178,46 +226,23 @@ impl Vm {
     /// fail happens here.
     pub fn create(hv: &Hypervisor, config: &VmConfig, state_dir: &Path) -> Result<Self, VmError> {
         let ram = GuestRam::create(&config.name, config.memory_mib << 20, config.hugepages)?;
-        let mut kvm_vm = hv.create_vm()?;
-        for (slot, (guest_addr, size, host_addr)) in ram.slots().into_iter().enumerate() {
-            // SAFETY: the mapping belongs to `ram`, which lives in VmShared beside `kvm_vm`
-            // and is dropped only after every vCPU thread has ended.
-            unsafe { kvm_vm.map_memory(slot as u32, guest_addr, size, host_addr)? };
-        }
-        // Memory slots first: on PVM each slot costs milliseconds once an irqchip exists.
-        kvm_vm.create_irqchip()?;
-
-        let image = match &config.kernel {
-            Some(path) => Some(std::fs::read(path).map_err(|err| VmError::ReadFile {
-                what: "kernel",
+        let read = |what, path: &PathBuf| {
+            std::fs::read(path).map_err(|err| VmError::ReadFile {
+                what,
                 path: path.clone(),
                 err,
-            })?),
-            None => None,
+            })
         };
-        let initrd = match &config.initrd {
-            Some(path) => Some(std::fs::read(path).map_err(|err| VmError::ReadFile {
-                what: "initrd",
-                path: path.clone(),
-                err,
-            })?),
-            None => None,
-        };
-        let reference = image.is_none();
-        let irq = if reference {
-            IrqLine::none()
-        } else {
-            kvm_vm.create_pit()?;
-            IrqLine::eventfd(kvm_vm.irq_line(SERIAL_GSI)?)
-        };
+        let image = config.kernel.as_ref().map(|p| read("kernel", p)).transpose()?;
+        let initrd = config.initrd.as_ref().map(|p| read("initrd", p)).transpose()?;
+        let linux_devices = image.is_some();
+        let (kvm_vm, irq) = build_kvm_vm(hv, &ram, linux_devices)?;
 
         let console_log = config
             .console_log
             .clone()
             .unwrap_or_else(|| state_dir.join(&config.name).join("console.log"));
         let log = open_log(&console_log)?;
-        let sink = ConsoleSink::new(Some(log), config.console_stdout);
-        let devices = Devices::new(&config.name, SerialConsole::new(sink, irq));
 
         let cpuid = CpuidOptions {
             hide_cx16: config.hide_cx16,
@@ -269,40 +294,60 @@ impl Vm {
         for (vcpu, entry) in vcpus.iter().zip(&plan.entries) {
             vcpu.set_entry_state(entry)?;
         }
-
-        let shared = Arc::new(VmShared {
-            name: config.name.clone(),
-            devices,
-            lifecycle: Mutex::new(Lifecycle::Created),
-            lifecycle_cv: Condvar::new(),
-            vcpus: OnceLock::new(),
-            created_at: Instant::now(),
-            first_run: OnceLock::new(),
+        let vm = Self::assemble(Parts {
+            config: config.clone(),
             kvm_vm,
             ram,
+            serial: SerialConsole::new(ConsoleSink::new(Some(log), config.console_stdout), irq),
+            vcpus,
+            status_addr: plan.status_addr,
+            protocol: plan.protocol,
+            console_log,
+            linux_devices,
+            lifecycle: Lifecycle::Created,
+            age: Duration::ZERO,
+        })?;
+        tracing::info!(vm = %config.name, memory_mib = config.memory_mib, vcpus = config.vcpus,
+            boot = %plan.protocol, "VM created");
+        Ok(vm)
+    }
+
+    /// Wrap KVM objects, RAM and devices into a VM with parked vCPU threads.
+    pub(crate) fn assemble(p: Parts) -> Result<Self, VmError> {
+        let shared = Arc::new(VmShared {
+            name: p.config.name.clone(),
+            devices: Devices::new(&p.config.name, p.serial),
+            lifecycle: Mutex::new(p.lifecycle),
+            lifecycle_cv: Condvar::new(),
+            vcpus: OnceLock::new(),
+            created_at: Instant::now().checked_sub(p.age).unwrap_or_else(Instant::now),
+            first_run: OnceLock::new(),
+            kvm_vm: p.kvm_vm,
+            ram: p.ram,
         });
         warmvm_hypervisor::install_kick_handler()?;
-        let handles: Vec<Arc<VcpuHandle>> = (0..config.vcpus).map(VcpuHandle::new).collect();
+        let handles: Vec<Arc<VcpuHandle>> = p.vcpus.iter().map(|v| VcpuHandle::new(v.id())).collect();
+        let cpuids = p.vcpus.iter().map(|v| v.cpuid().to_vec()).collect();
         let _ = shared.vcpus.set(handles.clone());
         let mut threads = Vec::new();
-        for (vcpu, handle) in vcpus.into_iter().zip(handles) {
+        for (vcpu, handle) in p.vcpus.into_iter().zip(handles) {
             let shared = shared.clone();
             let t = std::thread::Builder::new()
-                .name(format!("{}-vcpu{}", config.name, handle.id))
+                .name(format!("{}-vcpu{}", p.config.name, handle.id))
                 .stack_size(256 << 10)
                 .spawn(move || run_vcpu(vcpu, handle, shared))
                 .map_err(VmError::Thread)?;
             threads.push(t);
         }
-        tracing::info!(vm = %config.name, memory_mib = config.memory_mib, vcpus = config.vcpus,
-            boot = %plan.protocol, "VM created");
         Ok(Self {
-            config: config.clone(),
+            config: p.config,
             shared,
             threads,
-            status_addr: plan.status_addr,
-            protocol: plan.protocol,
-            console_log,
+            status_addr: p.status_addr,
+            protocol: p.protocol,
+            console_log: p.console_log,
+            linux_devices: p.linux_devices,
+            cpuids,
         })
     }
 
@@ -318,7 +363,7 @@ impl Vm {
         self.shared.lifecycle().clone()
     }
 
-    fn handles(&self) -> &[Arc<VcpuHandle>] {
+    pub(crate) fn handles(&self) -> &[Arc<VcpuHandle>] {
         self.shared.vcpus.get().map(Vec::as_slice).unwrap_or_default()
     }
 
@@ -431,6 +476,11 @@ impl Vm {
         self.handles().iter().map(|h| h.stats())
     }
 
+    /// The CPUID each vCPU was created with.
+    pub(crate) fn vcpu_cpuids(&self) -> Vec<Vec<kvm_bindings::kvm_cpuid_entry2>> {
+        self.cpuids.clone()
+    }
+
     /// The reference guest's integrity figures, if this VM runs it and it has reported.
     pub fn guest_figures(&self) -> Option<GuestFigures> {
         status::read(
@@ -479,7 +529,7 @@ impl Drop for Vm {
     }
 }
 
-fn open_log(path: &Path) -> Result<File, VmError> {
+pub(crate) fn open_log(path: &Path) -> Result<File, VmError> {
     let err = |err| VmError::ConsoleLog {
         path: path.to_path_buf(),
         err,

@@ -1,0 +1,166 @@
+//! The handover state's envelope: magic, format version, length and CRC-32 around a
+//! MessagePack payload, written into a memfd that is sealed before it is passed on, so the
+//! receiver reads exactly what the sender wrote.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::{AsRawFd, FromRawFd};
+
+use serde::{de::DeserializeOwned, Serialize};
+
+use super::HandoverError;
+
+pub const MAGIC: [u8; 8] = *b"WARMVMHO";
+/// The state format this build writes. It only grows: new fields get defaults, so this
+/// build reads every version from [`MIN_FORMAT_VERSION`] up to this one.
+pub const FORMAT_VERSION: u32 = 2;
+pub const MIN_FORMAT_VERSION: u32 = 1;
+/// A sane upper bound: vCPU and device state is kilobytes per VM.
+pub const MAX_PAYLOAD: u64 = 256 << 20;
+const HEADER_LEN: usize = 8 + 4 + 4 + 8 + 4 + 4;
+
+/// Encode `value` as an envelope in memory.
+pub fn encode<T: Serialize>(value: &T, version: u32) -> Result<Vec<u8>, HandoverError> {
+    let payload = rmp_serde::to_vec_named(value)
+        .map_err(|e| HandoverError::Encode(e.to_string()))?;
+    let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&version.to_le_bytes());
+    out.extend_from_slice(&0u32.to_le_bytes());
+    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+    out.extend_from_slice(&0u32.to_le_bytes());
+    out.extend_from_slice(&payload);
+    Ok(out)
+}
+
+/// Check and decode an envelope. Returns the value and the format version it was written in.
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<(T, u32), HandoverError> {
+    let bad = |m: &str| HandoverError::BadState(m.to_string());
+    if bytes.len() < HEADER_LEN || bytes[..8] != MAGIC {
+        return Err(bad("not a warmvm handover state (bad magic)"));
+    }
+    let u32_at = |o: usize| u32::from_le_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]);
+    let version = u32_at(8);
+    if version > FORMAT_VERSION {
+        return Err(HandoverError::Incompatible(format!(
+            "state format {version} is newer than this warmvm understands ({FORMAT_VERSION})"
+        )));
+    }
+    if version < MIN_FORMAT_VERSION {
+        return Err(HandoverError::Incompatible(format!(
+            "state format {version} is older than this warmvm supports ({MIN_FORMAT_VERSION})"
+        )));
+    }
+    let mut len8 = [0u8; 8];
+    len8.copy_from_slice(&bytes[16..24]);
+    let len = u64::from_le_bytes(len8);
+    if len > MAX_PAYLOAD || len != (bytes.len() - HEADER_LEN) as u64 {
+        return Err(bad("payload length does not match the envelope"));
+    }
+    let payload = &bytes[HEADER_LEN..];
+    if crc32fast::hash(payload) != u32_at(24) {
+        return Err(bad("checksum mismatch"));
+    }
+    let value = rmp_serde::from_slice(payload).map_err(|e| bad(&format!("payload: {e}")))?;
+    Ok((value, version))
+}
+
+/// Write an envelope into a new memfd and seal it against any change.
+pub fn to_sealed_memfd(bytes: &[u8]) -> Result<File, HandoverError> {
+    let io = |e: std::io::Error| HandoverError::Io(format!("state memfd: {e}"));
+    // SAFETY: a static NUL-terminated name; memfd_create has no memory side effects.
+    let fd = unsafe {
+        libc::memfd_create(
+            c"warmvm-handover".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    };
+    if fd < 0 {
+        return Err(io(std::io::Error::last_os_error()));
+    }
+    // SAFETY: memfd_create returned a fresh fd that nothing else owns.
+    let mut file = unsafe { File::from_raw_fd(fd) };
+    file.write_all(bytes).map_err(io)?;
+    let seals = libc::F_SEAL_WRITE | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    // SAFETY: fcntl with an integer argument on an fd we own.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
+        return Err(io(std::io::Error::last_os_error()));
+    }
+    Ok(file)
+}
+
+/// Read an envelope out of a memfd received from the other VMM, refusing one that is not
+/// sealed (its sender could still change it under us) or that is too large.
+pub fn from_sealed_memfd(mut file: File) -> Result<Vec<u8>, HandoverError> {
+    let bad = |m: String| HandoverError::BadState(m);
+    // SAFETY: F_GET_SEALS only reads the seals of an fd we own.
+    let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+    let need = libc::F_SEAL_WRITE | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
+    if seals < 0 || seals & need != need {
+        return Err(bad("the state memfd is not sealed".into()));
+    }
+    let len = file
+        .metadata()
+        .map_err(|e| bad(format!("state memfd: {e}")))?
+        .len();
+    if len > MAX_PAYLOAD + HEADER_LEN as u64 {
+        return Err(bad(format!("the state is {len} bytes, over the limit")));
+    }
+    let mut bytes = Vec::with_capacity(len as usize);
+    file.seek(SeekFrom::Start(0))
+        .and_then(|_| file.read_to_end(&mut bytes))
+        .map_err(|e| bad(format!("state memfd: {e}")))?;
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Serialize, serde::Deserialize, Debug, PartialEq)]
+    struct V1 {
+        a: u32,
+    }
+
+    #[derive(Serialize, serde::Deserialize, Debug, PartialEq)]
+    struct V2 {
+        a: u32,
+        #[serde(default)]
+        b: Vec<u8>,
+    }
+
+    #[test]
+    fn roundtrip_through_a_sealed_memfd() {
+        let bytes = encode(&V2 { a: 7, b: vec![1, 2] }, FORMAT_VERSION).unwrap();
+        let file = to_sealed_memfd(&bytes).unwrap();
+        let back = from_sealed_memfd(file).unwrap();
+        let (v, version): (V2, u32) = decode(&back).unwrap();
+        assert_eq!((v.a, v.b, version), (7, vec![1, 2], FORMAT_VERSION));
+    }
+
+    #[test]
+    fn an_older_format_loads_with_defaults() {
+        let bytes = encode(&V1 { a: 3 }, MIN_FORMAT_VERSION).unwrap();
+        let (v, version): (V2, u32) = decode(&bytes).unwrap();
+        assert_eq!((v.a, v.b.len(), version), (3, 0, MIN_FORMAT_VERSION));
+    }
+
+    #[test]
+    fn corruption_and_future_versions_are_refused() {
+        let mut bytes = encode(&V1 { a: 3 }, FORMAT_VERSION).unwrap();
+        *bytes.last_mut().unwrap() ^= 1;
+        assert!(matches!(decode::<V1>(&bytes), Err(HandoverError::BadState(_))));
+        let future = encode(&V1 { a: 3 }, FORMAT_VERSION + 1).unwrap();
+        let err = decode::<V1>(&future).unwrap_err();
+        assert!(matches!(err, HandoverError::Incompatible(_)), "{err}");
+        assert!(decode::<V1>(b"short").is_err());
+    }
+
+    #[test]
+    fn an_unsealed_memfd_is_refused() {
+        // SAFETY: static name; we own the new fd.
+        let file = unsafe { File::from_raw_fd(libc::memfd_create(c"t".as_ptr(), 0)) };
+        assert!(from_sealed_memfd(file).is_err());
+    }
+}
