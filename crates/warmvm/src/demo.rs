@@ -1,12 +1,18 @@
+//! `warmvm demo`: reference-guest VMs verify their memory, the VMM warm-reboots itself
+//! halfway, and the new VMM checks that every guest went on with nothing lost.
+
+use std::collections::BTreeMap;
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use warmvm_vmm::handover::{self, RebootOptions, RebootReport};
 use warmvm_vmm::{Config, Host, Lifecycle, VmConfig, VmReport};
 
-use crate::cli::{Failure, EXIT_VM_FAILED};
+use crate::cli::{Failure, EXIT_BAD_INPUT, EXIT_VM_FAILED};
 use crate::output;
 
 pub struct DemoArgs {
@@ -16,23 +22,41 @@ pub struct DemoArgs {
     pub vcpus: u32,
     pub seconds: u64,
     pub state_dir: Option<PathBuf>,
+    pub no_reboot: bool,
+    pub takeover_fd: Option<i32>,
 }
 
 /// The longest the demo waits for every guest to complete a full verification pass.
 const VERIFY_TIMEOUT: Duration = Duration::from_secs(180);
 
+/// What the first VMM tells the second about the demo so far.
+#[derive(Serialize, Deserialize, Default)]
+struct DemoCarry {
+    /// Each VM's integrity counter just before the reboot: it must never go back.
+    counters: BTreeMap<String, u64>,
+    passes: BTreeMap<String, u64>,
+    elapsed_ms: u64,
+}
+
 #[derive(Serialize)]
 struct DemoResult<'a> {
     ok: bool,
     seconds: f64,
+    warm_reboot: Option<&'a RebootReport>,
+    warm_reboot_error: Option<String>,
     vms: &'a [VmReport],
 }
 
 pub fn demo(args: &DemoArgs) -> Result<ExitCode, Failure> {
+    let state_dir = args.state_dir.clone().unwrap_or_else(|| {
+        warmvm_vmm::config::default_state_dir().join(format!("demo-{}", std::process::id()))
+    });
+    let stop = crate::run::termination_flag()?;
+    if let Some(fd) = args.takeover_fd {
+        return continue_after_reboot(args, fd, state_dir, &stop);
+    }
     let config = Config {
-        state_dir: Some(args.state_dir.clone().unwrap_or_else(|| {
-            warmvm_vmm::config::default_state_dir().join(format!("demo-{}", std::process::id()))
-        })),
+        state_dir: Some(state_dir.clone()),
         vms: (0..args.vms)
             .map(|i| {
                 let mut vm = VmConfig::reference(&format!("demo-{i}"), args.memory_mib, args.vcpus);
@@ -44,24 +68,143 @@ pub fn demo(args: &DemoArgs) -> Result<ExitCode, Failure> {
     config
         .validate(warmvm_vmm::HostLimits::probe())
         .map_err(Failure::from)?;
-    let stop = crate::run::termination_flag()?;
     let started = Instant::now();
     let mut host = Host::open(&config.state_dir())?;
     host.create_all(&config)?;
     host.start_all()?;
     if !args.json {
         eprintln!(
-            "warmvm demo: {} VMs of {} MiB with {} vCPU each; verifying their memory for at least {} s",
-            args.vms, args.memory_mib, args.vcpus, args.seconds
+            "warmvm demo: {} VMs of {} MiB with {} vCPU each; verifying their memory for at least {} s{}",
+            args.vms,
+            args.memory_mib,
+            args.vcpus,
+            args.seconds,
+            if args.no_reboot { "" } else { ", with a warm reboot of the VMM halfway" }
         );
     }
-    let min_run = Duration::from_secs(args.seconds);
+    let half = if args.no_reboot { args.seconds } else { args.seconds.div_ceil(2) };
+    wait_verified(&host, Duration::from_secs(half), &stop, &BTreeMap::new());
+
+    let mut reboot_error = None;
+    if !args.no_reboot && !stop.load(Ordering::Relaxed) && all_healthy(&host) {
+        let carry = DemoCarry {
+            counters: figures(&host, |g| g.counter),
+            passes: figures(&host, |g| g.min_passes),
+            elapsed_ms: started.elapsed().as_millis() as u64,
+        };
+        match reboot(args, &host, &carry, &state_dir) {
+            Ok(mut child) => {
+                // The new VMM runs the guests and finishes the demo; this one lets go of
+                // its side of the VMs (unmapping their RAM) and waits for the verdict.
+                drop(host);
+                let status = child.wait().map_err(|e| {
+                    Failure::new(EXIT_VM_FAILED, format!("waiting for the new VMM: {e}"))
+                })?;
+                return Ok(ExitCode::from(status.code().unwrap_or(EXIT_VM_FAILED as i32) as u8));
+            }
+            Err(e) => {
+                if !args.json {
+                    eprintln!(
+                        "warmvm demo: warm reboot failed, VMs continue in this VMM: {}",
+                        e.message
+                    );
+                }
+                reboot_error = Some(e.message);
+                wait_verified(&host, Duration::from_secs(half), &stop, &carry.passes);
+            }
+        }
+    }
+    finish(args, &host, started.elapsed(), None, reboot_error)
+}
+
+fn reboot(
+    args: &DemoArgs,
+    host: &Host,
+    carry: &DemoCarry,
+    state_dir: &std::path::Path,
+) -> Result<std::process::Child, Failure> {
+    let binary = std::env::current_exe()
+        .map_err(|e| Failure::new(EXIT_VM_FAILED, format!("cannot find this binary: {e}")))?;
+    let mut new_args: Vec<std::ffi::OsString> = vec![
+        "demo".into(),
+        "--seconds".into(),
+        args.seconds.to_string().into(),
+        "--state-dir".into(),
+        state_dir.into(),
+    ];
+    if args.json {
+        new_args.push("--json".into());
+    }
+    let opts = RebootOptions {
+        binary,
+        args: new_args,
+        timeout: Duration::from_secs(30),
+        extra: serde_json::to_value(carry).unwrap_or_default(),
+        extra_fds: Vec::new(),
+        env: Vec::new(),
+    };
+    handover::warm_reboot(host, &opts)
+        .map(|handed| handed.child)
+        .map_err(|e| Failure::new(EXIT_VM_FAILED, e.to_string()))
+}
+
+fn continue_after_reboot(
+    args: &DemoArgs,
+    fd: i32,
+    state_dir: PathBuf,
+    stop: &AtomicBool,
+) -> Result<ExitCode, Failure> {
+    if fd < 3 {
+        return Err(Failure::new(EXIT_BAD_INPUT, "--takeover-fd must be 3 or more"));
+    }
+    // SAFETY: the previous VMM started us with this fd open for us alone (see
+    // handover::outgoing); nothing else in this process uses it.
+    let channel = unsafe { OwnedFd::from_raw_fd(fd) };
+    let adopted = handover::take_over(channel, &state_dir)
+        .map_err(|e| Failure::new(EXIT_VM_FAILED, format!("taking over the VMs failed: {e}")))?;
+    let carry: DemoCarry = serde_json::from_value(adopted.extra).unwrap_or_default();
+    let host = adopted.host;
+    let remaining = Duration::from_secs(args.seconds)
+        .saturating_sub(Duration::from_millis(carry.elapsed_ms));
+    wait_verified(&host, remaining, stop, &carry.passes);
+    // Nothing may go back across the reboot.
+    let after = figures(&host, |g| g.counter);
+    let went_back: Vec<&String> = carry
+        .counters
+        .iter()
+        .filter(|(name, before)| after.get(*name).is_none_or(|a| a < before))
+        .map(|(name, _)| name)
+        .collect();
+    let error = (!went_back.is_empty())
+        .then(|| format!("integrity counters went back or vanished across the reboot: {went_back:?}"));
+    finish(args, &host, Duration::from_millis(carry.elapsed_ms), Some(&adopted.report), error)
+}
+
+fn figures(host: &Host, f: impl Fn(&warmvm_vmm::status::GuestFigures) -> u64) -> BTreeMap<String, u64> {
+    host.vms()
+        .iter()
+        .map(|vm| (vm.name().to_string(), vm.guest_figures().map(|g| f(&g)).unwrap_or(0)))
+        .collect()
+}
+
+fn all_healthy(host: &Host) -> bool {
+    host.vms()
+        .iter()
+        .all(|vm| vm.lifecycle() == Lifecycle::Running)
+}
+
+/// Wait at least `min_run`, and until every guest has completed a verification pass more
+/// than `passes_before` records (or something ends a VM, or time runs out).
+fn wait_verified(host: &Host, min_run: Duration, stop: &AtomicBool, passes_before: &BTreeMap<String, u64>) {
+    let started = Instant::now();
     loop {
         std::thread::sleep(Duration::from_millis(100));
         let elapsed = started.elapsed();
         let all_verified = host.vms().iter().all(|vm| {
-            vm.guest_figures()
-                .is_some_and(|g| g.all_verified_clean())
+            vm.guest_figures().is_some_and(|g| {
+                g.all_verified_clean()
+                    && g.min_passes > passes_before.get(vm.name()).copied().unwrap_or(0)
+            })
         });
         let any_ended = host.vms().iter().any(|vm| vm.lifecycle().is_finished());
         if (elapsed >= min_run && all_verified)
@@ -69,31 +212,48 @@ pub fn demo(args: &DemoArgs) -> Result<ExitCode, Failure> {
             || elapsed >= VERIFY_TIMEOUT
             || stop.load(Ordering::Relaxed)
         {
-            break;
+            return;
         }
     }
+}
+
+fn finish(
+    args: &DemoArgs,
+    host: &Host,
+    before: Duration,
+    reboot: Option<&RebootReport>,
+    error: Option<String>,
+) -> Result<ExitCode, Failure> {
+    let started = Instant::now();
     host.stop_all(Duration::from_secs(10));
     let reports: Vec<VmReport> = host.vms().iter().map(|vm| vm.report()).collect();
-    let ok = reports.iter().all(|r| {
+    let verified = |r: &VmReport| {
         r.lifecycle == Lifecycle::PoweredOff { exit_status: 0 }
             && r.guest.as_ref().is_some_and(|g| g.all_verified_clean())
-    });
+    };
+    let ok = error.is_none() && reports.iter().all(verified);
     if args.json {
         output::print_json(&DemoResult {
             ok,
-            seconds: started.elapsed().as_secs_f64(),
+            seconds: (before + started.elapsed()).as_secs_f64(),
+            warm_reboot: reboot,
+            warm_reboot_error: error.clone(),
             vms: &reports,
         });
     } else {
         output::print_vm_table(&reports);
+        if let Some(r) = reboot {
+            output::print_reboot_report(r);
+        }
+        if let Some(e) = &error {
+            println!("warm reboot: FAILED: {e}");
+        }
         println!(
-            "{}: {} of {} VMs verified all their memory with no mismatch",
+            "{}: {} of {} VMs verified all their memory with no mismatch{}",
             if ok { "PASS" } else { "FAIL" },
-            reports
-                .iter()
-                .filter(|r| r.guest.as_ref().is_some_and(|g| g.all_verified_clean()))
-                .count(),
-            reports.len()
+            reports.iter().filter(|r| verified(r)).count(),
+            reports.len(),
+            if reboot.is_some() { ", across a warm reboot of the VMM" } else { "" }
         );
     }
     Ok(if ok {

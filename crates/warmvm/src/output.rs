@@ -33,3 +33,27 @@ pub fn print_vm_table(reports: &[VmReport]) {
         }
     }
 }
+
+/// The per-VM blackout and phase times of a warm reboot.
+pub fn print_reboot_report(r: &warmvm_vmm::handover::RebootReport) {
+    let ms = |us: u64| us as f64 / 1000.0;
+    println!(
+        "warm reboot: new VMM pid {}, host-wide blackout {:.3} ms, state {} bytes",
+        r.new_pid,
+        ms(r.host_blackout_us),
+        r.state_bytes
+    );
+    let p = &r.phases;
+    println!(
+        "  phases (ms): stage {:.3} (before the pause) | quiesce {:.3}  capture {:.3}  transfer {:.3}  restore {:.3}  resume {:.3}",
+        ms(p.stage_us),
+        ms(p.quiesce_us),
+        ms(p.capture_us),
+        ms(p.transfer_us),
+        ms(p.restore_us),
+        ms(p.resume_us)
+    );
+    for vm in &r.vms {
+        println!("  {:<16} blackout {:.3} ms", vm.name, ms(vm.blackout_us));
+    }
+}
