@@ -48,6 +48,12 @@ impl Status {
         unsafe { addr_of!((*h).host_command).read_volatile() }
     }
 
+    /// The gap epoch the VMM last wrote into vCPU `i`'s entry.
+    pub fn gap_epoch(&self, i: usize) -> u64 {
+        // SAFETY: as in `current_seq`.
+        unsafe { addr_of!((*self.vcpu(i)).gap_epoch).read_volatile() }
+    }
+
     /// The sequence number currently in vCPU `i`'s entry (to continue from it).
     pub fn current_seq(&self, i: usize) -> u64 {
         // SAFETY: as in `write_header`; `i` is below the validated vCPU count.
@@ -77,6 +83,7 @@ impl Status {
             addr_of_mut!((*p).register_check_failures).write_volatile(s.register_check_failures);
             addr_of_mut!((*p).time_went_backwards).write_volatile(s.time_went_backwards);
             addr_of_mut!((*p).last_mismatch_addr).write_volatile(s.last_mismatch_addr);
+            addr_of_mut!((*p).max_gap_ns).write_volatile(s.max_gap_ns);
             compiler_fence(Ordering::SeqCst);
             addr_of_mut!((*p).seq).write_volatile(even);
         }

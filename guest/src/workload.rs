@@ -230,6 +230,10 @@ pub struct Worker {
     reports: u32,
     register_reports: u32,
     last_print_ns: u64,
+    /// TSC at the last verified page (0 after a deliberate wait), for `max_gap_ns`.
+    gap_last_tsc: u64,
+    gap_max_ticks: u64,
+    gap_epoch_seen: u64,
 }
 
 impl Worker {
@@ -258,7 +262,11 @@ impl Worker {
             reports: 0,
             register_reports: 0,
             last_print_ns: 0,
+            gap_last_tsc: 0,
+            gap_max_ticks: 0,
+            gap_epoch_seen: 0,
         };
+        w.gap_epoch_seen = w.status.gap_epoch(vcpu);
         w.publish();
         w
     }
@@ -274,6 +282,12 @@ impl Worker {
             self.st.time_went_backwards = self.st.time_went_backwards.wrapping_add(1);
         }
         self.st.guest_time_ns = now;
+        let epoch = self.status.gap_epoch(self.vcpu);
+        if epoch != self.gap_epoch_seen {
+            self.gap_epoch_seen = epoch;
+            self.gap_max_ticks = 0;
+        }
+        self.st.max_gap_ns = time::ticks_to_ns(self.gap_max_ticks);
         self.publish();
         if self.status.host_command() == HOST_COMMAND_POWEROFF {
             self.stop(Stop::HostCommand);
@@ -410,6 +424,7 @@ impl Worker {
             }
             self.st.pages_verified = self.st.pages_verified.wrapping_add(1);
             self.check_registers(true);
+            self.note_progress();
             n += 1;
             if n % TICK_PAGES == 0 {
                 self.tick();
@@ -426,6 +441,19 @@ impl Worker {
             self.stop(Stop::PassesDone);
         }
         self.idle(self.opts.interval_ms.saturating_mul(1000));
+    }
+
+    /// One more page verified: track the longest stretch without progress.
+    #[inline(always)]
+    fn note_progress(&mut self) {
+        let now = cpu::rdtsc();
+        if self.gap_last_tsc != 0 {
+            let gap = now.wrapping_sub(self.gap_last_tsc);
+            if gap > self.gap_max_ticks && gap < u64::MAX / 2 {
+                self.gap_max_ticks = gap;
+            }
+        }
+        self.gap_last_tsc = now;
     }
 
     fn maybe_print_pass(&mut self, pass_ns: u64) {
@@ -461,6 +489,8 @@ impl Worker {
         while left > 0 {
             let slice = left.min(MAX_WAIT_US);
             io::wait(slice as u32);
+            // A requested wait is not a stall.
+            self.gap_last_tsc = 0;
             left -= slice;
             self.check_registers(false);
             self.tick();

@@ -103,7 +103,8 @@ pub struct BootInfo {
 
 /// "WARMVMST", little endian.
 pub const STATUS_MAGIC: u64 = u64::from_le_bytes(*b"WARMVMST");
-pub const STATUS_VERSION: u32 = 1;
+/// 2: `max_gap_ns` and `gap_epoch` appended to [`VcpuStatus`].
+pub const STATUS_VERSION: u32 = 2;
 
 /// Commands the VMM posts in [`StatusHeader::host_command`]; the guest polls it.
 pub const HOST_COMMAND_NONE: u32 = 0;
@@ -147,6 +148,11 @@ pub struct VcpuStatus {
     pub time_went_backwards: u64,
     /// Guest-physical address of the most recent mismatch (0 if none).
     pub last_mismatch_addr: u64,
+    /// Longest time between two consecutive verified pages (deliberate waits excluded)
+    /// since the VMM last bumped `gap_epoch`: how long the guest saw the world stop.
+    pub max_gap_ns: u64,
+    /// Written by the VMM, never by the guest: a new value resets `max_gap_ns`.
+    pub gap_epoch: u64,
 }
 
 /// Most vCPUs the reference guest supports (one boot stack each below 1 MiB).

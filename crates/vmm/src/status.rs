@@ -23,6 +23,8 @@ pub struct GuestVcpuFigures {
     pub register_check_failures: u64,
     pub time_went_backwards: u64,
     pub last_mismatch_addr: u64,
+    /// Longest stretch without progress since the last [`reset_gaps`] (status version 2+).
+    pub max_gap_ns: u64,
 }
 
 /// The whole guest's figures: per vCPU and summed.
@@ -36,6 +38,8 @@ pub struct GuestFigures {
     pub register_check_failures: u64,
     pub time_went_backwards: u64,
     pub guest_time_ns: u64,
+    /// Longest stretch any vCPU went without progress since the last [`reset_gaps`].
+    pub max_gap_ns: u64,
     pub vcpus: Vec<GuestVcpuFigures>,
 }
 
@@ -100,6 +104,7 @@ fn read_vcpu(mem: &GuestMemoryMmap, addr: GuestAddress) -> Option<GuestVcpuFigur
             register_check_failures: f(offset_of!(VcpuStatus, register_check_failures)),
             time_went_backwards: f(offset_of!(VcpuStatus, time_went_backwards)),
             last_mismatch_addr: f(offset_of!(VcpuStatus, last_mismatch_addr)),
+            max_gap_ns: f(offset_of!(VcpuStatus, max_gap_ns)),
         });
     }
     None
@@ -129,12 +134,22 @@ pub fn read(mem: &GuestMemoryMmap, base: GuestAddress, vcpus: u32) -> Option<Gue
         figures.register_check_failures += v.register_check_failures;
         figures.time_went_backwards += v.time_went_backwards;
         figures.guest_time_ns = figures.guest_time_ns.max(v.guest_time_ns);
+        figures.max_gap_ns = figures.max_gap_ns.max(v.max_gap_ns);
         figures.vcpus.push(v);
     }
     if figures.vcpus.is_empty() {
         figures.min_passes = 0;
     }
     Some(figures)
+}
+
+/// Restart every vCPU's `max_gap_ns` measurement (the guest notices at its next tick).
+pub fn reset_gaps(mem: &GuestMemoryMmap, base: GuestAddress, vcpus: u32) {
+    for i in 0..(vcpus as usize).min(MAX_VCPUS) {
+        let at = base.unchecked_add((vcpu_status_offset(i) + offset_of!(VcpuStatus, gap_epoch)) as u64);
+        let epoch: u64 = mem.read_obj(at).unwrap_or(0);
+        let _ = mem.write_obj(epoch.wrapping_add(1), at);
+    }
 }
 
 /// Post a `HOST_COMMAND_*` for the guest to pick up.

@@ -490,6 +490,13 @@ impl Vm {
         )
     }
 
+    /// Restart the reference guest's longest-stall measurement.
+    pub fn reset_guest_gaps(&self) {
+        if let Some(addr) = self.status_addr {
+            status::reset_gaps(self.shared.ram.memory(), addr, self.config.vcpus);
+        }
+    }
+
     /// Time from the VM's creation to its first KVM_RUN.
     pub fn time_to_first_run(&self) -> Option<Duration> {
         self.shared

@@ -36,6 +36,36 @@ struct DemoCarry {
     counters: BTreeMap<String, u64>,
     passes: BTreeMap<String, u64>,
     elapsed_ms: u64,
+    /// Longest stall any guest saw in a window of [`GAP_WINDOW`] without a reboot.
+    baseline_gap_ns: u64,
+}
+
+/// Window over which the guests' longest stall is compared with and without a reboot.
+const GAP_WINDOW: Duration = Duration::from_millis(500);
+
+/// The longest stall a guest saw, with and without a warm reboot in the window.
+#[derive(Serialize)]
+struct GuestGaps {
+    window_ms: u64,
+    without_reboot_ms: f64,
+    with_reboot_ms: f64,
+}
+
+fn max_gap_after_window(host: &Host) -> u64 {
+    std::thread::sleep(GAP_WINDOW);
+    host.vms()
+        .iter()
+        .filter_map(|vm| vm.guest_figures().map(|g| g.max_gap_ns))
+        .max()
+        .unwrap_or(0)
+}
+
+fn reset_gaps(host: &Host) {
+    for vm in host.vms() {
+        vm.reset_guest_gaps();
+    }
+    // The guests pick the reset up at their next tick (every 64 pages).
+    std::thread::sleep(Duration::from_millis(5));
 }
 
 #[derive(Serialize)]
@@ -43,6 +73,7 @@ struct DemoResult<'a> {
     ok: bool,
     seconds: f64,
     warm_reboot: Option<&'a RebootReport>,
+    guest_visible_gap: Option<GuestGaps>,
     warm_reboot_error: Option<String>,
     vms: &'a [VmReport],
 }
@@ -87,10 +118,14 @@ pub fn demo(args: &DemoArgs) -> Result<ExitCode, Failure> {
 
     let mut reboot_error = None;
     if !args.no_reboot && !stop.load(Ordering::Relaxed) && all_healthy(&host) {
+        reset_gaps(&host);
+        let baseline_gap_ns = max_gap_after_window(&host);
+        reset_gaps(&host);
         let carry = DemoCarry {
             counters: figures(&host, |g| g.counter),
             passes: figures(&host, |g| g.min_passes),
             elapsed_ms: started.elapsed().as_millis() as u64,
+            baseline_gap_ns,
         };
         match reboot(args, &host, &carry, &state_dir) {
             Ok(mut child) => {
@@ -164,6 +199,11 @@ fn continue_after_reboot(
         .map_err(|e| Failure::new(EXIT_VM_FAILED, format!("taking over the VMs failed: {e}")))?;
     let carry: DemoCarry = serde_json::from_value(adopted.extra).unwrap_or_default();
     let host = adopted.host;
+    let gaps = GuestGaps {
+        window_ms: GAP_WINDOW.as_millis() as u64,
+        without_reboot_ms: carry.baseline_gap_ns as f64 / 1e6,
+        with_reboot_ms: max_gap_after_window(&host) as f64 / 1e6,
+    };
     let remaining = Duration::from_secs(args.seconds)
         .saturating_sub(Duration::from_millis(carry.elapsed_ms));
     wait_verified(&host, remaining, stop, &carry.passes);
@@ -177,7 +217,13 @@ fn continue_after_reboot(
         .collect();
     let error = (!went_back.is_empty())
         .then(|| format!("integrity counters went back or vanished across the reboot: {went_back:?}"));
-    finish(args, &host, Duration::from_millis(carry.elapsed_ms), Some(&adopted.report), error)
+    finish(
+        args,
+        &host,
+        Duration::from_millis(carry.elapsed_ms),
+        Some((&adopted.report, gaps)),
+        error,
+    )
 }
 
 fn figures(host: &Host, f: impl Fn(&warmvm_vmm::status::GuestFigures) -> u64) -> BTreeMap<String, u64> {
@@ -221,9 +267,13 @@ fn finish(
     args: &DemoArgs,
     host: &Host,
     before: Duration,
-    reboot: Option<&RebootReport>,
+    reboot: Option<(&RebootReport, GuestGaps)>,
     error: Option<String>,
 ) -> Result<ExitCode, Failure> {
+    let (reboot, gaps) = match reboot {
+        Some((r, g)) => (Some(r), Some(g)),
+        None => (None, None),
+    };
     let started = Instant::now();
     host.stop_all(Duration::from_secs(10));
     let reports: Vec<VmReport> = host.vms().iter().map(|vm| vm.report()).collect();
@@ -237,6 +287,7 @@ fn finish(
             ok,
             seconds: (before + started.elapsed()).as_secs_f64(),
             warm_reboot: reboot,
+            guest_visible_gap: gaps,
             warm_reboot_error: error.clone(),
             vms: &reports,
         });
@@ -244,6 +295,12 @@ fn finish(
         output::print_vm_table(&reports);
         if let Some(r) = reboot {
             output::print_reboot_report(r);
+        }
+        if let Some(g) = &gaps {
+            println!(
+                "  longest stall seen by a guest in {} ms: {:.3} ms across the reboot, {:.3} ms without one",
+                g.window_ms, g.with_reboot_ms, g.without_reboot_ms
+            );
         }
         if let Some(e) = &error {
             println!("warm reboot: FAILED: {e}");

@@ -178,7 +178,7 @@ fn take_over_on(channel: &Channel, state_dir: &Path) -> Result<Adopted, Handover
         new_pid: std::process::id(),
         host_blackout_us: host_last_resume.saturating_sub(state.host_first_stop_ns) / 1000,
         phases: PhaseTimes {
-            stage_us: 0,
+            stage_us: state.stage_us,
             quiesce_us: state.quiesce_us,
             capture_us: state.capture_us,
             transfer_us,

@@ -102,17 +102,14 @@ pub fn warm_reboot(host: &Host, opts: &RebootOptions) -> Result<Handed, Handover
             vms: captures,
             quiesce_us,
             capture_us: 0,
+            stage_us,
         };
         state.capture_us = t_capture.elapsed().as_micros() as u64;
         let bytes = envelope::encode(&state, envelope::FORMAT_VERSION)?;
         let memfd = envelope::to_sealed_memfd(&bytes)?;
         channel.send(&Msg::State, &[memfd.as_raw_fd()])?;
         match channel.recv::<Msg>()?.0 {
-            Msg::Resumed(mut report) => {
-                report.phases.stage_us = stage_us;
-                report.state_bytes = bytes.len() as u64;
-                Ok(report)
-            }
+            Msg::Resumed(report) => Ok(report),
             Msg::Failed(why) => Err(HandoverError::NewVmmFailed(why)),
             other => Err(HandoverError::BadState(format!("expected Resumed, got {other:?}"))),
         }

@@ -72,6 +72,8 @@ pub(crate) struct HandoverState {
     /// Times of the old side's phases, in µs (added in format 2).
     pub quiesce_us: u64,
     pub capture_us: u64,
+    /// Time the old side spent staging (before the pause), in µs.
+    pub stage_us: u64,
 }
 
 /// One VM's blackout.
