@@ -59,7 +59,8 @@ fn linux_prints_its_banner_and_command_line() {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or(0);
-    let dir = std::env::temp_dir().join(format!("warmvm-linux-boot-{}-{nonce}", std::process::id()));
+    let dir =
+        std::env::temp_dir().join(format!("warmvm-linux-boot-{}-{nonce}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let console = dir.join("console.log");
     let config = dir.join("vm.toml");
