@@ -11,11 +11,16 @@ pub const EXIT_BAD_INPUT: u8 = 2;
 pub const EXIT_HOST: u8 = 3;
 
 #[derive(Parser, Debug)]
-#[command(name = "warmvm", version, about = "A KVM VMM whose VMs survive a restart of the VMM itself")]
+#[command(
+    name = "warmvm",
+    version,
+    about = "A KVM VMM whose VMs survive a restart of the VMM itself"
+)]
 pub struct Cli {
-    /// Log verbosity (error, warn, info, debug, trace), or a tracing filter.
-    #[arg(long, global = true, default_value = "warn", env = "WARMVM_LOG")]
-    pub log_level: String,
+    /// Log verbosity (error, warn, info, debug, trace), or a tracing filter
+    /// [default: info for `daemon`, warn otherwise].
+    #[arg(long, global = true, env = "WARMVM_LOG")]
+    pub log_level: Option<String>,
     /// Log format on standard error.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
     pub log_format: LogFormat,
@@ -67,9 +72,102 @@ pub enum Command {
         #[arg(long)]
         state_dir: Option<PathBuf>,
     },
+    /// Run the host daemon: it holds VMs and serves the HTTP/JSON API on a Unix socket
+    /// until SIGTERM or SIGINT, which power every VM off. See docs/daemon.md.
+    Daemon {
+        /// The API socket [default: <state dir>/warmvm.sock].
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Directory for console logs and the default socket [default: /run/warmvm as root,
+        /// $XDG_RUNTIME_DIR/warmvm or /tmp/warmvm-<uid> otherwise].
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Also serve GET /metrics on this loopback TCP address, e.g. 127.0.0.1:9464.
+        #[arg(long)]
+        metrics_addr: Option<std::net::SocketAddr>,
+        /// A TOML config (as for `run`) whose VMs are created and started at start-up.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Seconds each guest gets to power off when the daemon stops, before it is forced.
+        #[arg(long, default_value_t = 10)]
+        stop_grace_secs: u64,
+        /// Serve on this inherited, already listening Unix socket instead of binding one
+        /// (for a warm reboot's handover).
+        #[arg(long, hide = true)]
+        listen_fd: Option<i32>,
+    },
+    /// Manage the daemon's VMs through its API.
+    #[command(subcommand)]
+    Vm(VmCommand),
+    /// Show the daemon's version, pid, uptime and VM count.
+    Status {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+/// How the CLI reaches the daemon.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ApiArgs {
+    /// The daemon's API socket [default: <default state dir>/warmvm.sock].
+    #[arg(long, env = "WARMVM_SOCKET")]
+    pub socket: Option<PathBuf>,
+    /// Print the daemon's JSON answer instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum VmCommand {
+    /// Create a VM from a file holding one VM's config (TOML with the VM's keys at the top
+    /// level, or JSON) and start it.
+    Create {
+        config: PathBuf,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// List the daemon's VMs.
+    List {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Show one VM: state, RAM, vCPUs, uptime, exits, the reference guest's figures.
+    Show {
+        name: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Pause a running VM (every vCPU stops between two instructions).
+    Pause {
+        name: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Resume a paused VM.
+    Resume {
+        name: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Ask a VM's guest to power off, and force it off after the grace period.
+    Stop {
+        name: String,
+        /// Seconds the guest gets before it is forced off.
+        #[arg(long)]
+        grace_secs: Option<u64>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Delete a VM that is not running (stop it first).
+    Delete {
+        name: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
 }
 
 /// A failure the binary turns into one line and an exit status.
+#[derive(Debug)]
 pub struct Failure {
     pub message: String,
     pub code: u8,
@@ -108,10 +206,19 @@ impl From<ConfigError> for Failure {
 }
 
 pub fn init_logging(cli: &Cli) {
-    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log_level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    // The daemon's log is its operators' record of what happened to each VM.
+    let default = match cli.command {
+        Command::Daemon { .. } => "info",
+        _ => "warn",
+    };
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(cli.log_level.as_deref().unwrap_or(default))
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // Colours only for a terminal: journald and log files get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     match cli.log_format {
         LogFormat::Human => builder.init(),
@@ -142,5 +249,22 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
             seconds,
             state_dir,
         }),
+        Command::Daemon {
+            socket,
+            state_dir,
+            metrics_addr,
+            config,
+            stop_grace_secs,
+            listen_fd,
+        } => crate::client::daemon(warmvm_api::DaemonOptions {
+            socket,
+            state_dir,
+            metrics_addr,
+            config,
+            listen_fd,
+            stop_grace: std::time::Duration::from_secs(stop_grace_secs),
+        }),
+        Command::Vm(cmd) => crate::client::vm(cmd),
+        Command::Status { api } => crate::client::status(&api),
     }
 }

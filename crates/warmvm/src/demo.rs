@@ -23,6 +23,9 @@ pub struct DemoArgs {
     pub seconds: u64,
     pub state_dir: Option<PathBuf>,
     pub no_reboot: bool,
+    pub reboots: u32,
+    pub reboot_interval_ms: u64,
+    pub reboot_timeout_secs: u64,
     pub takeover_fd: Option<i32>,
 }
 
@@ -38,6 +41,49 @@ struct DemoCarry {
     elapsed_ms: u64,
     /// Longest stall any guest saw in a window of [`GAP_WINDOW`] without a reboot.
     baseline_gap_ns: u64,
+    /// Reboots still to do after the one that carried this.
+    reboots_left: u32,
+    /// Every completed reboot's report, oldest first.
+    reports: Vec<RebootReport>,
+}
+
+/// Blackout statistics over a chain of reboots, in ms.
+#[derive(Serialize, Default)]
+pub struct ChainSummary {
+    pub reboots: usize,
+    pub host_p50_ms: f64,
+    pub host_p99_ms: f64,
+    pub host_max_ms: f64,
+    pub vm_p50_ms: f64,
+    pub vm_p99_ms: f64,
+    pub vm_max_ms: f64,
+}
+
+fn percentile(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)] as f64 / 1000.0
+}
+
+fn summarize(reports: &[RebootReport]) -> ChainSummary {
+    let mut host: Vec<u64> = reports.iter().map(|r| r.host_blackout_us).collect();
+    let mut vm: Vec<u64> = reports
+        .iter()
+        .flat_map(|r| r.vms.iter().map(|v| v.blackout_us))
+        .collect();
+    host.sort_unstable();
+    vm.sort_unstable();
+    ChainSummary {
+        reboots: reports.len(),
+        host_p50_ms: percentile(&host, 0.5),
+        host_p99_ms: percentile(&host, 0.99),
+        host_max_ms: percentile(&host, 1.0),
+        vm_p50_ms: percentile(&vm, 0.5),
+        vm_p99_ms: percentile(&vm, 0.99),
+        vm_max_ms: percentile(&vm, 1.0),
+    }
 }
 
 /// Window over which the guests' longest stall is compared with and without a reboot.
@@ -73,6 +119,7 @@ struct DemoResult<'a> {
     ok: bool,
     seconds: f64,
     warm_reboot: Option<&'a RebootReport>,
+    reboot_chain: Option<ChainSummary>,
     guest_visible_gap: Option<GuestGaps>,
     warm_reboot_error: Option<String>,
     vms: &'a [VmReport],
@@ -126,16 +173,20 @@ pub fn demo(args: &DemoArgs) -> Result<ExitCode, Failure> {
             passes: figures(&host, |g| g.min_passes),
             elapsed_ms: started.elapsed().as_millis() as u64,
             baseline_gap_ns,
+            reboots_left: args.reboots.saturating_sub(1),
+            reports: Vec::new(),
         };
+        // Every later VMM hands over and exits; as subreaper this process inherits and
+        // reaps them all, and the last one's verdict is the demo's.
+        // SAFETY: prctl(PR_SET_CHILD_SUBREAPER) only changes how orphans are reparented.
+        unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
         match reboot(args, &host, &carry, &state_dir) {
-            Ok(mut child) => {
+            Ok(child) => {
                 // The new VMM runs the guests and finishes the demo; this one lets go of
                 // its side of the VMs (unmapping their RAM) and waits for the verdict.
                 drop(host);
-                let status = child.wait().map_err(|e| {
-                    Failure::new(EXIT_VM_FAILED, format!("waiting for the new VMM: {e}"))
-                })?;
-                return Ok(ExitCode::from(status.code().unwrap_or(EXIT_VM_FAILED as i32) as u8));
+                drop(child);
+                return Ok(ExitCode::from(reap_all()));
             }
             Err(e) => {
                 if !args.json {
@@ -170,10 +221,18 @@ fn reboot(
     if args.json {
         new_args.push("--json".into());
     }
+    new_args.extend([
+        "--reboot-interval-ms".into(),
+        args.reboot_interval_ms.to_string().into(),
+        "--reboot-timeout-secs".into(),
+        args.reboot_timeout_secs.to_string().into(),
+        "--vms".into(),
+        args.vms.to_string().into(),
+    ]);
     let opts = RebootOptions {
         binary,
         args: new_args,
-        timeout: Duration::from_secs(30),
+        timeout: Duration::from_secs(args.reboot_timeout_secs),
         extra: serde_json::to_value(carry).unwrap_or_default(),
         extra_fds: Vec::new(),
         env: Vec::new(),
@@ -197,8 +256,35 @@ fn continue_after_reboot(
     let channel = unsafe { OwnedFd::from_raw_fd(fd) };
     let adopted = handover::take_over(channel, &state_dir)
         .map_err(|e| Failure::new(EXIT_VM_FAILED, format!("taking over the VMs failed: {e}")))?;
-    let carry: DemoCarry = serde_json::from_value(adopted.extra).unwrap_or_default();
+    let mut carry: DemoCarry = serde_json::from_value(adopted.extra).unwrap_or_default();
     let host = adopted.host;
+    carry.reports.push(adopted.report.clone());
+    if let Some(error) = counters_went_back(&host, &carry) {
+        return finish(args, &host, Duration::from_millis(carry.elapsed_ms), None, Some(error));
+    }
+    if carry.reboots_left > 0 && !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(args.reboot_interval_ms));
+        let elapsed_ms = carry.elapsed_ms + args.reboot_interval_ms;
+        let next = DemoCarry {
+            counters: figures(&host, |g| g.counter),
+            passes: carry.passes.clone(),
+            elapsed_ms,
+            baseline_gap_ns: carry.baseline_gap_ns,
+            reboots_left: carry.reboots_left - 1,
+            reports: std::mem::take(&mut carry.reports),
+        };
+        match reboot(args, &host, &next, &state_dir) {
+            // Our part is done: the next VMM carries on and the first process reaps us.
+            Ok(_child) => std::process::exit(0),
+            Err(e) => {
+                carry.reports = next.reports;
+                let error = format!("warm reboot {} failed: {}", carry.reports.len() + 1, e.message);
+                wait_verified(&host, Duration::ZERO, stop, &carry.passes);
+                let summary = summarize(&carry.reports);
+                return finish_chain(args, &host, &carry, summary, None, Some(error));
+            }
+        }
+    }
     let gaps = GuestGaps {
         window_ms: GAP_WINDOW.as_millis() as u64,
         without_reboot_ms: carry.baseline_gap_ns as f64 / 1e6,
@@ -207,23 +293,64 @@ fn continue_after_reboot(
     let remaining = Duration::from_secs(args.seconds)
         .saturating_sub(Duration::from_millis(carry.elapsed_ms));
     wait_verified(&host, remaining, stop, &carry.passes);
-    // Nothing may go back across the reboot.
-    let after = figures(&host, |g| g.counter);
+    let error = counters_went_back(&host, &carry);
+    let summary = summarize(&carry.reports);
+    finish_chain(args, &host, &carry, summary, Some(gaps), error)
+}
+
+fn finish_chain(
+    args: &DemoArgs,
+    host: &Host,
+    carry: &DemoCarry,
+    summary: ChainSummary,
+    gaps: Option<GuestGaps>,
+    error: Option<String>,
+) -> Result<ExitCode, Failure> {
+    let last = carry.reports.last().cloned().unwrap_or_default();
+    finish_with(
+        args,
+        host,
+        Duration::from_millis(carry.elapsed_ms),
+        Some(&last),
+        (carry.reports.len() > 1).then_some(summary),
+        gaps,
+        error,
+    )
+}
+
+/// Nothing may go back across a reboot: every counter at least what it was before.
+fn counters_went_back(host: &Host, carry: &DemoCarry) -> Option<String> {
+    let after = figures(host, |g| g.counter);
     let went_back: Vec<&String> = carry
         .counters
         .iter()
         .filter(|(name, before)| after.get(*name).is_none_or(|a| a < before))
         .map(|(name, _)| name)
         .collect();
-    let error = (!went_back.is_empty())
-        .then(|| format!("integrity counters went back or vanished across the reboot: {went_back:?}"));
-    finish(
-        args,
-        &host,
-        Duration::from_millis(carry.elapsed_ms),
-        Some((&adopted.report, gaps)),
-        error,
-    )
+    (!went_back.is_empty())
+        .then(|| format!("integrity counters went back or vanished across the reboot: {went_back:?}"))
+}
+
+/// Reap every descendant (this process is their subreaper); the worst exit status wins.
+fn reap_all() -> u8 {
+    let mut worst = 0u8;
+    loop {
+        let mut status = 0;
+        // SAFETY: waitpid writes the status into the integer it is given.
+        let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
+        if pid < 0 {
+            if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return worst;
+        }
+        let code = if libc::WIFEXITED(status) {
+            libc::WEXITSTATUS(status) as u8
+        } else {
+            EXIT_VM_FAILED
+        };
+        worst = worst.max(code);
+    }
 }
 
 fn figures(host: &Host, f: impl Fn(&warmvm_vmm::status::GuestFigures) -> u64) -> BTreeMap<String, u64> {
@@ -267,13 +394,21 @@ fn finish(
     args: &DemoArgs,
     host: &Host,
     before: Duration,
-    reboot: Option<(&RebootReport, GuestGaps)>,
+    reboot: Option<&RebootReport>,
     error: Option<String>,
 ) -> Result<ExitCode, Failure> {
-    let (reboot, gaps) = match reboot {
-        Some((r, g)) => (Some(r), Some(g)),
-        None => (None, None),
-    };
+    finish_with(args, host, before, reboot, None, None, error)
+}
+
+fn finish_with(
+    args: &DemoArgs,
+    host: &Host,
+    before: Duration,
+    reboot: Option<&RebootReport>,
+    chain: Option<ChainSummary>,
+    gaps: Option<GuestGaps>,
+    error: Option<String>,
+) -> Result<ExitCode, Failure> {
     let started = Instant::now();
     host.stop_all(Duration::from_secs(10));
     let reports: Vec<VmReport> = host.vms().iter().map(|vm| vm.report()).collect();
@@ -287,6 +422,7 @@ fn finish(
             ok,
             seconds: (before + started.elapsed()).as_secs_f64(),
             warm_reboot: reboot,
+            reboot_chain: chain,
             guest_visible_gap: gaps,
             warm_reboot_error: error.clone(),
             vms: &reports,
@@ -295,6 +431,12 @@ fn finish(
         output::print_vm_table(&reports);
         if let Some(r) = reboot {
             output::print_reboot_report(r);
+        }
+        if let Some(c) = &chain {
+            println!(
+                "  {} chained reboots: host blackout p50 {:.3} / p99 {:.3} / max {:.3} ms; per VM p50 {:.3} / p99 {:.3} / max {:.3} ms",
+                c.reboots, c.host_p50_ms, c.host_p99_ms, c.host_max_ms, c.vm_p50_ms, c.vm_p99_ms, c.vm_max_ms
+            );
         }
         if let Some(g) = &gaps {
             println!(

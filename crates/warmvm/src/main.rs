@@ -1,6 +1,7 @@
 //! The `warmvm` command.
 
 mod cli;
+mod client;
 mod demo;
 mod output;
 mod run;

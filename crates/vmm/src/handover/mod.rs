@@ -36,6 +36,9 @@ pub use state::{PhaseTimes, RebootReport, VmBlackout};
 /// `crash-adopt`, `hang-adopt`, `crash-prepare`.
 pub const FAULT_ENV: &str = "WARMVM_HANDOVER_FAULT";
 
+/// Env var (tests only): write the state in this older format, as an older warmvm would.
+pub const EMIT_FORMAT_ENV: &str = "WARMVM_HANDOVER_EMIT_FORMAT";
+
 #[derive(Debug, thiserror::Error)]
 pub enum HandoverError {
     #[error("handover I/O failed: {0}")]

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use super::channel::Channel;
 use super::envelope;
-use super::state::{HandoverState, Msg, VmCapture, VmPrepare};
-use super::{HandoverError, RebootReport};
+use super::state::{HandoverState, HandoverStateV1, Msg, VmCapture, VmPrepare};
+use super::{HandoverError, RebootReport, EMIT_FORMAT_ENV};
 use crate::vcpu::monotonic_ns;
 use crate::vm::{Lifecycle, Vm, VCPU_RESPONSE_TIMEOUT};
 use crate::Host;
@@ -105,7 +105,18 @@ pub fn warm_reboot(host: &Host, opts: &RebootOptions) -> Result<Handed, Handover
             stage_us,
         };
         state.capture_us = t_capture.elapsed().as_micros() as u64;
-        let bytes = envelope::encode(&state, envelope::FORMAT_VERSION)?;
+        let bytes = match std::env::var(EMIT_FORMAT_ENV).as_deref() {
+            Ok("1") => envelope::encode(
+                &HandoverStateV1 {
+                    sender: &state.sender,
+                    captured_at_ns: state.captured_at_ns,
+                    host_first_stop_ns: state.host_first_stop_ns,
+                    vms: &state.vms,
+                },
+                1,
+            )?,
+            _ => envelope::encode(&state, envelope::FORMAT_VERSION)?,
+        };
         let memfd = envelope::to_sealed_memfd(&bytes)?;
         channel.send(&Msg::State, &[memfd.as_raw_fd()])?;
         match channel.recv::<Msg>()?.0 {

@@ -76,6 +76,16 @@ pub(crate) struct HandoverState {
     pub stage_us: u64,
 }
 
+/// The payload as format 1 wrote it (before the phase times were added). Kept so that tests
+/// can play an older VMM handing over to this one.
+#[derive(Debug, Serialize)]
+pub(crate) struct HandoverStateV1<'a> {
+    pub sender: &'a str,
+    pub captured_at_ns: u64,
+    pub host_first_stop_ns: u64,
+    pub vms: &'a [VmCapture],
+}
+
 /// One VM's blackout.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 #[serde(default)]

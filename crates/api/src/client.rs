@@ -1,0 +1,238 @@
+//! The API's client, as the CLI uses it.
+
+use std::io::{self, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::http::{self, ClientResponse};
+use crate::state::StopRequest;
+
+/// How long the client waits for an answer (a stop waits for its grace period on top).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("no warmvm daemon is listening on {}: start one with `warmvm daemon`", .0.display())]
+    NoDaemon(PathBuf),
+    #[error("cannot connect to {}: {err}", path.display())]
+    Connect { path: PathBuf, err: io::Error },
+    #[error("talking to the daemon on {}: {err}", path.display())]
+    Io { path: PathBuf, err: io::Error },
+    #[error("the daemon's answer is malformed: {0}")]
+    Protocol(String),
+    /// The daemon refused or failed the request.
+    #[error("{message}")]
+    Api { status: u16, message: String },
+}
+
+impl ClientError {
+    /// The HTTP status, if the daemon answered with an error.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ClientError::Api { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// A connection factory for one daemon socket (each request uses its own connection).
+#[derive(Clone, Debug)]
+pub struct Client {
+    socket: PathBuf,
+    timeout: Duration,
+}
+
+impl Client {
+    pub fn new(socket: &Path) -> Self {
+        Self {
+            socket: socket.to_path_buf(),
+            timeout: DEFAULT_TIMEOUT,
+        }
+    }
+
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Send one request; any status comes back as it is.
+    pub fn raw(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+    ) -> Result<ClientResponse, ClientError> {
+        let mut stream = UnixStream::connect(&self.socket).map_err(|err| match err.kind() {
+            io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
+                ClientError::NoDaemon(self.socket.clone())
+            }
+            _ => ClientError::Connect {
+                path: self.socket.clone(),
+                err,
+            },
+        })?;
+        let io_err = |err| ClientError::Io {
+            path: self.socket.clone(),
+            err,
+        };
+        stream
+            .set_read_timeout(Some(self.timeout))
+            .map_err(io_err)?;
+        stream
+            .set_write_timeout(Some(self.timeout))
+            .map_err(io_err)?;
+        let body = body.unwrap_or_default();
+        let mut msg = format!(
+            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nUser-Agent: warmvm/{}\r\nAccept: application/json\r\nConnection: close\r\n",
+            env!("CARGO_PKG_VERSION")
+        );
+        if !body.is_empty() || matches!(method, "POST" | "PUT") {
+            msg.push_str(&format!(
+                "Content-Type: application/json\r\nContent-Length: {}\r\n",
+                body.len()
+            ));
+        }
+        msg.push_str("\r\n");
+        let mut bytes = msg.into_bytes();
+        bytes.extend_from_slice(body);
+        // A daemon that refuses a request early (e.g. 413) may close before reading all of
+        // it: its answer is still there to read.
+        let sent = stream.write_all(&bytes);
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+        let mut data = Vec::new();
+        let read = stream.read_to_end(&mut data);
+        if data.is_empty() {
+            sent.map_err(io_err)?;
+            read.map_err(io_err)?;
+            return Err(ClientError::Protocol(
+                "the daemon closed without an answer".into(),
+            ));
+        }
+        http::parse_response(&data).map_err(ClientError::Protocol)
+    }
+
+    /// Send one request and return the JSON body of a 2xx answer; an error answer becomes
+    /// [`ClientError::Api`] with the daemon's message.
+    pub fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+    ) -> Result<serde_json::Value, ClientError> {
+        let resp = self.raw(method, path, body)?;
+        let value: Result<serde_json::Value, _> = serde_json::from_slice(&resp.body);
+        if (200..300).contains(&resp.status) {
+            return value.map_err(|e| ClientError::Protocol(format!("invalid JSON: {e}")));
+        }
+        let message = value
+            .ok()
+            .and_then(|v| v.get("error")?.as_str().map(str::to_string))
+            .unwrap_or_else(|| {
+                format!(
+                    "the daemon answered {} {}",
+                    resp.status,
+                    http::reason(resp.status)
+                )
+            });
+        Err(ClientError::Api {
+            status: resp.status,
+            message,
+        })
+    }
+
+    pub fn status(&self) -> Result<serde_json::Value, ClientError> {
+        self.call("GET", "/v1/status", None)
+    }
+
+    pub fn list(&self) -> Result<serde_json::Value, ClientError> {
+        self.call("GET", "/v1/vms", None)
+    }
+
+    pub fn create(&self, config: &warmvm_vmm::VmConfig) -> Result<serde_json::Value, ClientError> {
+        let body = serde_json::to_vec(config).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        self.call("POST", "/v1/vms", Some(&body))
+    }
+
+    pub fn show(&self, name: &str) -> Result<serde_json::Value, ClientError> {
+        self.call("GET", &vm_path(name, ""), None)
+    }
+
+    pub fn pause(&self, name: &str) -> Result<serde_json::Value, ClientError> {
+        self.call("PUT", &vm_path(name, "/pause"), None)
+    }
+
+    pub fn resume(&self, name: &str) -> Result<serde_json::Value, ClientError> {
+        self.call("PUT", &vm_path(name, "/resume"), None)
+    }
+
+    pub fn stop(
+        &self,
+        name: &str,
+        grace_secs: Option<u64>,
+    ) -> Result<serde_json::Value, ClientError> {
+        let body = serde_json::to_vec(&StopRequest { grace_secs })
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let grace = grace_secs.unwrap_or(crate::state::DEFAULT_STOP_GRACE_SECS);
+        self.clone()
+            .with_timeout(self.timeout + Duration::from_secs(grace))
+            .call("PUT", &vm_path(name, "/stop"), Some(&body))
+    }
+
+    pub fn delete(&self, name: &str) -> Result<serde_json::Value, ClientError> {
+        self.call("DELETE", &vm_path(name, ""), None)
+    }
+
+    /// The Prometheus text.
+    pub fn metrics(&self) -> Result<String, ClientError> {
+        let resp = self.raw("GET", "/metrics", None)?;
+        if resp.status != 200 {
+            return Err(ClientError::Api {
+                status: resp.status,
+                message: String::from_utf8_lossy(&resp.body).trim().to_string(),
+            });
+        }
+        String::from_utf8(resp.body).map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+}
+
+/// `/v1/vms/<name><suffix>`, with anything outside a VM name's characters percent-encoded
+/// (such a name matches no VM, and gets a clean 404).
+fn vm_path(name: &str, suffix: &str) -> String {
+    let mut p = String::from("/v1/vms/");
+    for b in name.bytes() {
+        if b.is_ascii_alphanumeric() || b"._-".contains(&b) {
+            p.push(b as char);
+        } else {
+            p.push_str(&format!("%{b:02X}"));
+        }
+    }
+    p.push_str(suffix);
+    p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vm_names_are_encoded_into_paths() {
+        assert_eq!(vm_path("web-1.a_b", "/pause"), "/v1/vms/web-1.a_b/pause");
+        assert_eq!(vm_path("a/b c", ""), "/v1/vms/a%2Fb%20c");
+    }
+
+    #[test]
+    fn a_missing_socket_means_no_daemon() {
+        let c = Client::new(Path::new("/nonexistent/warmvm.sock"));
+        let e = c.status().unwrap_err();
+        assert!(matches!(e, ClientError::NoDaemon(_)));
+        assert_eq!(
+            e.to_string(),
+            "no warmvm daemon is listening on /nonexistent/warmvm.sock: start one with `warmvm daemon`"
+        );
+    }
+}

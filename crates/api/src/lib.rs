@@ -1,0 +1,28 @@
+//! warmvm's host daemon and its control plane.
+//!
+//! - [`http`]: the HTTP/1.1 subset the API speaks (one request per connection, capped sizes);
+//! - [`routes`]: the route table, the one list that the router and the OpenAPI test share;
+//! - [`state`]: the daemon's state (a [`warmvm_vmm::Host`] behind a mutex) and what each
+//!   operation does, with the mapping of VMM errors to HTTP statuses;
+//! - [`metrics`]: the Prometheus text;
+//! - [`server`]: the poll loop over the API socket and the loopback metrics port;
+//! - [`socket`]: binding (mode 0600, live/stale detection), adopting an inherited listener fd,
+//!   and sd_notify;
+//! - [`daemon`]: the `warmvm daemon` process;
+//! - [`client`]: what the CLI uses to call the API;
+//! - [`schema`]: a small JSON Schema checker for the OpenAPI document's schemas (tests).
+
+pub mod client;
+pub mod daemon;
+pub mod http;
+pub mod metrics;
+pub mod routes;
+pub mod schema;
+pub mod server;
+pub mod socket;
+pub mod state;
+
+pub use client::{Client, ClientError};
+pub use daemon::{DaemonError, DaemonOptions};
+pub use server::{Server, StopHandle};
+pub use state::{ApiError, ApiState, DaemonStatus, StopRequest};

@@ -1,0 +1,400 @@
+//! The daemon's state and what each API operation does to it.
+//!
+//! All state lives in the [`Host`]: the VMs, their configs and their state directory. The
+//! only other figures are the daemon's own (start time, pid), so a new daemon process that
+//! adopts the VMs of an old one (warm reboot) rebuilds this from the Host alone.
+//!
+//! Locking rule: the Host lock is held only to look VMs up, create them, and remove them;
+//! never while a VM pauses or stops (those wait for vCPU threads): handlers clone the
+//! `Arc<Vm>` and drop the lock first.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use warmvm_vmm::{ConfigError, Host, HostError, Lifecycle, Vm, VmConfig, VmError, VmReport};
+
+use crate::http::{Request, Response, CONTENT_TYPE_METRICS};
+use crate::routes::{route, Op, Routed, ROUTES};
+
+/// Seconds a guest gets to power off when `stop` names none.
+pub const DEFAULT_STOP_GRACE_SECS: u64 = 10;
+/// The longest grace a `stop` may ask for.
+pub const MAX_STOP_GRACE_SECS: u64 = 3600;
+
+/// An API failure: an HTTP status and one line for the operator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub status: u16,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: u16, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+        }
+    }
+
+    fn response(&self) -> Response {
+        Response::error(self.status, &self.message)
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.message, self.status)
+    }
+}
+
+fn vm_error_status(err: &VmError, has_kernel: bool) -> u16 {
+    match err {
+        VmError::InvalidTransition { .. } => 409,
+        // A kernel or initrd the client named is unusable: the client's mistake.
+        VmError::Boot(_) | VmError::ReadFile { .. } if has_kernel => 400,
+        _ => 500,
+    }
+}
+
+fn config_error_status(err: &ConfigError) -> u16 {
+    match err {
+        // Valid on its own, but not next to the VMs this host already has.
+        ConfigError::TotalMemoryTooLarge { .. } => 409,
+        _ => 400,
+    }
+}
+
+impl From<HostError> for ApiError {
+    fn from(e: HostError) -> Self {
+        let status = match &e {
+            HostError::Hypervisor(_) => 500,
+            HostError::Config(c) => config_error_status(c),
+            HostError::Vm { err, .. } => vm_error_status(err, false),
+            HostError::Exists(_) | HostError::StillRunning(_) => 409,
+            HostError::NotFound(_) => 404,
+        };
+        Self::new(status, e.to_string())
+    }
+}
+
+/// `GET /v1/status`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct DaemonStatus {
+    pub version: String,
+    pub pid: u32,
+    pub uptime_ms: u64,
+    pub vm_count: usize,
+    /// VMs per lifecycle state.
+    pub vms_running: usize,
+    pub vms_paused: usize,
+    pub state_dir: String,
+}
+
+/// `GET /v1/vms`.
+#[derive(Clone, Debug, Serialize)]
+pub struct VmList {
+    pub vms: Vec<VmReport>,
+}
+
+/// The optional body of `PUT /v1/vms/{name}/stop`.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct StopRequest {
+    /// Seconds the guest gets to power off before it is forced (default 10).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grace_secs: Option<u64>,
+}
+
+/// The daemon's shared state: the Host and the daemon's own figures.
+pub struct ApiState {
+    host: Arc<Mutex<Host>>,
+    started: Instant,
+    shutting_down: AtomicBool,
+}
+
+impl ApiState {
+    pub fn new(host: Host) -> Self {
+        Self::from_shared(Arc::new(Mutex::new(host)))
+    }
+
+    /// Serve a Host shared with others (e.g. the warm-reboot code).
+    pub fn from_shared(host: Arc<Mutex<Host>>) -> Self {
+        Self {
+            host,
+            started: Instant::now(),
+            shutting_down: AtomicBool::new(false),
+        }
+    }
+
+    pub fn host(&self) -> &Arc<Mutex<Host>> {
+        &self.host
+    }
+
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Host> {
+        self.host.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Every VM, in creation order, with the lock already dropped.
+    pub fn vms(&self) -> Vec<Arc<Vm>> {
+        self.lock().vms().to_vec()
+    }
+
+    fn find(&self, name: &str) -> Result<Arc<Vm>, ApiError> {
+        self.lock()
+            .find(name)
+            .ok_or_else(|| ApiError::new(404, format!("no VM named {name}")))
+    }
+
+    /// Answer one request. `metrics_only` for the loopback metrics port.
+    pub fn handle(&self, req: &Request, metrics_only: bool) -> Response {
+        const METRICS_ONLY: &[crate::routes::Route] = &[crate::routes::Route {
+            method: "GET",
+            path: "/metrics",
+            op: Op::Metrics,
+        }];
+        let routes = if metrics_only { METRICS_ONLY } else { ROUTES };
+        let (op, name) = match route(routes, &req.method, &req.path) {
+            Routed::Found { op, name } => (op, name),
+            Routed::MethodNotAllowed(allow) => {
+                let mut r = Response::error(
+                    405,
+                    &format!(
+                        "{} does not take {} (allowed: {allow})",
+                        req.path, req.method
+                    ),
+                );
+                r.allow = Some(allow);
+                return r;
+            }
+            Routed::NotFound => {
+                return Response::error(404, &format!("no such path: {}", req.path))
+            }
+        };
+        let name = name.unwrap_or_default();
+        let result = match op {
+            Op::Status => Ok(Response::json(200, &self.status())),
+            Op::ListVms => Ok(Response::json(200, &self.list())),
+            Op::CreateVm => self.create(&req.body).map(|r| Response::json(201, &r)),
+            Op::ShowVm => self.find(name).map(|vm| Response::json(200, &vm.report())),
+            Op::PauseVm => self.pause(name).map(|r| Response::json(200, &r)),
+            Op::ResumeVm => self.resume(name).map(|r| Response::json(200, &r)),
+            Op::StopVm => self.stop(name, &req.body).map(|r| Response::json(200, &r)),
+            Op::DeleteVm => self.delete(name).map(|r| Response::json(200, &r)),
+            Op::Metrics => Ok(Response::text(
+                200,
+                CONTENT_TYPE_METRICS,
+                crate::metrics::render(self),
+            )),
+        };
+        result.unwrap_or_else(|e| {
+            // The request's span carries the method and path.
+            if e.status >= 500 {
+                tracing::error!(status = e.status, error = %e.message, "request failed");
+            } else {
+                tracing::info!(status = e.status, error = %e.message, "request refused");
+            }
+            e.response()
+        })
+    }
+
+    pub fn status(&self) -> DaemonStatus {
+        let (vms, state_dir) = {
+            let host = self.lock();
+            (host.vms().to_vec(), host.state_dir().display().to_string())
+        };
+        let count = |s: &str| vms.iter().filter(|v| v.lifecycle().name() == s).count();
+        DaemonStatus {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            pid: std::process::id(),
+            uptime_ms: self.uptime().as_millis() as u64,
+            vm_count: vms.len(),
+            vms_running: count("running"),
+            vms_paused: count("paused"),
+            state_dir,
+        }
+    }
+
+    pub fn list(&self) -> VmList {
+        VmList {
+            vms: self.vms().iter().map(|v| v.report()).collect(),
+        }
+    }
+
+    /// Create a VM from the JSON form of [`VmConfig`] and start it.
+    pub fn create(&self, body: &[u8]) -> Result<VmReport, ApiError> {
+        if body.iter().all(u8::is_ascii_whitespace) {
+            return Err(ApiError::new(
+                400,
+                "the request body must be a VM config as JSON (see VmConfig in docs/openapi.json)",
+            ));
+        }
+        let config: VmConfig = serde_json::from_slice(body)
+            .map_err(|e| ApiError::new(400, format!("invalid VM config: {e}")))?;
+        self.create_config(&config)
+    }
+
+    /// Create a VM and start it; on failure nothing has changed.
+    pub fn create_config(&self, config: &VmConfig) -> Result<VmReport, ApiError> {
+        let span = tracing::info_span!("create", vm = %config.name);
+        let _enter = span.enter();
+        let vm = {
+            let mut host = self.lock();
+            if self.shutting_down.load(Ordering::SeqCst) {
+                return Err(ApiError::new(503, "the daemon is shutting down"));
+            }
+            let vm = host.create_vm(config).map_err(|e| match e {
+                HostError::Vm { vm, err } => ApiError::new(
+                    vm_error_status(&err, config.kernel.is_some()),
+                    format!("cannot create VM {vm}: {err}"),
+                ),
+                other => ApiError::from(other),
+            })?;
+            // Starting only flips the VM's state and wakes its vCPUs: cheap under the lock,
+            // and nobody sees a created VM that is not running yet.
+            if let Err(err) = vm.start() {
+                let _ = host.remove(&config.name);
+                return Err(ApiError::new(
+                    500,
+                    format!("cannot start VM {}: {err}", config.name),
+                ));
+            }
+            vm
+        };
+        tracing::info!(vm = %config.name, memory_mib = config.memory_mib, vcpus = config.vcpus, "VM started");
+        Ok(vm.report())
+    }
+
+    pub fn pause(&self, name: &str) -> Result<VmReport, ApiError> {
+        let vm = self.find(name)?;
+        vm.pause()
+            .map_err(|e| ApiError::new(vm_error_status(&e, false), e.to_string()))?;
+        tracing::info!(vm = %name, "VM paused");
+        Ok(vm.report())
+    }
+
+    pub fn resume(&self, name: &str) -> Result<VmReport, ApiError> {
+        let vm = self.find(name)?;
+        vm.resume()
+            .map_err(|e| ApiError::new(vm_error_status(&e, false), e.to_string()))?;
+        tracing::info!(vm = %name, "VM resumed");
+        Ok(vm.report())
+    }
+
+    /// Ask the guest to power off; force it after the grace period.
+    pub fn stop(&self, name: &str, body: &[u8]) -> Result<VmReport, ApiError> {
+        let req: StopRequest = if body.iter().all(u8::is_ascii_whitespace) {
+            StopRequest::default()
+        } else {
+            serde_json::from_slice(body)
+                .map_err(|e| ApiError::new(400, format!("invalid stop request: {e}")))?
+        };
+        let grace = req.grace_secs.unwrap_or(DEFAULT_STOP_GRACE_SECS);
+        if grace > MAX_STOP_GRACE_SECS {
+            return Err(ApiError::new(
+                400,
+                format!("grace_secs must be at most {MAX_STOP_GRACE_SECS}"),
+            ));
+        }
+        let vm = self.find(name)?;
+        let state = vm.lifecycle();
+        if state.is_finished() {
+            return Err(ApiError::new(
+                409,
+                format!("VM {name} is {}; cannot stop", state.name()),
+            ));
+        }
+        tracing::info!(vm = %name, grace_secs = grace, "stopping VM");
+        let end = vm.stop(Duration::from_secs(grace));
+        tracing::info!(vm = %name, state = end.name(), "VM stopped");
+        Ok(vm.report())
+    }
+
+    /// Forget a VM that is not running; returns its last report.
+    pub fn delete(&self, name: &str) -> Result<VmReport, ApiError> {
+        let vm = {
+            let mut host = self.lock();
+            if let Some(vm) = host.find(name) {
+                let state = vm.lifecycle();
+                if !(state.is_finished() || state == Lifecycle::Created) {
+                    return Err(ApiError::new(
+                        409,
+                        format!("VM {name} is {}: stop it before deleting it", state.name()),
+                    ));
+                }
+            }
+            host.remove(name)?
+        };
+        let report = vm.report();
+        // The VM's threads are joined and its RAM freed here, outside the lock (or later,
+        // by whoever still holds a reference).
+        drop(vm);
+        tracing::info!(vm = %name, "VM deleted");
+        Ok(report)
+    }
+
+    /// Stop every VM (each gets `grace` to power off) and refuse new ones from now on.
+    pub fn shutdown(&self, grace: Duration) {
+        let vms = {
+            let host = self.lock();
+            self.shutting_down.store(true, Ordering::SeqCst);
+            host.vms().to_vec()
+        };
+        std::thread::scope(|s| {
+            for vm in &vms {
+                if vm.lifecycle().is_finished() {
+                    continue;
+                }
+                s.spawn(move || {
+                    let end = vm.stop(grace);
+                    tracing::info!(vm = %vm.name(), state = end.name(), "VM stopped");
+                });
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_errors_map_to_statuses() {
+        let s = |e: HostError| ApiError::from(e).status;
+        assert_eq!(s(HostError::Exists("a".into())), 409);
+        assert_eq!(s(HostError::NotFound("a".into())), 404);
+        assert_eq!(s(HostError::StillRunning("a".into())), 409);
+        assert_eq!(s(HostError::Config(ConfigError::NoVms)), 400);
+        assert_eq!(
+            s(HostError::Config(ConfigError::TotalMemoryTooLarge {
+                total_mib: 2,
+                host_mib: 1
+            })),
+            409
+        );
+        let transition = VmError::InvalidTransition {
+            vm: "a".into(),
+            state: "running",
+            action: "resume",
+        };
+        assert_eq!(vm_error_status(&transition, false), 409);
+        assert_eq!(
+            s(HostError::Vm {
+                vm: "a".into(),
+                err: VmError::Thread(std::io::Error::other("x"))
+            }),
+            500
+        );
+    }
+
+    #[test]
+    fn stop_request_rejects_unknown_fields() {
+        assert!(serde_json::from_str::<StopRequest>(r#"{"grace_secs": 3}"#).is_ok());
+        assert!(serde_json::from_str::<StopRequest>(r#"{"grace": 3}"#).is_err());
+    }
+}

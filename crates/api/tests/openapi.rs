@@ -1,0 +1,204 @@
+//! docs/openapi.json against the server, without KVM: every route is documented and every
+//! documented operation is a route; what the server sends and takes matches the schemas.
+//! (crates/warmvm/tests/daemon.rs checks a live daemon's answers too.)
+
+use std::path::PathBuf;
+
+use serde_json::{json, Value};
+use warmvm_api::routes::ROUTES;
+use warmvm_api::schema::validate;
+use warmvm_api::state::{DaemonStatus, StopRequest};
+use warmvm_vmm::status::{GuestFigures, GuestVcpuFigures};
+use warmvm_vmm::{Lifecycle, VcpuStats, VmConfig, VmReport};
+
+fn doc() -> Value {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/openapi.json");
+    let text = std::fs::read_to_string(path).expect("docs/openapi.json");
+    serde_json::from_str(&text).expect("docs/openapi.json is JSON")
+}
+
+fn schema(name: &str) -> Value {
+    json!({ "$ref": format!("#/components/schemas/{name}") })
+}
+
+fn check(doc: &Value, name: &str, value: &impl serde::Serialize) {
+    let v = serde_json::to_value(value).unwrap();
+    if let Err(e) = validate(doc, &schema(name), &v) {
+        panic!("{name} does not match docs/openapi.json: {e}\n{v:#}");
+    }
+}
+
+const METHODS: &[&str] = &[
+    "get", "put", "post", "delete", "patch", "head", "options", "trace",
+];
+
+#[test]
+fn routes_and_documented_operations_are_the_same() {
+    let doc = doc();
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3.0"));
+    let mut documented = Vec::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, _) in item.as_object().unwrap() {
+            if METHODS.contains(&method.as_str()) {
+                documented.push((method.to_uppercase(), path.clone()));
+            }
+        }
+    }
+    for r in ROUTES {
+        assert!(
+            documented.contains(&(r.method.to_string(), r.path.to_string())),
+            "route {} {} is not in docs/openapi.json",
+            r.method,
+            r.path
+        );
+    }
+    for (method, path) in &documented {
+        assert!(
+            ROUTES.iter().any(|r| r.method == method && r.path == path),
+            "docs/openapi.json documents {method} {path}, which the server does not have"
+        );
+    }
+}
+
+#[test]
+fn every_schema_reference_resolves_and_every_operation_documents_its_errors() {
+    let doc = doc();
+    fn walk(doc: &Value, v: &Value) {
+        match v {
+            Value::Object(o) => {
+                if let Some(Value::String(r)) = o.get("$ref") {
+                    warmvm_api::schema::resolve(doc, r).unwrap();
+                }
+                o.values().for_each(|x| walk(doc, x));
+            }
+            Value::Array(a) => a.iter().for_each(|x| walk(doc, x)),
+            _ => {}
+        }
+    }
+    walk(&doc, &doc);
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            let responses = op["responses"].as_object().unwrap();
+            assert!(
+                responses.keys().any(|k| k.starts_with('2')),
+                "{method} {path}: no success response"
+            );
+            if path.contains("{name}") {
+                assert!(responses.contains_key("404"), "{method} {path}: no 404");
+            }
+        }
+    }
+}
+
+fn report(lifecycle: Lifecycle, guest: Option<GuestFigures>) -> VmReport {
+    VmReport {
+        name: "vm0".into(),
+        lifecycle,
+        memory_mib: 64,
+        vcpus: 2,
+        boot: "ring3".into(),
+        uptime_ms: 1234,
+        console_log: PathBuf::from("/run/warmvm/vm0/console.log"),
+        ram_resident_mib: 3,
+        exits: vec![
+            VcpuStats::default(),
+            VcpuStats {
+                id: 1,
+                ..Default::default()
+            },
+        ],
+        unknown_accesses: Default::default(),
+        guest,
+    }
+}
+
+#[test]
+fn reports_in_every_state_match_the_schema() {
+    let doc = doc();
+    let guest = GuestFigures {
+        vcpus: vec![GuestVcpuFigures {
+            phase: "verifying".into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let states = [
+        Lifecycle::Created,
+        Lifecycle::Running,
+        Lifecycle::Paused,
+        Lifecycle::PoweredOff { exit_status: 0 },
+        Lifecycle::Crashed {
+            reason: "triple fault".into(),
+        },
+        Lifecycle::Stopped,
+        Lifecycle::HandedOver,
+    ];
+    for state in states {
+        check(
+            &doc,
+            "VmReport",
+            &report(state.clone(), Some(guest.clone())),
+        );
+        check(&doc, "VmReport", &report(state, None));
+    }
+    check(
+        &doc,
+        "VmList",
+        &json!({ "vms": [report(Lifecycle::Running, None)] }),
+    );
+    check(
+        &doc,
+        "DaemonStatus",
+        &DaemonStatus {
+            version: "0.1.0".into(),
+            pid: 1,
+            uptime_ms: 2,
+            vm_count: 0,
+            vms_running: 0,
+            vms_paused: 0,
+            state_dir: "/run/warmvm".into(),
+        },
+    );
+    check(&doc, "Error", &json!({ "error": "no VM named x" }));
+    // A report with a field the document does not know fails.
+    let mut extra = serde_json::to_value(report(Lifecycle::Running, None)).unwrap();
+    extra["surprise"] = json!(1);
+    assert!(validate(&doc, &schema("VmReport"), &extra).is_err());
+}
+
+#[test]
+fn request_schemas_match_what_the_server_accepts() {
+    let doc = doc();
+    // Every field VmConfig has is documented...
+    let full = VmConfig {
+        kernel: Some("/k".into()),
+        cmdline: Some("console=ttyS0".into()),
+        initrd: Some("/i".into()),
+        console_log: Some("/c".into()),
+        ..VmConfig::reference("web-1", 64, 2)
+    };
+    check(&doc, "VmConfig", &full);
+    check(&doc, "VmConfig", &json!({ "name": "a", "memory_mib": 64 }));
+    // ...and every documented field is accepted.
+    let documented = doc["components"]["schemas"]["VmConfig"]["properties"]
+        .as_object()
+        .unwrap();
+    let serialized = serde_json::to_value(&full).unwrap();
+    for key in documented.keys() {
+        assert!(
+            serialized.get(key).is_some(),
+            "VmConfig schema documents {key}, which VmConfig lacks"
+        );
+    }
+    assert!(
+        serde_json::from_value::<VmConfig>(json!({"name": "a", "memory_mib": 64, "x": 1})).is_err()
+    );
+    check(
+        &doc,
+        "StopRequest",
+        &StopRequest {
+            grace_secs: Some(5),
+        },
+    );
+    check(&doc, "StopRequest", &StopRequest::default());
+}

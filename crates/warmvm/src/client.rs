@@ -1,0 +1,362 @@
+//! `warmvm daemon`, `warmvm vm ...` and `warmvm status`: the daemon, and the CLI that calls
+//! its API. The CLI prints tables for people and the daemon's JSON answer with `--json`.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use serde_json::Value;
+use warmvm_api::{Client, ClientError, DaemonError, DaemonOptions};
+use warmvm_vmm::{Config, VmConfig};
+
+use crate::cli::{ApiArgs, Failure, VmCommand, EXIT_BAD_INPUT, EXIT_HOST};
+use crate::output;
+
+pub fn daemon(opts: DaemonOptions) -> Result<ExitCode, Failure> {
+    match warmvm_api::daemon::run(&opts) {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(DaemonError::Input(m)) => Err(Failure::new(EXIT_BAD_INPUT, m)),
+        Err(DaemonError::Host(m)) => Err(Failure::new(EXIT_HOST, m)),
+    }
+}
+
+impl From<ClientError> for Failure {
+    fn from(e: ClientError) -> Self {
+        let code = match e.status() {
+            Some(s) if (400..500).contains(&s) => EXIT_BAD_INPUT,
+            _ => EXIT_HOST,
+        };
+        Failure::new(code, e.to_string())
+    }
+}
+
+fn client(api: &ApiArgs) -> Client {
+    let socket = api
+        .socket
+        .clone()
+        .unwrap_or_else(warmvm_api::daemon::default_socket);
+    Client::new(&socket)
+}
+
+pub fn status(api: &ApiArgs) -> Result<ExitCode, Failure> {
+    let c = client(api);
+    let s = c.status()?;
+    if api.json {
+        output::print_json(&s);
+    } else {
+        println!(
+            "warmvm daemon {}, pid {}, up {}",
+            text(&s["version"]),
+            text(&s["pid"]),
+            duration(s["uptime_ms"].as_u64().unwrap_or(0))
+        );
+        println!(
+            "VMs: {} ({} running, {} paused)",
+            text(&s["vm_count"]),
+            text(&s["vms_running"]),
+            text(&s["vms_paused"])
+        );
+        println!("socket: {}", c.socket().display());
+        println!("state directory: {}", text(&s["state_dir"]));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn vm(cmd: VmCommand) -> Result<ExitCode, Failure> {
+    match cmd {
+        VmCommand::Create { config, api } => {
+            let vm = read_vm_config(&config)?;
+            let r = client(&api).create(&vm)?;
+            if api.json {
+                output::print_json(&r);
+            } else {
+                println!(
+                    "{}: created and started ({} MiB, {} vCPU); console log {}",
+                    text(&r["name"]),
+                    text(&r["memory_mib"]),
+                    text(&r["vcpus"]),
+                    text(&r["console_log"])
+                );
+            }
+        }
+        VmCommand::List { api } => {
+            let r = client(&api).list()?;
+            if api.json {
+                output::print_json(&r);
+            } else {
+                print_list(r["vms"].as_array().map(Vec::as_slice).unwrap_or_default());
+            }
+        }
+        VmCommand::Show { name, api } => {
+            let r = client(&api).show(&name)?;
+            if api.json {
+                output::print_json(&r);
+            } else {
+                print_show(&r);
+            }
+        }
+        VmCommand::Pause { name, api } => {
+            let r = client(&api).pause(&name)?;
+            done(&api, &r, "paused");
+        }
+        VmCommand::Resume { name, api } => {
+            let r = client(&api).resume(&name)?;
+            done(&api, &r, "resumed");
+        }
+        VmCommand::Stop {
+            name,
+            grace_secs,
+            api,
+        } => {
+            let r = client(&api).stop(&name, grace_secs)?;
+            done(&api, &r, &format!("stopped: {}", state(&r)));
+        }
+        VmCommand::Delete { name, api } => {
+            let r = client(&api).delete(&name)?;
+            done(&api, &r, "deleted");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn done(api: &ApiArgs, report: &Value, what: &str) {
+    if api.json {
+        output::print_json(report);
+    } else {
+        println!("{}: {what}", text(&report["name"]));
+    }
+}
+
+/// Read a file holding one VM: TOML with the VM's keys at the top level (or a single
+/// `[[vm]]` table, as `warmvm run` takes), or JSON. Relative paths in it are made absolute
+/// against the current directory, since the daemon runs elsewhere.
+fn read_vm_config(path: &Path) -> Result<VmConfig, Failure> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        Failure::new(
+            EXIT_BAD_INPUT,
+            format!("cannot read VM config {}: {e}", path.display()),
+        )
+    })?;
+    let bad = |msg: String| {
+        Failure::new(
+            EXIT_BAD_INPUT,
+            format!("VM config {}: {}", path.display(), one_line(&msg)),
+        )
+    };
+    let json = path.extension().is_some_and(|e| e == "json");
+    let mut vm: VmConfig = if json {
+        serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?
+    } else {
+        match toml::from_str::<VmConfig>(&text) {
+            Ok(vm) => vm,
+            Err(e) => match toml::from_str::<Config>(&text) {
+                Ok(c) if c.vms.len() == 1 && c.state_dir.is_none() => {
+                    c.vms.into_iter().next().unwrap_or_else(|| unreachable!())
+                }
+                _ => return Err(bad(e.to_string())),
+            },
+        }
+    };
+    for p in [&mut vm.kernel, &mut vm.initrd, &mut vm.console_log]
+        .into_iter()
+        .flatten()
+    {
+        if p.is_relative() {
+            *p = std::path::absolute(&*p).unwrap_or_else(|_| p.clone());
+        }
+    }
+    Ok(vm)
+}
+
+fn one_line(msg: &str) -> String {
+    let mut lines = msg.lines().map(str::trim).filter(|l| {
+        !l.is_empty() && !l.starts_with('|') && !l.starts_with(|c: char| c.is_ascii_digit())
+    });
+    let first = lines.next().unwrap_or("invalid").to_string();
+    match lines.next() {
+        Some(more) => format!("{first} {more}"),
+        None => first,
+    }
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+/// `running`, `powered-off (exit 0)`, `crashed: reason`.
+fn state(r: &Value) -> String {
+    let s = text(&r["state"]);
+    match (&r["exit_status"], &r["reason"]) {
+        (Value::Number(n), _) => format!("{s} (exit {n})"),
+        (_, Value::String(reason)) => format!("{s}: {reason}"),
+        _ => s,
+    }
+}
+
+fn duration(ms: u64) -> String {
+    let s = ms / 1000;
+    match s {
+        0..=59 => format!("{}.{}s", s, (ms % 1000) / 100),
+        60..=3599 => format!("{}m{:02}s", s / 60, s % 60),
+        3600..=86399 => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+        _ => format!("{}d{:02}h", s / 86400, (s % 86400) / 3600),
+    }
+}
+
+fn print_list(vms: &[Value]) {
+    if vms.is_empty() {
+        println!("no VMs");
+        return;
+    }
+    println!(
+        "{:<20} {:<14} {:>8} {:>5} {:>9} {:>14} {:>14} {:>10}",
+        "NAME", "STATE", "RAM MiB", "vCPU", "UPTIME", "COUNTER", "PAGES VERIFIED", "MISMATCHES"
+    );
+    for r in vms {
+        let g = &r["guest"];
+        println!(
+            "{:<20} {:<14} {:>8} {:>5} {:>9} {:>14} {:>14} {:>10}",
+            text(&r["name"]),
+            text(&r["state"]),
+            text(&r["memory_mib"]),
+            text(&r["vcpus"]),
+            duration(r["uptime_ms"].as_u64().unwrap_or(0)),
+            text(&g["counter"]),
+            text(&g["pages_verified"]),
+            text(&g["mismatches"]),
+        );
+    }
+}
+
+fn print_show(r: &Value) {
+    let field = |k: &str, v: String| println!("{k:<18} {v}");
+    field("name", text(&r["name"]));
+    field("state", state(r));
+    field(
+        "memory",
+        format!(
+            "{} MiB ({} MiB resident)",
+            text(&r["memory_mib"]),
+            text(&r["ram_resident_mib"])
+        ),
+    );
+    field("vcpus", text(&r["vcpus"]));
+    field("boot", text(&r["boot"]));
+    field("uptime", duration(r["uptime_ms"].as_u64().unwrap_or(0)));
+    field("console log", text(&r["console_log"]));
+    let u = &r["unknown_accesses"];
+    field(
+        "unknown accesses",
+        format!(
+            "pio {}r/{}w, mmio {}r/{}w",
+            text(&u["pio_reads"]),
+            text(&u["pio_writes"]),
+            text(&u["mmio_reads"]),
+            text(&u["mmio_writes"])
+        ),
+    );
+    println!();
+    println!(
+        "{:>5} {:>12} {:>12} {:>12} {:>8} {:>10} {:>10}",
+        "vCPU", "IO EXITS", "MMIO EXITS", "OTHER EXITS", "KICKS", "WAITS", "WAIT ms"
+    );
+    for e in r["exits"].as_array().into_iter().flatten() {
+        println!(
+            "{:>5} {:>12} {:>12} {:>12} {:>8} {:>10} {:>10}",
+            text(&e["id"]),
+            text(&e["io_exits"]),
+            text(&e["mmio_exits"]),
+            text(&e["other_exits"]),
+            text(&e["kicks"]),
+            text(&e["waits"]),
+            text(&e["wait_ms"])
+        );
+    }
+    let g = &r["guest"];
+    println!();
+    if g.is_null() {
+        println!(
+            "no reference-guest figures (not the reference guest, or it has not reported yet)"
+        );
+        return;
+    }
+    field("pages verified", text(&g["pages_verified"]));
+    field("mismatches", text(&g["mismatches"]));
+    field("counter", text(&g["counter"]));
+    field("min passes", text(&g["min_passes"]));
+    field("register failures", text(&g["register_check_failures"]));
+    field("time backwards", text(&g["time_went_backwards"]));
+    println!();
+    println!(
+        "{:>5} {:<13} {:>12} {:>14} {:>10} {:>8} {:>14}",
+        "vCPU", "PHASE", "PAGES OWNED", "PAGES VERIFIED", "MISMATCHES", "PASSES", "COUNTER"
+    );
+    for (i, v) in g["vcpus"].as_array().into_iter().flatten().enumerate() {
+        println!(
+            "{:>5} {:<13} {:>12} {:>14} {:>10} {:>8} {:>14}",
+            i,
+            text(&v["phase"]),
+            text(&v["pages_owned"]),
+            text(&v["pages_verified"]),
+            text(&v["mismatches"]),
+            text(&v["passes"]),
+            text(&v["counter"])
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn write(name: &str, text: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("warmvm-cli-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn vm_configs_are_read_from_toml_or_json() {
+        let t = read_vm_config(&write(
+            "a.toml",
+            "name = \"a\"\nmemory_mib = 64\nkernel = \"k\"\n",
+        ))
+        .unwrap();
+        assert_eq!(t.name, "a");
+        assert!(t.kernel.unwrap().is_absolute());
+        let j = read_vm_config(&write("b.json", r#"{"name": "b", "memory_mib": 64}"#)).unwrap();
+        assert_eq!(j.memory_mib, 64);
+        let one =
+            read_vm_config(&write("c.toml", "[[vm]]\nname = \"c\"\nmemory_mib = 64\n")).unwrap();
+        assert_eq!(one.name, "c");
+        let e = read_vm_config(&write(
+            "d.toml",
+            "name = \"d\"\nmemory_mib = 64\nbogus = 1\n",
+        ))
+        .err()
+        .unwrap();
+        assert!(
+            e.message.contains("bogus") && !e.message.contains('\n'),
+            "{}",
+            e.message
+        );
+        assert!(read_vm_config(&write(
+            "e.json",
+            r#"{"name": "e", "memory_mib": 64, "x": 1}"#
+        ))
+        .is_err());
+    }
+
+    #[test]
+    fn durations_are_short() {
+        assert_eq!(duration(1500), "1.5s");
+        assert_eq!(duration(61_000), "1m01s");
+        assert_eq!(duration(3_600_000 + 120_000), "1h02m");
+    }
+}

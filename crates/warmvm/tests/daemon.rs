@@ -1,0 +1,733 @@
+//! `warmvm daemon` and the CLI that drives it, as operators use them: a real daemon process on
+//! a temporary socket and state directory, reference-guest VMs, the CLI, raw HTTP and curl.
+//!
+//! Tests that need /dev/kvm are skipped without it, unless `WARMVM_REQUIRE_KVM=1` (CI), where
+//! they fail.
+
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use warmvm_api::Client;
+
+const BIN: &str = env!("CARGO_BIN_EXE_warmvm");
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn required() -> bool {
+    std::env::var("WARMVM_REQUIRE_KVM").is_ok_and(|v| v == "1")
+}
+
+/// True if KVM is usable; otherwise skips (or fails under WARMVM_REQUIRE_KVM=1).
+fn have_kvm(test: &str) -> bool {
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !ok {
+        if required() {
+            panic!("{test}: /dev/kvm is not usable (WARMVM_REQUIRE_KVM=1)");
+        }
+        eprintln!("skipping {test}: /dev/kvm is not usable");
+    }
+    ok
+}
+
+/// A fresh, short directory (socket paths are limited to 107 bytes).
+fn scratch(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("wvm-{}-{tag}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A daemon process; killed and reaped however the test ends.
+struct Daemon {
+    child: Option<Child>,
+    dir: PathBuf,
+    socket: PathBuf,
+}
+
+impl Daemon {
+    /// Start a daemon in `dir` and wait for its READY=1.
+    fn start(dir: &Path, extra: &[&str]) -> Daemon {
+        let socket = dir.join("api.sock");
+        let notify_path = dir.join("notify.sock");
+        let _ = std::fs::remove_file(&notify_path);
+        let notify = UnixDatagram::bind(&notify_path).unwrap();
+        notify.set_read_timeout(Some(READY_TIMEOUT)).unwrap();
+        let log = std::fs::File::create(dir.join("daemon.log")).unwrap();
+        let child = Command::new(BIN)
+            .args(["--log-level", "debug", "daemon", "--socket"])
+            .arg(&socket)
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .args(["--stop-grace-secs", "5"])
+            .args(extra)
+            .env("NOTIFY_SOCKET", &notify_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut d = Daemon {
+            child: Some(child),
+            dir: dir.to_path_buf(),
+            socket,
+        };
+        let mut buf = [0u8; 512];
+        match notify.recv(&mut buf) {
+            Ok(n) => {
+                let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+                assert!(msg.lines().any(|l| l == "READY=1"), "{msg}");
+            }
+            Err(e) => panic!("no READY=1 from the daemon: {e}\n{}", d.log()),
+        }
+        assert!(d.child.as_mut().unwrap().try_wait().unwrap().is_none());
+        d
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+    }
+
+    fn client(&self) -> Client {
+        Client::new(&self.socket)
+    }
+
+    /// Run the CLI against this daemon.
+    fn cli(&self, args: &[&str]) -> Output {
+        let out = Command::new(BIN)
+            .args(args)
+            .arg("--socket")
+            .arg(&self.socket)
+            .output()
+            .unwrap();
+        out
+    }
+
+    /// Run the CLI with --json; it must succeed.
+    fn cli_json(&self, args: &[&str]) -> Value {
+        let mut a = args.to_vec();
+        a.push("--json");
+        let out = self.cli(&a);
+        assert!(
+            out.status.success(),
+            "warmvm {args:?} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+        serde_json::from_slice(&out.stdout).expect("--json prints JSON")
+    }
+
+    /// SIGTERM, then wait for the exit.
+    fn terminate(&mut self) -> ExitStatus {
+        let mut child = self.child.take().unwrap();
+        // SAFETY: kill has no memory effects; the pid is our unreaped child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("the daemon did not exit on SIGTERM\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+fn reference_vm(name: &str) -> Value {
+    json!({ "name": name, "memory_mib": 64, "cmdline": "quiet interval_ms=20" })
+}
+
+fn counter(vm: &Value) -> u64 {
+    vm["guest"]["counter"].as_u64().unwrap_or(0)
+}
+
+/// Wait until `f` holds, at most `secs`.
+fn wait_until(secs: u64, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// The acceptance test: 8 VMs through the CLI; pause stops the guest's counter, resume lets
+/// it go on; stop and delete them all; SIGTERM ends the daemon cleanly.
+#[test]
+fn eight_vms_through_the_cli() {
+    if !have_kvm("eight_vms_through_the_cli") {
+        return;
+    }
+    let dir = scratch("eight");
+    let mut d = Daemon::start(&dir, &[]);
+    let mode = std::fs::metadata(&d.socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the API socket is private");
+
+    let names: Vec<String> = (0..8).map(|i| format!("vm{i}")).collect();
+    for (i, name) in names.iter().enumerate() {
+        // Both file forms: TOML with the VM's keys at the top level, and JSON.
+        let file = if i % 2 == 0 {
+            let p = dir.join(format!("{name}.toml"));
+            std::fs::write(
+                &p,
+                format!("name = \"{name}\"\nmemory_mib = 64\ncmdline = \"quiet interval_ms=20\"\n"),
+            )
+            .unwrap();
+            p
+        } else {
+            let p = dir.join(format!("{name}.json"));
+            std::fs::write(&p, reference_vm(name).to_string()).unwrap();
+            p
+        };
+        let out = d.cli(&["vm", "create", file.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "create {name}: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            d.log()
+        );
+    }
+
+    let list = d.cli_json(&["vm", "list"]);
+    let vms = list["vms"].as_array().unwrap();
+    assert_eq!(vms.len(), 8);
+    for (vm, name) in vms.iter().zip(&names) {
+        assert_eq!(vm["name"], name.as_str());
+        assert_eq!(vm["state"], "running");
+        assert_eq!(vm["memory_mib"], 64);
+    }
+    let table = d.cli(&["vm", "list"]);
+    assert!(table.status.success());
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert_eq!(table.lines().count(), 9, "{table}");
+    assert!(table.starts_with("NAME"), "{table}");
+
+    // Every guest makes progress.
+    for name in &names {
+        assert!(
+            wait_until(60, || counter(&d.cli_json(&["vm", "show", name])) > 0),
+            "{name}'s guest never reported progress"
+        );
+    }
+
+    let target = "vm3";
+    let paused = d.cli_json(&["vm", "pause", target]);
+    assert_eq!(paused["state"], "paused");
+    let a = counter(&d.cli_json(&["vm", "show", target]));
+    std::thread::sleep(Duration::from_millis(300));
+    let b = d.cli_json(&["vm", "show", target]);
+    assert_eq!(b["state"], "paused");
+    assert_eq!(a, counter(&b), "the counter moved while the VM was paused");
+    let resumed = d.cli_json(&["vm", "resume", target]);
+    assert_eq!(resumed["state"], "running");
+    assert!(
+        wait_until(30, || counter(&d.cli_json(&["vm", "show", target])) > a),
+        "the counter did not move after resume"
+    );
+
+    let status = d.cli_json(&["status"]);
+    assert_eq!(status["vm_count"], 8);
+    assert_eq!(status["vms_running"], 8);
+
+    for name in &names {
+        let r = d.cli_json(&["vm", "stop", name, "--grace-secs", "10"]);
+        assert_eq!(r["state"], "powered-off", "{name}: {r}");
+        assert_eq!(r["exit_status"], 0);
+        let g = &r["guest"];
+        assert_eq!(g["mismatches"], 0, "{name}: {g}");
+    }
+    for name in &names {
+        let out = d.cli(&["vm", "delete", name]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_eq!(d.cli_json(&["vm", "list"])["vms"], json!([]));
+
+    let status = d.terminate();
+    assert_eq!(status.code(), Some(0), "{}", d.log());
+    assert!(!d.socket.exists(), "the daemon removes its socket");
+    let log = d.log();
+    assert!(log.contains("vm=vm3"), "per-VM log context: {log}");
+}
+
+/// docs/openapi.json against a live daemon: every documented operation is served and every
+/// answer matches its documented schema.
+#[test]
+fn live_daemon_matches_the_openapi_document() {
+    if !have_kvm("live_daemon_matches_the_openapi_document") {
+        return;
+    }
+    let doc: Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../docs/openapi.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let dir = scratch("openapi");
+    let d = Daemon::start(&dir, &[]);
+    let c = d.client();
+
+    let schema_of = |path: &str, method: &str, status: u16| -> Option<Value> {
+        let op = &doc["paths"][path][method];
+        assert!(op.is_object(), "{method} {path} is not documented");
+        let resp = &op["responses"][status.to_string()];
+        assert!(
+            resp.is_object(),
+            "{method} {path} answered {status}, which is not documented"
+        );
+        resp["content"]["application/json"].get("schema").cloned()
+    };
+    let check = |template: &str, method: &str, actual: &str, body: Option<&[u8]>| -> u16 {
+        let resp = c.raw(&method.to_uppercase(), actual, body).unwrap();
+        assert_ne!(resp.status, 405, "{method} {actual}");
+        let v: Option<Value> = serde_json::from_slice(&resp.body).ok();
+        if resp.status == 404 {
+            let msg = v.as_ref().and_then(|v| v["error"].as_str()).unwrap_or("");
+            assert!(
+                !msg.starts_with("no such path"),
+                "{method} {actual} is not served"
+            );
+        }
+        if let Some(schema) = schema_of(template, method, resp.status) {
+            let v = v.unwrap_or_else(|| panic!("{method} {actual}: not JSON"));
+            if let Err(e) = warmvm_api::schema::validate(&doc, &schema, &v) {
+                panic!("{method} {actual} ({}): {e}\n{v:#}", resp.status);
+            }
+        } else {
+            assert_eq!(template, "/metrics");
+            assert!(String::from_utf8_lossy(&resp.body)
+                .contains("# TYPE warmvm_daemon_uptime_seconds gauge"));
+        }
+        resp.status
+    };
+
+    let body = reference_vm("api0").to_string();
+    assert_eq!(
+        check("/v1/vms", "post", "/v1/vms", Some(body.as_bytes())),
+        201
+    );
+    assert!(wait_until(60, || counter(&c.show("api0").unwrap()) > 0));
+    // Every documented operation, DELETE last (after stop), on a real VM.
+    let mut ops: Vec<(String, String)> = Vec::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for method in item.as_object().unwrap().keys() {
+            ops.push((path.clone(), method.clone()));
+        }
+    }
+    let order = |(p, m): &(String, String)| match (m.as_str(), p.as_str()) {
+        ("delete", _) => 3,
+        (_, p) if p.ends_with("/stop") => 2,
+        (_, p) if p.ends_with("/resume") => 1,
+        _ => 0,
+    };
+    ops.sort_by_key(order);
+    for (path, method) in &ops {
+        let actual = path.replace("{name}", "api0");
+        let body = (method == "post").then_some(reference_vm("api1").to_string());
+        let status = check(path, method, &actual, body.as_deref().map(str::as_bytes));
+        assert!(status < 300, "{method} {actual}: {status}");
+    }
+    // Errors match the documented error schema too.
+    assert_eq!(check("/v1/vms/{name}", "get", "/v1/vms/nope", None), 404);
+    assert_eq!(
+        check("/v1/vms/{name}/resume", "put", "/v1/vms/api1/resume", None),
+        409
+    );
+    assert_eq!(check("/v1/vms", "post", "/v1/vms", Some(b"{")), 400);
+}
+
+/// Each malformed or invalid request gets the right 4xx with a JSON error, and changes
+/// nothing.
+#[test]
+fn malformed_requests_get_4xx_and_change_nothing() {
+    if !have_kvm("malformed_requests_get_4xx_and_change_nothing") {
+        return;
+    }
+    let dir = scratch("malformed");
+    let d = Daemon::start(&dir, &[]);
+    let c = d.client();
+    for name in ["m0", "m1"] {
+        c.create(&serde_json::from_value(reference_vm(name)).unwrap())
+            .unwrap();
+    }
+    c.pause("m1").unwrap();
+    let snapshot = || -> Vec<(String, String)> {
+        let list = c.list().unwrap();
+        list["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| {
+                (
+                    v["name"].as_str().unwrap().to_string(),
+                    v["state"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    };
+    let before = snapshot();
+    assert_eq!(
+        before,
+        vec![
+            ("m0".into(), "running".into()),
+            ("m1".into(), "paused".into())
+        ]
+    );
+
+    let big = vec![b' '; 70 * 1024];
+    // What, method, path, body, expected status.
+    type Case<'a> = (&'a str, &'a str, &'a str, Option<&'a [u8]>, u16);
+    let cases: &[Case] = &[
+        ("bad JSON", "POST", "/v1/vms", Some(b"{\"name\": "), 400),
+        ("not an object", "POST", "/v1/vms", Some(b"[1, 2]"), 400),
+        ("empty body", "POST", "/v1/vms", None, 400),
+        (
+            "unknown field",
+            "POST",
+            "/v1/vms",
+            Some(br#"{"name": "m9", "memory_mib": 64, "memroy": 1}"#),
+            400,
+        ),
+        (
+            "bad value",
+            "POST",
+            "/v1/vms",
+            Some(br#"{"name": "m9", "memory_mib": 1}"#),
+            400,
+        ),
+        (
+            "bad name",
+            "POST",
+            "/v1/vms",
+            Some(br#"{"name": "a b", "memory_mib": 64}"#),
+            400,
+        ),
+        (
+            "wrong type",
+            "POST",
+            "/v1/vms",
+            Some(br#"{"name": "m9", "memory_mib": "64"}"#),
+            400,
+        ),
+        (
+            "a name that exists",
+            "POST",
+            "/v1/vms",
+            Some(br#"{"name": "m0", "memory_mib": 64}"#),
+            409,
+        ),
+        ("unknown VM", "GET", "/v1/vms/nope", None, 404),
+        (
+            "pause an unknown VM",
+            "PUT",
+            "/v1/vms/nope/pause",
+            None,
+            404,
+        ),
+        ("delete an unknown VM", "DELETE", "/v1/vms/nope", None, 404),
+        ("resume a running VM", "PUT", "/v1/vms/m0/resume", None, 409),
+        ("pause a paused VM", "PUT", "/v1/vms/m1/pause", None, 409),
+        ("delete a running VM", "DELETE", "/v1/vms/m0", None, 409),
+        ("delete a paused VM", "DELETE", "/v1/vms/m1", None, 409),
+        (
+            "stop with an unknown field",
+            "PUT",
+            "/v1/vms/m0/stop",
+            Some(br#"{"grace": 1}"#),
+            400,
+        ),
+        (
+            "stop with a huge grace",
+            "PUT",
+            "/v1/vms/m0/stop",
+            Some(br#"{"grace_secs": 99999}"#),
+            400,
+        ),
+        ("wrong method", "PATCH", "/v1/vms", None, 405),
+        ("wrong method on a VM", "POST", "/v1/vms/m0", None, 405),
+        ("unknown path", "GET", "/v1/nothing", None, 404),
+        ("oversized body", "POST", "/v1/vms", Some(&big), 413),
+    ];
+    for (what, method, path, body, want) in cases {
+        let resp = c.raw(method, path, *body).unwrap();
+        assert_eq!(
+            resp.status,
+            *want,
+            "{what}: {}",
+            String::from_utf8_lossy(&resp.body)
+        );
+        assert_eq!(
+            resp.content_type.as_deref(),
+            Some("application/json"),
+            "{what}"
+        );
+        let v: Value = serde_json::from_slice(&resp.body)
+            .unwrap_or_else(|e| panic!("{what}: error body is not JSON: {e}"));
+        let msg = v["error"].as_str().unwrap_or_else(|| panic!("{what}: {v}"));
+        assert!(!msg.is_empty() && !msg.contains('\n'), "{what}: {msg:?}");
+        assert_eq!(v.as_object().unwrap().len(), 1, "{what}: {v}");
+        assert_eq!(snapshot(), before, "{what} changed the VMs");
+    }
+    // A malformed request line or header, straight on the socket.
+    for raw in [
+        "GARBAGE\r\n\r\n",
+        "GET /v1/vms HTTP/1.1\r\nContent-Length: x\r\n\r\n",
+    ] {
+        use std::io::Write;
+        let mut s = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
+        s.write_all(raw.as_bytes()).unwrap();
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).unwrap();
+        let resp = warmvm_api::http::parse_response(&out).unwrap();
+        assert_eq!(resp.status, 400, "{raw:?}");
+        let v: Value = serde_json::from_slice(&resp.body).unwrap();
+        assert!(v["error"].is_string());
+    }
+    // A 405 says what is allowed.
+    let mut s = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
+    std::io::Write::write_all(&mut s, b"PATCH /v1/vms/m0 HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.contains("\r\nAllow: GET, DELETE\r\n"), "{out}");
+    assert_eq!(snapshot(), before);
+
+    // The CLI reports refusals on one line, exit status 2.
+    let out = d.cli(&["vm", "resume", "m0"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("cannot resume"), "{err}");
+}
+
+/// Start-up and shutdown: a live daemon's socket is refused, a stale one replaced, a
+/// non-loopback metrics address refused; the loopback metrics port serves only /metrics.
+#[test]
+fn daemon_start_and_stop() {
+    if !have_kvm("daemon_start_and_stop") {
+        return;
+    }
+    let dir = scratch("startstop");
+    let mut d = Daemon::start(&dir, &["--metrics-addr", "127.0.0.1:19466"]);
+
+    // A second daemon on the same socket is refused and leaves the first one alone.
+    let out = Command::new(BIN)
+        .args(["daemon", "--socket"])
+        .arg(&d.socket)
+        .arg("--state-dir")
+        .arg(dir.join("state2"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("already listening"), "{err}");
+    assert!(d.client().status().is_ok());
+
+    let metrics = d.client().metrics().unwrap();
+    for family in [
+        "warmvm_daemon_resident_memory_bytes",
+        "warmvm_daemon_open_fds",
+        "warmvm_daemon_threads",
+        "warmvm_daemon_uptime_seconds",
+    ] {
+        assert!(
+            metrics.contains(&format!("# TYPE {family} gauge")),
+            "{metrics}"
+        );
+    }
+
+    // The loopback port serves the metrics and nothing else.
+    let tcp = |req: &str| {
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect("127.0.0.1:19466").unwrap();
+        s.write_all(req.as_bytes()).unwrap();
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).unwrap();
+        warmvm_api::http::parse_response(&out).unwrap()
+    };
+    let m = tcp("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(m.status, 200);
+    assert!(String::from_utf8_lossy(&m.body).contains("warmvm_daemon_threads"));
+    assert_eq!(
+        tcp("GET /v1/status HTTP/1.1\r\nHost: x\r\n\r\n").status,
+        404
+    );
+    assert_eq!(tcp("POST /metrics HTTP/1.1\r\nHost: x\r\n\r\n").status, 405);
+
+    // Killed hard, the daemon leaves its socket behind; the next one replaces it.
+    let mut child = d.child.take().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(d.socket.exists());
+    let out = Command::new(BIN)
+        .args(["status", "--socket"])
+        .arg(&d.socket)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let mut d2 = Daemon::start(&dir, &[]);
+    assert!(d2.client().status().is_ok());
+    assert_eq!(d2.terminate().code(), Some(0));
+    assert!(!d2.socket.exists());
+
+    // Non-loopback metrics addresses are refused before anything starts.
+    let out = Command::new(BIN)
+        .args(["daemon", "--metrics-addr", "0.0.0.0:9464", "--socket"])
+        .arg(dir.join("x.sock"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("loopback"));
+    assert!(!dir.join("x.sock").exists());
+    drop(d);
+}
+
+/// With no daemon, every client subcommand says so on one line and exits 3. Needs no KVM.
+#[test]
+fn no_daemon_is_one_clear_line() {
+    let dir = scratch("nodaemon");
+    let sock = dir.join("none.sock");
+    let s = sock.to_str().unwrap();
+    for args in [
+        vec!["status"],
+        vec!["vm", "list"],
+        vec!["vm", "show", "a"],
+        vec!["vm", "pause", "a"],
+        vec!["vm", "stop", "a", "--json"],
+        vec!["vm", "delete", "a"],
+    ] {
+        let out = Command::new(BIN)
+            .args(&args)
+            .args(["--socket", s])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(3), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            err.trim_end(),
+            format!(
+                "warmvm: error: no warmvm daemon is listening on {s}: start one with `warmvm daemon`"
+            ),
+            "{args:?}"
+        );
+        assert!(out.stdout.is_empty());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Every `curl` example in docs/daemon.md runs as written (with $SOCK pointing at a test
+/// daemon) and succeeds.
+#[test]
+fn curl_examples_in_the_docs_work() {
+    if !have_kvm("curl_examples_in_the_docs_work") {
+        return;
+    }
+    if Command::new("curl").arg("--version").output().is_err() {
+        if required() {
+            panic!("curl is not installed (apt-get install -y curl)");
+        }
+        eprintln!("skipping curl_examples_in_the_docs_work: no curl");
+        return;
+    }
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/daemon.md"))
+            .unwrap();
+    let examples = curl_examples(&text);
+    assert!(examples.len() >= 8, "{examples:#?}");
+    let dir = scratch("curl");
+    let d = Daemon::start(&dir, &["--metrics-addr", "127.0.0.1:9464"]);
+    for example in &examples {
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(example)
+            .env("SOCK", &d.socket)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{example}\nexit {:?}: {stdout}{}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if example.contains("/metrics") {
+            assert!(
+                stdout.contains("# TYPE warmvm_vms gauge"),
+                "{example}: {stdout}"
+            );
+        } else {
+            let v: Value = serde_json::from_str(&stdout)
+                .unwrap_or_else(|e| panic!("{example}: not JSON ({e}): {stdout}"));
+            // Only the example that shows an error leaves out --fail-with-body.
+            let shows_error = !example.contains("--fail-with-body");
+            assert_eq!(v.get("error").is_some(), shows_error, "{example}: {v}");
+        }
+        // Give the guest a moment to report before it is shown, paused or stopped.
+        if example.contains("-X POST") {
+            let name = "web-1";
+            assert!(wait_until(60, || counter(&d.client().show(name).unwrap()) > 0));
+        }
+    }
+    assert_eq!(
+        d.client().list().unwrap()["vms"],
+        json!([]),
+        "the examples clean up"
+    );
+}
+
+/// The commands in ```sh blocks of docs/daemon.md that start with `curl`, continuation lines
+/// joined as the shell would.
+fn curl_examples(md: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut in_sh = false;
+    let mut current: Option<String> = None;
+    for line in md.lines() {
+        if line.trim_start().starts_with("```") {
+            in_sh = !in_sh && line.trim() == "```sh";
+            continue;
+        }
+        if !in_sh {
+            continue;
+        }
+        match current.as_mut() {
+            Some(cmd) => {
+                cmd.push('\n');
+                cmd.push_str(line);
+            }
+            None if line.starts_with("curl ") => current = Some(line.to_string()),
+            None => continue,
+        }
+        if !line.ends_with('\\') {
+            out.extend(current.take());
+        }
+    }
+    out
+}

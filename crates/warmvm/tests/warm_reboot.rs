@@ -1,0 +1,114 @@
+//! Warm reboots end to end: the `warmvm demo` VMM hands its VMs to a new process (or a
+//! chain of them) and every guest must go on with nothing lost; when the new VMM fails in
+//! any way, the VMs must go on in the old one.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+fn demo(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, Value, String) {
+    let dir = std::env::temp_dir().join(format!(
+        "warmvm-reboot-{}-{}",
+        std::process::id(),
+        args.join("").len() + env.len()
+    ));
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_warmvm"));
+    cmd.args(["demo", "--json", "--memory-mib", "64", "--seconds", "2"])
+        .args(args)
+        .arg("--state-dir")
+        .arg(&dir);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("warmvm runs");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    let doc = serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("no JSON ({e}): stdout {stdout:?} stderr {stderr:?}"));
+    let _ = std::fs::remove_dir_all(dir);
+    (out.status.code(), doc, stderr)
+}
+
+/// Every VM powered off cleanly after verifying all its memory, with no mismatch.
+fn assert_all_vms_verified(doc: &Value) {
+    let vms = doc["vms"].as_array().expect("vms");
+    assert_eq!(vms.len(), 4, "{doc}");
+    for vm in vms {
+        assert_eq!(vm["state"], "powered-off", "{vm}");
+        assert_eq!(vm["exit_status"], 0, "{vm}");
+        let g = &vm["guest"];
+        assert_eq!(g["mismatches"], 0, "{vm}");
+        assert_eq!(g["register_check_failures"], 0, "{vm}");
+        assert_eq!(g["time_went_backwards"], 0, "{vm}");
+        assert!(g["min_passes"].as_u64().unwrap_or(0) >= 1, "{vm}");
+    }
+}
+
+#[test]
+fn four_vms_survive_consecutive_warm_reboots() {
+    if !warmvm_vmm::testing::kvm_available("four_vms_survive_consecutive_warm_reboots") {
+        return;
+    }
+    // CI runs 10; WARMVM_TEST_REBOOTS=100 runs the full acceptance count.
+    let reboots = std::env::var("WARMVM_TEST_REBOOTS").unwrap_or_else(|_| "10".into());
+    let (code, doc, stderr) = demo(
+        &["--reboots", &reboots, "--reboot-interval-ms", "50"],
+        &[],
+    );
+    assert_eq!(code, Some(0), "{doc} {stderr}");
+    assert_eq!(doc["ok"], true);
+    assert!(doc["warm_reboot_error"].is_null(), "{doc}");
+    let n: u64 = reboots.parse().expect("number");
+    if n > 1 {
+        assert_eq!(doc["reboot_chain"]["reboots"].as_u64(), Some(n), "{doc}");
+    }
+    assert!(doc["warm_reboot"]["new_pid"].as_u64().unwrap_or(0) > 0);
+    assert_all_vms_verified(&doc);
+}
+
+#[test]
+fn state_from_an_older_format_is_taken_over() {
+    if !warmvm_vmm::testing::kvm_available("state_from_an_older_format_is_taken_over") {
+        return;
+    }
+    let (code, doc, stderr) = demo(&[], &[("WARMVM_HANDOVER_EMIT_FORMAT", "1")]);
+    assert_eq!(code, Some(0), "{doc} {stderr}");
+    assert!(doc["warm_reboot_error"].is_null(), "{doc}");
+    assert_all_vms_verified(&doc);
+}
+
+/// The new VMM fails in `fault`; the reboot must report it and every VM go on in the old.
+fn fault_leaves_every_vm_running(fault: &str, expected: &str) {
+    if !warmvm_vmm::testing::kvm_available(fault) {
+        return;
+    }
+    let (code, doc, stderr) = demo(
+        &["--reboot-timeout-secs", "3"],
+        &[("WARMVM_HANDOVER_FAULT", fault)],
+    );
+    assert_eq!(code, Some(1), "a failed reboot fails the demo: {doc} {stderr}");
+    let error = doc["warm_reboot_error"].as_str().unwrap_or_default();
+    assert!(error.contains(expected), "{fault}: {error:?} should mention {expected:?}");
+    assert!(doc["warm_reboot"].is_null(), "{doc}");
+    assert_all_vms_verified(&doc);
+}
+
+#[test]
+fn new_vmm_refusing_the_state_leaves_vms_running() {
+    fault_leaves_every_vm_running("refuse-state", "refuse-state");
+}
+
+#[test]
+fn new_vmm_crashing_while_adopting_leaves_vms_running() {
+    fault_leaves_every_vm_running("crash-adopt", "closed the channel");
+}
+
+#[test]
+fn new_vmm_hanging_while_adopting_leaves_vms_running() {
+    fault_leaves_every_vm_running("hang-adopt", "did not answer in time");
+}
+
+#[test]
+fn new_vmm_crashing_while_preparing_leaves_vms_running() {
+    fault_leaves_every_vm_running("crash-prepare", "closed the channel");
+}
