@@ -69,11 +69,11 @@ pub fn layout(size: u64) -> Vec<(u64, u64)> {
 impl GuestRam {
     /// Allocate `size` bytes of guest RAM in new memfds named after `name`.
     pub fn create(name: &str, size: u64, hugepages: bool) -> Result<Self> {
-        if size == 0 || size % MIB != 0 {
+        if size == 0 || !size.is_multiple_of(MIB) {
             return Err(MemoryError::BadSize(size));
         }
         if hugepages {
-            if size % HUGE_PAGE != 0 {
+            if !size.is_multiple_of(HUGE_PAGE) {
                 return Err(MemoryError::HugeSize(size / MIB));
             }
             let free = free_huge_pages_bytes();
@@ -125,10 +125,7 @@ impl GuestRam {
                 .map_err(|e| bad(format!("fstat: {e}")))?
                 .len();
             if actual != r.size {
-                return Err(bad(format!(
-                    "is {actual} bytes, the state says {}",
-                    r.size
-                )));
+                return Err(bad(format!("is {actual} bytes, the state says {}", r.size)));
             }
             let seals = get_seals(&r.file).map_err(|e| bad(format!("F_GET_SEALS: {e}")))?;
             let need = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
@@ -142,7 +139,10 @@ impl GuestRam {
     fn map(regions: Vec<RamRegion>, hugepages: bool) -> Result<Self> {
         let mut mapped = Vec::new();
         for r in &regions {
-            let fd = r.file.try_clone().map_err(|e| MemoryError::Map(e.to_string()))?;
+            let fd = r
+                .file
+                .try_clone()
+                .map_err(|e| MemoryError::Map(e.to_string()))?;
             let region = MmapRegionBuilder::new(r.size as usize)
                 .with_file_offset(FileOffset::new(fd, 0))
                 .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
@@ -209,7 +209,8 @@ impl GuestRam {
 }
 
 fn create_memfd(name: &str, size: u64, hugepages: bool) -> Result<File> {
-    let cname = std::ffi::CString::new(name).map_err(|e| MemoryError::Create(io::Error::other(e)))?;
+    let cname =
+        std::ffi::CString::new(name).map_err(|e| MemoryError::Create(io::Error::other(e)))?;
     let mut flags = libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING;
     if hugepages {
         flags |= libc::MFD_HUGETLB | libc::MFD_HUGE_2MB;
@@ -284,14 +285,19 @@ mod tests {
 
     #[test]
     fn zero_and_unaligned_sizes_are_refused() {
-        assert!(matches!(GuestRam::create("t", 0, false), Err(MemoryError::BadSize(0))));
+        assert!(matches!(
+            GuestRam::create("t", 0, false),
+            Err(MemoryError::BadSize(0))
+        ));
         assert!(GuestRam::create("t", MIB + 1, false).is_err());
     }
 
     #[test]
     fn memfd_is_sealed_and_shared_with_its_adopter() {
         let ram = GuestRam::create("t", 4 * MIB, false).unwrap();
-        ram.memory().write_obj(0xdead_beef_u64, GuestAddress(0x1000)).unwrap();
+        ram.memory()
+            .write_obj(0xdead_beef_u64, GuestAddress(0x1000))
+            .unwrap();
         let file = ram.regions()[0].file.try_clone().unwrap();
         assert!(file.set_len(8 * MIB).is_err(), "growing must be sealed");
         let adopted = GuestRam::adopt(

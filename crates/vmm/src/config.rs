@@ -229,7 +229,7 @@ impl VmConfig {
                 host_mib: host.memory_mib,
             });
         }
-        if self.hugepages && self.memory_mib % 2 != 0 {
+        if self.hugepages && !self.memory_mib.is_multiple_of(2) {
             return Err(ConfigError::HugeMemoryOdd { vm: vm() });
         }
         let max_vcpus = if self.kernel.is_none() {
@@ -292,7 +292,9 @@ fn check_readable_file(path: &Path) -> std::io::Result<()> {
 /// toml's errors span several lines with a source excerpt; an operator gets one line.
 fn one_line(msg: &str) -> String {
     let mut parts = msg.lines().map(str::trim).filter(|l| {
-        !l.is_empty() && !l.starts_with('|') && !l.chars().next().is_some_and(|c| c.is_ascii_digit())
+        !l.is_empty()
+            && !l.starts_with('|')
+            && !l.chars().next().is_some_and(|c| c.is_ascii_digit())
     });
     let first = parts.next().unwrap_or("invalid TOML").to_string();
     match parts.next() {
@@ -336,10 +338,14 @@ mod tests {
         assert!(check("[[vm]]\nname=\"a\"\nmemory_mib=9999999\n").contains("exceeds"));
         assert!(check("[[vm]]\nname=\"a b\"\nmemory_mib=64\n").contains("invalid"));
         assert!(check("[[vm]]\nname=\"a\"\nmemory_mib=64\nvcpus=0\n").contains("vcpus"));
-        assert!(check("[[vm]]\nname=\"a\"\nmemory_mib=64\nkernel=\"/nonexistent/k\"\n")
-            .contains("/nonexistent/k"));
-        assert!(check("[[vm]]\nname=\"a\"\nmemory_mib=64\n[[vm]]\nname=\"a\"\nmemory_mib=64\n")
-            .contains("twice"));
+        assert!(
+            check("[[vm]]\nname=\"a\"\nmemory_mib=64\nkernel=\"/nonexistent/k\"\n")
+                .contains("/nonexistent/k")
+        );
+        assert!(
+            check("[[vm]]\nname=\"a\"\nmemory_mib=64\n[[vm]]\nname=\"a\"\nmemory_mib=64\n")
+                .contains("twice")
+        );
         assert!(check("").contains("no VM"));
     }
 }

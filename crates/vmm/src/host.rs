@@ -98,8 +98,8 @@ impl Host {
         if self.find(&config.name).is_some() {
             return Err(HostError::Exists(config.name.clone()));
         }
-        let total: u64 = self.vms.iter().map(|v| v.config.memory_mib).sum::<u64>()
-            + config.memory_mib;
+        let total: u64 =
+            self.vms.iter().map(|v| v.config.memory_mib).sum::<u64>() + config.memory_mib;
         let host_mib = self.limits().memory_mib;
         if host_mib > 0 && total > host_mib {
             return Err(HostError::Config(ConfigError::TotalMemoryTooLarge {

@@ -47,7 +47,10 @@ impl GuestFigures {
     /// Every vCPU has verified all of its pages at least once, and nothing was ever wrong.
     pub fn all_verified_clean(&self) -> bool {
         !self.vcpus.is_empty()
-            && self.vcpus.iter().all(|v| v.passes >= 1 && v.pages_owned > 0)
+            && self
+                .vcpus
+                .iter()
+                .all(|v| v.passes >= 1 && v.pages_owned > 0)
             && self.mismatches == 0
             && self.register_check_failures == 0
             && self.time_went_backwards == 0
@@ -146,7 +149,8 @@ pub fn read(mem: &GuestMemoryMmap, base: GuestAddress, vcpus: u32) -> Option<Gue
 /// Restart every vCPU's `max_gap_ns` measurement (the guest notices at its next tick).
 pub fn reset_gaps(mem: &GuestMemoryMmap, base: GuestAddress, vcpus: u32) {
     for i in 0..(vcpus as usize).min(MAX_VCPUS) {
-        let at = base.unchecked_add((vcpu_status_offset(i) + offset_of!(VcpuStatus, gap_epoch)) as u64);
+        let at =
+            base.unchecked_add((vcpu_status_offset(i) + offset_of!(VcpuStatus, gap_epoch)) as u64);
         let epoch: u64 = mem.read_obj(at).unwrap_or(0);
         let _ = mem.write_obj(epoch.wrapping_add(1), at);
     }
@@ -183,8 +187,11 @@ mod tests {
         mem.write_obj(3u64, GuestAddress(v0)).unwrap(); // odd: write in progress forever
         assert!(read(&mem, GuestAddress(0x8000), 1).is_none());
         mem.write_obj(4u64, GuestAddress(v0)).unwrap();
-        mem.write_obj(7u64, GuestAddress(v0 + offset_of!(VcpuStatus, passes) as u64))
-            .unwrap();
+        mem.write_obj(
+            7u64,
+            GuestAddress(v0 + offset_of!(VcpuStatus, passes) as u64),
+        )
+        .unwrap();
         let f = read(&mem, GuestAddress(0x8000), 1).unwrap();
         assert_eq!(f.min_passes, 7);
     }

@@ -11,8 +11,8 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use warmvm_devices::{IoAction, Wake};
 use warmvm_devices::doorbell::WaitEnd;
+use warmvm_devices::{IoAction, Wake};
 use warmvm_hypervisor::{Exit, ExitHandler, Vcpu, VcpuState};
 
 use crate::vm::{Outcome, VmShared};

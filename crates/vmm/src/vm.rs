@@ -66,8 +66,12 @@ pub enum Lifecycle {
     Created,
     Running,
     Paused,
-    PoweredOff { exit_status: u32 },
-    Crashed { reason: String },
+    PoweredOff {
+        exit_status: u32,
+    },
+    Crashed {
+        reason: String,
+    },
     Stopped,
     /// Handed over to another VMM process: this one must not touch it any more.
     HandedOver,
@@ -136,7 +140,9 @@ impl VmShared {
                     Outcome::Forced => Lifecycle::Stopped,
                 };
                 match &outcome {
-                    Outcome::Crashed(reason) => tracing::error!(vm = %self.name, %reason, "VM crashed"),
+                    Outcome::Crashed(reason) => {
+                        tracing::error!(vm = %self.name, %reason, "VM crashed")
+                    }
                     other => tracing::info!(vm = %self.name, outcome = ?other, "VM ended"),
                 }
             }
@@ -233,8 +239,16 @@ impl Vm {
                 err,
             })
         };
-        let image = config.kernel.as_ref().map(|p| read("kernel", p)).transpose()?;
-        let initrd = config.initrd.as_ref().map(|p| read("initrd", p)).transpose()?;
+        let image = config
+            .kernel
+            .as_ref()
+            .map(|p| read("kernel", p))
+            .transpose()?;
+        let initrd = config
+            .initrd
+            .as_ref()
+            .map(|p| read("initrd", p))
+            .transpose()?;
         let linux_devices = image.is_some();
         let (kvm_vm, irq) = build_kvm_vm(hv, &ram, linux_devices)?;
 
@@ -320,13 +334,16 @@ impl Vm {
             lifecycle: Mutex::new(p.lifecycle),
             lifecycle_cv: Condvar::new(),
             vcpus: OnceLock::new(),
-            created_at: Instant::now().checked_sub(p.age).unwrap_or_else(Instant::now),
+            created_at: Instant::now()
+                .checked_sub(p.age)
+                .unwrap_or_else(Instant::now),
             first_run: OnceLock::new(),
             kvm_vm: p.kvm_vm,
             ram: p.ram,
         });
         warmvm_hypervisor::install_kick_handler()?;
-        let handles: Vec<Arc<VcpuHandle>> = p.vcpus.iter().map(|v| VcpuHandle::new(v.id())).collect();
+        let handles: Vec<Arc<VcpuHandle>> =
+            p.vcpus.iter().map(|v| VcpuHandle::new(v.id())).collect();
         let cpuids = p.vcpus.iter().map(|v| v.cpuid().to_vec()).collect();
         let _ = shared.vcpus.set(handles.clone());
         let mut threads = Vec::new();
@@ -364,7 +381,11 @@ impl Vm {
     }
 
     pub(crate) fn handles(&self) -> &[Arc<VcpuHandle>] {
-        self.shared.vcpus.get().map(Vec::as_slice).unwrap_or_default()
+        self.shared
+            .vcpus
+            .get()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
     }
 
     fn transition(

@@ -33,7 +33,8 @@ fn sixteen_waiting_vms_leave_the_host_nearly_idle() {
             .collect(),
     };
     let mut host = Host::open(&dir).expect("KVM opens");
-    host.create_all(&config).expect("16 VMs of 64 MiB are created");
+    host.create_all(&config)
+        .expect("16 VMs of 64 MiB are created");
     host.start_all().expect("VMs start");
     let deadline = Instant::now() + Duration::from_secs(120);
     while !host
@@ -41,7 +42,10 @@ fn sixteen_waiting_vms_leave_the_host_nearly_idle() {
         .iter()
         .all(|vm| vm.guest_figures().is_some_and(|g| g.all_verified_clean()))
     {
-        assert!(Instant::now() < deadline, "guests did not verify their RAM in time");
+        assert!(
+            Instant::now() < deadline,
+            "guests did not verify their RAM in time"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let cpu0 = process_cpu_time();

@@ -26,7 +26,12 @@ impl Channel {
         let mut fds = [0; 2];
         // SAFETY: socketpair writes two fds into the array it is given.
         let rc = unsafe {
-            libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0, fds.as_mut_ptr())
+            libc::socketpair(
+                libc::AF_UNIX,
+                libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+                0,
+                fds.as_mut_ptr(),
+            )
         };
         if rc < 0 {
             return Err(HandoverError::Io(format!(
@@ -35,7 +40,8 @@ impl Channel {
             )));
         }
         // SAFETY: both fds are new and owned by nobody else.
-        let (ours, theirs) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let (ours, theirs) =
+            unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
         Ok((Self::from_fd(ours), theirs))
     }
 
@@ -53,11 +59,18 @@ impl Channel {
 
     pub fn send<T: Serialize>(&self, msg: &T, fds: &[RawFd]) -> Result<(), HandoverError> {
         if fds.len() > MAX_FDS {
-            return Err(HandoverError::Io(format!("{} fds in one message", fds.len())));
+            return Err(HandoverError::Io(format!(
+                "{} fds in one message",
+                fds.len()
+            )));
         }
-        let bytes = rmp_serde::to_vec_named(msg).map_err(|e| HandoverError::Encode(e.to_string()))?;
+        let bytes =
+            rmp_serde::to_vec_named(msg).map_err(|e| HandoverError::Encode(e.to_string()))?;
         if bytes.len() > MAX_MESSAGE {
-            return Err(HandoverError::Encode(format!("message of {} bytes", bytes.len())));
+            return Err(HandoverError::Encode(format!(
+                "message of {} bytes",
+                bytes.len()
+            )));
         }
         self.sock
             .send_with_fds(&[&bytes[..]], fds)
@@ -75,13 +88,14 @@ impl Channel {
             iov_len: buf.len(),
         }];
         // SAFETY: the iovec points into `buf`, which outlives the call and may take any bytes.
-        let (len, nfds) = unsafe { self.sock.recv_with_fds(&mut iov, &mut raw_fds) }.map_err(|e| {
-            if e.errno() == libc::EAGAIN || e.errno() == libc::EWOULDBLOCK {
-                HandoverError::Timeout
-            } else {
-                HandoverError::Io(format!("recv: {e}"))
-            }
-        })?;
+        let (len, nfds) =
+            unsafe { self.sock.recv_with_fds(&mut iov, &mut raw_fds) }.map_err(|e| {
+                if e.errno() == libc::EAGAIN || e.errno() == libc::EWOULDBLOCK {
+                    HandoverError::Timeout
+                } else {
+                    HandoverError::Io(format!("recv: {e}"))
+                }
+            })?;
         let files: Vec<File> = raw_fds[..nfds]
             .iter()
             // SAFETY: recvmsg gave us these fds; nothing else owns them.
@@ -94,5 +108,4 @@ impl Channel {
             .map_err(|e| HandoverError::BadState(format!("control message: {e}")))?;
         Ok((msg, files))
     }
-
 }

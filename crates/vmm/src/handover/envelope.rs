@@ -21,8 +21,8 @@ const HEADER_LEN: usize = 8 + 4 + 4 + 8 + 4 + 4;
 
 /// Encode `value` as an envelope in memory.
 pub fn encode<T: Serialize>(value: &T, version: u32) -> Result<Vec<u8>, HandoverError> {
-    let payload = rmp_serde::to_vec_named(value)
-        .map_err(|e| HandoverError::Encode(e.to_string()))?;
+    let payload =
+        rmp_serde::to_vec_named(value).map_err(|e| HandoverError::Encode(e.to_string()))?;
     let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&version.to_le_bytes());
@@ -40,7 +40,8 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<(T, u32), HandoverErr
     if bytes.len() < HEADER_LEN || bytes[..8] != MAGIC {
         return Err(bad("not a warmvm handover state (bad magic)"));
     }
-    let u32_at = |o: usize| u32::from_le_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]);
+    let u32_at =
+        |o: usize| u32::from_le_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]);
     let version = u32_at(8);
     if version > FORMAT_VERSION {
         return Err(HandoverError::Incompatible(format!(
@@ -132,7 +133,14 @@ mod tests {
 
     #[test]
     fn roundtrip_through_a_sealed_memfd() {
-        let bytes = encode(&V2 { a: 7, b: vec![1, 2] }, FORMAT_VERSION).unwrap();
+        let bytes = encode(
+            &V2 {
+                a: 7,
+                b: vec![1, 2],
+            },
+            FORMAT_VERSION,
+        )
+        .unwrap();
         let file = to_sealed_memfd(&bytes).unwrap();
         let back = from_sealed_memfd(file).unwrap();
         let (v, version): (V2, u32) = decode(&back).unwrap();
@@ -150,7 +158,10 @@ mod tests {
     fn corruption_and_future_versions_are_refused() {
         let mut bytes = encode(&V1 { a: 3 }, FORMAT_VERSION).unwrap();
         *bytes.last_mut().unwrap() ^= 1;
-        assert!(matches!(decode::<V1>(&bytes), Err(HandoverError::BadState(_))));
+        assert!(matches!(
+            decode::<V1>(&bytes),
+            Err(HandoverError::BadState(_))
+        ));
         let future = encode(&V1 { a: 3 }, FORMAT_VERSION + 1).unwrap();
         let err = decode::<V1>(&future).unwrap_err();
         assert!(matches!(err, HandoverError::Incompatible(_)), "{err}");

@@ -62,7 +62,11 @@ fn take_over_on(channel: &Channel, state_dir: &Path) -> Result<Adopted, Handover
                 envelope::FORMAT_VERSION
             )))
         }
-        other => return Err(HandoverError::BadState(format!("expected Hello, got {other:?}"))),
+        other => {
+            return Err(HandoverError::BadState(format!(
+                "expected Hello, got {other:?}"
+            )))
+        }
     }
     let hv = Hypervisor::open().map_err(|e| HandoverError::Vm {
         vm: "-".into(),
@@ -87,9 +91,14 @@ fn take_over_on(channel: &Channel, state_dir: &Path) -> Result<Adopted, Handover
                 files,
             ) => {
                 if extra_fd_names.len() != files.len() {
-                    return Err(HandoverError::BadState("extra fds do not match their names".into()));
+                    return Err(HandoverError::BadState(
+                        "extra fds do not match their names".into(),
+                    ));
                 }
-                break (extra, extra_fd_names.into_iter().zip(files).collect::<Vec<_>>());
+                break (
+                    extra,
+                    extra_fd_names.into_iter().zip(files).collect::<Vec<_>>(),
+                );
             }
             (other, _) => {
                 return Err(HandoverError::BadState(format!(
@@ -111,12 +120,16 @@ fn take_over_on(channel: &Channel, state_dir: &Path) -> Result<Adopted, Handover
     let (msg, mut files) = channel.recv::<Msg>()?;
     let t_transfer = Instant::now();
     if !matches!(msg, Msg::State) || files.len() != 1 {
-        return Err(HandoverError::BadState("expected State with one memfd".into()));
+        return Err(HandoverError::BadState(
+            "expected State with one memfd".into(),
+        ));
     }
     let bytes = envelope::from_sealed_memfd(files.remove(0))?;
     let (mut state, _version): (HandoverState, u32) = envelope::decode(&bytes)?;
     if fault("refuse-state") {
-        return Err(HandoverError::Refused("fault injected: refuse-state".into()));
+        return Err(HandoverError::Refused(
+            "fault injected: refuse-state".into(),
+        ));
     }
     if fault("crash-adopt") {
         std::process::abort();
@@ -189,7 +202,11 @@ fn take_over_on(channel: &Channel, state_dir: &Path) -> Result<Adopted, Handover
         state_bytes: bytes.len() as u64,
     };
     channel.send(&Msg::Resumed(report.clone()), &[])?;
-    tracing::info!(vms = vms.len(), host_blackout_us = report.host_blackout_us, "took over");
+    tracing::info!(
+        vms = vms.len(),
+        host_blackout_us = report.host_blackout_us,
+        "took over"
+    );
     Ok(Adopted {
         host: Host::adopted(hv, vms, state_dir),
         extra,
@@ -199,14 +216,22 @@ fn take_over_on(channel: &Channel, state_dir: &Path) -> Result<Adopted, Handover
 }
 
 /// Build a VM over RAM memfds received from the old VMM, with parked vCPU threads.
-fn adopt_vm(hv: &Hypervisor, prep: VmPrepare, mut files: Vec<File>) -> Result<Arc<Vm>, HandoverError> {
+fn adopt_vm(
+    hv: &Hypervisor,
+    prep: VmPrepare,
+    mut files: Vec<File>,
+) -> Result<Arc<Vm>, HandoverError> {
     let bad = |m: String| HandoverError::BadState(m);
     let vm_err = |err: crate::VmError| HandoverError::Vm {
         vm: prep.config.name.clone(),
         err,
     };
     if files.len() != prep.ram.len() + 1 {
-        return Err(bad(format!("{} fds for {} RAM regions and a log", files.len(), prep.ram.len())));
+        return Err(bad(format!(
+            "{} fds for {} RAM regions and a log",
+            files.len(),
+            prep.ram.len()
+        )));
     }
     if prep.cpuids.len() != prep.config.vcpus as usize || prep.config.vcpus == 0 {
         return Err(bad("vCPU count and CPUIDs disagree".into()));
@@ -234,7 +259,10 @@ fn adopt_vm(hv: &Hypervisor, prep: VmPrepare, mut files: Vec<File>) -> Result<Ar
         .collect();
     let ram = GuestRam::adopt(regions, prep.hugepages).map_err(|e| vm_err(e.into()))?;
     if let Some(addr) = prep.status_addr {
-        if addr.checked_add(warmvm_abi::layout::STATUS_SIZE).is_none_or(|end| end > total) {
+        if addr
+            .checked_add(warmvm_abi::layout::STATUS_SIZE)
+            .is_none_or(|end| end > total)
+        {
             return Err(bad("status area outside RAM".into()));
         }
     }
@@ -285,7 +313,9 @@ fn restore_vm(vm: &Vm, cap: &mut VmCapture, captured_at_ns: u64) -> Result<(), H
         )));
     }
     if cap.vm.pit.is_some() && !vm.linux_devices {
-        return Err(HandoverError::BadState("PIT state for a VM without a PIT".into()));
+        return Err(HandoverError::BadState(
+            "PIT state for a VM without a PIT".into(),
+        ));
     }
     let advance_ns = monotonic_ns().saturating_sub(captured_at_ns);
     vm.shared
@@ -297,7 +327,9 @@ fn restore_vm(vm: &Vm, cap: &mut VmCapture, captured_at_ns: u64) -> Result<(), H
             return Err(HandoverError::BadState("vCPU ids out of order".into()));
         }
         let tsc_advance = (advance_ns as u128 * u128::from(state.tsc_khz) / 1_000_000) as u64;
-        if !h.post_task(Box::new(move |vcpu| vcpu.restore_state(&state, tsc_advance).map(|()| None))) {
+        if !h.post_task(Box::new(move |vcpu| {
+            vcpu.restore_state(&state, tsc_advance).map(|()| None)
+        })) {
             return Err(HandoverError::Io(format!("vCPU {} is not parked", h.id)));
         }
     }

@@ -49,7 +49,12 @@ pub fn warm_reboot(host: &Host, opts: &RebootOptions) -> Result<Handed, Handover
     let vms: Vec<Arc<Vm>> = host
         .vms()
         .iter()
-        .filter(|v| matches!(v.lifecycle(), Lifecycle::Running | Lifecycle::Paused | Lifecycle::Created))
+        .filter(|v| {
+            matches!(
+                v.lifecycle(),
+                Lifecycle::Running | Lifecycle::Paused | Lifecycle::Created
+            )
+        })
         .cloned()
         .collect();
     let t_stage = Instant::now();
@@ -84,7 +89,11 @@ pub fn warm_reboot(host: &Host, opts: &RebootOptions) -> Result<Handed, Handover
     match channel.recv::<Msg>()?.0 {
         Msg::Prepared { .. } => {}
         Msg::Failed(why) => return Err(HandoverError::NewVmmFailed(why)),
-        other => return Err(HandoverError::BadState(format!("expected Prepared, got {other:?}"))),
+        other => {
+            return Err(HandoverError::BadState(format!(
+                "expected Prepared, got {other:?}"
+            )))
+        }
     }
     let stage_us = t_stage.elapsed().as_micros() as u64;
 
@@ -122,7 +131,9 @@ pub fn warm_reboot(host: &Host, opts: &RebootOptions) -> Result<Handed, Handover
         match channel.recv::<Msg>()?.0 {
             Msg::Resumed(report) => Ok(report),
             Msg::Failed(why) => Err(HandoverError::NewVmmFailed(why)),
-            other => Err(HandoverError::BadState(format!("expected Resumed, got {other:?}"))),
+            other => Err(HandoverError::BadState(format!(
+                "expected Resumed, got {other:?}"
+            ))),
         }
     });
     match result {
@@ -172,11 +183,10 @@ fn stage(channel: &Channel, vms: &[Arc<Vm>], opts: &RebootOptions) -> Result<(),
     )?;
     for vm in vms {
         let ram = vm.shared.ram.regions();
-        let log = vm
-            .shared
-            .devices
-            .console_log_file()
-            .ok_or_else(|| HandoverError::Io(format!("VM {}: console log has no fd", vm.name())))?;
+        let log =
+            vm.shared.devices.console_log_file().ok_or_else(|| {
+                HandoverError::Io(format!("VM {}: console log has no fd", vm.name()))
+            })?;
         let mut fds: Vec<RawFd> = ram.iter().map(|r| r.file.as_raw_fd()).collect();
         fds.push(log.as_raw_fd());
         let prep = VmPrepare {
