@@ -179,11 +179,12 @@ pub struct StatusArea {
 
 const _: () = assert!(core::mem::size_of::<StatusArea>() as u64 <= layout::STATUS_SIZE);
 const _: () = assert!(layout::CMDLINE_ADDR + layout::CMDLINE_MAX <= layout::TSS_ADDR);
-const _: () = assert!(
-    layout::STACKS_TOP - MAX_VCPUS as u64 * layout::STACK_SIZE >= layout::PAGE_TABLES_END
-);
+const _: () =
+    assert!(layout::STACKS_TOP - MAX_VCPUS as u64 * layout::STACK_SIZE >= layout::PAGE_TABLES_END);
 const _: () = assert!(layout::TSS_ADDR + layout::TSS_SIZE <= layout::STATUS_ADDR);
-const _: () = assert!(core::mem::size_of::<BootInfo>() as u64 <= layout::CMDLINE_ADDR - layout::BOOTINFO_ADDR);
+const _: () = assert!(
+    core::mem::size_of::<BootInfo>() as u64 <= layout::CMDLINE_ADDR - layout::BOOTINFO_ADDR
+);
 
 /// Byte offset of vCPU `i`'s [`VcpuStatus`] inside the status area.
 pub const fn vcpu_status_offset(i: usize) -> usize {
@@ -213,6 +214,9 @@ mod tests {
     #[test]
     fn status_offsets_follow_the_header() {
         assert_eq!(vcpu_status_offset(0), 24);
-        assert_eq!(vcpu_status_offset(1), 24 + core::mem::size_of::<VcpuStatus>());
+        assert_eq!(
+            vcpu_status_offset(1),
+            24 + core::mem::size_of::<VcpuStatus>()
+        );
     }
 }

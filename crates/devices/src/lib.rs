@@ -83,7 +83,9 @@ impl Devices {
                 let mut serial = self.serial();
                 serial.write(offset, *byte);
                 if offset == 0 {
-                    self.counters.serial_bytes_out.fetch_add(1, Ordering::Relaxed);
+                    self.counters
+                        .serial_bytes_out
+                        .fetch_add(1, Ordering::Relaxed);
                 }
                 return IoAction::None;
             }
@@ -123,7 +125,10 @@ impl Devices {
 
     /// A duplicate of the console log's fd, to hand to another VMM process.
     pub fn console_log_file(&self) -> Option<std::fs::File> {
-        self.serial().sink().log_file().and_then(|f| f.try_clone().ok())
+        self.serial()
+            .sink()
+            .log_file()
+            .and_then(|f| f.try_clone().ok())
     }
 
     pub fn restore_serial(&self, state: &SerialStateData) {
@@ -142,7 +147,10 @@ mod tests {
     use super::*;
 
     fn devices() -> Devices {
-        Devices::new("t", SerialConsole::new(ConsoleSink::memory(), IrqLine::none()))
+        Devices::new(
+            "t",
+            SerialConsole::new(ConsoleSink::memory(), IrqLine::none()),
+        )
     }
 
     #[test]

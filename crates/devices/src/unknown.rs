@@ -21,20 +21,40 @@ pub struct UnknownCounts {
 
 impl UnknownAccesses {
     pub fn pio(&self, vm: &str, port: u16, len: usize, write: bool) {
-        let counter = if write { &self.pio_writes } else { &self.pio_reads };
+        let counter = if write {
+            &self.pio_writes
+        } else {
+            &self.pio_reads
+        };
         let n = counter.fetch_add(1, Ordering::Relaxed) + 1;
         if n.is_power_of_two() {
-            tracing::warn!(vm, port = format_args!("{port:#x}"), len, write, count = n,
-                "guest accessed a port no device handles");
+            tracing::warn!(
+                vm,
+                port = format_args!("{port:#x}"),
+                len,
+                write,
+                count = n,
+                "guest accessed a port no device handles"
+            );
         }
     }
 
     pub fn mmio(&self, vm: &str, addr: u64, len: usize, write: bool) {
-        let counter = if write { &self.mmio_writes } else { &self.mmio_reads };
+        let counter = if write {
+            &self.mmio_writes
+        } else {
+            &self.mmio_reads
+        };
         let n = counter.fetch_add(1, Ordering::Relaxed) + 1;
         if n.is_power_of_two() {
-            tracing::warn!(vm, addr = format_args!("{addr:#x}"), len, write, count = n,
-                "guest accessed an MMIO address no device handles");
+            tracing::warn!(
+                vm,
+                addr = format_args!("{addr:#x}"),
+                len,
+                write,
+                count = n,
+                "guest accessed an MMIO address no device handles"
+            );
         }
     }
 

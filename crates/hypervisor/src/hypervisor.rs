@@ -58,7 +58,11 @@ impl Hypervisor {
     /// on some KVMs (PVM) each slot costs 5-8 ms once an in-kernel irqchip exists.
     pub fn create_vm(&self) -> Result<Vm> {
         let fd = self.kvm.create_vm().map_err(Error::CreateVm)?;
-        Ok(Vm::new(fd, self.supported_cpuid.clone(), self.max_memslots()))
+        Ok(Vm::new(
+            fd,
+            self.supported_cpuid.clone(),
+            self.max_memslots(),
+        ))
     }
 
     /// The CPUID KVM can offer a guest.

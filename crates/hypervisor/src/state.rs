@@ -8,8 +8,8 @@ use std::sync::OnceLock;
 
 use kvm_bindings::{
     kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
-    kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
-    Msrs, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
 };
 use serde::{Deserialize, Serialize};
 
@@ -175,7 +175,11 @@ impl Vm {
     pub fn save_state(&self, has_pit: bool) -> Result<VmState> {
         let mut irqchips = Vec::new();
         if self.has_irqchip() {
-            for chip_id in [KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQCHIP_IOAPIC] {
+            for chip_id in [
+                KVM_IRQCHIP_PIC_MASTER,
+                KVM_IRQCHIP_PIC_SLAVE,
+                KVM_IRQCHIP_IOAPIC,
+            ] {
                 let mut chip = kvm_irqchip {
                     chip_id,
                     ..Default::default()

@@ -149,9 +149,7 @@ impl Vcpu {
             Ok(_) => Exit::Unhandled {
                 reason: self.fd.get_kvm_run().exit_reason,
             },
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                Exit::Interrupted
-            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Exit::Interrupted,
             Err(e) => return Err(Error::Run(e)),
         };
         if exit == Exit::Interrupted {

@@ -160,7 +160,11 @@ pub fn demo(args: &DemoArgs) -> Result<ExitCode, Failure> {
             if args.no_reboot { "" } else { ", with a warm reboot of the VMM halfway" }
         );
     }
-    let half = if args.no_reboot { args.seconds } else { args.seconds.div_ceil(2) };
+    let half = if args.no_reboot {
+        args.seconds
+    } else {
+        args.seconds.div_ceil(2)
+    };
     wait_verified(&host, Duration::from_secs(half), &stop, &BTreeMap::new());
 
     let mut reboot_error = None;
@@ -249,7 +253,10 @@ fn continue_after_reboot(
     stop: &AtomicBool,
 ) -> Result<ExitCode, Failure> {
     if fd < 3 {
-        return Err(Failure::new(EXIT_BAD_INPUT, "--takeover-fd must be 3 or more"));
+        return Err(Failure::new(
+            EXIT_BAD_INPUT,
+            "--takeover-fd must be 3 or more",
+        ));
     }
     // SAFETY: the previous VMM started us with this fd open for us alone (see
     // handover::outgoing); nothing else in this process uses it.
@@ -260,7 +267,13 @@ fn continue_after_reboot(
     let host = adopted.host;
     carry.reports.push(adopted.report.clone());
     if let Some(error) = counters_went_back(&host, &carry) {
-        return finish(args, &host, Duration::from_millis(carry.elapsed_ms), None, Some(error));
+        return finish(
+            args,
+            &host,
+            Duration::from_millis(carry.elapsed_ms),
+            None,
+            Some(error),
+        );
     }
     if carry.reboots_left > 0 && !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(args.reboot_interval_ms));
@@ -278,7 +291,11 @@ fn continue_after_reboot(
             Ok(_child) => std::process::exit(0),
             Err(e) => {
                 carry.reports = next.reports;
-                let error = format!("warm reboot {} failed: {}", carry.reports.len() + 1, e.message);
+                let error = format!(
+                    "warm reboot {} failed: {}",
+                    carry.reports.len() + 1,
+                    e.message
+                );
                 wait_verified(&host, Duration::ZERO, stop, &carry.passes);
                 let summary = summarize(&carry.reports);
                 return finish_chain(args, &host, &carry, summary, None, Some(error));
@@ -290,8 +307,8 @@ fn continue_after_reboot(
         without_reboot_ms: carry.baseline_gap_ns as f64 / 1e6,
         with_reboot_ms: max_gap_after_window(&host) as f64 / 1e6,
     };
-    let remaining = Duration::from_secs(args.seconds)
-        .saturating_sub(Duration::from_millis(carry.elapsed_ms));
+    let remaining =
+        Duration::from_secs(args.seconds).saturating_sub(Duration::from_millis(carry.elapsed_ms));
     wait_verified(&host, remaining, stop, &carry.passes);
     let error = counters_went_back(&host, &carry);
     let summary = summarize(&carry.reports);
@@ -327,8 +344,9 @@ fn counters_went_back(host: &Host, carry: &DemoCarry) -> Option<String> {
         .filter(|(name, before)| after.get(*name).is_none_or(|a| a < before))
         .map(|(name, _)| name)
         .collect();
-    (!went_back.is_empty())
-        .then(|| format!("integrity counters went back or vanished across the reboot: {went_back:?}"))
+    (!went_back.is_empty()).then(|| {
+        format!("integrity counters went back or vanished across the reboot: {went_back:?}")
+    })
 }
 
 /// Reap every descendant (this process is their subreaper); the worst exit status wins.
@@ -353,10 +371,18 @@ fn reap_all() -> u8 {
     }
 }
 
-fn figures(host: &Host, f: impl Fn(&warmvm_vmm::status::GuestFigures) -> u64) -> BTreeMap<String, u64> {
+fn figures(
+    host: &Host,
+    f: impl Fn(&warmvm_vmm::status::GuestFigures) -> u64,
+) -> BTreeMap<String, u64> {
     host.vms()
         .iter()
-        .map(|vm| (vm.name().to_string(), vm.guest_figures().map(|g| f(&g)).unwrap_or(0)))
+        .map(|vm| {
+            (
+                vm.name().to_string(),
+                vm.guest_figures().map(|g| f(&g)).unwrap_or(0),
+            )
+        })
         .collect()
 }
 
@@ -368,7 +394,12 @@ fn all_healthy(host: &Host) -> bool {
 
 /// Wait at least `min_run`, and until every guest has completed a verification pass more
 /// than `passes_before` records (or something ends a VM, or time runs out).
-fn wait_verified(host: &Host, min_run: Duration, stop: &AtomicBool, passes_before: &BTreeMap<String, u64>) {
+fn wait_verified(
+    host: &Host,
+    min_run: Duration,
+    stop: &AtomicBool,
+    passes_before: &BTreeMap<String, u64>,
+) {
     let started = Instant::now();
     loop {
         std::thread::sleep(Duration::from_millis(100));
@@ -452,7 +483,11 @@ fn finish_with(
             if ok { "PASS" } else { "FAIL" },
             reports.iter().filter(|r| verified(r)).count(),
             reports.len(),
-            if reboot.is_some() { ", across a warm reboot of the VMM" } else { "" }
+            if reboot.is_some() {
+                ", across a warm reboot of the VMM"
+            } else {
+                ""
+            }
         );
     }
     Ok(if ok {

@@ -23,7 +23,13 @@ pub fn print_vm_table(reports: &[VmReport]) {
         match &r.guest {
             Some(g) => println!(
                 "{:<16} {:>8} {:>5} {:<14} {:>14} {:>10} {:>14} {:>7}",
-                r.name, r.memory_mib, r.vcpus, state, g.pages_verified, g.mismatches, g.counter,
+                r.name,
+                r.memory_mib,
+                r.vcpus,
+                state,
+                g.pages_verified,
+                g.mismatches,
+                g.counter,
                 g.min_passes
             ),
             None => println!(

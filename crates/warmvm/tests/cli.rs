@@ -35,7 +35,11 @@ fn assert_one_line_error(out: &Output, expected: &str) {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "should fail: {stderr}");
     assert_eq!(out.status.code(), Some(2), "bad input exits 2: {stderr}");
-    assert_eq!(stderr.lines().count(), 1, "one line expected, got: {stderr}");
+    assert_eq!(
+        stderr.lines().count(),
+        1,
+        "one line expected, got: {stderr}"
+    );
     assert!(stderr.starts_with("warmvm: error: "), "{stderr}");
     assert!(stderr.contains(expected), "{expected:?} not in {stderr:?}");
     assert!(!stderr.contains("panicked") && !stderr.contains("backtrace"));
@@ -47,9 +51,18 @@ fn demo_json_lists_four_vms_that_verified_all_memory() {
         return;
     }
     let dir = scratch("demo");
-    let out = warmvm(&["demo", "--json", "--state-dir", dir.to_str().expect("utf-8")]);
+    let out = warmvm(&[
+        "demo",
+        "--json",
+        "--state-dir",
+        dir.to_str().expect("utf-8"),
+    ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "demo failed: {stdout} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "demo failed: {stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let doc: serde_json::Value = serde_json::from_str(&stdout).expect("demo --json prints JSON");
     assert_eq!(doc["ok"], true);
     let vms = doc["vms"].as_array().expect("vms array");
@@ -76,7 +89,10 @@ fn missing_config_file() {
 
 #[test]
 fn unknown_config_key() {
-    let out = run_config("unknown-key", "[[vm]]\nname = \"a\"\nmemory_mib = 64\nmemroy = 3\n");
+    let out = run_config(
+        "unknown-key",
+        "[[vm]]\nname = \"a\"\nmemory_mib = 64\nmemroy = 3\n",
+    );
     assert_one_line_error(&out, "unknown field `memroy`");
 }
 
@@ -163,5 +179,8 @@ fn kvm_without_permission() {
     }
     assert_eq!(out.status.code(), Some(3), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
-    assert!(stderr.contains("no permission to open /dev/kvm"), "{stderr}");
+    assert!(
+        stderr.contains("no permission to open /dev/kvm"),
+        "{stderr}"
+    );
 }

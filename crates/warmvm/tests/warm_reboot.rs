@@ -51,10 +51,7 @@ fn four_vms_survive_consecutive_warm_reboots() {
     }
     // CI runs 10; WARMVM_TEST_REBOOTS=100 runs the full acceptance count.
     let reboots = std::env::var("WARMVM_TEST_REBOOTS").unwrap_or_else(|_| "10".into());
-    let (code, doc, stderr) = demo(
-        &["--reboots", &reboots, "--reboot-interval-ms", "50"],
-        &[],
-    );
+    let (code, doc, stderr) = demo(&["--reboots", &reboots, "--reboot-interval-ms", "50"], &[]);
     assert_eq!(code, Some(0), "{doc} {stderr}");
     assert_eq!(doc["ok"], true);
     assert!(doc["warm_reboot_error"].is_null(), "{doc}");
@@ -86,9 +83,16 @@ fn fault_leaves_every_vm_running(fault: &str, expected: &str) {
         &["--reboot-timeout-secs", "3"],
         &[("WARMVM_HANDOVER_FAULT", fault)],
     );
-    assert_eq!(code, Some(1), "a failed reboot fails the demo: {doc} {stderr}");
+    assert_eq!(
+        code,
+        Some(1),
+        "a failed reboot fails the demo: {doc} {stderr}"
+    );
     let error = doc["warm_reboot_error"].as_str().unwrap_or_default();
-    assert!(error.contains(expected), "{fault}: {error:?} should mention {expected:?}");
+    assert!(
+        error.contains(expected),
+        "{fault}: {error:?} should mention {expected:?}"
+    );
     assert!(doc["warm_reboot"].is_null(), "{doc}");
     assert_all_vms_verified(&doc);
 }
