@@ -258,7 +258,10 @@ impl ApiState {
             // Starting only flips the VM's state and wakes its vCPUs: cheap under the lock,
             // and nobody sees a created VM that is not running yet.
             if let Err(err) = vm.start() {
-                let _ = host.remove(&config.name);
+                let removed = host.remove(&config.name);
+                drop(host);
+                // Joining its vCPU threads happens here, outside the lock.
+                drop((vm, removed));
                 return Err(ApiError::new(
                     500,
                     format!("cannot start VM {}: {err}", config.name),

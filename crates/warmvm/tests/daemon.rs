@@ -593,10 +593,30 @@ fn daemon_start_and_stop() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(3));
-    let mut d2 = Daemon::start(&dir, &[]);
-    assert!(d2.client().status().is_ok());
+    // The next one also starts the VMs of a --config file before it is ready, and powers
+    // them off when it stops.
+    let config = dir.join("vms.toml");
+    std::fs::write(
+        &config,
+        "[[vm]]\nname = \"cfg0\"\nmemory_mib = 64\ncmdline = \"quiet interval_ms=20\"\n",
+    )
+    .unwrap();
+    let mut d2 = Daemon::start(&dir, &["--config", config.to_str().unwrap()]);
+    let list = d2.client().list().unwrap();
+    assert_eq!(list["vms"][0]["name"], "cfg0");
+    assert_eq!(list["vms"][0]["state"], "running");
+    assert!(wait_until(60, || counter(
+        &d2.client().show("cfg0").unwrap()
+    ) > 0));
     assert_eq!(d2.terminate().code(), Some(0));
     assert!(!d2.socket.exists());
+    let log = d2.log();
+    assert!(
+        log.lines().any(|l| l.contains("VM stopped")
+            && l.contains("vm=cfg0")
+            && l.contains("powered-off")),
+        "{log}"
+    );
 
     // Non-loopback metrics addresses are refused before anything starts.
     let out = Command::new(BIN)
