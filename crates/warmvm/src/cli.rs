@@ -71,6 +71,21 @@ pub enum Command {
         /// Directory for console logs.
         #[arg(long)]
         state_dir: Option<PathBuf>,
+        /// Skip the warm reboot halfway through.
+        #[arg(long)]
+        no_reboot: bool,
+        /// Warm reboots to chain, one after another (each new VMM reboots into the next).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=10000))]
+        reboots: u32,
+        /// Pause between chained reboots, in milliseconds.
+        #[arg(long, default_value_t = 200)]
+        reboot_interval_ms: u64,
+        /// How long a new VMM may take to prepare, and then to resume the guests.
+        #[arg(long, default_value_t = 30)]
+        reboot_timeout_secs: u64,
+        /// (internal) Continue a demo handed over by the previous VMM on this fd.
+        #[arg(long, hide = true)]
+        takeover_fd: Option<i32>,
     },
     /// Run the host daemon: it holds VMs and serves the HTTP/JSON API on a Unix socket
     /// until SIGTERM or SIGINT, which power every VM off. See docs/daemon.md.
@@ -241,13 +256,23 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
             vcpus,
             seconds,
             state_dir,
+            no_reboot,
+            reboots,
+            reboot_interval_ms,
+            reboot_timeout_secs,
+            takeover_fd,
         } => crate::demo::demo(&crate::demo::DemoArgs {
+            reboots,
+            reboot_interval_ms,
+            reboot_timeout_secs,
             json,
             vms,
             memory_mib,
             vcpus,
             seconds,
             state_dir,
+            no_reboot,
+            takeover_fd,
         }),
         Command::Daemon {
             socket,
