@@ -26,6 +26,7 @@ pub struct DemoArgs {
     pub reboots: u32,
     pub reboot_interval_ms: u64,
     pub reboot_timeout_secs: u64,
+    pub guest_cmdline: String,
     pub takeover_fd: Option<i32>,
 }
 
@@ -138,7 +139,7 @@ pub fn demo(args: &DemoArgs) -> Result<ExitCode, Failure> {
         vms: (0..args.vms)
             .map(|i| {
                 let mut vm = VmConfig::reference(&format!("demo-{i}"), args.memory_mib, args.vcpus);
-                vm.cmdline = Some("quiet interval_ms=20".into());
+                vm.cmdline = Some(args.guest_cmdline.clone());
                 vm
             })
             .collect(),
