@@ -74,6 +74,9 @@ pub enum Command {
         /// Skip the warm reboot halfway through.
         #[arg(long)]
         no_reboot: bool,
+        /// Command line of the reference guests (see README: fill, interval_ms, ...).
+        #[arg(long, default_value = "quiet interval_ms=20")]
+        guest_cmdline: String,
         /// Warm reboots to chain, one after another (each new VMM reboots into the next).
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=10000))]
         reboots: u32,
@@ -260,8 +263,10 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
             reboots,
             reboot_interval_ms,
             reboot_timeout_secs,
+            guest_cmdline,
             takeover_fd,
         } => crate::demo::demo(&crate::demo::DemoArgs {
+            guest_cmdline,
             reboots,
             reboot_interval_ms,
             reboot_timeout_secs,
