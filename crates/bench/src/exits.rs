@@ -418,7 +418,10 @@ mod tests {
 
     #[test]
     fn probe_source_still_has_its_mmio_load() {
-        let text = std::fs::read_to_string("/work/shared/probes/ring3_exits.c");
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../../shared/probes/ring3_exits.c"
+        ));
         if let Ok(text) = text {
             assert!(text.contains(PROBE_MMIO_LOAD));
         }
