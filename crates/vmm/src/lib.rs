@@ -10,6 +10,15 @@ mod vcpu;
 pub mod vm;
 
 pub use config::{Config, ConfigError, HostLimits, VmConfig};
+
+/// This build's identity: the version, plus `WARMVM_BUILD_ID` if it was set at build time
+/// (e.g. by a packager), so a warm reboot can report which build handed over to which.
+pub fn build() -> String {
+    match option_env!("WARMVM_BUILD_ID") {
+        Some(id) => format!("warmvm {} ({id})", env!("CARGO_PKG_VERSION")),
+        None => format!("warmvm {}", env!("CARGO_PKG_VERSION")),
+    }
+}
 pub use host::{Host, HostError};
 pub use vcpu::{monotonic_ns, VcpuStats};
 pub use vm::{Lifecycle, Vm, VmError, VmReport};

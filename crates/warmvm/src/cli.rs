@@ -74,6 +74,13 @@ pub enum Command {
         /// Skip the warm reboot halfway through.
         #[arg(long)]
         no_reboot: bool,
+        /// Compare the guests' longest stall in a window of this many ms across each reboot
+        /// with one just before it (0: don't measure).
+        #[arg(long, default_value_t = 500)]
+        gap_window_ms: u64,
+        /// Warm-reboot into this (other) warmvm binary: a live upgrade.
+        #[arg(long)]
+        upgrade_to: Option<PathBuf>,
         /// Command line of the reference guests (see README: fill, interval_ms, ...).
         #[arg(long, default_value = "quiet interval_ms=20")]
         guest_cmdline: String,
@@ -264,9 +271,13 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
             reboot_interval_ms,
             reboot_timeout_secs,
             guest_cmdline,
+            gap_window_ms,
+            upgrade_to,
             takeover_fd,
         } => crate::demo::demo(&crate::demo::DemoArgs {
             guest_cmdline,
+            gap_window_ms,
+            upgrade_to,
             reboots,
             reboot_interval_ms,
             reboot_timeout_secs,

@@ -27,6 +27,8 @@ pub struct DemoArgs {
     pub reboot_interval_ms: u64,
     pub reboot_timeout_secs: u64,
     pub guest_cmdline: String,
+    pub gap_window_ms: u64,
+    pub upgrade_to: Option<PathBuf>,
     pub takeover_fd: Option<i32>,
 }
 
@@ -40,8 +42,10 @@ struct DemoCarry {
     counters: BTreeMap<String, u64>,
     passes: BTreeMap<String, u64>,
     elapsed_ms: u64,
-    /// Longest stall any guest saw in a window of [`GAP_WINDOW`] without a reboot.
-    baseline_gap_ns: u64,
+    /// Longest stall any guest saw in the window just before the reboot that carried this.
+    pending_baseline_gap_ns: Option<u64>,
+    /// (without, with) a reboot: the longest guest stall in equal windows, per reboot.
+    gaps: Vec<(u64, u64)>,
     /// Reboots still to do after the one that carried this.
     reboots_left: u32,
     /// Every completed reboot's report, oldest first.
@@ -87,19 +91,54 @@ fn summarize(reports: &[RebootReport]) -> ChainSummary {
     }
 }
 
-/// Window over which the guests' longest stall is compared with and without a reboot.
-const GAP_WINDOW: Duration = Duration::from_millis(500);
-
-/// The longest stall a guest saw, with and without a warm reboot in the window.
+/// The longest stall a guest saw in equal windows with and without a warm reboot, over
+/// all reboots (the windows without one show this host's scheduling noise).
 #[derive(Serialize)]
 struct GuestGaps {
     window_ms: u64,
-    without_reboot_ms: f64,
-    with_reboot_ms: f64,
+    windows: usize,
+    without_reboot_p50_ms: f64,
+    without_reboot_p99_ms: f64,
+    without_reboot_max_ms: f64,
+    with_reboot_p50_ms: f64,
+    with_reboot_p99_ms: f64,
+    with_reboot_max_ms: f64,
 }
 
-fn max_gap_after_window(host: &Host) -> u64 {
-    std::thread::sleep(GAP_WINDOW);
+fn summarize_gaps(window_ms: u64, gaps: &[(u64, u64)]) -> Option<GuestGaps> {
+    if gaps.is_empty() || window_ms == 0 {
+        return None;
+    }
+    let mut without: Vec<u64> = gaps.iter().map(|g| g.0 / 1000).collect();
+    let mut with: Vec<u64> = gaps.iter().map(|g| g.1 / 1000).collect();
+    without.sort_unstable();
+    with.sort_unstable();
+    Some(GuestGaps {
+        window_ms,
+        windows: gaps.len(),
+        without_reboot_p50_ms: percentile(&without, 0.5),
+        without_reboot_p99_ms: percentile(&without, 0.99),
+        without_reboot_max_ms: percentile(&without, 1.0),
+        with_reboot_p50_ms: percentile(&with, 0.5),
+        with_reboot_p99_ms: percentile(&with, 0.99),
+        with_reboot_max_ms: percentile(&with, 1.0),
+    })
+}
+
+/// Measure the guests' longest stall over a window without a reboot, then restart the
+/// measurement for the reboot that follows.
+fn baseline_gap(host: &Host, window_ms: u64) -> Option<u64> {
+    if window_ms == 0 {
+        return None;
+    }
+    reset_gaps(host);
+    let baseline = max_gap_after_window(host, window_ms);
+    reset_gaps(host);
+    Some(baseline)
+}
+
+fn max_gap_after_window(host: &Host, window_ms: u64) -> u64 {
+    std::thread::sleep(Duration::from_millis(window_ms));
     host.vms()
         .iter()
         .filter_map(|vm| vm.guest_figures().map(|g| g.max_gap_ns))
@@ -170,14 +209,13 @@ pub fn demo(args: &DemoArgs) -> Result<ExitCode, Failure> {
 
     let mut reboot_error = None;
     if !args.no_reboot && !stop.load(Ordering::Relaxed) && all_healthy(&host) {
-        reset_gaps(&host);
-        let baseline_gap_ns = max_gap_after_window(&host);
-        reset_gaps(&host);
+        let pending_baseline_gap_ns = baseline_gap(&host, args.gap_window_ms);
         let carry = DemoCarry {
             counters: figures(&host, |g| g.counter),
             passes: figures(&host, |g| g.min_passes),
             elapsed_ms: started.elapsed().as_millis() as u64,
-            baseline_gap_ns,
+            pending_baseline_gap_ns,
+            gaps: Vec::new(),
             reboots_left: args.reboots.saturating_sub(1),
             reports: Vec::new(),
         };
@@ -185,7 +223,7 @@ pub fn demo(args: &DemoArgs) -> Result<ExitCode, Failure> {
         // reaps them all, and the last one's verdict is the demo's.
         // SAFETY: prctl(PR_SET_CHILD_SUBREAPER) only changes how orphans are reparented.
         unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-        match reboot(args, &host, &carry, &state_dir) {
+        match reboot(args, &host, &carry, &state_dir, args.upgrade_to.as_deref()) {
             Ok(child) => {
                 // The new VMM runs the guests and finishes the demo; this one lets go of
                 // its side of the VMs (unmapping their RAM) and waits for the verdict.
@@ -213,9 +251,13 @@ fn reboot(
     host: &Host,
     carry: &DemoCarry,
     state_dir: &std::path::Path,
+    binary: Option<&std::path::Path>,
 ) -> Result<std::process::Child, Failure> {
-    let binary = std::env::current_exe()
-        .map_err(|e| Failure::new(EXIT_VM_FAILED, format!("cannot find this binary: {e}")))?;
+    let binary = match binary {
+        Some(b) => b.to_path_buf(),
+        None => std::env::current_exe()
+            .map_err(|e| Failure::new(EXIT_VM_FAILED, format!("cannot find this binary: {e}")))?,
+    };
     let mut new_args: Vec<std::ffi::OsString> = vec![
         "demo".into(),
         "--seconds".into(),
@@ -233,6 +275,8 @@ fn reboot(
         args.reboot_timeout_secs.to_string().into(),
         "--vms".into(),
         args.vms.to_string().into(),
+        "--gap-window-ms".into(),
+        args.gap_window_ms.to_string().into(),
     ]);
     let opts = RebootOptions {
         binary,
@@ -267,6 +311,11 @@ fn continue_after_reboot(
     let mut carry: DemoCarry = serde_json::from_value(adopted.extra).unwrap_or_default();
     let host = adopted.host;
     carry.reports.push(adopted.report.clone());
+    if let Some(baseline) = carry.pending_baseline_gap_ns.take() {
+        carry
+            .gaps
+            .push((baseline, max_gap_after_window(&host, args.gap_window_ms)));
+    }
     if let Some(error) = counters_went_back(&host, &carry) {
         return finish(
             args,
@@ -278,20 +327,23 @@ fn continue_after_reboot(
     }
     if carry.reboots_left > 0 && !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(args.reboot_interval_ms));
-        let elapsed_ms = carry.elapsed_ms + args.reboot_interval_ms;
+        let pending_baseline_gap_ns = baseline_gap(&host, args.gap_window_ms);
+        let elapsed_ms = carry.elapsed_ms + args.reboot_interval_ms + 2 * args.gap_window_ms;
         let next = DemoCarry {
             counters: figures(&host, |g| g.counter),
             passes: carry.passes.clone(),
             elapsed_ms,
-            baseline_gap_ns: carry.baseline_gap_ns,
+            pending_baseline_gap_ns,
+            gaps: std::mem::take(&mut carry.gaps),
             reboots_left: carry.reboots_left - 1,
             reports: std::mem::take(&mut carry.reports),
         };
-        match reboot(args, &host, &next, &state_dir) {
+        match reboot(args, &host, &next, &state_dir, None) {
             // Our part is done: the next VMM carries on and the first process reaps us.
             Ok(_child) => std::process::exit(0),
             Err(e) => {
                 carry.reports = next.reports;
+                carry.gaps = next.gaps;
                 let error = format!(
                     "warm reboot {} failed: {}",
                     carry.reports.len() + 1,
@@ -299,21 +351,18 @@ fn continue_after_reboot(
                 );
                 wait_verified(&host, Duration::ZERO, stop, &carry.passes);
                 let summary = summarize(&carry.reports);
-                return finish_chain(args, &host, &carry, summary, None, Some(error));
+                let gaps = summarize_gaps(args.gap_window_ms, &carry.gaps);
+                return finish_chain(args, &host, &carry, summary, gaps, Some(error));
             }
         }
     }
-    let gaps = GuestGaps {
-        window_ms: GAP_WINDOW.as_millis() as u64,
-        without_reboot_ms: carry.baseline_gap_ns as f64 / 1e6,
-        with_reboot_ms: max_gap_after_window(&host) as f64 / 1e6,
-    };
+    let gaps = summarize_gaps(args.gap_window_ms, &carry.gaps);
     let remaining =
         Duration::from_secs(args.seconds).saturating_sub(Duration::from_millis(carry.elapsed_ms));
     wait_verified(&host, remaining, stop, &carry.passes);
     let error = counters_went_back(&host, &carry);
     let summary = summarize(&carry.reports);
-    finish_chain(args, &host, &carry, summary, Some(gaps), error)
+    finish_chain(args, &host, &carry, summary, gaps, error)
 }
 
 fn finish_chain(
@@ -472,8 +521,13 @@ fn finish_with(
         }
         if let Some(g) = &gaps {
             println!(
-                "  longest stall seen by a guest in {} ms: {:.3} ms across the reboot, {:.3} ms without one",
-                g.window_ms, g.with_reboot_ms, g.without_reboot_ms
+                "  longest stall a guest saw in {} ms windows ({}): across a reboot p50 {:.3} / max {:.3} ms; without one p50 {:.3} / max {:.3} ms",
+                g.window_ms,
+                g.windows,
+                g.with_reboot_p50_ms,
+                g.with_reboot_max_ms,
+                g.without_reboot_p50_ms,
+                g.without_reboot_max_ms
             );
         }
         if let Some(e) = &error {

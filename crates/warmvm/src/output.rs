@@ -44,7 +44,9 @@ pub fn print_vm_table(reports: &[VmReport]) {
 pub fn print_reboot_report(r: &warmvm_vmm::handover::RebootReport) {
     let ms = |us: u64| us as f64 / 1000.0;
     println!(
-        "warm reboot: new VMM pid {}, host-wide blackout {:.3} ms, state {} bytes",
+        "warm reboot: {} -> {} (pid {}), host-wide blackout {:.3} ms, state {} bytes",
+        r.from_build,
+        r.to_build,
         r.new_pid,
         ms(r.host_blackout_us),
         r.state_bytes

@@ -116,3 +116,50 @@ fn new_vmm_hanging_while_adopting_leaves_vms_running() {
 fn new_vmm_crashing_while_preparing_leaves_vms_running() {
     fault_leaves_every_vm_running("crash-prepare", "closed the channel");
 }
+
+#[test]
+fn live_upgrade_to_a_different_build() {
+    if !warmvm_vmm::testing::kvm_available("live_upgrade_to_a_different_build") {
+        return;
+    }
+    // Build warmvm a second time, as another build (its own WARMVM_BUILD_ID), in a target
+    // directory of its own, and warm-reboot the demo's VMM into it.
+    let exe = std::path::PathBuf::from(env!("CARGO_BIN_EXE_warmvm"));
+    let target = exe
+        .ancestors()
+        .nth(2)
+        .expect("target dir above target/<profile>/warmvm")
+        .join("upgrade-build");
+    let build_id = format!("upgrade-test-{}", std::process::id());
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["build", "--quiet", "-p", "warmvm", "--target-dir"])
+        .arg(&target)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("WARMVM_BUILD_ID", &build_id)
+        .status()
+        .expect("cargo runs");
+    assert!(status.success(), "building the upgrade failed");
+    let upgrade = target.join("debug").join("warmvm");
+    let (code, doc, stderr) = demo(
+        &["--upgrade-to", upgrade.to_str().expect("utf-8 path")],
+        &[],
+    );
+    assert_eq!(code, Some(0), "{doc} {stderr}");
+    let report = &doc["warm_reboot"];
+    assert!(
+        report["to_build"]
+            .as_str()
+            .unwrap_or_default()
+            .contains(&build_id),
+        "{report}"
+    );
+    assert!(
+        !report["from_build"]
+            .as_str()
+            .unwrap_or_default()
+            .contains(&build_id),
+        "{report}"
+    );
+    assert_all_vms_verified(&doc);
+}

@@ -189,6 +189,8 @@ fn take_over_on(channel: &Channel, state_dir: &Path) -> Result<Adopted, Handover
     let resume_us = t_resume.elapsed().as_micros() as u64;
     let report = RebootReport {
         new_pid: std::process::id(),
+        from_build: state.sender.clone(),
+        to_build: crate::build(),
         host_blackout_us: host_last_resume.saturating_sub(state.host_first_stop_ns) / 1000,
         phases: PhaseTimes {
             stage_us: state.stage_us,

@@ -105,7 +105,7 @@ pub fn warm_reboot(host: &Host, opts: &RebootOptions) -> Result<Handed, Handover
         let t_capture = Instant::now();
         let captures = capture(&vms)?;
         let mut state = HandoverState {
-            sender: format!("warmvm {}", env!("CARGO_PKG_VERSION")),
+            sender: crate::build(),
             captured_at_ns: monotonic_ns(),
             host_first_stop_ns: host_first_stop,
             vms: captures,
@@ -177,7 +177,7 @@ fn stage(channel: &Channel, vms: &[Arc<Vm>], opts: &RebootOptions) -> Result<(),
     channel.send(
         &Msg::Hello {
             format_version: envelope::FORMAT_VERSION,
-            sender: format!("warmvm {}", env!("CARGO_PKG_VERSION")),
+            sender: crate::build(),
         },
         &[],
     )?;

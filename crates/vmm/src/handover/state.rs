@@ -113,6 +113,9 @@ pub struct PhaseTimes {
 #[serde(default)]
 pub struct RebootReport {
     pub new_pid: u32,
+    /// The builds that handed over and took over (they differ in an upgrade).
+    pub from_build: String,
+    pub to_build: String,
     /// From the first vCPU stopping to the last one running again, over all VMs.
     pub host_blackout_us: u64,
     pub phases: PhaseTimes,
