@@ -35,6 +35,36 @@ pub enum LogFormat {
 }
 
 #[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Blackout of chained warm reboots for several VM counts and RAM sizes.
+    WarmReboot {
+        /// Print one JSON document.
+        #[arg(long)]
+        json: bool,
+        /// Reboots per cell.
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=10000))]
+        reboots: u32,
+        /// VM counts, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
+        vms: Vec<u32>,
+        /// RAM per VM in MiB, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "256,1024,4096")]
+        memory_mib: Vec<u64>,
+        /// Reference guest command line: busy guests (interval_ms=0) give the steady
+        /// stream the guest-visible gap needs; idle ones isolate the VMM's own cost.
+        #[arg(long, default_value = "quiet interval_ms=0")]
+        guest_cmdline: String,
+        #[arg(long, default_value_t = 100)]
+        reboot_interval_ms: u64,
+        #[arg(long, default_value_t = 200)]
+        gap_window_ms: u64,
+        /// Skip cells whose guest RAM is more than this share of host memory.
+        #[arg(long, default_value_t = 0.7)]
+        max_host_share: f64,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 pub enum Command {
     /// Boot the VMs a TOML config file describes and wait until they all power off
     /// (Ctrl-C asks them to power off).
@@ -96,6 +126,11 @@ pub enum Command {
         /// (internal) Continue a demo handed over by the previous VMM on this fd.
         #[arg(long, hide = true)]
         takeover_fd: Option<i32>,
+    },
+    /// Benchmarks that print figures (see docs/benchmarks.md).
+    Bench {
+        #[command(subcommand)]
+        what: BenchCommand,
     },
     /// Run the host daemon: it holds VMs and serves the HTTP/JSON API on a Unix socket
     /// until SIGTERM or SIGINT, which power every VM off. See docs/daemon.md.
@@ -259,6 +294,28 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
             state_dir,
             grace_secs,
         } => crate::run::run(&config, json, state_dir, grace_secs),
+        Command::Bench {
+            what:
+                BenchCommand::WarmReboot {
+                    json,
+                    reboots,
+                    vms,
+                    memory_mib,
+                    guest_cmdline,
+                    reboot_interval_ms,
+                    gap_window_ms,
+                    max_host_share,
+                },
+        } => crate::bench::warm_reboot(&crate::bench::WarmRebootArgs {
+            json,
+            reboots,
+            vms,
+            memory_mib,
+            guest_cmdline,
+            reboot_interval_ms,
+            gap_window_ms,
+            max_host_share,
+        }),
         Command::Demo {
             json,
             vms,

@@ -62,6 +62,8 @@ pub struct ChainSummary {
     pub vm_p50_ms: f64,
     pub vm_p99_ms: f64,
     pub vm_max_ms: f64,
+    /// Median time of each phase, in ms.
+    pub phase_p50_ms: BTreeMap<String, f64>,
 }
 
 fn percentile(sorted: &[u64], p: f64) -> f64 {
@@ -80,7 +82,24 @@ fn summarize(reports: &[RebootReport]) -> ChainSummary {
         .collect();
     host.sort_unstable();
     vm.sort_unstable();
+    let phase = |f: fn(&handover::PhaseTimes) -> u64| {
+        let mut v: Vec<u64> = reports.iter().map(|r| f(&r.phases)).collect();
+        v.sort_unstable();
+        percentile(&v, 0.5)
+    };
+    let phase_p50_ms = [
+        ("stage", phase(|p| p.stage_us)),
+        ("quiesce", phase(|p| p.quiesce_us)),
+        ("capture", phase(|p| p.capture_us)),
+        ("transfer", phase(|p| p.transfer_us)),
+        ("restore", phase(|p| p.restore_us)),
+        ("resume", phase(|p| p.resume_us)),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
     ChainSummary {
+        phase_p50_ms,
         reboots: reports.len(),
         host_p50_ms: percentile(&host, 0.5),
         host_p99_ms: percentile(&host, 0.99),

@@ -1,5 +1,6 @@
 //! The `warmvm` command.
 
+mod bench;
 mod cli;
 mod client;
 mod demo;
