@@ -150,8 +150,12 @@ fn take_over_on(channel: &Channel, state_dir: &Path) -> Result<Adopted, Handover
 
     // Restore every VM before any runs: a failure here leaves the old VMM in charge.
     let t_restore = Instant::now();
+    // All VMs' vCPU threads restore at once: post every task before waiting for any.
     for (vm, cap) in vms.iter().zip(state.vms.iter_mut()) {
-        restore_vm(vm, cap, state.captured_at_ns)?;
+        start_restore(vm, cap, state.captured_at_ns)?;
+    }
+    for (vm, cap) in vms.iter().zip(&state.vms) {
+        finish_restore(vm, cap)?;
     }
     let restore_us = t_restore.elapsed().as_micros() as u64;
 
@@ -301,8 +305,8 @@ fn adopt_vm(
     Ok(Arc::new(vm))
 }
 
-/// Restore one VM's state, VM-wide first, then every vCPU in parallel on its own thread.
-fn restore_vm(vm: &Vm, cap: &mut VmCapture, captured_at_ns: u64) -> Result<(), HandoverError> {
+/// Restore one VM's VM-wide state and hand each vCPU thread its state to restore.
+fn start_restore(vm: &Vm, cap: &mut VmCapture, captured_at_ns: u64) -> Result<(), HandoverError> {
     let vm_err = |err: crate::VmError| HandoverError::Vm {
         vm: vm.name().to_string(),
         err,
@@ -335,6 +339,15 @@ fn restore_vm(vm: &Vm, cap: &mut VmCapture, captured_at_ns: u64) -> Result<(), H
             return Err(HandoverError::Io(format!("vCPU {} is not parked", h.id)));
         }
     }
+    Ok(())
+}
+
+/// Wait for a VM's vCPU threads to finish restoring, then restore its devices.
+fn finish_restore(vm: &Vm, cap: &VmCapture) -> Result<(), HandoverError> {
+    let vm_err = |err: crate::VmError| HandoverError::Vm {
+        vm: vm.name().to_string(),
+        err,
+    };
     for h in vm.handles() {
         match h.task_result(VCPU_RESPONSE_TIMEOUT) {
             Some(Ok(_)) => {}

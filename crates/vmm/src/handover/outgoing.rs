@@ -245,8 +245,21 @@ fn capture(vms: &[Arc<Vm>]) -> Result<Vec<VmCapture>, HandoverError> {
             }
         }
     }
-    let mut captures = Vec::new();
+    // While the vCPU threads work, the VM-wide state is read here.
+    let mut vm_states = Vec::new();
     for vm in vms {
+        let state = vm
+            .shared
+            .kvm_vm()
+            .save_state(vm.linux_devices)
+            .map_err(|e| HandoverError::Vm {
+                vm: vm.name().to_string(),
+                err: e.into(),
+            })?;
+        vm_states.push(state);
+    }
+    let mut captures = Vec::new();
+    for (vm, vm_state) in vms.iter().zip(vm_states) {
         let mut vcpus = Vec::new();
         let mut first_stop = u64::MAX;
         for h in vm.handles() {
@@ -269,14 +282,6 @@ fn capture(vms: &[Arc<Vm>]) -> Result<Vec<VmCapture>, HandoverError> {
             vcpus.push(state);
             first_stop = first_stop.min(h.park_times().0);
         }
-        let vm_state = vm
-            .shared
-            .kvm_vm()
-            .save_state(vm.linux_devices)
-            .map_err(|e| HandoverError::Vm {
-                vm: vm.name().to_string(),
-                err: e.into(),
-            })?;
         captures.push(VmCapture {
             name: vm.name().to_string(),
             lifecycle: vm.lifecycle().name().to_string(),
