@@ -205,6 +205,13 @@ impl VmConfig {
     }
 
     pub fn validate(&self, host: HostLimits) -> Result<(), ConfigError> {
+        self.validate_shape(host)?;
+        self.validate_files()
+    }
+
+    /// Everything but the files: what a VM handed over by another VMM must satisfy (its
+    /// kernel is already in its RAM, so the file need not exist any more).
+    pub fn validate_shape(&self, host: HostLimits) -> Result<(), ConfigError> {
         let vm = || self.name.clone();
         let name_ok = !self.name.is_empty()
             && self.name.len() <= 64
@@ -251,21 +258,23 @@ impl VmConfig {
                 });
             }
         }
-        match &self.kernel {
-            Some(path) => {
-                if self.boot == BootKind::Ring3 {
-                    return Err(ConfigError::Ring3WithKernel { vm: vm() });
-                }
-                check_readable_file(path).map_err(|err| ConfigError::Kernel {
-                    vm: vm(),
-                    path: path.clone(),
-                    err,
-                })?;
-            }
-            None if self.initrd.is_some() => {
-                return Err(ConfigError::InitrdWithoutKernel { vm: vm() })
-            }
-            None => {}
+        if self.kernel.is_some() && self.boot == BootKind::Ring3 {
+            return Err(ConfigError::Ring3WithKernel { vm: vm() });
+        }
+        if self.kernel.is_none() && self.initrd.is_some() {
+            return Err(ConfigError::InitrdWithoutKernel { vm: vm() });
+        }
+        Ok(())
+    }
+
+    fn validate_files(&self) -> Result<(), ConfigError> {
+        let vm = || self.name.clone();
+        if let Some(path) = &self.kernel {
+            check_readable_file(path).map_err(|err| ConfigError::Kernel {
+                vm: vm(),
+                path: path.clone(),
+                err,
+            })?;
         }
         if let Some(path) = &self.initrd {
             check_readable_file(path).map_err(|err| ConfigError::Initrd {

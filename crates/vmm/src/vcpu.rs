@@ -140,14 +140,22 @@ impl VcpuHandle {
         self.order(Want::Stop, vm);
     }
 
-    /// Wait until the thread has parked (or exited). False on timeout.
-    pub(crate) fn wait_parked(&self, timeout: Duration) -> bool {
+    /// Wait, at most `timeout`, until `done` holds for the thread's control state, and
+    /// return what `done` returned last (`None` means not yet).
+    fn wait_for<T>(
+        &self,
+        timeout: Duration,
+        mut done: impl FnMut(&mut Control) -> Option<T>,
+    ) -> Option<T> {
         let deadline = Instant::now() + timeout;
         let mut c = self.lock();
-        while !(c.parked || c.exited) {
+        loop {
+            if let Some(v) = done(&mut c) {
+                return Some(v);
+            }
             let now = Instant::now();
             if now >= deadline {
-                return false;
+                return None;
             }
             c = self
                 .cv
@@ -155,24 +163,16 @@ impl VcpuHandle {
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
-        true
+    }
+
+    /// Wait until the thread has parked (or exited). False on timeout.
+    pub(crate) fn wait_parked(&self, timeout: Duration) -> bool {
+        self.wait_for(timeout, |c| (c.parked || c.exited).then_some(()))
+            .is_some()
     }
 
     pub(crate) fn wait_exited(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        let mut c = self.lock();
-        while !c.exited {
-            let now = Instant::now();
-            if now >= deadline {
-                return false;
-            }
-            c = self
-                .cv
-                .wait_timeout(c, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
-        true
+        self.wait_for(timeout, |c| c.exited.then_some(())).is_some()
     }
 
     pub fn stats(&self) -> VcpuStats {
@@ -202,27 +202,15 @@ impl VcpuHandle {
         true
     }
 
-    /// Wait for the result of the task given with [`VcpuHandle::post_task`].
+    /// Wait for the result of the task given with [`VcpuHandle::post_task`]. `None` if the
+    /// thread exited or the timeout passed first.
     pub(crate) fn task_result(&self, timeout: Duration) -> Option<TaskResult> {
-        let deadline = Instant::now() + timeout;
-        let mut c = self.lock();
-        loop {
-            if let Some(r) = c.task_result.take() {
-                return Some(r);
-            }
-            if c.exited {
-                return None;
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return None;
-            }
-            c = self
-                .cv
-                .wait_timeout(c, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
+        self.wait_for(timeout, |c| match c.task_result.take() {
+            Some(r) => Some(Some(r)),
+            None if c.exited => Some(None),
+            None => None,
+        })
+        .flatten()
     }
 
     /// When the thread last parked, and last left a park (CLOCK_MONOTONIC ns).
@@ -233,20 +221,8 @@ impl VcpuHandle {
 
     /// Wait until the thread has left its park to run the guest (after `request_run`).
     pub(crate) fn wait_running(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        let mut c = self.lock();
-        while c.parked && !c.exited {
-            let now = Instant::now();
-            if now >= deadline {
-                return false;
-            }
-            c = self
-                .cv
-                .wait_timeout(c, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
-        true
+        self.wait_for(timeout, |c| (!c.parked || c.exited).then_some(()))
+            .is_some()
     }
 
     /// Thread side: what to do next. Parks while paused (running any task it is given

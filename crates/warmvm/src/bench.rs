@@ -131,9 +131,9 @@ fn print_table(cells: &[Cell], skipped: &[String]) {
             .unwrap_or_else(|| "-".into())
     };
     println!(
-        "{:>4} {:>8} {:>7} | {:>9} {:>9} | {:>9} {:>9} | {:>8} {:>8} {:>8} {:>8} | {:>10} {:>10} | {}",
+        "{:>4} {:>8} {:>7} | {:>9} {:>9} | {:>9} {:>9} | {:>8} {:>8} {:>8} {:>8} | {:>10} {:>10} | ok",
         "VMs", "MiB/VM", "reboots", "host p50", "host p99", "VM p50", "VM p99",
-        "quiesce", "capture", "restore", "resume", "gap reboot", "gap noise", "ok"
+        "quiesce", "capture", "restore", "resume", "gap reboot", "gap noise"
     );
     for c in cells {
         let p = &c.phase_p50_ms;

@@ -239,6 +239,9 @@ fn adopt_vm(
             prep.ram.len()
         )));
     }
+    prep.config
+        .validate_shape(crate::HostLimits::probe())
+        .map_err(|e| bad(e.to_string()))?;
     if prep.cpuids.len() != prep.config.vcpus as usize || prep.config.vcpus == 0 {
         return Err(bad("vCPU count and CPUIDs disagree".into()));
     }
