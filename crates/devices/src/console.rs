@@ -2,8 +2,10 @@ use std::fs::File;
 use std::io::{self, Write};
 
 /// Where a VM's console output goes: its log file, and the terminal on request. Output is
-/// buffered and flushed at each newline, so a byte-at-a-time UART does not cost a system
-/// call per byte.
+/// buffered and written out at each newline (and when the VMM calls [`ConsoleSink::emit`]:
+/// when a vCPU waits, parks or ends), so a byte-at-a-time UART does not cost a system call
+/// per byte. `Write::flush` deliberately does not write out a partial line: vm-superio
+/// flushes its writer after every byte.
 pub struct ConsoleSink {
     log: Option<File>,
     to_stdout: bool,
@@ -38,7 +40,8 @@ impl ConsoleSink {
         self.log.as_ref()
     }
 
-    fn emit(&mut self) -> io::Result<()> {
+    /// Write out everything buffered, partial line included.
+    pub fn emit(&mut self) -> io::Result<()> {
         if self.line.is_empty() {
             return Ok(());
         }
@@ -69,6 +72,29 @@ impl Write for ConsoleSink {
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.emit()
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_are_written_out_per_line_not_per_flush() {
+        let mut sink = ConsoleSink::memory();
+        sink.write_all(b"pro").unwrap();
+        sink.flush().unwrap();
+        assert_eq!(
+            sink.captured(),
+            b"",
+            "vm-superio's per-byte flush must not write"
+        );
+        sink.write_all(b"mpt\n").unwrap();
+        assert_eq!(sink.captured(), b"prompt\n");
+        sink.write_all(b"login: ").unwrap();
+        assert_eq!(sink.captured(), b"prompt\n");
+        sink.emit().unwrap();
+        assert_eq!(sink.captured(), b"prompt\nlogin: ");
     }
 }

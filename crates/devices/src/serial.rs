@@ -1,5 +1,3 @@
-use std::io::Write;
-
 use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
@@ -102,7 +100,7 @@ impl SerialConsole {
     }
 
     pub fn flush(&mut self) {
-        let _ = self.uart.writer_mut().flush();
+        let _ = self.uart.writer_mut().emit();
     }
 
     pub fn sink(&self) -> &ConsoleSink {

@@ -392,6 +392,8 @@ pub(crate) fn run_vcpu(mut vcpu: Vcpu, handle: Arc<VcpuHandle>, vm: Arc<VmShared
 }
 
 fn sleep(vm: &VmShared, handle: &VcpuHandle, timeout_us: u32, recall: u64) -> Wake {
+    // A guest that waits may have printed a prompt without a newline: show it now.
+    vm.devices.flush();
     let start = Instant::now();
     let deadline = (timeout_us != warmvm_abi::WAIT_FOREVER)
         .then(|| start + Duration::from_micros(u64::from(timeout_us)));
