@@ -4,7 +4,7 @@
 //! ABI bytes, which the kernel keeps stable). They carry no file descriptors: memory and
 //! the KVM objects come from the process that restores them.
 
-use std::sync::OnceLock;
+use std::sync::{OnceLock, RwLock};
 
 use kvm_bindings::{
     kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
@@ -48,13 +48,27 @@ pub struct VmState {
 }
 
 /// Save-able MSRs: KVM's index list minus those this host refuses to read (found once).
-static SAVEABLE_MSRS: OnceLock<Vec<u32>> = OnceLock::new();
+/// The list shrinks as MSRs turn out unreadable, so later captures (inside the blackout)
+/// make one KVM_GET_MSRS call instead of one per unreadable MSR.
+static SAVEABLE_MSRS: RwLock<Vec<u32>> = RwLock::new(Vec::new());
+static MSRS_INITIALISED: OnceLock<()> = OnceLock::new();
+static MSRS_PROBED: OnceLock<()> = OnceLock::new();
 
 pub(crate) fn init_saveable_msrs(list: Vec<u32>) {
-    let _ = SAVEABLE_MSRS.set(list);
+    MSRS_INITIALISED.get_or_init(|| {
+        *SAVEABLE_MSRS.write().unwrap_or_else(|p| p.into_inner()) = list;
+    });
 }
 
 impl Vcpu {
+    /// Find out once per process, on a vCPU that has not run yet (outside any blackout),
+    /// which MSRs of KVM's list this host lets us read.
+    pub(crate) fn probe_saveable_msrs(&self) {
+        if MSRS_PROBED.get().is_none() && self.read_msrs().is_ok() {
+            let _ = MSRS_PROBED.set(());
+        }
+    }
+
     /// Capture the vCPU's state. The vCPU must be stopped on this thread with no access
     /// pending (see [`Vcpu::complete_pending_io`]). MP_STATE first: reading it makes KVM
     /// accept pending APIC events; VCPU_EVENTS last.
@@ -90,7 +104,11 @@ impl Vcpu {
     }
 
     fn read_msrs(&self) -> Result<Vec<(u32, u64)>> {
-        let mut indices = SAVEABLE_MSRS.get().cloned().unwrap_or_default();
+        let mut indices = SAVEABLE_MSRS
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let initial = indices.len();
         // KVM stops at the first MSR it cannot read and returns how many it read: drop
         // that one and go on, so one odd MSR does not lose the others.
         loop {
@@ -107,6 +125,9 @@ impl Vcpu {
                 .get_msrs(&mut msrs)
                 .map_err(Error::GetState("MSRS"))?;
             if n == indices.len() {
+                if n != initial {
+                    *SAVEABLE_MSRS.write().unwrap_or_else(|p| p.into_inner()) = indices;
+                }
                 return Ok(msrs.as_slice().iter().map(|e| (e.index, e.data)).collect());
             }
             indices.remove(n);

@@ -99,7 +99,9 @@ impl Vm {
             .map_err(|err| Error::CreateVcpu { id, err })?;
         let cpuid = options.build(&self.supported_cpuid, id, vcpu_count);
         fd.set_cpuid2(&cpuid).map_err(Error::SetCpuid)?;
-        Ok(Vcpu::new(fd, id, cpuid.as_slice().to_vec()))
+        let vcpu = Vcpu::new(fd, id, cpuid.as_slice().to_vec());
+        vcpu.probe_saveable_msrs();
+        Ok(vcpu)
     }
 
     /// Create vCPU `id` with exactly the CPUID a previous VMM gave it.
@@ -110,6 +112,8 @@ impl Vm {
             .map_err(|err| Error::CreateVcpu { id, err })?;
         let cpuid = CpuId::from_entries(entries).map_err(|_| Error::BadState("CPUID too long"))?;
         fd.set_cpuid2(&cpuid).map_err(Error::SetCpuid)?;
-        Ok(Vcpu::new(fd, id, entries.to_vec()))
+        let vcpu = Vcpu::new(fd, id, entries.to_vec());
+        vcpu.probe_saveable_msrs();
+        Ok(vcpu)
     }
 }
