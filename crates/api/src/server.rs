@@ -116,6 +116,16 @@ impl Server {
         Ok(self)
     }
 
+    /// The listening API socket's fd (to hand it to a new daemon; it stays ours).
+    pub fn listener_fd(&self) -> RawFd {
+        self.api.as_raw_fd()
+    }
+
+    /// The metrics listener's fd, if any (to hand it to a new daemon; it stays ours).
+    pub fn metrics_fd(&self) -> Option<RawFd> {
+        self.metrics.as_ref().map(|l| l.as_raw_fd())
+    }
+
     pub fn state(&self) -> &Arc<ApiState> {
         &self.state
     }
@@ -137,13 +147,21 @@ impl Server {
     pub fn run(&self) -> io::Result<()> {
         let no_fd: RawFd = -1;
         loop {
+            // During a warm reboot, connections wait in the backlog: for the new daemon if
+            // the reboot succeeds, for this one again (checked every few ms) if it fails.
+            let rebooting = self.state.rebooting();
             let mut fds = [
                 pollfd(self.stop_rx.as_raw_fd()),
-                pollfd(self.api.as_raw_fd()),
+                pollfd(if rebooting {
+                    no_fd
+                } else {
+                    self.api.as_raw_fd()
+                }),
                 pollfd(self.metrics.as_ref().map_or(no_fd, |l| l.as_raw_fd())),
             ];
+            let timeout = if rebooting { 5 } else { -1 };
             // SAFETY: `fds` is a valid array of pollfd for the duration of the call.
-            let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+            let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
             if rc < 0 {
                 let e = io::Error::last_os_error();
                 if e.kind() == io::ErrorKind::Interrupted {
@@ -156,7 +174,7 @@ impl Server {
                 while matches!((&self.stop_rx).read(&mut buf), Ok(n) if n > 0) {}
                 return Ok(());
             }
-            if fds[1].revents != 0 {
+            if fds[1].revents != 0 && !self.state.rebooting() {
                 self.accept_all(|| self.api.accept().map(|(s, _)| Conn::Unix(s)), false)?;
             }
             if fds[2].revents != 0 {
@@ -237,6 +255,14 @@ fn serve_connection(mut conn: Conn, state: &ApiState, metrics_only: bool) {
             tracing::debug!(status = response.status, "answered");
             if let Err(e) = response.write_to(&mut conn) {
                 tracing::debug!(error = %e, "cannot send the response");
+            }
+            if response.then_exit {
+                // A warm reboot handed everything over: the VMs, the socket and the rest of
+                // the work are the new daemon's. Exit without running any destructor (the
+                // VMs must not be stopped, the socket file not removed).
+                conn.shutdown_write();
+                tracing::info!("handed over; exiting");
+                std::process::exit(0);
             }
         }
         Err(ReadError::Reject { response, drain }) => {
