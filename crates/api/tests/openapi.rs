@@ -237,10 +237,5 @@ fn request_schemas_match_what_the_server_accepts() {
     for key in documented.keys() {
         assert!(serialized.get(key).is_some(), "RebootRequest lacks {key}");
     }
-    assert!(validate(
-        &doc,
-        &schema("RebootRequest"),
-        &json!({ "mode": "cold" })
-    )
-    .is_err());
+    assert!(validate(&doc, &schema("RebootRequest"), &json!({ "mode": "cold" })).is_err());
 }
