@@ -6,13 +6,16 @@
 //!
 //! Locking rule: the Host lock is held only to look VMs up, create them, and remove them;
 //! never while a VM pauses or stops (those wait for vCPU threads): handlers clone the
-//! `Arc<Vm>` and drop the lock first.
+//! `Arc<Vm>` and drop the lock first. A warm reboot is the exception: it holds the Host lock
+//! throughout, and first takes the operations gate for writing, so that it waits for every
+//! pause, resume or stop under way (and none starts meanwhile); those take it for reading.
+//! Order: the gate, then the Host lock.
 
 use std::ffi::OsString;
 use std::os::fd::RawFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -122,6 +125,9 @@ pub struct RebootRequest {
     pub binary: Option<PathBuf>,
 }
 
+/// How long a warm reboot waits for VM operations under way before it gives up (409).
+const GATE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// How long a new daemon may take to prepare, and then to resume the guests.
 pub const REBOOT_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -151,6 +157,9 @@ pub struct ApiState {
     rebooting: AtomicBool,
     /// The VMs and the API socket belong to a new daemon process now.
     handed_over: AtomicBool,
+    /// Pause, resume and stop hold it for reading while they act on a VM without the Host
+    /// lock; a warm reboot holds it for writing.
+    ops: RwLock<()>,
 }
 
 impl ApiState {
@@ -167,7 +176,20 @@ impl ApiState {
             reboot: OnceLock::new(),
             rebooting: AtomicBool::new(false),
             handed_over: AtomicBool::new(false),
+            ops: RwLock::new(()),
         }
+    }
+
+    /// Enter a pause, resume or stop (see the locking rule above).
+    fn op_gate(&self) -> Result<RwLockReadGuard<'_, ()>, ApiError> {
+        let gate = self.ops.read().unwrap_or_else(|p| p.into_inner());
+        if self.handed_over() {
+            return Err(ApiError::new(
+                503,
+                "this daemon has handed its VMs over to a new daemon process; retry",
+            ));
+        }
+        Ok(gate)
     }
 
     /// Make `PUT /v1/reboot` available (the daemon calls this once its server exists).
@@ -343,6 +365,7 @@ impl ApiState {
     }
 
     pub fn pause(&self, name: &str) -> Result<VmReport, ApiError> {
+        let _gate = self.op_gate()?;
         let vm = self.find(name)?;
         vm.pause()
             .map_err(|e| ApiError::new(vm_error_status(&e, false), e.to_string()))?;
@@ -351,6 +374,7 @@ impl ApiState {
     }
 
     pub fn resume(&self, name: &str) -> Result<VmReport, ApiError> {
+        let _gate = self.op_gate()?;
         let vm = self.find(name)?;
         vm.resume()
             .map_err(|e| ApiError::new(vm_error_status(&e, false), e.to_string()))?;
@@ -373,6 +397,7 @@ impl ApiState {
                 format!("grace_secs must be at most {MAX_STOP_GRACE_SECS}"),
             ));
         }
+        let _gate = self.op_gate()?;
         let vm = self.find(name)?;
         let state = vm.lifecycle();
         if state.is_finished() {
@@ -454,19 +479,31 @@ impl ApiState {
                 "this daemon cannot warm-reboot (it was started without a server)",
             )
         })?;
-        if self
-            .rebooting
-            .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
-            .is_err()
-        {
-            return Err(ApiError::new(409, "a warm reboot is already under way"));
-        }
+        // Wait (briefly) for every pause, resume or stop under way; none starts until we
+        // are done. This also keeps a second reboot out.
+        let deadline = Instant::now() + GATE_TIMEOUT;
+        let gate = loop {
+            match self.ops.try_write() {
+                Ok(g) => break g,
+                Err(std::sync::TryLockError::Poisoned(p)) => break p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(std::sync::TryLockError::WouldBlock) => {
+                    return Err(ApiError::new(
+                        409,
+                        "a warm reboot or a VM operation (e.g. a stop) is under way; retry when it is done",
+                    ))
+                }
+            }
+        };
         struct Done<'a>(&'a AtomicBool);
         impl Drop for Done<'_> {
             fn drop(&mut self) {
                 self.0.store(false, Ordering::SeqCst);
             }
         }
+        self.rebooting.store(true, Ordering::SeqCst);
         let done = Done(&self.rebooting);
         let host = self.lock();
         if self.shutting_down.load(Ordering::SeqCst) {
@@ -495,6 +532,7 @@ impl ApiState {
                 // Keep the Host locked until the process exits, so that no request still
                 // in flight here can reach the handed-over VMs.
                 std::mem::forget(host);
+                std::mem::forget(gate);
                 std::mem::forget(done);
                 Ok(handed.report)
             }
