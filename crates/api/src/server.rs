@@ -10,7 +10,7 @@ use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use crate::http::{self, ReadError, Response, IO_TIMEOUT};
@@ -89,7 +89,6 @@ pub struct Server {
     state: Arc<ApiState>,
     stop_rx: UnixStream,
     stop_tx: UnixStream,
-    active: Arc<AtomicUsize>,
 }
 
 impl Server {
@@ -105,7 +104,6 @@ impl Server {
             state,
             stop_rx,
             stop_tx,
-            active: Arc::new(AtomicUsize::new(0)),
         })
     }
 
@@ -147,8 +145,9 @@ impl Server {
     pub fn run(&self) -> io::Result<()> {
         let no_fd: RawFd = -1;
         loop {
-            // During a warm reboot, connections wait in the backlog: for the new daemon if
-            // the reboot succeeds, for this one again (checked every few ms) if it fails.
+            // During a warm reboot, connections (API and metrics) wait in the backlog: for
+            // the new daemon if the reboot succeeds, for this one again (checked every few
+            // ms) if it fails.
             let rebooting = self.state.rebooting();
             let mut fds = [
                 pollfd(self.stop_rx.as_raw_fd()),
@@ -157,7 +156,10 @@ impl Server {
                 } else {
                     self.api.as_raw_fd()
                 }),
-                pollfd(self.metrics.as_ref().map_or(no_fd, |l| l.as_raw_fd())),
+                pollfd(match &self.metrics {
+                    Some(l) if !rebooting => l.as_raw_fd(),
+                    _ => no_fd,
+                }),
             ];
             let timeout = if rebooting { 5 } else { -1 };
             // SAFETY: `fds` is a valid array of pollfd for the duration of the call.
@@ -177,7 +179,7 @@ impl Server {
             if fds[1].revents != 0 && !self.state.rebooting() {
                 self.accept_all(|| self.api.accept().map(|(s, _)| Conn::Unix(s)), false)?;
             }
-            if fds[2].revents != 0 {
+            if fds[2].revents != 0 && !self.state.rebooting() {
                 if let Some(l) = &self.metrics {
                     self.accept_all(|| l.accept().map(|(s, _)| Conn::Tcp(s)), true)?;
                 }
@@ -191,6 +193,10 @@ impl Server {
         metrics_only: bool,
     ) -> io::Result<()> {
         loop {
+            // A warm reboot has begun: leave the rest in the backlog.
+            if self.state.rebooting() {
+                return Ok(());
+            }
             let conn = match accept() {
                 Ok(c) => c,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
@@ -207,23 +213,23 @@ impl Server {
     }
 
     fn spawn(&self, mut conn: Conn, metrics_only: bool) {
-        if self.active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
-            self.active.fetch_sub(1, Ordering::SeqCst);
+        let active = &self.state.connections;
+        if active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+            active.fetch_sub(1, Ordering::SeqCst);
             let _ = conn.prepare();
             let _ = Response::error(503, "too many connections; try again").write_to(&mut conn);
             return;
         }
         let state = self.state.clone();
-        let active = self.active.clone();
         let spawned = std::thread::Builder::new()
             .name("warmvm-api".into())
             .stack_size(512 << 10)
             .spawn(move || {
                 serve_connection(conn, &state, metrics_only);
-                active.fetch_sub(1, Ordering::SeqCst);
+                state.connections.fetch_sub(1, Ordering::SeqCst);
             });
         if let Err(e) = spawned {
-            self.active.fetch_sub(1, Ordering::SeqCst);
+            active.fetch_sub(1, Ordering::SeqCst);
             tracing::warn!(error = %e, "cannot start a connection thread");
         }
     }

@@ -14,7 +14,7 @@
 use std::ffi::OsString;
 use std::os::fd::RawFd;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
@@ -157,6 +157,8 @@ pub struct ApiState {
     rebooting: AtomicBool,
     /// The VMs and the API socket belong to a new daemon process now.
     handed_over: AtomicBool,
+    /// Connections being served (counted from their accept; the server keeps it).
+    pub(crate) connections: AtomicUsize,
     /// Pause, resume and stop hold it for reading while they act on a VM without the Host
     /// lock; a warm reboot holds it for writing.
     ops: RwLock<()>,
@@ -177,6 +179,7 @@ impl ApiState {
             rebooting: AtomicBool::new(false),
             handed_over: AtomicBool::new(false),
             ops: RwLock::new(()),
+            connections: AtomicUsize::new(0),
         }
     }
 
@@ -479,9 +482,26 @@ impl ApiState {
                 "this daemon cannot warm-reboot (it was started without a server)",
             )
         })?;
-        // Wait (briefly) for every pause, resume or stop under way; none starts until we
-        // are done. This also keeps a second reboot out.
+        // From here on the server accepts no connection: they wait in the backlog for the
+        // new daemon (or for this one, if the reboot fails).
+        struct Done<'a>(&'a AtomicBool);
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::SeqCst);
+            }
+        }
+        if self.rebooting.swap(true, Ordering::SeqCst) {
+            return Err(ApiError::new(409, "a warm reboot is already under way"));
+        }
+        let done = Done(&self.rebooting);
+        // Let the requests under way (ours aside) finish, so that none is left waiting for
+        // the Host lock when this process exits; at most GATE_TIMEOUT.
         let deadline = Instant::now() + GATE_TIMEOUT;
+        while self.connections.load(Ordering::SeqCst) > 1 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        // Wait (briefly) for every pause, resume or stop under way; none starts until we
+        // are done.
         let gate = loop {
             match self.ops.try_write() {
                 Ok(g) => break g,
@@ -489,22 +509,12 @@ impl ApiState {
                 Err(std::sync::TryLockError::WouldBlock) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(10));
                 }
-                Err(std::sync::TryLockError::WouldBlock) => {
-                    return Err(ApiError::new(
-                        409,
-                        "a warm reboot or a VM operation (e.g. a stop) is under way; retry when it is done",
-                    ))
-                }
+                Err(std::sync::TryLockError::WouldBlock) => return Err(ApiError::new(
+                    409,
+                    "a VM operation (e.g. a stop) is under way; retry the reboot when it is done",
+                )),
             }
         };
-        struct Done<'a>(&'a AtomicBool);
-        impl Drop for Done<'_> {
-            fn drop(&mut self) {
-                self.0.store(false, Ordering::SeqCst);
-            }
-        }
-        self.rebooting.store(true, Ordering::SeqCst);
-        let done = Done(&self.rebooting);
         let host = self.lock();
         if self.shutting_down.load(Ordering::SeqCst) {
             return Err(ApiError::new(503, "the daemon is shutting down"));

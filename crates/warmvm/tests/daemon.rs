@@ -693,6 +693,26 @@ fn warm_reboots_of_the_daemon_keep_every_vm_running() {
         "the guests never reported progress"
     );
     let mut before = vm_figures(&d);
+    // Requests sent meanwhile wait for whichever daemon serves next: every one is answered.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let prober = {
+        let (c, done) = (d.client(), done.clone());
+        std::thread::spawn(move || {
+            let (mut answered, mut failed) = (0u32, Vec::new());
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                match c.raw("GET", "/v1/vms", None) {
+                    Ok(r) if r.status == 200 => answered += 1,
+                    Ok(r) => failed.push(format!(
+                        "{}: {}",
+                        r.status,
+                        String::from_utf8_lossy(&r.body)
+                    )),
+                    Err(e) => failed.push(e.to_string()),
+                }
+            }
+            (answered, failed)
+        })
+    };
     for round in 1..=2 {
         let old_pid = d.cli_json(&["status"])["pid"].as_u64().unwrap() as u32;
         assert_eq!(old_pid, d.pid);
@@ -735,6 +755,13 @@ fn warm_reboots_of_the_daemon_keep_every_vm_running() {
         );
         before = vm_figures(&d);
     }
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (answered, failed) = prober.join().unwrap();
+    assert!(answered > 0);
+    assert!(
+        failed.is_empty(),
+        "requests during warm reboots failed: {failed:?}"
+    );
     // The table form: each VM's blackout and the phases.
     let out = d.cli(&["reboot", "--mode", "warm"]);
     assert!(
