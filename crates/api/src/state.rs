@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use warmvm_vmm::handover::{self, HandoverError, RebootOptions, RebootReport};
+use warmvm_vmm::handover::{self, RebootOptions, RebootReport};
 use warmvm_vmm::{ConfigError, Host, HostError, Lifecycle, Vm, VmConfig, VmError, VmReport};
 
 use crate::http::{Request, Response, CONTENT_TYPE_METRICS};
@@ -547,10 +547,7 @@ impl ApiState {
                 Ok(handed.report)
             }
             Err(e) => {
-                let status = match e {
-                    HandoverError::Refused(_) | HandoverError::Incompatible(_) => 409,
-                    _ => 500,
-                };
+                let status = if e.is_refusal() { 409 } else { 500 };
                 Err(ApiError::new(
                     status,
                     format!("warm reboot failed; the VMs run on in this daemon: {e}"),

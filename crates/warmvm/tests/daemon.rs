@@ -59,6 +59,11 @@ struct Daemon {
 impl Daemon {
     /// Start a daemon in `dir` and wait for its READY=1.
     fn start(dir: &Path, extra: &[&str]) -> Daemon {
+        Self::start_with_env(dir, extra, &[])
+    }
+
+    /// Start a daemon with extra environment variables.
+    fn start_with_env(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Daemon {
         let socket = dir.join("api.sock");
         let notify_path = dir.join("notify.sock");
         let _ = std::fs::remove_file(&notify_path);
@@ -73,6 +78,7 @@ impl Daemon {
             .args(["--stop-grace-secs", "5"])
             .args(extra)
             .env("NOTIFY_SOCKET", &notify_path)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -800,15 +806,20 @@ fn warm_reboots_of_the_daemon_keep_every_vm_running() {
 }
 
 /// A warm reboot that cannot happen changes nothing: a missing binary is refused with 400
-/// before anything starts; a binary that is not warmvm fails the handover (500), and the VMs
-/// run on in the same daemon.
+/// before anything starts; a binary that is not warmvm fails the handover (500), a new
+/// daemon that refuses the state is a 409; each time the VMs run on in the same daemon.
 #[test]
 fn a_failed_warm_reboot_changes_nothing() {
     if !have_kvm("a_failed_warm_reboot_changes_nothing") {
         return;
     }
     let dir = scratch("rebootfail");
-    let mut d = Daemon::start(&dir, &[]);
+    // Every daemon this one starts refuses the state it is handed (fault injection).
+    let mut d = Daemon::start_with_env(
+        &dir,
+        &[],
+        &[(warmvm_vmm::handover::FAULT_ENV, "refuse-state")],
+    );
     let c = d.client();
     for name in ["f0", "f1"] {
         c.create(&serde_json::from_value(reference_vm(name)).unwrap())
@@ -848,6 +859,10 @@ fn a_failed_warm_reboot_changes_nothing() {
             .contains("run on in this daemon"),
         "{v}"
     );
+    let out = d.cli(&["reboot", "--mode", "warm"]);
+    assert_eq!(out.status.code(), Some(2), "a refusal is a 409");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("refuse-state"), "{err}");
 
     assert_eq!(c.status().unwrap()["pid"], pid, "the same daemon serves");
     assert_eq!(c.status().unwrap()["vms_running"], 2);
