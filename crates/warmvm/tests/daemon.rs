@@ -768,8 +768,17 @@ fn warm_reboots_of_the_daemon_keep_every_vm_running() {
         failed.is_empty(),
         "requests during warm reboots failed: {failed:?}"
     );
-    // The table form: each VM's blackout and the phases.
-    let out = d.cli(&["reboot", "--mode", "warm"]);
+    // The table form: each VM's blackout and the phases. And an upgrade: the new daemon
+    // runs the binary named (a copy here, as a new build would be).
+    let upgrade = dir.join("warmvm-upgrade");
+    std::fs::copy(BIN, &upgrade).unwrap();
+    let out = d.cli(&[
+        "reboot",
+        "--mode",
+        "warm",
+        "--binary",
+        upgrade.to_str().unwrap(),
+    ]);
     assert!(
         out.status.success(),
         "{}",
@@ -787,6 +796,10 @@ fn warm_reboots_of_the_daemon_keep_every_vm_running() {
     }
     let new_pid = d.cli_json(&["status"])["pid"].as_u64().unwrap() as u32;
     d.follow_reboot(new_pid);
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{new_pid}/exe")).unwrap(),
+        upgrade
+    );
 
     for name in &names {
         let r = d.cli_json(&["vm", "stop", name, "--grace-secs", "10"]);
