@@ -17,6 +17,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -166,6 +167,15 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
         .clone()
         .unwrap_or_else(|| state_dir.join(SOCKET_NAME));
 
+    // A new daemon must not die of SIGTERM between taking the VMs over and serving (they
+    // would die with it): note the signal, and stop cleanly once the server runs.
+    let early_stop = Arc::new(AtomicBool::new(false));
+    if opts.takeover_fd.is_some() {
+        for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+            signal_hook::flag::register(sig, early_stop.clone())
+                .map_err(|e| DaemonError::Host(format!("cannot install signal handlers: {e}")))?;
+        }
+    }
     let started = match opts.takeover_fd {
         Some(fd) => take_over(fd, &state_dir, &socket_path, opts.metrics_addr.as_ref())?,
         None => start_fresh(opts, &state_dir, &socket_path)?,
@@ -205,6 +215,10 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
     let stop = server
         .stop_handle()
         .map_err(|e| DaemonError::Host(format!("cannot serve the API: {e}")))?;
+    if early_stop.load(Ordering::SeqCst) {
+        tracing::info!("SIGTERM or SIGINT during start-up");
+        stop.stop();
+    }
     let mut extra_fds = vec![(API_LISTENER_FD.to_string(), server.listener_fd())];
     if let Some(fd) = server.metrics_fd() {
         extra_fds.push((METRICS_LISTENER_FD.to_string(), fd));
