@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::http::{self, ClientResponse};
-use crate::state::StopRequest;
+use crate::state::{RebootRequest, StopRequest, REBOOT_TIMEOUT};
 
 /// How long the client waits for an answer (a stop waits for its grace period on top).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -185,6 +185,27 @@ impl Client {
 
     pub fn delete(&self, name: &str) -> Result<serde_json::Value, ClientError> {
         self.call("DELETE", &vm_path(name, ""), None)
+    }
+
+    /// Warm-reboot the daemon (into `binary`, or its own binary): answers with the
+    /// reboot's report once the new daemon runs every VM.
+    pub fn reboot(
+        &self,
+        mode: &str,
+        binary: Option<&Path>,
+    ) -> Result<serde_json::Value, ClientError> {
+        let body = serde_json::to_vec(&RebootRequest {
+            mode: mode.to_string(),
+            binary: binary.map(Path::to_path_buf),
+        })
+        .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        // The new daemon may take the timeout to prepare, and again to resume the guests.
+        self.clone()
+            .with_timeout(
+                self.timeout
+                    .max(REBOOT_TIMEOUT * 2 + Duration::from_secs(30)),
+            )
+            .call("PUT", "/v1/reboot", Some(&body))
     }
 
     /// The Prometheus text.

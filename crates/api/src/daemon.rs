@@ -4,18 +4,34 @@
 //! take the socket (refusing a live daemon's), create and start the config's VMs, then
 //! listen and tell systemd `READY=1`. SIGTERM or SIGINT: stop taking requests, power every
 //! VM off (each guest gets the grace period, then is forced), remove the socket, exit 0.
+//!
+//! Warm reboot (`PUT /v1/reboot`): the daemon starts a new daemon process with
+//! `--takeover-fd` and hands it every VM, the listening API socket (`api-listener`) and the
+//! metrics listener (`metrics-listener`); see [`warmvm_vmm::handover`]. The new daemon
+//! tells systemd its pid (`MAINPID=`, hence `NotifyAccess=all` in the unit) and serves on
+//! the same socket; the old one answers the request and exits without stopping any VM or
+//! removing the socket. If the new daemon fails, the VMs run on in the old one.
 
+use std::ffi::OsString;
 use std::net::{SocketAddr, TcpListener};
-use std::os::fd::RawFd;
-use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::Duration;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
+use warmvm_vmm::handover;
 use warmvm_vmm::{Config, Host, HostError};
 
 use crate::server::Server;
 use crate::socket::{self, SocketError, SocketFile};
-use crate::state::ApiState;
+use crate::state::{ApiState, RebootSetup, REBOOT_TIMEOUT};
+
+/// The name under which a warm reboot hands the API listener to the new daemon.
+pub const API_LISTENER_FD: &str = "api-listener";
+/// The name under which a warm reboot hands the metrics listener to the new daemon.
+pub const METRICS_LISTENER_FD: &str = "metrics-listener";
 
 /// The socket's file name in the state directory.
 pub const SOCKET_NAME: &str = "warmvm.sock";
@@ -39,6 +55,11 @@ pub struct DaemonOptions {
     pub listen_fd: Option<RawFd>,
     /// What each guest gets to power off when the daemon stops.
     pub stop_grace: Duration,
+    /// Take the VMs over from the daemon that started this one, on this fd (warm reboot).
+    pub takeover_fd: Option<RawFd>,
+    /// Arguments placed before `daemon` when a warm reboot starts the new daemon (the
+    /// global flags, e.g. the log level).
+    pub successor_args: Vec<OsString>,
 }
 
 impl Default for DaemonOptions {
@@ -50,6 +71,8 @@ impl Default for DaemonOptions {
             config: None,
             listen_fd: None,
             stop_grace: Duration::from_secs(crate::state::DEFAULT_STOP_GRACE_SECS),
+            takeover_fd: None,
+            successor_args: Vec::new(),
         }
     }
 }
@@ -91,10 +114,22 @@ pub fn check_metrics_addr(addr: &SocketAddr) -> Result<(), String> {
     }
 }
 
-/// Run the daemon until SIGTERM or SIGINT.
+/// What the daemon serves with: its VMs and its listeners, fresh or taken over.
+struct Started {
+    host: Host,
+    listener: UnixListener,
+    socket_file: Option<SocketFile>,
+    metrics: Option<TcpListener>,
+    /// The pid of the daemon we took over from.
+    took_over_from: Option<u64>,
+}
+
+/// Run the daemon until SIGTERM or SIGINT (or until a warm reboot hands everything over to
+/// a new daemon: then this process exits without returning).
 pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
-    let config = match &opts.config {
-        Some(path) => {
+    // VMs taken over are not created again from the config.
+    let config = match (&opts.config, opts.takeover_fd) {
+        (Some(path), None) => {
             let config =
                 Config::from_toml_file(path).map_err(|e| DaemonError::Input(e.to_string()))?;
             if !config.vms.is_empty() {
@@ -104,7 +139,7 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
             }
             Some(config)
         }
-        None => None,
+        _ => None,
     };
     if let Some(addr) = &opts.metrics_addr {
         check_metrics_addr(addr).map_err(DaemonError::Input)?;
@@ -132,32 +167,32 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
         .clone()
         .unwrap_or_else(|| state_dir.join(SOCKET_NAME));
 
-    let host = Host::open(&state_dir)?;
-    let (listener, socket_file) = match opts.listen_fd {
-        Some(fd) => {
-            let listener = socket::listener_from_fd(fd)?;
-            // An inherited socket's file is ours to remove at exit only if it is where we
-            // were told it is.
-            (listener, SocketFile::adopt(&socket_path).ok())
+    // A new daemon must not die of SIGTERM between taking the VMs over and serving (they
+    // would die with it): note the signal, and stop cleanly once the server runs.
+    let early_stop = Arc::new(AtomicBool::new(false));
+    if opts.takeover_fd.is_some() {
+        for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+            signal_hook::flag::register(sig, early_stop.clone())
+                .map_err(|e| DaemonError::Host(format!("cannot install signal handlers: {e}")))?;
         }
-        None => {
-            let (l, f) = socket::bind(&socket_path)?;
-            (l, Some(f))
-        }
+    }
+    let started = match opts.takeover_fd {
+        Some(fd) => take_over(fd, &state_dir, &socket_path, opts.metrics_addr.as_ref())?,
+        None => start_fresh(opts, &state_dir, &socket_path)?,
     };
-    let metrics =
-        match &opts.metrics_addr {
-            Some(addr) => Some(TcpListener::bind(addr).map_err(|e| {
-                DaemonError::Host(format!("cannot listen for metrics on {addr}: {e}"))
-            })?),
-            None => None,
-        };
+    let Started {
+        host,
+        listener,
+        mut socket_file,
+        metrics,
+        took_over_from,
+    } = started;
     let metrics_url = metrics
         .as_ref()
         .and_then(|l| l.local_addr().ok())
         .map_or_else(|| "-".to_string(), |a| format!("http://{a}/metrics"));
 
-    let state = Arc::new(ApiState::new(host));
+    let state = Arc::new(ApiState::from_shared(Arc::new(Mutex::new(host))));
     if let Some(config) = config.as_ref().filter(|c| !c.vms.is_empty()) {
         let mut host = state.host().lock().unwrap_or_else(|p| p.into_inner());
         host.create_all(config)?;
@@ -177,6 +212,27 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
     server
         .stop_on_signals(&[signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT])
         .map_err(|e| DaemonError::Host(format!("cannot install signal handlers: {e}")))?;
+    let stop = server
+        .stop_handle()
+        .map_err(|e| DaemonError::Host(format!("cannot serve the API: {e}")))?;
+    if early_stop.load(Ordering::SeqCst) {
+        tracing::info!("SIGTERM or SIGINT during start-up");
+        stop.stop();
+    }
+    let mut extra_fds = vec![(API_LISTENER_FD.to_string(), server.listener_fd())];
+    if let Some(fd) = server.metrics_fd() {
+        extra_fds.push((METRICS_LISTENER_FD.to_string(), fd));
+    }
+    state.enable_reboot(RebootSetup {
+        args: successor_args(opts, &socket_path, &state_dir),
+        extra: serde_json::json!({
+            "previous_pid": std::process::id(),
+            "previous_version": env!("CARGO_PKG_VERSION"),
+        }),
+        extra_fds,
+        timeout: REBOOT_TIMEOUT,
+        stop,
+    });
 
     tracing::info!(
         socket = %socket_path.display(),
@@ -187,8 +243,13 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
         "warmvm daemon ready"
     );
     let vm_count = state.vms().len();
+    let how = took_over_from.map_or_else(String::new, |pid| {
+        format!(" (taken over from pid {pid} by a warm reboot)")
+    });
+    // After a warm reboot this process is not the one systemd started: MAINPID tells it
+    // which process the service is now (the unit needs NotifyAccess=all for that).
     if let Err(e) = socket::sd_notify(&format!(
-        "READY=1\nMAINPID={}\nSTATUS=serving {} with {vm_count} VMs",
+        "MAINPID={}\nREADY=1\nSTATUS=serving {} with {vm_count} VMs{how}",
         std::process::id(),
         socket_path.display()
     )) {
@@ -196,6 +257,18 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
     }
 
     let served = server.run();
+    if state.handed_over() {
+        // A warm reboot handed the VMs and the socket to a new daemon. The thread that
+        // answers the reboot request exits the process once its answer is sent; this is
+        // only the fallback should that answer never get out. No VM is stopped and the
+        // socket file stays: both are the new daemon's.
+        if let Some(f) = socket_file.as_mut() {
+            f.keep();
+        }
+        std::thread::sleep(crate::http::IO_TIMEOUT + Duration::from_secs(5));
+        tracing::warn!("the reboot's answer was not sent in time; exiting");
+        std::process::exit(0);
+    }
     let _ = socket::sd_notify("STOPPING=1\nSTATUS=stopping every VM");
     let vms = state.vms().len();
     tracing::info!(
@@ -209,4 +282,158 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
     drop(socket_file);
     tracing::info!("warmvm daemon stopped");
     served.map_err(|e| DaemonError::Host(format!("the API server failed: {e}")))
+}
+
+/// The arguments of the daemon a warm reboot starts: the same settings, resolved, without
+/// the config (its VMs are handed over, not created again).
+fn successor_args(opts: &DaemonOptions, socket: &Path, state_dir: &Path) -> Vec<OsString> {
+    let mut args = opts.successor_args.clone();
+    args.extend([
+        "daemon".into(),
+        "--socket".into(),
+        socket.into(),
+        "--state-dir".into(),
+        state_dir.into(),
+        "--stop-grace-secs".into(),
+        opts.stop_grace.as_secs().to_string().into(),
+    ]);
+    if let Some(addr) = &opts.metrics_addr {
+        args.extend(["--metrics-addr".into(), addr.to_string().into()]);
+    }
+    args
+}
+
+/// A new daemon: open KVM, bind (or inherit) the socket and the metrics port.
+fn start_fresh(
+    opts: &DaemonOptions,
+    state_dir: &Path,
+    socket_path: &Path,
+) -> Result<Started, DaemonError> {
+    let host = Host::open(state_dir)?;
+    let (listener, socket_file) = match opts.listen_fd {
+        Some(fd) => {
+            let listener = socket::listener_from_fd(fd)?;
+            // An inherited socket's file is ours to remove at exit only if it is where we
+            // were told it is.
+            (listener, SocketFile::adopt(socket_path).ok())
+        }
+        None => {
+            let (l, f) = socket::bind(socket_path)?;
+            (l, Some(f))
+        }
+    };
+    let metrics =
+        match &opts.metrics_addr {
+            Some(addr) => Some(TcpListener::bind(addr).map_err(|e| {
+                DaemonError::Host(format!("cannot listen for metrics on {addr}: {e}"))
+            })?),
+            None => None,
+        };
+    Ok(Started {
+        host,
+        listener,
+        socket_file,
+        metrics,
+        took_over_from: None,
+    })
+}
+
+/// How long a new daemon whose API listener did not come with the VMs tries to bind the
+/// socket itself (the old daemon holds it until it exits).
+const REBIND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The new daemon of a warm reboot: take the VMs and the listeners over from the old one.
+/// Fails only before the VMs are ours (the old daemon then resumes them); after that, a
+/// missing listener is bound anew rather than giving up running VMs.
+fn take_over(
+    fd: RawFd,
+    state_dir: &Path,
+    socket_path: &Path,
+    metrics_addr: Option<&SocketAddr>,
+) -> Result<Started, DaemonError> {
+    if fd < 3 {
+        return Err(DaemonError::Input("--takeover-fd must be 3 or more".into()));
+    }
+    // SAFETY: F_GETFD only reads the fd's flags; it fails on an fd that is not open.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(DaemonError::Input(format!(
+            "--takeover-fd {fd}: not an open file descriptor"
+        )));
+    }
+    // SAFETY: the fd is open (checked above), and the old daemon started us with it for
+    // the handover alone: nothing else in this process uses it.
+    let channel = unsafe { OwnedFd::from_raw_fd(fd) };
+    let adopted = handover::take_over(channel, state_dir).map_err(|e| {
+        DaemonError::Host(format!(
+            "taking the VMs over from the old daemon failed: {e}"
+        ))
+    })?;
+    // From here on the VMs run in this process: nothing may make it give up.
+    let took_over_from = adopted.extra.get("previous_pid").and_then(|p| p.as_u64());
+    tracing::info!(
+        vms = adopted.host.vms().len(),
+        previous_pid = took_over_from,
+        previous_version = adopted
+            .extra
+            .get("previous_version")
+            .and_then(|v| v.as_str()),
+        host_blackout_us = adopted.report.host_blackout_us,
+        "took the VMs over by a warm reboot"
+    );
+    let mut api = None;
+    let mut metrics = None;
+    for (name, file) in adopted.extra_fds {
+        match name.as_str() {
+            API_LISTENER_FD => match socket::listener_from_owned(OwnedFd::from(file)) {
+                Ok(l) => api = Some(l),
+                Err(e) => tracing::error!(error = %e, "the API listener handed over is unusable"),
+            },
+            METRICS_LISTENER_FD => {
+                let l = TcpListener::from(OwnedFd::from(file));
+                if l.local_addr().is_ok() {
+                    metrics = Some(l);
+                }
+            }
+            other => tracing::warn!(name = other, "ignoring an unknown fd handed over"),
+        }
+    }
+    // The socket file stays the same across warm reboots: ours to remove at exit.
+    let (listener, socket_file) = match api {
+        Some(l) => (l, SocketFile::adopt(socket_path).ok()),
+        None => {
+            let (l, f) = rebind(socket_path)?;
+            (l, Some(f))
+        }
+    };
+    if metrics.is_none() {
+        if let Some(addr) = metrics_addr {
+            match TcpListener::bind(addr) {
+                Ok(l) => metrics = Some(l),
+                Err(e) => {
+                    tracing::error!(error = %e, %addr, "cannot listen for metrics; serving without")
+                }
+            }
+        }
+    }
+    Ok(Started {
+        host: adopted.host,
+        listener,
+        socket_file,
+        metrics,
+        took_over_from,
+    })
+}
+
+/// Bind the API socket once the old daemon has let go of it.
+fn rebind(socket_path: &Path) -> Result<(UnixListener, SocketFile), DaemonError> {
+    let deadline = Instant::now() + REBIND_TIMEOUT;
+    loop {
+        match socket::bind(socket_path) {
+            Ok(bound) => return Ok(bound),
+            Err(SocketError::Live(_)) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }

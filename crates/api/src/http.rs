@@ -50,6 +50,9 @@ pub struct Response {
     pub body: Vec<u8>,
     /// The `Allow` header of a 405.
     pub allow: Option<String>,
+    /// End this process once the response is sent: a warm reboot handed everything
+    /// (VMs, the API socket) to a new daemon process.
+    pub then_exit: bool,
 }
 
 pub const CONTENT_TYPE_JSON: &str = "application/json";
@@ -67,6 +70,7 @@ impl Response {
                     content_type: CONTENT_TYPE_JSON,
                     body,
                     allow: None,
+                    then_exit: false,
                 }
             }
             Err(e) => Self::error(500, &format!("cannot encode the response: {e}")),
@@ -87,6 +91,7 @@ impl Response {
             content_type: CONTENT_TYPE_JSON,
             body,
             allow: None,
+            then_exit: false,
         }
     }
 
@@ -96,6 +101,7 @@ impl Response {
             content_type,
             body: body.into_bytes(),
             allow: None,
+            then_exit: false,
         }
     }
 

@@ -19,6 +19,7 @@ pub enum Op {
     ResumeVm,
     StopVm,
     DeleteVm,
+    Reboot,
     Metrics,
 }
 
@@ -63,6 +64,11 @@ pub const ROUTES: &[Route] = &[
         method: "PUT",
         path: "/v1/vms/{name}/stop",
         op: Op::StopVm,
+    },
+    Route {
+        method: "PUT",
+        path: "/v1/reboot",
+        op: Op::Reboot,
     },
     Route {
         method: "GET",

@@ -10,7 +10,7 @@ use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use crate::http::{self, ReadError, Response, IO_TIMEOUT};
@@ -89,7 +89,6 @@ pub struct Server {
     state: Arc<ApiState>,
     stop_rx: UnixStream,
     stop_tx: UnixStream,
-    active: Arc<AtomicUsize>,
 }
 
 impl Server {
@@ -105,7 +104,6 @@ impl Server {
             state,
             stop_rx,
             stop_tx,
-            active: Arc::new(AtomicUsize::new(0)),
         })
     }
 
@@ -114,6 +112,16 @@ impl Server {
         listener.set_nonblocking(true)?;
         self.metrics = Some(listener);
         Ok(self)
+    }
+
+    /// The listening API socket's fd (to hand it to a new daemon; it stays ours).
+    pub fn listener_fd(&self) -> RawFd {
+        self.api.as_raw_fd()
+    }
+
+    /// The metrics listener's fd, if any (to hand it to a new daemon; it stays ours).
+    pub fn metrics_fd(&self) -> Option<RawFd> {
+        self.metrics.as_ref().map(|l| l.as_raw_fd())
     }
 
     pub fn state(&self) -> &Arc<ApiState> {
@@ -137,13 +145,25 @@ impl Server {
     pub fn run(&self) -> io::Result<()> {
         let no_fd: RawFd = -1;
         loop {
+            // During a warm reboot, connections (API and metrics) wait in the backlog: for
+            // the new daemon if the reboot succeeds, for this one again (checked every few
+            // ms) if it fails.
+            let rebooting = self.state.rebooting();
             let mut fds = [
                 pollfd(self.stop_rx.as_raw_fd()),
-                pollfd(self.api.as_raw_fd()),
-                pollfd(self.metrics.as_ref().map_or(no_fd, |l| l.as_raw_fd())),
+                pollfd(if rebooting {
+                    no_fd
+                } else {
+                    self.api.as_raw_fd()
+                }),
+                pollfd(match &self.metrics {
+                    Some(l) if !rebooting => l.as_raw_fd(),
+                    _ => no_fd,
+                }),
             ];
+            let timeout = if rebooting { 5 } else { -1 };
             // SAFETY: `fds` is a valid array of pollfd for the duration of the call.
-            let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+            let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
             if rc < 0 {
                 let e = io::Error::last_os_error();
                 if e.kind() == io::ErrorKind::Interrupted {
@@ -156,10 +176,10 @@ impl Server {
                 while matches!((&self.stop_rx).read(&mut buf), Ok(n) if n > 0) {}
                 return Ok(());
             }
-            if fds[1].revents != 0 {
+            if fds[1].revents != 0 && !self.state.rebooting() {
                 self.accept_all(|| self.api.accept().map(|(s, _)| Conn::Unix(s)), false)?;
             }
-            if fds[2].revents != 0 {
+            if fds[2].revents != 0 && !self.state.rebooting() {
                 if let Some(l) = &self.metrics {
                     self.accept_all(|| l.accept().map(|(s, _)| Conn::Tcp(s)), true)?;
                 }
@@ -173,6 +193,10 @@ impl Server {
         metrics_only: bool,
     ) -> io::Result<()> {
         loop {
+            // A warm reboot has begun: leave the rest in the backlog.
+            if self.state.rebooting() {
+                return Ok(());
+            }
             let conn = match accept() {
                 Ok(c) => c,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
@@ -189,23 +213,23 @@ impl Server {
     }
 
     fn spawn(&self, mut conn: Conn, metrics_only: bool) {
-        if self.active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
-            self.active.fetch_sub(1, Ordering::SeqCst);
+        let active = &self.state.connections;
+        if active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+            active.fetch_sub(1, Ordering::SeqCst);
             let _ = conn.prepare();
             let _ = Response::error(503, "too many connections; try again").write_to(&mut conn);
             return;
         }
         let state = self.state.clone();
-        let active = self.active.clone();
         let spawned = std::thread::Builder::new()
             .name("warmvm-api".into())
             .stack_size(512 << 10)
             .spawn(move || {
                 serve_connection(conn, &state, metrics_only);
-                active.fetch_sub(1, Ordering::SeqCst);
+                state.connections.fetch_sub(1, Ordering::SeqCst);
             });
         if let Err(e) = spawned {
-            self.active.fetch_sub(1, Ordering::SeqCst);
+            active.fetch_sub(1, Ordering::SeqCst);
             tracing::warn!(error = %e, "cannot start a connection thread");
         }
     }
@@ -237,6 +261,14 @@ fn serve_connection(mut conn: Conn, state: &ApiState, metrics_only: bool) {
             tracing::debug!(status = response.status, "answered");
             if let Err(e) = response.write_to(&mut conn) {
                 tracing::debug!(error = %e, "cannot send the response");
+            }
+            if response.then_exit {
+                // A warm reboot handed everything over: the VMs, the socket and the rest of
+                // the work are the new daemon's. Exit without running any destructor (the
+                // VMs must not be stopped, the socket file not removed).
+                conn.shutdown_write();
+                tracing::info!("handed over; exiting");
+                std::process::exit(0);
             }
         }
         Err(ReadError::Reject { response, drain }) => {

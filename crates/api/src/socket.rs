@@ -190,6 +190,20 @@ pub fn listener_from_fd(fd: RawFd) -> Result<UnixListener, SocketError> {
     Ok(listener)
 }
 
+/// Adopt a listening Unix socket received as an owned fd (a warm reboot's `api-listener`).
+pub fn listener_from_owned(fd: std::os::fd::OwnedFd) -> Result<UnixListener, SocketError> {
+    let raw = fd.as_raw_fd();
+    let ok = sockopt(raw, libc::SO_DOMAIN).ok() == Some(libc::AF_UNIX)
+        && sockopt(raw, libc::SO_TYPE).ok() == Some(libc::SOCK_STREAM)
+        && sockopt(raw, libc::SO_ACCEPTCONN).ok() == Some(1);
+    if !ok {
+        return Err(SocketError::BadFd { fd: raw });
+    }
+    // SAFETY: fcntl on an fd we own.
+    unsafe { libc::fcntl(raw, libc::F_SETFD, libc::FD_CLOEXEC) };
+    Ok(UnixListener::from(fd))
+}
+
 /// Tell systemd (or whatever set `NOTIFY_SOCKET`) about our state, e.g. `READY=1`.
 /// Returns false when nobody listens for it.
 pub fn sd_notify(state: &str) -> io::Result<bool> {

@@ -6,13 +6,20 @@
 //!
 //! Locking rule: the Host lock is held only to look VMs up, create them, and remove them;
 //! never while a VM pauses or stops (those wait for vCPU threads): handlers clone the
-//! `Arc<Vm>` and drop the lock first.
+//! `Arc<Vm>` and drop the lock first. A warm reboot is the exception: it holds the Host lock
+//! throughout, and first takes the operations gate for writing, so that it waits for every
+//! pause, resume or stop under way (and none starts meanwhile); those take it for reading.
+//! Order: the gate, then the Host lock.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::ffi::OsString;
+use std::os::fd::RawFd;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+use warmvm_vmm::handover::{self, RebootOptions, RebootReport};
 use warmvm_vmm::{ConfigError, Host, HostError, Lifecycle, Vm, VmConfig, VmError, VmReport};
 
 use crate::http::{Request, Response, CONTENT_TYPE_METRICS};
@@ -107,11 +114,54 @@ pub struct StopRequest {
     pub grace_secs: Option<u64>,
 }
 
+/// The body of `PUT /v1/reboot`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RebootRequest {
+    /// Only `warm`: every VM is handed to a new daemon process without stopping.
+    pub mode: String,
+    /// The new daemon's binary (absolute path); default: this daemon's own binary.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub binary: Option<PathBuf>,
+}
+
+/// How long a warm reboot waits for VM operations under way before it gives up (409).
+const GATE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a new daemon may take to prepare, and then to resume the guests.
+pub const REBOOT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What a warm reboot needs from the daemon around the API state: how to start the new
+/// daemon, the fds it inherits, and how to stop this daemon's server loop.
+pub struct RebootSetup {
+    /// The new daemon's arguments (`--takeover-fd` is added by the handover).
+    pub args: Vec<OsString>,
+    /// Opaque settings for the new daemon.
+    pub extra: serde_json::Value,
+    /// Named fds for the new daemon: at least `api-listener`.
+    pub extra_fds: Vec<(String, RawFd)>,
+    /// How long the new daemon may take to prepare, and then to resume the guests.
+    pub timeout: Duration,
+    /// Stops this daemon's server loop once the VMs are handed over.
+    pub stop: crate::server::StopHandle,
+}
+
 /// The daemon's shared state: the Host and the daemon's own figures.
 pub struct ApiState {
     host: Arc<Mutex<Host>>,
     started: Instant,
     shutting_down: AtomicBool,
+    reboot: OnceLock<RebootSetup>,
+    /// A warm reboot is under way: the server accepts no connections meanwhile (they wait
+    /// in the listen backlog, for this daemon or the new one).
+    rebooting: AtomicBool,
+    /// The VMs and the API socket belong to a new daemon process now.
+    handed_over: AtomicBool,
+    /// Connections being served (counted from their accept; the server keeps it).
+    pub(crate) connections: AtomicUsize,
+    /// Pause, resume and stop hold it for reading while they act on a VM without the Host
+    /// lock; a warm reboot holds it for writing.
+    ops: RwLock<()>,
 }
 
 impl ApiState {
@@ -125,7 +175,40 @@ impl ApiState {
             host,
             started: Instant::now(),
             shutting_down: AtomicBool::new(false),
+            reboot: OnceLock::new(),
+            rebooting: AtomicBool::new(false),
+            handed_over: AtomicBool::new(false),
+            ops: RwLock::new(()),
+            connections: AtomicUsize::new(0),
         }
+    }
+
+    /// Enter a pause, resume or stop (see the locking rule above).
+    fn op_gate(&self) -> Result<RwLockReadGuard<'_, ()>, ApiError> {
+        let gate = self.ops.read().unwrap_or_else(|p| p.into_inner());
+        if self.handed_over() {
+            return Err(ApiError::new(
+                503,
+                "this daemon has handed its VMs over to a new daemon process; retry",
+            ));
+        }
+        Ok(gate)
+    }
+
+    /// Make `PUT /v1/reboot` available (the daemon calls this once its server exists).
+    pub fn enable_reboot(&self, setup: RebootSetup) {
+        let _ = self.reboot.set(setup);
+    }
+
+    /// True while a warm reboot is under way.
+    pub fn rebooting(&self) -> bool {
+        self.rebooting.load(Ordering::SeqCst)
+    }
+
+    /// True once a warm reboot handed every VM to a new daemon: this one must not touch
+    /// them again, nor stop them, nor remove the socket, and should exit.
+    pub fn handed_over(&self) -> bool {
+        self.handed_over.load(Ordering::SeqCst)
     }
 
     pub fn host(&self) -> &Arc<Mutex<Host>> {
@@ -176,6 +259,12 @@ impl ApiState {
                 return Response::error(404, &format!("no such path: {}", req.path))
             }
         };
+        if self.handed_over() {
+            return Response::error(
+                503,
+                "this daemon has handed its VMs over to a new daemon process; retry",
+            );
+        }
         let name = name.unwrap_or_default();
         let result = match op {
             Op::Status => Ok(Response::json(200, &self.status())),
@@ -186,6 +275,11 @@ impl ApiState {
             Op::ResumeVm => self.resume(name).map(|r| Response::json(200, &r)),
             Op::StopVm => self.stop(name, &req.body).map(|r| Response::json(200, &r)),
             Op::DeleteVm => self.delete(name).map(|r| Response::json(200, &r)),
+            Op::Reboot => self.reboot(&req.body).map(|r| {
+                let mut resp = Response::json(200, &r);
+                resp.then_exit = true;
+                resp
+            }),
             Op::Metrics => Ok(Response::text(
                 200,
                 CONTENT_TYPE_METRICS,
@@ -274,6 +368,7 @@ impl ApiState {
     }
 
     pub fn pause(&self, name: &str) -> Result<VmReport, ApiError> {
+        let _gate = self.op_gate()?;
         let vm = self.find(name)?;
         vm.pause()
             .map_err(|e| ApiError::new(vm_error_status(&e, false), e.to_string()))?;
@@ -282,6 +377,7 @@ impl ApiState {
     }
 
     pub fn resume(&self, name: &str) -> Result<VmReport, ApiError> {
+        let _gate = self.op_gate()?;
         let vm = self.find(name)?;
         vm.resume()
             .map_err(|e| ApiError::new(vm_error_status(&e, false), e.to_string()))?;
@@ -304,6 +400,7 @@ impl ApiState {
                 format!("grace_secs must be at most {MAX_STOP_GRACE_SECS}"),
             ));
         }
+        let _gate = self.op_gate()?;
         let vm = self.find(name)?;
         let state = vm.lifecycle();
         if state.is_finished() {
@@ -341,6 +438,124 @@ impl ApiState {
         Ok(report)
     }
 
+    /// Check a reboot request: mode `warm`, and a binary that is an executable file.
+    pub fn parse_reboot(body: &[u8]) -> Result<(RebootRequest, PathBuf), ApiError> {
+        if body.iter().all(u8::is_ascii_whitespace) {
+            return Err(ApiError::new(
+                400,
+                r#"the request body must be JSON, e.g. {"mode": "warm"}"#,
+            ));
+        }
+        let req: RebootRequest = serde_json::from_slice(body)
+            .map_err(|e| ApiError::new(400, format!("invalid reboot request: {e}")))?;
+        if req.mode != "warm" {
+            return Err(ApiError::new(
+                400,
+                format!(
+                    "reboot mode {:?} is not supported: the only mode is \"warm\"",
+                    req.mode
+                ),
+            ));
+        }
+        let binary = match &req.binary {
+            Some(b) => {
+                check_binary(b)
+                    .map_err(|why| ApiError::new(400, format!("binary {}: {why}", b.display())))?;
+                b.clone()
+            }
+            None => std::env::current_exe().map_err(|e| {
+                ApiError::new(500, format!("cannot find this daemon's binary: {e}"))
+            })?,
+        };
+        Ok((req, binary))
+    }
+
+    /// Warm reboot: hand every VM to a new daemon process (see
+    /// [`warmvm_vmm::handover`]). On success this daemon's server is stopped, the Host lock
+    /// stays taken for good (nothing here may touch the handed-over VMs again) and the
+    /// caller must exit once the answer is sent. On failure the VMs run on here.
+    pub fn reboot(&self, body: &[u8]) -> Result<RebootReport, ApiError> {
+        let (_req, binary) = Self::parse_reboot(body)?;
+        let setup = self.reboot.get().ok_or_else(|| {
+            ApiError::new(
+                409,
+                "this daemon cannot warm-reboot (it was started without a server)",
+            )
+        })?;
+        // From here on the server accepts no connection: they wait in the backlog for the
+        // new daemon (or for this one, if the reboot fails).
+        struct Done<'a>(&'a AtomicBool);
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::SeqCst);
+            }
+        }
+        if self.rebooting.swap(true, Ordering::SeqCst) {
+            return Err(ApiError::new(409, "a warm reboot is already under way"));
+        }
+        let done = Done(&self.rebooting);
+        // Let the requests under way (ours aside) finish, so that none is left waiting for
+        // the Host lock when this process exits; at most GATE_TIMEOUT.
+        let deadline = Instant::now() + GATE_TIMEOUT;
+        while self.connections.load(Ordering::SeqCst) > 1 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        // Wait (briefly) for every pause, resume or stop under way; none starts until we
+        // are done.
+        let gate = loop {
+            match self.ops.try_write() {
+                Ok(g) => break g,
+                Err(std::sync::TryLockError::Poisoned(p)) => break p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(std::sync::TryLockError::WouldBlock) => return Err(ApiError::new(
+                    409,
+                    "a VM operation (e.g. a stop) is under way; retry the reboot when it is done",
+                )),
+            }
+        };
+        let host = self.lock();
+        if self.shutting_down.load(Ordering::SeqCst) {
+            return Err(ApiError::new(503, "the daemon is shutting down"));
+        }
+        let opts = RebootOptions {
+            binary: binary.clone(),
+            args: setup.args.clone(),
+            timeout: setup.timeout,
+            extra: setup.extra.clone(),
+            extra_fds: setup.extra_fds.clone(),
+            env: Vec::new(),
+        };
+        tracing::info!(binary = %binary.display(), vms = host.vms().len(), "warm reboot");
+        match handover::warm_reboot(&host, &opts) {
+            Ok(handed) => {
+                self.handed_over.store(true, Ordering::SeqCst);
+                setup.stop.stop();
+                tracing::info!(
+                    new_pid = handed.report.new_pid,
+                    host_blackout_us = handed.report.host_blackout_us,
+                    "warm reboot done: the new daemon runs every VM; this one exits"
+                );
+                // The new daemon is not waited for: it outlives us.
+                drop(handed.child);
+                // Keep the Host locked until the process exits, so that no request still
+                // in flight here can reach the handed-over VMs.
+                std::mem::forget(host);
+                std::mem::forget(gate);
+                std::mem::forget(done);
+                Ok(handed.report)
+            }
+            Err(e) => {
+                let status = if e.is_refusal() { 409 } else { 500 };
+                Err(ApiError::new(
+                    status,
+                    format!("warm reboot failed; the VMs run on in this daemon: {e}"),
+                ))
+            }
+        }
+    }
+
     /// Stop every VM (each gets `grace` to power off) and refuse new ones from now on.
     pub fn shutdown(&self, grace: Duration) {
         let vms = {
@@ -360,6 +575,22 @@ impl ApiState {
             }
         });
     }
+}
+
+/// Why `path` cannot be the new daemon's binary, if it cannot.
+fn check_binary(path: &std::path::Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    if !path.is_absolute() {
+        return Err("must be an absolute path".into());
+    }
+    let meta = std::fs::metadata(path).map_err(|e| e.to_string())?;
+    if !meta.is_file() {
+        return Err("not a regular file".into());
+    }
+    if meta.permissions().mode() & 0o111 == 0 {
+        return Err("not executable".into());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -393,6 +624,33 @@ mod tests {
             }),
             500
         );
+    }
+
+    #[test]
+    fn reboot_requests_are_checked() {
+        let status = |body: &str| {
+            ApiState::parse_reboot(body.as_bytes())
+                .err()
+                .map(|e| e.status)
+        };
+        assert_eq!(status(r#"{"mode": "warm"}"#), None);
+        assert_eq!(status(r#"{"mode": "warm", "binary": "/bin/sh"}"#), None);
+        assert_eq!(status(""), Some(400));
+        assert_eq!(status("{}"), Some(400));
+        assert_eq!(status(r#"{"mode": "warm", "bogus": 1}"#), Some(400));
+        assert_eq!(status(r#"{"mode": "cold"}"#), Some(400));
+        assert_eq!(
+            status(r#"{"mode": "warm", "binary": "/nonexistent"}"#),
+            Some(400)
+        );
+        assert_eq!(status(r#"{"mode": "warm", "binary": "/etc"}"#), Some(400));
+        assert_eq!(
+            status(r#"{"mode": "warm", "binary": "/etc/passwd"}"#),
+            Some(400)
+        );
+        assert_eq!(status(r#"{"mode": "warm", "binary": "sh"}"#), Some(400));
+        let e = ApiState::parse_reboot(br#"{"mode": "cold"}"#).unwrap_err();
+        assert!(e.message.contains("only mode is \"warm\""), "{}", e.message);
     }
 
     #[test]

@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use serde_json::{json, Value};
 use warmvm_api::routes::ROUTES;
 use warmvm_api::schema::validate;
-use warmvm_api::state::{DaemonStatus, StopRequest};
+use warmvm_api::state::{DaemonStatus, RebootRequest, StopRequest};
+use warmvm_vmm::handover::{PhaseTimes, RebootReport, VmBlackout};
 use warmvm_vmm::status::{GuestFigures, GuestVcpuFigures};
 use warmvm_vmm::{Lifecycle, VcpuStats, VmConfig, VmReport};
 
@@ -160,6 +161,28 @@ fn reports_in_every_state_match_the_schema() {
         },
     );
     check(&doc, "Error", &json!({ "error": "no VM named x" }));
+    check(
+        &doc,
+        "RebootReport",
+        &RebootReport {
+            new_pid: 7,
+            host_blackout_us: 900,
+            phases: PhaseTimes {
+                stage_us: 1,
+                quiesce_us: 2,
+                capture_us: 3,
+                transfer_us: 4,
+                restore_us: 5,
+                resume_us: 6,
+            },
+            vms: vec![VmBlackout {
+                name: "vm0".into(),
+                blackout_us: 800,
+            }],
+            state_bytes: 20000,
+        },
+    );
+    check(&doc, "RebootReport", &RebootReport::default());
     // A report with a field the document does not know fails.
     let mut extra = serde_json::to_value(report(Lifecycle::Running, None)).unwrap();
     extra["surprise"] = json!(1);
@@ -201,4 +224,18 @@ fn request_schemas_match_what_the_server_accepts() {
         },
     );
     check(&doc, "StopRequest", &StopRequest::default());
+    let full = RebootRequest {
+        mode: "warm".into(),
+        binary: Some("/usr/local/bin/warmvm".into()),
+    };
+    check(&doc, "RebootRequest", &full);
+    let documented = doc["components"]["schemas"]["RebootRequest"]["properties"]
+        .as_object()
+        .unwrap();
+    let serialized = serde_json::to_value(&full).unwrap();
+    assert_eq!(documented.len(), serialized.as_object().unwrap().len());
+    for key in documented.keys() {
+        assert!(serialized.get(key).is_some(), "RebootRequest lacks {key}");
+    }
+    assert!(validate(&doc, &schema("RebootRequest"), &json!({ "mode": "cold" })).is_err());
 }

@@ -155,6 +155,22 @@ pub enum Command {
         /// (for a warm reboot's handover).
         #[arg(long, hide = true)]
         listen_fd: Option<i32>,
+        /// (internal) Take the VMs over from the daemon that started this one, on this fd.
+        #[arg(long, hide = true)]
+        takeover_fd: Option<i32>,
+    },
+    /// Warm-reboot the daemon: a new daemon process (the same binary, or --binary to
+    /// upgrade) takes over every VM without stopping it, and serves on the same socket.
+    /// Prints each VM's blackout and the time of each phase.
+    Reboot {
+        /// How to reboot: `warm` (the VMs keep running, suspended only briefly).
+        #[arg(long, value_enum)]
+        mode: RebootMode,
+        /// The new daemon's binary [default: the running daemon's own].
+        #[arg(long)]
+        binary: Option<PathBuf>,
+        #[command(flatten)]
+        api: ApiArgs,
     },
     /// Manage the daemon's VMs through its API.
     #[command(subcommand)]
@@ -164,6 +180,12 @@ pub enum Command {
         #[command(flatten)]
         api: ApiArgs,
     },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum RebootMode {
+    /// Hand every VM to a new daemon process, suspended on memory only briefly.
+    Warm,
 }
 
 /// How the CLI reaches the daemon.
@@ -286,7 +308,22 @@ pub fn init_logging(cli: &Cli) {
     }
 }
 
+/// The global flags again, for a daemon started by a warm reboot.
+fn global_args(cli: &Cli) -> Vec<std::ffi::OsString> {
+    let mut args: Vec<std::ffi::OsString> = Vec::new();
+    if let Some(level) = &cli.log_level {
+        args.extend(["--log-level".into(), level.into()]);
+    }
+    let format = match cli.log_format {
+        LogFormat::Human => "human",
+        LogFormat::Json => "json",
+    };
+    args.extend(["--log-format".into(), format.into()]);
+    args
+}
+
 pub fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
+    let successor_args = global_args(&cli);
     match cli.command {
         Command::Run {
             config,
@@ -354,6 +391,7 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
             config,
             stop_grace_secs,
             listen_fd,
+            takeover_fd,
         } => crate::client::daemon(warmvm_api::DaemonOptions {
             socket,
             state_dir,
@@ -361,7 +399,10 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
             config,
             listen_fd,
             stop_grace: std::time::Duration::from_secs(stop_grace_secs),
+            takeover_fd,
+            successor_args,
         }),
+        Command::Reboot { mode, binary, api } => crate::client::reboot(mode, binary, &api),
         Command::Vm(cmd) => crate::client::vm(cmd),
         Command::Status { api } => crate::client::status(&api),
     }

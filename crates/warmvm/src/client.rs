@@ -8,7 +8,7 @@ use serde_json::Value;
 use warmvm_api::{Client, ClientError, DaemonError, DaemonOptions};
 use warmvm_vmm::{Config, VmConfig};
 
-use crate::cli::{ApiArgs, Failure, VmCommand, EXIT_BAD_INPUT, EXIT_HOST};
+use crate::cli::{ApiArgs, Failure, RebootMode, VmCommand, EXIT_BAD_INPUT, EXIT_HOST};
 use crate::output;
 
 pub fn daemon(opts: DaemonOptions) -> Result<ExitCode, Failure> {
@@ -57,6 +57,36 @@ pub fn status(api: &ApiArgs) -> Result<ExitCode, Failure> {
         );
         println!("socket: {}", c.socket().display());
         println!("state directory: {}", text(&s["state_dir"]));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `warmvm reboot`: ask the daemon for a warm reboot and print its report.
+pub fn reboot(
+    mode: RebootMode,
+    binary: Option<std::path::PathBuf>,
+    api: &ApiArgs,
+) -> Result<ExitCode, Failure> {
+    let mode = match mode {
+        RebootMode::Warm => "warm",
+    };
+    // The daemon runs elsewhere: a relative path means nothing to it.
+    let binary =
+        match binary {
+            Some(b) if b.is_relative() => Some(std::path::absolute(&b).map_err(|e| {
+                Failure::new(EXIT_BAD_INPUT, format!("--binary {}: {e}", b.display()))
+            })?),
+            other => other,
+        };
+    let r = client(api).reboot(mode, binary.as_deref())?;
+    if api.json {
+        output::print_json(&r);
+    } else {
+        let report: warmvm_vmm::handover::RebootReport =
+            serde_json::from_value(r).map_err(|e| {
+                Failure::new(EXIT_HOST, format!("the daemon's report is malformed: {e}"))
+            })?;
+        output::print_reboot_report(&report);
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -45,16 +45,25 @@ fn scratch(tag: &str) -> PathBuf {
     dir
 }
 
-/// A daemon process; killed and reaped however the test ends.
+/// A daemon process; killed and reaped however the test ends. After a warm reboot the
+/// daemon is another process, not our child: `pid` follows it.
 struct Daemon {
     child: Option<Child>,
+    pid: u32,
     dir: PathBuf,
     socket: PathBuf,
+    /// Where the daemon (and each daemon a warm reboot starts) sends sd_notify messages.
+    notify: UnixDatagram,
 }
 
 impl Daemon {
     /// Start a daemon in `dir` and wait for its READY=1.
     fn start(dir: &Path, extra: &[&str]) -> Daemon {
+        Self::start_with_env(dir, extra, &[])
+    }
+
+    /// Start a daemon with extra environment variables.
+    fn start_with_env(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Daemon {
         let socket = dir.join("api.sock");
         let notify_path = dir.join("notify.sock");
         let _ = std::fs::remove_file(&notify_path);
@@ -69,26 +78,87 @@ impl Daemon {
             .args(["--stop-grace-secs", "5"])
             .args(extra)
             .env("NOTIFY_SOCKET", &notify_path)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .unwrap();
         let mut d = Daemon {
+            pid: child.id(),
             child: Some(child),
             dir: dir.to_path_buf(),
             socket,
+            notify,
         };
-        let mut buf = [0u8; 512];
-        match notify.recv(&mut buf) {
-            Ok(n) => {
-                let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
-                assert!(msg.lines().any(|l| l == "READY=1"), "{msg}");
-            }
-            Err(e) => panic!("no READY=1 from the daemon: {e}\n{}", d.log()),
-        }
+        let msg = d.next_notification();
+        assert!(msg.lines().any(|l| l == "READY=1"), "{msg}");
         assert!(d.child.as_mut().unwrap().try_wait().unwrap().is_none());
         d
+    }
+
+    /// The next sd_notify message a daemon sent.
+    fn next_notification(&self) -> String {
+        let mut buf = [0u8; 512];
+        match self.notify.recv(&mut buf) {
+            Ok(n) => String::from_utf8_lossy(&buf[..n]).into_owned(),
+            Err(e) => panic!("no notification from the daemon: {e}\n{}", self.log()),
+        }
+    }
+
+    /// After a warm reboot to `new_pid`: the new daemon told systemd its pid and that it is
+    /// ready, and the old one exited 0 (reaped here if it was our child).
+    fn follow_reboot(&mut self, new_pid: u32) {
+        assert_ne!(new_pid, self.pid, "a warm reboot starts a new process");
+        let msg = self.next_notification();
+        assert!(
+            msg.lines().any(|l| l == format!("MAINPID={new_pid}")),
+            "{msg}"
+        );
+        assert!(msg.lines().any(|l| l == "READY=1"), "{msg}");
+        if let Some(mut child) = self.child.take() {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                if let Some(status) = child.try_wait().unwrap() {
+                    assert_eq!(status.code(), Some(0), "the old daemon\n{}", self.log());
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the old daemon did not exit after the warm reboot\n{}",
+                    self.log()
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        } else {
+            assert!(
+                wait_until(30, || !pid_alive(self.pid)),
+                "the old daemon {} did not exit after the warm reboot\n{}",
+                self.pid,
+                self.log()
+            );
+        }
+        self.pid = new_pid;
+    }
+
+    /// SIGTERM a daemon that is not our child (one a warm reboot started), then wait until
+    /// its socket stops answering and the process is gone.
+    fn terminate_adopted(&mut self) {
+        assert!(self.child.is_none());
+        // SAFETY: kill has no memory effects; the pid is the daemon's, read from its API.
+        unsafe { libc::kill(self.pid as i32, libc::SIGTERM) };
+        let answers = || std::os::unix::net::UnixStream::connect(&self.socket).is_ok();
+        assert!(
+            wait_until(60, || !answers()),
+            "the daemon did not stop on SIGTERM\n{}",
+            self.log()
+        );
+        assert!(
+            wait_until(30, || !pid_alive(self.pid)),
+            "the daemon {} is still alive\n{}",
+            self.pid,
+            self.log()
+        );
     }
 
     fn log(&self) -> String {
@@ -148,10 +218,25 @@ impl Drop for Daemon {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+        } else if pid_alive(self.pid) {
+            // A daemon a warm reboot started (not our child).
+            // SAFETY: kill has no memory effects; the pid is the daemon's.
+            unsafe { libc::kill(self.pid as i32, libc::SIGKILL) };
         }
         if !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
+    }
+}
+
+/// True while `pid` is a live process (not gone, not a zombie waiting to be reaped).
+fn pid_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which is in parentheses.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X'])),
+        Err(_) => false,
     }
 }
 
@@ -293,7 +378,7 @@ fn live_daemon_matches_the_openapi_document() {
     )
     .unwrap();
     let dir = scratch("openapi");
-    let d = Daemon::start(&dir, &[]);
+    let mut d = Daemon::start(&dir, &[]);
     let c = d.client();
 
     let schema_of = |path: &str, method: &str, status: u16| -> Option<Value> {
@@ -352,9 +437,18 @@ fn live_daemon_matches_the_openapi_document() {
     ops.sort_by_key(order);
     for (path, method) in &ops {
         let actual = path.replace("{name}", "api0");
-        let body = (method == "post").then_some(reference_vm("api1").to_string());
+        let body = match (method.as_str(), path.as_str()) {
+            ("post", _) => Some(reference_vm("api1").to_string()),
+            // A real warm reboot: the daemon that answers from then on is a new process.
+            (_, "/v1/reboot") => Some(json!({ "mode": "warm" }).to_string()),
+            _ => None,
+        };
         let status = check(path, method, &actual, body.as_deref().map(str::as_bytes));
         assert!(status < 300, "{method} {actual}: {status}");
+        if path == "/v1/reboot" {
+            let new_pid = c.status().unwrap()["pid"].as_u64().unwrap() as u32;
+            d.follow_reboot(new_pid);
+        }
     }
     // Errors match the documented error schema too.
     assert_eq!(check("/v1/vms/{name}", "get", "/v1/vms/nope", None), 404);
@@ -363,6 +457,16 @@ fn live_daemon_matches_the_openapi_document() {
         409
     );
     assert_eq!(check("/v1/vms", "post", "/v1/vms", Some(b"{")), 400);
+    assert_eq!(
+        check(
+            "/v1/reboot",
+            "put",
+            "/v1/reboot",
+            Some(br#"{"mode": "warm", "binary": "/nonexistent"}"#)
+        ),
+        400
+    );
+    d.terminate_adopted();
 }
 
 /// Each malformed or invalid request gets the right 4xx with a JSON error, and changes
@@ -472,6 +576,35 @@ fn malformed_requests_get_4xx_and_change_nothing() {
             Some(br#"{"grace_secs": 99999}"#),
             400,
         ),
+        ("reboot with no body", "PUT", "/v1/reboot", None, 400),
+        (
+            "reboot in another mode",
+            "PUT",
+            "/v1/reboot",
+            Some(br#"{"mode": "cold"}"#),
+            400,
+        ),
+        (
+            "reboot with an unknown field",
+            "PUT",
+            "/v1/reboot",
+            Some(br#"{"mode": "warm", "force": true}"#),
+            400,
+        ),
+        (
+            "reboot into a directory",
+            "PUT",
+            "/v1/reboot",
+            Some(br#"{"mode": "warm", "binary": "/tmp"}"#),
+            400,
+        ),
+        (
+            "reboot into a file that is not executable",
+            "PUT",
+            "/v1/reboot",
+            Some(br#"{"mode": "warm", "binary": "/etc/passwd"}"#),
+            400,
+        ),
         ("wrong method", "PATCH", "/v1/vms", None, 405),
         ("wrong method on a VM", "POST", "/v1/vms/m0", None, 405),
         ("unknown path", "GET", "/v1/nothing", None, 404),
@@ -526,6 +659,235 @@ fn malformed_requests_get_4xx_and_change_nothing() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("cannot resume"), "{err}");
+}
+
+/// Each VM's name, state, integrity counter and mismatches, from `warmvm vm list --json`.
+fn vm_figures(d: &Daemon) -> Vec<(String, String, u64, u64)> {
+    d.cli_json(&["vm", "list"])["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| {
+            (
+                v["name"].as_str().unwrap().to_string(),
+                v["state"].as_str().unwrap().to_string(),
+                counter(v),
+                v["guest"]["mismatches"].as_u64().unwrap_or(u64::MAX),
+            )
+        })
+        .collect()
+}
+
+/// `warmvm reboot --mode warm`, twice: each time a new daemon process (a new pid) runs all 4
+/// VMs on, their integrity counters never go back and keep growing, and no guest sees a
+/// mismatch. The last daemon, not our child, stops on SIGTERM and removes the socket.
+#[test]
+fn warm_reboots_of_the_daemon_keep_every_vm_running() {
+    if !have_kvm("warm_reboots_of_the_daemon_keep_every_vm_running") {
+        return;
+    }
+    let dir = scratch("reboot");
+    let mut d = Daemon::start(&dir, &[]);
+    let names: Vec<String> = (0..4).map(|i| format!("vm{i}")).collect();
+    for name in &names {
+        let file = dir.join(format!("{name}.json"));
+        std::fs::write(&file, reference_vm(name).to_string()).unwrap();
+        d.cli_json(&["vm", "create", file.to_str().unwrap()]);
+    }
+    assert!(
+        wait_until(60, || vm_figures(&d).iter().all(|v| v.2 > 0)),
+        "the guests never reported progress"
+    );
+    let mut before = vm_figures(&d);
+    // Requests sent meanwhile wait for whichever daemon serves next: every one is answered.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let prober = {
+        let (c, done) = (d.client(), done.clone());
+        std::thread::spawn(move || {
+            let (mut answered, mut failed) = (0u32, Vec::new());
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                match c.raw("GET", "/v1/vms", None) {
+                    Ok(r) if r.status == 200 => answered += 1,
+                    Ok(r) => failed.push(format!(
+                        "{}: {}",
+                        r.status,
+                        String::from_utf8_lossy(&r.body)
+                    )),
+                    Err(e) => failed.push(e.to_string()),
+                }
+            }
+            (answered, failed)
+        })
+    };
+    for round in 1..=2 {
+        let old_pid = d.cli_json(&["status"])["pid"].as_u64().unwrap() as u32;
+        assert_eq!(old_pid, d.pid);
+        let report = d.cli_json(&["reboot", "--mode", "warm"]);
+        let new_pid = report["new_pid"].as_u64().unwrap() as u32;
+        let blackouts: Vec<&str> = report["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(blackouts, names, "round {round}: {report}");
+        assert!(report["phases"]["restore_us"].is_u64(), "{report}");
+        d.follow_reboot(new_pid);
+
+        let status = d.cli_json(&["status"]);
+        assert_eq!(status["pid"], new_pid, "round {round}");
+        assert_ne!(new_pid, old_pid);
+        assert_eq!(status["vm_count"], 4);
+        assert_eq!(status["vms_running"], 4, "round {round}: {status}");
+        let after = vm_figures(&d);
+        for (b, a) in before.iter().zip(&after) {
+            assert_eq!(a.0, b.0);
+            assert_eq!(a.1, "running", "round {round}: {a:?}");
+            assert!(
+                a.2 >= b.2,
+                "round {round}: {}'s counter went back: {b:?} -> {a:?}",
+                a.0
+            );
+            assert_eq!(a.3, 0, "round {round}: {a:?}");
+        }
+        // ...and goes on growing in the new daemon.
+        assert!(
+            wait_until(30, || vm_figures(&d)
+                .iter()
+                .zip(&after)
+                .all(|(now, a)| now.2 > a.2 && now.3 == 0)),
+            "round {round}: the guests stopped making progress\n{}",
+            d.log()
+        );
+        before = vm_figures(&d);
+    }
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (answered, failed) = prober.join().unwrap();
+    assert!(answered > 0);
+    assert!(
+        failed.is_empty(),
+        "requests during warm reboots failed: {failed:?}"
+    );
+    // The table form: each VM's blackout and the phases. And an upgrade: the new daemon
+    // runs the binary named (a copy here, as a new build would be).
+    let upgrade = dir.join("warmvm-upgrade");
+    std::fs::copy(BIN, &upgrade).unwrap();
+    let out = d.cli(&[
+        "reboot",
+        "--mode",
+        "warm",
+        "--binary",
+        upgrade.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("phases (ms): stage"), "{table}");
+    for name in &names {
+        assert!(
+            table
+                .lines()
+                .any(|l| l.trim_start().starts_with(name.as_str()) && l.contains("blackout")),
+            "{table}"
+        );
+    }
+    let new_pid = d.cli_json(&["status"])["pid"].as_u64().unwrap() as u32;
+    d.follow_reboot(new_pid);
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{new_pid}/exe")).unwrap(),
+        upgrade
+    );
+
+    for name in &names {
+        let r = d.cli_json(&["vm", "stop", name, "--grace-secs", "10"]);
+        assert_eq!(r["state"], "powered-off", "{name}: {r}");
+        assert_eq!(r["exit_status"], 0);
+        assert_eq!(r["guest"]["mismatches"], 0, "{name}: {r}");
+        assert!(counter(&r) >= before.iter().find(|b| &b.0 == name).unwrap().2);
+    }
+    d.terminate_adopted();
+    assert!(!d.socket.exists(), "the last daemon removes the socket");
+    let log = d.log();
+    assert_eq!(
+        log.matches("took the VMs over by a warm reboot").count(),
+        3,
+        "{log}"
+    );
+}
+
+/// A warm reboot that cannot happen changes nothing: a missing binary is refused with 400
+/// before anything starts; a binary that is not warmvm fails the handover (500), a new
+/// daemon that refuses the state is a 409; each time the VMs run on in the same daemon.
+#[test]
+fn a_failed_warm_reboot_changes_nothing() {
+    if !have_kvm("a_failed_warm_reboot_changes_nothing") {
+        return;
+    }
+    let dir = scratch("rebootfail");
+    // Every daemon this one starts refuses the state it is handed (fault injection).
+    let mut d = Daemon::start_with_env(
+        &dir,
+        &[],
+        &[(warmvm_vmm::handover::FAULT_ENV, "refuse-state")],
+    );
+    let c = d.client();
+    for name in ["f0", "f1"] {
+        c.create(&serde_json::from_value(reference_vm(name)).unwrap())
+            .unwrap();
+    }
+    assert!(wait_until(60, || vm_figures(&d).iter().all(|v| v.2 > 0)));
+    let pid = c.status().unwrap()["pid"].clone();
+
+    let out = d.cli(&["reboot", "--mode", "warm", "--binary", "/nonexistent"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("/nonexistent"), "{err}");
+    let resp = c
+        .raw(
+            "PUT",
+            "/v1/reboot",
+            Some(br#"{"mode": "warm", "binary": "/nonexistent"}"#),
+        )
+        .unwrap();
+    assert_eq!(resp.status, 400);
+
+    let before = vm_figures(&d);
+    let resp = c
+        .raw(
+            "PUT",
+            "/v1/reboot",
+            Some(br#"{"mode": "warm", "binary": "/bin/true"}"#),
+        )
+        .unwrap();
+    assert_eq!(resp.status, 500, "{}", String::from_utf8_lossy(&resp.body));
+    let v: Value = serde_json::from_slice(&resp.body).unwrap();
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("run on in this daemon"),
+        "{v}"
+    );
+    let out = d.cli(&["reboot", "--mode", "warm"]);
+    assert_eq!(out.status.code(), Some(2), "a refusal is a 409");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("refuse-state"), "{err}");
+
+    assert_eq!(c.status().unwrap()["pid"], pid, "the same daemon serves");
+    assert_eq!(c.status().unwrap()["vms_running"], 2);
+    let after = vm_figures(&d);
+    assert!(wait_until(30, || vm_figures(&d).iter().zip(&after).all(
+        |(now, a)| now.1 == "running" && now.2 > a.2 && now.3 == 0
+    )));
+    for (b, a) in before.iter().zip(&after) {
+        assert!(a.2 >= b.2, "{b:?} -> {a:?}");
+    }
+    assert_eq!(d.terminate().code(), Some(0), "{}", d.log());
+    assert!(!d.socket.exists());
 }
 
 /// Start-up and shutdown: a live daemon's socket is refused, a stale one replaced, a

@@ -98,8 +98,15 @@ impl Channel {
             })?;
         let files: Vec<File> = raw_fds[..nfds]
             .iter()
-            // SAFETY: recvmsg gave us these fds; nothing else owns them.
-            .map(|&fd| unsafe { File::from_raw_fd(fd) })
+            .map(|&fd| {
+                // recvmsg (without MSG_CMSG_CLOEXEC) leaves them inheritable: a later warm
+                // reboot would leak every RAM memfd into the next VMM, which would then keep
+                // that RAM alive after the VM is deleted.
+                // SAFETY: fcntl on an fd recvmsg just gave us.
+                unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+                // SAFETY: recvmsg gave us these fds; nothing else owns them.
+                unsafe { File::from_raw_fd(fd) }
+            })
             .collect();
         if len == 0 {
             return Err(HandoverError::PeerGone);

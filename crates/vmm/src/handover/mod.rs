@@ -62,3 +62,38 @@ pub enum HandoverError {
     #[error("nothing to hand over: {0}")]
     Refused(String),
 }
+
+/// How [`HandoverError::Refused`] and [`HandoverError::Incompatible`] begin when the new VMM
+/// reports them to the old one (as text, in [`HandoverError::NewVmmFailed`]).
+const REFUSAL_PREFIXES: &[&str] = &["nothing to hand over: ", "incompatible handover state: "];
+
+impl HandoverError {
+    /// True if a VMM refused the handover (incompatible state, nothing to hand over), on
+    /// either side, rather than failed at it.
+    pub fn is_refusal(&self) -> bool {
+        match self {
+            HandoverError::Refused(_) | HandoverError::Incompatible(_) => true,
+            HandoverError::NewVmmFailed(why) => REFUSAL_PREFIXES.iter().any(|p| why.starts_with(p)),
+            _ => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_are_recognised_across_the_channel() {
+        for e in [
+            HandoverError::Refused("x".into()),
+            HandoverError::Incompatible("x".into()),
+        ] {
+            assert!(e.is_refusal());
+            // As the old VMM gets it from the new one.
+            assert!(HandoverError::NewVmmFailed(e.to_string()).is_refusal());
+        }
+        assert!(!HandoverError::NewVmmFailed("VM a: boom".into()).is_refusal());
+        assert!(!HandoverError::PeerGone.is_refusal());
+    }
+}
