@@ -166,6 +166,8 @@ fn reports_in_every_state_match_the_schema() {
         "RebootReport",
         &RebootReport {
             new_pid: 7,
+            from_build: "warmvm 0.1.0".into(),
+            to_build: "warmvm 0.1.0 (upgrade)".into(),
             host_blackout_us: 900,
             phases: PhaseTimes {
                 stage_us: 1,

@@ -118,6 +118,7 @@ fn take_over_on(channel: &Channel, state_dir: &Path) -> Result<Adopted, Handover
     )?;
 
     let (msg, mut files) = channel.recv::<Msg>()?;
+    let realtime = super::priority::Realtime::enter();
     let t_transfer = Instant::now();
     if !matches!(msg, Msg::State) || files.len() != 1 {
         return Err(HandoverError::BadState(
@@ -191,6 +192,7 @@ fn take_over_on(channel: &Channel, state_dir: &Path) -> Result<Adopted, Handover
         });
     }
     let resume_us = t_resume.elapsed().as_micros() as u64;
+    drop(realtime);
     let report = RebootReport {
         new_pid: std::process::id(),
         from_build: state.sender.clone(),

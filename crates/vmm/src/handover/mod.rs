@@ -26,6 +26,7 @@ mod channel;
 pub mod envelope;
 pub mod incoming;
 pub mod outgoing;
+mod priority;
 mod state;
 
 pub use incoming::{take_over, Adopted};

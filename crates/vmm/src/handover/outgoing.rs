@@ -98,6 +98,7 @@ pub fn warm_reboot(host: &Host, opts: &RebootOptions) -> Result<Handed, Handover
     let stage_us = t_stage.elapsed().as_micros() as u64;
 
     // The guests stop here. From now on every error path resumes them.
+    let realtime = super::priority::Realtime::enter();
     let t_quiesce = Instant::now();
     let host_first_stop = monotonic_ns();
     let result = quiesce(&vms).and_then(|()| {
@@ -136,6 +137,7 @@ pub fn warm_reboot(host: &Host, opts: &RebootOptions) -> Result<Handed, Handover
             ))),
         }
     });
+    drop(realtime);
     match result {
         Ok(report) => {
             for vm in &vms {
