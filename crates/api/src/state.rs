@@ -463,9 +463,7 @@ impl ApiState {
                     .map_err(|why| ApiError::new(400, format!("binary {}: {why}", b.display())))?;
                 b.clone()
             }
-            None => std::env::current_exe().map_err(|e| {
-                ApiError::new(500, format!("cannot find this daemon's binary: {e}"))
-            })?,
+            None => warmvm_vmm::handover::this_binary(),
         };
         Ok((req, binary))
     }

@@ -227,12 +227,6 @@ fn entry() -> CpuEntry {
         present: 1,
         ..Default::default()
     };
-    let ldt = kvm_segment {
-        type_: 2,
-        present: 1,
-        unusable: 1,
-        ..Default::default()
-    };
     CpuEntry {
         regs: kvm_regs {
             rip: CODE,
@@ -241,16 +235,7 @@ fn entry() -> CpuEntry {
             ..Default::default()
         },
         sregs: SystemRegisters {
-            segments: Segments {
-                cs: code,
-                ds: data,
-                es: data,
-                fs: data,
-                gs: data,
-                ss: data,
-                tr,
-                ldt,
-            },
+            segments: Segments::flat(code, data, tr),
             gdt: kvm_dtable {
                 base: GDT,
                 limit: 7 * 8 - 1,

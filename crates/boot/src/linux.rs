@@ -53,7 +53,7 @@
 
 use std::io::Cursor;
 
-use kvm_bindings::{kvm_dtable, kvm_regs, kvm_segment};
+use kvm_bindings::{kvm_dtable, kvm_regs};
 use linux_loader::cmdline::Cmdline;
 use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::pvh::PvhBootConfigurator;
@@ -597,23 +597,8 @@ fn flat_registers(gdt: &[u64; 6], cr0: u64, cr3: u64, cr4: u64, efer: u64) -> Sy
     let code = segment_from_gdt(gdt[2], SEL_CODE);
     let data = segment_from_gdt(gdt[3], SEL_DATA);
     let tr = segment_from_gdt(gdt[4], SEL_TSS);
-    let ldt = kvm_segment {
-        type_: 2,
-        present: 1,
-        unusable: 1,
-        ..Default::default()
-    };
     SystemRegisters {
-        segments: Segments {
-            cs: code,
-            ds: data,
-            es: data,
-            fs: data,
-            gs: data,
-            ss: data,
-            tr,
-            ldt,
-        },
+        segments: Segments::flat(code, data, tr),
         gdt: kvm_dtable {
             base: GDT_ADDR,
             limit: (gdt.len() * 8 - 1) as u16,

@@ -168,23 +168,8 @@ fn system_registers(gdt: [u64; 7], fsgsbase: bool) -> SystemRegisters {
         present: 1,
         ..Default::default()
     };
-    let ldt = kvm_segment {
-        type_: 2,
-        present: 1,
-        unusable: 1,
-        ..Default::default()
-    };
     SystemRegisters {
-        segments: Segments {
-            cs: code,
-            ds: data,
-            es: data,
-            fs: data,
-            gs: data,
-            ss: data,
-            tr,
-            ldt,
-        },
+        segments: Segments::flat(code, data, tr),
         gdt: kvm_dtable {
             base: layout::GDT_ADDR,
             limit: (gdt.len() * 8 - 1) as u16,

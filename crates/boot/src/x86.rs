@@ -47,6 +47,28 @@ pub struct Segments {
     pub ldt: kvm_segment,
 }
 
+impl Segments {
+    /// Flat segments: `code` in CS, `data` in every data segment register, `tr` as the task
+    /// register and no LDT.
+    pub fn flat(code: kvm_segment, data: kvm_segment, tr: kvm_segment) -> Self {
+        Self {
+            cs: code,
+            ds: data,
+            es: data,
+            fs: data,
+            gs: data,
+            ss: data,
+            tr,
+            ldt: kvm_segment {
+                type_: 2,
+                present: 1,
+                unusable: 1,
+                ..Default::default()
+            },
+        }
+    }
+}
+
 /// Encode a code/data segment descriptor for a GDT (flat: base 0, limit 4 GiB).
 pub fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
     ((u64::from(base) & 0xff00_0000) << 32)

@@ -35,10 +35,17 @@ struct Control {
     exited: bool,
     task: Option<Task>,
     task_result: Option<TaskResult>,
+    /// After the task, spin briefly for the run order instead of sleeping (a handover's
+    /// restore is followed within microseconds by the resume; sleeping would add a wake-up
+    /// to the blackout).
+    spin_after_task: bool,
     /// CLOCK_MONOTONIC ns when the thread last parked and last left a park to run.
     parked_at_ns: u64,
     resumed_at_ns: u64,
 }
+
+/// How long a vCPU thread spins for the run order after a handover's restore.
+const SPIN_FOR_RUN: Duration = Duration::from_millis(5);
 
 /// CLOCK_MONOTONIC in nanoseconds: comparable between processes on one host, unlike
 /// `Instant`, so the old and the new VMM can time a blackout together.
@@ -81,6 +88,8 @@ pub struct VcpuHandle {
     control: Mutex<Control>,
     cv: Condvar,
     thread: OnceLock<libc::pthread_t>,
+    /// Set with every run order, for a thread spinning after a task (see `spin_after_task`).
+    run_hint: std::sync::atomic::AtomicBool,
     pub counters: VcpuCounters,
 }
 
@@ -94,11 +103,13 @@ impl VcpuHandle {
                 exited: false,
                 task: None,
                 task_result: None,
+                spin_after_task: false,
                 parked_at_ns: 0,
                 resumed_at_ns: 0,
             }),
             cv: Condvar::new(),
             thread: OnceLock::new(),
+            run_hint: std::sync::atomic::AtomicBool::new(false),
             counters: VcpuCounters::default(),
         })
     }
@@ -108,13 +119,22 @@ impl VcpuHandle {
     }
 
     fn order(&self, want: Want, vm: &VmShared) {
+        self.order_with(want, vm, None);
+    }
+
+    fn order_with(&self, want: Want, vm: &VmShared, task: Option<Task>) {
         {
             let mut c = self.lock();
             if c.exited {
                 return;
             }
             c.want = want;
+            if let Some(task) = task {
+                c.task_result = None;
+                c.task = Some(task);
+            }
         }
+        self.run_hint.store(want == Want::Run, Ordering::Release);
         self.cv.notify_all();
         if want != Want::Run {
             vm.devices.doorbell.recall();
@@ -130,6 +150,12 @@ impl VcpuHandle {
     /// Park the thread (the VM's lifecycle is the caller's business).
     pub(crate) fn request_pause(&self, vm: &VmShared) {
         self.order(Want::Pause, vm);
+    }
+
+    /// Park the thread and have it run `task` on its vCPU as soon as it has parked, with no
+    /// further wake-up (the handover's capture).
+    pub(crate) fn request_pause_then(&self, vm: &VmShared, task: Task) {
+        self.order_with(Want::Pause, vm, Some(task));
     }
 
     pub(crate) fn request_run(&self, vm: &VmShared) {
@@ -188,8 +214,14 @@ impl VcpuHandle {
         }
     }
 
-    /// Give the parked thread `task` to run on its vCPU. False if the thread is not parked.
-    pub(crate) fn post_task(&self, task: Task) -> bool {
+    /// Give the parked thread `task` to run on its vCPU, after which the thread spins (at
+    /// most a few ms) for the run order instead of sleeping: for a restore that a resume
+    /// follows at once. False if the thread is not parked.
+    pub(crate) fn post_task_then_spin(&self, task: Task) -> bool {
+        self.post(task, true)
+    }
+
+    fn post(&self, task: Task, spin: bool) -> bool {
         {
             let mut c = self.lock();
             if c.exited || !c.parked {
@@ -197,12 +229,14 @@ impl VcpuHandle {
             }
             c.task_result = None;
             c.task = Some(task);
+            c.spin_after_task = spin;
         }
         self.cv.notify_all();
         true
     }
 
-    /// Wait for the result of the task given with [`VcpuHandle::post_task`]. `None` if the
+    /// Wait for the result of the task given to the thread (see
+    /// [`VcpuHandle::post_task_then_spin`], [`VcpuHandle::request_pause_then`]). `None` if the
     /// thread exited or the timeout passed first.
     pub(crate) fn task_result(&self, timeout: Duration) -> Option<TaskResult> {
         self.wait_for(timeout, |c| match c.task_result.take() {
@@ -256,8 +290,17 @@ impl VcpuHandle {
                         drop(c);
                         let result = task(vcpu);
                         c = self.lock();
+                        let spin = std::mem::take(&mut c.spin_after_task) && result.is_ok();
                         c.task_result = Some(result);
                         self.cv.notify_all();
+                        if spin {
+                            drop(c);
+                            let until = Instant::now() + SPIN_FOR_RUN;
+                            while !self.run_hint.load(Ordering::Acquire) && Instant::now() < until {
+                                std::hint::spin_loop();
+                            }
+                            c = self.lock();
+                        }
                         continue;
                     }
                     c = self.cv.wait(c).unwrap_or_else(|p| p.into_inner());

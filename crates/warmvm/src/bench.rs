@@ -39,8 +39,7 @@ struct Cell {
 }
 
 pub fn warm_reboot(args: &WarmRebootArgs) -> Result<ExitCode, Failure> {
-    let exe = std::env::current_exe()
-        .map_err(|e| Failure::new(EXIT_VM_FAILED, format!("cannot find this binary: {e}")))?;
+    let exe = warmvm_vmm::handover::this_binary();
     let host_mib = warmvm_vmm::HostLimits::probe().memory_mib;
     if args.vms.is_empty() || args.memory_mib.is_empty() {
         return Err(Failure::new(

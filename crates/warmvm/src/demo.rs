@@ -274,8 +274,7 @@ fn reboot(
 ) -> Result<std::process::Child, Failure> {
     let binary = match binary {
         Some(b) => b.to_path_buf(),
-        None => std::env::current_exe()
-            .map_err(|e| Failure::new(EXIT_VM_FAILED, format!("cannot find this binary: {e}")))?,
+        None => handover::this_binary(),
     };
     let mut new_args: Vec<std::ffi::OsString> = vec![
         "demo".into(),

@@ -163,3 +163,48 @@ fn live_upgrade_to_a_different_build() {
     );
     assert_all_vms_verified(&doc);
 }
+
+#[test]
+fn rejuvenation_works_after_the_binary_file_was_replaced() {
+    if !warmvm_vmm::testing::kvm_available("rejuvenation_works_after_the_binary_file_was_replaced")
+    {
+        return;
+    }
+    // A package upgrade replaces the file under a running VMM: rejuvenating "with its own
+    // binary" must still start the build that is running, not fail on a vanished path.
+    let dir = std::env::temp_dir().join(format!("warmvm-replaced-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    let copy = dir.join("warmvm");
+    std::fs::copy(env!("CARGO_BIN_EXE_warmvm"), &copy).expect("binary copied");
+    let child = Command::new(&copy)
+        .args([
+            "demo",
+            "--json",
+            "--memory-mib",
+            "64",
+            "--seconds",
+            "4",
+            "--reboots",
+            "2",
+        ])
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("warmvm copy runs");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    std::fs::remove_file(&copy).expect("binary deleted under the running VMM");
+    let out = child.wait_with_output().expect("demo finishes");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let doc: Value = serde_json::from_str(&stdout).unwrap_or_else(|e| {
+        panic!(
+            "no JSON ({e}): {stdout} {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    assert_eq!(out.status.code(), Some(0), "{doc}");
+    assert_eq!(doc["reboot_chain"]["reboots"].as_u64(), Some(2), "{doc}");
+    assert_all_vms_verified(&doc);
+    let _ = std::fs::remove_dir_all(dir);
+}

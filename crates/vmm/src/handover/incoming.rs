@@ -338,7 +338,7 @@ fn start_restore(vm: &Vm, cap: &mut VmCapture, captured_at_ns: u64) -> Result<()
             return Err(HandoverError::BadState("vCPU ids out of order".into()));
         }
         let tsc_advance = (advance_ns as u128 * u128::from(state.tsc_khz) / 1_000_000) as u64;
-        if !h.post_task(Box::new(move |vcpu| {
+        if !h.post_task_then_spin(Box::new(move |vcpu| {
             vcpu.restore_state(&state, tsc_advance).map(|()| None)
         })) {
             return Err(HandoverError::Io(format!("vCPU {} is not parked", h.id)));

@@ -33,6 +33,13 @@ pub use incoming::{take_over, Adopted};
 pub use outgoing::{warm_reboot, RebootOptions};
 pub use state::{PhaseTimes, RebootReport, VmBlackout};
 
+/// The binary of this very process, to rejuvenate with: `/proc/self/exe` works even when
+/// the file on disk was replaced or deleted since this process started (a package upgrade),
+/// where the path `std::env::current_exe` gives would then name nothing or another build.
+pub fn this_binary() -> std::path::PathBuf {
+    std::path::PathBuf::from("/proc/self/exe")
+}
+
 /// Env var naming a fault for the new VMM to inject (tests only): `refuse-state`,
 /// `crash-adopt`, `hang-adopt`, `crash-prepare`.
 pub const FAULT_ENV: &str = "WARMVM_HANDOVER_FAULT";

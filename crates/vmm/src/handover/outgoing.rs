@@ -215,9 +215,10 @@ fn stage(channel: &Channel, vms: &[Arc<Vm>], opts: &RebootOptions) -> Result<(),
 }
 
 fn quiesce(vms: &[Arc<Vm>]) -> Result<(), HandoverError> {
+    // Each vCPU thread saves its own state the moment it has parked: no second wake-up.
     for vm in vms {
         for h in vm.handles() {
-            h.request_pause(&vm.shared);
+            h.request_pause_then(&vm.shared, Box::new(|vcpu| vcpu.save_state().map(Some)));
         }
     }
     for vm in vms {
@@ -234,19 +235,8 @@ fn quiesce(vms: &[Arc<Vm>]) -> Result<(), HandoverError> {
     Ok(())
 }
 
+/// Collect the vCPU states the threads saved as they parked, and read VM-wide state.
 fn capture(vms: &[Arc<Vm>]) -> Result<Vec<VmCapture>, HandoverError> {
-    // Every vCPU thread reads its own state, all at once.
-    for vm in vms {
-        for h in vm.handles() {
-            if !h.post_task(Box::new(|vcpu| vcpu.save_state().map(Some))) {
-                return Err(HandoverError::Io(format!(
-                    "VM {}: vCPU {} is not parked",
-                    vm.name(),
-                    h.id
-                )));
-            }
-        }
-    }
     // While the vCPU threads work, the VM-wide state is read here.
     let mut vm_states = Vec::new();
     for vm in vms {
