@@ -214,14 +214,10 @@ impl VcpuHandle {
         }
     }
 
-    /// Give the parked thread `task` to run on its vCPU, after which the thread spins (at
-    /// most a few ms) for the run order instead of sleeping: for a restore that a resume
-    /// follows at once. False if the thread is not parked.
-    pub(crate) fn post_task_then_spin(&self, task: Task) -> bool {
-        self.post(task, true)
-    }
-
-    fn post(&self, task: Task, spin: bool) -> bool {
+    /// Give the parked thread `task` to run on its vCPU. With `spin`, the thread then spins
+    /// (at most a few ms) for the run order instead of sleeping: for a restore that a
+    /// resume follows at once. False if the thread is not parked.
+    pub(crate) fn post_task(&self, spin: bool, task: Task) -> bool {
         {
             let mut c = self.lock();
             if c.exited || !c.parked {
@@ -236,7 +232,7 @@ impl VcpuHandle {
     }
 
     /// Wait for the result of the task given to the thread (see
-    /// [`VcpuHandle::post_task_then_spin`], [`VcpuHandle::request_pause_then`]). `None` if the
+    /// [`VcpuHandle::post_task`], [`VcpuHandle::request_pause_then`]). `None` if the
     /// thread exited or the timeout passed first.
     pub(crate) fn task_result(&self, timeout: Duration) -> Option<TaskResult> {
         self.wait_for(timeout, |c| match c.task_result.take() {

@@ -152,8 +152,14 @@ fn take_over_on(channel: &Channel, state_dir: &Path) -> Result<Adopted, Handover
     // Restore every VM before any runs: a failure here leaves the old VMM in charge.
     let t_restore = Instant::now();
     // All VMs' vCPU threads restore at once: post every task before waiting for any.
+    // Spinning for the resume afterwards saves a wake-up only while every vCPU thread
+    // has a core of its own (beside this one); beyond that spinners would starve the
+    // threads still restoring.
+    let vcpus: usize = vms.iter().map(|vm| vm.handles().len()).sum();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let spin = vcpus < cores;
     for (vm, cap) in vms.iter().zip(state.vms.iter_mut()) {
-        start_restore(vm, cap, state.captured_at_ns)?;
+        start_restore(vm, cap, state.captured_at_ns, spin)?;
     }
     for (vm, cap) in vms.iter().zip(&state.vms) {
         finish_restore(vm, cap)?;
@@ -311,7 +317,12 @@ fn adopt_vm(
 }
 
 /// Restore one VM's VM-wide state and hand each vCPU thread its state to restore.
-fn start_restore(vm: &Vm, cap: &mut VmCapture, captured_at_ns: u64) -> Result<(), HandoverError> {
+fn start_restore(
+    vm: &Vm,
+    cap: &mut VmCapture,
+    captured_at_ns: u64,
+    spin: bool,
+) -> Result<(), HandoverError> {
     let vm_err = |err: crate::VmError| HandoverError::Vm {
         vm: vm.name().to_string(),
         err,
@@ -338,9 +349,10 @@ fn start_restore(vm: &Vm, cap: &mut VmCapture, captured_at_ns: u64) -> Result<()
             return Err(HandoverError::BadState("vCPU ids out of order".into()));
         }
         let tsc_advance = (advance_ns as u128 * u128::from(state.tsc_khz) / 1_000_000) as u64;
-        if !h.post_task_then_spin(Box::new(move |vcpu| {
-            vcpu.restore_state(&state, tsc_advance).map(|()| None)
-        })) {
+        if !h.post_task(
+            spin,
+            Box::new(move |vcpu| vcpu.restore_state(&state, tsc_advance).map(|()| None)),
+        ) {
             return Err(HandoverError::Io(format!("vCPU {} is not parked", h.id)));
         }
     }
