@@ -84,7 +84,12 @@ fn u32_at(buf: &[u8], off: usize) -> u32 {
 /// Read one vCPU's figures under the guest's sequence lock (a few retries, then give up).
 fn read_vcpu(mem: &GuestMemoryMmap, addr: GuestAddress) -> Option<GuestVcpuFigures> {
     let mut buf = [0u8; size_of::<VcpuStatus>()];
-    for _ in 0..64 {
+    // A guest preempted (or paused) in the middle of an update keeps `seq` odd; give it a
+    // little time, yielding the core it may need, then report the figures as unavailable.
+    for attempt in 0..256 {
+        if attempt >= 32 {
+            std::thread::yield_now();
+        }
         mem.read_slice(&mut buf, addr).ok()?;
         std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
         let seq_after: u64 = mem.read_obj(addr).ok()?;
