@@ -1025,6 +1025,66 @@ fn no_daemon_is_one_clear_line() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Every `curl` example in the README runs as written against a daemon, warm reboot included.
+#[test]
+fn curl_examples_in_the_readme_work() {
+    if !have_kvm("curl_examples_in_the_readme_work") {
+        return;
+    }
+    if Command::new("curl").arg("--version").output().is_err() {
+        assert!(
+            !required(),
+            "curl is not installed (apt-get install -y curl)"
+        );
+        eprintln!("skipping curl_examples_in_the_readme_work: no curl");
+        return;
+    }
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md")).unwrap();
+    let examples = curl_examples(&text);
+    assert!(examples.len() >= 6, "{examples:#?}");
+    let dir = scratch("readme-curl");
+    let mut d = Daemon::start(&dir, &[]);
+    let first_pid = d.client().status().unwrap()["pid"].clone();
+    for example in &examples {
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(example)
+            .env("SOCK", &d.socket)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{example}\nexit {:?}: {stdout}{}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_str(&stdout)
+            .unwrap_or_else(|e| panic!("{example}: not JSON ({e}): {stdout}"));
+        assert!(v.get("error").is_none(), "{example}: {v}");
+        if example.contains("-X POST") {
+            assert!(wait_until(60, || counter(
+                &d.client().show("ref-1").unwrap()
+            ) > 0));
+        }
+        if example.contains("/v1/reboot") {
+            let new_pid = d.client().status().unwrap()["pid"].as_u64().unwrap() as u32;
+            d.follow_reboot(new_pid);
+        }
+    }
+    let status = d.client().status().unwrap();
+    assert_ne!(
+        status["pid"], first_pid,
+        "the README's reboot replaced the daemon"
+    );
+    assert_eq!(
+        d.client().list().unwrap()["vms"],
+        json!([]),
+        "the examples clean up"
+    );
+}
+
 /// Every `curl` example in docs/daemon.md runs as written (with $SOCK pointing at a test
 /// daemon) and succeeds.
 #[test]
