@@ -20,14 +20,8 @@ pub const CR4_PAE: u64 = 1 << 5;
 pub const CR4_OSFXSR: u64 = 1 << 9;
 pub const CR4_OSXMMEXCPT: u64 = 1 << 10;
 pub const CR4_FSGSBASE: u64 = 1 << 16;
-#[allow(dead_code)] // kept with its siblings; no protocol sets it yet
-pub const CR4_OSXSAVE: u64 = 1 << 18;
-#[allow(dead_code)]
-pub const EFER_SCE: u64 = 1 << 0;
 pub const EFER_LME: u64 = 1 << 8;
 pub const EFER_LMA: u64 = 1 << 10;
-#[allow(dead_code)]
-pub const EFER_NX: u64 = 1 << 11;
 
 pub const PTE_PRESENT: u64 = 1 << 0;
 pub const PTE_WRITE: u64 = 1 << 1;

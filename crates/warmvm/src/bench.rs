@@ -10,15 +10,30 @@ use serde_json::Value;
 
 use crate::cli::{Failure, EXIT_BAD_INPUT, EXIT_VM_FAILED};
 
+#[derive(clap::Args, Debug)]
 pub struct WarmRebootArgs {
+    /// Print one JSON document.
+    #[arg(long)]
     pub json: bool,
+    /// Reboots per cell.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=10000))]
     pub reboots: u32,
+    /// VM counts, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
     pub vms: Vec<u32>,
+    /// RAM per VM in MiB, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "256,1024,4096")]
     pub memory_mib: Vec<u64>,
+    /// Reference guest command line: busy guests (interval_ms=0) give the steady
+    /// stream the guest-visible gap needs; idle ones isolate the VMM's own cost.
+    #[arg(long, default_value = "quiet interval_ms=0")]
     pub guest_cmdline: String,
+    #[arg(long, default_value_t = 100)]
     pub reboot_interval_ms: u64,
+    #[arg(long, default_value_t = 200)]
     pub gap_window_ms: u64,
-    /// Skip cells whose guest RAM exceeds this share of host memory.
+    /// Skip cells whose guest RAM is more than this share of host memory.
+    #[arg(long, default_value_t = 0.7)]
     pub max_host_share: f64,
 }
 

@@ -37,31 +37,7 @@ pub enum LogFormat {
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {
     /// Blackout of chained warm reboots for several VM counts and RAM sizes.
-    WarmReboot {
-        /// Print one JSON document.
-        #[arg(long)]
-        json: bool,
-        /// Reboots per cell.
-        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=10000))]
-        reboots: u32,
-        /// VM counts, comma-separated.
-        #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
-        vms: Vec<u32>,
-        /// RAM per VM in MiB, comma-separated.
-        #[arg(long, value_delimiter = ',', default_value = "256,1024,4096")]
-        memory_mib: Vec<u64>,
-        /// Reference guest command line: busy guests (interval_ms=0) give the steady
-        /// stream the guest-visible gap needs; idle ones isolate the VMM's own cost.
-        #[arg(long, default_value = "quiet interval_ms=0")]
-        guest_cmdline: String,
-        #[arg(long, default_value_t = 100)]
-        reboot_interval_ms: u64,
-        #[arg(long, default_value_t = 200)]
-        gap_window_ms: u64,
-        /// Skip cells whose guest RAM is more than this share of host memory.
-        #[arg(long, default_value_t = 0.7)]
-        max_host_share: f64,
-    },
+    WarmReboot(crate::bench::WarmRebootArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -82,51 +58,7 @@ pub enum Command {
     },
     /// Boot built-in reference-guest VMs, let them verify their memory, and report.
     /// Needs no files.
-    Demo {
-        /// Print the results as one JSON document.
-        #[arg(long)]
-        json: bool,
-        /// Number of VMs.
-        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=256))]
-        vms: u32,
-        /// RAM of each VM, in MiB.
-        #[arg(long, default_value_t = 256)]
-        memory_mib: u64,
-        /// vCPUs of each VM.
-        #[arg(long, default_value_t = 1)]
-        vcpus: u32,
-        /// Let the workloads run at least this long, in seconds.
-        #[arg(long, default_value_t = 3)]
-        seconds: u64,
-        /// Directory for console logs.
-        #[arg(long)]
-        state_dir: Option<PathBuf>,
-        /// Skip the warm reboot halfway through.
-        #[arg(long)]
-        no_reboot: bool,
-        /// Compare the guests' longest stall in a window of this many ms across each reboot
-        /// with one just before it (0: don't measure).
-        #[arg(long, default_value_t = 500)]
-        gap_window_ms: u64,
-        /// Warm-reboot into this (other) warmvm binary: a live upgrade.
-        #[arg(long)]
-        upgrade_to: Option<PathBuf>,
-        /// Command line of the reference guests (see README: fill, interval_ms, ...).
-        #[arg(long, default_value = "quiet interval_ms=20")]
-        guest_cmdline: String,
-        /// Warm reboots to chain, one after another (each new VMM reboots into the next).
-        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=10000))]
-        reboots: u32,
-        /// Pause between chained reboots, in milliseconds.
-        #[arg(long, default_value_t = 200)]
-        reboot_interval_ms: u64,
-        /// How long a new VMM may take to prepare, and then to resume the guests.
-        #[arg(long, default_value_t = 30)]
-        reboot_timeout_secs: u64,
-        /// (internal) Continue a demo handed over by the previous VMM on this fd.
-        #[arg(long, hide = true)]
-        takeover_fd: Option<i32>,
-    },
+    Demo(crate::demo::DemoArgs),
     /// Benchmarks that print figures (see docs/benchmarks.md).
     Bench {
         #[command(subcommand)]
@@ -332,58 +264,9 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
             grace_secs,
         } => crate::run::run(&config, json, state_dir, grace_secs),
         Command::Bench {
-            what:
-                BenchCommand::WarmReboot {
-                    json,
-                    reboots,
-                    vms,
-                    memory_mib,
-                    guest_cmdline,
-                    reboot_interval_ms,
-                    gap_window_ms,
-                    max_host_share,
-                },
-        } => crate::bench::warm_reboot(&crate::bench::WarmRebootArgs {
-            json,
-            reboots,
-            vms,
-            memory_mib,
-            guest_cmdline,
-            reboot_interval_ms,
-            gap_window_ms,
-            max_host_share,
-        }),
-        Command::Demo {
-            json,
-            vms,
-            memory_mib,
-            vcpus,
-            seconds,
-            state_dir,
-            no_reboot,
-            reboots,
-            reboot_interval_ms,
-            reboot_timeout_secs,
-            guest_cmdline,
-            gap_window_ms,
-            upgrade_to,
-            takeover_fd,
-        } => crate::demo::demo(&crate::demo::DemoArgs {
-            guest_cmdline,
-            gap_window_ms,
-            upgrade_to,
-            reboots,
-            reboot_interval_ms,
-            reboot_timeout_secs,
-            json,
-            vms,
-            memory_mib,
-            vcpus,
-            seconds,
-            state_dir,
-            no_reboot,
-            takeover_fd,
-        }),
+            what: BenchCommand::WarmReboot(args),
+        } => crate::bench::warm_reboot(&args),
+        Command::Demo(args) => crate::demo::demo(&args),
         Command::Daemon {
             socket,
             state_dir,

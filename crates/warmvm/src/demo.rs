@@ -15,20 +15,51 @@ use warmvm_vmm::{Config, Host, Lifecycle, VmConfig, VmReport};
 use crate::cli::{Failure, EXIT_BAD_INPUT, EXIT_VM_FAILED};
 use crate::output;
 
+/// `warmvm demo`'s arguments.
+#[derive(clap::Args, Debug)]
 pub struct DemoArgs {
+    /// Print the results as one JSON document.
+    #[arg(long)]
     pub json: bool,
+    /// Number of VMs.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub vms: u32,
+    /// RAM of each VM, in MiB.
+    #[arg(long, default_value_t = 256)]
     pub memory_mib: u64,
+    /// vCPUs of each VM.
+    #[arg(long, default_value_t = 1)]
     pub vcpus: u32,
+    /// Let the workloads run at least this long, in seconds.
+    #[arg(long, default_value_t = 3)]
     pub seconds: u64,
+    /// Directory for console logs.
+    #[arg(long)]
     pub state_dir: Option<PathBuf>,
+    /// Skip the warm reboot halfway through.
+    #[arg(long)]
     pub no_reboot: bool,
-    pub reboots: u32,
-    pub reboot_interval_ms: u64,
-    pub reboot_timeout_secs: u64,
-    pub guest_cmdline: String,
+    /// Compare the guests' longest stall in a window of this many ms across each reboot
+    /// with one just before it (0: don't measure).
+    #[arg(long, default_value_t = 500)]
     pub gap_window_ms: u64,
+    /// Warm-reboot into this (other) warmvm binary: a live upgrade.
+    #[arg(long)]
     pub upgrade_to: Option<PathBuf>,
+    /// Command line of the reference guests (see README: fill, interval_ms, ...).
+    #[arg(long, default_value = "quiet interval_ms=20")]
+    pub guest_cmdline: String,
+    /// Warm reboots to chain, one after another (each new VMM reboots into the next).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=10000))]
+    pub reboots: u32,
+    /// Pause between chained reboots, in milliseconds.
+    #[arg(long, default_value_t = 200)]
+    pub reboot_interval_ms: u64,
+    /// How long a new VMM may take to prepare, and then to resume the guests.
+    #[arg(long, default_value_t = 30)]
+    pub reboot_timeout_secs: u64,
+    /// (internal) Continue a demo handed over by the previous VMM on this fd.
+    #[arg(long, hide = true)]
     pub takeover_fd: Option<i32>,
 }
 
@@ -66,6 +97,16 @@ pub struct ChainSummary {
     pub phase_p50_ms: BTreeMap<String, f64>,
 }
 
+/// p50, p99 and max, in ms, of values in µs.
+fn p50_p99_max(mut us: Vec<u64>) -> (f64, f64, f64) {
+    us.sort_unstable();
+    (
+        percentile(&us, 0.5),
+        percentile(&us, 0.99),
+        percentile(&us, 1.0),
+    )
+}
+
 fn percentile(sorted: &[u64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -75,13 +116,14 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
 }
 
 fn summarize(reports: &[RebootReport]) -> ChainSummary {
-    let mut host: Vec<u64> = reports.iter().map(|r| r.host_blackout_us).collect();
-    let mut vm: Vec<u64> = reports
-        .iter()
-        .flat_map(|r| r.vms.iter().map(|v| v.blackout_us))
-        .collect();
-    host.sort_unstable();
-    vm.sort_unstable();
+    let (host_p50_ms, host_p99_ms, host_max_ms) =
+        p50_p99_max(reports.iter().map(|r| r.host_blackout_us).collect());
+    let (vm_p50_ms, vm_p99_ms, vm_max_ms) = p50_p99_max(
+        reports
+            .iter()
+            .flat_map(|r| r.vms.iter().map(|v| v.blackout_us))
+            .collect(),
+    );
     let phase = |f: fn(&handover::PhaseTimes) -> u64| {
         let mut v: Vec<u64> = reports.iter().map(|r| f(&r.phases)).collect();
         v.sort_unstable();
@@ -101,12 +143,12 @@ fn summarize(reports: &[RebootReport]) -> ChainSummary {
     ChainSummary {
         phase_p50_ms,
         reboots: reports.len(),
-        host_p50_ms: percentile(&host, 0.5),
-        host_p99_ms: percentile(&host, 0.99),
-        host_max_ms: percentile(&host, 1.0),
-        vm_p50_ms: percentile(&vm, 0.5),
-        vm_p99_ms: percentile(&vm, 0.99),
-        vm_max_ms: percentile(&vm, 1.0),
+        host_p50_ms,
+        host_p99_ms,
+        host_max_ms,
+        vm_p50_ms,
+        vm_p99_ms,
+        vm_max_ms,
     }
 }
 
@@ -128,19 +170,19 @@ fn summarize_gaps(window_ms: u64, gaps: &[(u64, u64)]) -> Option<GuestGaps> {
     if gaps.is_empty() || window_ms == 0 {
         return None;
     }
-    let mut without: Vec<u64> = gaps.iter().map(|g| g.0 / 1000).collect();
-    let mut with: Vec<u64> = gaps.iter().map(|g| g.1 / 1000).collect();
-    without.sort_unstable();
-    with.sort_unstable();
+    let (without_reboot_p50_ms, without_reboot_p99_ms, without_reboot_max_ms) =
+        p50_p99_max(gaps.iter().map(|g| g.0 / 1000).collect());
+    let (with_reboot_p50_ms, with_reboot_p99_ms, with_reboot_max_ms) =
+        p50_p99_max(gaps.iter().map(|g| g.1 / 1000).collect());
     Some(GuestGaps {
         window_ms,
         windows: gaps.len(),
-        without_reboot_p50_ms: percentile(&without, 0.5),
-        without_reboot_p99_ms: percentile(&without, 0.99),
-        without_reboot_max_ms: percentile(&without, 1.0),
-        with_reboot_p50_ms: percentile(&with, 0.5),
-        with_reboot_p99_ms: percentile(&with, 0.99),
-        with_reboot_max_ms: percentile(&with, 1.0),
+        without_reboot_p50_ms,
+        without_reboot_p99_ms,
+        without_reboot_max_ms,
+        with_reboot_p50_ms,
+        with_reboot_p99_ms,
+        with_reboot_max_ms,
     })
 }
 

@@ -21,22 +21,6 @@ fn required() -> bool {
     std::env::var("WARMVM_REQUIRE_KVM").is_ok_and(|v| v == "1")
 }
 
-/// True if KVM is usable; otherwise skips (or fails under WARMVM_REQUIRE_KVM=1).
-fn have_kvm(test: &str) -> bool {
-    let ok = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if !ok {
-        if required() {
-            panic!("{test}: /dev/kvm is not usable (WARMVM_REQUIRE_KVM=1)");
-        }
-        eprintln!("skipping {test}: /dev/kvm is not usable");
-    }
-    ok
-}
-
 /// A fresh, short directory (socket paths are limited to 107 bytes).
 fn scratch(tag: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("wvm-{}-{tag}", std::process::id()));
@@ -264,7 +248,7 @@ fn wait_until(secs: u64, mut f: impl FnMut() -> bool) -> bool {
 /// it go on; stop and delete them all; SIGTERM ends the daemon cleanly.
 #[test]
 fn eight_vms_through_the_cli() {
-    if !have_kvm("eight_vms_through_the_cli") {
+    if !warmvm_vmm::testing::kvm_available("eight_vms_through_the_cli") {
         return;
     }
     let dir = scratch("eight");
@@ -366,7 +350,7 @@ fn eight_vms_through_the_cli() {
 /// answer matches its documented schema.
 #[test]
 fn live_daemon_matches_the_openapi_document() {
-    if !have_kvm("live_daemon_matches_the_openapi_document") {
+    if !warmvm_vmm::testing::kvm_available("live_daemon_matches_the_openapi_document") {
         return;
     }
     let doc: Value = serde_json::from_str(
@@ -473,7 +457,7 @@ fn live_daemon_matches_the_openapi_document() {
 /// nothing.
 #[test]
 fn malformed_requests_get_4xx_and_change_nothing() {
-    if !have_kvm("malformed_requests_get_4xx_and_change_nothing") {
+    if !warmvm_vmm::testing::kvm_available("malformed_requests_get_4xx_and_change_nothing") {
         return;
     }
     let dir = scratch("malformed");
@@ -683,7 +667,7 @@ fn vm_figures(d: &Daemon) -> Vec<(String, String, u64, u64)> {
 /// mismatch. The last daemon, not our child, stops on SIGTERM and removes the socket.
 #[test]
 fn warm_reboots_of_the_daemon_keep_every_vm_running() {
-    if !have_kvm("warm_reboots_of_the_daemon_keep_every_vm_running") {
+    if !warmvm_vmm::testing::kvm_available("warm_reboots_of_the_daemon_keep_every_vm_running") {
         return;
     }
     let dir = scratch("reboot");
@@ -823,7 +807,7 @@ fn warm_reboots_of_the_daemon_keep_every_vm_running() {
 /// daemon that refuses the state is a 409; each time the VMs run on in the same daemon.
 #[test]
 fn a_failed_warm_reboot_changes_nothing() {
-    if !have_kvm("a_failed_warm_reboot_changes_nothing") {
+    if !warmvm_vmm::testing::kvm_available("a_failed_warm_reboot_changes_nothing") {
         return;
     }
     let dir = scratch("rebootfail");
@@ -894,7 +878,7 @@ fn a_failed_warm_reboot_changes_nothing() {
 /// non-loopback metrics address refused; the loopback metrics port serves only /metrics.
 #[test]
 fn daemon_start_and_stop() {
-    if !have_kvm("daemon_start_and_stop") {
+    if !warmvm_vmm::testing::kvm_available("daemon_start_and_stop") {
         return;
     }
     let dir = scratch("startstop");
@@ -1028,7 +1012,7 @@ fn no_daemon_is_one_clear_line() {
 /// Every `curl` example in the README runs as written against a daemon, warm reboot included.
 #[test]
 fn curl_examples_in_the_readme_work() {
-    if !have_kvm("curl_examples_in_the_readme_work") {
+    if !warmvm_vmm::testing::kvm_available("curl_examples_in_the_readme_work") {
         return;
     }
     if Command::new("curl").arg("--version").output().is_err() {
@@ -1047,19 +1031,7 @@ fn curl_examples_in_the_readme_work() {
     let mut d = Daemon::start(&dir, &[]);
     let first_pid = d.client().status().unwrap()["pid"].clone();
     for example in &examples {
-        let out = Command::new("sh")
-            .arg("-c")
-            .arg(example)
-            .env("SOCK", &d.socket)
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "{example}\nexit {:?}: {stdout}{}",
-            out.status.code(),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let stdout = run_example(example, &d.socket);
         let v: Value = serde_json::from_str(&stdout)
             .unwrap_or_else(|e| panic!("{example}: not JSON ({e}): {stdout}"));
         assert!(v.get("error").is_none(), "{example}: {v}");
@@ -1089,7 +1061,7 @@ fn curl_examples_in_the_readme_work() {
 /// daemon) and succeeds.
 #[test]
 fn curl_examples_in_the_docs_work() {
-    if !have_kvm("curl_examples_in_the_docs_work") {
+    if !warmvm_vmm::testing::kvm_available("curl_examples_in_the_docs_work") {
         return;
     }
     if Command::new("curl").arg("--version").output().is_err() {
@@ -1107,19 +1079,7 @@ fn curl_examples_in_the_docs_work() {
     let dir = scratch("curl");
     let d = Daemon::start(&dir, &["--metrics-addr", "127.0.0.1:9464"]);
     for example in &examples {
-        let out = Command::new("sh")
-            .arg("-c")
-            .arg(example)
-            .env("SOCK", &d.socket)
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "{example}\nexit {:?}: {stdout}{}",
-            out.status.code(),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let stdout = run_example(example, &d.socket);
         if example.contains("/metrics") {
             assert!(
                 stdout.contains("# TYPE warmvm_vms gauge"),
@@ -1143,6 +1103,24 @@ fn curl_examples_in_the_docs_work() {
         json!([]),
         "the examples clean up"
     );
+}
+
+/// Run a documented shell example with $SOCK set; it must succeed. Returns its stdout.
+fn run_example(example: &str, socket: &std::path::Path) -> String {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(example)
+        .env("SOCK", socket)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{example}\nexit {:?}: {stdout}{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
 }
 
 /// The commands in ```sh blocks of docs/daemon.md that start with `curl`, continuation lines

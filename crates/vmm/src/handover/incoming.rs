@@ -150,6 +150,21 @@ fn take_over_on(channel: &Channel, state_dir: &Path) -> Result<Adopted, Handover
     let transfer_us = t_transfer.elapsed().as_micros() as u64;
 
     // Restore every VM before any runs: a failure here leaves the old VMM in charge.
+    // Every VM must be in a state this VMM can resume it into, before anything is restored.
+    let mut lifecycles = Vec::new();
+    for cap in &state.vms {
+        lifecycles.push(match cap.lifecycle.as_str() {
+            "running" => Lifecycle::Running,
+            "paused" => Lifecycle::Paused,
+            "created" => Lifecycle::Created,
+            other => {
+                return Err(HandoverError::BadState(format!(
+                    "VM {}: cannot take over a VM in state {other:?}",
+                    cap.name
+                )))
+            }
+        });
+    }
     let t_restore = Instant::now();
     // All VMs' vCPU threads restore at once: post every task before waiting for any.
     // Spinning for the resume afterwards saves a wake-up only while every vCPU thread
@@ -167,12 +182,7 @@ fn take_over_on(channel: &Channel, state_dir: &Path) -> Result<Adopted, Handover
     let restore_us = t_restore.elapsed().as_micros() as u64;
 
     let t_resume = Instant::now();
-    for (vm, cap) in vms.iter().zip(&state.vms) {
-        let lifecycle = match cap.lifecycle.as_str() {
-            "running" => Lifecycle::Running,
-            "paused" => Lifecycle::Paused,
-            _ => Lifecycle::Created,
-        };
+    for (vm, lifecycle) in vms.iter().zip(lifecycles) {
         let run = lifecycle == Lifecycle::Running;
         *vm.shared.lifecycle() = lifecycle;
         if run {
@@ -185,7 +195,7 @@ fn take_over_on(channel: &Channel, state_dir: &Path) -> Result<Adopted, Handover
     let mut host_last_resume = 0;
     for (vm, cap) in vms.iter().zip(&state.vms) {
         let mut last_resume = 0;
-        if cap.lifecycle == "running" {
+        if *vm.shared.lifecycle() == Lifecycle::Running {
             for h in vm.handles() {
                 h.wait_running(VCPU_RESPONSE_TIMEOUT);
                 last_resume = last_resume.max(h.park_times().1);
