@@ -24,6 +24,7 @@
 
 mod channel;
 pub mod envelope;
+pub mod faults;
 pub mod incoming;
 pub mod outgoing;
 mod priority;
