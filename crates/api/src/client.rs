@@ -197,9 +197,11 @@ impl Client {
         let body = serde_json::to_vec(&RebootRequest {
             mode: mode.to_string(),
             binary: binary.map(Path::to_path_buf),
+            ..Default::default()
         })
         .map_err(|e| ClientError::Protocol(e.to_string()))?;
-        // The new daemon may take the timeout to prepare, and again to resume the guests.
+        // The daemon allows the new one up to its stage timeout to prepare, then its ready
+        // budget (far shorter) to take the guests over.
         self.clone()
             .with_timeout(
                 self.timeout

@@ -26,7 +26,7 @@ use warmvm_vmm::{Config, Host, HostError};
 
 use crate::server::Server;
 use crate::socket::{self, SocketError, SocketFile};
-use crate::state::{ApiState, RebootSetup, REBOOT_TIMEOUT};
+use crate::state::{ApiState, RebootSetup, TakeoverInfo};
 
 /// The name under which a warm reboot hands the API listener to the new daemon.
 pub const API_LISTENER_FD: &str = "api-listener";
@@ -60,6 +60,9 @@ pub struct DaemonOptions {
     /// Arguments placed before `daemon` when a warm reboot starts the new daemon (the
     /// global flags, e.g. the log level).
     pub successor_args: Vec<OsString>,
+    /// Default stage timeout and ready budget of a warm reboot (a request may set its own).
+    pub stage_timeout: Duration,
+    pub ready_budget: Duration,
 }
 
 impl Default for DaemonOptions {
@@ -73,6 +76,8 @@ impl Default for DaemonOptions {
             stop_grace: Duration::from_secs(crate::state::DEFAULT_STOP_GRACE_SECS),
             takeover_fd: None,
             successor_args: Vec::new(),
+            stage_timeout: handover::outgoing::DEFAULT_STAGE_TIMEOUT,
+            ready_budget: handover::outgoing::DEFAULT_READY_BUDGET,
         }
     }
 }
@@ -120,8 +125,10 @@ struct Started {
     listener: UnixListener,
     socket_file: Option<SocketFile>,
     metrics: Option<TcpListener>,
-    /// The pid of the daemon we took over from.
-    took_over_from: Option<u64>,
+    /// How we took the VMs over, if we did.
+    takeover: Option<TakeoverInfo>,
+    /// Settings the daemon before us passed on (see [`successor_extra`]).
+    inherited: serde_json::Value,
 }
 
 /// Run the daemon until SIGTERM or SIGINT (or until a warm reboot hands everything over to
@@ -185,14 +192,30 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
         listener,
         mut socket_file,
         metrics,
-        took_over_from,
+        takeover,
+        inherited,
     } = started;
+    let adopted = takeover.is_some();
+    // Timeouts outlive the reboot through the handover's settings, not through flags: a
+    // successor's flags must stay those every build understands (an older build may be
+    // the successor, to refuse a downgrade with a clear message).
+    let ms = |key: &str, default: Duration| {
+        inherited
+            .get(key)
+            .and_then(|v| v.as_u64())
+            .map_or(default, Duration::from_millis)
+    };
+    let stage_timeout = ms("stage_timeout_ms", opts.stage_timeout);
+    let ready_budget = ms("ready_budget_ms", opts.ready_budget);
     let metrics_url = metrics
         .as_ref()
         .and_then(|l| l.local_addr().ok())
         .map_or_else(|| "-".to_string(), |a| format!("http://{a}/metrics"));
 
     let state = Arc::new(ApiState::from_shared(Arc::new(Mutex::new(host))));
+    if let Some(info) = takeover.clone() {
+        state.set_last_takeover(info);
+    }
     if let Some(config) = config.as_ref().filter(|c| !c.vms.is_empty()) {
         let mut host = state.host().lock().unwrap_or_else(|p| p.into_inner());
         host.create_all(config)?;
@@ -202,19 +225,36 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
         }
     }
 
-    let mut server = Server::new(listener, state.clone())
-        .map_err(|e| DaemonError::Host(format!("cannot serve the API: {e}")))?;
+    // A daemon that took VMs over never gives them up for an error it can wait out: it
+    // logs it and tries again (a fresh daemon fails at once instead: it runs no VM yet).
+    let mut server = keep_trying(adopted, "serving the API", || {
+        let l = listener
+            .try_clone()
+            .map_err(|e| DaemonError::Host(format!("cannot serve the API: {e}")))?;
+        Server::new(l, state.clone())
+            .map_err(|e| DaemonError::Host(format!("cannot serve the API: {e}")))
+    })?;
+    drop(listener);
     if let Some(m) = metrics {
-        server = server
-            .with_metrics(m)
-            .map_err(|e| DaemonError::Host(format!("cannot serve metrics: {e}")))?;
+        match server.with_metrics(m) {
+            Ok(s) => server = s,
+            Err((s, e)) if adopted => {
+                tracing::error!(error = %e, "cannot serve metrics; serving the API without");
+                server = s;
+            }
+            Err((_, e)) => return Err(DaemonError::Host(format!("cannot serve metrics: {e}"))),
+        }
     }
-    server
-        .stop_on_signals(&[signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT])
-        .map_err(|e| DaemonError::Host(format!("cannot install signal handlers: {e}")))?;
-    let stop = server
-        .stop_handle()
-        .map_err(|e| DaemonError::Host(format!("cannot serve the API: {e}")))?;
+    keep_trying(adopted, "installing signal handlers", || {
+        server
+            .stop_on_signals(&[signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT])
+            .map_err(|e| DaemonError::Host(format!("cannot install signal handlers: {e}")))
+    })?;
+    let stop = keep_trying(adopted, "serving the API", || {
+        server
+            .stop_handle()
+            .map_err(|e| DaemonError::Host(format!("cannot serve the API: {e}")))
+    })?;
     if early_stop.load(Ordering::SeqCst) {
         tracing::info!("SIGTERM or SIGINT during start-up");
         stop.stop();
@@ -225,12 +265,10 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
     }
     state.enable_reboot(RebootSetup {
         args: successor_args(opts, &socket_path, &state_dir),
-        extra: serde_json::json!({
-            "previous_pid": std::process::id(),
-            "previous_version": env!("CARGO_PKG_VERSION"),
-        }),
+        extra: successor_extra(stage_timeout, ready_budget),
         extra_fds,
-        timeout: REBOOT_TIMEOUT,
+        stage_timeout,
+        ready_budget,
         stop,
     });
 
@@ -243,9 +281,10 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
         "warmvm daemon ready"
     );
     let vm_count = state.vms().len();
-    let how = took_over_from.map_or_else(String::new, |pid| {
-        format!(" (taken over from pid {pid} by a warm reboot)")
-    });
+    let how = match takeover.as_ref().and_then(|t| t.previous_pid) {
+        Some(pid) => format!(" (taken over from pid {pid} by a warm reboot)"),
+        None => String::new(),
+    };
     // After a warm reboot this process is not the one systemd started: MAINPID tells it
     // which process the service is now (the unit needs NotifyAccess=all for that).
     if let Err(e) = socket::sd_notify(&format!(
@@ -282,6 +321,35 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
     drop(socket_file);
     tracing::info!("warmvm daemon stopped");
     served.map_err(|e| DaemonError::Host(format!("the API server failed: {e}")))
+}
+
+/// What a daemon passes to the one a warm reboot starts, beside the VMs.
+fn successor_extra(stage_timeout: Duration, ready_budget: Duration) -> serde_json::Value {
+    serde_json::json!({
+        "previous_pid": std::process::id(),
+        "previous_version": env!("CARGO_PKG_VERSION"),
+        "stage_timeout_ms": stage_timeout.as_millis() as u64,
+        "ready_budget_ms": ready_budget.as_millis() as u64,
+    })
+}
+
+/// Run `f` until it succeeds when `adopted` (logging each failure, once a second), else
+/// once.
+fn keep_trying<T>(
+    adopted: bool,
+    what: &str,
+    mut f: impl FnMut() -> Result<T, DaemonError>,
+) -> Result<T, DaemonError> {
+    loop {
+        match f() {
+            Ok(v) => return Ok(v),
+            Err(e) if adopted => {
+                tracing::error!(error = %e, "{what} failed; the VMs run on; retrying in 1 s");
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// The arguments of the daemon a warm reboot starts: the same settings, resolved, without
@@ -334,7 +402,8 @@ fn start_fresh(
         listener,
         socket_file,
         metrics,
-        took_over_from: None,
+        takeover: None,
+        inherited: serde_json::Value::Null,
     })
 }
 
@@ -370,6 +439,14 @@ fn take_over(
     })?;
     // From here on the VMs run in this process: nothing may make it give up.
     let took_over_from = adopted.extra.get("previous_pid").and_then(|p| p.as_u64());
+    let takeover = TakeoverInfo {
+        previous_pid: took_over_from,
+        from_build: adopted.report.from_build.clone(),
+        to_build: adopted.report.to_build.clone(),
+        state_format: adopted.report.state_format,
+        commit_protocol: adopted.report.commit_protocol,
+        host_blackout_us: adopted.report.host_blackout_us,
+    };
     tracing::info!(
         vms = adopted.host.vms().len(),
         previous_pid = took_over_from,
@@ -401,7 +478,7 @@ fn take_over(
     let (listener, socket_file) = match api {
         Some(l) => (l, SocketFile::adopt(socket_path).ok()),
         None => {
-            let (l, f) = rebind(socket_path)?;
+            let (l, f) = rebind(socket_path);
             (l, Some(f))
         }
     };
@@ -420,20 +497,26 @@ fn take_over(
         listener,
         socket_file,
         metrics,
-        took_over_from,
+        takeover: Some(takeover),
+        inherited: adopted.extra,
     })
 }
 
-/// Bind the API socket once the old daemon has let go of it.
-fn rebind(socket_path: &Path) -> Result<(UnixListener, SocketFile), DaemonError> {
-    let deadline = Instant::now() + REBIND_TIMEOUT;
+/// Bind the API socket once the old daemon has let go of it. The VMs run here already:
+/// it keeps trying (saying why every [`REBIND_TIMEOUT`]) rather than give them up.
+fn rebind(socket_path: &Path) -> (UnixListener, SocketFile) {
+    let mut next_report = Instant::now() + REBIND_TIMEOUT;
     loop {
         match socket::bind(socket_path) {
-            Ok(bound) => return Ok(bound),
-            Err(SocketError::Live(_)) if Instant::now() < deadline => {
+            Ok(bound) => return bound,
+            Err(e) => {
+                if Instant::now() >= next_report {
+                    tracing::error!(error = %e, socket = %socket_path.display(),
+                        "cannot bind the API socket yet; the VMs run on, still trying");
+                    next_report = Instant::now() + REBIND_TIMEOUT;
+                }
                 std::thread::sleep(Duration::from_millis(50));
             }
-            Err(e) => return Err(e.into()),
         }
     }
 }

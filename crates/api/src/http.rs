@@ -59,6 +59,13 @@ pub const CONTENT_TYPE_JSON: &str = "application/json";
 /// The Prometheus text exposition format.
 pub const CONTENT_TYPE_METRICS: &str = "text/plain; version=0.0.4; charset=utf-8";
 
+fn one_line(message: &str) -> String {
+    message
+        .chars()
+        .map(|c| if c == '\n' || c == '\r' { ' ' } else { c })
+        .collect()
+}
+
 impl Response {
     /// A JSON response with `value` as its body.
     pub fn json<T: serde::Serialize + ?Sized>(status: u16, value: &T) -> Self {
@@ -79,12 +86,20 @@ impl Response {
 
     /// The API's error form: `{"error": "one line"}`.
     pub fn error(status: u16, message: &str) -> Self {
-        let one_line: String = message
-            .chars()
-            .map(|c| if c == '\n' || c == '\r' { ' ' } else { c })
-            .collect();
-        let mut body = serde_json::to_vec(&serde_json::json!({ "error": one_line }))
-            .unwrap_or_else(|_| b"{\"error\":\"error\"}".to_vec());
+        Self::error_body(status, serde_json::json!({ "error": one_line(message) }))
+    }
+
+    /// An error of a warm reboot, with the phase it failed in.
+    pub fn error_in_phase(status: u16, message: &str, phase: warmvm_vmm::handover::Phase) -> Self {
+        Self::error_body(
+            status,
+            serde_json::json!({ "error": one_line(message), "phase": phase }),
+        )
+    }
+
+    fn error_body(status: u16, value: serde_json::Value) -> Self {
+        let mut body =
+            serde_json::to_vec(&value).unwrap_or_else(|_| b"{\"error\":\"error\"}".to_vec());
         body.push(b'\n');
         Self {
             status,

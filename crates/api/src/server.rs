@@ -108,8 +108,10 @@ impl Server {
     }
 
     /// Also serve `GET /metrics` (and nothing else) on a TCP listener.
-    pub fn with_metrics(mut self, listener: TcpListener) -> io::Result<Self> {
-        listener.set_nonblocking(true)?;
+    pub fn with_metrics(mut self, listener: TcpListener) -> Result<Self, (Self, io::Error)> {
+        if let Err(e) = listener.set_nonblocking(true) {
+            return Err((self, e));
+        }
         self.metrics = Some(listener);
         Ok(self)
     }

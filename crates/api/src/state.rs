@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use warmvm_vmm::handover::{self, RebootOptions, RebootReport};
+use warmvm_vmm::handover::{self, Phase, RebootOptions, RebootReport};
 use warmvm_vmm::{ConfigError, Host, HostError, Lifecycle, Vm, VmConfig, VmError, VmReport};
 
 use crate::http::{Request, Response, CONTENT_TYPE_METRICS};
@@ -35,6 +35,8 @@ pub const MAX_STOP_GRACE_SECS: u64 = 3600;
 pub struct ApiError {
     pub status: u16,
     pub message: String,
+    /// For a failed warm reboot: the phase it failed in.
+    pub phase: Option<Phase>,
 }
 
 impl ApiError {
@@ -42,11 +44,20 @@ impl ApiError {
         Self {
             status,
             message: message.into(),
+            phase: None,
         }
     }
 
+    fn in_phase(mut self, phase: Phase) -> Self {
+        self.phase = Some(phase);
+        self
+    }
+
     fn response(&self) -> Response {
-        Response::error(self.status, &self.message)
+        match self.phase {
+            Some(phase) => Response::error_in_phase(self.status, &self.message, phase),
+            None => Response::error(self.status, &self.message),
+        }
     }
 }
 
@@ -97,6 +108,23 @@ pub struct DaemonStatus {
     pub vms_running: usize,
     pub vms_paused: usize,
     pub state_dir: String,
+    /// This build (the version, and the build id a packager set).
+    pub build: String,
+    /// How this daemon took its VMs over by a warm reboot, if it did.
+    pub last_takeover: Option<TakeoverInfo>,
+}
+
+/// How a daemon took its VMs over from the one before it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TakeoverInfo {
+    pub previous_pid: Option<u64>,
+    pub from_build: String,
+    pub to_build: String,
+    /// The state format the old daemon wrote and this one read.
+    pub state_format: u32,
+    /// False when an older build without the commit step handed over.
+    pub commit_protocol: bool,
+    pub host_blackout_us: u64,
 }
 
 /// `GET /v1/vms`.
@@ -123,12 +151,25 @@ pub struct RebootRequest {
     /// The new daemon's binary (absolute path); default: this daemon's own binary.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub binary: Option<PathBuf>,
+    /// How long starting the new daemon and preparing every VM may take (the guests run
+    /// meanwhile); default: the daemon's `--stage-timeout-ms`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage_timeout_ms: Option<u64>,
+    /// How long the guests may be frozen before the new daemon is ready; past it the
+    /// reboot is aborted and the VMs run on here. Default: the daemon's `--ready-budget-ms`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_budget_ms: Option<u64>,
 }
+
+/// Bounds of the reboot timeouts a request or a flag may set.
+pub const STAGE_TIMEOUT_MS: std::ops::RangeInclusive<u64> = 100..=600_000;
+pub const READY_BUDGET_MS: std::ops::RangeInclusive<u64> = 10..=60_000;
 
 /// How long a warm reboot waits for VM operations under way before it gives up (409).
 const GATE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// How long a new daemon may take to prepare, and then to resume the guests.
+/// How long a client waits for a warm reboot's answer, at the least: the longest staging
+/// the daemon allows plus the longest budget and the time to answer.
 pub const REBOOT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What a warm reboot needs from the daemon around the API state: how to start the new
@@ -140,8 +181,9 @@ pub struct RebootSetup {
     pub extra: serde_json::Value,
     /// Named fds for the new daemon: at least `api-listener`.
     pub extra_fds: Vec<(String, RawFd)>,
-    /// How long the new daemon may take to prepare, and then to resume the guests.
-    pub timeout: Duration,
+    /// Default stage timeout and ready budget (see [`RebootRequest`]).
+    pub stage_timeout: Duration,
+    pub ready_budget: Duration,
     /// Stops this daemon's server loop once the VMs are handed over.
     pub stop: crate::server::StopHandle,
 }
@@ -162,6 +204,7 @@ pub struct ApiState {
     /// Pause, resume and stop hold it for reading while they act on a VM without the Host
     /// lock; a warm reboot holds it for writing.
     ops: RwLock<()>,
+    last_takeover: OnceLock<TakeoverInfo>,
 }
 
 impl ApiState {
@@ -180,7 +223,13 @@ impl ApiState {
             handed_over: AtomicBool::new(false),
             ops: RwLock::new(()),
             connections: AtomicUsize::new(0),
+            last_takeover: OnceLock::new(),
         }
+    }
+
+    /// Record how this daemon took its VMs over (shown by `GET /v1/status`).
+    pub fn set_last_takeover(&self, info: TakeoverInfo) {
+        let _ = self.last_takeover.set(info);
     }
 
     /// Enter a pause, resume or stop (see the locking rule above).
@@ -311,6 +360,8 @@ impl ApiState {
             vms_running: count("running"),
             vms_paused: count("paused"),
             state_dir,
+            build: warmvm_vmm::build(),
+            last_takeover: self.last_takeover.get().cloned(),
         }
     }
 
@@ -457,6 +508,21 @@ impl ApiState {
                 ),
             ));
         }
+        for (name, value, range) in [
+            ("stage_timeout_ms", req.stage_timeout_ms, STAGE_TIMEOUT_MS),
+            ("ready_budget_ms", req.ready_budget_ms, READY_BUDGET_MS),
+        ] {
+            if let Some(v) = value.filter(|v| !range.contains(v)) {
+                return Err(ApiError::new(
+                    400,
+                    format!(
+                        "{name} = {v} is out of range: use {} to {}",
+                        range.start(),
+                        range.end()
+                    ),
+                ));
+            }
+        }
         let binary = match &req.binary {
             Some(b) => {
                 check_binary(b)
@@ -473,7 +539,7 @@ impl ApiState {
     /// stays taken for good (nothing here may touch the handed-over VMs again) and the
     /// caller must exit once the answer is sent. On failure the VMs run on here.
     pub fn reboot(&self, body: &[u8]) -> Result<RebootReport, ApiError> {
-        let (_req, binary) = Self::parse_reboot(body)?;
+        let (req, binary) = Self::parse_reboot(body)?;
         let setup = self.reboot.get().ok_or_else(|| {
             ApiError::new(
                 409,
@@ -520,7 +586,12 @@ impl ApiState {
         let opts = RebootOptions {
             binary: binary.clone(),
             args: setup.args.clone(),
-            timeout: setup.timeout,
+            stage_timeout: req
+                .stage_timeout_ms
+                .map_or(setup.stage_timeout, Duration::from_millis),
+            ready_budget: req
+                .ready_budget_ms
+                .map_or(setup.ready_budget, Duration::from_millis),
             extra: setup.extra.clone(),
             extra_fds: setup.extra_fds.clone(),
             env: Vec::new(),
@@ -549,7 +620,8 @@ impl ApiState {
                 Err(ApiError::new(
                     status,
                     format!("warm reboot failed; the VMs run on in this daemon: {e}"),
-                ))
+                )
+                .in_phase(e.phase))
             }
         }
     }

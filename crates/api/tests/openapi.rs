@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use serde_json::{json, Value};
 use warmvm_api::routes::ROUTES;
 use warmvm_api::schema::validate;
-use warmvm_api::state::{DaemonStatus, RebootRequest, StopRequest};
+use warmvm_api::state::{DaemonStatus, RebootRequest, StopRequest, TakeoverInfo};
 use warmvm_vmm::handover::{PhaseTimes, RebootReport, VmBlackout};
 use warmvm_vmm::status::{GuestFigures, GuestVcpuFigures};
 use warmvm_vmm::{Lifecycle, VcpuStats, VmConfig, VmReport};
@@ -158,7 +158,36 @@ fn reports_in_every_state_match_the_schema() {
             vms_running: 0,
             vms_paused: 0,
             state_dir: "/run/warmvm".into(),
+            build: "warmvm 0.1.0".into(),
+            last_takeover: None,
         },
+    );
+    check(
+        &doc,
+        "DaemonStatus",
+        &DaemonStatus {
+            version: "0.1.0".into(),
+            pid: 1,
+            uptime_ms: 2,
+            vm_count: 0,
+            vms_running: 0,
+            vms_paused: 0,
+            state_dir: "/run/warmvm".into(),
+            build: "warmvm 0.1.0".into(),
+            last_takeover: Some(TakeoverInfo {
+                previous_pid: Some(9),
+                from_build: "warmvm 0.1.0 (old)".into(),
+                to_build: "warmvm 0.1.0".into(),
+                state_format: 2,
+                commit_protocol: false,
+                host_blackout_us: 700,
+            }),
+        },
+    );
+    check(
+        &doc,
+        "Error",
+        &json!({ "error": "warm reboot failed", "phase": "restore" }),
     );
     check(&doc, "Error", &json!({ "error": "no VM named x" }));
     check(
@@ -175,6 +204,7 @@ fn reports_in_every_state_match_the_schema() {
                 capture_us: 3,
                 transfer_us: 4,
                 restore_us: 5,
+                commit_us: 7,
                 resume_us: 6,
             },
             vms: vec![VmBlackout {
@@ -182,6 +212,8 @@ fn reports_in_every_state_match_the_schema() {
                 blackout_us: 800,
             }],
             state_bytes: 20000,
+            state_format: 3,
+            commit_protocol: true,
         },
     );
     check(&doc, "RebootReport", &RebootReport::default());
@@ -229,6 +261,8 @@ fn request_schemas_match_what_the_server_accepts() {
     let full = RebootRequest {
         mode: "warm".into(),
         binary: Some("/usr/local/bin/warmvm".into()),
+        stage_timeout_ms: Some(30_000),
+        ready_budget_ms: Some(500),
     };
     check(&doc, "RebootRequest", &full);
     let documented = doc["components"]["schemas"]["RebootRequest"]["properties"]

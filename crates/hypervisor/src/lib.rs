@@ -16,6 +16,6 @@ pub use cpuid::CpuidOptions;
 pub use error::{Error, Result};
 pub use hypervisor::Hypervisor;
 pub use kick::{install_kick_handler, kick_signal, kick_thread};
-pub use state::{VcpuState, VmState, MSR_IA32_TSC};
+pub use state::{required, VcpuState, VmState, MSR_IA32_TSC};
 pub use vcpu::{Exit, ExitHandler, Vcpu};
 pub use vm::{EventFd, Vm};

@@ -18,18 +18,32 @@ use crate::{Error, Result, Vcpu, Vm};
 pub const MSR_IA32_TSC: u32 = 0x10;
 pub const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
 
-/// Everything KVM knows about one vCPU.
+/// Deserialise a field that must be present even though its type could be absent: serde
+/// otherwise reads a missing `Option` as `None`, so a state without its LAPIC or XSAVE
+/// would silently restore without them. Use as `#[serde(deserialize_with = "required")]`.
+pub fn required<'de, D, T>(d: D) -> std::result::Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(d)
+}
+
+/// Everything KVM knows about one vCPU. Strict: every field must be present when it is
+/// read back (a state without `regs` must not restore zeros); fields added later must come
+/// with `#[serde(default)]` of their own.
 #[derive(Debug, Default, Serialize, Deserialize)]
-#[serde(default)]
 pub struct VcpuState {
     pub id: u32,
     pub cpuid: Vec<kvm_cpuid_entry2>,
     pub mp_state: kvm_mp_state,
     pub regs: kvm_regs,
     pub sregs: kvm_sregs,
+    #[serde(deserialize_with = "required")]
     pub xsave: Option<kvm_xsave>,
     pub xcrs: kvm_xcrs,
     pub debugregs: kvm_debugregs,
+    #[serde(deserialize_with = "required")]
     pub lapic: Option<kvm_lapic_state>,
     /// (index, value) of every MSR KVM would let us read.
     pub msrs: Vec<(u32, u64)>,
@@ -37,13 +51,14 @@ pub struct VcpuState {
     pub tsc_khz: u32,
 }
 
-/// Everything KVM knows about a VM outside its vCPUs.
+/// Everything KVM knows about a VM outside its vCPUs. Strict, like [`VcpuState`].
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
-#[serde(default)]
 pub struct VmState {
     /// PIC master, PIC slave, IOAPIC.
     pub irqchips: Vec<kvm_irqchip>,
+    #[serde(deserialize_with = "required")]
     pub pit: Option<kvm_pit_state2>,
+    #[serde(deserialize_with = "required")]
     pub clock: Option<kvm_clock_data>,
 }
 
@@ -252,5 +267,86 @@ impl Vm {
                 .map_err(Error::SetState("CLOCK"))?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample_vcpu() -> VcpuState {
+        let mut s = VcpuState {
+            id: 3,
+            xsave: Some(kvm_xsave::default()),
+            lapic: Some(kvm_lapic_state::default()),
+            msrs: vec![(MSR_IA32_TSC, 42), (MSR_IA32_TSC_DEADLINE, 7)],
+            tsc_khz: 2_000_000,
+            ..Default::default()
+        };
+        s.regs.rip = 0x1234;
+        s.regs.rsp = 0x8000;
+        s.sregs.cr3 = 0x9000;
+        s
+    }
+
+    /// Re-encode `value` as a MessagePack map without `field`, as a writer that lacked it would.
+    fn without_field<T: Serialize>(value: &T, field: &str) -> Vec<u8> {
+        let bytes = rmp_serde::to_vec_named(value).unwrap();
+        let mut map: std::collections::BTreeMap<String, rmpv::Value> =
+            rmp_serde::from_slice(&bytes).unwrap();
+        assert!(map.remove(field).is_some(), "{field} is a field");
+        rmp_serde::to_vec_named(&map).unwrap()
+    }
+
+    #[test]
+    fn vcpu_state_round_trips() {
+        let s = sample_vcpu();
+        let back: VcpuState = rmp_serde::from_slice(&rmp_serde::to_vec_named(&s).unwrap()).unwrap();
+        assert_eq!(back.id, 3);
+        assert_eq!(back.regs.rip, 0x1234);
+        assert_eq!(back.sregs.cr3, 0x9000);
+        assert_eq!(back.msrs, s.msrs);
+        assert!(back.xsave.is_some() && back.lapic.is_some());
+    }
+
+    #[test]
+    fn a_vcpu_state_missing_any_field_is_refused_by_name() {
+        let s = sample_vcpu();
+        for field in [
+            "id",
+            "cpuid",
+            "mp_state",
+            "regs",
+            "sregs",
+            "xsave",
+            "xcrs",
+            "debugregs",
+            "lapic",
+            "msrs",
+            "vcpu_events",
+            "tsc_khz",
+        ] {
+            let err = rmp_serde::from_slice::<VcpuState>(&without_field(&s, field))
+                .expect_err(field)
+                .to_string();
+            assert!(err.contains(field), "{field}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_vm_state_missing_any_field_is_refused_by_name() {
+        let s = VmState {
+            irqchips: vec![kvm_irqchip::default()],
+            pit: None,
+            clock: Some(kvm_clock_data::default()),
+        };
+        let back: VmState = rmp_serde::from_slice(&rmp_serde::to_vec_named(&s).unwrap()).unwrap();
+        assert_eq!((back.irqchips.len(), back.pit.is_none()), (1, true));
+        for field in ["irqchips", "pit", "clock"] {
+            let err = rmp_serde::from_slice::<VmState>(&without_field(&s, field))
+                .expect_err(field)
+                .to_string();
+            assert!(err.contains(field), "{field}: {err}");
+        }
     }
 }

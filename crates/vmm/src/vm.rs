@@ -109,6 +109,12 @@ pub struct VmShared {
     pub(crate) lifecycle_cv: Condvar,
     vcpus: OnceLock<Vec<Arc<VcpuHandle>>>,
     pub created_at: Instant,
+    /// CLOCK_MONOTONIC ns when the VM was first created, in whichever VMM: its uptime
+    /// counts the time it existed across warm reboots.
+    pub(crate) created_ns: u64,
+    /// CLOCK_MONOTONIC ns at which the VM's first vCPU stopped in the old VMM, for a VM
+    /// taken over by a warm reboot (to report its blackout).
+    handover_first_stop_ns: std::sync::atomic::AtomicU64,
     first_run: OnceLock<Instant>,
     // Declared last: dropped after everything above, and only once no vCPU thread holds
     // this struct any more, so KVM never runs a vCPU over unmapped RAM.
@@ -183,8 +189,9 @@ pub(crate) struct Parts {
     pub console_log: PathBuf,
     pub linux_devices: bool,
     pub lifecycle: Lifecycle,
-    /// How long the VM has existed already (in the VMM it comes from).
-    pub age: Duration,
+    /// CLOCK_MONOTONIC ns when the VM was first created (in the VMM it comes from); `None`
+    /// for a new VM.
+    pub created_ns: Option<u64>,
 }
 
 /// Create the KVM VM over `ram`: memory slots first (on PVM each slot costs milliseconds
@@ -319,7 +326,7 @@ impl Vm {
             console_log,
             linux_devices,
             lifecycle: Lifecycle::Created,
-            age: Duration::ZERO,
+            created_ns: None,
         })?;
         tracing::info!(vm = %config.name, memory_mib = config.memory_mib, vcpus = config.vcpus,
             boot = %plan.protocol, "VM created");
@@ -328,15 +335,18 @@ impl Vm {
 
     /// Wrap KVM objects, RAM and devices into a VM with parked vCPU threads.
     pub(crate) fn assemble(p: Parts) -> Result<Self, VmError> {
+        let now_ns = crate::vcpu::monotonic_ns();
+        let created_ns = p.created_ns.unwrap_or(now_ns).min(now_ns);
+        let age = Duration::from_nanos(now_ns - created_ns);
         let shared = Arc::new(VmShared {
             name: p.config.name.clone(),
             devices: Devices::new(&p.config.name, p.serial),
             lifecycle: Mutex::new(p.lifecycle),
             lifecycle_cv: Condvar::new(),
             vcpus: OnceLock::new(),
-            created_at: Instant::now()
-                .checked_sub(p.age)
-                .unwrap_or_else(Instant::now),
+            created_at: Instant::now().checked_sub(age).unwrap_or_else(Instant::now),
+            created_ns,
+            handover_first_stop_ns: std::sync::atomic::AtomicU64::new(0),
             first_run: OnceLock::new(),
             kvm_vm: p.kvm_vm,
             ram: p.ram,
@@ -497,9 +507,41 @@ impl Vm {
         self.handles().iter().map(|h| h.stats())
     }
 
-    /// The CPUID each vCPU was created with.
-    pub(crate) fn vcpu_cpuids(&self) -> Vec<Vec<kvm_bindings::kvm_cpuid_entry2>> {
-        self.cpuids.clone()
+    pub(crate) fn set_first_stop_ns(&self, ns: u64) {
+        self.shared
+            .handover_first_stop_ns
+            .store(ns, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub(crate) fn first_stop_ns(&self) -> u64 {
+        self.shared
+            .handover_first_stop_ns
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// What does not change while the VM lives: what a handover stages and a snapshot
+    /// keeps beside the VM's changing state.
+    pub fn spec(&self) -> crate::handover::VmSpec {
+        crate::handover::VmSpec {
+            config: (&self.config).into(),
+            protocol: self.protocol.into(),
+            status_addr: self.status_addr.map(|a| a.0),
+            ram: self
+                .shared
+                .ram
+                .regions()
+                .iter()
+                .map(|r| crate::handover::RamSlot {
+                    guest_addr: r.guest_addr,
+                    size: r.size,
+                })
+                .collect(),
+            hugepages: self.shared.ram.hugepages(),
+            cpuids: self.cpuids.clone(),
+            linux_devices: self.linux_devices,
+            console_log: self.console_log.clone(),
+            created_monotonic_ns: self.shared.created_ns,
+        }
     }
 
     /// The reference guest's integrity figures, if this VM runs it and it has reported.
@@ -533,7 +575,8 @@ impl Vm {
             memory_mib: self.config.memory_mib,
             vcpus: self.config.vcpus,
             boot: self.protocol.to_string(),
-            uptime_ms: self.shared.created_at.elapsed().as_millis() as u64,
+            uptime_ms: crate::vcpu::monotonic_ns().saturating_sub(self.shared.created_ns)
+                / 1_000_000,
             console_log: self.console_log.clone(),
             ram_resident_mib: self.shared.ram.resident_bytes() >> 20,
             exits: self.handles().iter().map(|h| h.stats()).collect(),

@@ -284,6 +284,7 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
             stop_grace: std::time::Duration::from_secs(stop_grace_secs),
             takeover_fd,
             successor_args,
+            ..Default::default()
         }),
         Command::Reboot { mode, binary, api } => crate::client::reboot(mode, binary, &api),
         Command::Vm(cmd) => crate::client::vm(cmd),

@@ -55,9 +55,13 @@ pub struct DemoArgs {
     /// Pause between chained reboots, in milliseconds.
     #[arg(long, default_value_t = 200)]
     pub reboot_interval_ms: u64,
-    /// How long a new VMM may take to prepare, and then to resume the guests.
+    /// How long a new VMM may take to start and prepare every VM (the guests run meanwhile).
     #[arg(long, default_value_t = 30)]
     pub reboot_timeout_secs: u64,
+    /// How long the guests may be frozen before the new VMM is ready; past it the reboot
+    /// is aborted and the VMs run on in the old VMM.
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(10..=60_000))]
+    pub ready_budget_ms: u64,
     /// (internal) Continue a demo handed over by the previous VMM on this fd.
     #[arg(long, hide = true)]
     pub takeover_fd: Option<i32>,
@@ -313,7 +317,7 @@ fn reboot(
     carry: &DemoCarry,
     state_dir: &std::path::Path,
     binary: Option<&std::path::Path>,
-) -> Result<std::process::Child, Failure> {
+) -> Result<Option<std::process::Child>, Failure> {
     let binary = match binary {
         Some(b) => b.to_path_buf(),
         None => handover::this_binary(),
@@ -333,6 +337,8 @@ fn reboot(
         args.reboot_interval_ms.to_string().into(),
         "--reboot-timeout-secs".into(),
         args.reboot_timeout_secs.to_string().into(),
+        "--ready-budget-ms".into(),
+        args.ready_budget_ms.to_string().into(),
         "--vms".into(),
         args.vms.to_string().into(),
         "--gap-window-ms".into(),
@@ -341,7 +347,8 @@ fn reboot(
     let opts = RebootOptions {
         binary,
         args: new_args,
-        timeout: Duration::from_secs(args.reboot_timeout_secs),
+        stage_timeout: Duration::from_secs(args.reboot_timeout_secs),
+        ready_budget: Duration::from_millis(args.ready_budget_ms),
         extra: serde_json::to_value(carry).unwrap_or_default(),
         extra_fds: Vec::new(),
         env: Vec::new(),

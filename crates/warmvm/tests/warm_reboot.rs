@@ -63,58 +63,77 @@ fn four_vms_survive_consecutive_warm_reboots() {
     assert_all_vms_verified(&doc);
 }
 
-#[test]
-fn state_from_an_older_format_is_taken_over() {
-    if !warmvm_vmm::testing::kvm_available("state_from_an_older_format_is_taken_over") {
+/// A fault in the new VMM (`WARMVM_FAULT`, or the refusal `WARMVM_HANDOVER_FAULT`): the
+/// reboot must fail, say why and in which phase, and every VM go on in the old VMM.
+fn fault_leaves_every_vm_running(env: (&str, &str), expected: &[&str]) {
+    if !warmvm_vmm::testing::kvm_available(env.1) {
         return;
     }
-    let (code, doc, stderr) = demo(&[], &[("WARMVM_HANDOVER_EMIT_FORMAT", "1")]);
-    assert_eq!(code, Some(0), "{doc} {stderr}");
-    assert!(doc["warm_reboot_error"].is_null(), "{doc}");
-    assert_all_vms_verified(&doc);
-}
-
-/// The new VMM fails in `fault`; the reboot must report it and every VM go on in the old.
-fn fault_leaves_every_vm_running(fault: &str, expected: &str) {
-    if !warmvm_vmm::testing::kvm_available(fault) {
-        return;
-    }
-    let (code, doc, stderr) = demo(
-        &["--reboot-timeout-secs", "3"],
-        &[("WARMVM_HANDOVER_FAULT", fault)],
-    );
+    let (code, doc, stderr) = demo(&["--reboot-timeout-secs", "5"], &[env]);
     assert_eq!(
         code,
         Some(1),
         "a failed reboot fails the demo: {doc} {stderr}"
     );
     let error = doc["warm_reboot_error"].as_str().unwrap_or_default();
-    assert!(
-        error.contains(expected),
-        "{fault}: {error:?} should mention {expected:?}"
-    );
+    for want in expected {
+        assert!(
+            error.contains(want),
+            "{env:?}: {error:?} should mention {want:?}"
+        );
+    }
     assert!(doc["warm_reboot"].is_null(), "{doc}");
     assert_all_vms_verified(&doc);
 }
 
 #[test]
 fn new_vmm_refusing_the_state_leaves_vms_running() {
-    fault_leaves_every_vm_running("refuse-state", "refuse-state");
+    fault_leaves_every_vm_running(
+        (warmvm_vmm::handover::FAULT_ENV, "refuse-state"),
+        &["refused the handover", "refuse-state", "transfer phase"],
+    );
 }
 
 #[test]
-fn new_vmm_crashing_while_adopting_leaves_vms_running() {
-    fault_leaves_every_vm_running("crash-adopt", "closed the channel");
+fn new_vmm_killed_while_restoring_leaves_vms_running() {
+    fault_leaves_every_vm_running(
+        ("WARMVM_FAULT", "new:state:kill"),
+        &["was killed by signal 9", "restore phase"],
+    );
 }
 
 #[test]
-fn new_vmm_hanging_while_adopting_leaves_vms_running() {
-    fault_leaves_every_vm_running("hang-adopt", "did not answer in time");
+fn new_vmm_hanging_past_the_ready_budget_leaves_vms_running() {
+    fault_leaves_every_vm_running(
+        ("WARMVM_FAULT", "new:state:delay:4000"),
+        &["sent no Ready within the time allowed", "restore phase"],
+    );
 }
 
 #[test]
-fn new_vmm_crashing_while_preparing_leaves_vms_running() {
-    fault_leaves_every_vm_running("crash-prepare", "closed the channel");
+fn new_vmm_killed_while_preparing_leaves_vms_running() {
+    fault_leaves_every_vm_running(
+        ("WARMVM_FAULT", "new:staged:kill"),
+        &["was killed by signal 9", "stage phase"],
+    );
+}
+
+#[test]
+fn new_vmm_killed_after_the_commit_before_its_claim_leaves_vms_running() {
+    // It read `Commit` but died before claiming the guests: none ran there, so the old
+    // VMM revokes the handover and resumes them.
+    fault_leaves_every_vm_running(
+        ("WARMVM_FAULT", "new:commit:kill"),
+        &["was killed by signal 9", "resume phase"],
+    );
+}
+
+#[test]
+fn new_vmm_stopped_after_the_commit_before_its_claim_leaves_vms_running() {
+    fault_leaves_every_vm_running(
+        ("WARMVM_FAULT", "new:commit:stop:3000"),
+        &["sent no report within", "resume phase"],
+    );
 }
 
 #[test]

@@ -72,10 +72,17 @@ impl Channel {
                 bytes.len()
             )));
         }
-        self.sock
-            .send_with_fds(&[&bytes[..]], fds)
-            .map_err(|e| HandoverError::Io(format!("send: {e}")))?;
-        Ok(())
+        loop {
+            match self.sock.send_with_fds(&[&bytes[..]], fds) {
+                Ok(_) => return Ok(()),
+                Err(e) if e.errno() == libc::EINTR => continue,
+                // The other end is closed: its process has exited (or closed it on purpose).
+                Err(e) if e.errno() == libc::EPIPE || e.errno() == libc::ECONNRESET => {
+                    return Err(HandoverError::PeerGone)
+                }
+                Err(e) => return Err(HandoverError::Io(format!("send: {e}"))),
+            }
+        }
     }
 
     /// Receive one message and the fds that came with it. A closed peer (the other VMM
@@ -87,15 +94,22 @@ impl Channel {
             iov_base: buf.as_mut_ptr().cast(),
             iov_len: buf.len(),
         }];
-        // SAFETY: the iovec points into `buf`, which outlives the call and may take any bytes.
-        let (len, nfds) =
-            unsafe { self.sock.recv_with_fds(&mut iov, &mut raw_fds) }.map_err(|e| {
-                if e.errno() == libc::EAGAIN || e.errno() == libc::EWOULDBLOCK {
-                    HandoverError::Timeout
-                } else {
-                    HandoverError::Io(format!("recv: {e}"))
+        let (len, nfds) = loop {
+            // SAFETY: the iovec points into `buf`, which outlives the call and may take any
+            // bytes.
+            match unsafe { self.sock.recv_with_fds(&mut iov, &mut raw_fds) } {
+                Ok(got) => break got,
+                Err(e) if e.errno() == libc::EINTR => continue,
+                Err(e) if e.errno() == libc::EAGAIN || e.errno() == libc::EWOULDBLOCK => {
+                    return Err(HandoverError::Timeout(
+                        "the other VMM did not answer in time".into(),
+                    ))
                 }
-            })?;
+                // A peer that died with unread messages resets the connection.
+                Err(e) if e.errno() == libc::ECONNRESET => return Err(HandoverError::PeerGone),
+                Err(e) => return Err(HandoverError::Io(format!("recv: {e}"))),
+            }
+        };
         let files: Vec<File> = raw_fds[..nfds]
             .iter()
             .map(|&fd| {

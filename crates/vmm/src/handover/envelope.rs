@@ -11,10 +11,11 @@ use serde::{de::DeserializeOwned, Serialize};
 use super::HandoverError;
 
 pub const MAGIC: [u8; 8] = *b"WARMVMHO";
-/// The state format this build writes. It only grows: new fields get defaults, so this
-/// build reads every version from [`MIN_FORMAT_VERSION`] up to this one.
-pub const FORMAT_VERSION: u32 = 2;
-pub const MIN_FORMAT_VERSION: u32 = 1;
+/// The state format this build writes. Format 3 added the commit point and the one
+/// `VmRecord` type; format 2 (builds up to commit a412568) is still read, see `legacy`.
+/// Within a format, state only grows by fields with defaults of their own.
+pub const FORMAT_VERSION: u32 = 3;
+pub const MIN_FORMAT_VERSION: u32 = 2;
 /// A sane upper bound: vCPU and device state is kilobytes per VM.
 pub const MAX_PAYLOAD: u64 = 256 << 20;
 const HEADER_LEN: usize = 8 + 4 + 4 + 8 + 4 + 4;
@@ -36,6 +37,18 @@ pub fn encode<T: Serialize>(value: &T, version: u32) -> Result<Vec<u8>, Handover
 
 /// Check and decode an envelope. Returns the value and the format version it was written in.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<(T, u32), HandoverError> {
+    let (version, payload) = open(bytes)?;
+    Ok((decode_payload(payload)?, version))
+}
+
+/// Decode a payload whose envelope [`open`] has checked.
+pub fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, HandoverError> {
+    rmp_serde::from_slice(payload).map_err(|e| HandoverError::BadState(format!("payload: {e}")))
+}
+
+/// Check an envelope (magic, a format this build reads, length, checksum) and return its
+/// format version and payload.
+pub fn open(bytes: &[u8]) -> Result<(u32, &[u8]), HandoverError> {
     let bad = |m: &str| HandoverError::BadState(m.to_string());
     if bytes.len() < HEADER_LEN || bytes[..8] != MAGIC {
         return Err(bad("not a warmvm handover state (bad magic)"));
@@ -63,8 +76,7 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<(T, u32), HandoverErr
     if crc32fast::hash(payload) != u32_at(24) {
         return Err(bad("checksum mismatch"));
     }
-    let value = rmp_serde::from_slice(payload).map_err(|e| bad(&format!("payload: {e}")))?;
-    Ok((value, version))
+    Ok((version, payload))
 }
 
 /// Write an envelope into a new memfd and seal it against any change.

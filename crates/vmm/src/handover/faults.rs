@@ -126,6 +126,83 @@ pub fn hit(point: Point) {
 
 #[cfg(feature = "fault-injection")]
 mod imp {
-    //! Implemented by the fault-campaign work; see the module docs for the contract.
-    pub(super) fn hit(_point: super::Point) {}
+    use super::{Point, Side};
+    use std::sync::OnceLock;
+    use std::time::Duration;
+
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    enum Action {
+        Kill,
+        Stop(u64),
+        Delay(u64),
+        Panic,
+    }
+
+    fn parse(spec: &str) -> Vec<(Side, &str, Action)> {
+        let mut out = Vec::new();
+        for item in spec.split(',').filter(|s| !s.is_empty()) {
+            let mut parts = item.splitn(3, ':');
+            let side = match parts.next() {
+                Some("old") => Side::Old,
+                Some("new") => Side::New,
+                _ => continue,
+            };
+            let (Some(point), Some(action)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            let ms = |a: &str| a.split_once(':').and_then(|(_, n)| n.parse().ok());
+            let action = match action {
+                "kill" => Action::Kill,
+                "panic" => Action::Panic,
+                a if a.starts_with("stop:") => match ms(a) {
+                    Some(n) => Action::Stop(n),
+                    None => continue,
+                },
+                a if a.starts_with("delay:") => match ms(a) {
+                    Some(n) => Action::Delay(n),
+                    None => continue,
+                },
+                _ => continue,
+            };
+            out.push((side, point, action));
+        }
+        out
+    }
+
+    static FAULTS: OnceLock<String> = OnceLock::new();
+
+    pub(super) fn hit(point: Point) {
+        let spec = FAULTS.get_or_init(|| std::env::var("WARMVM_FAULT").unwrap_or_default());
+        for (side, name, action) in parse(spec) {
+            if side != point.side() || name != point.name() {
+                continue;
+            }
+            tracing::warn!(point = name, ?action, "fault injected");
+            match action {
+                // SAFETY: raising a signal at ourselves has no memory effects.
+                Action::Kill => unsafe {
+                    libc::raise(libc::SIGKILL);
+                },
+                Action::Stop(ms) => {
+                    // SAFETY: the child only sleeps, signals its parent and exits, all
+                    // async-signal-safe; the parent then stops itself.
+                    unsafe {
+                        let parent = libc::getpid();
+                        if libc::fork() == 0 {
+                            let ts = libc::timespec {
+                                tv_sec: (ms / 1000) as libc::time_t,
+                                tv_nsec: ((ms % 1000) * 1_000_000) as libc::c_long,
+                            };
+                            libc::nanosleep(&ts, std::ptr::null_mut());
+                            libc::kill(parent, libc::SIGCONT);
+                            libc::_exit(0);
+                        }
+                        libc::raise(libc::SIGSTOP);
+                    }
+                }
+                Action::Delay(ms) => std::thread::sleep(Duration::from_millis(ms)),
+                Action::Panic => panic!("fault injected at {name}"),
+            }
+        }
+    }
 }

@@ -1,27 +1,38 @@
-//! The new VMM's side of a warm reboot: adopt, restore, resume.
+//! The new VMM's side of a warm reboot: prepare, restore without running, and run the
+//! guests only once the old VMM has committed (or has provably gone).
 
 use std::fs::File;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vm_memory::GuestAddress;
-use warmvm_boot::Protocol;
 use warmvm_devices::{ConsoleSink, SerialConsole};
 use warmvm_hypervisor::Hypervisor;
 use warmvm_memory::{GuestRam, RamRegion};
 
 use super::channel::Channel;
+use super::commit_flag::CommitFlag;
 use super::envelope;
-use super::state::{HandoverState, Msg, VmCapture, VmPrepare};
-use super::{HandoverError, PhaseTimes, RebootReport, VmBlackout, FAULT_ENV};
+use super::faults::{self, Point};
+use super::legacy::HandoverStateV2;
+use super::state::{
+    HandoverState, LifecycleState, Msg, Phase, PhaseTimes, RebootReport, VmBlackout, VmRecord,
+    VmSpec,
+};
+use super::{HandoverError, COMMIT_FLAG_FD, STDERR_FD};
 use crate::vcpu::monotonic_ns;
 use crate::vm::{build_kvm_vm, Lifecycle, Parts, Vm, VCPU_RESPONSE_TIMEOUT};
 use crate::Host;
 
-/// How long the old VMM may take between our `Prepared` and its state.
-const STATE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the old VMM may take to stage, and between our `Prepared` and its state.
+const STAGE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Tests only: `WARMVM_HANDOVER_FAULT=refuse-state` makes the new VMM refuse the state
+/// it is given (a refusal, as opposed to the crashes and hangs of `WARMVM_FAULT`).
+#[cfg(feature = "fault-injection")]
+pub const FAULT_ENV: &str = "WARMVM_HANDOVER_FAULT";
 
 /// What the new VMM ends up with.
 pub struct Adopted {
@@ -31,261 +42,576 @@ pub struct Adopted {
     pub report: RebootReport,
 }
 
-fn fault(name: &str) -> bool {
-    std::env::var(FAULT_ENV).is_ok_and(|f| f == name)
+/// A failed take-over: in which phase, and why. No guest ran in this process.
+#[derive(Debug, thiserror::Error)]
+#[error("{error} (in the {phase} phase)")]
+pub struct TakeoverError {
+    pub phase: Phase,
+    #[source]
+    pub error: HandoverError,
 }
 
-/// Take over the VMs the old VMM offers on `channel_fd`. Any error is also reported to the
-/// old VMM, which then resumes its VMs; the caller should exit.
-pub fn take_over(channel_fd: OwnedFd, state_dir: &Path) -> Result<Adopted, HandoverError> {
+fn at(phase: Phase) -> impl Fn(HandoverError) -> TakeoverError {
+    move |error| TakeoverError { phase, error }
+}
+
+/// Take over the VMs the old VMM offers on `channel_fd`. On an error no guest has run
+/// here and the old VMM keeps (or, if it is gone, has lost) the VMs; the caller should
+/// exit.
+pub fn take_over(channel_fd: OwnedFd, state_dir: &Path) -> Result<Adopted, TakeoverError> {
+    // Inherited without close-on-exec: a later reboot's VMM must not get this end too.
+    // SAFETY: fcntl with an integer argument on an fd we own.
+    unsafe { libc::fcntl(channel_fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
     let channel = Channel::from_fd(channel_fd);
-    let result = take_over_on(&channel, state_dir);
+    let hello = channel
+        .set_timeout(Some(STAGE_TIMEOUT))
+        .and_then(|()| channel.recv::<Msg>())
+        .map_err(at(Phase::Stage))?;
+    let (format, sender) = match hello.0 {
+        Msg::Hello {
+            format_version,
+            sender,
+        } => (format_version, sender),
+        other => {
+            return Err(at(Phase::Stage)(HandoverError::BadState(format!(
+                "expected Hello, got {other:?}"
+            ))))
+        }
+    };
+    faults::hit(Point::NewHello);
+    let result = match format {
+        3 => Session::new(&channel, format, sender).run(state_dir),
+        2 => Session::new(&channel, format, sender).run_legacy(state_dir),
+        _ => Err(at(Phase::Stage)(HandoverError::Incompatible(format!(
+            "{sender} offers state format {format}; this warmvm reads {}..={}",
+            envelope::MIN_FORMAT_VERSION,
+            envelope::FORMAT_VERSION
+        )))),
+    };
     if let Err(e) = &result {
-        let _ = channel.send(&Msg::Failed(e.to_string()), &[]);
+        // The old VMM resumes its VMs when told; a format-2 build only reads text.
+        let reply = if format >= 3 {
+            Msg::Refused(e.error.to_failure(e.phase))
+        } else {
+            Msg::Failed(e.error.to_string())
+        };
+        if !matches!(e.error, HandoverError::PeerGone | HandoverError::Aborted) {
+            let _ = channel.send(&reply, &[]);
+        }
+        tracing::error!(error = %e, "taking the VMs over failed; no guest ran here");
     }
     result
 }
 
-fn take_over_on(channel: &Channel, state_dir: &Path) -> Result<Adopted, HandoverError> {
-    channel.set_timeout(Some(STATE_TIMEOUT))?;
-    match channel.recv::<Msg>()?.0 {
-        Msg::Hello { format_version, .. }
-            if (envelope::MIN_FORMAT_VERSION..=envelope::FORMAT_VERSION)
-                .contains(&format_version) => {}
-        Msg::Hello {
-            format_version,
+/// VMs prepared before the pause, and what came with them.
+struct Staged {
+    hv: Hypervisor,
+    vms: Vec<Arc<Vm>>,
+    specs: Vec<VmSpec>,
+    extra: serde_json::Value,
+    extra_fds: Vec<(String, File)>,
+    stderr: Option<File>,
+    /// Format 3: the word the new VMM must claim before any guest runs here.
+    commit_flag: Option<CommitFlag>,
+}
+
+struct Session<'a> {
+    channel: &'a Channel,
+    format: u32,
+    sender: String,
+}
+
+impl<'a> Session<'a> {
+    fn new(channel: &'a Channel, format: u32, sender: String) -> Self {
+        Self {
+            channel,
+            format,
             sender,
-        } => {
-            return Err(HandoverError::Incompatible(format!(
-                "{sender} offers state format {format_version}; this warmvm reads {}..={}",
-                envelope::MIN_FORMAT_VERSION,
-                envelope::FORMAT_VERSION
-            )))
-        }
-        other => {
-            return Err(HandoverError::BadState(format!(
-                "expected Hello, got {other:?}"
-            )))
         }
     }
-    let hv = Hypervisor::open().map_err(|e| HandoverError::Vm {
-        vm: "-".into(),
-        err: e.into(),
-    })?;
-    let mut vms = Vec::new();
-    let (extra, extra_fds) = loop {
-        match channel.recv::<Msg>()? {
-            (Msg::PrepareVm(prep), files) => {
-                let name = prep.config.name.clone();
-                let vm = adopt_vm(&hv, *prep, files).map_err(|e| match e {
-                    HandoverError::Vm { .. } => e,
-                    other => HandoverError::BadState(format!("VM {name}: {other}")),
-                })?;
-                vms.push(vm);
+
+    /// Format 3: restore, say `Ready`, run only on `Commit` (or once the old VMM is gone).
+    fn run(self, state_dir: &Path) -> Result<Adopted, TakeoverError> {
+        let staged = self.stage().map_err(at(Phase::Stage))?;
+        faults::hit(Point::NewStaged);
+        self.send_prepared().map_err(at(Phase::Stage))?;
+        faults::hit(Point::NewPrepared);
+        let (msg, files) = self.channel.recv::<Msg>().map_err(at(Phase::Transfer))?;
+        let realtime = super::priority::Realtime::enter();
+        let t_transfer = Instant::now();
+        faults::hit(Point::NewState);
+        let (bytes, state) = read_state(msg, files).map_err(at(Phase::Transfer))?;
+        let transfer_us = t_transfer.elapsed().as_micros() as u64;
+        let (lifecycles, restore_us) = restore_all(&staged, state.vms, state.captured_at_ns, true)
+            .map_err(at(Phase::Restore))?;
+        faults::hit(Point::NewRestored);
+        let t_commit = Instant::now();
+        // From here on, the old VMM decides. A closed channel means it is gone after
+        // sending the state, and can never run these VMs again: they are ours.
+        let decision = match self.channel.send(&Msg::Ready, &[]) {
+            Ok(()) => {
+                faults::hit(Point::NewReadySent);
+                self.await_decision()
             }
-            (
+            Err(_) => Decision::OldGone,
+        };
+        match decision {
+            Decision::Commit => {}
+            Decision::OldGone => tracing::warn!(
+                "the old VMM went away after sending the state: it can never run the VMs again, so this VMM takes them"
+            ),
+            Decision::Abort => return Err(at(Phase::Commit)(HandoverError::Aborted)),
+            Decision::Unknown(why) => {
+                // Without a decision the old VMM may still run the VMs: never run them here.
+                return Err(at(Phase::Commit)(HandoverError::Io(why)));
+            }
+        }
+        faults::hit(Point::NewCommit);
+        // The claim decides: if the old VMM revoked the handover first (it gave up waiting),
+        // the guests must never run here.
+        if !staged.commit_flag.as_ref().is_some_and(CommitFlag::claim) {
+            return Err(at(Phase::Commit)(HandoverError::Aborted));
+        }
+        let commit_us = t_commit.elapsed().as_micros() as u64;
+        let t_resume = Instant::now();
+        let blackouts = resume(&staged.vms, &lifecycles);
+        redirect_stderr(staged.stderr.as_ref());
+        drop(realtime);
+        faults::hit(Point::NewRunning);
+        let report = self.report(
+            &staged,
+            &bytes,
+            &blackouts,
+            state.host_first_stop_ns,
+            PhaseTimes {
+                stage_us: state.stage_us,
+                quiesce_us: state.quiesce_us,
+                capture_us: state.capture_us,
+                transfer_us,
+                restore_us,
+                commit_us,
+                resume_us: t_resume.elapsed().as_micros() as u64,
+            },
+        );
+        let _ = self.channel.send(&Msg::Resumed(report.clone()), &[]);
+        faults::hit(Point::NewReported);
+        Ok(self.adopted(staged, report, state_dir))
+    }
+
+    /// Format 2 (an older build hands over): it has no commit point, so the guests run as
+    /// soon as they are restored, as that build expects.
+    fn run_legacy(self, state_dir: &Path) -> Result<Adopted, TakeoverError> {
+        let staged = self.stage().map_err(at(Phase::Stage))?;
+        faults::hit(Point::NewStaged);
+        self.send_prepared().map_err(at(Phase::Stage))?;
+        faults::hit(Point::NewPrepared);
+        let (msg, files) = self.channel.recv::<Msg>().map_err(at(Phase::Transfer))?;
+        let realtime = super::priority::Realtime::enter();
+        let t_transfer = Instant::now();
+        faults::hit(Point::NewState);
+        let (bytes, v2) = read_state_v2(msg, files).map_err(at(Phase::Transfer))?;
+        if v2.vms.len() != staged.specs.len() {
+            return Err(at(Phase::Transfer)(HandoverError::BadState(format!(
+                "state for {} VMs, {} were prepared",
+                v2.vms.len(),
+                staged.specs.len()
+            ))));
+        }
+        let records = v2
+            .vms
+            .into_iter()
+            .zip(&staged.specs)
+            .map(|(cap, spec)| cap.into_record(spec.clone()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(at(Phase::Transfer))?;
+        let transfer_us = t_transfer.elapsed().as_micros() as u64;
+        let (lifecycles, restore_us) =
+            restore_all(&staged, records, v2.captured_at_ns, true).map_err(at(Phase::Restore))?;
+        faults::hit(Point::NewRestored);
+        let t_resume = Instant::now();
+        let blackouts = resume(&staged.vms, &lifecycles);
+        drop(realtime);
+        faults::hit(Point::NewRunning);
+        let report = self.report(
+            &staged,
+            &bytes,
+            &blackouts,
+            v2.host_first_stop_ns,
+            PhaseTimes {
+                stage_us: v2.stage_us,
+                quiesce_us: v2.quiesce_us,
+                capture_us: v2.capture_us,
+                transfer_us,
+                restore_us,
+                commit_us: 0,
+                resume_us: t_resume.elapsed().as_micros() as u64,
+            },
+        );
+        let _ = self.channel.send(&Msg::Resumed(report.clone()), &[]);
+        faults::hit(Point::NewReported);
+        Ok(self.adopted(staged, report, state_dir))
+    }
+
+    fn send_prepared(&self) -> Result<(), HandoverError> {
+        self.channel.send(
+            &Msg::Prepared {
+                pid: std::process::id(),
+            },
+            &[],
+        )
+    }
+
+    /// Receive every VM's spec and fds and prepare each VM (guests still run in the old
+    /// VMM), then the extra fds.
+    fn stage(&self) -> Result<Staged, HandoverError> {
+        let hv = Hypervisor::open().map_err(|e| HandoverError::Vm {
+            vm: "-".into(),
+            err: e.into(),
+        })?;
+        let mut vms = Vec::new();
+        let mut specs = Vec::new();
+        loop {
+            let (msg, files) = self.channel.recv::<Msg>()?;
+            let spec = match msg {
+                Msg::StageVm(spec) if self.format >= 3 => *spec,
+                Msg::PrepareVm(prep) if self.format == 2 => prep.into_spec(monotonic_ns())?,
                 Msg::PrepareDone {
                     extra,
                     extra_fd_names,
-                },
-                files,
-            ) => {
-                if extra_fd_names.len() != files.len() {
-                    return Err(HandoverError::BadState(
-                        "extra fds do not match their names".into(),
-                    ));
+                } => {
+                    if extra_fd_names.len() != files.len() {
+                        return Err(HandoverError::BadState(
+                            "extra fds do not match their names".into(),
+                        ));
+                    }
+                    let mut extra_fds = Vec::new();
+                    let mut stderr = None;
+                    let mut commit_flag = None;
+                    for (name, file) in extra_fd_names.into_iter().zip(files) {
+                        match name.as_str() {
+                            STDERR_FD => stderr = Some(file),
+                            COMMIT_FLAG_FD => commit_flag = Some(CommitFlag::adopt(file)?),
+                            _ => extra_fds.push((name, file)),
+                        }
+                    }
+                    if self.format >= 3 && commit_flag.is_none() {
+                        return Err(HandoverError::BadState(
+                            "format 3 staging without a commit flag".into(),
+                        ));
+                    }
+                    return Ok(Staged {
+                        hv,
+                        vms,
+                        specs,
+                        extra,
+                        extra_fds,
+                        stderr,
+                        commit_flag,
+                    });
                 }
-                break (
-                    extra,
-                    extra_fd_names.into_iter().zip(files).collect::<Vec<_>>(),
-                );
-            }
-            (other, _) => {
+                other => {
+                    return Err(HandoverError::BadState(format!(
+                        "expected a VM or the end of staging, got {other:?}"
+                    )))
+                }
+            };
+            if vms.iter().any(|v: &Arc<Vm>| v.name() == spec.config.name) {
                 return Err(HandoverError::BadState(format!(
-                    "expected PrepareVm or PrepareDone, got {other:?}"
-                )))
+                    "VM {} offered twice",
+                    spec.config.name
+                )));
+            }
+            let name = spec.config.name.clone();
+            let vm = adopt_vm(&hv, &spec, files).map_err(|e| match e {
+                HandoverError::Vm { .. } => e,
+                other => HandoverError::BadState(format!("VM {name}: {other}")),
+            })?;
+            vms.push(vm);
+            specs.push(spec);
+        }
+    }
+
+    /// Wait, as long as it takes, for the old VMM's decision: giving up without one could
+    /// lose VMs the old VMM has just committed.
+    fn await_decision(&self) -> Decision {
+        if let Err(e) = self.channel.set_timeout(None) {
+            return Decision::Unknown(e.to_string());
+        }
+        {
+            match self.channel.recv::<Msg>() {
+                Ok((Msg::Commit, _)) => Decision::Commit,
+                Ok((Msg::Abort, _)) => Decision::Abort,
+                Ok((other, _)) => {
+                    Decision::Unknown(format!("expected Commit or Abort, got {other:?}"))
+                }
+                Err(HandoverError::PeerGone) => Decision::OldGone,
+                Err(e) => Decision::Unknown(e.to_string()),
             }
         }
-    };
-    if fault("crash-prepare") {
-        std::process::abort();
     }
-    channel.send(
-        &Msg::Prepared {
-            pid: std::process::id(),
-        },
-        &[],
-    )?;
 
-    let (msg, mut files) = channel.recv::<Msg>()?;
-    let realtime = super::priority::Realtime::enter();
-    let t_transfer = Instant::now();
-    if !matches!(msg, Msg::State) || files.len() != 1 {
-        return Err(HandoverError::BadState(
-            "expected State with one memfd".into(),
-        ));
+    fn report(
+        &self,
+        staged: &Staged,
+        bytes: &[u8],
+        blackouts: &[(u64, u64)],
+        host_first_stop_ns: u64,
+        phases: PhaseTimes,
+    ) -> RebootReport {
+        let host_last_resume = blackouts.iter().map(|b| b.1).max().unwrap_or(0);
+        RebootReport {
+            new_pid: std::process::id(),
+            from_build: self.sender.clone(),
+            to_build: crate::build(),
+            host_blackout_us: host_last_resume.saturating_sub(host_first_stop_ns) / 1000,
+            phases,
+            vms: staged
+                .vms
+                .iter()
+                .zip(blackouts)
+                .map(|(vm, &(first_stop, last_resume))| VmBlackout {
+                    name: vm.name().to_string(),
+                    blackout_us: last_resume.saturating_sub(first_stop) / 1000,
+                })
+                .collect(),
+            state_bytes: bytes.len() as u64,
+            state_format: self.format,
+            commit_protocol: self.format >= 3,
+        }
     }
-    let bytes = envelope::from_sealed_memfd(files.remove(0))?;
-    let (mut state, _version): (HandoverState, u32) = envelope::decode(&bytes)?;
-    if fault("refuse-state") {
+
+    fn adopted(&self, staged: Staged, report: RebootReport, state_dir: &Path) -> Adopted {
+        tracing::info!(
+            vms = staged.vms.len(),
+            host_blackout_us = report.host_blackout_us,
+            state_format = self.format,
+            "took over"
+        );
+        Adopted {
+            host: Host::adopted(staged.hv, staged.vms, state_dir),
+            extra: staged.extra,
+            extra_fds: staged.extra_fds,
+            report,
+        }
+    }
+}
+
+enum Decision {
+    Commit,
+    Abort,
+    OldGone,
+    Unknown(String),
+}
+
+fn read_state(msg: Msg, mut files: Vec<File>) -> Result<(Vec<u8>, HandoverState), HandoverError> {
+    let bytes = state_bytes(msg, &mut files)?;
+    let (version, payload) = envelope::open(&bytes)?;
+    if version != envelope::FORMAT_VERSION {
+        return Err(HandoverError::BadState(format!(
+            "Hello said format {}, the state is format {version}",
+            envelope::FORMAT_VERSION
+        )));
+    }
+    let state = envelope::decode_payload(payload)?;
+    check_refusal_fault()?;
+    Ok((bytes, state))
+}
+
+fn read_state_v2(
+    msg: Msg,
+    mut files: Vec<File>,
+) -> Result<(Vec<u8>, HandoverStateV2), HandoverError> {
+    let bytes = state_bytes(msg, &mut files)?;
+    let (version, payload) = envelope::open(&bytes)?;
+    if version != 2 {
+        return Err(HandoverError::BadState(format!(
+            "Hello said format 2, the state is format {version}"
+        )));
+    }
+    let state = envelope::decode_payload(payload)?;
+    check_refusal_fault()?;
+    Ok((bytes, state))
+}
+
+fn state_bytes(msg: Msg, files: &mut Vec<File>) -> Result<Vec<u8>, HandoverError> {
+    if !matches!(msg, Msg::State) || files.len() != 1 {
+        return Err(match msg {
+            Msg::Abort => HandoverError::Aborted,
+            other => HandoverError::BadState(format!(
+                "expected State with one memfd, got {other:?} with {} fds",
+                files.len()
+            )),
+        });
+    }
+    envelope::from_sealed_memfd(files.remove(0))
+}
+
+fn check_refusal_fault() -> Result<(), HandoverError> {
+    #[cfg(feature = "fault-injection")]
+    if std::env::var(FAULT_ENV).is_ok_and(|f| f == "refuse-state") {
         return Err(HandoverError::Refused(
             "fault injected: refuse-state".into(),
         ));
     }
-    if fault("crash-adopt") {
-        std::process::abort();
-    }
-    if fault("hang-adopt") {
-        loop {
-            std::thread::sleep(Duration::from_secs(3600));
-        }
-    }
-    if state.vms.len() != vms.len() {
+    Ok(())
+}
+
+/// Restore every VM (VM-wide state, then every vCPU in parallel on its own thread)
+/// without running any. Returns each VM's lifecycle to resume into, and the time taken.
+fn restore_all(
+    staged: &Staged,
+    mut records: Vec<VmRecord>,
+    captured_at_ns: u64,
+    spin_allowed: bool,
+) -> Result<(Vec<LifecycleState>, u64), HandoverError> {
+    if records.len() != staged.vms.len() {
         return Err(HandoverError::BadState(format!(
             "state for {} VMs, {} were prepared",
-            state.vms.len(),
-            vms.len()
+            records.len(),
+            staged.vms.len()
         )));
     }
-    let transfer_us = t_transfer.elapsed().as_micros() as u64;
-
-    // Restore every VM before any runs: a failure here leaves the old VMM in charge.
-    // Every VM must be in a state this VMM can resume it into, before anything is restored.
-    let mut lifecycles = Vec::new();
-    for cap in &state.vms {
-        lifecycles.push(match cap.lifecycle.as_str() {
-            "running" => Lifecycle::Running,
-            "paused" => Lifecycle::Paused,
-            "created" => Lifecycle::Created,
-            other => {
-                return Err(HandoverError::BadState(format!(
-                    "VM {}: cannot take over a VM in state {other:?}",
-                    cap.name
-                )))
-            }
-        });
+    // Check everything before restoring anything.
+    for (record, spec) in records.iter().zip(&staged.specs) {
+        if &record.spec != spec {
+            return Err(HandoverError::BadState(format!(
+                "the state of VM {} does not match the VM staged as {}",
+                record.spec.config.name, spec.config.name
+            )));
+        }
+        if record.lifecycle.is_live() != record.runtime.is_some() {
+            return Err(HandoverError::BadState(format!(
+                "VM {} is {:?} but its state {} vCPU state",
+                spec.config.name,
+                record.lifecycle,
+                if record.runtime.is_some() {
+                    "has"
+                } else {
+                    "lacks"
+                }
+            )));
+        }
     }
     let t_restore = Instant::now();
     // All VMs' vCPU threads restore at once: post every task before waiting for any.
     // Spinning for the resume afterwards saves a wake-up only while every vCPU thread
     // has a core of its own (beside this one); beyond that spinners would starve the
     // threads still restoring.
-    let vcpus: usize = vms.iter().map(|vm| vm.handles().len()).sum();
+    let vcpus: usize = staged.vms.iter().map(|vm| vm.handles().len()).sum();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let spin = vcpus < cores;
-    for (vm, cap) in vms.iter().zip(state.vms.iter_mut()) {
-        start_restore(vm, cap, state.captured_at_ns, spin)?;
+    let spin = spin_allowed && vcpus < cores;
+    let mut serials = Vec::new();
+    for (vm, record) in staged.vms.iter().zip(records.iter_mut()) {
+        if let Some(runtime) = record.runtime.as_mut() {
+            start_restore(vm, runtime, captured_at_ns, spin)?;
+        }
     }
-    for (vm, cap) in vms.iter().zip(&state.vms) {
-        finish_restore(vm, cap)?;
+    for (vm, record) in staged.vms.iter().zip(&records) {
+        if let Some(runtime) = &record.runtime {
+            finish_restore(vm)?;
+            serials.push((vm, &runtime.serial));
+        }
     }
-    let restore_us = t_restore.elapsed().as_micros() as u64;
+    for (vm, serial) in serials {
+        vm.shared.devices.restore_serial(serial);
+    }
+    let lifecycles = records.into_iter().map(|r| r.lifecycle).collect();
+    Ok((lifecycles, t_restore.elapsed().as_micros() as u64))
+}
 
-    let t_resume = Instant::now();
+/// Let every restored VM go, as it was in the old VMM. Nothing here can fail: this runs
+/// after `Commit`. Returns each VM's (first vCPU stop, last vCPU resume) in ns.
+fn resume(vms: &[Arc<Vm>], lifecycles: &[LifecycleState]) -> Vec<(u64, u64)> {
     for (vm, lifecycle) in vms.iter().zip(lifecycles) {
-        let run = lifecycle == Lifecycle::Running;
-        *vm.shared.lifecycle() = lifecycle;
-        if run {
+        *vm.shared.lifecycle() = match lifecycle {
+            LifecycleState::Created => Lifecycle::Created,
+            LifecycleState::Running => Lifecycle::Running,
+            LifecycleState::Paused => Lifecycle::Paused,
+            LifecycleState::PoweredOff { exit_status } => Lifecycle::PoweredOff {
+                exit_status: *exit_status,
+            },
+            LifecycleState::Crashed { reason } => Lifecycle::Crashed {
+                reason: reason.clone(),
+            },
+            LifecycleState::Stopped => Lifecycle::Stopped,
+        };
+        if *lifecycle == LifecycleState::Running {
             for h in vm.handles() {
                 h.request_run(&vm.shared);
             }
         }
     }
-    let mut blackouts = Vec::new();
-    let mut host_last_resume = 0;
-    for (vm, cap) in vms.iter().zip(&state.vms) {
+    let mut times = Vec::new();
+    for (vm, lifecycle) in vms.iter().zip(lifecycles) {
         let mut last_resume = 0;
-        if *vm.shared.lifecycle() == Lifecycle::Running {
+        if *lifecycle == LifecycleState::Running {
             for h in vm.handles() {
                 h.wait_running(VCPU_RESPONSE_TIMEOUT);
                 last_resume = last_resume.max(h.park_times().1);
             }
         }
-        host_last_resume = host_last_resume.max(last_resume);
-        blackouts.push(VmBlackout {
-            name: cap.name.clone(),
-            blackout_us: last_resume.saturating_sub(cap.first_stop_ns) / 1000,
-        });
+        times.push((vm.first_stop_ns(), last_resume));
     }
-    let resume_us = t_resume.elapsed().as_micros() as u64;
-    drop(realtime);
-    let report = RebootReport {
-        new_pid: std::process::id(),
-        from_build: state.sender.clone(),
-        to_build: crate::build(),
-        host_blackout_us: host_last_resume.saturating_sub(state.host_first_stop_ns) / 1000,
-        phases: PhaseTimes {
-            stage_us: state.stage_us,
-            quiesce_us: state.quiesce_us,
-            capture_us: state.capture_us,
-            transfer_us,
-            restore_us,
-            resume_us,
-        },
-        vms: blackouts,
-        state_bytes: bytes.len() as u64,
-    };
-    channel.send(&Msg::Resumed(report.clone()), &[])?;
-    tracing::info!(
-        vms = vms.len(),
-        host_blackout_us = report.host_blackout_us,
-        "took over"
-    );
-    Ok(Adopted {
-        host: Host::adopted(hv, vms, state_dir),
-        extra,
-        extra_fds,
-        report,
-    })
+    times
+}
+
+/// From now on write to the old VMM's stderr directly, not through its relay (which ends
+/// with the old VMM).
+fn redirect_stderr(stderr: Option<&File>) {
+    if let Some(f) = stderr {
+        // SAFETY: dup2 onto fd 2 of two fds that are open; it changes nothing else.
+        if unsafe { libc::dup2(f.as_raw_fd(), libc::STDERR_FILENO) } < 0 {
+            tracing::warn!(error = %std::io::Error::last_os_error(), "cannot take over the old VMM's stderr");
+        }
+    }
 }
 
 /// Build a VM over RAM memfds received from the old VMM, with parked vCPU threads.
 fn adopt_vm(
     hv: &Hypervisor,
-    prep: VmPrepare,
+    spec: &VmSpec,
     mut files: Vec<File>,
 ) -> Result<Arc<Vm>, HandoverError> {
     let bad = |m: String| HandoverError::BadState(m);
     let vm_err = |err: crate::VmError| HandoverError::Vm {
-        vm: prep.config.name.clone(),
+        vm: spec.config.name.clone(),
         err,
     };
-    if files.len() != prep.ram.len() + 1 {
+    if files.len() != spec.ram.len() + 1 {
         return Err(bad(format!(
             "{} fds for {} RAM regions and a log",
             files.len(),
-            prep.ram.len()
+            spec.ram.len()
         )));
     }
-    prep.config
+    let config: crate::VmConfig = spec.config.clone().into();
+    config
         .validate_shape(crate::HostLimits::probe())
         .map_err(|e| bad(e.to_string()))?;
-    if prep.cpuids.len() != prep.config.vcpus as usize || prep.config.vcpus == 0 {
+    if spec.cpuids.len() != config.vcpus as usize {
         return Err(bad("vCPU count and CPUIDs disagree".into()));
     }
-    let total: u64 = prep.ram.iter().map(|r| r.1).sum();
-    if total != prep.config.memory_mib << 20 {
+    let total = spec
+        .ram
+        .iter()
+        .try_fold(0u64, |sum, r| sum.checked_add(r.size))
+        .ok_or_else(|| bad("RAM regions overflow".into()))?;
+    if total != config.memory_mib << 20 {
         return Err(bad("RAM regions do not add up to memory_mib".into()));
     }
-    let protocol = match prep.protocol.as_str() {
-        "ring3" => Protocol::Ring3,
-        "pvh" => Protocol::Pvh,
-        "linux" => Protocol::Linux,
-        other => return Err(bad(format!("unknown boot protocol {other:?}"))),
-    };
     let log = files.pop().ok_or_else(|| bad("no console log fd".into()))?;
-    let regions = prep
+    let regions = spec
         .ram
         .iter()
         .zip(files)
-        .map(|(&(guest_addr, size), file)| RamRegion {
-            guest_addr,
-            size,
+        .map(|(slot, file)| RamRegion {
+            guest_addr: slot.guest_addr,
+            size: slot.size,
             file,
         })
         .collect();
-    let ram = GuestRam::adopt(regions, prep.hugepages).map_err(|e| vm_err(e.into()))?;
-    if let Some(addr) = prep.status_addr {
+    let ram = GuestRam::adopt(regions, spec.hugepages).map_err(|e| vm_err(e.into()))?;
+    if let Some(addr) = spec.status_addr {
         if addr
             .checked_add(warmvm_abi::layout::STATUS_SIZE)
             .is_none_or(|end| end > total)
@@ -293,28 +619,28 @@ fn adopt_vm(
             return Err(bad("status area outside RAM".into()));
         }
     }
-    let (kvm_vm, irq) = build_kvm_vm(hv, &ram, prep.linux_devices).map_err(vm_err)?;
+    let (kvm_vm, irq) = build_kvm_vm(hv, &ram, spec.linux_devices).map_err(vm_err)?;
     let mut vcpus = Vec::new();
-    for (id, cpuid) in prep.cpuids.iter().enumerate() {
+    for (id, cpuid) in spec.cpuids.iter().enumerate() {
         vcpus.push(
             kvm_vm
                 .create_vcpu_with_cpuid(id as u32, cpuid)
                 .map_err(|e| vm_err(e.into()))?,
         );
     }
-    let serial = SerialConsole::new(ConsoleSink::new(Some(log), prep.config.console_stdout), irq);
+    let serial = SerialConsole::new(ConsoleSink::new(Some(log), config.console_stdout), irq);
     let vm = Vm::assemble(Parts {
-        config: prep.config.clone(),
+        config,
         kvm_vm,
         ram,
         serial,
         vcpus,
-        status_addr: prep.status_addr.map(GuestAddress),
-        protocol,
-        console_log: prep.console_log.clone(),
-        linux_devices: prep.linux_devices,
+        status_addr: spec.status_addr.map(GuestAddress),
+        protocol: spec.protocol.into(),
+        console_log: spec.console_log.clone(),
+        linux_devices: spec.linux_devices,
         lifecycle: Lifecycle::Created,
-        age: Duration::from_millis(prep.age_ms),
+        created_ns: Some(spec.created_monotonic_ns),
     })
     .map_err(vm_err)?;
     // The threads park before their first run; wait so that tasks can be posted.
@@ -329,7 +655,7 @@ fn adopt_vm(
 /// Restore one VM's VM-wide state and hand each vCPU thread its state to restore.
 fn start_restore(
     vm: &Vm,
-    cap: &mut VmCapture,
+    runtime: &mut super::state::VmRuntime,
     captured_at_ns: u64,
     spin: bool,
 ) -> Result<(), HandoverError> {
@@ -337,24 +663,26 @@ fn start_restore(
         vm: vm.name().to_string(),
         err,
     };
-    if cap.name != vm.name() || cap.vcpus.len() != vm.handles().len() {
+    if runtime.vcpus.len() != vm.handles().len() {
         return Err(HandoverError::BadState(format!(
-            "state of VM {} does not match prepared VM {}",
-            cap.name,
-            vm.name()
+            "VM {}: state for {} vCPUs, {} were prepared",
+            vm.name(),
+            runtime.vcpus.len(),
+            vm.handles().len()
         )));
     }
-    if cap.vm.pit.is_some() && !vm.linux_devices {
+    if runtime.kvm.pit.is_some() && !vm.linux_devices {
         return Err(HandoverError::BadState(
             "PIT state for a VM without a PIT".into(),
         ));
     }
+    vm.set_first_stop_ns(runtime.first_stop_ns);
     let advance_ns = monotonic_ns().saturating_sub(captured_at_ns);
     vm.shared
         .kvm_vm()
-        .restore_state(&cap.vm, advance_ns)
+        .restore_state(&runtime.kvm, advance_ns)
         .map_err(|e| vm_err(e.into()))?;
-    for (h, state) in vm.handles().iter().zip(cap.vcpus.drain(..)) {
+    for (h, state) in vm.handles().iter().zip(runtime.vcpus.drain(..)) {
         if state.id != h.id {
             return Err(HandoverError::BadState("vCPU ids out of order".into()));
         }
@@ -369,19 +697,19 @@ fn start_restore(
     Ok(())
 }
 
-/// Wait for a VM's vCPU threads to finish restoring, then restore its devices.
-fn finish_restore(vm: &Vm, cap: &VmCapture) -> Result<(), HandoverError> {
-    let vm_err = |err: crate::VmError| HandoverError::Vm {
-        vm: vm.name().to_string(),
-        err,
-    };
+/// Wait for a VM's vCPU threads to finish restoring.
+fn finish_restore(vm: &Vm) -> Result<(), HandoverError> {
     for h in vm.handles() {
         match h.task_result(VCPU_RESPONSE_TIMEOUT) {
             Some(Ok(_)) => {}
-            Some(Err(e)) => return Err(vm_err(e.into())),
+            Some(Err(e)) => {
+                return Err(HandoverError::Vm {
+                    vm: vm.name().to_string(),
+                    err: e.into(),
+                })
+            }
             None => return Err(HandoverError::Io(format!("vCPU {} did not restore", h.id))),
         }
     }
-    vm.shared.devices.restore_serial(&cap.serial);
     Ok(())
 }

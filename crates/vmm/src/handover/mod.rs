@@ -1,38 +1,47 @@
 //! The warm reboot: hand every VM to a fresh VMM process without copying guest RAM.
 //!
 //! The old VMM starts the new one with one end of a SOCK_SEQPACKET pair and walks it
-//! through these steps (the old side is [`outgoing`], the new side [`incoming`]):
+//! through these steps (the old side is [`outgoing`], the new side [`incoming`]; the
+//! state diagram with every timeout and lost peer is in ARCHITECTURE.md):
 //!
-//! 1. **stage** (VMs still running): the old VMM sends each VM's config, layout and CPUID,
-//!    with its RAM memfds and console log as fds. The new VMM adopts the memfds (checking
-//!    size and seals), creates the KVM VMs, registers memory slots, creates irqchips and
-//!    vCPUs, and starts parked vCPU threads. It answers `Prepared`.
-//! 2. **quiesce**: the old VMM parks every vCPU of every VM (completing any pending port or
-//!    MMIO access, waking vCPUs asleep in the wait port). The blackout starts here.
+//! 1. **stage** (guests still run; bounded by the stage timeout): `Hello`, then one
+//!    `StageVm` per VM with its RAM memfds and console log, then `PrepareDone` with the
+//!    extra fds. The new VMM adopts the memfds, creates KVM VMs, memslots, irqchips, vCPUs
+//!    and parked vCPU threads, and answers `Prepared`.
+//! 2. **quiesce**: the old VMM parks every vCPU of every VM. The blackout starts here, and
+//!    with it the ready budget: the new VMM must say `Ready` within it.
 //! 3. **capture**: every vCPU thread reads its own vCPU's state, in parallel; then VM-wide
-//!    state (irqchip, PIT, clock) and device state.
-//! 4. **transfer**: the state goes as a checksummed, versioned envelope in a sealed memfd.
-//! 5. **restore**: the new VMM checks it, restores VM-wide then vCPU state (in parallel, on
-//!    the vCPU threads), advancing TSC and clock by the time the guests were suspended.
-//!    It restores every VM before it resumes any, so a failure leaves nothing running.
-//! 6. **resume**: the new VMM lets the vCPUs run and reports the blackout; the old VMM
-//!    drops its VMs without touching the guests and exits. Tearing down its page tables
-//!    (tens of ms per GiB here) happens after the guests run again, not in the blackout.
-//!
-//! If anything fails before the new VMM has resumed (it refuses the state, dies, hangs past
-//! the timeout), the old VMM kills it, waits until it is gone, and resumes its own VMs.
+//!    and device state, into one [`VmRecord`] per VM.
+//! 4. **transfer**: `State`, a checksummed, versioned envelope in a sealed memfd.
+//! 5. **restore**: the new VMM restores every VM without running a guest instruction and
+//!    answers `Ready`.
+//! 6. **commit**: the old VMM sends `Commit` (from then on it never runs these VMs) or
+//!    `Abort` (past the budget, or on any failure: it kills the new VMM, waits until it is
+//!    gone, and resumes its own VMs).
+//! 7. **resume**: on `Commit` the new VMM lets the guests run (nothing fallible in
+//!    between) and reports; the old VMM drops its side and exits, its page-table teardown
+//!    outside the blackout. Should the old VMM vanish after sending the state, the new VMM
+//!    sees its channel close: the old can never run the guests again, so the new adopts them.
 
 mod channel;
+mod commit_flag;
 pub mod envelope;
 pub mod faults;
 pub mod incoming;
+mod legacy;
 pub mod outgoing;
 mod priority;
 mod state;
+mod stderr;
 
-pub use incoming::{take_over, Adopted};
-pub use outgoing::{warm_reboot, RebootOptions};
-pub use state::{PhaseTimes, RebootReport, VmBlackout};
+#[cfg(feature = "fault-injection")]
+pub use incoming::FAULT_ENV;
+pub use incoming::{take_over, Adopted, TakeoverError};
+pub use outgoing::{warm_reboot, RebootError, RebootOptions};
+pub use state::{
+    BootProtocol, Failure, FailureKind, LifecycleState, Phase, PhaseTimes, RamSlot, RebootReport,
+    VmBlackout, VmConfigState, VmRecord, VmRuntime, VmSpec,
+};
 
 /// The binary of this very process, to rejuvenate with: `/proc/self/exe` works even when
 /// the file on disk was replaced or deleted since this process started (a package upgrade),
@@ -41,12 +50,14 @@ pub fn this_binary() -> std::path::PathBuf {
     std::path::PathBuf::from("/proc/self/exe")
 }
 
-/// Env var naming a fault for the new VMM to inject (tests only): `refuse-state`,
-/// `crash-adopt`, `hang-adopt`, `crash-prepare`.
-pub const FAULT_ENV: &str = "WARMVM_HANDOVER_FAULT";
+/// The name under which the old VMM hands the new one the shared word that decides which
+/// of them runs the guests (see `commit_flag`).
+pub const COMMIT_FLAG_FD: &str = "commit-flag";
 
-/// Env var (tests only): write the state in this older format, as an older warmvm would.
-pub const EMIT_FORMAT_ENV: &str = "WARMVM_HANDOVER_EMIT_FORMAT";
+/// The name under which the old VMM hands its own standard error to the new one: the new
+/// VMM's stderr goes through the old one (which keeps its last lines for a failure report)
+/// until the commit, and then to this fd directly.
+pub const STDERR_FD: &str = "stderr";
 
 #[derive(Debug, thiserror::Error)]
 pub enum HandoverError {
@@ -58,23 +69,51 @@ pub enum HandoverError {
     BadState(String),
     #[error("incompatible handover state: {0}")]
     Incompatible(String),
-    #[error("the other VMM did not answer in time")]
-    Timeout,
+    #[error("no answer in time: {0}")]
+    Timeout(String),
     #[error("the other VMM closed the channel (it exited or crashed)")]
     PeerGone,
-    #[error("the new VMM failed: {0}")]
-    NewVmmFailed(String),
+    /// The new VMM said why it gave up.
+    #[error("the new VMM {}: {}", if .0.kind == FailureKind::Incompatible || .0.kind == FailureKind::Refused { "refused the handover" } else { "failed" }, .0.message)]
+    Peer(Failure),
+    /// The new VMM exited without saying why (or was found dead).
+    #[error("the new VMM (pid {pid}) {how}{}", stderr_suffix(.stderr_tail))]
+    NewVmmExited {
+        pid: u32,
+        /// "exited with status 1", "was killed by signal 9 (SIGKILL)", ...
+        how: String,
+        /// Its last lines on standard error.
+        stderr_tail: String,
+    },
     #[error("cannot start the new VMM {binary}: {err}")]
-    Spawn { binary: String, err: std::io::Error },
+    Spawn {
+        binary: String,
+        #[source]
+        err: std::io::Error,
+    },
     #[error("VM {vm}: {err}")]
-    Vm { vm: String, err: crate::VmError },
-    #[error("nothing to hand over: {0}")]
+    Vm {
+        vm: String,
+        #[source]
+        err: crate::VmError,
+    },
+    /// Declined on purpose (the message says why).
+    #[error("{0}")]
     Refused(String),
+    #[error("the old VMM aborted the handover")]
+    Aborted,
 }
 
-/// How [`HandoverError::Refused`] and [`HandoverError::Incompatible`] begin when the new VMM
-/// reports them to the old one (as text, in [`HandoverError::NewVmmFailed`]).
-const REFUSAL_PREFIXES: &[&str] = &["nothing to hand over: ", "incompatible handover state: "];
+fn stderr_suffix(tail: &str) -> String {
+    if tail.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "; its last output: {}",
+            tail.trim_end().replace('\n', " | ")
+        )
+    }
+}
 
 impl HandoverError {
     /// True if a VMM refused the handover (incompatible state, nothing to hand over), on
@@ -82,9 +121,45 @@ impl HandoverError {
     pub fn is_refusal(&self) -> bool {
         match self {
             HandoverError::Refused(_) | HandoverError::Incompatible(_) => true,
-            HandoverError::NewVmmFailed(why) => REFUSAL_PREFIXES.iter().any(|p| why.starts_with(p)),
+            HandoverError::Peer(f) => {
+                matches!(f.kind, FailureKind::Incompatible | FailureKind::Refused)
+            }
             _ => false,
         }
+    }
+
+    /// How this error is told to the other VMM.
+    pub(crate) fn to_failure(&self, phase: Phase) -> Failure {
+        let kind = match self {
+            HandoverError::Incompatible(_) => FailureKind::Incompatible,
+            HandoverError::Refused(_) => FailureKind::Refused,
+            HandoverError::BadState(_) => FailureKind::BadState,
+            HandoverError::Vm { .. } => FailureKind::Vm,
+            HandoverError::Peer(f) => f.kind,
+            _ => FailureKind::Internal,
+        };
+        Failure {
+            kind,
+            phase,
+            message: self.to_string(),
+        }
+    }
+
+    /// A format-2 build's failure text: it names the kind only by its prefix. Kept for
+    /// talking to such builds (an upgrade from one, or a handover it refuses).
+    pub(crate) fn from_legacy_text(phase: Phase, text: String) -> Self {
+        let kind = if text.starts_with("incompatible handover state: ") {
+            FailureKind::Incompatible
+        } else if text.starts_with("nothing to hand over: ") {
+            FailureKind::Refused
+        } else {
+            FailureKind::Internal
+        };
+        HandoverError::Peer(Failure {
+            kind,
+            phase,
+            message: text,
+        })
     }
 }
 
@@ -99,10 +174,35 @@ mod tests {
             HandoverError::Incompatible("x".into()),
         ] {
             assert!(e.is_refusal());
-            // As the old VMM gets it from the new one.
-            assert!(HandoverError::NewVmmFailed(e.to_string()).is_refusal());
+            // As the old VMM gets it from a new VMM of this build...
+            assert!(HandoverError::Peer(e.to_failure(Phase::Stage)).is_refusal());
         }
-        assert!(!HandoverError::NewVmmFailed("VM a: boom".into()).is_refusal());
+        // A format-2 build names its refusals by their text alone.
+        for text in [
+            "nothing to hand over: no VMs",
+            "incompatible handover state: warmvm 0.1.0 offers state format 3; this warmvm reads 1..=2",
+        ] {
+            assert!(HandoverError::from_legacy_text(Phase::Stage, text.into()).is_refusal());
+        }
+        assert!(!HandoverError::from_legacy_text(Phase::Restore, "VM a: boom".into()).is_refusal());
         assert!(!HandoverError::PeerGone.is_refusal());
+        let vm_failure = HandoverError::BadState("x".into()).to_failure(Phase::Restore);
+        assert_eq!(
+            (vm_failure.kind, vm_failure.phase),
+            (FailureKind::BadState, Phase::Restore)
+        );
+    }
+
+    #[test]
+    fn a_dead_new_vmm_is_reported_with_its_status_and_output() {
+        let e = HandoverError::NewVmmExited {
+            pid: 7,
+            how: "exited with status 2".into(),
+            stderr_tail: "error: bad flag\nusage: x\n".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "the new VMM (pid 7) exited with status 2; its last output: error: bad flag | usage: x"
+        );
     }
 }

@@ -1,24 +1,40 @@
-//! The old VMM's side of a warm reboot: stage, quiesce, capture, transfer, and roll back
-//! if the new VMM does not take over.
+//! The old VMM's side of a warm reboot: stage, quiesce, capture, transfer, and then the
+//! decision — commit, or abort and resume its own VMs.
+//!
+//! The one rule: until `Commit` has been handed to the channel, the new VMM has not run a
+//! guest instruction, so any failure ends with the new VMM killed and reaped and the VMs
+//! resumed here. Once `Commit` is sent, this VMM never runs these VMs again, whatever
+//! happens next.
 
 use std::ffi::OsString;
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::process::CommandExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
-use std::process::{Child, Command};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::channel::Channel;
+use super::commit_flag::CommitFlag;
 use super::envelope;
-use super::state::{HandoverState, HandoverStateV1, Msg, VmCapture, VmPrepare};
-use super::{HandoverError, RebootReport, EMIT_FORMAT_ENV};
+use super::faults::{self, Point};
+use super::state::{HandoverState, LifecycleState, Msg, Phase, RebootReport, VmRecord, VmRuntime};
+use super::stderr::StderrRelay;
+use super::{HandoverError, COMMIT_FLAG_FD, STDERR_FD};
 use crate::vcpu::monotonic_ns;
-use crate::vm::{Lifecycle, Vm, VCPU_RESPONSE_TIMEOUT};
+use crate::vm::{Lifecycle, Vm};
 use crate::Host;
 
 /// The fd number the new VMM finds its end of the channel at.
 pub const CHANNEL_FD: RawFd = 3;
+
+/// How long staging may take by default: starting the new VMM and preparing every VM
+/// while the guests still run.
+pub const DEFAULT_STAGE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the guests may be frozen by default before the new VMM says `Ready`.
+pub const DEFAULT_READY_BUDGET: Duration = Duration::from_millis(500);
+/// How long the old VMM waits, after committing, for the new one's report.
+const REPORT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How to start the new VMM and what else to give it.
 pub struct RebootOptions {
@@ -26,8 +42,11 @@ pub struct RebootOptions {
     pub binary: PathBuf,
     /// Its arguments; `--takeover-fd 3` is appended.
     pub args: Vec<OsString>,
-    /// How long the new VMM may take to prepare, and then to resume the guests.
-    pub timeout: Duration,
+    /// How long starting the new VMM and staging every VM may take (guests run meanwhile).
+    pub stage_timeout: Duration,
+    /// From the first vCPU stopping to the new VMM's `Ready`; past it the old VMM aborts
+    /// and resumes its VMs, so no guest is frozen longer than this plus the roll-back.
+    pub ready_budget: Duration,
     /// Opaque data for the new VMM (e.g. the daemon's settings).
     pub extra: serde_json::Value,
     /// Named fds for the new VMM (e.g. the API socket).
@@ -36,33 +55,311 @@ pub struct RebootOptions {
     pub env: Vec<(OsString, OsString)>,
 }
 
+impl RebootOptions {
+    /// Options with the default timeouts and nothing extra.
+    pub fn new(binary: PathBuf, args: Vec<OsString>) -> Self {
+        Self {
+            binary,
+            args,
+            stage_timeout: DEFAULT_STAGE_TIMEOUT,
+            ready_budget: DEFAULT_READY_BUDGET,
+            extra: serde_json::Value::Null,
+            extra_fds: Vec::new(),
+            env: Vec::new(),
+        }
+    }
+}
+
+/// A failed warm reboot: in which phase, and why. The VMs run on in this VMM.
+#[derive(Debug, thiserror::Error)]
+#[error("{error} (in the {phase} phase)")]
+pub struct RebootError {
+    pub phase: Phase,
+    #[source]
+    pub error: HandoverError,
+}
+
+impl RebootError {
+    pub fn is_refusal(&self) -> bool {
+        self.error.is_refusal()
+    }
+}
+
 /// A completed warm reboot: the report, and the new VMM, which now runs every VM.
 pub struct Handed {
     pub report: RebootReport,
-    pub child: Child,
+    pub child: Option<Child>,
 }
 
-/// Hand every live VM of `host` to a new VMM process. On success the VMs are marked
-/// handed over and must not be touched again; the caller should exit soon. On failure the
-/// VMs run on in this process, as they were.
-pub fn warm_reboot(host: &Host, opts: &RebootOptions) -> Result<Handed, HandoverError> {
+/// Hand every VM of `host` to a new VMM process. On success the VMs are marked handed over
+/// and must not be touched again; the caller should exit soon. On failure the VMs run on
+/// in this process, as they were.
+pub fn warm_reboot(host: &Host, opts: &RebootOptions) -> Result<Handed, RebootError> {
     let vms: Vec<Arc<Vm>> = host
         .vms()
         .iter()
-        .filter(|v| {
-            matches!(
-                v.lifecycle(),
-                Lifecycle::Running | Lifecycle::Paused | Lifecycle::Created
-            )
-        })
+        .filter(|v| v.lifecycle() != Lifecycle::HandedOver)
         .cloned()
         .collect();
     let t_stage = Instant::now();
+    let stage_deadline = t_stage + opts.stage_timeout;
+    let flag = CommitFlag::create().map_err(at(Phase::Spawn))?;
+    let (channel, mut peer) = spawn(opts).map_err(at(Phase::Spawn))?;
+    faults::hit(Point::OldSpawned);
+    let staged = stage(&channel, &vms, opts, &flag).and_then(|()| {
+        faults::hit(Point::OldStaged);
+        match recv_by(&channel, stage_deadline, "Prepared")? {
+            Msg::Prepared { .. } => Ok(()),
+            other => Err(unexpected(Phase::Stage, "Prepared", other)),
+        }
+    });
+    if let Err(error) = staged {
+        // The guests never stopped: nothing to roll back.
+        let error = peer.stop_and_explain(error);
+        tracing::error!(error = %error, "warm reboot failed while staging; the VMs run on");
+        return Err(at(Phase::Stage)(error));
+    }
+    faults::hit(Point::OldPrepared);
+    let stage_us = t_stage.elapsed().as_micros() as u64;
+
+    // The guests stop here. Until `Commit` is sent, every failure resumes them here.
+    let realtime = super::priority::Realtime::enter();
+    let t_quiesce = Instant::now();
+    let ready_deadline = t_quiesce + opts.ready_budget;
+    let host_first_stop = monotonic_ns();
+    let ready = (|| -> Result<u64, RebootError> {
+        quiesce(&vms, ready_deadline).map_err(at(Phase::Quiesce))?;
+        faults::hit(Point::OldQuiesced);
+        let quiesce_us = t_quiesce.elapsed().as_micros() as u64;
+        let t_capture = Instant::now();
+        let records = capture(&vms, ready_deadline).map_err(at(Phase::Capture))?;
+        let state = HandoverState {
+            sender: crate::build(),
+            captured_at_ns: monotonic_ns(),
+            host_first_stop_ns: host_first_stop,
+            vms: records,
+            quiesce_us,
+            capture_us: t_capture.elapsed().as_micros() as u64,
+            stage_us,
+        };
+        faults::hit(Point::OldCaptured);
+        let bytes = envelope::encode(&state, envelope::FORMAT_VERSION)
+            .and_then(|b| envelope::to_sealed_memfd(&b).map(|memfd| (b.len(), memfd)))
+            .and_then(|(len, memfd)| {
+                channel.send(&Msg::State, &[memfd.as_raw_fd()])?;
+                Ok(len as u64)
+            })
+            .map_err(at(Phase::Transfer))?;
+        faults::hit(Point::OldStateSent);
+        match recv_by(&channel, ready_deadline, "Ready").map_err(at(Phase::Restore))? {
+            Msg::Ready => {}
+            other => {
+                return Err(at(Phase::Restore)(unexpected(
+                    Phase::Restore,
+                    "Ready",
+                    other,
+                )))
+            }
+        }
+        faults::hit(Point::OldReady);
+        Ok(bytes)
+    })();
+    if let Err(failed) = ready {
+        // Tell the new VMM to discard its VMs; it is killed either way, and must be gone
+        // before the guests run here again: two VMMs on the same RAM would corrupt it.
+        // It has not been sent `Commit`, so it cannot have claimed them; revoking makes
+        // sure it never will.
+        flag.revoke();
+        let _ = channel.send(&Msg::Abort, &[]);
+        let ended = peer.kill_and_wait(!matches!(failed.error, HandoverError::Timeout(_)));
+        roll_back(&vms);
+        drop(realtime);
+        let failed = at(failed.phase)(peer.explain(failed.error, ended));
+        tracing::error!(error = %failed, "warm reboot aborted; the VMs run on in this VMM");
+        return Err(failed);
+    }
+    if let Err(e) = channel.send(&Msg::Commit, &[]) {
+        // Not delivered: the new VMM's end is closed, so it never saw `Commit` and never
+        // ran a guest instruction. Make sure it is gone, then resume here.
+        let ended = peer.kill_and_wait(true);
+        roll_back(&vms);
+        drop(realtime);
+        let failed = RebootError {
+            phase: Phase::Commit,
+            error: peer.explain(e, ended),
+        };
+        tracing::error!(error = %failed, "warm reboot aborted; the VMs run on in this VMM");
+        return Err(failed);
+    }
+    faults::hit(Point::OldCommitted);
+    // The new VMM claims the guests (commit_flag) before it lets them run and reports
+    // once they do. No report within the budget: if the claim has not been made, revoke
+    // it, and the VMs are ours again; if it has, they are the new VMM's, whatever became
+    // of it.
+    let report = match recv_by(&channel, Instant::now() + opts.ready_budget, "report") {
+        Ok(Msg::Resumed(report)) => Some(report),
+        other if flag.revoke() => {
+            let error = match other {
+                Ok(msg) => unexpected(Phase::Resume, "its report", msg),
+                Err(e) => e,
+            };
+            let ended = peer.kill_and_wait(!matches!(error, HandoverError::Timeout(_)));
+            roll_back(&vms);
+            drop(realtime);
+            let failed = RebootError {
+                phase: Phase::Resume,
+                error: peer.explain(error, ended),
+            };
+            tracing::error!(error = %failed, "the new VMM never took the guests; they run on in this VMM");
+            return Err(failed);
+        }
+        _ => None,
+    };
+    // Committed and claimed: the VMs are the new VMM's now.
+    for vm in &vms {
+        *vm.shared.lifecycle() = Lifecycle::HandedOver;
+    }
+    drop(realtime);
+    // All that is left for this VMM is cleanup (unmapping guest RAM, tens of ms per GiB
+    // here): it must not take CPU from the guests that now run in the new one.
+    // SAFETY: setpriority only lowers the calling thread's scheduling priority.
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
+    let report = match report {
+        Some(report) => report,
+        None => match recv_by(&channel, Instant::now() + REPORT_TIMEOUT, "report") {
+            Ok(Msg::Resumed(report)) => report,
+            other => {
+                tracing::warn!(answer = ?other.map(|m| format!("{m:?}")),
+                    "the new VMM took the guests but sent no report");
+                RebootReport {
+                    new_pid: peer.pid,
+                    state_format: envelope::FORMAT_VERSION,
+                    commit_protocol: true,
+                    ..Default::default()
+                }
+            }
+        },
+    };
+    faults::hit(Point::OldDone);
+    let child = peer.release();
+    Ok(Handed { report, child })
+}
+
+/// A failure in `phase`, or in the phase the new VMM says it failed in.
+fn at(phase: Phase) -> impl Fn(HandoverError) -> RebootError {
+    move |error| RebootError {
+        phase: match &error {
+            HandoverError::Peer(f) => f.phase,
+            _ => phase,
+        },
+        error,
+    }
+}
+
+fn unexpected(phase: Phase, wanted: &str, got: Msg) -> HandoverError {
+    match got {
+        Msg::Refused(f) => HandoverError::Peer(f),
+        Msg::Failed(text) => HandoverError::from_legacy_text(phase, text),
+        other => HandoverError::BadState(format!("expected {wanted}, got {other:?}")),
+    }
+}
+
+/// Receive one message by `deadline`.
+fn recv_by(channel: &Channel, deadline: Instant, what: &str) -> Result<Msg, HandoverError> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    // SO_RCVTIMEO of zero means "block forever": wait at least a microsecond.
+    channel.set_timeout(Some(left.max(Duration::from_micros(1))))?;
+    match channel.recv::<Msg>() {
+        Ok((msg, _)) => Ok(msg),
+        Err(HandoverError::Timeout(_)) => Err(HandoverError::Timeout(format!(
+            "the new VMM sent no {what} within the time allowed"
+        ))),
+        Err(e) => Err(e),
+    }
+}
+
+/// The new VMM process, as the old one keeps it until the handover is over.
+struct Peer {
+    child: Option<Child>,
+    pid: u32,
+    relay: StderrRelay,
+}
+
+impl Peer {
+    /// Kill the new VMM unless it has already exited, and wait until it is gone. Returns
+    /// how it ended if it ended by itself.
+    fn kill_and_wait(&mut self, grace: bool) -> Option<ExitStatus> {
+        let mut child = self.child.take()?;
+        // A VMM that closed its channel or said it failed is usually exiting: give it a
+        // moment to be reaped with its own status rather than ours. A hung one gets none.
+        let grace = if grace { 20 } else { 0 };
+        let until = Instant::now() + Duration::from_millis(grace);
+        loop {
+            match child.try_wait() {
+                Ok(Some(status)) => return Some(status),
+                Ok(None) if Instant::now() < until => std::thread::sleep(Duration::from_millis(1)),
+                _ => break,
+            }
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        None
+    }
+
+    fn stop_and_explain(&mut self, error: HandoverError) -> HandoverError {
+        let ended = self.kill_and_wait(!matches!(error, HandoverError::Timeout(_)));
+        self.explain(error, ended)
+    }
+
+    /// Say what became of the new VMM when the channel alone cannot: it exited (with what
+    /// status, and its last output), rather than an I/O error on the channel. A VMM that
+    /// said why it gave up is quoted instead.
+    fn explain(&self, error: HandoverError, ended: Option<ExitStatus>) -> HandoverError {
+        let channel_broke = matches!(error, HandoverError::PeerGone | HandoverError::Io(_));
+        match ended {
+            Some(status) if channel_broke => {
+                self.relay.wait_closed(Duration::from_millis(200));
+                HandoverError::NewVmmExited {
+                    pid: self.pid,
+                    how: describe(status),
+                    stderr_tail: self.relay.tail(),
+                }
+            }
+            _ => error,
+        }
+    }
+
+    /// Let the new VMM outlive this handle (it runs the VMs now).
+    fn release(mut self) -> Option<Child> {
+        self.child.take()
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        self.kill_and_wait(false);
+    }
+}
+
+fn describe(status: ExitStatus) -> String {
+    if let Some(code) = status.code() {
+        format!("exited with status {code}")
+    } else if let Some(sig) = status.signal() {
+        // SAFETY: strsignal returns a pointer to a static (or thread-local) string.
+        let name = unsafe { std::ffi::CStr::from_ptr(libc::strsignal(sig)) };
+        format!("was killed by signal {sig} ({})", name.to_string_lossy())
+    } else {
+        format!("ended ({status})")
+    }
+}
+
+fn spawn(opts: &RebootOptions) -> Result<(Channel, Peer), HandoverError> {
     let (channel, child_end) = Channel::pair()?;
     let mut cmd = Command::new(&opts.binary);
     cmd.args(&opts.args)
         .arg("--takeover-fd")
-        .arg(CHANNEL_FD.to_string());
+        .arg(CHANNEL_FD.to_string())
+        .stderr(Stdio::piped());
     for (k, v) in &opts.env {
         cmd.env(k, v);
     }
@@ -77,109 +374,32 @@ pub fn warm_reboot(host: &Host, opts: &RebootOptions) -> Result<Handed, Handover
             Ok(())
         });
     }
-    let child = cmd.spawn().map_err(|err| HandoverError::Spawn {
+    let mut child = cmd.spawn().map_err(|err| HandoverError::Spawn {
         binary: opts.binary.display().to_string(),
         err,
     })?;
     drop(child_end);
-    let mut guard = ChildGuard(Some(child));
-    channel.set_timeout(Some(opts.timeout))?;
-
-    stage(&channel, &vms, opts)?;
-    match channel.recv::<Msg>()?.0 {
-        Msg::Prepared { .. } => {}
-        Msg::Failed(why) => return Err(HandoverError::NewVmmFailed(why)),
-        other => {
-            return Err(HandoverError::BadState(format!(
-                "expected Prepared, got {other:?}"
-            )))
-        }
-    }
-    let stage_us = t_stage.elapsed().as_micros() as u64;
-
-    // The guests stop here. From now on every error path resumes them.
-    let realtime = super::priority::Realtime::enter();
-    let t_quiesce = Instant::now();
-    let host_first_stop = monotonic_ns();
-    let result = quiesce(&vms).and_then(|()| {
-        let quiesce_us = t_quiesce.elapsed().as_micros() as u64;
-        let t_capture = Instant::now();
-        let captures = capture(&vms)?;
-        let mut state = HandoverState {
-            sender: crate::build(),
-            captured_at_ns: monotonic_ns(),
-            host_first_stop_ns: host_first_stop,
-            vms: captures,
-            quiesce_us,
-            capture_us: 0,
-            stage_us,
-        };
-        state.capture_us = t_capture.elapsed().as_micros() as u64;
-        let bytes = match std::env::var(EMIT_FORMAT_ENV).as_deref() {
-            Ok("1") => envelope::encode(
-                &HandoverStateV1 {
-                    sender: &state.sender,
-                    captured_at_ns: state.captured_at_ns,
-                    host_first_stop_ns: state.host_first_stop_ns,
-                    vms: &state.vms,
-                },
-                1,
-            )?,
-            _ => envelope::encode(&state, envelope::FORMAT_VERSION)?,
-        };
-        let memfd = envelope::to_sealed_memfd(&bytes)?;
-        channel.send(&Msg::State, &[memfd.as_raw_fd()])?;
-        match channel.recv::<Msg>()?.0 {
-            Msg::Resumed(report) => Ok(report),
-            Msg::Failed(why) => Err(HandoverError::NewVmmFailed(why)),
-            other => Err(HandoverError::BadState(format!(
-                "expected Resumed, got {other:?}"
-            ))),
-        }
-    });
-    drop(realtime);
-    match result {
-        Ok(report) => {
-            for vm in &vms {
-                *vm.shared.lifecycle() = Lifecycle::HandedOver;
-            }
-            // All that is left for this VMM is cleanup (unmapping guest RAM, tens of ms per
-            // GiB here): it must not take CPU from the guests that now run in the new one.
-            // SAFETY: setpriority only lowers the calling thread's scheduling priority.
-            unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
-            let child = guard.0.take().ok_or(HandoverError::PeerGone)?;
-            Ok(Handed { report, child })
-        }
-        Err(e) => {
-            // The new VMM must be gone before the guests run here again: two VMMs running
-            // the same RAM would corrupt it.
-            guard.kill_and_wait();
-            roll_back(&vms);
-            tracing::error!(error = %e, "warm reboot failed; the VMs run on in this VMM");
-            Err(e)
-        }
-    }
+    let pid = child.id();
+    let relay = match child.stderr.take() {
+        Some(pipe) => StderrRelay::start(pipe),
+        None => StderrRelay::start(std::io::empty()),
+    };
+    Ok((
+        channel,
+        Peer {
+            child: Some(child),
+            pid,
+            relay,
+        },
+    ))
 }
 
-/// Kills the new VMM unless the handover succeeded.
-struct ChildGuard(Option<Child>);
-
-impl ChildGuard {
-    fn kill_and_wait(&mut self) {
-        if let Some(mut child) = self.0.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        self.kill_and_wait();
-    }
-}
-
-fn stage(channel: &Channel, vms: &[Arc<Vm>], opts: &RebootOptions) -> Result<(), HandoverError> {
+fn stage(
+    channel: &Channel,
+    vms: &[Arc<Vm>],
+    opts: &RebootOptions,
+    flag: &CommitFlag,
+) -> Result<(), HandoverError> {
     channel.send(
         &Msg::Hello {
             format_version: envelope::FORMAT_VERSION,
@@ -195,20 +415,17 @@ fn stage(channel: &Channel, vms: &[Arc<Vm>], opts: &RebootOptions) -> Result<(),
             })?;
         let mut fds: Vec<RawFd> = ram.iter().map(|r| r.file.as_raw_fd()).collect();
         fds.push(log.as_raw_fd());
-        let prep = VmPrepare {
-            config: vm.config.clone(),
-            protocol: vm.protocol.to_string(),
-            status_addr: vm.status_addr.map(|a| a.0),
-            ram: ram.iter().map(|r| (r.guest_addr, r.size)).collect(),
-            hugepages: vm.shared.ram.hugepages(),
-            cpuids: vm.vcpu_cpuids(),
-            linux_devices: vm.linux_devices,
-            console_log: vm.console_log.clone(),
-            age_ms: vm.shared.created_at.elapsed().as_millis() as u64,
-        };
-        channel.send(&Msg::PrepareVm(Box::new(prep)), &fds)?;
+        channel.send(&Msg::StageVm(Box::new(vm.spec())), &fds)?;
     }
-    let (names, fds): (Vec<String>, Vec<RawFd>) = opts.extra_fds.iter().cloned().unzip();
+    let mut names: Vec<String> = opts.extra_fds.iter().map(|(n, _)| n.clone()).collect();
+    let mut fds: Vec<RawFd> = opts.extra_fds.iter().map(|(_, fd)| *fd).collect();
+    names.push(COMMIT_FLAG_FD.to_string());
+    fds.push(flag.file().as_raw_fd());
+    // SAFETY: F_GETFD only reads the flags of fd 2, failing if it is not open.
+    if unsafe { libc::fcntl(libc::STDERR_FILENO, libc::F_GETFD) } >= 0 {
+        names.push(STDERR_FD.to_string());
+        fds.push(libc::STDERR_FILENO);
+    }
     channel.send(
         &Msg::PrepareDone {
             extra: opts.extra.clone(),
@@ -218,18 +435,19 @@ fn stage(channel: &Channel, vms: &[Arc<Vm>], opts: &RebootOptions) -> Result<(),
     )
 }
 
-fn quiesce(vms: &[Arc<Vm>]) -> Result<(), HandoverError> {
-    // Each vCPU thread saves its own state the moment it has parked: no second wake-up.
-    for vm in vms {
+/// Park every vCPU of every live VM; each saves its own state the moment it has parked.
+fn quiesce(vms: &[Arc<Vm>], deadline: Instant) -> Result<(), HandoverError> {
+    for vm in vms.iter().filter(|v| !v.lifecycle().is_finished()) {
         for h in vm.handles() {
             h.request_pause_then(&vm.shared, Box::new(|vcpu| vcpu.save_state().map(Some)));
         }
     }
     for vm in vms {
         for h in vm.handles() {
-            if !h.wait_parked(VCPU_RESPONSE_TIMEOUT) {
-                return Err(HandoverError::Io(format!(
-                    "VM {}: vCPU {} did not stop",
+            let left = deadline.saturating_duration_since(Instant::now());
+            if !h.wait_parked(left) {
+                return Err(HandoverError::Timeout(format!(
+                    "VM {}: vCPU {} did not stop within the ready budget",
                     vm.name(),
                     h.id
                 )));
@@ -239,55 +457,83 @@ fn quiesce(vms: &[Arc<Vm>]) -> Result<(), HandoverError> {
     Ok(())
 }
 
-/// Collect the vCPU states the threads saved as they parked, and read VM-wide state.
-fn capture(vms: &[Arc<Vm>]) -> Result<Vec<VmCapture>, HandoverError> {
-    // While the vCPU threads work, the VM-wide state is read here.
-    let mut vm_states = Vec::new();
+/// Each VM's record: its spec, its lifecycle, and for a live VM the vCPU states its
+/// threads saved as they parked plus VM-wide and device state.
+fn capture(vms: &[Arc<Vm>], deadline: Instant) -> Result<Vec<VmRecord>, HandoverError> {
+    let mut records = Vec::new();
     for vm in vms {
-        let state = vm
-            .shared
-            .kvm_vm()
-            .save_state(vm.linux_devices)
-            .map_err(|e| HandoverError::Vm {
-                vm: vm.name().to_string(),
-                err: e.into(),
-            })?;
-        vm_states.push(state);
-    }
-    let mut captures = Vec::new();
-    for (vm, vm_state) in vms.iter().zip(vm_states) {
-        let mut vcpus = Vec::new();
-        let mut first_stop = u64::MAX;
-        for h in vm.handles() {
-            let state = match h.task_result(VCPU_RESPONSE_TIMEOUT) {
-                Some(Ok(Some(state))) => state,
-                Some(Err(e)) => {
-                    return Err(HandoverError::Vm {
-                        vm: vm.name().to_string(),
-                        err: e.into(),
-                    })
+        let vm_err = |err: crate::VmError| HandoverError::Vm {
+            vm: vm.name().to_string(),
+            err,
+        };
+        let runtime = if vm.lifecycle().is_finished() {
+            None
+        } else {
+            // Read while the vCPU threads are still saving theirs.
+            let kvm = vm
+                .shared
+                .kvm_vm()
+                .save_state(vm.linux_devices)
+                .map_err(|e| vm_err(e.into()))?;
+            let mut vcpus = Vec::new();
+            let mut first_stop = u64::MAX;
+            for h in vm.handles() {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match h.task_result(left) {
+                    Some(Ok(Some(state))) => vcpus.push(state),
+                    Some(Err(e)) => return Err(vm_err(e.into())),
+                    _ => {
+                        return Err(HandoverError::Timeout(format!(
+                            "VM {}: vCPU {} did not save its state",
+                            vm.name(),
+                            h.id
+                        )))
+                    }
                 }
-                _ => {
-                    return Err(HandoverError::Io(format!(
-                        "VM {}: vCPU {} did not save its state",
-                        vm.name(),
-                        h.id
-                    )))
-                }
-            };
-            vcpus.push(state);
-            first_stop = first_stop.min(h.park_times().0);
+                first_stop = first_stop.min(h.park_times().0);
+            }
+            Some(VmRuntime {
+                first_stop_ns: first_stop,
+                vcpus,
+                kvm,
+                serial: vm.shared.devices.serial_state(),
+            })
+        };
+        // Read after the vCPUs parked: a guest that powered off meanwhile is handed over
+        // as powered off (its vCPU states, if any, are of no use).
+        let lifecycle = lifecycle_state(&vm.lifecycle()).ok_or_else(|| {
+            HandoverError::BadState(format!("VM {} cannot be handed over now", vm.name()))
+        })?;
+        let runtime = if lifecycle.is_live() { runtime } else { None };
+        if lifecycle.is_live() && runtime.is_none() {
+            return Err(HandoverError::BadState(format!(
+                "VM {} ended during the capture",
+                vm.name()
+            )));
         }
-        captures.push(VmCapture {
-            name: vm.name().to_string(),
-            lifecycle: vm.lifecycle().name().to_string(),
-            first_stop_ns: first_stop,
-            vcpus,
-            vm: vm_state,
-            serial: vm.shared.devices.serial_state(),
+        records.push(VmRecord {
+            spec: vm.spec(),
+            lifecycle,
+            runtime,
         });
     }
-    Ok(captures)
+    Ok(records)
+}
+
+fn lifecycle_state(l: &Lifecycle) -> Option<LifecycleState> {
+    Some(match l {
+        Lifecycle::Created => LifecycleState::Created,
+        Lifecycle::Running => LifecycleState::Running,
+        Lifecycle::Paused => LifecycleState::Paused,
+        Lifecycle::PoweredOff { exit_status } => LifecycleState::PoweredOff {
+            exit_status: *exit_status,
+        },
+        Lifecycle::Crashed { reason } => LifecycleState::Crashed {
+            reason: reason.clone(),
+        },
+        Lifecycle::Stopped => LifecycleState::Stopped,
+        Lifecycle::HandedOver => return None,
+    })
 }
 
 /// Let the guests run here again, as they were before the attempt.

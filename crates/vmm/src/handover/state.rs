@@ -1,21 +1,29 @@
-//! What travels from the old VMM to the new one. Only ever extended with defaulted fields.
+//! What travels from the old VMM to the new one, and what a snapshot of a VM persists.
+//!
+//! Strict by design: every struct here must be read back whole. A field added after the
+//! oldest format this build reads ([`super::envelope::MIN_FORMAT_VERSION`]) carries a
+//! `#[serde(default)]` of its own and says in which format it came; nothing else defaults,
+//! so a state that lacks `regs` or a lifecycle is an error that names the field, never a
+//! VM restored from zeros. Lifecycles, boot protocols and failures are enums.
 
 use std::path::PathBuf;
 
 use kvm_bindings::kvm_cpuid_entry2;
 use serde::{Deserialize, Serialize};
 use warmvm_devices::SerialStateData;
-use warmvm_hypervisor::{VcpuState, VmState};
+use warmvm_hypervisor::{required, VcpuState, VmState};
 
-use crate::config::VmConfig;
+use crate::config::{BootKind, VmConfig};
 
-/// Messages on the control channel.
+/// Messages on the control channel. Variants are never renamed or changed: a build reads
+/// the messages of every format it supports, and those an older build answers with.
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) enum Msg {
     /// Old → new, first: who is talking, in which state format.
     Hello { format_version: u32, sender: String },
-    /// Old → new: one VM to prepare. Fds: its RAM memfds in order, then its console log.
-    PrepareVm(Box<VmPrepare>),
+    /// Format 2 (old → new): one VM to prepare. Fds: its RAM memfds in order, then its
+    /// console log.
+    PrepareVm(Box<super::legacy::VmPrepareV2>),
     /// Old → new: no more VMs. Fds: the extra fds, named in `extra_fd_names`.
     PrepareDone {
         extra: serde_json::Value,
@@ -27,68 +35,258 @@ pub(crate) enum Msg {
     State,
     /// New → old: every VM runs in the new VMM.
     Resumed(RebootReport),
-    /// Either way: giving up, and why.
+    /// Format 2, either way: giving up, and why. Also what a format-2 build answers a
+    /// newer format's `Hello` with.
     Failed(String),
+    /// Format 3 (old → new): one VM to prepare. Fds: its RAM memfds in the order of
+    /// `spec.ram`, then its console log.
+    StageVm(Box<VmSpec>),
+    /// Format 3 (new → old): every VM is restored and not one guest instruction has run.
+    Ready,
+    /// Format 3 (old → new): the VMs are yours. The old VMM never runs them again.
+    Commit,
+    /// Format 3 (old → new): discard the VMs without running them, and exit.
+    Abort,
+    /// Format 3, either way: giving up, and why.
+    Refused(Failure),
 }
 
-/// A VM as the new VMM needs it before the guests stop.
-#[derive(Debug, Serialize, Deserialize)]
-pub(crate) struct VmPrepare {
-    pub config: VmConfig,
-    pub protocol: String,
-    pub status_addr: Option<u64>,
-    /// (guest address, size) of each RAM memfd, in the order the fds come.
-    pub ram: Vec<(u64, u64)>,
+/// The steps of a warm reboot, to say where one failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Phase {
+    /// Starting the new VMM.
+    Spawn,
+    /// Sending every VM's spec and fds; the new VMM prepares them (guests still run).
+    Stage,
+    /// Parking every vCPU (the blackout begins).
+    Quiesce,
+    /// Reading vCPU, VM and device state.
+    Capture,
+    /// Passing the state to the new VMM.
+    Transfer,
+    /// The new VMM restoring every VM, up to its `Ready`.
+    Restore,
+    /// The old VMM's decision reaching the new one.
+    Commit,
+    /// The guests running in the new VMM.
+    Resume,
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Phase::Spawn => "spawn",
+            Phase::Stage => "stage",
+            Phase::Quiesce => "quiesce",
+            Phase::Capture => "capture",
+            Phase::Transfer => "transfer",
+            Phase::Restore => "restore",
+            Phase::Commit => "commit",
+            Phase::Resume => "resume",
+        })
+    }
+}
+
+/// Why a VMM gave up on a handover.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FailureKind {
+    /// It cannot read the other's state format.
+    Incompatible,
+    /// It declines on purpose (e.g. a fault injected by a test).
+    Refused,
+    /// The state or a message is malformed or inconsistent.
+    BadState,
+    /// A VM could not be re-created or restored (KVM, memory).
+    Vm,
+    /// Anything else (I/O, resources).
+    Internal,
+}
+
+/// A handover failure as one VMM reports it to the other.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Failure {
+    pub kind: FailureKind,
+    pub phase: Phase,
+    pub message: String,
+}
+
+/// A VM's configuration as it crosses a process: [`VmConfig`] with every field required
+/// (the config file's defaults are for people, not for state).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VmConfigState {
+    pub name: String,
+    pub memory_mib: u64,
+    pub vcpus: u32,
     pub hugepages: bool,
+    #[serde(deserialize_with = "required")]
+    pub kernel: Option<PathBuf>,
+    pub boot: BootKind,
+    #[serde(deserialize_with = "required")]
+    pub cmdline: Option<String>,
+    #[serde(deserialize_with = "required")]
+    pub initrd: Option<PathBuf>,
+    #[serde(deserialize_with = "required")]
+    pub console_log: Option<PathBuf>,
+    pub console_stdout: bool,
+    pub hide_cx16: bool,
+}
+
+impl From<&VmConfig> for VmConfigState {
+    fn from(c: &VmConfig) -> Self {
+        Self {
+            name: c.name.clone(),
+            memory_mib: c.memory_mib,
+            vcpus: c.vcpus,
+            hugepages: c.hugepages,
+            kernel: c.kernel.clone(),
+            boot: c.boot,
+            cmdline: c.cmdline.clone(),
+            initrd: c.initrd.clone(),
+            console_log: c.console_log.clone(),
+            console_stdout: c.console_stdout,
+            hide_cx16: c.hide_cx16,
+        }
+    }
+}
+
+impl From<VmConfigState> for VmConfig {
+    fn from(c: VmConfigState) -> Self {
+        Self {
+            name: c.name,
+            memory_mib: c.memory_mib,
+            vcpus: c.vcpus,
+            hugepages: c.hugepages,
+            kernel: c.kernel,
+            boot: c.boot,
+            cmdline: c.cmdline,
+            initrd: c.initrd,
+            console_log: c.console_log,
+            console_stdout: c.console_stdout,
+            hide_cx16: c.hide_cx16,
+        }
+    }
+}
+
+/// How the guest was booted (it decides which devices the VM has).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BootProtocol {
+    Ring3,
+    Pvh,
+    Linux,
+}
+
+impl From<warmvm_boot::Protocol> for BootProtocol {
+    fn from(p: warmvm_boot::Protocol) -> Self {
+        match p {
+            warmvm_boot::Protocol::Ring3 => BootProtocol::Ring3,
+            warmvm_boot::Protocol::Pvh => BootProtocol::Pvh,
+            warmvm_boot::Protocol::Linux => BootProtocol::Linux,
+        }
+    }
+}
+
+impl From<BootProtocol> for warmvm_boot::Protocol {
+    fn from(p: BootProtocol) -> Self {
+        match p {
+            BootProtocol::Ring3 => warmvm_boot::Protocol::Ring3,
+            BootProtocol::Pvh => warmvm_boot::Protocol::Pvh,
+            BootProtocol::Linux => warmvm_boot::Protocol::Linux,
+        }
+    }
+}
+
+/// One RAM region: a memfd that comes beside the message, mapped at `guest_addr`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RamSlot {
+    pub guest_addr: u64,
+    pub size: u64,
+}
+
+/// What does not change while a VM lives: enough to re-create its KVM VM, vCPUs and
+/// devices over its RAM. Sent before the pause, so that the new VMM prepares the VM while
+/// the guest still runs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VmSpec {
+    pub config: VmConfigState,
+    pub protocol: BootProtocol,
+    /// Guest address of the reference guest's status area.
+    #[serde(deserialize_with = "required")]
+    pub status_addr: Option<u64>,
+    pub ram: Vec<RamSlot>,
+    pub hugepages: bool,
+    /// The CPUID each vCPU was created with.
     pub cpuids: Vec<Vec<kvm_cpuid_entry2>>,
+    /// The VM has the PIT and a wired serial IRQ (Linux guests).
     pub linux_devices: bool,
     pub console_log: PathBuf,
-    pub age_ms: u64,
+    /// CLOCK_MONOTONIC ns when the VM was first created (in whichever VMM), so that its
+    /// uptime counts the time it existed across every warm reboot.
+    pub created_monotonic_ns: u64,
 }
 
-/// A VM's captured state.
-#[derive(Debug, Default, Serialize, Deserialize)]
-#[serde(default)]
-pub(crate) struct VmCapture {
-    pub name: String,
-    /// Lifecycle at suspension: "running" or "paused" (a paused VM stays paused).
-    pub lifecycle: String,
+/// Where a VM is in its life, as it crosses a process.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LifecycleState {
+    Created,
+    Running,
+    Paused,
+    PoweredOff { exit_status: u32 },
+    Crashed { reason: String },
+    Stopped,
+}
+
+impl LifecycleState {
+    /// Whether a VM in this state has vCPU state to restore (it has not ended).
+    pub fn is_live(&self) -> bool {
+        matches!(
+            self,
+            LifecycleState::Created | LifecycleState::Running | LifecycleState::Paused
+        )
+    }
+}
+
+/// The part of a live VM that changes as it runs: read while its vCPUs are parked.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VmRuntime {
     /// CLOCK_MONOTONIC ns at which this VM's first vCPU stopped.
     pub first_stop_ns: u64,
     pub vcpus: Vec<VcpuState>,
-    pub vm: VmState,
+    pub kvm: VmState,
     pub serial: SerialStateData,
 }
 
-/// The envelope's payload.
-#[derive(Debug, Default, Serialize, Deserialize)]
-#[serde(default)]
+/// Everything a VM needs to be re-created elsewhere, apart from the fds of its RAM and
+/// console log: the one state type a handover sends and a snapshot persists.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VmRecord {
+    pub spec: VmSpec,
+    pub lifecycle: LifecycleState,
+    /// `None` exactly when the VM has ended (powered off, crashed, stopped): there is no
+    /// vCPU state to restore, and the VM is handed over only to be listed and deleted.
+    #[serde(deserialize_with = "required")]
+    pub runtime: Option<VmRuntime>,
+}
+
+/// The envelope's payload in format 3.
+#[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct HandoverState {
     pub sender: String,
     /// CLOCK_MONOTONIC ns when capture finished: restore advances guest time from here.
     pub captured_at_ns: u64,
     pub host_first_stop_ns: u64,
-    pub vms: Vec<VmCapture>,
-    /// Times of the old side's phases, in µs (added in format 2).
+    pub vms: Vec<VmRecord>,
+    /// Times of the old side's phases, in µs.
     pub quiesce_us: u64,
     pub capture_us: u64,
-    /// Time the old side spent staging (before the pause), in µs.
     pub stage_us: u64,
 }
 
-/// The payload as format 1 wrote it (before the phase times were added). Kept so that tests
-/// can play an older VMM handing over to this one.
-#[derive(Debug, Serialize)]
-pub(crate) struct HandoverStateV1<'a> {
-    pub sender: &'a str,
-    pub captured_at_ns: u64,
-    pub host_first_stop_ns: u64,
-    pub vms: &'a [VmCapture],
-}
-
 /// One VM's blackout.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
-#[serde(default)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct VmBlackout {
     pub name: String,
     /// From the VM's first vCPU stopping in the old VMM to its last vCPU running in the new.
@@ -97,7 +295,6 @@ pub struct VmBlackout {
 
 /// Phase durations, in µs.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
-#[serde(default)]
 pub struct PhaseTimes {
     /// Starting the new VMM and preparing every VM (before the pause).
     pub stage_us: u64,
@@ -105,12 +302,14 @@ pub struct PhaseTimes {
     pub capture_us: u64,
     pub transfer_us: u64,
     pub restore_us: u64,
+    /// From `Ready` sent to `Commit` received, on the new VMM's side (format 3).
+    #[serde(default)]
+    pub commit_us: u64,
     pub resume_us: u64,
 }
 
 /// What a warm reboot reports.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
-#[serde(default)]
 pub struct RebootReport {
     pub new_pid: u32,
     /// The builds that handed over and took over (they differ in an upgrade).
@@ -121,4 +320,151 @@ pub struct RebootReport {
     pub phases: PhaseTimes,
     pub vms: Vec<VmBlackout>,
     pub state_bytes: u64,
+    /// The state format the old VMM wrote and the new one read (format 3).
+    #[serde(default)]
+    pub state_format: u32,
+    /// Whether the handover had a commit point (false when an older build handed over).
+    #[serde(default)]
+    pub commit_protocol: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> VmSpec {
+        VmSpec {
+            config: VmConfigState {
+                name: "a".into(),
+                memory_mib: 64,
+                vcpus: 1,
+                hugepages: false,
+                kernel: None,
+                boot: BootKind::Auto,
+                cmdline: Some("quiet".into()),
+                initrd: None,
+                console_log: None,
+                console_stdout: false,
+                hide_cx16: false,
+            },
+            protocol: BootProtocol::Ring3,
+            status_addr: Some(0x1000),
+            ram: vec![RamSlot {
+                guest_addr: 0,
+                size: 64 << 20,
+            }],
+            hugepages: false,
+            cpuids: vec![vec![kvm_cpuid_entry2::default()]],
+            linux_devices: false,
+            console_log: "/tmp/a.log".into(),
+            created_monotonic_ns: 5,
+        }
+    }
+
+    fn record() -> VmRecord {
+        VmRecord {
+            spec: spec(),
+            lifecycle: LifecycleState::Crashed {
+                reason: "triple fault".into(),
+            },
+            runtime: None,
+        }
+    }
+
+    fn drop_field(bytes: &[u8], path: &[&str]) -> Vec<u8> {
+        let mut v: rmpv::Value = rmp_serde::from_slice(bytes).unwrap();
+        let mut cur = &mut v;
+        for (i, key) in path.iter().enumerate() {
+            let map = match cur {
+                rmpv::Value::Map(m) => m,
+                other => panic!("not a map at {key}: {other:?}"),
+            };
+            let idx = map
+                .iter()
+                .position(|(k, _)| k.as_str() == Some(key))
+                .unwrap_or_else(|| panic!("no field {key}"));
+            if i + 1 == path.len() {
+                map.remove(idx);
+                break;
+            }
+            cur = &mut map[idx].1;
+        }
+        rmp_serde::to_vec_named(&v).unwrap()
+    }
+
+    #[test]
+    fn a_vm_record_round_trips() {
+        let bytes = rmp_serde::to_vec_named(&record()).unwrap();
+        let back: VmRecord = rmp_serde::from_slice(&bytes).unwrap();
+        assert_eq!(back.spec, spec());
+        assert_eq!(
+            back.lifecycle,
+            LifecycleState::Crashed {
+                reason: "triple fault".into()
+            }
+        );
+        assert!(back.runtime.is_none());
+    }
+
+    #[test]
+    fn a_vm_record_missing_a_required_field_is_refused_by_name() {
+        let bytes = rmp_serde::to_vec_named(&record()).unwrap();
+        for path in [
+            &["runtime"][..],
+            &["lifecycle"],
+            &["spec", "status_addr"],
+            &["spec", "protocol"],
+            &["spec", "config", "kernel"],
+            &["spec", "config", "vcpus"],
+            &["spec", "created_monotonic_ns"],
+        ] {
+            let err = rmp_serde::from_slice::<VmRecord>(&drop_field(&bytes, path))
+                .expect_err(&path.join("."))
+                .to_string();
+            assert!(err.contains(path[path.len() - 1]), "{path:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn fields_added_after_the_oldest_format_default() {
+        let report = RebootReport {
+            state_format: 3,
+            commit_protocol: true,
+            ..Default::default()
+        };
+        let bytes = rmp_serde::to_vec_named(&report).unwrap();
+        let back: RebootReport =
+            rmp_serde::from_slice(&drop_field(&bytes, &["commit_protocol"])).unwrap();
+        assert!(!back.commit_protocol);
+        let err = rmp_serde::from_slice::<RebootReport>(&drop_field(&bytes, &["new_pid"]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("new_pid"), "{err}");
+    }
+
+    #[test]
+    fn lifecycles_and_failures_cross_as_typed_values() {
+        for l in [
+            LifecycleState::Created,
+            LifecycleState::Running,
+            LifecycleState::Paused,
+            LifecycleState::PoweredOff { exit_status: 3 },
+            LifecycleState::Crashed { reason: "x".into() },
+            LifecycleState::Stopped,
+        ] {
+            let back: LifecycleState =
+                rmp_serde::from_slice(&rmp_serde::to_vec_named(&l).unwrap()).unwrap();
+            assert_eq!(back, l);
+        }
+        let f = Failure {
+            kind: FailureKind::Incompatible,
+            phase: Phase::Stage,
+            message: "m".into(),
+        };
+        let back: Failure = rmp_serde::from_slice(&rmp_serde::to_vec_named(&f).unwrap()).unwrap();
+        assert_eq!(back, f);
+        // An unknown lifecycle is an error, not a default.
+        let bad = rmp_serde::to_vec_named(&"exploded").unwrap();
+        assert!(rmp_serde::from_slice::<LifecycleState>(&bad).is_err());
+    }
 }
