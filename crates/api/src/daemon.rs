@@ -295,7 +295,15 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
         tracing::warn!(error = %e, "cannot notify systemd");
     }
 
-    let served = server.run();
+    start_rejuvenator(state.clone());
+    // A panic of the main loop must not end the process (and the VMs): the panic hook has
+    // asked for an emergency warm reboot; until it exits this process, serve on.
+    let served = loop {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| server.run())) {
+            Ok(served) => break served,
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    };
     if state.handed_over() {
         // A warm reboot handed the VMs and the socket to a new daemon. The thread that
         // answers the reboot request exits the process once its answer is sent; this is
@@ -321,6 +329,40 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
     drop(socket_file);
     tracing::info!("warmvm daemon stopped");
     served.map_err(|e| DaemonError::Host(format!("the API server failed: {e}")))
+}
+
+/// Rejuvenate on a bug: a panic on any thread but a vCPU's means this process can no
+/// longer be trusted, so its VMs move to a fresh daemon by a warm reboot (on success this
+/// process exits; on failure they run on here, and the next panic tries again).
+fn start_rejuvenator(state: Arc<ApiState>) {
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    warmvm_vmm::panic::install_hook(move |what| {
+        let _ = tx.send(what.to_string());
+    });
+    let rejuvenate = move || {
+        for what in rx {
+            tracing::error!(panic = %what, "the VMM hit a bug: emergency warm reboot into a fresh process");
+            match state.emergency_reboot() {
+                Ok(report) => {
+                    tracing::info!(
+                        new_pid = report.new_pid,
+                        host_blackout_us = report.host_blackout_us,
+                        "emergency warm reboot done: a fresh daemon runs every VM; this one exits"
+                    );
+                    std::process::exit(0);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "emergency warm reboot failed; the VMs run on here")
+                }
+            }
+        }
+    };
+    if let Err(e) = std::thread::Builder::new()
+        .name("warmvm-rejuvenate".into())
+        .spawn(rejuvenate)
+    {
+        tracing::error!(error = %e, "cannot start the rejuvenation thread; a panic will not move the VMs");
+    }
 }
 
 /// What a daemon passes to the one a warm reboot starts, beside the VMs.

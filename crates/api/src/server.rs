@@ -73,6 +73,11 @@ impl Write for Conn {
     }
 }
 
+/// Tests only: the main loop panics at its next turn.
+#[cfg(feature = "fault-injection")]
+pub(crate) static INJECT_MAIN_PANIC: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
 /// Makes [`Server::run`] return; usable from any thread.
 #[derive(Debug)]
 pub struct StopHandle(UnixStream);
@@ -181,6 +186,10 @@ impl Server {
             if fds[1].revents != 0 && !self.state.rebooting() {
                 self.accept_all(|| self.api.accept().map(|(s, _)| Conn::Unix(s)), false)?;
             }
+            #[cfg(feature = "fault-injection")]
+            if INJECT_MAIN_PANIC.swap(false, Ordering::AcqRel) {
+                panic!("fault injected: a panic in the daemon's main loop");
+            }
             if fds[2].revents != 0 && !self.state.rebooting() {
                 if let Some(l) = &self.metrics {
                     self.accept_all(|| l.accept().map(|(s, _)| Conn::Tcp(s)), true)?;
@@ -223,12 +232,20 @@ impl Server {
             return;
         }
         let state = self.state.clone();
+        /// Counts the connection as served however its thread ends, a panic included (a
+        /// warm reboot waits for the count to drop).
+        struct Served(Arc<ApiState>);
+        impl Drop for Served {
+            fn drop(&mut self) {
+                self.0.connections.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
         let spawned = std::thread::Builder::new()
             .name("warmvm-api".into())
             .stack_size(512 << 10)
             .spawn(move || {
-                serve_connection(conn, &state, metrics_only);
-                state.connections.fetch_sub(1, Ordering::SeqCst);
+                let served = Served(state);
+                serve_connection(conn, &served.0, metrics_only);
             });
         if let Err(e) = spawned {
             active.fetch_sub(1, Ordering::SeqCst);

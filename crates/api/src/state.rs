@@ -290,6 +290,12 @@ impl ApiState {
             path: "/metrics",
             op: Op::Metrics,
         }];
+        #[cfg(feature = "fault-injection")]
+        if !metrics_only && req.method == "PUT" && req.path == "/v1/debug/panic" {
+            return self
+                .inject_panic(&req.body)
+                .unwrap_or_else(|e| e.response());
+        }
         let routes = if metrics_only { METRICS_ONLY } else { ROUTES };
         let (op, name) = match route(routes, &req.method, &req.path) {
             Routed::Found { op, name } => (op, name),
@@ -624,6 +630,41 @@ impl ApiState {
                 .in_phase(e.phase))
             }
         }
+    }
+
+    /// Tests only (`PUT /v1/debug/panic`, not part of the API): make one kind of thread
+    /// panic, as a bug there would. Body: `{"in": "api" | "main" | "console" | "vcpu",
+    /// "vm": NAME}` (`vm` for `vcpu` only).
+    #[cfg(feature = "fault-injection")]
+    fn inject_panic(&self, body: &[u8]) -> Result<Response, ApiError> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Inject {
+            #[serde(rename = "in")]
+            thread: String,
+            vm: Option<String>,
+        }
+        let req: Inject = serde_json::from_slice(body)
+            .map_err(|e| ApiError::new(400, format!("invalid panic request: {e}")))?;
+        match req.thread.as_str() {
+            "api" => panic!("fault injected: a panic in an API thread"),
+            "main" => crate::server::INJECT_MAIN_PANIC.store(true, Ordering::Release),
+            "console" => warmvm_vmm::panic::inject_console_panic(),
+            "vcpu" => self
+                .find(req.vm.as_deref().unwrap_or_default())?
+                .inject_vcpu_panic(),
+            other => return Err(ApiError::new(400, format!("no thread kind {other:?}"))),
+        }
+        Ok(Response::json(
+            202,
+            &serde_json::json!({ "injected": req.thread }),
+        ))
+    }
+
+    /// A warm reboot into this very binary because this process hit a bug (a panic off the
+    /// vCPU threads): on success the caller must exit at once.
+    pub fn emergency_reboot(&self) -> Result<RebootReport, ApiError> {
+        self.reboot(br#"{"mode": "warm"}"#)
     }
 
     /// Stop every VM (each gets `grace` to power off) and refuse new ones from now on.

@@ -125,10 +125,7 @@ impl Devices {
 
     /// A duplicate of the console log's fd, to hand to another VMM process.
     pub fn console_log_file(&self) -> Option<std::fs::File> {
-        self.serial()
-            .sink()
-            .log_file()
-            .and_then(|f| f.try_clone().ok())
+        self.serial().sink().log_file()
     }
 
     pub fn restore_serial(&self, state: &SerialStateData) {

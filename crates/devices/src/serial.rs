@@ -100,7 +100,7 @@ impl SerialConsole {
     }
 
     pub fn flush(&mut self) {
-        let _ = self.uart.writer_mut().emit();
+        self.uart.writer_mut().emit();
     }
 
     pub fn sink(&self) -> &ConsoleSink {

@@ -3,6 +3,7 @@
 pub mod config;
 pub mod handover;
 pub mod host;
+pub mod panic;
 pub mod status;
 #[doc(hidden)]
 pub mod testing;

@@ -335,15 +335,57 @@ impl ExitHandler for Exits<'_> {
     }
 }
 
+thread_local! {
+    static VCPU_THREAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the calling thread runs a vCPU (its panics end its VM, not the VMM).
+pub fn is_vcpu_thread() -> bool {
+    VCPU_THREAD.with(|v| v.get())
+}
+
+/// Marks the thread exited however it ends, unwinding included: a reboot or a stop waits
+/// for that mark, and must never wait for a thread that is gone.
+struct ExitMark<'a>(&'a VcpuHandle);
+
+impl Drop for ExitMark<'_> {
+    fn drop(&mut self) {
+        self.0.mark_exited();
+    }
+}
+
 /// The body of a vCPU thread.
 pub(crate) fn run_vcpu(mut vcpu: Vcpu, handle: Arc<VcpuHandle>, vm: Arc<VmShared>) {
+    VCPU_THREAD.with(|v| v.set(true));
     // SAFETY: pthread_self has no preconditions.
     let _ = handle.thread.set(unsafe { libc::pthread_self() });
+    let exit_mark = ExitMark(&handle);
     vcpu.bind_to_current_thread();
     let span = tracing::info_span!("vcpu", vm = %vm.name, id = handle.id);
     let _enter = span.enter();
+    // A bug of the VMM's on this thread ends this VM, with the reason, and nothing else.
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        run_loop(&mut vcpu, &handle, &vm)
+    }))
+    .unwrap_or_else(|payload| {
+        Some(Outcome::Crashed(format!(
+            "vCPU {}: the VMM's vCPU thread panicked: {}",
+            handle.id,
+            crate::panic::message(payload.as_ref())
+        )))
+    });
+    vm.devices.flush();
+    vcpu.unbind_thread();
+    drop(vcpu);
+    drop(exit_mark);
+    if let Some(outcome) = outcome {
+        vm.finish(outcome);
+    }
+}
+
+fn run_loop(vcpu: &mut Vcpu, handle: &VcpuHandle, vm: &VmShared) -> Option<Outcome> {
     let mut exits = Exits {
-        vm: &vm,
+        vm,
         action: IoAction::None,
         last_wake: Wake::Timeout,
     };
@@ -351,7 +393,7 @@ pub(crate) fn run_vcpu(mut vcpu: Vcpu, handle: Arc<VcpuHandle>, vm: Arc<VmShared
     let outcome = loop {
         let recall = vm.devices.doorbell.recall_generation();
         let mut park_error = None;
-        let keep_going = handle.next_order(&mut vcpu, &mut |vcpu| {
+        let keep_going = handle.next_order(vcpu, &mut |vcpu| {
             if io_pending {
                 if let Err(e) = vcpu.complete_pending_io() {
                     park_error = Some(e);
@@ -373,6 +415,10 @@ pub(crate) fn run_vcpu(mut vcpu: Vcpu, handle: Arc<VcpuHandle>, vm: Arc<VmShared
             Err(e) => break Some(Outcome::Crashed(format!("vCPU {}: {e}", handle.id))),
         };
         io_pending = matches!(exit, Exit::Io | Exit::Mmio);
+        #[cfg(feature = "fault-injection")]
+        if vm.take_injected_panic() {
+            panic!("fault injected: a panic on a vCPU thread");
+        }
         let c = &handle.counters;
         match exit {
             Exit::Io | Exit::Mmio => {
@@ -381,7 +427,7 @@ pub(crate) fn run_vcpu(mut vcpu: Vcpu, handle: Arc<VcpuHandle>, vm: Arc<VmShared
                 match exits.action {
                     IoAction::None => {}
                     IoAction::Wait { timeout_us } => {
-                        exits.last_wake = sleep(&vm, &handle, timeout_us, recall);
+                        exits.last_wake = sleep(vm, handle, timeout_us, recall);
                     }
                     IoAction::PowerOff { status } => break Some(Outcome::PoweredOff(status)),
                 }
@@ -389,7 +435,7 @@ pub(crate) fn run_vcpu(mut vcpu: Vcpu, handle: Arc<VcpuHandle>, vm: Arc<VmShared
             Exit::Interrupted => {}
             Exit::Hlt => {
                 c.other_exits.fetch_add(1, Ordering::Relaxed);
-                exits.last_wake = sleep(&vm, &handle, warmvm_abi::WAIT_FOREVER, recall);
+                exits.last_wake = sleep(vm, handle, warmvm_abi::WAIT_FOREVER, recall);
             }
             Exit::SystemEvent { kind } => {
                 c.other_exits.fetch_add(1, Ordering::Relaxed);
@@ -421,13 +467,7 @@ pub(crate) fn run_vcpu(mut vcpu: Vcpu, handle: Arc<VcpuHandle>, vm: Arc<VmShared
             }
         }
     };
-    vm.devices.flush();
-    vcpu.unbind_thread();
-    drop(vcpu);
-    handle.mark_exited();
-    if let Some(outcome) = outcome {
-        vm.finish(outcome);
-    }
+    outcome
 }
 
 fn sleep(vm: &VmShared, handle: &VcpuHandle, timeout_us: u32, recall: u64) -> Wake {

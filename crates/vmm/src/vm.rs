@@ -115,6 +115,9 @@ pub struct VmShared {
     /// CLOCK_MONOTONIC ns at which the VM's first vCPU stopped in the old VMM, for a VM
     /// taken over by a warm reboot (to report its blackout).
     handover_first_stop_ns: std::sync::atomic::AtomicU64,
+    /// Tests only: the next exit on any vCPU thread panics.
+    #[cfg(feature = "fault-injection")]
+    inject_panic: std::sync::atomic::AtomicBool,
     first_run: OnceLock<Instant>,
     // Declared last: dropped after everything above, and only once no vCPU thread holds
     // this struct any more, so KVM never runs a vCPU over unmapped RAM.
@@ -123,6 +126,12 @@ pub struct VmShared {
 }
 
 impl VmShared {
+    #[cfg(feature = "fault-injection")]
+    pub(crate) fn take_injected_panic(&self) -> bool {
+        self.inject_panic
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
+    }
+
     pub(crate) fn note_first_run(&self) {
         let _ = self.first_run.set(Instant::now());
     }
@@ -347,6 +356,8 @@ impl Vm {
             created_at: Instant::now().checked_sub(age).unwrap_or_else(Instant::now),
             created_ns,
             handover_first_stop_ns: std::sync::atomic::AtomicU64::new(0),
+            #[cfg(feature = "fault-injection")]
+            inject_panic: std::sync::atomic::AtomicBool::new(false),
             first_run: OnceLock::new(),
             kvm_vm: p.kvm_vm,
             ram: p.ram,
@@ -505,6 +516,15 @@ impl Vm {
     /// Each vCPU's exit and wait counters, read without locking (for metrics).
     pub fn vcpu_stats(&self) -> impl Iterator<Item = VcpuStats> + '_ {
         self.handles().iter().map(|h| h.stats())
+    }
+
+    /// Tests only: make the next exit of one of this VM's vCPU threads panic, as a bug in
+    /// the VMM would.
+    #[cfg(feature = "fault-injection")]
+    pub fn inject_vcpu_panic(&self) {
+        self.shared
+            .inject_panic
+            .store(true, std::sync::atomic::Ordering::Release);
     }
 
     pub(crate) fn set_first_stop_ns(&self, ns: u64) {
