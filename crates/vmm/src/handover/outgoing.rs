@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::channel::Channel;
+use super::faults::{hit, Point};
 use super::envelope;
 use super::state::{HandoverState, HandoverStateV1, Msg, VmCapture, VmPrepare};
 use super::{HandoverError, RebootReport, EMIT_FORMAT_ENV};
@@ -84,8 +85,10 @@ pub fn warm_reboot(host: &Host, opts: &RebootOptions) -> Result<Handed, Handover
     drop(child_end);
     let mut guard = ChildGuard(Some(child));
     channel.set_timeout(Some(opts.timeout))?;
+    hit(Point::OldSpawned);
 
     stage(&channel, &vms, opts)?;
+    hit(Point::OldStaged);
     match channel.recv::<Msg>()?.0 {
         Msg::Prepared { .. } => {}
         Msg::Failed(why) => return Err(HandoverError::NewVmmFailed(why)),
@@ -95,6 +98,7 @@ pub fn warm_reboot(host: &Host, opts: &RebootOptions) -> Result<Handed, Handover
             )))
         }
     }
+    hit(Point::OldPrepared);
     let stage_us = t_stage.elapsed().as_micros() as u64;
 
     // The guests stop here. From now on every error path resumes them.
@@ -102,6 +106,7 @@ pub fn warm_reboot(host: &Host, opts: &RebootOptions) -> Result<Handed, Handover
     let t_quiesce = Instant::now();
     let host_first_stop = monotonic_ns();
     let result = quiesce(&vms).and_then(|()| {
+        hit(Point::OldQuiesced);
         let quiesce_us = t_quiesce.elapsed().as_micros() as u64;
         let t_capture = Instant::now();
         let captures = capture(&vms)?;
@@ -128,7 +133,9 @@ pub fn warm_reboot(host: &Host, opts: &RebootOptions) -> Result<Handed, Handover
             _ => envelope::encode(&state, envelope::FORMAT_VERSION)?,
         };
         let memfd = envelope::to_sealed_memfd(&bytes)?;
+        hit(Point::OldCaptured);
         channel.send(&Msg::State, &[memfd.as_raw_fd()])?;
+        hit(Point::OldStateSent);
         match channel.recv::<Msg>()?.0 {
             Msg::Resumed(report) => Ok(report),
             Msg::Failed(why) => Err(HandoverError::NewVmmFailed(why)),
@@ -140,6 +147,7 @@ pub fn warm_reboot(host: &Host, opts: &RebootOptions) -> Result<Handed, Handover
     drop(realtime);
     match result {
         Ok(report) => {
+            hit(Point::OldDone);
             for vm in &vms {
                 *vm.shared.lifecycle() = Lifecycle::HandedOver;
             }
