@@ -214,8 +214,7 @@ pub fn parse(spec: &str) -> (Vec<Fault>, Vec<FaultSpecError>) {
 fn parse_entry(entry: &str) -> Result<Fault, FaultSpecError> {
     let owned = || entry.to_string();
     let mut parts = entry.splitn(4, ':');
-    let (Some(side), Some(point), Some(action)) = (parts.next(), parts.next(), parts.next())
-    else {
+    let (Some(side), Some(point), Some(action)) = (parts.next(), parts.next(), parts.next()) else {
         return Err(FaultSpecError::Shape { entry: owned() });
     };
     let arg = parts.next();
@@ -248,6 +247,9 @@ fn parse_entry(entry: &str) -> Result<Fault, FaultSpecError> {
     };
     Ok(Fault { point, action })
 }
+
+/// True in a build that acts on `WARMVM_FAULT` (the `fault-injection` feature).
+pub const ENABLED: bool = cfg!(feature = "fault-injection");
 
 /// Act on `point` if `WARMVM_FAULT` names it (test builds only).
 #[inline]
@@ -426,7 +428,11 @@ mod tests {
 
     #[test]
     fn faults_print_as_they_are_spelled() {
-        for spec in ["old:state-sent:kill", "new:ready-sent:stop:50", "new:running:delay:900"] {
+        for spec in [
+            "old:state-sent:kill",
+            "new:ready-sent:stop:50",
+            "new:running:delay:900",
+        ] {
             let (faults, errors) = parse(spec);
             assert!(errors.is_empty());
             assert_eq!(faults[0].to_string(), spec);

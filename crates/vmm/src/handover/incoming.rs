@@ -13,8 +13,8 @@ use warmvm_hypervisor::Hypervisor;
 use warmvm_memory::{GuestRam, RamRegion};
 
 use super::channel::Channel;
-use super::faults::{hit, Point};
 use super::envelope;
+use super::faults::{hit, Point};
 use super::state::{HandoverState, Msg, VmCapture, VmPrepare};
 use super::{HandoverError, PhaseTimes, RebootReport, VmBlackout, FAULT_ENV};
 use crate::vcpu::monotonic_ns;

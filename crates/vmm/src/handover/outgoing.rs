@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::channel::Channel;
-use super::faults::{hit, Point};
 use super::envelope;
+use super::faults::{hit, Point};
 use super::state::{HandoverState, HandoverStateV1, Msg, VmCapture, VmPrepare};
 use super::{HandoverError, RebootReport, EMIT_FORMAT_ENV};
 use crate::vcpu::monotonic_ns;
