@@ -15,7 +15,15 @@ static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 /// Run `warmvm bench faults --json` with `args`; its exit status and document.
 fn bench(args: &[&str]) -> (Option<i32>, Value) {
     let out = Command::new(BIN)
-        .args(["bench", "faults", "--json", "--vms", "2", "--memory-mib", "64"])
+        .args([
+            "bench",
+            "faults",
+            "--json",
+            "--vms",
+            "2",
+            "--memory-mib",
+            "64",
+        ])
         .args(args)
         .output()
         .unwrap();
@@ -39,8 +47,9 @@ fn trials(doc: &Value) -> &Vec<Value> {
 /// kind); `WARMVM_FAULT_TRIALS` and `WARMVM_FAULT_SEED` change the count and the draw.
 #[test]
 fn random_faults_never_corrupt_or_lose_vms_of_a_live_owner() {
-    if !warmvm_vmm::testing::kvm_available("random_faults_never_corrupt_or_lose_vms_of_a_live_owner")
-    {
+    if !warmvm_vmm::testing::kvm_available(
+        "random_faults_never_corrupt_or_lose_vms_of_a_live_owner",
+    ) {
         return;
     }
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());

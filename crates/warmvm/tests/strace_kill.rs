@@ -33,7 +33,10 @@ enum Traced {
 }
 
 fn strace_usable(test: &str) -> bool {
-    let ok = Command::new("strace").arg("-V").output().is_ok_and(|o| o.status.success());
+    let ok = Command::new("strace")
+        .arg("-V")
+        .output()
+        .is_ok_and(|o| o.status.success());
     if !ok {
         assert!(
             std::env::var("WARMVM_REQUIRE_KVM").as_deref() != Ok("1"),
@@ -156,7 +159,10 @@ fn kill_at_each_sendmsg(traced: Traced, tag: &str) {
 
     let mut wrong = Vec::new();
     for (n, msg) in &victims {
-        let inject = ["-e".to_string(), format!("inject=sendmsg:signal=KILL:when={n}")];
+        let inject = [
+            "-e".to_string(),
+            format!("inject=sendmsg:signal=KILL:when={n}"),
+        ];
         let (got, log) = reboot_under_strace(traced, &inject, &format!("{tag}-{n}"));
         let want = expected(msg);
         eprintln!("{tag}: killed at sendmsg {n} ({msg}): {got:?}");

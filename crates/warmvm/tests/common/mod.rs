@@ -44,8 +44,9 @@ pub struct Daemon {
     pub socket: PathBuf,
     /// The pid of the daemon that served before the last reboot.
     pub pid: u32,
-    /// The warmvm binary whose processes belong to this test.
-    pub exe: PathBuf,
+    /// The warmvm binaries whose processes belong to this test: the one started, and
+    /// this build's (a warm reboot may start it).
+    pub exes: Vec<PathBuf>,
 }
 
 impl Daemon {
@@ -80,7 +81,10 @@ impl Daemon {
             dir: dir.to_path_buf(),
             socket,
             pid: 0,
-            exe: std::fs::canonicalize(exe).unwrap(),
+            exes: vec![
+                std::fs::canonicalize(exe).unwrap(),
+                std::fs::canonicalize(BIN).unwrap(),
+            ],
         };
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -159,7 +163,7 @@ impl Daemon {
             let named = std::fs::read(format!("/proc/{pid}/cmdline"))
                 .is_ok_and(|c| c.split(|&b| b == 0).any(|a| a == want.as_slice()));
             let ours = std::fs::read_link(format!("/proc/{pid}/exe"))
-                .is_ok_and(|exe| exe == self.exe);
+                .is_ok_and(|exe| self.exes.contains(&exe));
             if named && ours && pid_alive(pid) {
                 pids.push(pid);
             }
@@ -184,7 +188,8 @@ impl Daemon {
                     .map(|p| p as u32),
                 _ => None,
             };
-            let settled = alive.is_empty() || (serving.is_some() && serving == alive.first().copied());
+            let settled =
+                alive.is_empty() || (serving.is_some() && serving == alive.first().copied());
             if settled || Instant::now() > deadline {
                 break (alive, serving);
             }
