@@ -275,7 +275,7 @@ fn random_plan(trials: u32, seed: u64, budget_ms: u64) -> Vec<Fault> {
         let action = match kind {
             0 => Action::Kill,
             1 => Action::Stop(rng.range(50, 1500)),
-            _ if rng.next() % 2 == 0 => Action::Delay(rng.range(20, budget_ms * 4 / 5)),
+            _ if rng.next() & 1 == 0 => Action::Delay(rng.range(20, budget_ms * 4 / 5)),
             _ => Action::Delay(rng.range(budget_ms * 6 / 5, (budget_ms * 3).max(1500))),
         };
         plan.push(Fault { point, action });
