@@ -330,10 +330,13 @@ mod imp {
             // SAFETY: see above: async-signal-safe calls only, then _exit.
             unsafe {
                 // Wait (at most ~10 s) until the parent is stopped, so that SIGCONT cannot
-                // come before the SIGSTOP and leave it stopped for good.
+                // come before the SIGSTOP and leave it stopped for good. If it is gone
+                // (killed meanwhile), there is nothing to continue.
                 for _ in 0..10_000 {
-                    if is_stopped(stat_path.as_ptr()) {
-                        break;
+                    match is_stopped(stat_path.as_ptr()) {
+                        Some(true) => break,
+                        Some(false) => {}
+                        None => libc::_exit(0),
                     }
                     libc::nanosleep(&nap, std::ptr::null_mut());
                 }
@@ -351,32 +354,33 @@ mod imp {
         unsafe { libc::waitpid(child, &mut status, 0) };
     }
 
-    /// Whether /proc/<pid>/stat (`path`) shows the process stopped. Async-signal-safe:
-    /// open, read and close on a stack buffer.
+    /// Whether /proc/<pid>/stat (`path`) shows the process stopped; None if it is gone (or
+    /// a zombie). Async-signal-safe: open, read and close on a stack buffer.
     ///
     /// # Safety
     /// `path` must point to a NUL-terminated string.
-    unsafe fn is_stopped(path: *const libc::c_char) -> bool {
+    unsafe fn is_stopped(path: *const libc::c_char) -> Option<bool> {
         let mut buf = [0u8; 512];
         // SAFETY: the caller guarantees `path`; `buf` is a writable buffer of its length.
         let n = unsafe {
             let fd = libc::open(path, libc::O_RDONLY | libc::O_CLOEXEC);
             if fd < 0 {
-                return false;
+                return None;
             }
             let n = libc::read(fd, buf.as_mut_ptr().cast(), buf.len());
             libc::close(fd);
             n
         };
         if n <= 0 {
-            return false;
+            return None;
         }
-        // The state follows the last ')' (the command name may contain one).
+        // The state follows the last ')' (the command name may contain one): `T` stopped,
+        // `t` stopped while traced (e.g. under strace), `Z`/`X` gone.
         let data = &buf[..n as usize];
-        match data.iter().rposition(|&b| b == b')') {
-            // `T` stopped; `t` stopped while traced (e.g. under strace).
-            Some(i) => matches!(data.get(i + 2), Some(b'T' | b't')),
-            None => false,
+        let i = data.iter().rposition(|&b| b == b')')?;
+        match data.get(i + 2)? {
+            b'Z' | b'X' => None,
+            state => Some(matches!(state, b'T' | b't')),
         }
     }
 }
