@@ -13,8 +13,9 @@
 //!   after it received `Commit`);
 //! - failures: `lost (owner alive)` (gone, or not running, although their owner was not
 //!   killed), `corrupted` (a mismatch, a register check failure, a crashed guest),
-//!   `both alive` (two daemons of the trial still running once the reboot settled), and
-//!   `setup failed` (the trial could not start its daemon or VMs).
+//!   `both alive` (two daemons of the trial still running once the reboot settled),
+//!   `stray process` (one is left that does not serve the socket: it should have exited),
+//!   and `setup failed` (the trial could not start its daemon or VMs).
 //!
 //! The faults are spread evenly: every (point, action kind) pair of both sides comes up
 //! once per round of 54 trials, in an order and with durations drawn from `--seed`.
@@ -77,17 +78,19 @@ pub enum Outcome {
     LostOwnerAlive,
     Corrupted,
     BothAlive,
+    Stray,
     SetupFailed,
 }
 
 impl Outcome {
-    const ALL: [Outcome; 7] = [
+    const ALL: [Outcome; 8] = [
         Outcome::RunningInOld,
         Outcome::RunningInNew,
         Outcome::LostOwnerKilled,
         Outcome::LostOwnerAlive,
         Outcome::Corrupted,
         Outcome::BothAlive,
+        Outcome::Stray,
         Outcome::SetupFailed,
     ];
 
@@ -99,6 +102,7 @@ impl Outcome {
             Outcome::LostOwnerAlive => "lost (owner alive)",
             Outcome::Corrupted => "corrupted",
             Outcome::BothAlive => "both alive",
+            Outcome::Stray => "stray process",
             Outcome::SetupFailed => "setup failed",
         }
     }
@@ -514,7 +518,11 @@ fn reboot_and_judge(
         (outcome, why)
     };
     let (outcome, detail) = match serving {
-        None => lost(format!("no daemon serves the socket (alive: {alive:?})")),
+        None if !alive.is_empty() => (
+            Outcome::Stray,
+            format!("daemon {alive:?} is alive but does not serve the socket"),
+        ),
+        None => lost("no daemon is left".to_string()),
         Some(pid) => match judge_vms(client, args) {
             Ok(()) if pid == old_pid => (Outcome::RunningInOld, String::new()),
             Ok(()) => (Outcome::RunningInNew, String::new()),
@@ -632,6 +640,7 @@ fn print_table(trials: &[Trial], seed: u64) {
         "lost-alive",
         "corrupt",
         "both",
+        "stray",
         "setup",
     ];
     print!(
@@ -672,7 +681,7 @@ fn print_table(trials: &[Trial], seed: u64) {
     let failures: Vec<&Trial> = trials.iter().filter(|t| t.failure).collect();
     println!(
         "seed {seed}; fired = the fault point was reached and acted on; {} failures (lost although \
-         the owner was not killed, corrupted, both alive, setup)",
+         the owner was not killed, corrupted, both alive, stray, setup)",
         failures.len()
     );
     for t in failures {

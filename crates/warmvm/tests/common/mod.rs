@@ -34,6 +34,8 @@ pub enum Outcome {
     Corrupted(String),
     /// More than one daemon of the test is still alive.
     BothAlive(Vec<u32>),
+    /// One daemon is left that does not serve the socket (it should have exited).
+    Stray(Vec<u32>),
 }
 
 /// A daemon started by the test (or the wrapper that runs it), and every warmvm process
@@ -199,7 +201,10 @@ impl Daemon {
             return Outcome::BothAlive(alive);
         }
         let Some(pid) = serving else {
-            return Outcome::Lost(format!("no daemon serves (alive: {alive:?})"));
+            if !alive.is_empty() {
+                return Outcome::Stray(alive);
+            }
+            return Outcome::Lost("no daemon is left".to_string());
         };
         self.pid = pid;
         match judge(&self.client(), names) {
