@@ -69,7 +69,6 @@ fn take_over_on(channel: &Channel, state_dir: &Path) -> Result<Adopted, Handover
             )))
         }
     }
-    hit(Point::NewHello);
     let hv = Hypervisor::open().map_err(|e| HandoverError::Vm {
         vm: "-".into(),
         err: e.into(),
@@ -112,17 +111,14 @@ fn take_over_on(channel: &Channel, state_dir: &Path) -> Result<Adopted, Handover
     if fault("crash-prepare") {
         std::process::abort();
     }
-    hit(Point::NewStaged);
     channel.send(
         &Msg::Prepared {
             pid: std::process::id(),
         },
         &[],
     )?;
-    hit(Point::NewPrepared);
 
     let (msg, mut files) = channel.recv::<Msg>()?;
-    hit(Point::NewState);
     let realtime = super::priority::Realtime::enter();
     let t_transfer = Instant::now();
     if !matches!(msg, Msg::State) || files.len() != 1 {
@@ -185,7 +181,6 @@ fn take_over_on(channel: &Channel, state_dir: &Path) -> Result<Adopted, Handover
         finish_restore(vm, cap)?;
     }
     let restore_us = t_restore.elapsed().as_micros() as u64;
-    hit(Point::NewRestored);
 
     let t_resume = Instant::now();
     for (vm, lifecycle) in vms.iter().zip(lifecycles) {
@@ -214,7 +209,6 @@ fn take_over_on(channel: &Channel, state_dir: &Path) -> Result<Adopted, Handover
         });
     }
     let resume_us = t_resume.elapsed().as_micros() as u64;
-    hit(Point::NewRunning);
     drop(realtime);
     let report = RebootReport {
         new_pid: std::process::id(),
@@ -233,7 +227,6 @@ fn take_over_on(channel: &Channel, state_dir: &Path) -> Result<Adopted, Handover
         state_bytes: bytes.len() as u64,
     };
     channel.send(&Msg::Resumed(report.clone()), &[])?;
-    hit(Point::NewReported);
     tracing::info!(
         vms = vms.len(),
         host_blackout_us = report.host_blackout_us,

@@ -85,10 +85,8 @@ pub fn warm_reboot(host: &Host, opts: &RebootOptions) -> Result<Handed, Handover
     drop(child_end);
     let mut guard = ChildGuard(Some(child));
     channel.set_timeout(Some(opts.timeout))?;
-    hit(Point::OldSpawned);
 
     stage(&channel, &vms, opts)?;
-    hit(Point::OldStaged);
     match channel.recv::<Msg>()?.0 {
         Msg::Prepared { .. } => {}
         Msg::Failed(why) => return Err(HandoverError::NewVmmFailed(why)),
@@ -98,7 +96,6 @@ pub fn warm_reboot(host: &Host, opts: &RebootOptions) -> Result<Handed, Handover
             )))
         }
     }
-    hit(Point::OldPrepared);
     let stage_us = t_stage.elapsed().as_micros() as u64;
 
     // The guests stop here. From now on every error path resumes them.
@@ -106,7 +103,6 @@ pub fn warm_reboot(host: &Host, opts: &RebootOptions) -> Result<Handed, Handover
     let t_quiesce = Instant::now();
     let host_first_stop = monotonic_ns();
     let result = quiesce(&vms).and_then(|()| {
-        hit(Point::OldQuiesced);
         let quiesce_us = t_quiesce.elapsed().as_micros() as u64;
         let t_capture = Instant::now();
         let captures = capture(&vms)?;
@@ -133,9 +129,7 @@ pub fn warm_reboot(host: &Host, opts: &RebootOptions) -> Result<Handed, Handover
             _ => envelope::encode(&state, envelope::FORMAT_VERSION)?,
         };
         let memfd = envelope::to_sealed_memfd(&bytes)?;
-        hit(Point::OldCaptured);
         channel.send(&Msg::State, &[memfd.as_raw_fd()])?;
-        hit(Point::OldStateSent);
         match channel.recv::<Msg>()?.0 {
             Msg::Resumed(report) => Ok(report),
             Msg::Failed(why) => Err(HandoverError::NewVmmFailed(why)),
@@ -147,7 +141,6 @@ pub fn warm_reboot(host: &Host, opts: &RebootOptions) -> Result<Handed, Handover
     drop(realtime);
     match result {
         Ok(report) => {
-            hit(Point::OldDone);
             for vm in &vms {
                 *vm.shared.lifecycle() = Lifecycle::HandedOver;
             }
