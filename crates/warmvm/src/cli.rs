@@ -38,6 +38,8 @@ pub enum LogFormat {
 pub enum BenchCommand {
     /// Blackout of chained warm reboots for several VM counts and RAM sizes.
     WarmReboot(crate::bench::WarmRebootArgs),
+    /// Randomised fault-injection trials of the daemon's warm reboot (a fault-injection build).
+    Faults(crate::bench_faults::FaultsArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -266,6 +268,9 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
         Command::Bench {
             what: BenchCommand::WarmReboot(args),
         } => crate::bench::warm_reboot(&args),
+        Command::Bench {
+            what: BenchCommand::Faults(args),
+        } => crate::bench_faults::faults(&args),
         Command::Demo(args) => crate::demo::demo(&args),
         Command::Daemon {
             socket,

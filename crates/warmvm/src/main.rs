@@ -1,6 +1,7 @@
 //! The `warmvm` command.
 
 mod bench;
+mod bench_faults;
 mod cli;
 mod client;
 mod demo;

@@ -115,6 +115,142 @@ impl Point {
     }
 }
 
+impl Side {
+    pub const BOTH: [Side; 2] = [Side::Old, Side::New];
+
+    /// As `WARMVM_FAULT` spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Side::Old => "old",
+            Side::New => "new",
+        }
+    }
+}
+
+impl Point {
+    /// The point `side` reaches under `name`, if there is one.
+    pub fn find(side: Side, name: &str) -> Option<Point> {
+        Point::ALL
+            .into_iter()
+            .find(|p| p.side() == side && p.name() == name)
+    }
+}
+
+/// What a fault point does when it is hit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// SIGKILL this process.
+    Kill,
+    /// SIGSTOP this process; a forked child continues it after this many milliseconds.
+    Stop(u64),
+    /// Sleep this many milliseconds on the thread that hit the point.
+    Delay(u64),
+    /// Panic on the thread that hit the point.
+    Panic,
+}
+
+impl std::fmt::Display for Action {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Action::Kill => write!(f, "kill"),
+            Action::Stop(ms) => write!(f, "stop:{ms}"),
+            Action::Delay(ms) => write!(f, "delay:{ms}"),
+            Action::Panic => write!(f, "panic"),
+        }
+    }
+}
+
+/// One entry of `WARMVM_FAULT`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fault {
+    pub point: Point,
+    pub action: Action,
+}
+
+impl std::fmt::Display for Fault {
+    /// The `WARMVM_FAULT` spelling, e.g. `new:commit:stop:300`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (side, point) = (self.point.side().name(), self.point.name());
+        write!(f, "{side}:{point}:{}", self.action)
+    }
+}
+
+/// Longest stop or delay accepted (an hour): anything longer is a typo.
+pub const MAX_FAULT_MS: u64 = 3_600_000;
+
+/// Why one entry of `WARMVM_FAULT` was not understood.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FaultSpecError {
+    #[error("{entry:?}: expected <side>:<point>:<action>")]
+    Shape { entry: String },
+    #[error("{entry:?}: unknown side {side:?} (old or new)")]
+    Side { entry: String, side: String },
+    #[error("{entry:?}: the {side} VMM has no point {point:?}")]
+    Point {
+        entry: String,
+        side: &'static str,
+        point: String,
+    },
+    #[error("{entry:?}: unknown action (kill, stop:<ms>, delay:<ms>, panic)")]
+    Action { entry: String },
+    #[error("{entry:?}: milliseconds must be a whole number up to {MAX_FAULT_MS}")]
+    Millis { entry: String },
+}
+
+/// Parse `WARMVM_FAULT`: entries separated by `,` (blank ones are skipped). Entries that
+/// are not understood come back as errors; the others are returned in order.
+pub fn parse(spec: &str) -> (Vec<Fault>, Vec<FaultSpecError>) {
+    let mut faults = Vec::new();
+    let mut errors = Vec::new();
+    for entry in spec.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        match parse_entry(entry) {
+            Ok(f) => faults.push(f),
+            Err(e) => errors.push(e),
+        }
+    }
+    (faults, errors)
+}
+
+fn parse_entry(entry: &str) -> Result<Fault, FaultSpecError> {
+    let owned = || entry.to_string();
+    let mut parts = entry.splitn(4, ':');
+    let (Some(side), Some(point), Some(action)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(FaultSpecError::Shape { entry: owned() });
+    };
+    let arg = parts.next();
+    let side = match side {
+        "old" => Side::Old,
+        "new" => Side::New,
+        other => {
+            return Err(FaultSpecError::Side {
+                entry: owned(),
+                side: other.to_string(),
+            })
+        }
+    };
+    let point = Point::find(side, point).ok_or_else(|| FaultSpecError::Point {
+        entry: owned(),
+        side: side.name(),
+        point: point.to_string(),
+    })?;
+    let millis = |arg: Option<&str>| {
+        arg.and_then(|a| a.parse::<u64>().ok())
+            .filter(|&ms| ms <= MAX_FAULT_MS)
+            .ok_or_else(|| FaultSpecError::Millis { entry: owned() })
+    };
+    let action = match (action, arg) {
+        ("kill", None) => Action::Kill,
+        ("panic", None) => Action::Panic,
+        ("stop", arg) => Action::Stop(millis(arg)?),
+        ("delay", arg) => Action::Delay(millis(arg)?),
+        _ => return Err(FaultSpecError::Action { entry: owned() }),
+    };
+    Ok(Fault { point, action })
+}
+
+/// True in a build that acts on `WARMVM_FAULT` (the `fault-injection` feature).
+pub const ENABLED: bool = cfg!(feature = "fault-injection");
+
 /// Act on `point` if `WARMVM_FAULT` names it (test builds only).
 #[inline]
 pub fn hit(point: Point) {
@@ -126,83 +262,227 @@ pub fn hit(point: Point) {
 
 #[cfg(feature = "fault-injection")]
 mod imp {
-    use super::{Point, Side};
+    use std::ffi::CString;
     use std::sync::OnceLock;
     use std::time::Duration;
 
-    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-    enum Action {
-        Kill,
-        Stop(u64),
-        Delay(u64),
-        Panic,
-    }
+    use super::{Action, Fault, Point};
 
-    fn parse(spec: &str) -> Vec<(Side, &str, Action)> {
-        let mut out = Vec::new();
-        for item in spec.split(',').filter(|s| !s.is_empty()) {
-            let mut parts = item.splitn(3, ':');
-            let side = match parts.next() {
-                Some("old") => Side::Old,
-                Some("new") => Side::New,
-                _ => continue,
+    /// `WARMVM_FAULT`, parsed once per process; errors are logged once, then ignored.
+    fn faults() -> &'static [Fault] {
+        static FAULTS: OnceLock<Vec<Fault>> = OnceLock::new();
+        FAULTS.get_or_init(|| {
+            let Ok(spec) = std::env::var("WARMVM_FAULT") else {
+                return Vec::new();
             };
-            let (Some(point), Some(action)) = (parts.next(), parts.next()) else {
-                continue;
-            };
-            let ms = |a: &str| a.split_once(':').and_then(|(_, n)| n.parse().ok());
-            let action = match action {
-                "kill" => Action::Kill,
-                "panic" => Action::Panic,
-                a if a.starts_with("stop:") => match ms(a) {
-                    Some(n) => Action::Stop(n),
-                    None => continue,
-                },
-                a if a.starts_with("delay:") => match ms(a) {
-                    Some(n) => Action::Delay(n),
-                    None => continue,
-                },
-                _ => continue,
-            };
-            out.push((side, point, action));
-        }
-        out
+            let (faults, errors) = super::parse(&spec);
+            for e in errors {
+                tracing::error!(error = %e, "WARMVM_FAULT: ignoring an entry");
+            }
+            faults
+        })
     }
-
-    static FAULTS: OnceLock<String> = OnceLock::new();
 
     pub(super) fn hit(point: Point) {
-        let spec = FAULTS.get_or_init(|| std::env::var("WARMVM_FAULT").unwrap_or_default());
-        for (side, name, action) in parse(spec) {
-            if side != point.side() || name != point.name() {
-                continue;
-            }
-            tracing::warn!(point = name, ?action, "fault injected");
-            match action {
-                // SAFETY: raising a signal at ourselves has no memory effects.
+        for fault in faults().iter().filter(|f| f.point == point) {
+            tracing::warn!(fault = %fault, pid = std::process::id(), "fault injected");
+            match fault.action {
+                // SAFETY: raise has no memory effects; SIGKILL ends this process here.
                 Action::Kill => unsafe {
                     libc::raise(libc::SIGKILL);
                 },
-                Action::Stop(ms) => {
-                    // SAFETY: the child only sleeps, signals its parent and exits, all
-                    // async-signal-safe; the parent then stops itself.
-                    unsafe {
-                        let parent = libc::getpid();
-                        if libc::fork() == 0 {
-                            let ts = libc::timespec {
-                                tv_sec: (ms / 1000) as libc::time_t,
-                                tv_nsec: ((ms % 1000) * 1_000_000) as libc::c_long,
-                            };
-                            libc::nanosleep(&ts, std::ptr::null_mut());
-                            libc::kill(parent, libc::SIGCONT);
-                            libc::_exit(0);
-                        }
-                        libc::raise(libc::SIGSTOP);
-                    }
-                }
+                Action::Stop(ms) => stop_for(ms),
                 Action::Delay(ms) => std::thread::sleep(Duration::from_millis(ms)),
-                Action::Panic => panic!("fault injected at {name}"),
+                Action::Panic => panic!("fault injected: {fault}"),
             }
         }
+    }
+
+    /// SIGSTOP this whole process for `ms`: a forked child waits until the process is
+    /// stopped, sleeps `ms`, sends SIGCONT and exits. The child of a multithreaded process
+    /// may only make async-signal-safe calls, so everything it needs is prepared here.
+    pub(super) fn stop_for(ms: u64) {
+        // SAFETY: getpid has no preconditions.
+        let parent = unsafe { libc::getpid() };
+        let Ok(stat_path) = CString::new(format!("/proc/{parent}/stat")) else {
+            return;
+        };
+        let nap = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 1_000_000,
+        };
+        let sleep = libc::timespec {
+            tv_sec: (ms / 1000) as libc::time_t,
+            tv_nsec: ((ms % 1000) * 1_000_000) as libc::c_long,
+        };
+        // SAFETY: fork has no memory preconditions; the child below only calls
+        // async-signal-safe functions (open, read, close, nanosleep, kill, _exit) on memory
+        // prepared before the fork, and never returns into Rust code.
+        let child = unsafe { libc::fork() };
+        if child < 0 {
+            tracing::error!(
+                error = %std::io::Error::last_os_error(),
+                "fault injection: cannot fork the process that would continue this one"
+            );
+            return;
+        }
+        if child == 0 {
+            // SAFETY: see above: async-signal-safe calls only, then _exit.
+            unsafe {
+                // Wait (at most ~10 s) until the parent is stopped, so that SIGCONT cannot
+                // come before the SIGSTOP and leave it stopped for good. If it is gone
+                // (killed meanwhile), there is nothing to continue.
+                for _ in 0..10_000 {
+                    match is_stopped(stat_path.as_ptr()) {
+                        Some(true) => break,
+                        Some(false) => {}
+                        None => libc::_exit(0),
+                    }
+                    libc::nanosleep(&nap, std::ptr::null_mut());
+                }
+                libc::nanosleep(&sleep, std::ptr::null_mut());
+                libc::kill(parent, libc::SIGCONT);
+                libc::_exit(0);
+            }
+        }
+        // SAFETY: raise has no memory effects: SIGSTOP stops every thread of this process
+        // until the child's SIGCONT.
+        unsafe { libc::raise(libc::SIGSTOP) };
+        let mut status = 0;
+        // SAFETY: reaps our own child (it exits right after its SIGCONT); `status` is a
+        // valid out-pointer.
+        unsafe { libc::waitpid(child, &mut status, 0) };
+    }
+
+    /// Whether /proc/<pid>/stat (`path`) shows the process stopped; None if it is gone (or
+    /// a zombie). Async-signal-safe: open, read and close on a stack buffer.
+    ///
+    /// # Safety
+    /// `path` must point to a NUL-terminated string.
+    unsafe fn is_stopped(path: *const libc::c_char) -> Option<bool> {
+        let mut buf = [0u8; 512];
+        // SAFETY: the caller guarantees `path`; `buf` is a writable buffer of its length.
+        let n = unsafe {
+            let fd = libc::open(path, libc::O_RDONLY | libc::O_CLOEXEC);
+            if fd < 0 {
+                return None;
+            }
+            let n = libc::read(fd, buf.as_mut_ptr().cast(), buf.len());
+            libc::close(fd);
+            n
+        };
+        if n <= 0 {
+            return None;
+        }
+        // The state follows the last ')' (the command name may contain one): `T` stopped,
+        // `t` stopped while traced (e.g. under strace), `Z`/`X` gone.
+        let data = &buf[..n as usize];
+        let i = data.iter().rposition(|&b| b == b')')?;
+        match data.get(i + 2)? {
+            b'Z' | b'X' => None,
+            state => Some(matches!(state, b'T' | b't')),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_point_has_a_unique_name_on_its_side() {
+        for p in Point::ALL {
+            assert_eq!(Point::find(p.side(), p.name()), Some(p));
+        }
+        assert_eq!(Point::find(Side::Old, "commit"), None);
+        assert_eq!(Point::find(Side::New, "committed"), None);
+    }
+
+    #[test]
+    fn entries_parse_into_faults() {
+        let (faults, errors) =
+            parse("old:quiesced:kill, new:commit:stop:300,new:hello:delay:0,old:done:panic,");
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(
+            faults,
+            vec![
+                Fault {
+                    point: Point::OldQuiesced,
+                    action: Action::Kill
+                },
+                Fault {
+                    point: Point::NewCommit,
+                    action: Action::Stop(300)
+                },
+                Fault {
+                    point: Point::NewHello,
+                    action: Action::Delay(0)
+                },
+                Fault {
+                    point: Point::OldDone,
+                    action: Action::Panic
+                },
+            ]
+        );
+        // Both sides share some names; the side decides.
+        assert_eq!(parse("old:staged:kill").0[0].point, Point::OldStaged);
+        assert_eq!(parse("new:staged:kill").0[0].point, Point::NewStaged);
+        assert_eq!(parse("").0, vec![]);
+    }
+
+    #[test]
+    fn faults_print_as_they_are_spelled() {
+        for spec in [
+            "old:state-sent:kill",
+            "new:ready-sent:stop:50",
+            "new:running:delay:900",
+        ] {
+            let (faults, errors) = parse(spec);
+            assert!(errors.is_empty());
+            assert_eq!(faults[0].to_string(), spec);
+        }
+    }
+
+    #[test]
+    fn bad_entries_are_reported_and_the_rest_kept() {
+        let (faults, errors) = parse(
+            "old:quiesced,both:staged:kill,old:commit:kill,new:hello:explode,\
+             new:hello:stop,new:hello:stop:-5,new:hello:delay:9999999999,new:hello:kill:5,\
+             new:state:delay:250",
+        );
+        assert_eq!(
+            faults,
+            vec![Fault {
+                point: Point::NewState,
+                action: Action::Delay(250)
+            }]
+        );
+        let kinds: Vec<&str> = errors
+            .iter()
+            .map(|e| match e {
+                FaultSpecError::Shape { .. } => "shape",
+                FaultSpecError::Side { .. } => "side",
+                FaultSpecError::Point { .. } => "point",
+                FaultSpecError::Action { .. } => "action",
+                FaultSpecError::Millis { .. } => "millis",
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            ["shape", "side", "point", "action", "millis", "millis", "millis", "action"]
+        );
+        assert_eq!(
+            errors[2].to_string(),
+            "\"old:commit:kill\": the old VMM has no point \"commit\""
+        );
+    }
+
+    /// `stop` stops this very process (every thread of the test binary) and a forked child
+    /// continues it: the call must come back, not leave the process stopped for good.
+    #[cfg(feature = "fault-injection")]
+    #[test]
+    fn a_stopped_process_is_continued() {
+        imp::stop_for(20);
+        imp::stop_for(0);
     }
 }

@@ -1,0 +1,189 @@
+//! A live upgrade from a real older build: the daemon of commit a412568, built from this
+//! repository's history, hands its VMs to this build; this build then reboots into itself
+//! (with the commit protocol), and refuses to hand them back down to the old build.
+//!
+//! Why a412568: it is the last commit before the handover got its commit point (issue 7),
+//! so it writes state format 2 and has no Ready/Commit step. Format 2 is the oldest this
+//! build takes over from; an upgrade from it is what every deployed daemon will go through.
+
+mod fault_harness;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use fault_harness::{pid_alive, scratch, Daemon, Outcome, BIN, BUSY};
+use serde_json::{json, Value};
+
+/// The old build: the last commit before the commit protocol (state format 2).
+const OLD_COMMIT: &str = "a4125687dc243b036af1a0ed9ee947d7161014e4";
+const OLD_SHORT: &str = "a412568";
+
+/// The workspace's root, and its target directory.
+fn dirs() -> (PathBuf, PathBuf) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .nth(2)
+        .expect("crates/warmvm is two levels below the workspace")
+        .to_path_buf();
+    let target = Path::new(BIN)
+        .ancestors()
+        .nth(2)
+        .expect("target dir above target/<profile>/warmvm")
+        .to_path_buf();
+    (root, target)
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Build the old commit's daemon (`cargo build --release --locked -p warmvm`) from
+/// `git archive` into target/old-builds/a412568/, with a target directory of its own; skip
+/// the build when its binary exists and the stamp (commit, compiler) matches.
+fn old_build() -> PathBuf {
+    let (root, target) = dirs();
+    let known = Command::new("git")
+        .arg("-C")
+        .arg(&root)
+        .args(["cat-file", "-e", &format!("{OLD_COMMIT}^{{commit}}")])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        known,
+        "commit {OLD_COMMIT} (the old build this test upgrades from) is not in the history \
+         of the repository at {}: run the test in a full clone (git fetch --unshallow)",
+        root.display()
+    );
+    let base = target.join("old-builds").join(OLD_SHORT);
+    let src = base.join("src");
+    let bin = base.join("target").join("release").join("warmvm");
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let stamp = format!("{OLD_COMMIT}\n{}\n", run(Command::new(rustc).arg("-V")));
+    let stamp_file = base.join("stamp");
+    if bin.exists() && std::fs::read_to_string(&stamp_file).is_ok_and(|s| s == stamp) {
+        return bin;
+    }
+    let _ = std::fs::remove_dir_all(&src);
+    let _ = std::fs::remove_file(&stamp_file);
+    std::fs::create_dir_all(&src).unwrap();
+    let archive = base.join("src.tar");
+    run(Command::new("git")
+        .arg("-C")
+        .arg(&root)
+        .args(["archive", "--format=tar", "-o"])
+        .arg(&archive)
+        .arg(OLD_COMMIT));
+    run(Command::new("tar")
+        .arg("-xf")
+        .arg(&archive)
+        .arg("-C")
+        .arg(&src));
+    let _ = std::fs::remove_file(&archive);
+    let started = Instant::now();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    run(Command::new(cargo)
+        .args(["build", "--release", "--locked", "--quiet", "-p", "warmvm"])
+        .arg("--target-dir")
+        .arg(base.join("target"))
+        .current_dir(&src)
+        .env_remove("WARMVM_BUILD_ID"));
+    eprintln!(
+        "built {OLD_SHORT} in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(bin.exists(), "the old build made no {}", bin.display());
+    std::fs::write(&stamp_file, stamp).unwrap();
+    bin
+}
+
+fn status(d: &Daemon) -> Value {
+    d.client().status().unwrap()
+}
+
+/// Reboot `d` into `binary` (None: its own); it must succeed and hand over to a new pid,
+/// the old daemon must exit, and the VMs must run on in the new one, verified.
+fn upgrade(d: &mut Daemon, binary: Option<&Path>, names: &[String]) {
+    let old = d.pid;
+    let mut body = json!({ "mode": "warm" });
+    if let Some(b) = binary {
+        body["binary"] = b.to_str().unwrap().into();
+    }
+    let (code, answer) = d
+        .reboot(&body)
+        .unwrap_or_else(|e| panic!("{e}\n{}", d.log()));
+    assert_eq!(code, 200, "{answer}\n{}", d.log());
+    assert_eq!(
+        d.settle_and_judge(names, 30),
+        Outcome::Running { in_old: false },
+        "{}",
+        d.log()
+    );
+    assert_ne!(d.pid, old);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while pid_alive(old) {
+        assert!(
+            Instant::now() < deadline,
+            "the old daemon {old} did not exit"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn upgrade_from_the_last_build_without_the_commit_protocol() {
+    if !warmvm_vmm::testing::kvm_available(
+        "upgrade_from_the_last_build_without_the_commit_protocol",
+    ) {
+        return;
+    }
+    let old_bin = old_build();
+    let dir = scratch("upgrade");
+    let mut d = Daemon::start(&old_bin, &[], &dir, &[]);
+    let names: Vec<String> = (0..2).map(|i| format!("vm{i}")).collect();
+    d.create_vms(&names, BUSY);
+
+    // Old build -> this build: it reads the old state format and knows there is no commit.
+    let old_pid = d.pid;
+    upgrade(&mut d, Some(Path::new(BIN)), &names);
+    let s = status(&d);
+    let t = &s["last_takeover"];
+    assert_eq!(t["previous_pid"], old_pid, "{s}");
+    assert_eq!(t["state_format"], 2, "{s}");
+    assert_eq!(t["commit_protocol"], false, "{s}");
+    assert_eq!(t["to_build"], s["build"], "{s}");
+    assert!(t["from_build"].is_string(), "{s}");
+
+    // This build -> this build: the current format, with the commit step.
+    let previous = d.pid;
+    upgrade(&mut d, None, &names);
+    let s = status(&d);
+    let t = &s["last_takeover"];
+    assert_eq!(t["previous_pid"], previous, "{s}");
+    assert_eq!(t["state_format"], 3, "{s}");
+    assert_eq!(t["commit_protocol"], true, "{s}");
+
+    // This build -> the old one: it cannot read state format 3, so the reboot is refused
+    // and the VMs run on here.
+    let serving = d.pid;
+    let body = json!({ "mode": "warm", "binary": old_bin.to_str().unwrap() });
+    let (code, answer) = d
+        .reboot(&body)
+        .unwrap_or_else(|e| panic!("{e}\n{}", d.log()));
+    assert_eq!(code, 409, "a downgrade is refused: {answer}\n{}", d.log());
+    let error = answer["error"].as_str().unwrap_or_default();
+    assert!(error.contains("state format"), "{error}");
+    assert_eq!(
+        d.settle_and_judge(&names, 30),
+        Outcome::Running { in_old: true },
+        "{}",
+        d.log()
+    );
+    assert_eq!(d.pid, serving);
+}
