@@ -127,13 +127,7 @@ pub fn kill_may_lose(point: Point) -> bool {
     use Point::*;
     matches!(
         point,
-        OldSpawned
-            | OldStaged
-            | OldPrepared
-            | OldQuiesced
-            | OldCaptured
-            | NewRunning
-            | NewReported
+        OldSpawned | OldStaged | OldPrepared | OldQuiesced | OldCaptured | NewRunning | NewReported
     )
 }
 

@@ -155,6 +155,11 @@ impl<'a> Session<'a> {
             }
             Err(_) => Decision::OldGone,
         };
+        if matches!(decision, Decision::Commit | Decision::OldGone) {
+            // Our stderr runs through the old VMM until now (see `stderr`): write to the
+            // operator's log directly from here on, the old VMM may be gone.
+            redirect_stderr(staged.stderr.as_ref());
+        }
         match decision {
             Decision::Commit => {}
             Decision::OldGone => tracing::warn!(
@@ -175,7 +180,6 @@ impl<'a> Session<'a> {
         let commit_us = t_commit.elapsed().as_micros() as u64;
         let t_resume = Instant::now();
         let blackouts = resume(&staged.vms, &lifecycles);
-        redirect_stderr(staged.stderr.as_ref());
         drop(realtime);
         faults::hit(Point::NewRunning);
         let report = self.report(

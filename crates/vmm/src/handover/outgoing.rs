@@ -115,7 +115,7 @@ pub fn warm_reboot(host: &Host, opts: &RebootOptions) -> Result<Handed, RebootEr
     });
     if let Err(error) = staged {
         // The guests never stopped: nothing to roll back.
-        let error = peer.stop_and_explain(error);
+        let error = peer.stop_and_explain(said_why(&channel, Phase::Stage, error));
         tracing::error!(error = %error, "warm reboot failed while staging; the VMs run on");
         return Err(at(Phase::Stage)(error));
     }
@@ -171,6 +171,10 @@ pub fn warm_reboot(host: &Host, opts: &RebootOptions) -> Result<Handed, RebootEr
         // sure it never will.
         flag.revoke();
         let _ = channel.send(&Msg::Abort, &[]);
+        let failed = RebootError {
+            phase: failed.phase,
+            error: said_why(&channel, failed.phase, failed.error),
+        };
         let ended = peer.kill_and_wait(!matches!(failed.error, HandoverError::Timeout(_)));
         roll_back(&vms);
         drop(realtime);
@@ -261,6 +265,18 @@ fn unexpected(phase: Phase, wanted: &str, got: Msg) -> HandoverError {
         Msg::Refused(f) => HandoverError::Peer(f),
         Msg::Failed(text) => HandoverError::from_legacy_text(phase, text),
         other => HandoverError::BadState(format!("expected {wanted}, got {other:?}")),
+    }
+}
+
+/// A channel that broke while we were sending may still hold the reason the new VMM gave
+/// before it closed its end (e.g. an older build refusing our state format): prefer it.
+fn said_why(channel: &Channel, phase: Phase, error: HandoverError) -> HandoverError {
+    if !matches!(error, HandoverError::PeerGone | HandoverError::Io(_)) {
+        return error;
+    }
+    match recv_by(channel, Instant::now() + Duration::from_millis(1), "reason") {
+        Ok(msg @ (Msg::Refused(_) | Msg::Failed(_))) => unexpected(phase, "", msg),
+        _ => error,
     }
 }
 
