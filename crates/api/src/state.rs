@@ -86,6 +86,37 @@ impl From<HostError> for ApiError {
     }
 }
 
+/// The query of `DELETE /v1/vms/{name}`: `keep_logs=true|false` (default false).
+fn parse_delete_query(query: Option<&str>) -> Result<bool, ApiError> {
+    let mut keep_logs = false;
+    for pair in query
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        match pair.split_once('=') {
+            Some(("keep_logs", "true")) => keep_logs = true,
+            Some(("keep_logs", "false")) => keep_logs = false,
+            Some(("keep_logs", v)) => {
+                return Err(ApiError::new(
+                    400,
+                    format!("keep_logs must be true or false, not {v:?}"),
+                ))
+            }
+            None if pair == "keep_logs" => {
+                return Err(ApiError::new(400, "keep_logs needs a value: true or false"))
+            }
+            _ => {
+                return Err(ApiError::new(
+                    400,
+                    format!("unknown query parameter {pair:?} (only keep_logs)"),
+                ))
+            }
+        }
+    }
+    Ok(keep_logs)
+}
+
 /// `GET /v1/status`.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct DaemonStatus {
@@ -274,7 +305,9 @@ impl ApiState {
             Op::PauseVm => self.pause(name).map(|r| Response::json(200, &r)),
             Op::ResumeVm => self.resume(name).map(|r| Response::json(200, &r)),
             Op::StopVm => self.stop(name, &req.body).map(|r| Response::json(200, &r)),
-            Op::DeleteVm => self.delete(name).map(|r| Response::json(200, &r)),
+            Op::DeleteVm => parse_delete_query(req.query.as_deref())
+                .and_then(|keep_logs| self.delete(name, keep_logs))
+                .map(|r| Response::json(200, &r)),
             Op::Reboot => self.reboot(&req.body).map(|r| {
                 let mut resp = Response::json(200, &r);
                 resp.then_exit = true;
@@ -415,8 +448,11 @@ impl ApiState {
         Ok(vm.report())
     }
 
-    /// Forget a VM that is not running; returns its last report.
-    pub fn delete(&self, name: &str) -> Result<VmReport, ApiError> {
+    /// Forget a VM that is not running, and remove its state directory
+    /// (`<state dir>/<name>`, with its console log) unless `keep_logs`; returns its last
+    /// report.
+    pub fn delete(&self, name: &str, keep_logs: bool) -> Result<VmReport, ApiError> {
+        let vm_dir;
         let vm = {
             let mut host = self.lock();
             if let Some(vm) = host.find(name) {
@@ -428,13 +464,27 @@ impl ApiState {
                     ));
                 }
             }
-            host.remove(name)?
+            let vm = host.remove(name)?;
+            vm_dir = host.state_dir().join(name);
+            vm
         };
         let report = vm.report();
         // The VM's threads are joined and its RAM freed here, outside the lock (or later,
         // by whoever still holds a reference).
         drop(vm);
-        tracing::info!(vm = %name, "VM deleted");
+        if !keep_logs {
+            let dir = vm_dir;
+            // The name is validated (no `/`, no leading `.`), so this stays inside the state
+            // directory. The VM is gone already: a failure here is logged, not answered.
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(vm = %name, dir = %dir.display(), error = %e, "cannot remove the VM's state directory")
+                }
+            }
+        }
+        tracing::info!(vm = %name, keep_logs, "VM deleted");
         Ok(report)
     }
 

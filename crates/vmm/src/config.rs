@@ -18,7 +18,7 @@ pub enum ConfigError {
     Parse { path: PathBuf, msg: String },
     #[error("the config defines no VM (add a [[vm]] table)")]
     NoVms,
-    #[error("VM name {0:?} is invalid: use 1-64 characters from A-Z a-z 0-9 . _ -")]
+    #[error("VM name {0:?} is invalid: use 1-64 characters from A-Z a-z 0-9 . _ -, not starting with . or -")]
     BadName(String),
     #[error("VM name {0:?} is used twice")]
     DuplicateName(String),
@@ -205,6 +205,7 @@ impl VmConfig {
     }
 
     pub fn validate(&self, host: HostLimits) -> Result<(), ConfigError> {
+        validate_name(&self.name)?;
         self.validate_shape(host)?;
         self.validate_files()
     }
@@ -213,14 +214,9 @@ impl VmConfig {
     /// kernel is already in its RAM, so the file need not exist any more).
     pub fn validate_shape(&self, host: HostLimits) -> Result<(), ConfigError> {
         let vm = || self.name.clone();
-        let name_ok = !self.name.is_empty()
-            && self.name.len() <= 64
-            && self
-                .name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-            && !self.name.starts_with('.');
-        if !name_ok {
+        // Adopted VMs keep the rule of older versions (a leading `-` was allowed), so that a
+        // warm reboot never refuses VMs that are already running.
+        if !name_is_safe(&self.name) {
             return Err(ConfigError::BadName(self.name.clone()));
         }
         if self.memory_mib < MIN_MEMORY_MIB {
@@ -287,6 +283,27 @@ impl VmConfig {
     }
 }
 
+/// Names that are safe as a path component and in a URL path.
+fn name_is_safe(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        && !name.starts_with('.')
+}
+
+/// The rule for a new VM's name, the same in the CLI, the API and config files: 1-64
+/// characters from A-Z a-z 0-9 . _ -, not starting with `.` (a hidden or parent directory)
+/// nor `-` (a command-line option, so the CLI could not address the VM).
+pub fn validate_name(name: &str) -> Result<(), ConfigError> {
+    if name_is_safe(name) && !name.starts_with('-') {
+        Ok(())
+    } else {
+        Err(ConfigError::BadName(name.to_string()))
+    }
+}
+
 fn check_readable_file(path: &Path) -> std::io::Result<()> {
     let meta = std::fs::metadata(path)?;
     if !meta.is_file() {
@@ -346,6 +363,12 @@ mod tests {
         assert!(check("[[vm]]\nname=\"a\"\nmemory_mib=0\n").contains("at least"));
         assert!(check("[[vm]]\nname=\"a\"\nmemory_mib=9999999\n").contains("exceeds"));
         assert!(check("[[vm]]\nname=\"a b\"\nmemory_mib=64\n").contains("invalid"));
+        assert!(check("[[vm]]\nname=\"-dash\"\nmemory_mib=64\n").contains("invalid"));
+        assert!(check("[[vm]]\nname=\".dot\"\nmemory_mib=64\n").contains("invalid"));
+        let long = "a".repeat(64);
+        assert!(validate_name(&long).is_ok());
+        assert!(validate_name(&format!("{long}a")).is_err());
+        assert!(validate_name("a-b_c.d").is_ok());
         assert!(check("[[vm]]\nname=\"a\"\nmemory_mib=64\nvcpus=0\n").contains("vcpus"));
         assert!(
             check("[[vm]]\nname=\"a\"\nmemory_mib=64\nkernel=\"/nonexistent/k\"\n")

@@ -12,9 +12,12 @@ use crate::cli::{Failure, EXIT_BAD_INPUT, EXIT_VM_FAILED};
 
 #[derive(clap::Args, Debug)]
 pub struct WarmRebootArgs {
-    /// Print one JSON document.
-    #[arg(long)]
+    /// Print one JSON document (the global `--json`).
+    #[arg(skip)]
     pub json: bool,
+    /// The global `--socket` (unused: the bench starts its own daemon).
+    #[arg(skip)]
+    pub socket: Option<std::path::PathBuf>,
     /// Reboots per cell.
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=10000))]
     pub reboots: u32,

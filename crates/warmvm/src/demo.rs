@@ -18,8 +18,8 @@ use crate::output;
 /// `warmvm demo`'s arguments.
 #[derive(clap::Args, Debug)]
 pub struct DemoArgs {
-    /// Print the results as one JSON document.
-    #[arg(long)]
+    /// Print the results as one JSON document (the global `--json`).
+    #[arg(skip)]
     pub json: bool,
     /// Number of VMs.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=256))]

@@ -3,7 +3,9 @@
 mod bench;
 mod cli;
 mod client;
+mod console;
 mod demo;
+mod manpages;
 mod output;
 mod run;
 

@@ -141,8 +141,7 @@ fn a_failed_install_is_reported_not_silent() {
     let stderr = String::from_utf8_lossy(&r.stderr);
     assert!(!r.status.success());
     assert!(
-        stderr.contains("installing linux-image-cloud-amd64")
-            && stderr.contains("installed no"),
+        stderr.contains("installing linux-image-cloud-amd64") && stderr.contains("installed no"),
         "{stderr}"
     );
     let _ = std::fs::remove_dir_all(&f.dir);

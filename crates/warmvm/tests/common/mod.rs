@@ -1,0 +1,241 @@
+//! What the integration tests that drive a daemon share: a daemon process in a temporary
+//! directory, the CLI against it, and small waiting helpers. Each test file uses a part.
+#![allow(dead_code)]
+
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use warmvm_api::Client;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_warmvm");
+pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub fn required() -> bool {
+    std::env::var("WARMVM_REQUIRE_KVM").is_ok_and(|v| v == "1")
+}
+
+/// A fresh, short directory (socket paths are limited to 107 bytes).
+pub fn scratch(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("wvm-{}-{tag}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A daemon process; killed and reaped however the test ends. After a warm reboot the
+/// daemon is another process, not our child: `pid` follows it.
+pub struct Daemon {
+    pub child: Option<Child>,
+    pub pid: u32,
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    /// Where the daemon (and each daemon a warm reboot starts) sends sd_notify messages.
+    pub notify: UnixDatagram,
+}
+
+impl Daemon {
+    /// Start a daemon in `dir` and wait for its READY=1.
+    pub fn start(dir: &Path, extra: &[&str]) -> Daemon {
+        Self::start_with_env(dir, extra, &[])
+    }
+
+    /// Start a daemon with extra environment variables.
+    pub fn start_with_env(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Daemon {
+        let socket = dir.join("api.sock");
+        let notify_path = dir.join("notify.sock");
+        let _ = std::fs::remove_file(&notify_path);
+        let notify = UnixDatagram::bind(&notify_path).unwrap();
+        notify.set_read_timeout(Some(READY_TIMEOUT)).unwrap();
+        let log = std::fs::File::create(dir.join("daemon.log")).unwrap();
+        let child = Command::new(BIN)
+            .args(["--log-level", "debug", "daemon", "--socket"])
+            .arg(&socket)
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .args(["--stop-grace-secs", "5"])
+            .args(extra)
+            .env("NOTIFY_SOCKET", &notify_path)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut d = Daemon {
+            pid: child.id(),
+            child: Some(child),
+            dir: dir.to_path_buf(),
+            socket,
+            notify,
+        };
+        let msg = d.next_notification();
+        assert!(msg.lines().any(|l| l == "READY=1"), "{msg}");
+        assert!(d.child.as_mut().unwrap().try_wait().unwrap().is_none());
+        d
+    }
+
+    /// The next sd_notify message a daemon sent.
+    pub fn next_notification(&self) -> String {
+        let mut buf = [0u8; 512];
+        match self.notify.recv(&mut buf) {
+            Ok(n) => String::from_utf8_lossy(&buf[..n]).into_owned(),
+            Err(e) => panic!("no notification from the daemon: {e}\n{}", self.log()),
+        }
+    }
+
+    /// After a warm reboot to `new_pid`: the new daemon told systemd its pid and that it is
+    /// ready, and the old one exited 0 (reaped here if it was our child).
+    pub fn follow_reboot(&mut self, new_pid: u32) {
+        assert_ne!(new_pid, self.pid, "a warm reboot starts a new process");
+        let msg = self.next_notification();
+        assert!(
+            msg.lines().any(|l| l == format!("MAINPID={new_pid}")),
+            "{msg}"
+        );
+        assert!(msg.lines().any(|l| l == "READY=1"), "{msg}");
+        if let Some(mut child) = self.child.take() {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                if let Some(status) = child.try_wait().unwrap() {
+                    assert_eq!(status.code(), Some(0), "the old daemon\n{}", self.log());
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the old daemon did not exit after the warm reboot\n{}",
+                    self.log()
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        } else {
+            assert!(
+                wait_until(30, || !pid_alive(self.pid)),
+                "the old daemon {} did not exit after the warm reboot\n{}",
+                self.pid,
+                self.log()
+            );
+        }
+        self.pid = new_pid;
+    }
+
+    /// SIGTERM a daemon that is not our child (one a warm reboot started), then wait until
+    /// its socket stops answering and the process is gone.
+    pub fn terminate_adopted(&mut self) {
+        assert!(self.child.is_none());
+        // SAFETY: kill has no memory effects; the pid is the daemon's, read from its API.
+        unsafe { libc::kill(self.pid as i32, libc::SIGTERM) };
+        let answers = || std::os::unix::net::UnixStream::connect(&self.socket).is_ok();
+        assert!(
+            wait_until(60, || !answers()),
+            "the daemon did not stop on SIGTERM\n{}",
+            self.log()
+        );
+        assert!(
+            wait_until(30, || !pid_alive(self.pid)),
+            "the daemon {} is still alive\n{}",
+            self.pid,
+            self.log()
+        );
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+    }
+
+    pub fn client(&self) -> Client {
+        Client::new(&self.socket)
+    }
+
+    /// Run the CLI against this daemon.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        let out = Command::new(BIN)
+            .args(args)
+            .arg("--socket")
+            .arg(&self.socket)
+            .output()
+            .unwrap();
+        out
+    }
+
+    /// Run the CLI with --json; it must succeed.
+    pub fn cli_json(&self, args: &[&str]) -> Value {
+        let mut a = args.to_vec();
+        a.push("--json");
+        let out = self.cli(&a);
+        assert!(
+            out.status.success(),
+            "warmvm {args:?} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+        serde_json::from_slice(&out.stdout).expect("--json prints JSON")
+    }
+
+    /// SIGTERM, then wait for the exit.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let mut child = self.child.take().unwrap();
+        // SAFETY: kill has no memory effects; the pid is our unreaped child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("the daemon did not exit on SIGTERM\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        } else if pid_alive(self.pid) {
+            // A daemon a warm reboot started (not our child).
+            // SAFETY: kill has no memory effects; the pid is the daemon's.
+            unsafe { libc::kill(self.pid as i32, libc::SIGKILL) };
+        }
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// True while `pid` is a live process (not gone, not a zombie waiting to be reaped).
+pub fn pid_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which is in parentheses.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X'])),
+        Err(_) => false,
+    }
+}
+
+pub fn reference_vm(name: &str) -> Value {
+    json!({ "name": name, "memory_mib": 64, "cmdline": "quiet interval_ms=20" })
+}
+
+pub fn counter(vm: &Value) -> u64 {
+    vm["guest"]["counter"].as_u64().unwrap_or(0)
+}
+
+/// Wait until `f` holds, at most `secs`.
+pub fn wait_until(secs: u64, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
