@@ -50,6 +50,8 @@ pub enum ConfigError {
     Ring3WithKernel { vm: String },
     #[error("VM {vm}: the command line is longer than {max} bytes or contains a NUL")]
     BadCmdline { vm: String, max: usize },
+    #[error("VM {vm}: {what} must be a path, not empty")]
+    EmptyPath { vm: String, what: &'static str },
 }
 
 /// A host's set of VMs.
@@ -88,16 +90,32 @@ pub struct VmConfig {
     #[serde(default)]
     pub hugepages: bool,
     /// Kernel image (bzImage, ELF vmlinux, PVH ELF). Omitted: the built-in reference guest.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present"
+    )]
     pub kernel: Option<PathBuf>,
     #[serde(default)]
     pub boot: BootKind,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present"
+    )]
     pub cmdline: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present"
+    )]
     pub initrd: Option<PathBuf>,
     /// Console log file; default `<state_dir>/<name>/console.log`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present"
+    )]
     pub console_log: Option<PathBuf>,
     /// Also copy the console to the VMM's standard output.
     #[serde(default)]
@@ -105,6 +123,16 @@ pub struct VmConfig {
     /// Hide CMPXCHG16B from the guest's CPUID (helps Linux under instruction-emulating KVMs).
     #[serde(default)]
     pub hide_cx16: bool,
+}
+
+/// An optional field that, when present, must hold a value: JSON `null` is refused (the API's
+/// document says string, not nullable). Absent fields take their default as usual.
+pub fn present<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(d).map(Some)
 }
 
 fn one() -> u32 {
@@ -218,6 +246,15 @@ impl VmConfig {
         // warm reboot never refuses VMs that are already running.
         if !name_is_safe(&self.name) {
             return Err(ConfigError::BadName(self.name.clone()));
+        }
+        for (what, path) in [
+            ("kernel", &self.kernel),
+            ("initrd", &self.initrd),
+            ("console_log", &self.console_log),
+        ] {
+            if path.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+                return Err(ConfigError::EmptyPath { vm: vm(), what });
+            }
         }
         if self.memory_mib < MIN_MEMORY_MIB {
             return Err(ConfigError::MemoryTooSmall {
@@ -364,6 +401,7 @@ mod tests {
         assert!(check("[[vm]]\nname=\"a\"\nmemory_mib=9999999\n").contains("exceeds"));
         assert!(check("[[vm]]\nname=\"a b\"\nmemory_mib=64\n").contains("invalid"));
         assert!(check("[[vm]]\nname=\"-dash\"\nmemory_mib=64\n").contains("invalid"));
+        assert!(check("[[vm]]\nname=\"a\"\nmemory_mib=64\nkernel=\"\"\n").contains("not empty"));
         assert!(check("[[vm]]\nname=\".dot\"\nmemory_mib=64\n").contains("invalid"));
         let long = "a".repeat(64);
         assert!(validate_name(&long).is_ok());
