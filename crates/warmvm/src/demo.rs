@@ -98,7 +98,7 @@ pub struct ChainSummary {
 }
 
 /// p50, p99 and max, in ms, of values in µs.
-fn p50_p99_max(mut us: Vec<u64>) -> (f64, f64, f64) {
+pub(crate) fn p50_p99_max(mut us: Vec<u64>) -> (f64, f64, f64) {
     us.sort_unstable();
     (
         percentile(&us, 0.5),

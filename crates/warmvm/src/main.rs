@@ -1,12 +1,14 @@
 //! The `warmvm` command.
 
 mod bench;
+mod bench_daemon;
 mod cli;
 mod client;
 mod console;
 mod demo;
 mod manpages;
 mod output;
+mod progress;
 mod run;
 
 use std::process::ExitCode;
