@@ -7,10 +7,14 @@
 # missing, so it needs root the first time. Idempotent: when both files are present and match
 # the installed kernel it does nothing. Set LINUX_KERNEL=/path/to/bzImage to use another
 # kernel instead of the newest /boot/vmlinuz-*-cloud-amd64.
+#
+# For its own test (crates/warmvm/tests/fetch_kernel.rs) the places it reads and writes can be
+# moved: WARMVM_BOOT_DIR (default /boot) and WARMVM_LINUX_OUT (default target/linux).
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-out="$root/target/linux"
+out="${WARMVM_LINUX_OUT:-$root/target/linux}"
+boot="${WARMVM_BOOT_DIR:-/boot}"
 
 die() { echo "fetch-linux-kernel: $*" >&2; exit 1; }
 log() { echo "fetch-linux-kernel: $*" >&2; }
@@ -26,8 +30,13 @@ apt_install() {
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >&2 || die "apt-get install $* failed"
 }
 
+# The newest cloud kernel in $boot, or nothing. A glob rather than `ls`: with no match, `ls`
+# fails, and under `set -o pipefail` that failure would end the script before the install.
 newest_cloud_kernel() {
-    ls /boot/vmlinuz-*-cloud-amd64 2>/dev/null | sort -V | tail -n 1
+    local k
+    for k in "$boot"/vmlinuz-*-cloud-amd64; do
+        if [ -f "$k" ]; then printf '%s\n' "$k"; fi
+    done | sort -V | tail -n 1
 }
 
 kernel="${LINUX_KERNEL:-}"
@@ -37,7 +46,7 @@ if [ -z "$kernel" ]; then
         log "installing linux-image-cloud-amd64"
         apt_install linux-image-cloud-amd64
         kernel="$(newest_cloud_kernel)"
-        [ -n "$kernel" ] || die "linux-image-cloud-amd64 installed no /boot/vmlinuz-*-cloud-amd64"
+        [ -n "$kernel" ] || die "linux-image-cloud-amd64 installed no $boot/vmlinuz-*-cloud-amd64"
     fi
 fi
 [ -r "$kernel" ] || die "cannot read kernel $kernel"

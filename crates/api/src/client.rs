@@ -183,8 +183,10 @@ impl Client {
             .call("PUT", &vm_path(name, "/stop"), Some(&body))
     }
 
-    pub fn delete(&self, name: &str) -> Result<serde_json::Value, ClientError> {
-        self.call("DELETE", &vm_path(name, ""), None)
+    /// Delete a VM that is not running, and its state directory unless `keep_logs`.
+    pub fn delete(&self, name: &str, keep_logs: bool) -> Result<serde_json::Value, ClientError> {
+        let query = if keep_logs { "?keep_logs=true" } else { "" };
+        self.call("DELETE", &format!("{}{query}", vm_path(name, "")), None)
     }
 
     /// Warm-reboot the daemon (into `binary`, or its own binary): answers with the

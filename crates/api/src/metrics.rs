@@ -1,12 +1,14 @@
-//! Prometheus text exposition (format 0.0.4) of the daemon's and its VMs' figures.
+//! The daemon's and its VMs' figures in the Prometheus text format (0.0.4), encoded by the
+//! `prometheus` crate from a registry filled per scrape.
 //!
 //! Cheap by design, since aging detection polls it: the Host lock is held only to clone the
 //! list of VMs; every figure is then an atomic load, one fstat per RAM region, or a
 //! sequence-locked read of the reference guest's status area; the daemon's own figures come
 //! from three small /proc reads.
 
-use std::fmt::Write as _;
 use std::sync::Arc;
+
+use prometheus::{CounterVec, GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry};
 
 use warmvm_vmm::status::GuestFigures;
 use warmvm_vmm::{Lifecycle, VcpuStats, Vm};
@@ -70,53 +72,120 @@ impl ProcessFigures {
     }
 }
 
-struct Out {
-    text: String,
+/// A metric's type, as far as the exposition needs it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Gauge,
+    Counter,
 }
 
-impl Out {
-    fn family(&mut self, name: &str, kind: &str, help: &str) {
-        let _ = writeln!(self.text, "# HELP {name} {help}");
-        let _ = writeln!(self.text, "# TYPE {name} {kind}");
+/// One label set and its value.
+#[derive(Debug)]
+struct Sample {
+    labels: Vec<(&'static str, String)>,
+    value: Value,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Value {
+    Int(i64),
+    Float(f64),
+}
+
+/// One metric family: its name, help, type and samples (all with the same label names).
+#[derive(Debug)]
+struct Family {
+    name: &'static str,
+    help: &'static str,
+    kind: Kind,
+    samples: Vec<Sample>,
+}
+
+/// One scrape's figures, read before any is encoded.
+#[derive(Debug, Default)]
+struct Scrape {
+    families: Vec<Family>,
+}
+
+impl Scrape {
+    fn family(&mut self, name: &'static str, kind: Kind, help: &'static str) -> &mut Family {
+        self.families.push(Family {
+            name,
+            help,
+            kind,
+            samples: Vec::new(),
+        });
+        self.families.last_mut().unwrap_or_else(|| unreachable!())
+    }
+}
+
+impl Family {
+    fn int(&mut self, labels: &[(&'static str, &dyn std::fmt::Display)], v: u64) -> &mut Self {
+        self.push(labels, Value::Int(i64::try_from(v).unwrap_or(i64::MAX)))
     }
 
-    fn sample(&mut self, name: &str, labels: &[(&str, &dyn std::fmt::Display)], value: f64) {
-        self.text.push_str(name);
-        if !labels.is_empty() {
-            self.text.push('{');
-            for (i, (k, v)) in labels.iter().enumerate() {
-                if i > 0 {
-                    self.text.push(',');
+    fn float(&mut self, labels: &[(&'static str, &dyn std::fmt::Display)], v: f64) -> &mut Self {
+        self.push(labels, Value::Float(v))
+    }
+
+    fn push(
+        &mut self,
+        labels: &[(&'static str, &dyn std::fmt::Display)],
+        value: Value,
+    ) -> &mut Self {
+        self.samples.push(Sample {
+            labels: labels.iter().map(|(k, v)| (*k, v.to_string())).collect(),
+            value,
+        });
+        self
+    }
+
+    /// Register this family, with its samples, in `registry`.
+    fn register(&self, registry: &Registry) -> prometheus::Result<()> {
+        let names: Vec<&str> = self
+            .samples
+            .first()
+            .map(|s| s.labels.iter().map(|(k, _)| *k).collect())
+            .unwrap_or_default();
+        let opts = || Opts::new(self.name, self.help);
+        // A float family is encoded as such even where a sample happens to be whole.
+        let float = self
+            .samples
+            .iter()
+            .any(|s| matches!(s.value, Value::Float(_)));
+        let as_f64 = |v: Value| match v {
+            Value::Int(i) => i as f64,
+            Value::Float(f) => f,
+        };
+        let as_i64 = |v: Value| match v {
+            Value::Int(i) => i,
+            Value::Float(f) => f as i64,
+        };
+        macro_rules! fill {
+            ($ty:ty, |$m:ident, $v:ident| $set:expr) => {{
+                let vec = <$ty>::new(opts(), &names)?;
+                registry.register(Box::new(vec.clone()))?;
+                for s in &self.samples {
+                    let refs: Vec<&str> = s.labels.iter().map(|(_, v)| v.as_str()).collect();
+                    let $m = vec.get_metric_with_label_values(&refs)?;
+                    let $v = s.value;
+                    $set;
                 }
-                let _ = write!(self.text, "{k}=\"");
-                let _ = write!(LabelEscaper(&mut self.text), "{v}");
-                self.text.push('"');
-            }
-            self.text.push('}');
+            }};
         }
-        let _ = writeln!(self.text, " {value}");
-    }
-}
-
-/// Escapes a label value as the text format wants (backslash, double quote, newline) while
-/// it is formatted, without an intermediate string.
-struct LabelEscaper<'a>(&'a mut String);
-
-impl std::fmt::Write for LabelEscaper<'_> {
-    fn write_str(&mut self, v: &str) -> std::fmt::Result {
-        for c in v.chars() {
-            match c {
-                '\\' => self.0.push_str("\\\\"),
-                '"' => self.0.push_str("\\\""),
-                '\n' => self.0.push_str("\\n"),
-                c => self.0.push(c),
+        match (self.kind, float) {
+            (Kind::Gauge, false) => fill!(IntGaugeVec, |m, v| m.set(as_i64(v))),
+            (Kind::Gauge, true) => fill!(GaugeVec, |m, v| m.set(as_f64(v))),
+            (Kind::Counter, false) => {
+                fill!(IntCounterVec, |m, v| m.inc_by(as_i64(v).max(0) as u64))
             }
+            (Kind::Counter, true) => fill!(CounterVec, |m, v| m.inc_by(as_f64(v).max(0.0))),
         }
         Ok(())
     }
 }
 
-/// Render every metric.
+/// Render every metric (OpenMetrics text, which Prometheus scrapes natively).
 pub fn render(state: &ApiState) -> String {
     let vms: Vec<VmSample> = state
         .vms()
@@ -131,110 +200,83 @@ pub fn render(state: &ApiState) -> String {
         })
         .collect();
     let process = ProcessFigures::read();
-    let mut o = Out {
-        text: String::with_capacity(4096 + vms.len() * 4096),
-    };
+    let mut o = Scrape::default();
+    use Kind::{Counter, Gauge};
 
     o.family(
         "warmvm_daemon_info",
-        "gauge",
+        Gauge,
         "The daemon's version (always 1).",
-    );
-    o.sample(
-        "warmvm_daemon_info",
-        &[("version", &env!("CARGO_PKG_VERSION"))],
-        1.0,
-    );
+    )
+    .int(&[("version", &env!("CARGO_PKG_VERSION"))], 1);
     o.family(
         "warmvm_daemon_uptime_seconds",
-        "gauge",
+        Gauge,
         "Seconds since this daemon process started serving.",
-    );
-    o.sample(
-        "warmvm_daemon_uptime_seconds",
-        &[],
-        state.uptime().as_secs_f64(),
-    );
+    )
+    .float(&[], state.uptime().as_secs_f64());
     o.family(
         "warmvm_daemon_resident_memory_bytes",
-        "gauge",
+        Gauge,
         "Resident memory of the daemon process (includes guest RAM it has touched).",
-    );
-    o.sample(
-        "warmvm_daemon_resident_memory_bytes",
-        &[],
-        process.resident_bytes as f64,
-    );
+    )
+    .int(&[], process.resident_bytes);
     o.family(
         "warmvm_daemon_open_fds",
-        "gauge",
+        Gauge,
         "Open file descriptors of the daemon.",
-    );
-    o.sample("warmvm_daemon_open_fds", &[], process.open_fds as f64);
+    )
+    .int(&[], process.open_fds);
     o.family(
         "warmvm_daemon_threads",
-        "gauge",
+        Gauge,
         "Threads of the daemon (vCPUs included).",
-    );
-    o.sample("warmvm_daemon_threads", &[], process.threads as f64);
-    o.family("warmvm_vms", "gauge", "VMs the daemon holds, in any state.");
-    o.sample("warmvm_vms", &[], vms.len() as f64);
+    )
+    .int(&[], process.threads);
+    o.family("warmvm_vms", Gauge, "VMs the daemon holds, in any state.")
+        .int(&[], vms.len() as u64);
 
-    o.family(
+    let f = o.family(
         "warmvm_vm_state",
-        "gauge",
+        Gauge,
         "1 for the state the VM is in, 0 for the others.",
     );
     for s in &vms {
         for st in STATES {
-            let v = if s.state.name() == st { 1.0 } else { 0.0 };
-            o.sample(
-                "warmvm_vm_state",
+            f.int(
                 &[("vm", &s.vm.name()), ("state", &st)],
-                v,
+                u64::from(s.state.name() == st),
             );
         }
     }
-    let per_vm =
-        |o: &mut Out, name: &str, kind: &str, help: &str, f: &dyn Fn(&VmSample) -> Option<f64>| {
-            o.family(name, kind, help);
-            for s in &vms {
-                if let Some(v) = f(s) {
-                    o.sample(name, &[("vm", &s.vm.name())], v);
-                }
-            }
-        };
-    per_vm(
-        &mut o,
-        "warmvm_vm_memory_bytes",
-        "gauge",
-        "Guest RAM size.",
-        &|s| Some((s.vm.config.memory_mib << 20) as f64),
-    );
-    per_vm(
-        &mut o,
-        "warmvm_vm_resident_memory_bytes",
-        "gauge",
-        "Guest RAM actually backed by host memory.",
-        &|s| Some(s.resident_bytes as f64),
-    );
-    per_vm(
-        &mut o,
-        "warmvm_vm_vcpus",
-        "gauge",
-        "vCPUs of the VM.",
-        &|s| Some(f64::from(s.vm.config.vcpus)),
-    );
-    per_vm(
-        &mut o,
-        "warmvm_vm_uptime_seconds",
-        "gauge",
-        "Seconds since the VM was created.",
-        &|s| Some(s.uptime_secs),
-    );
-    o.family(
+    type PerVm = (&'static str, &'static str, fn(&VmSample) -> Value);
+    let per_vm: [PerVm; 4] = [
+        ("warmvm_vm_memory_bytes", "Guest RAM size.", |s| {
+            Value::Int((s.vm.config.memory_mib << 20) as i64)
+        }),
+        (
+            "warmvm_vm_resident_memory_bytes",
+            "Guest RAM actually backed by host memory.",
+            |s| Value::Int(s.resident_bytes as i64),
+        ),
+        ("warmvm_vm_vcpus", "vCPUs of the VM.", |s| {
+            Value::Int(i64::from(s.vm.config.vcpus))
+        }),
+        (
+            "warmvm_vm_uptime_seconds",
+            "Seconds since the VM was created.",
+            |s| Value::Float(s.uptime_secs),
+        ),
+    ];
+    for (name, help, value) in per_vm {
+        let f = o.family(name, Gauge, help);
+        for s in &vms {
+            f.push(&[("vm", &s.vm.name())], value(s));
+        }
+    }
+    let f = o.family(
         "warmvm_vm_unknown_accesses_total",
-        "counter",
+        Counter,
         "Guest accesses to ports or MMIO addresses no device claims.",
     );
     for s in &vms {
@@ -245,17 +287,13 @@ pub fn render(state: &ApiState) -> String {
             ("mmio_read", u.mmio_reads),
             ("mmio_write", u.mmio_writes),
         ] {
-            o.sample(
-                "warmvm_vm_unknown_accesses_total",
-                &[("vm", &s.vm.name()), ("kind", &kind)],
-                v as f64,
-            );
+            f.int(&[("vm", &s.vm.name()), ("kind", &kind)], v);
         }
     }
 
-    o.family(
+    let f = o.family(
         "warmvm_vcpu_exits_total",
-        "counter",
+        Counter,
         "VM exits handled by the VMM, by reason (io: port I/O, mmio, other: HLT and system events).",
     );
     for s in &vms {
@@ -265,135 +303,136 @@ pub fn render(state: &ApiState) -> String {
                 ("mmio", c.mmio_exits),
                 ("other", c.other_exits),
             ] {
-                o.sample(
-                    "warmvm_vcpu_exits_total",
+                f.int(
                     &[("vm", &s.vm.name()), ("vcpu", &c.id), ("reason", &reason)],
-                    v as f64,
+                    v,
                 );
             }
         }
     }
-    let per_vcpu = |o: &mut Out, name: &str, help: &str, f: &dyn Fn(&VcpuStats) -> f64| {
-        o.family(name, "counter", help);
+    type PerVcpu = (&'static str, &'static str, fn(&VcpuStats) -> Value);
+    let per_vcpu: [PerVcpu; 3] = [
+        (
+            "warmvm_vcpu_kicks_total",
+            "Signals sent to kick the vCPU out of KVM_RUN.",
+            |c| Value::Int(c.kicks as i64),
+        ),
+        (
+            "warmvm_vcpu_waits_total",
+            "Sleeps of the vCPU in the VMM on the guest's behalf (wait port, HLT).",
+            |c| Value::Int(c.waits as i64),
+        ),
+        (
+            "warmvm_vcpu_wait_seconds_total",
+            "Time the vCPU slept in the VMM on the guest's behalf.",
+            |c| Value::Float(c.wait_ms as f64 / 1000.0),
+        ),
+    ];
+    for (name, help, value) in per_vcpu {
+        let f = o.family(name, Counter, help);
         for s in &vms {
             for c in &s.vcpus {
-                o.sample(name, &[("vm", &s.vm.name()), ("vcpu", &c.id)], f(c));
+                f.push(&[("vm", &s.vm.name()), ("vcpu", &c.id)], value(c));
             }
         }
-    };
-    per_vcpu(
-        &mut o,
-        "warmvm_vcpu_kicks_total",
-        "Signals sent to kick the vCPU out of KVM_RUN.",
-        &|c| c.kicks as f64,
-    );
-    per_vcpu(
-        &mut o,
-        "warmvm_vcpu_waits_total",
-        "Sleeps of the vCPU in the VMM on the guest's behalf (wait port, HLT).",
-        &|c| c.waits as f64,
-    );
-    per_vcpu(
-        &mut o,
-        "warmvm_vcpu_wait_seconds_total",
-        "Time the vCPU slept in the VMM on the guest's behalf.",
-        &|c| c.wait_ms as f64 / 1000.0,
-    );
+    }
 
     let guest: Vec<(&VmSample, &GuestFigures)> = vms
         .iter()
         .filter_map(|s| s.guest.as_ref().map(|g| (s, g)))
         .collect();
-    let per_guest =
-        |o: &mut Out, name: &str, kind: &str, help: &str, f: &dyn Fn(&GuestFigures) -> u64| {
-            o.family(name, kind, help);
-            for (s, g) in &guest {
-                o.sample(name, &[("vm", &s.vm.name())], f(g) as f64);
-            }
-        };
-    per_guest(
-        &mut o,
-        "warmvm_guest_pages_verified_total",
-        "counter",
-        "Pages the reference guest has verified.",
-        &|g| g.pages_verified,
-    );
-    per_guest(
-        &mut o,
-        "warmvm_guest_mismatches_total",
-        "counter",
-        "Pages the reference guest found changed behind its back (must stay 0).",
-        &|g| g.mismatches,
-    );
-    per_guest(
-        &mut o,
-        "warmvm_guest_counter",
-        "counter",
-        "The reference guest's progress counter (stands still while the VM is paused).",
-        &|g| g.counter,
-    );
-    per_guest(
-        &mut o,
-        "warmvm_guest_passes_min",
-        "gauge",
-        "Full verification passes completed by the slowest vCPU.",
-        &|g| g.min_passes,
-    );
-    per_guest(
-        &mut o,
-        "warmvm_guest_register_check_failures_total",
-        "counter",
-        "Register checks the reference guest failed (must stay 0).",
-        &|g| g.register_check_failures,
-    );
-    per_guest(
-        &mut o,
-        "warmvm_guest_time_went_backwards_total",
-        "counter",
-        "Times the reference guest saw its clock go backwards (must stay 0).",
-        &|g| g.time_went_backwards,
-    );
-    o.family(
-        "warmvm_guest_max_gap_seconds",
-        "gauge",
-        "Longest stretch the reference guest went without progress (a guest-visible stall).",
-    );
-    for (s, g) in &guest {
-        o.sample(
+    // The guest's progress counter is a gauge, `warmvm_guest_progress` (it was
+    // `warmvm_guest_counter`, a name promtool refuses: it names a type): the VMM reads it from
+    // the guest, which may start it again, so it is not a counter the VMM keeps.
+    type PerGuest = (&'static str, Kind, &'static str, fn(&GuestFigures) -> Value);
+    let per_guest: [PerGuest; 7] = [
+        (
+            "warmvm_guest_pages_verified_total",
+            Counter,
+            "Pages the reference guest has verified.",
+            |g| Value::Int(g.pages_verified as i64),
+        ),
+        (
+            "warmvm_guest_mismatches_total",
+            Counter,
+            "Pages the reference guest found changed behind its back (must stay 0).",
+            |g| Value::Int(g.mismatches as i64),
+        ),
+        (
+            "warmvm_guest_progress",
+            Gauge,
+            "The reference guest's progress counter (stands still while the VM is paused).",
+            |g| Value::Int(g.counter as i64),
+        ),
+        (
+            "warmvm_guest_passes_min",
+            Gauge,
+            "Full verification passes completed by the slowest vCPU.",
+            |g| Value::Int(g.min_passes as i64),
+        ),
+        (
+            "warmvm_guest_register_check_failures_total",
+            Counter,
+            "Register checks the reference guest failed (must stay 0).",
+            |g| Value::Int(g.register_check_failures as i64),
+        ),
+        (
+            "warmvm_guest_time_went_backwards_total",
+            Counter,
+            "Times the reference guest saw its clock go backwards (must stay 0).",
+            |g| Value::Int(g.time_went_backwards as i64),
+        ),
+        (
             "warmvm_guest_max_gap_seconds",
-            &[("vm", &s.vm.name())],
-            g.max_gap_ns as f64 / 1e9,
-        );
+            Gauge,
+            "Longest stretch the reference guest went without progress (a guest-visible stall).",
+            |g| Value::Float(g.max_gap_ns as f64 / 1e9),
+        ),
+    ];
+    for (name, kind, help, value) in per_guest {
+        let f = o.family(name, kind, help);
+        for (s, g) in &guest {
+            f.push(&[("vm", &s.vm.name())], value(g));
+        }
     }
-    o.family(
-        "warmvm_guest_vcpu_counter",
-        "counter",
+    let f = o.family(
+        "warmvm_guest_vcpu_progress",
+        Gauge,
         "The reference guest's progress counter, per vCPU.",
     );
     for (s, g) in &guest {
         for (i, v) in g.vcpus.iter().enumerate() {
-            o.sample(
-                "warmvm_guest_vcpu_counter",
-                &[("vm", &s.vm.name()), ("vcpu", &i)],
-                v.counter as f64,
-            );
+            f.int(&[("vm", &s.vm.name()), ("vcpu", &i)], v.counter);
         }
     }
-    o.family(
+    let f = o.family(
         "warmvm_guest_vcpu_pages_verified_total",
-        "counter",
+        Counter,
         "Pages the reference guest has verified, per vCPU.",
     );
     for (s, g) in &guest {
         for (i, v) in g.vcpus.iter().enumerate() {
-            o.sample(
-                "warmvm_guest_vcpu_pages_verified_total",
-                &[("vm", &s.vm.name()), ("vcpu", &i)],
-                v.pages_verified as f64,
-            );
+            f.int(&[("vm", &s.vm.name()), ("vcpu", &i)], v.pages_verified);
         }
     }
-    o.text
+    encode(o)
+}
+
+/// The text of one scrape.
+fn encode(scrape: Scrape) -> String {
+    let registry = Registry::new();
+    for f in &scrape.families {
+        // Only a bug (a bad name, a family registered twice) can fail here.
+        if let Err(e) = f.register(&registry) {
+            tracing::error!(metric = f.name, error = %e, "cannot encode a metric");
+        }
+    }
+    prometheus::TextEncoder::new()
+        .encode_to_string(&registry.gather())
+        .unwrap_or_else(|e| {
+            tracing::error!(error = %e, "cannot encode the metrics");
+            String::new()
+        })
 }
 
 #[cfg(test)]
@@ -429,9 +468,11 @@ mod tests {
 
     #[test]
     fn labels_are_escaped() {
-        let mut s = String::new();
-        LabelEscaper(&mut s).write_str("a\"b\\c\nd").unwrap();
-        assert_eq!(s, "a\\\"b\\\\c\\nd");
+        let mut o = Scrape::default();
+        o.family("x", Kind::Gauge, "Help.")
+            .int(&[("vm", &"a\"b\\c\nd")], 1);
+        let text = encode(o);
+        assert!(text.contains(r#"x{vm="a\"b\\c\nd"} 1"#), "{text}");
     }
 
     #[test]
@@ -444,15 +485,15 @@ mod tests {
 
     #[test]
     fn samples_have_the_text_format() {
-        let mut o = Out {
-            text: String::new(),
-        };
-        o.family("x_total", "counter", "Help.");
-        o.sample("x_total", &[("vm", &"a"), ("vcpu", &0)], 3.0);
-        o.sample("x_total", &[], 0.5);
+        let mut o = Scrape::default();
+        o.family("x_total", Kind::Counter, "Help.")
+            .int(&[("vm", &"a"), ("vcpu", &0)], 3)
+            .int(&[("vm", &"b"), ("vcpu", &1)], 4);
+        o.family("g", Kind::Gauge, "Gauge help.").float(&[], 0.5);
         assert_eq!(
-            o.text,
-            "# HELP x_total Help.\n# TYPE x_total counter\nx_total{vm=\"a\",vcpu=\"0\"} 3\nx_total 0.5\n"
+            encode(o),
+            "# HELP g Gauge help.\n# TYPE g gauge\ng 0.5\n\
+             # HELP x_total Help.\n# TYPE x_total counter\nx_total{vcpu=\"0\",vm=\"a\"} 3\nx_total{vcpu=\"1\",vm=\"b\"} 4\n"
         );
     }
 }

@@ -16,6 +16,11 @@ const ANNOTATIONS: &[&str] = &[
     "deprecated",
 ];
 
+/// The one `pattern` the document uses: a VM name. It is checked by the rule VM creation
+/// applies ([`warmvm_vmm::config::validate_name`]), which it must express exactly (a test
+/// compares them).
+pub const NAME_PATTERN: &str = "^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$";
+
 /// Check `value` against `schema`; `doc` is the document that `$ref`s point into.
 pub fn validate(doc: &Value, schema: &Value, value: &Value) -> Result<(), String> {
     check(doc, schema, value, "$")
@@ -93,6 +98,14 @@ fn check(doc: &Value, schema: &Value, v: &Value, at: &str) -> Result<(), String>
                     if (key == "minLength" && n < bound) || (key == "maxLength" && n > bound) {
                         return Err(format!("{at}: length {n} is outside {key} {bound}"));
                     }
+                }
+            }
+            "pattern" => {
+                if arg.as_str() != Some(NAME_PATTERN) {
+                    return Err(format!("{at}: unsupported pattern {arg}"));
+                }
+                if let Some(name) = v.as_str() {
+                    warmvm_vmm::config::validate_name(name).map_err(|e| format!("{at}: {e}"))?;
                 }
             }
             "properties" => {
@@ -205,6 +218,9 @@ mod tests {
             .unwrap_err()
             .contains("not in"));
         assert!(validate(&doc, &p, &json!({"a": 1.5})).is_err());
+        let name = json!({ "type": "string", "pattern": NAME_PATTERN });
+        assert!(validate(&doc, &name, &json!("web-1")).is_ok());
+        assert!(validate(&doc, &name, &json!("-web")).is_err());
         assert!(validate(&doc, &json!({"pattern": "x"}), &json!("x"))
             .unwrap_err()
             .contains("unsupported"));

@@ -67,11 +67,22 @@ impl std::fmt::Display for ApiError {
     }
 }
 
-fn vm_error_status(err: &VmError, has_kernel: bool) -> u16 {
+/// The status of a VM operation that failed; `config` is the VM's, for a creation.
+///
+/// The statuses' meaning, as docs/openapi.json lists them: 400 the request does not match the
+/// document; 409 it does not fit the state of the VM or the host's other VMs; 422 it matches
+/// the document but this host cannot carry it out (a kernel path that names no readable
+/// kernel, more vCPUs or RAM than the host has, huge pages it has not reserved); 500 the host
+/// failed.
+fn vm_error_status(err: &VmError, config: Option<&VmConfig>) -> u16 {
+    let has_kernel = config.is_some_and(|c| c.kernel.is_some());
+    let hugepages = config.is_some_and(|c| c.hugepages);
     match err {
         VmError::InvalidTransition { .. } => 409,
-        // A kernel or initrd the client named is unusable: the client's mistake.
-        VmError::Boot(_) | VmError::ReadFile { .. } if has_kernel => 400,
+        // A kernel or initrd the client named is unusable.
+        VmError::Boot(_) | VmError::ReadFile { .. } if has_kernel => 422,
+        // Huge pages the host has not reserved (or not enough of them).
+        VmError::Memory(_) if hugepages => 422,
         _ => 500,
     }
 }
@@ -80,7 +91,23 @@ fn config_error_status(err: &ConfigError) -> u16 {
     match err {
         // Valid on its own, but not next to the VMs this host already has.
         ConfigError::TotalMemoryTooLarge { .. } => 409,
-        _ => 400,
+        // What the document itself rules out (see VmConfig there).
+        ConfigError::Read { .. }
+        | ConfigError::Parse { .. }
+        | ConfigError::NoVms
+        | ConfigError::BadName(_)
+        | ConfigError::DuplicateName(_)
+        | ConfigError::MemoryTooSmall { .. }
+        | ConfigError::EmptyPath { .. } => 400,
+        // Well-formed, but not possible with these files, this host, or together.
+        ConfigError::MemoryTooLarge { .. }
+        | ConfigError::HugeMemoryOdd { .. }
+        | ConfigError::BadVcpus { .. }
+        | ConfigError::Kernel { .. }
+        | ConfigError::Initrd { .. }
+        | ConfigError::InitrdWithoutKernel { .. }
+        | ConfigError::Ring3WithKernel { .. }
+        | ConfigError::BadCmdline { .. } => 422,
     }
 }
 
@@ -89,12 +116,43 @@ impl From<HostError> for ApiError {
         let status = match &e {
             HostError::Hypervisor(_) => 500,
             HostError::Config(c) => config_error_status(c),
-            HostError::Vm { err, .. } => vm_error_status(err, false),
+            HostError::Vm { err, .. } => vm_error_status(err, None),
             HostError::Exists(_) | HostError::StillRunning(_) => 409,
             HostError::NotFound(_) => 404,
         };
         Self::new(status, e.to_string())
     }
+}
+
+/// The query of `DELETE /v1/vms/{name}`: `keep_logs=true|false` (default false).
+fn parse_delete_query(query: Option<&str>) -> Result<bool, ApiError> {
+    let mut keep_logs = false;
+    for pair in query
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        match pair.split_once('=') {
+            Some(("keep_logs", "true")) => keep_logs = true,
+            Some(("keep_logs", "false")) => keep_logs = false,
+            Some(("keep_logs", v)) => {
+                return Err(ApiError::new(
+                    400,
+                    format!("keep_logs must be true or false, not {v:?}"),
+                ))
+            }
+            None if pair == "keep_logs" => {
+                return Err(ApiError::new(400, "keep_logs needs a value: true or false"))
+            }
+            _ => {
+                return Err(ApiError::new(
+                    400,
+                    format!("unknown query parameter {pair:?} (only keep_logs)"),
+                ))
+            }
+        }
+    }
+    Ok(keep_logs)
 }
 
 /// `GET /v1/status`.
@@ -137,8 +195,12 @@ pub struct VmList {
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct StopRequest {
-    /// Seconds the guest gets to power off before it is forced (default 10).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Seconds the guest gets to power off before it is forced (default 10); not `null`.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "warmvm_vmm::config::present"
+    )]
     pub grace_secs: Option<u64>,
 }
 
@@ -148,8 +210,13 @@ pub struct StopRequest {
 pub struct RebootRequest {
     /// Only `warm`: every VM is handed to a new daemon process without stopping.
     pub mode: String,
-    /// The new daemon's binary (absolute path); default: this daemon's own binary.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The new daemon's binary (absolute path); default: this daemon's own binary. When
+    /// present it must be a string: `null` is refused, as the document says.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "warmvm_vmm::config::present"
+    )]
     pub binary: Option<PathBuf>,
     /// How long starting the new daemon and preparing every VM may take (the guests run
     /// meanwhile); default: the daemon's `--stage-timeout-ms`.
@@ -329,7 +396,9 @@ impl ApiState {
             Op::PauseVm => self.pause(name).map(|r| Response::json(200, &r)),
             Op::ResumeVm => self.resume(name).map(|r| Response::json(200, &r)),
             Op::StopVm => self.stop(name, &req.body).map(|r| Response::json(200, &r)),
-            Op::DeleteVm => self.delete(name).map(|r| Response::json(200, &r)),
+            Op::DeleteVm => parse_delete_query(req.query.as_deref())
+                .and_then(|keep_logs| self.delete(name, keep_logs))
+                .map(|r| Response::json(200, &r)),
             Op::Reboot => self.reboot(&req.body).map(|r| {
                 let mut resp = Response::json(200, &r);
                 resp.then_exit = true;
@@ -401,7 +470,7 @@ impl ApiState {
             }
             let vm = host.create_vm(config).map_err(|e| match e {
                 HostError::Vm { vm, err } => ApiError::new(
-                    vm_error_status(&err, config.kernel.is_some()),
+                    vm_error_status(&err, Some(config)),
                     format!("cannot create VM {vm}: {err}"),
                 ),
                 other => ApiError::from(other),
@@ -428,7 +497,7 @@ impl ApiState {
         let _gate = self.op_gate()?;
         let vm = self.find(name)?;
         vm.pause()
-            .map_err(|e| ApiError::new(vm_error_status(&e, false), e.to_string()))?;
+            .map_err(|e| ApiError::new(vm_error_status(&e, None), e.to_string()))?;
         tracing::info!(vm = %name, "VM paused");
         Ok(vm.report())
     }
@@ -437,7 +506,7 @@ impl ApiState {
         let _gate = self.op_gate()?;
         let vm = self.find(name)?;
         vm.resume()
-            .map_err(|e| ApiError::new(vm_error_status(&e, false), e.to_string()))?;
+            .map_err(|e| ApiError::new(vm_error_status(&e, None), e.to_string()))?;
         tracing::info!(vm = %name, "VM resumed");
         Ok(vm.report())
     }
@@ -472,8 +541,11 @@ impl ApiState {
         Ok(vm.report())
     }
 
-    /// Forget a VM that is not running; returns its last report.
-    pub fn delete(&self, name: &str) -> Result<VmReport, ApiError> {
+    /// Forget a VM that is not running, and remove its state directory
+    /// (`<state dir>/<name>`, with its console log) unless `keep_logs`; returns its last
+    /// report.
+    pub fn delete(&self, name: &str, keep_logs: bool) -> Result<VmReport, ApiError> {
+        let vm_dir;
         let vm = {
             let mut host = self.lock();
             if let Some(vm) = host.find(name) {
@@ -485,13 +557,27 @@ impl ApiState {
                     ));
                 }
             }
-            host.remove(name)?
+            let vm = host.remove(name)?;
+            vm_dir = host.state_dir().join(name);
+            vm
         };
         let report = vm.report();
         // The VM's threads are joined and its RAM freed here, outside the lock (or later,
         // by whoever still holds a reference).
         drop(vm);
-        tracing::info!(vm = %name, "VM deleted");
+        if !keep_logs {
+            let dir = vm_dir;
+            // The name is validated (no `/`, no leading `.`), so this stays inside the state
+            // directory. The VM is gone already: a failure here is logged, not answered.
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(vm = %name, dir = %dir.display(), error = %e, "cannot remove the VM's state directory")
+                }
+            }
+        }
+        tracing::info!(vm = %name, keep_logs, "VM deleted");
         Ok(report)
     }
 
@@ -531,8 +617,12 @@ impl ApiState {
         }
         let binary = match &req.binary {
             Some(b) => {
+                if b.as_os_str().is_empty() {
+                    return Err(ApiError::new(400, "binary must be a path, not empty"));
+                }
+                // A well-formed request naming a file this host cannot run.
                 check_binary(b)
-                    .map_err(|why| ApiError::new(400, format!("binary {}: {why}", b.display())))?;
+                    .map_err(|why| ApiError::new(422, format!("binary {}: {why}", b.display())))?;
                 b.clone()
             }
             None => warmvm_vmm::handover::this_binary(),
@@ -727,7 +817,7 @@ mod tests {
             state: "running",
             action: "resume",
         };
-        assert_eq!(vm_error_status(&transition, false), 409);
+        assert_eq!(vm_error_status(&transition, None), 409);
         assert_eq!(
             s(HostError::Vm {
                 vm: "a".into(),
@@ -750,16 +840,21 @@ mod tests {
         assert_eq!(status("{}"), Some(400));
         assert_eq!(status(r#"{"mode": "warm", "bogus": 1}"#), Some(400));
         assert_eq!(status(r#"{"mode": "cold"}"#), Some(400));
+        // Not what the document allows: 400.
+        assert_eq!(status(r#"{"mode": "warm", "binary": null}"#), Some(400));
+        assert_eq!(status(r#"{"mode": "warm", "binary": ""}"#), Some(400));
+        assert_eq!(status(r#"{"mode": "warm", "binary": 7}"#), Some(400));
+        // Well-formed, but not an executable file here: 422.
         assert_eq!(
             status(r#"{"mode": "warm", "binary": "/nonexistent"}"#),
-            Some(400)
+            Some(422)
         );
-        assert_eq!(status(r#"{"mode": "warm", "binary": "/etc"}"#), Some(400));
+        assert_eq!(status(r#"{"mode": "warm", "binary": "/etc"}"#), Some(422));
         assert_eq!(
             status(r#"{"mode": "warm", "binary": "/etc/passwd"}"#),
-            Some(400)
+            Some(422)
         );
-        assert_eq!(status(r#"{"mode": "warm", "binary": "sh"}"#), Some(400));
+        assert_eq!(status(r#"{"mode": "warm", "binary": "sh"}"#), Some(422));
         let e = ApiState::parse_reboot(br#"{"mode": "cold"}"#).unwrap_err();
         assert!(e.message.contains("only mode is \"warm\""), "{}", e.message);
     }
@@ -768,5 +863,21 @@ mod tests {
     fn stop_request_rejects_unknown_fields() {
         assert!(serde_json::from_str::<StopRequest>(r#"{"grace_secs": 3}"#).is_ok());
         assert!(serde_json::from_str::<StopRequest>(r#"{"grace": 3}"#).is_err());
+        // The document says integer, not nullable.
+        assert!(serde_json::from_str::<StopRequest>(r#"{"grace_secs": null}"#).is_err());
+        assert_eq!(
+            serde_json::from_str::<StopRequest>("{}").unwrap(),
+            StopRequest::default()
+        );
+    }
+
+    #[test]
+    fn vm_config_fields_are_not_null() {
+        let ok = r#"{"name": "a", "memory_mib": 16}"#;
+        assert!(serde_json::from_str::<VmConfig>(ok).is_ok());
+        for field in ["kernel", "initrd", "cmdline", "console_log"] {
+            let body = format!(r#"{{"name": "a", "memory_mib": 16, "{field}": null}}"#);
+            assert!(serde_json::from_str::<VmConfig>(&body).is_err(), "{field}");
+        }
     }
 }

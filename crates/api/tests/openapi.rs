@@ -275,3 +275,40 @@ fn request_schemas_match_what_the_server_accepts() {
     }
     assert!(validate(&doc, &schema("RebootRequest"), &json!({ "mode": "cold" })).is_err());
 }
+
+/// The name pattern in the document is the name rule of the code: a brute-force comparison
+/// over short names from an alphabet that has every kind of character the rule treats apart.
+#[test]
+fn the_name_pattern_is_the_name_rule() {
+    let doc = doc();
+    let pattern = doc["components"]["schemas"]["VmConfig"]["properties"]["name"]["pattern"]
+        .as_str()
+        .unwrap();
+    assert_eq!(pattern, warmvm_api::schema::NAME_PATTERN);
+    // The pattern, read by hand: a first character from [A-Za-z0-9_], then 0-63 from
+    // [A-Za-z0-9._-].
+    let first = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    let rest = |c: char| first(c) || c == '.' || c == '-';
+    let by_pattern = |s: &str| {
+        let mut cs = s.chars();
+        cs.next().is_some_and(first) && cs.all(rest) && s.chars().count() <= 64
+    };
+    let alphabet = ['a', 'Z', '0', '_', '.', '-', ' ', '/', 'é'];
+    let mut names = vec![String::new(), "a".repeat(64), "a".repeat(65)];
+    for a in alphabet {
+        names.push(a.to_string());
+        for b in alphabet {
+            names.push(format!("{a}{b}"));
+            for c in alphabet {
+                names.push(format!("{a}{b}{c}"));
+            }
+        }
+    }
+    for n in names {
+        assert_eq!(
+            warmvm_vmm::config::validate_name(&n).is_ok(),
+            by_pattern(&n),
+            "{n:?}"
+        );
+    }
+}

@@ -76,26 +76,30 @@ fn foundation(args: FoundationArgs) -> Result<ExitCode> {
         ));
     }
     let scratch = ScratchDir::new()?;
-    let progress = |what: &str| {
-        if !args.json {
-            eprintln!("warmvm-bench: measuring {what}...");
-        }
+    // Progress goes to standard error, with or without --json (which only owns stdout): one
+    // plain line per step, which reads the same on a terminal and in a log.
+    let started = std::time::Instant::now();
+    let progress = |step: usize, what: &str| {
+        eprintln!(
+            "warmvm-bench: [{step}/3] measuring {what} ({} s)",
+            started.elapsed().as_secs()
+        );
     };
-    progress("start-up");
+    progress(1, "start-up");
     let startup = startup::measure(
         &warmvm,
         scratch.path(),
         args.startup_runs as usize,
         args.startup_memory_mib,
     )?;
-    progress("port exits");
+    progress(2, "port exits");
     let port_exit = exits::measure(
         &args.probe,
         scratch.path(),
         args.exit_rounds as usize,
         args.exit_loops,
     )?;
-    progress("VMM memory per VM");
+    progress(3, "VMM memory per VM");
     let vmm_memory = memory::measure(&warmvm, scratch.path(), args.memory_vms as usize)?;
     let report = FoundationReport {
         date: util::utc_date(),

@@ -18,7 +18,7 @@ pub enum ConfigError {
     Parse { path: PathBuf, msg: String },
     #[error("the config defines no VM (add a [[vm]] table)")]
     NoVms,
-    #[error("VM name {0:?} is invalid: use 1-64 characters from A-Z a-z 0-9 . _ -")]
+    #[error("VM name {0:?} is invalid: use 1-64 characters from A-Z a-z 0-9 . _ -, not starting with . or -")]
     BadName(String),
     #[error("VM name {0:?} is used twice")]
     DuplicateName(String),
@@ -50,6 +50,8 @@ pub enum ConfigError {
     Ring3WithKernel { vm: String },
     #[error("VM {vm}: the command line is longer than {max} bytes or contains a NUL")]
     BadCmdline { vm: String, max: usize },
+    #[error("VM {vm}: {what} must be a path, not empty")]
+    EmptyPath { vm: String, what: &'static str },
 }
 
 /// A host's set of VMs.
@@ -88,16 +90,32 @@ pub struct VmConfig {
     #[serde(default)]
     pub hugepages: bool,
     /// Kernel image (bzImage, ELF vmlinux, PVH ELF). Omitted: the built-in reference guest.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present"
+    )]
     pub kernel: Option<PathBuf>,
     #[serde(default)]
     pub boot: BootKind,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present"
+    )]
     pub cmdline: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present"
+    )]
     pub initrd: Option<PathBuf>,
     /// Console log file; default `<state_dir>/<name>/console.log`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present"
+    )]
     pub console_log: Option<PathBuf>,
     /// Also copy the console to the VMM's standard output.
     #[serde(default)]
@@ -105,6 +123,16 @@ pub struct VmConfig {
     /// Hide CMPXCHG16B from the guest's CPUID (helps Linux under instruction-emulating KVMs).
     #[serde(default)]
     pub hide_cx16: bool,
+}
+
+/// An optional field that, when present, must hold a value: JSON `null` is refused (the API's
+/// document says string, not nullable). Absent fields take their default as usual.
+pub fn present<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(d).map(Some)
 }
 
 fn one() -> u32 {
@@ -205,6 +233,7 @@ impl VmConfig {
     }
 
     pub fn validate(&self, host: HostLimits) -> Result<(), ConfigError> {
+        validate_name(&self.name)?;
         self.validate_shape(host)?;
         self.validate_files()
     }
@@ -213,15 +242,19 @@ impl VmConfig {
     /// kernel is already in its RAM, so the file need not exist any more).
     pub fn validate_shape(&self, host: HostLimits) -> Result<(), ConfigError> {
         let vm = || self.name.clone();
-        let name_ok = !self.name.is_empty()
-            && self.name.len() <= 64
-            && self
-                .name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-            && !self.name.starts_with('.');
-        if !name_ok {
+        // Adopted VMs keep the rule of older versions (a leading `-` was allowed), so that a
+        // warm reboot never refuses VMs that are already running.
+        if !name_is_safe(&self.name) {
             return Err(ConfigError::BadName(self.name.clone()));
+        }
+        for (what, path) in [
+            ("kernel", &self.kernel),
+            ("initrd", &self.initrd),
+            ("console_log", &self.console_log),
+        ] {
+            if path.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+                return Err(ConfigError::EmptyPath { vm: vm(), what });
+            }
         }
         if self.memory_mib < MIN_MEMORY_MIB {
             return Err(ConfigError::MemoryTooSmall {
@@ -287,6 +320,27 @@ impl VmConfig {
     }
 }
 
+/// Names that are safe as a path component and in a URL path.
+fn name_is_safe(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        && !name.starts_with('.')
+}
+
+/// The rule for a new VM's name, the same in the CLI, the API and config files: 1-64
+/// characters from A-Z a-z 0-9 . _ -, not starting with `.` (a hidden or parent directory)
+/// nor `-` (a command-line option, so the CLI could not address the VM).
+pub fn validate_name(name: &str) -> Result<(), ConfigError> {
+    if name_is_safe(name) && !name.starts_with('-') {
+        Ok(())
+    } else {
+        Err(ConfigError::BadName(name.to_string()))
+    }
+}
+
 fn check_readable_file(path: &Path) -> std::io::Result<()> {
     let meta = std::fs::metadata(path)?;
     if !meta.is_file() {
@@ -346,6 +400,13 @@ mod tests {
         assert!(check("[[vm]]\nname=\"a\"\nmemory_mib=0\n").contains("at least"));
         assert!(check("[[vm]]\nname=\"a\"\nmemory_mib=9999999\n").contains("exceeds"));
         assert!(check("[[vm]]\nname=\"a b\"\nmemory_mib=64\n").contains("invalid"));
+        assert!(check("[[vm]]\nname=\"-dash\"\nmemory_mib=64\n").contains("invalid"));
+        assert!(check("[[vm]]\nname=\"a\"\nmemory_mib=64\nkernel=\"\"\n").contains("not empty"));
+        assert!(check("[[vm]]\nname=\".dot\"\nmemory_mib=64\n").contains("invalid"));
+        let long = "a".repeat(64);
+        assert!(validate_name(&long).is_ok());
+        assert!(validate_name(&format!("{long}a")).is_err());
+        assert!(validate_name("a-b_c.d").is_ok());
         assert!(check("[[vm]]\nname=\"a\"\nmemory_mib=64\nvcpus=0\n").contains("vcpus"));
         assert!(
             check("[[vm]]\nname=\"a\"\nmemory_mib=64\nkernel=\"/nonexistent/k\"\n")

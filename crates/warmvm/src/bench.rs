@@ -1,20 +1,31 @@
 //! `warmvm bench warm-reboot`: blackout of chained warm reboots for a matrix of VM counts
-//! and RAM sizes. Each cell is one `warmvm demo --reboots N --json` run (a chain of VMM
-//! processes, each taking over from the last), so what is measured is exactly what an
-//! operator's reboot does.
+//! and RAM sizes, measured on two paths:
+//!
+//! - `daemon`: what operators use. A `warmvm daemon` holds the VMs and is sent
+//!   `PUT /v1/reboot` (as `warmvm reboot --mode warm` does) N times; the figures come from the
+//!   reports the daemon answers (see bench_daemon.rs).
+//! - `demo`: `warmvm demo --reboots N --json`, a chain of VMM processes each taking over
+//!   from the last, which also measures the stall the guests see.
+//!
+//! Progress goes to standard error (one line in place on a terminal, plain lines otherwise).
 
 use std::process::{Command, ExitCode};
+use std::time::Duration;
 
 use serde::Serialize;
 use serde_json::Value;
 
 use crate::cli::{Failure, EXIT_BAD_INPUT, EXIT_VM_FAILED};
+use crate::progress::Progress;
 
 #[derive(clap::Args, Debug)]
 pub struct WarmRebootArgs {
-    /// Print one JSON document.
-    #[arg(long)]
+    /// Print one JSON document (the global `--json`).
+    #[arg(skip)]
     pub json: bool,
+    /// The global `--socket` (unused: the bench starts its own daemon).
+    #[arg(skip)]
+    pub socket: Option<std::path::PathBuf>,
     /// Reboots per cell.
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=10000))]
     pub reboots: u32,
@@ -35,10 +46,31 @@ pub struct WarmRebootArgs {
     /// Skip cells whose guest RAM is more than this share of host memory.
     #[arg(long, default_value_t = 0.7)]
     pub max_host_share: f64,
+    /// Which reboot paths to measure, comma-separated: daemon (PUT /v1/reboot to a
+    /// `warmvm daemon`, as operators do), demo (`warmvm demo --reboots N`).
+    #[arg(long, value_delimiter = ',', value_enum, default_value = "daemon,demo")]
+    pub paths: Vec<RebootPath>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum RebootPath {
+    Daemon,
+    Demo,
+}
+
+impl RebootPath {
+    fn name(self) -> &'static str {
+        match self {
+            RebootPath::Daemon => "daemon",
+            RebootPath::Demo => "demo",
+        }
+    }
 }
 
 #[derive(Serialize)]
 struct Cell {
+    /// `daemon`: PUT /v1/reboot to a warmvm daemon; `demo`: warmvm demo's chain.
+    path: &'static str,
     vms: u32,
     memory_mib: u64,
     ok: bool,
@@ -48,8 +80,10 @@ struct Cell {
     /// The same per VM.
     vm_blackout_ms: Value,
     phase_p50_ms: Value,
-    /// The longest stall a guest saw in equal windows with and without a reboot.
+    /// The longest stall a guest saw in equal windows with and without a reboot (demo).
     guest_visible_gap: Value,
+    /// The reboot request's round trip as the client sees it (daemon).
+    request_ms: Value,
     error: Option<String>,
 }
 
@@ -64,72 +98,82 @@ pub fn warm_reboot(args: &WarmRebootArgs) -> Result<ExitCode, Failure> {
     }
     let mut cells = Vec::new();
     let mut skipped = Vec::new();
+    let mut matrix = Vec::new();
     for &vms in &args.vms {
         for &mib in &args.memory_mib {
             let total = u64::from(vms) * mib;
             if host_mib > 0 && total as f64 > host_mib as f64 * args.max_host_share {
                 skipped.push(format!("{vms} x {mib} MiB"));
-                continue;
+            } else {
+                matrix.push((vms, mib));
             }
-            if !args.json {
-                eprintln!(
-                    "warmvm bench: {vms} VMs x {mib} MiB, {} reboots ...",
-                    args.reboots
-                );
-            }
-            let dir = std::env::temp_dir()
-                .join(format!("warmvm-bench-{}-{vms}-{mib}", std::process::id()));
-            let out = Command::new(&exe)
-                .args(["demo", "--json", "--seconds", "1"])
-                .args(["--vms", &vms.to_string(), "--memory-mib", &mib.to_string()])
-                .args(["--reboots", &args.reboots.to_string()])
-                .args(["--reboot-interval-ms", &args.reboot_interval_ms.to_string()])
-                .args(["--gap-window-ms", &args.gap_window_ms.to_string()])
-                .args(["--guest-cmdline", &args.guest_cmdline])
-                .arg("--state-dir")
-                .arg(&dir)
-                .output()
-                .map_err(|e| Failure::new(EXIT_VM_FAILED, format!("cannot run the demo: {e}")))?;
-            let _ = std::fs::remove_dir_all(&dir);
-            let doc: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-            let chain = &doc["reboot_chain"];
-            let gaps = &doc["guest_visible_gap"];
-            let pick = |v: &Value, keys: &[&str]| -> Value {
-                keys.iter()
-                    .map(|k| (k.to_string(), v[*k].clone()))
-                    .collect::<serde_json::Map<_, _>>()
-                    .into()
-            };
-            cells.push(Cell {
-                vms,
-                memory_mib: mib,
-                ok: doc["ok"] == true,
-                reboots: chain["reboots"].as_u64().unwrap_or(0),
-                host_blackout_ms: pick(chain, &["host_p50_ms", "host_p99_ms", "host_max_ms"]),
-                vm_blackout_ms: pick(chain, &["vm_p50_ms", "vm_p99_ms", "vm_max_ms"]),
-                phase_p50_ms: chain["phase_p50_ms"].clone(),
-                guest_visible_gap: gaps.clone(),
-                error: match &doc["warm_reboot_error"] {
-                    Value::String(s) => Some(s.clone()),
-                    _ if doc.is_null() => {
-                        Some(String::from_utf8_lossy(&out.stderr).trim().to_string())
-                    }
-                    _ => None,
-                },
-            });
         }
     }
+    let host = crate::bench_daemon::host_facts();
+    // One step per daemon reboot, one per demo chain.
+    let per_cell = |p: &RebootPath| match p {
+        RebootPath::Daemon => args.reboots as usize,
+        RebootPath::Demo => 1,
+    };
+    let steps = matrix.len() * args.paths.iter().map(per_cell).sum::<usize>();
+    let mut progress = Progress::new("warmvm bench warm-reboot", steps);
+    for &(vms, mib) in &matrix {
+        for &path in &args.paths {
+            let cell = match path {
+                RebootPath::Daemon => {
+                    let c = crate::bench_daemon::run_cell(
+                        &exe,
+                        vms,
+                        mib,
+                        args.reboots,
+                        Duration::from_millis(args.reboot_interval_ms),
+                        &args.guest_cmdline,
+                        &mut progress,
+                    );
+                    Cell {
+                        path: path.name(),
+                        vms,
+                        memory_mib: mib,
+                        ok: c.error.is_none() && c.reboots == u64::from(args.reboots),
+                        reboots: c.reboots,
+                        host_blackout_ms: c.host_blackout_ms,
+                        vm_blackout_ms: c.vm_blackout_ms,
+                        phase_p50_ms: c.phase_p50_ms,
+                        guest_visible_gap: Value::Null,
+                        request_ms: c.request_ms,
+                        error: c.error,
+                    }
+                }
+                RebootPath::Demo => {
+                    progress.step(&format!(
+                        "demo: {vms} VMs x {mib} MiB, a chain of {} reboots",
+                        args.reboots
+                    ));
+                    let c = demo_cell(&exe, args, vms, mib)?;
+                    progress.done();
+                    c
+                }
+            };
+            cells.push(cell);
+        }
+    }
+    progress.finish();
     let ok = cells.iter().all(|c| c.ok);
     if args.json {
         crate::output::print_json(&serde_json::json!({
             "ok": ok,
+            "host": host,
+            "paths": {
+                "daemon": "PUT /v1/reboot to a warmvm daemon (what `warmvm reboot --mode warm` sends); figures from the daemon's reports",
+                "demo": "warmvm demo --reboots N: a chain of VMM processes, each taking over from the last",
+            },
             "reboots_per_cell": args.reboots,
             "guest_cmdline": args.guest_cmdline,
             "skipped": skipped,
             "cells": cells,
         }));
     } else {
-        print_table(&cells, &skipped);
+        print_table(&cells, &skipped, &host);
     }
     Ok(if ok {
         ExitCode::SUCCESS
@@ -138,22 +182,78 @@ pub fn warm_reboot(args: &WarmRebootArgs) -> Result<ExitCode, Failure> {
     })
 }
 
-fn print_table(cells: &[Cell], skipped: &[String]) {
+/// One `warmvm demo --reboots N --json` run.
+fn demo_cell(
+    exe: &std::path::Path,
+    args: &WarmRebootArgs,
+    vms: u32,
+    mib: u64,
+) -> Result<Cell, Failure> {
+    let dir = std::env::temp_dir().join(format!("warmvm-bench-{}-{vms}-{mib}", std::process::id()));
+    let out = Command::new(exe)
+        .args(["demo", "--json", "--seconds", "1"])
+        .args(["--vms", &vms.to_string(), "--memory-mib", &mib.to_string()])
+        .args(["--reboots", &args.reboots.to_string()])
+        .args(["--reboot-interval-ms", &args.reboot_interval_ms.to_string()])
+        .args(["--gap-window-ms", &args.gap_window_ms.to_string()])
+        .args(["--guest-cmdline", &args.guest_cmdline])
+        .arg("--state-dir")
+        .arg(&dir)
+        .output()
+        .map_err(|e| Failure::new(EXIT_VM_FAILED, format!("cannot run the demo: {e}")))?;
+    let _ = std::fs::remove_dir_all(&dir);
+    let doc: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    let chain = &doc["reboot_chain"];
+    let pick = |v: &Value, keys: &[&str]| -> Value {
+        keys.iter()
+            .map(|k| (k.to_string(), v[*k].clone()))
+            .collect::<serde_json::Map<_, _>>()
+            .into()
+    };
+    Ok(Cell {
+        path: RebootPath::Demo.name(),
+        vms,
+        memory_mib: mib,
+        ok: doc["ok"] == true,
+        reboots: chain["reboots"].as_u64().unwrap_or(0),
+        host_blackout_ms: pick(chain, &["host_p50_ms", "host_p99_ms", "host_max_ms"]),
+        vm_blackout_ms: pick(chain, &["vm_p50_ms", "vm_p99_ms", "vm_max_ms"]),
+        phase_p50_ms: chain["phase_p50_ms"].clone(),
+        guest_visible_gap: doc["guest_visible_gap"].clone(),
+        request_ms: Value::Null,
+        error: match &doc["warm_reboot_error"] {
+            Value::String(s) => Some(s.clone()),
+            _ if doc.is_null() => Some(String::from_utf8_lossy(&out.stderr).trim().to_string()),
+            _ => None,
+        },
+    })
+}
+
+fn print_table(cells: &[Cell], skipped: &[String], host: &Value) {
     let f = |v: &Value, k: &str| {
         v[k].as_f64()
             .map(|x| format!("{x:.3}"))
             .unwrap_or_else(|| "-".into())
     };
     println!(
-        "{:>4} {:>8} {:>7} | {:>9} {:>9} | {:>9} {:>9} | {:>8} {:>8} {:>8} {:>8} | {:>10} {:>10} | ok",
-        "VMs", "MiB/VM", "reboots", "host p50", "host p99", "VM p50", "VM p99",
-        "quiesce", "capture", "restore", "resume", "gap reboot", "gap noise"
+        "host: {}, {} cores ({}), Linux {}, load {}",
+        host["cpu_model"].as_str().unwrap_or("?"),
+        host["cores"],
+        std::env::consts::ARCH,
+        host["kernel"].as_str().unwrap_or("?"),
+        host["load_average"]
+    );
+    println!(
+        "{:<6} {:>4} {:>8} {:>7} | {:>9} {:>9} | {:>9} {:>9} | {:>8} {:>8} {:>8} {:>8} | {:>10} {:>10} {:>10} | ok",
+        "path", "VMs", "MiB/VM", "reboots", "host p50", "host p99", "VM p50", "VM p99",
+        "quiesce", "capture", "restore", "resume", "request", "gap reboot", "gap noise"
     );
     for c in cells {
         let p = &c.phase_p50_ms;
         let g = &c.guest_visible_gap;
         println!(
-            "{:>4} {:>8} {:>7} | {:>9} {:>9} | {:>9} {:>9} | {:>8} {:>8} {:>8} {:>8} | {:>10} {:>10} | {}",
+            "{:<6} {:>4} {:>8} {:>7} | {:>9} {:>9} | {:>9} {:>9} | {:>8} {:>8} {:>8} {:>8} | {:>10} {:>10} {:>10} | {}",
+            c.path,
             c.vms,
             c.memory_mib,
             c.reboots,
@@ -165,6 +265,7 @@ fn print_table(cells: &[Cell], skipped: &[String]) {
             f(p, "capture"),
             f(p, "restore"),
             f(p, "resume"),
+            f(&c.request_ms, "p50_ms"),
             f(g, "with_reboot_p50_ms"),
             f(g, "without_reboot_p50_ms"),
             if c.ok { "yes".to_string() } else { format!("NO: {}", c.error.clone().unwrap_or_default()) }
@@ -173,7 +274,9 @@ fn print_table(cells: &[Cell], skipped: &[String]) {
     println!(
         "(ms; blackout = first vCPU stopped to last vCPU running again, as the VMM measures it;"
     );
-    println!(" gap = longest stall a guest saw in equal windows across a reboot and without one)");
+    println!(" request = PUT /v1/reboot round trip as the client sees it (daemon path);");
+    println!(" gap = longest stall a guest saw in equal windows across a reboot and without one (demo path);");
+    println!(" daemon = PUT /v1/reboot to a warmvm daemon, as operators reboot; demo = warmvm demo's chain)");
     if !skipped.is_empty() {
         println!("skipped for lack of host memory: {}", skipped.join(", "));
     }

@@ -41,8 +41,8 @@ pub struct FaultsArgs {
     /// Seed of the choice of faults and durations [default: from the clock; printed].
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Print one JSON document instead of the table.
-    #[arg(long)]
+    /// Print one JSON document instead of the table (the global `--json`).
+    #[arg(skip)]
     pub json: bool,
     /// VMs per trial.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]

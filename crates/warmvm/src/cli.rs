@@ -24,6 +24,13 @@ pub struct Cli {
     /// Log format on standard error.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
     pub log_format: LogFormat,
+    /// The daemon's API socket: where `daemon` listens and the API commands connect
+    /// [default: <state dir>/warmvm.sock].
+    #[arg(long, global = true, env = "WARMVM_SOCKET", value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Print one JSON document (the daemon's answer, or the results) instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -36,7 +43,8 @@ pub enum LogFormat {
 
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {
-    /// Blackout of chained warm reboots for several VM counts and RAM sizes.
+    /// Blackout of chained warm reboots for several VM counts and RAM sizes, through the
+    /// daemon's API and through the demo.
     WarmReboot(crate::bench::WarmRebootArgs),
     /// Randomised fault-injection trials of the daemon's warm reboot (a fault-injection build).
     Faults(crate::bench_faults::FaultsArgs),
@@ -48,9 +56,6 @@ pub enum Command {
     /// (Ctrl-C asks them to power off).
     Run {
         config: PathBuf,
-        /// Print the results as one JSON document.
-        #[arg(long)]
-        json: bool,
         /// Directory for console logs (default: /run/warmvm as root).
         #[arg(long)]
         state_dir: Option<PathBuf>,
@@ -67,11 +72,8 @@ pub enum Command {
         what: BenchCommand,
     },
     /// Run the host daemon: it holds VMs and serves the HTTP/JSON API on a Unix socket
-    /// until SIGTERM or SIGINT, which power every VM off. See docs/daemon.md.
+    /// (--socket) until SIGTERM or SIGINT, which power every VM off. See docs/daemon.md.
     Daemon {
-        /// The API socket [default: <state dir>/warmvm.sock].
-        #[arg(long)]
-        socket: Option<PathBuf>,
         /// Directory for console logs and the default socket [default: /run/warmvm as root,
         /// $XDG_RUNTIME_DIR/warmvm or /tmp/warmvm-<uid> otherwise].
         #[arg(long)]
@@ -103,16 +105,23 @@ pub enum Command {
         /// The new daemon's binary [default: the running daemon's own].
         #[arg(long)]
         binary: Option<PathBuf>,
-        #[command(flatten)]
-        api: ApiArgs,
     },
     /// Manage the daemon's VMs through its API.
     #[command(subcommand)]
     Vm(VmCommand),
     /// Show the daemon's version, pid, uptime and VM count.
-    Status {
-        #[command(flatten)]
-        api: ApiArgs,
+    Status,
+    /// Print a shell completion script for warmvm on standard output, e.g.
+    /// `warmvm completions bash > /etc/bash_completion.d/warmvm`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write warmvm's man pages (warmvm.1, warmvm-vm-create.1, ...) into DIR, e.g.
+    /// `warmvm man /usr/local/share/man/man1`.
+    Man {
+        /// The directory to write to (created if missing).
+        dir: PathBuf,
     },
 }
 
@@ -122,63 +131,132 @@ pub enum RebootMode {
     Warm,
 }
 
-/// How the CLI reaches the daemon.
-#[derive(clap::Args, Debug, Clone)]
+/// How the CLI reaches the daemon: the global options.
+#[derive(Debug, Clone)]
 pub struct ApiArgs {
-    /// The daemon's API socket [default: <default state dir>/warmvm.sock].
-    #[arg(long, env = "WARMVM_SOCKET")]
     pub socket: Option<PathBuf>,
-    /// Print the daemon's JSON answer instead of a table.
-    #[arg(long)]
     pub json: bool,
+}
+
+/// A VM name as an argument: checked by the rule VM creation applies, before anything is
+/// sent to the daemon.
+fn vm_name(s: &str) -> Result<String, String> {
+    warmvm_vmm::config::validate_name(s)
+        .map(|()| s.to_string())
+        .map_err(|e| e.to_string())
+}
+
+/// `vm create`'s inline VM definition (used when no file is given).
+#[derive(clap::Args, Debug, Default)]
+pub struct VmFlags {
+    /// The VM's name (1-64 of A-Z a-z 0-9 . _ -, not starting with . or -).
+    #[arg(long, value_parser = vm_name, required_unless_present = "config")]
+    pub name: Option<String>,
+    /// Guest RAM in MiB.
+    #[arg(
+        long = "memory",
+        value_name = "MIB",
+        required_unless_present = "config"
+    )]
+    pub memory_mib: Option<u64>,
+    /// Number of vCPUs [default: 1].
+    #[arg(long)]
+    pub vcpus: Option<u32>,
+    /// Kernel image (bzImage, ELF vmlinux, PVH ELF) [default: the built-in reference guest].
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    /// Initial ramdisk (needs --kernel).
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+    /// Kernel (or reference guest) command line.
+    #[arg(long)]
+    pub cmdline: Option<String>,
+    /// Boot protocol.
+    #[arg(long, value_enum)]
+    pub boot: Option<BootArg>,
+    /// Back guest RAM with 2 MiB huge pages (the host must have them reserved).
+    #[arg(long)]
+    pub hugepages: bool,
+    /// Console log file [default: <state dir>/<name>/console.log].
+    #[arg(long)]
+    pub console_log: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum BootArg {
+    Auto,
+    Ring3,
+    Pvh,
+    Linux,
+}
+
+impl From<BootArg> for warmvm_vmm::config::BootKind {
+    fn from(b: BootArg) -> Self {
+        match b {
+            BootArg::Auto => Self::Auto,
+            BootArg::Ring3 => Self::Ring3,
+            BootArg::Pvh => Self::Pvh,
+            BootArg::Linux => Self::Linux,
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
 pub enum VmCommand {
-    /// Create a VM from a file holding one VM's config (TOML with the VM's keys at the top
-    /// level, or JSON) and start it.
+    /// Create a VM and start it: from inline flags (--name, --memory, ...), from a file
+    /// holding one VM's config (TOML with the VM's keys at the top level, or .json), or from
+    /// standard input with `-` (TOML or JSON).
     Create {
-        config: PathBuf,
+        /// The VM's config file, or `-` for standard input.
+        #[arg(conflicts_with_all = ["name", "memory_mib", "vcpus", "kernel", "initrd", "cmdline", "boot", "hugepages", "console_log"])]
+        config: Option<PathBuf>,
         #[command(flatten)]
-        api: ApiArgs,
+        flags: VmFlags,
     },
     /// List the daemon's VMs.
-    List {
-        #[command(flatten)]
-        api: ApiArgs,
-    },
+    List,
     /// Show one VM: state, RAM, vCPUs, uptime, exits, the reference guest's figures.
     Show {
+        #[arg(value_parser = vm_name)]
         name: String,
-        #[command(flatten)]
-        api: ApiArgs,
     },
     /// Pause a running VM (every vCPU stops between two instructions).
     Pause {
+        #[arg(value_parser = vm_name)]
         name: String,
-        #[command(flatten)]
-        api: ApiArgs,
     },
     /// Resume a paused VM.
     Resume {
+        #[arg(value_parser = vm_name)]
         name: String,
-        #[command(flatten)]
-        api: ApiArgs,
     },
     /// Ask a VM's guest to power off, and force it off after the grace period.
     Stop {
+        #[arg(value_parser = vm_name)]
         name: String,
         /// Seconds the guest gets before it is forced off.
         #[arg(long)]
         grace_secs: Option<u64>,
-        #[command(flatten)]
-        api: ApiArgs,
     },
-    /// Delete a VM that is not running (stop it first).
+    /// Delete a VM that is not running (stop it first), and its state directory with its
+    /// console log.
     Delete {
+        #[arg(value_parser = vm_name)]
         name: String,
-        #[command(flatten)]
-        api: ApiArgs,
+        /// Keep the VM's state directory (its console log).
+        #[arg(long)]
+        keep_logs: bool,
+    },
+    /// Print a VM's console log and follow it live until the VM ends (or Ctrl-C).
+    Console {
+        #[arg(value_parser = vm_name)]
+        name: String,
+        /// Start with the last N lines of the log [default: all of it].
+        #[arg(long, short = 'n', value_name = "N")]
+        lines: Option<usize>,
+        /// Print what the log holds and exit, without following it.
+        #[arg(long)]
+        no_follow: bool,
     },
 }
 
@@ -258,22 +336,34 @@ fn global_args(cli: &Cli) -> Vec<std::ffi::OsString> {
 
 pub fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
     let successor_args = global_args(&cli);
+    let api = ApiArgs {
+        socket: cli.socket,
+        json: cli.json,
+    };
     match cli.command {
         Command::Run {
             config,
-            json,
             state_dir,
             grace_secs,
-        } => crate::run::run(&config, json, state_dir, grace_secs),
+        } => crate::run::run(&config, api.json, state_dir, grace_secs),
         Command::Bench {
-            what: BenchCommand::WarmReboot(args),
-        } => crate::bench::warm_reboot(&args),
+            what: BenchCommand::WarmReboot(mut args),
+        } => {
+            args.json = api.json;
+            args.socket = api.socket;
+            crate::bench::warm_reboot(&args)
+        }
         Command::Bench {
-            what: BenchCommand::Faults(args),
-        } => crate::bench_faults::faults(&args),
-        Command::Demo(args) => crate::demo::demo(&args),
+            what: BenchCommand::Faults(mut args),
+        } => {
+            args.json = api.json;
+            crate::bench_faults::faults(&args)
+        }
+        Command::Demo(mut args) => {
+            args.json = api.json;
+            crate::demo::demo(&args)
+        }
         Command::Daemon {
-            socket,
             state_dir,
             metrics_addr,
             config,
@@ -281,7 +371,7 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
             listen_fd,
             takeover_fd,
         } => crate::client::daemon(warmvm_api::DaemonOptions {
-            socket,
+            socket: api.socket,
             state_dir,
             metrics_addr,
             config,
@@ -291,8 +381,14 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
             successor_args,
             ..Default::default()
         }),
-        Command::Reboot { mode, binary, api } => crate::client::reboot(mode, binary, &api),
-        Command::Vm(cmd) => crate::client::vm(cmd),
-        Command::Status { api } => crate::client::status(&api),
+        Command::Reboot { mode, binary } => crate::client::reboot(mode, binary, &api),
+        Command::Vm(cmd) => crate::client::vm(cmd, &api),
+        Command::Status => crate::client::status(&api),
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "warmvm", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man { dir } => crate::manpages::write(&dir),
     }
 }

@@ -8,7 +8,7 @@ use serde_json::Value;
 use warmvm_api::{Client, ClientError, DaemonError, DaemonOptions};
 use warmvm_vmm::{Config, VmConfig};
 
-use crate::cli::{ApiArgs, Failure, RebootMode, VmCommand, EXIT_BAD_INPUT, EXIT_HOST};
+use crate::cli::{ApiArgs, Failure, RebootMode, VmCommand, VmFlags, EXIT_BAD_INPUT, EXIT_HOST};
 use crate::output;
 
 pub fn daemon(opts: DaemonOptions) -> Result<ExitCode, Failure> {
@@ -91,11 +91,15 @@ pub fn reboot(
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn vm(cmd: VmCommand) -> Result<ExitCode, Failure> {
+pub fn vm(cmd: VmCommand, api: &ApiArgs) -> Result<ExitCode, Failure> {
     match cmd {
-        VmCommand::Create { config, api } => {
-            let vm = read_vm_config(&config)?;
-            let r = client(&api).create(&vm)?;
+        VmCommand::Create { config, flags } => {
+            let vm = match config {
+                Some(path) if path.as_os_str() == "-" => read_vm_stdin()?,
+                Some(path) => read_vm_config(&path)?,
+                None => vm_from_flags(flags)?,
+            };
+            let r = client(api).create(&vm)?;
             if api.json {
                 output::print_json(&r);
             } else {
@@ -108,42 +112,48 @@ pub fn vm(cmd: VmCommand) -> Result<ExitCode, Failure> {
                 );
             }
         }
-        VmCommand::List { api } => {
-            let r = client(&api).list()?;
+        VmCommand::List => {
+            let r = client(api).list()?;
             if api.json {
                 output::print_json(&r);
             } else {
                 print_list(r["vms"].as_array().map(Vec::as_slice).unwrap_or_default());
             }
         }
-        VmCommand::Show { name, api } => {
-            let r = client(&api).show(&name)?;
+        VmCommand::Show { name } => {
+            let r = client(api).show(&name)?;
             if api.json {
                 output::print_json(&r);
             } else {
                 print_show(&r);
             }
         }
-        VmCommand::Pause { name, api } => {
-            let r = client(&api).pause(&name)?;
-            done(&api, &r, "paused");
+        VmCommand::Pause { name } => {
+            let r = client(api).pause(&name)?;
+            done(api, &r, "paused");
         }
-        VmCommand::Resume { name, api } => {
-            let r = client(&api).resume(&name)?;
-            done(&api, &r, "resumed");
+        VmCommand::Resume { name } => {
+            let r = client(api).resume(&name)?;
+            done(api, &r, "resumed");
         }
-        VmCommand::Stop {
+        VmCommand::Stop { name, grace_secs } => {
+            let r = client(api).stop(&name, grace_secs)?;
+            done(api, &r, &format!("stopped: {}", state(&r)));
+        }
+        VmCommand::Delete { name, keep_logs } => {
+            let r = client(api).delete(&name, keep_logs)?;
+            let what = if keep_logs {
+                format!("deleted; console log kept in {}", text(&r["console_log"]))
+            } else {
+                "deleted, with its state directory".to_string()
+            };
+            done(api, &r, &what);
+        }
+        VmCommand::Console {
             name,
-            grace_secs,
-            api,
-        } => {
-            let r = client(&api).stop(&name, grace_secs)?;
-            done(&api, &r, &format!("stopped: {}", state(&r)));
-        }
-        VmCommand::Delete { name, api } => {
-            let r = client(&api).delete(&name)?;
-            done(&api, &r, "deleted");
-        }
+            lines,
+            no_follow,
+        } => crate::console::follow(&client(api), &name, lines, !no_follow)?,
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -156,36 +166,9 @@ fn done(api: &ApiArgs, report: &Value, what: &str) {
     }
 }
 
-/// Read a file holding one VM: TOML with the VM's keys at the top level (or a single
-/// `[[vm]]` table, as `warmvm run` takes), or JSON. Relative paths in it are made absolute
-/// against the current directory, since the daemon runs elsewhere.
-fn read_vm_config(path: &Path) -> Result<VmConfig, Failure> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        Failure::new(
-            EXIT_BAD_INPUT,
-            format!("cannot read VM config {}: {e}", path.display()),
-        )
-    })?;
-    let bad = |msg: String| {
-        Failure::new(
-            EXIT_BAD_INPUT,
-            format!("VM config {}: {}", path.display(), one_line(&msg)),
-        )
-    };
-    let json = path.extension().is_some_and(|e| e == "json");
-    let mut vm: VmConfig = if json {
-        serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?
-    } else {
-        match toml::from_str::<VmConfig>(&text) {
-            Ok(vm) => vm,
-            Err(e) => match toml::from_str::<Config>(&text) {
-                Ok(c) if c.vms.len() == 1 && c.state_dir.is_none() => {
-                    c.vms.into_iter().next().unwrap_or_else(|| unreachable!())
-                }
-                _ => return Err(bad(e.to_string())),
-            },
-        }
-    };
+/// Relative paths mean nothing to the daemon, which runs elsewhere: make them absolute
+/// against the directory the CLI runs in.
+fn absolute_paths(vm: &mut VmConfig) {
     for p in [&mut vm.kernel, &mut vm.initrd, &mut vm.console_log]
         .into_iter()
         .flatten()
@@ -194,6 +177,82 @@ fn read_vm_config(path: &Path) -> Result<VmConfig, Failure> {
             *p = std::path::absolute(&*p).unwrap_or_else(|_| p.clone());
         }
     }
+}
+
+/// `vm create --name ... --memory ...`.
+fn vm_from_flags(f: VmFlags) -> Result<VmConfig, Failure> {
+    let missing = |flag: &str| {
+        Failure::new(
+            EXIT_BAD_INPUT,
+            format!("vm create needs {flag} (or a config file)"),
+        )
+    };
+    let mut vm = VmConfig::reference(
+        &f.name.ok_or_else(|| missing("--name"))?,
+        f.memory_mib.ok_or_else(|| missing("--memory"))?,
+        f.vcpus.unwrap_or(1),
+    );
+    vm.kernel = f.kernel;
+    vm.initrd = f.initrd;
+    vm.cmdline = f.cmdline;
+    if let Some(b) = f.boot {
+        vm.boot = b.into();
+    }
+    vm.hugepages = f.hugepages;
+    vm.console_log = f.console_log;
+    absolute_paths(&mut vm);
+    Ok(vm)
+}
+
+/// `vm create -`: one VM as TOML or JSON on standard input.
+fn read_vm_stdin() -> Result<VmConfig, Failure> {
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut std::io::stdin(), &mut text).map_err(|e| {
+        Failure::new(
+            EXIT_BAD_INPUT,
+            format!("cannot read a VM config from standard input: {e}"),
+        )
+    })?;
+    // JSON is an object; a TOML document never starts with `{`.
+    let json = text.trim_start().starts_with('{');
+    parse_vm_config(&text, json, "standard input")
+}
+
+/// Read a file holding one VM: TOML with the VM's keys at the top level (or a single
+/// `[[vm]]` table, as `warmvm run` takes), or JSON.
+fn read_vm_config(path: &Path) -> Result<VmConfig, Failure> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        Failure::new(
+            EXIT_BAD_INPUT,
+            format!("cannot read VM config {}: {e}", path.display()),
+        )
+    })?;
+    let json = path.extension().is_some_and(|e| e == "json");
+    parse_vm_config(&text, json, &path.display().to_string())
+}
+
+fn parse_vm_config(text: &str, json: bool, origin: &str) -> Result<VmConfig, Failure> {
+    let bad = |msg: String| {
+        Failure::new(
+            EXIT_BAD_INPUT,
+            format!("VM config {origin}: {}", one_line(&msg)),
+        )
+    };
+    let mut vm: VmConfig = if json {
+        serde_json::from_str(text).map_err(|e| bad(e.to_string()))?
+    } else {
+        match toml::from_str::<VmConfig>(text) {
+            Ok(vm) => vm,
+            Err(e) => match toml::from_str::<Config>(text) {
+                Ok(c) if c.vms.len() == 1 && c.state_dir.is_none() => {
+                    c.vms.into_iter().next().unwrap_or_else(|| unreachable!())
+                }
+                _ => return Err(bad(e.to_string())),
+            },
+        }
+    };
+    warmvm_vmm::config::validate_name(&vm.name).map_err(|e| bad(e.to_string()))?;
+    absolute_paths(&mut vm);
     Ok(vm)
 }
 
@@ -241,24 +300,39 @@ fn print_list(vms: &[Value]) {
         println!("no VMs");
         return;
     }
+    let rows = vms
+        .iter()
+        .map(|r| {
+            let g = &r["guest"];
+            vec![
+                text(&r["name"]),
+                text(&r["state"]),
+                text(&r["memory_mib"]),
+                text(&r["vcpus"]),
+                duration(r["uptime_ms"].as_u64().unwrap_or(0)),
+                text(&g["counter"]),
+                text(&g["pages_verified"]),
+                text(&g["mismatches"]),
+            ]
+        })
+        .collect();
     println!(
-        "{:<20} {:<14} {:>8} {:>5} {:>9} {:>14} {:>14} {:>10}",
-        "NAME", "STATE", "RAM MiB", "vCPU", "UPTIME", "COUNTER", "PAGES VERIFIED", "MISMATCHES"
+        "{}",
+        output::table(
+            &[
+                "NAME",
+                "STATE",
+                "RAM MiB",
+                "vCPU",
+                "UPTIME",
+                "COUNTER",
+                "PAGES VERIFIED",
+                "MISMATCHES"
+            ],
+            rows,
+            &[2, 3, 4, 5, 6, 7],
+        )
     );
-    for r in vms {
-        let g = &r["guest"];
-        println!(
-            "{:<20} {:<14} {:>8} {:>5} {:>9} {:>14} {:>14} {:>10}",
-            text(&r["name"]),
-            text(&r["state"]),
-            text(&r["memory_mib"]),
-            text(&r["vcpus"]),
-            duration(r["uptime_ms"].as_u64().unwrap_or(0)),
-            text(&g["counter"]),
-            text(&g["pages_verified"]),
-            text(&g["mismatches"]),
-        );
-    }
 }
 
 fn print_show(r: &Value) {
@@ -289,22 +363,41 @@ fn print_show(r: &Value) {
         ),
     );
     println!();
+    let exits = r["exits"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            [
+                "id",
+                "io_exits",
+                "mmio_exits",
+                "other_exits",
+                "kicks",
+                "waits",
+                "wait_ms",
+            ]
+            .iter()
+            .map(|k| text(&e[*k]))
+            .collect()
+        })
+        .collect();
     println!(
-        "{:>5} {:>12} {:>12} {:>12} {:>8} {:>10} {:>10}",
-        "vCPU", "IO EXITS", "MMIO EXITS", "OTHER EXITS", "KICKS", "WAITS", "WAIT ms"
+        "{}",
+        output::table(
+            &[
+                "vCPU",
+                "IO EXITS",
+                "MMIO EXITS",
+                "OTHER EXITS",
+                "KICKS",
+                "WAITS",
+                "WAIT ms"
+            ],
+            exits,
+            &[0, 1, 2, 3, 4, 5, 6],
+        )
     );
-    for e in r["exits"].as_array().into_iter().flatten() {
-        println!(
-            "{:>5} {:>12} {:>12} {:>12} {:>8} {:>10} {:>10}",
-            text(&e["id"]),
-            text(&e["io_exits"]),
-            text(&e["mmio_exits"]),
-            text(&e["other_exits"]),
-            text(&e["kicks"]),
-            text(&e["waits"]),
-            text(&e["wait_ms"])
-        );
-    }
     let g = &r["guest"];
     println!();
     if g.is_null() {
@@ -320,22 +413,44 @@ fn print_show(r: &Value) {
     field("register failures", text(&g["register_check_failures"]));
     field("time backwards", text(&g["time_went_backwards"]));
     println!();
+    let vcpus = g["vcpus"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .enumerate()
+        .map(|(i, v)| {
+            let mut row = vec![i.to_string()];
+            row.extend(
+                [
+                    "phase",
+                    "pages_owned",
+                    "pages_verified",
+                    "mismatches",
+                    "passes",
+                    "counter",
+                ]
+                .iter()
+                .map(|k| text(&v[*k])),
+            );
+            row
+        })
+        .collect();
     println!(
-        "{:>5} {:<13} {:>12} {:>14} {:>10} {:>8} {:>14}",
-        "vCPU", "PHASE", "PAGES OWNED", "PAGES VERIFIED", "MISMATCHES", "PASSES", "COUNTER"
+        "{}",
+        output::table(
+            &[
+                "vCPU",
+                "PHASE",
+                "PAGES OWNED",
+                "PAGES VERIFIED",
+                "MISMATCHES",
+                "PASSES",
+                "COUNTER"
+            ],
+            vcpus,
+            &[0, 2, 3, 4, 5, 6],
+        )
     );
-    for (i, v) in g["vcpus"].as_array().into_iter().flatten().enumerate() {
-        println!(
-            "{:>5} {:<13} {:>12} {:>14} {:>10} {:>8} {:>14}",
-            i,
-            text(&v["phase"]),
-            text(&v["pages_owned"]),
-            text(&v["pages_verified"]),
-            text(&v["mismatches"]),
-            text(&v["passes"]),
-            text(&v["counter"])
-        );
-    }
 }
 
 #[cfg(test)]

@@ -18,8 +18,8 @@ use crate::output;
 /// `warmvm demo`'s arguments.
 #[derive(clap::Args, Debug)]
 pub struct DemoArgs {
-    /// Print the results as one JSON document.
-    #[arg(long)]
+    /// Print the results as one JSON document (the global `--json`).
+    #[arg(skip)]
     pub json: bool,
     /// Number of VMs.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=256))]
@@ -102,7 +102,7 @@ pub struct ChainSummary {
 }
 
 /// p50, p99 and max, in ms, of values in µs.
-fn p50_p99_max(mut us: Vec<u64>) -> (f64, f64, f64) {
+pub(crate) fn p50_p99_max(mut us: Vec<u64>) -> (f64, f64, f64) {
     us.sort_unstable();
     (
         percentile(&us, 0.5),

@@ -1,11 +1,15 @@
 //! The `warmvm` command.
 
 mod bench;
+mod bench_daemon;
 mod bench_faults;
 mod cli;
 mod client;
+mod console;
 mod demo;
+mod manpages;
 mod output;
+mod progress;
 mod run;
 
 use std::process::ExitCode;

@@ -9,35 +9,76 @@ pub fn print_json<T: serde::Serialize>(value: &T) {
     }
 }
 
-/// The per-VM table of `run` and `demo`.
-pub fn print_vm_table(reports: &[VmReport]) {
-    println!(
-        "{:<16} {:>8} {:>5} {:<14} {:>14} {:>10} {:>14} {:>7}",
-        "VM", "RAM MiB", "vCPU", "STATE", "PAGES VERIFIED", "MISMATCHES", "COUNTER", "PASSES"
-    );
-    for r in reports {
-        let state = match &r.lifecycle {
-            warmvm_vmm::Lifecycle::PoweredOff { exit_status } => format!("off({exit_status})"),
-            other => other.name().to_string(),
-        };
-        match &r.guest {
-            Some(g) => println!(
-                "{:<16} {:>8} {:>5} {:<14} {:>14} {:>10} {:>14} {:>7}",
-                r.name,
-                r.memory_mib,
-                r.vcpus,
-                state,
-                g.pages_verified,
-                g.mismatches,
-                g.counter,
-                g.min_passes
-            ),
-            None => println!(
-                "{:<16} {:>8} {:>5} {:<14} {:>14} {:>10} {:>14} {:>7}",
-                r.name, r.memory_mib, r.vcpus, state, "-", "-", "-", "-"
-            ),
+/// A plain table whose columns are as wide as their widest cell (VM names of any length
+/// stay aligned): no borders, two spaces between columns, columns in `right` right-aligned.
+pub fn table(header: &[&str], rows: Vec<Vec<String>>, right: &[usize]) -> String {
+    let mut t = comfy_table::Table::new();
+    t.load_style(comfy_table::presets::NOTHING)
+        .set_content_arrangement(comfy_table::ContentArrangement::Disabled)
+        .set_header(header.to_vec());
+    for row in rows {
+        t.add_row(row);
+    }
+    for i in 0..header.len() {
+        if let Some(c) = t.column_mut(i) {
+            c.set_padding((0, 2));
+            if right.contains(&i) {
+                c.set_cell_alignment(comfy_table::CellAlignment::Right);
+            }
         }
     }
+    t.lines()
+        .map(|l| l.trim_end().to_string())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The per-VM table of `run` and `demo`.
+pub fn print_vm_table(reports: &[VmReport]) {
+    let rows = reports
+        .iter()
+        .map(|r| {
+            let state = match &r.lifecycle {
+                warmvm_vmm::Lifecycle::PoweredOff { exit_status } => {
+                    format!("off({exit_status})")
+                }
+                other => other.name().to_string(),
+            };
+            let mut row = vec![
+                r.name.clone(),
+                r.memory_mib.to_string(),
+                r.vcpus.to_string(),
+                state,
+            ];
+            match &r.guest {
+                Some(g) => row.extend([
+                    g.pages_verified.to_string(),
+                    g.mismatches.to_string(),
+                    g.counter.to_string(),
+                    g.min_passes.to_string(),
+                ]),
+                None => row.extend(["-", "-", "-", "-"].map(String::from)),
+            }
+            row
+        })
+        .collect();
+    println!(
+        "{}",
+        table(
+            &[
+                "VM",
+                "RAM MiB",
+                "vCPU",
+                "STATE",
+                "PAGES VERIFIED",
+                "MISMATCHES",
+                "COUNTER",
+                "PASSES"
+            ],
+            rows,
+            &[1, 2, 4, 5, 6, 7],
+        )
+    );
 }
 
 /// The per-VM blackout and phase times of a warm reboot.
@@ -62,6 +103,32 @@ pub fn print_reboot_report(r: &warmvm_vmm::handover::RebootReport) {
         ms(p.resume_us)
     );
     for vm in &r.vms {
-        println!("  {:<16} blackout {:.3} ms", vm.name, ms(vm.blackout_us));
+        println!("  {} blackout {:.3} ms", vm.name, ms(vm.blackout_us));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn table_columns_fit_long_names() {
+        let long = "v".repeat(64);
+        let t = super::table(
+            &["NAME", "STATE", "RAM MiB"],
+            vec![
+                vec![long.clone(), "running".into(), "64".into()],
+                vec!["a".into(), "paused".into(), "1024".into()],
+            ],
+            &[2],
+        );
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 3, "{t}");
+        // Every column starts at the same offset on every line, past the longest name.
+        let state_at = lines[1].find("running").unwrap();
+        assert!(state_at > 64, "{t}");
+        assert_eq!(lines[0].find("STATE"), Some(state_at), "{t}");
+        assert_eq!(lines[2].find("paused"), Some(state_at), "{t}");
+        // Right-aligned numbers end together.
+        assert_eq!(lines[1].len(), lines[2].len(), "{t}");
+        assert!(lines[1].starts_with(&long));
     }
 }

@@ -160,5 +160,7 @@ fn a_panic_on_a_vcpu_thread_crashes_that_vm_only_and_blocks_no_reboot() {
     assert_eq!(hit["reason"].as_str(), Some(reason.as_str()), "{hit}");
     assert_running_and_verifying(&d, &before);
     // And it can be deleted in the new daemon.
-    d.client().delete("hit").expect("delete the crashed VM");
+    d.client()
+        .delete("hit", false)
+        .expect("delete the crashed VM");
 }

@@ -1,6 +1,6 @@
-//! A real `warmvm daemon` for integration tests: a temporary socket and state directory,
-//! sd_notify messages, warm reboots followed from one process to the next.
-#![allow(dead_code)] // Each test file uses its own part of this.
+//! What the integration tests that drive a daemon share: a daemon process in a temporary
+//! directory, the CLI against it, and small waiting helpers. Each test file uses a part.
+#![allow(dead_code)]
 
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
@@ -33,7 +33,7 @@ pub struct Daemon {
     pub dir: PathBuf,
     pub socket: PathBuf,
     /// Where the daemon (and each daemon a warm reboot starts) sends sd_notify messages.
-    notify: UnixDatagram,
+    pub notify: UnixDatagram,
 }
 
 impl Daemon {

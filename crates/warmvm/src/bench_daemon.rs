@@ -1,0 +1,219 @@
+//! The daemon's path of `warmvm bench warm-reboot`: what an operator's `warmvm reboot --mode
+//! warm` does. A `warmvm daemon` is started in a temporary directory, given the cell's VMs
+//! through the API, and sent `PUT /v1/reboot` again and again; each figure is taken from
+//! the report the daemon answers (and the request's round trip as the client sees it).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use warmvm_api::Client;
+use warmvm_vmm::handover::RebootReport;
+
+use crate::demo::p50_p99_max;
+use crate::progress::Progress;
+
+/// One cell's outcome: the figures as JSON, or why it failed.
+pub struct DaemonCell {
+    pub reboots: u64,
+    pub host_blackout_ms: Value,
+    pub vm_blackout_ms: Value,
+    pub phase_p50_ms: Value,
+    pub request_ms: Value,
+    pub error: Option<String>,
+}
+
+/// A daemon of the bench's own; SIGTERMed (whichever process it is by then) when dropped.
+struct BenchDaemon {
+    client: Client,
+    dir: PathBuf,
+    child: std::process::Child,
+}
+
+impl BenchDaemon {
+    fn start(exe: &Path, dir: &Path) -> Result<Self, String> {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let socket = dir.join("api.sock");
+        let log = std::fs::File::create(dir.join("daemon.log")).map_err(|e| e.to_string())?;
+        let child = Command::new(exe)
+            .args(["--log-level", "warn", "daemon", "--socket"])
+            .arg(&socket)
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .args(["--stop-grace-secs", "2"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("cannot start the daemon: {e}"))?;
+        let d = Self {
+            client: Client::new(&socket),
+            dir: dir.to_path_buf(),
+            child,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while d.client.status().is_err() {
+            if Instant::now() > deadline {
+                return Err(format!("the daemon did not start: {}", d.log_tail()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(d)
+    }
+
+    fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default();
+        log.lines().last().unwrap_or("").to_string()
+    }
+}
+
+impl Drop for BenchDaemon {
+    fn drop(&mut self) {
+        // After a warm reboot the daemon is another process: ask the API for its pid.
+        if let Ok(pid) = self.client.status().map(|s| s["pid"].as_i64().unwrap_or(0)) {
+            if pid > 0 {
+                // SAFETY: kill has no memory effects; the pid is the daemon the bench started
+                // (or its successor), read from its own API.
+                unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::os::unix::net::UnixStream::connect(self.client.socket()).is_ok()
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Run one cell: `vms` VMs of `mib` MiB, `reboots` warm reboots through the API.
+#[allow(clippy::too_many_arguments)]
+pub fn run_cell(
+    exe: &Path,
+    vms: u32,
+    mib: u64,
+    reboots: u32,
+    interval: Duration,
+    cmdline: &str,
+    progress: &mut Progress,
+) -> DaemonCell {
+    let mut reports = Vec::new();
+    let mut request_us = Vec::new();
+    let error = (|| -> Result<(), String> {
+        let dir = std::env::temp_dir().join(format!(
+            "warmvm-bench-daemon-{}-{vms}-{mib}",
+            std::process::id()
+        ));
+        let d = BenchDaemon::start(exe, &dir)?;
+        for i in 0..vms {
+            let vm = serde_json::from_value(json!({
+                "name": format!("bench-{i}"), "memory_mib": mib, "cmdline": cmdline,
+            }))
+            .map_err(|e| e.to_string())?;
+            d.client.create(&vm).map_err(|e| e.to_string())?;
+        }
+        // Every guest has started its work before the first reboot.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let list = d.client.list().map_err(|e| e.to_string())?;
+            let all = list["vms"].as_array().cloned().unwrap_or_default();
+            if all
+                .iter()
+                .all(|v| v["guest"]["counter"].as_u64().unwrap_or(0) > 0)
+            {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err("the guests did not start their work within 120 s".into());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        for r in 0..reboots {
+            progress.step(&format!(
+                "daemon: {vms} VMs x {mib} MiB, reboot {}/{reboots}",
+                r + 1
+            ));
+            let t = Instant::now();
+            let answer = d
+                .client
+                .reboot("warm", None)
+                .map_err(|e| format!("reboot {}: {e}", r + 1))?;
+            request_us.push(t.elapsed().as_micros() as u64);
+            let report: RebootReport = serde_json::from_value(answer)
+                .map_err(|e| format!("the daemon's reboot report is malformed: {e}"))?;
+            reports.push(report);
+            progress.done();
+            std::thread::sleep(interval);
+        }
+        Ok(())
+    })()
+    .err();
+    summarize(&reports, request_us, error)
+}
+
+fn ms3(t: (f64, f64, f64), names: [&str; 3]) -> Value {
+    json!({ names[0]: t.0, names[1]: t.1, names[2]: t.2 })
+}
+
+fn summarize(reports: &[RebootReport], request_us: Vec<u64>, error: Option<String>) -> DaemonCell {
+    let host = p50_p99_max(reports.iter().map(|r| r.host_blackout_us).collect());
+    let vm = p50_p99_max(
+        reports
+            .iter()
+            .flat_map(|r| r.vms.iter().map(|v| v.blackout_us))
+            .collect(),
+    );
+    let phase = |f: fn(&RebootReport) -> u64| p50_p99_max(reports.iter().map(f).collect()).0;
+    DaemonCell {
+        reboots: reports.len() as u64,
+        host_blackout_ms: ms3(host, ["host_p50_ms", "host_p99_ms", "host_max_ms"]),
+        vm_blackout_ms: ms3(vm, ["vm_p50_ms", "vm_p99_ms", "vm_max_ms"]),
+        phase_p50_ms: json!({
+            "stage": phase(|r| r.phases.stage_us),
+            "quiesce": phase(|r| r.phases.quiesce_us),
+            "capture": phase(|r| r.phases.capture_us),
+            "transfer": phase(|r| r.phases.transfer_us),
+            "restore": phase(|r| r.phases.restore_us),
+            "resume": phase(|r| r.phases.resume_us),
+        }),
+        request_ms: ms3(p50_p99_max(request_us), ["p50_ms", "p99_ms", "max_ms"]),
+        error,
+    }
+}
+
+/// The host the figures come from: kernel, CPU model, cores, load average at the start.
+pub fn host_facts() -> Value {
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    let cpuinfo = read("/proc/cpuinfo");
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, v)| v.trim().to_string());
+    let load: Vec<f64> = read("/proc/loadavg")
+        .split_whitespace()
+        .take(3)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    json!({
+        "kernel": read("/proc/sys/kernel/osrelease").trim(),
+        "cpu_model": model,
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "load_average": load,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn host_facts_are_read() {
+        let h = super::host_facts();
+        assert!(!h["kernel"].as_str().unwrap().is_empty());
+        assert!(h["cores"].as_u64().unwrap() >= 1);
+        assert_eq!(h["load_average"].as_array().unwrap().len(), 3);
+    }
+}

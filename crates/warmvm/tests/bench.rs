@@ -1,0 +1,75 @@
+//! `warmvm bench warm-reboot` on a tiny matrix: it measures the daemon's reboot path (PUT
+//! /v1/reboot, figures from the daemon's reports) and the demo's, says which cell is which,
+//! records the host's facts, and reports progress on standard error as plain lines when
+//! standard error is not a terminal.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+use serde_json::Value;
+
+#[test]
+fn warm_reboot_bench_measures_both_paths_with_progress() {
+    if !warmvm_vmm::testing::kvm_available("warm_reboot_bench") {
+        return;
+    }
+    let out = Command::new(BIN)
+        .args([
+            "bench",
+            "warm-reboot",
+            "--json",
+            "--vms",
+            "1",
+            "--memory-mib",
+            "16",
+        ])
+        .args([
+            "--reboots",
+            "2",
+            "--reboot-interval-ms",
+            "50",
+            "--gap-window-ms",
+            "100",
+        ])
+        .args(["--guest-cmdline", "quiet interval_ms=0"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let doc: Value = serde_json::from_slice(&out.stdout).expect("--json prints JSON");
+    assert_eq!(doc["ok"], true, "{doc:#}");
+    let cells = doc["cells"].as_array().unwrap();
+    let paths: Vec<&str> = cells.iter().map(|c| c["path"].as_str().unwrap()).collect();
+    assert_eq!(paths, ["daemon", "demo"], "{doc:#}");
+    for c in cells {
+        assert_eq!(c["reboots"], 2, "{c:#}");
+        assert!(
+            c["host_blackout_ms"]["host_p50_ms"].as_f64().unwrap() > 0.0,
+            "{c:#}"
+        );
+    }
+    // The daemon's cell times the API request the operator sends.
+    assert!(cells[0]["request_ms"]["p50_ms"].as_f64().unwrap() > 0.0);
+    let host = &doc["host"];
+    assert!(!host["kernel"].as_str().unwrap().is_empty());
+    assert!(host["cores"].as_u64().unwrap() >= 1);
+    assert_eq!(host["load_average"].as_array().unwrap().len(), 3);
+    assert!(host["cpu_model"].is_string(), "{host}");
+    // Progress: one plain line per step (2 daemon reboots + 1 demo chain), no escapes.
+    let steps: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("warmvm bench warm-reboot: ["))
+        .collect();
+    assert_eq!(steps.len(), 3, "{stderr}");
+    assert!(
+        steps[0].contains("[1/3] daemon: 1 VMs x 16 MiB, reboot 1/2"),
+        "{stderr}"
+    );
+    assert!(steps[2].contains("[3/3] demo:"), "{stderr}");
+    assert!(
+        !stderr.contains('\r') && !stderr.contains('\x1b'),
+        "{stderr}"
+    );
+}
