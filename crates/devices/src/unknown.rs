@@ -26,7 +26,7 @@ impl UnknownAccesses {
         } else {
             &self.pio_reads
         };
-        let n = counter.fetch_add(1, Ordering::Relaxed) + 1;
+        let n = counter.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
         if n.is_power_of_two() {
             tracing::warn!(
                 vm,
@@ -45,7 +45,7 @@ impl UnknownAccesses {
         } else {
             &self.mmio_reads
         };
-        let n = counter.fetch_add(1, Ordering::Relaxed) + 1;
+        let n = counter.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
         if n.is_power_of_two() {
             tracing::warn!(
                 vm,
