@@ -246,7 +246,7 @@ fn print_table(cells: &[Cell], skipped: &[String], host: &Value) {
     println!(
         "{:<6} {:>4} {:>8} {:>7} | {:>9} {:>9} | {:>9} {:>9} | {:>8} {:>8} {:>8} {:>8} | {:>10} {:>10} {:>10} | ok",
         "path", "VMs", "MiB/VM", "reboots", "host p50", "host p99", "VM p50", "VM p99",
-        "quiesce", "capture", "restore", "resume", "request", "gap reboot", "gap noise"
+        "quiesce", "capture", "restore", "commit", "request", "gap reboot", "gap noise"
     );
     for c in cells {
         let p = &c.phase_p50_ms;
@@ -264,7 +264,7 @@ fn print_table(cells: &[Cell], skipped: &[String], host: &Value) {
             f(p, "quiesce"),
             f(p, "capture"),
             f(p, "restore"),
-            f(p, "resume"),
+            f(p, "commit"),
             f(&c.request_ms, "p50_ms"),
             f(g, "with_reboot_p50_ms"),
             f(g, "without_reboot_p50_ms"),
@@ -276,7 +276,12 @@ fn print_table(cells: &[Cell], skipped: &[String], host: &Value) {
     );
     println!(" request = PUT /v1/reboot round trip as the client sees it (daemon path);");
     println!(" gap = longest stall a guest saw in equal windows across a reboot and without one (demo path);");
-    println!(" daemon = PUT /v1/reboot to a warmvm daemon, as operators reboot; demo = warmvm demo's chain)");
+    println!(" daemon = PUT /v1/reboot to a warmvm daemon, as operators reboot; demo = warmvm demo's chain;");
+    println!(" commit = the new VMM's Ready to its claim of the guests; phases are medians;");
+    println!(
+        " p99 is shown only with {}+ reboots: with fewer it would be the maximum)",
+        crate::demo::P99_MIN_SAMPLES
+    );
     if !skipped.is_empty() {
         println!("skipped for lack of host memory: {}", skipped.join(", "));
     }

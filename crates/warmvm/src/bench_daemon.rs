@@ -155,7 +155,7 @@ pub fn run_cell(
     summarize(&reports, request_us, error)
 }
 
-fn ms3(t: (f64, f64, f64), names: [&str; 3]) -> Value {
+fn ms3(t: (f64, Option<f64>, f64), names: [&str; 3]) -> Value {
     json!({ names[0]: t.0, names[1]: t.1, names[2]: t.2 })
 }
 
@@ -178,6 +178,7 @@ fn summarize(reports: &[RebootReport], request_us: Vec<u64>, error: Option<Strin
             "capture": phase(|r| r.phases.capture_us),
             "transfer": phase(|r| r.phases.transfer_us),
             "restore": phase(|r| r.phases.restore_us),
+            "commit": phase(|r| r.phases.commit_us),
             "resume": phase(|r| r.phases.resume_us),
         }),
         request_ms: ms3(p50_p99_max(request_us), ["p50_ms", "p99_ms", "max_ms"]),

@@ -92,23 +92,33 @@ struct DemoCarry {
 pub struct ChainSummary {
     pub reboots: usize,
     pub host_p50_ms: f64,
-    pub host_p99_ms: f64,
+    /// `None` below 100 samples, where a "p99" would only be the maximum.
+    pub host_p99_ms: Option<f64>,
     pub host_max_ms: f64,
     pub vm_p50_ms: f64,
-    pub vm_p99_ms: f64,
+    pub vm_p99_ms: Option<f64>,
     pub vm_max_ms: f64,
     /// Median time of each phase, in ms.
     pub phase_p50_ms: BTreeMap<String, f64>,
 }
 
-/// p50, p99 and max, in ms, of values in µs.
-pub(crate) fn p50_p99_max(mut us: Vec<u64>) -> (f64, f64, f64) {
+/// Fewest samples for which a 99th percentile is more than the maximum.
+pub(crate) const P99_MIN_SAMPLES: usize = 100;
+
+/// p50, p99 and max, in ms, of values in µs. The p99 is `None` with fewer than
+/// [`P99_MIN_SAMPLES`] values: it would be the maximum under another name.
+pub(crate) fn p50_p99_max(mut us: Vec<u64>) -> (f64, Option<f64>, f64) {
     us.sort_unstable();
     (
         percentile(&us, 0.5),
-        percentile(&us, 0.99),
+        (us.len() >= P99_MIN_SAMPLES).then(|| percentile(&us, 0.99)),
         percentile(&us, 1.0),
     )
+}
+
+/// An optional figure for a text line: `-` when there is none.
+pub(crate) fn opt_ms(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".to_string(), |v| format!("{v:.3}"))
 }
 
 fn percentile(sorted: &[u64], p: f64) -> f64 {
@@ -139,6 +149,7 @@ fn summarize(reports: &[RebootReport]) -> ChainSummary {
         ("capture", phase(|p| p.capture_us)),
         ("transfer", phase(|p| p.transfer_us)),
         ("restore", phase(|p| p.restore_us)),
+        ("commit", phase(|p| p.commit_us)),
         ("resume", phase(|p| p.resume_us)),
     ]
     .into_iter()
@@ -163,10 +174,10 @@ struct GuestGaps {
     window_ms: u64,
     windows: usize,
     without_reboot_p50_ms: f64,
-    without_reboot_p99_ms: f64,
+    without_reboot_p99_ms: Option<f64>,
     without_reboot_max_ms: f64,
     with_reboot_p50_ms: f64,
-    with_reboot_p99_ms: f64,
+    with_reboot_p99_ms: Option<f64>,
     with_reboot_max_ms: f64,
 }
 
@@ -595,8 +606,8 @@ fn finish_with(
         }
         if let Some(c) = &chain {
             println!(
-                "  {} chained reboots: host blackout p50 {:.3} / p99 {:.3} / max {:.3} ms; per VM p50 {:.3} / p99 {:.3} / max {:.3} ms",
-                c.reboots, c.host_p50_ms, c.host_p99_ms, c.host_max_ms, c.vm_p50_ms, c.vm_p99_ms, c.vm_max_ms
+                "  {} chained reboots: host blackout p50 {:.3} / p99 {} / max {:.3} ms; per VM p50 {:.3} / p99 {} / max {:.3} ms (p99 needs {P99_MIN_SAMPLES}+ samples)",
+                c.reboots, c.host_p50_ms, opt_ms(c.host_p99_ms), c.host_max_ms, c.vm_p50_ms, opt_ms(c.vm_p99_ms), c.vm_max_ms
             );
         }
         if let Some(g) = &gaps {
