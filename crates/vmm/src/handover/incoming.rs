@@ -80,8 +80,7 @@ pub fn take_over(channel_fd: OwnedFd, state_dir: &Path) -> Result<Adopted, Takeo
     };
     faults::hit(Point::NewHello);
     let result = match format {
-        3 => Session::new(&channel, format, sender).run(state_dir),
-        2 => Session::new(&channel, format, sender).run_legacy(state_dir),
+        2 | 3 => Session::new(&channel, format, sender).run(state_dir),
         _ => Err(at(Phase::Stage)(HandoverError::Incompatible(format!(
             "{sender} offers state format {format}; this warmvm reads {}..={}",
             envelope::MIN_FORMAT_VERSION,
@@ -130,7 +129,10 @@ impl<'a> Session<'a> {
         }
     }
 
-    /// Format 3: restore, say `Ready`, run only on `Commit` (or once the old VMM is gone).
+    /// Prepare, receive the state, restore every VM without running it, and then run the
+    /// guests: in format 3 only once the old VMM has committed (or is provably gone) and
+    /// the commit word is claimed; in format 2, which has no commit point, at once, as the
+    /// older build that sent it expects.
     fn run(self, state_dir: &Path) -> Result<Adopted, TakeoverError> {
         let staged = self.stage().map_err(at(Phase::Stage))?;
         faults::hit(Point::NewStaged);
@@ -140,12 +142,45 @@ impl<'a> Session<'a> {
         let realtime = super::priority::Realtime::enter();
         let t_transfer = Instant::now();
         faults::hit(Point::NewState);
-        let (bytes, state) = read_state(msg, files).map_err(at(Phase::Transfer))?;
+        let state = self
+            .read_state(msg, files, &staged.specs)
+            .map_err(at(Phase::Transfer))?;
         let transfer_us = t_transfer.elapsed().as_micros() as u64;
         let (lifecycles, restore_us) = restore_all(&staged, state.vms, state.captured_at_ns, true)
             .map_err(at(Phase::Restore))?;
         faults::hit(Point::NewRestored);
         let t_commit = Instant::now();
+        if self.format >= 3 {
+            self.commit(&staged)?;
+        }
+        let commit_us = t_commit.elapsed().as_micros() as u64;
+        let t_resume = Instant::now();
+        let blackouts = resume(&staged.vms, &lifecycles);
+        drop(realtime);
+        faults::hit(Point::NewRunning);
+        let report = self.report(
+            &staged,
+            state.bytes,
+            &blackouts,
+            state.host_first_stop_ns,
+            PhaseTimes {
+                stage_us: state.stage_us,
+                quiesce_us: state.quiesce_us,
+                capture_us: state.capture_us,
+                transfer_us,
+                restore_us,
+                commit_us,
+                resume_us: t_resume.elapsed().as_micros() as u64,
+            },
+        );
+        let _ = self.channel.send(&Msg::Resumed(report.clone()), &[]);
+        faults::hit(Point::NewReported);
+        Ok(self.adopted(staged, report, state_dir))
+    }
+
+    /// Say `Ready` and wait for the old VMM's decision; on `Commit` (or once it is gone)
+    /// claim the guests. Ok means they are ours to run.
+    fn commit(&self, staged: &Staged) -> Result<(), TakeoverError> {
         // From here on, the old VMM decides. A closed channel means it is gone after
         // sending the state, and can never run these VMs again: they are ours.
         let decision = match self.channel.send(&Msg::Ready, &[]) {
@@ -177,83 +212,61 @@ impl<'a> Session<'a> {
         if !staged.commit_flag.as_ref().is_some_and(CommitFlag::claim) {
             return Err(at(Phase::Commit)(HandoverError::Aborted));
         }
-        let commit_us = t_commit.elapsed().as_micros() as u64;
-        let t_resume = Instant::now();
-        let blackouts = resume(&staged.vms, &lifecycles);
-        drop(realtime);
-        faults::hit(Point::NewRunning);
-        let report = self.report(
-            &staged,
-            &bytes,
-            &blackouts,
-            state.host_first_stop_ns,
-            PhaseTimes {
-                stage_us: state.stage_us,
-                quiesce_us: state.quiesce_us,
-                capture_us: state.capture_us,
-                transfer_us,
-                restore_us,
-                commit_us,
-                resume_us: t_resume.elapsed().as_micros() as u64,
-            },
-        );
-        let _ = self.channel.send(&Msg::Resumed(report.clone()), &[]);
-        faults::hit(Point::NewReported);
-        Ok(self.adopted(staged, report, state_dir))
+        Ok(())
     }
 
-    /// Format 2 (an older build hands over): it has no commit point, so the guests run as
-    /// soon as they are restored, as that build expects.
-    fn run_legacy(self, state_dir: &Path) -> Result<Adopted, TakeoverError> {
-        let staged = self.stage().map_err(at(Phase::Stage))?;
-        faults::hit(Point::NewStaged);
-        self.send_prepared().map_err(at(Phase::Stage))?;
-        faults::hit(Point::NewPrepared);
-        let (msg, files) = self.channel.recv::<Msg>().map_err(at(Phase::Transfer))?;
-        let realtime = super::priority::Realtime::enter();
-        let t_transfer = Instant::now();
-        faults::hit(Point::NewState);
-        let (bytes, v2) = read_state_v2(msg, files).map_err(at(Phase::Transfer))?;
-        if v2.vms.len() != staged.specs.len() {
-            return Err(at(Phase::Transfer)(HandoverError::BadState(format!(
-                "state for {} VMs, {} were prepared",
-                v2.vms.len(),
-                staged.specs.len()
-            ))));
+    /// The state the old VMM sent, in this session's format, as one record per VM.
+    fn read_state(
+        &self,
+        msg: Msg,
+        mut files: Vec<File>,
+        specs: &[VmSpec],
+    ) -> Result<Received, HandoverError> {
+        let bytes = state_bytes(msg, &mut files)?;
+        let (version, payload) = envelope::open(&bytes)?;
+        if version != self.format {
+            return Err(HandoverError::BadState(format!(
+                "Hello said format {}, the state is format {version}",
+                self.format
+            )));
         }
-        let records = v2
-            .vms
-            .into_iter()
-            .zip(&staged.specs)
-            .map(|(cap, spec)| cap.into_record(spec.clone()))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(at(Phase::Transfer))?;
-        let transfer_us = t_transfer.elapsed().as_micros() as u64;
-        let (lifecycles, restore_us) =
-            restore_all(&staged, records, v2.captured_at_ns, true).map_err(at(Phase::Restore))?;
-        faults::hit(Point::NewRestored);
-        let t_resume = Instant::now();
-        let blackouts = resume(&staged.vms, &lifecycles);
-        drop(realtime);
-        faults::hit(Point::NewRunning);
-        let report = self.report(
-            &staged,
-            &bytes,
-            &blackouts,
-            v2.host_first_stop_ns,
-            PhaseTimes {
-                stage_us: v2.stage_us,
-                quiesce_us: v2.quiesce_us,
-                capture_us: v2.capture_us,
-                transfer_us,
-                restore_us,
-                commit_us: 0,
-                resume_us: t_resume.elapsed().as_micros() as u64,
-            },
-        );
-        let _ = self.channel.send(&Msg::Resumed(report.clone()), &[]);
-        faults::hit(Point::NewReported);
-        Ok(self.adopted(staged, report, state_dir))
+        let received = if version >= 3 {
+            let s: HandoverState = envelope::decode_payload(payload)?;
+            Received {
+                bytes: bytes.len() as u64,
+                vms: s.vms,
+                captured_at_ns: s.captured_at_ns,
+                host_first_stop_ns: s.host_first_stop_ns,
+                stage_us: s.stage_us,
+                quiesce_us: s.quiesce_us,
+                capture_us: s.capture_us,
+            }
+        } else {
+            let s: HandoverStateV2 = envelope::decode_payload(payload)?;
+            if s.vms.len() != specs.len() {
+                return Err(HandoverError::BadState(format!(
+                    "state for {} VMs, {} were prepared",
+                    s.vms.len(),
+                    specs.len()
+                )));
+            }
+            Received {
+                bytes: bytes.len() as u64,
+                vms: s
+                    .vms
+                    .into_iter()
+                    .zip(specs)
+                    .map(|(cap, spec)| cap.into_record(spec.clone()))
+                    .collect::<Result<Vec<_>, _>>()?,
+                captured_at_ns: s.captured_at_ns,
+                host_first_stop_ns: s.host_first_stop_ns,
+                stage_us: s.stage_us,
+                quiesce_us: s.quiesce_us,
+                capture_us: s.capture_us,
+            }
+        };
+        check_refusal_fault()?;
+        Ok(received)
     }
 
     fn send_prepared(&self) -> Result<(), HandoverError> {
@@ -357,7 +370,7 @@ impl<'a> Session<'a> {
     fn report(
         &self,
         staged: &Staged,
-        bytes: &[u8],
+        state_bytes: u64,
         blackouts: &[(u64, u64)],
         host_first_stop_ns: u64,
         phases: PhaseTimes,
@@ -378,7 +391,7 @@ impl<'a> Session<'a> {
                     blackout_us: last_resume.saturating_sub(first_stop) / 1000,
                 })
                 .collect(),
-            state_bytes: bytes.len() as u64,
+            state_bytes,
             state_format: self.format,
             commit_protocol: self.format >= 3,
         }
@@ -400,41 +413,22 @@ impl<'a> Session<'a> {
     }
 }
 
+/// The state as received, whichever format it came in.
+struct Received {
+    bytes: u64,
+    vms: Vec<VmRecord>,
+    captured_at_ns: u64,
+    host_first_stop_ns: u64,
+    stage_us: u64,
+    quiesce_us: u64,
+    capture_us: u64,
+}
+
 enum Decision {
     Commit,
     Abort,
     OldGone,
     Unknown(String),
-}
-
-fn read_state(msg: Msg, mut files: Vec<File>) -> Result<(Vec<u8>, HandoverState), HandoverError> {
-    let bytes = state_bytes(msg, &mut files)?;
-    let (version, payload) = envelope::open(&bytes)?;
-    if version != envelope::FORMAT_VERSION {
-        return Err(HandoverError::BadState(format!(
-            "Hello said format {}, the state is format {version}",
-            envelope::FORMAT_VERSION
-        )));
-    }
-    let state = envelope::decode_payload(payload)?;
-    check_refusal_fault()?;
-    Ok((bytes, state))
-}
-
-fn read_state_v2(
-    msg: Msg,
-    mut files: Vec<File>,
-) -> Result<(Vec<u8>, HandoverStateV2), HandoverError> {
-    let bytes = state_bytes(msg, &mut files)?;
-    let (version, payload) = envelope::open(&bytes)?;
-    if version != 2 {
-        return Err(HandoverError::BadState(format!(
-            "Hello said format 2, the state is format {version}"
-        )));
-    }
-    let state = envelope::decode_payload(payload)?;
-    check_refusal_fault()?;
-    Ok((bytes, state))
 }
 
 fn state_bytes(msg: Msg, files: &mut Vec<File>) -> Result<Vec<u8>, HandoverError> {

@@ -164,36 +164,28 @@ pub fn warm_reboot(host: &Host, opts: &RebootOptions) -> Result<Handed, RebootEr
         faults::hit(Point::OldReady);
         Ok(bytes)
     })();
-    if let Err(failed) = ready {
-        // Tell the new VMM to discard its VMs; it is killed either way, and must be gone
-        // before the guests run here again: two VMMs on the same RAM would corrupt it.
-        // It has not been sent `Commit`, so it cannot have claimed them; revoking makes
-        // sure it never will.
-        flag.revoke();
-        let _ = channel.send(&Msg::Abort, &[]);
-        let failed = RebootError {
-            phase: failed.phase,
-            error: said_why(&channel, failed.phase, failed.error),
-        };
+    // Every way back ends the same: the new VMM killed and reaped (it cannot have claimed
+    // the guests: `Commit` was not sent, or the claim was revoked), then the guests resumed
+    // here, then the report of what happened.
+    let mut take_back = |failed: RebootError| -> RebootError {
         let ended = peer.kill_and_wait(!matches!(failed.error, HandoverError::Timeout(_)));
         roll_back(&vms);
-        drop(realtime);
         let failed = at(failed.phase)(peer.explain(failed.error, ended));
         tracing::error!(error = %failed, "warm reboot aborted; the VMs run on in this VMM");
-        return Err(failed);
+        failed
+    };
+    if let Err(failed) = ready {
+        // Tell the new VMM to discard its VMs (it is killed either way). It has not been
+        // sent `Commit`, so it cannot have claimed them; revoking makes sure it never will.
+        flag.revoke();
+        let _ = channel.send(&Msg::Abort, &[]);
+        let error = said_why(&channel, failed.phase, failed.error);
+        return Err(take_back(at(failed.phase)(error)));
     }
     if let Err(e) = channel.send(&Msg::Commit, &[]) {
-        // Not delivered: the new VMM's end is closed, so it never saw `Commit` and never
-        // ran a guest instruction. Make sure it is gone, then resume here.
-        let ended = peer.kill_and_wait(true);
-        roll_back(&vms);
-        drop(realtime);
-        let failed = RebootError {
-            phase: Phase::Commit,
-            error: peer.explain(e, ended),
-        };
-        tracing::error!(error = %failed, "warm reboot aborted; the VMs run on in this VMM");
-        return Err(failed);
+        // Not delivered: the new VMM's end is closed, so it never saw `Commit`.
+        flag.revoke();
+        return Err(take_back(at(Phase::Commit)(e)));
     }
     faults::hit(Point::OldCommitted);
     // The new VMM claims the guests (commit_flag) before it lets them run and reports
@@ -207,18 +199,11 @@ pub fn warm_reboot(host: &Host, opts: &RebootOptions) -> Result<Handed, RebootEr
                 Ok(msg) => unexpected(Phase::Resume, "its report", msg),
                 Err(e) => e,
             };
-            let ended = peer.kill_and_wait(!matches!(error, HandoverError::Timeout(_)));
-            roll_back(&vms);
-            drop(realtime);
-            let failed = RebootError {
-                phase: Phase::Resume,
-                error: peer.explain(error, ended),
-            };
-            tracing::error!(error = %failed, "the new VMM never took the guests; they run on in this VMM");
-            return Err(failed);
+            return Err(take_back(at(Phase::Resume)(error)));
         }
         _ => None,
     };
+    drop(take_back);
     // Committed and claimed: the VMs are the new VMM's now.
     for vm in &vms {
         *vm.shared.lifecycle() = Lifecycle::HandedOver;
