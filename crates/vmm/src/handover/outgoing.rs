@@ -203,7 +203,6 @@ pub fn warm_reboot(host: &Host, opts: &RebootOptions) -> Result<Handed, RebootEr
         }
         _ => None,
     };
-    drop(take_back);
     // Committed and claimed: the VMs are the new VMM's now.
     for vm in &vms {
         *vm.shared.lifecycle() = Lifecycle::HandedOver;
