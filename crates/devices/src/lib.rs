@@ -9,6 +9,7 @@ pub mod persist;
 pub mod pv_ports;
 pub mod serial;
 pub mod unknown;
+pub mod virtio;
 
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};

@@ -29,6 +29,36 @@ pub trait Persist: Sized {
     fn restore(handles: Self::Handles, state: &Self::State) -> Result<Self, Self::Error>;
 }
 
+/// The save/restore tests every device gets: `persist_tests!(module, device_expr,
+/// handles_fn[, defaulted fields])`, where `device_expr` builds a device with some state
+/// (not just a fresh one) and `handles_fn(&device)` builds the handles a restore needs.
+#[macro_export]
+macro_rules! persist_tests {
+    ($module:ident, $device:expr, $handles:expr) => {
+        $crate::persist_tests!($module, $device, $handles, []);
+    };
+    ($module:ident, $device:expr, $handles:expr, [$($defaulted:literal),*]) => {
+        #[cfg(test)]
+        mod $module {
+            #[allow(unused_imports)]
+            use super::*;
+
+            #[test]
+            fn state_round_trips_through_the_wire_format_and_a_restore() {
+                let device = $device;
+                let handles = ($handles)(&device);
+                $crate::persist::testing::round_trip(&device, handles);
+            }
+
+            #[test]
+            fn a_state_missing_a_field_is_refused_by_name() {
+                let device = $device;
+                $crate::persist::testing::strict(&device, &[$($defaulted),*]);
+            }
+        }
+    };
+}
+
 /// The checks behind [`persist_tests!`](crate::persist_tests).
 #[cfg(test)]
 pub(crate) mod testing {
@@ -73,33 +103,4 @@ pub(crate) mod testing {
             assert!(err.contains(field.as_str()), "{field}: {err}");
         }
     }
-}
-
-/// The save/restore tests every device gets: `persist_tests!(module, device_expr,
-/// handles_expr[, defaulted fields])`, where `device_expr` builds a device with some state
-/// (not just a fresh one) and `handles_expr` builds the handles a restore needs.
-#[macro_export]
-macro_rules! persist_tests {
-    ($module:ident, $device:expr, $handles:expr) => {
-        $crate::persist_tests!($module, $device, $handles, []);
-    };
-    ($module:ident, $device:expr, $handles:expr, [$($defaulted:literal),*]) => {
-        #[cfg(test)]
-        mod $module {
-            #[allow(unused_imports)]
-            use super::*;
-
-            #[test]
-            fn state_round_trips_through_the_wire_format_and_a_restore() {
-                let device = $device;
-                $crate::persist::testing::round_trip(&device, $handles);
-            }
-
-            #[test]
-            fn a_state_missing_a_field_is_refused_by_name() {
-                let device = $device;
-                $crate::persist::testing::strict(&device, &[$($defaulted),*]);
-            }
-        }
-    };
 }

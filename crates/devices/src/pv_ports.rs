@@ -67,8 +67,6 @@ impl Persist for PvPorts {
     }
 }
 
-crate::persist_tests!(
-    persist,
-    PvPorts::new(Default::default()),
+crate::persist_tests!(persist, PvPorts::new(Default::default()), |_: &PvPorts| {
     Default::default()
-);
+});

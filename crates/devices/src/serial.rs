@@ -180,11 +180,10 @@ impl Persist for SerialConsole {
     }
 }
 
-crate::persist_tests!(
-    persist,
-    tests::uart_with_state(),
-    (ConsoleSink::memory(), IrqLine::none())
-);
+crate::persist_tests!(persist, tests::uart_with_state(), |_: &SerialConsole| (
+    ConsoleSink::memory(),
+    IrqLine::none()
+));
 
 #[cfg(test)]
 mod tests {
