@@ -232,8 +232,14 @@ fn request_schemas_match_what_the_server_accepts() {
         cmdline: Some("console=ttyS0".into()),
         initrd: Some("/i".into()),
         console_log: Some("/c".into()),
+        disks: vec![warmvm_vmm::config::DiskConfig {
+            path: "/d.img".into(),
+            read_only: true,
+            cache: warmvm_vmm::config::CacheMode::Writeback,
+        }],
         ..VmConfig::reference("web-1", 64, 2)
     };
+    check(&doc, "DiskConfig", &full.disks[0]);
     check(&doc, "VmConfig", &full);
     check(&doc, "VmConfig", &json!({ "name": "a", "memory_mib": 64 }));
     // ...and every documented field is accepted.

@@ -21,6 +21,7 @@ pub use persist::Persist;
 pub use pv_ports::{PvPorts, PvPortsState};
 pub use serial::{IrqLine, SerialConsole, SerialPort, SerialStateData};
 pub use unknown::UnknownAccesses;
+pub use virtio::mmio::{VirtioError, VirtioMmio, VirtioMmioState};
 
 use warmvm_abi::{SERIAL_PORT, SERIAL_PORT_LEN};
 
@@ -46,6 +47,8 @@ pub struct DeviceCounters {
 /// ports) and an MMIO bus.
 pub struct Devices {
     serial: Arc<Mutex<SerialConsole>>,
+    /// The virtio devices, in the order of their MMIO windows.
+    virtio: Vec<Arc<Mutex<VirtioMmio>>>,
     pio: Bus,
     mmio: Bus,
     pub doorbell: Arc<Doorbell>,
@@ -79,6 +82,7 @@ impl Devices {
         debug_assert!(placed.is_ok(), "{placed:?}");
         Self {
             serial,
+            virtio: Vec::new(),
             pio,
             mmio: Bus::default(),
             doorbell: Arc::new(Doorbell::default()),
@@ -96,6 +100,79 @@ impl Devices {
         device: bus::SharedDevice,
     ) -> Result<(), BusError> {
         self.mmio.insert(base, len, device)
+    }
+
+    /// Put a virtio device's register window at `base`.
+    pub fn add_virtio(&mut self, base: u64, device: VirtioMmio) -> Result<(), BusError> {
+        let device = Arc::new(Mutex::new(device));
+        self.mmio
+            .insert(base, virtio::mmio::MMIO_WINDOW, device.clone())?;
+        self.virtio.push(device);
+        Ok(())
+    }
+
+    fn each_virtio<T>(&self, mut f: impl FnMut(&mut VirtioMmio) -> T) -> Vec<T> {
+        self.virtio
+            .iter()
+            .map(|d| f(&mut d.lock().unwrap_or_else(|p| p.into_inner())))
+            .collect()
+    }
+
+    /// Let every virtio device finish the requests it has in hand and stop (before a
+    /// capture: the queues are then quiescent).
+    pub fn pause_virtio(&self) -> Result<(), virtio::worker::WorkerError> {
+        self.each_virtio(|d| d.pause()).into_iter().collect()
+    }
+
+    /// Let every virtio device serve (again).
+    pub fn resume_virtio(&self) {
+        self.each_virtio(|d| d.resume());
+    }
+
+    pub fn virtio_states(&self) -> Vec<VirtioMmioState> {
+        self.each_virtio(|d| d.save())
+    }
+
+    /// Duplicates of the virtio devices' host fds (image files, TAPs), in device order.
+    pub fn virtio_host_files(&self) -> std::io::Result<Vec<std::os::fd::OwnedFd>> {
+        self.each_virtio(|d| d.host_fd().try_clone_to_owned())
+            .into_iter()
+            .collect()
+    }
+
+    /// Load saved state into every virtio device (without serving yet: see
+    /// [`Devices::resume_virtio`]). An error leaves the devices half loaded: the VM must
+    /// then never run here (the handover fails and the old VMM keeps it).
+    pub fn restore_virtio(&self, states: &[VirtioMmioState]) -> Result<(), VirtioError> {
+        if states.len() != self.virtio.len() {
+            return Err(VirtioError::BadState {
+                name: self.vm_name.clone(),
+                reason: format!(
+                    "state for {} virtio devices, the VM has {}",
+                    states.len(),
+                    self.virtio.len()
+                ),
+            });
+        }
+        let mut results = Vec::new();
+        for (d, s) in self.virtio.iter().zip(states) {
+            results.push(
+                d.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .restore_in_place(s),
+            );
+        }
+        results.into_iter().collect()
+    }
+
+    /// Failures of each virtio device (guests that broke the protocol).
+    pub fn virtio_failures(&self) -> Vec<u64> {
+        self.each_virtio(|d| {
+            d.shared()
+                .counters
+                .failures
+                .load(std::sync::atomic::Ordering::Relaxed)
+        })
     }
 
     /// A port read. `last_wake` is what this vCPU's last wait ended with.

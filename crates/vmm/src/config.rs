@@ -6,6 +6,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+pub use warmvm_devices::virtio::block::CacheMode;
 
 /// Most vCPUs one VM may have (KVM's own limit may be lower).
 pub const MAX_VCPUS: u32 = 254;
@@ -50,6 +51,16 @@ pub enum ConfigError {
     Ring3WithKernel { vm: String },
     #[error("VM {vm}: the command line is longer than {max} bytes or contains a NUL")]
     BadCmdline { vm: String, max: usize },
+    #[error("VM {vm}: at most {MAX_DISKS} disks")]
+    TooManyDisks { vm: String },
+    #[error("VM {vm}: disk {path}: {err}")]
+    Disk {
+        vm: String,
+        path: PathBuf,
+        err: std::io::Error,
+    },
+    #[error("VM {vm}: disk {path} is listed twice")]
+    DuplicateDisk { vm: String, path: PathBuf },
     #[error("VM {vm}: {what} must be a path, not empty")]
     EmptyPath { vm: String, what: &'static str },
 }
@@ -123,6 +134,25 @@ pub struct VmConfig {
     /// Hide CMPXCHG16B from the guest's CPUID (helps Linux under instruction-emulating KVMs).
     #[serde(default)]
     pub hide_cx16: bool,
+    /// virtio-blk disks, in the order the guest sees them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<DiskConfig>,
+}
+
+/// Most disks one VM may have.
+pub const MAX_DISKS: usize = 8;
+
+/// A virtio-blk disk backed by a raw image file.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    /// A raw image whose size is a multiple of 512 bytes.
+    pub path: PathBuf,
+    #[serde(default)]
+    pub read_only: bool,
+    /// `none` (O_DIRECT, the default) or `writeback` (the host's page cache).
+    #[serde(default)]
+    pub cache: CacheMode,
 }
 
 /// An optional field that, when present, must hold a value: JSON `null` is refused (the API's
@@ -229,6 +259,7 @@ impl VmConfig {
             console_log: None,
             console_stdout: false,
             hide_cx16: false,
+            disks: Vec::new(),
         }
     }
 
@@ -297,6 +328,24 @@ impl VmConfig {
         if self.kernel.is_none() && self.initrd.is_some() {
             return Err(ConfigError::InitrdWithoutKernel { vm: vm() });
         }
+        if self.disks.len() > MAX_DISKS {
+            return Err(ConfigError::TooManyDisks { vm: vm() });
+        }
+        let mut seen = HashSet::new();
+        for d in &self.disks {
+            if d.path.as_os_str().is_empty() {
+                return Err(ConfigError::EmptyPath {
+                    vm: vm(),
+                    what: "disk path",
+                });
+            }
+            if !seen.insert(&d.path) {
+                return Err(ConfigError::DuplicateDisk {
+                    vm: vm(),
+                    path: d.path.clone(),
+                });
+            }
+        }
         Ok(())
     }
 
@@ -313,6 +362,13 @@ impl VmConfig {
             check_readable_file(path).map_err(|err| ConfigError::Initrd {
                 vm: vm(),
                 path: path.clone(),
+                err,
+            })?;
+        }
+        for d in &self.disks {
+            check_disk_image(&d.path).map_err(|err| ConfigError::Disk {
+                vm: vm(),
+                path: d.path.clone(),
                 err,
             })?;
         }
@@ -350,6 +406,17 @@ fn check_readable_file(path: &Path) -> std::io::Result<()> {
         return Err(std::io::Error::other("the file is empty"));
     }
     std::fs::File::open(path).map(drop)
+}
+
+fn check_disk_image(path: &Path) -> std::io::Result<()> {
+    check_readable_file(path)?;
+    let len = std::fs::metadata(path)?.len();
+    if !len.is_multiple_of(512) {
+        return Err(std::io::Error::other(format!(
+            "its size ({len} bytes) is not a multiple of 512"
+        )));
+    }
+    Ok(())
 }
 
 /// toml's errors span several lines with a source excerpt; an operator gets one line.
@@ -417,5 +484,20 @@ mod tests {
                 .contains("twice")
         );
         assert!(check("").contains("no VM"));
+        assert!(check(
+            "[[vm]]\nname=\"a\"\nmemory_mib=64\n[[vm.disks]]\npath=\"/nonexistent/d\"\n"
+        )
+        .contains("disk /nonexistent/d"));
+        let odd = std::env::temp_dir().join(format!("warmvm-odd-{}.img", std::process::id()));
+        std::fs::write(&odd, [0u8; 100]).unwrap();
+        let e = check(&format!(
+            "[[vm]]\nname=\"a\"\nmemory_mib=64\n[[vm.disks]]\npath={odd:?}\n"
+        ));
+        std::fs::remove_file(&odd).unwrap();
+        assert!(e.contains("multiple of 512"), "{e}");
+        let e =
+            parse("[[vm]]\nname=\"a\"\nmemory_mib=64\n[[vm.disks]]\npath=\"x\"\ncache=\"fast\"\n")
+                .unwrap_err();
+        assert!(e.contains("unknown variant"), "{e}");
     }
 }

@@ -189,6 +189,10 @@ impl VirtioBackend for Block {
         })
     }
 
+    fn host_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(&*self.file)
+    }
+
     fn try_clone_backend(&self) -> std::io::Result<Box<dyn VirtioBackend>> {
         Ok(Box::new(Self {
             file: Arc::new(self.file.try_clone()?),
@@ -599,6 +603,10 @@ pub(crate) mod tests {
         assert!(d.needs_reset(), "FEATURES_OK without VERSION_1");
     }
 
+    fn restored_used(mem: &vm_memory::GuestMemoryMmap) -> u16 {
+        mem.read_obj(GuestAddress(USED + 2)).unwrap()
+    }
+
     const ACK_DRIVER_OK_WITHOUT_FEATURES: u32 = 1 | 2 | 4;
 
     #[test]
@@ -617,7 +625,14 @@ pub(crate) mod tests {
         std::thread::sleep(std::time::Duration::from_millis(20));
         assert_eq!(d.used_idx(), 1, "a paused device served a request");
         drop(d); // the old VMM's device goes away
-        let restored = VirtioMmio::restore(handles(block(&scratch), &mem), &state).unwrap();
+        let mut restored = VirtioMmio::restore(handles(block(&scratch), &mem), &state).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert_eq!(
+            restored_used(&mem),
+            1,
+            "served before this VMM owns the guest"
+        );
+        restored.resume();
         let mut d = TestDriver::resume(restored, mem, 2);
         assert_eq!(d.wait_used(2), Some(1), "served once, after the restore");
         assert_eq!(

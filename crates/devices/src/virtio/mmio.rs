@@ -40,6 +40,8 @@ pub trait VirtioBackend: Send {
     ) -> Result<Worker, WorkerError>;
     /// The device's own state (what is not queues or transport registers).
     fn save(&self) -> BackendState;
+    /// The host file or TAP behind the device, to hand to another VMM process.
+    fn host_fd(&self) -> std::os::fd::BorrowedFd<'_>;
     /// Another backend over the same host file or TAP (a dup of its fd).
     fn try_clone_backend(&self) -> std::io::Result<Box<dyn VirtioBackend>>;
     /// Whether a saved device state fits this device (the same disk, say).
@@ -100,8 +102,9 @@ impl From<QueueStateData> for virtio_queue::QueueState {
 }
 
 /// A virtio-mmio device's state: transport registers, queues, and the device's own part.
-/// A device that was serving (DRIVER_OK) serves again as soon as it is restored; requests
-/// in flight at the pause were completed before the capture.
+/// A device that was serving (DRIVER_OK) serves again from its first `resume`; requests in
+/// flight at the pause were completed before the capture, and those the guest queued
+/// since wait in the ring.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VirtioMmioState {
     pub device_type: u32,
@@ -238,10 +241,23 @@ impl VirtioMmio {
         }
     }
 
-    pub fn resume(&self) {
+    /// Serve again after [`VirtioMmio::pause`], or for the first time after a restore (only
+    /// once this VMM owns the guest: a worker touches guest memory).
+    pub fn resume(&mut self) {
         if let Some(w) = &self.worker {
-            w.resume();
+            return w.resume();
         }
+        let serving =
+            self.status & DRIVER_OK != 0 && self.status & FAILED == 0 && !self.shared.failed();
+        if serving {
+            if let Err(why) = self.activate() {
+                self.fail(&why);
+            }
+        }
+    }
+
+    pub fn host_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.backend.host_fd()
     }
 
     fn fail(&mut self, why: &str) {
@@ -540,11 +556,8 @@ impl VirtioMmio {
             .interrupt_status
             .store(s.interrupt_status, Ordering::Release);
         dev.shared.set_failed(s.needs_reset);
-        let serving = s.status & DRIVER_OK != 0 && s.status & FAILED == 0 && !s.needs_reset;
-        if serving {
-            // Picks up at once whatever the guest queued during the pause.
-            dev.activate().map_err(bad)?;
-        }
+        // No worker yet: `resume` starts one, which picks up at once whatever the guest
+        // queued during the pause.
         Ok(())
     }
 }
