@@ -8,6 +8,7 @@
 //! | `passes=N` | power off (status 0 if clean) after N passes; 0 = run until told | 0 |
 //! | `quiet` | no per-pass console lines | off |
 //! | `tsc_khz=N` | TSC frequency, used only if neither boot info nor CPUID gives one | none |
+//! | `disk_check_ms=N` | re-read and re-check the disk's files every N ms (vCPU 0); 0 = never | 1000 |
 //!
 //! Unknown or malformed options are ignored and reported once on the console.
 
@@ -19,6 +20,7 @@ pub struct Options {
     pub passes: u64,
     pub quiet: bool,
     pub tsc_khz: Option<u64>,
+    pub disk_check_ms: u64,
 }
 
 impl Default for Options {
@@ -30,6 +32,7 @@ impl Default for Options {
             passes: 0,
             quiet: false,
             tsc_khz: None,
+            disk_check_ms: 1000,
         }
     }
 }
@@ -105,6 +108,10 @@ pub fn parse(cmdline: &[u8]) -> (Options, Ignored<'_>) {
             }
             (b"tsc_khz", Some(n)) => {
                 o.tsc_khz = Some(n).filter(|&n| n != 0);
+                true
+            }
+            (b"disk_check_ms", Some(n)) => {
+                o.disk_check_ms = n;
                 true
             }
             (b"quiet", None) => {

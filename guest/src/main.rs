@@ -29,9 +29,11 @@ compile_error!("the warmvm guest needs panic = \"abort\": build it with `--profi
 
 #[macro_use]
 mod console;
+mod blk;
 mod boot;
 mod cmdline;
 mod cpu;
+mod disk;
 #[cfg(not(warmvm_guest_stub))]
 mod entry;
 mod io;
@@ -40,7 +42,9 @@ mod pvh;
 #[cfg(not(warmvm_guest_stub))]
 mod rt;
 mod status;
+mod tar;
 mod time;
+mod virtio;
 mod workload;
 
 /// Exit status: every vCPU clean.
@@ -132,6 +136,12 @@ pub fn guest_main(bi: &BootInfo, vcpu: u64, entry: Entry, image_end: u64) -> ! {
         });
     }
 
+    // Only vCPU 0 drives devices.
+    let disk = if vcpu == 0 {
+        disk::Disk::open(&m)
+    } else {
+        None
+    };
     workload::Worker::new(
         vcpu as usize,
         m.vcpu_count as usize,
@@ -139,6 +149,7 @@ pub fn guest_main(bi: &BootInfo, vcpu: u64, entry: Entry, image_end: u64) -> ! {
         opts,
         stripe,
         fsgsbase,
+        disk,
     )
     .run()
 }

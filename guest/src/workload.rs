@@ -234,6 +234,7 @@ pub struct Worker {
     gap_last_tsc: u64,
     gap_max_ticks: u64,
     gap_epoch_seen: u64,
+    disk: Option<crate::disk::Disk>,
 }
 
 impl Worker {
@@ -244,6 +245,7 @@ impl Worker {
         opts: Options,
         stripe: Stripe,
         fsgsbase: bool,
+        disk: Option<crate::disk::Disk>,
     ) -> Self {
         let seq = status.current_seq(vcpu).next_multiple_of(2);
         let mut w = Worker {
@@ -265,6 +267,7 @@ impl Worker {
             gap_last_tsc: 0,
             gap_max_ticks: 0,
             gap_epoch_seen: 0,
+            disk,
         };
         w.gap_epoch_seen = w.status.gap_epoch(vcpu);
         w.publish();
@@ -437,6 +440,11 @@ impl Worker {
         self.tick();
         let pass_ns = time::ticks_to_ns(cpu::rdtsc().saturating_sub(t0));
         self.maybe_print_pass(pass_ns);
+        if let Some(disk) = self.disk.as_mut() {
+            disk.maybe_check(self.opts.disk_check_ms, self.opts.quiet);
+            // Disk I/O waits in the VMM: not a stall of the RAM workload.
+            self.gap_last_tsc = 0;
+        }
         if self.opts.passes != 0 && self.st.passes >= self.opts.passes {
             self.stop(Stop::PassesDone);
         }

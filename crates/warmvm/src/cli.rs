@@ -180,6 +180,38 @@ pub struct VmFlags {
     /// Console log file [default: <state dir>/<name>/console.log].
     #[arg(long)]
     pub console_log: Option<PathBuf>,
+    /// A virtio-blk disk: a raw image, optionally `,ro` and `,cache=none|writeback`
+    /// (default none: O_DIRECT). Repeat for more disks.
+    #[arg(long = "disk", value_name = "PATH[,ro][,cache=MODE]", value_parser = disk_arg)]
+    pub disks: Vec<warmvm_vmm::config::DiskConfig>,
+}
+
+/// `--disk PATH[,ro][,cache=none|writeback]`.
+fn disk_arg(s: &str) -> Result<warmvm_vmm::config::DiskConfig, String> {
+    use warmvm_vmm::config::{CacheMode, DiskConfig};
+    let mut parts = s.split(',');
+    let path = parts
+        .next()
+        .filter(|p| !p.is_empty())
+        .ok_or("no image path")?;
+    let mut disk = DiskConfig {
+        path: path.into(),
+        read_only: false,
+        cache: CacheMode::None,
+    };
+    for opt in parts {
+        match opt {
+            "ro" => disk.read_only = true,
+            "cache=none" => disk.cache = CacheMode::None,
+            "cache=writeback" => disk.cache = CacheMode::Writeback,
+            other => {
+                return Err(format!(
+                    "unknown disk option {other:?} (use ro, cache=none or cache=writeback)"
+                ))
+            }
+        }
+    }
+    Ok(disk)
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -208,7 +240,7 @@ pub enum VmCommand {
     /// standard input with `-` (TOML or JSON).
     Create {
         /// The VM's config file, or `-` for standard input.
-        #[arg(conflicts_with_all = ["name", "memory_mib", "vcpus", "kernel", "initrd", "cmdline", "boot", "hugepages", "console_log"])]
+        #[arg(conflicts_with_all = ["name", "memory_mib", "vcpus", "kernel", "initrd", "cmdline", "boot", "hugepages", "console_log", "disks"])]
         config: Option<PathBuf>,
         #[command(flatten)]
         flags: VmFlags,
