@@ -204,7 +204,9 @@ impl VirtioBackend for Block {
     }
 
     fn check_state(&self, state: &BackendState) -> Result<(), String> {
-        let BackendState::Block(s) = state;
+        let BackendState::Block(s) = state else {
+            return Err(format!("a block device, not {state:?}"));
+        };
         if s.sectors != self.sectors || s.read_only != self.read_only {
             return Err(format!(
                 "disk of {} sectors ({}) saved, {} sectors ({}) here",
@@ -250,10 +252,15 @@ struct BlockServer {
 }
 
 impl Serve for BlockServer {
-    fn serve(&mut self, shared: &VirtioShared) {
+    fn serve(&mut self, shared: &VirtioShared) -> bool {
         if let Err(e) = self.serve_queue(shared) {
             shared.fail(&e);
         }
+        false
+    }
+
+    fn host_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
     }
 }
 

@@ -53,6 +53,7 @@ pub trait VirtioBackend: Send {
 #[serde(rename_all = "kebab-case")]
 pub enum BackendState {
     Block(super::block::BlockState),
+    Net(super::net::NetState),
 }
 
 /// A queue's state: `virtio_queue::QueueState` as plain serde data.

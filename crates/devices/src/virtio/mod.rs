@@ -12,6 +12,8 @@
 
 pub mod block;
 pub mod mmio;
+pub mod net;
+pub mod tap;
 #[cfg(test)]
 pub(crate) mod testing;
 pub mod worker;

@@ -66,7 +66,12 @@ pub struct TestDriver {
     pub dev: VirtioMmio,
     pub mem: GuestMemoryMmap,
     next_avail: u16,
+    /// Queue 1 (a network device's transmit queue) lives at `QUEUE1` onwards.
+    next_avail1: u16,
 }
+
+/// Queue 1's descriptor table; its avail and used rings follow a page apart each.
+pub const QUEUE1: u64 = 0x5000;
 
 impl TestDriver {
     pub fn new(dev: VirtioMmio, mem: GuestMemoryMmap) -> Self {
@@ -79,6 +84,7 @@ impl TestDriver {
             dev,
             mem,
             next_avail,
+            next_avail1: 0,
         }
     }
 
@@ -118,16 +124,28 @@ impl TestDriver {
             self.w(0x20, f);
         }
         self.w(0x70, ACKNOWLEDGE | DRIVER | FEATURES_OK);
-        self.w(0x30, 0);
-        assert!(self.r(0x34) >= u32::from(QSIZE));
-        self.w(0x38, u32::from(QSIZE));
-        for (reg, addr) in [(0x80, DESC), (0x90, AVAIL), (0xa0, USED)] {
-            self.w(reg, addr as u32);
-            self.w(reg + 4, (addr >> 32) as u32);
+        self.next_avail1 = 0;
+        for (sel, (desc, avail, used)) in [
+            (DESC, AVAIL, USED),
+            (QUEUE1, QUEUE1 + 0x1000, QUEUE1 + 0x2000),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            self.w(0x30, sel as u32);
+            if self.r(0x34) == 0 {
+                break;
+            }
+            assert!(self.r(0x34) >= u32::from(QSIZE));
+            self.w(0x38, u32::from(QSIZE));
+            for (reg, addr) in [(0x80, desc), (0x90, avail), (0xa0, used)] {
+                self.w(reg, addr as u32);
+                self.w(reg + 4, (addr >> 32) as u32);
+            }
+            self.mem.write_obj(0u16, GuestAddress(avail + 2)).unwrap();
+            self.mem.write_obj(0u16, GuestAddress(used + 2)).unwrap();
+            self.w(0x44, 1);
         }
-        self.mem.write_obj(0u16, GuestAddress(AVAIL + 2)).unwrap();
-        self.mem.write_obj(0u16, GuestAddress(USED + 2)).unwrap();
-        self.w(0x44, 1);
         self.w(0x70, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
         !self.needs_reset()
     }
@@ -195,4 +213,58 @@ impl TestDriver {
         }
         false
     }
+}
+
+impl TestDriver {
+    /// Queue 1: put one buffer `(addr, len, device-writable)` in descriptor `i` and make
+    /// it available.
+    pub fn submit1(&mut self, i: u16, addr: u64, len: u32, writable: bool) {
+        let d = GuestAddress(QUEUE1 + u64::from(i) * 16);
+        self.mem.write_obj(addr, d).unwrap();
+        self.mem.write_obj(len, d.unchecked_add(8)).unwrap();
+        self.mem
+            .write_obj(if writable { WRITE } else { 0 }, d.unchecked_add(12))
+            .unwrap();
+        let avail = QUEUE1 + 0x1000;
+        let slot = avail + 4 + u64::from(self.next_avail1 % QSIZE) * 2;
+        self.mem.write_obj(i, GuestAddress(slot)).unwrap();
+        self.next_avail1 = self.next_avail1.wrapping_add(1);
+        self.mem
+            .write_obj(self.next_avail1, GuestAddress(avail + 2))
+            .unwrap();
+        self.w(QUEUE_NOTIFY, 1);
+    }
+
+    pub fn used_idx1(&self) -> u16 {
+        self.mem
+            .read_obj(GuestAddress(QUEUE1 + 0x2000 + 2))
+            .unwrap()
+    }
+
+    /// Queue 0: put buffer `(addr, len)` for the device to write in descriptor `i`.
+    pub fn offer0(&mut self, i: u16, addr: u64, len: u32) {
+        self.set_desc(i, addr, len, WRITE, 0);
+        self.make_available(i);
+    }
+
+    /// Queue 0's used element `n` (0-based): (descriptor id, length).
+    pub fn used0(&self, n: u16) -> (u32, u32) {
+        let slot = USED + 4 + u64::from(n % QSIZE) * 8;
+        (
+            self.mem.read_obj(GuestAddress(slot)).unwrap(),
+            self.mem.read_obj(GuestAddress(slot + 4)).unwrap(),
+        )
+    }
+}
+
+/// Wait until `f` holds (5 s at most).
+pub fn eventually(mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    false
 }

@@ -50,7 +50,47 @@ pub struct Worker {
 /// One pass over the device's queues: pop, serve and complete what the guest made
 /// available.
 pub trait Serve: Send + 'static {
-    fn serve(&mut self, shared: &VirtioShared);
+    /// Serve what is there. `true` when the pass stopped because the host side (a TAP)
+    /// had nothing more, so the worker should also wake when `host_fd` becomes readable.
+    fn serve(&mut self, shared: &VirtioShared) -> bool;
+    /// The host fd whose readability is work for the device (a TAP), if any.
+    fn host_fd(&self) -> Option<std::os::fd::RawFd>;
+}
+
+/// Sleep until the guest notifies (or the VMM orders), or, with `host`, until the host fd
+/// is readable.
+fn sleep(notify: &EventFd, host: Option<std::os::fd::RawFd>) -> std::io::Result<()> {
+    let Some(host) = host else {
+        return notify.read().map(drop);
+    };
+    use std::os::fd::AsRawFd;
+    let mut fds = [
+        libc::pollfd {
+            fd: notify.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: host,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    loop {
+        // SAFETY: poll reads and writes the two pollfds, which outlive the call.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if n >= 0 {
+            break;
+        }
+        let err = std::io::Error::last_os_error();
+        if err.kind() != std::io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+    if fds[0].revents != 0 {
+        notify.read()?;
+    }
+    Ok(())
 }
 
 fn lock(c: &Mutex<Control>) -> std::sync::MutexGuard<'_, Control> {
@@ -109,11 +149,11 @@ impl Worker {
                         }
                     }
                 }
-                if !shared.failed() {
-                    server.serve(&shared);
-                }
-                // Blocks until the guest notifies or the VMM gives an order.
-                if let Err(e) = thread_notify.read() {
+                let wants_host = !shared.failed() && server.serve(&shared);
+                // Blocks until the guest notifies, the VMM gives an order or the host side
+                // has work.
+                let host = if wants_host { server.host_fd() } else { None };
+                if let Err(e) = sleep(&thread_notify, host) {
                     tracing::error!(device = %shared.name, error = %e, "notify eventfd failed; worker stops");
                     return;
                 }
