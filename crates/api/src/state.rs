@@ -81,6 +81,8 @@ fn vm_error_status(err: &VmError, config: Option<&VmConfig>) -> u16 {
         VmError::InvalidTransition { .. } => 409,
         // A disk image the client named cannot be used as asked (O_DIRECT, size).
         VmError::Disk(_) => 422,
+        // A TAP that cannot be created or attached to (permissions, a name in use).
+        VmError::Tap(_) => 422,
         // A kernel or initrd the client named is unusable.
         VmError::Boot(_) | VmError::ReadFile { .. } if has_kernel => 422,
         // Huge pages the host has not reserved (or not enough of them).
@@ -101,6 +103,9 @@ fn config_error_status(err: &ConfigError) -> u16 {
         | ConfigError::DuplicateName(_)
         | ConfigError::MemoryTooSmall { .. }
         | ConfigError::TooManyDisks { .. }
+        | ConfigError::TooManyNets { .. }
+        | ConfigError::BadTap { .. }
+        | ConfigError::BadMac { .. }
         | ConfigError::EmptyPath { .. } => 400,
         // Well-formed, but not possible with these files, this host, or together.
         ConfigError::MemoryTooLarge { .. }

@@ -61,6 +61,12 @@ pub enum ConfigError {
     },
     #[error("VM {vm}: disk {path} is listed twice")]
     DuplicateDisk { vm: String, path: PathBuf },
+    #[error("VM {vm}: at most {MAX_NETS} network interfaces")]
+    TooManyNets { vm: String },
+    #[error("VM {vm}: TAP name {tap:?} is invalid: 1-15 characters from A-Z a-z 0-9 . _ -")]
+    BadTap { vm: String, tap: String },
+    #[error("VM {vm}: MAC {mac:?} is not a unicast address like 02:00:00:00:00:01")]
+    BadMac { vm: String, mac: String },
     #[error("VM {vm}: {what} must be a path, not empty")]
     EmptyPath { vm: String, what: &'static str },
 }
@@ -137,6 +143,59 @@ pub struct VmConfig {
     /// virtio-blk disks, in the order the guest sees them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<DiskConfig>,
+    /// virtio-net interfaces, each on a TAP device of the daemon's network namespace.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nets: Vec<NetConfig>,
+}
+
+/// Most network interfaces one VM may have.
+pub const MAX_NETS: usize = 4;
+
+/// A virtio-net interface backed by a TAP device.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    /// The TAP's name: created if missing, or a persistent one (`ip tuntap add`) attached.
+    pub tap: String,
+    /// The guest's MAC address, `xx:xx:xx:xx:xx:xx`; default: derived from the VM's name.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present"
+    )]
+    pub mac: Option<String>,
+}
+
+/// Parse `xx:xx:xx:xx:xx:xx` into a unicast MAC address.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in mac.iter_mut() {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    (parts.next().is_none() && mac[0] & 1 == 0).then_some(mac)
+}
+
+/// A locally administered MAC for interface `index` of VM `name`, stable across reboots.
+pub fn default_mac(name: &str, index: usize) -> [u8; 6] {
+    let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    let b = h.to_le_bytes();
+    [0x02, b[0], b[1], b[2], b[3], index as u8]
+}
+
+impl NetConfig {
+    pub fn mac_for(&self, vm: &str, index: usize) -> [u8; 6] {
+        self.mac
+            .as_deref()
+            .and_then(parse_mac)
+            .unwrap_or_else(|| default_mac(vm, index))
+    }
 }
 
 /// Most disks one VM may have.
@@ -260,6 +319,7 @@ impl VmConfig {
             console_stdout: false,
             hide_cx16: false,
             disks: Vec::new(),
+            nets: Vec::new(),
         }
     }
 
@@ -344,6 +404,25 @@ impl VmConfig {
                     vm: vm(),
                     path: d.path.clone(),
                 });
+            }
+        }
+        if self.nets.len() > MAX_NETS {
+            return Err(ConfigError::TooManyNets { vm: vm() });
+        }
+        for n in &self.nets {
+            if !warmvm_devices::virtio::tap::valid_name(&n.tap) {
+                return Err(ConfigError::BadTap {
+                    vm: vm(),
+                    tap: n.tap.clone(),
+                });
+            }
+            if let Some(mac) = &n.mac {
+                if parse_mac(mac).is_none() {
+                    return Err(ConfigError::BadMac {
+                        vm: vm(),
+                        mac: mac.clone(),
+                    });
+                }
             }
         }
         Ok(())
@@ -499,5 +578,14 @@ mod tests {
             parse("[[vm]]\nname=\"a\"\nmemory_mib=64\n[[vm.disks]]\npath=\"x\"\ncache=\"fast\"\n")
                 .unwrap_err();
         assert!(e.contains("unknown variant"), "{e}");
+        let net = |extra: &str| {
+            check(&format!(
+                "[[vm]]\nname=\"a\"\nmemory_mib=64\n[[vm.nets]]\n{extra}\n"
+            ))
+        };
+        assert!(net("tap=\"a/b\"").contains("TAP name"));
+        assert!(net("tap=\"tap0\"\nmac=\"01:00:00:00:00:01\"").contains("unicast"));
+        assert!(net("tap=\"tap0\"\nmac=\"02:00:00:00:00\"").contains("MAC"));
+        assert_eq!(parse_mac("02:ab:00:00:00:01"), Some([2, 0xab, 0, 0, 0, 1]));
     }
 }

@@ -52,7 +52,9 @@ pub enum VmError {
     Virtio(#[from] warmvm_devices::VirtioError),
     #[error("device placement: {0}")]
     Bus(#[from] warmvm_devices::BusError),
-    #[error("{disks} disks but {fds} disk fds")]
+    #[error("{0}")]
+    Tap(#[from] warmvm_devices::virtio::tap::TapError),
+    #[error("{disks} virtio devices but {fds} host fds")]
     DiskFds { disks: usize, fds: usize },
     #[error("vCPU {vcpu} of VM {vm} did not respond within {secs} s")]
     VcpuUnresponsive { vm: String, vcpu: u32, secs: u64 },
@@ -209,8 +211,8 @@ pub(crate) struct Parts {
     /// CLOCK_MONOTONIC ns when the VM was first created (in the VMM it comes from); `None`
     /// for a new VM.
     pub created_ns: Option<u64>,
-    /// The disk images of `config.disks`, open, in order.
-    pub disk_files: Vec<File>,
+    /// The disk images of `config.disks` and the TAPs of `config.nets`, open, in order.
+    pub host_files: crate::virtio::HostFiles,
 }
 
 /// Create the KVM VM over `ram`: memory slots first (on PVM each slot costs milliseconds
@@ -276,7 +278,11 @@ impl Vm {
             .map(|p| read("initrd", p))
             .transpose()?;
         let linux_devices = image.is_some();
-        let disk_files = crate::virtio::open_disks(&config.disks)?;
+        let host_files = crate::virtio::HostFiles {
+            disks: crate::virtio::open_disks(&config.disks)?,
+            taps: crate::virtio::open_taps(&config.nets)?,
+        };
+        let virtio_devices = config.disks.len() + config.nets.len();
         let (kvm_vm, irq) = build_kvm_vm(hv, &ram, linux_devices)?;
 
         let console_log = config
@@ -304,7 +310,7 @@ impl Vm {
             .collect();
         let mut cmdline = config.cmdline.clone().unwrap_or_default();
         if image.is_some() {
-            cmdline.push_str(&crate::virtio::linux_cmdline_args(config.disks.len()));
+            cmdline.push_str(&crate::virtio::linux_cmdline_args(virtio_devices));
         }
         let plan: BootPlan = match &image {
             None => warmvm_boot::ring3::setup(
@@ -316,7 +322,7 @@ impl Vm {
                     vcpus: config.vcpus,
                     tsc_khz,
                     fsgsbase: hv.has_fsgsbase(),
-                    virtio_devices: config.disks.len() as u32,
+                    virtio_devices: virtio_devices as u32,
                 },
             )?,
             Some(image) => warmvm_boot::linux::setup(
@@ -351,7 +357,7 @@ impl Vm {
             linux_devices,
             lifecycle: Lifecycle::Created,
             created_ns: None,
-            disk_files,
+            host_files,
         })?;
         tracing::info!(vm = %config.name, memory_mib = config.memory_mib, vcpus = config.vcpus,
             boot = %plan.protocol, "VM created");
@@ -364,14 +370,13 @@ impl Vm {
         let created_ns = p.created_ns.unwrap_or(now_ns).min(now_ns);
         let age = Duration::from_nanos(now_ns - created_ns);
         let mut devices = Devices::new(&p.config.name, p.serial);
-        crate::virtio::attach_disks(
+        crate::virtio::attach(
             &mut devices,
             &p.kvm_vm,
             p.ram.memory(),
-            &p.config.disks,
-            p.disk_files,
+            &p.config,
+            p.host_files,
             p.linux_devices,
-            &p.config.name,
         )?;
         let shared = Arc::new(VmShared {
             name: p.config.name.clone(),
@@ -589,6 +594,7 @@ impl Vm {
             created_monotonic_ns: self.shared.created_ns,
             fds: (0..self.config.disks.len())
                 .map(crate::handover::disk_fd_name)
+                .chain((0..self.config.nets.len()).map(crate::handover::net_fd_name))
                 .collect(),
         }
     }

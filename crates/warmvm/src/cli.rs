@@ -184,6 +184,36 @@ pub struct VmFlags {
     /// (default none: O_DIRECT). Repeat for more disks.
     #[arg(long = "disk", value_name = "PATH[,ro][,cache=MODE]", value_parser = disk_arg)]
     pub disks: Vec<warmvm_vmm::config::DiskConfig>,
+    /// A virtio-net interface on TAP device NAME (created, or a persistent one attached),
+    /// optionally `,mac=xx:xx:xx:xx:xx:xx`. Repeat for more interfaces.
+    #[arg(long = "net", value_name = "TAP[,mac=MAC]", value_parser = net_arg)]
+    pub nets: Vec<warmvm_vmm::config::NetConfig>,
+}
+
+/// `--net TAP[,mac=xx:xx:xx:xx:xx:xx]`.
+fn net_arg(s: &str) -> Result<warmvm_vmm::config::NetConfig, String> {
+    let mut parts = s.split(',');
+    let tap = parts
+        .next()
+        .filter(|t| !t.is_empty())
+        .ok_or("no TAP name")?;
+    let mut net = warmvm_vmm::config::NetConfig {
+        tap: tap.to_string(),
+        mac: None,
+    };
+    for opt in parts {
+        match opt.strip_prefix("mac=") {
+            Some(mac) if warmvm_vmm::config::parse_mac(mac).is_some() => {
+                net.mac = Some(mac.to_string())
+            }
+            _ => {
+                return Err(format!(
+                    "bad network option {opt:?} (use mac=02:xx:xx:xx:xx:xx)"
+                ))
+            }
+        }
+    }
+    Ok(net)
 }
 
 /// `--disk PATH[,ro][,cache=none|writeback]`.
@@ -240,7 +270,7 @@ pub enum VmCommand {
     /// standard input with `-` (TOML or JSON).
     Create {
         /// The VM's config file, or `-` for standard input.
-        #[arg(conflicts_with_all = ["name", "memory_mib", "vcpus", "kernel", "initrd", "cmdline", "boot", "hugepages", "console_log", "disks"])]
+        #[arg(conflicts_with_all = ["name", "memory_mib", "vcpus", "kernel", "initrd", "cmdline", "boot", "hugepages", "console_log", "disks", "nets"])]
         config: Option<PathBuf>,
         #[command(flatten)]
         flags: VmFlags,

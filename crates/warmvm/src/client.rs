@@ -203,6 +203,7 @@ fn vm_from_flags(f: VmFlags) -> Result<VmConfig, Failure> {
     vm.hugepages = f.hugepages;
     vm.console_log = f.console_log;
     vm.disks = f.disks;
+    vm.nets = f.nets;
     absolute_paths(&mut vm);
     Ok(vm)
 }

@@ -618,6 +618,15 @@ fn adopt_vm(
                 .ok_or_else(|| bad(format!("no fd named {name} for disk {i}")))?,
         );
     }
+    let mut taps = Vec::new();
+    for i in 0..spec.config.nets.len() {
+        let name = super::state::net_fd_name(i);
+        taps.push(
+            named
+                .remove(&name)
+                .ok_or_else(|| bad(format!("no fd named {name} for network interface {i}")))?,
+        );
+    }
     if let Some(name) = named.keys().next() {
         return Err(bad(format!("fd {name} belongs to no device")));
     }
@@ -678,7 +687,10 @@ fn adopt_vm(
         linux_devices: spec.linux_devices,
         lifecycle: Lifecycle::Created,
         created_ns: Some(spec.created_monotonic_ns),
-        disk_files,
+        host_files: crate::virtio::HostFiles {
+            disks: disk_files,
+            taps,
+        },
     })
     .map_err(vm_err)?;
     // The threads park before their first run; wait so that tasks can be posted.

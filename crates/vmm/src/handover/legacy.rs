@@ -146,6 +146,7 @@ mod tests {
                 console_stdout: false,
                 hide_cx16: false,
                 disks: Vec::new(),
+                nets: Vec::new(),
             },
             protocol: "ring3".into(),
             status_addr: Some(0x2000),

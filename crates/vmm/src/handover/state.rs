@@ -134,6 +134,21 @@ pub struct VmConfigState {
     /// Added in format 3 by the virtio devices (older builds had no disks).
     #[serde(default)]
     pub disks: Vec<DiskState>,
+    /// Added in format 3 by the virtio devices (older builds had no network).
+    #[serde(default)]
+    pub nets: Vec<NetState>,
+}
+
+/// A network interface as it crosses a process: every field required.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetState {
+    pub tap: String,
+    pub mac: [u8; 6],
+}
+
+/// The name under which network interface `i`'s TAP fd crosses, in [`VmSpec::fds`].
+pub fn net_fd_name(i: usize) -> String {
+    format!("net{i}")
 }
 
 /// A disk as it crosses a process: every field required.
@@ -184,6 +199,15 @@ impl From<&VmConfig> for VmConfigState {
             console_stdout: c.console_stdout,
             hide_cx16: c.hide_cx16,
             disks: c.disks.iter().map(DiskState::from).collect(),
+            nets: c
+                .nets
+                .iter()
+                .enumerate()
+                .map(|(i, n)| NetState {
+                    tap: n.tap.clone(),
+                    mac: n.mac_for(&c.name, i),
+                })
+                .collect(),
         }
     }
 }
@@ -203,6 +227,20 @@ impl From<VmConfigState> for VmConfig {
             console_stdout: c.console_stdout,
             hide_cx16: c.hide_cx16,
             disks: c.disks.into_iter().map(DiskConfig::from).collect(),
+            nets: c
+                .nets
+                .into_iter()
+                .map(|n| crate::config::NetConfig {
+                    tap: n.tap,
+                    mac: Some(
+                        n.mac
+                            .iter()
+                            .map(|b| format!("{b:02x}"))
+                            .collect::<Vec<_>>()
+                            .join(":"),
+                    ),
+                })
+                .collect(),
         }
     }
 }
@@ -397,6 +435,7 @@ mod tests {
                     read_only: true,
                     cache: Default::default(),
                 }],
+                nets: vec![],
             },
             protocol: BootProtocol::Ring3,
             status_addr: Some(0x1000),
