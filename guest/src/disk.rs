@@ -23,12 +23,10 @@ fn report_error(what: &str, e: TarError) {
 }
 
 impl Disk {
-    /// Set up the first virtio device as a disk and index it (vCPU 0, once).
+    /// Set up the first virtio-blk device as a disk and index it (vCPU 0, once).
     pub fn open(m: &Machine) -> Option<Self> {
-        if m.virtio_count == 0 {
-            return None;
-        }
-        let mut blk = match Blk::new(m.virtio_base, m.io_area) {
+        let window = crate::virtio::find(m, crate::virtio::TYPE_BLOCK)?;
+        let mut blk = match Blk::new(window, m.io_area) {
             Ok(b) => b,
             Err(e) => {
                 say!("warmvm-guest: disk0: cannot set up: {:?}", e);
@@ -64,6 +62,18 @@ impl Disk {
             errors: 0,
             last_check_ns: time::now_ns(),
         })
+    }
+
+    /// The file named `name`.
+    pub fn find(&self, name: &[u8]) -> Option<tar::Entry> {
+        self.index.entries[..self.index.count]
+            .iter()
+            .find(|e| e.name() == name)
+            .copied()
+    }
+
+    pub fn blk(&mut self) -> &mut Blk {
+        &mut self.blk
     }
 
     /// Re-read every file and compare its checksum, if `every_ms` has passed.

@@ -15,6 +15,13 @@ const NOTIFY: u64 = 0x50;
 pub const DESC_NEXT: u16 = 1;
 pub const DESC_WRITE: u16 = 2;
 
+/// The window of the first virtio device of type `kind`, if the VM has one.
+pub fn find(m: &crate::boot::Machine, kind: u32) -> Option<u64> {
+    (0..u64::from(m.virtio_count))
+        .map(|i| m.virtio_base + i * warmvm_abi::VIRTIO_MMIO_STRIDE)
+        .find(|&w| Mmio::new(w).device_type() == Some(kind))
+}
+
 /// One device's register window.
 #[derive(Clone, Copy)]
 pub struct Mmio {
@@ -46,8 +53,17 @@ impl Mmio {
         u64::from(self.r(0x100 + offset)) | (u64::from(self.r(0x104 + offset)) << 32)
     }
 
+    pub fn config_u8(&self, offset: u64) -> u8 {
+        (self.r(0x100 + (offset & !3)) >> ((offset & 3) * 8)) as u8
+    }
+
     /// Reset, negotiate `wanted` (plus VERSION_1) and set queue 0 up over `q`.
     pub fn init(&self, wanted: u64, q: &Queue) -> Result<u64, &'static str> {
+        self.init_queues(wanted, &[q])
+    }
+
+    /// Reset, negotiate `wanted` (plus VERSION_1) and set queues 0.. up over `queues`.
+    pub fn init_queues(&self, wanted: u64, queues: &[&Queue]) -> Result<u64, &'static str> {
         self.w(0x70, 0);
         self.w(0x70, 1);
         self.w(0x70, 1 | 2);
@@ -67,16 +83,18 @@ impl Mmio {
         if self.r(0x70) & 8 == 0 {
             return Err("device refused the features");
         }
-        self.w(0x30, 0);
-        if self.r(0x34) < u32::from(q.size) {
-            return Err("queue too small");
+        for (i, q) in queues.iter().enumerate() {
+            self.w(0x30, i as u32);
+            if self.r(0x34) < u32::from(q.size) {
+                return Err("queue too small");
+            }
+            self.w(0x38, u32::from(q.size));
+            for (reg, addr) in [(0x80, q.desc), (0x90, q.avail), (0xa0, q.used)] {
+                self.w(reg, addr as u32);
+                self.w(reg + 4, (addr >> 32) as u32);
+            }
+            self.w(0x44, 1);
         }
-        self.w(0x38, u32::from(q.size));
-        for (reg, addr) in [(0x80, q.desc), (0x90, q.avail), (0xa0, q.used)] {
-            self.w(reg, addr as u32);
-            self.w(reg + 4, (addr >> 32) as u32);
-        }
-        self.w(0x44, 1);
         self.w(0x70, 1 | 2 | 8 | 4);
         if self.r(0x70) & 0x40 != 0 {
             return Err("device needs a reset");
