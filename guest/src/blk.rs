@@ -93,3 +93,41 @@ impl Blk {
         Ok(unsafe { core::slice::from_raw_parts(self.data as *const u8, len) })
     }
 }
+
+impl Blk {
+    /// Break the protocol as `how` says (to test the VMM), and report whether the device
+    /// then says it needs a reset.
+    pub fn misbehave(&mut self, how: crate::cmdline::Hostile) -> bool {
+        use crate::cmdline::Hostile;
+        let status = self.header + 16;
+        match how {
+            Hostile::Loop => {
+                self.queue.set_desc(0, self.header, 16, DESC_NEXT, 1);
+                self.queue
+                    .set_desc(1, self.data, 512, DESC_WRITE | DESC_NEXT, 0);
+                self.queue.push(0);
+            }
+            Hostile::Addr | Hostile::Len => {
+                let (addr, len) = if how == Hostile::Addr {
+                    (0x7fff_0000_0000, 512)
+                } else {
+                    (self.data, u32::MAX)
+                };
+                self.queue.set_desc(0, self.header, 16, DESC_NEXT, 1);
+                self.queue.set_desc(1, addr, len, DESC_WRITE | DESC_NEXT, 2);
+                self.queue.set_desc(2, status, 1, DESC_WRITE, 0);
+                self.queue.push(0);
+            }
+            Hostile::Index => self.queue.corrupt_avail_index(1000),
+            Hostile::Status => self.dev.write_status(1),
+        }
+        self.dev.notify(0);
+        for _ in 0..1000 {
+            if self.dev.needs_reset() {
+                return true;
+            }
+            crate::io::wait(1000);
+        }
+        false
+    }
+}

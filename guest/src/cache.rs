@@ -54,7 +54,9 @@ impl Cache {
     fn page(&self, slot: u64) -> &'static mut [u8] {
         // SAFETY: slot < pages: a page of the cache's RAM, used only through this cache
         // (one vCPU serves), and the returned slice is not kept across a fill.
-        unsafe { core::slice::from_raw_parts_mut((self.base + slot * PAGE) as *mut u8, PAGE as usize) }
+        unsafe {
+            core::slice::from_raw_parts_mut((self.base + slot * PAGE) as *mut u8, PAGE as usize)
+        }
     }
 
     /// Disk page `n` (4 KiB), from the cache or the disk.
@@ -70,7 +72,11 @@ impl Cache {
         self.misses += 1;
         let per_page = PAGE / SECTOR;
         let first = n.checked_mul(per_page).ok_or(BlkError::Range)?;
-        let left = blk.sectors.checked_sub(first).filter(|&l| l > 0).ok_or(BlkError::Range)?;
+        let left = blk
+            .sectors
+            .checked_sub(first)
+            .filter(|&l| l > 0)
+            .ok_or(BlkError::Range)?;
         let sectors = (FILL_PAGES.min(self.pages) * per_page).min(left);
         let data = blk.read(first, (sectors * SECTOR) as usize)?;
         for i in 0..sectors.div_ceil(per_page) {

@@ -10,6 +10,7 @@
 //! | `tsc_khz=N` | TSC frequency, used only if neither boot info nor CPUID gives one | none |
 //! | `ip=A.B.C.D/LEN` | serve HTTP on port 80 of the first network device at this address | none |
 //! | `cache_mib=N` | the HTTP server's page cache, carved from the workload's RAM | 8 |
+//! | `hostile=KIND` | test only: break the virtio protocol on the disk once (`loop`, `addr`, `len`, `index`, `status`) | none |
 //! | `disk_check_ms=N` | re-read and re-check the disk's files every N ms (vCPU 0); 0 = never | 1000 |
 //!
 //! Unknown or malformed options are ignored and reported once on the console.
@@ -25,6 +26,22 @@ pub struct Options {
     pub disk_check_ms: u64,
     pub ip: Option<([u8; 4], u8)>,
     pub cache_mib: u64,
+    pub hostile: Option<Hostile>,
+}
+
+/// Ways the guest can break the virtio protocol on purpose (to test the VMM).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hostile {
+    /// A descriptor chain that loops.
+    Loop,
+    /// A buffer outside guest RAM.
+    Addr,
+    /// A buffer of 4 GiB - 1 bytes.
+    Len,
+    /// An avail index far beyond the queue size.
+    Index,
+    /// Status bits cleared without a reset.
+    Status,
 }
 
 impl Default for Options {
@@ -39,6 +56,7 @@ impl Default for Options {
             disk_check_ms: 1000,
             ip: None,
             cache_mib: 8,
+            hostile: None,
         }
     }
 }
@@ -143,6 +161,17 @@ pub fn parse(cmdline: &[u8]) -> (Options, Ignored<'_>) {
                 }
                 None => false,
             },
+            (b"hostile", None) => {
+                o.hostile = match value.unwrap_or(b"") {
+                    b"loop" => Some(Hostile::Loop),
+                    b"addr" => Some(Hostile::Addr),
+                    b"len" => Some(Hostile::Len),
+                    b"index" => Some(Hostile::Index),
+                    b"status" => Some(Hostile::Status),
+                    _ => None,
+                };
+                o.hostile.is_some()
+            }
             (b"quiet", None) => {
                 o.quiet = true;
                 true

@@ -23,8 +23,9 @@ fn report_error(what: &str, e: TarError) {
 }
 
 impl Disk {
-    /// Set up the first virtio-blk device as a disk and index it (vCPU 0, once).
-    pub fn open(m: &Machine) -> Option<Self> {
+    /// Set up the first virtio-blk device as a disk and index it (vCPU 0, once); with
+    /// `hostile`, then break the protocol on it once.
+    pub fn open(m: &Machine, hostile: Option<crate::cmdline::Hostile>) -> Option<Self> {
         let window = crate::virtio::find(m, crate::virtio::TYPE_BLOCK)?;
         let mut blk = match Blk::new(window, m.io_area) {
             Ok(b) => b,
@@ -53,6 +54,15 @@ impl Disk {
                 s.put_sanitised(e.name());
                 let _ = writeln!(s, " {} bytes fnv1a {:016x}", e.size, e.fnv);
             });
+        }
+        if let Some(how) = hostile {
+            let failed = blk.misbehave(how);
+            say!(
+                "warmvm-guest: hostile {:?}: the disk {} a reset",
+                how,
+                if failed { "needs" } else { "does NOT need" }
+            );
+            return None;
         }
         Some(Self {
             blk,

@@ -60,7 +60,12 @@ pub struct Server {
     was_open: [bool; CONNS],
 }
 
-const _: () = assert!(core::mem::size_of::<Server>() as u64 + (CONNS * core::mem::size_of::<Conn>()) as u64 + (CONNS * core::mem::size_of::<SocketStorage>()) as u64 <= STATE_BYTES);
+const _: () = assert!(
+    core::mem::size_of::<Server>() as u64
+        + (CONNS * core::mem::size_of::<Conn>()) as u64
+        + (CONNS * core::mem::size_of::<SocketStorage>()) as u64
+        <= STATE_BYTES
+);
 
 fn now() -> Instant {
     Instant::from_micros((time::now_ns() / 1000) as i64)
@@ -75,7 +80,11 @@ struct Buf<'a> {
 impl Write for Buf<'_> {
     fn write_str(&mut self, s: &str) -> core::fmt::Result {
         let b = s.as_bytes();
-        let end = self.len.checked_add(b.len()).filter(|&e| e <= self.buf.len()).ok_or(core::fmt::Error)?;
+        let end = self
+            .len
+            .checked_add(b.len())
+            .filter(|&e| e <= self.buf.len())
+            .ok_or(core::fmt::Error)?;
         self.buf[self.len..end].copy_from_slice(b);
         self.len = end;
         Ok(())
@@ -92,7 +101,8 @@ impl Server {
         prefix: u8,
     ) -> &'static mut Server {
         let conns_at = area + core::mem::size_of::<Server>().next_multiple_of(64) as u64;
-        let storage_at = conns_at + (CONNS * core::mem::size_of::<Conn>()).next_multiple_of(64) as u64;
+        let storage_at =
+            conns_at + (CONNS * core::mem::size_of::<Conn>()).next_multiple_of(64) as u64;
         let bufs_at = area + STATE_BYTES;
         // SAFETY: every region below lies inside the server's part of the I/O area (the
         // assertion above bounds them), is suitably aligned, and is used by nothing else;
@@ -120,10 +130,12 @@ impl Server {
             let mut handles = [SocketHandle::default(); CONNS];
             for (i, h) in handles.iter_mut().enumerate() {
                 let base = bufs_at + (i * (RX_BUF + TX_BUF)) as u64;
-                let rx: &'static mut [u8] = core::slice::from_raw_parts_mut(base as *mut u8, RX_BUF);
+                let rx: &'static mut [u8] =
+                    core::slice::from_raw_parts_mut(base as *mut u8, RX_BUF);
                 let tx: &'static mut [u8] =
                     core::slice::from_raw_parts_mut((base + RX_BUF as u64) as *mut u8, TX_BUF);
-                let mut sock = tcp::Socket::new(tcp::SocketBuffer::new(rx), tcp::SocketBuffer::new(tx));
+                let mut sock =
+                    tcp::Socket::new(tcp::SocketBuffer::new(rx), tcp::SocketBuffer::new(tx));
                 let _ = sock.listen(PORT);
                 *h = sockets.add(sock);
             }
@@ -349,7 +361,12 @@ fn content_type(name: &[u8]) -> &'static str {
 }
 
 /// Send what fits of the response; true if anything was sent.
-fn send(sock: &mut tcp::Socket<'static>, conn: &mut Conn, disk: &mut Disk, cache: &mut Cache) -> bool {
+fn send(
+    sock: &mut tcp::Socket<'static>,
+    conn: &mut Conn,
+    disk: &mut Disk,
+    cache: &mut Cache,
+) -> bool {
     let mut progress = false;
     while conn.head_sent < conn.head_len && sock.can_send() {
         match sock.send_slice(&conn.head[conn.head_sent..conn.head_len]) {

@@ -31,15 +31,15 @@ compile_error!("the warmvm guest needs panic = \"abort\": build it with `--profi
 mod console;
 mod blk;
 mod boot;
+mod cache;
 mod cmdline;
 mod cpu;
-mod cache;
 mod disk;
-mod http;
-mod net;
 #[cfg(not(warmvm_guest_stub))]
 mod entry;
+mod http;
 mod io;
+mod net;
 #[cfg(not(warmvm_guest_stub))]
 mod pvh;
 #[cfg(not(warmvm_guest_stub))]
@@ -111,7 +111,10 @@ pub fn guest_main(bi: &BootInfo, vcpu: u64, entry: Entry, image_end: u64) -> ! {
             cache = (m.free_start, bytes);
             m.free_start += bytes;
         } else if vcpu == 0 {
-            say!("warmvm-guest: cache_mib={} does not fit in RAM: no page cache", opts.cache_mib);
+            say!(
+                "warmvm-guest: cache_mib={} does not fit in RAM: no page cache",
+                opts.cache_mib
+            );
         }
     }
     let stripe = workload::Stripe::new(&m, opts.fill_percent, vcpu);

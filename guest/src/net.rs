@@ -122,7 +122,9 @@ impl phy::RxToken for RxTok<'_> {
         // not posted again until after `f` returns.
         let frame = unsafe { core::slice::from_raw_parts((addr + HDR as u64) as *const u8, len) };
         let r = f(frame);
-        self.rx.queue.set_desc(self.id, addr, BUF as u32, DESC_WRITE, 0);
+        self.rx
+            .queue
+            .set_desc(self.id, addr, BUF as u32, DESC_WRITE, 0);
         self.rx.queue.push(self.id);
         self.rx.repost = true;
         r

@@ -34,7 +34,7 @@ impl Services {
     /// vCPU 0: set up the disk, and the server if the command line gives an address.
     /// `cache` is the RAM carved for the page cache (address, bytes).
     pub fn start(m: &Machine, opts: &Options, cache: (u64, u64)) -> Self {
-        let disk = Disk::open(m);
+        let disk = Disk::open(m, opts.hostile);
         let server = match (opts.ip, &disk) {
             (Some((ip, prefix)), Some(_)) => {
                 let dev = crate::virtio::find(m, net::TYPE_NET)
@@ -49,7 +49,13 @@ impl Services {
                             dev.mac[0], dev.mac[1], dev.mac[2], dev.mac[3], dev.mac[4], dev.mac[5],
                             cache.capacity()
                         );
-                        Some(Server::create(m.io_area + SERVER_AT, dev, cache, ip, prefix))
+                        Some(Server::create(
+                            m.io_area + SERVER_AT,
+                            dev,
+                            cache,
+                            ip,
+                            prefix,
+                        ))
                     }
                     Err(e) => {
                         say!("warmvm-guest: http: not serving: {}", e);
@@ -63,10 +69,7 @@ impl Services {
             }
             _ => None,
         };
-        Self {
-            disk,
-            server,
-        }
+        Self { disk, server }
     }
 
     /// Serve what is there now; true if anything happened.

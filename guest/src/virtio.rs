@@ -106,6 +106,11 @@ impl Mmio {
         self.w(NOTIFY, queue);
     }
 
+    /// Write the status register as is (the hostile test's "bits out of order").
+    pub fn write_status(&self, v: u32) {
+        self.w(0x70, v);
+    }
+
     pub fn needs_reset(&self) -> bool {
         self.r(0x70) & 0x40 != 0
     }
@@ -162,6 +167,18 @@ impl Queue {
             fence(Ordering::Release);
             write_volatile((self.avail + 2) as *mut u16, self.next_avail);
         }
+        fence(Ordering::SeqCst);
+    }
+
+    /// Publish an avail index `by` entries beyond what was made available (a driver bug).
+    pub fn corrupt_avail_index(&mut self, by: u16) {
+        // SAFETY: the avail ring page belongs to this queue.
+        unsafe {
+            write_volatile(
+                (self.avail + 2) as *mut u16,
+                self.next_avail.wrapping_add(by),
+            )
+        };
         fence(Ordering::SeqCst);
     }
 

@@ -165,13 +165,18 @@ impl Devices {
         results.into_iter().collect()
     }
 
-    /// Failures of each virtio device (guests that broke the protocol).
-    pub fn virtio_failures(&self) -> Vec<u64> {
+    /// Each virtio device's name (`disk0`, `net0`, ...), protocol failures (times the guest
+    /// broke the protocol) and completed requests.
+    pub fn virtio_counters(&self) -> Vec<(String, u64, u64)> {
+        use std::sync::atomic::Ordering::Relaxed;
         self.each_virtio(|d| {
-            d.shared()
-                .counters
-                .failures
-                .load(std::sync::atomic::Ordering::Relaxed)
+            let s = d.shared();
+            let name = s.name.rsplit('/').next().unwrap_or_default().to_string();
+            (
+                name,
+                s.counters.failures.load(Relaxed),
+                s.counters.requests.load(Relaxed),
+            )
         })
     }
 

@@ -94,8 +94,11 @@ fn read_response(s: &mut TcpStream) -> (u32, Vec<u8>) {
 }
 
 fn connect() -> TcpStream {
-    let s = TcpStream::connect_timeout(&format!("{GUEST}:80").parse().unwrap(), Duration::from_secs(5))
-        .expect("connect to the guest");
+    let s = TcpStream::connect_timeout(
+        &format!("{GUEST}:80").parse().unwrap(),
+        Duration::from_secs(5),
+    )
+    .expect("connect to the guest");
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     s
 }
@@ -118,7 +121,10 @@ fn http_from_a_cached_disk_across_a_warm_reboot() {
     let dir = scratch("http");
     let ns = Netns::new("http", "10.77.0.1/24");
     let files: Vec<(&str, Vec<u8>)> = vec![
-        ("index.html", b"<html><body>warmvm serves</body></html>\n".to_vec()),
+        (
+            "index.html",
+            b"<html><body>warmvm serves</body></html>\n".to_vec(),
+        ),
         ("big.bin", noise(3 << 20, 11)),
         ("docs/a.txt", noise(10_000, 12)),
     ];
@@ -209,7 +215,8 @@ fn http_from_a_cached_disk_across_a_warm_reboot() {
             assert_eq!(len, big.len());
             let mut body = first[split..].to_vec();
             let mut rest = vec![0u8; len - body.len()];
-            long.read_exact(&mut rest).expect("the long download was cut");
+            long.read_exact(&mut rest)
+                .expect("the long download was cut");
             body.extend_from_slice(&rest);
             assert!(body == big, "the long download has wrong bytes");
             // The same keep-alive connection answers after the reboot.
@@ -219,7 +226,9 @@ fn http_from_a_cached_disk_across_a_warm_reboot() {
             body
         })
     });
-    started_rx.recv_timeout(Duration::from_secs(30)).expect("the download began");
+    started_rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the download began");
     let report = d.cli_json(&["reboot", "--mode", "warm"]);
     let new_pid = report["new_pid"].as_u64().unwrap() as u32;
     d.follow_reboot(new_pid);

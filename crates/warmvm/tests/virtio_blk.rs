@@ -140,3 +140,109 @@ fn the_reference_guest_reads_its_disk_across_a_warm_reboot() {
     // The guest only read: the image is as it was.
     assert_eq!(std::fs::read(&image).unwrap(), before_image);
 }
+
+/// Guests that break the virtio protocol in each way fail only their own disk: the
+/// device is marked DEVICE_NEEDS_RESET (and counted), their image is untouched, the
+/// daemon answers, and a healthy VM beside them keeps verifying its RAM and its disk.
+#[test]
+fn hostile_guests_fail_only_their_own_disk() {
+    if !warmvm_vmm::testing::kvm_available("hostile_guests_fail_only_their_own_disk") {
+        return;
+    }
+    let dir = scratch("hostile");
+    let files = vec![("index.html", noise(5000, 3))];
+    let image = tar_image(&files, 256);
+    let mut d = Daemon::start(&dir, &[]);
+    let good_img = dir.join("good.img");
+    std::fs::write(&good_img, &image).unwrap();
+    let good = d.cli_json(&[
+        "vm",
+        "create",
+        "--name",
+        "good",
+        "--memory",
+        "32",
+        "--cmdline",
+        "interval_ms=20 disk_check_ms=100",
+        "--disk",
+        good_img.to_str().unwrap(),
+    ]);
+    let good_console = std::path::PathBuf::from(good["console_log"].as_str().unwrap());
+    let kinds = ["loop", "addr", "len", "index", "status"];
+    let mut consoles = Vec::new();
+    for kind in kinds {
+        let img = dir.join(format!("{kind}.img"));
+        std::fs::write(&img, &image).unwrap();
+        let r = d.cli_json(&[
+            "vm",
+            "create",
+            "--name",
+            &format!("bad-{kind}"),
+            "--memory",
+            "32",
+            "--cmdline",
+            &format!("quiet interval_ms=20 disk_check_ms=0 hostile={kind}"),
+            "--disk",
+            img.to_str().unwrap(),
+        ]);
+        consoles.push((
+            kind,
+            img,
+            std::path::PathBuf::from(r["console_log"].as_str().unwrap()),
+        ));
+    }
+    for (kind, _, console) in &consoles {
+        assert!(
+            wait_until(60, || read(console).contains("the disk needs a reset")),
+            "{kind}: the device did not fail\n{}\n{}",
+            read(console),
+            d.log()
+        );
+    }
+    let metrics = d.client().raw("GET", "/metrics", None).unwrap();
+    let metrics = String::from_utf8_lossy(&metrics.body).into_owned();
+    for (kind, img, _) in &consoles {
+        let line = metrics
+            .lines()
+            .find(|l| {
+                l.starts_with("warmvm_virtio_device_failures_total")
+                    && l.contains(&format!("vm=\"bad-{kind}\""))
+            })
+            .unwrap_or_else(|| panic!("no failure metric for {kind}\n{metrics}"));
+        let n: u64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+        assert!(n >= 1, "{line}");
+        assert_eq!(
+            std::fs::read(img).unwrap(),
+            image,
+            "{kind}: the image changed"
+        );
+    }
+    assert!(
+        metrics.contains("warmvm_virtio_device_failures_total{device=\"disk0\",vm=\"good\"} 0"),
+        "{metrics}"
+    );
+    // The healthy VM goes on checking its disk, and every VM goes on verifying its RAM.
+    let checks = disk_checks(&read(&good_console));
+    assert!(
+        wait_until(30, || disk_checks(&read(&good_console)) >= checks + 3),
+        "the healthy VM stopped checking its disk\n{}",
+        read(&good_console)
+    );
+    let list = d.cli_json(&["vm", "list"]);
+    for vm in list["vms"].as_array().unwrap() {
+        assert_eq!(vm["state"], "running", "{vm}");
+    }
+    for name in [
+        "good",
+        "bad-loop",
+        "bad-addr",
+        "bad-len",
+        "bad-index",
+        "bad-status",
+    ] {
+        let r = d.cli_json(&["vm", "stop", name, "--grace-secs", "10"]);
+        assert_eq!(r["exit_status"], 0, "{name}: {r}");
+        assert_eq!(r["guest"]["mismatches"], 0, "{name}: {r}");
+    }
+    assert!(!read(&good_console).contains("MISMATCH"));
+}
