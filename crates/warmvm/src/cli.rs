@@ -48,6 +48,9 @@ pub enum BenchCommand {
     WarmReboot(crate::bench::WarmRebootArgs),
     /// Randomised fault-injection trials of the daemon's warm reboot (a fault-injection build).
     Faults(crate::bench_faults::FaultsArgs),
+    /// A guest serving HTTP from its page cache under wrk, with and without a warm reboot
+    /// (root: it makes a network namespace; needs wrk and curl).
+    Cache(crate::bench_cache::CacheArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -414,6 +417,12 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
             args.json = api.json;
             args.socket = api.socket;
             crate::bench::warm_reboot(&args)
+        }
+        Command::Bench {
+            what: BenchCommand::Cache(mut args),
+        } => {
+            args.json = api.json;
+            crate::bench_cache::cache(&args)
         }
         Command::Bench {
             what: BenchCommand::Faults(mut args),
