@@ -152,7 +152,7 @@ fn hostile_guests_fail_only_their_own_disk() {
     let dir = scratch("hostile");
     let files = vec![("index.html", noise(5000, 3))];
     let image = tar_image(&files, 256);
-    let mut d = Daemon::start(&dir, &[]);
+    let d = Daemon::start(&dir, &[]);
     let good_img = dir.join("good.img");
     std::fs::write(&good_img, &image).unwrap();
     let good = d.cli_json(&[
