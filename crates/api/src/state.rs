@@ -104,8 +104,6 @@ fn config_error_status(err: &ConfigError) -> u16 {
         | ConfigError::MemoryTooSmall { .. }
         | ConfigError::TooManyDisks { .. }
         | ConfigError::TooManyNets { .. }
-        | ConfigError::BadTap { .. }
-        | ConfigError::BadMac { .. }
         | ConfigError::EmptyPath { .. } => 400,
         // Well-formed, but not possible with these files, this host, or together.
         ConfigError::MemoryTooLarge { .. }
@@ -117,7 +115,10 @@ fn config_error_status(err: &ConfigError) -> u16 {
         | ConfigError::Ring3WithKernel { .. }
         | ConfigError::BadCmdline { .. }
         | ConfigError::Disk { .. }
-        | ConfigError::DuplicateDisk { .. } => 422,
+        | ConfigError::DuplicateDisk { .. }
+        // The document cannot express the name and address rules: refused as unusable.
+        | ConfigError::BadTap { .. }
+        | ConfigError::BadMac { .. } => 422,
     }
 }
 
