@@ -117,3 +117,17 @@ pub(crate) fn attach(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn linux_learns_of_each_device_window_and_its_interrupt() {
+        assert_eq!(linux_cmdline_args(0), "");
+        assert_eq!(
+            linux_cmdline_args(2),
+            " virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6"
+        );
+    }
+}

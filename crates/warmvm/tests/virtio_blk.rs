@@ -246,3 +246,46 @@ fn hostile_guests_fail_only_their_own_disk() {
     }
     assert!(!read(&good_console).contains("MISMATCH"));
 }
+
+/// A warm reboot that fails after the devices were paused for the capture (the new VMM is
+/// killed while restoring) leaves the disk serving in the old daemon: its worker resumes with
+/// the VM, and the guest's disk checks go on.
+#[test]
+fn a_failed_warm_reboot_resumes_the_disk() {
+    if !warmvm_vmm::testing::kvm_available("a_failed_warm_reboot_resumes_the_disk") {
+        return;
+    }
+    let dir = scratch("blkfail");
+    let image = dir.join("disk.img");
+    std::fs::write(&image, tar_image(&[("a.txt", noise(3000, 5))], 64)).unwrap();
+    let d = Daemon::start_with_env(&dir, &[], &[("WARMVM_FAULT", "new:state:kill")]);
+    let created = d.cli_json(&[
+        "vm",
+        "create",
+        "--name",
+        "disk-1",
+        "--memory",
+        "32",
+        "--cmdline",
+        "interval_ms=20 disk_check_ms=100",
+        "--disk",
+        image.to_str().unwrap(),
+    ]);
+    let console = std::path::PathBuf::from(created["console_log"].as_str().unwrap());
+    assert!(wait_until(60, || disk_checks(&read(&console)) >= 2));
+    let out = d.cli(&["reboot", "--mode", "warm"]);
+    assert!(!out.status.success(), "the reboot was meant to fail");
+    assert_eq!(
+        d.cli_json(&["status"])["pid"],
+        d.pid,
+        "the old daemon serves on"
+    );
+    let checks = disk_checks(&read(&console));
+    assert!(
+        wait_until(30, || disk_checks(&read(&console)) >= checks + 3),
+        "the disk stopped after the failed reboot\n{}\n{}",
+        read(&console),
+        d.log()
+    );
+    assert!(!read(&console).contains("MISMATCH"));
+}
