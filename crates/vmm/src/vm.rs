@@ -482,11 +482,17 @@ impl Vm {
                 });
             }
         }
+        // A paused VM does no I/O either: its devices finish what they have in hand and
+        // stop; what the guest queued, and frames that arrive, wait for the resume.
+        if let Err(e) = self.shared.devices.pause_virtio() {
+            tracing::warn!(vm = %self.shared.name, error = %e, "a device did not pause");
+        }
         Ok(())
     }
 
     pub fn resume(&self) -> Result<(), VmError> {
         self.transition("resume", &["paused"], Lifecycle::Running)?;
+        self.shared.devices.resume_virtio();
         for h in self.handles() {
             h.request_run(&self.shared);
         }

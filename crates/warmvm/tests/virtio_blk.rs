@@ -128,6 +128,18 @@ fn the_reference_guest_reads_its_disk_across_a_warm_reboot() {
         read(&console),
         d.log()
     );
+    // Paused (devices too), handed over while paused, resumed: the disk serves again.
+    d.cli_json(&["vm", "pause", "disk-1"]);
+    let report = d.cli_json(&["reboot", "--mode", "warm"]);
+    d.follow_reboot(report["new_pid"].as_u64().unwrap() as u32);
+    d.cli_json(&["vm", "resume", "disk-1"]);
+    let checks = disk_checks(&read(&console));
+    assert!(
+        wait_until(60, || disk_checks(&read(&console)) >= checks + 3),
+        "the disk did not serve after a pause across a warm reboot\n{}\n{}",
+        read(&console),
+        d.log()
+    );
     let log = read(&console);
     assert!(!log.contains("MISMATCH"), "{log}");
     assert!(!log.contains("read failed"), "{log}");

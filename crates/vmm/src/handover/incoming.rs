@@ -549,7 +549,8 @@ fn resume(vms: &[Arc<Vm>], lifecycles: &[LifecycleState]) -> Vec<(u64, u64)> {
             },
             LifecycleState::Stopped => Lifecycle::Stopped,
         };
-        if lifecycle.is_live() {
+        // A paused VM's devices start serving when the VM is resumed.
+        if matches!(lifecycle, LifecycleState::Running | LifecycleState::Created) {
             vm.shared.devices.resume_virtio();
         }
         if *lifecycle == LifecycleState::Running {

@@ -567,7 +567,8 @@ fn lifecycle_state(l: &Lifecycle) -> Option<LifecycleState> {
 /// Let the guests run here again, as they were before the attempt.
 fn roll_back(vms: &[Arc<Vm>]) {
     for vm in vms {
-        if !vm.lifecycle().is_finished() {
+        // A paused VM's devices stay paused until the VM is resumed.
+        if matches!(vm.lifecycle(), Lifecycle::Running | Lifecycle::Created) {
             vm.shared.devices.resume_virtio();
         }
         if vm.lifecycle() == Lifecycle::Running {
