@@ -41,7 +41,15 @@ pub struct Machine {
     pub serial_port: u16,
     pub wait_port: u16,
     pub power_port: u16,
+    /// The virtio-mmio windows (none: base 0, count 0).
+    pub virtio_base: u64,
+    pub virtio_count: u32,
+    /// RAM set aside for device I/O (rings, buffers), outside the integrity workload.
+    pub io_area: u64,
 }
+
+/// RAM set aside for device I/O when the VM has virtio devices.
+pub const IO_AREA_SIZE: u64 = 2 << 20;
 
 impl Machine {
     /// Check `bi` for what the guest relies on. `image_end` is the end of the guest's own
@@ -80,7 +88,34 @@ impl Machine {
         if bi.cmdline_len != 0 && bi.cmdline_addr == 0 {
             return Err("boot info: command line at address 0");
         }
-        let free_start = bi.free_start.max(image_end).next_multiple_of(PAGE_SIZE);
+        let mut free_start = bi.free_start.max(image_end).next_multiple_of(PAGE_SIZE);
+        let (virtio_base, virtio_count) =
+            if bi.size as usize >= core::mem::size_of::<BootInfo>() && bi.virtio_mmio_count > 0 {
+                let end = (bi.virtio_mmio_count as u64)
+                    .checked_mul(warmvm_abi::VIRTIO_MMIO_STRIDE)
+                    .and_then(|n| n.checked_add(bi.virtio_mmio_base));
+                if bi.virtio_mmio_count > warmvm_abi::MAX_VIRTIO_DEVICES
+                    || bi.virtio_mmio_base < layout::MMIO_HOLE_START
+                    || end.is_none_or(|e| e > layout::MMIO_HOLE_END)
+                {
+                    return Err("boot info: virtio windows outside the MMIO hole");
+                }
+                (bi.virtio_mmio_base, bi.virtio_mmio_count)
+            } else {
+                (0, 0)
+            };
+        // Every vCPU carves the same area, so their workload stripes agree.
+        let io_area = if virtio_count > 0 {
+            let start = free_start;
+            free_start += IO_AREA_SIZE;
+            let first = bi.ram_ranges[0];
+            if bi.ram_range_count == 0 || free_start > first.start.saturating_add(first.len) {
+                return Err("RAM too small for device I/O");
+            }
+            start
+        } else {
+            0
+        };
         Ok(Machine {
             entry,
             ram_size: bi.ram_size,
@@ -95,6 +130,9 @@ impl Machine {
             serial_port: bi.serial_port,
             wait_port: bi.wait_port,
             power_port: bi.power_port,
+            virtio_base,
+            virtio_count,
+            io_area,
         })
     }
 

@@ -8,6 +8,10 @@
 //! | `passes=N` | power off (status 0 if clean) after N passes; 0 = run until told | 0 |
 //! | `quiet` | no per-pass console lines | off |
 //! | `tsc_khz=N` | TSC frequency, used only if neither boot info nor CPUID gives one | none |
+//! | `ip=A.B.C.D/LEN` | serve HTTP on port 80 of the first network device at this address | none |
+//! | `cache_mib=N` | the HTTP server's page cache, carved from the workload's RAM | 8 |
+//! | `hostile=KIND` | test only: break the virtio protocol on the disk once (`loop`, `addr`, `len`, `index`, `status`) | none |
+//! | `disk_check_ms=N` | re-read and re-check the disk's files every N ms (vCPU 0); 0 = never | 1000 |
 //!
 //! Unknown or malformed options are ignored and reported once on the console.
 
@@ -19,6 +23,25 @@ pub struct Options {
     pub passes: u64,
     pub quiet: bool,
     pub tsc_khz: Option<u64>,
+    pub disk_check_ms: u64,
+    pub ip: Option<([u8; 4], u8)>,
+    pub cache_mib: u64,
+    pub hostile: Option<Hostile>,
+}
+
+/// Ways the guest can break the virtio protocol on purpose (to test the VMM).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hostile {
+    /// A descriptor chain that loops.
+    Loop,
+    /// A buffer outside guest RAM.
+    Addr,
+    /// A buffer of 4 GiB - 1 bytes.
+    Len,
+    /// An avail index far beyond the queue size.
+    Index,
+    /// Status bits cleared without a reset.
+    Status,
 }
 
 impl Default for Options {
@@ -30,6 +53,10 @@ impl Default for Options {
             passes: 0,
             quiet: false,
             tsc_khz: None,
+            disk_check_ms: 1000,
+            ip: None,
+            cache_mib: 8,
+            hostile: None,
         }
     }
 }
@@ -71,6 +98,18 @@ fn parse_u64(s: &[u8]) -> Option<u64> {
     Some(v)
 }
 
+/// `A.B.C.D/LEN`.
+fn parse_cidr(s: &[u8]) -> Option<([u8; 4], u8)> {
+    let slash = s.iter().position(|&b| b == b'/')?;
+    let prefix = parse_u64(&s[slash + 1..]).filter(|&p| (1..=32).contains(&p))?;
+    let mut ip = [0u8; 4];
+    let mut parts = s[..slash].split(|&b| b == b'.');
+    for b in ip.iter_mut() {
+        *b = u8::try_from(parse_u64(parts.next()?)?).ok()?;
+    }
+    parts.next().is_none().then_some((ip, prefix as u8))
+}
+
 pub fn parse(cmdline: &[u8]) -> (Options, Ignored<'_>) {
     let mut o = Options::default();
     let mut ignored = Ignored {
@@ -106,6 +145,32 @@ pub fn parse(cmdline: &[u8]) -> (Options, Ignored<'_>) {
             (b"tsc_khz", Some(n)) => {
                 o.tsc_khz = Some(n).filter(|&n| n != 0);
                 true
+            }
+            (b"disk_check_ms", Some(n)) => {
+                o.disk_check_ms = n;
+                true
+            }
+            (b"cache_mib", Some(n)) if n <= 4096 => {
+                o.cache_mib = n;
+                true
+            }
+            (b"ip", None) => match value.and_then(parse_cidr) {
+                Some(ip) => {
+                    o.ip = Some(ip);
+                    true
+                }
+                None => false,
+            },
+            (b"hostile", None) => {
+                o.hostile = match value.unwrap_or(b"") {
+                    b"loop" => Some(Hostile::Loop),
+                    b"addr" => Some(Hostile::Addr),
+                    b"len" => Some(Hostile::Len),
+                    b"index" => Some(Hostile::Index),
+                    b"status" => Some(Hostile::Status),
+                    _ => None,
+                };
+                o.hostile.is_some()
             }
             (b"quiet", None) => {
                 o.quiet = true;

@@ -29,18 +29,26 @@ compile_error!("the warmvm guest needs panic = \"abort\": build it with `--profi
 
 #[macro_use]
 mod console;
+mod blk;
 mod boot;
+mod cache;
 mod cmdline;
 mod cpu;
+mod disk;
 #[cfg(not(warmvm_guest_stub))]
 mod entry;
+mod http;
 mod io;
+mod net;
 #[cfg(not(warmvm_guest_stub))]
 mod pvh;
 #[cfg(not(warmvm_guest_stub))]
 mod rt;
+mod services;
 mod status;
+mod tar;
 mod time;
+mod virtio;
 mod workload;
 
 /// Exit status: every vCPU clean.
@@ -69,7 +77,7 @@ use warmvm_abi::BootInfo;
 /// Where both entries meet: `bi` is the boot information (warmvm's, or the one the PVH entry
 /// built), `vcpu` this vCPU's index, `image_end` the end of the guest image.
 pub fn guest_main(bi: &BootInfo, vcpu: u64, entry: Entry, image_end: u64) -> ! {
-    let m = match Machine::new(bi, vcpu, entry, image_end) {
+    let mut m = match Machine::new(bi, vcpu, entry, image_end) {
         Ok(m) => m,
         Err(e) => {
             say!("warmvm-guest: vcpu {}: {}", vcpu, e);
@@ -93,6 +101,22 @@ pub fn guest_main(bi: &BootInfo, vcpu: u64, entry: Entry, image_end: u64) -> ! {
     }
     time::init(tsc_khz);
     let fsgsbase = cpu::has_fsgsbase();
+    // The HTTP server's page cache comes out of the workload's RAM; every vCPU carves the
+    // same, so their stripes agree.
+    let mut cache = (0u64, 0u64);
+    if opts.ip.is_some() && m.virtio_count > 0 {
+        let bytes = opts.cache_mib << 20;
+        let first = m.ram_ranges()[0];
+        if m.free_start + bytes + (4 << 20) <= first.start + first.len {
+            cache = (m.free_start, bytes);
+            m.free_start += bytes;
+        } else if vcpu == 0 {
+            say!(
+                "warmvm-guest: cache_mib={} does not fit in RAM: no page cache",
+                opts.cache_mib
+            );
+        }
+    }
     let stripe = workload::Stripe::new(&m, opts.fill_percent, vcpu);
 
     if vcpu == 0 {
@@ -132,6 +156,12 @@ pub fn guest_main(bi: &BootInfo, vcpu: u64, entry: Entry, image_end: u64) -> ! {
         });
     }
 
+    // Only vCPU 0 drives devices.
+    let services = if vcpu == 0 {
+        services::Services::start(&m, &opts, cache)
+    } else {
+        services::Services::none()
+    };
     workload::Worker::new(
         vcpu as usize,
         m.vcpu_count as usize,
@@ -139,6 +169,7 @@ pub fn guest_main(bi: &BootInfo, vcpu: u64, entry: Entry, image_end: u64) -> ! {
         opts,
         stripe,
         fsgsbase,
+        services,
     )
     .run()
 }

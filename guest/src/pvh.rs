@@ -330,6 +330,10 @@ extern "C" fn pvh_entry(start_info: u64) -> ! {
         wait_port: warmvm_abi::WAIT_PORT,
         power_port: warmvm_abi::POWER_PORT,
         _pad: 0,
+        // Other VMMs' virtio devices are not looked for (their place is not known here).
+        virtio_mmio_base: 0,
+        virtio_mmio_count: 0,
+        _pad2: 0,
     };
     guest_main(&bi, 0, Entry::Pvh, image_end())
 }

@@ -234,6 +234,7 @@ pub struct Worker {
     gap_last_tsc: u64,
     gap_max_ticks: u64,
     gap_epoch_seen: u64,
+    services: crate::services::Services,
 }
 
 impl Worker {
@@ -244,6 +245,7 @@ impl Worker {
         opts: Options,
         stripe: Stripe,
         fsgsbase: bool,
+        services: crate::services::Services,
     ) -> Self {
         let seq = status.current_seq(vcpu).next_multiple_of(2);
         let mut w = Worker {
@@ -265,6 +267,7 @@ impl Worker {
             gap_last_tsc: 0,
             gap_max_ticks: 0,
             gap_epoch_seen: 0,
+            services,
         };
         w.gap_epoch_seen = w.status.gap_epoch(vcpu);
         w.publish();
@@ -428,6 +431,10 @@ impl Worker {
             n += 1;
             if n % TICK_PAGES == 0 {
                 self.tick();
+                if self.services.poll() {
+                    // Serving clients is not a stall of the RAM workload.
+                    self.gap_last_tsc = 0;
+                }
             }
         }
         if refill {
@@ -437,6 +444,9 @@ impl Worker {
         self.tick();
         let pass_ns = time::ticks_to_ns(cpu::rdtsc().saturating_sub(t0));
         self.maybe_print_pass(pass_ns);
+        self.services.periodic(&self.opts);
+        // Disk I/O waits in the VMM: not a stall of the RAM workload.
+        self.gap_last_tsc = 0;
         if self.opts.passes != 0 && self.st.passes >= self.opts.passes {
             self.stop(Stop::PassesDone);
         }
@@ -488,7 +498,7 @@ impl Worker {
         let mut left = micros;
         while left > 0 {
             let slice = left.min(MAX_WAIT_US);
-            io::wait(slice as u32);
+            self.services.idle(slice);
             // A requested wait is not a stall.
             self.gap_last_tsc = 0;
             left -= slice;

@@ -99,7 +99,19 @@ pub struct BootInfo {
     pub wait_port: u16,
     pub power_port: u16,
     pub _pad: u16,
+    /// Guest-physical address of the first virtio-mmio register window (4 KiB each,
+    /// [`VIRTIO_MMIO_STRIDE`] apart), and how many there are. The VMM maps them into the
+    /// guest's page tables as user pages.
+    pub virtio_mmio_base: u64,
+    pub virtio_mmio_count: u32,
+    pub _pad2: u32,
 }
+
+/// Where warmvm puts virtio-mmio devices, in the MMIO hole below 4 GiB.
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+pub const VIRTIO_MMIO_STRIDE: u64 = 0x1000;
+/// Most virtio devices one VM may have.
+pub const MAX_VIRTIO_DEVICES: u32 = 16;
 
 /// "WARMVMST", little endian.
 pub const STATUS_MAGIC: u64 = u64::from_le_bytes(*b"WARMVMST");

@@ -291,6 +291,36 @@ pub fn render(state: &ApiState) -> String {
         }
     }
 
+    let counters: Vec<_> = vms
+        .iter()
+        .map(|s| {
+            (
+                s.vm.name().to_string(),
+                s.vm.shared().devices.virtio_counters(),
+            )
+        })
+        .collect();
+    let f = o.family(
+        "warmvm_virtio_device_failures_total",
+        Counter,
+        "Times a guest broke the virtio protocol and its device was marked DEVICE_NEEDS_RESET.",
+    );
+    for (vm, devices) in &counters {
+        for (device, failures, _) in devices {
+            f.int(&[("vm", vm), ("device", device)], *failures);
+        }
+    }
+    let f = o.family(
+        "warmvm_virtio_requests_total",
+        Counter,
+        "virtio requests completed (block requests, frames received and sent).",
+    );
+    for (vm, devices) in &counters {
+        for (device, _, requests) in devices {
+            f.int(&[("vm", vm), ("device", device)], *requests);
+        }
+    }
+
     let f = o.family(
         "warmvm_vcpu_exits_total",
         Counter,

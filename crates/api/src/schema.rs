@@ -100,6 +100,16 @@ fn check(doc: &Value, schema: &Value, v: &Value, at: &str) -> Result<(), String>
                     }
                 }
             }
+            "maxItems" => {
+                let bound = arg
+                    .as_u64()
+                    .ok_or_else(|| format!("{at}: {key} is not a count"))?;
+                if let Some(items) = v.as_array() {
+                    if items.len() as u64 > bound {
+                        return Err(format!("{at}: {} items, more than {bound}", items.len()));
+                    }
+                }
+            }
             "pattern" => {
                 if arg.as_str() != Some(NAME_PATTERN) {
                     return Err(format!("{at}: unsupported pattern {arg}"));

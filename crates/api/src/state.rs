@@ -79,6 +79,10 @@ fn vm_error_status(err: &VmError, config: Option<&VmConfig>) -> u16 {
     let hugepages = config.is_some_and(|c| c.hugepages);
     match err {
         VmError::InvalidTransition { .. } => 409,
+        // A disk image the client named cannot be used as asked (O_DIRECT, size).
+        VmError::Disk(_) => 422,
+        // A TAP that cannot be created or attached to (permissions, a name in use).
+        VmError::Tap(_) => 422,
         // A kernel or initrd the client named is unusable.
         VmError::Boot(_) | VmError::ReadFile { .. } if has_kernel => 422,
         // Huge pages the host has not reserved (or not enough of them).
@@ -98,6 +102,8 @@ fn config_error_status(err: &ConfigError) -> u16 {
         | ConfigError::BadName(_)
         | ConfigError::DuplicateName(_)
         | ConfigError::MemoryTooSmall { .. }
+        | ConfigError::TooManyDisks { .. }
+        | ConfigError::TooManyNets { .. }
         | ConfigError::EmptyPath { .. } => 400,
         // Well-formed, but not possible with these files, this host, or together.
         ConfigError::MemoryTooLarge { .. }
@@ -107,7 +113,12 @@ fn config_error_status(err: &ConfigError) -> u16 {
         | ConfigError::Initrd { .. }
         | ConfigError::InitrdWithoutKernel { .. }
         | ConfigError::Ring3WithKernel { .. }
-        | ConfigError::BadCmdline { .. } => 422,
+        | ConfigError::BadCmdline { .. }
+        | ConfigError::Disk { .. }
+        | ConfigError::DuplicateDisk { .. }
+        // The document cannot express the name and address rules: refused as unusable.
+        | ConfigError::BadTap { .. }
+        | ConfigError::BadMac { .. } => 422,
     }
 }
 

@@ -232,8 +232,19 @@ fn request_schemas_match_what_the_server_accepts() {
         cmdline: Some("console=ttyS0".into()),
         initrd: Some("/i".into()),
         console_log: Some("/c".into()),
+        disks: vec![warmvm_vmm::config::DiskConfig {
+            path: "/d.img".into(),
+            read_only: true,
+            cache: warmvm_vmm::config::CacheMode::Writeback,
+        }],
+        nets: vec![warmvm_vmm::config::NetConfig {
+            tap: "tap0".into(),
+            mac: Some("02:00:00:00:00:01".into()),
+        }],
         ..VmConfig::reference("web-1", 64, 2)
     };
+    check(&doc, "DiskConfig", &full.disks[0]);
+    check(&doc, "NetConfig", &full.nets[0]);
     check(&doc, "VmConfig", &full);
     check(&doc, "VmConfig", &json!({ "name": "a", "memory_mib": 64 }));
     // ...and every documented field is accepted.

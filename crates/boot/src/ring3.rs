@@ -30,6 +30,8 @@ pub struct Ring3Params<'a> {
     pub tsc_khz: u64,
     /// The host CPU has FSGSBASE: let the guest use RDFSBASE/WRFSBASE.
     pub fsgsbase: bool,
+    /// How many virtio-mmio windows the VM has from `warmvm_abi::VIRTIO_MMIO_BASE`.
+    pub virtio_devices: u32,
 }
 
 /// Load the reference guest (an ELF linked above 1 MiB) and prepare the ring-3 entry of
@@ -72,11 +74,28 @@ pub fn setup(mem: &GuestMemoryMmap, p: &Ring3Params) -> Result<BootPlan> {
         });
     }
 
+    if p.virtio_devices > warmvm_abi::MAX_VIRTIO_DEVICES {
+        return Err(BootError::Load(format!(
+            "{} virtio devices, at most {}",
+            p.virtio_devices,
+            warmvm_abi::MAX_VIRTIO_DEVICES
+        )));
+    }
+    // The guest drives its virtio devices from ring 3: their windows must be mapped too
+    // (accesses outside every memory slot exit to the VMM as MMIO).
+    let map_end = if p.virtio_devices > 0 {
+        ram_end.max(
+            warmvm_abi::VIRTIO_MMIO_BASE
+                + u64::from(p.virtio_devices) * warmvm_abi::VIRTIO_MMIO_STRIDE,
+        )
+    } else {
+        ram_end
+    };
     identity_page_tables(
         mem,
         layout::PAGE_TABLES_ADDR,
         layout::PAGE_TABLES_END,
-        ram_end,
+        map_end,
         PTE_USER,
     )?;
 
@@ -125,6 +144,12 @@ pub fn setup(mem: &GuestMemoryMmap, p: &Ring3Params) -> Result<BootPlan> {
         serial_port: warmvm_abi::SERIAL_PORT,
         wait_port: warmvm_abi::WAIT_PORT,
         power_port: warmvm_abi::POWER_PORT,
+        virtio_mmio_base: if p.virtio_devices > 0 {
+            warmvm_abi::VIRTIO_MMIO_BASE
+        } else {
+            0
+        },
+        virtio_mmio_count: p.virtio_devices,
         ..Default::default()
     };
     for (slot, r) in info.ram_ranges.iter_mut().zip(p.ram) {
@@ -222,6 +247,7 @@ mod tests {
             vcpus: 1,
             tsc_khz: 1,
             fsgsbase: false,
+            virtio_devices: 0,
         };
         assert!(matches!(setup(&mem, &p), Err(BootError::BadElf(_))));
     }
@@ -236,6 +262,7 @@ mod tests {
             vcpus: MAX_VCPUS as u32 + 1,
             tsc_khz: 1,
             fsgsbase: false,
+            virtio_devices: 0,
         };
         assert!(matches!(
             setup(&mem, &p),

@@ -2,20 +2,28 @@
 //! touch KVM: interrupts leave them as eventfd writes, and anything that needs the vCPU
 //! (sleeping, powering off) is returned to the caller as an [`IoAction`].
 
+pub mod bus;
 pub mod console;
 pub mod doorbell;
+pub mod persist;
+pub mod pv_ports;
 pub mod serial;
 pub mod unknown;
+pub mod virtio;
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
 
+pub use bus::{Access, Bus, BusDevice, BusError};
 pub use console::ConsoleSink;
 pub use doorbell::{Doorbell, Wake};
-pub use serial::{IrqLine, SerialConsole, SerialStateData};
+pub use persist::Persist;
+pub use pv_ports::{PvPorts, PvPortsState};
+pub use serial::{IrqLine, SerialConsole, SerialPort, SerialStateData};
 pub use unknown::UnknownAccesses;
+pub use virtio::mmio::{VirtioError, VirtioMmio, VirtioMmioState};
 
-use warmvm_abi::{POWER_PORT, SERIAL_PORT, SERIAL_PORT_LEN, WAIT_PORT};
+use warmvm_abi::{SERIAL_PORT, SERIAL_PORT_LEN};
 
 /// What the vCPU must do after an access.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,83 +43,174 @@ pub struct DeviceCounters {
     pub power_requests: AtomicU64,
 }
 
-/// All devices of one VM, shared by its vCPU threads.
+/// All devices of one VM, shared by its vCPU threads: a port bus (COM1, the paravirtual
+/// ports) and an MMIO bus.
 pub struct Devices {
-    serial: Mutex<SerialConsole>,
-    pub doorbell: Doorbell,
+    serial: Arc<Mutex<SerialConsole>>,
+    /// The virtio devices, in the order of their MMIO windows.
+    virtio: Vec<Arc<Mutex<VirtioMmio>>>,
+    pio: Bus,
+    mmio: Bus,
+    pub doorbell: Arc<Doorbell>,
     pub unknown: UnknownAccesses,
-    pub counters: DeviceCounters,
+    pub counters: Arc<DeviceCounters>,
     vm_name: String,
 }
 
 impl Devices {
     pub fn new(vm_name: &str, serial: SerialConsole) -> Self {
+        let serial = Arc::new(Mutex::new(serial));
+        let counters = Arc::new(DeviceCounters::default());
+        let mut pio = Bus::default();
+        let placed = pio
+            .insert(
+                u64::from(SERIAL_PORT),
+                u64::from(SERIAL_PORT_LEN),
+                Arc::new(Mutex::new(SerialPort {
+                    console: serial.clone(),
+                    counters: counters.clone(),
+                })),
+            )
+            .and_then(|()| {
+                pio.insert(
+                    u64::from(pv_ports::PV_PORTS_BASE),
+                    u64::from(pv_ports::PV_PORTS_LEN),
+                    Arc::new(Mutex::new(PvPorts::new(counters.clone()))),
+                )
+            });
+        // Two fixed, disjoint port ranges: the insertions cannot fail.
+        debug_assert!(placed.is_ok(), "{placed:?}");
         Self {
-            serial: Mutex::new(serial),
-            doorbell: Doorbell::default(),
+            serial,
+            virtio: Vec::new(),
+            pio,
+            mmio: Bus::default(),
+            doorbell: Arc::new(Doorbell::default()),
             unknown: UnknownAccesses::default(),
-            counters: DeviceCounters::default(),
+            counters,
             vm_name: vm_name.to_string(),
         }
     }
 
-    fn serial_offset(port: u16) -> Option<u8> {
-        port.checked_sub(SERIAL_PORT)
-            .filter(|o| *o < SERIAL_PORT_LEN)
-            .map(|o| o as u8)
+    /// Put an MMIO device at `base..base+len`.
+    pub fn add_mmio(
+        &mut self,
+        base: u64,
+        len: u64,
+        device: bus::SharedDevice,
+    ) -> Result<(), BusError> {
+        self.mmio.insert(base, len, device)
+    }
+
+    /// Put a virtio device's register window at `base`.
+    pub fn add_virtio(&mut self, base: u64, device: VirtioMmio) -> Result<(), BusError> {
+        let device = Arc::new(Mutex::new(device));
+        self.mmio
+            .insert(base, virtio::mmio::MMIO_WINDOW, device.clone())?;
+        self.virtio.push(device);
+        Ok(())
+    }
+
+    fn each_virtio<T>(&self, mut f: impl FnMut(&mut VirtioMmio) -> T) -> Vec<T> {
+        self.virtio
+            .iter()
+            .map(|d| f(&mut d.lock().unwrap_or_else(|p| p.into_inner())))
+            .collect()
+    }
+
+    /// Let every virtio device finish the requests it has in hand and stop (before a
+    /// capture: the queues are then quiescent).
+    pub fn pause_virtio(&self) -> Result<(), virtio::worker::WorkerError> {
+        self.each_virtio(|d| d.pause()).into_iter().collect()
+    }
+
+    /// Let every virtio device serve (again).
+    pub fn resume_virtio(&self) {
+        self.each_virtio(|d| d.resume());
+    }
+
+    pub fn virtio_states(&self) -> Vec<VirtioMmioState> {
+        self.each_virtio(|d| d.save())
+    }
+
+    /// Duplicates of the virtio devices' host fds (image files, TAPs), in device order.
+    pub fn virtio_host_files(&self) -> std::io::Result<Vec<std::os::fd::OwnedFd>> {
+        self.each_virtio(|d| d.host_fd().try_clone_to_owned())
+            .into_iter()
+            .collect()
+    }
+
+    /// Load saved state into every virtio device (without serving yet: see
+    /// [`Devices::resume_virtio`]). An error leaves the devices half loaded: the VM must
+    /// then never run here (the handover fails and the old VMM keeps it).
+    pub fn restore_virtio(&self, states: &[VirtioMmioState]) -> Result<(), VirtioError> {
+        if states.len() != self.virtio.len() {
+            return Err(VirtioError::BadState {
+                name: self.vm_name.clone(),
+                reason: format!(
+                    "state for {} virtio devices, the VM has {}",
+                    states.len(),
+                    self.virtio.len()
+                ),
+            });
+        }
+        let mut results = Vec::new();
+        for (d, s) in self.virtio.iter().zip(states) {
+            results.push(
+                d.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .restore_in_place(s),
+            );
+        }
+        results.into_iter().collect()
+    }
+
+    /// Each virtio device's name (`disk0`, `net0`, ...), protocol failures (times the guest
+    /// broke the protocol) and completed requests.
+    pub fn virtio_counters(&self) -> Vec<(String, u64, u64)> {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.each_virtio(|d| {
+            let s = d.shared();
+            let name = s.name.rsplit('/').next().unwrap_or_default().to_string();
+            (
+                name,
+                s.counters.failures.load(Relaxed),
+                s.counters.requests.load(Relaxed),
+            )
+        })
     }
 
     /// A port read. `last_wake` is what this vCPU's last wait ended with.
     pub fn pio_read(&self, port: u16, data: &mut [u8], last_wake: Wake) {
-        if let Some(offset) = Self::serial_offset(port) {
-            if data.len() == 1 {
-                data[0] = self.serial().read(offset);
-                return;
-            }
-        } else if port == WAIT_PORT && data.len() == 4 {
-            data.copy_from_slice(&(last_wake as u32).to_le_bytes());
-            return;
+        if !self.pio.read(u64::from(port), data, Access { last_wake }) {
+            data.fill(0xff);
+            self.unknown.pio(&self.vm_name, port, data.len(), false);
         }
-        data.fill(0xff);
-        self.unknown.pio(&self.vm_name, port, data.len(), false);
     }
 
     /// A port write.
     pub fn pio_write(&self, port: u16, data: &[u8]) -> IoAction {
-        if let Some(offset) = Self::serial_offset(port) {
-            if let [byte] = data {
-                let mut serial = self.serial();
-                serial.write(offset, *byte);
-                if offset == 0 {
-                    self.counters
-                        .serial_bytes_out
-                        .fetch_add(1, Ordering::Relaxed);
-                }
-                return IoAction::None;
-            }
-        } else if let Ok(word) = <[u8; 4]>::try_from(data) {
-            let value = u32::from_le_bytes(word);
-            match port {
-                WAIT_PORT => return IoAction::Wait { timeout_us: value },
-                POWER_PORT => {
-                    self.counters.power_requests.fetch_add(1, Ordering::Relaxed);
-                    return IoAction::PowerOff { status: value };
-                }
-                _ => {}
-            }
-        }
-        self.unknown.pio(&self.vm_name, port, data.len(), true);
-        IoAction::None
+        self.pio.write(u64::from(port), data).unwrap_or_else(|| {
+            self.unknown.pio(&self.vm_name, port, data.len(), true);
+            IoAction::None
+        })
     }
 
-    /// An MMIO read: no MMIO devices yet, so every access is unknown.
     pub fn mmio_read(&self, addr: u64, data: &mut [u8]) {
-        data.fill(0xff);
-        self.unknown.mmio(&self.vm_name, addr, data.len(), false);
+        let access = Access {
+            last_wake: Wake::Timeout,
+        };
+        if !self.mmio.read(addr, data, access) {
+            data.fill(0xff);
+            self.unknown.mmio(&self.vm_name, addr, data.len(), false);
+        }
     }
 
-    pub fn mmio_write(&self, addr: u64, data: &[u8]) {
-        self.unknown.mmio(&self.vm_name, addr, data.len(), true);
+    pub fn mmio_write(&self, addr: u64, data: &[u8]) -> IoAction {
+        self.mmio.write(addr, data).unwrap_or_else(|| {
+            self.unknown.mmio(&self.vm_name, addr, data.len(), true);
+            IoAction::None
+        })
     }
 
     /// Flush console output to its log.
@@ -120,7 +219,7 @@ impl Devices {
     }
 
     pub fn serial_state(&self) -> SerialStateData {
-        self.serial().state()
+        self.serial().save()
     }
 
     /// A duplicate of the console log's fd, to hand to another VMM process.
@@ -129,7 +228,7 @@ impl Devices {
     }
 
     pub fn restore_serial(&self, state: &SerialStateData) {
-        self.serial().restore(state);
+        self.serial().restore_in_place(state);
     }
 
     fn serial(&self) -> std::sync::MutexGuard<'_, SerialConsole> {
@@ -152,6 +251,7 @@ mod tests {
 
     #[test]
     fn wait_and_power_ports_decode_32_bit_writes() {
+        use warmvm_abi::{POWER_PORT, WAIT_PORT};
         let d = devices();
         assert_eq!(
             d.pio_write(WAIT_PORT, &500u32.to_le_bytes()),
@@ -165,6 +265,7 @@ mod tests {
 
     #[test]
     fn odd_sized_and_unknown_accesses_are_counted_not_fatal() {
+        use warmvm_abi::WAIT_PORT;
         let d = devices();
         assert_eq!(d.pio_write(WAIT_PORT, &[1]), IoAction::None);
         assert_eq!(d.pio_write(0x80, &[1]), IoAction::None);

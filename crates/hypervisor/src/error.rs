@@ -25,6 +25,8 @@ pub enum Error {
     CreatePit(KvmError),
     #[error("KVM_IRQFD failed: {0}")]
     RegisterIrqfd(KvmError),
+    #[error("KVM_IOEVENTFD at {addr:#x} failed: {err}")]
+    RegisterIoevent { addr: u64, err: KvmError },
     #[error("eventfd failed: {0}")]
     EventFd(std::io::Error),
     #[error("KVM_CREATE_VCPU {id} failed: {err}")]

@@ -87,6 +87,21 @@ impl Vm {
         Ok(evt)
     }
 
+    /// Let guest writes of `datamatch` (32-bit) to MMIO address `addr` signal `evt` inside
+    /// KVM, without an exit to the VMM (a virtio queue notification).
+    pub fn register_mmio_ioevent(&self, evt: &EventFd, addr: u64, datamatch: u32) -> Result<()> {
+        self.fd
+            .register_ioevent(evt, &kvm_ioctls::IoEventAddress::Mmio(addr), datamatch)
+            .map_err(|err| Error::RegisterIoevent { addr, err })
+    }
+
+    /// Undo [`Vm::register_mmio_ioevent`] (a device that is reset or removed).
+    pub fn unregister_mmio_ioevent(&self, evt: &EventFd, addr: u64, datamatch: u32) -> Result<()> {
+        self.fd
+            .unregister_ioevent(evt, &kvm_ioctls::IoEventAddress::Mmio(addr), datamatch)
+            .map_err(|err| Error::RegisterIoevent { addr, err })
+    }
+
     pub fn has_irqchip(&self) -> bool {
         self.irqchip
     }

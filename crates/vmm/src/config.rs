@@ -6,6 +6,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+pub use warmvm_devices::virtio::block::CacheMode;
 
 /// Most vCPUs one VM may have (KVM's own limit may be lower).
 pub const MAX_VCPUS: u32 = 254;
@@ -50,6 +51,22 @@ pub enum ConfigError {
     Ring3WithKernel { vm: String },
     #[error("VM {vm}: the command line is longer than {max} bytes or contains a NUL")]
     BadCmdline { vm: String, max: usize },
+    #[error("VM {vm}: at most {MAX_DISKS} disks")]
+    TooManyDisks { vm: String },
+    #[error("VM {vm}: disk {path}: {err}")]
+    Disk {
+        vm: String,
+        path: PathBuf,
+        err: std::io::Error,
+    },
+    #[error("VM {vm}: disk {path} is listed twice")]
+    DuplicateDisk { vm: String, path: PathBuf },
+    #[error("VM {vm}: at most {MAX_NETS} network interfaces")]
+    TooManyNets { vm: String },
+    #[error("VM {vm}: TAP name {tap:?} is invalid: 1-15 characters from A-Z a-z 0-9 . _ -")]
+    BadTap { vm: String, tap: String },
+    #[error("VM {vm}: MAC {mac:?} is not a unicast address like 02:00:00:00:00:01")]
+    BadMac { vm: String, mac: String },
     #[error("VM {vm}: {what} must be a path, not empty")]
     EmptyPath { vm: String, what: &'static str },
 }
@@ -123,6 +140,78 @@ pub struct VmConfig {
     /// Hide CMPXCHG16B from the guest's CPUID (helps Linux under instruction-emulating KVMs).
     #[serde(default)]
     pub hide_cx16: bool,
+    /// virtio-blk disks, in the order the guest sees them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<DiskConfig>,
+    /// virtio-net interfaces, each on a TAP device of the daemon's network namespace.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nets: Vec<NetConfig>,
+}
+
+/// Most network interfaces one VM may have.
+pub const MAX_NETS: usize = 4;
+
+/// A virtio-net interface backed by a TAP device.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    /// The TAP's name: created if missing, or a persistent one (`ip tuntap add`) attached.
+    pub tap: String,
+    /// The guest's MAC address, `xx:xx:xx:xx:xx:xx`; default: derived from the VM's name.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present"
+    )]
+    pub mac: Option<String>,
+}
+
+/// Parse `xx:xx:xx:xx:xx:xx` into a unicast MAC address.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in mac.iter_mut() {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    (parts.next().is_none() && mac[0] & 1 == 0).then_some(mac)
+}
+
+/// A locally administered MAC for interface `index` of VM `name`, stable across reboots.
+pub fn default_mac(name: &str, index: usize) -> [u8; 6] {
+    let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    let b = h.to_le_bytes();
+    [0x02, b[0], b[1], b[2], b[3], index as u8]
+}
+
+impl NetConfig {
+    pub fn mac_for(&self, vm: &str, index: usize) -> [u8; 6] {
+        self.mac
+            .as_deref()
+            .and_then(parse_mac)
+            .unwrap_or_else(|| default_mac(vm, index))
+    }
+}
+
+/// Most disks one VM may have.
+pub const MAX_DISKS: usize = 8;
+
+/// A virtio-blk disk backed by a raw image file.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    /// A raw image whose size is a multiple of 512 bytes.
+    pub path: PathBuf,
+    #[serde(default)]
+    pub read_only: bool,
+    /// `none` (O_DIRECT, the default) or `writeback` (the host's page cache).
+    #[serde(default)]
+    pub cache: CacheMode,
 }
 
 /// An optional field that, when present, must hold a value: JSON `null` is refused (the API's
@@ -229,6 +318,8 @@ impl VmConfig {
             console_log: None,
             console_stdout: false,
             hide_cx16: false,
+            disks: Vec::new(),
+            nets: Vec::new(),
         }
     }
 
@@ -297,6 +388,43 @@ impl VmConfig {
         if self.kernel.is_none() && self.initrd.is_some() {
             return Err(ConfigError::InitrdWithoutKernel { vm: vm() });
         }
+        if self.disks.len() > MAX_DISKS {
+            return Err(ConfigError::TooManyDisks { vm: vm() });
+        }
+        let mut seen = HashSet::new();
+        for d in &self.disks {
+            if d.path.as_os_str().is_empty() {
+                return Err(ConfigError::EmptyPath {
+                    vm: vm(),
+                    what: "disk path",
+                });
+            }
+            if !seen.insert(&d.path) {
+                return Err(ConfigError::DuplicateDisk {
+                    vm: vm(),
+                    path: d.path.clone(),
+                });
+            }
+        }
+        if self.nets.len() > MAX_NETS {
+            return Err(ConfigError::TooManyNets { vm: vm() });
+        }
+        for n in &self.nets {
+            if !warmvm_devices::virtio::tap::valid_name(&n.tap) {
+                return Err(ConfigError::BadTap {
+                    vm: vm(),
+                    tap: n.tap.clone(),
+                });
+            }
+            if let Some(mac) = &n.mac {
+                if parse_mac(mac).is_none() {
+                    return Err(ConfigError::BadMac {
+                        vm: vm(),
+                        mac: mac.clone(),
+                    });
+                }
+            }
+        }
         Ok(())
     }
 
@@ -313,6 +441,13 @@ impl VmConfig {
             check_readable_file(path).map_err(|err| ConfigError::Initrd {
                 vm: vm(),
                 path: path.clone(),
+                err,
+            })?;
+        }
+        for d in &self.disks {
+            check_disk_image(&d.path).map_err(|err| ConfigError::Disk {
+                vm: vm(),
+                path: d.path.clone(),
                 err,
             })?;
         }
@@ -350,6 +485,17 @@ fn check_readable_file(path: &Path) -> std::io::Result<()> {
         return Err(std::io::Error::other("the file is empty"));
     }
     std::fs::File::open(path).map(drop)
+}
+
+fn check_disk_image(path: &Path) -> std::io::Result<()> {
+    check_readable_file(path)?;
+    let len = std::fs::metadata(path)?.len();
+    if !len.is_multiple_of(512) {
+        return Err(std::io::Error::other(format!(
+            "its size ({len} bytes) is not a multiple of 512"
+        )));
+    }
+    Ok(())
 }
 
 /// toml's errors span several lines with a source excerpt; an operator gets one line.
@@ -417,5 +563,29 @@ mod tests {
                 .contains("twice")
         );
         assert!(check("").contains("no VM"));
+        assert!(check(
+            "[[vm]]\nname=\"a\"\nmemory_mib=64\n[[vm.disks]]\npath=\"/nonexistent/d\"\n"
+        )
+        .contains("disk /nonexistent/d"));
+        let odd = std::env::temp_dir().join(format!("warmvm-odd-{}.img", std::process::id()));
+        std::fs::write(&odd, [0u8; 100]).unwrap();
+        let e = check(&format!(
+            "[[vm]]\nname=\"a\"\nmemory_mib=64\n[[vm.disks]]\npath={odd:?}\n"
+        ));
+        std::fs::remove_file(&odd).unwrap();
+        assert!(e.contains("multiple of 512"), "{e}");
+        let e =
+            parse("[[vm]]\nname=\"a\"\nmemory_mib=64\n[[vm.disks]]\npath=\"x\"\ncache=\"fast\"\n")
+                .unwrap_err();
+        assert!(e.contains("unknown variant"), "{e}");
+        let net = |extra: &str| {
+            check(&format!(
+                "[[vm]]\nname=\"a\"\nmemory_mib=64\n[[vm.nets]]\n{extra}\n"
+            ))
+        };
+        assert!(net("tap=\"a/b\"").contains("TAP name"));
+        assert!(net("tap=\"tap0\"\nmac=\"01:00:00:00:00:01\"").contains("unicast"));
+        assert!(net("tap=\"tap0\"\nmac=\"02:00:00:00:00\"").contains("MAC"));
+        assert_eq!(parse_mac("02:ab:00:00:00:01"), Some([2, 0xab, 0, 0, 0, 1]));
     }
 }

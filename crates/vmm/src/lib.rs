@@ -8,6 +8,7 @@ pub mod status;
 #[doc(hidden)]
 pub mod testing;
 mod vcpu;
+mod virtio;
 pub mod vm;
 
 pub use config::{Config, ConfigError, HostLimits, VmConfig};

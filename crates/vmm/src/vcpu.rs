@@ -331,7 +331,7 @@ impl ExitHandler for Exits<'_> {
         self.vm.devices.mmio_read(addr, data);
     }
     fn mmio_write(&mut self, addr: u64, data: &[u8]) {
-        self.vm.devices.mmio_write(addr, data);
+        self.action = self.vm.devices.mmio_write(addr, data);
     }
 }
 

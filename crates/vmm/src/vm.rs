@@ -46,6 +46,16 @@ pub enum VmError {
         state: &'static str,
         action: &'static str,
     },
+    #[error("{0}")]
+    Disk(#[from] warmvm_devices::virtio::block::BlockError),
+    #[error("{0}")]
+    Virtio(#[from] warmvm_devices::VirtioError),
+    #[error("device placement: {0}")]
+    Bus(#[from] warmvm_devices::BusError),
+    #[error("{0}")]
+    Tap(#[from] warmvm_devices::virtio::tap::TapError),
+    #[error("{disks} virtio devices but {fds} host fds")]
+    DiskFds { disks: usize, fds: usize },
     #[error("vCPU {vcpu} of VM {vm} did not respond within {secs} s")]
     VcpuUnresponsive { vm: String, vcpu: u32, secs: u64 },
 }
@@ -201,6 +211,8 @@ pub(crate) struct Parts {
     /// CLOCK_MONOTONIC ns when the VM was first created (in the VMM it comes from); `None`
     /// for a new VM.
     pub created_ns: Option<u64>,
+    /// The disk images of `config.disks` and the TAPs of `config.nets`, open, in order.
+    pub host_files: crate::virtio::HostFiles,
 }
 
 /// Create the KVM VM over `ram`: memory slots first (on PVM each slot costs milliseconds
@@ -266,6 +278,11 @@ impl Vm {
             .map(|p| read("initrd", p))
             .transpose()?;
         let linux_devices = image.is_some();
+        let host_files = crate::virtio::HostFiles {
+            disks: crate::virtio::open_disks(&config.disks)?,
+            taps: crate::virtio::open_taps(&config.nets)?,
+        };
+        let virtio_devices = config.disks.len() + config.nets.len();
         let (kvm_vm, irq) = build_kvm_vm(hv, &ram, linux_devices)?;
 
         let console_log = config
@@ -291,7 +308,10 @@ impl Vm {
                 len: r.size,
             })
             .collect();
-        let cmdline = config.cmdline.clone().unwrap_or_default();
+        let mut cmdline = config.cmdline.clone().unwrap_or_default();
+        if image.is_some() {
+            cmdline.push_str(&crate::virtio::linux_cmdline_args(virtio_devices));
+        }
         let plan: BootPlan = match &image {
             None => warmvm_boot::ring3::setup(
                 ram.memory(),
@@ -302,6 +322,7 @@ impl Vm {
                     vcpus: config.vcpus,
                     tsc_khz,
                     fsgsbase: hv.has_fsgsbase(),
+                    virtio_devices: virtio_devices as u32,
                 },
             )?,
             Some(image) => warmvm_boot::linux::setup(
@@ -336,6 +357,7 @@ impl Vm {
             linux_devices,
             lifecycle: Lifecycle::Created,
             created_ns: None,
+            host_files,
         })?;
         tracing::info!(vm = %config.name, memory_mib = config.memory_mib, vcpus = config.vcpus,
             boot = %plan.protocol, "VM created");
@@ -347,9 +369,18 @@ impl Vm {
         let now_ns = crate::vcpu::monotonic_ns();
         let created_ns = p.created_ns.unwrap_or(now_ns).min(now_ns);
         let age = Duration::from_nanos(now_ns - created_ns);
+        let mut devices = Devices::new(&p.config.name, p.serial);
+        crate::virtio::attach(
+            &mut devices,
+            &p.kvm_vm,
+            p.ram.memory(),
+            &p.config,
+            p.host_files,
+            p.linux_devices,
+        )?;
         let shared = Arc::new(VmShared {
             name: p.config.name.clone(),
-            devices: Devices::new(&p.config.name, p.serial),
+            devices,
             lifecycle: Mutex::new(p.lifecycle),
             lifecycle_cv: Condvar::new(),
             vcpus: OnceLock::new(),
@@ -451,11 +482,17 @@ impl Vm {
                 });
             }
         }
+        // A paused VM does no I/O either: its devices finish what they have in hand and
+        // stop; what the guest queued, and frames that arrive, wait for the resume.
+        if let Err(e) = self.shared.devices.pause_virtio() {
+            tracing::warn!(vm = %self.shared.name, error = %e, "a device did not pause");
+        }
         Ok(())
     }
 
     pub fn resume(&self) -> Result<(), VmError> {
         self.transition("resume", &["paused"], Lifecycle::Running)?;
+        self.shared.devices.resume_virtio();
         for h in self.handles() {
             h.request_run(&self.shared);
         }
@@ -561,6 +598,10 @@ impl Vm {
             linux_devices: self.linux_devices,
             console_log: self.console_log.clone(),
             created_monotonic_ns: self.shared.created_ns,
+            fds: (0..self.config.disks.len())
+                .map(crate::handover::disk_fd_name)
+                .chain((0..self.config.nets.len()).map(crate::handover::net_fd_name))
+                .collect(),
         }
     }
 

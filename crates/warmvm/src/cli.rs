@@ -48,6 +48,9 @@ pub enum BenchCommand {
     WarmReboot(crate::bench::WarmRebootArgs),
     /// Randomised fault-injection trials of the daemon's warm reboot (a fault-injection build).
     Faults(crate::bench_faults::FaultsArgs),
+    /// A guest serving HTTP from its page cache under wrk, with and without a warm reboot
+    /// (root: it makes a network namespace; needs wrk and curl).
+    Cache(crate::bench_cache::CacheArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -180,6 +183,68 @@ pub struct VmFlags {
     /// Console log file [default: <state dir>/<name>/console.log].
     #[arg(long)]
     pub console_log: Option<PathBuf>,
+    /// A virtio-blk disk: a raw image, optionally `,ro` and `,cache=none|writeback`
+    /// (default none: O_DIRECT). Repeat for more disks.
+    #[arg(long = "disk", value_name = "PATH[,ro][,cache=MODE]", value_parser = disk_arg)]
+    pub disks: Vec<warmvm_vmm::config::DiskConfig>,
+    /// A virtio-net interface on TAP device NAME (created, or a persistent one attached),
+    /// optionally `,mac=xx:xx:xx:xx:xx:xx`. Repeat for more interfaces.
+    #[arg(long = "net", value_name = "TAP[,mac=MAC]", value_parser = net_arg)]
+    pub nets: Vec<warmvm_vmm::config::NetConfig>,
+}
+
+/// `--net TAP[,mac=xx:xx:xx:xx:xx:xx]`.
+fn net_arg(s: &str) -> Result<warmvm_vmm::config::NetConfig, String> {
+    let mut parts = s.split(',');
+    let tap = parts
+        .next()
+        .filter(|t| !t.is_empty())
+        .ok_or("no TAP name")?;
+    let mut net = warmvm_vmm::config::NetConfig {
+        tap: tap.to_string(),
+        mac: None,
+    };
+    for opt in parts {
+        match opt.strip_prefix("mac=") {
+            Some(mac) if warmvm_vmm::config::parse_mac(mac).is_some() => {
+                net.mac = Some(mac.to_string())
+            }
+            _ => {
+                return Err(format!(
+                    "bad network option {opt:?} (use mac=02:xx:xx:xx:xx:xx)"
+                ))
+            }
+        }
+    }
+    Ok(net)
+}
+
+/// `--disk PATH[,ro][,cache=none|writeback]`.
+fn disk_arg(s: &str) -> Result<warmvm_vmm::config::DiskConfig, String> {
+    use warmvm_vmm::config::{CacheMode, DiskConfig};
+    let mut parts = s.split(',');
+    let path = parts
+        .next()
+        .filter(|p| !p.is_empty())
+        .ok_or("no image path")?;
+    let mut disk = DiskConfig {
+        path: path.into(),
+        read_only: false,
+        cache: CacheMode::None,
+    };
+    for opt in parts {
+        match opt {
+            "ro" => disk.read_only = true,
+            "cache=none" => disk.cache = CacheMode::None,
+            "cache=writeback" => disk.cache = CacheMode::Writeback,
+            other => {
+                return Err(format!(
+                    "unknown disk option {other:?} (use ro, cache=none or cache=writeback)"
+                ))
+            }
+        }
+    }
+    Ok(disk)
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -208,7 +273,7 @@ pub enum VmCommand {
     /// standard input with `-` (TOML or JSON).
     Create {
         /// The VM's config file, or `-` for standard input.
-        #[arg(conflicts_with_all = ["name", "memory_mib", "vcpus", "kernel", "initrd", "cmdline", "boot", "hugepages", "console_log"])]
+        #[arg(conflicts_with_all = ["name", "memory_mib", "vcpus", "kernel", "initrd", "cmdline", "boot", "hugepages", "console_log", "disks", "nets"])]
         config: Option<PathBuf>,
         #[command(flatten)]
         flags: VmFlags,
@@ -352,6 +417,12 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
             args.json = api.json;
             args.socket = api.socket;
             crate::bench::warm_reboot(&args)
+        }
+        Command::Bench {
+            what: BenchCommand::Cache(mut args),
+        } => {
+            args.json = api.json;
+            crate::bench_cache::cache(&args)
         }
         Command::Bench {
             what: BenchCommand::Faults(mut args),

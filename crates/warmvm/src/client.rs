@@ -169,9 +169,11 @@ fn done(api: &ApiArgs, report: &Value, what: &str) {
 /// Relative paths mean nothing to the daemon, which runs elsewhere: make them absolute
 /// against the directory the CLI runs in.
 fn absolute_paths(vm: &mut VmConfig) {
+    let disks = vm.disks.iter_mut().map(|d| &mut d.path);
     for p in [&mut vm.kernel, &mut vm.initrd, &mut vm.console_log]
         .into_iter()
         .flatten()
+        .chain(disks)
     {
         if p.is_relative() {
             *p = std::path::absolute(&*p).unwrap_or_else(|_| p.clone());
@@ -200,6 +202,8 @@ fn vm_from_flags(f: VmFlags) -> Result<VmConfig, Failure> {
     }
     vm.hugepages = f.hugepages;
     vm.console_log = f.console_log;
+    vm.disks = f.disks;
+    vm.nets = f.nets;
     absolute_paths(&mut vm);
     Ok(vm)
 }

@@ -1,6 +1,7 @@
 //! The `warmvm` command.
 
 mod bench;
+mod bench_cache;
 mod bench_daemon;
 mod bench_faults;
 mod cli;

@@ -1,6 +1,7 @@
 //! The new VMM's side of a warm reboot: prepare, restore without running, and run the
 //! guests only once the old VMM has committed (or has provably gone).
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
@@ -510,6 +511,15 @@ fn restore_all(
             serials.push((vm, &runtime.serial));
         }
     }
+    for (vm, record) in staged.vms.iter().zip(&records) {
+        if let Some(runtime) = &record.runtime {
+            // Loaded only: the devices serve from `resume`, once the VMs are ours.
+            vm.shared
+                .devices
+                .restore_virtio(&runtime.virtio)
+                .map_err(|e| HandoverError::BadState(e.to_string()))?;
+        }
+    }
     for (vm, serial) in serials {
         vm.shared.devices.restore_serial(serial);
     }
@@ -533,6 +543,10 @@ fn resume(vms: &[Arc<Vm>], lifecycles: &[LifecycleState]) -> Vec<(u64, u64)> {
             },
             LifecycleState::Stopped => Lifecycle::Stopped,
         };
+        // A paused VM's devices start serving when the VM is resumed.
+        if matches!(lifecycle, LifecycleState::Running | LifecycleState::Created) {
+            vm.shared.devices.resume_virtio();
+        }
         if *lifecycle == LifecycleState::Running {
             for h in vm.handles() {
                 h.request_run(&vm.shared);
@@ -575,12 +589,41 @@ fn adopt_vm(
         vm: spec.config.name.clone(),
         err,
     };
-    if files.len() != spec.ram.len() + 1 {
+    if files.len() != spec.ram.len() + 1 + spec.fds.len() {
         return Err(bad(format!(
-            "{} fds for {} RAM regions and a log",
+            "{} fds for {} RAM regions, a log and {} named fds",
             files.len(),
-            spec.ram.len()
+            spec.ram.len(),
+            spec.fds.len()
         )));
+    }
+    // The named fd table: each device takes its fd by name, never by position.
+    let mut named: std::collections::HashMap<String, File> = HashMap::new();
+    for (name, file) in spec.fds.iter().zip(files.split_off(spec.ram.len() + 1)) {
+        if named.insert(name.clone(), file).is_some() {
+            return Err(bad(format!("fd {name} sent twice")));
+        }
+    }
+    let mut disk_files = Vec::new();
+    for i in 0..spec.config.disks.len() {
+        let name = super::state::disk_fd_name(i);
+        disk_files.push(
+            named
+                .remove(&name)
+                .ok_or_else(|| bad(format!("no fd named {name} for disk {i}")))?,
+        );
+    }
+    let mut taps = Vec::new();
+    for i in 0..spec.config.nets.len() {
+        let name = super::state::net_fd_name(i);
+        taps.push(
+            named
+                .remove(&name)
+                .ok_or_else(|| bad(format!("no fd named {name} for network interface {i}")))?,
+        );
+    }
+    if let Some(name) = named.keys().next() {
+        return Err(bad(format!("fd {name} belongs to no device")));
     }
     let config: crate::VmConfig = spec.config.clone().into();
     config
@@ -639,6 +682,10 @@ fn adopt_vm(
         linux_devices: spec.linux_devices,
         lifecycle: Lifecycle::Created,
         created_ns: Some(spec.created_monotonic_ns),
+        host_files: crate::virtio::HostFiles {
+            disks: disk_files,
+            taps,
+        },
     })
     .map_err(vm_err)?;
     // The threads park before their first run; wait so that tasks can be posted.

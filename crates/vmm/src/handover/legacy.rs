@@ -87,6 +87,7 @@ impl VmPrepareV2 {
             linux_devices: self.linux_devices,
             console_log: self.console_log,
             created_monotonic_ns: now_ns.saturating_sub(age.as_nanos() as u64),
+            fds: Vec::new(),
         })
     }
 }
@@ -120,6 +121,7 @@ impl VmCaptureV2 {
                 vcpus: self.vcpus,
                 kvm: self.vm,
                 serial: self.serial,
+                virtio: Vec::new(),
             }),
         })
     }
@@ -143,6 +145,8 @@ mod tests {
                 console_log: None,
                 console_stdout: false,
                 hide_cx16: false,
+                disks: Vec::new(),
+                nets: Vec::new(),
             },
             protocol: "ring3".into(),
             status_addr: Some(0x2000),

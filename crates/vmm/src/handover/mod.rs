@@ -39,8 +39,9 @@ pub use incoming::FAULT_ENV;
 pub use incoming::{take_over, Adopted, TakeoverError};
 pub use outgoing::{warm_reboot, RebootError, RebootOptions};
 pub use state::{
-    BootProtocol, Failure, FailureKind, LifecycleState, Phase, PhaseTimes, RamSlot, RebootReport,
-    VmBlackout, VmConfigState, VmRecord, VmRuntime, VmSpec,
+    disk_fd_name, net_fd_name, BootProtocol, DiskState, Failure, FailureKind, LifecycleState,
+    NetState, Phase, PhaseTimes, RamSlot, RebootReport, VmBlackout, VmConfigState, VmRecord,
+    VmRuntime, VmSpec,
 };
 
 /// The binary of this very process, to rejuvenate with: `/proc/self/exe` works even when

@@ -415,6 +415,11 @@ fn stage(
             })?;
         let mut fds: Vec<RawFd> = ram.iter().map(|r| r.file.as_raw_fd()).collect();
         fds.push(log.as_raw_fd());
+        // The VM's named fds, in the order `spec.fds` names them (disk0, disk1, ...).
+        let host_files = vm.shared.devices.virtio_host_files().map_err(|e| {
+            HandoverError::Io(format!("VM {}: cannot duplicate a disk fd: {e}", vm.name()))
+        })?;
+        fds.extend(host_files.iter().map(|f| f.as_raw_fd()));
         channel.send(&Msg::StageVm(Box::new(vm.spec())), &fds)?;
     }
     let mut names: Vec<String> = opts.extra_fds.iter().map(|(n, _)| n.clone()).collect();
@@ -469,6 +474,12 @@ fn capture(vms: &[Arc<Vm>], deadline: Instant) -> Result<Vec<VmRecord>, Handover
         let runtime = if vm.lifecycle().is_finished() {
             None
         } else {
+            // Requests the devices have in hand are finished before their queues are read;
+            // what the guest queued meanwhile stays in the rings for the next VMM.
+            vm.shared
+                .devices
+                .pause_virtio()
+                .map_err(|e| HandoverError::Io(format!("VM {}: {e}", vm.name())))?;
             // Read while the vCPU threads are still saving theirs.
             let kvm = vm
                 .shared
@@ -497,6 +508,7 @@ fn capture(vms: &[Arc<Vm>], deadline: Instant) -> Result<Vec<VmRecord>, Handover
                 vcpus,
                 kvm,
                 serial: vm.shared.devices.serial_state(),
+                virtio: vm.shared.devices.virtio_states(),
             })
         };
         // Read after the vCPUs parked: a guest that powered off meanwhile is handed over
@@ -539,6 +551,10 @@ fn lifecycle_state(l: &Lifecycle) -> Option<LifecycleState> {
 /// Let the guests run here again, as they were before the attempt.
 fn roll_back(vms: &[Arc<Vm>]) {
     for vm in vms {
+        // A paused VM's devices stay paused until the VM is resumed.
+        if matches!(vm.lifecycle(), Lifecycle::Running | Lifecycle::Created) {
+            vm.shared.devices.resume_virtio();
+        }
         if vm.lifecycle() == Lifecycle::Running {
             for h in vm.handles() {
                 h.request_run(&vm.shared);

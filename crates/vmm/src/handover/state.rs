@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use warmvm_devices::SerialStateData;
 use warmvm_hypervisor::{required, VcpuState, VmState};
 
-use crate::config::{BootKind, VmConfig};
+use crate::config::{BootKind, DiskConfig, VmConfig};
 
 /// Messages on the control channel. Variants are never renamed or changed: a build reads
 /// the messages of every format it supports, and those an older build answers with.
@@ -131,6 +131,57 @@ pub struct VmConfigState {
     pub console_log: Option<PathBuf>,
     pub console_stdout: bool,
     pub hide_cx16: bool,
+    /// Added in format 3 by the virtio devices (older builds had no disks).
+    #[serde(default)]
+    pub disks: Vec<DiskState>,
+    /// Added in format 3 by the virtio devices (older builds had no network).
+    #[serde(default)]
+    pub nets: Vec<NetState>,
+}
+
+/// A network interface as it crosses a process: every field required.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetState {
+    pub tap: String,
+    pub mac: [u8; 6],
+}
+
+/// The name under which network interface `i`'s TAP fd crosses, in [`VmSpec::fds`].
+pub fn net_fd_name(i: usize) -> String {
+    format!("net{i}")
+}
+
+/// A disk as it crosses a process: every field required.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskState {
+    pub path: PathBuf,
+    pub read_only: bool,
+    pub cache: warmvm_devices::virtio::block::CacheMode,
+}
+
+impl From<&DiskConfig> for DiskState {
+    fn from(d: &DiskConfig) -> Self {
+        Self {
+            path: d.path.clone(),
+            read_only: d.read_only,
+            cache: d.cache,
+        }
+    }
+}
+
+impl From<DiskState> for DiskConfig {
+    fn from(d: DiskState) -> Self {
+        Self {
+            path: d.path,
+            read_only: d.read_only,
+            cache: d.cache,
+        }
+    }
+}
+
+/// The name under which disk `i`'s image fd crosses, in [`VmSpec::fds`].
+pub fn disk_fd_name(i: usize) -> String {
+    format!("disk{i}")
 }
 
 impl From<&VmConfig> for VmConfigState {
@@ -147,6 +198,16 @@ impl From<&VmConfig> for VmConfigState {
             console_log: c.console_log.clone(),
             console_stdout: c.console_stdout,
             hide_cx16: c.hide_cx16,
+            disks: c.disks.iter().map(DiskState::from).collect(),
+            nets: c
+                .nets
+                .iter()
+                .enumerate()
+                .map(|(i, n)| NetState {
+                    tap: n.tap.clone(),
+                    mac: n.mac_for(&c.name, i),
+                })
+                .collect(),
         }
     }
 }
@@ -165,6 +226,21 @@ impl From<VmConfigState> for VmConfig {
             console_log: c.console_log,
             console_stdout: c.console_stdout,
             hide_cx16: c.hide_cx16,
+            disks: c.disks.into_iter().map(DiskConfig::from).collect(),
+            nets: c
+                .nets
+                .into_iter()
+                .map(|n| crate::config::NetConfig {
+                    tap: n.tap,
+                    mac: Some(
+                        n.mac
+                            .iter()
+                            .map(|b| format!("{b:02x}"))
+                            .collect::<Vec<_>>()
+                            .join(":"),
+                    ),
+                })
+                .collect(),
         }
     }
 }
@@ -225,6 +301,10 @@ pub struct VmSpec {
     /// CLOCK_MONOTONIC ns when the VM was first created (in whichever VMM), so that its
     /// uptime counts the time it existed across every warm reboot.
     pub created_monotonic_ns: u64,
+    /// The VM's named fd table: the names of the fds that follow its RAM memfds and console
+    /// log, in the order they come (`disk0`, ...). Added in format 3 by the virtio devices.
+    #[serde(default)]
+    pub fds: Vec<String>,
 }
 
 /// Where a VM is in its life, as it crosses a process.
@@ -257,6 +337,10 @@ pub struct VmRuntime {
     pub vcpus: Vec<VcpuState>,
     pub kvm: VmState,
     pub serial: SerialStateData,
+    /// Each virtio device's transport, queue and device state, in window order. Added in
+    /// format 3 by the virtio devices.
+    #[serde(default)]
+    pub virtio: Vec<warmvm_devices::VirtioMmioState>,
 }
 
 /// Everything a VM needs to be re-created elsewhere, apart from the fds of its RAM and
@@ -346,6 +430,12 @@ mod tests {
                 console_log: None,
                 console_stdout: false,
                 hide_cx16: false,
+                disks: vec![DiskState {
+                    path: "/tmp/d.img".into(),
+                    read_only: true,
+                    cache: Default::default(),
+                }],
+                nets: vec![],
             },
             protocol: BootProtocol::Ring3,
             status_addr: Some(0x1000),
@@ -358,6 +448,7 @@ mod tests {
             linux_devices: false,
             console_log: "/tmp/a.log".into(),
             created_monotonic_ns: 5,
+            fds: vec![disk_fd_name(0)],
         }
     }
 
@@ -422,6 +513,18 @@ mod tests {
                 .expect_err(&path.join("."))
                 .to_string();
             assert!(err.contains(path[path.len() - 1]), "{path:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_disk_missing_a_field_is_refused_by_name() {
+        let disk = &spec().config.disks[0];
+        let bytes = rmp_serde::to_vec_named(disk).unwrap();
+        for field in ["path", "read_only", "cache"] {
+            let err = rmp_serde::from_slice::<DiskState>(&drop_field(&bytes, &[field]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(field), "{field}: {err}");
         }
     }
 

@@ -44,13 +44,25 @@ impl Daemon {
 
     /// Start a daemon with extra environment variables.
     pub fn start_with_env(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Daemon {
+        Self::start_cmd(Command::new(BIN), dir, extra, env)
+    }
+
+    /// Start a daemon inside network namespace `netns` (`ip netns exec` runs it in place,
+    /// so its pid is the daemon's).
+    pub fn start_in_netns(dir: &Path, netns: &str) -> Daemon {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", netns, BIN]);
+        Self::start_cmd(cmd, dir, &[], &[])
+    }
+
+    fn start_cmd(mut cmd: Command, dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Daemon {
         let socket = dir.join("api.sock");
         let notify_path = dir.join("notify.sock");
         let _ = std::fs::remove_file(&notify_path);
         let notify = UnixDatagram::bind(&notify_path).unwrap();
         notify.set_read_timeout(Some(READY_TIMEOUT)).unwrap();
         let log = std::fs::File::create(dir.join("daemon.log")).unwrap();
-        let child = Command::new(BIN)
+        let child = cmd
             .args(["--log-level", "debug", "daemon", "--socket"])
             .arg(&socket)
             .arg("--state-dir")
@@ -238,4 +250,62 @@ pub fn wait_until(secs: u64, mut f: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(50));
     }
     false
+}
+
+/// A network namespace of a test's own, with one persistent TAP in it carrying the host's
+/// end of the guest's link; deleted when dropped.
+pub struct Netns {
+    pub name: String,
+    pub tap: String,
+}
+
+/// Run `ip ARGS`; panic with its stderr if it fails.
+pub fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Netns {
+    /// `tag` keeps names apart between tests; `host_cidr` is the host's address on the
+    /// TAP, e.g. `10.77.0.1/24`.
+    pub fn new(tag: &str, host_cidr: &str) -> Netns {
+        let name = format!("wvm-{}-{tag}", std::process::id());
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        ip(&["netns", "add", &name]);
+        let ns = Netns {
+            name,
+            tap: "wvtap0".into(),
+        };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns.ip(&["tuntap", "add", "dev", &ns.tap, "mode", "tap"]);
+        ns.ip(&["addr", "add", host_cidr, "dev", &ns.tap]);
+        ns.ip(&["link", "set", &ns.tap, "up"]);
+        ns
+    }
+
+    /// `ip ARGS` inside the namespace.
+    pub fn ip(&self, args: &[&str]) {
+        let mut a = vec!["-n", self.name.as_str()];
+        a.extend_from_slice(args);
+        ip(&a);
+    }
+
+    /// A command run inside the namespace.
+    pub fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]);
+        c
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
 }

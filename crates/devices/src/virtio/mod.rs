@@ -1,0 +1,131 @@
+//! virtio 1.x devices on the MMIO transport, built on rust-vmm's `virtio-queue`.
+//!
+//! The transport ([`mmio::VirtioMmio`]) decodes the register window on a vCPU thread; each
+//! device's work happens on a worker thread of its own ([`worker`]). The two share a
+//! [`VirtioShared`]: the queues, the interrupt status and whether the device has failed.
+//!
+//! A guest that breaks the protocol (a bad ring address, a looping or oversized descriptor
+//! chain, status bits out of order) gets that device marked DEVICE_NEEDS_RESET: the device
+//! stops touching guest memory and its host file until the driver resets it, one log line
+//! is written per power of two of such failures, and a counter goes up. Nothing else in the
+//! VMM or on the host is affected.
+
+pub mod block;
+pub mod mmio;
+pub mod net;
+pub mod tap;
+#[cfg(test)]
+pub(crate) mod testing;
+pub mod worker;
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use virtio_queue::Queue;
+
+use crate::{Doorbell, IrqLine};
+
+/// Device status bits (virtio 1.x, 2.1).
+pub mod status {
+    pub const ACKNOWLEDGE: u32 = 1;
+    pub const DRIVER: u32 = 2;
+    pub const DRIVER_OK: u32 = 4;
+    pub const FEATURES_OK: u32 = 8;
+    pub const DEVICE_NEEDS_RESET: u32 = 0x40;
+    pub const FAILED: u32 = 0x80;
+}
+
+/// VIRTIO_F_VERSION_1: every device offers it, and a driver must accept it (no legacy).
+pub const F_VERSION_1: u64 = 1 << 32;
+
+/// Interrupt status bits.
+pub const INT_USED_RING: u32 = 1;
+pub const INT_CONFIG: u32 = 2;
+
+/// Device ids (virtio 1.x, 5).
+pub const TYPE_NET: u32 = 1;
+pub const TYPE_BLOCK: u32 = 2;
+
+/// Failures and activity of one virtio device, for metrics.
+#[derive(Debug, Default)]
+pub struct VirtioCounters {
+    /// Times the guest broke the protocol and the device was marked DEVICE_NEEDS_RESET.
+    pub failures: AtomicU64,
+    /// Requests completed (used-ring entries written).
+    pub requests: AtomicU64,
+}
+
+/// What the transport and the device's worker share.
+pub struct VirtioShared {
+    /// `<vm>/<device>`, for logs.
+    pub name: String,
+    queues: Mutex<Vec<Queue>>,
+    pub interrupt_status: AtomicU32,
+    /// The device gave up on the guest until a reset.
+    needs_reset: AtomicBool,
+    pub counters: Arc<VirtioCounters>,
+    irq: IrqLine,
+    doorbell: Arc<Doorbell>,
+}
+
+impl VirtioShared {
+    pub fn new(
+        name: String,
+        queues: Vec<Queue>,
+        irq: IrqLine,
+        doorbell: Arc<Doorbell>,
+        counters: Arc<VirtioCounters>,
+    ) -> Self {
+        Self {
+            name,
+            queues: Mutex::new(queues),
+            interrupt_status: AtomicU32::new(0),
+            needs_reset: AtomicBool::new(false),
+            counters,
+            irq,
+            doorbell,
+        }
+    }
+
+    pub fn queues(&self) -> MutexGuard<'_, Vec<Queue>> {
+        // Queue state is plain indices and addresses, consistent between operations.
+        self.queues.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn failed(&self) -> bool {
+        self.needs_reset.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_failed(&self, failed: bool) {
+        self.needs_reset.store(failed, Ordering::Release);
+    }
+
+    /// Used buffers are there: raise the interrupt (Linux) and wake a polling guest that
+    /// waits in the VMM.
+    pub fn signal_used(&self) {
+        self.interrupt_status
+            .fetch_or(INT_USED_RING, Ordering::AcqRel);
+        self.raise();
+    }
+
+    fn raise(&self) {
+        if let Err(e) = vm_superio::Trigger::trigger(&self.irq) {
+            tracing::debug!(device = %self.name, error = %e, "virtio interrupt could not be raised");
+        }
+        self.doorbell.ring();
+    }
+
+    /// The guest broke the protocol: mark the device DEVICE_NEEDS_RESET and tell the driver
+    /// through a configuration interrupt.
+    pub fn fail(&self, why: &dyn std::fmt::Display) {
+        self.needs_reset.store(true, Ordering::Release);
+        let n = self.counters.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        // A hostile guest can fail its device millions of times: log at powers of two.
+        if n.is_power_of_two() {
+            tracing::warn!(device = %self.name, failures = n, reason = %why,
+                "guest broke the virtio protocol: device needs a reset");
+        }
+        self.interrupt_status.fetch_or(INT_CONFIG, Ordering::AcqRel);
+        self.raise();
+    }
+}

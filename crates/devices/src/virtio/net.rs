@@ -1,0 +1,362 @@
+//! virtio-net over a TAP device (virtio 1.x, 5.1): one receive and one transmit queue, no
+//! offloads, served on the device's worker thread.
+//!
+//! A frame is read from the TAP only once the guest has a receive buffer for it, so no
+//! frame ever waits inside the VMM: frames that arrive while the device is paused (a warm
+//! reboot) stay in the TAP's queue for whichever VMM serves next. Transmitted frames are
+//! written to the TAP before their buffers are returned.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use virtio_queue::{QueueOwnedT, QueueT, Reader, Writer};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::mmio::{BackendState, VirtioBackend};
+use super::worker::{Serve, Worker, WorkerError};
+use super::{VirtioShared, TYPE_NET};
+
+pub const QUEUE_SIZE: u16 = 256;
+const RX: usize = 0;
+const TX: usize = 1;
+const F_MAC: u64 = 1 << 5;
+/// virtio_net_hdr with VERSION_1 (num_buffers included).
+pub const HDR_BYTES: usize = 12;
+/// Largest frame carried: a TAP's frames are at most its MTU plus the Ethernet header.
+pub const MAX_FRAME: usize = 65536;
+
+/// The network device's own state.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NetState {
+    pub mac: [u8; 6],
+}
+
+/// A virtio-net device over a TAP (or any fd that reads and writes whole frames).
+pub struct Net {
+    tap: Arc<File>,
+    mac: [u8; 6],
+}
+
+impl Net {
+    pub fn new(tap: File, mac: [u8; 6]) -> Self {
+        Self {
+            tap: Arc::new(tap),
+            mac,
+        }
+    }
+}
+
+impl VirtioBackend for Net {
+    fn device_type(&self) -> u32 {
+        TYPE_NET
+    }
+
+    fn features(&self) -> u64 {
+        F_MAC
+    }
+
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![QUEUE_SIZE, QUEUE_SIZE]
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) -> bool {
+        let Some(end) = (offset as usize).checked_add(data.len()) else {
+            return false;
+        };
+        if end > 0xf00 {
+            return false;
+        }
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = self.mac.get(offset as usize + i).copied().unwrap_or(0);
+        }
+        true
+    }
+
+    fn activate(
+        &mut self,
+        shared: Arc<VirtioShared>,
+        notify: &EventFd,
+        mem: GuestMemoryMmap,
+    ) -> Result<Worker, WorkerError> {
+        let server = NetServer {
+            tap: self.tap.clone(),
+            mem,
+            frame: vec![0; MAX_FRAME],
+        };
+        Worker::start(shared, notify, server)
+    }
+
+    fn save(&self) -> BackendState {
+        BackendState::Net(NetState { mac: self.mac })
+    }
+
+    fn host_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(&*self.tap)
+    }
+
+    fn try_clone_backend(&self) -> std::io::Result<Box<dyn VirtioBackend>> {
+        Ok(Box::new(Self {
+            tap: Arc::new(self.tap.try_clone()?),
+            mac: self.mac,
+        }))
+    }
+
+    fn check_state(&self, state: &BackendState) -> Result<(), String> {
+        match state {
+            BackendState::Net(s) if s.mac == self.mac => Ok(()),
+            BackendState::Net(s) => {
+                Err(format!("MAC {:02x?} saved, {:02x?} here", s.mac, self.mac))
+            }
+            other => Err(format!("a network device, not {other:?}")),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum Malformed {
+    #[error("ring: {0}")]
+    Ring(virtio_queue::Error),
+    #[error("buffer outside guest RAM or a bad chain: {0}")]
+    Chain(virtio_queue::Error),
+    #[error("transmit buffer shorter than the virtio-net header")]
+    ShortTx,
+    #[error("frame of {0} bytes exceeds {MAX_FRAME}")]
+    Oversized(usize),
+    #[error("guest memory: {0}")]
+    Io(std::io::Error),
+}
+
+struct NetServer {
+    tap: Arc<File>,
+    mem: GuestMemoryMmap,
+    frame: Vec<u8>,
+}
+
+impl Serve for NetServer {
+    fn serve(&mut self, shared: &VirtioShared) -> bool {
+        match self.transmit(shared).and_then(|()| self.receive(shared)) {
+            Ok(wants_tap) => wants_tap,
+            Err(e) => {
+                shared.fail(&e);
+                false
+            }
+        }
+    }
+
+    fn host_fd(&self) -> Option<std::os::fd::RawFd> {
+        Some(self.tap.as_raw_fd())
+    }
+}
+
+impl NetServer {
+    fn transmit(&mut self, shared: &VirtioShared) -> Result<(), Malformed> {
+        let mem = self.mem.clone();
+        let mut queues = shared.queues();
+        let q = &mut queues[TX];
+        let mut sent = 0u64;
+        loop {
+            let chains: Vec<_> = q.iter(&mem).map_err(Malformed::Ring)?.collect();
+            if chains.is_empty() {
+                break;
+            }
+            for chain in chains {
+                let head = chain.head_index();
+                let mut reader = Reader::new(&mem, chain).map_err(Malformed::Chain)?;
+                let total = reader.available_bytes();
+                if total < HDR_BYTES {
+                    return Err(Malformed::ShortTx);
+                }
+                let len = total - HDR_BYTES;
+                if len > MAX_FRAME {
+                    return Err(Malformed::Oversized(len));
+                }
+                let mut hdr = [0u8; HDR_BYTES];
+                reader.read_exact(&mut hdr).map_err(Malformed::Io)?;
+                reader
+                    .read_exact(&mut self.frame[..len])
+                    .map_err(Malformed::Io)?;
+                // A full TAP queue or a link that is down drops the frame, as a NIC would.
+                if let Err(e) = (&*self.tap).write(&self.frame[..len]) {
+                    tracing::trace!(device = %shared.name, error = %e, "TAP write dropped a frame");
+                }
+                q.add_used(&mem, head, 0).map_err(Malformed::Ring)?;
+                sent += 1;
+            }
+        }
+        drop(queues);
+        if sent > 0 {
+            shared.counters.requests.fetch_add(sent, Ordering::Relaxed);
+            shared.signal_used();
+        }
+        Ok(())
+    }
+
+    /// Move frames from the TAP into receive buffers; `true` when the TAP ran dry (wake
+    /// on it), `false` when the guest has no buffer left (wake on its notification).
+    fn receive(&mut self, shared: &VirtioShared) -> Result<bool, Malformed> {
+        let mem = self.mem.clone();
+        let mut delivered = 0u64;
+        let wants_tap = loop {
+            let mut queues = shared.queues();
+            let q = &mut queues[RX];
+            let Some(chain) = q.iter(&mem).map_err(Malformed::Ring)?.next() else {
+                break false;
+            };
+            let n = match (&*self.tap).read(&mut self.frame) {
+                Ok(n) => n,
+                Err(e) => {
+                    // Nothing to read (or the TAP went away): give the buffer back unused.
+                    q.go_to_previous_position();
+                    if e.kind() != std::io::ErrorKind::WouldBlock {
+                        tracing::debug!(device = %shared.name, error = %e, "TAP read failed");
+                    }
+                    break true;
+                }
+            };
+            let head = chain.head_index();
+            let mut writer = Writer::new(&mem, chain).map_err(Malformed::Chain)?;
+            let used = if writer.available_bytes() >= HDR_BYTES + n {
+                let mut hdr = [0u8; HDR_BYTES];
+                hdr[10] = 1; // num_buffers
+                writer.write_all(&hdr).map_err(Malformed::Io)?;
+                writer.write_all(&self.frame[..n]).map_err(Malformed::Io)?;
+                HDR_BYTES + n
+            } else {
+                // A buffer too small for the frame: the frame is dropped, as a NIC would.
+                0
+            };
+            q.add_used(&mem, head, used as u32)
+                .map_err(Malformed::Ring)?;
+            delivered += 1;
+        };
+        if delivered > 0 {
+            shared
+                .counters
+                .requests
+                .fetch_add(delivered, Ordering::Relaxed);
+            shared.signal_used();
+        }
+        Ok(wants_tap)
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::persist::Persist;
+    use crate::virtio::mmio::VirtioMmio;
+    use crate::virtio::testing::*;
+    use std::os::unix::net::UnixDatagram;
+    use vm_memory::{Bytes, GuestAddress};
+
+    const MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 7];
+    const RXBUF: u64 = 0x20000;
+    const TXBUF: u64 = 0x30000;
+
+    /// A device whose "TAP" is one end of a datagram socket pair (whole frames, like a
+    /// TAP); the test holds the other end.
+    fn device(mem: &GuestMemoryMmap) -> (VirtioMmio, UnixDatagram) {
+        let (ours, theirs) = UnixDatagram::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let tap = File::from(std::os::fd::OwnedFd::from(ours));
+        let dev = VirtioMmio::new(handles(Box::new(Net::new(tap, MAC)), mem)).unwrap();
+        (dev, theirs)
+    }
+
+    fn driver() -> (TestDriver, UnixDatagram) {
+        let mem = memory();
+        let (dev, peer) = device(&mem);
+        let mut d = TestDriver::new(dev, mem);
+        assert!(d.init());
+        peer.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        (d, peer)
+    }
+
+    pub(crate) fn driven_device() -> VirtioMmio {
+        let (mut d, peer) = driver();
+        d.offer0(0, RXBUF, 2048);
+        peer.send(b"frame").unwrap();
+        assert!(eventually(|| d.used_idx() == 1));
+        d.dev
+    }
+
+    #[test]
+    fn frames_cross_in_both_directions_with_the_virtio_header() {
+        let (mut d, peer) = driver();
+        assert_eq!(
+            d.r(0x100),
+            u32::from_le_bytes([2, 0, 0, 0]),
+            "MAC in config space"
+        );
+        let mut tx = vec![0u8; HDR_BYTES];
+        tx.extend_from_slice(b"hello from the guest");
+        d.mem.write_slice(&tx, GuestAddress(TXBUF)).unwrap();
+        d.submit1(0, TXBUF, tx.len() as u32, false);
+        let mut buf = [0u8; 100];
+        let n = peer.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"hello from the guest");
+        assert!(eventually(|| d.used_idx1() == 1));
+
+        d.offer0(0, RXBUF, 2048);
+        peer.send(b"hello from the host").unwrap();
+        assert!(eventually(|| d.used_idx() == 1));
+        let (id, len) = d.used0(0);
+        assert_eq!((id, len as usize), (0, HDR_BYTES + 19));
+        let mut got = vec![0u8; len as usize];
+        d.mem.read_slice(&mut got, GuestAddress(RXBUF)).unwrap();
+        assert_eq!(got[10], 1, "num_buffers");
+        assert_eq!(&got[HDR_BYTES..], b"hello from the host");
+    }
+
+    #[test]
+    fn frames_wait_in_the_tap_until_the_guest_has_a_buffer_even_across_a_restore() {
+        let (mut d, peer) = driver();
+        peer.send(b"early-1").unwrap();
+        peer.send(b"early-2").unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert_eq!(d.used_idx(), 0);
+        // One buffer: one frame taken; the other stays in the TAP.
+        d.offer0(0, RXBUF, 2048);
+        assert!(eventually(|| d.used_idx() == 1));
+        d.dev.pause().unwrap();
+        let state = d.dev.save();
+        let handles = d.dev.test_handles();
+        let mem = d.mem.clone();
+        drop(d);
+        let mut restored = VirtioMmio::restore(handles, &state).unwrap();
+        restored.resume();
+        let mut d = TestDriver::resume(restored, mem, 1);
+        d.offer0(1, RXBUF + 4096, 2048);
+        assert!(
+            eventually(|| d.used_idx() == 2),
+            "the second frame was lost"
+        );
+        let mut got = [0u8; 7];
+        d.mem
+            .read_slice(&mut got, GuestAddress(RXBUF + 4096 + HDR_BYTES as u64))
+            .unwrap();
+        assert_eq!(&got, b"early-2");
+    }
+
+    #[test]
+    fn a_transmit_buffer_shorter_than_the_header_fails_only_the_device() {
+        let (mut d, peer) = driver();
+        d.submit1(0, TXBUF, 4, false);
+        assert!(d.wait_failed());
+        peer.set_nonblocking(true).unwrap();
+        let mut buf = [0u8; 16];
+        assert!(peer.recv(&mut buf).is_err(), "nothing reached the TAP");
+        assert!(d.init());
+    }
+}
+
+crate::persist_tests!(
+    persist,
+    tests::driven_device(),
+    |dev: &crate::virtio::mmio::VirtioMmio| dev.test_handles()
+);

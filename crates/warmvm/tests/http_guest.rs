@@ -1,0 +1,258 @@
+//! The reference guest as a web server on virtio-net and virtio-blk, in a network namespace
+//! of the test's own: real TCP clients fetch files from the tar archive on its disk; a long
+//! download and a keep-alive connection started before a warm reboot complete byte for byte
+//! after it, and files that were warm before it cause no new cache misses after it.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+
+const GUEST: &str = "10.77.0.2";
+
+/// A ustar archive of `files`, padded with zero sectors to `sectors` in all.
+fn tar_image(files: &[(&str, Vec<u8>)], sectors: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (name, data) in files {
+        let mut h = [0u8; 512];
+        h[..name.len()].copy_from_slice(name.as_bytes());
+        h[100..108].copy_from_slice(b"0000644\0");
+        h[108..116].copy_from_slice(b"0000000\0");
+        h[116..124].copy_from_slice(b"0000000\0");
+        h[124..136].copy_from_slice(format!("{:011o}\0", data.len()).as_bytes());
+        h[136..148].copy_from_slice(b"00000000000\0");
+        h[156] = b'0';
+        h[257..263].copy_from_slice(b"ustar\0");
+        h[263..265].copy_from_slice(b"00");
+        h[148..156].copy_from_slice(b"        ");
+        let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
+        h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+        out.extend_from_slice(&h);
+        out.extend_from_slice(data);
+        out.resize(out.len().next_multiple_of(512), 0);
+    }
+    assert!(out.len() + 1024 <= sectors * 512);
+    out.resize(sectors * 512, 0);
+    out
+}
+
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Run `f` on a thread that has entered network namespace `ns` (sockets it opens live
+/// there).
+fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/var/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).unwrap();
+        // SAFETY: setns on this thread only, with an open netns fd; no memory is touched.
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+        f()
+    })
+    .join()
+    .unwrap()
+}
+
+/// Send a GET on `s` and read the whole response: (status, body).
+fn get(s: &mut TcpStream, path: &str) -> (u32, Vec<u8>) {
+    write!(s, "GET {path} HTTP/1.1\r\nHost: guest\r\n\r\n").unwrap();
+    read_response(s)
+}
+
+fn read_response(s: &mut TcpStream) -> (u32, Vec<u8>) {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).expect("response head");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap();
+    let status = head[9..12].parse().unwrap();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("Content-Length: "))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).expect("response body");
+    (status, body)
+}
+
+fn connect() -> TcpStream {
+    let s = TcpStream::connect_timeout(
+        &format!("{GUEST}:80").parse().unwrap(),
+        Duration::from_secs(5),
+    )
+    .expect("connect to the guest");
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s
+}
+
+fn stats(s: &mut TcpStream) -> serde_json::Value {
+    let (status, body) = get(s, "/stats");
+    assert_eq!(status, 200);
+    serde_json::from_slice(&body).unwrap()
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+#[test]
+fn http_from_a_cached_disk_across_a_warm_reboot() {
+    if !warmvm_vmm::testing::kvm_available("http_from_a_cached_disk_across_a_warm_reboot") {
+        return;
+    }
+    let dir = scratch("http");
+    let ns = Netns::new("http", "10.77.0.1/24");
+    let files: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "index.html",
+            b"<html><body>warmvm serves</body></html>\n".to_vec(),
+        ),
+        ("big.bin", noise(3 << 20, 11)),
+        ("docs/a.txt", noise(10_000, 12)),
+    ];
+    let image = dir.join("site.img");
+    std::fs::write(&image, tar_image(&files, 8192)).unwrap();
+
+    let mut d = Daemon::start_in_netns(&dir, &ns.name);
+    let created = d.cli_json(&[
+        "vm",
+        "create",
+        "--name",
+        "web-1",
+        "--memory",
+        "96",
+        "--cmdline",
+        &format!("quiet interval_ms=20 disk_check_ms=0 ip={GUEST}/24 cache_mib=16"),
+        "--disk",
+        image.to_str().unwrap(),
+        "--net",
+        &ns.tap,
+    ]);
+    let console = std::path::PathBuf::from(created["console_log"].as_str().unwrap());
+    assert!(
+        wait_until(60, || read(&console).contains("http: serving")),
+        "the guest never served\n{}\n{}",
+        read(&console),
+        d.log()
+    );
+
+    // Cold: every file comes from the disk, and is right.
+    let expected = files.clone();
+    let warm_misses = in_netns(&ns.name, move || {
+        let mut s = connect();
+        let fresh = stats(&mut s);
+        assert_eq!(fresh["hits"], 0, "a cold guest's cache is empty: {fresh}");
+        for (name, data) in &expected {
+            let (status, body) = get(&mut s, &format!("/{name}"));
+            assert_eq!(status, 200, "{name}");
+            assert!(body == *data, "{name}: wrong bytes");
+        }
+        assert_eq!(get(&mut s, "/missing").0, 404);
+        let warm = stats(&mut s);
+        assert!(warm["misses"].as_u64().unwrap() > 0, "{warm}");
+        warm["misses"].as_u64().unwrap()
+    });
+
+    // A keep-alive connection and a long download, both begun before the reboot.
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
+    let big = files[1].1.clone();
+    let small = files[2].1.clone();
+    let ns_name = ns.name.clone();
+    let client = std::thread::spawn(move || {
+        in_netns(&ns_name, move || {
+            let mut keep = connect();
+            assert_eq!(get(&mut keep, "/docs/a.txt").1, small);
+            let mut long = connect();
+            // A small receive buffer, and a reader that stops until the reboot is done,
+            // keep all but a few KiB of the download for after the reboot.
+            let size: libc::c_int = 16 * 1024;
+            // SAFETY: setsockopt reads an int from a pointer valid for the call, on the
+            // stream's open socket.
+            let rc = unsafe {
+                libc::setsockopt(
+                    long.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVBUF,
+                    (&size as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            assert_eq!(rc, 0);
+            write!(long, "GET /big.bin HTTP/1.1\r\nHost: guest\r\n\r\n").unwrap();
+            let mut first = vec![0u8; 200_000];
+            long.read_exact(&mut first).unwrap();
+            started_tx.send(()).unwrap();
+            rx.recv().unwrap(); // the reboot is done
+            let split = first.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+            let head = String::from_utf8_lossy(&first[..split]).into_owned();
+            assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("Content-Length: "))
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap();
+            assert_eq!(len, big.len());
+            let mut body = first[split..].to_vec();
+            let mut rest = vec![0u8; len - body.len()];
+            long.read_exact(&mut rest)
+                .expect("the long download was cut");
+            body.extend_from_slice(&rest);
+            assert!(body == big, "the long download has wrong bytes");
+            // The same keep-alive connection answers after the reboot.
+            assert_eq!(get(&mut keep, "/docs/a.txt").1, small);
+            let (status, body) = get(&mut keep, "/index.html");
+            assert_eq!(status, 200);
+            body
+        })
+    });
+    started_rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the download began");
+    let report = d.cli_json(&["reboot", "--mode", "warm"]);
+    let new_pid = report["new_pid"].as_u64().unwrap() as u32;
+    d.follow_reboot(new_pid);
+    tx.send(()).unwrap();
+    let index = client.join().expect("clients across the reboot");
+    assert_eq!(index, files[0].1);
+
+    // Warm files cost no new misses after the reboot.
+    let expected = files.clone();
+    in_netns(&ns.name, move || {
+        let mut s = connect();
+        for (name, data) in &expected {
+            assert!(get(&mut s, &format!("/{name}")).1 == *data, "{name}");
+        }
+        let after = stats(&mut s);
+        assert_eq!(
+            after["misses"].as_u64().unwrap(),
+            warm_misses,
+            "files warm before the reboot missed after it: {after}"
+        );
+    });
+    let log = read(&console);
+    assert!(!log.contains("MISMATCH"), "{log}");
+    let r = d.cli_json(&["vm", "stop", "web-1", "--grace-secs", "10"]);
+    assert_eq!(r["exit_status"], 0, "{r}");
+    d.terminate_adopted();
+}

@@ -1,0 +1,303 @@
+//! virtio-blk end to end: the reference guest's polling driver reads a tar archive from its
+//! disk (O_DIRECT image) through the daemon's VMM, keeps re-reading and re-checking it, and
+//! goes on doing so across a warm reboot that hands the disk fd and the queue state over.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+
+/// A ustar archive of `files`, padded with zero sectors to `sectors` in all.
+fn tar_image(files: &[(&str, Vec<u8>)], sectors: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (name, data) in files {
+        let mut h = [0u8; 512];
+        h[..name.len()].copy_from_slice(name.as_bytes());
+        h[100..108].copy_from_slice(b"0000644\0");
+        h[108..116].copy_from_slice(b"0000000\0");
+        h[116..124].copy_from_slice(b"0000000\0");
+        h[124..136].copy_from_slice(format!("{:011o}\0", data.len()).as_bytes());
+        h[136..148].copy_from_slice(b"00000000000\0");
+        h[156] = b'0';
+        h[257..263].copy_from_slice(b"ustar\0");
+        h[263..265].copy_from_slice(b"00");
+        h[148..156].copy_from_slice(b"        ");
+        let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
+        h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+        out.extend_from_slice(&h);
+        out.extend_from_slice(data);
+        out.resize(out.len().next_multiple_of(512), 0);
+    }
+    assert!(out.len() + 1024 <= sectors * 512);
+    out.resize(sectors * 512, 0);
+    out
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so files are not compressible patterns.
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// The highest `disk check N` in the console log.
+fn disk_checks(console: &str) -> u64 {
+    console
+        .lines()
+        .filter_map(|l| l.split("disk check ").nth(1))
+        .filter_map(|rest| rest.split(':').next()?.parse().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+#[test]
+fn the_reference_guest_reads_its_disk_across_a_warm_reboot() {
+    if !warmvm_vmm::testing::kvm_available(
+        "the_reference_guest_reads_its_disk_across_a_warm_reboot",
+    ) {
+        return;
+    }
+    let dir = scratch("blk");
+    let files = vec![
+        ("index.html", b"<html><body>warmvm</body></html>\n".to_vec()),
+        ("data/noise.bin", noise(300_000, 7)),
+        ("data/small.txt", noise(513, 9)),
+    ];
+    let image = dir.join("disk.img");
+    std::fs::write(&image, tar_image(&files, 2048)).unwrap();
+    let before_image = std::fs::read(&image).unwrap();
+
+    let mut d = Daemon::start(&dir, &[]);
+    let created = d.cli_json(&[
+        "vm",
+        "create",
+        "--name",
+        "disk-1",
+        "--memory",
+        "64",
+        "--cmdline",
+        "interval_ms=20 disk_check_ms=200",
+        "--disk",
+        image.to_str().unwrap(),
+    ]);
+    let console = std::path::PathBuf::from(created["console_log"].as_str().unwrap());
+    assert!(
+        wait_until(60, || disk_checks(&read(&console)) >= 2),
+        "the guest never checked its disk twice\n{}\n{}",
+        read(&console),
+        d.log()
+    );
+    let log = read(&console);
+    assert!(
+        log.contains("disk0: 2048 sectors, tar archive of 3 files"),
+        "{log}"
+    );
+    for (name, data) in &files {
+        let line = format!(
+            "disk0: file {name} {} bytes fnv1a {:016x}",
+            data.len(),
+            fnv1a(data)
+        );
+        assert!(log.contains(&line), "missing {line:?}\n{log}");
+    }
+
+    let checks_before = disk_checks(&read(&console));
+    let report = d.cli_json(&["reboot", "--mode", "warm"]);
+    let new_pid = report["new_pid"].as_u64().unwrap() as u32;
+    d.follow_reboot(new_pid);
+    assert!(
+        wait_until(60, || disk_checks(&read(&console)) >= checks_before + 3),
+        "the guest stopped reading its disk after the warm reboot\n{}\n{}",
+        read(&console),
+        d.log()
+    );
+    // Paused (devices too), handed over while paused, resumed: the disk serves again.
+    d.cli_json(&["vm", "pause", "disk-1"]);
+    let report = d.cli_json(&["reboot", "--mode", "warm"]);
+    d.follow_reboot(report["new_pid"].as_u64().unwrap() as u32);
+    d.cli_json(&["vm", "resume", "disk-1"]);
+    let checks = disk_checks(&read(&console));
+    assert!(
+        wait_until(60, || disk_checks(&read(&console)) >= checks + 3),
+        "the disk did not serve after a pause across a warm reboot\n{}\n{}",
+        read(&console),
+        d.log()
+    );
+    let log = read(&console);
+    assert!(!log.contains("MISMATCH"), "{log}");
+    assert!(!log.contains("read failed"), "{log}");
+    assert!(!d.log().contains("virtio protocol"), "{}", d.log());
+
+    let r = d.cli_json(&["vm", "stop", "disk-1", "--grace-secs", "10"]);
+    assert_eq!(r["state"], "powered-off", "{r}");
+    assert_eq!(r["exit_status"], 0, "{r}");
+    d.terminate_adopted();
+    // The guest only read: the image is as it was.
+    assert_eq!(std::fs::read(&image).unwrap(), before_image);
+}
+
+/// Guests that break the virtio protocol in each way fail only their own disk: the
+/// device is marked DEVICE_NEEDS_RESET (and counted), their image is untouched, the
+/// daemon answers, and a healthy VM beside them keeps verifying its RAM and its disk.
+#[test]
+fn hostile_guests_fail_only_their_own_disk() {
+    if !warmvm_vmm::testing::kvm_available("hostile_guests_fail_only_their_own_disk") {
+        return;
+    }
+    let dir = scratch("hostile");
+    let files = vec![("index.html", noise(5000, 3))];
+    let image = tar_image(&files, 256);
+    let d = Daemon::start(&dir, &[]);
+    let good_img = dir.join("good.img");
+    std::fs::write(&good_img, &image).unwrap();
+    let good = d.cli_json(&[
+        "vm",
+        "create",
+        "--name",
+        "good",
+        "--memory",
+        "32",
+        "--cmdline",
+        "interval_ms=20 disk_check_ms=100",
+        "--disk",
+        good_img.to_str().unwrap(),
+    ]);
+    let good_console = std::path::PathBuf::from(good["console_log"].as_str().unwrap());
+    let kinds = ["loop", "addr", "len", "index", "status"];
+    let mut consoles = Vec::new();
+    for kind in kinds {
+        let img = dir.join(format!("{kind}.img"));
+        std::fs::write(&img, &image).unwrap();
+        let r = d.cli_json(&[
+            "vm",
+            "create",
+            "--name",
+            &format!("bad-{kind}"),
+            "--memory",
+            "32",
+            "--cmdline",
+            &format!("quiet interval_ms=20 disk_check_ms=0 hostile={kind}"),
+            "--disk",
+            img.to_str().unwrap(),
+        ]);
+        consoles.push((
+            kind,
+            img,
+            std::path::PathBuf::from(r["console_log"].as_str().unwrap()),
+        ));
+    }
+    for (kind, _, console) in &consoles {
+        assert!(
+            wait_until(60, || read(console).contains("the disk needs a reset")),
+            "{kind}: the device did not fail\n{}\n{}",
+            read(console),
+            d.log()
+        );
+    }
+    let metrics = d.client().raw("GET", "/metrics", None).unwrap();
+    let metrics = String::from_utf8_lossy(&metrics.body).into_owned();
+    for (kind, img, _) in &consoles {
+        let line = metrics
+            .lines()
+            .find(|l| {
+                l.starts_with("warmvm_virtio_device_failures_total")
+                    && l.contains(&format!("vm=\"bad-{kind}\""))
+            })
+            .unwrap_or_else(|| panic!("no failure metric for {kind}\n{metrics}"));
+        let n: u64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+        assert!(n >= 1, "{line}");
+        assert_eq!(
+            std::fs::read(img).unwrap(),
+            image,
+            "{kind}: the image changed"
+        );
+    }
+    assert!(
+        metrics.contains("warmvm_virtio_device_failures_total{device=\"disk0\",vm=\"good\"} 0"),
+        "{metrics}"
+    );
+    // The healthy VM goes on checking its disk, and every VM goes on verifying its RAM.
+    let checks = disk_checks(&read(&good_console));
+    assert!(
+        wait_until(30, || disk_checks(&read(&good_console)) >= checks + 3),
+        "the healthy VM stopped checking its disk\n{}",
+        read(&good_console)
+    );
+    let list = d.cli_json(&["vm", "list"]);
+    for vm in list["vms"].as_array().unwrap() {
+        assert_eq!(vm["state"], "running", "{vm}");
+    }
+    for name in [
+        "good",
+        "bad-loop",
+        "bad-addr",
+        "bad-len",
+        "bad-index",
+        "bad-status",
+    ] {
+        let r = d.cli_json(&["vm", "stop", name, "--grace-secs", "10"]);
+        assert_eq!(r["exit_status"], 0, "{name}: {r}");
+        assert_eq!(r["guest"]["mismatches"], 0, "{name}: {r}");
+    }
+    assert!(!read(&good_console).contains("MISMATCH"));
+}
+
+/// A warm reboot that fails after the devices were paused for the capture (the new VMM is
+/// killed while restoring) leaves the disk serving in the old daemon: its worker resumes with
+/// the VM, and the guest's disk checks go on.
+#[test]
+fn a_failed_warm_reboot_resumes_the_disk() {
+    if !warmvm_vmm::testing::kvm_available("a_failed_warm_reboot_resumes_the_disk") {
+        return;
+    }
+    let dir = scratch("blkfail");
+    let image = dir.join("disk.img");
+    std::fs::write(&image, tar_image(&[("a.txt", noise(3000, 5))], 64)).unwrap();
+    let d = Daemon::start_with_env(&dir, &[], &[("WARMVM_FAULT", "new:state:kill")]);
+    let created = d.cli_json(&[
+        "vm",
+        "create",
+        "--name",
+        "disk-1",
+        "--memory",
+        "32",
+        "--cmdline",
+        "interval_ms=20 disk_check_ms=100",
+        "--disk",
+        image.to_str().unwrap(),
+    ]);
+    let console = std::path::PathBuf::from(created["console_log"].as_str().unwrap());
+    assert!(wait_until(60, || disk_checks(&read(&console)) >= 2));
+    let out = d.cli(&["reboot", "--mode", "warm"]);
+    assert!(!out.status.success(), "the reboot was meant to fail");
+    assert_eq!(
+        d.cli_json(&["status"])["pid"],
+        d.pid,
+        "the old daemon serves on"
+    );
+    let checks = disk_checks(&read(&console));
+    assert!(
+        wait_until(30, || disk_checks(&read(&console)) >= checks + 3),
+        "the disk stopped after the failed reboot\n{}\n{}",
+        read(&console),
+        d.log()
+    );
+    assert!(!read(&console).contains("MISMATCH"));
+}
