@@ -22,8 +22,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use warmvm_vmm::handover;
-use warmvm_vmm::{Config, Host, HostError};
+use warmvm_vmm::{AgingConfig, Config, Host, HostError};
 
+use crate::aging::{AgingCarry, Monitor};
 use crate::server::Server;
 use crate::socket::{self, SocketError, SocketFile};
 use crate::state::{ApiState, RebootSetup, TakeoverInfo};
@@ -144,6 +145,11 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
                     .validate(warmvm_vmm::HostLimits::probe())
                     .map_err(|e| DaemonError::Input(e.to_string()))?;
             }
+            if let Some(aging) = &config.aging {
+                aging
+                    .validate()
+                    .map_err(|e| DaemonError::Input(format!("{}: {e}", path.display())))?;
+            }
             Some(config)
         }
         _ => None,
@@ -216,6 +222,12 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
     if let Some(info) = takeover.clone() {
         state.set_last_takeover(info);
     }
+    let monitor = Arc::new(aging_monitor(
+        config.as_ref().and_then(|c| c.aging.clone()),
+        &inherited,
+        takeover.as_ref(),
+    ));
+    state.set_aging(monitor.clone());
     if let Some(config) = config.as_ref().filter(|c| !c.vms.is_empty()) {
         let mut host = state.host().lock().unwrap_or_else(|p| p.into_inner());
         host.create_all(config)?;
@@ -296,6 +308,7 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
     }
 
     start_rejuvenator(state.clone());
+    start_aging_monitor(state.clone(), monitor);
     // A panic of the main loop must not end the process (and the VMs): the panic hook has
     // asked for an emergency warm reboot; until it exits this process, serve on.
     let served = loop {
@@ -362,6 +375,79 @@ fn start_rejuvenator(state: Arc<ApiState>) {
         .spawn(rejuvenate)
     {
         tracing::error!(error = %e, "cannot start the rejuvenation thread; a panic will not move the VMs");
+    }
+}
+
+/// The aging monitor: the config's settings on a fresh start; after a warm reboot, the
+/// settings and history the previous daemon handed over, or (if they are unreadable) the
+/// defaults and an empty history, said in the log: the VMs matter more than the history.
+fn aging_monitor(
+    configured: Option<AgingConfig>,
+    inherited: &serde_json::Value,
+    takeover: Option<&TakeoverInfo>,
+) -> Monitor {
+    let Some(takeover) = takeover else {
+        return Monitor::new(configured.unwrap_or_default(), None, None);
+    };
+    let from = takeover
+        .previous_pid
+        .and_then(|p| u32::try_from(p).ok())
+        .unwrap_or(0);
+    match AgingCarry::decode(inherited.get("aging")) {
+        Ok(carry) => {
+            tracing::info!(
+                samples = carry.history.len(),
+                reboots = carry.reboots.len(),
+                reason = %carry.reason,
+                "aging history taken over"
+            );
+            Monitor::new(
+                carry.config.clone(),
+                Some(carry),
+                Some((from, takeover.host_blackout_us)),
+            )
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "the previous daemon's aging state is unusable; starting with default settings and an empty history");
+            Monitor::new(AgingConfig::default(), None, None)
+        }
+    }
+}
+
+/// Sample every period; when the policy says so, rejuvenate by a warm reboot into a fresh
+/// copy of this binary (on success this process exits; on failure the VMs run on here, the
+/// failure is recorded and the trigger may fire again).
+fn start_aging_monitor(state: Arc<ApiState>, monitor: Arc<Monitor>) {
+    let run = move || loop {
+        std::thread::sleep(monitor.period());
+        if state.rebooting() || state.handed_over() {
+            continue;
+        }
+        let vms = u32::try_from(state.vms().len()).unwrap_or(u32::MAX);
+        let Some(decision) = monitor.tick(vms) else {
+            continue;
+        };
+        match state.rejuvenate(decision.reason.clone()) {
+            Ok(report) => {
+                tracing::info!(
+                    new_pid = report.new_pid,
+                    host_blackout_us = report.host_blackout_us,
+                    reason = %decision.reason,
+                    "rejuvenated: a fresh daemon runs every VM; this one exits"
+                );
+                std::process::exit(0);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, reason = %decision.reason, "rejuvenation failed; the VMs run on here");
+                monitor.record_failure(&decision.reason, &e.message);
+            }
+        }
+    };
+    if let Err(e) = std::thread::Builder::new()
+        .name("warmvm-aging".into())
+        .spawn(run)
+    {
+        tracing::error!(error = %e, "cannot start the aging monitor");
     }
 }
 

@@ -12,6 +12,7 @@
 //! - [`client`]: what the CLI uses to call the API;
 //! - [`schema`]: a small JSON Schema checker for the OpenAPI document's schemas (tests).
 
+pub mod aging;
 pub mod client;
 pub mod daemon;
 pub mod http;

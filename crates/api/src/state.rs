@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use warmvm_vmm::handover::{self, Phase, RebootOptions, RebootReport};
 use warmvm_vmm::{ConfigError, Host, HostError, Lifecycle, Vm, VmConfig, VmError, VmReport};
 
+use crate::aging::{HoldRequest, Monitor, RebootReason};
 use crate::http::{Request, Response, CONTENT_TYPE_METRICS};
 use crate::routes::{route, Op, Routed, ROUTES};
 
@@ -272,6 +273,8 @@ pub struct ApiState {
     /// lock; a warm reboot holds it for writing.
     ops: RwLock<()>,
     last_takeover: OnceLock<TakeoverInfo>,
+    /// The aging monitor, once the daemon has started it.
+    aging: OnceLock<Arc<Monitor>>,
 }
 
 impl ApiState {
@@ -291,7 +294,22 @@ impl ApiState {
             ops: RwLock::new(()),
             connections: AtomicUsize::new(0),
             last_takeover: OnceLock::new(),
+            aging: OnceLock::new(),
         }
+    }
+
+    /// Serve the aging monitor's report and hand its state over on a warm reboot.
+    pub fn set_aging(&self, monitor: Arc<Monitor>) {
+        let _ = self.aging.set(monitor);
+    }
+
+    pub fn aging(&self) -> Option<&Arc<Monitor>> {
+        self.aging.get()
+    }
+
+    fn aging_or_404(&self) -> Result<&Arc<Monitor>, ApiError> {
+        self.aging()
+            .ok_or_else(|| ApiError::new(404, "this daemon runs no aging monitor"))
     }
 
     /// Record how this daemon took its VMs over (shown by `GET /v1/status`).
@@ -352,6 +370,17 @@ impl ApiState {
 
     /// Answer one request. `metrics_only` for the loopback metrics port.
     pub fn handle(&self, req: &Request, metrics_only: bool) -> Response {
+        let started = Instant::now();
+        let response = self.handle_timed(req, metrics_only);
+        if let Some(m) = self.aging() {
+            m.record_latency(started.elapsed());
+        }
+        response
+    }
+
+    fn handle_timed(&self, req: &Request, metrics_only: bool) -> Response {
+        #[cfg(feature = "fault-injection")]
+        std::thread::sleep(crate::aging::inject::request_delay());
         const METRICS_ONLY: &[crate::routes::Route] = &[crate::routes::Route {
             method: "GET",
             path: "/metrics",
@@ -361,6 +390,12 @@ impl ApiState {
         if !metrics_only && req.method == "PUT" && req.path == "/v1/debug/panic" {
             return self
                 .inject_panic(&req.body)
+                .unwrap_or_else(|e| e.response());
+        }
+        #[cfg(feature = "fault-injection")]
+        if !metrics_only && req.method == "PUT" && req.path == "/v1/debug/aging" {
+            return self
+                .inject_aging(&req.body)
                 .unwrap_or_else(|e| e.response());
         }
         let routes = if metrics_only { METRICS_ONLY } else { ROUTES };
@@ -399,6 +434,13 @@ impl ApiState {
             Op::DeleteVm => parse_delete_query(req.query.as_deref())
                 .and_then(|keep_logs| self.delete(name, keep_logs))
                 .map(|r| Response::json(200, &r)),
+            Op::Aging => self
+                .aging_or_404()
+                .map(|m| Response::json(200, &m.report())),
+            Op::AgingHistory => self
+                .aging_or_404()
+                .map(|m| Response::json(200, &m.history())),
+            Op::AgingHold => self.set_hold(&req.body),
             Op::Reboot => self.reboot(&req.body).map(|r| {
                 let mut resp = Response::json(200, &r);
                 resp.then_exit = true;
@@ -635,6 +677,24 @@ impl ApiState {
     /// stays taken for good (nothing here may touch the handed-over VMs again) and the
     /// caller must exit once the answer is sent. On failure the VMs run on here.
     pub fn reboot(&self, body: &[u8]) -> Result<RebootReport, ApiError> {
+        self.reboot_for(body, RebootReason::Manual)
+    }
+
+    /// `PUT /v1/aging/hold`: `{"hold": true|false}`.
+    fn set_hold(&self, body: &[u8]) -> Result<Response, ApiError> {
+        let monitor = self.aging_or_404()?;
+        let req: HoldRequest = serde_json::from_slice(body).map_err(|e| {
+            ApiError::new(
+                400,
+                format!(r#"invalid hold request (expected {{"hold": true|false}}): {e}"#),
+            )
+        })?;
+        monitor.set_hold(req.hold);
+        Ok(Response::json(200, &monitor.report()))
+    }
+
+    /// A warm reboot for `reason`, which the new daemon records in its reboot history.
+    pub fn reboot_for(&self, body: &[u8], reason: RebootReason) -> Result<RebootReport, ApiError> {
         let (req, binary) = Self::parse_reboot(body)?;
         let setup = self.reboot.get().ok_or_else(|| {
             ApiError::new(
@@ -688,11 +748,11 @@ impl ApiState {
             ready_budget: req
                 .ready_budget_ms
                 .map_or(setup.ready_budget, Duration::from_millis),
-            extra: setup.extra.clone(),
+            extra: self.successor_extra(&setup.extra, reason.clone()),
             extra_fds: setup.extra_fds.clone(),
             env: Vec::new(),
         };
-        tracing::info!(binary = %binary.display(), vms = host.vms().len(), "warm reboot");
+        tracing::info!(binary = %binary.display(), vms = host.vms().len(), %reason, "warm reboot");
         match handover::warm_reboot(&host, &opts) {
             Ok(handed) => {
                 self.handed_over.store(true, Ordering::SeqCst);
@@ -754,7 +814,37 @@ impl ApiState {
     /// A warm reboot into this very binary because this process hit a bug (a panic off the
     /// vCPU threads): on success the caller must exit at once.
     pub fn emergency_reboot(&self) -> Result<RebootReport, ApiError> {
-        self.reboot(br#"{"mode": "warm"}"#)
+        self.rejuvenate(RebootReason::Panic)
+    }
+
+    /// A warm reboot into this very binary for `reason` (a bug, aging, the schedule): on
+    /// success the caller must exit at once.
+    pub fn rejuvenate(&self, reason: RebootReason) -> Result<RebootReport, ApiError> {
+        self.reboot_for(br#"{"mode": "warm"}"#, reason)
+    }
+
+    /// The daemon's settings for its successor, plus the aging state and why it reboots.
+    fn successor_extra(&self, base: &serde_json::Value, reason: RebootReason) -> serde_json::Value {
+        let mut extra = base.clone();
+        if let (Some(obj), Some(m)) = (extra.as_object_mut(), self.aging()) {
+            obj.insert("aging".into(), m.carry(reason).encode());
+        }
+        extra
+    }
+
+    /// Tests only (`PUT /v1/debug/aging`, not part of the API): start injected aging.
+    #[cfg(feature = "fault-injection")]
+    fn inject_aging(&self, body: &[u8]) -> Result<Response, ApiError> {
+        let inj: crate::aging::inject::Injection = serde_json::from_slice(body)
+            .map_err(|e| ApiError::new(400, format!("invalid aging injection: {e}")))?;
+        inj.check().map_err(|e| ApiError::new(400, e))?;
+        crate::aging::inject::start(inj)
+            .map_err(|e| ApiError::new(500, format!("cannot start injected aging: {e}")))?;
+        tracing::warn!(?inj, "injected aging started");
+        Ok(Response::json(
+            202,
+            &serde_json::json!({ "injected": true }),
+        ))
     }
 
     /// Stop every VM (each gets `grace` to power off) and refuse new ones from now on.
