@@ -227,6 +227,9 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
         &inherited,
         takeover.as_ref(),
     ));
+    // The handed-over settings, history included, have been decoded: do not keep the JSON
+    // tree for the process's lifetime (it would count as the new daemon's own memory).
+    drop(inherited);
     state.set_aging(monitor.clone());
     if let Some(config) = config.as_ref().filter(|c| !c.vms.is_empty()) {
         let mut host = state.host().lock().unwrap_or_else(|p| p.into_inner());

@@ -111,6 +111,13 @@ pub enum Command {
     Vm(VmCommand),
     /// Show the daemon's version, pid, uptime and VM count.
     Status,
+    /// Show the daemon's aging monitor: each resource's trend, slope and estimated time to
+    /// exhaustion, the last and the next action, the warm reboots and their reasons; or
+    /// hold or release rejuvenation.
+    Aging {
+        #[command(subcommand)]
+        action: Option<crate::aging::AgingAction>,
+    },
     /// Print a shell completion script for warmvm on standard output, e.g.
     /// `warmvm completions bash > /etc/bash_completion.d/warmvm`.
     Completions {
@@ -384,6 +391,7 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
         Command::Reboot { mode, binary } => crate::client::reboot(mode, binary, &api),
         Command::Vm(cmd) => crate::client::vm(cmd, &api),
         Command::Status => crate::client::status(&api),
+        Command::Aging { action } => crate::aging::aging(action, &api),
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut cmd, "warmvm", &mut std::io::stdout());

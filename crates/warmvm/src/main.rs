@@ -1,5 +1,6 @@
 //! The `warmvm` command.
 
+mod aging;
 mod bench;
 mod bench_daemon;
 mod bench_faults;

@@ -142,7 +142,7 @@ impl Detectors {
         sample
             .values
             .iter()
-            .map(|(&m, &v)| self.assess(m, v, limits.get(&m).copied()))
+            .map(|(m, v)| self.assess(m, v, limits.get(&m).copied()))
             .collect()
     }
 

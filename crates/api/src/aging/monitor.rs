@@ -86,9 +86,10 @@ impl Monitor {
         let mut inner = Inner {
             detectors: Detectors::new(&cfg),
             hold: cfg.hold,
+            // Preallocated, so that the monitor's memory stays flat as they fill.
+            history: VecDeque::with_capacity(cfg.history as usize),
+            events: VecDeque::with_capacity(MAX_EVENTS),
             cfg,
-            history: VecDeque::new(),
-            events: VecDeque::new(),
             reboots: Vec::new(),
             limits,
             last: Vec::new(),
@@ -97,8 +98,8 @@ impl Monitor {
         };
         if let Some(c) = carried {
             inner.hold = c.hold;
-            inner.history = c.history.into();
-            inner.events = c.events.into();
+            inner.history.extend(c.history);
+            inner.events.extend(c.events);
             inner.reboots = c.reboots;
             if let Some((from_pid, host_blackout_us)) = takeover {
                 inner.reboots.push(RebootRecord {

@@ -84,7 +84,81 @@ pub struct Sample {
     pub t_ms: u64,
     pub pid: u32,
     pub vms: u32,
-    pub values: BTreeMap<Metric, f64>,
+    pub values: Values,
+}
+
+/// The figures of one sample, each absent when it could not be read. Inline fields rather
+/// than a map: the history is a preallocated ring of these, so the monitor's own memory does
+/// not grow with it (it would look like a leak of the process it watches).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Values {
+    // Absent means "not measured" (e.g. the latency before 100 requests), not a default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    heap_in_use_bytes: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    heap_resident_bytes: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    rss_anon_bytes: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    open_fds: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    threads: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    mappings: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    api_latency_p99_ms: Option<f64>,
+}
+
+impl Values {
+    fn slot(&mut self, m: Metric) -> &mut Option<f64> {
+        match m {
+            Metric::HeapInUseBytes => &mut self.heap_in_use_bytes,
+            Metric::HeapResidentBytes => &mut self.heap_resident_bytes,
+            Metric::RssAnonBytes => &mut self.rss_anon_bytes,
+            Metric::OpenFds => &mut self.open_fds,
+            Metric::Threads => &mut self.threads,
+            Metric::Mappings => &mut self.mappings,
+            Metric::ApiLatencyP99Ms => &mut self.api_latency_p99_ms,
+        }
+    }
+
+    pub fn get(&self, m: &Metric) -> Option<&f64> {
+        match m {
+            Metric::HeapInUseBytes => self.heap_in_use_bytes.as_ref(),
+            Metric::HeapResidentBytes => self.heap_resident_bytes.as_ref(),
+            Metric::RssAnonBytes => self.rss_anon_bytes.as_ref(),
+            Metric::OpenFds => self.open_fds.as_ref(),
+            Metric::Threads => self.threads.as_ref(),
+            Metric::Mappings => self.mappings.as_ref(),
+            Metric::ApiLatencyP99Ms => self.api_latency_p99_ms.as_ref(),
+        }
+    }
+
+    pub fn insert(&mut self, m: Metric, v: f64) {
+        *self.slot(m) = Some(v);
+    }
+
+    pub fn contains_key(&self, m: &Metric) -> bool {
+        self.get(m).is_some()
+    }
+
+    /// The figures present, in [`Metric::ALL`] order.
+    pub fn iter(&self) -> impl Iterator<Item = (Metric, f64)> + '_ {
+        Metric::ALL
+            .into_iter()
+            .filter_map(|m| self.get(&m).map(|v| (m, *v)))
+    }
+}
+
+impl FromIterator<(Metric, f64)> for Values {
+    fn from_iter<I: IntoIterator<Item = (Metric, f64)>>(iter: I) -> Self {
+        let mut v = Values::default();
+        for (m, x) in iter {
+            v.insert(m, x);
+        }
+        v
+    }
 }
 
 /// Milliseconds since the Unix epoch.
@@ -111,7 +185,7 @@ fn status_kib(status: &str, key: &str) -> Option<u64> {
 
 /// Read every figure of this process now; `api_p99_ms` comes from the server's timings.
 pub fn read(vms: u32, api_p99_ms: Option<f64>) -> Sample {
-    let mut values = BTreeMap::new();
+    let mut values = Values::default();
     let (in_use, resident) = heap();
     values.insert(Metric::HeapInUseBytes, in_use as f64);
     values.insert(Metric::HeapResidentBytes, resident as f64);

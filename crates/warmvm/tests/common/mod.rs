@@ -44,13 +44,45 @@ impl Daemon {
 
     /// Start a daemon with extra environment variables.
     pub fn start_with_env(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Daemon {
+        Self::start_limited(dir, extra, env, None)
+    }
+
+    /// Start a daemon whose soft RLIMIT_NOFILE is `nofile` (if given): a limit to exhaust.
+    pub fn start_limited(
+        dir: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+        nofile: Option<u64>,
+    ) -> Daemon {
         let socket = dir.join("api.sock");
         let notify_path = dir.join("notify.sock");
         let _ = std::fs::remove_file(&notify_path);
         let notify = UnixDatagram::bind(&notify_path).unwrap();
         notify.set_read_timeout(Some(READY_TIMEOUT)).unwrap();
         let log = std::fs::File::create(dir.join("daemon.log")).unwrap();
-        let child = Command::new(BIN)
+        let mut cmd = Command::new(BIN);
+        if let Some(n) = nofile {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: runs in the forked child before exec; getrlimit and setrlimit are
+            // async-signal-safe and touch only the child.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let mut rl = libc::rlimit {
+                        rlim_cur: 0,
+                        rlim_max: 0,
+                    };
+                    if libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    rl.rlim_cur = n.min(rl.rlim_max);
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &rl) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                })
+            };
+        }
+        let child = cmd
             .args(["--log-level", "debug", "daemon", "--socket"])
             .arg(&socket)
             .arg("--state-dir")
