@@ -36,6 +36,11 @@ pub struct AgingConfig {
     pub cusum_h: f64,
     /// Consecutive signalling samples before a change counts ("fires and stays").
     pub cusum_persist: u32,
+    /// A change counts only once the resource has used this share of its headroom (limit
+    /// minus baseline), or grown by this share of its baseline when it has no limit: a
+    /// small, slow leak is left to the trend test and its time to exhaustion instead of
+    /// costing a reboot every time it is noticed.
+    pub change_min_fraction: f64,
     /// Time-based rejuvenation: warm-reboot once the process has run this long.
     pub schedule_secs: Option<u64>,
     /// Most rejuvenations per rolling hour (across warm reboots).
@@ -66,6 +71,7 @@ impl Default for AgingConfig {
             cusum_k: 0.5,
             cusum_h: 10.0,
             cusum_persist: 5,
+            change_min_fraction: 0.25,
             schedule_secs: None,
             max_per_hour: 2,
             maintenance_windows: Vec::new(),
@@ -163,6 +169,14 @@ impl AgingConfig {
             return Err(AgingConfigError(format!(
                 "confidence = {} is out of range: use 0.5 to 0.999...",
                 self.confidence
+            )));
+        }
+        if !(self.change_min_fraction.is_finite()
+            && (0.0..=10.0).contains(&self.change_min_fraction))
+        {
+            return Err(AgingConfigError(format!(
+                "change_min_fraction = {} is out of range: use 0 to 10",
+                self.change_min_fraction
             )));
         }
         for (name, v) in [("cusum_k", self.cusum_k), ("cusum_h", self.cusum_h)] {

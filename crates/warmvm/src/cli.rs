@@ -48,6 +48,9 @@ pub enum BenchCommand {
     WarmReboot(crate::bench::WarmRebootArgs),
     /// Randomised fault-injection trials of the daemon's warm reboot (a fault-injection build).
     Faults(crate::bench_faults::FaultsArgs),
+    /// Aging detection: live leaks (a fault-injection build), leak rates and false positives
+    /// in accelerated time over recorded noise, against time-based rejuvenation; with plots.
+    Aging(crate::bench_aging::AgingArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -365,6 +368,12 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
         } => {
             args.json = api.json;
             crate::bench_faults::faults(&args)
+        }
+        Command::Bench {
+            what: BenchCommand::Aging(mut args),
+        } => {
+            args.json = api.json;
+            crate::bench_aging::aging(&args)
         }
         Command::Demo(mut args) => {
             args.json = api.json;

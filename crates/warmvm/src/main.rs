@@ -2,6 +2,9 @@
 
 mod aging;
 mod bench;
+mod bench_aging;
+mod bench_aging_plot;
+mod bench_aging_sim;
 mod bench_daemon;
 mod bench_faults;
 mod cli;

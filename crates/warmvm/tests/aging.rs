@@ -249,14 +249,14 @@ fn a_heap_leak_makes_the_daemon_rejuvenate_itself_before_its_memory_budget() {
 
 #[test]
 fn an_fd_leak_makes_the_daemon_rejuvenate_itself_before_rlimit_nofile() {
-    // 5 fds/s against a soft limit of 256.
+    // 10 fds/s against a soft limit of 512: under a minute to exhaustion.
     a_leak_is_rejuvenated_before_the_limit(
         "aging-fds",
         "fds_per_sec",
-        5.0,
-        256.0,
+        10.0,
+        512.0,
         &["open_fds"],
-        Some(256),
+        Some(512),
         "",
     );
 }

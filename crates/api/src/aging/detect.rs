@@ -169,8 +169,15 @@ impl Detectors {
             cusum: chart.map(|c| c.cusum.c),
             change_samples: chart.map_or(0, |c| c.signalling),
             exhausting: false,
-            changed: chart.is_some_and(|c| c.signalling >= cfg.cusum_persist),
+            changed: false,
         };
+        if let (Some(c), Some(base)) = (chart, a.baseline) {
+            let material = match limit {
+                Some(l) => value - base >= cfg.change_min_fraction * (l - base),
+                None => value - base >= cfg.change_min_fraction * base.abs(),
+            };
+            a.changed = c.signalling >= cfg.cusum_persist && material;
+        }
         if xs.len() < cfg.min_samples as usize {
             return a;
         }
@@ -211,6 +218,7 @@ mod tests {
             min_samples: 15,
             baseline_samples: 10,
             horizon_secs: 180,
+            change_min_fraction: 0.1,
             ..AgingConfig::default()
         }
     }
@@ -239,7 +247,7 @@ mod tests {
                 .push(&sample(t, 1, 40.0 + t as f64 + wobble), &limits(200.0))
                 .pop();
         }
-        let a = last.unwrap();
+        let a = last.take().unwrap();
         let slope = a.slope_per_sec.unwrap();
         assert!((slope - 1.0).abs() < 0.05, "{a:?}");
         let tte = a.exhaustion_secs.unwrap();
@@ -248,6 +256,15 @@ mod tests {
         assert!(a.exhaustion_secs_conservative.unwrap() >= tte);
         assert!(a.exhausting, "{a:?}");
         assert!(a.changed, "the CUSUM sees the climb too: {a:?}");
+        // The same climb against a far limit is not yet a material change.
+        let mut d = Detectors::new(&cfg());
+        for t in 0..30 {
+            last = d
+                .push(&sample(t, 1, 40.0 + t as f64), &limits(2000.0))
+                .pop();
+        }
+        let a = last.unwrap();
+        assert!(a.change_samples >= 5 && !a.changed, "{a:?}");
     }
 
     #[test]
