@@ -63,8 +63,11 @@ pub struct AgingArgs {
     #[arg(long, value_delimiter = ',', default_value = "5,20,100")]
     pub fds_per_hour: Vec<f64>,
     /// Live heap leak rates, MiB per second (a fault-injection build; empty for none).
-    #[arg(long, value_delimiter = ',', default_value = "2,8")]
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
     pub live_heap_mib_per_sec: Vec<f64>,
+    /// Skip the live leaks.
+    #[arg(long)]
+    pub no_live: bool,
     /// Time-based schedules to compare with, in hours.
     #[arg(long, value_delimiter = ',', default_value = "6,24,168")]
     pub schedule_hours: Vec<f64>,
@@ -386,7 +389,13 @@ pub fn aging(a: &AgingArgs) -> Result<ExitCode, Failure> {
     let recorded = record(&exe, &scratch.join("record"), a).map_err(host_err)?;
     let mut live = Vec::new();
     let mut live_note = None;
-    for (i, rate) in a.live_heap_mib_per_sec.iter().enumerate() {
+    let live_rates: &[f64] = if a.no_live {
+        live_note = Some("skipped (--no-live)");
+        &[]
+    } else {
+        &a.live_heap_mib_per_sec
+    };
+    for (i, rate) in live_rates.iter().enumerate() {
         match live_leak(&exe, &scratch.join(format!("live-{i}")), *rate).map_err(host_err)? {
             Some(r) => live.push(r),
             None => {
