@@ -37,9 +37,9 @@ pub struct AgingConfig {
     /// Consecutive signalling samples before a change counts ("fires and stays").
     pub cusum_persist: u32,
     /// A change counts only once the resource has used this share of its headroom (limit
-    /// minus baseline), or grown by this share of its baseline when it has no limit: a
-    /// small, slow leak is left to the trend test and its time to exhaustion instead of
-    /// costing a reboot every time it is noticed.
+    /// minus baseline): a small, slow leak is left to the trend test and its time to
+    /// exhaustion instead of costing a reboot every time it is noticed. A resource without
+    /// a limit never triggers by a change.
     pub change_min_fraction: f64,
     /// Time-based rejuvenation: warm-reboot once the process has run this long.
     pub schedule_secs: Option<u64>,

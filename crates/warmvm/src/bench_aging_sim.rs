@@ -153,7 +153,7 @@ pub struct SimRun {
     pub exhaustions: u32,
     /// The leaking resource over time (hours, value), thinned for plots.
     pub trace: Vec<(f64, f64)>,
-    /// The first process's leaking resource: its baseline, and its value at the trigger.
+    /// The first warm reboot: when, with how much time left, and why.
     pub first_trigger: Option<FirstTrigger>,
 }
 
@@ -165,9 +165,6 @@ pub struct FirstTrigger {
     pub lead_hours: f64,
     pub value: f64,
     pub reason: String,
-    /// The new process's first sample over the first process's post-start baseline (1.0:
-    /// back; the leak starts again in the new process from there).
-    pub baseline_after_ratio: Option<f64>,
 }
 
 /// Simulate `hours` of a daemon sampled every `cfg.period_ms`, with `leak` from `leak_from`
@@ -196,8 +193,6 @@ pub fn simulate(
         first_trigger: None,
     };
     let trace_every = (steps / 2000).max(1);
-    let mut first_baseline: Option<f64> = None;
-    let mut want_after_baseline = false;
     for step in 0..steps {
         let t = step as f64 * period_h;
         let mut values = replay.next();
@@ -227,20 +222,6 @@ pub fn simulate(
             values,
         };
         let assessments = det.push(&sample, limits);
-        if first_baseline.is_none() {
-            first_baseline = det.baselines().get(&watched).copied();
-        }
-        if want_after_baseline {
-            // The new process's first sample, before its own leak has grown.
-            if let (Some(v), Some(before), Some(ft)) = (
-                sample.values.get(&watched).copied(),
-                first_baseline,
-                run.first_trigger.as_mut(),
-            ) {
-                ft.baseline_after_ratio = Some(v / before);
-            }
-            want_after_baseline = false;
-        }
         if exhausted {
             // The process dies of it, with its VMs; a new one starts from scratch.
             run.exhaustions += 1;
@@ -271,9 +252,7 @@ pub fn simulate(
                 lead_hours,
                 value,
                 reason: d.reason.to_string(),
-                baseline_after_ratio: None,
             });
-            want_after_baseline = true;
         }
         run.reboots.push(Trigger {
             t_hours: t,
@@ -332,8 +311,6 @@ mod tests {
         let first = run.first_trigger.expect("the leak is caught");
         assert_eq!(run.exhaustions, 0);
         assert!(first.lead_hours >= 1.0, "{first:?}");
-        // The flat recording replays at 22 fds: the new process starts where the first did.
-        assert_eq!(first.baseline_after_ratio, Some(1.0));
         let quiet = simulate(&cfg(), &limits, &rec, None, 0.0, 48.0, 2);
         assert!(quiet.reboots.is_empty(), "{:?}", quiet.reboots);
     }

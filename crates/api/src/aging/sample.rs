@@ -246,8 +246,14 @@ pub fn limits(
     {
         limits.insert(Metric::OpenFds, rl.rlim_cur as f64);
     }
-    if let Some(p) = cgroup_value("pids.max") {
-        limits.insert(Metric::Threads, p);
+    // The cgroup's pids.max, else the kernel's threads-max.
+    let threads = cgroup_value("pids.max").or_else(|| {
+        std::fs::read_to_string("/proc/sys/kernel/threads-max")
+            .ok()
+            .and_then(|s| s.trim().parse::<f64>().ok())
+    });
+    if let Some(t) = threads {
+        limits.insert(Metric::Threads, t);
     }
     if let Some(m) = std::fs::read_to_string("/proc/sys/vm/max_map_count")
         .ok()

@@ -141,8 +141,11 @@ fn pairwise_slopes(x: &[f64]) -> Vec<f64> {
 
 /// Sen's slope (per sample) and pymannkendall's intercept: median(x) - median(0..n) * slope.
 pub fn sens_slope(x: &[f64]) -> (f64, f64) {
-    let mut d = pairwise_slopes(x);
-    let slope = median(&mut d);
+    sens_slope_sorted(x, &mut pairwise_slopes(x))
+}
+
+fn sens_slope_sorted(x: &[f64], sorted_slopes: &mut [f64]) -> (f64, f64) {
+    let slope = median(sorted_slopes);
     let mut xs = x.to_vec();
     let mid = (x.len() as f64 - 1.0) / 2.0;
     (slope, median(&mut xs) - mid * slope)
@@ -152,7 +155,10 @@ pub fn sens_slope(x: &[f64]) -> (f64, f64) {
 /// the order statistics of the pairwise slopes at (N ∓ z·sqrt(var_s))/2, with `var_s` the
 /// variance of S the caller trusts (corrected for autocorrelation or not).
 pub fn sens_slope_interval(x: &[f64], var_s: f64, confidence: f64) -> (f64, f64) {
-    let d = pairwise_slopes(x);
+    interval_of(&pairwise_slopes(x), var_s, confidence)
+}
+
+fn interval_of(d: &[f64], var_s: f64, confidence: f64) -> (f64, f64) {
     if d.is_empty() {
         return (f64::NAN, f64::NAN);
     }
@@ -177,12 +183,16 @@ pub struct Trend {
     /// Sen's slope and intercept, per sample.
     pub slope: f64,
     pub intercept: f64,
+    /// The interval of Sen's slope at the confidence asked for, from the corrected Var(S)
+    /// ([`sens_slope_interval`]).
+    pub slope_low: f64,
+    pub slope_high: f64,
 }
 
 /// Mann-Kendall with Hamed and Rao's (1998) variance correction: the series is detrended by
 /// Sen's slope, its ranks' significant autocorrelations (outside ±z/sqrt(n) at `alpha`)
 /// inflate Var(S) by n/n*. As pymannkendall's `hamed_rao_modification_test(x, alpha)`,
-/// all lags. None below 3 samples.
+/// all lags. None below 3 samples. The slope's interval is at confidence 1 - alpha.
 pub fn hamed_rao(x: &[f64], alpha: f64) -> Option<Trend> {
     let n = x.len();
     if n < 3 {
@@ -192,7 +202,8 @@ pub fn hamed_rao(x: &[f64], alpha: f64) -> Option<Trend> {
     let s = mk_score(x);
     let mut var_s = mk_variance(x);
     let tau = s / (0.5 * nf * (nf - 1.0));
-    let (slope, intercept) = sens_slope(x);
+    let mut slopes = pairwise_slopes(x);
+    let (slope, intercept) = sens_slope_sorted(x, &mut slopes);
     let detrended: Vec<f64> = x
         .iter()
         .enumerate()
@@ -217,6 +228,7 @@ pub fn hamed_rao(x: &[f64], alpha: f64) -> Option<Trend> {
         (s + 1.0) / var_s.sqrt()
     };
     let p = 2.0 * (1.0 - normal_cdf(z.abs()));
+    let (slope_low, slope_high) = interval_of(&slopes, var_s, 1.0 - alpha);
     Some(Trend {
         s,
         var_s,
@@ -225,6 +237,8 @@ pub fn hamed_rao(x: &[f64], alpha: f64) -> Option<Trend> {
         tau,
         slope,
         intercept,
+        slope_low,
+        slope_high,
     })
 }
 
@@ -320,6 +334,12 @@ mod tests {
         let (lo, hi) = sens_slope_interval(&SERIES_A, mk_variance(&SERIES_A), 0.90);
         assert!(close(lo, 0.37692307692307697, 1e-12), "{lo}");
         assert!(close(hi, 0.45454545454545453, 1e-12), "{hi}");
+        // The trend test's own interval is the same computation over its corrected Var(S).
+        let t = hamed_rao(&SERIES_A, 0.10).unwrap();
+        assert_eq!(
+            (t.slope_low, t.slope_high),
+            sens_slope_interval(&SERIES_A, t.var_s, 0.90)
+        );
     }
 
     #[test]
