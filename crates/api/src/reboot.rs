@@ -232,7 +232,6 @@ impl ApiState {
         }
         extra
     }
-
 }
 
 /// Why `path` cannot be the new daemon's binary, if it cannot.
@@ -286,5 +285,4 @@ mod tests {
         let e = ApiState::parse_reboot(br#"{"mode": "cold"}"#).unwrap_err();
         assert!(e.message.contains("only mode is \"warm\""), "{}", e.message);
     }
-
 }

@@ -443,7 +443,15 @@ pub fn aging(a: &AgingArgs) -> Result<ExitCode, Failure> {
             .iter()
             .enumerate()
             .map(|(i, l)| {
-                simulate(&cfg, &limits, rec, Some(*l), leak_from, a.leak_days * 24.0, 100 + i as u64)
+                simulate(
+                    &cfg,
+                    &limits,
+                    rec,
+                    Some(*l),
+                    leak_from,
+                    a.leak_days * 24.0,
+                    100 + i as u64,
+                )
             })
             .collect();
         (quiet.join(), runs)

@@ -38,7 +38,10 @@ fn the_aging_bench_prints_its_table_and_json_and_draws_its_plots() {
     let (ok, stdout, stderr) = bench(&dir, true);
     assert!(ok, "{stderr}");
     let doc: Value = serde_json::from_str(&stdout).expect("--json prints JSON");
-    assert!(doc["recording"]["samples"].as_u64().unwrap() >= 20, "{doc:#}");
+    assert!(
+        doc["recording"]["samples"].as_u64().unwrap() >= 20,
+        "{doc:#}"
+    );
     assert!(doc["warm_reboot_blackout_ms"].as_f64().unwrap() > 0.0);
     // The live leak ran in this fault-injection build and rejuvenated the daemon.
     let live = &doc["live"][0];
