@@ -316,3 +316,45 @@ fn in_dry_run_a_leak_only_raises_an_alert() {
 fn log_says_rebooted(d: &Daemon) -> bool {
     d.log().contains("rejuvenating by a warm reboot")
 }
+
+/// The other kinds of injected aging show in the samples: leaked threads, a fragmented heap
+/// (the allocator holds more than the program uses), and slower API requests.
+#[test]
+fn injected_threads_fragmentation_and_latency_show_in_the_samples() {
+    if !warmvm_vmm::testing::kvm_available("aging kinds") {
+        return;
+    }
+    let d = daemon_with_vms("aging-kinds", "dry_run = true", None);
+    let value = |m: &str| -> f64 {
+        aging(&d)["metrics"]
+            .as_array()
+            .and_then(|ms| ms.iter().find(|x| x["metric"] == m))
+            .and_then(|x| x["value"].as_f64())
+            .unwrap_or(0.0)
+    };
+    baseline(&d, "threads");
+    let threads = value("threads");
+    let gap = value("heap_resident_bytes") - value("heap_in_use_bytes");
+    inject(
+        &d,
+        json!({ "threads_per_sec": 20, "fragment_bytes_per_sec": 8u64 << 20, "latency_ms": 5 }),
+    );
+    // Enough requests for a p99 (from 100 on), each at least 5 ms now.
+    for _ in 0..120 {
+        d.client().status().expect("status");
+    }
+    let grew = wait_until(30, || {
+        value("threads") >= threads + 20.0
+            && value("heap_resident_bytes") - value("heap_in_use_bytes")
+                >= gap + (4u64 << 20) as f64
+            && value("api_latency_p99_ms") >= 5.0
+    });
+    assert!(
+        grew,
+        "threads {threads} -> {}, fragmentation {gap} -> {}, p99 {} ms\n{}",
+        value("threads"),
+        value("heap_resident_bytes") - value("heap_in_use_bytes"),
+        value("api_latency_p99_ms"),
+        d.log()
+    );
+}

@@ -18,8 +18,8 @@ pub struct Injection {
     pub heap_bytes_per_sec: u64,
     pub fds_per_sec: u64,
     pub threads_per_sec: u64,
-    /// Heap allocated in small blocks of which only one in 16 is kept: the allocator holds
-    /// about this much more per second than the program uses.
+    /// Heap allocated in small blocks of which every other one is freed, in holes no later
+    /// request fits: the allocator holds about half of this per second unused.
     pub fragment_bytes_per_sec: u64,
     pub latency_ms: u64,
 }
@@ -93,10 +93,14 @@ fn leak(inj: Injection) {
         }
         let frag = due(inj.fragment_bytes_per_sec, tick) as usize;
         if frag > 0 {
-            let blocks: Vec<Box<[u8]>> = (0..frag / 512)
-                .map(|i| vec![i as u8; 512].into_boxed_slice())
+            // Every other block is freed; the blocks grow from tick to tick, so no later
+            // request fits a hole left before and the holes never coalesce (a kept block
+            // sits between any two): half of it stays held by the allocator, unused.
+            let size = 256 + 32 * (tick % 2000) as usize;
+            let blocks: Vec<Box<[u8]>> = (0..frag / size)
+                .map(|i| vec![i as u8; size].into_boxed_slice())
                 .collect();
-            kept.extend(blocks.into_iter().step_by(16));
+            kept.extend(blocks.into_iter().step_by(2));
         }
         for _ in 0..due(inj.fds_per_sec, tick) {
             match std::fs::File::open("/dev/null") {
