@@ -651,3 +651,67 @@ fn rebind(socket_path: &Path) -> (UnixListener, SocketFile) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::aging::RebootReason;
+
+    fn takeover() -> TakeoverInfo {
+        TakeoverInfo {
+            previous_pid: Some(41),
+            from_build: "a".into(),
+            to_build: "b".into(),
+            state_format: 3,
+            commit_protocol: true,
+            host_blackout_us: 700,
+        }
+    }
+
+    #[test]
+    fn a_takeover_continues_the_handed_over_history_and_settings() {
+        let cfg = AgingConfig {
+            period_ms: 500,
+            ..AgingConfig::default()
+        };
+        let old = Monitor::new(cfg, None, None);
+        old.tick(0);
+        let extra = serde_json::json!({ "aging": old.carry(RebootReason::Manual).encode() });
+        let new = aging_monitor(None, &extra, Some(&takeover()));
+        let r = new.report();
+        assert_eq!(r.period_ms, 500);
+        assert_eq!(r.history_len, 1);
+        assert_eq!(r.reboots.len(), 1);
+        assert_eq!(r.reboots[0].from_pid, 41);
+        assert_eq!(r.reboots[0].host_blackout_us, 700);
+    }
+
+    #[test]
+    fn unreadable_aging_state_means_defaults_and_an_empty_history_not_a_failed_takeover() {
+        let old = Monitor::new(AgingConfig::default(), None, None);
+        old.tick(0);
+        let mut carry = old.carry(RebootReason::Panic).encode();
+        carry.as_object_mut().unwrap().remove("history");
+        for extra in [
+            serde_json::json!({ "aging": carry }),
+            serde_json::json!({ "previous_pid": 41 }),
+            serde_json::Value::Null,
+        ] {
+            let m = aging_monitor(None, &extra, Some(&takeover()));
+            let r = m.report();
+            assert_eq!(r.history_len, 0, "{extra}");
+            assert!(r.reboots.is_empty());
+            assert_eq!(r.config, AgingConfig::default());
+        }
+    }
+
+    #[test]
+    fn a_fresh_daemon_takes_the_configured_settings() {
+        let cfg = AgingConfig {
+            dry_run: true,
+            ..AgingConfig::default()
+        };
+        let m = aging_monitor(Some(cfg.clone()), &serde_json::Value::Null, None);
+        assert_eq!(m.config(), cfg);
+    }
+}

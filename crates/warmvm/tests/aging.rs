@@ -358,3 +358,98 @@ fn injected_threads_fragmentation_and_latency_show_in_the_samples() {
         d.log()
     );
 }
+
+/// Time-based rejuvenation, held and released from the CLI: while on hold the schedule's
+/// trigger is recorded as skipped; once released the daemon warm-reboots with the reason
+/// `schedule`, and the hold's state and the history cross the reboot.
+#[test]
+fn the_schedule_waits_for_a_hold_to_be_released() {
+    if !warmvm_vmm::testing::kvm_available("aging schedule") {
+        return;
+    }
+    let mut d = daemon_with_vms("aging-sched", "schedule_secs = 10\nhold = true", None);
+    let old_pid = d.pid;
+    let mut skipped = Value::Null;
+    assert!(
+        wait_until(30, || {
+            skipped = aging(&d)["events"]
+                .as_array()
+                .and_then(|e| e.iter().find(|e| e["action"] == "skip").cloned())
+                .unwrap_or(Value::Null);
+            !skipped.is_null()
+        }),
+        "no skipped trigger\n{}",
+        d.log()
+    );
+    assert_eq!(skipped["reason"]["kind"], "schedule", "{skipped}");
+    assert!(
+        skipped["detail"].as_str().unwrap_or("").contains("on hold"),
+        "{skipped}"
+    );
+    assert_eq!(d.client().status().unwrap()["pid"], old_pid);
+    let out = d.cli(&["aging", "release", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let released: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(released["hold"], false, "{released}");
+    let new_pid = new_daemon_pid(&d, old_pid, 30)
+        .unwrap_or_else(|| panic!("no scheduled rejuvenation\n{}", d.log()));
+    d.follow_reboot(new_pid);
+    let report = aging(&d);
+    let reboot = report["reboots"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .clone();
+    assert_eq!(reboot["reason"]["kind"], "schedule", "{reboot}");
+    assert_eq!(
+        report["hold"], false,
+        "the released hold crosses the reboot"
+    );
+    assert_eq!(
+        report["events"].as_array().unwrap().last().unwrap()["action"],
+        "reboot",
+        "{report}"
+    );
+    // Put it on hold again before it reboots once more, then stop it.
+    let out = d.cli(&["aging", "hold"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("hold yes"));
+    d.terminate_adopted();
+}
+
+/// A bad `[aging]` table stops the daemon before it starts anything: one line, status 2.
+#[test]
+fn a_bad_aging_setting_is_refused_at_start_up() {
+    let dir = scratch("aging-bad");
+    for (body, needle) in [
+        ("[aging]\nperiod_ms = 1\n", "period_ms = 1 is out of range"),
+        ("[aging]\nperod_ms = 100\n", "unknown field `perod_ms`"),
+        (
+            "[aging]\nmaintenance_windows = [\"9-5\"]\n",
+            "maintenance window \"9-5\"",
+        ),
+    ] {
+        let cfg = dir.join("bad.toml");
+        std::fs::write(&cfg, body).unwrap();
+        let out = std::process::Command::new(BIN)
+            .args(["daemon", "--socket"])
+            .arg(dir.join("s.sock"))
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .arg("--config")
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains(needle), "{needle}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+        assert!(!dir.join("s.sock").exists(), "nothing was started");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
