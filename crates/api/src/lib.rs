@@ -5,6 +5,8 @@
 //! - [`state`]: the daemon's state (a [`warmvm_vmm::Host`] behind a mutex) and what each
 //!   operation does, with the mapping of VMM errors to HTTP statuses;
 //! - [`metrics`]: the Prometheus text;
+//! - [`reboot`]: warm reboots of the daemon (by request, on a panic, for aging) and why;
+//! - [`aging`]: the aging monitor, its detectors and its rejuvenation policy;
 //! - [`server`]: the poll loop over the API socket and the loopback metrics port;
 //! - [`socket`]: binding (mode 0600, live/stale detection), adopting an inherited listener fd,
 //!   and sd_notify;
@@ -12,10 +14,12 @@
 //! - [`client`]: what the CLI uses to call the API;
 //! - [`schema`]: a small JSON Schema checker for the OpenAPI document's schemas (tests).
 
+pub mod aging;
 pub mod client;
 pub mod daemon;
 pub mod http;
 pub mod metrics;
+pub mod reboot;
 pub mod routes;
 pub mod schema;
 pub mod server;

@@ -445,7 +445,95 @@ pub fn render(state: &ApiState) -> String {
             f.int(&[("vm", &s.vm.name()), ("vcpu", &i)], v.pages_verified);
         }
     }
+    if let Some(m) = state.aging() {
+        aging(&mut o, m);
+    }
     encode(o)
+}
+
+/// The aging monitor's latest assessment, its decisions, and the reboots it knows of.
+fn aging(o: &mut Scrape, m: &crate::aging::Monitor) {
+    use crate::aging::Assessment;
+    use Kind::{Counter, Gauge};
+    let report = m.report();
+    type PerMetric = (&'static str, &'static str, fn(&Assessment) -> Option<f64>);
+    let per_metric: [PerMetric; 7] = [
+        (
+            "warmvm_aging_value",
+            "The latest sample of a resource the aging monitor watches.",
+            |a| Some(a.value),
+        ),
+        (
+            "warmvm_aging_baseline",
+            "The resource's mean over the first samples after the last (re)start.",
+            |a| a.baseline,
+        ),
+        (
+            "warmvm_aging_limit",
+            "What the resource runs out against (budget, rlimit, cgroup, objective).",
+            |a| a.limit,
+        ),
+        (
+            "warmvm_aging_slope_per_second",
+            "Sen's slope of the resource over the trend window.",
+            |a| a.slope_per_sec,
+        ),
+        (
+            "warmvm_aging_trend_p_value",
+            "Two-sided p-value of the Mann-Kendall test (Hamed-Rao corrected).",
+            |a| a.trend_p,
+        ),
+        (
+            "warmvm_aging_exhaustion_seconds",
+            "Seconds until the limit at the low end of the slope's interval (absent: never).",
+            |a| a.exhaustion_secs_conservative,
+        ),
+        (
+            "warmvm_aging_cusum",
+            "Upper CUSUM against the baseline, in baseline standard deviations.",
+            |a| a.cusum,
+        ),
+    ];
+    for (name, help, value) in per_metric {
+        let f = o.family(name, Gauge, help);
+        for a in &report.metrics {
+            if let Some(v) = value(a).filter(|v| v.is_finite()) {
+                f.float(&[("metric", &a.metric)], v);
+            }
+        }
+    }
+    o.family(
+        "warmvm_aging_hold",
+        Gauge,
+        "1 while rejuvenation is on hold.",
+    )
+    .int(&[], u64::from(report.hold));
+    let f = o.family(
+        "warmvm_aging_decisions_total",
+        Counter,
+        "Decisions of the rejuvenation policy in this process: action (reboot, alert, skip, failed) and why.",
+    );
+    for ((action, reason), n) in m.decisions() {
+        f.int(&[("action", &action), ("reason", &reason)], n);
+    }
+    let mut by_reason = std::collections::BTreeMap::<String, u64>::new();
+    for r in &report.reboots {
+        let kind = match &r.reason {
+            crate::aging::RebootReason::Aging { .. } => "aging",
+            crate::aging::RebootReason::Manual => "manual",
+            crate::aging::RebootReason::Panic => "panic",
+            crate::aging::RebootReason::Schedule => "schedule",
+        };
+        *by_reason.entry(kind.to_string()).or_default() += 1;
+    }
+    let f = o.family(
+        "warmvm_reboots_recorded",
+        Gauge,
+        "Warm reboots in the reboot history handed from daemon to daemon, by reason.",
+    );
+    for (reason, n) in by_reason {
+        f.int(&[("reason", &reason)], n);
+    }
 }
 
 /// The text of one scrape.

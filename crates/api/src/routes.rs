@@ -20,6 +20,9 @@ pub enum Op {
     StopVm,
     DeleteVm,
     Reboot,
+    Aging,
+    AgingHistory,
+    AgingHold,
     Metrics,
 }
 
@@ -69,6 +72,21 @@ pub const ROUTES: &[Route] = &[
         method: "PUT",
         path: "/v1/reboot",
         op: Op::Reboot,
+    },
+    Route {
+        method: "GET",
+        path: "/v1/aging",
+        op: Op::Aging,
+    },
+    Route {
+        method: "GET",
+        path: "/v1/aging/history",
+        op: Op::AgingHistory,
+    },
+    Route {
+        method: "PUT",
+        path: "/v1/aging/hold",
+        op: Op::AgingHold,
     },
     Route {
         method: "GET",

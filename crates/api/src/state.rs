@@ -11,18 +11,19 @@
 //! pause, resume or stop under way (and none starts meanwhile); those take it for reading.
 //! Order: the gate, then the Host lock.
 
-use std::ffi::OsString;
-use std::os::fd::RawFd;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use warmvm_vmm::handover::{self, Phase, RebootOptions, RebootReport};
+use warmvm_vmm::handover::Phase;
 use warmvm_vmm::{ConfigError, Host, HostError, Lifecycle, Vm, VmConfig, VmError, VmReport};
 
+use crate::aging::{HoldRequest, Monitor};
 use crate::http::{Request, Response, CONTENT_TYPE_METRICS};
+pub use crate::reboot::{
+    RebootRequest, RebootSetup, READY_BUDGET_MS, REBOOT_TIMEOUT, STAGE_TIMEOUT_MS,
+};
 use crate::routes::{route, Op, Routed, ROUTES};
 
 /// Seconds a guest gets to power off when `stop` names none.
@@ -48,7 +49,7 @@ impl ApiError {
         }
     }
 
-    fn in_phase(mut self, phase: Phase) -> Self {
+    pub(crate) fn in_phase(mut self, phase: Phase) -> Self {
         self.phase = Some(phase);
         self
     }
@@ -215,74 +216,25 @@ pub struct StopRequest {
     pub grace_secs: Option<u64>,
 }
 
-/// The body of `PUT /v1/reboot`.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct RebootRequest {
-    /// Only `warm`: every VM is handed to a new daemon process without stopping.
-    pub mode: String,
-    /// The new daemon's binary (absolute path); default: this daemon's own binary. When
-    /// present it must be a string: `null` is refused, as the document says.
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        deserialize_with = "warmvm_vmm::config::present"
-    )]
-    pub binary: Option<PathBuf>,
-    /// How long starting the new daemon and preparing every VM may take (the guests run
-    /// meanwhile); default: the daemon's `--stage-timeout-ms`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stage_timeout_ms: Option<u64>,
-    /// How long the guests may be frozen before the new daemon is ready; past it the
-    /// reboot is aborted and the VMs run on here. Default: the daemon's `--ready-budget-ms`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ready_budget_ms: Option<u64>,
-}
-
-/// Bounds of the reboot timeouts a request or a flag may set.
-pub const STAGE_TIMEOUT_MS: std::ops::RangeInclusive<u64> = 100..=600_000;
-pub const READY_BUDGET_MS: std::ops::RangeInclusive<u64> = 10..=60_000;
-
-/// How long a warm reboot waits for VM operations under way before it gives up (409).
-const GATE_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// How long a client waits for a warm reboot's answer, at the least: the longest staging
-/// the daemon allows plus the longest budget and the time to answer.
-pub const REBOOT_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// What a warm reboot needs from the daemon around the API state: how to start the new
-/// daemon, the fds it inherits, and how to stop this daemon's server loop.
-pub struct RebootSetup {
-    /// The new daemon's arguments (`--takeover-fd` is added by the handover).
-    pub args: Vec<OsString>,
-    /// Opaque settings for the new daemon.
-    pub extra: serde_json::Value,
-    /// Named fds for the new daemon: at least `api-listener`.
-    pub extra_fds: Vec<(String, RawFd)>,
-    /// Default stage timeout and ready budget (see [`RebootRequest`]).
-    pub stage_timeout: Duration,
-    pub ready_budget: Duration,
-    /// Stops this daemon's server loop once the VMs are handed over.
-    pub stop: crate::server::StopHandle,
-}
-
 /// The daemon's shared state: the Host and the daemon's own figures.
 pub struct ApiState {
     host: Arc<Mutex<Host>>,
     started: Instant,
-    shutting_down: AtomicBool,
-    reboot: OnceLock<RebootSetup>,
+    pub(crate) shutting_down: AtomicBool,
+    pub(crate) reboot: OnceLock<RebootSetup>,
     /// A warm reboot is under way: the server accepts no connections meanwhile (they wait
     /// in the listen backlog, for this daemon or the new one).
-    rebooting: AtomicBool,
+    pub(crate) rebooting: AtomicBool,
     /// The VMs and the API socket belong to a new daemon process now.
-    handed_over: AtomicBool,
+    pub(crate) handed_over: AtomicBool,
     /// Connections being served (counted from their accept; the server keeps it).
     pub(crate) connections: AtomicUsize,
     /// Pause, resume and stop hold it for reading while they act on a VM without the Host
     /// lock; a warm reboot holds it for writing.
-    ops: RwLock<()>,
+    pub(crate) ops: RwLock<()>,
     last_takeover: OnceLock<TakeoverInfo>,
+    /// The aging monitor, once the daemon has started it.
+    aging: OnceLock<Arc<Monitor>>,
 }
 
 impl ApiState {
@@ -302,7 +254,22 @@ impl ApiState {
             ops: RwLock::new(()),
             connections: AtomicUsize::new(0),
             last_takeover: OnceLock::new(),
+            aging: OnceLock::new(),
         }
+    }
+
+    /// Serve the aging monitor's report and hand its state over on a warm reboot.
+    pub fn set_aging(&self, monitor: Arc<Monitor>) {
+        let _ = self.aging.set(monitor);
+    }
+
+    pub fn aging(&self) -> Option<&Arc<Monitor>> {
+        self.aging.get()
+    }
+
+    fn aging_or_404(&self) -> Result<&Arc<Monitor>, ApiError> {
+        self.aging()
+            .ok_or_else(|| ApiError::new(404, "this daemon runs no aging monitor"))
     }
 
     /// Record how this daemon took its VMs over (shown by `GET /v1/status`).
@@ -346,7 +313,7 @@ impl ApiState {
         self.started.elapsed()
     }
 
-    fn lock(&self) -> MutexGuard<'_, Host> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Host> {
         self.host.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -363,6 +330,17 @@ impl ApiState {
 
     /// Answer one request. `metrics_only` for the loopback metrics port.
     pub fn handle(&self, req: &Request, metrics_only: bool) -> Response {
+        let started = Instant::now();
+        let response = self.handle_timed(req, metrics_only);
+        if let Some(m) = self.aging() {
+            m.record_latency(started.elapsed());
+        }
+        response
+    }
+
+    fn handle_timed(&self, req: &Request, metrics_only: bool) -> Response {
+        #[cfg(feature = "fault-injection")]
+        std::thread::sleep(crate::aging::inject::request_delay());
         const METRICS_ONLY: &[crate::routes::Route] = &[crate::routes::Route {
             method: "GET",
             path: "/metrics",
@@ -372,6 +350,12 @@ impl ApiState {
         if !metrics_only && req.method == "PUT" && req.path == "/v1/debug/panic" {
             return self
                 .inject_panic(&req.body)
+                .unwrap_or_else(|e| e.response());
+        }
+        #[cfg(feature = "fault-injection")]
+        if !metrics_only && req.method == "PUT" && req.path == "/v1/debug/aging" {
+            return self
+                .inject_aging(&req.body)
                 .unwrap_or_else(|e| e.response());
         }
         let routes = if metrics_only { METRICS_ONLY } else { ROUTES };
@@ -410,6 +394,13 @@ impl ApiState {
             Op::DeleteVm => parse_delete_query(req.query.as_deref())
                 .and_then(|keep_logs| self.delete(name, keep_logs))
                 .map(|r| Response::json(200, &r)),
+            Op::Aging => self
+                .aging_or_404()
+                .map(|m| Response::json(200, &m.report())),
+            Op::AgingHistory => self
+                .aging_or_404()
+                .map(|m| Response::json(200, &m.history())),
+            Op::AgingHold => self.set_hold(&req.body),
             Op::Reboot => self.reboot(&req.body).map(|r| {
                 let mut resp = Response::json(200, &r);
                 resp.then_exit = true;
@@ -592,145 +583,17 @@ impl ApiState {
         Ok(report)
     }
 
-    /// Check a reboot request: mode `warm`, and a binary that is an executable file.
-    pub fn parse_reboot(body: &[u8]) -> Result<(RebootRequest, PathBuf), ApiError> {
-        if body.iter().all(u8::is_ascii_whitespace) {
-            return Err(ApiError::new(
-                400,
-                r#"the request body must be JSON, e.g. {"mode": "warm"}"#,
-            ));
-        }
-        let req: RebootRequest = serde_json::from_slice(body)
-            .map_err(|e| ApiError::new(400, format!("invalid reboot request: {e}")))?;
-        if req.mode != "warm" {
-            return Err(ApiError::new(
-                400,
-                format!(
-                    "reboot mode {:?} is not supported: the only mode is \"warm\"",
-                    req.mode
-                ),
-            ));
-        }
-        for (name, value, range) in [
-            ("stage_timeout_ms", req.stage_timeout_ms, STAGE_TIMEOUT_MS),
-            ("ready_budget_ms", req.ready_budget_ms, READY_BUDGET_MS),
-        ] {
-            if let Some(v) = value.filter(|v| !range.contains(v)) {
-                return Err(ApiError::new(
-                    400,
-                    format!(
-                        "{name} = {v} is out of range: use {} to {}",
-                        range.start(),
-                        range.end()
-                    ),
-                ));
-            }
-        }
-        let binary = match &req.binary {
-            Some(b) => {
-                if b.as_os_str().is_empty() {
-                    return Err(ApiError::new(400, "binary must be a path, not empty"));
-                }
-                // A well-formed request naming a file this host cannot run.
-                check_binary(b)
-                    .map_err(|why| ApiError::new(422, format!("binary {}: {why}", b.display())))?;
-                b.clone()
-            }
-            None => warmvm_vmm::handover::this_binary(),
-        };
-        Ok((req, binary))
-    }
-
-    /// Warm reboot: hand every VM to a new daemon process (see
-    /// [`warmvm_vmm::handover`]). On success this daemon's server is stopped, the Host lock
-    /// stays taken for good (nothing here may touch the handed-over VMs again) and the
-    /// caller must exit once the answer is sent. On failure the VMs run on here.
-    pub fn reboot(&self, body: &[u8]) -> Result<RebootReport, ApiError> {
-        let (req, binary) = Self::parse_reboot(body)?;
-        let setup = self.reboot.get().ok_or_else(|| {
+    /// `PUT /v1/aging/hold`: `{"hold": true|false}`.
+    fn set_hold(&self, body: &[u8]) -> Result<Response, ApiError> {
+        let monitor = self.aging_or_404()?;
+        let req: HoldRequest = serde_json::from_slice(body).map_err(|e| {
             ApiError::new(
-                409,
-                "this daemon cannot warm-reboot (it was started without a server)",
+                400,
+                format!(r#"invalid hold request (expected {{"hold": true|false}}): {e}"#),
             )
         })?;
-        // From here on the server accepts no connection: they wait in the backlog for the
-        // new daemon (or for this one, if the reboot fails).
-        struct Done<'a>(&'a AtomicBool);
-        impl Drop for Done<'_> {
-            fn drop(&mut self) {
-                self.0.store(false, Ordering::SeqCst);
-            }
-        }
-        if self.rebooting.swap(true, Ordering::SeqCst) {
-            return Err(ApiError::new(409, "a warm reboot is already under way"));
-        }
-        let done = Done(&self.rebooting);
-        // Let the requests under way (ours aside) finish, so that none is left waiting for
-        // the Host lock when this process exits; at most GATE_TIMEOUT.
-        let deadline = Instant::now() + GATE_TIMEOUT;
-        while self.connections.load(Ordering::SeqCst) > 1 && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        // Wait (briefly) for every pause, resume or stop under way; none starts until we
-        // are done.
-        let gate = loop {
-            match self.ops.try_write() {
-                Ok(g) => break g,
-                Err(std::sync::TryLockError::Poisoned(p)) => break p.into_inner(),
-                Err(std::sync::TryLockError::WouldBlock) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                Err(std::sync::TryLockError::WouldBlock) => return Err(ApiError::new(
-                    409,
-                    "a VM operation (e.g. a stop) is under way; retry the reboot when it is done",
-                )),
-            }
-        };
-        let host = self.lock();
-        if self.shutting_down.load(Ordering::SeqCst) {
-            return Err(ApiError::new(503, "the daemon is shutting down"));
-        }
-        let opts = RebootOptions {
-            binary: binary.clone(),
-            args: setup.args.clone(),
-            stage_timeout: req
-                .stage_timeout_ms
-                .map_or(setup.stage_timeout, Duration::from_millis),
-            ready_budget: req
-                .ready_budget_ms
-                .map_or(setup.ready_budget, Duration::from_millis),
-            extra: setup.extra.clone(),
-            extra_fds: setup.extra_fds.clone(),
-            env: Vec::new(),
-        };
-        tracing::info!(binary = %binary.display(), vms = host.vms().len(), "warm reboot");
-        match handover::warm_reboot(&host, &opts) {
-            Ok(handed) => {
-                self.handed_over.store(true, Ordering::SeqCst);
-                setup.stop.stop();
-                tracing::info!(
-                    new_pid = handed.report.new_pid,
-                    host_blackout_us = handed.report.host_blackout_us,
-                    "warm reboot done: the new daemon runs every VM; this one exits"
-                );
-                // The new daemon is not waited for: it outlives us.
-                drop(handed.child);
-                // Keep the Host locked until the process exits, so that no request still
-                // in flight here can reach the handed-over VMs.
-                std::mem::forget(host);
-                std::mem::forget(gate);
-                std::mem::forget(done);
-                Ok(handed.report)
-            }
-            Err(e) => {
-                let status = if e.is_refusal() { 409 } else { 500 };
-                Err(ApiError::new(
-                    status,
-                    format!("warm reboot failed; the VMs run on in this daemon: {e}"),
-                )
-                .in_phase(e.phase))
-            }
-        }
+        monitor.set_hold(req.hold);
+        Ok(Response::json(200, &monitor.report()))
     }
 
     /// Tests only (`PUT /v1/debug/panic`, not part of the API): make one kind of thread
@@ -762,10 +625,19 @@ impl ApiState {
         ))
     }
 
-    /// A warm reboot into this very binary because this process hit a bug (a panic off the
-    /// vCPU threads): on success the caller must exit at once.
-    pub fn emergency_reboot(&self) -> Result<RebootReport, ApiError> {
-        self.reboot(br#"{"mode": "warm"}"#)
+    /// Tests only (`PUT /v1/debug/aging`, not part of the API): start injected aging.
+    #[cfg(feature = "fault-injection")]
+    fn inject_aging(&self, body: &[u8]) -> Result<Response, ApiError> {
+        let inj: crate::aging::inject::Injection = serde_json::from_slice(body)
+            .map_err(|e| ApiError::new(400, format!("invalid aging injection: {e}")))?;
+        inj.check().map_err(|e| ApiError::new(400, e))?;
+        crate::aging::inject::start(inj)
+            .map_err(|e| ApiError::new(500, format!("cannot start injected aging: {e}")))?;
+        tracing::warn!(?inj, "injected aging started");
+        Ok(Response::json(
+            202,
+            &serde_json::json!({ "injected": true }),
+        ))
     }
 
     /// Stop every VM (each gets `grace` to power off) and refuse new ones from now on.
@@ -787,22 +659,6 @@ impl ApiState {
             }
         });
     }
-}
-
-/// Why `path` cannot be the new daemon's binary, if it cannot.
-fn check_binary(path: &std::path::Path) -> Result<(), String> {
-    use std::os::unix::fs::PermissionsExt;
-    if !path.is_absolute() {
-        return Err("must be an absolute path".into());
-    }
-    let meta = std::fs::metadata(path).map_err(|e| e.to_string())?;
-    if !meta.is_file() {
-        return Err("not a regular file".into());
-    }
-    if meta.permissions().mode() & 0o111 == 0 {
-        return Err("not executable".into());
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -836,38 +692,6 @@ mod tests {
             }),
             500
         );
-    }
-
-    #[test]
-    fn reboot_requests_are_checked() {
-        let status = |body: &str| {
-            ApiState::parse_reboot(body.as_bytes())
-                .err()
-                .map(|e| e.status)
-        };
-        assert_eq!(status(r#"{"mode": "warm"}"#), None);
-        assert_eq!(status(r#"{"mode": "warm", "binary": "/bin/sh"}"#), None);
-        assert_eq!(status(""), Some(400));
-        assert_eq!(status("{}"), Some(400));
-        assert_eq!(status(r#"{"mode": "warm", "bogus": 1}"#), Some(400));
-        assert_eq!(status(r#"{"mode": "cold"}"#), Some(400));
-        // Not what the document allows: 400.
-        assert_eq!(status(r#"{"mode": "warm", "binary": null}"#), Some(400));
-        assert_eq!(status(r#"{"mode": "warm", "binary": ""}"#), Some(400));
-        assert_eq!(status(r#"{"mode": "warm", "binary": 7}"#), Some(400));
-        // Well-formed, but not an executable file here: 422.
-        assert_eq!(
-            status(r#"{"mode": "warm", "binary": "/nonexistent"}"#),
-            Some(422)
-        );
-        assert_eq!(status(r#"{"mode": "warm", "binary": "/etc"}"#), Some(422));
-        assert_eq!(
-            status(r#"{"mode": "warm", "binary": "/etc/passwd"}"#),
-            Some(422)
-        );
-        assert_eq!(status(r#"{"mode": "warm", "binary": "sh"}"#), Some(422));
-        let e = ApiState::parse_reboot(br#"{"mode": "cold"}"#).unwrap_err();
-        assert!(e.message.contains("only mode is \"warm\""), "{}", e.message);
     }
 
     #[test]

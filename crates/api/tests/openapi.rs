@@ -323,3 +323,50 @@ fn the_name_pattern_is_the_name_rule() {
         );
     }
 }
+
+/// The aging report, history and hold request as the monitor produces them, including a
+/// taken-over reboot history and a decision.
+#[test]
+fn aging_answers_match_the_schema() {
+    use warmvm_api::aging::{Monitor, RebootReason};
+    use warmvm_vmm::AgingConfig;
+    let doc = doc();
+    let cfg = AgingConfig {
+        memory_budget_mib: Some(1024),
+        latency_objective_ms: Some(50),
+        window: 8,
+        min_samples: 8,
+        baseline_samples: 3,
+        maintenance_windows: vec!["01:00-03:00".into()],
+        ..AgingConfig::default()
+    };
+    let old = Monitor::new(cfg.clone(), None, None);
+    for _ in 0..10 {
+        old.tick(2);
+    }
+    let carry = old.carry(RebootReason::Aging {
+        metric: warmvm_api::aging::Metric::OpenFds,
+        detector: warmvm_api::aging::Detector::Trend,
+    });
+    let m = Monitor::new(cfg, Some(carry), Some((1, 2)));
+    for _ in 0..10 {
+        m.record_latency(std::time::Duration::from_micros(300));
+        m.tick(2);
+    }
+    m.record_failure(&RebootReason::Schedule, "test");
+    let report = m.report();
+    assert!(
+        report.metrics.iter().any(|a| a.trend_p.is_some()),
+        "{report:?}"
+    );
+    check(&doc, "AgingReport", &report);
+    check(&doc, "AgingHistory", &m.history());
+    check(&doc, "HoldRequest", &json!({ "hold": true }));
+    assert!(validate(&doc, &schema("HoldRequest"), &json!({ "hold": 1 })).is_err());
+    // Every setting is documented, and only those.
+    let documented = doc["components"]["schemas"]["AgingConfig"]["properties"]
+        .as_object()
+        .unwrap();
+    let serialized = serde_json::to_value(AgingConfig::default()).unwrap();
+    assert_eq!(documented.len(), serialized.as_object().unwrap().len());
+}

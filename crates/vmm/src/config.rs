@@ -81,6 +81,9 @@ pub struct Config {
     pub state_dir: Option<PathBuf>,
     #[serde(default, rename = "vm")]
     pub vms: Vec<VmConfig>,
+    /// The daemon's aging monitor and rejuvenation policy (`warmvm daemon` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aging: Option<crate::aging_config::AgingConfig>,
 }
 
 /// How a kernel image is entered.

@@ -1,5 +1,6 @@
 //! warmvm's VMs and the host that runs them.
 
+pub mod aging_config;
 pub mod config;
 pub mod handover;
 pub mod host;
@@ -11,6 +12,7 @@ mod vcpu;
 mod virtio;
 pub mod vm;
 
+pub use aging_config::AgingConfig;
 pub use config::{Config, ConfigError, HostLimits, VmConfig};
 
 /// This build's identity: the version, plus `WARMVM_BUILD_ID` if it was set at build time

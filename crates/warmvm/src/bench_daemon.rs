@@ -25,14 +25,23 @@ pub struct DaemonCell {
 }
 
 /// A daemon of the bench's own; SIGTERMed (whichever process it is by then) when dropped.
-struct BenchDaemon {
-    client: Client,
+pub(crate) struct BenchDaemon {
+    pub(crate) client: Client,
     dir: PathBuf,
     child: std::process::Child,
 }
 
 impl BenchDaemon {
     fn start(exe: &Path, dir: &Path) -> Result<Self, String> {
+        Self::start_with(exe, dir, &[])
+    }
+
+    /// Start one with extra `daemon` arguments (e.g. `--config FILE`).
+    pub(crate) fn start_with(
+        exe: &Path,
+        dir: &Path,
+        extra: &[&std::ffi::OsStr],
+    ) -> Result<Self, String> {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let socket = dir.join("api.sock");
         let log = std::fs::File::create(dir.join("daemon.log")).map_err(|e| e.to_string())?;
@@ -42,6 +51,7 @@ impl BenchDaemon {
             .arg("--state-dir")
             .arg(dir.join("state"))
             .args(["--stop-grace-secs", "2"])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -62,7 +72,7 @@ impl BenchDaemon {
         Ok(d)
     }
 
-    fn log_tail(&self) -> String {
+    pub(crate) fn log_tail(&self) -> String {
         let log = std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default();
         log.lines().last().unwrap_or("").to_string()
     }

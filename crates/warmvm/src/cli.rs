@@ -51,6 +51,9 @@ pub enum BenchCommand {
     /// A guest serving HTTP from its page cache under wrk, with and without a warm reboot
     /// (root: it makes a network namespace; needs wrk and curl).
     Cache(crate::bench_cache::CacheArgs),
+    /// Aging detection: live leaks (a fault-injection build), leak rates and false positives
+    /// in accelerated time over recorded noise, against time-based rejuvenation; with plots.
+    Aging(crate::bench_aging::AgingArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -114,6 +117,13 @@ pub enum Command {
     Vm(VmCommand),
     /// Show the daemon's version, pid, uptime and VM count.
     Status,
+    /// Show the daemon's aging monitor: each resource's trend, slope and estimated time to
+    /// exhaustion, the last and the next action, the warm reboots and their reasons; or
+    /// hold or release rejuvenation.
+    Aging {
+        #[command(subcommand)]
+        action: Option<crate::aging::AgingAction>,
+    },
     /// Print a shell completion script for warmvm on standard output, e.g.
     /// `warmvm completions bash > /etc/bash_completion.d/warmvm`.
     Completions {
@@ -430,6 +440,12 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
             args.json = api.json;
             crate::bench_faults::faults(&args)
         }
+        Command::Bench {
+            what: BenchCommand::Aging(mut args),
+        } => {
+            args.json = api.json;
+            crate::bench_aging::aging(&args)
+        }
         Command::Demo(mut args) => {
             args.json = api.json;
             crate::demo::demo(&args)
@@ -455,6 +471,7 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
         Command::Reboot { mode, binary } => crate::client::reboot(mode, binary, &api),
         Command::Vm(cmd) => crate::client::vm(cmd, &api),
         Command::Status => crate::client::status(&api),
+        Command::Aging { action } => crate::aging::aging(action, &api),
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut cmd, "warmvm", &mut std::io::stdout());

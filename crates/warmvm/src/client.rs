@@ -29,7 +29,7 @@ impl From<ClientError> for Failure {
     }
 }
 
-fn client(api: &ApiArgs) -> Client {
+pub fn client(api: &ApiArgs) -> Client {
     let socket = api
         .socket
         .clone()

@@ -258,6 +258,7 @@ pub fn demo(args: &DemoArgs) -> Result<ExitCode, Failure> {
                 vm
             })
             .collect(),
+        aging: None,
     };
     config
         .validate(warmvm_vmm::HostLimits::probe())

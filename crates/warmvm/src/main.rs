@@ -1,6 +1,10 @@
 //! The `warmvm` command.
 
+mod aging;
 mod bench;
+mod bench_aging;
+mod bench_aging_plot;
+mod bench_aging_sim;
 mod bench_cache;
 mod bench_daemon;
 mod bench_faults;

@@ -55,6 +55,38 @@ impl Daemon {
         Self::start_cmd(cmd, dir, &[], &[])
     }
 
+    /// Start a daemon whose soft RLIMIT_NOFILE is `nofile` (if given): a limit to exhaust.
+    pub fn start_limited(
+        dir: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+        nofile: Option<u64>,
+    ) -> Daemon {
+        let mut cmd = Command::new(BIN);
+        if let Some(n) = nofile {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: runs in the forked child before exec; getrlimit and setrlimit are
+            // async-signal-safe and touch only the child.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let mut rl = libc::rlimit {
+                        rlim_cur: 0,
+                        rlim_max: 0,
+                    };
+                    if libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    rl.rlim_cur = n.min(rl.rlim_max);
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &rl) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                })
+            };
+        }
+        Self::start_cmd(cmd, dir, extra, env)
+    }
+
     fn start_cmd(mut cmd: Command, dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Daemon {
         let socket = dir.join("api.sock");
         let notify_path = dir.join("notify.sock");

@@ -1,0 +1,288 @@
+//! `PUT /v1/reboot` and every other warm reboot of the daemon (a panic, aging, the
+//! schedule): the request, its checks, and the one entry point, [`ApiState::reboot_for`],
+//! which records why.
+
+use std::ffi::OsString;
+use std::os::fd::RawFd;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use warmvm_vmm::handover::{self, RebootOptions, RebootReport};
+
+use crate::aging::RebootReason;
+use crate::state::{ApiError, ApiState};
+
+/// The body of `PUT /v1/reboot`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RebootRequest {
+    /// Only `warm`: every VM is handed to a new daemon process without stopping.
+    pub mode: String,
+    /// The new daemon's binary (absolute path); default: this daemon's own binary. When
+    /// present it must be a string: `null` is refused, as the document says.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "warmvm_vmm::config::present"
+    )]
+    pub binary: Option<PathBuf>,
+    /// How long starting the new daemon and preparing every VM may take (the guests run
+    /// meanwhile); default: the daemon's `--stage-timeout-ms`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage_timeout_ms: Option<u64>,
+    /// How long the guests may be frozen before the new daemon is ready; past it the
+    /// reboot is aborted and the VMs run on here. Default: the daemon's `--ready-budget-ms`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_budget_ms: Option<u64>,
+}
+
+/// Bounds of the reboot timeouts a request or a flag may set.
+pub const STAGE_TIMEOUT_MS: std::ops::RangeInclusive<u64> = 100..=600_000;
+pub const READY_BUDGET_MS: std::ops::RangeInclusive<u64> = 10..=60_000;
+
+/// How long a warm reboot waits for VM operations under way before it gives up (409).
+const GATE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a client waits for a warm reboot's answer, at the least: the longest staging
+/// the daemon allows plus the longest budget and the time to answer.
+pub const REBOOT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What a warm reboot needs from the daemon around the API state: how to start the new
+/// daemon, the fds it inherits, and how to stop this daemon's server loop.
+pub struct RebootSetup {
+    /// The new daemon's arguments (`--takeover-fd` is added by the handover).
+    pub args: Vec<OsString>,
+    /// Opaque settings for the new daemon.
+    pub extra: serde_json::Value,
+    /// Named fds for the new daemon: at least `api-listener`.
+    pub extra_fds: Vec<(String, RawFd)>,
+    /// Default stage timeout and ready budget (see [`RebootRequest`]).
+    pub stage_timeout: Duration,
+    pub ready_budget: Duration,
+    /// Stops this daemon's server loop once the VMs are handed over.
+    pub stop: crate::server::StopHandle,
+}
+
+impl ApiState {
+    /// Check a reboot request: mode `warm`, and a binary that is an executable file.
+    pub fn parse_reboot(body: &[u8]) -> Result<(RebootRequest, PathBuf), ApiError> {
+        if body.iter().all(u8::is_ascii_whitespace) {
+            return Err(ApiError::new(
+                400,
+                r#"the request body must be JSON, e.g. {"mode": "warm"}"#,
+            ));
+        }
+        let req: RebootRequest = serde_json::from_slice(body)
+            .map_err(|e| ApiError::new(400, format!("invalid reboot request: {e}")))?;
+        if req.mode != "warm" {
+            return Err(ApiError::new(
+                400,
+                format!(
+                    "reboot mode {:?} is not supported: the only mode is \"warm\"",
+                    req.mode
+                ),
+            ));
+        }
+        for (name, value, range) in [
+            ("stage_timeout_ms", req.stage_timeout_ms, STAGE_TIMEOUT_MS),
+            ("ready_budget_ms", req.ready_budget_ms, READY_BUDGET_MS),
+        ] {
+            if let Some(v) = value.filter(|v| !range.contains(v)) {
+                return Err(ApiError::new(
+                    400,
+                    format!(
+                        "{name} = {v} is out of range: use {} to {}",
+                        range.start(),
+                        range.end()
+                    ),
+                ));
+            }
+        }
+        let binary = match &req.binary {
+            Some(b) => {
+                if b.as_os_str().is_empty() {
+                    return Err(ApiError::new(400, "binary must be a path, not empty"));
+                }
+                // A well-formed request naming a file this host cannot run.
+                check_binary(b)
+                    .map_err(|why| ApiError::new(422, format!("binary {}: {why}", b.display())))?;
+                b.clone()
+            }
+            None => warmvm_vmm::handover::this_binary(),
+        };
+        Ok((req, binary))
+    }
+
+    /// Warm reboot: hand every VM to a new daemon process (see
+    /// [`warmvm_vmm::handover`]). On success this daemon's server is stopped, the Host lock
+    /// stays taken for good (nothing here may touch the handed-over VMs again) and the
+    /// caller must exit once the answer is sent. On failure the VMs run on here.
+    pub fn reboot(&self, body: &[u8]) -> Result<RebootReport, ApiError> {
+        self.reboot_for(body, RebootReason::Manual)
+    }
+
+    /// A warm reboot for `reason`, which the new daemon records in its reboot history.
+    pub fn reboot_for(&self, body: &[u8], reason: RebootReason) -> Result<RebootReport, ApiError> {
+        let (req, binary) = Self::parse_reboot(body)?;
+        let setup = self.reboot.get().ok_or_else(|| {
+            ApiError::new(
+                409,
+                "this daemon cannot warm-reboot (it was started without a server)",
+            )
+        })?;
+        // From here on the server accepts no connection: they wait in the backlog for the
+        // new daemon (or for this one, if the reboot fails).
+        struct Done<'a>(&'a AtomicBool);
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::SeqCst);
+            }
+        }
+        if self.rebooting.swap(true, Ordering::SeqCst) {
+            return Err(ApiError::new(409, "a warm reboot is already under way"));
+        }
+        let done = Done(&self.rebooting);
+        // Let the requests under way (ours aside) finish, so that none is left waiting for
+        // the Host lock when this process exits; at most GATE_TIMEOUT.
+        let deadline = Instant::now() + GATE_TIMEOUT;
+        while self.connections.load(Ordering::SeqCst) > 1 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        // Wait (briefly) for every pause, resume or stop under way; none starts until we
+        // are done.
+        let gate = loop {
+            match self.ops.try_write() {
+                Ok(g) => break g,
+                Err(std::sync::TryLockError::Poisoned(p)) => break p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(std::sync::TryLockError::WouldBlock) => return Err(ApiError::new(
+                    409,
+                    "a VM operation (e.g. a stop) is under way; retry the reboot when it is done",
+                )),
+            }
+        };
+        let host = self.lock();
+        if self.shutting_down.load(Ordering::SeqCst) {
+            return Err(ApiError::new(503, "the daemon is shutting down"));
+        }
+        let opts = RebootOptions {
+            binary: binary.clone(),
+            args: setup.args.clone(),
+            stage_timeout: req
+                .stage_timeout_ms
+                .map_or(setup.stage_timeout, Duration::from_millis),
+            ready_budget: req
+                .ready_budget_ms
+                .map_or(setup.ready_budget, Duration::from_millis),
+            extra: self.successor_extra(&setup.extra, reason.clone()),
+            extra_fds: setup.extra_fds.clone(),
+            env: Vec::new(),
+        };
+        tracing::info!(binary = %binary.display(), vms = host.vms().len(), %reason, "warm reboot");
+        match handover::warm_reboot(&host, &opts) {
+            Ok(handed) => {
+                self.handed_over.store(true, Ordering::SeqCst);
+                setup.stop.stop();
+                tracing::info!(
+                    new_pid = handed.report.new_pid,
+                    host_blackout_us = handed.report.host_blackout_us,
+                    "warm reboot done: the new daemon runs every VM; this one exits"
+                );
+                // The new daemon is not waited for: it outlives us.
+                drop(handed.child);
+                // Keep the Host locked until the process exits, so that no request still
+                // in flight here can reach the handed-over VMs.
+                std::mem::forget(host);
+                std::mem::forget(gate);
+                std::mem::forget(done);
+                Ok(handed.report)
+            }
+            Err(e) => {
+                let status = if e.is_refusal() { 409 } else { 500 };
+                Err(ApiError::new(
+                    status,
+                    format!("warm reboot failed; the VMs run on in this daemon: {e}"),
+                )
+                .in_phase(e.phase))
+            }
+        }
+    }
+
+    /// A warm reboot into this very binary because this process hit a bug (a panic off the
+    /// vCPU threads): on success the caller must exit at once.
+    pub fn emergency_reboot(&self) -> Result<RebootReport, ApiError> {
+        self.rejuvenate(RebootReason::Panic)
+    }
+
+    /// A warm reboot into this very binary for `reason` (a bug, aging, the schedule): on
+    /// success the caller must exit at once.
+    pub fn rejuvenate(&self, reason: RebootReason) -> Result<RebootReport, ApiError> {
+        self.reboot_for(br#"{"mode": "warm"}"#, reason)
+    }
+
+    /// The daemon's settings for its successor, plus the aging state and why it reboots.
+    fn successor_extra(&self, base: &serde_json::Value, reason: RebootReason) -> serde_json::Value {
+        let mut extra = base.clone();
+        if let (Some(obj), Some(m)) = (extra.as_object_mut(), self.aging()) {
+            obj.insert("aging".into(), m.carry(reason).encode());
+        }
+        extra
+    }
+}
+
+/// Why `path` cannot be the new daemon's binary, if it cannot.
+fn check_binary(path: &std::path::Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    if !path.is_absolute() {
+        return Err("must be an absolute path".into());
+    }
+    let meta = std::fs::metadata(path).map_err(|e| e.to_string())?;
+    if !meta.is_file() {
+        return Err("not a regular file".into());
+    }
+    if meta.permissions().mode() & 0o111 == 0 {
+        return Err("not executable".into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reboot_requests_are_checked() {
+        let status = |body: &str| {
+            ApiState::parse_reboot(body.as_bytes())
+                .err()
+                .map(|e| e.status)
+        };
+        assert_eq!(status(r#"{"mode": "warm"}"#), None);
+        assert_eq!(status(r#"{"mode": "warm", "binary": "/bin/sh"}"#), None);
+        assert_eq!(status(""), Some(400));
+        assert_eq!(status("{}"), Some(400));
+        assert_eq!(status(r#"{"mode": "warm", "bogus": 1}"#), Some(400));
+        assert_eq!(status(r#"{"mode": "cold"}"#), Some(400));
+        // Not what the document allows: 400.
+        assert_eq!(status(r#"{"mode": "warm", "binary": null}"#), Some(400));
+        assert_eq!(status(r#"{"mode": "warm", "binary": ""}"#), Some(400));
+        assert_eq!(status(r#"{"mode": "warm", "binary": 7}"#), Some(400));
+        // Well-formed, but not an executable file here: 422.
+        assert_eq!(
+            status(r#"{"mode": "warm", "binary": "/nonexistent"}"#),
+            Some(422)
+        );
+        assert_eq!(status(r#"{"mode": "warm", "binary": "/etc"}"#), Some(422));
+        assert_eq!(
+            status(r#"{"mode": "warm", "binary": "/etc/passwd"}"#),
+            Some(422)
+        );
+        assert_eq!(status(r#"{"mode": "warm", "binary": "sh"}"#), Some(422));
+        let e = ApiState::parse_reboot(br#"{"mode": "cold"}"#).unwrap_err();
+        assert!(e.message.contains("only mode is \"warm\""), "{}", e.message);
+    }
+}

@@ -1,0 +1,177 @@
+//! `warmvm aging`: the daemon's aging monitor (trends, slopes, time-to-exhaustion estimates,
+//! the last and the next action), and `warmvm aging hold|release`.
+
+use std::process::ExitCode;
+
+use serde_json::Value;
+
+use crate::cli::{ApiArgs, Failure};
+use crate::output;
+
+#[derive(clap::Subcommand, Debug, Clone, Copy)]
+pub enum AgingAction {
+    /// Put rejuvenation on hold: triggers are recorded as skipped until `release`.
+    Hold,
+    /// Lift the hold.
+    Release,
+}
+
+pub fn aging(action: Option<AgingAction>, api: &ApiArgs) -> Result<ExitCode, Failure> {
+    let c = crate::client::client(api);
+    let report = match action {
+        None => c.call("GET", "/v1/aging", None)?,
+        Some(a) => {
+            let hold = matches!(a, AgingAction::Hold);
+            let body = serde_json::json!({ "hold": hold }).to_string();
+            c.call("PUT", "/v1/aging/hold", Some(body.as_bytes()))?
+        }
+    };
+    if api.json {
+        output::print_json(&report);
+    } else {
+        print!("{}", render(&report));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A figure in the unit people read: MiB for bytes, plain otherwise.
+fn figure(metric: &str, v: &Value) -> String {
+    match v.as_f64() {
+        None => "-".into(),
+        Some(x) if metric.ends_with("_bytes") => format!("{:.1}M", x / (1u64 << 20) as f64),
+        Some(x) if x.abs() >= 100.0 || x == x.trunc() => format!("{x:.0}"),
+        Some(x) => format!("{x:.2}"),
+    }
+}
+
+fn secs(v: &Value) -> String {
+    match v.as_f64() {
+        None => "never".into(),
+        Some(s) if s >= 86_400.0 => format!("{:.1}d", s / 86_400.0),
+        Some(s) if s >= 3600.0 => format!("{:.1}h", s / 3600.0),
+        Some(s) => format!("{s:.0}s"),
+    }
+}
+
+fn reason(r: &Value) -> String {
+    match r["kind"].as_str() {
+        Some("aging") => format!(
+            "aging ({}, {})",
+            r["metric"].as_str().unwrap_or("?"),
+            r["detector"].as_str().unwrap_or("?")
+        ),
+        Some(k) => k.to_string(),
+        None => "?".into(),
+    }
+}
+
+pub fn render(r: &Value) -> String {
+    let yes = |v: &Value| {
+        if v.as_bool() == Some(true) {
+            "yes"
+        } else {
+            "no"
+        }
+    };
+    let mut out = format!(
+        "aging monitor: {}, every {} ms, horizon {} s, dry run {}, hold {}; {} samples kept\n",
+        if r["enabled"].as_bool() == Some(true) {
+            "on"
+        } else {
+            "off"
+        },
+        r["period_ms"],
+        r["horizon_secs"],
+        yes(&r["dry_run"]),
+        yes(&r["hold"]),
+        r["history_len"],
+    );
+    let rows = r["metrics"]
+        .as_array()
+        .map(|ms| {
+            ms.iter()
+                .map(|m| {
+                    let name = m["metric"].as_str().unwrap_or("?");
+                    let slope = match m["slope_per_sec"].as_f64() {
+                        Some(s) if name.ends_with("_bytes") => {
+                            format!("{:.1}K", s / 1024.0)
+                        }
+                        Some(s) => format!("{s:.3}"),
+                        None => "-".into(),
+                    };
+                    let state = if m["exhausting"].as_bool() == Some(true) {
+                        "EXHAUSTING"
+                    } else if m["changed"].as_bool() == Some(true) {
+                        "CHANGED"
+                    } else {
+                        "ok"
+                    };
+                    vec![
+                        name.to_string(),
+                        figure(name, &m["value"]),
+                        figure(name, &m["baseline"]),
+                        figure(name, &m["limit"]),
+                        slope,
+                        m["trend_p"]
+                            .as_f64()
+                            .map_or("-".into(), |p| format!("{p:.1e}")),
+                        secs(&m["exhaustion_secs_conservative"]),
+                        m["cusum"]
+                            .as_f64()
+                            .map_or("-".into(), |c| format!("{c:.1}")),
+                        state.to_string(),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    out.push_str(&output::table(
+        &[
+            "METRIC",
+            "VALUE",
+            "BASELINE",
+            "LIMIT",
+            "SLOPE/S",
+            "TREND P",
+            "EXHAUSTED IN",
+            "CUSUM",
+            "STATE",
+        ],
+        rows,
+        &[1, 2, 3, 4, 5, 6, 7],
+    ));
+    out.push('\n');
+    match r["last_action"].as_object() {
+        Some(e) => out.push_str(&format!(
+            "last action: {} for {} ({} ago): {}\n",
+            e["action"].as_str().unwrap_or("?"),
+            reason(&e["reason"]),
+            ago(e["t_ms"].as_u64().unwrap_or(0)),
+            e["detail"].as_str().unwrap_or(""),
+        )),
+        None => out.push_str("last action: none\n"),
+    }
+    out.push_str(&format!(
+        "next action: {}\n",
+        r["next_action"].as_str().unwrap_or("?")
+    ));
+    if let Some(rb) = r["reboots"].as_array().filter(|a| !a.is_empty()) {
+        out.push_str(&format!("warm reboots recorded: {}\n", rb.len()));
+        for b in rb.iter().rev().take(5) {
+            out.push_str(&format!(
+                "  {} ago  {}  pid {} -> {}  blackout {:.3} ms\n",
+                ago(b["t_ms"].as_u64().unwrap_or(0)),
+                reason(&b["reason"]),
+                b["from_pid"],
+                b["to_pid"],
+                b["host_blackout_us"].as_f64().unwrap_or(0.0) / 1000.0
+            ));
+        }
+    }
+    out
+}
+
+fn ago(t_ms: u64) -> String {
+    let now = warmvm_api::aging::sample::now_ms();
+    secs(&Value::from(now.saturating_sub(t_ms) as f64 / 1000.0))
+}
