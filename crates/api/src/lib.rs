@@ -16,6 +16,7 @@ pub mod client;
 pub mod daemon;
 pub mod http;
 pub mod metrics;
+pub mod modes;
 pub mod routes;
 pub mod schema;
 pub mod server;

@@ -23,7 +23,12 @@ use warmvm_vmm::handover::{self, Phase, RebootOptions, RebootReport};
 use warmvm_vmm::{ConfigError, Host, HostError, Lifecycle, Vm, VmConfig, VmError, VmReport};
 
 use crate::http::{Request, Response, CONTENT_TYPE_METRICS};
+use crate::modes::{self, Mode, ModeReboot};
+
+mod snapshots;
 use crate::routes::{route, Op, Routed, ROUTES};
+pub use snapshots::{RestoreRequest, SnapshotRequest};
+use warmvm_vmm::snapshot::SnapshotError;
 
 /// Seconds a guest gets to power off when `stop` names none.
 pub const DEFAULT_STOP_GRACE_SECS: u64 = 10;
@@ -119,8 +124,32 @@ impl From<HostError> for ApiError {
             HostError::Vm { err, .. } => vm_error_status(err, None),
             HostError::Exists(_) | HostError::StillRunning(_) => 409,
             HostError::NotFound(_) => 404,
+            HostError::Snapshot(s) => snapshot_error_status(s),
         };
         Self::new(status, e.to_string())
+    }
+}
+
+/// 409 for a VM or directory in the wrong state; 422 for a snapshot this host cannot use
+/// (missing, truncated, corrupt, foreign, another format); 507 for a full disk.
+pub(crate) fn snapshot_error_status(e: &SnapshotError) -> u16 {
+    match e {
+        SnapshotError::NotLive { .. } | SnapshotError::Exists(_) => 409,
+        SnapshotError::NoSnapshot(_)
+        | SnapshotError::State { .. }
+        | SnapshotError::Truncated { .. }
+        | SnapshotError::Corrupt { .. } => 422,
+        SnapshotError::Io { err, .. } if err.raw_os_error() == Some(libc::ENOSPC) => 507,
+        SnapshotError::Io { err, .. }
+            if matches!(
+                err.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied
+            ) =>
+        {
+            422
+        }
+        SnapshotError::Vm { err, .. } => vm_error_status(err, None),
+        SnapshotError::Io { .. } | SnapshotError::Capture { .. } => 500,
     }
 }
 
@@ -170,6 +199,8 @@ pub struct DaemonStatus {
     pub build: String,
     /// How this daemon took its VMs over by a warm reboot, if it did.
     pub last_takeover: Option<TakeoverInfo>,
+    /// How the saved or cold reboot that started this daemon went, if one did.
+    pub last_reboot: Option<ModeReboot>,
 }
 
 /// How a daemon took its VMs over from the one before it.
@@ -208,7 +239,9 @@ pub struct StopRequest {
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct RebootRequest {
-    /// Only `warm`: every VM is handed to a new daemon process without stopping.
+    /// `warm`: every VM is handed to a new daemon process without stopping; `saved`: every
+    /// VM is snapshotted to disk and restored by the new daemon; `cold`: every guest is
+    /// powered off and booted again by the new daemon.
     pub mode: String,
     /// The new daemon's binary (absolute path); default: this daemon's own binary. When
     /// present it must be a string: `null` is refused, as the document says.
@@ -226,6 +259,13 @@ pub struct RebootRequest {
     /// reboot is aborted and the VMs run on here. Default: the daemon's `--ready-budget-ms`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ready_budget_ms: Option<u64>,
+    /// Cold reboot: seconds each guest gets to power off before it is forced (default 10).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "warmvm_vmm::config::present"
+    )]
+    pub grace_secs: Option<u64>,
 }
 
 /// Bounds of the reboot timeouts a request or a flag may set.
@@ -272,6 +312,7 @@ pub struct ApiState {
     /// lock; a warm reboot holds it for writing.
     ops: RwLock<()>,
     last_takeover: OnceLock<TakeoverInfo>,
+    last_reboot: OnceLock<ModeReboot>,
 }
 
 impl ApiState {
@@ -291,12 +332,18 @@ impl ApiState {
             ops: RwLock::new(()),
             connections: AtomicUsize::new(0),
             last_takeover: OnceLock::new(),
+            last_reboot: OnceLock::new(),
         }
     }
 
     /// Record how this daemon took its VMs over (shown by `GET /v1/status`).
     pub fn set_last_takeover(&self, info: TakeoverInfo) {
         let _ = self.last_takeover.set(info);
+    }
+
+    /// Record how the saved or cold reboot that started this daemon went.
+    pub fn set_last_reboot(&self, report: ModeReboot) {
+        let _ = self.last_reboot.set(report);
     }
 
     /// Enter a pause, resume or stop (see the locking rule above).
@@ -399,6 +446,10 @@ impl ApiState {
             Op::DeleteVm => parse_delete_query(req.query.as_deref())
                 .and_then(|keep_logs| self.delete(name, keep_logs))
                 .map(|r| Response::json(200, &r)),
+            Op::SnapshotVm => self
+                .snapshot(name, &req.body)
+                .map(|r| Response::json(200, &r)),
+            Op::RestoreVm => self.restore(&req.body).map(|r| Response::json(201, &r)),
             Op::Reboot => self.reboot(&req.body).map(|r| {
                 let mut resp = Response::json(200, &r);
                 resp.then_exit = true;
@@ -437,6 +488,7 @@ impl ApiState {
             state_dir,
             build: warmvm_vmm::build(),
             last_takeover: self.last_takeover.get().cloned(),
+            last_reboot: self.last_reboot.get().cloned(),
         }
     }
 
@@ -581,7 +633,7 @@ impl ApiState {
         Ok(report)
     }
 
-    /// Check a reboot request: mode `warm`, and a binary that is an executable file.
+    /// Check a reboot request: a known mode, and a binary that is an executable file.
     pub fn parse_reboot(body: &[u8]) -> Result<(RebootRequest, PathBuf), ApiError> {
         if body.iter().all(u8::is_ascii_whitespace) {
             return Err(ApiError::new(
@@ -591,13 +643,19 @@ impl ApiState {
         }
         let req: RebootRequest = serde_json::from_slice(body)
             .map_err(|e| ApiError::new(400, format!("invalid reboot request: {e}")))?;
-        if req.mode != "warm" {
+        if Mode::parse(&req.mode).is_none() {
             return Err(ApiError::new(
                 400,
                 format!(
-                    "reboot mode {:?} is not supported: the only mode is \"warm\"",
+                    "reboot mode {:?} is not supported: use \"warm\", \"saved\" or \"cold\"",
                     req.mode
                 ),
+            ));
+        }
+        if let Some(g) = req.grace_secs.filter(|g| *g > MAX_STOP_GRACE_SECS) {
+            return Err(ApiError::new(
+                400,
+                format!("grace_secs = {g} is out of range: use 0 to {MAX_STOP_GRACE_SECS}"),
             ));
         }
         for (name, value, range) in [
@@ -675,9 +733,34 @@ impl ApiState {
                 )),
             }
         };
-        let host = self.lock();
+        let mut host = self.lock();
         if self.shutting_down.load(Ordering::SeqCst) {
             return Err(ApiError::new(503, "the daemon is shutting down"));
+        }
+        let mode = Mode::parse(&req.mode).unwrap_or(Mode::Warm);
+        // Saved and cold: the VMs leave memory first; they are held aside until the new
+        // daemon has taken over, and run on here if it does not.
+        let prepared = match mode {
+            Mode::Warm => None,
+            Mode::Saved => Some(modes::save_all(&mut host)?),
+            Mode::Cold => Some(modes::stop_all(
+                &mut host,
+                Duration::from_secs(req.grace_secs.unwrap_or(DEFAULT_STOP_GRACE_SECS)),
+            )),
+        };
+        let mut extra = setup.extra.clone();
+        if let (Some((bb, _)), Some(map)) = (&prepared, extra.as_object_mut()) {
+            match serde_json::to_value(bb) {
+                Ok(v) => {
+                    map.insert(modes::EXTRA_KEY.to_string(), v);
+                }
+                Err(e) => {
+                    if let Some((bb, held)) = prepared {
+                        modes::undo(&mut host, held, &bb);
+                    }
+                    return Err(ApiError::new(500, format!("cannot encode the VMs: {e}")));
+                }
+            }
         }
         let opts = RebootOptions {
             binary: binary.clone(),
@@ -688,7 +771,7 @@ impl ApiState {
             ready_budget: req
                 .ready_budget_ms
                 .map_or(setup.ready_budget, Duration::from_millis),
-            extra: setup.extra.clone(),
+            extra,
             extra_fds: setup.extra_fds.clone(),
             env: Vec::new(),
         };
@@ -709,13 +792,21 @@ impl ApiState {
                 std::mem::forget(host);
                 std::mem::forget(gate);
                 std::mem::forget(done);
+                // VMs held aside (paused or ended) go with this process.
+                std::mem::forget(prepared);
                 Ok(handed.report)
             }
             Err(e) => {
+                if let Some((bb, held)) = prepared {
+                    modes::undo(&mut host, held, &bb);
+                }
                 let status = if e.is_refusal() { 409 } else { 500 };
                 Err(ApiError::new(
                     status,
-                    format!("warm reboot failed; the VMs run on in this daemon: {e}"),
+                    format!(
+                        "{} reboot failed; the VMs run on in this daemon: {e}",
+                        mode.name()
+                    ),
                 )
                 .in_phase(e.phase))
             }
@@ -839,7 +930,15 @@ mod tests {
         assert_eq!(status(""), Some(400));
         assert_eq!(status("{}"), Some(400));
         assert_eq!(status(r#"{"mode": "warm", "bogus": 1}"#), Some(400));
-        assert_eq!(status(r#"{"mode": "cold"}"#), Some(400));
+        assert_eq!(status(r#"{"mode": "cold"}"#), None);
+        assert_eq!(status(r#"{"mode": "saved"}"#), None);
+        assert_eq!(status(r#"{"mode": "cold", "grace_secs": 3}"#), None);
+        assert_eq!(
+            status(r#"{"mode": "cold", "grace_secs": 99999}"#),
+            Some(400)
+        );
+        assert_eq!(status(r#"{"mode": "cold", "grace_secs": null}"#), Some(400));
+        assert_eq!(status(r#"{"mode": "hot"}"#), Some(400));
         // Not what the document allows: 400.
         assert_eq!(status(r#"{"mode": "warm", "binary": null}"#), Some(400));
         assert_eq!(status(r#"{"mode": "warm", "binary": ""}"#), Some(400));
@@ -855,8 +954,12 @@ mod tests {
             Some(422)
         );
         assert_eq!(status(r#"{"mode": "warm", "binary": "sh"}"#), Some(422));
-        let e = ApiState::parse_reboot(br#"{"mode": "cold"}"#).unwrap_err();
-        assert!(e.message.contains("only mode is \"warm\""), "{}", e.message);
+        let e = ApiState::parse_reboot(br#"{"mode": "hot"}"#).unwrap_err();
+        assert!(
+            e.message.contains("use \"warm\", \"saved\" or \"cold\""),
+            "{}",
+            e.message
+        );
     }
 
     #[test]

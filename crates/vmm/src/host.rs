@@ -145,6 +145,18 @@ impl Host {
         Ok((vm, report))
     }
 
+    /// Take a VM out of this host whatever its state (a saved or cold reboot holds VMs
+    /// aside while the VMM is replaced); [`Host::attach`] puts it back.
+    pub fn detach(&mut self, name: &str) -> Option<Arc<Vm>> {
+        let idx = self.vms.iter().position(|v| v.name() == name)?;
+        Some(self.vms.remove(idx))
+    }
+
+    /// Put back a VM [`Host::detach`] took out.
+    pub fn attach(&mut self, vm: Arc<Vm>) {
+        self.vms.push(vm);
+    }
+
     pub fn find(&self, name: &str) -> Option<Arc<Vm>> {
         self.vms.iter().find(|v| v.name() == name).cloned()
     }

@@ -164,7 +164,31 @@ fn parallel(
     Ok(total.finalize())
 }
 
+/// Tests only: `WARMVM_SNAPSHOT_FAULT=enospc-after:N` makes every RAM write request after
+/// the first N of this process fail with ENOSPC, as a disk that fills up midway would.
+#[cfg(feature = "fault-injection")]
+pub const FAULT_ENV: &str = "WARMVM_SNAPSHOT_FAULT";
+
+#[cfg(feature = "fault-injection")]
+fn injected_enospc() -> bool {
+    use std::sync::OnceLock;
+    static LIMIT: OnceLock<Option<usize>> = OnceLock::new();
+    static WRITTEN: AtomicUsize = AtomicUsize::new(0);
+    let limit = LIMIT.get_or_init(|| {
+        std::env::var(FAULT_ENV)
+            .ok()?
+            .strip_prefix("enospc-after:")?
+            .parse()
+            .ok()
+    });
+    limit.is_some_and(|n| WRITTEN.fetch_add(1, Ordering::Relaxed) >= n)
+}
+
 fn full_write(file: &File, buf: &[u8], off: u64) -> std::io::Result<()> {
+    #[cfg(feature = "fault-injection")]
+    if injected_enospc() {
+        return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
+    }
     file.write_all_at(buf, off)
 }
 
