@@ -344,11 +344,18 @@ pub fn undo(host: &mut Host, held: Held, bb: &BringBack) {
     }
 }
 
-/// Wait (bounded) until the process `pid` has exited, so that its RAM is free.
+/// Wait (bounded) until the process `pid` has exited, so that its RAM is free. A zombie
+/// (exited, not reaped yet by its parent) has freed its memory: it counts as gone.
 fn wait_exit(pid: u32) {
     let deadline = Instant::now() + OLD_EXIT_TIMEOUT;
-    // SAFETY: kill with signal 0 only checks whether the process exists.
-    while unsafe { libc::kill(pid as libc::pid_t, 0) } == 0 && Instant::now() < deadline {
+    let alive = || match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which is in parentheses.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X'])),
+        Err(_) => false,
+    };
+    while alive() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(1));
     }
 }

@@ -25,14 +25,14 @@ pub struct DaemonCell {
 }
 
 /// A daemon of the bench's own; SIGTERMed (whichever process it is by then) when dropped.
-struct BenchDaemon {
-    client: Client,
+pub(crate) struct BenchDaemon {
+    pub(crate) client: Client,
     dir: PathBuf,
     child: std::process::Child,
 }
 
 impl BenchDaemon {
-    fn start(exe: &Path, dir: &Path) -> Result<Self, String> {
+    pub(crate) fn start(exe: &Path, dir: &Path) -> Result<Self, String> {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let socket = dir.join("api.sock");
         let log = std::fs::File::create(dir.join("daemon.log")).map_err(|e| e.to_string())?;

@@ -46,6 +46,9 @@ pub enum BenchCommand {
     /// Blackout of chained warm reboots for several VM counts and RAM sizes, through the
     /// daemon's API and through the demo.
     WarmReboot(crate::bench::WarmRebootArgs),
+    /// Warm, saved and cold reboot side by side: downtime against the number of VMs and
+    /// the RAM size, phases, the disk's bandwidth; a table or --json, and plots.
+    Reboot(crate::bench_reboot::RebootBenchArgs),
     /// Randomised fault-injection trials of the daemon's warm reboot (a fault-injection build).
     Faults(crate::bench_faults::FaultsArgs),
 }
@@ -130,7 +133,7 @@ pub enum Command {
     },
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum RebootMode {
     /// Hand every VM to a new daemon process, suspended on memory only briefly.
     Warm,
@@ -390,6 +393,12 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
             args.json = api.json;
             args.socket = api.socket;
             crate::bench::warm_reboot(&args)
+        }
+        Command::Bench {
+            what: BenchCommand::Reboot(mut args),
+        } => {
+            args.json = api.json;
+            crate::bench_reboot::reboot(&args)
         }
         Command::Bench {
             what: BenchCommand::Faults(mut args),

@@ -3,12 +3,14 @@
 mod bench;
 mod bench_daemon;
 mod bench_faults;
+mod bench_reboot;
 mod cli;
 mod client;
 mod console;
 mod demo;
 mod manpages;
 mod output;
+mod plots;
 mod progress;
 mod run;
 
