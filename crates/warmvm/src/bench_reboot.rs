@@ -53,9 +53,10 @@ pub struct RebootBenchArgs {
     /// under /var/tmp].
     #[arg(long)]
     pub dir: Option<PathBuf>,
-    /// Write the plots (SVG and PNG) into this directory.
+    /// Also write everything into this directory: table.txt, results.json and the plots
+    /// (downtime-vs-vms, downtime-vs-ram, phases; SVG and PNG).
     #[arg(long)]
-    pub plots: Option<PathBuf>,
+    pub out: Option<PathBuf>,
     /// Reference guest command line.
     #[arg(long, default_value = "quiet interval_ms=20")]
     pub guest_cmdline: String,
@@ -175,20 +176,27 @@ pub fn reboot(args: &RebootBenchArgs) -> Result<ExitCode, Failure> {
         "skipped": skipped,
         "qemu_peer": { "skipped": "not implemented in this build: QEMU's cpr-transfer and migrate-to-file are not measured" },
     });
-    if let Some(dir) = &args.plots {
-        crate::plots::write_all(dir, &results).map_err(|e| {
+    let table = table_text(&doc, &results);
+    if let Some(dir) = &args.out {
+        let write = || -> Result<(), String> {
+            crate::plots::write_all(dir, &results)?;
+            let json = serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?;
+            std::fs::write(dir.join("results.json"), json + "\n").map_err(|e| e.to_string())?;
+            std::fs::write(dir.join("table.txt"), &table).map_err(|e| e.to_string())
+        };
+        write().map_err(|e| {
             Failure::new(
                 EXIT_HOST,
-                format!("cannot write the plots into {}: {e}", dir.display()),
+                format!("cannot write into {}: {e}", dir.display()),
             )
         })?;
     }
     if args.json {
         crate::output::print_json(&doc);
     } else {
-        print_table(&doc, &results);
-        if let Some(dir) = &args.plots {
-            println!("plots: {}", dir.display());
+        print!("{table}");
+        if let Some(dir) = &args.out {
+            println!("table, JSON and plots: {}", dir.display());
         }
     }
     let failed = results.iter().any(|c| c.error.is_some());
@@ -235,9 +243,12 @@ fn ratios(cells: &[Cell]) -> Vec<Value> {
     out
 }
 
-fn print_table(doc: &Value, cells: &[Cell]) {
+fn table_text(doc: &Value, cells: &[Cell]) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
     let d = &doc["disk"];
-    println!(
+    let _ = writeln!(
+        out,
         "disk (direct I/O, {} MiB, same code as the snapshots): write {:.0} MiB/s, read {:.0} MiB/s{}",
         d["file_mib"],
         d["write_mib_s"].as_f64().unwrap_or(0.0),
@@ -274,7 +285,8 @@ fn print_table(doc: &Value, cells: &[Cell]) {
             ]
         })
         .collect();
-    println!(
+    let _ = writeln!(
+        out,
         "{}",
         crate::output::table(
             &[
@@ -296,7 +308,8 @@ fn print_table(doc: &Value, cells: &[Cell]) {
             r[k].as_f64()
                 .map_or("-".to_string(), |v| format!("{v:.0}x"))
         };
-        println!(
+        let _ = writeln!(
+            out,
             "{} VMs x {} MiB: saved/warm {}, cold/warm {}",
             r["vms"],
             r["memory_mib"],
@@ -305,12 +318,14 @@ fn print_table(doc: &Value, cells: &[Cell]) {
         );
     }
     for s in doc["skipped"].as_array().into_iter().flatten() {
-        println!("skipped: {}", s.as_str().unwrap_or_default());
+        let _ = writeln!(out, "skipped: {}", s.as_str().unwrap_or_default());
     }
-    println!(
+    let _ = writeln!(
+        out,
         "QEMU peer: skipped ({})",
         doc["qemu_peer"]["skipped"].as_str().unwrap_or_default()
     );
+    out
 }
 
 /// Sequential write and read bandwidth of the disk under `dir`, with the snapshots' own
@@ -530,7 +545,7 @@ mod tests {
             runs: 1,
             max_total_mib: 2048,
             dir: None,
-            plots: None,
+            out: None,
             guest_cmdline: String::new(),
         };
         let (cells, skipped) = matrix(&args);

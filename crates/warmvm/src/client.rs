@@ -79,10 +79,32 @@ pub fn reboot(
             other => other,
         };
     let c = client(api);
+    // Saved: show each VM's snapshot growing (the daemon answers nothing while it saves).
+    let progress = if mode == "saved" && !api.json {
+        let state_dir = c.status()?["state_dir"]
+            .as_str()
+            .map(std::path::PathBuf::from);
+        let vms = c.list()?["vms"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|v| v["state"] == "running" || v["state"] == "paused")
+            .filter_map(|v| {
+                Some((
+                    v["name"].as_str()?.to_string(),
+                    v["ram_resident_mib"].as_u64()? << 20,
+                ))
+            })
+            .collect();
+        state_dir.map(|d| crate::reboot_progress::SaveProgress::start(&d, vms))
+    } else {
+        None
+    };
     let r = c.reboot_with(mode, binary.as_deref(), grace_secs)?;
     if mode != "warm" {
         // The new daemon answers once every VM is back (requests wait until then).
         let s = c.status()?;
+        drop(progress);
         let back = &s["last_reboot"];
         if api.json {
             output::print_json(&serde_json::json!({ "handover": r, "reboot": back }));

@@ -12,6 +12,7 @@ mod manpages;
 mod output;
 mod plots;
 mod progress;
+mod reboot_progress;
 mod run;
 
 use std::process::ExitCode;

@@ -242,3 +242,44 @@ fn phases<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, cells: &[&Cell]) ->
         .map_err(e)?;
     root.present().map_err(e)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cell(mode: &'static str, vms: u32, mib: u64, ms: f64) -> Cell {
+        Cell {
+            mode,
+            vms,
+            memory_mib: mib,
+            runs: 1,
+            host_ms: vec![ms],
+            vm_ms: vec![ms],
+            phases_ms: vec![("a".into(), ms / 2.0), ("b".into(), ms / 2.0)],
+            save_mib_s: None,
+            restore_mib_s: None,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn every_plot_is_written_as_svg_and_png_with_text() {
+        let dir = std::env::temp_dir().join(format!("warmvm-plots-{}", std::process::id()));
+        let cells = vec![
+            cell("warm", 1, 256, 1.2),
+            cell("warm", 2, 256, 2.0),
+            cell("saved", 1, 256, 900.0),
+            cell("saved", 2, 256, 1800.0),
+            cell("warm", 1, 1024, 1.3),
+            cell("saved", 1, 1024, 3000.0),
+        ];
+        write_all(&dir, &cells).unwrap();
+        for name in ["downtime-vs-vms", "downtime-vs-ram", "phases"] {
+            let svg = std::fs::read_to_string(dir.join(format!("{name}.svg"))).unwrap();
+            assert!(svg.contains("<svg") && svg.contains("saved"), "{name}");
+            let png = std::fs::read(dir.join(format!("{name}.png"))).unwrap();
+            assert_eq!(&png[1..4], b"PNG", "{name}");
+        }
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
