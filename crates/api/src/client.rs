@@ -196,20 +196,67 @@ impl Client {
         mode: &str,
         binary: Option<&Path>,
     ) -> Result<serde_json::Value, ClientError> {
+        self.reboot_with(mode, binary, None)
+    }
+
+    /// Reboot the daemon in `mode` (warm, saved, cold); `grace_secs` for cold.
+    pub fn reboot_with(
+        &self,
+        mode: &str,
+        binary: Option<&Path>,
+        grace_secs: Option<u64>,
+    ) -> Result<serde_json::Value, ClientError> {
         let body = serde_json::to_vec(&RebootRequest {
             mode: mode.to_string(),
             binary: binary.map(Path::to_path_buf),
+            grace_secs,
             ..Default::default()
         })
         .map_err(|e| ClientError::Protocol(e.to_string()))?;
         // The daemon allows the new one up to its stage timeout to prepare, then its ready
         // budget (far shorter) to take the guests over.
         self.clone()
-            .with_timeout(
-                self.timeout
-                    .max(REBOOT_TIMEOUT * 2 + Duration::from_secs(30)),
-            )
+            .with_timeout(self.timeout.max(if mode == "warm" {
+                REBOOT_TIMEOUT * 2 + Duration::from_secs(30)
+            } else {
+                // Saving every VM's RAM, or waiting for every guest to power off.
+                Duration::from_secs(1800)
+            }))
             .call("PUT", "/v1/reboot", Some(&body))
+    }
+
+    /// Snapshot a VM into `dir` (on the daemon's host).
+    pub fn snapshot(
+        &self,
+        name: &str,
+        dir: &Path,
+        leave_paused: bool,
+    ) -> Result<serde_json::Value, ClientError> {
+        let body = serde_json::to_vec(&crate::state::SnapshotRequest {
+            dir: dir.to_path_buf(),
+            leave_paused,
+        })
+        .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        // Writing RAM takes time in proportion to its size.
+        self.clone()
+            .with_timeout(self.timeout.max(Duration::from_secs(600)))
+            .call("PUT", &vm_path(name, "/snapshot"), Some(&body))
+    }
+
+    /// Create a VM from the snapshot in `dir`.
+    pub fn restore(
+        &self,
+        dir: &Path,
+        name: Option<&str>,
+    ) -> Result<serde_json::Value, ClientError> {
+        let body = serde_json::to_vec(&crate::state::RestoreRequest {
+            dir: dir.to_path_buf(),
+            name: name.map(str::to_string),
+        })
+        .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        self.clone()
+            .with_timeout(self.timeout.max(Duration::from_secs(600)))
+            .call("POST", "/v1/restore", Some(&body))
     }
 
     /// The Prometheus text.

@@ -222,6 +222,19 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
     if let Some(info) = takeover.clone() {
         state.set_last_takeover(info);
     }
+    // A saved or cold reboot: bring the VMs back before serving (requests wait in the
+    // backlog meanwhile), so that the first answer already sees them.
+    match crate::modes::from_extra(&inherited) {
+        Some(Ok(bb)) => {
+            let mut host = state.host().lock().unwrap_or_else(|p| p.into_inner());
+            let report = crate::modes::bring_back(&mut host, &bb);
+            drop(host);
+            state.set_last_reboot(report);
+        }
+        Some(Err(e)) => tracing::error!(error = %e,
+            "cannot bring the VMs of a saved or cold reboot back; their snapshots stay in the state directory"),
+        None => {}
+    }
     let monitor = Arc::new(aging_monitor(
         config.as_ref().and_then(|c| c.aging.clone()),
         &inherited,

@@ -19,6 +19,7 @@ pub mod client;
 pub mod daemon;
 pub mod http;
 pub mod metrics;
+pub mod modes;
 pub mod reboot;
 pub mod routes;
 pub mod schema;

@@ -12,13 +12,16 @@ use serde::{Deserialize, Serialize};
 use warmvm_vmm::handover::{self, RebootOptions, RebootReport};
 
 use crate::aging::RebootReason;
-use crate::state::{ApiError, ApiState};
+use crate::modes::{self, Mode};
+use crate::state::{ApiError, ApiState, DEFAULT_STOP_GRACE_SECS, MAX_STOP_GRACE_SECS};
 
 /// The body of `PUT /v1/reboot`.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct RebootRequest {
-    /// Only `warm`: every VM is handed to a new daemon process without stopping.
+    /// `warm`: every VM is handed to a new daemon process without stopping; `saved`: every
+    /// VM is snapshotted to disk and restored by the new daemon; `cold`: every guest is
+    /// powered off and booted again by the new daemon.
     pub mode: String,
     /// The new daemon's binary (absolute path); default: this daemon's own binary. When
     /// present it must be a string: `null` is refused, as the document says.
@@ -36,6 +39,13 @@ pub struct RebootRequest {
     /// reboot is aborted and the VMs run on here. Default: the daemon's `--ready-budget-ms`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ready_budget_ms: Option<u64>,
+    /// Cold reboot: seconds each guest gets to power off before it is forced (default 10).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "warmvm_vmm::config::present"
+    )]
+    pub grace_secs: Option<u64>,
 }
 
 /// Bounds of the reboot timeouts a request or a flag may set.
@@ -76,13 +86,19 @@ impl ApiState {
         }
         let req: RebootRequest = serde_json::from_slice(body)
             .map_err(|e| ApiError::new(400, format!("invalid reboot request: {e}")))?;
-        if req.mode != "warm" {
+        if Mode::parse(&req.mode).is_none() {
             return Err(ApiError::new(
                 400,
                 format!(
-                    "reboot mode {:?} is not supported: the only mode is \"warm\"",
+                    "reboot mode {:?} is not supported: use \"warm\", \"saved\" or \"cold\"",
                     req.mode
                 ),
+            ));
+        }
+        if let Some(g) = req.grace_secs.filter(|g| *g > MAX_STOP_GRACE_SECS) {
+            return Err(ApiError::new(
+                400,
+                format!("grace_secs = {g} is out of range: use 0 to {MAX_STOP_GRACE_SECS}"),
             ));
         }
         for (name, value, range) in [
@@ -165,9 +181,34 @@ impl ApiState {
                 )),
             }
         };
-        let host = self.lock();
+        let mut host = self.lock();
         if self.shutting_down.load(Ordering::SeqCst) {
             return Err(ApiError::new(503, "the daemon is shutting down"));
+        }
+        let mode = Mode::parse(&req.mode).unwrap_or(Mode::Warm);
+        // Saved and cold: the VMs leave memory first; they are held aside until the new
+        // daemon has taken over, and run on here if it does not.
+        let prepared = match mode {
+            Mode::Warm => None,
+            Mode::Saved => Some(modes::save_all(&mut host)?),
+            Mode::Cold => Some(modes::stop_all(
+                &mut host,
+                Duration::from_secs(req.grace_secs.unwrap_or(DEFAULT_STOP_GRACE_SECS)),
+            )),
+        };
+        let mut extra = self.successor_extra(&setup.extra, reason.clone());
+        if let (Some((bb, _)), Some(map)) = (&prepared, extra.as_object_mut()) {
+            match serde_json::to_value(bb) {
+                Ok(v) => {
+                    map.insert(modes::EXTRA_KEY.to_string(), v);
+                }
+                Err(e) => {
+                    if let Some((bb, held)) = prepared {
+                        modes::undo(&mut host, held, &bb);
+                    }
+                    return Err(ApiError::new(500, format!("cannot encode the VMs: {e}")));
+                }
+            }
         }
         let opts = RebootOptions {
             binary: binary.clone(),
@@ -178,11 +219,11 @@ impl ApiState {
             ready_budget: req
                 .ready_budget_ms
                 .map_or(setup.ready_budget, Duration::from_millis),
-            extra: self.successor_extra(&setup.extra, reason.clone()),
+            extra,
             extra_fds: setup.extra_fds.clone(),
             env: Vec::new(),
         };
-        tracing::info!(binary = %binary.display(), vms = host.vms().len(), %reason, "warm reboot");
+        tracing::info!(binary = %binary.display(), vms = host.vms().len(), %reason, mode = mode.name(), "reboot");
         match handover::warm_reboot(&host, &opts) {
             Ok(handed) => {
                 self.handed_over.store(true, Ordering::SeqCst);
@@ -199,13 +240,21 @@ impl ApiState {
                 std::mem::forget(host);
                 std::mem::forget(gate);
                 std::mem::forget(done);
+                // VMs held aside (paused or ended) go with this process.
+                std::mem::forget(prepared);
                 Ok(handed.report)
             }
             Err(e) => {
+                if let Some((bb, held)) = prepared {
+                    modes::undo(&mut host, held, &bb);
+                }
                 let status = if e.is_refusal() { 409 } else { 500 };
                 Err(ApiError::new(
                     status,
-                    format!("warm reboot failed; the VMs run on in this daemon: {e}"),
+                    format!(
+                        "{} reboot failed; the VMs run on in this daemon: {e}",
+                        mode.name()
+                    ),
                 )
                 .in_phase(e.phase))
             }
@@ -266,7 +315,15 @@ mod tests {
         assert_eq!(status(""), Some(400));
         assert_eq!(status("{}"), Some(400));
         assert_eq!(status(r#"{"mode": "warm", "bogus": 1}"#), Some(400));
-        assert_eq!(status(r#"{"mode": "cold"}"#), Some(400));
+        assert_eq!(status(r#"{"mode": "cold"}"#), None);
+        assert_eq!(status(r#"{"mode": "saved"}"#), None);
+        assert_eq!(status(r#"{"mode": "cold", "grace_secs": 3}"#), None);
+        assert_eq!(
+            status(r#"{"mode": "cold", "grace_secs": 99999}"#),
+            Some(400)
+        );
+        assert_eq!(status(r#"{"mode": "cold", "grace_secs": null}"#), Some(400));
+        assert_eq!(status(r#"{"mode": "hot"}"#), Some(400));
         // Not what the document allows: 400.
         assert_eq!(status(r#"{"mode": "warm", "binary": null}"#), Some(400));
         assert_eq!(status(r#"{"mode": "warm", "binary": ""}"#), Some(400));
@@ -282,7 +339,11 @@ mod tests {
             Some(422)
         );
         assert_eq!(status(r#"{"mode": "warm", "binary": "sh"}"#), Some(422));
-        let e = ApiState::parse_reboot(br#"{"mode": "cold"}"#).unwrap_err();
-        assert!(e.message.contains("only mode is \"warm\""), "{}", e.message);
+        let e = ApiState::parse_reboot(br#"{"mode": "hot"}"#).unwrap_err();
+        assert!(
+            e.message.contains("use \"warm\", \"saved\" or \"cold\""),
+            "{}",
+            e.message
+        );
     }
 }

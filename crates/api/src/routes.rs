@@ -19,6 +19,8 @@ pub enum Op {
     ResumeVm,
     StopVm,
     DeleteVm,
+    SnapshotVm,
+    RestoreVm,
     Reboot,
     Aging,
     AgingHistory,
@@ -67,6 +69,16 @@ pub const ROUTES: &[Route] = &[
         method: "PUT",
         path: "/v1/vms/{name}/stop",
         op: Op::StopVm,
+    },
+    Route {
+        method: "PUT",
+        path: "/v1/vms/{name}/snapshot",
+        op: Op::SnapshotVm,
+    },
+    Route {
+        method: "POST",
+        path: "/v1/restore",
+        op: Op::RestoreVm,
     },
     Route {
         method: "PUT",

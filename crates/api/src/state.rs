@@ -21,10 +21,15 @@ use warmvm_vmm::{ConfigError, Host, HostError, Lifecycle, Vm, VmConfig, VmError,
 
 use crate::aging::{HoldRequest, Monitor};
 use crate::http::{Request, Response, CONTENT_TYPE_METRICS};
+use crate::modes::ModeReboot;
 pub use crate::reboot::{
     RebootRequest, RebootSetup, READY_BUDGET_MS, REBOOT_TIMEOUT, STAGE_TIMEOUT_MS,
 };
+
+mod snapshots;
 use crate::routes::{route, Op, Routed, ROUTES};
+pub use snapshots::{RestoreRequest, SnapshotRequest};
+use warmvm_vmm::snapshot::SnapshotError;
 
 /// Seconds a guest gets to power off when `stop` names none.
 pub const DEFAULT_STOP_GRACE_SECS: u64 = 10;
@@ -131,8 +136,33 @@ impl From<HostError> for ApiError {
             HostError::Vm { err, .. } => vm_error_status(err, None),
             HostError::Exists(_) | HostError::StillRunning(_) => 409,
             HostError::NotFound(_) => 404,
+            HostError::Snapshot(s) => snapshot_error_status(s),
         };
         Self::new(status, e.to_string())
+    }
+}
+
+/// 409 for a VM or directory in the wrong state; 422 for a snapshot this host cannot use
+/// (missing, truncated, corrupt, foreign, another format); 507 for a full disk.
+pub(crate) fn snapshot_error_status(e: &SnapshotError) -> u16 {
+    match e {
+        SnapshotError::NotLive { .. } | SnapshotError::Exists(_) => 409,
+        SnapshotError::HasDevices { .. } => 422,
+        SnapshotError::NoSnapshot(_)
+        | SnapshotError::State { .. }
+        | SnapshotError::Truncated { .. }
+        | SnapshotError::Corrupt { .. } => 422,
+        SnapshotError::Io { err, .. } if err.raw_os_error() == Some(libc::ENOSPC) => 507,
+        SnapshotError::Io { err, .. }
+            if matches!(
+                err.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied
+            ) =>
+        {
+            422
+        }
+        SnapshotError::Vm { err, .. } => vm_error_status(err, None),
+        SnapshotError::Io { .. } | SnapshotError::Capture { .. } => 500,
     }
 }
 
@@ -182,6 +212,8 @@ pub struct DaemonStatus {
     pub build: String,
     /// How this daemon took its VMs over by a warm reboot, if it did.
     pub last_takeover: Option<TakeoverInfo>,
+    /// How the saved or cold reboot that started this daemon went, if one did.
+    pub last_reboot: Option<ModeReboot>,
 }
 
 /// How a daemon took its VMs over from the one before it.
@@ -235,6 +267,7 @@ pub struct ApiState {
     last_takeover: OnceLock<TakeoverInfo>,
     /// The aging monitor, once the daemon has started it.
     aging: OnceLock<Arc<Monitor>>,
+    last_reboot: OnceLock<ModeReboot>,
 }
 
 impl ApiState {
@@ -255,6 +288,7 @@ impl ApiState {
             connections: AtomicUsize::new(0),
             last_takeover: OnceLock::new(),
             aging: OnceLock::new(),
+            last_reboot: OnceLock::new(),
         }
     }
 
@@ -275,6 +309,11 @@ impl ApiState {
     /// Record how this daemon took its VMs over (shown by `GET /v1/status`).
     pub fn set_last_takeover(&self, info: TakeoverInfo) {
         let _ = self.last_takeover.set(info);
+    }
+
+    /// Record how the saved or cold reboot that started this daemon went.
+    pub fn set_last_reboot(&self, report: ModeReboot) {
+        let _ = self.last_reboot.set(report);
     }
 
     /// Enter a pause, resume or stop (see the locking rule above).
@@ -401,6 +440,10 @@ impl ApiState {
                 .aging_or_404()
                 .map(|m| Response::json(200, &m.history())),
             Op::AgingHold => self.set_hold(&req.body),
+            Op::SnapshotVm => self
+                .snapshot(name, &req.body)
+                .map(|r| Response::json(200, &r)),
+            Op::RestoreVm => self.restore(&req.body).map(|r| Response::json(201, &r)),
             Op::Reboot => self.reboot(&req.body).map(|r| {
                 let mut resp = Response::json(200, &r);
                 resp.then_exit = true;
@@ -439,6 +482,7 @@ impl ApiState {
             state_dir,
             build: warmvm_vmm::build(),
             last_takeover: self.last_takeover.get().cloned(),
+            last_reboot: self.last_reboot.get().cloned(),
         }
     }
 

@@ -5,10 +5,14 @@
 use std::path::PathBuf;
 
 use serde_json::{json, Value};
+use warmvm_api::modes::{ModeReboot, ModeRebootVm};
 use warmvm_api::routes::ROUTES;
 use warmvm_api::schema::validate;
-use warmvm_api::state::{DaemonStatus, RebootRequest, StopRequest, TakeoverInfo};
+use warmvm_api::state::{
+    DaemonStatus, RebootRequest, RestoreRequest, SnapshotRequest, StopRequest, TakeoverInfo,
+};
 use warmvm_vmm::handover::{PhaseTimes, RebootReport, VmBlackout};
+use warmvm_vmm::snapshot::SaveReport;
 use warmvm_vmm::status::{GuestFigures, GuestVcpuFigures};
 use warmvm_vmm::{Lifecycle, VcpuStats, VmConfig, VmReport};
 
@@ -160,6 +164,7 @@ fn reports_in_every_state_match_the_schema() {
             state_dir: "/run/warmvm".into(),
             build: "warmvm 0.1.0".into(),
             last_takeover: None,
+            last_reboot: None,
         },
     );
     check(
@@ -182,6 +187,38 @@ fn reports_in_every_state_match_the_schema() {
                 commit_protocol: false,
                 host_blackout_us: 700,
             }),
+            last_reboot: Some(ModeReboot {
+                mode: "saved".into(),
+                previous_pid: 9,
+                host_downtime_us: 1,
+                prepare_us: 2,
+                replace_us: 3,
+                bring_back_us: 4,
+                bytes_written: 5,
+                bytes_read: 6,
+                vms: vec![
+                    ModeRebootVm {
+                        name: "vm0".into(),
+                        downtime_us: 7,
+                        ..Default::default()
+                    },
+                    ModeRebootVm {
+                        name: "vm1".into(),
+                        error: Some("corrupt".into()),
+                        ..Default::default()
+                    },
+                ],
+            }),
+        },
+    );
+    check(
+        &doc,
+        "SaveReport",
+        &SaveReport {
+            vm: "vm0".into(),
+            dir: "/s/vm0".into(),
+            direct_io: true,
+            ..Default::default()
         },
     );
     check(
@@ -274,6 +311,7 @@ fn request_schemas_match_what_the_server_accepts() {
         binary: Some("/usr/local/bin/warmvm".into()),
         stage_timeout_ms: Some(30_000),
         ready_budget_ms: Some(500),
+        grace_secs: Some(10),
     };
     check(&doc, "RebootRequest", &full);
     let documented = doc["components"]["schemas"]["RebootRequest"]["properties"]
@@ -284,7 +322,42 @@ fn request_schemas_match_what_the_server_accepts() {
     for key in documented.keys() {
         assert!(serialized.get(key).is_some(), "RebootRequest lacks {key}");
     }
-    assert!(validate(&doc, &schema("RebootRequest"), &json!({ "mode": "cold" })).is_err());
+    for mode in ["warm", "saved", "cold"] {
+        check(&doc, "RebootRequest", &json!({ "mode": mode }));
+    }
+    assert!(validate(&doc, &schema("RebootRequest"), &json!({ "mode": "hot" })).is_err());
+    let snap = SnapshotRequest {
+        dir: "/s".into(),
+        leave_paused: true,
+    };
+    check(&doc, "SnapshotRequest", &snap);
+    assert_eq!(
+        doc["components"]["schemas"]["SnapshotRequest"]["properties"]
+            .as_object()
+            .unwrap()
+            .len(),
+        serde_json::to_value(&snap)
+            .unwrap()
+            .as_object()
+            .unwrap()
+            .len()
+    );
+    let restore = RestoreRequest {
+        dir: "/s".into(),
+        name: Some("copy".into()),
+    };
+    check(&doc, "RestoreRequest", &restore);
+    assert_eq!(
+        doc["components"]["schemas"]["RestoreRequest"]["properties"]
+            .as_object()
+            .unwrap()
+            .len(),
+        serde_json::to_value(&restore)
+            .unwrap()
+            .as_object()
+            .unwrap()
+            .len()
+    );
 }
 
 /// The name pattern in the document is the name rule of the code: a brute-force comparison

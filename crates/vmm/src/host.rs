@@ -23,6 +23,8 @@ pub enum HostError {
     NotFound(String),
     #[error("VM {0} is still running: stop it before deleting it")]
     StillRunning(String),
+    #[error("{0}")]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
 }
 
 /// Every VM of this VMM process.
@@ -114,6 +116,45 @@ impl Host {
         let vm = Arc::new(vm);
         self.vms.push(vm.clone());
         Ok(vm)
+    }
+
+    /// Create a VM from the snapshot in `dir`, named `name` (default: the snapshot's), and
+    /// let it run as it was. Nothing changes if it fails.
+    pub fn restore_snapshot(
+        &mut self,
+        dir: &Path,
+        name: Option<&str>,
+    ) -> Result<(Arc<Vm>, crate::snapshot::RestoreReport), HostError> {
+        let (snap_name, ram) = crate::snapshot::peek(dir)?;
+        let name = name.unwrap_or(&snap_name);
+        if self.find(name).is_some() {
+            return Err(HostError::Exists(name.to_string()));
+        }
+        let total: u64 = self.vms.iter().map(|v| v.config.memory_mib).sum::<u64>() + (ram >> 20);
+        let host_mib = self.limits().memory_mib;
+        if host_mib > 0 && total > host_mib {
+            return Err(HostError::Config(ConfigError::TotalMemoryTooLarge {
+                total_mib: total,
+                host_mib,
+            }));
+        }
+        let restored = crate::snapshot::restore(&self.hv, dir, Some(name), &self.state_dir)?;
+        let report = restored.report.clone();
+        let vm = restored.start();
+        self.vms.push(vm.clone());
+        Ok((vm, report))
+    }
+
+    /// Take a VM out of this host whatever its state (a saved or cold reboot holds VMs
+    /// aside while the VMM is replaced); [`Host::attach`] puts it back.
+    pub fn detach(&mut self, name: &str) -> Option<Arc<Vm>> {
+        let idx = self.vms.iter().position(|v| v.name() == name)?;
+        Some(self.vms.remove(idx))
+    }
+
+    /// Put back a VM [`Host::detach`] took out.
+    pub fn attach(&mut self, vm: Arc<Vm>) {
+        self.vms.push(vm);
     }
 
     pub fn find(&self, name: &str) -> Option<Arc<Vm>> {

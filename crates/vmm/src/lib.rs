@@ -5,6 +5,7 @@ pub mod config;
 pub mod handover;
 pub mod host;
 pub mod panic;
+pub mod snapshot;
 pub mod status;
 #[doc(hidden)]
 pub mod testing;

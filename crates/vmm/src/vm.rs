@@ -614,6 +614,21 @@ impl Vm {
         )
     }
 
+    /// Whether the guest says it is up: the reference guest once every vCPU has left its
+    /// boot phase (it reports through its status area). A guest without a status area has
+    /// no such signal here and counts as up once it runs.
+    pub fn guest_ready(&self) -> bool {
+        if self.status_addr.is_none() {
+            return self.lifecycle() == Lifecycle::Running;
+        }
+        self.guest_figures().is_some_and(|g| {
+            !g.vcpus.is_empty()
+                && g.vcpus
+                    .iter()
+                    .all(|v| v.phase == "filling" || v.phase == "verifying")
+        })
+    }
+
     /// Restart the reference guest's longest-stall measurement.
     pub fn reset_guest_gaps(&self) {
         if let Some(addr) = self.status_addr {

@@ -32,7 +32,7 @@ pub(crate) struct BenchDaemon {
 }
 
 impl BenchDaemon {
-    fn start(exe: &Path, dir: &Path) -> Result<Self, String> {
+    pub(crate) fn start(exe: &Path, dir: &Path) -> Result<Self, String> {
         Self::start_with(exe, dir, &[])
     }
 

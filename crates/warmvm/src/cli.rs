@@ -46,6 +46,9 @@ pub enum BenchCommand {
     /// Blackout of chained warm reboots for several VM counts and RAM sizes, through the
     /// daemon's API and through the demo.
     WarmReboot(crate::bench::WarmRebootArgs),
+    /// Warm, saved and cold reboot side by side: downtime against the number of VMs and
+    /// the RAM size, phases, the disk's bandwidth; a table or --json, and plots.
+    Reboot(crate::bench_reboot::RebootBenchArgs),
     /// Randomised fault-injection trials of the daemon's warm reboot (a fault-injection build).
     Faults(crate::bench_faults::FaultsArgs),
     /// A guest serving HTTP from its page cache under wrk, with and without a warm reboot
@@ -101,16 +104,21 @@ pub enum Command {
         #[arg(long, hide = true)]
         takeover_fd: Option<i32>,
     },
-    /// Warm-reboot the daemon: a new daemon process (the same binary, or --binary to
-    /// upgrade) takes over every VM without stopping it, and serves on the same socket.
-    /// Prints each VM's blackout and the time of each phase.
+    /// Reboot the daemon: a new daemon process (the same binary, or --binary to upgrade)
+    /// replaces it and serves on the same socket. warm: it takes over every VM without
+    /// stopping it; saved: every VM is snapshotted to disk and restored by it; cold: every
+    /// guest powers off and is booted again by it. Prints each VM's downtime and the time
+    /// of each phase.
     Reboot {
-        /// How to reboot: `warm` (the VMs keep running, suspended only briefly).
+        /// How to reboot.
         #[arg(long, value_enum)]
         mode: RebootMode,
         /// The new daemon's binary [default: the running daemon's own].
         #[arg(long)]
         binary: Option<PathBuf>,
+        /// cold: seconds each guest gets to power off before it is forced [default: 10].
+        #[arg(long)]
+        grace_secs: Option<u64>,
     },
     /// Manage the daemon's VMs through its API.
     #[command(subcommand)]
@@ -138,10 +146,24 @@ pub enum Command {
     },
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum RebootMode {
     /// Hand every VM to a new daemon process, suspended on memory only briefly.
     Warm,
+    /// Snapshot every VM to the state directory; the new daemon restores them.
+    Saved,
+    /// Power every guest off; the new daemon boots them again from their configs.
+    Cold,
+}
+
+impl RebootMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            RebootMode::Warm => "warm",
+            RebootMode::Saved => "saved",
+            RebootMode::Cold => "cold",
+        }
+    }
 }
 
 /// How the CLI reaches the daemon: the global options.
@@ -322,6 +344,24 @@ pub enum VmCommand {
         #[arg(long)]
         keep_logs: bool,
     },
+    /// Snapshot a running or paused VM into DIR on the daemon's host: its RAM and its
+    /// vCPU, VM and device state, synced. The VM runs on afterwards unless --leave-paused.
+    Snapshot {
+        #[arg(value_parser = vm_name)]
+        name: String,
+        /// The directory (created if missing; it must not hold a snapshot).
+        dir: PathBuf,
+        /// Leave the VM paused afterwards.
+        #[arg(long)]
+        leave_paused: bool,
+    },
+    /// Create a VM from the snapshot in DIR and let it run as it was.
+    Restore {
+        dir: PathBuf,
+        /// The new VM's name [default: the snapshotted VM's].
+        #[arg(long, value_parser = vm_name)]
+        name: Option<String>,
+    },
     /// Print a VM's console log and follow it live until the VM ends (or Ctrl-C).
     Console {
         #[arg(value_parser = vm_name)]
@@ -358,7 +398,8 @@ impl From<HostError> for Failure {
             HostError::Config(_)
             | HostError::Exists(_)
             | HostError::NotFound(_)
-            | HostError::StillRunning(_) => EXIT_BAD_INPUT,
+            | HostError::StillRunning(_)
+            | HostError::Snapshot(_) => EXIT_BAD_INPUT,
             HostError::Vm { err, .. } => match err {
                 VmError::Boot(_) | VmError::ReadFile { .. } => EXIT_BAD_INPUT,
                 _ => EXIT_HOST,
@@ -435,6 +476,12 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
             crate::bench_cache::cache(&args)
         }
         Command::Bench {
+            what: BenchCommand::Reboot(mut args),
+        } => {
+            args.json = api.json;
+            crate::bench_reboot::reboot(&args)
+        }
+        Command::Bench {
             what: BenchCommand::Faults(mut args),
         } => {
             args.json = api.json;
@@ -468,7 +515,11 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
             successor_args,
             ..Default::default()
         }),
-        Command::Reboot { mode, binary } => crate::client::reboot(mode, binary, &api),
+        Command::Reboot {
+            mode,
+            binary,
+            grace_secs,
+        } => crate::client::reboot(mode, binary, grace_secs, &api),
         Command::Vm(cmd) => crate::client::vm(cmd, &api),
         Command::Status => crate::client::status(&api),
         Command::Aging { action } => crate::aging::aging(action, &api),

@@ -61,15 +61,15 @@ pub fn status(api: &ApiArgs) -> Result<ExitCode, Failure> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `warmvm reboot`: ask the daemon for a warm reboot and print its report.
+/// `warmvm reboot`: ask the daemon for a reboot and print its report. For the saved and
+/// cold modes, the new daemon's own account (how it brought the VMs back) follows.
 pub fn reboot(
     mode: RebootMode,
     binary: Option<std::path::PathBuf>,
+    grace_secs: Option<u64>,
     api: &ApiArgs,
 ) -> Result<ExitCode, Failure> {
-    let mode = match mode {
-        RebootMode::Warm => "warm",
-    };
+    let mode = mode.name();
     // The daemon runs elsewhere: a relative path means nothing to it.
     let binary =
         match binary {
@@ -78,7 +78,63 @@ pub fn reboot(
             })?),
             other => other,
         };
-    let r = client(api).reboot(mode, binary.as_deref())?;
+    let c = client(api);
+    // Saved: show each VM's snapshot growing (the daemon answers nothing while it saves).
+    let progress = if mode == "saved" && !api.json {
+        let state_dir = c.status()?["state_dir"]
+            .as_str()
+            .map(std::path::PathBuf::from);
+        let vms = c.list()?["vms"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|v| v["state"] == "running" || v["state"] == "paused")
+            .filter_map(|v| {
+                Some((
+                    v["name"].as_str()?.to_string(),
+                    v["ram_resident_mib"].as_u64()? << 20,
+                ))
+            })
+            .collect();
+        state_dir.map(|d| crate::reboot_progress::SaveProgress::start(&d, vms))
+    } else {
+        None
+    };
+    let r = c.reboot_with(mode, binary.as_deref(), grace_secs)?;
+    if mode != "warm" {
+        // The new daemon answers once every VM is back (requests wait until then).
+        let s = c.status()?;
+        drop(progress);
+        let back = &s["last_reboot"];
+        if api.json {
+            output::print_json(&serde_json::json!({ "handover": r, "reboot": back }));
+        } else {
+            let report: warmvm_api::modes::ModeReboot = serde_json::from_value(back.clone())
+                .map_err(|e| {
+                    Failure::new(
+                        EXIT_HOST,
+                        format!("the new daemon's report is malformed: {e}"),
+                    )
+                })?;
+            output::print_mode_report(&report);
+        }
+        let failed: Vec<String> = back["vms"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| Some(format!("{}: {}", v["name"].as_str()?, v["error"].as_str()?)))
+            .collect();
+        if !failed.is_empty() {
+            return Err(Failure::new(
+                EXIT_HOST,
+                format!(
+                    "{mode} reboot: not every VM came back: {}",
+                    failed.join("; ")
+                ),
+            ));
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     if api.json {
         output::print_json(&r);
     } else {
@@ -149,6 +205,43 @@ pub fn vm(cmd: VmCommand, api: &ApiArgs) -> Result<ExitCode, Failure> {
             };
             done(api, &r, &what);
         }
+        VmCommand::Snapshot {
+            name,
+            dir,
+            leave_paused,
+        } => {
+            let dir = absolute(&dir)?;
+            let r = client(api).snapshot(&name, &dir, leave_paused)?;
+            if api.json {
+                output::print_json(&r);
+            } else {
+                let mib = |k: &str| r[k].as_u64().unwrap_or(0) as f64 / f64::from(1 << 20);
+                let ms = |k: &str| r[k].as_u64().unwrap_or(0) as f64 / 1000.0;
+                println!(
+                    "{name}: snapshot in {}: {:.1} MiB of {:.0} MiB RAM written in {:.1} ms ({:.0} MiB/s{}), {}",
+                    dir.display(),
+                    mib("written_bytes"),
+                    mib("ram_bytes"),
+                    ms("ram_us"),
+                    mib("written_bytes") / (ms("ram_us") / 1000.0).max(1e-6),
+                    if r["direct_io"] == true { ", direct I/O" } else { "" },
+                    if r["resumed"] == true {
+                        format!("running again after {:.1} ms", ms("downtime_us"))
+                    } else {
+                        "left paused".to_string()
+                    }
+                );
+            }
+        }
+        VmCommand::Restore { dir, name } => {
+            let dir = absolute(&dir)?;
+            let r = client(api).restore(&dir, name.as_deref())?;
+            done(
+                api,
+                &r,
+                &format!("restored from {}: {}", dir.display(), state(&r)),
+            );
+        }
         VmCommand::Console {
             name,
             lines,
@@ -156,6 +249,12 @@ pub fn vm(cmd: VmCommand, api: &ApiArgs) -> Result<ExitCode, Failure> {
         } => crate::console::follow(&client(api), &name, lines, !no_follow)?,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The daemon runs elsewhere: a relative path means nothing to it.
+fn absolute(p: &Path) -> Result<std::path::PathBuf, Failure> {
+    std::path::absolute(p)
+        .map_err(|e| Failure::new(EXIT_BAD_INPUT, format!("{}: {e}", p.display())))
 }
 
 fn done(api: &ApiArgs, report: &Value, what: &str) {

@@ -8,13 +8,16 @@ mod bench_aging_sim;
 mod bench_cache;
 mod bench_daemon;
 mod bench_faults;
+mod bench_reboot;
 mod cli;
 mod client;
 mod console;
 mod demo;
 mod manpages;
 mod output;
+mod plots;
 mod progress;
+mod reboot_progress;
 mod run;
 
 use std::process::ExitCode;

@@ -107,6 +107,47 @@ pub fn print_reboot_report(r: &warmvm_vmm::handover::RebootReport) {
     }
 }
 
+/// A saved or cold reboot, as the new daemon reports it.
+pub fn print_mode_report(r: &warmvm_api::modes::ModeReboot) {
+    let ms = |us: u64| us as f64 / 1000.0;
+    println!(
+        "{} reboot: from pid {}, host-wide downtime {:.1} ms",
+        r.mode,
+        r.previous_pid,
+        ms(r.host_downtime_us)
+    );
+    let (prep, back) = if r.mode == "saved" {
+        ("save", "restore")
+    } else {
+        ("shut down", "boot until ready")
+    };
+    println!(
+        "  phases (ms): {prep} {:.1} | replace the daemon {:.1} | {back} {:.1}",
+        ms(r.prepare_us),
+        ms(r.replace_us),
+        ms(r.bring_back_us)
+    );
+    if r.mode == "saved" {
+        println!(
+            "  RAM written {:.1} MiB, read {:.1} MiB",
+            r.bytes_written as f64 / f64::from(1 << 20),
+            r.bytes_read as f64 / f64::from(1 << 20)
+        );
+    }
+    for vm in &r.vms {
+        match &vm.error {
+            None => println!(
+                "  {} downtime {:.1} ms ({prep} {:.1}, {back} {:.1})",
+                vm.name,
+                ms(vm.downtime_us),
+                ms(vm.prepare_us),
+                ms(vm.bring_back_us)
+            ),
+            Some(e) => println!("  {} NOT BACK: {e}", vm.name),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

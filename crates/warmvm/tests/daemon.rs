@@ -186,13 +186,18 @@ fn live_daemon_matches_the_openapi_document() {
     let order = |(p, m): &(String, String)| match (m.as_str(), p.as_str()) {
         ("delete", _) => 3,
         (_, p) if p.ends_with("/stop") => 2,
-        (_, p) if p.ends_with("/resume") => 1,
+        // A restore needs the snapshot taken first.
+        (_, p) if p.ends_with("/resume") || p == "/v1/restore" => 1,
         _ => 0,
     };
     ops.sort_by_key(order);
+    let snap = dir.join("snap-api0");
     for (path, method) in &ops {
         let actual = path.replace("{name}", "api0");
         let body = match (method.as_str(), path.as_str()) {
+            (_, "/v1/vms/{name}/snapshot") => Some(json!({ "dir": snap }).to_string()),
+            // From the snapshot just taken (see `order`), beside api0.
+            (_, "/v1/restore") => Some(json!({ "dir": snap, "name": "api2" }).to_string()),
             ("post", _) => Some(reference_vm("api1").to_string()),
             // A real warm reboot: the daemon that answers from then on is a new process.
             (_, "/v1/reboot") => Some(json!({ "mode": "warm" }).to_string()),
@@ -208,6 +213,37 @@ fn live_daemon_matches_the_openapi_document() {
     }
     // Errors match the documented error schema too.
     assert_eq!(check("/v1/vms/{name}", "get", "/v1/vms/nope", None), 404);
+    assert_eq!(
+        check(
+            "/v1/restore",
+            "post",
+            "/v1/restore",
+            Some(
+                json!({ "dir": snap, "name": "api2" })
+                    .to_string()
+                    .as_bytes()
+            )
+        ),
+        409
+    );
+    assert_eq!(
+        check(
+            "/v1/restore",
+            "post",
+            "/v1/restore",
+            Some(br#"{"dir": "/nonexistent", "name": "api3"}"#)
+        ),
+        422
+    );
+    assert_eq!(
+        check(
+            "/v1/vms/{name}/snapshot",
+            "put",
+            "/v1/vms/api2/snapshot",
+            Some(json!({ "dir": snap }).to_string().as_bytes())
+        ),
+        409
+    );
     assert_eq!(
         check("/v1/vms/{name}/resume", "put", "/v1/vms/api1/resume", None),
         409
@@ -362,7 +398,7 @@ fn malformed_requests_get_4xx_and_change_nothing() {
             "reboot in another mode",
             "PUT",
             "/v1/reboot",
-            Some(br#"{"mode": "cold"}"#),
+            Some(br#"{"mode": "hot"}"#),
             400,
         ),
         (

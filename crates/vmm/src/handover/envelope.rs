@@ -20,12 +20,41 @@ pub const MIN_FORMAT_VERSION: u32 = 2;
 pub const MAX_PAYLOAD: u64 = 256 << 20;
 const HEADER_LEN: usize = 8 + 4 + 4 + 8 + 4 + 4;
 
-/// Encode `value` as an envelope in memory.
+/// Which kind of state an envelope holds: its magic and the format versions this build
+/// reads. Handover state and snapshots share the envelope but not the magic, so neither is
+/// ever mistaken for the other.
+#[derive(Clone, Copy, Debug)]
+pub struct Kind {
+    pub magic: [u8; 8],
+    /// For messages: "a warmvm handover state".
+    pub what: &'static str,
+    pub min_version: u32,
+    pub max_version: u32,
+}
+
+/// The handover's state.
+pub const HANDOVER: Kind = Kind {
+    magic: MAGIC,
+    what: "a warmvm handover state",
+    min_version: MIN_FORMAT_VERSION,
+    max_version: FORMAT_VERSION,
+};
+
+/// Encode `value` as a handover envelope in memory.
 pub fn encode<T: Serialize>(value: &T, version: u32) -> Result<Vec<u8>, HandoverError> {
+    encode_as(&HANDOVER, value, version)
+}
+
+/// Encode `value` as an envelope of `kind` in memory.
+pub fn encode_as<T: Serialize>(
+    kind: &Kind,
+    value: &T,
+    version: u32,
+) -> Result<Vec<u8>, HandoverError> {
     let payload =
         rmp_serde::to_vec_named(value).map_err(|e| HandoverError::Encode(e.to_string()))?;
     let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
-    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&kind.magic);
     out.extend_from_slice(&version.to_le_bytes());
     out.extend_from_slice(&0u32.to_le_bytes());
     out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
@@ -46,24 +75,34 @@ pub fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, Handover
     rmp_serde::from_slice(payload).map_err(|e| HandoverError::BadState(format!("payload: {e}")))
 }
 
-/// Check an envelope (magic, a format this build reads, length, checksum) and return its
-/// format version and payload.
+/// Check a handover envelope (magic, a format this build reads, length, checksum) and
+/// return its format version and payload.
 pub fn open(bytes: &[u8]) -> Result<(u32, &[u8]), HandoverError> {
+    open_as(&HANDOVER, bytes)
+}
+
+/// Check an envelope of `kind` and return its format version and payload.
+pub fn open_as<'a>(kind: &Kind, bytes: &'a [u8]) -> Result<(u32, &'a [u8]), HandoverError> {
     let bad = |m: &str| HandoverError::BadState(m.to_string());
-    if bytes.len() < HEADER_LEN || bytes[..8] != MAGIC {
-        return Err(bad("not a warmvm handover state (bad magic)"));
+    if bytes.len() < HEADER_LEN || bytes[..8] != kind.magic {
+        return Err(HandoverError::BadState(format!(
+            "not {} (bad magic)",
+            kind.what
+        )));
     }
     let u32_at =
         |o: usize| u32::from_le_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]);
     let version = u32_at(8);
-    if version > FORMAT_VERSION {
+    if version > kind.max_version {
         return Err(HandoverError::Incompatible(format!(
-            "state format {version} is newer than this warmvm understands ({FORMAT_VERSION})"
+            "state format {version} is newer than this warmvm understands ({})",
+            kind.max_version
         )));
     }
-    if version < MIN_FORMAT_VERSION {
+    if version < kind.min_version {
         return Err(HandoverError::Incompatible(format!(
-            "state format {version} is older than this warmvm supports ({MIN_FORMAT_VERSION})"
+            "state format {version} is older than this warmvm supports ({})",
+            kind.min_version
         )));
     }
     let mut len8 = [0u8; 8];
@@ -178,6 +217,20 @@ mod tests {
         let err = decode::<V1>(&future).unwrap_err();
         assert!(matches!(err, HandoverError::Incompatible(_)), "{err}");
         assert!(decode::<V1>(b"short").is_err());
+    }
+
+    #[test]
+    fn another_kind_of_envelope_is_refused_by_its_magic() {
+        const OTHER: Kind = Kind {
+            magic: *b"WARMVMXX",
+            what: "another state",
+            min_version: 1,
+            max_version: 1,
+        };
+        let bytes = encode_as(&OTHER, &V1 { a: 1 }, 1).unwrap();
+        let err = open(&bytes).unwrap_err().to_string();
+        assert!(err.contains("not a warmvm handover state"), "{err}");
+        assert_eq!(open_as(&OTHER, &bytes).unwrap().0, 1);
     }
 
     #[test]

@@ -531,18 +531,7 @@ fn restore_all(
 /// after `Commit`. Returns each VM's (first vCPU stop, last vCPU resume) in ns.
 fn resume(vms: &[Arc<Vm>], lifecycles: &[LifecycleState]) -> Vec<(u64, u64)> {
     for (vm, lifecycle) in vms.iter().zip(lifecycles) {
-        *vm.shared.lifecycle() = match lifecycle {
-            LifecycleState::Created => Lifecycle::Created,
-            LifecycleState::Running => Lifecycle::Running,
-            LifecycleState::Paused => Lifecycle::Paused,
-            LifecycleState::PoweredOff { exit_status } => Lifecycle::PoweredOff {
-                exit_status: *exit_status,
-            },
-            LifecycleState::Crashed { reason } => Lifecycle::Crashed {
-                reason: reason.clone(),
-            },
-            LifecycleState::Stopped => Lifecycle::Stopped,
-        };
+        *vm.shared.lifecycle() = to_lifecycle(lifecycle);
         // A paused VM's devices start serving when the VM is resumed.
         if matches!(lifecycle, LifecycleState::Running | LifecycleState::Created) {
             vm.shared.devices.resume_virtio();
@@ -565,6 +554,21 @@ fn resume(vms: &[Arc<Vm>], lifecycles: &[LifecycleState]) -> Vec<(u64, u64)> {
         times.push((vm.first_stop_ns(), last_resume));
     }
     times
+}
+
+pub(crate) fn to_lifecycle(state: &LifecycleState) -> Lifecycle {
+    match state {
+        LifecycleState::Created => Lifecycle::Created,
+        LifecycleState::Running => Lifecycle::Running,
+        LifecycleState::Paused => Lifecycle::Paused,
+        LifecycleState::PoweredOff { exit_status } => Lifecycle::PoweredOff {
+            exit_status: *exit_status,
+        },
+        LifecycleState::Crashed { reason } => Lifecycle::Crashed {
+            reason: reason.clone(),
+        },
+        LifecycleState::Stopped => Lifecycle::Stopped,
+    }
 }
 
 /// From now on write to the old VMM's stderr directly, not through its relay (which ends
@@ -625,6 +629,36 @@ fn adopt_vm(
     if let Some(name) = named.keys().next() {
         return Err(bad(format!("fd {name} belongs to no device")));
     }
+    check_spec(spec)?;
+    let log = files.pop().ok_or_else(|| bad("no console log fd".into()))?;
+    let regions = spec
+        .ram
+        .iter()
+        .zip(files)
+        .map(|(slot, file)| RamRegion {
+            guest_addr: slot.guest_addr,
+            size: slot.size,
+            file,
+        })
+        .collect();
+    let ram = GuestRam::adopt(regions, spec.hugepages).map_err(|e| vm_err(e.into()))?;
+    build_vm(
+        hv,
+        spec,
+        ram,
+        log,
+        crate::virtio::HostFiles {
+            disks: disk_files,
+            taps,
+        },
+    )
+    .map(Arc::new)
+}
+
+/// Check that a spec from outside this process describes a VM this host can build: a
+/// valid config, one CPUID per vCPU, RAM regions that add up, a status area inside RAM.
+pub(crate) fn check_spec(spec: &VmSpec) -> Result<(), HandoverError> {
+    let bad = |m: String| HandoverError::BadState(m);
     let config: crate::VmConfig = spec.config.clone().into();
     config
         .validate_shape(crate::HostLimits::probe())
@@ -640,18 +674,6 @@ fn adopt_vm(
     if total != config.memory_mib << 20 {
         return Err(bad("RAM regions do not add up to memory_mib".into()));
     }
-    let log = files.pop().ok_or_else(|| bad("no console log fd".into()))?;
-    let regions = spec
-        .ram
-        .iter()
-        .zip(files)
-        .map(|(slot, file)| RamRegion {
-            guest_addr: slot.guest_addr,
-            size: slot.size,
-            file,
-        })
-        .collect();
-    let ram = GuestRam::adopt(regions, spec.hugepages).map_err(|e| vm_err(e.into()))?;
     if let Some(addr) = spec.status_addr {
         if addr
             .checked_add(warmvm_abi::layout::STATUS_SIZE)
@@ -660,6 +682,24 @@ fn adopt_vm(
             return Err(bad("status area outside RAM".into()));
         }
     }
+    Ok(())
+}
+
+/// Build the KVM VM, vCPUs (with the spec's CPUIDs), devices and parked vCPU threads of a
+/// VM over `ram`, whose spec [`check_spec`] has accepted; nothing is restored yet.
+pub(crate) fn build_vm(
+    hv: &Hypervisor,
+    spec: &VmSpec,
+    ram: GuestRam,
+    log: File,
+    host_files: crate::virtio::HostFiles,
+) -> Result<Vm, HandoverError> {
+    let bad = |m: String| HandoverError::BadState(m);
+    let vm_err = |err: crate::VmError| HandoverError::Vm {
+        vm: spec.config.name.clone(),
+        err,
+    };
+    let config: crate::VmConfig = spec.config.clone().into();
     let (kvm_vm, irq) = build_kvm_vm(hv, &ram, spec.linux_devices).map_err(vm_err)?;
     let mut vcpus = Vec::new();
     for (id, cpuid) in spec.cpuids.iter().enumerate() {
@@ -682,10 +722,7 @@ fn adopt_vm(
         linux_devices: spec.linux_devices,
         lifecycle: Lifecycle::Created,
         created_ns: Some(spec.created_monotonic_ns),
-        host_files: crate::virtio::HostFiles {
-            disks: disk_files,
-            taps,
-        },
+        host_files,
     })
     .map_err(vm_err)?;
     // The threads park before their first run; wait so that tasks can be posted.
@@ -694,11 +731,11 @@ fn adopt_vm(
             return Err(bad(format!("vCPU {} thread did not start", h.id)));
         }
     }
-    Ok(Arc::new(vm))
+    Ok(vm)
 }
 
 /// Restore one VM's VM-wide state and hand each vCPU thread its state to restore.
-fn start_restore(
+pub(crate) fn start_restore(
     vm: &Vm,
     runtime: &mut super::state::VmRuntime,
     captured_at_ns: u64,
@@ -743,7 +780,7 @@ fn start_restore(
 }
 
 /// Wait for a VM's vCPU threads to finish restoring.
-fn finish_restore(vm: &Vm) -> Result<(), HandoverError> {
+pub(crate) fn finish_restore(vm: &Vm) -> Result<(), HandoverError> {
     for h in vm.handles() {
         match h.task_result(VCPU_RESPONSE_TIMEOUT) {
             Some(Ok(_)) => {}

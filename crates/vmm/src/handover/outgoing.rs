@@ -465,71 +465,73 @@ fn quiesce(vms: &[Arc<Vm>], deadline: Instant) -> Result<(), HandoverError> {
 /// Each VM's record: its spec, its lifecycle, and for a live VM the vCPU states its
 /// threads saved as they parked plus VM-wide and device state.
 fn capture(vms: &[Arc<Vm>], deadline: Instant) -> Result<Vec<VmRecord>, HandoverError> {
-    let mut records = Vec::new();
-    for vm in vms {
-        let vm_err = |err: crate::VmError| HandoverError::Vm {
-            vm: vm.name().to_string(),
-            err,
-        };
-        let runtime = if vm.lifecycle().is_finished() {
-            None
-        } else {
-            // Requests the devices have in hand are finished before their queues are read;
-            // what the guest queued meanwhile stays in the rings for the next VMM.
-            vm.shared
-                .devices
-                .pause_virtio()
-                .map_err(|e| HandoverError::Io(format!("VM {}: {e}", vm.name())))?;
-            // Read while the vCPU threads are still saving theirs.
-            let kvm = vm
-                .shared
-                .kvm_vm()
-                .save_state(vm.linux_devices)
-                .map_err(|e| vm_err(e.into()))?;
-            let mut vcpus = Vec::new();
-            let mut first_stop = u64::MAX;
-            for h in vm.handles() {
-                let left = deadline.saturating_duration_since(Instant::now());
-                match h.task_result(left) {
-                    Some(Ok(Some(state))) => vcpus.push(state),
-                    Some(Err(e)) => return Err(vm_err(e.into())),
-                    _ => {
-                        return Err(HandoverError::Timeout(format!(
-                            "VM {}: vCPU {} did not save its state",
-                            vm.name(),
-                            h.id
-                        )))
-                    }
+    vms.iter().map(|vm| capture_record(vm, deadline)).collect()
+}
+
+/// One VM's record. Every vCPU of a live VM must have been given a `save_state` task (see
+/// [`quiesce`]); this collects their results. Shared by the handover and snapshots.
+pub(crate) fn capture_record(vm: &Vm, deadline: Instant) -> Result<VmRecord, HandoverError> {
+    let vm_err = |err: crate::VmError| HandoverError::Vm {
+        vm: vm.name().to_string(),
+        err,
+    };
+    let runtime = if vm.lifecycle().is_finished() {
+        None
+    } else {
+        // Requests the devices have in hand are finished before their queues are read;
+        // what the guest queued meanwhile stays in the rings for the next VMM.
+        vm.shared
+            .devices
+            .pause_virtio()
+            .map_err(|e| HandoverError::Io(format!("VM {}: {e}", vm.name())))?;
+        // Read while the vCPU threads are still saving theirs.
+        let kvm = vm
+            .shared
+            .kvm_vm()
+            .save_state(vm.linux_devices)
+            .map_err(|e| vm_err(e.into()))?;
+        let mut vcpus = Vec::new();
+        let mut first_stop = u64::MAX;
+        for h in vm.handles() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match h.task_result(left) {
+                Some(Ok(Some(state))) => vcpus.push(state),
+                Some(Err(e)) => return Err(vm_err(e.into())),
+                _ => {
+                    return Err(HandoverError::Timeout(format!(
+                        "VM {}: vCPU {} did not save its state",
+                        vm.name(),
+                        h.id
+                    )))
                 }
-                first_stop = first_stop.min(h.park_times().0);
             }
-            Some(VmRuntime {
-                first_stop_ns: first_stop,
-                vcpus,
-                kvm,
-                serial: vm.shared.devices.serial_state(),
-                virtio: vm.shared.devices.virtio_states(),
-            })
-        };
-        // Read after the vCPUs parked: a guest that powered off meanwhile is handed over
-        // as powered off (its vCPU states, if any, are of no use).
-        let lifecycle = lifecycle_state(&vm.lifecycle()).ok_or_else(|| {
-            HandoverError::BadState(format!("VM {} cannot be handed over now", vm.name()))
-        })?;
-        let runtime = if lifecycle.is_live() { runtime } else { None };
-        if lifecycle.is_live() && runtime.is_none() {
-            return Err(HandoverError::BadState(format!(
-                "VM {} ended during the capture",
-                vm.name()
-            )));
+            first_stop = first_stop.min(h.park_times().0);
         }
-        records.push(VmRecord {
-            spec: vm.spec(),
-            lifecycle,
-            runtime,
-        });
+        Some(VmRuntime {
+            first_stop_ns: first_stop,
+            vcpus,
+            kvm,
+            serial: vm.shared.devices.serial_state(),
+            virtio: vm.shared.devices.virtio_states(),
+        })
+    };
+    // Read after the vCPUs parked: a guest that powered off meanwhile is handed over
+    // as powered off (its vCPU states, if any, are of no use).
+    let lifecycle = lifecycle_state(&vm.lifecycle()).ok_or_else(|| {
+        HandoverError::BadState(format!("VM {} cannot be handed over now", vm.name()))
+    })?;
+    let runtime = if lifecycle.is_live() { runtime } else { None };
+    if lifecycle.is_live() && runtime.is_none() {
+        return Err(HandoverError::BadState(format!(
+            "VM {} ended during the capture",
+            vm.name()
+        )));
     }
-    Ok(records)
+    Ok(VmRecord {
+        spec: vm.spec(),
+        lifecycle,
+        runtime,
+    })
 }
 
 fn lifecycle_state(l: &Lifecycle) -> Option<LifecycleState> {

@@ -1,0 +1,531 @@
+//! The alternatives to the warm reboot, for comparison (Kourai and Chiba's saved-VM and
+//! cold-VM reboots): the daemon is replaced by a new process all the same, but the VMs do
+//! not cross in memory.
+//!
+//! - **saved**: every live VM is paused and snapshotted to `<state dir>/saved-reboot/`,
+//!   the daemon is replaced (a warm reboot that hands over no live VM), and the new daemon
+//!   restores every VM from its snapshot before it serves.
+//! - **cold**: every guest is asked to power off (forced after the grace period), the
+//!   daemon is replaced, and the new daemon boots every VM again from its config and waits
+//!   until each guest says it is up.
+//!
+//! The old daemon keeps the VMs it took aside (paused, or their configs) until the new one
+//! has taken over: if replacing the daemon fails, they run on here as before. What the new
+//! daemon needs travels in the handover's `extra` under [`EXTRA_KEY`], strictly typed.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use warmvm_vmm::snapshot;
+use warmvm_vmm::{monotonic_ns, Host, Lifecycle, Vm, VmConfig};
+
+use crate::state::ApiError;
+
+/// Where in the handover's extra data the VMs to bring back travel.
+pub const EXTRA_KEY: &str = "bring_back";
+/// The format of [`BringBack`]; a new daemon refuses another.
+pub const BRING_BACK_VERSION: u32 = 1;
+/// The directory, under the state directory, that a saved reboot writes its snapshots to.
+pub const SAVED_DIR: &str = "saved-reboot";
+/// How long the new daemon waits for a cold-booted guest to say it is up.
+const READY_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long the new daemon waits for the old one to exit (and free its RAM) first.
+const OLD_EXIT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How to reboot the daemon.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Warm,
+    Saved,
+    Cold,
+}
+
+impl Mode {
+    pub fn parse(s: &str) -> Option<Mode> {
+        match s {
+            "warm" => Some(Mode::Warm),
+            "saved" => Some(Mode::Saved),
+            "cold" => Some(Mode::Cold),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Warm => "warm",
+            Mode::Saved => "saved",
+            Mode::Cold => "cold",
+        }
+    }
+}
+
+/// What the old daemon hands the new one for a saved or cold reboot.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BringBack {
+    pub version: u32,
+    pub mode: Mode,
+    pub previous_pid: u32,
+    /// Saving or shutting down every VM, in the old daemon.
+    pub prepare_us: u64,
+    /// CLOCK_MONOTONIC ns when the old daemon had finished preparing.
+    pub prepared_ns: u64,
+    pub vms: Vec<BringBackVm>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BringBackVm {
+    pub name: String,
+    /// To boot it again (cold).
+    pub config: VmConfig,
+    /// Its snapshot (saved).
+    pub snapshot: Option<PathBuf>,
+    /// CLOCK_MONOTONIC ns when its guest stopped running (paused, or asked to power off).
+    pub stopped_ns: u64,
+    pub prepare_us: u64,
+    /// Bytes of RAM written to its snapshot.
+    pub bytes: u64,
+    /// Paused when the reboot began: restored paused.
+    pub was_paused: bool,
+}
+
+/// How a saved or cold reboot went, as the new daemon reports it (`last_reboot` in
+/// `GET /v1/status`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModeReboot {
+    pub mode: String,
+    pub previous_pid: u32,
+    /// From the first guest stopping in the old daemon to the last one back in the new.
+    pub host_downtime_us: u64,
+    /// Saving (saved) or shutting down (cold) every VM, in the old daemon.
+    pub prepare_us: u64,
+    /// From the end of that to the new daemon starting to bring the VMs back (starting
+    /// the new daemon, handing the socket over, the old daemon exiting).
+    pub replace_us: u64,
+    /// Restoring (saved) or booting until ready (cold) every VM, in the new daemon.
+    pub bring_back_us: u64,
+    pub bytes_written: u64,
+    pub bytes_read: u64,
+    pub vms: Vec<ModeRebootVm>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModeRebootVm {
+    pub name: String,
+    /// From its guest stopping to it running again (saved) or saying it is up (cold).
+    pub downtime_us: u64,
+    pub prepare_us: u64,
+    pub bring_back_us: u64,
+    pub bytes: u64,
+    /// Why it could not be brought back (its snapshot, if any, is kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// VMs the old daemon holds aside while it is replaced.
+pub struct Held {
+    vms: Vec<(Arc<Vm>, bool)>,
+    dir: Option<PathBuf>,
+}
+
+/// Saved reboot, old side: check the free space, then pause and snapshot every live VM and
+/// take it out of the host. On any failure every VM runs on as before and nothing is left
+/// on disk.
+pub fn save_all(host: &mut Host) -> Result<(BringBack, Held), ApiError> {
+    let t0 = Instant::now();
+    let dir = host.state_dir().join(SAVED_DIR);
+    let live: Vec<Arc<Vm>> = host
+        .vms()
+        .iter()
+        .filter(|v| matches!(v.lifecycle(), Lifecycle::Running | Lifecycle::Paused))
+        .cloned()
+        .collect();
+    if dir.exists() {
+        // Left by a saved reboot whose new daemon could not restore some VM: never
+        // overwrite snapshots that may be the only copy of a VM.
+        return Err(ApiError::new(
+            409,
+            format!(
+                "{} exists (left by an earlier saved reboot?): restore or remove it first; nothing changed",
+                dir.display()
+            ),
+        ));
+    }
+    let need: u64 = live.iter().map(|v| snapshot::needed_bytes(v)).sum();
+    let free = snapshot::free_bytes(&dir).map_err(|e| {
+        ApiError::new(
+            500,
+            format!("cannot read the free space of {}: {e}", dir.display()),
+        )
+    })?;
+    if free < need {
+        return Err(ApiError::new(
+            507,
+            format!(
+                "not enough free space for a saved reboot in {}: {} MiB needed, {} MiB free; nothing changed",
+                dir.display(),
+                need.div_ceil(1 << 20),
+                free >> 20
+            ),
+        ));
+    }
+    let mut saved: Vec<(Arc<Vm>, bool, BringBackVm)> = Vec::new();
+    for vm in &live {
+        let was_paused = vm.lifecycle() == Lifecycle::Paused;
+        let vm_dir = dir.join(vm.name());
+        let t = Instant::now();
+        let stopped_ns = monotonic_ns();
+        match snapshot::save(vm, &vm_dir, false) {
+            Ok(r) => saved.push((
+                vm.clone(),
+                was_paused,
+                BringBackVm {
+                    name: vm.name().to_string(),
+                    config: vm.config.clone(),
+                    snapshot: Some(vm_dir),
+                    stopped_ns,
+                    prepare_us: t.elapsed().as_micros() as u64,
+                    bytes: r.written_bytes,
+                    was_paused,
+                },
+            )),
+            Err(e) => {
+                let held = Held {
+                    vms: saved.into_iter().map(|(v, p, _)| (v, p)).collect(),
+                    dir: Some(dir),
+                };
+                undo_in_place(held);
+                let status = match &e {
+                    snapshot::SnapshotError::Io { err, .. }
+                        if err.raw_os_error() == Some(libc::ENOSPC) =>
+                    {
+                        507
+                    }
+                    _ => 500,
+                };
+                return Err(ApiError::new(
+                    status,
+                    format!(
+                        "saved reboot failed while saving; every VM runs on in this daemon: {e}"
+                    ),
+                ));
+            }
+        }
+    }
+    let mut held = Held {
+        vms: Vec::new(),
+        dir: Some(dir),
+    };
+    let mut vms = Vec::new();
+    for (vm, was_paused, bb) in saved {
+        host.detach(vm.name());
+        held.vms.push((vm, was_paused));
+        vms.push(bb);
+    }
+    Ok((
+        BringBack {
+            version: BRING_BACK_VERSION,
+            mode: Mode::Saved,
+            previous_pid: std::process::id(),
+            prepare_us: t0.elapsed().as_micros() as u64,
+            prepared_ns: monotonic_ns(),
+            vms,
+        },
+        held,
+    ))
+}
+
+/// Cold reboot, old side: ask every live guest to power off (forced after `grace`), and
+/// take the VMs out of the host.
+pub fn stop_all(host: &mut Host, grace: Duration) -> (BringBack, Held) {
+    let t0 = Instant::now();
+    let live: Vec<Arc<Vm>> = host
+        .vms()
+        .iter()
+        .filter(|v| !v.lifecycle().is_finished())
+        .cloned()
+        .collect();
+    let mut vms = Vec::new();
+    std::thread::scope(|s| {
+        let jobs: Vec<_> = live
+            .iter()
+            .map(|vm| {
+                s.spawn(move || {
+                    let stopped_ns = monotonic_ns();
+                    let t = Instant::now();
+                    let was_paused = vm.lifecycle() == Lifecycle::Paused;
+                    let end = vm.stop(grace);
+                    tracing::info!(vm = %vm.name(), state = end.name(), "VM shut down for a cold reboot");
+                    BringBackVm {
+                        name: vm.name().to_string(),
+                        config: vm.config.clone(),
+                        snapshot: None,
+                        stopped_ns,
+                        prepare_us: t.elapsed().as_micros() as u64,
+                        bytes: 0,
+                        was_paused,
+                    }
+                })
+            })
+            .collect();
+        for j in jobs {
+            if let Ok(bb) = j.join() {
+                vms.push(bb);
+            }
+        }
+    });
+    let mut held = Held {
+        vms: Vec::new(),
+        dir: None,
+    };
+    for vm in &live {
+        if let Some(v) = host.detach(vm.name()) {
+            held.vms.push((v, false));
+        }
+    }
+    (
+        BringBack {
+            version: BRING_BACK_VERSION,
+            mode: Mode::Cold,
+            previous_pid: std::process::id(),
+            prepare_us: t0.elapsed().as_micros() as u64,
+            prepared_ns: monotonic_ns(),
+            vms,
+        },
+        held,
+    )
+}
+
+/// Snapshots written, VMs paused by the save: let them run again and remove the files.
+fn undo_in_place(held: Held) {
+    for (vm, was_paused) in &held.vms {
+        if !was_paused {
+            let _ = vm.resume();
+        }
+    }
+    if let Some(dir) = &held.dir {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+/// Replacing the daemon failed: the VMs held aside run on in this daemon (saved: resumed
+/// from memory, their snapshots removed; cold: booted again from their configs).
+pub fn undo(host: &mut Host, held: Held, bb: &BringBack) {
+    match bb.mode {
+        Mode::Saved | Mode::Warm => {
+            for (vm, _) in &held.vms {
+                host.attach(vm.clone());
+            }
+            undo_in_place(held);
+        }
+        Mode::Cold => {
+            for (vm, _) in held.vms {
+                drop(vm);
+            }
+            for v in &bb.vms {
+                let _ = host.remove(&v.name);
+                match host.create_vm(&v.config).and_then(|vm| {
+                    vm.start().map_err(|err| warmvm_vmm::HostError::Vm {
+                        vm: v.name.clone(),
+                        err,
+                    })
+                }) {
+                    Ok(()) => tracing::info!(vm = %v.name, "VM booted again in this daemon"),
+                    Err(e) => tracing::error!(vm = %v.name, error = %e, "cannot boot the VM again"),
+                }
+            }
+        }
+    }
+}
+
+/// Wait (bounded) until the process `pid` has exited, so that its RAM is free. A zombie
+/// (exited, not reaped yet by its parent) has freed its memory: it counts as gone.
+fn wait_exit(pid: u32) {
+    let deadline = Instant::now() + OLD_EXIT_TIMEOUT;
+    let alive = || match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which is in parentheses.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X'])),
+        Err(_) => false,
+    };
+    while alive() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// New side: bring every VM back (restore its snapshot, or boot it and wait until it is
+/// up). A VM that cannot be brought back is reported with the reason; its snapshot stays.
+pub fn bring_back(host: &mut Host, bb: &BringBack) -> ModeReboot {
+    wait_exit(bb.previous_pid);
+    let t0 = Instant::now();
+    let start_ns = monotonic_ns();
+    let mut report = ModeReboot {
+        mode: bb.mode.name().to_string(),
+        previous_pid: bb.previous_pid,
+        prepare_us: bb.prepare_us,
+        replace_us: start_ns.saturating_sub(bb.prepared_ns) / 1000,
+        ..Default::default()
+    };
+    let mut booted: Vec<(Arc<Vm>, usize)> = Vec::new();
+    for v in &bb.vms {
+        let t = Instant::now();
+        let mut r = ModeRebootVm {
+            name: v.name.clone(),
+            prepare_us: v.prepare_us,
+            bytes: v.bytes,
+            ..Default::default()
+        };
+        report.bytes_written += v.bytes;
+        match (bb.mode, &v.snapshot) {
+            (Mode::Saved, Some(dir)) => match host.restore_snapshot(dir, Some(&v.name)) {
+                Ok((_, rr)) => {
+                    r.bring_back_us = t.elapsed().as_micros() as u64;
+                    r.downtime_us = monotonic_ns().saturating_sub(v.stopped_ns) / 1000;
+                    report.bytes_read += rr.read_bytes;
+                    if let Err(e) = std::fs::remove_dir_all(dir) {
+                        tracing::warn!(vm = %v.name, error = %e, "cannot remove the snapshot");
+                    }
+                }
+                Err(e) => r.error = Some(e.to_string()),
+            },
+            (Mode::Cold, _) => match host.create_vm(&v.config) {
+                Ok(vm) => match vm.start() {
+                    Ok(()) => booted.push((vm, report.vms.len())),
+                    Err(e) => r.error = Some(e.to_string()),
+                },
+                Err(e) => r.error = Some(e.to_string()),
+            },
+            _ => r.error = Some("nothing to bring it back from".into()),
+        }
+        if let Some(e) = &r.error {
+            tracing::error!(vm = %v.name, error = %e, "cannot bring the VM back after a {} reboot", bb.mode.name());
+        }
+        report.vms.push(r);
+    }
+    // Cold: every VM boots at once; each is back when its guest says it is up.
+    let deadline = Instant::now() + READY_TIMEOUT;
+    let mut waiting = booted;
+    while !waiting.is_empty() {
+        waiting.retain(|(vm, i)| {
+            if vm.guest_ready() {
+                let r = &mut report.vms[*i];
+                r.downtime_us = monotonic_ns().saturating_sub(bb.vms[*i].stopped_ns) / 1000;
+                r.bring_back_us = t0.elapsed().as_micros() as u64;
+                false
+            } else if Instant::now() >= deadline || vm.lifecycle().is_finished() {
+                report.vms[*i].error = Some(format!(
+                    "the guest did not say it was up within {} s ({})",
+                    READY_TIMEOUT.as_secs(),
+                    vm.lifecycle().name()
+                ));
+                false
+            } else {
+                true
+            }
+        });
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    if let Some(dir) = bb
+        .vms
+        .first()
+        .and_then(|v| v.snapshot.as_ref())
+        .and_then(|d| d.parent())
+    {
+        // Empty once every snapshot was restored; kept (not empty) otherwise.
+        let _ = std::fs::remove_dir(dir);
+    }
+    report.bring_back_us = t0.elapsed().as_micros() as u64;
+    // Host-wide: from the first guest stopping to the last one back (each VM's downtime
+    // ends at its own `stopped_ns + downtime`).
+    let first_stop = bb
+        .vms
+        .iter()
+        .map(|v| v.stopped_ns)
+        .min()
+        .unwrap_or(start_ns);
+    let last_back = bb
+        .vms
+        .iter()
+        .zip(&report.vms)
+        .map(|(v, r)| v.stopped_ns + r.downtime_us * 1000)
+        .max()
+        .unwrap_or(start_ns);
+    report.host_downtime_us = last_back.saturating_sub(first_stop) / 1000;
+    tracing::info!(mode = %report.mode, vms = report.vms.len(),
+        host_downtime_ms = report.host_downtime_us / 1000, "VMs brought back");
+    report
+}
+
+/// Decode what the old daemon passed on, strictly.
+pub fn from_extra(extra: &serde_json::Value) -> Option<Result<BringBack, String>> {
+    let v = extra.get(EXTRA_KEY)?;
+    Some(
+        serde_json::from_value::<BringBack>(v.clone())
+            .map_err(|e| format!("the VMs to bring back are malformed: {e}"))
+            .and_then(|bb| {
+                if bb.version == BRING_BACK_VERSION {
+                    Ok(bb)
+                } else {
+                    Err(format!(
+                        "the VMs to bring back are in format {}, this daemon reads {BRING_BACK_VERSION}",
+                        bb.version
+                    ))
+                }
+            }),
+    )
+}
+
+/// The state directory's saved-reboot directory.
+pub fn saved_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join(SAVED_DIR)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bring_back_crosses_strictly() {
+        let bb = BringBack {
+            version: BRING_BACK_VERSION,
+            mode: Mode::Saved,
+            previous_pid: 7,
+            prepare_us: 1,
+            prepared_ns: 2,
+            vms: vec![BringBackVm {
+                name: "a".into(),
+                config: VmConfig::reference("a", 64, 1),
+                snapshot: Some("/x/a".into()),
+                stopped_ns: 1,
+                prepare_us: 1,
+                bytes: 3,
+                was_paused: false,
+            }],
+        };
+        let extra = serde_json::json!({ EXTRA_KEY: bb });
+        let back = from_extra(&extra).unwrap().unwrap();
+        assert_eq!(back.vms[0].snapshot.as_deref(), Some(Path::new("/x/a")));
+        let mut bad = extra.clone();
+        bad[EXTRA_KEY]["surprise"] = serde_json::json!(1);
+        assert!(from_extra(&bad).unwrap().is_err());
+        let mut newer = extra.clone();
+        newer[EXTRA_KEY]["version"] = serde_json::json!(BRING_BACK_VERSION + 1);
+        assert!(from_extra(&newer).unwrap().unwrap_err().contains("format"));
+        let mut missing = extra;
+        missing[EXTRA_KEY]
+            .as_object_mut()
+            .unwrap()
+            .remove("prepared_ns");
+        assert!(from_extra(&missing).unwrap().is_err());
+        assert!(from_extra(&serde_json::json!({})).is_none());
+        assert_eq!(Mode::parse("cold"), Some(Mode::Cold));
+        assert_eq!(Mode::parse("hot"), None);
+    }
+}

@@ -1,0 +1,82 @@
+//! `PUT /v1/vms/{name}/snapshot` and `POST /v1/restore`: VM snapshots on disk.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use warmvm_vmm::snapshot::{self, SaveReport};
+use warmvm_vmm::VmReport;
+
+use super::{snapshot_error_status, ApiError, ApiState};
+
+/// The body of `PUT /v1/vms/{name}/snapshot`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRequest {
+    /// An absolute directory on the daemon's host, created if missing; it must not hold a
+    /// snapshot already.
+    pub dir: PathBuf,
+    /// Leave the VM paused after the snapshot instead of letting it run on.
+    #[serde(default)]
+    pub leave_paused: bool,
+}
+
+/// The body of `POST /v1/restore`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreRequest {
+    /// The snapshot's directory (absolute).
+    pub dir: PathBuf,
+    /// The new VM's name; default: the name of the VM the snapshot was taken of.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "warmvm_vmm::config::present"
+    )]
+    pub name: Option<String>,
+}
+
+fn absolute(dir: &std::path::Path) -> Result<(), ApiError> {
+    if dir.as_os_str().is_empty() || !dir.is_absolute() {
+        return Err(ApiError::new(
+            400,
+            format!(
+                "dir must be an absolute path, not {:?}",
+                dir.display().to_string()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+impl ApiState {
+    /// Snapshot a running or paused VM into a directory.
+    pub fn snapshot(&self, name: &str, body: &[u8]) -> Result<SaveReport, ApiError> {
+        let req: SnapshotRequest = serde_json::from_slice(body)
+            .map_err(|e| ApiError::new(400, format!("invalid snapshot request: {e}")))?;
+        absolute(&req.dir)?;
+        let _gate = self.op_gate()?;
+        let vm = self.find(name)?;
+        let report = snapshot::save(&vm, &req.dir, !req.leave_paused)
+            .map_err(|e| ApiError::new(snapshot_error_status(&e), e.to_string()))?;
+        Ok(report)
+    }
+
+    /// Create a VM from a snapshot and let it run as it was.
+    pub fn restore(&self, body: &[u8]) -> Result<VmReport, ApiError> {
+        let req: RestoreRequest = serde_json::from_slice(body)
+            .map_err(|e| ApiError::new(400, format!("invalid restore request: {e}")))?;
+        absolute(&req.dir)?;
+        if let Some(n) = &req.name {
+            warmvm_vmm::config::validate_name(n).map_err(|e| ApiError::new(400, e.to_string()))?;
+        }
+        let mut host = self.lock();
+        if self.shutting_down.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(ApiError::new(503, "the daemon is shutting down"));
+        }
+        let (vm, r) = host.restore_snapshot(&req.dir, req.name.as_deref())?;
+        drop(host);
+        tracing::info!(vm = %vm.name(), dir = %req.dir.display(), ram_ms = r.ram_us / 1000,
+            "VM restored from a snapshot");
+        Ok(vm.report())
+    }
+}

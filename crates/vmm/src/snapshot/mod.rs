@@ -1,0 +1,531 @@
+//! VM snapshots on disk: a VM's [`VmRecord`] (the very type a warm reboot hands over) in a
+//! checksummed, versioned envelope of its own magic, beside one file per RAM region.
+//!
+//! ```text
+//! DIR/ram0.bin, ram1.bin   guest RAM regions, the size of the region, holes where the
+//!                          guest never wrote; written with direct I/O, synced
+//! DIR/vm.state             envelope "WARMVMSN" (format, length, CRC-32) around
+//!                          SnapshotState: the VmRecord, each RAM file's extents and
+//!                          CRC-32; written last, through a rename, so a snapshot without
+//!                          it is incomplete and never read
+//! ```
+//!
+//! A snapshot is taken with the VM paused (its vCPU threads save their own state, as in
+//! the handover's capture) and restored into a new VM built the way the handover builds
+//! one (`incoming::build_vm`), under the same or a new name.
+
+pub mod ramfile;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use warmvm_hypervisor::Hypervisor;
+use warmvm_memory::GuestRam;
+
+use crate::handover::envelope::{self, Kind};
+use crate::handover::{incoming, outgoing, HandoverError, LifecycleState, VmRecord};
+use crate::vm::{open_log, Lifecycle, Vm, VmError, VCPU_RESPONSE_TIMEOUT};
+
+/// The snapshot format this build writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+pub const KIND: Kind = Kind {
+    magic: *b"WARMVMSN",
+    what: "a warmvm snapshot",
+    min_version: 1,
+    max_version: FORMAT_VERSION,
+};
+/// The file that makes a directory a snapshot.
+pub const STATE_FILE: &str = "vm.state";
+
+fn ram_file(index: usize) -> String {
+    format!("ram{index}.bin")
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("{path}: {err}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        err: std::io::Error,
+    },
+    #[error("{0} holds no warmvm snapshot (no {STATE_FILE})")]
+    NoSnapshot(PathBuf),
+    #[error("{0} already holds a snapshot; choose an empty or new directory")]
+    Exists(PathBuf),
+    #[error("snapshot {dir}: {err}")]
+    State {
+        dir: PathBuf,
+        #[source]
+        err: HandoverError,
+    },
+    #[error(
+        "snapshot {dir}: {file} is {len} bytes, the snapshot says {want} (truncated or replaced)"
+    )]
+    Truncated {
+        dir: PathBuf,
+        file: String,
+        len: u64,
+        want: u64,
+    },
+    #[error("snapshot {dir}: {file} is corrupt (CRC-32 mismatch)")]
+    Corrupt { dir: PathBuf, file: String },
+    #[error("VM {vm} is {state}; only a running or paused VM can be snapshotted")]
+    NotLive { vm: String, state: &'static str },
+    /// Disks and network interfaces are host resources a snapshot cannot carry yet (a TAP
+    /// cannot be opened twice; a disk image would need a copy of its own).
+    #[error("VM {vm} has virtio disks or network interfaces; snapshots of such VMs are not supported yet")]
+    HasDevices { vm: String },
+    #[error("VM {vm}: {err}")]
+    Vm {
+        vm: String,
+        #[source]
+        err: VmError,
+    },
+    #[error("VM {vm}: cannot capture its state: {err}")]
+    Capture {
+        vm: String,
+        #[source]
+        err: HandoverError,
+    },
+}
+
+/// One RAM region's file.
+#[derive(Debug, Serialize, Deserialize)]
+struct RamFile {
+    /// `(offset, len)` ranges the file holds data for; zeros elsewhere.
+    extents: Vec<(u64, u64)>,
+    crc32: u32,
+}
+
+/// The payload of `vm.state`.
+#[derive(Debug, Serialize, Deserialize)]
+struct SnapshotState {
+    /// The build that wrote it.
+    writer: String,
+    /// The kernel's boot id when it was taken: CLOCK_MONOTONIC times compare only within
+    /// one boot (a restore in the same boot advances guest time by the real gap).
+    boot_id: String,
+    captured_at_ns: u64,
+    record: VmRecord,
+    /// One per `record.spec.ram`, in order.
+    ram: Vec<RamFile>,
+}
+
+/// What taking a snapshot did and how long each part took.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct SaveReport {
+    pub vm: String,
+    pub dir: PathBuf,
+    pub ram_bytes: u64,
+    /// Bytes of RAM that held data and went to disk.
+    pub written_bytes: u64,
+    pub state_bytes: u64,
+    pub direct_io: bool,
+    /// Parking the vCPUs and reading their state.
+    pub pause_us: u64,
+    pub ram_us: u64,
+    pub state_us: u64,
+    /// From the first vCPU parked to the last running again (0 if left paused).
+    pub downtime_us: u64,
+    /// Whether the VM runs again (false: left paused, or it was paused).
+    pub resumed: bool,
+}
+
+/// What restoring a snapshot did.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct RestoreReport {
+    pub vm: String,
+    pub from: PathBuf,
+    pub ram_bytes: u64,
+    pub read_bytes: u64,
+    pub ram_us: u64,
+    /// Building the VM and restoring vCPU and device state.
+    pub restore_us: u64,
+}
+
+/// Snapshot `vm` into `dir` (created if missing; it must not hold a snapshot). The VM is
+/// paused for the capture and the RAM write; it runs again afterwards if it was running
+/// and `resume` is set. On any failure the files written are removed and the VM is as it
+/// was.
+pub fn save(vm: &Vm, dir: &Path, resume: bool) -> Result<SaveReport, SnapshotError> {
+    let name = vm.name().to_string();
+    let was = vm.lifecycle();
+    if !matches!(was, Lifecycle::Running | Lifecycle::Paused) {
+        return Err(SnapshotError::NotLive {
+            vm: name,
+            state: was.name(),
+        });
+    }
+    if !vm.config.disks.is_empty() || !vm.config.nets.is_empty() {
+        return Err(SnapshotError::HasDevices { vm: name });
+    }
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |err| SnapshotError::Io { path, err }
+    };
+    if dir.join(STATE_FILE).exists() {
+        return Err(SnapshotError::Exists(dir.to_path_buf()));
+    }
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let t_pause = Instant::now();
+    let was_running = was == Lifecycle::Running;
+    if was_running {
+        vm.pause().map_err(|err| SnapshotError::Vm {
+            vm: name.clone(),
+            err,
+        })?;
+    }
+    let result = write_all(vm, dir, was_running, t_pause);
+    if result.is_err() {
+        remove_files(dir, vm.shared.ram.regions().len());
+    }
+    let mut report = match result {
+        Ok(r) => r,
+        Err(e) => {
+            if was_running {
+                let _ = vm.resume();
+            }
+            return Err(e);
+        }
+    };
+    if was_running && resume {
+        vm.resume().map_err(|err| SnapshotError::Vm {
+            vm: name.clone(),
+            err,
+        })?;
+        report.resumed = true;
+        let parked = vm.handles().iter().map(|h| h.park_times().0).min();
+        for h in vm.handles() {
+            h.wait_running(VCPU_RESPONSE_TIMEOUT);
+        }
+        let resumed = vm.handles().iter().map(|h| h.park_times().1).max();
+        if let (Some(p), Some(r)) = (parked, resumed) {
+            report.downtime_us = r.saturating_sub(p) / 1000;
+        }
+    }
+    tracing::info!(vm = %name, dir = %dir.display(), bytes = report.written_bytes,
+        ram_ms = report.ram_us / 1000, "snapshot written");
+    Ok(report)
+}
+
+fn remove_files(dir: &Path, regions: usize) {
+    for i in 0..regions {
+        let _ = std::fs::remove_file(dir.join(ram_file(i)));
+    }
+    let _ = std::fs::remove_file(dir.join(format!("{STATE_FILE}.tmp")));
+    // Only if empty: the directory may be the operator's.
+    let _ = std::fs::remove_dir(dir);
+}
+
+fn write_all(
+    vm: &Vm,
+    dir: &Path,
+    was_running: bool,
+    t_pause: Instant,
+) -> Result<SaveReport, SnapshotError> {
+    let name = vm.name().to_string();
+    let capture_err = |err| SnapshotError::Capture {
+        vm: name.clone(),
+        err,
+    };
+    for h in vm.handles() {
+        if !h.post_task(false, Box::new(|vcpu| vcpu.save_state().map(Some))) {
+            return Err(capture_err(HandoverError::Io(format!(
+                "vCPU {} is not parked",
+                h.id
+            ))));
+        }
+    }
+    let mut record = outgoing::capture_record(vm, Instant::now() + VCPU_RESPONSE_TIMEOUT)
+        .map_err(capture_err)?;
+    if was_running {
+        // Paused only for the snapshot: a restore runs it.
+        record.lifecycle = LifecycleState::Running;
+    }
+    let captured_at_ns = crate::monotonic_ns();
+    let pause_us = t_pause.elapsed().as_micros() as u64;
+
+    let t_ram = Instant::now();
+    let mut ram = Vec::new();
+    let mut written = 0;
+    let mut direct_io = true;
+    let slots = vm.shared.ram.slots();
+    for (i, (region, &(_, size, host))) in vm.shared.ram.regions().iter().zip(&slots).enumerate() {
+        let path = dir.join(ram_file(i));
+        let extents =
+            ramfile::data_extents(&region.file, size).map_err(|err| SnapshotError::Io {
+                path: path.clone(),
+                err,
+            })?;
+        // SAFETY: `host` is the mapping of this region, owned by the VM, which is paused:
+        // nothing writes it until we return.
+        let (crc32, direct) = unsafe { ramfile::write(&path, host, size, &extents) }
+            .map_err(|err| SnapshotError::Io { path, err })?;
+        written += extents.iter().map(|e| e.1).sum::<u64>();
+        direct_io &= direct;
+        ram.push(RamFile { extents, crc32 });
+    }
+    let ram_us = t_ram.elapsed().as_micros() as u64;
+
+    let t_state = Instant::now();
+    let state = SnapshotState {
+        writer: crate::build(),
+        boot_id: boot_id(),
+        captured_at_ns,
+        record,
+        ram,
+    };
+    let bytes = envelope::encode_as(&KIND, &state, FORMAT_VERSION).map_err(capture_err)?;
+    let tmp = dir.join(format!("{STATE_FILE}.tmp"));
+    let write_state = || -> std::io::Result<()> {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, dir.join(STATE_FILE))?;
+        std::fs::File::open(dir)?.sync_all()
+    };
+    write_state().map_err(io_at(&dir.join(STATE_FILE)))?;
+    Ok(SaveReport {
+        vm: name,
+        dir: dir.to_path_buf(),
+        ram_bytes: vm.shared.ram.size(),
+        written_bytes: written,
+        state_bytes: bytes.len() as u64,
+        direct_io,
+        pause_us,
+        ram_us,
+        state_us: t_state.elapsed().as_micros() as u64,
+        downtime_us: 0,
+        resumed: false,
+    })
+}
+
+fn io_at(path: &Path) -> impl Fn(std::io::Error) -> SnapshotError + '_ {
+    move |err| SnapshotError::Io {
+        path: path.to_path_buf(),
+        err,
+    }
+}
+
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// The RAM a snapshot in `dir` needs, and its VM's name, read from its state (checked).
+pub fn peek(dir: &Path) -> Result<(String, u64), SnapshotError> {
+    let state = read_state(dir)?;
+    Ok((
+        state.record.spec.config.name.clone(),
+        state.record.spec.config.memory_mib << 20,
+    ))
+}
+
+fn read_state(dir: &Path) -> Result<SnapshotState, SnapshotError> {
+    let path = dir.join(STATE_FILE);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(SnapshotError::NoSnapshot(dir.to_path_buf()))
+        }
+        Err(err) => return Err(SnapshotError::Io { path, err }),
+    };
+    let bad = |err| SnapshotError::State {
+        dir: dir.to_path_buf(),
+        err,
+    };
+    let (_, payload) = envelope::open_as(&KIND, &bytes).map_err(bad)?;
+    let state: SnapshotState = envelope::decode_payload(payload).map_err(bad)?;
+    let invalid = |m: String| bad(HandoverError::BadState(m));
+    incoming::check_spec(&state.record.spec).map_err(bad)?;
+    if !state.record.lifecycle.is_live() || state.record.runtime.is_none() {
+        return Err(invalid(format!(
+            "the VM is {:?}, with{} vCPU state: only a live VM can be restored",
+            state.record.lifecycle,
+            if state.record.runtime.is_some() {
+                ""
+            } else {
+                "out"
+            }
+        )));
+    }
+    if state.ram.len() != state.record.spec.ram.len() {
+        return Err(invalid(format!(
+            "{} RAM files for {} regions",
+            state.ram.len(),
+            state.record.spec.ram.len()
+        )));
+    }
+    for (i, (f, slot)) in state.ram.iter().zip(&state.record.spec.ram).enumerate() {
+        ramfile::check_extents(&f.extents, slot.size)
+            .map_err(|m| invalid(format!("{}: {m}", ram_file(i))))?;
+    }
+    Ok(state)
+}
+
+/// A VM restored from a snapshot, not running yet: [`Restored::start`] lets it go.
+pub struct Restored {
+    pub vm: Vm,
+    pub lifecycle: LifecycleState,
+    pub report: RestoreReport,
+}
+
+impl Restored {
+    /// Let the VM run (or stay paused) as it was when the snapshot was taken.
+    pub fn start(self) -> Arc<Vm> {
+        *self.vm.shared.lifecycle() = incoming::to_lifecycle(&self.lifecycle);
+        if self.lifecycle == LifecycleState::Running {
+            for h in self.vm.handles() {
+                h.request_run(&self.vm.shared);
+            }
+        }
+        Arc::new(self.vm)
+    }
+}
+
+/// Restore the snapshot in `dir` into a new VM named `name` (default: the snapshot's),
+/// its console log under `state_dir`. Nothing outside the new VM changes, and a snapshot
+/// that is truncated, corrupt, foreign or of another format creates nothing.
+pub fn restore(
+    hv: &Hypervisor,
+    dir: &Path,
+    name: Option<&str>,
+    state_dir: &Path,
+) -> Result<Restored, SnapshotError> {
+    let mut state = read_state(dir)?;
+    let spec = &mut state.record.spec;
+    let renamed = name.is_some_and(|n| n != spec.config.name);
+    if let Some(n) = name {
+        spec.config.name = n.to_string();
+    }
+    let same_boot = !state.boot_id.is_empty() && state.boot_id == boot_id();
+    if renamed || !same_boot {
+        // A new VM: its own log and uptime.
+        spec.config.console_log = None;
+        spec.console_log = state_dir.join(&spec.config.name).join("console.log");
+        spec.created_monotonic_ns = crate::monotonic_ns();
+    } else if spec.config.console_log.is_none() {
+        spec.console_log = state_dir.join(&spec.config.name).join("console.log");
+    }
+    incoming::check_spec(spec).map_err(|err| SnapshotError::State {
+        dir: dir.to_path_buf(),
+        err,
+    })?;
+    if !spec.config.disks.is_empty() || !spec.config.nets.is_empty() {
+        return Err(SnapshotError::HasDevices {
+            vm: spec.config.name.clone(),
+        });
+    }
+    let vm_name = spec.config.name.clone();
+    let vm_err = |err: VmError| SnapshotError::Vm {
+        vm: vm_name.clone(),
+        err,
+    };
+    let ram = GuestRam::create(&vm_name, spec.config.memory_mib << 20, spec.hugepages)
+        .map_err(|e| vm_err(e.into()))?;
+    let t_ram = Instant::now();
+    let mut read_bytes = 0;
+    for (i, (file, &(_, size, host))) in state.ram.iter().zip(&ram.slots()).enumerate() {
+        let path = dir.join(ram_file(i));
+        // SAFETY: `host` maps this region of `ram`, which no VM uses yet.
+        let crc =
+            unsafe { ramfile::read(&path, host, size, &file.extents) }.map_err(|e| match e {
+                ramfile::ReadError::Io(err) => SnapshotError::Io { path, err },
+                ramfile::ReadError::Length(len) => SnapshotError::Truncated {
+                    dir: dir.to_path_buf(),
+                    file: ram_file(i),
+                    len,
+                    want: size,
+                },
+            })?;
+        if crc != file.crc32 {
+            return Err(SnapshotError::Corrupt {
+                dir: dir.to_path_buf(),
+                file: ram_file(i),
+            });
+        }
+        read_bytes += file.extents.iter().map(|e| e.1).sum::<u64>();
+    }
+    let ram_us = t_ram.elapsed().as_micros() as u64;
+    let t_restore = Instant::now();
+    let log = open_log(&spec.console_log).map_err(vm_err)?;
+    let state_err = |err| SnapshotError::State {
+        dir: dir.to_path_buf(),
+        err,
+    };
+    // No host files: a snapshot's VM has no virtio devices (checked above).
+    let host_files = crate::virtio::HostFiles {
+        disks: Vec::new(),
+        taps: Vec::new(),
+    };
+    let vm = incoming::build_vm(hv, spec, ram, log, host_files).map_err(state_err)?;
+    let captured_at_ns = if same_boot {
+        state.captured_at_ns
+    } else {
+        crate::monotonic_ns()
+    };
+    let mut runtime = state
+        .record
+        .runtime
+        .take()
+        .ok_or_else(|| state_err(HandoverError::BadState("no vCPU state".into())))?;
+    // A snapshot's stop time means nothing to the new VM's blackout figures.
+    runtime.first_stop_ns = crate::monotonic_ns();
+    incoming::start_restore(&vm, &mut runtime, captured_at_ns, false).map_err(state_err)?;
+    incoming::finish_restore(&vm).map_err(state_err)?;
+    vm.shared.devices.restore_serial(&runtime.serial);
+    let report = RestoreReport {
+        vm: vm_name,
+        from: dir.to_path_buf(),
+        ram_bytes: vm.shared.ram.size(),
+        read_bytes,
+        ram_us,
+        restore_us: t_restore.elapsed().as_micros() as u64,
+    };
+    tracing::info!(vm = %report.vm, dir = %dir.display(), ram_ms = ram_us / 1000, "snapshot restored");
+    Ok(Restored {
+        vm,
+        lifecycle: state.record.lifecycle,
+        report,
+    })
+}
+
+/// Free bytes for an unprivileged writer on the filesystem holding `dir` (or its nearest
+/// existing ancestor).
+pub fn free_bytes(dir: &Path) -> std::io::Result<u64> {
+    let mut p = dir;
+    while !p.exists() {
+        p = p.parent().unwrap_or(Path::new("/"));
+    }
+    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: a zeroed statvfs is a valid out-parameter; `c` is NUL-terminated.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; statvfs only writes `st`.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+/// Bytes a snapshot of `vm` will take on disk at most: the RAM that holds data, plus the
+/// state (kilobytes; a generous margin).
+pub fn needed_bytes(vm: &Vm) -> u64 {
+    let data: u64 = vm
+        .shared
+        .ram
+        .regions()
+        .iter()
+        .map(|r| {
+            ramfile::data_extents(&r.file, r.size)
+                .map(|e| e.iter().map(|x| x.1).sum())
+                .unwrap_or(r.size)
+        })
+        .sum();
+    data + (1 << 20)
+}
