@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use warmvm_vmm::devices as warmvm_devices_limits;
 use warmvm_vmm::handover;
 use warmvm_vmm::{Config, Host, HostError};
 
@@ -63,6 +64,10 @@ pub struct DaemonOptions {
     /// Default stage timeout and ready budget of a warm reboot (a request may set its own).
     pub stage_timeout: Duration,
     pub ready_budget: Duration,
+    /// What one client may take: connections per listener, request deadline, reboot grace.
+    pub limits: crate::limits::Limits,
+    /// What a guest's console output may cost: log cap, rate, burst.
+    pub console: warmvm_devices_limits::ConsoleLimits,
 }
 
 impl Default for DaemonOptions {
@@ -78,6 +83,8 @@ impl Default for DaemonOptions {
             successor_args: Vec::new(),
             stage_timeout: handover::outgoing::DEFAULT_STAGE_TIMEOUT,
             ready_budget: handover::outgoing::DEFAULT_READY_BUDGET,
+            limits: crate::limits::Limits::default(),
+            console: warmvm_devices_limits::ConsoleLimits::default(),
         }
     }
 }
@@ -151,6 +158,9 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
     if let Some(addr) = &opts.metrics_addr {
         check_metrics_addr(addr).map_err(DaemonError::Input)?;
     }
+    opts.limits.validate().map_err(DaemonError::Input)?;
+    opts.console.validate().map_err(DaemonError::Input)?;
+    warmvm_devices_limits::console::set_default_limits(opts.console);
     let state_dir = opts
         .state_dir
         .clone()
@@ -207,12 +217,40 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
     };
     let stage_timeout = ms("stage_timeout_ms", opts.stage_timeout);
     let ready_budget = ms("ready_budget_ms", opts.ready_budget);
+    // A daemon of an older build passes no limits: then our own flags' apply.
+    let limits = match inherited.get("limits") {
+        Some(v) => match serde_json::from_value::<crate::limits::Limits>(v.clone()) {
+            Ok(l) if l.validate().is_ok() => l,
+            _ => {
+                tracing::warn!(limits = %v, "ignoring unusable limits handed over; using the flags'");
+                opts.limits
+            }
+        },
+        None => opts.limits,
+    };
+    let console = match inherited.get("console") {
+        Some(v) => {
+            match serde_json::from_value::<warmvm_devices_limits::ConsoleLimits>(v.clone()) {
+                Ok(c) if c.validate().is_ok() => c,
+                _ => {
+                    tracing::warn!(console = %v, "ignoring unusable console limits handed over; using the flags'");
+                    opts.console
+                }
+            }
+        }
+        None => opts.console,
+    };
+    warmvm_devices_limits::console::set_default_limits(console);
+    for vm in host.vms() {
+        vm.shared().devices.set_console_limits(console);
+    }
     let metrics_url = metrics
         .as_ref()
         .and_then(|l| l.local_addr().ok())
         .map_or_else(|| "-".to_string(), |a| format!("http://{a}/metrics"));
 
     let state = Arc::new(ApiState::from_shared(Arc::new(Mutex::new(host))));
+    state.set_reboot_grace(limits.reboot_grace());
     if let Some(info) = takeover.clone() {
         state.set_last_takeover(info);
     }
@@ -232,6 +270,7 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
             .try_clone()
             .map_err(|e| DaemonError::Host(format!("cannot serve the API: {e}")))?;
         Server::new(l, state.clone())
+            .map(|s| s.with_limits(limits))
             .map_err(|e| DaemonError::Host(format!("cannot serve the API: {e}")))
     })?;
     drop(listener);
@@ -265,7 +304,7 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
     }
     state.enable_reboot(RebootSetup {
         args: successor_args(opts, &socket_path, &state_dir),
-        extra: successor_extra(stage_timeout, ready_budget),
+        extra: successor_extra(stage_timeout, ready_budget, &limits, &console),
         extra_fds,
         stage_timeout,
         ready_budget,
@@ -366,12 +405,19 @@ fn start_rejuvenator(state: Arc<ApiState>) {
 }
 
 /// What a daemon passes to the one a warm reboot starts, beside the VMs.
-fn successor_extra(stage_timeout: Duration, ready_budget: Duration) -> serde_json::Value {
+fn successor_extra(
+    stage_timeout: Duration,
+    ready_budget: Duration,
+    limits: &crate::limits::Limits,
+    console: &warmvm_devices_limits::ConsoleLimits,
+) -> serde_json::Value {
     serde_json::json!({
         "previous_pid": std::process::id(),
         "previous_version": env!("CARGO_PKG_VERSION"),
         "stage_timeout_ms": stage_timeout.as_millis() as u64,
         "ready_budget_ms": ready_budget.as_millis() as u64,
+        "limits": limits,
+        "console": console,
     })
 }
 

@@ -6,6 +6,8 @@
 //!   operation does, with the mapping of VMM errors to HTTP statuses;
 //! - [`metrics`]: the Prometheus text;
 //! - [`server`]: the poll loop over the API socket and the loopback metrics port;
+//! - [`limits`], [`overflow`]: per-listener connection budgets, request deadlines, and the
+//!   503 (never a reset) for connections over a budget;
 //! - [`socket`]: binding (mode 0600, live/stale detection), adopting an inherited listener fd,
 //!   and sd_notify;
 //! - [`daemon`]: the `warmvm daemon` process;
@@ -15,7 +17,9 @@
 pub mod client;
 pub mod daemon;
 pub mod http;
+pub mod limits;
 pub mod metrics;
+pub mod overflow;
 pub mod routes;
 pub mod schema;
 pub mod server;
@@ -24,5 +28,6 @@ pub mod state;
 
 pub use client::{Client, ClientError};
 pub use daemon::{DaemonError, DaemonOptions};
+pub use limits::Limits;
 pub use server::{Server, StopHandle};
 pub use state::{ApiError, ApiState, DaemonStatus, StopRequest};

@@ -266,8 +266,13 @@ pub struct ApiState {
     rebooting: AtomicBool,
     /// The VMs and the API socket belong to a new daemon process now.
     handed_over: AtomicBool,
-    /// Connections being served (counted from their accept; the server keeps it).
-    pub(crate) connections: AtomicUsize,
+    /// Connections being served on the API socket (counted from their accept; the server
+    /// keeps it). The metrics port's are counted apart and never delay a reboot.
+    connections: Arc<AtomicUsize>,
+    /// Connections refused for lack of room (the server's overflow thread counts them).
+    pub(crate) overflow_stats: Arc<crate::overflow::OverflowStats>,
+    /// The longest a warm reboot waits for the API requests under way.
+    reboot_grace: Mutex<Duration>,
     /// Pause, resume and stop hold it for reading while they act on a VM without the Host
     /// lock; a warm reboot holds it for writing.
     ops: RwLock<()>,
@@ -289,9 +294,31 @@ impl ApiState {
             rebooting: AtomicBool::new(false),
             handed_over: AtomicBool::new(false),
             ops: RwLock::new(()),
-            connections: AtomicUsize::new(0),
+            connections: Arc::new(AtomicUsize::new(0)),
+            overflow_stats: Arc::default(),
+            reboot_grace: Mutex::new(Duration::from_millis(
+                crate::limits::DEFAULT_REBOOT_GRACE_MS,
+            )),
             last_takeover: OnceLock::new(),
         }
+    }
+
+    pub(crate) fn connections_counter(&self) -> &Arc<AtomicUsize> {
+        &self.connections
+    }
+
+    /// Connections refused with a 503 for lack of room, and of those the ones closed
+    /// without reading their request (the overflow thread was full).
+    pub fn refused_connections(&self) -> (u64, u64) {
+        (
+            self.overflow_stats.refused.load(Ordering::Relaxed),
+            self.overflow_stats.closed_unread.load(Ordering::Relaxed),
+        )
+    }
+
+    /// How long a warm reboot waits for the API requests under way before it goes ahead.
+    pub fn set_reboot_grace(&self, grace: Duration) {
+        *self.reboot_grace.lock().unwrap_or_else(|p| p.into_inner()) = grace;
     }
 
     /// Record how this daemon took its VMs over (shown by `GET /v1/status`).
@@ -654,12 +681,15 @@ impl ApiState {
             return Err(ApiError::new(409, "a warm reboot is already under way"));
         }
         let done = Done(&self.rebooting);
-        // Let the requests under way (ours aside) finish, so that none is left waiting for
-        // the Host lock when this process exits; at most GATE_TIMEOUT.
-        let deadline = Instant::now() + GATE_TIMEOUT;
-        while self.connections.load(Ordering::SeqCst) > 1 && Instant::now() < deadline {
+        // Let the API requests under way (ours aside) finish, so that none is left waiting
+        // for the Host lock when this process exits; at most the reboot grace, so a slow or
+        // stuck client cannot hold the reboot up for longer.
+        let grace = *self.reboot_grace.lock().unwrap_or_else(|p| p.into_inner());
+        let waited_until = Instant::now() + grace;
+        while self.connections.load(Ordering::SeqCst) > 1 && Instant::now() < waited_until {
             std::thread::sleep(Duration::from_millis(2));
         }
+        let deadline = Instant::now() + GATE_TIMEOUT;
         // Wait (briefly) for every pause, resume or stop under way; none starts until we
         // are done.
         let gate = loop {
