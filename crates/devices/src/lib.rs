@@ -10,7 +10,7 @@ pub mod unknown;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-pub use console::ConsoleSink;
+pub use console::{ConsoleLimits, ConsoleSink, ConsoleStats};
 pub use doorbell::{Doorbell, Wake};
 pub use serial::{IrqLine, SerialConsole, SerialStateData};
 pub use unknown::UnknownAccesses;
@@ -121,6 +121,16 @@ impl Devices {
 
     pub fn serial_state(&self) -> SerialStateData {
         self.serial().state()
+    }
+
+    /// The console's figures (bytes written, dropped, rotations).
+    pub fn console_stats(&self) -> crate::console::ConsoleStats {
+        self.serial().sink().stats()
+    }
+
+    /// Apply the host's console limits (a new daemon learns them after taking VMs over).
+    pub fn set_console_limits(&self, limits: crate::console::ConsoleLimits) {
+        self.serial().sink().set_limits(limits);
     }
 
     /// A duplicate of the console log's fd, to hand to another VMM process.
