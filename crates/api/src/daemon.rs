@@ -68,6 +68,8 @@ pub struct DaemonOptions {
     pub limits: crate::limits::Limits,
     /// What a guest's console output may cost: log cap, rate, burst.
     pub console: warmvm_devices_limits::ConsoleLimits,
+    /// Seccomp filters per thread kind (passed on to a warm reboot's new daemon).
+    pub seccomp: warmvm_sandbox::Mode,
 }
 
 impl Default for DaemonOptions {
@@ -85,6 +87,7 @@ impl Default for DaemonOptions {
             ready_budget: handover::outgoing::DEFAULT_READY_BUDGET,
             limits: crate::limits::Limits::default(),
             console: warmvm_devices_limits::ConsoleLimits::default(),
+            seccomp: warmvm_sandbox::Mode::Kill,
         }
     }
 }
@@ -141,6 +144,14 @@ struct Started {
 /// Run the daemon until SIGTERM or SIGINT (or until a warm reboot hands everything over to
 /// a new daemon: then this process exits without returning).
 pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
+    // Before any other thread exists: the helper that starts a warm reboot's new daemon
+    // stays outside the filters, and every later thread inherits the main thread's.
+    if opts.seccomp != warmvm_sandbox::Mode::Off {
+        warmvm_sandbox::set_mode(opts.seccomp);
+        warmvm_sandbox::start_helper().map_err(|e| DaemonError::Host(e.to_string()))?;
+        warmvm_sandbox::enter(warmvm_sandbox::ThreadKind::Main)
+            .map_err(|e| DaemonError::Host(e.to_string()))?;
+    }
     // VMs taken over are not created again from the config.
     let config = match (&opts.config, opts.takeover_fd) {
         (Some(path), None) => {
@@ -306,6 +317,10 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
         args: successor_args(opts, &socket_path, &state_dir),
         extra: successor_extra(stage_timeout, ready_budget, &limits, &console),
         extra_fds,
+        env: vec![(
+            warmvm_sandbox::MODE_ENV.into(),
+            opts.seccomp.as_str().into(),
+        )],
         stage_timeout,
         ready_budget,
         stop,
@@ -379,6 +394,7 @@ fn start_rejuvenator(state: Arc<ApiState>) {
         let _ = tx.send(what.to_string());
     });
     let rejuvenate = move || {
+        warmvm_sandbox::enter_or_log(warmvm_sandbox::ThreadKind::Handover);
         for what in rx {
             tracing::error!(panic = %what, "the VMM hit a bug: emergency warm reboot into a fresh process");
             match state.emergency_reboot() {

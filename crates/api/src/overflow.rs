@@ -80,7 +80,10 @@ impl Overflow {
         std::thread::Builder::new()
             .name("warmvm-api-overflow".into())
             .stack_size(256 << 10)
-            .spawn(move || run(rx))?;
+            .spawn(move || {
+                warmvm_sandbox::enter_or_log(warmvm_sandbox::ThreadKind::Api);
+                run(rx)
+            })?;
         Ok(Self { tx, stats })
     }
 

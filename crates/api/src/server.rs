@@ -331,6 +331,7 @@ impl Server {
             .stack_size(512 << 10)
             .spawn(move || {
                 let _served = served;
+                warmvm_sandbox::enter_or_log(warmvm_sandbox::ThreadKind::Api);
                 serve_connection(conn, &state, metrics_only, timeout);
             });
         if let Err(e) = spawned {

@@ -248,6 +248,8 @@ pub struct RebootSetup {
     pub extra: serde_json::Value,
     /// Named fds for the new daemon: at least `api-listener`.
     pub extra_fds: Vec<(String, RawFd)>,
+    /// Environment for the new daemon (e.g. the seccomp mode, which older builds ignore).
+    pub env: Vec<(OsString, OsString)>,
     /// Default stage timeout and ready budget (see [`RebootRequest`]).
     pub stage_timeout: Duration,
     pub ready_budget: Duration,
@@ -720,7 +722,7 @@ impl ApiState {
                 .map_or(setup.ready_budget, Duration::from_millis),
             extra: setup.extra.clone(),
             extra_fds: setup.extra_fds.clone(),
-            env: Vec::new(),
+            env: setup.env.clone(),
         };
         tracing::info!(binary = %binary.display(), vms = host.vms().len(), "warm reboot");
         match handover::warm_reboot(&host, &opts) {

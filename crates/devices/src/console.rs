@@ -446,7 +446,10 @@ fn flusher() -> &'static Flusher {
         let started = std::thread::Builder::new()
             .name("warmvm-console".into())
             .stack_size(128 << 10)
-            .spawn(move || f.run());
+            .spawn(move || {
+                warmvm_sandbox::enter_or_log(warmvm_sandbox::ThreadKind::Console);
+                f.run()
+            });
         if let Err(e) = started {
             // Output then waits for a newline, a full buffer or the guest's next wait.
             tracing::error!(error = %e, "cannot start the console thread");

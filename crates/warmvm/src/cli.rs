@@ -115,6 +115,11 @@ pub enum Command {
         /// Console output let through at once above the rate, in bytes.
         #[arg(long, default_value_t = CONSOLE.burst_bytes)]
         console_burst: u64,
+        /// Seccomp filters per thread kind: true (a forbidden system call kills the daemon),
+        /// log (it is logged by the kernel and allowed) or false.
+        #[arg(long, env = "WARMVM_SECCOMP", default_value = "true",
+              value_parser = ["true", "false", "log"])]
+        seccomp: String,
     },
     /// Warm-reboot the daemon: a new daemon process (the same binary, or --binary to
     /// upgrade) takes over every VM without stopping it, and serves on the same socket.
@@ -400,6 +405,7 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
             console_log_max_bytes,
             console_rate,
             console_burst,
+            seccomp,
         } => crate::client::daemon(warmvm_api::DaemonOptions {
             socket: api.socket,
             state_dir,
@@ -420,6 +426,8 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
                 rate_bytes_per_sec: console_rate,
                 burst_bytes: console_burst,
             },
+            seccomp: warmvm_sandbox::Mode::parse(&seccomp)
+                .map_err(|e| Failure::new(EXIT_BAD_INPUT, e.to_string()))?,
             ..Default::default()
         }),
         Command::Reboot { mode, binary } => crate::client::reboot(mode, binary, &api),
