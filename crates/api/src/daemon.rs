@@ -34,6 +34,9 @@ pub const API_LISTENER_FD: &str = "api-listener";
 /// The name under which a warm reboot hands the metrics listener to the new daemon.
 pub const METRICS_LISTENER_FD: &str = "metrics-listener";
 
+/// The environment variable that gives a warm reboot's new daemon the console limits.
+pub const CONSOLE_LIMITS_ENV: &str = "WARMVM_CONSOLE_LIMITS";
+
 /// The socket's file name in the state directory.
 pub const SOCKET_NAME: &str = "warmvm.sock";
 
@@ -171,7 +174,22 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
     }
     opts.limits.validate().map_err(DaemonError::Input)?;
     opts.console.validate().map_err(DaemonError::Input)?;
-    warmvm_devices_limits::console::set_default_limits(opts.console);
+    // A warm reboot's new daemon gets the console limits in its environment, so that the
+    // VMs it stages are bounded from their first byte (the handover's settings come after
+    // the VMs, and the guests run as soon as they are ours).
+    let console = match std::env::var(CONSOLE_LIMITS_ENV) {
+        Ok(v) if opts.takeover_fd.is_some() => {
+            match serde_json::from_str::<warmvm_devices_limits::ConsoleLimits>(&v) {
+                Ok(c) if c.validate().is_ok() => c,
+                _ => {
+                    tracing::warn!(limits = %v, "ignoring unusable console limits handed over; using the flags'");
+                    opts.console
+                }
+            }
+        }
+        _ => opts.console,
+    };
+    warmvm_devices_limits::console::set_default_limits(console);
     let state_dir = opts
         .state_dir
         .clone()
@@ -239,22 +257,6 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
         },
         None => opts.limits,
     };
-    let console = match inherited.get("console") {
-        Some(v) => {
-            match serde_json::from_value::<warmvm_devices_limits::ConsoleLimits>(v.clone()) {
-                Ok(c) if c.validate().is_ok() => c,
-                _ => {
-                    tracing::warn!(console = %v, "ignoring unusable console limits handed over; using the flags'");
-                    opts.console
-                }
-            }
-        }
-        None => opts.console,
-    };
-    warmvm_devices_limits::console::set_default_limits(console);
-    for vm in host.vms() {
-        vm.shared().devices.set_console_limits(console);
-    }
     let metrics_url = metrics
         .as_ref()
         .and_then(|l| l.local_addr().ok())
@@ -315,12 +317,18 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
     }
     state.enable_reboot(RebootSetup {
         args: successor_args(opts, &socket_path, &state_dir),
-        extra: successor_extra(stage_timeout, ready_budget, &limits, &console),
+        extra: successor_extra(stage_timeout, ready_budget, &limits),
         extra_fds,
-        env: vec![(
-            warmvm_sandbox::MODE_ENV.into(),
-            opts.seccomp.as_str().into(),
-        )],
+        env: vec![
+            (
+                warmvm_sandbox::MODE_ENV.into(),
+                opts.seccomp.as_str().into(),
+            ),
+            (
+                CONSOLE_LIMITS_ENV.into(),
+                serde_json::to_string(&console).unwrap_or_default().into(),
+            ),
+        ],
         stage_timeout,
         ready_budget,
         stop,
@@ -425,7 +433,6 @@ fn successor_extra(
     stage_timeout: Duration,
     ready_budget: Duration,
     limits: &crate::limits::Limits,
-    console: &warmvm_devices_limits::ConsoleLimits,
 ) -> serde_json::Value {
     serde_json::json!({
         "previous_pid": std::process::id(),
@@ -433,7 +440,6 @@ fn successor_extra(
         "stage_timeout_ms": stage_timeout.as_millis() as u64,
         "ready_budget_ms": ready_budget.as_millis() as u64,
         "limits": limits,
-        "console": console,
     })
 }
 

@@ -104,7 +104,7 @@ pub struct ConsoleStats {
 struct Log {
     file: File,
     path: Option<PathBuf>,
-    /// Its size as far as we know (from fstat at first, then what we wrote).
+    /// Its size (from fstat before each write-out, then what we wrote).
     len: u64,
     /// Only regular files are capped and rotated (not /dev/null, a pipe, a terminal).
     regular: bool,
@@ -230,11 +230,6 @@ impl ConsoleSink {
         sink
     }
 
-    /// Replace the console's limits.
-    pub fn set_limits(&self, limits: ConsoleLimits) {
-        self.lock().limits = limits;
-    }
-
     /// The console's figures so far.
     pub fn stats(&self) -> ConsoleStats {
         let s = &self.shared;
@@ -282,6 +277,14 @@ impl ConsoleSink {
         let mut failure: Option<io::Error> = None;
         let cap = inner.limits.max_log_bytes;
         if let Some(log) = inner.log.as_mut() {
+            // Someone else may have written to the file since we last did: the VMM before
+            // us in a warm reboot (it runs the guest while we stage it), or an operator
+            // truncating it. One fstat per write-out keeps the cap exact.
+            if log.regular {
+                if let Ok(m) = log.file.metadata() {
+                    log.len = m.len();
+                }
+            }
             if log.regular && log.len.saturating_add(line.len() as u64) > cap {
                 match rotate(log) {
                     Ok(()) => {

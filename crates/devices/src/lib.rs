@@ -128,11 +128,6 @@ impl Devices {
         self.serial().sink().stats()
     }
 
-    /// Apply the host's console limits (a new daemon learns them after taking VMs over).
-    pub fn set_console_limits(&self, limits: crate::console::ConsoleLimits) {
-        self.serial().sink().set_limits(limits);
-    }
-
     /// A duplicate of the console log's fd, to hand to another VMM process.
     pub fn console_log_file(&self) -> Option<std::fs::File> {
         self.serial().sink().log_file()
