@@ -8,6 +8,7 @@
 //! | `passes=N` | power off (status 0 if clean) after N passes; 0 = run until told | 0 |
 //! | `quiet` | no per-pass console lines | off |
 //! | `tsc_khz=N` | TSC frequency, used only if neither boot info nor CPUID gives one | none |
+//! | `hostile=console` / `ports` / `both` | a hostile guest, for tests of the VMM's bounds: instead of the workload, every vCPU writes to the serial port (console), or to and from ports no device decodes (ports), as fast as it can, forever | off |
 //!
 //! Unknown or malformed options are ignored and reported once on the console.
 
@@ -19,6 +20,8 @@ pub struct Options {
     pub passes: u64,
     pub quiet: bool,
     pub tsc_khz: Option<u64>,
+    /// Bit 0: spam the console; bit 1: spam unknown ports.
+    pub hostile: u8,
 }
 
 impl Default for Options {
@@ -30,6 +33,7 @@ impl Default for Options {
             passes: 0,
             quiet: false,
             tsc_khz: None,
+            hostile: 0,
         }
     }
 }
@@ -106,6 +110,15 @@ pub fn parse(cmdline: &[u8]) -> (Options, Ignored<'_>) {
             (b"tsc_khz", Some(n)) => {
                 o.tsc_khz = Some(n).filter(|&n| n != 0);
                 true
+            }
+            (b"hostile", _) => {
+                o.hostile = match value {
+                    Some(b"console") => 1,
+                    Some(b"ports") => 2,
+                    Some(b"both") => 3,
+                    _ => 0,
+                };
+                o.hostile != 0
             }
             (b"quiet", None) => {
                 o.quiet = true;
