@@ -172,10 +172,11 @@ fn step(r: &mut Refused, readable: bool) -> bool {
                     r.read += n;
                     // The end of a head: answer now (a body may follow; it is read and
                     // dropped while lingering).
-                    if !r.answered && buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-                        if answer(r).is_err() {
-                            return false;
-                        }
+                    if !r.answered
+                        && buf[..n].windows(4).any(|w| w == b"\r\n\r\n")
+                        && answer(r).is_err()
+                    {
+                        return false;
                     }
                     if r.read > MAX_READ {
                         eof = true;
