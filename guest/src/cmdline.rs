@@ -12,6 +12,7 @@
 //! | `cache_mib=N` | the HTTP server's page cache, carved from the workload's RAM | 8 |
 //! | `hostile=KIND` | test only: break the virtio protocol on the disk once (`loop`, `addr`, `len`, `index`, `status`) | none |
 //! | `disk_check_ms=N` | re-read and re-check the disk's files every N ms (vCPU 0); 0 = never | 1000 |
+//! | `hostile=console` / `ports` / `both` | a hostile guest, for tests of the VMM's bounds: instead of the workload, every vCPU writes to the serial port (console), or to and from ports no device decodes (ports), as fast as it can, forever | off |
 //!
 //! Unknown or malformed options are ignored and reported once on the console.
 
@@ -27,6 +28,8 @@ pub struct Options {
     pub ip: Option<([u8; 4], u8)>,
     pub cache_mib: u64,
     pub hostile: Option<Hostile>,
+    /// `hostile=console|ports|both`: bit 0 spams the console, bit 1 unknown ports.
+    pub spam: u8,
 }
 
 /// Ways the guest can break the virtio protocol on purpose (to test the VMM).
@@ -57,6 +60,7 @@ impl Default for Options {
             ip: None,
             cache_mib: 8,
             hostile: None,
+            spam: 0,
         }
     }
 }
@@ -162,6 +166,12 @@ pub fn parse(cmdline: &[u8]) -> (Options, Ignored<'_>) {
                 None => false,
             },
             (b"hostile", None) => {
+                match value.unwrap_or(b"") {
+                    b"console" => o.spam = 1,
+                    b"ports" => o.spam = 2,
+                    b"both" => o.spam = 3,
+                    _ => {}
+                }
                 o.hostile = match value.unwrap_or(b"") {
                     b"loop" => Some(Hostile::Loop),
                     b"addr" => Some(Hostile::Addr),
@@ -170,7 +180,7 @@ pub fn parse(cmdline: &[u8]) -> (Options, Ignored<'_>) {
                     b"status" => Some(Hostile::Status),
                     _ => None,
                 };
-                o.hostile.is_some()
+                o.hostile.is_some() || o.spam != 0
             }
             (b"quiet", None) => {
                 o.quiet = true;

@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use warmvm_vmm::devices as warmvm_devices_limits;
 use warmvm_vmm::handover;
 use warmvm_vmm::{AgingConfig, Config, Host, HostError};
 
@@ -33,6 +34,9 @@ use crate::state::{ApiState, RebootSetup, TakeoverInfo};
 pub const API_LISTENER_FD: &str = "api-listener";
 /// The name under which a warm reboot hands the metrics listener to the new daemon.
 pub const METRICS_LISTENER_FD: &str = "metrics-listener";
+
+/// The environment variable that gives a warm reboot's new daemon the console limits.
+pub const CONSOLE_LIMITS_ENV: &str = "WARMVM_CONSOLE_LIMITS";
 
 /// The socket's file name in the state directory.
 pub const SOCKET_NAME: &str = "warmvm.sock";
@@ -64,6 +68,12 @@ pub struct DaemonOptions {
     /// Default stage timeout and ready budget of a warm reboot (a request may set its own).
     pub stage_timeout: Duration,
     pub ready_budget: Duration,
+    /// What one client may take: connections per listener, request deadline, reboot grace.
+    pub limits: crate::limits::Limits,
+    /// What a guest's console output may cost: log cap, rate, burst.
+    pub console: warmvm_devices_limits::ConsoleLimits,
+    /// Seccomp filters per thread kind (passed on to a warm reboot's new daemon).
+    pub seccomp: warmvm_sandbox::Mode,
 }
 
 impl Default for DaemonOptions {
@@ -79,6 +89,9 @@ impl Default for DaemonOptions {
             successor_args: Vec::new(),
             stage_timeout: handover::outgoing::DEFAULT_STAGE_TIMEOUT,
             ready_budget: handover::outgoing::DEFAULT_READY_BUDGET,
+            limits: crate::limits::Limits::default(),
+            console: warmvm_devices_limits::ConsoleLimits::default(),
+            seccomp: warmvm_sandbox::Mode::Kill,
         }
     }
 }
@@ -135,6 +148,14 @@ struct Started {
 /// Run the daemon until SIGTERM or SIGINT (or until a warm reboot hands everything over to
 /// a new daemon: then this process exits without returning).
 pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
+    // Before any other thread exists: the helper that starts a warm reboot's new daemon
+    // stays outside the filters, and every later thread inherits the main thread's.
+    if opts.seccomp != warmvm_sandbox::Mode::Off {
+        warmvm_sandbox::set_mode(opts.seccomp);
+        warmvm_sandbox::start_helper().map_err(|e| DaemonError::Host(e.to_string()))?;
+        warmvm_sandbox::enter(warmvm_sandbox::ThreadKind::Main)
+            .map_err(|e| DaemonError::Host(e.to_string()))?;
+    }
     // VMs taken over are not created again from the config.
     let config = match (&opts.config, opts.takeover_fd) {
         (Some(path), None) => {
@@ -157,6 +178,24 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
     if let Some(addr) = &opts.metrics_addr {
         check_metrics_addr(addr).map_err(DaemonError::Input)?;
     }
+    opts.limits.validate().map_err(DaemonError::Input)?;
+    opts.console.validate().map_err(DaemonError::Input)?;
+    // A warm reboot's new daemon gets the console limits in its environment, so that the
+    // VMs it stages are bounded from their first byte (the handover's settings come after
+    // the VMs, and the guests run as soon as they are ours).
+    let console = match std::env::var(CONSOLE_LIMITS_ENV) {
+        Ok(v) if opts.takeover_fd.is_some() => {
+            match serde_json::from_str::<warmvm_devices_limits::ConsoleLimits>(&v) {
+                Ok(c) if c.validate().is_ok() => c,
+                _ => {
+                    tracing::warn!(limits = %v, "ignoring unusable console limits handed over; using the flags'");
+                    opts.console
+                }
+            }
+        }
+        _ => opts.console,
+    };
+    warmvm_devices_limits::console::set_default_limits(console);
     let state_dir = opts
         .state_dir
         .clone()
@@ -213,12 +252,24 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
     };
     let stage_timeout = ms("stage_timeout_ms", opts.stage_timeout);
     let ready_budget = ms("ready_budget_ms", opts.ready_budget);
+    // A daemon of an older build passes no limits: then our own flags' apply.
+    let limits = match inherited.get("limits") {
+        Some(v) => match serde_json::from_value::<crate::limits::Limits>(v.clone()) {
+            Ok(l) if l.validate().is_ok() => l,
+            _ => {
+                tracing::warn!(limits = %v, "ignoring unusable limits handed over; using the flags'");
+                opts.limits
+            }
+        },
+        None => opts.limits,
+    };
     let metrics_url = metrics
         .as_ref()
         .and_then(|l| l.local_addr().ok())
         .map_or_else(|| "-".to_string(), |a| format!("http://{a}/metrics"));
 
     let state = Arc::new(ApiState::from_shared(Arc::new(Mutex::new(host))));
+    state.set_reboot_grace(limits.reboot_grace());
     if let Some(info) = takeover.clone() {
         state.set_last_takeover(info);
     }
@@ -260,6 +311,7 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
             .try_clone()
             .map_err(|e| DaemonError::Host(format!("cannot serve the API: {e}")))?;
         Server::new(l, state.clone())
+            .map(|s| s.with_limits(limits))
             .map_err(|e| DaemonError::Host(format!("cannot serve the API: {e}")))
     })?;
     drop(listener);
@@ -293,8 +345,18 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
     }
     state.enable_reboot(RebootSetup {
         args: successor_args(opts, &socket_path, &state_dir),
-        extra: successor_extra(stage_timeout, ready_budget),
+        extra: successor_extra(stage_timeout, ready_budget, &limits),
         extra_fds,
+        env: vec![
+            (
+                warmvm_sandbox::MODE_ENV.into(),
+                opts.seccomp.as_str().into(),
+            ),
+            (
+                CONSOLE_LIMITS_ENV.into(),
+                serde_json::to_string(&console).unwrap_or_default().into(),
+            ),
+        ],
         stage_timeout,
         ready_budget,
         stop,
@@ -369,6 +431,7 @@ fn start_rejuvenator(state: Arc<ApiState>) {
         let _ = tx.send(what.to_string());
     });
     let rejuvenate = move || {
+        warmvm_sandbox::enter_or_log(warmvm_sandbox::ThreadKind::Handover);
         for what in rx {
             tracing::error!(panic = %what, "the VMM hit a bug: emergency warm reboot into a fresh process");
             match state.emergency_reboot() {
@@ -468,12 +531,17 @@ fn start_aging_monitor(state: Arc<ApiState>, monitor: Arc<Monitor>) {
 }
 
 /// What a daemon passes to the one a warm reboot starts, beside the VMs.
-fn successor_extra(stage_timeout: Duration, ready_budget: Duration) -> serde_json::Value {
+fn successor_extra(
+    stage_timeout: Duration,
+    ready_budget: Duration,
+    limits: &crate::limits::Limits,
+) -> serde_json::Value {
     serde_json::json!({
         "previous_pid": std::process::id(),
         "previous_version": env!("CARGO_PKG_VERSION"),
         "stage_timeout_ms": stage_timeout.as_millis() as u64,
         "ready_budget_ms": ready_budget.as_millis() as u64,
+        "limits": limits,
     })
 }
 

@@ -8,6 +8,8 @@
 //! - [`reboot`]: warm reboots of the daemon (by request, on a panic, for aging) and why;
 //! - [`aging`]: the aging monitor, its detectors and its rejuvenation policy;
 //! - [`server`]: the poll loop over the API socket and the loopback metrics port;
+//! - [`limits`], [`overflow`]: per-listener connection budgets, request deadlines, and the
+//!   503 (never a reset) for connections over a budget;
 //! - [`socket`]: binding (mode 0600, live/stale detection), adopting an inherited listener fd,
 //!   and sd_notify;
 //! - [`daemon`]: the `warmvm daemon` process;
@@ -18,8 +20,10 @@ pub mod aging;
 pub mod client;
 pub mod daemon;
 pub mod http;
+pub mod limits;
 pub mod metrics;
 pub mod modes;
+pub mod overflow;
 pub mod reboot;
 pub mod routes;
 pub mod schema;
@@ -29,5 +33,6 @@ pub mod state;
 
 pub use client::{Client, ClientError};
 pub use daemon::{DaemonError, DaemonOptions};
+pub use limits::Limits;
 pub use server::{Server, StopHandle};
 pub use state::{ApiError, ApiState, DaemonStatus, StopRequest};

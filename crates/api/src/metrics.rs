@@ -233,6 +233,19 @@ pub fn render(state: &ApiState) -> String {
         "Threads of the daemon (vCPUs included).",
     )
     .int(&[], process.threads);
+    let (refused, closed_unread) = state.refused_connections();
+    o.family(
+        "warmvm_api_refused_connections_total",
+        Counter,
+        "Connections answered 503 because their listener's budget was used up.",
+    )
+    .int(&[], refused);
+    o.family(
+        "warmvm_api_refused_unread_total",
+        Counter,
+        "Of the refused connections, those closed without reading their request (the overflow thread was full).",
+    )
+    .int(&[], closed_unread);
     o.family("warmvm_vms", Gauge, "VMs the daemon holds, in any state.")
         .int(&[], vms.len() as u64);
 
@@ -273,6 +286,49 @@ pub fn render(state: &ApiState) -> String {
         for s in &vms {
             f.push(&[("vm", &s.vm.name())], value(s));
         }
+    }
+    let consoles: Vec<_> = vms
+        .iter()
+        .map(|s| (s.vm.name(), s.vm.shared().devices.console_stats()))
+        .collect();
+    let f = o.family(
+        "warmvm_vm_console_written_bytes_total",
+        Counter,
+        "Console output written to the VM's log.",
+    );
+    for (name, c) in &consoles {
+        f.int(&[("vm", name)], c.written_bytes);
+    }
+    let f = o.family(
+        "warmvm_vm_console_dropped_bytes_total",
+        Counter,
+        "Console output dropped, by reason (write_error: the log could not be written, e.g. a full disk; rate_limit: the guest printed faster than the limit).",
+    );
+    for (name, c) in &consoles {
+        f.int(
+            &[("vm", name), ("reason", &"write_error")],
+            c.dropped_write_error_bytes,
+        );
+        f.int(
+            &[("vm", name), ("reason", &"rate_limit")],
+            c.dropped_rate_limit_bytes,
+        );
+    }
+    let f = o.family(
+        "warmvm_vm_console_write_errors_total",
+        Counter,
+        "Failed writes of console output to the VM's log (e.g. a full disk).",
+    );
+    for (name, c) in &consoles {
+        f.int(&[("vm", name)], c.write_errors);
+    }
+    let f = o.family(
+        "warmvm_vm_console_rotations_total",
+        Counter,
+        "Times the VM's console log reached its cap and was rotated to <log>.1.",
+    );
+    for (name, c) in &consoles {
+        f.int(&[("vm", name)], c.rotations);
     }
     let f = o.family(
         "warmvm_vm_unknown_accesses_total",

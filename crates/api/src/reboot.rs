@@ -68,6 +68,8 @@ pub struct RebootSetup {
     pub extra: serde_json::Value,
     /// Named fds for the new daemon: at least `api-listener`.
     pub extra_fds: Vec<(String, RawFd)>,
+    /// Environment for the new daemon (e.g. the seccomp mode, which older builds ignore).
+    pub env: Vec<(OsString, OsString)>,
     /// Default stage timeout and ready budget (see [`RebootRequest`]).
     pub stage_timeout: Duration,
     pub ready_budget: Duration,
@@ -160,12 +162,15 @@ impl ApiState {
             return Err(ApiError::new(409, "a warm reboot is already under way"));
         }
         let done = Done(&self.rebooting);
-        // Let the requests under way (ours aside) finish, so that none is left waiting for
-        // the Host lock when this process exits; at most GATE_TIMEOUT.
-        let deadline = Instant::now() + GATE_TIMEOUT;
-        while self.connections.load(Ordering::SeqCst) > 1 && Instant::now() < deadline {
+        // Let the API requests under way (ours aside) finish, so that none is left waiting
+        // for the Host lock when this process exits; at most the reboot grace, so a slow or
+        // stuck client cannot hold the reboot up for longer.
+        let grace = *self.reboot_grace.lock().unwrap_or_else(|p| p.into_inner());
+        let waited_until = Instant::now() + grace;
+        while self.connections.load(Ordering::SeqCst) > 1 && Instant::now() < waited_until {
             std::thread::sleep(Duration::from_millis(2));
         }
+        let deadline = Instant::now() + GATE_TIMEOUT;
         // Wait (briefly) for every pause, resume or stop under way; none starts until we
         // are done.
         let gate = loop {
@@ -221,7 +226,7 @@ impl ApiState {
                 .map_or(setup.ready_budget, Duration::from_millis),
             extra,
             extra_fds: setup.extra_fds.clone(),
-            env: Vec::new(),
+            env: setup.env.clone(),
         };
         tracing::info!(binary = %binary.display(), vms = host.vms().len(), %reason, mode = mode.name(), "reboot");
         match handover::warm_reboot(&host, &opts) {

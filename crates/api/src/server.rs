@@ -1,5 +1,7 @@
 //! The API server: a poll(2) loop over the API socket, the optional loopback metrics port
-//! and a stop pipe; one short-lived thread per connection.
+//! and a stop pipe; one short-lived thread per connection, within each listener's own
+//! budget ([`crate::limits`]); connections over a budget get a 503 from the overflow thread
+//! ([`crate::overflow`]).
 //!
 //! The server never owns how its Unix listener came to be: [`Server::new`] takes any
 //! listening socket, bound by [`crate::socket::bind`] or adopted from an inherited fd by
@@ -10,14 +12,14 @@ use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use crate::http::{self, ReadError, Response, IO_TIMEOUT};
+use crate::http::{self, ReadError};
+use crate::limits::Limits;
+use crate::overflow::Overflow;
 use crate::state::ApiState;
-
-/// Most connections served at once; more get 503 straight away.
-pub const MAX_CONNECTIONS: usize = 64;
 
 /// A client connection on either listener.
 enum Conn {
@@ -28,16 +30,28 @@ enum Conn {
 impl Conn {
     fn prepare(&self) -> io::Result<()> {
         match self {
+            Conn::Unix(s) => s.set_nonblocking(false),
+            Conn::Tcp(s) => s.set_nonblocking(false),
+        }
+    }
+
+    fn set_timeouts(&self, t: Duration) -> io::Result<()> {
+        match self {
             Conn::Unix(s) => {
-                s.set_nonblocking(false)?;
-                s.set_read_timeout(Some(IO_TIMEOUT))?;
-                s.set_write_timeout(Some(IO_TIMEOUT))
+                s.set_read_timeout(Some(t))?;
+                s.set_write_timeout(Some(t))
             }
             Conn::Tcp(s) => {
-                s.set_nonblocking(false)?;
-                s.set_read_timeout(Some(IO_TIMEOUT))?;
-                s.set_write_timeout(Some(IO_TIMEOUT))
+                s.set_read_timeout(Some(t))?;
+                s.set_write_timeout(Some(t))
             }
+        }
+    }
+
+    fn into_stream(self) -> Box<dyn crate::overflow::Stream> {
+        match self {
+            Conn::Unix(s) => Box::new(s),
+            Conn::Tcp(s) => Box::new(s),
         }
     }
 
@@ -73,6 +87,49 @@ impl Write for Conn {
     }
 }
 
+/// A connection whose reads and writes must all end by one deadline: a client trickling
+/// its request a byte at a time gets no more time than one sending it at once.
+struct Deadlined {
+    conn: Conn,
+    deadline: Instant,
+}
+
+impl Deadlined {
+    fn remaining(&self) -> io::Result<Duration> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the request's deadline passed",
+            ));
+        }
+        self.conn.set_timeouts(left)?;
+        Ok(left)
+    }
+
+    /// Give the next phase (answering, draining) a deadline of its own.
+    fn extend(&mut self, by: Duration) {
+        self.deadline = Instant::now() + by;
+    }
+}
+
+impl Read for Deadlined {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.remaining()?;
+        self.conn.read(buf)
+    }
+}
+
+impl Write for Deadlined {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.remaining()?;
+        self.conn.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.conn.flush()
+    }
+}
+
 /// Tests only: the main loop panics at its next turn.
 #[cfg(feature = "fault-injection")]
 pub(crate) static INJECT_MAIN_PANIC: std::sync::atomic::AtomicBool =
@@ -94,6 +151,10 @@ pub struct Server {
     state: Arc<ApiState>,
     stop_rx: UnixStream,
     stop_tx: UnixStream,
+    limits: Limits,
+    /// Connections being served on the metrics port (the API socket's are the state's).
+    metrics_active: Arc<AtomicUsize>,
+    overflow: Overflow,
 }
 
 impl Server {
@@ -103,13 +164,23 @@ impl Server {
         let (stop_rx, stop_tx) = UnixStream::pair()?;
         stop_rx.set_nonblocking(true)?;
         stop_tx.set_nonblocking(true)?;
+        let overflow = Overflow::start(state.overflow_stats.clone())?;
         Ok(Self {
             api,
             metrics: None,
             state,
             stop_rx,
             stop_tx,
+            limits: Limits::default(),
+            metrics_active: Arc::new(AtomicUsize::new(0)),
+            overflow,
         })
+    }
+
+    /// Serve within `limits` instead of the defaults.
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// Also serve `GET /metrics` (and nothing else) on a TCP listener.
@@ -223,32 +294,48 @@ impl Server {
         }
     }
 
-    fn spawn(&self, mut conn: Conn, metrics_only: bool) {
-        let active = &self.state.connections;
-        if active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+    fn spawn(&self, conn: Conn, metrics_only: bool) {
+        // Each listener its own budget: the metrics port (open to every local user) can
+        // never take the API socket's.
+        let (active, max) = if metrics_only {
+            (&self.metrics_active, self.limits.metrics_connections)
+        } else {
+            (
+                self.state.connections_counter(),
+                self.limits.api_connections,
+            )
+        };
+        if active.fetch_add(1, Ordering::SeqCst) >= max {
             active.fetch_sub(1, Ordering::SeqCst);
-            let _ = conn.prepare();
-            let _ = Response::error(503, "too many connections; try again").write_to(&mut conn);
+            let message = if metrics_only {
+                "too many connections to the metrics port; try again"
+            } else {
+                "too many connections; try again"
+            };
+            self.overflow.refuse(conn.into_stream(), message);
             return;
         }
         let state = self.state.clone();
         /// Counts the connection as served however its thread ends, a panic included (a
-        /// warm reboot waits for the count to drop).
-        struct Served(Arc<ApiState>);
+        /// warm reboot waits for the API socket's count to drop).
+        struct Served(Arc<AtomicUsize>);
         impl Drop for Served {
             fn drop(&mut self) {
-                self.0.connections.fetch_sub(1, Ordering::SeqCst);
+                self.0.fetch_sub(1, Ordering::SeqCst);
             }
         }
+        let served = Served(active.clone());
+        let timeout = self.limits.request_timeout();
         let spawned = std::thread::Builder::new()
             .name("warmvm-api".into())
             .stack_size(512 << 10)
             .spawn(move || {
-                let served = Served(state);
-                serve_connection(conn, &served.0, metrics_only);
+                let _served = served;
+                warmvm_sandbox::enter_or_log(warmvm_sandbox::ThreadKind::Api);
+                serve_connection(conn, &state, metrics_only, timeout);
             });
         if let Err(e) = spawned {
-            active.fetch_sub(1, Ordering::SeqCst);
+            // The closure, and with it `served`, was dropped: the count is back.
             tracing::warn!(error = %e, "cannot start a connection thread");
         }
     }
@@ -267,17 +354,22 @@ fn pollfd(fd: RawFd) -> libc::pollfd {
     }
 }
 
-fn serve_connection(mut conn: Conn, state: &ApiState, metrics_only: bool) {
+fn serve_connection(conn: Conn, state: &ApiState, metrics_only: bool, timeout: Duration) {
     if let Err(e) = conn.prepare() {
         tracing::debug!(error = %e, "cannot set up a connection");
         return;
     }
+    let mut conn = Deadlined {
+        conn,
+        deadline: Instant::now() + timeout,
+    };
     match http::read_request(&mut conn) {
         Ok(req) => {
             let span = tracing::info_span!("request", method = %req.method, path = %req.path);
             let _enter = span.enter();
             let response = state.handle(&req, metrics_only);
             tracing::debug!(status = response.status, "answered");
+            conn.extend(timeout);
             if let Err(e) = response.write_to(&mut conn) {
                 tracing::debug!(error = %e, "cannot send the response");
             }
@@ -285,15 +377,16 @@ fn serve_connection(mut conn: Conn, state: &ApiState, metrics_only: bool) {
                 // A warm reboot handed everything over: the VMs, the socket and the rest of
                 // the work are the new daemon's. Exit without running any destructor (the
                 // VMs must not be stopped, the socket file not removed).
-                conn.shutdown_write();
+                conn.conn.shutdown_write();
                 tracing::info!("handed over; exiting");
                 std::process::exit(0);
             }
         }
         Err(ReadError::Reject { response, drain }) => {
             tracing::info!(status = response.status, "malformed request rejected");
+            conn.extend(timeout);
             let _ = response.write_to(&mut conn);
-            conn.shutdown_write();
+            conn.conn.shutdown_write();
             http::drain(&mut conn, drain);
         }
         Err(ReadError::Closed) => {}

@@ -259,8 +259,13 @@ pub struct ApiState {
     pub(crate) rebooting: AtomicBool,
     /// The VMs and the API socket belong to a new daemon process now.
     pub(crate) handed_over: AtomicBool,
-    /// Connections being served (counted from their accept; the server keeps it).
-    pub(crate) connections: AtomicUsize,
+    /// Connections being served on the API socket (counted from their accept; the server
+    /// keeps it). The metrics port's are counted apart and never delay a reboot.
+    pub(crate) connections: Arc<AtomicUsize>,
+    /// Connections refused for lack of room (the server's overflow thread counts them).
+    pub(crate) overflow_stats: Arc<crate::overflow::OverflowStats>,
+    /// The longest a warm reboot waits for the API requests under way.
+    pub(crate) reboot_grace: Mutex<Duration>,
     /// Pause, resume and stop hold it for reading while they act on a VM without the Host
     /// lock; a warm reboot holds it for writing.
     pub(crate) ops: RwLock<()>,
@@ -285,7 +290,11 @@ impl ApiState {
             rebooting: AtomicBool::new(false),
             handed_over: AtomicBool::new(false),
             ops: RwLock::new(()),
-            connections: AtomicUsize::new(0),
+            connections: Arc::new(AtomicUsize::new(0)),
+            overflow_stats: Arc::default(),
+            reboot_grace: Mutex::new(Duration::from_millis(
+                crate::limits::DEFAULT_REBOOT_GRACE_MS,
+            )),
             last_takeover: OnceLock::new(),
             aging: OnceLock::new(),
             last_reboot: OnceLock::new(),
@@ -304,6 +313,24 @@ impl ApiState {
     fn aging_or_404(&self) -> Result<&Arc<Monitor>, ApiError> {
         self.aging()
             .ok_or_else(|| ApiError::new(404, "this daemon runs no aging monitor"))
+    }
+
+    pub(crate) fn connections_counter(&self) -> &Arc<AtomicUsize> {
+        &self.connections
+    }
+
+    /// Connections refused with a 503 for lack of room, and of those the ones closed
+    /// without reading their request (the overflow thread was full).
+    pub fn refused_connections(&self) -> (u64, u64) {
+        (
+            self.overflow_stats.refused.load(Ordering::Relaxed),
+            self.overflow_stats.closed_unread.load(Ordering::Relaxed),
+        )
+    }
+
+    /// How long a warm reboot waits for the API requests under way before it goes ahead.
+    pub fn set_reboot_grace(&self, grace: Duration) {
+        *self.reboot_grace.lock().unwrap_or_else(|p| p.into_inner()) = grace;
     }
 
     /// Record how this daemon took its VMs over (shown by `GET /v1/status`).

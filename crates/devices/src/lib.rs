@@ -15,7 +15,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
 pub use bus::{Access, Bus, BusDevice, BusError};
-pub use console::ConsoleSink;
+pub use console::{ConsoleLimits, ConsoleSink, ConsoleStats};
 pub use doorbell::{Doorbell, Wake};
 pub use persist::Persist;
 pub use pv_ports::{PvPorts, PvPortsState};
@@ -220,6 +220,11 @@ impl Devices {
 
     pub fn serial_state(&self) -> SerialStateData {
         self.serial().save()
+    }
+
+    /// The console's figures (bytes written, dropped, rotations).
+    pub fn console_stats(&self) -> crate::console::ConsoleStats {
+        self.serial().sink().stats()
     }
 
     /// A duplicate of the console log's fd, to hand to another VMM process.

@@ -15,6 +15,8 @@ pub mod vm;
 
 pub use aging_config::AgingConfig;
 pub use config::{Config, ConfigError, HostLimits, VmConfig};
+/// The devices crate, for the console's limits and figures.
+pub use warmvm_devices as devices;
 
 /// This build's identity: the version, plus `WARMVM_BUILD_ID` if it was set at build time
 /// (e.g. by a packager), so a warm reboot can report which build handed over to which.

@@ -357,6 +357,7 @@ impl Drop for ExitMark<'_> {
 /// The body of a vCPU thread.
 pub(crate) fn run_vcpu(mut vcpu: Vcpu, handle: Arc<VcpuHandle>, vm: Arc<VmShared>) {
     VCPU_THREAD.with(|v| v.set(true));
+    warmvm_sandbox::enter_or_log(warmvm_sandbox::ThreadKind::Vcpu);
     // SAFETY: pthread_self has no preconditions.
     let _ = handle.thread.set(unsafe { libc::pthread_self() });
     let exit_mark = ExitMark(&handle);

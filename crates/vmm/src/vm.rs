@@ -349,7 +349,10 @@ impl Vm {
             config: config.clone(),
             kvm_vm,
             ram,
-            serial: SerialConsole::new(ConsoleSink::new(Some(log), config.console_stdout), irq),
+            serial: SerialConsole::new(
+                ConsoleSink::for_vm(&config.name, log, &console_log, config.console_stdout),
+                irq,
+            ),
             vcpus,
             status_addr: plan.status_addr,
             protocol: plan.protocol,

@@ -103,6 +103,32 @@ pub enum Command {
         /// (internal) Take the VMs over from the daemon that started this one, on this fd.
         #[arg(long, hide = true)]
         takeover_fd: Option<i32>,
+        /// Connections served at once on the API socket; more get a 503.
+        #[arg(long, default_value_t = warmvm_api::limits::DEFAULT_API_CONNECTIONS)]
+        max_connections: usize,
+        /// Connections served at once on the metrics port, apart from the API socket's.
+        #[arg(long, default_value_t = warmvm_api::limits::DEFAULT_METRICS_CONNECTIONS)]
+        max_metrics_connections: usize,
+        /// Milliseconds a client has to send its whole request (head and body).
+        #[arg(long, default_value_t = warmvm_api::limits::DEFAULT_REQUEST_TIMEOUT_MS)]
+        request_timeout_ms: u64,
+        /// The longest a warm reboot waits for API requests under way, in milliseconds.
+        #[arg(long, default_value_t = warmvm_api::limits::DEFAULT_REBOOT_GRACE_MS)]
+        reboot_grace_ms: u64,
+        /// A VM's console log is rotated to <log>.1 past this size (so at most twice it on disk).
+        #[arg(long, default_value_t = CONSOLE.max_log_bytes)]
+        console_log_max_bytes: u64,
+        /// Console output a guest may sustain, in bytes per second; more is dropped and counted.
+        #[arg(long, default_value_t = CONSOLE.rate_bytes_per_sec)]
+        console_rate: u64,
+        /// Console output let through at once above the rate, in bytes.
+        #[arg(long, default_value_t = CONSOLE.burst_bytes)]
+        console_burst: u64,
+        /// Seccomp filters per thread kind: true (a forbidden system call kills the daemon),
+        /// log (it is logged by the kernel and allowed) or false.
+        #[arg(long, env = "WARMVM_SECCOMP", default_value = "true",
+              value_parser = ["true", "false", "log"])]
+        seccomp: String,
     },
     /// Reboot the daemon: a new daemon process (the same binary, or --binary to upgrade)
     /// replaces it and serves on the same socket. warm: it takes over every VM without
@@ -165,6 +191,8 @@ impl RebootMode {
         }
     }
 }
+
+const CONSOLE: warmvm_vmm::devices::ConsoleLimits = warmvm_vmm::devices::console::DEFAULT_LIMITS;
 
 /// How the CLI reaches the daemon: the global options.
 #[derive(Debug, Clone)]
@@ -504,6 +532,14 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
             stop_grace_secs,
             listen_fd,
             takeover_fd,
+            max_connections,
+            max_metrics_connections,
+            request_timeout_ms,
+            reboot_grace_ms,
+            console_log_max_bytes,
+            console_rate,
+            console_burst,
+            seccomp,
         } => crate::client::daemon(warmvm_api::DaemonOptions {
             socket: api.socket,
             state_dir,
@@ -513,6 +549,19 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
             stop_grace: std::time::Duration::from_secs(stop_grace_secs),
             takeover_fd,
             successor_args,
+            limits: warmvm_api::Limits {
+                api_connections: max_connections,
+                metrics_connections: max_metrics_connections,
+                request_timeout_ms,
+                reboot_grace_ms,
+            },
+            console: warmvm_vmm::devices::ConsoleLimits {
+                max_log_bytes: console_log_max_bytes,
+                rate_bytes_per_sec: console_rate,
+                burst_bytes: console_burst,
+            },
+            seccomp: warmvm_sandbox::Mode::parse(&seccomp)
+                .map_err(|e| Failure::new(EXIT_BAD_INPUT, e.to_string()))?,
             ..Default::default()
         }),
         Command::Reboot {

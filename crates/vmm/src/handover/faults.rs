@@ -291,7 +291,12 @@ mod imp {
                 Action::Kill => unsafe {
                     libc::raise(libc::SIGKILL);
                 },
-                Action::Stop(ms) => stop_for(ms),
+                // The fork must not happen on a filtered thread (filters forbid forks).
+                Action::Stop(ms) => {
+                    if let Err(e) = warmvm_sandbox::outside(move || stop_for(ms)) {
+                        tracing::error!(error = %e, "fault injection: cannot stop the process");
+                    }
+                }
                 Action::Delay(ms) => std::thread::sleep(Duration::from_millis(ms)),
                 Action::Panic => panic!("fault injected: {fault}"),
             }

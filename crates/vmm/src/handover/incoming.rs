@@ -709,7 +709,10 @@ pub(crate) fn build_vm(
                 .map_err(|e| vm_err(e.into()))?,
         );
     }
-    let serial = SerialConsole::new(ConsoleSink::new(Some(log), config.console_stdout), irq);
+    let serial = SerialConsole::new(
+        ConsoleSink::for_vm(&config.name, log, &spec.console_log, config.console_stdout),
+        irq,
+    );
     let vm = Vm::assemble(Parts {
         config,
         kvm_vm,

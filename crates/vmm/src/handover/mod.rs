@@ -27,6 +27,8 @@ mod channel;
 mod commit_flag;
 pub mod envelope;
 pub mod faults;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod incoming;
 mod legacy;
 pub mod outgoing;

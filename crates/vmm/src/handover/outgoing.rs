@@ -374,7 +374,11 @@ fn spawn(opts: &RebootOptions) -> Result<(Channel, Peer), HandoverError> {
             Ok(())
         });
     }
-    let mut child = cmd.spawn().map_err(|err| HandoverError::Spawn {
+    // Seccomp filters survive execve and forbid forks: the new VMM is started by the
+    // helper thread that runs outside them, and installs its own.
+    let spawned = warmvm_sandbox::outside(move || cmd.spawn())
+        .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+    let mut child = spawned.map_err(|err| HandoverError::Spawn {
         binary: opts.binary.display().to_string(),
         err,
     })?;

@@ -52,7 +52,10 @@ impl StderrRelay {
         };
         if let Err(e) = std::thread::Builder::new()
             .name("handover-stderr".into())
-            .spawn(relay)
+            .spawn(move || {
+                warmvm_sandbox::enter_or_log(warmvm_sandbox::ThreadKind::Handover);
+                relay()
+            })
         {
             tracing::warn!(error = %e, "cannot relay the new VMM's stderr");
         }

@@ -1,0 +1,313 @@
+//! Seccomp filters per kind of thread, and the one thread left outside them.
+//!
+//! The daemon runs code that sees hostile input (guests' device accesses, API clients), so a
+//! bug there must not come with every system call root has. Each thread installs the filter
+//! of its kind when it starts ([`enter`]); a filter is inherited by the threads a thread
+//! creates and stacks with theirs, so every kind's list includes [`ThreadKind::Main`]'s.
+//!
+//! The filters are deny-lists: they refuse what the kind never needs (starting programs,
+//! forking, namespaces, mounts, modules, ptrace, the kernel's keyring, BPF, raw I/O
+//! privileges, and network sockets where the kind has no business with them) and let the
+//! rest through. An allow-list per kind is stricter and is the next step; it needs every
+//! path of every kind (VM creation runs on API threads and touches much of the kernel)
+//! traced first, and a wrong allow-list kills the daemon with its VMs.
+//!
+//! Filters survive `execve`, and the warm reboot must start the next VMM unfiltered. So
+//! [`start_helper`], called before any filter, starts a helper thread that stays outside
+//! them; [`outside`] runs a closure (a `Command::spawn`, the fault injection's fork) there.
+//!
+//! The mode comes from `WARMVM_SECCOMP` (`true`, `false` or `log`), which the daemon's
+//! `--seccomp` flag sets for itself and passes on to the daemon a warm reboot starts.
+
+use std::collections::BTreeMap;
+use std::sync::mpsc::{self, Sender};
+use std::sync::{Mutex, OnceLock};
+
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
+
+/// The environment variable that carries the mode to this process and its successors.
+pub const MODE_ENV: &str = "WARMVM_SECCOMP";
+
+/// What a forbidden system call does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// No filters.
+    Off,
+    /// Forbidden calls are allowed and logged by the kernel (audit log / dmesg): to find
+    /// out what a new code path needs before it kills anyone.
+    Log,
+    /// Forbidden calls kill the whole process (SIGSYS).
+    Kill,
+}
+
+impl Mode {
+    /// Parse `true`, `false` or `log`.
+    pub fn parse(s: &str) -> Result<Self, SandboxError> {
+        match s {
+            "true" => Ok(Mode::Kill),
+            "false" => Ok(Mode::Off),
+            "log" => Ok(Mode::Log),
+            other => Err(SandboxError::BadMode(other.to_string())),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Off => "false",
+            Mode::Log => "log",
+            Mode::Kill => "true",
+        }
+    }
+}
+
+/// The kinds of threads, each with its filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ThreadKind {
+    /// The daemon's main thread (the accept loop); every other thread inherits its filter.
+    Main,
+    /// A thread serving an API connection (it creates VMs, and runs the warm reboot).
+    Api,
+    /// A vCPU thread.
+    Vcpu,
+    /// The process's console thread.
+    Console,
+    /// Threads of a warm reboot other than the API thread that drives it (the successor's
+    /// stderr relay, the emergency rejuvenation thread).
+    Handover,
+    /// Device worker threads (virtio back-ends); none exist yet.
+    DeviceWorker,
+}
+
+pub const ALL_KINDS: [ThreadKind; 6] = [
+    ThreadKind::Main,
+    ThreadKind::Api,
+    ThreadKind::Vcpu,
+    ThreadKind::Console,
+    ThreadKind::Handover,
+    ThreadKind::DeviceWorker,
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("--seccomp {0}: must be true, false or log")]
+    BadMode(String),
+    #[error("cannot build the {kind:?} seccomp filter: {source}")]
+    Build {
+        kind: ThreadKind,
+        #[source]
+        source: seccompiler::BackendError,
+    },
+    #[error("cannot compile the {kind:?} seccomp filter: {source}")]
+    Compile {
+        kind: ThreadKind,
+        #[source]
+        source: seccompiler::BackendError,
+    },
+    #[error("cannot install the {kind:?} seccomp filter: {source}")]
+    Install {
+        kind: ThreadKind,
+        #[source]
+        source: seccompiler::Error,
+    },
+    #[error("the helper thread outside the filters is gone")]
+    HelperGone,
+    #[error("cannot start the helper thread outside the filters: {0}")]
+    HelperStart(#[source] std::io::Error),
+}
+
+/// What every thread must never do: start programs or processes, change namespaces,
+/// mounts, modules or the clock, trace others, reach the kernel's keyring or BPF.
+const FORBIDDEN_EVERYWHERE: &[libc::c_long] = &[
+    libc::SYS_execve,
+    libc::SYS_execveat,
+    libc::SYS_fork,
+    libc::SYS_vfork,
+    libc::SYS_ptrace,
+    libc::SYS_process_vm_readv,
+    libc::SYS_process_vm_writev,
+    libc::SYS_mount,
+    libc::SYS_umount2,
+    libc::SYS_pivot_root,
+    libc::SYS_chroot,
+    libc::SYS_setns,
+    libc::SYS_unshare,
+    libc::SYS_kexec_load,
+    libc::SYS_kexec_file_load,
+    libc::SYS_init_module,
+    libc::SYS_finit_module,
+    libc::SYS_delete_module,
+    libc::SYS_reboot,
+    libc::SYS_swapon,
+    libc::SYS_swapoff,
+    libc::SYS_acct,
+    libc::SYS_settimeofday,
+    libc::SYS_clock_settime,
+    libc::SYS_iopl,
+    libc::SYS_ioperm,
+    libc::SYS_bpf,
+    libc::SYS_keyctl,
+    libc::SYS_add_key,
+    libc::SYS_request_key,
+    libc::SYS_open_by_handle_at,
+    libc::SYS_name_to_handle_at,
+    libc::SYS_quotactl,
+    libc::SYS_perf_event_open,
+    libc::SYS_sethostname,
+    libc::SYS_setdomainname,
+    libc::SYS_syslog,
+    libc::SYS_uselib,
+    libc::SYS_personality,
+];
+
+/// No listening sockets: only the main thread's listeners (bound before any filter) exist.
+const NO_LISTENERS: &[libc::c_long] = &[libc::SYS_bind, libc::SYS_listen];
+
+/// No network at all: vCPU, console and device threads move bytes between a guest and
+/// files or eventfds, never sockets.
+const NO_NETWORK: &[libc::c_long] = &[
+    libc::SYS_socket,
+    libc::SYS_socketpair,
+    libc::SYS_connect,
+    libc::SYS_bind,
+    libc::SYS_listen,
+    libc::SYS_accept,
+    libc::SYS_accept4,
+];
+
+impl ThreadKind {
+    /// The calls this kind adds to what it inherits.
+    fn forbidden(self) -> Vec<libc::c_long> {
+        let mut v = FORBIDDEN_EVERYWHERE.to_vec();
+        match self {
+            ThreadKind::Main => {}
+            ThreadKind::Api | ThreadKind::Handover => v.extend_from_slice(NO_LISTENERS),
+            ThreadKind::Vcpu | ThreadKind::Console | ThreadKind::DeviceWorker => {
+                v.extend_from_slice(NO_NETWORK)
+            }
+        }
+        v
+    }
+
+    /// The thread's filters: the kind's deny-list, then `clone3` refused with ENOSYS (its
+    /// flags sit in memory a filter cannot read, so fork-like clones could hide there;
+    /// glibc then creates threads with `clone`, whose flags the deny-list checks).
+    fn programs(self, mode: Mode) -> Result<Vec<BpfProgram>, SandboxError> {
+        let action = match mode {
+            Mode::Kill => SeccompAction::KillProcess,
+            Mode::Log | Mode::Off => SeccompAction::Log,
+        };
+        let build = |source| SandboxError::Build { kind: self, source };
+        let mut rules: BTreeMap<i64, Vec<SeccompRule>> = self
+            .forbidden()
+            .into_iter()
+            .map(|nr| (nr, Vec::new()))
+            .collect();
+        // `clone` without CLONE_THREAD is a fork.
+        let fork_like = SeccompRule::new(vec![SeccompCondition::new(
+            0,
+            SeccompCmpArgLen::Qword,
+            SeccompCmpOp::MaskedEq(libc::CLONE_THREAD as u64),
+            0,
+        )
+        .map_err(build)?])
+        .map_err(build)?;
+        rules.insert(libc::SYS_clone, vec![fork_like]);
+        let deny = SeccompFilter::new(rules, SeccompAction::Allow, action, TargetArch::x86_64)
+            .map_err(build)?;
+        let clone3 = SeccompFilter::new(
+            BTreeMap::from([(libc::SYS_clone3, Vec::new())]),
+            SeccompAction::Allow,
+            SeccompAction::Errno(libc::ENOSYS as u32),
+            TargetArch::x86_64,
+        )
+        .map_err(build)?;
+        let compile = |f: SeccompFilter| {
+            BpfProgram::try_from(f).map_err(|source| SandboxError::Compile { kind: self, source })
+        };
+        Ok(vec![compile(deny)?, compile(clone3)?])
+    }
+}
+
+static MODE: OnceLock<Mode> = OnceLock::new();
+
+/// Turn the filters on for this process (`--seccomp`); until then [`enter`] does nothing,
+/// so `warmvm run`, the demo and unit tests run unfiltered unless they ask.
+pub fn set_mode(mode: Mode) {
+    let _ = MODE.set(mode);
+}
+
+/// The mode [`set_mode`] chose (off if none).
+pub fn mode() -> Mode {
+    MODE.get().copied().unwrap_or(Mode::Off)
+}
+
+/// Install `kind`'s filter on the calling thread (and so on the threads it creates).
+pub fn enter(kind: ThreadKind) -> Result<(), SandboxError> {
+    let mode = mode();
+    if mode == Mode::Off {
+        return Ok(());
+    }
+    for prog in kind.programs(mode)? {
+        seccompiler::apply_filter(&prog)
+            .map_err(|source| SandboxError::Install { kind, source })?;
+    }
+    Ok(())
+}
+
+/// As [`enter`], for threads that cannot stop on an error: it is logged, and the thread
+/// runs on without its filter (the process's inherited filters still hold).
+pub fn enter_or_log(kind: ThreadKind) {
+    if let Err(e) = enter(kind) {
+        tracing::error!(error = %e, "seccomp filter not installed");
+    }
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+static HELPER: OnceLock<Mutex<Sender<Job>>> = OnceLock::new();
+
+/// Start the helper thread outside every filter. Call it before any [`enter`]: a thread
+/// inherits the filters of the thread that creates it.
+pub fn start_helper() -> Result<(), SandboxError> {
+    if HELPER.get().is_some() {
+        return Ok(());
+    }
+    let (tx, rx) = mpsc::channel::<Job>();
+    std::thread::Builder::new()
+        .name("warmvm-spawner".into())
+        .stack_size(256 << 10)
+        .spawn(move || {
+            for job in rx {
+                job();
+            }
+        })
+        .map_err(SandboxError::HelperStart)?;
+    let _ = HELPER.set(Mutex::new(tx));
+    Ok(())
+}
+
+/// Run `f` outside the filters (on the helper thread) and return its result. Without a
+/// helper (filters off, or not a daemon) it runs here.
+pub fn outside<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, SandboxError> {
+    let Some(helper) = HELPER.get() else {
+        return Ok(f());
+    };
+    let (tx, rx) = mpsc::sync_channel(1);
+    let job: Job = Box::new(move || {
+        let _ = tx.send(f());
+    });
+    helper
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .send(job)
+        .map_err(|_| SandboxError::HelperGone)?;
+    rx.recv().map_err(|_| SandboxError::HelperGone)
+}
+
+#[cfg(test)]
+mod tests;
