@@ -94,12 +94,13 @@ pub fn print_reboot_report(r: &warmvm_vmm::handover::RebootReport) {
     );
     let p = &r.phases;
     println!(
-        "  phases (ms): stage {:.3} (before the pause) | quiesce {:.3}  capture {:.3}  transfer {:.3}  restore {:.3}  resume {:.3}",
+        "  phases (ms): stage {:.3} (before the pause) | quiesce {:.3}  capture {:.3}  transfer {:.3}  restore {:.3}  commit {:.3}  resume {:.3}",
         ms(p.stage_us),
         ms(p.quiesce_us),
         ms(p.capture_us),
         ms(p.transfer_us),
         ms(p.restore_us),
+        ms(p.commit_us),
         ms(p.resume_us)
     );
     for vm in &r.vms {
