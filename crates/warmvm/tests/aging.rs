@@ -11,28 +11,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::{json, Value};
 
-/// Each VM's (name, state, progress counter, corruption count).
-fn figures(d: &Daemon) -> Vec<(String, String, u64, u64)> {
-    let list = d.client().list().expect("the daemon answers");
-    list["vms"]
-        .as_array()
-        .expect("vms")
-        .iter()
-        .map(|vm| {
-            let g = &vm["guest"];
-            let bad = g["mismatches"].as_u64().unwrap_or(0)
-                + g["register_check_failures"].as_u64().unwrap_or(0)
-                + g["time_went_backwards"].as_u64().unwrap_or(0);
-            (
-                vm["name"].as_str().unwrap_or_default().to_string(),
-                vm["state"].as_str().unwrap_or_default().to_string(),
-                counter(vm),
-                bad,
-            )
-        })
-        .collect()
-}
-
 /// The daemon's config: a fast monitor (200 ms) with a 30 s horizon.
 fn config(dir: &std::path::Path, extra: &str) -> String {
     let path = dir.join("aging.toml");

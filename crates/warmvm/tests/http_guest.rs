@@ -17,25 +17,7 @@ const GUEST: &str = "10.77.0.2";
 
 /// A ustar archive of `files`, padded with zero sectors to `sectors` in all.
 fn tar_image(files: &[(&str, Vec<u8>)], sectors: usize) -> Vec<u8> {
-    let mut out = Vec::new();
-    for (name, data) in files {
-        let mut h = [0u8; 512];
-        h[..name.len()].copy_from_slice(name.as_bytes());
-        h[100..108].copy_from_slice(b"0000644\0");
-        h[108..116].copy_from_slice(b"0000000\0");
-        h[116..124].copy_from_slice(b"0000000\0");
-        h[124..136].copy_from_slice(format!("{:011o}\0", data.len()).as_bytes());
-        h[136..148].copy_from_slice(b"00000000000\0");
-        h[156] = b'0';
-        h[257..263].copy_from_slice(b"ustar\0");
-        h[263..265].copy_from_slice(b"00");
-        h[148..156].copy_from_slice(b"        ");
-        let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
-        h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
-        out.extend_from_slice(&h);
-        out.extend_from_slice(data);
-        out.resize(out.len().next_multiple_of(512), 0);
-    }
+    let mut out = warmvm_vmm::testing::ustar_entries(files);
     assert!(out.len() + 1024 <= sectors * 512);
     out.resize(sectors * 512, 0);
     out

@@ -8,28 +8,6 @@ mod common;
 use common::*;
 use serde_json::{json, Value};
 
-/// Each VM's (name, state, verified pages counter, mismatches + register failures).
-fn figures(d: &Daemon) -> Vec<(String, String, u64, u64)> {
-    let list = d.client().list().expect("the daemon answers");
-    list["vms"]
-        .as_array()
-        .expect("vms")
-        .iter()
-        .map(|vm| {
-            let g = &vm["guest"];
-            let bad = g["mismatches"].as_u64().unwrap_or(0)
-                + g["register_check_failures"].as_u64().unwrap_or(0)
-                + g["time_went_backwards"].as_u64().unwrap_or(0);
-            (
-                vm["name"].as_str().unwrap_or_default().to_string(),
-                vm["state"].as_str().unwrap_or_default().to_string(),
-                counter(vm),
-                bad,
-            )
-        })
-        .collect()
-}
-
 /// Every running VM's counter moves on from `before` with nothing corrupted.
 fn assert_running_and_verifying(d: &Daemon, before: &[(String, String, u64, u64)]) {
     let moved = wait_until(30, || {

@@ -341,3 +341,26 @@ impl Drop for Netns {
             .output();
     }
 }
+
+/// Each VM's (name, state, progress counter, mismatches + register check failures +
+/// times time went backwards), from `GET /v1/vms`.
+pub fn figures(d: &Daemon) -> Vec<(String, String, u64, u64)> {
+    let list = d.client().list().expect("the daemon answers");
+    list["vms"]
+        .as_array()
+        .expect("vms")
+        .iter()
+        .map(|vm| {
+            let g = &vm["guest"];
+            let bad = g["mismatches"].as_u64().unwrap_or(0)
+                + g["register_check_failures"].as_u64().unwrap_or(0)
+                + g["time_went_backwards"].as_u64().unwrap_or(0);
+            (
+                vm["name"].as_str().unwrap_or_default().to_string(),
+                vm["state"].as_str().unwrap_or_default().to_string(),
+                counter(vm),
+                bad,
+            )
+        })
+        .collect()
+}
