@@ -14,10 +14,9 @@ use std::sync::Arc;
 
 use virtio_queue::{QueueOwnedT, QueueT, Reader, Writer};
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::EventFd;
 
 use super::mmio::{BackendState, VirtioBackend};
-use super::worker::{Serve, Worker, WorkerError};
+use super::worker::Serve;
 use super::{VirtioShared, TYPE_NET};
 
 pub const QUEUE_SIZE: u16 = 256;
@@ -76,18 +75,12 @@ impl VirtioBackend for Net {
         true
     }
 
-    fn activate(
-        &mut self,
-        shared: Arc<VirtioShared>,
-        notify: &EventFd,
-        mem: GuestMemoryMmap,
-    ) -> Result<Worker, WorkerError> {
-        let server = NetServer {
+    fn server(&mut self, mem: GuestMemoryMmap) -> Box<dyn Serve> {
+        Box::new(NetServer {
             tap: self.tap.clone(),
             mem,
             frame: vec![0; MAX_FRAME],
-        };
-        Worker::start(shared, notify, server)
+        })
     }
 
     fn save(&self) -> BackendState {
