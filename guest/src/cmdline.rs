@@ -13,6 +13,7 @@
 //! | `hostile=KIND` | test only: break the virtio protocol on the disk once (`loop`, `addr`, `len`, `index`, `status`) | none |
 //! | `disk_check_ms=N` | re-read and re-check the disk's files every N ms (vCPU 0); 0 = never | 1000 |
 //! | `hostile=console` / `ports` / `both` | a hostile guest, for tests of the VMM's bounds: instead of the workload, every vCPU writes to the serial port (console), or to and from ports no device decodes (ports), as fast as it can, forever | off |
+//! | `hostile=mmio` / `rings` | as hostile as that: every vCPU reads and writes random virtio-mmio registers and MMIO nothing decodes (mmio); vCPU 0 sets its virtio devices up and writes garbage into their rings, round after round, reporting how often the device failed (rings); see `hostile.rs` | off |
 //!
 //! Unknown or malformed options are ignored and reported once on the console.
 
@@ -28,8 +29,16 @@ pub struct Options {
     pub ip: Option<([u8; 4], u8)>,
     pub cache_mib: u64,
     pub hostile: Option<Hostile>,
-    /// `hostile=console|ports|both`: bit 0 spams the console, bit 1 unknown ports.
+    /// `hostile=console|ports|both|mmio|rings`: the bits of [`spam`].
     pub spam: u8,
+}
+
+/// What a hostile guest does (`hostile.rs`), as bits of [`Options::spam`].
+pub mod spam {
+    pub const CONSOLE: u8 = 1;
+    pub const PORTS: u8 = 2;
+    pub const MMIO: u8 = 4;
+    pub const RINGS: u8 = 8;
 }
 
 /// Ways the guest can break the virtio protocol on purpose (to test the VMM).
@@ -166,10 +175,13 @@ pub fn parse(cmdline: &[u8]) -> (Options, Ignored<'_>) {
                 None => false,
             },
             (b"hostile", None) => {
+                use spam::{CONSOLE, MMIO, PORTS, RINGS};
                 match value.unwrap_or(b"") {
-                    b"console" => o.spam = 1,
-                    b"ports" => o.spam = 2,
-                    b"both" => o.spam = 3,
+                    b"console" => o.spam = CONSOLE,
+                    b"ports" => o.spam = PORTS,
+                    b"both" => o.spam = CONSOLE | PORTS,
+                    b"mmio" => o.spam = MMIO,
+                    b"rings" => o.spam = RINGS,
                     _ => {}
                 }
                 o.hostile = match value.unwrap_or(b"") {

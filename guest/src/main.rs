@@ -37,6 +37,7 @@ mod cpu;
 mod disk;
 #[cfg(not(warmvm_guest_stub))]
 mod entry;
+mod hostile;
 mod http;
 mod io;
 mod net;
@@ -157,7 +158,7 @@ pub fn guest_main(bi: &BootInfo, vcpu: u64, entry: Entry, image_end: u64) -> ! {
     }
 
     if opts.spam != 0 {
-        hostile(opts.spam, vcpu)
+        hostile::run(opts.spam, &m, vcpu)
     }
     // Only vCPU 0 drives devices.
     let services = if vcpu == 0 {
@@ -175,33 +176,4 @@ pub fn guest_main(bi: &BootInfo, vcpu: u64, entry: Entry, image_end: u64) -> ! {
         services,
     )
     .run()
-}
-
-/// A guest that attacks its VMM (`hostile=`): console output and accesses to ports no
-/// device decodes, as fast as the exits allow, forever. Nothing is verified.
-fn hostile(kinds: u8, vcpu: u64) -> ! {
-    const LINE: &[u8] =
-        b"hostile guest spamming its console: the VMM must cap and rate-limit this\n";
-    let serial = io::serial_port();
-    let mut n: u16 = 0;
-    loop {
-        if kinds & 1 != 0 {
-            for &b in LINE {
-                io::outb(serial, b);
-            }
-        }
-        if kinds & 2 != 0 {
-            // Ports nothing decodes, spread over the space (the wait and power ports and
-            // COM1 excepted: those are the guest's own business).
-            for _ in 0..64 {
-                n = n.wrapping_add(0x9e37);
-                let port = match n {
-                    0x3f8..=0x3ff | 0x510..=0x517 => 0x80,
-                    p => p,
-                };
-                io::outb(port, vcpu as u8);
-                let _ = io::inb(port);
-            }
-        }
-    }
 }

@@ -245,6 +245,30 @@ fn cmdline_defaults_and_options() {
 }
 
 #[test]
+fn cmdline_hostile_modes() {
+    use cmdline::spam::*;
+    for (arg, bits) in [
+        ("console", CONSOLE),
+        ("ports", PORTS),
+        ("both", CONSOLE | PORTS),
+        ("mmio", MMIO),
+        ("rings", RINGS),
+    ] {
+        let line = format!("hostile={arg}");
+        let (o, ignored) = cmdline::parse(line.as_bytes());
+        assert_eq!((o.spam, o.hostile, ignored.count), (bits, None, 0), "{arg}");
+    }
+    let (o, ignored) = cmdline::parse(b"hostile=loop");
+    assert_eq!(
+        (o.spam, o.hostile, ignored.count),
+        (0, Some(cmdline::Hostile::Loop), 0)
+    );
+    let (o, ignored) = cmdline::parse(b"hostile=everything");
+    assert_eq!((o.spam, o.hostile), (0, None));
+    assert_eq!(ignored.count, 1, "hostile=everything is not a mode");
+}
+
+#[test]
 fn cmdline_rejects_bad_values() {
     let (o, ignored) = cmdline::parse(
         b"fill=101 passes=-1 interval_ms= quiet=1 refill_every=99999999999999999999",
