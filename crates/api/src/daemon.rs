@@ -452,6 +452,8 @@ fn enter_sandbox(mode: warmvm_sandbox::Mode) -> Result<(), DaemonError> {
         warmvm_sandbox::start_helper().map_err(|e| DaemonError::Host(e.to_string()))?;
         warmvm_sandbox::enter(warmvm_sandbox::ThreadKind::Main)
             .map_err(|e| DaemonError::Host(e.to_string()))?;
+        // Not from a vCPU thread later: it would inherit the vCPU filter.
+        warmvm_devices_limits::console::start_flusher();
     }
     Ok(())
 }
@@ -531,7 +533,7 @@ fn aging_monitor(
 /// copy of this binary (on success this process exits; on failure the VMs run on here, the
 /// failure is recorded and the trigger may fire again).
 fn start_aging_monitor(state: Arc<ApiState>, monitor: Arc<Monitor>) {
-    let run = move || loop {
+    let watch = move || loop {
         std::thread::sleep(monitor.period());
         if state.rebooting() || state.handed_over() {
             continue;
@@ -555,6 +557,11 @@ fn start_aging_monitor(state: Arc<ApiState>, monitor: Arc<Monitor>) {
                 monitor.record_failure(&decision.reason, &e.message);
             }
         }
+    };
+    // It warm-reboots the daemon, as the handover threads do.
+    let run = move || {
+        warmvm_sandbox::enter_or_log(warmvm_sandbox::ThreadKind::Handover);
+        watch()
     };
     if let Err(e) = std::thread::Builder::new()
         .name("warmvm-aging".into())
