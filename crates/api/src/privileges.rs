@@ -12,8 +12,9 @@
 //! What the dropped daemon, and the daemon a warm reboot starts from it, still opens by
 //! path: `/dev/kvm` (the new daemon opens its own; the user needs access, e.g. through the
 //! `kvm` group), the state directory (console logs, saved reboots), disk images and
-//! snapshot directories named in requests, and TAPs by name (CAP_NET_ADMIN unless they are
-//! persistent TAPs owned by the user). The drop checks the first two and refuses to go on
+//! snapshot directories named in requests, and TAPs by name (creating one needs
+//! CAP_NET_ADMIN; attaching to a persistent one without an owner, or owned by the user,
+//! does not). The drop checks the first two and refuses to go on
 //! without them, so a daemon never runs VMs it could not warm-reboot.
 
 use std::ffi::CString;

@@ -136,8 +136,8 @@ pub enum Command {
         /// ... and this group (name or gid) [default: the user's primary group].
         #[arg(long)]
         group: Option<String>,
-        /// Capabilities kept after dropping to --user, e.g. CAP_NET_ADMIN to open TAPs by
-        /// name [default: none].
+        /// Capabilities kept after dropping to --user, e.g. CAP_NET_ADMIN to create TAPs
+        /// [default: none].
         #[arg(long, value_delimiter = ',')]
         keep_caps: Vec<String>,
     },

@@ -1,7 +1,8 @@
 //! Least privilege: a daemon started as root with `--user` runs on as that user with only
 //! the capabilities it was told to keep, and so do the daemons its warm reboots start;
 //! its VMs run and verify through a warm reboot and a live upgrade; what the user may not
-//! do fails; and bad settings are refused before anything runs.
+//! do fails (a root-only disk, creating a TAP without CAP_NET_ADMIN); and bad settings
+//! are refused before anything runs.
 //!
 //! The user is 65534 (nobody) with the `kvm` group (which owns /dev/kvm here): nothing on
 //! the machine is changed for it; the daemon creates its state directory and gives it to
@@ -180,4 +181,43 @@ fn without_kept_capabilities_none_remain_and_bad_settings_are_refused() {
     let st = d.client().status().unwrap();
     assert_eq!(st["pid"], d.pid, "{st}");
     d.terminate();
+}
+
+/// Creating a TAP needs CAP_NET_ADMIN: a dropped daemon that kept it creates one for a VM
+/// (in a network namespace of the test's own), and one that did not is refused with the
+/// kernel's answer, changing nothing; both attach the namespace's persistent TAP, which
+/// has no owner (the kernel asks no capability for that).
+#[test]
+fn creating_a_tap_needs_the_kept_cap_net_admin() {
+    if !warmvm_vmm::testing::kvm_available("creating_a_tap_needs_the_kept_cap_net_admin") {
+        return;
+    }
+    let uid = UID.to_string();
+    for keep in [true, false] {
+        let dir = scratch(if keep { "priv-tap" } else { "priv-notap" });
+        let ns = Netns::new(if keep { "ptap" } else { "pnotap" }, "10.79.0.1/24");
+        let mut args = vec!["--user", uid.as_str(), "--group", "kvm"];
+        if keep {
+            args.extend(["--keep-caps", "net_admin"]);
+        }
+        let mut d = Daemon::start_in_netns_with(&dir, &ns.name, &args);
+        let c = d.client();
+        let mut vm = reference_vm("persistent");
+        vm["nets"] = serde_json::json!([{ "tap": ns.tap }]);
+        let made = c.create(&serde_json::from_value(vm).unwrap()).unwrap();
+        assert_eq!(made["state"], "running", "{made}");
+        let mut vm = reference_vm("new-tap");
+        vm["nets"] = serde_json::json!([{ "tap": "wvnew0" }]);
+        let made = c.create(&serde_json::from_value(vm).unwrap());
+        if keep {
+            let vm = made.unwrap();
+            assert_eq!(vm["state"], "running", "{vm}");
+        } else {
+            let e = made.unwrap_err().to_string();
+            assert!(e.contains("not permitted"), "{e}");
+            let list = c.list().unwrap();
+            assert_eq!(list["vms"].as_array().unwrap().len(), 1, "{list}");
+        }
+        d.terminate();
+    }
 }

@@ -50,9 +50,14 @@ impl Daemon {
     /// Start a daemon inside network namespace `netns` (`ip netns exec` runs it in place,
     /// so its pid is the daemon's).
     pub fn start_in_netns(dir: &Path, netns: &str) -> Daemon {
+        Self::start_in_netns_with(dir, netns, &[])
+    }
+
+    /// As [`Daemon::start_in_netns`], with extra daemon flags.
+    pub fn start_in_netns_with(dir: &Path, netns: &str, extra: &[&str]) -> Daemon {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", netns, BIN]);
-        Self::start_cmd(cmd, dir, &[], &[])
+        Self::start_cmd(cmd, dir, extra, &[])
     }
 
     /// Start a daemon whose soft RLIMIT_NOFILE is `nofile` (if given): a limit to exhaust.
