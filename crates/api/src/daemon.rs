@@ -1,8 +1,9 @@
 //! `warmvm daemon`: the process around the API server, from start-up to a clean exit.
 //!
 //! Start-up order: read and validate the optional config (nothing touched yet), open KVM,
-//! take the socket (refusing a live daemon's), create and start the config's VMs, then
-//! listen and tell systemd `READY=1`. SIGTERM or SIGINT: stop taking requests, power every
+//! take the socket (refusing a live daemon's), drop privileges if configured, install the
+//! seccomp filters, create and start the config's VMs, then listen and tell systemd
+//! `READY=1`. SIGTERM or SIGINT: stop taking requests, power every
 //! VM off (each guest gets the grace period, then is forced), remove the socket, exit 0.
 //!
 //! Warm reboot (`PUT /v1/reboot`): the daemon starts a new daemon process with
@@ -74,6 +75,9 @@ pub struct DaemonOptions {
     pub console: warmvm_devices_limits::ConsoleLimits,
     /// Seccomp filters per thread kind (passed on to a warm reboot's new daemon).
     pub seccomp: warmvm_sandbox::Mode,
+    /// Whom to run as after start-up (`--user`, `--group`, `--keep-caps`); over the
+    /// config's `[privileges]`. A warm reboot's new daemon inherits the result.
+    pub privileges: Option<warmvm_vmm::PrivilegesConfig>,
 }
 
 impl Default for DaemonOptions {
@@ -92,6 +96,7 @@ impl Default for DaemonOptions {
             limits: crate::limits::Limits::default(),
             console: warmvm_devices_limits::ConsoleLimits::default(),
             seccomp: warmvm_sandbox::Mode::Kill,
+            privileges: None,
         }
     }
 }
@@ -148,14 +153,6 @@ struct Started {
 /// Run the daemon until SIGTERM or SIGINT (or until a warm reboot hands everything over to
 /// a new daemon: then this process exits without returning).
 pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
-    // Before any other thread exists: the helper that starts a warm reboot's new daemon
-    // stays outside the filters, and every later thread inherits the main thread's.
-    if opts.seccomp != warmvm_sandbox::Mode::Off {
-        warmvm_sandbox::set_mode(opts.seccomp);
-        warmvm_sandbox::start_helper().map_err(|e| DaemonError::Host(e.to_string()))?;
-        warmvm_sandbox::enter(warmvm_sandbox::ThreadKind::Main)
-            .map_err(|e| DaemonError::Host(e.to_string()))?;
-    }
     // VMs taken over are not created again from the config.
     let config = match (&opts.config, opts.takeover_fd) {
         (Some(path), None) => {
@@ -178,6 +175,15 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
     if let Some(addr) = &opts.metrics_addr {
         check_metrics_addr(addr).map_err(DaemonError::Input)?;
     }
+    // A warm reboot's new daemon inherits the dropped privileges; it has none to drop.
+    let drop_to = match opts.takeover_fd {
+        None => crate::privileges::resolve(
+            opts.privileges.as_ref(),
+            config.as_ref().and_then(|c| c.privileges.as_ref()),
+        )
+        .map_err(|e| DaemonError::Input(e.to_string()))?,
+        Some(_) => None,
+    };
     opts.limits.validate().map_err(DaemonError::Input)?;
     opts.console.validate().map_err(DaemonError::Input)?;
     // A warm reboot's new daemon gets the console limits in its environment, so that the
@@ -201,7 +207,8 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
         .clone()
         .or_else(|| config.as_ref().and_then(|c| c.state_dir.clone()))
         .unwrap_or_else(warmvm_vmm::config::default_state_dir);
-    if !state_dir.exists() {
+    let state_dir_created = !state_dir.exists();
+    if state_dir_created {
         use std::os::unix::fs::DirBuilderExt;
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -229,8 +236,22 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
         }
     }
     let started = match opts.takeover_fd {
-        Some(fd) => take_over(fd, &state_dir, &socket_path, opts.metrics_addr.as_ref())?,
-        None => start_fresh(opts, &state_dir, &socket_path)?,
+        Some(fd) => {
+            enter_sandbox(opts.seccomp)?;
+            take_over(fd, &state_dir, &socket_path, opts.metrics_addr.as_ref())?
+        }
+        None => {
+            // KVM and the listeners are open: what needs root is done. Drop before any
+            // other thread exists (capabilities are per thread), then sandbox.
+            let started = start_fresh(opts, &state_dir, &socket_path)?;
+            if let Some(target) = &drop_to {
+                target
+                    .apply(&state_dir, state_dir_created, &Host::kvm_device())
+                    .map_err(|e| DaemonError::Host(e.to_string()))?;
+            }
+            enter_sandbox(opts.seccomp)?;
+            started
+        }
     };
     let Started {
         host,
@@ -422,6 +443,21 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
     served.map_err(|e| DaemonError::Host(format!("the API server failed: {e}")))
 }
 
+/// Turn the seccomp filters on, with the helper that starts a warm reboot's new daemon
+/// outside them. Before any other thread exists: every later thread inherits the main
+/// thread's filter (and the helper must be created unfiltered).
+fn enter_sandbox(mode: warmvm_sandbox::Mode) -> Result<(), DaemonError> {
+    if mode != warmvm_sandbox::Mode::Off {
+        warmvm_sandbox::set_mode(mode);
+        warmvm_sandbox::start_helper().map_err(|e| DaemonError::Host(e.to_string()))?;
+        warmvm_sandbox::enter(warmvm_sandbox::ThreadKind::Main)
+            .map_err(|e| DaemonError::Host(e.to_string()))?;
+        // Not from a vCPU thread later: it would inherit the vCPU filter.
+        warmvm_devices_limits::console::start_flusher();
+    }
+    Ok(())
+}
+
 /// Rejuvenate on a bug: a panic on any thread but a vCPU's means this process can no
 /// longer be trusted, so its VMs move to a fresh daemon by a warm reboot (on success this
 /// process exits; on failure they run on here, and the next panic tries again).
@@ -497,7 +533,7 @@ fn aging_monitor(
 /// copy of this binary (on success this process exits; on failure the VMs run on here, the
 /// failure is recorded and the trigger may fire again).
 fn start_aging_monitor(state: Arc<ApiState>, monitor: Arc<Monitor>) {
-    let run = move || loop {
+    let watch = move || loop {
         std::thread::sleep(monitor.period());
         if state.rebooting() || state.handed_over() {
             continue;
@@ -521,6 +557,11 @@ fn start_aging_monitor(state: Arc<ApiState>, monitor: Arc<Monitor>) {
                 monitor.record_failure(&decision.reason, &e.message);
             }
         }
+    };
+    // It warm-reboots the daemon, as the handover threads do.
+    let run = move || {
+        warmvm_sandbox::enter_or_log(warmvm_sandbox::ThreadKind::Handover);
+        watch()
     };
     if let Err(e) = std::thread::Builder::new()
         .name("warmvm-aging".into())

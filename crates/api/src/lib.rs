@@ -13,6 +13,7 @@
 //! - [`socket`]: binding (mode 0600, live/stale detection), adopting an inherited listener fd,
 //!   and sd_notify;
 //! - [`daemon`]: the `warmvm daemon` process;
+//! - [`privileges`]: dropping to another uid/gid and to the capabilities still needed;
 //! - [`client`]: what the CLI uses to call the API;
 //! - [`schema`]: a small JSON Schema checker for the OpenAPI document's schemas (tests).
 
@@ -24,6 +25,7 @@ pub mod limits;
 pub mod metrics;
 pub mod modes;
 pub mod overflow;
+pub mod privileges;
 pub mod reboot;
 pub mod routes;
 pub mod schema;

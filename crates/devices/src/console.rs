@@ -439,6 +439,13 @@ struct Flusher {
     cv: Condvar,
 }
 
+/// Start the console thread now, from the calling thread, rather than on the first console
+/// output: it inherits its creator's seccomp filters, and the daemon wants it to inherit the
+/// main thread's only (a vCPU thread's would forbid its log rotation).
+pub fn start_flusher() {
+    flusher();
+}
+
 fn flusher() -> &'static Flusher {
     static FLUSHER: OnceLock<&'static Flusher> = OnceLock::new();
     FLUSHER.get_or_init(|| {

@@ -13,11 +13,18 @@ pub struct Hypervisor {
 }
 
 impl Hypervisor {
+    /// The KVM device [`Hypervisor::open`] opens: `/dev/kvm`, or `WARMVM_KVM_DEVICE`.
+    pub fn device_path() -> std::path::PathBuf {
+        std::env::var_os("WARMVM_KVM_DEVICE")
+            .unwrap_or_else(|| "/dev/kvm".into())
+            .into()
+    }
+
     /// Open `/dev/kvm` (or the device named by `WARMVM_KVM_DEVICE`) and check what warmvm
     /// needs. The errors tell an operator what to fix.
     pub fn open() -> Result<Self> {
-        let path = std::env::var_os("WARMVM_KVM_DEVICE").unwrap_or_else(|| "/dev/kvm".into());
-        let cpath = std::ffi::CString::new(path.as_encoded_bytes())
+        let path = Self::device_path();
+        let cpath = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
             .map_err(|_| Error::KvmOpen(kvm_ioctls::Error::new(libc::EINVAL)))?;
         let kvm = Kvm::new_with_path(cpath.as_c_str()).map_err(|e| match e.errno() {
             libc::ENOENT | libc::ENXIO | libc::ENODEV => Error::KvmMissing,

@@ -5,12 +5,10 @@
 //! of its kind when it starts ([`enter`]); a filter is inherited by the threads a thread
 //! creates and stacks with theirs, so every kind's list includes [`ThreadKind::Main`]'s.
 //!
-//! The filters are deny-lists: they refuse what the kind never needs (starting programs,
-//! forking, namespaces, mounts, modules, ptrace, the kernel's keyring, BPF, raw I/O
-//! privileges, and network sockets where the kind has no business with them) and let the
-//! rest through. An allow-list per kind is stricter and is the next step; it needs every
-//! path of every kind (VM creation runs on API threads and touches much of the kernel)
-//! traced first, and a wrong allow-list kills the daemon with its VMs.
+//! The filters are allow-lists ([`allow`]): each kind may make only the system calls its
+//! work needs (vCPU threads only their KVM ioctls), and anything else kills the process
+//! (SIGSYS), or is only logged by the kernel in log mode. Nothing filtered may start a
+//! program or a process, change namespaces, mounts or credentials, or trace anyone.
 //!
 //! Filters survive `execve`, and the warm reboot must start the next VMM unfiltered. So
 //! [`start_helper`], called before any filter, starts a helper thread that stays outside
@@ -23,10 +21,9 @@ use std::collections::BTreeMap;
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Mutex, OnceLock};
 
-use seccompiler::{
-    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
-    SeccompRule, TargetArch,
-};
+use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
+
+mod allow;
 
 /// The environment variable that carries the mode to this process and its successors.
 pub const MODE_ENV: &str = "WARMVM_SECCOMP";
@@ -77,7 +74,7 @@ pub enum ThreadKind {
     /// Threads of a warm reboot other than the API thread that drives it (the successor's
     /// stderr relay, the emergency rejuvenation thread).
     Handover,
-    /// Device worker threads (virtio back-ends); none exist yet.
+    /// Device worker threads (virtio back-ends).
     DeviceWorker,
 }
 
@@ -118,105 +115,24 @@ pub enum SandboxError {
     HelperStart(#[source] std::io::Error),
 }
 
-/// What every thread must never do: start programs or processes, change namespaces,
-/// mounts, modules or the clock, trace others, reach the kernel's keyring or BPF.
-const FORBIDDEN_EVERYWHERE: &[libc::c_long] = &[
-    libc::SYS_execve,
-    libc::SYS_execveat,
-    libc::SYS_fork,
-    libc::SYS_vfork,
-    libc::SYS_ptrace,
-    libc::SYS_process_vm_readv,
-    libc::SYS_process_vm_writev,
-    libc::SYS_mount,
-    libc::SYS_umount2,
-    libc::SYS_pivot_root,
-    libc::SYS_chroot,
-    libc::SYS_setns,
-    libc::SYS_unshare,
-    libc::SYS_kexec_load,
-    libc::SYS_kexec_file_load,
-    libc::SYS_init_module,
-    libc::SYS_finit_module,
-    libc::SYS_delete_module,
-    libc::SYS_reboot,
-    libc::SYS_swapon,
-    libc::SYS_swapoff,
-    libc::SYS_acct,
-    libc::SYS_settimeofday,
-    libc::SYS_clock_settime,
-    libc::SYS_iopl,
-    libc::SYS_ioperm,
-    libc::SYS_bpf,
-    libc::SYS_keyctl,
-    libc::SYS_add_key,
-    libc::SYS_request_key,
-    libc::SYS_open_by_handle_at,
-    libc::SYS_name_to_handle_at,
-    libc::SYS_quotactl,
-    libc::SYS_perf_event_open,
-    libc::SYS_sethostname,
-    libc::SYS_setdomainname,
-    libc::SYS_syslog,
-    libc::SYS_uselib,
-    libc::SYS_personality,
-];
-
-/// No listening sockets: only the main thread's listeners (bound before any filter) exist.
-const NO_LISTENERS: &[libc::c_long] = &[libc::SYS_bind, libc::SYS_listen];
-
-/// No network at all: vCPU, console and device threads move bytes between a guest and
-/// files or eventfds, never sockets.
-const NO_NETWORK: &[libc::c_long] = &[
-    libc::SYS_socket,
-    libc::SYS_socketpair,
-    libc::SYS_connect,
-    libc::SYS_bind,
-    libc::SYS_listen,
-    libc::SYS_accept,
-    libc::SYS_accept4,
-];
-
 impl ThreadKind {
-    /// The calls this kind adds to what it inherits.
-    fn forbidden(self) -> Vec<libc::c_long> {
-        let mut v = FORBIDDEN_EVERYWHERE.to_vec();
-        match self {
-            ThreadKind::Main => {}
-            ThreadKind::Api | ThreadKind::Handover => v.extend_from_slice(NO_LISTENERS),
-            ThreadKind::Vcpu | ThreadKind::Console | ThreadKind::DeviceWorker => {
-                v.extend_from_slice(NO_NETWORK)
-            }
-        }
-        v
-    }
-
-    /// The thread's filters: the kind's deny-list, then `clone3` refused with ENOSYS (its
-    /// flags sit in memory a filter cannot read, so fork-like clones could hide there;
-    /// glibc then creates threads with `clone`, whose flags the deny-list checks).
+    /// The thread's filters: its kind's allow-list (anything else kills the process, or is
+    /// logged in log mode), then `clone3` answered with ENOSYS (its flags sit in memory a
+    /// filter cannot read, so a fork could hide there; glibc then creates threads with
+    /// `clone`, whose flags the allow-list checks).
     fn programs(self, mode: Mode) -> Result<Vec<BpfProgram>, SandboxError> {
         let action = match mode {
             Mode::Kill => SeccompAction::KillProcess,
             Mode::Log | Mode::Off => SeccompAction::Log,
         };
         let build = |source| SandboxError::Build { kind: self, source };
-        let mut rules: BTreeMap<i64, Vec<SeccompRule>> = self
-            .forbidden()
-            .into_iter()
-            .map(|nr| (nr, Vec::new()))
-            .collect();
-        // `clone` without CLONE_THREAD is a fork.
-        let fork_like = SeccompRule::new(vec![SeccompCondition::new(
-            0,
-            SeccompCmpArgLen::Qword,
-            SeccompCmpOp::MaskedEq(libc::CLONE_THREAD as u64),
-            0,
+        let allow = SeccompFilter::new(
+            self.allowed(&warmvm_hypervisor::vcpu_thread_ioctls())?,
+            action,
+            SeccompAction::Allow,
+            TargetArch::x86_64,
         )
-        .map_err(build)?])
         .map_err(build)?;
-        rules.insert(libc::SYS_clone, vec![fork_like]);
-        let deny = SeccompFilter::new(rules, SeccompAction::Allow, action, TargetArch::x86_64)
-            .map_err(build)?;
         let clone3 = SeccompFilter::new(
             BTreeMap::from([(libc::SYS_clone3, Vec::new())]),
             SeccompAction::Allow,
@@ -227,7 +143,7 @@ impl ThreadKind {
         let compile = |f: SeccompFilter| {
             BpfProgram::try_from(f).map_err(|source| SandboxError::Compile { kind: self, source })
         };
-        Ok(vec![compile(deny)?, compile(clone3)?])
+        Ok(vec![compile(allow)?, compile(clone3)?])
     }
 }
 

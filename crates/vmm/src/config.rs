@@ -84,6 +84,26 @@ pub struct Config {
     /// The daemon's aging monitor and rejuvenation policy (`warmvm daemon` only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aging: Option<crate::aging_config::AgingConfig>,
+    /// Whom the daemon runs as once its privileged set-up is done (`warmvm daemon` only;
+    /// its `--user`, `--group` and `--keep-caps` flags win).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub privileges: Option<PrivilegesConfig>,
+}
+
+/// `[privileges]`: the uid/gid and capabilities the daemon drops to after opening KVM and
+/// its sockets (checked and applied by the daemon, which says what is wrong).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PrivilegesConfig {
+    /// A user name or a numeric uid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// A group name or a numeric gid; default the user's primary group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// Capabilities kept after the drop, e.g. `["CAP_NET_ADMIN"]`; default none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keep_caps: Vec<String>,
 }
 
 /// How a kernel image is entered.

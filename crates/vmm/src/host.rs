@@ -59,6 +59,11 @@ impl Host {
             .retain(|v| v.lifecycle() != crate::Lifecycle::HandedOver);
     }
 
+    /// The KVM device [`Host::open`] opens (a daemon dropping privileges checks it can).
+    pub fn kvm_device() -> PathBuf {
+        Hypervisor::device_path()
+    }
+
     pub fn hypervisor(&self) -> &Hypervisor {
         &self.hv
     }

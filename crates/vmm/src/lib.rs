@@ -14,7 +14,7 @@ mod virtio;
 pub mod vm;
 
 pub use aging_config::AgingConfig;
-pub use config::{Config, ConfigError, HostLimits, VmConfig};
+pub use config::{Config, ConfigError, HostLimits, PrivilegesConfig, VmConfig};
 /// The devices crate, for the console's limits and figures.
 pub use warmvm_devices as devices;
 

@@ -129,6 +129,17 @@ pub enum Command {
         #[arg(long, env = "WARMVM_SECCOMP", default_value = "true",
               value_parser = ["true", "false", "log"])]
         seccomp: String,
+        /// After opening KVM and the sockets, run as this user (name or uid); see
+        /// "Least privilege" in docs/daemon.md.
+        #[arg(long)]
+        user: Option<String>,
+        /// ... and this group (name or gid) [default: the user's primary group].
+        #[arg(long)]
+        group: Option<String>,
+        /// Capabilities kept after dropping to --user, e.g. CAP_NET_ADMIN to create TAPs
+        /// [default: none].
+        #[arg(long, value_delimiter = ',')]
+        keep_caps: Vec<String>,
     },
     /// Reboot the daemon: a new daemon process (the same binary, or --binary to upgrade)
     /// replaces it and serves on the same socket. warm: it takes over every VM without
@@ -540,6 +551,9 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
             console_rate,
             console_burst,
             seccomp,
+            user,
+            group,
+            keep_caps,
         } => crate::client::daemon(warmvm_api::DaemonOptions {
             socket: api.socket,
             state_dir,
@@ -562,6 +576,11 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
             },
             seccomp: warmvm_sandbox::Mode::parse(&seccomp)
                 .map_err(|e| Failure::new(EXIT_BAD_INPUT, e.to_string()))?,
+            privileges: Some(warmvm_vmm::PrivilegesConfig {
+                user,
+                group,
+                keep_caps,
+            }),
             ..Default::default()
         }),
         Command::Reboot {

@@ -259,6 +259,7 @@ pub fn demo(args: &DemoArgs) -> Result<ExitCode, Failure> {
             })
             .collect(),
         aging: None,
+        privileges: None,
     };
     config
         .validate(warmvm_vmm::HostLimits::probe())

@@ -1,6 +1,7 @@
 //! The daemon's seccomp filters, seen from /proc: every thread but the helper that starts a
 //! warm reboot's new daemon runs filtered, through warm reboots and a live upgrade, and
-//! `--seccomp false` turns them off. (Each kind's forbidden call is tried in
+//! `--seccomp false` turns them off; the virtio HTTP guest, a snapshot and a saved reboot
+//! run under the allow-lists. (Each kind's calls outside its list are tried in
 //! crates/sandbox's own tests.)
 
 mod common;
@@ -130,5 +131,91 @@ fn seccomp_false_leaves_every_thread_unfiltered_and_log_mode_runs_filtered() {
             .any(|kv| kv == b"WARMVM_SECCOMP=log"),
         "the new daemon's environment lacks the mode"
     );
+    d.terminate_adopted();
+}
+
+/// The filters are allow-lists, so every path the daemon takes must be on them: the
+/// virtio HTTP guest (disk reads, TAP frames, workers started by the guest's driver), a
+/// snapshot and its restore, and a saved reboot all run with the filters on, and the
+/// daemon is not killed by SIGSYS on the way.
+#[test]
+fn the_virtio_http_guest_a_snapshot_and_a_saved_reboot_run_under_the_filters() {
+    if !warmvm_vmm::testing::kvm_available(
+        "the_virtio_http_guest_a_snapshot_and_a_saved_reboot_run_under_the_filters",
+    ) {
+        return;
+    }
+    let dir = scratch("sandbox-io");
+    let ns = Netns::new("sbio", "10.78.0.1/24");
+    let page = b"<html>served under seccomp</html>\n".to_vec();
+    let mut image = warmvm_vmm::testing::ustar_entries(&[("index.html", page.clone())]);
+    image.resize(image.len().div_ceil(512) * 512 + 2048, 0);
+    let disk = dir.join("site.img");
+    std::fs::write(&disk, image).unwrap();
+
+    let mut d = Daemon::start_in_netns(&dir, &ns.name);
+    let created = d.cli_json(&[
+        "vm",
+        "create",
+        "--name",
+        "web",
+        "--memory",
+        "96",
+        "--cmdline",
+        "quiet interval_ms=20 disk_check_ms=0 ip=10.78.0.2/24",
+        "--disk",
+        disk.to_str().unwrap(),
+        "--net",
+        &ns.tap,
+    ]);
+    let console = std::path::PathBuf::from(created["console_log"].as_str().unwrap());
+    let read = || std::fs::read_to_string(&console).unwrap_or_default();
+    assert!(
+        wait_until(60, || read().contains("http: serving")),
+        "the guest never served\n{}\n{}",
+        read(),
+        d.log()
+    );
+    let out = ns
+        .command("curl")
+        .args(["-sS", "--max-time", "20", "http://10.78.0.2/index.html"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}\n{}", d.log());
+    assert_eq!(out.stdout, page);
+    assert_filtered(&d, "web", true);
+    let t = threads(d.pid);
+    assert!(
+        t.keys().any(|n| n.starts_with("virtio-")),
+        "no virtio worker thread: {t:?}"
+    );
+
+    // A snapshot, restored beside the original.
+    let c = d.client();
+    c.create(&serde_json::from_value(reference_vm("sn")).unwrap())
+        .unwrap();
+    assert!(wait_until(30, || counter(&c.show("sn").unwrap()) > 0));
+    let snap = dir.join("snap");
+    c.snapshot("sn", &snap, false).unwrap();
+    c.restore(&snap, Some("sn-copy")).unwrap();
+    assert!(wait_until(30, || {
+        c.show("sn-copy").unwrap()["state"] == "running"
+    }));
+
+    // A saved reboot (of the VMs it supports: not yet those with virtio devices).
+    c.stop("web", Some(5)).unwrap();
+    c.delete("web", false).unwrap();
+    let out = d.cli_json(&["reboot", "--mode", "saved"]);
+    d.follow_reboot(out["handover"]["new_pid"].as_u64().unwrap() as u32);
+    for v in out["reboot"]["vms"].as_array().unwrap() {
+        assert!(v["error"].is_null(), "{v}");
+    }
+    assert_filtered(&d, "sn", false);
+    let c = d.client();
+    for vm in ["sn", "sn-copy"] {
+        let before = counter(&c.show(vm).unwrap());
+        assert!(wait_until(30, || counter(&c.show(vm).unwrap()) > before));
+        assert_eq!(c.show(vm).unwrap()["guest"]["mismatches"], 0);
+    }
     d.terminate_adopted();
 }

@@ -124,7 +124,9 @@ impl Worker {
         let thread_control = control.clone();
         let thread = std::thread::Builder::new()
             .name(format!("virtio-{}", shared.name.replace('/', "-")))
-            .spawn(move || loop {
+            .spawn(move || {
+                warmvm_sandbox::enter_or_log(warmvm_sandbox::ThreadKind::DeviceWorker);
+                loop {
                 {
                     let (m, cv) = &*thread_control;
                     let mut c = lock(m);
@@ -157,6 +159,7 @@ impl Worker {
                     tracing::error!(device = %shared.name, error = %e, "notify eventfd failed; worker stops");
                     return;
                 }
+            }
             })
             .map_err(|err| WorkerError::Spawn {
                 name: name.clone(),

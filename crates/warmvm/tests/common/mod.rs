@@ -97,6 +97,10 @@ impl Daemon {
         let notify_path = dir.join("notify.sock");
         let _ = std::fs::remove_file(&notify_path);
         let notify = UnixDatagram::bind(&notify_path).unwrap();
+        // A daemon that drops to another uid (tests/privileges.rs) must still be able to
+        // send to it; the directory is the test's own.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&notify_path, std::fs::Permissions::from_mode(0o666)).unwrap();
         notify.set_read_timeout(Some(READY_TIMEOUT)).unwrap();
         let log = std::fs::File::create(dir.join("daemon.log")).unwrap();
         let child = cmd

@@ -1,0 +1,87 @@
+//! The request numbers of the KVM ioctls a vCPU thread issues, so that the seccomp filter
+//! of vCPU threads (crates/sandbox) can allow exactly these and no other ioctl. This crate
+//! is the only one that issues KVM ioctls, so it is the one that lists them; the numbers
+//! are those kvm-ioctls uses (same definitions from the kernel's uapi headers).
+#![allow(non_snake_case)]
+
+use kvm_bindings::{
+    kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msrs, kvm_regs, kvm_sregs,
+    kvm_vcpu_events, kvm_xcrs, kvm_xsave, KVMIO,
+};
+use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr, ioctl_iowr_nr};
+
+ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
+ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_regs);
+ioctl_iow_nr!(KVM_SET_REGS, KVMIO, 0x82, kvm_regs);
+ioctl_ior_nr!(KVM_GET_SREGS, KVMIO, 0x83, kvm_sregs);
+ioctl_iow_nr!(KVM_SET_SREGS, KVMIO, 0x84, kvm_sregs);
+ioctl_iowr_nr!(KVM_GET_MSRS, KVMIO, 0x88, kvm_msrs);
+ioctl_iow_nr!(KVM_SET_MSRS, KVMIO, 0x89, kvm_msrs);
+ioctl_ior_nr!(KVM_GET_FPU, KVMIO, 0x8c, kvm_fpu);
+ioctl_iow_nr!(KVM_SET_FPU, KVMIO, 0x8d, kvm_fpu);
+ioctl_ior_nr!(KVM_GET_LAPIC, KVMIO, 0x8e, kvm_lapic_state);
+ioctl_iow_nr!(KVM_SET_LAPIC, KVMIO, 0x8f, kvm_lapic_state);
+ioctl_ior_nr!(KVM_GET_MP_STATE, KVMIO, 0x98, kvm_mp_state);
+ioctl_iow_nr!(KVM_SET_MP_STATE, KVMIO, 0x99, kvm_mp_state);
+ioctl_ior_nr!(KVM_GET_VCPU_EVENTS, KVMIO, 0x9f, kvm_vcpu_events);
+ioctl_iow_nr!(KVM_SET_VCPU_EVENTS, KVMIO, 0xa0, kvm_vcpu_events);
+ioctl_ior_nr!(KVM_GET_DEBUGREGS, KVMIO, 0xa1, kvm_debugregs);
+ioctl_iow_nr!(KVM_SET_DEBUGREGS, KVMIO, 0xa2, kvm_debugregs);
+ioctl_io_nr!(KVM_SET_TSC_KHZ, KVMIO, 0xa2);
+ioctl_io_nr!(KVM_GET_TSC_KHZ, KVMIO, 0xa3);
+ioctl_ior_nr!(KVM_GET_XSAVE, KVMIO, 0xa4, kvm_xsave);
+ioctl_iow_nr!(KVM_SET_XSAVE, KVMIO, 0xa5, kvm_xsave);
+ioctl_ior_nr!(KVM_GET_XCRS, KVMIO, 0xa6, kvm_xcrs);
+ioctl_iow_nr!(KVM_SET_XCRS, KVMIO, 0xa7, kvm_xcrs);
+ioctl_io_nr!(KVM_KVMCLOCK_CTRL, KVMIO, 0xad);
+ioctl_ior_nr!(KVM_GET_XSAVE2, KVMIO, 0xcf, kvm_xsave);
+
+/// `KVM_RUN`, for tests that must tell it from the rest.
+pub fn kvm_run_ioctl() -> u64 {
+    KVM_RUN()
+}
+
+/// Every ioctl a vCPU thread makes: `KVM_RUN`, and the state a parked vCPU thread captures
+/// or restores on its own vCPU (a warm reboot, a snapshot, a restore).
+pub fn vcpu_thread_ioctls() -> Vec<u64> {
+    vec![
+        KVM_RUN(),
+        KVM_GET_REGS(),
+        KVM_SET_REGS(),
+        KVM_GET_SREGS(),
+        KVM_SET_SREGS(),
+        KVM_GET_MSRS(),
+        KVM_SET_MSRS(),
+        KVM_GET_FPU(),
+        KVM_SET_FPU(),
+        KVM_GET_LAPIC(),
+        KVM_SET_LAPIC(),
+        KVM_GET_MP_STATE(),
+        KVM_SET_MP_STATE(),
+        KVM_GET_VCPU_EVENTS(),
+        KVM_SET_VCPU_EVENTS(),
+        KVM_GET_DEBUGREGS(),
+        KVM_SET_DEBUGREGS(),
+        KVM_SET_TSC_KHZ(),
+        KVM_GET_TSC_KHZ(),
+        KVM_GET_XSAVE(),
+        KVM_SET_XSAVE(),
+        KVM_GET_XSAVE2(),
+        KVM_GET_XCRS(),
+        KVM_SET_XCRS(),
+        KVM_KVMCLOCK_CTRL(),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_numbers_are_the_kernels() {
+        // Spot checks against the values in <linux/kvm.h> on x86-64.
+        assert_eq!(super::KVM_RUN(), 0xae80);
+        assert_eq!(super::KVM_GET_REGS(), 0x8090_ae81);
+        assert_eq!(super::KVM_SET_SREGS(), 0x4138_ae84);
+        assert_eq!(super::KVM_GET_MSRS(), 0xc008_ae88);
+        assert_eq!(super::KVM_GET_XSAVE(), 0x9000_aea4);
+    }
+}

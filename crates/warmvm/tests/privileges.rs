@@ -1,0 +1,223 @@
+//! Least privilege: a daemon started as root with `--user` runs on as that user with only
+//! the capabilities it was told to keep, and so do the daemons its warm reboots start;
+//! its VMs run and verify through a warm reboot and a live upgrade; what the user may not
+//! do fails (a root-only disk, creating a TAP without CAP_NET_ADMIN); and bad settings
+//! are refused before anything runs.
+//!
+//! The user is 65534 (nobody) with the `kvm` group (which owns /dev/kvm here): nothing on
+//! the machine is changed for it; the daemon creates its state directory and gives it to
+//! the user.
+
+mod common;
+
+use std::os::unix::fs::MetadataExt;
+use std::process::Command;
+
+use common::*;
+
+const UID: u32 = 65534;
+
+fn kvm_gid() -> u32 {
+    std::fs::metadata("/dev/kvm").unwrap().gid()
+}
+
+/// A field of a /proc status file, e.g. `Uid` or `CapEff`.
+fn field(status: &str, name: &str) -> String {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}:")))
+        .unwrap_or_else(|| panic!("no {name} in {status}"))
+        .trim()
+        .to_string()
+}
+
+/// Every thread of `pid` runs as uid/gid with exactly `caps` (a mask) in its permitted,
+/// effective, bounding and ambient sets, and with no_new_privs.
+fn assert_dropped(pid: u32, gid: u32, caps: u64) {
+    let hex = format!("{caps:016x}");
+    let ids = |n: u32| format!("{n}\t{n}\t{n}\t{n}");
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let Ok(s) = std::fs::read_to_string(task.unwrap().path().join("status")) else {
+            continue; // the thread ended meanwhile
+        };
+        let who = field(&s, "Name");
+        assert_eq!(field(&s, "Uid"), ids(UID), "{who}: {s}");
+        assert_eq!(field(&s, "Gid"), ids(gid), "{who}: {s}");
+        for set in ["CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+            assert_eq!(field(&s, set), hex, "{who} {set}: {s}");
+        }
+        assert_eq!(field(&s, "NoNewPrivs"), "1", "{who}: {s}");
+    }
+}
+
+#[test]
+fn a_dropped_daemon_runs_vms_through_a_warm_reboot_and_an_upgrade_as_its_user() {
+    if !warmvm_vmm::testing::kvm_available(
+        "a_dropped_daemon_runs_vms_through_a_warm_reboot_and_an_upgrade_as_its_user",
+    ) {
+        return;
+    }
+    let dir = scratch("priv");
+    let gid = kvm_gid();
+    let net_admin = 1u64 << 12; // CAP_NET_ADMIN
+    let mut d = Daemon::start(
+        &dir,
+        &[
+            "--user",
+            &UID.to_string(),
+            "--group",
+            "kvm",
+            "--keep-caps",
+            "CAP_NET_ADMIN",
+        ],
+    );
+    assert_dropped(d.pid, gid, net_admin);
+    let state = std::fs::metadata(dir.join("state")).unwrap();
+    assert_eq!(
+        (state.uid(), state.gid()),
+        (UID, gid),
+        "the state dir is the user's"
+    );
+
+    let c = d.client();
+    c.create(&serde_json::from_value(reference_vm("pv")).unwrap())
+        .unwrap();
+    assert!(wait_until(30, || counter(&c.show("pv").unwrap()) > 0));
+    let log = std::fs::metadata(dir.join("state/pv/console.log")).unwrap();
+    assert_eq!(log.uid(), UID, "console logs are written as the user");
+
+    // What the user may not do fails: a disk only root may read.
+    let secret = dir.join("secret.img");
+    std::fs::write(&secret, vec![0u8; 4096]).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let mut vm = reference_vm("root-disk");
+    vm["disks"] = serde_json::json!([{ "path": secret }]);
+    let e = c
+        .create(&serde_json::from_value(vm).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("ermission denied"), "{e}");
+
+    let before = counter(&c.show("pv").unwrap());
+    let report = c.reboot("warm", None).unwrap();
+    d.follow_reboot(report["new_pid"].as_u64().unwrap() as u32);
+    assert_dropped(d.pid, gid, net_admin);
+
+    // A live upgrade: another binary, which the user may run.
+    let upgrade = dir.join("warmvm-upgrade");
+    std::fs::copy(BIN, &upgrade).unwrap();
+    let report = d.client().reboot("warm", Some(&upgrade)).unwrap();
+    d.follow_reboot(report["new_pid"].as_u64().unwrap() as u32);
+    assert_dropped(d.pid, gid, net_admin);
+    let exe = std::fs::read_link(format!("/proc/{}/exe", d.pid)).unwrap();
+    assert_eq!(exe, upgrade);
+
+    let c = d.client();
+    assert!(wait_until(30, || counter(&c.show("pv").unwrap()) > before));
+    let vm = c.show("pv").unwrap();
+    assert_eq!(vm["state"], "running", "{vm}");
+    assert_eq!(vm["guest"]["mismatches"], 0, "{vm}");
+    d.terminate_adopted();
+}
+
+/// `warmvm daemon` with `args`, expected to refuse to start: its exit status and stderr.
+fn refused(dir: &std::path::Path, state: &str, args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(BIN)
+        .args(["daemon", "--socket"])
+        .arg(dir.join("refused.sock"))
+        .arg("--state-dir")
+        .arg(dir.join(state))
+        .args(args)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    (out.status.code(), err)
+}
+
+#[test]
+fn without_kept_capabilities_none_remain_and_bad_settings_are_refused() {
+    if !warmvm_vmm::testing::kvm_available(
+        "without_kept_capabilities_none_remain_and_bad_settings_are_refused",
+    ) {
+        return;
+    }
+    let dir = scratch("priv-none");
+    let uid = UID.to_string();
+    for (args, status, says) in [
+        (
+            vec!["--user", "no-such-user-xq"],
+            2,
+            "--user no-such-user-xq: no such user",
+        ),
+        (
+            vec!["--user", &uid, "--keep-caps", "CAP_FLY"],
+            2,
+            "--keep-caps CAP_FLY: not a capability",
+        ),
+        (
+            vec!["--group", "kvm"],
+            2,
+            "--group and --keep-caps need --user",
+        ),
+        (vec!["--user", "0"], 2, "uid 0 drops nothing"),
+        // nogroup has no access to /dev/kvm: the next daemon could not open it.
+        (vec!["--user", &uid], 3, "/dev/kvm cannot be opened"),
+    ] {
+        let (code, err) = refused(&dir, "state", &args);
+        assert_eq!(code, Some(status), "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+    // A state directory that exists and is root's is not silently taken over.
+    std::fs::create_dir(dir.join("roots")).unwrap();
+    let (code, err) = refused(&dir, "roots", &["--user", &uid, "--group", "kvm"]);
+    assert_eq!(code, Some(3), "{err}");
+    assert!(err.contains("state directory"), "{err}");
+    assert!(err.contains("is not writable"), "{err}");
+
+    let mut d = Daemon::start(&dir, &["--user", &uid, "--group", "kvm"]);
+    assert_dropped(d.pid, kvm_gid(), 0);
+    // It serves as the user.
+    let st = d.client().status().unwrap();
+    assert_eq!(st["pid"], d.pid, "{st}");
+    d.terminate();
+}
+
+/// Creating a TAP needs CAP_NET_ADMIN: a dropped daemon that kept it creates one for a VM
+/// (in a network namespace of the test's own), and one that did not is refused with the
+/// kernel's answer, changing nothing; both attach the namespace's persistent TAP, which
+/// has no owner (the kernel asks no capability for that).
+#[test]
+fn creating_a_tap_needs_the_kept_cap_net_admin() {
+    if !warmvm_vmm::testing::kvm_available("creating_a_tap_needs_the_kept_cap_net_admin") {
+        return;
+    }
+    let uid = UID.to_string();
+    for keep in [true, false] {
+        let dir = scratch(if keep { "priv-tap" } else { "priv-notap" });
+        let ns = Netns::new(if keep { "ptap" } else { "pnotap" }, "10.79.0.1/24");
+        let mut args = vec!["--user", uid.as_str(), "--group", "kvm"];
+        if keep {
+            args.extend(["--keep-caps", "net_admin"]);
+        }
+        let mut d = Daemon::start_in_netns_with(&dir, &ns.name, &args);
+        let c = d.client();
+        let mut vm = reference_vm("persistent");
+        vm["nets"] = serde_json::json!([{ "tap": ns.tap }]);
+        let made = c.create(&serde_json::from_value(vm).unwrap()).unwrap();
+        assert_eq!(made["state"], "running", "{made}");
+        let mut vm = reference_vm("new-tap");
+        vm["nets"] = serde_json::json!([{ "tap": "wvnew0" }]);
+        let made = c.create(&serde_json::from_value(vm).unwrap());
+        if keep {
+            let vm = made.unwrap();
+            assert_eq!(vm["state"], "running", "{vm}");
+        } else {
+            let e = made.unwrap_err().to_string();
+            assert!(e.contains("not permitted"), "{e}");
+            let list = c.list().unwrap();
+            assert_eq!(list["vms"].as_array().unwrap().len(), 1, "{list}");
+        }
+        d.terminate();
+    }
+}
