@@ -384,17 +384,19 @@ pub fn bring_back(host: &mut Host, bb: &BringBack) -> ModeReboot {
         };
         report.bytes_written += v.bytes;
         match (bb.mode, &v.snapshot) {
-            (Mode::Saved, Some(dir)) => match host.restore_snapshot(dir, Some(&v.name)) {
-                Ok((_, rr)) => {
-                    r.bring_back_us = t.elapsed().as_micros() as u64;
-                    r.downtime_us = monotonic_ns().saturating_sub(v.stopped_ns) / 1000;
-                    report.bytes_read += rr.read_bytes;
-                    if let Err(e) = std::fs::remove_dir_all(dir) {
-                        tracing::warn!(vm = %v.name, error = %e, "cannot remove the snapshot");
+            (Mode::Saved, Some(dir)) => {
+                match host.restore_snapshot(dir, Some(&v.name), &snapshot::Backing::default()) {
+                    Ok((_, rr)) => {
+                        r.bring_back_us = t.elapsed().as_micros() as u64;
+                        r.downtime_us = monotonic_ns().saturating_sub(v.stopped_ns) / 1000;
+                        report.bytes_read += rr.read_bytes;
+                        if let Err(e) = std::fs::remove_dir_all(dir) {
+                            tracing::warn!(vm = %v.name, error = %e, "cannot remove the snapshot");
+                        }
                     }
+                    Err(e) => r.error = Some(e.to_string()),
                 }
-                Err(e) => r.error = Some(e.to_string()),
-            },
+            }
             (Mode::Cold, _) => match host.create_vm(&v.config) {
                 Ok(vm) => match vm.start() {
                     Ok(()) => booted.push((vm, report.vms.len())),

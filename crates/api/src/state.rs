@@ -146,8 +146,10 @@ impl From<HostError> for ApiError {
 /// (missing, truncated, corrupt, foreign, another format); 507 for a full disk.
 pub(crate) fn snapshot_error_status(e: &SnapshotError) -> u16 {
     match e {
-        SnapshotError::NotLive { .. } | SnapshotError::Exists(_) => 409,
-        SnapshotError::HasDevices { .. } => 422,
+        SnapshotError::NotLive { .. } | SnapshotError::Exists(_) | SnapshotError::InUse { .. } => {
+            409
+        }
+        SnapshotError::BadBacking { .. } => 422,
         SnapshotError::NoSnapshot(_)
         | SnapshotError::State { .. }
         | SnapshotError::Truncated { .. }

@@ -209,6 +209,28 @@ fn vm_name(s: &str) -> Result<String, String> {
         .map_err(|e| e.to_string())
 }
 
+/// `vm restore --net tap=NAME`.
+fn tap_override(s: &str) -> Result<String, String> {
+    let name = s
+        .strip_prefix("tap=")
+        .ok_or_else(|| format!("expected tap=NAME, not {s:?}"))?;
+    if !warmvm_vmm::devices::virtio::tap::valid_name(name) {
+        return Err(format!(
+            "TAP name {name:?} is invalid: 1-15 characters from A-Z a-z 0-9 . _ -"
+        ));
+    }
+    Ok(name.to_string())
+}
+
+/// `vm restore --disk path=PATH` (made absolute: the daemon runs elsewhere).
+fn disk_override(s: &str) -> Result<PathBuf, String> {
+    let path = s
+        .strip_prefix("path=")
+        .filter(|p| !p.is_empty())
+        .ok_or_else(|| format!("expected path=PATH, not {s:?}"))?;
+    std::path::absolute(path).map_err(|e| format!("{path}: {e}"))
+}
+
 /// `vm create`'s inline VM definition (used when no file is given).
 #[derive(clap::Args, Debug, Default)]
 pub struct VmFlags {
@@ -389,6 +411,14 @@ pub enum VmCommand {
         /// The new VM's name [default: the snapshotted VM's].
         #[arg(long, value_parser = vm_name)]
         name: Option<String>,
+        /// Attach TAP NAME instead of the one the snapshot recorded, for interfaces in
+        /// order (repeat for more): a copy beside its original needs its own.
+        #[arg(long = "net", value_name = "tap=NAME", value_parser = tap_override)]
+        taps: Vec<String>,
+        /// Serve disk image PATH instead of the one the snapshot recorded, for disks in
+        /// order (repeat for more): a copy beside its original needs its own.
+        #[arg(long = "disk", value_name = "path=PATH", value_parser = disk_override)]
+        disks: Vec<PathBuf>,
     },
     /// Print a VM's console log and follow it live until the VM ends (or Ctrl-C).
     Console {
@@ -578,5 +608,25 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Man { dir } => crate::manpages::write(&dir),
+    }
+}
+
+#[cfg(test)]
+mod restore_override_tests {
+    use super::*;
+
+    #[test]
+    fn restore_overrides_are_checked_before_any_request() {
+        assert_eq!(tap_override("tap=wvtap1").unwrap(), "wvtap1");
+        assert!(tap_override("wvtap1").unwrap_err().contains("tap=NAME"));
+        assert!(tap_override("tap=a/b").unwrap_err().contains("invalid"));
+        assert!(tap_override("tap=").unwrap_err().contains("invalid"));
+        assert_eq!(
+            disk_override("path=/x/d.img").unwrap(),
+            PathBuf::from("/x/d.img")
+        );
+        assert!(disk_override("path=rel.img").unwrap().is_absolute());
+        assert!(disk_override("path=").is_err());
+        assert!(disk_override("/x/d.img").unwrap_err().contains("path=PATH"));
     }
 }
