@@ -156,6 +156,9 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
         warmvm_sandbox::enter(warmvm_sandbox::ThreadKind::Main)
             .map_err(|e| DaemonError::Host(e.to_string()))?;
     }
+    // Snapshots (and a saved reboot's) are written by a process of their own, so that
+    // killing it loses a snapshot, never a VM.
+    warmvm_vmm::snapshot::writer::use_writer_process(warmvm_vmm::handover::this_binary());
     // VMs taken over are not created again from the config.
     let config = match (&opts.config, opts.takeover_fd) {
         (Some(path), None) => {

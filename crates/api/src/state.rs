@@ -164,7 +164,9 @@ pub(crate) fn snapshot_error_status(e: &SnapshotError) -> u16 {
             422
         }
         SnapshotError::Vm { err, .. } => vm_error_status(err, None),
-        SnapshotError::Io { .. } | SnapshotError::Capture { .. } => 500,
+        SnapshotError::Io { .. } | SnapshotError::Capture { .. } | SnapshotError::Writer { .. } => {
+            500
+        }
     }
 }
 

@@ -80,6 +80,13 @@ pub enum Command {
         #[command(subcommand)]
         what: BenchCommand,
     },
+    /// (internal) Write one snapshot for the daemon that started this process, which
+    /// passes the RAM and the state over the channel on this fd.
+    #[command(hide = true)]
+    SnapshotWriter {
+        #[arg(long)]
+        fd: i32,
+    },
     /// Run the host daemon: it holds VMs and serves the HTTP/JSON API on a Unix socket
     /// (--socket) until SIGTERM or SIGINT, which power every VM off. See docs/daemon.md.
     Daemon {
@@ -520,6 +527,11 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
             state_dir,
             grace_secs,
         } => crate::run::run(&config, api.json, state_dir, grace_secs),
+        Command::SnapshotWriter { fd } => {
+            warmvm_vmm::snapshot::writer::serve(fd)
+                .map_err(|e| Failure::new(EXIT_HOST, e.to_string()))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Bench {
             what: BenchCommand::WarmReboot(mut args),
         } => {

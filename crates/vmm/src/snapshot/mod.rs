@@ -24,7 +24,9 @@
 //! (virtio-blk refuses one of another size; other changes are the operator's to avoid).
 
 pub mod ramfile;
+pub mod writer;
 
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -100,6 +102,9 @@ pub enum SnapshotError {
         #[source]
         err: VmError,
     },
+    /// The writer process failed or was killed; the VM runs on.
+    #[error("VM {vm}: the snapshot writer {what}")]
+    Writer { vm: String, what: String },
     #[error("VM {vm}: cannot capture its state: {err}")]
     Capture {
         vm: String,
@@ -229,6 +234,9 @@ fn remove_files(dir: &Path, regions: usize) {
         let _ = std::fs::remove_file(dir.join(ram_file(i)));
     }
     let _ = std::fs::remove_file(dir.join(format!("{STATE_FILE}.tmp")));
+    // A writer killed after its rename, before it answered: the snapshot is not ours to
+    // keep (the save failed, the VM runs on), and `save` refuses a directory that held one.
+    let _ = std::fs::remove_file(dir.join(STATE_FILE));
     // Only if empty: the directory may be the operator's.
     let _ = std::fs::remove_dir(dir);
 }
@@ -263,25 +271,60 @@ fn write_all(
     let pause_us = t_pause.elapsed().as_micros() as u64;
 
     let t_ram = Instant::now();
-    let mut ram = Vec::new();
-    let mut written = 0;
-    let mut direct_io = true;
     let slots = vm.shared.ram.slots();
-    for (i, (region, &(_, size, host))) in vm.shared.ram.regions().iter().zip(&slots).enumerate() {
+    let regions = vm.shared.ram.regions();
+    let mut jobs = Vec::new();
+    for (i, (region, &(_, size, _))) in regions.iter().zip(&slots).enumerate() {
         let path = dir.join(ram_file(i));
-        let extents =
-            ramfile::data_extents(&region.file, size).map_err(|err| SnapshotError::Io {
-                path: path.clone(),
-                err,
-            })?;
-        // SAFETY: `host` is the mapping of this region, owned by the VM, which is paused:
-        // nothing writes it until we return.
-        let (crc32, direct) = unsafe { ramfile::write(&path, host, size, &extents) }
-            .map_err(|err| SnapshotError::Io { path, err })?;
-        written += extents.iter().map(|e| e.1).sum::<u64>();
-        direct_io &= direct;
-        ram.push(RamFile { extents, crc32 });
+        let extents = ramfile::data_extents(&region.file, size).map_err(io_at(&path))?;
+        jobs.push(writer::RamJob {
+            path,
+            size,
+            extents,
+        });
     }
+    let written = jobs
+        .iter()
+        .flat_map(|j| j.extents.iter().map(|e| e.1))
+        .sum();
+    // A writer process of its own where the VMM has one (the daemon): killing it, or the
+    // disk filling up under it, loses the snapshot, never the VM.
+    let mut writer = match writer::writer_binary() {
+        Some(binary) => Some(writer::Writer::spawn(binary, &name)?),
+        None => None,
+    };
+    let (crcs, direct_io) = match writer.as_mut() {
+        Some(w) => {
+            let fds: Vec<_> = regions.iter().map(|r| r.file.as_raw_fd()).collect();
+            w.write_ram(jobs.clone(), &fds)?
+        }
+        None => {
+            let mut crcs = Vec::new();
+            let mut direct_io = true;
+            for (job, &(_, _, host)) in jobs.iter().zip(&slots) {
+                // SAFETY: `host` is the mapping of this region, owned by the VM, which is
+                // paused: nothing writes it until we return.
+                let (crc, direct) =
+                    unsafe { ramfile::write(&job.path, host, job.size, &job.extents) }
+                        .map_err(io_at(&job.path))?;
+                crcs.push(crc);
+                direct_io &= direct;
+            }
+            (crcs, direct_io)
+        }
+    };
+    if crcs.len() != slots.len() {
+        return Err(SnapshotError::Writer {
+            vm: name,
+            what: format!("wrote {} RAM files of {}", crcs.len(), slots.len()),
+        });
+    }
+    let ram = jobs
+        .into_iter()
+        .map(|j| j.extents)
+        .zip(crcs)
+        .map(|(extents, crc32)| RamFile { extents, crc32 })
+        .collect();
     let ram_us = t_ram.elapsed().as_micros() as u64;
 
     let t_state = Instant::now();
@@ -293,16 +336,24 @@ fn write_all(
         ram,
     };
     let bytes = envelope::encode_as(&KIND, &state, FORMAT_VERSION).map_err(capture_err)?;
-    let tmp = dir.join(format!("{STATE_FILE}.tmp"));
-    let write_state = || -> std::io::Result<()> {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, dir.join(STATE_FILE))?;
-        std::fs::File::open(dir)?.sync_all()
-    };
-    write_state().map_err(io_at(&dir.join(STATE_FILE)))?;
+    match writer {
+        Some(mut w) => {
+            w.write_state(dir, &bytes)?;
+            w.finish();
+        }
+        None => {
+            let tmp = dir.join(format!("{STATE_FILE}.tmp"));
+            let write_state = || -> std::io::Result<()> {
+                use std::io::Write;
+                let mut f = std::fs::File::create(&tmp)?;
+                f.write_all(&bytes)?;
+                f.sync_all()?;
+                std::fs::rename(&tmp, dir.join(STATE_FILE))?;
+                std::fs::File::open(dir)?.sync_all()
+            };
+            write_state().map_err(io_at(&dir.join(STATE_FILE)))?;
+        }
+    }
     Ok(SaveReport {
         vm: name,
         dir: dir.to_path_buf(),
