@@ -188,6 +188,16 @@ pub fn save(vm: &Vm, dir: &Path, resume: bool) -> Result<SaveReport, SnapshotErr
         return Err(SnapshotError::Exists(dir.to_path_buf()));
     }
     std::fs::create_dir_all(dir).map_err(io(dir))?;
+    // Started before the pause: the process start (~0.1 s here) is not the guest's downtime.
+    let writer = match writer::writer_binary().map(|b| writer::Writer::spawn(b, &name)) {
+        Some(Ok(w)) => Some(w),
+        Some(Err(e)) => {
+            // Only if empty: the directory may be the operator's.
+            let _ = std::fs::remove_dir(dir);
+            return Err(e);
+        }
+        None => None,
+    };
     let t_pause = Instant::now();
     let was_running = was == Lifecycle::Running;
     if was_running {
@@ -196,7 +206,7 @@ pub fn save(vm: &Vm, dir: &Path, resume: bool) -> Result<SaveReport, SnapshotErr
             err,
         })?;
     }
-    let result = write_all(vm, dir, was_running, t_pause);
+    let result = write_all(vm, dir, was_running, t_pause, writer);
     if result.is_err() {
         remove_files(dir, vm.shared.ram.regions().len());
     }
@@ -246,6 +256,7 @@ fn write_all(
     dir: &Path,
     was_running: bool,
     t_pause: Instant,
+    mut writer: Option<writer::Writer>,
 ) -> Result<SaveReport, SnapshotError> {
     let name = vm.name().to_string();
     let capture_err = |err| SnapshotError::Capture {
@@ -289,10 +300,6 @@ fn write_all(
         .sum();
     // A writer process of its own where the VMM has one (the daemon): killing it, or the
     // disk filling up under it, loses the snapshot, never the VM.
-    let mut writer = match writer::writer_binary() {
-        Some(binary) => Some(writer::Writer::spawn(binary, &name)?),
-        None => None,
-    };
     let (crcs, direct_io) = match writer.as_mut() {
         Some(w) => {
             let fds: Vec<_> = regions.iter().map(|r| r.file.as_raw_fd()).collect();
