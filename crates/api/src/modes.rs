@@ -350,9 +350,14 @@ fn wait_exit(pid: u32) {
     let deadline = Instant::now() + OLD_EXIT_TIMEOUT;
     let alive = || match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         // The state follows the command name, which is in parentheses.
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X'])),
+        Ok(stat) => {
+            stat.rsplit_once(')')
+                .is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X']))
+                // A leader already a zombie while its other threads still exit: its fds
+                // (TAPs, disk images) are released with the last thread, and a TAP still
+                // attached there cannot be attached here.
+                || std::fs::read_dir(format!("/proc/{pid}/task")).is_ok_and(|d| d.count() > 1)
+        }
         Err(_) => false,
     };
     while alive() && Instant::now() < deadline {
