@@ -248,10 +248,13 @@ impl Client {
         &self,
         dir: &Path,
         name: Option<&str>,
+        backing: &warmvm_vmm::snapshot::Backing,
     ) -> Result<serde_json::Value, ClientError> {
         let body = serde_json::to_vec(&crate::state::RestoreRequest {
             dir: dir.to_path_buf(),
             name: name.map(str::to_string),
+            disks: backing.disks.clone(),
+            taps: backing.taps.clone(),
         })
         .map_err(|e| ClientError::Protocol(e.to_string()))?;
         self.clone()

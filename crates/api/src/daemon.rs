@@ -153,6 +153,9 @@ struct Started {
 /// Run the daemon until SIGTERM or SIGINT (or until a warm reboot hands everything over to
 /// a new daemon: then this process exits without returning).
 pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
+    // Snapshots (and a saved reboot's) are written by a process of their own, so that
+    // killing it loses a snapshot, never a VM.
+    warmvm_vmm::snapshot::writer::use_writer_process(warmvm_vmm::handover::this_binary());
     // VMs taken over are not created again from the config.
     let config = match (&opts.config, opts.takeover_fd) {
         (Some(path), None) => {

@@ -350,9 +350,14 @@ fn wait_exit(pid: u32) {
     let deadline = Instant::now() + OLD_EXIT_TIMEOUT;
     let alive = || match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         // The state follows the command name, which is in parentheses.
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X'])),
+        Ok(stat) => {
+            stat.rsplit_once(')')
+                .is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X']))
+                // A leader already a zombie while its other threads still exit: its fds
+                // (TAPs, disk images) are released with the last thread, and a TAP still
+                // attached there cannot be attached here.
+                || std::fs::read_dir(format!("/proc/{pid}/task")).is_ok_and(|d| d.count() > 1)
+        }
         Err(_) => false,
     };
     while alive() && Instant::now() < deadline {
@@ -384,17 +389,19 @@ pub fn bring_back(host: &mut Host, bb: &BringBack) -> ModeReboot {
         };
         report.bytes_written += v.bytes;
         match (bb.mode, &v.snapshot) {
-            (Mode::Saved, Some(dir)) => match host.restore_snapshot(dir, Some(&v.name)) {
-                Ok((_, rr)) => {
-                    r.bring_back_us = t.elapsed().as_micros() as u64;
-                    r.downtime_us = monotonic_ns().saturating_sub(v.stopped_ns) / 1000;
-                    report.bytes_read += rr.read_bytes;
-                    if let Err(e) = std::fs::remove_dir_all(dir) {
-                        tracing::warn!(vm = %v.name, error = %e, "cannot remove the snapshot");
+            (Mode::Saved, Some(dir)) => {
+                match host.restore_snapshot(dir, Some(&v.name), &snapshot::Backing::default()) {
+                    Ok((_, rr)) => {
+                        r.bring_back_us = t.elapsed().as_micros() as u64;
+                        r.downtime_us = monotonic_ns().saturating_sub(v.stopped_ns) / 1000;
+                        report.bytes_read += rr.read_bytes;
+                        if let Err(e) = std::fs::remove_dir_all(dir) {
+                            tracing::warn!(vm = %v.name, error = %e, "cannot remove the snapshot");
+                        }
                     }
+                    Err(e) => r.error = Some(e.to_string()),
                 }
-                Err(e) => r.error = Some(e.to_string()),
-            },
+            }
             (Mode::Cold, _) => match host.create_vm(&v.config) {
                 Ok(vm) => match vm.start() {
                     Ok(()) => booted.push((vm, report.vms.len())),

@@ -146,8 +146,10 @@ impl From<HostError> for ApiError {
 /// (missing, truncated, corrupt, foreign, another format); 507 for a full disk.
 pub(crate) fn snapshot_error_status(e: &SnapshotError) -> u16 {
     match e {
-        SnapshotError::NotLive { .. } | SnapshotError::Exists(_) => 409,
-        SnapshotError::HasDevices { .. } => 422,
+        SnapshotError::NotLive { .. } | SnapshotError::Exists(_) | SnapshotError::InUse { .. } => {
+            409
+        }
+        SnapshotError::BadBacking { .. } => 422,
         SnapshotError::NoSnapshot(_)
         | SnapshotError::State { .. }
         | SnapshotError::Truncated { .. }
@@ -162,7 +164,9 @@ pub(crate) fn snapshot_error_status(e: &SnapshotError) -> u16 {
             422
         }
         SnapshotError::Vm { err, .. } => vm_error_status(err, None),
-        SnapshotError::Io { .. } | SnapshotError::Capture { .. } => 500,
+        SnapshotError::Io { .. } | SnapshotError::Capture { .. } | SnapshotError::Writer { .. } => {
+            500
+        }
     }
 }
 

@@ -345,6 +345,8 @@ fn request_schemas_match_what_the_server_accepts() {
     let restore = RestoreRequest {
         dir: "/s".into(),
         name: Some("copy".into()),
+        disks: vec!["/d/copy.img".into()],
+        taps: vec!["tap-copy".into()],
     };
     check(&doc, "RestoreRequest", &restore);
     assert_eq!(

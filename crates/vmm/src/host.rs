@@ -129,12 +129,15 @@ impl Host {
         &mut self,
         dir: &Path,
         name: Option<&str>,
+        backing: &crate::snapshot::Backing,
     ) -> Result<(Arc<Vm>, crate::snapshot::RestoreReport), HostError> {
-        let (snap_name, ram) = crate::snapshot::peek(dir)?;
-        let name = name.unwrap_or(&snap_name);
+        let peek = crate::snapshot::peek(dir, backing)?;
+        let ram = peek.ram_bytes;
+        let name = name.unwrap_or(&peek.name);
         if self.find(name).is_some() {
             return Err(HostError::Exists(name.to_string()));
         }
+        self.check_backing_free(name, &peek)?;
         let total: u64 = self.vms.iter().map(|v| v.config.memory_mib).sum::<u64>() + (ram >> 20);
         let host_mib = self.limits().memory_mib;
         if host_mib > 0 && total > host_mib {
@@ -143,11 +146,57 @@ impl Host {
                 host_mib,
             }));
         }
-        let restored = crate::snapshot::restore(&self.hv, dir, Some(name), &self.state_dir)?;
+        let restored =
+            crate::snapshot::restore(&self.hv, dir, Some(name), backing, &self.state_dir)?;
         let report = restored.report.clone();
         let vm = restored.start();
         self.vms.push(vm.clone());
         Ok((vm, report))
+    }
+
+    /// A restored VM must not share a TAP with a VM of this host (a TAP serves one VM), nor
+    /// a disk image that either of them writes (two guests writing one file corrupt it).
+    fn check_backing_free(
+        &self,
+        name: &str,
+        peek: &crate::snapshot::Peek,
+    ) -> Result<(), HostError> {
+        let same_file =
+            |a: &Path, b: &Path| match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+                (Ok(a), Ok(b)) => a == b,
+                _ => a == b,
+            };
+        for other in self.vms.iter().filter(|v| !v.lifecycle().is_finished()) {
+            let in_use = |what: String, hint| {
+                Err(HostError::Snapshot(crate::snapshot::SnapshotError::InUse {
+                    vm: name.to_string(),
+                    other: other.name().to_string(),
+                    what,
+                    hint,
+                }))
+            };
+            if let Some(tap) = peek
+                .taps
+                .iter()
+                .find(|t| other.config.nets.iter().any(|n| &n.tap == *t))
+            {
+                return in_use(format!("TAP {tap}"), "--net tap=NAME");
+            }
+            for (path, writes) in &peek.disks {
+                if other
+                    .config
+                    .disks
+                    .iter()
+                    .any(|d| (*writes || !d.read_only) && same_file(&d.path, path))
+                {
+                    return in_use(
+                        format!("disk image {}", path.display()),
+                        "--disk path=IMAGE",
+                    );
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Take a VM out of this host whatever its state (a saved or cold reboot holds VMs

@@ -78,8 +78,14 @@ fn a_snapshot_restored_under_a_new_name_runs_beside_the_original() {
         saved.written_bytes > 0 && saved.written_bytes <= 64 << 20,
         "{saved:?}"
     );
-    let restored = snapshot::restore(host.hypervisor(), &dir.join("snap"), Some("copy"), &dir)
-        .expect("snapshot restored");
+    let restored = snapshot::restore(
+        host.hypervisor(),
+        &dir.join("snap"),
+        Some("copy"),
+        &Default::default(),
+        &dir,
+    )
+    .expect("snapshot restored");
     assert_eq!(restored.vm.name(), "copy");
     assert!(
         ram_bytes(&orig) == ram_bytes(&restored.vm),
@@ -142,7 +148,7 @@ fn truncated_corrupt_and_foreign_snapshots_are_refused_and_create_nothing() {
         copy_dir(&good, &d);
         spoil(&d);
         let before = host.vms().len();
-        let err = match host.restore_snapshot(&d, Some(name)) {
+        let err = match host.restore_snapshot(&d, Some(name), &Default::default()) {
             Err(e) => e.to_string(),
             Ok(_) => panic!("{name}: a spoilt snapshot was restored"),
         };
@@ -187,12 +193,12 @@ fn truncated_corrupt_and_foreign_snapshots_are_refused_and_create_nothing() {
     assert!(e.contains("holds no warmvm snapshot"), "{e}");
     // The original under its own name is refused too: it exists.
     assert!(matches!(
-        host.restore_snapshot(&good, None),
+        host.restore_snapshot(&good, None, &Default::default()),
         Err(HostError::Exists(_))
     ));
     // ... and the good one restores.
     let (copy, _) = host
-        .restore_snapshot(&good, Some("good-copy"))
+        .restore_snapshot(&good, Some("good-copy"), &Default::default())
         .expect("the intact snapshot restores");
     wait_verified(&copy, 1);
     wait_verified(&vm, 1);

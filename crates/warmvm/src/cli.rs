@@ -80,6 +80,13 @@ pub enum Command {
         #[command(subcommand)]
         what: BenchCommand,
     },
+    /// (internal) Write one snapshot for the daemon that started this process, which
+    /// passes the RAM and the state over the channel on this fd.
+    #[command(hide = true)]
+    SnapshotWriter {
+        #[arg(long)]
+        fd: i32,
+    },
     /// Run the host daemon: it holds VMs and serves the HTTP/JSON API on a Unix socket
     /// (--socket) until SIGTERM or SIGINT, which power every VM off. See docs/daemon.md.
     Daemon {
@@ -218,6 +225,28 @@ fn vm_name(s: &str) -> Result<String, String> {
     warmvm_vmm::config::validate_name(s)
         .map(|()| s.to_string())
         .map_err(|e| e.to_string())
+}
+
+/// `vm restore --net tap=NAME`.
+fn tap_override(s: &str) -> Result<String, String> {
+    let name = s
+        .strip_prefix("tap=")
+        .ok_or_else(|| format!("expected tap=NAME, not {s:?}"))?;
+    if !warmvm_vmm::devices::virtio::tap::valid_name(name) {
+        return Err(format!(
+            "TAP name {name:?} is invalid: 1-15 characters from A-Z a-z 0-9 . _ -"
+        ));
+    }
+    Ok(name.to_string())
+}
+
+/// `vm restore --disk path=PATH` (made absolute: the daemon runs elsewhere).
+fn disk_override(s: &str) -> Result<PathBuf, String> {
+    let path = s
+        .strip_prefix("path=")
+        .filter(|p| !p.is_empty())
+        .ok_or_else(|| format!("expected path=PATH, not {s:?}"))?;
+    std::path::absolute(path).map_err(|e| format!("{path}: {e}"))
 }
 
 /// `vm create`'s inline VM definition (used when no file is given).
@@ -400,6 +429,14 @@ pub enum VmCommand {
         /// The new VM's name [default: the snapshotted VM's].
         #[arg(long, value_parser = vm_name)]
         name: Option<String>,
+        /// Attach TAP NAME instead of the one the snapshot recorded, for interfaces in
+        /// order (repeat for more): a copy beside its original needs its own.
+        #[arg(long = "net", value_name = "tap=NAME", value_parser = tap_override)]
+        taps: Vec<String>,
+        /// Serve disk image PATH instead of the one the snapshot recorded, for disks in
+        /// order (repeat for more): a copy beside its original needs its own.
+        #[arg(long = "disk", value_name = "path=PATH", value_parser = disk_override)]
+        disks: Vec<PathBuf>,
     },
     /// Print a VM's console log and follow it live until the VM ends (or Ctrl-C).
     Console {
@@ -501,6 +538,11 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
             state_dir,
             grace_secs,
         } => crate::run::run(&config, api.json, state_dir, grace_secs),
+        Command::SnapshotWriter { fd } => {
+            warmvm_vmm::snapshot::writer::serve(fd)
+                .map_err(|e| Failure::new(EXIT_HOST, e.to_string()))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Bench {
             what: BenchCommand::WarmReboot(mut args),
         } => {
@@ -597,5 +639,25 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Man { dir } => crate::manpages::write(&dir),
+    }
+}
+
+#[cfg(test)]
+mod restore_override_tests {
+    use super::*;
+
+    #[test]
+    fn restore_overrides_are_checked_before_any_request() {
+        assert_eq!(tap_override("tap=wvtap1").unwrap(), "wvtap1");
+        assert!(tap_override("wvtap1").unwrap_err().contains("tap=NAME"));
+        assert!(tap_override("tap=a/b").unwrap_err().contains("invalid"));
+        assert!(tap_override("tap=").unwrap_err().contains("invalid"));
+        assert_eq!(
+            disk_override("path=/x/d.img").unwrap(),
+            PathBuf::from("/x/d.img")
+        );
+        assert!(disk_override("path=rel.img").unwrap().is_absolute());
+        assert!(disk_override("path=").is_err());
+        assert!(disk_override("/x/d.img").unwrap_err().contains("path=PATH"));
     }
 }

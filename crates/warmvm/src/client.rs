@@ -233,9 +233,15 @@ pub fn vm(cmd: VmCommand, api: &ApiArgs) -> Result<ExitCode, Failure> {
                 );
             }
         }
-        VmCommand::Restore { dir, name } => {
+        VmCommand::Restore {
+            dir,
+            name,
+            taps,
+            disks,
+        } => {
             let dir = absolute(&dir)?;
-            let r = client(api).restore(&dir, name.as_deref())?;
+            let backing = warmvm_vmm::snapshot::Backing { disks, taps };
+            let r = client(api).restore(&dir, name.as_deref(), &backing)?;
             done(
                 api,
                 &r,

@@ -238,3 +238,89 @@ fn http_from_a_cached_disk_across_a_warm_reboot() {
     assert_eq!(r["exit_status"], 0, "{r}");
     d.terminate_adopted();
 }
+
+#[test]
+fn http_from_a_cached_disk_across_a_saved_reboot() {
+    if !warmvm_vmm::testing::kvm_available("http_from_a_cached_disk_across_a_saved_reboot") {
+        return;
+    }
+    let dir = scratch("http-saved");
+    let ns = Netns::new("httpsv", "10.77.0.1/24");
+    let files: Vec<(&str, Vec<u8>)> = vec![
+        ("index.html", b"<html>saved and restored</html>\n".to_vec()),
+        ("big.bin", noise(2 << 20, 31)),
+    ];
+    let image = dir.join("site.img");
+    let image_bytes = tar_image(&files, 8192);
+    std::fs::write(&image, &image_bytes).unwrap();
+    let mut d = Daemon::start_in_netns(&dir, &ns.name);
+    let created = d.cli_json(&[
+        "vm",
+        "create",
+        "--name",
+        "web-s",
+        "--memory",
+        "96",
+        "--cmdline",
+        &format!("quiet interval_ms=20 disk_check_ms=0 ip={GUEST}/24 cache_mib=16"),
+        "--disk",
+        image.to_str().unwrap(),
+        "--net",
+        &ns.tap,
+    ]);
+    let console = std::path::PathBuf::from(created["console_log"].as_str().unwrap());
+    assert!(
+        wait_until(60, || read(&console).contains("http: serving")),
+        "the guest never served\n{}\n{}",
+        read(&console),
+        d.log()
+    );
+    // Warm the guest's page cache, and keep a connection open across the reboot.
+    let (to_client, from_test) = std::sync::mpsc::channel::<()>();
+    let (to_test, from_client) = std::sync::mpsc::channel::<u64>();
+    let expected = files.clone();
+    let ns_name = ns.name.clone();
+    let client = std::thread::spawn(move || {
+        in_netns(&ns_name, move || {
+            let mut keep = connect();
+            for (name, data) in &expected {
+                assert!(get(&mut keep, &format!("/{name}")).1 == *data, "{name}");
+            }
+            let warm = stats(&mut keep)["misses"].as_u64().unwrap();
+            to_test.send(warm).unwrap();
+            from_test.recv().unwrap(); // the reboot is done
+                                       // The same connection answers after the reboot, from the cache it had.
+            for (name, data) in &expected {
+                assert!(get(&mut keep, &format!("/{name}")).1 == *data, "{name}");
+            }
+            let mut fresh = connect();
+            let after = stats(&mut fresh);
+            assert_eq!(
+                after["misses"].as_u64().unwrap(),
+                warm,
+                "files cached before the saved reboot missed after it: {after}"
+            );
+        })
+    });
+    from_client
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the client warmed the cache");
+    let out = d.cli_json(&["reboot", "--mode", "saved"]);
+    let new_pid = out["handover"]["new_pid"].as_u64().unwrap() as u32;
+    d.follow_reboot(new_pid);
+    let vms = out["reboot"]["vms"].as_array().unwrap();
+    assert_eq!(vms.len(), 1, "{out}");
+    assert!(vms[0]["error"].is_null(), "{out}\n{}", d.log());
+    to_client.send(()).unwrap();
+    client.join().expect("HTTP across the saved reboot");
+    let web = d.client().show("web-s").unwrap();
+    assert_eq!(web["state"], "running", "{web}");
+    assert!(!read(&console).contains("MISMATCH"));
+    assert!(
+        std::fs::read(&image).unwrap() == image_bytes,
+        "the guest only reads its disk, yet it changed"
+    );
+    let r = d.cli_json(&["vm", "stop", "web-s", "--grace-secs", "10"]);
+    assert_eq!(r["exit_status"], 0, "{r}");
+    d.terminate_adopted();
+}

@@ -8,7 +8,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{counter, reference_vm, scratch, wait_until, Daemon};
+use common::{counter, figures, reference_vm, scratch, wait_until, Daemon};
 use serde_json::Value;
 
 fn show(d: &Daemon, name: &str) -> Value {
@@ -278,4 +278,70 @@ fn a_disk_that_fills_up_during_a_saved_reboot_leaves_every_vm_running() {
     }
     assert!(!dir.join("state").join("saved-reboot").exists());
     std::thread::sleep(Duration::from_millis(10));
+}
+
+/// The snapshot writer is a process of its own: killed at any point of a saved reboot's
+/// save (before its job, mid-RAM, before its fsync, before its rename), the daemon resumes
+/// every VM, reports the writer's death, and the guests verify their memory and registers
+/// on in the old daemon. A single `vm snapshot` whose writer dies leaves its VM running.
+#[test]
+fn killing_the_snapshot_writer_at_any_point_leaves_every_vm_running() {
+    if !warmvm_vmm::testing::kvm_available("snapshot_writer_killed") {
+        return;
+    }
+    for point in ["early", "mid-ram", "before-sync", "before-rename"] {
+        let dir = scratch(&format!("writer-{point}"));
+        let d = Daemon::start_with_env(
+            &dir,
+            &[],
+            &[("WARMVM_SNAPSHOT_WRITER_FAULT", &format!("kill:{point}"))],
+        );
+        for n in ["w1", "w2"] {
+            create(&d, n);
+        }
+        d.client().pause("w2").unwrap();
+        let before = counter(&show(&d, "w2"));
+        let pid = d.pid;
+        let out = d.cli(&["reboot", "--mode", "saved"]);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(3), "{point}: {err}\n{}", d.log());
+        assert!(err.contains("snapshot writer"), "{point}: {err}");
+        assert!(err.contains("killed by signal 9"), "{point}: {err}");
+        assert!(err.contains("every VM runs on"), "{point}: {err}");
+        assert_eq!(err.lines().count(), 1, "{point}: {err}");
+        assert_eq!(
+            d.client().status().unwrap()["pid"].as_u64(),
+            Some(pid as u64),
+            "{point}"
+        );
+        assert!(!dir.join("state").join("saved-reboot").exists(), "{point}");
+        // The paused VM is as it was; the running one runs on, and both verify.
+        let w2 = show(&d, "w2");
+        assert_eq!(w2["state"], "paused", "{point}: {w2}");
+        assert_eq!(counter(&w2), before, "{point}: {w2}");
+        assert_eq!(show(&d, "w1")["state"], "running", "{point}");
+        verifies_on(&d, "w1", 1);
+        d.client().resume("w2").unwrap();
+        verifies_on(&d, "w2", 1);
+        if point == "mid-ram" {
+            let snap = dir.join("snap");
+            let out = d.cli(&["vm", "snapshot", "w1", snap.to_str().unwrap()]);
+            assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+            assert!(
+                stderr(&out).contains("killed by signal 9"),
+                "{}",
+                stderr(&out)
+            );
+            assert!(!snap.join("vm.state").exists());
+            assert_eq!(show(&d, "w1")["state"], "running");
+            verifies_on(&d, "w1", 1);
+        }
+        for (name, state, _, bad) in figures(&d) {
+            assert_eq!(state, "running", "{point}: {name}");
+            assert_eq!(
+                bad, 0,
+                "{point}: {name}: mismatches or register check failures"
+            );
+        }
+    }
 }

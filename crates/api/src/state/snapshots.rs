@@ -33,6 +33,14 @@ pub struct RestoreRequest {
         deserialize_with = "warmvm_vmm::config::present"
     )]
     pub name: Option<String>,
+    /// Disk images to use instead of those the snapshot recorded, by position (absolute
+    /// paths): a copy restored beside its original needs disks of its own.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<PathBuf>,
+    /// TAPs to attach instead of those the snapshot recorded, by position: a copy restored
+    /// beside its original needs TAPs of its own.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub taps: Vec<String>,
 }
 
 fn absolute(dir: &std::path::Path) -> Result<(), ApiError> {
@@ -69,11 +77,40 @@ impl ApiState {
         if let Some(n) = &req.name {
             warmvm_vmm::config::validate_name(n).map_err(|e| ApiError::new(400, e.to_string()))?;
         }
+        if req.disks.len() > warmvm_vmm::config::MAX_DISKS
+            || req.taps.len() > warmvm_vmm::config::MAX_NETS
+        {
+            return Err(ApiError::new(
+                400,
+                format!(
+                    "at most {} disks and {} taps",
+                    warmvm_vmm::config::MAX_DISKS,
+                    warmvm_vmm::config::MAX_NETS
+                ),
+            ));
+        }
+        for d in &req.disks {
+            absolute(d)?;
+        }
+        if let Some(t) = req
+            .taps
+            .iter()
+            .find(|t| !warmvm_vmm::devices::virtio::tap::valid_name(t))
+        {
+            return Err(ApiError::new(
+                400,
+                format!("TAP name {t:?} is invalid: 1-15 characters from A-Z a-z 0-9 . _ -"),
+            ));
+        }
+        let backing = snapshot::Backing {
+            disks: req.disks.clone(),
+            taps: req.taps.clone(),
+        };
         let mut host = self.lock();
         if self.shutting_down.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(ApiError::new(503, "the daemon is shutting down"));
         }
-        let (vm, r) = host.restore_snapshot(&req.dir, req.name.as_deref())?;
+        let (vm, r) = host.restore_snapshot(&req.dir, req.name.as_deref(), &backing)?;
         drop(host);
         tracing::info!(vm = %vm.name(), dir = %req.dir.display(), ram_ms = r.ram_us / 1000,
             "VM restored from a snapshot");

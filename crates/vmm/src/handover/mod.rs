@@ -23,7 +23,7 @@
 //!    outside the blackout. Should the old VMM vanish after sending the state, the new VMM
 //!    sees its channel close: the old can never run the guests again, so the new adopts them.
 
-mod channel;
+pub(crate) mod channel;
 mod commit_flag;
 pub mod envelope;
 pub mod faults;

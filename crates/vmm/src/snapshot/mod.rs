@@ -13,11 +13,22 @@
 //! A snapshot is taken with the VM paused (its vCPU threads save their own state, as in
 //! the handover's capture) and restored into a new VM built the way the handover builds
 //! one (`incoming::build_vm`), under the same or a new name.
+//!
+//! virtio devices: the capture finishes the requests each device has in hand and records
+//! its transport and queue state (what the guest queued meanwhile stays in its rings);
+//! disks are then flushed. The host backing is recorded by name in the VM's config (each
+//! disk's image path, each interface's TAP name), and a restore opens them again, or the
+//! ones [`Backing`] names instead: a copy beside its original needs a TAP of its own
+//! (a TAP serves one VM), and a disk of its own unless both only read it. The disk
+//! image is not copied: it must still hold what it held when the snapshot was taken
+//! (virtio-blk refuses one of another size; other changes are the operator's to avoid).
 
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod ramfile;
+pub mod writer;
 
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -27,7 +38,7 @@ use warmvm_hypervisor::Hypervisor;
 use warmvm_memory::GuestRam;
 
 use crate::handover::envelope::{self, Kind};
-use crate::handover::{incoming, outgoing, HandoverError, LifecycleState, VmRecord};
+use crate::handover::{incoming, outgoing, HandoverError, LifecycleState, VmConfigState, VmRecord};
 use crate::vm::{open_log, Lifecycle, Vm, VmError, VCPU_RESPONSE_TIMEOUT};
 
 /// The snapshot format this build writes and reads.
@@ -76,16 +87,26 @@ pub enum SnapshotError {
     Corrupt { dir: PathBuf, file: String },
     #[error("VM {vm} is {state}; only a running or paused VM can be snapshotted")]
     NotLive { vm: String, state: &'static str },
-    /// Disks and network interfaces are host resources a snapshot cannot carry yet (a TAP
-    /// cannot be opened twice; a disk image would need a copy of its own).
-    #[error("VM {vm} has virtio disks or network interfaces; snapshots of such VMs are not supported yet")]
-    HasDevices { vm: String },
+    /// The restored VM would share a host resource with a VM already on this host.
+    #[error("cannot restore VM {vm}: {what} is in use by VM {other}; give it its own ({hint})")]
+    InUse {
+        vm: String,
+        other: String,
+        what: String,
+        hint: &'static str,
+    },
+    /// More replacements than the snapshot's VM has devices, or a bad one.
+    #[error("cannot restore VM {vm}: {reason}")]
+    BadBacking { vm: String, reason: String },
     #[error("VM {vm}: {err}")]
     Vm {
         vm: String,
         #[source]
         err: VmError,
     },
+    /// The writer process failed or was killed; the VM runs on.
+    #[error("VM {vm}: the snapshot writer {what}")]
+    Writer { vm: String, what: String },
     #[error("VM {vm}: cannot capture its state: {err}")]
     Capture {
         vm: String,
@@ -161,9 +182,6 @@ pub fn save(vm: &Vm, dir: &Path, resume: bool) -> Result<SaveReport, SnapshotErr
             state: was.name(),
         });
     }
-    if !vm.config.disks.is_empty() || !vm.config.nets.is_empty() {
-        return Err(SnapshotError::HasDevices { vm: name });
-    }
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |err| SnapshotError::Io { path, err }
@@ -172,6 +190,16 @@ pub fn save(vm: &Vm, dir: &Path, resume: bool) -> Result<SaveReport, SnapshotErr
         return Err(SnapshotError::Exists(dir.to_path_buf()));
     }
     std::fs::create_dir_all(dir).map_err(io(dir))?;
+    // Started before the pause: the process start (~0.1 s here) is not the guest's downtime.
+    let writer = match writer::writer_binary().map(|b| writer::Writer::spawn(b, &name)) {
+        Some(Ok(w)) => Some(w),
+        Some(Err(e)) => {
+            // Only if empty: the directory may be the operator's.
+            let _ = std::fs::remove_dir(dir);
+            return Err(e);
+        }
+        None => None,
+    };
     let t_pause = Instant::now();
     let was_running = was == Lifecycle::Running;
     if was_running {
@@ -180,7 +208,7 @@ pub fn save(vm: &Vm, dir: &Path, resume: bool) -> Result<SaveReport, SnapshotErr
             err,
         })?;
     }
-    let result = write_all(vm, dir, was_running, t_pause);
+    let result = write_all(vm, dir, was_running, t_pause, writer);
     if result.is_err() {
         remove_files(dir, vm.shared.ram.regions().len());
     }
@@ -218,6 +246,9 @@ fn remove_files(dir: &Path, regions: usize) {
         let _ = std::fs::remove_file(dir.join(ram_file(i)));
     }
     let _ = std::fs::remove_file(dir.join(format!("{STATE_FILE}.tmp")));
+    // A writer killed after its rename, before it answered: the snapshot is not ours to
+    // keep (the save failed, the VM runs on), and `save` refuses a directory that held one.
+    let _ = std::fs::remove_file(dir.join(STATE_FILE));
     // Only if empty: the directory may be the operator's.
     let _ = std::fs::remove_dir(dir);
 }
@@ -227,6 +258,7 @@ fn write_all(
     dir: &Path,
     was_running: bool,
     t_pause: Instant,
+    mut writer: Option<writer::Writer>,
 ) -> Result<SaveReport, SnapshotError> {
     let name = vm.name().to_string();
     let capture_err = |err| SnapshotError::Capture {
@@ -247,29 +279,61 @@ fn write_all(
         // Paused only for the snapshot: a restore runs it.
         record.lifecycle = LifecycleState::Running;
     }
+    flush_disks(vm)?;
     let captured_at_ns = crate::monotonic_ns();
     let pause_us = t_pause.elapsed().as_micros() as u64;
 
     let t_ram = Instant::now();
-    let mut ram = Vec::new();
-    let mut written = 0;
-    let mut direct_io = true;
     let slots = vm.shared.ram.slots();
-    for (i, (region, &(_, size, host))) in vm.shared.ram.regions().iter().zip(&slots).enumerate() {
+    let regions = vm.shared.ram.regions();
+    let mut jobs = Vec::new();
+    for (i, (region, &(_, size, _))) in regions.iter().zip(&slots).enumerate() {
         let path = dir.join(ram_file(i));
-        let extents =
-            ramfile::data_extents(&region.file, size).map_err(|err| SnapshotError::Io {
-                path: path.clone(),
-                err,
-            })?;
-        // SAFETY: `host` is the mapping of this region, owned by the VM, which is paused:
-        // nothing writes it until we return.
-        let (crc32, direct) = unsafe { ramfile::write(&path, host, size, &extents) }
-            .map_err(|err| SnapshotError::Io { path, err })?;
-        written += extents.iter().map(|e| e.1).sum::<u64>();
-        direct_io &= direct;
-        ram.push(RamFile { extents, crc32 });
+        let extents = ramfile::data_extents(&region.file, size).map_err(io_at(&path))?;
+        jobs.push(writer::RamJob {
+            path,
+            size,
+            extents,
+        });
     }
+    let written = jobs
+        .iter()
+        .flat_map(|j| j.extents.iter().map(|e| e.1))
+        .sum();
+    // A writer process of its own where the VMM has one (the daemon): killing it, or the
+    // disk filling up under it, loses the snapshot, never the VM.
+    let (crcs, direct_io) = match writer.as_mut() {
+        Some(w) => {
+            let fds: Vec<_> = regions.iter().map(|r| r.file.as_raw_fd()).collect();
+            w.write_ram(jobs.clone(), &fds)?
+        }
+        None => {
+            let mut crcs = Vec::new();
+            let mut direct_io = true;
+            for (job, &(_, _, host)) in jobs.iter().zip(&slots) {
+                // SAFETY: `host` is the mapping of this region, owned by the VM, which is
+                // paused: nothing writes it until we return.
+                let (crc, direct) =
+                    unsafe { ramfile::write(&job.path, host, job.size, &job.extents) }
+                        .map_err(io_at(&job.path))?;
+                crcs.push(crc);
+                direct_io &= direct;
+            }
+            (crcs, direct_io)
+        }
+    };
+    if crcs.len() != slots.len() {
+        return Err(SnapshotError::Writer {
+            vm: name,
+            what: format!("wrote {} RAM files of {}", crcs.len(), slots.len()),
+        });
+    }
+    let ram = jobs
+        .into_iter()
+        .map(|j| j.extents)
+        .zip(crcs)
+        .map(|(extents, crc32)| RamFile { extents, crc32 })
+        .collect();
     let ram_us = t_ram.elapsed().as_micros() as u64;
 
     let t_state = Instant::now();
@@ -281,16 +345,24 @@ fn write_all(
         ram,
     };
     let bytes = envelope::encode_as(&KIND, &state, FORMAT_VERSION).map_err(capture_err)?;
-    let tmp = dir.join(format!("{STATE_FILE}.tmp"));
-    let write_state = || -> std::io::Result<()> {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, dir.join(STATE_FILE))?;
-        std::fs::File::open(dir)?.sync_all()
-    };
-    write_state().map_err(io_at(&dir.join(STATE_FILE)))?;
+    match writer {
+        Some(mut w) => {
+            w.write_state(dir, &bytes)?;
+            w.finish();
+        }
+        None => {
+            let tmp = dir.join(format!("{STATE_FILE}.tmp"));
+            let write_state = || -> std::io::Result<()> {
+                use std::io::Write;
+                let mut f = std::fs::File::create(&tmp)?;
+                f.write_all(&bytes)?;
+                f.sync_all()?;
+                std::fs::rename(&tmp, dir.join(STATE_FILE))?;
+                std::fs::File::open(dir)?.sync_all()
+            };
+            write_state().map_err(io_at(&dir.join(STATE_FILE)))?;
+        }
+    }
     Ok(SaveReport {
         vm: name,
         dir: dir.to_path_buf(),
@@ -306,6 +378,28 @@ fn write_all(
     })
 }
 
+/// Make what the guest wrote to its disks (finished requests, paused devices) durable, so
+/// that the snapshot and its disk images agree after a host crash too.
+fn flush_disks(vm: &Vm) -> Result<(), SnapshotError> {
+    let Some(first) = vm.config.disks.first() else {
+        return Ok(());
+    };
+    let files = vm
+        .shared
+        .devices
+        .virtio_host_files()
+        .map_err(io_at(&first.path))?;
+    // Disks come first in device order.
+    for (disk, fd) in vm.config.disks.iter().zip(files) {
+        if !disk.read_only {
+            std::fs::File::from(fd)
+                .sync_data()
+                .map_err(io_at(&disk.path))?;
+        }
+    }
+    Ok(())
+}
+
 fn io_at(path: &Path) -> impl Fn(std::io::Error) -> SnapshotError + '_ {
     move |err| SnapshotError::Io {
         path: path.to_path_buf(),
@@ -319,13 +413,86 @@ fn boot_id() -> String {
         .unwrap_or_default()
 }
 
-/// The RAM a snapshot in `dir` needs, and its VM's name, read from its state (checked).
-pub fn peek(dir: &Path) -> Result<(String, u64), SnapshotError> {
-    let state = read_state(dir)?;
-    Ok((
-        state.record.spec.config.name.clone(),
-        state.record.spec.config.memory_mib << 20,
-    ))
+/// Host resources to put under a restored VM's devices instead of those its snapshot
+/// recorded, by position: `disks[i]` replaces disk i's image, `taps[i]` interface i's TAP.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Backing {
+    pub disks: Vec<PathBuf>,
+    pub taps: Vec<String>,
+}
+
+impl Backing {
+    /// Put the replacements into `config`; more than it has devices, a TAP name the kernel
+    /// would refuse or a relative image path is an error that changes nothing.
+    fn apply(&self, config: &mut VmConfigState) -> Result<(), SnapshotError> {
+        let bad = |reason: String| SnapshotError::BadBacking {
+            vm: config.name.clone(),
+            reason,
+        };
+        if self.disks.len() > config.disks.len() {
+            return Err(bad(format!(
+                "{} disk images given, the snapshot's VM has {} disks",
+                self.disks.len(),
+                config.disks.len()
+            )));
+        }
+        if self.taps.len() > config.nets.len() {
+            return Err(bad(format!(
+                "{} TAPs given, the snapshot's VM has {} network interfaces",
+                self.taps.len(),
+                config.nets.len()
+            )));
+        }
+        if let Some(p) = self.disks.iter().find(|p| !p.is_absolute()) {
+            return Err(bad(format!(
+                "disk image path {} is not absolute",
+                p.display()
+            )));
+        }
+        if let Some(t) = self
+            .taps
+            .iter()
+            .find(|t| !warmvm_devices::virtio::tap::valid_name(t))
+        {
+            return Err(bad(format!(
+                "TAP name {t:?} is invalid: 1-15 characters from A-Z a-z 0-9 . _ -"
+            )));
+        }
+        for (d, p) in config.disks.iter_mut().zip(&self.disks) {
+            d.path = p.clone();
+        }
+        for (n, t) in config.nets.iter_mut().zip(&self.taps) {
+            n.tap = t.clone();
+        }
+        Ok(())
+    }
+}
+
+/// What a restore of a snapshot would create, read from its state (checked).
+#[derive(Clone, Debug)]
+pub struct Peek {
+    pub name: String,
+    pub ram_bytes: u64,
+    /// Each disk's image (after the replacements) and whether the VM writes it.
+    pub disks: Vec<(PathBuf, bool)>,
+    /// Each interface's TAP (after the replacements).
+    pub taps: Vec<String>,
+}
+
+/// What restoring the snapshot in `dir` with `backing` would create (nothing is opened).
+pub fn peek(dir: &Path, backing: &Backing) -> Result<Peek, SnapshotError> {
+    let mut config = read_state(dir)?.record.spec.config;
+    backing.apply(&mut config)?;
+    Ok(Peek {
+        name: config.name.clone(),
+        ram_bytes: config.memory_mib << 20,
+        disks: config
+            .disks
+            .iter()
+            .map(|d| (d.path.clone(), !d.read_only))
+            .collect(),
+        taps: config.nets.iter().map(|n| n.tap.clone()).collect(),
+    })
 }
 
 fn read_state(dir: &Path) -> Result<SnapshotState, SnapshotError> {
@@ -389,6 +556,13 @@ impl Restored {
     /// Let the VM run (or stay paused) as it was when the snapshot was taken.
     pub fn start(self) -> Arc<Vm> {
         *self.vm.shared.lifecycle() = incoming::to_lifecycle(&self.lifecycle);
+        // A paused VM's devices start serving when it is resumed, as after a handover.
+        if matches!(
+            self.lifecycle,
+            LifecycleState::Running | LifecycleState::Created
+        ) {
+            self.vm.shared.devices.resume_virtio();
+        }
         if self.lifecycle == LifecycleState::Running {
             for h in self.vm.handles() {
                 h.request_run(&self.vm.shared);
@@ -405,10 +579,12 @@ pub fn restore(
     hv: &Hypervisor,
     dir: &Path,
     name: Option<&str>,
+    backing: &Backing,
     state_dir: &Path,
 ) -> Result<Restored, SnapshotError> {
     let mut state = read_state(dir)?;
     let spec = &mut state.record.spec;
+    backing.apply(&mut spec.config)?;
     let renamed = name.is_some_and(|n| n != spec.config.name);
     if let Some(n) = name {
         spec.config.name = n.to_string();
@@ -426,15 +602,17 @@ pub fn restore(
         dir: dir.to_path_buf(),
         err,
     })?;
-    if !spec.config.disks.is_empty() || !spec.config.nets.is_empty() {
-        return Err(SnapshotError::HasDevices {
-            vm: spec.config.name.clone(),
-        });
-    }
     let vm_name = spec.config.name.clone();
     let vm_err = |err: VmError| SnapshotError::Vm {
         vm: vm_name.clone(),
         err,
+    };
+    // The host backing first: a missing image or a busy TAP refuses the restore before
+    // any RAM is read.
+    let config: crate::VmConfig = spec.config.clone().into();
+    let host_files = crate::virtio::HostFiles {
+        disks: crate::virtio::open_disks(&config.disks).map_err(vm_err)?,
+        taps: crate::virtio::open_taps(&config.nets).map_err(vm_err)?,
     };
     let ram = GuestRam::create(&vm_name, spec.config.memory_mib << 20, spec.hugepages)
         .map_err(|e| vm_err(e.into()))?;
@@ -468,11 +646,6 @@ pub fn restore(
         dir: dir.to_path_buf(),
         err,
     };
-    // No host files: a snapshot's VM has no virtio devices (checked above).
-    let host_files = crate::virtio::HostFiles {
-        disks: Vec::new(),
-        taps: Vec::new(),
-    };
     let vm = incoming::build_vm(hv, spec, ram, log, host_files).map_err(state_err)?;
     let captured_at_ns = if same_boot {
         state.captured_at_ns
@@ -488,6 +661,11 @@ pub fn restore(
     runtime.first_stop_ns = crate::monotonic_ns();
     incoming::start_restore(&vm, &mut runtime, captured_at_ns, false).map_err(state_err)?;
     incoming::finish_restore(&vm).map_err(state_err)?;
+    // Loaded only: the devices serve from `Restored::start`.
+    vm.shared
+        .devices
+        .restore_virtio(&runtime.virtio)
+        .map_err(|e| state_err(HandoverError::BadState(e.to_string())))?;
     vm.shared.devices.restore_serial(&runtime.serial);
     let report = RestoreReport {
         vm: vm_name,

@@ -170,23 +170,81 @@ fn parallel(
 pub const FAULT_ENV: &str = "WARMVM_SNAPSHOT_FAULT";
 
 #[cfg(feature = "fault-injection")]
-fn injected_enospc() -> bool {
+mod fault {
+    use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::OnceLock;
-    static LIMIT: OnceLock<Option<usize>> = OnceLock::new();
-    static WRITTEN: AtomicUsize = AtomicUsize::new(0);
-    let limit = LIMIT.get_or_init(|| {
-        std::env::var(FAULT_ENV)
-            .ok()?
-            .strip_prefix("enospc-after:")?
-            .parse()
-            .ok()
-    });
-    limit.is_some_and(|n| WRITTEN.fetch_add(1, Ordering::Relaxed) >= n)
+
+    /// RAM write requests this process has issued (a VMM: through its writers too).
+    static WRITTEN: AtomicU64 = AtomicU64::new(0);
+    /// A writer's budget, from its VMM; it wins over the environment the writer inherits.
+    static GIVEN: OnceLock<Option<u64>> = OnceLock::new();
+
+    fn limit() -> Option<u64> {
+        if let Some(given) = GIVEN.get() {
+            return *given;
+        }
+        static ENV: OnceLock<Option<u64>> = OnceLock::new();
+        *ENV.get_or_init(|| {
+            std::env::var(super::FAULT_ENV)
+                .ok()?
+                .strip_prefix("enospc-after:")?
+                .parse()
+                .ok()
+        })
+    }
+
+    pub fn injected_enospc() -> bool {
+        limit().is_some_and(|n| WRITTEN.fetch_add(1, Ordering::Relaxed) >= n)
+    }
+
+    pub fn budget() -> Option<u64> {
+        limit().map(|n| n.saturating_sub(WRITTEN.load(Ordering::Relaxed)))
+    }
+
+    pub fn set_budget(n: Option<u64>) {
+        let _ = GIVEN.set(n);
+    }
+
+    pub fn spent(n: u64) {
+        WRITTEN.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn used() -> u64 {
+        WRITTEN.load(Ordering::Relaxed)
+    }
+}
+
+/// The requests left before an injected ENOSPC, for a writer process (tests only).
+pub(crate) fn fault_budget() -> Option<u64> {
+    #[cfg(feature = "fault-injection")]
+    return fault::budget();
+    #[cfg(not(feature = "fault-injection"))]
+    None
+}
+
+/// In a writer: the budget its VMM gave it.
+pub(crate) fn set_fault_budget(_n: Option<u64>) {
+    #[cfg(feature = "fault-injection")]
+    fault::set_budget(_n);
+}
+
+/// In a VMM: the requests its writer issued.
+pub(crate) fn fault_spent(_n: u64) {
+    #[cfg(feature = "fault-injection")]
+    fault::spent(_n);
+}
+
+/// In a writer: the requests it issued.
+pub(crate) fn fault_used() -> u64 {
+    #[cfg(feature = "fault-injection")]
+    return fault::used();
+    #[cfg(not(feature = "fault-injection"))]
+    0
 }
 
 fn full_write(file: &File, buf: &[u8], off: u64) -> std::io::Result<()> {
     #[cfg(feature = "fault-injection")]
-    if injected_enospc() {
+    if fault::injected_enospc() {
         return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
     }
     file.write_all_at(buf, off)
@@ -215,8 +273,10 @@ pub unsafe fn write(
         let mut h = crc32fast::Hasher::new();
         h.update(buf);
         full_write(&file, buf, off)?;
+        super::writer::fault_point("mid-ram");
         Ok(h)
     })?;
+    super::writer::fault_point("before-sync");
     file.sync_all()?;
     Ok((crc, direct))
 }
