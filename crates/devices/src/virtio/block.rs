@@ -299,20 +299,7 @@ impl BlockServer {
         mem: &GuestMemoryMmap,
         chain: DescriptorChain<&GuestMemoryMmap>,
     ) -> Result<u32, Malformed> {
-        let mut total = 0usize;
-        let mut ended = false;
-        for d in chain.clone() {
-            if ended {
-                return Err(Malformed::Chain);
-            }
-            total = total.saturating_add(d.len() as usize);
-            ended = !d.has_next();
-        }
-        // The iterator stops early, without an error, on a loop (it ran out of its
-        // queue-size budget), a bad index or an unreadable descriptor.
-        if !ended {
-            return Err(Malformed::Chain);
-        }
+        let total = super::chain_bytes(&chain).ok_or(Malformed::Chain)?;
         if total > MAX_REQUEST_BYTES + 16 + 1 {
             return Err(Malformed::Oversized(total));
         }

@@ -21,7 +21,8 @@ pub mod worker;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use virtio_queue::Queue;
+use virtio_queue::{DescriptorChain, Queue};
+use vm_memory::GuestMemory;
 
 use crate::{Doorbell, IrqLine};
 
@@ -128,4 +129,25 @@ impl VirtioShared {
         self.interrupt_status.fetch_or(INT_CONFIG, Ordering::AcqRel);
         self.raise();
     }
+}
+
+/// The bytes a descriptor chain's buffers add up to, or `None` if the chain does not end:
+/// `virtio-queue`'s iterator stops early without an error on a loop (it runs out of its
+/// queue-size budget), a next index beyond the table or an unreadable descriptor, and a
+/// device must not take such a chain for a shorter, valid one.
+pub(crate) fn chain_bytes<M>(chain: &DescriptorChain<M>) -> Option<usize>
+where
+    M: std::ops::Deref + Clone,
+    M::Target: GuestMemory,
+{
+    let mut total = 0usize;
+    let mut ended = false;
+    for d in chain.clone() {
+        if ended {
+            return None;
+        }
+        total = total.saturating_add(d.len() as usize);
+        ended = !d.has_next();
+    }
+    ended.then_some(total)
 }
