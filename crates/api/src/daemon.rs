@@ -175,6 +175,13 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
         }
         _ => None,
     };
+    // Before this process opens any TAP of its own (see take_inherited_taps).
+    let mut given_taps = match &config {
+        Some(c) => {
+            warmvm_vmm::take_inherited_taps(c).map_err(|e| DaemonError::Input(e.to_string()))?
+        }
+        None => Default::default(),
+    };
     if let Some(addr) = &opts.metrics_addr {
         check_metrics_addr(addr).map_err(DaemonError::Input)?;
     }
@@ -297,7 +304,7 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
     state.set_aging(monitor.clone());
     if let Some(config) = config.as_ref().filter(|c| !c.vms.is_empty()) {
         let mut host = state.host().lock().unwrap_or_else(|p| p.into_inner());
-        host.create_all(config)?;
+        host.create_all_with(config, std::mem::take(&mut given_taps))?;
         host.start_all()?;
         for vm in host.vms() {
             tracing::info!(vm = %vm.name(), memory_mib = vm.config.memory_mib, vcpus = vm.config.vcpus, "VM started from the config");

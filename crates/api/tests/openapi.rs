@@ -274,14 +274,23 @@ fn request_schemas_match_what_the_server_accepts() {
             read_only: true,
             cache: warmvm_vmm::config::CacheMode::Writeback,
         }],
-        nets: vec![warmvm_vmm::config::NetConfig {
-            tap: "tap0".into(),
-            mac: Some("02:00:00:00:00:01".into()),
-        }],
+        nets: vec![
+            warmvm_vmm::config::NetConfig {
+                tap: Some("tap0".into()),
+                tap_fd: None,
+                mac: Some("02:00:00:00:00:01".into()),
+            },
+            warmvm_vmm::config::NetConfig {
+                tap: None,
+                tap_fd: Some(0),
+                mac: None,
+            },
+        ],
         ..VmConfig::reference("web-1", 64, 2)
     };
     check(&doc, "DiskConfig", &full.disks[0]);
     check(&doc, "NetConfig", &full.nets[0]);
+    check(&doc, "NetConfig", &full.nets[1]);
     check(&doc, "VmConfig", &full);
     check(&doc, "VmConfig", &json!({ "name": "a", "memory_mib": 64 }));
     // ...and every documented field is accepted.

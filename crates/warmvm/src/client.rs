@@ -155,7 +155,16 @@ pub fn vm(cmd: VmCommand, api: &ApiArgs) -> Result<ExitCode, Failure> {
                 Some(path) => read_vm_config(&path)?,
                 None => vm_from_flags(flags)?,
             };
-            let r = client(api).create(&vm)?;
+            for fd in vm.nets.iter().filter_map(|n| n.tap_fd) {
+                // SAFETY: F_GETFD only reads the flags of fd `fd`, if it is open.
+                if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+                    return Err(Failure::new(
+                        EXIT_BAD_INPUT,
+                        format!("tap-fd={fd}: this command has no open fd {fd} to pass"),
+                    ));
+                }
+            }
+            let r = client(api).create_passing_taps(&vm)?;
             if api.json {
                 output::print_json(&r);
             } else {
