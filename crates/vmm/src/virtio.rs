@@ -109,7 +109,10 @@ pub(crate) fn open_taps(
                     .0
                     .remove(&index)
                     .ok_or(VmError::TapFdMissing { index, fd })?;
+                // From here on the VM knows the TAP by name: an fd number means nothing
+                // to the next process, and a cold reboot opens the TAP by its name.
                 net.tap = Some(check_tap(std::os::fd::AsFd::as_fd(&file))?);
+                net.tap_fd = None;
                 file
             }
             (None, Some(name)) => open_tap(name)?,
@@ -118,6 +121,82 @@ pub(crate) fn open_taps(
         files.push(file);
     }
     Ok((files, config))
+}
+
+/// A virtio device as a VM's report shows it: where the guest finds it, what backs it on
+/// the host, how it stands with its driver, and its counters.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct DeviceReport {
+    /// `disk0`, `net0`, ... (the name in metrics and in the handover's fd table).
+    pub name: String,
+    /// `virtio-blk` or `virtio-net`.
+    pub kind: &'static str,
+    /// The guest-physical address of its 4 KiB virtio-mmio window.
+    pub mmio_base: u64,
+    /// Its interrupt (GSI), for a guest with a kernel; none for the polling reference guest.
+    pub irq: Option<u32>,
+    pub status: warmvm_devices::virtio::DeviceHealth,
+    /// Requests completed (block requests, frames received and sent).
+    pub requests: u64,
+    /// Times the guest broke the protocol.
+    pub failures: u64,
+    /// Disks: the image, whether read-only, and the cache mode.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<std::path::PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub read_only: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache: Option<warmvm_devices::virtio::block::CacheMode>,
+    /// Network interfaces: the TAP (also when it was passed as an fd) and the guest's MAC.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tap: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+}
+
+/// The reports of a VM's devices, from its config (disks, then interfaces: the order
+/// [`attach`] gives them windows and GSIs) and their live figures.
+pub(crate) fn reports(
+    config: &crate::VmConfig,
+    infos: Vec<warmvm_devices::virtio::DeviceInfo>,
+    linux: bool,
+) -> Vec<DeviceReport> {
+    infos
+        .into_iter()
+        .enumerate()
+        .map(|(i, info)| {
+            let mut r = DeviceReport {
+                name: info.name,
+                kind: "virtio-net",
+                mmio_base: window(i),
+                irq: linux.then_some(FIRST_GSI + i as u32),
+                status: info.health,
+                requests: info.requests,
+                failures: info.failures,
+                path: None,
+                read_only: None,
+                cache: None,
+                tap: None,
+                mac: None,
+            };
+            if let Some(d) = config.disks.get(i) {
+                r.kind = "virtio-blk";
+                r.path = Some(d.path.clone());
+                r.read_only = Some(d.read_only);
+                r.cache = Some(d.cache);
+            } else if let Some(n) = config.nets.get(i - config.disks.len()) {
+                let mac = n.mac_for(&config.name, i - config.disks.len());
+                r.tap = n.tap.clone();
+                r.mac = Some(
+                    mac.iter()
+                        .map(|b| format!("{b:02x}"))
+                        .collect::<Vec<_>>()
+                        .join(":"),
+                );
+            }
+            r
+        })
+        .collect()
 }
 
 /// What a Linux guest's command line needs to find the devices.

@@ -254,6 +254,8 @@ pub struct VmReport {
     pub ram_resident_mib: u64,
     pub exits: Vec<VcpuStats>,
     pub unknown_accesses: warmvm_devices::unknown::UnknownCounts,
+    /// The VM's virtio devices, disks first.
+    pub devices: Vec<crate::virtio::DeviceReport>,
     pub guest: Option<GuestFigures>,
 }
 
@@ -674,6 +676,11 @@ impl Vm {
             ram_resident_mib: self.shared.ram.resident_bytes() >> 20,
             exits: self.handles().iter().map(|h| h.stats()).collect(),
             unknown_accesses: self.shared.devices.unknown.counts(),
+            devices: crate::virtio::reports(
+                &self.config,
+                self.shared.devices.virtio_info(),
+                self.linux_devices,
+            ),
             guest: self.guest_figures(),
         }
     }

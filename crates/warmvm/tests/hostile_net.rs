@@ -162,6 +162,21 @@ fn hostile_net_drivers_fail_only_their_own_device() {
         );
         assert_eq!(body.as_deref(), Some(INDEX), "{kind}");
     }
+    // The VM's report shows each device: the reset device serves again over the same TAP,
+    // its failures still counted.
+    for (kind, name, tap, _, _) in &hostile {
+        let show = d.cli_json(&["vm", "show", name]);
+        let net = &show["devices"][1];
+        assert_eq!(net["name"], "net0", "{kind}: {show}");
+        assert_eq!(net["kind"], "virtio-net", "{kind}: {net}");
+        assert_eq!(net["tap"], tap.as_str(), "{kind}: {net}");
+        assert_eq!(net["status"], "ok", "{kind}: {net}");
+        assert_eq!(net["mmio_base"], 0xd000_1000u64, "{kind}: {net}");
+        assert!(net["irq"].is_null(), "the reference guest polls: {net}");
+        assert!(net["failures"].as_u64().unwrap() >= 1, "{kind}: {net}");
+        assert!(net["requests"].as_u64().unwrap() > 0, "{kind}: {net}");
+        assert_eq!(show["devices"][0]["kind"], "virtio-blk", "{kind}: {show}");
+    }
 
     // The healthy VMs go on: the server serves, every VM's counter moves, the daemon answers.
     assert_eq!(fetch(&ns, "10.79.0.2").as_deref(), Some(INDEX));

@@ -124,6 +124,11 @@ fn guests_serve_through_taps_passed_by_fd_across_a_warm_reboot() {
         read(&console_b),
         d.log()
     );
+    // The VMs' reports name the TAPs they were given as fds.
+    for (vm, tap) in [("web-a", ns.tap.as_str()), ("web-b", "tapb")] {
+        let net = &d.cli_json(&["vm", "show", vm])["devices"][1];
+        assert_eq!(net["tap"], tap, "{vm}: {net}");
+    }
     assert!(serves(&ns, "10.81.0.2"), "web-a\n{}", d.log());
     assert!(serves(&ns, "10.81.1.2"), "web-b\n{}", d.log());
     // The daemon's namespace has no such TAPs: it reached them through the fds alone.

@@ -47,6 +47,31 @@ pub const INT_CONFIG: u32 = 2;
 pub const TYPE_NET: u32 = 1;
 pub const TYPE_BLOCK: u32 = 2;
 
+/// How a virtio device stands with its driver, for reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeviceHealth {
+    /// The driver set DRIVER_OK and the device serves.
+    Ok,
+    /// The guest broke the protocol: DEVICE_NEEDS_RESET until the driver resets it.
+    NeedsReset,
+    /// The driver itself gave up on the device (it set FAILED).
+    DriverFailed,
+    /// No driver has finished setting the device up (since boot or its last reset).
+    NotStarted,
+}
+
+/// One virtio device's standing and counters.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// `disk0`, `net0`, ...
+    pub name: String,
+    pub device_type: u32,
+    pub health: DeviceHealth,
+    pub requests: u64,
+    pub failures: u64,
+}
+
 /// Failures and activity of one virtio device, for metrics.
 #[derive(Debug, Default)]
 pub struct VirtioCounters {
