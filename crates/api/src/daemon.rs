@@ -143,6 +143,8 @@ struct Started {
     takeover: Option<TakeoverInfo>,
     /// Settings the daemon before us passed on (see [`successor_extra`]).
     inherited: serde_json::Value,
+    /// A cold reboot's TAPs, per VM: the old daemon's fds, so the VMs boot on them again.
+    cold_taps: std::collections::BTreeMap<String, warmvm_vmm::GivenTaps>,
 }
 
 /// Run the daemon until SIGTERM or SIGINT (or until a warm reboot hands everything over to
@@ -246,6 +248,7 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
         metrics,
         takeover,
         inherited,
+        mut cold_taps,
     } = started;
     let adopted = takeover.is_some();
     // Timeouts outlive the reboot through the handover's settings, not through flags: a
@@ -285,7 +288,7 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
     match crate::modes::from_extra(&inherited) {
         Some(Ok(bb)) => {
             let mut host = state.host().lock().unwrap_or_else(|p| p.into_inner());
-            let report = crate::modes::bring_back(&mut host, &bb);
+            let report = crate::modes::bring_back(&mut host, &bb, std::mem::take(&mut cold_taps));
             drop(host);
             state.set_last_reboot(report);
         }
@@ -623,6 +626,7 @@ fn start_fresh(
         metrics,
         takeover: None,
         inherited: serde_json::Value::Null,
+        cold_taps: Default::default(),
     })
 }
 
@@ -678,7 +682,13 @@ fn take_over(
     );
     let mut api = None;
     let mut metrics = None;
+    let mut cold_taps: std::collections::BTreeMap<String, warmvm_vmm::GivenTaps> =
+        Default::default();
     for (name, file) in adopted.extra_fds {
+        if let Some((vm, index)) = crate::modes::parse_cold_tap_name(&name) {
+            cold_taps.entry(vm).or_default().0.insert(index, file);
+            continue;
+        }
         match name.as_str() {
             API_LISTENER_FD => match socket::listener_from_owned(OwnedFd::from(file)) {
                 Ok(l) => api = Some(l),
@@ -718,6 +728,7 @@ fn take_over(
         metrics,
         takeover: Some(takeover),
         inherited: adopted.extra,
+        cold_taps,
     })
 }
 

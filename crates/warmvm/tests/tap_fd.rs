@@ -231,3 +231,50 @@ fn fds_that_are_not_taps_are_refused_with_one_line() {
     // Nothing was created.
     assert_eq!(d.cli_json(&["vm", "list"])["vms"], serde_json::json!([]));
 }
+
+/// A cold reboot powers the guest off and boots it again in a new daemon while the old one
+/// still holds the powered-off VM and its TAP: the TAP is handed over, not attached to again
+/// by name (which a TAP still attached refuses), so the guest serves again.
+#[test]
+fn a_cold_reboot_boots_the_guest_on_its_tap_again() {
+    if !warmvm_vmm::testing::kvm_available("a_cold_reboot_boots_the_guest_on_its_tap_again") {
+        return;
+    }
+    let dir = scratch("tapcold");
+    let ns = Netns::new("tapcold", "10.82.0.1/24");
+    let mut image = warmvm_vmm::testing::ustar_entries(&[("index.html", INDEX.to_vec())]);
+    image.resize(256 * 512, 0);
+    let img = dir.join("web.img");
+    std::fs::write(&img, &image).unwrap();
+    let mut d = Daemon::start_in_netns(&dir, &ns.name);
+    d.cli_json(&[
+        "vm",
+        "create",
+        "--name",
+        "web",
+        "--memory",
+        "48",
+        "--cmdline",
+        "quiet interval_ms=20 disk_check_ms=0 ip=10.82.0.2/24 cache_mib=2",
+        "--disk",
+        img.to_str().unwrap(),
+        "--net",
+        &ns.tap,
+    ]);
+    assert!(serves(&ns, "10.82.0.2"), "{}", d.log());
+    let out = d.cli(&["--json", "reboot", "--mode", "cold"]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)));
+    let vms = report["reboot"]["vms"].as_array().unwrap();
+    assert!(vms.iter().all(|v| v["error"].is_null()), "{report}");
+    assert!(out.status.success(), "{report}");
+    d.follow_reboot(report["handover"]["new_pid"].as_u64().unwrap() as u32);
+    assert!(
+        serves(&ns, "10.82.0.2"),
+        "after the cold reboot\n{}",
+        d.log()
+    );
+    let r = d.cli_json(&["vm", "stop", "web", "--grace-secs", "10"]);
+    assert_eq!(r["exit_status"], 0, "{r}");
+    d.terminate_adopted();
+}
