@@ -448,16 +448,17 @@ pub fn bring_back(
                 }
                 Err(e) => r.error = Some(e.to_string()),
             },
-            (Mode::Cold, _) => match {
+            (Mode::Cold, _) => {
                 let given = taps.remove(&v.name).unwrap_or_default();
-                host.create_vm_with(&with_given_taps(&v.config, &given), given)
-            } {
-                Ok(vm) => match vm.start() {
-                    Ok(()) => booted.push((vm, report.vms.len())),
+                let config = with_given_taps(&v.config, &given);
+                match host.create_vm_with(&config, given) {
+                    Ok(vm) => match vm.start() {
+                        Ok(()) => booted.push((vm, report.vms.len())),
+                        Err(e) => r.error = Some(e.to_string()),
+                    },
                     Err(e) => r.error = Some(e.to_string()),
-                },
-                Err(e) => r.error = Some(e.to_string()),
-            },
+                }
+            }
             _ => r.error = Some("nothing to bring it back from".into()),
         }
         if let Some(e) = &r.error {

@@ -33,11 +33,12 @@ pub struct CacheArgs {
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub reboot_after_secs: u64,
     /// The fixed request rate of the reboot runs (httperf), requests per second.
-    #[arg(long, default_value_t = 40, value_parser = clap::value_parser!(u32).range(1..=10000))]
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=10000))]
     pub rate: u32,
     /// Requests per keep-alive connection at the fixed rate (connections arrive at
-    /// rate / this per second).
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    /// rate / this per second). The reference guest serves 8 connections at once: new
+    /// connections faster than it recycles its sockets are refused.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub calls_per_connection: u32,
     /// The reboot modes to measure, in this order (comma-separated: warm, saved, cold).
     #[arg(long, value_delimiter = ',', default_value = "warm,saved,cold")]
