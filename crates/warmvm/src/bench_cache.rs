@@ -35,11 +35,10 @@ pub struct CacheArgs {
     /// The fixed request rate of the reboot runs (httperf), requests per second.
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=10000))]
     pub rate: u32,
-    /// Requests per keep-alive connection at the fixed rate (connections arrive at
-    /// rate / this per second). The reference guest serves 8 connections at once: new
-    /// connections faster than it recycles its sockets are refused.
-    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
-    pub calls_per_connection: u32,
+    /// Keep-alive sessions sharing the fixed rate (each makes a request every
+    /// sessions / rate seconds; the reference guest serves 8 connections at once).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=8))]
+    pub sessions: u32,
     /// The reboot modes to measure, in this order (comma-separated: warm, saved, cold).
     #[arg(long, value_delimiter = ',', default_value = "warm,saved,cold")]
     pub modes: Vec<crate::cli::RebootMode>,
@@ -279,7 +278,7 @@ impl Setup {
     fn fixed_rate(&self, args: &CacheArgs, mode: Option<&str>) -> Result<Run, String> {
         let load = FixedRate {
             rate: args.rate,
-            calls: args.calls_per_connection,
+            calls: args.sessions,
             files: args.files,
             secs: args.duration_secs,
         };
@@ -473,7 +472,7 @@ pub fn cache(args: &CacheArgs) -> Result<ExitCode, Failure> {
     let doc = json!({
         "bench": "cache",
         "load": {"fixed_rate": {"tool": "httperf", "requests_per_sec": args.rate,
-                                "calls_per_connection": args.calls_per_connection},
+                                "sessions": args.sessions},
                  "max_throughput": {"tool": "wrk", "connections": args.connections},
                  "duration_secs": args.duration_secs, "reboot_after_secs": args.reboot_after_secs,
                  "files": args.files, "file_bytes": FILE_BYTES},
@@ -527,9 +526,9 @@ fn print_table(args: &CacheArgs, doc: &Value) {
         show(&n["failed"])
     );
     println!(
-        "  no reboot, httperf at {} req/s ({} per connection): {} req/s answered, {} failed",
+        "  no reboot, httperf at {} req/s ({} keep-alive sessions): {} req/s answered, {} failed",
         args.rate,
-        args.calls_per_connection,
+        args.sessions,
         show(&n["fixed_rate"]["requests_per_sec"]),
         show(&n["fixed_rate"]["failed"])
     );

@@ -37,8 +37,8 @@ pub struct Run {
     pub reboot: Option<(u64, u64, Value)>,
 }
 
-/// A fixed-rate load: `rate` requests per second, as `rate / calls` new keep-alive
-/// connections per second of `calls` requests each, cycling over `files`, for `secs`.
+/// A fixed-rate load: `rate` requests per second from `calls` keep-alive sessions, cycling
+/// over `files`, for `secs`.
 pub struct FixedRate {
     pub rate: u32,
     pub calls: u32,
@@ -60,16 +60,20 @@ pub fn httperf(
         .flat_map(|i| format!("/f{i}.bin\0").into_bytes())
         .collect();
     std::fs::write(&uris, list).map_err(|e| e.to_string())?;
-    let conn_rate = f64::from(load.rate) / f64::from(load.calls);
-    let conns = ((conn_rate * load.secs as f64).ceil() as u64).max(1);
+    // `calls` keep-alive sessions, started 1/calls s apart, each making one request every
+    // calls/rate s (httperf's think time): requests arrive evenly at about `rate` per
+    // second. (New connections at a fixed rate would be open loop, but arrive in bursts of
+    // a connection's calls, and the reference guest recycles only 8 sockets.)
+    let sessions = load.calls;
+    let think = f64::from(sessions) / f64::from(load.rate);
+    let calls = ((load.secs as f64 / think).ceil() as u64).max(1);
     let started_ns = monotonic_ns();
     let mut child = Command::new("ip")
         .args(["netns", "exec", netns, "stdbuf", "-oL", "httperf", "--hog"])
         .args(["--server", GUEST_IP, "--port", "80", "--timeout", "5"])
         .arg(format!("--wlog=y,{}", uris.display()))
-        .arg(format!("--rate={conn_rate}"))
-        .arg(format!("--num-conns={conns}"))
-        .arg(format!("--num-calls={}", load.calls))
+        .arg(format!("--rate={sessions}"))
+        .arg(format!("--wsess={sessions},{calls},{think}"))
         .arg("--print-reply=header")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
