@@ -278,7 +278,7 @@ impl Setup {
     fn fixed_rate(&self, args: &CacheArgs, mode: Option<&str>) -> Result<Run, String> {
         let load = FixedRate {
             rate: args.rate,
-            calls: args.sessions,
+            sessions: args.sessions,
             files: args.files,
             secs: args.duration_secs,
         };

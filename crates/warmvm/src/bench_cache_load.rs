@@ -1,7 +1,6 @@
 //! The HTTP load of `warmvm bench cache`, from real tools run inside the bench's network
-//! namespace: httperf at a fixed request rate (what the reboot runs use: an open-loop
-//! arrival of keep-alive connections, so a stalled guest does not slow the offered load) and
-//! wrk as fast as it can (the no-reboot maximum throughput and latency). Each records the
+//! namespace: httperf at a fixed request rate (what the reboot runs use: keep-alive
+//! sessions that each send a request every fixed think time) and wrk as fast as it can (the no-reboot maximum throughput and latency). Each records the
 //! CLOCK_MONOTONIC time of every successful response, which the figures come from.
 
 use std::io::BufRead;
@@ -37,11 +36,11 @@ pub struct Run {
     pub reboot: Option<(u64, u64, Value)>,
 }
 
-/// A fixed-rate load: `rate` requests per second from `calls` keep-alive sessions, cycling
-/// over `files`, for `secs`.
+/// A fixed-rate load: `rate` requests per second from `sessions` keep-alive sessions,
+/// cycling over `files`, for `secs`.
 pub struct FixedRate {
     pub rate: u32,
-    pub calls: u32,
+    pub sessions: u32,
     pub files: u32,
     pub secs: u64,
 }
@@ -60,11 +59,11 @@ pub fn httperf(
         .flat_map(|i| format!("/f{i}.bin\0").into_bytes())
         .collect();
     std::fs::write(&uris, list).map_err(|e| e.to_string())?;
-    // `calls` keep-alive sessions, started 1/calls s apart, each making one request every
-    // calls/rate s (httperf's think time): requests arrive evenly at about `rate` per
+    // Keep-alive sessions started 1/sessions s apart, each making one request every
+    // sessions/rate s (httperf's think time): requests arrive evenly at about `rate` per
     // second. (New connections at a fixed rate would be open loop, but arrive in bursts of
     // a connection's calls, and the reference guest recycles only 8 sockets.)
-    let sessions = load.calls;
+    let sessions = load.sessions;
     let think = f64::from(sessions) / f64::from(load.rate);
     let calls = ((load.secs as f64 / think).ceil() as u64).max(1);
     let started_ns = monotonic_ns();
