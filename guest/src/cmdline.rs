@@ -11,6 +11,7 @@
 //! | `ip=A.B.C.D/LEN` | serve HTTP on port 80 of the first network device at this address | none |
 //! | `cache_mib=N` | the HTTP server's page cache, carved from the workload's RAM | 8 |
 //! | `hostile=KIND` | test only: break the virtio protocol on the disk once (`loop`, `addr`, `len`, `index`, `status`) | none |
+//! | `hostile_net=KIND` | test only: break the virtio protocol on the network device once (same kinds as `hostile=`; `status` sets DRIVER_OK before FEATURES_OK), then reset it and serve normally | none |
 //! | `disk_check_ms=N` | re-read and re-check the disk's files every N ms (vCPU 0); 0 = never | 1000 |
 //! | `hostile=console` / `ports` / `both` | a hostile guest, for tests of the VMM's bounds: instead of the workload, every vCPU writes to the serial port (console), or to and from ports no device decodes (ports), as fast as it can, forever | off |
 //! | `hostile=mmio` / `rings` | as hostile as that: every vCPU reads and writes random virtio-mmio registers and MMIO nothing decodes (mmio); vCPU 0 sets its virtio devices up and writes garbage into their rings, round after round, reporting how often the device failed (rings); see `hostile.rs` | off |
@@ -29,6 +30,7 @@ pub struct Options {
     pub ip: Option<([u8; 4], u8)>,
     pub cache_mib: u64,
     pub hostile: Option<Hostile>,
+    pub hostile_net: Option<Hostile>,
     /// `hostile=console|ports|both|mmio|rings`: the bits of [`spam`].
     pub spam: u8,
 }
@@ -56,6 +58,19 @@ pub enum Hostile {
     Status,
 }
 
+impl Hostile {
+    fn parse(s: &[u8]) -> Option<Self> {
+        match s {
+            b"loop" => Some(Hostile::Loop),
+            b"addr" => Some(Hostile::Addr),
+            b"len" => Some(Hostile::Len),
+            b"index" => Some(Hostile::Index),
+            b"status" => Some(Hostile::Status),
+            _ => None,
+        }
+    }
+}
+
 impl Default for Options {
     fn default() -> Self {
         Options {
@@ -69,6 +84,7 @@ impl Default for Options {
             ip: None,
             cache_mib: 8,
             hostile: None,
+            hostile_net: None,
             spam: 0,
         }
     }
@@ -184,15 +200,12 @@ pub fn parse(cmdline: &[u8]) -> (Options, Ignored<'_>) {
                     b"rings" => o.spam = RINGS,
                     _ => {}
                 }
-                o.hostile = match value.unwrap_or(b"") {
-                    b"loop" => Some(Hostile::Loop),
-                    b"addr" => Some(Hostile::Addr),
-                    b"len" => Some(Hostile::Len),
-                    b"index" => Some(Hostile::Index),
-                    b"status" => Some(Hostile::Status),
-                    _ => None,
-                };
+                o.hostile = value.and_then(Hostile::parse);
                 o.hostile.is_some() || o.spam != 0
+            }
+            (b"hostile_net", None) => {
+                o.hostile_net = value.and_then(Hostile::parse);
+                o.hostile_net.is_some()
             }
             (b"quiet", None) => {
                 o.quiet = true;

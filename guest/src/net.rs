@@ -200,3 +200,47 @@ impl phy::Device for NetDev {
         caps
     }
 }
+
+impl NetDev {
+    /// Break the protocol as `how` says on the transmit queue (to test the VMM), and report
+    /// whether the device then says it needs a reset. The device is unusable afterwards
+    /// until a new `NetDev::new` resets it.
+    pub fn misbehave(&mut self, how: crate::cmdline::Hostile) -> bool {
+        use crate::cmdline::Hostile;
+        use crate::virtio::DESC_NEXT;
+        let q = &mut self.tx.queue;
+        let buf = self.tx.bufs;
+        match how {
+            Hostile::Loop => {
+                q.set_desc(0, buf, 64, DESC_NEXT, 1);
+                q.set_desc(1, buf + BUF, 64, DESC_NEXT, 0);
+                q.push(0);
+            }
+            // Far outside guest RAM.
+            Hostile::Addr => {
+                q.set_desc(0, 0x7fff_0000_0000, 64, 0, 0);
+                q.push(0);
+            }
+            // In guest RAM, but twice the largest frame the device carries.
+            Hostile::Len => {
+                q.set_desc(0, buf, 2 * QSIZE as u32 * BUF as u32, 0, 0);
+                q.push(0);
+            }
+            Hostile::Index => q.corrupt_avail_index(1000),
+            // A fresh start that sets DRIVER_OK before FEATURES_OK.
+            Hostile::Status => {
+                self.dev.write_status(0);
+                self.dev.write_status(1);
+                self.dev.write_status(1 | 2 | 4);
+            }
+        }
+        self.dev.notify(1);
+        for _ in 0..1000 {
+            if self.dev.needs_reset() {
+                return true;
+            }
+            crate::io::wait(1000);
+        }
+        false
+    }
+}

@@ -35,6 +35,9 @@ impl Services {
     /// `cache` is the RAM carved for the page cache (address, bytes).
     pub fn start(m: &Machine, opts: &Options, cache: (u64, u64)) -> Self {
         let disk = Disk::open(m, opts.hostile);
+        if let Some(how) = opts.hostile_net {
+            misbehave_on_net(m, how);
+        }
         let server = match (opts.ip, &disk) {
             (Some((ip, prefix)), Some(_)) => {
                 let dev = crate::virtio::find(m, net::TYPE_NET)
@@ -106,5 +109,25 @@ impl Services {
         if let Some(d) = self.disk.as_mut() {
             d.maybe_check(opts.disk_check_ms, opts.quiet);
         }
+    }
+}
+
+/// `hostile_net=`: break the protocol on the network device once and report whether the
+/// VMM marked it DEVICE_NEEDS_RESET; the server then resets the device and uses it as usual,
+/// which shows that the device and its TAP survive a broken driver.
+fn misbehave_on_net(m: &Machine, how: crate::cmdline::Hostile) {
+    let dev = crate::virtio::find(m, net::TYPE_NET)
+        .ok_or("no network device")
+        .and_then(|w| NetDev::new(w, m.io_area + NET_AT));
+    match dev {
+        Ok(mut dev) => {
+            let failed = dev.misbehave(how);
+            say!(
+                "warmvm-guest: hostile_net {:?}: the net device {} a reset",
+                how,
+                if failed { "needs" } else { "does NOT need" }
+            );
+        }
+        Err(e) => say!("warmvm-guest: hostile_net: no device to break: {}", e),
     }
 }

@@ -67,6 +67,17 @@ impl Client {
         path: &str,
         body: Option<&[u8]>,
     ) -> Result<ClientResponse, ClientError> {
+        self.raw_with_fds(method, path, body, &[])
+    }
+
+    /// [`Client::raw`], passing `fds` with the request's first bytes (SCM_RIGHTS).
+    pub fn raw_with_fds(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+        fds: &[std::os::fd::RawFd],
+    ) -> Result<ClientResponse, ClientError> {
         let mut stream = UnixStream::connect(&self.socket).map_err(|err| match err.kind() {
             io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
                 ClientError::NoDaemon(self.socket.clone())
@@ -102,7 +113,15 @@ impl Client {
         bytes.extend_from_slice(body);
         // A daemon that refuses a request early (e.g. 413) may close before reading all of
         // it: its answer is still there to read.
-        let sent = stream.write_all(&bytes);
+        let sent = if fds.is_empty() {
+            stream.write_all(&bytes)
+        } else {
+            use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+            stream
+                .send_with_fds(&[&bytes[..]], fds)
+                .map_err(|e| io::Error::from_raw_os_error(e.errno()))
+                .and_then(|n| stream.write_all(&bytes[n..]))
+        };
         let _ = stream.shutdown(std::net::Shutdown::Write);
         let mut data = Vec::new();
         let read = stream.read_to_end(&mut data);
@@ -125,6 +144,11 @@ impl Client {
         body: Option<&[u8]>,
     ) -> Result<serde_json::Value, ClientError> {
         let resp = self.raw(method, path, body)?;
+        Self::json_answer(resp)
+    }
+
+    /// The JSON body of a 2xx answer; an error answer becomes [`ClientError::Api`].
+    fn json_answer(resp: ClientResponse) -> Result<serde_json::Value, ClientError> {
         let value: Result<serde_json::Value, _> = serde_json::from_slice(&resp.body);
         if (200..300).contains(&resp.status) {
             return value.map_err(|e| ClientError::Protocol(format!("invalid JSON: {e}")));
@@ -156,6 +180,25 @@ impl Client {
     pub fn create(&self, config: &warmvm_vmm::VmConfig) -> Result<serde_json::Value, ClientError> {
         let body = serde_json::to_vec(config).map_err(|e| ClientError::Protocol(e.to_string()))?;
         self.call("POST", "/v1/vms", Some(&body))
+    }
+
+    /// Create a VM whose interfaces with a `tap_fd` use that fd of this process: the fds
+    /// travel with the request, and each `tap_fd` becomes its position among them.
+    pub fn create_passing_taps(
+        &self,
+        config: &warmvm_vmm::VmConfig,
+    ) -> Result<serde_json::Value, ClientError> {
+        let mut config = config.clone();
+        let mut fds = Vec::new();
+        for net in &mut config.nets {
+            if let Some(fd) = net.tap_fd {
+                net.tap_fd = Some(fds.len() as i32);
+                fds.push(fd);
+            }
+        }
+        let body = serde_json::to_vec(&config).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let resp = self.raw_with_fds("POST", "/v1/vms", Some(&body), &fds)?;
+        Self::json_answer(resp)
     }
 
     pub fn show(&self, name: &str) -> Result<serde_json::Value, ClientError> {

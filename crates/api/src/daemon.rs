@@ -148,6 +148,8 @@ struct Started {
     takeover: Option<TakeoverInfo>,
     /// Settings the daemon before us passed on (see [`successor_extra`]).
     inherited: serde_json::Value,
+    /// A cold reboot's TAPs, per VM: the old daemon's fds, so the VMs boot on them again.
+    cold_taps: std::collections::BTreeMap<String, warmvm_vmm::GivenTaps>,
 }
 
 /// Run the daemon until SIGTERM or SIGINT (or until a warm reboot hands everything over to
@@ -174,6 +176,13 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
             Some(config)
         }
         _ => None,
+    };
+    // Before this process opens any TAP of its own (see take_inherited_taps).
+    let mut given_taps = match &config {
+        Some(c) => {
+            warmvm_vmm::take_inherited_taps(c).map_err(|e| DaemonError::Input(e.to_string()))?
+        }
+        None => Default::default(),
     };
     if let Some(addr) = &opts.metrics_addr {
         check_metrics_addr(addr).map_err(DaemonError::Input)?;
@@ -263,6 +272,7 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
         metrics,
         takeover,
         inherited,
+        mut cold_taps,
     } = started;
     let adopted = takeover.is_some();
     // Timeouts outlive the reboot through the handover's settings, not through flags: a
@@ -302,7 +312,7 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
     match crate::modes::from_extra(&inherited) {
         Some(Ok(bb)) => {
             let mut host = state.host().lock().unwrap_or_else(|p| p.into_inner());
-            let report = crate::modes::bring_back(&mut host, &bb);
+            let report = crate::modes::bring_back(&mut host, &bb, std::mem::take(&mut cold_taps));
             drop(host);
             state.set_last_reboot(report);
         }
@@ -321,7 +331,7 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
     state.set_aging(monitor.clone());
     if let Some(config) = config.as_ref().filter(|c| !c.vms.is_empty()) {
         let mut host = state.host().lock().unwrap_or_else(|p| p.into_inner());
-        host.create_all(config)?;
+        host.create_all_with(config, std::mem::take(&mut given_taps))?;
         host.start_all()?;
         for vm in host.vms() {
             tracing::info!(vm = %vm.name(), memory_mib = vm.config.memory_mib, vcpus = vm.config.vcpus, "VM started from the config");
@@ -660,6 +670,7 @@ fn start_fresh(
         metrics,
         takeover: None,
         inherited: serde_json::Value::Null,
+        cold_taps: Default::default(),
     })
 }
 
@@ -715,7 +726,13 @@ fn take_over(
     );
     let mut api = None;
     let mut metrics = None;
+    let mut cold_taps: std::collections::BTreeMap<String, warmvm_vmm::GivenTaps> =
+        Default::default();
     for (name, file) in adopted.extra_fds {
+        if let Some((vm, index)) = crate::modes::parse_cold_tap_name(&name) {
+            cold_taps.entry(vm).or_default().0.insert(index, file);
+            continue;
+        }
         match name.as_str() {
             API_LISTENER_FD => match socket::listener_from_owned(OwnedFd::from(file)) {
                 Ok(l) => api = Some(l),
@@ -755,6 +772,7 @@ fn take_over(
         metrics,
         takeover: Some(takeover),
         inherited: adopted.extra,
+        cold_taps,
     })
 }
 

@@ -365,9 +365,62 @@ fn wait_exit(pid: u32) {
     }
 }
 
+/// The name under which a cold reboot hands interface `index` of VM `vm`'s TAP to the new
+/// daemon: the old daemon still holds the powered-off VM, and with it the TAP, so the new
+/// one could not attach to the TAP by name (EBUSY) and the VM would be lost.
+pub fn cold_tap_name(vm: &str, index: usize) -> String {
+    format!("cold-tap/{index}/{vm}")
+}
+
+/// The VM and interface of a [`cold_tap_name`].
+pub fn parse_cold_tap_name(name: &str) -> Option<(String, usize)> {
+    let rest = name.strip_prefix("cold-tap/")?;
+    let (index, vm) = rest.split_once('/')?;
+    Some((vm.to_string(), index.parse().ok()?))
+}
+
+/// Cold reboot, old side: duplicates of the held VMs' TAP fds, named for the new daemon.
+pub fn cold_taps(held: &Held) -> Vec<(String, std::os::fd::OwnedFd)> {
+    let mut out = Vec::new();
+    for (vm, _) in &held.vms {
+        let disks = vm.config.disks.len();
+        match vm.shared().devices.virtio_host_files() {
+            Ok(files) => {
+                for (i, fd) in files.into_iter().enumerate().skip(disks) {
+                    out.push((cold_tap_name(vm.name(), i - disks), fd));
+                }
+            }
+            Err(e) => {
+                tracing::warn!(vm = %vm.name(), error = %e, "cannot pass the VM's TAPs on; the new daemon opens them by name")
+            }
+        }
+    }
+    out
+}
+
+/// A cold-booted VM's config that takes the TAPs `given` (by interface) instead of
+/// opening them by name.
+fn with_given_taps(
+    config: &warmvm_vmm::VmConfig,
+    given: &warmvm_vmm::GivenTaps,
+) -> warmvm_vmm::VmConfig {
+    let mut config = config.clone();
+    for (i, net) in config.nets.iter_mut().enumerate() {
+        if given.0.contains_key(&i) {
+            net.tap = None;
+            net.tap_fd = Some(i as i32);
+        }
+    }
+    config
+}
+
 /// New side: bring every VM back (restore its snapshot, or boot it and wait until it is
 /// up). A VM that cannot be brought back is reported with the reason; its snapshot stays.
-pub fn bring_back(host: &mut Host, bb: &BringBack) -> ModeReboot {
+pub fn bring_back(
+    host: &mut Host,
+    bb: &BringBack,
+    mut taps: std::collections::BTreeMap<String, warmvm_vmm::GivenTaps>,
+) -> ModeReboot {
     wait_exit(bb.previous_pid);
     let t0 = Instant::now();
     let start_ns = monotonic_ns();
@@ -402,13 +455,17 @@ pub fn bring_back(host: &mut Host, bb: &BringBack) -> ModeReboot {
                     Err(e) => r.error = Some(e.to_string()),
                 }
             }
-            (Mode::Cold, _) => match host.create_vm(&v.config) {
-                Ok(vm) => match vm.start() {
-                    Ok(()) => booted.push((vm, report.vms.len())),
+            (Mode::Cold, _) => {
+                let given = taps.remove(&v.name).unwrap_or_default();
+                let config = with_given_taps(&v.config, &given);
+                match host.create_vm_with(&config, given) {
+                    Ok(vm) => match vm.start() {
+                        Ok(()) => booted.push((vm, report.vms.len())),
+                        Err(e) => r.error = Some(e.to_string()),
+                    },
                     Err(e) => r.error = Some(e.to_string()),
-                },
-                Err(e) => r.error = Some(e.to_string()),
-            },
+                }
+            }
             _ => r.error = Some("nothing to bring it back from".into()),
         }
         if let Some(e) = &r.error {
@@ -533,6 +590,11 @@ mod tests {
         assert!(from_extra(&missing).unwrap().is_err());
         assert!(from_extra(&serde_json::json!({})).is_none());
         assert_eq!(Mode::parse("cold"), Some(Mode::Cold));
+        assert_eq!(
+            parse_cold_tap_name(&cold_tap_name("web/1", 3)),
+            Some(("web/1".to_string(), 3))
+        );
+        assert_eq!(parse_cold_tap_name("api-listener"), None);
         assert_eq!(Mode::parse("hot"), None);
     }
 }

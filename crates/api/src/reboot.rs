@@ -215,6 +215,18 @@ impl ApiState {
                 }
             }
         }
+        // Cold: the powered-off VMs held here keep their TAPs attached; the new daemon
+        // boots them on these (kept open until this process exits or undoes the reboot).
+        let cold_taps = match &prepared {
+            Some((bb, held)) if bb.mode == Mode::Cold => modes::cold_taps(held),
+            _ => Vec::new(),
+        };
+        let mut extra_fds = setup.extra_fds.clone();
+        extra_fds.extend(
+            cold_taps
+                .iter()
+                .map(|(name, fd)| (name.clone(), std::os::fd::AsRawFd::as_raw_fd(fd))),
+        );
         let opts = RebootOptions {
             binary: binary.clone(),
             args: setup.args.clone(),
@@ -225,7 +237,7 @@ impl ApiState {
                 .ready_budget_ms
                 .map_or(setup.ready_budget, Duration::from_millis),
             extra,
-            extra_fds: setup.extra_fds.clone(),
+            extra_fds,
             env: setup.env.clone(),
         };
         tracing::info!(binary = %binary.display(), vms = host.vms().len(), %reason, mode = mode.name(), "reboot");
@@ -250,6 +262,8 @@ impl ApiState {
                 Ok(handed.report)
             }
             Err(e) => {
+                // Let go of the TAPs first: undoing a cold reboot attaches to them again.
+                drop(cold_taps);
                 if let Some((bb, held)) = prepared {
                     modes::undo(&mut host, held, &bb);
                 }

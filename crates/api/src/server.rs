@@ -8,6 +8,7 @@
 //! [`crate::socket::listener_from_fd`], and [`Server::into_listener`] gives it back, so a warm
 //! reboot can hand the very same socket to a new daemon and clients never see it close.
 
+use std::fs::File;
 use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
@@ -21,23 +22,27 @@ use crate::limits::Limits;
 use crate::overflow::Overflow;
 use crate::state::ApiState;
 
-/// A client connection on either listener.
+/// Most fds one API request may pass (SCM_RIGHTS): one TAP per interface, with room.
+pub const MAX_REQUEST_FDS: usize = 16;
+
+/// A client connection on either listener; on the API socket, with the fds the client
+/// passed so far.
 enum Conn {
-    Unix(UnixStream),
+    Unix(UnixStream, Vec<File>),
     Tcp(TcpStream),
 }
 
 impl Conn {
     fn prepare(&self) -> io::Result<()> {
         match self {
-            Conn::Unix(s) => s.set_nonblocking(false),
+            Conn::Unix(s, _) => s.set_nonblocking(false),
             Conn::Tcp(s) => s.set_nonblocking(false),
         }
     }
 
     fn set_timeouts(&self, t: Duration) -> io::Result<()> {
         match self {
-            Conn::Unix(s) => {
+            Conn::Unix(s, _) => {
                 s.set_read_timeout(Some(t))?;
                 s.set_write_timeout(Some(t))
             }
@@ -50,23 +55,64 @@ impl Conn {
 
     fn into_stream(self) -> Box<dyn crate::overflow::Stream> {
         match self {
-            Conn::Unix(s) => Box::new(s),
+            Conn::Unix(s, _) => Box::new(s),
             Conn::Tcp(s) => Box::new(s),
         }
     }
 
     fn shutdown_write(&self) {
         let _ = match self {
-            Conn::Unix(s) => s.shutdown(std::net::Shutdown::Write),
+            Conn::Unix(s, _) => s.shutdown(std::net::Shutdown::Write),
             Conn::Tcp(s) => s.shutdown(std::net::Shutdown::Write),
         };
     }
 }
 
+impl Conn {
+    /// The fds the client passed with its request.
+    fn take_fds(&mut self) -> Vec<File> {
+        match self {
+            Conn::Unix(_, fds) => std::mem::take(fds),
+            Conn::Tcp(_) => Vec::new(),
+        }
+    }
+}
+
+/// Read from `s` like `read`, keeping the fds that come with the bytes (SCM_RIGHTS) in
+/// `fds`, close-on-exec; more than [`MAX_REQUEST_FDS`] in all fail the connection.
+fn recv_with_fds(s: &UnixStream, buf: &mut [u8], fds: &mut Vec<File>) -> io::Result<usize> {
+    use std::os::fd::FromRawFd;
+    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+    let mut slots = [-1; MAX_REQUEST_FDS];
+    let mut iov = [libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    }];
+    // SAFETY: the iovec covers `buf`, writable for its whole length and alive for the call.
+    let (n, count) = unsafe { s.recv_with_fds(&mut iov, &mut slots) }
+        .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+    for &fd in &slots[..count] {
+        // SAFETY: recvmsg just installed these fds in this process for us; nothing else
+        // knows of them, so the File owns each.
+        let file = unsafe { File::from_raw_fd(fd) };
+        // SAFETY: F_SETFD only sets the close-on-exec flag of this open fd.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+        fds.push(file);
+    }
+    if fds.len() > MAX_REQUEST_FDS {
+        fds.clear();
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("more than {MAX_REQUEST_FDS} fds passed"),
+        ));
+    }
+    Ok(n)
+}
+
 impl Read for Conn {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
-            Conn::Unix(s) => s.read(buf),
+            Conn::Unix(s, fds) => recv_with_fds(s, buf, fds),
             Conn::Tcp(s) => s.read(buf),
         }
     }
@@ -75,13 +121,13 @@ impl Read for Conn {
 impl Write for Conn {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match self {
-            Conn::Unix(s) => s.write(buf),
+            Conn::Unix(s, _) => s.write(buf),
             Conn::Tcp(s) => s.write(buf),
         }
     }
     fn flush(&mut self) -> io::Result<()> {
         match self {
-            Conn::Unix(s) => s.flush(),
+            Conn::Unix(s, _) => s.flush(),
             Conn::Tcp(s) => s.flush(),
         }
     }
@@ -255,7 +301,10 @@ impl Server {
                 return Ok(());
             }
             if fds[1].revents != 0 && !self.state.rebooting() {
-                self.accept_all(|| self.api.accept().map(|(s, _)| Conn::Unix(s)), false)?;
+                self.accept_all(
+                    || self.api.accept().map(|(s, _)| Conn::Unix(s, Vec::new())),
+                    false,
+                )?;
             }
             #[cfg(feature = "fault-injection")]
             if INJECT_MAIN_PANIC.swap(false, Ordering::AcqRel) {
@@ -367,7 +416,8 @@ fn serve_connection(conn: Conn, state: &ApiState, metrics_only: bool, timeout: D
         Ok(req) => {
             let span = tracing::info_span!("request", method = %req.method, path = %req.path);
             let _enter = span.enter();
-            let response = state.handle(&req, metrics_only);
+            let fds = conn.conn.take_fds();
+            let response = state.handle_with_fds(&req, metrics_only, fds);
             tracing::debug!(status = response.status, "answered");
             conn.extend(timeout);
             if let Err(e) = response.write_to(&mut conn) {

@@ -97,6 +97,41 @@ fn vm_error_status(err: &VmError, config: Option<&VmConfig>) -> u16 {
     }
 }
 
+/// Match the fds a create request passed to the interfaces that name them by position.
+fn given_taps(
+    config: &VmConfig,
+    fds: Vec<std::fs::File>,
+) -> Result<warmvm_vmm::GivenTaps, ApiError> {
+    let passed = fds.len();
+    let mut fds: Vec<Option<std::fs::File>> = fds.into_iter().map(Some).collect();
+    let mut taps = warmvm_vmm::GivenTaps::default();
+    for (index, net) in config.nets.iter().enumerate() {
+        let Some(fd) = net.tap_fd else { continue };
+        let file = usize::try_from(fd)
+            .ok()
+            .and_then(|i| fds.get_mut(i))
+            .ok_or_else(|| {
+                ApiError::new(
+                    400,
+                    format!(
+                        "tap_fd {fd}: the request passed {passed} fds (tap_fd counts them from 0)"
+                    ),
+                )
+            })?
+            .take()
+            .ok_or_else(|| ApiError::new(400, format!("tap_fd {fd} is named twice")))?;
+        taps.0.insert(index, file);
+    }
+    let unused = fds.iter().filter(|f| f.is_some()).count();
+    if unused > 0 {
+        return Err(ApiError::new(
+            400,
+            format!("{unused} of the {passed} fds passed are not named by any tap_fd"),
+        ));
+    }
+    Ok(taps)
+}
+
 fn config_error_status(err: &ConfigError) -> u16 {
     match err {
         // Valid on its own, but not next to the VMs this host already has.
@@ -124,6 +159,8 @@ fn config_error_status(err: &ConfigError) -> u16 {
         | ConfigError::DuplicateDisk { .. }
         // The document cannot express the name and address rules: refused as unusable.
         | ConfigError::BadTap { .. }
+        | ConfigError::TapOrFd { .. }
+        | ConfigError::BadTapFd { .. }
         | ConfigError::BadMac { .. } => 422,
     }
 }
@@ -400,15 +437,26 @@ impl ApiState {
 
     /// Answer one request. `metrics_only` for the loopback metrics port.
     pub fn handle(&self, req: &Request, metrics_only: bool) -> Response {
+        self.handle_with_fds(req, metrics_only, Vec::new())
+    }
+
+    /// [`ApiState::handle`] for a request that passed `fds` (SCM_RIGHTS on the API socket):
+    /// only VM creation takes any.
+    pub fn handle_with_fds(
+        &self,
+        req: &Request,
+        metrics_only: bool,
+        fds: Vec<std::fs::File>,
+    ) -> Response {
         let started = Instant::now();
-        let response = self.handle_timed(req, metrics_only);
+        let response = self.handle_timed(req, metrics_only, fds);
         if let Some(m) = self.aging() {
             m.record_latency(started.elapsed());
         }
         response
     }
 
-    fn handle_timed(&self, req: &Request, metrics_only: bool) -> Response {
+    fn handle_timed(&self, req: &Request, metrics_only: bool, fds: Vec<std::fs::File>) -> Response {
         #[cfg(feature = "fault-injection")]
         std::thread::sleep(crate::aging::inject::request_delay());
         const METRICS_ONLY: &[crate::routes::Route] = &[crate::routes::Route {
@@ -453,10 +501,23 @@ impl ApiState {
             );
         }
         let name = name.unwrap_or_default();
+        if !fds.is_empty() && op != Op::CreateVm {
+            return Response::error(
+                400,
+                &format!(
+                    "{} {} takes no fds, but {} were passed",
+                    req.method,
+                    req.path,
+                    fds.len()
+                ),
+            );
+        }
         let result = match op {
             Op::Status => Ok(Response::json(200, &self.status())),
             Op::ListVms => Ok(Response::json(200, &self.list())),
-            Op::CreateVm => self.create(&req.body).map(|r| Response::json(201, &r)),
+            Op::CreateVm => self
+                .create_with_fds(&req.body, fds)
+                .map(|r| Response::json(201, &r)),
             Op::ShowVm => self.find(name).map(|vm| Response::json(200, &vm.report())),
             Op::PauseVm => self.pause(name).map(|r| Response::json(200, &r)),
             Op::ResumeVm => self.resume(name).map(|r| Response::json(200, &r)),
@@ -531,13 +592,38 @@ impl ApiState {
                 "the request body must be a VM config as JSON (see VmConfig in docs/openapi.json)",
             ));
         }
+        self.create_with_fds(body, Vec::new())
+    }
+
+    /// [`ApiState::create`] with the fds the request passed: a network interface's
+    /// `tap_fd` is the position of its TAP among them. Every fd passed must be used.
+    pub fn create_with_fds(
+        &self,
+        body: &[u8],
+        fds: Vec<std::fs::File>,
+    ) -> Result<VmReport, ApiError> {
+        if body.iter().all(u8::is_ascii_whitespace) {
+            return Err(ApiError::new(
+                400,
+                "the request body must be a VM config as JSON (see VmConfig in docs/openapi.json)",
+            ));
+        }
         let config: VmConfig = serde_json::from_slice(body)
             .map_err(|e| ApiError::new(400, format!("invalid VM config: {e}")))?;
-        self.create_config(&config)
+        let taps = given_taps(&config, fds)?;
+        self.create_config_with(&config, taps)
     }
 
     /// Create a VM and start it; on failure nothing has changed.
     pub fn create_config(&self, config: &VmConfig) -> Result<VmReport, ApiError> {
+        self.create_config_with(config, warmvm_vmm::GivenTaps::default())
+    }
+
+    fn create_config_with(
+        &self,
+        config: &VmConfig,
+        taps: warmvm_vmm::GivenTaps,
+    ) -> Result<VmReport, ApiError> {
         let span = tracing::info_span!("create", vm = %config.name);
         let _enter = span.enter();
         let vm = {
@@ -545,7 +631,7 @@ impl ApiState {
             if self.shutting_down.load(Ordering::SeqCst) {
                 return Err(ApiError::new(503, "the daemon is shutting down"));
             }
-            let vm = host.create_vm(config).map_err(|e| match e {
+            let vm = host.create_vm_with(config, taps).map_err(|e| match e {
                 HostError::Vm { vm, err } => ApiError::new(
                     vm_error_status(&err, Some(config)),
                     format!("cannot create VM {vm}: {err}"),

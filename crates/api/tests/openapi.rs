@@ -113,6 +113,36 @@ fn report(lifecycle: Lifecycle, guest: Option<GuestFigures>) -> VmReport {
             },
         ],
         unknown_accesses: Default::default(),
+        devices: vec![
+            warmvm_vmm::DeviceReport {
+                name: "disk0".into(),
+                kind: "virtio-blk",
+                mmio_base: 0xd000_0000,
+                irq: None,
+                status: warmvm_vmm::devices::virtio::DeviceHealth::Ok,
+                requests: 12,
+                failures: 0,
+                path: Some("/var/lib/warmvm/site.img".into()),
+                read_only: Some(false),
+                cache: Some(warmvm_vmm::config::CacheMode::None),
+                tap: None,
+                mac: None,
+            },
+            warmvm_vmm::DeviceReport {
+                name: "net0".into(),
+                kind: "virtio-net",
+                mmio_base: 0xd000_1000,
+                irq: Some(6),
+                status: warmvm_vmm::devices::virtio::DeviceHealth::NeedsReset,
+                requests: 40,
+                failures: 1,
+                path: None,
+                read_only: None,
+                cache: None,
+                tap: Some("tap0".into()),
+                mac: Some("02:00:00:00:00:01".into()),
+            },
+        ],
         guest,
     }
 }
@@ -274,14 +304,23 @@ fn request_schemas_match_what_the_server_accepts() {
             read_only: true,
             cache: warmvm_vmm::config::CacheMode::Writeback,
         }],
-        nets: vec![warmvm_vmm::config::NetConfig {
-            tap: "tap0".into(),
-            mac: Some("02:00:00:00:00:01".into()),
-        }],
+        nets: vec![
+            warmvm_vmm::config::NetConfig {
+                tap: Some("tap0".into()),
+                tap_fd: None,
+                mac: Some("02:00:00:00:00:01".into()),
+            },
+            warmvm_vmm::config::NetConfig {
+                tap: None,
+                tap_fd: Some(0),
+                mac: None,
+            },
+        ],
         ..VmConfig::reference("web-1", 64, 2)
     };
     check(&doc, "DiskConfig", &full.disks[0]);
     check(&doc, "NetConfig", &full.nets[0]);
+    check(&doc, "NetConfig", &full.nets[1]);
     check(&doc, "VmConfig", &full);
     check(&doc, "VmConfig", &json!({ "name": "a", "memory_mib": 64 }));
     // ...and every documented field is accepted.

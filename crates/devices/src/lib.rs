@@ -165,6 +165,11 @@ impl Devices {
         results.into_iter().collect()
     }
 
+    /// Each virtio device's standing and counters, in device order.
+    pub fn virtio_info(&self) -> Vec<virtio::DeviceInfo> {
+        self.each_virtio(|d| d.info())
+    }
+
     /// Each virtio device's name (`disk0`, `net0`, ...), protocol failures (times the guest
     /// broke the protocol) and completed requests.
     pub fn virtio_counters(&self) -> Vec<(String, u64, u64)> {

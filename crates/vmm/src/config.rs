@@ -65,6 +65,10 @@ pub enum ConfigError {
     TooManyNets { vm: String },
     #[error("VM {vm}: TAP name {tap:?} is invalid: 1-15 characters from A-Z a-z 0-9 . _ -")]
     BadTap { vm: String, tap: String },
+    #[error("VM {vm}: a network interface needs exactly one of tap and tap_fd")]
+    TapOrFd { vm: String },
+    #[error("VM {vm}: tap_fd {fd} is negative")]
+    BadTapFd { vm: String, fd: i32 },
     #[error("VM {vm}: MAC {mac:?} is not a unicast address like 02:00:00:00:00:01")]
     BadMac { vm: String, mac: String },
     #[error("VM {vm}: {what} must be a path, not empty")]
@@ -179,7 +183,22 @@ pub const MAX_NETS: usize = 4;
 #[serde(deny_unknown_fields)]
 pub struct NetConfig {
     /// The TAP's name: created if missing, or a persistent one (`ip tuntap add`) attached.
-    pub tap: String,
+    /// Exactly one of `tap` and `tap_fd`.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present"
+    )]
+    pub tap: Option<String>,
+    /// A TAP the caller opened and hands over: in a daemon's config file, an fd the daemon
+    /// inherited; in the API, the position of the fd among those the request passed with
+    /// SCM_RIGHTS (0 for the first). Once the VM exists, `tap` holds the TAP's name.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present"
+    )]
+    pub tap_fd: Option<i32>,
     /// The guest's MAC address, `xx:xx:xx:xx:xx:xx`; default: derived from the VM's name.
     #[serde(
         default,
@@ -433,11 +452,18 @@ impl VmConfig {
             return Err(ConfigError::TooManyNets { vm: vm() });
         }
         for n in &self.nets {
-            if !warmvm_devices::virtio::tap::valid_name(&n.tap) {
-                return Err(ConfigError::BadTap {
-                    vm: vm(),
-                    tap: n.tap.clone(),
-                });
+            match (&n.tap, n.tap_fd) {
+                (Some(tap), None) if !warmvm_devices::virtio::tap::valid_name(tap) => {
+                    return Err(ConfigError::BadTap {
+                        vm: vm(),
+                        tap: tap.clone(),
+                    });
+                }
+                (None, Some(fd)) if fd < 0 => {
+                    return Err(ConfigError::BadTapFd { vm: vm(), fd });
+                }
+                (Some(_), None) | (None, Some(_)) => {}
+                _ => return Err(ConfigError::TapOrFd { vm: vm() }),
             }
             if let Some(mac) = &n.mac {
                 if parse_mac(mac).is_none() {
@@ -609,6 +635,9 @@ mod tests {
         assert!(net("tap=\"a/b\"").contains("TAP name"));
         assert!(net("tap=\"tap0\"\nmac=\"01:00:00:00:00:01\"").contains("unicast"));
         assert!(net("tap=\"tap0\"\nmac=\"02:00:00:00:00\"").contains("MAC"));
+        assert!(net("tap=\"tap0\"\ntap_fd=3").contains("exactly one of tap and tap_fd"));
+        assert!(net("mac=\"02:00:00:00:00:01\"").contains("exactly one of tap and tap_fd"));
+        assert!(net("tap_fd=-1").contains("negative"));
         assert_eq!(parse_mac("02:ab:00:00:00:01"), Some([2, 0xab, 0, 0, 0, 1]));
     }
 }

@@ -77,6 +77,15 @@ impl Host {
     /// Create every VM of `config`, all or none: if one fails, those already created are
     /// torn down again and the error names the VM that failed.
     pub fn create_all(&mut self, config: &Config) -> Result<(), HostError> {
+        self.create_all_with(config, std::collections::BTreeMap::new())
+    }
+
+    /// [`Host::create_all`] with TAPs given by fd, per VM name.
+    pub fn create_all_with(
+        &mut self,
+        config: &Config,
+        mut given: std::collections::BTreeMap<String, crate::GivenTaps>,
+    ) -> Result<(), HostError> {
         config.validate(self.limits())?;
         for vm in &config.vms {
             if self.vms.iter().any(|v| v.name() == vm.name) {
@@ -85,7 +94,8 @@ impl Host {
         }
         let mut created = Vec::new();
         for vm in &config.vms {
-            match Vm::create(&self.hv, vm, &self.state_dir) {
+            let taps = given.remove(&vm.name).unwrap_or_default();
+            match Vm::create_with(&self.hv, vm, &self.state_dir, taps) {
                 Ok(v) => created.push(v),
                 Err(err) => {
                     return Err(HostError::Vm {
@@ -101,6 +111,15 @@ impl Host {
 
     /// Create one VM (not started). Nothing changes if it fails.
     pub fn create_vm(&mut self, config: &VmConfig) -> Result<Arc<Vm>, HostError> {
+        self.create_vm_with(config, crate::GivenTaps::default())
+    }
+
+    /// [`Host::create_vm`] with TAPs given by fd.
+    pub fn create_vm_with(
+        &mut self,
+        config: &VmConfig,
+        taps: crate::GivenTaps,
+    ) -> Result<Arc<Vm>, HostError> {
         config.validate(self.limits())?;
         if self.find(&config.name).is_some() {
             return Err(HostError::Exists(config.name.clone()));
@@ -114,9 +133,11 @@ impl Host {
                 host_mib,
             }));
         }
-        let vm = Vm::create(&self.hv, config, &self.state_dir).map_err(|err| HostError::Vm {
-            vm: config.name.clone(),
-            err,
+        let vm = Vm::create_with(&self.hv, config, &self.state_dir, taps).map_err(|err| {
+            HostError::Vm {
+                vm: config.name.clone(),
+                err,
+            }
         })?;
         let vm = Arc::new(vm);
         self.vms.push(vm.clone());

@@ -2,6 +2,7 @@
 //! (an ioeventfd for queue notifications, an irqfd per device for Linux guests), and how a
 //! Linux guest learns of them (`virtio_mmio.device=` on its command line).
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::sync::Arc;
 
@@ -9,11 +10,11 @@ use warmvm_abi::{VIRTIO_MMIO_BASE, VIRTIO_MMIO_STRIDE};
 use warmvm_devices::virtio::block::{open_image, Block};
 use warmvm_devices::virtio::mmio::{MmioHandles, QUEUE_NOTIFY};
 use warmvm_devices::virtio::net::Net;
-use warmvm_devices::virtio::tap::open_tap;
+use warmvm_devices::virtio::tap::{check_tap, open_tap};
 use warmvm_devices::virtio::VirtioCounters;
 use warmvm_devices::{Devices, IrqLine, VirtioMmio};
 
-use crate::config::{DiskConfig, NetConfig};
+use crate::config::DiskConfig;
 use crate::vm::VmError;
 
 /// GSI of the first virtio device's interrupt (COM1 has 4); device i has `FIRST_GSI + i`.
@@ -32,9 +33,170 @@ pub(crate) fn open_disks(disks: &[DiskConfig]) -> Result<Vec<File>, VmError> {
         .collect()
 }
 
-/// Open (or create) each interface's TAP in this process's network namespace.
-pub(crate) fn open_taps(nets: &[NetConfig]) -> Result<Vec<File>, VmError> {
-    nets.iter().map(|n| Ok(open_tap(&n.tap)?)).collect()
+/// TAPs a caller opened and hands to a new VM, by interface index: the interfaces whose
+/// config names a `tap_fd` take theirs from here.
+#[derive(Debug, Default)]
+pub struct GivenTaps(pub BTreeMap<usize, File>);
+
+/// A `tap_fd = N` of a config file that this process cannot take.
+#[derive(Debug, thiserror::Error)]
+pub enum InheritedTapError {
+    #[error("VM {vm}: tap_fd {fd} is not an open fd of this process (pass the TAP's fd to it)")]
+    NotOpen { vm: String, fd: i32 },
+    #[error("VM {vm}: tap_fd {fd} is standard input, output or error, not a TAP")]
+    Standard { vm: String, fd: i32 },
+    #[error("VM {vm}: tap_fd {fd} is named twice in the config")]
+    Twice { vm: String, fd: i32 },
+    #[error("VM {vm}: {err}")]
+    Tap {
+        vm: String,
+        err: warmvm_devices::virtio::tap::TapError,
+    },
+}
+
+/// Take the TAP fds that this process inherited and `config` names (`tap_fd = N`), each
+/// checked to be open, a TAP carrying bare frames, and named once. Call it before this
+/// process opens any TAP of its own: an fd that is a TAP is then certainly an inherited one,
+/// nobody else's to close.
+pub fn take_inherited_taps(
+    config: &crate::Config,
+) -> Result<BTreeMap<String, GivenTaps>, InheritedTapError> {
+    use std::os::fd::{BorrowedFd, FromRawFd};
+    let mut seen = std::collections::BTreeSet::new();
+    let mut out: BTreeMap<String, GivenTaps> = BTreeMap::new();
+    for vm in &config.vms {
+        for (index, net) in vm.nets.iter().enumerate() {
+            let Some(fd) = net.tap_fd else { continue };
+            let err_vm = || vm.name.clone();
+            if fd <= 2 {
+                return Err(InheritedTapError::Standard { vm: err_vm(), fd });
+            }
+            if !seen.insert(fd) {
+                return Err(InheritedTapError::Twice { vm: err_vm(), fd });
+            }
+            // SAFETY: F_GETFD only reads the flags of fd `fd`, if it is open.
+            if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+                return Err(InheritedTapError::NotOpen { vm: err_vm(), fd });
+            }
+            // SAFETY: `fd` is open (checked above) and stays open while borrowed here.
+            let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+            check_tap(borrowed).map_err(|err| InheritedTapError::Tap { vm: err_vm(), err })?;
+            // SAFETY: `fd` is an open TAP that this process did not open itself (it opens
+            // none before this), named once: an inherited fd that nothing else owns.
+            let file = unsafe { File::from_raw_fd(fd) };
+            out.entry(vm.name.clone())
+                .or_default()
+                .0
+                .insert(index, file);
+        }
+    }
+    Ok(out)
+}
+
+/// Open (or create) each interface's TAP in this process's network namespace, or take the
+/// one given for it after checking it is a TAP; the config with every TAP's name filled in,
+/// so that what crosses a warm reboot names the interface.
+pub(crate) fn open_taps(
+    config: &crate::VmConfig,
+    mut given: GivenTaps,
+) -> Result<(Vec<File>, crate::VmConfig), VmError> {
+    let mut config = config.clone();
+    let mut files = Vec::new();
+    for (index, net) in config.nets.iter_mut().enumerate() {
+        let file = match (net.tap_fd, &net.tap) {
+            (Some(fd), _) => {
+                let file = given
+                    .0
+                    .remove(&index)
+                    .ok_or(VmError::TapFdMissing { index, fd })?;
+                // From here on the VM knows the TAP by name: an fd number means nothing
+                // to the next process, and a cold reboot opens the TAP by its name.
+                net.tap = Some(check_tap(std::os::fd::AsFd::as_fd(&file))?);
+                net.tap_fd = None;
+                file
+            }
+            (None, Some(name)) => open_tap(name)?,
+            (None, None) => return Err(VmError::TapFdMissing { index, fd: -1 }),
+        };
+        files.push(file);
+    }
+    Ok((files, config))
+}
+
+/// A virtio device as a VM's report shows it: where the guest finds it, what backs it on
+/// the host, how it stands with its driver, and its counters.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct DeviceReport {
+    /// `disk0`, `net0`, ... (the name in metrics and in the handover's fd table).
+    pub name: String,
+    /// `virtio-blk` or `virtio-net`.
+    pub kind: &'static str,
+    /// The guest-physical address of its 4 KiB virtio-mmio window.
+    pub mmio_base: u64,
+    /// Its interrupt (GSI), for a guest with a kernel; none for the polling reference guest.
+    pub irq: Option<u32>,
+    pub status: warmvm_devices::virtio::DeviceHealth,
+    /// Requests completed (block requests, frames received and sent).
+    pub requests: u64,
+    /// Times the guest broke the protocol.
+    pub failures: u64,
+    /// Disks: the image, whether read-only, and the cache mode.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<std::path::PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub read_only: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache: Option<warmvm_devices::virtio::block::CacheMode>,
+    /// Network interfaces: the TAP (also when it was passed as an fd) and the guest's MAC.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tap: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+}
+
+/// The reports of a VM's devices, from its config (disks, then interfaces: the order
+/// [`attach`] gives them windows and GSIs) and their live figures.
+pub(crate) fn reports(
+    config: &crate::VmConfig,
+    infos: Vec<warmvm_devices::virtio::DeviceInfo>,
+    linux: bool,
+) -> Vec<DeviceReport> {
+    infos
+        .into_iter()
+        .enumerate()
+        .map(|(i, info)| {
+            let mut r = DeviceReport {
+                name: info.name,
+                kind: "virtio-net",
+                mmio_base: window(i),
+                irq: linux.then_some(FIRST_GSI + i as u32),
+                status: info.health,
+                requests: info.requests,
+                failures: info.failures,
+                path: None,
+                read_only: None,
+                cache: None,
+                tap: None,
+                mac: None,
+            };
+            if let Some(d) = config.disks.get(i) {
+                r.kind = "virtio-blk";
+                r.path = Some(d.path.clone());
+                r.read_only = Some(d.read_only);
+                r.cache = Some(d.cache);
+            } else if let Some(n) = config.nets.get(i - config.disks.len()) {
+                let mac = n.mac_for(&config.name, i - config.disks.len());
+                r.tap = n.tap.clone();
+                r.mac = Some(
+                    mac.iter()
+                        .map(|b| format!("{b:02x}"))
+                        .collect::<Vec<_>>()
+                        .join(":"),
+                );
+            }
+            r
+        })
+        .collect()
 }
 
 /// What a Linux guest's command line needs to find the devices.

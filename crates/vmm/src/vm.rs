@@ -54,6 +54,8 @@ pub enum VmError {
     Bus(#[from] warmvm_devices::BusError),
     #[error("{0}")]
     Tap(#[from] warmvm_devices::virtio::tap::TapError),
+    #[error("network interface {index} names tap_fd {fd}, but no such TAP fd was passed")]
+    TapFdMissing { index: usize, fd: i32 },
     #[error("{disks} virtio devices but {fds} host fds")]
     DiskFds { disks: usize, fds: usize },
     #[error("vCPU {vcpu} of VM {vm} did not respond within {secs} s")]
@@ -252,6 +254,8 @@ pub struct VmReport {
     pub ram_resident_mib: u64,
     pub exits: Vec<VcpuStats>,
     pub unknown_accesses: warmvm_devices::unknown::UnknownCounts,
+    /// The VM's virtio devices, disks first.
+    pub devices: Vec<crate::virtio::DeviceReport>,
     pub guest: Option<GuestFigures>,
 }
 
@@ -259,6 +263,18 @@ impl Vm {
     /// Build a VM and its vCPU threads, ready to [`start`](Vm::start): everything that can
     /// fail happens here.
     pub fn create(hv: &Hypervisor, config: &VmConfig, state_dir: &Path) -> Result<Self, VmError> {
+        Self::create_with(hv, config, state_dir, crate::virtio::GivenTaps::default())
+    }
+
+    /// [`Vm::create`] with TAPs the caller opened (for the interfaces that name a `tap_fd`).
+    pub fn create_with(
+        hv: &Hypervisor,
+        config: &VmConfig,
+        state_dir: &Path,
+        given: crate::virtio::GivenTaps,
+    ) -> Result<Self, VmError> {
+        let (taps, config) = crate::virtio::open_taps(config, given)?;
+        let config = &config;
         let ram = GuestRam::create(&config.name, config.memory_mib << 20, config.hugepages)?;
         let read = |what, path: &PathBuf| {
             std::fs::read(path).map_err(|err| VmError::ReadFile {
@@ -280,7 +296,7 @@ impl Vm {
         let linux_devices = image.is_some();
         let host_files = crate::virtio::HostFiles {
             disks: crate::virtio::open_disks(&config.disks)?,
-            taps: crate::virtio::open_taps(&config.nets)?,
+            taps,
         };
         let virtio_devices = config.disks.len() + config.nets.len();
         let (kvm_vm, irq) = build_kvm_vm(hv, &ram, linux_devices)?;
@@ -660,6 +676,11 @@ impl Vm {
             ram_resident_mib: self.shared.ram.resident_bytes() >> 20,
             exits: self.handles().iter().map(|h| h.stats()).collect(),
             unknown_accesses: self.shared.devices.unknown.counts(),
+            devices: crate::virtio::reports(
+                &self.config,
+                self.shared.devices.virtio_info(),
+                self.linux_devices,
+            ),
             guest: self.guest_figures(),
         }
     }

@@ -1,14 +1,13 @@
 //! `warmvm bench cache`: a reference guest serving HTTP from its disk through its page
-//! cache, driven by wrk from inside a network namespace of the bench's own, with and without
-//! a warm reboot of the daemon in the middle. It reports what clients see: requests per
-//! second and latency without a reboot; with one, the longest gap between successful
-//! responses (next to the longest gap in the same window of the run without a reboot, the
-//! host's noise), failed connections, and throughput in the first 1, 5 and 30 s after the
-//! reboot relative to the 5 s before it.
-//!
-//! wrk has no fixed-rate mode: it keeps a fixed number of connections busy (closed loop).
-//! A Lua script logs the CLOCK_MONOTONIC time of every response, which is where the gaps
-//! come from.
+//! cache, loaded from inside a network namespace of the bench's own, across a warm, a
+//! saved and a cold reboot of the daemon. It reports what clients see. wrk, as fast as it
+//! can without a reboot, gives the maximum requests per second and latency. httperf, at a
+//! fixed request rate (`--rate`), drives one run without a reboot and one per reboot mode;
+//! for each mode: the client-visible blackout (the longest gap between successful responses
+//! around the reboot), failed or reset connections, and throughput in the first 1, 5 and
+//! 30 s after the guest answers again relative to the 5 s before the reboot request. The
+//! run without a reboot, measured over the same windows, is the noise each figure is to be
+//! compared with.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
@@ -17,6 +16,9 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use warmvm_api::Client;
 
+use crate::bench_cache_load::{
+    httperf, monotonic_ns, parse_wrk, FixedRate, Run, GUEST_IP, WRK_SCRIPT,
+};
 use crate::cli::{Failure, EXIT_HOST, EXIT_VM_FAILED};
 
 #[derive(clap::Args, Debug)]
@@ -24,13 +26,23 @@ pub struct CacheArgs {
     /// Print one JSON document (the global `--json`).
     #[arg(skip)]
     pub json: bool,
-    /// Length of each wrk run, in seconds.
+    /// Length of each load run, in seconds.
     #[arg(long, default_value_t = 40, value_parser = clap::value_parser!(u64).range(3..=3600))]
     pub duration_secs: u64,
-    /// When the warm reboot happens in its run, in seconds from its start.
+    /// When the reboot happens in its run, in seconds from its start.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub reboot_after_secs: u64,
-    /// wrk connections (the guest serves 8 at once).
+    /// The fixed request rate of the reboot runs (httperf), requests per second.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=10000))]
+    pub rate: u32,
+    /// Keep-alive sessions sharing the fixed rate (each makes a request every
+    /// sessions / rate seconds; the reference guest serves 8 connections at once).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=8))]
+    pub sessions: u32,
+    /// The reboot modes to measure, in this order (comma-separated: warm, saved, cold).
+    #[arg(long, value_delimiter = ',', default_value = "warm,saved,cold")]
+    pub modes: Vec<crate::cli::RebootMode>,
+    /// wrk connections for the maximum-throughput run (the guest serves 8 at once).
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=8))]
     pub connections: u32,
     /// Files in the guest's archive, 64 KiB each.
@@ -41,49 +53,10 @@ pub struct CacheArgs {
     pub cache_mib: u64,
 }
 
-const GUEST_IP: &str = "10.78.0.2";
 const HOST_CIDR: &str = "10.78.0.1/24";
 const TAP: &str = "wvbench0";
 const FILE_BYTES: usize = 64 << 10;
-
-const WRK_SCRIPT: &str = r#"
-local ffi = require("ffi")
-ffi.cdef[[
-typedef struct { long tv_sec; long tv_nsec; } wvm_timespec;
-int clock_gettime(int clk, wvm_timespec *tp);
-]]
-local ts = ffi.new("wvm_timespec")
-local files = tonumber(os.getenv("WARMVM_FILES"))
-local counter = 0
-function setup(thread)
-  counter = counter + 1
-  thread:set("id", counter)
-end
-local out
-local n = 0
-function init(args)
-  out = io.open(os.getenv("WARMVM_LOG") .. "." .. id, "w")
-  out:setvbuf("line")
-end
-function request()
-  n = n + 1
-  return wrk.format("GET", "/f" .. (n % files) .. ".bin")
-end
-function response(status, headers, body)
-  ffi.C.clock_gettime(1, ts)
-  out:write(tostring(ts.tv_sec * 1000000000 + ts.tv_nsec), " ", status, "\n")
-end
-"#;
-
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes a timespec into the pointer it is given.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
+const SEC: u64 = 1_000_000_000;
 
 fn ustar(files: &[(String, Vec<u8>)]) -> Vec<u8> {
     let mut out = warmvm_vmm::testing::ustar_entries(files);
@@ -191,7 +164,7 @@ impl Setup {
             ));
         }
         let deadline = Instant::now() + Duration::from_secs(60);
-        while s.stats().is_err() {
+        while s.stats_once().is_err() {
             if Instant::now() > deadline {
                 return Err("the guest never served HTTP".into());
             }
@@ -200,8 +173,21 @@ impl Setup {
         Ok(s)
     }
 
-    /// The guest's `/stats`, fetched with curl inside the namespace.
+    /// The guest's `/stats`, fetched with curl inside the namespace; a guest that a cold
+    /// reboot is booting again gets 30 s to answer.
     fn stats(&self) -> Result<Value, String> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match self.stats_once() {
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(200))
+                }
+                r => return r,
+            }
+        }
+    }
+
+    fn stats_once(&self) -> Result<Value, String> {
         let out = run(Command::new("ip").args([
             "netns",
             "exec",
@@ -216,8 +202,8 @@ impl Setup {
         serde_json::from_str(&out).map_err(|e| e.to_string())
     }
 
-    /// One wrk run of `secs`, with a warm reboot after `reboot_after` if given.
-    fn wrk(&self, args: &CacheArgs, secs: u64, reboot_after: Option<u64>) -> Result<Run, String> {
+    /// One wrk run of `secs`, as fast as the guest answers.
+    fn wrk(&self, args: &CacheArgs, secs: u64) -> Result<Run, String> {
         let script = self.dir.join("log.lua");
         std::fs::write(&script, WRK_SCRIPT).map_err(|e| e.to_string())?;
         let log = self.dir.join(format!("responses-{}", monotonic_ns()));
@@ -237,24 +223,6 @@ impl Setup {
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| format!("cannot run wrk (apt-get install wrk): {e}"))?;
-        let mut reboot = None;
-        if let Some(after) = reboot_after {
-            std::thread::sleep(Duration::from_secs(after));
-            let t0 = monotonic_ns();
-            let r = self
-                .client
-                .raw("PUT", "/v1/reboot", Some(br#"{"mode":"warm"}"#))
-                .map_err(|e| e.to_string())?;
-            let t1 = monotonic_ns();
-            if r.status != 200 {
-                return Err(format!(
-                    "the warm reboot failed: {}",
-                    String::from_utf8_lossy(&r.body)
-                ));
-            }
-            let report: Value = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
-            reboot = Some((t0, t1, report));
-        }
         let out = child.wait_with_output().map_err(|e| e.to_string())?;
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         if !out.status.success() {
@@ -294,13 +262,44 @@ impl Setup {
             }
         }
         ok.sort_unstable();
+        let tool = parse_wrk(&text);
         Ok(Run {
             started_ns,
             ended_ns: monotonic_ns(),
             ok,
-            non_200: bad,
-            wrk: parse_wrk(&text),
-            reboot,
+            failed: tool["socket_errors"].as_u64().unwrap_or(0) + bad,
+            tool,
+            reboot: None,
+        })
+    }
+
+    /// A fixed-rate httperf run; with `mode`, that reboot of the daemon `reboot_after`
+    /// seconds in.
+    fn fixed_rate(&self, args: &CacheArgs, mode: Option<&str>) -> Result<Run, String> {
+        let load = FixedRate {
+            rate: args.rate,
+            sessions: args.sessions,
+            files: args.files,
+            secs: args.duration_secs,
+        };
+        httperf(&self.netns, &self.dir, &load, || {
+            let Some(mode) = mode else { return Ok(None) };
+            std::thread::sleep(Duration::from_secs(args.reboot_after_secs));
+            let t0 = monotonic_ns();
+            let body = format!(r#"{{"mode":"{mode}"}}"#);
+            let r = self
+                .client
+                .raw("PUT", "/v1/reboot", Some(body.as_bytes()))
+                .map_err(|e| e.to_string())?;
+            let t1 = monotonic_ns();
+            if r.status != 200 {
+                return Err(format!(
+                    "the {mode} reboot failed: {}",
+                    String::from_utf8_lossy(&r.body)
+                ));
+            }
+            let report: Value = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
+            Ok(Some((t0, t1, report)))
         })
     }
 }
@@ -331,68 +330,6 @@ impl Drop for Setup {
     }
 }
 
-struct Run {
-    started_ns: u64,
-    ended_ns: u64,
-    /// CLOCK_MONOTONIC of every successful response, sorted.
-    ok: Vec<u64>,
-    non_200: u64,
-    wrk: Value,
-    /// (request sent, answer received, the daemon's report)
-    reboot: Option<(u64, u64, Value)>,
-}
-
-/// What wrk printed: requests/s, latency percentiles, socket errors.
-fn parse_wrk(text: &str) -> Value {
-    let mut v = json!({});
-    let ms = |s: &str| -> Option<f64> {
-        let s = s.trim();
-        if let Some(x) = s.strip_suffix("us") {
-            x.parse::<f64>().ok().map(|x| x / 1000.0)
-        } else if let Some(x) = s.strip_suffix("ms") {
-            x.parse().ok()
-        } else if let Some(x) = s.strip_suffix('s') {
-            x.parse::<f64>().ok().map(|x| x * 1000.0)
-        } else {
-            None
-        }
-    };
-    let mut errors = 0u64;
-    for line in text.lines() {
-        let t = line.trim();
-        if let Some(r) = t.strip_prefix("Requests/sec:") {
-            v["requests_per_sec"] = json!(r.trim().parse::<f64>().ok());
-        }
-        for p in ["50%", "75%", "90%", "99%"] {
-            if let Some(r) = t.strip_prefix(p) {
-                v[format!("latency_p{}_ms", &p[..2])] = json!(ms(r));
-            }
-        }
-        if let Some(r) = t.strip_prefix("Socket errors:") {
-            for part in r.split(',') {
-                if let Some(n) = part
-                    .split_whitespace()
-                    .last()
-                    .and_then(|n| n.parse::<u64>().ok())
-                {
-                    errors += n;
-                }
-            }
-        }
-        if let Some(r) = t.strip_prefix("Non-2xx or 3xx responses:") {
-            v["non_2xx"] = json!(r.trim().parse::<u64>().ok());
-        }
-        if t.contains("requests in") {
-            v["requests"] = json!(t
-                .split_whitespace()
-                .next()
-                .and_then(|n| n.parse::<u64>().ok()));
-        }
-    }
-    v["socket_errors"] = json!(errors);
-    v
-}
-
 /// Responses in [from, to) per second.
 fn rate(ok: &[u64], from: u64, to: u64) -> Option<f64> {
     if to <= from {
@@ -402,20 +339,80 @@ fn rate(ok: &[u64], from: u64, to: u64) -> Option<f64> {
     Some(n as f64 / ((to - from) as f64 / 1e9))
 }
 
-/// The longest gap between successive responses in [from, to), in ms (edges included).
-fn longest_gap_ms(ok: &[u64], from: u64, to: u64) -> f64 {
+/// The longest gap between successive responses in [from, to) (edges included), in ms, and
+/// when it ended: the first response after it (`to` if none came).
+fn longest_gap(ok: &[u64], from: u64, to: u64) -> (f64, u64) {
     let mut last = from;
-    let mut gap = 0u64;
+    let (mut gap, mut end) = (0u64, from);
     for &t in ok.iter().filter(|&&t| t >= from && t < to) {
-        gap = gap.max(t - last);
+        if t - last > gap {
+            (gap, end) = (t - last, t);
+        }
         last = t;
     }
-    gap = gap.max(to.saturating_sub(last));
-    gap as f64 / 1e6
+    if to.saturating_sub(last) > gap {
+        (gap, end) = (to - last, to);
+    }
+    (gap as f64 / 1e6, end)
+}
+
+/// The end (the first response after it) of the longest gap between responses that
+/// overlaps [from, to]; `to` itself if none came after it.
+fn gap_across(ok: &[u64], from: u64, to: u64) -> u64 {
+    let first = ok.partition_point(|&t| t < from);
+    let mut last = if first == 0 { from } else { ok[first - 1] };
+    let (mut gap, mut end) = (0u64, to);
+    for &t in &ok[first..] {
+        if t - last > gap {
+            (gap, end) = (t - last, t);
+        }
+        if t > to {
+            break;
+        }
+        last = t;
+    }
+    end
 }
 
 fn round(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
+}
+
+/// The figures of one fixed-rate run around a reboot at [r0, r1] (offsets from the start
+/// of `run`; for the run without a reboot, the same offsets as the reboot run it is the
+/// noise of).
+fn figures(run: &Run, r0: u64, r1: u64) -> Value {
+    let (t0, t1) = (run.started_ns + r0, run.started_ns + r1);
+    // The window around the reboot: 1 s before the request to 1 s after the answer.
+    let (blackout_ms, _) = longest_gap(
+        &run.ok,
+        t0.saturating_sub(SEC).max(run.started_ns),
+        t1 + SEC,
+    );
+    // The guest answers again at the end of the gap that spans the reboot request and its
+    // answer (the longest gap touching them, if responses came in between).
+    let resumed = gap_across(&run.ok, t0, t1);
+    let before = rate(&run.ok, t0.saturating_sub(5 * SEC).max(run.started_ns), t0);
+    // Measured from the first response after the blackout: a first second measured from the
+    // reboot request would count the blackout itself as lost throughput.
+    let after = |secs: u64| {
+        let to = resumed + secs * SEC;
+        (to <= run.ended_ns)
+            .then(|| rate(&run.ok, resumed, to))
+            .flatten()
+            .zip(before)
+            .map(|(a, b)| round(a / b))
+    };
+    json!({
+        "client_blackout_ms": round(blackout_ms),
+        "resumed_ms_after_request": round(resumed.saturating_sub(t0) as f64 / 1e6),
+        "failed_or_reset": run.failed,
+        "failed_detail": run.tool,
+        "requests_per_sec_before": before.map(round),
+        "throughput_after_1s": after(1),
+        "throughput_after_5s": after(5),
+        "throughput_after_30s": after(30),
+    })
 }
 
 pub fn cache(args: &CacheArgs) -> Result<ExitCode, Failure> {
@@ -429,111 +426,138 @@ pub fn cache(args: &CacheArgs) -> Result<ExitCode, Failure> {
         .map_err(|e| Failure::new(EXIT_HOST, format!("cannot find this binary: {e}")))?;
     let setup = Setup::start(&exe, args).map_err(|e| Failure::new(EXIT_HOST, e))?;
     let fail = |e: String| Failure::new(EXIT_VM_FAILED, e);
+    let misses = |v: &Value| v["misses"].as_u64().unwrap_or(0);
     let cold = setup.stats().map_err(fail)?;
     // Warm the cache: every file, several times over.
-    setup.wrk(args, 2, None).map_err(fail)?;
+    setup.wrk(args, 2).map_err(fail)?;
     let warm = setup.stats().map_err(fail)?;
-    let steady = setup.wrk(args, args.duration_secs, None).map_err(fail)?;
-    let before_reboot_stats = setup.stats().map_err(fail)?;
-    let rebooted = setup
-        .wrk(args, args.duration_secs, Some(args.reboot_after_secs))
-        .map_err(fail)?;
-    let after_stats = setup.stats().map_err(fail)?;
+    let max = setup.wrk(args, args.duration_secs).map_err(fail)?;
+    let steady = setup.fixed_rate(args, None).map_err(fail)?;
 
-    let (r0, r1, report) = rebooted.reboot.clone().unwrap_or((0, 0, Value::Null));
-    let window = |run: &Run, rel_from: u64, rel_to: u64| {
-        longest_gap_ms(&run.ok, run.started_ns + rel_from, run.started_ns + rel_to)
-    };
-    // The window around the reboot: 1 s before the request to 1 s after the answer; the
-    // same stretch of the run without a reboot is the noise to compare with.
-    let rel_from = (r0 - rebooted.started_ns).saturating_sub(1_000_000_000);
-    let rel_to = (r1 - rebooted.started_ns) + 1_000_000_000;
-    let blackout_ms = window(&rebooted, rel_from, rel_to);
-    let noise_ms = window(&steady, rel_from, rel_to);
-    let before = rate(
-        &rebooted.ok,
-        r0.saturating_sub(5_000_000_000).max(rebooted.started_ns),
-        r0,
-    );
-    let after = |secs: u64| {
-        let to = r1 + secs * 1_000_000_000;
-        (to <= rebooted.ended_ns)
-            .then(|| rate(&rebooted.ok, r1, to))
-            .flatten()
-            .zip(before)
-            .map(|(a, b)| round(a / b))
-    };
-    let failed = rebooted.wrk["socket_errors"].as_u64().unwrap_or(0) + rebooted.non_200;
-    let misses = |v: &Value| v["misses"].as_u64().unwrap_or(0);
+    let mut modes = Vec::new();
+    for mode in &args.modes {
+        let name = mode.name();
+        // Each mode starts from a warm cache (a cold reboot empties it).
+        setup.wrk(args, 2).map_err(fail)?;
+        let before = setup.stats().map_err(fail)?;
+        let run = match setup.fixed_rate(args, Some(name)) {
+            Ok(run) => run,
+            // A mode this build cannot perform for this VM is reported, not fatal.
+            Err(e) if e.starts_with(&format!("the {name} reboot failed")) => {
+                modes.push(json!({"mode": name, "error": e}));
+                continue;
+            }
+            Err(e) => return Err(fail(e)),
+        };
+        let after = setup.stats().map_err(fail)?;
+        let (t0, t1, report) = run.reboot.clone().unwrap_or((0, 0, Value::Null));
+        let (r0, r1) = (t0 - run.started_ns, t1 - run.started_ns);
+        let mut f = figures(&run, r0, r1);
+        f["mode"] = json!(name);
+        f["host_blackout_ms"] = json!(report["host_blackout_us"]
+            .as_u64()
+            .or(report["host_downtime_us"].as_u64())
+            .map(|us| us as f64 / 1000.0));
+        // A cold reboot restarts the guest (its uptime starts again): every miss is new.
+        let uptime = |v: &Value| v["uptime_ms"].as_u64().unwrap_or(0);
+        f["new_cache_misses"] = json!(if uptime(&after) < uptime(&before) {
+            misses(&after)
+        } else {
+            misses(&after).saturating_sub(misses(&before))
+        });
+        f["noise"] = figures(&steady, r0, r1);
+        modes.push(f);
+    }
+
     let doc = json!({
         "bench": "cache",
-        "load": {"tool": "wrk", "mode": "closed loop", "connections": args.connections,
-                 "duration_secs": args.duration_secs, "files": args.files, "file_bytes": FILE_BYTES},
+        "load": {"fixed_rate": {"tool": "httperf", "requests_per_sec": args.rate,
+                                "sessions": args.sessions},
+                 "max_throughput": {"tool": "wrk", "connections": args.connections},
+                 "duration_secs": args.duration_secs, "reboot_after_secs": args.reboot_after_secs,
+                 "files": args.files, "file_bytes": FILE_BYTES},
         "guest_cache_mib": args.cache_mib,
         "cold_cache": {"hits": cold["hits"], "misses": misses(&cold)},
         "after_warm_up": {"misses": misses(&warm)},
         "no_reboot": {
-            "requests_per_sec": steady.wrk["requests_per_sec"],
-            "latency_p50_ms": steady.wrk["latency_p50_ms"],
-            "latency_p90_ms": steady.wrk["latency_p90_ms"],
-            "latency_p99_ms": steady.wrk["latency_p99_ms"],
-            "failed": steady.wrk["socket_errors"].as_u64().unwrap_or(0) + steady.non_200,
-            "longest_gap_ms_in_reboot_window": round(noise_ms),
-        },
-        "warm_reboot": {
-            "client_blackout_ms": round(blackout_ms),
-            "host_blackout_ms": report["host_blackout_us"].as_u64().map(|us| us as f64 / 1000.0),
-            "failed_or_reset": failed,
-            "failed_detail": {
-                "connect": rebooted.wrk["socket_errors_connect"].as_u64().unwrap_or(0),
-                "read": rebooted.wrk["socket_errors_read"].as_u64().unwrap_or(0),
-                "write": rebooted.wrk["socket_errors_write"].as_u64().unwrap_or(0),
-                "timeout": rebooted.wrk["socket_errors_timeout"].as_u64().unwrap_or(0),
-                "non_200": rebooted.non_200,
+            "requests_per_sec": max.tool["requests_per_sec"],
+            "latency_p50_ms": max.tool["latency_p50_ms"],
+            "latency_p90_ms": max.tool["latency_p90_ms"],
+            "latency_p99_ms": max.tool["latency_p99_ms"],
+            "failed": max.failed,
+            "fixed_rate": {
+                "requests_per_sec": rate(&steady.ok, steady.started_ns, steady.ended_ns).map(round),
+                "failed": steady.failed,
+                "reply_time_ms": steady.tool["reply_time_ms"],
             },
-            "requests_per_sec_before": before.map(round),
-            "throughput_after_1s": after(1),
-            "throughput_after_5s": after(5),
-            "throughput_after_30s": after(30),
-            "new_cache_misses": misses(&after_stats).saturating_sub(misses(&before_reboot_stats)),
-            "requests_per_sec": rebooted.wrk["requests_per_sec"],
         },
+        "reboots": modes,
     });
     if args.json {
         println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
     } else {
-        let w = &doc["warm_reboot"];
-        let n = &doc["no_reboot"];
-        let show = |v: &Value| match v {
-            Value::Null => "-".to_string(),
-            v => v.to_string(),
-        };
-        println!("HTTP from the guest's page cache, wrk -c{} for {} s per run ({} files of 64 KiB, cache {} MiB)", args.connections, args.duration_secs, args.files, args.cache_mib);
-        println!(
-            "  cold guest: {} misses before any request; {} after the warm-up",
-            misses(&cold),
-            misses(&warm)
-        );
-        println!(
-            "  no reboot : {} req/s, latency p50 {} ms, p90 {} ms, p99 {} ms, {} failed",
-            show(&n["requests_per_sec"]),
-            show(&n["latency_p50_ms"]),
-            show(&n["latency_p90_ms"]),
-            show(&n["latency_p99_ms"]),
-            show(&n["failed"])
-        );
-        println!("  reboot    | client blackout | noise (same window, no reboot) | failed/reset | after 1 s | after 5 s | after 30 s | new misses");
-        println!(
-            "  warm      | {:>12} ms | {:>27} ms | {:>12} | {:>9} | {:>9} | {:>10} | {:>10}",
-            show(&w["client_blackout_ms"]),
-            show(&n["longest_gap_ms_in_reboot_window"]),
-            show(&w["failed_or_reset"]),
-            show(&w["throughput_after_1s"]),
-            show(&w["throughput_after_5s"]),
-            show(&w["throughput_after_30s"]),
-            show(&w["new_cache_misses"])
-        );
-        println!("  (throughput after the reboot relative to the 5 s before it; saved and cold reboots do not exist yet)");
+        print_table(args, &doc);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn print_table(args: &CacheArgs, doc: &Value) {
+    let n = &doc["no_reboot"];
+    let show = |v: &Value| match v {
+        Value::Null => "-".to_string(),
+        v => v.to_string(),
+    };
+    println!(
+        "HTTP from the guest's page cache: {} files of 64 KiB, cache {} MiB, {} s per run",
+        args.files, args.cache_mib, args.duration_secs
+    );
+    println!(
+        "  cold guest: {} misses before any request; {} after the warm-up",
+        show(&doc["cold_cache"]["misses"]),
+        show(&doc["after_warm_up"]["misses"])
+    );
+    println!(
+        "  no reboot, wrk -c{}: {} req/s, latency p50 {} ms, p90 {} ms, p99 {} ms, {} failed",
+        args.connections,
+        show(&n["requests_per_sec"]),
+        show(&n["latency_p50_ms"]),
+        show(&n["latency_p90_ms"]),
+        show(&n["latency_p99_ms"]),
+        show(&n["failed"])
+    );
+    println!(
+        "  no reboot, httperf at {} req/s ({} keep-alive sessions): {} req/s answered, {} failed",
+        args.rate,
+        args.sessions,
+        show(&n["fixed_rate"]["requests_per_sec"]),
+        show(&n["fixed_rate"]["failed"])
+    );
+    println!("  reboot | client blackout ms | resumed after ms | failed/reset | after 1 s | after 5 s | after 30 s | new misses | host ms");
+    for m in doc["reboots"].as_array().into_iter().flatten() {
+        if let Some(e) = m["error"].as_str() {
+            println!(
+                "  {:<6} | not measured: {e}",
+                show(&m["mode"]).replace('"', "")
+            );
+            continue;
+        }
+        for (label, f) in [
+            (show(&m["mode"]).replace('"', ""), m),
+            ("  noise".to_string(), &m["noise"]),
+        ] {
+            println!(
+                "  {:<6} | {:>18} | {:>16} | {:>12} | {:>9} | {:>9} | {:>10} | {:>10} | {:>7}",
+                label,
+                show(&f["client_blackout_ms"]),
+                show(&f["resumed_ms_after_request"]),
+                show(&f["failed_or_reset"]),
+                show(&f["throughput_after_1s"]),
+                show(&f["throughput_after_5s"]),
+                show(&f["throughput_after_30s"]),
+                show(&f["new_cache_misses"]),
+                show(&f["host_blackout_ms"]),
+            );
+        }
+    }
+    println!("  (throughput from the first response after the blackout, relative to the 5 s before the reboot request; noise: the run without a reboot over the same windows)");
 }

@@ -288,12 +288,13 @@ pub struct VmFlags {
     #[arg(long = "disk", value_name = "PATH[,ro][,cache=MODE]", value_parser = disk_arg)]
     pub disks: Vec<warmvm_vmm::config::DiskConfig>,
     /// A virtio-net interface on TAP device NAME (created, or a persistent one attached),
-    /// optionally `,mac=xx:xx:xx:xx:xx:xx`. Repeat for more interfaces.
-    #[arg(long = "net", value_name = "TAP[,mac=MAC]", value_parser = net_arg)]
+    /// or on a TAP this command has open as fd N (`tap-fd=N`: the fd is passed to the
+    /// daemon), optionally `,mac=xx:xx:xx:xx:xx:xx`. Repeat for more interfaces.
+    #[arg(long = "net", value_name = "TAP|tap-fd=N[,mac=MAC]", value_parser = net_arg)]
     pub nets: Vec<warmvm_vmm::config::NetConfig>,
 }
 
-/// `--net TAP[,mac=xx:xx:xx:xx:xx:xx]`.
+/// `--net TAP|tap-fd=N[,mac=xx:xx:xx:xx:xx:xx]`.
 fn net_arg(s: &str) -> Result<warmvm_vmm::config::NetConfig, String> {
     let mut parts = s.split(',');
     let tap = parts
@@ -301,9 +302,19 @@ fn net_arg(s: &str) -> Result<warmvm_vmm::config::NetConfig, String> {
         .filter(|t| !t.is_empty())
         .ok_or("no TAP name")?;
     let mut net = warmvm_vmm::config::NetConfig {
-        tap: tap.to_string(),
+        tap: Some(tap.to_string()),
+        tap_fd: None,
         mac: None,
     };
+    if let Some(fd) = tap.strip_prefix("tap-fd=") {
+        let fd: i32 = fd
+            .parse()
+            .ok()
+            .filter(|&fd| fd > 2)
+            .ok_or_else(|| format!("tap-fd={fd}: not an fd number above 2"))?;
+        net.tap = None;
+        net.tap_fd = Some(fd);
+    }
     for opt in parts {
         match opt.strip_prefix("mac=") {
             Some(mac) if warmvm_vmm::config::parse_mac(mac).is_some() => {

@@ -155,7 +155,16 @@ pub fn vm(cmd: VmCommand, api: &ApiArgs) -> Result<ExitCode, Failure> {
                 Some(path) => read_vm_config(&path)?,
                 None => vm_from_flags(flags)?,
             };
-            let r = client(api).create(&vm)?;
+            for fd in vm.nets.iter().filter_map(|n| n.tap_fd) {
+                // SAFETY: F_GETFD only reads the flags of fd `fd`, if it is open.
+                if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+                    return Err(Failure::new(
+                        EXIT_BAD_INPUT,
+                        format!("tap-fd={fd}: this command has no open fd {fd} to pass"),
+                    ));
+                }
+            }
+            let r = client(api).create_passing_taps(&vm)?;
             if api.json {
                 output::print_json(&r);
             } else {
@@ -444,6 +453,48 @@ fn print_list(vms: &[Value]) {
     );
 }
 
+/// The VM's virtio devices, one line each: where the guest finds it, its host backing,
+/// its standing and its counters.
+fn print_devices(r: &Value) {
+    let Some(devices) = r["devices"].as_array().filter(|d| !d.is_empty()) else {
+        return;
+    };
+    let rows = devices
+        .iter()
+        .map(|d| {
+            let backing = if d["kind"] == "virtio-blk" {
+                format!(
+                    "{}{} cache={}",
+                    text(&d["path"]),
+                    if d["read_only"] == true { " ro" } else { "" },
+                    text(&d["cache"])
+                )
+            } else {
+                format!("TAP {} mac {}", text(&d["tap"]), text(&d["mac"]))
+            };
+            vec![
+                text(&d["name"]),
+                text(&d["kind"]),
+                format!("{:#x}", d["mmio_base"].as_u64().unwrap_or(0)),
+                d["irq"].as_u64().map_or("-".into(), |i| i.to_string()),
+                backing,
+                text(&d["status"]),
+                text(&d["requests"]),
+                text(&d["failures"]),
+            ]
+        })
+        .collect();
+    println!();
+    println!(
+        "{}",
+        output::table(
+            &["DEVICE", "KIND", "MMIO", "IRQ", "HOST", "STATUS", "REQUESTS", "FAILURES"],
+            rows,
+            &[6, 7],
+        )
+    );
+}
+
 fn print_show(r: &Value) {
     let field = |k: &str, v: String| println!("{k:<18} {v}");
     field("name", text(&r["name"]));
@@ -507,6 +558,7 @@ fn print_show(r: &Value) {
             &[0, 1, 2, 3, 4, 5, 6],
         )
     );
+    print_devices(r);
     let g = &r["guest"];
     println!();
     if g.is_null() {

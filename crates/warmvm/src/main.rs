@@ -6,6 +6,7 @@ mod bench_aging;
 mod bench_aging_plot;
 mod bench_aging_sim;
 mod bench_cache;
+mod bench_cache_load;
 mod bench_daemon;
 mod bench_faults;
 mod bench_reboot;

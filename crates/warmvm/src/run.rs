@@ -33,9 +33,11 @@ pub fn run(
     config
         .validate(warmvm_vmm::HostLimits::probe())
         .map_err(Failure::from)?;
+    let given_taps = warmvm_vmm::take_inherited_taps(&config)
+        .map_err(|e| Failure::new(crate::cli::EXIT_BAD_INPUT, e.to_string()))?;
     let stop = termination_flag()?;
     let mut host = Host::open(&config.state_dir())?;
-    host.create_all(&config)?;
+    host.create_all_with(&config, given_taps)?;
     host.start_all()?;
     if !json {
         for vm in host.vms() {

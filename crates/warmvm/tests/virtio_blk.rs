@@ -215,6 +215,23 @@ fn hostile_guests_fail_only_their_own_disk() {
         metrics.contains("warmvm_virtio_device_failures_total{device=\"disk0\",vm=\"good\"} 0"),
         "{metrics}"
     );
+    // The VMs' reports show which disk failed, and what backs it.
+    for (kind, img, _) in &consoles {
+        let disk = &d.cli_json(&["vm", "show", &format!("bad-{kind}")])["devices"][0];
+        assert_eq!(disk["status"], "needs-reset", "{kind}: {disk}");
+        assert_eq!(disk["path"], img.to_str().unwrap(), "{kind}: {disk}");
+        assert_eq!(disk["cache"], "none", "{kind}: {disk}");
+        assert!(disk["failures"].as_u64().unwrap() >= 1, "{kind}: {disk}");
+    }
+    let good_disk = &d.cli_json(&["vm", "show", "good"])["devices"][0];
+    assert_eq!(good_disk["status"], "ok", "{good_disk}");
+    assert_eq!(good_disk["failures"], 0, "{good_disk}");
+    let shown = d.cli(&["vm", "show", "bad-loop"]);
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(
+        shown.contains("disk0") && shown.contains("needs-reset") && shown.contains("0xd0000000"),
+        "{shown}"
+    );
     // The healthy VM goes on checking its disk, and every VM goes on verifying its RAM.
     let checks = disk_checks(&read(&good_console));
     assert!(

@@ -292,7 +292,7 @@ impl BlockServer {
         mem: &GuestMemoryMmap,
         chain: DescriptorChain<&GuestMemoryMmap>,
     ) -> Result<u32, Malformed> {
-        let total = super::chain_len(&chain).ok_or(Malformed::Chain)?;
+        let total = super::chain_bytes(&chain).ok_or(Malformed::Chain)?;
         if total > MAX_REQUEST_BYTES + 16 + 1 {
             return Err(Malformed::Oversized(total));
         }
@@ -599,8 +599,17 @@ pub(crate) mod tests {
         let mem = memory();
         let dev = VirtioMmio::new(handles(block(&scratch), &mem)).unwrap();
         let mut d = TestDriver::new(dev, mem);
+        use crate::virtio::DeviceHealth;
+        assert_eq!(d.dev.info().health, DeviceHealth::NotStarted);
         d.w(0x70, ACK_DRIVER_OK_WITHOUT_FEATURES);
         assert!(d.needs_reset());
+        let info = d.dev.info();
+        assert_eq!((info.health, info.failures), (DeviceHealth::NeedsReset, 1));
+        assert_eq!(info.name, "dev", "the name without the VM's");
+        assert!(d.init());
+        assert_eq!(d.dev.info().health, DeviceHealth::Ok);
+        d.w(0x70, 1 | 2 | 4 | 8 | 0x80);
+        assert_eq!(d.dev.info().health, DeviceHealth::DriverFailed);
         assert!(d.init());
         d.w(0x70, 1);
         assert!(d.needs_reset(), "clearing bits without a reset");

@@ -268,6 +268,33 @@ impl VirtioMmio {
         }
     }
 
+    /// The device's standing and counters, for reports.
+    pub fn info(&self) -> super::DeviceInfo {
+        use std::sync::atomic::Ordering::Relaxed;
+        let health = if self.shared.failed() {
+            super::DeviceHealth::NeedsReset
+        } else if self.status & FAILED != 0 {
+            super::DeviceHealth::DriverFailed
+        } else if self.status & DRIVER_OK != 0 {
+            super::DeviceHealth::Ok
+        } else {
+            super::DeviceHealth::NotStarted
+        };
+        super::DeviceInfo {
+            name: self
+                .shared
+                .name
+                .rsplit('/')
+                .next()
+                .unwrap_or_default()
+                .to_string(),
+            device_type: self.device_type(),
+            health,
+            requests: self.shared.counters.requests.load(Relaxed),
+            failures: self.shared.counters.failures.load(Relaxed),
+        }
+    }
+
     /// Stop the worker after it has finished its requests in hand (before a capture).
     pub fn pause(&self) -> Result<(), WorkerError> {
         match &self.engine {

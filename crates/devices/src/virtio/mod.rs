@@ -21,7 +21,8 @@ pub mod worker;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use virtio_queue::Queue;
+use virtio_queue::{DescriptorChain, Queue};
+use vm_memory::GuestMemory;
 
 use crate::{Doorbell, IrqLine};
 
@@ -46,25 +47,29 @@ pub const INT_CONFIG: u32 = 2;
 pub const TYPE_NET: u32 = 1;
 pub const TYPE_BLOCK: u32 = 2;
 
-/// The total length of `chain`'s buffers if the chain ends properly (its last descriptor
-/// has no NEXT flag). virtio-queue's iterator stops without an error on a loop (after a
-/// queue's worth of descriptors), a bad index or an unreadable descriptor, and its Reader
-/// and Writer would take such a chain as it stands: a device must check first.
-pub(crate) fn chain_len<M>(chain: &virtio_queue::DescriptorChain<M>) -> Option<usize>
-where
-    M: std::ops::Deref + Clone,
-    M::Target: vm_memory::GuestMemory,
-{
-    let mut total = 0usize;
-    let mut ended = false;
-    for d in chain.clone() {
-        if ended {
-            return None;
-        }
-        total = total.saturating_add(d.len() as usize);
-        ended = !d.has_next();
-    }
-    ended.then_some(total)
+/// How a virtio device stands with its driver, for reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeviceHealth {
+    /// The driver set DRIVER_OK and the device serves.
+    Ok,
+    /// The guest broke the protocol: DEVICE_NEEDS_RESET until the driver resets it.
+    NeedsReset,
+    /// The driver itself gave up on the device (it set FAILED).
+    DriverFailed,
+    /// No driver has finished setting the device up (since boot or its last reset).
+    NotStarted,
+}
+
+/// One virtio device's standing and counters.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// `disk0`, `net0`, ...
+    pub name: String,
+    pub device_type: u32,
+    pub health: DeviceHealth,
+    pub requests: u64,
+    pub failures: u64,
 }
 
 /// Failures and activity of one virtio device, for metrics.
@@ -149,4 +154,25 @@ impl VirtioShared {
         self.interrupt_status.fetch_or(INT_CONFIG, Ordering::AcqRel);
         self.raise();
     }
+}
+
+/// The bytes a descriptor chain's buffers add up to, or `None` if the chain does not end:
+/// `virtio-queue`'s iterator stops early without an error on a loop (it runs out of its
+/// queue-size budget), a next index beyond the table or an unreadable descriptor, and a
+/// device must not take such a chain for a shorter, valid one.
+pub(crate) fn chain_bytes<M>(chain: &DescriptorChain<M>) -> Option<usize>
+where
+    M: std::ops::Deref + Clone,
+    M::Target: GuestMemory,
+{
+    let mut total = 0usize;
+    let mut ended = false;
+    for d in chain.clone() {
+        if ended {
+            return None;
+        }
+        total = total.saturating_add(d.len() as usize);
+        ended = !d.has_next();
+    }
+    ended.then_some(total)
 }

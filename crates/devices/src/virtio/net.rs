@@ -160,7 +160,7 @@ impl NetServer {
             }
             for chain in chains {
                 let head = chain.head_index();
-                super::chain_len(&chain).ok_or(Malformed::Unterminated)?;
+                super::chain_bytes(&chain).ok_or(Malformed::Unterminated)?;
                 let mut reader = Reader::new(&mem, chain).map_err(Malformed::Chain)?;
                 let total = reader.available_bytes();
                 if total < HDR_BYTES {
@@ -202,7 +202,8 @@ impl NetServer {
             let Some(chain) = q.iter(&mem).map_err(Malformed::Ring)?.next() else {
                 break false;
             };
-            if super::chain_len(&chain).is_none() {
+            // Checked before a frame is taken from the TAP, so a bad chain loses none.
+            if super::chain_bytes(&chain).is_none() {
                 return Err(Malformed::Unterminated);
             }
             let n = match (&*self.tap).read(&mut self.frame) {
@@ -380,6 +381,41 @@ pub(crate) mod tests {
         let mut buf = [0u8; 16];
         assert!(peer.recv(&mut buf).is_err(), "nothing reached the TAP");
         assert!(d.init());
+    }
+
+    #[test]
+    fn a_looping_transmit_chain_fails_only_the_device() {
+        let (mut d, peer) = driver();
+        d.set_desc1(0, TXBUF, 64, NEXT, 1);
+        d.set_desc1(1, TXBUF + 64, 64, NEXT, 0);
+        d.make_available1(0);
+        assert!(d.wait_failed());
+        peer.set_nonblocking(true).unwrap();
+        let mut buf = [0u8; 16];
+        assert!(peer.recv(&mut buf).is_err(), "no frame went out");
+        assert!(d.init(), "a reset brings the device back");
+    }
+
+    #[test]
+    fn a_transmit_buffer_larger_than_any_frame_fails_the_device() {
+        let (mut d, _peer) = driver();
+        d.submit1(0, TXBUF, (HDR_BYTES + MAX_FRAME + 1) as u32, false);
+        assert!(d.wait_failed());
+    }
+
+    #[test]
+    fn a_looping_receive_chain_fails_the_device_and_keeps_the_frame_in_the_tap() {
+        let (mut d, peer) = driver();
+        d.set_desc(0, RXBUF, 1024, WRITE | NEXT, 1);
+        d.set_desc(1, RXBUF + 1024, 1024, WRITE | NEXT, 0);
+        d.make_available(0);
+        peer.send(b"kept").unwrap();
+        assert!(d.wait_failed());
+        assert_eq!(d.used_idx(), 0);
+        assert!(d.init());
+        d.offer0(0, RXBUF, 2048);
+        assert!(eventually(|| d.used_idx() == 1), "the frame was lost");
+        assert_eq!(d.used0(0).1 as usize, HDR_BYTES + 4);
     }
 }
 

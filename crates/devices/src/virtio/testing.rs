@@ -219,12 +219,21 @@ impl TestDriver {
     /// Queue 1: put one buffer `(addr, len, device-writable)` in descriptor `i` and make
     /// it available.
     pub fn submit1(&mut self, i: u16, addr: u64, len: u32, writable: bool) {
+        self.set_desc1(i, addr, len, if writable { WRITE } else { 0 }, 0);
+        self.make_available1(i);
+    }
+
+    /// Queue 1's descriptor `i`.
+    pub fn set_desc1(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
         let d = GuestAddress(QUEUE1 + u64::from(i) * 16);
         self.mem.write_obj(addr, d).unwrap();
         self.mem.write_obj(len, d.unchecked_add(8)).unwrap();
-        self.mem
-            .write_obj(if writable { WRITE } else { 0 }, d.unchecked_add(12))
-            .unwrap();
+        self.mem.write_obj(flags, d.unchecked_add(12)).unwrap();
+        self.mem.write_obj(next, d.unchecked_add(14)).unwrap();
+    }
+
+    /// Make the chain at queue 1's descriptor `i` available and notify.
+    pub fn make_available1(&mut self, i: u16) {
         let avail = QUEUE1 + 0x1000;
         let slot = avail + 4 + u64::from(self.next_avail1 % QSIZE) * 2;
         self.mem.write_obj(i, GuestAddress(slot)).unwrap();

@@ -204,7 +204,8 @@ impl From<&VmConfig> for VmConfigState {
                 .iter()
                 .enumerate()
                 .map(|(i, n)| NetState {
-                    tap: n.tap.clone(),
+                    // Filled in when the VM was created, also for a TAP given by fd.
+                    tap: n.tap.clone().unwrap_or_default(),
                     mac: n.mac_for(&c.name, i),
                 })
                 .collect(),
@@ -231,7 +232,8 @@ impl From<VmConfigState> for VmConfig {
                 .nets
                 .into_iter()
                 .map(|n| crate::config::NetConfig {
-                    tap: n.tap,
+                    tap: Some(n.tap),
+                    tap_fd: None,
                     mac: Some(
                         n.mac
                             .iter()
