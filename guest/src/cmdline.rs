@@ -11,6 +11,7 @@
 //! | `ip=A.B.C.D/LEN` | serve HTTP on port 80 of the first network device at this address | none |
 //! | `cache_mib=N` | the HTTP server's page cache, carved from the workload's RAM | 8 |
 //! | `hostile=KIND` | test only: break the virtio protocol on the disk once (`loop`, `addr`, `len`, `index`, `status`) | none |
+//! | `heartbeat_us=N` | vCPU 0 writes `HEARTBEAT_PORT` every N µs while it verifies (for an outside probe: the host's KVM trace); 0 = never | 0 |
 //! | `disk_check_ms=N` | re-read and re-check the disk's files every N ms (vCPU 0); 0 = never | 1000 |
 //! | `hostile=console` / `ports` / `both` | a hostile guest, for tests of the VMM's bounds: instead of the workload, every vCPU writes to the serial port (console), or to and from ports no device decodes (ports), as fast as it can, forever | off |
 //!
@@ -25,6 +26,7 @@ pub struct Options {
     pub quiet: bool,
     pub tsc_khz: Option<u64>,
     pub disk_check_ms: u64,
+    pub heartbeat_us: u64,
     pub ip: Option<([u8; 4], u8)>,
     pub cache_mib: u64,
     pub hostile: Option<Hostile>,
@@ -57,6 +59,7 @@ impl Default for Options {
             quiet: false,
             tsc_khz: None,
             disk_check_ms: 1000,
+            heartbeat_us: 0,
             ip: None,
             cache_mib: 8,
             hostile: None,
@@ -152,6 +155,10 @@ pub fn parse(cmdline: &[u8]) -> (Options, Ignored<'_>) {
             }
             (b"disk_check_ms", Some(n)) => {
                 o.disk_check_ms = n;
+                true
+            }
+            (b"heartbeat_us", Some(n)) if n <= 1_000_000 => {
+                o.heartbeat_us = n;
                 true
             }
             (b"cache_mib", Some(n)) if n <= 4096 => {

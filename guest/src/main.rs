@@ -191,12 +191,12 @@ fn hostile(kinds: u8, vcpu: u64) -> ! {
             }
         }
         if kinds & 2 != 0 {
-            // Ports nothing decodes, spread over the space (the wait and power ports and
+            // Ports nothing decodes, spread over the space (the paravirtual ports and
             // COM1 excepted: those are the guest's own business).
             for _ in 0..64 {
                 n = n.wrapping_add(0x9e37);
                 let port = match n {
-                    0x3f8..=0x3ff | 0x510..=0x517 => 0x80,
+                    0x3f8..=0x3ff | 0x510..=0x520 => 0x80,
                     p => p,
                 };
                 io::outb(port, vcpu as u8);
