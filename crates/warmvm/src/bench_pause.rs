@@ -132,12 +132,14 @@ pub struct Window {
 
 impl Window {
     /// Windows around a reboot that ran from `start` to `end`; the noise window ends where
-    /// the reboot's begins (the caller waited long enough before `start`).
-    pub fn around(start: f64, end: f64) -> Self {
+    /// the reboot's begins and is as long, but starts no earlier than `not_before` (the
+    /// trace's start or the previous reboot's end): the first reboot of a long mode gets a
+    /// shorter one, and the JSON says how long each was.
+    pub fn around(start: f64, end: f64, not_before: f64) -> Self {
         let from = start - MARGIN.as_secs_f64();
         let to = end + MARGIN.as_secs_f64();
         Window {
-            noise: (from - (to - from), from),
+            noise: ((from - (to - from)).max(not_before).min(from), from),
             reboot: (from, to),
         }
     }
@@ -157,6 +159,8 @@ pub fn pauses(beats: &[f64], windows: &[Window]) -> Value {
         "source": "kvm_pio trace",
         "pause_ms": { "p50": p50(&across), "max": across.iter().flatten().copied().reduce(f64::max), "all": across },
         "noise_ms": { "p50": p50(&noise), "max": noise.iter().flatten().copied().reduce(f64::max), "all": noise },
+        "window_ms": windows.iter().map(|w| (w.reboot.1 - w.reboot.0) * 1e3).collect::<Vec<_>>(),
+        "noise_window_ms": windows.iter().map(|w| (w.noise.1 - w.noise.0) * 1e3).collect::<Vec<_>>(),
         "beats": beats.len(),
     })
 }
@@ -176,6 +180,7 @@ pub fn warmvm_pause(exe: &Path, root: &Path, mode: RebootMode, mib: u64, runs: u
         d.client.create(&vm).map_err(|e| e.to_string())?;
         wait_verified(&d)?;
         let trace = PioTrace::start();
+        let mut not_before = mono_now();
         let mut windows = Vec::new();
         let mut guest_stalls = Vec::new();
         for i in 0..runs {
@@ -183,7 +188,7 @@ pub fn warmvm_pause(exe: &Path, root: &Path, mode: RebootMode, mib: u64, runs: u
             // before the request, so that it holds nothing but the running guest.
             let settle = windows
                 .last()
-                .map_or(0.3, |w: &Window| (w.reboot.1 - w.reboot.0).max(0.3));
+                .map_or(1.0, |w: &Window| (w.reboot.1 - w.reboot.0).max(0.3));
             std::thread::sleep(Duration::from_secs_f64(settle + MARGIN.as_secs_f64()));
             let start = mono_now();
             d.client
@@ -192,7 +197,8 @@ pub fn warmvm_pause(exe: &Path, root: &Path, mode: RebootMode, mib: u64, runs: u
             let end = mono_now();
             std::thread::sleep(MARGIN + Duration::from_millis(20));
             guest_stalls.push(guest_stall_ms(&d)?);
-            windows.push(Window::around(start, end));
+            windows.push(Window::around(start, end, not_before));
+            not_before = end + MARGIN.as_secs_f64();
         }
         check_guest(&d)?;
         Ok(match trace {
@@ -258,8 +264,11 @@ mod tests {
         let g = longest_gap(&beats, 1.0, 1.15).unwrap();
         assert!((g - 0.1).abs() < 1e-9, "{g}");
         assert_eq!(longest_gap(&[], 0.0, 1.0), None);
-        let w = Window::around(10.0, 10.1);
+        let w = Window::around(10.0, 10.1, 0.0);
         assert!((w.noise.1 - w.reboot.0).abs() < 1e-12);
         assert!(((w.noise.1 - w.noise.0) - (w.reboot.1 - w.reboot.0)).abs() < 1e-9);
+        // Never before the trace began.
+        let w = Window::around(10.0, 12.0, 9.0);
+        assert_eq!(w.noise.0, 9.0);
     }
 }

@@ -280,11 +280,13 @@ pub fn run(root: &Path, mib: u64, runs: u32) -> Value {
         wait_filled(&mut vm, Duration::from_secs(180))?;
         let mut qmp = Qmp::connect(&vm.qmp_path, Duration::from_secs(10))?;
         let trace = PioTrace::start();
+        let mut not_before = bench_pause::mono_now();
         let mut cpr = Vec::new();
         let mut cpr_windows = Vec::new();
         for _ in 0..runs {
             std::thread::sleep(settle(&cpr_windows));
-            let (next, q, r, w) = cpr_transfer(&mut s, qmp)?;
+            let (next, q, r, w) = cpr_transfer(&mut s, qmp, not_before)?;
+            not_before = w.reboot.1;
             vm = next;
             qmp = q;
             cpr.push(r);
@@ -295,7 +297,8 @@ pub fn run(root: &Path, mib: u64, runs: u32) -> Value {
         let mut file_windows = Vec::new();
         for _ in 0..runs {
             std::thread::sleep(settle(&file_windows));
-            let (next, q, r, w) = migrate_file(&mut s, qmp, vm)?;
+            let (next, q, r, w) = migrate_file(&mut s, qmp, vm, not_before)?;
+            not_before = w.reboot.1;
             vm = next;
             qmp = q;
             file.push(r);
@@ -328,8 +331,8 @@ pub fn run(root: &Path, mib: u64, runs: u32) -> Value {
     result.unwrap_or_else(|e| json!({ "memory_mib": mib, "skipped": e }))
 }
 
-/// Wait as long as the last reboot's window (at least 0.3 s), so that the noise window
-/// before the next holds no reboot.
+/// Wait as long as the last reboot's window (at least 0.3 s; 1 s before the first), so that
+/// the noise window before the next is as long and holds no reboot.
 fn settle(windows: &[Window]) -> Duration {
     let last = windows.last().map_or(0.0, |w| w.reboot.1 - w.reboot.0);
     Duration::from_secs_f64(last.max(0.3) + bench_pause::MARGIN.as_secs_f64())
@@ -339,7 +342,7 @@ type Step = (Vm, Qmp, Value, Window);
 
 /// One cpr-transfer: a new QEMU waits on the cpr and main channels, the old one migrates
 /// over both and leaves the guest's memfd to it.
-fn cpr_transfer(s: &mut Setup, mut old: Qmp) -> Result<Step, String> {
+fn cpr_transfer(s: &mut Setup, mut old: Qmp, not_before: f64) -> Result<Step, String> {
     let cpr_sock = s.sock("cpr");
     let main_sock = s.sock("main");
     let cpr_addr = json!({ "transport": "socket", "type": "unix", "path": cpr_sock });
@@ -376,12 +379,12 @@ fn cpr_transfer(s: &mut Setup, mut old: Qmp) -> Result<Step, String> {
         new,
         q,
         row(stopped, resumed, &stats),
-        Window::around(start, end),
+        Window::around(start, end, not_before),
     ))
 }
 
 /// One save to a file and load by a new QEMU (`-incoming defer`, `migrate-incoming`).
-fn migrate_file(s: &mut Setup, mut old: Qmp, old_vm: Vm) -> Result<Step, String> {
+fn migrate_file(s: &mut Setup, mut old: Qmp, old_vm: Vm, not_before: f64) -> Result<Step, String> {
     let path = s.dir.join("state.bin");
     let _ = std::fs::remove_file(&path);
     let uri = format!("file:{}", path.display());
@@ -402,7 +405,7 @@ fn migrate_file(s: &mut Setup, mut old: Qmp, old_vm: Vm) -> Result<Step, String>
         new,
         q,
         row(stopped, resumed, &stats),
-        Window::around(start, end),
+        Window::around(start, end, not_before),
     ))
 }
 

@@ -66,9 +66,7 @@ fn reboot_bench_measures_qemu_cpr_beside_the_warm_reboot() {
             "{pause:#}"
         );
         assert!(
-            r["stop_to_resume_ms_p50"]
-                .as_f64()
-                .is_some_and(|p| p > 0.0),
+            r["stop_to_resume_ms_p50"].as_f64().is_some_and(|p| p > 0.0),
             "{r:#}"
         );
         assert!(r["qemu_downtime_ms_p50"].as_f64().is_some(), "{r:#}");
