@@ -16,8 +16,18 @@ use crate::cli::RebootMode;
 
 /// Beat interval the bench asks the guest for, µs.
 pub const HEARTBEAT_US: u64 = 100;
+
+/// The beating guest's command line, the same under every VMM: it verifies its RAM non-stop
+/// and never rewrites it (`refill_every=0`), so that a precopy migration (QEMU's save to a
+/// file) converges instead of chasing a guest that dirties all its RAM every few passes.
+pub fn guest_cmdline() -> String {
+    format!("quiet interval_ms=0 refill_every=0 heartbeat_us={HEARTBEAT_US}")
+}
 /// Slack before the reboot request and after its end, in each window.
 pub const MARGIN: Duration = Duration::from_millis(50);
+/// How long to go on tracing after a reboot's end: the window's margin, and time for the
+/// guest's next beats to close its last gap even on a loaded host.
+pub const AFTER: Duration = Duration::from_millis(350);
 
 const TRACEFS: &str = "/sys/kernel/tracing";
 
@@ -106,15 +116,20 @@ fn beat_time(line: &str) -> Option<f64> {
     head.rsplit(' ').next()?.parse().ok()
 }
 
-/// The longest gap between two beats within [from, to] (the window's edges count as beats
-/// only if beats surround them), or None with fewer than two beats inside.
+/// The longest gap between two beats within [from, to], the gaps across its edges included
+/// in full; None when no beat follows the window (the last gap is still open) or there are
+/// fewer than two beats.
 pub fn longest_gap(beats: &[f64], from: f64, to: f64) -> Option<f64> {
     let start = beats.partition_point(|&t| t < from);
     let end = beats.partition_point(|&t| t <= to);
     // The beat just before the window and just after it close the gaps at its edges: a
     // pause that began before the window still counts in full.
+    // Without a beat after the window the last gap is still open: no figure.
+    if end >= beats.len() {
+        return None;
+    }
     let lo = start.saturating_sub(1);
-    let hi = (end + 1).min(beats.len());
+    let hi = end + 1;
     let inside = &beats[lo..hi];
     if inside.len() < 2 {
         return None;
@@ -172,7 +187,7 @@ pub fn warmvm_pause(exe: &Path, root: &Path, mode: RebootMode, mib: u64, runs: u
     let run = || -> Result<Value, String> {
         let dir = root.join(format!("pause-{}", mode.name()));
         let d = BenchDaemon::start(exe, &dir)?;
-        let cmdline = format!("quiet interval_ms=0 heartbeat_us={HEARTBEAT_US}");
+        let cmdline = guest_cmdline();
         let vm = serde_json::from_value(
             json!({ "name": "beat", "memory_mib": mib, "cmdline": cmdline }),
         )
@@ -195,7 +210,8 @@ pub fn warmvm_pause(exe: &Path, root: &Path, mode: RebootMode, mib: u64, runs: u
                 .reboot_with(mode.name(), None, Some(10))
                 .map_err(|e| format!("reboot {}: {e}", i + 1))?;
             let end = mono_now();
-            std::thread::sleep(MARGIN + Duration::from_millis(20));
+            // Long enough for the guest's first beats after the window to be traced.
+            std::thread::sleep(AFTER);
             guest_stalls.push(guest_stall_ms(&d)?);
             windows.push(Window::around(start, end, not_before));
             not_before = end + MARGIN.as_secs_f64();
@@ -259,10 +275,12 @@ mod tests {
         assert_eq!(beat_time("# tracer: nop"), None);
         let beats = [1.0, 1.1, 1.2, 1.9, 2.0];
         // The gap 1.2 -> 1.9 straddles the window's start: it counts in full.
-        let g = longest_gap(&beats, 1.5, 2.0).unwrap();
+        let g = longest_gap(&beats, 1.5, 1.95).unwrap();
         assert!((g - 0.7).abs() < 1e-9, "{g}");
         let g = longest_gap(&beats, 1.0, 1.15).unwrap();
         assert!((g - 0.1).abs() < 1e-9, "{g}");
+        // No beat after the window: the pause may still be going on.
+        assert_eq!(longest_gap(&beats, 1.5, 2.5), None);
         assert_eq!(longest_gap(&[], 0.0, 1.0), None);
         let w = Window::around(10.0, 10.1, 0.0);
         assert!((w.noise.1 - w.reboot.0).abs() < 1e-12);

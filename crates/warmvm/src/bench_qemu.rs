@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::bench_pause::{self, PioTrace, Window, HEARTBEAT_US};
+use crate::bench_pause::{self, PioTrace, Window};
 
 pub const QEMU: &str = "qemu-system-x86_64";
 
@@ -264,7 +264,7 @@ pub fn run(root: &Path, mib: u64, runs: u32) -> Value {
         let kernel = dir.join("warmvm-guest.elf");
         std::fs::write(&kernel, warmvm_guest_image::REFERENCE_GUEST_ELF)
             .map_err(|e| e.to_string())?;
-        let mut cmdline = format!("quiet interval_ms=0 heartbeat_us={HEARTBEAT_US}");
+        let mut cmdline = bench_pause::guest_cmdline();
         if let Some(khz) = host_tsc_khz() {
             cmdline += &format!(" tsc_khz={khz}");
         }
@@ -286,6 +286,7 @@ pub fn run(root: &Path, mib: u64, runs: u32) -> Value {
         for _ in 0..runs {
             std::thread::sleep(settle(&cpr_windows));
             let (next, q, r, w) = cpr_transfer(&mut s, qmp, not_before)?;
+            std::thread::sleep(bench_pause::AFTER);
             not_before = w.reboot.1;
             vm = next;
             qmp = q;
@@ -298,6 +299,7 @@ pub fn run(root: &Path, mib: u64, runs: u32) -> Value {
         for _ in 0..runs {
             std::thread::sleep(settle(&file_windows));
             let (next, q, r, w) = migrate_file(&mut s, qmp, vm, not_before)?;
+            std::thread::sleep(bench_pause::AFTER);
             not_before = w.reboot.1;
             vm = next;
             qmp = q;
