@@ -209,6 +209,9 @@ pub fn warmvm_pause(exe: &Path, root: &Path, mode: RebootMode, mib: u64, runs: u
             d.client
                 .reboot_with(mode.name(), None, Some(10))
                 .map_err(|e| format!("reboot {}: {e}", i + 1))?;
+            // The answer can come before the guest runs again (a saved reboot's restored
+            // VM): the window ends once the guest is seen verifying in the new daemon.
+            wait_progress(&d)?;
             let end = mono_now();
             // Long enough for the guest's first beats after the window to be traced.
             std::thread::sleep(AFTER);
@@ -246,6 +249,25 @@ fn wait_verified(d: &BenchDaemon) -> Result<(), String> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Wait until the guest's verified-page counter moves: it runs.
+fn wait_progress(d: &BenchDaemon) -> Result<(), String> {
+    let verified = |d: &BenchDaemon| -> Result<u64, String> {
+        let list = d.client.list().map_err(|e| e.to_string())?;
+        Ok(list["vms"][0]["guest"]["pages_verified"]
+            .as_u64()
+            .unwrap_or(0))
+    };
+    let first = verified(d)?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while verified(d)? <= first {
+        if Instant::now() > deadline {
+            return Err("the guest did not run again within 60 s of the reboot".into());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(())
 }
 
 fn guest_stall_ms(d: &BenchDaemon) -> Result<Option<f64>, String> {

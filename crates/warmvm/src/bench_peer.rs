@@ -59,7 +59,7 @@ pub fn run(
         pause_cells.push(c);
     }
     let guest_pause = json!({
-        "method": "longest gap between the guest's heartbeat port writes (every ~0.1 ms) in the host's KVM trace (kvm:kvm_pio, trace_clock mono), in a window from 50 ms before the reboot to 50 ms after it; noise: the same in an equal window just before, without a reboot",
+        "method": "longest gap between the guest's heartbeat port writes (every ~0.1 ms) in the host's KVM trace (kvm:kvm_pio, trace_clock mono), in a window from 50 ms before the reboot request to 50 ms after the guest is seen running again (warmvm: its verified-page counter moves; QEMU: the new QEMU's RESUME event); noise: the same in an equal window just before, without a reboot",
         "heartbeat_us": crate::bench_pause::HEARTBEAT_US,
         "guest_cmdline": crate::bench_pause::guest_cmdline(),
         "cells": pause_cells,
