@@ -12,6 +12,7 @@
 //! | `cache_mib=N` | the HTTP server's page cache, carved from the workload's RAM | 8 |
 //! | `hostile=KIND` | test only: break the virtio protocol on the disk once (`loop`, `addr`, `len`, `index`, `status`) | none |
 //! | `hostile_net=KIND` | test only: break the virtio protocol on the network device once (same kinds as `hostile=`; `status` sets DRIVER_OK before FEATURES_OK), then reset it and serve normally | none |
+//! | `heartbeat_us=N` | vCPU 0 writes `HEARTBEAT_PORT` every N µs while it verifies (for an outside probe: the host's KVM trace); 0 = never | 0 |
 //! | `disk_check_ms=N` | re-read and re-check the disk's files every N ms (vCPU 0); 0 = never | 1000 |
 //! | `hostile=console` / `ports` / `both` | a hostile guest, for tests of the VMM's bounds: instead of the workload, every vCPU writes to the serial port (console), or to and from ports no device decodes (ports), as fast as it can, forever | off |
 //! | `hostile=mmio` / `rings` | as hostile as that: every vCPU reads and writes random virtio-mmio registers and MMIO nothing decodes (mmio); vCPU 0 sets its virtio devices up and writes garbage into their rings, round after round, reporting how often the device failed (rings); see `hostile.rs` | off |
@@ -27,6 +28,7 @@ pub struct Options {
     pub quiet: bool,
     pub tsc_khz: Option<u64>,
     pub disk_check_ms: u64,
+    pub heartbeat_us: u64,
     pub ip: Option<([u8; 4], u8)>,
     pub cache_mib: u64,
     pub hostile: Option<Hostile>,
@@ -81,6 +83,7 @@ impl Default for Options {
             quiet: false,
             tsc_khz: None,
             disk_check_ms: 1000,
+            heartbeat_us: 0,
             ip: None,
             cache_mib: 8,
             hostile: None,
@@ -177,6 +180,10 @@ pub fn parse(cmdline: &[u8]) -> (Options, Ignored<'_>) {
             }
             (b"disk_check_ms", Some(n)) => {
                 o.disk_check_ms = n;
+                true
+            }
+            (b"heartbeat_us", Some(n)) if n <= 1_000_000 => {
+                o.heartbeat_us = n;
                 true
             }
             (b"cache_mib", Some(n)) if n <= 4096 => {

@@ -75,7 +75,7 @@ fn console_line() {
 fn ports(rng: &mut Rng, vcpu: u64) {
     for _ in 0..64 {
         let port = match rng.next() as u16 {
-            0x3f8..=0x3ff | 0x510..=0x517 => 0x80,
+            0x3f8..=0x3ff | 0x510..=0x520 => 0x80,
             p => p,
         };
         io::outb(port, vcpu as u8);

@@ -19,9 +19,17 @@ pub const SERIAL_PORT_LEN: u16 = 8;
 pub const WAIT_PORT: u16 = 0x510;
 /// Paravirtual power port: a 32-bit `out` powers the VM off with that exit status.
 pub const POWER_PORT: u16 = 0x514;
+/// Heartbeat port: the reference guest writes one byte here at a steady interval when its
+/// command line asks (`heartbeat_us=N`); the VMM ignores the value. It exists for an outside
+/// probe: the host's KVM trace (`kvm:kvm_pio`) of these writes shows when the guest ran, the
+/// same way under any VMM. Not 0x518: QEMU's fw_cfg DMA register sits there.
+pub const HEARTBEAT_PORT: u16 = 0x520;
+/// The byte the reference guest writes to [`HEARTBEAT_PORT`]: a probe filters on it too, so
+/// that a guest spraying ports (`hostile=ports`) is not mistaken for a heartbeat.
+pub const HEARTBEAT_VALUE: u8 = 0xb7;
 /// First and last port of the paravirtual block, for I/O bitmaps.
 pub const PV_PORT_FIRST: u16 = WAIT_PORT;
-pub const PV_PORT_LAST: u16 = POWER_PORT + 3;
+pub const PV_PORT_LAST: u16 = HEARTBEAT_PORT;
 
 /// `WAIT_PORT` timeout value meaning "no timeout".
 pub const WAIT_FOREVER: u32 = u32::MAX;

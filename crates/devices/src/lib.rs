@@ -274,6 +274,17 @@ mod tests {
     }
 
     #[test]
+    fn heartbeat_writes_are_decoded_not_counted_as_unknown() {
+        use warmvm_abi::HEARTBEAT_PORT;
+        let d = devices();
+        assert_eq!(d.pio_write(HEARTBEAT_PORT, &[1]), IoAction::None);
+        assert_eq!(d.unknown.counts().pio_writes, 0);
+        // Only the one-byte write is the heartbeat.
+        assert_eq!(d.pio_write(HEARTBEAT_PORT, &[1, 2]), IoAction::None);
+        assert_eq!(d.unknown.counts().pio_writes, 1);
+    }
+
+    #[test]
     fn odd_sized_and_unknown_accesses_are_counted_not_fatal() {
         use warmvm_abi::WAIT_PORT;
         let d = devices();

@@ -1,9 +1,10 @@
-//! The paravirtual wait and power ports (see `warmvm_abi::WAIT_PORT`, `POWER_PORT`): the
-//! reference guest's HLT and power button.
+//! The paravirtual wait, power and heartbeat ports (see `warmvm_abi::WAIT_PORT`,
+//! `POWER_PORT`, `HEARTBEAT_PORT`): the reference guest's HLT, power button, and the beat an
+//! outside probe watches.
 
 use std::sync::Arc;
 
-use warmvm_abi::{POWER_PORT, WAIT_PORT};
+use warmvm_abi::{HEARTBEAT_PORT, POWER_PORT, WAIT_PORT};
 
 use crate::bus::{Access, BusDevice};
 use crate::persist::Persist;
@@ -11,7 +12,7 @@ use crate::{DeviceCounters, IoAction};
 
 /// First port of the block, and how many ports it decodes.
 pub const PV_PORTS_BASE: u16 = WAIT_PORT;
-pub const PV_PORTS_LEN: u16 = POWER_PORT + 4 - WAIT_PORT;
+pub const PV_PORTS_LEN: u16 = HEARTBEAT_PORT + 1 - WAIT_PORT;
 
 pub struct PvPorts {
     counters: Arc<DeviceCounters>,
@@ -39,6 +40,10 @@ impl BusDevice for PvPorts {
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) -> Option<IoAction> {
+        if offset == u64::from(HEARTBEAT_PORT - WAIT_PORT) {
+            // The write itself is the signal (the host traces the exit); nothing to do.
+            return (data.len() == 1).then_some(IoAction::None);
+        }
         let value = u32::from_le_bytes(<[u8; 4]>::try_from(data).ok()?);
         match offset {
             0 => Some(IoAction::Wait { timeout_us: value }),

@@ -5,7 +5,9 @@
 //! The guest's command line (space-separated, unknown options are reported and ignored):
 //! `fill=PERCENT` (default 100), `interval_ms=N` (50; 0 = no wait), `refill_every=N` (8;
 //! 0 = never), `passes=N` (0 = run until the host command), `quiet`, `tsc_khz=N` (used only
-//! when neither the boot information nor CPUID gives a TSC frequency).
+//! when neither the boot information nor CPUID gives a TSC frequency), `heartbeat_us=N`
+//! (vCPU 0 writes `warmvm_abi::HEARTBEAT_PORT` every N µs while it verifies, for an outside
+//! probe; 0 = never, the default).
 
 /// The reference guest: a static x86-64 ELF linked at `warmvm_abi::layout::IMAGE_ADDR`, with
 /// warmvm's ring-3 entry at `e_entry` and a PVH entry (Xen ELF note) for other VMMs.

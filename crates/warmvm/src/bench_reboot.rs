@@ -10,8 +10,11 @@
 //! - the disk's sequential direct-I/O bandwidth, measured in the same run with the very
 //!   code that writes snapshots, and the share of it the saved reboot achieved.
 //!
-//! It measures and asserts nothing. QEMU's CheckPoint-and-Restart as a peer is not
-//! implemented yet: the output says so.
+//! - the guest-visible pause (host KVM trace of the guest's heartbeat) of the warm and saved
+//!   reboots, and QEMU 10's cpr-transfer and migrate-to-file on the same guest as a peer
+//!   (`bench_peer`), unless QEMU is missing: then the output says why it skipped the peer.
+//!
+//! It measures and asserts nothing.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -60,6 +63,10 @@ pub struct RebootBenchArgs {
     /// Reference guest command line.
     #[arg(long, default_value = "quiet interval_ms=20")]
     pub guest_cmdline: String,
+    /// Do not run QEMU's CheckPoint-and-Restart as a peer (it runs when qemu-system-x86_64
+    /// 10 or later is installed).
+    #[arg(long)]
+    pub no_qemu: bool,
 }
 
 /// One (mode, VM count, RAM size) cell.
@@ -148,7 +155,7 @@ pub fn reboot(args: &RebootBenchArgs) -> Result<ExitCode, Failure> {
         .unwrap_or(256);
     let mut progress = Progress::new(
         "bench reboot",
-        1 + cells.len() * args.modes.len() * args.runs as usize,
+        1 + cells.len() * args.modes.len() * args.runs as usize + crate::bench_peer::steps(args),
     );
     // At least 256 MiB, so that the figure is the device's and not a cache's or a
     // request's latency; no more than 1 GiB, to keep the run short.
@@ -162,6 +169,8 @@ pub fn reboot(args: &RebootBenchArgs) -> Result<ExitCode, Failure> {
             results.push(run_cell(&exe, &root, mode, vms, mib, args, &mut progress));
         }
     }
+    let (guest_pause, qemu_peer, peer_ratios) =
+        crate::bench_peer::run(&exe, &root, args, &results, &mut progress);
     progress.finish();
     let _ = std::fs::remove_dir_all(&root);
 
@@ -174,7 +183,9 @@ pub fn reboot(args: &RebootBenchArgs) -> Result<ExitCode, Failure> {
         "cells": results.iter().map(cell_json).collect::<Vec<_>>(),
         "ratios": ratios,
         "skipped": skipped,
-        "qemu_peer": { "skipped": "not implemented in this build: QEMU's cpr-transfer and migrate-to-file are not measured" },
+        "guest_pause": guest_pause,
+        "qemu_peer": qemu_peer,
+        "peer_ratios": peer_ratios,
     });
     let table = table_text(&doc, &results);
     if let Some(dir) = &args.out {
@@ -320,11 +331,7 @@ fn table_text(doc: &Value, cells: &[Cell]) -> String {
     for s in doc["skipped"].as_array().into_iter().flatten() {
         let _ = writeln!(out, "skipped: {}", s.as_str().unwrap_or_default());
     }
-    let _ = writeln!(
-        out,
-        "QEMU peer: skipped ({})",
-        doc["qemu_peer"]["skipped"].as_str().unwrap_or_default()
-    );
+    out.push_str(&crate::bench_peer::table_text(doc));
     out
 }
 
@@ -547,6 +554,7 @@ mod tests {
             dir: None,
             out: None,
             guest_cmdline: String::new(),
+            no_qemu: true,
         };
         let (cells, skipped) = matrix(&args);
         assert_eq!(
