@@ -199,7 +199,7 @@ impl Host {
             if let Some(tap) = peek
                 .taps
                 .iter()
-                .find(|t| other.config.nets.iter().any(|n| &n.tap == *t))
+                .find(|t| other.config.nets.iter().any(|n| n.tap.as_deref() == Some(t.as_str())))
             {
                 return in_use(format!("TAP {tap}"), "--net tap=NAME");
             }

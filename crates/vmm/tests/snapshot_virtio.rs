@@ -134,7 +134,8 @@ fn web_config(name: &str, image: &Path, tap: &str) -> VmConfig {
         cache: Default::default(),
     }];
     c.nets = vec![NetConfig {
-        tap: tap.into(),
+        tap: Some(tap.into()),
+        tap_fd: None,
         mac: None,
     }];
     c
@@ -263,7 +264,7 @@ fn a_serving_virtio_vm_round_trips_through_a_snapshot() {
             },
         )
         .expect("a copy with its own TAP and disk");
-    assert_eq!(copy.config.nets[0].tap, "wvtapB");
+    assert_eq!(copy.config.nets[0].tap.as_deref(), Some("wvtapB"));
     assert_eq!(copy.config.disks[0].path, copy_image);
     wait_verified(&copy, 1);
     copy.stop(Duration::from_secs(5));

@@ -197,14 +197,13 @@ fn the_virtio_http_guest_a_snapshot_and_a_saved_reboot_run_under_the_filters() {
     assert!(wait_until(30, || counter(&c.show("sn").unwrap()) > 0));
     let snap = dir.join("snap");
     c.snapshot("sn", &snap, false).unwrap();
-    c.restore(&snap, Some("sn-copy")).unwrap();
+    c.restore(&snap, Some("sn-copy"), &Default::default())
+        .unwrap();
     assert!(wait_until(30, || {
         c.show("sn-copy").unwrap()["state"] == "running"
     }));
 
-    // A saved reboot (of the VMs it supports: not yet those with virtio devices).
-    c.stop("web", Some(5)).unwrap();
-    c.delete("web", false).unwrap();
+    // A saved reboot, the virtio HTTP guest included.
     let out = d.cli_json(&["reboot", "--mode", "saved"]);
     d.follow_reboot(out["handover"]["new_pid"].as_u64().unwrap() as u32);
     for v in out["reboot"]["vms"].as_array().unwrap() {
@@ -217,5 +216,12 @@ fn the_virtio_http_guest_a_snapshot_and_a_saved_reboot_run_under_the_filters() {
         assert!(wait_until(30, || counter(&c.show(vm).unwrap()) > before));
         assert_eq!(c.show(vm).unwrap()["guest"]["mismatches"], 0);
     }
+    let out = ns
+        .command("curl")
+        .args(["-sS", "--max-time", "20", "http://10.78.0.2/index.html"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "after the saved reboot: {out:?}\n{}", d.log());
+    assert_eq!(out.stdout, page);
     d.terminate_adopted();
 }

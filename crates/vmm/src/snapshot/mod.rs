@@ -612,7 +612,9 @@ pub fn restore(
     let config: crate::VmConfig = spec.config.clone().into();
     let host_files = crate::virtio::HostFiles {
         disks: crate::virtio::open_disks(&config.disks).map_err(vm_err)?,
-        taps: crate::virtio::open_taps(&config.nets).map_err(vm_err)?,
+        taps: crate::virtio::open_taps(&config, Default::default())
+            .map_err(vm_err)?
+            .0,
     };
     let ram = GuestRam::create(&vm_name, spec.config.memory_mib << 20, spec.hugepages)
         .map_err(|e| vm_err(e.into()))?;
