@@ -196,11 +196,13 @@ impl Host {
                     hint,
                 }))
             };
-            if let Some(tap) = peek
-                .taps
-                .iter()
-                .find(|t| other.config.nets.iter().any(|n| n.tap.as_deref() == Some(t.as_str())))
-            {
+            if let Some(tap) = peek.taps.iter().find(|t| {
+                other
+                    .config
+                    .nets
+                    .iter()
+                    .any(|n| n.tap.as_deref() == Some(t.as_str()))
+            }) {
                 return in_use(format!("TAP {tap}"), "--net tap=NAME");
             }
             for (path, writes) in &peek.disks {

@@ -221,7 +221,11 @@ fn the_virtio_http_guest_a_snapshot_and_a_saved_reboot_run_under_the_filters() {
         .args(["-sS", "--max-time", "20", "http://10.78.0.2/index.html"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "after the saved reboot: {out:?}\n{}", d.log());
+    assert!(
+        out.status.success(),
+        "after the saved reboot: {out:?}\n{}",
+        d.log()
+    );
     assert_eq!(out.stdout, page);
     d.terminate_adopted();
 }
