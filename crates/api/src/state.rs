@@ -112,20 +112,20 @@ fn given_taps(
             .and_then(|i| fds.get_mut(i))
             .ok_or_else(|| {
                 ApiError::new(
-                    400,
+                    422,
                     format!(
                         "tap_fd {fd}: the request passed {passed} fds (tap_fd counts them from 0)"
                     ),
                 )
             })?
             .take()
-            .ok_or_else(|| ApiError::new(400, format!("tap_fd {fd} is named twice")))?;
+            .ok_or_else(|| ApiError::new(422, format!("tap_fd {fd} is named twice")))?;
         taps.0.insert(index, file);
     }
     let unused = fds.iter().filter(|f| f.is_some()).count();
     if unused > 0 {
         return Err(ApiError::new(
-            400,
+            422,
             format!("{unused} of the {passed} fds passed are not named by any tap_fd"),
         ));
     }
