@@ -14,6 +14,7 @@
 //! readers see the file shrink); a log that cannot be written (disk full) drops the bytes,
 //! counts them and says so in the VMM's log at most every [`WRITE_ERROR_LOG_INTERVAL`].
 
+use std::cell::Cell;
 use std::fs::File;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -273,6 +274,22 @@ impl ConsoleSink {
         if inner.line.is_empty() {
             return;
         }
+        if !ROTATES_HERE.with(Cell::get) {
+            let cap = inner.limits.max_log_bytes;
+            let pending = inner.line.len() as u64;
+            if let Some(log) = inner.log.as_mut().filter(|l| l.regular) {
+                if let Ok(m) = log.file.metadata() {
+                    log.len = m.len();
+                }
+                if log.len.saturating_add(pending) > cap {
+                    drop(inner);
+                    if !self.shared.scheduled.swap(true, Ordering::AcqRel) {
+                        flusher().schedule(self.shared.clone());
+                    }
+                    return;
+                }
+            }
+        }
         let line = std::mem::take(&mut inner.line);
         let mut failure: Option<io::Error> = None;
         let cap = inner.limits.max_log_bytes;
@@ -343,6 +360,17 @@ impl ConsoleSink {
         inner.line = line;
         inner.line.clear();
     }
+}
+
+thread_local! {
+    static ROTATES_HERE: Cell<bool> = const { Cell::new(true) };
+}
+
+/// From now on, a log that must rotate before this thread's output fits is left to the
+/// console thread (within its flush delay): for threads whose seccomp filter lets them
+/// open no file for writing, the vCPU threads, which write out a guest's line as it ends.
+pub fn never_rotate_on_this_thread() {
+    ROTATES_HERE.with(|r| r.set(false));
 }
 
 /// Copy the log to `<path>.1` (replacing it) and truncate the log. Keeps the fd and inode,
@@ -629,6 +657,48 @@ mod tests {
         let mut sink = ConsoleSink::with_limits("t", append(&path), &path, false, GENEROUS);
         sink.write_all(b"new\n").unwrap();
         assert!(std::fs::read(&path).unwrap() == b"new\n");
+        assert_eq!(
+            std::fs::metadata(dir.join("console.log.1")).unwrap().len(),
+            10_000
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_thread_that_never_rotates_leaves_the_rotation_to_the_console_thread() {
+        let dir = scratch("vcpu-rotation");
+        let path = dir.join("console.log");
+        std::fs::write(&path, vec![b'o'; 10_000]).unwrap();
+        let sink = ConsoleSink::with_limits("t", append(&path), &path, false, GENEROUS);
+        // The console thread starts here, unfiltered, as the daemon starts it from its main
+        // thread: threads inherit the filters of the thread that creates them.
+        start_flusher();
+        let mut on_thread = sink.clone();
+        let main_thread = std::thread::current().id();
+        std::thread::spawn(move || {
+            never_rotate_on_this_thread();
+            // As a vCPU thread's filter does: this thread may open no file (EPERM here, so
+            // that a rotation tried on it would fail and drop the line, not kill the test).
+            let filter = seccompiler::SeccompFilter::new(
+                [(libc::SYS_openat, vec![])].into_iter().collect(),
+                seccompiler::SeccompAction::Allow,
+                seccompiler::SeccompAction::Errno(libc::EPERM as u32),
+                std::env::consts::ARCH.try_into().unwrap(),
+            )
+            .unwrap();
+            let program: seccompiler::BpfProgram = filter.try_into().unwrap();
+            seccompiler::apply_filter(&program).unwrap();
+            on_thread.write_all(b"new\n").unwrap();
+            assert_ne!(std::thread::current().id(), main_thread);
+        })
+        .join()
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while sink.stats().rotations == 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(sink.stats().rotations, 1);
+        assert_eq!(std::fs::read(&path).unwrap(), b"new\n");
         assert_eq!(
             std::fs::metadata(dir.join("console.log.1")).unwrap().len(),
             10_000

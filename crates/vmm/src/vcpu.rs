@@ -357,6 +357,9 @@ impl Drop for ExitMark<'_> {
 /// The body of a vCPU thread.
 pub(crate) fn run_vcpu(mut vcpu: Vcpu, handle: Arc<VcpuHandle>, vm: Arc<VmShared>) {
     VCPU_THREAD.with(|v| v.set(true));
+    // Before the filter, which lets a vCPU thread open no file for writing: the console
+    // thread rotates the guest's log when it is full.
+    warmvm_devices::console::never_rotate_on_this_thread();
     warmvm_sandbox::enter_or_log(warmvm_sandbox::ThreadKind::Vcpu);
     // SAFETY: pthread_self has no preconditions.
     let _ = handle.thread.set(unsafe { libc::pthread_self() });
