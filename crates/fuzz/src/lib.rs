@@ -10,6 +10,9 @@ use std::io::{self, Read, Write};
 
 use warmvm_vmm::handover::fuzzing;
 
+mod virtio;
+pub use virtio::{op as virtio_op, seeds as virtio_seeds, virtio_queues};
+
 /// A fuzz target: takes any bytes, may refuse them, must not panic or hang.
 pub type Target = fn(&[u8]);
 
@@ -22,6 +25,8 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("config", config),
     ("kernel_image", kernel_image),
     ("device_registers", device_registers),
+    ("virtio_queues", virtio_queues),
+    ("snapshot", snapshot),
 ];
 
 /// A control-channel message from the old VMM.
@@ -37,6 +42,13 @@ pub fn handover_envelope(data: &[u8]) {
 /// A state payload past the checksum: what `envelope::decode_payload` reads.
 pub fn handover_payload(data: &[u8]) {
     fuzzing::decode_state_payload(data);
+}
+
+/// A snapshot's `vm.state`: through the envelope (magic, version, length, CRC-32), and the
+/// same bytes as the state behind the checksum, with the checks a restore makes.
+pub fn snapshot(data: &[u8]) {
+    warmvm_vmm::snapshot::fuzzing::open_state(data);
+    warmvm_vmm::snapshot::fuzzing::decode_state_payload(data);
 }
 
 /// Bytes read in pieces, as a socket delivers them; writes (100 Continue) go nowhere.

@@ -248,6 +248,12 @@ hugepages = false
         [0xc3, 0x10, 0xfe, 0x55],
     ];
     put("device_registers", "com1-setup", &ops.concat());
+    for (name, bytes) in warmvm_fuzz::virtio_seeds() {
+        put("virtio_queues", name, &bytes);
+    }
+    for (name, bytes) in warmvm_vmm::snapshot::fuzzing::seeds() {
+        put("snapshot", name, &bytes);
+    }
 }
 
 /// `scripts/fuzz` builds fuzz/afl with `--locked`; its lock file lives apart from the

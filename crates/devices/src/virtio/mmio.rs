@@ -9,7 +9,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::status::*;
-use super::worker::{Worker, WorkerError};
+use super::worker::{Serve, Worker, WorkerError};
 use super::{VirtioCounters, VirtioShared, F_VERSION_1};
 use crate::bus::{Access, BusDevice};
 use crate::persist::Persist;
@@ -31,13 +31,9 @@ pub trait VirtioBackend: Send {
     fn queue_max_sizes(&self) -> Vec<u16>;
     /// Read the configuration space; false if `offset`/`data` are outside it.
     fn read_config(&self, offset: u64, data: &mut [u8]) -> bool;
-    /// Start serving the queues in `shared` on a worker thread.
-    fn activate(
-        &mut self,
-        shared: Arc<VirtioShared>,
-        notify: &EventFd,
-        mem: GuestMemoryMmap,
-    ) -> Result<Worker, WorkerError>;
+    /// What serves the queues once the driver is ready: the transport runs it on a worker
+    /// thread (or, for fuzzing, on the notifying thread).
+    fn server(&mut self, mem: GuestMemoryMmap) -> Box<dyn Serve>;
     /// The device's own state (what is not queues or transport registers).
     fn save(&self) -> BackendState;
     /// The host file or TAP behind the device, to hand to another VMM process.
@@ -153,7 +149,9 @@ pub struct VirtioMmio {
     shared: Arc<VirtioShared>,
     notify: EventFd,
     mem: GuestMemoryMmap,
-    worker: Option<Worker>,
+    engine: Option<Engine>,
+    /// Serve on the notifying thread instead of a worker ([`VirtioMmio::new_inline`]).
+    inline: bool,
     status: u32,
     device_features_sel: u32,
     driver_features_sel: u32,
@@ -162,6 +160,26 @@ pub struct VirtioMmio {
     config_generation: u32,
     /// Rebuilds a restored device's handles; kept so a reset can create fresh queues.
     max_sizes: Vec<u16>,
+}
+
+/// Where a live device's requests are served.
+enum Engine {
+    /// On a worker thread of its own: how the VMM runs every device.
+    Thread(Worker),
+    /// On the thread that notifies, before the notification returns: deterministic, for
+    /// fuzzing the device with adversarial guest memory.
+    Inline(Box<dyn Serve>),
+}
+
+impl Engine {
+    fn serve_inline(&mut self, shared: &VirtioShared) {
+        if let Engine::Inline(server) = self {
+            if !shared.failed() {
+                // A host fd with nothing to read just ends the pass; there is no sleep here.
+                server.serve(shared);
+            }
+        }
+    }
 }
 
 fn new_queues(name: &str, max_sizes: &[u16]) -> Result<Vec<Queue>, VirtioError> {
@@ -191,7 +209,8 @@ impl VirtioMmio {
             backend: h.backend,
             notify,
             mem: h.mem,
-            worker: None,
+            engine: None,
+            inline: false,
             status: 0,
             device_features_sel: 0,
             driver_features_sel: 0,
@@ -200,6 +219,15 @@ impl VirtioMmio {
             config_generation: 0,
             max_sizes,
         })
+    }
+
+    /// A device that serves its queues on the thread that writes QueueNotify (or sets
+    /// DRIVER_OK), before that write returns, and never starts a worker thread: the same
+    /// request processing, deterministic, for the fuzz targets. The VMM never uses it.
+    pub fn new_inline(h: MmioHandles) -> Result<Self, VirtioError> {
+        let mut dev = Self::new(h)?;
+        dev.inline = true;
+        Ok(dev)
     }
 
     /// The eventfd a queue notification signals: the VMM registers it with KVM as an
@@ -222,6 +250,12 @@ impl VirtioMmio {
         crate::virtio::testing::handles(self.backend.try_clone_backend().unwrap(), &self.mem)
     }
 
+    /// Another backend over the same host file or TAP, to restore this device's state into
+    /// (what the fuzz target checks a guest cannot make impossible).
+    pub fn try_clone_backend(&self) -> std::io::Result<Box<dyn VirtioBackend>> {
+        self.backend.try_clone_backend()
+    }
+
     fn offered(&self) -> u64 {
         self.backend.features() | F_VERSION_1
     }
@@ -236,17 +270,19 @@ impl VirtioMmio {
 
     /// Stop the worker after it has finished its requests in hand (before a capture).
     pub fn pause(&self) -> Result<(), WorkerError> {
-        match &self.worker {
-            Some(w) => w.pause(),
-            None => Ok(()),
+        match &self.engine {
+            Some(Engine::Thread(w)) => w.pause(),
+            Some(Engine::Inline(_)) | None => Ok(()),
         }
     }
 
     /// Serve again after [`VirtioMmio::pause`], or for the first time after a restore (only
     /// once this VMM owns the guest: a worker touches guest memory).
     pub fn resume(&mut self) {
-        if let Some(w) = &self.worker {
-            return w.resume();
+        match &self.engine {
+            Some(Engine::Thread(w)) => return w.resume(),
+            Some(Engine::Inline(_)) => return,
+            None => {}
         }
         let serving =
             self.status & DRIVER_OK != 0 && self.status & FAILED == 0 && !self.shared.failed();
@@ -267,7 +303,7 @@ impl VirtioMmio {
     }
 
     fn reset(&mut self) {
-        self.worker = None; // joins the thread
+        self.engine = None; // joins a worker thread
         self.status = 0;
         self.device_features_sel = 0;
         self.driver_features_sel = 0;
@@ -329,7 +365,7 @@ impl VirtioMmio {
         }
         self.status = value;
         if added & FAILED != 0 {
-            self.worker = None;
+            self.engine = None;
         }
         if added & DRIVER_OK != 0 {
             if let Err(why) = self.activate() {
@@ -352,11 +388,17 @@ impl VirtioMmio {
                 }
             }
         }
-        let worker = self
-            .backend
-            .activate(self.shared.clone(), &self.notify, self.mem.clone())
-            .map_err(|e| e.to_string())?;
-        self.worker = Some(worker);
+        let server = self.backend.server(self.mem.clone());
+        if self.inline {
+            // As a worker does when it starts: serve what is already there.
+            let mut engine = Engine::Inline(server);
+            engine.serve_inline(&self.shared);
+            self.engine = Some(engine);
+            return Ok(());
+        }
+        let worker =
+            Worker::start(self.shared.clone(), &self.notify, server).map_err(|e| e.to_string())?;
+        self.engine = Some(Engine::Thread(worker));
         Ok(())
     }
 
@@ -417,8 +459,14 @@ impl VirtioMmio {
                 // The write reached the VMM (no ioeventfd, or KVM let it through): pass it on.
                 if v as usize >= self.max_sizes.len() {
                     self.fail("notification for a queue that does not exist");
-                } else if self.worker.is_some() {
-                    let _ = self.notify.write(1);
+                } else {
+                    match &mut self.engine {
+                        Some(Engine::Thread(_)) => {
+                            let _ = self.notify.write(1);
+                        }
+                        Some(e @ Engine::Inline(_)) => e.serve_inline(&self.shared),
+                        None => {}
+                    }
                 }
             }
             0x64 => {
@@ -544,7 +592,7 @@ impl VirtioMmio {
                     .map_err(|e| bad(format!("queue {i}: {e}")))?,
             );
         }
-        self.worker = None;
+        self.engine = None;
         let dev = self;
         *dev.shared.queues() = queues;
         dev.status = s.status;

@@ -46,6 +46,27 @@ pub const INT_CONFIG: u32 = 2;
 pub const TYPE_NET: u32 = 1;
 pub const TYPE_BLOCK: u32 = 2;
 
+/// The total length of `chain`'s buffers if the chain ends properly (its last descriptor
+/// has no NEXT flag). virtio-queue's iterator stops without an error on a loop (after a
+/// queue's worth of descriptors), a bad index or an unreadable descriptor, and its Reader
+/// and Writer would take such a chain as it stands: a device must check first.
+pub(crate) fn chain_len<M>(chain: &virtio_queue::DescriptorChain<M>) -> Option<usize>
+where
+    M: std::ops::Deref + Clone,
+    M::Target: vm_memory::GuestMemory,
+{
+    let mut total = 0usize;
+    let mut ended = false;
+    for d in chain.clone() {
+        if ended {
+            return None;
+        }
+        total = total.saturating_add(d.len() as usize);
+        ended = !d.has_next();
+    }
+    ended.then_some(total)
+}
+
 /// Failures and activity of one virtio device, for metrics.
 #[derive(Debug, Default)]
 pub struct VirtioCounters {

@@ -14,10 +14,9 @@ use std::sync::Arc;
 
 use virtio_queue::{QueueOwnedT, QueueT, Reader, Writer};
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::EventFd;
 
 use super::mmio::{BackendState, VirtioBackend};
-use super::worker::{Serve, Worker, WorkerError};
+use super::worker::Serve;
 use super::{VirtioShared, TYPE_NET};
 
 pub const QUEUE_SIZE: u16 = 256;
@@ -76,18 +75,12 @@ impl VirtioBackend for Net {
         true
     }
 
-    fn activate(
-        &mut self,
-        shared: Arc<VirtioShared>,
-        notify: &EventFd,
-        mem: GuestMemoryMmap,
-    ) -> Result<Worker, WorkerError> {
-        let server = NetServer {
+    fn server(&mut self, mem: GuestMemoryMmap) -> Box<dyn Serve> {
+        Box::new(NetServer {
             tap: self.tap.clone(),
             mem,
             frame: vec![0; MAX_FRAME],
-        };
-        Worker::start(shared, notify, server)
+        })
     }
 
     fn save(&self) -> BackendState {
@@ -122,6 +115,8 @@ enum Malformed {
     Ring(virtio_queue::Error),
     #[error("buffer outside guest RAM or a bad chain: {0}")]
     Chain(virtio_queue::Error),
+    #[error("descriptor chain loops, has a bad index or lies outside guest RAM")]
+    Unterminated,
     #[error("transmit buffer shorter than the virtio-net header")]
     ShortTx,
     #[error("frame of {0} bytes exceeds {MAX_FRAME}")]
@@ -165,6 +160,7 @@ impl NetServer {
             }
             for chain in chains {
                 let head = chain.head_index();
+                super::chain_len(&chain).ok_or(Malformed::Unterminated)?;
                 let mut reader = Reader::new(&mem, chain).map_err(Malformed::Chain)?;
                 let total = reader.available_bytes();
                 if total < HDR_BYTES {
@@ -206,6 +202,9 @@ impl NetServer {
             let Some(chain) = q.iter(&mem).map_err(Malformed::Ring)?.next() else {
                 break false;
             };
+            if super::chain_len(&chain).is_none() {
+                return Err(Malformed::Unterminated);
+            }
             let n = match (&*self.tap).read(&mut self.frame) {
                 Ok(n) => n,
                 Err(e) => {
@@ -248,10 +247,10 @@ impl NetServer {
 pub(crate) mod tests {
     use super::*;
     use crate::persist::Persist;
-    use crate::virtio::mmio::VirtioMmio;
+    use crate::virtio::mmio::{VirtioMmio, QUEUE_NOTIFY};
     use crate::virtio::testing::*;
     use std::os::unix::net::UnixDatagram;
-    use vm_memory::{Bytes, GuestAddress};
+    use vm_memory::{Address, Bytes, GuestAddress};
 
     const MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 7];
     const RXBUF: u64 = 0x20000;
@@ -341,6 +340,35 @@ pub(crate) mod tests {
             .read_slice(&mut got, GuestAddress(RXBUF + 4096 + HDR_BYTES as u64))
             .unwrap();
         assert_eq!(&got, b"early-2");
+    }
+
+    #[test]
+    fn a_looping_chain_fails_the_device_and_sends_nothing() {
+        let (mut d, peer) = driver();
+        // Transmit: descriptor 0 chains to itself (virtio-queue's iterator would stop after
+        // a queue's worth, and the 256 copies would go out as one frame).
+        let desc = GuestAddress(QUEUE1);
+        d.mem.write_obj(TXBUF, desc).unwrap();
+        d.mem.write_obj(64u32, desc.unchecked_add(8)).unwrap();
+        d.mem.write_obj(NEXT, desc.unchecked_add(12)).unwrap();
+        d.mem.write_obj(0u16, desc.unchecked_add(14)).unwrap();
+        let avail = QUEUE1 + 0x1000;
+        d.mem.write_obj(0u16, GuestAddress(avail + 4)).unwrap();
+        d.mem.write_obj(1u16, GuestAddress(avail + 2)).unwrap();
+        d.w(QUEUE_NOTIFY, 1);
+        assert!(d.wait_failed());
+        peer.set_nonblocking(true).unwrap();
+        let mut buf = [0u8; 16];
+        assert!(peer.recv(&mut buf).is_err(), "nothing reached the TAP");
+        assert_eq!(d.used_idx1(), 0);
+
+        // Receive: the same loop in a receive buffer, once a frame is there.
+        assert!(d.init());
+        peer.send(b"frame").unwrap();
+        d.set_desc(0, RXBUF, 64, WRITE | NEXT, 0);
+        d.make_available(0);
+        assert!(d.wait_failed());
+        assert_eq!(d.used_idx(), 0);
     }
 
     #[test]

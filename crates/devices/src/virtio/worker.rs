@@ -104,7 +104,7 @@ impl Worker {
     pub fn start(
         shared: Arc<VirtioShared>,
         notify: &EventFd,
-        mut server: impl Serve,
+        mut server: Box<dyn Serve>,
     ) -> Result<Self, WorkerError> {
         let name = shared.name.clone();
         let dup = |n: &EventFd| {

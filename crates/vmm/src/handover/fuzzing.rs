@@ -30,9 +30,9 @@ pub fn open_envelope(bytes: &[u8]) -> bool {
     }
 }
 
-/// Valid inputs to start a corpus from: (file name, bytes).
-pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
-    let spec = VmSpec {
+/// A valid VM spec (64 MiB, one vCPU, the reference guest) that seeds build on.
+pub(crate) fn seed_spec() -> VmSpec {
+    VmSpec {
         config: VmConfigState {
             name: "seed".into(),
             memory_mib: 64,
@@ -60,7 +60,12 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         console_log: "/tmp/seed.log".into(),
         created_monotonic_ns: 5,
         fds: Vec::new(),
-    };
+    }
+}
+
+/// Valid inputs to start a corpus from: (file name, bytes).
+pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
+    let spec = seed_spec();
     let state = HandoverState {
         sender: crate::build(),
         captured_at_ns: 1,

@@ -14,6 +14,8 @@
 //! the handover's capture) and restored into a new VM built the way the handover builds
 //! one (`incoming::build_vm`), under the same or a new name.
 
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod ramfile;
 
 use std::path::{Path, PathBuf};
@@ -335,11 +337,19 @@ fn read_state(dir: &Path) -> Result<SnapshotState, SnapshotError> {
         }
         Err(err) => return Err(SnapshotError::Io { path, err }),
     };
+    let (_, payload) = envelope::open_as(&KIND, &bytes).map_err(|err| SnapshotError::State {
+        dir: dir.to_path_buf(),
+        err,
+    })?;
+    decode_state(dir, payload)
+}
+
+/// The state behind the envelope's checksum, decoded and checked.
+fn decode_state(dir: &Path, payload: &[u8]) -> Result<SnapshotState, SnapshotError> {
     let bad = |err| SnapshotError::State {
         dir: dir.to_path_buf(),
         err,
     };
-    let (_, payload) = envelope::open_as(&KIND, &bytes).map_err(bad)?;
     let state: SnapshotState = envelope::decode_payload(payload).map_err(bad)?;
     let invalid = |m: String| bad(HandoverError::BadState(m));
     incoming::check_spec(&state.record.spec).map_err(bad)?;
