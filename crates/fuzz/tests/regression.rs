@@ -255,3 +255,27 @@ hugepages = false
         put("snapshot", name, &bytes);
     }
 }
+
+/// `scripts/fuzz` builds fuzz/afl with `--locked`; its lock file lives apart from the
+/// workspace's, so a dependency added to a fuzzed crate would break the long runs unseen.
+#[test]
+fn the_afl_workspace_lock_file_is_current() {
+    let manifest = fuzz_dir().join("afl/Cargo.toml");
+    let out = std::process::Command::new(env!("CARGO"))
+        .args([
+            "metadata",
+            "--locked",
+            "--format-version",
+            "1",
+            "--manifest-path",
+        ])
+        .arg(&manifest)
+        .stdout(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "fuzz/afl/Cargo.lock is out of date (run cargo generate-lockfile --offline --manifest-path fuzz/afl/Cargo.toml): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
