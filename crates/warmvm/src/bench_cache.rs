@@ -454,9 +454,12 @@ pub fn cache(args: &CacheArgs) -> Result<ExitCode, Failure> {
         let (r0, r1) = (t0 - run.started_ns, t1 - run.started_ns);
         let mut f = figures(&run, r0, r1);
         f["mode"] = json!(name);
+        // A saved or cold reboot may answer before its VMs are back, with no downtime
+        // measured yet (0): that is no figure, not a zero blackout.
         f["host_blackout_ms"] = json!(report["host_blackout_us"]
             .as_u64()
             .or(report["host_downtime_us"].as_u64())
+            .filter(|&us| us > 0)
             .map(|us| us as f64 / 1000.0));
         // A cold reboot restarts the guest (its uptime starts again): every miss is new.
         let uptime = |v: &Value| v["uptime_ms"].as_u64().unwrap_or(0);
