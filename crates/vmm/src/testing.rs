@@ -17,6 +17,20 @@ pub fn kvm_available(test: &str) -> bool {
     usable
 }
 
+/// Deterministic pseudo-random bytes (xorshift): file contents for the reference guest's
+/// disk tests that no compression or pattern can pass for.
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
 /// The entries of a ustar archive holding `files` (name, contents), each padded to 512
 /// bytes, without the closing zero blocks: the callers pad to the disk size they need.
 /// The reference guest's virtio-blk tests and `warmvm bench cache` give it as its disk.

@@ -75,18 +75,6 @@ fn scratch(test: &str) -> PathBuf {
     dir
 }
 
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 fn get(s: &mut TcpStream, path: &str) -> (u32, Vec<u8>) {
     write!(s, "GET {path} HTTP/1.1\r\nHost: guest\r\n\r\n").unwrap();
     let mut head = Vec::new();
@@ -199,7 +187,7 @@ fn a_serving_virtio_vm_round_trips_through_a_snapshot() {
     ns.enter();
     let files: Vec<(&str, Vec<u8>)> = vec![
         ("index.html", b"<html>snapshots serve</html>\n".to_vec()),
-        ("big.bin", noise(2 << 20, 21)),
+        ("big.bin", warmvm_vmm::testing::noise(2 << 20, 21)),
     ];
     let mut image_bytes = warmvm_vmm::testing::ustar_entries(&files);
     image_bytes.resize(8192 * 512, 0);

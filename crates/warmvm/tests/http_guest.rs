@@ -23,18 +23,6 @@ fn tar_image(files: &[(&str, Vec<u8>)], sectors: usize) -> Vec<u8> {
     out
 }
 
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 /// Run `f` on a thread that has entered network namespace `ns` (sockets it opens live
 /// there).
 fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
@@ -95,30 +83,22 @@ fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
 
-#[test]
-fn http_from_a_cached_disk_across_a_warm_reboot() {
-    if !warmvm_vmm::testing::kvm_available("http_from_a_cached_disk_across_a_warm_reboot") {
-        return;
-    }
-    let dir = scratch("http");
-    let ns = Netns::new("http", "10.77.0.1/24");
-    let files: Vec<(&str, Vec<u8>)> = vec![
-        (
-            "index.html",
-            b"<html><body>warmvm serves</body></html>\n".to_vec(),
-        ),
-        ("big.bin", noise(3 << 20, 11)),
-        ("docs/a.txt", noise(10_000, 12)),
-    ];
+/// A daemon in `ns` with one reference guest `name` serving `files` from its disk over
+/// HTTP; the daemon and the guest's console log, once the guest says it serves.
+fn start_web_guest(
+    dir: &Path,
+    ns: &Netns,
+    name: &str,
+    files: &[(&str, Vec<u8>)],
+) -> (Daemon, std::path::PathBuf) {
     let image = dir.join("site.img");
-    std::fs::write(&image, tar_image(&files, 8192)).unwrap();
-
-    let mut d = Daemon::start_in_netns(&dir, &ns.name);
+    std::fs::write(&image, tar_image(files, 8192)).unwrap();
+    let d = Daemon::start_in_netns(dir, &ns.name);
     let created = d.cli_json(&[
         "vm",
         "create",
         "--name",
-        "web-1",
+        name,
         "--memory",
         "96",
         "--cmdline",
@@ -135,6 +115,25 @@ fn http_from_a_cached_disk_across_a_warm_reboot() {
         read(&console),
         d.log()
     );
+    (d, console)
+}
+
+#[test]
+fn http_from_a_cached_disk_across_a_warm_reboot() {
+    if !warmvm_vmm::testing::kvm_available("http_from_a_cached_disk_across_a_warm_reboot") {
+        return;
+    }
+    let dir = scratch("http");
+    let ns = Netns::new("http", "10.77.0.1/24");
+    let files: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "index.html",
+            b"<html><body>warmvm serves</body></html>\n".to_vec(),
+        ),
+        ("big.bin", warmvm_vmm::testing::noise(3 << 20, 11)),
+        ("docs/a.txt", warmvm_vmm::testing::noise(10_000, 12)),
+    ];
+    let (mut d, console) = start_web_guest(&dir, &ns, "web-1", &files);
 
     // Cold: every file comes from the disk, and is right.
     let expected = files.clone();
@@ -248,33 +247,9 @@ fn http_from_a_cached_disk_across_a_saved_reboot() {
     let ns = Netns::new("httpsv", "10.77.0.1/24");
     let files: Vec<(&str, Vec<u8>)> = vec![
         ("index.html", b"<html>saved and restored</html>\n".to_vec()),
-        ("big.bin", noise(2 << 20, 31)),
+        ("big.bin", warmvm_vmm::testing::noise(2 << 20, 31)),
     ];
-    let image = dir.join("site.img");
-    let image_bytes = tar_image(&files, 8192);
-    std::fs::write(&image, &image_bytes).unwrap();
-    let mut d = Daemon::start_in_netns(&dir, &ns.name);
-    let created = d.cli_json(&[
-        "vm",
-        "create",
-        "--name",
-        "web-s",
-        "--memory",
-        "96",
-        "--cmdline",
-        &format!("quiet interval_ms=20 disk_check_ms=0 ip={GUEST}/24 cache_mib=16"),
-        "--disk",
-        image.to_str().unwrap(),
-        "--net",
-        &ns.tap,
-    ]);
-    let console = std::path::PathBuf::from(created["console_log"].as_str().unwrap());
-    assert!(
-        wait_until(60, || read(&console).contains("http: serving")),
-        "the guest never served\n{}\n{}",
-        read(&console),
-        d.log()
-    );
+    let (mut d, console) = start_web_guest(&dir, &ns, "web-s", &files);
     // Warm the guest's page cache, and keep a connection open across the reboot.
     let (to_client, from_test) = std::sync::mpsc::channel::<()>();
     let (to_test, from_client) = std::sync::mpsc::channel::<u64>();
@@ -317,7 +292,7 @@ fn http_from_a_cached_disk_across_a_saved_reboot() {
     assert_eq!(web["state"], "running", "{web}");
     assert!(!read(&console).contains("MISMATCH"));
     assert!(
-        std::fs::read(&image).unwrap() == image_bytes,
+        std::fs::read(dir.join("site.img")).unwrap() == tar_image(&files, 8192),
         "the guest only reads its disk, yet it changed"
     );
     let r = d.cli_json(&["vm", "stop", "web-s", "--grace-secs", "10"]);

@@ -22,19 +22,6 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     })
 }
 
-/// Deterministic pseudo-random bytes (xorshift), so files are not compressible patterns.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 /// The highest `disk check N` in the console log.
 fn disk_checks(console: &str) -> u64 {
     console
@@ -59,8 +46,8 @@ fn the_reference_guest_reads_its_disk_across_a_warm_reboot() {
     let dir = scratch("blk");
     let files = vec![
         ("index.html", b"<html><body>warmvm</body></html>\n".to_vec()),
-        ("data/noise.bin", noise(300_000, 7)),
-        ("data/small.txt", noise(513, 9)),
+        ("data/noise.bin", warmvm_vmm::testing::noise(300_000, 7)),
+        ("data/small.txt", warmvm_vmm::testing::noise(513, 9)),
     ];
     let image = dir.join("disk.img");
     std::fs::write(&image, tar_image(&files, 2048)).unwrap();
@@ -144,7 +131,7 @@ fn hostile_guests_fail_only_their_own_disk() {
         return;
     }
     let dir = scratch("hostile");
-    let files = vec![("index.html", noise(5000, 3))];
+    let files = vec![("index.html", warmvm_vmm::testing::noise(5000, 3))];
     let image = tar_image(&files, 256);
     let d = Daemon::start(&dir, &[]);
     let good_img = dir.join("good.img");
@@ -268,7 +255,11 @@ fn a_failed_warm_reboot_resumes_the_disk() {
     }
     let dir = scratch("blkfail");
     let image = dir.join("disk.img");
-    std::fs::write(&image, tar_image(&[("a.txt", noise(3000, 5))], 64)).unwrap();
+    std::fs::write(
+        &image,
+        tar_image(&[("a.txt", warmvm_vmm::testing::noise(3000, 5))], 64),
+    )
+    .unwrap();
     let d = Daemon::start_with_env(&dir, &[], &[("WARMVM_FAULT", "new:state:kill")]);
     let created = d.cli_json(&[
         "vm",
