@@ -17,6 +17,32 @@ pub fn kvm_available(test: &str) -> bool {
     usable
 }
 
+/// Send a GET on `s` (a keep-alive connection to the reference guest's HTTP server) and
+/// read its whole response: (status, body).
+pub fn http_get<S: std::io::Read + std::io::Write>(s: &mut S, path: &str) -> (u32, Vec<u8>) {
+    write!(s, "GET {path} HTTP/1.1\r\nHost: guest\r\n\r\n").expect("send the request");
+    http_response(s)
+}
+
+/// Read one HTTP/1.1 response with a Content-Length from `s`: (status, body).
+fn http_response<S: std::io::Read>(s: &mut S) -> (u32, Vec<u8>) {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).expect("response head");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).expect("an ASCII response head");
+    let status = head[9..12].parse().expect("a status code");
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("Content-Length: "))
+        .map_or(0, |v| v.trim().parse().expect("a Content-Length"));
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).expect("response body");
+    (status, body)
+}
+
 /// Deterministic pseudo-random bytes (xorshift): file contents for the reference guest's
 /// disk tests that no compression or pattern can pass for.
 pub fn noise(len: usize, seed: u64) -> Vec<u8> {

@@ -5,7 +5,6 @@
 //! snapshot still answering). A copy beside the original needs a TAP and a writable disk
 //! of its own, and runs with them.
 
-use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -75,25 +74,6 @@ fn scratch(test: &str) -> PathBuf {
     dir
 }
 
-fn get(s: &mut TcpStream, path: &str) -> (u32, Vec<u8>) {
-    write!(s, "GET {path} HTTP/1.1\r\nHost: guest\r\n\r\n").unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        s.read_exact(&mut byte).expect("response head");
-        head.push(byte[0]);
-    }
-    let head = String::from_utf8(head).unwrap();
-    let status = head[9..12].parse().unwrap();
-    let len: usize = head
-        .lines()
-        .find_map(|l| l.strip_prefix("Content-Length: "))
-        .map_or(0, |v| v.trim().parse().unwrap());
-    let mut body = vec![0u8; len];
-    s.read_exact(&mut body).expect("response body");
-    (status, body)
-}
-
 fn connect() -> TcpStream {
     let s = TcpStream::connect_timeout(
         &format!("{GUEST}:80").parse().unwrap(),
@@ -105,7 +85,7 @@ fn connect() -> TcpStream {
 }
 
 fn misses(s: &mut TcpStream) -> u64 {
-    let (status, body) = get(s, "/stats");
+    let (status, body) = warmvm_vmm::testing::http_get(s, "/stats");
     assert_eq!(status, 200);
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
     v["misses"].as_u64().unwrap()
@@ -203,7 +183,10 @@ fn a_serving_virtio_vm_round_trips_through_a_snapshot() {
     wait_serving(&web, &log);
     let mut keep = connect();
     for (name, data) in &files {
-        assert!(get(&mut keep, &format!("/{name}")).1 == *data, "{name}");
+        assert!(
+            warmvm_vmm::testing::http_get(&mut keep, &format!("/{name}")).1 == *data,
+            "{name}"
+        );
     }
     let warm_misses = misses(&mut keep);
 
@@ -280,10 +263,16 @@ fn a_serving_virtio_vm_round_trips_through_a_snapshot() {
     let web: Arc<Vm> = restored.start();
     // The connection opened before the snapshot answers: the guest's TCP state was in
     // its RAM, and the TAP kept the host's side of it.
-    assert_eq!(get(&mut keep, "/index.html").1, files[0].1);
+    assert_eq!(
+        warmvm_vmm::testing::http_get(&mut keep, "/index.html").1,
+        files[0].1
+    );
     let mut fresh = connect();
     for (name, data) in &files {
-        assert!(get(&mut fresh, &format!("/{name}")).1 == *data, "{name}");
+        assert!(
+            warmvm_vmm::testing::http_get(&mut fresh, &format!("/{name}")).1 == *data,
+            "{name}"
+        );
     }
     assert_eq!(
         misses(&mut fresh),

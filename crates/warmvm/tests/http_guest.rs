@@ -12,6 +12,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::*;
+use warmvm_vmm::testing::http_get as get;
 
 const GUEST: &str = "10.77.0.2";
 
@@ -36,31 +37,6 @@ fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static)
     })
     .join()
     .unwrap()
-}
-
-/// Send a GET on `s` and read the whole response: (status, body).
-fn get(s: &mut TcpStream, path: &str) -> (u32, Vec<u8>) {
-    write!(s, "GET {path} HTTP/1.1\r\nHost: guest\r\n\r\n").unwrap();
-    read_response(s)
-}
-
-fn read_response(s: &mut TcpStream) -> (u32, Vec<u8>) {
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        s.read_exact(&mut byte).expect("response head");
-        head.push(byte[0]);
-    }
-    let head = String::from_utf8(head).unwrap();
-    let status = head[9..12].parse().unwrap();
-    let len: usize = head
-        .lines()
-        .find_map(|l| l.strip_prefix("Content-Length: "))
-        .map(|v| v.trim().parse().unwrap())
-        .unwrap_or(0);
-    let mut body = vec![0u8; len];
-    s.read_exact(&mut body).expect("response body");
-    (status, body)
 }
 
 fn connect() -> TcpStream {
