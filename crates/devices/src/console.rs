@@ -274,34 +274,26 @@ impl ConsoleSink {
         if inner.line.is_empty() {
             return;
         }
-        if !ROTATES_HERE.with(Cell::get) {
-            let cap = inner.limits.max_log_bytes;
-            let pending = inner.line.len() as u64;
-            if let Some(log) = inner.log.as_mut().filter(|l| l.regular) {
-                if let Ok(m) = log.file.metadata() {
-                    log.len = m.len();
+        let cap = inner.limits.max_log_bytes;
+        let pending = inner.line.len() as u64;
+        if let Some(log) = inner.log.as_mut().filter(|l| l.regular) {
+            // Someone else may have written to the file since we last did: the VMM before
+            // us in a warm reboot (it runs the guest while we stage it), or an operator
+            // truncating it. One fstat per write-out keeps the cap exact.
+            if let Ok(m) = log.file.metadata() {
+                log.len = m.len();
+            }
+            if log.len.saturating_add(pending) > cap && !ROTATES_HERE.with(Cell::get) {
+                drop(inner);
+                if !self.shared.scheduled.swap(true, Ordering::AcqRel) {
+                    flusher().schedule(self.shared.clone());
                 }
-                if log.len.saturating_add(pending) > cap {
-                    drop(inner);
-                    if !self.shared.scheduled.swap(true, Ordering::AcqRel) {
-                        flusher().schedule(self.shared.clone());
-                    }
-                    return;
-                }
+                return;
             }
         }
         let line = std::mem::take(&mut inner.line);
         let mut failure: Option<io::Error> = None;
-        let cap = inner.limits.max_log_bytes;
         if let Some(log) = inner.log.as_mut() {
-            // Someone else may have written to the file since we last did: the VMM before
-            // us in a warm reboot (it runs the guest while we stage it), or an operator
-            // truncating it. One fstat per write-out keeps the cap exact.
-            if log.regular {
-                if let Ok(m) = log.file.metadata() {
-                    log.len = m.len();
-                }
-            }
             if log.regular && log.len.saturating_add(line.len() as u64) > cap {
                 match rotate(log) {
                     Ok(()) => {
