@@ -133,9 +133,14 @@ impl Daemon {
     /// The next sd_notify message a daemon sent.
     pub fn next_notification(&self) -> String {
         let mut buf = [0u8; 512];
-        match self.notify.recv(&mut buf) {
-            Ok(n) => String::from_utf8_lossy(&buf[..n]).into_owned(),
-            Err(e) => panic!("no notification from the daemon: {e}\n{}", self.log()),
+        // A receive with a timeout is never restarted after a signal handler or a stop and
+        // continue (signal(7)); once, in a full run, it returned EINTR here.
+        loop {
+            match self.notify.recv(&mut buf) {
+                Ok(n) => return String::from_utf8_lossy(&buf[..n]).into_owned(),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => panic!("no notification from the daemon: {e}\n{}", self.log()),
+            }
         }
     }
 
