@@ -218,6 +218,21 @@ pub fn pending(state_dir: &Path) -> Result<Option<BringBack>, ManifestError> {
     Ok(Some(bb))
 }
 
+/// The new daemon of a saved or cold reboot, once the handover has committed: bring the
+/// VMs back (before it serves, so that the first answer already sees them) and report it
+/// as `last_reboot`.
+pub fn after_commit(
+    state: &crate::state::ApiState,
+    bb: &BringBack,
+    taps: std::collections::BTreeMap<String, warmvm_vmm::GivenTaps>,
+    state_dir: &Path,
+) {
+    let mut host = state.host().lock().unwrap_or_else(|p| p.into_inner());
+    let report = modes::bring_back(&mut host, bb, taps, &path(state_dir), false);
+    drop(host);
+    state.set_last_reboot(report);
+}
+
 /// A daemon started normally on a state directory whose manifest is [`pending`]: bring
 /// its VMs back as the interrupted reboot's new daemon would have, and report it as
 /// `last_reboot` (with `recovered`).

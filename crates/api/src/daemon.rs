@@ -319,17 +319,7 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
     // backlog meanwhile), so that the first answer already sees them.
     match crate::modes::from_extra(&inherited) {
         Some(Ok(bb)) => {
-            let mut host = state.host().lock().unwrap_or_else(|p| p.into_inner());
-            let manifest = crate::bring_back::path(&state_dir);
-            let report = crate::modes::bring_back(
-                &mut host,
-                &bb,
-                std::mem::take(&mut cold_taps),
-                &manifest,
-                false,
-            );
-            drop(host);
-            state.set_last_reboot(report);
+            crate::bring_back::after_commit(&state, &bb, std::mem::take(&mut cold_taps), &state_dir)
         }
         Some(Err(e)) => tracing::error!(error = %e,
             "cannot bring the VMs of a saved or cold reboot back; their snapshots stay in the state directory"),

@@ -458,6 +458,15 @@ pub fn bring_back(
     manifest: &Path,
     recovered: bool,
 ) -> ModeReboot {
+    // What the manifest names from now on: this daemon owns it, and every VM not yet run.
+    // Recorded before the old daemon is gone, so that a manifest never looks abandoned
+    // while one of them runs.
+    let mut left = bb.clone();
+    left.claimed_by = Some(std::process::id());
+    let owned = bring_back::write(manifest, &left);
+    if let Err(e) = &owned {
+        tracing::error!(error = %e, "cannot take the bring-back manifest over; its VMs are left to the next daemon start");
+    }
     if !recovered {
         wait_exit(bb.previous_pid);
     }
@@ -471,13 +480,6 @@ pub fn bring_back(
         recovered,
         ..Default::default()
     };
-    // What the manifest names from now on: this daemon owns it, and every VM not yet run.
-    let mut left = bb.clone();
-    left.claimed_by = Some(std::process::id());
-    let owned = bring_back::write(manifest, &left);
-    if let Err(e) = &owned {
-        tracing::error!(error = %e, "cannot take the bring-back manifest over; its VMs are left to the next daemon start");
-    }
     faults::hit(Point::NewBringBack);
     let mut booted: Vec<(Arc<Vm>, usize)> = Vec::new();
     let mut first = true;

@@ -9,7 +9,6 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::{counter, create, figures, scratch, show, verifies_on, Daemon};
-use serde_json::Value;
 
 fn stderr(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).trim().to_string()
