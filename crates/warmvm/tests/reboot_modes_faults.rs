@@ -134,7 +134,7 @@ impl Setup {
             "the new daemon {new_pid} was not killed\n{}",
             self.d.log()
         );
-        self.d.start_again(&[]);
+        self.d.start_again(&[], &[]);
     }
 
     /// What the daemon says of the reboot it finished (`last_reboot`).
@@ -364,4 +364,49 @@ fn a_corrupt_snapshot_or_manifest_is_reported_and_kept() {
         .unwrap_or_else(|| panic!("{stderr}"));
     assert!(line.contains("move it away"), "{line}");
     assert!(s.manifest().exists());
+}
+
+/// A manifest VM whose name is taken by then (here by a VM of the next daemon's config) is
+/// not brought back: one line says why, and it stays in the manifest with its snapshot.
+#[test]
+fn a_vm_whose_name_is_taken_stays_in_the_manifest() {
+    if !warmvm_vmm::testing::kvm_available("manifest_name_taken") {
+        return;
+    }
+    let mut s = setup("saved-taken", "saved", "old:manifest:kill");
+    let old = s.d.pid;
+    assert!(s.reboot().is_err());
+    s.fired();
+    assert!(
+        wait_until(30, || !pid_alive(old)),
+        "the old daemon {old} was not killed"
+    );
+    let config = s.d.dir.join("taken.toml");
+    std::fs::write(
+        &config,
+        format!("[[vm]]\nname = \"{}\"\nmemory_mib = 64\n", VMS[0]),
+    )
+    .unwrap();
+    s.d.start_again(&["--config", config.to_str().unwrap()], &[]);
+    assert_eq!(s.names(), VMS);
+    // The config's VM booted afresh; the snapshot's did not run.
+    let v1 = show(&s.d, VMS[0]);
+    assert!(
+        v1["uptime_ms"].as_u64().unwrap() <= s.rebooted_at.elapsed().as_millis() as u64,
+        "{v1}"
+    );
+    s.went_on(1);
+    let rep = s.last_reboot();
+    let taken = &rep["vms"][0];
+    assert_eq!(taken["name"], VMS[0], "{rep}");
+    let e = taken["error"].as_str().unwrap_or_else(|| panic!("{rep}"));
+    assert_eq!(e.lines().count(), 1, "{e}");
+    assert!(e.contains("already exists"), "{e}");
+    let snap = s.d.dir.join("state").join("saved-reboot").join(VMS[0]);
+    assert!(snap.join("vm.state").exists());
+    let manifest = std::fs::read_to_string(s.manifest()).unwrap();
+    assert!(
+        manifest.contains("\"v1\"") && !manifest.contains("\"v2\""),
+        "{manifest}"
+    );
 }

@@ -139,7 +139,7 @@ impl Daemon {
     /// Start a daemon again in this directory (same socket and state directory) once the
     /// last one is gone (killed by a test, or exited after a reboot), and wait for its
     /// READY=1. `pid` follows it.
-    pub fn start_again(&mut self, env: &[(&str, &str)]) {
+    pub fn start_again(&mut self, extra: &[&str], env: &[(&str, &str)]) {
         // A killed daemon's leader turns zombie before its other threads have exited and
         // closed the listening socket: until they have, the socket still accepts.
         let answers = || std::os::unix::net::UnixStream::connect(&self.socket).is_ok();
@@ -153,7 +153,7 @@ impl Daemon {
             let _ = c.wait();
         }
         let mut next =
-            std::mem::ManuallyDrop::new(Self::start_cmd(Command::new(BIN), &self.dir, &[], env));
+            std::mem::ManuallyDrop::new(Self::start_cmd(Command::new(BIN), &self.dir, extra, env));
         self.child = next.child.take();
         self.pid = next.pid;
         // `next` is not dropped (its drop would kill the daemon and remove the directory):
