@@ -409,4 +409,12 @@ fn a_vm_whose_name_is_taken_stays_in_the_manifest() {
         manifest.contains("\"v1\"") && !manifest.contains("\"v2\""),
         "{manifest}"
     );
+    // The manifest may be the only record of v1: no saved or cold reboot may replace it.
+    for mode in ["saved", "cold"] {
+        s.mode = mode;
+        let e = s.reboot().expect_err("refused while a manifest is left");
+        assert!(e.contains("bring-back.json exists"), "{e}");
+    }
+    assert_eq!(s.names(), VMS);
+    s.went_on(1);
 }
