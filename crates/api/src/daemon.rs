@@ -247,6 +247,14 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
                 .map_err(|e| DaemonError::Host(format!("cannot install signal handlers: {e}")))?;
         }
     }
+    // An interrupted saved or cold reboot's VMs, to bring back once this daemon owns the
+    // state directory; a manifest it cannot trust stops it here, before it binds anything.
+    let interrupted = match opts.takeover_fd {
+        None => {
+            crate::bring_back::pending(&state_dir).map_err(|e| DaemonError::Input(e.to_string()))?
+        }
+        Some(_) => None,
+    };
     let started = match opts.takeover_fd {
         Some(fd) => {
             enter_sandbox(opts.seccomp)?;
@@ -311,10 +319,7 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
     // backlog meanwhile), so that the first answer already sees them.
     match crate::modes::from_extra(&inherited) {
         Some(Ok(bb)) => {
-            let mut host = state.host().lock().unwrap_or_else(|p| p.into_inner());
-            let report = crate::modes::bring_back(&mut host, &bb, std::mem::take(&mut cold_taps));
-            drop(host);
-            state.set_last_reboot(report);
+            crate::bring_back::after_commit(&state, &bb, std::mem::take(&mut cold_taps), &state_dir)
         }
         Some(Err(e)) => tracing::error!(error = %e,
             "cannot bring the VMs of a saved or cold reboot back; their snapshots stay in the state directory"),
@@ -336,6 +341,9 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
         for vm in host.vms() {
             tracing::info!(vm = %vm.name(), memory_mib = vm.config.memory_mib, vcpus = vm.config.vcpus, "VM started from the config");
         }
+    }
+    if let Some(bb) = interrupted {
+        crate::bring_back::recover(&state, &bb, &state_dir);
     }
 
     // A daemon that took VMs over never gives them up for an error it can wait out: it

@@ -18,6 +18,7 @@
 //! - [`schema`]: a small JSON Schema checker for the OpenAPI document's schemas (tests).
 
 pub mod aging;
+pub mod bring_back;
 pub mod client;
 pub mod daemon;
 pub mod http;

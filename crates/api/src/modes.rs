@@ -18,9 +18,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+use warmvm_vmm::handover::faults::{self, Point};
 use warmvm_vmm::snapshot;
 use warmvm_vmm::{monotonic_ns, Host, Lifecycle, Vm, VmConfig};
 
+use crate::bring_back;
 use crate::state::ApiError;
 
 /// Where in the handover's extra data the VMs to bring back travel.
@@ -62,13 +64,18 @@ impl Mode {
     }
 }
 
-/// What the old daemon hands the new one for a saved or cold reboot.
-#[derive(Debug, Serialize, Deserialize)]
+/// What the old daemon hands the new one for a saved or cold reboot, and what the
+/// bring-back manifest (see [`crate::bring_back`]) keeps on disk until every VM runs again.
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BringBack {
     pub version: u32,
     pub mode: Mode,
     pub previous_pid: u32,
+    /// The new daemon that took the VMs over after the commit (manifest only; absent in
+    /// what the old daemon writes and hands over).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claimed_by: Option<u32>,
     /// Saving or shutting down every VM, in the old daemon.
     pub prepare_us: u64,
     /// CLOCK_MONOTONIC ns when the old daemon had finished preparing.
@@ -76,7 +83,7 @@ pub struct BringBack {
     pub vms: Vec<BringBackVm>,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BringBackVm {
     pub name: String,
@@ -112,6 +119,10 @@ pub struct ModeReboot {
     pub bytes_written: u64,
     pub bytes_read: u64,
     pub vms: Vec<ModeRebootVm>,
+    /// Brought back by a daemon started after the reboot was interrupted (the new daemon
+    /// died before every VM ran again), from the bring-back manifest.
+    #[serde(default)]
+    pub recovered: bool,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -181,6 +192,9 @@ pub fn save_all(host: &mut Host) -> Result<(BringBack, Held), ApiError> {
         let vm_dir = dir.join(vm.name());
         let t = Instant::now();
         let stopped_ns = monotonic_ns();
+        if saved.len() == 1 {
+            faults::hit(Point::OldSaving);
+        }
         match snapshot::save(vm, &vm_dir, false) {
             Ok(r) => saved.push((
                 vm.clone(),
@@ -233,6 +247,7 @@ pub fn save_all(host: &mut Host) -> Result<(BringBack, Held), ApiError> {
             version: BRING_BACK_VERSION,
             mode: Mode::Saved,
             previous_pid: std::process::id(),
+            claimed_by: None,
             prepare_us: t0.elapsed().as_micros() as u64,
             prepared_ns: monotonic_ns(),
             vms,
@@ -294,6 +309,7 @@ pub fn stop_all(host: &mut Host, grace: Duration) -> (BringBack, Held) {
             version: BRING_BACK_VERSION,
             mode: Mode::Cold,
             previous_pid: std::process::id(),
+            claimed_by: None,
             prepare_us: t0.elapsed().as_micros() as u64,
             prepared_ns: monotonic_ns(),
             vms,
@@ -316,7 +332,22 @@ fn undo_in_place(held: Held) {
 
 /// Replacing the daemon failed: the VMs held aside run on in this daemon (saved: resumed
 /// from memory, their snapshots removed; cold: booted again from their configs).
-pub fn undo(host: &mut Host, held: Held, bb: &BringBack) {
+///
+/// The bring-back manifest at `manifest` (if written) goes first, durably: a manifest must
+/// never name a VM that runs on here. If it cannot be removed, the VMs stay stopped and
+/// left to it (the next daemon start brings them back), and the error says so.
+pub fn undo(
+    host: &mut Host,
+    held: Held,
+    bb: &BringBack,
+    manifest: &Path,
+) -> Result<(), bring_back::ManifestError> {
+    if let Err(e) = bring_back::remove(manifest) {
+        tracing::error!(error = %e, "cannot remove the bring-back manifest: the VMs stay stopped, left to it");
+        // Held paused (saved) or powered off (cold) until this process exits.
+        std::mem::forget(held);
+        return Err(e);
+    }
     match bb.mode {
         Mode::Saved | Mode::Warm => {
             for (vm, _) in &held.vms {
@@ -342,6 +373,7 @@ pub fn undo(host: &mut Host, held: Held, bb: &BringBack) {
             }
         }
     }
+    Ok(())
 }
 
 /// Wait (bounded) until the process `pid` has exited, so that its RAM is free. A zombie
@@ -414,14 +446,30 @@ fn with_given_taps(
     config
 }
 
-/// New side: bring every VM back (restore its snapshot, or boot it and wait until it is
-/// up). A VM that cannot be brought back is reported with the reason; its snapshot stays.
+/// New side, after the commit (or a daemon started on an interrupted reboot's manifest,
+/// `recovered`): bring every VM back (restore its snapshot, or boot it and wait until it
+/// is up). Each VM is taken off the manifest at `manifest` after it is restored or created
+/// and before it runs (see [`crate::bring_back`]). A VM that cannot be brought back is
+/// reported with the reason and stays in the manifest; its snapshot stays.
 pub fn bring_back(
     host: &mut Host,
     bb: &BringBack,
     mut taps: std::collections::BTreeMap<String, warmvm_vmm::GivenTaps>,
+    manifest: &Path,
+    recovered: bool,
 ) -> ModeReboot {
-    wait_exit(bb.previous_pid);
+    // What the manifest names from now on: this daemon owns it, and every VM not yet run.
+    // Recorded before the old daemon is gone, so that a manifest never looks abandoned
+    // while one of them runs.
+    let mut left = bb.clone();
+    left.claimed_by = Some(std::process::id());
+    let owned = bring_back::write(manifest, &left);
+    if let Err(e) = &owned {
+        tracing::error!(error = %e, "cannot take the bring-back manifest over; its VMs are left to the next daemon start");
+    }
+    if !recovered {
+        wait_exit(bb.previous_pid);
+    }
     let t0 = Instant::now();
     let start_ns = monotonic_ns();
     let mut report = ModeReboot {
@@ -429,9 +477,12 @@ pub fn bring_back(
         previous_pid: bb.previous_pid,
         prepare_us: bb.prepare_us,
         replace_us: start_ns.saturating_sub(bb.prepared_ns) / 1000,
+        recovered,
         ..Default::default()
     };
+    faults::hit(Point::NewBringBack);
     let mut booted: Vec<(Arc<Vm>, usize)> = Vec::new();
+    let mut first = true;
     for v in &bb.vms {
         let t = Instant::now();
         let mut r = ModeRebootVm {
@@ -441,37 +492,76 @@ pub fn bring_back(
             ..Default::default()
         };
         report.bytes_written += v.bytes;
-        match (bb.mode, &v.snapshot) {
-            (Mode::Saved, Some(dir)) => {
-                match host.restore_snapshot(dir, Some(&v.name), &snapshot::Backing::default()) {
-                    Ok((_, rr)) => {
-                        r.bring_back_us = t.elapsed().as_micros() as u64;
-                        r.downtime_us = monotonic_ns().saturating_sub(v.stopped_ns) / 1000;
-                        report.bytes_read += rr.read_bytes;
-                        if let Err(e) = std::fs::remove_dir_all(dir) {
-                            tracing::warn!(vm = %v.name, error = %e, "cannot remove the snapshot");
-                        }
-                    }
-                    Err(e) => r.error = Some(e.to_string()),
-                }
+        // Takes the VM off the manifest, durably: from then on no other daemon brings it
+        // back, so it may run here.
+        let mut claim = || {
+            let mut rest = left.clone();
+            rest.vms.retain(|x| x.name != v.name);
+            bring_back::write(manifest, &rest)?;
+            left = rest;
+            let hit_first = std::mem::replace(&mut first, false);
+            if hit_first {
+                faults::hit(Point::NewClaimedOne);
             }
-            (Mode::Cold, _) => {
+            Ok::<bool, bring_back::ManifestError>(hit_first)
+        };
+        let result: Result<bool, String> = match (&owned, bb.mode, &v.snapshot) {
+            (Err(e), _, _) => Err(format!("not brought back: {e}")),
+            (Ok(()), Mode::Saved, Some(dir)) => host
+                .restore_snapshot_unstarted(dir, Some(&v.name), &snapshot::Backing::default())
+                .map_err(|e| e.to_string())
+                .and_then(|restored| {
+                    let hit_first = claim().map_err(|e| e.to_string())?;
+                    let read = restored.report.read_bytes;
+                    host.start_restored(restored);
+                    r.bring_back_us = t.elapsed().as_micros() as u64;
+                    r.downtime_us = monotonic_ns().saturating_sub(v.stopped_ns) / 1000;
+                    report.bytes_read += read;
+                    if let Err(e) = std::fs::remove_dir_all(dir) {
+                        tracing::warn!(vm = %v.name, error = %e, "cannot remove the snapshot");
+                    }
+                    Ok(hit_first)
+                }),
+            (Ok(()), Mode::Cold, _) => {
                 let given = taps.remove(&v.name).unwrap_or_default();
                 let config = with_given_taps(&v.config, &given);
-                match host.create_vm_with(&config, given) {
-                    Ok(vm) => match vm.start() {
-                        Ok(()) => booted.push((vm, report.vms.len())),
-                        Err(e) => r.error = Some(e.to_string()),
-                    },
-                    Err(e) => r.error = Some(e.to_string()),
-                }
+                host.create_vm_with(&config, given)
+                    .map_err(|e| e.to_string())
+                    .and_then(|vm| {
+                        let hit_first = match claim() {
+                            Ok(h) => h,
+                            Err(e) => {
+                                let _ = host.remove(&v.name);
+                                return Err(e.to_string());
+                            }
+                        };
+                        vm.start().map_err(|e| e.to_string())?;
+                        booted.push((vm, report.vms.len()));
+                        Ok(hit_first)
+                    })
             }
-            _ => r.error = Some("nothing to bring it back from".into()),
-        }
-        if let Some(e) = &r.error {
-            tracing::error!(vm = %v.name, error = %e, "cannot bring the VM back after a {} reboot", bb.mode.name());
+            _ => Err("nothing to bring it back from".into()),
+        };
+        match result {
+            Ok(true) => faults::hit(Point::NewBroughtBackOne),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::error!(vm = %v.name, error = %e, "cannot bring the VM back after a {} reboot", bb.mode.name());
+                r.error = Some(e);
+            }
         }
         report.vms.push(r);
+    }
+    if owned.is_ok() && left.vms.is_empty() {
+        match bring_back::remove(manifest) {
+            // Empty once every snapshot was restored; kept (not empty) otherwise.
+            Ok(()) => {
+                if let Some(dir) = manifest.parent() {
+                    let _ = std::fs::remove_dir(dir);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot remove the emptied bring-back manifest"),
+        }
     }
     // Cold: every VM boots at once; each is back when its guest says it is up.
     let deadline = Instant::now() + READY_TIMEOUT;
@@ -495,15 +585,6 @@ pub fn bring_back(
             }
         });
         std::thread::sleep(Duration::from_micros(200));
-    }
-    if let Some(dir) = bb
-        .vms
-        .first()
-        .and_then(|v| v.snapshot.as_ref())
-        .and_then(|d| d.parent())
-    {
-        // Empty once every snapshot was restored; kept (not empty) otherwise.
-        let _ = std::fs::remove_dir(dir);
     }
     report.bring_back_us = t0.elapsed().as_micros() as u64;
     // Host-wide: from the first guest stopping to the last one back (each VM's downtime
@@ -561,6 +642,7 @@ mod tests {
             version: BRING_BACK_VERSION,
             mode: Mode::Saved,
             previous_pid: 7,
+            claimed_by: None,
             prepare_us: 1,
             prepared_ns: 2,
             vms: vec![BringBackVm {

@@ -9,9 +9,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+use warmvm_vmm::handover::faults::{self, Point};
 use warmvm_vmm::handover::{self, RebootOptions, RebootReport};
 
 use crate::aging::RebootReason;
+use crate::bring_back;
 use crate::modes::{self, Mode};
 use crate::state::{ApiError, ApiState, DEFAULT_STOP_GRACE_SECS, MAX_STOP_GRACE_SECS};
 
@@ -191,6 +193,17 @@ impl ApiState {
             return Err(ApiError::new(503, "the daemon is shutting down"));
         }
         let mode = Mode::parse(&req.mode).unwrap_or(Mode::Warm);
+        let manifest = bring_back::path(host.state_dir());
+        if mode != Mode::Warm && manifest.exists() {
+            // Left by an interrupted reboot: it may be the only record of some VMs.
+            return Err(ApiError::new(
+                409,
+                format!(
+                    "{} exists (left by an interrupted saved or cold reboot): restart the daemon to bring its VMs back, or remove it; nothing changed",
+                    manifest.display()
+                ),
+            ));
+        }
         // Saved and cold: the VMs leave memory first; they are held aside until the new
         // daemon has taken over, and run on here if it does not.
         let prepared = match mode {
@@ -201,6 +214,25 @@ impl ApiState {
                 Duration::from_secs(req.grace_secs.unwrap_or(DEFAULT_STOP_GRACE_SECS)),
             )),
         };
+        // The VMs held aside are written down before anything can take them over: whoever
+        // has them when a process dies, the manifest lets the next daemon bring them back.
+        if let Some((bb, _)) = &prepared {
+            if let Err(e) = bring_back::write(&manifest, bb) {
+                let undone =
+                    prepared.map(|(bb, held)| modes::undo(&mut host, held, &bb, &manifest));
+                return Err(undo_failed(
+                    ApiError::new(
+                        500,
+                        format!(
+                            "{} reboot failed; the VMs run on in this daemon: {e}",
+                            mode.name()
+                        ),
+                    ),
+                    undone,
+                ));
+            }
+            faults::hit(Point::OldManifest);
+        }
         let mut extra = self.successor_extra(&setup.extra, reason.clone());
         if let (Some((bb, _)), Some(map)) = (&prepared, extra.as_object_mut()) {
             match serde_json::to_value(bb) {
@@ -208,10 +240,12 @@ impl ApiState {
                     map.insert(modes::EXTRA_KEY.to_string(), v);
                 }
                 Err(e) => {
-                    if let Some((bb, held)) = prepared {
-                        modes::undo(&mut host, held, &bb);
-                    }
-                    return Err(ApiError::new(500, format!("cannot encode the VMs: {e}")));
+                    let undone =
+                        prepared.map(|(bb, held)| modes::undo(&mut host, held, &bb, &manifest));
+                    return Err(undo_failed(
+                        ApiError::new(500, format!("cannot encode the VMs: {e}")),
+                        undone,
+                    ));
                 }
             }
         }
@@ -264,18 +298,20 @@ impl ApiState {
             Err(e) => {
                 // Let go of the TAPs first: undoing a cold reboot attaches to them again.
                 drop(cold_taps);
-                if let Some((bb, held)) = prepared {
-                    modes::undo(&mut host, held, &bb);
-                }
+                let undone =
+                    prepared.map(|(bb, held)| modes::undo(&mut host, held, &bb, &manifest));
                 let status = if e.is_refusal() { 409 } else { 500 };
-                Err(ApiError::new(
-                    status,
-                    format!(
-                        "{} reboot failed; the VMs run on in this daemon: {e}",
-                        mode.name()
-                    ),
-                )
-                .in_phase(e.phase))
+                Err(undo_failed(
+                    ApiError::new(
+                        status,
+                        format!(
+                            "{} reboot failed; the VMs run on in this daemon: {e}",
+                            mode.name()
+                        ),
+                    )
+                    .in_phase(e.phase),
+                    undone,
+                ))
             }
         }
     }
@@ -299,6 +335,24 @@ impl ApiState {
             obj.insert("aging".into(), m.carry(reason).encode());
         }
         extra
+    }
+}
+
+/// A failed reboot's error, unless undoing it failed too: then the VMs do not run on here
+/// but stay left to the bring-back manifest, and the error says that instead.
+fn undo_failed(
+    err: ApiError,
+    undone: Option<Result<(), crate::bring_back::ManifestError>>,
+) -> ApiError {
+    match undone {
+        Some(Err(e)) => ApiError {
+            message: format!(
+                "{}; but the VMs stay stopped, left to the next daemon start: {e}",
+                err.message.replace("; the VMs run on in this daemon", "")
+            ),
+            ..err
+        },
+        _ => err,
     }
 }
 

@@ -238,6 +238,7 @@ fn reports_in_every_state_match_the_schema() {
                         ..Default::default()
                     },
                 ],
+                recovered: true,
             }),
         },
     );

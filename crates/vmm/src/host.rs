@@ -152,6 +152,21 @@ impl Host {
         name: Option<&str>,
         backing: &crate::snapshot::Backing,
     ) -> Result<(Arc<Vm>, crate::snapshot::RestoreReport), HostError> {
+        let restored = self.restore_snapshot_unstarted(dir, name, backing)?;
+        let report = restored.report.clone();
+        Ok((self.start_restored(restored), report))
+    }
+
+    /// [`Host::restore_snapshot`] up to the point where the VM would run: the caller
+    /// records that it has it (a saved reboot's manifest) before [`Host::start_restored`],
+    /// so that no VM runs from a snapshot that something else may still restore. Not yet
+    /// part of this host: dropping it discards the VM.
+    pub fn restore_snapshot_unstarted(
+        &self,
+        dir: &Path,
+        name: Option<&str>,
+        backing: &crate::snapshot::Backing,
+    ) -> Result<crate::snapshot::Restored, HostError> {
         let peek = crate::snapshot::peek(dir, backing)?;
         let ram = peek.ram_bytes;
         let name = name.unwrap_or(&peek.name);
@@ -167,12 +182,21 @@ impl Host {
                 host_mib,
             }));
         }
-        let restored =
-            crate::snapshot::restore(&self.hv, dir, Some(name), backing, &self.state_dir)?;
-        let report = restored.report.clone();
+        Ok(crate::snapshot::restore(
+            &self.hv,
+            dir,
+            Some(name),
+            backing,
+            &self.state_dir,
+        )?)
+    }
+
+    /// Let a VM from [`Host::restore_snapshot_unstarted`] run (or stay paused) as it was,
+    /// as one of this host's.
+    pub fn start_restored(&mut self, restored: crate::snapshot::Restored) -> Arc<Vm> {
         let vm = restored.start();
         self.vms.push(vm.clone());
-        Ok((vm, report))
+        vm
     }
 
     /// A restored VM must not share a TAP with a VM of this host (a TAP serves one VM), nor

@@ -257,7 +257,7 @@ fn random_plan(trials: u32, seed: u64, budget_ms: u64) -> Vec<Fault> {
     let mut round: Vec<(Point, u8)> = Vec::new();
     while plan.len() < trials as usize {
         if round.is_empty() {
-            round = Point::ALL
+            round = Point::HANDOVER
                 .iter()
                 .flat_map(|&p| (0..3u8).map(move |k| (p, k)))
                 .collect();
@@ -624,7 +624,7 @@ fn print_table(trials: &[Trial], seed: u64) {
     let mut rows: BTreeMap<(usize, &str), BTreeMap<Outcome, u32>> = BTreeMap::new();
     let mut fired: BTreeMap<(usize, &str), u32> = BTreeMap::new();
     for t in trials {
-        let order = Point::ALL
+        let order = Point::HANDOVER
             .iter()
             .position(|p| p.side().name() == t.side && p.name() == t.point)
             .unwrap_or(usize::MAX);
@@ -655,7 +655,7 @@ fn print_table(trials: &[Trial], seed: u64) {
     println!();
     let mut totals: BTreeMap<Outcome, u32> = BTreeMap::new();
     for ((order, action), outcomes) in &rows {
-        let (side, point) = Point::ALL
+        let (side, point) = Point::HANDOVER
             .get(*order)
             .map_or(("?", "?"), |p| (p.side().name(), p.name()));
         let n: u32 = outcomes.values().sum();

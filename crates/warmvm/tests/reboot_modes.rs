@@ -8,41 +8,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{counter, figures, reference_vm, scratch, wait_until, Daemon};
-use serde_json::Value;
-
-fn show(d: &Daemon, name: &str) -> Value {
-    d.client()
-        .show(name)
-        .unwrap_or_else(|e| panic!("{name}: {e}\n{}", d.log()))
-}
-
-/// The guest has verified all its pages `passes` more times than in `before`, cleanly.
-fn verifies_on(d: &Daemon, name: &str, passes: u64) {
-    let start = show(d, name)["guest"]["min_passes"].as_u64().unwrap_or(0);
-    assert!(
-        wait_until(120, || {
-            let g = &show(d, name)["guest"];
-            if g.is_null() {
-                // A guest that has just started has not reported yet.
-                return false;
-            }
-            assert_eq!(g["mismatches"], 0, "{name}: {g}");
-            assert_eq!(g["time_went_backwards"], 0, "{name}: {g}");
-            g["min_passes"].as_u64().unwrap_or(0) >= start + passes
-        }),
-        "{name} does not verify on: {}\n{}",
-        show(d, name),
-        d.log()
-    );
-}
-
-fn create(d: &Daemon, name: &str) {
-    d.client()
-        .create(&serde_json::from_value(reference_vm(name)).unwrap())
-        .unwrap_or_else(|e| panic!("{name}: {e}\n{}", d.log()));
-    verifies_on(d, name, 1);
-}
+use common::{counter, create, figures, scratch, show, verifies_on, Daemon};
 
 fn stderr(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).trim().to_string()

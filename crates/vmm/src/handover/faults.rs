@@ -1,5 +1,7 @@
 //! Named points of the handover where a test build can kill, stop, delay or panic the old
-//! or the new VMM, so that every failure path of a warm reboot can be exercised.
+//! or the new VMM, so that every failure path of a warm reboot can be exercised; and of
+//! the saved and cold reboots around it (the daemon's `modes` and `bring_back` modules):
+//! saving the VMs, writing the bring-back manifest, and bringing the VMs back.
 //!
 //! Only a build with the `fault-injection` feature acts on them (the integration tests and
 //! `warmvm bench faults` are built that way); in a release build [`hit`] compiles to nothing.
@@ -39,6 +41,12 @@ pub enum Point {
     OldCommitted,
     /// The new VMM's report arrived; the old VMM is about to let go and exit.
     OldDone,
+    /// Saved reboot: the first VM is snapshotted (and paused), the others not yet; no
+    /// manifest written.
+    OldSaving,
+    /// Saved or cold reboot: every VM is saved (or powered off) and the bring-back
+    /// manifest is durable; the new VMM is not started yet.
+    OldManifest,
     // New VMM.
     /// `Hello` received.
     NewHello,
@@ -58,10 +66,46 @@ pub enum Point {
     NewRunning,
     /// The report was sent.
     NewReported,
+    /// Saved or cold reboot, after the commit: the manifest names this VMM as its owner;
+    /// no VM is restored or booted yet.
+    NewBringBack,
+    /// The first VM is restored (or created) and taken off the manifest; it does not run
+    /// yet.
+    NewClaimedOne,
+    /// The first VM runs; the next ones are not brought back yet.
+    NewBroughtBackOne,
 }
 
 impl Point {
-    pub const ALL: [Point; 18] = [
+    /// Every point, the warm handover's first.
+    pub const ALL: [Point; 23] = [
+        Point::OldSpawned,
+        Point::OldStaged,
+        Point::OldPrepared,
+        Point::OldQuiesced,
+        Point::OldCaptured,
+        Point::OldStateSent,
+        Point::OldReady,
+        Point::OldCommitted,
+        Point::OldDone,
+        Point::NewHello,
+        Point::NewStaged,
+        Point::NewPrepared,
+        Point::NewState,
+        Point::NewRestored,
+        Point::NewReadySent,
+        Point::NewCommit,
+        Point::NewRunning,
+        Point::NewReported,
+        Point::OldSaving,
+        Point::OldManifest,
+        Point::NewBringBack,
+        Point::NewClaimedOne,
+        Point::NewBroughtBackOne,
+    ];
+
+    /// The points every warm handover reaches (a saved or cold reboot's own come on top).
+    pub const HANDOVER: [Point; 18] = [
         Point::OldSpawned,
         Point::OldStaged,
         Point::OldPrepared,
@@ -86,7 +130,7 @@ impl Point {
         use Point::*;
         match self {
             OldSpawned | OldStaged | OldPrepared | OldQuiesced | OldCaptured | OldStateSent
-            | OldReady | OldCommitted | OldDone => Side::Old,
+            | OldReady | OldCommitted | OldDone | OldSaving | OldManifest => Side::Old,
             _ => Side::New,
         }
     }
@@ -111,6 +155,11 @@ impl Point {
             NewCommit => "commit",
             NewRunning => "running",
             NewReported => "reported",
+            OldSaving => "saving",
+            OldManifest => "manifest",
+            NewBringBack => "bring-back",
+            NewClaimedOne => "claimed-one",
+            NewBroughtBackOne => "brought-back-one",
         }
     }
 }
@@ -401,6 +450,20 @@ mod tests {
         }
         assert_eq!(Point::find(Side::Old, "commit"), None);
         assert_eq!(Point::find(Side::New, "committed"), None);
+        assert!(Point::HANDOVER.iter().all(|p| Point::ALL.contains(p)));
+        assert_eq!(
+            parse("new:brought-back-one:kill,old:saving:stop:5").0,
+            vec![
+                Fault {
+                    point: Point::NewBroughtBackOne,
+                    action: Action::Kill
+                },
+                Fault {
+                    point: Point::OldSaving,
+                    action: Action::Stop(5)
+                },
+            ]
+        );
     }
 
     #[test]

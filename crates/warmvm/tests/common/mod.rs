@@ -102,7 +102,13 @@ impl Daemon {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&notify_path, std::fs::Permissions::from_mode(0o666)).unwrap();
         notify.set_read_timeout(Some(READY_TIMEOUT)).unwrap();
-        let log = std::fs::File::create(dir.join("daemon.log")).unwrap();
+        // Appended to: a daemon started again in the same directory (after one was killed)
+        // keeps the earlier daemons' lines.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("daemon.log"))
+            .unwrap();
         let child = cmd
             .args(["--log-level", "debug", "daemon", "--socket"])
             .arg(&socket)
@@ -128,6 +134,31 @@ impl Daemon {
         assert!(msg.lines().any(|l| l == "READY=1"), "{msg}");
         assert!(d.child.as_mut().unwrap().try_wait().unwrap().is_none());
         d
+    }
+
+    /// Start a daemon again in this directory (same socket and state directory) once the
+    /// last one is gone (killed by a test, or exited after a reboot), and wait for its
+    /// READY=1. `pid` follows it.
+    pub fn start_again(&mut self, extra: &[&str], env: &[(&str, &str)]) {
+        // A killed daemon's leader turns zombie before its other threads have exited and
+        // closed the listening socket: until they have, the socket still accepts.
+        let answers = || std::os::unix::net::UnixStream::connect(&self.socket).is_ok();
+        assert!(
+            wait_until(30, || !pid_alive(self.pid) && !answers()),
+            "daemon {} is still alive\n{}",
+            self.pid,
+            self.log()
+        );
+        if let Some(mut c) = self.child.take() {
+            let _ = c.wait();
+        }
+        let mut next =
+            std::mem::ManuallyDrop::new(Self::start_cmd(Command::new(BIN), &self.dir, extra, env));
+        self.child = next.child.take();
+        self.pid = next.pid;
+        // `next` is not dropped (its drop would kill the daemon and remove the directory):
+        // it keeps the old notification socket, whose file start_cmd already replaced.
+        std::mem::swap(&mut self.notify, &mut next.notify);
     }
 
     /// The next sd_notify message a daemon sent.
@@ -276,6 +307,44 @@ pub fn pid_alive(pid: u32) -> bool {
             .is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X'])),
         Err(_) => false,
     }
+}
+
+/// `GET /v1/vms/NAME`, which must answer.
+pub fn show(d: &Daemon, name: &str) -> Value {
+    d.client()
+        .show(name)
+        .unwrap_or_else(|e| panic!("{name}: {e}\n{}", d.log()))
+}
+
+/// The guest has verified all its pages `passes` more times than when called, cleanly
+/// (no mismatch, its clock never went back): the guest's own evidence that its memory
+/// and registers are intact.
+pub fn verifies_on(d: &Daemon, name: &str, passes: u64) {
+    let start = show(d, name)["guest"]["min_passes"].as_u64().unwrap_or(0);
+    assert!(
+        wait_until(120, || {
+            let g = &show(d, name)["guest"];
+            if g.is_null() {
+                // A guest that has just started has not reported yet.
+                return false;
+            }
+            assert_eq!(g["mismatches"], 0, "{name}: {g}");
+            assert_eq!(g["time_went_backwards"], 0, "{name}: {g}");
+            g["min_passes"].as_u64().unwrap_or(0) >= start + passes
+        }),
+        "{name} does not verify on: {}\n{}",
+        show(d, name),
+        d.log()
+    );
+}
+
+/// Create a reference VM (see [`reference_vm`]) and wait until its guest has verified
+/// its memory once.
+pub fn create(d: &Daemon, name: &str) {
+    d.client()
+        .create(&serde_json::from_value(reference_vm(name)).unwrap())
+        .unwrap_or_else(|e| panic!("{name}: {e}\n{}", d.log()));
+    verifies_on(d, name, 1);
 }
 
 pub fn reference_vm(name: &str) -> Value {
