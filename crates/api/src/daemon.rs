@@ -707,11 +707,18 @@ fn take_over(
     // SAFETY: the fd is open (checked above), and the old daemon started us with it for
     // the handover alone: nothing else in this process uses it.
     let channel = unsafe { OwnedFd::from_raw_fd(fd) };
-    let adopted = handover::take_over(channel, state_dir).map_err(|e| {
-        DaemonError::Host(format!(
-            "taking the VMs over from the old daemon failed: {e}"
-        ))
-    })?;
+    // VMs to bring back that this build cannot read are refused before the commit, so the
+    // old daemon keeps them, rather than lost after it.
+    let check_bring_back = |extra: &serde_json::Value| match crate::modes::from_extra(extra) {
+        Some(Err(e)) => Err(e),
+        _ => Ok(()),
+    };
+    let adopted =
+        handover::take_over_checked(channel, state_dir, &check_bring_back).map_err(|e| {
+            DaemonError::Host(format!(
+                "taking the VMs over from the old daemon failed: {e}"
+            ))
+        })?;
     // From here on the VMs run in this process: nothing may make it give up.
     let took_over_from = adopted.extra.get("previous_pid").and_then(|p| p.as_u64());
     let takeover = TakeoverInfo {

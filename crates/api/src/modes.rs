@@ -27,8 +27,11 @@ use crate::state::ApiError;
 
 /// Where in the handover's extra data the VMs to bring back travel.
 pub const EXTRA_KEY: &str = "bring_back";
-/// The format of [`BringBack`]; a new daemon refuses another.
-pub const BRING_BACK_VERSION: u32 = 1;
+/// The format of [`BringBack`]; a new daemon refuses another, before the commit. 2: the
+/// receiver takes each VM off the durable manifest (`bring_back.rs`) before it runs it. A
+/// daemon that read format 1 would boot a cold reboot's VMs and leave the manifest behind,
+/// so that a later daemon booted them again.
+pub const BRING_BACK_VERSION: u32 = 2;
 /// The directory, under the state directory, that a saved reboot writes its snapshots to.
 pub const SAVED_DIR: &str = "saved-reboot";
 /// How long the new daemon waits for a cold-booted guest to say it is up.

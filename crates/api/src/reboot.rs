@@ -236,7 +236,16 @@ impl ApiState {
         let mut extra = self.successor_extra(&setup.extra, reason.clone());
         if let (Some((bb, _)), Some(map)) = (&prepared, extra.as_object_mut()) {
             match serde_json::to_value(bb) {
-                Ok(v) => {
+                #[allow(unused_mut)]
+                Ok(mut v) => {
+                    // Test builds: stand in for a successor that reads another format.
+                    #[cfg(feature = "fault-injection")]
+                    if let Some(n) = std::env::var("WARMVM_FAULT_BRING_BACK_VERSION")
+                        .ok()
+                        .and_then(|n| n.parse::<u32>().ok())
+                    {
+                        v["version"] = n.into();
+                    }
                     map.insert(modes::EXTRA_KEY.to_string(), v);
                 }
                 Err(e) => {

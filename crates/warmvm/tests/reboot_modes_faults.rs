@@ -256,6 +256,34 @@ fn old_killed_with_the_manifest_written(mode: &'static str) {
     assert!(!s.manifest().exists());
 }
 
+/// VMs to bring back in a format the new daemon does not read (as a successor of another
+/// build would see them) are refused before the commit: the old daemon keeps every VM and
+/// removes the manifest; nothing is left for a later daemon to bring back a second time.
+fn unreadable_bring_back_is_refused_before_the_commit(mode: &'static str) {
+    let dir = scratch(&format!("rmf-{mode}-fmt"));
+    let d = Daemon::start_with_env(&dir, &[], &[("WARMVM_FAULT_BRING_BACK_VERSION", "99")]);
+    for n in VMS {
+        create(&d, n);
+    }
+    let mut s = Setup {
+        before: VMS.iter().map(|n| show(&d, n)).collect(),
+        d,
+        mode,
+        fault: String::new(),
+        rebooted_at: Instant::now(),
+    };
+    let old = s.d.pid;
+    let e = s.reboot().expect_err("the reboot must fail");
+    assert!(e.contains("format 99"), "{e}\n{}", s.d.log());
+    assert!(e.contains("run on in this daemon"), "{e}");
+    assert_eq!(s.d.client().status().unwrap()["pid"], old);
+    assert!(!s.manifest().exists());
+    assert_eq!(s.names(), VMS);
+    for i in 0..VMS.len() {
+        s.is_back(i);
+    }
+}
+
 macro_rules! for_both_modes {
     ($($name:ident => |$mode:ident| $body:expr;)*) => {
         mod saved {
@@ -291,6 +319,7 @@ for_both_modes! {
     a_stopped_new_daemon_brings_every_vm_back_itself => |mode| held_up_before_bringing_back(mode, "stop:500");
     a_delayed_new_daemon_brings_every_vm_back_itself => |mode| held_up_before_bringing_back(mode, "delay:500");
     killing_the_old_daemon_with_the_manifest_written_leaves_every_vm_to_the_next_daemon => |mode| old_killed_with_the_manifest_written(mode);
+    vms_to_bring_back_in_an_unreadable_format_stay_in_the_old_daemon => |mode| unreadable_bring_back_is_refused_before_the_commit(mode);
 }
 
 /// The old daemon killed while saving, after the first VM's snapshot and before the

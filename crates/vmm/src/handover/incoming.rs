@@ -60,6 +60,21 @@ fn at(phase: Phase) -> impl Fn(HandoverError) -> TakeoverError {
 /// here and the old VMM keeps (or, if it is gone, has lost) the VMs; the caller should
 /// exit.
 pub fn take_over(channel_fd: OwnedFd, state_dir: &Path) -> Result<Adopted, TakeoverError> {
+    take_over_checked(channel_fd, state_dir, &|_| Ok(()))
+}
+
+/// What the caller says of the settings handed over in `extra` before the commit: an
+/// error refuses the handover, so the old VMM keeps its VMs (after the commit it would be
+/// too late to say no).
+pub type ExtraCheck<'a> = &'a dyn Fn(&serde_json::Value) -> Result<(), String>;
+
+/// [`take_over`], with `check` run on the handed-over `extra` while staging, before this
+/// VMM says it is prepared.
+pub fn take_over_checked(
+    channel_fd: OwnedFd,
+    state_dir: &Path,
+    check: ExtraCheck<'_>,
+) -> Result<Adopted, TakeoverError> {
     // Inherited without close-on-exec: a later reboot's VMM must not get this end too.
     // SAFETY: fcntl with an integer argument on an fd we own.
     unsafe { libc::fcntl(channel_fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
@@ -81,7 +96,7 @@ pub fn take_over(channel_fd: OwnedFd, state_dir: &Path) -> Result<Adopted, Takeo
     };
     faults::hit(Point::NewHello);
     let result = match format {
-        2 | 3 => Session::new(&channel, format, sender).run(state_dir),
+        2 | 3 => Session::new(&channel, format, sender, check).run(state_dir),
         _ => Err(at(Phase::Stage)(HandoverError::Incompatible(format!(
             "{sender} offers state format {format}; this warmvm reads {}..={}",
             envelope::MIN_FORMAT_VERSION,
@@ -119,14 +134,16 @@ struct Session<'a> {
     channel: &'a Channel,
     format: u32,
     sender: String,
+    check: ExtraCheck<'a>,
 }
 
 impl<'a> Session<'a> {
-    fn new(channel: &'a Channel, format: u32, sender: String) -> Self {
+    fn new(channel: &'a Channel, format: u32, sender: String, check: ExtraCheck<'a>) -> Self {
         Self {
             channel,
             format,
             sender,
+            check,
         }
     }
 
@@ -317,6 +334,9 @@ impl<'a> Session<'a> {
                             "format 3 staging without a commit flag".into(),
                         ));
                     }
+                    (self.check)(&extra).map_err(|e| {
+                        HandoverError::BadState(format!("the settings handed over: {e}"))
+                    })?;
                     return Ok(Staged {
                         hv,
                         vms,

@@ -38,7 +38,7 @@ mod stderr;
 
 #[cfg(feature = "fault-injection")]
 pub use incoming::FAULT_ENV;
-pub use incoming::{take_over, Adopted, TakeoverError};
+pub use incoming::{take_over, take_over_checked, Adopted, ExtraCheck, TakeoverError};
 pub use outgoing::{warm_reboot, RebootError, RebootOptions};
 pub use state::{
     disk_fd_name, net_fd_name, BootProtocol, DiskState, Failure, FailureKind, LifecycleState,
