@@ -1,6 +1,6 @@
 //! docs/openapi.json against the server, without KVM: every route is documented and every
 //! documented operation is a route; what the server sends and takes matches the schemas.
-//! (crates/warmvm/tests/daemon.rs checks a live daemon's answers too.)
+//! (crates/warmvm/tests/api_requests.rs checks a live daemon's answers too.)
 
 use std::path::PathBuf;
 
