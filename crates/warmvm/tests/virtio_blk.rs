@@ -4,17 +4,7 @@
 
 mod common;
 
-use std::path::Path;
-
 use common::*;
-
-/// A ustar archive of `files`, padded with zero sectors to `sectors` in all.
-fn tar_image(files: &[(&str, Vec<u8>)], sectors: usize) -> Vec<u8> {
-    let mut out = warmvm_vmm::testing::ustar_entries(files);
-    assert!(out.len() + 1024 <= sectors * 512);
-    out.resize(sectors * 512, 0);
-    out
-}
 
 fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
@@ -30,10 +20,6 @@ fn disk_checks(console: &str) -> u64 {
         .filter_map(|rest| rest.split(':').next()?.parse().ok())
         .max()
         .unwrap_or(0)
-}
-
-fn read(path: &Path) -> String {
-    std::fs::read_to_string(path).unwrap_or_default()
 }
 
 #[test]

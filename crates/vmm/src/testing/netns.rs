@@ -63,13 +63,13 @@ impl Netns {
         enter_netns(&self.name);
     }
 
-    /// `GET http://ADDR_PATH` with curl from inside the namespace (at most 5 s); the body
+    /// `GET http://ADDR/PATH` with curl from inside the namespace (at most 5 s); the body
     /// if it answered 2xx.
-    pub fn fetch(&self, addr_path: &str) -> Option<Vec<u8>> {
+    pub fn fetch(&self, addr: &str, path: &str) -> Option<Vec<u8>> {
         let out = self
             .command("curl")
             .args(["-sS", "--fail", "--max-time", "5"])
-            .arg(format!("http://{addr_path}"))
+            .arg(format!("http://{addr}{path}"))
             .output()
             .expect("run curl");
         out.status.success().then_some(out.stdout)
