@@ -194,6 +194,21 @@ impl Daemon {
         );
     }
 
+    /// Create reference-guest VMs `names` ([`reference_vm`]) and wait until every guest
+    /// of the daemon has reported progress.
+    pub fn create_reference_vms(&self, names: &[&str]) {
+        for name in names {
+            self.client()
+                .create(&serde_json::from_value(reference_vm(name)).expect("a VM config"))
+                .expect("VM created and started");
+        }
+        assert!(
+            wait_until(30, || figures(self).iter().all(|v| v.2 > 0)),
+            "the guests never reported\n{}",
+            self.log()
+        );
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
     }
