@@ -15,10 +15,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use warmvm_api::Client;
+use warmvm_vmm::monotonic_ns;
 
-use crate::bench_cache_load::{
-    httperf, monotonic_ns, parse_wrk, FixedRate, Run, GUEST_IP, WRK_SCRIPT,
-};
+use crate::bench_cache_load::{httperf, parse_wrk, FixedRate, Run, GUEST_IP, WRK_SCRIPT};
 use crate::bench_daemon::BenchDaemon;
 use crate::cli::{Failure, EXIT_HOST, EXIT_VM_FAILED};
 
