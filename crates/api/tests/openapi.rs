@@ -1,6 +1,6 @@
 //! docs/openapi.json against the server, without KVM: every route is documented and every
 //! documented operation is a route; what the server sends and takes matches the schemas.
-//! (crates/warmvm/tests/daemon.rs checks a live daemon's answers too.)
+//! (crates/warmvm/tests/api_requests.rs checks a live daemon's answers too.)
 
 use std::path::PathBuf;
 
@@ -181,34 +181,23 @@ fn reports_in_every_state_match_the_schema() {
         "VmList",
         &json!({ "vms": [report(Lifecycle::Running, None)] }),
     );
+    let fresh = DaemonStatus {
+        version: "0.1.0".into(),
+        pid: 1,
+        uptime_ms: 2,
+        vm_count: 0,
+        vms_running: 0,
+        vms_paused: 0,
+        state_dir: "/run/warmvm".into(),
+        build: "warmvm 0.1.0".into(),
+        last_takeover: None,
+        last_reboot: None,
+    };
+    check(&doc, "DaemonStatus", &fresh);
     check(
         &doc,
         "DaemonStatus",
         &DaemonStatus {
-            version: "0.1.0".into(),
-            pid: 1,
-            uptime_ms: 2,
-            vm_count: 0,
-            vms_running: 0,
-            vms_paused: 0,
-            state_dir: "/run/warmvm".into(),
-            build: "warmvm 0.1.0".into(),
-            last_takeover: None,
-            last_reboot: None,
-        },
-    );
-    check(
-        &doc,
-        "DaemonStatus",
-        &DaemonStatus {
-            version: "0.1.0".into(),
-            pid: 1,
-            uptime_ms: 2,
-            vm_count: 0,
-            vms_running: 0,
-            vms_paused: 0,
-            state_dir: "/run/warmvm".into(),
-            build: "warmvm 0.1.0".into(),
             last_takeover: Some(TakeoverInfo {
                 previous_pid: Some(9),
                 from_build: "warmvm 0.1.0 (old)".into(),
@@ -240,6 +229,7 @@ fn reports_in_every_state_match_the_schema() {
                 ],
                 recovered: true,
             }),
+            ..fresh
         },
     );
     check(

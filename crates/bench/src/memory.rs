@@ -8,12 +8,12 @@
 //! per-VM figure is the increment from 1 to 16 VMs, divided by 15.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::util::{ctx, fail, last_line, wait_or_kill, write_file, ProcMemory, Result};
+use crate::util::{ctx, fail, last_line, spawn_run, wait_or_kill, write_file, ProcMemory, Result};
 
 pub const GOAL_MAX_MIB_PER_VM: f64 = 4.0;
 pub const MEMORY_MIB: u64 = 64;
@@ -57,17 +57,7 @@ fn sample(warmvm: &Path, dir: &Path, vms: usize) -> Result<MemorySample> {
     }
     let config = dir.join("vms.toml");
     write_file(&config, &text)?;
-    let mut child = Command::new(warmvm)
-        .arg("run")
-        .arg("--json")
-        .arg("--state-dir")
-        .arg(dir)
-        .arg(&config)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(ctx(format!("cannot start {}", warmvm.display())))?;
+    let mut child = spawn_run(warmvm, dir, &config, Stdio::null())?;
     let pid = child.id();
     let start = Instant::now();
     let ready = loop {

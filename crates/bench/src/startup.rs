@@ -13,13 +13,15 @@
 //! inside "first KVM_RUN to first console output" (medians).
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use warmvm_vmm::{Config, Host, Lifecycle};
 
-use crate::util::{ctx, fail, file_len, last_line, ms, wait_or_kill, write_file, Result, Stats};
+use crate::util::{
+    ctx, fail, file_len, last_line, ms, spawn_run, wait_or_kill, write_file, Result, Stats,
+};
 
 const VM_NAME: &str = "bench-start";
 pub const CMDLINE: &str = "passes=1 fill=1 quiet";
@@ -62,17 +64,7 @@ fn outside_run(warmvm: &Path, dir: &Path, memory_mib: u64) -> Result<Outside> {
     write_file(&config, &config_text(memory_mib))?;
     let log = dir.join(VM_NAME).join("console.log");
     let t0 = Instant::now();
-    let mut child = Command::new(warmvm)
-        .arg("run")
-        .arg("--json")
-        .arg("--state-dir")
-        .arg(dir)
-        .arg(&config)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(ctx(format!("cannot start {}", warmvm.display())))?;
+    let mut child = spawn_run(warmvm, dir, &config, Stdio::piped())?;
     let mut first_output = None;
     let exit = loop {
         if first_output.is_none() && file_len(&log) > 0 {

@@ -3,7 +3,7 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ExitStatus};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -98,6 +98,22 @@ pub fn write_file(path: &Path, text: &str) -> Result<()> {
             .map_err(ctx(format!("cannot create directory {}", dir.display())))?;
     }
     std::fs::write(path, text).map_err(ctx(format!("cannot write {}", path.display())))
+}
+
+/// Start `warmvm run --json --state-dir DIR CONFIG`, stderr piped (for its last line on
+/// failure) and stdout as given.
+pub fn spawn_run(warmvm: &Path, dir: &Path, config: &Path, stdout: Stdio) -> Result<Child> {
+    Command::new(warmvm)
+        .arg("run")
+        .arg("--json")
+        .arg("--state-dir")
+        .arg(dir)
+        .arg(config)
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(ctx(format!("cannot start {}", warmvm.display())))
 }
 
 /// Size of a file, 0 if it does not exist (yet).

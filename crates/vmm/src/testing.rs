@@ -1,5 +1,11 @@
 //! Helpers for tests that need a real KVM.
 
+mod netns;
+mod vm;
+
+pub use netns::{connect_http, enter_netns, in_netns, ip, Netns};
+pub use vm::{ram_bytes, running_vm, wait_verified, ScratchDir};
+
 /// Whether tests that need /dev/kvm can run. Without KVM they are skipped with a message,
 /// unless `WARMVM_REQUIRE_KVM=1` (as in CI), where a missing KVM fails the test.
 pub fn kvm_available(test: &str) -> bool {

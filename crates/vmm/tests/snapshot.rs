@@ -3,72 +3,18 @@
 //! and create nothing; a full disk leaves the VM running.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use warmvm_vmm::snapshot::{self, SnapshotError};
-use warmvm_vmm::{Host, HostError, Lifecycle, Vm, VmConfig};
-
-fn scratch(test: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("warmvm-snap-{test}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("scratch dir");
-    dir
-}
-
-/// A running reference guest that has filled and verified its RAM at least once.
-fn running_vm(host: &mut Host, name: &str, mib: u64) -> Arc<Vm> {
-    let mut c = VmConfig::reference(name, mib, 1);
-    c.cmdline = Some("quiet interval_ms=10".into());
-    let vm = host.create_vm(&c).expect("VM created");
-    vm.start().expect("VM starts");
-    wait_verified(&vm, 1);
-    vm
-}
-
-/// Wait until the guest has verified every page `passes` more times, cleanly.
-fn wait_verified(vm: &Vm, passes: u64) {
-    let start = vm.guest_figures().map_or(0, |g| g.min_passes);
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let g = vm.guest_figures();
-        if let Some(g) = &g {
-            assert_eq!(g.mismatches, 0, "VM {}: {g:?}", vm.name());
-            if g.all_verified_clean() && g.min_passes >= start + passes {
-                return;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "VM {} made no progress: {g:?}",
-            vm.name()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// The whole guest RAM of a VM, as bytes.
-fn ram_bytes(vm: &Vm) -> Vec<u8> {
-    use warmvm_memory::vm_memory::{Bytes, GuestAddress};
-    let mut out = Vec::new();
-    for r in vm.shared().ram.regions() {
-        let mut buf = vec![0u8; r.size as usize];
-        vm.shared()
-            .ram
-            .memory()
-            .read_slice(&mut buf, GuestAddress(r.guest_addr))
-            .expect("RAM readable");
-        out.extend_from_slice(&buf);
-    }
-    out
-}
+use warmvm_vmm::testing::{ram_bytes, running_vm, wait_verified, ScratchDir};
+use warmvm_vmm::{Host, HostError, Lifecycle};
 
 #[test]
 fn a_snapshot_restored_under_a_new_name_runs_beside_the_original() {
     if !warmvm_vmm::testing::kvm_available("snapshot_new_name") {
         return;
     }
-    let dir = scratch("rename");
+    let dir = ScratchDir::new("snap-rename");
     let mut host = Host::open(&dir).expect("KVM opens");
     let orig = running_vm(&mut host, "orig", 64);
     // Left paused: its RAM cannot change while we compare.
@@ -108,7 +54,6 @@ fn a_snapshot_restored_under_a_new_name_runs_beside_the_original() {
     assert_eq!(orig.lifecycle(), Lifecycle::Running);
     copy.stop(Duration::from_secs(5));
     orig.stop(Duration::from_secs(5));
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -136,7 +81,7 @@ fn truncated_corrupt_and_foreign_snapshots_are_refused_and_create_nothing() {
     if !warmvm_vmm::testing::kvm_available("snapshot_refused") {
         return;
     }
-    let dir = scratch("refused");
+    let dir = ScratchDir::new("snap-refused");
     let mut host = Host::open(&dir).expect("KVM opens");
     let vm = running_vm(&mut host, "src", 32);
     let good = dir.join("good");
@@ -155,6 +100,8 @@ fn truncated_corrupt_and_foreign_snapshots_are_refused_and_create_nothing() {
         assert_eq!(host.vms().len(), before, "{name}: a VM was created");
         assert!(host.find(name).is_none());
         assert!(!err.contains('\n'), "{name}: not one line: {err}");
+        // Each spoilt copy is as large as the snapshot: gone before the next is made.
+        std::fs::remove_dir_all(&d).unwrap();
         err
     };
     let e = variant("truncated", &|d| {
@@ -203,7 +150,6 @@ fn truncated_corrupt_and_foreign_snapshots_are_refused_and_create_nothing() {
     wait_verified(&copy, 1);
     wait_verified(&vm, 1);
     host.stop_all(Duration::from_secs(5));
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// A small tmpfs, unmounted (and its directory removed) when dropped.
@@ -238,7 +184,7 @@ fn a_full_disk_fails_the_snapshot_and_leaves_the_vm_running() {
     if !warmvm_vmm::testing::kvm_available("snapshot_full_disk") {
         return;
     }
-    let dir = scratch("full");
+    let dir = ScratchDir::new("snap-full");
     let mut host = Host::open(&dir).expect("KVM opens");
     let vm = running_vm(&mut host, "big", 64);
     let fs = SmallFs::mount(dir.join("small"), 16);
@@ -253,5 +199,4 @@ fn a_full_disk_fails_the_snapshot_and_leaves_the_vm_running() {
     wait_verified(&vm, 2);
     drop(fs);
     host.stop_all(Duration::from_secs(5));
-    let _ = std::fs::remove_dir_all(dir);
 }

@@ -6,82 +6,19 @@
 //! of its own, and runs with them.
 
 use std::net::TcpStream;
-use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use warmvm_vmm::config::{DiskConfig, NetConfig};
 use warmvm_vmm::snapshot::{self, Backing, SnapshotError};
+use warmvm_vmm::testing::{ram_bytes, wait_verified, Netns, ScratchDir};
 use warmvm_vmm::{Host, HostError, Lifecycle, Vm, VmConfig};
 
 const GUEST: &str = "10.78.0.2";
 
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("run ip");
-    assert!(
-        out.status.success(),
-        "ip {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A network namespace with two persistent TAPs; the host side has an address on the
-/// first. Deleted on drop.
-struct Netns(String);
-
-impl Netns {
-    fn new() -> Netns {
-        let name = format!("wvm-{}-snapvirtio", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).output();
-        ip(&["netns", "add", &name]);
-        let ns = Netns(name);
-        for args in [
-            &["link", "set", "lo", "up"][..],
-            &["tuntap", "add", "dev", "wvtapA", "mode", "tap"],
-            &["tuntap", "add", "dev", "wvtapB", "mode", "tap"],
-            &["addr", "add", "10.78.0.1/24", "dev", "wvtapA"],
-            &["link", "set", "wvtapA", "up"],
-            &["link", "set", "wvtapB", "up"],
-        ] {
-            let mut a = vec!["-n", ns.0.as_str()];
-            a.extend_from_slice(args);
-            ip(&a);
-        }
-        ns
-    }
-
-    /// Move this thread into the namespace: TAPs it opens and sockets it makes live there.
-    fn enter(&self) {
-        let f = std::fs::File::open(format!("/var/run/netns/{}", self.0)).unwrap();
-        // SAFETY: setns on this thread only, with an open netns fd; no memory is touched.
-        let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
-    }
-}
-
-fn scratch(test: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("warmvm-snapv-{test}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("scratch dir");
-    dir
-}
-
 fn connect() -> TcpStream {
-    let s = TcpStream::connect_timeout(
-        &format!("{GUEST}:80").parse().unwrap(),
-        Duration::from_secs(5),
-    )
-    .expect("connect to the guest");
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    s
+    warmvm_vmm::testing::connect_http(GUEST)
 }
 
 fn misses(s: &mut TcpStream) -> u64 {
@@ -125,45 +62,17 @@ fn wait_serving(vm: &Vm, log: &Path) {
     }
 }
 
-/// Wait until the guest has verified every page `passes` more times, cleanly.
-fn wait_verified(vm: &Vm, passes: u64) {
-    let start = vm.guest_figures().map_or(0, |g| g.min_passes);
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let g = vm.guest_figures();
-        if let Some(g) = &g {
-            assert_eq!(g.mismatches, 0, "VM {}: {g:?}", vm.name());
-            if g.all_verified_clean() && g.min_passes >= start + passes {
-                return;
-            }
-        }
-        assert!(Instant::now() < deadline, "VM {}: {g:?}", vm.name());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn ram_bytes(vm: &Vm) -> Vec<u8> {
-    use warmvm_memory::vm_memory::{Bytes, GuestAddress};
-    let mut out = Vec::new();
-    for r in vm.shared().ram.regions() {
-        let mut buf = vec![0u8; r.size as usize];
-        vm.shared()
-            .ram
-            .memory()
-            .read_slice(&mut buf, GuestAddress(r.guest_addr))
-            .expect("RAM readable");
-        out.extend_from_slice(&buf);
-    }
-    out
-}
-
 #[test]
 fn a_serving_virtio_vm_round_trips_through_a_snapshot() {
     if !warmvm_vmm::testing::kvm_available("snapshot_virtio") {
         return;
     }
-    let dir = scratch("web");
-    let ns = Netns::new();
+    let dir = ScratchDir::new("snapv-web");
+    // Two TAPs, the host's address on the first: the second is for a copy beside the
+    // original.
+    let ns = Netns::new("snapvirtio");
+    ns.add_tap("wvtapA", Some("10.78.0.1/24"));
+    ns.add_tap("wvtapB", None);
     ns.enter();
     let files: Vec<(&str, Vec<u8>)> = vec![
         ("index.html", b"<html>snapshots serve</html>\n".to_vec()),
@@ -286,5 +195,4 @@ fn a_serving_virtio_vm_round_trips_through_a_snapshot() {
     );
     web.stop(Duration::from_secs(5));
     drop(ns);
-    let _ = std::fs::remove_dir_all(dir);
 }

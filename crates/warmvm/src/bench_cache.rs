@@ -15,10 +15,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use warmvm_api::Client;
+use warmvm_vmm::monotonic_ns;
 
-use crate::bench_cache_load::{
-    httperf, monotonic_ns, parse_wrk, FixedRate, Run, GUEST_IP, WRK_SCRIPT,
-};
+use crate::bench_cache_load::{httperf, parse_wrk, FixedRate, Run, GUEST_IP, WRK_SCRIPT};
+use crate::bench_daemon::BenchDaemon;
 use crate::cli::{Failure, EXIT_HOST, EXIT_VM_FAILED};
 
 #[derive(clap::Args, Debug)]
@@ -83,7 +83,7 @@ struct Setup {
     netns: String,
     dir: PathBuf,
     client: Client,
-    child: Option<std::process::Child>,
+    daemon: Option<BenchDaemon>,
 }
 
 impl Setup {
@@ -97,7 +97,7 @@ impl Setup {
             netns,
             client: Client::new(&dir.join("api.sock")),
             dir,
-            child: None,
+            daemon: None,
         };
         for a in [
             &["link", "set", "lo", "up"][..],
@@ -123,28 +123,9 @@ impl Setup {
             .collect();
         let image = s.dir.join("site.img");
         std::fs::write(&image, ustar(&files)).map_err(|e| e.to_string())?;
-        let log = std::fs::File::create(s.dir.join("daemon.log")).map_err(|e| e.to_string())?;
-        let child = Command::new("ip")
-            .args(["netns", "exec", &s.netns])
-            .arg(exe)
-            .args(["--log-level", "warn", "daemon", "--socket"])
-            .arg(s.client.socket())
-            .arg("--state-dir")
-            .arg(s.dir.join("state"))
-            .args(["--stop-grace-secs", "2"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .map_err(|e| format!("cannot start the daemon: {e}"))?;
-        s.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while s.client.status().is_err() {
-            if Instant::now() > deadline {
-                return Err("the daemon did not start".into());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let mut in_netns = Command::new("ip");
+        in_netns.args(["netns", "exec", &s.netns]).arg(exe);
+        s.daemon = Some(BenchDaemon::start_cmd(in_netns, &s.dir, &[])?);
         let vm = json!({
             "name": "web",
             "memory_mib": 64 + args.cache_mib,
@@ -306,23 +287,8 @@ impl Setup {
 
 impl Drop for Setup {
     fn drop(&mut self) {
-        if let Ok(pid) = self.client.status().map(|s| s["pid"].as_i64().unwrap_or(0)) {
-            if pid > 0 {
-                // SAFETY: kill has no memory effects; the pid is the bench's daemon (or its
-                // successor after a warm reboot), read from its own API.
-                unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-            }
-        }
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::os::unix::net::UnixStream::connect(self.client.socket()).is_ok()
-            && Instant::now() < deadline
-        {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        // The daemon first (it stops its VMs and their TAP users), then the namespace.
+        drop(self.daemon.take());
         let _ = Command::new("ip")
             .args(["netns", "del", &self.netns])
             .output();

@@ -42,10 +42,20 @@ impl BenchDaemon {
         dir: &Path,
         extra: &[&std::ffi::OsStr],
     ) -> Result<Self, String> {
+        Self::start_cmd(Command::new(exe), dir, extra)
+    }
+
+    /// Start one with `cmd` as the warmvm binary (e.g. `ip netns exec NS warmvm`, which
+    /// runs it in place).
+    pub(crate) fn start_cmd(
+        mut cmd: Command,
+        dir: &Path,
+        extra: &[&std::ffi::OsStr],
+    ) -> Result<Self, String> {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let socket = dir.join("api.sock");
         let log = std::fs::File::create(dir.join("daemon.log")).map_err(|e| e.to_string())?;
-        let child = Command::new(exe)
+        let child = cmd
             .args(["--log-level", "warn", "daemon", "--socket"])
             .arg(&socket)
             .arg("--state-dir")

@@ -33,13 +33,7 @@ const TRACEFS: &str = "/sys/kernel/tracing";
 
 /// CLOCK_MONOTONIC now, in seconds: the clock of the trace (`trace_clock` = mono).
 pub fn mono_now() -> f64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+    warmvm_vmm::monotonic_ns() as f64 / 1e9
 }
 
 /// A tracefs instance recording the heartbeat port's writes; removed when dropped.

@@ -278,34 +278,14 @@ pub fn run(root: &Path, mib: u64, runs: u32) -> Value {
         let mut vm = s.spawn(&[])?;
         // The PVH stub runs in KVM's instruction emulator here: seconds, not milliseconds.
         wait_filled(&mut vm, Duration::from_secs(180))?;
-        let mut qmp = Qmp::connect(&vm.qmp_path, Duration::from_secs(10))?;
+        let qmp = Qmp::connect(&vm.qmp_path, Duration::from_secs(10))?;
         let trace = PioTrace::start();
         let mut not_before = bench_pause::mono_now();
-        let mut cpr = Vec::new();
-        let mut cpr_windows = Vec::new();
-        for _ in 0..runs {
-            std::thread::sleep(settle(&cpr_windows));
-            let (next, q, r, w) = cpr_transfer(&mut s, qmp, not_before)?;
-            std::thread::sleep(bench_pause::AFTER);
-            not_before = w.reboot.1;
-            vm = next;
-            qmp = q;
-            cpr.push(r);
-            cpr_windows.push(w);
-        }
+        let (vm, qmp, cpr, cpr_windows) =
+            chain(&mut s, runs, vm, qmp, &mut not_before, cpr_transfer)?;
         check_console(&vm)?;
-        let mut file = Vec::new();
-        let mut file_windows = Vec::new();
-        for _ in 0..runs {
-            std::thread::sleep(settle(&file_windows));
-            let (next, q, r, w) = migrate_file(&mut s, qmp, vm, not_before)?;
-            std::thread::sleep(bench_pause::AFTER);
-            not_before = w.reboot.1;
-            vm = next;
-            qmp = q;
-            file.push(r);
-            file_windows.push(w);
-        }
+        let (vm, _qmp, file, file_windows) =
+            chain(&mut s, runs, vm, qmp, &mut not_before, migrate_file)?;
         check_console(&vm)?;
         let (cpr_pause, file_pause) = match trace {
             Ok(t) => {
@@ -342,9 +322,35 @@ fn settle(windows: &[Window]) -> Duration {
 
 type Step = (Vm, Qmp, Value, Window);
 
+/// `runs` reboots by `step` in a row, each taking over from the QEMU the one before
+/// started, with a settling pause before each and [`bench_pause::AFTER`] after: the last
+/// QEMU, its monitor, and each reboot's row and window.
+fn chain(
+    s: &mut Setup,
+    runs: u32,
+    mut vm: Vm,
+    mut qmp: Qmp,
+    not_before: &mut f64,
+    step: fn(&mut Setup, Qmp, Vm, f64) -> Result<Step, String>,
+) -> Result<(Vm, Qmp, Vec<Value>, Vec<Window>), String> {
+    let mut rows = Vec::new();
+    let mut windows = Vec::new();
+    for _ in 0..runs {
+        std::thread::sleep(settle(&windows));
+        let (next, q, r, w) = step(s, qmp, vm, *not_before)?;
+        std::thread::sleep(bench_pause::AFTER);
+        *not_before = w.reboot.1;
+        vm = next;
+        qmp = q;
+        rows.push(r);
+        windows.push(w);
+    }
+    Ok((vm, qmp, rows, windows))
+}
+
 /// One cpr-transfer: a new QEMU waits on the cpr and main channels, the old one migrates
 /// over both and leaves the guest's memfd to it.
-fn cpr_transfer(s: &mut Setup, mut old: Qmp, not_before: f64) -> Result<Step, String> {
+fn cpr_transfer(s: &mut Setup, mut old: Qmp, old_vm: Vm, not_before: f64) -> Result<Step, String> {
     let cpr_sock = s.sock("cpr");
     let main_sock = s.sock("main");
     let cpr_addr = json!({ "transport": "socket", "type": "unix", "path": cpr_sock });
@@ -377,6 +383,7 @@ fn cpr_transfer(s: &mut Setup, mut old: Qmp, not_before: f64) -> Result<Step, St
     let resumed = q.wait_event("RESUME").ok();
     let end = bench_pause::mono_now();
     let _ = old.execute("quit", json!({}));
+    drop(old_vm);
     Ok((
         new,
         q,

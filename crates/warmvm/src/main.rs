@@ -4,6 +4,7 @@ mod aging;
 mod bench;
 mod bench_aging;
 mod bench_aging_plot;
+mod bench_aging_report;
 mod bench_aging_sim;
 mod bench_cache;
 mod bench_cache_load;

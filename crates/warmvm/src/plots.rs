@@ -38,51 +38,69 @@ pub fn write_all(dir: &Path, cells: &[Cell]) -> Res {
     let by_vms: Vec<&Cell> = cells.iter().filter(|c| c.memory_mib == base_mib).collect();
     let by_ram: Vec<&Cell> = cells.iter().filter(|c| c.vms == 1).collect();
     let size = (900, 560);
-    for (name, draw) in [
-        ("downtime-vs-vms", 0),
-        ("downtime-vs-ram", 1),
-        ("phases", 2),
-    ] {
+    for chart in [Chart::DowntimeVsVms, Chart::DowntimeVsRam, Chart::Phases] {
+        let name = chart.file_name();
         let svg = dir.join(format!("{name}.svg"));
         let png = dir.join(format!("{name}.png"));
-        let one = |root: DrawingArea<SVGBackend, Shift>| match draw {
-            0 => lines(
-                &root,
-                &by_vms,
-                |c| f64::from(c.vms),
-                "VMs",
-                &format!("host-wide downtime against the number of VMs ({base_mib} MiB each)"),
-            ),
-            1 => lines(
-                &root,
-                &by_ram,
-                |c| c.memory_mib as f64,
-                "RAM per VM (MiB)",
-                "downtime against RAM size (1 VM)",
-            ),
-            _ => phases(&root, &by_ram),
-        };
-        one(SVGBackend::new(&svg, size).into_drawing_area())?;
-        let two = |root: DrawingArea<BitMapBackend, Shift>| match draw {
-            0 => lines(
-                &root,
-                &by_vms,
-                |c| f64::from(c.vms),
-                "VMs",
-                &format!("host-wide downtime against the number of VMs ({base_mib} MiB each)"),
-            ),
-            1 => lines(
-                &root,
-                &by_ram,
-                |c| c.memory_mib as f64,
-                "RAM per VM (MiB)",
-                "downtime against RAM size (1 VM)",
-            ),
-            _ => phases(&root, &by_ram),
-        };
-        two(BitMapBackend::new(&png, size).into_drawing_area())?;
+        chart.draw(
+            &SVGBackend::new(&svg, size).into_drawing_area(),
+            &by_vms,
+            &by_ram,
+            base_mib,
+        )?;
+        chart.draw(
+            &BitMapBackend::new(&png, size).into_drawing_area(),
+            &by_vms,
+            &by_ram,
+            base_mib,
+        )?;
     }
     Ok(())
+}
+
+/// The three figures, each written once as SVG and once as PNG.
+#[derive(Clone, Copy)]
+enum Chart {
+    DowntimeVsVms,
+    DowntimeVsRam,
+    Phases,
+}
+
+impl Chart {
+    fn file_name(self) -> &'static str {
+        match self {
+            Chart::DowntimeVsVms => "downtime-vs-vms",
+            Chart::DowntimeVsRam => "downtime-vs-ram",
+            Chart::Phases => "phases",
+        }
+    }
+
+    /// `by_vms`: the cells of `base_mib` MiB per VM; `by_ram`: the cells of one VM.
+    fn draw<DB: DrawingBackend>(
+        self,
+        root: &DrawingArea<DB, Shift>,
+        by_vms: &[&Cell],
+        by_ram: &[&Cell],
+        base_mib: u64,
+    ) -> Res {
+        match self {
+            Chart::DowntimeVsVms => lines(
+                root,
+                by_vms,
+                |c| f64::from(c.vms),
+                "VMs",
+                &format!("host-wide downtime against the number of VMs ({base_mib} MiB each)"),
+            ),
+            Chart::DowntimeVsRam => lines(
+                root,
+                by_ram,
+                |c| c.memory_mib as f64,
+                "RAM per VM (MiB)",
+                "downtime against RAM size (1 VM)",
+            ),
+            Chart::Phases => phases(root, by_ram),
+        }
+    }
 }
 
 fn lines<DB: DrawingBackend>(

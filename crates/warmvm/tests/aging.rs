@@ -31,16 +31,7 @@ fn daemon_with_vms(tag: &str, aging: &str, nofile: Option<u64>) -> Daemon {
     let dir = scratch(tag);
     let cfg = config(&dir, aging);
     let d = Daemon::start_limited(&dir, &["--config", &cfg], &[], nofile);
-    for name in ["a1", "a2"] {
-        d.client()
-            .create(&serde_json::from_value(reference_vm(name)).expect("a VM config"))
-            .expect("VM created and started");
-    }
-    assert!(
-        wait_until(30, || figures(&d).iter().all(|v| v.2 > 0)),
-        "the guests never reported\n{}",
-        d.log()
-    );
+    d.create_reference_vms(&["a1", "a2"]);
     d
 }
 

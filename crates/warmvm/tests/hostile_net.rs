@@ -8,27 +8,12 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use common::*;
 
 const KINDS: [&str; 5] = ["loop", "addr", "len", "index", "status"];
 const INDEX: &[u8] = b"<html><body>served after a broken driver</body></html>\n";
-
-fn read(path: &Path) -> String {
-    std::fs::read_to_string(path).unwrap_or_default()
-}
-
-/// `GET http://ADDR/index.html` from inside the namespace; the body if it answered 200.
-fn fetch(ns: &Netns, addr: &str) -> Option<Vec<u8>> {
-    let out = ns
-        .command("curl")
-        .args(["-sS", "--fail", "--max-time", "5"])
-        .arg(format!("http://{addr}/index.html"))
-        .output()
-        .expect("run curl");
-    out.status.success().then_some(out.stdout)
-}
 
 /// The value of `warmvm_virtio_device_failures_total` for `vm`'s `device`.
 fn failures(metrics: &str, vm: &str, device: &str) -> u64 {
@@ -93,14 +78,12 @@ fn hostile_net_drivers_fail_only_their_own_device() {
         read(&web_console),
         d.log()
     );
-    assert_eq!(fetch(&ns, "10.79.0.2").as_deref(), Some(INDEX));
+    assert_eq!(ns.fetch("10.79.0.2", "/index.html").as_deref(), Some(INDEX));
 
     let mut hostile = Vec::new();
     for (i, kind) in KINDS.iter().enumerate() {
         let tap = format!("hn{}", i + 1);
-        ns.ip(&["tuntap", "add", "dev", &tap, "mode", "tap"]);
-        ns.ip(&["addr", "add", &format!("10.79.{}.1/24", i + 1), "dev", &tap]);
-        ns.ip(&["link", "set", &tap, "up"]);
+        ns.add_tap(&tap, Some(&format!("10.79.{}.1/24", i + 1)));
         let addr = format!("10.79.{}.2", i + 1);
         let name = format!("bad-{kind}");
         let console = create(&name, &tap, &addr, &format!("hostile_net={kind}"));
@@ -154,7 +137,7 @@ fn hostile_net_drivers_fail_only_their_own_device() {
         let mut body = None;
         assert!(
             wait_until(30, || {
-                body = fetch(&ns, addr);
+                body = ns.fetch(addr, "/index.html");
                 body.is_some()
             }),
             "{kind}: nothing served through {tap} after the reset\n{}",
@@ -179,7 +162,7 @@ fn hostile_net_drivers_fail_only_their_own_device() {
     }
 
     // The healthy VMs go on: the server serves, every VM's counter moves, the daemon answers.
-    assert_eq!(fetch(&ns, "10.79.0.2").as_deref(), Some(INDEX));
+    assert_eq!(ns.fetch("10.79.0.2", "/index.html").as_deref(), Some(INDEX));
     let before = figures(&d);
     assert!(
         wait_until(30, || {

@@ -12,51 +12,18 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::*;
-use warmvm_vmm::testing::http_get as get;
+use warmvm_vmm::testing::{connect_http, http_get as get, in_netns};
 
 const GUEST: &str = "10.77.0.2";
 
-/// A ustar archive of `files`, padded with zero sectors to `sectors` in all.
-fn tar_image(files: &[(&str, Vec<u8>)], sectors: usize) -> Vec<u8> {
-    let mut out = warmvm_vmm::testing::ustar_entries(files);
-    assert!(out.len() + 1024 <= sectors * 512);
-    out.resize(sectors * 512, 0);
-    out
-}
-
-/// Run `f` on a thread that has entered network namespace `ns` (sockets it opens live
-/// there).
-fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = format!("/var/run/netns/{ns}");
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&path).unwrap();
-        // SAFETY: setns on this thread only, with an open netns fd; no memory is touched.
-        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-        f()
-    })
-    .join()
-    .unwrap()
-}
-
 fn connect() -> TcpStream {
-    let s = TcpStream::connect_timeout(
-        &format!("{GUEST}:80").parse().unwrap(),
-        Duration::from_secs(5),
-    )
-    .expect("connect to the guest");
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    s
+    connect_http(GUEST)
 }
 
 fn stats(s: &mut TcpStream) -> serde_json::Value {
     let (status, body) = get(s, "/stats");
     assert_eq!(status, 200);
     serde_json::from_slice(&body).unwrap()
-}
-
-fn read(path: &Path) -> String {
-    std::fs::read_to_string(path).unwrap_or_default()
 }
 
 /// A daemon in `ns` with one reference guest `name` serving `files` from its disk over

@@ -27,16 +27,7 @@ fn assert_running_and_verifying(d: &Daemon, before: &[(String, String, u64, u64)
 
 fn daemon_with_vms(tag: &str, names: &[&str]) -> Daemon {
     let d = Daemon::start(&scratch(tag), &[]);
-    for name in names {
-        d.client()
-            .create(&serde_json::from_value(reference_vm(name)).expect("a VM config"))
-            .expect("VM created and started");
-    }
-    assert!(
-        wait_until(30, || figures(&d).iter().all(|v| v.2 > 0)),
-        "the guests never reported\n{}",
-        d.log()
-    );
+    d.create_reference_vms(names);
     d
 }
 

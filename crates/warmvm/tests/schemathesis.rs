@@ -7,7 +7,7 @@
 //! a loopback port to the socket. `PUT /v1/reboot` is left out of the fuzzed operations: a
 //! successful one replaces the daemon process (and each takes a second or more), which would
 //! make the run slow and leave the forwarder talking to a daemon the test does not own; the
-//! reboot request's schema is checked by tests/daemon.rs instead (a missing binary, a null
+//! reboot request's schema is checked by tests/api_requests.rs instead (a missing binary, a null
 //! binary). contract/hooks.py keeps generated VMs small; contract/schemathesis.toml lets
 //! valid requests the host cannot carry out be refused with 422.
 

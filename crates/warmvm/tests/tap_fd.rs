@@ -7,31 +7,20 @@
 mod common;
 
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::path::Path;
 use std::process::Command;
 
 use common::*;
+use warmvm_vmm::testing::in_netns;
 
 const INDEX: &[u8] = b"<html><body>served through a TAP passed by fd</body></html>\n";
-
-fn read(path: &Path) -> String {
-    std::fs::read_to_string(path).unwrap_or_default()
-}
 
 /// Open TAP `name` inside namespace `ns` (a thread that enters it opens the TAP, so the
 /// name is looked up there).
 fn open_tap_in(ns: &str, name: &str) -> OwnedFd {
-    let path = format!("/var/run/netns/{ns}");
     let name = name.to_string();
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&path).unwrap();
-        // SAFETY: setns on this thread only, with an open netns fd; no memory is touched.
-        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+    in_netns(ns, move || {
         OwnedFd::from(warmvm_vmm::devices::virtio::tap::open_tap(&name).unwrap())
     })
-    .join()
-    .unwrap()
 }
 
 /// Let children inherit `fd` (Rust opens everything close-on-exec).
@@ -40,28 +29,12 @@ fn inheritable(fd: &OwnedFd) {
     assert_eq!(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, 0) }, 0);
 }
 
-fn fetch(ns: &Netns, addr: &str) -> Option<Vec<u8>> {
-    let out = ns
-        .command("curl")
-        .args(["-sS", "--fail", "--max-time", "5"])
-        .arg(format!("http://{addr}/index.html"))
-        .output()
-        .expect("run curl");
-    out.status.success().then_some(out.stdout)
-}
-
 fn serves(ns: &Netns, addr: &str) -> bool {
     let mut body = None;
     wait_until(30, || {
-        body = fetch(ns, addr);
+        body = ns.fetch(addr, "/index.html");
         body.is_some()
     }) && body.as_deref() == Some(INDEX)
-}
-
-fn add_tap(ns: &Netns, tap: &str, cidr: &str) {
-    ns.ip(&["tuntap", "add", "dev", tap, "mode", "tap"]);
-    ns.ip(&["addr", "add", cidr, "dev", tap]);
-    ns.ip(&["link", "set", tap, "up"]);
 }
 
 #[test]
@@ -73,7 +46,7 @@ fn guests_serve_through_taps_passed_by_fd_across_a_warm_reboot() {
     }
     let dir = scratch("tapfd");
     let ns = Netns::new("tapfd", "10.81.0.1/24");
-    add_tap(&ns, "tapb", "10.81.1.1/24");
+    ns.add_tap("tapb", Some("10.81.1.1/24"));
     let mut image = warmvm_vmm::testing::ustar_entries(&[("index.html", INDEX.to_vec())]);
     image.resize(256 * 512, 0);
     for vm in ["web-a", "web-b"] {

@@ -4,17 +4,7 @@
 
 mod common;
 
-use std::path::Path;
-
 use common::*;
-
-/// A ustar archive of `files`, padded with zero sectors to `sectors` in all.
-fn tar_image(files: &[(&str, Vec<u8>)], sectors: usize) -> Vec<u8> {
-    let mut out = warmvm_vmm::testing::ustar_entries(files);
-    assert!(out.len() + 1024 <= sectors * 512);
-    out.resize(sectors * 512, 0);
-    out
-}
 
 fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
@@ -32,8 +22,28 @@ fn disk_checks(console: &str) -> u64 {
         .unwrap_or(0)
 }
 
-fn read(path: &Path) -> String {
-    std::fs::read_to_string(path).unwrap_or_default()
+/// `warmvm vm create --name NAME --memory MIB --cmdline CMDLINE --disk IMAGE`; the VM's
+/// console log.
+fn create_disk_vm(
+    d: &Daemon,
+    name: &str,
+    memory_mib: &str,
+    cmdline: &str,
+    image: &std::path::Path,
+) -> std::path::PathBuf {
+    let created = d.cli_json(&[
+        "vm",
+        "create",
+        "--name",
+        name,
+        "--memory",
+        memory_mib,
+        "--cmdline",
+        cmdline,
+        "--disk",
+        image.to_str().unwrap(),
+    ]);
+    std::path::PathBuf::from(created["console_log"].as_str().unwrap())
 }
 
 #[test]
@@ -54,19 +64,13 @@ fn the_reference_guest_reads_its_disk_across_a_warm_reboot() {
     let before_image = std::fs::read(&image).unwrap();
 
     let mut d = Daemon::start(&dir, &[]);
-    let created = d.cli_json(&[
-        "vm",
-        "create",
-        "--name",
+    let console = create_disk_vm(
+        &d,
         "disk-1",
-        "--memory",
         "64",
-        "--cmdline",
         "interval_ms=20 disk_check_ms=200",
-        "--disk",
-        image.to_str().unwrap(),
-    ]);
-    let console = std::path::PathBuf::from(created["console_log"].as_str().unwrap());
+        &image,
+    );
     assert!(
         wait_until(60, || disk_checks(&read(&console)) >= 2),
         "the guest never checked its disk twice\n{}\n{}",
@@ -136,41 +140,26 @@ fn hostile_guests_fail_only_their_own_disk() {
     let d = Daemon::start(&dir, &[]);
     let good_img = dir.join("good.img");
     std::fs::write(&good_img, &image).unwrap();
-    let good = d.cli_json(&[
-        "vm",
-        "create",
-        "--name",
+    let good_console = create_disk_vm(
+        &d,
         "good",
-        "--memory",
         "32",
-        "--cmdline",
         "interval_ms=20 disk_check_ms=100",
-        "--disk",
-        good_img.to_str().unwrap(),
-    ]);
-    let good_console = std::path::PathBuf::from(good["console_log"].as_str().unwrap());
+        &good_img,
+    );
     let kinds = ["loop", "addr", "len", "index", "status"];
     let mut consoles = Vec::new();
     for kind in kinds {
         let img = dir.join(format!("{kind}.img"));
         std::fs::write(&img, &image).unwrap();
-        let r = d.cli_json(&[
-            "vm",
-            "create",
-            "--name",
+        let console = create_disk_vm(
+            &d,
             &format!("bad-{kind}"),
-            "--memory",
             "32",
-            "--cmdline",
             &format!("quiet interval_ms=20 disk_check_ms=0 hostile={kind}"),
-            "--disk",
-            img.to_str().unwrap(),
-        ]);
-        consoles.push((
-            kind,
-            img,
-            std::path::PathBuf::from(r["console_log"].as_str().unwrap()),
-        ));
+            &img,
+        );
+        consoles.push((kind, img, console));
     }
     for (kind, _, console) in &consoles {
         assert!(
@@ -261,19 +250,13 @@ fn a_failed_warm_reboot_resumes_the_disk() {
     )
     .unwrap();
     let d = Daemon::start_with_env(&dir, &[], &[("WARMVM_FAULT", "new:state:kill")]);
-    let created = d.cli_json(&[
-        "vm",
-        "create",
-        "--name",
+    let console = create_disk_vm(
+        &d,
         "disk-1",
-        "--memory",
         "32",
-        "--cmdline",
         "interval_ms=20 disk_check_ms=100",
-        "--disk",
-        image.to_str().unwrap(),
-    ]);
-    let console = std::path::PathBuf::from(created["console_log"].as_str().unwrap());
+        &image,
+    );
     assert!(wait_until(60, || disk_checks(&read(&console)) >= 2));
     let out = d.cli(&["reboot", "--mode", "warm"]);
     assert!(!out.status.success(), "the reboot was meant to fail");

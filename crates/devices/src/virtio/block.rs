@@ -17,7 +17,7 @@ use std::sync::Arc;
 use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT, Reader, Writer};
 use vm_memory::GuestMemoryMmap;
 
-use super::mmio::{BackendState, VirtioBackend};
+use super::mmio::{read_config_fields, BackendState, VirtioBackend};
 use super::worker::Serve;
 use super::{VirtioShared, TYPE_BLOCK};
 
@@ -149,18 +149,8 @@ impl VirtioBackend for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) -> bool {
-        // Only `capacity` (le64, sectors); bytes past it read as zero up to 0x100.
-        let config = self.sectors.to_le_bytes();
-        let Some(end) = (offset as usize).checked_add(data.len()) else {
-            return false;
-        };
-        if end > 0xf00 {
-            return false;
-        }
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = config.get(offset as usize + i).copied().unwrap_or(0);
-        }
-        true
+        // Only `capacity` (le64, sectors).
+        read_config_fields(&self.sectors.to_le_bytes(), offset, data)
     }
 
     fn server(&mut self, mem: GuestMemoryMmap) -> Box<dyn Serve> {

@@ -24,6 +24,25 @@ const VENDOR: u32 = 0x4d56_4d57; // "WMVM"
 const CONFIG_SPACE: u64 = 0x100;
 
 /// What a device behind the transport does.
+/// Bytes of the configuration space past which the MMIO window ends (it starts at 0x100 of
+/// a 0x1000-byte window).
+const CONFIG_SPACE_LEN: usize = 0xf00;
+
+/// [`VirtioBackend::read_config`] for a device whose configuration fields are `fields`:
+/// bytes past them read as zero up to the end of the window; false beyond it.
+pub fn read_config_fields(fields: &[u8], offset: u64, data: &mut [u8]) -> bool {
+    let Some(end) = (offset as usize).checked_add(data.len()) else {
+        return false;
+    };
+    if end > CONFIG_SPACE_LEN {
+        return false;
+    }
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = fields.get(offset as usize + i).copied().unwrap_or(0);
+    }
+    true
+}
+
 pub trait VirtioBackend: Send {
     fn device_type(&self) -> u32;
     /// Feature bits offered (VIRTIO_F_VERSION_1 is added by the transport).
@@ -635,5 +654,23 @@ impl VirtioMmio {
         // No worker yet: `resume` starts one, which picks up at once whatever the guest
         // queued during the pause.
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_fields_read_as_themselves_then_zero_up_to_the_window_end() {
+        let fields = [1u8, 2, 3, 4, 5, 6];
+        let mut data = [0xffu8; 4];
+        assert!(read_config_fields(&fields, 4, &mut data));
+        assert_eq!(data, [5, 6, 0, 0]);
+        let mut last = [0xffu8; 4];
+        assert!(read_config_fields(&fields, 0xf00 - 4, &mut last));
+        assert_eq!(last, [0; 4]);
+        assert!(!read_config_fields(&fields, 0xf00 - 3, &mut last));
+        assert!(!read_config_fields(&fields, u64::MAX, &mut last));
     }
 }

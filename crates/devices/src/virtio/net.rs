@@ -15,7 +15,7 @@ use std::sync::Arc;
 use virtio_queue::{QueueOwnedT, QueueT, Reader, Writer};
 use vm_memory::GuestMemoryMmap;
 
-use super::mmio::{BackendState, VirtioBackend};
+use super::mmio::{read_config_fields, BackendState, VirtioBackend};
 use super::worker::Serve;
 use super::{VirtioShared, TYPE_NET};
 
@@ -63,16 +63,7 @@ impl VirtioBackend for Net {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) -> bool {
-        let Some(end) = (offset as usize).checked_add(data.len()) else {
-            return false;
-        };
-        if end > 0xf00 {
-            return false;
-        }
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = self.mac.get(offset as usize + i).copied().unwrap_or(0);
-        }
-        true
+        read_config_fields(&self.mac, offset, data)
     }
 
     fn server(&mut self, mem: GuestMemoryMmap) -> Box<dyn Serve> {

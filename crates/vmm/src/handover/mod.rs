@@ -33,6 +33,7 @@ pub mod incoming;
 mod legacy;
 pub mod outgoing;
 mod priority;
+pub(crate) mod rebuild;
 mod state;
 mod stderr;
 

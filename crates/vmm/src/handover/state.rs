@@ -418,40 +418,17 @@ pub struct RebootReport {
 mod tests {
     use super::*;
 
+    /// The fuzzers' seed spec with a read-only disk (and its fd), so that a disk crosses
+    /// too.
     fn spec() -> VmSpec {
-        VmSpec {
-            config: VmConfigState {
-                name: "a".into(),
-                memory_mib: 64,
-                vcpus: 1,
-                hugepages: false,
-                kernel: None,
-                boot: BootKind::Auto,
-                cmdline: Some("quiet".into()),
-                initrd: None,
-                console_log: None,
-                console_stdout: false,
-                hide_cx16: false,
-                disks: vec![DiskState {
-                    path: "/tmp/d.img".into(),
-                    read_only: true,
-                    cache: Default::default(),
-                }],
-                nets: vec![],
-            },
-            protocol: BootProtocol::Ring3,
-            status_addr: Some(0x1000),
-            ram: vec![RamSlot {
-                guest_addr: 0,
-                size: 64 << 20,
-            }],
-            hugepages: false,
-            cpuids: vec![vec![kvm_cpuid_entry2::default()]],
-            linux_devices: false,
-            console_log: "/tmp/a.log".into(),
-            created_monotonic_ns: 5,
-            fds: vec![disk_fd_name(0)],
-        }
+        let mut spec = crate::handover::fuzzing::seed_spec();
+        spec.config.disks = vec![DiskState {
+            path: "/tmp/d.img".into(),
+            read_only: true,
+            cache: Default::default(),
+        }];
+        spec.fds = vec![disk_fd_name(0)];
+        spec
     }
 
     fn record() -> VmRecord {

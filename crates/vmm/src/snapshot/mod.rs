@@ -12,7 +12,7 @@
 //!
 //! A snapshot is taken with the VM paused (its vCPU threads save their own state, as in
 //! the handover's capture) and restored into a new VM built the way the handover builds
-//! one (`incoming::build_vm`), under the same or a new name.
+//! one (`rebuild::build_vm`), under the same or a new name.
 //!
 //! virtio devices: the capture finishes the requests each device has in hand and records
 //! its transport and queue state (what the guest queued meanwhile stays in its rings);
@@ -38,7 +38,7 @@ use warmvm_hypervisor::Hypervisor;
 use warmvm_memory::GuestRam;
 
 use crate::handover::envelope::{self, Kind};
-use crate::handover::{incoming, outgoing, HandoverError, LifecycleState, VmConfigState, VmRecord};
+use crate::handover::{outgoing, rebuild, HandoverError, LifecycleState, VmConfigState, VmRecord};
 use crate::vm::{open_log, Lifecycle, Vm, VmError, VCPU_RESPONSE_TIMEOUT};
 
 /// The snapshot format this build writes and reads.
@@ -519,7 +519,7 @@ fn decode_state(dir: &Path, payload: &[u8]) -> Result<SnapshotState, SnapshotErr
     };
     let state: SnapshotState = envelope::decode_payload(payload).map_err(bad)?;
     let invalid = |m: String| bad(HandoverError::BadState(m));
-    incoming::check_spec(&state.record.spec).map_err(bad)?;
+    rebuild::check_spec(&state.record.spec).map_err(bad)?;
     if !state.record.lifecycle.is_live() || state.record.runtime.is_none() {
         return Err(invalid(format!(
             "the VM is {:?}, with{} vCPU state: only a live VM can be restored",
@@ -555,7 +555,7 @@ pub struct Restored {
 impl Restored {
     /// Let the VM run (or stay paused) as it was when the snapshot was taken.
     pub fn start(self) -> Arc<Vm> {
-        *self.vm.shared.lifecycle() = incoming::to_lifecycle(&self.lifecycle);
+        *self.vm.shared.lifecycle() = rebuild::to_lifecycle(&self.lifecycle);
         // A paused VM's devices start serving when it is resumed, as after a handover.
         if matches!(
             self.lifecycle,
@@ -598,7 +598,7 @@ pub fn restore(
     } else if spec.config.console_log.is_none() {
         spec.console_log = state_dir.join(&spec.config.name).join("console.log");
     }
-    incoming::check_spec(spec).map_err(|err| SnapshotError::State {
+    rebuild::check_spec(spec).map_err(|err| SnapshotError::State {
         dir: dir.to_path_buf(),
         err,
     })?;
@@ -648,7 +648,7 @@ pub fn restore(
         dir: dir.to_path_buf(),
         err,
     };
-    let vm = incoming::build_vm(hv, spec, ram, log, host_files).map_err(state_err)?;
+    let vm = rebuild::build_vm(hv, spec, ram, log, host_files).map_err(state_err)?;
     let captured_at_ns = if same_boot {
         state.captured_at_ns
     } else {
@@ -661,8 +661,8 @@ pub fn restore(
         .ok_or_else(|| state_err(HandoverError::BadState("no vCPU state".into())))?;
     // A snapshot's stop time means nothing to the new VM's blackout figures.
     runtime.first_stop_ns = crate::monotonic_ns();
-    incoming::start_restore(&vm, &mut runtime, captured_at_ns, false).map_err(state_err)?;
-    incoming::finish_restore(&vm).map_err(state_err)?;
+    rebuild::start_restore(&vm, &mut runtime, captured_at_ns, false).map_err(state_err)?;
+    rebuild::finish_restore(&vm).map_err(state_err)?;
     // Loaded only: the devices serve from `Restored::start`.
     vm.shared
         .devices

@@ -230,6 +230,21 @@ impl Daemon {
         );
     }
 
+    /// Create reference-guest VMs `names` ([`reference_vm`]) and wait until every guest
+    /// of the daemon has reported progress.
+    pub fn create_reference_vms(&self, names: &[&str]) {
+        for name in names {
+            self.client()
+                .create(&serde_json::from_value(reference_vm(name)).expect("a VM config"))
+                .expect("VM created and started");
+        }
+        assert!(
+            wait_until(30, || figures(self).iter().all(|v| v.2 > 0)),
+            "the guests never reported\n{}",
+            self.log()
+        );
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
     }
@@ -367,62 +382,44 @@ pub fn wait_until(secs: u64, mut f: impl FnMut() -> bool) -> bool {
     false
 }
 
-/// A network namespace of a test's own, with one persistent TAP in it carrying the host's
-/// end of the guest's link; deleted when dropped.
+/// A network namespace of a test's own, with one persistent TAP (`tap`) in it carrying
+/// the host's end of the guest's link; deleted when dropped, also on panic. It derefs to
+/// [`warmvm_vmm::testing::Netns`] for `name`, `ip`, `add_tap`, `command` and `fetch`.
 pub struct Netns {
-    pub name: String,
+    ns: warmvm_vmm::testing::Netns,
     pub tap: String,
-}
-
-/// Run `ip ARGS`; panic with its stderr if it fails.
-pub fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("run ip");
-    assert!(
-        out.status.success(),
-        "ip {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 impl Netns {
     /// `tag` keeps names apart between tests; `host_cidr` is the host's address on the
     /// TAP, e.g. `10.77.0.1/24`.
     pub fn new(tag: &str, host_cidr: &str) -> Netns {
-        let name = format!("wvm-{}-{tag}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).output();
-        ip(&["netns", "add", &name]);
-        let ns = Netns {
-            name,
-            tap: "wvtap0".into(),
-        };
-        ns.ip(&["link", "set", "lo", "up"]);
-        ns.ip(&["tuntap", "add", "dev", &ns.tap, "mode", "tap"]);
-        ns.ip(&["addr", "add", host_cidr, "dev", &ns.tap]);
-        ns.ip(&["link", "set", &ns.tap, "up"]);
-        ns
-    }
-
-    /// `ip ARGS` inside the namespace.
-    pub fn ip(&self, args: &[&str]) {
-        let mut a = vec!["-n", self.name.as_str()];
-        a.extend_from_slice(args);
-        ip(&a);
-    }
-
-    /// A command run inside the namespace.
-    pub fn command(&self, program: &str) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.name, program]);
-        c
+        let ns = warmvm_vmm::testing::Netns::new(tag);
+        let tap = "wvtap0".to_string();
+        ns.add_tap(&tap, Some(host_cidr));
+        Netns { ns, tap }
     }
 }
 
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output();
+impl std::ops::Deref for Netns {
+    type Target = warmvm_vmm::testing::Netns;
+    fn deref(&self) -> &Self::Target {
+        &self.ns
     }
+}
+
+/// A file's text, or "" if it cannot be read (yet): console logs the VMM is writing.
+pub fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+/// A ustar archive of `files`, padded with zero sectors to `sectors` in all: a reference
+/// guest's disk.
+pub fn tar_image(files: &[(&str, Vec<u8>)], sectors: usize) -> Vec<u8> {
+    let mut out = warmvm_vmm::testing::ustar_entries(files);
+    assert!(out.len() + 1024 <= sectors * 512);
+    out.resize(sectors * 512, 0);
+    out
 }
 
 /// Each VM's (name, state, progress counter, mismatches + register check failures +
