@@ -28,6 +28,7 @@ pub mod overflow;
 pub mod privileges;
 pub mod reboot;
 pub mod routes;
+pub mod running_as;
 pub mod schema;
 pub mod server;
 pub mod socket;
