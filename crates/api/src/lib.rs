@@ -29,6 +29,7 @@ pub mod overflow;
 pub mod privileges;
 pub mod reboot;
 pub mod routes;
+pub mod running_as;
 pub mod schema;
 pub mod server;
 pub mod socket;

@@ -10,12 +10,14 @@
 //! set survives for a non-root uid, which is exactly the kept capabilities.
 //!
 //! What the dropped daemon, and the daemon a warm reboot starts from it, still opens by
-//! path: `/dev/kvm` (the new daemon opens its own; the user needs access, e.g. through the
-//! `kvm` group), the state directory (console logs, saved reboots), disk images and
-//! snapshot directories named in requests, and TAPs by name (creating one needs
-//! CAP_NET_ADMIN; attaching to a persistent one without an owner, or owned by the user,
-//! does not). The drop checks the first two and refuses to go on
-//! without them, so a daemon never runs VMs it could not warm-reboot.
+//! path: the state directory (console logs, saved reboots), disk images and snapshot
+//! directories named in requests, and TAPs by name (creating one needs CAP_NET_ADMIN;
+//! attaching to a persistent one without an owner, or owned by the user, does not). Not
+//! `/dev/kvm`: the daemon keeps the one it opened as root, and a warm reboot hands it to
+//! the new daemon with the handover's `Hello`. Only a reboot into an older build, which
+//! opens the device by path, needs the user to have access (e.g. the `kvm` group). The
+//! drop checks the state directory and refuses to go on without it, so a daemon never runs
+//! VMs it could not warm-reboot; it warns when /dev/kvm is out of reach.
 
 use std::ffi::CString;
 use std::path::Path;
@@ -72,14 +74,6 @@ pub enum PrivilegeError {
         "after dropping to uid {uid} gid {gid}, the uid 0 could be taken back: refusing to run"
     )]
     NotDropped { uid: u32, gid: u32 },
-    #[error("after dropping to uid {uid} gid {gid}, {path} cannot be opened ({source}): a warm reboot's new daemon could not open KVM; give the user access (e.g. --group kvm, or add it to the group owning {path})")]
-    Kvm {
-        uid: u32,
-        gid: u32,
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
     #[error("after dropping to uid {uid} gid {gid}, the state directory {dir} is not writable ({source}): chown it to the user or let the daemon create it")]
     StateDir {
         uid: u32,
@@ -184,7 +178,7 @@ fn threads() -> usize {
 impl Target {
     /// Become the target. `state_dir_created`: the daemon made the state directory (as
     /// root) and gives it to the user; one that existed must already be writable by it.
-    /// `kvm`: the KVM device a warm reboot's new daemon will open.
+    /// `kvm`: the KVM device, which the user is warned about if it cannot open it.
     pub fn apply(
         &self,
         state_dir: &Path,
@@ -246,17 +240,6 @@ impl Target {
         if nix::unistd::setresuid(Uid::from_raw(0), Uid::from_raw(0), Uid::from_raw(0)).is_ok() {
             return Err(PrivilegeError::NotDropped { uid, gid });
         }
-        // ... the next daemon can open KVM ...
-        std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(kvm)
-            .map_err(|source| PrivilegeError::Kvm {
-                uid,
-                gid,
-                path: kvm.display().to_string(),
-                source,
-            })?;
         // ... and console logs and saved reboots can be written.
         let probe = state_dir.join(format!(".warmvm-write-check-{}", std::process::id()));
         std::fs::File::create_new(&probe)
@@ -267,6 +250,20 @@ impl Target {
                 dir: state_dir.display().to_string(),
                 source,
             })?;
+        // KVM need not open: a warm reboot hands this daemon's KVM fd over, and only a
+        // reboot into an older build opens the device by path. Say so once, here.
+        if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open(kvm) {
+            tracing::warn!(
+                uid,
+                gid,
+                path = %kvm.display(),
+                error = %e,
+                "the KVM device cannot be opened as this user: warm reboots hand it over, but \
+                 one into a build older than this one (which opens it by path) will be \
+                 refused, the VMs staying here; give the user access (e.g. --group kvm) to \
+                 allow that"
+            );
+        }
         tracing::info!(
             uid,
             gid,

@@ -121,6 +121,8 @@ pub struct DaemonStatus {
     pub last_takeover: Option<TakeoverInfo>,
     /// How the saved or cold reboot that started this daemon went, if one did.
     pub last_reboot: Option<ModeReboot>,
+    /// What the daemon runs as: uid, gid, groups, capabilities, no_new_privs, seccomp.
+    pub privileges: crate::running_as::DaemonPrivileges,
 }
 
 /// How a daemon took its VMs over from the one before it.
@@ -379,7 +381,7 @@ impl ApiState {
             );
         }
         let result = match op {
-            Op::Status => Ok(Response::json(200, &self.status())),
+            Op::Status => self.status().map(|s| Response::json(200, &s)),
             Op::ListVms => Ok(Response::json(200, &self.list())),
             Op::CreateVm => self
                 .create_with_fds(&req.body, fds)
@@ -424,13 +426,15 @@ impl ApiState {
         })
     }
 
-    pub fn status(&self) -> DaemonStatus {
+    pub fn status(&self) -> Result<DaemonStatus, ApiError> {
+        let privileges = crate::running_as::current()
+            .map_err(|e| ApiError::new(500, format!("cannot tell what the daemon runs as: {e}")))?;
         let (vms, state_dir) = {
             let host = self.lock();
             (host.vms().to_vec(), host.state_dir().display().to_string())
         };
         let count = |s: &str| vms.iter().filter(|v| v.lifecycle().name() == s).count();
-        DaemonStatus {
+        Ok(DaemonStatus {
             version: env!("CARGO_PKG_VERSION").to_string(),
             pid: std::process::id(),
             uptime_ms: self.uptime().as_millis() as u64,
@@ -441,7 +445,8 @@ impl ApiState {
             build: warmvm_vmm::build(),
             last_takeover: self.last_takeover.get().cloned(),
             last_reboot: self.last_reboot.get().cloned(),
-        }
+            privileges,
+        })
     }
 
     pub fn list(&self) -> VmList {

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use serde_json::{json, Value};
 use warmvm_api::modes::{ModeReboot, ModeRebootVm};
 use warmvm_api::routes::ROUTES;
+use warmvm_api::running_as::DaemonPrivileges;
 use warmvm_api::schema::validate;
 use warmvm_api::state::{
     DaemonStatus, RebootRequest, RestoreRequest, SnapshotRequest, StopRequest, TakeoverInfo,
@@ -192,6 +193,14 @@ fn reports_in_every_state_match_the_schema() {
         build: "warmvm 0.1.0".into(),
         last_takeover: None,
         last_reboot: None,
+        privileges: DaemonPrivileges {
+            uid: 0,
+            gid: 0,
+            groups: vec![],
+            capabilities: vec!["CAP_CHOWN".into(), "CAP_SYS_ADMIN".into()],
+            no_new_privs: false,
+            seccomp: "false".into(),
+        },
     };
     check(&doc, "DaemonStatus", &fresh);
     check(
@@ -229,9 +238,36 @@ fn reports_in_every_state_match_the_schema() {
                 ],
                 recovered: true,
             }),
+            // A dropped daemon, and this test's own thread as the daemon would see it.
+            privileges: DaemonPrivileges {
+                uid: 65534,
+                gid: 992,
+                groups: vec![992],
+                capabilities: vec!["CAP_NET_ADMIN".into(), "CAP_63".into()],
+                no_new_privs: true,
+                seccomp: "log".into(),
+            },
             ..fresh
         },
     );
+    check(
+        &doc,
+        "DaemonPrivileges",
+        &warmvm_api::running_as::current().unwrap(),
+    );
+    for bad in [
+        json!({ "uid": 0, "gid": 0, "groups": [], "capabilities": [7],
+                "no_new_privs": false, "seccomp": "true" }),
+        json!({ "uid": 0, "gid": 0, "groups": [], "capabilities": [],
+                "no_new_privs": false }),
+        json!({ "uid": 0, "gid": 0, "groups": [], "capabilities": [],
+                "no_new_privs": false, "seccomp": "yes" }),
+    ] {
+        assert!(
+            validate(&doc, &schema("DaemonPrivileges"), &bad).is_err(),
+            "the schema takes {bad}"
+        );
+    }
     check(
         &doc,
         "SaveReport",

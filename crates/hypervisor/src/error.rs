@@ -9,6 +9,8 @@ pub enum Error {
     KvmPermission,
     #[error("cannot open /dev/kvm: {0}")]
     KvmOpen(KvmError),
+    #[error("the KVM fd handed over is not a KVM device")]
+    NotKvm,
     #[error("KVM API version {0} is not supported (need 12)")]
     KvmApiVersion(i32),
     #[error("KVM lacks a required capability: {0}")]

@@ -1,4 +1,5 @@
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
+use std::os::unix::fs::FileTypeExt;
 
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Cap, Kvm};
@@ -31,6 +32,31 @@ impl Hypervisor {
             libc::EACCES | libc::EPERM => Error::KvmPermission,
             _ => Error::KvmOpen(e),
         })?;
+        Self::checked(kvm)
+    }
+
+    /// Adopt a KVM device fd another process opened (the previous daemon of a warm
+    /// reboot, which hands its own over so that this process need not be allowed to open
+    /// `/dev/kvm`). Anything but a character device that answers as KVM API 12 with the
+    /// capabilities [`Hypervisor::open`] checks is refused.
+    pub fn from_file(file: std::fs::File) -> Result<Self> {
+        let is_char = file
+            .metadata()
+            .map(|m| m.file_type().is_char_device())
+            .unwrap_or(false);
+        if !is_char {
+            return Err(Error::NotKvm);
+        }
+        // SAFETY: `file` is an open fd we own; `Kvm` takes it over and closes it.
+        let kvm = unsafe { Kvm::from_raw_fd(file.into_raw_fd()) };
+        match Self::checked(kvm) {
+            Err(Error::KvmApiVersion(_)) => Err(Error::NotKvm),
+            other => other,
+        }
+    }
+
+    /// Check what warmvm needs of an open KVM device and read what it offers.
+    fn checked(kvm: Kvm) -> Result<Self> {
         let version = kvm.get_api_version();
         if version != 12 {
             return Err(Error::KvmApiVersion(version));
@@ -99,5 +125,36 @@ impl Hypervisor {
 
     pub fn raw_fd(&self) -> i32 {
         self.kvm.as_raw_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open_rw(path: &str) -> std::fs::File {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .unwrap()
+    }
+
+    #[test]
+    fn only_a_kvm_device_is_adopted() {
+        // A regular file, and a character device that does not answer as KVM.
+        for file in [
+            std::fs::File::open("/proc/self/status").unwrap(),
+            open_rw("/dev/null"),
+        ] {
+            assert!(matches!(Hypervisor::from_file(file), Err(Error::NotKvm)));
+        }
+        // Without KVM only the refusals are tried, unless KVM is required (CI).
+        let required = std::env::var("WARMVM_REQUIRE_KVM").is_ok_and(|v| v == "1");
+        if required || std::path::Path::new("/dev/kvm").exists() {
+            let hv = Hypervisor::from_file(open_rw("/dev/kvm")).unwrap();
+            assert!(hv.vcpu_mmap_size() > 0);
+            hv.create_vm().unwrap();
+        }
     }
 }

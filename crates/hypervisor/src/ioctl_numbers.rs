@@ -1,15 +1,49 @@
-//! The request numbers of the KVM ioctls a vCPU thread issues, so that the seccomp filter
-//! of vCPU threads (crates/sandbox) can allow exactly these and no other ioctl. This crate
+//! The request numbers of the KVM ioctls this crate issues, so that the seccomp filters
+//! (crates/sandbox) can allow exactly these and no other: those of a vCPU thread, and those
+//! on the system and VM fds that building, restoring and handing over a VM take. This crate
 //! is the only one that issues KVM ioctls, so it is the one that lists them; the numbers
 //! are those kvm-ioctls uses (same definitions from the kernel's uapi headers).
 #![allow(non_snake_case)]
 
 use kvm_bindings::{
-    kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msrs, kvm_regs, kvm_sregs,
-    kvm_vcpu_events, kvm_xcrs, kvm_xsave, KVMIO,
+    kvm_clock_data, kvm_cpuid2, kvm_debugregs, kvm_fpu, kvm_ioeventfd, kvm_irqchip, kvm_irqfd,
+    kvm_lapic_state, kvm_mp_state, kvm_msr_list, kvm_msrs, kvm_pit_config, kvm_pit_state2,
+    kvm_regs, kvm_sregs, kvm_userspace_memory_region, kvm_vcpu_events, kvm_xcrs, kvm_xsave, KVMIO,
 };
 use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr, ioctl_iowr_nr};
 
+// The system fd (/dev/kvm): Hypervisor::open's checks, creating VMs.
+ioctl_io_nr!(KVM_GET_API_VERSION, KVMIO, 0x00);
+ioctl_io_nr!(KVM_CREATE_VM, KVMIO, 0x01);
+ioctl_iowr_nr!(KVM_GET_MSR_INDEX_LIST, KVMIO, 0x02, kvm_msr_list);
+ioctl_io_nr!(KVM_CHECK_EXTENSION, KVMIO, 0x03);
+ioctl_io_nr!(KVM_GET_VCPU_MMAP_SIZE, KVMIO, 0x04);
+ioctl_iowr_nr!(KVM_GET_SUPPORTED_CPUID, KVMIO, 0x05, kvm_cpuid2);
+
+// A VM fd: memory slots, vCPUs, the in-kernel irqchip and PIT and their state, the clock,
+// irqfds and ioeventfds.
+ioctl_io_nr!(KVM_CREATE_VCPU, KVMIO, 0x41);
+ioctl_iow_nr!(
+    KVM_SET_USER_MEMORY_REGION,
+    KVMIO,
+    0x46,
+    kvm_userspace_memory_region
+);
+ioctl_io_nr!(KVM_SET_TSS_ADDR, KVMIO, 0x47);
+ioctl_io_nr!(KVM_CREATE_IRQCHIP, KVMIO, 0x60);
+ioctl_iowr_nr!(KVM_GET_IRQCHIP, KVMIO, 0x62, kvm_irqchip);
+// The kernel defines KVM_SET_IRQCHIP as _IOR (and the clock's pair the other way round).
+ioctl_ior_nr!(KVM_SET_IRQCHIP, KVMIO, 0x63, kvm_irqchip);
+ioctl_iow_nr!(KVM_IRQFD, KVMIO, 0x76, kvm_irqfd);
+ioctl_iow_nr!(KVM_CREATE_PIT2, KVMIO, 0x77, kvm_pit_config);
+ioctl_iow_nr!(KVM_IOEVENTFD, KVMIO, 0x79, kvm_ioeventfd);
+ioctl_iow_nr!(KVM_SET_CLOCK, KVMIO, 0x7b, kvm_clock_data);
+ioctl_ior_nr!(KVM_GET_CLOCK, KVMIO, 0x7c, kvm_clock_data);
+ioctl_ior_nr!(KVM_GET_PIT2, KVMIO, 0x9f, kvm_pit_state2);
+ioctl_iow_nr!(KVM_SET_PIT2, KVMIO, 0xa0, kvm_pit_state2);
+
+// A vCPU fd.
+ioctl_iow_nr!(KVM_SET_CPUID2, KVMIO, 0x90, kvm_cpuid2);
 ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
 ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_regs);
 ioctl_iow_nr!(KVM_SET_REGS, KVMIO, 0x82, kvm_regs);
@@ -73,6 +107,35 @@ pub fn vcpu_thread_ioctls() -> Vec<u64> {
     ]
 }
 
+/// Every ioctl building, restoring, snapshotting or handing over a VM makes on the system
+/// and VM fds, and on vCPU fds before their threads run (the CPUID is set once, from the
+/// thread that builds the VM). The vCPU threads' own ioctls are in [`vcpu_thread_ioctls`];
+/// the threads that build VMs need both.
+pub fn vm_ioctls() -> Vec<u64> {
+    vec![
+        KVM_GET_API_VERSION(),
+        KVM_CREATE_VM(),
+        KVM_GET_MSR_INDEX_LIST(),
+        KVM_CHECK_EXTENSION(),
+        KVM_GET_VCPU_MMAP_SIZE(),
+        KVM_GET_SUPPORTED_CPUID(),
+        KVM_CREATE_VCPU(),
+        KVM_SET_USER_MEMORY_REGION(),
+        KVM_SET_TSS_ADDR(),
+        KVM_CREATE_IRQCHIP(),
+        KVM_GET_IRQCHIP(),
+        KVM_SET_IRQCHIP(),
+        KVM_IRQFD(),
+        KVM_CREATE_PIT2(),
+        KVM_IOEVENTFD(),
+        KVM_SET_CLOCK(),
+        KVM_GET_CLOCK(),
+        KVM_GET_PIT2(),
+        KVM_SET_PIT2(),
+        KVM_SET_CPUID2(),
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -83,5 +146,12 @@ mod tests {
         assert_eq!(super::KVM_SET_SREGS(), 0x4138_ae84);
         assert_eq!(super::KVM_GET_MSRS(), 0xc008_ae88);
         assert_eq!(super::KVM_GET_XSAVE(), 0x9000_aea4);
+        assert_eq!(super::KVM_CREATE_VM(), 0xae01);
+        assert_eq!(super::KVM_GET_SUPPORTED_CPUID(), 0xc008_ae05);
+        assert_eq!(super::KVM_SET_USER_MEMORY_REGION(), 0x4020_ae46);
+        assert_eq!(super::KVM_IRQFD(), 0x4020_ae76);
+        assert_eq!(super::KVM_IOEVENTFD(), 0x4040_ae79);
+        assert_eq!(super::KVM_SET_IRQCHIP(), 0x8208_ae63);
+        assert_eq!(super::KVM_SET_CPUID2(), 0x4008_ae90);
     }
 }

@@ -16,7 +16,7 @@ mod vm;
 pub use cpuid::CpuidOptions;
 pub use error::{Error, Result};
 pub use hypervisor::Hypervisor;
-pub use ioctl_numbers::{kvm_run_ioctl, vcpu_thread_ioctls};
+pub use ioctl_numbers::{kvm_run_ioctl, vcpu_thread_ioctls, vm_ioctls};
 pub use kick::{install_kick_handler, kick_signal, kick_thread};
 pub use state::{required, VcpuState, VmState, MSR_IA32_TSC};
 pub use vcpu::{Exit, ExitHandler, Vcpu};

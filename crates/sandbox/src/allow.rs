@@ -8,8 +8,17 @@
 //! Filters stack: a thread inherits the filters of the thread that created it, and a call
 //! must pass all of them. So a kind's list must also cover the threads it may create (a
 //! vCPU thread starts a virtio worker when the guest's driver activates the device), and
-//! the main thread's list is the union of all.
-
+//! the main thread's list is the union of all: the main thread installs its filter before
+//! it creates any thread but the helper, and then creates every kind (API threads per
+//! connection, which create vCPU and worker threads; the console flusher; the rejuvenation
+//! and aging threads, which reboot; and, taking VMs over after a warm reboot, vCPU threads
+//! itself). Its own list could only be narrower if those threads were created by an
+//! unfiltered thread (the helper) and filtered themselves first thing; until then the one
+//! call only the main thread may make is binding listeners ([`LISTEN`]).
+//!
+//! `ioctl` is never allowed outright: by request number (the second argument), only the
+//! KVM requests crates/hypervisor lists as the ones it issues, and the few the VMM makes on
+//! TAPs and sockets ([`HOST_IOCTLS`]).
 use std::collections::BTreeMap;
 
 use seccompiler::{SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule};
@@ -28,7 +37,43 @@ enum Allow {
     OpenatReadOnly,
     /// `ioctl` with one of the vCPU thread's KVM requests only.
     VcpuIoctls,
+    /// `ioctl` with one of the KVM requests building, restoring, snapshotting and handing
+    /// over a VM makes on the system and VM fds.
+    VmIoctls,
+    /// `ioctl` with one of [`HOST_IOCTLS`].
+    HostIoctls,
 }
+
+/// The ioctl request numbers the lists allow, as crates/hypervisor lists them.
+pub(crate) struct Ioctls {
+    pub vcpu: Vec<u64>,
+    pub vm: Vec<u64>,
+}
+
+impl Ioctls {
+    pub(crate) fn kvm() -> Ioctls {
+        Ioctls {
+            vcpu: warmvm_hypervisor::vcpu_thread_ioctls(),
+            vm: warmvm_hypervisor::vm_ioctls(),
+        }
+    }
+}
+
+/// The non-KVM ioctls of the threads that build VMs:
+/// - `TUNSETIFF` attaches a TAP by name to the /dev/net/tun fd a VM's virtio-net opens;
+///   `TUNGETIFF` checks a TAP fd handed over by the caller (`tap_fd`), or by the previous
+///   daemon, is a TAP without packet information or vnet headers. (The device uses neither
+///   vnet headers nor offloads, so TUNSETVNETHDRSZ and TUNSETOFFLOAD stay forbidden.)
+/// - `FIONBIO` is how std makes a socket non-blocking (`set_nonblocking` on the API
+///   listener, accepted connections and the overflow responder's streams).
+/// - `FIOCLEX` is how std sets close-on-exec on an fd it did not create with it; it only
+///   narrows what a successor inherits.
+const HOST_IOCTLS: &[u64] = &[
+    libc::TUNSETIFF,
+    libc::TUNGETIFF,
+    libc::FIONBIO,
+    libc::FIOCLEX,
+];
 
 use Allow::*;
 
@@ -134,10 +179,13 @@ const FILES: &[Allow] = &[
     Always(libc::SYS_msync),
 ];
 
-/// Building VMs: any KVM ioctl on the system, VM and vCPU fds (and TUNSETIFF on a TAP,
-/// FIONBIO), guest RAM memfds and their seals, eventfds, fd duplication and pipes.
+/// Building VMs: the KVM ioctls on the system, VM and vCPU fds (the vCPU ones too, as
+/// these threads create the vCPU threads, whose filters stack on theirs), TAP and socket
+/// ioctls, guest RAM memfds and their seals, eventfds, fd duplication and pipes.
 const VMM: &[Allow] = &[
-    Always(libc::SYS_ioctl),
+    VmIoctls,
+    VcpuIoctls,
+    HostIoctls,
     Always(libc::SYS_memfd_create),
     Always(libc::SYS_eventfd2),
     Always(libc::SYS_dup),
@@ -204,6 +252,26 @@ const PROCESS: &[Allow] = &[
     Always(libc::SYS_timerfd_settime),
 ];
 
+/// The snapshot writer: the channel to its VMM (the job and the RAM memfds arrive as
+/// SCM_RIGHTS), and creating its files by path: `ramN.bin` (created exclusively, direct
+/// I/O where the filesystem has it, sized with ftruncate) and `vm.state.tmp` renamed into
+/// place. The paths come from the VMM over the channel after the filter is in, and a
+/// filter cannot read a path, so `openat` is not narrowed; no sockets, no ioctls, no
+/// unlinking, no processes. `rt_sigaction`: glibc installs its own handler (SIGSETXID)
+/// when a process creates its first thread, which in the writer happens under the filter
+/// (the daemon's first thread, the helper, predates its filters); a process's own signal
+/// handlers give it nothing it did not have.
+const WRITER: &[Allow] = &[
+    Always(libc::SYS_rt_sigaction),
+    Always(libc::SYS_recvmsg),
+    Always(libc::SYS_sendmsg),
+    Always(libc::SYS_openat),
+    Always(libc::SYS_ftruncate),
+    Always(libc::SYS_rename),
+    Always(libc::SYS_renameat),
+    Always(libc::SYS_renameat2),
+];
+
 impl ThreadKind {
     /// The groups this kind may use.
     fn groups(self) -> Vec<&'static [Allow]> {
@@ -232,13 +300,16 @@ impl ThreadKind {
             // Console logs: writes, and rotation (copy to <log>.1, truncate).
             ThreadKind::Console => vec![EVERY_THREAD, FILES],
             ThreadKind::DeviceWorker => vec![EVERY_THREAD, DEVICE_IO],
+            // Its RAM-writing threads (THREADS), each writing by offset and syncing
+            // (DEVICE_IO).
+            ThreadKind::SnapshotWriter => vec![EVERY_THREAD, THREADS, DEVICE_IO, WRITER],
         }
     }
 
     /// The allow-list as seccompiler rules: syscall → rules (empty: allowed outright).
     pub(crate) fn allowed(
         self,
-        vcpu_ioctls: &[u64],
+        ioctls: &Ioctls,
     ) -> Result<BTreeMap<i64, Vec<SeccompRule>>, SandboxError> {
         let build = |source| SandboxError::Build { kind: self, source };
         let arg_is = |arg: u8, len, op, value| {
@@ -278,15 +349,24 @@ impl ThreadKind {
                             (libc::O_RDONLY | libc::O_CLOEXEC) as u64,
                         )?]),
                     ),
-                    VcpuIoctls => add(
-                        libc::SYS_ioctl,
-                        Some(
-                            vcpu_ioctls
-                                .iter()
-                                .map(|&nr| arg_is(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, nr))
-                                .collect::<Result<_, _>>()?,
-                        ),
-                    ),
+                    VcpuIoctls | VmIoctls | HostIoctls => {
+                        let requests = match *allow {
+                            VcpuIoctls => &ioctls.vcpu[..],
+                            VmIoctls => &ioctls.vm[..],
+                            _ => HOST_IOCTLS,
+                        };
+                        add(
+                            libc::SYS_ioctl,
+                            Some(
+                                requests
+                                    .iter()
+                                    .map(|&nr| {
+                                        arg_is(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, nr)
+                                    })
+                                    .collect::<Result<_, _>>()?,
+                            ),
+                        )
+                    }
                 }
             }
         }

@@ -25,6 +25,8 @@ use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
 
 mod allow;
 
+pub(crate) use allow::Ioctls;
+
 /// The environment variable that carries the mode to this process and its successors.
 pub const MODE_ENV: &str = "WARMVM_SECCOMP";
 
@@ -76,15 +78,19 @@ pub enum ThreadKind {
     Handover,
     /// Device worker threads (virtio back-ends).
     DeviceWorker,
+    /// The `warmvm snapshot-writer` process (snapshots and saved reboots): a process of
+    /// its own, started unfiltered by the helper, so this filter is its only one.
+    SnapshotWriter,
 }
 
-pub const ALL_KINDS: [ThreadKind; 6] = [
+pub const ALL_KINDS: [ThreadKind; 7] = [
     ThreadKind::Main,
     ThreadKind::Api,
     ThreadKind::Vcpu,
     ThreadKind::Console,
     ThreadKind::Handover,
     ThreadKind::DeviceWorker,
+    ThreadKind::SnapshotWriter,
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -127,7 +133,7 @@ impl ThreadKind {
         };
         let build = |source| SandboxError::Build { kind: self, source };
         let allow = SeccompFilter::new(
-            self.allowed(&warmvm_hypervisor::vcpu_thread_ioctls())?,
+            self.allowed(&Ioctls::kvm())?,
             action,
             SeccompAction::Allow,
             TargetArch::x86_64,

@@ -9,16 +9,25 @@ use std::process::Command;
 const CHILD_ENV: &str = "WARMVM_SANDBOX_TEST_CHILD";
 
 /// System calls outside each kind's allow-list, harmless if let through: `getcpu`, which
-/// no list has, and one the kind's work is near to but must not make.
+/// no list has, one the kind's work is near to but must not make, and an ioctl no list
+/// has (the kinds that build VMs may make ioctls, but only by request number).
 fn forbidden_calls(kind: ThreadKind) -> Vec<&'static str> {
     let mine = match kind {
         ThreadKind::Main => "unshare(0)",
         ThreadKind::Api | ThreadKind::Handover => "listen(-1)",
-        ThreadKind::Vcpu => "ioctl(TCGETS)",
-        ThreadKind::Console => "socket(AF_UNIX)",
+        ThreadKind::Vcpu => "ioctl(FIONBIO)",
+        ThreadKind::Console | ThreadKind::SnapshotWriter => "socket(AF_UNIX)",
         ThreadKind::DeviceWorker => "openat(O_WRONLY)",
     };
-    vec!["getcpu", mine]
+    vec!["getcpu", mine, "ioctl(TCGETS)"]
+}
+
+/// Whether the kind may make the VMM's non-KVM ioctls (it builds VMs).
+fn builds_vms(kind: ThreadKind) -> bool {
+    matches!(
+        kind,
+        ThreadKind::Main | ThreadKind::Api | ThreadKind::Handover
+    )
 }
 
 fn make(call: &str) -> libc::c_long {
@@ -35,6 +44,11 @@ fn make(call: &str) -> libc::c_long {
             "ioctl(TCGETS)" => {
                 let mut t = std::mem::zeroed::<libc::termios>();
                 libc::syscall(libc::SYS_ioctl, 0, libc::TCGETS, &mut t)
+            }
+            // Clearing non-blocking mode on stdin (/dev/null): harmless.
+            "ioctl(FIONBIO)" => {
+                let mut off: libc::c_int = 0;
+                libc::syscall(libc::SYS_ioctl, 0, libc::FIONBIO, &mut off)
             }
             "socket(AF_UNIX)" => {
                 libc::syscall(libc::SYS_socket, libc::AF_UNIX, libc::SOCK_STREAM, 0)
@@ -80,6 +94,9 @@ fn child() {
         std::fs::read_to_string("/proc/self/status").unwrap();
         if !matches!(kind, ThreadKind::Console | ThreadKind::DeviceWorker) {
             std::thread::spawn(|| 7).join().unwrap();
+        }
+        if builds_vms(kind) {
+            make("ioctl(FIONBIO)");
         }
         println!("filtered");
         let rc = make(&call);
@@ -148,19 +165,54 @@ fn with_filters_off_nothing_is_installed() {
 }
 
 #[test]
-fn a_vcpu_thread_may_make_its_kvm_ioctls_only() {
-    let kinds = ThreadKind::Vcpu.allowed(&[0xae80]).unwrap();
-    let ioctl = &kinds[&libc::SYS_ioctl];
-    assert_eq!(ioctl.len(), 1, "one rule: KVM_RUN");
-    let api = ThreadKind::Api.allowed(&[0xae80]).unwrap();
-    assert!(api[&libc::SYS_ioctl].is_empty(), "API threads: any ioctl");
+fn ioctls_are_allowed_by_request_number_only() {
+    let ioctls = Ioctls {
+        vcpu: vec![0xae80],
+        vm: vec![0xae01, 0xae41],
+    };
+    let vcpu = ThreadKind::Vcpu.allowed(&ioctls).unwrap();
+    assert_eq!(vcpu[&libc::SYS_ioctl].len(), 1, "one rule: KVM_RUN");
+    for kind in [ThreadKind::Main, ThreadKind::Api, ThreadKind::Handover] {
+        let list = kind.allowed(&ioctls).unwrap();
+        // The vCPU's, the VM's and the host ones (TUNSETIFF, TUNGETIFF, FIONBIO, FIOCLEX),
+        // each a rule of its own: never an empty (unconditional) rule list.
+        assert_eq!(list[&libc::SYS_ioctl].len(), 1 + 2 + 4, "{kind:?}");
+    }
+    for kind in [
+        ThreadKind::Console,
+        ThreadKind::DeviceWorker,
+        ThreadKind::SnapshotWriter,
+    ] {
+        let list = kind.allowed(&ioctls).unwrap();
+        assert!(!list.contains_key(&libc::SYS_ioctl), "{kind:?}: no ioctl");
+    }
+    let real = Ioctls::kvm();
+    assert!(real.vm.contains(&0xae01), "KVM_CREATE_VM");
+    assert!(
+        !real.vm.iter().any(|nr| real.vcpu.contains(nr)),
+        "listed twice"
+    );
     for kind in ALL_KINDS {
-        let list = kind.allowed(&[]).unwrap();
+        let list = kind.allowed(&real).unwrap();
+        if let Some(ioctl) = list.get(&libc::SYS_ioctl) {
+            assert!(!ioctl.is_empty(), "{kind:?}: any ioctl");
+        }
+    }
+}
+
+#[test]
+fn no_kind_may_start_programs_fork_trace_or_change_credentials() {
+    for kind in ALL_KINDS {
+        let list = kind.allowed(&Ioctls::kvm()).unwrap();
         for nr in [
             libc::SYS_execve,
             libc::SYS_fork,
             libc::SYS_ptrace,
             libc::SYS_setuid,
+            libc::SYS_setgroups,
+            libc::SYS_capset,
+            libc::SYS_unshare,
+            libc::SYS_mount,
         ] {
             assert!(!list.contains_key(&nr), "{kind:?} allows {nr}");
         }

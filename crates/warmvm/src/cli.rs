@@ -86,6 +86,9 @@ pub enum Command {
     SnapshotWriter {
         #[arg(long)]
         fd: i32,
+        /// The daemon's --seccomp mode, for the writer's own filter.
+        #[arg(long, default_value = "true", value_parser = ["true", "false", "log"])]
+        seccomp: String,
     },
     /// Run the host daemon: it holds VMs and serves the HTTP/JSON API on a Unix socket
     /// (--socket) until SIGTERM or SIGINT, which power every VM off. See docs/daemon.md.
@@ -549,8 +552,10 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
             state_dir,
             grace_secs,
         } => crate::run::run(&config, api.json, state_dir, grace_secs),
-        Command::SnapshotWriter { fd } => {
-            warmvm_vmm::snapshot::writer::serve(fd)
+        Command::SnapshotWriter { fd, seccomp } => {
+            let mode = warmvm_sandbox::Mode::parse(&seccomp)
+                .map_err(|e| Failure::new(EXIT_BAD_INPUT, e.to_string()))?;
+            warmvm_vmm::snapshot::writer::serve(fd, mode)
                 .map_err(|e| Failure::new(EXIT_HOST, e.to_string()))?;
             Ok(ExitCode::SUCCESS)
         }

@@ -57,8 +57,42 @@ pub fn status(api: &ApiArgs) -> Result<ExitCode, Failure> {
         );
         println!("socket: {}", c.socket().display());
         println!("state directory: {}", text(&s["state_dir"]));
+        // An older daemon does not say.
+        if s["privileges"].is_object() {
+            println!("runs as: {}", runs_as(&s["privileges"]));
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `GET /v1/status`'s `privileges` on one line.
+fn runs_as(p: &serde_json::Value) -> String {
+    let list = |v: &serde_json::Value| {
+        let items: Vec<String> = v
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|x| x.as_str().map_or_else(|| x.to_string(), str::to_string))
+            .collect();
+        if items.is_empty() {
+            "none".to_string()
+        } else {
+            items.join(" ")
+        }
+    };
+    format!(
+        "uid {} gid {}, groups: {}; capabilities: {}; no_new_privs: {}; seccomp: {}",
+        text(&p["uid"]),
+        text(&p["gid"]),
+        list(&p["groups"]),
+        list(&p["capabilities"]),
+        if p["no_new_privs"] == true {
+            "yes"
+        } else {
+            "no"
+        },
+        text(&p["seccomp"])
+    )
 }
 
 /// `warmvm reboot`: ask the daemon for a reboot and print its report. For the saved and

@@ -50,6 +50,53 @@ fn assert_dropped(pid: u32, gid: u32, caps: u64) {
     }
 }
 
+/// `GET /v1/status`'s `privileges` agrees with what the kernel says of the daemon's main
+/// thread, read from outside: ids, groups, the permitted capabilities (as many names as
+/// bits), no_new_privs; and `warmvm status` shows them. Returns the privileges.
+fn reported_matches_proc(d: &Daemon, seccomp: &str) -> serde_json::Value {
+    let p = d.client().status().unwrap()["privileges"].clone();
+    let s = std::fs::read_to_string(format!("/proc/{}/status", d.pid)).unwrap();
+    let effective = |name: &str| -> u64 {
+        field(&s, name)
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(p["uid"], effective("Uid"), "{p}\n{s}");
+    assert_eq!(p["gid"], effective("Gid"), "{p}\n{s}");
+    let mut groups: Vec<u64> = field(&s, "Groups")
+        .split_whitespace()
+        .map(|g| g.parse().unwrap())
+        .collect();
+    groups.sort_unstable();
+    assert_eq!(p["groups"], serde_json::json!(groups), "{p}\n{s}");
+    let mask = u64::from_str_radix(&field(&s, "CapPrm"), 16).unwrap();
+    let names = p["capabilities"].as_array().unwrap();
+    assert_eq!(names.len() as u32, mask.count_ones(), "{p}\n{s}");
+    assert_eq!(
+        p["no_new_privs"],
+        field(&s, "NoNewPrivs") == "1",
+        "{p}\n{s}"
+    );
+    assert_eq!(p["seccomp"], seccomp, "{p}");
+
+    let out = d.cli(&["status"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{out:?}");
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("runs as: "))
+        .unwrap_or_else(|| panic!("no privileges in `warmvm status`: {text}"));
+    assert!(
+        line.starts_with(&format!("runs as: uid {} gid {},", p["uid"], p["gid"])),
+        "{line}"
+    );
+    assert!(line.contains(&format!("seccomp: {seccomp}")), "{line}");
+    p
+}
+
 #[test]
 fn a_dropped_daemon_runs_vms_through_a_warm_reboot_and_an_upgrade_as_its_user() {
     if !warmvm_vmm::testing::kvm_available(
@@ -72,6 +119,15 @@ fn a_dropped_daemon_runs_vms_through_a_warm_reboot_and_an_upgrade_as_its_user() 
         ],
     );
     assert_dropped(d.pid, gid, net_admin);
+    let p = reported_matches_proc(&d, "true");
+    assert_eq!(p["uid"], UID, "{p}");
+    assert_eq!(p["gid"], gid, "{p}");
+    assert_eq!(
+        p["capabilities"],
+        serde_json::json!(["CAP_NET_ADMIN"]),
+        "{p}"
+    );
+    assert_eq!(p["no_new_privs"], true, "{p}");
     let state = std::fs::metadata(dir.join("state")).unwrap();
     assert_eq!(
         (state.uid(), state.gid()),
@@ -112,6 +168,17 @@ fn a_dropped_daemon_runs_vms_through_a_warm_reboot_and_an_upgrade_as_its_user() 
     assert_dropped(d.pid, gid, net_admin);
     let exe = std::fs::read_link(format!("/proc/{}/exe", d.pid)).unwrap();
     assert_eq!(exe, upgrade);
+    // The daemon the upgrade started reports the same drop.
+    let p = reported_matches_proc(&d, "true");
+    assert_eq!(
+        (p["uid"].clone(), p["gid"].clone()),
+        (UID.into(), gid.into())
+    );
+    assert_eq!(
+        p["capabilities"],
+        serde_json::json!(["CAP_NET_ADMIN"]),
+        "{p}"
+    );
 
     let c = d.client();
     assert!(wait_until(30, || counter(&c.show("pv").unwrap()) > before));
@@ -161,8 +228,6 @@ fn without_kept_capabilities_none_remain_and_bad_settings_are_refused() {
             "--group and --keep-caps need --user",
         ),
         (vec!["--user", "0"], 2, "uid 0 drops nothing"),
-        // nogroup has no access to /dev/kvm: the next daemon could not open it.
-        (vec!["--user", &uid], 3, "/dev/kvm cannot be opened"),
     ] {
         let (code, err) = refused(&dir, "state", &args);
         assert_eq!(code, Some(status), "{args:?}: {err}");
@@ -180,7 +245,44 @@ fn without_kept_capabilities_none_remain_and_bad_settings_are_refused() {
     // It serves as the user.
     let st = d.client().status().unwrap();
     assert_eq!(st["pid"], d.pid, "{st}");
+    let p = reported_matches_proc(&d, "true");
+    assert_eq!(p["capabilities"], serde_json::json!([]), "{p}");
+    assert!(d
+        .cli(&["status"])
+        .stdout
+        .windows(18)
+        .any(|w| w == b"capabilities: none"));
     d.terminate();
+}
+
+/// A daemon that drops nothing says so: root's ids and capabilities (CAP_SYS_ADMIN among
+/// them); no_new_privs only because the seccomp filters set it, and not with them off.
+#[test]
+fn a_root_daemon_reports_roots_privileges_and_its_seccomp_mode() {
+    if !warmvm_vmm::testing::kvm_available(
+        "a_root_daemon_reports_roots_privileges_and_its_seccomp_mode",
+    ) {
+        return;
+    }
+    for (seccomp, no_new_privs) in [("true", true), ("log", true), ("false", false)] {
+        let dir = scratch(&format!("priv-root-{seccomp}"));
+        let mut d = Daemon::start(&dir, &["--seccomp", seccomp]);
+        let p = reported_matches_proc(&d, seccomp);
+        assert_eq!(
+            (p["uid"].as_u64(), p["gid"].as_u64()),
+            (Some(0), Some(0)),
+            "{p}"
+        );
+        assert!(
+            p["capabilities"]
+                .as_array()
+                .unwrap()
+                .contains(&"CAP_SYS_ADMIN".into()),
+            "{p}"
+        );
+        assert_eq!(p["no_new_privs"], no_new_privs, "{seccomp}: {p}");
+        d.terminate();
+    }
 }
 
 /// Creating a TAP needs CAP_NET_ADMIN: a dropped daemon that kept it creates one for a VM
@@ -220,4 +322,61 @@ fn creating_a_tap_needs_the_kept_cap_net_admin() {
         }
         d.terminate();
     }
+}
+
+/// The KVM device travels with the warm reboot: a daemon dropped to a user that may not
+/// open /dev/kvm (nobody, in nogroup) starts with a warning, runs a VM, and warm-reboots
+/// it twice (the second time handing on the fd it was handed), the guest verifying; the
+/// new daemons hold /dev/kvm open although they could not have opened it.
+#[test]
+fn a_user_without_kvm_access_warm_reboots_with_the_kvm_fd_handed_over() {
+    if !warmvm_vmm::testing::kvm_available(
+        "a_user_without_kvm_access_warm_reboots_with_the_kvm_fd_handed_over",
+    ) {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata("/dev/kvm").unwrap().permissions().mode();
+    assert_eq!(
+        mode & 0o006,
+        0,
+        "/dev/kvm is open to everyone here ({mode:o}): nothing to show"
+    );
+    let dir = scratch("priv-nokvm");
+    let uid = UID.to_string();
+    let mut d = Daemon::start(&dir, &["--user", &uid]);
+    let p = d.client().status().unwrap()["privileges"].clone();
+    assert_eq!(p["uid"], UID, "{p}");
+    assert_ne!(p["gid"], kvm_gid(), "{p}");
+    assert!(
+        !p["groups"].as_array().unwrap().contains(&kvm_gid().into()),
+        "{p}"
+    );
+    assert!(
+        d.log()
+            .contains("the KVM device cannot be opened as this user"),
+        "{}",
+        d.log()
+    );
+    let c = d.client();
+    c.create(&serde_json::from_value(reference_vm("nk")).unwrap())
+        .unwrap();
+    assert!(wait_until(30, || counter(&c.show("nk").unwrap()) > 0));
+    for _ in 0..2 {
+        let before = counter(&d.client().show("nk").unwrap());
+        let report = d.client().reboot("warm", None).unwrap();
+        d.follow_reboot(report["new_pid"].as_u64().unwrap() as u32);
+        let holds_kvm = std::fs::read_dir(format!("/proc/{}/fd", d.pid))
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.unwrap().path()).ok())
+            .any(|target| target == std::path::Path::new("/dev/kvm"));
+        assert!(holds_kvm, "the new daemon has no /dev/kvm fd");
+        let c = d.client();
+        assert_eq!(c.status().unwrap()["privileges"]["uid"], UID);
+        assert!(wait_until(30, || counter(&c.show("nk").unwrap()) > before));
+        let vm = c.show("nk").unwrap();
+        assert_eq!(vm["state"], "running", "{vm}");
+        assert_eq!(vm["guest"]["mismatches"], 0, "{vm}");
+    }
+    d.terminate_adopted();
 }

@@ -229,3 +229,66 @@ fn the_virtio_http_guest_a_snapshot_and_a_saved_reboot_run_under_the_filters() {
     assert_eq!(out.stdout, page);
     d.terminate_adopted();
 }
+
+/// The snapshot writer (a process of its own, started outside the daemon's filters) runs
+/// under a filter of its own, in the daemon's mode: a socket() it makes at a fault point
+/// kills it with SIGSYS (the snapshot or saved reboot fails, every VM runs on), in log
+/// mode goes through (the snapshot is written), and with `--seccomp false` meets no filter.
+/// `mid-ram` is on one of its RAM-writing threads, `early` on its main thread.
+#[test]
+fn the_snapshot_writer_is_killed_for_a_call_outside_its_own_allow_list() {
+    if !warmvm_vmm::testing::kvm_available(
+        "the_snapshot_writer_is_killed_for_a_call_outside_its_own_allow_list",
+    ) {
+        return;
+    }
+    for (mode, point) in [
+        ("true", "mid-ram"),
+        ("true", "early"),
+        ("log", "mid-ram"),
+        ("false", "mid-ram"),
+    ] {
+        let dir = scratch(&format!("sandbox-writer-{mode}-{point}"));
+        let fault = format!("forbidden:{point}");
+        let mut d = Daemon::start_with_env(
+            &dir,
+            &["--seccomp", mode],
+            &[("WARMVM_SNAPSHOT_WRITER_FAULT", &fault)],
+        );
+        let c = d.client();
+        c.create(&serde_json::from_value(reference_vm("wr")).unwrap())
+            .unwrap();
+        assert!(wait_until(30, || counter(&c.show("wr").unwrap()) > 0));
+        let snap = dir.join("snap");
+        let out = d.cli(&["vm", "snapshot", "wr", snap.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        if mode == "true" {
+            assert_eq!(out.status.code(), Some(3), "{mode} {point}: {err}");
+            assert!(
+                err.contains("killed by signal 31"),
+                "{mode} {point}: SIGSYS expected: {err}"
+            );
+            assert!(!snap.join("vm.state").exists(), "{mode} {point}");
+            // A saved reboot's writer is filtered the same way; the VM runs on here.
+            let pid = d.pid;
+            let out = d.cli(&["reboot", "--mode", "saved"]);
+            let err = String::from_utf8_lossy(&out.stderr).into_owned();
+            assert_eq!(out.status.code(), Some(3), "{point}: {err}");
+            assert!(err.contains("killed by signal 31"), "{point}: {err}");
+            assert_eq!(c.status().unwrap()["pid"].as_u64(), Some(pid as u64));
+        } else {
+            assert!(out.status.success(), "{mode} {point}: {err}\n{}", d.log());
+            assert!(snap.join("vm.state").exists(), "{mode} {point}");
+        }
+        let before = counter(&c.show("wr").unwrap());
+        assert!(
+            wait_until(30, || counter(&c.show("wr").unwrap()) > before),
+            "{mode} {point}: the VM does not run on"
+        );
+        let vm = c.show("wr").unwrap();
+        assert_eq!(vm["state"], "running", "{mode} {point}: {vm}");
+        assert_eq!(vm["guest"]["mismatches"], 0, "{mode} {point}: {vm}");
+        d.terminate();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

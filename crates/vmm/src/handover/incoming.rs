@@ -94,8 +94,17 @@ pub fn take_over_checked(
         }
     };
     faults::hit(Point::NewHello);
+    let kvm = match super::kvm_fd::from_hello(format, hello.1) {
+        Ok(kvm) => kvm,
+        Err(e) => {
+            let e = at(Phase::Stage)(e);
+            let _ = channel.send(&Msg::Refused(e.error.to_failure(e.phase)), &[]);
+            tracing::error!(error = %e, "taking the VMs over failed; no guest ran here");
+            return Err(e);
+        }
+    };
     let result = match format {
-        2 | 3 => Session::new(&channel, format, sender, check).run(state_dir),
+        2 | 3 => Session::new(&channel, format, sender, kvm, check).run(state_dir),
         _ => Err(at(Phase::Stage)(HandoverError::Incompatible(format!(
             "{sender} offers state format {format}; this warmvm reads {}..={}",
             envelope::MIN_FORMAT_VERSION,
@@ -133,15 +142,24 @@ struct Session<'a> {
     channel: &'a Channel,
     format: u32,
     sender: String,
+    /// The old VMM's KVM device, if it handed it over.
+    kvm: Option<File>,
     check: ExtraCheck<'a>,
 }
 
 impl<'a> Session<'a> {
-    fn new(channel: &'a Channel, format: u32, sender: String, check: ExtraCheck<'a>) -> Self {
+    fn new(
+        channel: &'a Channel,
+        format: u32,
+        sender: String,
+        kvm: Option<File>,
+        check: ExtraCheck<'a>,
+    ) -> Self {
         Self {
             channel,
             format,
             sender,
+            kvm,
             check,
         }
     }
@@ -150,8 +168,9 @@ impl<'a> Session<'a> {
     /// guests: in format 3 only once the old VMM has committed (or is provably gone) and
     /// the commit word is claimed; in format 2, which has no commit point, at once, as the
     /// older build that sent it expects.
-    fn run(self, state_dir: &Path) -> Result<Adopted, TakeoverError> {
-        let staged = self.stage().map_err(at(Phase::Stage))?;
+    fn run(mut self, state_dir: &Path) -> Result<Adopted, TakeoverError> {
+        let kvm = self.kvm.take();
+        let staged = self.stage(kvm).map_err(at(Phase::Stage))?;
         faults::hit(Point::NewStaged);
         self.send_prepared().map_err(at(Phase::Stage))?;
         faults::hit(Point::NewPrepared);
@@ -297,8 +316,14 @@ impl<'a> Session<'a> {
 
     /// Receive every VM's spec and fds and prepare each VM (guests still run in the old
     /// VMM), then the extra fds.
-    fn stage(&self) -> Result<Staged, HandoverError> {
-        let hv = Hypervisor::open().map_err(|e| HandoverError::Vm {
+    fn stage(&self, kvm: Option<File>) -> Result<Staged, HandoverError> {
+        // The old VMM's KVM fd when it sent one: this process may lack the right to open
+        // /dev/kvm (a daemon dropped to a user without the kvm group).
+        let hv = match kvm {
+            Some(file) => Hypervisor::from_file(file),
+            None => Hypervisor::open(),
+        }
+        .map_err(|e| HandoverError::Vm {
             vm: "-".into(),
             err: e.into(),
         })?;

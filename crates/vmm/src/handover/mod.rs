@@ -30,6 +30,7 @@ pub mod faults;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod incoming;
+mod kvm_fd;
 mod legacy;
 pub mod outgoing;
 mod priority;

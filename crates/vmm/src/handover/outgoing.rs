@@ -106,7 +106,8 @@ pub fn warm_reboot(host: &Host, opts: &RebootOptions) -> Result<Handed, RebootEr
     let flag = CommitFlag::create().map_err(at(Phase::Spawn))?;
     let (channel, mut peer) = spawn(opts).map_err(at(Phase::Spawn))?;
     faults::hit(Point::OldSpawned);
-    let staged = stage(&channel, &vms, opts, &flag).and_then(|()| {
+    let kvm_fd = host.hypervisor().raw_fd();
+    let staged = stage(&channel, &vms, opts, &flag, kvm_fd).and_then(|()| {
         faults::hit(Point::OldStaged);
         match recv_by(&channel, stage_deadline, "Prepared")? {
             Msg::Prepared { .. } => Ok(()),
@@ -403,13 +404,16 @@ fn stage(
     vms: &[Arc<Vm>],
     opts: &RebootOptions,
     flag: &CommitFlag,
+    kvm_fd: RawFd,
 ) -> Result<(), HandoverError> {
+    // With this process's KVM device: the new VMM need not be allowed to open /dev/kvm.
+    // Older builds drop the fd unread and open the device themselves.
     channel.send(
         &Msg::Hello {
             format_version: envelope::FORMAT_VERSION,
             sender: crate::build(),
         },
-        &[],
+        &[kvm_fd],
     )?;
     for vm in vms {
         let ram = vm.shared.ram.regions();

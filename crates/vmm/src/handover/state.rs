@@ -19,7 +19,9 @@ use crate::config::{BootKind, DiskConfig, VmConfig};
 /// the messages of every format it supports, and those an older build answers with.
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) enum Msg {
-    /// Old → new, first: who is talking, in which state format.
+    /// Old → new, first: who is talking, in which state format. Fd (format 3, optional:
+    /// older builds send none, and readers that predate it close it unread): the old VMM's
+    /// KVM device, so that the new one need not open /dev/kvm.
     Hello { format_version: u32, sender: String },
     /// Format 2 (old → new): one VM to prepare. Fds: its RAM memfds in order, then its
     /// console log.

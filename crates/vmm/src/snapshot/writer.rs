@@ -108,9 +108,13 @@ impl Writer {
         let (channel, child_end) = Channel::pair().map_err(io)?;
         let child_fd = child_end.as_raw_fd();
         let mut cmd = Command::new(binary);
+        // The daemon's --seccomp mode, explicitly: the writer must not depend on whether the
+        // mode came as a flag or in the environment.
         cmd.arg(SUBCOMMAND)
             .arg("--fd")
             .arg(CHANNEL_FD.to_string())
+            .arg("--seccomp")
+            .arg(warmvm_sandbox::mode().as_str())
             .stdin(Stdio::null());
         // SAFETY: runs in the forked child before exec and only calls dup2 and prctl, which
         // are async-signal-safe. The death signal ends a writer whose VMM is gone (its VMs
@@ -284,9 +288,13 @@ fn describe(status: std::process::ExitStatus) -> String {
     }
 }
 
-/// `warmvm snapshot-writer --fd N`: serve one snapshot, then exit. The exit status is 0
-/// when the VMM closed the channel after the state was written.
-pub fn serve(fd: RawFd) -> Result<(), SnapshotError> {
+/// `warmvm snapshot-writer --fd N --seccomp MODE`: serve one snapshot, then exit. The exit
+/// status is 0 when the VMM closed the channel after the state was written.
+///
+/// The writer's seccomp filter ([`warmvm_sandbox::ThreadKind::SnapshotWriter`]) goes in
+/// first, before anything arrives on the channel: it holds the channel already, and the
+/// files it opens later are named by the VMM's messages.
+pub fn serve(fd: RawFd, seccomp: warmvm_sandbox::Mode) -> Result<(), SnapshotError> {
     let io = |e: HandoverError| SnapshotError::Writer {
         vm: String::new(),
         what: e.to_string(),
@@ -295,6 +303,13 @@ pub fn serve(fd: RawFd) -> Result<(), SnapshotError> {
     let _ = IS_WRITER.set(());
     // SAFETY: the VMM passed this fd for us alone; nothing else in this process owns it.
     let channel = Channel::from_fd(unsafe { OwnedFd::from_raw_fd(fd) });
+    warmvm_sandbox::set_mode(seccomp);
+    warmvm_sandbox::enter(warmvm_sandbox::ThreadKind::SnapshotWriter).map_err(|e| {
+        SnapshotError::Writer {
+            vm: String::new(),
+            what: e.to_string(),
+        }
+    })?;
     fault_point("early");
     let (msg, mut files) = channel.recv::<ToWriter>().map_err(io)?;
     if !matches!(msg, ToWriter::Ram) || files.is_empty() {
@@ -448,17 +463,29 @@ impl Drop for Mapping {
 }
 
 /// Tests only: `WARMVM_SNAPSHOT_WRITER_FAULT=kill:<point>` makes the writer kill itself with
-/// SIGKILL at `early` (before its job), `mid-ram` (after its first RAM request),
-/// `before-sync` (RAM written, not synced) or `before-rename` (state written, not renamed).
+/// SIGKILL at `early` (before its job, its seccomp filter in), `mid-ram` (after its first
+/// RAM request), `before-sync` (RAM written, not synced) or `before-rename` (state written,
+/// not renamed); `forbidden:<point>` makes it create a socket there instead, which its
+/// seccomp filter forbids (killed by SIGSYS, or only logged with `--seccomp log`).
 pub const WRITER_FAULT_ENV: &str = "WARMVM_SNAPSHOT_WRITER_FAULT";
 
 pub(crate) fn fault_point(point: &str) {
     #[cfg(feature = "fault-injection")]
-    if std::env::var(WRITER_FAULT_ENV).is_ok_and(|v| v.strip_prefix("kill:") == Some(point))
-        && IS_WRITER.get().is_some()
-    {
-        // SAFETY: raise only sends a signal to this process.
-        unsafe { libc::raise(libc::SIGKILL) };
+    if IS_WRITER.get().is_some() {
+        let fault = std::env::var(WRITER_FAULT_ENV).unwrap_or_default();
+        if fault.strip_prefix("kill:") == Some(point) {
+            // SAFETY: raise only sends a signal to this process.
+            unsafe { libc::raise(libc::SIGKILL) };
+        }
+        if fault.strip_prefix("forbidden:") == Some(point) {
+            // SAFETY: socket() takes no pointers; the fd, if any, is closed at once.
+            unsafe {
+                let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+                if fd >= 0 {
+                    libc::close(fd);
+                }
+            }
+        }
     }
     #[cfg(not(feature = "fault-injection"))]
     let _ = point;
