@@ -527,8 +527,10 @@ fn cpr_transfer(g: &mut Guest) -> Result<Step, String> {
         json!({ "channel-type": "cpr", "addr": cpr_addr }).to_string(),
         format!("unix:{}", main_sock.display()),
     ])?;
+    // Listening, not only bound: the socket's file exists from bind(2) on, and a migrate
+    // between bind and listen is refused (seen with 4 QEMUs starting at once).
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !cpr_sock.exists() {
+    while !listening(&cpr_sock) {
         interrupt::check()?;
         if Instant::now() > deadline {
             return Err("the new QEMU did not listen for the cpr channel".into());
@@ -565,6 +567,23 @@ fn cpr_transfer(g: &mut Guest) -> Result<Step, String> {
         stats,
         start,
         end,
+    })
+}
+
+/// Whether a Unix socket at `path` is listening (`/proc/net/unix`: the flag __SO_ACCEPTCON,
+/// 0x10000), without connecting to it: a probe's connection would be QEMU's one accept.
+fn listening(path: &Path) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/net/unix") else {
+        return path.exists();
+    };
+    // The path is the line's last field and may hold spaces.
+    let tail = format!(" {}", path.to_string_lossy());
+    table.lines().skip(1).any(|l| {
+        l.ends_with(&tail)
+            && l.split_whitespace()
+                .nth(3)
+                .and_then(|f| u32::from_str_radix(f, 16).ok())
+                .is_some_and(|flags| flags & 0x10000 != 0)
     })
 }
 
@@ -651,4 +670,28 @@ fn summary(runs: &[Value], pause: Value) -> Value {
         "all": all,
         "guest_pause": pause,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_listening_unix_socket_is_told_from_a_bound_one() {
+        let dir = std::env::temp_dir().join(format!("warmvm-listen-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("l.sock");
+        let _ = std::fs::remove_file(&path);
+        assert!(!listening(&path));
+        let l = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        assert!(listening(&path));
+        drop(l);
+        // A bound socket that does not listen: a datagram socket.
+        let bound = dir.join("b.sock");
+        let _ = std::fs::remove_file(&bound);
+        let d = std::os::unix::net::UnixDatagram::bind(&bound).unwrap();
+        assert!(!listening(&bound));
+        drop(d);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
