@@ -127,7 +127,8 @@ fn lines<DB: DrawingBackend>(
         .y_label_area_size(70)
         .build_cartesian_2d(
             ((x0 * 0.8)..(x1 * 1.25)).log_scale(),
-            ((y0.max(0.01) * 0.5)..(y1 * 2.0)).log_scale(),
+            // Headroom above the data (log scale) for the legend in the upper left.
+            ((y0.max(0.01) * 0.5)..(y1 * 30.0)).log_scale(),
         )
         .map_err(e)?;
     chart
