@@ -83,13 +83,14 @@ impl PioTrace {
             .map_err(|e| format!("{}/{file}: {e}", self.dir.display()))
     }
 
-    /// Stop recording and return the beats' times (CLOCK_MONOTONIC seconds), sorted.
-    pub fn finish(self) -> Result<Vec<f64>, String> {
+    /// Stop recording and return the beats, in time order. Every guest beating on this host
+    /// is in it (other people's too): callers pick theirs by thread.
+    pub fn finish(self) -> Result<Vec<Beat>, String> {
         self.write("events/kvm/kvm_pio/enable", "0")?;
         let text = std::fs::read_to_string(self.dir.join("trace"))
             .map_err(|e| format!("{}/trace: {e}", self.dir.display()))?;
-        let mut beats: Vec<f64> = text.lines().filter_map(beat_time).collect();
-        beats.sort_by(f64::total_cmp);
+        let mut beats: Vec<Beat> = text.lines().filter_map(Beat::parse).collect();
+        beats.sort_by(|a, b| a.t.total_cmp(&b.t));
         Ok(beats)
     }
 }
@@ -101,19 +102,52 @@ impl Drop for PioTrace {
     }
 }
 
-/// The timestamp of one `kvm_pio` line: `comm-pid [cpu] flags 123.456789: kvm_pio: ...`.
-fn beat_time(line: &str) -> Option<f64> {
-    if line.starts_with('#') || !line.contains("kvm_pio:") {
-        return None;
+/// One heartbeat in the trace: when, and which vCPU thread wrote it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Beat {
+    /// CLOCK_MONOTONIC seconds.
+    pub t: f64,
+    /// The vCPU thread's id.
+    pub tid: u32,
+    /// The vCPU thread's name as the kernel keeps it (15 bytes at most): warmvm names it
+    /// after its VM (`NAME-vcpuN`), QEMU `CPU N/KVM`.
+    pub comm: String,
+}
+
+impl Beat {
+    /// One `kvm_pio` line: `comm-tid [cpu] flags 123.456789: kvm_pio: ...` (the comm may
+    /// hold spaces and dashes: the tid is after its last dash).
+    fn parse(line: &str) -> Option<Beat> {
+        if line.starts_with('#') || !line.contains("kvm_pio:") {
+            return None;
+        }
+        let head = &line[..line.find(": kvm_pio:")?];
+        let t = head.rsplit(' ').next()?.parse().ok()?;
+        let task = head[..head.find(" [")?].trim();
+        let (comm, tid) = task.rsplit_once('-')?;
+        Some(Beat {
+            t,
+            tid: tid.parse().ok()?,
+            comm: comm.to_string(),
+        })
     }
-    let head = &line[..line.find(": kvm_pio:")?];
-    head.rsplit(' ').next()?.parse().ok()
+}
+
+/// The times of the beats that `mine` picks, in order.
+pub fn times(beats: &[Beat], mine: impl Fn(&Beat) -> bool) -> Vec<f64> {
+    beats.iter().filter(|b| mine(b)).map(|b| b.t).collect()
 }
 
 /// The longest gap between two beats within [from, to], the gaps across its edges included
 /// in full; None when no beat follows the window (the last gap is still open) or there are
 /// fewer than two beats.
-pub fn longest_gap(beats: &[f64], from: f64, to: f64) -> Option<f64> {
+#[cfg(test)]
+fn longest_gap(beats: &[f64], from: f64, to: f64) -> Option<f64> {
+    longest_gap_span(beats, from, to).map(|(a, b)| b - a)
+}
+
+/// The longest gap as `longest_gap` finds it: the beats that begin and end it.
+pub fn longest_gap_span(beats: &[f64], from: f64, to: f64) -> Option<(f64, f64)> {
     let start = beats.partition_point(|&t| t < from);
     let end = beats.partition_point(|&t| t <= to);
     // The beat just before the window and just after it close the gaps at its edges: a
@@ -128,7 +162,10 @@ pub fn longest_gap(beats: &[f64], from: f64, to: f64) -> Option<f64> {
     if inside.len() < 2 {
         return None;
     }
-    inside.windows(2).map(|w| w[1] - w[0]).reduce(f64::max)
+    inside
+        .windows(2)
+        .map(|w| (w[0], w[1]))
+        .reduce(|a, b| if b.1 - b.0 > a.1 - a.0 { b } else { a })
 }
 
 /// One reboot's windows, CLOCK_MONOTONIC seconds.
@@ -154,74 +191,132 @@ impl Window {
     }
 }
 
-/// Pauses (ms) across reboots and in the noise windows, from one trace.
-pub fn pauses(beats: &[f64], windows: &[Window]) -> Value {
-    let ms = |w: (f64, f64)| longest_gap(beats, w.0, w.1).map(|g| g * 1e3);
-    let across: Vec<Option<f64>> = windows.iter().map(|w| ms(w.reboot)).collect();
-    let noise: Vec<Option<f64>> = windows.iter().map(|w| ms(w.noise)).collect();
-    let p50 = |v: &[Option<f64>]| {
-        let mut s: Vec<f64> = v.iter().flatten().copied().collect();
-        s.sort_by(f64::total_cmp);
-        (!s.is_empty()).then(|| s[s.len() / 2])
+/// Pauses (ms) across reboots and in the noise windows, from one trace, for the VMs rebooted
+/// together (`per_vm`: each VM's beat times): each VM's own pause (its longest gap in the
+/// window), and host-wide, from the first VM's pause beginning to the last one's end, i.e.
+/// first guest stopped to last guest running again on the guests' own clock of beats. (No
+/// host-wide noise: without a reboot the VMs' longest gaps fall at unrelated times.)
+pub fn pauses(per_vm: &[Vec<f64>], windows: &[Window]) -> Value {
+    let per = |w: (f64, f64)| -> Vec<Option<(f64, f64)>> {
+        per_vm
+            .iter()
+            .map(|beats| longest_gap_span(beats, w.0, w.1))
+            .collect()
     };
+    let vm_ms = |spans: &[Option<(f64, f64)>]| -> Vec<Option<f64>> {
+        spans
+            .iter()
+            .map(|s| s.map(|(a, b)| (b - a) * 1e3))
+            .collect()
+    };
+    // Host-wide only when every VM's pause was seen.
+    let host_ms = |spans: &[Option<(f64, f64)>]| -> Option<f64> {
+        let all: Option<Vec<(f64, f64)>> = spans.iter().copied().collect();
+        let all = all.filter(|a| !a.is_empty())?;
+        let first = all.iter().map(|s| s.0).reduce(f64::min)?;
+        let last = all.iter().map(|s| s.1).reduce(f64::max)?;
+        Some((last - first) * 1e3)
+    };
+    let mut across = Vec::new();
+    let mut noise = Vec::new();
+    let mut host = Vec::new();
+    for w in windows {
+        let r = per(w.reboot);
+        let n = per(w.noise);
+        across.extend(vm_ms(&r));
+        noise.extend(vm_ms(&n));
+        host.push(host_ms(&r));
+    }
     json!({
         "source": "kvm_pio trace",
-        "pause_ms": { "p50": p50(&across), "max": across.iter().flatten().copied().reduce(f64::max), "all": across },
-        "noise_ms": { "p50": p50(&noise), "max": noise.iter().flatten().copied().reduce(f64::max), "all": noise },
+        "vms": per_vm.len(),
+        "pause_ms": stats(&across),
+        "noise_ms": stats(&noise),
+        "host_pause_ms": stats(&host),
         "window_ms": windows.iter().map(|w| (w.reboot.1 - w.reboot.0) * 1e3).collect::<Vec<_>>(),
         "noise_window_ms": windows.iter().map(|w| (w.noise.1 - w.noise.0) * 1e3).collect::<Vec<_>>(),
-        "beats": beats.len(),
+        "beats": per_vm.iter().map(Vec::len).collect::<Vec<_>>(),
     })
 }
 
-/// warmvm's side: one VM of `mib` MiB with a beating guest, `runs` reboots in `mode`, the
-/// pause of each from the trace (or, without tracefs, the guest's own longest stall since it
-/// booted, which the API cannot reset: an upper bound).
-pub fn warmvm_pause(exe: &Path, root: &Path, mode: RebootMode, mib: u64, runs: u32) -> Value {
+/// Median (the upper one of an even count), maximum and every value.
+fn stats(v: &[Option<f64>]) -> Value {
+    let mut s: Vec<f64> = v.iter().flatten().copied().collect();
+    s.sort_by(f64::total_cmp);
+    json!({ "p50": s.get(s.len() / 2), "max": s.last(), "all": v })
+}
+
+/// The name of the `i`th VM of a pause cell: unique on this host (other people's guests
+/// beat into the same trace) and short enough that the kernel's 15-byte thread name, after
+/// warmvm's `NAME-vcpuN`, still tells the VMs apart.
+fn beat_vm_name(i: u32) -> String {
+    format!("b{}-{i}", std::process::id())
+}
+
+/// warmvm's side: `vms` VMs of `mib` MiB with beating guests in one daemon, `runs` reboots in
+/// `mode`, the pause of each VM and host-wide from the trace (or, without tracefs, each
+/// guest's own longest stall since it booted, which the API cannot reset: an upper bound).
+pub fn warmvm_pause(
+    exe: &Path,
+    root: &Path,
+    mode: RebootMode,
+    vms: u32,
+    mib: u64,
+    runs: u32,
+) -> Value {
     let run = || -> Result<Value, String> {
-        let dir = root.join(format!("pause-{}", mode.name()));
+        let dir = root.join(format!("pause-{}-{vms}x{mib}", mode.name()));
         let d = BenchDaemon::start(exe, &dir)?;
         let cmdline = guest_cmdline();
-        let vm = serde_json::from_value(
-            json!({ "name": "beat", "memory_mib": mib, "cmdline": cmdline }),
-        )
-        .map_err(|e| e.to_string())?;
-        d.client.create(&vm).map_err(|e| e.to_string())?;
-        wait_verified(&d)?;
+        for i in 0..vms {
+            let vm = serde_json::from_value(
+                json!({ "name": beat_vm_name(i), "memory_mib": mib, "cmdline": cmdline }),
+            )
+            .map_err(|e| e.to_string())?;
+            d.client.create(&vm).map_err(|e| e.to_string())?;
+        }
+        wait_verified(&d, vms)?;
         let trace = PioTrace::start();
         let mut not_before = mono_now();
         let mut windows = Vec::new();
         let mut guest_stalls = Vec::new();
         for i in 0..runs {
             // The noise window is as long as the reboot's: wait that long (at least 0.3 s)
-            // before the request, so that it holds nothing but the running guest.
+            // before the request, so that it holds nothing but the running guests.
             let settle = windows
                 .last()
                 .map_or(1.0, |w: &Window| (w.reboot.1 - w.reboot.0).max(0.3));
-            std::thread::sleep(Duration::from_secs_f64(settle + MARGIN.as_secs_f64()));
+            sleep_unless_interrupted(Duration::from_secs_f64(settle + MARGIN.as_secs_f64()))?;
             let start = mono_now();
             d.client
                 .reboot_with(mode.name(), None, Some(10))
                 .map_err(|e| format!("reboot {}: {e}", i + 1))?;
-            // The answer can come before the guest runs again (a saved reboot's restored
-            // VM): the window ends once the guest is seen verifying in the new daemon.
+            // The answer can come before the guests run again (a saved reboot's restored
+            // VMs): the window ends once every guest is seen verifying in the new daemon.
             wait_progress(&d)?;
             let end = mono_now();
-            // Long enough for the guest's first beats after the window to be traced.
-            std::thread::sleep(AFTER);
-            guest_stalls.push(guest_stall_ms(&d)?);
+            // Long enough for the guests' first beats after the window to be traced.
+            sleep_unless_interrupted(AFTER)?;
+            guest_stalls.push(guest_stalls_ms(&d)?);
             windows.push(Window::around(start, end, not_before));
             not_before = end + MARGIN.as_secs_f64();
         }
-        check_guest(&d)?;
+        check_guests(&d, vms)?;
         Ok(match trace {
             Ok(t) => {
-                let mut v = pauses(&t.finish()?, &windows);
+                let beats = t.finish()?;
+                let per_vm: Vec<Vec<f64>> = (0..vms)
+                    .map(|i| {
+                        let prefix = format!("{}-", beat_vm_name(i));
+                        times(&beats, |b| b.comm.starts_with(&prefix))
+                    })
+                    .collect();
+                let mut v = pauses(&per_vm, &windows);
                 v["guest_stall_ms"] = json!(guest_stalls);
                 v
             }
             Err(why) => json!({
-                "source": "the guest's own longest stall since boot (no KVM trace): an upper bound",
+                "source": "the guests' own longest stall since boot (no KVM trace): an upper bound",
                 "trace_unavailable": why,
                 "pause_ms": { "all": guest_stalls },
             }),
@@ -230,52 +325,85 @@ pub fn warmvm_pause(exe: &Path, root: &Path, mode: RebootMode, mib: u64, runs: u
     run().unwrap_or_else(|e| json!({ "error": e }))
 }
 
-fn wait_verified(d: &BenchDaemon) -> Result<(), String> {
+/// Sleep, in short steps that notice SIGINT/SIGTERM.
+pub fn sleep_unless_interrupted(d: Duration) -> Result<(), String> {
+    let until = Instant::now() + d;
+    loop {
+        crate::interrupt::check()?;
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(());
+        }
+        std::thread::sleep(left.min(Duration::from_millis(50)));
+    }
+}
+
+fn wait_verified(d: &BenchDaemon, vms: u32) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
+        crate::interrupt::check()?;
         let list = d.client.list().map_err(|e| e.to_string())?;
-        let g = &list["vms"][0]["guest"];
-        if g["min_passes"].as_u64().unwrap_or(0) >= 1 {
+        let all = list["vms"].as_array().cloned().unwrap_or_default();
+        if all.len() == vms as usize
+            && all
+                .iter()
+                .all(|v| v["guest"]["min_passes"].as_u64().unwrap_or(0) >= 1)
+        {
             return Ok(());
         }
         if Instant::now() > deadline {
-            return Err("the guest did not verify its RAM within 300 s".into());
+            return Err("the guests did not verify their RAM within 300 s".into());
         }
         std::thread::sleep(Duration::from_millis(50));
     }
 }
 
-/// Wait until the guest's verified-page counter moves: it runs.
+/// Wait until every guest's verified-page counter moves: they all run.
 fn wait_progress(d: &BenchDaemon) -> Result<(), String> {
-    let verified = |d: &BenchDaemon| -> Result<u64, String> {
+    let verified = |d: &BenchDaemon| -> Result<Vec<u64>, String> {
         let list = d.client.list().map_err(|e| e.to_string())?;
-        Ok(list["vms"][0]["guest"]["pages_verified"]
-            .as_u64()
-            .unwrap_or(0))
+        Ok(list["vms"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|v| v["guest"]["pages_verified"].as_u64().unwrap_or(0))
+            .collect())
     };
     let first = verified(d)?;
     let deadline = Instant::now() + Duration::from_secs(60);
-    while verified(d)? <= first {
+    loop {
+        crate::interrupt::check()?;
+        let now = verified(d)?;
+        if now.len() == first.len() && now.iter().zip(&first).all(|(n, f)| n > f) {
+            return Ok(());
+        }
         if Instant::now() > deadline {
-            return Err("the guest did not run again within 60 s of the reboot".into());
+            return Err("the guests did not all run again within 60 s of the reboot".into());
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    Ok(())
 }
 
-fn guest_stall_ms(d: &BenchDaemon) -> Result<Option<f64>, String> {
+fn guest_stalls_ms(d: &BenchDaemon) -> Result<Vec<Option<f64>>, String> {
     let list = d.client.list().map_err(|e| e.to_string())?;
-    Ok(list["vms"][0]["guest"]["max_gap_ns"]
-        .as_f64()
-        .map(|ns| ns / 1e6))
+    Ok(list["vms"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|v| v["guest"]["max_gap_ns"].as_f64().map(|ns| ns / 1e6))
+        .collect())
 }
 
-fn check_guest(d: &BenchDaemon) -> Result<(), String> {
+fn check_guests(d: &BenchDaemon, vms: u32) -> Result<(), String> {
     let list = d.client.list().map_err(|e| e.to_string())?;
-    let v = &list["vms"][0];
-    if v["state"] != "running" || v["guest"]["mismatches"].as_u64().unwrap_or(1) != 0 {
-        return Err(format!("the guest is not running clean: {v}"));
+    let all = list["vms"].as_array().cloned().unwrap_or_default();
+    if all.len() != vms as usize {
+        return Err(format!("{} of {vms} VMs left after the reboots", all.len()));
+    }
+    for v in &all {
+        if v["state"] != "running" || v["guest"]["mismatches"].as_u64().unwrap_or(1) != 0 {
+            return Err(format!("a guest is not running clean: {v}"));
+        }
     }
     Ok(())
 }
@@ -286,9 +414,16 @@ mod tests {
 
     #[test]
     fn trace_lines_parse_and_gaps_span_the_window_edges() {
-        let line = " warmvm-1234   [001] ..... 10161.013182: kvm_pio: pio_write at 0x520 size 1 count 1 val 0xb7 ";
-        assert_eq!(beat_time(line), Some(10161.013182));
-        assert_eq!(beat_time("# tracer: nop"), None);
+        let line = " b77-0-vcpu0-1234   [001] ..... 10161.013182: kvm_pio: pio_write at 0x520 size 1 count 1 val 0xb7 ";
+        let b = Beat::parse(line).unwrap();
+        assert_eq!(
+            (b.t, b.tid, b.comm.as_str()),
+            (10161.013182, 1234, "b77-0-vcpu0")
+        );
+        let qemu = "       CPU 0/KVM-88 [000] d.... 5.5: kvm_pio: pio_write at 0x520 size 1 count 1 val 0xb7";
+        let b = Beat::parse(qemu).unwrap();
+        assert_eq!((b.t, b.tid, b.comm.as_str()), (5.5, 88, "CPU 0/KVM"));
+        assert_eq!(Beat::parse("# tracer: nop"), None);
         let beats = [1.0, 1.1, 1.2, 1.9, 2.0];
         // The gap 1.2 -> 1.9 straddles the window's start: it counts in full.
         let g = longest_gap(&beats, 1.5, 1.95).unwrap();
@@ -304,5 +439,33 @@ mod tests {
         // Never before the trace began.
         let w = Window::around(10.0, 12.0, 9.0);
         assert_eq!(w.noise.0, 9.0);
+    }
+
+    #[test]
+    fn host_wide_pause_runs_from_the_first_vm_stopped_to_the_last_running() {
+        let step = |from: f64, to: f64| -> Vec<f64> {
+            (0..=((to - from) / 0.01).round() as usize)
+                .map(|i| from + i as f64 * 0.01)
+                .collect()
+        };
+        // VM a stalls 1.00 -> 1.20, VM b 1.10 -> 1.50; beats every 10 ms otherwise.
+        let a = [step(0.0, 1.0), step(1.2, 3.0)].concat();
+        let b = [step(0.0, 1.1), step(1.5, 3.0)].concat();
+        let w = Window {
+            noise: (0.2, 0.8),
+            reboot: (0.9, 1.6),
+        };
+        let v = pauses(&[a, b], &[w]);
+        let ms = |x: &Value| x.as_f64().unwrap();
+        assert!((ms(&v["pause_ms"]["max"]) - 400.0).abs() < 1e-6, "{v:#}");
+        assert!((ms(&v["pause_ms"]["all"][0]) - 200.0).abs() < 1e-6, "{v:#}");
+        assert!(
+            (ms(&v["host_pause_ms"]["p50"]) - 500.0).abs() < 1e-6,
+            "{v:#}"
+        );
+        assert!(ms(&v["noise_ms"]["max"]) < 10.5, "{v:#}");
+        // A VM whose gap never closes: no host-wide figure.
+        let v = pauses(&[step(0.0, 3.0), step(0.0, 1.0)], &[w]);
+        assert!(v["host_pause_ms"]["p50"].is_null(), "{v:#}");
     }
 }

@@ -1,6 +1,7 @@
 //! The part of `warmvm bench reboot` that compares warmvm with a peer: the guest-visible
 //! pause of warmvm's warm and saved reboots (`bench_pause`), QEMU's cpr-transfer and
-//! migrate-to-file on the same guest (`bench_qemu`), and the ratios between them.
+//! migrate-to-file on the same guest (`bench_qemu`), and the ratios between them, for each
+//! cell of the bench's matrix (the VM counts at the first RAM size, the RAM sizes at 1 VM).
 
 use std::path::Path;
 
@@ -10,23 +11,16 @@ use crate::bench_reboot::{Cell, RebootBenchArgs};
 use crate::cli::RebootMode;
 use crate::progress::Progress;
 
-/// The RAM sizes (one VM each) the pause and the peer are measured at.
-pub fn sizes(args: &RebootBenchArgs) -> Vec<u64> {
-    let mut v: Vec<u64> = args
-        .memory_mib
-        .iter()
-        .copied()
-        .filter(|&m| m <= args.max_total_mib)
-        .collect();
-    v.dedup();
-    v
+/// The cells the pause and the peer are measured at: the bench's own.
+pub fn cells(args: &RebootBenchArgs) -> Vec<(u32, u64)> {
+    crate::bench_reboot::matrix(args).0
 }
 
 /// Steps this part adds to the progress count.
 pub fn steps(args: &RebootBenchArgs) -> usize {
     let pause_modes = pause_modes(args).len();
     let qemu = usize::from(!args.no_qemu);
-    sizes(args).len() * (pause_modes + qemu)
+    cells(args).len() * (pause_modes + qemu)
 }
 
 fn pause_modes(args: &RebootBenchArgs) -> Vec<RebootMode> {
@@ -37,29 +31,31 @@ fn pause_modes(args: &RebootBenchArgs) -> Vec<RebootMode> {
         .collect()
 }
 
-/// Measure everything; returns (`guest_pause`, `qemu_peer`, `peer_ratios`) for the JSON.
+/// Measure everything; returns (`guest_pause`, `qemu_peer`, `peer_ratios`) for the JSON, or
+/// the interruption (SIGINT/SIGTERM).
 pub fn run(
     exe: &Path,
     root: &Path,
     args: &RebootBenchArgs,
     cells: &[Cell],
     progress: &mut Progress,
-) -> (Value, Value, Value) {
+) -> Result<(Value, Value, Value), String> {
     let mut pause_cells = Vec::new();
-    for mib in sizes(args) {
-        let mut c = json!({ "vms": 1, "memory_mib": mib });
+    for (vms, mib) in self::cells(args) {
+        let mut c = json!({ "vms": vms, "memory_mib": mib });
         for mode in pause_modes(args) {
+            crate::interrupt::check()?;
             progress.step(&format!(
-                "guest pause: {} reboot, 1 VM x {mib} MiB",
+                "guest pause: {} reboot, {vms} VMs x {mib} MiB",
                 mode.name()
             ));
-            c[mode.name()] = crate::bench_pause::warmvm_pause(exe, root, mode, mib, args.runs);
+            c[mode.name()] = crate::bench_pause::warmvm_pause(exe, root, mode, vms, mib, args.runs);
             progress.done();
         }
         pause_cells.push(c);
     }
     let guest_pause = json!({
-        "method": "longest gap between the guest's heartbeat port writes (every ~0.1 ms) in the host's KVM trace (kvm:kvm_pio, trace_clock mono), in a window from 50 ms before the reboot request to 50 ms after the guest is seen running again (warmvm: its verified-page counter moves; QEMU: the new QEMU's RESUME event); noise: the same in an equal window just before, without a reboot",
+        "method": "longest gap between each guest's heartbeat port writes (every ~0.1 ms) in the host's KVM trace (kvm:kvm_pio, trace_clock mono; told apart by vCPU thread), in a window from 50 ms before the reboot request to 50 ms after every guest is seen running again (warmvm: their verified-page counters move; QEMU: each new QEMU's RESUME event); host-wide: from the first guest's longest gap beginning to the last one's ending; noise: each guest's longest gap in an equal window just before, without a reboot",
         "heartbeat_us": crate::bench_pause::HEARTBEAT_US,
         "guest_cmdline": crate::bench_pause::guest_cmdline(),
         "cells": pause_cells,
@@ -70,7 +66,7 @@ pub fn run(
     } else {
         match crate::bench_qemu::version() {
             Err(why) => {
-                for _ in sizes(args) {
+                for _ in self::cells(args) {
                     progress.step("QEMU peer: skipped");
                     progress.done();
                 }
@@ -78,53 +74,99 @@ pub fn run(
             }
             Ok(version) => {
                 let mut out = Vec::new();
-                for mib in sizes(args) {
+                for (vms, mib) in self::cells(args) {
+                    crate::interrupt::check()?;
                     progress.step(&format!(
-                        "QEMU peer: cpr-transfer and migrate to a file, 1 VM x {mib} MiB"
+                        "QEMU peer: cpr-transfer and migrate to files, {vms} VMs x {mib} MiB"
                     ));
-                    out.push(crate::bench_qemu::run(root, mib, args.runs));
+                    out.push(crate::bench_qemu::run(root, vms, mib, args.runs));
                     progress.done();
                 }
                 json!({ "qemu": version, "skipped": null, "cells": out })
             }
         }
     };
+    crate::interrupt::check()?;
     let ratios = ratios(cells, &guest_pause, &qemu_peer);
-    (guest_pause, qemu_peer, ratios)
+    Ok((guest_pause, qemu_peer, ratios))
+}
+
+/// QEMU's cells as the plots' series: host-wide downtime (first `STOP` to last `RESUME`)
+/// per run, named after QEMU's two ways.
+pub fn plot_cells(qemu: &Value) -> Vec<Cell> {
+    let mut out = Vec::new();
+    for q in qemu["cells"].as_array().into_iter().flatten() {
+        if !q["skipped"].is_null() {
+            continue;
+        }
+        for (key, mode) in [
+            ("cpr_transfer", crate::plots::QEMU_CPR),
+            ("migrate_file", crate::plots::QEMU_FILE),
+        ] {
+            let runs = q[key]["all"].as_array().cloned().unwrap_or_default();
+            out.push(Cell {
+                mode,
+                vms: q["vms"].as_u64().unwrap_or(1) as u32,
+                memory_mib: q["memory_mib"].as_u64().unwrap_or(0),
+                runs: runs.len(),
+                host_ms: runs
+                    .iter()
+                    .filter_map(|r| r["host_stop_to_resume_ms"].as_f64())
+                    .collect(),
+                vm_ms: runs
+                    .iter()
+                    .flat_map(|r| r["vms"].as_array().cloned().unwrap_or_default())
+                    .filter_map(|v| v["stop_to_resume_ms"].as_f64())
+                    .collect(),
+                phases_ms: Vec::new(),
+                save_mib_s: None,
+                restore_mib_s: None,
+                error: None,
+            });
+        }
+    }
+    out
 }
 
 fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
     a.zip(b.filter(|b| *b > 0.0)).map(|(a, b)| a / b)
 }
 
+/// Per cell: warmvm over QEMU, host-wide on warmvm's measure (first guest stopped → last
+/// running; QEMU: first `STOP` → last `RESUME`), per VM against QEMU's own `downtime` (a
+/// per-process figure) and total time, and the guest-visible pauses per VM and host-wide.
 fn ratios(cells: &[Cell], pause: &Value, qemu: &Value) -> Value {
     let mut out = Vec::new();
     for q in qemu["cells"].as_array().into_iter().flatten() {
+        let vms = q["vms"].as_u64().unwrap_or(1);
         let mib = q["memory_mib"].as_u64().unwrap_or(0);
-        let host = |mode: &str| {
+        let cell = |mode: &str| {
             cells
                 .iter()
-                .find(|c| c.mode == mode && c.vms == 1 && c.memory_mib == mib)
-                .and_then(Cell::host_p50)
+                .find(|c| c.mode == mode && u64::from(c.vms) == vms && c.memory_mib == mib)
         };
+        let host = |mode: &str| cell(mode).and_then(Cell::host_p50);
+        let per_vm = |mode: &str| cell(mode).and_then(Cell::vm_p50);
         let p = pause["cells"]
             .as_array()
             .into_iter()
             .flatten()
-            .find(|c| c["memory_mib"] == mib)
+            .find(|c| c["memory_mib"] == mib && c["vms"] == vms)
             .cloned()
             .unwrap_or(Value::Null);
         let cpr = &q["cpr_transfer"];
         let file = &q["migrate_file"];
         out.push(json!({
-            "vms": 1,
+            "vms": vms,
             "memory_mib": mib,
-            "warm_over_qemu_cpr_downtime_stop_to_resume": ratio(host("warm"), cpr["stop_to_resume_ms_p50"].as_f64()),
-            "warm_over_qemu_cpr_downtime_qemu_reported": ratio(host("warm"), cpr["qemu_downtime_ms_p50"].as_f64()),
-            "saved_over_qemu_file_downtime_stop_to_resume": ratio(host("saved"), file["stop_to_resume_ms_p50"].as_f64()),
-            "saved_over_qemu_file_downtime_qemu_reported_total": ratio(host("saved"), file["qemu_total_time_ms_p50"].as_f64()),
+            "warm_over_qemu_cpr_downtime_stop_to_resume": ratio(host("warm"), cpr["host_stop_to_resume_ms"]["p50"].as_f64()),
+            "warm_over_qemu_cpr_downtime_qemu_reported": ratio(per_vm("warm"), cpr["qemu_downtime_ms_p50"].as_f64()),
+            "saved_over_qemu_file_downtime_stop_to_resume": ratio(host("saved"), file["host_stop_to_resume_ms"]["p50"].as_f64()),
+            "saved_over_qemu_file_downtime_qemu_reported_total": ratio(per_vm("saved"), file["qemu_total_time_ms_p50"].as_f64()),
             "warm_over_qemu_cpr_guest_pause": ratio(p["warm"]["pause_ms"]["p50"].as_f64(), cpr["guest_pause"]["pause_ms"]["p50"].as_f64()),
             "saved_over_qemu_file_guest_pause": ratio(p["saved"]["pause_ms"]["p50"].as_f64(), file["guest_pause"]["pause_ms"]["p50"].as_f64()),
+            "warm_over_qemu_cpr_host_guest_pause": ratio(p["warm"]["host_pause_ms"]["p50"].as_f64(), cpr["guest_pause"]["host_pause_ms"]["p50"].as_f64()),
+            "saved_over_qemu_file_host_guest_pause": ratio(p["saved"]["host_pause_ms"]["p50"].as_f64(), file["guest_pause"]["host_pause_ms"]["p50"].as_f64()),
         }));
     }
     json!(out)
@@ -135,6 +177,7 @@ pub fn table_text(doc: &Value) -> String {
     use std::fmt::Write;
     let mut out = String::new();
     let f = |v: &Value| v.as_f64().map_or("-".to_string(), |v| format!("{v:.2}"));
+    let dash = || "-".to_string();
     let mut rows = Vec::new();
     for c in doc["guest_pause"]["cells"].as_array().into_iter().flatten() {
         for mode in ["warm", "saved"] {
@@ -144,11 +187,14 @@ pub fn table_text(doc: &Value) -> String {
             }
             rows.push(vec![
                 format!("warmvm {mode}"),
+                c["vms"].to_string(),
                 c["memory_mib"].to_string(),
-                f(&Value::Null),
-                f(&Value::Null),
+                dash(),
+                dash(),
+                dash(),
                 f(&p["pause_ms"]["p50"]),
                 f(&p["pause_ms"]["max"]),
+                f(&p["host_pause_ms"]["p50"]),
                 f(&p["noise_ms"]["p50"]),
                 p["error"]
                     .as_str()
@@ -160,16 +206,14 @@ pub fn table_text(doc: &Value) -> String {
     }
     for q in doc["qemu_peer"]["cells"].as_array().into_iter().flatten() {
         if let Some(why) = q["skipped"].as_str() {
-            rows.push(vec![
+            let mut row = vec![
                 "QEMU".into(),
+                q["vms"].to_string(),
                 q["memory_mib"].to_string(),
-                "-".into(),
-                "-".into(),
-                "-".into(),
-                "-".into(),
-                "-".into(),
-                format!("skipped: {why}"),
-            ]);
+            ];
+            row.extend((0..7).map(|_| dash()));
+            row.push(format!("skipped: {why}"));
+            rows.push(row);
             continue;
         }
         for (key, name) in [
@@ -180,7 +224,9 @@ pub fn table_text(doc: &Value) -> String {
             let p = &r["guest_pause"];
             rows.push(vec![
                 name.into(),
+                q["vms"].to_string(),
                 q["memory_mib"].to_string(),
+                f(&r["host_stop_to_resume_ms"]["p50"]),
                 f(&r["stop_to_resume_ms_p50"]),
                 format!(
                     "{} / {}",
@@ -189,6 +235,7 @@ pub fn table_text(doc: &Value) -> String {
                 ),
                 f(&p["pause_ms"]["p50"]),
                 f(&p["pause_ms"]["max"]),
+                f(&p["host_pause_ms"]["p50"]),
                 f(&p["noise_ms"]["p50"]),
                 p["trace_unavailable"]
                     .as_str()
@@ -198,7 +245,7 @@ pub fn table_text(doc: &Value) -> String {
     }
     let _ = writeln!(
         out,
-        "guest-visible pause (1 VM, heartbeat every {} us, host KVM trace) and the QEMU peer, ms (p50 of {} runs):",
+        "guest-visible pause (heartbeat every {} us, host KVM trace) and the QEMU peer, ms (p50 of {} runs; per VM over all VMs and runs):",
         doc["guest_pause"]["heartbeat_us"], doc["runs_per_cell"]
     );
     let _ = writeln!(
@@ -207,34 +254,56 @@ pub fn table_text(doc: &Value) -> String {
         crate::output::table(
             &[
                 "VMM / MODE",
+                "VMS",
                 "MiB/VM",
-                "STOP->RESUME",
+                "HOST STOP->RESUME",
+                "VM STOP->RESUME",
                 "QEMU downtime / total",
                 "PAUSE p50",
                 "PAUSE max",
+                "HOST PAUSE p50",
                 "NOISE p50",
                 "SOURCE",
             ],
             rows,
-            &[1, 2, 3, 4, 5, 6],
+            &[1, 2, 3, 4, 5, 6, 7, 8, 9],
         )
     );
     for r in doc["peer_ratios"].as_array().into_iter().flatten() {
         let g = |k: &str| r[k].as_f64().map_or("-".to_string(), |v| format!("{v:.3}"));
         let _ = writeln!(
             out,
-            "1 VM x {} MiB: guest pause warm/QEMU cpr {} (goal <= 0.3), saved/QEMU file {}; downtime warm/QEMU cpr {} (stop->resume), {} (QEMU's downtime); saved/QEMU file {} (stop->resume), {} (QEMU's total time)",
+            "{} VMs x {} MiB, warmvm/QEMU: guest pause warm/cpr {} per VM (goal <= 0.3), {} host-wide; saved/file {} per VM, {} host-wide; downtime warm/cpr {} host-wide stop->resume, {} per VM against QEMU's downtime; saved/file {} host-wide stop->resume, {} per VM against QEMU's total time",
+            r["vms"],
             r["memory_mib"],
             g("warm_over_qemu_cpr_guest_pause"),
+            g("warm_over_qemu_cpr_host_guest_pause"),
             g("saved_over_qemu_file_guest_pause"),
+            g("saved_over_qemu_file_host_guest_pause"),
             g("warm_over_qemu_cpr_downtime_stop_to_resume"),
             g("warm_over_qemu_cpr_downtime_qemu_reported"),
             g("saved_over_qemu_file_downtime_stop_to_resume"),
             g("saved_over_qemu_file_downtime_qemu_reported_total"),
         );
     }
-    if let Some(why) = doc["qemu_peer"]["skipped"].as_str() {
-        let _ = writeln!(out, "QEMU peer: skipped ({why})");
+    match doc["qemu_peer"]["skipped"].as_str() {
+        Some(why) => {
+            let _ = writeln!(out, "QEMU peer: skipped ({why})");
+        }
+        None => {
+            let failed = doc["qemu_peer"]["cells"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|c| !c["skipped"].is_null())
+                .count();
+            if failed > 0 {
+                let _ = writeln!(
+                    out,
+                    "QEMU peer: {failed} cell(s) skipped (their reasons are in the table)"
+                );
+            }
+        }
     }
     out
 }

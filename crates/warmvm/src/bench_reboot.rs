@@ -92,6 +92,10 @@ impl Cell {
     pub fn host_p50(&self) -> Option<f64> {
         median(&self.host_ms)
     }
+
+    pub fn vm_p50(&self) -> Option<f64> {
+        median(&self.vm_ms)
+    }
 }
 
 fn median(v: &[f64]) -> Option<f64> {
@@ -108,7 +112,7 @@ fn max(v: &[f64]) -> Option<f64> {
 }
 
 /// The cells: the VM-count sweep at the first RAM size, then the RAM sweep at one VM.
-fn matrix(args: &RebootBenchArgs) -> (Vec<(u32, u64)>, Vec<String>) {
+pub(crate) fn matrix(args: &RebootBenchArgs) -> (Vec<(u32, u64)>, Vec<String>) {
     let mut cells = Vec::new();
     let mut skipped = Vec::new();
     let base = args.memory_mib[0];
@@ -142,11 +146,15 @@ pub fn reboot(args: &RebootBenchArgs) -> Result<ExitCode, Failure> {
         ));
     }
     let exe = warmvm_vmm::handover::this_binary();
+    // A Ctrl-C or SIGTERM ends the run cleanly: its QEMU processes killed, its daemons
+    // stopped and its work directory removed (by the guards on the way out).
+    crate::interrupt::install().map_err(|e| Failure::new(EXIT_HOST, e))?;
     let root = args.dir.clone().unwrap_or_else(|| {
         PathBuf::from("/var/tmp").join(format!("warmvm-bench-reboot-{}", std::process::id()))
     });
     std::fs::create_dir_all(&root)
         .map_err(|e| Failure::new(EXIT_HOST, format!("{}: {e}", root.display())))?;
+    let root_guard = RemoveOnDrop(root.clone());
     let (cells, skipped) = matrix(args);
     let biggest = cells
         .iter()
@@ -163,16 +171,18 @@ pub fn reboot(args: &RebootBenchArgs) -> Result<ExitCode, Failure> {
     progress.step(&format!("disk bandwidth ({disk_mib} MiB, direct I/O)"));
     let disk = disk_bandwidth(&root, disk_mib << 20);
     progress.done();
+    let interrupted = |_| Failure::new(EXIT_INTERRUPTED, crate::interrupt::INTERRUPTED);
     let mut results = Vec::new();
     for &(vms, mib) in &cells {
         for &mode in &args.modes {
+            crate::interrupt::check().map_err(interrupted)?;
             results.push(run_cell(&exe, &root, mode, vms, mib, args, &mut progress));
         }
     }
     let (guest_pause, qemu_peer, peer_ratios) =
-        crate::bench_peer::run(&exe, &root, args, &results, &mut progress);
+        crate::bench_peer::run(&exe, &root, args, &results, &mut progress).map_err(interrupted)?;
     progress.finish();
-    let _ = std::fs::remove_dir_all(&root);
+    drop(root_guard);
 
     let ratios = ratios(&results);
     let doc = json!({
@@ -190,7 +200,8 @@ pub fn reboot(args: &RebootBenchArgs) -> Result<ExitCode, Failure> {
     let table = table_text(&doc, &results);
     if let Some(dir) = &args.out {
         let write = || -> Result<(), String> {
-            crate::plots::write_all(dir, &results)?;
+            let peer = crate::bench_peer::plot_cells(&doc["qemu_peer"]);
+            crate::plots::write_all(dir, &results, &peer)?;
             let json = serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?;
             std::fs::write(dir.join("results.json"), json + "\n").map_err(|e| e.to_string())?;
             std::fs::write(dir.join("table.txt"), &table).map_err(|e| e.to_string())
@@ -216,6 +227,18 @@ pub fn reboot(args: &RebootBenchArgs) -> Result<ExitCode, Failure> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// Exit status after SIGINT or SIGTERM, as a shell reports a death by SIGINT.
+const EXIT_INTERRUPTED: u8 = 130;
+
+/// The bench's work directory, removed however the run ends.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 fn cell_json(c: &Cell) -> Value {
@@ -425,6 +448,7 @@ fn run_cell(
             d.client.create(&vm).map_err(|e| e.to_string())?;
         }
         for run in 0..args.runs {
+            crate::interrupt::check()?;
             progress.step(&format!(
                 "{}: {vms} VMs x {mib} MiB, reboot {}/{}",
                 mode.name(),
@@ -510,6 +534,7 @@ fn run_cell(
 fn wait_verified(d: &BenchDaemon, vms: u32) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
+        crate::interrupt::check()?;
         let list = d.client.list().map_err(|e| e.to_string())?;
         let all = list["vms"].as_array().cloned().unwrap_or_default();
         let ok = all.len() == vms as usize

@@ -18,6 +18,7 @@ mod cli;
 mod client;
 mod console;
 mod demo;
+mod interrupt;
 mod manpages;
 mod output;
 mod plots;

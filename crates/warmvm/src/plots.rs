@@ -15,16 +15,23 @@ const FAMILY: &str = "sans-serif";
 
 type Res = Result<(), String>;
 
+/// The QEMU peer's series (`bench_peer::plot_cells`) in the downtime plots.
+pub const QEMU_CPR: &str = "QEMU cpr-transfer";
+pub const QEMU_FILE: &str = "QEMU migrate to file";
+
 fn mode_color(mode: &str) -> RGBColor {
     match mode {
         "warm" => RGBColor(0xd6, 0x27, 0x28),
         "saved" => RGBColor(0x1f, 0x77, 0xb4),
+        QEMU_CPR => RGBColor(0x94, 0x67, 0xbd),
+        QEMU_FILE => RGBColor(0x8c, 0x56, 0x4b),
         _ => RGBColor(0x2c, 0xa0, 0x2c),
     }
 }
 
 /// Write downtime-vs-vms, downtime-vs-ram and phases, each as .svg and .png, into `dir`.
-pub fn write_all(dir: &Path, cells: &[Cell]) -> Res {
+/// `peer` (QEMU's cells, modes `QEMU_CPR` and `QEMU_FILE`) join the two downtime plots.
+pub fn write_all(dir: &Path, cells: &[Cell], peer: &[Cell]) -> Res {
     std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
     // Registering twice (a second call in one process) is harmless.
     let _ = plotters::style::register_font(FAMILY, FontStyle::Normal, FONT);
@@ -35,8 +42,14 @@ pub fn write_all(dir: &Path, cells: &[Cell]) -> Res {
         .next()
         .or_else(|| cells.first().map(|c| c.memory_mib))
         .unwrap_or(256);
-    let by_vms: Vec<&Cell> = cells.iter().filter(|c| c.memory_mib == base_mib).collect();
-    let by_ram: Vec<&Cell> = cells.iter().filter(|c| c.vms == 1).collect();
+    let all: Vec<&Cell> = cells.iter().chain(peer).collect();
+    let by_vms: Vec<&Cell> = all
+        .iter()
+        .copied()
+        .filter(|c| c.memory_mib == base_mib)
+        .collect();
+    let by_ram: Vec<&Cell> = all.iter().copied().filter(|c| c.vms == 1).collect();
+    let phase_bars: Vec<&Cell> = cells.iter().filter(|c| c.vms == 1).collect();
     let size = (900, 560);
     for chart in [Chart::DowntimeVsVms, Chart::DowntimeVsRam, Chart::Phases] {
         let name = chart.file_name();
@@ -46,12 +59,14 @@ pub fn write_all(dir: &Path, cells: &[Cell]) -> Res {
             &SVGBackend::new(&svg, size).into_drawing_area(),
             &by_vms,
             &by_ram,
+            &phase_bars,
             base_mib,
         )?;
         chart.draw(
             &BitMapBackend::new(&png, size).into_drawing_area(),
             &by_vms,
             &by_ram,
+            &phase_bars,
             base_mib,
         )?;
     }
@@ -75,12 +90,14 @@ impl Chart {
         }
     }
 
-    /// `by_vms`: the cells of `base_mib` MiB per VM; `by_ram`: the cells of one VM.
+    /// `by_vms`: the cells of `base_mib` MiB per VM; `by_ram`: the cells of one VM (both
+    /// with the peer's); `phase_bars`: warmvm's own cells of one VM.
     fn draw<DB: DrawingBackend>(
         self,
         root: &DrawingArea<DB, Shift>,
         by_vms: &[&Cell],
         by_ram: &[&Cell],
+        phase_bars: &[&Cell],
         base_mib: u64,
     ) -> Res {
         match self {
@@ -98,7 +115,7 @@ impl Chart {
                 "RAM per VM (MiB)",
                 "downtime against RAM size (1 VM)",
             ),
-            Chart::Phases => phases(root, by_ram),
+            Chart::Phases => phases(root, phase_bars),
         }
     }
 }
@@ -132,7 +149,8 @@ fn lines<DB: DrawingBackend>(
         .y_label_area_size(70)
         .build_cartesian_2d(
             ((x0 * 0.8)..(x1 * 1.25)).log_scale(),
-            ((y0.max(0.01) * 0.5)..(y1 * 2.0)).log_scale(),
+            // Headroom above the data (log scale) for the legend in the upper left.
+            ((y0.max(0.01) * 0.5)..(y1 * 30.0)).log_scale(),
         )
         .map_err(e)?;
     chart
@@ -144,7 +162,7 @@ fn lines<DB: DrawingBackend>(
         .y_label_formatter(&|y| format!("{y}"))
         .draw()
         .map_err(e)?;
-    for mode in ["warm", "saved", "cold"] {
+    for mode in ["warm", "saved", "cold", QEMU_CPR, QEMU_FILE] {
         let mut series: Vec<(f64, f64)> = cells
             .iter()
             .filter(|c| c.mode == mode)
@@ -291,10 +309,13 @@ mod tests {
             cell("warm", 1, 1024, 1.3),
             cell("saved", 1, 1024, 3000.0),
         ];
-        write_all(&dir, &cells).unwrap();
+        let peer = vec![cell(QEMU_CPR, 1, 256, 5.0), cell(QEMU_CPR, 2, 256, 9.0)];
+        write_all(&dir, &cells, &peer).unwrap();
         for name in ["downtime-vs-vms", "downtime-vs-ram", "phases"] {
             let svg = std::fs::read_to_string(dir.join(format!("{name}.svg"))).unwrap();
             assert!(svg.contains("<svg") && svg.contains("saved"), "{name}");
+            // QEMU's series beside warmvm's in the downtime plots, not among the phases.
+            assert_eq!(svg.contains(QEMU_CPR), name != "phases", "{name}");
             let png = std::fs::read(dir.join(format!("{name}.png"))).unwrap();
             assert_eq!(&png[1..4], b"PNG", "{name}");
         }
