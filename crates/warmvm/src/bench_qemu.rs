@@ -416,13 +416,16 @@ fn settle(windows: &[Window]) -> Duration {
     Duration::from_secs_f64(last.max(0.3) + bench_pause::MARGIN.as_secs_f64())
 }
 
+/// One reboot of every guest (after the given mono time): its row and window.
+type RebootAll = fn(&mut [Guest], f64) -> Result<(Value, Window), String>;
+
 /// `runs` reboots of every guest by `step`, with a settling pause before each and
 /// [`bench_pause::AFTER`] after: each reboot's row and window.
 fn repeat(
     guests: &mut [Guest],
     runs: u32,
     not_before: &mut f64,
-    step: fn(&mut [Guest], f64) -> Result<(Value, Window), String>,
+    step: RebootAll,
 ) -> Result<(Vec<Value>, Vec<Window>), String> {
     let mut rows = Vec::new();
     let mut windows = Vec::new();
