@@ -540,6 +540,16 @@ fn global_args(cli: &Cli) -> Vec<std::ffi::OsString> {
     args
 }
 
+/// For the commands that only print what the daemon answered: end quietly, as other Unix
+/// tools do, when the reader of stdout has gone (`warmvm status | head -1`), instead of
+/// panicking in `println!` on EPIPE. Not for the daemon, benches or reboots, which must see
+/// EPIPE as an error and go on.
+fn quiet_on_closed_stdout() {
+    // SAFETY: restoring the default disposition of SIGPIPE installs no handler and touches
+    // no memory; this process is a short-lived client with a single thread here.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+}
+
 pub fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
     let successor_args = global_args(&cli);
     let api = ApiArgs {
@@ -646,10 +656,20 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
             binary,
             grace_secs,
         } => crate::client::reboot(mode, binary, grace_secs, &api),
-        Command::Vm(cmd) => crate::client::vm(cmd, &api),
-        Command::Status => crate::client::status(&api),
-        Command::Aging { action } => crate::aging::aging(action, &api),
+        Command::Vm(cmd) => {
+            quiet_on_closed_stdout();
+            crate::client::vm(cmd, &api)
+        }
+        Command::Status => {
+            quiet_on_closed_stdout();
+            crate::client::status(&api)
+        }
+        Command::Aging { action } => {
+            quiet_on_closed_stdout();
+            crate::aging::aging(action, &api)
+        }
         Command::Completions { shell } => {
+            quiet_on_closed_stdout();
             let mut cmd = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut cmd, "warmvm", &mut std::io::stdout());
             Ok(ExitCode::SUCCESS)

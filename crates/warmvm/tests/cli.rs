@@ -184,3 +184,23 @@ fn kvm_without_permission() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_reader_that_goes_away_ends_a_printing_command_quietly() {
+    use std::io::Read;
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::Stdio;
+    // Bash completions are larger than a pipe's buffer, so the writer meets the closed pipe.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_warmvm"))
+        .args(["completions", "bash"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 16];
+    child.stdout.take().unwrap().read_exact(&mut first).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{:?}", out.status);
+}

@@ -307,10 +307,32 @@ impl Drop for Daemon {
             // SAFETY: kill has no memory effects; the pid is the daemon's.
             unsafe { libc::kill(self.pid as i32, libc::SIGKILL) };
         }
+        // A failed test may not know the pid of a daemon a reboot started (its answer never
+        // came): every process still serving this test's socket goes too, so none outlives
+        // the test.
+        for pid in pids_with_arg(&self.socket) {
+            // SAFETY: as above; the process names this test's own socket.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
         if !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+/// The processes whose command line has `arg` as one of its arguments.
+fn pids_with_arg(arg: &std::path::Path) -> Vec<u32> {
+    use std::os::unix::ffi::OsStrExt;
+    let want = arg.as_os_str().as_bytes();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.split(|&b| b == 0).any(|a| a == want))
+        })
+        .collect()
 }
 
 /// True while `pid` is a live process (not gone, not a zombie waiting to be reaped).
