@@ -177,6 +177,17 @@ impl<'a> Session<'a> {
         let (msg, files) = self.channel.recv::<Msg>().map_err(at(Phase::Transfer))?;
         let realtime = super::priority::Realtime::enter();
         let t_transfer = Instant::now();
+        // With more vCPU threads than cores, restoring and resuming must not queue
+        // behind the host's other processes for a core; each vCPU thread drops back
+        // before it runs its guest. (With fewer, the extra system calls cost more than
+        // they save.)
+        if !crate::vcpu::vcpus_have_cores(&staged.vms) {
+            for vm in &staged.vms {
+                for h in vm.handles() {
+                    h.boost();
+                }
+            }
+        }
         faults::hit(Point::NewState);
         let state = self
             .read_state(msg, files, &staged.specs)
@@ -540,9 +551,7 @@ fn restore_all(
     // Spinning for the resume afterwards saves a wake-up only while every vCPU thread
     // has a core of its own (beside this one); beyond that spinners would starve the
     // threads still restoring.
-    let vcpus: usize = staged.vms.iter().map(|vm| vm.handles().len()).sum();
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let spin = spin_allowed && vcpus < cores;
+    let spin = spin_allowed && crate::vcpu::vcpus_have_cores(&staged.vms);
     let mut serials = Vec::new();
     for (vm, record) in staged.vms.iter().zip(records.iter_mut()) {
         if let Some(runtime) = record.runtime.as_mut() {

@@ -450,9 +450,16 @@ fn stage(
 
 /// Park every vCPU of every live VM; each saves its own state the moment it has parked.
 fn quiesce(vms: &[Arc<Vm>], deadline: Instant) -> Result<(), HandoverError> {
+    let boost = !crate::vcpu::vcpus_have_cores(vms);
     for vm in vms.iter().filter(|v| !v.lifecycle().is_finished()) {
         for h in vm.handles() {
             h.request_pause_then(&vm.shared, Box::new(|vcpu| vcpu.save_state().map(Some)));
+            // With more vCPU threads than cores, until it runs again (here after an
+            // abort, or never): parking and saving must not queue behind the host's
+            // other processes for a core.
+            if boost {
+                h.boost();
+            }
         }
     }
     for vm in vms {
