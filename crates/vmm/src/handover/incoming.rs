@@ -174,6 +174,9 @@ impl<'a> Session<'a> {
         faults::hit(Point::NewStaged);
         self.send_prepared().map_err(at(Phase::Stage))?;
         faults::hit(Point::NewPrepared);
+        // Asked before the pause: finding the host's cores reads cgroup files (tens of
+        // microseconds here).
+        let have_cores = crate::vcpu::vcpus_have_cores(&staged.vms);
         let (msg, files) = self.channel.recv::<Msg>().map_err(at(Phase::Transfer))?;
         let realtime = super::priority::Realtime::enter();
         let t_transfer = Instant::now();
@@ -181,7 +184,7 @@ impl<'a> Session<'a> {
         // behind the host's other processes for a core; each vCPU thread drops back
         // before it runs its guest. (With fewer, the extra system calls cost more than
         // they save.)
-        if !crate::vcpu::vcpus_have_cores(&staged.vms) {
+        if !have_cores {
             for vm in &staged.vms {
                 for h in vm.handles() {
                     h.boost();
@@ -193,8 +196,9 @@ impl<'a> Session<'a> {
             .read_state(msg, files, &staged.specs)
             .map_err(at(Phase::Transfer))?;
         let transfer_us = t_transfer.elapsed().as_micros() as u64;
-        let (lifecycles, restore_us) = restore_all(&staged, state.vms, state.captured_at_ns, true)
-            .map_err(at(Phase::Restore))?;
+        let (lifecycles, restore_us) =
+            restore_all(&staged, state.vms, state.captured_at_ns, have_cores)
+                .map_err(at(Phase::Restore))?;
         faults::hit(Point::NewRestored);
         let t_commit = Instant::now();
         if self.format >= 3 {
@@ -516,7 +520,7 @@ fn restore_all(
     staged: &Staged,
     mut records: Vec<VmRecord>,
     captured_at_ns: u64,
-    spin_allowed: bool,
+    spin: bool,
 ) -> Result<(Vec<LifecycleState>, u64), HandoverError> {
     if records.len() != staged.vms.len() {
         return Err(HandoverError::BadState(format!(
@@ -551,7 +555,6 @@ fn restore_all(
     // Spinning for the resume afterwards saves a wake-up only while every vCPU thread
     // has a core of its own (beside this one); beyond that spinners would starve the
     // threads still restoring.
-    let spin = spin_allowed && crate::vcpu::vcpus_have_cores(&staged.vms);
     let mut serials = Vec::new();
     for (vm, record) in staged.vms.iter().zip(records.iter_mut()) {
         if let Some(runtime) = record.runtime.as_mut() {
