@@ -42,6 +42,10 @@ enum Allow {
     VmIoctls,
     /// `ioctl` with one of [`HOST_IOCTLS`].
     HostIoctls,
+    /// `sched_setscheduler` of the calling thread (pid 0) to SCHED_OTHER only: a vCPU
+    /// thread raised to real-time for a warm reboot's blackout drops back by itself before
+    /// it runs its guest again; it can never raise itself.
+    SchedOtherSelf,
 }
 
 /// The ioctl request numbers the lists allow, as crates/hypervisor lists them.
@@ -296,7 +300,12 @@ impl ThreadKind {
             ThreadKind::Api | ThreadKind::Handover => vmm_wide,
             // KVM_RUN and its own state; a virtio worker it starts when the guest's
             // driver activates a device.
-            ThreadKind::Vcpu => vec![EVERY_THREAD, THREADS, DEVICE_IO, &[VcpuIoctls]],
+            ThreadKind::Vcpu => vec![
+                EVERY_THREAD,
+                THREADS,
+                DEVICE_IO,
+                &[VcpuIoctls, SchedOtherSelf],
+            ],
             // Console logs: writes, and rotation (copy to <log>.1, truncate).
             ThreadKind::Console => vec![EVERY_THREAD, FILES],
             ThreadKind::DeviceWorker => vec![EVERY_THREAD, DEVICE_IO],
@@ -348,6 +357,25 @@ impl ThreadKind {
                             SeccompCmpOp::Eq,
                             (libc::O_RDONLY | libc::O_CLOEXEC) as u64,
                         )?]),
+                    ),
+                    SchedOtherSelf => add(
+                        libc::SYS_sched_setscheduler,
+                        Some(vec![SeccompCondition::new(
+                            0,
+                            SeccompCmpArgLen::Dword,
+                            SeccompCmpOp::Eq,
+                            0,
+                        )
+                        .and_then(|pid| {
+                            let policy = SeccompCondition::new(
+                                1,
+                                SeccompCmpArgLen::Dword,
+                                SeccompCmpOp::Eq,
+                                libc::SCHED_OTHER as u64,
+                            )?;
+                            SeccompRule::new(vec![pid, policy])
+                        })
+                        .map_err(build)?]),
                     ),
                     VcpuIoctls | VmIoctls | HostIoctls => {
                         let requests = match *allow {

@@ -19,7 +19,12 @@ fn forbidden_calls(kind: ThreadKind) -> Vec<&'static str> {
         ThreadKind::Console | ThreadKind::SnapshotWriter => "socket(AF_UNIX)",
         ThreadKind::DeviceWorker => "openat(O_WRONLY)",
     };
-    vec!["getcpu", mine, "ioctl(TCGETS)"]
+    let mut calls = vec!["getcpu", mine, "ioctl(TCGETS)"];
+    if kind == ThreadKind::Vcpu {
+        // It may only drop itself back to SCHED_OTHER (see `vcpu_threads_may_only_...`).
+        calls.push("sched_setscheduler(self, FIFO)");
+    }
+    calls
 }
 
 /// Whether the kind may make the VMM's non-KVM ioctls (it builds VMs).
@@ -52,6 +57,18 @@ fn make(call: &str) -> libc::c_long {
             }
             "socket(AF_UNIX)" => {
                 libc::syscall(libc::SYS_socket, libc::AF_UNIX, libc::SOCK_STREAM, 0)
+            }
+            "sched_setscheduler(self, FIFO)" | "sched_setscheduler(self, OTHER)" => {
+                let fifo = call.ends_with("FIFO)");
+                let param = libc::sched_param {
+                    sched_priority: i32::from(fifo),
+                };
+                let policy = if fifo {
+                    libc::SCHED_FIFO
+                } else {
+                    libc::SCHED_OTHER
+                };
+                libc::syscall(libc::SYS_sched_setscheduler, 0, policy, &param)
             }
             "openat(O_WRONLY)" => libc::syscall(
                 libc::SYS_openat,
@@ -155,6 +172,16 @@ fn in_log_mode_the_forbidden_call_goes_through() {
         assert!(out.contains(&format!("survived {call}")), "{kind:?}: {out}");
         assert!(out.contains("spawned outside"), "{kind:?}: {out}");
     }
+}
+
+#[test]
+fn vcpu_threads_may_only_drop_themselves_to_sched_other() {
+    let (status, out) = run_child(ThreadKind::Vcpu, "true", "sched_setscheduler(self, OTHER)");
+    assert!(status.success(), "{status:?}\n{out}");
+    assert!(
+        out.contains("survived sched_setscheduler(self, OTHER) = 0"),
+        "{out}"
+    );
 }
 
 #[test]

@@ -88,8 +88,14 @@ pub struct VcpuHandle {
     control: Mutex<Control>,
     cv: Condvar,
     thread: OnceLock<libc::pthread_t>,
+    /// The thread's kernel id, if it runs in SCHED_OTHER (the only policy
+    /// [`VcpuHandle::boost`] raises from and drops back to).
+    boostable_tid: OnceLock<libc::pid_t>,
     /// Set with every run order, for a thread spinning after a task (see `spin_after_task`).
     run_hint: std::sync::atomic::AtomicBool,
+    /// Raised to real-time by [`VcpuHandle::boost`]: the thread drops back to SCHED_OTHER
+    /// before it next runs its guest.
+    boosted: std::sync::atomic::AtomicBool,
     pub counters: VcpuCounters,
 }
 
@@ -109,7 +115,9 @@ impl VcpuHandle {
             }),
             cv: Condvar::new(),
             thread: OnceLock::new(),
+            boostable_tid: OnceLock::new(),
             run_hint: std::sync::atomic::AtomicBool::new(false),
+            boosted: std::sync::atomic::AtomicBool::new(false),
             counters: VcpuCounters::default(),
         })
     }
@@ -156,6 +164,37 @@ impl VcpuHandle {
     /// further wake-up (the handover's capture).
     pub(crate) fn request_pause_then(&self, vm: &VmShared, task: Task) {
         self.order_with(Want::Pause, vm, Some(task));
+    }
+
+    /// Raise the thread, which must have been ordered to pause, to SCHED_FIFO until it
+    /// next leaves its park to run the guest (it drops back itself, see `next_order`), so
+    /// that on a loaded host its part of a warm reboot's blackout (parking and saving,
+    /// restoring, resuming) does not queue behind other processes for a core. Only a thread
+    /// in SCHED_OTHER is raised, and only where the VMM may (root or CAP_SYS_NICE);
+    /// otherwise nothing changes.
+    pub(crate) fn boost(&self) {
+        let c = self.lock();
+        // Holding the lock: the thread cannot mark itself exited, so its id is still live.
+        let (Some(_), Some(&tid), false, Want::Pause) = (
+            self.thread.get(),
+            self.boostable_tid.get(),
+            c.exited,
+            c.want,
+        ) else {
+            return;
+        };
+        // Set first: the thread checks it only when it leaves its park to run, which needs
+        // a run order this thread has not given yet.
+        self.boosted.store(true, Ordering::Release);
+        let fifo = libc::sched_param { sched_priority: 1 };
+        // SAFETY: `tid` is a live thread of this process (see above); the param points to
+        // a local. SCHED_RESET_ON_FORK: a thread it starts is never real-time.
+        let raised = unsafe {
+            libc::sched_setscheduler(tid, libc::SCHED_FIFO | libc::SCHED_RESET_ON_FORK, &fifo)
+        } == 0;
+        if !raised {
+            self.boosted.store(false, Ordering::Release);
+        }
     }
 
     pub(crate) fn request_run(&self, vm: &VmShared) {
@@ -256,20 +295,38 @@ impl VcpuHandle {
     }
 
     /// Thread side: what to do next. Parks while paused (running any task it is given
-    /// there); returns false to stop.
-    fn next_order(&self, vcpu: &mut Vcpu, before_park: &mut dyn FnMut(&mut Vcpu)) -> bool {
+    /// there); returns false to stop, an error if the thread cannot leave the real-time
+    /// scheduling [`VcpuHandle::boost`] gave it.
+    fn next_order(
+        &self,
+        vcpu: &mut Vcpu,
+        before_park: &mut dyn FnMut(&mut Vcpu),
+    ) -> std::io::Result<bool> {
         let mut c = self.lock();
         loop {
             match c.want {
                 Want::Run => {
+                    // Parked or not (a run order may come before the thread parked):
+                    // never run a guest in real time; a vCPU that cannot drop back ends
+                    // its VM.
+                    if self.boosted.swap(false, Ordering::AcqRel) {
+                        drop_boost()?;
+                    }
                     if c.parked {
                         c.parked = false;
                         c.resumed_at_ns = monotonic_ns();
                         self.cv.notify_all();
                     }
-                    return true;
+                    return Ok(true);
                 }
-                Want::Stop => return false,
+                Want::Stop => {
+                    // Its teardown is no part of any blackout. Failing to drop back
+                    // here costs nothing that matters: the thread ends.
+                    if self.boosted.swap(false, Ordering::AcqRel) {
+                        let _ = drop_boost();
+                    }
+                    return Ok(false);
+                }
                 Want::Pause => {
                     if !c.parked {
                         drop(c);
@@ -291,6 +348,11 @@ impl VcpuHandle {
                         self.cv.notify_all();
                         if spin {
                             drop(c);
+                            // Spin in SCHED_OTHER: a real-time spinner could hold the core
+                            // the thread driving the handover needs for the commit.
+                            if self.boosted.swap(false, Ordering::AcqRel) {
+                                drop_boost()?;
+                            }
                             let until = Instant::now() + SPIN_FOR_RUN;
                             while !self.run_hint.load(Ordering::Acquire) && Instant::now() < until {
                                 std::hint::spin_loop();
@@ -311,6 +373,27 @@ impl VcpuHandle {
         c.parked = false;
         self.cv.notify_all();
     }
+}
+
+/// Whether every vCPU thread of `vms` can have a core of its own beside the thread that
+/// drives a handover. Only then may vCPU threads spin rather than sleep during it (more
+/// spinners would starve the threads still working); only otherwise are they raised to
+/// real-time for it (see [`VcpuHandle::boost`]).
+pub(crate) fn vcpus_have_cores(vms: &[std::sync::Arc<crate::vm::Vm>]) -> bool {
+    let vcpus: usize = vms.iter().map(|vm| vm.handles().len()).sum();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    vcpus < cores
+}
+
+/// Back to SCHED_OTHER after [`VcpuHandle::boost`], on the boosted thread itself (its
+/// seccomp filter allows just this change of scheduling policy).
+fn drop_boost() -> std::io::Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: pid 0 is the calling thread; the param points to a local.
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_OTHER, &param) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Routes a vCPU's exits to its VM's devices and remembers what the vCPU must do next.
@@ -360,6 +443,12 @@ pub(crate) fn run_vcpu(mut vcpu: Vcpu, handle: Arc<VcpuHandle>, vm: Arc<VmShared
     // Before the filter, which lets a vCPU thread open no file for writing: the console
     // thread rotates the guest's log when it is full.
     warmvm_devices::console::never_rotate_on_this_thread();
+    // Before the filter too, which allows no scheduling call but dropping back to
+    // SCHED_OTHER. SAFETY: sched_getscheduler(0) only reads the calling thread's policy.
+    if unsafe { libc::sched_getscheduler(0) } == libc::SCHED_OTHER {
+        // SAFETY: gettid has no preconditions.
+        let _ = handle.boostable_tid.set(unsafe { libc::gettid() });
+    }
     warmvm_sandbox::enter_or_log(warmvm_sandbox::ThreadKind::Vcpu);
     // SAFETY: pthread_self has no preconditions.
     let _ = handle.thread.set(unsafe { libc::pthread_self() });
@@ -409,8 +498,15 @@ fn run_loop(vcpu: &mut Vcpu, handle: &VcpuHandle, vm: &VmShared) -> Option<Outco
         if let Some(e) = park_error {
             break Some(Outcome::Crashed(format!("vCPU {}: {e}", handle.id)));
         }
-        if !keep_going {
-            break None;
+        match keep_going {
+            Ok(true) => {}
+            Ok(false) => break None,
+            Err(e) => {
+                break Some(Outcome::Crashed(format!(
+                    "vCPU {}: cannot leave real-time scheduling: {e}",
+                    handle.id
+                )))
+            }
         }
         vm.note_first_run();
         exits.action = IoAction::None;

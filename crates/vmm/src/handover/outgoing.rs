@@ -123,13 +123,15 @@ pub fn warm_reboot(host: &Host, opts: &RebootOptions) -> Result<Handed, RebootEr
     faults::hit(Point::OldPrepared);
     let stage_us = t_stage.elapsed().as_micros() as u64;
 
+    // Asked before the pause: finding the host's cores reads cgroup files.
+    let boost = !crate::vcpu::vcpus_have_cores(&vms);
     // The guests stop here. Until `Commit` is sent, every failure resumes them here.
     let realtime = super::priority::Realtime::enter();
     let t_quiesce = Instant::now();
     let ready_deadline = t_quiesce + opts.ready_budget;
     let host_first_stop = monotonic_ns();
     let ready = (|| -> Result<u64, RebootError> {
-        quiesce(&vms, ready_deadline).map_err(at(Phase::Quiesce))?;
+        quiesce(&vms, boost, ready_deadline).map_err(at(Phase::Quiesce))?;
         faults::hit(Point::OldQuiesced);
         let quiesce_us = t_quiesce.elapsed().as_micros() as u64;
         let t_capture = Instant::now();
@@ -449,10 +451,17 @@ fn stage(
 }
 
 /// Park every vCPU of every live VM; each saves its own state the moment it has parked.
-fn quiesce(vms: &[Arc<Vm>], deadline: Instant) -> Result<(), HandoverError> {
+/// With `boost`, each is raised to real-time until it runs again (see `VcpuHandle::boost`).
+fn quiesce(vms: &[Arc<Vm>], boost: bool, deadline: Instant) -> Result<(), HandoverError> {
     for vm in vms.iter().filter(|v| !v.lifecycle().is_finished()) {
         for h in vm.handles() {
             h.request_pause_then(&vm.shared, Box::new(|vcpu| vcpu.save_state().map(Some)));
+            // With more vCPU threads than cores, until it runs again (here after an
+            // abort, or never): parking and saving must not queue behind the host's
+            // other processes for a core.
+            if boost {
+                h.boost();
+            }
         }
     }
     for vm in vms {
