@@ -78,25 +78,22 @@ pub enum Point {
 
 impl Point {
     /// Every point, the warm handover's first.
-    pub const ALL: [Point; 23] = [
-        Point::OldSpawned,
-        Point::OldStaged,
-        Point::OldPrepared,
-        Point::OldQuiesced,
-        Point::OldCaptured,
-        Point::OldStateSent,
-        Point::OldReady,
-        Point::OldCommitted,
-        Point::OldDone,
-        Point::NewHello,
-        Point::NewStaged,
-        Point::NewPrepared,
-        Point::NewState,
-        Point::NewRestored,
-        Point::NewReadySent,
-        Point::NewCommit,
-        Point::NewRunning,
-        Point::NewReported,
+    pub const ALL: [Point; 23] = {
+        let mut all = [Point::OldSpawned; 23];
+        let mut i = 0;
+        while i < Self::HANDOVER.len() {
+            all[i] = Self::HANDOVER[i];
+            i += 1;
+        }
+        while i < all.len() {
+            all[i] = Self::REBOOT_MODES[i - Self::HANDOVER.len()];
+            i += 1;
+        }
+        all
+    };
+
+    /// The points only a saved or cold reboot reaches, in the order they come.
+    pub const REBOOT_MODES: [Point; 5] = [
         Point::OldSaving,
         Point::OldManifest,
         Point::NewBringBack,
