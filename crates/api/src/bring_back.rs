@@ -192,12 +192,7 @@ pub fn live_owner(bb: &BringBack) -> Option<u32> {
 }
 
 fn is_live_daemon(pid: u32) -> bool {
-    let running = std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-        // The state follows the command name, which is in parentheses.
-        stat.rsplit_once(')')
-            .is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X']))
-    });
-    running
+    modes::process_running(pid)
         && std::fs::read(format!("/proc/{pid}/cmdline"))
             .is_ok_and(|c| c.split(|&b| b == 0).any(|arg| arg == b"daemon"))
 }

@@ -381,19 +381,23 @@ pub fn undo(
 
 /// Wait (bounded) until the process `pid` has exited, so that its RAM is free. A zombie
 /// (exited, not reaped yet by its parent) has freed its memory: it counts as gone.
+/// True while `pid` is a process that has not exited (neither gone nor a zombie).
+pub(crate) fn process_running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        // The state follows the command name, which is in parentheses.
+        stat.rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X']))
+    })
+}
+
 fn wait_exit(pid: u32) {
     let deadline = Instant::now() + OLD_EXIT_TIMEOUT;
-    let alive = || match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the command name, which is in parentheses.
-        Ok(stat) => {
-            stat.rsplit_once(')')
-                .is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X']))
-                // A leader already a zombie while its other threads still exit: its fds
-                // (TAPs, disk images) are released with the last thread, and a TAP still
-                // attached there cannot be attached here.
-                || std::fs::read_dir(format!("/proc/{pid}/task")).is_ok_and(|d| d.count() > 1)
-        }
-        Err(_) => false,
+    let alive = || {
+        process_running(pid)
+            // A leader already a zombie while its other threads still exit: its fds
+            // (TAPs, disk images) are released with the last thread, and a TAP still
+            // attached there cannot be attached here.
+            || std::fs::read_dir(format!("/proc/{pid}/task")).is_ok_and(|d| d.count() > 1)
     };
     while alive() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(1));

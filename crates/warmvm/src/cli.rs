@@ -551,6 +551,12 @@ fn quiet_on_closed_stdout() {
 }
 
 pub fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
+    if matches!(
+        cli.command,
+        Command::Vm(_) | Command::Status | Command::Aging { .. } | Command::Completions { .. }
+    ) {
+        quiet_on_closed_stdout();
+    }
     let successor_args = global_args(&cli);
     let api = ApiArgs {
         socket: cli.socket,
@@ -656,20 +662,10 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
             binary,
             grace_secs,
         } => crate::client::reboot(mode, binary, grace_secs, &api),
-        Command::Vm(cmd) => {
-            quiet_on_closed_stdout();
-            crate::client::vm(cmd, &api)
-        }
-        Command::Status => {
-            quiet_on_closed_stdout();
-            crate::client::status(&api)
-        }
-        Command::Aging { action } => {
-            quiet_on_closed_stdout();
-            crate::aging::aging(action, &api)
-        }
+        Command::Vm(cmd) => crate::client::vm(cmd, &api),
+        Command::Status => crate::client::status(&api),
+        Command::Aging { action } => crate::aging::aging(action, &api),
         Command::Completions { shell } => {
-            quiet_on_closed_stdout();
             let mut cmd = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut cmd, "warmvm", &mut std::io::stdout());
             Ok(ExitCode::SUCCESS)
