@@ -1,6 +1,8 @@
 use std::sync::atomic::AtomicU8;
 
-use kvm_bindings::{kvm_cpuid_entry2, kvm_fpu, kvm_msr_entry, kvm_regs, Msrs};
+use kvm_bindings::{
+    kvm_cpuid_entry2, kvm_fpu, kvm_mp_state, kvm_msr_entry, kvm_regs, Msrs, KVM_MP_STATE_RUNNABLE,
+};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use warmvm_boot::CpuEntry;
 
@@ -94,6 +96,14 @@ impl Vcpu {
                 wanted: entries.len(),
             });
         }
+        // With an in-kernel LAPIC, KVM keeps every vCPU but the bootstrap processor in
+        // UNINITIALIZED, waiting for INIT/SIPI, and blocks it in KVM_RUN. A vCPU given its
+        // entry state directly has been started by the VMM, so it must be runnable.
+        self.fd
+            .set_mp_state(kvm_mp_state {
+                mp_state: KVM_MP_STATE_RUNNABLE,
+            })
+            .map_err(Error::SetState("MP_STATE"))?;
         Ok(())
     }
 
