@@ -35,33 +35,26 @@ pub fn table(header: &[&str], rows: Vec<Vec<String>>, right: &[usize]) -> String
 
 /// The per-VM table of `run` and `demo`.
 pub fn print_vm_table(reports: &[VmReport]) {
-    let rows = reports
-        .iter()
-        .map(|r| {
-            let state = match &r.lifecycle {
-                warmvm_vmm::Lifecycle::PoweredOff { exit_status } => {
-                    format!("off({exit_status})")
-                }
-                other => other.name().to_string(),
-            };
-            let mut row = vec![
-                r.name.clone(),
-                r.memory_mib.to_string(),
-                r.vcpus.to_string(),
-                state,
-            ];
-            match &r.guest {
-                Some(g) => row.extend([
-                    g.pages_verified.to_string(),
-                    g.mismatches.to_string(),
-                    g.counter.to_string(),
-                    g.min_passes.to_string(),
-                ]),
-                None => row.extend(["-", "-", "-", "-"].map(String::from)),
-            }
-            row
-        })
-        .collect();
+    let mut rows = Vec::new();
+    for r in reports {
+        rows.push(vm_row(r));
+        // With several vCPUs each one verifies its own share of the RAM and reports its
+        // own figures: a vCPU that stopped shows here even while the VM's sums grow.
+        if let Some(g) = r.guest.as_ref().filter(|g| g.vcpus.len() > 1) {
+            rows.extend(g.vcpus.iter().enumerate().map(|(i, v)| {
+                vec![
+                    format!("  vcpu {i}"),
+                    String::new(),
+                    String::new(),
+                    v.phase.clone(),
+                    v.pages_verified.to_string(),
+                    v.mismatches.to_string(),
+                    v.counter.to_string(),
+                    v.passes.to_string(),
+                ]
+            }));
+        }
+    }
     println!(
         "{}",
         table(
@@ -79,6 +72,31 @@ pub fn print_vm_table(reports: &[VmReport]) {
             &[1, 2, 4, 5, 6, 7],
         )
     );
+}
+
+/// One VM's row: its state and the guest's figures summed over its vCPUs (PASSES is the
+/// fewest any vCPU has made).
+fn vm_row(r: &VmReport) -> Vec<String> {
+    let state = match &r.lifecycle {
+        warmvm_vmm::Lifecycle::PoweredOff { exit_status } => format!("off({exit_status})"),
+        other => other.name().to_string(),
+    };
+    let mut row = vec![
+        r.name.clone(),
+        r.memory_mib.to_string(),
+        r.vcpus.to_string(),
+        state,
+    ];
+    match &r.guest {
+        Some(g) => row.extend([
+            g.pages_verified.to_string(),
+            g.mismatches.to_string(),
+            g.counter.to_string(),
+            g.min_passes.to_string(),
+        ]),
+        None => row.extend(["-", "-", "-", "-"].map(String::from)),
+    }
+    row
 }
 
 /// The per-VM blackout and phase times of a warm reboot.

@@ -7,10 +7,12 @@ use std::process::Command;
 use serde_json::Value;
 
 fn demo(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, Value, String) {
+    // Tests run in parallel threads: each demo gets a state directory of its own.
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let dir = std::env::temp_dir().join(format!(
         "warmvm-reboot-{}-{}",
         std::process::id(),
-        args.join("").len() + env.len()
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     ));
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_warmvm"));
     cmd.args(["demo", "--json", "--memory-mib", "64", "--seconds", "2"])
@@ -61,6 +63,31 @@ fn four_vms_survive_consecutive_warm_reboots() {
     }
     assert!(doc["warm_reboot"]["new_pid"].as_u64().unwrap_or(0) > 0);
     assert_all_vms_verified(&doc);
+}
+
+#[test]
+fn the_demo_with_two_and_four_vcpus_verifies_every_vcpu_across_a_warm_reboot() {
+    if !warmvm_vmm::testing::kvm_available("demo_vcpus") {
+        return;
+    }
+    for vcpus in ["2", "4"] {
+        let (code, doc, stderr) = demo(&["--vms", "1", "--vcpus", vcpus], &[]);
+        assert_eq!(code, Some(0), "--vcpus {vcpus}: {doc} {stderr}");
+        assert_eq!(doc["ok"], true, "{doc}");
+        assert!(
+            doc["warm_reboot"]["new_pid"].as_u64().unwrap_or(0) > 0,
+            "{doc}"
+        );
+        let vm = &doc["vms"][0];
+        let each = vm["guest"]["vcpus"].as_array().expect("per-vCPU figures");
+        assert_eq!(each.len().to_string(), vcpus, "{vm}");
+        for (i, v) in each.iter().enumerate() {
+            assert!(v["pages_owned"].as_u64().unwrap_or(0) > 0, "vCPU {i}: {vm}");
+            assert!(v["passes"].as_u64().unwrap_or(0) >= 1, "vCPU {i}: {vm}");
+            assert_eq!(v["mismatches"], 0, "vCPU {i}: {vm}");
+            assert_eq!(v["register_check_failures"], 0, "vCPU {i}: {vm}");
+        }
+    }
 }
 
 /// A fault in the new VMM (`WARMVM_FAULT`, or the refusal `WARMVM_HANDOVER_FAULT`): the
