@@ -50,6 +50,9 @@ pub struct FaultsArgs {
     /// RAM per VM in MiB.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(2..=65536))]
     pub memory_mib: u64,
+    /// vCPUs per VM: each verifies its own share of the RAM and is judged on its own.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub vcpus: u32,
     /// Run exactly these faults, one trial each, in order, instead of random ones
     /// (as WARMVM_FAULT spells them, e.g. `old:quiesced:kill`; repeatable).
     #[arg(long = "fault", value_name = "SIDE:POINT:ACTION")]
@@ -176,10 +179,11 @@ pub fn faults(args: &FaultsArgs) -> Result<ExitCode, Failure> {
     };
     let exe = warmvm_vmm::handover::this_binary();
     eprintln!(
-        "warmvm bench faults: {} trials, seed {seed}, {} VMs x {} MiB",
+        "warmvm bench faults: {} trials, seed {seed}, {} VMs x {} MiB x {} vCPUs",
         plan.len(),
         args.vms,
-        args.memory_mib
+        args.memory_mib,
+        args.vcpus
     );
     let mut trials = Vec::new();
     for (i, fault) in plan.iter().enumerate() {
@@ -210,6 +214,7 @@ pub fn faults(args: &FaultsArgs) -> Result<ExitCode, Failure> {
             "seed": seed,
             "vms": args.vms,
             "memory_mib": args.memory_mib,
+            "vcpus": args.vcpus,
             "guest_cmdline": args.guest_cmdline,
             "failures": failures,
             "totals": totals,
@@ -388,6 +393,7 @@ fn set_up(client: &Client, child: &mut Child, args: &FaultsArgs) -> Result<(), S
         let body = json!({
             "name": name,
             "memory_mib": args.memory_mib,
+            "vcpus": args.vcpus,
             "cmdline": args.guest_cmdline,
         });
         client
@@ -406,7 +412,11 @@ fn set_up(client: &Client, child: &mut Child, args: &FaultsArgs) -> Result<(), S
                 sample(client).map_err(|again| format!("{first}; again: {again}"))?
             }
         };
-        if figures.len() == args.vms as usize && figures.values().all(|f| f.verified > 0) {
+        if figures.len() == args.vms as usize
+            && figures.values().all(|f| {
+                f.verified.len() == args.vcpus as usize && f.verified.iter().all(|&v| v > 0)
+            })
+        {
             break;
         }
         if Instant::now() > deadline {
@@ -421,7 +431,8 @@ fn set_up(client: &Client, child: &mut Child, args: &FaultsArgs) -> Result<(), S
 #[derive(Debug, Clone)]
 struct Figures {
     state: String,
-    verified: u64,
+    /// Pages each vCPU has verified.
+    verified: Vec<u64>,
     mismatches: u64,
     register_check_failures: u64,
 }
@@ -439,7 +450,12 @@ fn sample(client: &Client) -> Result<BTreeMap<String, Figures>, String> {
             vm["name"].as_str().unwrap_or_default().to_string(),
             Figures {
                 state: vm["state"].as_str().unwrap_or_default().to_string(),
-                verified: n("pages_verified"),
+                verified: g["vcpus"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|v| v["pages_verified"].as_u64().unwrap_or(0))
+                    .collect(),
                 mismatches: n("mismatches"),
                 register_check_failures: n("register_check_failures"),
             },
@@ -535,7 +551,13 @@ fn reboot_and_judge(
     (outcome, reboot, serving, detail)
 }
 
-/// Every VM listed, running, its verified pages advancing, no mismatch and no register
+/// Every vCPU verified more pages in `now` than in `first`, and none went missing.
+fn every_vcpu_advanced(first: &[u64], now: &[u64]) -> bool {
+    first.len() == now.len() && first.iter().zip(now).all(|(a, b)| b > a)
+}
+
+/// Every VM listed, running, every vCPU's verified pages advancing (a vCPU whose state was
+/// lost stops while the others go on), no mismatch and no register
 /// check failure. Errors say whether the VMs are corrupted (true) or lost (false).
 fn judge_vms(client: &Client, args: &FaultsArgs) -> Result<(), (bool, String)> {
     let names = vm_names(args);
@@ -556,7 +578,10 @@ fn judge_vms(client: &Client, args: &FaultsArgs) -> Result<(), (bool, String)> {
         let stalled: Vec<(&String, &Figures)> = now
             .iter()
             .filter(|(name, f)| {
-                f.state != "running" || first.get(*name).is_some_and(|a| f.verified <= a.verified)
+                f.state != "running"
+                    || first
+                        .get(*name)
+                        .is_some_and(|a| !every_vcpu_advanced(&a.verified, &f.verified))
             })
             .collect();
         if stalled.is_empty() {

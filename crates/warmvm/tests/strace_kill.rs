@@ -69,7 +69,7 @@ fn reboot_under_strace(traced: Traced, opts: &[String], tag: &str) -> (Outcome, 
         Traced::Old => Daemon::start(Path::new(BIN), &strace, &dir, &[]),
     };
     let names = vec!["vm0".to_string()];
-    d.create_vms(&names, BUSY);
+    d.create_vms(&names, 2, BUSY);
     std::thread::sleep(std::time::Duration::from_millis(200));
     let _ = d.reboot(&body);
     let outcome = d.settle_and_judge(&names, 30);

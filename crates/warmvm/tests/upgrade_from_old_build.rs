@@ -147,7 +147,8 @@ fn upgrade_from_the_last_build_without_the_commit_protocol() {
     let dir = scratch("upgrade");
     let mut d = Daemon::start(&old_bin, &[], &dir, &[]);
     let names: Vec<String> = (0..2).map(|i| format!("vm{i}")).collect();
-    d.create_vms(&names, BUSY);
+    // One vCPU each: the older build runs only vCPU 0 of a VM with several.
+    d.create_vms(&names, 1, BUSY);
 
     // Old build -> this build: it reads the old state format and knows there is no commit.
     let old_pid = d.pid;

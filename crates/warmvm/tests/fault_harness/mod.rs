@@ -117,12 +117,13 @@ impl Daemon {
         std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
     }
 
-    /// Create reference VMs of 64 MiB running `cmdline`, and wait until each has
-    /// verified some of its memory.
-    pub fn create_vms(&self, names: &[String], cmdline: &str) {
+    /// Create reference VMs of 64 MiB and `vcpus` vCPUs running `cmdline`, and wait until
+    /// each vCPU of each has verified some of its memory.
+    pub fn create_vms(&self, names: &[String], vcpus: u32, cmdline: &str) {
         let c = self.client();
         for name in names {
-            let body = json!({ "name": name, "memory_mib": 64, "cmdline": cmdline });
+            let body =
+                json!({ "name": name, "memory_mib": 64, "vcpus": vcpus, "cmdline": cmdline });
             c.call("POST", "/v1/vms", Some(body.to_string().as_bytes()))
                 .unwrap_or_else(|e| panic!("creating {name}: {e}\n{}", self.log()));
         }
@@ -130,7 +131,12 @@ impl Daemon {
         loop {
             let list = c.list().unwrap();
             let vms = list["vms"].as_array().unwrap();
-            if vms.len() == names.len() && vms.iter().all(|v| verified(v) > 0) {
+            if vms.len() == names.len()
+                && vms.iter().all(|v| {
+                    let each = verified(v);
+                    each.len() == vcpus as usize && each.iter().all(|&n| n > 0)
+                })
+            {
                 return;
             }
             assert!(
@@ -245,11 +251,17 @@ pub fn pid_alive(pid: u32) -> bool {
     })
 }
 
-pub fn verified(vm: &Value) -> u64 {
-    vm["guest"]["pages_verified"].as_u64().unwrap_or(0)
+/// Pages each of the VM's vCPUs has verified.
+pub fn verified(vm: &Value) -> Vec<u64> {
+    vm["guest"]["vcpus"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|v| v["pages_verified"].as_u64().unwrap_or(0))
+        .collect()
 }
 
-/// Every VM of `names` listed and running, its verified pages advancing, with no mismatch
+/// Every VM of `names` listed and running, every vCPU's verified pages advancing, with no mismatch
 /// and no register check failure. Errors say whether the VMs are corrupted (true) or lost.
 pub fn judge(client: &Client, names: &[String]) -> Result<(), (bool, String)> {
     let list = |c: &Client| {
@@ -275,8 +287,11 @@ pub fn judge(client: &Client, names: &[String]) -> Result<(), (bool, String)> {
             let Some(vm) = find(&now, name) else {
                 return Err((false, format!("VM {name} is gone")));
             };
-            let before = find(&first, name).map_or(0, |v| verified(&v));
-            if vm["state"] != "running" || verified(&vm) <= before {
+            let before = find(&first, name).map(|v| verified(&v)).unwrap_or_default();
+            let now = verified(&vm);
+            // Each vCPU verifies its own share: every one of them must go on.
+            let advanced = before.len() == now.len() && before.iter().zip(&now).all(|(a, b)| b > a);
+            if vm["state"] != "running" || !advanced {
                 stalled.push(vm.to_string());
             }
         }
