@@ -208,24 +208,38 @@ impl<'a> Session<'a> {
         let t_resume = Instant::now();
         let blackouts = resume(&staged.vms, &lifecycles);
         drop(realtime);
-        faults::hit(Point::NewRunning);
-        let report = self.report(
-            &staged,
-            state.bytes,
-            &blackouts,
-            state.host_first_stop_ns,
-            PhaseTimes {
-                stage_us: state.stage_us,
-                quiesce_us: state.quiesce_us,
-                capture_us: state.capture_us,
-                transfer_us,
-                restore_us,
-                commit_us,
-                resume_us: t_resume.elapsed().as_micros() as u64,
-            },
-        );
-        let _ = self.channel.send(&Msg::Resumed(report.clone()), &[]);
-        faults::hit(Point::NewReported);
+        // The guests run here now: a bug from here on must not unwind past them (the
+        // process would end, and they with it). It costs the report at most.
+        let reported = super::contain(|| {
+            faults::hit(Point::NewRunning);
+            let report = self.report(
+                &staged,
+                state.bytes,
+                &blackouts,
+                state.host_first_stop_ns,
+                PhaseTimes {
+                    stage_us: state.stage_us,
+                    quiesce_us: state.quiesce_us,
+                    capture_us: state.capture_us,
+                    transfer_us,
+                    restore_us,
+                    commit_us,
+                    resume_us: t_resume.elapsed().as_micros() as u64,
+                },
+            );
+            let _ = self.channel.send(&Msg::Resumed(report.clone()), &[]);
+            faults::hit(Point::NewReported);
+            report
+        });
+        let report = reported.unwrap_or_else(|e| {
+            tracing::error!(error = %e, "the guests run in this VMM; its report is lost");
+            RebootReport {
+                new_pid: std::process::id(),
+                state_format: self.format,
+                commit_protocol: self.format >= 3,
+                ..Default::default()
+            }
+        });
         Ok(self.adopted(staged, report, state_dir))
     }
 

@@ -107,6 +107,18 @@ pub enum HandoverError {
     Refused(String),
     #[error("the old VMM aborted the handover")]
     Aborted,
+    /// The handover thread itself hit a bug; what it held is dealt with as for any other
+    /// failure at that step.
+    #[error("the handover hit a bug: {0}")]
+    Panicked(String),
+}
+
+/// Run `f`, turning a panic on this thread into [`HandoverError::Panicked`]: a bug in the
+/// middle of a handover must end in the protocol's failure path (the guests resumed by
+/// whichever VMM may run them), never unwind past the VMs it holds.
+pub(crate) fn contain<T>(f: impl FnOnce() -> T) -> Result<T, HandoverError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+        .map_err(|payload| HandoverError::Panicked(crate::panic::message(&*payload)))
 }
 
 fn stderr_suffix(tail: &str) -> String {

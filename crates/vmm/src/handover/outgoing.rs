@@ -130,11 +130,14 @@ pub fn warm_reboot(host: &Host, opts: &RebootOptions) -> Result<Handed, RebootEr
     let t_quiesce = Instant::now();
     let ready_deadline = t_quiesce + opts.ready_budget;
     let host_first_stop = monotonic_ns();
-    let ready = (|| -> Result<u64, RebootError> {
+    // The step reached, for a panic's report.
+    let reached = std::cell::Cell::new(Phase::Quiesce);
+    let ready = || -> Result<u64, RebootError> {
         quiesce(&vms, boost, ready_deadline).map_err(at(Phase::Quiesce))?;
         faults::hit(Point::OldQuiesced);
         let quiesce_us = t_quiesce.elapsed().as_micros() as u64;
         let t_capture = Instant::now();
+        reached.set(Phase::Capture);
         let records = capture(&vms, ready_deadline).map_err(at(Phase::Capture))?;
         let state = HandoverState {
             sender: crate::build(),
@@ -146,6 +149,7 @@ pub fn warm_reboot(host: &Host, opts: &RebootOptions) -> Result<Handed, RebootEr
             stage_us,
         };
         faults::hit(Point::OldCaptured);
+        reached.set(Phase::Transfer);
         let bytes = envelope::encode(&state, envelope::FORMAT_VERSION)
             .and_then(|b| envelope::to_sealed_memfd(&b).map(|memfd| (b.len(), memfd)))
             .and_then(|(len, memfd)| {
@@ -154,6 +158,7 @@ pub fn warm_reboot(host: &Host, opts: &RebootOptions) -> Result<Handed, RebootEr
             })
             .map_err(at(Phase::Transfer))?;
         faults::hit(Point::OldStateSent);
+        reached.set(Phase::Restore);
         match recv_by(&channel, ready_deadline, "Ready").map_err(at(Phase::Restore))? {
             Msg::Ready => {}
             other => {
@@ -166,7 +171,9 @@ pub fn warm_reboot(host: &Host, opts: &RebootOptions) -> Result<Handed, RebootEr
         }
         faults::hit(Point::OldReady);
         Ok(bytes)
-    })();
+    };
+    // Before `Commit` a panic here is a failure like any other: the guests resume here.
+    let ready = super::contain(ready).unwrap_or_else(|e| Err(at(reached.get())(e)));
     // Every way back ends the same: the new VMM killed and reaped (it cannot have claimed
     // the guests: `Commit` was not sent, or the claim was revoked), then the guests resumed
     // here, then the report of what happened.
@@ -190,12 +197,16 @@ pub fn warm_reboot(host: &Host, opts: &RebootOptions) -> Result<Handed, RebootEr
         flag.revoke();
         return Err(take_back(at(Phase::Commit)(e)));
     }
-    faults::hit(Point::OldCommitted);
     // The new VMM claims the guests (commit_flag) before it lets them run and reports
-    // once they do. No report within the budget: if the claim has not been made, revoke
-    // it, and the VMs are ours again; if it has, they are the new VMM's, whatever became
-    // of it.
-    let report = match recv_by(&channel, Instant::now() + opts.ready_budget, "report") {
+    // once they do. No report within the budget (or a panic here): if the claim has not
+    // been made, revoke it, and the VMs are ours again; if it has, they are the new
+    // VMM's, whatever became of it.
+    let first_report = super::contain(|| {
+        faults::hit(Point::OldCommitted);
+        recv_by(&channel, Instant::now() + opts.ready_budget, "report")
+    })
+    .and_then(|received| received);
+    let report = match first_report {
         Ok(Msg::Resumed(report)) => Some(report),
         other if flag.revoke() => {
             let error = match other {
@@ -206,32 +217,45 @@ pub fn warm_reboot(host: &Host, opts: &RebootOptions) -> Result<Handed, RebootEr
         }
         _ => None,
     };
-    // Committed and claimed: the VMs are the new VMM's now.
-    for vm in &vms {
-        *vm.shared.lifecycle() = Lifecycle::HandedOver;
-    }
-    drop(realtime);
-    // All that is left for this VMM is cleanup (unmapping guest RAM, tens of ms per GiB
-    // here): it must not take CPU from the guests that now run in the new one.
-    // SAFETY: setpriority only lowers the calling thread's scheduling priority.
-    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
-    let report = match report {
-        Some(report) => report,
-        None => match recv_by(&channel, Instant::now() + REPORT_TIMEOUT, "report") {
-            Ok(Msg::Resumed(report)) => report,
-            other => {
-                tracing::warn!(answer = ?other.map(|m| format!("{m:?}")),
-                    "the new VMM took the guests but sent no report");
-                RebootReport {
-                    new_pid: peer.pid,
-                    state_format: envelope::FORMAT_VERSION,
-                    commit_protocol: true,
-                    ..Default::default()
-                }
-            }
-        },
+    // Committed and claimed: the VMs are the new VMM's now. Nothing from here on may kill
+    // the new VMM or touch the guests, a panic included: it only costs the report.
+    let new_pid = peer.pid;
+    let unknown = || RebootReport {
+        new_pid,
+        state_format: envelope::FORMAT_VERSION,
+        commit_protocol: true,
+        ..Default::default()
     };
-    faults::hit(Point::OldDone);
+    let report = super::contain(|| {
+        for vm in &vms {
+            *vm.shared.lifecycle() = Lifecycle::HandedOver;
+        }
+        drop(realtime);
+        // All that is left for this VMM is cleanup (unmapping guest RAM, tens of ms per
+        // GiB here): it must not take CPU from the guests that now run in the new one.
+        // SAFETY: setpriority only lowers the calling thread's scheduling priority.
+        unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
+        let report = match report {
+            Some(report) => report,
+            None => match recv_by(&channel, Instant::now() + REPORT_TIMEOUT, "report") {
+                Ok(Msg::Resumed(report)) => report,
+                other => {
+                    tracing::warn!(answer = ?other.map(|m| format!("{m:?}")),
+                        "the new VMM took the guests but sent no report");
+                    unknown()
+                }
+            },
+        };
+        faults::hit(Point::OldDone);
+        report
+    })
+    .unwrap_or_else(|e| {
+        for vm in &vms {
+            *vm.shared.lifecycle() = Lifecycle::HandedOver;
+        }
+        tracing::error!(error = %e, "after the commit: the VMs are the new VMM's");
+        unknown()
+    });
     let child = peer.release();
     Ok(Handed { report, child })
 }
