@@ -71,6 +71,10 @@ pub struct FaultsArgs {
     /// Reference guest command line.
     #[arg(long, default_value = "quiet interval_ms=0 refill_every=1")]
     pub guest_cmdline: String,
+    /// Run nothing: print the table of a campaign saved with --json (the table in
+    /// docs/benchmarks.md is made this way from the committed campaign).
+    #[arg(long, value_name = "FILE")]
+    pub table_from: Option<std::path::PathBuf>,
 }
 
 /// How a trial ended.
@@ -154,9 +158,91 @@ struct Trial {
     serving_pid: Option<u32>,
     detail: String,
     trial_ms: u64,
+    /// Each VM as the daemon that serves after the reboot reports it (none if none does).
+    vms: Vec<VmOutcome>,
+}
+
+/// One VM at the end of a trial.
+#[derive(Serialize)]
+struct VmOutcome {
+    name: String,
+    state: String,
+    /// Pages each vCPU has verified.
+    verified: Vec<u64>,
+    mismatches: u64,
+    register_check_failures: u64,
+}
+
+/// What the table needs of a trial, from a campaign just run or one read from its JSON.
+struct Row {
+    index: u64,
+    fault: String,
+    side: String,
+    point: String,
+    action: String,
+    outcome: Outcome,
+    failure: bool,
+    fired: bool,
+    detail: String,
+}
+
+impl From<&Trial> for Row {
+    fn from(t: &Trial) -> Self {
+        Row {
+            index: u64::from(t.index),
+            fault: t.fault.clone(),
+            side: t.side.to_string(),
+            point: t.point.to_string(),
+            action: t.action.to_string(),
+            outcome: t.outcome,
+            failure: t.failure,
+            fired: t.fired,
+            detail: t.detail.clone(),
+        }
+    }
+}
+
+/// The rows of a campaign's JSON document (as `--json` printed it), and its seed.
+fn rows_of(doc: &Value) -> Result<(Vec<Row>, u64), String> {
+    let trials = doc["trials"].as_array().ok_or("no \"trials\" array")?;
+    let text = |t: &Value, k: &str| -> Result<String, String> {
+        t[k].as_str()
+            .map(str::to_string)
+            .ok_or_else(|| format!("trial {}: no \"{k}\"", t["index"]))
+    };
+    let rows = trials
+        .iter()
+        .map(|t| {
+            let label = text(t, "outcome")?;
+            let outcome = Outcome::ALL
+                .into_iter()
+                .find(|o| o.label() == label)
+                .ok_or_else(|| format!("trial {}: unknown outcome {label:?}", t["index"]))?;
+            Ok(Row {
+                index: t["index"].as_u64().unwrap_or(0),
+                fault: text(t, "fault")?,
+                side: text(t, "side")?,
+                point: text(t, "point")?,
+                action: text(t, "action")?,
+                outcome,
+                failure: t["failure"].as_bool().ok_or("no \"failure\"")?,
+                fired: t["fired"].as_bool().ok_or("no \"fired\"")?,
+                detail: text(t, "detail")?,
+            })
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    Ok((rows, doc["seed"].as_u64().unwrap_or(0)))
 }
 
 pub fn faults(args: &FaultsArgs) -> Result<ExitCode, Failure> {
+    if let Some(file) = &args.table_from {
+        let bad = |e: String| Failure::new(EXIT_BAD_INPUT, format!("{}: {e}", file.display()));
+        let text = std::fs::read_to_string(file).map_err(|e| bad(e.to_string()))?;
+        let doc: Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let (rows, seed) = rows_of(&doc).map_err(bad)?;
+        print_table(&rows, seed);
+        return Ok(ExitCode::SUCCESS);
+    }
     if !faults::ENABLED {
         return Err(Failure::new(
             EXIT_BAD_INPUT,
@@ -222,7 +308,7 @@ pub fn faults(args: &FaultsArgs) -> Result<ExitCode, Failure> {
             "trials": trials,
         }));
     } else {
-        print_table(&trials, seed);
+        print_table(&trials.iter().map(Row::from).collect::<Vec<_>>(), seed);
     }
     Ok(if failures == 0 {
         ExitCode::SUCCESS
@@ -317,6 +403,7 @@ fn run_trial(exe: &Path, args: &FaultsArgs, index: u32, fault: Fault) -> Trial {
         serving_pid: None,
         detail: String::new(),
         trial_ms: 0,
+        vms: Vec::new(),
     };
     let _ = std::fs::remove_dir_all(&dir);
     let socket = dir.join("api.sock");
@@ -355,6 +442,21 @@ fn run_trial(exe: &Path, args: &FaultsArgs, index: u32, fault: Fault) -> Trial {
             trial.reboot = reboot;
             trial.serving_pid = serving;
             trial.detail = detail;
+            if serving.is_some() {
+                trial.vms = sample(&client)
+                    .map(|vms| {
+                        vms.into_iter()
+                            .map(|(name, f)| VmOutcome {
+                                name,
+                                state: f.state,
+                                verified: f.verified,
+                                mismatches: f.mismatches,
+                                register_check_failures: f.register_check_failures,
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+            }
         }
         Err(e) => trial.detail = e,
     }
@@ -649,7 +751,7 @@ fn kill_all(child: &mut Child, socket: &Path) -> Option<String> {
     }
 }
 
-fn print_table(trials: &[Trial], seed: u64) {
+fn print_table(trials: &[Row], seed: u64) {
     let mut rows: BTreeMap<(usize, &str), BTreeMap<Outcome, u32>> = BTreeMap::new();
     let mut fired: BTreeMap<(usize, &str), u32> = BTreeMap::new();
     for t in trials {
@@ -657,9 +759,9 @@ fn print_table(trials: &[Trial], seed: u64) {
             .iter()
             .position(|p| p.side().name() == t.side && p.name() == t.point)
             .unwrap_or(usize::MAX);
-        *fired.entry((order, t.action)).or_default() += u32::from(t.fired);
+        *fired.entry((order, t.action.as_str())).or_default() += u32::from(t.fired);
         *rows
-            .entry((order, t.action))
+            .entry((order, t.action.as_str()))
             .or_default()
             .entry(t.outcome)
             .or_default() += 1;
@@ -709,7 +811,7 @@ fn print_table(trials: &[Trial], seed: u64) {
         print!(" {:>10}", totals.get(&o).copied().unwrap_or(0));
     }
     println!();
-    let failures: Vec<&Trial> = trials.iter().filter(|t| t.failure).collect();
+    let failures: Vec<&Row> = trials.iter().filter(|t| t.failure).collect();
     println!(
         "seed {seed}; fired = the fault point was reached and acted on; {} failures (lost although \
          the owner was not killed, corrupted, both alive, stray, setup)",
@@ -729,6 +831,60 @@ fn print_table(trials: &[Trial], seed: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_saved_campaign_reads_back_into_the_same_rows() {
+        let trial = Trial {
+            index: 3,
+            fault: "old:ready:panic".into(),
+            side: "old",
+            point: "ready",
+            action: "panic",
+            ms: None,
+            outcome: Outcome::RunningInOld,
+            failure: false,
+            fired: true,
+            reboot: "500: ...".into(),
+            old_pid: 1,
+            serving_pid: Some(1),
+            detail: String::new(),
+            trial_ms: 10,
+            vms: vec![VmOutcome {
+                name: "vm0".into(),
+                state: "running".into(),
+                verified: vec![5, 6],
+                mismatches: 0,
+                register_check_failures: 0,
+            }],
+        };
+        let doc = json!({ "seed": 42, "trials": [trial] });
+        let (rows, seed) = rows_of(&doc).expect("rows");
+        assert_eq!(seed, 42);
+        let want = Row::from(&trial);
+        let got = &rows[0];
+        assert_eq!(
+            (
+                &got.fault,
+                &got.side,
+                &got.point,
+                &got.action,
+                got.outcome,
+                got.fired
+            ),
+            (
+                &want.fault,
+                &want.side,
+                &want.point,
+                &want.action,
+                want.outcome,
+                want.fired
+            )
+        );
+        let mut spoilt = doc.clone();
+        spoilt["trials"][0]["outcome"] = "fine".into();
+        let refused = rows_of(&spoilt).err().unwrap_or_default();
+        assert!(refused.contains("unknown outcome"), "{refused}");
+    }
 
     #[test]
     fn a_round_covers_every_point_and_action_kind_once() {
