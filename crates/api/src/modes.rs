@@ -351,6 +351,7 @@ pub fn undo(
         std::mem::forget(held);
         return Err(e);
     }
+    warmvm_vmm::handover::faults::hit(warmvm_vmm::handover::faults::Point::OldUndoing);
     match bb.mode {
         Mode::Saved | Mode::Warm => {
             for (vm, _) in &held.vms {

@@ -47,6 +47,9 @@ pub enum Point {
     /// Saved or cold reboot: every VM is saved (or powered off) and the bring-back
     /// manifest is durable; the new VMM is not started yet.
     OldManifest,
+    /// Saved or cold reboot that failed before the commit: the bring-back manifest is
+    /// removed, no VM resumed or booted again yet.
+    OldUndoing,
     // New VMM.
     /// `Hello` received.
     NewHello,
@@ -78,8 +81,8 @@ pub enum Point {
 
 impl Point {
     /// Every point, the warm handover's first.
-    pub const ALL: [Point; 23] = {
-        let mut all = [Point::OldSpawned; 23];
+    pub const ALL: [Point; 24] = {
+        let mut all = [Point::OldSpawned; 24];
         let mut i = 0;
         while i < Self::HANDOVER.len() {
             all[i] = Self::HANDOVER[i];
@@ -93,9 +96,10 @@ impl Point {
     };
 
     /// The points only a saved or cold reboot reaches, in the order they come.
-    pub const REBOOT_MODES: [Point; 5] = [
+    pub const REBOOT_MODES: [Point; 6] = [
         Point::OldSaving,
         Point::OldManifest,
+        Point::OldUndoing,
         Point::NewBringBack,
         Point::NewClaimedOne,
         Point::NewBroughtBackOne,
@@ -127,7 +131,7 @@ impl Point {
         use Point::*;
         match self {
             OldSpawned | OldStaged | OldPrepared | OldQuiesced | OldCaptured | OldStateSent
-            | OldReady | OldCommitted | OldDone | OldSaving | OldManifest => Side::Old,
+            | OldReady | OldCommitted | OldDone | OldSaving | OldManifest | OldUndoing => Side::Old,
             _ => Side::New,
         }
     }
@@ -154,6 +158,7 @@ impl Point {
             NewReported => "reported",
             OldSaving => "saving",
             OldManifest => "manifest",
+            OldUndoing => "undoing",
             NewBringBack => "bring-back",
             NewClaimedOne => "claimed-one",
             NewBroughtBackOne => "brought-back-one",
