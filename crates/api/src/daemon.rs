@@ -161,6 +161,8 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
     // Snapshots (and a saved reboot's) are written by a process of their own, so that
     // killing it loses a snapshot, never a VM.
     warmvm_vmm::snapshot::writer::use_writer_process(warmvm_vmm::handover::this_binary());
+    // The status and every reboot's report name this executable's sha256.
+    warmvm_vmm::executable::hash_in_background();
     // VMs taken over are not created again from the config.
     let config = match (&opts.config, opts.takeover_fd) {
         (Some(path), None) => {
@@ -618,6 +620,12 @@ fn take_over(
         state_format: adopted.report.state_format,
         commit_protocol: adopted.report.commit_protocol,
         host_blackout_us: adopted.report.host_blackout_us,
+        // The old daemon's own account of itself; older builds do not give one.
+        from_binary: adopted
+            .extra
+            .get(crate::reboot::PREVIOUS_BINARY_KEY)
+            .and_then(|v| serde_json::from_value(v.clone()).ok()),
+        to_binary: adopted.report.to_binary.clone(),
     };
     tracing::info!(
         vms = adopted.host.vms().len(),

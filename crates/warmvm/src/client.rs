@@ -61,6 +61,20 @@ pub fn status(api: &ApiArgs) -> Result<ExitCode, Failure> {
         if s["privileges"].is_object() {
             println!("runs as: {}", runs_as(&s["privileges"]));
         }
+        if let Ok(b) =
+            serde_json::from_value::<warmvm_vmm::executable::BinaryInfo>(s["binary"].clone())
+        {
+            println!("binary: {}", output::binary_line(&b));
+        }
+        if let Ok(t) =
+            serde_json::from_value::<warmvm_api::state::TakeoverInfo>(s["last_takeover"].clone())
+        {
+            println!(
+                "last warm reboot: from pid {}",
+                t.previous_pid.map_or("-".to_string(), |p| p.to_string())
+            );
+            output::print_binaries(t.from_binary.as_ref(), t.to_binary.as_ref());
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -151,6 +165,9 @@ pub fn reboot(
                     )
                 })?;
             output::print_mode_report(&report);
+            if let Ok(h) = serde_json::from_value::<warmvm_vmm::handover::RebootReport>(r.clone()) {
+                output::print_binaries(h.from_binary.as_ref(), h.to_binary.as_ref());
+            }
         }
         let failed: Vec<String> = back["vms"]
             .as_array()

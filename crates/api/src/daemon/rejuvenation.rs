@@ -136,6 +136,8 @@ mod tests {
             state_format: 3,
             commit_protocol: true,
             host_blackout_us: 700,
+            from_binary: None,
+            to_binary: None,
         }
     }
 

@@ -196,7 +196,7 @@ pub fn warm_reboot(host: &Host, opts: &RebootOptions) -> Result<Handed, RebootEr
     // it, and the VMs are ours again; if it has, they are the new VMM's, whatever became
     // of it.
     let report = match recv_by(&channel, Instant::now() + opts.ready_budget, "report") {
-        Ok(Msg::Resumed(report)) => Some(report),
+        Ok(Msg::Resumed(report)) => Some(*report),
         other if flag.revoke() => {
             let error = match other {
                 Ok(msg) => unexpected(Phase::Resume, "its report", msg),
@@ -218,7 +218,7 @@ pub fn warm_reboot(host: &Host, opts: &RebootOptions) -> Result<Handed, RebootEr
     let report = match report {
         Some(report) => report,
         None => match recv_by(&channel, Instant::now() + REPORT_TIMEOUT, "report") {
-            Ok(Msg::Resumed(report)) => report,
+            Ok(Msg::Resumed(report)) => *report,
             other => {
                 tracing::warn!(answer = ?other.map(|m| format!("{m:?}")),
                     "the new VMM took the guests but sent no report");
@@ -230,6 +230,10 @@ pub fn warm_reboot(host: &Host, opts: &RebootOptions) -> Result<Handed, RebootEr
                 }
             }
         },
+    };
+    let report = RebootReport {
+        from_binary: Some(crate::executable::info()),
+        ..report
     };
     faults::hit(Point::OldDone);
     let child = peer.release();
@@ -359,7 +363,10 @@ fn describe(status: ExitStatus) -> String {
 fn spawn(opts: &RebootOptions) -> Result<(Channel, Peer), HandoverError> {
     let (channel, child_end) = Channel::pair()?;
     let mut cmd = Command::new(&opts.binary);
-    cmd.args(&opts.args)
+    // Whatever file it runs (/proc/self/exe, another build's path), the new VMM is called
+    // warmvm: `pidof warmvm` finds it by this argv[0], and it names itself after it.
+    cmd.arg0(crate::executable::PROCESS_NAME)
+        .args(&opts.args)
         .arg("--takeover-fd")
         .arg(CHANNEL_FD.to_string())
         .stderr(Stdio::piped());
