@@ -334,6 +334,7 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
         config.as_ref().and_then(|c| c.aging.clone()),
         &inherited,
         takeover.as_ref(),
+        state.last_reboot().as_ref(),
     ));
     // The handed-over settings, history included, have been decoded: do not keep the JSON
     // tree for the process's lifetime (it would count as the new daemon's own memory).

@@ -263,6 +263,11 @@ impl ApiState {
         let _ = self.last_reboot.set(report);
     }
 
+    /// How the saved or cold reboot that started this daemon went, if one did.
+    pub fn last_reboot(&self) -> Option<ModeReboot> {
+        self.last_reboot.get().cloned()
+    }
+
     /// Enter a pause, resume or stop (see the locking rule above).
     fn op_gate(&self) -> Result<RwLockReadGuard<'_, ()>, ApiError> {
         let gate = self.ops.read().unwrap_or_else(|p| p.into_inner());

@@ -503,7 +503,16 @@ fn aging_answers_match_the_schema() {
         metric: warmvm_api::aging::Metric::OpenFds,
         detector: warmvm_api::aging::Detector::Trend,
     });
-    let m = Monitor::new(cfg, Some(carry), Some((1, 2)));
+    let m = Monitor::new(
+        cfg,
+        Some(carry),
+        Some(warmvm_api::aging::monitor::Arrival {
+            from_pid: 1,
+            host_blackout_us: 0,
+            mode: warmvm_api::modes::Mode::Saved,
+            downtime_us: Some(2),
+        }),
+    );
     for _ in 0..10 {
         m.record_latency(std::time::Duration::from_micros(300));
         m.tick(2);

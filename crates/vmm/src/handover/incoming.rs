@@ -229,7 +229,9 @@ impl<'a> Session<'a> {
                 resume_us: t_resume.elapsed().as_micros() as u64,
             },
         );
-        let _ = self.channel.send(&Msg::Resumed(Box::new(report.clone())), &[]);
+        let _ = self
+            .channel
+            .send(&Msg::Resumed(Box::new(report.clone())), &[]);
         faults::hit(Point::NewReported);
         Ok(self.adopted(staged, report, state_dir))
     }
