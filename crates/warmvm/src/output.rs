@@ -109,8 +109,8 @@ pub fn print_reboot_report(r: &warmvm_vmm::handover::RebootReport) {
     }
 }
 
-/// The executables on either side of a reboot, one line each ("-" for an older build,
-/// which does not say).
+/// The executables on either side of a reboot, one line each ("-" where an older build
+/// did not report it).
 pub fn print_binaries(
     from: Option<&warmvm_vmm::executable::BinaryInfo>,
     to: Option<&warmvm_vmm::executable::BinaryInfo>,
@@ -118,7 +118,7 @@ pub fn print_binaries(
     for (side, b) in [("from", from), ("to", to)] {
         match b {
             Some(b) => println!("  {side:<4} {}", binary_line(b)),
-            None => println!("  {side:<4} - (an older build: it does not say)"),
+            None => println!("  {side:<4} - (not reported: an older build)"),
         }
     }
 }
