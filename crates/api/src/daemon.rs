@@ -161,8 +161,6 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
     // Snapshots (and a saved reboot's) are written by a process of their own, so that
     // killing it loses a snapshot, never a VM.
     warmvm_vmm::snapshot::writer::use_writer_process(warmvm_vmm::handover::this_binary());
-    // The status and every reboot's report name this executable's sha256.
-    warmvm_vmm::executable::hash_in_background();
     // VMs taken over are not created again from the config.
     let config = match (&opts.config, opts.takeover_fd) {
         (Some(path), None) => {
@@ -278,6 +276,9 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
             started
         }
     };
+    // The status and every reboot's report name this executable's sha256. Not before the
+    // privileges are dropped: that needs the process to have one thread.
+    warmvm_vmm::executable::hash_in_background();
     let Started {
         host,
         listener,
