@@ -3,8 +3,9 @@
 //!
 //! An operator upgrades by installing a new build over the old path and warm-rebooting.
 //! The daemon therefore remembers, at start and before anything can replace the file, the
-//! path it was started from (`readlink /proc/self/exe`); a warm reboot without another
-//! binary starts that path, i.e. whatever is installed there by then. The running image
+//! path it was started from (`readlink /proc/self/exe`, or a symlink to it that it was
+//! started through: see [`started_path`]); a warm reboot without another binary starts
+//! that path, i.e. whatever is installed there by then. The running image
 //! itself stays reachable through `/proc/self/exe` (see [`running_image`]) for processes
 //! that must speak exactly this build's protocol, such as the snapshot writer.
 //!
@@ -55,12 +56,53 @@ struct Started {
 
 static STARTED: OnceLock<Started> = OnceLock::new();
 
+/// The environment variable in which a warmvm that starts another names the path it
+/// started it from (`argv[0]` is [`PROCESS_NAME`], so it cannot say).
+pub const STARTED_AS_ENV: &str = "WARMVM_STARTED_AS";
+
 fn started() -> &'static Started {
-    STARTED.get_or_init(|| Started {
-        path: started_from_link(),
-        image: File::open(running_image()).map_err(|e| e.to_string()),
-        sha256: OnceLock::new(),
+    STARTED.get_or_init(|| {
+        let image = File::open(running_image());
+        let path = match &image {
+            Ok(file) => {
+                let named = [
+                    std::env::var_os(STARTED_AS_ENV).map(PathBuf::from),
+                    std::env::args_os().next().map(PathBuf::from),
+                ];
+                started_path(file, named.iter().flatten())
+            }
+            Err(_) => started_from_link(),
+        };
+        Started {
+            path,
+            image: image.map_err(|e| e.to_string()),
+            sha256: OnceLock::new(),
+        }
     })
+}
+
+/// The path this process was started from: the first absolute one of `named` (the path
+/// a warmvm says it started us from, then `argv[0]`) that is the very file running, so a
+/// symlink the operator started (`/usr/local/bin/warmvm -> /opt/warmvm-1.2/warmvm`) is
+/// kept and a reboot follows it to whatever it points at by then; else the file's own
+/// path as the kernel knows it.
+fn started_path<'a>(
+    image: &File,
+    named: impl IntoIterator<Item = &'a PathBuf>,
+) -> Result<PathBuf, String> {
+    use std::os::unix::fs::MetadataExt;
+    if let Ok(running) = image.metadata() {
+        let same = |p: &Path| {
+            std::fs::metadata(p).is_ok_and(|m| m.dev() == running.dev() && m.ino() == running.ino())
+        };
+        if let Some(p) = named
+            .into_iter()
+            .find(|p| p.is_absolute() && !p.starts_with("/proc") && same(p))
+        {
+            return Ok(p.clone());
+        }
+    }
+    started_from_link()
 }
 
 /// `readlink /proc/self/exe`, without the " (deleted)" the kernel appends once the file
@@ -260,6 +302,30 @@ mod tests {
         assert_eq!(h.len(), 64, "{h}");
         let again = hash(&File::open(running_image()).unwrap()).unwrap();
         assert_eq!(h, again);
+    }
+
+    #[test]
+    fn a_symlink_started_from_is_kept_if_it_is_the_running_file() {
+        let dir = std::env::temp_dir().join(format!("warmvm-exe-link-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (real, link, other) = (dir.join("real"), dir.join("link"), dir.join("other"));
+        std::fs::write(&real, b"build").unwrap();
+        std::fs::write(&other, b"another build").unwrap();
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let image = File::open(&real).unwrap();
+        assert_eq!(started_path(&image, [&link]).unwrap(), link);
+        // A name that is another file, a relative one or /proc/self/exe is not taken: the
+        // kernel's path for this test binary is.
+        let own = started_from_link().unwrap();
+        for named in [&other, &PathBuf::from("link"), &running_image()] {
+            assert_eq!(
+                started_path(&image, [named]).unwrap(),
+                own,
+                "{}",
+                named.display()
+            );
+        }
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

@@ -127,3 +127,58 @@ fn a_warm_reboot_runs_the_build_installed_over_the_daemons_path() {
     verifies_on(&d, "vm-a", 1);
     d.terminate_adopted();
 }
+
+#[test]
+fn a_daemon_started_through_a_symlink_follows_it_to_the_next_build() {
+    if !warmvm_vmm::testing::kvm_available(
+        "a_daemon_started_through_a_symlink_follows_it_to_the_next_build",
+    ) {
+        return;
+    }
+    // Releases side by side, the daemon started through a link to the current one.
+    let dir = scratch("symlink");
+    let (a, b) = (dir.join("a").join("warmvm"), dir.join("b").join("warmvm"));
+    for (build, tail) in [(&a, &b"A"[..]), (&b, &b"B"[..])] {
+        std::fs::create_dir_all(build.parent().unwrap()).unwrap();
+        let mut bytes = std::fs::read(BIN).unwrap();
+        bytes.extend_from_slice(tail);
+        std::fs::write(build, bytes).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(build, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let link = dir.join("warmvm");
+    std::os::unix::fs::symlink(&a, &link).unwrap();
+    let (sha_a, sha_b) = (sha256_of(&a), sha256_of(&b));
+
+    let mut d = Daemon::start_from(&link, &dir, &[]);
+    create(&d, "vm-s");
+    let status = d.client().status().unwrap();
+    assert_eq!(status["binary"]["path"], link.to_str().unwrap(), "{status}");
+    // A reboot with the link unchanged: the next daemon still knows it came through it.
+    let report = d.cli_json(&["reboot", "--mode", "warm"]);
+    let pid = report["new_pid"].as_u64().unwrap() as u32;
+    d.follow_reboot(pid);
+    assert_eq!(
+        report["to_binary"]["path"],
+        link.to_str().unwrap(),
+        "{report}"
+    );
+    assert_eq!(report["to_binary"]["sha256"], sha_a.as_str(), "{report}");
+
+    // The upgrade: the link moves to release B.
+    let tmp = dir.join("warmvm.new");
+    std::os::unix::fs::symlink(&b, &tmp).unwrap();
+    std::fs::rename(&tmp, &link).unwrap();
+    let report = d.cli_json(&["reboot", "--mode", "warm"]);
+    let pid = report["new_pid"].as_u64().unwrap() as u32;
+    d.follow_reboot(pid);
+    assert_eq!(sha256_of(Path::new(&format!("/proc/{pid}/exe"))), sha_b);
+    assert_eq!(report["to_binary"]["sha256"], sha_b.as_str(), "{report}");
+    assert_eq!(
+        report["to_binary"]["path"],
+        link.to_str().unwrap(),
+        "{report}"
+    );
+    verifies_on(&d, "vm-s", 2);
+    d.terminate_adopted();
+}

@@ -370,6 +370,8 @@ fn spawn(opts: &RebootOptions) -> Result<(Channel, Peer), HandoverError> {
         .arg("--takeover-fd")
         .arg(CHANNEL_FD.to_string())
         .stderr(Stdio::piped());
+    // Which path it was started from (a symlink, say), which argv[0] no longer tells.
+    cmd.env(crate::executable::STARTED_AS_ENV, &opts.binary);
     for (k, v) in &opts.env {
         cmd.env(k, v);
     }
