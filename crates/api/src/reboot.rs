@@ -459,4 +459,31 @@ mod tests {
             e.message
         );
     }
+
+    #[test]
+    fn an_operators_reboot_starts_the_path_a_rejuvenation_the_running_image() {
+        let req = RebootRequest {
+            mode: "warm".into(),
+            ..Default::default()
+        };
+        let started = warmvm_vmm::executable::started_from()
+            .unwrap()
+            .to_path_buf();
+        assert_eq!(reboot_binary(&req, &RebootReason::Manual).unwrap(), started);
+        for reason in [RebootReason::Panic, RebootReason::Schedule] {
+            assert_eq!(
+                reboot_binary(&req, &reason).unwrap(),
+                handover::this_binary()
+            );
+        }
+        // A binary the request names is started whatever the reason.
+        let named = RebootRequest {
+            binary: Some("/bin/sh".into()),
+            ..req
+        };
+        assert_eq!(
+            reboot_binary(&named, &RebootReason::Schedule).unwrap(),
+            PathBuf::from("/bin/sh")
+        );
+    }
 }
