@@ -70,7 +70,7 @@ pub fn status(api: &ApiArgs) -> Result<ExitCode, Failure> {
             serde_json::from_value::<warmvm_api::state::TakeoverInfo>(s["last_takeover"].clone())
         {
             println!(
-                "last warm reboot: from pid {}",
+                "last reboot: from pid {}",
                 t.previous_pid.map_or("-".to_string(), |p| p.to_string())
             );
             output::print_binaries(t.from_binary.as_ref(), t.to_binary.as_ref());
