@@ -276,6 +276,9 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
             started
         }
     };
+    // The status and every reboot's report name this executable's sha256. Not before the
+    // privileges are dropped: that needs the process to have one thread.
+    warmvm_vmm::executable::hash_in_background();
     let Started {
         host,
         listener,
@@ -332,6 +335,7 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
         config.as_ref().and_then(|c| c.aging.clone()),
         &inherited,
         takeover.as_ref(),
+        state.last_reboot().as_ref(),
     ));
     // The handed-over settings, history included, have been decoded: do not keep the JSON
     // tree for the process's lifetime (it would count as the new daemon's own memory).
@@ -618,6 +622,12 @@ fn take_over(
         state_format: adopted.report.state_format,
         commit_protocol: adopted.report.commit_protocol,
         host_blackout_us: adopted.report.host_blackout_us,
+        // The old daemon's own account of itself; older builds do not give one.
+        from_binary: adopted
+            .extra
+            .get(crate::reboot::PREVIOUS_BINARY_KEY)
+            .and_then(|v| serde_json::from_value(v.clone()).ok()),
+        to_binary: adopted.report.to_binary.clone(),
     };
     tracing::info!(
         vms = adopted.host.vms().len(),

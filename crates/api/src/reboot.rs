@@ -50,6 +50,10 @@ pub struct RebootRequest {
     pub grace_secs: Option<u64>,
 }
 
+/// The key of the old daemon's executable (a `BinaryInfo`) in the settings it hands on:
+/// the new daemon's status reports which executable it took over from.
+pub const PREVIOUS_BINARY_KEY: &str = "previous_binary";
+
 /// Bounds of the reboot timeouts a request or a flag may set.
 pub const STAGE_TIMEOUT_MS: std::ops::RangeInclusive<u64> = 100..=600_000;
 pub const READY_BUDGET_MS: std::ops::RangeInclusive<u64> = 10..=60_000;
@@ -80,8 +84,16 @@ pub struct RebootSetup {
 }
 
 impl ApiState {
-    /// Check a reboot request: mode `warm`, and a binary that is an executable file.
+    /// Check an operator's reboot request: a mode, timeouts in range, and a binary this
+    /// daemon can run (the one named, or the path it was started from).
     pub fn parse_reboot(body: &[u8]) -> Result<(RebootRequest, PathBuf), ApiError> {
+        let req = Self::parse_reboot_request(body)?;
+        let binary = reboot_binary(&req, &RebootReason::Manual)?;
+        Ok((req, binary))
+    }
+
+    /// Check a reboot request's fields, but not yet which binary it runs.
+    fn parse_reboot_request(body: &[u8]) -> Result<RebootRequest, ApiError> {
         if body.iter().all(u8::is_ascii_whitespace) {
             return Err(ApiError::new(
                 400,
@@ -120,19 +132,7 @@ impl ApiState {
                 ));
             }
         }
-        let binary = match &req.binary {
-            Some(b) => {
-                if b.as_os_str().is_empty() {
-                    return Err(ApiError::new(400, "binary must be a path, not empty"));
-                }
-                // A well-formed request naming a file this host cannot run.
-                check_binary(b)
-                    .map_err(|why| ApiError::new(422, format!("binary {}: {why}", b.display())))?;
-                b.clone()
-            }
-            None => warmvm_vmm::handover::this_binary(),
-        };
-        Ok((req, binary))
+        Ok(req)
     }
 
     /// Warm reboot: hand every VM to a new daemon process (see
@@ -145,7 +145,8 @@ impl ApiState {
 
     /// A warm reboot for `reason`, which the new daemon records in its reboot history.
     pub fn reboot_for(&self, body: &[u8], reason: RebootReason) -> Result<RebootReport, ApiError> {
-        let (req, binary) = Self::parse_reboot(body)?;
+        let req = Self::parse_reboot_request(body)?;
+        let binary = reboot_binary(&req, &reason)?;
         let setup = self.reboot.get().ok_or_else(|| {
             ApiError::new(
                 409,
@@ -343,6 +344,12 @@ impl ApiState {
         if let (Some(obj), Some(m)) = (extra.as_object_mut(), self.aging()) {
             obj.insert("aging".into(), m.carry(reason).encode());
         }
+        if let (Some(obj), Ok(binary)) = (
+            extra.as_object_mut(),
+            serde_json::to_value(warmvm_vmm::executable::info()),
+        ) {
+            obj.insert(PREVIOUS_BINARY_KEY.into(), binary);
+        }
         extra
     }
 }
@@ -365,20 +372,44 @@ fn undo_failed(
     }
 }
 
-/// Why `path` cannot be the new daemon's binary, if it cannot.
-fn check_binary(path: &std::path::Path) -> Result<(), String> {
-    use std::os::unix::fs::PermissionsExt;
-    if !path.is_absolute() {
-        return Err("must be an absolute path".into());
+/// The binary a reboot for `reason` starts. The one the request names; else, when an
+/// operator asked, the path this daemon was started from, so that a build installed there
+/// since is what runs next (an upgrade); else (a panic, aging, the schedule) the running
+/// image itself: a rejuvenation nobody asked for at that moment must not switch builds,
+/// nor depend on the installed file. Refused (422) before anything pauses when the binary
+/// is missing or not executable by this daemon (which may have dropped its privileges).
+fn reboot_binary(req: &RebootRequest, reason: &RebootReason) -> Result<PathBuf, ApiError> {
+    use warmvm_vmm::executable;
+    match &req.binary {
+        Some(b) => {
+            if b.as_os_str().is_empty() {
+                return Err(ApiError::new(400, "binary must be a path, not empty"));
+            }
+            // A well-formed request naming a file this host cannot run.
+            executable::check_runnable(b)
+                .map_err(|why| ApiError::new(422, format!("binary {}: {why}", b.display())))?;
+            Ok(b.clone())
+        }
+        None if *reason == RebootReason::Manual => {
+            let path = executable::started_from().map_err(|e| {
+                ApiError::new(
+                    422,
+                    format!("cannot tell the path this daemon was started from ({e}): name the new build with \"binary\"; nothing changed"),
+                )
+            })?;
+            executable::check_runnable(path).map_err(|why| {
+                ApiError::new(
+                    422,
+                    format!(
+                        "{} (the path this daemon was started from, which a reboot runs again): {why}; install a build there or name one with \"binary\"; nothing changed",
+                        path.display()
+                    ),
+                )
+            })?;
+            Ok(path.to_path_buf())
+        }
+        None => Ok(handover::this_binary()),
     }
-    let meta = std::fs::metadata(path).map_err(|e| e.to_string())?;
-    if !meta.is_file() {
-        return Err("not a regular file".into());
-    }
-    if meta.permissions().mode() & 0o111 == 0 {
-        return Err("not executable".into());
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -426,6 +457,33 @@ mod tests {
             e.message.contains("use \"warm\", \"saved\" or \"cold\""),
             "{}",
             e.message
+        );
+    }
+
+    #[test]
+    fn an_operators_reboot_starts_the_path_a_rejuvenation_the_running_image() {
+        let req = RebootRequest {
+            mode: "warm".into(),
+            ..Default::default()
+        };
+        let started = warmvm_vmm::executable::started_from()
+            .unwrap()
+            .to_path_buf();
+        assert_eq!(reboot_binary(&req, &RebootReason::Manual).unwrap(), started);
+        for reason in [RebootReason::Panic, RebootReason::Schedule] {
+            assert_eq!(
+                reboot_binary(&req, &reason).unwrap(),
+                handover::this_binary()
+            );
+        }
+        // A binary the request names is started whatever the reason.
+        let named = RebootRequest {
+            binary: Some("/bin/sh".into()),
+            ..req
+        };
+        assert_eq!(
+            reboot_binary(&named, &RebootReason::Schedule).unwrap(),
+            PathBuf::from("/bin/sh")
         );
     }
 }

@@ -123,6 +123,11 @@ pub struct DaemonStatus {
     pub last_reboot: Option<ModeReboot>,
     /// What the daemon runs as: uid, gid, groups, capabilities, no_new_privs, seccomp.
     pub privileges: crate::running_as::DaemonPrivileges,
+    /// The executable this daemon runs: the path it was started from (what a warm reboot
+    /// runs next), version, git commit, and the sha256 of the running image (absent from
+    /// older daemons).
+    #[serde(default)]
+    pub binary: Option<warmvm_vmm::executable::BinaryInfo>,
 }
 
 /// How a daemon took its VMs over from the one before it.
@@ -136,6 +141,12 @@ pub struct TakeoverInfo {
     /// False when an older build without the commit step handed over.
     pub commit_protocol: bool,
     pub host_blackout_us: u64,
+    /// The executables of the daemon before and of this one (absent when an older build
+    /// was one of them).
+    #[serde(default)]
+    pub from_binary: Option<warmvm_vmm::executable::BinaryInfo>,
+    #[serde(default)]
+    pub to_binary: Option<warmvm_vmm::executable::BinaryInfo>,
 }
 
 /// `GET /v1/vms`.
@@ -250,6 +261,11 @@ impl ApiState {
     /// Record how the saved or cold reboot that started this daemon went.
     pub fn set_last_reboot(&self, report: ModeReboot) {
         let _ = self.last_reboot.set(report);
+    }
+
+    /// How the saved or cold reboot that started this daemon went, if one did.
+    pub fn last_reboot(&self) -> Option<ModeReboot> {
+        self.last_reboot.get().cloned()
     }
 
     /// Enter a pause, resume or stop (see the locking rule above).
@@ -446,6 +462,7 @@ impl ApiState {
             last_takeover: self.last_takeover.get().cloned(),
             last_reboot: self.last_reboot.get().cloned(),
             privileges,
+            binary: Some(warmvm_vmm::executable::info()),
         })
     }
 

@@ -27,6 +27,15 @@ fn schema(name: &str) -> Value {
     json!({ "$ref": format!("#/components/schemas/{name}") })
 }
 
+fn binary(path: &str) -> warmvm_vmm::executable::BinaryInfo {
+    warmvm_vmm::executable::BinaryInfo {
+        path: path.into(),
+        version: "0.1.0".into(),
+        commit: "unknown".into(),
+        sha256: "0f".repeat(32),
+    }
+}
+
 fn check(doc: &Value, name: &str, value: &impl serde::Serialize) {
     let v = serde_json::to_value(value).unwrap();
     if let Err(e) = validate(doc, &schema(name), &v) {
@@ -193,6 +202,7 @@ fn reports_in_every_state_match_the_schema() {
         build: "warmvm 0.1.0".into(),
         last_takeover: None,
         last_reboot: None,
+        binary: Some(binary("/usr/local/bin/warmvm")),
         privileges: DaemonPrivileges {
             uid: 0,
             gid: 0,
@@ -214,6 +224,8 @@ fn reports_in_every_state_match_the_schema() {
                 state_format: 2,
                 commit_protocol: false,
                 host_blackout_us: 700,
+                from_binary: None,
+                to_binary: Some(binary("/usr/local/bin/warmvm")),
             }),
             last_reboot: Some(ModeReboot {
                 mode: "saved".into(),
@@ -308,6 +320,8 @@ fn reports_in_every_state_match_the_schema() {
             state_bytes: 20000,
             state_format: 3,
             commit_protocol: true,
+            from_binary: Some(binary("/proc/self/exe")),
+            to_binary: Some(binary("/usr/local/bin/warmvm")),
         },
     );
     check(&doc, "RebootReport", &RebootReport::default());
@@ -489,7 +503,16 @@ fn aging_answers_match_the_schema() {
         metric: warmvm_api::aging::Metric::OpenFds,
         detector: warmvm_api::aging::Detector::Trend,
     });
-    let m = Monitor::new(cfg, Some(carry), Some((1, 2)));
+    let m = Monitor::new(
+        cfg,
+        Some(carry),
+        Some(warmvm_api::aging::monitor::Arrival {
+            from_pid: 1,
+            host_blackout_us: 0,
+            mode: warmvm_api::modes::Mode::Saved,
+            downtime_us: Some(2),
+        }),
+    );
     for _ in 0..10 {
         m.record_latency(std::time::Duration::from_micros(300));
         m.tick(2);

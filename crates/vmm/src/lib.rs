@@ -2,6 +2,7 @@
 
 pub mod aging_config;
 pub mod config;
+pub mod executable;
 pub mod handover;
 pub mod host;
 pub mod panic;

@@ -151,7 +151,8 @@ pub enum Command {
         #[arg(long, value_delimiter = ',')]
         keep_caps: Vec<String>,
     },
-    /// Reboot the daemon: a new daemon process (the same binary, or --binary to upgrade)
+    /// Reboot the daemon: a new daemon process (the binary at the daemon's path, which a new
+    /// build installed there upgrades, or --binary)
     /// replaces it and serves on the same socket. warm: it takes over every VM without
     /// stopping it; saved: every VM is snapshotted to disk and restored by it; cold: every
     /// guest powers off and is booted again by it. Prints each VM's downtime and the time
@@ -160,7 +161,8 @@ pub enum Command {
         /// How to reboot.
         #[arg(long, value_enum)]
         mode: RebootMode,
-        /// The new daemon's binary [default: the running daemon's own].
+        /// The new daemon's binary [default: the path the daemon was started from, so a
+        /// build installed there since runs next].
         #[arg(long)]
         binary: Option<PathBuf>,
         /// cold: seconds each guest gets to power off before it is forced [default: 10].
@@ -666,7 +668,7 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
         Command::Status => crate::client::status(&api),
         Command::Aging { action } => crate::aging::aging(action, &api),
         Command::Completions { shell } => {
-            let mut cmd = <Cli as clap::CommandFactory>::command();
+            let mut cmd = without_hidden(&<Cli as clap::CommandFactory>::command());
             clap_complete::generate(shell, &mut cmd, "warmvm", &mut std::io::stdout());
             Ok(ExitCode::SUCCESS)
         }
@@ -674,9 +676,63 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
     }
 }
 
+/// `cmd` without its hidden subcommands and arguments (the internal `snapshot-writer`,
+/// `daemon --takeover-fd`, ...), recursively. Help and man pages leave them out already;
+/// clap_complete's generators offer them, so completions are generated from this copy.
+/// It is made before clap builds `cmd`, so the help subcommand and flags and the global
+/// arguments are added to it as to the original.
+fn without_hidden(cmd: &clap::Command) -> clap::Command {
+    let mut out = clap::Command::new(cmd.get_name().to_string());
+    if let Some(about) = cmd.get_about() {
+        out = out.about(about.clone());
+    }
+    if let Some(version) = cmd.get_version() {
+        out = out.version(version.to_string());
+    }
+    for alias in cmd.get_visible_aliases() {
+        out = out.visible_alias(alias.to_string());
+    }
+    for arg in cmd.get_arguments().filter(|a| !a.is_hide_set()) {
+        out = out.arg(arg.clone());
+    }
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        out = out.subcommand(without_hidden(sub));
+    }
+    out
+}
+
 #[cfg(test)]
 mod restore_override_tests {
     use super::*;
+
+    #[test]
+    fn completions_leave_the_internal_commands_and_flags_out() {
+        use clap_complete::Shell;
+        for shell in [
+            Shell::Bash,
+            Shell::Zsh,
+            Shell::Fish,
+            Shell::Elvish,
+            Shell::PowerShell,
+        ] {
+            let mut cmd = without_hidden(&<Cli as clap::CommandFactory>::command());
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "warmvm", &mut out);
+            let script = String::from_utf8(out).unwrap();
+            for internal in ["snapshot-writer", "takeover-fd", "listen-fd"] {
+                assert!(!script.contains(internal), "{shell}: {internal}");
+            }
+            for public in [
+                "daemon",
+                "stop-grace-secs",
+                "create",
+                "log-level",
+                "--binary",
+            ] {
+                assert!(script.contains(public), "{shell}: {public}");
+            }
+        }
+    }
 
     #[test]
     fn restore_overrides_are_checked_before_any_request() {

@@ -61,6 +61,20 @@ pub fn status(api: &ApiArgs) -> Result<ExitCode, Failure> {
         if s["privileges"].is_object() {
             println!("runs as: {}", runs_as(&s["privileges"]));
         }
+        if let Ok(b) =
+            serde_json::from_value::<warmvm_vmm::executable::BinaryInfo>(s["binary"].clone())
+        {
+            println!("binary: {}", output::binary_line(&b));
+        }
+        if let Ok(t) =
+            serde_json::from_value::<warmvm_api::state::TakeoverInfo>(s["last_takeover"].clone())
+        {
+            println!(
+                "last reboot: from pid {}",
+                t.previous_pid.map_or("-".to_string(), |p| p.to_string())
+            );
+            output::print_binaries(t.from_binary.as_ref(), t.to_binary.as_ref());
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -151,6 +165,9 @@ pub fn reboot(
                     )
                 })?;
             output::print_mode_report(&report);
+            if let Ok(h) = serde_json::from_value::<warmvm_vmm::handover::RebootReport>(r.clone()) {
+                output::print_binaries(h.from_binary.as_ref(), h.to_binary.as_ref());
+            }
         }
         let failed: Vec<String> = back["vms"]
             .as_array()
@@ -529,6 +546,43 @@ fn print_devices(r: &Value) {
     );
 }
 
+/// How long a kernel may run with nothing on its console before `vm show` says so.
+const SILENT_HINT_AFTER_MS: u64 = 10_000;
+
+/// A hint for a kernel (not the reference guest, which reports its own figures) that has
+/// run for a while without writing a byte to its console: "running" alone says nothing
+/// about whether it got anywhere.
+fn silent_guest_hint(r: &Value, console_bytes: Option<u64>) -> Option<String> {
+    let uptime_ms = r["uptime_ms"].as_u64()?;
+    if r["state"] != "running"
+        || r["boot"] == "ring3"
+        || console_bytes != Some(0)
+        || uptime_ms < SILENT_HINT_AFTER_MS
+    {
+        return None;
+    }
+    let exits: u64 = r["exits"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            ["io_exits", "mmio_exits"]
+                .iter()
+                .map(|k| e[*k].as_u64().unwrap_or(0))
+                .sum::<u64>()
+        })
+        .sum();
+    Some(format!(
+        "no console output in {} s of running{}: the kernel may be stuck before its serial console starts, or print elsewhere (its cmdline needs console=ttyS0)",
+        uptime_ms / 1000,
+        if exits == 0 {
+            " and no I/O or MMIO exit"
+        } else {
+            ""
+        }
+    ))
+}
+
 fn print_show(r: &Value) {
     let field = |k: &str, v: String| println!("{k:<18} {v}");
     field("name", text(&r["name"]));
@@ -545,6 +599,14 @@ fn print_show(r: &Value) {
     field("boot", text(&r["boot"]));
     field("uptime", duration(r["uptime_ms"].as_u64().unwrap_or(0)));
     field("console log", text(&r["console_log"]));
+    // The log is on this host when the daemon is (as `vm console` assumes); else no hint.
+    let console_bytes = r["console_log"]
+        .as_str()
+        .and_then(|p| std::fs::metadata(p).ok())
+        .map(|m| m.len());
+    if let Some(hint) = silent_guest_hint(r, console_bytes) {
+        field("hint", hint);
+    }
     let u = &r["unknown_accesses"];
     field(
         "unknown accesses",
@@ -652,6 +714,43 @@ fn print_show(r: &Value) {
 mod tests {
     use super::*;
     use std::path::PathBuf;
+
+    #[test]
+    fn a_kernel_silent_for_a_while_gets_a_hint() {
+        let vm = |boot: &str, state: &str, uptime_ms: u64, io: u64| {
+            serde_json::json!({
+                "boot": boot, "state": state, "uptime_ms": uptime_ms,
+                "exits": [{ "io_exits": io, "mmio_exits": 0 }],
+            })
+        };
+        let hint = silent_guest_hint(&vm("linux", "running", 12_000, 0), Some(0)).unwrap();
+        assert!(hint.contains("no console output in 12 s"), "{hint}");
+        assert!(hint.contains("no I/O or MMIO exit"), "{hint}");
+        let hint = silent_guest_hint(&vm("pvh", "running", 12_000, 5), Some(0)).unwrap();
+        assert!(!hint.contains("no I/O"), "{hint}");
+        // It printed, it has not run long, it is not running, it is the reference guest,
+        // or its log is not on this host: no hint.
+        assert_eq!(
+            silent_guest_hint(&vm("linux", "running", 12_000, 0), Some(1)),
+            None
+        );
+        assert_eq!(
+            silent_guest_hint(&vm("linux", "running", 9_000, 0), Some(0)),
+            None
+        );
+        assert_eq!(
+            silent_guest_hint(&vm("linux", "paused", 12_000, 0), Some(0)),
+            None
+        );
+        assert_eq!(
+            silent_guest_hint(&vm("ring3", "running", 12_000, 0), Some(0)),
+            None
+        );
+        assert_eq!(
+            silent_guest_hint(&vm("linux", "running", 12_000, 0), None),
+            None
+        );
+    }
 
     fn write(name: &str, text: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("warmvm-cli-{}", std::process::id()));

@@ -71,7 +71,7 @@ pub struct DemoArgs {
 const VERIFY_TIMEOUT: Duration = Duration::from_secs(180);
 
 /// What the first VMM tells the second about the demo so far.
-#[derive(Serialize, Deserialize, Default)]
+#[derive(Clone, Serialize, Deserialize, Default)]
 struct DemoCarry {
     /// Each VM's integrity counter just before the reboot: it must never go back.
     counters: BTreeMap<String, u64>,
@@ -85,6 +85,10 @@ struct DemoCarry {
     reboots_left: u32,
     /// Every completed reboot's report, oldest first.
     reports: Vec<RebootReport>,
+    /// The executable of the VMM that handed this over (its report, made by the new VMM,
+    /// cannot know it). Absent from older builds.
+    #[serde(default)]
+    from_binary: Option<warmvm_vmm::executable::BinaryInfo>,
 }
 
 /// Blackout statistics over a chain of reboots, in ms.
@@ -246,6 +250,8 @@ pub fn demo(args: &DemoArgs) -> Result<ExitCode, Failure> {
         warmvm_vmm::config::default_state_dir().join(format!("demo-{}", std::process::id()))
     });
     let stop = crate::run::termination_flag()?;
+    // Each reboot's report names the executables on both sides, with their sha256.
+    warmvm_vmm::executable::hash_in_background();
     if let Some(fd) = args.takeover_fd {
         return continue_after_reboot(args, fd, state_dir, &stop);
     }
@@ -275,7 +281,11 @@ pub fn demo(args: &DemoArgs) -> Result<ExitCode, Failure> {
             args.memory_mib,
             args.vcpus,
             args.seconds,
-            if args.no_reboot { "" } else { ", with a warm reboot of the VMM halfway" }
+            if args.no_reboot {
+                String::new()
+            } else {
+                format!(", with {} of the VMM from halfway", warm_reboots(args.reboots.max(1) as usize))
+            }
         );
     }
     let half = if args.no_reboot {
@@ -296,6 +306,7 @@ pub fn demo(args: &DemoArgs) -> Result<ExitCode, Failure> {
             gaps: Vec::new(),
             reboots_left: args.reboots.saturating_sub(1),
             reports: Vec::new(),
+            from_binary: None,
         };
         // Every later VMM hands over and exits; as subreaper this process inherits and
         // reaps them all, and the last one's verdict is the demo's.
@@ -362,7 +373,11 @@ fn reboot(
         args: new_args,
         stage_timeout: Duration::from_secs(args.reboot_timeout_secs),
         ready_budget: Duration::from_millis(args.ready_budget_ms),
-        extra: serde_json::to_value(carry).unwrap_or_default(),
+        extra: serde_json::to_value(DemoCarry {
+            from_binary: Some(warmvm_vmm::executable::info()),
+            ..carry.clone()
+        })
+        .unwrap_or_default(),
         extra_fds: Vec::new(),
         env: Vec::new(),
     };
@@ -390,7 +405,10 @@ fn continue_after_reboot(
         .map_err(|e| Failure::new(EXIT_VM_FAILED, format!("taking over the VMs failed: {e}")))?;
     let mut carry: DemoCarry = serde_json::from_value(adopted.extra).unwrap_or_default();
     let host = adopted.host;
-    carry.reports.push(adopted.report.clone());
+    carry.reports.push(RebootReport {
+        from_binary: carry.from_binary.take(),
+        ..adopted.report.clone()
+    });
     if let Some(baseline) = carry.pending_baseline_gap_ns.take() {
         carry
             .gaps
@@ -417,6 +435,7 @@ fn continue_after_reboot(
             gaps: std::mem::take(&mut carry.gaps),
             reboots_left: carry.reboots_left - 1,
             reports: std::mem::take(&mut carry.reports),
+            from_binary: None,
         };
         match reboot(args, &host, &next, &state_dir, None) {
             // Our part is done: the next VMM carries on and the first process reaps us.
@@ -564,6 +583,15 @@ fn wait_verified(
     }
 }
 
+/// "a warm reboot" or "N chained warm reboots".
+fn warm_reboots(n: usize) -> String {
+    if n == 1 {
+        "a warm reboot".to_string()
+    } else {
+        format!("{n} chained warm reboots")
+    }
+}
+
 fn finish(
     args: &DemoArgs,
     host: &Host,
@@ -604,6 +632,9 @@ fn finish_with(
     } else {
         output::print_vm_table(&reports);
         if let Some(r) = reboot {
+            if let Some(c) = &chain {
+                println!("the last of {}:", warm_reboots(c.reboots));
+            }
             output::print_reboot_report(r);
         }
         if let Some(c) = &chain {
@@ -632,9 +663,12 @@ fn finish_with(
             reports.iter().filter(|r| verified(r)).count(),
             reports.len(),
             if reboot.is_some() {
-                ", across a warm reboot of the VMM"
+                format!(
+                    ", across {} of the VMM",
+                    warm_reboots(chain.as_ref().map_or(1, |c| c.reboots))
+                )
             } else {
-                ""
+                String::new()
             }
         );
     }
@@ -643,4 +677,15 @@ fn finish_with(
     } else {
         ExitCode::from(EXIT_VM_FAILED)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::warm_reboots;
+
+    #[test]
+    fn the_wording_counts_the_reboots() {
+        assert_eq!(warm_reboots(1), "a warm reboot");
+        assert_eq!(warm_reboots(5), "5 chained warm reboots");
+    }
 }

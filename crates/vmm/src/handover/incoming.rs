@@ -145,6 +145,9 @@ struct Session<'a> {
     /// The old VMM's KVM device, if it handed it over.
     kvm: Option<File>,
     check: ExtraCheck<'a>,
+    /// This executable, for the report: found while staging, as the hash of the image may
+    /// take a moment that the report must not wait for.
+    binary: Option<crate::executable::BinaryInfo>,
 }
 
 impl<'a> Session<'a> {
@@ -161,6 +164,7 @@ impl<'a> Session<'a> {
             sender,
             kvm,
             check,
+            binary: None,
         }
     }
 
@@ -171,6 +175,7 @@ impl<'a> Session<'a> {
     fn run(mut self, state_dir: &Path) -> Result<Adopted, TakeoverError> {
         let kvm = self.kvm.take();
         let staged = self.stage(kvm).map_err(at(Phase::Stage))?;
+        self.binary = Some(crate::executable::info());
         faults::hit(Point::NewStaged);
         self.send_prepared().map_err(at(Phase::Stage))?;
         faults::hit(Point::NewPrepared);
@@ -227,7 +232,9 @@ impl<'a> Session<'a> {
                     resume_us: t_resume.elapsed().as_micros() as u64,
                 },
             );
-            let _ = self.channel.send(&Msg::Resumed(report.clone()), &[]);
+            let _ = self
+                .channel
+                .send(&Msg::Resumed(Box::new(report.clone())), &[]);
             faults::hit(Point::NewReported);
             report
         });
@@ -237,6 +244,7 @@ impl<'a> Session<'a> {
                 new_pid: std::process::id(),
                 state_format: self.format,
                 commit_protocol: self.format >= 3,
+                to_binary: Some(crate::executable::info()),
                 ..Default::default()
             }
         });
@@ -454,6 +462,9 @@ impl<'a> Session<'a> {
             new_pid: std::process::id(),
             from_build: self.sender.clone(),
             to_build: crate::build(),
+            // The old VMM fills in its own.
+            from_binary: None,
+            to_binary: self.binary.clone(),
             host_blackout_us: host_last_resume.saturating_sub(host_first_stop_ns) / 1000,
             phases,
             vms: staged

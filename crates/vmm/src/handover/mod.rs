@@ -48,11 +48,12 @@ pub use state::{
     VmRuntime, VmSpec,
 };
 
-/// The binary of this very process, to rejuvenate with: `/proc/self/exe` works even when
-/// the file on disk was replaced or deleted since this process started (a package upgrade),
-/// where the path `std::env::current_exe` gives would then name nothing or another build.
+/// The image of this very process, to rejuvenate with the same build: `/proc/self/exe`
+/// works even when the file on disk was replaced or deleted since this process started.
+/// An upgrade starts the path the process was started from instead (what is installed
+/// there now): see [`crate::executable::started_from`].
 pub fn this_binary() -> std::path::PathBuf {
-    std::path::PathBuf::from("/proc/self/exe")
+    crate::executable::running_image()
 }
 
 /// The name under which the old VMM hands the new one the shared word that decides which

@@ -207,7 +207,7 @@ pub fn warm_reboot(host: &Host, opts: &RebootOptions) -> Result<Handed, RebootEr
     })
     .and_then(|received| received);
     let report = match first_report {
-        Ok(Msg::Resumed(report)) => Some(report),
+        Ok(Msg::Resumed(report)) => Some(*report),
         other if flag.revoke() => {
             let error = match other {
                 Ok(msg) => unexpected(Phase::Resume, "its report", msg),
@@ -224,6 +224,7 @@ pub fn warm_reboot(host: &Host, opts: &RebootOptions) -> Result<Handed, RebootEr
         new_pid,
         state_format: envelope::FORMAT_VERSION,
         commit_protocol: true,
+        from_binary: Some(crate::executable::info()),
         ..Default::default()
     };
     let report = super::contain(|| {
@@ -238,13 +239,17 @@ pub fn warm_reboot(host: &Host, opts: &RebootOptions) -> Result<Handed, RebootEr
         let report = match report {
             Some(report) => report,
             None => match recv_by(&channel, Instant::now() + REPORT_TIMEOUT, "report") {
-                Ok(Msg::Resumed(report)) => report,
+                Ok(Msg::Resumed(report)) => *report,
                 other => {
                     tracing::warn!(answer = ?other.map(|m| format!("{m:?}")),
                         "the new VMM took the guests but sent no report");
                     unknown()
                 }
             },
+        };
+        let report = RebootReport {
+            from_binary: Some(crate::executable::info()),
+            ..report
         };
         faults::hit(Point::OldDone);
         report
@@ -383,10 +388,15 @@ fn describe(status: ExitStatus) -> String {
 fn spawn(opts: &RebootOptions) -> Result<(Channel, Peer), HandoverError> {
     let (channel, child_end) = Channel::pair()?;
     let mut cmd = Command::new(&opts.binary);
-    cmd.args(&opts.args)
+    // Whatever file it runs (/proc/self/exe, another build's path), the new VMM is called
+    // warmvm: `pidof warmvm` finds it by this argv[0], and it names itself after it.
+    cmd.arg0(crate::executable::PROCESS_NAME)
+        .args(&opts.args)
         .arg("--takeover-fd")
         .arg(CHANNEL_FD.to_string())
         .stderr(Stdio::piped());
+    // Which path it was started from (a symlink, say), which argv[0] no longer tells.
+    cmd.env(crate::executable::STARTED_AS_ENV, &opts.binary);
     for (k, v) in &opts.env {
         cmd.env(k, v);
     }

@@ -36,7 +36,8 @@ pub(crate) enum Msg {
     /// Old → new: the captured state. Fd: the sealed memfd holding its envelope.
     State,
     /// New → old: every VM runs in the new VMM.
-    Resumed(RebootReport),
+    /// Boxed: the report is the largest message by far (serde encodes a box as its content).
+    Resumed(Box<RebootReport>),
     /// Format 2, either way: giving up, and why. Also what a format-2 build answers a
     /// newer format's `Hello` with.
     Failed(String),
@@ -414,6 +415,13 @@ pub struct RebootReport {
     /// Whether the handover had a commit point (false when an older build handed over).
     #[serde(default)]
     pub commit_protocol: bool,
+    /// The executable that handed over: filled in by the old VMM itself (absent when an
+    /// older build handed over).
+    #[serde(default)]
+    pub from_binary: Option<crate::executable::BinaryInfo>,
+    /// The executable that took over (absent when the new VMM is an older build).
+    #[serde(default)]
+    pub to_binary: Option<crate::executable::BinaryInfo>,
 }
 
 #[cfg(test)]
@@ -520,10 +528,37 @@ mod tests {
         let back: RebootReport =
             rmp_serde::from_slice(&drop_field(&bytes, &["commit_protocol"])).unwrap();
         assert!(!back.commit_protocol);
+        for field in ["from_binary", "to_binary"] {
+            let back: RebootReport = rmp_serde::from_slice(&drop_field(&bytes, &[field])).unwrap();
+            assert_eq!(back, report, "{field}");
+        }
         let err = rmp_serde::from_slice::<RebootReport>(&drop_field(&bytes, &["new_pid"]))
             .unwrap_err()
             .to_string();
         assert!(err.contains("new_pid"), "{err}");
+    }
+
+    #[test]
+    fn a_binary_crosses_whole() {
+        let report = RebootReport {
+            to_binary: Some(crate::executable::BinaryInfo {
+                path: "/usr/local/bin/warmvm".into(),
+                version: "0.1.0".into(),
+                commit: "unknown".into(),
+                sha256: "ab".repeat(32),
+            }),
+            ..Default::default()
+        };
+        let bytes = rmp_serde::to_vec_named(&report).unwrap();
+        let back: RebootReport = rmp_serde::from_slice(&bytes).unwrap();
+        assert_eq!(back, report);
+        for field in ["path", "version", "commit", "sha256"] {
+            let err =
+                rmp_serde::from_slice::<RebootReport>(&drop_field(&bytes, &["to_binary", field]))
+                    .unwrap_err()
+                    .to_string();
+            assert!(err.contains(field), "{field}: {err}");
+        }
     }
 
     #[test]

@@ -47,6 +47,11 @@ impl Daemon {
         Self::start_cmd(Command::new(BIN), dir, extra, env)
     }
 
+    /// Start a daemon from the executable at `binary` (a copy of the test's build, say).
+    pub fn start_from(binary: &Path, dir: &Path, extra: &[&str]) -> Daemon {
+        Self::start_cmd(Command::new(binary), dir, extra, &[])
+    }
+
     /// Start a daemon inside network namespace `netns` (`ip netns exec` runs it in place,
     /// so its pid is the daemon's).
     pub fn start_in_netns(dir: &Path, netns: &str) -> Daemon {
