@@ -2,6 +2,7 @@
 //! touch KVM: interrupts leave them as eventfd writes, and anything that needs the vCPU
 //! (sleeping, powering off) is returned to the caller as an [`IoAction`].
 
+pub mod acpi_pm;
 pub mod bus;
 pub mod console;
 pub mod doorbell;
@@ -14,6 +15,7 @@ pub mod virtio;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
+pub use acpi_pm::{AcpiPm, AcpiPmError, AcpiPmHandles, AcpiPmState};
 pub use bus::{Access, Bus, BusDevice, BusError};
 pub use console::{ConsoleLimits, ConsoleSink, ConsoleStats};
 pub use doorbell::{Doorbell, Wake};
@@ -34,6 +36,8 @@ pub enum IoAction {
     Wait { timeout_us: u32 },
     /// The guest powered off with this exit status.
     PowerOff { status: u32 },
+    /// The guest shut itself down through the platform: ACPI S5 in PM1 control.
+    Shutdown,
 }
 
 /// Counters of device activity, read by the API and metrics.
@@ -41,12 +45,19 @@ pub enum IoAction {
 pub struct DeviceCounters {
     pub serial_bytes_out: AtomicU64,
     pub power_requests: AtomicU64,
+    /// Times the VMM pressed the ACPI power button.
+    pub power_button_presses: AtomicU64,
+    /// Times the guest entered S5 (powered off) through ACPI PM1 control.
+    pub acpi_power_offs: AtomicU64,
+    /// Times the guest asked for a sleep state other than S5 (ignored).
+    pub acpi_sleeps_refused: AtomicU64,
 }
 
 /// All devices of one VM, shared by its vCPU threads: a port bus (COM1, the paravirtual
-/// ports) and an MMIO bus.
+/// ports, the ACPI PM1 blocks) and an MMIO bus.
 pub struct Devices {
     serial: Arc<Mutex<SerialConsole>>,
+    acpi_pm: Arc<Mutex<AcpiPm>>,
     /// The virtio devices, in the order of their MMIO windows.
     virtio: Vec<Arc<Mutex<VirtioMmio>>>,
     pio: Bus,
@@ -58,9 +69,16 @@ pub struct Devices {
 }
 
 impl Devices {
-    pub fn new(vm_name: &str, serial: SerialConsole) -> Self {
+    /// `sci` is the ACPI SCI's line.
+    pub fn new(vm_name: &str, serial: SerialConsole, sci: IrqLine) -> Self {
         let serial = Arc::new(Mutex::new(serial));
         let counters = Arc::new(DeviceCounters::default());
+        let doorbell = Arc::new(Doorbell::default());
+        let acpi_pm = Arc::new(Mutex::new(AcpiPm::new(AcpiPmHandles {
+            sci,
+            doorbell: doorbell.clone(),
+            counters: counters.clone(),
+        })));
         let mut pio = Bus::default();
         let placed = pio
             .insert(
@@ -77,15 +95,23 @@ impl Devices {
                     u64::from(pv_ports::PV_PORTS_LEN),
                     Arc::new(Mutex::new(PvPorts::new(counters.clone()))),
                 )
+            })
+            .and_then(|()| {
+                pio.insert(
+                    u64::from(acpi_pm::ACPI_PM_BASE),
+                    u64::from(acpi_pm::ACPI_PM_LEN),
+                    acpi_pm.clone(),
+                )
             });
-        // Two fixed, disjoint port ranges: the insertions cannot fail.
+        // Fixed, disjoint port ranges: the insertions cannot fail.
         debug_assert!(placed.is_ok(), "{placed:?}");
         Self {
             serial,
+            acpi_pm,
             virtio: Vec::new(),
             pio,
             mmio: Bus::default(),
-            doorbell: Arc::new(Doorbell::default()),
+            doorbell,
             unknown: UnknownAccesses::default(),
             counters,
             vm_name: vm_name.to_string(),
@@ -241,6 +267,25 @@ impl Devices {
         self.serial().restore_in_place(state);
     }
 
+    /// Press the ACPI power button (the guest is asked to power off).
+    pub fn press_power_button(&self) {
+        self.acpi_pm().press_power_button();
+    }
+
+    pub fn acpi_pm_state(&self) -> AcpiPmState {
+        self.acpi_pm().save()
+    }
+
+    /// Load saved PM1 registers (a handover or a snapshot restore).
+    pub fn restore_acpi_pm(&self, state: &AcpiPmState) -> Result<(), AcpiPmError> {
+        self.acpi_pm().restore_in_place(state)
+    }
+
+    fn acpi_pm(&self) -> std::sync::MutexGuard<'_, AcpiPm> {
+        // As for the console: three registers, consistent between accesses.
+        self.acpi_pm.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn serial(&self) -> std::sync::MutexGuard<'_, SerialConsole> {
         // A vCPU thread that panicked while holding the lock must not take the whole VM's
         // console down with it: the UART state is a handful of bytes, still consistent.
@@ -256,6 +301,7 @@ mod tests {
         Devices::new(
             "t",
             SerialConsole::new(ConsoleSink::memory(), IrqLine::none()),
+            IrqLine::none(),
         )
     }
 
@@ -296,6 +342,25 @@ mod tests {
         d.mmio_write(0xd000_0000, &[0; 8]);
         let c = d.unknown.counts();
         assert_eq!((c.pio_writes, c.pio_reads, c.mmio_writes), (2, 1, 1));
+    }
+
+    #[test]
+    fn the_power_button_is_on_the_port_bus_and_s5_shuts_down() {
+        use warmvm_abi::{
+            PM1A_CNT_PORT, PM1A_EVT_PORT, PM1_CNT_SLP_EN, PM1_CNT_SLP_TYP_SHIFT, PM1_STS_PWRBTN,
+            SLP_TYP_S5,
+        };
+        let d = devices();
+        d.press_power_button();
+        let mut sts = [0u8; 2];
+        d.pio_read(PM1A_EVT_PORT, &mut sts, Wake::Timeout);
+        assert_eq!(u16::from_le_bytes(sts), PM1_STS_PWRBTN);
+        let s5 = (SLP_TYP_S5 << PM1_CNT_SLP_TYP_SHIFT) | PM1_CNT_SLP_EN;
+        assert_eq!(
+            d.pio_write(PM1A_CNT_PORT, &s5.to_le_bytes()),
+            IoAction::Shutdown
+        );
+        assert_eq!(d.unknown.counts().pio_reads, 0);
     }
 
     #[test]

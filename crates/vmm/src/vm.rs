@@ -19,6 +19,16 @@ use crate::vcpu::{run_vcpu, VcpuHandle, VcpuStats};
 
 /// GSI of COM1's interrupt on the in-kernel PIC/IOAPIC.
 const SERIAL_GSI: u32 = 4;
+
+/// The interrupt lines of a VM's legacy devices: irqfds for a guest that takes interrupts
+/// (Linux), nothing for the reference guest (it polls).
+#[derive(Clone)]
+pub(crate) struct LegacyIrqs {
+    /// COM1 (GSI 4).
+    pub serial: IrqLine,
+    /// The ACPI SCI (`warmvm_abi::SCI_IRQ`, level-triggered: see the MADT's override).
+    pub sci: IrqLine,
+}
 /// How long a vCPU may take to park or exit when told to.
 pub(crate) const VCPU_RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -65,7 +75,10 @@ pub enum VmError {
 /// How a VM ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
+    /// The guest powered off through the paravirtual power port, with this exit status.
     PoweredOff(u32),
+    /// The guest shut itself down through the platform (ACPI S5).
+    Clean,
     Crashed(String),
     /// Stopped by the VMM after the guest did not power off in time.
     Forced,
@@ -164,6 +177,7 @@ impl VmShared {
                     Outcome::Crashed(reason) => Lifecycle::Crashed {
                         reason: reason.clone(),
                     },
+                    Outcome::Clean => Lifecycle::PoweredOff { exit_status: 0 },
                     Outcome::Forced => Lifecycle::Stopped,
                 };
                 match &outcome {
@@ -204,6 +218,8 @@ pub(crate) struct Parts {
     pub kvm_vm: warmvm_hypervisor::Vm,
     pub ram: GuestRam,
     pub serial: SerialConsole,
+    /// The ACPI SCI's line, for the PM1 device.
+    pub sci: IrqLine,
     pub vcpus: Vec<warmvm_hypervisor::Vcpu>,
     pub status_addr: Option<GuestAddress>,
     pub protocol: Protocol,
@@ -218,12 +234,13 @@ pub(crate) struct Parts {
 }
 
 /// Create the KVM VM over `ram`: memory slots first (on PVM each slot costs milliseconds
-/// once an irqchip exists), then the irqchip, and for Linux guests the PIT and COM1's IRQ.
+/// once an irqchip exists), then the irqchip, and for Linux guests the PIT and the irqfds of
+/// COM1 and the ACPI SCI.
 pub(crate) fn build_kvm_vm(
     hv: &Hypervisor,
     ram: &GuestRam,
     linux_devices: bool,
-) -> Result<(warmvm_hypervisor::Vm, IrqLine), VmError> {
+) -> Result<(warmvm_hypervisor::Vm, LegacyIrqs), VmError> {
     let mut kvm_vm = hv.create_vm()?;
     for (slot, (guest_addr, size, host_addr)) in ram.slots().into_iter().enumerate() {
         // SAFETY: the mapping belongs to `ram`, which lives in VmShared beside `kvm_vm` and
@@ -231,13 +248,19 @@ pub(crate) fn build_kvm_vm(
         unsafe { kvm_vm.map_memory(slot as u32, guest_addr, size, host_addr)? };
     }
     kvm_vm.create_irqchip()?;
-    let irq = if linux_devices {
+    let irqs = if linux_devices {
         kvm_vm.create_pit()?;
-        IrqLine::eventfd(kvm_vm.irq_line(SERIAL_GSI)?)
+        LegacyIrqs {
+            serial: IrqLine::eventfd(kvm_vm.irq_line(SERIAL_GSI)?),
+            sci: IrqLine::eventfd(kvm_vm.irq_line(u32::from(warmvm_abi::SCI_IRQ))?),
+        }
     } else {
-        IrqLine::none()
+        LegacyIrqs {
+            serial: IrqLine::none(),
+            sci: IrqLine::none(),
+        }
     };
-    Ok((kvm_vm, irq))
+    Ok((kvm_vm, irqs))
 }
 
 /// A VM's figures, for the CLI, the API and the benchmarks.
@@ -299,7 +322,7 @@ impl Vm {
             taps,
         };
         let virtio_devices = config.disks.len() + config.nets.len();
-        let (kvm_vm, irq) = build_kvm_vm(hv, &ram, linux_devices)?;
+        let (kvm_vm, irqs) = build_kvm_vm(hv, &ram, linux_devices)?;
 
         let console_log = config
             .console_log
@@ -367,8 +390,9 @@ impl Vm {
             ram,
             serial: SerialConsole::new(
                 ConsoleSink::for_vm(&config.name, log, &console_log, config.console_stdout),
-                irq,
+                irqs.serial,
             ),
+            sci: irqs.sci,
             vcpus,
             status_addr: plan.status_addr,
             protocol: plan.protocol,
@@ -388,7 +412,7 @@ impl Vm {
         let now_ns = crate::vcpu::monotonic_ns();
         let created_ns = p.created_ns.unwrap_or(now_ns).min(now_ns);
         let age = Duration::from_nanos(now_ns - created_ns);
-        let mut devices = Devices::new(&p.config.name, p.serial);
+        let mut devices = Devices::new(&p.config.name, p.serial, p.sci);
         crate::virtio::attach(
             &mut devices,
             &p.kvm_vm,
@@ -518,19 +542,19 @@ impl Vm {
         Ok(())
     }
 
-    /// Ask the guest to power off. Only the reference guest understands the request; other
-    /// guests are stopped by [`Vm::stop`] after its timeout.
-    pub fn request_poweroff(&self) -> bool {
-        let Some(addr) = self.status_addr else {
-            return false;
-        };
-        let ok = status::post_command(
-            self.shared.ram.memory(),
-            addr,
-            warmvm_abi::HOST_COMMAND_POWEROFF,
-        );
-        self.shared.devices.doorbell.ring();
-        ok
+    /// Ask the guest to power off: press its ACPI power button. A reference guest of an
+    /// older build (one that does not announce `GUEST_FEATURE_POWER_BUTTON`, still running
+    /// after a warm upgrade) is also sent the paravirtual power-off command it knows.
+    pub fn request_poweroff(&self) {
+        self.shared.devices.press_power_button();
+        if let Some(addr) = self.status_addr {
+            let mem = self.shared.ram.memory();
+            let features = status::guest_features(mem, addr).unwrap_or(0);
+            if features & warmvm_abi::GUEST_FEATURE_POWER_BUTTON == 0 {
+                status::post_command(mem, addr, warmvm_abi::HOST_COMMAND_POWEROFF);
+                self.shared.devices.doorbell.ring();
+            }
+        }
     }
 
     /// Wait until the VM has ended, at most `timeout`. True if it has.
@@ -552,7 +576,8 @@ impl Vm {
         true
     }
 
-    /// Power the VM off: ask the guest, and force it after `grace`.
+    /// Power the VM off: press its power button, and force it off if it has not powered
+    /// off within `grace`. Logs which it was.
     pub fn stop(&self, grace: Duration) -> Lifecycle {
         if self.lifecycle() == Lifecycle::Paused {
             let _ = self.resume();
@@ -560,8 +585,20 @@ impl Vm {
         if self.lifecycle() == Lifecycle::Created {
             self.shared.finish(Outcome::Forced);
         }
-        if !(self.request_poweroff() && self.wait_finished(grace)) {
-            self.shared.finish(Outcome::Forced);
+        if !self.lifecycle().is_finished() {
+            let t0 = Instant::now();
+            self.request_poweroff();
+            if !self.wait_finished(grace) {
+                self.shared.finish(Outcome::Forced);
+            }
+            let (outcome, what) = match self.lifecycle() {
+                Lifecycle::PoweredOff { .. } => ("Clean", "the guest powered off"),
+                Lifecycle::Crashed { .. } => ("Crashed", "the guest crashed"),
+                _ => ("Forced", "the guest did not power off in time: forced off"),
+            };
+            tracing::info!(vm = %self.shared.name, outcome = %outcome,
+                waited_ms = t0.elapsed().as_millis() as u64, grace_secs = grace.as_secs(),
+                "power button pressed: {what}");
         }
         for h in self.handles() {
             h.wait_exited(VCPU_RESPONSE_TIMEOUT);

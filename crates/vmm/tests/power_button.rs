@@ -1,0 +1,63 @@
+//! `Vm::stop` presses the ACPI power button: a guest that watches it powers off cleanly
+//! through ACPI S5, one that ignores it is forced off once the grace period has passed.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use warmvm_vmm::testing::{kvm_available, wait_verified, ScratchDir};
+use warmvm_vmm::{Host, Lifecycle, VmConfig};
+
+fn started(host: &mut Host, name: &str, cmdline: &str) -> std::sync::Arc<warmvm_vmm::Vm> {
+    let mut c = VmConfig::reference(name, 64, 2);
+    c.cmdline = Some(cmdline.into());
+    let vm = host.create_vm(&c).expect("VM created");
+    vm.start().expect("VM starts");
+    wait_verified(&vm, 1);
+    vm
+}
+
+#[test]
+fn a_guest_that_watches_the_power_button_powers_off_through_acpi_s5() {
+    if !kvm_available("a_guest_that_watches_the_power_button_powers_off_through_acpi_s5") {
+        return;
+    }
+    let dir = ScratchDir::new("power-button-clean");
+    let mut host = Host::open(&dir).expect("KVM opens");
+    // A long wait between passes: the press must wake the guest, not its timeout.
+    let vm = started(&mut host, "button-clean", "quiet interval_ms=600000");
+    let end = vm.stop(Duration::from_secs(60));
+    assert_eq!(end, Lifecycle::PoweredOff { exit_status: 0 });
+    let c = &vm.shared().devices.counters;
+    assert_eq!(c.power_button_presses.load(Relaxed), 1);
+    assert_eq!(c.acpi_power_offs.load(Relaxed), 1, "S5 through PM1 control");
+    assert_eq!(c.power_requests.load(Relaxed), 0, "not the power port");
+    let log = std::fs::read_to_string(&vm.report().console_log).expect("console log");
+    assert!(log.contains("power off (power button)"), "{log}");
+}
+
+#[test]
+fn a_guest_that_ignores_the_power_button_is_forced_off_after_the_grace_period() {
+    if !kvm_available("a_guest_that_ignores_the_power_button_is_forced_off_after_the_grace_period")
+    {
+        return;
+    }
+    let dir = ScratchDir::new("power-button-forced");
+    let mut host = Host::open(&dir).expect("KVM opens");
+    let vm = started(
+        &mut host,
+        "button-ignored",
+        "quiet interval_ms=10 power_button=ignore",
+    );
+    let grace = Duration::from_secs(2);
+    let t0 = Instant::now();
+    let end = vm.stop(grace);
+    assert_eq!(end, Lifecycle::Stopped);
+    assert!(
+        t0.elapsed() >= grace,
+        "forced before the grace period ended"
+    );
+    let c = &vm.shared().devices.counters;
+    assert_eq!(c.power_button_presses.load(Relaxed), 1);
+    assert_eq!(c.acpi_power_offs.load(Relaxed), 0);
+    assert_eq!(c.power_requests.load(Relaxed), 0);
+}
