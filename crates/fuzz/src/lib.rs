@@ -135,6 +135,7 @@ pub fn kernel_image(data: &[u8]) {
             ram: &ram,
             vcpus: 1,
             protocol: None,
+            i8042: false,
         },
     );
 }

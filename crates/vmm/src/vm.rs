@@ -378,6 +378,7 @@ impl Vm {
                         BootKind::Pvh => Some(Protocol::Pvh),
                         BootKind::Linux => Some(Protocol::Linux),
                     },
+                    i8042: false,
                 },
             )?,
         };
