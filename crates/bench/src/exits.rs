@@ -294,7 +294,7 @@ fn run_warmvm(hv: &Hypervisor, loops: u32) -> Result<f64> {
     let devices = Devices::new(
         "bench-exits",
         SerialConsole::new(ConsoleSink::new(None, false), IrqLine::none()),
-        IrqLine::none(),
+        warmvm_devices::PlatformIrqs::none(),
     );
     let mut exits = Exits {
         devices: &devices,

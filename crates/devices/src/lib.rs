@@ -6,6 +6,7 @@ pub mod acpi_pm;
 pub mod bus;
 pub mod console;
 pub mod doorbell;
+pub mod i8042;
 pub mod persist;
 pub mod pv_ports;
 pub mod serial;
@@ -19,6 +20,7 @@ pub use acpi_pm::{AcpiPm, AcpiPmError, AcpiPmHandles, AcpiPmState};
 pub use bus::{Access, Bus, BusDevice, BusError};
 pub use console::{ConsoleLimits, ConsoleSink, ConsoleStats};
 pub use doorbell::{Doorbell, Wake};
+pub use i8042::{I8042Error, I8042Handles, I8042State, I8042};
 pub use persist::Persist;
 pub use pv_ports::{PvPorts, PvPortsState};
 pub use serial::{IrqLine, SerialConsole, SerialPort, SerialStateData};
@@ -51,13 +53,36 @@ pub struct DeviceCounters {
     pub acpi_power_offs: AtomicU64,
     /// Times the guest asked for a sleep state other than S5 (ignored).
     pub acpi_sleeps_refused: AtomicU64,
+    /// Times the VMM typed Ctrl-Alt-Del on the i8042.
+    pub ctrl_alt_dels: AtomicU64,
+    /// Times the guest sent the i8042 its CPU reset command.
+    pub i8042_resets: AtomicU64,
+}
+
+/// The interrupt lines of the platform devices (none for a guest that takes no interrupts).
+#[derive(Clone)]
+pub struct PlatformIrqs {
+    /// The ACPI SCI (`warmvm_abi::SCI_IRQ`).
+    pub sci: IrqLine,
+    /// The i8042's keyboard interrupt (IRQ 1).
+    pub keyboard: IrqLine,
+}
+
+impl PlatformIrqs {
+    pub fn none() -> Self {
+        Self {
+            sci: IrqLine::none(),
+            keyboard: IrqLine::none(),
+        }
+    }
 }
 
 /// All devices of one VM, shared by its vCPU threads: a port bus (COM1, the paravirtual
-/// ports, the ACPI PM1 blocks) and an MMIO bus.
+/// ports, the ACPI PM1 blocks, the i8042) and an MMIO bus.
 pub struct Devices {
     serial: Arc<Mutex<SerialConsole>>,
     acpi_pm: Arc<Mutex<AcpiPm>>,
+    i8042: Arc<Mutex<I8042>>,
     /// The virtio devices, in the order of their MMIO windows.
     virtio: Vec<Arc<Mutex<VirtioMmio>>>,
     pio: Bus,
@@ -69,13 +94,17 @@ pub struct Devices {
 }
 
 impl Devices {
-    /// `sci` is the ACPI SCI's line.
-    pub fn new(vm_name: &str, serial: SerialConsole, sci: IrqLine) -> Self {
+    pub fn new(vm_name: &str, serial: SerialConsole, irqs: PlatformIrqs) -> Self {
         let serial = Arc::new(Mutex::new(serial));
         let counters = Arc::new(DeviceCounters::default());
         let doorbell = Arc::new(Doorbell::default());
         let acpi_pm = Arc::new(Mutex::new(AcpiPm::new(AcpiPmHandles {
-            sci,
+            sci: irqs.sci,
+            doorbell: doorbell.clone(),
+            counters: counters.clone(),
+        })));
+        let i8042 = Arc::new(Mutex::new(I8042::new(I8042Handles {
+            irq: irqs.keyboard,
             doorbell: doorbell.clone(),
             counters: counters.clone(),
         })));
@@ -102,12 +131,20 @@ impl Devices {
                     u64::from(acpi_pm::ACPI_PM_LEN),
                     acpi_pm.clone(),
                 )
+            })
+            .and_then(|()| {
+                pio.insert(
+                    u64::from(i8042::I8042_BASE),
+                    u64::from(i8042::I8042_LEN),
+                    i8042.clone(),
+                )
             });
         // Fixed, disjoint port ranges: the insertions cannot fail.
         debug_assert!(placed.is_ok(), "{placed:?}");
         Self {
             serial,
             acpi_pm,
+            i8042,
             virtio: Vec::new(),
             pio,
             mmio: Bus::default(),
@@ -281,6 +318,25 @@ impl Devices {
         self.acpi_pm().restore_in_place(state)
     }
 
+    /// Type Ctrl-Alt-Del on the i8042 (a guest without ACPI is asked to shut down). False
+    /// if the guest has not read what it was typed before.
+    pub fn press_ctrl_alt_del(&self) -> bool {
+        self.i8042().press_ctrl_alt_del()
+    }
+
+    pub fn i8042_state(&self) -> I8042State {
+        self.i8042().save()
+    }
+
+    /// Load a saved i8042 (a handover or a snapshot restore).
+    pub fn restore_i8042(&self, state: &I8042State) -> Result<(), I8042Error> {
+        self.i8042().restore_in_place(state)
+    }
+
+    fn i8042(&self) -> std::sync::MutexGuard<'_, I8042> {
+        self.i8042.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn acpi_pm(&self) -> std::sync::MutexGuard<'_, AcpiPm> {
         // As for the console: three registers, consistent between accesses.
         self.acpi_pm.lock().unwrap_or_else(|p| p.into_inner())
@@ -301,7 +357,7 @@ mod tests {
         Devices::new(
             "t",
             SerialConsole::new(ConsoleSink::memory(), IrqLine::none()),
-            IrqLine::none(),
+            PlatformIrqs::none(),
         )
     }
 
@@ -361,6 +417,20 @@ mod tests {
             IoAction::Shutdown
         );
         assert_eq!(d.unknown.counts().pio_reads, 0);
+    }
+
+    #[test]
+    fn the_i8042_sits_on_0x60_and_0x64_and_leaves_0x61_unknown() {
+        let d = devices();
+        assert!(d.press_ctrl_alt_del());
+        let mut b = [0u8];
+        d.pio_read(0x64, &mut b, Wake::Timeout);
+        assert_eq!(b[0] & 1, 1, "output buffer full");
+        d.pio_read(0x60, &mut b, Wake::Timeout);
+        assert_eq!(b[0], 0x14, "Ctrl's make code first");
+        d.pio_read(0x61, &mut b, Wake::Timeout);
+        assert_eq!(d.unknown.counts().pio_reads, 1);
+        assert_eq!(d.pio_write(0x64, &[0xfe]), IoAction::Shutdown);
     }
 
     #[test]

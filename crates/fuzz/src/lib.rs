@@ -147,7 +147,7 @@ pub fn device_registers(data: &[u8]) {
     let devices = Devices::new(
         "fuzz",
         SerialConsole::new(ConsoleSink::new(None, false), IrqLine::none()),
-        IrqLine::none(),
+        warmvm_devices::PlatformIrqs::none(),
     );
     for op in data.chunks_exact(4) {
         let (kind, lo, value) = (op[0], op[1], op[3]);

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use vm_memory::GuestAddress;
 use warmvm_boot::{BootPlan, Protocol, RamRange};
-use warmvm_devices::{ConsoleSink, Devices, IrqLine, SerialConsole};
+use warmvm_devices::{ConsoleSink, Devices, IrqLine, PlatformIrqs, SerialConsole};
 use warmvm_hypervisor::{CpuidOptions, Hypervisor};
 use warmvm_memory::GuestRam;
 
@@ -19,6 +19,8 @@ use crate::vcpu::{run_vcpu, VcpuHandle, VcpuStats};
 
 /// GSI of COM1's interrupt on the in-kernel PIC/IOAPIC.
 const SERIAL_GSI: u32 = 4;
+/// GSI of the i8042's keyboard interrupt.
+const KEYBOARD_GSI: u32 = 1;
 
 /// The interrupt lines of a VM's legacy devices: irqfds for a guest that takes interrupts
 /// (Linux), nothing for the reference guest (it polls).
@@ -26,8 +28,8 @@ const SERIAL_GSI: u32 = 4;
 pub(crate) struct LegacyIrqs {
     /// COM1 (GSI 4).
     pub serial: IrqLine,
-    /// The ACPI SCI (`warmvm_abi::SCI_IRQ`, level-triggered: see the MADT's override).
-    pub sci: IrqLine,
+    /// The ACPI SCI and the i8042's keyboard interrupt.
+    pub platform: PlatformIrqs,
 }
 /// How long a vCPU may take to park or exit when told to.
 pub(crate) const VCPU_RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -82,6 +84,36 @@ pub enum Outcome {
     Crashed(String),
     /// Stopped by the VMM after the guest did not power off in time.
     Forced,
+}
+
+/// How a stop asks a guest to shut down.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PowerButton {
+    /// The ACPI fixed-hardware power button (PM1 status, SCI).
+    Acpi,
+    /// Ctrl-Alt-Del typed on the i8042 keyboard controller.
+    CtrlAltDel,
+}
+
+impl PowerButton {
+    /// Ctrl-Alt-Del for a Linux guest whose command line has `acpi=off` (the kernel then
+    /// ignores the ACPI tables and so the button); the ACPI button for every other guest,
+    /// the reference guest included (it polls PM1 status).
+    pub fn for_guest(linux: bool, cmdline: Option<&str>) -> Self {
+        let acpi_off = cmdline.is_some_and(|c| c.split_ascii_whitespace().any(|t| t == "acpi=off"));
+        if linux && acpi_off {
+            PowerButton::CtrlAltDel
+        } else {
+            PowerButton::Acpi
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            PowerButton::Acpi => "acpi",
+            PowerButton::CtrlAltDel => "ctrl-alt-del",
+        }
+    }
 }
 
 /// Where a VM is in its life.
@@ -218,8 +250,8 @@ pub(crate) struct Parts {
     pub kvm_vm: warmvm_hypervisor::Vm,
     pub ram: GuestRam,
     pub serial: SerialConsole,
-    /// The ACPI SCI's line, for the PM1 device.
-    pub sci: IrqLine,
+    /// The ACPI SCI's and the i8042's lines.
+    pub platform: PlatformIrqs,
     pub vcpus: Vec<warmvm_hypervisor::Vcpu>,
     pub status_addr: Option<GuestAddress>,
     pub protocol: Protocol,
@@ -235,7 +267,7 @@ pub(crate) struct Parts {
 
 /// Create the KVM VM over `ram`: memory slots first (on PVM each slot costs milliseconds
 /// once an irqchip exists), then the irqchip, and for Linux guests the PIT and the irqfds of
-/// COM1 and the ACPI SCI.
+/// COM1, the ACPI SCI (level-triggered: see the MADT's override) and the i8042 (IRQ 1).
 pub(crate) fn build_kvm_vm(
     hv: &Hypervisor,
     ram: &GuestRam,
@@ -252,12 +284,15 @@ pub(crate) fn build_kvm_vm(
         kvm_vm.create_pit()?;
         LegacyIrqs {
             serial: IrqLine::eventfd(kvm_vm.irq_line(SERIAL_GSI)?),
-            sci: IrqLine::eventfd(kvm_vm.irq_line(u32::from(warmvm_abi::SCI_IRQ))?),
+            platform: PlatformIrqs {
+                sci: IrqLine::eventfd(kvm_vm.irq_line(u32::from(warmvm_abi::SCI_IRQ))?),
+                keyboard: IrqLine::eventfd(kvm_vm.irq_line(KEYBOARD_GSI)?),
+            },
         }
     } else {
         LegacyIrqs {
             serial: IrqLine::none(),
-            sci: IrqLine::none(),
+            platform: PlatformIrqs::none(),
         }
     };
     Ok((kvm_vm, irqs))
@@ -378,7 +413,7 @@ impl Vm {
                         BootKind::Pvh => Some(Protocol::Pvh),
                         BootKind::Linux => Some(Protocol::Linux),
                     },
-                    i8042: false,
+                    i8042: true,
                 },
             )?,
         };
@@ -393,7 +428,7 @@ impl Vm {
                 ConsoleSink::for_vm(&config.name, log, &console_log, config.console_stdout),
                 irqs.serial,
             ),
-            sci: irqs.sci,
+            platform: irqs.platform,
             vcpus,
             status_addr: plan.status_addr,
             protocol: plan.protocol,
@@ -413,7 +448,7 @@ impl Vm {
         let now_ns = crate::vcpu::monotonic_ns();
         let created_ns = p.created_ns.unwrap_or(now_ns).min(now_ns);
         let age = Duration::from_nanos(now_ns - created_ns);
-        let mut devices = Devices::new(&p.config.name, p.serial, p.sci);
+        let mut devices = Devices::new(&p.config.name, p.serial, p.platform);
         crate::virtio::attach(
             &mut devices,
             &p.kvm_vm,
@@ -543,11 +578,26 @@ impl Vm {
         Ok(())
     }
 
-    /// Ask the guest to power off: press its ACPI power button. A reference guest of an
-    /// older build (one that does not announce `GUEST_FEATURE_POWER_BUTTON`, still running
-    /// after a warm upgrade) is also sent the paravirtual power-off command it knows.
+    /// The button a stop presses: Ctrl-Alt-Del on the i8042 for a Linux guest told to
+    /// ignore ACPI (`acpi=off` on its command line), the ACPI power button otherwise.
+    pub fn power_button(&self) -> PowerButton {
+        PowerButton::for_guest(self.linux_devices, self.config.cmdline.as_deref())
+    }
+
+    /// Ask the guest to power off: press its power button ([`Vm::power_button`]). A
+    /// reference guest of an older build (one that does not announce
+    /// `GUEST_FEATURE_POWER_BUTTON`, still running after a warm upgrade) is also sent the
+    /// paravirtual power-off command it knows.
     pub fn request_poweroff(&self) {
-        self.shared.devices.press_power_button();
+        match self.power_button() {
+            PowerButton::Acpi => self.shared.devices.press_power_button(),
+            PowerButton::CtrlAltDel => {
+                if !self.shared.devices.press_ctrl_alt_del() {
+                    tracing::warn!(vm = %self.shared.name,
+                        "the guest has not read the keys typed before: Ctrl-Alt-Del not typed");
+                }
+            }
+        }
         if let Some(addr) = self.status_addr {
             let mem = self.shared.ram.memory();
             let features = status::guest_features(mem, addr).unwrap_or(0);
@@ -598,6 +648,7 @@ impl Vm {
                 _ => ("Forced", "the guest did not power off in time: forced off"),
             };
             tracing::info!(vm = %self.shared.name, outcome = %outcome,
+                button = self.power_button().name(),
                 waited_ms = t0.elapsed().as_millis() as u64, grace_secs = grace.as_secs(),
                 "power button pressed: {what}");
         }
@@ -751,4 +802,29 @@ pub(crate) fn open_log(path: &Path) -> Result<File, VmError> {
         .append(true)
         .open(path)
         .map_err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PowerButton;
+
+    #[test]
+    fn only_a_linux_guest_told_acpi_off_gets_ctrl_alt_del() {
+        use PowerButton::{Acpi, CtrlAltDel};
+        let cases = [
+            (true, None, Acpi),
+            (true, Some("console=ttyS0"), Acpi),
+            (true, Some("console=ttyS0 acpi=off panic=1"), CtrlAltDel),
+            (true, Some("acpi=offx noacpi=off"), Acpi),
+            (true, Some("acpi=force"), Acpi),
+            (false, Some("acpi=off"), Acpi),
+        ];
+        for (linux, cmdline, button) in cases {
+            assert_eq!(
+                PowerButton::for_guest(linux, cmdline),
+                button,
+                "{cmdline:?}"
+            );
+        }
+    }
 }

@@ -92,7 +92,7 @@ pub(crate) fn build_vm(
         kvm_vm,
         ram,
         serial,
-        sci: irqs.sci,
+        platform: irqs.platform,
         vcpus,
         status_addr: spec.status_addr.map(GuestAddress),
         protocol: spec.protocol.into(),
