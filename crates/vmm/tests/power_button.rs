@@ -61,3 +61,52 @@ fn a_guest_that_ignores_the_power_button_is_forced_off_after_the_grace_period() 
     assert_eq!(c.acpi_power_offs.load(Relaxed), 0);
     assert_eq!(c.power_requests.load(Relaxed), 0);
 }
+
+/// A press the guest has not seen yet travels with the VM: pressed while the VM is paused,
+/// snapshotted, restored under a new name and started, the copy finds the button pressed
+/// and powers off through S5 though nobody pressed its own. The i8042's typed keys travel
+/// the same way.
+#[test]
+fn a_pending_press_and_typed_keys_survive_a_snapshot() {
+    if !kvm_available("a_pending_press_and_typed_keys_survive_a_snapshot") {
+        return;
+    }
+    let dir = ScratchDir::new("power-button-snapshot");
+    let mut host = Host::open(&dir).expect("KVM opens");
+    let orig = started(&mut host, "button-orig", "quiet interval_ms=10");
+    orig.pause().expect("VM pauses");
+    orig.shared().devices.press_power_button();
+    assert!(orig.shared().devices.press_ctrl_alt_del());
+    let pm1 = orig.shared().devices.acpi_pm_state();
+    let i8042 = orig.shared().devices.i8042_state();
+    assert_ne!(pm1.pm1_sts & warmvm_abi::PM1_STS_PWRBTN, 0);
+    assert!(!i8042.buffer.is_empty());
+    warmvm_vmm::snapshot::save(&orig, &dir.join("snap"), false).expect("snapshot taken");
+    let restored = warmvm_vmm::snapshot::restore(
+        host.hypervisor(),
+        &dir.join("snap"),
+        Some("button-copy"),
+        &Default::default(),
+        &dir,
+    )
+    .expect("snapshot restored");
+    assert_eq!(restored.vm.shared().devices.acpi_pm_state(), pm1);
+    assert_eq!(restored.vm.shared().devices.i8042_state(), i8042);
+    let copy = restored.start();
+    // Snapshotted paused, it comes back paused.
+    assert_eq!(copy.lifecycle(), Lifecycle::Paused);
+    copy.resume().expect("the copy resumes");
+    assert!(
+        copy.wait_finished(Duration::from_secs(60)),
+        "the copy did not act on the press it inherited"
+    );
+    assert_eq!(copy.lifecycle(), Lifecycle::PoweredOff { exit_status: 0 });
+    let c = &copy.shared().devices.counters;
+    assert_eq!(
+        c.power_button_presses.load(Relaxed),
+        0,
+        "never pressed itself"
+    );
+    assert_eq!(c.acpi_power_offs.load(Relaxed), 1);
+    orig.stop(Duration::from_secs(60));
+}
