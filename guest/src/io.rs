@@ -52,15 +52,21 @@ pub fn outw(port: u16, value: u16) {
     }
 }
 
-/// Whether the ACPI power button was pressed; clears its status bit if so.
-pub fn take_power_button() -> bool {
+/// Whether the ACPI power button was pressed (clearing its status bit if so), or `None`
+/// when there is no PM1 status register at warmvm's port: all ones is what a port nothing
+/// decodes reads as (another VMM that booted the guest through PVH), never a status.
+pub fn take_power_button() -> Option<bool> {
     use warmvm_abi::{PM1A_EVT_PORT, PM1_STS_PWRBTN};
-    let pressed = inw(PM1A_EVT_PORT) & PM1_STS_PWRBTN != 0;
+    let sts = inw(PM1A_EVT_PORT);
+    if sts == u16::MAX {
+        return None;
+    }
+    let pressed = sts & PM1_STS_PWRBTN != 0;
     if pressed {
         // Write 1 to clear, and only that bit.
         outw(PM1A_EVT_PORT, PM1_STS_PWRBTN);
     }
-    pressed
+    Some(pressed)
 }
 
 /// Enter ACPI S5 (soft off) through PM1 control: the platform's clean power-off. Never

@@ -248,6 +248,8 @@ pub struct Worker {
     /// wait (a press rings the doorbell, so a wait that ended may have been the press).
     ticks_since_button: u32,
     after_wait: bool,
+    /// No PM1 status register answered (another VMM): stop looking.
+    no_power_button: bool,
     services: crate::services::Services,
 }
 
@@ -285,6 +287,7 @@ impl Worker {
             next_beat_tsc: 0,
             ticks_since_button: 0,
             after_wait: false,
+            no_power_button: false,
             services,
         };
         if vcpu == 0 && opts.heartbeat_us != 0 {
@@ -332,7 +335,7 @@ impl Worker {
         if POWER_BUTTON_PRESSED.load(Ordering::Acquire) != 0 {
             self.stop(Stop::PowerButton);
         }
-        if self.vcpu != 0 || self.opts.ignore_power_button {
+        if self.vcpu != 0 || self.opts.ignore_power_button || self.no_power_button {
             return;
         }
         self.ticks_since_button += 1;
@@ -340,9 +343,13 @@ impl Worker {
             return;
         }
         self.ticks_since_button = 0;
-        if io::take_power_button() {
-            POWER_BUTTON_PRESSED.store(1, Ordering::Release);
-            self.stop(Stop::PowerButton);
+        match io::take_power_button() {
+            Some(true) => {
+                POWER_BUTTON_PRESSED.store(1, Ordering::Release);
+                self.stop(Stop::PowerButton);
+            }
+            Some(false) => {}
+            None => self.no_power_button = true,
         }
     }
 
