@@ -110,3 +110,52 @@ fn a_pending_press_and_typed_keys_survive_a_snapshot() {
     assert_eq!(c.acpi_power_offs.load(Relaxed), 1);
     orig.stop(Duration::from_secs(60));
 }
+
+/// The Linux kernel the boot test uses (`scripts/fetch-linux-kernel.sh`).
+fn linux_kernel() -> Option<std::path::PathBuf> {
+    let path = match std::env::var_os("WARMVM_LINUX_KERNEL") {
+        Some(p) => p.into(),
+        None => std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/linux/vmlinux"),
+    };
+    if path.is_file() {
+        return Some(path);
+    }
+    if std::env::var("WARMVM_REQUIRE_KVM").as_deref() == Ok("1") {
+        panic!(
+            "no Linux kernel at {} (WARMVM_REQUIRE_KVM=1): run scripts/fetch-linux-kernel.sh",
+            path.display()
+        );
+    }
+    eprintln!("skipped: no Linux kernel at {}", path.display());
+    None
+}
+
+/// Which button a stop presses on a real Linux guest: the ACPI button, or Ctrl-Alt-Del on
+/// the i8042 when its command line has `acpi=off`. (The kernel does not get far enough
+/// here to act on either: both are forced after their grace period.)
+#[test]
+fn a_linux_guest_told_acpi_off_is_sent_ctrl_alt_del_instead_of_the_acpi_button() {
+    if !kvm_available("a_linux_guest_told_acpi_off_is_sent_ctrl_alt_del_instead_of_the_acpi_button")
+    {
+        return;
+    }
+    let Some(kernel) = linux_kernel() else {
+        return;
+    };
+    let dir = ScratchDir::new("power-button-linux");
+    let mut host = Host::open(&dir).expect("KVM opens");
+    for (name, cmdline, acpi_presses, keys_typed) in [
+        ("linux-acpi", "console=ttyS0 panic=1", 1, 0),
+        ("linux-noacpi", "console=ttyS0 panic=1 acpi=off", 0, 1),
+    ] {
+        let mut c = VmConfig::reference(name, 256, 1);
+        c.kernel = Some(kernel.clone());
+        c.cmdline = Some(cmdline.into());
+        let vm = host.create_vm(&c).expect("Linux VM created");
+        vm.start().expect("VM starts");
+        vm.stop(Duration::from_secs(1));
+        let c = &vm.shared().devices.counters;
+        assert_eq!(c.power_button_presses.load(Relaxed), acpi_presses, "{name}");
+        assert_eq!(c.ctrl_alt_dels.load(Relaxed), keys_typed, "{name}");
+    }
+}
