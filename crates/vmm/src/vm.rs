@@ -648,7 +648,7 @@ impl Vm {
                 _ => ("Forced", "the guest did not power off in time: forced off"),
             };
             tracing::info!(vm = %self.shared.name, outcome = %outcome,
-                button = self.power_button().name(),
+                button = %self.power_button().name(),
                 waited_ms = t0.elapsed().as_millis() as u64, grace_secs = grace.as_secs(),
                 "power button pressed: {what}");
         }
