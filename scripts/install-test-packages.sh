@@ -23,6 +23,7 @@ packages=(
     iproute2        # ip netns, ip tuntap: the network tests' own namespaces
     wrk httperf coreutils  # bench cache's loads (stdbuf line-buffers httperf)
     fonts-dejavu-core  # the text of bench aging's plots
+    acpica-tools    # iasl -d disassembles the ACPI tables built for Linux guests
 )
 
 installed() {

@@ -294,6 +294,7 @@ fn run_warmvm(hv: &Hypervisor, loops: u32) -> Result<f64> {
     let devices = Devices::new(
         "bench-exits",
         SerialConsole::new(ConsoleSink::new(None, false), IrqLine::none()),
+        warmvm_devices::PlatformIrqs::none(),
     );
     let mut exits = Exits {
         devices: &devices,
@@ -317,7 +318,7 @@ fn run_warmvm(hv: &Hypervisor, loops: u32) -> Result<f64> {
                 io_exits.fetch_add(1, Ordering::Relaxed);
                 match exits.action {
                     IoAction::None => {}
-                    IoAction::PowerOff { .. } => break Ok(t0.elapsed()),
+                    IoAction::PowerOff { .. } | IoAction::Shutdown => break Ok(t0.elapsed()),
                     IoAction::Wait { .. } => {
                         break Err(Error("the bench guest waited unexpectedly".into()))
                     }

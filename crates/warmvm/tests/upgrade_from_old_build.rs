@@ -1,6 +1,7 @@
 //! A live upgrade from a real older build: the daemon of commit a412568, built from this
 //! repository's history, hands its VMs to this build; this build then reboots into itself
-//! (with the commit protocol), and refuses to hand them back down to the old build.
+//! (with the commit protocol), and refuses to hand them back down to the old build; the old
+//! build's guests, which know no power button, still power off when stopped.
 //!
 //! Why a412568: it is the last commit before the handover got its commit point (issue 7),
 //! so it writes state format 2 and has no Ready/Commit step. Format 2 is the oldest this
@@ -187,4 +188,13 @@ fn upgrade_from_the_last_build_without_the_commit_protocol() {
         d.log()
     );
     assert_eq!(d.pid, serving);
+
+    // The guests are still the old build's: they do not watch the ACPI power button, so a
+    // stop also posts them the power-off command they know, and they power off themselves.
+    let r = d
+        .client()
+        .stop(&names[0], Some(60))
+        .unwrap_or_else(|e| panic!("{e}\n{}", d.log()));
+    assert_eq!(r["state"], "powered-off", "{r}\n{}", d.log());
+    assert_eq!(r["exit_status"], 0, "{r}");
 }

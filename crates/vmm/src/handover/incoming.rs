@@ -599,6 +599,7 @@ fn restore_all(
                 .devices
                 .restore_virtio(&runtime.virtio)
                 .map_err(|e| HandoverError::BadState(e.to_string()))?;
+            restore_platform(vm, runtime)?;
         }
     }
     for (vm, serial) in serials {
@@ -606,6 +607,23 @@ fn restore_all(
     }
     let lifecycles = records.into_iter().map(|r| r.lifecycle).collect();
     Ok((lifecycles, t_restore.elapsed().as_micros() as u64))
+}
+
+/// Load the power button's and the i8042's state; a state they could not have saved is
+/// refused (the handover fails and the old VMM keeps the VM).
+pub(crate) fn restore_platform(
+    vm: &Vm,
+    runtime: &crate::handover::VmRuntime,
+) -> Result<(), HandoverError> {
+    let bad = |e: String| HandoverError::BadState(format!("VM {}: {e}", vm.name()));
+    vm.shared
+        .devices
+        .restore_acpi_pm(&runtime.acpi_pm)
+        .map_err(|e| bad(e.to_string()))?;
+    vm.shared
+        .devices
+        .restore_i8042(&runtime.i8042)
+        .map_err(|e| bad(e.to_string()))
 }
 
 /// Let every restored VM go, as it was in the old VMM. Nothing here can fail: this runs

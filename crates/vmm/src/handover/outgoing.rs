@@ -564,6 +564,8 @@ pub(crate) fn capture_record(vm: &Vm, deadline: Instant) -> Result<VmRecord, Han
             kvm,
             serial: vm.shared.devices.serial_state(),
             virtio: vm.shared.devices.virtio_states(),
+            acpi_pm: vm.shared.devices.acpi_pm_state(),
+            i8042: vm.shared.devices.i8042_state(),
         })
     };
     // Read after the vCPUs parked: a guest that powered off meanwhile is handed over

@@ -346,6 +346,14 @@ pub struct VmRuntime {
     /// format 3 by the virtio devices.
     #[serde(default)]
     pub virtio: Vec<warmvm_devices::VirtioMmioState>,
+    /// The ACPI power button's PM1 registers. Added in format 3 by the power button: a
+    /// state from a build without it has none, and the device starts from power-on.
+    #[serde(default)]
+    pub acpi_pm: warmvm_devices::AcpiPmState,
+    /// The i8042 keyboard controller. Added in format 3 with the power button, like
+    /// `acpi_pm`.
+    #[serde(default)]
+    pub i8042: warmvm_devices::I8042State,
 }
 
 /// Everything a VM needs to be re-created elsewhere, apart from the fds of its RAM and
@@ -515,6 +523,45 @@ mod tests {
                 .to_string();
             assert!(err.contains(field), "{field}: {err}");
         }
+    }
+
+    /// A live VM's runtime with a pressed power button and keys typed on the i8042.
+    fn runtime() -> VmRuntime {
+        VmRuntime {
+            first_stop_ns: 3,
+            vcpus: vec![Default::default()],
+            kvm: Default::default(),
+            serial: Default::default(),
+            virtio: Vec::new(),
+            acpi_pm: warmvm_devices::AcpiPmState {
+                pm1_sts: warmvm_abi::PM1_STS_PWRBTN,
+                pm1_en: warmvm_abi::PM1_EN_PWRBTN,
+                pm1_cnt: 0,
+            },
+            i8042: warmvm_devices::I8042State {
+                status: 0x15,
+                buffer: vec![0x14, 0x11],
+                ..Default::default()
+            },
+        }
+    }
+
+    #[test]
+    fn the_platform_devices_cross_and_states_without_them_read_as_power_on() {
+        let bytes = rmp_serde::to_vec_named(&runtime()).unwrap();
+        let back: VmRuntime = rmp_serde::from_slice(&bytes).unwrap();
+        assert_eq!(back.acpi_pm, runtime().acpi_pm);
+        assert_eq!(back.i8042, runtime().i8042);
+        // What a build before the power button sent.
+        let older = drop_field(&drop_field(&bytes, &["acpi_pm"]), &["i8042"]);
+        let back: VmRuntime = rmp_serde::from_slice(&older).unwrap();
+        assert_eq!(back.acpi_pm, Default::default());
+        assert_eq!(back.i8042, Default::default());
+        // Their own fields are all required.
+        let err = rmp_serde::from_slice::<VmRuntime>(&drop_field(&bytes, &["acpi_pm", "pm1_en"]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("pm1_en"), "{err}");
     }
 
     #[test]
