@@ -365,6 +365,7 @@ fn reboot(
         extra: serde_json::to_value(carry).unwrap_or_default(),
         extra_fds: Vec::new(),
         env: Vec::new(),
+        before_blackout: None,
     };
     handover::warm_reboot(host, &opts)
         .map(|handed| handed.child)
