@@ -12,6 +12,7 @@
 //! | `cache_mib=N` | the HTTP server's page cache, carved from the workload's RAM | 8 |
 //! | `hostile=KIND` | test only: break the virtio protocol on the disk once (`loop`, `addr`, `len`, `index`, `status`) | none |
 //! | `hostile_net=KIND` | test only: break the virtio protocol on the network device once (same kinds as `hostile=`; `status` sets DRIVER_OK before FEATURES_OK), then reset it and serve normally | none |
+//! | `boot_delay_ms=N` | stay in the booting phase (not yet up, as the host sees it) for N ms before the workload starts, as a slowly booting system would; it still powers off when asked | 0 |
 //! | `heartbeat_us=N` | vCPU 0 writes `HEARTBEAT_PORT` every N µs while it verifies (for an outside probe: the host's KVM trace); 0 = never | 0 |
 //! | `disk_check_ms=N` | re-read and re-check the disk's files every N ms (vCPU 0); 0 = never | 1000 |
 //! | `hostile=console` / `ports` / `both` | a hostile guest, for tests of the VMM's bounds: instead of the workload, every vCPU writes to the serial port (console), or to and from ports no device decodes (ports), as fast as it can, forever | off |
@@ -29,6 +30,7 @@ pub struct Options {
     pub tsc_khz: Option<u64>,
     pub disk_check_ms: u64,
     pub heartbeat_us: u64,
+    pub boot_delay_ms: u64,
     pub ip: Option<([u8; 4], u8)>,
     pub cache_mib: u64,
     pub hostile: Option<Hostile>,
@@ -84,6 +86,7 @@ impl Default for Options {
             tsc_khz: None,
             disk_check_ms: 1000,
             heartbeat_us: 0,
+            boot_delay_ms: 0,
             ip: None,
             cache_mib: 8,
             hostile: None,
@@ -160,6 +163,10 @@ pub fn parse(cmdline: &[u8]) -> (Options, Ignored<'_>) {
         let ok = match (key, number) {
             (b"fill", Some(n)) if n <= 100 => {
                 o.fill_percent = n;
+                true
+            }
+            (b"boot_delay_ms", Some(n)) => {
+                o.boot_delay_ms = n;
                 true
             }
             (b"interval_ms", Some(n)) => {
