@@ -279,7 +279,13 @@ impl Client {
         let report = self.reboot_request(&req, timeout)?;
         if mode != "warm" {
             let new_pid = report["new_pid"].as_u64().unwrap_or(0);
-            self.wait_reboot_done(Some(new_pid), timeout.saturating_sub(started.elapsed()))?;
+            let left = timeout.saturating_sub(started.elapsed());
+            match self.wait_reboot_done(Some(new_pid), left) {
+                // The reboot was answered; a new daemon gone since is for the caller to
+                // find out (the next daemon started brings its VMs back).
+                Ok(_) | Err(ClientError::NoDaemon(_)) => {}
+                Err(e) => return Err(e),
+            }
         }
         Ok(report)
     }
@@ -302,7 +308,7 @@ impl Client {
     /// reboot in progress (a new daemon of a saved or cold reboot brings its VMs back while
     /// it serves); returns that status. Errors while the daemon is being replaced are
     /// retried until `timeout`; then the last status seen (or error) is returned as an
-    /// error.
+    /// error. No daemon on the socket at all ends the wait at once.
     pub fn wait_reboot_done(
         &self,
         pid: Option<u64>,
@@ -312,6 +318,11 @@ impl Client {
         let polling = self.clone().with_timeout(STATUS_POLL_TIMEOUT);
         loop {
             let seen = polling.status();
+            // Nobody holds the socket: neither daemon runs (during a reboot one always
+            // does, as the listener is handed over before the old one exits).
+            if let Err(ClientError::NoDaemon(_)) = seen {
+                return seen;
+            }
             let done = matches!(&seen, Ok(s) if s["reboot_in_progress"].is_null()
                 && pid.is_none_or(|p| s["pid"].as_u64() == Some(p)));
             if done {

@@ -358,7 +358,11 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
         // Before the first request is served: it already sees the reboot under way.
         state.rebooting.store(true, Ordering::SeqCst);
         let (mode, count) = job.what();
-        state.progress.begin(mode.name(), "restoring", count);
+        let phase = match mode {
+            crate::modes::Mode::Cold => "booting",
+            _ => "restoring",
+        };
+        state.progress.begin(mode.name(), phase, count);
     }
 
     // A daemon that took VMs over never gives them up for an error it can wait out: it
