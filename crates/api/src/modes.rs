@@ -4,7 +4,7 @@
 //!
 //! - **saved**: every live VM is paused and snapshotted to `<state dir>/saved-reboot/`,
 //!   the daemon is replaced (a warm reboot that hands over no live VM), and the new daemon
-//!   restores every VM from its snapshot before it serves.
+//!   restores every VM from its snapshot (while it serves: see `crate::bring_back`).
 //! - **cold**: every guest is asked to power off (forced after the grace period), the
 //!   daemon is replaced, and the new daemon boots every VM again from its config and waits
 //!   until each guest says it is up.
