@@ -144,6 +144,22 @@ fn a_cold_reboot_waiting_for_a_guest_never_takes_the_api_away() {
                 pause_refused = Some((out.status.code(), text(&out.stderr)));
             }
         }
+        // The VM list and the VM itself answer too (the VM may be missing for a moment,
+        // between the old daemon handing it over and the new one creating it: 404).
+        for args in [
+            &["vm", "list", "--json"][..],
+            &["vm", "show", "slow", "--json"],
+        ] {
+            let (out, took) = cli_within(&d, args, ANSWER_WITHIN * 5);
+            let answered = out.status.success()
+                || (out.status.code() == Some(2) && text(&out.stderr).contains("no VM named slow"));
+            assert!(
+                answered && took <= ANSWER_WITHIN,
+                "warmvm {args:?} took {took:?} during the reboot ({:?}): {}",
+                out.status,
+                text(&out.stderr)
+            );
+        }
         let t = Instant::now();
         let scraped = scrape(metrics, ANSWER_WITHIN * 5);
         let took = t.elapsed();
@@ -195,6 +211,11 @@ fn a_cold_reboot_waiting_for_a_guest_never_takes_the_api_away() {
         "{shown}"
     );
     assert!(!shown.contains("reboot in progress"), "{shown}");
+    // The new daemon took over from the old one (with no live VM: they were powered off).
+    assert!(
+        shown.contains(&format!("last takeover: from pid {old_pid} (")),
+        "{shown}"
+    );
     d.terminate_adopted();
 }
 
