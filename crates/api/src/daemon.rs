@@ -471,7 +471,8 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
         std::process::exit(0);
     }
     let _ = socket::sd_notify("STOPPING=1\nSTATUS=stopping every VM");
-    // VMs still being brought back: no further one is, and the wait for guests ends.
+    // VMs still being brought back: the wait for their guests ends, and they are stopped
+    // with the others.
     state.shutting_down.store(true, Ordering::SeqCst);
     if let Some(Some(t)) = bringing_back {
         let _ = t.join();
@@ -804,6 +805,29 @@ fn rebind(socket_path: &Path) -> (UnixListener, SocketFile) {
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_boot_wait_handed_over_is_used_only_within_its_bounds() {
+        let wait = |v: serde_json::Value| boot_wait(&serde_json::json!({ "boot_wait_ms": v }));
+        assert_eq!(wait(6000.into()), Duration::from_secs(6));
+        assert_eq!(
+            boot_wait(&serde_json::json!({})),
+            crate::modes::DEFAULT_BOOT_WAIT
+        );
+        for bad in [
+            serde_json::json!(0),
+            serde_json::json!(3_601_000),
+            serde_json::json!("6000"),
+            serde_json::json!(-1),
+        ] {
+            assert_eq!(wait(bad), crate::modes::DEFAULT_BOOT_WAIT);
         }
     }
 }

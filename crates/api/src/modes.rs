@@ -473,7 +473,8 @@ fn with_given_taps(
 /// The daemon serves meanwhile: the Host lock is held while the VMs are restored or
 /// created (readers see the VMs brought back so far, published as the state's view) and
 /// not while the guests boot; the progress is in `state`'s tracker. A daemon that stops
-/// meanwhile brings no further VM back (they stay in the manifest) and stops waiting.
+/// meanwhile still brings every VM back (so that the manifest is done with, and its
+/// shutdown powers them off as any other), but stops waiting for guests to come up.
 pub fn bring_back(
     state: &ApiState,
     bb: &BringBack,
@@ -540,12 +541,8 @@ pub fn bring_back(
             }
             Ok::<bool, bring_back::ManifestError>(hit_first)
         };
-        let stopping = state
-            .shutting_down
-            .load(std::sync::atomic::Ordering::SeqCst);
         let result: Result<bool, String> = match (&owned, bb.mode, &v.snapshot) {
             (Err(e), _, _) => Err(format!("not brought back: {e}")),
-            _ if stopping => Err("not brought back: the daemon is stopping".into()),
             (Ok(()), Mode::Saved, Some(dir)) => host
                 .restore_snapshot_unstarted(dir, Some(&v.name), &snapshot::Backing::default())
                 .map_err(|e| e.to_string())

@@ -453,6 +453,19 @@ mod tests {
             Some(400)
         );
         assert_eq!(status(r#"{"mode": "cold", "grace_secs": null}"#), Some(400));
+        assert_eq!(status(r#"{"mode": "cold", "boot_wait_secs": 5}"#), None);
+        assert_eq!(
+            status(r#"{"mode": "cold", "boot_wait_secs": 0}"#),
+            Some(400)
+        );
+        assert_eq!(
+            status(r#"{"mode": "cold", "boot_wait_secs": 3601}"#),
+            Some(400)
+        );
+        assert_eq!(
+            status(r#"{"mode": "cold", "boot_wait_secs": null}"#),
+            Some(400)
+        );
         assert_eq!(status(r#"{"mode": "hot"}"#), Some(400));
         // Not what the document allows: 400.
         assert_eq!(status(r#"{"mode": "warm", "binary": null}"#), Some(400));
