@@ -619,7 +619,7 @@ pub fn bring_back(
                 r.bring_back_us = t0.elapsed().as_micros() as u64;
                 false
             } else if Instant::now() >= deadline || vm.lifecycle().is_finished() || stopping {
-                report.vms[*i].error = Some(if stopping {
+                let error = if stopping {
                     "the daemon stopped before the guest said it was up".to_string()
                 } else {
                     format!(
@@ -627,7 +627,9 @@ pub fn bring_back(
                         boot_wait.as_secs_f64(),
                         vm.lifecycle().name()
                     )
-                });
+                };
+                tracing::warn!(vm = %vm.name(), %error, "the VM is not back after a cold reboot");
+                report.vms[*i].error = Some(error);
                 false
             } else {
                 true

@@ -304,11 +304,15 @@ impl ApiState {
         // the reboot up for longer. The guests still run meanwhile.
         let before_blackout = {
             let handing_over = self.handing_over.clone();
+            let accepting = self.accepting.clone();
             let progress = self.progress.clone();
             let connections = self.connections.clone();
             let grace = *self.reboot_grace.lock().unwrap_or_else(|p| p.into_inner());
             move || {
                 handing_over.store(true, Ordering::SeqCst);
+                // A connection being accepted as the flag changed is counted once this
+                // is free.
+                drop(accepting.lock().unwrap_or_else(|p| p.into_inner()));
                 progress.phase("handover", 0);
                 let waited_until = Instant::now() + grace;
                 while connections.load(Ordering::SeqCst) > 1 && Instant::now() < waited_until {

@@ -325,6 +325,12 @@ impl Server {
         metrics_only: bool,
     ) -> io::Result<()> {
         loop {
+            // Until the connection is counted (see `ApiState::accepting`).
+            let _accepting = self
+                .state
+                .accepting
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             // A reboot's handover has begun: leave the rest in the backlog.
             if self.state.handing_over() {
                 return Ok(());

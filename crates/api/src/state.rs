@@ -183,6 +183,10 @@ pub struct ApiState {
     /// accepts no connections meanwhile (they wait in the listen backlog, for this daemon
     /// or the new one).
     pub(crate) handing_over: Arc<AtomicBool>,
+    /// Held by the server from its look at `handing_over` until the connection it accepts
+    /// is counted, so that a reboot that sets `handing_over` and then takes this once
+    /// counts every connection accepted before.
+    pub(crate) accepting: Arc<Mutex<()>>,
     /// What the reboot under way does (`reboot_in_progress` in `GET /v1/status`).
     pub(crate) progress: Arc<crate::progress::Tracker>,
     /// The VMs, while a reboot holds the Host lock: what readers see instead of waiting.
@@ -223,6 +227,7 @@ impl ApiState {
             host,
             state_dir,
             handing_over: Arc::new(AtomicBool::new(false)),
+            accepting: Arc::default(),
             progress: Arc::default(),
             view: Mutex::new(None),
             started: Instant::now(),

@@ -335,3 +335,67 @@ fn the_stage_timeout_set_on_the_cli_bounds_a_new_daemon_that_hangs() {
     assert!(s["reboot_in_progress"].is_null(), "{s}");
     common::verifies_on(&d, "w1", 1);
 }
+
+#[test]
+fn a_new_daemon_stopped_while_it_waits_for_a_guest_stops_cleanly() {
+    if !warmvm_vmm::testing::kvm_available("reboot_stop_while_waiting") {
+        return;
+    }
+    let dir = scratch("reboot-stop-waiting");
+    let mut d = Daemon::start(&dir, &[]);
+    create_slow(&d, "slow");
+    let mut reboot = start_reboot(
+        &d,
+        &[
+            "reboot",
+            "--mode",
+            "cold",
+            "--grace-secs",
+            "1",
+            "--boot-wait-secs",
+            "600",
+            "--json",
+        ],
+    );
+    let mut waiting = None;
+    assert!(
+        wait_until(60, || {
+            let s = d.client().status();
+            waiting = s
+                .ok()
+                .filter(|s| s["reboot_in_progress"]["phase"] == "waiting-for-guests");
+            waiting.is_some()
+        }),
+        "the new daemon never waited for the guest\n{}",
+        d.log()
+    );
+    let s = waiting.unwrap();
+    let new_pid = s["pid"].as_u64().unwrap() as u32;
+    d.follow_reboot(new_pid);
+    // SIGTERM: the wait for the guest ends, the VM is powered off, the daemon exits.
+    d.terminate_adopted();
+    assert!(
+        !dir.join("state")
+            .join("saved-reboot")
+            .join("bring-back.json")
+            .exists(),
+        "the VM was brought back: no manifest is left for the next daemon"
+    );
+    // The CLI that started the reboot learns that the daemon is gone.
+    let out = reboot.wait().unwrap();
+    assert_eq!(out.code(), Some(3));
+    let mut err = String::new();
+    reboot
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(err.contains("no warmvm daemon is listening"), "{err}");
+    assert!(
+        d.log()
+            .contains("the daemon stopped before the guest said it was up"),
+        "{}",
+        d.log()
+    );
+}
