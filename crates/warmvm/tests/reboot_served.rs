@@ -116,6 +116,7 @@ fn a_cold_reboot_waiting_for_a_guest_never_takes_the_api_away() {
     let (mut statuses, mut scrapes) = (0, 0);
     let mut phases: Vec<String> = Vec::new();
     let mut pause_refused = None;
+    let (mut slowest_status, mut slowest_scrape) = (Duration::ZERO, Duration::ZERO);
     while reboot.try_wait().unwrap().is_none() {
         assert!(
             started.elapsed() < Duration::from_secs(120),
@@ -131,6 +132,7 @@ fn a_cold_reboot_waiting_for_a_guest_never_takes_the_api_away() {
             d.log()
         );
         statuses += 1;
+        slowest_status = slowest_status.max(took);
         let s: Value = serde_json::from_slice(&out.stdout).unwrap();
         if let Some(p) = s["reboot_in_progress"]["phase"].as_str() {
             if phases.last().map(String::as_str) != Some(p) {
@@ -170,9 +172,14 @@ fn a_cold_reboot_waiting_for_a_guest_never_takes_the_api_away() {
             d.log()
         );
         scrapes += 1;
+        slowest_scrape = slowest_scrape.max(took);
         std::thread::sleep(Duration::from_millis(100));
     }
     let out = reboot.wait_with_output().unwrap();
+    eprintln!(
+        "during the cold reboot: {statuses} `warmvm status` runs, slowest {slowest_status:?}; \
+         {scrapes} scrapes, slowest {slowest_scrape:?}; phases seen {phases:?}"
+    );
     // The whole boot wait was watched, answered throughout.
     assert!(
         started.elapsed() >= Duration::from_secs(boot_wait),
