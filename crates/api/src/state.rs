@@ -722,6 +722,9 @@ impl ApiState {
     /// `PUT /v1/aging/hold`: `{"hold": true|false}`.
     fn set_hold(&self, body: &[u8]) -> Result<Response, ApiError> {
         let monitor = self.aging_or_404()?;
+        // The hold travels to the new daemon with the aging state, taken as the reboot
+        // starts: one set later would be lost.
+        self.refuse_while_rebooting()?;
         let req: HoldRequest = serde_json::from_slice(body).map_err(|e| {
             ApiError::new(
                 400,
