@@ -12,6 +12,7 @@
 //! | `cache_mib=N` | the HTTP server's page cache, carved from the workload's RAM | 8 |
 //! | `hostile=KIND` | test only: break the virtio protocol on the disk once (`loop`, `addr`, `len`, `index`, `status`) | none |
 //! | `hostile_net=KIND` | test only: break the virtio protocol on the network device once (same kinds as `hostile=`; `status` sets DRIVER_OK before FEATURES_OK), then reset it and serve normally | none |
+//! | `boot_delay_ms=N` | stay in the booting phase (not yet up, as the host sees it) for N ms before the workload starts, as a slowly booting system would; it still powers off when asked | 0 |
 //! | `heartbeat_us=N` | vCPU 0 writes `HEARTBEAT_PORT` every N µs while it verifies (for an outside probe: the host's KVM trace); 0 = never | 0 |
 //! | `power_button=ignore` | test only: never look at the ACPI power button, so the VMM must force the guest off | watch it |
 //! | `disk_check_ms=N` | re-read and re-check the disk's files every N ms (vCPU 0); 0 = never | 1000 |
@@ -32,6 +33,7 @@ pub struct Options {
     pub heartbeat_us: u64,
     /// `power_button=ignore`: never poll the ACPI power button.
     pub ignore_power_button: bool,
+    pub boot_delay_ms: u64,
     pub ip: Option<([u8; 4], u8)>,
     pub cache_mib: u64,
     pub hostile: Option<Hostile>,
@@ -88,6 +90,7 @@ impl Default for Options {
             disk_check_ms: 1000,
             heartbeat_us: 0,
             ignore_power_button: false,
+            boot_delay_ms: 0,
             ip: None,
             cache_mib: 8,
             hostile: None,
@@ -164,6 +167,10 @@ pub fn parse(cmdline: &[u8]) -> (Options, Ignored<'_>) {
         let ok = match (key, number) {
             (b"fill", Some(n)) if n <= 100 => {
                 o.fill_percent = n;
+                true
+            }
+            (b"boot_delay_ms", Some(n)) => {
+                o.boot_delay_ms = n;
                 true
             }
             (b"interval_ms", Some(n)) => {

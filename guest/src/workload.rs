@@ -424,6 +424,10 @@ impl Worker {
 
     pub fn run(mut self) -> ! {
         self.sync_registers();
+        // A slow boot: still PHASE_BOOTING meanwhile, answering the host's commands.
+        if self.opts.boot_delay_ms > 0 {
+            self.idle(self.opts.boot_delay_ms.saturating_mul(1000));
+        }
         self.fill();
         self.st.phase = PHASE_VERIFYING;
         self.tick();

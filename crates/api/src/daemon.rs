@@ -321,11 +321,17 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
     if let Some(info) = takeover.clone() {
         state.set_last_takeover(info);
     }
-    // A saved or cold reboot: bring the VMs back before serving (requests wait in the
-    // backlog meanwhile), so that the first answer already sees them.
+    // A saved or cold reboot: the VMs are brought back while the daemon serves (see
+    // `bring_back_in_background`); requests that change anything are refused until then.
+    let mut bring_back = None;
     match crate::modes::from_extra(&inherited) {
         Some(Ok(bb)) => {
-            crate::bring_back::after_commit(&state, &bb, std::mem::take(&mut cold_taps), &state_dir)
+            let wait = boot_wait(&inherited);
+            bring_back = Some(BringBackJob::AfterCommit(
+                bb,
+                std::mem::take(&mut cold_taps),
+                wait,
+            ))
         }
         Some(Err(e)) => tracing::error!(error = %e,
             "cannot bring the VMs of a saved or cold reboot back; their snapshots stay in the state directory"),
@@ -350,7 +356,17 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
         }
     }
     if let Some(bb) = interrupted {
-        crate::bring_back::recover(&state, &bb, &state_dir);
+        bring_back = Some(BringBackJob::Recover(bb));
+    }
+    if let Some(job) = &bring_back {
+        // Before the first request is served: it already sees the reboot under way.
+        state.rebooting.store(true, Ordering::SeqCst);
+        let (mode, count) = job.what();
+        let phase = match mode {
+            crate::modes::Mode::Cold => "booting",
+            _ => "restoring",
+        };
+        state.progress.begin(mode.name(), phase, count);
     }
 
     // A daemon that took VMs over never gives them up for an error it can wait out: it
@@ -434,6 +450,8 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
         tracing::warn!(error = %e, "cannot notify systemd");
     }
 
+    let bringing_back =
+        bring_back.map(|job| bring_back_in_background(state.clone(), job, state_dir.clone()));
     start_rejuvenator(state.clone());
     start_aging_monitor(state.clone(), monitor);
     // A panic of the main loop must not end the process (and the VMs): the panic hook has
@@ -457,6 +475,12 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
         std::process::exit(0);
     }
     let _ = socket::sd_notify("STOPPING=1\nSTATUS=stopping every VM");
+    // VMs still being brought back: the wait for their guests ends, and they are stopped
+    // with the others.
+    state.shutting_down.store(true, Ordering::SeqCst);
+    if let Some(Some(t)) = bringing_back {
+        let _ = t.join();
+    }
     let vms = state.vms().len();
     tracing::info!(
         vms,
@@ -469,6 +493,91 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
     drop(socket_file);
     tracing::info!("warmvm daemon stopped");
     served.map_err(|e| DaemonError::Host(format!("the API server failed: {e}")))
+}
+
+/// The VMs of a saved or cold reboot, to bring back once the daemon serves.
+enum BringBackJob {
+    /// Handed over by the old daemon, with the cold reboot's TAPs and the boot wait.
+    AfterCommit(
+        crate::modes::BringBack,
+        std::collections::BTreeMap<String, warmvm_vmm::GivenTaps>,
+        Duration,
+    ),
+    /// Left in the manifest by an interrupted reboot.
+    Recover(crate::modes::BringBack),
+}
+
+impl BringBackJob {
+    fn what(&self) -> (crate::modes::Mode, usize) {
+        match self {
+            BringBackJob::AfterCommit(bb, ..) | BringBackJob::Recover(bb) => {
+                (bb.mode, bb.vms.len())
+            }
+        }
+    }
+}
+
+/// How long a cold reboot's guests have to say they are up: what the old daemon passed
+/// on, else the default.
+fn boot_wait(inherited: &serde_json::Value) -> Duration {
+    match inherited.get(crate::modes::BOOT_WAIT_KEY) {
+        None => crate::modes::DEFAULT_BOOT_WAIT,
+        Some(v) => match v.as_u64() {
+            Some(ms) if crate::modes::BOOT_WAIT_SECS.contains(&ms.div_ceil(1000)) => {
+                Duration::from_millis(ms)
+            }
+            _ => {
+                tracing::warn!(boot_wait_ms = %v, "ignoring an unusable boot wait handed over; using the default");
+                crate::modes::DEFAULT_BOOT_WAIT
+            }
+        },
+    }
+}
+
+/// Bring a saved or cold reboot's VMs back on a thread of its own while the daemon
+/// serves, then let requests change things again. `None` if no thread could be started:
+/// then it is done here, before serving, as a daemon that cannot start threads could not
+/// serve anyway.
+fn bring_back_in_background(
+    state: Arc<ApiState>,
+    job: BringBackJob,
+    state_dir: PathBuf,
+) -> Option<std::thread::JoinHandle<()>> {
+    let job = Arc::new(Mutex::new(Some(job)));
+    let run = {
+        let (state, job) = (state.clone(), job.clone());
+        move || {
+            let taken = job.lock().unwrap_or_else(|p| p.into_inner()).take();
+            match taken {
+                Some(BringBackJob::AfterCommit(bb, taps, wait)) => {
+                    crate::bring_back::after_commit(&state, &bb, taps, &state_dir, wait)
+                }
+                Some(BringBackJob::Recover(bb)) => {
+                    crate::bring_back::recover(&state, &bb, &state_dir)
+                }
+                None => {}
+            }
+            state.progress.end();
+            state.rebooting.store(false, Ordering::SeqCst);
+        }
+    };
+    let spawned = std::thread::Builder::new()
+        .name("warmvm-bring-back".into())
+        .spawn({
+            let run = run.clone();
+            move || {
+                warmvm_sandbox::enter_or_log(warmvm_sandbox::ThreadKind::Api);
+                run()
+            }
+        });
+    match spawned {
+        Ok(t) => Some(t),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start a thread to bring the VMs back; doing it before serving");
+            run();
+            None
+        }
+    }
 }
 
 /// Turn the seccomp filters on, with the helper that starts a warm reboot's new daemon
@@ -706,6 +815,29 @@ fn rebind(socket_path: &Path) -> (UnixListener, SocketFile) {
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_boot_wait_handed_over_is_used_only_within_its_bounds() {
+        let wait = |v: serde_json::Value| boot_wait(&serde_json::json!({ "boot_wait_ms": v }));
+        assert_eq!(wait(6000.into()), Duration::from_secs(6));
+        assert_eq!(
+            boot_wait(&serde_json::json!({})),
+            crate::modes::DEFAULT_BOOT_WAIT
+        );
+        for bad in [
+            serde_json::json!(0),
+            serde_json::json!(3_601_000),
+            serde_json::json!("6000"),
+            serde_json::json!(-1),
+        ] {
+            assert_eq!(wait(bad), crate::modes::DEFAULT_BOOT_WAIT);
         }
     }
 }

@@ -27,6 +27,7 @@ pub mod metrics;
 pub mod modes;
 pub mod overflow;
 pub mod privileges;
+pub mod progress;
 pub mod reboot;
 pub mod routes;
 pub mod running_as;

@@ -5,7 +5,7 @@
 use std::ffi::OsString;
 use std::os::fd::RawFd;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -48,6 +48,14 @@ pub struct RebootRequest {
         deserialize_with = "warmvm_vmm::config::present"
     )]
     pub grace_secs: Option<u64>,
+    /// Cold reboot: seconds the new daemon waits for each guest to say it is up (default
+    /// 120); a guest that has not by then is reported with an error in `last_reboot`.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "warmvm_vmm::config::present"
+    )]
+    pub boot_wait_secs: Option<u64>,
 }
 
 /// The key of the old daemon's executable (a `BinaryInfo`) in the settings it hands on:
@@ -117,6 +125,19 @@ impl ApiState {
                 format!("grace_secs = {g} is out of range: use 0 to {MAX_STOP_GRACE_SECS}"),
             ));
         }
+        if let Some(w) = req
+            .boot_wait_secs
+            .filter(|w| !modes::BOOT_WAIT_SECS.contains(w))
+        {
+            return Err(ApiError::new(
+                400,
+                format!(
+                    "boot_wait_secs = {w} is out of range: use {} to {}",
+                    modes::BOOT_WAIT_SECS.start(),
+                    modes::BOOT_WAIT_SECS.end()
+                ),
+            ));
+        }
         for (name, value, range) in [
             ("stage_timeout_ms", req.stage_timeout_ms, STAGE_TIMEOUT_MS),
             ("ready_budget_ms", req.ready_budget_ms, READY_BUDGET_MS),
@@ -153,26 +174,27 @@ impl ApiState {
                 "this daemon cannot warm-reboot (it was started without a server)",
             )
         })?;
-        // From here on the server accepts no connection: they wait in the backlog for the
-        // new daemon (or for this one, if the reboot fails).
-        struct Done<'a>(&'a AtomicBool);
+        // From here on requests that change anything are refused (409); the server serves
+        // on until the handover (see `before_blackout` below).
+        struct Done<'a>(&'a ApiState);
         impl Drop for Done<'_> {
             fn drop(&mut self) {
-                self.0.store(false, Ordering::SeqCst);
+                // The Host lock is free again (dropped before this): readers read it.
+                self.0.set_view(None);
+                self.0.progress.end();
+                self.0.handing_over.store(false, Ordering::SeqCst);
+                self.0.rebooting.store(false, Ordering::SeqCst);
             }
         }
         if self.rebooting.swap(true, Ordering::SeqCst) {
-            return Err(ApiError::new(409, "a warm reboot is already under way"));
+            return Err(ApiError::new(
+                409,
+                "a reboot is already under way (or the VMs of the last one are being brought back)",
+            ));
         }
-        let done = Done(&self.rebooting);
-        // Let the API requests under way (ours aside) finish, so that none is left waiting
-        // for the Host lock when this process exits; at most the reboot grace, so a slow or
-        // stuck client cannot hold the reboot up for longer.
-        let grace = *self.reboot_grace.lock().unwrap_or_else(|p| p.into_inner());
-        let waited_until = Instant::now() + grace;
-        while self.connections.load(Ordering::SeqCst) > 1 && Instant::now() < waited_until {
-            std::thread::sleep(Duration::from_millis(2));
-        }
+        let done = Done(self);
+        let mode = Mode::parse(&req.mode).unwrap_or(Mode::Warm);
+        self.progress.begin(mode.name(), "waiting", 0);
         let deadline = Instant::now() + GATE_TIMEOUT;
         // Wait (briefly) for every pause, resume or stop under way; none starts until we
         // are done.
@@ -190,10 +212,11 @@ impl ApiState {
             }
         };
         let mut host = self.lock();
+        // Held for the whole reboot: readers see these VMs instead of waiting for it.
+        self.set_view(Some(host.vms().to_vec()));
         if self.shutting_down.load(Ordering::SeqCst) {
             return Err(ApiError::new(503, "the daemon is shutting down"));
         }
-        let mode = Mode::parse(&req.mode).unwrap_or(Mode::Warm);
         let manifest = bring_back::path(host.state_dir());
         if mode != Mode::Warm && manifest.exists() {
             // Left by an interrupted reboot: it may be the only record of some VMs.
@@ -209,10 +232,11 @@ impl ApiState {
         // daemon has taken over, and run on here if it does not.
         let prepared = match mode {
             Mode::Warm => None,
-            Mode::Saved => Some(modes::save_all(&mut host)?),
+            Mode::Saved => Some(modes::save_all(&mut host, &self.progress)?),
             Mode::Cold => Some(modes::stop_all(
                 &mut host,
                 Duration::from_secs(req.grace_secs.unwrap_or(DEFAULT_STOP_GRACE_SECS)),
+                &self.progress,
             )),
         };
         // The VMs held aside are written down before anything can take them over: whoever
@@ -235,6 +259,9 @@ impl ApiState {
             faults::hit(Point::OldManifest);
         }
         let mut extra = self.successor_extra(&setup.extra, reason.clone());
+        if let (Some(w), Some(map)) = (req.boot_wait_secs, extra.as_object_mut()) {
+            map.insert(modes::BOOT_WAIT_KEY.to_string(), (w * 1000).into());
+        }
         if let (Some((bb, _)), Some(map)) = (&prepared, extra.as_object_mut()) {
             match serde_json::to_value(bb) {
                 #[allow(unused_mut)]
@@ -271,7 +298,32 @@ impl ApiState {
                 .iter()
                 .map(|(name, fd)| (name.clone(), std::os::fd::AsRawFd::as_raw_fd(fd))),
         );
+        // Once the new daemon is prepared: stop taking connections (they wait in the
+        // backlog, for the new daemon or for this one if the reboot fails), and let the API
+        // requests under way (ours aside) finish, so that none is cut off when this
+        // process exits; at most the reboot grace, so a slow or stuck client cannot hold
+        // the reboot up for longer. The guests still run meanwhile.
+        let before_blackout = {
+            let handing_over = self.handing_over.clone();
+            let accepting = self.accepting.clone();
+            let progress = self.progress.clone();
+            let connections = self.connections.clone();
+            let grace = *self.reboot_grace.lock().unwrap_or_else(|p| p.into_inner());
+            move || {
+                handing_over.store(true, Ordering::SeqCst);
+                // A connection being accepted as the flag changed is counted once this
+                // is free.
+                drop(accepting.lock().unwrap_or_else(|p| p.into_inner()));
+                progress.phase("handover", 0);
+                let waited_until = Instant::now() + grace;
+                while connections.load(Ordering::SeqCst) > 1 && Instant::now() < waited_until {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            }
+        };
+        self.progress.phase("starting", 0);
         let opts = RebootOptions {
+            before_blackout: Some(Box::new(before_blackout)),
             binary: binary.clone(),
             args: setup.args.clone(),
             stage_timeout: req
@@ -436,6 +488,19 @@ mod tests {
             Some(400)
         );
         assert_eq!(status(r#"{"mode": "cold", "grace_secs": null}"#), Some(400));
+        assert_eq!(status(r#"{"mode": "cold", "boot_wait_secs": 5}"#), None);
+        assert_eq!(
+            status(r#"{"mode": "cold", "boot_wait_secs": 0}"#),
+            Some(400)
+        );
+        assert_eq!(
+            status(r#"{"mode": "cold", "boot_wait_secs": 3601}"#),
+            Some(400)
+        );
+        assert_eq!(
+            status(r#"{"mode": "cold", "boot_wait_secs": null}"#),
+            Some(400)
+        );
         assert_eq!(status(r#"{"mode": "hot"}"#), Some(400));
         // Not what the document allows: 400.
         assert_eq!(status(r#"{"mode": "warm", "binary": null}"#), Some(400));

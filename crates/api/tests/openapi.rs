@@ -211,6 +211,7 @@ fn reports_in_every_state_match_the_schema() {
             no_new_privs: false,
             seccomp: "false".into(),
         },
+        reboot_in_progress: None,
     };
     check(&doc, "DaemonStatus", &fresh);
     check(
@@ -259,6 +260,13 @@ fn reports_in_every_state_match_the_schema() {
                 no_new_privs: true,
                 seccomp: "log".into(),
             },
+            reboot_in_progress: Some(warmvm_api::progress::RebootInProgress {
+                mode: "cold".into(),
+                phase: "waiting-for-guests".into(),
+                vms_done: 1,
+                vms_total: 2,
+                elapsed_ms: 12_000,
+            }),
             ..fresh
         },
     );
@@ -392,6 +400,7 @@ fn request_schemas_match_what_the_server_accepts() {
         stage_timeout_ms: Some(30_000),
         ready_budget_ms: Some(500),
         grace_secs: Some(10),
+        boot_wait_secs: Some(120),
     };
     check(&doc, "RebootRequest", &full);
     let documented = doc["components"]["schemas"]["RebootRequest"]["properties"]

@@ -168,6 +168,20 @@ pub enum Command {
         /// cold: seconds each guest gets to power off before it is forced [default: 10].
         #[arg(long)]
         grace_secs: Option<u64>,
+        /// cold: seconds the new daemon waits for each guest to say it is up [default: 120].
+        #[arg(long)]
+        boot_wait_secs: Option<u64>,
+        /// Milliseconds the new daemon may take to start and prepare every VM while the
+        /// guests run; past it the reboot fails and the VMs run on [default: the daemon's,
+        /// 30000].
+        #[arg(long)]
+        stage_timeout_ms: Option<u64>,
+        /// Seconds to wait for the whole reboot, the VMs of a saved or cold reboot coming
+        /// back included [default: warm 90; cold the grace, stage timeout and boot wait plus
+        /// 60; saved 1800]. Past it the command says how far the reboot is and exits 3; the
+        /// reboot goes on (`warmvm status` shows it).
+        #[arg(long)]
+        timeout: Option<u64>,
     },
     /// Manage the daemon's VMs through its API.
     #[command(subcommand)]
@@ -663,7 +677,20 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
             mode,
             binary,
             grace_secs,
-        } => crate::client::reboot(mode, binary, grace_secs, &api),
+            boot_wait_secs,
+            stage_timeout_ms,
+            timeout,
+        } => crate::client::reboot(
+            crate::client::RebootArgs {
+                mode,
+                binary,
+                grace_secs,
+                boot_wait_secs,
+                stage_timeout_ms,
+                timeout,
+            },
+            &api,
+        ),
         Command::Vm(cmd) => crate::client::vm(cmd, &api),
         Command::Status => crate::client::status(&api),
         Command::Aging { action } => crate::aging::aging(action, &api),

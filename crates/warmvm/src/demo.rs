@@ -380,6 +380,7 @@ fn reboot(
         .unwrap_or_default(),
         extra_fds: Vec::new(),
         env: Vec::new(),
+        before_blackout: None,
     };
     handover::warm_reboot(host, &opts)
         .map(|handed| handed.child)

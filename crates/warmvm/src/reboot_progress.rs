@@ -1,6 +1,6 @@
-//! Progress of `warmvm reboot --mode saved` on the CLI's side: the daemon is busy (and
-//! accepts no request) while it saves, so the CLI watches the snapshot files grow in
-//! `<state dir>/saved-reboot/<vm>/` instead, on the daemon's host as `vm console` does. On
+//! Progress of `warmvm reboot --mode saved` on the CLI's side: the daemon's status counts
+//! the VMs saved, but not the bytes, so the CLI watches the snapshot files grow in
+//! `<state dir>/saved-reboot/<vm>/`, on the daemon's host as `vm console` does. On
 //! a terminal one line is rewritten in place (bytes and rate per VM); otherwise one plain
 //! line per VM once it is saved, and once it is restored (its snapshot removed).
 

@@ -106,7 +106,7 @@ impl ApiState {
             disks: req.disks.clone(),
             taps: req.taps.clone(),
         };
-        let mut host = self.lock();
+        let mut host = self.lock_for_change()?;
         if self.shutting_down.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(ApiError::new(503, "the daemon is shutting down"));
         }

@@ -53,6 +53,10 @@ pub struct RebootOptions {
     pub extra_fds: Vec<(String, RawFd)>,
     /// Extra environment for the new VMM.
     pub env: Vec<(OsString, OsString)>,
+    /// Called once the new VMM is prepared, just before the guests are paused (the caller
+    /// may e.g. stop taking requests for the blackout, so that none is cut off by it). It
+    /// runs while the guests still run and before the ready budget starts.
+    pub before_blackout: Option<Box<dyn Fn() + Send + Sync>>,
 }
 
 impl RebootOptions {
@@ -66,6 +70,7 @@ impl RebootOptions {
             extra: serde_json::Value::Null,
             extra_fds: Vec::new(),
             env: Vec::new(),
+            before_blackout: None,
         }
     }
 }
@@ -122,6 +127,9 @@ pub fn warm_reboot(host: &Host, opts: &RebootOptions) -> Result<Handed, RebootEr
     }
     faults::hit(Point::OldPrepared);
     let stage_us = t_stage.elapsed().as_micros() as u64;
+    if let Some(hook) = &opts.before_blackout {
+        hook();
+    }
 
     // Asked before the pause: finding the host's cores reads cgroup files.
     let boost = !crate::vcpu::vcpus_have_cores(&vms);
