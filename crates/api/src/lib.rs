@@ -34,6 +34,7 @@ pub mod schema;
 pub mod server;
 pub mod socket;
 pub mod state;
+pub mod state_lock;
 
 pub use client::{Client, ClientError};
 pub use daemon::{DaemonError, DaemonOptions};

@@ -332,15 +332,37 @@ impl Config {
     }
 }
 
-/// `/run/warmvm` for root, `$XDG_RUNTIME_DIR/warmvm` or `/tmp/warmvm-<uid>` otherwise.
+/// Where snapshots, saved reboots and console logs go by default: persistent storage,
+/// never a RAM-backed `/run` (a saved reboot writes every VM's RAM there).
+/// `/var/lib/warmvm` for root; `$XDG_STATE_HOME/warmvm`, `~/.local/state/warmvm` or
+/// `/tmp/warmvm-<uid>` otherwise.
 pub fn default_state_dir() -> PathBuf {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    if uid == 0 {
+        return PathBuf::from("/var/lib/warmvm");
+    }
+    let abs = |v: Option<std::ffi::OsString>| v.map(PathBuf::from).filter(|p| p.is_absolute());
+    if let Some(dir) = abs(std::env::var_os("XDG_STATE_HOME")) {
+        return dir.join("warmvm");
+    }
+    if let Some(home) = abs(std::env::var_os("HOME")) {
+        return home.join(".local/state/warmvm");
+    }
+    PathBuf::from(format!("/tmp/warmvm-{uid}"))
+}
+
+/// Where the API socket goes by default, and what lives only as long as the host is up
+/// (the demo's console logs): `/run/warmvm` for root; `$XDG_RUNTIME_DIR/warmvm` or
+/// `/tmp/warmvm-<uid>` otherwise.
+pub fn default_runtime_dir() -> PathBuf {
     // SAFETY: geteuid has no preconditions and cannot fail.
     let uid = unsafe { libc::geteuid() };
     if uid == 0 {
         return PathBuf::from("/run/warmvm");
     }
-    match std::env::var_os("XDG_RUNTIME_DIR") {
-        Some(dir) if !dir.is_empty() => PathBuf::from(dir).join("warmvm"),
+    match std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from) {
+        Some(dir) if dir.is_absolute() => dir.join("warmvm"),
         _ => PathBuf::from(format!("/tmp/warmvm-{uid}")),
     }
 }
