@@ -115,3 +115,174 @@ fn a_socket_in_a_missing_directory_is_refused_and_nothing_is_created() {
     assert!(!state.exists(), "nothing was created");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The files in `dir`, recursively, relative to it (sorted).
+fn tree(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&p) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let path = e.path();
+            out.push(path.strip_prefix(dir).unwrap().display().to_string());
+            if path.is_dir() {
+                stack.push(path);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn relative_paths_in_requests_are_refused_with_one_line_and_create_nothing() {
+    if !warmvm_vmm::testing::kvm_available("relative_paths_in_requests") {
+        return;
+    }
+    let dir = scratch("relreq");
+    let d = Daemon::start(&dir, &[]);
+    create(&d, "r1");
+    let snap = dir.join("snap");
+    d.client()
+        .call(
+            "PUT",
+            "/v1/vms/r1/snapshot",
+            Some(format!(r#"{{"dir": {snap:?}}}"#).as_bytes()),
+        )
+        .unwrap();
+    let cwd = std::fs::read_link(format!("/proc/{}/cwd", d.pid)).unwrap();
+    let cwd_before = tree(&cwd);
+    let dir_before = tree(&dir);
+    let vm = |extra: &str| format!(r#"{{"name": "rel", "memory_mib": 64{extra}}}"#);
+    let snap_s = snap.display().to_string();
+    for (method, path, body, says) in [
+        (
+            "POST",
+            "/v1/vms",
+            vm(r#", "console_log": "rel.log""#),
+            "VM rel: console_log \"rel.log\" must be an absolute path",
+        ),
+        (
+            "POST",
+            "/v1/vms",
+            vm(r#", "kernel": "vmlinuz""#),
+            "VM rel: kernel \"vmlinuz\" must be an absolute path",
+        ),
+        (
+            "POST",
+            "/v1/vms",
+            vm(r#", "kernel": "/boot/none", "initrd": "initrd.img""#),
+            "VM rel: initrd \"initrd.img\" must be an absolute path",
+        ),
+        (
+            "POST",
+            "/v1/vms",
+            vm(r#", "disks": [{"path": "disk.img"}]"#),
+            "VM rel: disk \"disk.img\" must be an absolute path",
+        ),
+        (
+            "PUT",
+            "/v1/vms/r1/snapshot",
+            r#"{"dir": "snaps/r1"}"#.to_string(),
+            "dir must be an absolute path, not \"snaps/r1\"",
+        ),
+        (
+            "POST",
+            "/v1/restore",
+            r#"{"dir": "snap", "name": "rel"}"#.to_string(),
+            "dir must be an absolute path, not \"snap\"",
+        ),
+        (
+            "POST",
+            "/v1/restore",
+            format!(r#"{{"dir": {snap_s:?}, "name": "rel", "disks": ["d.img"]}}"#),
+            "disks[0] must be an absolute path, not \"d.img\"",
+        ),
+        (
+            "PUT",
+            "/v1/reboot",
+            r#"{"mode": "warm", "binary": "warmvm"}"#.to_string(),
+            "must be an absolute path",
+        ),
+    ] {
+        let e = d
+            .client()
+            .call(method, path, Some(body.as_bytes()))
+            .expect_err(&body);
+        let status = e.status().unwrap_or_default();
+        assert!((400..500).contains(&status), "{body}: {status} {e}");
+        let msg = e.to_string();
+        assert!(msg.contains(says), "{body}: {msg}");
+        assert!(!msg.contains('\n'), "{body}: {msg}");
+    }
+    assert_eq!(
+        tree(&cwd),
+        cwd_before,
+        "nothing in the daemon's working directory"
+    );
+    assert_eq!(tree(&dir), dir_before, "nothing in the test's directory");
+    assert_eq!(
+        d.client().list().unwrap()["vms"].as_array().unwrap().len(),
+        1
+    );
+}
+
+#[test]
+fn relative_paths_in_a_config_file_are_refused_with_one_line_and_create_nothing() {
+    let dir = scratch("relcfg");
+    let config = dir.join("vms.toml");
+    let state = dir.join("state");
+    let vm = "[[vm]]\nname = \"c1\"\nmemory_mib = 64\n";
+    for (text, says) in [
+        (
+            format!("state_dir = \"state\"\n{vm}"),
+            format!(
+                "config file {}: state_dir \"state\" must be an absolute path",
+                config.display()
+            ),
+        ),
+        (
+            format!("{vm}console_log = \"c1.log\"\n"),
+            "VM c1: console_log \"c1.log\" must be an absolute path".to_string(),
+        ),
+        (
+            format!("{vm}[[vm.disks]]\npath = \"d.img\"\n"),
+            "VM c1: disk \"d.img\" must be an absolute path".to_string(),
+        ),
+    ] {
+        std::fs::write(&config, &text).unwrap();
+        for args in [
+            vec![
+                "daemon",
+                "--config",
+                config.to_str().unwrap(),
+                "--state-dir",
+                state.to_str().unwrap(),
+                "--socket",
+                dir.join("s.sock").to_str().unwrap(),
+            ],
+            vec![
+                "run",
+                config.to_str().unwrap(),
+                "--state-dir",
+                state.to_str().unwrap(),
+            ],
+        ] {
+            let out = Command::new(BIN)
+                .args(&args)
+                .current_dir(&dir)
+                .output()
+                .unwrap();
+            assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+            assert_eq!(stderr(&out), format!("warmvm: error: {says}"), "{args:?}");
+            assert_eq!(
+                tree(&dir),
+                vec!["vms.toml".to_string()],
+                "{args:?}: nothing created"
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
