@@ -286,3 +286,58 @@ fn relative_paths_in_a_config_file_are_refused_with_one_line_and_create_nothing(
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `warmvm demo` on its default directory removes it when it ends: after a warm reboot
+/// (which a chain of other processes finish), after a failed one, and on Ctrl-C.
+#[test]
+fn the_demo_leaves_nothing_behind() {
+    if !warmvm_vmm::testing::kvm_available("the_demo_leaves_nothing_behind") {
+        return;
+    }
+    let runtime = warmvm_vmm::config::default_runtime_dir();
+    let demo = |extra: &[&str]| {
+        Command::new(BIN)
+            .args(["demo", "--json", "--vms", "1", "--memory-mib", "16"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let wait = |child: std::process::Child| {
+        let dir = runtime.join(format!("demo-{}", child.id()));
+        let out = child.wait_with_output().unwrap();
+        (out.status, dir, stderr(&out))
+    };
+    let (status, dir, err) = wait(demo(&[
+        "--seconds",
+        "2",
+        "--reboots",
+        "2",
+        "--reboot-interval-ms",
+        "50",
+    ]));
+    assert!(status.success(), "{status}: {err}");
+    assert!(!dir.exists(), "{} is left", dir.display());
+    let (status, dir, err) = wait(demo(&[
+        "--seconds",
+        "2",
+        "--upgrade-to",
+        "/nonexistent/warmvm",
+    ]));
+    assert!(!status.success(), "a failed reboot fails the demo");
+    assert!(!dir.exists(), "{} is left", dir.display());
+    // Ctrl-C once the VM runs (its console log exists).
+    let child = demo(&["--seconds", "60", "--no-reboot"]);
+    let dir = runtime.join(format!("demo-{}", child.id()));
+    assert!(
+        common::wait_until(30, || dir.join("demo-0").exists()),
+        "the demo never made {}",
+        dir.display()
+    );
+    // SAFETY: kill has no memory effects; the pid is our unreaped child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let (_, dir, _) = wait(child);
+    assert!(!dir.exists(), "{} is left after Ctrl-C", dir.display());
+}
