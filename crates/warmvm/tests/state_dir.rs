@@ -326,7 +326,7 @@ fn the_demo_leaves_nothing_behind() {
         "--upgrade-to",
         "/nonexistent/warmvm",
     ]));
-    assert!(!status.success(), "a failed reboot fails the demo");
+    assert!(!status.success(), "a failed reboot fails the demo: {err}");
     assert!(!dir.exists(), "{} is left", dir.display());
     // Ctrl-C once the VM runs (its console log exists).
     let child = demo(&["--seconds", "60", "--no-reboot"]);
