@@ -33,7 +33,8 @@ pub struct DemoArgs {
     /// Let the workloads run at least this long, in seconds.
     #[arg(long, default_value_t = 3)]
     pub seconds: u64,
-    /// Directory for console logs.
+    /// Directory for console logs [default: demo-<pid> in /run/warmvm as root,
+    /// $XDG_RUNTIME_DIR/warmvm or /tmp/warmvm-<uid> otherwise, removed at the end].
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
     /// Skip the warm reboot halfway through.
