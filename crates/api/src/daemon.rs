@@ -661,7 +661,7 @@ fn take_over(
     // not hand it over (an older build) holds none, so this daemon took it as it started;
     // if it could not, another daemon has the directory, and the old one keeps its VMs.
     let have_lock = lock.is_some();
-    let check_bring_back = |extra: &serde_json::Value| {
+    let check_extra = |extra: &serde_json::Value| {
         if !have_lock && extra.get(state_lock::EXTRA_KEY) != Some(&serde_json::Value::Bool(true)) {
             return Err(state_lock::LockError::Held {
                 dir: state_dir.to_path_buf(),
@@ -674,12 +674,11 @@ fn take_over(
             _ => Ok(()),
         }
     };
-    let adopted =
-        handover::take_over_checked(channel, state_dir, &check_bring_back).map_err(|e| {
-            DaemonError::Host(format!(
-                "taking the VMs over from the old daemon failed: {e}"
-            ))
-        })?;
+    let adopted = handover::take_over_checked(channel, state_dir, &check_extra).map_err(|e| {
+        DaemonError::Host(format!(
+            "taking the VMs over from the old daemon failed: {e}"
+        ))
+    })?;
     // From here on the VMs run in this process: nothing may make it give up.
     let took_over_from = adopted.extra.get("previous_pid").and_then(|p| p.as_u64());
     let takeover = TakeoverInfo {
@@ -722,7 +721,8 @@ fn take_over(
                     }
                 }
             }
-            // Taken as we started (an older build in between held none): ours is enough.
+            // Taken as we started, so the old daemon held none (not expected of a daemon
+            // that hands one over): ours is the lock.
             state_lock::STATE_LOCK_FD => {}
             METRICS_LISTENER_FD => {
                 let l = TcpListener::from(OwnedFd::from(file));
