@@ -414,6 +414,31 @@ impl VmConfig {
         self.validate_files()
     }
 
+    /// This config with any relative path made absolute against this process's working
+    /// directory, which is what it was opened against: a VM that a build accepting relative
+    /// paths created keeps its files when it is booted again (a cold reboot), now that
+    /// [`VmConfig::validate`] refuses them.
+    pub fn with_absolute_paths(&self) -> VmConfig {
+        let mut c = self.clone();
+        let fix = |p: &mut PathBuf| {
+            if !p.as_os_str().is_empty() && !p.is_absolute() {
+                if let Ok(abs) = std::path::absolute(&*p) {
+                    *p = abs;
+                }
+            }
+        };
+        for p in [&mut c.kernel, &mut c.initrd, &mut c.console_log]
+            .into_iter()
+            .flatten()
+        {
+            fix(p);
+        }
+        for d in &mut c.disks {
+            fix(&mut d.path);
+        }
+        c
+    }
+
     /// Every path is absolute: a relative one would be resolved against the working
     /// directory of the daemon, not of whoever wrote it. Not part of
     /// [`VmConfig::validate_shape`]: a VM an older build runs is taken over as it is.
@@ -678,6 +703,19 @@ mod tests {
         let e = Config::from_toml_file(&file).unwrap_err().to_string();
         assert_eq!(e, "VM a: console_log \"c.log\" must be an absolute path");
         let _ = std::fs::remove_dir_all(&dir);
+        // A VM an older build created with relative paths is booted again with them
+        // resolved where they were opened.
+        let old = parse(&format!(
+            "{vm}console_log=\"c.log\"\n[[vm.disks]]\npath=\"d.img\"\n"
+        ))
+        .unwrap()
+        .vms
+        .remove(0);
+        let cwd = std::env::current_dir().unwrap();
+        let fixed = old.with_absolute_paths();
+        assert_eq!(fixed.console_log, Some(cwd.join("c.log")));
+        assert_eq!(fixed.disks[0].path, cwd.join("d.img"));
+        fixed.validate_paths().unwrap();
     }
 
     #[test]
