@@ -275,6 +275,12 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
         },
     };
 
+    if opts.takeover_fd.is_none() && is_in_ram(&state_dir) {
+        tracing::warn!(state_dir = %state_dir.display(),
+            "the state directory is in RAM (tmpfs): a saved reboot writes every VM's RAM there \
+             (doubling its use, or refused for room) and a host reboot empties it; \
+             /var/lib/warmvm is the default");
+    }
     // A new daemon must not die of SIGTERM between taking the VMs over and serving (they
     // would die with it): note the signal, and stop cleanly once the server runs.
     let early_stop = Arc::new(AtomicBool::new(false));
@@ -822,4 +828,37 @@ fn create_private_dir(dir: &Path, what: &str) -> Result<bool, DaemonError> {
             ))
         })?;
     Ok(true)
+}
+
+/// True if `dir` is on a RAM-backed file system (tmpfs or ramfs, as `/run` is).
+fn is_in_ram(dir: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: an all-zero statfs is a valid value for the kernel to overwrite.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is NUL-terminated and `st` is valid for writes of its size.
+    if unsafe { libc::statfs(path.as_ptr(), &mut st) } != 0 {
+        return false;
+    }
+    // ramfs's, which libc does not name.
+    const RAMFS_MAGIC: libc::c_long = 0x8584_58f6;
+    st.f_type == libc::TMPFS_MAGIC || st.f_type == RAMFS_MAGIC
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ram_backed_directories_are_told_from_disk_ones() {
+        // Where the sources are checked out is on disk.
+        assert!(!is_in_ram(Path::new(env!("CARGO_MANIFEST_DIR"))));
+        // POSIX shared memory is a tmpfs on Linux.
+        if Path::new("/dev/shm").is_dir() {
+            assert!(is_in_ram(Path::new("/dev/shm")));
+        }
+        assert!(!is_in_ram(Path::new("/nonexistent/warmvm")));
+    }
 }
