@@ -24,6 +24,7 @@ packages=(
     wrk httperf coreutils  # bench cache's loads (stdbuf line-buffers httperf)
     fonts-dejavu-core  # the text of bench aging's plots
     acpica-tools    # iasl -d disassembles the ACPI tables built for Linux guests
+    systemd         # systemd-analyze verify checks contrib/warmvm.service (nothing is started)
 )
 
 installed() {

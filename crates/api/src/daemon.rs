@@ -29,6 +29,7 @@ use warmvm_vmm::{Config, Host, HostError};
 use crate::server::Server;
 use crate::socket::{self, SocketError, SocketFile};
 use crate::state::{ApiState, RebootSetup, TakeoverInfo};
+use crate::state_lock::{self, StateLock};
 
 mod rejuvenation;
 
@@ -45,9 +46,10 @@ pub const CONSOLE_LIMITS_ENV: &str = "WARMVM_CONSOLE_LIMITS";
 /// The socket's file name in the state directory.
 pub const SOCKET_NAME: &str = "warmvm.sock";
 
-/// The default API socket: `<default state dir>/warmvm.sock`.
+/// The default API socket: `<default runtime dir>/warmvm.sock` (`/run/warmvm/warmvm.sock`
+/// for root).
 pub fn default_socket() -> PathBuf {
-    warmvm_vmm::config::default_state_dir().join(SOCKET_NAME)
+    warmvm_vmm::config::default_runtime_dir().join(SOCKET_NAME)
 }
 
 #[derive(Clone, Debug)]
@@ -217,30 +219,68 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
         _ => opts.console,
     };
     warmvm_devices_limits::console::set_default_limits(console);
-    let state_dir = opts
-        .state_dir
-        .clone()
-        .or_else(|| config.as_ref().and_then(|c| c.state_dir.clone()))
-        .unwrap_or_else(warmvm_vmm::config::default_state_dir);
-    let state_dir_created = !state_dir.exists();
-    if state_dir_created {
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&state_dir)
-            .map_err(|e| {
-                DaemonError::Host(format!(
-                    "cannot create the state directory {}: {e}",
-                    state_dir.display()
-                ))
-            })?;
+    // Flags relative to the working directory are resolved once, here: the daemon a warm
+    // reboot starts gets them absolute.
+    let absolute = |flag: &str, p: &Path| {
+        std::path::absolute(p)
+            .map_err(|e| DaemonError::Input(format!("{flag} {}: {e}", p.display())))
+    };
+    let given_state_dir = match &opts.state_dir {
+        Some(p) => Some(absolute("--state-dir", p)?),
+        None => config.as_ref().and_then(|c| c.state_dir.clone()),
+    };
+    // The socket: where --socket says, in a directory that must exist; by default beside
+    // a given state directory, else in the runtime directory (created if missing).
+    let socket_path = match &opts.socket {
+        Some(p) => {
+            let p = absolute("--socket", p)?;
+            match p.parent() {
+                Some(dir) if !dir.is_dir() => {
+                    return Err(DaemonError::Input(format!(
+                        "--socket {}: the directory {} does not exist",
+                        p.display(),
+                        dir.display()
+                    )))
+                }
+                _ => p,
+            }
+        }
+        None => match &given_state_dir {
+            Some(dir) => dir.join(SOCKET_NAME),
+            None => default_socket(),
+        },
+    };
+    let state_dir = given_state_dir.unwrap_or_else(warmvm_vmm::config::default_state_dir);
+    let state_dir_created = create_private_dir(&state_dir, "state")?;
+    // The socket's directory stays root's: the user the daemon drops to does not get the
+    // API (see docs/daemon.md, "Least privilege").
+    if let Some(dir) = socket_path.parent().filter(|_| opts.socket.is_none()) {
+        create_private_dir(dir, "socket")?;
     }
-    let socket_path = opts
-        .socket
-        .clone()
-        .unwrap_or_else(|| state_dir.join(SOCKET_NAME));
+    // One daemon per state directory, before anything in it (or the socket) is touched. A
+    // warm reboot's new daemon is handed the old one's lock; it takes the lock itself only
+    // from an older build, which holds none (see `state_lock`).
+    let (mut lock, lock_holder) = match opts.takeover_fd {
+        None => (
+            Some(StateLock::take(&state_dir).map_err(|e| DaemonError::Host(e.to_string()))?),
+            None,
+        ),
+        Some(_) => match StateLock::try_take(&state_dir) {
+            Ok(Ok(lock)) => (Some(lock), None),
+            Ok(Err(holder)) => (None, holder),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot take the state directory's lock; expecting it from the old daemon");
+                (None, None)
+            }
+        },
+    };
 
+    if opts.takeover_fd.is_none() && is_in_ram(&state_dir) {
+        tracing::warn!(state_dir = %state_dir.display(),
+            "the state directory is in RAM (tmpfs): a saved reboot writes every VM's RAM there \
+             (doubling its use, or refused for room) and a host reboot empties it; \
+             /var/lib/warmvm is the default");
+    }
     // A new daemon must not die of SIGTERM between taking the VMs over and serving (they
     // would die with it): note the signal, and stop cleanly once the server runs.
     let early_stop = Arc::new(AtomicBool::new(false));
@@ -261,15 +301,32 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
     let started = match opts.takeover_fd {
         Some(fd) => {
             enter_sandbox(opts.seccomp)?;
-            take_over(fd, &state_dir, &socket_path, opts.metrics_addr.as_ref())?
+            take_over(
+                fd,
+                &state_dir,
+                &socket_path,
+                opts.metrics_addr.as_ref(),
+                &mut lock,
+                lock_holder,
+            )?
         }
         None => {
             // KVM and the listeners are open: what needs root is done. Drop before any
             // other thread exists (capabilities are per thread), then sandbox.
             let started = start_fresh(opts, &state_dir, &socket_path)?;
             if let Some(target) = &drop_to {
+                let give = crate::privileges::is_ours_to_give(
+                    &state_dir,
+                    state_dir_created,
+                    &crate::privileges::systemd_dirs_from_env(),
+                );
                 target
-                    .apply(&state_dir, state_dir_created, &Host::kvm_device())
+                    .apply(
+                        &state_dir,
+                        give,
+                        lock.as_ref().map(|l| l.path()),
+                        &Host::kvm_device(),
+                    )
                     .map_err(|e| DaemonError::Host(e.to_string()))?;
             }
             enter_sandbox(opts.seccomp)?;
@@ -405,12 +462,15 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
         stop.stop();
     }
     let mut extra_fds = vec![(API_LISTENER_FD.to_string(), server.listener_fd())];
+    if let Some(l) = &lock {
+        extra_fds.push((state_lock::STATE_LOCK_FD.to_string(), l.raw_fd()));
+    }
     if let Some(fd) = server.metrics_fd() {
         extra_fds.push((METRICS_LISTENER_FD.to_string(), fd));
     }
     state.enable_reboot(RebootSetup {
         args: successor_args(opts, &socket_path, &state_dir),
-        extra: successor_extra(stage_timeout, ready_budget, &limits),
+        extra: successor_extra(stage_timeout, ready_budget, &limits, lock.is_some()),
         extra_fds,
         env: vec![
             (
@@ -600,6 +660,7 @@ fn successor_extra(
     stage_timeout: Duration,
     ready_budget: Duration,
     limits: &crate::limits::Limits,
+    hands_lock: bool,
 ) -> serde_json::Value {
     serde_json::json!({
         "previous_pid": std::process::id(),
@@ -607,6 +668,7 @@ fn successor_extra(
         "stage_timeout_ms": stage_timeout.as_millis() as u64,
         "ready_budget_ms": ready_budget.as_millis() as u64,
         "limits": limits,
+        state_lock::EXTRA_KEY: hands_lock,
     })
 }
 
@@ -697,6 +759,8 @@ fn take_over(
     state_dir: &Path,
     socket_path: &Path,
     metrics_addr: Option<&SocketAddr>,
+    lock: &mut Option<StateLock>,
+    lock_holder: Option<u32>,
 ) -> Result<Started, DaemonError> {
     if fd < 3 {
         return Err(DaemonError::Input("--takeover-fd must be 3 or more".into()));
@@ -712,16 +776,28 @@ fn take_over(
     let channel = unsafe { OwnedFd::from_raw_fd(fd) };
     // VMs to bring back that this build cannot read are refused before the commit, so the
     // old daemon keeps them, rather than lost after it.
-    let check_bring_back = |extra: &serde_json::Value| match crate::modes::from_extra(extra) {
-        Some(Err(e)) => Err(e),
-        _ => Ok(()),
+    // Nor are VMs taken over without the state directory's lock: an old daemon that does
+    // not hand it over (an older build) holds none, so this daemon took it as it started;
+    // if it could not, another daemon has the directory, and the old one keeps its VMs.
+    let have_lock = lock.is_some();
+    let check_extra = |extra: &serde_json::Value| {
+        if !have_lock && extra.get(state_lock::EXTRA_KEY) != Some(&serde_json::Value::Bool(true)) {
+            return Err(state_lock::LockError::Held {
+                dir: state_dir.to_path_buf(),
+                holder: lock_holder,
+            }
+            .to_string());
+        }
+        match crate::modes::from_extra(extra) {
+            Some(Err(e)) => Err(e),
+            _ => Ok(()),
+        }
     };
-    let adopted =
-        handover::take_over_checked(channel, state_dir, &check_bring_back).map_err(|e| {
-            DaemonError::Host(format!(
-                "taking the VMs over from the old daemon failed: {e}"
-            ))
-        })?;
+    let adopted = handover::take_over_checked(channel, state_dir, &check_extra).map_err(|e| {
+        DaemonError::Host(format!(
+            "taking the VMs over from the old daemon failed: {e}"
+        ))
+    })?;
     // From here on the VMs run in this process: nothing may make it give up.
     let took_over_from = adopted.extra.get("previous_pid").and_then(|p| p.as_u64());
     let takeover = TakeoverInfo {
@@ -762,6 +838,17 @@ fn take_over(
                 Ok(l) => api = Some(l),
                 Err(e) => tracing::error!(error = %e, "the API listener handed over is unusable"),
             },
+            state_lock::STATE_LOCK_FD if lock.is_none() => {
+                match StateLock::adopt(OwnedFd::from(file), state_dir) {
+                    Ok(l) => *lock = Some(l),
+                    Err(e) => {
+                        tracing::error!(error = %e, "the state directory's lock handed over is unusable")
+                    }
+                }
+            }
+            // Taken as we started, so the old daemon held none (not expected of a daemon
+            // that hands one over): ours is the lock.
+            state_lock::STATE_LOCK_FD => {}
             METRICS_LISTENER_FD => {
                 let l = TcpListener::from(OwnedFd::from(file));
                 if l.local_addr().is_ok() {
@@ -770,6 +857,12 @@ fn take_over(
             }
             other => tracing::warn!(name = other, "ignoring an unknown fd handed over"),
         }
+    }
+    if lock.is_none() {
+        // The old daemon said it hands the lock over and then did not, or handed another
+        // file: it cannot happen between builds that hold the lock, but the VMs are ours
+        // now, so take it as soon as it is free rather than give them up.
+        *lock = Some(take_lock_when_free(state_dir));
     }
     // The socket file stays the same across warm reboots: ours to remove at exit.
     let (listener, socket_file) = match api {
@@ -819,6 +912,60 @@ fn rebind(socket_path: &Path) -> (UnixListener, SocketFile) {
     }
 }
 
+/// Take the state directory's lock, waiting (and saying why every [`REBIND_TIMEOUT`]) until
+/// whoever holds it lets go: the VMs run here already.
+fn take_lock_when_free(state_dir: &Path) -> StateLock {
+    let mut next_report = Instant::now();
+    loop {
+        match StateLock::take(state_dir) {
+            Ok(lock) => return lock,
+            Err(e) => {
+                if Instant::now() >= next_report {
+                    tracing::error!(error = %e, "cannot take the state directory's lock yet; the VMs run on, still trying");
+                    next_report = Instant::now() + REBIND_TIMEOUT;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+/// Create `dir` (mode 0700, with its parents) if missing; true if this call created it.
+fn create_private_dir(dir: &Path, what: &str) -> Result<bool, DaemonError> {
+    if dir.exists() {
+        return Ok(false);
+    }
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| {
+            DaemonError::Host(format!(
+                "cannot create the {what} directory {}: {e}",
+                dir.display()
+            ))
+        })?;
+    Ok(true)
+}
+
+/// True if `dir` is on a RAM-backed file system (tmpfs or ramfs, as `/run` is).
+fn is_in_ram(dir: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: an all-zero statfs is a valid value for the kernel to overwrite.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is NUL-terminated and `st` is valid for writes of its size.
+    if unsafe { libc::statfs(path.as_ptr(), &mut st) } != 0 {
+        return false;
+    }
+    // ramfs's, which libc does not name.
+    const RAMFS_MAGIC: libc::c_long = 0x8584_58f6;
+    st.f_type == libc::TMPFS_MAGIC || st.f_type == RAMFS_MAGIC
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -839,5 +986,16 @@ mod tests {
         ] {
             assert_eq!(wait(bad), crate::modes::DEFAULT_BOOT_WAIT);
         }
+    }
+
+    #[test]
+    fn ram_backed_directories_are_told_from_disk_ones() {
+        // Where the sources are checked out is on disk.
+        assert!(!is_in_ram(Path::new(env!("CARGO_MANIFEST_DIR"))));
+        // POSIX shared memory is a tmpfs on Linux.
+        if Path::new("/dev/shm").is_dir() {
+            assert!(is_in_ram(Path::new("/dev/shm")));
+        }
+        assert!(!is_in_ram(Path::new("/nonexistent/warmvm")));
     }
 }

@@ -213,7 +213,7 @@ pub fn save_all(host: &mut Host, progress: &Tracker) -> Result<(BringBack, Held)
                 was_paused,
                 BringBackVm {
                     name: vm.name().to_string(),
-                    config: vm.config.clone(),
+                    config: vm.config.with_absolute_paths(),
                     snapshot: Some(vm_dir),
                     stopped_ns,
                     prepare_us: t.elapsed().as_micros() as u64,
@@ -293,7 +293,7 @@ pub fn stop_all(host: &mut Host, grace: Duration, progress: &Tracker) -> (BringB
                     tracing::info!(vm = %vm.name(), state = end.name(), "VM shut down for a cold reboot");
                     BringBackVm {
                         name: vm.name().to_string(),
-                        config: vm.config.clone(),
+                        config: vm.config.with_absolute_paths(),
                         snapshot: None,
                         stopped_ns,
                         prepare_us: t.elapsed().as_micros() as u64,

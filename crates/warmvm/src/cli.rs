@@ -25,7 +25,8 @@ pub struct Cli {
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
     pub log_format: LogFormat,
     /// The daemon's API socket: where `daemon` listens and the API commands connect
-    /// [default: <state dir>/warmvm.sock].
+    /// [default: /run/warmvm/warmvm.sock as root; for `daemon` with --state-dir,
+    /// <state dir>/warmvm.sock].
     #[arg(long, global = true, env = "WARMVM_SOCKET", value_name = "PATH")]
     pub socket: Option<PathBuf>,
     /// Print one JSON document (the daemon's answer, or the results) instead of text.
@@ -65,7 +66,7 @@ pub enum Command {
     /// (Ctrl-C asks them to power off).
     Run {
         config: PathBuf,
-        /// Directory for console logs (default: /run/warmvm as root).
+        /// Directory for console logs (default: /var/lib/warmvm as root).
         #[arg(long)]
         state_dir: Option<PathBuf>,
         /// Seconds a guest gets to power off after being asked, before it is forced.
@@ -93,8 +94,9 @@ pub enum Command {
     /// Run the host daemon: it holds VMs and serves the HTTP/JSON API on a Unix socket
     /// (--socket) until SIGTERM or SIGINT, which power every VM off. See docs/daemon.md.
     Daemon {
-        /// Directory for console logs and the default socket [default: /run/warmvm as root,
-        /// $XDG_RUNTIME_DIR/warmvm or /tmp/warmvm-<uid> otherwise].
+        /// Directory for console logs, snapshots of saved reboots and the lock that keeps a
+        /// second daemon off [default: /var/lib/warmvm as root, $XDG_STATE_HOME/warmvm,
+        /// ~/.local/state/warmvm or /tmp/warmvm-<uid> otherwise].
         #[arg(long)]
         state_dir: Option<PathBuf>,
         /// Also serve GET /metrics on this loopback TCP address, e.g. 127.0.0.1:9464.

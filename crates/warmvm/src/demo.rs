@@ -33,7 +33,8 @@ pub struct DemoArgs {
     /// Let the workloads run at least this long, in seconds.
     #[arg(long, default_value_t = 3)]
     pub seconds: u64,
-    /// Directory for console logs.
+    /// Directory for console logs [default: demo-<pid> in /run/warmvm as root,
+    /// $XDG_RUNTIME_DIR/warmvm or /tmp/warmvm-<uid> otherwise, removed at the end].
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
     /// Skip the warm reboot halfway through.
@@ -246,15 +247,52 @@ struct DemoResult<'a> {
 }
 
 pub fn demo(args: &DemoArgs) -> Result<ExitCode, Failure> {
-    let state_dir = args.state_dir.clone().unwrap_or_else(|| {
-        warmvm_vmm::config::default_state_dir().join(format!("demo-{}", std::process::id()))
-    });
-    let stop = crate::run::termination_flag()?;
     // Each reboot's report names the executables on both sides, with their sha256.
     warmvm_vmm::executable::hash_in_background();
     if let Some(fd) = args.takeover_fd {
+        // A later VMM of the demo: the first one chose the directory, and removes it.
+        let Some(state_dir) = args.state_dir.clone() else {
+            return Err(Failure::new(
+                EXIT_BAD_INPUT,
+                "--takeover-fd needs --state-dir",
+            ));
+        };
+        let stop = crate::run::termination_flag()?;
         return continue_after_reboot(args, fd, state_dir, &stop);
     }
+    match &args.state_dir {
+        Some(dir) => first_vmm(args, dir.clone()),
+        None => {
+            // Console logs only (the RAM is in memfds): the runtime directory, with a
+            // directory of this run's own that goes when the demo ends, however it ends
+            // (Ctrl-C ends it through the termination flag, as a normal finish).
+            let runtime = warmvm_vmm::config::default_runtime_dir();
+            let runtime_existed = runtime.exists();
+            let dir = runtime.join(format!("demo-{}", std::process::id()));
+            let result = first_vmm(args, dir.clone());
+            remove_demo_dirs(&dir, (!runtime_existed).then_some(runtime.as_path()));
+            result
+        }
+    }
+}
+
+/// Remove the demo's own directory, and its parent if the demo created it and it is empty
+/// (another daemon's or demo's files there stay).
+fn remove_demo_dirs(dir: &std::path::Path, created_parent: Option<&std::path::Path>) {
+    if let Err(e) = std::fs::remove_dir_all(dir) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            eprintln!("warmvm demo: cannot remove {}: {e}", dir.display());
+        }
+    }
+    if let Some(parent) = created_parent {
+        let _ = std::fs::remove_dir(parent);
+    }
+}
+
+/// The demo's first VMM: boots the VMs, warm-reboots into the next VMM halfway (then waits
+/// for the last one's verdict), or finishes itself.
+fn first_vmm(args: &DemoArgs, state_dir: PathBuf) -> Result<ExitCode, Failure> {
+    let stop = crate::run::termination_flag()?;
     let config = Config {
         state_dir: Some(state_dir.clone()),
         vms: (0..args.vms)
