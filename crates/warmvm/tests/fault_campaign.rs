@@ -85,11 +85,10 @@ fn a_kill_at_each_point_ends_as_the_protocol_promises() {
     if !warmvm_vmm::testing::kvm_available("a_kill_at_each_point_ends_as_the_protocol_promises") {
         return;
     }
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    const LOST: &str = "lost (owner killed)";
-    const OLD: &str = "running-in-old";
-    const NEW: &str = "running-in-new";
-    let expected: [(&str, &str); 18] = [
+    const LOST: &[&str] = &["lost (owner killed)"];
+    const OLD: &[&str] = &["running-in-old"];
+    const NEW: &[&str] = &["running-in-new"];
+    let expected: [(&str, &[&str]); 18] = [
         // The old VMM owns the VMs until it has sent the state; killed before that, they
         // die with it. The new VMM has at most their RAM and no vCPU state: it must not
         // run them, and exits when the channel closes.
@@ -132,27 +131,7 @@ fn a_kill_at_each_point_ends_as_the_protocol_promises() {
         // The report was sent and the old VMM exits; the new one that ran them is killed.
         ("new:reported", LOST),
     ];
-    let mut args = Vec::new();
-    for (point, _) in &expected {
-        args.push("--fault".to_string());
-        args.push(format!("{point}:kill"));
-    }
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let (code, doc) = bench(&args);
-    let trials = trials(&doc);
-    assert_eq!(trials.len(), expected.len(), "{doc}");
-    let mut wrong = Vec::new();
-    for ((point, want), t) in expected.iter().zip(trials) {
-        assert_eq!(t["fault"], format!("{point}:kill"));
-        if t["outcome"] != *want || t["fired"] != true {
-            wrong.push(format!(
-                "{point}: {} (fired: {}), expected {want}; {}",
-                t["outcome"], t["fired"], t["detail"]
-            ));
-        }
-    }
-    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
-    assert_eq!(code, Some(0), "no trial is a failure: {doc}");
+    each_point_once("kill", &expected);
 }
 
 /// A panic on the handover thread itself at each point of both sides: the process is
@@ -165,7 +144,6 @@ fn a_panic_at_each_point_leaves_every_vm_running() {
     if !warmvm_vmm::testing::kvm_available("a_panic_at_each_point_leaves_every_vm_running") {
         return;
     }
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     const OLD: &[&str] = &["running-in-old"];
     const NEW: &[&str] = &["running-in-new"];
     const EITHER: &[&str] = &["running-in-old", "running-in-new"];
@@ -189,10 +167,17 @@ fn a_panic_at_each_point_leaves_every_vm_running() {
         ("new:running", NEW),
         ("new:reported", NEW),
     ];
+    each_point_once("panic", &expected);
+}
+
+/// `action` at each point of `expected`, one trial each in that order: each must fire and
+/// end in one of the outcomes listed for its point, and no trial may be a failure.
+fn each_point_once(action: &str, expected: &[(&str, &[&str])]) {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let mut args = Vec::new();
-    for (point, _) in &expected {
+    for (point, _) in expected {
         args.push("--fault".to_string());
-        args.push(format!("{point}:panic"));
+        args.push(format!("{point}:{action}"));
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let (code, doc) = bench(&args);
@@ -200,7 +185,7 @@ fn a_panic_at_each_point_leaves_every_vm_running() {
     assert_eq!(trials.len(), expected.len(), "{doc}");
     let mut wrong = Vec::new();
     for ((point, want), t) in expected.iter().zip(trials) {
-        assert_eq!(t["fault"], format!("{point}:panic"));
+        assert_eq!(t["fault"], format!("{point}:{action}"));
         let got = t["outcome"].as_str().unwrap_or_default();
         if !want.contains(&got) || t["fired"] != true {
             wrong.push(format!(
