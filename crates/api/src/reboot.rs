@@ -343,6 +343,10 @@ impl ApiState {
         let mut extra = base.clone();
         if let (Some(obj), Some(m)) = (extra.as_object_mut(), self.aging()) {
             obj.insert("aging".into(), m.carry(reason).encode());
+            // So that a successor that cannot read the state still knows the configuration.
+            if let Some(cfg) = m.configured().and_then(|c| serde_json::to_value(c).ok()) {
+                obj.insert(crate::aging::carry::CONFIGURED_KEY.into(), cfg);
+            }
         }
         if let (Some(obj), Ok(binary)) = (
             extra.as_object_mut(),
