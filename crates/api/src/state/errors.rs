@@ -60,8 +60,9 @@ pub(crate) fn file_status(err: &std::io::Error) -> u16 {
 /// document (which states every rule a request alone can break); the rest answer a request
 /// that matches it but meets the host's state: 404 a file it names does not exist; 409 it
 /// does not fit the state of the VM, of a file it names (not a kernel, an image of a bad
-/// size, a TAP in use) or of the host's other VMs; 507 the host has not enough memory (RAM,
-/// reserved huge pages) or disk space; 500 the host failed.
+/// size, a TAP in use), of the host (more RAM than it has, huge pages it has not reserved) or
+/// of its other VMs; 500 the host failed. Not 507 for too little RAM: a 5xx says the server
+/// failed, and nothing failed; 507 is kept for a disk that filled up while writing.
 pub(super) fn vm_error_status(err: &VmError, config: Option<&VmConfig>) -> u16 {
     let has_kernel = config.is_some_and(|c| c.kernel.is_some());
     let hugepages = config.is_some_and(|c| c.hugepages);
@@ -76,7 +77,7 @@ pub(super) fn vm_error_status(err: &VmError, config: Option<&VmConfig>) -> u16 {
         // A kernel or initrd the client named is not one.
         VmError::Boot(_) if has_kernel => 409,
         // Huge pages the host has not reserved (or not enough of them).
-        VmError::Memory(_) if hugepages => 507,
+        VmError::Memory(_) if hugepages => 409,
         _ => 500,
     }
 }
@@ -86,7 +87,7 @@ fn config_error_status(err: &ConfigError) -> u16 {
         // Valid on its own, but not next to the VMs this host already has.
         ConfigError::TotalMemoryTooLarge { .. } => 409,
         // More RAM than the host has.
-        ConfigError::MemoryTooLarge { .. } => 507,
+        ConfigError::MemoryTooLarge { .. } => 409,
         // More vCPUs than this host's KVM supports (the document states the fixed limits).
         ConfigError::BadVcpus { .. } => 409,
         // What the document itself rules out (see VmConfig there).
@@ -199,10 +200,10 @@ mod tests {
     }
 
     /// A request the document allows is refused only with a status that says the host's
-    /// state is why (404, 409, 507) or that it failed (5xx), never with 400 or 422: a client
-    /// (and the contract test) takes those for "your request is malformed".
+    /// state is why (404, 409), never with 400 or 422, which a client (and the contract test)
+    /// takes for "your request is malformed", nor a 5xx, which says the server failed.
     #[test]
-    fn refusals_for_the_hosts_state_are_404_409_or_507() {
+    fn refusals_for_the_hosts_state_are_404_or_409() {
         use std::io::{Error, ErrorKind};
         let c = |e: ConfigError| ApiError::from(HostError::Config(e)).status;
         let missing = || Error::from(ErrorKind::NotFound);
@@ -253,7 +254,7 @@ mod tests {
                 mib: 2,
                 host_mib: 1
             }),
-            507
+            409
         );
         assert_eq!(c(ConfigError::BadVcpus { vm: vm(), max: 1 }), 409);
         // The rules the document states (patterns, bounds, the VM config's allOf): 400.
@@ -303,7 +304,7 @@ mod tests {
             need_mib: 64,
             free_mib: 0,
         });
-        assert_eq!(vm_error_status(&no_pages, Some(&hugepages)), 507);
+        assert_eq!(vm_error_status(&no_pages, Some(&hugepages)), 409);
     }
 
     #[test]

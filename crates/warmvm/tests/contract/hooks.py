@@ -10,7 +10,7 @@ import os
 
 import schemathesis
 
-# The daemon refuses more RAM than the host has (507), but a generated 8 GiB VM fits a
+# The daemon refuses more RAM than the host has (409), but a generated 8 GiB VM fits a
 # large host, and the reference guest fills and verifies all of its RAM.
 MAX_MEMORY_MIB = 16
 MAX_VCPUS = 2
