@@ -587,6 +587,8 @@ fn the_documented_patterns_are_the_checked_ones() {
             json!({"name": "a", "memory_mib": 64, "vcpus": 255, "kernel": "/k"}),
             false,
         ),
+        // Any RAM size the server can read is valid as a request (the host may refuse it).
+        (json!({"name": "a", "memory_mib": u64::MAX}), true),
     ] {
         let host = warmvm_vmm::HostLimits {
             memory_mib: 0,
