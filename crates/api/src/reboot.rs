@@ -395,6 +395,10 @@ impl ApiState {
         let mut extra = base.clone();
         if let (Some(obj), Some(m)) = (extra.as_object_mut(), self.aging()) {
             obj.insert("aging".into(), m.carry(reason).encode());
+            // So that a successor that cannot read the state still knows the configuration.
+            if let Some(cfg) = m.configured().and_then(|c| serde_json::to_value(c).ok()) {
+                obj.insert(crate::aging::carry::CONFIGURED_KEY.into(), cfg);
+            }
         }
         if let (Some(obj), Ok(binary)) = (
             extra.as_object_mut(),
@@ -428,8 +432,10 @@ fn undo_failed(
 /// operator asked, the path this daemon was started from, so that a build installed there
 /// since is what runs next (an upgrade); else (a panic, aging, the schedule) the running
 /// image itself: a rejuvenation nobody asked for at that moment must not switch builds,
-/// nor depend on the installed file. Refused (422) before anything pauses when the binary
-/// is missing or not executable by this daemon (which may have dropped its privileges).
+/// nor depend on the installed file. Refused before anything pauses when the binary is
+/// relative (400: the document rules it out), missing (404) or not executable by this
+/// daemon, which may have dropped its privileges (409); a default that does not run is the
+/// daemon's state, not the request's: 409.
 fn reboot_binary(req: &RebootRequest, reason: &RebootReason) -> Result<PathBuf, ApiError> {
     use warmvm_vmm::executable;
     match &req.binary {
@@ -437,21 +443,35 @@ fn reboot_binary(req: &RebootRequest, reason: &RebootReason) -> Result<PathBuf, 
             if b.as_os_str().is_empty() {
                 return Err(ApiError::new(400, "binary must be a path, not empty"));
             }
+            if !b.is_absolute() {
+                return Err(ApiError::new(
+                    400,
+                    format!(
+                        "binary must be an absolute path, not {:?}",
+                        b.display().to_string()
+                    ),
+                ));
+            }
             // A well-formed request naming a file this host cannot run.
-            executable::check_runnable(b)
-                .map_err(|why| ApiError::new(422, format!("binary {}: {why}", b.display())))?;
+            executable::check_runnable(b).map_err(|why| {
+                let status = match std::fs::metadata(b) {
+                    Err(e) => crate::state::file_status(&e),
+                    Ok(_) => 409,
+                };
+                ApiError::new(status, format!("binary {}: {why}", b.display()))
+            })?;
             Ok(b.clone())
         }
         None if *reason == RebootReason::Manual => {
             let path = executable::started_from().map_err(|e| {
                 ApiError::new(
-                    422,
+                    409,
                     format!("cannot tell the path this daemon was started from ({e}): name the new build with \"binary\"; nothing changed"),
                 )
             })?;
             executable::check_runnable(path).map_err(|why| {
                 ApiError::new(
-                    422,
+                    409,
                     format!(
                         "{} (the path this daemon was started from, which a reboot runs again): {why}; install a build there or name one with \"binary\"; nothing changed",
                         path.display()
@@ -506,17 +526,23 @@ mod tests {
         assert_eq!(status(r#"{"mode": "warm", "binary": null}"#), Some(400));
         assert_eq!(status(r#"{"mode": "warm", "binary": ""}"#), Some(400));
         assert_eq!(status(r#"{"mode": "warm", "binary": 7}"#), Some(400));
-        // Well-formed, but not an executable file here: 422.
+        // Relative: the document's pattern rules it out.
+        assert_eq!(status(r#"{"mode": "warm", "binary": "sh"}"#), Some(400));
+        // Well-formed, but no file there (404) or not an executable file (409): the host's
+        // state, so that a request the document allows is never refused as malformed.
         assert_eq!(
             status(r#"{"mode": "warm", "binary": "/nonexistent"}"#),
-            Some(422)
+            Some(404)
         );
-        assert_eq!(status(r#"{"mode": "warm", "binary": "/etc"}"#), Some(422));
+        assert_eq!(
+            status(r#"{"mode": "warm", "binary": "/etc/passwd/x"}"#),
+            Some(404)
+        );
+        assert_eq!(status(r#"{"mode": "warm", "binary": "/etc"}"#), Some(409));
         assert_eq!(
             status(r#"{"mode": "warm", "binary": "/etc/passwd"}"#),
-            Some(422)
+            Some(409)
         );
-        assert_eq!(status(r#"{"mode": "warm", "binary": "sh"}"#), Some(422));
         let e = ApiState::parse_reboot(br#"{"mode": "hot"}"#).unwrap_err();
         assert!(
             e.message.contains("use \"warm\", \"saved\" or \"cold\""),

@@ -22,6 +22,14 @@ const ANNOTATIONS: &[&str] = &[
 pub const NAME_PATTERN: &str = "^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$";
 /// The `pattern` of every path in a request: absolute (the daemon refuses relative ones).
 pub const ABSOLUTE_PATTERN: &str = "^/";
+/// The `pattern` of a TAP name, checked by the rule the daemon applies
+/// ([`warmvm_vmm::devices::virtio::tap::valid_name`]; the length is the schemas' maxLength).
+pub const TAP_PATTERN: &str = "^[A-Za-z0-9._-]+$";
+/// The `pattern` of a MAC address: unicast (the low bit of the first octet clear), checked by
+/// [`warmvm_vmm::config::parse_mac`].
+pub const MAC_PATTERN: &str = "^[0-9A-Fa-f][02468ACEace](:[0-9A-Fa-f]{2}){5}$";
+/// The `pattern` of a kernel command line: no NUL.
+pub const NO_NUL_PATTERN: &str = "^[^\\u0000]*$";
 
 /// Check `value` against `schema`; `doc` is the document that `$ref`s point into.
 pub fn validate(doc: &Value, schema: &Value, value: &Value) -> Result<(), String> {
@@ -119,7 +127,24 @@ fn check(doc: &Value, schema: &Value, v: &Value, at: &str) -> Result<(), String>
                 (Some(ABSOLUTE_PATTERN), Some(path)) if !path.starts_with('/') => {
                     return Err(format!("{at}: {path:?} is not an absolute path"))
                 }
-                (Some(NAME_PATTERN | ABSOLUTE_PATTERN), _) => {}
+                (Some(TAP_PATTERN), Some(tap))
+                    if !warmvm_vmm::devices::virtio::tap::valid_name(tap) =>
+                {
+                    return Err(format!("{at}: {tap:?} is not a TAP name"))
+                }
+                (Some(MAC_PATTERN), Some(mac)) if warmvm_vmm::config::parse_mac(mac).is_none() => {
+                    return Err(format!("{at}: {mac:?} is not a unicast MAC address"))
+                }
+                (Some(NO_NUL_PATTERN), Some(s)) if s.contains('\0') => {
+                    return Err(format!("{at}: {s:?} holds a NUL"))
+                }
+                (
+                    Some(
+                        NAME_PATTERN | ABSOLUTE_PATTERN | TAP_PATTERN | MAC_PATTERN
+                        | NO_NUL_PATTERN,
+                    ),
+                    _,
+                ) => {}
                 _ => return Err(format!("{at}: unsupported pattern {arg}")),
             },
             "properties" => {
@@ -181,6 +206,37 @@ fn check(doc: &Value, schema: &Value, v: &Value, at: &str) -> Result<(), String>
                     ));
                 }
             }
+            "anyOf" => {
+                let options = arg
+                    .as_array()
+                    .ok_or_else(|| format!("{at}: anyOf is not an array"))?;
+                let why: Vec<String> = options
+                    .iter()
+                    .filter_map(|s| check(doc, s, v, at).err())
+                    .collect();
+                if why.len() == options.len() {
+                    return Err(format!(
+                        "{at}: {v} matches none of the anyOf schemas ({})",
+                        why.join("; ")
+                    ));
+                }
+            }
+            "not" => {
+                if check(doc, arg, v, at).is_ok() {
+                    return Err(format!("{at}: {v} matches the schema under not: {arg}"));
+                }
+            }
+            "multipleOf" => {
+                let step = arg
+                    .as_u64()
+                    .filter(|s| *s > 0)
+                    .ok_or_else(|| format!("{at}: multipleOf is not a positive integer"))?;
+                if let Some(n) = v.as_u64() {
+                    if n % step != 0 {
+                        return Err(format!("{at}: {n} is not a multiple of {step}"));
+                    }
+                }
+            }
             k if ANNOTATIONS.contains(&k) => {}
             other => return Err(format!("{at}: unsupported schema keyword {other:?}")),
         }
@@ -240,6 +296,25 @@ mod tests {
         assert!(validate(&doc, &path, &json!("x/y"))
             .unwrap_err()
             .contains("not an absolute path"));
+        let tap = json!({ "type": "string", "pattern": TAP_PATTERN });
+        assert!(validate(&doc, &tap, &json!("tap-0.a_b")).is_ok());
+        assert!(validate(&doc, &tap, &json!("tap 0")).is_err());
+        let mac = json!({ "type": "string", "pattern": MAC_PATTERN });
+        assert!(validate(&doc, &mac, &json!("02:00:00:00:00:01")).is_ok());
+        assert!(validate(&doc, &mac, &json!("01:00:00:00:00:01")).is_err());
+        assert!(validate(&doc, &mac, &json!("02:00:00:00:00")).is_err());
+        let cmdline = json!({ "type": "string", "pattern": NO_NUL_PATTERN });
+        assert!(validate(&doc, &cmdline, &json!("quiet")).is_ok());
+        assert!(validate(&doc, &cmdline, &json!("a\0b")).is_err());
+        // The forms the VM config's rules between fields take.
+        let initrd =
+            json!({ "anyOf": [{ "not": { "required": ["initrd"] } }, { "required": ["kernel"] }] });
+        assert!(validate(&doc, &initrd, &json!({})).is_ok());
+        assert!(validate(&doc, &initrd, &json!({ "initrd": "/i", "kernel": "/k" })).is_ok());
+        assert!(validate(&doc, &initrd, &json!({ "initrd": "/i" })).is_err());
+        let even = json!({ "properties": { "m": { "multipleOf": 2 } } });
+        assert!(validate(&doc, &even, &json!({ "m": 4 })).is_ok());
+        assert!(validate(&doc, &even, &json!({ "m": 5 })).is_err());
         assert!(validate(&doc, &json!({"pattern": "x"}), &json!("x"))
             .unwrap_err()
             .contains("unsupported"));

@@ -35,9 +35,9 @@ pub use crate::reboot::{
 mod errors;
 mod snapshots;
 use crate::routes::{route, Op, Routed, ROUTES};
-pub(crate) use errors::snapshot_error_status;
 use errors::vm_error_status;
 pub use errors::ApiError;
+pub(crate) use errors::{file_status, snapshot_error_status};
 pub use snapshots::{RestoreRequest, SnapshotRequest};
 
 /// Seconds a guest gets to power off when `stop` names none.
@@ -61,21 +61,22 @@ fn given_taps(
             .ok()
             .and_then(|i| fds.get_mut(i))
             .ok_or_else(|| {
+                // No fd at that position: what the body names does not exist.
                 ApiError::new(
-                    422,
+                    404,
                     format!(
                         "tap_fd {fd}: the request passed {passed} fds (tap_fd counts them from 0)"
                     ),
                 )
             })?
             .take()
-            .ok_or_else(|| ApiError::new(422, format!("tap_fd {fd} is named twice")))?;
+            .ok_or_else(|| ApiError::new(409, format!("tap_fd {fd} is named twice")))?;
         taps.0.insert(index, file);
     }
     let unused = fds.iter().filter(|f| f.is_some()).count();
     if unused > 0 {
         return Err(ApiError::new(
-            422,
+            409,
             format!("{unused} of the {passed} fds passed are not named by any tap_fd"),
         ));
     }

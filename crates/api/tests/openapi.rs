@@ -543,3 +543,73 @@ fn aging_answers_match_the_schema() {
     let serialized = serde_json::to_value(AgingConfig::default()).unwrap();
     assert_eq!(documented.len(), serialized.as_object().unwrap().len());
 }
+
+/// The document's patterns are those the checker knows, each checked by the code's own rule.
+#[test]
+fn the_documented_patterns_are_the_checked_ones() {
+    use warmvm_api::schema::{MAC_PATTERN, NO_NUL_PATTERN, TAP_PATTERN};
+    let doc = doc();
+    let s = &doc["components"]["schemas"];
+    assert_eq!(s["NetConfig"]["properties"]["tap"]["pattern"], TAP_PATTERN);
+    assert_eq!(s["NetConfig"]["properties"]["mac"]["pattern"], MAC_PATTERN);
+    assert_eq!(
+        s["RestoreRequest"]["properties"]["taps"]["items"]["pattern"],
+        TAP_PATTERN
+    );
+    assert_eq!(
+        s["VmConfig"]["properties"]["cmdline"]["pattern"],
+        NO_NUL_PATTERN
+    );
+    // The rules between fields: what the server refuses, the document refuses.
+    let vm = schema("VmConfig");
+    for (body, valid) in [
+        (
+            json!({"name": "a", "memory_mib": 64, "initrd": "/i"}),
+            false,
+        ),
+        (
+            json!({"name": "a", "memory_mib": 64, "initrd": "/i", "kernel": "/k"}),
+            true,
+        ),
+        (
+            json!({"name": "a", "memory_mib": 64, "kernel": "/k", "boot": "ring3"}),
+            false,
+        ),
+        (
+            json!({"name": "a", "memory_mib": 64, "boot": "ring3"}),
+            true,
+        ),
+        (
+            json!({"name": "a", "memory_mib": 65, "hugepages": true}),
+            false,
+        ),
+        (
+            json!({"name": "a", "memory_mib": 65, "hugepages": false}),
+            true,
+        ),
+        (json!({"name": "a", "memory_mib": 64, "vcpus": 33}), false),
+        (
+            json!({"name": "a", "memory_mib": 64, "vcpus": 33, "kernel": "/k"}),
+            true,
+        ),
+        (
+            json!({"name": "a", "memory_mib": 64, "vcpus": 255, "kernel": "/k"}),
+            false,
+        ),
+        // Any RAM size the server can read is valid as a request (the host may refuse it).
+        (json!({"name": "a", "memory_mib": u64::MAX}), true),
+    ] {
+        let host = warmvm_vmm::HostLimits {
+            memory_mib: 0,
+            max_vcpus: warmvm_vmm::config::MAX_VCPUS,
+        };
+        let config: VmConfig = serde_json::from_value(body.clone()).unwrap();
+        assert_eq!(
+            validate(&doc, &vm, &body).is_ok(),
+            valid,
+            "{body}: {:?}",
+            validate(&doc, &vm, &body)
+        );
+        assert_eq!(config.validate_shape(host).is_ok(), valid, "{body}");
+    }
+}

@@ -86,6 +86,7 @@ pub fn render(r: &Value) -> String {
         yes(&r["hold"]),
         r["history_len"],
     );
+    out.push_str(&format!("settings: {}\n", settings_source(r)));
     let rows = r["metrics"]
         .as_array()
         .map(|ms| {
@@ -174,6 +175,22 @@ pub fn render(r: &Value) -> String {
 /// A recorded reboot's mode and how long the guests were paused: a warm reboot's blackout;
 /// a saved or cold one hands no VM over, so its guests' downtime (or "-" if unknown), never
 /// a blackout of 0.
+/// Where the settings came from, as the daemon says (older daemons do not).
+fn settings_source(r: &Value) -> String {
+    let source = match r["settings_source"].as_str() {
+        Some(s) => serde_json::from_value::<warmvm_api::aging::SettingsSource>(s.into()).ok(),
+        None => None,
+    };
+    match source {
+        Some(s) => s.describe(
+            r["settings_from_pid"]
+                .as_u64()
+                .and_then(|p| u32::try_from(p).ok()),
+        ),
+        None => "source not reported (an older daemon)".into(),
+    }
+}
+
 fn pause(b: &Value) -> String {
     let ms = |v: &Value| v.as_f64().map(|us| format!("{:.3} ms", us / 1000.0));
     match b["mode"].as_str() {
@@ -213,5 +230,20 @@ mod tests {
         assert_eq!(pause(&cold), "cold  downtime -");
         let older = json!({ "host_blackout_us": 900 });
         assert_eq!(pause(&older), "blackout 0.900 ms");
+    }
+
+    #[test]
+    fn the_settings_say_where_they_came_from() {
+        let line = |v: Value| settings_source(&v);
+        assert_eq!(
+            line(json!({ "settings_source": "configured" })),
+            "configured"
+        );
+        assert_eq!(
+            line(json!({ "settings_source": "inherited", "settings_from_pid": 41 })),
+            "inherited from pid 41"
+        );
+        assert!(line(json!({ "settings_source": "unknown" })).ends_with("dry run"));
+        assert!(line(json!({})).contains("not reported"));
     }
 }

@@ -19,6 +19,8 @@ pub fn daemon(opts: DaemonOptions) -> Result<ExitCode, Failure> {
     }
 }
 
+/// A refusal (4xx: the request, or a file or state it meets) is bad input (2); a failure
+/// (5xx, a full disk's 507 included) and no daemon at all are the host's (3).
 impl From<ClientError> for Failure {
     fn from(e: ClientError) -> Self {
         let code = match e.status() {

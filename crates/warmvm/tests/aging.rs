@@ -422,3 +422,108 @@ fn a_bad_aging_setting_is_refused_at_start_up() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A warm reboot of a daemon configured `[aging] extra`, with `fault` (if any) making the
+/// handed-over aging state unreadable to the new daemon; returns the new daemon's report,
+/// the old daemon's pid and `warmvm aging`'s text.
+fn after_a_warm_reboot(
+    tag: &str,
+    extra: &str,
+    fault: Option<&str>,
+) -> (Daemon, Value, u32, String) {
+    let dir = scratch(tag);
+    let cfg = config(&dir, extra);
+    let env: Vec<(&str, &str)> = fault
+        .map(|f| vec![("WARMVM_FAULT_AGING_HANDOVER", f)])
+        .unwrap_or_default();
+    let mut d = Daemon::start_with_env(&dir, &["--config", &cfg], &env);
+    let before = aging(&d);
+    assert_eq!(before["settings_source"], "configured", "{before}");
+    let old_pid = d.pid;
+    let r = d.client().reboot("warm", None).expect("warm reboot");
+    let new_pid = r["new_pid"].as_u64().unwrap() as u32;
+    d.follow_reboot(new_pid);
+    let report = aging(&d);
+    let out = d.cli(&["aging"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    (d, report, old_pid, text)
+}
+
+/// The operator's aging settings survive a warm reboot, and the new daemon says where its
+/// settings came from: handed over with the aging state (inherited from the old pid).
+#[test]
+fn a_warm_reboot_keeps_the_configured_dry_run_and_says_it_is_inherited() {
+    if !warmvm_vmm::testing::kvm_available("aging settings inherited") {
+        return;
+    }
+    let (mut d, r, old_pid, text) = after_a_warm_reboot("aging-inherit", "dry_run = true", None);
+    assert_eq!(r["dry_run"], true, "{r}");
+    assert_eq!(r["enabled"], true, "{r}");
+    assert_eq!(r["period_ms"], 200, "{r}");
+    assert_eq!(r["settings_source"], "inherited", "{r}");
+    assert_eq!(r["settings_from_pid"], old_pid, "{r}");
+    assert!(
+        text.contains(&format!("settings: inherited from pid {old_pid}")),
+        "{text}"
+    );
+    assert!(d.log().contains("aging monitor settings"), "{}", d.log());
+    d.terminate_adopted();
+}
+
+/// A new daemon that cannot read the aging state still knows the configuration the old one
+/// passed on: `enabled = false` stays off (the defaults would reboot by themselves).
+#[test]
+fn unreadable_aging_state_keeps_the_configured_settings_passed_on() {
+    if !warmvm_vmm::testing::kvm_available("aging settings passed on") {
+        return;
+    }
+    let (mut d, r, _, text) =
+        after_a_warm_reboot("aging-passed", "enabled = false", Some("unreadable"));
+    assert_eq!(r["enabled"], false, "{r}");
+    assert_eq!(r["period_ms"], 200, "{r}");
+    assert_eq!(r["settings_source"], "configured", "{r}");
+    assert_eq!(r["settings_from_pid"], Value::Null, "{r}");
+    assert_eq!(r["history_len"], 0, "{r}");
+    assert!(text.contains("settings: configured"), "{text}");
+    assert!(text.contains("aging monitor: off"), "{text}");
+    assert!(
+        d.log()
+            .contains("the previous daemon's aging state is unusable"),
+        "{}",
+        d.log()
+    );
+    d.terminate_adopted();
+}
+
+/// Taking over from a daemon that handed over neither a readable state nor the configured
+/// settings (an older build): the settings are unknown, so the monitor only alerts (a dry run,
+/// whatever the defaults say), starts an empty history, and says so.
+#[test]
+fn with_neither_state_nor_settings_handed_over_the_monitor_only_alerts() {
+    if !warmvm_vmm::testing::kvm_available("aging settings unknown") {
+        return;
+    }
+    let (mut d, r, _, text) =
+        after_a_warm_reboot("aging-unknown", "enabled = false", Some("old-build"));
+    assert_eq!(r["dry_run"], true, "{r}");
+    assert_eq!(r["settings_source"], "unknown", "{r}");
+    assert_eq!(r["history_len"], 0, "{r}");
+    assert!(
+        r["next_action"].as_str().unwrap().contains("dry run"),
+        "{r}"
+    );
+    assert!(text.contains("settings: unknown"), "{text}");
+    assert!(text.contains("dry run"), "{text}");
+    assert!(
+        d.log()
+            .contains("neither a readable aging state nor the configured settings"),
+        "{}",
+        d.log()
+    );
+    d.terminate_adopted();
+}

@@ -128,7 +128,7 @@ fn live_daemon_matches_the_openapi_document() {
             "/v1/restore",
             Some(br#"{"dir": "/nonexistent", "name": "api3"}"#)
         ),
-        422
+        404
     );
     assert_eq!(
         check(
@@ -151,11 +151,11 @@ fn live_daemon_matches_the_openapi_document() {
             "/v1/reboot",
             Some(br#"{"mode": "warm", "binary": "/nonexistent"}"#)
         ),
-        422
+        404
     );
     // What Schemathesis found: "" is no path (400, and the document says so), a kernel
-    // that is not there is a well-formed request the host cannot run (422), and null is
-    // not a string (400).
+    // that is not there is a well-formed request naming a file the host lacks (404), and
+    // null is not a string (400).
     for (body, want) in [
         (
             &br#"{"name": "k1", "memory_mib": 16, "kernel": ""}"#[..],
@@ -163,7 +163,7 @@ fn live_daemon_matches_the_openapi_document() {
         ),
         (
             br#"{"name": "k1", "memory_mib": 16, "kernel": "/nonexistent"}"#,
-            422,
+            404,
         ),
         (br#"{"name": "k1", "memory_mib": 16, "cmdline": null}"#, 400),
     ] {
@@ -308,14 +308,14 @@ fn malformed_requests_get_4xx_and_change_nothing() {
             "PUT",
             "/v1/reboot",
             Some(br#"{"mode": "warm", "binary": "/tmp"}"#),
-            422,
+            409,
         ),
         (
             "reboot into a file that is not executable",
             "PUT",
             "/v1/reboot",
             Some(br#"{"mode": "warm", "binary": "/etc/passwd"}"#),
-            422,
+            409,
         ),
         ("wrong method", "PATCH", "/v1/vms", None, 405),
         ("wrong method on a VM", "POST", "/v1/vms/m0", None, 405),

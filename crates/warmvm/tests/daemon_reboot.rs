@@ -201,7 +201,7 @@ fn a_failed_warm_reboot_changes_nothing() {
             Some(br#"{"mode": "warm", "binary": "/nonexistent"}"#),
         )
         .unwrap();
-    assert_eq!(resp.status, 422);
+    assert_eq!(resp.status, 404);
 
     let before = vm_figures(&d);
     let resp = c

@@ -140,6 +140,27 @@ fn matches(got: &Outcome, want: &Outcome) -> bool {
     }
 }
 
+/// The trace shows the thread that sent `msg` interrupted in that sendmsg (`= ?`, on its
+/// line or, when other threads' lines came between, on its `<... sendmsg resumed>`) and
+/// killed by SIGKILL.
+fn kill_fired(trace: &str, msg: &str) -> bool {
+    trace
+        .lines()
+        .filter(|l| l.contains("sendmsg(") && l.contains(msg))
+        .filter_map(|l| l.split_whitespace().next())
+        .any(|tid| {
+            let of_tid = |l: &&str| l.split_whitespace().next() == Some(tid);
+            trace
+                .lines()
+                .filter(of_tid)
+                .any(|l| l.contains("sendmsg") && l.trim_end().ends_with("= ?"))
+                && trace
+                    .lines()
+                    .filter(of_tid)
+                    .any(|l| l.trim_end().ends_with("+++ killed by SIGKILL +++"))
+        })
+}
+
 fn kill_at_each_sendmsg(traced: Traced, tag: &str) {
     // The survey: the same reboot, traced, nothing injected.
     let dir = scratch(&format!("{tag}-survey"));
@@ -170,11 +191,8 @@ fn kill_at_each_sendmsg(traced: Traced, tag: &str) {
         // Some outcomes (a kill at Commit) look just like no kill at all: the trace must
         // show that the kill was injected and the process died of it.
         let trace = std::fs::read_to_string(&kill_trace).unwrap_or_default();
-        let interrupted = trace.lines().any(|l| {
-            l.contains("sendmsg(") && l.contains(msg.as_str()) && l.trim_end().ends_with("= ?")
-        });
         assert!(
-            interrupted && trace.contains("+++ killed by SIGKILL +++"),
+            kill_fired(&trace, msg),
             "{tag}: the kill at sendmsg {n} ({msg}) never fired:\n{trace}\n{log}"
         );
         let want = expected(msg);
@@ -204,6 +222,19 @@ fn old_daemon_killed_at_each_sendmsg_by_strace() {
         return;
     }
     kill_at_each_sendmsg(Traced::Old, "sold");
+}
+
+#[test]
+fn a_kill_shows_in_the_trace_also_when_other_threads_interleave() {
+    let whole = "7 sendmsg(21, {msg_iov=[{iov_base=\"\\201\\245Commit\"}]}, 0) = ?\n7 +++ killed by SIGKILL +++\n";
+    assert!(kill_fired(whole, "Commit"));
+    let split = "7 sendmsg(21, {msg_iov=[{iov_base=\"\\201\\253PrepareDone\"}]}, 0 <unfinished ...>\n\
+                 8 +++ killed by SIGKILL +++\n7 <... sendmsg resumed>) = ?\n7 +++ killed by SIGKILL +++\n";
+    assert!(kill_fired(split, "PrepareDone"));
+    // Sent whole, and the process ended on its own: no kill.
+    let sent = "7 sendmsg(21, {msg_iov=[{iov_base=\"\\201\\246Commit\"}]}, 0) = 9\n7 +++ exited with 0 +++\n";
+    assert!(!kill_fired(sent, "Commit"));
+    assert!(!kill_fired(whole, "Ready"));
 }
 
 #[test]

@@ -186,15 +186,16 @@ fn fds_that_are_not_taps_are_refused_with_one_line() {
         .client()
         .raw_with_fds("POST", "/v1/vms", Some(body), &[null.as_raw_fd()])
         .unwrap();
-    // 422 like any other VM config that cannot be built: the request itself is well-formed.
-    assert_eq!(r.status, 422, "{}", String::from_utf8_lossy(&r.body));
+    // The body is well-formed (so not 400): the fd it names does not exist (404), and one
+    // passed but not named conflicts with the interfaces it names (409).
+    assert_eq!(r.status, 404, "{}", String::from_utf8_lossy(&r.body));
     assert!(String::from_utf8_lossy(&r.body).contains("passed 1 fds"));
     let body = br#"{"name": "a", "memory_mib": 16}"#;
     let r = d
         .client()
         .raw_with_fds("POST", "/v1/vms", Some(body), &[null.as_raw_fd()])
         .unwrap();
-    assert_eq!(r.status, 422);
+    assert_eq!(r.status, 409);
     assert!(String::from_utf8_lossy(&r.body).contains("not named by any tap_fd"));
     let r = d
         .client()

@@ -77,6 +77,34 @@ pub enum CarryError {
     Invalid(String),
 }
 
+/// The key of a handover's extra that holds the operator's configured aging settings (the
+/// config file's `[aging]`, or the defaults when it has none), passed from daemon to daemon
+/// so that a successor which cannot read the `aging` state still knows them. Absent when the
+/// daemon handing over did not know them (an older build, or one that did not either).
+pub const CONFIGURED_KEY: &str = "aging_configured";
+
+/// AgingConfig fills absent keys with defaults (it is also the config file's table); settings
+/// from another process must name every one.
+fn require_every_setting(config: &serde_json::Value) -> Result<(), CarryError> {
+    let keys = serde_json::to_value(AgingConfig::default()).map_err(CarryError::Decode)?;
+    if let (Some(want), Some(got)) = (keys.as_object(), config.as_object()) {
+        if let Some(k) = want.keys().find(|k| !got.contains_key(*k)) {
+            return Err(CarryError::MissingSetting(k.clone()));
+        }
+    }
+    Ok(())
+}
+
+/// Decode the configured settings a handover passed on ([`CONFIGURED_KEY`]), strictly.
+pub fn decode_configured(v: &serde_json::Value) -> Result<AgingConfig, CarryError> {
+    require_every_setting(v)?;
+    let config: AgingConfig = serde_json::from_value(v.clone()).map_err(CarryError::Decode)?;
+    config
+        .validate()
+        .map_err(|e| CarryError::Invalid(e.to_string()))?;
+    Ok(config)
+}
+
 impl AgingCarry {
     pub fn encode(&self) -> serde_json::Value {
         serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
@@ -89,16 +117,8 @@ impl AgingCarry {
             Some(f) if f == u64::from(CARRY_FORMAT) => {}
             other => return Err(CarryError::Format(other)),
         }
-        // AgingConfig fills absent keys with defaults (it is also the config file's table);
-        // state from another process must name every one.
-        let keys = serde_json::to_value(AgingConfig::default()).map_err(CarryError::Decode)?;
-        if let (Some(want), Some(got)) = (
-            keys.as_object(),
-            v.get("config").and_then(|c| c.as_object()),
-        ) {
-            if let Some(k) = want.keys().find(|k| !got.contains_key(*k)) {
-                return Err(CarryError::MissingSetting(k.clone()));
-            }
+        if let Some(config) = v.get("config") {
+            require_every_setting(config)?;
         }
         let carry: Self = serde_json::from_value(v.clone()).map_err(CarryError::Decode)?;
         carry
@@ -189,5 +209,25 @@ mod tests {
         v["surprise"] = 1.into();
         assert!(AgingCarry::decode(Some(&v)).is_err());
         assert!(matches!(AgingCarry::decode(None), Err(CarryError::Missing)));
+    }
+
+    #[test]
+    fn configured_settings_are_decoded_strictly() {
+        let cfg = AgingConfig {
+            dry_run: true,
+            ..AgingConfig::default()
+        };
+        let v = serde_json::to_value(&cfg).unwrap();
+        assert_eq!(decode_configured(&v).unwrap(), cfg);
+        let mut short = v.clone();
+        short.as_object_mut().unwrap().remove("dry_run");
+        assert!(matches!(
+            decode_configured(&short),
+            Err(CarryError::MissingSetting(k)) if k == "dry_run"
+        ));
+        let mut unknown = v.clone();
+        unknown["bogus"] = 1.into();
+        assert!(decode_configured(&unknown).is_err());
+        assert!(decode_configured(&serde_json::json!("x")).is_err());
     }
 }

@@ -22,6 +22,6 @@ pub mod stats;
 
 pub use carry::{AgingCarry, Event, RebootRecord};
 pub use detect::Assessment;
-pub use monitor::{AgingHistory, AgingReport, HoldRequest, Monitor};
+pub use monitor::{AgingHistory, AgingReport, HoldRequest, Monitor, SettingsSource};
 pub use policy::{Detector, RebootReason};
 pub use sample::{Metric, Sample};

@@ -39,6 +39,44 @@ pub struct Monitor {
     inner: Mutex<Inner>,
     latencies: Mutex<VecDeque<f64>>,
     started: Instant,
+    origin: Origin,
+}
+
+/// Where the monitor's settings came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SettingsSource {
+    /// The operator's configuration (the config file's `[aging]`, or the defaults without
+    /// one), read by this daemon or passed on to it by the daemon it took over from.
+    Configured,
+    /// Handed over with the aging state by the daemon this one took over from.
+    Inherited,
+    /// Neither could be read (a takeover from an older build): a dry run, which never
+    /// reboots by itself, whatever the configuration says.
+    Unknown,
+}
+
+impl SettingsSource {
+    /// One line for the CLI and the log.
+    pub fn describe(self, from_pid: Option<u32>) -> String {
+        match (self, from_pid) {
+            (Self::Configured, _) => "configured".into(),
+            (Self::Inherited, Some(pid)) => format!("inherited from pid {pid}"),
+            (Self::Inherited, None) => "inherited".into(),
+            (Self::Unknown, _) => {
+                "unknown (the previous daemon handed over none that could be read): dry run".into()
+            }
+        }
+    }
+}
+
+/// Where the settings came from, and the operator's configured settings to pass on to a
+/// successor (None when this daemon does not know them).
+#[derive(Clone, Debug, PartialEq)]
+struct Origin {
+    source: SettingsSource,
+    from_pid: Option<u32>,
+    configured: Option<AgingConfig>,
 }
 
 /// `GET /v1/aging`.
@@ -59,6 +97,12 @@ pub struct AgingReport {
     pub events: Vec<Event>,
     pub reboots: Vec<RebootRecord>,
     pub config: AgingConfig,
+    /// Where `config` came from; absent from older daemons' reports.
+    #[serde(default)]
+    pub settings_source: Option<SettingsSource>,
+    /// For inherited settings: the daemon that handed them over.
+    #[serde(default)]
+    pub settings_from_pid: Option<u32>,
 }
 
 /// `GET /v1/aging/history`.
@@ -90,6 +134,7 @@ impl Monitor {
     /// reboot handed one over; `takeover` says how this daemon took over then.
     pub fn new(cfg: AgingConfig, carried: Option<AgingCarry>, takeover: Option<Arrival>) -> Self {
         let limits = sample::limits(cfg.memory_budget_mib, cfg.latency_objective_ms);
+        let configured = cfg.clone();
         let mut inner = Inner {
             detectors: Detectors::new(&cfg),
             hold: cfg.hold,
@@ -126,7 +171,37 @@ impl Monitor {
             inner: Mutex::new(inner),
             latencies: Mutex::new(VecDeque::with_capacity(LATENCY_SAMPLES)),
             started: Instant::now(),
+            origin: Origin {
+                source: SettingsSource::Configured,
+                from_pid: None,
+                configured: Some(configured),
+            },
         }
+    }
+
+    /// Say where the settings came from (by default: configured, and they are the configured
+    /// ones), and which configured settings to pass on (None: unknown).
+    pub fn with_origin(
+        mut self,
+        source: SettingsSource,
+        from_pid: Option<u32>,
+        configured: Option<AgingConfig>,
+    ) -> Self {
+        self.origin = Origin {
+            source,
+            from_pid,
+            configured,
+        };
+        self
+    }
+
+    pub fn settings_source(&self) -> (SettingsSource, Option<u32>) {
+        (self.origin.source, self.origin.from_pid)
+    }
+
+    /// The operator's configured settings, if this daemon knows them.
+    pub fn configured(&self) -> Option<&AgingConfig> {
+        self.origin.configured.as_ref()
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -342,6 +417,8 @@ impl Monitor {
             events: g.events.iter().rev().take(20).rev().cloned().collect(),
             reboots: g.reboots.clone(),
             config: g.cfg.clone(),
+            settings_source: Some(self.origin.source),
+            settings_from_pid: self.origin.from_pid,
         }
     }
 }

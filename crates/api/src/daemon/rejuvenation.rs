@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use warmvm_vmm::AgingConfig;
 
-use crate::aging::{AgingCarry, Monitor};
+use crate::aging::carry::{decode_configured, CONFIGURED_KEY};
+use crate::aging::{AgingCarry, Monitor, SettingsSource};
 use crate::state::{ApiState, TakeoverInfo};
 
 /// Rejuvenate on a bug: a panic on any thread but a vCPU's means this process can no
@@ -44,9 +45,12 @@ pub(super) fn start_rejuvenator(state: Arc<ApiState>) {
     }
 }
 
-/// The aging monitor: the config's settings on a fresh start; after a warm reboot, the
-/// settings and history the previous daemon handed over, or (if they are unreadable) the
-/// defaults and an empty history, said in the log: the VMs matter more than the history.
+/// The aging monitor: the config's settings on a fresh start; after a takeover, the
+/// settings and history the previous daemon handed over. If those are unreadable (a takeover
+/// from an older build), the configured settings the previous daemon passed on and an empty
+/// history; and if it passed none either, a dry run (it alerts but never reboots by itself),
+/// since the configuration may forbid what the defaults would do. The log and the report say
+/// which settings are in force and where they came from.
 pub(super) fn aging_monitor(
     configured: Option<AgingConfig>,
     inherited: &serde_json::Value,
@@ -54,13 +58,25 @@ pub(super) fn aging_monitor(
     mode_reboot: Option<&crate::modes::ModeReboot>,
 ) -> Monitor {
     let Some(takeover) = takeover else {
-        return Monitor::new(configured.unwrap_or_default(), None, None);
+        let m = Monitor::new(configured.unwrap_or_default(), None, None);
+        log_settings(&m);
+        return m;
     };
+    #[cfg(feature = "fault-injection")]
+    let faulted = fault_aging_handover(inherited);
+    #[cfg(feature = "fault-injection")]
+    let inherited = &faulted;
     let from = takeover
         .previous_pid
         .and_then(|p| u32::try_from(p).ok())
         .unwrap_or(0);
-    match AgingCarry::decode(inherited.get("aging")) {
+    // What the operator configured, as the previous daemon passed it on.
+    let passed_on = inherited.get(CONFIGURED_KEY).and_then(|v| {
+        decode_configured(v)
+            .map_err(|e| tracing::warn!(error = %e, "the configured aging settings passed on are unusable"))
+            .ok()
+    });
+    let m = match AgingCarry::decode(inherited.get("aging")) {
         Ok(carry) => {
             tracing::info!(
                 samples = carry.history.len(),
@@ -87,12 +103,59 @@ pub(super) fn aging_monitor(
                     downtime_us,
                 }),
             )
+            .with_origin(SettingsSource::Inherited, Some(from), passed_on)
         }
-        Err(e) => {
-            tracing::warn!(error = %e, "the previous daemon's aging state is unusable; starting with default settings and an empty history");
-            Monitor::new(AgingConfig::default(), None, None)
+        Err(e) => match passed_on {
+            Some(cfg) => {
+                tracing::warn!(error = %e, "the previous daemon's aging state is unusable; starting with an empty history");
+                Monitor::new(cfg.clone(), None, None).with_origin(
+                    SettingsSource::Configured,
+                    None,
+                    Some(cfg),
+                )
+            }
+            None => {
+                tracing::warn!(error = %e, from_pid = from, "the previous daemon handed over neither a readable aging state nor the configured settings; starting with an empty history and a dry run, which never reboots by itself, until a daemon started with the configuration runs");
+                let safe = AgingConfig {
+                    dry_run: true,
+                    ..AgingConfig::default()
+                };
+                Monitor::new(safe, None, None).with_origin(SettingsSource::Unknown, None, None)
+            }
+        },
+    };
+    log_settings(&m);
+    m
+}
+
+/// Say in the log which aging settings are in force and where they came from.
+fn log_settings(m: &Monitor) {
+    let (source, from_pid) = m.settings_source();
+    let cfg = m.config();
+    tracing::info!(
+        enabled = cfg.enabled,
+        dry_run = cfg.dry_run,
+        period_ms = cfg.period_ms,
+        source = %source.describe(from_pid),
+        "aging monitor settings"
+    );
+}
+
+/// Test builds: stand in for a previous daemon whose aging state this one cannot read
+/// (`WARMVM_FAULT_AGING_HANDOVER=unreadable`: another format), or for an older build that
+/// also passed on no configured settings (`=old-build`).
+#[cfg(feature = "fault-injection")]
+fn fault_aging_handover(inherited: &serde_json::Value) -> serde_json::Value {
+    let mut v = inherited.clone();
+    let fault = std::env::var("WARMVM_FAULT_AGING_HANDOVER").unwrap_or_default();
+    if let (Some(map), "unreadable" | "old-build") = (v.as_object_mut(), fault.as_str()) {
+        tracing::warn!(fault = %fault, "fault injected: the handed-over aging state is unreadable");
+        map.insert("aging".into(), serde_json::json!({ "format": 0 }));
+        if fault == "old-build" {
+            map.remove(CONFIGURED_KEY);
         }
     }
+    v
 }
 
 /// Sample every period; when the policy says so, rejuvenate by a warm reboot into a fresh
@@ -167,6 +230,8 @@ mod tests {
         let extra = serde_json::json!({ "aging": old.carry(RebootReason::Manual).encode() });
         let new = aging_monitor(None, &extra, Some(&takeover()), None);
         let r = new.report();
+        assert_eq!(r.settings_source, Some(SettingsSource::Inherited));
+        assert_eq!(r.settings_from_pid, Some(41));
         assert_eq!(r.period_ms, 500);
         assert_eq!(r.history_len, 1);
         assert_eq!(r.reboots.len(), 1);
@@ -194,8 +259,11 @@ mod tests {
         assert_eq!(r.reboots[0].downtime_us, Some(812_000));
     }
 
+    /// An older build hands over neither state this build reads nor the configured settings:
+    /// the new daemon must not run with settings that may differ from the configuration (the
+    /// defaults reboot by themselves; the operator may have said dry_run or enabled = false).
     #[test]
-    fn unreadable_aging_state_means_defaults_and_an_empty_history_not_a_failed_takeover() {
+    fn unreadable_aging_state_and_no_configured_settings_mean_a_dry_run_from_an_empty_history() {
         let old = Monitor::new(AgingConfig::default(), None, None);
         old.tick(0);
         let mut carry = old.carry(RebootReason::Panic).encode();
@@ -209,8 +277,53 @@ mod tests {
             let r = m.report();
             assert_eq!(r.history_len, 0, "{extra}");
             assert!(r.reboots.is_empty());
-            assert_eq!(r.config, AgingConfig::default());
+            assert!(r.config.dry_run, "{extra}");
+            assert_eq!(
+                r.config,
+                AgingConfig {
+                    dry_run: true,
+                    ..AgingConfig::default()
+                }
+            );
+            assert_eq!(r.settings_source, Some(SettingsSource::Unknown));
+            assert!(r.next_action.contains("dry run"), "{}", r.next_action);
+            // Nor does it claim to know them to its own successor.
+            assert!(m.configured().is_none());
         }
+    }
+
+    /// The configured settings a current build passes on win over the defaults when the
+    /// aging state itself cannot be read.
+    #[test]
+    fn unreadable_aging_state_falls_back_to_the_configured_settings_passed_on() {
+        for cfg in [
+            AgingConfig {
+                dry_run: true,
+                ..AgingConfig::default()
+            },
+            AgingConfig {
+                enabled: false,
+                ..AgingConfig::default()
+            },
+        ] {
+            let extra = serde_json::json!({
+                "aging": { "format": 0 },
+                CONFIGURED_KEY: serde_json::to_value(&cfg).unwrap(),
+            });
+            let m = aging_monitor(None, &extra, Some(&takeover()), None);
+            let r = m.report();
+            assert_eq!(r.config, cfg);
+            assert_eq!(r.history_len, 0);
+            assert_eq!(r.settings_source, Some(SettingsSource::Configured));
+            assert_eq!(m.configured(), Some(&cfg));
+        }
+        // Passed on but unusable (a setting missing): not trusted, so a dry run.
+        let mut short = serde_json::to_value(AgingConfig::default()).unwrap();
+        short.as_object_mut().unwrap().remove("enabled");
+        let extra = serde_json::json!({ "aging": { "format": 0 }, CONFIGURED_KEY: short });
+        let r = aging_monitor(None, &extra, Some(&takeover()), None).report();
+        assert!(r.config.dry_run);
+        assert_eq!(r.settings_source, Some(SettingsSource::Unknown));
     }
 
     #[test]
@@ -221,5 +334,7 @@ mod tests {
         };
         let m = aging_monitor(Some(cfg.clone()), &serde_json::Value::Null, None, None);
         assert_eq!(m.config(), cfg);
+        assert_eq!(m.configured(), Some(&cfg));
+        assert_eq!(m.report().settings_source, Some(SettingsSource::Configured));
     }
 }
