@@ -308,6 +308,7 @@ fn reports_in_every_state_match_the_schema() {
             state_bytes: 20000,
             state_format: 3,
             commit_protocol: true,
+            errors: vec!["the report did not reach the old VMM".into()],
         },
     );
     check(&doc, "RebootReport", &RebootReport::default());
