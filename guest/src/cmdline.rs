@@ -12,7 +12,9 @@
 //! | `cache_mib=N` | the HTTP server's page cache, carved from the workload's RAM | 8 |
 //! | `hostile=KIND` | test only: break the virtio protocol on the disk once (`loop`, `addr`, `len`, `index`, `status`) | none |
 //! | `hostile_net=KIND` | test only: break the virtio protocol on the network device once (same kinds as `hostile=`; `status` sets DRIVER_OK before FEATURES_OK), then reset it and serve normally | none |
+//! | `boot_delay_ms=N` | stay in the booting phase (not yet up, as the host sees it) for N ms before the workload starts, as a slowly booting system would; it still powers off when asked | 0 |
 //! | `heartbeat_us=N` | vCPU 0 writes `HEARTBEAT_PORT` every N µs while it verifies (for an outside probe: the host's KVM trace); 0 = never | 0 |
+//! | `power_button=ignore` | test only: never look at the ACPI power button, so the VMM must force the guest off | watch it |
 //! | `disk_check_ms=N` | re-read and re-check the disk's files every N ms (vCPU 0); 0 = never | 1000 |
 //! | `hostile=console` / `ports` / `both` | a hostile guest, for tests of the VMM's bounds: instead of the workload, every vCPU writes to the serial port (console), or to and from ports no device decodes (ports), as fast as it can, forever | off |
 //! | `hostile=mmio` / `rings` | as hostile as that: every vCPU reads and writes random virtio-mmio registers and MMIO nothing decodes (mmio); vCPU 0 sets its virtio devices up and writes garbage into their rings, round after round, reporting how often the device failed (rings); see `hostile.rs` | off |
@@ -29,6 +31,9 @@ pub struct Options {
     pub tsc_khz: Option<u64>,
     pub disk_check_ms: u64,
     pub heartbeat_us: u64,
+    /// `power_button=ignore`: never poll the ACPI power button.
+    pub ignore_power_button: bool,
+    pub boot_delay_ms: u64,
     pub ip: Option<([u8; 4], u8)>,
     pub cache_mib: u64,
     pub hostile: Option<Hostile>,
@@ -84,6 +89,8 @@ impl Default for Options {
             tsc_khz: None,
             disk_check_ms: 1000,
             heartbeat_us: 0,
+            ignore_power_button: false,
+            boot_delay_ms: 0,
             ip: None,
             cache_mib: 8,
             hostile: None,
@@ -162,6 +169,10 @@ pub fn parse(cmdline: &[u8]) -> (Options, Ignored<'_>) {
                 o.fill_percent = n;
                 true
             }
+            (b"boot_delay_ms", Some(n)) => {
+                o.boot_delay_ms = n;
+                true
+            }
             (b"interval_ms", Some(n)) => {
                 o.interval_ms = n;
                 true
@@ -214,6 +225,17 @@ pub fn parse(cmdline: &[u8]) -> (Options, Ignored<'_>) {
                 o.hostile_net = value.and_then(Hostile::parse);
                 o.hostile_net.is_some()
             }
+            (b"power_button", None) => match value {
+                Some(b"ignore") => {
+                    o.ignore_power_button = true;
+                    true
+                }
+                Some(b"watch") => {
+                    o.ignore_power_button = false;
+                    true
+                }
+                _ => false,
+            },
             (b"quiet", None) => {
                 o.quiet = true;
                 true

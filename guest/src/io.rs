@@ -36,6 +36,52 @@ pub fn inb(port: u16) -> u8 {
     value
 }
 
+pub fn inw(port: u16) -> u16 {
+    let value: u16;
+    // SAFETY: as in `outb`.
+    unsafe {
+        asm!("in ax, dx", in("dx") port, out("ax") value, options(nomem, nostack, preserves_flags))
+    }
+    value
+}
+
+pub fn outw(port: u16, value: u16) {
+    // SAFETY: as in `outb`.
+    unsafe {
+        asm!("out dx, ax", in("dx") port, in("ax") value, options(nomem, nostack, preserves_flags))
+    }
+}
+
+/// Whether the ACPI power button was pressed (clearing its status bit if so), or `None`
+/// when there is no PM1 status register at warmvm's port: all ones is what a port nothing
+/// decodes reads as (another VMM that booted the guest through PVH), never a status.
+pub fn take_power_button() -> Option<bool> {
+    use warmvm_abi::{PM1A_EVT_PORT, PM1_STS_PWRBTN};
+    let sts = inw(PM1A_EVT_PORT);
+    if sts == u16::MAX {
+        return None;
+    }
+    let pressed = sts & PM1_STS_PWRBTN != 0;
+    if pressed {
+        // Write 1 to clear, and only that bit.
+        outw(PM1A_EVT_PORT, PM1_STS_PWRBTN);
+    }
+    Some(pressed)
+}
+
+/// Enter ACPI S5 (soft off) through PM1 control: the platform's clean power-off. Never
+/// returns (waits forever if the VMM carries on).
+pub fn acpi_power_off() -> ! {
+    use warmvm_abi::{PM1A_CNT_PORT, PM1_CNT_SLP_EN, PM1_CNT_SLP_TYP_SHIFT, SLP_TYP_S5};
+    outw(
+        PM1A_CNT_PORT,
+        (SLP_TYP_S5 << PM1_CNT_SLP_TYP_SHIFT) | PM1_CNT_SLP_EN,
+    );
+    loop {
+        wait(warmvm_abi::WAIT_FOREVER);
+    }
+}
+
 /// A 32-bit `out`. Not `nomem`: the VMM may change guest memory (the status area's host
 /// command, for one) while the vCPU is out, so the compiler must not cache memory across it.
 pub fn outl(port: u16, value: u32) {

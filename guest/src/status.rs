@@ -27,7 +27,8 @@ impl Status {
         (self.base + vcpu_status_offset(i) as u64) as *mut VcpuStatus
     }
 
-    /// vCPU 0, at boot: magic, version and vCPU count (the host command is the VMM's).
+    /// vCPU 0, at boot: magic, version, vCPU count and features (the host command is the
+    /// VMM's).
     pub fn write_header(&self, vcpu_count: u32) {
         let h = self.header();
         // SAFETY: the status area is guest RAM reserved for this purpose, large enough for
@@ -36,6 +37,8 @@ impl Status {
         unsafe {
             addr_of_mut!((*h).version).write_volatile(STATUS_VERSION);
             addr_of_mut!((*h).vcpu_count).write_volatile(vcpu_count);
+            addr_of_mut!((*h).guest_features)
+                .write_volatile(warmvm_abi::GUEST_FEATURE_POWER_BUTTON);
             compiler_fence(Ordering::Release);
             addr_of_mut!((*h).magic).write_volatile(STATUS_MAGIC);
         }

@@ -34,6 +34,9 @@ const TICK_PAGES: u64 = 64;
 const MAX_WAIT_US: u64 = 100_000;
 /// Mismatches and register failures each vCPU describes on the console (it counts them all).
 const MAX_REPORTS: u32 = 4;
+/// vCPU 0 reads the ACPI power button's status (a port read, so a VM exit) every this many
+/// ticks while it works, and after every wait.
+const POWER_BUTTON_POLL_TICKS: u32 = 16;
 /// Without a TSC frequency, per-pass lines appear every this many passes.
 const PRINT_EVERY_PASSES_UNTIMED: u64 = 16;
 
@@ -44,6 +47,9 @@ const PRINT_EVERY_PASSES_UNTIMED: u64 = 16;
 /// vCPUs that have finished their fill (the last one prints the fill line).
 #[link_section = ".data.warmvm_filled_vcpus"]
 static FILLED_VCPUS: AtomicU32 = AtomicU32::new(0);
+/// Set by vCPU 0 when it saw the power button pressed: the other vCPUs stop too.
+#[link_section = ".data.warmvm_power_button"]
+static POWER_BUTTON_PRESSED: AtomicU32 = AtomicU32::new(0);
 /// TSC when the first vCPU began to fill.
 #[link_section = ".data.warmvm_fill_start_tsc"]
 static FILL_START_TSC: AtomicU64 = AtomicU64::new(0);
@@ -216,6 +222,7 @@ fn refill_page(addr: u64, generation: u64) -> PageCheck {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Stop {
     HostCommand,
+    PowerButton,
     PassesDone,
 }
 
@@ -237,6 +244,12 @@ pub struct Worker {
     /// `heartbeat_us` in TSC ticks (0: no heartbeat), and when the next beat is due.
     beat_ticks: u64,
     next_beat_tsc: u64,
+    /// Ticks since vCPU 0 last read the power button, and whether the next tick follows a
+    /// wait (a press rings the doorbell, so a wait that ended may have been the press).
+    ticks_since_button: u32,
+    after_wait: bool,
+    /// No PM1 status register answered (another VMM): stop looking.
+    no_power_button: bool,
     services: crate::services::Services,
 }
 
@@ -272,6 +285,9 @@ impl Worker {
             gap_epoch_seen: 0,
             beat_ticks: 0,
             next_beat_tsc: 0,
+            ticks_since_button: 0,
+            after_wait: false,
+            no_power_button: false,
             services,
         };
         if vcpu == 0 && opts.heartbeat_us != 0 {
@@ -308,6 +324,32 @@ impl Worker {
         self.publish();
         if self.status.host_command() == HOST_COMMAND_POWEROFF {
             self.stop(Stop::HostCommand);
+        }
+        self.watch_power_button();
+    }
+
+    /// Stop if the ACPI power button was pressed: vCPU 0 reads PM1 status (unless told to
+    /// ignore the button), the others follow vCPU 0.
+    fn watch_power_button(&mut self) {
+        let after_wait = core::mem::take(&mut self.after_wait);
+        if POWER_BUTTON_PRESSED.load(Ordering::Acquire) != 0 {
+            self.stop(Stop::PowerButton);
+        }
+        if self.vcpu != 0 || self.opts.ignore_power_button || self.no_power_button {
+            return;
+        }
+        self.ticks_since_button += 1;
+        if !after_wait && self.ticks_since_button < POWER_BUTTON_POLL_TICKS {
+            return;
+        }
+        self.ticks_since_button = 0;
+        match io::take_power_button() {
+            Some(true) => {
+                POWER_BUTTON_PRESSED.store(1, Ordering::Release);
+                self.stop(Stop::PowerButton);
+            }
+            Some(false) => {}
+            None => self.no_power_button = true,
         }
     }
 
@@ -382,6 +424,10 @@ impl Worker {
 
     pub fn run(mut self) -> ! {
         self.sync_registers();
+        // A slow boot: still PHASE_BOOTING meanwhile, answering the host's commands.
+        if self.opts.boot_delay_ms > 0 {
+            self.idle(self.opts.boot_delay_ms.saturating_mul(1000));
+        }
         self.fill();
         self.st.phase = PHASE_VERIFYING;
         self.tick();
@@ -455,6 +501,8 @@ impl Worker {
             self.st.generation = generation.wrapping_add(1);
         }
         self.st.passes = passes;
+        // Look at the power button after every pass, however short the wait that follows.
+        self.after_wait = true;
         self.tick();
         let pass_ns = time::ticks_to_ns(cpu::rdtsc().saturating_sub(t0));
         self.maybe_print_pass(pass_ns);
@@ -521,6 +569,7 @@ impl Worker {
             self.gap_last_tsc = 0;
             left -= slice;
             self.check_registers(false);
+            self.after_wait = true;
             self.tick();
         }
     }
@@ -540,7 +589,7 @@ impl Worker {
         // Wait for the other vCPUs to stop. After passes=N they get there on their own; once
         // the host asked for a power-off, they get 2 s (counted in 1 ms waits if the guest
         // has no clock).
-        let mut told_since: Option<u64> = (why == Stop::HostCommand).then(time::now_ns);
+        let mut told_since: Option<u64> = (why != Stop::PassesDone).then(time::now_ns);
         let mut waits: u64 = 0;
         let stragglers = loop {
             let stragglers = (1..self.vcpus)
@@ -549,7 +598,10 @@ impl Worker {
             if stragglers == 0 {
                 break 0;
             }
-            if told_since.is_none() && self.status.host_command() == HOST_COMMAND_POWEROFF {
+            if told_since.is_none()
+                && (self.status.host_command() == HOST_COMMAND_POWEROFF
+                    || POWER_BUTTON_PRESSED.load(Ordering::Acquire) != 0)
+            {
                 told_since = Some(time::now_ns());
                 waits = 0;
             }
@@ -583,6 +635,7 @@ impl Worker {
             "warmvm-guest: power off ({}): {} passes, {} mismatches, {} register check failures, {} time jumps back, {} vCPUs not stopped, t={} ms, status {}",
             match why {
                 Stop::HostCommand => "host command",
+                Stop::PowerButton => "power button",
                 Stop::PassesDone => "passes done",
             },
             self.st.passes,
@@ -593,6 +646,11 @@ impl Worker {
             time::now_ns() / 1_000_000,
             exit
         );
+        // Asked by the power button, a clean guest powers off the way the platform offers
+        // (ACPI S5); an unclean one keeps its verdict in the power port's exit status.
+        if why == Stop::PowerButton && exit == EXIT_OK {
+            io::acpi_power_off()
+        }
         io::power_off(exit)
     }
 }

@@ -31,6 +31,30 @@ pub const HEARTBEAT_VALUE: u8 = 0xb7;
 pub const PV_PORT_FIRST: u16 = WAIT_PORT;
 pub const PV_PORT_LAST: u16 = HEARTBEAT_PORT;
 
+/// ACPI fixed-hardware PM1a event block: the 16-bit PM1 status register at this port and
+/// the 16-bit PM1 enable register two ports on (the FADT's `PM1a_EVT_BLK`, 4 ports).
+pub const PM1A_EVT_PORT: u16 = 0x600;
+pub const PM1A_EVT_LEN: u16 = 4;
+/// ACPI PM1a control block: the 16-bit PM1 control register (the FADT's `PM1a_CNT_BLK`).
+pub const PM1A_CNT_PORT: u16 = 0x604;
+pub const PM1A_CNT_LEN: u16 = 2;
+/// PM1 status: the power button was pressed (write 1 to clear).
+pub const PM1_STS_PWRBTN: u16 = 1 << 8;
+/// PM1 status: the system woke (write 1 to clear).
+pub const PM1_STS_WAK: u16 = 1 << 15;
+/// PM1 enable: raise the SCI while `PM1_STS_PWRBTN` is set.
+pub const PM1_EN_PWRBTN: u16 = 1 << 8;
+/// PM1 control: the system is in ACPI mode (SCI, not SMI); always set here.
+pub const PM1_CNT_SCI_EN: u16 = 1;
+/// PM1 control: the sleep type field (bits 10-12) and the bit that enters it.
+pub const PM1_CNT_SLP_TYP_SHIFT: u16 = 10;
+pub const PM1_CNT_SLP_TYP_MASK: u16 = 7 << PM1_CNT_SLP_TYP_SHIFT;
+pub const PM1_CNT_SLP_EN: u16 = 1 << 13;
+/// The sleep type of S5 (soft off), as the DSDT's `\_S5` package announces it.
+pub const SLP_TYP_S5: u16 = 5;
+/// The ACPI SCI's interrupt (ISA IRQ = GSI 9, level-triggered, active high).
+pub const SCI_IRQ: u8 = 9;
+
 /// `WAIT_PORT` timeout value meaning "no timeout".
 pub const WAIT_FOREVER: u32 = u32::MAX;
 /// Reasons returned by an `in` from [`WAIT_PORT`].
@@ -130,6 +154,11 @@ pub const STATUS_VERSION: u32 = 2;
 pub const HOST_COMMAND_NONE: u32 = 0;
 pub const HOST_COMMAND_POWEROFF: u32 = 1;
 
+/// The guest watches the ACPI power button (PM1 status, [`PM1_STS_PWRBTN`]): the VMM asks
+/// it to power off only by pressing the button. A guest without this bit (an older build
+/// still running after a warm upgrade) is also sent [`HOST_COMMAND_POWEROFF`].
+pub const GUEST_FEATURE_POWER_BUTTON: u32 = 1;
+
 /// Phases of a reference-guest vCPU, in [`VcpuStatus::phase`].
 pub const PHASE_BOOTING: u32 = 0;
 pub const PHASE_FILLING: u32 = 1;
@@ -187,7 +216,8 @@ pub struct StatusHeader {
     pub vcpu_count: u32,
     /// Written by the VMM, read by the guest: one of the `HOST_COMMAND_*` values.
     pub host_command: u32,
-    pub _pad: u32,
+    /// Written by the guest: `GUEST_FEATURE_*` bits. Older guests leave 0 here.
+    pub guest_features: u32,
 }
 
 /// The status area at [`layout::STATUS_ADDR`].

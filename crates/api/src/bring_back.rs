@@ -214,17 +214,17 @@ pub fn pending(state_dir: &Path) -> Result<Option<BringBack>, ManifestError> {
 }
 
 /// The new daemon of a saved or cold reboot, once the handover has committed: bring the
-/// VMs back (before it serves, so that the first answer already sees them) and report it
-/// as `last_reboot`.
+/// VMs back (while it serves: `reboot_in_progress` in its status says how far it is, and
+/// requests that change anything are refused until it is done) and report it as
+/// `last_reboot`. `boot_wait`: how long a cold-booted guest has to say it is up.
 pub fn after_commit(
     state: &crate::state::ApiState,
     bb: &BringBack,
     taps: std::collections::BTreeMap<String, warmvm_vmm::GivenTaps>,
     state_dir: &Path,
+    boot_wait: std::time::Duration,
 ) {
-    let mut host = state.host().lock().unwrap_or_else(|p| p.into_inner());
-    let report = modes::bring_back(&mut host, bb, taps, &path(state_dir), false);
-    drop(host);
+    let report = modes::bring_back(state, bb, taps, &path(state_dir), false, boot_wait);
     state.set_last_reboot(report);
 }
 
@@ -240,9 +240,14 @@ pub fn recover(state: &crate::state::ApiState, bb: &BringBack, state_dir: &Path)
         claimed_by = bb.claimed_by,
         "a saved or cold reboot was interrupted: bringing its VMs back"
     );
-    let mut host = state.host().lock().unwrap_or_else(|p| p.into_inner());
-    let report = modes::bring_back(&mut host, bb, Default::default(), &path(state_dir), true);
-    drop(host);
+    let report = modes::bring_back(
+        state,
+        bb,
+        Default::default(),
+        &path(state_dir),
+        true,
+        modes::DEFAULT_BOOT_WAIT,
+    );
     state.set_last_reboot(report);
 }
 

@@ -10,6 +10,9 @@ use crate::state::{RebootRequest, StopRequest, REBOOT_TIMEOUT};
 
 /// How long the client waits for an answer (a stop waits for its grace period on top).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long one status request may take while a reboot is watched (the daemon answers at
+/// once; a request sent during the handover waits in the backlog for the new daemon).
+const STATUS_POLL_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -24,6 +27,12 @@ pub enum ClientError {
     /// The daemon refused or failed the request.
     #[error("{message}")]
     Api { status: u16, message: String },
+    /// A reboot was still under way when the client stopped waiting for it.
+    #[error("the reboot was still under way after {} s: {}", waited.as_secs(), status["reboot_in_progress"])]
+    RebootUnderWay {
+        waited: Duration,
+        status: Box<serde_json::Value>,
+    },
 }
 
 impl ClientError {
@@ -242,30 +251,94 @@ impl Client {
         self.reboot_with(mode, binary, None)
     }
 
-    /// Reboot the daemon in `mode` (warm, saved, cold); `grace_secs` for cold.
+    /// Reboot the daemon in `mode` (warm, saved, cold); `grace_secs` for cold. For saved
+    /// and cold, returns once the new daemon has brought every VM back (or given up on
+    /// it), so that its status has `last_reboot`.
     pub fn reboot_with(
         &self,
         mode: &str,
         binary: Option<&Path>,
         grace_secs: Option<u64>,
     ) -> Result<serde_json::Value, ClientError> {
-        let body = serde_json::to_vec(&RebootRequest {
+        let req = RebootRequest {
             mode: mode.to_string(),
             binary: binary.map(Path::to_path_buf),
             grace_secs,
             ..Default::default()
-        })
-        .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        };
         // The daemon allows the new one up to its stage timeout to prepare, then its ready
         // budget (far shorter) to take the guests over.
+        let timeout = self.timeout.max(if mode == "warm" {
+            REBOOT_TIMEOUT * 2 + Duration::from_secs(30)
+        } else {
+            // Saving every VM's RAM, or waiting for every guest to power off, then for
+            // every guest to boot.
+            Duration::from_secs(1800)
+        });
+        let started = std::time::Instant::now();
+        let report = self.reboot_request(&req, timeout)?;
+        if mode != "warm" {
+            let new_pid = report["new_pid"].as_u64().unwrap_or(0);
+            let left = timeout.saturating_sub(started.elapsed());
+            match self.wait_reboot_done(Some(new_pid), left) {
+                // The reboot was answered; a new daemon gone since is for the caller to
+                // find out (the next daemon started brings its VMs back).
+                Ok(_) | Err(ClientError::NoDaemon(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(report)
+    }
+
+    /// Send `PUT /v1/reboot`, waiting at most `timeout` for the answer (the old daemon
+    /// answers once the new one runs: a saved or cold reboot's VMs may still be coming
+    /// back then, see [`Client::wait_reboot_done`]).
+    pub fn reboot_request(
+        &self,
+        req: &RebootRequest,
+        timeout: Duration,
+    ) -> Result<serde_json::Value, ClientError> {
+        let body = serde_json::to_vec(req).map_err(|e| ClientError::Protocol(e.to_string()))?;
         self.clone()
-            .with_timeout(self.timeout.max(if mode == "warm" {
-                REBOOT_TIMEOUT * 2 + Duration::from_secs(30)
-            } else {
-                // Saving every VM's RAM, or waiting for every guest to power off.
-                Duration::from_secs(1800)
-            }))
+            .with_timeout(timeout.max(Duration::from_secs(1)))
             .call("PUT", "/v1/reboot", Some(&body))
+    }
+
+    /// Poll `GET /v1/status` until the daemon answering is `pid` (any, if `None`) and has no
+    /// reboot in progress (a new daemon of a saved or cold reboot brings its VMs back while
+    /// it serves); returns that status. Errors while the daemon is being replaced are
+    /// retried until `timeout`; then the last status seen (or error) is returned as an
+    /// error. No daemon on the socket at all ends the wait at once.
+    pub fn wait_reboot_done(
+        &self,
+        pid: Option<u64>,
+        timeout: Duration,
+    ) -> Result<serde_json::Value, ClientError> {
+        let deadline = std::time::Instant::now() + timeout;
+        let polling = self.clone().with_timeout(STATUS_POLL_TIMEOUT);
+        loop {
+            let seen = polling.status();
+            // Nobody holds the socket: neither daemon runs (during a reboot one always
+            // does, as the listener is handed over before the old one exits).
+            if let Err(ClientError::NoDaemon(_)) = seen {
+                return seen;
+            }
+            let done = matches!(&seen, Ok(s) if s["reboot_in_progress"].is_null()
+                && pid.is_none_or(|p| s["pid"].as_u64() == Some(p)));
+            if done {
+                return seen;
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(match seen {
+                    Ok(s) => ClientError::RebootUnderWay {
+                        waited: timeout,
+                        status: Box::new(s),
+                    },
+                    Err(e) => e,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// Snapshot a VM into `dir` (on the daemon's host).

@@ -29,6 +29,7 @@ use warmvm_vmm::{Config, Host, HostError};
 use crate::server::Server;
 use crate::socket::{self, SocketError, SocketFile};
 use crate::state::{ApiState, RebootSetup, TakeoverInfo};
+use crate::state_lock::{self, StateLock};
 
 mod rejuvenation;
 
@@ -45,9 +46,10 @@ pub const CONSOLE_LIMITS_ENV: &str = "WARMVM_CONSOLE_LIMITS";
 /// The socket's file name in the state directory.
 pub const SOCKET_NAME: &str = "warmvm.sock";
 
-/// The default API socket: `<default state dir>/warmvm.sock`.
+/// The default API socket: `<default runtime dir>/warmvm.sock` (`/run/warmvm/warmvm.sock`
+/// for root).
 pub fn default_socket() -> PathBuf {
-    warmvm_vmm::config::default_state_dir().join(SOCKET_NAME)
+    warmvm_vmm::config::default_runtime_dir().join(SOCKET_NAME)
 }
 
 #[derive(Clone, Debug)]
@@ -217,30 +219,68 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
         _ => opts.console,
     };
     warmvm_devices_limits::console::set_default_limits(console);
-    let state_dir = opts
-        .state_dir
-        .clone()
-        .or_else(|| config.as_ref().and_then(|c| c.state_dir.clone()))
-        .unwrap_or_else(warmvm_vmm::config::default_state_dir);
-    let state_dir_created = !state_dir.exists();
-    if state_dir_created {
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&state_dir)
-            .map_err(|e| {
-                DaemonError::Host(format!(
-                    "cannot create the state directory {}: {e}",
-                    state_dir.display()
-                ))
-            })?;
+    // Flags relative to the working directory are resolved once, here: the daemon a warm
+    // reboot starts gets them absolute.
+    let absolute = |flag: &str, p: &Path| {
+        std::path::absolute(p)
+            .map_err(|e| DaemonError::Input(format!("{flag} {}: {e}", p.display())))
+    };
+    let given_state_dir = match &opts.state_dir {
+        Some(p) => Some(absolute("--state-dir", p)?),
+        None => config.as_ref().and_then(|c| c.state_dir.clone()),
+    };
+    // The socket: where --socket says, in a directory that must exist; by default beside
+    // a given state directory, else in the runtime directory (created if missing).
+    let socket_path = match &opts.socket {
+        Some(p) => {
+            let p = absolute("--socket", p)?;
+            match p.parent() {
+                Some(dir) if !dir.is_dir() => {
+                    return Err(DaemonError::Input(format!(
+                        "--socket {}: the directory {} does not exist",
+                        p.display(),
+                        dir.display()
+                    )))
+                }
+                _ => p,
+            }
+        }
+        None => match &given_state_dir {
+            Some(dir) => dir.join(SOCKET_NAME),
+            None => default_socket(),
+        },
+    };
+    let state_dir = given_state_dir.unwrap_or_else(warmvm_vmm::config::default_state_dir);
+    let state_dir_created = create_private_dir(&state_dir, "state")?;
+    // The socket's directory stays root's: the user the daemon drops to does not get the
+    // API (see docs/daemon.md, "Least privilege").
+    if let Some(dir) = socket_path.parent().filter(|_| opts.socket.is_none()) {
+        create_private_dir(dir, "socket")?;
     }
-    let socket_path = opts
-        .socket
-        .clone()
-        .unwrap_or_else(|| state_dir.join(SOCKET_NAME));
+    // One daemon per state directory, before anything in it (or the socket) is touched. A
+    // warm reboot's new daemon is handed the old one's lock; it takes the lock itself only
+    // from an older build, which holds none (see `state_lock`).
+    let (mut lock, lock_holder) = match opts.takeover_fd {
+        None => (
+            Some(StateLock::take(&state_dir).map_err(|e| DaemonError::Host(e.to_string()))?),
+            None,
+        ),
+        Some(_) => match StateLock::try_take(&state_dir) {
+            Ok(Ok(lock)) => (Some(lock), None),
+            Ok(Err(holder)) => (None, holder),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot take the state directory's lock; expecting it from the old daemon");
+                (None, None)
+            }
+        },
+    };
 
+    if opts.takeover_fd.is_none() && is_in_ram(&state_dir) {
+        tracing::warn!(state_dir = %state_dir.display(),
+            "the state directory is in RAM (tmpfs): a saved reboot writes every VM's RAM there \
+             (doubling its use, or refused for room) and a host reboot empties it; \
+             /var/lib/warmvm is the default");
+    }
     // A new daemon must not die of SIGTERM between taking the VMs over and serving (they
     // would die with it): note the signal, and stop cleanly once the server runs.
     let early_stop = Arc::new(AtomicBool::new(false));
@@ -261,21 +301,41 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
     let started = match opts.takeover_fd {
         Some(fd) => {
             enter_sandbox(opts.seccomp)?;
-            take_over(fd, &state_dir, &socket_path, opts.metrics_addr.as_ref())?
+            take_over(
+                fd,
+                &state_dir,
+                &socket_path,
+                opts.metrics_addr.as_ref(),
+                &mut lock,
+                lock_holder,
+            )?
         }
         None => {
             // KVM and the listeners are open: what needs root is done. Drop before any
             // other thread exists (capabilities are per thread), then sandbox.
             let started = start_fresh(opts, &state_dir, &socket_path)?;
             if let Some(target) = &drop_to {
+                let give = crate::privileges::is_ours_to_give(
+                    &state_dir,
+                    state_dir_created,
+                    &crate::privileges::systemd_dirs_from_env(),
+                );
                 target
-                    .apply(&state_dir, state_dir_created, &Host::kvm_device())
+                    .apply(
+                        &state_dir,
+                        give,
+                        lock.as_ref().map(|l| l.path()),
+                        &Host::kvm_device(),
+                    )
                     .map_err(|e| DaemonError::Host(e.to_string()))?;
             }
             enter_sandbox(opts.seccomp)?;
             started
         }
     };
+    // The status and every reboot's report name this executable's sha256. Not before the
+    // privileges are dropped: that needs the process to have one thread.
+    warmvm_vmm::executable::hash_in_background();
     let Started {
         host,
         listener,
@@ -318,11 +378,17 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
     if let Some(info) = takeover.clone() {
         state.set_last_takeover(info);
     }
-    // A saved or cold reboot: bring the VMs back before serving (requests wait in the
-    // backlog meanwhile), so that the first answer already sees them.
+    // A saved or cold reboot: the VMs are brought back while the daemon serves (see
+    // `bring_back_in_background`); requests that change anything are refused until then.
+    let mut bring_back = None;
     match crate::modes::from_extra(&inherited) {
         Some(Ok(bb)) => {
-            crate::bring_back::after_commit(&state, &bb, std::mem::take(&mut cold_taps), &state_dir)
+            let wait = boot_wait(&inherited);
+            bring_back = Some(BringBackJob::AfterCommit(
+                bb,
+                std::mem::take(&mut cold_taps),
+                wait,
+            ))
         }
         Some(Err(e)) => tracing::error!(error = %e,
             "cannot bring the VMs of a saved or cold reboot back; their snapshots stay in the state directory"),
@@ -332,6 +398,7 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
         config.as_ref().and_then(|c| c.aging.clone()),
         &inherited,
         takeover.as_ref(),
+        state.last_reboot().as_ref(),
     ));
     // The handed-over settings, history included, have been decoded: do not keep the JSON
     // tree for the process's lifetime (it would count as the new daemon's own memory).
@@ -346,7 +413,17 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
         }
     }
     if let Some(bb) = interrupted {
-        crate::bring_back::recover(&state, &bb, &state_dir);
+        bring_back = Some(BringBackJob::Recover(bb));
+    }
+    if let Some(job) = &bring_back {
+        // Before the first request is served: it already sees the reboot under way.
+        state.rebooting.store(true, Ordering::SeqCst);
+        let (mode, count) = job.what();
+        let phase = match mode {
+            crate::modes::Mode::Cold => "booting",
+            _ => "restoring",
+        };
+        state.progress.begin(mode.name(), phase, count);
     }
 
     // A daemon that took VMs over never gives them up for an error it can wait out: it
@@ -385,12 +462,15 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
         stop.stop();
     }
     let mut extra_fds = vec![(API_LISTENER_FD.to_string(), server.listener_fd())];
+    if let Some(l) = &lock {
+        extra_fds.push((state_lock::STATE_LOCK_FD.to_string(), l.raw_fd()));
+    }
     if let Some(fd) = server.metrics_fd() {
         extra_fds.push((METRICS_LISTENER_FD.to_string(), fd));
     }
     state.enable_reboot(RebootSetup {
         args: successor_args(opts, &socket_path, &state_dir),
-        extra: successor_extra(stage_timeout, ready_budget, &limits),
+        extra: successor_extra(stage_timeout, ready_budget, &limits, lock.is_some()),
         extra_fds,
         env: vec![
             (
@@ -430,6 +510,8 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
         tracing::warn!(error = %e, "cannot notify systemd");
     }
 
+    let bringing_back =
+        bring_back.map(|job| bring_back_in_background(state.clone(), job, state_dir.clone()));
     start_rejuvenator(state.clone());
     start_aging_monitor(state.clone(), monitor);
     // A panic of the main loop must not end the process (and the VMs): the panic hook has
@@ -453,6 +535,12 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
         std::process::exit(0);
     }
     let _ = socket::sd_notify("STOPPING=1\nSTATUS=stopping every VM");
+    // VMs still being brought back: the wait for their guests ends, and they are stopped
+    // with the others.
+    state.shutting_down.store(true, Ordering::SeqCst);
+    if let Some(Some(t)) = bringing_back {
+        let _ = t.join();
+    }
     let vms = state.vms().len();
     tracing::info!(
         vms,
@@ -465,6 +553,91 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
     drop(socket_file);
     tracing::info!("warmvm daemon stopped");
     served.map_err(|e| DaemonError::Host(format!("the API server failed: {e}")))
+}
+
+/// The VMs of a saved or cold reboot, to bring back once the daemon serves.
+enum BringBackJob {
+    /// Handed over by the old daemon, with the cold reboot's TAPs and the boot wait.
+    AfterCommit(
+        crate::modes::BringBack,
+        std::collections::BTreeMap<String, warmvm_vmm::GivenTaps>,
+        Duration,
+    ),
+    /// Left in the manifest by an interrupted reboot.
+    Recover(crate::modes::BringBack),
+}
+
+impl BringBackJob {
+    fn what(&self) -> (crate::modes::Mode, usize) {
+        match self {
+            BringBackJob::AfterCommit(bb, ..) | BringBackJob::Recover(bb) => {
+                (bb.mode, bb.vms.len())
+            }
+        }
+    }
+}
+
+/// How long a cold reboot's guests have to say they are up: what the old daemon passed
+/// on, else the default.
+fn boot_wait(inherited: &serde_json::Value) -> Duration {
+    match inherited.get(crate::modes::BOOT_WAIT_KEY) {
+        None => crate::modes::DEFAULT_BOOT_WAIT,
+        Some(v) => match v.as_u64() {
+            Some(ms) if crate::modes::BOOT_WAIT_SECS.contains(&ms.div_ceil(1000)) => {
+                Duration::from_millis(ms)
+            }
+            _ => {
+                tracing::warn!(boot_wait_ms = %v, "ignoring an unusable boot wait handed over; using the default");
+                crate::modes::DEFAULT_BOOT_WAIT
+            }
+        },
+    }
+}
+
+/// Bring a saved or cold reboot's VMs back on a thread of its own while the daemon
+/// serves, then let requests change things again. `None` if no thread could be started:
+/// then it is done here, before serving, as a daemon that cannot start threads could not
+/// serve anyway.
+fn bring_back_in_background(
+    state: Arc<ApiState>,
+    job: BringBackJob,
+    state_dir: PathBuf,
+) -> Option<std::thread::JoinHandle<()>> {
+    let job = Arc::new(Mutex::new(Some(job)));
+    let run = {
+        let (state, job) = (state.clone(), job.clone());
+        move || {
+            let taken = job.lock().unwrap_or_else(|p| p.into_inner()).take();
+            match taken {
+                Some(BringBackJob::AfterCommit(bb, taps, wait)) => {
+                    crate::bring_back::after_commit(&state, &bb, taps, &state_dir, wait)
+                }
+                Some(BringBackJob::Recover(bb)) => {
+                    crate::bring_back::recover(&state, &bb, &state_dir)
+                }
+                None => {}
+            }
+            state.progress.end();
+            state.rebooting.store(false, Ordering::SeqCst);
+        }
+    };
+    let spawned = std::thread::Builder::new()
+        .name("warmvm-bring-back".into())
+        .spawn({
+            let run = run.clone();
+            move || {
+                warmvm_sandbox::enter_or_log(warmvm_sandbox::ThreadKind::Api);
+                run()
+            }
+        });
+    match spawned {
+        Ok(t) => Some(t),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start a thread to bring the VMs back; doing it before serving");
+            run();
+            None
+        }
+    }
 }
 
 /// Turn the seccomp filters on, with the helper that starts a warm reboot's new daemon
@@ -487,6 +660,7 @@ fn successor_extra(
     stage_timeout: Duration,
     ready_budget: Duration,
     limits: &crate::limits::Limits,
+    hands_lock: bool,
 ) -> serde_json::Value {
     serde_json::json!({
         "previous_pid": std::process::id(),
@@ -494,6 +668,7 @@ fn successor_extra(
         "stage_timeout_ms": stage_timeout.as_millis() as u64,
         "ready_budget_ms": ready_budget.as_millis() as u64,
         "limits": limits,
+        state_lock::EXTRA_KEY: hands_lock,
     })
 }
 
@@ -584,6 +759,8 @@ fn take_over(
     state_dir: &Path,
     socket_path: &Path,
     metrics_addr: Option<&SocketAddr>,
+    lock: &mut Option<StateLock>,
+    lock_holder: Option<u32>,
 ) -> Result<Started, DaemonError> {
     if fd < 3 {
         return Err(DaemonError::Input("--takeover-fd must be 3 or more".into()));
@@ -599,16 +776,28 @@ fn take_over(
     let channel = unsafe { OwnedFd::from_raw_fd(fd) };
     // VMs to bring back that this build cannot read are refused before the commit, so the
     // old daemon keeps them, rather than lost after it.
-    let check_bring_back = |extra: &serde_json::Value| match crate::modes::from_extra(extra) {
-        Some(Err(e)) => Err(e),
-        _ => Ok(()),
+    // Nor are VMs taken over without the state directory's lock: an old daemon that does
+    // not hand it over (an older build) holds none, so this daemon took it as it started;
+    // if it could not, another daemon has the directory, and the old one keeps its VMs.
+    let have_lock = lock.is_some();
+    let check_extra = |extra: &serde_json::Value| {
+        if !have_lock && extra.get(state_lock::EXTRA_KEY) != Some(&serde_json::Value::Bool(true)) {
+            return Err(state_lock::LockError::Held {
+                dir: state_dir.to_path_buf(),
+                holder: lock_holder,
+            }
+            .to_string());
+        }
+        match crate::modes::from_extra(extra) {
+            Some(Err(e)) => Err(e),
+            _ => Ok(()),
+        }
     };
-    let adopted =
-        handover::take_over_checked(channel, state_dir, &check_bring_back).map_err(|e| {
-            DaemonError::Host(format!(
-                "taking the VMs over from the old daemon failed: {e}"
-            ))
-        })?;
+    let adopted = handover::take_over_checked(channel, state_dir, &check_extra).map_err(|e| {
+        DaemonError::Host(format!(
+            "taking the VMs over from the old daemon failed: {e}"
+        ))
+    })?;
     // From here on the VMs run in this process: nothing may make it give up.
     let took_over_from = adopted.extra.get("previous_pid").and_then(|p| p.as_u64());
     let takeover = TakeoverInfo {
@@ -618,6 +807,12 @@ fn take_over(
         state_format: adopted.report.state_format,
         commit_protocol: adopted.report.commit_protocol,
         host_blackout_us: adopted.report.host_blackout_us,
+        // The old daemon's own account of itself; older builds do not give one.
+        from_binary: adopted
+            .extra
+            .get(crate::reboot::PREVIOUS_BINARY_KEY)
+            .and_then(|v| serde_json::from_value(v.clone()).ok()),
+        to_binary: adopted.report.to_binary.clone(),
     };
     tracing::info!(
         vms = adopted.host.vms().len(),
@@ -643,6 +838,17 @@ fn take_over(
                 Ok(l) => api = Some(l),
                 Err(e) => tracing::error!(error = %e, "the API listener handed over is unusable"),
             },
+            state_lock::STATE_LOCK_FD if lock.is_none() => {
+                match StateLock::adopt(OwnedFd::from(file), state_dir) {
+                    Ok(l) => *lock = Some(l),
+                    Err(e) => {
+                        tracing::error!(error = %e, "the state directory's lock handed over is unusable")
+                    }
+                }
+            }
+            // Taken as we started, so the old daemon held none (not expected of a daemon
+            // that hands one over): ours is the lock.
+            state_lock::STATE_LOCK_FD => {}
             METRICS_LISTENER_FD => {
                 let l = TcpListener::from(OwnedFd::from(file));
                 if l.local_addr().is_ok() {
@@ -651,6 +857,12 @@ fn take_over(
             }
             other => tracing::warn!(name = other, "ignoring an unknown fd handed over"),
         }
+    }
+    if lock.is_none() {
+        // The old daemon said it hands the lock over and then did not, or handed another
+        // file: it cannot happen between builds that hold the lock, but the VMs are ours
+        // now, so take it as soon as it is free rather than give them up.
+        *lock = Some(take_lock_when_free(state_dir));
     }
     // The socket file stays the same across warm reboots: ours to remove at exit.
     let (listener, socket_file) = match api {
@@ -697,5 +909,93 @@ fn rebind(socket_path: &Path) -> (UnixListener, SocketFile) {
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
+    }
+}
+
+/// Take the state directory's lock, waiting (and saying why every [`REBIND_TIMEOUT`]) until
+/// whoever holds it lets go: the VMs run here already.
+fn take_lock_when_free(state_dir: &Path) -> StateLock {
+    let mut next_report = Instant::now();
+    loop {
+        match StateLock::take(state_dir) {
+            Ok(lock) => return lock,
+            Err(e) => {
+                if Instant::now() >= next_report {
+                    tracing::error!(error = %e, "cannot take the state directory's lock yet; the VMs run on, still trying");
+                    next_report = Instant::now() + REBIND_TIMEOUT;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+/// Create `dir` (mode 0700, with its parents) if missing; true if this call created it.
+fn create_private_dir(dir: &Path, what: &str) -> Result<bool, DaemonError> {
+    if dir.exists() {
+        return Ok(false);
+    }
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| {
+            DaemonError::Host(format!(
+                "cannot create the {what} directory {}: {e}",
+                dir.display()
+            ))
+        })?;
+    Ok(true)
+}
+
+/// True if `dir` is on a RAM-backed file system (tmpfs or ramfs, as `/run` is).
+fn is_in_ram(dir: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: an all-zero statfs is a valid value for the kernel to overwrite.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is NUL-terminated and `st` is valid for writes of its size.
+    if unsafe { libc::statfs(path.as_ptr(), &mut st) } != 0 {
+        return false;
+    }
+    // ramfs's, which libc does not name.
+    const RAMFS_MAGIC: libc::c_long = 0x8584_58f6;
+    st.f_type == libc::TMPFS_MAGIC || st.f_type == RAMFS_MAGIC
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_boot_wait_handed_over_is_used_only_within_its_bounds() {
+        let wait = |v: serde_json::Value| boot_wait(&serde_json::json!({ "boot_wait_ms": v }));
+        assert_eq!(wait(6000.into()), Duration::from_secs(6));
+        assert_eq!(
+            boot_wait(&serde_json::json!({})),
+            crate::modes::DEFAULT_BOOT_WAIT
+        );
+        for bad in [
+            serde_json::json!(0),
+            serde_json::json!(3_601_000),
+            serde_json::json!("6000"),
+            serde_json::json!(-1),
+        ] {
+            assert_eq!(wait(bad), crate::modes::DEFAULT_BOOT_WAIT);
+        }
+    }
+
+    #[test]
+    fn ram_backed_directories_are_told_from_disk_ones() {
+        // Where the sources are checked out is on disk.
+        assert!(!is_in_ram(Path::new(env!("CARGO_MANIFEST_DIR"))));
+        // POSIX shared memory is a tmpfs on Linux.
+        if Path::new("/dev/shm").is_dir() {
+            assert!(is_in_ram(Path::new("/dev/shm")));
+        }
+        assert!(!is_in_ram(Path::new("/nonexistent/warmvm")));
     }
 }

@@ -13,6 +13,7 @@
 //! - [`socket`]: binding (mode 0600, live/stale detection), adopting an inherited listener fd,
 //!   and sd_notify;
 //! - [`daemon`]: the `warmvm daemon` process;
+//! - [`state_lock`]: one daemon per state directory, the lock handed on by reboots;
 //! - [`privileges`]: dropping to another uid/gid and to the capabilities still needed;
 //! - [`client`]: what the CLI uses to call the API;
 //! - [`schema`]: a small JSON Schema checker for the OpenAPI document's schemas (tests).
@@ -27,6 +28,7 @@ pub mod metrics;
 pub mod modes;
 pub mod overflow;
 pub mod privileges;
+pub mod progress;
 pub mod reboot;
 pub mod routes;
 pub mod running_as;
@@ -34,6 +36,7 @@ pub mod schema;
 pub mod server;
 pub mod socket;
 pub mod state;
+pub mod state_lock;
 
 pub use client::{Client, ClientError};
 pub use daemon::{DaemonError, DaemonOptions};

@@ -4,7 +4,7 @@
 //!
 //! - **saved**: every live VM is paused and snapshotted to `<state dir>/saved-reboot/`,
 //!   the daemon is replaced (a warm reboot that hands over no live VM), and the new daemon
-//!   restores every VM from its snapshot before it serves.
+//!   restores every VM from its snapshot (while it serves: see `crate::bring_back`).
 //! - **cold**: every guest is asked to power off (forced after the grace period), the
 //!   daemon is replaced, and the new daemon boots every VM again from its config and waits
 //!   until each guest says it is up.
@@ -23,7 +23,8 @@ use warmvm_vmm::snapshot;
 use warmvm_vmm::{monotonic_ns, Host, Lifecycle, Vm, VmConfig};
 
 use crate::bring_back;
-use crate::state::ApiError;
+use crate::progress::Tracker;
+use crate::state::{ApiError, ApiState};
 
 /// Where in the handover's extra data the VMs to bring back travel.
 pub const EXTRA_KEY: &str = "bring_back";
@@ -34,8 +35,13 @@ pub const EXTRA_KEY: &str = "bring_back";
 pub const BRING_BACK_VERSION: u32 = 2;
 /// The directory, under the state directory, that a saved reboot writes its snapshots to.
 pub const SAVED_DIR: &str = "saved-reboot";
-/// How long the new daemon waits for a cold-booted guest to say it is up.
-const READY_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long the new daemon waits by default for a cold-booted guest to say it is up.
+pub const DEFAULT_BOOT_WAIT: Duration = Duration::from_secs(120);
+/// Bounds of the boot wait a reboot request may set (`boot_wait_secs`).
+pub const BOOT_WAIT_SECS: std::ops::RangeInclusive<u64> = 1..=3600;
+/// The key under which the old daemon passes the boot wait in the handover's settings
+/// (read with `get`: builds that do not know it ignore it).
+pub const BOOT_WAIT_KEY: &str = "boot_wait_ms";
 /// How long the new daemon waits for the old one to exit (and free its RAM) first.
 const OLD_EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -151,7 +157,7 @@ pub struct Held {
 /// Saved reboot, old side: check the free space, then pause and snapshot every live VM and
 /// take it out of the host. On any failure every VM runs on as before and nothing is left
 /// on disk.
-pub fn save_all(host: &mut Host) -> Result<(BringBack, Held), ApiError> {
+pub fn save_all(host: &mut Host, progress: &Tracker) -> Result<(BringBack, Held), ApiError> {
     let t0 = Instant::now();
     let dir = host.state_dir().join(SAVED_DIR);
     let live: Vec<Arc<Vm>> = host
@@ -190,6 +196,7 @@ pub fn save_all(host: &mut Host) -> Result<(BringBack, Held), ApiError> {
         ));
     }
     let mut saved: Vec<(Arc<Vm>, bool, BringBackVm)> = Vec::new();
+    progress.phase("saving", live.len());
     for vm in &live {
         let was_paused = vm.lifecycle() == Lifecycle::Paused;
         let vm_dir = dir.join(vm.name());
@@ -198,13 +205,15 @@ pub fn save_all(host: &mut Host) -> Result<(BringBack, Held), ApiError> {
         if saved.len() == 1 {
             faults::hit(Point::OldSaving);
         }
-        match snapshot::save(vm, &vm_dir, false) {
+        let result = snapshot::save(vm, &vm_dir, false);
+        progress.one_done();
+        match result {
             Ok(r) => saved.push((
                 vm.clone(),
                 was_paused,
                 BringBackVm {
                     name: vm.name().to_string(),
-                    config: vm.config.clone(),
+                    config: vm.config.with_absolute_paths(),
                     snapshot: Some(vm_dir),
                     stopped_ns,
                     prepare_us: t.elapsed().as_micros() as u64,
@@ -268,7 +277,7 @@ pub fn save_all(host: &mut Host) -> Result<(BringBack, Held), ApiError> {
 
 /// Cold reboot, old side: ask every live guest to power off (forced after `grace`), and
 /// take the VMs out of the host.
-pub fn stop_all(host: &mut Host, grace: Duration) -> (BringBack, Held) {
+pub fn stop_all(host: &mut Host, grace: Duration, progress: &Tracker) -> (BringBack, Held) {
     let t0 = Instant::now();
     let live: Vec<Arc<Vm>> = host
         .vms()
@@ -277,6 +286,7 @@ pub fn stop_all(host: &mut Host, grace: Duration) -> (BringBack, Held) {
         .cloned()
         .collect();
     let mut vms = Vec::new();
+    progress.phase("shutting-down", live.len());
     std::thread::scope(|s| {
         let jobs: Vec<_> = live
             .iter()
@@ -286,10 +296,11 @@ pub fn stop_all(host: &mut Host, grace: Duration) -> (BringBack, Held) {
                     let t = Instant::now();
                     let was_paused = vm.lifecycle() == Lifecycle::Paused;
                     let end = vm.stop(grace);
+                    progress.one_done();
                     tracing::info!(vm = %vm.name(), state = end.name(), "VM shut down for a cold reboot");
                     BringBackVm {
                         name: vm.name().to_string(),
-                        config: vm.config.clone(),
+                        config: vm.config.with_absolute_paths(),
                         snapshot: None,
                         stopped_ns,
                         prepare_us: t.elapsed().as_micros() as u64,
@@ -382,6 +393,7 @@ pub fn undo(host: &mut Host, held: Held, bb: &BringBack, manifest: &Path) -> Res
         std::mem::forget(held);
         return Err(e.into());
     }
+    warmvm_vmm::handover::faults::hit(warmvm_vmm::handover::faults::Point::OldUndoing);
     let mut not_running = Vec::new();
     match bb.mode {
         Mode::Saved | Mode::Warm => {
@@ -494,16 +506,24 @@ fn with_given_taps(
 
 /// New side, after the commit (or a daemon started on an interrupted reboot's manifest,
 /// `recovered`): bring every VM back (restore its snapshot, or boot it and wait until it
-/// is up). Each VM is taken off the manifest at `manifest` after it is restored or created
-/// and before it runs (see [`crate::bring_back`]). A VM that cannot be brought back is
-/// reported with the reason and stays in the manifest; its snapshot stays.
+/// is up, at most `boot_wait`). Each VM is taken off the manifest at `manifest` after it is
+/// restored or created and before it runs (see [`crate::bring_back`]). A VM that cannot be
+/// brought back is reported with the reason and stays in the manifest; its snapshot stays.
+///
+/// The daemon serves meanwhile: the Host lock is held while the VMs are restored or
+/// created (readers see the VMs brought back so far, published as the state's view) and
+/// not while the guests boot; the progress is in `state`'s tracker. A daemon that stops
+/// meanwhile still brings every VM back (so that the manifest is done with, and its
+/// shutdown powers them off as any other), but stops waiting for guests to come up.
 pub fn bring_back(
-    host: &mut Host,
+    state: &ApiState,
     bb: &BringBack,
     mut taps: std::collections::BTreeMap<String, warmvm_vmm::GivenTaps>,
     manifest: &Path,
     recovered: bool,
+    boot_wait: Duration,
 ) -> ModeReboot {
+    let progress = &state.progress;
     // What the manifest names from now on: this daemon owns it, and every VM not yet run.
     // Recorded before the old daemon is gone, so that a manifest never looks abandoned
     // while one of them runs.
@@ -529,6 +549,16 @@ pub fn bring_back(
     faults::hit(Point::NewBringBack);
     let mut booted: Vec<(Arc<Vm>, usize)> = Vec::new();
     let mut first = true;
+    let mut host = state.lock();
+    state.set_view(Some(host.vms().to_vec()));
+    progress.phase(
+        if bb.mode == Mode::Cold {
+            "booting"
+        } else {
+            "restoring"
+        },
+        bb.vms.len(),
+    );
     for v in &bb.vms {
         let t = Instant::now();
         let mut r = ModeRebootVm {
@@ -597,7 +627,11 @@ pub fn bring_back(
             }
         }
         report.vms.push(r);
+        state.set_view(Some(host.vms().to_vec()));
+        progress.one_done();
     }
+    drop(host);
+    state.set_view(None);
     if owned.is_ok() && left.vms.is_empty() {
         match bring_back::remove(manifest) {
             // Empty once every snapshot was restored; kept (not empty) otherwise.
@@ -610,26 +644,38 @@ pub fn bring_back(
         }
     }
     // Cold: every VM boots at once; each is back when its guest says it is up.
-    let deadline = Instant::now() + READY_TIMEOUT;
+    let deadline = Instant::now() + boot_wait;
     let mut waiting = booted;
+    let total = waiting.len();
+    progress.phase("waiting-for-guests", total);
     while !waiting.is_empty() {
+        let stopping = state
+            .shutting_down
+            .load(std::sync::atomic::Ordering::SeqCst);
         waiting.retain(|(vm, i)| {
             if vm.guest_ready() {
                 let r = &mut report.vms[*i];
                 r.downtime_us = monotonic_ns().saturating_sub(bb.vms[*i].stopped_ns) / 1000;
                 r.bring_back_us = t0.elapsed().as_micros() as u64;
                 false
-            } else if Instant::now() >= deadline || vm.lifecycle().is_finished() {
-                report.vms[*i].error = Some(format!(
-                    "the guest did not say it was up within {} s ({})",
-                    READY_TIMEOUT.as_secs(),
-                    vm.lifecycle().name()
-                ));
+            } else if Instant::now() >= deadline || vm.lifecycle().is_finished() || stopping {
+                let error = if stopping {
+                    "the daemon stopped before the guest said it was up".to_string()
+                } else {
+                    format!(
+                        "the guest did not say it was up within {} s ({})",
+                        boot_wait.as_secs_f64(),
+                        vm.lifecycle().name()
+                    )
+                };
+                tracing::warn!(vm = %vm.name(), %error, "the VM is not back after a cold reboot");
+                report.vms[*i].error = Some(error);
                 false
             } else {
                 true
             }
         });
+        progress.done(total - waiting.len());
         std::thread::sleep(Duration::from_micros(200));
     }
     report.bring_back_us = t0.elapsed().as_micros() as u64;

@@ -74,7 +74,7 @@ pub enum PrivilegeError {
         "after dropping to uid {uid} gid {gid}, the uid 0 could be taken back: refusing to run"
     )]
     NotDropped { uid: u32, gid: u32 },
-    #[error("after dropping to uid {uid} gid {gid}, the state directory {dir} is not writable ({source}): chown it to the user or let the daemon create it")]
+    #[error("after dropping to uid {uid} gid {gid}, the state directory {dir} is not writable ({source}): chown it to the user, let the daemon create it, or name it in the unit's StateDirectory=")]
     StateDir {
         uid: u32,
         gid: u32,
@@ -175,14 +175,76 @@ fn threads() -> usize {
         .unwrap_or(0)
 }
 
+/// True if the state directory is the daemon's to give to the user it drops to: it created
+/// the directory itself, or systemd did for this service (`StateDirectory=`,
+/// `RuntimeDirectory=`, ...: systemd names them, colon-separated and absolute, in
+/// `$STATE_DIRECTORY`, `$RUNTIME_DIRECTORY`, `$CACHE_DIRECTORY`, `$LOGS_DIRECTORY`). Such a
+/// directory is root's when the unit has no `User=` (the daemon drops by itself), and
+/// systemd gives its whole tree back to root at each start. Any other directory is the
+/// operator's: it must already be writable by the user.
+pub fn is_ours_to_give(
+    dir: &Path,
+    created: bool,
+    systemd_dirs: &[Option<std::ffi::OsString>],
+) -> bool {
+    if created {
+        return true;
+    }
+    let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let dir = canon(dir);
+    systemd_dirs.iter().flatten().any(|list| {
+        std::env::split_paths(list)
+            .filter(|p| p.is_absolute())
+            .any(|p| canon(&p) == dir)
+    })
+}
+
+/// The directories systemd made for this service, as its environment names them.
+pub fn systemd_dirs_from_env() -> Vec<Option<std::ffi::OsString>> {
+    [
+        "STATE_DIRECTORY",
+        "RUNTIME_DIRECTORY",
+        "CACHE_DIRECTORY",
+        "LOGS_DIRECTORY",
+    ]
+    .iter()
+    .map(std::env::var_os)
+    .collect()
+}
+
+/// Give `dir` and everything under it that root owns to `uid`:`gid` (symlinks themselves,
+/// never what they point to; other users' files stay theirs). Returns how many entries
+/// changed owner.
+pub fn give_tree(dir: &Path, uid: u32, gid: u32) -> std::io::Result<usize> {
+    use std::os::unix::fs::MetadataExt;
+    let mut changed = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(path) = stack.pop() {
+        let meta = std::fs::symlink_metadata(&path)?;
+        if meta.uid() == 0 {
+            std::os::unix::fs::lchown(&path, Some(uid), Some(gid))?;
+            changed += 1;
+        }
+        if meta.is_dir() {
+            for entry in std::fs::read_dir(&path)? {
+                stack.push(entry?.path());
+            }
+        }
+    }
+    Ok(changed)
+}
+
 impl Target {
-    /// Become the target. `state_dir_created`: the daemon made the state directory (as
-    /// root) and gives it to the user; one that existed must already be writable by it.
-    /// `kvm`: the KVM device, which the user is warned about if it cannot open it.
+    /// Become the target. `give_state_dir`: the state directory is the daemon's to give
+    /// (see [`is_ours_to_give`]): it and what root owns in it become the user's; any other
+    /// must already be writable by the user. `lock`: the state directory's lock file,
+    /// always the user's (the daemon made it). `kvm`: the KVM device, which the user is
+    /// warned about if it cannot open it.
     pub fn apply(
         &self,
         state_dir: &Path,
-        state_dir_created: bool,
+        give_state_dir: bool,
+        lock: Option<&Path>,
         kvm: &Path,
     ) -> Result<(), PrivilegeError> {
         let n = threads();
@@ -200,14 +262,16 @@ impl Target {
             }
         }
         let (uid, gid) = (self.uid.as_raw(), self.gid.as_raw());
-        if state_dir_created {
-            std::os::unix::fs::chown(state_dir, Some(uid), Some(gid)).map_err(|source| {
-                PrivilegeError::Chown {
-                    dir: state_dir.display().to_string(),
-                    uid,
-                    source,
-                }
-            })?;
+        let chown_err = |dir: &Path| {
+            let dir = dir.display().to_string();
+            move |source| PrivilegeError::Chown { dir, uid, source }
+        };
+        if give_state_dir {
+            let n = give_tree(state_dir, uid, gid).map_err(chown_err(state_dir))?;
+            tracing::debug!(dir = %state_dir.display(), entries = n, uid, gid, "gave the state directory to the user");
+        }
+        if let Some(lock) = lock {
+            std::os::unix::fs::lchown(lock, Some(uid), Some(gid)).map_err(chown_err(lock))?;
         }
         let caps_err = |step| move |source| PrivilegeError::Caps { step, source };
         let sys_err = |step| move |source| PrivilegeError::Sys { step, source };
@@ -347,6 +411,62 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(t.gid.as_raw(), 4243);
+    }
+
+    fn temp_dir(tag: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("warmvm-priv-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn only_created_or_systemd_made_directories_are_given() {
+        let dir = temp_dir("ours");
+        let os = |s: &str| Some(std::ffi::OsString::from(s));
+        // Created by the daemon: given, whatever the environment says.
+        assert!(is_ours_to_give(&dir, true, &[]));
+        // An operator's directory: not given.
+        assert!(!is_ours_to_give(&dir, false, &[None, None]));
+        assert!(!is_ours_to_give(&dir, false, &[os("/var/lib/other")]));
+        // systemd's StateDirectory= (several are colon-separated), also by another
+        // spelling of the same path; relative entries are ignored.
+        let listed = format!("/var/lib/other:{}", dir.display());
+        assert!(is_ours_to_give(&dir, false, &[None, os(&listed)]));
+        let spelled = format!("{}/./", dir.display());
+        assert!(is_ours_to_give(&dir, false, &[os(&spelled)]));
+        let name = dir.file_name().unwrap().to_str().unwrap().to_string();
+        assert!(!is_ours_to_give(&dir, false, &[os(&name)]));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_tree_is_given_without_following_links_or_taking_others_files() {
+        use std::os::unix::fs::MetadataExt;
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: chown needs root");
+            return;
+        }
+        let dir = temp_dir("tree");
+        let outside = temp_dir("outside");
+        std::fs::create_dir_all(dir.join("vm1")).unwrap();
+        std::fs::write(dir.join("vm1/console.log"), "x").unwrap();
+        std::fs::write(dir.join("others"), "x").unwrap();
+        std::os::unix::fs::chown(dir.join("others"), Some(4321), Some(4321)).unwrap();
+        std::fs::write(outside.join("target"), "x").unwrap();
+        std::os::unix::fs::symlink(outside.join("target"), dir.join("link")).unwrap();
+        let n = give_tree(&dir, 65534, 65534).unwrap();
+        assert_eq!(n, 4, "the directory, vm1, its log and the link itself");
+        for p in ["", "vm1", "vm1/console.log"] {
+            let m = std::fs::metadata(dir.join(p)).unwrap();
+            assert_eq!((m.uid(), m.gid()), (65534, 65534), "{p}");
+        }
+        let link = std::fs::symlink_metadata(dir.join("link")).unwrap();
+        assert_eq!(link.uid(), 65534);
+        assert_eq!(std::fs::metadata(outside.join("target")).unwrap().uid(), 0);
+        assert_eq!(std::fs::metadata(dir.join("others")).unwrap().uid(), 4321);
+        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(&outside);
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use std::ffi::OsString;
 use std::os::fd::RawFd;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -48,7 +48,19 @@ pub struct RebootRequest {
         deserialize_with = "warmvm_vmm::config::present"
     )]
     pub grace_secs: Option<u64>,
+    /// Cold reboot: seconds the new daemon waits for each guest to say it is up (default
+    /// 120); a guest that has not by then is reported with an error in `last_reboot`.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "warmvm_vmm::config::present"
+    )]
+    pub boot_wait_secs: Option<u64>,
 }
+
+/// The key of the old daemon's executable (a `BinaryInfo`) in the settings it hands on:
+/// the new daemon's status reports which executable it took over from.
+pub const PREVIOUS_BINARY_KEY: &str = "previous_binary";
 
 /// Bounds of the reboot timeouts a request or a flag may set.
 pub const STAGE_TIMEOUT_MS: std::ops::RangeInclusive<u64> = 100..=600_000;
@@ -80,8 +92,16 @@ pub struct RebootSetup {
 }
 
 impl ApiState {
-    /// Check a reboot request: mode `warm`, and a binary that is an executable file.
+    /// Check an operator's reboot request: a mode, timeouts in range, and a binary this
+    /// daemon can run (the one named, or the path it was started from).
     pub fn parse_reboot(body: &[u8]) -> Result<(RebootRequest, PathBuf), ApiError> {
+        let req = Self::parse_reboot_request(body)?;
+        let binary = reboot_binary(&req, &RebootReason::Manual)?;
+        Ok((req, binary))
+    }
+
+    /// Check a reboot request's fields, but not yet which binary it runs.
+    fn parse_reboot_request(body: &[u8]) -> Result<RebootRequest, ApiError> {
         if body.iter().all(u8::is_ascii_whitespace) {
             return Err(ApiError::new(
                 400,
@@ -105,6 +125,19 @@ impl ApiState {
                 format!("grace_secs = {g} is out of range: use 0 to {MAX_STOP_GRACE_SECS}"),
             ));
         }
+        if let Some(w) = req
+            .boot_wait_secs
+            .filter(|w| !modes::BOOT_WAIT_SECS.contains(w))
+        {
+            return Err(ApiError::new(
+                400,
+                format!(
+                    "boot_wait_secs = {w} is out of range: use {} to {}",
+                    modes::BOOT_WAIT_SECS.start(),
+                    modes::BOOT_WAIT_SECS.end()
+                ),
+            ));
+        }
         for (name, value, range) in [
             ("stage_timeout_ms", req.stage_timeout_ms, STAGE_TIMEOUT_MS),
             ("ready_budget_ms", req.ready_budget_ms, READY_BUDGET_MS),
@@ -120,19 +153,7 @@ impl ApiState {
                 ));
             }
         }
-        let binary = match &req.binary {
-            Some(b) => {
-                if b.as_os_str().is_empty() {
-                    return Err(ApiError::new(400, "binary must be a path, not empty"));
-                }
-                // A well-formed request naming a file this host cannot run.
-                check_binary(b)
-                    .map_err(|why| ApiError::new(422, format!("binary {}: {why}", b.display())))?;
-                b.clone()
-            }
-            None => warmvm_vmm::handover::this_binary(),
-        };
-        Ok((req, binary))
+        Ok(req)
     }
 
     /// Warm reboot: hand every VM to a new daemon process (see
@@ -145,33 +166,35 @@ impl ApiState {
 
     /// A warm reboot for `reason`, which the new daemon records in its reboot history.
     pub fn reboot_for(&self, body: &[u8], reason: RebootReason) -> Result<RebootReport, ApiError> {
-        let (req, binary) = Self::parse_reboot(body)?;
+        let req = Self::parse_reboot_request(body)?;
+        let binary = reboot_binary(&req, &reason)?;
         let setup = self.reboot.get().ok_or_else(|| {
             ApiError::new(
                 409,
                 "this daemon cannot warm-reboot (it was started without a server)",
             )
         })?;
-        // From here on the server accepts no connection: they wait in the backlog for the
-        // new daemon (or for this one, if the reboot fails).
-        struct Done<'a>(&'a AtomicBool);
+        // From here on requests that change anything are refused (409); the server serves
+        // on until the handover (see `before_blackout` below).
+        struct Done<'a>(&'a ApiState);
         impl Drop for Done<'_> {
             fn drop(&mut self) {
-                self.0.store(false, Ordering::SeqCst);
+                // The Host lock is free again (dropped before this): readers read it.
+                self.0.set_view(None);
+                self.0.progress.end();
+                self.0.handing_over.store(false, Ordering::SeqCst);
+                self.0.rebooting.store(false, Ordering::SeqCst);
             }
         }
         if self.rebooting.swap(true, Ordering::SeqCst) {
-            return Err(ApiError::new(409, "a warm reboot is already under way"));
+            return Err(ApiError::new(
+                409,
+                "a reboot is already under way (or the VMs of the last one are being brought back)",
+            ));
         }
-        let done = Done(&self.rebooting);
-        // Let the API requests under way (ours aside) finish, so that none is left waiting
-        // for the Host lock when this process exits; at most the reboot grace, so a slow or
-        // stuck client cannot hold the reboot up for longer.
-        let grace = *self.reboot_grace.lock().unwrap_or_else(|p| p.into_inner());
-        let waited_until = Instant::now() + grace;
-        while self.connections.load(Ordering::SeqCst) > 1 && Instant::now() < waited_until {
-            std::thread::sleep(Duration::from_millis(2));
-        }
+        let done = Done(self);
+        let mode = Mode::parse(&req.mode).unwrap_or(Mode::Warm);
+        self.progress.begin(mode.name(), "waiting", 0);
         let deadline = Instant::now() + GATE_TIMEOUT;
         // Wait (briefly) for every pause, resume or stop under way; none starts until we
         // are done.
@@ -189,10 +212,11 @@ impl ApiState {
             }
         };
         let mut host = self.lock();
+        // Held for the whole reboot: readers see these VMs instead of waiting for it.
+        self.set_view(Some(host.vms().to_vec()));
         if self.shutting_down.load(Ordering::SeqCst) {
             return Err(ApiError::new(503, "the daemon is shutting down"));
         }
-        let mode = Mode::parse(&req.mode).unwrap_or(Mode::Warm);
         let manifest = bring_back::path(host.state_dir());
         if mode != Mode::Warm && manifest.exists() {
             // Left by an interrupted reboot: it may be the only record of some VMs.
@@ -208,10 +232,11 @@ impl ApiState {
         // daemon has taken over, and run on here if it does not.
         let prepared = match mode {
             Mode::Warm => None,
-            Mode::Saved => Some(modes::save_all(&mut host)?),
+            Mode::Saved => Some(modes::save_all(&mut host, &self.progress)?),
             Mode::Cold => Some(modes::stop_all(
                 &mut host,
                 Duration::from_secs(req.grace_secs.unwrap_or(DEFAULT_STOP_GRACE_SECS)),
+                &self.progress,
             )),
         };
         // The VMs held aside are written down before anything can take them over: whoever
@@ -234,6 +259,9 @@ impl ApiState {
             faults::hit(Point::OldManifest);
         }
         let mut extra = self.successor_extra(&setup.extra, reason.clone());
+        if let (Some(w), Some(map)) = (req.boot_wait_secs, extra.as_object_mut()) {
+            map.insert(modes::BOOT_WAIT_KEY.to_string(), (w * 1000).into());
+        }
         if let (Some((bb, _)), Some(map)) = (&prepared, extra.as_object_mut()) {
             match serde_json::to_value(bb) {
                 #[allow(unused_mut)]
@@ -270,7 +298,32 @@ impl ApiState {
                 .iter()
                 .map(|(name, fd)| (name.clone(), std::os::fd::AsRawFd::as_raw_fd(fd))),
         );
+        // Once the new daemon is prepared: stop taking connections (they wait in the
+        // backlog, for the new daemon or for this one if the reboot fails), and let the API
+        // requests under way (ours aside) finish, so that none is cut off when this
+        // process exits; at most the reboot grace, so a slow or stuck client cannot hold
+        // the reboot up for longer. The guests still run meanwhile.
+        let before_blackout = {
+            let handing_over = self.handing_over.clone();
+            let accepting = self.accepting.clone();
+            let progress = self.progress.clone();
+            let connections = self.connections.clone();
+            let grace = *self.reboot_grace.lock().unwrap_or_else(|p| p.into_inner());
+            move || {
+                handing_over.store(true, Ordering::SeqCst);
+                // A connection being accepted as the flag changed is counted once this
+                // is free.
+                drop(accepting.lock().unwrap_or_else(|p| p.into_inner()));
+                progress.phase("handover", 0);
+                let waited_until = Instant::now() + grace;
+                while connections.load(Ordering::SeqCst) > 1 && Instant::now() < waited_until {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            }
+        };
+        self.progress.phase("starting", 0);
         let opts = RebootOptions {
+            before_blackout: Some(Box::new(before_blackout)),
             binary: binary.clone(),
             args: setup.args.clone(),
             stage_timeout: req
@@ -343,6 +396,12 @@ impl ApiState {
         if let (Some(obj), Some(m)) = (extra.as_object_mut(), self.aging()) {
             obj.insert("aging".into(), m.carry(reason).encode());
         }
+        if let (Some(obj), Ok(binary)) = (
+            extra.as_object_mut(),
+            serde_json::to_value(warmvm_vmm::executable::info()),
+        ) {
+            obj.insert(PREVIOUS_BINARY_KEY.into(), binary);
+        }
         extra
     }
 }
@@ -367,20 +426,44 @@ fn undo_failed(err: ApiError, undone: Option<Result<(), modes::UndoError>>) -> A
     }
 }
 
-/// Why `path` cannot be the new daemon's binary, if it cannot.
-fn check_binary(path: &std::path::Path) -> Result<(), String> {
-    use std::os::unix::fs::PermissionsExt;
-    if !path.is_absolute() {
-        return Err("must be an absolute path".into());
+/// The binary a reboot for `reason` starts. The one the request names; else, when an
+/// operator asked, the path this daemon was started from, so that a build installed there
+/// since is what runs next (an upgrade); else (a panic, aging, the schedule) the running
+/// image itself: a rejuvenation nobody asked for at that moment must not switch builds,
+/// nor depend on the installed file. Refused (422) before anything pauses when the binary
+/// is missing or not executable by this daemon (which may have dropped its privileges).
+fn reboot_binary(req: &RebootRequest, reason: &RebootReason) -> Result<PathBuf, ApiError> {
+    use warmvm_vmm::executable;
+    match &req.binary {
+        Some(b) => {
+            if b.as_os_str().is_empty() {
+                return Err(ApiError::new(400, "binary must be a path, not empty"));
+            }
+            // A well-formed request naming a file this host cannot run.
+            executable::check_runnable(b)
+                .map_err(|why| ApiError::new(422, format!("binary {}: {why}", b.display())))?;
+            Ok(b.clone())
+        }
+        None if *reason == RebootReason::Manual => {
+            let path = executable::started_from().map_err(|e| {
+                ApiError::new(
+                    422,
+                    format!("cannot tell the path this daemon was started from ({e}): name the new build with \"binary\"; nothing changed"),
+                )
+            })?;
+            executable::check_runnable(path).map_err(|why| {
+                ApiError::new(
+                    422,
+                    format!(
+                        "{} (the path this daemon was started from, which a reboot runs again): {why}; install a build there or name one with \"binary\"; nothing changed",
+                        path.display()
+                    ),
+                )
+            })?;
+            Ok(path.to_path_buf())
+        }
+        None => Ok(handover::this_binary()),
     }
-    let meta = std::fs::metadata(path).map_err(|e| e.to_string())?;
-    if !meta.is_file() {
-        return Err("not a regular file".into());
-    }
-    if meta.permissions().mode() & 0o111 == 0 {
-        return Err("not executable".into());
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -407,6 +490,19 @@ mod tests {
             Some(400)
         );
         assert_eq!(status(r#"{"mode": "cold", "grace_secs": null}"#), Some(400));
+        assert_eq!(status(r#"{"mode": "cold", "boot_wait_secs": 5}"#), None);
+        assert_eq!(
+            status(r#"{"mode": "cold", "boot_wait_secs": 0}"#),
+            Some(400)
+        );
+        assert_eq!(
+            status(r#"{"mode": "cold", "boot_wait_secs": 3601}"#),
+            Some(400)
+        );
+        assert_eq!(
+            status(r#"{"mode": "cold", "boot_wait_secs": null}"#),
+            Some(400)
+        );
         assert_eq!(status(r#"{"mode": "hot"}"#), Some(400));
         // Not what the document allows: 400.
         assert_eq!(status(r#"{"mode": "warm", "binary": null}"#), Some(400));
@@ -428,6 +524,33 @@ mod tests {
             e.message.contains("use \"warm\", \"saved\" or \"cold\""),
             "{}",
             e.message
+        );
+    }
+
+    #[test]
+    fn an_operators_reboot_starts_the_path_a_rejuvenation_the_running_image() {
+        let req = RebootRequest {
+            mode: "warm".into(),
+            ..Default::default()
+        };
+        let started = warmvm_vmm::executable::started_from()
+            .unwrap()
+            .to_path_buf();
+        assert_eq!(reboot_binary(&req, &RebootReason::Manual).unwrap(), started);
+        for reason in [RebootReason::Panic, RebootReason::Schedule] {
+            assert_eq!(
+                reboot_binary(&req, &reason).unwrap(),
+                handover::this_binary()
+            );
+        }
+        // A binary the request names is started whatever the reason.
+        let named = RebootRequest {
+            binary: Some("/bin/sh".into()),
+            ..req
+        };
+        assert_eq!(
+            reboot_binary(&named, &RebootReason::Schedule).unwrap(),
+            PathBuf::from("/bin/sh")
         );
     }
 }

@@ -16,10 +16,12 @@ const ANNOTATIONS: &[&str] = &[
     "deprecated",
 ];
 
-/// The one `pattern` the document uses: a VM name. It is checked by the rule VM creation
-/// applies ([`warmvm_vmm::config::validate_name`]), which it must express exactly (a test
-/// compares them).
+/// The `pattern` of a VM name. It is checked by the rule VM creation applies
+/// ([`warmvm_vmm::config::validate_name`]), which it must express exactly (a test compares
+/// them).
 pub const NAME_PATTERN: &str = "^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$";
+/// The `pattern` of every path in a request: absolute (the daemon refuses relative ones).
+pub const ABSOLUTE_PATTERN: &str = "^/";
 
 /// Check `value` against `schema`; `doc` is the document that `$ref`s point into.
 pub fn validate(doc: &Value, schema: &Value, value: &Value) -> Result<(), String> {
@@ -110,14 +112,16 @@ fn check(doc: &Value, schema: &Value, v: &Value, at: &str) -> Result<(), String>
                     }
                 }
             }
-            "pattern" => {
-                if arg.as_str() != Some(NAME_PATTERN) {
-                    return Err(format!("{at}: unsupported pattern {arg}"));
+            "pattern" => match (arg.as_str(), v.as_str()) {
+                (Some(NAME_PATTERN), Some(name)) => {
+                    warmvm_vmm::config::validate_name(name).map_err(|e| format!("{at}: {e}"))?
                 }
-                if let Some(name) = v.as_str() {
-                    warmvm_vmm::config::validate_name(name).map_err(|e| format!("{at}: {e}"))?;
+                (Some(ABSOLUTE_PATTERN), Some(path)) if !path.starts_with('/') => {
+                    return Err(format!("{at}: {path:?} is not an absolute path"))
                 }
-            }
+                (Some(NAME_PATTERN | ABSOLUTE_PATTERN), _) => {}
+                _ => return Err(format!("{at}: unsupported pattern {arg}")),
+            },
             "properties" => {
                 let props = arg
                     .as_object()
@@ -231,6 +235,11 @@ mod tests {
         let name = json!({ "type": "string", "pattern": NAME_PATTERN });
         assert!(validate(&doc, &name, &json!("web-1")).is_ok());
         assert!(validate(&doc, &name, &json!("-web")).is_err());
+        let path = json!({ "type": "string", "pattern": ABSOLUTE_PATTERN });
+        assert!(validate(&doc, &path, &json!("/var/lib/x")).is_ok());
+        assert!(validate(&doc, &path, &json!("x/y"))
+            .unwrap_err()
+            .contains("not an absolute path"));
         assert!(validate(&doc, &json!({"pattern": "x"}), &json!("x"))
             .unwrap_err()
             .contains("unsupported"));

@@ -269,23 +269,24 @@ impl Server {
     pub fn run(&self) -> io::Result<()> {
         let no_fd: RawFd = -1;
         loop {
-            // During a warm reboot, connections (API and metrics) wait in the backlog: for
-            // the new daemon if the reboot succeeds, for this one again (checked every few
-            // ms) if it fails.
-            let rebooting = self.state.rebooting();
+            // During a reboot's handover, connections (API and metrics) wait in the backlog:
+            // for the new daemon if the reboot succeeds, for this one again (checked every
+            // few ms) if it fails. Before it (staging, saving, shutting guests down) they
+            // are served: reads answer, changes are refused.
+            let handing_over = self.state.handing_over();
             let mut fds = [
                 pollfd(self.stop_rx.as_raw_fd()),
-                pollfd(if rebooting {
+                pollfd(if handing_over {
                     no_fd
                 } else {
                     self.api.as_raw_fd()
                 }),
                 pollfd(match &self.metrics {
-                    Some(l) if !rebooting => l.as_raw_fd(),
+                    Some(l) if !handing_over => l.as_raw_fd(),
                     _ => no_fd,
                 }),
             ];
-            let timeout = if rebooting { 5 } else { -1 };
+            let timeout = if handing_over { 5 } else { -1 };
             // SAFETY: `fds` is a valid array of pollfd for the duration of the call.
             let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
             if rc < 0 {
@@ -300,7 +301,7 @@ impl Server {
                 while matches!((&self.stop_rx).read(&mut buf), Ok(n) if n > 0) {}
                 return Ok(());
             }
-            if fds[1].revents != 0 && !self.state.rebooting() {
+            if fds[1].revents != 0 && !self.state.handing_over() {
                 self.accept_all(
                     || self.api.accept().map(|(s, _)| Conn::Unix(s, Vec::new())),
                     false,
@@ -310,7 +311,7 @@ impl Server {
             if INJECT_MAIN_PANIC.swap(false, Ordering::AcqRel) {
                 panic!("fault injected: a panic in the daemon's main loop");
             }
-            if fds[2].revents != 0 && !self.state.rebooting() {
+            if fds[2].revents != 0 && !self.state.handing_over() {
                 if let Some(l) = &self.metrics {
                     self.accept_all(|| l.accept().map(|(s, _)| Conn::Tcp(s)), true)?;
                 }
@@ -324,8 +325,14 @@ impl Server {
         metrics_only: bool,
     ) -> io::Result<()> {
         loop {
-            // A warm reboot has begun: leave the rest in the backlog.
-            if self.state.rebooting() {
+            // Until the connection is counted (see `ApiState::accepting`).
+            let _accepting = self
+                .state
+                .accepting
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            // A reboot's handover has begun: leave the rest in the backlog.
+            if self.state.handing_over() {
                 return Ok(());
             }
             let conn = match accept() {

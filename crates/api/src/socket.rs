@@ -17,8 +17,6 @@ pub enum SocketError {
     Probe { path: PathBuf, err: io::Error },
     #[error("cannot remove the stale socket {path}: {err}")]
     RemoveStale { path: PathBuf, err: io::Error },
-    #[error("cannot create the directory {path}: {err}")]
-    Dir { path: PathBuf, err: io::Error },
     #[error("cannot listen on {path}: {err}")]
     Bind { path: PathBuf, err: io::Error },
     #[error("fd {fd} is not a listening Unix stream socket")]
@@ -73,8 +71,8 @@ impl Drop for SocketFile {
     }
 }
 
-/// Bind a listening socket at `path`, mode 0600, its directory created (mode 0700) if
-/// missing. Refuses when a daemon answers there; replaces a stale socket file that nobody
+/// Bind a listening socket at `path`, mode 0600, in a directory that must exist (a missing
+/// one is an error: the operator may have mistyped it). Refuses when a daemon answers there; replaces a stale socket file that nobody
 /// listens on; never replaces anything that is not a socket.
 pub fn bind(path: &Path) -> Result<(UnixListener, SocketFile), SocketError> {
     match std::fs::symlink_metadata(path) {
@@ -104,18 +102,6 @@ pub fn bind(path: &Path) -> Result<(UnixListener, SocketFile), SocketError> {
                 path: path.to_path_buf(),
                 err,
             })
-        }
-    }
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        if !dir.exists() {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .map_err(|err| SocketError::Dir {
-                    path: dir.to_path_buf(),
-                    err,
-                })?;
         }
     }
     let bind_err = |err| SocketError::Bind {
@@ -237,7 +223,15 @@ mod tests {
     #[test]
     fn binds_0600_refuses_live_replaces_stale() {
         let dir = temp_dir("bind");
-        let path = dir.join("sub/api.sock");
+        assert!(
+            matches!(
+                bind(&dir.join("sub/api.sock")),
+                Err(SocketError::Bind { .. })
+            ),
+            "a missing directory is not created"
+        );
+        assert!(!dir.join("sub").exists());
+        let path = dir.join("api.sock");
         let (listener, file) = bind(&path).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);

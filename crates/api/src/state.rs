@@ -6,13 +6,20 @@
 //!
 //! Locking rule: the Host lock is held only to look VMs up, create them, and remove them;
 //! never while a VM pauses or stops (those wait for vCPU threads): handlers clone the
-//! `Arc<Vm>` and drop the lock first. A warm reboot is the exception: it holds the Host lock
+//! `Arc<Vm>` and drop the lock first. A reboot is the exception: it holds the Host lock
 //! throughout, and first takes the operations gate for writing, so that it waits for every
 //! pause, resume or stop under way (and none starts meanwhile); those take it for reading.
 //! Order: the gate, then the Host lock.
+//!
+//! Readers never wait for a reboot: while one holds the Host lock (and while a new daemon
+//! brings a saved or cold reboot's VMs back), it publishes the VMs it holds as a view,
+//! which status, listing, showing a VM and the metrics read instead of the Host. Requests
+//! that change anything are refused at once (409) while a reboot is under way, rather than
+//! left waiting for the Host lock or the gate.
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard, TryLockError};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -37,6 +44,8 @@ pub use snapshots::{RestoreRequest, SnapshotRequest};
 pub const DEFAULT_STOP_GRACE_SECS: u64 = 10;
 /// The longest grace a `stop` may ask for.
 pub const MAX_STOP_GRACE_SECS: u64 = 3600;
+/// How often a request looks again at a lock someone else holds briefly.
+const LOCK_POLL: Duration = Duration::from_micros(500);
 
 /// Match the fds a create request passed to the interfaces that name them by position.
 fn given_taps(
@@ -123,6 +132,15 @@ pub struct DaemonStatus {
     pub last_reboot: Option<ModeReboot>,
     /// What the daemon runs as: uid, gid, groups, capabilities, no_new_privs, seccomp.
     pub privileges: crate::running_as::DaemonPrivileges,
+    /// The executable this daemon runs: the path it was started from (what a warm reboot
+    /// runs next), version, git commit, and the sha256 of the running image (absent from
+    /// older daemons).
+    #[serde(default)]
+    pub binary: Option<warmvm_vmm::executable::BinaryInfo>,
+    /// A reboot under way in this daemon (or the new daemon bringing a saved or cold
+    /// reboot's VMs back), and how far it is.
+    #[serde(default)]
+    pub reboot_in_progress: Option<crate::progress::RebootInProgress>,
 }
 
 /// How a daemon took its VMs over from the one before it.
@@ -136,6 +154,12 @@ pub struct TakeoverInfo {
     /// False when an older build without the commit step handed over.
     pub commit_protocol: bool,
     pub host_blackout_us: u64,
+    /// The executables of the daemon before and of this one (absent when an older build
+    /// was one of them).
+    #[serde(default)]
+    pub from_binary: Option<warmvm_vmm::executable::BinaryInfo>,
+    #[serde(default)]
+    pub to_binary: Option<warmvm_vmm::executable::BinaryInfo>,
 }
 
 /// `GET /v1/vms`.
@@ -163,9 +187,23 @@ pub struct ApiState {
     started: Instant,
     pub(crate) shutting_down: AtomicBool,
     pub(crate) reboot: OnceLock<RebootSetup>,
-    /// A warm reboot is under way: the server accepts no connections meanwhile (they wait
-    /// in the listen backlog, for this daemon or the new one).
+    /// A reboot is under way (or this new daemon brings a saved or cold reboot's VMs
+    /// back): requests that change anything are refused meanwhile.
     pub(crate) rebooting: AtomicBool,
+    /// The reboot's handover (the blackout and the commit) is under way: the server
+    /// accepts no connections meanwhile (they wait in the listen backlog, for this daemon
+    /// or the new one).
+    pub(crate) handing_over: Arc<AtomicBool>,
+    /// Held by the server from its look at `handing_over` until the connection it accepts
+    /// is counted, so that a reboot that sets `handing_over` and then takes this once
+    /// counts every connection accepted before.
+    pub(crate) accepting: Arc<Mutex<()>>,
+    /// What the reboot under way does (`reboot_in_progress` in `GET /v1/status`).
+    pub(crate) progress: Arc<crate::progress::Tracker>,
+    /// The VMs, while a reboot holds the Host lock: what readers see instead of waiting.
+    view: Mutex<Option<Vec<Arc<Vm>>>>,
+    /// The Host's state directory (it never changes).
+    state_dir: PathBuf,
     /// The VMs and the API socket belong to a new daemon process now.
     pub(crate) handed_over: AtomicBool,
     /// Connections being served on the API socket (counted from their accept; the server
@@ -191,8 +229,18 @@ impl ApiState {
 
     /// Serve a Host shared with others (e.g. the warm-reboot code).
     pub fn from_shared(host: Arc<Mutex<Host>>) -> Self {
+        let state_dir = host
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .state_dir()
+            .to_path_buf();
         Self {
             host,
+            state_dir,
+            handing_over: Arc::new(AtomicBool::new(false)),
+            accepting: Arc::default(),
+            progress: Arc::default(),
+            view: Mutex::new(None),
             started: Instant::now(),
             shutting_down: AtomicBool::new(false),
             reboot: OnceLock::new(),
@@ -252,16 +300,70 @@ impl ApiState {
         let _ = self.last_reboot.set(report);
     }
 
-    /// Enter a pause, resume or stop (see the locking rule above).
+    /// How the saved or cold reboot that started this daemon went, if one did.
+    pub fn last_reboot(&self) -> Option<ModeReboot> {
+        self.last_reboot.get().cloned()
+    }
+
+    /// Enter a pause, resume, stop or snapshot (see the locking rule above); refused at
+    /// once while a reboot is under way.
     fn op_gate(&self) -> Result<RwLockReadGuard<'_, ()>, ApiError> {
-        let gate = self.ops.read().unwrap_or_else(|p| p.into_inner());
+        loop {
+            self.refuse_while_rebooting()?;
+            match self.ops.try_read() {
+                Ok(gate) => {
+                    // A reboot that began meanwhile waits for this gate: let it go.
+                    self.refuse_while_rebooting()?;
+                    return Ok(gate);
+                }
+                Err(TryLockError::Poisoned(p)) => return Ok(p.into_inner()),
+                Err(TryLockError::WouldBlock) => std::thread::sleep(LOCK_POLL),
+            }
+        }
+    }
+
+    /// 409 while a reboot is under way (503 once this daemon has handed its VMs over).
+    fn refuse_while_rebooting(&self) -> Result<(), ApiError> {
         if self.handed_over() {
             return Err(ApiError::new(
                 503,
                 "this daemon has handed its VMs over to a new daemon process; retry",
             ));
         }
-        Ok(gate)
+        if self.rebooting() {
+            return Err(ApiError::new(
+                409,
+                "a reboot is under way (see reboot_in_progress in GET /v1/status); retry when it is done",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The Host lock, for a request that changes the VMs: refused at once (409) while a
+    /// reboot is under way, instead of waiting for it.
+    fn lock_for_change(&self) -> Result<MutexGuard<'_, Host>, ApiError> {
+        loop {
+            self.refuse_while_rebooting()?;
+            match self.host.try_lock() {
+                Ok(host) => {
+                    self.refuse_while_rebooting()?;
+                    return Ok(host);
+                }
+                Err(TryLockError::Poisoned(p)) => return Ok(p.into_inner()),
+                Err(TryLockError::WouldBlock) => std::thread::sleep(LOCK_POLL),
+            }
+        }
+    }
+
+    /// Show `vms` to readers instead of the Host while a reboot holds the Host lock
+    /// (`None`: read the Host again).
+    pub(crate) fn set_view(&self, vms: Option<Vec<Arc<Vm>>>) {
+        *self.view.lock().unwrap_or_else(|p| p.into_inner()) = vms;
+    }
+
+    /// The reboot under way, if any.
+    pub fn reboot_in_progress(&self) -> Option<crate::progress::RebootInProgress> {
+        self.progress.get()
     }
 
     /// Make `PUT /v1/reboot` available (the daemon calls this once its server exists).
@@ -269,9 +371,15 @@ impl ApiState {
         let _ = self.reboot.set(setup);
     }
 
-    /// True while a warm reboot is under way.
+    /// True while a reboot is under way (or this new daemon brings a saved or cold
+    /// reboot's VMs back).
     pub fn rebooting(&self) -> bool {
         self.rebooting.load(Ordering::SeqCst)
+    }
+
+    /// True while a reboot's handover is under way: connections wait in the backlog.
+    pub fn handing_over(&self) -> bool {
+        self.handing_over.load(Ordering::SeqCst)
     }
 
     /// True once a warm reboot handed every VM to a new daemon: this one must not touch
@@ -292,14 +400,27 @@ impl ApiState {
         self.host.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Every VM, in creation order, with the lock already dropped.
+    /// Every VM, in creation order, with the lock already dropped. Never waits for a
+    /// reboot: while one holds the Host lock, the VMs it published (see [`Self::set_view`]).
     pub fn vms(&self) -> Vec<Arc<Vm>> {
-        self.lock().vms().to_vec()
+        loop {
+            if let Some(vms) = self.view.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+                return vms.clone();
+            }
+            match self.host.try_lock() {
+                Ok(host) => return host.vms().to_vec(),
+                Err(TryLockError::Poisoned(p)) => return p.into_inner().vms().to_vec(),
+                // Held briefly (a VM created or removed), or by a reboot about to publish
+                // its view.
+                Err(TryLockError::WouldBlock) => std::thread::sleep(LOCK_POLL),
+            }
+        }
     }
 
     fn find(&self, name: &str) -> Result<Arc<Vm>, ApiError> {
-        self.lock()
-            .find(name)
+        self.vms()
+            .into_iter()
+            .find(|v| v.name() == name)
             .ok_or_else(|| ApiError::new(404, format!("no VM named {name}")))
     }
 
@@ -429,10 +550,8 @@ impl ApiState {
     pub fn status(&self) -> Result<DaemonStatus, ApiError> {
         let privileges = crate::running_as::current()
             .map_err(|e| ApiError::new(500, format!("cannot tell what the daemon runs as: {e}")))?;
-        let (vms, state_dir) = {
-            let host = self.lock();
-            (host.vms().to_vec(), host.state_dir().display().to_string())
-        };
+        let vms = self.vms();
+        let state_dir = self.state_dir.display().to_string();
         let count = |s: &str| vms.iter().filter(|v| v.lifecycle().name() == s).count();
         Ok(DaemonStatus {
             version: env!("CARGO_PKG_VERSION").to_string(),
@@ -446,6 +565,8 @@ impl ApiState {
             last_takeover: self.last_takeover.get().cloned(),
             last_reboot: self.last_reboot.get().cloned(),
             privileges,
+            binary: Some(warmvm_vmm::executable::info()),
+            reboot_in_progress: self.reboot_in_progress(),
         })
     }
 
@@ -498,7 +619,7 @@ impl ApiState {
         let span = tracing::info_span!("create", vm = %config.name);
         let _enter = span.enter();
         let vm = {
-            let mut host = self.lock();
+            let mut host = self.lock_for_change()?;
             if self.shutting_down.load(Ordering::SeqCst) {
                 return Err(ApiError::new(503, "the daemon is shutting down"));
             }
@@ -581,7 +702,7 @@ impl ApiState {
     pub fn delete(&self, name: &str, keep_logs: bool) -> Result<VmReport, ApiError> {
         let vm_dir;
         let vm = {
-            let mut host = self.lock();
+            let mut host = self.lock_for_change()?;
             if let Some(vm) = host.find(name) {
                 let state = vm.lifecycle();
                 if !(state.is_finished() || state == Lifecycle::Created) {
@@ -618,6 +739,9 @@ impl ApiState {
     /// `PUT /v1/aging/hold`: `{"hold": true|false}`.
     fn set_hold(&self, body: &[u8]) -> Result<Response, ApiError> {
         let monitor = self.aging_or_404()?;
+        // The hold travels to the new daemon with the aging state, taken as the reboot
+        // starts: one set later would be lost.
+        self.refuse_while_rebooting()?;
         let req: HoldRequest = serde_json::from_slice(body).map_err(|e| {
             ApiError::new(
                 400,

@@ -27,6 +27,15 @@ fn schema(name: &str) -> Value {
     json!({ "$ref": format!("#/components/schemas/{name}") })
 }
 
+fn binary(path: &str) -> warmvm_vmm::executable::BinaryInfo {
+    warmvm_vmm::executable::BinaryInfo {
+        path: path.into(),
+        version: "0.1.0".into(),
+        commit: "unknown".into(),
+        sha256: "0f".repeat(32),
+    }
+}
+
 fn check(doc: &Value, name: &str, value: &impl serde::Serialize) {
     let v = serde_json::to_value(value).unwrap();
     if let Err(e) = validate(doc, &schema(name), &v) {
@@ -193,6 +202,7 @@ fn reports_in_every_state_match_the_schema() {
         build: "warmvm 0.1.0".into(),
         last_takeover: None,
         last_reboot: None,
+        binary: Some(binary("/usr/local/bin/warmvm")),
         privileges: DaemonPrivileges {
             uid: 0,
             gid: 0,
@@ -201,6 +211,7 @@ fn reports_in_every_state_match_the_schema() {
             no_new_privs: false,
             seccomp: "false".into(),
         },
+        reboot_in_progress: None,
     };
     check(&doc, "DaemonStatus", &fresh);
     check(
@@ -214,6 +225,8 @@ fn reports_in_every_state_match_the_schema() {
                 state_format: 2,
                 commit_protocol: false,
                 host_blackout_us: 700,
+                from_binary: None,
+                to_binary: Some(binary("/usr/local/bin/warmvm")),
             }),
             last_reboot: Some(ModeReboot {
                 mode: "saved".into(),
@@ -247,6 +260,13 @@ fn reports_in_every_state_match_the_schema() {
                 no_new_privs: true,
                 seccomp: "log".into(),
             },
+            reboot_in_progress: Some(warmvm_api::progress::RebootInProgress {
+                mode: "cold".into(),
+                phase: "waiting-for-guests".into(),
+                vms_done: 1,
+                vms_total: 2,
+                elapsed_ms: 12_000,
+            }),
             ..fresh
         },
     );
@@ -309,6 +329,8 @@ fn reports_in_every_state_match_the_schema() {
             state_format: 3,
             commit_protocol: true,
             errors: vec!["the report did not reach the old VMM".into()],
+            from_binary: Some(binary("/proc/self/exe")),
+            to_binary: Some(binary("/usr/local/bin/warmvm")),
         },
     );
     check(&doc, "RebootReport", &RebootReport::default());
@@ -379,6 +401,7 @@ fn request_schemas_match_what_the_server_accepts() {
         stage_timeout_ms: Some(30_000),
         ready_budget_ms: Some(500),
         grace_secs: Some(10),
+        boot_wait_secs: Some(120),
     };
     check(&doc, "RebootRequest", &full);
     let documented = doc["components"]["schemas"]["RebootRequest"]["properties"]
@@ -490,7 +513,16 @@ fn aging_answers_match_the_schema() {
         metric: warmvm_api::aging::Metric::OpenFds,
         detector: warmvm_api::aging::Detector::Trend,
     });
-    let m = Monitor::new(cfg, Some(carry), Some((1, 2)));
+    let m = Monitor::new(
+        cfg,
+        Some(carry),
+        Some(warmvm_api::aging::monitor::Arrival {
+            from_pid: 1,
+            host_blackout_us: 0,
+            mode: warmvm_api::modes::Mode::Saved,
+            downtime_us: Some(2),
+        }),
+    );
     for _ in 0..10 {
         m.record_latency(std::time::Duration::from_micros(300));
         m.tick(2);

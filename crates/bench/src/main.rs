@@ -36,8 +36,8 @@ struct FoundationArgs {
     /// The warmvm binary [default: `warmvm` next to this binary].
     #[arg(long)]
     warmvm: Option<PathBuf>,
-    /// The bare KVM probe's C source (../shared beside the checkout, as in CI).
-    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/probes/ring3_exits.c"))]
+    /// The bare KVM probe's C source (kept in the repository, crates/bench/probes/).
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/probes/ring3_exits.c"))]
     probe: PathBuf,
     /// Start-up runs (each: one `warmvm run` and one in-process VM).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=100))]

@@ -10,6 +10,7 @@
 //! - [`linux`]: the PVH entry of an ELF image and the Linux boot protocol (bzImage, ELF
 //!   vmlinux), through linux-loader.
 
+pub mod acpi;
 pub mod linux;
 mod mptable;
 pub mod ring3;
@@ -41,6 +42,8 @@ pub enum BootError {
     Cmdline(String),
     #[error("{vcpus} vCPUs requested; this guest supports at most {max}")]
     TooManyVcpus { vcpus: u32, max: u32 },
+    #[error("ACPI tables: {0}")]
+    Acpi(String),
     #[error("the guest image overlaps memory the VMM reserves at {0:#x}")]
     ImageOverlap(u64),
     #[error("failed to write boot data into guest memory at {addr:#x}: {reason}")]

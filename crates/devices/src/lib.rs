@@ -2,9 +2,11 @@
 //! touch KVM: interrupts leave them as eventfd writes, and anything that needs the vCPU
 //! (sleeping, powering off) is returned to the caller as an [`IoAction`].
 
+pub mod acpi_pm;
 pub mod bus;
 pub mod console;
 pub mod doorbell;
+pub mod i8042;
 pub mod persist;
 pub mod pv_ports;
 pub mod serial;
@@ -14,9 +16,11 @@ pub mod virtio;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
+pub use acpi_pm::{AcpiPm, AcpiPmError, AcpiPmHandles, AcpiPmState};
 pub use bus::{Access, Bus, BusDevice, BusError};
 pub use console::{ConsoleLimits, ConsoleSink, ConsoleStats};
 pub use doorbell::{Doorbell, Wake};
+pub use i8042::{I8042Error, I8042Handles, I8042State, I8042};
 pub use persist::Persist;
 pub use pv_ports::{PvPorts, PvPortsState};
 pub use serial::{IrqLine, SerialConsole, SerialPort, SerialStateData};
@@ -34,6 +38,8 @@ pub enum IoAction {
     Wait { timeout_us: u32 },
     /// The guest powered off with this exit status.
     PowerOff { status: u32 },
+    /// The guest shut itself down through the platform: ACPI S5 in PM1 control.
+    Shutdown,
 }
 
 /// Counters of device activity, read by the API and metrics.
@@ -41,12 +47,42 @@ pub enum IoAction {
 pub struct DeviceCounters {
     pub serial_bytes_out: AtomicU64,
     pub power_requests: AtomicU64,
+    /// Times the VMM pressed the ACPI power button.
+    pub power_button_presses: AtomicU64,
+    /// Times the guest entered S5 (powered off) through ACPI PM1 control.
+    pub acpi_power_offs: AtomicU64,
+    /// Times the guest asked for a sleep state other than S5 (ignored).
+    pub acpi_sleeps_refused: AtomicU64,
+    /// Times the VMM typed Ctrl-Alt-Del on the i8042.
+    pub ctrl_alt_dels: AtomicU64,
+    /// Times the guest sent the i8042 its CPU reset command.
+    pub i8042_resets: AtomicU64,
+}
+
+/// The interrupt lines of the platform devices (none for a guest that takes no interrupts).
+#[derive(Clone)]
+pub struct PlatformIrqs {
+    /// The ACPI SCI (`warmvm_abi::SCI_IRQ`).
+    pub sci: IrqLine,
+    /// The i8042's keyboard interrupt (IRQ 1).
+    pub keyboard: IrqLine,
+}
+
+impl PlatformIrqs {
+    pub fn none() -> Self {
+        Self {
+            sci: IrqLine::none(),
+            keyboard: IrqLine::none(),
+        }
+    }
 }
 
 /// All devices of one VM, shared by its vCPU threads: a port bus (COM1, the paravirtual
-/// ports) and an MMIO bus.
+/// ports, the ACPI PM1 blocks, the i8042) and an MMIO bus.
 pub struct Devices {
     serial: Arc<Mutex<SerialConsole>>,
+    acpi_pm: Arc<Mutex<AcpiPm>>,
+    i8042: Arc<Mutex<I8042>>,
     /// The virtio devices, in the order of their MMIO windows.
     virtio: Vec<Arc<Mutex<VirtioMmio>>>,
     pio: Bus,
@@ -58,9 +94,20 @@ pub struct Devices {
 }
 
 impl Devices {
-    pub fn new(vm_name: &str, serial: SerialConsole) -> Self {
+    pub fn new(vm_name: &str, serial: SerialConsole, irqs: PlatformIrqs) -> Self {
         let serial = Arc::new(Mutex::new(serial));
         let counters = Arc::new(DeviceCounters::default());
+        let doorbell = Arc::new(Doorbell::default());
+        let acpi_pm = Arc::new(Mutex::new(AcpiPm::new(AcpiPmHandles {
+            sci: irqs.sci,
+            doorbell: doorbell.clone(),
+            counters: counters.clone(),
+        })));
+        let i8042 = Arc::new(Mutex::new(I8042::new(I8042Handles {
+            irq: irqs.keyboard,
+            doorbell: doorbell.clone(),
+            counters: counters.clone(),
+        })));
         let mut pio = Bus::default();
         let placed = pio
             .insert(
@@ -77,15 +124,31 @@ impl Devices {
                     u64::from(pv_ports::PV_PORTS_LEN),
                     Arc::new(Mutex::new(PvPorts::new(counters.clone()))),
                 )
+            })
+            .and_then(|()| {
+                pio.insert(
+                    u64::from(acpi_pm::ACPI_PM_BASE),
+                    u64::from(acpi_pm::ACPI_PM_LEN),
+                    acpi_pm.clone(),
+                )
+            })
+            .and_then(|()| {
+                pio.insert(
+                    u64::from(i8042::I8042_BASE),
+                    u64::from(i8042::I8042_LEN),
+                    i8042.clone(),
+                )
             });
-        // Two fixed, disjoint port ranges: the insertions cannot fail.
+        // Fixed, disjoint port ranges: the insertions cannot fail.
         debug_assert!(placed.is_ok(), "{placed:?}");
         Self {
             serial,
+            acpi_pm,
+            i8042,
             virtio: Vec::new(),
             pio,
             mmio: Bus::default(),
-            doorbell: Arc::new(Doorbell::default()),
+            doorbell,
             unknown: UnknownAccesses::default(),
             counters,
             vm_name: vm_name.to_string(),
@@ -241,6 +304,44 @@ impl Devices {
         self.serial().restore_in_place(state);
     }
 
+    /// Press the ACPI power button (the guest is asked to power off).
+    pub fn press_power_button(&self) {
+        self.acpi_pm().press_power_button();
+    }
+
+    pub fn acpi_pm_state(&self) -> AcpiPmState {
+        self.acpi_pm().save()
+    }
+
+    /// Load saved PM1 registers (a handover or a snapshot restore).
+    pub fn restore_acpi_pm(&self, state: &AcpiPmState) -> Result<(), AcpiPmError> {
+        self.acpi_pm().restore_in_place(state)
+    }
+
+    /// Type Ctrl-Alt-Del on the i8042 (a guest without ACPI is asked to shut down). False
+    /// if the guest has not read what it was typed before.
+    pub fn press_ctrl_alt_del(&self) -> bool {
+        self.i8042().press_ctrl_alt_del()
+    }
+
+    pub fn i8042_state(&self) -> I8042State {
+        self.i8042().save()
+    }
+
+    /// Load a saved i8042 (a handover or a snapshot restore).
+    pub fn restore_i8042(&self, state: &I8042State) -> Result<(), I8042Error> {
+        self.i8042().restore_in_place(state)
+    }
+
+    fn i8042(&self) -> std::sync::MutexGuard<'_, I8042> {
+        self.i8042.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn acpi_pm(&self) -> std::sync::MutexGuard<'_, AcpiPm> {
+        // As for the console: three registers, consistent between accesses.
+        self.acpi_pm.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn serial(&self) -> std::sync::MutexGuard<'_, SerialConsole> {
         // A vCPU thread that panicked while holding the lock must not take the whole VM's
         // console down with it: the UART state is a handful of bytes, still consistent.
@@ -256,6 +357,7 @@ mod tests {
         Devices::new(
             "t",
             SerialConsole::new(ConsoleSink::memory(), IrqLine::none()),
+            PlatformIrqs::none(),
         )
     }
 
@@ -296,6 +398,39 @@ mod tests {
         d.mmio_write(0xd000_0000, &[0; 8]);
         let c = d.unknown.counts();
         assert_eq!((c.pio_writes, c.pio_reads, c.mmio_writes), (2, 1, 1));
+    }
+
+    #[test]
+    fn the_power_button_is_on_the_port_bus_and_s5_shuts_down() {
+        use warmvm_abi::{
+            PM1A_CNT_PORT, PM1A_EVT_PORT, PM1_CNT_SLP_EN, PM1_CNT_SLP_TYP_SHIFT, PM1_STS_PWRBTN,
+            SLP_TYP_S5,
+        };
+        let d = devices();
+        d.press_power_button();
+        let mut sts = [0u8; 2];
+        d.pio_read(PM1A_EVT_PORT, &mut sts, Wake::Timeout);
+        assert_eq!(u16::from_le_bytes(sts), PM1_STS_PWRBTN);
+        let s5 = (SLP_TYP_S5 << PM1_CNT_SLP_TYP_SHIFT) | PM1_CNT_SLP_EN;
+        assert_eq!(
+            d.pio_write(PM1A_CNT_PORT, &s5.to_le_bytes()),
+            IoAction::Shutdown
+        );
+        assert_eq!(d.unknown.counts().pio_reads, 0);
+    }
+
+    #[test]
+    fn the_i8042_sits_on_0x60_and_0x64_and_leaves_0x61_unknown() {
+        let d = devices();
+        assert!(d.press_ctrl_alt_del());
+        let mut b = [0u8];
+        d.pio_read(0x64, &mut b, Wake::Timeout);
+        assert_eq!(b[0] & 1, 1, "output buffer full");
+        d.pio_read(0x60, &mut b, Wake::Timeout);
+        assert_eq!(b[0], 0x14, "Ctrl's make code first");
+        d.pio_read(0x61, &mut b, Wake::Timeout);
+        assert_eq!(d.unknown.counts().pio_reads, 1);
+        assert_eq!(d.pio_write(0x64, &[0xfe]), IoAction::Shutdown);
     }
 
     #[test]

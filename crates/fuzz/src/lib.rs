@@ -135,6 +135,7 @@ pub fn kernel_image(data: &[u8]) {
             ram: &ram,
             vcpus: 1,
             protocol: None,
+            i8042: false,
         },
     );
 }
@@ -146,12 +147,15 @@ pub fn device_registers(data: &[u8]) {
     let devices = Devices::new(
         "fuzz",
         SerialConsole::new(ConsoleSink::new(None, false), IrqLine::none()),
+        warmvm_devices::PlatformIrqs::none(),
     );
     for op in data.chunks_exact(4) {
         let (kind, lo, value) = (op[0], op[1], op[3]);
-        // Mostly the ports devices decode (COM1, the wait and power ports), sometimes any.
+        // Mostly the ports devices decode (COM1, the wait and power ports, the ACPI PM1
+        // blocks), sometimes any.
         let port = match kind >> 6 {
             0 | 1 => 0x3f8 + u16::from(lo % 16),
+            2 if lo & 0x80 != 0 => 0x600 + u16::from(lo % 8),
             2 => 0x510 + u16::from(lo % 8),
             _ => u16::from_le_bytes([lo, op[2]]),
         };

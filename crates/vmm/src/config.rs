@@ -73,6 +73,14 @@ pub enum ConfigError {
     BadMac { vm: String, mac: String },
     #[error("VM {vm}: {what} must be a path, not empty")]
     EmptyPath { vm: String, what: &'static str },
+    #[error("VM {vm}: {what} {path:?} must be an absolute path")]
+    RelativePath {
+        vm: String,
+        what: &'static str,
+        path: PathBuf,
+    },
+    #[error("config file {file}: state_dir {path:?} must be an absolute path")]
+    RelativeStateDir { file: PathBuf, path: PathBuf },
 }
 
 /// A host's set of VMs.
@@ -297,10 +305,22 @@ impl Config {
             path: path.to_path_buf(),
             err,
         })?;
-        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        let config: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
             path: path.to_path_buf(),
             msg: one_line(&e.to_string()),
-        })
+        })?;
+        // A relative path would depend on the working directory of whoever runs the
+        // config (a daemon's is not the operator's): refused, whatever else is wrong.
+        if let Some(dir) = config.state_dir.as_ref().filter(|d| !d.is_absolute()) {
+            return Err(ConfigError::RelativeStateDir {
+                file: path.to_path_buf(),
+                path: dir.clone(),
+            });
+        }
+        for vm in &config.vms {
+            vm.validate_paths()?;
+        }
+        Ok(config)
     }
 
     /// Check every VM and the whole set against the host.
@@ -332,15 +352,37 @@ impl Config {
     }
 }
 
-/// `/run/warmvm` for root, `$XDG_RUNTIME_DIR/warmvm` or `/tmp/warmvm-<uid>` otherwise.
+/// Where snapshots, saved reboots and console logs go by default: persistent storage,
+/// never a RAM-backed `/run` (a saved reboot writes every VM's RAM there).
+/// `/var/lib/warmvm` for root; `$XDG_STATE_HOME/warmvm`, `~/.local/state/warmvm` or
+/// `/tmp/warmvm-<uid>` otherwise.
 pub fn default_state_dir() -> PathBuf {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    if uid == 0 {
+        return PathBuf::from("/var/lib/warmvm");
+    }
+    let abs = |v: Option<std::ffi::OsString>| v.map(PathBuf::from).filter(|p| p.is_absolute());
+    if let Some(dir) = abs(std::env::var_os("XDG_STATE_HOME")) {
+        return dir.join("warmvm");
+    }
+    if let Some(home) = abs(std::env::var_os("HOME")) {
+        return home.join(".local/state/warmvm");
+    }
+    PathBuf::from(format!("/tmp/warmvm-{uid}"))
+}
+
+/// Where the API socket goes by default, and what lives only as long as the host is up
+/// (the demo's console logs): `/run/warmvm` for root; `$XDG_RUNTIME_DIR/warmvm` or
+/// `/tmp/warmvm-<uid>` otherwise.
+pub fn default_runtime_dir() -> PathBuf {
     // SAFETY: geteuid has no preconditions and cannot fail.
     let uid = unsafe { libc::geteuid() };
     if uid == 0 {
         return PathBuf::from("/run/warmvm");
     }
-    match std::env::var_os("XDG_RUNTIME_DIR") {
-        Some(dir) if !dir.is_empty() => PathBuf::from(dir).join("warmvm"),
+    match std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from) {
+        Some(dir) if dir.is_absolute() => dir.join("warmvm"),
         _ => PathBuf::from(format!("/tmp/warmvm-{uid}")),
     }
 }
@@ -368,7 +410,56 @@ impl VmConfig {
     pub fn validate(&self, host: HostLimits) -> Result<(), ConfigError> {
         validate_name(&self.name)?;
         self.validate_shape(host)?;
+        self.validate_paths()?;
         self.validate_files()
+    }
+
+    /// This config with any relative path made absolute against this process's working
+    /// directory, which is what it was opened against: a VM that a build accepting relative
+    /// paths created keeps its files when it is booted again (a cold reboot), now that
+    /// [`VmConfig::validate`] refuses them.
+    pub fn with_absolute_paths(&self) -> VmConfig {
+        let mut c = self.clone();
+        let fix = |p: &mut PathBuf| {
+            if !p.as_os_str().is_empty() && !p.is_absolute() {
+                if let Ok(abs) = std::path::absolute(&*p) {
+                    *p = abs;
+                }
+            }
+        };
+        for p in [&mut c.kernel, &mut c.initrd, &mut c.console_log]
+            .into_iter()
+            .flatten()
+        {
+            fix(p);
+        }
+        for d in &mut c.disks {
+            fix(&mut d.path);
+        }
+        c
+    }
+
+    /// Every path is absolute: a relative one would be resolved against the working
+    /// directory of the daemon, not of whoever wrote it. Not part of
+    /// [`VmConfig::validate_shape`]: a VM an older build runs is taken over as it is.
+    pub fn validate_paths(&self) -> Result<(), ConfigError> {
+        let paths = [
+            ("kernel", self.kernel.as_ref()),
+            ("initrd", self.initrd.as_ref()),
+            ("console_log", self.console_log.as_ref()),
+        ]
+        .into_iter()
+        .chain(self.disks.iter().map(|d| ("disk", Some(&d.path))));
+        for (what, path) in paths {
+            if let Some(p) = path.filter(|p| !p.as_os_str().is_empty() && !p.is_absolute()) {
+                return Err(ConfigError::RelativePath {
+                    vm: self.name.clone(),
+                    what,
+                    path: p.clone(),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Everything but the files: what a VM handed over by another VMM must satisfy (its
@@ -580,6 +671,51 @@ mod tests {
         assert_eq!(c.vms[0].vcpus, 1);
         assert_eq!(c.vms[0].boot, BootKind::Auto);
         c.validate(HOST).unwrap();
+    }
+
+    #[test]
+    fn relative_paths_are_refused_in_vms_and_config_files() {
+        let check = |toml: &str| parse(toml).unwrap().validate(HOST).unwrap_err().to_string();
+        let vm = "[[vm]]\nname=\"a\"\nmemory_mib=64\n";
+        for (extra, what) in [
+            ("kernel=\"boot/k\"\n", "kernel \"boot/k\""),
+            ("kernel=\"/k\"\ninitrd=\"i.img\"\n", "initrd \"i.img\""),
+            ("console_log=\"c.log\"\n", "console_log \"c.log\""),
+            ("[[vm.disks]]\npath=\"./d.img\"\n", "disk \"./d.img\""),
+        ] {
+            let e = check(&format!("{vm}{extra}"));
+            assert_eq!(e, format!("VM a: {what} must be an absolute path"));
+        }
+        // A config file: refused as it is read, before anything is checked or created.
+        let dir = std::env::temp_dir().join(format!("warmvm-relcfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(&file, format!("state_dir = \"state\"\n{vm}")).unwrap();
+        let e = Config::from_toml_file(&file).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!(
+                "config file {}: state_dir \"state\" must be an absolute path",
+                file.display()
+            )
+        );
+        std::fs::write(&file, format!("{vm}console_log=\"c.log\"\n")).unwrap();
+        let e = Config::from_toml_file(&file).unwrap_err().to_string();
+        assert_eq!(e, "VM a: console_log \"c.log\" must be an absolute path");
+        let _ = std::fs::remove_dir_all(&dir);
+        // A VM an older build created with relative paths is booted again with them
+        // resolved where they were opened.
+        let old = parse(&format!(
+            "{vm}console_log=\"c.log\"\n[[vm.disks]]\npath=\"d.img\"\n"
+        ))
+        .unwrap()
+        .vms
+        .remove(0);
+        let cwd = std::env::current_dir().unwrap();
+        let fixed = old.with_absolute_paths();
+        assert_eq!(fixed.console_log, Some(cwd.join("c.log")));
+        assert_eq!(fixed.disks[0].path, cwd.join("d.img"));
+        fixed.validate_paths().unwrap();
     }
 
     #[test]

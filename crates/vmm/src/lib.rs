@@ -2,6 +2,7 @@
 
 pub mod aging_config;
 pub mod config;
+pub mod executable;
 pub mod handover;
 pub mod host;
 pub mod panic;
@@ -29,4 +30,4 @@ pub fn build() -> String {
 pub use host::{Host, HostError};
 pub use vcpu::{monotonic_ns, VcpuStats};
 pub use virtio::{take_inherited_taps, DeviceReport, GivenTaps, InheritedTapError};
-pub use vm::{Lifecycle, Vm, VmError, VmReport};
+pub use vm::{Lifecycle, PowerButton, Vm, VmError, VmReport};

@@ -161,6 +161,17 @@ pub fn reset_gaps(mem: &GuestMemoryMmap, base: GuestAddress, vcpus: u32) {
     }
 }
 
+/// The `GUEST_FEATURE_*` bits the guest announces, or `None` while its status area has no
+/// valid header (not booted yet, or not the reference guest).
+pub fn guest_features(mem: &GuestMemoryMmap, base: GuestAddress) -> Option<u32> {
+    let magic: u64 = mem.read_obj(base).ok()?;
+    if magic != STATUS_MAGIC {
+        return None;
+    }
+    mem.read_obj(base.unchecked_add(offset_of!(StatusHeader, guest_features) as u64))
+        .ok()
+}
+
 /// Post a `HOST_COMMAND_*` for the guest to pick up.
 pub fn post_command(mem: &GuestMemoryMmap, base: GuestAddress, command: u32) -> bool {
     mem.write_obj(

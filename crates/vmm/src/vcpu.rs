@@ -551,6 +551,7 @@ fn run_loop(vcpu: &mut Vcpu, handle: &VcpuHandle, vm: &VmShared) -> Option<Outco
                         exits.last_wake = sleep(vm, handle, timeout_us, recall);
                     }
                     IoAction::PowerOff { status } => break Some(Outcome::PoweredOff(status)),
+                    IoAction::Shutdown => break Some(Outcome::Clean),
                 }
             }
             Exit::Interrupted => {}

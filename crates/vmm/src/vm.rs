@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use vm_memory::GuestAddress;
 use warmvm_boot::{BootPlan, Protocol, RamRange};
-use warmvm_devices::{ConsoleSink, Devices, IrqLine, SerialConsole};
+use warmvm_devices::{ConsoleSink, Devices, IrqLine, PlatformIrqs, SerialConsole};
 use warmvm_hypervisor::{CpuidOptions, Hypervisor};
 use warmvm_memory::GuestRam;
 
@@ -19,6 +19,18 @@ use crate::vcpu::{run_vcpu, VcpuHandle, VcpuStats};
 
 /// GSI of COM1's interrupt on the in-kernel PIC/IOAPIC.
 const SERIAL_GSI: u32 = 4;
+/// GSI of the i8042's keyboard interrupt.
+const KEYBOARD_GSI: u32 = 1;
+
+/// The interrupt lines of a VM's legacy devices: irqfds for a guest that takes interrupts
+/// (Linux), nothing for the reference guest (it polls).
+#[derive(Clone)]
+pub(crate) struct LegacyIrqs {
+    /// COM1 (GSI 4).
+    pub serial: IrqLine,
+    /// The ACPI SCI and the i8042's keyboard interrupt.
+    pub platform: PlatformIrqs,
+}
 /// How long a vCPU may take to park or exit when told to.
 pub(crate) const VCPU_RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -65,10 +77,43 @@ pub enum VmError {
 /// How a VM ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
+    /// The guest powered off through the paravirtual power port, with this exit status.
     PoweredOff(u32),
+    /// The guest shut itself down through the platform (ACPI S5).
+    Clean,
     Crashed(String),
     /// Stopped by the VMM after the guest did not power off in time.
     Forced,
+}
+
+/// How a stop asks a guest to shut down.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PowerButton {
+    /// The ACPI fixed-hardware power button (PM1 status, SCI).
+    Acpi,
+    /// Ctrl-Alt-Del typed on the i8042 keyboard controller.
+    CtrlAltDel,
+}
+
+impl PowerButton {
+    /// Ctrl-Alt-Del for a Linux guest whose command line has `acpi=off` (the kernel then
+    /// ignores the ACPI tables and so the button); the ACPI button for every other guest,
+    /// the reference guest included (it polls PM1 status).
+    pub fn for_guest(linux: bool, cmdline: Option<&str>) -> Self {
+        let acpi_off = cmdline.is_some_and(|c| c.split_ascii_whitespace().any(|t| t == "acpi=off"));
+        if linux && acpi_off {
+            PowerButton::CtrlAltDel
+        } else {
+            PowerButton::Acpi
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            PowerButton::Acpi => "acpi",
+            PowerButton::CtrlAltDel => "ctrl-alt-del",
+        }
+    }
 }
 
 /// Where a VM is in its life.
@@ -164,6 +209,7 @@ impl VmShared {
                     Outcome::Crashed(reason) => Lifecycle::Crashed {
                         reason: reason.clone(),
                     },
+                    Outcome::Clean => Lifecycle::PoweredOff { exit_status: 0 },
                     Outcome::Forced => Lifecycle::Stopped,
                 };
                 match &outcome {
@@ -204,6 +250,8 @@ pub(crate) struct Parts {
     pub kvm_vm: warmvm_hypervisor::Vm,
     pub ram: GuestRam,
     pub serial: SerialConsole,
+    /// The ACPI SCI's and the i8042's lines.
+    pub platform: PlatformIrqs,
     pub vcpus: Vec<warmvm_hypervisor::Vcpu>,
     pub status_addr: Option<GuestAddress>,
     pub protocol: Protocol,
@@ -218,12 +266,13 @@ pub(crate) struct Parts {
 }
 
 /// Create the KVM VM over `ram`: memory slots first (on PVM each slot costs milliseconds
-/// once an irqchip exists), then the irqchip, and for Linux guests the PIT and COM1's IRQ.
+/// once an irqchip exists), then the irqchip, and for Linux guests the PIT and the irqfds of
+/// COM1, the ACPI SCI (level-triggered: see the MADT's override) and the i8042 (IRQ 1).
 pub(crate) fn build_kvm_vm(
     hv: &Hypervisor,
     ram: &GuestRam,
     linux_devices: bool,
-) -> Result<(warmvm_hypervisor::Vm, IrqLine), VmError> {
+) -> Result<(warmvm_hypervisor::Vm, LegacyIrqs), VmError> {
     let mut kvm_vm = hv.create_vm()?;
     for (slot, (guest_addr, size, host_addr)) in ram.slots().into_iter().enumerate() {
         // SAFETY: the mapping belongs to `ram`, which lives in VmShared beside `kvm_vm` and
@@ -231,13 +280,22 @@ pub(crate) fn build_kvm_vm(
         unsafe { kvm_vm.map_memory(slot as u32, guest_addr, size, host_addr)? };
     }
     kvm_vm.create_irqchip()?;
-    let irq = if linux_devices {
+    let irqs = if linux_devices {
         kvm_vm.create_pit()?;
-        IrqLine::eventfd(kvm_vm.irq_line(SERIAL_GSI)?)
+        LegacyIrqs {
+            serial: IrqLine::eventfd(kvm_vm.irq_line(SERIAL_GSI)?),
+            platform: PlatformIrqs {
+                sci: IrqLine::eventfd(kvm_vm.irq_line(u32::from(warmvm_abi::SCI_IRQ))?),
+                keyboard: IrqLine::eventfd(kvm_vm.irq_line(KEYBOARD_GSI)?),
+            },
+        }
     } else {
-        IrqLine::none()
+        LegacyIrqs {
+            serial: IrqLine::none(),
+            platform: PlatformIrqs::none(),
+        }
     };
-    Ok((kvm_vm, irq))
+    Ok((kvm_vm, irqs))
 }
 
 /// A VM's figures, for the CLI, the API and the benchmarks.
@@ -299,7 +357,7 @@ impl Vm {
             taps,
         };
         let virtio_devices = config.disks.len() + config.nets.len();
-        let (kvm_vm, irq) = build_kvm_vm(hv, &ram, linux_devices)?;
+        let (kvm_vm, irqs) = build_kvm_vm(hv, &ram, linux_devices)?;
 
         let console_log = config
             .console_log
@@ -355,6 +413,7 @@ impl Vm {
                         BootKind::Pvh => Some(Protocol::Pvh),
                         BootKind::Linux => Some(Protocol::Linux),
                     },
+                    i8042: true,
                 },
             )?,
         };
@@ -367,8 +426,9 @@ impl Vm {
             ram,
             serial: SerialConsole::new(
                 ConsoleSink::for_vm(&config.name, log, &console_log, config.console_stdout),
-                irq,
+                irqs.serial,
             ),
+            platform: irqs.platform,
             vcpus,
             status_addr: plan.status_addr,
             protocol: plan.protocol,
@@ -388,7 +448,7 @@ impl Vm {
         let now_ns = crate::vcpu::monotonic_ns();
         let created_ns = p.created_ns.unwrap_or(now_ns).min(now_ns);
         let age = Duration::from_nanos(now_ns - created_ns);
-        let mut devices = Devices::new(&p.config.name, p.serial);
+        let mut devices = Devices::new(&p.config.name, p.serial, p.platform);
         crate::virtio::attach(
             &mut devices,
             &p.kvm_vm,
@@ -518,19 +578,34 @@ impl Vm {
         Ok(())
     }
 
-    /// Ask the guest to power off. Only the reference guest understands the request; other
-    /// guests are stopped by [`Vm::stop`] after its timeout.
-    pub fn request_poweroff(&self) -> bool {
-        let Some(addr) = self.status_addr else {
-            return false;
-        };
-        let ok = status::post_command(
-            self.shared.ram.memory(),
-            addr,
-            warmvm_abi::HOST_COMMAND_POWEROFF,
-        );
-        self.shared.devices.doorbell.ring();
-        ok
+    /// The button a stop presses: Ctrl-Alt-Del on the i8042 for a Linux guest told to
+    /// ignore ACPI (`acpi=off` on its command line), the ACPI power button otherwise.
+    pub fn power_button(&self) -> PowerButton {
+        PowerButton::for_guest(self.linux_devices, self.config.cmdline.as_deref())
+    }
+
+    /// Ask the guest to power off: press its power button ([`Vm::power_button`]). A
+    /// reference guest of an older build (one that does not announce
+    /// `GUEST_FEATURE_POWER_BUTTON`, still running after a warm upgrade) is also sent the
+    /// paravirtual power-off command it knows.
+    pub fn request_poweroff(&self) {
+        match self.power_button() {
+            PowerButton::Acpi => self.shared.devices.press_power_button(),
+            PowerButton::CtrlAltDel => {
+                if !self.shared.devices.press_ctrl_alt_del() {
+                    tracing::warn!(vm = %self.shared.name,
+                        "the guest has not read the keys typed before: Ctrl-Alt-Del not typed");
+                }
+            }
+        }
+        if let Some(addr) = self.status_addr {
+            let mem = self.shared.ram.memory();
+            let features = status::guest_features(mem, addr).unwrap_or(0);
+            if features & warmvm_abi::GUEST_FEATURE_POWER_BUTTON == 0 {
+                status::post_command(mem, addr, warmvm_abi::HOST_COMMAND_POWEROFF);
+                self.shared.devices.doorbell.ring();
+            }
+        }
     }
 
     /// Wait until the VM has ended, at most `timeout`. True if it has.
@@ -552,7 +627,8 @@ impl Vm {
         true
     }
 
-    /// Power the VM off: ask the guest, and force it after `grace`.
+    /// Power the VM off: press its power button, and force it off if it has not powered
+    /// off within `grace`. Logs which it was.
     pub fn stop(&self, grace: Duration) -> Lifecycle {
         if self.lifecycle() == Lifecycle::Paused {
             let _ = self.resume();
@@ -560,8 +636,21 @@ impl Vm {
         if self.lifecycle() == Lifecycle::Created {
             self.shared.finish(Outcome::Forced);
         }
-        if !(self.request_poweroff() && self.wait_finished(grace)) {
-            self.shared.finish(Outcome::Forced);
+        if !self.lifecycle().is_finished() {
+            let t0 = Instant::now();
+            self.request_poweroff();
+            if !self.wait_finished(grace) {
+                self.shared.finish(Outcome::Forced);
+            }
+            let (outcome, what) = match self.lifecycle() {
+                Lifecycle::PoweredOff { .. } => ("Clean", "the guest powered off"),
+                Lifecycle::Crashed { .. } => ("Crashed", "the guest crashed"),
+                _ => ("Forced", "the guest did not power off in time: forced off"),
+            };
+            tracing::info!(vm = %self.shared.name, outcome = %outcome,
+                button = %self.power_button().name(),
+                waited_ms = t0.elapsed().as_millis() as u64, grace_secs = grace.as_secs(),
+                "power button pressed: {what}");
         }
         for h in self.handles() {
             h.wait_exited(VCPU_RESPONSE_TIMEOUT);
@@ -713,4 +802,29 @@ pub(crate) fn open_log(path: &Path) -> Result<File, VmError> {
         .append(true)
         .open(path)
         .map_err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PowerButton;
+
+    #[test]
+    fn only_a_linux_guest_told_acpi_off_gets_ctrl_alt_del() {
+        use PowerButton::{Acpi, CtrlAltDel};
+        let cases = [
+            (true, None, Acpi),
+            (true, Some("console=ttyS0"), Acpi),
+            (true, Some("console=ttyS0 acpi=off panic=1"), CtrlAltDel),
+            (true, Some("acpi=offx noacpi=off"), Acpi),
+            (true, Some("acpi=force"), Acpi),
+            (false, Some("acpi=off"), Acpi),
+        ];
+        for (linux, cmdline, button) in cases {
+            assert_eq!(
+                PowerButton::for_guest(linux, cmdline),
+                button,
+                "{cmdline:?}"
+            );
+        }
+    }
 }

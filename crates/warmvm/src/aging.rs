@@ -159,19 +159,59 @@ pub fn render(r: &Value) -> String {
         out.push_str(&format!("warm reboots recorded: {}\n", rb.len()));
         for b in rb.iter().rev().take(5) {
             out.push_str(&format!(
-                "  {} ago  {}  pid {} -> {}  blackout {:.3} ms\n",
+                "  {} ago  {}  pid {} -> {}  {}\n",
                 ago(b["t_ms"].as_u64().unwrap_or(0)),
                 reason(&b["reason"]),
                 b["from_pid"],
                 b["to_pid"],
-                b["host_blackout_us"].as_f64().unwrap_or(0.0) / 1000.0
+                pause(b)
             ));
         }
     }
     out
 }
 
+/// A recorded reboot's mode and how long the guests were paused: a warm reboot's blackout;
+/// a saved or cold one hands no VM over, so its guests' downtime (or "-" if unknown), never
+/// a blackout of 0.
+fn pause(b: &Value) -> String {
+    let ms = |v: &Value| v.as_f64().map(|us| format!("{:.3} ms", us / 1000.0));
+    match b["mode"].as_str() {
+        Some(mode @ ("saved" | "cold")) => format!(
+            "{mode}  downtime {}",
+            ms(&b["downtime_us"]).unwrap_or_else(|| "-".into())
+        ),
+        Some(mode) => format!(
+            "{mode}  blackout {}",
+            ms(&b["host_blackout_us"]).unwrap_or_else(|| "-".into())
+        ),
+        // An older build's record: warm, saved or cold, it does not say.
+        None => format!(
+            "blackout {}",
+            ms(&b["host_blackout_us"]).unwrap_or_else(|| "-".into())
+        ),
+    }
+}
+
 fn ago(t_ms: u64) -> String {
     let now = warmvm_api::aging::sample::now_ms();
     secs(&Value::from(now.saturating_sub(t_ms) as f64 / 1000.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn saved_and_cold_reboots_show_their_downtime_not_a_blackout() {
+        let warm = json!({ "mode": "warm", "host_blackout_us": 1234, "downtime_us": null });
+        assert_eq!(pause(&warm), "warm  blackout 1.234 ms");
+        let saved = json!({ "mode": "saved", "host_blackout_us": 0, "downtime_us": 812000 });
+        assert_eq!(pause(&saved), "saved  downtime 812.000 ms");
+        let cold = json!({ "mode": "cold", "host_blackout_us": 0, "downtime_us": null });
+        assert_eq!(pause(&cold), "cold  downtime -");
+        let older = json!({ "host_blackout_us": 900 });
+        assert_eq!(pause(&older), "blackout 0.900 ms");
+    }
 }

@@ -25,7 +25,8 @@ pub struct Cli {
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
     pub log_format: LogFormat,
     /// The daemon's API socket: where `daemon` listens and the API commands connect
-    /// [default: <state dir>/warmvm.sock].
+    /// [default: /run/warmvm/warmvm.sock as root; for `daemon` with --state-dir,
+    /// <state dir>/warmvm.sock].
     #[arg(long, global = true, env = "WARMVM_SOCKET", value_name = "PATH")]
     pub socket: Option<PathBuf>,
     /// Print one JSON document (the daemon's answer, or the results) instead of text.
@@ -65,7 +66,7 @@ pub enum Command {
     /// (Ctrl-C asks them to power off).
     Run {
         config: PathBuf,
-        /// Directory for console logs (default: /run/warmvm as root).
+        /// Directory for console logs (default: /var/lib/warmvm as root).
         #[arg(long)]
         state_dir: Option<PathBuf>,
         /// Seconds a guest gets to power off after being asked, before it is forced.
@@ -93,8 +94,9 @@ pub enum Command {
     /// Run the host daemon: it holds VMs and serves the HTTP/JSON API on a Unix socket
     /// (--socket) until SIGTERM or SIGINT, which power every VM off. See docs/daemon.md.
     Daemon {
-        /// Directory for console logs and the default socket [default: /run/warmvm as root,
-        /// $XDG_RUNTIME_DIR/warmvm or /tmp/warmvm-<uid> otherwise].
+        /// Directory for console logs, snapshots of saved reboots and the lock that keeps a
+        /// second daemon off [default: /var/lib/warmvm as root, $XDG_STATE_HOME/warmvm,
+        /// ~/.local/state/warmvm or /tmp/warmvm-<uid> otherwise].
         #[arg(long)]
         state_dir: Option<PathBuf>,
         /// Also serve GET /metrics on this loopback TCP address, e.g. 127.0.0.1:9464.
@@ -151,7 +153,8 @@ pub enum Command {
         #[arg(long, value_delimiter = ',')]
         keep_caps: Vec<String>,
     },
-    /// Reboot the daemon: a new daemon process (the same binary, or --binary to upgrade)
+    /// Reboot the daemon: a new daemon process (the binary at the daemon's path, which a new
+    /// build installed there upgrades, or --binary)
     /// replaces it and serves on the same socket. warm: it takes over every VM without
     /// stopping it; saved: every VM is snapshotted to disk and restored by it; cold: every
     /// guest powers off and is booted again by it. Prints each VM's downtime and the time
@@ -160,12 +163,27 @@ pub enum Command {
         /// How to reboot.
         #[arg(long, value_enum)]
         mode: RebootMode,
-        /// The new daemon's binary [default: the running daemon's own].
+        /// The new daemon's binary [default: the path the daemon was started from, so a
+        /// build installed there since runs next].
         #[arg(long)]
         binary: Option<PathBuf>,
         /// cold: seconds each guest gets to power off before it is forced [default: 10].
         #[arg(long)]
         grace_secs: Option<u64>,
+        /// cold: seconds the new daemon waits for each guest to say it is up [default: 120].
+        #[arg(long)]
+        boot_wait_secs: Option<u64>,
+        /// Milliseconds the new daemon may take to start and prepare every VM while the
+        /// guests run; past it the reboot fails and the VMs run on [default: the daemon's,
+        /// 30000].
+        #[arg(long)]
+        stage_timeout_ms: Option<u64>,
+        /// Seconds to wait for the whole reboot, the VMs of a saved or cold reboot coming
+        /// back included [default: warm 90; cold the grace, stage timeout and boot wait plus
+        /// 60; saved 1800]. Past it the command says how far the reboot is and exits 3; the
+        /// reboot goes on (`warmvm status` shows it).
+        #[arg(long)]
+        timeout: Option<u64>,
     },
     /// Manage the daemon's VMs through its API.
     #[command(subcommand)]
@@ -661,12 +679,25 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
             mode,
             binary,
             grace_secs,
-        } => crate::client::reboot(mode, binary, grace_secs, &api),
+            boot_wait_secs,
+            stage_timeout_ms,
+            timeout,
+        } => crate::client::reboot(
+            crate::client::RebootArgs {
+                mode,
+                binary,
+                grace_secs,
+                boot_wait_secs,
+                stage_timeout_ms,
+                timeout,
+            },
+            &api,
+        ),
         Command::Vm(cmd) => crate::client::vm(cmd, &api),
         Command::Status => crate::client::status(&api),
         Command::Aging { action } => crate::aging::aging(action, &api),
         Command::Completions { shell } => {
-            let mut cmd = <Cli as clap::CommandFactory>::command();
+            let mut cmd = without_hidden(&<Cli as clap::CommandFactory>::command());
             clap_complete::generate(shell, &mut cmd, "warmvm", &mut std::io::stdout());
             Ok(ExitCode::SUCCESS)
         }
@@ -674,9 +705,63 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
     }
 }
 
+/// `cmd` without its hidden subcommands and arguments (the internal `snapshot-writer`,
+/// `daemon --takeover-fd`, ...), recursively. Help and man pages leave them out already;
+/// clap_complete's generators offer them, so completions are generated from this copy.
+/// It is made before clap builds `cmd`, so the help subcommand and flags and the global
+/// arguments are added to it as to the original.
+fn without_hidden(cmd: &clap::Command) -> clap::Command {
+    let mut out = clap::Command::new(cmd.get_name().to_string());
+    if let Some(about) = cmd.get_about() {
+        out = out.about(about.clone());
+    }
+    if let Some(version) = cmd.get_version() {
+        out = out.version(version.to_string());
+    }
+    for alias in cmd.get_visible_aliases() {
+        out = out.visible_alias(alias.to_string());
+    }
+    for arg in cmd.get_arguments().filter(|a| !a.is_hide_set()) {
+        out = out.arg(arg.clone());
+    }
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        out = out.subcommand(without_hidden(sub));
+    }
+    out
+}
+
 #[cfg(test)]
 mod restore_override_tests {
     use super::*;
+
+    #[test]
+    fn completions_leave_the_internal_commands_and_flags_out() {
+        use clap_complete::Shell;
+        for shell in [
+            Shell::Bash,
+            Shell::Zsh,
+            Shell::Fish,
+            Shell::Elvish,
+            Shell::PowerShell,
+        ] {
+            let mut cmd = without_hidden(&<Cli as clap::CommandFactory>::command());
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "warmvm", &mut out);
+            let script = String::from_utf8(out).unwrap();
+            for internal in ["snapshot-writer", "takeover-fd", "listen-fd"] {
+                assert!(!script.contains(internal), "{shell}: {internal}");
+            }
+            for public in [
+                "daemon",
+                "stop-grace-secs",
+                "create",
+                "log-level",
+                "--binary",
+            ] {
+                assert!(script.contains(public), "{shell}: {public}");
+            }
+        }
+    }
 
     #[test]
     fn restore_overrides_are_checked_before_any_request() {

@@ -61,6 +61,28 @@ pub fn status(api: &ApiArgs) -> Result<ExitCode, Failure> {
         if s["privileges"].is_object() {
             println!("runs as: {}", runs_as(&s["privileges"]));
         }
+        if let Ok(b) =
+            serde_json::from_value::<warmvm_vmm::executable::BinaryInfo>(s["binary"].clone())
+        {
+            println!("binary: {}", output::binary_line(&b));
+        }
+        if s["reboot_in_progress"].is_object() {
+            println!(
+                "reboot in progress: {}",
+                in_progress(&s["reboot_in_progress"])
+            );
+        }
+        if s["last_takeover"].is_object() {
+            println!("last takeover: {}", takeover(&s["last_takeover"]));
+        }
+        if let Ok(t) =
+            serde_json::from_value::<warmvm_api::state::TakeoverInfo>(s["last_takeover"].clone())
+        {
+            output::print_binaries(t.from_binary.as_ref(), t.to_binary.as_ref());
+        }
+        if s["last_reboot"].is_object() {
+            println!("last reboot: {}", last_reboot(&s["last_reboot"]));
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -95,29 +117,70 @@ fn runs_as(p: &serde_json::Value) -> String {
     )
 }
 
-/// `warmvm reboot`: ask the daemon for a reboot and print its report. For the saved and
-/// cold modes, the new daemon's own account (how it brought the VMs back) follows.
-pub fn reboot(
-    mode: RebootMode,
-    binary: Option<std::path::PathBuf>,
-    grace_secs: Option<u64>,
-    api: &ApiArgs,
-) -> Result<ExitCode, Failure> {
-    let mode = mode.name();
+/// `warmvm reboot`'s flags.
+pub struct RebootArgs {
+    pub mode: RebootMode,
+    pub binary: Option<std::path::PathBuf>,
+    pub grace_secs: Option<u64>,
+    pub boot_wait_secs: Option<u64>,
+    pub stage_timeout_ms: Option<u64>,
+    pub timeout: Option<u64>,
+}
+
+impl RebootArgs {
+    /// How long to wait for the whole reboot unless `--timeout` says: what the daemon's
+    /// limits allow it (shutting the guests down, preparing the new daemon, booting the
+    /// guests), with a minute to spare; saving RAM to disk has no such bound.
+    fn wait(&self) -> std::time::Duration {
+        let stage_secs = self
+            .stage_timeout_ms
+            .unwrap_or(warmvm_vmm::handover::outgoing::DEFAULT_STAGE_TIMEOUT.as_millis() as u64)
+            .div_ceil(1000);
+        let secs = self.timeout.unwrap_or(match self.mode.name() {
+            "warm" => stage_secs + 60,
+            "cold" => {
+                self.grace_secs
+                    .unwrap_or(warmvm_api::state::DEFAULT_STOP_GRACE_SECS)
+                    + stage_secs
+                    + self
+                        .boot_wait_secs
+                        .unwrap_or(warmvm_api::modes::DEFAULT_BOOT_WAIT.as_secs())
+                    + 60
+            }
+            _ => 1800,
+        });
+        std::time::Duration::from_secs(secs)
+    }
+}
+
+/// `warmvm reboot`: ask the daemon for a reboot, wait for it (for saved and cold, until the
+/// new daemon has brought every VM back) and print its report. If the answer is lost (the
+/// connection fails, or `--timeout` passes), the daemon's status tells what became of it.
+pub fn reboot(args: RebootArgs, api: &ApiArgs) -> Result<ExitCode, Failure> {
+    let mode = args.mode.name();
+    if args.timeout == Some(0) {
+        return Err(Failure::new(
+            EXIT_BAD_INPUT,
+            "--timeout must be at least 1 second",
+        ));
+    }
     // The daemon runs elsewhere: a relative path means nothing to it.
     let binary =
-        match binary {
-            Some(b) if b.is_relative() => Some(std::path::absolute(&b).map_err(|e| {
+        match &args.binary {
+            Some(b) if b.is_relative() => Some(std::path::absolute(b).map_err(|e| {
                 Failure::new(EXIT_BAD_INPUT, format!("--binary {}: {e}", b.display()))
             })?),
-            other => other,
+            other => other.clone(),
         };
+    let wait = args.wait();
+    let started = std::time::Instant::now();
+    let left = || wait.saturating_sub(started.elapsed());
     let c = client(api);
-    // Saved: show each VM's snapshot growing (the daemon answers nothing while it saves).
+    let before = c.status()?;
+    let old_pid = before["pid"].as_u64();
+    // Saved: show each VM's snapshot growing.
     let progress = if mode == "saved" && !api.json {
-        let state_dir = c.status()?["state_dir"]
-            .as_str()
-            .map(std::path::PathBuf::from);
+        let state_dir = before["state_dir"].as_str().map(std::path::PathBuf::from);
         let vms = c.list()?["vms"]
             .as_array()
             .into_iter()
@@ -134,23 +197,78 @@ pub fn reboot(
     } else {
         None
     };
-    let r = c.reboot_with(mode, binary.as_deref(), grace_secs)?;
+    let req = warmvm_api::state::RebootRequest {
+        mode: mode.to_string(),
+        binary,
+        grace_secs: args.grace_secs,
+        boot_wait_secs: args.boot_wait_secs,
+        stage_timeout_ms: args.stage_timeout_ms,
+        ..Default::default()
+    };
+    let still_under_way = |e: ClientError| match e {
+        ClientError::RebootUnderWay { status, .. } => {
+            let p = &status["reboot_in_progress"];
+            Failure::new(
+                EXIT_HOST,
+                format!(
+                    "{mode} reboot: still under way after {} s ({}); it goes on: `warmvm status` shows it",
+                    wait.as_secs(),
+                    in_progress(p)
+                ),
+            )
+        }
+        other => Failure::new(
+            EXIT_HOST,
+            format!("cannot tell how the {mode} reboot ended: {other}"),
+        ),
+    };
+    let (report, after) = match c.reboot_request(&req, left()) {
+        Ok(r) => {
+            let after = c
+                .wait_reboot_done(r["new_pid"].as_u64(), left())
+                .map_err(still_under_way)?;
+            (Some(r), after)
+        }
+        // The daemon refused the reboot or it failed there: its reason.
+        Err(e @ ClientError::Api { .. }) => return Err(e.into()),
+        Err(lost) => {
+            // The answer never came (the connection failed, or the time ran out): ask the
+            // daemon on the socket what became of the reboot.
+            tracing::debug!(error = %lost, "the reboot's answer was lost; asking the daemon");
+            let after = c
+                .wait_reboot_done(None, left().max(std::time::Duration::from_secs(10)))
+                .map_err(still_under_way)?;
+            if after["pid"].as_u64() == old_pid {
+                return Err(Failure::new(
+                    EXIT_HOST,
+                    format!(
+                        "{mode} reboot failed: the daemon (pid {}) runs on with its VMs; its log says why (the answer was lost: {lost})",
+                        text(&after["pid"])
+                    ),
+                ));
+            }
+            (None, after)
+        }
+    };
+    drop(progress);
     if mode != "warm" {
-        // The new daemon answers once every VM is back (requests wait until then).
-        let s = c.status()?;
-        drop(progress);
-        let back = &s["last_reboot"];
+        let back = &after["last_reboot"];
         if api.json {
-            output::print_json(&serde_json::json!({ "handover": r, "reboot": back }));
+            output::print_json(&serde_json::json!({ "handover": report, "reboot": back }));
         } else {
-            let report: warmvm_api::modes::ModeReboot = serde_json::from_value(back.clone())
+            let back_report: warmvm_api::modes::ModeReboot = serde_json::from_value(back.clone())
                 .map_err(|e| {
-                    Failure::new(
-                        EXIT_HOST,
-                        format!("the new daemon's report is malformed: {e}"),
-                    )
-                })?;
-            output::print_mode_report(&report);
+                Failure::new(
+                    EXIT_HOST,
+                    format!("the new daemon's report is malformed: {e}"),
+                )
+            })?;
+            output::print_mode_report(&back_report);
+            if let Some(h) = report.as_ref().and_then(|r| {
+                serde_json::from_value::<warmvm_vmm::handover::RebootReport>(r.clone()).ok()
+            }) {
+                output::print_binaries(h.from_binary.as_ref(), h.to_binary.as_ref());
+            }
         }
         let failed: Vec<String> = back["vms"]
             .as_array()
@@ -169,16 +287,89 @@ pub fn reboot(
         }
         return Ok(ExitCode::SUCCESS);
     }
-    if api.json {
-        output::print_json(&r);
-    } else {
-        let report: warmvm_vmm::handover::RebootReport =
-            serde_json::from_value(r).map_err(|e| {
-                Failure::new(EXIT_HOST, format!("the daemon's report is malformed: {e}"))
-            })?;
-        output::print_reboot_report(&report);
+    match report {
+        Some(r) if api.json => output::print_json(&r),
+        Some(r) => {
+            let report: warmvm_vmm::handover::RebootReport =
+                serde_json::from_value(r).map_err(|e| {
+                    Failure::new(EXIT_HOST, format!("the daemon's report is malformed: {e}"))
+                })?;
+            output::print_reboot_report(&report);
+        }
+        // Only the new daemon's account is left.
+        None if api.json => output::print_json(&serde_json::json!({
+            "handover": null,
+            "takeover": after["last_takeover"],
+        })),
+        None => println!(
+            "warm reboot: new daemon pid {}, {} (its answer was lost; from its status)",
+            text(&after["pid"]),
+            takeover(&after["last_takeover"])
+        ),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `reboot_in_progress` of `GET /v1/status` in a few words.
+fn in_progress(p: &Value) -> String {
+    let mut s = format!(
+        "{} reboot, {}, {} s in",
+        text(&p["mode"]),
+        text(&p["phase"]),
+        p["elapsed_ms"].as_u64().unwrap_or(0) / 1000
+    );
+    if p["vms_total"].as_u64().unwrap_or(0) > 0 {
+        s.push_str(&format!(
+            ", {} of {} VMs done",
+            text(&p["vms_done"]),
+            text(&p["vms_total"])
+        ));
+    }
+    s
+}
+
+/// `last_takeover` of `GET /v1/status` on one line.
+fn takeover(t: &Value) -> String {
+    format!(
+        "from pid {} ({} to {}), state format {}, {}, host-wide blackout {:.3} ms",
+        text(&t["previous_pid"]),
+        text(&t["from_build"]),
+        text(&t["to_build"]),
+        text(&t["state_format"]),
+        if t["commit_protocol"] == true {
+            "with a commit point"
+        } else {
+            "without a commit point (an older build)"
+        },
+        t["host_blackout_us"].as_u64().unwrap_or(0) as f64 / 1000.0
+    )
+}
+
+/// `last_reboot` of `GET /v1/status` on one line.
+fn last_reboot(r: &Value) -> String {
+    let vms = r["vms"].as_array().map_or(0, Vec::len);
+    let failed: Vec<String> = r["vms"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| Some(format!("{}: {}", v["name"].as_str()?, v["error"].as_str()?)))
+        .collect();
+    let mut s = format!(
+        "{} reboot from pid {}{}, host-wide downtime {:.1} ms, {} of {vms} VMs back",
+        text(&r["mode"]),
+        text(&r["previous_pid"]),
+        if r["recovered"] == true {
+            " (recovered after an interruption)"
+        } else {
+            ""
+        },
+        r["host_downtime_us"].as_u64().unwrap_or(0) as f64 / 1000.0,
+        vms - failed.len()
+    );
+    if !failed.is_empty() {
+        s.push_str(&format!("; NOT BACK: {}", failed.join("; ")));
+    }
+    s
 }
 
 pub fn vm(cmd: VmCommand, api: &ApiArgs) -> Result<ExitCode, Failure> {
@@ -529,6 +720,43 @@ fn print_devices(r: &Value) {
     );
 }
 
+/// How long a kernel may run with nothing on its console before `vm show` says so.
+const SILENT_HINT_AFTER_MS: u64 = 10_000;
+
+/// A hint for a kernel (not the reference guest, which reports its own figures) that has
+/// run for a while without writing a byte to its console: "running" alone says nothing
+/// about whether it got anywhere.
+fn silent_guest_hint(r: &Value, console_bytes: Option<u64>) -> Option<String> {
+    let uptime_ms = r["uptime_ms"].as_u64()?;
+    if r["state"] != "running"
+        || r["boot"] == "ring3"
+        || console_bytes != Some(0)
+        || uptime_ms < SILENT_HINT_AFTER_MS
+    {
+        return None;
+    }
+    let exits: u64 = r["exits"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            ["io_exits", "mmio_exits"]
+                .iter()
+                .map(|k| e[*k].as_u64().unwrap_or(0))
+                .sum::<u64>()
+        })
+        .sum();
+    Some(format!(
+        "no console output in {} s of running{}: the kernel may be stuck before its serial console starts, or print elsewhere (its cmdline needs console=ttyS0)",
+        uptime_ms / 1000,
+        if exits == 0 {
+            " and no I/O or MMIO exit"
+        } else {
+            ""
+        }
+    ))
+}
+
 fn print_show(r: &Value) {
     let field = |k: &str, v: String| println!("{k:<18} {v}");
     field("name", text(&r["name"]));
@@ -545,6 +773,14 @@ fn print_show(r: &Value) {
     field("boot", text(&r["boot"]));
     field("uptime", duration(r["uptime_ms"].as_u64().unwrap_or(0)));
     field("console log", text(&r["console_log"]));
+    // The log is on this host when the daemon is (as `vm console` assumes); else no hint.
+    let console_bytes = r["console_log"]
+        .as_str()
+        .and_then(|p| std::fs::metadata(p).ok())
+        .map(|m| m.len());
+    if let Some(hint) = silent_guest_hint(r, console_bytes) {
+        field("hint", hint);
+    }
     let u = &r["unknown_accesses"];
     field(
         "unknown accesses",
@@ -652,6 +888,43 @@ fn print_show(r: &Value) {
 mod tests {
     use super::*;
     use std::path::PathBuf;
+
+    #[test]
+    fn a_kernel_silent_for_a_while_gets_a_hint() {
+        let vm = |boot: &str, state: &str, uptime_ms: u64, io: u64| {
+            serde_json::json!({
+                "boot": boot, "state": state, "uptime_ms": uptime_ms,
+                "exits": [{ "io_exits": io, "mmio_exits": 0 }],
+            })
+        };
+        let hint = silent_guest_hint(&vm("linux", "running", 12_000, 0), Some(0)).unwrap();
+        assert!(hint.contains("no console output in 12 s"), "{hint}");
+        assert!(hint.contains("no I/O or MMIO exit"), "{hint}");
+        let hint = silent_guest_hint(&vm("pvh", "running", 12_000, 5), Some(0)).unwrap();
+        assert!(!hint.contains("no I/O"), "{hint}");
+        // It printed, it has not run long, it is not running, it is the reference guest,
+        // or its log is not on this host: no hint.
+        assert_eq!(
+            silent_guest_hint(&vm("linux", "running", 12_000, 0), Some(1)),
+            None
+        );
+        assert_eq!(
+            silent_guest_hint(&vm("linux", "running", 9_000, 0), Some(0)),
+            None
+        );
+        assert_eq!(
+            silent_guest_hint(&vm("linux", "paused", 12_000, 0), Some(0)),
+            None
+        );
+        assert_eq!(
+            silent_guest_hint(&vm("ring3", "running", 12_000, 0), Some(0)),
+            None
+        );
+        assert_eq!(
+            silent_guest_hint(&vm("linux", "running", 12_000, 0), None),
+            None
+        );
+    }
 
     fn write(name: &str, text: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("warmvm-cli-{}", std::process::id()));

@@ -33,7 +33,8 @@ pub struct DemoArgs {
     /// Let the workloads run at least this long, in seconds.
     #[arg(long, default_value_t = 3)]
     pub seconds: u64,
-    /// Directory for console logs.
+    /// Directory for console logs [default: demo-<pid> in /run/warmvm as root,
+    /// $XDG_RUNTIME_DIR/warmvm or /tmp/warmvm-<uid> otherwise, removed at the end].
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
     /// Skip the warm reboot halfway through.
@@ -75,7 +76,7 @@ pub struct DemoArgs {
 const VERIFY_TIMEOUT: Duration = Duration::from_secs(180);
 
 /// What the first VMM tells the second about the demo so far.
-#[derive(Serialize, Deserialize, Default)]
+#[derive(Clone, Serialize, Deserialize, Default)]
 struct DemoCarry {
     /// Each VM's integrity counter just before the reboot: it must never go back.
     counters: BTreeMap<String, u64>,
@@ -92,6 +93,10 @@ struct DemoCarry {
     /// `--carry-filler-kib`'s filler (tests).
     #[serde(default)]
     filler: String,
+    /// The executable of the VMM that handed this over (its report, made by the new VMM,
+    /// cannot know it). Absent from older builds.
+    #[serde(default)]
+    from_binary: Option<warmvm_vmm::executable::BinaryInfo>,
 }
 
 /// `--carry-filler-kib`'s filler: `kib` KiB that no encoding shortens much.
@@ -261,13 +266,52 @@ struct DemoResult<'a> {
 }
 
 pub fn demo(args: &DemoArgs) -> Result<ExitCode, Failure> {
-    let state_dir = args.state_dir.clone().unwrap_or_else(|| {
-        warmvm_vmm::config::default_state_dir().join(format!("demo-{}", std::process::id()))
-    });
-    let stop = crate::run::termination_flag()?;
+    // Each reboot's report names the executables on both sides, with their sha256.
+    warmvm_vmm::executable::hash_in_background();
     if let Some(fd) = args.takeover_fd {
+        // A later VMM of the demo: the first one chose the directory, and removes it.
+        let Some(state_dir) = args.state_dir.clone() else {
+            return Err(Failure::new(
+                EXIT_BAD_INPUT,
+                "--takeover-fd needs --state-dir",
+            ));
+        };
+        let stop = crate::run::termination_flag()?;
         return continue_after_reboot(args, fd, state_dir, &stop);
     }
+    match &args.state_dir {
+        Some(dir) => first_vmm(args, dir.clone()),
+        None => {
+            // Console logs only (the RAM is in memfds): the runtime directory, with a
+            // directory of this run's own that goes when the demo ends, however it ends
+            // (Ctrl-C ends it through the termination flag, as a normal finish).
+            let runtime = warmvm_vmm::config::default_runtime_dir();
+            let runtime_existed = runtime.exists();
+            let dir = runtime.join(format!("demo-{}", std::process::id()));
+            let result = first_vmm(args, dir.clone());
+            remove_demo_dirs(&dir, (!runtime_existed).then_some(runtime.as_path()));
+            result
+        }
+    }
+}
+
+/// Remove the demo's own directory, and its parent if the demo created it and it is empty
+/// (another daemon's or demo's files there stay).
+fn remove_demo_dirs(dir: &std::path::Path, created_parent: Option<&std::path::Path>) {
+    if let Err(e) = std::fs::remove_dir_all(dir) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            eprintln!("warmvm demo: cannot remove {}: {e}", dir.display());
+        }
+    }
+    if let Some(parent) = created_parent {
+        let _ = std::fs::remove_dir(parent);
+    }
+}
+
+/// The demo's first VMM: boots the VMs, warm-reboots into the next VMM halfway (then waits
+/// for the last one's verdict), or finishes itself.
+fn first_vmm(args: &DemoArgs, state_dir: PathBuf) -> Result<ExitCode, Failure> {
+    let stop = crate::run::termination_flag()?;
     let config = Config {
         state_dir: Some(state_dir.clone()),
         vms: (0..args.vms)
@@ -294,7 +338,11 @@ pub fn demo(args: &DemoArgs) -> Result<ExitCode, Failure> {
             args.memory_mib,
             args.vcpus,
             args.seconds,
-            if args.no_reboot { "" } else { ", with a warm reboot of the VMM halfway" }
+            if args.no_reboot {
+                String::new()
+            } else {
+                format!(", with {} of the VMM from halfway", warm_reboots(args.reboots.max(1) as usize))
+            }
         );
     }
     let half = if args.no_reboot {
@@ -316,6 +364,7 @@ pub fn demo(args: &DemoArgs) -> Result<ExitCode, Failure> {
             reboots_left: args.reboots.saturating_sub(1),
             reports: Vec::new(),
             filler: filler(args.carry_filler_kib),
+            from_binary: None,
         };
         // Every later VMM hands over and exits; as subreaper this process inherits and
         // reaps them all, and the last one's verdict is the demo's.
@@ -384,9 +433,14 @@ fn reboot(
         args: new_args,
         stage_timeout: Duration::from_secs(args.reboot_timeout_secs),
         ready_budget: Duration::from_millis(args.ready_budget_ms),
-        extra: serde_json::to_value(carry).unwrap_or_default(),
+        extra: serde_json::to_value(DemoCarry {
+            from_binary: Some(warmvm_vmm::executable::info()),
+            ..carry.clone()
+        })
+        .unwrap_or_default(),
         extra_fds: Vec::new(),
         env: Vec::new(),
+        before_blackout: None,
     };
     handover::warm_reboot(host, &opts)
         .map(|handed| handed.child)
@@ -426,7 +480,10 @@ fn continue_after_reboot(
             );
         }
     };
-    carry.reports.push(adopted.report.clone());
+    carry.reports.push(RebootReport {
+        from_binary: carry.from_binary.take(),
+        ..adopted.report.clone()
+    });
     if carry.filler != filler(args.carry_filler_kib) {
         let error = format!(
             "the filler carried along the chain arrived as {} bytes, not {} KiB",
@@ -463,6 +520,7 @@ fn continue_after_reboot(
             reboots_left: carry.reboots_left - 1,
             reports: std::mem::take(&mut carry.reports),
             filler: std::mem::take(&mut carry.filler),
+            from_binary: None,
         };
         match reboot(args, &host, &next, &state_dir, None) {
             // Our part is done: the next VMM carries on and the first process reaps us.
@@ -610,6 +668,15 @@ fn wait_verified(
     }
 }
 
+/// "a warm reboot" or "N chained warm reboots".
+fn warm_reboots(n: usize) -> String {
+    if n == 1 {
+        "a warm reboot".to_string()
+    } else {
+        format!("{n} chained warm reboots")
+    }
+}
+
 fn finish(
     args: &DemoArgs,
     host: &Host,
@@ -650,6 +717,9 @@ fn finish_with(
     } else {
         output::print_vm_table(&reports);
         if let Some(r) = reboot {
+            if let Some(c) = &chain {
+                println!("the last of {}:", warm_reboots(c.reboots));
+            }
             output::print_reboot_report(r);
         }
         if let Some(c) = &chain {
@@ -684,9 +754,12 @@ fn finish_with(
             reports.iter().filter(|r| verified(r)).count(),
             reports.len(),
             if reboot.is_some() {
-                ", across a warm reboot of the VMM"
+                format!(
+                    ", across {} of the VMM",
+                    warm_reboots(chain.as_ref().map_or(1, |c| c.reboots))
+                )
             } else {
-                ""
+                String::new()
             }
         );
     }
@@ -695,4 +768,15 @@ fn finish_with(
     } else {
         ExitCode::from(EXIT_VM_FAILED)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::warm_reboots;
+
+    #[test]
+    fn the_wording_counts_the_reboots() {
+        assert_eq!(warm_reboots(1), "a warm reboot");
+        assert_eq!(warm_reboots(5), "5 chained warm reboots");
+    }
 }

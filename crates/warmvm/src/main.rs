@@ -31,6 +31,8 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    // Before anything can replace the file this process was started from.
+    warmvm_vmm::executable::remember();
     let args = cli::Cli::parse();
     cli::init_logging(&args);
     match cli::dispatch(args) {

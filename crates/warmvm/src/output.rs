@@ -121,6 +121,7 @@ pub fn print_reboot_report(r: &warmvm_vmm::handover::RebootReport) {
         ms(p.commit_us),
         ms(p.resume_us)
     );
+    print_binaries(r.from_binary.as_ref(), r.to_binary.as_ref());
     for vm in &r.vms {
         println!("  {} blackout {:.3} ms", vm.name, ms(vm.blackout_us));
     }
@@ -128,6 +129,31 @@ pub fn print_reboot_report(r: &warmvm_vmm::handover::RebootReport) {
     for e in &r.errors {
         println!("  NOT MEASURED: {e}");
     }
+}
+
+/// The executables on either side of a reboot, one line each ("-" where an older build
+/// did not report it).
+pub fn print_binaries(
+    from: Option<&warmvm_vmm::executable::BinaryInfo>,
+    to: Option<&warmvm_vmm::executable::BinaryInfo>,
+) {
+    for (side, b) in [("from", from), ("to", to)] {
+        match b {
+            Some(b) => println!("  {side:<4} {}", binary_line(b)),
+            None => println!("  {side:<4} - (not reported: an older build)"),
+        }
+    }
+}
+
+/// One executable on one line: path, version, commit, sha256.
+pub fn binary_line(b: &warmvm_vmm::executable::BinaryInfo) -> String {
+    format!(
+        "{}  version {}  commit {}  sha256 {}",
+        b.path,
+        b.version,
+        b.commit.get(..12).unwrap_or(&b.commit),
+        b.sha256
+    )
 }
 
 /// A saved or cold reboot, as the new daemon reports it.

@@ -1,6 +1,6 @@
-//! Progress of `warmvm reboot --mode saved` on the CLI's side: the daemon is busy (and
-//! accepts no request) while it saves, so the CLI watches the snapshot files grow in
-//! `<state dir>/saved-reboot/<vm>/` instead, on the daemon's host as `vm console` does. On
+//! Progress of `warmvm reboot --mode saved` on the CLI's side: the daemon's status counts
+//! the VMs saved, but not the bytes, so the CLI watches the snapshot files grow in
+//! `<state dir>/saved-reboot/<vm>/`, on the daemon's host as `vm console` does. On
 //! a terminal one line is rewritten in place (bytes and rate per VM); otherwise one plain
 //! line per VM once it is saved, and once it is restored (its snapshot removed).
 
@@ -16,8 +16,20 @@ struct Watched {
     name: String,
     dir: PathBuf,
     expect_bytes: u64,
-    saved: Option<(u64, Duration)>,
+    /// When this watcher first saw its snapshot directory, and the bytes in it then.
+    first_seen: Option<(Instant, u64)>,
+    saved: Option<u64>,
     restored: bool,
+}
+
+/// The shortest interval a rate is given over: a VM saved between two looks (200 ms
+/// apart) has no rate here (the reboot's report says how long each save took); over a
+/// near-zero interval the figure was absurd (64004 MiB/s for 64 MiB).
+const MIN_RATE_INTERVAL: Duration = Duration::from_millis(500);
+
+/// MiB/s over what the watcher saw written: from `from` bytes to `to` in `elapsed`.
+fn rate(from: u64, to: u64, elapsed: Duration) -> Option<f64> {
+    (elapsed >= MIN_RATE_INTERVAL && to > from).then(|| mib(to - from) / elapsed.as_secs_f64())
 }
 
 /// Watches until dropped.
@@ -68,37 +80,41 @@ fn mib(b: u64) -> f64 {
 
 fn watch(root: &Path, vms: Vec<(String, u64)>, stop: &AtomicBool) {
     let terminal = std::io::stderr().is_terminal();
-    let start = Instant::now();
     let mut vms: Vec<Watched> = vms
         .into_iter()
         .map(|(name, expect_bytes)| Watched {
             dir: root.join(&name),
             name,
             expect_bytes,
+            first_seen: None,
             saved: None,
             restored: false,
         })
         .collect();
-    let mut started: Option<Instant> = None;
     loop {
         let stopping = stop.load(Ordering::SeqCst);
         let mut parts = Vec::new();
         for v in &mut vms {
             let exists = v.dir.exists();
-            if started.is_none() && exists {
-                started = Some(Instant::now());
-            }
             let bytes = written(&v.dir);
+            let now = Instant::now();
+            if v.first_seen.is_none() && exists {
+                v.first_seen = Some((now, bytes));
+            }
+            let seen_rate = v
+                .first_seen
+                .and_then(|(t, b)| rate(b, bytes, now.duration_since(t)));
             if v.saved.is_none() && v.dir.join(warmvm_vmm::snapshot::STATE_FILE).exists() {
-                let took = started.map_or(start.elapsed(), |s| s.elapsed());
-                v.saved = Some((bytes, took));
+                v.saved = Some(bytes);
                 if !terminal {
-                    eprintln!(
-                        "saved {}: {:.0} MiB, {:.0} MiB/s so far",
-                        v.name,
-                        mib(bytes),
-                        mib(bytes) / took.as_secs_f64().max(1e-3)
-                    );
+                    match seen_rate {
+                        Some(r) => eprintln!(
+                            "saved {}: {:.0} MiB, about {r:.0} MiB/s",
+                            v.name,
+                            mib(bytes)
+                        ),
+                        None => eprintln!("saved {}: {:.0} MiB", v.name, mib(bytes)),
+                    }
                 }
             }
             if v.saved.is_some() && !v.restored && !exists {
@@ -109,15 +125,13 @@ fn watch(root: &Path, vms: Vec<(String, u64)>, stop: &AtomicBool) {
             }
             let state = match (v.saved, v.restored) {
                 (_, true) => "restored".to_string(),
-                (Some((b, _)), false) => format!("saved {:.0} MiB", mib(b)),
+                (Some(b), false) => format!("saved {:.0} MiB", mib(b)),
                 (None, _) if exists => {
-                    let rate =
-                        mib(bytes) / started.map_or(1e-3, |s| s.elapsed().as_secs_f64().max(1e-3));
-                    format!(
-                        "{:.0}/{:.0} MiB {rate:.0} MiB/s",
-                        mib(bytes),
-                        mib(v.expect_bytes)
-                    )
+                    let done = format!("{:.0}/{:.0} MiB", mib(bytes), mib(v.expect_bytes));
+                    match seen_rate {
+                        Some(r) => format!("{done} {r:.0} MiB/s"),
+                        None => done,
+                    }
                 }
                 (None, _) => "waiting".to_string(),
             };
@@ -135,5 +149,25 @@ fn watch(root: &Path, vms: Vec<(String, u64)>, stop: &AtomicBool) {
             return;
         }
         std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_rate_over_a_near_zero_interval() {
+        // A 64 MiB VM saved before the watcher's second look: no figure, rather than
+        // 64 MiB over a millisecond.
+        assert_eq!(rate(0, 64 << 20, Duration::from_millis(1)), None);
+        assert_eq!(rate(0, 64 << 20, Duration::from_millis(499)), None);
+        // Nothing written while watched: no rate either.
+        assert_eq!(rate(64 << 20, 64 << 20, Duration::from_secs(3)), None);
+        // What was written while watched, over the time watched.
+        assert_eq!(
+            rate(100 << 20, 300 << 20, Duration::from_secs(2)),
+            Some(100.0)
+        );
     }
 }

@@ -10,7 +10,7 @@ mod common;
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::json;
@@ -250,4 +250,65 @@ fn no_daemon_is_one_clear_line() {
         assert!(out.stdout.is_empty());
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `vm stop` and SIGTERM press each guest's ACPI power button: a guest that watches it
+/// powers off (`outcome=Clean` in the log, `powered-off` in the API), one that ignores it is
+/// forced off after the grace period (`outcome=Forced`, `stopped`).
+#[test]
+fn stop_and_sigterm_press_the_power_button_and_force_only_guests_that_ignore_it() {
+    if !warmvm_vmm::testing::kvm_available(
+        "stop_and_sigterm_press_the_power_button_and_force_only_guests_that_ignore_it",
+    ) {
+        return;
+    }
+    let dir = scratch("power-button");
+    // Daemon::start gives every guest 5 s on SIGTERM.
+    let mut d = Daemon::start(&dir, &[]);
+    let vm = |name: &str, ignore: bool| {
+        let cmdline = if ignore {
+            "quiet interval_ms=20 power_button=ignore"
+        } else {
+            "quiet interval_ms=20"
+        };
+        d.client()
+            .create(
+                &serde_json::from_value(
+                    json!({"name": name, "memory_mib": 64, "cmdline": cmdline}),
+                )
+                .unwrap(),
+            )
+            .unwrap_or_else(|e| panic!("{name}: {e}\n{}", d.log()));
+        verifies_on(&d, name, 1);
+    };
+    let outcome_logged = |log: &str, name: &str, outcome: &str| {
+        log.lines().any(|l| {
+            l.contains("power button pressed")
+                && l.contains(&format!("vm={name}"))
+                && l.contains(&format!("outcome={outcome}"))
+        })
+    };
+    vm("watches", false);
+    vm("ignores", true);
+    let r = d.cli_json(&["vm", "stop", "watches", "--grace-secs", "30"]);
+    assert_eq!(r["state"], "powered-off", "{r}");
+    assert_eq!(r["exit_status"], 0, "{r}");
+    let t0 = Instant::now();
+    let r = d.cli_json(&["vm", "stop", "ignores", "--grace-secs", "2"]);
+    assert_eq!(r["state"], "stopped", "{r}");
+    assert!(
+        t0.elapsed() >= Duration::from_secs(2),
+        "forced before its grace"
+    );
+    let log = d.log();
+    assert!(outcome_logged(&log, "watches", "Clean"), "{log}");
+    assert!(outcome_logged(&log, "ignores", "Forced"), "{log}");
+    assert!(!outcome_logged(&log, "watches", "Forced"), "{log}");
+
+    vm("term-watches", false);
+    vm("term-ignores", true);
+    assert_eq!(d.terminate().code(), Some(0), "{}", d.log());
+    let log = d.log();
+    assert!(outcome_logged(&log, "term-watches", "Clean"), "{log}");
+    assert!(outcome_logged(&log, "term-ignores", "Forced"), "{log}");
 }

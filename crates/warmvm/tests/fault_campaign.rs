@@ -41,9 +41,9 @@ fn trials(doc: &Value) -> &Vec<Value> {
     doc["trials"].as_array().expect("trials")
 }
 
-/// Random faults (kill, stop, delay below and above the ready budget) spread evenly over
-/// every point of both sides: none may corrupt a VM, leave two daemons alive, or lose VMs
-/// whose owner was not killed. CI runs 54 trials (one round of every point and action
+/// Random faults (kill, stop, delay below and above the ready budget, panic) spread evenly
+/// over every point of both sides: none may corrupt a VM, leave two daemons alive, or lose
+/// VMs whose owner was not killed. CI runs 72 trials (one round of every point and action
 /// kind); `WARMVM_FAULT_TRIALS` and `WARMVM_FAULT_SEED` change the count and the draw.
 #[test]
 fn random_faults_never_corrupt_or_lose_vms_of_a_live_owner() {
@@ -53,7 +53,7 @@ fn random_faults_never_corrupt_or_lose_vms_of_a_live_owner() {
         return;
     }
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    let n = std::env::var("WARMVM_FAULT_TRIALS").unwrap_or_else(|_| "54".into());
+    let n = std::env::var("WARMVM_FAULT_TRIALS").unwrap_or_else(|_| "72".into());
     let seed = std::env::var("WARMVM_FAULT_SEED").unwrap_or_else(|_| "20261130".into());
     let (code, doc) = bench(&["--trials", &n, "--seed", &seed]);
     let trials = trials(&doc);
@@ -148,6 +148,64 @@ fn a_kill_at_each_point_ends_as_the_protocol_promises() {
             wrong.push(format!(
                 "{point}: {} (fired: {}), expected {want}; {}",
                 t["outcome"], t["fired"], t["detail"]
+            ));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    assert_eq!(code, Some(0), "no trial is a failure: {doc}");
+}
+
+/// A panic on the handover thread itself at each point of both sides: the process is
+/// alive, so no VM may be lost. Before `Commit` the guests resume in the old VMM; once
+/// they run in the new one, a panic there costs the report, never the guests. At
+/// `old:committed` the old VMM's revocation races with the new VMM's claim, so either
+/// may end up running them (never both).
+#[test]
+fn a_panic_at_each_point_leaves_every_vm_running() {
+    if !warmvm_vmm::testing::kvm_available("a_panic_at_each_point_leaves_every_vm_running") {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    const OLD: &[&str] = &["running-in-old"];
+    const NEW: &[&str] = &["running-in-new"];
+    const EITHER: &[&str] = &["running-in-old", "running-in-new"];
+    let expected: [(&str, &[&str]); 18] = [
+        ("old:spawned", OLD),
+        ("old:staged", OLD),
+        ("old:prepared", OLD),
+        ("old:quiesced", OLD),
+        ("old:captured", OLD),
+        ("old:state-sent", OLD),
+        ("old:ready", OLD),
+        ("old:committed", EITHER),
+        ("old:done", NEW),
+        ("new:hello", OLD),
+        ("new:staged", OLD),
+        ("new:prepared", OLD),
+        ("new:state", OLD),
+        ("new:restored", OLD),
+        ("new:ready-sent", OLD),
+        ("new:commit", OLD),
+        ("new:running", NEW),
+        ("new:reported", NEW),
+    ];
+    let mut args = Vec::new();
+    for (point, _) in &expected {
+        args.push("--fault".to_string());
+        args.push(format!("{point}:panic"));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, doc) = bench(&args);
+    let trials = trials(&doc);
+    assert_eq!(trials.len(), expected.len(), "{doc}");
+    let mut wrong = Vec::new();
+    for ((point, want), t) in expected.iter().zip(trials) {
+        assert_eq!(t["fault"], format!("{point}:panic"));
+        let got = t["outcome"].as_str().unwrap_or_default();
+        if !want.contains(&got) || t["fired"] != true {
+            wrong.push(format!(
+                "{point}: {got} (fired: {}), expected one of {want:?}; {}",
+                t["fired"], t["detail"]
             ));
         }
     }

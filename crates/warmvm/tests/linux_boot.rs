@@ -1,7 +1,7 @@
 //! Boots a real Linux kernel (Debian's cloud kernel, extracted by
 //! `scripts/fetch-linux-kernel.sh` to `target/linux/vmlinux`, or the file named by
 //! `WARMVM_LINUX_KERNEL`) with `warmvm run` and waits for its banner and command line on the
-//! serial console. On this project's development KVM, ring 0 is only emulated: the banner takes
+//! serial console, and for the kernel's list of the ACPI tables warmvm gave it. On this project's development KVM, ring 0 is only emulated: the banner takes
 //! about 20 s (PVH entry of the vmlinux) and the kernel dies later on an instruction the
 //! emulator lacks, so the test stops at the banner.
 //!
@@ -102,14 +102,22 @@ fn linux_prints_its_banner_and_command_line() {
         let text = std::fs::read(&console)
             .map(|b| String::from_utf8_lossy(&b).into_owned())
             .unwrap_or_default();
-        if text.contains("Linux version") && text.contains(&cmdline) {
+        // The kernel lists the ACPI tables it found early, right after the banner: warmvm's
+        // RSDP (where the zero page and the BIOS-area scan point) and the FADT.
+        if text.contains("Linux version")
+            && text.contains(&cmdline)
+            && text.contains("ACPI: RSDP 0x00000000000E0000")
+            && text.contains("ACPI: FACP")
+        {
             break Ok(start.elapsed());
         }
         if let Ok(Some(status)) = vmm.0.try_wait() {
             break Err(format!("warmvm exited with {status} before the banner"));
         }
         if start.elapsed() > TIMEOUT {
-            break Err(format!("no banner and command line within {TIMEOUT:?}"));
+            break Err(format!(
+                "no banner, command line and ACPI tables within {TIMEOUT:?}"
+            ));
         }
         std::thread::sleep(Duration::from_millis(500));
     };
@@ -117,7 +125,7 @@ fn linux_prints_its_banner_and_command_line() {
 
     match found {
         Ok(t) => {
-            eprintln!("Linux banner and command line after {t:?}");
+            eprintln!("Linux banner, command line and ACPI tables after {t:?}");
             let _ = std::fs::remove_dir_all(&dir);
         }
         Err(why) => {

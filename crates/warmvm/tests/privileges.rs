@@ -380,3 +380,53 @@ fn a_user_without_kvm_access_warm_reboots_with_the_kvm_fd_handed_over() {
     }
     d.terminate_adopted();
 }
+
+/// What systemd's `StateDirectory=` makes for a unit without `User=` (root's, mode 0700,
+/// and at each start the whole tree given back to root) is the daemon's to give: named in
+/// `$STATE_DIRECTORY`, it and what root owns in it become the user's, and the daemon
+/// starts. Another user's file in it stays theirs.
+#[test]
+fn a_state_directory_that_systemd_made_is_given_to_the_user() {
+    if !warmvm_vmm::testing::kvm_available(
+        "a_state_directory_that_systemd_made_is_given_to_the_user",
+    ) {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let dir = scratch("priv-sysd");
+    let state = dir.join("state");
+    std::fs::create_dir_all(state.join("vm1")).unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).unwrap();
+    // A console log of an earlier run, given back to root by systemd.
+    std::fs::write(state.join("vm1/console.log"), "earlier run\n").unwrap();
+    std::fs::write(state.join("someone-elses"), "x").unwrap();
+    std::os::unix::fs::chown(state.join("someone-elses"), Some(4321), Some(4321)).unwrap();
+    let uid = UID.to_string();
+    let listed = format!("/var/lib/elsewhere:{}", state.display());
+    // Without the environment, the same directory is the operator's: refused.
+    let (code, err) = refused(&dir, "state", &["--user", &uid, "--group", &uid]);
+    assert_eq!(code, Some(3), "{err}");
+    assert!(err.contains("is not writable"), "{err}");
+    assert_eq!(std::fs::metadata(&state).unwrap().uid(), 0);
+    let mut d = Daemon::start_with_env(
+        &dir,
+        &["--user", &uid, "--group", &uid],
+        &[("STATE_DIRECTORY", &listed)],
+    );
+    assert_dropped(d.pid, UID, 0);
+    for p in ["", "vm1", "vm1/console.log", "warmvm.lock"] {
+        let m = std::fs::symlink_metadata(state.join(p)).unwrap();
+        assert_eq!((m.uid(), m.gid()), (UID, UID), "{p}");
+    }
+    assert_eq!(
+        std::fs::metadata(state.join("someone-elses"))
+            .unwrap()
+            .uid(),
+        4321
+    );
+    // It writes there as the user: a VM's console log.
+    create(&d, "sd1");
+    let log = std::fs::metadata(state.join("sd1")).unwrap();
+    assert_eq!(log.uid(), UID);
+    assert_eq!(d.terminate().code(), Some(0));
+}

@@ -284,6 +284,53 @@ fn unreadable_bring_back_is_refused_before_the_commit(mode: &'static str) {
     }
 }
 
+/// A failed reboot's undo removes the manifest durably before it resumes (saved) or boots
+/// again (cold) any VM, so that no manifest ever names a VM this daemon runs: the old
+/// daemon is stopped right between the two, and the manifest must already be gone then.
+fn manifest_gone_before_any_vm_runs_again(mode: &'static str) {
+    let undoing = "old:undoing:stop:3000";
+    let mut s = setup(
+        &format!("{mode}-undo"),
+        mode,
+        &format!("new:ready-sent:kill,{undoing}"),
+    );
+    let old = s.d.pid;
+    let manifest = s.manifest();
+    let watcher = std::thread::spawn(move || {
+        // /proc/PID/stat's third field: T while stopped.
+        let stopped = || {
+            std::fs::read_to_string(format!("/proc/{old}/stat"))
+                .ok()
+                .and_then(|st| {
+                    st.rsplit_once(')')
+                        .map(|(_, rest)| rest.trim_start().starts_with('T'))
+                })
+                .unwrap_or(false)
+        };
+        let seen = wait_until(60, stopped);
+        (seen, manifest.exists())
+    });
+    let e = s.reboot().expect_err("the reboot must fail");
+    assert!(e.contains("run on in this daemon"), "{e}");
+    let (seen, manifest_then) = watcher.join().expect("the watcher");
+    let line = format!("fault injected fault={undoing}");
+    assert!(s.d.log().contains(&line), "{line}\n{}", s.d.log());
+    assert!(
+        seen,
+        "the old daemon never stopped at the undo point\n{}",
+        s.d.log()
+    );
+    assert!(
+        !manifest_then,
+        "the manifest was still there with the VMs about to run again"
+    );
+    assert!(!s.manifest().exists());
+    assert_eq!(s.names(), VMS);
+    for i in 0..VMS.len() {
+        s.is_back(i);
+    }
+}
+
 macro_rules! for_both_modes {
     ($($name:ident => |$mode:ident| $body:expr;)*) => {
         mod saved {
@@ -320,6 +367,7 @@ for_both_modes! {
     a_delayed_new_daemon_brings_every_vm_back_itself => |mode| held_up_before_bringing_back(mode, "delay:500");
     killing_the_old_daemon_with_the_manifest_written_leaves_every_vm_to_the_next_daemon => |mode| old_killed_with_the_manifest_written(mode);
     vms_to_bring_back_in_an_unreadable_format_stay_in_the_old_daemon => |mode| unreadable_bring_back_is_refused_before_the_commit(mode);
+    an_undo_removes_the_manifest_before_any_vm_runs_again => |mode| manifest_gone_before_any_vm_runs_again(mode);
 }
 
 /// A saved reboot rolled back (the new daemon killed before the commit) whose resume of

@@ -159,11 +159,24 @@ fn kill_at_each_sendmsg(traced: Traced, tag: &str) {
 
     let mut wrong = Vec::new();
     for (n, msg) in &victims {
+        let kill_trace = scratch(&format!("{tag}-{n}-trace")).join("kill.trace");
         let inject = [
             "-e".to_string(),
             format!("inject=sendmsg:signal=KILL:when={n}"),
+            "-o".to_string(),
+            kill_trace.to_str().unwrap().to_string(),
         ];
         let (got, log) = reboot_under_strace(traced, &inject, &format!("{tag}-{n}"));
+        // Some outcomes (a kill at Commit) look just like no kill at all: the trace must
+        // show that the kill was injected and the process died of it.
+        let trace = std::fs::read_to_string(&kill_trace).unwrap_or_default();
+        let interrupted = trace.lines().any(|l| {
+            l.contains("sendmsg(") && l.contains(msg.as_str()) && l.trim_end().ends_with("= ?")
+        });
+        assert!(
+            interrupted && trace.contains("+++ killed by SIGKILL +++"),
+            "{tag}: the kill at sendmsg {n} ({msg}) never fired:\n{trace}\n{log}"
+        );
         let want = expected(msg);
         eprintln!("{tag}: killed at sendmsg {n} ({msg}): {got:?}");
         if !matches(&got, &want) {

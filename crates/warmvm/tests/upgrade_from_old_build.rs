@@ -1,6 +1,9 @@
 //! A live upgrade from a real older build: the daemon of commit a412568, built from this
 //! repository's history, hands its VMs to this build; this build then reboots into itself
-//! (with the commit protocol), and refuses to hand them back down to the old build.
+//! (with the commit protocol), and refuses to hand them back down to the old build; the old
+//! build's guests, which know no power button, still power off when stopped. The old build
+//! holds no lock on its state directory; this build takes it as it takes over, so a third
+//! daemon is refused from then on.
 //!
 //! Why a412568: it is the last commit before the handover got its commit point (issue 7),
 //! so it writes state format 2 and has no Ready/Commit step. Format 2 is the oldest this
@@ -107,6 +110,29 @@ fn status(d: &Daemon) -> Value {
     d.client().status().unwrap()
 }
 
+/// Another daemon of this build on `d`'s state directory is refused, naming `d`'s pid: the
+/// daemon serving holds the directory's lock, also when an older build without the lock
+/// started it.
+fn assert_third_daemon_refused(d: &Daemon) {
+    let out = Command::new(BIN)
+        .args(["--log-level", "error", "daemon", "--socket"])
+        .arg(d.dir.join("third.sock"))
+        .arg("--state-dir")
+        .arg(d.dir.join("state"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(
+        err.trim_end().ends_with(&format!(
+            "is in use by another warmvm daemon (pid {}): refusing to start",
+            d.pid
+        )),
+        "{err}"
+    );
+    assert!(!d.dir.join("third.sock").exists());
+}
+
 /// Reboot `d` into `binary` (None: its own); it must succeed and hand over to a new pid,
 /// the old daemon must exit, and the VMs must run on in the new one, verified.
 fn upgrade(d: &mut Daemon, binary: Option<&Path>, names: &[String]) {
@@ -160,6 +186,8 @@ fn upgrade_from_the_last_build_without_the_commit_protocol() {
     assert_eq!(t["commit_protocol"], false, "{s}");
     assert_eq!(t["to_build"], s["build"], "{s}");
     assert!(t["from_build"].is_string(), "{s}");
+    // The old build held no lock and handed none: the new daemon took it as it started.
+    assert_third_daemon_refused(&d);
 
     // This build -> this build: the current format, with the commit step.
     let previous = d.pid;
@@ -169,6 +197,7 @@ fn upgrade_from_the_last_build_without_the_commit_protocol() {
     assert_eq!(t["previous_pid"], previous, "{s}");
     assert_eq!(t["state_format"], 3, "{s}");
     assert_eq!(t["commit_protocol"], true, "{s}");
+    assert_third_daemon_refused(&d);
 
     // This build -> the old one: it cannot read state format 3, so the reboot is refused
     // and the VMs run on here.
@@ -187,4 +216,13 @@ fn upgrade_from_the_last_build_without_the_commit_protocol() {
         d.log()
     );
     assert_eq!(d.pid, serving);
+
+    // The guests are still the old build's: they do not watch the ACPI power button, so a
+    // stop also posts them the power-off command they know, and they power off themselves.
+    let r = d
+        .client()
+        .stop(&names[0], Some(60))
+        .unwrap_or_else(|e| panic!("{e}\n{}", d.log()));
+    assert_eq!(r["state"], "powered-off", "{r}\n{}", d.log());
+    assert_eq!(r["exit_status"], 0, "{r}");
 }

@@ -32,7 +32,16 @@ pub struct RebootRecord {
     pub reason: RebootReason,
     pub from_pid: u32,
     pub to_pid: u32,
+    /// The guests' pause in a warm reboot; 0 in a saved or cold one (no VM was handed over:
+    /// see `downtime_us`).
     pub host_blackout_us: u64,
+    /// How the daemon was rebooted; absent from records of builds that did not say (then
+    /// it may have been any).
+    #[serde(default)]
+    pub mode: Option<crate::modes::Mode>,
+    /// Saved or cold: from the first guest stopping to the last one back, if known.
+    #[serde(default)]
+    pub downtime_us: Option<u64>,
 }
 
 /// The handed-over state.
@@ -136,6 +145,8 @@ mod tests {
                 from_pid: 1,
                 to_pid: 2,
                 host_blackout_us: 900,
+                mode: Some(crate::modes::Mode::Saved),
+                downtime_us: Some(5000),
             }],
             reason: RebootReason::Schedule,
         }

@@ -74,14 +74,21 @@ pub struct HoldRequest {
     pub hold: bool,
 }
 
+/// How this daemon came out of a reboot, for its record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Arrival {
+    pub from_pid: u32,
+    /// The warm handover's blackout (0 when no VM was handed over).
+    pub host_blackout_us: u64,
+    pub mode: crate::modes::Mode,
+    /// Saved or cold: the guests' downtime, if known.
+    pub downtime_us: Option<u64>,
+}
+
 impl Monitor {
     /// A monitor with `cfg` (validated by the caller), continuing `carried` history if a warm
-    /// reboot handed one over; `takeover` is (the previous pid, the host blackout) then.
-    pub fn new(
-        cfg: AgingConfig,
-        carried: Option<AgingCarry>,
-        takeover: Option<(u32, u64)>,
-    ) -> Self {
+    /// reboot handed one over; `takeover` says how this daemon took over then.
+    pub fn new(cfg: AgingConfig, carried: Option<AgingCarry>, takeover: Option<Arrival>) -> Self {
         let limits = sample::limits(cfg.memory_budget_mib, cfg.latency_objective_ms);
         let mut inner = Inner {
             detectors: Detectors::new(&cfg),
@@ -101,13 +108,15 @@ impl Monitor {
             inner.history.extend(c.history);
             inner.events.extend(c.events);
             inner.reboots = c.reboots;
-            if let Some((from_pid, host_blackout_us)) = takeover {
+            if let Some(a) = takeover {
                 inner.reboots.push(RebootRecord {
                     t_ms: sample::now_ms(),
                     reason: c.reason,
-                    from_pid,
+                    from_pid: a.from_pid,
                     to_pid: std::process::id(),
-                    host_blackout_us,
+                    host_blackout_us: a.host_blackout_us,
+                    mode: Some(a.mode),
+                    downtime_us: a.downtime_us,
                 });
             }
             let excess = inner.reboots.len().saturating_sub(MAX_REBOOTS);
@@ -315,6 +324,8 @@ impl Monitor {
                     from_pid: 1,
                     to_pid: std::process::id(),
                     host_blackout_us: 1,
+                    mode: Some(crate::modes::Mode::Warm),
+                    downtime_us: None,
                 },
             );
         }
@@ -428,12 +439,20 @@ mod tests {
         old.tick(1);
         old.set_hold(true);
         let carry = old.carry(RebootReason::Manual);
-        let new = Monitor::new(carry.config.clone(), Some(carry), Some((42, 1234)));
+        let arrival = Arrival {
+            from_pid: 42,
+            host_blackout_us: 0,
+            mode: crate::modes::Mode::Cold,
+            downtime_us: Some(7000),
+        };
+        let new = Monitor::new(carry.config.clone(), Some(carry), Some(arrival));
         let r = new.report();
         assert!(r.hold);
         assert_eq!(r.history_len, 1);
         assert_eq!(r.reboots.len(), 1);
         assert_eq!(r.reboots[0].from_pid, 42);
         assert_eq!(r.reboots[0].reason, RebootReason::Manual);
+        assert_eq!(r.reboots[0].mode, Some(crate::modes::Mode::Cold));
+        assert_eq!(r.reboots[0].downtime_us, Some(7000));
     }
 }

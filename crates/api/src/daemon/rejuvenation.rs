@@ -51,6 +51,7 @@ pub(super) fn aging_monitor(
     configured: Option<AgingConfig>,
     inherited: &serde_json::Value,
     takeover: Option<&TakeoverInfo>,
+    mode_reboot: Option<&crate::modes::ModeReboot>,
 ) -> Monitor {
     let Some(takeover) = takeover else {
         return Monitor::new(configured.unwrap_or_default(), None, None);
@@ -67,10 +68,24 @@ pub(super) fn aging_monitor(
                 reason = %carry.reason,
                 "aging history taken over"
             );
+            // A saved or cold reboot hands no VM over (its blackout is 0): its record
+            // carries the guests' downtime instead.
+            let (mode, downtime_us) = match mode_reboot {
+                Some(r) => (
+                    crate::modes::Mode::parse(&r.mode).unwrap_or(crate::modes::Mode::Warm),
+                    Some(r.host_downtime_us),
+                ),
+                None => (crate::modes::Mode::Warm, None),
+            };
             Monitor::new(
                 carry.config.clone(),
                 Some(carry),
-                Some((from, takeover.host_blackout_us)),
+                Some(crate::aging::monitor::Arrival {
+                    from_pid: from,
+                    host_blackout_us: takeover.host_blackout_us,
+                    mode,
+                    downtime_us,
+                }),
             )
         }
         Err(e) => {
@@ -136,6 +151,8 @@ mod tests {
             state_format: 3,
             commit_protocol: true,
             host_blackout_us: 700,
+            from_binary: None,
+            to_binary: None,
         }
     }
 
@@ -148,13 +165,33 @@ mod tests {
         let old = Monitor::new(cfg, None, None);
         old.tick(0);
         let extra = serde_json::json!({ "aging": old.carry(RebootReason::Manual).encode() });
-        let new = aging_monitor(None, &extra, Some(&takeover()));
+        let new = aging_monitor(None, &extra, Some(&takeover()), None);
         let r = new.report();
         assert_eq!(r.period_ms, 500);
         assert_eq!(r.history_len, 1);
         assert_eq!(r.reboots.len(), 1);
         assert_eq!(r.reboots[0].from_pid, 41);
         assert_eq!(r.reboots[0].host_blackout_us, 700);
+        assert_eq!(r.reboots[0].mode, Some(crate::modes::Mode::Warm));
+        assert_eq!(r.reboots[0].downtime_us, None);
+    }
+
+    #[test]
+    fn a_saved_reboot_is_recorded_with_its_downtime_not_a_zero_blackout() {
+        let old = Monitor::new(AgingConfig::default(), None, None);
+        let extra = serde_json::json!({ "aging": old.carry(RebootReason::Manual).encode() });
+        let saved = crate::modes::ModeReboot {
+            mode: "saved".into(),
+            host_downtime_us: 812_000,
+            ..Default::default()
+        };
+        let takeover = TakeoverInfo {
+            host_blackout_us: 0,
+            ..takeover()
+        };
+        let r = aging_monitor(None, &extra, Some(&takeover), Some(&saved)).report();
+        assert_eq!(r.reboots[0].mode, Some(crate::modes::Mode::Saved));
+        assert_eq!(r.reboots[0].downtime_us, Some(812_000));
     }
 
     #[test]
@@ -168,7 +205,7 @@ mod tests {
             serde_json::json!({ "previous_pid": 41 }),
             serde_json::Value::Null,
         ] {
-            let m = aging_monitor(None, &extra, Some(&takeover()));
+            let m = aging_monitor(None, &extra, Some(&takeover()), None);
             let r = m.report();
             assert_eq!(r.history_len, 0, "{extra}");
             assert!(r.reboots.is_empty());
@@ -182,7 +219,7 @@ mod tests {
             dry_run: true,
             ..AgingConfig::default()
         };
-        let m = aging_monitor(Some(cfg.clone()), &serde_json::Value::Null, None);
+        let m = aging_monitor(Some(cfg.clone()), &serde_json::Value::Null, None, None);
         assert_eq!(m.config(), cfg);
     }
 }

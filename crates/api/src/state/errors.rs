@@ -81,7 +81,10 @@ fn config_error_status(err: &ConfigError) -> u16 {
         | ConfigError::MemoryTooSmall { .. }
         | ConfigError::TooManyDisks { .. }
         | ConfigError::TooManyNets { .. }
-        | ConfigError::EmptyPath { .. } => 400,
+        | ConfigError::EmptyPath { .. }
+        // The document's pattern "^/" rules it out.
+        | ConfigError::RelativePath { .. }
+        | ConfigError::RelativeStateDir { .. } => 400,
         // Well-formed, but not possible with these files, this host, or together.
         ConfigError::MemoryTooLarge { .. }
         | ConfigError::HugeMemoryOdd { .. }

@@ -43,12 +43,12 @@ pub struct RestoreRequest {
     pub taps: Vec<String>,
 }
 
-fn absolute(dir: &std::path::Path) -> Result<(), ApiError> {
+fn absolute(what: &str, dir: &std::path::Path) -> Result<(), ApiError> {
     if dir.as_os_str().is_empty() || !dir.is_absolute() {
         return Err(ApiError::new(
             400,
             format!(
-                "dir must be an absolute path, not {:?}",
+                "{what} must be an absolute path, not {:?}",
                 dir.display().to_string()
             ),
         ));
@@ -61,7 +61,7 @@ impl ApiState {
     pub fn snapshot(&self, name: &str, body: &[u8]) -> Result<SaveReport, ApiError> {
         let req: SnapshotRequest = serde_json::from_slice(body)
             .map_err(|e| ApiError::new(400, format!("invalid snapshot request: {e}")))?;
-        absolute(&req.dir)?;
+        absolute("dir", &req.dir)?;
         let _gate = self.op_gate()?;
         let vm = self.find(name)?;
         let report = snapshot::save(&vm, &req.dir, !req.leave_paused)
@@ -73,7 +73,7 @@ impl ApiState {
     pub fn restore(&self, body: &[u8]) -> Result<VmReport, ApiError> {
         let req: RestoreRequest = serde_json::from_slice(body)
             .map_err(|e| ApiError::new(400, format!("invalid restore request: {e}")))?;
-        absolute(&req.dir)?;
+        absolute("dir", &req.dir)?;
         if let Some(n) = &req.name {
             warmvm_vmm::config::validate_name(n).map_err(|e| ApiError::new(400, e.to_string()))?;
         }
@@ -89,8 +89,8 @@ impl ApiState {
                 ),
             ));
         }
-        for d in &req.disks {
-            absolute(d)?;
+        for (i, d) in req.disks.iter().enumerate() {
+            absolute(&format!("disks[{i}]"), d)?;
         }
         if let Some(t) = req
             .taps
@@ -106,7 +106,7 @@ impl ApiState {
             disks: req.disks.clone(),
             taps: req.taps.clone(),
         };
-        let mut host = self.lock();
+        let mut host = self.lock_for_change()?;
         if self.shutting_down.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(ApiError::new(503, "the daemon is shutting down"));
         }

@@ -25,6 +25,7 @@ pub(super) fn write_zero_page(
     map: &[MemoryMapEntry],
     initrd: Option<(u64, u64)>,
     cmdline_len: u32,
+    rsdp: u64,
 ) -> Result<()> {
     let mut bp = boot_params::default();
     match header {
@@ -42,6 +43,8 @@ pub(super) fn write_zero_page(
     bp.hdr.heap_end_ptr = HEAP_END_PTR;
     bp.hdr.cmd_line_ptr = CMDLINE_ADDR as u32;
     bp.ext_cmd_line_ptr = 0;
+    // Read by kernels since 5.0 (boot protocol 2.14); older ones scan the BIOS area.
+    bp.acpi_rsdp_addr = rsdp;
     if let Some((addr, len)) = initrd {
         bp.hdr.ramdisk_image = addr as u32;
         bp.hdr.ramdisk_size = len as u32;
@@ -72,6 +75,7 @@ pub(super) fn write_pvh_start_info(
     mem: &GuestMemoryMmap,
     map: &[MemoryMapEntry],
     initrd: Option<(u64, u64)>,
+    rsdp: u64,
 ) -> Result<()> {
     let memmap: Vec<hvm_memmap_table_entry> = map
         .iter()
@@ -88,6 +92,7 @@ pub(super) fn write_pvh_start_info(
         cmdline_paddr: CMDLINE_ADDR,
         memmap_paddr: PVH_MEMMAP_ADDR,
         memmap_entries: memmap.len() as u32,
+        rsdp_paddr: rsdp,
         ..Default::default()
     };
     if initrd.is_some() {

@@ -31,6 +31,9 @@
 //!              2047 bytes for current x86 kernels, is what is enforced)
 //! 0x0009_fc00  end of the first RAM entry; 0x9fc00..0x100000 is reserved in the memory map
 //!              (EBDA, VGA hole, BIOS area), as PC firmware reports it
+//! 0x000e_0000  ACPI: RSDP, then FACS, DSDT, FADT, MADT, XSDT (see `acpi`); the zero page's
+//!              `acpi_rsdp_addr` and PVH's `rsdp_paddr` point at the RSDP, and a kernel that
+//!              scans the BIOS area for it finds it there too
 //! 0x000f_0000  MP floating pointer, then the MP configuration table (see `mptable`)
 //! 0x0010_0000  bzImage: the protected-mode kernel (code32_start); it decompresses itself to
 //!              max(align_up(1 MiB, kernel_alignment), pref_address) (16 MiB for
@@ -45,11 +48,9 @@
 //! absent from the map. Nothing outside RAM is used here: the VMM keeps device state there.
 //!
 //! # vCPUs
-//! Only vCPU 0 gets an entry; the guest starts the others with INIT/SIPI. The MP table is
-//! written for either protocol, since Linux scans the BIOS area for it whatever way it was
-//! entered; but a kernel reads it only if built with `CONFIG_X86_MPPARSE` and finds no ACPI
-//! MADT. warmvm provides no ACPI tables, so a kernel without MPPARSE (Debian's cloud kernel
-//! is one) sees one CPU, and the other vCPUs wait for a SIPI that never comes.
+//! Only vCPU 0 gets an entry; the guest starts the others with INIT/SIPI. A kernel learns of
+//! them from the ACPI MADT (one local APIC per vCPU); the MP table is written too, for a
+//! kernel booted with `acpi=off` (it reads it only if built with `CONFIG_X86_MPPARSE`).
 
 use linux_loader::cmdline::Cmdline;
 use linux_loader::loader::bootparam::{E820_MAX_ENTRIES_ZEROPAGE, XLF_KERNEL_64};
@@ -124,6 +125,8 @@ pub struct LinuxParams<'a> {
     pub vcpus: u32,
     /// `None`: choose from the image (see the module documentation).
     pub protocol: Option<Protocol>,
+    /// The VM has an i8042 at ports 0x60/0x64 (the ACPI tables announce it).
+    pub i8042: bool,
 }
 
 /// One entry of the e820 / PVH memory map.
@@ -215,13 +218,20 @@ pub fn setup(mem: &GuestMemoryMmap, p: &LinuxParams) -> Result<BootPlan> {
     };
 
     mptable::write(mem, p.vcpus)?;
+    let rsdp = crate::acpi::write(
+        mem,
+        &crate::acpi::AcpiParams {
+            vcpus: p.vcpus,
+            i8042: p.i8042,
+        },
+    )?;
     write_u64s(mem, IDT_ADDR, &[0])?;
     write_bytes(mem, TSS_ADDR, &[0u8; TSS_SIZE as usize])?;
 
     let entry = match protocol {
         Protocol::Pvh => {
             let rip = pvh_entry.ok_or(BootError::NoPvhEntry)?;
-            write_pvh_start_info(mem, &map, initrd)?;
+            write_pvh_start_info(mem, &map, initrd, rsdp)?;
             pvh_entry_state(mem, rip)?
         }
         _ => {
@@ -238,7 +248,7 @@ pub fn setup(mem: &GuestMemoryMmap, p: &LinuxParams) -> Result<BootPlan> {
                 }
                 None => elf_physical_entry(p.image)?,
             };
-            write_zero_page(mem, header, &map, initrd, cmdline_len(&cmdline))?;
+            write_zero_page(mem, header, &map, initrd, cmdline_len(&cmdline), rsdp)?;
             linux_entry_state(mem, rip)?
         }
     };

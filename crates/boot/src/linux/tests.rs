@@ -32,6 +32,7 @@ fn params<'a>(image: &'a [u8], ram: &'a [RamRange]) -> LinuxParams<'a> {
         ram,
         vcpus: 1,
         protocol: None,
+        i8042: false,
     }
 }
 
@@ -124,6 +125,16 @@ fn zero_page(mem: &GuestMemoryMmap) -> boot_params {
     mem.read_obj(GuestAddress(ZERO_PAGE_ADDR)).unwrap()
 }
 
+/// An RSDP at `addr`, 16-byte aligned in the BIOS area a kernel scans (0xe0000-0xfffff),
+/// with its checksum (the tables themselves are checked in `acpi::tests`).
+fn assert_rsdp_at(mem: &GuestMemoryMmap, addr: u64) {
+    assert!((0xe_0000..0x10_0000).contains(&addr) && addr.is_multiple_of(16));
+    let mut rsdp = [0u8; 20];
+    mem.read_slice(&mut rsdp, GuestAddress(addr)).unwrap();
+    assert_eq!(&rsdp[..8], b"RSD PTR ");
+    assert_eq!(rsdp.iter().fold(0u8, |a, &b| a.wrapping_add(b)), 0);
+}
+
 fn read_cstr(mem: &GuestMemoryMmap, addr: u64) -> String {
     let mut buf = vec![0u8; 256];
     mem.read_slice(&mut buf, GuestAddress(addr)).unwrap();
@@ -143,6 +154,10 @@ fn bzimage_is_detected_loaded_and_entered_in_long_mode() {
     mem.read_slice(&mut loaded, GuestAddress(0x10_0000))
         .unwrap();
     assert_eq!(&loaded, b"\xf4payload");
+
+    let zp = zero_page(&mem);
+    assert_eq!({ zp.acpi_rsdp_addr }, crate::acpi::RSDP_ADDR);
+    assert_rsdp_at(&mem, zp.acpi_rsdp_addr);
 
     let e = &plan.entries[0];
     assert_eq!(e.regs.rip, 0x10_0200);
@@ -325,6 +340,8 @@ fn elf_with_pvh_note_boots_through_pvh() {
         (PVH_MEMMAP_ADDR, 3)
     );
     assert_eq!((info.nr_modules, info.modlist_paddr), (1, PVH_MODLIST_ADDR));
+    assert_eq!(info.rsdp_paddr, crate::acpi::RSDP_ADDR);
+    assert_rsdp_at(&mem, info.rsdp_paddr);
     let m: hvm_memmap_table_entry = mem.read_obj(GuestAddress(PVH_MEMMAP_ADDR + 24)).unwrap();
     assert_eq!((m.addr, m.size, m.type_), (0x9fc00, 0x60400, E820_RESERVED));
     let module: hvm_modlist_entry = mem.read_obj(GuestAddress(PVH_MODLIST_ADDR)).unwrap();

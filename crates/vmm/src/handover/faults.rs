@@ -49,6 +49,9 @@ pub enum Point {
     /// Saved or cold reboot: every VM is saved (or powered off) and the bring-back
     /// manifest is durable; the new VMM is not started yet.
     OldManifest,
+    /// Saved or cold reboot that failed before the commit: the bring-back manifest is
+    /// removed, no VM resumed or booted again yet.
+    OldUndoing,
     // New VMM.
     /// `Hello` received.
     NewHello,
@@ -86,8 +89,8 @@ pub enum Point {
 
 impl Point {
     /// Every point, the warm handover's first.
-    pub const ALL: [Point; 25] = {
-        let mut all = [Point::OldSpawned; 25];
+    pub const ALL: [Point; 26] = {
+        let mut all = [Point::OldSpawned; 26];
         let mut i = 0;
         while i < Self::HANDOVER.len() {
             all[i] = Self::HANDOVER[i];
@@ -109,9 +112,10 @@ impl Point {
     pub const STEPS: [Point; 2] = [Point::OldUndoResume, Point::NewVcpuResume];
 
     /// The points only a saved or cold reboot reaches, in the order they come.
-    pub const REBOOT_MODES: [Point; 5] = [
+    pub const REBOOT_MODES: [Point; 6] = [
         Point::OldSaving,
         Point::OldManifest,
+        Point::OldUndoing,
         Point::NewBringBack,
         Point::NewClaimedOne,
         Point::NewBroughtBackOne,
@@ -143,9 +147,8 @@ impl Point {
         use Point::*;
         match self {
             OldSpawned | OldStaged | OldPrepared | OldQuiesced | OldCaptured | OldStateSent
-            | OldReady | OldCommitted | OldDone | OldSaving | OldManifest | OldUndoResume => {
-                Side::Old
-            }
+            | OldReady | OldCommitted | OldDone | OldSaving | OldManifest | OldUndoing
+            | OldUndoResume => Side::Old,
             _ => Side::New,
         }
     }
@@ -172,6 +175,7 @@ impl Point {
             NewReported => "reported",
             OldSaving => "saving",
             OldManifest => "manifest",
+            OldUndoing => "undoing",
             NewBringBack => "bring-back",
             NewClaimedOne => "claimed-one",
             NewBroughtBackOne => "brought-back-one",

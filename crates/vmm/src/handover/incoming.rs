@@ -145,6 +145,9 @@ struct Session<'a> {
     /// The old VMM's KVM device, if it handed it over.
     kvm: Option<File>,
     check: ExtraCheck<'a>,
+    /// This executable, for the report: found while staging, as the hash of the image may
+    /// take a moment that the report must not wait for.
+    binary: Option<crate::executable::BinaryInfo>,
 }
 
 impl<'a> Session<'a> {
@@ -161,6 +164,7 @@ impl<'a> Session<'a> {
             sender,
             kvm,
             check,
+            binary: None,
         }
     }
 
@@ -171,6 +175,7 @@ impl<'a> Session<'a> {
     fn run(mut self, state_dir: &Path) -> Result<Adopted, TakeoverError> {
         let kvm = self.kvm.take();
         let staged = self.stage(kvm).map_err(at(Phase::Stage))?;
+        self.binary = Some(crate::executable::info());
         faults::hit(Point::NewStaged);
         self.send_prepared().map_err(at(Phase::Stage))?;
         faults::hit(Point::NewPrepared);
@@ -208,31 +213,52 @@ impl<'a> Session<'a> {
         let t_resume = Instant::now();
         let (blackouts, errors) = resume(&staged.vms, &lifecycles);
         drop(realtime);
-        faults::hit(Point::NewRunning);
-        let mut report = self.report(
-            &staged,
-            state.bytes,
-            &blackouts,
-            state.host_first_stop_ns,
-            PhaseTimes {
-                stage_us: state.stage_us,
-                quiesce_us: state.quiesce_us,
-                capture_us: state.capture_us,
-                transfer_us,
-                restore_us,
-                commit_us,
-                resume_us: t_resume.elapsed().as_micros() as u64,
-            },
-            errors,
-        );
-        if let Err(e) = self.channel.send(&Msg::Resumed(report.clone()), &[]) {
-            // The VMs are ours and run: only the old VMM's account of the reboot suffers
-            // (it reports one without figures). Said here, and in our own report.
-            let why = format!("the report did not reach the old VMM: {e}");
-            tracing::error!(error = %e, "the report did not reach the old VMM; it reports this reboot without figures");
-            report.errors.push(why);
-        }
-        faults::hit(Point::NewReported);
+        // The guests run here now: a bug from here on must not unwind past them (the
+        // process would end, and they with it). It costs the report at most.
+        let reported = super::contain(|| {
+            faults::hit(Point::NewRunning);
+            let mut report = self.report(
+                &staged,
+                state.bytes,
+                &blackouts,
+                state.host_first_stop_ns,
+                PhaseTimes {
+                    stage_us: state.stage_us,
+                    quiesce_us: state.quiesce_us,
+                    capture_us: state.capture_us,
+                    transfer_us,
+                    restore_us,
+                    commit_us,
+                    resume_us: t_resume.elapsed().as_micros() as u64,
+                },
+                errors,
+            );
+            if let Err(e) = self
+                .channel
+                .send(&Msg::Resumed(Box::new(report.clone())), &[])
+            {
+                // The VMs are ours and run: only the old VMM's account of the reboot
+                // suffers (it reports one without figures). Said here, and in our own report.
+                let why = format!("the report did not reach the old VMM: {e}");
+                tracing::error!(error = %e, "the report did not reach the old VMM; it reports this reboot without figures");
+                report.errors.push(why);
+            }
+            faults::hit(Point::NewReported);
+            report
+        });
+        let report = reported.unwrap_or_else(|e| {
+            tracing::error!(error = %e, "the guests run in this VMM; its report is lost");
+            RebootReport {
+                new_pid: std::process::id(),
+                state_format: self.format,
+                commit_protocol: self.format >= 3,
+                to_binary: Some(crate::executable::info()),
+                errors: vec![format!(
+                    "the takeover hit a bug once the guests ran ({e}): the blackout was not measured"
+                )],
+                ..Default::default()
+            }
+        });
         Ok(self.adopted(staged, report, state_dir))
     }
 
@@ -448,6 +474,9 @@ impl<'a> Session<'a> {
             new_pid: std::process::id(),
             from_build: self.sender.clone(),
             to_build: crate::build(),
+            // The old VMM fills in its own.
+            from_binary: None,
+            to_binary: self.binary.clone(),
             host_blackout_us: host_last_resume.saturating_sub(host_first_stop_ns) / 1000,
             phases,
             vms: staged
@@ -592,6 +621,7 @@ fn restore_all(
                 .devices
                 .restore_virtio(&runtime.virtio)
                 .map_err(|e| HandoverError::BadState(e.to_string()))?;
+            restore_platform(vm, runtime)?;
         }
     }
     for (vm, serial) in serials {
@@ -599,6 +629,23 @@ fn restore_all(
     }
     let lifecycles = records.into_iter().map(|r| r.lifecycle).collect();
     Ok((lifecycles, t_restore.elapsed().as_micros() as u64))
+}
+
+/// Load the power button's and the i8042's state; a state they could not have saved is
+/// refused (the handover fails and the old VMM keeps the VM).
+pub(crate) fn restore_platform(
+    vm: &Vm,
+    runtime: &crate::handover::VmRuntime,
+) -> Result<(), HandoverError> {
+    let bad = |e: String| HandoverError::BadState(format!("VM {}: {e}", vm.name()));
+    vm.shared
+        .devices
+        .restore_acpi_pm(&runtime.acpi_pm)
+        .map_err(|e| bad(e.to_string()))?;
+    vm.shared
+        .devices
+        .restore_i8042(&runtime.i8042)
+        .map_err(|e| bad(e.to_string()))
 }
 
 /// Let every restored VM go, as it was in the old VMM. Nothing here can give the VMs back:

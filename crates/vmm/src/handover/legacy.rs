@@ -122,6 +122,8 @@ impl VmCaptureV2 {
                 kvm: self.vm,
                 serial: self.serial,
                 virtio: Vec::new(),
+                acpi_pm: Default::default(),
+                i8042: Default::default(),
             }),
         })
     }

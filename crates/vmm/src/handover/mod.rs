@@ -48,11 +48,12 @@ pub use state::{
     VmRuntime, VmSpec,
 };
 
-/// The binary of this very process, to rejuvenate with: `/proc/self/exe` works even when
-/// the file on disk was replaced or deleted since this process started (a package upgrade),
-/// where the path `std::env::current_exe` gives would then name nothing or another build.
+/// The image of this very process, to rejuvenate with the same build: `/proc/self/exe`
+/// works even when the file on disk was replaced or deleted since this process started.
+/// An upgrade starts the path the process was started from instead (what is installed
+/// there now): see [`crate::executable::started_from`].
 pub fn this_binary() -> std::path::PathBuf {
-    std::path::PathBuf::from("/proc/self/exe")
+    crate::executable::running_image()
 }
 
 /// The name under which the old VMM hands the new one the shared word that decides which
@@ -107,6 +108,18 @@ pub enum HandoverError {
     Refused(String),
     #[error("the old VMM aborted the handover")]
     Aborted,
+    /// The handover thread itself hit a bug; what it held is dealt with as for any other
+    /// failure at that step.
+    #[error("the handover hit a bug: {0}")]
+    Panicked(String),
+}
+
+/// Run `f`, turning a panic on this thread into [`HandoverError::Panicked`]: a bug in the
+/// middle of a handover must end in the protocol's failure path (the guests resumed by
+/// whichever VMM may run them), never unwind past the VMs it holds.
+pub(crate) fn contain<T>(f: impl FnOnce() -> T) -> Result<T, HandoverError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+        .map_err(|payload| HandoverError::Panicked(crate::panic::message(&*payload)))
 }
 
 fn stderr_suffix(tail: &str) -> String {

@@ -55,6 +55,10 @@ pub struct RebootOptions {
     pub extra_fds: Vec<(String, RawFd)>,
     /// Extra environment for the new VMM.
     pub env: Vec<(OsString, OsString)>,
+    /// Called once the new VMM is prepared, just before the guests are paused (the caller
+    /// may e.g. stop taking requests for the blackout, so that none is cut off by it). It
+    /// runs while the guests still run and before the ready budget starts.
+    pub before_blackout: Option<Box<dyn Fn() + Send + Sync>>,
 }
 
 impl RebootOptions {
@@ -68,6 +72,7 @@ impl RebootOptions {
             extra: serde_json::Value::Null,
             extra_fds: Vec::new(),
             env: Vec::new(),
+            before_blackout: None,
         }
     }
 }
@@ -124,6 +129,9 @@ pub fn warm_reboot(host: &Host, opts: &RebootOptions) -> Result<Handed, RebootEr
     }
     faults::hit(Point::OldPrepared);
     let stage_us = t_stage.elapsed().as_micros() as u64;
+    if let Some(hook) = &opts.before_blackout {
+        hook();
+    }
 
     // Asked before the pause: finding the host's cores reads cgroup files.
     let boost = !crate::vcpu::vcpus_have_cores(&vms);
@@ -132,11 +140,14 @@ pub fn warm_reboot(host: &Host, opts: &RebootOptions) -> Result<Handed, RebootEr
     let t_quiesce = Instant::now();
     let ready_deadline = t_quiesce + opts.ready_budget;
     let host_first_stop = monotonic_ns();
-    let ready = (|| -> Result<(u64, PhaseTimes), RebootError> {
+    // The step reached, for a panic's report.
+    let reached = std::cell::Cell::new(Phase::Quiesce);
+    let ready = || -> Result<(u64, PhaseTimes), RebootError> {
         quiesce(&vms, boost, ready_deadline).map_err(at(Phase::Quiesce))?;
         faults::hit(Point::OldQuiesced);
         let quiesce_us = t_quiesce.elapsed().as_micros() as u64;
         let t_capture = Instant::now();
+        reached.set(Phase::Capture);
         let records = capture(&vms, ready_deadline).map_err(at(Phase::Capture))?;
         let phases = PhaseTimes {
             stage_us,
@@ -158,6 +169,7 @@ pub fn warm_reboot(host: &Host, opts: &RebootOptions) -> Result<Handed, RebootEr
             // The new VMM could not be ready in time: don't make it try.
             return Err(at(Phase::Capture)(late(opts.ready_budget, "the capture")));
         }
+        reached.set(Phase::Transfer);
         let bytes = envelope::encode(&state, envelope::FORMAT_VERSION)
             .and_then(|b| envelope::to_sealed_memfd(&b).map(|memfd| (b.len(), memfd)))
             .and_then(|(len, memfd)| {
@@ -172,6 +184,7 @@ pub fn warm_reboot(host: &Host, opts: &RebootOptions) -> Result<Handed, RebootEr
                 "sending the state",
             )));
         }
+        reached.set(Phase::Restore);
         match recv_by(&channel, ready_deadline, "Ready").map_err(at(Phase::Restore))? {
             Msg::Ready => {}
             other => {
@@ -189,7 +202,9 @@ pub fn warm_reboot(host: &Host, opts: &RebootOptions) -> Result<Handed, RebootEr
         }
         faults::hit(Point::OldReady);
         Ok((bytes, phases))
-    })();
+    };
+    // Before `Commit` a panic here is a failure like any other: the guests resume here.
+    let ready = super::contain(ready).unwrap_or_else(|e| Err(at(reached.get())(e)));
     // Every way back ends the same: the new VMM killed and reaped (it cannot have claimed
     // the guests: `Commit` was not sent, or the claim was revoked), then the guests resumed
     // here, then the report of what happened.
@@ -217,13 +232,17 @@ pub fn warm_reboot(host: &Host, opts: &RebootOptions) -> Result<Handed, RebootEr
         flag.revoke();
         return Err(take_back(at(Phase::Commit)(e)));
     }
-    faults::hit(Point::OldCommitted);
     // The new VMM claims the guests (commit_flag) before it lets them run and reports
-    // once they do. No report within the budget: if the claim has not been made, revoke
-    // it, and the VMs are ours again; if it has, they are the new VMM's, whatever became
-    // of it.
-    let report = match recv_by(&channel, Instant::now() + opts.ready_budget, "report") {
-        Ok(Msg::Resumed(report)) => Some(report),
+    // once they do. No report within the budget (or a panic here): if the claim has not
+    // been made, revoke it, and the VMs are ours again; if it has, they are the new
+    // VMM's, whatever became of it.
+    let first_report = super::contain(|| {
+        faults::hit(Point::OldCommitted);
+        recv_by(&channel, Instant::now() + opts.ready_budget, "report")
+    })
+    .and_then(|received| received);
+    let report = match first_report {
+        Ok(Msg::Resumed(report)) => Some(*report),
         other if flag.revoke() => {
             let error = match other {
                 Ok(msg) => unexpected(Phase::Resume, "its report", msg),
@@ -233,47 +252,66 @@ pub fn warm_reboot(host: &Host, opts: &RebootOptions) -> Result<Handed, RebootEr
         }
         _ => None,
     };
-    // Committed and claimed: the VMs are the new VMM's now.
-    for vm in &vms {
-        *vm.shared.lifecycle() = Lifecycle::HandedOver;
-    }
-    drop(realtime);
-    // All that is left for this VMM is cleanup (unmapping guest RAM, tens of ms per GiB
-    // here): it must not take CPU from the guests that now run in the new one.
-    // SAFETY: setpriority only lowers the calling thread's scheduling priority.
-    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
-    let report = match report {
-        Some(report) => report,
-        None => match recv_by(&channel, Instant::now() + REPORT_TIMEOUT, "report") {
-            Ok(Msg::Resumed(report)) => report,
-            other => {
-                // The VMs are the new VMM's (it claimed them), so the reboot happened; but
-                // how long the guests were stopped is not known here: say so, never 0 µs.
-                let why = match other {
-                    Ok(msg) => format!("it answered {msg:?}"),
-                    Err(e) => e.to_string(),
-                };
-                tracing::error!(error = %why,
-                    "the new VMM took the guests but sent no report: this reboot has no blackout figure");
-                RebootReport {
-                    new_pid: peer.pid,
-                    from_build: crate::build(),
-                    phases,
-                    state_bytes,
-                    state_format: envelope::FORMAT_VERSION,
-                    commit_protocol: true,
-                    errors: vec![format!(
-                        "the new VMM took the VMs over but sent no report ({why}): the blackout was not measured"
-                    )],
-                    ..Default::default()
-                }
-            }
-        },
+    // Committed and claimed: the VMs are the new VMM's now. Nothing from here on may kill
+    // the new VMM or touch the guests, a panic included: it only costs the report, which
+    // then says how long the guests were stopped is not known here, never 0 µs.
+    let new_pid = peer.pid;
+    let unknown = |why: String| RebootReport {
+        new_pid,
+        from_build: crate::build(),
+        phases: phases.clone(),
+        state_bytes,
+        state_format: envelope::FORMAT_VERSION,
+        commit_protocol: true,
+        from_binary: Some(crate::executable::info()),
+        errors: vec![why],
+        ..Default::default()
     };
-    if !report.is_measured() {
-        tracing::warn!(errors = ?report.errors, "warm reboot done, but not every step is known to have succeeded");
-    }
-    faults::hit(Point::OldDone);
+    let report = super::contain(|| {
+        for vm in &vms {
+            *vm.shared.lifecycle() = Lifecycle::HandedOver;
+        }
+        drop(realtime);
+        // All that is left for this VMM is cleanup (unmapping guest RAM, tens of ms per
+        // GiB here): it must not take CPU from the guests that now run in the new one.
+        // SAFETY: setpriority only lowers the calling thread's scheduling priority.
+        unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
+        let report = match report {
+            Some(report) => report,
+            None => match recv_by(&channel, Instant::now() + REPORT_TIMEOUT, "report") {
+                Ok(Msg::Resumed(report)) => *report,
+                other => {
+                    let why = match other {
+                        Ok(msg) => format!("it answered {msg:?}"),
+                        Err(e) => e.to_string(),
+                    };
+                    tracing::error!(error = %why,
+                        "the new VMM took the guests but sent no report: this reboot has no blackout figure");
+                    unknown(format!(
+                        "the new VMM took the VMs over but sent no report ({why}): the blackout was not measured"
+                    ))
+                }
+            },
+        };
+        let report = RebootReport {
+            from_binary: Some(crate::executable::info()),
+            ..report
+        };
+        if !report.is_measured() {
+            tracing::warn!(errors = ?report.errors, "warm reboot done, but not every step is known to have succeeded");
+        }
+        faults::hit(Point::OldDone);
+        report
+    })
+    .unwrap_or_else(|e| {
+        for vm in &vms {
+            *vm.shared.lifecycle() = Lifecycle::HandedOver;
+        }
+        tracing::error!(error = %e, "after the commit: the VMs are the new VMM's");
+        unknown(format!(
+            "the old VMM hit a bug after the commit ({e}): the blackout was not measured"
+        ))
+    });
     let child = peer.release();
     Ok(Handed { report, child })
 }
@@ -423,10 +461,15 @@ fn describe(status: ExitStatus) -> String {
 fn spawn(opts: &RebootOptions) -> Result<(Channel, Peer), HandoverError> {
     let (channel, child_end) = Channel::pair()?;
     let mut cmd = Command::new(&opts.binary);
-    cmd.args(&opts.args)
+    // Whatever file it runs (/proc/self/exe, another build's path), the new VMM is called
+    // warmvm: `pidof warmvm` finds it by this argv[0], and it names itself after it.
+    cmd.arg0(crate::executable::PROCESS_NAME)
+        .args(&opts.args)
         .arg("--takeover-fd")
         .arg(CHANNEL_FD.to_string())
         .stderr(Stdio::piped());
+    // Which path it was started from (a symlink, say), which argv[0] no longer tells.
+    cmd.env(crate::executable::STARTED_AS_ENV, &opts.binary);
     for (k, v) in &opts.env {
         cmd.env(k, v);
     }
@@ -594,6 +637,8 @@ pub(crate) fn capture_record(vm: &Vm, deadline: Instant) -> Result<VmRecord, Han
             kvm,
             serial: vm.shared.devices.serial_state(),
             virtio: vm.shared.devices.virtio_states(),
+            acpi_pm: vm.shared.devices.acpi_pm_state(),
+            i8042: vm.shared.devices.i8042_state(),
         })
     };
     // Read after the vCPUs parked: a guest that powered off meanwhile is handed over

@@ -74,7 +74,7 @@ pub(crate) fn build_vm(
         err,
     };
     let config: crate::VmConfig = spec.config.clone().into();
-    let (kvm_vm, irq) = build_kvm_vm(hv, &ram, spec.linux_devices).map_err(vm_err)?;
+    let (kvm_vm, irqs) = build_kvm_vm(hv, &ram, spec.linux_devices).map_err(vm_err)?;
     let mut vcpus = Vec::new();
     for (id, cpuid) in spec.cpuids.iter().enumerate() {
         vcpus.push(
@@ -85,13 +85,14 @@ pub(crate) fn build_vm(
     }
     let serial = SerialConsole::new(
         ConsoleSink::for_vm(&config.name, log, &spec.console_log, config.console_stdout),
-        irq,
+        irqs.serial,
     );
     let vm = Vm::assemble(Parts {
         config,
         kvm_vm,
         ram,
         serial,
+        platform: irqs.platform,
         vcpus,
         status_addr: spec.status_addr.map(GuestAddress),
         protocol: spec.protocol.into(),

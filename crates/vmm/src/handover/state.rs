@@ -36,7 +36,8 @@ pub(crate) enum Msg {
     /// Old → new: the captured state. Fd: the sealed memfd holding its envelope.
     State,
     /// New → old: every VM runs in the new VMM.
-    Resumed(RebootReport),
+    /// Boxed: the report is the largest message by far (serde encodes a box as its content).
+    Resumed(Box<RebootReport>),
     /// Format 2, either way: giving up, and why. Also what a format-2 build answers a
     /// newer format's `Hello` with.
     Failed(String),
@@ -349,6 +350,14 @@ pub struct VmRuntime {
     /// format 3 by the virtio devices.
     #[serde(default)]
     pub virtio: Vec<warmvm_devices::VirtioMmioState>,
+    /// The ACPI power button's PM1 registers. Added in format 3 by the power button: a
+    /// state from a build without it has none, and the device starts from power-on.
+    #[serde(default)]
+    pub acpi_pm: warmvm_devices::AcpiPmState,
+    /// The i8042 keyboard controller. Added in format 3 with the power button, like
+    /// `acpi_pm`.
+    #[serde(default)]
+    pub i8042: warmvm_devices::I8042State,
 }
 
 /// Everything a VM needs to be re-created elsewhere, apart from the fds of its RAM and
@@ -425,6 +434,13 @@ pub struct RebootReport {
     /// succeeded. Added in format 3 (older builds send none).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub errors: Vec<String>,
+    /// The executable that handed over: filled in by the old VMM itself (absent when an
+    /// older build handed over).
+    #[serde(default)]
+    pub from_binary: Option<crate::executable::BinaryInfo>,
+    /// The executable that took over (absent when the new VMM is an older build).
+    #[serde(default)]
+    pub to_binary: Option<crate::executable::BinaryInfo>,
 }
 
 impl RebootReport {
@@ -528,6 +544,45 @@ mod tests {
         }
     }
 
+    /// A live VM's runtime with a pressed power button and keys typed on the i8042.
+    fn runtime() -> VmRuntime {
+        VmRuntime {
+            first_stop_ns: 3,
+            vcpus: vec![Default::default()],
+            kvm: Default::default(),
+            serial: Default::default(),
+            virtio: Vec::new(),
+            acpi_pm: warmvm_devices::AcpiPmState {
+                pm1_sts: warmvm_abi::PM1_STS_PWRBTN,
+                pm1_en: warmvm_abi::PM1_EN_PWRBTN,
+                pm1_cnt: 0,
+            },
+            i8042: warmvm_devices::I8042State {
+                status: 0x15,
+                buffer: vec![0x14, 0x11],
+                ..Default::default()
+            },
+        }
+    }
+
+    #[test]
+    fn the_platform_devices_cross_and_states_without_them_read_as_power_on() {
+        let bytes = rmp_serde::to_vec_named(&runtime()).unwrap();
+        let back: VmRuntime = rmp_serde::from_slice(&bytes).unwrap();
+        assert_eq!(back.acpi_pm, runtime().acpi_pm);
+        assert_eq!(back.i8042, runtime().i8042);
+        // What a build before the power button sent.
+        let older = drop_field(&drop_field(&bytes, &["acpi_pm"]), &["i8042"]);
+        let back: VmRuntime = rmp_serde::from_slice(&older).unwrap();
+        assert_eq!(back.acpi_pm, Default::default());
+        assert_eq!(back.i8042, Default::default());
+        // Their own fields are all required.
+        let err = rmp_serde::from_slice::<VmRuntime>(&drop_field(&bytes, &["acpi_pm", "pm1_en"]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("pm1_en"), "{err}");
+    }
+
     #[test]
     fn fields_added_after_the_oldest_format_default() {
         let report = RebootReport {
@@ -539,10 +594,37 @@ mod tests {
         let back: RebootReport =
             rmp_serde::from_slice(&drop_field(&bytes, &["commit_protocol"])).unwrap();
         assert!(!back.commit_protocol);
+        for field in ["from_binary", "to_binary"] {
+            let back: RebootReport = rmp_serde::from_slice(&drop_field(&bytes, &[field])).unwrap();
+            assert_eq!(back, report, "{field}");
+        }
         let err = rmp_serde::from_slice::<RebootReport>(&drop_field(&bytes, &["new_pid"]))
             .unwrap_err()
             .to_string();
         assert!(err.contains("new_pid"), "{err}");
+    }
+
+    #[test]
+    fn a_binary_crosses_whole() {
+        let report = RebootReport {
+            to_binary: Some(crate::executable::BinaryInfo {
+                path: "/usr/local/bin/warmvm".into(),
+                version: "0.1.0".into(),
+                commit: "unknown".into(),
+                sha256: "ab".repeat(32),
+            }),
+            ..Default::default()
+        };
+        let bytes = rmp_serde::to_vec_named(&report).unwrap();
+        let back: RebootReport = rmp_serde::from_slice(&bytes).unwrap();
+        assert_eq!(back, report);
+        for field in ["path", "version", "commit", "sha256"] {
+            let err =
+                rmp_serde::from_slice::<RebootReport>(&drop_field(&bytes, &["to_binary", field]))
+                    .unwrap_err()
+                    .to_string();
+            assert!(err.contains(field), "{field}: {err}");
+        }
     }
 
     #[test]

@@ -58,6 +58,8 @@ fn runtime() -> VmRuntime {
             clock: Some(Default::default()),
         },
         serial: Default::default(),
+        acpi_pm: Default::default(),
+        i8042: Default::default(),
         virtio: Vec::new(),
     }
 }

@@ -668,6 +668,7 @@ pub fn restore(
         .devices
         .restore_virtio(&runtime.virtio)
         .map_err(|e| state_err(HandoverError::BadState(e.to_string())))?;
+    crate::handover::incoming::restore_platform(&vm, &runtime).map_err(state_err)?;
     vm.shared.devices.restore_serial(&runtime.serial);
     let report = RestoreReport {
         vm: vm_name,

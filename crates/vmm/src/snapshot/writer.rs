@@ -41,8 +41,9 @@ const FLOOR_BYTES_PER_SEC: u64 = 20 << 20;
 
 static BINARY: OnceLock<PathBuf> = OnceLock::new();
 
-/// Write snapshots through writer processes started from `binary` (the daemon's own,
-/// `/proc/self/exe`). Without this, snapshots are written by the calling process itself
+/// Write snapshots through writer processes started from `binary` (the daemon's running
+/// image, `/proc/self/exe`, so that the writer speaks its protocol even after a new build
+/// was installed over the daemon's path). Without this, snapshots are written by the calling process itself
 /// (library users and tests: killing that process loses its VMs anyway).
 pub fn use_writer_process(binary: PathBuf) {
     let _ = BINARY.set(binary);
@@ -108,6 +109,11 @@ impl Writer {
         let (channel, child_end) = Channel::pair().map_err(io)?;
         let child_fd = child_end.as_raw_fd();
         let mut cmd = Command::new(binary);
+        // The writer runs the daemon's own image (/proc/self/exe), not the installed path:
+        // it must speak exactly this build's writer protocol, which a newer build installed
+        // meanwhile need not. It is still called warmvm (argv[0] here, and it renames
+        // itself from `exe` at start), so that `pidof warmvm` and `ps -C warmvm` see it.
+        cmd.arg0(crate::executable::PROCESS_NAME);
         // The daemon's --seccomp mode, explicitly: the writer must not depend on whether the
         // mode came as a flag or in the environment.
         cmd.arg(SUBCOMMAND)

@@ -47,6 +47,11 @@ impl Daemon {
         Self::start_cmd(Command::new(BIN), dir, extra, env)
     }
 
+    /// Start a daemon from the executable at `binary` (a copy of the test's build, say).
+    pub fn start_from(binary: &Path, dir: &Path, extra: &[&str]) -> Daemon {
+        Self::start_cmd(Command::new(binary), dir, extra, &[])
+    }
+
     /// Start a daemon inside network namespace `netns` (`ip netns exec` runs it in place,
     /// so its pid is the daemon's).
     pub fn start_in_netns(dir: &Path, netns: &str) -> Daemon {
@@ -133,6 +138,14 @@ impl Daemon {
         let msg = d.next_notification();
         assert!(msg.lines().any(|l| l == "READY=1"), "{msg}");
         assert!(d.child.as_mut().unwrap().try_wait().unwrap().is_none());
+        // A daemon that found an interrupted reboot's manifest serves while it brings
+        // those VMs back: the tests start from a daemon that has.
+        if let Err(e) = d.client().wait_reboot_done(None, Duration::from_secs(150)) {
+            panic!(
+                "the daemon never finished bringing VMs back: {e}\n{}",
+                d.log()
+            );
+        }
         d
     }
 

@@ -39,6 +39,7 @@ def before_call(context, case, kwargs):
         if "cmdline" in body or "kernel" not in body:
             body["cmdline"] = GUEST_CMDLINE
     # The daemon runs as root: a generated console_log path would create files anywhere.
+    # Only absolute ones are valid (pattern ^/); a relative one stays, to be refused.
     log = body.get("console_log")
-    if isinstance(log, str) and log:
+    if isinstance(log, str) and log.startswith("/"):
         body["console_log"] = os.path.join(SCRATCH, "console-logs", "fuzz.log")
