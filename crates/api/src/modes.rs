@@ -226,7 +226,7 @@ pub fn save_all(host: &mut Host, progress: &Tracker) -> Result<(BringBack, Held)
                     vms: saved.into_iter().map(|(v, p, _)| (v, p)).collect(),
                     dir: Some(dir),
                 };
-                undo_in_place(held);
+                let not_running = undo_in_place(held);
                 let status = match &e {
                     snapshot::SnapshotError::Io { err, .. }
                         if err.raw_os_error() == Some(libc::ENOSPC) =>
@@ -237,9 +237,16 @@ pub fn save_all(host: &mut Host, progress: &Tracker) -> Result<(BringBack, Held)
                 };
                 return Err(ApiError::new(
                     status,
-                    format!(
-                        "saved reboot failed while saving; every VM runs on in this daemon: {e}"
-                    ),
+                    if not_running.is_empty() {
+                        format!(
+                            "saved reboot failed while saving; every VM runs on in this daemon: {e}"
+                        )
+                    } else {
+                        format!(
+                            "saved reboot failed while saving; the VMs stay in this daemon: {e}; but {}",
+                            not_running.join("; ")
+                        )
+                    },
                 ));
             }
         }
@@ -332,16 +339,44 @@ pub fn stop_all(host: &mut Host, grace: Duration, progress: &Tracker) -> (BringB
     )
 }
 
+/// Why undoing a failed saved or cold reboot left VMs not running here.
+#[derive(Debug, thiserror::Error)]
+pub enum UndoError {
+    /// The manifest could not be removed: every VM stays stopped, left to it.
+    #[error("the VMs stay stopped, left to the next daemon start: {0}")]
+    Manifest(#[from] bring_back::ManifestError),
+    /// These VMs do not run here again (each entry names one and says how it stays); the
+    /// others do.
+    #[error("{}", .0.join("; "))]
+    NotRunning(Vec<String>),
+}
+
 /// Snapshots written, VMs paused by the save: let them run again and remove the files.
-fn undo_in_place(held: Held) {
+/// Returns what could not be resumed: each such VM stays paused, as its state says, and
+/// can be resumed through the API (its snapshot is of no further use: it is in memory).
+fn undo_in_place(held: Held) -> Vec<String> {
+    let mut not_running = Vec::new();
     for (vm, was_paused) in &held.vms {
-        if !was_paused {
-            let _ = vm.resume();
+        if *was_paused {
+            continue;
+        }
+        let resumed = if faults::fails(Point::OldUndoResume) {
+            Err("fault injected: undo-resume".to_string())
+        } else {
+            vm.resume().map_err(|e| e.to_string())
+        };
+        if let Err(e) = resumed {
+            tracing::error!(vm = %vm.name(), error = %e, "cannot resume the VM after the reboot failed: it stays paused");
+            not_running.push(format!(
+                "VM {} could not be resumed and stays paused: {e}",
+                vm.name()
+            ));
         }
     }
     if let Some(dir) = &held.dir {
         let _ = std::fs::remove_dir_all(dir);
     }
+    not_running
 }
 
 /// Replacing the daemon failed: the VMs held aside run on in this daemon (saved: resumed
@@ -349,26 +384,23 @@ fn undo_in_place(held: Held) {
 ///
 /// The bring-back manifest at `manifest` (if written) goes first, durably: a manifest must
 /// never name a VM that runs on here. If it cannot be removed, the VMs stay stopped and
-/// left to it (the next daemon start brings them back), and the error says so.
-pub fn undo(
-    host: &mut Host,
-    held: Held,
-    bb: &BringBack,
-    manifest: &Path,
-) -> Result<(), bring_back::ManifestError> {
+/// left to it (the next daemon start brings them back), and the error says so; a VM that
+/// cannot be resumed (saved) or booted again (cold) here is named in the error too.
+pub fn undo(host: &mut Host, held: Held, bb: &BringBack, manifest: &Path) -> Result<(), UndoError> {
     if let Err(e) = bring_back::remove(manifest) {
         tracing::error!(error = %e, "cannot remove the bring-back manifest: the VMs stay stopped, left to it");
         // Held paused (saved) or powered off (cold) until this process exits.
         std::mem::forget(held);
-        return Err(e);
+        return Err(e.into());
     }
     warmvm_vmm::handover::faults::hit(warmvm_vmm::handover::faults::Point::OldUndoing);
+    let mut not_running = Vec::new();
     match bb.mode {
         Mode::Saved | Mode::Warm => {
             for (vm, _) in &held.vms {
                 host.attach(vm.clone());
             }
-            undo_in_place(held);
+            not_running = undo_in_place(held);
         }
         Mode::Cold => {
             for (vm, _) in held.vms {
@@ -383,12 +415,19 @@ pub fn undo(
                     })
                 }) {
                     Ok(()) => tracing::info!(vm = %v.name, "VM booted again in this daemon"),
-                    Err(e) => tracing::error!(vm = %v.name, error = %e, "cannot boot the VM again"),
+                    Err(e) => {
+                        tracing::error!(vm = %v.name, error = %e, "cannot boot the VM again");
+                        not_running.push(format!("VM {} could not be booted again: {e}", v.name));
+                    }
                 }
             }
         }
     }
-    Ok(())
+    if not_running.is_empty() {
+        Ok(())
+    } else {
+        Err(UndoError::NotRunning(not_running))
+    }
 }
 
 /// Wait (bounded) until the process `pid` has exited, so that its RAM is free. A zombie

@@ -411,20 +411,22 @@ impl ApiState {
 }
 
 /// A failed reboot's error, unless undoing it failed too: then the VMs do not run on here
-/// but stay left to the bring-back manifest, and the error says that instead.
-fn undo_failed(
-    err: ApiError,
-    undone: Option<Result<(), crate::bring_back::ManifestError>>,
-) -> ApiError {
-    match undone {
-        Some(Err(e)) => ApiError {
-            message: format!(
-                "{}; but the VMs stay stopped, left to the next daemon start: {e}",
-                err.message.replace("; the VMs run on in this daemon", "")
-            ),
-            ..err
-        },
-        _ => err,
+/// but stay left to the bring-back manifest, or some could not be resumed or booted again
+/// here, and the error says that instead.
+fn undo_failed(err: ApiError, undone: Option<Result<(), modes::UndoError>>) -> ApiError {
+    let rest = match undone {
+        Some(Err(e @ modes::UndoError::Manifest(_))) => ("", e),
+        Some(Err(e @ modes::UndoError::NotRunning(_))) => ("; the VMs stay in this daemon", e),
+        _ => return err,
+    };
+    ApiError {
+        message: format!(
+            "{}; but {}",
+            err.message
+                .replace("; the VMs run on in this daemon", rest.0),
+            rest.1
+        ),
+        ..err
     }
 }
 

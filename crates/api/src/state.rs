@@ -788,6 +788,11 @@ impl ApiState {
         let inj: crate::aging::inject::Injection = serde_json::from_slice(body)
             .map_err(|e| ApiError::new(400, format!("invalid aging injection: {e}")))?;
         inj.check().map_err(|e| ApiError::new(400, e))?;
+        if inj.fill_to_bounds {
+            self.aging()
+                .ok_or_else(|| ApiError::new(409, "this daemon has no aging monitor"))?
+                .fill_to_bounds();
+        }
         crate::aging::inject::start(inj)
             .map_err(|e| ApiError::new(500, format!("cannot start injected aging: {e}")))?;
         tracing::warn!(?inj, "injected aging started");

@@ -328,6 +328,7 @@ fn reports_in_every_state_match_the_schema() {
             state_bytes: 20000,
             state_format: 3,
             commit_protocol: true,
+            errors: vec!["the report did not reach the old VMM".into()],
             from_binary: Some(binary("/proc/self/exe")),
             to_binary: Some(binary("/usr/local/bin/warmvm")),
         },

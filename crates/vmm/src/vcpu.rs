@@ -97,6 +97,10 @@ pub struct VcpuHandle {
     /// before it next runs its guest.
     boosted: std::sync::atomic::AtomicBool,
     pub counters: VcpuCounters,
+    /// Test builds: the thread hits the `new:vcpu-resume` fault point when it next leaves
+    /// its park (armed by the new VMM's resume after a handover).
+    #[cfg(feature = "fault-injection")]
+    resume_fault: std::sync::atomic::AtomicBool,
 }
 
 impl VcpuHandle {
@@ -119,6 +123,8 @@ impl VcpuHandle {
             run_hint: std::sync::atomic::AtomicBool::new(false),
             boosted: std::sync::atomic::AtomicBool::new(false),
             counters: VcpuCounters::default(),
+            #[cfg(feature = "fault-injection")]
+            resume_fault: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -199,6 +205,13 @@ impl VcpuHandle {
 
     pub(crate) fn request_run(&self, vm: &VmShared) {
         self.order(Want::Run, vm);
+    }
+
+    /// Test builds: have the thread hit the `new:vcpu-resume` fault point, on itself, when
+    /// it next leaves its park.
+    #[cfg(feature = "fault-injection")]
+    pub(crate) fn arm_resume_fault(&self) {
+        self.resume_fault.store(true, Ordering::Release);
     }
 
     pub(crate) fn request_stop(&self, vm: &VmShared) {
@@ -306,6 +319,14 @@ impl VcpuHandle {
         loop {
             match c.want {
                 Want::Run => {
+                    // Test builds: a vCPU held in its park (after the run order).
+                    #[cfg(feature = "fault-injection")]
+                    if c.parked && self.resume_fault.swap(false, Ordering::AcqRel) {
+                        drop(c);
+                        crate::handover::faults::hit(crate::handover::faults::Point::NewVcpuResume);
+                        c = self.lock();
+                        continue;
+                    }
                     // Parked or not (a run order may come before the thread parked):
                     // never run a guest in real time; a vCPU that cannot drop back ends
                     // its VM.

@@ -422,8 +422,11 @@ pub fn cache(args: &CacheArgs) -> Result<ExitCode, Failure> {
         f["mode"] = json!(name);
         // A saved or cold reboot may answer before its VMs are back, with no downtime
         // measured yet (0): that is no figure, not a zero blackout.
+        // Nor is a warm reboot's whose steps are not all known (`errors`).
+        let measured = report["errors"].as_array().is_none_or(|e| e.is_empty());
         f["host_blackout_ms"] = json!(report["host_blackout_us"]
             .as_u64()
+            .filter(|_| measured)
             .or(report["host_downtime_us"].as_u64())
             .filter(|&us| us > 0)
             .map(|us| us as f64 / 1000.0));

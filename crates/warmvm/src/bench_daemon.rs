@@ -165,6 +165,14 @@ pub fn run_cell(
             request_us.push(t.elapsed().as_micros() as u64);
             let report: RebootReport = serde_json::from_value(answer)
                 .map_err(|e| format!("the daemon's reboot report is malformed: {e}"))?;
+            // The VMs moved, but such a report holds no figure to count.
+            if !report.is_measured() {
+                return Err(format!(
+                    "reboot {}: the blackout was not measured: {}",
+                    r + 1,
+                    report.errors.join("; ")
+                ));
+            }
             reports.push(report);
             progress.done();
             std::thread::sleep(interval);

@@ -381,6 +381,7 @@ fn action_kind(a: Action) -> (&'static str, Option<u64>) {
         Action::Stop(ms) => ("stop", Some(ms)),
         Action::Delay(ms) => ("delay", Some(ms)),
         Action::Panic => ("panic", None),
+        Action::Fail => ("fail", None),
     }
 }
 

@@ -66,6 +66,10 @@ pub struct DemoArgs {
     /// (internal) Continue a demo handed over by the previous VMM on this fd.
     #[arg(long, hide = true)]
     pub takeover_fd: Option<i32>,
+    /// (tests) Carry this many KiB of filler from VMM to VMM along the chain, as a long
+    /// chain's growing results would be; every VMM checks it arrived whole.
+    #[arg(long, hide = true, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=65_536))]
+    pub carry_filler_kib: u64,
 }
 
 /// The longest the demo waits for every guest to complete a full verification pass.
@@ -86,16 +90,29 @@ struct DemoCarry {
     reboots_left: u32,
     /// Every completed reboot's report, oldest first.
     reports: Vec<RebootReport>,
+    /// `--carry-filler-kib`'s filler (tests).
+    #[serde(default)]
+    filler: String,
     /// The executable of the VMM that handed this over (its report, made by the new VMM,
     /// cannot know it). Absent from older builds.
     #[serde(default)]
     from_binary: Option<warmvm_vmm::executable::BinaryInfo>,
 }
 
+/// `--carry-filler-kib`'s filler: `kib` KiB that no encoding shortens much.
+fn filler(kib: u64) -> String {
+    (0..kib * 1024)
+        .map(|i| char::from(b'a' + ((i * 7 + i / 13) % 26) as u8))
+        .collect()
+}
+
 /// Blackout statistics over a chain of reboots, in ms.
 #[derive(Serialize, Default)]
 pub struct ChainSummary {
     pub reboots: usize,
+    /// Reboots that moved the VMs but whose report says a step's outcome is not known
+    /// (`errors`): left out of every figure below.
+    pub unmeasured: usize,
     pub host_p50_ms: f64,
     /// `None` below 100 samples, where a "p99" would only be the maximum.
     pub host_p99_ms: Option<f64>,
@@ -134,7 +151,8 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)] as f64 / 1000.0
 }
 
-fn summarize(reports: &[RebootReport]) -> ChainSummary {
+fn summarize(all: &[RebootReport]) -> ChainSummary {
+    let reports: Vec<&RebootReport> = all.iter().filter(|r| r.is_measured()).collect();
     let (host_p50_ms, host_p99_ms, host_max_ms) =
         p50_p99_max(reports.iter().map(|r| r.host_blackout_us).collect());
     let (vm_p50_ms, vm_p99_ms, vm_max_ms) = p50_p99_max(
@@ -162,7 +180,8 @@ fn summarize(reports: &[RebootReport]) -> ChainSummary {
     .collect();
     ChainSummary {
         phase_p50_ms,
-        reboots: reports.len(),
+        reboots: all.len(),
+        unmeasured: all.len() - reports.len(),
         host_p50_ms,
         host_p99_ms,
         host_max_ms,
@@ -344,6 +363,7 @@ fn first_vmm(args: &DemoArgs, state_dir: PathBuf) -> Result<ExitCode, Failure> {
             gaps: Vec::new(),
             reboots_left: args.reboots.saturating_sub(1),
             reports: Vec::new(),
+            filler: filler(args.carry_filler_kib),
             from_binary: None,
         };
         // Every later VMM hands over and exits; as subreaper this process inherits and
@@ -405,6 +425,8 @@ fn reboot(
         args.vms.to_string().into(),
         "--gap-window-ms".into(),
         args.gap_window_ms.to_string().into(),
+        "--carry-filler-kib".into(),
+        args.carry_filler_kib.to_string().into(),
     ]);
     let opts = RebootOptions {
         binary,
@@ -442,12 +464,35 @@ fn continue_after_reboot(
     let channel = unsafe { OwnedFd::from_raw_fd(fd) };
     let adopted = handover::take_over(channel, &state_dir)
         .map_err(|e| Failure::new(EXIT_VM_FAILED, format!("taking over the VMs failed: {e}")))?;
-    let mut carry: DemoCarry = serde_json::from_value(adopted.extra).unwrap_or_default();
     let host = adopted.host;
+    // Unreadable, the results so far are lost: a verdict without them would be no verdict
+    // (counters that went back would go unseen).
+    let mut carry: DemoCarry = match serde_json::from_value(adopted.extra) {
+        Ok(carry) => carry,
+        Err(e) => {
+            let error = format!("the demo's results so far did not arrive readable: {e}");
+            return finish(
+                args,
+                &host,
+                Duration::ZERO,
+                Some(&adopted.report),
+                Some(error),
+            );
+        }
+    };
     carry.reports.push(RebootReport {
         from_binary: carry.from_binary.take(),
         ..adopted.report.clone()
     });
+    if carry.filler != filler(args.carry_filler_kib) {
+        let error = format!(
+            "the filler carried along the chain arrived as {} bytes, not {} KiB",
+            carry.filler.len(),
+            args.carry_filler_kib
+        );
+        let summary = summarize(&carry.reports);
+        return finish_chain(args, &host, &carry, summary, None, Some(error));
+    }
     if let Some(baseline) = carry.pending_baseline_gap_ns.take() {
         carry
             .gaps
@@ -474,6 +519,7 @@ fn continue_after_reboot(
             gaps: std::mem::take(&mut carry.gaps),
             reboots_left: carry.reboots_left - 1,
             reports: std::mem::take(&mut carry.reports),
+            filler: std::mem::take(&mut carry.filler),
             from_binary: None,
         };
         match reboot(args, &host, &next, &state_dir, None) {
@@ -681,6 +727,12 @@ fn finish_with(
                 "  {} chained reboots: host blackout p50 {:.3} / p99 {} / max {:.3} ms; per VM p50 {:.3} / p99 {} / max {:.3} ms (p99 needs {P99_MIN_SAMPLES}+ samples)",
                 c.reboots, c.host_p50_ms, opt_ms(c.host_p99_ms), c.host_max_ms, c.vm_p50_ms, opt_ms(c.vm_p99_ms), c.vm_max_ms
             );
+            if c.unmeasured > 0 {
+                println!(
+                    "  {} of them not measured (left out of the figures)",
+                    c.unmeasured
+                );
+            }
         }
         if let Some(g) = &gaps {
             println!(

@@ -125,6 +125,10 @@ pub fn print_reboot_report(r: &warmvm_vmm::handover::RebootReport) {
     for vm in &r.vms {
         println!("  {} blackout {:.3} ms", vm.name, ms(vm.blackout_us));
     }
+    // The VMs moved, but the figures above are no measurement.
+    for e in &r.errors {
+        println!("  NOT MEASURED: {e}");
+    }
 }
 
 /// The executables on either side of a reboot, one line each ("-" where an older build

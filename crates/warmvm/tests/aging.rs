@@ -391,6 +391,72 @@ fn the_schedule_waits_for_a_hold_to_be_released() {
     d.terminate_adopted();
 }
 
+/// The largest state a daemon hands its successor: the aging history at the most samples
+/// the settings allow (100,000), and the events and reboot history at their bounds. It is
+/// far more than one control message can hold; the warm reboot must go through all the
+/// same, with every sample, event and reboot carried over and the VMs running on.
+#[test]
+fn a_daemon_with_the_largest_aging_history_still_warm_reboots() {
+    if !warmvm_vmm::testing::kvm_available("aging history at its bound") {
+        return;
+    }
+    const HISTORY: usize = 100_000;
+    let mut d = daemon_with_vms(
+        "aging-max",
+        &format!("history = {HISTORY}\nhold = true"),
+        None,
+    );
+    let old_pid = d.pid;
+    inject(&d, json!({ "fill_to_bounds": true }));
+    let before = aging(&d);
+    assert_eq!(before["history_len"], HISTORY, "{}", before["history_len"]);
+    let events = before["events"].as_array().map_or(0, Vec::len);
+    let reboots = before["reboots"].as_array().map_or(0, Vec::len);
+    let report = d
+        .client()
+        .reboot("warm", None)
+        .unwrap_or_else(|e| panic!("the warm reboot failed: {e}\n{}", d.log()));
+    let new_pid = report["new_pid"].as_u64().expect("new_pid") as u32;
+    assert!(report.get("errors").is_none(), "{report}");
+    d.follow_reboot(new_pid);
+    let after = aging(&d);
+    assert_eq!(after["history_len"], HISTORY, "{}", after["history_len"]);
+    assert!(
+        after["events"].as_array().map_or(0, Vec::len) >= events,
+        "{}",
+        after["events"]
+    );
+    // Bounded: the new record pushed the oldest out.
+    let after_reboots = after["reboots"].as_array().expect("reboots");
+    assert_eq!(after_reboots.len(), reboots, "{after}");
+    let last = after_reboots.last().expect("the reboot is recorded");
+    assert_eq!(last["from_pid"], old_pid, "{last}");
+    assert_eq!(last["to_pid"], new_pid, "{last}");
+    let history = d
+        .client()
+        .call("GET", "/v1/aging/history", None)
+        .expect("history");
+    let carried = history["samples"]
+        .as_array()
+        .expect("samples")
+        .iter()
+        .filter(|s| s["pid"] == old_pid)
+        .count();
+    assert!(
+        carried >= HISTORY - 100,
+        "{carried} of the old daemon's samples carried over"
+    );
+    assert!(
+        wait_until(30, || figures(&d)
+            .iter()
+            .all(|v| v.1 == "running" && v.2 > 0)),
+        "{:?}\n{}",
+        figures(&d),
+        d.log()
+    );
+    d.terminate_adopted();
+}
+
 /// A bad `[aging]` table stops the daemon before it starts anything: one line, status 2.
 #[test]
 fn a_bad_aging_setting_is_refused_at_start_up() {

@@ -237,3 +237,59 @@ fn a_failed_warm_reboot_changes_nothing() {
     assert_eq!(d.terminate().code(), Some(0), "{}", d.log());
     assert!(!d.socket.exists());
 }
+
+/// A warm reboot whose new daemon takes the VMs but whose report never comes (held past the
+/// old daemon's wait for it): the VMs are the new daemon's, so the reboot succeeded, but
+/// its answer, the CLI and the log say the blackout was not measured; never 0 µs.
+#[test]
+fn a_warm_reboot_without_a_report_is_answered_as_not_measured() {
+    if !warmvm_vmm::testing::kvm_available("reboot without a report") {
+        return;
+    }
+    let dir = scratch("noreport");
+    // Inherited by the new daemon: it holds its report back 6.5 s, past the old daemon's
+    // wait (the ready budget, then 5 s).
+    let mut d = Daemon::start_with_env(&dir, &[], &[("WARMVM_FAULT", "new:running:delay:6500")]);
+    d.create_reference_vms(&["n0"]);
+    assert!(wait_until(60, || vm_figures(&d).iter().all(|v| v.2 > 0)));
+    let old_pid = d.pid;
+    let out = d.cli(&["reboot", "--mode", "warm"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("NOT MEASURED: the new VMM took the VMs over but sent no report"),
+        "{stdout}"
+    );
+    assert!(
+        d.log()
+            .contains("the new VMM took the guests but sent no report"),
+        "{}",
+        d.log()
+    );
+    let mut new_pid = old_pid;
+    assert!(wait_until(30, || {
+        new_pid = d
+            .client()
+            .status()
+            .ok()
+            .and_then(|s| s["pid"].as_u64())
+            .unwrap_or(0) as u32;
+        new_pid != old_pid && new_pid != 0
+    }));
+    d.follow_reboot(new_pid);
+    let after = vm_figures(&d);
+    assert!(
+        wait_until(30, || vm_figures(&d).iter().zip(&after).all(|(now, a)| now
+            .1
+            == "running"
+            && now.2 > a.2
+            && now.3 == 0)),
+        "{}",
+        d.log()
+    );
+    d.terminate_adopted();
+}

@@ -370,6 +370,46 @@ for_both_modes! {
     an_undo_removes_the_manifest_before_any_vm_runs_again => |mode| manifest_gone_before_any_vm_runs_again(mode);
 }
 
+/// A saved reboot rolled back (the new daemon killed before the commit) whose resume of
+/// the VMs it paused fails: the answer and the log say which VM stays paused, never "the
+/// VMs run on"; each VM's state says paused, as it is; and resumed through the API it goes
+/// on where it was.
+#[test]
+fn a_vm_that_cannot_be_resumed_after_a_failed_saved_reboot_is_reported_paused() {
+    if !warmvm_vmm::testing::kvm_available("undo_resume_fail") {
+        return;
+    }
+    let mut s = setup(
+        "saved-undo-resume",
+        "saved",
+        "new:ready-sent:kill,old:undo-resume:fail",
+    );
+    let old = s.d.pid;
+    let e = s.reboot().expect_err("the reboot must fail");
+    for name in VMS {
+        assert!(
+            e.contains(&format!("VM {name} could not be resumed and stays paused")),
+            "{e}"
+        );
+    }
+    assert!(!e.contains("run on in this daemon"), "{e}");
+    assert!(
+        s.d.log()
+            .contains("cannot resume the VM after the reboot failed"),
+        "{}",
+        s.d.log()
+    );
+    assert_eq!(s.d.client().status().unwrap()["pid"], old);
+    assert!(!s.manifest().exists());
+    assert_eq!(s.names(), VMS);
+    for (i, name) in VMS.iter().enumerate() {
+        let now = show(&s.d, name);
+        assert_eq!(now["state"], "paused", "{now}");
+        s.d.client().resume(name).expect("resumed through the API");
+        s.went_on(i);
+    }
+}
+
 /// The old daemon killed while saving, after the first VM's snapshot and before the
 /// rest, with no manifest written: the VMs died with their owner. The next daemon brings
 /// none back (nothing says the snapshot on disk is not stale) and keeps that snapshot.

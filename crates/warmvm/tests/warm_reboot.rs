@@ -163,6 +163,105 @@ fn new_vmm_stopped_after_the_commit_before_its_claim_leaves_vms_running() {
     );
 }
 
+/// The old VMM itself late (here stopped past the ready budget after sending the state,
+/// while the new VMM is long ready): the budget bounds the blackout whichever side was
+/// late, so the reboot is abandoned and the VMs run on in the old VMM, although the new
+/// VMM's `Ready` is there to be read.
+#[test]
+fn an_old_vmm_late_past_the_ready_budget_gives_up_and_keeps_its_vms() {
+    fault_leaves_every_vm_running(
+        ("WARMVM_FAULT", "old:state-sent:delay:800"),
+        &["ready budget of 500 ms was spent", "restore phase"],
+    );
+    fault_leaves_every_vm_running(
+        ("WARMVM_FAULT", "old:quiesced:delay:800"),
+        &["ready budget of 500 ms was spent", "capture phase"],
+    );
+}
+
+/// The report of a reboot whose blackout is not known, as the demo prints it: the reboot
+/// happened (the VMs run on in the new VMM and verify), but the report says which step's
+/// outcome is unknown.
+fn unmeasured_reboot(fault: &str) -> (Vec<String>, Value, String) {
+    let (code, doc, stderr) = demo(&[], &[("WARMVM_FAULT", fault)]);
+    assert_eq!(code, Some(0), "{doc} {stderr}");
+    assert!(doc["warm_reboot_error"].is_null(), "{doc}");
+    assert_all_vms_verified(&doc);
+    let errors = doc["warm_reboot"]["errors"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{fault}: no errors in the report: {doc}"))
+        .iter()
+        .map(|e| e.as_str().unwrap_or_default().to_string())
+        .collect();
+    (errors, doc, stderr)
+}
+
+/// After the commit the VMs are the new VMM's whatever happens next; a vCPU that does not
+/// leave its park then is no 0 µs blackout but an error in the report (and the log), with
+/// the blackout given as what it is at least.
+#[test]
+fn a_vcpu_stuck_in_its_park_after_the_commit_is_reported_not_measured() {
+    if !warmvm_vmm::testing::kvm_available("stuck vCPU") {
+        return;
+    }
+    let (errors, doc, stderr) = unmeasured_reboot("new:vcpu-resume:delay:5500");
+    assert_eq!(errors.len(), 4, "one per VM's vCPU: {errors:?}");
+    for e in &errors {
+        assert!(e.contains("did not leave its park"), "{e}");
+    }
+    // Held 5.5 s, given up on after the 5 s vCPU response timeout.
+    let host = doc["warm_reboot"]["host_blackout_us"].as_u64().unwrap_or(0);
+    assert!(host >= 5_000_000, "a lower bound, not {host} µs: {doc}");
+    assert!(stderr.contains("did not leave its park"), "{stderr}");
+}
+
+/// The new VMM's report never reaches the old VMM (held past the old one's wait for it):
+/// the old VMM reports the reboot without figures and says so, never a 0 µs blackout; the
+/// new VMM says in its own report that its report went nowhere.
+#[test]
+fn a_report_that_never_reaches_the_old_vmm_is_no_figure() {
+    if !warmvm_vmm::testing::kvm_available("lost report") {
+        return;
+    }
+    let (errors, _doc, stderr) = unmeasured_reboot("new:running:delay:6500");
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("did not reach the old VMM")),
+        "{errors:?}"
+    );
+    assert!(
+        stderr.contains("the new VMM took the guests but sent no report"),
+        "{stderr}"
+    );
+}
+
+/// A chain carries its results from VMM to VMM, growing with every reboot; at 456 reboots
+/// of 8 VMs they outgrew one control message. Carried filler of 1 MiB (five times what a
+/// datagram holds) must arrive whole at every VMM along a chain.
+#[test]
+fn a_demo_chain_carrying_more_than_a_control_message_holds_passes() {
+    if !warmvm_vmm::testing::kvm_available("large carry") {
+        return;
+    }
+    let (code, doc, stderr) = demo(
+        &[
+            "--reboots",
+            "2",
+            "--reboot-interval-ms",
+            "50",
+            "--carry-filler-kib",
+            "1024",
+        ],
+        &[],
+    );
+    assert_eq!(code, Some(0), "{doc} {stderr}");
+    assert_eq!(doc["ok"], true, "{doc}");
+    assert!(doc["warm_reboot_error"].is_null(), "{doc}");
+    assert_eq!(doc["reboot_chain"]["reboots"].as_u64(), Some(2), "{doc}");
+    assert_all_vms_verified(&doc);
+}
+
 #[test]
 fn live_upgrade_to_a_different_build() {
     if !warmvm_vmm::testing::kvm_available("live_upgrade_to_a_different_build") {

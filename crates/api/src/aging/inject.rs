@@ -22,6 +22,9 @@ pub struct Injection {
     /// request fits: the allocator holds about half of this per second unused.
     pub fragment_bytes_per_sec: u64,
     pub latency_ms: u64,
+    /// Fill the monitor's history, events and reboot history to their bounds at once (see
+    /// `Monitor::fill_to_bounds`).
+    pub fill_to_bounds: bool,
 }
 
 /// Caps, so that a typo cannot take the test machine down.

@@ -357,6 +357,55 @@ impl Monitor {
         }
     }
 
+    /// Tests only (the fault-injection build's `PUT /v1/debug/aging`): fill the sample
+    /// history to its configured length (copies of a fresh sample, spaced a period apart
+    /// back in time), and the events and the reboot history to their bounds, so that a test
+    /// hands the largest carried state the settings allow to the next daemon without waiting
+    /// for it to accumulate. The reboots are dated over an hour back: none counts against
+    /// `max_per_hour`.
+    #[cfg(feature = "fault-injection")]
+    pub fn fill_to_bounds(&self) {
+        let fresh = sample::read(0, self.api_p99());
+        let mut g = self.lock();
+        let n = g.cfg.history as usize;
+        let period = g.cfg.period_ms;
+        let now = sample::now_ms();
+        let filler = (g.history.len()..n).map(|i| Sample {
+            t_ms: now.saturating_sub(period * (n - i) as u64),
+            ..fresh.clone()
+        });
+        let mut filled: VecDeque<Sample> = filler.collect();
+        filled.extend(g.history.drain(..));
+        g.history = filled;
+        while g.events.len() < MAX_EVENTS {
+            push_event(
+                &mut g.events,
+                Event {
+                    t_ms: now,
+                    pid: std::process::id(),
+                    action: Action::Skip,
+                    reason: RebootReason::Schedule,
+                    detail: "filled in for a test of the carried state's size".into(),
+                },
+            );
+        }
+        let old = now.saturating_sub(2 * 3_600_000);
+        while g.reboots.len() < MAX_REBOOTS {
+            g.reboots.insert(
+                0,
+                RebootRecord {
+                    t_ms: old,
+                    reason: RebootReason::Manual,
+                    from_pid: 1,
+                    to_pid: std::process::id(),
+                    host_blackout_us: 1,
+                    mode: Some(crate::modes::Mode::Warm),
+                    downtime_us: None,
+                },
+            );
+        }
+    }
+
     pub fn history(&self) -> AgingHistory {
         AgingHistory {
             samples: self.lock().history.iter().cloned().collect(),

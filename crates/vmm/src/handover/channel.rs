@@ -1,18 +1,41 @@
 //! The control channel between the old and the new VMM: a SOCK_SEQPACKET socket pair, so
 //! each message keeps its boundaries and carries its file descriptors (SCM_RIGHTS) with it.
+//!
+//! A datagram is bounded by the socket's send buffer (about 208 KiB by default, less on a
+//! host that lowers `net.core.wmem_default`), while some messages grow with what they carry
+//! (the daemon's settings and aging history, a demo's results, a VM with many vCPUs). A
+//! message larger than [`MAX_INLINE`] therefore travels sealed: its bytes in an envelope in
+//! a sealed memfd, passed as the first fd of a datagram that holds only [`SEALED_MARKER`]
+//! (the encoding of `Msg::Sealed`), the message's own fds after it. Smaller messages go as
+//! they always did, so an older build reads them; one that predates sealed messages refuses
+//! a sealed one as an unknown message, before any commit.
 
 use std::fs::File;
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::io::Write;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixDatagram;
 use std::time::Duration;
 
 use serde::{de::DeserializeOwned, Serialize};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
-use super::HandoverError;
+use super::{envelope, HandoverError};
 
-/// Largest control message (the bulky state travels in a memfd instead).
+/// Largest datagram this build reads (older builds sent up to this much inline).
 const MAX_MESSAGE: usize = 256 << 10;
+/// Largest message sent inline; a larger one travels sealed (see the module's doc). Well
+/// under any socket send buffer.
+pub const MAX_INLINE: usize = 64 << 10;
+/// The datagram of a sealed message: MessagePack's encoding of the unit variant
+/// `Msg::Sealed` (a string of 6 bytes).
+pub const SEALED_MARKER: &[u8] = b"\xa6Sealed";
+/// A sealed message's envelope: its own magic, so it is never read as another state.
+pub const SEALED_KIND: super::envelope::Kind = super::envelope::Kind {
+    magic: *b"WARMVMMS",
+    what: "a warmvm control message",
+    min_version: 1,
+    max_version: 1,
+};
 /// Most fds one message may carry (the kernel's SCM_MAX_FD is 253).
 pub const MAX_FDS: usize = 250;
 
@@ -57,23 +80,59 @@ impl Channel {
             .map_err(|e| HandoverError::Io(format!("channel timeout: {e}")))
     }
 
+    /// Wait at most `timeout` until a message (or the peer's end) is there to be read; true
+    /// if it is. Unlike the receive timeout, which the kernel counts in scheduler ticks (a
+    /// 1 µs timeout waits a whole tick), this waits on a high-resolution timer, so a
+    /// deadline is kept to within the timer's slack.
+    pub fn wait_readable(&self, timeout: Duration) -> Result<bool, HandoverError> {
+        let mut pfd = libc::pollfd {
+            fd: self.sock.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ts = libc::timespec {
+            tv_sec: timeout.as_secs().min(i64::MAX as u64) as libc::time_t,
+            tv_nsec: timeout.subsec_nanos() as libc::c_long,
+        };
+        // SAFETY: one valid pollfd and a timespec on the stack, both outliving the call; no
+        // signal mask is changed.
+        match unsafe { libc::ppoll(&mut pfd, 1, &ts, std::ptr::null()) } {
+            n if n > 0 => Ok(true),
+            0 => Ok(false),
+            _ => {
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() == Some(libc::EINTR) {
+                    // Early: the caller checks its deadline and waits again.
+                    Ok(false)
+                } else {
+                    Err(HandoverError::Io(format!("poll: {e}")))
+                }
+            }
+        }
+    }
+
     pub fn send<T: Serialize>(&self, msg: &T, fds: &[RawFd]) -> Result<(), HandoverError> {
+        let bytes =
+            rmp_serde::to_vec_named(msg).map_err(|e| HandoverError::Encode(e.to_string()))?;
+        if bytes.len() <= MAX_INLINE {
+            return self.send_datagram(&bytes, fds);
+        }
+        let memfd = seal_message(&bytes)?;
+        let mut all = Vec::with_capacity(fds.len() + 1);
+        all.push(memfd.as_raw_fd());
+        all.extend_from_slice(fds);
+        self.send_datagram(SEALED_MARKER, &all)
+    }
+
+    fn send_datagram(&self, bytes: &[u8], fds: &[RawFd]) -> Result<(), HandoverError> {
         if fds.len() > MAX_FDS {
             return Err(HandoverError::Io(format!(
                 "{} fds in one message",
                 fds.len()
             )));
         }
-        let bytes =
-            rmp_serde::to_vec_named(msg).map_err(|e| HandoverError::Encode(e.to_string()))?;
-        if bytes.len() > MAX_MESSAGE {
-            return Err(HandoverError::Encode(format!(
-                "message of {} bytes",
-                bytes.len()
-            )));
-        }
         loop {
-            match self.sock.send_with_fds(&[&bytes[..]], fds) {
+            match self.sock.send_with_fds(&[bytes], fds) {
                 Ok(_) => return Ok(()),
                 Err(e) if e.errno() == libc::EINTR => continue,
                 // The other end is closed: its process has exited (or closed it on purpose).
@@ -110,7 +169,7 @@ impl Channel {
                 Err(e) => return Err(HandoverError::Io(format!("recv: {e}"))),
             }
         };
-        let files: Vec<File> = raw_fds[..nfds]
+        let mut files: Vec<File> = raw_fds[..nfds]
             .iter()
             .map(|&fd| {
                 // recvmsg (without MSG_CMSG_CLOEXEC) leaves them inheritable: a later warm
@@ -125,8 +184,147 @@ impl Channel {
         if len == 0 {
             return Err(HandoverError::PeerGone);
         }
-        let msg = rmp_serde::from_slice(&buf[..len])
+        let bytes = if &buf[..len] == SEALED_MARKER {
+            if files.is_empty() {
+                return Err(HandoverError::BadState(
+                    "a sealed control message without its memfd".into(),
+                ));
+            }
+            buf = unseal_message(files.remove(0))?;
+            &buf[..]
+        } else {
+            &buf[..len]
+        };
+        let msg = rmp_serde::from_slice(bytes)
             .map_err(|e| HandoverError::BadState(format!("control message: {e}")))?;
         Ok((msg, files))
+    }
+}
+
+/// A message's bytes in an envelope, in a sealed memfd.
+fn seal_message(bytes: &[u8]) -> Result<File, HandoverError> {
+    let too_big = || HandoverError::Encode(format!("message of {} bytes", bytes.len()));
+    if bytes.len() as u64 > envelope::MAX_PAYLOAD {
+        return Err(too_big());
+    }
+    let mut out = Vec::with_capacity(bytes.len() + 64);
+    envelope::write_header(&mut out, &SEALED_KIND, 1, bytes)
+        .and_then(|()| out.write_all(bytes).map_err(|_| too_big()))?;
+    envelope::to_sealed_memfd(&out)
+}
+
+/// The bytes of a sealed message, checked (sealed memfd, magic, length, checksum).
+fn unseal_message(file: File) -> Result<Vec<u8>, HandoverError> {
+    let mut bytes = envelope::from_sealed_memfd(file)?;
+    let (_, payload) = envelope::open_as(&SEALED_KIND, &bytes)?;
+    let start = bytes.len() - payload.len();
+    bytes.drain(..start);
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::handover::state::Msg;
+    use std::io::Read;
+
+    fn pair() -> (Channel, Channel) {
+        let (a, b) = Channel::pair().unwrap();
+        (a, Channel::from_fd(b))
+    }
+
+    /// What a daemon hands its successor grows with its aging history, a demo's with every
+    /// reboot: far beyond what one datagram can hold, it must arrive whole, fds and all.
+    #[test]
+    fn a_message_larger_than_a_datagram_arrives_whole_with_its_fds() {
+        let (a, b) = pair();
+        let history: Vec<serde_json::Value> = (0..100_000)
+            .map(|i| serde_json::json!({"t_ms": i, "values": {"open_fds": 12.0, "threads": 9.0}}))
+            .collect();
+        let extra = serde_json::json!({"aging": {"history": history}});
+        let mut side = tempfile_with(b"beside");
+        let msg = Msg::PrepareDone {
+            extra: extra.clone(),
+            extra_fd_names: vec!["side".into()],
+        };
+        assert!(rmp_serde::to_vec_named(&msg).unwrap().len() > 4 * MAX_MESSAGE);
+        // Sent from another thread: the receiver must be reading while a datagram the
+        // size of the socket buffer is written.
+        let sender = std::thread::spawn(move || {
+            a.send(&msg, &[side.as_raw_fd()]).unwrap();
+            side.flush().unwrap();
+            a
+        });
+        let (got, mut files) = b.recv::<Msg>().unwrap();
+        let _a = sender.join().unwrap();
+        match got {
+            Msg::PrepareDone {
+                extra: got,
+                extra_fd_names,
+            } => {
+                assert_eq!(got, extra);
+                assert_eq!(extra_fd_names, ["side"]);
+            }
+            other => panic!("got {other:?}"),
+        }
+        assert_eq!(files.len(), 1, "the message's own fd, without the memfd");
+        let mut text = String::new();
+        files[0].seek_start_and_read(&mut text);
+        assert_eq!(text, "beside");
+    }
+
+    /// Small messages go as they always did, so an older build still reads them.
+    #[test]
+    fn a_small_message_stays_inline() {
+        let (a, b) = pair();
+        a.send(&Msg::Prepared { pid: 7 }, &[]).unwrap();
+        let mut buf = [0u8; 64];
+        let n = b.sock.recv(&mut buf).unwrap();
+        assert_eq!(
+            &buf[..n],
+            rmp_serde::to_vec_named(&Msg::Prepared { pid: 7 }).unwrap()
+        );
+    }
+
+    #[test]
+    fn the_sealed_marker_is_the_encoding_of_its_message() {
+        assert_eq!(
+            rmp_serde::to_vec_named(&Msg::Sealed).unwrap(),
+            SEALED_MARKER
+        );
+    }
+
+    /// A marker without its memfd, or with a memfd that is not a sealed message, is refused.
+    #[test]
+    fn a_sealed_message_without_a_sound_memfd_is_refused() {
+        let (a, b) = pair();
+        a.send_datagram(SEALED_MARKER, &[]).unwrap();
+        let err = b.recv::<Msg>().unwrap_err().to_string();
+        assert!(err.contains("without its memfd"), "{err}");
+        let state = envelope::encode(&1u32, envelope::FORMAT_VERSION).unwrap();
+        let memfd = envelope::to_sealed_memfd(&state).unwrap();
+        a.send_datagram(SEALED_MARKER, &[memfd.as_raw_fd()])
+            .unwrap();
+        let err = b.recv::<Msg>().unwrap_err().to_string();
+        assert!(err.contains("not a warmvm control message"), "{err}");
+    }
+
+    trait ReadAll {
+        fn seek_start_and_read(&mut self, out: &mut String);
+    }
+
+    impl ReadAll for File {
+        fn seek_start_and_read(&mut self, out: &mut String) {
+            use std::io::Seek;
+            self.seek(std::io::SeekFrom::Start(0)).unwrap();
+            self.read_to_string(out).unwrap();
+        }
+    }
+
+    fn tempfile_with(bytes: &[u8]) -> File {
+        // SAFETY: a static name; we own the new fd.
+        let mut f = unsafe { File::from_raw_fd(libc::memfd_create(c"t".as_ptr(), 0)) };
+        f.write_all(bytes).unwrap();
+        f
     }
 }

@@ -54,14 +54,33 @@ pub fn encode_as<T: Serialize>(
     let payload =
         rmp_serde::to_vec_named(value).map_err(|e| HandoverError::Encode(e.to_string()))?;
     let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
+    write_header(&mut out, kind, version, &payload)?;
+    out.extend_from_slice(&payload);
+    Ok(out)
+}
+
+/// Append the header of an envelope of `kind` around `payload` (which the caller appends
+/// next) to `out`.
+pub fn write_header(
+    out: &mut Vec<u8>,
+    kind: &Kind,
+    version: u32,
+    payload: &[u8],
+) -> Result<(), HandoverError> {
+    if payload.len() as u64 > MAX_PAYLOAD {
+        return Err(HandoverError::Encode(format!(
+            "{} of {} bytes is over the limit of {MAX_PAYLOAD}",
+            kind.what,
+            payload.len()
+        )));
+    }
     out.extend_from_slice(&kind.magic);
     out.extend_from_slice(&version.to_le_bytes());
     out.extend_from_slice(&0u32.to_le_bytes());
     out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-    out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
     out.extend_from_slice(&0u32.to_le_bytes());
-    out.extend_from_slice(&payload);
-    Ok(out)
+    Ok(())
 }
 
 /// Check and decode an envelope. Returns the value and the format version it was written in.

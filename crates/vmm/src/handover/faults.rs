@@ -9,8 +9,10 @@
 //! The fault is named by `WARMVM_FAULT=<side>:<point>:<action>` (several separated by `,`),
 //! where side is `old` or `new`, point is one of [`Point`]'s names (kebab-case), and action
 //! is `kill` (SIGKILL itself), `stop:<ms>` (SIGSTOP itself, continued after `ms` by a forked
-//! child), `delay:<ms>` (sleep on the handover thread) or `panic`. The variable is inherited
-//! by the new VMM, so one setting can target either side.
+//! child), `delay:<ms>` (sleep on the thread that reaches the point), `panic`, or `fail`
+//! (the step at the point fails as if the kernel had refused it; only points whose step can
+//! fail by itself act on it, see [`fails`]). The variable is inherited by the new VMM, so
+//! one setting can target either side.
 
 /// Which VMM a fault point belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,23 +79,37 @@ pub enum Point {
     NewClaimedOne,
     /// The first VM runs; the next ones are not brought back yet.
     NewBroughtBackOne,
+    /// Saved reboot rolled back: a VM held aside is about to be resumed in the old daemon
+    /// (`fail`: the resume fails).
+    OldUndoResume,
+    /// Each vCPU thread of the new VMM, ordered to run after the commit, before it leaves
+    /// its park (`delay` longer than the vCPU response timeout: a vCPU stuck in its park).
+    NewVcpuResume,
 }
 
 impl Point {
     /// Every point, the warm handover's first.
-    pub const ALL: [Point; 24] = {
-        let mut all = [Point::OldSpawned; 24];
+    pub const ALL: [Point; 26] = {
+        let mut all = [Point::OldSpawned; 26];
         let mut i = 0;
         while i < Self::HANDOVER.len() {
             all[i] = Self::HANDOVER[i];
             i += 1;
         }
-        while i < all.len() {
+        while i < Self::HANDOVER.len() + Self::REBOOT_MODES.len() {
             all[i] = Self::REBOOT_MODES[i - Self::HANDOVER.len()];
+            i += 1;
+        }
+        while i < all.len() {
+            all[i] = Self::STEPS[i - Self::HANDOVER.len() - Self::REBOOT_MODES.len()];
             i += 1;
         }
         all
     };
+
+    /// Points inside a step rather than between two (reached on other threads, or only on
+    /// a roll-back): the fault campaign does not walk them.
+    pub const STEPS: [Point; 2] = [Point::OldUndoResume, Point::NewVcpuResume];
 
     /// The points only a saved or cold reboot reaches, in the order they come.
     pub const REBOOT_MODES: [Point; 6] = [
@@ -131,7 +147,8 @@ impl Point {
         use Point::*;
         match self {
             OldSpawned | OldStaged | OldPrepared | OldQuiesced | OldCaptured | OldStateSent
-            | OldReady | OldCommitted | OldDone | OldSaving | OldManifest | OldUndoing => Side::Old,
+            | OldReady | OldCommitted | OldDone | OldSaving | OldManifest | OldUndoing
+            | OldUndoResume => Side::Old,
             _ => Side::New,
         }
     }
@@ -162,6 +179,8 @@ impl Point {
             NewBringBack => "bring-back",
             NewClaimedOne => "claimed-one",
             NewBroughtBackOne => "brought-back-one",
+            OldUndoResume => "undo-resume",
+            NewVcpuResume => "vcpu-resume",
         }
     }
 }
@@ -198,6 +217,8 @@ pub enum Action {
     Delay(u64),
     /// Panic on the thread that hit the point.
     Panic,
+    /// The step at the point fails (see [`fails`]).
+    Fail,
 }
 
 impl std::fmt::Display for Action {
@@ -207,6 +228,7 @@ impl std::fmt::Display for Action {
             Action::Stop(ms) => write!(f, "stop:{ms}"),
             Action::Delay(ms) => write!(f, "delay:{ms}"),
             Action::Panic => write!(f, "panic"),
+            Action::Fail => write!(f, "fail"),
         }
     }
 }
@@ -242,7 +264,7 @@ pub enum FaultSpecError {
         side: &'static str,
         point: String,
     },
-    #[error("{entry:?}: unknown action (kill, stop:<ms>, delay:<ms>, panic)")]
+    #[error("{entry:?}: unknown action (kill, stop:<ms>, delay:<ms>, panic, fail)")]
     Action { entry: String },
     #[error("{entry:?}: milliseconds must be a whole number up to {MAX_FAULT_MS}")]
     Millis { entry: String },
@@ -292,6 +314,7 @@ fn parse_entry(entry: &str) -> Result<Fault, FaultSpecError> {
     let action = match (action, arg) {
         ("kill", None) => Action::Kill,
         ("panic", None) => Action::Panic,
+        ("fail", None) => Action::Fail,
         ("stop", arg) => Action::Stop(millis(arg)?),
         ("delay", arg) => Action::Delay(millis(arg)?),
         _ => return Err(FaultSpecError::Action { entry: owned() }),
@@ -309,6 +332,19 @@ pub fn hit(point: Point) {
     imp::hit(point);
     #[cfg(not(feature = "fault-injection"))]
     let _ = point;
+}
+
+/// Act on `point` as [`hit`] does, and say whether `WARMVM_FAULT` makes its step fail
+/// (`fail`); always false in a build without the `fault-injection` feature.
+#[inline]
+pub fn fails(point: Point) -> bool {
+    #[cfg(feature = "fault-injection")]
+    return imp::fails(point);
+    #[cfg(not(feature = "fault-injection"))]
+    {
+        let _ = point;
+        false
+    }
 }
 
 #[cfg(feature = "fault-injection")]
@@ -350,8 +386,17 @@ mod imp {
                 }
                 Action::Delay(ms) => std::thread::sleep(Duration::from_millis(ms)),
                 Action::Panic => panic!("fault injected: {fault}"),
+                // Only the step's own code can fail it: see `fails`.
+                Action::Fail => {}
             }
         }
+    }
+
+    pub(super) fn fails(point: Point) -> bool {
+        hit(point);
+        faults()
+            .iter()
+            .any(|f| f.point == point && f.action == Action::Fail)
     }
 
     /// SIGSTOP this whole process for `ms`: a forked child waits until the process is
@@ -453,6 +498,18 @@ mod tests {
         assert_eq!(Point::find(Side::Old, "commit"), None);
         assert_eq!(Point::find(Side::New, "committed"), None);
         assert!(Point::HANDOVER.iter().all(|p| Point::ALL.contains(p)));
+        assert!(Point::STEPS.iter().all(|p| Point::ALL.contains(p)));
+        assert_eq!(
+            parse("old:undo-resume:fail").0,
+            vec![Fault {
+                point: Point::OldUndoResume,
+                action: Action::Fail
+            }]
+        );
+        assert_eq!(
+            parse("new:vcpu-resume:delay:5").0[0].point,
+            Point::NewVcpuResume
+        );
         assert_eq!(
             parse("new:brought-back-one:kill,old:saving:stop:5").0,
             vec![

@@ -211,13 +211,13 @@ impl<'a> Session<'a> {
         }
         let commit_us = t_commit.elapsed().as_micros() as u64;
         let t_resume = Instant::now();
-        let blackouts = resume(&staged.vms, &lifecycles);
+        let (blackouts, errors) = resume(&staged.vms, &lifecycles);
         drop(realtime);
         // The guests run here now: a bug from here on must not unwind past them (the
         // process would end, and they with it). It costs the report at most.
         let reported = super::contain(|| {
             faults::hit(Point::NewRunning);
-            let report = self.report(
+            let mut report = self.report(
                 &staged,
                 state.bytes,
                 &blackouts,
@@ -231,10 +231,18 @@ impl<'a> Session<'a> {
                     commit_us,
                     resume_us: t_resume.elapsed().as_micros() as u64,
                 },
+                errors,
             );
-            let _ = self
+            if let Err(e) = self
                 .channel
-                .send(&Msg::Resumed(Box::new(report.clone())), &[]);
+                .send(&Msg::Resumed(Box::new(report.clone())), &[])
+            {
+                // The VMs are ours and run: only the old VMM's account of the reboot
+                // suffers (it reports one without figures). Said here, and in our own report.
+                let why = format!("the report did not reach the old VMM: {e}");
+                tracing::error!(error = %e, "the report did not reach the old VMM; it reports this reboot without figures");
+                report.errors.push(why);
+            }
             faults::hit(Point::NewReported);
             report
         });
@@ -245,6 +253,9 @@ impl<'a> Session<'a> {
                 state_format: self.format,
                 commit_protocol: self.format >= 3,
                 to_binary: Some(crate::executable::info()),
+                errors: vec![format!(
+                    "the takeover hit a bug once the guests ran ({e}): the blackout was not measured"
+                )],
                 ..Default::default()
             }
         });
@@ -456,6 +467,7 @@ impl<'a> Session<'a> {
         blackouts: &[(u64, u64)],
         host_first_stop_ns: u64,
         phases: PhaseTimes,
+        errors: Vec<String>,
     ) -> RebootReport {
         let host_last_resume = blackouts.iter().map(|b| b.1).max().unwrap_or(0);
         RebootReport {
@@ -479,16 +491,26 @@ impl<'a> Session<'a> {
             state_bytes,
             state_format: self.format,
             commit_protocol: self.format >= 3,
+            errors,
         }
     }
 
     fn adopted(&self, staged: Staged, report: RebootReport, state_dir: &Path) -> Adopted {
-        tracing::info!(
-            vms = staged.vms.len(),
-            host_blackout_us = report.host_blackout_us,
-            state_format = self.format,
-            "took over"
-        );
+        if report.is_measured() {
+            tracing::info!(
+                vms = staged.vms.len(),
+                host_blackout_us = report.host_blackout_us,
+                state_format = self.format,
+                "took over"
+            );
+        } else {
+            tracing::warn!(
+                vms = staged.vms.len(),
+                state_format = self.format,
+                errors = ?report.errors,
+                "took over, but not every step is known to have succeeded: the blackout was not measured"
+            );
+        }
         Adopted {
             host: Host::adopted(staged.hv, staged.vms, state_dir),
             extra: staged.extra,
@@ -626,9 +648,11 @@ pub(crate) fn restore_platform(
         .map_err(|e| bad(e.to_string()))
 }
 
-/// Let every restored VM go, as it was in the old VMM. Nothing here can fail: this runs
-/// after `Commit`. Returns each VM's (first vCPU stop, last vCPU resume) in ns.
-fn resume(vms: &[Arc<Vm>], lifecycles: &[LifecycleState]) -> Vec<(u64, u64)> {
+/// Let every restored VM go, as it was in the old VMM. Nothing here can give the VMs back:
+/// this runs after `Commit`. Returns each VM's (first vCPU stop, last vCPU resume) in ns,
+/// and what could not be confirmed: a vCPU that did not leave its park within the vCPU
+/// response timeout (its VM's figure is then only a lower bound, the time waited).
+fn resume(vms: &[Arc<Vm>], lifecycles: &[LifecycleState]) -> (Vec<(u64, u64)>, Vec<String>) {
     for (vm, lifecycle) in vms.iter().zip(lifecycles) {
         *vm.shared.lifecycle() = to_lifecycle(lifecycle);
         // A paused VM's devices start serving when the VM is resumed.
@@ -637,22 +661,42 @@ fn resume(vms: &[Arc<Vm>], lifecycles: &[LifecycleState]) -> Vec<(u64, u64)> {
         }
         if *lifecycle == LifecycleState::Running {
             for h in vm.handles() {
+                #[cfg(feature = "fault-injection")]
+                h.arm_resume_fault();
                 h.request_run(&vm.shared);
             }
         }
     }
     let mut times = Vec::new();
+    let mut errors = Vec::new();
+    let deadline = Instant::now() + VCPU_RESPONSE_TIMEOUT;
     for (vm, lifecycle) in vms.iter().zip(lifecycles) {
         let mut last_resume = 0;
         if *lifecycle == LifecycleState::Running {
             for h in vm.handles() {
-                h.wait_running(VCPU_RESPONSE_TIMEOUT);
-                last_resume = last_resume.max(h.park_times().1);
+                if h.wait_running(deadline.saturating_duration_since(Instant::now())) {
+                    last_resume = last_resume.max(h.park_times().1);
+                    continue;
+                }
+                // Still parked: its stop has not ended, so its VM's blackout is at least
+                // the time until now.
+                last_resume = last_resume.max(monotonic_ns());
+                tracing::error!(
+                    vm = %vm.name(),
+                    vcpu = h.id,
+                    "a vCPU did not leave its park after the handover: its VM's blackout is not known"
+                );
+                errors.push(format!(
+                    "VM {}: vCPU {} did not leave its park within {} ms of the order to run; its blackout is at least the figure given",
+                    vm.name(),
+                    h.id,
+                    VCPU_RESPONSE_TIMEOUT.as_millis()
+                ));
             }
         }
         times.push((vm.first_stop_ns(), last_resume));
     }
-    times
+    (times, errors)
 }
 
 /// From now on write to the old VMM's stderr directly, not through its relay (which ends

@@ -18,7 +18,9 @@ use super::channel::Channel;
 use super::commit_flag::CommitFlag;
 use super::envelope;
 use super::faults::{self, Point};
-use super::state::{HandoverState, LifecycleState, Msg, Phase, RebootReport, VmRecord, VmRuntime};
+use super::state::{
+    HandoverState, LifecycleState, Msg, Phase, PhaseTimes, RebootReport, VmRecord, VmRuntime,
+};
 use super::stderr::StderrRelay;
 use super::{HandoverError, COMMIT_FLAG_FD, STDERR_FD};
 use crate::vcpu::monotonic_ns;
@@ -140,13 +142,19 @@ pub fn warm_reboot(host: &Host, opts: &RebootOptions) -> Result<Handed, RebootEr
     let host_first_stop = monotonic_ns();
     // The step reached, for a panic's report.
     let reached = std::cell::Cell::new(Phase::Quiesce);
-    let ready = || -> Result<u64, RebootError> {
+    let ready = || -> Result<(u64, PhaseTimes), RebootError> {
         quiesce(&vms, boost, ready_deadline).map_err(at(Phase::Quiesce))?;
         faults::hit(Point::OldQuiesced);
         let quiesce_us = t_quiesce.elapsed().as_micros() as u64;
         let t_capture = Instant::now();
         reached.set(Phase::Capture);
         let records = capture(&vms, ready_deadline).map_err(at(Phase::Capture))?;
+        let phases = PhaseTimes {
+            stage_us,
+            quiesce_us,
+            capture_us: t_capture.elapsed().as_micros() as u64,
+            ..Default::default()
+        };
         let state = HandoverState {
             sender: crate::build(),
             captured_at_ns: monotonic_ns(),
@@ -157,6 +165,10 @@ pub fn warm_reboot(host: &Host, opts: &RebootOptions) -> Result<Handed, RebootEr
             stage_us,
         };
         faults::hit(Point::OldCaptured);
+        if Instant::now() >= ready_deadline {
+            // The new VMM could not be ready in time: don't make it try.
+            return Err(at(Phase::Capture)(late(opts.ready_budget, "the capture")));
+        }
         reached.set(Phase::Transfer);
         let bytes = envelope::encode(&state, envelope::FORMAT_VERSION)
             .and_then(|b| envelope::to_sealed_memfd(&b).map(|memfd| (b.len(), memfd)))
@@ -166,6 +178,12 @@ pub fn warm_reboot(host: &Host, opts: &RebootOptions) -> Result<Handed, RebootEr
             })
             .map_err(at(Phase::Transfer))?;
         faults::hit(Point::OldStateSent);
+        if Instant::now() >= ready_deadline {
+            return Err(at(Phase::Restore)(late(
+                opts.ready_budget,
+                "sending the state",
+            )));
+        }
         reached.set(Phase::Restore);
         match recv_by(&channel, ready_deadline, "Ready").map_err(at(Phase::Restore))? {
             Msg::Ready => {}
@@ -177,8 +195,13 @@ pub fn warm_reboot(host: &Host, opts: &RebootOptions) -> Result<Handed, RebootEr
                 )))
             }
         }
+        // Read in time, or it does not count: the budget bounds the blackout, whichever
+        // VMM was late.
+        if Instant::now() > ready_deadline {
+            return Err(at(Phase::Restore)(late(opts.ready_budget, "the restore")));
+        }
         faults::hit(Point::OldReady);
-        Ok(bytes)
+        Ok((bytes, phases))
     };
     // Before `Commit` a panic here is a failure like any other: the guests resume here.
     let ready = super::contain(ready).unwrap_or_else(|e| Err(at(reached.get())(e)));
@@ -192,14 +215,18 @@ pub fn warm_reboot(host: &Host, opts: &RebootOptions) -> Result<Handed, RebootEr
         tracing::error!(error = %failed, "warm reboot aborted; the VMs run on in this VMM");
         failed
     };
-    if let Err(failed) = ready {
-        // Tell the new VMM to discard its VMs (it is killed either way). It has not been
-        // sent `Commit`, so it cannot have claimed them; revoking makes sure it never will.
-        flag.revoke();
-        let _ = channel.send(&Msg::Abort, &[]);
-        let error = said_why(&channel, failed.phase, failed.error);
-        return Err(take_back(at(failed.phase)(error)));
-    }
+    let (state_bytes, phases) = match ready {
+        Ok(ready) => ready,
+        Err(failed) => {
+            // Tell the new VMM to discard its VMs (it is killed either way). It has not
+            // been sent `Commit`, so it cannot have claimed them; revoking makes sure it
+            // never will.
+            flag.revoke();
+            let _ = channel.send(&Msg::Abort, &[]);
+            let error = said_why(&channel, failed.phase, failed.error);
+            return Err(take_back(at(failed.phase)(error)));
+        }
+    };
     if let Err(e) = channel.send(&Msg::Commit, &[]) {
         // Not delivered: the new VMM's end is closed, so it never saw `Commit`.
         flag.revoke();
@@ -226,13 +253,18 @@ pub fn warm_reboot(host: &Host, opts: &RebootOptions) -> Result<Handed, RebootEr
         _ => None,
     };
     // Committed and claimed: the VMs are the new VMM's now. Nothing from here on may kill
-    // the new VMM or touch the guests, a panic included: it only costs the report.
+    // the new VMM or touch the guests, a panic included: it only costs the report, which
+    // then says how long the guests were stopped is not known here, never 0 µs.
     let new_pid = peer.pid;
-    let unknown = || RebootReport {
+    let unknown = |why: String| RebootReport {
         new_pid,
+        from_build: crate::build(),
+        phases: phases.clone(),
+        state_bytes,
         state_format: envelope::FORMAT_VERSION,
         commit_protocol: true,
         from_binary: Some(crate::executable::info()),
+        errors: vec![why],
         ..Default::default()
     };
     let report = super::contain(|| {
@@ -249,9 +281,15 @@ pub fn warm_reboot(host: &Host, opts: &RebootOptions) -> Result<Handed, RebootEr
             None => match recv_by(&channel, Instant::now() + REPORT_TIMEOUT, "report") {
                 Ok(Msg::Resumed(report)) => *report,
                 other => {
-                    tracing::warn!(answer = ?other.map(|m| format!("{m:?}")),
-                        "the new VMM took the guests but sent no report");
-                    unknown()
+                    let why = match other {
+                        Ok(msg) => format!("it answered {msg:?}"),
+                        Err(e) => e.to_string(),
+                    };
+                    tracing::error!(error = %why,
+                        "the new VMM took the guests but sent no report: this reboot has no blackout figure");
+                    unknown(format!(
+                        "the new VMM took the VMs over but sent no report ({why}): the blackout was not measured"
+                    ))
                 }
             },
         };
@@ -259,6 +297,9 @@ pub fn warm_reboot(host: &Host, opts: &RebootOptions) -> Result<Handed, RebootEr
             from_binary: Some(crate::executable::info()),
             ..report
         };
+        if !report.is_measured() {
+            tracing::warn!(errors = ?report.errors, "warm reboot done, but not every step is known to have succeeded");
+        }
         faults::hit(Point::OldDone);
         report
     })
@@ -267,7 +308,9 @@ pub fn warm_reboot(host: &Host, opts: &RebootOptions) -> Result<Handed, RebootEr
             *vm.shared.lifecycle() = Lifecycle::HandedOver;
         }
         tracing::error!(error = %e, "after the commit: the VMs are the new VMM's");
-        unknown()
+        unknown(format!(
+            "the old VMM hit a bug after the commit ({e}): the blackout was not measured"
+        ))
     });
     let child = peer.release();
     Ok(Handed { report, child })
@@ -304,11 +347,33 @@ fn said_why(channel: &Channel, phase: Phase, error: HandoverError) -> HandoverEr
     }
 }
 
-/// Receive one message by `deadline`.
+/// The ready budget ran out while this VMM itself was busy with `step`.
+fn late(budget: Duration, step: &str) -> HandoverError {
+    HandoverError::Timeout(format!(
+        "the ready budget of {} ms was spent by the end of {step}",
+        budget.as_millis()
+    ))
+}
+
+/// How long a receive may block once a message is known to be there (it never should).
+const RECV_SAFETY_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Receive one message by `deadline`. The wait is on a high-resolution timer (the receive
+/// timeout would round up to a scheduler tick), and nothing is waited for once the deadline
+/// has passed: a message only read after it was not received in time.
 fn recv_by(channel: &Channel, deadline: Instant, what: &str) -> Result<Msg, HandoverError> {
-    let left = deadline.saturating_duration_since(Instant::now());
-    // SO_RCVTIMEO of zero means "block forever": wait at least a microsecond.
-    channel.set_timeout(Some(left.max(Duration::from_micros(1))))?;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(HandoverError::Timeout(format!(
+                "the new VMM sent no {what} within the time allowed"
+            )));
+        }
+        if channel.wait_readable(left)? {
+            break;
+        }
+    }
+    channel.set_timeout(Some(RECV_SAFETY_TIMEOUT))?;
     match channel.recv::<Msg>() {
         Ok((msg, _)) => Ok(msg),
         Err(HandoverError::Timeout(_)) => Err(HandoverError::Timeout(format!(

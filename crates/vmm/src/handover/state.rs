@@ -52,6 +52,10 @@ pub(crate) enum Msg {
     Abort,
     /// Format 3, either way: giving up, and why.
     Refused(Failure),
+    /// Either way, never decoded as such: the datagram of a message too large to travel
+    /// inline, which follows in a sealed memfd (see `channel`). Builds that predate it
+    /// refuse it as an unknown message.
+    Sealed,
 }
 
 /// The steps of a warm reboot, to say where one failed.
@@ -423,6 +427,13 @@ pub struct RebootReport {
     /// Whether the handover had a commit point (false when an older build handed over).
     #[serde(default)]
     pub commit_protocol: bool,
+    /// Steps after the commit whose outcome is not known: a vCPU that did not leave its
+    /// park in time, a report that never reached the old VMM. The VMs are the new VMM's
+    /// all the same (nothing after the commit can give them back), but the figures above
+    /// are then incomplete, not a measurement. Empty when every step is known to have
+    /// succeeded. Added in format 3 (older builds send none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<String>,
     /// The executable that handed over: filled in by the old VMM itself (absent when an
     /// older build handed over).
     #[serde(default)]
@@ -430,6 +441,14 @@ pub struct RebootReport {
     /// The executable that took over (absent when the new VMM is an older build).
     #[serde(default)]
     pub to_binary: Option<crate::executable::BinaryInfo>,
+}
+
+impl RebootReport {
+    /// Whether every figure was measured: no step's outcome is unknown. Only such reports
+    /// may be counted as blackout figures.
+    pub fn is_measured(&self) -> bool {
+        self.errors.is_empty()
+    }
 }
 
 #[cfg(test)]
