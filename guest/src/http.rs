@@ -22,6 +22,12 @@ const RX_BUF: usize = 4096;
 const TX_BUF: usize = 32 * 1024;
 const REQ_MAX: usize = 2048;
 const HEAD_MAX: usize = 512;
+/// smoltcp sends no zero-window probes, and when its retransmission timer fires while it
+/// sees no window it keeps no timer at all. A peer with nothing more to say (Linux, having
+/// dropped segments for want of buffer, waits for them to be sent again) then leaves the
+/// download stalled for good. A keep-alive probe on a connection with no timer draws the
+/// peer's current window and restarts the flow within this interval.
+const KEEP_ALIVE: smoltcp::time::Duration = smoltcp::time::Duration::from_millis(500);
 
 /// Bytes of the I/O area the server takes: its state, then the socket buffers.
 pub const STATE_BYTES: u64 = 0x10000;
@@ -136,6 +142,7 @@ impl Server {
                     core::slice::from_raw_parts_mut((base + RX_BUF as u64) as *mut u8, TX_BUF);
                 let mut sock =
                     tcp::Socket::new(tcp::SocketBuffer::new(rx), tcp::SocketBuffer::new(tx));
+                sock.set_keep_alive(Some(KEEP_ALIVE));
                 let _ = sock.listen(PORT);
                 *h = sockets.add(sock);
             }

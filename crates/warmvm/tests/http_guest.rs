@@ -1,7 +1,8 @@
 //! The reference guest as a web server on virtio-net and virtio-blk, in a network namespace
 //! of the test's own: real TCP clients fetch files from the tar archive on its disk; a long
 //! download and a keep-alive connection started before a warm reboot complete byte for byte
-//! after it, and files that were warm before it cause no new cache misses after it.
+//! after it, and files that were warm before it cause no new cache misses after it; clients
+//! that keep stopping, with less buffer than the window they offered, still get every byte.
 
 mod common;
 
@@ -18,6 +19,25 @@ const GUEST: &str = "10.77.0.2";
 
 fn connect() -> TcpStream {
     connect_http(GUEST)
+}
+
+/// Shrink `s`'s receive buffer to 16 KiB after the handshake offered a much larger window:
+/// Linux then drops segments the guest sends into the window it was promised, and the
+/// guest's TCP must retransmit and probe its way on.
+fn shrink_receive_buffer(s: &TcpStream) {
+    let size: libc::c_int = 16 * 1024;
+    // SAFETY: setsockopt reads an int from a pointer valid for the call, on the stream's
+    // open socket.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "setsockopt: {}", std::io::Error::last_os_error());
 }
 
 fn stats(s: &mut TcpStream) -> serde_json::Value {
@@ -108,19 +128,7 @@ fn http_from_a_cached_disk_across_a_warm_reboot() {
             let mut long = connect();
             // A small receive buffer, and a reader that stops until the reboot is done,
             // keep all but a few KiB of the download for after the reboot.
-            let size: libc::c_int = 16 * 1024;
-            // SAFETY: setsockopt reads an int from a pointer valid for the call, on the
-            // stream's open socket.
-            let rc = unsafe {
-                libc::setsockopt(
-                    long.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    libc::SO_RCVBUF,
-                    (&size as *const libc::c_int).cast(),
-                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                )
-            };
-            assert_eq!(rc, 0);
+            shrink_receive_buffer(&long);
             write!(long, "GET /big.bin HTTP/1.1\r\nHost: guest\r\n\r\n").unwrap();
             let mut first = vec![0u8; 200_000];
             long.read_exact(&mut first).unwrap();
@@ -241,4 +249,74 @@ fn http_from_a_cached_disk_across_a_saved_reboot() {
     let r = d.cli_json(&["vm", "stop", "web-s", "--grace-secs", "10"]);
     assert_eq!(r["exit_status"], 0, "{r}");
     d.terminate_adopted();
+}
+
+/// Fetch `/big.bin` (`big`) as a client that reads 5000 bytes, stops for 30 ms and reads
+/// again, into a buffer smaller than the window it first offered (a busy or memory-starved
+/// host); how many times it stopped.
+fn download_stopping_often(big: &[u8]) -> u32 {
+    let mut s = connect();
+    shrink_receive_buffer(&s);
+    // A stall the guest recovers from lasts at most its keep-alive interval (0.5 s); one it
+    // does not recover from lasts for ever.
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("set a read timeout");
+    write!(s, "GET /big.bin HTTP/1.1\r\nHost: guest\r\n\r\n").unwrap();
+    let mut got = Vec::with_capacity(big.len() + 512);
+    let mut chunk = [0u8; 5000];
+    let split = loop {
+        if let Some(p) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            break p + 4;
+        }
+        let n = s.read(&mut chunk).expect("the response head");
+        assert!(n > 0, "the guest closed before its head");
+        got.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&got[..split]).into_owned();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let mut stops = 0u32;
+    while got.len() - split < big.len() {
+        let want = chunk.len().min(big.len() - (got.len() - split));
+        s.read_exact(&mut chunk[..want]).unwrap_or_else(|e| {
+            panic!(
+                "the download stopped at {} of {} bytes after {stops} stops: {e}",
+                got.len() - split,
+                big.len()
+            )
+        });
+        got.extend_from_slice(&chunk[..want]);
+        std::thread::sleep(Duration::from_millis(30));
+        stops += 1;
+    }
+    assert!(got[split..] == big[..], "the download has wrong bytes");
+    stops
+}
+
+/// Clients that keep stopping, into buffers smaller than the windows they first offered,
+/// make Linux drop segments and shut and reopen its windows over and over. Before the
+/// guest's connections sent keep-alive probes, about one such download in four stopped for
+/// good, early, while the window shrank: smoltcp had given up its retransmission on a shut
+/// window, and Linux, whose segments had been dropped rather than refused, sent nothing
+/// more. Eight in a row make that all but certain to show (downloads side by side spread
+/// the guest's bursts and hid it).
+#[test]
+fn readers_that_keep_stopping_get_their_whole_downloads() {
+    if !warmvm_vmm::testing::kvm_available("readers_that_keep_stopping_get_their_whole_downloads") {
+        return;
+    }
+    let dir = scratch("http-slow");
+    let ns = Netns::new("httpslow", "10.77.0.1/24");
+    let big = warmvm_vmm::testing::noise(128 << 10, 41);
+    let files: Vec<(&str, Vec<u8>)> = vec![("big.bin", big.clone())];
+    let (d, console) = start_web_guest(&dir, &ns, "web-slow", &files);
+    let stops = in_netns(&ns.name, move || {
+        (0..8)
+            .map(|_| download_stopping_often(&big))
+            .collect::<Vec<u32>>()
+    });
+    assert!(stops.iter().all(|&n| n >= 25), "{stops:?}");
+    let log = read(&console);
+    assert!(!log.contains("MISMATCH"), "{log}");
+    let r = d.cli_json(&["vm", "stop", "web-slow", "--grace-secs", "10"]);
+    assert_eq!(r["exit_status"], 0, "{r}");
 }
