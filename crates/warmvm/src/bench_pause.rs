@@ -138,9 +138,10 @@ pub fn times(beats: &[Beat], mine: impl Fn(&Beat) -> bool) -> Vec<f64> {
     beats.iter().filter(|b| mine(b)).map(|b| b.t).collect()
 }
 
-/// The longest gap between two beats within [from, to], the gaps across its edges included
-/// in full; None when no beat follows the window (the last gap is still open) or there are
-/// fewer than two beats.
+/// The longest gap that begins in [from, to): a window owns the gaps whose first beat falls
+/// in it, however long they last, so a pause still going on at its end counts in full and a
+/// gap is never counted by two windows. None when the window's last gap is still open (no
+/// beat after it in the whole trace) or no beat falls in it.
 #[cfg(test)]
 fn longest_gap(beats: &[f64], from: f64, to: f64) -> Option<f64> {
     longest_gap_span(beats, from, to).map(|(a, b)| b - a)
@@ -148,21 +149,13 @@ fn longest_gap(beats: &[f64], from: f64, to: f64) -> Option<f64> {
 
 /// The longest gap as `longest_gap` finds it: the beats that begin and end it.
 pub fn longest_gap_span(beats: &[f64], from: f64, to: f64) -> Option<(f64, f64)> {
-    let start = beats.partition_point(|&t| t < from);
-    let end = beats.partition_point(|&t| t <= to);
-    // The beat just before the window and just after it close the gaps at its edges: a
-    // pause that began before the window still counts in full.
-    // Without a beat after the window the last gap is still open: no figure.
-    if end >= beats.len() {
+    let first = beats.partition_point(|&t| t < from);
+    let past = beats.partition_point(|&t| t < to);
+    if first >= past || past >= beats.len() {
         return None;
     }
-    let lo = start.saturating_sub(1);
-    let hi = end + 1;
-    let inside = &beats[lo..hi];
-    if inside.len() < 2 {
-        return None;
-    }
-    inside
+    // Gaps beginning at beats[first..past], each closed by the next beat.
+    beats[first..=past]
         .windows(2)
         .map(|w| (w[0], w[1]))
         .reduce(|a, b| if b.1 - b.0 > a.1 - a.0 { b } else { a })
@@ -177,15 +170,20 @@ pub struct Window {
 }
 
 impl Window {
-    /// Windows around a reboot that ran from `start` to `end`; the noise window ends where
-    /// the reboot's begins and is as long, but starts no earlier than `not_before` (the
-    /// trace's start or the previous reboot's end): the first reboot of a long mode gets a
-    /// shorter one, and the JSON says how long each was.
+    /// Windows around a reboot that ran from `start` to `end`. The noise window is as long
+    /// as the reboot's and ends `MARGIN` before it begins, so no beat and no gap is in both;
+    /// it starts no earlier than `not_before` (the trace's start or the previous reboot's
+    /// end): the first reboot of a long mode gets a shorter one, and the JSON says how long
+    /// each was.
     pub fn around(start: f64, end: f64, not_before: f64) -> Self {
         let from = start - MARGIN.as_secs_f64();
         let to = end + MARGIN.as_secs_f64();
+        let noise_to = from - MARGIN.as_secs_f64();
         Window {
-            noise: ((from - (to - from)).max(not_before).min(from), from),
+            noise: (
+                (noise_to - (to - from)).max(not_before).min(noise_to),
+                noise_to,
+            ),
             reboot: (from, to),
         }
     }
@@ -281,12 +279,13 @@ pub fn warmvm_pause(
         let mut windows = Vec::new();
         let mut guest_stalls = Vec::new();
         for i in 0..runs {
-            // The noise window is as long as the reboot's: wait that long (at least 0.3 s)
-            // before the request, so that it holds nothing but the running guests.
+            // The noise window is as long as the reboot's and ends a margin before it: wait
+            // that long (at least 0.3 s) and two margins before the request, so that it
+            // holds nothing but the running guests.
             let settle = windows
                 .last()
                 .map_or(1.0, |w: &Window| (w.reboot.1 - w.reboot.0).max(0.3));
-            sleep_unless_interrupted(Duration::from_secs_f64(settle + MARGIN.as_secs_f64()))?;
+            sleep_unless_interrupted(Duration::from_secs_f64(settle + 2.0 * MARGIN.as_secs_f64()))?;
             let start = mono_now();
             d.client
                 .reboot_with(mode.name(), None, Some(10))
@@ -425,20 +424,56 @@ mod tests {
         assert_eq!((b.t, b.tid, b.comm.as_str()), (5.5, 88, "CPU 0/KVM"));
         assert_eq!(Beat::parse("# tracer: nop"), None);
         let beats = [1.0, 1.1, 1.2, 1.9, 2.0];
-        // The gap 1.2 -> 1.9 straddles the window's start: it counts in full.
+        // The gap 1.2 -> 1.9 begins before the window: it is the earlier window's.
         let g = longest_gap(&beats, 1.5, 1.95).unwrap();
+        assert!((g - 0.1).abs() < 1e-9, "{g}");
+        // It begins in this one and runs past its end: it counts here, in full.
+        let g = longest_gap(&beats, 1.0, 1.25).unwrap();
         assert!((g - 0.7).abs() < 1e-9, "{g}");
         let g = longest_gap(&beats, 1.0, 1.15).unwrap();
         assert!((g - 0.1).abs() < 1e-9, "{g}");
-        // No beat after the window: the pause may still be going on.
+        // No beat after the window's last: the pause may still be going on.
         assert_eq!(longest_gap(&beats, 1.5, 2.5), None);
+        // No beat in the window at all: nothing begins there.
+        assert_eq!(longest_gap(&beats, 1.3, 1.8), None);
         assert_eq!(longest_gap(&[], 0.0, 1.0), None);
         let w = Window::around(10.0, 10.1, 0.0);
-        assert!((w.noise.1 - w.reboot.0).abs() < 1e-12);
+        assert!(
+            w.noise.1 < w.reboot.0,
+            "the windows share no boundary: {w:?}"
+        );
         assert!(((w.noise.1 - w.noise.0) - (w.reboot.1 - w.reboot.0)).abs() < 1e-9);
         // Never before the trace began.
         let w = Window::around(10.0, 12.0, 9.0);
         assert_eq!(w.noise.0, 9.0);
+    }
+
+    #[test]
+    fn a_gap_across_the_noise_and_reboot_windows_counts_in_one_of_them() {
+        // Beats every 10 ms with one 300 ms stall that begins in the noise window and ends
+        // in the reboot's, once with the windows' own layout and once with adjacent ones.
+        let beats: Vec<f64> = (0..=600)
+            .map(|i| i as f64 * 0.01)
+            .filter(|&t| !(2.905..3.195).contains(&t))
+            .collect();
+        let w = Window::around(3.1, 3.4, 0.0);
+        let adjacent = Window {
+            noise: (2.5, 3.0),
+            reboot: (3.0, 3.5),
+        };
+        for w in [w, adjacent] {
+            let noise = longest_gap(&beats, w.noise.0, w.noise.1);
+            let reboot = longest_gap(&beats, w.reboot.0, w.reboot.1);
+            let stall = |g: Option<f64>| g.is_some_and(|g| g > 0.25);
+            assert!(
+                !(stall(noise) && stall(reboot)),
+                "{w:?}: noise {noise:?}, reboot {reboot:?}"
+            );
+            assert!(
+                stall(noise) || stall(reboot),
+                "{w:?}: the stall counted nowhere"
+            );
+        }
     }
 
     #[test]

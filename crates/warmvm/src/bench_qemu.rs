@@ -409,11 +409,12 @@ fn check_consoles(guests: &[Guest]) -> Result<(), String> {
     guests.iter().try_for_each(|g| check_console(&g.vm))
 }
 
-/// Wait as long as the last reboot's window (at least 0.3 s; 1 s before the first), so that
-/// the noise window before the next is as long and holds no reboot.
+/// Wait as long as the last reboot's window (at least 0.3 s) and two
+/// margins, so that the noise window before the next, which ends a margin before that
+/// reboot's window begins, is as long and holds no reboot.
 fn settle(windows: &[Window]) -> Duration {
     let last = windows.last().map_or(0.0, |w| w.reboot.1 - w.reboot.0);
-    Duration::from_secs_f64(last.max(0.3) + bench_pause::MARGIN.as_secs_f64())
+    Duration::from_secs_f64(last.max(0.3) + 2.0 * bench_pause::MARGIN.as_secs_f64())
 }
 
 /// One reboot of every guest (after the given mono time): its row and window.
