@@ -80,6 +80,19 @@ fn warm_reboots_of_the_daemon_keep_every_vm_running() {
             .collect();
         assert_eq!(blackouts, names, "round {round}: {report}");
         assert!(report["phases"]["restore_us"].is_u64(), "{report}");
+        // Resuming ends where the blackout does (the last vCPU back in its guest): a
+        // phase of the blackout is never longer than the whole.
+        let phase = |k: &str| report["phases"][k].as_u64().unwrap();
+        let blackout = report["host_blackout_us"].as_u64().unwrap();
+        assert!(
+            phase("resume_us") <= blackout,
+            "round {round}: resume outlasts the blackout: {report}"
+        );
+        assert!(
+            phase("transfer_us") + phase("restore_us") + phase("commit_us") + phase("resume_us")
+                <= blackout,
+            "round {round}: the new VMM's phases outlast the blackout: {report}"
+        );
         d.follow_reboot(new_pid);
 
         let status = d.cli_json(&["status"]);

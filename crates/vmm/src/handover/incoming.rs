@@ -210,8 +210,15 @@ impl<'a> Session<'a> {
             self.commit(&staged)?;
         }
         let commit_us = t_commit.elapsed().as_micros() as u64;
-        let t_resume = Instant::now();
+        // On the clock of the vCPUs' own stamps, so that the phase ends where the blackout
+        // does (the last vCPU back in its guest), not when this thread got to see it.
+        let resume_from_ns = monotonic_ns();
         let (blackouts, errors) = resume(&staged.vms, &lifecycles);
+        let last_running_ns = blackouts
+            .iter()
+            .map(|b| b.1)
+            .max()
+            .unwrap_or(resume_from_ns);
         drop(realtime);
         // The guests run here now: a bug from here on must not unwind past them (the
         // process would end, and they with it). It costs the report at most.
@@ -229,7 +236,7 @@ impl<'a> Session<'a> {
                     transfer_us,
                     restore_us,
                     commit_us,
-                    resume_us: t_resume.elapsed().as_micros() as u64,
+                    resume_us: last_running_ns.saturating_sub(resume_from_ns) / 1000,
                 },
                 errors,
             );
