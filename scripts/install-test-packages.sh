@@ -22,6 +22,7 @@ packages=(
     python3 python3-venv  # Schemathesis, for the API contract test
     iproute2        # ip netns, ip tuntap: the network tests' own namespaces
     wrk httperf coreutils  # bench cache's loads (stdbuf line-buffers httperf)
+    netbase         # /etc/services: wrk looks up the port of an http:// URL there
     fonts-dejavu-core  # the text of bench aging's plots
     acpica-tools    # iasl -d disassembles the ACPI tables built for Linux guests
     systemd         # systemd-analyze verify checks contrib/warmvm.service (nothing is started)
