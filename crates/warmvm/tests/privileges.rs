@@ -17,6 +17,19 @@ use common::*;
 
 const UID: u32 = 65534;
 
+/// A copy of the test's build in `dir`, where the dropped user can run it: a warm reboot
+/// runs the daemon's start path again as that user, and a checkout under a home directory
+/// the user may not enter (root's is 0700) would have it refused, as an operator's would
+/// be. Daemons that drop privileges and reboot start from here, as from an installed build.
+fn installed_build(dir: &std::path::Path) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let bin = dir.join("warmvm");
+    std::fs::copy(BIN, &bin).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    bin
+}
+
 fn kvm_gid() -> u32 {
     std::fs::metadata("/dev/kvm").unwrap().gid()
 }
@@ -107,7 +120,8 @@ fn a_dropped_daemon_runs_vms_through_a_warm_reboot_and_an_upgrade_as_its_user() 
     let dir = scratch("priv");
     let gid = kvm_gid();
     let net_admin = 1u64 << 12; // CAP_NET_ADMIN
-    let mut d = Daemon::start(
+    let mut d = Daemon::start_from(
+        &installed_build(&dir),
         &dir,
         &[
             "--user",
@@ -344,7 +358,7 @@ fn a_user_without_kvm_access_warm_reboots_with_the_kvm_fd_handed_over() {
     );
     let dir = scratch("priv-nokvm");
     let uid = UID.to_string();
-    let mut d = Daemon::start(&dir, &["--user", &uid]);
+    let mut d = Daemon::start_from(&installed_build(&dir), &dir, &["--user", &uid]);
     let p = d.client().status().unwrap()["privileges"].clone();
     assert_eq!(p["uid"], UID, "{p}");
     assert_ne!(p["gid"], kvm_gid(), "{p}");
