@@ -33,6 +33,7 @@ pub mod incoming;
 mod kvm_fd;
 mod legacy;
 pub mod outgoing;
+pub mod pause_segments;
 mod priority;
 pub(crate) mod rebuild;
 mod state;
