@@ -175,60 +175,64 @@ fn span(vm: &VmStamps, stamps: &[u64], what: &str) -> Result<(u64, u64), Segment
 mod tests {
     use super::*;
 
-    /// A 2-vCPU VM's stamps, and its guest's last beat before and first beat after.
+    /// A warm reboot of a `warmvm daemon` on this host with one 2-vCPU reference guest
+    /// beating every 100 µs, as recorded: the report's stamps, and the guest's beats on
+    /// either side of them in the host's KVM trace (printed to the µs).
     fn recorded() -> RebootStamps {
         RebootStamps {
-            pause_requested_ns: 14_726_532_118_401,
-            captured_ns: 14_726_532_612_930,
-            state_sent_ns: 14_726_532_688_015,
-            state_received_ns: 14_726_532_731_702,
-            restored_ns: 14_726_533_402_114,
-            commit_ns: 14_726_533_455_380,
+            pause_requested_ns: 15_580_721_159_015,
+            captured_ns: 15_580_721_468_736,
+            state_sent_ns: 15_580_721_751_633,
+            state_received_ns: 15_580_721_793_566,
+            restored_ns: 15_580_722_515_888,
+            commit_ns: 15_580_722_750_212,
             vms: vec![VmStamps {
                 name: "vm0".into(),
-                vcpu_stops_ns: vec![14_726_532_160_233, 14_726_532_201_877],
-                vcpu_runs_ns: vec![14_726_533_498_660, 14_726_533_541_006],
+                vcpu_stops_ns: vec![15_580_721_210_060, 15_580_721_233_833],
+                vcpu_runs_ns: vec![15_580_722_777_746, 15_580_722_771_113],
             }],
         }
     }
-    const LAST_BEAT: u64 = 14_726_532_087_000;
-    const FIRST_BEAT: u64 = 14_726_533_569_000;
+    /// Its last beat came 19 µs after the pause request, before a vCPU stopped.
+    const LAST_BEAT: u64 = 15_580_721_178_000;
+    const FIRST_BEAT: u64 = 15_580_723_033_000;
+    /// The beat before that.
+    const BEAT_BEFORE_LAST: u64 = 15_580_721_078_000;
 
     #[test]
-    fn the_segments_follow_the_stamps_and_add_up_to_the_pause() {
+    fn the_segments_follow_the_recorded_stamps_and_add_up_to_the_pause() {
         let s = pause_segments(&recorded(), "vm0", LAST_BEAT, FIRST_BEAT).unwrap();
-        assert_eq!(s.pause_ns, FIRST_BEAT - LAST_BEAT);
+        assert_eq!(s.pause_ns, 1_855_000);
         assert_eq!(s.segments.iter().sum::<u64>(), s.pause_ns);
         assert_eq!(
             s.segments,
             [
-                31_401,  // last beat -> pause requested
-                41_832,  // -> first vCPU stopped
-                41_644,  // -> last vCPU stopped
-                411_053, // -> captured
-                75_085,  // -> sent
-                43_687,  // -> received
-                670_412, // -> restored
-                53_266,  // -> commit
-                43_280,  // -> first vCPU running
-                42_346,  // -> last vCPU running
-                27_994,  // -> first beat
+                0,       // the guest still beat after the pause request
+                32_060,  // -> first vCPU stopped
+                23_773,  // -> last vCPU stopped
+                234_903, // -> captured
+                282_897, // -> sent
+                41_933,  // -> received
+                722_322, // -> restored
+                234_324, // -> commit
+                20_901,  // -> first vCPU running
+                6_633,   // -> last vCPU running
+                255_254, // -> first beat
             ]
         );
     }
 
     #[test]
-    fn a_guest_that_beat_after_the_request_or_before_its_last_vcpu_ran_counts_only_its_pause() {
-        // It beat between the pause request and its first vCPU stopping, and again once its
-        // first vCPU ran: the segments it spent running count 0, and the rest still add up.
-        let last = 14_726_532_150_000;
-        let first = 14_726_533_520_000;
-        let s = pause_segments(&recorded(), "vm0", last, first).unwrap();
-        assert_eq!(s.pause_ns, first - last);
+    fn a_guest_that_beat_before_the_request_or_before_its_last_vcpu_ran_counts_only_its_pause() {
+        // Had its last beat been the one before, the pause would begin before the request;
+        // had it beaten between its two vCPUs running, the pause would end there.
+        let first = 15_580_722_775_000;
+        let s = pause_segments(&recorded(), "vm0", BEAT_BEFORE_LAST, first).unwrap();
+        assert_eq!(s.pause_ns, first - BEAT_BEFORE_LAST);
         assert_eq!(s.segments.iter().sum::<u64>(), s.pause_ns);
-        assert_eq!(s.segments[0], 0);
-        assert_eq!(s.segments[1], 14_726_532_160_233 - last);
-        assert_eq!(s.segments[9], first - 14_726_533_498_660);
+        assert_eq!(s.segments[0], 15_580_721_159_015 - BEAT_BEFORE_LAST);
+        assert_eq!(s.segments[1], 15_580_721_210_060 - 15_580_721_159_015);
+        assert_eq!(s.segments[9], first - 15_580_722_771_113);
         assert_eq!(s.segments[10], 0);
     }
 
@@ -321,8 +325,8 @@ mod tests {
     #[test]
     fn a_gap_that_is_not_the_reboots_pause_is_refused() {
         let st = recorded();
-        let last_stop = st.vms[0].vcpu_stops_ns[1];
-        let first_run = st.vms[0].vcpu_runs_ns[0];
+        let last_stop = *st.vms[0].vcpu_stops_ns.iter().max().unwrap();
+        let first_run = *st.vms[0].vcpu_runs_ns.iter().min().unwrap();
         for (last, first) in [
             // The guest beat while all its vCPUs were stopped.
             (last_stop + 1, FIRST_BEAT),
