@@ -42,13 +42,21 @@ fn gap_across(beats: &[f64], stamps: &RebootStamps, vm: &str) -> Result<(u64, u6
     Ok((beats[before - 1], beats[after]))
 }
 
+/// One VM's pause in one reboot (both counted from 1), laid out.
+#[derive(Clone, Debug)]
+pub struct Sample {
+    pub reboot: usize,
+    pub vm: String,
+    pub pause: PauseSegments,
+}
+
 /// Each reboot's pause of each VM as segments: the measured ones, and why the others are
 /// not (`reports[i]` is reboot `i`'s report, `None` when it gave none).
 pub fn collect(
     per_vm: &[Vec<f64>],
     names: &[String],
     reports: &[Option<RebootReport>],
-) -> (Vec<PauseSegments>, Vec<String>) {
+) -> (Vec<Sample>, Vec<String>) {
     let mut measured = Vec::new();
     let mut not = Vec::new();
     for (i, report) in reports.iter().enumerate() {
@@ -64,7 +72,11 @@ pub fn collect(
                 }),
             };
             match laid {
-                Ok(s) => measured.push(s),
+                Ok(pause) => measured.push(Sample {
+                    reboot: i + 1,
+                    vm: name.clone(),
+                    pause,
+                }),
                 Err(why) => not.push(format!("reboot {}, VM {name}: {why}", i + 1)),
             }
         }
@@ -83,22 +95,24 @@ const P99_MIN_SAMPLES: usize = crate::demo::P99_MIN_SAMPLES;
 /// The table's figures, µs: the segments of the sample whose pause is the p50 (and the p99)
 /// one, which add up to that pause; and each segment's own p50 and p99 over all samples
 /// (which do not add up: each comes from another reboot). p99s are null below
-/// [`P99_MIN_SAMPLES`] samples; the maximum is given instead.
-pub fn summary(measured: &[PauseSegments], not_measured: &[String]) -> Value {
+/// [`P99_MIN_SAMPLES`] samples; the maximum is given instead. Every sample too, with its
+/// reboot and VM, so that the table can be checked against them.
+pub fn summary(samples: &[Sample], not_measured: &[String]) -> Value {
     let us = |ns: u64| ns as f64 / 1e3;
-    let mut by_pause: Vec<&PauseSegments> = measured.iter().collect();
-    by_pause.sort_by_key(|s| s.pause_ns);
+    let sample = |s: &Sample| {
+        json!({
+            "reboot": s.reboot,
+            "vm": s.vm,
+            "pause_us": us(s.pause.pause_ns),
+            "segments_us": s.pause.segments.iter().map(|&x| us(x)).collect::<Vec<_>>(),
+        })
+    };
+    let measured: Vec<&PauseSegments> = samples.iter().map(|s| &s.pause).collect();
+    let mut by_pause: Vec<&Sample> = samples.iter().collect();
+    by_pause.sort_by_key(|s| s.pause.pause_ns);
     let n = by_pause.len();
     let enough = n >= P99_MIN_SAMPLES;
-    let at = |p: f64| -> Value {
-        match by_pause.get(rank(n, p)) {
-            Some(s) => json!({
-                "pause_us": us(s.pause_ns),
-                "segments_us": s.segments.iter().map(|&x| us(x)).collect::<Vec<_>>(),
-            }),
-            None => Value::Null,
-        }
-    };
+    let at = |p: f64| -> Value { by_pause.get(rank(n, p)).map_or(Value::Null, |s| sample(s)) };
     let per_segment: Vec<Value> = SEGMENTS
         .iter()
         .enumerate()
@@ -122,6 +136,7 @@ pub fn summary(measured: &[PauseSegments], not_measured: &[String]) -> Value {
         "max_reboot": at(1.0),
         "per_segment": per_segment,
         "not_measured": not_measured,
+        "samples": samples.iter().map(sample).collect::<Vec<_>>(),
     })
 }
 
@@ -239,10 +254,12 @@ mod tests {
             "{not:?}"
         );
         assert_eq!(m.len(), 1);
-        assert_eq!(m[0].pause_ns, 13_000);
-        assert_eq!(m[0].segments.iter().sum::<u64>(), 13_000);
-        assert_eq!(m[0].segments[0], 2_000);
-        assert_eq!(m[0].segments[10], 1_000);
+        assert_eq!((m[0].reboot, m[0].vm.as_str()), (1, "a"));
+        let p = &m[0].pause;
+        assert_eq!(p.pause_ns, 13_000);
+        assert_eq!(p.segments.iter().sum::<u64>(), 13_000);
+        assert_eq!(p.segments[0], 2_000);
+        assert_eq!(p.segments[10], 1_000);
         let s = summary(&m, &not);
         assert_eq!(s["p50_reboot"]["pause_us"], 13.0);
         assert!(s["p99_reboot"].is_null(), "{s:#}");
@@ -253,11 +270,15 @@ mod tests {
 
     #[test]
     fn the_p50_and_p99_columns_are_whole_pauses_that_add_up() {
-        let seg = |k: u64| PauseSegments {
-            pause_ns: 11 * k,
-            segments: [k; 11],
+        let seg = |k: u64| Sample {
+            reboot: k as usize,
+            vm: "a".into(),
+            pause: PauseSegments {
+                pause_ns: 11 * k * 1_000,
+                segments: [k * 1_000; 11],
+            },
         };
-        let m: Vec<PauseSegments> = (1..=200).rev().map(|k| seg(k * 1_000)).collect();
+        let m: Vec<Sample> = (1..=200).rev().map(seg).collect();
         let s = summary(&m, &[]);
         for col in ["p50_reboot", "p99_reboot", "max_reboot"] {
             let sum: f64 = s[col]["segments_us"]
@@ -270,6 +291,8 @@ mod tests {
         }
         // 200 samples: rank round(199 * 0.5) = 100 (k = 101), round(199 * 0.99) = 197.
         assert_eq!(s["p50_reboot"]["pause_us"], 11.0 * 101.0);
+        assert_eq!(s["p50_reboot"]["reboot"], 101);
+        assert_eq!(s["samples"].as_array().map(Vec::len), Some(200));
         assert_eq!(s["p99_reboot"]["pause_us"], 11.0 * 198.0);
         assert_eq!(s["per_segment"][3]["p99_us"], 198.0);
     }
