@@ -10,10 +10,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use warmvm_vmm::handover::RebootReport;
 
 use crate::bench_daemon::BenchDaemon;
 use crate::cli::RebootMode;
-use warmvm_vmm::handover::RebootReport;
 
 /// Beat interval the bench asks the guest for, µs.
 pub const HEARTBEAT_US: u64 = 100;

@@ -680,13 +680,15 @@ pub(crate) fn restore_platform(
         .map_err(|e| bad(e.to_string()))
 }
 
-/// Let every restored VM go, as it was in the old VMM. Nothing here can give the VMs back:
-/// this runs after `Commit`. Returns each VM's (first vCPU stop, last vCPU resume) in ns,
-/// each VM's vCPUs' own stamps of running (0 for one still parked, none for a VM that was
-/// not running), and what could not be confirmed: a vCPU that did not leave its park within the vCPU
-/// response timeout (its VM's figure is then only a lower bound, the time waited).
+/// What [`resume`] returns.
 type Resumed = (Vec<(u64, u64)>, Vec<Vec<u64>>, Vec<String>);
 
+/// Let every restored VM go, as it was in the old VMM. Nothing here can give the VMs back:
+/// this runs after `Commit`. Returns each VM's (first vCPU stop, last vCPU resume) in ns,
+/// each VM's vCPUs' own stamps of leaving their park to run (0 for one still parked, none
+/// for a VM that was not running), and what could not be confirmed: a vCPU that did not
+/// leave its park within the vCPU response timeout (its VM's figure is then only a lower
+/// bound, the time waited).
 fn resume(vms: &[Arc<Vm>], lifecycles: &[LifecycleState]) -> Resumed {
     for (vm, lifecycle) in vms.iter().zip(lifecycles) {
         *vm.shared.lifecycle() = to_lifecycle(lifecycle);
