@@ -502,8 +502,8 @@ pub struct RebootReport {
     #[serde(default)]
     pub to_binary: Option<crate::executable::BinaryInfo>,
     /// The instants of this reboot, to account for a guest's whole pause (see
-    /// [`crate::handover::pause_segments`]). Added in format 3: a side that is an older build leaves
-    /// its own at 0 (empty), and a report from an older build has none.
+    /// [`crate::handover::pause_segments`]). Added in format 3: a side that is an older
+    /// build leaves its own at 0 (empty), and a report from an older build has none.
     #[serde(default)]
     pub stamps: RebootStamps,
 }
