@@ -12,7 +12,7 @@ use warmvm_api::schema::validate;
 use warmvm_api::state::{
     DaemonStatus, RebootRequest, RestoreRequest, SnapshotRequest, StopRequest, TakeoverInfo,
 };
-use warmvm_vmm::handover::{PhaseTimes, RebootReport, VmBlackout};
+use warmvm_vmm::handover::{PhaseTimes, RebootReport, RebootStamps, VmBlackout, VmStamps};
 use warmvm_vmm::snapshot::SaveReport;
 use warmvm_vmm::status::{GuestFigures, GuestVcpuFigures};
 use warmvm_vmm::{Lifecycle, VcpuStats, VmConfig, VmReport};
@@ -331,6 +331,19 @@ fn reports_in_every_state_match_the_schema() {
             errors: vec!["the report did not reach the old VMM".into()],
             from_binary: Some(binary("/proc/self/exe")),
             to_binary: Some(binary("/usr/local/bin/warmvm")),
+            stamps: RebootStamps {
+                pause_requested_ns: 10,
+                captured_ns: 20,
+                state_sent_ns: 30,
+                state_received_ns: 40,
+                restored_ns: 50,
+                commit_ns: 60,
+                vms: vec![VmStamps {
+                    name: "vm0".into(),
+                    vcpu_stops_ns: vec![11, 12],
+                    vcpu_runs_ns: vec![70, 0],
+                }],
+            },
         },
     );
     check(&doc, "RebootReport", &RebootReport::default());

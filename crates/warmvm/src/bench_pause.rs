@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use warmvm_vmm::handover::RebootReport;
 
 use crate::bench_daemon::BenchDaemon;
 use crate::cli::RebootMode;
@@ -278,6 +279,7 @@ pub fn warmvm_pause(
         let mut not_before = mono_now();
         let mut windows = Vec::new();
         let mut guest_stalls = Vec::new();
+        let mut reports = Vec::new();
         for i in 0..runs {
             // The noise window is as long as the reboot's and ends a margin before it: wait
             // that long (at least 0.3 s) and two margins before the request, so that it
@@ -287,9 +289,12 @@ pub fn warmvm_pause(
                 .map_or(1.0, |w: &Window| (w.reboot.1 - w.reboot.0).max(0.3));
             sleep_unless_interrupted(Duration::from_secs_f64(settle + 2.0 * MARGIN.as_secs_f64()))?;
             let start = mono_now();
-            d.client
+            let answer = d
+                .client
                 .reboot_with(mode.name(), None, Some(10))
                 .map_err(|e| format!("reboot {}: {e}", i + 1))?;
+            // A warm reboot's report: its stamps, to lay each guest's pause over.
+            reports.push(serde_json::from_value::<RebootReport>(answer).ok());
             // The answer can come before the guests run again (a saved reboot's restored
             // VMs): the window ends once every guest is seen verifying in the new daemon.
             wait_progress(&d)?;
@@ -312,6 +317,11 @@ pub fn warmvm_pause(
                     .collect();
                 let mut v = pauses(&per_vm, &windows);
                 v["guest_stall_ms"] = json!(guest_stalls);
+                if mode == RebootMode::Warm {
+                    let names: Vec<String> = (0..vms).map(beat_vm_name).collect();
+                    let (measured, not) = crate::bench_segments::collect(&per_vm, &names, &reports);
+                    v["segments"] = crate::bench_segments::summary(&measured, &not);
+                }
                 v
             }
             Err(why) => json!({

@@ -269,6 +269,12 @@ pub fn table_text(doc: &Value) -> String {
             &[1, 2, 3, 4, 5, 6, 7, 8, 9],
         )
     );
+    for c in doc["guest_pause"]["cells"].as_array().into_iter().flatten() {
+        let s = &c["warm"]["segments"];
+        if !s.is_null() {
+            out.push_str(&crate::bench_segments::table_text(&c["vms"], s));
+        }
+    }
     for r in doc["peer_ratios"].as_array().into_iter().flatten() {
         let g = |k: &str| r[k].as_f64().map_or("-".to_string(), |v| format!("{v:.3}"));
         let _ = writeln!(

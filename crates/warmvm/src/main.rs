@@ -14,6 +14,7 @@ mod bench_pause;
 mod bench_peer;
 mod bench_qemu;
 mod bench_reboot;
+mod bench_segments;
 mod cli;
 mod client;
 mod console;

@@ -93,6 +93,56 @@ fn warm_reboots_of_the_daemon_keep_every_vm_running() {
                 <= blackout,
             "round {round}: the new VMM's phases outlast the blackout: {report}"
         );
+        // Both daemons stamped their steps, in the order they happen, every VM's vCPUs
+        // stopping after the pause request and before the capture's end, and running
+        // after the commit.
+        let st = &report["stamps"];
+        let at = |k: &str| st[k].as_u64().unwrap();
+        let steps = [
+            "pause_requested_ns",
+            "captured_ns",
+            "state_sent_ns",
+            "state_received_ns",
+            "restored_ns",
+            "commit_ns",
+        ];
+        assert!(at(steps[0]) > 0, "round {round}: {st}");
+        for w in steps.windows(2) {
+            assert!(
+                at(w[0]) <= at(w[1]),
+                "round {round}: {} > {}: {st}",
+                w[0],
+                w[1]
+            );
+        }
+        let stamped: Vec<&str> = st["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(stamped, names, "round {round}: {st}");
+        for v in st["vms"].as_array().unwrap() {
+            let ns = |k: &str| -> Vec<u64> {
+                v[k].as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|t| t.as_u64().unwrap())
+                    .collect()
+            };
+            let (stops, runs) = (ns("vcpu_stops_ns"), ns("vcpu_runs_ns"));
+            assert_eq!((stops.len(), runs.len()), (1, 1), "round {round}: {v}");
+            assert!(
+                stops
+                    .iter()
+                    .all(|&t| at("pause_requested_ns") <= t && t <= at("captured_ns")),
+                "round {round}: {v} vs {st}"
+            );
+            assert!(
+                runs.iter().all(|&t| at("commit_ns") <= t),
+                "round {round}: {v} vs {st}"
+            );
+        }
         d.follow_reboot(new_pid);
 
         let status = d.cli_json(&["status"]);

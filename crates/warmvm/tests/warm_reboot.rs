@@ -209,6 +209,15 @@ fn a_vcpu_stuck_in_its_park_after_the_commit_is_reported_not_measured() {
     for e in &errors {
         assert!(e.contains("did not leave its park"), "{e}");
     }
+    // Such a vCPU has no stamp of running (0: not recorded), so no pause is laid over it.
+    let unrun = doc["warm_reboot"]["stamps"]["vms"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no stamps in the report: {doc}"))
+        .iter()
+        .flat_map(|v| v["vcpu_runs_ns"].as_array().cloned().unwrap_or_default())
+        .filter(|t| t.as_u64() == Some(0))
+        .count();
+    assert_eq!(unrun, errors.len(), "{doc}");
     // Held 5.5 s, given up on after the 5 s vCPU response timeout.
     let host = doc["warm_reboot"]["host_blackout_us"].as_u64().unwrap_or(0);
     assert!(host >= 5_000_000, "a lower bound, not {host} µs: {doc}");

@@ -18,8 +18,8 @@ use super::faults::{self, Point};
 use super::legacy::HandoverStateV2;
 use super::rebuild::{build_vm, check_spec, finish_restore, start_restore, to_lifecycle};
 use super::state::{
-    HandoverState, LifecycleState, Msg, Phase, PhaseTimes, RebootReport, VmBlackout, VmRecord,
-    VmSpec,
+    HandoverState, LifecycleState, Msg, Phase, PhaseTimes, RebootReport, RebootStamps, VmBlackout,
+    VmRecord, VmSpec, VmStamps,
 };
 use super::{HandoverError, COMMIT_FLAG_FD, STDERR_FD};
 use crate::vcpu::monotonic_ns;
@@ -183,6 +183,7 @@ impl<'a> Session<'a> {
         // microseconds here).
         let have_cores = crate::vcpu::vcpus_have_cores(&staged.vms);
         let (msg, files) = self.channel.recv::<Msg>().map_err(at(Phase::Transfer))?;
+        let received_ns = monotonic_ns();
         let realtime = super::priority::Realtime::enter();
         let t_transfer = Instant::now();
         // With more vCPU threads than cores, restoring and resuming must not queue
@@ -204,16 +205,18 @@ impl<'a> Session<'a> {
         let (lifecycles, restore_us) =
             restore_all(&staged, state.vms, state.captured_at_ns, have_cores)
                 .map_err(at(Phase::Restore))?;
+        let restored_ns = monotonic_ns();
         faults::hit(Point::NewRestored);
         let t_commit = Instant::now();
         if self.format >= 3 {
             self.commit(&staged)?;
         }
+        let commit_ns = monotonic_ns();
         let commit_us = t_commit.elapsed().as_micros() as u64;
         // On the clock of the vCPUs' own stamps, so that the phase ends where the blackout
         // does (the last vCPU back in its guest), not when this thread got to see it.
         let resume_from_ns = monotonic_ns();
-        let (blackouts, errors) = resume(&staged.vms, &lifecycles);
+        let (blackouts, runs, errors) = resume(&staged.vms, &lifecycles);
         let last_running_ns = blackouts
             .iter()
             .map(|b| b.1)
@@ -224,22 +227,42 @@ impl<'a> Session<'a> {
         // process would end, and they with it). It costs the report at most.
         let reported = super::contain(|| {
             faults::hit(Point::NewRunning);
-            let mut report = self.report(
-                &staged,
-                state.bytes,
-                &blackouts,
-                state.host_first_stop_ns,
-                PhaseTimes {
-                    stage_us: state.stage_us,
-                    quiesce_us: state.quiesce_us,
-                    capture_us: state.capture_us,
-                    transfer_us,
-                    restore_us,
-                    commit_us,
-                    resume_us: last_running_ns.saturating_sub(resume_from_ns) / 1000,
-                },
-                errors,
-            );
+            let stamps = RebootStamps {
+                state_received_ns: received_ns,
+                restored_ns,
+                commit_ns,
+                vms: staged
+                    .vms
+                    .iter()
+                    .zip(runs)
+                    .map(|(vm, vcpu_runs_ns)| VmStamps {
+                        name: vm.name().to_string(),
+                        vcpu_stops_ns: Vec::new(),
+                        vcpu_runs_ns,
+                    })
+                    .collect(),
+                // The old VMM's are filled in by the old VMM.
+                ..Default::default()
+            };
+            let mut report = RebootReport {
+                stamps,
+                ..self.report(
+                    &staged,
+                    state.bytes,
+                    &blackouts,
+                    state.host_first_stop_ns,
+                    PhaseTimes {
+                        stage_us: state.stage_us,
+                        quiesce_us: state.quiesce_us,
+                        capture_us: state.capture_us,
+                        transfer_us,
+                        restore_us,
+                        commit_us,
+                        resume_us: last_running_ns.saturating_sub(resume_from_ns) / 1000,
+                    },
+                    errors,
+                )
+            };
             if let Err(e) = self
                 .channel
                 .send(&Msg::Resumed(Box::new(report.clone())), &[])
@@ -499,6 +522,8 @@ impl<'a> Session<'a> {
             state_format: self.format,
             commit_protocol: self.format >= 3,
             errors,
+            // The caller's, once the guests run.
+            stamps: RebootStamps::default(),
         }
     }
 
@@ -655,11 +680,16 @@ pub(crate) fn restore_platform(
         .map_err(|e| bad(e.to_string()))
 }
 
+/// What [`resume`] returns.
+type Resumed = (Vec<(u64, u64)>, Vec<Vec<u64>>, Vec<String>);
+
 /// Let every restored VM go, as it was in the old VMM. Nothing here can give the VMs back:
 /// this runs after `Commit`. Returns each VM's (first vCPU stop, last vCPU resume) in ns,
-/// and what could not be confirmed: a vCPU that did not leave its park within the vCPU
-/// response timeout (its VM's figure is then only a lower bound, the time waited).
-fn resume(vms: &[Arc<Vm>], lifecycles: &[LifecycleState]) -> (Vec<(u64, u64)>, Vec<String>) {
+/// each VM's vCPUs' own stamps of leaving their park to run (0 for one still parked, none
+/// for a VM that was not running), and what could not be confirmed: a vCPU that did not
+/// leave its park within the vCPU response timeout (its VM's figure is then only a lower
+/// bound, the time waited).
+fn resume(vms: &[Arc<Vm>], lifecycles: &[LifecycleState]) -> Resumed {
     for (vm, lifecycle) in vms.iter().zip(lifecycles) {
         *vm.shared.lifecycle() = to_lifecycle(lifecycle);
         // A paused VM's devices start serving when the VM is resumed.
@@ -675,16 +705,21 @@ fn resume(vms: &[Arc<Vm>], lifecycles: &[LifecycleState]) -> (Vec<(u64, u64)>, V
         }
     }
     let mut times = Vec::new();
+    let mut runs = Vec::new();
     let mut errors = Vec::new();
     let deadline = Instant::now() + VCPU_RESPONSE_TIMEOUT;
     for (vm, lifecycle) in vms.iter().zip(lifecycles) {
         let mut last_resume = 0;
+        let mut vm_runs = Vec::new();
         if *lifecycle == LifecycleState::Running {
             for h in vm.handles() {
                 if h.wait_running(deadline.saturating_duration_since(Instant::now())) {
-                    last_resume = last_resume.max(h.park_times().1);
+                    let ran = h.park_times().1;
+                    last_resume = last_resume.max(ran);
+                    vm_runs.push(ran);
                     continue;
                 }
+                vm_runs.push(0);
                 // Still parked: its stop has not ended, so its VM's blackout is at least
                 // the time until now.
                 last_resume = last_resume.max(monotonic_ns());
@@ -702,8 +737,9 @@ fn resume(vms: &[Arc<Vm>], lifecycles: &[LifecycleState]) -> (Vec<(u64, u64)>, V
             }
         }
         times.push((vm.first_stop_ns(), last_resume));
+        runs.push(vm_runs);
     }
-    (times, errors)
+    (times, runs, errors)
 }
 
 /// From now on write to the old VMM's stderr directly, not through its relay (which ends

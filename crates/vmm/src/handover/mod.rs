@@ -33,6 +33,7 @@ pub mod incoming;
 mod kvm_fd;
 mod legacy;
 pub mod outgoing;
+pub mod pause_segments;
 mod priority;
 pub(crate) mod rebuild;
 mod state;
@@ -44,8 +45,8 @@ pub use incoming::{take_over, take_over_checked, Adopted, ExtraCheck, TakeoverEr
 pub use outgoing::{warm_reboot, RebootError, RebootOptions};
 pub use state::{
     disk_fd_name, net_fd_name, BootProtocol, DiskState, Failure, FailureKind, LifecycleState,
-    NetState, Phase, PhaseTimes, RamSlot, RebootReport, VmBlackout, VmConfigState, VmRecord,
-    VmRuntime, VmSpec,
+    NetState, Phase, PhaseTimes, RamSlot, RebootReport, RebootStamps, VmBlackout, VmConfigState,
+    VmRecord, VmRuntime, VmSpec, VmStamps,
 };
 
 /// The image of this very process, to rejuvenate with the same build: `/proc/self/exe`

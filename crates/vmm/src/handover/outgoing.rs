@@ -19,7 +19,8 @@ use super::commit_flag::CommitFlag;
 use super::envelope;
 use super::faults::{self, Point};
 use super::state::{
-    HandoverState, LifecycleState, Msg, Phase, PhaseTimes, RebootReport, VmRecord, VmRuntime,
+    HandoverState, LifecycleState, Msg, Phase, PhaseTimes, RebootReport, RebootStamps, VmRecord,
+    VmRuntime,
 };
 use super::stderr::StderrRelay;
 use super::{HandoverError, COMMIT_FLAG_FD, STDERR_FD};
@@ -142,7 +143,9 @@ pub fn warm_reboot(host: &Host, opts: &RebootOptions) -> Result<Handed, RebootEr
     let host_first_stop = monotonic_ns();
     // The step reached, for a panic's report.
     let reached = std::cell::Cell::new(Phase::Quiesce);
-    let ready = || -> Result<(u64, PhaseTimes), RebootError> {
+    // What `ready` hands on: the state's size, the phases, and when the capture ended and
+    // the state was sent (CLOCK_MONOTONIC ns).
+    let ready = || -> Result<(u64, PhaseTimes, u64, u64), RebootError> {
         quiesce(&vms, boost, ready_deadline).map_err(at(Phase::Quiesce))?;
         faults::hit(Point::OldQuiesced);
         let quiesce_us = t_quiesce.elapsed().as_micros() as u64;
@@ -155,9 +158,10 @@ pub fn warm_reboot(host: &Host, opts: &RebootOptions) -> Result<Handed, RebootEr
             capture_us: t_capture.elapsed().as_micros() as u64,
             ..Default::default()
         };
+        let captured_ns = monotonic_ns();
         let state = HandoverState {
             sender: crate::build(),
-            captured_at_ns: monotonic_ns(),
+            captured_at_ns: captured_ns,
             host_first_stop_ns: host_first_stop,
             vms: records,
             quiesce_us,
@@ -177,6 +181,7 @@ pub fn warm_reboot(host: &Host, opts: &RebootOptions) -> Result<Handed, RebootEr
                 Ok(len as u64)
             })
             .map_err(at(Phase::Transfer))?;
+        let sent_ns = monotonic_ns();
         faults::hit(Point::OldStateSent);
         if Instant::now() >= ready_deadline {
             return Err(at(Phase::Restore)(late(
@@ -201,7 +206,7 @@ pub fn warm_reboot(host: &Host, opts: &RebootOptions) -> Result<Handed, RebootEr
             return Err(at(Phase::Restore)(late(opts.ready_budget, "the restore")));
         }
         faults::hit(Point::OldReady);
-        Ok((bytes, phases))
+        Ok((bytes, phases, captured_ns, sent_ns))
     };
     // Before `Commit` a panic here is a failure like any other: the guests resume here.
     let ready = super::contain(ready).unwrap_or_else(|e| Err(at(reached.get())(e)));
@@ -215,7 +220,7 @@ pub fn warm_reboot(host: &Host, opts: &RebootOptions) -> Result<Handed, RebootEr
         tracing::error!(error = %failed, "warm reboot aborted; the VMs run on in this VMM");
         failed
     };
-    let (state_bytes, phases) = match ready {
+    let (state_bytes, phases, captured_ns, sent_ns) = match ready {
         Ok(ready) => ready,
         Err(failed) => {
             // Tell the new VMM to discard its VMs (it is killed either way). It has not
@@ -256,6 +261,14 @@ pub fn warm_reboot(host: &Host, opts: &RebootOptions) -> Result<Handed, RebootEr
     // the new VMM or touch the guests, a panic included: it only costs the report, which
     // then says how long the guests were stopped is not known here, never 0 µs.
     let new_pid = peer.pid;
+    // Read after the commit, not in the blackout: the old vCPU threads stay parked for good.
+    let old_stamps = |stamps: &mut RebootStamps| {
+        let stops = vms.iter().map(|vm| {
+            let stops = vm.handles().iter().map(|h| h.park_times().0).collect();
+            (vm.name().to_string(), stops)
+        });
+        stamps.fill_old_side(host_first_stop, captured_ns, sent_ns, stops);
+    };
     let unknown = |why: String| RebootReport {
         new_pid,
         from_build: crate::build(),
@@ -293,10 +306,11 @@ pub fn warm_reboot(host: &Host, opts: &RebootOptions) -> Result<Handed, RebootEr
                 }
             },
         };
-        let report = RebootReport {
+        let mut report = RebootReport {
             from_binary: Some(crate::executable::info()),
             ..report
         };
+        old_stamps(&mut report.stamps);
         if !report.is_measured() {
             tracing::warn!(errors = ?report.errors, "warm reboot done, but not every step is known to have succeeded");
         }

@@ -409,6 +409,66 @@ pub struct PhaseTimes {
     pub resume_us: u64,
 }
 
+/// One VM's vCPU stamps in a warm reboot: CLOCK_MONOTONIC ns, one per vCPU in vCPU order.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct VmStamps {
+    pub name: String,
+    /// Each vCPU thread parking after its exit from KVM_RUN in the old VMM. Filled in by
+    /// the old VMM (empty when an older build handed over).
+    pub vcpu_stops_ns: Vec<u64>,
+    /// Each vCPU thread leaving its park for its first KVM_RUN in the new VMM; 0 for a vCPU
+    /// that did not leave it in time. Empty for a VM that was not running.
+    pub vcpu_runs_ns: Vec<u64>,
+}
+
+/// The instants of a warm reboot, CLOCK_MONOTONIC ns (the clock of the host's KVM trace
+/// too, so that a guest's pause can be laid over them). Each side stamps its own steps
+/// where it already measured its phases; 0 (or empty) means not recorded, by a build that
+/// predates the stamps. Added in format 3 as a whole: its own fields are all required.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct RebootStamps {
+    /// Old VMM: the pause requested (just before it asks every vCPU to park).
+    pub pause_requested_ns: u64,
+    /// Old VMM: every VM's state captured.
+    pub captured_ns: u64,
+    /// Old VMM: the state sent.
+    pub state_sent_ns: u64,
+    /// New VMM: the state received.
+    pub state_received_ns: u64,
+    /// New VMM: every VM restored (read and loaded), before it says `Ready`.
+    pub restored_ns: u64,
+    /// New VMM: the commit received and claimed (format 2, which has none: restore done).
+    pub commit_ns: u64,
+    /// Each VM's vCPU stamps, by name.
+    pub vms: Vec<VmStamps>,
+}
+
+impl RebootStamps {
+    /// The old VMM's own stamps, added to the report the new one sent (it has none of them,
+    /// or a newer build's; the old VMM's are the ones that count).
+    pub(crate) fn fill_old_side(
+        &mut self,
+        pause_requested_ns: u64,
+        captured_ns: u64,
+        state_sent_ns: u64,
+        stops: impl IntoIterator<Item = (String, Vec<u64>)>,
+    ) {
+        self.pause_requested_ns = pause_requested_ns;
+        self.captured_ns = captured_ns;
+        self.state_sent_ns = state_sent_ns;
+        for (name, vcpu_stops_ns) in stops {
+            match self.vms.iter_mut().find(|v| v.name == name) {
+                Some(v) => v.vcpu_stops_ns = vcpu_stops_ns,
+                None => self.vms.push(VmStamps {
+                    name,
+                    vcpu_stops_ns,
+                    vcpu_runs_ns: Vec::new(),
+                }),
+            }
+        }
+    }
+}
+
 /// What a warm reboot reports.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct RebootReport {
@@ -441,6 +501,11 @@ pub struct RebootReport {
     /// The executable that took over (absent when the new VMM is an older build).
     #[serde(default)]
     pub to_binary: Option<crate::executable::BinaryInfo>,
+    /// The instants of this reboot, to account for a guest's whole pause (see
+    /// [`crate::handover::pause_segments`]). Added in format 3: a side that is an older
+    /// build leaves its own at 0 (empty), and a report from an older build has none.
+    #[serde(default)]
+    pub stamps: RebootStamps,
 }
 
 impl RebootReport {
@@ -602,6 +667,80 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("new_pid"), "{err}");
+    }
+
+    #[test]
+    fn stamps_cross_whole_and_a_report_without_them_reads_as_not_recorded() {
+        let report = RebootReport {
+            state_format: 3,
+            stamps: RebootStamps {
+                pause_requested_ns: 1,
+                captured_ns: 2,
+                state_sent_ns: 3,
+                state_received_ns: 4,
+                restored_ns: 5,
+                commit_ns: 6,
+                vms: vec![VmStamps {
+                    name: "vm0".into(),
+                    vcpu_stops_ns: vec![7, 8],
+                    vcpu_runs_ns: vec![9, 10],
+                }],
+            },
+            ..Default::default()
+        };
+        let bytes = rmp_serde::to_vec_named(&report).unwrap();
+        let back: RebootReport = rmp_serde::from_slice(&bytes).unwrap();
+        assert_eq!(back, report);
+        // What a build before the stamps sent, either way (the API's JSON too).
+        let older: RebootReport = rmp_serde::from_slice(&drop_field(&bytes, &["stamps"])).unwrap();
+        assert_eq!(older.stamps, RebootStamps::default());
+        assert_eq!(older.state_format, 3);
+        let mut json = serde_json::to_value(&report).unwrap();
+        json.as_object_mut().unwrap().remove("stamps");
+        let older: RebootReport = serde_json::from_value(json).unwrap();
+        assert_eq!(older.stamps, RebootStamps::default());
+        // Within them, every field is required.
+        for path in [
+            &["stamps", "pause_requested_ns"][..],
+            &["stamps", "commit_ns"],
+            &["stamps", "vms"],
+        ] {
+            let err = rmp_serde::from_slice::<RebootReport>(&drop_field(&bytes, path))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(path[1]), "{path:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_old_vmm_adds_its_stamps_to_the_new_ones_by_vm() {
+        let mut stamps = RebootStamps {
+            state_received_ns: 4,
+            vms: vec![VmStamps {
+                name: "b".into(),
+                vcpu_stops_ns: Vec::new(),
+                vcpu_runs_ns: vec![9],
+            }],
+            ..Default::default()
+        };
+        stamps.fill_old_side(1, 2, 3, [("a".into(), vec![5]), ("b".into(), vec![6])]);
+        assert_eq!((stamps.pause_requested_ns, stamps.captured_ns), (1, 2));
+        assert_eq!((stamps.state_sent_ns, stamps.state_received_ns), (3, 4));
+        assert_eq!(
+            stamps.vms,
+            vec![
+                VmStamps {
+                    name: "b".into(),
+                    vcpu_stops_ns: vec![6],
+                    vcpu_runs_ns: vec![9],
+                },
+                VmStamps {
+                    name: "a".into(),
+                    vcpu_stops_ns: vec![5],
+                    vcpu_runs_ns: Vec::new(),
+                },
+            ]
+        );
     }
 
     #[test]
