@@ -80,7 +80,7 @@ impl Vm {
 
     /// Return an eventfd that raises `gsi` on the in-kernel irqchip when written.
     pub fn irq_line(&self, gsi: u32) -> Result<EventFd> {
-        let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
+        let evt = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(Error::EventFd)?;
         self.fd
             .register_irqfd(&evt, gsi)
             .map_err(Error::RegisterIrqfd)?;

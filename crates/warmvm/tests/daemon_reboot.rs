@@ -356,3 +356,68 @@ fn a_warm_reboot_without_a_report_is_answered_as_not_measured() {
     );
     d.terminate_adopted();
 }
+
+/// The daemon's open fds, each with what it points to, for a failure's message.
+fn open_fds(pid: u32) -> Vec<String> {
+    let mut fds: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .map(|e| {
+            let target = std::fs::read_link(e.path()).unwrap_or_default();
+            format!(
+                "{} -> {}",
+                e.file_name().to_string_lossy(),
+                target.display()
+            )
+        })
+        .collect();
+    fds.sort();
+    fds
+}
+
+#[test]
+fn warm_reboots_of_a_vm_with_virtio_devices_leave_no_fd_behind() {
+    if !warmvm_vmm::testing::kvm_available(
+        "warm_reboots_of_a_vm_with_virtio_devices_leave_no_fd_behind",
+    ) {
+        return;
+    }
+    // Every process a warm reboot starts is exec'd by the one before: an fd the old
+    // process opened without close-on-exec lives on in every successor, one more set per
+    // reboot, until a daemon that has run for weeks runs out of fds.
+    let dir = scratch("fdlevel");
+    let ns = Netns::new("fdlevel", "10.82.0.1/24");
+    std::fs::write(dir.join("disk.img"), vec![0u8; 256 * 512]).unwrap();
+    let mut d = Daemon::start_in_netns(&dir, &ns.name);
+    let vm = serde_json::json!({
+        "name": "dev", "memory_mib": 48, "cmdline": "quiet interval_ms=20 disk_check_ms=0",
+        "disks": [{"path": dir.join("disk.img")}], "nets": [{"tap": ns.tap}],
+    });
+    let created = d
+        .client()
+        .raw("POST", "/v1/vms", Some(vm.to_string().as_bytes()))
+        .unwrap();
+    assert_eq!(
+        created.status,
+        201,
+        "{}",
+        String::from_utf8_lossy(&created.body)
+    );
+    let mut after = Vec::new();
+    for _ in 0..4 {
+        let report = d.cli_json(&["reboot", "--mode", "warm"]);
+        let new_pid = report["new_pid"].as_u64().unwrap() as u32;
+        d.follow_reboot(new_pid);
+        after.push(open_fds(new_pid));
+    }
+    let (first, last) = (&after[0], &after[3]);
+    assert_eq!(
+        first.len(),
+        last.len(),
+        "fds after the first warm reboot:\n{}\nafter the fourth:\n{}",
+        first.join("\n"),
+        last.join("\n")
+    );
+    verifies_on(&d, "dev", 1);
+    d.terminate_adopted();
+}

@@ -217,7 +217,7 @@ impl VirtioMmio {
     pub fn new(h: MmioHandles) -> Result<Self, VirtioError> {
         let max_sizes = h.backend.queue_max_sizes();
         let queues = new_queues(&h.name, &max_sizes)?;
-        let notify = EventFd::new(0).map_err(|err| VirtioError::EventFd {
+        let notify = EventFd::new(libc::EFD_CLOEXEC).map_err(|err| VirtioError::EventFd {
             name: h.name.clone(),
             err,
         })?;
