@@ -78,8 +78,15 @@ fn run(cmd: &mut Command) -> Result<String, String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// The bench's network namespace, TAP and daemon; all removed when dropped.
-struct Setup {
+/// The HTTP guest's site: its archive of `files` files of 64 KiB each and its page cache.
+pub(crate) struct Site {
+    pub(crate) files: u32,
+    pub(crate) cache_mib: u64,
+}
+
+/// The bench's network namespace, TAP, daemon and HTTP guest ("web"); all removed when
+/// dropped.
+pub(crate) struct Setup {
     netns: String,
     dir: PathBuf,
     client: Client,
@@ -87,7 +94,12 @@ struct Setup {
 }
 
 impl Setup {
-    fn start(exe: &Path, args: &CacheArgs) -> Result<Self, String> {
+    /// Start it all, the daemon with `daemon_extra` arguments, and wait until "web" serves.
+    pub(crate) fn start(
+        exe: &Path,
+        site: &Site,
+        daemon_extra: &[&std::ffi::OsStr],
+    ) -> Result<Self, String> {
         let netns = format!("wvm-bench-{}", std::process::id());
         let dir = std::env::temp_dir().join(format!("wvm-bench-cache-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -107,7 +119,7 @@ impl Setup {
         ] {
             run(Command::new("ip").args(["-n", &s.netns]).args(a))?;
         }
-        let files: Vec<(String, Vec<u8>)> = (0..args.files)
+        let files: Vec<(String, Vec<u8>)> = (0..site.files)
             .map(|i| {
                 let mut x = u64::from(i) * 0x9e37_79b9 + 1;
                 let data = (0..FILE_BYTES)
@@ -125,11 +137,11 @@ impl Setup {
         std::fs::write(&image, ustar(&files)).map_err(|e| e.to_string())?;
         let mut in_netns = Command::new("ip");
         in_netns.args(["netns", "exec", &s.netns]).arg(exe);
-        s.daemon = Some(BenchDaemon::start_cmd(in_netns, &s.dir, &[])?);
+        s.daemon = Some(BenchDaemon::start_cmd(in_netns, &s.dir, daemon_extra)?);
         let vm = json!({
             "name": "web",
-            "memory_mib": 64 + args.cache_mib,
-            "cmdline": format!("quiet interval_ms=20 disk_check_ms=0 ip={GUEST_IP}/24 cache_mib={}", args.cache_mib),
+            "memory_mib": 64 + site.cache_mib,
+            "cmdline": format!("quiet interval_ms=20 disk_check_ms=0 ip={GUEST_IP}/24 cache_mib={}", site.cache_mib),
             "disks": [{"path": image}],
             "nets": [{"tap": TAP}],
         });
@@ -152,6 +164,18 @@ impl Setup {
             std::thread::sleep(Duration::from_millis(100));
         }
         Ok(s)
+    }
+
+    pub(crate) fn client(&self) -> &Client {
+        &self.client
+    }
+
+    pub(crate) fn netns(&self) -> &str {
+        &self.netns
+    }
+
+    pub(crate) fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// The guest's `/stats`, fetched with curl inside the namespace; a guest that a cold
@@ -390,7 +414,11 @@ pub fn cache(args: &CacheArgs) -> Result<ExitCode, Failure> {
     }
     let exe = std::env::current_exe()
         .map_err(|e| Failure::new(EXIT_HOST, format!("cannot find this binary: {e}")))?;
-    let setup = Setup::start(&exe, args).map_err(|e| Failure::new(EXIT_HOST, e))?;
+    let site = Site {
+        files: args.files,
+        cache_mib: args.cache_mib,
+    };
+    let setup = Setup::start(&exe, &site, &[]).map_err(|e| Failure::new(EXIT_HOST, e))?;
     let fail = |e: String| Failure::new(EXIT_VM_FAILED, e);
     let misses = |v: &Value| v["misses"].as_u64().unwrap_or(0);
     let cold = setup.stats().map_err(fail)?;

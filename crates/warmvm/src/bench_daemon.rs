@@ -55,7 +55,12 @@ impl BenchDaemon {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let socket = dir.join("api.sock");
         let log = std::fs::File::create(dir.join("daemon.log")).map_err(|e| e.to_string())?;
+        use std::os::unix::process::CommandExt;
+        // A process group of its own: Ctrl-C at the terminal (SIGINT to the foreground
+        // group) reaches the bench, which ends its run and then stops the daemon, rather
+        // than the daemon stopping under a run that is still reading from it.
         let child = cmd
+            .process_group(0)
             .args(["--log-level", "warn", "daemon", "--socket"])
             .arg(&socket)
             .arg("--state-dir")

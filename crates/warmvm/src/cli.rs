@@ -58,6 +58,10 @@ pub enum BenchCommand {
     /// Aging detection: live leaks (a fault-injection build), leak rates and false positives
     /// in accelerated time over recorded noise, against time-based rejuvenation; with plots.
     Aging(crate::bench_aging::AgingArgs),
+    /// Warm reboots back to back through a daemon (one guest serving HTTP under httperf):
+    /// every VM judged after every reboot, the daemon's fds, threads, RSS and heap and the
+    /// blackout per window of reboots (root: it makes a network namespace).
+    Soak(crate::bench_soak::SoakArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -623,6 +627,12 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
         } => {
             args.json = api.json;
             crate::bench_aging::aging(&args)
+        }
+        Command::Bench {
+            what: BenchCommand::Soak(mut args),
+        } => {
+            args.json = api.json;
+            crate::bench_soak::soak(&args)
         }
         Command::Demo(mut args) => {
             args.json = api.json;

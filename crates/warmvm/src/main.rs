@@ -15,6 +15,7 @@ mod bench_peer;
 mod bench_qemu;
 mod bench_reboot;
 mod bench_segments;
+mod bench_soak;
 mod cli;
 mod client;
 mod console;

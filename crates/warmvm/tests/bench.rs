@@ -167,3 +167,55 @@ fn cache_bench_prints_its_table_and_json() {
         "{table}"
     );
 }
+
+/// The soak CI runs: 200 warm reboots back to back of eight VMs, one serving HTTP under a
+/// fixed-rate load. Every VM is judged from inside after every reboot (the bench stops at the
+/// first that fails), and the daemon that owns the VMs after the last reboot holds as many
+/// fds as after the first window.
+#[test]
+fn soak_bench_judges_every_vm_after_each_of_200_warm_reboots() {
+    if !warmvm_vmm::testing::kvm_available("soak_bench") {
+        return;
+    }
+    let plots = scratch("soakplots");
+    let out = Command::new(BIN)
+        .args([
+            "bench",
+            "soak",
+            "--json",
+            "--reboots",
+            "200",
+            "--window",
+            "50",
+        ])
+        .arg("--plot-dir")
+        .arg(&plots)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let doc: Value = serde_json::from_slice(&out.stdout).expect("one JSON document");
+    assert_eq!(doc["reboots_done"], 200, "{doc}");
+    assert!(doc["stopped"].is_null(), "{doc}");
+    let windows = doc["windows"].as_array().unwrap();
+    let ends: Vec<u64> = windows
+        .iter()
+        .map(|w| w["last_reboot"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ends, [50, 100, 150, 200], "{doc}");
+    for w in windows {
+        for key in ["open_fds", "threads", "rss_anon_bytes", "http_ok"] {
+            assert!(w[key].as_u64().unwrap() > 0, "{key} in {w}");
+        }
+        assert!(w["blackout_p50_ms"].as_f64().unwrap() > 0.0, "{w}");
+    }
+    assert_eq!(
+        windows[0]["open_fds"], windows[3]["open_fds"],
+        "the daemon's fds grew over 150 warm reboots: {doc}"
+    );
+    assert_eq!(doc["verdict"]["fds_equal"], true, "{doc}");
+    for plot in ["soak-fds-threads", "soak-memory", "soak-blackout"] {
+        assert!(plots.join(format!("{plot}.svg")).exists(), "{plot}.svg");
+    }
+    let _ = std::fs::remove_dir_all(&plots);
+}
