@@ -18,8 +18,8 @@ use super::faults::{self, Point};
 use super::legacy::HandoverStateV2;
 use super::rebuild::{build_vm, check_spec, finish_restore, start_restore, to_lifecycle};
 use super::state::{
-    HandoverState, LifecycleState, Msg, Phase, PhaseTimes, RebootReport, RebootStamps, VmBlackout,
-    VmRecord, VmSpec, VmStamps,
+    BlackoutInstants, HandoverState, LifecycleState, Msg, Phase, PhaseTimes, RebootReport,
+    RebootStamps, VmBlackout, VmRecord, VmSpec, VmStamps,
 };
 use super::{HandoverError, COMMIT_FLAG_FD, STDERR_FD};
 use crate::vcpu::monotonic_ns;
@@ -202,6 +202,7 @@ impl<'a> Session<'a> {
             .read_state(msg, files, &staged.specs)
             .map_err(at(Phase::Transfer))?;
         let transfer_us = t_transfer.elapsed().as_micros() as u64;
+        let read_ns = monotonic_ns();
         let (lifecycles, restore_us) =
             restore_all(&staged, state.vms, state.captured_at_ns, have_cores)
                 .map_err(at(Phase::Restore))?;
@@ -251,7 +252,22 @@ impl<'a> Session<'a> {
                     state.bytes,
                     &blackouts,
                     state.host_first_stop_ns,
-                    PhaseTimes {
+                    // Consecutive segments of the blackout between its instants; an older
+                    // build's state has none of the old side's, so its phases are each
+                    // side's own measures.
+                    PhaseTimes::consecutive(
+                        state.stage_us,
+                        BlackoutInstants {
+                            first_stop_ns: state.host_first_stop_ns,
+                            quiesced_ns: state.host_first_stop_ns + state.quiesce_us * 1000,
+                            captured_ns: state.captured_at_ns,
+                            read_ns,
+                            restored_ns,
+                            committed_ns: commit_ns,
+                            last_running_ns,
+                        },
+                    )
+                    .unwrap_or(PhaseTimes {
                         stage_us: state.stage_us,
                         quiesce_us: state.quiesce_us,
                         capture_us: state.capture_us,
@@ -259,7 +275,7 @@ impl<'a> Session<'a> {
                         restore_us,
                         commit_us,
                         resume_us: last_running_ns.saturating_sub(resume_from_ns) / 1000,
-                    },
+                    }),
                     errors,
                 )
             };

@@ -409,6 +409,68 @@ pub struct PhaseTimes {
     pub resume_us: u64,
 }
 
+/// The instants that bound the blackout's phases, CLOCK_MONOTONIC ns, in order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlackoutInstants {
+    /// The old VMM asked the first vCPU to stop (the blackout starts).
+    pub first_stop_ns: u64,
+    /// Every vCPU stopped.
+    pub quiesced_ns: u64,
+    /// Every VM's state captured.
+    pub captured_ns: u64,
+    /// The state received and read by the new VMM.
+    pub read_ns: u64,
+    /// Every VM loaded, before `Ready`.
+    pub restored_ns: u64,
+    /// The commit claimed (format 3), or the restore's end when there is none.
+    pub committed_ns: u64,
+    /// The last vCPU running in the new VMM (the blackout ends).
+    pub last_running_ns: u64,
+}
+
+impl PhaseTimes {
+    /// The blackout's phases as consecutive segments between `at`'s instants, in µs: each
+    /// is the difference of its ends counted from the blackout's start and truncated to the
+    /// µs, so that they add up to the host blackout (`(last_running - first_stop) / 1000`)
+    /// exactly. None when the instants are not in order (an older build sent no stamps).
+    pub fn consecutive(stage_us: u64, at: BlackoutInstants) -> Option<Self> {
+        let ends = [
+            at.first_stop_ns,
+            at.quiesced_ns,
+            at.captured_ns,
+            at.read_ns,
+            at.restored_ns,
+            at.committed_ns,
+            at.last_running_ns,
+        ];
+        if at.first_stop_ns == 0 || ends.windows(2).any(|w| w[0] > w[1]) {
+            return None;
+        }
+        let us = |i: usize| {
+            (ends[i + 1] - at.first_stop_ns) / 1000 - (ends[i] - at.first_stop_ns) / 1000
+        };
+        Some(Self {
+            stage_us,
+            quiesce_us: us(0),
+            capture_us: us(1),
+            transfer_us: us(2),
+            restore_us: us(3),
+            commit_us: us(4),
+            resume_us: us(5),
+        })
+    }
+
+    /// The phases of the blackout, which add up to it.
+    pub fn blackout_us(&self) -> u64 {
+        self.quiesce_us
+            + self.capture_us
+            + self.transfer_us
+            + self.restore_us
+            + self.commit_us
+            + self.resume_us
+    }
+}
+
 /// One VM's vCPU stamps in a warm reboot: CLOCK_MONOTONIC ns, one per vCPU in vCPU order.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct VmStamps {
@@ -518,6 +580,40 @@ impl RebootReport {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_blackouts_phases_are_consecutive_and_add_up_to_it() {
+        let at = BlackoutInstants {
+            first_stop_ns: 1_000_000_999,
+            quiesced_ns: 1_000_120_500,
+            captured_ns: 1_000_190_001,
+            read_ns: 1_000_400_000,
+            restored_ns: 1_000_700_999,
+            committed_ns: 1_000_701_000,
+            last_running_ns: 1_000_950_998,
+        };
+        let p = PhaseTimes::consecutive(7, at).expect("in order");
+        assert_eq!(
+            p.blackout_us(),
+            (at.last_running_ns - at.first_stop_ns) / 1000
+        );
+        assert_eq!(
+            (p.stage_us, p.quiesce_us, p.capture_us, p.transfer_us),
+            (7, 119, 70, 210)
+        );
+        assert_eq!((p.restore_us, p.commit_us, p.resume_us), (301, 0, 249));
+        let backwards = BlackoutInstants {
+            read_ns: at.captured_ns - 1,
+            ..at
+        };
+        assert_eq!(PhaseTimes::consecutive(7, backwards), None);
+        let unstamped = BlackoutInstants {
+            first_stop_ns: 0,
+            ..at
+        };
+        assert_eq!(PhaseTimes::consecutive(7, unstamped), None);
+    }
+
     use super::*;
 
     /// The fuzzers' seed spec with a read-only disk (and its fd), so that a disk crosses
