@@ -20,7 +20,8 @@
 //! The faults are spread evenly: every (point, action kind) pair of both sides comes up
 //! once per round of 72 trials (kill, stop, delay and panic at each of 18 points), in an
 //! order and with durations drawn from `--seed`.
-//! The binary must be built with the `fault-injection` feature (as the tests build it).
+//! Both binaries, warmvm-bench and the warmvm it runs, must be built with the
+//! `fault-injection` feature (as the tests build them).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -204,8 +205,8 @@ pub fn faults(args: &FaultsArgs) -> Result<ExitCode, Failure> {
     if !faults::ENABLED {
         return Err(Failure::new(
             EXIT_BAD_INPUT,
-            "this warmvm was built without fault injection: build it with \
-             `cargo build -p warmvm --features fault-injection`",
+            "this warmvm-bench was built without fault injection: build it and warmvm with \
+             `cargo build -p warmvm -p warmvm-bench --features fault-injection`",
         ));
     }
     let seed = args.seed.unwrap_or_else(|| {
