@@ -26,7 +26,15 @@ pub fn warmvm() -> &'static Path {
         };
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let status = Command::new(cargo)
-            .args(["build", "--quiet", "-p", "warmvm", "--profile", profile])
+            .args([
+                "build",
+                "--quiet",
+                "--locked",
+                "-p",
+                "warmvm",
+                "--profile",
+                profile,
+            ])
             .args([
                 "--features",
                 "warmvm-vmm/fault-injection,warmvm-api/fault-injection",
