@@ -1,37 +1,41 @@
 //! `warmvm-bench`: warmvm's benchmarks. See docs/benchmarks.md.
 
+mod bench;
+mod bench_aging;
+mod bench_aging_plot;
+mod bench_aging_report;
+mod bench_aging_sim;
+mod bench_cache;
+mod bench_cache_load;
+mod bench_daemon;
+mod bench_faults;
+mod bench_pause;
+mod bench_peer;
+mod bench_qemu;
+mod bench_reboot;
+mod bench_segments;
+mod bench_soak;
+mod cli;
 mod exits;
+mod interrupt;
 mod memory;
+mod plots;
+mod progress;
 mod startup;
 mod util;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
 use serde::Serialize;
 
 use crate::util::{Result, ScratchDir};
 
-#[derive(Parser, Debug)]
-#[command(name = "warmvm-bench", version, about = "warmvm's benchmarks")]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand, Debug)]
-enum Command {
-    /// The VMM foundation's figures (issue 2, point 9): start-up time, port-exit cost
-    /// against the bare C probe, VMM memory per VM. Needs /dev/kvm, gcc, and a built
-    /// `warmvm` (build both with `cargo build --release -p warmvm -p warmvm-bench`).
-    Foundation(FoundationArgs),
-}
-
 #[derive(clap::Args, Debug)]
-struct FoundationArgs {
-    /// Print the results as one JSON document.
-    #[arg(long)]
+pub(crate) struct FoundationArgs {
+    /// Print the results as one JSON document (the global `--json`).
+    #[arg(skip)]
     json: bool,
     /// The warmvm binary [default: `warmvm` next to this binary].
     #[arg(long)]
@@ -234,15 +238,26 @@ fn print_table(r: &FoundationReport) {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Foundation(args) => foundation(args),
-    };
-    match result {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("warmvm-bench: error: {e}");
-            ExitCode::from(1)
+    let cli = cli::Cli::parse();
+    warmvm_cli_common::globals::init_logging(&cli.global, "warn");
+    match cli.command {
+        cli::Command::Bench(what) => match cli::dispatch(cli.global, what) {
+            Ok(code) => code,
+            // As `warmvm bench` printed it when the benchmarks were part of `warmvm`.
+            Err(e) => {
+                eprintln!("warmvm: error: {}", e.message);
+                ExitCode::from(e.code)
+            }
+        },
+        cli::Command::Foundation(mut args) => {
+            args.json = cli.global.json;
+            match foundation(args) {
+                Ok(code) => code,
+                Err(e) => {
+                    eprintln!("warmvm-bench: error: {e}");
+                    ExitCode::from(1)
+                }
+            }
         }
     }
 }

@@ -4,11 +4,9 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use warmvm_vmm::{ConfigError, HostError, VmError};
 
-/// Exit statuses: 0 success, 1 a VM failed (crash, integrity error), 2 bad input,
-/// 3 the host cannot run VMs (no KVM, no permission).
-pub const EXIT_VM_FAILED: u8 = 1;
-pub const EXIT_BAD_INPUT: u8 = 2;
-pub const EXIT_HOST: u8 = 3;
+pub use warmvm_cli_common::bench_args::{BenchCommand, RebootMode};
+pub use warmvm_cli_common::exit::{EXIT_BAD_INPUT, EXIT_HOST, EXIT_VM_FAILED};
+use warmvm_cli_common::globals::{GlobalArgs, LogFormat};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -17,51 +15,10 @@ pub const EXIT_HOST: u8 = 3;
     about = "A KVM VMM whose VMs survive a restart of the VMM itself"
 )]
 pub struct Cli {
-    /// Log verbosity (error, warn, info, debug, trace), or a tracing filter
-    /// [default: info for `daemon`, warn otherwise].
-    #[arg(long, global = true, env = "WARMVM_LOG")]
-    pub log_level: Option<String>,
-    /// Log format on standard error.
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
-    pub log_format: LogFormat,
-    /// The daemon's API socket: where `daemon` listens and the API commands connect
-    /// [default: /run/warmvm/warmvm.sock as root; for `daemon` with --state-dir,
-    /// <state dir>/warmvm.sock].
-    #[arg(long, global = true, env = "WARMVM_SOCKET", value_name = "PATH")]
-    pub socket: Option<PathBuf>,
-    /// Print one JSON document (the daemon's answer, or the results) instead of text.
-    #[arg(long, global = true)]
-    pub json: bool,
+    #[command(flatten)]
+    pub global: GlobalArgs,
     #[command(subcommand)]
     pub command: Command,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-pub enum LogFormat {
-    Human,
-    Json,
-}
-
-#[derive(Subcommand, Debug)]
-pub enum BenchCommand {
-    /// Blackout of chained warm reboots for several VM counts and RAM sizes, through the
-    /// daemon's API and through the demo.
-    WarmReboot(crate::bench::WarmRebootArgs),
-    /// Warm, saved and cold reboot side by side: downtime against the number of VMs and
-    /// the RAM size, phases, the disk's bandwidth; a table or --json, and plots.
-    Reboot(crate::bench_reboot::RebootBenchArgs),
-    /// Randomised fault-injection trials of the daemon's warm reboot (a fault-injection build).
-    Faults(crate::bench_faults::FaultsArgs),
-    /// A guest serving HTTP from its page cache under wrk, with and without a warm reboot
-    /// (root: it makes a network namespace; needs wrk and curl).
-    Cache(crate::bench_cache::CacheArgs),
-    /// Aging detection: live leaks (a fault-injection build), leak rates and false positives
-    /// in accelerated time over recorded noise, against time-based rejuvenation; with plots.
-    Aging(crate::bench_aging::AgingArgs),
-    /// Warm reboots back to back through a daemon (one guest serving HTTP under httperf):
-    /// every VM judged after every reboot, the daemon's fds, threads, RSS and heap and the
-    /// blackout per window of reboots (root: it makes a network namespace).
-    Soak(crate::bench_soak::SoakArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -213,26 +170,6 @@ pub enum Command {
         /// The directory to write to (created if missing).
         dir: PathBuf,
     },
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum RebootMode {
-    /// Hand every VM to a new daemon process, suspended on memory only briefly.
-    Warm,
-    /// Snapshot every VM to the state directory; the new daemon restores them.
-    Saved,
-    /// Power every guest off; the new daemon boots them again from their configs.
-    Cold,
-}
-
-impl RebootMode {
-    pub fn name(self) -> &'static str {
-        match self {
-            RebootMode::Warm => "warm",
-            RebootMode::Saved => "saved",
-            RebootMode::Cold => "cold",
-        }
-    }
 }
 
 const CONSOLE: warmvm_vmm::devices::ConsoleLimits = warmvm_vmm::devices::console::DEFAULT_LIMITS;
@@ -533,28 +470,16 @@ pub fn init_logging(cli: &Cli) {
         Command::Daemon { .. } => "info",
         _ => "warn",
     };
-    let filter =
-        tracing_subscriber::EnvFilter::try_new(cli.log_level.as_deref().unwrap_or(default))
-            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    // Colours only for a terminal: journald and log files get plain text.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr);
-    match cli.log_format {
-        LogFormat::Human => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    warmvm_cli_common::globals::init_logging(&cli.global, default);
 }
 
 /// The global flags again, for a daemon started by a warm reboot.
 fn global_args(cli: &Cli) -> Vec<std::ffi::OsString> {
     let mut args: Vec<std::ffi::OsString> = Vec::new();
-    if let Some(level) = &cli.log_level {
+    if let Some(level) = &cli.global.log_level {
         args.extend(["--log-level".into(), level.into()]);
     }
-    let format = match cli.log_format {
+    let format = match cli.global.log_format {
         LogFormat::Human => "human",
         LogFormat::Json => "json",
     };
@@ -581,8 +506,8 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
     }
     let successor_args = global_args(&cli);
     let api = ApiArgs {
-        socket: cli.socket,
-        json: cli.json,
+        socket: cli.global.socket,
+        json: cli.global.json,
     };
     match cli.command {
         Command::Run {
@@ -597,43 +522,7 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
                 .map_err(|e| Failure::new(EXIT_HOST, e.to_string()))?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Bench {
-            what: BenchCommand::WarmReboot(mut args),
-        } => {
-            args.json = api.json;
-            args.socket = api.socket;
-            crate::bench::warm_reboot(&args)
-        }
-        Command::Bench {
-            what: BenchCommand::Cache(mut args),
-        } => {
-            args.json = api.json;
-            crate::bench_cache::cache(&args)
-        }
-        Command::Bench {
-            what: BenchCommand::Reboot(mut args),
-        } => {
-            args.json = api.json;
-            crate::bench_reboot::reboot(&args)
-        }
-        Command::Bench {
-            what: BenchCommand::Faults(mut args),
-        } => {
-            args.json = api.json;
-            crate::bench_faults::faults(&args)
-        }
-        Command::Bench {
-            what: BenchCommand::Aging(mut args),
-        } => {
-            args.json = api.json;
-            crate::bench_aging::aging(&args)
-        }
-        Command::Bench {
-            what: BenchCommand::Soak(mut args),
-        } => {
-            args.json = api.json;
-            crate::bench_soak::soak(&args)
-        }
+        Command::Bench { .. } => crate::external::bench(),
         Command::Demo(mut args) => {
             args.json = api.json;
             crate::demo::demo(&args)

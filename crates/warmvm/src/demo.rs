@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+use warmvm_cli_common::stats::{p50_p99_max, percentile, P99_MIN_SAMPLES};
 use warmvm_vmm::handover::{self, RebootOptions, RebootReport};
 use warmvm_vmm::{Config, Host, Lifecycle, VmConfig, VmReport};
 
@@ -124,31 +125,9 @@ pub struct ChainSummary {
     pub phase_p50_ms: BTreeMap<String, f64>,
 }
 
-/// Fewest samples for which a 99th percentile is more than the maximum.
-pub(crate) const P99_MIN_SAMPLES: usize = 100;
-
-/// p50, p99 and max, in ms, of values in µs. The p99 is `None` with fewer than
-/// [`P99_MIN_SAMPLES`] values: it would be the maximum under another name.
-pub(crate) fn p50_p99_max(mut us: Vec<u64>) -> (f64, Option<f64>, f64) {
-    us.sort_unstable();
-    (
-        percentile(&us, 0.5),
-        (us.len() >= P99_MIN_SAMPLES).then(|| percentile(&us, 0.99)),
-        percentile(&us, 1.0),
-    )
-}
-
 /// An optional figure for a text line: `-` when there is none.
 pub(crate) fn opt_ms(v: Option<f64>) -> String {
     v.map_or_else(|| "-".to_string(), |v| format!("{v:.3}"))
-}
-
-fn percentile(sorted: &[u64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)] as f64 / 1000.0
 }
 
 fn summarize(all: &[RebootReport]) -> ChainSummary {

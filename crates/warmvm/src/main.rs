@@ -1,30 +1,13 @@
 //! The `warmvm` command.
 
 mod aging;
-mod bench;
-mod bench_aging;
-mod bench_aging_plot;
-mod bench_aging_report;
-mod bench_aging_sim;
-mod bench_cache;
-mod bench_cache_load;
-mod bench_daemon;
-mod bench_faults;
-mod bench_pause;
-mod bench_peer;
-mod bench_qemu;
-mod bench_reboot;
-mod bench_segments;
-mod bench_soak;
 mod cli;
 mod client;
 mod console;
 mod demo;
-mod interrupt;
+mod external;
 mod manpages;
 mod output;
-mod plots;
-mod progress;
 mod reboot_progress;
 mod run;
 

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use serde_json::{json, Value};
 use warmvm_api::aging::{AgingHistory, Metric};
+pub(crate) use warmvm_cli_common::bench_args::AgingArgs;
 use warmvm_vmm::AgingConfig;
 
 use crate::bench_aging_plot as plot;
@@ -28,54 +29,6 @@ use crate::bench_aging_report::{draw_plots, print_tables};
 use crate::bench_aging_sim::{simulate, Leak, Recording};
 use crate::bench_daemon::{host_facts, BenchDaemon};
 use crate::cli::{Failure, EXIT_BAD_INPUT, EXIT_HOST};
-
-#[derive(clap::Args, Debug)]
-pub struct AgingArgs {
-    /// Print one JSON document (the global `--json`).
-    #[arg(skip)]
-    pub json: bool,
-    /// Seconds of live noise to record from a daemon under load.
-    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(2..=3600))]
-    pub record_secs: u64,
-    /// The monitor's period while recording, in ms.
-    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(50..=10_000))]
-    pub record_period_ms: u64,
-    /// VMs (64 MiB reference guests) the recorded daemon runs.
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(0..=64))]
-    pub vms: u32,
-    /// Simulated days of non-aging operation, for the false-positive rate.
-    #[arg(long, default_value_t = 60.0)]
-    pub days: f64,
-    /// Simulated days of each leak run.
-    #[arg(long, default_value_t = 7.0)]
-    pub leak_days: f64,
-    /// The simulated monitor's period, in seconds.
-    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
-    pub sim_period_secs: u64,
-    /// The simulated memory budget (MiB) and fd limit the leaks run against.
-    #[arg(long, default_value_t = 1024)]
-    pub budget_mib: u64,
-    #[arg(long, default_value_t = 1024)]
-    pub fd_limit: u64,
-    /// Simulated heap leak rates, MiB per hour.
-    #[arg(long, value_delimiter = ',', default_value = "8,32,128,512")]
-    pub heap_mib_per_hour: Vec<f64>,
-    /// Simulated fd leak rates, per hour.
-    #[arg(long, value_delimiter = ',', default_value = "5,20,100")]
-    pub fds_per_hour: Vec<f64>,
-    /// Live heap leak rates, MiB per second (a fault-injection build; empty for none).
-    #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
-    pub live_heap_mib_per_sec: Vec<f64>,
-    /// Skip the live leaks.
-    #[arg(long)]
-    pub no_live: bool,
-    /// Time-based schedules to compare with, in hours.
-    #[arg(long, value_delimiter = ',', default_value = "6,24,168")]
-    pub schedule_hours: Vec<f64>,
-    /// Directory for the plots (SVG and PNG).
-    #[arg(long, default_value = "bench-aging")]
-    pub out: PathBuf,
-}
 
 /// The live daemons' monitor settings: fast, so a run takes seconds.
 pub(crate) const LIVE_HORIZON_SECS: u64 = 30;
@@ -382,7 +335,7 @@ pub fn aging(a: &AgingArgs) -> Result<ExitCode, Failure> {
     plot::register_font().map_err(|e| Failure::new(EXIT_HOST, e))?;
     std::fs::create_dir_all(&a.out)
         .map_err(|e| Failure::new(EXIT_HOST, format!("{}: {e}", a.out.display())))?;
-    let exe = std::env::current_exe().map_err(|e| Failure::new(EXIT_HOST, e.to_string()))?;
+    let exe = crate::cli::warmvm_exe()?;
     let scratch = std::env::temp_dir().join(format!("warmvm-bench-aging-{}", std::process::id()));
     let host_err = |e: String| Failure::new(EXIT_HOST, e);
 
@@ -559,7 +512,7 @@ pub fn aging(a: &AgingArgs) -> Result<ExitCode, Failure> {
         "plots": plots,
     });
     if a.json {
-        crate::output::print_json(&doc);
+        warmvm_cli_common::output::print_json(&doc);
     } else {
         print_tables(&doc, &rows, &policies, &live);
     }

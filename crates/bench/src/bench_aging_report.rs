@@ -30,7 +30,7 @@ pub(crate) fn print_tables(
     policies: &[PolicyRow],
     live: &[LiveRun],
 ) {
-    let t = crate::output::table;
+    let t = warmvm_cli_common::output::table;
     println!(
         "warm reboot blackout (measured once): {:.3} ms",
         doc["warm_reboot_blackout_ms"].as_f64().unwrap_or(0.0)

@@ -15,43 +15,12 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use warmvm_api::Client;
+use warmvm_cli_common::bench_args::CacheArgs;
 use warmvm_vmm::monotonic_ns;
 
 use crate::bench_cache_load::{httperf, parse_wrk, FixedRate, Run, GUEST_IP, WRK_SCRIPT};
 use crate::bench_daemon::BenchDaemon;
 use crate::cli::{Failure, EXIT_HOST, EXIT_VM_FAILED};
-
-#[derive(clap::Args, Debug)]
-pub struct CacheArgs {
-    /// Print one JSON document (the global `--json`).
-    #[arg(skip)]
-    pub json: bool,
-    /// Length of each load run, in seconds.
-    #[arg(long, default_value_t = 40, value_parser = clap::value_parser!(u64).range(3..=3600))]
-    pub duration_secs: u64,
-    /// When the reboot happens in its run, in seconds from its start.
-    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=3600))]
-    pub reboot_after_secs: u64,
-    /// The fixed request rate of the reboot runs (httperf), requests per second.
-    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=10000))]
-    pub rate: u32,
-    /// Keep-alive sessions sharing the fixed rate (each makes a request every
-    /// sessions / rate seconds; the reference guest serves 8 connections at once).
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=8))]
-    pub sessions: u32,
-    /// The reboot modes to measure, in this order (comma-separated: warm, saved, cold).
-    #[arg(long, value_delimiter = ',', default_value = "warm,saved,cold")]
-    pub modes: Vec<crate::cli::RebootMode>,
-    /// wrk connections for the maximum-throughput run (the guest serves 8 at once).
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=8))]
-    pub connections: u32,
-    /// Files in the guest's archive, 64 KiB each.
-    #[arg(long, default_value_t = 48, value_parser = clap::value_parser!(u32).range(1..=60))]
-    pub files: u32,
-    /// The guest's page cache in MiB.
-    #[arg(long, default_value_t = 16)]
-    pub cache_mib: u64,
-}
 
 const HOST_CIDR: &str = "10.78.0.1/24";
 const TAP: &str = "wvbench0";
@@ -412,8 +381,7 @@ pub fn cache(args: &CacheArgs) -> Result<ExitCode, Failure> {
             "--reboot-after-secs must leave at least 2 s of the run after the reboot",
         ));
     }
-    let exe = std::env::current_exe()
-        .map_err(|e| Failure::new(EXIT_HOST, format!("cannot find this binary: {e}")))?;
+    let exe = crate::cli::warmvm_exe()?;
     let site = Site {
         files: args.files,
         cache_mib: args.cache_mib,

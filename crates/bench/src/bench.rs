@@ -14,58 +14,10 @@ use std::time::Duration;
 
 use serde::Serialize;
 use serde_json::Value;
+use warmvm_cli_common::bench_args::{RebootPath, WarmRebootArgs};
 
 use crate::cli::{Failure, EXIT_BAD_INPUT, EXIT_VM_FAILED};
 use crate::progress::Progress;
-
-#[derive(clap::Args, Debug)]
-pub struct WarmRebootArgs {
-    /// Print one JSON document (the global `--json`).
-    #[arg(skip)]
-    pub json: bool,
-    /// The global `--socket` (unused: the bench starts its own daemon).
-    #[arg(skip)]
-    pub socket: Option<std::path::PathBuf>,
-    /// Reboots per cell.
-    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=10000))]
-    pub reboots: u32,
-    /// VM counts, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
-    pub vms: Vec<u32>,
-    /// RAM per VM in MiB, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "256,1024,4096")]
-    pub memory_mib: Vec<u64>,
-    /// Reference guest command line: busy guests (interval_ms=0) give the steady
-    /// stream the guest-visible gap needs; idle ones isolate the VMM's own cost.
-    #[arg(long, default_value = "quiet interval_ms=0")]
-    pub guest_cmdline: String,
-    #[arg(long, default_value_t = 100)]
-    pub reboot_interval_ms: u64,
-    #[arg(long, default_value_t = 200)]
-    pub gap_window_ms: u64,
-    /// Skip cells whose guest RAM is more than this share of host memory.
-    #[arg(long, default_value_t = 0.7)]
-    pub max_host_share: f64,
-    /// Which reboot paths to measure, comma-separated: daemon (PUT /v1/reboot to a
-    /// `warmvm daemon`, as operators do), demo (`warmvm demo --reboots N`).
-    #[arg(long, value_delimiter = ',', value_enum, default_value = "daemon,demo")]
-    pub paths: Vec<RebootPath>,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum RebootPath {
-    Daemon,
-    Demo,
-}
-
-impl RebootPath {
-    fn name(self) -> &'static str {
-        match self {
-            RebootPath::Daemon => "daemon",
-            RebootPath::Demo => "demo",
-        }
-    }
-}
 
 #[derive(Serialize)]
 struct Cell {
@@ -88,7 +40,7 @@ struct Cell {
 }
 
 pub fn warm_reboot(args: &WarmRebootArgs) -> Result<ExitCode, Failure> {
-    let exe = warmvm_vmm::handover::this_binary();
+    let exe = crate::cli::warmvm_exe()?;
     let host_mib = warmvm_vmm::HostLimits::probe().memory_mib;
     if args.vms.is_empty() || args.memory_mib.is_empty() {
         return Err(Failure::new(
@@ -160,7 +112,7 @@ pub fn warm_reboot(args: &WarmRebootArgs) -> Result<ExitCode, Failure> {
     progress.finish();
     let ok = cells.iter().all(|c| c.ok);
     if args.json {
-        crate::output::print_json(&serde_json::json!({
+        warmvm_cli_common::output::print_json(&serde_json::json!({
             "ok": ok,
             "host": host,
             "paths": {
@@ -280,7 +232,7 @@ fn print_table(cells: &[Cell], skipped: &[String], host: &Value) {
     println!(" commit = the new VMM's Ready to its claim of the guests; phases are medians;");
     println!(
         " p99 is shown only with {}+ reboots: with fewer it would be the maximum)",
-        crate::demo::P99_MIN_SAMPLES
+        warmvm_cli_common::stats::P99_MIN_SAMPLES
     );
     if !skipped.is_empty() {
         println!("skipped for lack of host memory: {}", skipped.join(", "));

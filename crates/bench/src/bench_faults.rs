@@ -20,7 +20,8 @@
 //! The faults are spread evenly: every (point, action kind) pair of both sides comes up
 //! once per round of 72 trials (kill, stop, delay and panic at each of 18 points), in an
 //! order and with durations drawn from `--seed`.
-//! The binary must be built with the `fault-injection` feature (as the tests build it).
+//! Both binaries, warmvm-bench and the warmvm it runs, must be built with the
+//! `fault-injection` feature (as the tests build them).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -30,52 +31,10 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use serde_json::{json, Value};
 use warmvm_api::Client;
+use warmvm_cli_common::bench_args::FaultsArgs;
 use warmvm_vmm::handover::faults::{self, Action, Fault, Point};
 
 use crate::cli::{Failure, EXIT_BAD_INPUT, EXIT_VM_FAILED};
-
-#[derive(clap::Args, Debug)]
-pub struct FaultsArgs {
-    /// Random trials to run (ignored with --fault).
-    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=100000))]
-    pub trials: u32,
-    /// Seed of the choice of faults and durations [default: from the clock; printed].
-    #[arg(long)]
-    pub seed: Option<u64>,
-    /// Print one JSON document instead of the table (the global `--json`).
-    #[arg(skip)]
-    pub json: bool,
-    /// VMs per trial.
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
-    pub vms: u32,
-    /// RAM per VM in MiB.
-    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(2..=65536))]
-    pub memory_mib: u64,
-    /// vCPUs per VM: each verifies its own share of the RAM and is judged on its own.
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
-    pub vcpus: u32,
-    /// Run exactly these faults, one trial each, in order, instead of random ones
-    /// (as WARMVM_FAULT spells them, e.g. `old:quiesced:kill`; repeatable).
-    #[arg(long = "fault", value_name = "SIDE:POINT:ACTION")]
-    pub faults: Vec<String>,
-    /// How long the guests run before the reboot (after each has verified some memory).
-    #[arg(long, default_value_t = 200)]
-    pub run_ms: u64,
-    /// The ready budget to ask for in the reboot request [default: the daemon's, 500 ms];
-    /// random delays are drawn below and above it.
-    #[arg(long)]
-    pub ready_budget_ms: Option<u64>,
-    /// The stage timeout to ask for in the reboot request [default: the daemon's].
-    #[arg(long)]
-    pub stage_timeout_ms: Option<u64>,
-    /// Reference guest command line.
-    #[arg(long, default_value = "quiet interval_ms=0 refill_every=1")]
-    pub guest_cmdline: String,
-    /// Run nothing: print the table of a campaign saved with --json (the table in
-    /// docs/benchmarks.md is made this way from the committed campaign).
-    #[arg(long, value_name = "FILE")]
-    pub table_from: Option<std::path::PathBuf>,
-}
 
 /// How a trial ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -246,8 +205,8 @@ pub fn faults(args: &FaultsArgs) -> Result<ExitCode, Failure> {
     if !faults::ENABLED {
         return Err(Failure::new(
             EXIT_BAD_INPUT,
-            "this warmvm was built without fault injection: build it with \
-             `cargo build -p warmvm --features fault-injection`",
+            "this warmvm-bench was built without fault injection: build it and warmvm with \
+             `cargo build -p warmvm -p warmvm-bench --features fault-injection`",
         ));
     }
     let seed = args.seed.unwrap_or_else(|| {
@@ -264,7 +223,7 @@ pub fn faults(args: &FaultsArgs) -> Result<ExitCode, Failure> {
         }
         plan
     };
-    let exe = warmvm_vmm::handover::this_binary();
+    let exe = crate::cli::warmvm_exe()?;
     eprintln!(
         "warmvm bench faults: {} trials, seed {seed}, {} VMs x {} MiB x {} vCPUs",
         plan.len(),
@@ -296,7 +255,7 @@ pub fn faults(args: &FaultsArgs) -> Result<ExitCode, Failure> {
     }
     let failures = trials.iter().filter(|t| t.failure).count();
     if args.json {
-        crate::output::print_json(&json!({
+        warmvm_cli_common::output::print_json(&json!({
             "ok": failures == 0,
             "seed": seed,
             "vms": args.vms,

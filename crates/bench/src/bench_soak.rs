@@ -22,35 +22,8 @@ use warmvm_vmm::status::GuestFigures;
 use crate::bench_cache::{Setup, Site};
 use crate::bench_cache_load::{httperf, FixedRate};
 use crate::cli::{Failure, EXIT_BAD_INPUT, EXIT_HOST, EXIT_VM_FAILED};
-use crate::demo::p50_p99_max;
-
-#[derive(clap::Args, Debug)]
-pub struct SoakArgs {
-    /// Print one JSON document (the global `--json`).
-    #[arg(skip)]
-    pub json: bool,
-    /// Warm reboots, back to back.
-    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
-    pub reboots: u64,
-    /// Reboots per reported window (the resources and the blackout percentiles).
-    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
-    pub window: u64,
-    /// VMs in all: one serves HTTP, the others are reference guests verifying their memory.
-    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(2..=64))]
-    pub vms: u32,
-    /// RAM of each reference guest in MiB.
-    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(16..=65536))]
-    pub memory_mib: u64,
-    /// vCPUs of each reference guest.
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=8))]
-    pub vcpus: u32,
-    /// The HTTP guest's fixed request rate (httperf), requests per second.
-    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
-    pub rate: u32,
-    /// Write the plots (SVG and PNG) into this directory.
-    #[arg(long)]
-    pub plot_dir: Option<PathBuf>,
-}
+use warmvm_cli_common::bench_args::SoakArgs;
+use warmvm_cli_common::stats::p50_p99_max;
 
 /// Files in the HTTP guest's archive and its page cache: small, as the load is steady
 /// service under reboots, not a cache measurement.
@@ -370,8 +343,7 @@ pub fn soak(args: &SoakArgs) -> Result<ExitCode, Failure> {
     }
     // SIGINT or SIGTERM ends the soak after the reboot under way, with the figures so far.
     crate::interrupt::install().map_err(|e| Failure::new(EXIT_HOST, e))?;
-    let exe = std::env::current_exe()
-        .map_err(|e| Failure::new(EXIT_HOST, format!("cannot find this binary: {e}")))?;
+    let exe = crate::cli::warmvm_exe()?;
     let host = Host::start(&exe, args).map_err(|e| Failure::new(EXIT_HOST, e))?;
     let client = host
         .setup
@@ -600,6 +572,11 @@ impl Host {
     }
 }
 
+/// An optional figure for a table cell: `-` when there is none.
+fn opt_ms(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".to_string(), |v| format!("{v:.3}"))
+}
+
 fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1u64 << 20) as f64
 }
@@ -635,7 +612,7 @@ fn print_table(doc: &serde_json::Value, windows: &[Window], verdict: Option<&Ver
             w.heap_in_use_bytes
                 .map_or_else(|| "-".to_string(), |b| format!("{:.2}", mib(b))),
             w.blackout_p50_ms,
-            crate::demo::opt_ms(w.blackout_p99_ms),
+            opt_ms(w.blackout_p99_ms),
             w.blackout_max_ms,
             w.http_ok
         );

@@ -90,7 +90,7 @@ fn rank(n: usize, p: f64) -> usize {
 }
 
 /// Fewest samples for which a p99 is more than the maximum under another name.
-const P99_MIN_SAMPLES: usize = crate::demo::P99_MIN_SAMPLES;
+const P99_MIN_SAMPLES: usize = warmvm_cli_common::stats::P99_MIN_SAMPLES;
 
 /// The table's figures, µs: the segments of the sample whose pause is the p50 (and the p99)
 /// one, which add up to that pause; and each segment's own p50 and p99 over all samples
@@ -191,7 +191,7 @@ pub fn table_text(vms: &Value, s: &Value) -> String {
     let _ = writeln!(
         out,
         "{}",
-        crate::output::table(
+        warmvm_cli_common::output::table(
             &["SEGMENT", "p50 PAUSE", &col_p, "SEGMENT p50", &col_s],
             rows,
             &[1, 2, 3, 4],

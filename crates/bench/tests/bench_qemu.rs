@@ -33,7 +33,7 @@ fn reboot_bench_measures_qemu_cpr_beside_the_warm_reboot() {
         return;
     }
     let out_dir = scratch("bench-qemu-out");
-    let out = Command::new(BIN)
+    let out = Command::new(warmvm())
         .args([
             "--json", "bench", "reboot", "--modes", "warm", "--vms", "1,2",
         ])
@@ -168,7 +168,7 @@ fn an_interrupted_qemu_peer_leaves_no_process_and_no_file() {
         return;
     }
     let dir = scratch("bench-qemu-int");
-    let mut bench = Command::new(BIN)
+    let mut bench = Command::new(warmvm())
         .args(["bench", "reboot", "--modes", "warm", "--vms", "2"])
         .args([
             "--memory-mib",

@@ -10,7 +10,7 @@ use common::*;
 use serde_json::Value;
 
 fn bench(dir: &std::path::Path, json: bool) -> (bool, String, String) {
-    let mut cmd = Command::new(BIN);
+    let mut cmd = Command::new(warmvm());
     cmd.args(["bench", "aging", "--record-secs", "5", "--days", "0.5"])
         .args(["--leak-days", "0.25", "--heap-mib-per-hour", "512"])
         .args(["--fds-per-hour", "100", "--schedule-hours", "6,24"])

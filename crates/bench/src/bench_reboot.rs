@@ -22,52 +22,11 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use serde_json::{json, Value};
+pub(crate) use warmvm_cli_common::bench_args::RebootBenchArgs;
 
 use crate::bench_daemon::BenchDaemon;
 use crate::cli::{Failure, RebootMode, EXIT_BAD_INPUT, EXIT_HOST};
 use crate::progress::Progress;
-
-#[derive(clap::Args, Debug)]
-pub struct RebootBenchArgs {
-    /// Print one JSON document (the global `--json`).
-    #[arg(skip)]
-    pub json: bool,
-    /// Reboot modes to compare, comma-separated.
-    #[arg(
-        long,
-        value_delimiter = ',',
-        value_enum,
-        default_value = "warm,saved,cold"
-    )]
-    pub modes: Vec<RebootMode>,
-    /// VM counts for the downtime-against-VMs sweep (at the first --memory-mib).
-    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16")]
-    pub vms: Vec<u32>,
-    /// RAM per VM in MiB for the downtime-against-RAM sweep (at one VM).
-    #[arg(long, value_delimiter = ',', default_value = "256,1024,4096")]
-    pub memory_mib: Vec<u64>,
-    /// Reboots per cell and mode.
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
-    pub runs: u32,
-    /// Skip cells with more guest RAM than this in total (the machine is shared).
-    #[arg(long, default_value_t = 4096)]
-    pub max_total_mib: u64,
-    /// Where the daemons and the snapshots live (the disk measured) [default: a directory
-    /// under /var/tmp].
-    #[arg(long)]
-    pub dir: Option<PathBuf>,
-    /// Also write everything into this directory: table.txt, results.json and the plots
-    /// (downtime-vs-vms, downtime-vs-ram, phases; SVG and PNG).
-    #[arg(long)]
-    pub out: Option<PathBuf>,
-    /// Reference guest command line.
-    #[arg(long, default_value = "quiet interval_ms=20")]
-    pub guest_cmdline: String,
-    /// Do not run QEMU's CheckPoint-and-Restart as a peer (it runs when qemu-system-x86_64
-    /// 10 or later is installed).
-    #[arg(long)]
-    pub no_qemu: bool,
-}
 
 /// One (mode, VM count, RAM size) cell.
 #[derive(Clone, Debug, Serialize)]
@@ -145,7 +104,7 @@ pub fn reboot(args: &RebootBenchArgs) -> Result<ExitCode, Failure> {
             "--modes, --vms and --memory-mib need at least one value",
         ));
     }
-    let exe = warmvm_vmm::handover::this_binary();
+    let exe = crate::cli::warmvm_exe()?;
     // A Ctrl-C or SIGTERM ends the run cleanly: its QEMU processes killed, its daemons
     // stopped and its work directory removed (by the guards on the way out).
     crate::interrupt::install().map_err(|e| Failure::new(EXIT_HOST, e))?;
@@ -214,7 +173,7 @@ pub fn reboot(args: &RebootBenchArgs) -> Result<ExitCode, Failure> {
         })?;
     }
     if args.json {
-        crate::output::print_json(&doc);
+        warmvm_cli_common::output::print_json(&doc);
     } else {
         print!("{table}");
         if let Some(dir) = &args.out {
@@ -322,7 +281,7 @@ fn table_text(doc: &Value, cells: &[Cell]) -> String {
     let _ = writeln!(
         out,
         "{}",
-        crate::output::table(
+        warmvm_cli_common::output::table(
             &[
                 "MODE",
                 "VMS",

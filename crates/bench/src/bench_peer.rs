@@ -251,7 +251,7 @@ pub fn table_text(doc: &Value) -> String {
     let _ = writeln!(
         out,
         "{}",
-        crate::output::table(
+        warmvm_cli_common::output::table(
             &[
                 "VMM / MODE",
                 "VMS",

@@ -2,19 +2,20 @@
 //! point of both sides of a warm reboot (crates/vmm/src/handover/faults.rs) must never
 //! corrupt a VM, and lose VMs only where the process that owned them was killed.
 
+mod common;
+
 use std::process::Command;
 use std::sync::Mutex;
 
+use common::warmvm;
 use serde_json::Value;
-
-const BIN: &str = env!("CARGO_BIN_EXE_warmvm");
 
 /// The campaigns share two cores: one at a time, so that load does not decide outcomes.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 /// Run `warmvm bench faults --json` with `args`; its exit status and document.
 fn bench(args: &[&str]) -> (Option<i32>, Value) {
-    let out = Command::new(BIN)
+    let out = Command::new(warmvm())
         .args([
             "bench",
             "faults",

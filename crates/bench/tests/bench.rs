@@ -15,7 +15,7 @@ fn warm_reboot_bench_measures_both_paths_with_progress() {
     if !warmvm_vmm::testing::kvm_available("warm_reboot_bench") {
         return;
     }
-    let out = Command::new(BIN)
+    let out = Command::new(warmvm())
         .args([
             "bench",
             "warm-reboot",
@@ -93,7 +93,7 @@ fn cache_bench_prints_its_table_and_json() {
         "--rate",
         "20",
     ];
-    let out = Command::new(BIN)
+    let out = Command::new(warmvm())
         .args(["bench", "cache", "--json"])
         .args(args)
         .output()
@@ -150,7 +150,7 @@ fn cache_bench_prints_its_table_and_json() {
         "a cold guest starts with an empty cache"
     );
 
-    let out = Command::new(BIN)
+    let out = Command::new(warmvm())
         .args(["bench", "cache", "--modes", "warm"])
         .args(args)
         .output()
@@ -178,7 +178,7 @@ fn soak_bench_judges_every_vm_after_each_of_200_warm_reboots() {
         return;
     }
     let plots = scratch("soakplots");
-    let out = Command::new(BIN)
+    let out = Command::new(warmvm())
         .args([
             "bench",
             "soak",

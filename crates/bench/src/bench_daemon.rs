@@ -11,8 +11,8 @@ use serde_json::{json, Value};
 use warmvm_api::Client;
 use warmvm_vmm::handover::RebootReport;
 
-use crate::demo::p50_p99_max;
 use crate::progress::Progress;
+use warmvm_cli_common::stats::p50_p99_max;
 
 /// One cell's outcome: the figures as JSON, or why it failed.
 pub struct DaemonCell {
