@@ -1,12 +1,14 @@
 //! warmvm's VMs and the host that runs them.
 
 pub mod aging_config;
+pub(crate) mod channel;
 pub mod config;
 pub mod executable;
 pub mod handover;
 pub mod host;
 pub mod panic;
 pub mod snapshot;
+pub mod state;
 pub mod status;
 #[doc(hidden)]
 pub mod testing;

@@ -4,13 +4,12 @@
 //! Each returns whether the input decoded; none may panic, hang or allocate without bound.
 
 use super::envelope;
-use super::legacy::HandoverStateV2;
-use super::state::{
-    BootProtocol, HandoverState, LifecycleState, Msg, RamSlot, VmConfigState, VmRecord, VmSpec,
-};
+use super::messages::{HandoverState, Msg};
 use crate::config::BootKind;
+use crate::state::legacy::HandoverStateV2;
+use crate::state::{BootProtocol, LifecycleState, RamSlot, VmConfigState, VmRecord, VmSpec};
 
-/// A control-channel message, as [`super::channel::Channel::recv`] decodes it.
+/// A control-channel message, as [`crate::channel::Channel::recv`] decodes it.
 pub fn decode_message(bytes: &[u8]) -> bool {
     rmp_serde::from_slice::<Msg>(bytes).is_ok()
 }

@@ -11,17 +11,16 @@ use std::time::{Duration, Instant};
 use warmvm_hypervisor::Hypervisor;
 use warmvm_memory::{GuestRam, RamRegion};
 
-use super::channel::Channel;
 use super::commit_flag::CommitFlag;
 use super::envelope;
 use super::faults::{self, Point};
-use super::legacy::HandoverStateV2;
-use super::rebuild::{build_vm, check_spec, finish_restore, start_restore, to_lifecycle};
-use super::state::{
-    HandoverState, LifecycleState, Msg, Phase, PhaseTimes, RebootReport, RebootStamps, VmBlackout,
-    VmRecord, VmSpec, VmStamps,
+use super::messages::{
+    HandoverState, Msg, Phase, PhaseTimes, RebootReport, RebootStamps, VmBlackout, VmStamps,
 };
 use super::{HandoverError, COMMIT_FLAG_FD, STDERR_FD};
+use crate::channel::{Channel, ChannelError};
+use crate::state::legacy::HandoverStateV2;
+use crate::state::{disk_fd_name, net_fd_name, LifecycleState, VmRecord, VmSpec};
 use crate::vcpu::monotonic_ns;
 use crate::vm::{Vm, VCPU_RESPONSE_TIMEOUT};
 use crate::Host;
@@ -51,8 +50,11 @@ pub struct TakeoverError {
     pub error: HandoverError,
 }
 
-fn at(phase: Phase) -> impl Fn(HandoverError) -> TakeoverError {
-    move |error| TakeoverError { phase, error }
+fn at<E: Into<HandoverError>>(phase: Phase) -> impl Fn(E) -> TakeoverError {
+    move |error| TakeoverError {
+        phase,
+        error: error.into(),
+    }
 }
 
 /// Take over the VMs the old VMM offers on `channel_fd`. On an error no guest has run
@@ -384,12 +386,12 @@ impl<'a> Session<'a> {
     }
 
     fn send_prepared(&self) -> Result<(), HandoverError> {
-        self.channel.send(
+        Ok(self.channel.send(
             &Msg::Prepared {
                 pid: std::process::id(),
             },
             &[],
-        )
+        )?)
     }
 
     /// Receive every VM's spec and fds and prepare each VM (guests still run in the old
@@ -484,7 +486,7 @@ impl<'a> Session<'a> {
                 Ok((other, _)) => {
                     Decision::Unknown(format!("expected Commit or Abort, got {other:?}"))
                 }
-                Err(HandoverError::PeerGone) => Decision::OldGone,
+                Err(ChannelError::PeerGone) => Decision::OldGone,
                 Err(e) => Decision::Unknown(e.to_string()),
             }
         }
@@ -580,7 +582,7 @@ fn state_bytes(msg: Msg, files: &mut Vec<File>) -> Result<Vec<u8>, HandoverError
             )),
         });
     }
-    envelope::from_sealed_memfd(files.remove(0))
+    Ok(envelope::from_sealed_memfd(files.remove(0))?)
 }
 
 fn check_refusal_fault() -> Result<(), HandoverError> {
@@ -597,7 +599,7 @@ fn check_refusal_fault() -> Result<(), HandoverError> {
 /// without running any. Returns each VM's lifecycle to resume into, and the time taken.
 fn restore_all(
     staged: &Staged,
-    mut records: Vec<VmRecord>,
+    records: Vec<VmRecord>,
     captured_at_ns: u64,
     spin: bool,
 ) -> Result<(Vec<LifecycleState>, u64), HandoverError> {
@@ -630,54 +632,22 @@ fn restore_all(
         }
     }
     let t_restore = Instant::now();
-    // All VMs' vCPU threads restore at once: post every task before waiting for any.
+    // All VMs' vCPU threads load at once: start every load before finishing any.
     // Spinning for the resume afterwards saves a wake-up only while every vCPU thread
     // has a core of its own (beside this one); beyond that spinners would starve the
-    // threads still restoring.
-    let mut serials = Vec::new();
-    for (vm, record) in staged.vms.iter().zip(records.iter_mut()) {
-        if let Some(runtime) = record.runtime.as_mut() {
-            start_restore(vm, runtime, captured_at_ns, spin)?;
+    // threads still loading.
+    let mut lifecycles = Vec::new();
+    let mut loading = Vec::new();
+    for (vm, record) in staged.vms.iter().zip(records) {
+        if let Some(runtime) = record.runtime {
+            loading.push(vm.load(runtime, captured_at_ns, spin)?);
         }
+        lifecycles.push(record.lifecycle);
     }
-    for (vm, record) in staged.vms.iter().zip(&records) {
-        if let Some(runtime) = &record.runtime {
-            finish_restore(vm)?;
-            serials.push((vm, &runtime.serial));
-        }
+    for load in loading {
+        load.finish()?;
     }
-    for (vm, record) in staged.vms.iter().zip(&records) {
-        if let Some(runtime) = &record.runtime {
-            // Loaded only: the devices serve from `resume`, once the VMs are ours.
-            vm.shared
-                .devices
-                .restore_virtio(&runtime.virtio)
-                .map_err(|e| HandoverError::BadState(e.to_string()))?;
-            restore_platform(vm, runtime)?;
-        }
-    }
-    for (vm, serial) in serials {
-        vm.shared.devices.restore_serial(serial);
-    }
-    let lifecycles = records.into_iter().map(|r| r.lifecycle).collect();
     Ok((lifecycles, t_restore.elapsed().as_micros() as u64))
-}
-
-/// Load the power button's and the i8042's state; a state they could not have saved is
-/// refused (the handover fails and the old VMM keeps the VM).
-pub(crate) fn restore_platform(
-    vm: &Vm,
-    runtime: &crate::handover::VmRuntime,
-) -> Result<(), HandoverError> {
-    let bad = |e: String| HandoverError::BadState(format!("VM {}: {e}", vm.name()));
-    vm.shared
-        .devices
-        .restore_acpi_pm(&runtime.acpi_pm)
-        .map_err(|e| bad(e.to_string()))?;
-    vm.shared
-        .devices
-        .restore_i8042(&runtime.i8042)
-        .map_err(|e| bad(e.to_string()))
 }
 
 /// What [`resume`] returns.
@@ -691,7 +661,7 @@ type Resumed = (Vec<(u64, u64)>, Vec<Vec<u64>>, Vec<String>);
 /// bound, the time waited).
 fn resume(vms: &[Arc<Vm>], lifecycles: &[LifecycleState]) -> Resumed {
     for (vm, lifecycle) in vms.iter().zip(lifecycles) {
-        *vm.shared.lifecycle() = to_lifecycle(lifecycle);
+        *vm.shared.lifecycle() = lifecycle.to_lifecycle();
         // A paused VM's devices start serving when the VM is resumed.
         if matches!(lifecycle, LifecycleState::Running | LifecycleState::Created) {
             vm.shared.devices.resume_virtio();
@@ -781,7 +751,7 @@ fn adopt_vm(
     }
     let mut disk_files = Vec::new();
     for i in 0..spec.config.disks.len() {
-        let name = super::state::disk_fd_name(i);
+        let name = disk_fd_name(i);
         disk_files.push(
             named
                 .remove(&name)
@@ -790,7 +760,7 @@ fn adopt_vm(
     }
     let mut taps = Vec::new();
     for i in 0..spec.config.nets.len() {
-        let name = super::state::net_fd_name(i);
+        let name = net_fd_name(i);
         taps.push(
             named
                 .remove(&name)
@@ -800,7 +770,7 @@ fn adopt_vm(
     if let Some(name) = named.keys().next() {
         return Err(bad(format!("fd {name} belongs to no device")));
     }
-    check_spec(spec)?;
+    spec.check()?;
     let log = files.pop().ok_or_else(|| bad("no console log fd".into()))?;
     let regions = spec
         .ram
@@ -813,15 +783,9 @@ fn adopt_vm(
         })
         .collect();
     let ram = GuestRam::adopt(regions, spec.hugepages).map_err(|e| vm_err(e.into()))?;
-    build_vm(
-        hv,
-        spec,
-        ram,
-        log,
-        crate::virtio::HostFiles {
-            disks: disk_files,
-            taps,
-        },
-    )
-    .map(Arc::new)
+    let host_files = crate::virtio::HostFiles {
+        disks: disk_files,
+        taps,
+    };
+    Ok(Arc::new(Vm::build(hv, spec, ram, log, host_files)?))
 }

@@ -23,31 +23,35 @@
 //!    outside the blackout. Should the old VMM vanish after sending the state, the new VMM
 //!    sees its channel close: the old can never run the guests again, so the new adopts them.
 
-pub(crate) mod channel;
 mod commit_flag;
-pub mod envelope;
 pub mod faults;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod incoming;
 mod kvm_fd;
-mod legacy;
+mod messages;
 pub mod outgoing;
 pub mod pause_segments;
 mod priority;
-pub(crate) mod rebuild;
-mod state;
 mod stderr;
 
+use crate::channel::ChannelError;
+/// The envelope is the state's ([`crate::state::envelope`]); re-exported where it was.
+pub use crate::state::envelope;
+use crate::state::{StateError, StateErrorKind};
+
+/// The VM state types are the state home's; re-exported where they were.
+pub use crate::state::{
+    disk_fd_name, net_fd_name, BootProtocol, DiskState, LifecycleState, NetState, RamSlot,
+    VmConfigState, VmRecord, VmRuntime, VmSpec,
+};
 #[cfg(feature = "fault-injection")]
 pub use incoming::FAULT_ENV;
 pub use incoming::{take_over, take_over_checked, Adopted, ExtraCheck, TakeoverError};
-pub use outgoing::{warm_reboot, RebootError, RebootOptions};
-pub use state::{
-    disk_fd_name, net_fd_name, BootProtocol, DiskState, Failure, FailureKind, LifecycleState,
-    NetState, Phase, PhaseTimes, RamSlot, RebootReport, RebootStamps, VmBlackout, VmConfigState,
-    VmRecord, VmRuntime, VmSpec, VmStamps,
+pub use messages::{
+    Failure, FailureKind, Phase, PhaseTimes, RebootReport, RebootStamps, VmBlackout, VmStamps,
 };
+pub use outgoing::{warm_reboot, RebootError, RebootOptions};
 
 /// The image of this very process, to rejuvenate with the same build: `/proc/self/exe`
 /// works even when the file on disk was replaced or deleted since this process started.
@@ -68,6 +72,13 @@ pub const STDERR_FD: &str = "stderr";
 
 #[derive(Debug, thiserror::Error)]
 pub enum HandoverError {
+    /// A VM's state could not be saved, framed, read or loaded.
+    #[error("{}", state_message(.0))]
+    State(#[from] StateError),
+    /// A message could not go or come over the control channel (a closed channel is
+    /// [`HandoverError::PeerGone`]).
+    #[error("{}", channel_message(.0))]
+    Channel(#[source] ChannelError),
     #[error("handover I/O failed: {0}")]
     Io(String),
     #[error("cannot encode the handover state: {0}")]
@@ -123,6 +134,49 @@ pub(crate) fn contain<T>(f: impl FnOnce() -> T) -> Result<T, HandoverError> {
         .map_err(|payload| HandoverError::Panicked(crate::panic::message(&*payload)))
 }
 
+/// A state error as the handover always worded its kind (an older build recognises a
+/// refusal by the "incompatible handover state: " prefix).
+fn state_message(e: &StateError) -> String {
+    match e.kind() {
+        StateErrorKind::Incompatible => format!("incompatible handover state: {e}"),
+        StateErrorKind::Invalid => format!("the handover state is invalid: {e}"),
+        StateErrorKind::Encode => match e {
+            StateError::Encode { .. } => e.to_string(),
+            _ => format!("cannot encode the handover state: {e}"),
+        },
+        StateErrorKind::Io => format!("handover I/O failed: {e}"),
+        StateErrorKind::Timeout => format!("no answer in time: {e}"),
+        StateErrorKind::Vm => e.to_string(),
+    }
+}
+
+fn channel_message(e: &ChannelError) -> String {
+    match e {
+        ChannelError::Timeout => "no answer in time: the other VMM did not answer in time".into(),
+        ChannelError::Encode(_) | ChannelError::TooLarge(_) => {
+            format!("cannot encode the handover state: {e}")
+        }
+        ChannelError::SealedWithoutMemfd | ChannelError::Decode(_) => {
+            format!("the handover state is invalid: {e}")
+        }
+        ChannelError::Sealed(e) => state_message(e),
+        ChannelError::Io { .. }
+        | ChannelError::Send(_)
+        | ChannelError::Recv(_)
+        | ChannelError::TooManyFds(_)
+        | ChannelError::PeerGone => format!("handover I/O failed: {e}"),
+    }
+}
+
+impl From<ChannelError> for HandoverError {
+    fn from(e: ChannelError) -> Self {
+        match e {
+            ChannelError::PeerGone => HandoverError::PeerGone,
+            e => HandoverError::Channel(e),
+        }
+    }
+}
+
 fn stderr_suffix(tail: &str) -> String {
     if tail.is_empty() {
         String::new()
@@ -140,6 +194,7 @@ impl HandoverError {
     pub fn is_refusal(&self) -> bool {
         match self {
             HandoverError::Refused(_) | HandoverError::Incompatible(_) => true,
+            HandoverError::State(e) => e.kind() == StateErrorKind::Incompatible,
             HandoverError::Peer(f) => {
                 matches!(f.kind, FailureKind::Incompatible | FailureKind::Refused)
             }
@@ -151,6 +206,12 @@ impl HandoverError {
     pub(crate) fn to_failure(&self, phase: Phase) -> Failure {
         let kind = match self {
             HandoverError::Incompatible(_) => FailureKind::Incompatible,
+            HandoverError::State(e) => match e.kind() {
+                StateErrorKind::Incompatible => FailureKind::Incompatible,
+                StateErrorKind::Invalid => FailureKind::BadState,
+                StateErrorKind::Vm => FailureKind::Vm,
+                _ => FailureKind::Internal,
+            },
             HandoverError::Refused(_) => FailureKind::Refused,
             HandoverError::BadState(_) => FailureKind::BadState,
             HandoverError::Vm { .. } => FailureKind::Vm,
@@ -162,6 +223,29 @@ impl HandoverError {
             phase,
             message: self.to_string(),
         }
+    }
+
+    /// Whether the other side (or a vCPU) did not answer in time: then it gets no grace
+    /// to exit by itself.
+    pub(crate) fn is_timeout(&self) -> bool {
+        match self {
+            HandoverError::Timeout(_) | HandoverError::Channel(ChannelError::Timeout) => true,
+            HandoverError::State(e) => e.kind() == StateErrorKind::Timeout,
+            _ => false,
+        }
+    }
+
+    /// Whether the channel to the other VMM broke (rather than carried a failure): the
+    /// other VMM may have said why before it closed its end, or exited.
+    pub(crate) fn channel_broke(&self) -> bool {
+        matches!(
+            self,
+            HandoverError::PeerGone
+                | HandoverError::Io(_)
+                | HandoverError::Channel(
+                    ChannelError::Io { .. } | ChannelError::Send(_) | ChannelError::Recv(_)
+                )
+        )
     }
 
     /// A format-2 build's failure text: it names the kind only by its prefix. Kept for

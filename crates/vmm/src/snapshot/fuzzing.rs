@@ -7,8 +7,8 @@
 use std::path::Path;
 
 use super::{decode_state, RamFile, SnapshotState, FORMAT_VERSION, KIND};
-use crate::handover::envelope;
-use crate::handover::{LifecycleState, VmRecord, VmRuntime};
+use crate::state::envelope;
+use crate::state::{LifecycleState, VmRecord, VmRuntime};
 
 const DIR: &str = "/fuzz/snapshot";
 
