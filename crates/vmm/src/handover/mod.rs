@@ -23,13 +23,13 @@
 //!    outside the blackout. Should the old VMM vanish after sending the state, the new VMM
 //!    sees its channel close: the old can never run the guests again, so the new adopts them.
 
-mod commit_flag;
+pub(crate) mod commit_flag;
 pub mod faults;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod incoming;
 mod kvm_fd;
-mod messages;
+pub(crate) mod messages;
 pub mod outgoing;
 pub mod pause_segments;
 mod priority;

@@ -527,7 +527,7 @@ fn spawn(opts: &RebootOptions) -> Result<(Channel, Peer), HandoverError> {
     ))
 }
 
-fn stage(
+pub(crate) fn stage(
     channel: &Channel,
     vms: &[Arc<Vm>],
     opts: &RebootOptions,

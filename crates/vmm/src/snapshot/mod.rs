@@ -259,7 +259,7 @@ fn write_all(
     dir: &Path,
     was_running: bool,
     t_pause: Instant,
-    mut writer: Option<writer::Writer>,
+    writer: Option<writer::Writer>,
 ) -> Result<SaveReport, SnapshotError> {
     let name = vm.name().to_string();
     let capture_err = |err| SnapshotError::Capture {
@@ -277,7 +277,22 @@ fn write_all(
     flush_disks(vm)?;
     let captured_at_ns = crate::monotonic_ns();
     let pause_us = t_pause.elapsed().as_micros() as u64;
+    let mut report = write_record(vm, record, captured_at_ns, dir, writer)?;
+    report.pause_us = pause_us;
+    Ok(report)
+}
 
+/// Write `record`, a state of `vm` saved at `captured_at_ns`, and `vm`'s RAM (paused, and
+/// left so until this returns) into `dir`: the snapshot's files, through `writer` where the
+/// VMM has one.
+pub(crate) fn write_record(
+    vm: &Vm,
+    record: VmRecord,
+    captured_at_ns: u64,
+    dir: &Path,
+    mut writer: Option<writer::Writer>,
+) -> Result<SaveReport, SnapshotError> {
+    let name = vm.name().to_string();
     let t_ram = Instant::now();
     let slots = vm.shared.ram.slots();
     let regions = vm.shared.ram.regions();
@@ -339,7 +354,12 @@ fn write_all(
         record,
         ram,
     };
-    let bytes = envelope::encode_as(&KIND, &state, FORMAT_VERSION).map_err(capture_err)?;
+    let bytes = envelope::encode_as(&KIND, &state, FORMAT_VERSION).map_err(|err| {
+        SnapshotError::Capture {
+            vm: name.clone(),
+            err,
+        }
+    })?;
     match writer {
         Some(mut w) => {
             w.write_state(dir, &bytes)?;
@@ -365,7 +385,7 @@ fn write_all(
         written_bytes: written,
         state_bytes: bytes.len() as u64,
         direct_io,
-        pause_us,
+        pause_us: 0,
         ram_us,
         state_us: t_state.elapsed().as_micros() as u64,
         downtime_us: 0,

@@ -26,6 +26,8 @@
 pub mod envelope;
 pub(crate) mod legacy;
 pub mod record;
+#[cfg(test)]
+mod tests;
 pub(crate) mod vm;
 
 pub use record::{
