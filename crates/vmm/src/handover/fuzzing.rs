@@ -9,7 +9,7 @@ use crate::config::BootKind;
 use crate::state::legacy::HandoverStateV2;
 use crate::state::{BootProtocol, LifecycleState, RamSlot, VmConfigState, VmRecord, VmSpec};
 
-/// A control-channel message, as [`crate::channel::Channel::recv`] decodes it.
+/// A control-channel message, as `Channel::recv` (`crate::channel`) decodes it.
 pub fn decode_message(bytes: &[u8]) -> bool {
     rmp_serde::from_slice::<Msg>(bytes).is_ok()
 }

@@ -11,8 +11,8 @@
 //! ```
 //!
 //! A snapshot is one transport of a VM's state (see [`crate::state`]): taken with the VM
-//! paused through [`Vm::save`], and restored into a new VM through [`Vm::build`] and
-//! [`Vm::load`], as a warm reboot does, under the same or a new name. This module moves the
+//! paused through `Vm::save`, and restored into a new VM through `Vm::build` and
+//! `Vm::load`, as a warm reboot does, under the same or a new name. This module moves the
 //! state and the RAM to and from files; it reads or writes no KVM or device state itself.
 //!
 //! virtio devices: the capture finishes the requests each device has in hand and records

@@ -5,16 +5,16 @@
 //! - [`record`]: the state types. [`VmRecord`] is a VM's whole state: its [`VmSpec`] (what
 //!   does not change while it lives, enough to build it again over its RAM) and its
 //!   [`VmRuntime`] (vCPU, KVM VM-wide and device state, read while it is paused).
-//! - [`vm`]: the state API on [`crate::Vm`]. Saving: [`crate::Vm::park_and_save`] (or
-//!   [`crate::Vm::save_parked_vcpus`] for a VM already paused), then [`crate::Vm::save`].
+//! - `vm`: the state API on [`crate::Vm`]. Saving: `crate::Vm::park_and_save` (or
+//!   `crate::Vm::save_parked_vcpus` for a VM already paused), then `crate::Vm::save`.
 //!   Loading comes in two steps, so that a warm reboot does the slow part while the guest
-//!   still runs in the old VMM: [`crate::Vm::build`] from a spec (KVM VM, vCPUs with their
+//!   still runs in the old VMM: `crate::Vm::build` from a spec (KVM VM, vCPUs with their
 //!   CPUIDs, devices wired and in their power-on state, parked vCPU threads), and, in the
-//!   blackout, [`crate::Vm::load`] of the runtime in place, which [`Loading::finish`]
+//!   blackout, `crate::Vm::load` of the runtime in place, which `Loading::finish`
 //!   completes. Devices take part through [`warmvm_devices::Persist`].
 //! - [`envelope`]: magic, format version, length and CRC-32 around a MessagePack payload,
 //!   in memory or in a sealed memfd.
-//! - [`legacy`]: the older formats still read (format 2 of the handover).
+//! - `legacy`: the older formats still read (format 2 of the handover).
 //!
 //! The transports: [`crate::handover`] (to a new VMM process on this host: RAM as memfds,
 //! the state in a sealed memfd) and [`crate::snapshot`] (to files). Neither reads or writes
