@@ -17,7 +17,7 @@ use super::faults::{self, Point};
 use super::messages::{
     HandoverState, Msg, Phase, PhaseTimes, RebootReport, RebootStamps, VmBlackout, VmStamps,
 };
-use super::{HandoverError, COMMIT_FLAG_FD, STDERR_FD};
+use super::{HandoverError, Violation, COMMIT_FLAG_FD, STDERR_FD};
 use crate::channel::{Channel, ChannelError};
 use crate::state::legacy::HandoverStateV2;
 use crate::state::{disk_fd_name, net_fd_name, LifecycleState, VmRecord, VmSpec};
@@ -90,9 +90,10 @@ pub fn take_over_checked(
             sender,
         } => (format_version, sender),
         other => {
-            return Err(at(Phase::Stage)(HandoverError::BadState(format!(
-                "expected Hello, got {other:?}"
-            ))))
+            return Err(at(Phase::Stage)(Violation::Unexpected {
+                expected: "Hello",
+                got: format!("{other:?}"),
+            }))
         }
     };
     faults::hit(Point::NewHello);
@@ -107,11 +108,12 @@ pub fn take_over_checked(
     };
     let result = match format {
         2 | 3 => Session::new(&channel, format, sender, kvm, check).run(state_dir),
-        _ => Err(at(Phase::Stage)(HandoverError::Incompatible(format!(
-            "{sender} offers state format {format}; this warmvm reads {}..={}",
-            envelope::MIN_FORMAT_VERSION,
-            envelope::FORMAT_VERSION
-        )))),
+        _ => Err(at(Phase::Stage)(HandoverError::Incompatible {
+            sender,
+            format,
+            min: envelope::MIN_FORMAT_VERSION,
+            max: envelope::FORMAT_VERSION,
+        })),
     };
     if let Err(e) = &result {
         // The old VMM resumes its VMs when told; a format-2 build only reads text.
@@ -319,7 +321,7 @@ impl<'a> Session<'a> {
             Decision::Abort => return Err(at(Phase::Commit)(HandoverError::Aborted)),
             Decision::Unknown(why) => {
                 // Without a decision the old VMM may still run the VMs: never run them here.
-                return Err(at(Phase::Commit)(HandoverError::Io(why)));
+                return Err(at(Phase::Commit)(why));
             }
         }
         faults::hit(Point::NewCommit);
@@ -341,10 +343,11 @@ impl<'a> Session<'a> {
         let bytes = state_bytes(msg, &mut files)?;
         let (version, payload) = envelope::open(&bytes)?;
         if version != self.format {
-            return Err(HandoverError::BadState(format!(
-                "Hello said format {}, the state is format {version}",
-                self.format
-            )));
+            return Err(Violation::FormatMismatch {
+                hello: self.format,
+                state: version,
+            }
+            .into());
         }
         let received = if version >= 3 {
             let s: HandoverState = envelope::decode_payload(payload)?;
@@ -360,11 +363,11 @@ impl<'a> Session<'a> {
         } else {
             let s: HandoverStateV2 = envelope::decode_payload(payload)?;
             if s.vms.len() != specs.len() {
-                return Err(HandoverError::BadState(format!(
-                    "state for {} VMs, {} were prepared",
-                    s.vms.len(),
-                    specs.len()
-                )));
+                return Err(Violation::VmCount {
+                    state: s.vms.len(),
+                    prepared: specs.len(),
+                }
+                .into());
             }
             Received {
                 bytes: bytes.len() as u64,
@@ -419,9 +422,7 @@ impl<'a> Session<'a> {
                     extra_fd_names,
                 } => {
                     if extra_fd_names.len() != files.len() {
-                        return Err(HandoverError::BadState(
-                            "extra fds do not match their names".into(),
-                        ));
+                        return Err(Violation::ExtraFds.into());
                     }
                     let mut extra_fds = Vec::new();
                     let mut stderr = None;
@@ -434,13 +435,9 @@ impl<'a> Session<'a> {
                         }
                     }
                     if self.format >= 3 && commit_flag.is_none() {
-                        return Err(HandoverError::BadState(
-                            "format 3 staging without a commit flag".into(),
-                        ));
+                        return Err(Violation::NoCommitFlag.into());
                     }
-                    (self.check)(&extra).map_err(|e| {
-                        HandoverError::BadState(format!("the settings handed over: {e}"))
-                    })?;
+                    (self.check)(&extra).map_err(Violation::Settings)?;
                     return Ok(Staged {
                         hv,
                         vms,
@@ -452,21 +449,24 @@ impl<'a> Session<'a> {
                     });
                 }
                 other => {
-                    return Err(HandoverError::BadState(format!(
-                        "expected a VM or the end of staging, got {other:?}"
-                    )))
+                    return Err(Violation::Unexpected {
+                        expected: "a VM or the end of staging",
+                        got: format!("{other:?}"),
+                    }
+                    .into())
                 }
             };
             if vms.iter().any(|v: &Arc<Vm>| v.name() == spec.config.name) {
-                return Err(HandoverError::BadState(format!(
-                    "VM {} offered twice",
-                    spec.config.name
-                )));
+                return Err(Violation::VmTwice(spec.config.name.clone()).into());
             }
             let name = spec.config.name.clone();
             let vm = adopt_vm(&hv, &spec, files).map_err(|e| match e {
                 HandoverError::Vm { .. } => e,
-                other => HandoverError::BadState(format!("VM {name}: {other}")),
+                other => Violation::Staging {
+                    vm: name,
+                    err: Box::new(other),
+                }
+                .into(),
             })?;
             vms.push(vm);
             specs.push(spec);
@@ -477,17 +477,21 @@ impl<'a> Session<'a> {
     /// lose VMs the old VMM has just committed.
     fn await_decision(&self) -> Decision {
         if let Err(e) = self.channel.set_timeout(None) {
-            return Decision::Unknown(e.to_string());
+            return Decision::Unknown(e.into());
         }
         {
             match self.channel.recv::<Msg>() {
                 Ok((Msg::Commit, _)) => Decision::Commit,
                 Ok((Msg::Abort, _)) => Decision::Abort,
-                Ok((other, _)) => {
-                    Decision::Unknown(format!("expected Commit or Abort, got {other:?}"))
-                }
+                Ok((other, _)) => Decision::Unknown(
+                    Violation::Unexpected {
+                        expected: "Commit or Abort",
+                        got: format!("{other:?}"),
+                    }
+                    .into(),
+                ),
                 Err(ChannelError::PeerGone) => Decision::OldGone,
-                Err(e) => Decision::Unknown(e.to_string()),
+                Err(e) => Decision::Unknown(e.into()),
             }
         }
     }
@@ -569,17 +573,18 @@ enum Decision {
     Commit,
     Abort,
     OldGone,
-    Unknown(String),
+    Unknown(HandoverError),
 }
 
 fn state_bytes(msg: Msg, files: &mut Vec<File>) -> Result<Vec<u8>, HandoverError> {
     if !matches!(msg, Msg::State) || files.len() != 1 {
         return Err(match msg {
             Msg::Abort => HandoverError::Aborted,
-            other => HandoverError::BadState(format!(
-                "expected State with one memfd, got {other:?} with {} fds",
-                files.len()
-            )),
+            other => Violation::Unexpected {
+                expected: "State with one memfd",
+                got: format!("{other:?} with {} fds", files.len()),
+            }
+            .into(),
         });
     }
     Ok(envelope::from_sealed_memfd(files.remove(0))?)
@@ -604,31 +609,28 @@ fn restore_all(
     spin: bool,
 ) -> Result<(Vec<LifecycleState>, u64), HandoverError> {
     if records.len() != staged.vms.len() {
-        return Err(HandoverError::BadState(format!(
-            "state for {} VMs, {} were prepared",
-            records.len(),
-            staged.vms.len()
-        )));
+        return Err(Violation::VmCount {
+            state: records.len(),
+            prepared: staged.vms.len(),
+        }
+        .into());
     }
     // Check everything before restoring anything.
     for (record, spec) in records.iter().zip(&staged.specs) {
         if &record.spec != spec {
-            return Err(HandoverError::BadState(format!(
-                "the state of VM {} does not match the VM staged as {}",
-                record.spec.config.name, spec.config.name
-            )));
+            return Err(Violation::SpecMismatch {
+                state: record.spec.config.name.clone(),
+                staged: spec.config.name.clone(),
+            }
+            .into());
         }
         if record.lifecycle.is_live() != record.runtime.is_some() {
-            return Err(HandoverError::BadState(format!(
-                "VM {} is {:?} but its state {} vCPU state",
-                spec.config.name,
-                record.lifecycle,
-                if record.runtime.is_some() {
-                    "has"
-                } else {
-                    "lacks"
-                }
-            )));
+            return Err(Violation::RuntimeMismatch {
+                vm: spec.config.name.clone(),
+                lifecycle: record.lifecycle.clone(),
+                has_runtime: record.runtime.is_some(),
+            }
+            .into());
         }
     }
     let t_restore = Instant::now();
@@ -729,49 +731,52 @@ fn adopt_vm(
     spec: &VmSpec,
     mut files: Vec<File>,
 ) -> Result<Arc<Vm>, HandoverError> {
-    let bad = |m: String| HandoverError::BadState(m);
+    let bad = |v: Violation| HandoverError::from(v);
     let vm_err = |err: crate::VmError| HandoverError::Vm {
         vm: spec.config.name.clone(),
         err,
     };
     if files.len() != spec.ram.len() + 1 + spec.fds.len() {
-        return Err(bad(format!(
-            "{} fds for {} RAM regions, a log and {} named fds",
-            files.len(),
-            spec.ram.len(),
-            spec.fds.len()
-        )));
+        return Err(bad(Violation::FdCount {
+            got: files.len(),
+            ram: spec.ram.len(),
+            named: spec.fds.len(),
+        }));
     }
     // The named fd table: each device takes its fd by name, never by position.
     let mut named: std::collections::HashMap<String, File> = HashMap::new();
     for (name, file) in spec.fds.iter().zip(files.split_off(spec.ram.len() + 1)) {
         if named.insert(name.clone(), file).is_some() {
-            return Err(bad(format!("fd {name} sent twice")));
+            return Err(bad(Violation::FdTwice(name.clone())));
         }
     }
     let mut disk_files = Vec::new();
     for i in 0..spec.config.disks.len() {
         let name = disk_fd_name(i);
-        disk_files.push(
-            named
-                .remove(&name)
-                .ok_or_else(|| bad(format!("no fd named {name} for disk {i}")))?,
-        );
+        disk_files.push(named.remove(&name).ok_or_else(|| {
+            bad(Violation::FdMissing {
+                device: format!("disk {i}"),
+                name,
+            })
+        })?);
     }
     let mut taps = Vec::new();
     for i in 0..spec.config.nets.len() {
         let name = net_fd_name(i);
-        taps.push(
-            named
-                .remove(&name)
-                .ok_or_else(|| bad(format!("no fd named {name} for network interface {i}")))?,
-        );
+        taps.push(named.remove(&name).ok_or_else(|| {
+            bad(Violation::FdMissing {
+                device: format!("network interface {i}"),
+                name,
+            })
+        })?);
     }
     if let Some(name) = named.keys().next() {
-        return Err(bad(format!("fd {name} belongs to no device")));
+        return Err(bad(Violation::FdUnused(name.clone())));
     }
     spec.check()?;
-    let log = files.pop().ok_or_else(|| bad("no console log fd".into()))?;
+    let log = files
+        .pop()
+        .ok_or_else(|| HandoverError::NoConsoleLog(spec.config.name.clone()))?;
     let regions = spec
         .ram
         .iter()

@@ -79,16 +79,26 @@ pub enum HandoverError {
     /// [`HandoverError::PeerGone`]).
     #[error("{}", channel_message(.0))]
     Channel(#[source] ChannelError),
-    #[error("handover I/O failed: {0}")]
-    Io(String),
-    #[error("cannot encode the handover state: {0}")]
-    Encode(String),
+    #[error("handover I/O failed: {what}: {err}")]
+    Io {
+        what: String,
+        #[source]
+        err: std::io::Error,
+    },
+    #[error("handover I/O failed: VM {0}: console log has no fd")]
+    NoConsoleLog(String),
+    /// A message or fd the protocol does not allow here.
     #[error("the handover state is invalid: {0}")]
-    BadState(String),
-    #[error("incompatible handover state: {0}")]
-    Incompatible(String),
+    BadState(#[from] Violation),
+    #[error("incompatible handover state: {sender} offers state format {format}; this warmvm reads {min}..={max}")]
+    Incompatible {
+        sender: String,
+        format: u32,
+        min: u32,
+        max: u32,
+    },
     #[error("no answer in time: {0}")]
-    Timeout(String),
+    Timeout(#[from] Late),
     #[error("the other VMM closed the channel (it exited or crashed)")]
     PeerGone,
     /// The new VMM said why it gave up.
@@ -124,6 +134,72 @@ pub enum HandoverError {
     /// failure at that step.
     #[error("the handover hit a bug: {0}")]
     Panicked(String),
+}
+
+/// What the other VMM sent that the protocol does not allow.
+#[derive(Debug, thiserror::Error)]
+pub enum Violation {
+    #[error("expected {expected}, got {got}")]
+    Unexpected { expected: &'static str, got: String },
+    #[error("Hello (format {format}) carries {fds} fds; at most one, the KVM device, in format 3")]
+    HelloFds { format: u32, fds: usize },
+    #[error("Hello said format {hello}, the state is format {state}")]
+    FormatMismatch { hello: u32, state: u32 },
+    #[error("state for {state} VMs, {prepared} were prepared")]
+    VmCount { state: usize, prepared: usize },
+    #[error("VM {0} offered twice")]
+    VmTwice(String),
+    /// Staging this VM failed (for a reason other than KVM or memory).
+    #[error("VM {vm}: {err}")]
+    Staging {
+        vm: String,
+        #[source]
+        err: Box<HandoverError>,
+    },
+    #[error("the state of VM {state} does not match the VM staged as {staged}")]
+    SpecMismatch { state: String, staged: String },
+    #[error("VM {vm} is {lifecycle:?} but its state {} vCPU state", if *.has_runtime { "has" } else { "lacks" })]
+    RuntimeMismatch {
+        vm: String,
+        lifecycle: LifecycleState,
+        has_runtime: bool,
+    },
+    #[error("{got} fds for {ram} RAM regions, a log and {named} named fds")]
+    FdCount {
+        got: usize,
+        ram: usize,
+        named: usize,
+    },
+    #[error("fd {0} sent twice")]
+    FdTwice(String),
+    /// `device`: "disk 0", "network interface 1", ...
+    #[error("no fd named {name} for {device}")]
+    FdMissing { name: String, device: String },
+    #[error("fd {0} belongs to no device")]
+    FdUnused(String),
+    #[error("extra fds do not match their names")]
+    ExtraFds,
+    #[error("format 3 staging without a commit flag")]
+    NoCommitFlag,
+    #[error("commit flag: {0}")]
+    CommitFlag(&'static str),
+    #[error("commit flag: {0}")]
+    CommitFlagFile(#[source] std::io::Error),
+    /// The caller's check of the settings handed over refused them.
+    #[error("the settings handed over: {0}")]
+    Settings(String),
+}
+
+/// What was not done in time.
+#[derive(Debug, thiserror::Error)]
+pub enum Late {
+    /// This VMM itself used up the ready budget by the end of `step`.
+    #[error("the ready budget of {budget_ms} ms was spent by the end of {step}")]
+    Budget { budget_ms: u128, step: &'static str },
+    #[error("the new VMM sent no {0} within the time allowed")]
+    NoAnswer(&'static str),
+    #[error("VM {vm}: vCPU {id} did not stop within the ready budget")]
+    VcpuNotStopped { vm: String, id: u32 },
 }
 
 /// Run `f`, turning a panic on this thread into [`HandoverError::Panicked`]: a bug in the
@@ -193,7 +269,7 @@ impl HandoverError {
     /// either side, rather than failed at it.
     pub fn is_refusal(&self) -> bool {
         match self {
-            HandoverError::Refused(_) | HandoverError::Incompatible(_) => true,
+            HandoverError::Refused(_) | HandoverError::Incompatible { .. } => true,
             HandoverError::State(e) => e.kind() == StateErrorKind::Incompatible,
             HandoverError::Peer(f) => {
                 matches!(f.kind, FailureKind::Incompatible | FailureKind::Refused)
@@ -205,7 +281,7 @@ impl HandoverError {
     /// How this error is told to the other VMM.
     pub(crate) fn to_failure(&self, phase: Phase) -> Failure {
         let kind = match self {
-            HandoverError::Incompatible(_) => FailureKind::Incompatible,
+            HandoverError::Incompatible { .. } => FailureKind::Incompatible,
             HandoverError::State(e) => match e.kind() {
                 StateErrorKind::Incompatible => FailureKind::Incompatible,
                 StateErrorKind::Invalid => FailureKind::BadState,
@@ -241,7 +317,7 @@ impl HandoverError {
         matches!(
             self,
             HandoverError::PeerGone
-                | HandoverError::Io(_)
+                | HandoverError::Io { .. }
                 | HandoverError::Channel(
                     ChannelError::Io { .. } | ChannelError::Send(_) | ChannelError::Recv(_)
                 )
@@ -274,7 +350,12 @@ mod tests {
     fn refusals_are_recognised_across_the_channel() {
         for e in [
             HandoverError::Refused("x".into()),
-            HandoverError::Incompatible("x".into()),
+            HandoverError::Incompatible {
+                sender: "x".into(),
+                format: 4,
+                min: 2,
+                max: 3,
+            },
         ] {
             assert!(e.is_refusal());
             // As the old VMM gets it from a new VMM of this build...
@@ -289,7 +370,7 @@ mod tests {
         }
         assert!(!HandoverError::from_legacy_text(Phase::Restore, "VM a: boom".into()).is_refusal());
         assert!(!HandoverError::PeerGone.is_refusal());
-        let vm_failure = HandoverError::BadState("x".into()).to_failure(Phase::Restore);
+        let vm_failure = HandoverError::from(Violation::NoCommitFlag).to_failure(Phase::Restore);
         assert_eq!(
             (vm_failure.kind, vm_failure.phase),
             (FailureKind::BadState, Phase::Restore)

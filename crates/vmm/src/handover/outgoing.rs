@@ -19,7 +19,7 @@ use super::envelope;
 use super::faults::{self, Point};
 use super::messages::{HandoverState, Msg, Phase, PhaseTimes, RebootReport, RebootStamps};
 use super::stderr::StderrRelay;
-use super::{HandoverError, COMMIT_FLAG_FD, STDERR_FD};
+use super::{HandoverError, Late, Violation, COMMIT_FLAG_FD, STDERR_FD};
 use crate::channel::{Channel, ChannelError};
 use crate::vcpu::monotonic_ns;
 use crate::vm::{Lifecycle, Vm};
@@ -346,11 +346,15 @@ fn at<E: Into<HandoverError>>(phase: Phase) -> impl Fn(E) -> RebootError {
     }
 }
 
-fn unexpected(phase: Phase, wanted: &str, got: Msg) -> HandoverError {
+fn unexpected(phase: Phase, wanted: &'static str, got: Msg) -> HandoverError {
     match got {
         Msg::Refused(f) => HandoverError::Peer(f),
         Msg::Failed(text) => HandoverError::from_legacy_text(phase, text),
-        other => HandoverError::BadState(format!("expected {wanted}, got {other:?}")),
+        other => Violation::Unexpected {
+            expected: wanted,
+            got: format!("{other:?}"),
+        }
+        .into(),
     }
 }
 
@@ -367,11 +371,12 @@ fn said_why(channel: &Channel, phase: Phase, error: HandoverError) -> HandoverEr
 }
 
 /// The ready budget ran out while this VMM itself was busy with `step`.
-fn late(budget: Duration, step: &str) -> HandoverError {
-    HandoverError::Timeout(format!(
-        "the ready budget of {} ms was spent by the end of {step}",
-        budget.as_millis()
-    ))
+fn late(budget: Duration, step: &'static str) -> HandoverError {
+    Late::Budget {
+        budget_ms: budget.as_millis(),
+        step,
+    }
+    .into()
 }
 
 /// How long a receive may block once a message is known to be there (it never should).
@@ -380,13 +385,11 @@ const RECV_SAFETY_TIMEOUT: Duration = Duration::from_secs(1);
 /// Receive one message by `deadline`. The wait is on a high-resolution timer (the receive
 /// timeout would round up to a scheduler tick), and nothing is waited for once the deadline
 /// has passed: a message only read after it was not received in time.
-fn recv_by(channel: &Channel, deadline: Instant, what: &str) -> Result<Msg, HandoverError> {
+fn recv_by(channel: &Channel, deadline: Instant, what: &'static str) -> Result<Msg, HandoverError> {
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(HandoverError::Timeout(format!(
-                "the new VMM sent no {what} within the time allowed"
-            )));
+            return Err(Late::NoAnswer(what).into());
         }
         if channel.wait_readable(left)? {
             break;
@@ -395,9 +398,7 @@ fn recv_by(channel: &Channel, deadline: Instant, what: &str) -> Result<Msg, Hand
     channel.set_timeout(Some(RECV_SAFETY_TIMEOUT))?;
     match channel.recv::<Msg>() {
         Ok((msg, _)) => Ok(msg),
-        Err(ChannelError::Timeout) => Err(HandoverError::Timeout(format!(
-            "the new VMM sent no {what} within the time allowed"
-        ))),
+        Err(ChannelError::Timeout) => Err(Late::NoAnswer(what).into()),
         Err(e) => Err(e.into()),
     }
 }
@@ -545,16 +546,22 @@ pub(crate) fn stage(
     )?;
     for vm in vms {
         let ram = vm.shared.ram.regions();
-        let log =
-            vm.shared.devices.console_log_file().ok_or_else(|| {
-                HandoverError::Io(format!("VM {}: console log has no fd", vm.name()))
-            })?;
+        let log = vm
+            .shared
+            .devices
+            .console_log_file()
+            .ok_or_else(|| HandoverError::NoConsoleLog(vm.name().to_string()))?;
         let mut fds: Vec<RawFd> = ram.iter().map(|r| r.file.as_raw_fd()).collect();
         fds.push(log.as_raw_fd());
         // The VM's named fds, in the order `spec.fds` names them (disk0, disk1, ...).
-        let host_files = vm.shared.devices.virtio_host_files().map_err(|e| {
-            HandoverError::Io(format!("VM {}: cannot duplicate a disk fd: {e}", vm.name()))
-        })?;
+        let host_files =
+            vm.shared
+                .devices
+                .virtio_host_files()
+                .map_err(|err| HandoverError::Io {
+                    what: format!("VM {}: cannot duplicate a disk fd", vm.name()),
+                    err,
+                })?;
         fds.extend(host_files.iter().map(|f| f.as_raw_fd()));
         channel.send(&Msg::StageVm(Box::new(vm.spec())), &fds)?;
     }
@@ -586,11 +593,11 @@ fn quiesce(vms: &[Arc<Vm>], boost: bool, deadline: Instant) -> Result<(), Handov
         for h in vm.handles() {
             let left = deadline.saturating_duration_since(Instant::now());
             if !h.wait_parked(left) {
-                return Err(HandoverError::Timeout(format!(
-                    "VM {}: vCPU {} did not stop within the ready budget",
-                    vm.name(),
-                    h.id
-                )));
+                return Err(Late::VcpuNotStopped {
+                    vm: vm.name().to_string(),
+                    id: h.id,
+                }
+                .into());
             }
         }
     }
