@@ -23,6 +23,8 @@ pub mod state;
 pub mod status;
 #[doc(hidden)]
 pub mod testing;
+#[cfg(test)]
+mod transport_tests;
 mod vcpu;
 mod virtio;
 pub mod vm;

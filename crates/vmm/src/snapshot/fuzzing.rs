@@ -31,7 +31,7 @@ fn state(lifecycle: LifecycleState, runtime: Option<VmRuntime>) -> SnapshotState
         boot_id: "00000000-0000-0000-0000-000000000000".into(),
         captured_at_ns: 7,
         record: VmRecord {
-            spec: crate::handover::fuzzing::seed_spec(),
+            spec: crate::state::VmSpec::seed(),
             lifecycle,
             runtime,
         },

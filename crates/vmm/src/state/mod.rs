@@ -21,13 +21,12 @@
 //! KVM or device state itself; a new transport (e.g. to another host) moves a
 //! [`VmRecord`] and calls the same API. A new device adds one state type beside itself,
 //! implements `Persist`, and takes its place in [`warmvm_devices::DevicesState`]; a field
-//! added to the state follows the rules in [`record`].
+//! added to the state follows the rules in [`record`]. `transport_tests.rs` (beside this
+//! module) restores one saved record through each transport.
 
 pub mod envelope;
 pub(crate) mod legacy;
 pub mod record;
-#[cfg(test)]
-mod tests;
 pub(crate) mod vm;
 
 pub use record::{

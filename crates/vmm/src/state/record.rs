@@ -213,6 +213,43 @@ pub struct VmSpec {
     pub fds: Vec<String>,
 }
 
+impl VmSpec {
+    /// A valid spec (64 MiB, one vCPU, the reference guest) that fuzzing seeds and tests
+    /// build on.
+    #[doc(hidden)]
+    pub fn seed() -> VmSpec {
+        VmSpec {
+            config: VmConfigState {
+                name: "seed".into(),
+                memory_mib: 64,
+                vcpus: 1,
+                hugepages: false,
+                kernel: None,
+                boot: BootKind::Auto,
+                cmdline: Some("quiet".into()),
+                initrd: None,
+                console_log: None,
+                console_stdout: false,
+                hide_cx16: false,
+                disks: Vec::new(),
+                nets: Vec::new(),
+            },
+            protocol: BootProtocol::Ring3,
+            status_addr: Some(0x1000),
+            ram: vec![RamSlot {
+                guest_addr: 0,
+                size: 64 << 20,
+            }],
+            hugepages: false,
+            cpuids: vec![vec![kvm_cpuid_entry2::default()]],
+            linux_devices: false,
+            console_log: "/tmp/seed.log".into(),
+            created_monotonic_ns: 5,
+            fds: Vec::new(),
+        }
+    }
+}
+
 /// Where a VM is in its life, as it crosses a process.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -314,7 +351,7 @@ mod tests {
     /// The fuzzers' seed spec with a read-only disk (and its fd), so that a disk crosses
     /// too.
     fn spec() -> VmSpec {
-        let mut spec = crate::handover::fuzzing::seed_spec();
+        let mut spec = VmSpec::seed();
         spec.config.disks = vec![DiskState {
             path: "/tmp/d.img".into(),
             read_only: true,

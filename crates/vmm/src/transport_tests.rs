@@ -10,12 +10,12 @@ use std::time::{Duration, Instant};
 use warmvm_devices::virtio::status::DRIVER_OK;
 use warmvm_devices::{DevicesState, Persist};
 
-use super::{envelope, LifecycleState, VmRecord};
 use crate::channel::Channel;
 use crate::config::{DiskConfig, NetConfig};
 use crate::handover::commit_flag::CommitFlag;
 use crate::handover::messages::{HandoverState, Msg};
 use crate::handover::{outgoing, Adopted, RebootOptions};
+use crate::state::{envelope, LifecycleState, VmRecord};
 use crate::testing::{kvm_available, noise, ustar_entries, wait_verified, Netns, ScratchDir};
 use crate::{Host, Lifecycle, Vm, VmConfig};
 
