@@ -1,6 +1,11 @@
 //! The devices of a warmvm VM. They see port and MMIO accesses as plain calls and never
 //! touch KVM: interrupts leave them as eventfd writes, and anything that needs the vCPU
 //! (sleeping, powering off) is returned to the caller as an [`IoAction`].
+//!
+//! Each device's state type sits beside it with its [`Persist`] implementation (save, and
+//! load in place into a device built beforehand); [`Devices`] saves and loads all of a VM's
+//! devices at once as a [`DevicesState`]. How that state crosses a process is not this
+//! crate's business (see the VMM's `state` module).
 
 pub mod acpi_pm;
 pub mod bus;
