@@ -20,7 +20,7 @@ use super::messages::{
 use super::{HandoverError, Violation, COMMIT_FLAG_FD, STDERR_FD};
 use crate::channel::{Channel, ChannelError};
 use crate::state::legacy::HandoverStateV2;
-use crate::state::{disk_fd_name, net_fd_name, LifecycleState, VmRecord, VmSpec};
+use crate::state::{disk_fd_name, net_fd_name, LifecycleState, StateError, VmRecord, VmSpec};
 use crate::vcpu::monotonic_ns;
 use crate::vm::{Vm, VCPU_RESPONSE_TIMEOUT};
 use crate::Host;
@@ -461,7 +461,8 @@ impl<'a> Session<'a> {
             }
             let name = spec.config.name.clone();
             let vm = adopt_vm(&hv, &spec, files).map_err(|e| match e {
-                HandoverError::Vm { .. } => e,
+                // KVM or memory refused: said as such, not as a bad state.
+                HandoverError::Vm { .. } | HandoverError::State(StateError::Vm { .. }) => e,
                 other => Violation::Staging {
                     vm: name,
                     err: Box::new(other),

@@ -377,6 +377,50 @@ mod tests {
         );
     }
 
+    /// State errors are typed, but the other VMM (perhaps an older build) gets the kind and
+    /// the wording the handover always used.
+    #[test]
+    fn state_errors_keep_their_kind_and_wording_across_the_channel() {
+        let newer = HandoverError::from(StateError::Newer { version: 4, max: 3 });
+        assert!(newer.is_refusal());
+        assert_eq!(
+            newer.to_string(),
+            "incompatible handover state: state format 4 is newer than this warmvm understands (3)"
+        );
+        assert_eq!(
+            newer.to_failure(Phase::Transfer).kind,
+            FailureKind::Incompatible
+        );
+        let corrupt = HandoverError::from(StateError::Checksum);
+        assert!(!corrupt.is_refusal());
+        assert_eq!(
+            corrupt.to_string(),
+            "the handover state is invalid: checksum mismatch"
+        );
+        assert_eq!(
+            corrupt.to_failure(Phase::Transfer).kind,
+            FailureKind::BadState
+        );
+        let kvm = HandoverError::from(StateError::Vm {
+            vm: "a".into(),
+            err: crate::VmError::Thread(std::io::Error::other("no threads")),
+        });
+        assert_eq!(kvm.to_failure(Phase::Restore).kind, FailureKind::Vm);
+        assert!(
+            std::error::Error::source(&kvm).is_some(),
+            "the source is kept"
+        );
+        let late = HandoverError::from(StateError::NotSaved {
+            vm: "a".into(),
+            id: 1,
+        });
+        assert!(late.is_timeout());
+        assert_eq!(
+            late.to_string(),
+            "no answer in time: VM a: vCPU 1 did not save its state"
+        );
+    }
+
     #[test]
     fn a_dead_new_vmm_is_reported_with_its_status_and_output() {
         let e = HandoverError::NewVmmExited {
