@@ -164,14 +164,13 @@ impl BusDevice for AcpiPm {
 
 impl Persist for AcpiPm {
     type State = AcpiPmState;
-    type Handles = AcpiPmHandles;
     type Error = AcpiPmError;
 
     fn save(&self) -> AcpiPmState {
         self.regs.clone()
     }
 
-    fn restore(handles: AcpiPmHandles, state: &AcpiPmState) -> Result<Self, AcpiPmError> {
+    fn load(&mut self, state: &AcpiPmState) -> Result<(), AcpiPmError> {
         if state.pm1_sts & !STS_BITS != 0
             || state.pm1_en & !EN_BITS != 0
             || state.pm1_cnt & !CNT_BITS != 0
@@ -182,22 +181,7 @@ impl Persist for AcpiPm {
                 cnt: state.pm1_cnt,
             });
         }
-        let mut d = Self::new(handles);
-        d.regs = state.clone();
-        Ok(d)
-    }
-}
-
-impl AcpiPm {
-    /// Load saved registers into this device, keeping its wiring (a handover or a restore
-    /// into a VM whose devices exist already).
-    pub fn restore_in_place(&mut self, state: &AcpiPmState) -> Result<(), AcpiPmError> {
-        let handles = AcpiPmHandles {
-            sci: self.sci.clone(),
-            doorbell: self.doorbell.clone(),
-            counters: self.counters.clone(),
-        };
-        *self = Self::restore(handles, state)?;
+        self.regs = state.clone();
         Ok(())
     }
 }
@@ -221,7 +205,7 @@ crate::persist_tests!(
         d.write(4, &(SLP_TYP_S5 << PM1_CNT_SLP_TYP_SHIFT).to_le_bytes());
         d
     },
-    |_: &AcpiPm| test_handles()
+    |_: &AcpiPm| AcpiPm::new(test_handles())
 );
 
 #[cfg(test)]
@@ -322,7 +306,7 @@ mod tests {
                 ..Default::default()
             },
         ] {
-            assert!(AcpiPm::restore(test_handles(), &s).is_err(), "{s:?}");
+            assert!(AcpiPm::new(test_handles()).load(&s).is_err(), "{s:?}");
         }
     }
 }

@@ -249,7 +249,6 @@ impl BusDevice for I8042 {
 
 impl Persist for I8042 {
     type State = I8042State;
-    type Handles = I8042Handles;
     type Error = I8042Error;
 
     fn save(&self) -> I8042State {
@@ -262,7 +261,7 @@ impl Persist for I8042 {
         }
     }
 
-    fn restore(handles: I8042Handles, s: &I8042State) -> Result<Self, I8042Error> {
+    fn load(&mut self, s: &I8042State) -> Result<(), I8042Error> {
         if s.buffer.len() > BUFFER_MAX {
             return Err(I8042Error::BadState(format!(
                 "{} bytes in the output buffer, at most {BUFFER_MAX}",
@@ -280,25 +279,11 @@ impl Persist for I8042 {
                 "the output-buffer-full flag disagrees with the buffer".into(),
             ));
         }
-        let mut d = Self::new(handles);
-        d.status = s.status;
-        d.control = s.control;
-        d.outp = s.outp;
-        d.pending = s.pending;
-        d.buffer = s.buffer.iter().copied().collect();
-        Ok(d)
-    }
-}
-
-impl I8042 {
-    /// Load saved state into this controller, keeping its wiring.
-    pub fn restore_in_place(&mut self, state: &I8042State) -> Result<(), I8042Error> {
-        let handles = I8042Handles {
-            irq: self.irq.clone(),
-            doorbell: self.doorbell.clone(),
-            counters: self.counters.clone(),
-        };
-        *self = Self::restore(handles, state)?;
+        self.status = s.status;
+        self.control = s.control;
+        self.outp = s.outp;
+        self.pending = s.pending;
+        self.buffer = s.buffer.iter().copied().collect();
         Ok(())
     }
 }
@@ -320,7 +305,7 @@ crate::persist_tests!(
         d.write(COMMAND, &[CMD_WRITE_OUTP]);
         d
     },
-    |_: &I8042| test_handles()
+    |_: &I8042| I8042::new(test_handles())
 );
 
 #[cfg(test)]
@@ -416,7 +401,7 @@ mod tests {
                 ..ok.clone()
             },
         ] {
-            assert!(I8042::restore(test_handles(), &bad).is_err(), "{bad:?}");
+            assert!(I8042::new(test_handles()).load(&bad).is_err(), "{bad:?}");
         }
     }
 }

@@ -1,6 +1,11 @@
 //! The devices of a warmvm VM. They see port and MMIO accesses as plain calls and never
 //! touch KVM: interrupts leave them as eventfd writes, and anything that needs the vCPU
 //! (sleeping, powering off) is returned to the caller as an [`IoAction`].
+//!
+//! Each device's state type sits beside it with its [`Persist`] implementation (save, and
+//! load in place into a device built beforehand); [`Devices`] saves and loads all of a VM's
+//! devices at once as a [`DevicesState`]. How that state crosses a process is not this
+//! crate's business (see the VMM's `state` module).
 
 pub mod acpi_pm;
 pub mod bus;
@@ -192,40 +197,11 @@ impl Devices {
         self.each_virtio(|d| d.resume());
     }
 
-    pub fn virtio_states(&self) -> Vec<VirtioMmioState> {
-        self.each_virtio(|d| d.save())
-    }
-
     /// Duplicates of the virtio devices' host fds (image files, TAPs), in device order.
     pub fn virtio_host_files(&self) -> std::io::Result<Vec<std::os::fd::OwnedFd>> {
         self.each_virtio(|d| d.host_fd().try_clone_to_owned())
             .into_iter()
             .collect()
-    }
-
-    /// Load saved state into every virtio device (without serving yet: see
-    /// [`Devices::resume_virtio`]). An error leaves the devices half loaded: the VM must
-    /// then never run here (the handover fails and the old VMM keeps it).
-    pub fn restore_virtio(&self, states: &[VirtioMmioState]) -> Result<(), VirtioError> {
-        if states.len() != self.virtio.len() {
-            return Err(VirtioError::BadState {
-                name: self.vm_name.clone(),
-                reason: format!(
-                    "state for {} virtio devices, the VM has {}",
-                    states.len(),
-                    self.virtio.len()
-                ),
-            });
-        }
-        let mut results = Vec::new();
-        for (d, s) in self.virtio.iter().zip(states) {
-            results.push(
-                d.lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .restore_in_place(s),
-            );
-        }
-        results.into_iter().collect()
     }
 
     /// Each virtio device's standing and counters, in device order.
@@ -286,10 +262,6 @@ impl Devices {
         self.serial().flush();
     }
 
-    pub fn serial_state(&self) -> SerialStateData {
-        self.serial().save()
-    }
-
     /// The console's figures (bytes written, dropped, rotations).
     pub fn console_stats(&self) -> crate::console::ConsoleStats {
         self.serial().sink().stats()
@@ -300,22 +272,14 @@ impl Devices {
         self.serial().sink().log_file()
     }
 
-    pub fn restore_serial(&self, state: &SerialStateData) {
-        self.serial().restore_in_place(state);
-    }
-
     /// Press the ACPI power button (the guest is asked to power off).
     pub fn press_power_button(&self) {
         self.acpi_pm().press_power_button();
     }
 
+    /// The PM1 registers (the power button's part of [`DevicesState`]).
     pub fn acpi_pm_state(&self) -> AcpiPmState {
         self.acpi_pm().save()
-    }
-
-    /// Load saved PM1 registers (a handover or a snapshot restore).
-    pub fn restore_acpi_pm(&self, state: &AcpiPmState) -> Result<(), AcpiPmError> {
-        self.acpi_pm().restore_in_place(state)
     }
 
     /// Type Ctrl-Alt-Del on the i8042 (a guest without ACPI is asked to shut down). False
@@ -324,13 +288,9 @@ impl Devices {
         self.i8042().press_ctrl_alt_del()
     }
 
+    /// The i8042's part of [`DevicesState`].
     pub fn i8042_state(&self) -> I8042State {
         self.i8042().save()
-    }
-
-    /// Load a saved i8042 (a handover or a snapshot restore).
-    pub fn restore_i8042(&self, state: &I8042State) -> Result<(), I8042Error> {
-        self.i8042().restore_in_place(state)
     }
 
     fn i8042(&self) -> std::sync::MutexGuard<'_, I8042> {
@@ -349,16 +309,137 @@ impl Devices {
     }
 }
 
+/// The state of all of a VM's devices, in the order [`Devices`] loads it. The paravirtual
+/// ports have none (see [`PvPortsState`]).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DevicesState {
+    pub serial: SerialStateData,
+    pub acpi_pm: AcpiPmState,
+    pub i8042: I8042State,
+    /// Each virtio device's transport, queue and device state, in window order.
+    pub virtio: Vec<VirtioMmioState>,
+}
+
+/// A state [`Devices`] refused to load.
+#[derive(Debug, thiserror::Error)]
+pub enum DevicesError {
+    #[error("VM {vm}: state for {saved} virtio devices, the VM has {here}")]
+    VirtioCount {
+        vm: String,
+        saved: usize,
+        here: usize,
+    },
+    #[error(transparent)]
+    Virtio(#[from] VirtioError),
+    #[error("VM {vm}: {err}")]
+    AcpiPm {
+        vm: String,
+        #[source]
+        err: AcpiPmError,
+    },
+    #[error("VM {vm}: {err}")]
+    I8042 {
+        vm: String,
+        #[source]
+        err: I8042Error,
+    },
+}
+
+/// Every device at once, each through its own [`Persist`]. Implemented for `&Devices`
+/// (each device sits behind its own lock, so a VM's shared devices load in place, the way
+/// `&File` writes) and, delegating to it, for `Devices`.
+impl Persist for &Devices {
+    type State = DevicesState;
+    type Error = DevicesError;
+
+    /// Callers pause the virtio devices first ([`Devices::pause_virtio`]), so that their
+    /// queues are quiescent.
+    fn save(&self) -> DevicesState {
+        DevicesState {
+            serial: self.serial().save(),
+            acpi_pm: self.acpi_pm().save(),
+            i8042: self.i8042().save(),
+            virtio: self.each_virtio(|d| d.save()),
+        }
+    }
+
+    /// Loaded only: the virtio devices serve from [`Devices::resume_virtio`]. An error may
+    /// leave the devices half loaded (each device checks its own state before it changes),
+    /// so a VM whose load failed must never run (the handover fails and the old VMM keeps
+    /// it; a snapshot restore drops the new VM).
+    fn load(&mut self, state: &DevicesState) -> Result<(), DevicesError> {
+        if state.virtio.len() != self.virtio.len() {
+            return Err(DevicesError::VirtioCount {
+                vm: self.vm_name.clone(),
+                saved: state.virtio.len(),
+                here: self.virtio.len(),
+            });
+        }
+        for (d, s) in self.virtio.iter().zip(&state.virtio) {
+            d.lock().unwrap_or_else(|p| p.into_inner()).load(s)?;
+        }
+        let vm = || self.vm_name.clone();
+        self.acpi_pm()
+            .load(&state.acpi_pm)
+            .map_err(|err| DevicesError::AcpiPm { vm: vm(), err })?;
+        self.i8042()
+            .load(&state.i8042)
+            .map_err(|err| DevicesError::I8042 { vm: vm(), err })?;
+        let Ok(()) = self.serial().load(&state.serial);
+        Ok(())
+    }
+}
+
+impl Persist for Devices {
+    type State = DevicesState;
+    type Error = DevicesError;
+
+    fn save(&self) -> DevicesState {
+        Persist::save(&self)
+    }
+
+    fn load(&mut self, state: &DevicesState) -> Result<(), DevicesError> {
+        Persist::load(&mut &*self, state)
+    }
+}
+
+crate::persist_tests!(
+    all_devices_persist,
+    tests::devices_with_state(),
+    |_: &Devices| tests::devices()
+);
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn devices() -> Devices {
+    pub(super) fn devices() -> Devices {
         Devices::new(
             "t",
             SerialConsole::new(ConsoleSink::memory(), IrqLine::none()),
             PlatformIrqs::none(),
         )
+    }
+
+    /// Devices whose every state differs from power-on: a written UART scratch register,
+    /// a pressed power button, keys typed on the i8042.
+    pub(super) fn devices_with_state() -> Devices {
+        let d = devices();
+        d.pio_write(SERIAL_PORT + 7, &[0x5a]);
+        d.press_power_button();
+        assert!(d.press_ctrl_alt_del());
+        d
+    }
+
+    #[test]
+    fn a_state_a_device_refuses_names_the_vm_and_the_device_keeps_its_own() {
+        let d = devices();
+        let mut state = Persist::save(&devices_with_state());
+        state.acpi_pm.pm1_cnt = warmvm_abi::PM1_CNT_SLP_EN;
+        let before = Persist::save(&d);
+        let err = Persist::load(&mut &d, &state).unwrap_err().to_string();
+        assert!(err.starts_with("VM t: "), "{err}");
+        assert_eq!(Persist::save(&d).acpi_pm, before.acpi_pm);
     }
 
     #[test]

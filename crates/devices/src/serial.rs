@@ -62,15 +62,8 @@ impl SerialConsole {
         }
     }
 
-    /// Load saved UART state, keeping this console's sink and interrupt line.
-    pub fn restore_in_place(&mut self, state: &SerialStateData) {
-        let placeholder = Serial::new(IrqLine::none(), ConsoleSink::new(None, false));
-        let sink = std::mem::replace(&mut self.uart, placeholder).into_writer();
-        *self = Self::from_state(state, sink, self.irq.clone());
-    }
-
     /// Rebuild the UART from saved state (the receive FIFO is capped at its capacity).
-    pub fn from_state(state: &SerialStateData, sink: ConsoleSink, irq: IrqLine) -> Self {
+    fn from_state(state: &SerialStateData, sink: ConsoleSink, irq: IrqLine) -> Self {
         let s = SerialState {
             baud_divisor_low: state.baud_divisor_low,
             baud_divisor_high: state.baud_divisor_high,
@@ -165,25 +158,26 @@ impl BusDevice for SerialPort {
 
 impl Persist for SerialConsole {
     type State = SerialStateData;
-    type Handles = (ConsoleSink, IrqLine);
     type Error = std::convert::Infallible;
 
     fn save(&self) -> SerialStateData {
         self.state()
     }
 
-    fn restore(
-        (sink, irq): (ConsoleSink, IrqLine),
-        state: &SerialStateData,
-    ) -> Result<Self, Self::Error> {
-        Ok(Self::from_state(state, sink, irq))
+    /// Load saved UART state, keeping this console's sink and interrupt line. Every value
+    /// of the registers is one the UART can hold; the receive FIFO is capped at its
+    /// capacity.
+    fn load(&mut self, state: &SerialStateData) -> Result<(), Self::Error> {
+        let placeholder = Serial::new(IrqLine::none(), ConsoleSink::new(None, false));
+        let sink = std::mem::replace(&mut self.uart, placeholder).into_writer();
+        *self = Self::from_state(state, sink, self.irq.clone());
+        Ok(())
     }
 }
 
-crate::persist_tests!(persist, tests::uart_with_state(), |_: &SerialConsole| (
-    ConsoleSink::memory(),
-    IrqLine::none()
-));
+crate::persist_tests!(persist, tests::uart_with_state(), |_: &SerialConsole| {
+    SerialConsole::new(ConsoleSink::memory(), IrqLine::none())
+});
 
 #[cfg(test)]
 mod tests {
@@ -209,7 +203,7 @@ mod tests {
         assert_eq!(back, state);
         // Restored into a fresh UART, it reads back the same registers.
         let mut fresh = SerialConsole::new(ConsoleSink::memory(), IrqLine::none());
-        fresh.restore_in_place(&back);
+        let Ok(()) = fresh.load(&back);
         assert_eq!(fresh.state(), state);
         assert_eq!(fresh.read(7), 0x5a);
     }

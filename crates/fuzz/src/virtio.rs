@@ -205,7 +205,8 @@ fn run(data: &[u8]) -> Option<([VirtioMmio; 2], GuestMemoryMmap)> {
         let Ok(backend) = dev.try_clone_backend() else {
             continue;
         };
-        if let Err(e) = VirtioMmio::restore(handles(backend, &mem), &state) {
+        let loaded = VirtioMmio::new(handles(backend, &mem)).and_then(|mut d| d.load(&state));
+        if let Err(e) = loaded {
             panic!("a device saved a state it refuses to restore: {e}\n{state:?}");
         }
     }

@@ -1,15 +1,30 @@
 //! warmvm's VMs and the host that runs them.
+//!
+//! Owns: the VM (`vm`: KVM VM, RAM, devices and vCPU threads put together, and its
+//! lifecycle), the host's set of VMs (`host`), a VM's state and the one API that saves and
+//! loads it (`state`: `VmRecord`, `Vm::save`, `Vm::build`, `Vm::load`, the envelope, the
+//! older formats), and the transports that move that state: `handover` (the warm reboot, to
+//! a new VMM process over `channel`) and `snapshot` (to files).
+//!
+//! Must never: issue a KVM ioctl itself (that is `warmvm-hypervisor`'s), read or write KVM
+//! or device state outside `state` (a transport moves a `VmRecord` and calls the state
+//! API), decode state from outside without its strict types, or run a guest instruction
+//! before the VMM that runs it owns the VM (after a handover's commit, a snapshot's start).
 
 pub mod aging_config;
+pub(crate) mod channel;
 pub mod config;
 pub mod executable;
 pub mod handover;
 pub mod host;
 pub mod panic;
 pub mod snapshot;
+pub mod state;
 pub mod status;
 #[doc(hidden)]
 pub mod testing;
+#[cfg(test)]
+mod transport_tests;
 mod vcpu;
 mod virtio;
 pub mod vm;

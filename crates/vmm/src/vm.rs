@@ -684,35 +684,6 @@ impl Vm {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// What does not change while the VM lives: what a handover stages and a snapshot
-    /// keeps beside the VM's changing state.
-    pub fn spec(&self) -> crate::handover::VmSpec {
-        crate::handover::VmSpec {
-            config: (&self.config).into(),
-            protocol: self.protocol.into(),
-            status_addr: self.status_addr.map(|a| a.0),
-            ram: self
-                .shared
-                .ram
-                .regions()
-                .iter()
-                .map(|r| crate::handover::RamSlot {
-                    guest_addr: r.guest_addr,
-                    size: r.size,
-                })
-                .collect(),
-            hugepages: self.shared.ram.hugepages(),
-            cpuids: self.cpuids.clone(),
-            linux_devices: self.linux_devices,
-            console_log: self.console_log.clone(),
-            created_monotonic_ns: self.shared.created_ns,
-            fds: (0..self.config.disks.len())
-                .map(crate::handover::disk_fd_name)
-                .chain((0..self.config.nets.len()).map(crate::handover::net_fd_name))
-                .collect(),
-        }
-    }
-
     /// The reference guest's integrity figures, if this VM runs it and it has reported.
     pub fn guest_figures(&self) -> Option<GuestFigures> {
         status::read(

@@ -637,7 +637,8 @@ pub(crate) mod tests {
         std::thread::sleep(std::time::Duration::from_millis(20));
         assert_eq!(d.used_idx(), 1, "a paused device served a request");
         drop(d); // the old VMM's device goes away
-        let mut restored = VirtioMmio::restore(handles(block(&scratch), &mem), &state).unwrap();
+        let mut restored = VirtioMmio::new(handles(block(&scratch), &mem)).unwrap();
+        restored.load(&state).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(20));
         assert_eq!(
             restored_used(&mem),
@@ -660,9 +661,10 @@ pub(crate) mod tests {
         let (dev, _scratch, mem) = driven_device();
         let state = dev.save();
         let other = Scratch::new(SECTORS * 2, 0);
-        let err = VirtioMmio::restore(handles(block(&other), &mem), &state)
-            .err()
+        let err = VirtioMmio::new(handles(block(&other), &mem))
             .unwrap()
+            .load(&state)
+            .unwrap_err()
             .to_string();
         assert!(err.contains("sectors"), "{err}");
     }
@@ -671,5 +673,8 @@ pub(crate) mod tests {
 crate::persist_tests!(
     persist,
     tests::driven_device().0,
-    |dev: &crate::virtio::mmio::VirtioMmio| dev.test_handles()
+    |dev: &crate::virtio::mmio::VirtioMmio| crate::virtio::mmio::VirtioMmio::new(
+        dev.test_handles()
+    )
+    .expect("a device over the same backend")
 );

@@ -560,7 +560,6 @@ impl BusDevice for VirtioMmio {
 
 impl Persist for VirtioMmio {
     type State = VirtioMmioState;
-    type Handles = MmioHandles;
     type Error = VirtioError;
 
     fn save(&self) -> VirtioMmioState {
@@ -584,18 +583,11 @@ impl Persist for VirtioMmio {
         }
     }
 
-    fn restore(h: MmioHandles, s: &VirtioMmioState) -> Result<Self, VirtioError> {
-        let mut dev = Self::new(h)?;
-        dev.restore_in_place(s)?;
-        Ok(dev)
-    }
-}
-
-impl VirtioMmio {
     /// Load saved state into this device (keeping its backend, memory, interrupt line and
     /// notify eventfd, so an ioeventfd registered for it stays valid). Everything is
-    /// checked before anything changes.
-    pub fn restore_in_place(&mut self, s: &VirtioMmioState) -> Result<(), VirtioError> {
+    /// checked before anything changes. The device does not serve until
+    /// [`VirtioMmio::resume`].
+    fn load(&mut self, s: &VirtioMmioState) -> Result<(), VirtioError> {
         let name = self.shared.name.clone();
         let bad = |reason: String| VirtioError::BadState {
             name: name.clone(),

@@ -319,7 +319,9 @@ pub(crate) mod tests {
         let handles = d.dev.test_handles();
         let mem = d.mem.clone();
         drop(d);
-        let mut restored = VirtioMmio::restore(handles, &state).unwrap();
+        let mut restored = VirtioMmio::new(handles)
+            .and_then(|mut d| d.load(&state).map(|()| d))
+            .unwrap();
         restored.resume();
         let mut d = TestDriver::resume(restored, mem, 1);
         d.offer0(1, RXBUF + 4096, 2048);
@@ -413,5 +415,8 @@ pub(crate) mod tests {
 crate::persist_tests!(
     persist,
     tests::driven_device(),
-    |dev: &crate::virtio::mmio::VirtioMmio| dev.test_handles()
+    |dev: &crate::virtio::mmio::VirtioMmio| crate::virtio::mmio::VirtioMmio::new(
+        dev.test_handles()
+    )
+    .expect("a device over the same backend")
 );

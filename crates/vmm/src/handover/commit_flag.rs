@@ -13,7 +13,7 @@ use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use super::HandoverError;
+use super::{HandoverError, Violation};
 
 const SIZE: usize = 4096;
 const UNDECIDED: u32 = 0;
@@ -33,11 +33,9 @@ unsafe impl Sync for CommitFlag {}
 impl CommitFlag {
     /// A new, unset flag (old VMM).
     pub(crate) fn create() -> Result<Self, HandoverError> {
-        let io = |what: &str| {
-            HandoverError::Io(format!(
-                "commit flag: {what}: {}",
-                std::io::Error::last_os_error()
-            ))
+        let io = |what: &str| HandoverError::Io {
+            what: format!("commit flag: {what}"),
+            err: std::io::Error::last_os_error(),
         };
         // SAFETY: a static NUL-terminated name; memfd_create has no memory side effects.
         let fd = unsafe {
@@ -51,8 +49,10 @@ impl CommitFlag {
         }
         // SAFETY: memfd_create returned a fresh fd that nothing else owns.
         let file = unsafe { File::from_raw_fd(fd) };
-        file.set_len(SIZE as u64)
-            .map_err(|e| HandoverError::Io(format!("commit flag: {e}")))?;
+        file.set_len(SIZE as u64).map_err(|err| HandoverError::Io {
+            what: "commit flag: set_len".into(),
+            err,
+        })?;
         let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
         // SAFETY: fcntl with an integer argument on an fd we own.
         if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
@@ -64,13 +64,16 @@ impl CommitFlag {
     /// The flag the old VMM passed (new VMM). Refuses a file that could shrink under us
     /// (a mapping past its end would fault).
     pub(crate) fn adopt(file: File) -> Result<Self, HandoverError> {
-        let bad = |m: &str| HandoverError::BadState(format!("commit flag: {m}"));
+        let bad = |m: &'static str| HandoverError::from(Violation::CommitFlag(m));
         // SAFETY: F_GET_SEALS only reads the seals of an fd we own.
         let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
         if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
             return Err(bad("not sealed against shrinking"));
         }
-        let len = file.metadata().map_err(|e| bad(&e.to_string()))?.len();
+        let len = file
+            .metadata()
+            .map_err(|e| HandoverError::from(Violation::CommitFlagFile(e)))?
+            .len();
         if len < SIZE as u64 {
             return Err(bad("too small"));
         }
@@ -91,10 +94,10 @@ impl CommitFlag {
             )
         };
         if ptr == libc::MAP_FAILED {
-            return Err(HandoverError::Io(format!(
-                "commit flag: mmap: {}",
-                std::io::Error::last_os_error()
-            )));
+            return Err(HandoverError::Io {
+                what: "commit flag: mmap".into(),
+                err: std::io::Error::last_os_error(),
+            });
         }
         Ok(Self {
             file,

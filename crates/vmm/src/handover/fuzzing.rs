@@ -4,13 +4,11 @@
 //! Each returns whether the input decoded; none may panic, hang or allocate without bound.
 
 use super::envelope;
-use super::legacy::HandoverStateV2;
-use super::state::{
-    BootProtocol, HandoverState, LifecycleState, Msg, RamSlot, VmConfigState, VmRecord, VmSpec,
-};
-use crate::config::BootKind;
+use super::messages::{HandoverState, Msg};
+use crate::state::legacy::HandoverStateV2;
+use crate::state::{LifecycleState, VmRecord, VmSpec};
 
-/// A control-channel message, as [`super::channel::Channel::recv`] decodes it.
+/// A control-channel message, as `Channel::recv` (`crate::channel`) decodes it.
 pub fn decode_message(bytes: &[u8]) -> bool {
     rmp_serde::from_slice::<Msg>(bytes).is_ok()
 }
@@ -30,42 +28,9 @@ pub fn open_envelope(bytes: &[u8]) -> bool {
     }
 }
 
-/// A valid VM spec (64 MiB, one vCPU, the reference guest) that seeds build on.
-pub(crate) fn seed_spec() -> VmSpec {
-    VmSpec {
-        config: VmConfigState {
-            name: "seed".into(),
-            memory_mib: 64,
-            vcpus: 1,
-            hugepages: false,
-            kernel: None,
-            boot: BootKind::Auto,
-            cmdline: Some("quiet".into()),
-            initrd: None,
-            console_log: None,
-            console_stdout: false,
-            hide_cx16: false,
-            disks: Vec::new(),
-            nets: Vec::new(),
-        },
-        protocol: BootProtocol::Ring3,
-        status_addr: Some(0x1000),
-        ram: vec![RamSlot {
-            guest_addr: 0,
-            size: 64 << 20,
-        }],
-        hugepages: false,
-        cpuids: vec![vec![kvm_bindings::kvm_cpuid_entry2::default()]],
-        linux_devices: false,
-        console_log: "/tmp/seed.log".into(),
-        created_monotonic_ns: 5,
-        fds: Vec::new(),
-    }
-}
-
 /// Valid inputs to start a corpus from: (file name, bytes).
 pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
-    let spec = seed_spec();
+    let spec = VmSpec::seed();
     let state = HandoverState {
         sender: crate::build(),
         captured_at_ns: 1,

@@ -11,17 +11,17 @@ use std::time::{Duration, Instant};
 use warmvm_hypervisor::Hypervisor;
 use warmvm_memory::{GuestRam, RamRegion};
 
-use super::channel::Channel;
 use super::commit_flag::CommitFlag;
 use super::envelope;
 use super::faults::{self, Point};
-use super::legacy::HandoverStateV2;
-use super::rebuild::{build_vm, check_spec, finish_restore, start_restore, to_lifecycle};
-use super::state::{
-    BlackoutInstants, HandoverState, LifecycleState, Msg, Phase, PhaseTimes, RebootReport,
-    RebootStamps, VmBlackout, VmRecord, VmSpec, VmStamps,
+use super::messages::{
+    BlackoutInstants, HandoverState, Msg, Phase, PhaseTimes, RebootReport, RebootStamps,
+    VmBlackout, VmStamps,
 };
-use super::{HandoverError, COMMIT_FLAG_FD, STDERR_FD};
+use super::{HandoverError, Violation, COMMIT_FLAG_FD, STDERR_FD};
+use crate::channel::{Channel, ChannelError};
+use crate::state::legacy::HandoverStateV2;
+use crate::state::{disk_fd_name, net_fd_name, LifecycleState, StateError, VmRecord, VmSpec};
 use crate::vcpu::monotonic_ns;
 use crate::vm::{Vm, VCPU_RESPONSE_TIMEOUT};
 use crate::Host;
@@ -51,8 +51,11 @@ pub struct TakeoverError {
     pub error: HandoverError,
 }
 
-fn at(phase: Phase) -> impl Fn(HandoverError) -> TakeoverError {
-    move |error| TakeoverError { phase, error }
+fn at<E: Into<HandoverError>>(phase: Phase) -> impl Fn(E) -> TakeoverError {
+    move |error| TakeoverError {
+        phase,
+        error: error.into(),
+    }
 }
 
 /// Take over the VMs the old VMM offers on `channel_fd`. On an error no guest has run
@@ -88,9 +91,10 @@ pub fn take_over_checked(
             sender,
         } => (format_version, sender),
         other => {
-            return Err(at(Phase::Stage)(HandoverError::BadState(format!(
-                "expected Hello, got {other:?}"
-            ))))
+            return Err(at(Phase::Stage)(Violation::Unexpected {
+                expected: "Hello",
+                got: format!("{other:?}"),
+            }))
         }
     };
     faults::hit(Point::NewHello);
@@ -105,11 +109,12 @@ pub fn take_over_checked(
     };
     let result = match format {
         2 | 3 => Session::new(&channel, format, sender, kvm, check).run(state_dir),
-        _ => Err(at(Phase::Stage)(HandoverError::Incompatible(format!(
-            "{sender} offers state format {format}; this warmvm reads {}..={}",
-            envelope::MIN_FORMAT_VERSION,
-            envelope::FORMAT_VERSION
-        )))),
+        _ => Err(at(Phase::Stage)(HandoverError::Incompatible {
+            sender,
+            format,
+            min: envelope::MIN_FORMAT_VERSION,
+            max: envelope::FORMAT_VERSION,
+        })),
     };
     if let Err(e) = &result {
         // The old VMM resumes its VMs when told; a format-2 build only reads text.
@@ -333,7 +338,7 @@ impl<'a> Session<'a> {
             Decision::Abort => return Err(at(Phase::Commit)(HandoverError::Aborted)),
             Decision::Unknown(why) => {
                 // Without a decision the old VMM may still run the VMs: never run them here.
-                return Err(at(Phase::Commit)(HandoverError::Io(why)));
+                return Err(at(Phase::Commit)(why));
             }
         }
         faults::hit(Point::NewCommit);
@@ -355,10 +360,11 @@ impl<'a> Session<'a> {
         let bytes = state_bytes(msg, &mut files)?;
         let (version, payload) = envelope::open(&bytes)?;
         if version != self.format {
-            return Err(HandoverError::BadState(format!(
-                "Hello said format {}, the state is format {version}",
-                self.format
-            )));
+            return Err(Violation::FormatMismatch {
+                hello: self.format,
+                state: version,
+            }
+            .into());
         }
         let received = if version >= 3 {
             let s: HandoverState = envelope::decode_payload(payload)?;
@@ -374,11 +380,11 @@ impl<'a> Session<'a> {
         } else {
             let s: HandoverStateV2 = envelope::decode_payload(payload)?;
             if s.vms.len() != specs.len() {
-                return Err(HandoverError::BadState(format!(
-                    "state for {} VMs, {} were prepared",
-                    s.vms.len(),
-                    specs.len()
-                )));
+                return Err(Violation::VmCount {
+                    state: s.vms.len(),
+                    prepared: specs.len(),
+                }
+                .into());
             }
             Received {
                 bytes: bytes.len() as u64,
@@ -400,12 +406,12 @@ impl<'a> Session<'a> {
     }
 
     fn send_prepared(&self) -> Result<(), HandoverError> {
-        self.channel.send(
+        Ok(self.channel.send(
             &Msg::Prepared {
                 pid: std::process::id(),
             },
             &[],
-        )
+        )?)
     }
 
     /// Receive every VM's spec and fds and prepare each VM (guests still run in the old
@@ -433,9 +439,7 @@ impl<'a> Session<'a> {
                     extra_fd_names,
                 } => {
                     if extra_fd_names.len() != files.len() {
-                        return Err(HandoverError::BadState(
-                            "extra fds do not match their names".into(),
-                        ));
+                        return Err(Violation::ExtraFds.into());
                     }
                     let mut extra_fds = Vec::new();
                     let mut stderr = None;
@@ -448,13 +452,9 @@ impl<'a> Session<'a> {
                         }
                     }
                     if self.format >= 3 && commit_flag.is_none() {
-                        return Err(HandoverError::BadState(
-                            "format 3 staging without a commit flag".into(),
-                        ));
+                        return Err(Violation::NoCommitFlag.into());
                     }
-                    (self.check)(&extra).map_err(|e| {
-                        HandoverError::BadState(format!("the settings handed over: {e}"))
-                    })?;
+                    (self.check)(&extra).map_err(Violation::Settings)?;
                     return Ok(Staged {
                         hv,
                         vms,
@@ -466,21 +466,25 @@ impl<'a> Session<'a> {
                     });
                 }
                 other => {
-                    return Err(HandoverError::BadState(format!(
-                        "expected a VM or the end of staging, got {other:?}"
-                    )))
+                    return Err(Violation::Unexpected {
+                        expected: "a VM or the end of staging",
+                        got: format!("{other:?}"),
+                    }
+                    .into())
                 }
             };
             if vms.iter().any(|v: &Arc<Vm>| v.name() == spec.config.name) {
-                return Err(HandoverError::BadState(format!(
-                    "VM {} offered twice",
-                    spec.config.name
-                )));
+                return Err(Violation::VmTwice(spec.config.name.clone()).into());
             }
             let name = spec.config.name.clone();
             let vm = adopt_vm(&hv, &spec, files).map_err(|e| match e {
-                HandoverError::Vm { .. } => e,
-                other => HandoverError::BadState(format!("VM {name}: {other}")),
+                // KVM or memory refused: said as such, not as a bad state.
+                HandoverError::Vm { .. } | HandoverError::State(StateError::Vm { .. }) => e,
+                other => Violation::Staging {
+                    vm: name,
+                    err: Box::new(other),
+                }
+                .into(),
             })?;
             vms.push(vm);
             specs.push(spec);
@@ -491,17 +495,21 @@ impl<'a> Session<'a> {
     /// lose VMs the old VMM has just committed.
     fn await_decision(&self) -> Decision {
         if let Err(e) = self.channel.set_timeout(None) {
-            return Decision::Unknown(e.to_string());
+            return Decision::Unknown(e.into());
         }
         {
             match self.channel.recv::<Msg>() {
                 Ok((Msg::Commit, _)) => Decision::Commit,
                 Ok((Msg::Abort, _)) => Decision::Abort,
-                Ok((other, _)) => {
-                    Decision::Unknown(format!("expected Commit or Abort, got {other:?}"))
-                }
-                Err(HandoverError::PeerGone) => Decision::OldGone,
-                Err(e) => Decision::Unknown(e.to_string()),
+                Ok((other, _)) => Decision::Unknown(
+                    Violation::Unexpected {
+                        expected: "Commit or Abort",
+                        got: format!("{other:?}"),
+                    }
+                    .into(),
+                ),
+                Err(ChannelError::PeerGone) => Decision::OldGone,
+                Err(e) => Decision::Unknown(e.into()),
             }
         }
     }
@@ -583,20 +591,21 @@ enum Decision {
     Commit,
     Abort,
     OldGone,
-    Unknown(String),
+    Unknown(HandoverError),
 }
 
 fn state_bytes(msg: Msg, files: &mut Vec<File>) -> Result<Vec<u8>, HandoverError> {
     if !matches!(msg, Msg::State) || files.len() != 1 {
         return Err(match msg {
             Msg::Abort => HandoverError::Aborted,
-            other => HandoverError::BadState(format!(
-                "expected State with one memfd, got {other:?} with {} fds",
-                files.len()
-            )),
+            other => Violation::Unexpected {
+                expected: "State with one memfd",
+                got: format!("{other:?} with {} fds", files.len()),
+            }
+            .into(),
         });
     }
-    envelope::from_sealed_memfd(files.remove(0))
+    Ok(envelope::from_sealed_memfd(files.remove(0))?)
 }
 
 fn check_refusal_fault() -> Result<(), HandoverError> {
@@ -613,87 +622,52 @@ fn check_refusal_fault() -> Result<(), HandoverError> {
 /// without running any. Returns each VM's lifecycle to resume into, and the time taken.
 fn restore_all(
     staged: &Staged,
-    mut records: Vec<VmRecord>,
+    records: Vec<VmRecord>,
     captured_at_ns: u64,
     spin: bool,
 ) -> Result<(Vec<LifecycleState>, u64), HandoverError> {
     if records.len() != staged.vms.len() {
-        return Err(HandoverError::BadState(format!(
-            "state for {} VMs, {} were prepared",
-            records.len(),
-            staged.vms.len()
-        )));
+        return Err(Violation::VmCount {
+            state: records.len(),
+            prepared: staged.vms.len(),
+        }
+        .into());
     }
     // Check everything before restoring anything.
     for (record, spec) in records.iter().zip(&staged.specs) {
         if &record.spec != spec {
-            return Err(HandoverError::BadState(format!(
-                "the state of VM {} does not match the VM staged as {}",
-                record.spec.config.name, spec.config.name
-            )));
+            return Err(Violation::SpecMismatch {
+                state: record.spec.config.name.clone(),
+                staged: spec.config.name.clone(),
+            }
+            .into());
         }
         if record.lifecycle.is_live() != record.runtime.is_some() {
-            return Err(HandoverError::BadState(format!(
-                "VM {} is {:?} but its state {} vCPU state",
-                spec.config.name,
-                record.lifecycle,
-                if record.runtime.is_some() {
-                    "has"
-                } else {
-                    "lacks"
-                }
-            )));
+            return Err(Violation::RuntimeMismatch {
+                vm: spec.config.name.clone(),
+                lifecycle: record.lifecycle.clone(),
+                has_runtime: record.runtime.is_some(),
+            }
+            .into());
         }
     }
     let t_restore = Instant::now();
-    // All VMs' vCPU threads restore at once: post every task before waiting for any.
+    // All VMs' vCPU threads load at once: start every load before finishing any.
     // Spinning for the resume afterwards saves a wake-up only while every vCPU thread
     // has a core of its own (beside this one); beyond that spinners would starve the
-    // threads still restoring.
-    let mut serials = Vec::new();
-    for (vm, record) in staged.vms.iter().zip(records.iter_mut()) {
-        if let Some(runtime) = record.runtime.as_mut() {
-            start_restore(vm, runtime, captured_at_ns, spin)?;
+    // threads still loading.
+    let mut lifecycles = Vec::new();
+    let mut loading = Vec::new();
+    for (vm, record) in staged.vms.iter().zip(records) {
+        if let Some(runtime) = record.runtime {
+            loading.push(vm.load(runtime, captured_at_ns, spin)?);
         }
+        lifecycles.push(record.lifecycle);
     }
-    for (vm, record) in staged.vms.iter().zip(&records) {
-        if let Some(runtime) = &record.runtime {
-            finish_restore(vm)?;
-            serials.push((vm, &runtime.serial));
-        }
+    for load in loading {
+        load.finish()?;
     }
-    for (vm, record) in staged.vms.iter().zip(&records) {
-        if let Some(runtime) = &record.runtime {
-            // Loaded only: the devices serve from `resume`, once the VMs are ours.
-            vm.shared
-                .devices
-                .restore_virtio(&runtime.virtio)
-                .map_err(|e| HandoverError::BadState(e.to_string()))?;
-            restore_platform(vm, runtime)?;
-        }
-    }
-    for (vm, serial) in serials {
-        vm.shared.devices.restore_serial(serial);
-    }
-    let lifecycles = records.into_iter().map(|r| r.lifecycle).collect();
     Ok((lifecycles, t_restore.elapsed().as_micros() as u64))
-}
-
-/// Load the power button's and the i8042's state; a state they could not have saved is
-/// refused (the handover fails and the old VMM keeps the VM).
-pub(crate) fn restore_platform(
-    vm: &Vm,
-    runtime: &crate::handover::VmRuntime,
-) -> Result<(), HandoverError> {
-    let bad = |e: String| HandoverError::BadState(format!("VM {}: {e}", vm.name()));
-    vm.shared
-        .devices
-        .restore_acpi_pm(&runtime.acpi_pm)
-        .map_err(|e| bad(e.to_string()))?;
-    vm.shared
-        .devices
-        .restore_i8042(&runtime.i8042)
-        .map_err(|e| bad(e.to_string()))
 }
 
 /// What [`resume`] returns.
@@ -707,7 +681,7 @@ type Resumed = (Vec<(u64, u64)>, Vec<Vec<u64>>, Vec<String>);
 /// bound, the time waited).
 fn resume(vms: &[Arc<Vm>], lifecycles: &[LifecycleState]) -> Resumed {
     for (vm, lifecycle) in vms.iter().zip(lifecycles) {
-        *vm.shared.lifecycle() = to_lifecycle(lifecycle);
+        *vm.shared.lifecycle() = lifecycle.to_lifecycle();
         // A paused VM's devices start serving when the VM is resumed.
         if matches!(lifecycle, LifecycleState::Running | LifecycleState::Created) {
             vm.shared.devices.resume_virtio();
@@ -775,49 +749,52 @@ fn adopt_vm(
     spec: &VmSpec,
     mut files: Vec<File>,
 ) -> Result<Arc<Vm>, HandoverError> {
-    let bad = |m: String| HandoverError::BadState(m);
+    let bad = |v: Violation| HandoverError::from(v);
     let vm_err = |err: crate::VmError| HandoverError::Vm {
         vm: spec.config.name.clone(),
         err,
     };
     if files.len() != spec.ram.len() + 1 + spec.fds.len() {
-        return Err(bad(format!(
-            "{} fds for {} RAM regions, a log and {} named fds",
-            files.len(),
-            spec.ram.len(),
-            spec.fds.len()
-        )));
+        return Err(bad(Violation::FdCount {
+            got: files.len(),
+            ram: spec.ram.len(),
+            named: spec.fds.len(),
+        }));
     }
     // The named fd table: each device takes its fd by name, never by position.
     let mut named: std::collections::HashMap<String, File> = HashMap::new();
     for (name, file) in spec.fds.iter().zip(files.split_off(spec.ram.len() + 1)) {
         if named.insert(name.clone(), file).is_some() {
-            return Err(bad(format!("fd {name} sent twice")));
+            return Err(bad(Violation::FdTwice(name.clone())));
         }
     }
     let mut disk_files = Vec::new();
     for i in 0..spec.config.disks.len() {
-        let name = super::state::disk_fd_name(i);
-        disk_files.push(
-            named
-                .remove(&name)
-                .ok_or_else(|| bad(format!("no fd named {name} for disk {i}")))?,
-        );
+        let name = disk_fd_name(i);
+        disk_files.push(named.remove(&name).ok_or_else(|| {
+            bad(Violation::FdMissing {
+                device: format!("disk {i}"),
+                name,
+            })
+        })?);
     }
     let mut taps = Vec::new();
     for i in 0..spec.config.nets.len() {
-        let name = super::state::net_fd_name(i);
-        taps.push(
-            named
-                .remove(&name)
-                .ok_or_else(|| bad(format!("no fd named {name} for network interface {i}")))?,
-        );
+        let name = net_fd_name(i);
+        taps.push(named.remove(&name).ok_or_else(|| {
+            bad(Violation::FdMissing {
+                device: format!("network interface {i}"),
+                name,
+            })
+        })?);
     }
     if let Some(name) = named.keys().next() {
-        return Err(bad(format!("fd {name} belongs to no device")));
+        return Err(bad(Violation::FdUnused(name.clone())));
     }
-    check_spec(spec)?;
-    let log = files.pop().ok_or_else(|| bad("no console log fd".into()))?;
+    spec.check()?;
+    let log = files
+        .pop()
+        .ok_or_else(|| HandoverError::NoConsoleLog(spec.config.name.clone()))?;
     let regions = spec
         .ram
         .iter()
@@ -829,15 +806,9 @@ fn adopt_vm(
         })
         .collect();
     let ram = GuestRam::adopt(regions, spec.hugepages).map_err(|e| vm_err(e.into()))?;
-    build_vm(
-        hv,
-        spec,
-        ram,
-        log,
-        crate::virtio::HostFiles {
-            disks: disk_files,
-            taps,
-        },
-    )
-    .map(Arc::new)
+    let host_files = crate::virtio::HostFiles {
+        disks: disk_files,
+        taps,
+    };
+    Ok(Arc::new(Vm::build(hv, spec, ram, log, host_files)?))
 }

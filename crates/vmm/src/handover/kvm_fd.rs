@@ -5,7 +5,7 @@
 
 use std::fs::File;
 
-use super::HandoverError;
+use super::{HandoverError, Violation};
 
 /// The KVM device fd a `Hello` of state format `format` carries, if any. Format 2 had no
 /// fds on its `Hello`, and format 3 at most this one: anything else is a malformed `Hello`.
@@ -15,9 +15,7 @@ pub(crate) fn from_hello(format: u32, mut files: Vec<File>) -> Result<Option<Fil
     match files.len() {
         0 => Ok(None),
         1 if format >= 3 => Ok(files.pop()),
-        n => Err(HandoverError::BadState(format!(
-            "Hello (format {format}) carries {n} fds; at most one, the KVM device, in format 3"
-        ))),
+        fds => Err(Violation::HelloFds { format, fds }.into()),
     }
 }
 

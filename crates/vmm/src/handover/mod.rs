@@ -23,31 +23,35 @@
 //!    outside the blackout. Should the old VMM vanish after sending the state, the new VMM
 //!    sees its channel close: the old can never run the guests again, so the new adopts them.
 
-pub(crate) mod channel;
-mod commit_flag;
-pub mod envelope;
+pub(crate) mod commit_flag;
 pub mod faults;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod incoming;
 mod kvm_fd;
-mod legacy;
+pub(crate) mod messages;
 pub mod outgoing;
 pub mod pause_segments;
 mod priority;
-pub(crate) mod rebuild;
-mod state;
 mod stderr;
 
+use crate::channel::ChannelError;
+/// The envelope is the state's ([`crate::state::envelope`]); re-exported where it was.
+pub use crate::state::envelope;
+use crate::state::{StateError, StateErrorKind};
+
+/// The VM state types are the state home's; re-exported where they were.
+pub use crate::state::{
+    disk_fd_name, net_fd_name, BootProtocol, DiskState, LifecycleState, NetState, RamSlot,
+    VmConfigState, VmRecord, VmRuntime, VmSpec,
+};
 #[cfg(feature = "fault-injection")]
 pub use incoming::FAULT_ENV;
 pub use incoming::{take_over, take_over_checked, Adopted, ExtraCheck, TakeoverError};
-pub use outgoing::{warm_reboot, RebootError, RebootOptions};
-pub use state::{
-    disk_fd_name, net_fd_name, BootProtocol, DiskState, Failure, FailureKind, LifecycleState,
-    NetState, Phase, PhaseTimes, RamSlot, RebootReport, RebootStamps, VmBlackout, VmConfigState,
-    VmRecord, VmRuntime, VmSpec, VmStamps,
+pub use messages::{
+    Failure, FailureKind, Phase, PhaseTimes, RebootReport, RebootStamps, VmBlackout, VmStamps,
 };
+pub use outgoing::{warm_reboot, RebootError, RebootOptions};
 
 /// The image of this very process, to rejuvenate with the same build: `/proc/self/exe`
 /// works even when the file on disk was replaced or deleted since this process started.
@@ -68,16 +72,33 @@ pub const STDERR_FD: &str = "stderr";
 
 #[derive(Debug, thiserror::Error)]
 pub enum HandoverError {
-    #[error("handover I/O failed: {0}")]
-    Io(String),
-    #[error("cannot encode the handover state: {0}")]
-    Encode(String),
+    /// A VM's state could not be saved, framed, read or loaded.
+    #[error("{}", state_message(.0))]
+    State(#[from] StateError),
+    /// A message could not go or come over the control channel (a closed channel is
+    /// [`HandoverError::PeerGone`]).
+    #[error("{}", channel_message(.0))]
+    Channel(#[source] ChannelError),
+    #[error("handover I/O failed: {what}: {err}")]
+    Io {
+        what: String,
+        #[source]
+        err: std::io::Error,
+    },
+    #[error("handover I/O failed: VM {0}: console log has no fd")]
+    NoConsoleLog(String),
+    /// A message or fd the protocol does not allow here.
     #[error("the handover state is invalid: {0}")]
-    BadState(String),
-    #[error("incompatible handover state: {0}")]
-    Incompatible(String),
+    BadState(#[from] Violation),
+    #[error("incompatible handover state: {sender} offers state format {format}; this warmvm reads {min}..={max}")]
+    Incompatible {
+        sender: String,
+        format: u32,
+        min: u32,
+        max: u32,
+    },
     #[error("no answer in time: {0}")]
-    Timeout(String),
+    Timeout(#[from] Late),
     #[error("the other VMM closed the channel (it exited or crashed)")]
     PeerGone,
     /// The new VMM said why it gave up.
@@ -115,12 +136,121 @@ pub enum HandoverError {
     Panicked(String),
 }
 
+/// What the other VMM sent that the protocol does not allow.
+#[derive(Debug, thiserror::Error)]
+pub enum Violation {
+    #[error("expected {expected}, got {got}")]
+    Unexpected { expected: &'static str, got: String },
+    #[error("Hello (format {format}) carries {fds} fds; at most one, the KVM device, in format 3")]
+    HelloFds { format: u32, fds: usize },
+    #[error("Hello said format {hello}, the state is format {state}")]
+    FormatMismatch { hello: u32, state: u32 },
+    #[error("state for {state} VMs, {prepared} were prepared")]
+    VmCount { state: usize, prepared: usize },
+    #[error("VM {0} offered twice")]
+    VmTwice(String),
+    /// Staging this VM failed (for a reason other than KVM or memory).
+    #[error("VM {vm}: {err}")]
+    Staging {
+        vm: String,
+        #[source]
+        err: Box<HandoverError>,
+    },
+    #[error("the state of VM {state} does not match the VM staged as {staged}")]
+    SpecMismatch { state: String, staged: String },
+    #[error("VM {vm} is {lifecycle:?} but its state {} vCPU state", if *.has_runtime { "has" } else { "lacks" })]
+    RuntimeMismatch {
+        vm: String,
+        lifecycle: LifecycleState,
+        has_runtime: bool,
+    },
+    #[error("{got} fds for {ram} RAM regions, a log and {named} named fds")]
+    FdCount {
+        got: usize,
+        ram: usize,
+        named: usize,
+    },
+    #[error("fd {0} sent twice")]
+    FdTwice(String),
+    /// `device`: "disk 0", "network interface 1", ...
+    #[error("no fd named {name} for {device}")]
+    FdMissing { name: String, device: String },
+    #[error("fd {0} belongs to no device")]
+    FdUnused(String),
+    #[error("extra fds do not match their names")]
+    ExtraFds,
+    #[error("format 3 staging without a commit flag")]
+    NoCommitFlag,
+    #[error("commit flag: {0}")]
+    CommitFlag(&'static str),
+    #[error("commit flag: {0}")]
+    CommitFlagFile(#[source] std::io::Error),
+    /// The caller's check of the settings handed over refused them.
+    #[error("the settings handed over: {0}")]
+    Settings(String),
+}
+
+/// What was not done in time.
+#[derive(Debug, thiserror::Error)]
+pub enum Late {
+    /// This VMM itself used up the ready budget by the end of `step`.
+    #[error("the ready budget of {budget_ms} ms was spent by the end of {step}")]
+    Budget { budget_ms: u128, step: &'static str },
+    #[error("the new VMM sent no {0} within the time allowed")]
+    NoAnswer(&'static str),
+    #[error("VM {vm}: vCPU {id} did not stop within the ready budget")]
+    VcpuNotStopped { vm: String, id: u32 },
+}
+
 /// Run `f`, turning a panic on this thread into [`HandoverError::Panicked`]: a bug in the
 /// middle of a handover must end in the protocol's failure path (the guests resumed by
 /// whichever VMM may run them), never unwind past the VMs it holds.
 pub(crate) fn contain<T>(f: impl FnOnce() -> T) -> Result<T, HandoverError> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
         .map_err(|payload| HandoverError::Panicked(crate::panic::message(&*payload)))
+}
+
+/// A state error as the handover always worded its kind (an older build recognises a
+/// refusal by the "incompatible handover state: " prefix).
+fn state_message(e: &StateError) -> String {
+    match e.kind() {
+        StateErrorKind::Incompatible => format!("incompatible handover state: {e}"),
+        StateErrorKind::Invalid => format!("the handover state is invalid: {e}"),
+        StateErrorKind::Encode => match e {
+            StateError::Encode { .. } => e.to_string(),
+            _ => format!("cannot encode the handover state: {e}"),
+        },
+        StateErrorKind::Io => format!("handover I/O failed: {e}"),
+        StateErrorKind::Timeout => format!("no answer in time: {e}"),
+        StateErrorKind::Vm => e.to_string(),
+    }
+}
+
+fn channel_message(e: &ChannelError) -> String {
+    match e {
+        ChannelError::Timeout => "no answer in time: the other VMM did not answer in time".into(),
+        ChannelError::Encode(_) | ChannelError::TooLarge(_) => {
+            format!("cannot encode the handover state: {e}")
+        }
+        ChannelError::SealedWithoutMemfd | ChannelError::Decode(_) => {
+            format!("the handover state is invalid: {e}")
+        }
+        ChannelError::Sealed(e) => state_message(e),
+        ChannelError::Io { .. }
+        | ChannelError::Send(_)
+        | ChannelError::Recv(_)
+        | ChannelError::TooManyFds(_)
+        | ChannelError::PeerGone => format!("handover I/O failed: {e}"),
+    }
+}
+
+impl From<ChannelError> for HandoverError {
+    fn from(e: ChannelError) -> Self {
+        match e {
+            ChannelError::PeerGone => HandoverError::PeerGone,
+            e => HandoverError::Channel(e),
+        }
+    }
 }
 
 fn stderr_suffix(tail: &str) -> String {
@@ -139,7 +269,8 @@ impl HandoverError {
     /// either side, rather than failed at it.
     pub fn is_refusal(&self) -> bool {
         match self {
-            HandoverError::Refused(_) | HandoverError::Incompatible(_) => true,
+            HandoverError::Refused(_) | HandoverError::Incompatible { .. } => true,
+            HandoverError::State(e) => e.kind() == StateErrorKind::Incompatible,
             HandoverError::Peer(f) => {
                 matches!(f.kind, FailureKind::Incompatible | FailureKind::Refused)
             }
@@ -150,7 +281,13 @@ impl HandoverError {
     /// How this error is told to the other VMM.
     pub(crate) fn to_failure(&self, phase: Phase) -> Failure {
         let kind = match self {
-            HandoverError::Incompatible(_) => FailureKind::Incompatible,
+            HandoverError::Incompatible { .. } => FailureKind::Incompatible,
+            HandoverError::State(e) => match e.kind() {
+                StateErrorKind::Incompatible => FailureKind::Incompatible,
+                StateErrorKind::Invalid => FailureKind::BadState,
+                StateErrorKind::Vm => FailureKind::Vm,
+                _ => FailureKind::Internal,
+            },
             HandoverError::Refused(_) => FailureKind::Refused,
             HandoverError::BadState(_) => FailureKind::BadState,
             HandoverError::Vm { .. } => FailureKind::Vm,
@@ -162,6 +299,29 @@ impl HandoverError {
             phase,
             message: self.to_string(),
         }
+    }
+
+    /// Whether the other side (or a vCPU) did not answer in time: then it gets no grace
+    /// to exit by itself.
+    pub(crate) fn is_timeout(&self) -> bool {
+        match self {
+            HandoverError::Timeout(_) | HandoverError::Channel(ChannelError::Timeout) => true,
+            HandoverError::State(e) => e.kind() == StateErrorKind::Timeout,
+            _ => false,
+        }
+    }
+
+    /// Whether the channel to the other VMM broke (rather than carried a failure): the
+    /// other VMM may have said why before it closed its end, or exited.
+    pub(crate) fn channel_broke(&self) -> bool {
+        matches!(
+            self,
+            HandoverError::PeerGone
+                | HandoverError::Io { .. }
+                | HandoverError::Channel(
+                    ChannelError::Io { .. } | ChannelError::Send(_) | ChannelError::Recv(_)
+                )
+        )
     }
 
     /// A format-2 build's failure text: it names the kind only by its prefix. Kept for
@@ -190,7 +350,12 @@ mod tests {
     fn refusals_are_recognised_across_the_channel() {
         for e in [
             HandoverError::Refused("x".into()),
-            HandoverError::Incompatible("x".into()),
+            HandoverError::Incompatible {
+                sender: "x".into(),
+                format: 4,
+                min: 2,
+                max: 3,
+            },
         ] {
             assert!(e.is_refusal());
             // As the old VMM gets it from a new VMM of this build...
@@ -205,10 +370,54 @@ mod tests {
         }
         assert!(!HandoverError::from_legacy_text(Phase::Restore, "VM a: boom".into()).is_refusal());
         assert!(!HandoverError::PeerGone.is_refusal());
-        let vm_failure = HandoverError::BadState("x".into()).to_failure(Phase::Restore);
+        let vm_failure = HandoverError::from(Violation::NoCommitFlag).to_failure(Phase::Restore);
         assert_eq!(
             (vm_failure.kind, vm_failure.phase),
             (FailureKind::BadState, Phase::Restore)
+        );
+    }
+
+    /// State errors are typed, but the other VMM (perhaps an older build) gets the kind and
+    /// the wording the handover always used.
+    #[test]
+    fn state_errors_keep_their_kind_and_wording_across_the_channel() {
+        let newer = HandoverError::from(StateError::Newer { version: 4, max: 3 });
+        assert!(newer.is_refusal());
+        assert_eq!(
+            newer.to_string(),
+            "incompatible handover state: state format 4 is newer than this warmvm understands (3)"
+        );
+        assert_eq!(
+            newer.to_failure(Phase::Transfer).kind,
+            FailureKind::Incompatible
+        );
+        let corrupt = HandoverError::from(StateError::Checksum);
+        assert!(!corrupt.is_refusal());
+        assert_eq!(
+            corrupt.to_string(),
+            "the handover state is invalid: checksum mismatch"
+        );
+        assert_eq!(
+            corrupt.to_failure(Phase::Transfer).kind,
+            FailureKind::BadState
+        );
+        let kvm = HandoverError::from(StateError::Vm {
+            vm: "a".into(),
+            err: crate::VmError::Thread(std::io::Error::other("no threads")),
+        });
+        assert_eq!(kvm.to_failure(Phase::Restore).kind, FailureKind::Vm);
+        assert!(
+            std::error::Error::source(&kvm).is_some(),
+            "the source is kept"
+        );
+        let late = HandoverError::from(StateError::NotSaved {
+            vm: "a".into(),
+            id: 1,
+        });
+        assert!(late.is_timeout());
+        assert_eq!(
+            late.to_string(),
+            "no answer in time: VM a: vCPU 1 did not save its state"
         );
     }
 

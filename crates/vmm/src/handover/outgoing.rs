@@ -14,16 +14,13 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::channel::Channel;
 use super::commit_flag::CommitFlag;
 use super::envelope;
 use super::faults::{self, Point};
-use super::state::{
-    HandoverState, LifecycleState, Msg, Phase, PhaseTimes, RebootReport, RebootStamps, VmRecord,
-    VmRuntime,
-};
+use super::messages::{HandoverState, Msg, Phase, PhaseTimes, RebootReport, RebootStamps};
 use super::stderr::StderrRelay;
-use super::{HandoverError, COMMIT_FLAG_FD, STDERR_FD};
+use super::{HandoverError, Late, Violation, COMMIT_FLAG_FD, STDERR_FD};
+use crate::channel::{Channel, ChannelError};
 use crate::vcpu::monotonic_ns;
 use crate::vm::{Lifecycle, Vm};
 use crate::Host;
@@ -151,7 +148,11 @@ pub fn warm_reboot(host: &Host, opts: &RebootOptions) -> Result<Handed, RebootEr
         let quiesce_us = t_quiesce.elapsed().as_micros() as u64;
         let t_capture = Instant::now();
         reached.set(Phase::Capture);
-        let records = capture(&vms, ready_deadline).map_err(at(Phase::Capture))?;
+        let records = vms
+            .iter()
+            .map(|vm| vm.save(ready_deadline))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(at(Phase::Capture))?;
         let phases = PhaseTimes {
             stage_us,
             quiesce_us,
@@ -176,6 +177,7 @@ pub fn warm_reboot(host: &Host, opts: &RebootOptions) -> Result<Handed, RebootEr
         reached.set(Phase::Transfer);
         let bytes = envelope::encode(&state, envelope::FORMAT_VERSION)
             .and_then(|b| envelope::to_sealed_memfd(&b).map(|memfd| (b.len(), memfd)))
+            .map_err(HandoverError::from)
             .and_then(|(len, memfd)| {
                 channel.send(&Msg::State, &[memfd.as_raw_fd()])?;
                 Ok(len as u64)
@@ -214,7 +216,7 @@ pub fn warm_reboot(host: &Host, opts: &RebootOptions) -> Result<Handed, RebootEr
     // the guests: `Commit` was not sent, or the claim was revoked), then the guests resumed
     // here, then the report of what happened.
     let mut take_back = |failed: RebootError| -> RebootError {
-        let ended = peer.kill_and_wait(!matches!(failed.error, HandoverError::Timeout(_)));
+        let ended = peer.kill_and_wait(!failed.error.is_timeout());
         roll_back(&vms);
         let failed = at(failed.phase)(peer.explain(failed.error, ended));
         tracing::error!(error = %failed, "warm reboot aborted; the VMs run on in this VMM");
@@ -331,28 +333,35 @@ pub fn warm_reboot(host: &Host, opts: &RebootOptions) -> Result<Handed, RebootEr
 }
 
 /// A failure in `phase`, or in the phase the new VMM says it failed in.
-fn at(phase: Phase) -> impl Fn(HandoverError) -> RebootError {
-    move |error| RebootError {
-        phase: match &error {
-            HandoverError::Peer(f) => f.phase,
-            _ => phase,
-        },
-        error,
+fn at<E: Into<HandoverError>>(phase: Phase) -> impl Fn(E) -> RebootError {
+    move |error| {
+        let error = error.into();
+        RebootError {
+            phase: match &error {
+                HandoverError::Peer(f) => f.phase,
+                _ => phase,
+            },
+            error,
+        }
     }
 }
 
-fn unexpected(phase: Phase, wanted: &str, got: Msg) -> HandoverError {
+fn unexpected(phase: Phase, wanted: &'static str, got: Msg) -> HandoverError {
     match got {
         Msg::Refused(f) => HandoverError::Peer(f),
         Msg::Failed(text) => HandoverError::from_legacy_text(phase, text),
-        other => HandoverError::BadState(format!("expected {wanted}, got {other:?}")),
+        other => Violation::Unexpected {
+            expected: wanted,
+            got: format!("{other:?}"),
+        }
+        .into(),
     }
 }
 
 /// A channel that broke while we were sending may still hold the reason the new VMM gave
 /// before it closed its end (e.g. an older build refusing our state format): prefer it.
 fn said_why(channel: &Channel, phase: Phase, error: HandoverError) -> HandoverError {
-    if !matches!(error, HandoverError::PeerGone | HandoverError::Io(_)) {
+    if !error.channel_broke() {
         return error;
     }
     match recv_by(channel, Instant::now() + Duration::from_millis(1), "reason") {
@@ -362,11 +371,12 @@ fn said_why(channel: &Channel, phase: Phase, error: HandoverError) -> HandoverEr
 }
 
 /// The ready budget ran out while this VMM itself was busy with `step`.
-fn late(budget: Duration, step: &str) -> HandoverError {
-    HandoverError::Timeout(format!(
-        "the ready budget of {} ms was spent by the end of {step}",
-        budget.as_millis()
-    ))
+fn late(budget: Duration, step: &'static str) -> HandoverError {
+    Late::Budget {
+        budget_ms: budget.as_millis(),
+        step,
+    }
+    .into()
 }
 
 /// How long a receive may block once a message is known to be there (it never should).
@@ -375,13 +385,11 @@ const RECV_SAFETY_TIMEOUT: Duration = Duration::from_secs(1);
 /// Receive one message by `deadline`. The wait is on a high-resolution timer (the receive
 /// timeout would round up to a scheduler tick), and nothing is waited for once the deadline
 /// has passed: a message only read after it was not received in time.
-fn recv_by(channel: &Channel, deadline: Instant, what: &str) -> Result<Msg, HandoverError> {
+fn recv_by(channel: &Channel, deadline: Instant, what: &'static str) -> Result<Msg, HandoverError> {
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(HandoverError::Timeout(format!(
-                "the new VMM sent no {what} within the time allowed"
-            )));
+            return Err(Late::NoAnswer(what).into());
         }
         if channel.wait_readable(left)? {
             break;
@@ -390,10 +398,8 @@ fn recv_by(channel: &Channel, deadline: Instant, what: &str) -> Result<Msg, Hand
     channel.set_timeout(Some(RECV_SAFETY_TIMEOUT))?;
     match channel.recv::<Msg>() {
         Ok((msg, _)) => Ok(msg),
-        Err(HandoverError::Timeout(_)) => Err(HandoverError::Timeout(format!(
-            "the new VMM sent no {what} within the time allowed"
-        ))),
-        Err(e) => Err(e),
+        Err(ChannelError::Timeout) => Err(Late::NoAnswer(what).into()),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -426,7 +432,7 @@ impl Peer {
     }
 
     fn stop_and_explain(&mut self, error: HandoverError) -> HandoverError {
-        let ended = self.kill_and_wait(!matches!(error, HandoverError::Timeout(_)));
+        let ended = self.kill_and_wait(!error.is_timeout());
         self.explain(error, ended)
     }
 
@@ -434,7 +440,7 @@ impl Peer {
     /// status, and its last output), rather than an I/O error on the channel. A VMM that
     /// said why it gave up is quoted instead.
     fn explain(&self, error: HandoverError, ended: Option<ExitStatus>) -> HandoverError {
-        let channel_broke = matches!(error, HandoverError::PeerGone | HandoverError::Io(_));
+        let channel_broke = error.channel_broke();
         match ended {
             Some(status) if channel_broke => {
                 self.relay.wait_closed(Duration::from_millis(200));
@@ -522,7 +528,7 @@ fn spawn(opts: &RebootOptions) -> Result<(Channel, Peer), HandoverError> {
     ))
 }
 
-fn stage(
+pub(crate) fn stage(
     channel: &Channel,
     vms: &[Arc<Vm>],
     opts: &RebootOptions,
@@ -540,16 +546,22 @@ fn stage(
     )?;
     for vm in vms {
         let ram = vm.shared.ram.regions();
-        let log =
-            vm.shared.devices.console_log_file().ok_or_else(|| {
-                HandoverError::Io(format!("VM {}: console log has no fd", vm.name()))
-            })?;
+        let log = vm
+            .shared
+            .devices
+            .console_log_file()
+            .ok_or_else(|| HandoverError::NoConsoleLog(vm.name().to_string()))?;
         let mut fds: Vec<RawFd> = ram.iter().map(|r| r.file.as_raw_fd()).collect();
         fds.push(log.as_raw_fd());
         // The VM's named fds, in the order `spec.fds` names them (disk0, disk1, ...).
-        let host_files = vm.shared.devices.virtio_host_files().map_err(|e| {
-            HandoverError::Io(format!("VM {}: cannot duplicate a disk fd: {e}", vm.name()))
-        })?;
+        let host_files =
+            vm.shared
+                .devices
+                .virtio_host_files()
+                .map_err(|err| HandoverError::Io {
+                    what: format!("VM {}: cannot duplicate a disk fd", vm.name()),
+                    err,
+                })?;
         fds.extend(host_files.iter().map(|f| f.as_raw_fd()));
         channel.send(&Msg::StageVm(Box::new(vm.spec())), &fds)?;
     }
@@ -562,132 +574,34 @@ fn stage(
         names.push(STDERR_FD.to_string());
         fds.push(libc::STDERR_FILENO);
     }
-    channel.send(
+    Ok(channel.send(
         &Msg::PrepareDone {
             extra: opts.extra.clone(),
             extra_fd_names: names,
         },
         &fds,
-    )
+    )?)
 }
 
-/// Park every vCPU of every live VM; each saves its own state the moment it has parked.
-/// With `boost`, each is raised to real-time until it runs again (see `VcpuHandle::boost`).
+/// Park every vCPU of every live VM; each saves its own state the moment it has parked
+/// (see [`Vm::park_and_save`]).
 fn quiesce(vms: &[Arc<Vm>], boost: bool, deadline: Instant) -> Result<(), HandoverError> {
-    for vm in vms.iter().filter(|v| !v.lifecycle().is_finished()) {
-        for h in vm.handles() {
-            h.request_pause_then(&vm.shared, Box::new(|vcpu| vcpu.save_state().map(Some)));
-            // With more vCPU threads than cores, until it runs again (here after an
-            // abort, or never): parking and saving must not queue behind the host's
-            // other processes for a core.
-            if boost {
-                h.boost();
-            }
-        }
+    for vm in vms {
+        vm.park_and_save(boost);
     }
     for vm in vms {
         for h in vm.handles() {
             let left = deadline.saturating_duration_since(Instant::now());
             if !h.wait_parked(left) {
-                return Err(HandoverError::Timeout(format!(
-                    "VM {}: vCPU {} did not stop within the ready budget",
-                    vm.name(),
-                    h.id
-                )));
+                return Err(Late::VcpuNotStopped {
+                    vm: vm.name().to_string(),
+                    id: h.id,
+                }
+                .into());
             }
         }
     }
     Ok(())
-}
-
-/// Each VM's record: its spec, its lifecycle, and for a live VM the vCPU states its
-/// threads saved as they parked plus VM-wide and device state.
-fn capture(vms: &[Arc<Vm>], deadline: Instant) -> Result<Vec<VmRecord>, HandoverError> {
-    vms.iter().map(|vm| capture_record(vm, deadline)).collect()
-}
-
-/// One VM's record. Every vCPU of a live VM must have been given a `save_state` task (see
-/// [`quiesce`]); this collects their results. Shared by the handover and snapshots.
-pub(crate) fn capture_record(vm: &Vm, deadline: Instant) -> Result<VmRecord, HandoverError> {
-    let vm_err = |err: crate::VmError| HandoverError::Vm {
-        vm: vm.name().to_string(),
-        err,
-    };
-    let runtime = if vm.lifecycle().is_finished() {
-        None
-    } else {
-        // Requests the devices have in hand are finished before their queues are read;
-        // what the guest queued meanwhile stays in the rings for the next VMM.
-        vm.shared
-            .devices
-            .pause_virtio()
-            .map_err(|e| HandoverError::Io(format!("VM {}: {e}", vm.name())))?;
-        // Read while the vCPU threads are still saving theirs.
-        let kvm = vm
-            .shared
-            .kvm_vm()
-            .save_state(vm.linux_devices)
-            .map_err(|e| vm_err(e.into()))?;
-        let mut vcpus = Vec::new();
-        let mut first_stop = u64::MAX;
-        for h in vm.handles() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match h.task_result(left) {
-                Some(Ok(Some(state))) => vcpus.push(state),
-                Some(Err(e)) => return Err(vm_err(e.into())),
-                _ => {
-                    return Err(HandoverError::Timeout(format!(
-                        "VM {}: vCPU {} did not save its state",
-                        vm.name(),
-                        h.id
-                    )))
-                }
-            }
-            first_stop = first_stop.min(h.park_times().0);
-        }
-        Some(VmRuntime {
-            first_stop_ns: first_stop,
-            vcpus,
-            kvm,
-            serial: vm.shared.devices.serial_state(),
-            virtio: vm.shared.devices.virtio_states(),
-            acpi_pm: vm.shared.devices.acpi_pm_state(),
-            i8042: vm.shared.devices.i8042_state(),
-        })
-    };
-    // Read after the vCPUs parked: a guest that powered off meanwhile is handed over
-    // as powered off (its vCPU states, if any, are of no use).
-    let lifecycle = lifecycle_state(&vm.lifecycle()).ok_or_else(|| {
-        HandoverError::BadState(format!("VM {} cannot be handed over now", vm.name()))
-    })?;
-    let runtime = if lifecycle.is_live() { runtime } else { None };
-    if lifecycle.is_live() && runtime.is_none() {
-        return Err(HandoverError::BadState(format!(
-            "VM {} ended during the capture",
-            vm.name()
-        )));
-    }
-    Ok(VmRecord {
-        spec: vm.spec(),
-        lifecycle,
-        runtime,
-    })
-}
-
-fn lifecycle_state(l: &Lifecycle) -> Option<LifecycleState> {
-    Some(match l {
-        Lifecycle::Created => LifecycleState::Created,
-        Lifecycle::Running => LifecycleState::Running,
-        Lifecycle::Paused => LifecycleState::Paused,
-        Lifecycle::PoweredOff { exit_status } => LifecycleState::PoweredOff {
-            exit_status: *exit_status,
-        },
-        Lifecycle::Crashed { reason } => LifecycleState::Crashed {
-            reason: reason.clone(),
-        },
-        Lifecycle::Stopped => LifecycleState::Stopped,
-        Lifecycle::HandedOver => return None,
-    })
 }
 
 /// Let the guests run here again, as they were before the attempt.

@@ -10,7 +10,7 @@
 //! the earliest): a segment the guest spent running counts 0, never negative. Stamps that
 //! contradict each other or the beats are an error, never a figure.
 
-use super::state::{RebootStamps, VmStamps};
+use super::messages::{RebootStamps, VmStamps};
 
 /// The segments, in order: each runs from the instant before it to its own.
 pub const SEGMENTS: [&str; 11] = [

@@ -7,8 +7,8 @@
 use std::path::Path;
 
 use super::{decode_state, RamFile, SnapshotState, FORMAT_VERSION, KIND};
-use crate::handover::envelope;
-use crate::handover::{LifecycleState, VmRecord, VmRuntime};
+use crate::state::envelope;
+use crate::state::{LifecycleState, VmRecord, VmRuntime};
 
 const DIR: &str = "/fuzz/snapshot";
 
@@ -31,7 +31,7 @@ fn state(lifecycle: LifecycleState, runtime: Option<VmRuntime>) -> SnapshotState
         boot_id: "00000000-0000-0000-0000-000000000000".into(),
         captured_at_ns: 7,
         record: VmRecord {
-            spec: crate::handover::fuzzing::seed_spec(),
+            spec: crate::state::VmSpec::seed(),
             lifecycle,
             runtime,
         },

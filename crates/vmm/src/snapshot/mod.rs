@@ -10,9 +10,10 @@
 //!                          it is incomplete and never read
 //! ```
 //!
-//! A snapshot is taken with the VM paused (its vCPU threads save their own state, as in
-//! the handover's capture) and restored into a new VM built the way the handover builds
-//! one (`rebuild::build_vm`), under the same or a new name.
+//! A snapshot is one transport of a VM's state (see [`crate::state`]): taken with the VM
+//! paused through `Vm::save`, and restored into a new VM through `Vm::build` and
+//! `Vm::load`, as a warm reboot does, under the same or a new name. This module moves the
+//! state and the RAM to and from files; it reads or writes no KVM or device state itself.
 //!
 //! virtio devices: the capture finishes the requests each device has in hand and records
 //! its transport and queue state (what the guest queued meanwhile stays in its rings);
@@ -37,8 +38,8 @@ use serde::{Deserialize, Serialize};
 use warmvm_hypervisor::Hypervisor;
 use warmvm_memory::GuestRam;
 
-use crate::handover::envelope::{self, Kind};
-use crate::handover::{outgoing, rebuild, HandoverError, LifecycleState, VmConfigState, VmRecord};
+use crate::state::envelope::{self, Kind};
+use crate::state::{LifecycleState, StateError, VmConfigState, VmRecord};
 use crate::vm::{open_log, Lifecycle, Vm, VmError, VCPU_RESPONSE_TIMEOUT};
 
 /// The snapshot format this build writes and reads.
@@ -72,7 +73,7 @@ pub enum SnapshotError {
     State {
         dir: PathBuf,
         #[source]
-        err: HandoverError,
+        err: StateError,
     },
     #[error(
         "snapshot {dir}: {file} is {len} bytes, the snapshot says {want} (truncated or replaced)"
@@ -111,7 +112,7 @@ pub enum SnapshotError {
     Capture {
         vm: String,
         #[source]
-        err: HandoverError,
+        err: StateError,
     },
 }
 
@@ -258,22 +259,16 @@ fn write_all(
     dir: &Path,
     was_running: bool,
     t_pause: Instant,
-    mut writer: Option<writer::Writer>,
+    writer: Option<writer::Writer>,
 ) -> Result<SaveReport, SnapshotError> {
     let name = vm.name().to_string();
     let capture_err = |err| SnapshotError::Capture {
         vm: name.clone(),
         err,
     };
-    for h in vm.handles() {
-        if !h.post_task(false, Box::new(|vcpu| vcpu.save_state().map(Some))) {
-            return Err(capture_err(HandoverError::Io(format!(
-                "vCPU {} is not parked",
-                h.id
-            ))));
-        }
-    }
-    let mut record = outgoing::capture_record(vm, Instant::now() + VCPU_RESPONSE_TIMEOUT)
+    vm.save_parked_vcpus().map_err(capture_err)?;
+    let mut record = vm
+        .save(Instant::now() + VCPU_RESPONSE_TIMEOUT)
         .map_err(capture_err)?;
     if was_running {
         // Paused only for the snapshot: a restore runs it.
@@ -282,7 +277,22 @@ fn write_all(
     flush_disks(vm)?;
     let captured_at_ns = crate::monotonic_ns();
     let pause_us = t_pause.elapsed().as_micros() as u64;
+    let mut report = write_record(vm, record, captured_at_ns, dir, writer)?;
+    report.pause_us = pause_us;
+    Ok(report)
+}
 
+/// Write `record`, a state of `vm` saved at `captured_at_ns`, and `vm`'s RAM (paused, and
+/// left so until this returns) into `dir`: the snapshot's files, through `writer` where the
+/// VMM has one.
+pub(crate) fn write_record(
+    vm: &Vm,
+    record: VmRecord,
+    captured_at_ns: u64,
+    dir: &Path,
+    mut writer: Option<writer::Writer>,
+) -> Result<SaveReport, SnapshotError> {
+    let name = vm.name().to_string();
     let t_ram = Instant::now();
     let slots = vm.shared.ram.slots();
     let regions = vm.shared.ram.regions();
@@ -344,7 +354,12 @@ fn write_all(
         record,
         ram,
     };
-    let bytes = envelope::encode_as(&KIND, &state, FORMAT_VERSION).map_err(capture_err)?;
+    let bytes = envelope::encode_as(&KIND, &state, FORMAT_VERSION).map_err(|err| {
+        SnapshotError::Capture {
+            vm: name.clone(),
+            err,
+        }
+    })?;
     match writer {
         Some(mut w) => {
             w.write_state(dir, &bytes)?;
@@ -370,7 +385,7 @@ fn write_all(
         written_bytes: written,
         state_bytes: bytes.len() as u64,
         direct_io,
-        pause_us,
+        pause_us: 0,
         ram_us,
         state_us: t_state.elapsed().as_micros() as u64,
         downtime_us: 0,
@@ -518,29 +533,26 @@ fn decode_state(dir: &Path, payload: &[u8]) -> Result<SnapshotState, SnapshotErr
         err,
     };
     let state: SnapshotState = envelope::decode_payload(payload).map_err(bad)?;
-    let invalid = |m: String| bad(HandoverError::BadState(m));
-    rebuild::check_spec(&state.record.spec).map_err(bad)?;
+    state.record.spec.check().map_err(bad)?;
     if !state.record.lifecycle.is_live() || state.record.runtime.is_none() {
-        return Err(invalid(format!(
-            "the VM is {:?}, with{} vCPU state: only a live VM can be restored",
-            state.record.lifecycle,
-            if state.record.runtime.is_some() {
-                ""
-            } else {
-                "out"
-            }
-        )));
+        return Err(bad(StateError::NotLive {
+            lifecycle: state.record.lifecycle.clone(),
+            has_runtime: state.record.runtime.is_some(),
+        }));
     }
     if state.ram.len() != state.record.spec.ram.len() {
-        return Err(invalid(format!(
-            "{} RAM files for {} regions",
-            state.ram.len(),
-            state.record.spec.ram.len()
-        )));
+        return Err(bad(StateError::RamFiles {
+            files: state.ram.len(),
+            regions: state.record.spec.ram.len(),
+        }));
     }
     for (i, (f, slot)) in state.ram.iter().zip(&state.record.spec.ram).enumerate() {
-        ramfile::check_extents(&f.extents, slot.size)
-            .map_err(|m| invalid(format!("{}: {m}", ram_file(i))))?;
+        ramfile::check_extents(&f.extents, slot.size).map_err(|reason| {
+            bad(StateError::RamExtents {
+                file: ram_file(i),
+                reason,
+            })
+        })?;
     }
     Ok(state)
 }
@@ -555,7 +567,7 @@ pub struct Restored {
 impl Restored {
     /// Let the VM run (or stay paused) as it was when the snapshot was taken.
     pub fn start(self) -> Arc<Vm> {
-        *self.vm.shared.lifecycle() = rebuild::to_lifecycle(&self.lifecycle);
+        *self.vm.shared.lifecycle() = self.lifecycle.to_lifecycle();
         // A paused VM's devices start serving when it is resumed, as after a handover.
         if matches!(
             self.lifecycle,
@@ -598,7 +610,7 @@ pub fn restore(
     } else if spec.config.console_log.is_none() {
         spec.console_log = state_dir.join(&spec.config.name).join("console.log");
     }
-    rebuild::check_spec(spec).map_err(|err| SnapshotError::State {
+    spec.check().map_err(|err| SnapshotError::State {
         dir: dir.to_path_buf(),
         err,
     })?;
@@ -648,28 +660,25 @@ pub fn restore(
         dir: dir.to_path_buf(),
         err,
     };
-    let vm = rebuild::build_vm(hv, spec, ram, log, host_files).map_err(state_err)?;
+    let vm = Vm::build(hv, spec, ram, log, host_files).map_err(state_err)?;
     let captured_at_ns = if same_boot {
         state.captured_at_ns
     } else {
         crate::monotonic_ns()
     };
-    let mut runtime = state
-        .record
-        .runtime
-        .take()
-        .ok_or_else(|| state_err(HandoverError::BadState("no vCPU state".into())))?;
+    // `decode_state` refused a record without it.
+    let Some(mut runtime) = state.record.runtime.take() else {
+        return Err(state_err(StateError::NotLive {
+            lifecycle: state.record.lifecycle,
+            has_runtime: false,
+        }));
+    };
     // A snapshot's stop time means nothing to the new VM's blackout figures.
     runtime.first_stop_ns = crate::monotonic_ns();
-    rebuild::start_restore(&vm, &mut runtime, captured_at_ns, false).map_err(state_err)?;
-    rebuild::finish_restore(&vm).map_err(state_err)?;
     // Loaded only: the devices serve from `Restored::start`.
-    vm.shared
-        .devices
-        .restore_virtio(&runtime.virtio)
-        .map_err(|e| state_err(HandoverError::BadState(e.to_string())))?;
-    crate::handover::incoming::restore_platform(&vm, &runtime).map_err(state_err)?;
-    vm.shared.devices.restore_serial(&runtime.serial);
+    vm.load(runtime, captured_at_ns, false)
+        .and_then(|loading| loading.finish())
+        .map_err(state_err)?;
     let report = RestoreReport {
         vm: vm_name,
         from: dir.to_path_buf(),

@@ -26,9 +26,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::{ramfile, SnapshotError};
-use crate::handover::channel::Channel;
-use crate::handover::envelope;
-use crate::handover::HandoverError;
+use crate::channel::{Channel, ChannelError};
+use crate::state::envelope;
 
 /// The subcommand of the `warmvm` binary that runs a writer.
 pub const SUBCOMMAND: &str = "snapshot-writer";
@@ -102,7 +101,7 @@ pub(crate) struct Writer {
 
 impl Writer {
     pub(crate) fn spawn(binary: &Path, vm: &str) -> Result<Writer, SnapshotError> {
-        let io = |e: HandoverError| SnapshotError::Writer {
+        let io = |e: ChannelError| SnapshotError::Writer {
             vm: vm.to_string(),
             what: format!("cannot start it: {e}"),
         };
@@ -213,7 +212,7 @@ impl Writer {
         let _ = self.channel.set_timeout(Some(timeout));
         match self.channel.recv::<FromWriter>() {
             Ok((msg, _)) => Ok(msg),
-            Err(HandoverError::Timeout(_)) => Err(self.failed(format!(
+            Err(ChannelError::Timeout) => Err(self.failed(format!(
                 "did not answer within {} s {when} (stopped or hung); killed",
                 timeout.as_secs()
             ))),
@@ -251,7 +250,7 @@ impl Writer {
     }
 
     /// The channel broke: the writer is gone (killed, crashed); say how it ended.
-    fn gone(&mut self, when: &str, err: Option<HandoverError>) -> SnapshotError {
+    fn gone(&mut self, when: &str, err: Option<ChannelError>) -> SnapshotError {
         let pid = self.child.id();
         let how = match self.kill() {
             Some(status) => describe(status),
@@ -301,10 +300,12 @@ fn describe(status: std::process::ExitStatus) -> String {
 /// first, before anything arrives on the channel: it holds the channel already, and the
 /// files it opens later are named by the VMM's messages.
 pub fn serve(fd: RawFd, seccomp: warmvm_sandbox::Mode) -> Result<(), SnapshotError> {
-    let io = |e: HandoverError| SnapshotError::Writer {
-        vm: String::new(),
-        what: e.to_string(),
-    };
+    fn io(e: impl std::fmt::Display) -> SnapshotError {
+        SnapshotError::Writer {
+            vm: String::new(),
+            what: e.to_string(),
+        }
+    }
     #[cfg(feature = "fault-injection")]
     let _ = IS_WRITER.set(());
     // SAFETY: the VMM passed this fd for us alone; nothing else in this process owns it.
@@ -319,19 +320,16 @@ pub fn serve(fd: RawFd, seccomp: warmvm_sandbox::Mode) -> Result<(), SnapshotErr
     fault_point("early");
     let (msg, mut files) = channel.recv::<ToWriter>().map_err(io)?;
     if !matches!(msg, ToWriter::Ram) || files.is_empty() {
-        return Err(io(HandoverError::BadState(format!(
-            "expected Ram with fds, got {msg:?}"
-        ))));
+        return Err(io(format!("expected Ram with fds, got {msg:?}")));
     }
     let job_bytes = envelope::from_sealed_memfd(files.remove(0)).map_err(io)?;
-    let job: Job = rmp_serde::from_slice(&job_bytes)
-        .map_err(|e| io(HandoverError::BadState(format!("job: {e}"))))?;
+    let job: Job = rmp_serde::from_slice(&job_bytes).map_err(|e| io(format!("job: {e}")))?;
     if job.files.len() != files.len() {
-        return Err(io(HandoverError::BadState(format!(
+        return Err(io(format!(
             "{} RAM files, {} memfds",
             job.files.len(),
             files.len()
-        ))));
+        )));
     }
     ramfile::set_fault_budget(job.enospc_after);
     let reply = match write_ram(&job.files, &files) {
@@ -355,9 +353,7 @@ pub fn serve(fd: RawFd, seccomp: warmvm_sandbox::Mode) -> Result<(), SnapshotErr
     }
     let (msg, mut files) = channel.recv::<ToWriter>().map_err(io)?;
     let (ToWriter::State { dir }, 1) = (msg, files.len()) else {
-        return Err(io(HandoverError::BadState(
-            "expected State with one fd".into(),
-        )));
+        return Err(io("expected State with one fd"));
     };
     let state = envelope::from_sealed_memfd(files.remove(0)).map_err(io)?;
     let reply = match write_state(&dir, &state) {

@@ -13,10 +13,10 @@ use serde::{Deserialize, Serialize};
 use warmvm_devices::SerialStateData;
 use warmvm_hypervisor::{VcpuState, VmState};
 
-use super::state::{
+use super::record::{
     BootProtocol, LifecycleState, RamSlot, VmConfigState, VmRecord, VmRuntime, VmSpec,
 };
-use super::HandoverError;
+use super::StateError;
 use crate::config::VmConfig;
 
 /// A VM as format 2 staged it. Its config is the config-file type, which omits unset
@@ -60,16 +60,16 @@ pub(crate) struct HandoverStateV2 {
 
 impl VmPrepareV2 {
     /// The spec this staging message describes; `now_ns` is CLOCK_MONOTONIC now.
-    pub fn into_spec(self, now_ns: u64) -> Result<VmSpec, HandoverError> {
+    pub fn into_spec(self, now_ns: u64) -> Result<VmSpec, StateError> {
         let protocol = match self.protocol.as_str() {
             "ring3" => BootProtocol::Ring3,
             "pvh" => BootProtocol::Pvh,
             "linux" => BootProtocol::Linux,
             other => {
-                return Err(HandoverError::BadState(format!(
-                    "VM {}: unknown boot protocol {other:?}",
-                    self.config.name
-                )))
+                return Err(StateError::UnknownProtocol {
+                    vm: self.config.name,
+                    protocol: other.to_string(),
+                })
             }
         };
         let age = Duration::from_millis(self.age_ms);
@@ -94,12 +94,12 @@ impl VmPrepareV2 {
 
 impl VmCaptureV2 {
     /// Combine with the VM's spec into the one record type.
-    pub fn into_record(self, spec: VmSpec) -> Result<VmRecord, HandoverError> {
+    pub fn into_record(self, spec: VmSpec) -> Result<VmRecord, StateError> {
         if self.name != spec.config.name {
-            return Err(HandoverError::BadState(format!(
-                "state of VM {} does not match prepared VM {}",
-                self.name, spec.config.name
-            )));
+            return Err(StateError::OtherVm {
+                state: self.name,
+                prepared: spec.config.name,
+            });
         }
         // Format 2 handed over only VMs that had not ended.
         let lifecycle = match self.lifecycle.as_str() {
@@ -107,10 +107,10 @@ impl VmCaptureV2 {
             "paused" => LifecycleState::Paused,
             "created" => LifecycleState::Created,
             other => {
-                return Err(HandoverError::BadState(format!(
-                    "VM {}: cannot take over a VM in state {other:?}",
-                    self.name
-                )))
+                return Err(StateError::UnknownLifecycle {
+                    vm: self.name,
+                    lifecycle: other.to_string(),
+                })
             }
         };
         Ok(VmRecord {

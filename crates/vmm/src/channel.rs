@@ -1,5 +1,6 @@
-//! The control channel between the old and the new VMM: a SOCK_SEQPACKET socket pair, so
-//! each message keeps its boundaries and carries its file descriptors (SCM_RIGHTS) with it.
+//! A control channel to another process of this build (the new VMM of a warm reboot, a
+//! snapshot's writer): a SOCK_SEQPACKET socket pair, so each message keeps its boundaries
+//! and carries its file descriptors (SCM_RIGHTS) with it.
 //!
 //! A datagram is bounded by the socket's send buffer (about 208 KiB by default, less on a
 //! host that lowers `net.core.wmem_default`), while some messages grow with what they carry
@@ -19,18 +20,53 @@ use std::time::Duration;
 use serde::{de::DeserializeOwned, Serialize};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
-use super::{envelope, HandoverError};
+use crate::state::envelope;
+use crate::state::StateError;
+
+/// A message that could not go or come over the channel.
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelError {
+    #[error("{what}: {err}")]
+    Io {
+        what: &'static str,
+        #[source]
+        err: std::io::Error,
+    },
+    #[error("send: {0}")]
+    Send(#[source] vmm_sys_util::errno::Error),
+    #[error("recv: {0}")]
+    Recv(#[source] vmm_sys_util::errno::Error),
+    #[error("{0} fds in one message")]
+    TooManyFds(usize),
+    #[error("{0}")]
+    Encode(#[source] rmp_serde::encode::Error),
+    #[error("message of {0} bytes")]
+    TooLarge(usize),
+    #[error("the other process did not answer in time")]
+    Timeout,
+    /// The other end is closed: its process has exited (or closed it on purpose).
+    #[error("the other process closed the channel")]
+    PeerGone,
+    #[error("a sealed control message without its memfd")]
+    SealedWithoutMemfd,
+    /// A sealed message's memfd or envelope is unsound.
+    #[error("{0}")]
+    Sealed(#[source] StateError),
+    #[error("control message: {0}")]
+    Decode(#[source] rmp_serde::decode::Error),
+}
 
 /// Largest datagram this build reads (older builds sent up to this much inline).
 const MAX_MESSAGE: usize = 256 << 10;
 /// Largest message sent inline; a larger one travels sealed (see the module's doc). Well
 /// under any socket send buffer.
 pub const MAX_INLINE: usize = 64 << 10;
-/// The datagram of a sealed message: MessagePack's encoding of the unit variant
-/// `Msg::Sealed` (a string of 6 bytes).
+/// The datagram of a sealed message: MessagePack's encoding of a unit variant named
+/// `Sealed` (a string of 6 bytes; the handover's `Msg::Sealed`, which no build decodes as
+/// a message of its own).
 pub const SEALED_MARKER: &[u8] = b"\xa6Sealed";
 /// A sealed message's envelope: its own magic, so it is never read as another state.
-pub const SEALED_KIND: super::envelope::Kind = super::envelope::Kind {
+pub const SEALED_KIND: envelope::Kind = envelope::Kind {
     magic: *b"WARMVMMS",
     what: "a warmvm control message",
     min_version: 1,
@@ -45,7 +81,7 @@ pub struct Channel {
 
 impl Channel {
     /// A connected pair; the second end is for the child and is inheritable.
-    pub fn pair() -> Result<(Self, OwnedFd), HandoverError> {
+    pub fn pair() -> Result<(Self, OwnedFd), ChannelError> {
         let mut fds = [0; 2];
         // SAFETY: socketpair writes two fds into the array it is given.
         let rc = unsafe {
@@ -57,10 +93,10 @@ impl Channel {
             )
         };
         if rc < 0 {
-            return Err(HandoverError::Io(format!(
-                "socketpair: {}",
-                std::io::Error::last_os_error()
-            )));
+            return Err(ChannelError::Io {
+                what: "socketpair",
+                err: std::io::Error::last_os_error(),
+            });
         }
         // SAFETY: both fds are new and owned by nobody else.
         let (ours, theirs) =
@@ -74,17 +110,20 @@ impl Channel {
         }
     }
 
-    pub fn set_timeout(&self, timeout: Option<Duration>) -> Result<(), HandoverError> {
+    pub fn set_timeout(&self, timeout: Option<Duration>) -> Result<(), ChannelError> {
         self.sock
             .set_read_timeout(timeout)
-            .map_err(|e| HandoverError::Io(format!("channel timeout: {e}")))
+            .map_err(|err| ChannelError::Io {
+                what: "channel timeout",
+                err,
+            })
     }
 
     /// Wait at most `timeout` until a message (or the peer's end) is there to be read; true
     /// if it is. Unlike the receive timeout, which the kernel counts in scheduler ticks (a
     /// 1 µs timeout waits a whole tick), this waits on a high-resolution timer, so a
     /// deadline is kept to within the timer's slack.
-    pub fn wait_readable(&self, timeout: Duration) -> Result<bool, HandoverError> {
+    pub fn wait_readable(&self, timeout: Duration) -> Result<bool, ChannelError> {
         let mut pfd = libc::pollfd {
             fd: self.sock.as_raw_fd(),
             events: libc::POLLIN,
@@ -105,15 +144,17 @@ impl Channel {
                     // Early: the caller checks its deadline and waits again.
                     Ok(false)
                 } else {
-                    Err(HandoverError::Io(format!("poll: {e}")))
+                    Err(ChannelError::Io {
+                        what: "poll",
+                        err: e,
+                    })
                 }
             }
         }
     }
 
-    pub fn send<T: Serialize>(&self, msg: &T, fds: &[RawFd]) -> Result<(), HandoverError> {
-        let bytes =
-            rmp_serde::to_vec_named(msg).map_err(|e| HandoverError::Encode(e.to_string()))?;
+    pub fn send<T: Serialize>(&self, msg: &T, fds: &[RawFd]) -> Result<(), ChannelError> {
+        let bytes = rmp_serde::to_vec_named(msg).map_err(ChannelError::Encode)?;
         if bytes.len() <= MAX_INLINE {
             return self.send_datagram(&bytes, fds);
         }
@@ -124,12 +165,9 @@ impl Channel {
         self.send_datagram(SEALED_MARKER, &all)
     }
 
-    fn send_datagram(&self, bytes: &[u8], fds: &[RawFd]) -> Result<(), HandoverError> {
+    fn send_datagram(&self, bytes: &[u8], fds: &[RawFd]) -> Result<(), ChannelError> {
         if fds.len() > MAX_FDS {
-            return Err(HandoverError::Io(format!(
-                "{} fds in one message",
-                fds.len()
-            )));
+            return Err(ChannelError::TooManyFds(fds.len()));
         }
         loop {
             match self.sock.send_with_fds(&[bytes], fds) {
@@ -137,16 +175,16 @@ impl Channel {
                 Err(e) if e.errno() == libc::EINTR => continue,
                 // The other end is closed: its process has exited (or closed it on purpose).
                 Err(e) if e.errno() == libc::EPIPE || e.errno() == libc::ECONNRESET => {
-                    return Err(HandoverError::PeerGone)
+                    return Err(ChannelError::PeerGone)
                 }
-                Err(e) => return Err(HandoverError::Io(format!("send: {e}"))),
+                Err(e) => return Err(ChannelError::Send(e)),
             }
         }
     }
 
-    /// Receive one message and the fds that came with it. A closed peer (the other VMM
+    /// Receive one message and the fds that came with it. A closed peer (the other process
     /// died) and a timeout are errors.
-    pub fn recv<T: DeserializeOwned>(&self) -> Result<(T, Vec<File>), HandoverError> {
+    pub fn recv<T: DeserializeOwned>(&self) -> Result<(T, Vec<File>), ChannelError> {
         let mut buf = vec![0u8; MAX_MESSAGE];
         let mut raw_fds = [-1 as RawFd; MAX_FDS];
         let mut iov = [libc::iovec {
@@ -160,13 +198,11 @@ impl Channel {
                 Ok(got) => break got,
                 Err(e) if e.errno() == libc::EINTR => continue,
                 Err(e) if e.errno() == libc::EAGAIN || e.errno() == libc::EWOULDBLOCK => {
-                    return Err(HandoverError::Timeout(
-                        "the other VMM did not answer in time".into(),
-                    ))
+                    return Err(ChannelError::Timeout)
                 }
                 // A peer that died with unread messages resets the connection.
-                Err(e) if e.errno() == libc::ECONNRESET => return Err(HandoverError::PeerGone),
-                Err(e) => return Err(HandoverError::Io(format!("recv: {e}"))),
+                Err(e) if e.errno() == libc::ECONNRESET => return Err(ChannelError::PeerGone),
+                Err(e) => return Err(ChannelError::Recv(e)),
             }
         };
         let mut files: Vec<File> = raw_fds[..nfds]
@@ -182,41 +218,38 @@ impl Channel {
             })
             .collect();
         if len == 0 {
-            return Err(HandoverError::PeerGone);
+            return Err(ChannelError::PeerGone);
         }
         let bytes = if &buf[..len] == SEALED_MARKER {
             if files.is_empty() {
-                return Err(HandoverError::BadState(
-                    "a sealed control message without its memfd".into(),
-                ));
+                return Err(ChannelError::SealedWithoutMemfd);
             }
             buf = unseal_message(files.remove(0))?;
             &buf[..]
         } else {
             &buf[..len]
         };
-        let msg = rmp_serde::from_slice(bytes)
-            .map_err(|e| HandoverError::BadState(format!("control message: {e}")))?;
+        let msg = rmp_serde::from_slice(bytes).map_err(ChannelError::Decode)?;
         Ok((msg, files))
     }
 }
 
 /// A message's bytes in an envelope, in a sealed memfd.
-fn seal_message(bytes: &[u8]) -> Result<File, HandoverError> {
-    let too_big = || HandoverError::Encode(format!("message of {} bytes", bytes.len()));
+fn seal_message(bytes: &[u8]) -> Result<File, ChannelError> {
+    let too_big = || ChannelError::TooLarge(bytes.len());
     if bytes.len() as u64 > envelope::MAX_PAYLOAD {
         return Err(too_big());
     }
     let mut out = Vec::with_capacity(bytes.len() + 64);
-    envelope::write_header(&mut out, &SEALED_KIND, 1, bytes)
-        .and_then(|()| out.write_all(bytes).map_err(|_| too_big()))?;
-    envelope::to_sealed_memfd(&out)
+    envelope::write_header(&mut out, &SEALED_KIND, 1, bytes).map_err(|_| too_big())?;
+    out.write_all(bytes).map_err(|_| too_big())?;
+    envelope::to_sealed_memfd(&out).map_err(ChannelError::Sealed)
 }
 
 /// The bytes of a sealed message, checked (sealed memfd, magic, length, checksum).
-fn unseal_message(file: File) -> Result<Vec<u8>, HandoverError> {
-    let mut bytes = envelope::from_sealed_memfd(file)?;
-    let (_, payload) = envelope::open_as(&SEALED_KIND, &bytes)?;
+fn unseal_message(file: File) -> Result<Vec<u8>, ChannelError> {
+    let mut bytes = envelope::from_sealed_memfd(file).map_err(ChannelError::Sealed)?;
+    let (_, payload) = envelope::open_as(&SEALED_KIND, &bytes).map_err(ChannelError::Sealed)?;
     let start = bytes.len() - payload.len();
     bytes.drain(..start);
     Ok(bytes)
@@ -225,8 +258,20 @@ fn unseal_message(file: File) -> Result<Vec<u8>, HandoverError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::handover::state::Msg;
+    use serde::Deserialize;
     use std::io::Read;
+
+    /// Messages like the handover's: small ones, and one that grows with what it carries.
+    #[derive(Debug, Serialize, Deserialize)]
+    enum Msg {
+        PrepareDone {
+            extra: serde_json::Value,
+            extra_fd_names: Vec<String>,
+        },
+        Prepared {
+            pid: u32,
+        },
+    }
 
     fn pair() -> (Channel, Channel) {
         let (a, b) = Channel::pair().unwrap();
@@ -283,14 +328,6 @@ mod tests {
         assert_eq!(
             &buf[..n],
             rmp_serde::to_vec_named(&Msg::Prepared { pid: 7 }).unwrap()
-        );
-    }
-
-    #[test]
-    fn the_sealed_marker_is_the_encoding_of_its_message() {
-        assert_eq!(
-            rmp_serde::to_vec_named(&Msg::Sealed).unwrap(),
-            SEALED_MARKER
         );
     }
 

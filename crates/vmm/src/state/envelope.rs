@@ -1,6 +1,7 @@
-//! The handover state's envelope: magic, format version, length and CRC-32 around a
-//! MessagePack payload, written into a memfd that is sealed before it is passed on, so the
-//! receiver reads exactly what the sender wrote.
+//! The envelope around every state that leaves a process: magic, format version, length and
+//! CRC-32 around a MessagePack payload. The handover writes it into a memfd that is sealed
+//! before it is passed on, so the receiver reads exactly what the sender wrote; a snapshot
+//! writes it to a file with a magic of its own.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -8,7 +9,7 @@ use std::os::fd::{AsRawFd, FromRawFd};
 
 use serde::{de::DeserializeOwned, Serialize};
 
-use super::HandoverError;
+use super::StateError;
 
 pub const MAGIC: [u8; 8] = *b"WARMVMHO";
 /// The state format this build writes. Format 3 added the commit point and the one
@@ -41,7 +42,7 @@ pub const HANDOVER: Kind = Kind {
 };
 
 /// Encode `value` as a handover envelope in memory.
-pub fn encode<T: Serialize>(value: &T, version: u32) -> Result<Vec<u8>, HandoverError> {
+pub fn encode<T: Serialize>(value: &T, version: u32) -> Result<Vec<u8>, StateError> {
     encode_as(&HANDOVER, value, version)
 }
 
@@ -50,9 +51,11 @@ pub fn encode_as<T: Serialize>(
     kind: &Kind,
     value: &T,
     version: u32,
-) -> Result<Vec<u8>, HandoverError> {
-    let payload =
-        rmp_serde::to_vec_named(value).map_err(|e| HandoverError::Encode(e.to_string()))?;
+) -> Result<Vec<u8>, StateError> {
+    let payload = rmp_serde::to_vec_named(value).map_err(|err| StateError::Encode {
+        what: kind.what,
+        err,
+    })?;
     let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
     write_header(&mut out, kind, version, &payload)?;
     out.extend_from_slice(&payload);
@@ -66,13 +69,13 @@ pub fn write_header(
     kind: &Kind,
     version: u32,
     payload: &[u8],
-) -> Result<(), HandoverError> {
+) -> Result<(), StateError> {
     if payload.len() as u64 > MAX_PAYLOAD {
-        return Err(HandoverError::Encode(format!(
-            "{} of {} bytes is over the limit of {MAX_PAYLOAD}",
-            kind.what,
-            payload.len()
-        )));
+        return Err(StateError::TooLarge {
+            what: kind.what,
+            len: payload.len() as u64,
+            max: MAX_PAYLOAD,
+        });
     }
     out.extend_from_slice(&kind.magic);
     out.extend_from_slice(&version.to_le_bytes());
@@ -84,62 +87,58 @@ pub fn write_header(
 }
 
 /// Check and decode an envelope. Returns the value and the format version it was written in.
-pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<(T, u32), HandoverError> {
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<(T, u32), StateError> {
     let (version, payload) = open(bytes)?;
     Ok((decode_payload(payload)?, version))
 }
 
 /// Decode a payload whose envelope [`open`] has checked.
-pub fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, HandoverError> {
-    rmp_serde::from_slice(payload).map_err(|e| HandoverError::BadState(format!("payload: {e}")))
+pub fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, StateError> {
+    rmp_serde::from_slice(payload).map_err(StateError::Decode)
 }
 
 /// Check a handover envelope (magic, a format this build reads, length, checksum) and
 /// return its format version and payload.
-pub fn open(bytes: &[u8]) -> Result<(u32, &[u8]), HandoverError> {
+pub fn open(bytes: &[u8]) -> Result<(u32, &[u8]), StateError> {
     open_as(&HANDOVER, bytes)
 }
 
 /// Check an envelope of `kind` and return its format version and payload.
-pub fn open_as<'a>(kind: &Kind, bytes: &'a [u8]) -> Result<(u32, &'a [u8]), HandoverError> {
-    let bad = |m: &str| HandoverError::BadState(m.to_string());
+pub fn open_as<'a>(kind: &Kind, bytes: &'a [u8]) -> Result<(u32, &'a [u8]), StateError> {
     if bytes.len() < HEADER_LEN || bytes[..8] != kind.magic {
-        return Err(HandoverError::BadState(format!(
-            "not {} (bad magic)",
-            kind.what
-        )));
+        return Err(StateError::BadMagic { what: kind.what });
     }
     let u32_at =
         |o: usize| u32::from_le_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]);
     let version = u32_at(8);
     if version > kind.max_version {
-        return Err(HandoverError::Incompatible(format!(
-            "state format {version} is newer than this warmvm understands ({})",
-            kind.max_version
-        )));
+        return Err(StateError::Newer {
+            version,
+            max: kind.max_version,
+        });
     }
     if version < kind.min_version {
-        return Err(HandoverError::Incompatible(format!(
-            "state format {version} is older than this warmvm supports ({})",
-            kind.min_version
-        )));
+        return Err(StateError::Older {
+            version,
+            min: kind.min_version,
+        });
     }
     let mut len8 = [0u8; 8];
     len8.copy_from_slice(&bytes[16..24]);
     let len = u64::from_le_bytes(len8);
     if len > MAX_PAYLOAD || len != (bytes.len() - HEADER_LEN) as u64 {
-        return Err(bad("payload length does not match the envelope"));
+        return Err(StateError::Length);
     }
     let payload = &bytes[HEADER_LEN..];
     if crc32fast::hash(payload) != u32_at(24) {
-        return Err(bad("checksum mismatch"));
+        return Err(StateError::Checksum);
     }
     Ok((version, payload))
 }
 
 /// Write an envelope into a new memfd and seal it against any change.
-pub fn to_sealed_memfd(bytes: &[u8]) -> Result<File, HandoverError> {
-    let io = |e: std::io::Error| HandoverError::Io(format!("state memfd: {e}"));
+pub fn to_sealed_memfd(bytes: &[u8]) -> Result<File, StateError> {
+    let io = StateError::Memfd;
     // SAFETY: a static NUL-terminated name; memfd_create has no memory side effects.
     let fd = unsafe {
         libc::memfd_create(
@@ -163,25 +162,21 @@ pub fn to_sealed_memfd(bytes: &[u8]) -> Result<File, HandoverError> {
 
 /// Read an envelope out of a memfd received from the other VMM, refusing one that is not
 /// sealed (its sender could still change it under us) or that is too large.
-pub fn from_sealed_memfd(mut file: File) -> Result<Vec<u8>, HandoverError> {
-    let bad = |m: String| HandoverError::BadState(m);
+pub fn from_sealed_memfd(mut file: File) -> Result<Vec<u8>, StateError> {
     // SAFETY: F_GET_SEALS only reads the seals of an fd we own.
     let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
     let need = libc::F_SEAL_WRITE | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
     if seals < 0 || seals & need != need {
-        return Err(bad("the state memfd is not sealed".into()));
+        return Err(StateError::Unsealed);
     }
-    let len = file
-        .metadata()
-        .map_err(|e| bad(format!("state memfd: {e}")))?
-        .len();
+    let len = file.metadata().map_err(StateError::Memfd)?.len();
     if len > MAX_PAYLOAD + HEADER_LEN as u64 {
-        return Err(bad(format!("the state is {len} bytes, over the limit")));
+        return Err(StateError::Oversized(len));
     }
     let mut bytes = Vec::with_capacity(len as usize);
     file.seek(SeekFrom::Start(0))
         .and_then(|_| file.read_to_end(&mut bytes))
-        .map_err(|e| bad(format!("state memfd: {e}")))?;
+        .map_err(StateError::Memfd)?;
     Ok(bytes)
 }
 
@@ -228,13 +223,10 @@ mod tests {
     fn corruption_and_future_versions_are_refused() {
         let mut bytes = encode(&V1 { a: 3 }, FORMAT_VERSION).unwrap();
         *bytes.last_mut().unwrap() ^= 1;
-        assert!(matches!(
-            decode::<V1>(&bytes),
-            Err(HandoverError::BadState(_))
-        ));
+        assert!(matches!(decode::<V1>(&bytes), Err(StateError::Checksum)));
         let future = encode(&V1 { a: 3 }, FORMAT_VERSION + 1).unwrap();
         let err = decode::<V1>(&future).unwrap_err();
-        assert!(matches!(err, HandoverError::Incompatible(_)), "{err}");
+        assert!(matches!(err, StateError::Newer { .. }), "{err}");
         assert!(decode::<V1>(b"short").is_err());
     }
 
