@@ -9,6 +9,12 @@
 //!   so no guest code runs in ring 0 (which this project's development KVM only emulates).
 //! - [`linux`]: the PVH entry of an ELF image and the Linux boot protocol (bzImage, ELF
 //!   vmlinux), through linux-loader.
+//!
+//! Owns: what guest memory holds at entry (page tables, GDT, boot information, zero page,
+//! PVH start info, MP and ACPI tables) and each vCPU's entry state, in the hypervisor
+//! layer's plain types ([`CpuEntry`]). Must never: issue a KVM ioctl, start a thread, or be
+//! a dependency of `warmvm-hypervisor` (boot depends on the hypervisor's data types, not the
+//! reverse).
 
 pub mod acpi;
 pub mod linux;
@@ -16,10 +22,12 @@ mod mptable;
 pub mod ring3;
 mod x86;
 
-use kvm_bindings::{kvm_dtable, kvm_regs, kvm_sregs};
 use vm_memory::GuestAddress;
 
-pub use x86::{Segments, MSR_IA32_MISC_ENABLE};
+/// The entry state a protocol returns is the hypervisor layer's plain data type, which
+/// applies it: the arrow runs from boot to the hypervisor, never back.
+pub use warmvm_hypervisor::{CpuEntry, Segments, SystemRegisters};
+pub use x86::MSR_IA32_MISC_ENABLE;
 
 /// Errors of the boot protocols.
 #[derive(Debug, thiserror::Error)]
@@ -55,49 +63,6 @@ pub enum BootError {
 }
 
 pub type Result<T> = std::result::Result<T, BootError>;
-
-/// The part of `kvm_sregs` that a boot protocol decides. Everything else (APIC base,
-/// interrupt bitmap, CR2, CR8) keeps KVM's reset value.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct SystemRegisters {
-    pub segments: Segments,
-    pub gdt: kvm_dtable,
-    pub idt: kvm_dtable,
-    pub cr0: u64,
-    pub cr3: u64,
-    pub cr4: u64,
-    pub efer: u64,
-}
-
-impl SystemRegisters {
-    /// Overlay these values on a vCPU's reset `kvm_sregs`.
-    pub fn apply(&self, sregs: &mut kvm_sregs) {
-        let s = &self.segments;
-        sregs.cs = s.cs;
-        sregs.ds = s.ds;
-        sregs.es = s.es;
-        sregs.fs = s.fs;
-        sregs.gs = s.gs;
-        sregs.ss = s.ss;
-        sregs.tr = s.tr;
-        sregs.ldt = s.ldt;
-        sregs.gdt = self.gdt;
-        sregs.idt = self.idt;
-        sregs.cr0 = self.cr0;
-        sregs.cr3 = self.cr3;
-        sregs.cr4 = self.cr4;
-        sregs.efer = self.efer;
-    }
-}
-
-/// Register state of one vCPU at its first instruction.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct CpuEntry {
-    pub regs: kvm_regs,
-    pub sregs: SystemRegisters,
-    /// MSRs to set at entry (index, value).
-    pub msrs: [(u32, u64); 1],
-}
 
 /// What the VMM needs to start a guest.
 #[derive(Clone, Debug)]

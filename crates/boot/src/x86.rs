@@ -3,6 +3,7 @@
 use kvm_bindings::kvm_segment;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+pub use crate::Segments;
 use crate::{BootError, Result};
 
 pub const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
@@ -27,41 +28,6 @@ pub const PTE_PRESENT: u64 = 1 << 0;
 pub const PTE_WRITE: u64 = 1 << 1;
 pub const PTE_USER: u64 = 1 << 2;
 pub const PTE_HUGE: u64 = 1 << 7;
-
-/// Segment registers at entry.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Segments {
-    pub cs: kvm_segment,
-    pub ds: kvm_segment,
-    pub es: kvm_segment,
-    pub fs: kvm_segment,
-    pub gs: kvm_segment,
-    pub ss: kvm_segment,
-    pub tr: kvm_segment,
-    pub ldt: kvm_segment,
-}
-
-impl Segments {
-    /// Flat segments: `code` in CS, `data` in every data segment register, `tr` as the task
-    /// register and no LDT.
-    pub fn flat(code: kvm_segment, data: kvm_segment, tr: kvm_segment) -> Self {
-        Self {
-            cs: code,
-            ds: data,
-            es: data,
-            fs: data,
-            gs: data,
-            ss: data,
-            tr,
-            ldt: kvm_segment {
-                type_: 2,
-                present: 1,
-                unusable: 1,
-                ..Default::default()
-            },
-        }
-    }
-}
 
 /// Encode a code/data segment descriptor for a GDT (flat: base 0, limit 4 GiB).
 pub fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {

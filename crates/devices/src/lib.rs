@@ -1,6 +1,13 @@
 //! The devices of a warmvm VM. They see port and MMIO accesses as plain calls and never
 //! touch KVM: interrupts leave them as eventfd writes, and anything that needs the vCPU
 //! (sleeping, powering off) is returned to the caller as an [`IoAction`].
+//!
+//! Owns: each device's registers and state type, the port and MMIO buses, the doorbell, the
+//! console sink, and the threads devices run (the console thread, virtio workers).
+//! Must never: issue a KVM ioctl, or depend on another warmvm crate but `warmvm-abi`. How
+//! its threads are confined is not its business: the VMM passes a [`ThreadSetup`] that
+//! those threads run first (it installs the sandbox's filter), so devices never call the
+//! sandbox.
 
 pub mod acpi_pm;
 pub mod bus;
@@ -10,6 +17,7 @@ pub mod i8042;
 pub mod persist;
 pub mod pv_ports;
 pub mod serial;
+pub mod thread_setup;
 pub mod unknown;
 pub mod virtio;
 
@@ -24,6 +32,7 @@ pub use i8042::{I8042Error, I8042Handles, I8042State, I8042};
 pub use persist::Persist;
 pub use pv_ports::{PvPorts, PvPortsState};
 pub use serial::{IrqLine, SerialConsole, SerialPort, SerialStateData};
+pub use thread_setup::{DeviceThread, ThreadSetup};
 pub use unknown::UnknownAccesses;
 pub use virtio::mmio::{VirtioError, VirtioMmio, VirtioMmioState};
 

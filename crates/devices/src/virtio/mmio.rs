@@ -13,6 +13,7 @@ use super::worker::{Serve, Worker, WorkerError};
 use super::{VirtioCounters, VirtioShared, F_VERSION_1};
 use crate::bus::{Access, BusDevice};
 use crate::persist::Persist;
+use crate::thread_setup::ThreadSetup;
 use crate::{Doorbell, IoAction, IrqLine};
 
 /// Size of one device's register window.
@@ -160,6 +161,8 @@ pub struct MmioHandles {
     pub irq: IrqLine,
     pub doorbell: Arc<Doorbell>,
     pub counters: Arc<VirtioCounters>,
+    /// Run by the device's worker thread on itself before it serves (the VMM's filter).
+    pub thread_setup: ThreadSetup,
 }
 
 /// One virtio device on the MMIO bus.
@@ -179,6 +182,7 @@ pub struct VirtioMmio {
     config_generation: u32,
     /// Rebuilds a restored device's handles; kept so a reset can create fresh queues.
     max_sizes: Vec<u16>,
+    thread_setup: ThreadSetup,
 }
 
 /// Where a live device's requests are served.
@@ -237,6 +241,7 @@ impl VirtioMmio {
             queue_sel: 0,
             config_generation: 0,
             max_sizes,
+            thread_setup: h.thread_setup,
         })
     }
 
@@ -442,8 +447,13 @@ impl VirtioMmio {
             self.engine = Some(engine);
             return Ok(());
         }
-        let worker =
-            Worker::start(self.shared.clone(), &self.notify, server).map_err(|e| e.to_string())?;
+        let worker = Worker::start(
+            self.shared.clone(),
+            &self.notify,
+            server,
+            self.thread_setup.clone(),
+        )
+        .map_err(|e| e.to_string())?;
         self.engine = Some(Engine::Thread(worker));
         Ok(())
     }

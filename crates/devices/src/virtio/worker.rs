@@ -13,6 +13,7 @@ use std::time::Duration;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::VirtioShared;
+use crate::thread_setup::{DeviceThread, ThreadSetup};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Want {
@@ -105,6 +106,7 @@ impl Worker {
         shared: Arc<VirtioShared>,
         notify: &EventFd,
         mut server: Box<dyn Serve>,
+        setup: ThreadSetup,
     ) -> Result<Self, WorkerError> {
         let name = shared.name.clone();
         let dup = |n: &EventFd| {
@@ -125,7 +127,7 @@ impl Worker {
         let thread = std::thread::Builder::new()
             .name(format!("virtio-{}", shared.name.replace('/', "-")))
             .spawn(move || {
-                warmvm_sandbox::enter_or_log(warmvm_sandbox::ThreadKind::DeviceWorker);
+                setup.enter(DeviceThread::VirtioWorker);
                 loop {
                 {
                     let (m, cv) = &*thread_control;
