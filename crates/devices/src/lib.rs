@@ -37,6 +37,7 @@ pub use unknown::UnknownAccesses;
 pub use virtio::mmio::{VirtioError, VirtioMmio, VirtioMmioState};
 
 use warmvm_abi::{SERIAL_PORT, SERIAL_PORT_LEN};
+pub use warmvm_lifecycle::Pausable;
 
 /// What the vCPU must do after an access.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -190,17 +191,6 @@ impl Devices {
             .collect()
     }
 
-    /// Let every virtio device finish the requests it has in hand and stop (before a
-    /// capture: the queues are then quiescent).
-    pub fn pause_virtio(&self) -> Result<(), virtio::worker::WorkerError> {
-        self.each_virtio(|d| d.pause()).into_iter().collect()
-    }
-
-    /// Let every virtio device serve (again).
-    pub fn resume_virtio(&self) {
-        self.each_virtio(|d| d.resume());
-    }
-
     pub fn virtio_states(&self) -> Vec<VirtioMmioState> {
         self.each_virtio(|d| d.save())
     }
@@ -213,7 +203,7 @@ impl Devices {
     }
 
     /// Load saved state into every virtio device (without serving yet: see
-    /// [`Devices::resume_virtio`]). An error leaves the devices half loaded: the VM must
+    /// [`Devices::resume`](Pausable::resume)). An error leaves the devices half loaded: the VM must
     /// then never run here (the handover fails and the old VMM keeps it).
     pub fn restore_virtio(&self, states: &[VirtioMmioState]) -> Result<(), VirtioError> {
         if states.len() != self.virtio.len() {
@@ -355,6 +345,24 @@ impl Devices {
         // A vCPU thread that panicked while holding the lock must not take the whole VM's
         // console down with it: the UART state is a handful of bytes, still consistent.
         self.serial.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The devices that work on their own (the virtio devices' workers); the port devices act
+/// only when a vCPU accesses them, so a VM whose vCPUs are parked has them paused already.
+impl Pausable for Devices {
+    type Error = virtio::worker::WorkerError;
+
+    /// Let every virtio device finish the requests it has in hand and stop (before a
+    /// capture: the queues are then quiescent).
+    fn pause(&self) -> Result<(), Self::Error> {
+        self.each_virtio(|d| d.pause()).into_iter().collect()
+    }
+
+    /// Let every virtio device serve (again, or for the first time after a restore).
+    fn resume(&self) -> Result<(), Self::Error> {
+        self.each_virtio(|d| d.resume());
+        Ok(())
     }
 }
 

@@ -15,6 +15,7 @@ use crate::bus::{Access, BusDevice};
 use crate::persist::Persist;
 use crate::thread_setup::ThreadSetup;
 use crate::{Doorbell, IoAction, IrqLine};
+use warmvm_lifecycle::Pausable;
 
 /// Size of one device's register window.
 pub const MMIO_WINDOW: u64 = 0x1000;
@@ -322,7 +323,7 @@ impl VirtioMmio {
     /// Stop the worker after it has finished its requests in hand (before a capture).
     pub fn pause(&self) -> Result<(), WorkerError> {
         match &self.engine {
-            Some(Engine::Thread(w)) => w.pause(),
+            Some(Engine::Thread(w)) => Pausable::pause(w),
             Some(Engine::Inline(_)) | None => Ok(()),
         }
     }
@@ -331,7 +332,11 @@ impl VirtioMmio {
     /// once this VMM owns the guest: a worker touches guest memory).
     pub fn resume(&mut self) {
         match &self.engine {
-            Some(Engine::Thread(w)) => return w.resume(),
+            Some(Engine::Thread(w)) => {
+                // Never an error: resuming a worker is an order to it.
+                let _ = Pausable::resume(w);
+                return;
+            }
             Some(Engine::Inline(_)) => return,
             None => {}
         }

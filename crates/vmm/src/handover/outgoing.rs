@@ -618,9 +618,7 @@ pub(crate) fn capture_record(vm: &Vm, deadline: Instant) -> Result<VmRecord, Han
     } else {
         // Requests the devices have in hand are finished before their queues are read;
         // what the guest queued meanwhile stays in the rings for the next VMM.
-        vm.shared
-            .devices
-            .pause_virtio()
+        warmvm_devices::Pausable::pause(&vm.shared.devices)
             .map_err(|e| HandoverError::Io(format!("VM {}: {e}", vm.name())))?;
         // Read while the vCPU threads are still saving theirs.
         let kvm = vm
@@ -695,7 +693,7 @@ fn roll_back(vms: &[Arc<Vm>]) {
     for vm in vms {
         // A paused VM's devices stay paused until the VM is resumed.
         if matches!(vm.lifecycle(), Lifecycle::Running | Lifecycle::Created) {
-            vm.shared.devices.resume_virtio();
+            let _ = warmvm_devices::Pausable::resume(&vm.shared.devices); // an order: never fails
         }
         if vm.lifecycle() == Lifecycle::Running {
             for h in vm.handles() {

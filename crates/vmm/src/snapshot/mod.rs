@@ -40,6 +40,7 @@ use warmvm_memory::GuestRam;
 use crate::handover::envelope::{self, Kind};
 use crate::handover::{outgoing, rebuild, HandoverError, LifecycleState, VmConfigState, VmRecord};
 use crate::vm::{open_log, Lifecycle, Vm, VmError, VCPU_RESPONSE_TIMEOUT};
+use crate::Pausable;
 
 /// The snapshot format this build writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
@@ -561,7 +562,7 @@ impl Restored {
             self.lifecycle,
             LifecycleState::Running | LifecycleState::Created
         ) {
-            self.vm.shared.devices.resume_virtio();
+            let _ = warmvm_devices::Pausable::resume(&self.vm.shared.devices); // an order: never fails
         }
         if self.lifecycle == LifecycleState::Running {
             for h in self.vm.handles() {
