@@ -4,7 +4,7 @@ use kvm_bindings::kvm_segment;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 pub use crate::Segments;
-use crate::{BootError, Result};
+use crate::{BootError, GuestWriteError, Result};
 
 pub const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
 /// Fast-string enable: Linux expects it set, as firmware leaves it.
@@ -72,7 +72,7 @@ pub fn write_u64s(mem: &GuestMemoryMmap, addr: u64, values: &[u64]) -> Result<()
         mem.write_obj(*v, GuestAddress(a))
             .map_err(|e| BootError::GuestWrite {
                 addr: a,
-                reason: e.to_string(),
+                source: e.into(),
             })?;
     }
     Ok(())
@@ -82,7 +82,7 @@ pub fn write_bytes(mem: &GuestMemoryMmap, addr: u64, bytes: &[u8]) -> Result<()>
     mem.write_slice(bytes, GuestAddress(addr))
         .map_err(|e| BootError::GuestWrite {
             addr,
-            reason: e.to_string(),
+            source: e.into(),
         })
 }
 
@@ -105,7 +105,7 @@ pub fn identity_page_tables(
     if end > limit {
         return Err(BootError::GuestWrite {
             addr: base,
-            reason: format!("page tables for {gibs} GiB do not fit below {limit:#x}"),
+            source: GuestWriteError::PageTablesDoNotFit { gibs, limit },
         });
     }
     let table_flags = PTE_PRESENT | PTE_WRITE | extra_flags;

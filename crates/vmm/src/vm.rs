@@ -46,12 +46,17 @@ pub enum VmError {
     ReadFile {
         what: &'static str,
         path: PathBuf,
+        #[source]
         err: std::io::Error,
     },
     #[error("cannot open console log {path}: {err}")]
-    ConsoleLog { path: PathBuf, err: std::io::Error },
+    ConsoleLog {
+        path: PathBuf,
+        #[source]
+        err: std::io::Error,
+    },
     #[error("cannot start a vCPU thread: {0}")]
-    Thread(std::io::Error),
+    Thread(#[source] std::io::Error),
     #[error("VM {vm} is {state}; cannot {action}")]
     InvalidTransition {
         vm: String,

@@ -62,7 +62,39 @@ pub trait VirtioBackend: Send {
     /// Another backend over the same host file or TAP (a dup of its fd).
     fn try_clone_backend(&self) -> std::io::Result<Box<dyn VirtioBackend>>;
     /// Whether a saved device state fits this device (the same disk, say).
-    fn check_state(&self, state: &BackendState) -> Result<(), String>;
+    fn check_state(&self, state: &BackendState) -> Result<(), StateMismatch>;
+}
+
+/// Why a saved device state does not fit the device it is loaded into.
+#[derive(Debug, thiserror::Error)]
+pub enum StateMismatch {
+    #[error("a {expected} device, not {found:?}")]
+    Kind {
+        expected: &'static str,
+        found: Box<BackendState>,
+    },
+    #[error("disk of {saved} saved, {here} here")]
+    Disk { saved: DiskShape, here: DiskShape },
+    #[error("MAC {saved:02x?} saved, {here:02x?} here")]
+    Mac { saved: [u8; 6], here: [u8; 6] },
+}
+
+/// A disk's size and access, as a state names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DiskShape {
+    pub sectors: u64,
+    pub read_only: bool,
+}
+
+impl std::fmt::Display for DiskShape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let access = if self.read_only {
+            "read-only"
+        } else {
+            "writable"
+        };
+        write!(f, "{} sectors ({access})", self.sectors)
+    }
 }
 
 /// The device-specific part of a virtio device's state.
@@ -147,6 +179,12 @@ pub enum VirtioError {
     },
     #[error("virtio device {name}: saved state does not fit: {reason}")]
     BadState { name: String, reason: String },
+    #[error("virtio device {name}: saved state does not fit: {source}")]
+    Mismatch {
+        name: String,
+        #[source]
+        source: StateMismatch,
+    },
     #[error("cannot create the notify eventfd of {name}: {err}")]
     EventFd { name: String, err: std::io::Error },
     #[error(transparent)]
@@ -623,7 +661,12 @@ impl VirtioMmio {
                 self.backend.device_type()
             )));
         }
-        self.backend.check_state(&s.backend).map_err(&bad)?;
+        self.backend
+            .check_state(&s.backend)
+            .map_err(|source| VirtioError::Mismatch {
+                name: name.clone(),
+                source,
+            })?;
         let has = |b| s.status & b != 0;
         if (has(DRIVER) && !has(ACKNOWLEDGE))
             || (has(FEATURES_OK) && !has(DRIVER))
