@@ -907,4 +907,24 @@ mod tests {
             );
         }
     }
+
+    #[test]
+    fn each_action_is_allowed_from_exactly_one_state_and_refusals_keep_their_wording() {
+        use super::{Action, State, VmError};
+        let table = [
+            (Action::Start, State::Created, State::Running),
+            (Action::Pause, State::Running, State::Paused),
+            (Action::Resume, State::Paused, State::Running),
+        ];
+        for (action, from, to) in table {
+            let (allowed, target) = action.transition();
+            assert_eq!((allowed, target.state()), (from, to), "{action}");
+        }
+        let refused = VmError::InvalidTransition {
+            vm: "a".into(),
+            state: State::PoweredOff,
+            action: Action::Resume,
+        };
+        assert_eq!(refused.to_string(), "VM a is powered-off; cannot resume");
+    }
 }
