@@ -650,7 +650,7 @@ fn enter_sandbox(mode: warmvm_sandbox::Mode) -> Result<(), DaemonError> {
         warmvm_sandbox::enter(warmvm_sandbox::ThreadKind::Main)
             .map_err(|e| DaemonError::Host(e.to_string()))?;
         // Not from a vCPU thread later: it would inherit the vCPU filter.
-        warmvm_devices_limits::console::start_flusher();
+        warmvm_devices_limits::console::start_flusher(warmvm_vmm::device_thread_setup());
     }
     Ok(())
 }

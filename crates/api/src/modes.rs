@@ -363,7 +363,7 @@ fn undo_in_place(held: Held) -> Vec<String> {
         let resumed = if faults::fails(Point::OldUndoResume) {
             Err("fault injected: undo-resume".to_string())
         } else {
-            vm.resume().map_err(|e| e.to_string())
+            warmvm_vmm::Pausable::resume(&**vm).map_err(|e| e.to_string())
         };
         if let Err(e) = resumed {
             tracing::error!(vm = %vm.name(), error = %e, "cannot resume the VM after the reboot failed: it stays paused");

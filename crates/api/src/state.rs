@@ -652,7 +652,7 @@ impl ApiState {
     pub fn pause(&self, name: &str) -> Result<VmReport, ApiError> {
         let _gate = self.op_gate()?;
         let vm = self.find(name)?;
-        vm.pause()
+        warmvm_vmm::Pausable::pause(&*vm)
             .map_err(|e| ApiError::new(vm_error_status(&e, None), e.to_string()))?;
         tracing::info!(vm = %name, "VM paused");
         Ok(vm.report())
@@ -661,7 +661,7 @@ impl ApiState {
     pub fn resume(&self, name: &str) -> Result<VmReport, ApiError> {
         let _gate = self.op_gate()?;
         let vm = self.find(name)?;
-        vm.resume()
+        warmvm_vmm::Pausable::resume(&*vm)
             .map_err(|e| ApiError::new(vm_error_status(&e, None), e.to_string()))?;
         tracing::info!(vm = %name, "VM resumed");
         Ok(vm.report())

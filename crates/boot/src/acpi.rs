@@ -86,11 +86,10 @@ pub fn build(base: u64, p: &AcpiParams) -> Result<Vec<u8>> {
 pub fn write(mem: &GuestMemoryMmap, p: &AcpiParams) -> Result<u64> {
     let blob = build(RSDP_ADDR, p)?;
     if RSDP_ADDR + blob.len() as u64 > ACPI_TABLES_END {
-        return Err(BootError::Acpi(format!(
-            "the ACPI tables take {} bytes, more than the {} below the MP table",
-            blob.len(),
-            ACPI_TABLES_END - RSDP_ADDR
-        )));
+        return Err(BootError::AcpiTooLarge {
+            len: blob.len(),
+            room: ACPI_TABLES_END - RSDP_ADDR,
+        });
     }
     write_bytes(mem, RSDP_ADDR, &blob)?;
     Ok(RSDP_ADDR)

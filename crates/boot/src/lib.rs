@@ -9,6 +9,12 @@
 //!   so no guest code runs in ring 0 (which this project's development KVM only emulates).
 //! - [`linux`]: the PVH entry of an ELF image and the Linux boot protocol (bzImage, ELF
 //!   vmlinux), through linux-loader.
+//!
+//! Owns: what guest memory holds at entry (page tables, GDT, boot information, zero page,
+//! PVH start info, MP and ACPI tables) and each vCPU's entry state, in the hypervisor
+//! layer's plain types ([`CpuEntry`]). Must never: issue a KVM ioctl, start a thread, or be
+//! a dependency of `warmvm-hypervisor` (boot depends on the hypervisor's data types, not the
+//! reverse).
 
 pub mod acpi;
 pub mod linux;
@@ -16,12 +22,15 @@ mod mptable;
 pub mod ring3;
 mod x86;
 
-use kvm_bindings::{kvm_dtable, kvm_regs, kvm_sregs};
 use vm_memory::GuestAddress;
 
-pub use x86::{Segments, MSR_IA32_MISC_ENABLE};
+/// The entry state a protocol returns is the hypervisor layer's plain data type, which
+/// applies it: the arrow runs from boot to the hypervisor, never back.
+pub use warmvm_hypervisor::{CpuEntry, Segments, SystemRegisters};
+pub use x86::MSR_IA32_MISC_ENABLE;
 
-/// Errors of the boot protocols.
+/// Errors of the boot protocols. A message includes its source's (the API shows one
+/// line); the source is kept too, for callers that walk the chain.
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
     #[error(
@@ -29,75 +38,120 @@ pub enum BootError {
     )]
     RamTooSmall { ram_mib: u64, need_mib: u64 },
     #[error("the kernel image is not a usable x86-64 ELF: {0}")]
-    BadElf(String),
+    BadElf(#[source] ElfError),
     #[error("the kernel image is neither an ELF nor a bzImage")]
     UnknownImage,
     #[error("the ELF image has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY)")]
     NoPvhEntry,
     #[error("failed to load the kernel image: {0}")]
-    Load(String),
+    Load(#[source] LoadError),
     #[error("failed to load the initrd: {0}")]
-    Initrd(String),
+    Initrd(#[source] InitrdError),
     #[error("the command line is invalid: {0}")]
-    Cmdline(String),
+    Cmdline(#[source] CmdlineError),
     #[error("{vcpus} vCPUs requested; this guest supports at most {max}")]
     TooManyVcpus { vcpus: u32, max: u32 },
-    #[error("ACPI tables: {0}")]
-    Acpi(String),
+    #[error(
+        "ACPI tables: the ACPI tables take {len} bytes, more than the {room} below the MP table"
+    )]
+    AcpiTooLarge { len: usize, room: u64 },
     #[error("the guest image overlaps memory the VMM reserves at {0:#x}")]
     ImageOverlap(u64),
-    #[error("failed to write boot data into guest memory at {addr:#x}: {reason}")]
-    GuestWrite { addr: u64, reason: String },
+    #[error("failed to write boot data into guest memory at {addr:#x}: {source}")]
+    GuestWrite {
+        addr: u64,
+        #[source]
+        source: GuestWriteError,
+    },
     #[error("the {protocol} protocol cannot boot this image: {reason}")]
     ProtocolMismatch { protocol: Protocol, reason: String },
     #[error("unusable guest RAM layout: {0}")]
-    RamLayout(String),
+    RamLayout(#[source] RamLayoutError),
+}
+
+/// Why a kernel image is not a usable x86-64 ELF.
+#[derive(Debug, thiserror::Error)]
+pub enum ElfError {
+    #[error(transparent)]
+    Loader(#[from] linux_loader::loader::Error),
+    #[error("truncated ELF header")]
+    TruncatedHeader,
+    #[error("not a 64-bit ELF")]
+    Not64Bit,
+    #[error("machine {0} is not x86-64")]
+    Machine(u16),
+    #[error("program header offset overflows")]
+    ProgramHeaderOffset,
+    #[error("truncated program headers")]
+    TruncatedProgramHeaders,
+    #[error("entry point {0:#x} is outside every loadable segment")]
+    EntryOutsideSegments(u64),
+}
+
+/// Why a kernel image could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Loader(#[from] linux_loader::loader::Error),
+    #[error("RAM must start at guest-physical 0 in at most 4 ranges")]
+    RamRanges,
+    #[error("{devices} virtio devices, at most {max}")]
+    TooManyVirtioDevices { devices: u32, max: u32 },
+    #[error("the bzImage has no 64-bit entry point (needs boot protocol 2.12 with XLF_KERNEL_64)")]
+    No64BitEntry,
+}
+
+/// Why an initrd could not be placed.
+#[derive(Debug, thiserror::Error)]
+pub enum InitrdError {
+    #[error(
+        "the initrd ({kib} KiB) does not fit between the end of the kernel at {floor:#x} and \
+         {max_end:#x} (end of low RAM or the kernel's initrd_addr_max); give the VM more \
+         memory or use a smaller initrd"
+    )]
+    DoesNotFit { kib: u64, floor: u64, max_end: u64 },
+}
+
+/// Why a kernel command line is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum CmdlineError {
+    #[error("must be shorter than {max} bytes and contain no NUL")]
+    Ring3 { max: u64 },
+    #[error("the command line is {len} bytes long; this kernel accepts at most {max}")]
+    TooLong { len: usize, max: usize },
+    #[error("the command line contains {0:?}; only printable ASCII is allowed")]
+    NotPrintable(char),
+    #[error(transparent)]
+    Build(#[from] linux_loader::cmdline::Error),
+    #[error(transparent)]
+    Write(#[from] linux_loader::loader::Error),
+}
+
+/// Why boot data could not be written into guest memory.
+#[derive(Debug, thiserror::Error)]
+pub enum GuestWriteError {
+    #[error(transparent)]
+    Memory(#[from] vm_memory::GuestMemoryError),
+    #[error(transparent)]
+    BootParams(#[from] linux_loader::configurator::Error),
+    #[error("page tables for {gibs} GiB do not fit below {limit:#x}")]
+    PageTablesDoNotFit { gibs: u64, limit: u64 },
+}
+
+/// Why the VMM's RAM layout cannot be described to the guest.
+#[derive(Debug, thiserror::Error)]
+pub enum RamLayoutError {
+    #[error("no RAM")]
+    NoRam,
+    #[error("the first RAM range must start at 0, not {0:#x}")]
+    FirstNotAtZero(u64),
+    #[error("RAM ranges must be sorted and disjoint: {start:#x}+{len:#x} overlaps or precedes {prev_end:#x}")]
+    Unsorted { start: u64, len: u64, prev_end: u64 },
+    #[error("{entries} memory map entries; the zero page holds at most {max}")]
+    TooManyEntries { entries: usize, max: usize },
 }
 
 pub type Result<T> = std::result::Result<T, BootError>;
-
-/// The part of `kvm_sregs` that a boot protocol decides. Everything else (APIC base,
-/// interrupt bitmap, CR2, CR8) keeps KVM's reset value.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct SystemRegisters {
-    pub segments: Segments,
-    pub gdt: kvm_dtable,
-    pub idt: kvm_dtable,
-    pub cr0: u64,
-    pub cr3: u64,
-    pub cr4: u64,
-    pub efer: u64,
-}
-
-impl SystemRegisters {
-    /// Overlay these values on a vCPU's reset `kvm_sregs`.
-    pub fn apply(&self, sregs: &mut kvm_sregs) {
-        let s = &self.segments;
-        sregs.cs = s.cs;
-        sregs.ds = s.ds;
-        sregs.es = s.es;
-        sregs.fs = s.fs;
-        sregs.gs = s.gs;
-        sregs.ss = s.ss;
-        sregs.tr = s.tr;
-        sregs.ldt = s.ldt;
-        sregs.gdt = self.gdt;
-        sregs.idt = self.idt;
-        sregs.cr0 = self.cr0;
-        sregs.cr3 = self.cr3;
-        sregs.cr4 = self.cr4;
-        sregs.efer = self.efer;
-    }
-}
-
-/// Register state of one vCPU at its first instruction.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct CpuEntry {
-    pub regs: kvm_regs,
-    pub sregs: SystemRegisters,
-    /// MSRs to set at entry (index, value).
-    pub msrs: [(u32, u64); 1],
-}
 
 /// What the VMM needs to start a guest.
 #[derive(Clone, Debug)]
@@ -142,5 +196,32 @@ pub struct RamRange {
 impl RamRange {
     pub fn end(&self) -> u64 {
         self.start + self.len
+    }
+}
+
+#[cfg(test)]
+mod error_tests {
+    use super::*;
+    use std::error::Error as _;
+
+    #[test]
+    fn a_boot_error_keeps_its_typed_source_and_its_one_line_message() {
+        let e = BootError::GuestWrite {
+            addr: 0x1000,
+            source: GuestWriteError::PageTablesDoNotFit {
+                gibs: 2,
+                limit: 0x9000,
+            },
+        };
+        assert_eq!(
+            e.to_string(),
+            "failed to write boot data into guest memory at 0x1000: page tables for 2 GiB do \
+             not fit below 0x9000"
+        );
+        let source = e.source().expect("the cause is kept");
+        assert!(matches!(
+            source.downcast_ref::<GuestWriteError>(),
+            Some(GuestWriteError::PageTablesDoNotFit { gibs: 2, .. })
+        ));
     }
 }

@@ -15,7 +15,10 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 use warmvm_abi::{layout, BootInfo, MAX_RAM_RANGES, MAX_VCPUS};
 
 use crate::x86::*;
-use crate::{BootError, BootPlan, CpuEntry, Protocol, RamRange, Result, SystemRegisters};
+use crate::{
+    BootError, BootPlan, CmdlineError, CpuEntry, LoadError, Protocol, RamRange, Result,
+    SystemRegisters,
+};
 
 const SEL_USER_CODE: u16 = 0x18 | 3;
 const SEL_USER_DATA: u16 = 0x20 | 3;
@@ -44,15 +47,12 @@ pub fn setup(mem: &GuestMemoryMmap, p: &Ring3Params) -> Result<BootPlan> {
         });
     }
     if p.ram.is_empty() || p.ram.len() > MAX_RAM_RANGES || p.ram[0].start != 0 {
-        return Err(BootError::Load(
-            "RAM must start at guest-physical 0 in at most 4 ranges".into(),
-        ));
+        return Err(BootError::Load(LoadError::RamRanges));
     }
     if p.cmdline.len() as u64 >= layout::CMDLINE_MAX || p.cmdline.contains('\0') {
-        return Err(BootError::Cmdline(format!(
-            "must be shorter than {} bytes and contain no NUL",
-            layout::CMDLINE_MAX
-        )));
+        return Err(BootError::Cmdline(CmdlineError::Ring3 {
+            max: layout::CMDLINE_MAX,
+        }));
     }
     let ram_size: u64 = p.ram.iter().map(|r| r.len).sum();
     let ram_end = p.ram.last().map(RamRange::end).unwrap_or(0);
@@ -65,7 +65,7 @@ pub fn setup(mem: &GuestMemoryMmap, p: &Ring3Params) -> Result<BootPlan> {
         &mut Cursor::new(p.image),
         Some(GuestAddress(layout::IMAGE_ADDR)),
     )
-    .map_err(|e| BootError::BadElf(e.to_string()))?;
+    .map_err(|e| BootError::BadElf(e.into()))?;
     let free_start = loaded.kernel_end.next_multiple_of(0x1000);
     if free_start + 0x1000 > p.ram[0].end() {
         return Err(BootError::RamTooSmall {
@@ -75,11 +75,10 @@ pub fn setup(mem: &GuestMemoryMmap, p: &Ring3Params) -> Result<BootPlan> {
     }
 
     if p.virtio_devices > warmvm_abi::MAX_VIRTIO_DEVICES {
-        return Err(BootError::Load(format!(
-            "{} virtio devices, at most {}",
-            p.virtio_devices,
-            warmvm_abi::MAX_VIRTIO_DEVICES
-        )));
+        return Err(BootError::Load(LoadError::TooManyVirtioDevices {
+            devices: p.virtio_devices,
+            max: warmvm_abi::MAX_VIRTIO_DEVICES,
+        }));
     }
     // The guest drives its virtio devices from ring 3: their windows must be mapped too
     // (accesses outside every memory slot exit to the VMM as MMIO).

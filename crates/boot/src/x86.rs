@@ -3,7 +3,8 @@
 use kvm_bindings::kvm_segment;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::{BootError, Result};
+pub use crate::Segments;
+use crate::{BootError, GuestWriteError, Result};
 
 pub const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
 /// Fast-string enable: Linux expects it set, as firmware leaves it.
@@ -27,41 +28,6 @@ pub const PTE_PRESENT: u64 = 1 << 0;
 pub const PTE_WRITE: u64 = 1 << 1;
 pub const PTE_USER: u64 = 1 << 2;
 pub const PTE_HUGE: u64 = 1 << 7;
-
-/// Segment registers at entry.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Segments {
-    pub cs: kvm_segment,
-    pub ds: kvm_segment,
-    pub es: kvm_segment,
-    pub fs: kvm_segment,
-    pub gs: kvm_segment,
-    pub ss: kvm_segment,
-    pub tr: kvm_segment,
-    pub ldt: kvm_segment,
-}
-
-impl Segments {
-    /// Flat segments: `code` in CS, `data` in every data segment register, `tr` as the task
-    /// register and no LDT.
-    pub fn flat(code: kvm_segment, data: kvm_segment, tr: kvm_segment) -> Self {
-        Self {
-            cs: code,
-            ds: data,
-            es: data,
-            fs: data,
-            gs: data,
-            ss: data,
-            tr,
-            ldt: kvm_segment {
-                type_: 2,
-                present: 1,
-                unusable: 1,
-                ..Default::default()
-            },
-        }
-    }
-}
 
 /// Encode a code/data segment descriptor for a GDT (flat: base 0, limit 4 GiB).
 pub fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
@@ -106,7 +72,7 @@ pub fn write_u64s(mem: &GuestMemoryMmap, addr: u64, values: &[u64]) -> Result<()
         mem.write_obj(*v, GuestAddress(a))
             .map_err(|e| BootError::GuestWrite {
                 addr: a,
-                reason: e.to_string(),
+                source: e.into(),
             })?;
     }
     Ok(())
@@ -116,7 +82,7 @@ pub fn write_bytes(mem: &GuestMemoryMmap, addr: u64, bytes: &[u8]) -> Result<()>
     mem.write_slice(bytes, GuestAddress(addr))
         .map_err(|e| BootError::GuestWrite {
             addr,
-            reason: e.to_string(),
+            source: e.into(),
         })
 }
 
@@ -139,7 +105,7 @@ pub fn identity_page_tables(
     if end > limit {
         return Err(BootError::GuestWrite {
             addr: base,
-            reason: format!("page tables for {gibs} GiB do not fit below {limit:#x}"),
+            source: GuestWriteError::PageTablesDoNotFit { gibs, limit },
         });
     }
     let table_flags = PTE_PRESENT | PTE_WRITE | extra_flags;

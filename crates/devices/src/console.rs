@@ -22,6 +22,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use crate::thread_setup::{DeviceThread, ThreadSetup};
+
 /// How long a partial line may wait before the console thread writes it out.
 pub const FLUSH_DELAY: Duration = Duration::from_millis(5);
 /// Buffered bytes that make a write-out happen at once.
@@ -461,14 +463,21 @@ struct Flusher {
 
 /// Start the console thread now, from the calling thread, rather than on the first console
 /// output: it inherits its creator's seccomp filters, and the daemon wants it to inherit the
-/// main thread's only (a vCPU thread's would forbid its log rotation).
-pub fn start_flusher() {
-    flusher();
+/// main thread's only (a vCPU thread's would forbid its log rotation). The thread runs
+/// `setup` on itself first (the VMM's filter for it). A console thread that the first
+/// output starts (no call here before) runs without any setup: only a VMM that confines
+/// its threads needs one, and it starts the thread here first.
+pub fn start_flusher(setup: ThreadSetup) {
+    flusher_with(setup);
 }
 
 fn flusher() -> &'static Flusher {
+    flusher_with(ThreadSetup::none())
+}
+
+fn flusher_with(setup: ThreadSetup) -> &'static Flusher {
     static FLUSHER: OnceLock<&'static Flusher> = OnceLock::new();
-    FLUSHER.get_or_init(|| {
+    FLUSHER.get_or_init(move || {
         let f: &'static Flusher = Box::leak(Box::new(Flusher {
             queue: Mutex::new(Vec::new()),
             cv: Condvar::new(),
@@ -477,7 +486,7 @@ fn flusher() -> &'static Flusher {
             .name("warmvm-console".into())
             .stack_size(128 << 10)
             .spawn(move || {
-                warmvm_sandbox::enter_or_log(warmvm_sandbox::ThreadKind::Console);
+                setup.enter(DeviceThread::Console);
                 f.run()
             });
         if let Err(e) = started {
@@ -664,7 +673,7 @@ mod tests {
         let sink = ConsoleSink::with_limits("t", append(&path), &path, false, GENEROUS);
         // The console thread starts here, unfiltered, as the daemon starts it from its main
         // thread: threads inherit the filters of the thread that creates them.
-        start_flusher();
+        start_flusher(ThreadSetup::none());
         let mut on_thread = sink.clone();
         let main_thread = std::thread::current().id();
         std::thread::spawn(move || {

@@ -2,6 +2,13 @@
 //! touch KVM: interrupts leave them as eventfd writes, and anything that needs the vCPU
 //! (sleeping, powering off) is returned to the caller as an [`IoAction`].
 //!
+//! Owns: each device's registers and state type, the port and MMIO buses, the doorbell, the
+//! console sink, and the threads devices run (the console thread, virtio workers).
+//! Must never: issue a KVM ioctl, or depend on another warmvm crate but `warmvm-abi`. How
+//! its threads are confined is not its business: the VMM passes a [`ThreadSetup`] that
+//! those threads run first (it installs the sandbox's filter), so devices never call the
+//! sandbox.
+//!
 //! Each device's state type sits beside it with its [`Persist`] implementation (save, and
 //! load in place into a device built beforehand); [`Devices`] saves and loads all of a VM's
 //! devices at once as a [`DevicesState`]. How that state crosses a process is not this
@@ -15,6 +22,7 @@ pub mod i8042;
 pub mod persist;
 pub mod pv_ports;
 pub mod serial;
+pub mod thread_setup;
 pub mod unknown;
 pub mod virtio;
 
@@ -29,10 +37,12 @@ pub use i8042::{I8042Error, I8042Handles, I8042State, I8042};
 pub use persist::Persist;
 pub use pv_ports::{PvPorts, PvPortsState};
 pub use serial::{IrqLine, SerialConsole, SerialPort, SerialStateData};
+pub use thread_setup::{DeviceThread, ThreadSetup};
 pub use unknown::UnknownAccesses;
 pub use virtio::mmio::{VirtioError, VirtioMmio, VirtioMmioState};
 
 use warmvm_abi::{SERIAL_PORT, SERIAL_PORT_LEN};
+pub use warmvm_lifecycle::Pausable;
 
 /// What the vCPU must do after an access.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -184,17 +194,6 @@ impl Devices {
             .iter()
             .map(|d| f(&mut d.lock().unwrap_or_else(|p| p.into_inner())))
             .collect()
-    }
-
-    /// Let every virtio device finish the requests it has in hand and stop (before a
-    /// capture: the queues are then quiescent).
-    pub fn pause_virtio(&self) -> Result<(), virtio::worker::WorkerError> {
-        self.each_virtio(|d| d.pause()).into_iter().collect()
-    }
-
-    /// Let every virtio device serve (again).
-    pub fn resume_virtio(&self) {
-        self.each_virtio(|d| d.resume());
     }
 
     /// Duplicates of the virtio devices' host fds (image files, TAPs), in device order.
@@ -352,8 +351,8 @@ impl Persist for &Devices {
     type State = DevicesState;
     type Error = DevicesError;
 
-    /// Callers pause the virtio devices first ([`Devices::pause_virtio`]), so that their
-    /// queues are quiescent.
+    /// Callers pause the virtio devices first ([`Pausable::pause`]), so that their queues
+    /// are quiescent.
     fn save(&self) -> DevicesState {
         DevicesState {
             serial: self.serial().save(),
@@ -363,7 +362,7 @@ impl Persist for &Devices {
         }
     }
 
-    /// Loaded only: the virtio devices serve from [`Devices::resume_virtio`]. An error may
+    /// Loaded only: the virtio devices serve from [`Pausable::resume`]. An error may
     /// leave the devices half loaded (each device checks its own state before it changes),
     /// so a VM whose load failed must never run (the handover fails and the old VMM keeps
     /// it; a snapshot restore drops the new VM).
@@ -386,6 +385,24 @@ impl Persist for &Devices {
             .load(&state.i8042)
             .map_err(|err| DevicesError::I8042 { vm: vm(), err })?;
         let Ok(()) = self.serial().load(&state.serial);
+        Ok(())
+    }
+}
+
+/// The devices that work on their own (the virtio devices' workers); the port devices act
+/// only when a vCPU accesses them, so a VM whose vCPUs are parked has them paused already.
+impl Pausable for Devices {
+    type Error = virtio::worker::WorkerError;
+
+    /// Let every virtio device finish the requests it has in hand and stop (before a
+    /// capture: the queues are then quiescent).
+    fn pause(&self) -> Result<(), Self::Error> {
+        self.each_virtio(|d| d.pause()).into_iter().collect()
+    }
+
+    /// Let every virtio device serve (again, or for the first time after a restore).
+    fn resume(&self) -> Result<(), Self::Error> {
+        self.each_virtio(|d| d.resume());
         Ok(())
     }
 }

@@ -68,6 +68,7 @@ fn handles(backend: Box<dyn VirtioBackend>, mem: &GuestMemoryMmap) -> MmioHandle
         irq: IrqLine::none(),
         doorbell: Arc::new(Doorbell::default()),
         counters: Arc::new(VirtioCounters::default()),
+        thread_setup: warmvm_devices::ThreadSetup::none(),
     }
 }
 

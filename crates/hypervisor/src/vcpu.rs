@@ -4,8 +4,8 @@ use kvm_bindings::{
     kvm_cpuid_entry2, kvm_fpu, kvm_mp_state, kvm_msr_entry, kvm_regs, Msrs, KVM_MP_STATE_RUNNABLE,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
-use warmvm_boot::CpuEntry;
 
+use crate::entry::CpuEntry;
 use crate::kick::bind_immediate_exit;
 use crate::{Error, Result};
 

@@ -16,6 +16,11 @@
 //!
 //! The mode comes from `WARMVM_SECCOMP` (`true`, `false` or `log`), which the daemon's
 //! `--seccomp` flag sets for itself and passes on to the daemon a warm reboot starts.
+//!
+//! Owns: the allow-list of each thread kind, installing it, and the helper thread outside
+//! the filters. Depends only on `warmvm-hypervisor` (for the KVM ioctls a thread may issue).
+//! Must never: be called by the devices crate (the VMM hands devices a thread set-up that
+//! calls [`enter_or_log`] for them), or start a thread that runs guest code.
 
 use std::collections::BTreeMap;
 use std::sync::mpsc::{self, Sender};

@@ -16,7 +16,11 @@ pub enum HostError {
     #[error("{0}")]
     Config(#[from] ConfigError),
     #[error("VM {vm}: {err}")]
-    Vm { vm: String, err: VmError },
+    Vm {
+        vm: String,
+        #[source]
+        err: VmError,
+    },
     #[error("a VM named {0} already exists")]
     Exists(String),
     #[error("no VM named {0}")]

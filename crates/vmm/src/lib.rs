@@ -42,7 +42,22 @@ pub fn build() -> String {
         None => format!("warmvm {}", env!("CARGO_PKG_VERSION")),
     }
 }
+/// What the devices' own threads run first: the seccomp filter of their kind. The devices
+/// crate starts those threads but never depends on the sandbox; the VMM hands it this.
+pub fn device_thread_setup() -> warmvm_devices::ThreadSetup {
+    use warmvm_devices::DeviceThread;
+    use warmvm_sandbox::ThreadKind;
+    warmvm_devices::ThreadSetup::new(|thread| {
+        warmvm_sandbox::enter_or_log(match thread {
+            DeviceThread::Console => ThreadKind::Console,
+            DeviceThread::VirtioWorker => ThreadKind::DeviceWorker,
+        })
+    })
+}
+
 pub use host::{Host, HostError};
 pub use vcpu::{monotonic_ns, VcpuStats};
 pub use virtio::{take_inherited_taps, DeviceReport, GivenTaps, InheritedTapError};
-pub use vm::{Lifecycle, PowerButton, Vm, VmError, VmReport};
+pub use vm::{Action, Lifecycle, PowerButton, State, Vm, VmError, VmReport};
+/// What a VM, its devices and a device's worker implement: pause and resume as a whole.
+pub use warmvm_lifecycle::Pausable;

@@ -6,6 +6,7 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use warmvm_devices::Pausable;
 
 use warmvm_devices::virtio::status::DRIVER_OK;
 use warmvm_devices::{DevicesState, Persist};

@@ -1,38 +1,33 @@
 //! A vCPU thread and the orders the VMM gives it.
 //!
 //! Each vCPU runs on its own thread, which owns the KVM vCPU. The VMM steers it through
-//! [`VcpuHandle`]: it sets what it wants (run, pause, stop), recalls the vCPU from a
-//! wait-port sleep, and kicks it out of KVM_RUN with a signal; the thread acknowledges by
-//! parking. A pending port or MMIO access is completed before parking, so a parked vCPU's
-//! state is always between two guest instructions.
+//! [`VcpuHandle`], a parkable thread of `warmvm-lifecycle` (as a virtio worker is): it
+//! gives an order (run, pause, stop), recalls the vCPU from a wait-port sleep, and kicks it
+//! out of KVM_RUN with a signal; the thread acknowledges by parking. A pending port or MMIO
+//! access is completed before parking, so a parked vCPU's state is always between two
+//! guest instructions. What is the vCPU's own (tasks run on it while parked, park times,
+//! the real-time boost of a warm reboot) goes through the parking's hooks.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use warmvm_devices::doorbell::WaitEnd;
 use warmvm_devices::{IoAction, Wake};
 use warmvm_hypervisor::{Exit, ExitHandler, Vcpu, VcpuState};
+use warmvm_lifecycle::{Guard, Next, Order, ParkHooks, Parking, ThreadState};
 
 use crate::vm::{Outcome, VmShared};
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Want {
-    Run,
-    Pause,
-    Stop,
-}
 
 /// Work a parked vCPU thread does on its own vCPU (KVM wants a vCPU's state read and
 /// written on the thread that runs it).
 pub(crate) type Task = Box<dyn FnOnce(&mut Vcpu) -> TaskResult + Send>;
 pub(crate) type TaskResult = Result<Option<VcpuState>, warmvm_hypervisor::Error>;
 
-struct Control {
-    want: Want,
-    parked: bool,
-    exited: bool,
+/// What the VMM and a vCPU thread exchange beside the order and the thread's state.
+#[derive(Default)]
+struct VcpuPark {
     task: Option<Task>,
     task_result: Option<TaskResult>,
     /// After the task, spin briefly for the run order instead of sleeping (a handover's
@@ -85,8 +80,7 @@ pub struct VcpuStats {
 /// The VMM's side of a vCPU thread.
 pub struct VcpuHandle {
     pub id: u32,
-    control: Mutex<Control>,
-    cv: Condvar,
+    parking: Parking<VcpuPark>,
     thread: OnceLock<libc::pthread_t>,
     /// The thread's kernel id, if it runs in SCHED_OTHER (the only policy
     /// [`VcpuHandle::boost`] raises from and drops back to).
@@ -107,17 +101,7 @@ impl VcpuHandle {
     pub(crate) fn new(id: u32) -> Arc<Self> {
         Arc::new(Self {
             id,
-            control: Mutex::new(Control {
-                want: Want::Pause,
-                parked: false,
-                exited: false,
-                task: None,
-                task_result: None,
-                spin_after_task: false,
-                parked_at_ns: 0,
-                resumed_at_ns: 0,
-            }),
-            cv: Condvar::new(),
+            parking: Parking::new(Order::Pause, VcpuPark::default()),
             thread: OnceLock::new(),
             boostable_tid: OnceLock::new(),
             run_hint: std::sync::atomic::AtomicBool::new(false),
@@ -128,29 +112,22 @@ impl VcpuHandle {
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Control> {
-        self.control.lock().unwrap_or_else(|p| p.into_inner())
+    fn order(&self, order: Order, vm: &VmShared) {
+        self.order_with(order, vm, None);
     }
 
-    fn order(&self, want: Want, vm: &VmShared) {
-        self.order_with(want, vm, None);
-    }
-
-    fn order_with(&self, want: Want, vm: &VmShared, task: Option<Task>) {
-        {
-            let mut c = self.lock();
-            if c.exited {
-                return;
-            }
-            c.want = want;
+    fn order_with(&self, order: Order, vm: &VmShared, task: Option<Task>) {
+        let given = self.parking.order_with(order, |x| {
             if let Some(task) = task {
-                c.task_result = None;
-                c.task = Some(task);
+                x.task_result = None;
+                x.task = Some(task);
             }
+        });
+        if !given {
+            return;
         }
-        self.run_hint.store(want == Want::Run, Ordering::Release);
-        self.cv.notify_all();
-        if want != Want::Run {
+        self.run_hint.store(order == Order::Run, Ordering::Release);
+        if order != Order::Run {
             vm.devices.doorbell.recall();
             if let Some(t) = self.thread.get() {
                 self.counters.kicks.fetch_add(1, Ordering::Relaxed);
@@ -163,13 +140,13 @@ impl VcpuHandle {
 
     /// Park the thread (the VM's lifecycle is the caller's business).
     pub(crate) fn request_pause(&self, vm: &VmShared) {
-        self.order(Want::Pause, vm);
+        self.order(Order::Pause, vm);
     }
 
     /// Park the thread and have it run `task` on its vCPU as soon as it has parked, with no
     /// further wake-up (the handover's capture).
     pub(crate) fn request_pause_then(&self, vm: &VmShared, task: Task) {
-        self.order_with(Want::Pause, vm, Some(task));
+        self.order_with(Order::Pause, vm, Some(task));
     }
 
     /// Raise the thread, which must have been ordered to pause, to SCHED_FIFO until it
@@ -179,13 +156,18 @@ impl VcpuHandle {
     /// in SCHED_OTHER is raised, and only where the VMM may (root or CAP_SYS_NICE);
     /// otherwise nothing changes.
     pub(crate) fn boost(&self) {
-        let c = self.lock();
-        // Holding the lock: the thread cannot mark itself exited, so its id is still live.
-        let (Some(_), Some(&tid), false, Want::Pause) = (
+        self.parking
+            .with(|order, state, _| self.boost_locked(order, state));
+    }
+
+    /// [`VcpuHandle::boost`], holding the parking's lock: the thread cannot mark itself
+    /// exited meanwhile, so its id is still live.
+    fn boost_locked(&self, order: Order, state: ThreadState) {
+        let (Some(_), Some(&tid), false, Order::Pause) = (
             self.thread.get(),
             self.boostable_tid.get(),
-            c.exited,
-            c.want,
+            state == ThreadState::Exited,
+            order,
         ) else {
             return;
         };
@@ -204,7 +186,7 @@ impl VcpuHandle {
     }
 
     pub(crate) fn request_run(&self, vm: &VmShared) {
-        self.order(Want::Run, vm);
+        self.order(Order::Run, vm);
     }
 
     /// Test builds: have the thread hit the `new:vcpu-resume` fault point, on itself, when
@@ -215,42 +197,16 @@ impl VcpuHandle {
     }
 
     pub(crate) fn request_stop(&self, vm: &VmShared) {
-        self.order(Want::Stop, vm);
-    }
-
-    /// Wait, at most `timeout`, until `done` holds for the thread's control state, and
-    /// return what `done` returned last (`None` means not yet).
-    fn wait_for<T>(
-        &self,
-        timeout: Duration,
-        mut done: impl FnMut(&mut Control) -> Option<T>,
-    ) -> Option<T> {
-        let deadline = Instant::now() + timeout;
-        let mut c = self.lock();
-        loop {
-            if let Some(v) = done(&mut c) {
-                return Some(v);
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return None;
-            }
-            c = self
-                .cv
-                .wait_timeout(c, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
+        self.order(Order::Stop, vm);
     }
 
     /// Wait until the thread has parked (or exited). False on timeout.
     pub(crate) fn wait_parked(&self, timeout: Duration) -> bool {
-        self.wait_for(timeout, |c| (c.parked || c.exited).then_some(()))
-            .is_some()
+        self.parking.wait_parked(timeout).is_some()
     }
 
     pub(crate) fn wait_exited(&self, timeout: Duration) -> bool {
-        self.wait_for(timeout, |c| c.exited.then_some(())).is_some()
+        self.parking.wait_exited(timeout)
     }
 
     pub fn stats(&self) -> VcpuStats {
@@ -270,41 +226,39 @@ impl VcpuHandle {
     /// (at most a few ms) for the run order instead of sleeping: for a restore that a
     /// resume follows at once. False if the thread is not parked.
     pub(crate) fn post_task(&self, spin: bool, task: Task) -> bool {
-        {
-            let mut c = self.lock();
-            if c.exited || !c.parked {
+        self.parking.update(|_, state, x| {
+            if state != ThreadState::Parked {
                 return false;
             }
-            c.task_result = None;
-            c.task = Some(task);
-            c.spin_after_task = spin;
-        }
-        self.cv.notify_all();
-        true
+            x.task_result = None;
+            x.task = Some(task);
+            x.spin_after_task = spin;
+            true
+        })
     }
 
     /// Wait for the result of the task given to the thread (see
     /// [`VcpuHandle::post_task`], [`VcpuHandle::request_pause_then`]). `None` if the
     /// thread exited or the timeout passed first.
     pub(crate) fn task_result(&self, timeout: Duration) -> Option<TaskResult> {
-        self.wait_for(timeout, |c| match c.task_result.take() {
-            Some(r) => Some(Some(r)),
-            None if c.exited => Some(None),
-            None => None,
-        })
-        .flatten()
+        self.parking
+            .wait_until(timeout, |state, x| match x.task_result.take() {
+                Some(r) => Some(Some(r)),
+                None if state == ThreadState::Exited => Some(None),
+                None => None,
+            })
+            .flatten()
     }
 
     /// When the thread last parked, and last left a park (CLOCK_MONOTONIC ns).
     pub(crate) fn park_times(&self) -> (u64, u64) {
-        let c = self.lock();
-        (c.parked_at_ns, c.resumed_at_ns)
+        self.parking
+            .with(|_, _, x| (x.parked_at_ns, x.resumed_at_ns))
     }
 
     /// Wait until the thread has left its park to run the guest (after `request_run`).
     pub(crate) fn wait_running(&self, timeout: Duration) -> bool {
-        self.wait_for(timeout, |c| (!c.parked || c.exited).then_some(()))
-            .is_some()
+        self.parking.wait_running(timeout).is_some()
     }
 
     /// Thread side: what to do next. Parks while paused (running any task it is given
@@ -315,84 +269,92 @@ impl VcpuHandle {
         vcpu: &mut Vcpu,
         before_park: &mut dyn FnMut(&mut Vcpu),
     ) -> std::io::Result<bool> {
-        let mut c = self.lock();
-        loop {
-            match c.want {
-                Want::Run => {
-                    // Test builds: a vCPU held in its park (after the run order).
-                    #[cfg(feature = "fault-injection")]
-                    if c.parked && self.resume_fault.swap(false, Ordering::AcqRel) {
-                        drop(c);
-                        crate::handover::faults::hit(crate::handover::faults::Point::NewVcpuResume);
-                        c = self.lock();
-                        continue;
-                    }
-                    // Parked or not (a run order may come before the thread parked):
-                    // never run a guest in real time; a vCPU that cannot drop back ends
-                    // its VM.
-                    if self.boosted.swap(false, Ordering::AcqRel) {
-                        drop_boost()?;
-                    }
-                    if c.parked {
-                        c.parked = false;
-                        c.resumed_at_ns = monotonic_ns();
-                        self.cv.notify_all();
-                    }
-                    return Ok(true);
-                }
-                Want::Stop => {
-                    // Its teardown is no part of any blackout. Failing to drop back
-                    // here costs nothing that matters: the thread ends.
-                    if self.boosted.swap(false, Ordering::AcqRel) {
-                        let _ = drop_boost();
-                    }
-                    return Ok(false);
-                }
-                Want::Pause => {
-                    if !c.parked {
-                        drop(c);
-                        before_park(vcpu);
-                        c = self.lock();
-                        if c.want != Want::Pause {
-                            continue;
-                        }
-                        c.parked = true;
-                        c.parked_at_ns = monotonic_ns();
-                        self.cv.notify_all();
-                    }
-                    if let Some(task) = c.task.take() {
-                        drop(c);
-                        let result = task(vcpu);
-                        c = self.lock();
-                        let spin = std::mem::take(&mut c.spin_after_task) && result.is_ok();
-                        c.task_result = Some(result);
-                        self.cv.notify_all();
-                        if spin {
-                            drop(c);
-                            // Spin in SCHED_OTHER: a real-time spinner could hold the core
-                            // the thread driving the handover needs for the commit.
-                            if self.boosted.swap(false, Ordering::AcqRel) {
-                                drop_boost()?;
-                            }
-                            let until = Instant::now() + SPIN_FOR_RUN;
-                            while !self.run_hint.load(Ordering::Acquire) && Instant::now() < until {
-                                std::hint::spin_loop();
-                            }
-                            c = self.lock();
-                        }
-                        continue;
-                    }
-                    c = self.cv.wait(c).unwrap_or_else(|p| p.into_inner());
-                }
-            }
-        }
+        let mut hooks = VcpuHooks {
+            handle: self,
+            vcpu,
+            before_park,
+        };
+        Ok(self.parking.next(&mut hooks)? == Next::Run)
+    }
+}
+
+/// What a vCPU thread does around its park, beyond what every parkable thread does.
+struct VcpuHooks<'a> {
+    handle: &'a VcpuHandle,
+    vcpu: &'a mut Vcpu,
+    /// Completes a pending port access and flushes the console.
+    before_park: &'a mut dyn FnMut(&mut Vcpu),
+}
+
+impl ParkHooks<VcpuPark> for VcpuHooks<'_> {
+    type Error = std::io::Error;
+
+    fn before_park(&mut self) {
+        (self.before_park)(self.vcpu);
     }
 
-    fn mark_exited(&self) {
-        let mut c = self.lock();
-        c.exited = true;
-        c.parked = false;
-        self.cv.notify_all();
+    fn parked(&mut self, x: &mut VcpuPark) {
+        x.parked_at_ns = monotonic_ns();
+    }
+
+    fn while_parked(&mut self, g: &mut Guard<'_, VcpuPark>) -> std::io::Result<bool> {
+        let Some(task) = g.extra().task.take() else {
+            return Ok(false);
+        };
+        let vcpu = &mut *self.vcpu;
+        let result = g.unlocked(|| task(vcpu));
+        let spin = std::mem::take(&mut g.extra().spin_after_task) && result.is_ok();
+        g.extra().task_result = Some(result);
+        g.notify();
+        if spin {
+            let handle = self.handle;
+            g.unlocked(|| {
+                // Spin in SCHED_OTHER: a real-time spinner could hold the core the thread
+                // driving the handover needs for the commit.
+                if handle.boosted.swap(false, Ordering::AcqRel) {
+                    drop_boost()?;
+                }
+                let until = Instant::now() + SPIN_FOR_RUN;
+                while !handle.run_hint.load(Ordering::Acquire) && Instant::now() < until {
+                    std::hint::spin_loop();
+                }
+                Ok::<(), std::io::Error>(())
+            })?;
+        }
+        Ok(true)
+    }
+
+    // `g` serves only the test builds' fault point.
+    #[cfg_attr(not(feature = "fault-injection"), allow(unused_variables))]
+    fn before_run(&mut self, g: &mut Guard<'_, VcpuPark>) -> std::io::Result<bool> {
+        // Test builds: a vCPU held in its park (after the run order).
+        #[cfg(feature = "fault-injection")]
+        if g.state() == ThreadState::Parked
+            && self.handle.resume_fault.swap(false, Ordering::AcqRel)
+        {
+            g.unlocked(|| {
+                crate::handover::faults::hit(crate::handover::faults::Point::NewVcpuResume)
+            });
+            return Ok(false);
+        }
+        // Parked or not (a run order may come before the thread parked): never run a guest
+        // in real time; a vCPU that cannot drop back ends its VM.
+        if self.handle.boosted.swap(false, Ordering::AcqRel) {
+            drop_boost()?;
+        }
+        Ok(true)
+    }
+
+    fn resumed(&mut self, x: &mut VcpuPark) {
+        x.resumed_at_ns = monotonic_ns();
+    }
+
+    fn stopping(&mut self) {
+        // Its teardown is no part of any blackout. Failing to drop back here costs nothing
+        // that matters: the thread ends.
+        if self.handle.boosted.swap(false, Ordering::AcqRel) {
+            let _ = drop_boost();
+        }
     }
 }
 
@@ -448,16 +410,6 @@ pub fn is_vcpu_thread() -> bool {
     VCPU_THREAD.with(|v| v.get())
 }
 
-/// Marks the thread exited however it ends, unwinding included: a reboot or a stop waits
-/// for that mark, and must never wait for a thread that is gone.
-struct ExitMark<'a>(&'a VcpuHandle);
-
-impl Drop for ExitMark<'_> {
-    fn drop(&mut self) {
-        self.0.mark_exited();
-    }
-}
-
 /// The body of a vCPU thread.
 pub(crate) fn run_vcpu(mut vcpu: Vcpu, handle: Arc<VcpuHandle>, vm: Arc<VmShared>) {
     VCPU_THREAD.with(|v| v.set(true));
@@ -473,7 +425,9 @@ pub(crate) fn run_vcpu(mut vcpu: Vcpu, handle: Arc<VcpuHandle>, vm: Arc<VmShared
     warmvm_sandbox::enter_or_log(warmvm_sandbox::ThreadKind::Vcpu);
     // SAFETY: pthread_self has no preconditions.
     let _ = handle.thread.set(unsafe { libc::pthread_self() });
-    let exit_mark = ExitMark(&handle);
+    // Marks the thread exited however it ends, unwinding included: a reboot or a stop
+    // waits for that mark, and must never wait for a thread that is gone.
+    let exit_mark = handle.parking.exit_mark();
     vcpu.bind_to_current_thread();
     let span = tracing::info_span!("vcpu", vm = %vm.name, id = handle.id);
     let _enter = span.enter();

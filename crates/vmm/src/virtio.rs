@@ -270,6 +270,7 @@ pub(crate) fn attach(
             irq,
             doorbell: devices.doorbell.clone(),
             counters: Arc::new(VirtioCounters::default()),
+            thread_setup: crate::device_thread_setup(),
         })?;
         let base = window(i);
         for q in 0..queues {

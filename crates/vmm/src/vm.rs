@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use vm_memory::GuestAddress;
 use warmvm_boot::{BootPlan, Protocol, RamRange};
-use warmvm_devices::{ConsoleSink, Devices, IrqLine, PlatformIrqs, SerialConsole};
+use warmvm_devices::{ConsoleSink, Devices, IrqLine, Pausable, PlatformIrqs, SerialConsole};
 use warmvm_hypervisor::{CpuidOptions, Hypervisor};
 use warmvm_memory::GuestRam;
 
@@ -46,17 +46,22 @@ pub enum VmError {
     ReadFile {
         what: &'static str,
         path: PathBuf,
+        #[source]
         err: std::io::Error,
     },
     #[error("cannot open console log {path}: {err}")]
-    ConsoleLog { path: PathBuf, err: std::io::Error },
+    ConsoleLog {
+        path: PathBuf,
+        #[source]
+        err: std::io::Error,
+    },
     #[error("cannot start a vCPU thread: {0}")]
-    Thread(std::io::Error),
+    Thread(#[source] std::io::Error),
     #[error("VM {vm} is {state}; cannot {action}")]
     InvalidTransition {
         vm: String,
-        state: &'static str,
-        action: &'static str,
+        state: State,
+        action: Action,
     },
     #[error("{0}")]
     Disk(#[from] warmvm_devices::virtio::block::BlockError),
@@ -134,17 +139,89 @@ pub enum Lifecycle {
     HandedOver,
 }
 
-impl Lifecycle {
-    pub fn name(&self) -> &'static str {
+/// A [`Lifecycle`] without its details: what the transition table is written in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum State {
+    Created,
+    Running,
+    Paused,
+    PoweredOff,
+    Crashed,
+    Stopped,
+    HandedOver,
+}
+
+impl State {
+    /// The name the API, the metrics and the JSON show.
+    pub fn name(self) -> &'static str {
         match self {
-            Lifecycle::Created => "created",
-            Lifecycle::Running => "running",
-            Lifecycle::Paused => "paused",
-            Lifecycle::PoweredOff { .. } => "powered-off",
-            Lifecycle::Crashed { .. } => "crashed",
-            Lifecycle::Stopped => "stopped",
-            Lifecycle::HandedOver => "handed-over",
+            State::Created => "created",
+            State::Running => "running",
+            State::Paused => "paused",
+            State::PoweredOff => "powered-off",
+            State::Crashed => "crashed",
+            State::Stopped => "stopped",
+            State::HandedOver => "handed-over",
         }
+    }
+}
+
+impl std::fmt::Display for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What the VMM asks of a VM's lifecycle (its ending is the guest's or [`Vm::stop`]'s, and
+/// comes from any state).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    Start,
+    Pause,
+    Resume,
+}
+
+impl Action {
+    pub fn name(self) -> &'static str {
+        match self {
+            Action::Start => "start",
+            Action::Pause => "pause",
+            Action::Resume => "resume",
+        }
+    }
+
+    /// The transition table: the one state each action is allowed from, and the state it
+    /// leads to.
+    fn transition(self) -> (State, Lifecycle) {
+        match self {
+            Action::Start => (State::Created, Lifecycle::Running),
+            Action::Pause => (State::Running, Lifecycle::Paused),
+            Action::Resume => (State::Paused, Lifecycle::Running),
+        }
+    }
+}
+
+impl std::fmt::Display for Action {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl Lifecycle {
+    pub fn state(&self) -> State {
+        match self {
+            Lifecycle::Created => State::Created,
+            Lifecycle::Running => State::Running,
+            Lifecycle::Paused => State::Paused,
+            Lifecycle::PoweredOff { .. } => State::PoweredOff,
+            Lifecycle::Crashed { .. } => State::Crashed,
+            Lifecycle::Stopped => State::Stopped,
+            Lifecycle::HandedOver => State::HandedOver,
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        self.state().name()
     }
 
     pub fn is_finished(&self) -> bool {
@@ -242,6 +319,44 @@ pub struct Vm {
     /// The VM has the PIT and a wired serial IRQ (Linux guests), not only the irqchip.
     pub(crate) linux_devices: bool,
     pub(crate) cpuids: Vec<Vec<kvm_bindings::kvm_cpuid_entry2>>,
+}
+
+/// A paused VM runs no guest instruction and its devices do no I/O; its state can be read.
+impl Pausable for Vm {
+    type Error = VmError;
+
+    /// Stop every vCPU between two instructions and wait until all have parked.
+    fn pause(&self) -> Result<(), VmError> {
+        self.transition(Action::Pause)?;
+        for h in self.handles() {
+            h.request_pause(&self.shared);
+        }
+        for h in self.handles() {
+            if !h.wait_parked(VCPU_RESPONSE_TIMEOUT) {
+                return Err(VmError::VcpuUnresponsive {
+                    vm: self.shared.name.clone(),
+                    vcpu: h.id,
+                    secs: VCPU_RESPONSE_TIMEOUT.as_secs(),
+                });
+            }
+        }
+        // A paused VM does no I/O either: its devices finish what they have in hand and
+        // stop; what the guest queued, and frames that arrive, wait for the resume.
+        if let Err(e) = self.shared.devices.pause() {
+            tracing::warn!(vm = %self.shared.name, error = %e, "a device did not pause");
+        }
+        Ok(())
+    }
+
+    fn resume(&self) -> Result<(), VmError> {
+        self.transition(Action::Resume)?;
+        // An order to each worker: it cannot fail.
+        let _ = self.shared.devices.resume();
+        for h in self.handles() {
+            h.request_run(&self.shared);
+        }
+        Ok(())
+    }
 }
 
 /// What [`Vm::assemble`] puts together.
@@ -519,17 +634,14 @@ impl Vm {
             .unwrap_or_default()
     }
 
-    fn transition(
-        &self,
-        action: &'static str,
-        allowed: &[&str],
-        to: Lifecycle,
-    ) -> Result<(), VmError> {
+    /// Take `action`'s step of the transition table, or refuse it (nothing changes).
+    fn transition(&self, action: Action) -> Result<(), VmError> {
+        let (from, to) = action.transition();
         let mut l = self.shared.lifecycle();
-        if !allowed.contains(&l.name()) {
+        if l.state() != from {
             return Err(VmError::InvalidTransition {
                 vm: self.shared.name.clone(),
-                state: l.name(),
+                state: l.state(),
                 action,
             });
         }
@@ -539,39 +651,7 @@ impl Vm {
 
     /// Let the guest run for the first time.
     pub fn start(&self) -> Result<(), VmError> {
-        self.transition("start", &["created"], Lifecycle::Running)?;
-        for h in self.handles() {
-            h.request_run(&self.shared);
-        }
-        Ok(())
-    }
-
-    /// Stop every vCPU between two instructions and wait until all have parked.
-    pub fn pause(&self) -> Result<(), VmError> {
-        self.transition("pause", &["running"], Lifecycle::Paused)?;
-        for h in self.handles() {
-            h.request_pause(&self.shared);
-        }
-        for h in self.handles() {
-            if !h.wait_parked(VCPU_RESPONSE_TIMEOUT) {
-                return Err(VmError::VcpuUnresponsive {
-                    vm: self.shared.name.clone(),
-                    vcpu: h.id,
-                    secs: VCPU_RESPONSE_TIMEOUT.as_secs(),
-                });
-            }
-        }
-        // A paused VM does no I/O either: its devices finish what they have in hand and
-        // stop; what the guest queued, and frames that arrive, wait for the resume.
-        if let Err(e) = self.shared.devices.pause_virtio() {
-            tracing::warn!(vm = %self.shared.name, error = %e, "a device did not pause");
-        }
-        Ok(())
-    }
-
-    pub fn resume(&self) -> Result<(), VmError> {
-        self.transition("resume", &["paused"], Lifecycle::Running)?;
-        self.shared.devices.resume_virtio();
+        self.transition(Action::Start)?;
         for h in self.handles() {
             h.request_run(&self.shared);
         }
@@ -797,5 +877,25 @@ mod tests {
                 "{cmdline:?}"
             );
         }
+    }
+
+    #[test]
+    fn each_action_is_allowed_from_exactly_one_state_and_refusals_keep_their_wording() {
+        use super::{Action, State, VmError};
+        let table = [
+            (Action::Start, State::Created, State::Running),
+            (Action::Pause, State::Running, State::Paused),
+            (Action::Resume, State::Paused, State::Running),
+        ];
+        for (action, from, to) in table {
+            let (allowed, target) = action.transition();
+            assert_eq!((allowed, target.state()), (from, to), "{action}");
+        }
+        let refused = VmError::InvalidTransition {
+            vm: "a".into(),
+            state: State::PoweredOff,
+            action: Action::Resume,
+        };
+        assert_eq!(refused.to_string(), "VM a is powered-off; cannot resume");
     }
 }

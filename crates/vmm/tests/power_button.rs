@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use warmvm_vmm::testing::{kvm_available, wait_verified, ScratchDir};
-use warmvm_vmm::{Host, Lifecycle, VmConfig};
+use warmvm_vmm::{Host, Lifecycle, Pausable, VmConfig};
 
 fn started(host: &mut Host, name: &str, cmdline: &str) -> std::sync::Arc<warmvm_vmm::Vm> {
     let mut c = VmConfig::reference(name, 64, 2);

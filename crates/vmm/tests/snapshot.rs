@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use warmvm_vmm::snapshot::{self, SnapshotError};
 use warmvm_vmm::testing::{ram_bytes, running_vm, wait_verified, ScratchDir};
-use warmvm_vmm::{Host, HostError, Lifecycle};
+use warmvm_vmm::{Host, HostError, Lifecycle, Pausable};
 
 #[test]
 fn a_snapshot_restored_under_a_new_name_runs_beside_the_original() {

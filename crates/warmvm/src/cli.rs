@@ -454,14 +454,31 @@ impl From<HostError> for Failure {
                 _ => EXIT_HOST,
             },
         };
-        Self::new(code, e.to_string())
+        Self::new(code, chain(&e))
     }
 }
 
 impl From<ConfigError> for Failure {
     fn from(e: ConfigError) -> Self {
-        Self::new(EXIT_BAD_INPUT, e.to_string())
+        Self::new(EXIT_BAD_INPUT, chain(&e))
     }
+}
+
+/// `e`'s message and its sources', on one line joined with ": ". A message that already
+/// ends with its source's (the one-line messages the API shows include their cause) does
+/// not repeat it.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut line = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !text.is_empty() && !line.ends_with(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        source = s.source();
+    }
+    line
 }
 
 pub fn init_logging(cli: &Cli) {
@@ -675,5 +692,46 @@ mod restore_override_tests {
         assert!(disk_override("path=rel.img").unwrap().is_absolute());
         assert!(disk_override("path=").is_err());
         assert!(disk_override("/x/d.img").unwrap_err().contains("path=PATH"));
+    }
+}
+
+#[cfg(test)]
+mod error_chain_tests {
+    use super::*;
+
+    /// An error whose message leaves its cause to the chain.
+    #[derive(Debug)]
+    struct Outer(std::io::Error);
+
+    impl std::fmt::Display for Outer {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("cannot boot VM a")
+        }
+    }
+
+    impl std::error::Error for Outer {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn the_chain_is_one_line_joined_with_colons() {
+        let e = Outer(std::io::Error::other("the disk is gone"));
+        assert_eq!(chain(&e), "cannot boot VM a: the disk is gone");
+    }
+
+    #[test]
+    fn a_cause_the_message_already_ends_with_is_not_repeated() {
+        let e = HostError::Vm {
+            vm: "a".into(),
+            err: VmError::Thread(std::io::Error::other("no threads left")),
+        };
+        let failure = Failure::from(e);
+        assert_eq!(
+            failure.message,
+            "VM a: cannot start a vCPU thread: no threads left"
+        );
+        assert_eq!(failure.code, EXIT_HOST);
     }
 }

@@ -186,8 +186,8 @@ mod tests {
         );
         let transition = VmError::InvalidTransition {
             vm: "a".into(),
-            state: "running",
-            action: "resume",
+            state: warmvm_vmm::State::Running,
+            action: warmvm_vmm::Action::Resume,
         };
         assert_eq!(vm_error_status(&transition, None), 409);
         assert_eq!(

@@ -67,7 +67,7 @@ pub(super) fn write_zero_page(
     )
     .map_err(|e| BootError::GuestWrite {
         addr: ZERO_PAGE_ADDR,
-        reason: e.to_string(),
+        source: e.into(),
     })
 }
 
@@ -111,6 +111,6 @@ pub(super) fn write_pvh_start_info(
     }
     PvhBootConfigurator::write_bootparams(&params, mem).map_err(|e| BootError::GuestWrite {
         addr: PVH_START_INFO_ADDR,
-        reason: e.to_string(),
+        source: e.into(),
     })
 }

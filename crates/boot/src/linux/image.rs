@@ -9,7 +9,7 @@ use linux_loader::loader::{BzImage, KernelLoader, KernelLoaderResult};
 use vm_memory::{ByteValued, GuestAddress, GuestMemoryMmap};
 
 use super::{BOOT_FLAG_MAGIC, BZIMAGE_MAGIC, HIMEM_START, PAGE};
-use crate::{BootError, Result};
+use crate::{BootError, ElfError, Result};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum ImageKind {
@@ -47,14 +47,14 @@ pub(super) fn load_kernel(
         }
         ImageKind::BzImage => BzImage::load(mem, None, &mut reader, highmem),
     }
-    .map_err(|e| BootError::Load(e.to_string()))
+    .map_err(|e| BootError::Load(e.into()))
 }
 
 pub(super) fn elf_header(image: &[u8]) -> Result<linux_loader::elf::Elf64_Ehdr> {
     let mut ehdr = linux_loader::elf::Elf64_Ehdr::default();
     let bytes = image
         .get(..std::mem::size_of_val(&ehdr))
-        .ok_or_else(|| BootError::BadElf("truncated ELF header".into()))?;
+        .ok_or(BootError::BadElf(ElfError::TruncatedHeader))?;
     ehdr.as_mut_slice().copy_from_slice(bytes);
     Ok(ehdr)
 }
@@ -64,13 +64,10 @@ pub(super) fn elf_header(image: &[u8]) -> Result<linux_loader::elf::Elf64_Ehdr> 
 pub(super) fn check_elf_header(image: &[u8]) -> Result<()> {
     let ehdr = elf_header(image)?;
     if ehdr.e_ident[linux_loader::elf::EI_CLASS] != linux_loader::elf::ELFCLASS64 {
-        return Err(BootError::BadElf("not a 64-bit ELF".into()));
+        return Err(BootError::BadElf(ElfError::Not64Bit));
     }
     if ehdr.e_machine != linux_loader::elf::EM_X86_64 {
-        return Err(BootError::BadElf(format!(
-            "machine {} is not x86-64",
-            ehdr.e_machine
-        )));
+        return Err(BootError::BadElf(ElfError::Machine(ehdr.e_machine)));
     }
     if let Some(low) = elf_loads(image)?
         .iter()
@@ -90,11 +87,11 @@ pub(super) fn elf_loads(image: &[u8]) -> Result<Vec<linux_loader::elf::Elf64_Phd
         let off = ehdr
             .e_phoff
             .checked_add(i * phdr_size)
-            .ok_or_else(|| BootError::BadElf("program header offset overflows".into()))?;
+            .ok_or(BootError::BadElf(ElfError::ProgramHeaderOffset))?;
         let bytes = usize::try_from(off)
             .ok()
             .and_then(|o| image.get(o..o.checked_add(phdr_size as usize)?))
-            .ok_or_else(|| BootError::BadElf("truncated program headers".into()))?;
+            .ok_or(BootError::BadElf(ElfError::TruncatedProgramHeaders))?;
         let mut ph = linux_loader::elf::Elf64_Phdr::default();
         ph.as_mut_slice().copy_from_slice(bytes);
         if ph.p_type == linux_loader::elf::PT_LOAD && ph.p_memsz > 0 {
@@ -118,11 +115,7 @@ pub(super) fn elf_physical_entry(image: &[u8]) -> Result<u64> {
         .iter()
         .find(|ph| within(ph.p_vaddr, ph.p_memsz))
         .map(|ph| entry - ph.p_vaddr + ph.p_paddr)
-        .ok_or_else(|| {
-            BootError::BadElf(format!(
-                "entry point {entry:#x} is outside every loadable segment"
-            ))
-        })
+        .ok_or(BootError::BadElf(ElfError::EntryOutsideSegments(entry)))
 }
 
 /// End of the memory a bzImage needs while it decompresses itself (Linux's

@@ -59,7 +59,10 @@ use linux_loader::loader::load_cmdline;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use crate::x86::*;
-use crate::{mptable, BootError, BootPlan, Protocol, RamRange, Result};
+use crate::{
+    mptable, BootError, BootPlan, CmdlineError, InitrdError, LoadError, Protocol, RamLayoutError,
+    RamRange, Result,
+};
 
 mod blocks;
 mod entry;
@@ -198,7 +201,7 @@ pub fn setup(mem: &GuestMemoryMmap, p: &LinuxParams) -> Result<BootPlan> {
     .min(CMDLINE_AREA as usize - 1);
     let cmdline = build_cmdline(p.cmdline, cmdline_max)?;
     load_cmdline(mem, GuestAddress(CMDLINE_ADDR), &cmdline)
-        .map_err(|e| BootError::Cmdline(e.to_string()))?;
+        .map_err(|e| BootError::Cmdline(e.into()))?;
 
     // Initrd, as high as allowed.
     let initrd_max_end = match (protocol, &header) {
@@ -238,11 +241,7 @@ pub fn setup(mem: &GuestMemoryMmap, p: &LinuxParams) -> Result<BootPlan> {
             let rip = match &header {
                 Some(h) => {
                     if h.xloadflags & XLF_KERNEL_64 == 0 {
-                        return Err(BootError::Load(
-                            "the bzImage has no 64-bit entry point (needs boot protocol 2.12 \
-                             with XLF_KERNEL_64)"
-                                .into(),
-                        ));
+                        return Err(BootError::Load(LoadError::No64BitEntry));
                     }
                     u64::from(h.code32_start) + BZIMAGE_STARTUP_64
                 }
@@ -265,11 +264,10 @@ pub fn setup(mem: &GuestMemoryMmap, p: &LinuxParams) -> Result<BootPlan> {
 pub fn memory_map(ram: &[RamRange]) -> Result<Vec<MemoryMapEntry>> {
     let first = ram
         .first()
-        .ok_or_else(|| BootError::RamLayout("no RAM".into()))?;
+        .ok_or(BootError::RamLayout(RamLayoutError::NoRam))?;
     if first.start != 0 {
-        return Err(BootError::RamLayout(format!(
-            "the first RAM range must start at 0, not {:#x}",
-            first.start
+        return Err(BootError::RamLayout(RamLayoutError::FirstNotAtZero(
+            first.start,
         )));
     }
     if first.end() <= HIMEM_START {
@@ -298,10 +296,11 @@ pub fn memory_map(ram: &[RamRange]) -> Result<Vec<MemoryMapEntry>> {
     let mut prev_end = first.end();
     for r in &ram[1..] {
         if r.start < prev_end || r.start.checked_add(r.len).is_none() {
-            return Err(BootError::RamLayout(format!(
-                "RAM ranges must be sorted and disjoint: {:#x}+{:#x} overlaps or precedes {:#x}",
-                r.start, r.len, prev_end
-            )));
+            return Err(BootError::RamLayout(RamLayoutError::Unsorted {
+                start: r.start,
+                len: r.len,
+                prev_end,
+            }));
         }
         if r.len > 0 {
             map.push(MemoryMapEntry {
@@ -313,27 +312,25 @@ pub fn memory_map(ram: &[RamRange]) -> Result<Vec<MemoryMapEntry>> {
         }
     }
     if map.len() > E820_MAX_ENTRIES_ZEROPAGE {
-        return Err(BootError::RamLayout(format!(
-            "{} memory map entries; the zero page holds at most {E820_MAX_ENTRIES_ZEROPAGE}",
-            map.len()
-        )));
+        return Err(BootError::RamLayout(RamLayoutError::TooManyEntries {
+            entries: map.len(),
+            max: E820_MAX_ENTRIES_ZEROPAGE,
+        }));
     }
     Ok(map)
 }
 
 fn build_cmdline(text: &str, max_len: usize) -> Result<Cmdline> {
     if text.len() > max_len {
-        return Err(BootError::Cmdline(format!(
-            "the command line is {} bytes long; this kernel accepts at most {max_len}",
-            text.len()
-        )));
+        return Err(BootError::Cmdline(CmdlineError::TooLong {
+            len: text.len(),
+            max: max_len,
+        }));
     }
     if let Some(c) = text.chars().find(|c| !matches!(c, ' '..='~')) {
-        return Err(BootError::Cmdline(format!(
-            "the command line contains {c:?}; only printable ASCII is allowed"
-        )));
+        return Err(BootError::Cmdline(CmdlineError::NotPrintable(c)));
     }
-    Cmdline::try_from(text, max_len + 1).map_err(|e| BootError::Cmdline(e.to_string()))
+    Cmdline::try_from(text, max_len + 1).map_err(|e| BootError::Cmdline(e.into()))
 }
 
 fn cmdline_len(cmdline: &Cmdline) -> u32 {
@@ -350,14 +347,11 @@ fn place_initrd(len: u64, floor: u64, max_end: u64) -> Result<u64> {
         .checked_sub(len)
         .map(|s| s & !(PAGE - 1))
         .filter(|s| *s >= floor.next_multiple_of(PAGE));
-    start.ok_or_else(|| {
-        BootError::Initrd(format!(
-            "the initrd ({} KiB) does not fit between the end of the kernel at {floor:#x} and \
-             {max_end:#x} (end of low RAM or the kernel's initrd_addr_max); give the VM more \
-             memory or use a smaller initrd",
-            len.div_ceil(1024)
-        ))
-    })
+    start.ok_or(BootError::Initrd(InitrdError::DoesNotFit {
+        kib: len.div_ceil(1024),
+        floor,
+        max_end,
+    }))
 }
 
 #[cfg(test)]

@@ -411,7 +411,7 @@ fn too_long_a_command_line_is_refused() {
     let mut p = params(&image, &ram);
     p.cmdline = &long;
     match setup(&mem, &p) {
-        Err(BootError::Cmdline(msg)) => assert!(msg.contains("at most 2047"), "{msg}"),
+        Err(BootError::Cmdline(msg)) => assert!(msg.to_string().contains("at most 2047"), "{msg}"),
         other => panic!("expected a command line error, got {other:?}"),
     }
     let exact = "x".repeat(2047);
@@ -439,7 +439,7 @@ fn initrd_goes_high_and_must_fit() {
     let huge = vec![0u8; (48 * MIB) as usize];
     p.initrd = Some(&huge);
     match setup(&mem, &p) {
-        Err(BootError::Initrd(msg)) => assert!(msg.contains("does not fit"), "{msg}"),
+        Err(BootError::Initrd(msg)) => assert!(msg.to_string().contains("does not fit"), "{msg}"),
         other => panic!("expected an initrd error, got {other:?}"),
     }
 }

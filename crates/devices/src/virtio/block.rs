@@ -17,7 +17,7 @@ use std::sync::Arc;
 use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT, Reader, Writer};
 use vm_memory::GuestMemoryMmap;
 
-use super::mmio::{read_config_fields, BackendState, VirtioBackend};
+use super::mmio::{read_config_fields, BackendState, DiskShape, StateMismatch, VirtioBackend};
 use super::worker::Serve;
 use super::{VirtioShared, TYPE_BLOCK};
 
@@ -186,22 +186,24 @@ impl VirtioBackend for Block {
         }))
     }
 
-    fn check_state(&self, state: &BackendState) -> Result<(), String> {
+    fn check_state(&self, state: &BackendState) -> Result<(), StateMismatch> {
         let BackendState::Block(s) = state else {
-            return Err(format!("a block device, not {state:?}"));
+            return Err(StateMismatch::Kind {
+                expected: "block",
+                found: Box::new(state.clone()),
+            });
         };
         if s.sectors != self.sectors || s.read_only != self.read_only {
-            return Err(format!(
-                "disk of {} sectors ({}) saved, {} sectors ({}) here",
-                s.sectors,
-                if s.read_only { "read-only" } else { "writable" },
-                self.sectors,
-                if self.read_only {
-                    "read-only"
-                } else {
-                    "writable"
+            return Err(StateMismatch::Disk {
+                saved: DiskShape {
+                    sectors: s.sectors,
+                    read_only: s.read_only,
                 },
-            ));
+                here: DiskShape {
+                    sectors: self.sectors,
+                    read_only: self.read_only,
+                },
+            });
         }
         Ok(())
     }
@@ -667,6 +669,29 @@ pub(crate) mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("sectors"), "{err}");
+    }
+
+    #[test]
+    fn a_refused_state_says_why_as_a_typed_source() {
+        use std::error::Error as _;
+        let (dev, _scratch, mem) = driven_device();
+        let state = dev.save();
+        let other = Scratch::new(SECTORS * 2, 0);
+        let Err(err) = VirtioMmio::new(handles(block(&other), &mem))
+            .unwrap()
+            .load(&state)
+        else {
+            panic!("a state for another disk was loaded");
+        };
+        let why = err.source().and_then(|s| s.downcast_ref::<StateMismatch>());
+        assert!(
+            matches!(
+                why,
+                Some(StateMismatch::Disk { saved, here })
+                    if saved.sectors == SECTORS && here.sectors == SECTORS * 2
+            ),
+            "{why:?}"
+        );
     }
 }
 

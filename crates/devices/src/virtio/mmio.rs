@@ -13,7 +13,9 @@ use super::worker::{Serve, Worker, WorkerError};
 use super::{VirtioCounters, VirtioShared, F_VERSION_1};
 use crate::bus::{Access, BusDevice};
 use crate::persist::Persist;
+use crate::thread_setup::ThreadSetup;
 use crate::{Doorbell, IoAction, IrqLine};
+use warmvm_lifecycle::Pausable;
 
 /// Size of one device's register window.
 pub const MMIO_WINDOW: u64 = 0x1000;
@@ -60,7 +62,39 @@ pub trait VirtioBackend: Send {
     /// Another backend over the same host file or TAP (a dup of its fd).
     fn try_clone_backend(&self) -> std::io::Result<Box<dyn VirtioBackend>>;
     /// Whether a saved device state fits this device (the same disk, say).
-    fn check_state(&self, state: &BackendState) -> Result<(), String>;
+    fn check_state(&self, state: &BackendState) -> Result<(), StateMismatch>;
+}
+
+/// Why a saved device state does not fit the device it is loaded into.
+#[derive(Debug, thiserror::Error)]
+pub enum StateMismatch {
+    #[error("a {expected} device, not {found:?}")]
+    Kind {
+        expected: &'static str,
+        found: Box<BackendState>,
+    },
+    #[error("disk of {saved} saved, {here} here")]
+    Disk { saved: DiskShape, here: DiskShape },
+    #[error("MAC {saved:02x?} saved, {here:02x?} here")]
+    Mac { saved: [u8; 6], here: [u8; 6] },
+}
+
+/// A disk's size and access, as a state names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DiskShape {
+    pub sectors: u64,
+    pub read_only: bool,
+}
+
+impl std::fmt::Display for DiskShape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let access = if self.read_only {
+            "read-only"
+        } else {
+            "writable"
+        };
+        write!(f, "{} sectors ({access})", self.sectors)
+    }
 }
 
 /// The device-specific part of a virtio device's state.
@@ -145,6 +179,12 @@ pub enum VirtioError {
     },
     #[error("virtio device {name}: saved state does not fit: {reason}")]
     BadState { name: String, reason: String },
+    #[error("virtio device {name}: saved state does not fit: {source}")]
+    Mismatch {
+        name: String,
+        #[source]
+        source: StateMismatch,
+    },
     #[error("cannot create the notify eventfd of {name}: {err}")]
     EventFd { name: String, err: std::io::Error },
     #[error(transparent)]
@@ -160,6 +200,8 @@ pub struct MmioHandles {
     pub irq: IrqLine,
     pub doorbell: Arc<Doorbell>,
     pub counters: Arc<VirtioCounters>,
+    /// Run by the device's worker thread on itself before it serves (the VMM's filter).
+    pub thread_setup: ThreadSetup,
 }
 
 /// One virtio device on the MMIO bus.
@@ -179,6 +221,7 @@ pub struct VirtioMmio {
     config_generation: u32,
     /// Rebuilds a restored device's handles; kept so a reset can create fresh queues.
     max_sizes: Vec<u16>,
+    thread_setup: ThreadSetup,
 }
 
 /// Where a live device's requests are served.
@@ -237,6 +280,7 @@ impl VirtioMmio {
             queue_sel: 0,
             config_generation: 0,
             max_sizes,
+            thread_setup: h.thread_setup,
         })
     }
 
@@ -317,7 +361,7 @@ impl VirtioMmio {
     /// Stop the worker after it has finished its requests in hand (before a capture).
     pub fn pause(&self) -> Result<(), WorkerError> {
         match &self.engine {
-            Some(Engine::Thread(w)) => w.pause(),
+            Some(Engine::Thread(w)) => Pausable::pause(w),
             Some(Engine::Inline(_)) | None => Ok(()),
         }
     }
@@ -326,7 +370,11 @@ impl VirtioMmio {
     /// once this VMM owns the guest: a worker touches guest memory).
     pub fn resume(&mut self) {
         match &self.engine {
-            Some(Engine::Thread(w)) => return w.resume(),
+            Some(Engine::Thread(w)) => {
+                // Never an error: resuming a worker is an order to it.
+                let _ = Pausable::resume(w);
+                return;
+            }
             Some(Engine::Inline(_)) => return,
             None => {}
         }
@@ -442,8 +490,13 @@ impl VirtioMmio {
             self.engine = Some(engine);
             return Ok(());
         }
-        let worker =
-            Worker::start(self.shared.clone(), &self.notify, server).map_err(|e| e.to_string())?;
+        let worker = Worker::start(
+            self.shared.clone(),
+            &self.notify,
+            server,
+            self.thread_setup.clone(),
+        )
+        .map_err(|e| e.to_string())?;
         self.engine = Some(Engine::Thread(worker));
         Ok(())
     }
@@ -600,7 +653,12 @@ impl Persist for VirtioMmio {
                 self.backend.device_type()
             )));
         }
-        self.backend.check_state(&s.backend).map_err(&bad)?;
+        self.backend
+            .check_state(&s.backend)
+            .map_err(|source| VirtioError::Mismatch {
+                name: name.clone(),
+                source,
+            })?;
         let has = |b| s.status & b != 0;
         if (has(DRIVER) && !has(ACKNOWLEDGE))
             || (has(FEATURES_OK) && !has(DRIVER))

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use virtio_queue::{QueueOwnedT, QueueT, Reader, Writer};
 use vm_memory::GuestMemoryMmap;
 
-use super::mmio::{read_config_fields, BackendState, VirtioBackend};
+use super::mmio::{read_config_fields, BackendState, StateMismatch, VirtioBackend};
 use super::worker::Serve;
 use super::{VirtioShared, TYPE_NET};
 
@@ -89,13 +89,17 @@ impl VirtioBackend for Net {
         }))
     }
 
-    fn check_state(&self, state: &BackendState) -> Result<(), String> {
+    fn check_state(&self, state: &BackendState) -> Result<(), StateMismatch> {
         match state {
             BackendState::Net(s) if s.mac == self.mac => Ok(()),
-            BackendState::Net(s) => {
-                Err(format!("MAC {:02x?} saved, {:02x?} here", s.mac, self.mac))
-            }
-            other => Err(format!("a network device, not {other:?}")),
+            BackendState::Net(s) => Err(StateMismatch::Mac {
+                saved: s.mac,
+                here: self.mac,
+            }),
+            other => Err(StateMismatch::Kind {
+                expected: "network",
+                found: Box::new(other.clone()),
+            }),
         }
     }
 }

@@ -36,6 +36,7 @@ pub fn handles(backend: Box<dyn VirtioBackend>, mem: &GuestMemoryMmap) -> MmioHa
         irq: IrqLine::none(),
         doorbell: Arc::new(Doorbell::default()),
         counters: Arc::new(VirtioCounters::default()),
+        thread_setup: crate::ThreadSetup::none(),
     }
 }
 

@@ -6,25 +6,15 @@
 //! half done, then park), resume, stop. Requests the guest made available but the worker
 //! had not popped stay in the ring and are picked up by whoever runs the device next.
 
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use vmm_sys_util::eventfd::EventFd;
+use warmvm_lifecycle::{Next, NoHooks, Order, Parking, Pausable, ThreadState};
 
 use super::VirtioShared;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Want {
-    Run,
-    Pause,
-    Stop,
-}
-
-struct Control {
-    want: Want,
-    parked: bool,
-}
+use crate::thread_setup::{DeviceThread, ThreadSetup};
 
 /// How long a worker may take to finish its requests in hand and park.
 pub const PARK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -37,11 +27,13 @@ pub enum WorkerError {
     EventFd { name: String, err: std::io::Error },
     #[error("the worker of {0} did not park within {PARK_TIMEOUT:?}")]
     Unresponsive(String),
+    #[error("the worker of {0} has ended")]
+    Exited(String),
 }
 
 /// The VMM's side of a worker thread.
 pub struct Worker {
-    control: Arc<(Mutex<Control>, Condvar)>,
+    parking: Arc<Parking>,
     notify: EventFd,
     thread: Option<JoinHandle<()>>,
     name: String,
@@ -93,10 +85,6 @@ fn sleep(notify: &EventFd, host: Option<std::os::fd::RawFd>) -> std::io::Result<
     Ok(())
 }
 
-fn lock(c: &Mutex<Control>) -> std::sync::MutexGuard<'_, Control> {
-    c.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 impl Worker {
     /// Start a worker that serves `shared` with `server` whenever `notify` is signalled,
     /// and once at once (notifications may have come while no worker ran: before a
@@ -105,6 +93,7 @@ impl Worker {
         shared: Arc<VirtioShared>,
         notify: &EventFd,
         mut server: Box<dyn Serve>,
+        setup: ThreadSetup,
     ) -> Result<Self, WorkerError> {
         let name = shared.name.clone();
         let dup = |n: &EventFd| {
@@ -114,96 +103,66 @@ impl Worker {
             })
         };
         let thread_notify = dup(notify)?;
-        let control = Arc::new((
-            Mutex::new(Control {
-                want: Want::Run,
-                parked: false,
-            }),
-            Condvar::new(),
-        ));
-        let thread_control = control.clone();
+        let parking = Arc::new(Parking::new(Order::Run, ()));
+        let thread_parking = parking.clone();
         let thread = std::thread::Builder::new()
             .name(format!("virtio-{}", shared.name.replace('/', "-")))
             .spawn(move || {
-                warmvm_sandbox::enter_or_log(warmvm_sandbox::ThreadKind::DeviceWorker);
-                loop {
-                {
-                    let (m, cv) = &*thread_control;
-                    let mut c = lock(m);
-                    loop {
-                        match c.want {
-                            Want::Run => {
-                                c.parked = false;
-                                break;
-                            }
-                            Want::Stop => {
-                                c.parked = true;
-                                cv.notify_all();
-                                return;
-                            }
-                            Want::Pause => {
-                                if !c.parked {
-                                    c.parked = true;
-                                    cv.notify_all();
-                                }
-                                c = cv.wait(c).unwrap_or_else(|p| p.into_inner());
-                            }
-                        }
+                setup.enter(DeviceThread::VirtioWorker);
+                let _exit = thread_parking.exit_mark();
+                while let Ok(Next::Run) = thread_parking.next(&mut NoHooks) {
+                    let wants_host = !shared.failed() && server.serve(&shared);
+                    // Blocks until the guest notifies, the VMM gives an order or the host
+                    // side has work.
+                    let host = if wants_host { server.host_fd() } else { None };
+                    if let Err(e) = sleep(&thread_notify, host) {
+                        tracing::error!(device = %shared.name, error = %e, "notify eventfd failed; worker stops");
+                        return;
                     }
                 }
-                let wants_host = !shared.failed() && server.serve(&shared);
-                // Blocks until the guest notifies, the VMM gives an order or the host side
-                // has work.
-                let host = if wants_host { server.host_fd() } else { None };
-                if let Err(e) = sleep(&thread_notify, host) {
-                    tracing::error!(device = %shared.name, error = %e, "notify eventfd failed; worker stops");
-                    return;
-                }
-            }
             })
             .map_err(|err| WorkerError::Spawn {
                 name: name.clone(),
                 err,
             })?;
         Ok(Self {
-            control,
+            parking,
             notify: dup(notify)?,
             thread: Some(thread),
             name,
         })
     }
 
-    fn order(&self, want: Want) {
-        lock(&self.control.0).want = want;
-        self.control.1.notify_all();
+    fn order(&self, order: Order) {
+        self.parking.order(order);
         // Wakes the thread if it sleeps on the eventfd; a counter write cannot fail short of
         // overflowing 2^64 - 1 pending notifications.
         let _ = self.notify.write(1);
     }
+}
+
+impl Pausable for Worker {
+    type Error = WorkerError;
 
     /// Finish the requests in hand and park. On return the queues are quiescent.
-    pub fn pause(&self) -> Result<(), WorkerError> {
-        self.order(Want::Pause);
-        let (m, cv) = &*self.control;
-        let c = lock(m);
-        let (c, timeout) = cv
-            .wait_timeout_while(c, PARK_TIMEOUT, |c| !c.parked)
-            .unwrap_or_else(|p| p.into_inner());
-        drop(c);
-        if timeout.timed_out() {
-            return Err(WorkerError::Unresponsive(self.name.clone()));
+    fn pause(&self) -> Result<(), WorkerError> {
+        self.order(Order::Pause);
+        match self.parking.wait_parked(PARK_TIMEOUT) {
+            Some(ThreadState::Parked) => Ok(()),
+            Some(_) => Err(WorkerError::Exited(self.name.clone())),
+            None => Err(WorkerError::Unresponsive(self.name.clone())),
         }
-        Ok(())
     }
 
-    pub fn resume(&self) {
-        self.order(Want::Run);
+    fn resume(&self) -> Result<(), WorkerError> {
+        self.order(Order::Run);
+        Ok(())
     }
 }
 
 impl Drop for Worker {
     fn drop(&mut self) {
-        self.order(Want::Stop);
+        self.order(Order::Stop);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

@@ -684,7 +684,7 @@ fn resume(vms: &[Arc<Vm>], lifecycles: &[LifecycleState]) -> Resumed {
         *vm.shared.lifecycle() = lifecycle.to_lifecycle();
         // A paused VM's devices start serving when the VM is resumed.
         if matches!(lifecycle, LifecycleState::Running | LifecycleState::Created) {
-            vm.shared.devices.resume_virtio();
+            let _ = warmvm_devices::Pausable::resume(&vm.shared.devices); // an order: never fails
         }
         if *lifecycle == LifecycleState::Running {
             for h in vm.handles() {

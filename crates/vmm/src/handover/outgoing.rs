@@ -609,7 +609,7 @@ fn roll_back(vms: &[Arc<Vm>]) {
     for vm in vms {
         // A paused VM's devices stay paused until the VM is resumed.
         if matches!(vm.lifecycle(), Lifecycle::Running | Lifecycle::Created) {
-            vm.shared.devices.resume_virtio();
+            let _ = warmvm_devices::Pausable::resume(&vm.shared.devices); // an order: never fails
         }
         if vm.lifecycle() == Lifecycle::Running {
             for h in vm.handles() {

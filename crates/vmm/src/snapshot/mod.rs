@@ -41,6 +41,7 @@ use warmvm_memory::GuestRam;
 use crate::state::envelope::{self, Kind};
 use crate::state::{LifecycleState, StateError, VmConfigState, VmRecord};
 use crate::vm::{open_log, Lifecycle, Vm, VmError, VCPU_RESPONSE_TIMEOUT};
+use crate::Pausable;
 
 /// The snapshot format this build writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
@@ -573,7 +574,7 @@ impl Restored {
             self.lifecycle,
             LifecycleState::Running | LifecycleState::Created
         ) {
-            self.vm.shared.devices.resume_virtio();
+            let _ = warmvm_devices::Pausable::resume(&self.vm.shared.devices); // an order: never fails
         }
         if self.lifecycle == LifecycleState::Running {
             for h in self.vm.handles() {

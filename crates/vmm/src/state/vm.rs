@@ -208,13 +208,12 @@ impl Vm {
         let runtime = if self.lifecycle().is_finished() {
             None
         } else {
-            self.shared
-                .devices
-                .pause_virtio()
-                .map_err(|err| StateError::PauseDevices {
+            warmvm_devices::Pausable::pause(&self.shared.devices).map_err(|err| {
+                StateError::PauseDevices {
                     vm: self.name().to_string(),
                     err,
-                })?;
+                }
+            })?;
             // Read while the vCPU threads are still saving theirs.
             let kvm = self
                 .shared
@@ -314,7 +313,7 @@ pub struct Loading<'a> {
 
 impl Loading<'_> {
     /// Wait for every vCPU thread to have loaded its state, then load the devices (without
-    /// serving yet: the virtio devices start with `Devices::resume_virtio`, once the VM
+    /// serving yet: the virtio devices start with `Pausable::resume` of the devices, once the VM
     /// may run).
     pub(crate) fn finish(self) -> Result<(), StateError> {
         let vm = self.vm;
