@@ -10,8 +10,8 @@ use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::time::Duration;
 
+use warmvm_testkit::http_get as get;
 use warmvm_testkit::*;
-use warmvm_testkit::{connect_http, http_get as get, in_netns};
 
 const GUEST: &str = "10.77.0.2";
 

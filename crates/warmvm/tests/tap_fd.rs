@@ -7,7 +7,6 @@
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::process::Command;
 
-use warmvm_testkit::in_netns;
 use warmvm_testkit::*;
 
 const INDEX: &[u8] = b"<html><body>served through a TAP passed by fd</body></html>\n";
