@@ -585,6 +585,34 @@ impl Daemon {
         );
     }
 
+    /// Stop the daemon serving now (our child, or a successor a warm reboot started) with
+    /// SIGTERM, as systemd would, and wait at most `limit` until its socket stops
+    /// answering and it is gone (reaped if it is our child); false if it was not. For
+    /// benches, which report a daemon that does not stop instead of panicking; dropping
+    /// the `Daemon` still kills whatever is left.
+    pub fn stop(&mut self, limit: Duration) -> bool {
+        // SAFETY: kill has no memory effects; the pid is our child or the daemon that
+        // serves this test's socket.
+        unsafe { libc::kill(self.pid as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + limit;
+        let answers = || std::os::unix::net::UnixStream::connect(&self.socket).is_ok();
+        loop {
+            if let Some(c) = self.child.as_mut() {
+                let _ = c.try_wait();
+            }
+            if !answers() && !pid_alive(self.pid) {
+                if let Some(mut c) = self.child.take() {
+                    let _ = c.wait();
+                }
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// SIGTERM our child, then wait for its exit.
     pub fn terminate(&mut self) -> ExitStatus {
         let mut child = self.child.take().expect("the daemon is our child");
