@@ -32,6 +32,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use warmvm_api::Client;
 use warmvm_cli_common::bench_args::FaultsArgs;
+use warmvm_testkit::{Judgement, VmFigures};
 use warmvm_vmm::handover::faults::{self, Action, Fault, Point};
 
 use crate::cli::{Failure, EXIT_BAD_INPUT, EXIT_VM_FAILED};
@@ -494,42 +495,6 @@ fn set_up(client: &Client, child: &mut Child, args: &FaultsArgs) -> Result<(), S
     Ok(())
 }
 
-#[derive(Debug, Clone)]
-struct Figures {
-    state: String,
-    /// Pages each vCPU has verified.
-    verified: Vec<u64>,
-    mismatches: u64,
-    register_check_failures: u64,
-}
-
-/// Every VM's state and guest figures, from `GET /v1/vms`.
-fn sample(client: &Client) -> Result<BTreeMap<String, Figures>, String> {
-    let list = client
-        .list()
-        .map_err(|e| format!("cannot list the VMs: {e}"))?;
-    let mut out = BTreeMap::new();
-    for vm in list["vms"].as_array().into_iter().flatten() {
-        let g = &vm["guest"];
-        let n = |k: &str| g[k].as_u64().unwrap_or(0);
-        out.insert(
-            vm["name"].as_str().unwrap_or_default().to_string(),
-            Figures {
-                state: vm["state"].as_str().unwrap_or_default().to_string(),
-                verified: g["vcpus"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(|v| v["pages_verified"].as_u64().unwrap_or(0))
-                    .collect(),
-                mismatches: n("mismatches"),
-                register_check_failures: n("register_check_failures"),
-            },
-        );
-    }
-    Ok(out)
-}
-
 fn reboot_body(args: &FaultsArgs) -> Value {
     let mut body = json!({ "mode": "warm" });
     if let Some(ms) = args.stage_timeout_ms {
@@ -607,56 +572,19 @@ fn reboot_and_judge(
             format!("daemon {alive:?} is alive but does not serve the socket"),
         ),
         None => lost("no daemon is left".to_string()),
-        Some(pid) => match judge_vms(client, args) {
+        Some(pid) => match warmvm_testkit::judge(client, &vm_names(args)) {
             Ok(()) if pid == old_pid => (Outcome::RunningInOld, String::new()),
             Ok(()) => (Outcome::RunningInNew, String::new()),
-            Err((true, why)) => (Outcome::Corrupted, why),
-            Err((false, why)) => lost(why),
+            Err(Judgement::Corrupted(why)) => (Outcome::Corrupted, why),
+            Err(Judgement::Lost(why)) => lost(why),
         },
     };
     (outcome, reboot, serving, detail)
 }
 
-/// Every vCPU verified more pages in `now` than in `first`, and none went missing.
-fn every_vcpu_advanced(first: &[u64], now: &[u64]) -> bool {
-    first.len() == now.len() && first.iter().zip(now).all(|(a, b)| b > a)
-}
-
-/// Every VM listed, running, every vCPU's verified pages advancing (a vCPU whose state was
-/// lost stops while the others go on), no mismatch and no register
-/// check failure. Errors say whether the VMs are corrupted (true) or lost (false).
-fn judge_vms(client: &Client, args: &FaultsArgs) -> Result<(), (bool, String)> {
-    let names = vm_names(args);
-    let first = sample(client).map_err(|e| (false, e))?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        std::thread::sleep(Duration::from_millis(300));
-        let now = sample(client).map_err(|e| (false, e))?;
-        for (name, f) in &now {
-            if f.mismatches > 0 || f.register_check_failures > 0 || f.state == "crashed" {
-                return Err((true, format!("{name}: {f:?}")));
-            }
-        }
-        let missing: Vec<&String> = names.iter().filter(|n| !now.contains_key(*n)).collect();
-        if !missing.is_empty() {
-            return Err((false, format!("VMs {missing:?} are gone")));
-        }
-        let stalled: Vec<(&String, &Figures)> = now
-            .iter()
-            .filter(|(name, f)| {
-                f.state != "running"
-                    || first
-                        .get(*name)
-                        .is_some_and(|a| !every_vcpu_advanced(&a.verified, &f.verified))
-            })
-            .collect();
-        if stalled.is_empty() {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            return Err((false, format!("not running or not verifying: {stalled:?}")));
-        }
-    }
+/// Every VM's state and guest figures, from `GET /v1/vms`.
+fn sample(client: &Client) -> Result<BTreeMap<String, VmFigures>, String> {
+    warmvm_testkit::sample(client).map_err(|e| format!("cannot list the VMs: {e}"))
 }
 
 /// Live (not zombie) processes of this trial: any whose arguments name its socket.

@@ -6,22 +6,12 @@ mod vm;
 pub use netns::{connect_http, enter_netns, in_netns, ip, Netns};
 pub use vm::{ram_bytes, running_vm, wait_verified, ScratchDir};
 
-/// Whether tests that need /dev/kvm can run. Without KVM they are skipped with a message,
-/// unless `WARMVM_REQUIRE_KVM=1` (as in CI), where a missing KVM fails the test.
-pub fn kvm_available(test: &str) -> bool {
-    let usable = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if !usable {
-        if std::env::var("WARMVM_REQUIRE_KVM").as_deref() == Ok("1") {
-            panic!("{test}: /dev/kvm is not usable and WARMVM_REQUIRE_KVM=1");
-        }
-        eprintln!("{test}: skipped, /dev/kvm is not usable");
-    }
-    usable
-}
+// The one KVM gate of the tests (WARMVM_REQUIRE_KVM=1 turns a skip into a failure) is the
+// test kit's (crates/testkit): the kit depends on this crate, so this crate compiles the
+// kit's gate in rather than depending on it.
+#[path = "../../testkit/src/kvm.rs"]
+mod kvm;
+pub use kvm::{kvm_available, kvm_required, skip_or_fail};
 
 /// Send a GET on `s` (a keep-alive connection to the reference guest's HTTP server) and
 /// read its whole response: (status, body).

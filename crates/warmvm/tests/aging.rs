@@ -4,12 +4,10 @@
 //! one's post-start baseline, and the aging history and the reboot (with its reason) are
 //! carried over. In dry-run mode the same leak only raises an alert.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
 use serde_json::{json, Value};
+use warmvm_testkit::*;
 
 /// The daemon's config: a fast monitor (200 ms) with a 30 s horizon.
 fn config(dir: &std::path::Path, extra: &str) -> String {
@@ -88,7 +86,7 @@ fn a_leak_is_rejuvenated_before_the_limit(
     nofile: Option<u64>,
     aging_cfg: &str,
 ) {
-    if !warmvm_vmm::testing::kvm_available(tag) {
+    if !warmvm_testkit::kvm_available(tag) {
         return;
     }
     let mut d = daemon_with_vms(tag, aging_cfg, nofile);
@@ -232,7 +230,7 @@ fn an_fd_leak_makes_the_daemon_rejuvenate_itself_before_rlimit_nofile() {
 
 #[test]
 fn in_dry_run_a_leak_only_raises_an_alert() {
-    if !warmvm_vmm::testing::kvm_available("aging dry run") {
+    if !warmvm_testkit::kvm_available("aging dry run") {
         return;
     }
     let d = daemon_with_vms("aging-dry", "memory_budget_mib = 256\ndry_run = true", None);
@@ -290,7 +288,7 @@ fn log_says_rebooted(d: &Daemon) -> bool {
 /// (the allocator holds more than the program uses), and slower API requests.
 #[test]
 fn injected_threads_fragmentation_and_latency_show_in_the_samples() {
-    if !warmvm_vmm::testing::kvm_available("aging kinds") {
+    if !warmvm_testkit::kvm_available("aging kinds") {
         return;
     }
     let d = daemon_with_vms("aging-kinds", "dry_run = true", None);
@@ -333,7 +331,7 @@ fn injected_threads_fragmentation_and_latency_show_in_the_samples() {
 /// `schedule`, and the hold's state and the history cross the reboot.
 #[test]
 fn the_schedule_waits_for_a_hold_to_be_released() {
-    if !warmvm_vmm::testing::kvm_available("aging schedule") {
+    if !warmvm_testkit::kvm_available("aging schedule") {
         return;
     }
     let mut d = daemon_with_vms("aging-sched", "schedule_secs = 10\nhold = true", None);
@@ -397,7 +395,7 @@ fn the_schedule_waits_for_a_hold_to_be_released() {
 /// same, with every sample, event and reboot carried over and the VMs running on.
 #[test]
 fn a_daemon_with_the_largest_aging_history_still_warm_reboots() {
-    if !warmvm_vmm::testing::kvm_available("aging history at its bound") {
+    if !warmvm_testkit::kvm_available("aging history at its bound") {
         return;
     }
     const HISTORY: usize = 100_000;
@@ -471,15 +469,13 @@ fn a_bad_aging_setting_is_refused_at_start_up() {
     ] {
         let cfg = dir.join("bad.toml");
         std::fs::write(&cfg, body).unwrap();
-        let out = std::process::Command::new(BIN)
-            .args(["daemon", "--socket"])
-            .arg(dir.join("s.sock"))
-            .arg("--state-dir")
-            .arg(dir.join("state"))
-            .arg("--config")
-            .arg(&cfg)
-            .output()
-            .unwrap();
+        let out = refused(
+            daemon_command(&dir.join("s.sock"))
+                .arg("--state-dir")
+                .arg(dir.join("state"))
+                .arg("--config")
+                .arg(&cfg),
+        );
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{stderr}");
         assert!(stderr.contains(needle), "{needle}: {stderr}");
@@ -524,7 +520,7 @@ fn after_a_warm_reboot(
 /// settings came from: handed over with the aging state (inherited from the old pid).
 #[test]
 fn a_warm_reboot_keeps_the_configured_dry_run_and_says_it_is_inherited() {
-    if !warmvm_vmm::testing::kvm_available("aging settings inherited") {
+    if !warmvm_testkit::kvm_available("aging settings inherited") {
         return;
     }
     let (mut d, r, old_pid, text) = after_a_warm_reboot("aging-inherit", "dry_run = true", None);
@@ -545,7 +541,7 @@ fn a_warm_reboot_keeps_the_configured_dry_run_and_says_it_is_inherited() {
 /// passed on: `enabled = false` stays off (the defaults would reboot by themselves).
 #[test]
 fn unreadable_aging_state_keeps_the_configured_settings_passed_on() {
-    if !warmvm_vmm::testing::kvm_available("aging settings passed on") {
+    if !warmvm_testkit::kvm_available("aging settings passed on") {
         return;
     }
     let (mut d, r, _, text) =
@@ -571,7 +567,7 @@ fn unreadable_aging_state_keeps_the_configured_settings_passed_on() {
 /// whatever the defaults say), starts an empty history, and says so.
 #[test]
 fn with_neither_state_nor_settings_handed_over_the_monitor_only_alerts() {
-    if !warmvm_vmm::testing::kvm_available("aging settings unknown") {
+    if !warmvm_testkit::kvm_available("aging settings unknown") {
         return;
     }
     let (mut d, r, _, text) =

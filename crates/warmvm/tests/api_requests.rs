@@ -5,18 +5,16 @@
 //! Tests that need /dev/kvm are skipped without it, unless `WARMVM_REQUIRE_KVM=1` (CI), where
 //! they fail.
 
-mod common;
-
 use std::io::Read;
 
-use common::*;
 use serde_json::{json, Value};
+use warmvm_testkit::*;
 
 /// docs/openapi.json against a live daemon: every documented operation is served and every
 /// answer matches its documented schema.
 #[test]
 fn live_daemon_matches_the_openapi_document() {
-    if !warmvm_vmm::testing::kvm_available("live_daemon_matches_the_openapi_document") {
+    if !warmvm_testkit::kvm_available("live_daemon_matches_the_openapi_document") {
         return;
     }
     let doc: Value = serde_json::from_str(
@@ -185,7 +183,7 @@ fn live_daemon_matches_the_openapi_document() {
 /// nothing.
 #[test]
 fn malformed_requests_get_4xx_and_change_nothing() {
-    if !warmvm_vmm::testing::kvm_available("malformed_requests_get_4xx_and_change_nothing") {
+    if !warmvm_testkit::kvm_available("malformed_requests_get_4xx_and_change_nothing") {
         return;
     }
     let dir = scratch("malformed");

@@ -1,20 +1,15 @@
 //! The `warmvm` binary as an operator meets it: the demo, and one clear line for each kind
 //! of bad input.
 
-use std::path::PathBuf;
 use std::process::{Command, Output};
+
+use warmvm_testkit::scratch;
 
 fn warmvm(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_warmvm"))
         .args(args)
         .output()
         .expect("warmvm runs")
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("warmvm-cli-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("scratch dir");
-    dir
 }
 
 /// Write a config and run `warmvm run` on it.
@@ -47,7 +42,7 @@ fn assert_one_line_error(out: &Output, expected: &str) {
 
 #[test]
 fn demo_json_lists_four_vms_that_verified_all_memory() {
-    if !warmvm_vmm::testing::kvm_available("demo_json") {
+    if !warmvm_testkit::kvm_available("demo_json") {
         return;
     }
     let dir = scratch("demo");
@@ -119,7 +114,7 @@ fn missing_kernel_image() {
 
 #[test]
 fn garbage_kernel_image() {
-    if !warmvm_vmm::testing::kvm_available("garbage_kernel_image") {
+    if !warmvm_testkit::kvm_available("garbage_kernel_image") {
         return;
     }
     let dir = scratch("garbage");
@@ -151,11 +146,7 @@ fn missing_kvm_device() {
 /// Where this test cannot show what it claims: fail when the KVM tests are required
 /// (CI), as every other KVM test does, and say why otherwise.
 fn cannot_show(why: &str) {
-    assert!(
-        std::env::var("WARMVM_REQUIRE_KVM").as_deref() != Ok("1"),
-        "kvm_without_permission: {why}, and WARMVM_REQUIRE_KVM=1"
-    );
-    eprintln!("kvm_without_permission: skipped, {why}");
+    warmvm_testkit::skip_or_fail("kvm_without_permission", why);
 }
 
 #[test]
@@ -164,7 +155,7 @@ fn kvm_without_permission() {
     if unsafe { libc::geteuid() } != 0 || !std::path::Path::new("/usr/bin/setpriv").exists() {
         return cannot_show("it needs root and setpriv to drop privileges");
     }
-    if !warmvm_vmm::testing::kvm_available("kvm_without_permission") {
+    if !warmvm_testkit::kvm_available("kvm_without_permission") {
         return;
     }
     let kvm_mode = std::fs::metadata("/dev/kvm").map(|m| {

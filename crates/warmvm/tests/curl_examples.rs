@@ -1,24 +1,21 @@
 //! The README's and docs/daemon.md's curl examples, run as written against a live daemon.
 
-mod common;
-
 use std::process::Command;
 
-use common::*;
 use serde_json::{json, Value};
+use warmvm_testkit::*;
 
 /// Every `curl` example in the README runs as written against a daemon, warm reboot included.
 #[test]
 fn curl_examples_in_the_readme_work() {
-    if !warmvm_vmm::testing::kvm_available("curl_examples_in_the_readme_work") {
+    if !warmvm_testkit::kvm_available("curl_examples_in_the_readme_work") {
         return;
     }
     if Command::new("curl").arg("--version").output().is_err() {
-        assert!(
-            !required(),
-            "curl is not installed (apt-get install -y curl)"
+        skip_or_fail(
+            "curl_examples_in_the_readme_work",
+            "curl is not installed (apt-get install -y curl)",
         );
-        eprintln!("skipping curl_examples_in_the_readme_work: no curl");
         return;
     }
     let text =
@@ -59,14 +56,14 @@ fn curl_examples_in_the_readme_work() {
 /// daemon) and succeeds.
 #[test]
 fn curl_examples_in_the_docs_work() {
-    if !warmvm_vmm::testing::kvm_available("curl_examples_in_the_docs_work") {
+    if !warmvm_testkit::kvm_available("curl_examples_in_the_docs_work") {
         return;
     }
     if Command::new("curl").arg("--version").output().is_err() {
-        if required() {
-            panic!("curl is not installed (apt-get install -y curl)");
-        }
-        eprintln!("skipping curl_examples_in_the_docs_work: no curl");
+        skip_or_fail(
+            "curl_examples_in_the_docs_work",
+            "curl is not installed (apt-get install -y curl)",
+        );
         return;
     }
     let text =

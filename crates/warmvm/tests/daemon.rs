@@ -5,21 +5,21 @@
 //! Tests that need /dev/kvm are skipped without it, unless `WARMVM_REQUIRE_KVM=1` (CI), where
 //! they fail.
 
-mod common;
-
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::*;
 use serde_json::json;
+use warmvm_testkit::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_warmvm");
 
 /// The acceptance test: 8 VMs through the CLI; pause stops the guest's counter, resume lets
 /// it go on; stop and delete them all; SIGTERM ends the daemon cleanly.
 #[test]
 fn eight_vms_through_the_cli() {
-    if !warmvm_vmm::testing::kvm_available("eight_vms_through_the_cli") {
+    if !warmvm_testkit::kvm_available("eight_vms_through_the_cli") {
         return;
     }
     let dir = scratch("eight");
@@ -121,20 +121,18 @@ fn eight_vms_through_the_cli() {
 /// non-loopback metrics address refused; the loopback metrics port serves only /metrics.
 #[test]
 fn daemon_start_and_stop() {
-    if !warmvm_vmm::testing::kvm_available("daemon_start_and_stop") {
+    if !warmvm_testkit::kvm_available("daemon_start_and_stop") {
         return;
     }
     let dir = scratch("startstop");
     let mut d = Daemon::start(&dir, &["--metrics-addr", "127.0.0.1:19466"]);
 
     // A second daemon on the same socket is refused and leaves the first one alone.
-    let out = Command::new(BIN)
-        .args(["daemon", "--socket"])
-        .arg(&d.socket)
-        .arg("--state-dir")
-        .arg(dir.join("state2"))
-        .output()
-        .unwrap();
+    let out = refused(
+        daemon_command(&d.socket)
+            .arg("--state-dir")
+            .arg(dir.join("state2")),
+    );
     assert_eq!(out.status.code(), Some(3));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("already listening"), "{err}");
@@ -208,11 +206,7 @@ fn daemon_start_and_stop() {
     );
 
     // Non-loopback metrics addresses are refused before anything starts.
-    let out = Command::new(BIN)
-        .args(["daemon", "--metrics-addr", "0.0.0.0:9464", "--socket"])
-        .arg(dir.join("x.sock"))
-        .output()
-        .unwrap();
+    let out = refused(daemon_command(&dir.join("x.sock")).args(["--metrics-addr", "0.0.0.0:9464"]));
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("loopback"));
     assert!(!dir.join("x.sock").exists());
@@ -257,7 +251,7 @@ fn no_daemon_is_one_clear_line() {
 /// forced off after the grace period (`outcome=Forced`, `stopped`).
 #[test]
 fn stop_and_sigterm_press_the_power_button_and_force_only_guests_that_ignore_it() {
-    if !warmvm_vmm::testing::kvm_available(
+    if !warmvm_testkit::kvm_available(
         "stop_and_sigterm_press_the_power_button_and_force_only_guests_that_ignore_it",
     ) {
         return;

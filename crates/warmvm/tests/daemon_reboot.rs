@@ -4,10 +4,10 @@
 //! Tests that need /dev/kvm are skipped without it, unless `WARMVM_REQUIRE_KVM=1` (CI), where
 //! they fail.
 
-mod common;
-
-use common::*;
 use serde_json::Value;
+use warmvm_testkit::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_warmvm");
 
 /// Each VM's name, state, integrity counter and mismatches, from `warmvm vm list --json`.
 fn vm_figures(d: &Daemon) -> Vec<(String, String, u64, u64)> {
@@ -31,7 +31,7 @@ fn vm_figures(d: &Daemon) -> Vec<(String, String, u64, u64)> {
 /// mismatch. The last daemon, not our child, stops on SIGTERM and removes the socket.
 #[test]
 fn warm_reboots_of_the_daemon_keep_every_vm_running() {
-    if !warmvm_vmm::testing::kvm_available("warm_reboots_of_the_daemon_keep_every_vm_running") {
+    if !warmvm_testkit::kvm_available("warm_reboots_of_the_daemon_keep_every_vm_running") {
         return;
     }
     let dir = scratch("reboot");
@@ -240,7 +240,7 @@ fn warm_reboots_of_the_daemon_keep_every_vm_running() {
 /// daemon that refuses the state is a 409; each time the VMs run on in the same daemon.
 #[test]
 fn a_failed_warm_reboot_changes_nothing() {
-    if !warmvm_vmm::testing::kvm_available("a_failed_warm_reboot_changes_nothing") {
+    if !warmvm_testkit::kvm_available("a_failed_warm_reboot_changes_nothing") {
         return;
     }
     let dir = scratch("rebootfail");
@@ -312,7 +312,7 @@ fn a_failed_warm_reboot_changes_nothing() {
 /// its answer, the CLI and the log say the blackout was not measured; never 0 µs.
 #[test]
 fn a_warm_reboot_without_a_report_is_answered_as_not_measured() {
-    if !warmvm_vmm::testing::kvm_available("reboot without a report") {
+    if !warmvm_testkit::kvm_available("reboot without a report") {
         return;
     }
     let dir = scratch("noreport");

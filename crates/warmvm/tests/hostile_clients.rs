@@ -2,15 +2,13 @@
 //! port (open to every local user) must not lock root out of the API socket or stop a warm
 //! reboot, and a crowd of concurrent clients gets answers or 503s, never a reset.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use common::*;
+use warmvm_testkit::*;
 
 /// What a client read back: the status of a complete HTTP answer, or why there was none.
 fn outcome(mut s: impl Read) -> Result<u16, String> {
@@ -33,7 +31,7 @@ fn outcome(mut s: impl Read) -> Result<u16, String> {
 
 #[test]
 fn slow_clients_on_the_metrics_port_lock_out_neither_the_api_nor_a_warm_reboot() {
-    if !warmvm_vmm::testing::kvm_available(
+    if !warmvm_testkit::kvm_available(
         "slow_clients_on_the_metrics_port_lock_out_neither_the_api_nor_a_warm_reboot",
     ) {
         return;
@@ -112,7 +110,7 @@ fn slow_clients_on_the_metrics_port_lock_out_neither_the_api_nor_a_warm_reboot()
 
 #[test]
 fn two_hundred_concurrent_clients_get_answers_or_503s_never_resets() {
-    if !warmvm_vmm::testing::kvm_available(
+    if !warmvm_testkit::kvm_available(
         "two_hundred_concurrent_clients_get_answers_or_503s_never_resets",
     ) {
         return;

@@ -8,13 +8,11 @@
 //! network namespace of the test's own, where it creates the hostile guests' TAPs.
 //! WARMVM_HOSTILE_SECS sets the time (default 20; 600 for the ten-minute figure).
 
-mod common;
-
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use common::*;
+use warmvm_testkit::*;
 
 /// The console cap and rate are the lowest the daemon takes (a 4 KiB burst is its minimum
 /// too), so that even a guest starved of CPU outruns them: on the shared 2-core host, under
@@ -47,9 +45,8 @@ fn file_len(path: &std::path::Path) -> u64 {
 
 #[test]
 fn hostile_guests_stay_within_their_bounds_beside_normal_ones() {
-    if !warmvm_vmm::testing::kvm_available(
-        "hostile_guests_stay_within_their_bounds_beside_normal_ones",
-    ) {
+    if !warmvm_testkit::kvm_available("hostile_guests_stay_within_their_bounds_beside_normal_ones")
+    {
         return;
     }
     let secs: u64 = std::env::var("WARMVM_HOSTILE_SECS")

@@ -6,11 +6,9 @@
 //! device and then serves HTTP through it); the healthy VMs keep verifying and serving, and
 //! the daemon keeps answering. (virtio-blk's cases are in tests/virtio_blk.rs.)
 
-mod common;
-
 use std::path::PathBuf;
 
-use common::*;
+use warmvm_testkit::*;
 
 const KINDS: [&str; 5] = ["loop", "addr", "len", "index", "status"];
 const INDEX: &[u8] = b"<html><body>served after a broken driver</body></html>\n";
@@ -28,7 +26,7 @@ fn failures(metrics: &str, vm: &str, device: &str) -> u64 {
 
 #[test]
 fn hostile_net_drivers_fail_only_their_own_device() {
-    if !warmvm_vmm::testing::kvm_available("hostile_net_drivers_fail_only_their_own_device") {
+    if !warmvm_testkit::kvm_available("hostile_net_drivers_fail_only_their_own_device") {
         return;
     }
     let dir = scratch("hostile-net");

@@ -4,16 +4,14 @@
 //! after it, and files that were warm before it cause no new cache misses after it; clients
 //! that keep stopping, with less buffer than the window they offered, still get every byte.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::time::Duration;
 
-use common::*;
-use warmvm_vmm::testing::{connect_http, http_get as get, in_netns};
+use warmvm_testkit::http_get as get;
+use warmvm_testkit::*;
 
 const GUEST: &str = "10.77.0.2";
 
@@ -83,7 +81,7 @@ fn start_web_guest(
 
 #[test]
 fn http_from_a_cached_disk_across_a_warm_reboot() {
-    if !warmvm_vmm::testing::kvm_available("http_from_a_cached_disk_across_a_warm_reboot") {
+    if !warmvm_testkit::kvm_available("http_from_a_cached_disk_across_a_warm_reboot") {
         return;
     }
     let dir = scratch("http");
@@ -191,7 +189,7 @@ fn http_from_a_cached_disk_across_a_warm_reboot() {
 
 #[test]
 fn http_from_a_cached_disk_across_a_saved_reboot() {
-    if !warmvm_vmm::testing::kvm_available("http_from_a_cached_disk_across_a_saved_reboot") {
+    if !warmvm_testkit::kvm_available("http_from_a_cached_disk_across_a_saved_reboot") {
         return;
     }
     let dir = scratch("http-saved");
@@ -301,7 +299,7 @@ fn download_stopping_often(big: &[u8]) -> u32 {
 /// the guest's bursts and hid it).
 #[test]
 fn readers_that_keep_stopping_get_their_whole_downloads() {
-    if !warmvm_vmm::testing::kvm_available("readers_that_keep_stopping_get_their_whole_downloads") {
+    if !warmvm_testkit::kvm_available("readers_that_keep_stopping_get_their_whole_downloads") {
         return;
     }
     let dir = scratch("http-slow");

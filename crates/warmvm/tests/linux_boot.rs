@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use warmvm_testkit::{kvm_available, scratch, skip_or_fail};
+
 const TIMEOUT: Duration = Duration::from_secs(6 * 60);
 
 /// Kills and reaps the VMM however the test ends.
@@ -30,38 +32,33 @@ fn kernel_path() -> PathBuf {
     }
 }
 
-fn required() -> bool {
-    std::env::var("WARMVM_REQUIRE_KVM").is_ok_and(|v| v == "1")
-}
-
-fn skip_or_fail(why: &str) {
-    if required() {
-        panic!("{why} (WARMVM_REQUIRE_KVM=1); run scripts/fetch-linux-kernel.sh first");
-    }
-    eprintln!("skipping linux_boot: {why}; run scripts/fetch-linux-kernel.sh to enable it");
-}
-
 fn toml_string(s: &str) -> String {
     format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
 }
 
 #[test]
 fn linux_prints_its_banner_and_command_line() {
+    let test = "linux_prints_its_banner_and_command_line";
     let kernel = kernel_path();
     if !kernel.is_file() {
-        return skip_or_fail(&format!("no Linux kernel at {}", kernel.display()));
+        skip_or_fail(
+            test,
+            &format!(
+                "no Linux kernel at {} (run scripts/fetch-linux-kernel.sh)",
+                kernel.display()
+            ),
+        );
+        return;
     }
-    if !Path::new("/dev/kvm").exists() {
-        return skip_or_fail("/dev/kvm does not exist");
+    if !kvm_available(test) {
+        return;
     }
 
     let nonce = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or(0);
-    let dir =
-        std::env::temp_dir().join(format!("warmvm-linux-boot-{}-{nonce}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch(&format!("linux-boot-{nonce}"));
     let console = dir.join("console.log");
     let config = dir.join("vm.toml");
     let cmdline =

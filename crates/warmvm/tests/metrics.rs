@@ -2,12 +2,10 @@
 //! (`promtool check metrics`, Debian package `prometheus`): a daemon with running VMs,
 //! paused and stopped ones, scraped on its socket and on its loopback port.
 
-mod common;
-
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-use common::*;
+use warmvm_testkit::*;
 
 /// promtool's verdict on `text`: (success, its output).
 fn promtool_check(text: &str) -> (bool, String) {
@@ -48,7 +46,7 @@ fn promtool_rejects_a_broken_exposition() {
 
 #[test]
 fn live_metrics_pass_promtool() {
-    if !warmvm_vmm::testing::kvm_available("live_metrics_pass_promtool") {
+    if !warmvm_testkit::kvm_available("live_metrics_pass_promtool") {
         return;
     }
     let dir = scratch("promtool");

@@ -5,11 +5,9 @@
 //! vCPU whose state was lost or never restored stops verifying (or starts over from zero)
 //! while the others go on, which a judgement of the VM as a whole could miss.
 
-mod common;
-
 use serde_json::Value;
 
-use common::{scratch, show, wait_until, Daemon};
+use warmvm_testkit::{scratch, show, wait_until, Daemon};
 
 /// One vCPU's figures as the guest reported them.
 #[derive(Clone, Debug)]
@@ -109,7 +107,7 @@ fn daemon_reboot(d: &mut Daemon, mode: &str) -> Value {
 /// One VM of `vcpus` vCPUs through a warm reboot, a snapshot and its restore under a new
 /// name, a saved reboot and a cold reboot, every vCPU judged after each.
 fn every_vcpu_survives_every_mode(vcpus: usize) {
-    if !warmvm_vmm::testing::kvm_available("multi_vcpu") {
+    if !warmvm_testkit::kvm_available("multi_vcpu") {
         return;
     }
     let dir = scratch(&format!("mvcpu{vcpus}"));

@@ -3,13 +3,13 @@
 //! can address, tables that fit long names, `vm console`, `vm delete` and its state
 //! directory, completions and man pages.
 
-mod common;
-
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
 
-use common::*;
 use serde_json::Value;
+use warmvm_testkit::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_warmvm");
 
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
@@ -136,7 +136,7 @@ fn create(d: &Daemon, args: &[&str], stdin: Option<&str>) -> Output {
 
 #[test]
 fn vm_create_from_flags_file_and_stdin_and_long_names_in_tables() {
-    if !warmvm_vmm::testing::kvm_available("vm_create_forms") {
+    if !warmvm_testkit::kvm_available("vm_create_forms") {
         return;
     }
     let dir = scratch("create");
@@ -226,7 +226,7 @@ fn vm_create_from_flags_file_and_stdin_and_long_names_in_tables() {
 
 #[test]
 fn vm_console_prints_and_follows_and_delete_removes_the_state_directory() {
-    if !warmvm_vmm::testing::kvm_available("vm_console") {
+    if !warmvm_testkit::kvm_available("vm_console") {
         return;
     }
     let dir = scratch("console");

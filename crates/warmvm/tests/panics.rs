@@ -3,10 +3,8 @@
 //! else makes the daemon warm-reboot into a fresh process that runs every VM on. The
 //! panics are injected through the test build's `PUT /v1/debug/panic`.
 
-mod common;
-
-use common::*;
 use serde_json::{json, Value};
+use warmvm_testkit::*;
 
 /// Every running VM's counter moves on from `before` with nothing corrupted.
 fn assert_running_and_verifying(d: &Daemon, before: &[(String, String, u64, u64)]) {
@@ -55,7 +53,7 @@ fn new_daemon_pid(d: &Daemon, old_pid: u32) -> u32 {
 }
 
 fn a_panic_moves_every_vm_to_a_fresh_daemon(thread: &str) {
-    if !warmvm_vmm::testing::kvm_available(thread) {
+    if !warmvm_testkit::kvm_available(thread) {
         return;
     }
     let mut d = daemon_with_vms(&format!("panic-{thread}"), &["p1", "p2"]);
@@ -96,7 +94,7 @@ fn a_panic_in_the_main_loop_moves_every_vm_to_a_fresh_daemon() {
 
 #[test]
 fn a_panic_on_a_vcpu_thread_crashes_that_vm_only_and_blocks_no_reboot() {
-    if !warmvm_vmm::testing::kvm_available("vcpu panic") {
+    if !warmvm_testkit::kvm_available("vcpu panic") {
         return;
     }
     let mut d = daemon_with_vms("panic-vcpu", &["hit", "spared"]);

@@ -8,12 +8,11 @@
 //! the machine is changed for it; the daemon creates its state directory and gives it to
 //! the user.
 
-mod common;
-
 use std::os::unix::fs::MetadataExt;
-use std::process::Command;
 
-use common::*;
+use warmvm_testkit::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_warmvm");
 
 const UID: u32 = 65534;
 
@@ -112,7 +111,7 @@ fn reported_matches_proc(d: &Daemon, seccomp: &str) -> serde_json::Value {
 
 #[test]
 fn a_dropped_daemon_runs_vms_through_a_warm_reboot_and_an_upgrade_as_its_user() {
-    if !warmvm_vmm::testing::kvm_available(
+    if !warmvm_testkit::kvm_available(
         "a_dropped_daemon_runs_vms_through_a_warm_reboot_and_an_upgrade_as_its_user",
     ) {
         return;
@@ -204,21 +203,19 @@ fn a_dropped_daemon_runs_vms_through_a_warm_reboot_and_an_upgrade_as_its_user() 
 
 /// `warmvm daemon` with `args`, expected to refuse to start: its exit status and stderr.
 fn refused(dir: &std::path::Path, state: &str, args: &[&str]) -> (Option<i32>, String) {
-    let out = Command::new(BIN)
-        .args(["daemon", "--socket"])
-        .arg(dir.join("refused.sock"))
-        .arg("--state-dir")
-        .arg(dir.join(state))
-        .args(args)
-        .output()
-        .unwrap();
+    let out = warmvm_testkit::refused(
+        daemon_command(&dir.join("refused.sock"))
+            .arg("--state-dir")
+            .arg(dir.join(state))
+            .args(args),
+    );
     let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
     (out.status.code(), err)
 }
 
 #[test]
 fn without_kept_capabilities_none_remain_and_bad_settings_are_refused() {
-    if !warmvm_vmm::testing::kvm_available(
+    if !warmvm_testkit::kvm_available(
         "without_kept_capabilities_none_remain_and_bad_settings_are_refused",
     ) {
         return;
@@ -273,9 +270,8 @@ fn without_kept_capabilities_none_remain_and_bad_settings_are_refused() {
 /// them); no_new_privs only because the seccomp filters set it, and not with them off.
 #[test]
 fn a_root_daemon_reports_roots_privileges_and_its_seccomp_mode() {
-    if !warmvm_vmm::testing::kvm_available(
-        "a_root_daemon_reports_roots_privileges_and_its_seccomp_mode",
-    ) {
+    if !warmvm_testkit::kvm_available("a_root_daemon_reports_roots_privileges_and_its_seccomp_mode")
+    {
         return;
     }
     for (seccomp, no_new_privs) in [("true", true), ("log", true), ("false", false)] {
@@ -305,7 +301,7 @@ fn a_root_daemon_reports_roots_privileges_and_its_seccomp_mode() {
 /// has no owner (the kernel asks no capability for that).
 #[test]
 fn creating_a_tap_needs_the_kept_cap_net_admin() {
-    if !warmvm_vmm::testing::kvm_available("creating_a_tap_needs_the_kept_cap_net_admin") {
+    if !warmvm_testkit::kvm_available("creating_a_tap_needs_the_kept_cap_net_admin") {
         return;
     }
     let uid = UID.to_string();
@@ -344,7 +340,7 @@ fn creating_a_tap_needs_the_kept_cap_net_admin() {
 /// new daemons hold /dev/kvm open although they could not have opened it.
 #[test]
 fn a_user_without_kvm_access_warm_reboots_with_the_kvm_fd_handed_over() {
-    if !warmvm_vmm::testing::kvm_available(
+    if !warmvm_testkit::kvm_available(
         "a_user_without_kvm_access_warm_reboots_with_the_kvm_fd_handed_over",
     ) {
         return;
@@ -401,9 +397,7 @@ fn a_user_without_kvm_access_warm_reboots_with_the_kvm_fd_handed_over() {
 /// starts. Another user's file in it stays theirs.
 #[test]
 fn a_state_directory_that_systemd_made_is_given_to_the_user() {
-    if !warmvm_vmm::testing::kvm_available(
-        "a_state_directory_that_systemd_made_is_given_to_the_user",
-    ) {
+    if !warmvm_testkit::kvm_available("a_state_directory_that_systemd_made_is_given_to_the_user") {
         return;
     }
     use std::os::unix::fs::PermissionsExt;

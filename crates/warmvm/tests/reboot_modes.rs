@@ -3,12 +3,10 @@
 //! new daemon) and the cold reboot (every guest powered off and booted again), and what
 //! happens when the disk is full or fills up during a saved reboot.
 
-mod common;
-
 use std::path::Path;
 use std::time::Duration;
 
-use common::{counter, create, figures, scratch, show, verifies_on, Daemon};
+use warmvm_testkit::{counter, create, figures, scratch, show, verifies_on, Daemon};
 
 fn stderr(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).trim().to_string()
@@ -16,7 +14,7 @@ fn stderr(out: &std::process::Output) -> String {
 
 #[test]
 fn a_snapshot_restored_under_a_new_name_runs_beside_the_original() {
-    if !warmvm_vmm::testing::kvm_available("cli_snapshot_restore") {
+    if !warmvm_testkit::kvm_available("cli_snapshot_restore") {
         return;
     }
     let dir = scratch("snap");
@@ -78,7 +76,7 @@ fn a_snapshot_restored_under_a_new_name_runs_beside_the_original() {
 
 #[test]
 fn a_saved_reboot_keeps_every_vm_and_its_memory() {
-    if !warmvm_vmm::testing::kvm_available("saved_reboot") {
+    if !warmvm_testkit::kvm_available("saved_reboot") {
         return;
     }
     let dir = scratch("saved");
@@ -118,7 +116,7 @@ fn a_saved_reboot_keeps_every_vm_and_its_memory() {
 
 #[test]
 fn a_cold_reboot_boots_every_vm_again() {
-    if !warmvm_vmm::testing::kvm_available("cold_reboot") {
+    if !warmvm_testkit::kvm_available("cold_reboot") {
         return;
     }
     let dir = scratch("cold");
@@ -182,7 +180,7 @@ impl Drop for SmallFs {
 
 #[test]
 fn too_little_free_space_refuses_a_saved_reboot_and_changes_nothing() {
-    if !warmvm_vmm::testing::kvm_available("saved_reboot_full_disk") {
+    if !warmvm_testkit::kvm_available("saved_reboot_full_disk") {
         return;
     }
     let dir = scratch("full");
@@ -213,7 +211,7 @@ fn too_little_free_space_refuses_a_saved_reboot_and_changes_nothing() {
 
 #[test]
 fn a_disk_that_fills_up_during_a_saved_reboot_leaves_every_vm_running() {
-    if !warmvm_vmm::testing::kvm_available("saved_reboot_interrupted") {
+    if !warmvm_testkit::kvm_available("saved_reboot_interrupted") {
         return;
     }
     let dir = scratch("midway");
@@ -252,7 +250,7 @@ fn a_disk_that_fills_up_during_a_saved_reboot_leaves_every_vm_running() {
 /// on in the old daemon. A single `vm snapshot` whose writer dies leaves its VM running.
 #[test]
 fn killing_the_snapshot_writer_at_any_point_leaves_every_vm_running() {
-    if !warmvm_vmm::testing::kvm_available("snapshot_writer_killed") {
+    if !warmvm_testkit::kvm_available("snapshot_writer_killed") {
         return;
     }
     for point in ["early", "mid-ram", "before-sync", "before-rename"] {

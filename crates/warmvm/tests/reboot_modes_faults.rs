@@ -8,13 +8,11 @@
 //! VM that no process ran yet. A VM may be lost only with the process that owned it when
 //! that process was killed, and never runs twice from two states.
 
-mod common;
-
 use std::path::PathBuf;
 use std::time::Instant;
 
-use common::{counter, create, pid_alive, scratch, show, verifies_on, wait_until, Daemon};
 use serde_json::Value;
+use warmvm_testkit::{counter, create, pid_alive, scratch, show, verifies_on, wait_until, Daemon};
 
 const VMS: [&str; 2] = ["v1", "v2"];
 
@@ -337,7 +335,7 @@ macro_rules! for_both_modes {
             use super::*;
             $(#[test]
             fn $name() {
-                if !warmvm_vmm::testing::kvm_available(concat!("saved_", stringify!($name))) {
+                if !warmvm_testkit::kvm_available(concat!("saved_", stringify!($name))) {
                     return;
                 }
                 let $mode = "saved";
@@ -348,7 +346,7 @@ macro_rules! for_both_modes {
             use super::*;
             $(#[test]
             fn $name() {
-                if !warmvm_vmm::testing::kvm_available(concat!("cold_", stringify!($name))) {
+                if !warmvm_testkit::kvm_available(concat!("cold_", stringify!($name))) {
                     return;
                 }
                 let $mode = "cold";
@@ -376,7 +374,7 @@ for_both_modes! {
 /// on where it was.
 #[test]
 fn a_vm_that_cannot_be_resumed_after_a_failed_saved_reboot_is_reported_paused() {
-    if !warmvm_vmm::testing::kvm_available("undo_resume_fail") {
+    if !warmvm_testkit::kvm_available("undo_resume_fail") {
         return;
     }
     let mut s = setup(
@@ -415,7 +413,7 @@ fn a_vm_that_cannot_be_resumed_after_a_failed_saved_reboot_is_reported_paused() 
 /// none back (nothing says the snapshot on disk is not stale) and keeps that snapshot.
 #[test]
 fn killing_the_old_daemon_while_saving_loses_the_vms_with_it() {
-    if !warmvm_vmm::testing::kvm_available("old_saving_kill") {
+    if !warmvm_testkit::kvm_available("old_saving_kill") {
         return;
     }
     let mut s = setup("saved-os", "saved", "old:saving:kill");
@@ -435,7 +433,7 @@ fn killing_the_old_daemon_while_saving_loses_the_vms_with_it() {
 /// refuse to start, naming the file, and the file stays.
 #[test]
 fn a_corrupt_snapshot_or_manifest_is_reported_and_kept() {
-    if !warmvm_vmm::testing::kvm_available("corrupt_manifest") {
+    if !warmvm_testkit::kvm_available("corrupt_manifest") {
         return;
     }
     let mut s = setup("saved-bad", "saved", "old:manifest:kill");
@@ -466,13 +464,11 @@ fn a_corrupt_snapshot_or_manifest_is_reported_and_kept() {
     // Stop the daemon (its VM powers off) and spoil the manifest: no daemon starts on it.
     s.d.terminate();
     std::fs::write(s.manifest(), b"{\"version\": 1").unwrap();
-    let out = std::process::Command::new(common::BIN)
-        .args(["daemon", "--socket"])
-        .arg(&s.d.socket)
-        .arg("--state-dir")
-        .arg(s.d.dir.join("state"))
-        .output()
-        .unwrap();
+    let out = warmvm_testkit::refused(
+        warmvm_testkit::daemon_command(&s.d.socket)
+            .arg("--state-dir")
+            .arg(s.d.dir.join("state")),
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
     let line = stderr
@@ -487,7 +483,7 @@ fn a_corrupt_snapshot_or_manifest_is_reported_and_kept() {
 /// not brought back: one line says why, and it stays in the manifest with its snapshot.
 #[test]
 fn a_vm_whose_name_is_taken_stays_in_the_manifest() {
-    if !warmvm_vmm::testing::kvm_available("manifest_name_taken") {
+    if !warmvm_testkit::kvm_available("manifest_name_taken") {
         return;
     }
     let mut s = setup("saved-taken", "saved", "old:manifest:kill");

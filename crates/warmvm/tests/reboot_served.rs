@@ -5,14 +5,14 @@
 //! and says how far the reboot is; the reboot goes on) and `--stage-timeout-ms` (the new
 //! daemon's preparation).
 
-mod common;
-
 use std::io::{Read, Write};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{scratch, wait_until, Daemon, BIN};
 use serde_json::{json, Value};
+use warmvm_testkit::{scratch, wait_until, Daemon};
+
+const BIN: &str = env!("CARGO_BIN_EXE_warmvm");
 
 /// The correctness bound on every answer while the reboot runs (not a speed figure: an
 /// answer that waits for the reboot takes seconds).
@@ -31,14 +31,14 @@ fn create_slow(d: &Daemon, name: &str) {
     // Running, and not up: its guest says it is booting.
     assert!(
         wait_until(30, || {
-            let vm = common::show(d, name);
+            let vm = warmvm_testkit::show(d, name);
             vm["state"] == "running"
                 && vm["guest"]["vcpus"]
                     .as_array()
                     .is_some_and(|v| !v.is_empty() && v.iter().all(|c| c["phase"] == "booting"))
         }),
         "the guest never reported its booting phase: {}\n{}",
-        common::show(d, name),
+        warmvm_testkit::show(d, name),
         d.log()
     );
 }
@@ -90,7 +90,7 @@ fn text(b: &[u8]) -> String {
 
 #[test]
 fn a_cold_reboot_waiting_for_a_guest_never_takes_the_api_away() {
-    if !warmvm_vmm::testing::kvm_available("reboot_served") {
+    if !warmvm_testkit::kvm_available("reboot_served") {
         return;
     }
     let dir = scratch("reboot-served");
@@ -228,7 +228,7 @@ fn a_cold_reboot_waiting_for_a_guest_never_takes_the_api_away() {
 
 #[test]
 fn the_cli_stops_waiting_at_its_timeout_and_says_how_far_the_reboot_is() {
-    if !warmvm_vmm::testing::kvm_available("reboot_cli_timeout") {
+    if !warmvm_testkit::kvm_available("reboot_cli_timeout") {
         return;
     }
     let dir = scratch("reboot-timeout");
@@ -278,12 +278,12 @@ fn the_cli_stops_waiting_at_its_timeout_and_says_how_far_the_reboot_is() {
 
 #[test]
 fn the_stage_timeout_set_on_the_cli_bounds_a_new_daemon_that_hangs() {
-    if !warmvm_vmm::testing::kvm_available("reboot_stage_timeout") {
+    if !warmvm_testkit::kvm_available("reboot_stage_timeout") {
         return;
     }
     let dir = scratch("reboot-stage");
     let d = Daemon::start(&dir, &[]);
-    common::create(&d, "w1");
+    warmvm_testkit::create(&d, "w1");
     // A "new daemon" that never says anything.
     let hang = dir.join("hang.sh");
     std::fs::write(&hang, "#!/bin/sh\nexec sleep 600\n").unwrap();
@@ -340,12 +340,12 @@ fn the_stage_timeout_set_on_the_cli_bounds_a_new_daemon_that_hangs() {
     let s = d.client().status().unwrap();
     assert_eq!(s["pid"].as_u64(), Some(u64::from(d.pid)));
     assert!(s["reboot_in_progress"].is_null(), "{s}");
-    common::verifies_on(&d, "w1", 1);
+    warmvm_testkit::verifies_on(&d, "w1", 1);
 }
 
 #[test]
 fn a_new_daemon_stopped_while_it_waits_for_a_guest_stops_cleanly() {
-    if !warmvm_vmm::testing::kvm_available("reboot_stop_while_waiting") {
+    if !warmvm_testkit::kvm_available("reboot_stop_while_waiting") {
         return;
     }
     let dir = scratch("reboot-stop-waiting");

@@ -4,11 +4,11 @@
 //! run under the allow-lists. (Each kind's calls outside its list are tried in
 //! crates/sandbox's own tests.)
 
-mod common;
-
 use std::collections::BTreeMap;
 
-use common::*;
+use warmvm_testkit::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_warmvm");
 
 /// Each thread's name and its (seccomp mode, number of filters) from /proc.
 fn threads(pid: u32) -> BTreeMap<String, Vec<(u32, u32)>> {
@@ -68,7 +68,7 @@ fn assert_filtered(d: &Daemon, vm: &str, console: bool) {
 
 #[test]
 fn every_daemon_thread_but_the_helper_runs_filtered_through_reboots_and_an_upgrade() {
-    if !warmvm_vmm::testing::kvm_available(
+    if !warmvm_testkit::kvm_available(
         "every_daemon_thread_but_the_helper_runs_filtered_through_reboots_and_an_upgrade",
     ) {
         return;
@@ -98,7 +98,7 @@ fn every_daemon_thread_but_the_helper_runs_filtered_through_reboots_and_an_upgra
 
 #[test]
 fn seccomp_false_leaves_every_thread_unfiltered_and_log_mode_runs_filtered() {
-    if !warmvm_vmm::testing::kvm_available(
+    if !warmvm_testkit::kvm_available(
         "seccomp_false_leaves_every_thread_unfiltered_and_log_mode_runs_filtered",
     ) {
         return;
@@ -140,7 +140,7 @@ fn seccomp_false_leaves_every_thread_unfiltered_and_log_mode_runs_filtered() {
 /// daemon is not killed by SIGSYS on the way.
 #[test]
 fn the_virtio_http_guest_a_snapshot_and_a_saved_reboot_run_under_the_filters() {
-    if !warmvm_vmm::testing::kvm_available(
+    if !warmvm_testkit::kvm_available(
         "the_virtio_http_guest_a_snapshot_and_a_saved_reboot_run_under_the_filters",
     ) {
         return;
@@ -237,7 +237,7 @@ fn the_virtio_http_guest_a_snapshot_and_a_saved_reboot_run_under_the_filters() {
 /// `mid-ram` is on one of its RAM-writing threads, `early` on its main thread.
 #[test]
 fn the_snapshot_writer_is_killed_for_a_call_outside_its_own_allow_list() {
-    if !warmvm_vmm::testing::kvm_available(
+    if !warmvm_testkit::kvm_available(
         "the_snapshot_writer_is_killed_for_a_call_outside_its_own_allow_list",
     ) {
         return;

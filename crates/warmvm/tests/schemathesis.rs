@@ -15,8 +15,6 @@
 //! exist, 409 a conflict with the host's or the daemon's state, 507 not enough memory or
 //! space) or that the host failed, so the document states every rule a request alone can break.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener};
 use std::os::unix::net::UnixStream;
@@ -24,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use warmvm_testkit::*;
 
 /// The whole Schemathesis run may take this long; it is killed (and the test fails) after.
 const RUN_LIMIT: Duration = Duration::from_secs(240);
@@ -73,7 +71,7 @@ fn forward(socket: PathBuf) -> u16 {
 
 #[test]
 fn schemathesis_finds_the_daemon_true_to_its_openapi_document() {
-    if !warmvm_vmm::testing::kvm_available("schemathesis") {
+    if !warmvm_testkit::kvm_available("schemathesis") {
         return;
     }
     let st = schemathesis();

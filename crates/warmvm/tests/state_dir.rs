@@ -2,13 +2,13 @@
 //! cold reboots), no directory created for a `--socket` that names a missing one, and
 //! relative paths refused in requests and configs without anything created.
 
-mod common;
-
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-use common::{create, scratch, Daemon, BIN};
+use warmvm_testkit::{create, daemon_command, refused, scratch, Daemon};
+
+const BIN: &str = env!("CARGO_BIN_EXE_warmvm");
 
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).trim().to_string()
@@ -16,14 +16,11 @@ fn stderr(out: &Output) -> String {
 
 /// A second `warmvm daemon` (no logs but errors), waited for.
 fn second_daemon(socket: &Path, state_dir: &Path) -> Output {
-    Command::new(BIN)
-        .args(["--log-level", "error", "daemon", "--socket"])
-        .arg(socket)
-        .arg("--state-dir")
-        .arg(state_dir)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
+    refused(
+        daemon_command(socket)
+            .args(["--log-level", "error", "--state-dir"])
+            .arg(state_dir),
+    )
 }
 
 /// A second daemon on `d`'s state directory is refused, naming `d`'s pid, whether it asks
@@ -62,7 +59,7 @@ fn assert_second_refused(d: &Daemon) {
 
 #[test]
 fn a_second_daemon_on_a_used_state_directory_is_refused_and_changes_nothing() {
-    if !warmvm_vmm::testing::kvm_available("second_daemon") {
+    if !warmvm_testkit::kvm_available("second_daemon") {
         return;
     }
     let dir = scratch("lock2");
@@ -76,7 +73,7 @@ fn a_second_daemon_on_a_used_state_directory_is_refused_and_changes_nothing() {
 
 #[test]
 fn the_lock_passes_through_warm_saved_and_cold_reboots() {
-    if !warmvm_vmm::testing::kvm_available("lock_reboots") {
+    if !warmvm_testkit::kvm_available("lock_reboots") {
         return;
     }
     let dir = scratch("lockrb");
@@ -138,7 +135,7 @@ fn tree(dir: &Path) -> Vec<String> {
 
 #[test]
 fn relative_paths_in_requests_are_refused_with_one_line_and_create_nothing() {
-    if !warmvm_vmm::testing::kvm_available("relative_paths_in_requests") {
+    if !warmvm_testkit::kvm_available("relative_paths_in_requests") {
         return;
     }
     let dir = scratch("relreq");
@@ -291,7 +288,7 @@ fn relative_paths_in_a_config_file_are_refused_with_one_line_and_create_nothing(
 /// (which a chain of other processes finish), after a failed one, and on Ctrl-C.
 #[test]
 fn the_demo_leaves_nothing_behind() {
-    if !warmvm_vmm::testing::kvm_available("the_demo_leaves_nothing_behind") {
+    if !warmvm_testkit::kvm_available("the_demo_leaves_nothing_behind") {
         return;
     }
     let runtime = warmvm_vmm::config::default_runtime_dir();
@@ -332,7 +329,7 @@ fn the_demo_leaves_nothing_behind() {
     let child = demo(&["--seconds", "60", "--no-reboot"]);
     let dir = runtime.join(format!("demo-{}", child.id()));
     assert!(
-        common::wait_until(30, || dir.join("demo-0").exists()),
+        warmvm_testkit::wait_until(30, || dir.join("demo-0").exists()),
         "the demo never made {}",
         dir.display()
     );

@@ -3,12 +3,12 @@
 //! and the daemon's flags. (Starting it needs systemd as PID 1, which the tests cannot
 //! assume; the daemon's side of `--user` under systemd is tested in privileges.rs.)
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{scratch, BIN};
+use warmvm_testkit::scratch;
+
+const BIN: &str = env!("CARGO_BIN_EXE_warmvm");
 
 const INSTALLED: &str = "/usr/local/bin/warmvm";
 

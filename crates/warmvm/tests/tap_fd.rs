@@ -4,13 +4,10 @@
 //! not in, so only the fds can reach them; the guests serve HTTP through them before and
 //! after a warm reboot. Fds that are not TAPs are refused with one clear line.
 
-mod common;
-
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::process::Command;
 
-use common::*;
-use warmvm_vmm::testing::in_netns;
+use warmvm_testkit::*;
 
 const INDEX: &[u8] = b"<html><body>served through a TAP passed by fd</body></html>\n";
 
@@ -39,9 +36,8 @@ fn serves(ns: &Netns, addr: &str) -> bool {
 
 #[test]
 fn guests_serve_through_taps_passed_by_fd_across_a_warm_reboot() {
-    if !warmvm_vmm::testing::kvm_available(
-        "guests_serve_through_taps_passed_by_fd_across_a_warm_reboot",
-    ) {
+    if !warmvm_testkit::kvm_available("guests_serve_through_taps_passed_by_fd_across_a_warm_reboot")
+    {
         return;
     }
     let dir = scratch("tapfd");
@@ -132,7 +128,7 @@ fn guests_serve_through_taps_passed_by_fd_across_a_warm_reboot() {
 
 #[test]
 fn fds_that_are_not_taps_are_refused_with_one_line() {
-    if !warmvm_vmm::testing::kvm_available("fds_that_are_not_taps_are_refused_with_one_line") {
+    if !warmvm_testkit::kvm_available("fds_that_are_not_taps_are_refused_with_one_line") {
         return;
     }
     let dir = scratch("tapfd-bad");
@@ -147,15 +143,13 @@ fn fds_that_are_not_taps_are_refused_with_one_line() {
         format!("[[vm]]\nname = \"a\"\nmemory_mib = 16\n[[vm.nets]]\ntap_fd = {fd}\n"),
     )
     .unwrap();
-    let out = Command::new(BIN)
-        .args(["daemon", "--socket"])
-        .arg(dir.join("bad.sock"))
-        .arg("--state-dir")
-        .arg(dir.join("bad-state"))
-        .arg("--config")
-        .arg(&config)
-        .output()
-        .unwrap();
+    let out = refused(
+        daemon_command(&dir.join("bad.sock"))
+            .arg("--state-dir")
+            .arg(dir.join("bad-state"))
+            .arg("--config")
+            .arg(&config),
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(
@@ -212,7 +206,7 @@ fn fds_that_are_not_taps_are_refused_with_one_line() {
 /// by name (which a TAP still attached refuses), so the guest serves again.
 #[test]
 fn a_cold_reboot_boots_the_guest_on_its_tap_again() {
-    if !warmvm_vmm::testing::kvm_available("a_cold_reboot_boots_the_guest_on_its_tap_again") {
+    if !warmvm_testkit::kvm_available("a_cold_reboot_boots_the_guest_on_its_tap_again") {
         return;
     }
     let dir = scratch("tapcold");

@@ -9,14 +9,14 @@
 //! so it writes state format 2 and has no Ready/Commit step. Format 2 is the oldest this
 //! build takes over from; an upgrade from it is what every deployed daemon will go through.
 
-mod fault_harness;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use fault_harness::{pid_alive, scratch, Daemon, Outcome, BIN, BUSY};
 use serde_json::{json, Value};
+use warmvm_testkit::{daemon_command, pid_alive, refused, scratch, Daemon, Outcome, Ready, BUSY};
+
+const BIN: &str = env!("CARGO_BIN_EXE_warmvm");
 
 /// The old build: the last commit before the commit protocol (state format 2).
 const OLD_COMMIT: &str = "a4125687dc243b036af1a0ed9ee947d7161014e4";
@@ -114,13 +114,11 @@ fn status(d: &Daemon) -> Value {
 /// daemon serving holds the directory's lock, also when an older build without the lock
 /// started it.
 fn assert_third_daemon_refused(d: &Daemon) {
-    let out = Command::new(BIN)
-        .args(["--log-level", "error", "daemon", "--socket"])
-        .arg(d.dir.join("third.sock"))
-        .arg("--state-dir")
-        .arg(d.dir.join("state"))
-        .output()
-        .unwrap();
+    let out = refused(
+        daemon_command(&d.dir.join("third.sock"))
+            .args(["--log-level", "error", "--state-dir"])
+            .arg(d.dir.join("state")),
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{err}");
     assert!(
@@ -164,14 +162,19 @@ fn upgrade(d: &mut Daemon, binary: Option<&Path>, names: &[String]) {
 
 #[test]
 fn upgrade_from_the_last_build_without_the_commit_protocol() {
-    if !warmvm_vmm::testing::kvm_available(
-        "upgrade_from_the_last_build_without_the_commit_protocol",
-    ) {
+    if !warmvm_testkit::kvm_available("upgrade_from_the_last_build_without_the_commit_protocol") {
         return;
     }
     let old_bin = old_build();
     let dir = scratch("upgrade");
-    let mut d = Daemon::start(&old_bin, &[], &dir, &[]);
+    // Ready once it answers: the old build may not notify as this one does.
+    let mut d = Daemon::builder(&dir)
+        .binary(&old_bin)
+        .log_level("info")
+        .stop_grace_secs(1)
+        .ready(Ready::Answers, Duration::from_secs(60))
+        .client_timeout(Duration::from_secs(20))
+        .start();
     let names: Vec<String> = (0..2).map(|i| format!("vm{i}")).collect();
     // One vCPU each: the older build runs only vCPU 0 of a VM with several.
     d.create_vms(&names, 1, BUSY);

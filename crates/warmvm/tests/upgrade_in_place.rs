@@ -6,13 +6,13 @@
 //! Tests that need /dev/kvm are skipped without it, unless `WARMVM_REQUIRE_KVM=1` (CI), where
 //! they fail.
 
-mod common;
-
 use std::path::Path;
 use std::process::Command;
 
-use common::*;
 use serde_json::Value;
+use warmvm_testkit::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_warmvm");
 
 fn sha256_of(path: &Path) -> String {
     let f = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -53,7 +53,7 @@ fn refused(d: &Daemon, want: &str) {
 
 #[test]
 fn a_warm_reboot_runs_the_build_installed_over_the_daemons_path() {
-    if !warmvm_vmm::testing::kvm_available(
+    if !warmvm_testkit::kvm_available(
         "a_warm_reboot_runs_the_build_installed_over_the_daemons_path",
     ) {
         return;
@@ -130,7 +130,7 @@ fn a_warm_reboot_runs_the_build_installed_over_the_daemons_path() {
 
 #[test]
 fn a_daemon_started_through_a_symlink_follows_it_to_the_next_build() {
-    if !warmvm_vmm::testing::kvm_available(
+    if !warmvm_testkit::kvm_available(
         "a_daemon_started_through_a_symlink_follows_it_to_the_next_build",
     ) {
         return;

@@ -1,11 +1,9 @@
 //! A VM's uptime is the time it has existed, whichever VMM process runs it: warm reboots
 //! must neither lose the time spent staging them nor restart the count.
 
-mod common;
-
 use std::time::Instant;
 
-use common::*;
+use warmvm_testkit::*;
 
 /// The VM's uptime, and the wall-clock window in which it was read.
 fn uptime(d: &Daemon, name: &str) -> (Instant, u64, Instant) {
@@ -17,7 +15,7 @@ fn uptime(d: &Daemon, name: &str) -> (Instant, u64, Instant) {
 
 #[test]
 fn uptime_counts_the_time_a_vm_existed_across_warm_reboots() {
-    if !warmvm_vmm::testing::kvm_available("uptime across warm reboots") {
+    if !warmvm_testkit::kvm_available("uptime across warm reboots") {
         return;
     }
     let mut d = Daemon::start(&scratch("uptime"), &[]);

@@ -2,9 +2,7 @@
 //! disk (O_DIRECT image) through the daemon's VMM, keeps re-reading and re-checking it, and
 //! goes on doing so across a warm reboot that hands the disk fd and the queue state over.
 
-mod common;
-
-use common::*;
+use warmvm_testkit::*;
 
 fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
@@ -48,9 +46,7 @@ fn create_disk_vm(
 
 #[test]
 fn the_reference_guest_reads_its_disk_across_a_warm_reboot() {
-    if !warmvm_vmm::testing::kvm_available(
-        "the_reference_guest_reads_its_disk_across_a_warm_reboot",
-    ) {
+    if !warmvm_testkit::kvm_available("the_reference_guest_reads_its_disk_across_a_warm_reboot") {
         return;
     }
     let dir = scratch("blk");
@@ -131,7 +127,7 @@ fn the_reference_guest_reads_its_disk_across_a_warm_reboot() {
 /// daemon answers, and a healthy VM beside them keeps verifying its RAM and its disk.
 #[test]
 fn hostile_guests_fail_only_their_own_disk() {
-    if !warmvm_vmm::testing::kvm_available("hostile_guests_fail_only_their_own_disk") {
+    if !warmvm_testkit::kvm_available("hostile_guests_fail_only_their_own_disk") {
         return;
     }
     let dir = scratch("hostile");
@@ -239,7 +235,7 @@ fn hostile_guests_fail_only_their_own_disk() {
 /// the VM, and the guest's disk checks go on.
 #[test]
 fn a_failed_warm_reboot_resumes_the_disk() {
-    if !warmvm_vmm::testing::kvm_available("a_failed_warm_reboot_resumes_the_disk") {
+    if !warmvm_testkit::kvm_available("a_failed_warm_reboot_resumes_the_disk") {
         return;
     }
     let dir = scratch("blkfail");

@@ -5,13 +5,13 @@
 use std::process::Command;
 
 use serde_json::Value;
+use warmvm_testkit::scratch;
 
 fn demo(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, Value, String) {
     // Tests run in parallel threads: each demo gets a state directory of its own.
     static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "warmvm-reboot-{}-{}",
-        std::process::id(),
+    let dir = scratch(&format!(
+        "reboot-{}",
         NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     ));
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_warmvm"));
@@ -48,7 +48,7 @@ fn assert_all_vms_verified(doc: &Value) {
 
 #[test]
 fn four_vms_survive_consecutive_warm_reboots() {
-    if !warmvm_vmm::testing::kvm_available("four_vms_survive_consecutive_warm_reboots") {
+    if !warmvm_testkit::kvm_available("four_vms_survive_consecutive_warm_reboots") {
         return;
     }
     // CI runs 10; WARMVM_TEST_REBOOTS=100 runs the full acceptance count.
@@ -67,7 +67,7 @@ fn four_vms_survive_consecutive_warm_reboots() {
 
 #[test]
 fn the_demo_with_two_and_four_vcpus_verifies_every_vcpu_across_a_warm_reboot() {
-    if !warmvm_vmm::testing::kvm_available("demo_vcpus") {
+    if !warmvm_testkit::kvm_available("demo_vcpus") {
         return;
     }
     for vcpus in ["2", "4"] {
@@ -93,7 +93,7 @@ fn the_demo_with_two_and_four_vcpus_verifies_every_vcpu_across_a_warm_reboot() {
 /// A fault in the new VMM (`WARMVM_FAULT`, or the refusal `WARMVM_HANDOVER_FAULT`): the
 /// reboot must fail, say why and in which phase, and every VM go on in the old VMM.
 fn fault_leaves_every_vm_running(env: (&str, &str), expected: &[&str]) {
-    if !warmvm_vmm::testing::kvm_available(env.1) {
+    if !warmvm_testkit::kvm_available(env.1) {
         return;
     }
     let (code, doc, stderr) = demo(&["--reboot-timeout-secs", "5"], &[env]);
@@ -201,7 +201,7 @@ fn unmeasured_reboot(fault: &str) -> (Vec<String>, Value, String) {
 /// the blackout given as what it is at least.
 #[test]
 fn a_vcpu_stuck_in_its_park_after_the_commit_is_reported_not_measured() {
-    if !warmvm_vmm::testing::kvm_available("stuck vCPU") {
+    if !warmvm_testkit::kvm_available("stuck vCPU") {
         return;
     }
     let (errors, doc, stderr) = unmeasured_reboot("new:vcpu-resume:delay:5500");
@@ -229,7 +229,7 @@ fn a_vcpu_stuck_in_its_park_after_the_commit_is_reported_not_measured() {
 /// new VMM says in its own report that its report went nowhere.
 #[test]
 fn a_report_that_never_reaches_the_old_vmm_is_no_figure() {
-    if !warmvm_vmm::testing::kvm_available("lost report") {
+    if !warmvm_testkit::kvm_available("lost report") {
         return;
     }
     let (errors, _doc, stderr) = unmeasured_reboot("new:running:delay:6500");
@@ -250,7 +250,7 @@ fn a_report_that_never_reaches_the_old_vmm_is_no_figure() {
 /// datagram holds) must arrive whole at every VMM along a chain.
 #[test]
 fn a_demo_chain_carrying_more_than_a_control_message_holds_passes() {
-    if !warmvm_vmm::testing::kvm_available("large carry") {
+    if !warmvm_testkit::kvm_available("large carry") {
         return;
     }
     let (code, doc, stderr) = demo(
@@ -273,7 +273,7 @@ fn a_demo_chain_carrying_more_than_a_control_message_holds_passes() {
 
 #[test]
 fn live_upgrade_to_a_different_build() {
-    if !warmvm_vmm::testing::kvm_available("live_upgrade_to_a_different_build") {
+    if !warmvm_testkit::kvm_available("live_upgrade_to_a_different_build") {
         return;
     }
     // Build warmvm a second time, as another build (its own WARMVM_BUILD_ID), in a target
@@ -320,14 +320,12 @@ fn live_upgrade_to_a_different_build() {
 
 #[test]
 fn rejuvenation_works_after_the_binary_file_was_replaced() {
-    if !warmvm_vmm::testing::kvm_available("rejuvenation_works_after_the_binary_file_was_replaced")
-    {
+    if !warmvm_testkit::kvm_available("rejuvenation_works_after_the_binary_file_was_replaced") {
         return;
     }
     // A package upgrade replaces the file under a running VMM: rejuvenating "with its own
     // binary" must still start the build that is running, not fail on a vanished path.
-    let dir = std::env::temp_dir().join(format!("warmvm-replaced-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("scratch dir");
+    let dir = scratch("replaced");
     let copy = dir.join("warmvm");
     std::fs::copy(env!("CARGO_BIN_EXE_warmvm"), &copy).expect("binary copied");
     let child = Command::new(&copy)
