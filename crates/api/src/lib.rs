@@ -37,6 +37,7 @@ pub mod server;
 pub mod socket;
 pub mod state;
 pub mod state_lock;
+pub mod successor;
 
 pub use client::{Client, ClientError};
 pub use daemon::{DaemonError, DaemonOptions};

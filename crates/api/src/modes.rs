@@ -11,7 +11,7 @@
 //!
 //! The old daemon keeps the VMs it took aside (paused, or their configs) until the new one
 //! has taken over: if replacing the daemon fails, they run on here as before. What the new
-//! daemon needs travels in the handover's `extra` under [`EXTRA_KEY`], strictly typed.
+//! daemon needs travels in the successor settings (`crate::successor`), strictly typed.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -26,8 +26,6 @@ use crate::bring_back;
 use crate::progress::Tracker;
 use crate::state::{ApiError, ApiState};
 
-/// Where in the handover's extra data the VMs to bring back travel.
-pub const EXTRA_KEY: &str = "bring_back";
 /// The format of [`BringBack`]; a new daemon refuses another, before the commit. 2: the
 /// receiver takes each VM off the durable manifest (`bring_back.rs`) before it runs it. A
 /// daemon that read format 1 would boot a cold reboot's VMs and leave the manifest behind,
@@ -39,9 +37,6 @@ pub const SAVED_DIR: &str = "saved-reboot";
 pub const DEFAULT_BOOT_WAIT: Duration = Duration::from_secs(120);
 /// Bounds of the boot wait a reboot request may set (`boot_wait_secs`).
 pub const BOOT_WAIT_SECS: std::ops::RangeInclusive<u64> = 1..=3600;
-/// The key under which the old daemon passes the boot wait in the handover's settings
-/// (read with `get`: builds that do not know it ignore it).
-pub const BOOT_WAIT_KEY: &str = "boot_wait_ms";
 /// How long the new daemon waits for the old one to exit (and free its RAM) first.
 const OLD_EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -700,25 +695,6 @@ pub fn bring_back(
     report
 }
 
-/// Decode what the old daemon passed on, strictly.
-pub fn from_extra(extra: &serde_json::Value) -> Option<Result<BringBack, String>> {
-    let v = extra.get(EXTRA_KEY)?;
-    Some(
-        serde_json::from_value::<BringBack>(v.clone())
-            .map_err(|e| format!("the VMs to bring back are malformed: {e}"))
-            .and_then(|bb| {
-                if bb.version == BRING_BACK_VERSION {
-                    Ok(bb)
-                } else {
-                    Err(format!(
-                        "the VMs to bring back are in format {}, this daemon reads {BRING_BACK_VERSION}",
-                        bb.version
-                    ))
-                }
-            }),
-    )
-}
-
 /// The state directory's saved-reboot directory.
 pub fn saved_dir(state_dir: &Path) -> PathBuf {
     state_dir.join(SAVED_DIR)
@@ -747,22 +723,37 @@ mod tests {
                 was_paused: false,
             }],
         };
-        let extra = serde_json::json!({ EXTRA_KEY: bb });
-        let back = from_extra(&extra).unwrap().unwrap();
+        use crate::successor::{Fallbacks, Successor};
+        let fallbacks = Fallbacks {
+            stage_timeout: Duration::from_secs(1),
+            ready_budget: Duration::from_secs(1),
+            limits: crate::limits::Limits::default(),
+        };
+        let mut settings = Successor::new(
+            Duration::from_secs(1),
+            Duration::from_secs(1),
+            Default::default(),
+            false,
+        );
+        settings.bring_back = Some(bb);
+        let extra = settings.encode().unwrap();
+        let back = Successor::decode(&extra, &fallbacks).unwrap();
+        back.check().unwrap();
+        let back = back.bring_back.unwrap();
         assert_eq!(back.vms[0].snapshot.as_deref(), Some(Path::new("/x/a")));
         let mut bad = extra.clone();
-        bad[EXTRA_KEY]["surprise"] = serde_json::json!(1);
-        assert!(from_extra(&bad).unwrap().is_err());
+        bad["bring_back"]["surprise"] = serde_json::json!(1);
+        assert!(Successor::decode(&bad, &fallbacks).is_err());
         let mut newer = extra.clone();
-        newer[EXTRA_KEY]["version"] = serde_json::json!(BRING_BACK_VERSION + 1);
-        assert!(from_extra(&newer).unwrap().unwrap_err().contains("format"));
+        newer["bring_back"]["version"] = serde_json::json!(BRING_BACK_VERSION + 1);
+        let newer = Successor::decode(&newer, &fallbacks).unwrap();
+        assert!(newer.check().unwrap_err().to_string().contains("format"));
         let mut missing = extra;
-        missing[EXTRA_KEY]
+        missing["bring_back"]
             .as_object_mut()
             .unwrap()
             .remove("prepared_ns");
-        assert!(from_extra(&missing).unwrap().is_err());
-        assert!(from_extra(&serde_json::json!({})).is_none());
+        assert!(Successor::decode(&missing, &fallbacks).is_err());
         assert_eq!(Mode::parse("cold"), Some(Mode::Cold));
         assert_eq!(
             parse_cold_tap_name(&cold_tap_name("web/1", 3)),

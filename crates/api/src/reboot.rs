@@ -16,6 +16,7 @@ use crate::aging::RebootReason;
 use crate::bring_back;
 use crate::modes::{self, Mode};
 use crate::state::{ApiError, ApiState, DEFAULT_STOP_GRACE_SECS, MAX_STOP_GRACE_SECS};
+use crate::successor::Successor;
 
 /// The body of `PUT /v1/reboot`.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -58,10 +59,6 @@ pub struct RebootRequest {
     pub boot_wait_secs: Option<u64>,
 }
 
-/// The key of the old daemon's executable (a `BinaryInfo`) in the settings it hands on:
-/// the new daemon's status reports which executable it took over from.
-pub const PREVIOUS_BINARY_KEY: &str = "previous_binary";
-
 /// Bounds of the reboot timeouts a request or a flag may set.
 pub const STAGE_TIMEOUT_MS: std::ops::RangeInclusive<u64> = 100..=600_000;
 pub const READY_BUDGET_MS: std::ops::RangeInclusive<u64> = 10..=60_000;
@@ -78,8 +75,8 @@ pub const REBOOT_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct RebootSetup {
     /// The new daemon's arguments (`--takeover-fd` is added by the handover).
     pub args: Vec<OsString>,
-    /// Opaque settings for the new daemon.
-    pub extra: serde_json::Value,
+    /// The settings for the new daemon that outlive every reboot.
+    pub successor: Successor,
     /// Named fds for the new daemon: at least `api-listener`.
     pub extra_fds: Vec<(String, RawFd)>,
     /// Environment for the new daemon (e.g. the seccomp mode, which older builds ignore).
@@ -258,33 +255,41 @@ impl ApiState {
             }
             faults::hit(Point::OldManifest);
         }
-        let mut extra = self.successor_extra(&setup.extra, reason.clone());
-        if let (Some(w), Some(map)) = (req.boot_wait_secs, extra.as_object_mut()) {
-            map.insert(modes::BOOT_WAIT_KEY.to_string(), (w * 1000).into());
+        let mut successor = self.successor(&setup.successor, reason.clone());
+        successor.boot_wait_ms = req.boot_wait_secs.map(|w| w * 1000);
+        #[allow(unused_mut)]
+        let mut bring_back = prepared.as_ref().map(|(bb, _)| bb.clone());
+        // Test builds: stand in for a successor that reads another format.
+        #[cfg(feature = "fault-injection")]
+        if let (Some(bb), Some(n)) = (
+            bring_back.as_mut(),
+            std::env::var("WARMVM_FAULT_BRING_BACK_VERSION")
+                .ok()
+                .and_then(|n| n.parse::<u32>().ok()),
+        ) {
+            bb.version = n;
         }
-        if let (Some((bb, _)), Some(map)) = (&prepared, extra.as_object_mut()) {
-            match serde_json::to_value(bb) {
-                #[allow(unused_mut)]
-                Ok(mut v) => {
-                    // Test builds: stand in for a successor that reads another format.
-                    #[cfg(feature = "fault-injection")]
-                    if let Some(n) = std::env::var("WARMVM_FAULT_BRING_BACK_VERSION")
-                        .ok()
-                        .and_then(|n| n.parse::<u32>().ok())
-                    {
-                        v["version"] = n.into();
-                    }
-                    map.insert(modes::EXTRA_KEY.to_string(), v);
-                }
-                Err(e) => {
-                    let undone =
-                        prepared.map(|(bb, held)| modes::undo(&mut host, held, &bb, &manifest));
-                    return Err(undo_failed(
-                        ApiError::new(500, format!("cannot encode the VMs: {e}")),
-                        undone,
-                    ));
-                }
+        successor.bring_back = bring_back;
+        #[allow(unused_mut)]
+        let mut extra = match successor.encode() {
+            Ok(v) => v,
+            Err(e) => {
+                let undone =
+                    prepared.map(|(bb, held)| modes::undo(&mut host, held, &bb, &manifest));
+                return Err(undo_failed(
+                    ApiError::new(500, format!("cannot encode the VMs: {e}")),
+                    undone,
+                ));
             }
+        };
+        // Test builds: stand in for a daemon of a build whose successor settings are of
+        // another version.
+        #[cfg(feature = "fault-injection")]
+        if let Some(n) = std::env::var("WARMVM_FAULT_SUCCESSOR_VERSION")
+            .ok()
+            .and_then(|n| n.parse::<u64>().ok())
+        {
+            extra[crate::successor::VERSION_KEY] = n.into();
         }
         // Cold: the powered-off VMs held here keep their TAPs attached; the new daemon
         // boots them on these (kept open until this process exits or undoes the reboot).
@@ -390,23 +395,17 @@ impl ApiState {
         self.reboot_for(br#"{"mode": "warm"}"#, reason)
     }
 
-    /// The daemon's settings for its successor, plus the aging state and why it reboots.
-    fn successor_extra(&self, base: &serde_json::Value, reason: RebootReason) -> serde_json::Value {
-        let mut extra = base.clone();
-        if let (Some(obj), Some(m)) = (extra.as_object_mut(), self.aging()) {
-            obj.insert("aging".into(), m.carry(reason).encode());
+    /// The daemon's settings for its successor, plus the aging state, why it reboots and
+    /// this executable.
+    fn successor(&self, base: &Successor, reason: RebootReason) -> Successor {
+        let mut s = base.clone();
+        if let Some(m) = self.aging() {
+            s.aging = Some(m.carry(reason).encode());
             // So that a successor that cannot read the state still knows the configuration.
-            if let Some(cfg) = m.configured().and_then(|c| serde_json::to_value(c).ok()) {
-                obj.insert(crate::aging::carry::CONFIGURED_KEY.into(), cfg);
-            }
+            s.aging_configured = m.configured().and_then(|c| serde_json::to_value(c).ok());
         }
-        if let (Some(obj), Ok(binary)) = (
-            extra.as_object_mut(),
-            serde_json::to_value(warmvm_vmm::executable::info()),
-        ) {
-            obj.insert(PREVIOUS_BINARY_KEY.into(), binary);
-        }
-        extra
+        s.previous_binary = Some(warmvm_vmm::executable::info());
+        s
     }
 }
 

@@ -1,6 +1,6 @@
-//! What the aging monitor hands to the daemon a warm reboot starts (the `aging` key of the
-//! handover's `extra` value): its settings, hold, sample history, decisions and the reboot
-//! history, plus why this reboot happens. Typed, versioned and decoded strictly: a missing
+//! What the aging monitor hands to the daemon a warm reboot starts (`aging` in the
+//! successor settings, [`crate::successor::Successor`]): its settings, hold, sample
+//! history, decisions and the reboot history, plus why this reboot happens. Typed, versioned and decoded strictly: a missing
 //! field, an unknown one, another format or a value out of range is an error, and the new
 //! daemon then starts with an empty history (and default settings) rather than guess.
 
@@ -77,12 +77,6 @@ pub enum CarryError {
     Invalid(String),
 }
 
-/// The key of a handover's extra that holds the operator's configured aging settings (the
-/// config file's `[aging]`, or the defaults when it has none), passed from daemon to daemon
-/// so that a successor which cannot read the `aging` state still knows them. Absent when the
-/// daemon handing over did not know them (an older build, or one that did not either).
-pub const CONFIGURED_KEY: &str = "aging_configured";
-
 /// AgingConfig fills absent keys with defaults (it is also the config file's table); settings
 /// from another process must name every one.
 fn require_every_setting(config: &serde_json::Value) -> Result<(), CarryError> {
@@ -95,7 +89,8 @@ fn require_every_setting(config: &serde_json::Value) -> Result<(), CarryError> {
     Ok(())
 }
 
-/// Decode the configured settings a handover passed on ([`CONFIGURED_KEY`]), strictly.
+/// Decode the configured settings a handover passed on (`aging_configured` in
+/// [`crate::successor::Successor`]), strictly.
 pub fn decode_configured(v: &serde_json::Value) -> Result<AgingConfig, CarryError> {
     require_every_setting(v)?;
     let config: AgingConfig = serde_json::from_value(v.clone()).map_err(CarryError::Decode)?;
