@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::http::{self, ClientResponse};
-use crate::state::{RebootRequest, StopRequest, REBOOT_TIMEOUT};
+use crate::types::{Mode, RebootRequest, StopRequest, UnsupportedMode, REBOOT_TIMEOUT};
 
 /// How long the client waits for an answer (a stop waits for its grace period on top).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -229,7 +229,7 @@ impl Client {
     ) -> Result<serde_json::Value, ClientError> {
         let body = serde_json::to_vec(&StopRequest { grace_secs })
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
-        let grace = grace_secs.unwrap_or(crate::state::DEFAULT_STOP_GRACE_SECS);
+        let grace = grace_secs.unwrap_or(crate::types::DEFAULT_STOP_GRACE_SECS);
         self.clone()
             .with_timeout(self.timeout + Duration::from_secs(grace))
             .call("PUT", &vm_path(name, "/stop"), Some(&body))
@@ -260,15 +260,21 @@ impl Client {
         binary: Option<&Path>,
         grace_secs: Option<u64>,
     ) -> Result<serde_json::Value, ClientError> {
+        // A mode none of the three is refused here as the daemon would refuse it.
+        let mode: Mode = mode
+            .parse()
+            .map_err(|e: UnsupportedMode| ClientError::Api {
+                status: 400,
+                message: e.to_string(),
+            })?;
         let req = RebootRequest {
-            mode: mode.to_string(),
             binary: binary.map(Path::to_path_buf),
             grace_secs,
-            ..Default::default()
+            ..RebootRequest::new(mode)
         };
         // The daemon allows the new one up to its stage timeout to prepare, then its ready
         // budget (far shorter) to take the guests over.
-        let timeout = self.timeout.max(if mode == "warm" {
+        let timeout = self.timeout.max(if mode == Mode::Warm {
             REBOOT_TIMEOUT * 2 + Duration::from_secs(30)
         } else {
             // Saving every VM's RAM, or waiting for every guest to power off, then for
@@ -277,7 +283,7 @@ impl Client {
         });
         let started = std::time::Instant::now();
         let report = self.reboot_request(&req, timeout)?;
-        if mode != "warm" {
+        if mode != Mode::Warm {
             let new_pid = report["new_pid"].as_u64().unwrap_or(0);
             let left = timeout.saturating_sub(started.elapsed());
             match self.wait_reboot_done(Some(new_pid), left) {
@@ -348,7 +354,7 @@ impl Client {
         dir: &Path,
         leave_paused: bool,
     ) -> Result<serde_json::Value, ClientError> {
-        let body = serde_json::to_vec(&crate::state::SnapshotRequest {
+        let body = serde_json::to_vec(&crate::types::SnapshotRequest {
             dir: dir.to_path_buf(),
             leave_paused,
         })
@@ -366,7 +372,7 @@ impl Client {
         name: Option<&str>,
         backing: &warmvm_vmm::snapshot::Backing,
     ) -> Result<serde_json::Value, ClientError> {
-        let body = serde_json::to_vec(&crate::state::RestoreRequest {
+        let body = serde_json::to_vec(&crate::types::RestoreRequest {
             dir: dir.to_path_buf(),
             name: name.map(str::to_string),
             disks: backing.disks.clone(),

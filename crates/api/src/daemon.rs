@@ -26,15 +26,13 @@ use warmvm_vmm::devices as warmvm_devices_limits;
 use warmvm_vmm::handover;
 use warmvm_vmm::{Config, Host, HostError};
 
+use crate::reboot::successor::{Fallbacks, Successor};
 use crate::server::Server;
 use crate::socket::{self, SocketError, SocketFile};
 use crate::state::{ApiState, RebootSetup, TakeoverInfo};
 use crate::state_lock::{self, StateLock};
-use crate::successor::{Fallbacks, Successor};
 
-mod rejuvenation;
-
-use rejuvenation::{aging_monitor, start_aging_monitor, start_rejuvenator};
+use crate::reboot::rejuvenation::{aging_monitor, start_aging_monitor, start_rejuvenator};
 
 /// The name under which a warm reboot hands the API listener to the new daemon.
 pub const API_LISTENER_FD: &str = "api-listener";
@@ -294,9 +292,8 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
     // An interrupted saved or cold reboot's VMs, to bring back once this daemon owns the
     // state directory; a manifest it cannot trust stops it here, before it binds anything.
     let interrupted = match opts.takeover_fd {
-        None => {
-            crate::bring_back::pending(&state_dir).map_err(|e| DaemonError::Input(e.to_string()))?
-        }
+        None => crate::reboot::bring_back::pending(&state_dir)
+            .map_err(|e| DaemonError::Input(e.to_string()))?,
         Some(_) => None,
     };
     let started = match opts.takeover_fd {
@@ -373,9 +370,10 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
     // `bring_back_in_background`); requests that change anything are refused until then.
     let mut bring_back = None;
     if let Some(bb) = inherited.as_ref().and_then(|s| s.bring_back.clone()) {
-        let wait = inherited
-            .as_ref()
-            .map_or(crate::modes::DEFAULT_BOOT_WAIT, Successor::boot_wait);
+        let wait = inherited.as_ref().map_or(
+            crate::reboot::modes::DEFAULT_BOOT_WAIT,
+            Successor::boot_wait,
+        );
         bring_back = Some(BringBackJob::AfterCommit(
             bb,
             std::mem::take(&mut cold_taps),
@@ -409,7 +407,7 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
         state.rebooting.store(true, Ordering::SeqCst);
         let (mode, count) = job.what();
         let phase = match mode {
-            crate::modes::Mode::Cold => "booting",
+            crate::reboot::modes::Mode::Cold => "booting",
             _ => "restoring",
         };
         state.progress.begin(mode.name(), phase, count);
@@ -459,7 +457,8 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
     }
     state.enable_reboot(RebootSetup {
         args: successor_args(opts, &socket_path, &state_dir),
-        successor: Successor::new(stage_timeout, ready_budget, limits, lock.is_some()),
+        limits,
+        hands_lock: lock.is_some(),
         extra_fds,
         env: vec![
             (
@@ -548,16 +547,16 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
 enum BringBackJob {
     /// Handed over by the old daemon, with the cold reboot's TAPs and the boot wait.
     AfterCommit(
-        crate::modes::BringBack,
+        crate::reboot::modes::BringBack,
         std::collections::BTreeMap<String, warmvm_vmm::GivenTaps>,
         Duration,
     ),
     /// Left in the manifest by an interrupted reboot.
-    Recover(crate::modes::BringBack),
+    Recover(crate::reboot::modes::BringBack),
 }
 
 impl BringBackJob {
-    fn what(&self) -> (crate::modes::Mode, usize) {
+    fn what(&self) -> (crate::reboot::modes::Mode, usize) {
         match self {
             BringBackJob::AfterCommit(bb, ..) | BringBackJob::Recover(bb) => {
                 (bb.mode, bb.vms.len())
@@ -582,10 +581,10 @@ fn bring_back_in_background(
             let taken = job.lock().unwrap_or_else(|p| p.into_inner()).take();
             match taken {
                 Some(BringBackJob::AfterCommit(bb, taps, wait)) => {
-                    crate::bring_back::after_commit(&state, &bb, taps, &state_dir, wait)
+                    crate::reboot::modes::after_commit(&state, &bb, taps, &state_dir, wait)
                 }
                 Some(BringBackJob::Recover(bb)) => {
-                    crate::bring_back::recover(&state, &bb, &state_dir)
+                    crate::reboot::modes::recover(&state, &bb, &state_dir)
                 }
                 None => {}
             }
@@ -794,7 +793,7 @@ fn take_over(
     let mut cold_taps: std::collections::BTreeMap<String, warmvm_vmm::GivenTaps> =
         Default::default();
     for (name, file) in adopted.extra_fds {
-        if let Some((vm, index)) = crate::modes::parse_cold_tap_name(&name) {
+        if let Some((vm, index)) = crate::reboot::modes::parse_cold_tap_name(&name) {
             cold_taps.entry(vm).or_default().0.insert(index, file);
             continue;
         }

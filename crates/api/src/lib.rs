@@ -19,17 +19,18 @@
 //! - [`schema`]: a small JSON Schema checker for the OpenAPI document's schemas (tests).
 
 pub mod aging;
-pub mod bring_back;
 pub mod client;
+pub mod control;
 pub mod daemon;
 pub mod http;
 pub mod limits;
 pub mod metrics;
-pub mod modes;
+pub mod ops;
 pub mod overflow;
 pub mod privileges;
 pub mod progress;
 pub mod reboot;
+pub mod router;
 pub mod routes;
 pub mod running_as;
 pub mod schema;
@@ -37,10 +38,12 @@ pub mod server;
 pub mod socket;
 pub mod state;
 pub mod state_lock;
-pub mod successor;
+pub mod types;
 
 pub use client::{Client, ClientError};
 pub use daemon::{DaemonError, DaemonOptions};
 pub use limits::Limits;
+/// The reboot's parts, where they were before the reboot got a module of its own.
+pub use reboot::{bring_back, modes, successor};
 pub use server::{Server, StopHandle};
 pub use state::{ApiError, ApiState, DaemonStatus, StopRequest};

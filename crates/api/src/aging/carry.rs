@@ -1,5 +1,5 @@
 //! What the aging monitor hands to the daemon a warm reboot starts (`aging` in the
-//! successor settings, [`crate::successor::Successor`]): its settings, hold, sample
+//! successor settings, [`crate::reboot::successor::Successor`]): its settings, hold, sample
 //! history, decisions and the reboot history, plus why this reboot happens. Typed, versioned and decoded strictly: a missing
 //! field, an unknown one, another format or a value out of range is an error, and the new
 //! daemon then starts with an empty history (and default settings) rather than guess.
@@ -38,7 +38,7 @@ pub struct RebootRecord {
     /// How the daemon was rebooted; absent from records of builds that did not say (then
     /// it may have been any).
     #[serde(default)]
-    pub mode: Option<crate::modes::Mode>,
+    pub mode: Option<crate::types::Mode>,
     /// Saved or cold: from the first guest stopping to the last one back, if known.
     #[serde(default)]
     pub downtime_us: Option<u64>,
@@ -90,7 +90,7 @@ fn require_every_setting(config: &serde_json::Value) -> Result<(), CarryError> {
 }
 
 /// Decode the configured settings a handover passed on (`aging_configured` in
-/// [`crate::successor::Successor`]), strictly.
+/// [`crate::reboot::successor::Successor`]), strictly.
 pub fn decode_configured(v: &serde_json::Value) -> Result<AgingConfig, CarryError> {
     require_every_setting(v)?;
     let config: AgingConfig = serde_json::from_value(v.clone()).map_err(CarryError::Decode)?;
@@ -160,7 +160,7 @@ mod tests {
                 from_pid: 1,
                 to_pid: 2,
                 host_blackout_us: 900,
-                mode: Some(crate::modes::Mode::Saved),
+                mode: Some(crate::types::Mode::Saved),
                 downtime_us: Some(5000),
             }],
             reason: RebootReason::Schedule,

@@ -13,7 +13,7 @@ use crate::state::{ApiState, TakeoverInfo};
 /// Rejuvenate on a bug: a panic on any thread but a vCPU's means this process can no
 /// longer be trusted, so its VMs move to a fresh daemon by a warm reboot (on success this
 /// process exits; on failure they run on here, and the next panic tries again).
-pub(super) fn start_rejuvenator(state: Arc<ApiState>) {
+pub(crate) fn start_rejuvenator(state: Arc<ApiState>) {
     let (tx, rx) = std::sync::mpsc::channel::<String>();
     warmvm_vmm::panic::install_hook(move |what| {
         let _ = tx.send(what.to_string());
@@ -51,12 +51,12 @@ pub(super) fn start_rejuvenator(state: Arc<ApiState>) {
 /// history; and if it passed none either, a dry run (it alerts but never reboots by itself),
 /// since the configuration may forbid what the defaults would do. The log and the report say
 /// which settings are in force and where they came from.
-pub(super) fn aging_monitor(
+pub(crate) fn aging_monitor(
     configured: Option<AgingConfig>,
     aging: Option<&serde_json::Value>,
     aging_configured: Option<&serde_json::Value>,
     takeover: Option<&TakeoverInfo>,
-    mode_reboot: Option<&crate::modes::ModeReboot>,
+    mode_reboot: Option<&crate::reboot::modes::ModeReboot>,
 ) -> Monitor {
     let Some(takeover) = takeover else {
         let m = Monitor::new(configured.unwrap_or_default(), None, None);
@@ -89,10 +89,11 @@ pub(super) fn aging_monitor(
             // carries the guests' downtime instead.
             let (mode, downtime_us) = match mode_reboot {
                 Some(r) => (
-                    crate::modes::Mode::parse(&r.mode).unwrap_or(crate::modes::Mode::Warm),
+                    crate::reboot::modes::Mode::parse(&r.mode)
+                        .unwrap_or(crate::reboot::modes::Mode::Warm),
                     Some(r.host_downtime_us),
                 ),
-                None => (crate::modes::Mode::Warm, None),
+                None => (crate::reboot::modes::Mode::Warm, None),
             };
             Monitor::new(
                 carry.config.clone(),
@@ -164,7 +165,7 @@ fn fault_aging_handover(
 /// Sample every period; when the policy says so, rejuvenate by a warm reboot into a fresh
 /// copy of this binary (on success this process exits; on failure the VMs run on here, the
 /// failure is recorded and the trigger may fire again).
-pub(super) fn start_aging_monitor(state: Arc<ApiState>, monitor: Arc<Monitor>) {
+pub(crate) fn start_aging_monitor(state: Arc<ApiState>, monitor: Arc<Monitor>) {
     let watch = move || loop {
         std::thread::sleep(monitor.period());
         if state.rebooting() || state.handed_over() {
@@ -240,7 +241,7 @@ mod tests {
         assert_eq!(r.reboots.len(), 1);
         assert_eq!(r.reboots[0].from_pid, 41);
         assert_eq!(r.reboots[0].host_blackout_us, 700);
-        assert_eq!(r.reboots[0].mode, Some(crate::modes::Mode::Warm));
+        assert_eq!(r.reboots[0].mode, Some(crate::reboot::modes::Mode::Warm));
         assert_eq!(r.reboots[0].downtime_us, None);
     }
 
@@ -248,7 +249,7 @@ mod tests {
     fn a_saved_reboot_is_recorded_with_its_downtime_not_a_zero_blackout() {
         let old = Monitor::new(AgingConfig::default(), None, None);
         let carry = old.carry(RebootReason::Manual).encode();
-        let saved = crate::modes::ModeReboot {
+        let saved = crate::reboot::modes::ModeReboot {
             mode: "saved".into(),
             host_downtime_us: 812_000,
             ..Default::default()
@@ -258,7 +259,7 @@ mod tests {
             ..takeover()
         };
         let r = aging_monitor(None, Some(&carry), None, Some(&takeover), Some(&saved)).report();
-        assert_eq!(r.reboots[0].mode, Some(crate::modes::Mode::Saved));
+        assert_eq!(r.reboots[0].mode, Some(crate::reboot::modes::Mode::Saved));
         assert_eq!(r.reboots[0].downtime_us, Some(812_000));
     }
 

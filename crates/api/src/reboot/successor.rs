@@ -20,7 +20,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use warmvm_vmm::executable::BinaryInfo;
 
 use crate::limits::Limits;
-use crate::modes::{BringBack, BOOT_WAIT_SECS, BRING_BACK_VERSION, DEFAULT_BOOT_WAIT};
+use crate::reboot::modes::{BringBack, BOOT_WAIT_SECS, BRING_BACK_VERSION, DEFAULT_BOOT_WAIT};
 
 /// The settings' version; bump it for any change but an added field with a default.
 pub const SUCCESSOR_VERSION: u32 = 1;
@@ -439,7 +439,7 @@ mod tests {
         assert!(s.check().is_ok());
         s.bring_back = Some(BringBack {
             version: BRING_BACK_VERSION + 1,
-            mode: crate::modes::Mode::Saved,
+            mode: crate::reboot::modes::Mode::Saved,
             previous_pid: 1,
             claimed_by: None,
             prepare_us: 0,

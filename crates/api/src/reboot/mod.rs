@@ -2,91 +2,29 @@
 //! schedule): the request, its checks, and the one entry point, [`ApiState::reboot_for`],
 //! which records why.
 
-use std::ffi::OsString;
-use std::os::fd::RawFd;
+pub mod bring_back;
+pub mod modes;
+pub(crate) mod rejuvenation;
+pub mod successor;
+
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
 use warmvm_vmm::handover::faults::{self, Point};
 use warmvm_vmm::handover::{self, RebootOptions, RebootReport};
 
 use crate::aging::RebootReason;
-use crate::bring_back;
-use crate::modes::{self, Mode};
-use crate::state::{ApiError, ApiState, DEFAULT_STOP_GRACE_SECS, MAX_STOP_GRACE_SECS};
-use crate::successor::Successor;
 
-/// The body of `PUT /v1/reboot`.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct RebootRequest {
-    /// `warm`: every VM is handed to a new daemon process without stopping; `saved`: every
-    /// VM is snapshotted to disk and restored by the new daemon; `cold`: every guest is
-    /// powered off and booted again by the new daemon.
-    pub mode: String,
-    /// The new daemon's binary (absolute path); default: this daemon's own binary. When
-    /// present it must be a string: `null` is refused, as the document says.
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        deserialize_with = "warmvm_vmm::config::present"
-    )]
-    pub binary: Option<PathBuf>,
-    /// How long starting the new daemon and preparing every VM may take (the guests run
-    /// meanwhile); default: the daemon's `--stage-timeout-ms`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stage_timeout_ms: Option<u64>,
-    /// How long the guests may be frozen before the new daemon is ready; past it the
-    /// reboot is aborted and the VMs run on here. Default: the daemon's `--ready-budget-ms`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ready_budget_ms: Option<u64>,
-    /// Cold reboot: seconds each guest gets to power off before it is forced (default 10).
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        deserialize_with = "warmvm_vmm::config::present"
-    )]
-    pub grace_secs: Option<u64>,
-    /// Cold reboot: seconds the new daemon waits for each guest to say it is up (default
-    /// 120); a guest that has not by then is reported with an error in `last_reboot`.
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        deserialize_with = "warmvm_vmm::config::present"
-    )]
-    pub boot_wait_secs: Option<u64>,
-}
-
-/// Bounds of the reboot timeouts a request or a flag may set.
-pub const STAGE_TIMEOUT_MS: std::ops::RangeInclusive<u64> = 100..=600_000;
-pub const READY_BUDGET_MS: std::ops::RangeInclusive<u64> = 10..=60_000;
+use crate::state::ApiError;
+use crate::state::ApiState;
+use crate::types::Mode;
+pub use crate::types::{RebootRequest, READY_BUDGET_MS, REBOOT_TIMEOUT, STAGE_TIMEOUT_MS};
+use crate::types::{DEFAULT_STOP_GRACE_SECS, MAX_STOP_GRACE_SECS};
+use successor::Successor;
 
 /// How long a warm reboot waits for VM operations under way before it gives up (409).
 const GATE_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// How long a client waits for a warm reboot's answer, at the least: the longest staging
-/// the daemon allows plus the longest budget and the time to answer.
-pub const REBOOT_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// What a warm reboot needs from the daemon around the API state: how to start the new
-/// daemon, the fds it inherits, and how to stop this daemon's server loop.
-pub struct RebootSetup {
-    /// The new daemon's arguments (`--takeover-fd` is added by the handover).
-    pub args: Vec<OsString>,
-    /// The settings for the new daemon that outlive every reboot.
-    pub successor: Successor,
-    /// Named fds for the new daemon: at least `api-listener`.
-    pub extra_fds: Vec<(String, RawFd)>,
-    /// Environment for the new daemon (e.g. the seccomp mode, which older builds ignore).
-    pub env: Vec<(OsString, OsString)>,
-    /// Default stage timeout and ready budget (see [`RebootRequest`]).
-    pub stage_timeout: Duration,
-    pub ready_budget: Duration,
-    /// Stops this daemon's server loop once the VMs are handed over.
-    pub stop: crate::server::StopHandle,
-}
 
 impl ApiState {
     /// Check an operator's reboot request: a mode, timeouts in range, and a binary this
@@ -98,24 +36,30 @@ impl ApiState {
     }
 
     /// Check a reboot request's fields, but not yet which binary it runs.
-    fn parse_reboot_request(body: &[u8]) -> Result<RebootRequest, ApiError> {
+    pub(crate) fn parse_reboot_request(body: &[u8]) -> Result<RebootRequest, ApiError> {
         if body.iter().all(u8::is_ascii_whitespace) {
             return Err(ApiError::new(
                 400,
                 r#"the request body must be JSON, e.g. {"mode": "warm"}"#,
             ));
         }
-        let req: RebootRequest = serde_json::from_slice(body)
-            .map_err(|e| ApiError::new(400, format!("invalid reboot request: {e}")))?;
-        if Mode::parse(&req.mode).is_none() {
-            return Err(ApiError::new(
-                400,
-                format!(
-                    "reboot mode {:?} is not supported: use \"warm\", \"saved\" or \"cold\"",
-                    req.mode
-                ),
-            ));
-        }
+        let req: RebootRequest = serde_json::from_slice(body).map_err(|e| {
+            // A mode none of the three is said as such, not as a malformed body.
+            let text = e.to_string();
+            match text
+                .strip_prefix(Mode::UNSUPPORTED)
+                .and(text.rsplit_once(" at line "))
+            {
+                Some((why, _)) => ApiError::new(400, why),
+                None => ApiError::new(400, format!("invalid reboot request: {text}")),
+            }
+        })?;
+        Self::check_reboot_request(&req)?;
+        Ok(req)
+    }
+
+    /// Check a typed reboot request's values (the mode is one by its type).
+    fn check_reboot_request(req: &RebootRequest) -> Result<(), ApiError> {
         if let Some(g) = req.grace_secs.filter(|g| *g > MAX_STOP_GRACE_SECS) {
             return Err(ApiError::new(
                 400,
@@ -150,21 +94,25 @@ impl ApiState {
                 ));
             }
         }
-        Ok(req)
+        Ok(())
     }
 
     /// Warm reboot: hand every VM to a new daemon process (see
     /// [`warmvm_vmm::handover`]). On success this daemon's server is stopped, the Host lock
     /// stays taken for good (nothing here may touch the handed-over VMs again) and the
     /// caller must exit once the answer is sent. On failure the VMs run on here.
-    pub fn reboot(&self, body: &[u8]) -> Result<RebootReport, ApiError> {
-        self.reboot_for(body, RebootReason::Manual)
+    pub fn reboot(&self, req: &RebootRequest) -> Result<RebootReport, ApiError> {
+        self.reboot_for(req, RebootReason::Manual)
     }
 
-    /// A warm reboot for `reason`, which the new daemon records in its reboot history.
-    pub fn reboot_for(&self, body: &[u8], reason: RebootReason) -> Result<RebootReport, ApiError> {
-        let req = Self::parse_reboot_request(body)?;
-        let binary = reboot_binary(&req, &reason)?;
+    /// A reboot for `reason`, which the new daemon records in its reboot history.
+    pub fn reboot_for(
+        &self,
+        req: &RebootRequest,
+        reason: RebootReason,
+    ) -> Result<RebootReport, ApiError> {
+        Self::check_reboot_request(req)?;
+        let binary = reboot_binary(req, &reason)?;
         let setup = self.reboot.get().ok_or_else(|| {
             ApiError::new(
                 409,
@@ -190,7 +138,7 @@ impl ApiState {
             ));
         }
         let done = Done(self);
-        let mode = Mode::parse(&req.mode).unwrap_or(Mode::Warm);
+        let mode = req.mode;
         self.progress.begin(mode.name(), "waiting", 0);
         let deadline = Instant::now() + GATE_TIMEOUT;
         // Wait (briefly) for every pause, resume or stop under way; none starts until we
@@ -255,7 +203,13 @@ impl ApiState {
             }
             faults::hit(Point::OldManifest);
         }
-        let mut successor = self.successor(&setup.successor, reason.clone());
+        let base = Successor::new(
+            setup.stage_timeout,
+            setup.ready_budget,
+            setup.limits,
+            setup.hands_lock,
+        );
+        let mut successor = self.successor(&base, reason.clone());
         successor.boot_wait_ms = req.boot_wait_secs.map(|w| w * 1000);
         #[allow(unused_mut)]
         let mut bring_back = prepared.as_ref().map(|(bb, _)| bb.clone());
@@ -289,7 +243,7 @@ impl ApiState {
             .ok()
             .and_then(|n| n.parse::<u64>().ok())
         {
-            extra[crate::successor::VERSION_KEY] = n.into();
+            extra[crate::reboot::successor::VERSION_KEY] = n.into();
         }
         // Cold: the powered-off VMs held here keep their TAPs attached; the new daemon
         // boots them on these (kept open until this process exits or undoes the reboot).
@@ -392,7 +346,7 @@ impl ApiState {
     /// A warm reboot into this very binary for `reason` (a bug, aging, the schedule): on
     /// success the caller must exit at once.
     pub fn rejuvenate(&self, reason: RebootReason) -> Result<RebootReport, ApiError> {
-        self.reboot_for(br#"{"mode": "warm"}"#, reason)
+        self.reboot_for(&RebootRequest::new(Mode::Warm), reason)
     }
 
     /// The daemon's settings for its successor, plus the aging state, why it reboots and
@@ -554,10 +508,7 @@ mod tests {
 
     #[test]
     fn an_operators_reboot_starts_the_path_a_rejuvenation_the_running_image() {
-        let req = RebootRequest {
-            mode: "warm".into(),
-            ..Default::default()
-        };
+        let req = RebootRequest::new(Mode::Warm);
         let started = warmvm_vmm::executable::started_from()
             .unwrap()
             .to_path_buf();
