@@ -14,8 +14,8 @@
 //!   then lets it run. Killed in between, that VM is lost with its owner, but it never runs
 //!   again from its older state.
 //! - A daemon started normally on a state directory with a manifest whose writers are gone
-//!   brings the VMs left in it back the same way ([`super::modes::recover`]); a manifest it cannot trust
-//!   makes it refuse to start, naming the file ([`load`]).
+//!   brings the VMs left in it back the same way ([`super::modes::recover`]); a manifest
+//!   it cannot trust makes it refuse to start, naming the file ([`load`]).
 //!
 //! Every change is made durable: written to a temporary file, fsynced, renamed into place
 //! and the directory fsynced.

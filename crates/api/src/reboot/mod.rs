@@ -1,6 +1,13 @@
-//! `PUT /v1/reboot` and every other warm reboot of the daemon (a panic, aging, the
-//! schedule): the request, its checks, and the one entry point, [`ApiState::reboot_for`],
-//! which records why.
+//! The reboot room: `PUT /v1/reboot` and every other reboot of the daemon (a panic, aging,
+//! the schedule). Here are the request's checks and the one entry point,
+//! [`ApiState::reboot_for`], which takes a typed [`RebootRequest`] and records why; the
+//! saved and cold modes ([`modes`]); the bring-back manifest and its types
+//! ([`bring_back`]); what the daemon hands the next one ([`successor`]); and the daemon's
+//! own triggers, a panic and the aging policy (`rejuvenation`). The takeover itself, in the
+//! new daemon, is `crate::daemon`'s: it decodes the [`successor::Successor`] while staging.
+//!
+//! Inside: `modes` and `successor` use `bring_back`; `rejuvenation` calls the flow
+//! ([`ApiState::rejuvenate`]) with a typed request, like the router.
 
 pub mod bring_back;
 pub mod modes;
@@ -15,9 +22,7 @@ use warmvm_vmm::handover::faults::{self, Point};
 use warmvm_vmm::handover::{self, RebootOptions, RebootReport};
 
 use crate::aging::RebootReason;
-
-use crate::state::ApiError;
-use crate::state::ApiState;
+use crate::state::{ApiError, ApiState};
 use crate::types::Mode;
 pub use crate::types::{RebootRequest, READY_BUDGET_MS, REBOOT_TIMEOUT, STAGE_TIMEOUT_MS};
 use crate::types::{DEFAULT_STOP_GRACE_SECS, MAX_STOP_GRACE_SECS};

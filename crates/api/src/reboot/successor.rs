@@ -20,7 +20,8 @@ use serde::{Deserialize, Deserializer, Serialize};
 use warmvm_vmm::executable::BinaryInfo;
 
 use crate::limits::Limits;
-use crate::reboot::modes::{BringBack, BOOT_WAIT_SECS, BRING_BACK_VERSION, DEFAULT_BOOT_WAIT};
+use crate::reboot::bring_back::{BringBack, BRING_BACK_VERSION};
+use crate::types::{BOOT_WAIT_SECS, DEFAULT_BOOT_WAIT};
 
 /// The settings' version; bump it for any change but an added field with a default.
 pub const SUCCESSOR_VERSION: u32 = 1;
