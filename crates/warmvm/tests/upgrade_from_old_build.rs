@@ -255,9 +255,27 @@ fn status_beside_idle_connections(d: &Daemon, idle: usize) -> u16 {
     let mut answer = Vec::new();
     s.read_to_end(&mut answer).unwrap();
     drop(held);
+    // Let the server close them before anything else is asked of it.
+    std::thread::sleep(Duration::from_millis(300));
     warmvm_api::http::parse_response(&answer)
         .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&answer)))
         .status
+}
+
+/// True if `d` serves `budget` connections at once, no more. The server counts a
+/// connection until its thread ends, so one that has just been answered may still take a
+/// place for a moment (then an idle connection is refused instead of held, and the request
+/// gets through, or the request is refused beside fewer idle ones): each side is tried until
+/// it is seen once. A budget of 64 (the default) never refuses beside `budget` idle
+/// connections, and a budget below `budget` always refuses beside `budget - 1`.
+fn budget_is(d: &Daemon, budget: usize) -> bool {
+    let over = (0..10).any(|_| status_beside_idle_connections(d, budget) == 503);
+    let under = (0..10).any(|_| status_beside_idle_connections(d, budget - 1) == 200);
+    eprintln!(
+        "beside {budget} idle connections, refused: {over}; beside {}, served: {under}",
+        budget - 1
+    );
+    over && under
 }
 
 #[test]
@@ -269,14 +287,13 @@ fn upgrade_from_the_last_build_with_untyped_successor_settings() {
     }
     let old_bin = old_build(UNTYPED_COMMIT, UNTYPED_SHORT);
     let dir = scratch("upgrade-untyped");
-    // The old daemon gets a connection budget of 2 (default 64). A warm reboot's new daemon
+    // The old daemon gets a connection budget of 3 (default 64). A warm reboot's new daemon
     // is started without that flag: only the settings handed over can give it the budget.
-    let flags = r#"exec "$0" "$@" --max-connections 2"#;
+    let flags = r#"exec "$0" "$@" --max-connections 3"#;
     let mut d = Daemon::start(&old_bin, &["sh", "-c", flags], &dir, &[]);
     let names: Vec<String> = (0..2).map(|i| format!("vm{i}")).collect();
     d.create_vms(&names, 1, BUSY);
-    assert_eq!(status_beside_idle_connections(&d, 2), 503, "{}", d.log());
-    assert_eq!(status_beside_idle_connections(&d, 1), 200, "{}", d.log());
+    assert!(budget_is(&d, 3), "{}", d.log());
 
     // Old build -> this build: the legacy settings are read.
     let old_pid = d.pid;
@@ -290,22 +307,20 @@ fn upgrade_from_the_last_build_with_untyped_successor_settings() {
         old_bin.to_str().unwrap(),
         "the old daemon's executable, as it handed it over: {s}"
     );
-    assert_eq!(
-        status_beside_idle_connections(&d, 2),
-        503,
+    assert!(
+        budget_is(&d, 3),
         "the old daemon's connection budget was not taken over\n{}",
         d.log()
     );
-    assert_eq!(status_beside_idle_connections(&d, 1), 200, "{}", d.log());
     assert_third_daemon_refused(&d);
 
     // This build -> this build: the versioned settings carry the budget on.
     upgrade(&mut d, None, &names);
-    assert_eq!(status_beside_idle_connections(&d, 2), 503, "{}", d.log());
+    assert!(budget_is(&d, 3), "{}", d.log());
 
     // This build -> the old build: it reads the versioned settings' keys as it read its own.
     let body = json!({ "mode": "warm", "binary": old_bin.to_str().unwrap() });
     upgrade_with(&mut d, &body, &names);
     assert_eq!(status(&d)["last_takeover"]["state_format"], 3);
-    assert_eq!(status_beside_idle_connections(&d, 2), 503, "{}", d.log());
+    assert!(budget_is(&d, 3), "{}", d.log());
 }

@@ -185,21 +185,20 @@ impl Successor {
                 found: version.unwrap_or(u64::MAX),
             });
         }
-        let s: Self =
-            serde_json::from_value(v.clone()).map_err(|source| SuccessorError::Malformed {
-                version: SUCCESSOR_VERSION.to_string(),
-                source,
-            })?;
+        // From the borrowed tree: the aging history in it may be large.
+        let s = Self::deserialize(v).map_err(|source| SuccessorError::Malformed {
+            version: SUCCESSOR_VERSION.to_string(),
+            source,
+        })?;
         s.limits.validate().map_err(SuccessorError::Limits)?;
         Ok(s)
     }
 
     fn from_legacy(v: &serde_json::Value, fallbacks: &Fallbacks) -> Result<Self, SuccessorError> {
-        let l: Legacy =
-            serde_json::from_value(v.clone()).map_err(|source| SuccessorError::Malformed {
-                version: "legacy".into(),
-                source,
-            })?;
+        let l = Legacy::deserialize(v).map_err(|source| SuccessorError::Malformed {
+            version: "legacy".into(),
+            source,
+        })?;
         let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         // Those builds' rule: limits that do not read or are out of range give way to the
         // new daemon's flags.
