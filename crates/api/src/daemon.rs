@@ -743,7 +743,7 @@ fn take_over(
         let refuse =
             |e: String| handover::HandoverError::BadState(format!("the settings handed over: {e}"));
         let s = Successor::decode(extra, fallbacks).map_err(|e| {
-            let text = format!("the settings handed over: {e}");
+            let text = format!("the settings handed over: {}", e.chain());
             if e.is_incompatible() {
                 handover::HandoverError::Incompatible(text)
             } else {

@@ -125,6 +125,17 @@ pub enum SuccessorError {
 }
 
 impl SuccessorError {
+    /// The error and its causes on one line, for the old daemon's answer and the log.
+    pub fn chain(&self) -> String {
+        let mut text = self.to_string();
+        let mut source = std::error::Error::source(self);
+        while let Some(e) = source {
+            text.push_str(&format!(": {e}"));
+            source = e.source();
+        }
+        text
+    }
+
     /// True when the settings are of a version this build does not read (rather than
     /// broken): the reboot is refused as incompatible (409), not failed.
     pub fn is_incompatible(&self) -> bool {
@@ -329,6 +340,7 @@ mod tests {
             missing.as_object_mut().unwrap().remove(key);
             let e = Successor::decode(&missing, &fallbacks()).unwrap_err();
             assert!(!e.is_incompatible(), "{key}: {e}");
+            assert!(e.chain().contains(key), "{key}: {}", e.chain());
             assert!(
                 std::error::Error::source(&e).is_some_and(|s| s.to_string().contains(key)),
                 "{key}: {e}"
