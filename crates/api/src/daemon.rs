@@ -26,14 +26,13 @@ use warmvm_vmm::devices as warmvm_devices_limits;
 use warmvm_vmm::handover;
 use warmvm_vmm::{Config, Host, HostError};
 
+use crate::reboot::successor::{Fallbacks, Successor};
 use crate::server::Server;
 use crate::socket::{self, SocketError, SocketFile};
 use crate::state::{ApiState, RebootSetup, TakeoverInfo};
 use crate::state_lock::{self, StateLock};
 
-mod rejuvenation;
-
-use rejuvenation::{aging_monitor, start_aging_monitor, start_rejuvenator};
+use crate::reboot::rejuvenation::{aging_monitor, start_aging_monitor, start_rejuvenator};
 
 /// The name under which a warm reboot hands the API listener to the new daemon.
 pub const API_LISTENER_FD: &str = "api-listener";
@@ -151,8 +150,8 @@ struct Started {
     metrics: Option<TcpListener>,
     /// How we took the VMs over, if we did.
     takeover: Option<TakeoverInfo>,
-    /// Settings the daemon before us passed on (see [`successor_extra`]).
-    inherited: serde_json::Value,
+    /// Settings the daemon before us passed on (see [`Successor`]).
+    inherited: Option<Successor>,
     /// A cold reboot's TAPs, per VM: the old daemon's fds, so the VMs boot on them again.
     cold_taps: std::collections::BTreeMap<String, warmvm_vmm::GivenTaps>,
 }
@@ -293,9 +292,8 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
     // An interrupted saved or cold reboot's VMs, to bring back once this daemon owns the
     // state directory; a manifest it cannot trust stops it here, before it binds anything.
     let interrupted = match opts.takeover_fd {
-        None => {
-            crate::bring_back::pending(&state_dir).map_err(|e| DaemonError::Input(e.to_string()))?
-        }
+        None => crate::reboot::bring_back::pending(&state_dir)
+            .map_err(|e| DaemonError::Input(e.to_string()))?,
         Some(_) => None,
     };
     let started = match opts.takeover_fd {
@@ -308,6 +306,11 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
                 opts.metrics_addr.as_ref(),
                 &mut lock,
                 lock_holder,
+                &Fallbacks {
+                    stage_timeout: opts.stage_timeout,
+                    ready_budget: opts.ready_budget,
+                    limits: opts.limits,
+                },
             )?
         }
         None => {
@@ -346,27 +349,12 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
         mut cold_taps,
     } = started;
     let adopted = takeover.is_some();
-    // Timeouts outlive the reboot through the handover's settings, not through flags: a
-    // successor's flags must stay those every build understands (an older build may be
-    // the successor, to refuse a downgrade with a clear message).
-    let ms = |key: &str, default: Duration| {
-        inherited
-            .get(key)
-            .and_then(|v| v.as_u64())
-            .map_or(default, Duration::from_millis)
-    };
-    let stage_timeout = ms("stage_timeout_ms", opts.stage_timeout);
-    let ready_budget = ms("ready_budget_ms", opts.ready_budget);
-    // A daemon of an older build passes no limits: then our own flags' apply.
-    let limits = match inherited.get("limits") {
-        Some(v) => match serde_json::from_value::<crate::limits::Limits>(v.clone()) {
-            Ok(l) if l.validate().is_ok() => l,
-            _ => {
-                tracing::warn!(limits = %v, "ignoring unusable limits handed over; using the flags'");
-                opts.limits
-            }
-        },
-        None => opts.limits,
+    // Timeouts and limits outlive the reboot through the handover's settings, not through
+    // flags: a successor's flags must stay those every build understands (an older build
+    // may be the successor, to refuse a downgrade with a clear message).
+    let (stage_timeout, ready_budget, limits) = match &inherited {
+        Some(s) => (s.stage_timeout(), s.ready_budget(), s.limits),
+        None => (opts.stage_timeout, opts.ready_budget, opts.limits),
     };
     let metrics_url = metrics
         .as_ref()
@@ -381,22 +369,21 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
     // A saved or cold reboot: the VMs are brought back while the daemon serves (see
     // `bring_back_in_background`); requests that change anything are refused until then.
     let mut bring_back = None;
-    match crate::modes::from_extra(&inherited) {
-        Some(Ok(bb)) => {
-            let wait = boot_wait(&inherited);
-            bring_back = Some(BringBackJob::AfterCommit(
-                bb,
-                std::mem::take(&mut cold_taps),
-                wait,
-            ))
-        }
-        Some(Err(e)) => tracing::error!(error = %e,
-            "cannot bring the VMs of a saved or cold reboot back; their snapshots stay in the state directory"),
-        None => {}
+    if let Some(bb) = inherited.as_ref().and_then(|s| s.bring_back.clone()) {
+        let wait = inherited.as_ref().map_or(
+            crate::reboot::modes::DEFAULT_BOOT_WAIT,
+            Successor::boot_wait,
+        );
+        bring_back = Some(BringBackJob::AfterCommit(
+            bb,
+            std::mem::take(&mut cold_taps),
+            wait,
+        ));
     }
     let monitor = Arc::new(aging_monitor(
         config.as_ref().and_then(|c| c.aging.clone()),
-        &inherited,
+        inherited.as_ref().and_then(|s| s.aging.as_ref()),
+        inherited.as_ref().and_then(|s| s.aging_configured.as_ref()),
         takeover.as_ref(),
         state.last_reboot().as_ref(),
     ));
@@ -420,7 +407,7 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
         state.rebooting.store(true, Ordering::SeqCst);
         let (mode, count) = job.what();
         let phase = match mode {
-            crate::modes::Mode::Cold => "booting",
+            crate::reboot::modes::Mode::Cold => "booting",
             _ => "restoring",
         };
         state.progress.begin(mode.name(), phase, count);
@@ -470,7 +457,8 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
     }
     state.enable_reboot(RebootSetup {
         args: successor_args(opts, &socket_path, &state_dir),
-        extra: successor_extra(stage_timeout, ready_budget, &limits, lock.is_some()),
+        limits,
+        hands_lock: lock.is_some(),
         extra_fds,
         env: vec![
             (
@@ -559,38 +547,21 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
 enum BringBackJob {
     /// Handed over by the old daemon, with the cold reboot's TAPs and the boot wait.
     AfterCommit(
-        crate::modes::BringBack,
+        crate::reboot::modes::BringBack,
         std::collections::BTreeMap<String, warmvm_vmm::GivenTaps>,
         Duration,
     ),
     /// Left in the manifest by an interrupted reboot.
-    Recover(crate::modes::BringBack),
+    Recover(crate::reboot::modes::BringBack),
 }
 
 impl BringBackJob {
-    fn what(&self) -> (crate::modes::Mode, usize) {
+    fn what(&self) -> (crate::reboot::modes::Mode, usize) {
         match self {
             BringBackJob::AfterCommit(bb, ..) | BringBackJob::Recover(bb) => {
                 (bb.mode, bb.vms.len())
             }
         }
-    }
-}
-
-/// How long a cold reboot's guests have to say they are up: what the old daemon passed
-/// on, else the default.
-fn boot_wait(inherited: &serde_json::Value) -> Duration {
-    match inherited.get(crate::modes::BOOT_WAIT_KEY) {
-        None => crate::modes::DEFAULT_BOOT_WAIT,
-        Some(v) => match v.as_u64() {
-            Some(ms) if crate::modes::BOOT_WAIT_SECS.contains(&ms.div_ceil(1000)) => {
-                Duration::from_millis(ms)
-            }
-            _ => {
-                tracing::warn!(boot_wait_ms = %v, "ignoring an unusable boot wait handed over; using the default");
-                crate::modes::DEFAULT_BOOT_WAIT
-            }
-        },
     }
 }
 
@@ -610,10 +581,10 @@ fn bring_back_in_background(
             let taken = job.lock().unwrap_or_else(|p| p.into_inner()).take();
             match taken {
                 Some(BringBackJob::AfterCommit(bb, taps, wait)) => {
-                    crate::bring_back::after_commit(&state, &bb, taps, &state_dir, wait)
+                    crate::reboot::modes::after_commit(&state, &bb, taps, &state_dir, wait)
                 }
                 Some(BringBackJob::Recover(bb)) => {
-                    crate::bring_back::recover(&state, &bb, &state_dir)
+                    crate::reboot::modes::recover(&state, &bb, &state_dir)
                 }
                 None => {}
             }
@@ -653,23 +624,6 @@ fn enter_sandbox(mode: warmvm_sandbox::Mode) -> Result<(), DaemonError> {
         warmvm_devices_limits::console::start_flusher(warmvm_vmm::device_thread_setup());
     }
     Ok(())
-}
-
-/// What a daemon passes to the one a warm reboot starts, beside the VMs.
-fn successor_extra(
-    stage_timeout: Duration,
-    ready_budget: Duration,
-    limits: &crate::limits::Limits,
-    hands_lock: bool,
-) -> serde_json::Value {
-    serde_json::json!({
-        "previous_pid": std::process::id(),
-        "previous_version": env!("CARGO_PKG_VERSION"),
-        "stage_timeout_ms": stage_timeout.as_millis() as u64,
-        "ready_budget_ms": ready_budget.as_millis() as u64,
-        "limits": limits,
-        state_lock::EXTRA_KEY: hands_lock,
-    })
 }
 
 /// Run `f` until it succeeds when `adopted` (logging each failure, once a second), else
@@ -742,7 +696,7 @@ fn start_fresh(
         socket_file,
         metrics,
         takeover: None,
-        inherited: serde_json::Value::Null,
+        inherited: None,
         cold_taps: Default::default(),
     })
 }
@@ -761,6 +715,7 @@ fn take_over(
     metrics_addr: Option<&SocketAddr>,
     lock: &mut Option<StateLock>,
     lock_holder: Option<u32>,
+    fallbacks: &Fallbacks,
 ) -> Result<Started, DaemonError> {
     if fd < 3 {
         return Err(DaemonError::Input("--takeover-fd must be 3 or more".into()));
@@ -779,19 +734,36 @@ fn take_over(
     // Nor are VMs taken over without the state directory's lock: an old daemon that does
     // not hand it over (an older build) holds none, so this daemon took it as it started;
     // if it could not, another daemon has the directory, and the old one keeps its VMs.
+    // The settings are decoded here, while the new daemon stages: a version this build
+    // does not read is refused as incompatible (409 to the operator), and the guests never
+    // paused.
     let have_lock = lock.is_some();
+    let decoded = std::cell::RefCell::new(None);
     let check_extra = |extra: &serde_json::Value| {
-        if !have_lock && extra.get(state_lock::EXTRA_KEY) != Some(&serde_json::Value::Bool(true)) {
-            return Err(state_lock::LockError::Held {
-                dir: state_dir.to_path_buf(),
-                holder: lock_holder,
+        let refuse =
+            |e: String| handover::HandoverError::BadState(handover::Violation::Settings(e));
+        let s = Successor::decode(extra, fallbacks).map_err(|e| {
+            if e.is_incompatible() {
+                handover::HandoverError::IncompatibleSettings(format!(
+                    "the settings handed over: {}",
+                    e.chain()
+                ))
+            } else {
+                refuse(e.chain())
             }
-            .to_string());
+        })?;
+        if !have_lock && !s.state_lock {
+            return Err(refuse(
+                state_lock::LockError::Held {
+                    dir: state_dir.to_path_buf(),
+                    holder: lock_holder,
+                }
+                .to_string(),
+            ));
         }
-        match crate::modes::from_extra(extra) {
-            Some(Err(e)) => Err(e),
-            _ => Ok(()),
-        }
+        s.check().map_err(|e| refuse(e.to_string()))?;
+        *decoded.borrow_mut() = Some(s);
+        Ok(())
     };
     let adopted = handover::take_over_checked(channel, state_dir, &check_extra).map_err(|e| {
         DaemonError::Host(format!(
@@ -799,28 +771,22 @@ fn take_over(
         ))
     })?;
     // From here on the VMs run in this process: nothing may make it give up.
-    let took_over_from = adopted.extra.get("previous_pid").and_then(|p| p.as_u64());
+    let inherited = decoded.into_inner();
     let takeover = TakeoverInfo {
-        previous_pid: took_over_from,
+        previous_pid: inherited.as_ref().map(|s| u64::from(s.previous_pid)),
         from_build: adopted.report.from_build.clone(),
         to_build: adopted.report.to_build.clone(),
         state_format: adopted.report.state_format,
         commit_protocol: adopted.report.commit_protocol,
         host_blackout_us: adopted.report.host_blackout_us,
         // The old daemon's own account of itself; older builds do not give one.
-        from_binary: adopted
-            .extra
-            .get(crate::reboot::PREVIOUS_BINARY_KEY)
-            .and_then(|v| serde_json::from_value(v.clone()).ok()),
+        from_binary: inherited.as_ref().and_then(|s| s.previous_binary.clone()),
         to_binary: adopted.report.to_binary.clone(),
     };
     tracing::info!(
         vms = adopted.host.vms().len(),
-        previous_pid = took_over_from,
-        previous_version = adopted
-            .extra
-            .get("previous_version")
-            .and_then(|v| v.as_str()),
+        previous_pid = takeover.previous_pid,
+        previous_version = inherited.as_ref().map(|s| s.previous_version.as_str()),
         host_blackout_us = adopted.report.host_blackout_us,
         "took the VMs over by a warm reboot"
     );
@@ -829,7 +795,7 @@ fn take_over(
     let mut cold_taps: std::collections::BTreeMap<String, warmvm_vmm::GivenTaps> =
         Default::default();
     for (name, file) in adopted.extra_fds {
-        if let Some((vm, index)) = crate::modes::parse_cold_tap_name(&name) {
+        if let Some((vm, index)) = crate::reboot::modes::parse_cold_tap_name(&name) {
             cold_taps.entry(vm).or_default().0.insert(index, file);
             continue;
         }
@@ -888,7 +854,7 @@ fn take_over(
         socket_file,
         metrics,
         takeover: Some(takeover),
-        inherited: adopted.extra,
+        inherited,
         cold_taps,
     })
 }
@@ -969,24 +935,6 @@ fn is_in_ram(dir: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_boot_wait_handed_over_is_used_only_within_its_bounds() {
-        let wait = |v: serde_json::Value| boot_wait(&serde_json::json!({ "boot_wait_ms": v }));
-        assert_eq!(wait(6000.into()), Duration::from_secs(6));
-        assert_eq!(
-            boot_wait(&serde_json::json!({})),
-            crate::modes::DEFAULT_BOOT_WAIT
-        );
-        for bad in [
-            serde_json::json!(0),
-            serde_json::json!(3_601_000),
-            serde_json::json!("6000"),
-            serde_json::json!(-1),
-        ] {
-            assert_eq!(wait(bad), crate::modes::DEFAULT_BOOT_WAIT);
-        }
-    }
 
     #[test]
     fn ram_backed_directories_are_told_from_disk_ones() {

@@ -17,6 +17,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+pub use crate::control::StopHandle;
+#[cfg(feature = "fault-injection")]
+use crate::control::INJECT_MAIN_PANIC;
 use crate::http::{self, ReadError};
 use crate::limits::Limits;
 use crate::overflow::Overflow;
@@ -173,21 +176,6 @@ impl Write for Deadlined {
     }
     fn flush(&mut self) -> io::Result<()> {
         self.conn.flush()
-    }
-}
-
-/// Tests only: the main loop panics at its next turn.
-#[cfg(feature = "fault-injection")]
-pub(crate) static INJECT_MAIN_PANIC: std::sync::atomic::AtomicBool =
-    std::sync::atomic::AtomicBool::new(false);
-
-/// Makes [`Server::run`] return; usable from any thread.
-#[derive(Debug)]
-pub struct StopHandle(UnixStream);
-
-impl StopHandle {
-    pub fn stop(&self) {
-        let _ = (&self.0).write(&[1]);
     }
 }
 

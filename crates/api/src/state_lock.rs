@@ -28,8 +28,6 @@ use std::path::{Path, PathBuf};
 pub const LOCK_NAME: &str = "warmvm.lock";
 /// The name under which a reboot hands the lock's fd to the new daemon.
 pub const STATE_LOCK_FD: &str = "state-lock";
-/// The key in the handover's extra by which the old daemon says it hands the lock over.
-pub const EXTRA_KEY: &str = "state_lock";
 
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {

@@ -5,12 +5,13 @@
 use std::path::PathBuf;
 
 use serde_json::{json, Value};
-use warmvm_api::modes::{ModeReboot, ModeRebootVm};
 use warmvm_api::routes::ROUTES;
 use warmvm_api::running_as::DaemonPrivileges;
 use warmvm_api::schema::validate;
-use warmvm_api::state::{
-    DaemonStatus, RebootRequest, RestoreRequest, SnapshotRequest, StopRequest, TakeoverInfo,
+// The one set of request and answer types the daemon, the client and this test share.
+use warmvm_api::types::{
+    DaemonStatus, Mode, ModeReboot, ModeRebootVm, RebootRequest, RestoreRequest, SnapshotRequest,
+    StopRequest, TakeoverInfo,
 };
 use warmvm_vmm::handover::{PhaseTimes, RebootReport, RebootStamps, VmBlackout, VmStamps};
 use warmvm_vmm::snapshot::SaveReport;
@@ -409,7 +410,7 @@ fn request_schemas_match_what_the_server_accepts() {
     );
     check(&doc, "StopRequest", &StopRequest::default());
     let full = RebootRequest {
-        mode: "warm".into(),
+        mode: Mode::Warm,
         binary: Some("/usr/local/bin/warmvm".into()),
         stage_timeout_ms: Some(30_000),
         ready_budget_ms: Some(500),
@@ -417,6 +418,9 @@ fn request_schemas_match_what_the_server_accepts() {
         boot_wait_secs: Some(120),
     };
     check(&doc, "RebootRequest", &full);
+    for mode in [Mode::Warm, Mode::Saved, Mode::Cold] {
+        check(&doc, "RebootRequest", &RebootRequest::new(mode));
+    }
     let documented = doc["components"]["schemas"]["RebootRequest"]["properties"]
         .as_object()
         .unwrap();
@@ -532,7 +536,7 @@ fn aging_answers_match_the_schema() {
         Some(warmvm_api::aging::monitor::Arrival {
             from_pid: 1,
             host_blackout_us: 0,
-            mode: warmvm_api::modes::Mode::Saved,
+            mode: Mode::Saved,
             downtime_us: Some(2),
         }),
     );

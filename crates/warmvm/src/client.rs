@@ -200,12 +200,15 @@ pub fn reboot(args: RebootArgs, api: &ApiArgs) -> Result<ExitCode, Failure> {
         None
     };
     let req = warmvm_api::state::RebootRequest {
-        mode: mode.to_string(),
         binary,
         grace_secs: args.grace_secs,
         boot_wait_secs: args.boot_wait_secs,
         stage_timeout_ms: args.stage_timeout_ms,
-        ..Default::default()
+        ..warmvm_api::state::RebootRequest::new(match args.mode {
+            RebootMode::Warm => warmvm_api::types::Mode::Warm,
+            RebootMode::Saved => warmvm_api::types::Mode::Saved,
+            RebootMode::Cold => warmvm_api::types::Mode::Cold,
+        })
     };
     let still_under_way = |e: ClientError| match e {
         ClientError::RebootUnderWay { status, .. } => {

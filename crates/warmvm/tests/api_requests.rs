@@ -370,3 +370,67 @@ fn malformed_requests_get_4xx_and_change_nothing() {
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("cannot resume"), "{err}");
 }
+
+/// The client's typed answers are the daemon's own answer types, read back from a live
+/// daemon: the same values as the JSON the untyped methods return.
+#[test]
+fn typed_client_answers_decode_a_live_daemons_json() {
+    if !warmvm_vmm::testing::kvm_available("typed_client_answers_decode_a_live_daemons_json") {
+        return;
+    }
+    let dir = scratch("typed-client");
+    let mut d = Daemon::start(&dir, &[]);
+    create(&d, "t0");
+    let c = d.client();
+    let raw = c.status().unwrap();
+    let typed = c.typed().status().unwrap();
+    assert_eq!(u64::from(typed.pid), raw["pid"].as_u64().unwrap());
+    assert_eq!(typed.vm_count, 1);
+    assert_eq!(typed.build, raw["build"].as_str().unwrap());
+    assert_eq!(typed.state_dir, raw["state_dir"].as_str().unwrap());
+    assert_eq!(
+        serde_json::to_value(&typed.privileges).unwrap(),
+        raw["privileges"]
+    );
+    assert!(typed.last_takeover.is_none() && typed.reboot_in_progress.is_none());
+
+    let held = c.typed().hold(true).unwrap();
+    assert!(held.hold);
+    assert_eq!(c.call("GET", "/v1/aging", None).unwrap()["hold"], true);
+    assert!(c.typed().aging().unwrap().hold);
+    assert!(!c.typed().hold(false).unwrap().hold);
+    let history = c.typed().aging_history().unwrap();
+    assert_eq!(
+        serde_json::to_value(&history).unwrap()["samples"]
+            .as_array()
+            .map(Vec::len),
+        Some(history.samples.len())
+    );
+
+    let snap = dir.join("snap");
+    let report = c
+        .typed()
+        .snapshot(
+            "t0",
+            &warmvm_api::types::SnapshotRequest {
+                dir: snap.clone(),
+                leave_paused: false,
+            },
+        )
+        .unwrap();
+    assert_eq!(report.vm, "t0");
+    assert!(report.ram_bytes > 0, "{report:?}");
+    // A refusal is the daemon's error, as with the untyped methods.
+    let again = c.typed().snapshot(
+        "t0",
+        &warmvm_api::types::SnapshotRequest {
+            dir: snap,
+            leave_paused: false,
+        },
+    );
+    assert!(again
+        .unwrap_err()
+        .status()
+        .is_some_and(|s| (400..500).contains(&s)));
+    assert_eq!(d.terminate().code(), Some(0), "{}", d.log());
+}

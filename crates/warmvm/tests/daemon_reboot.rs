@@ -427,3 +427,38 @@ fn warm_reboots_of_a_vm_with_virtio_devices_leave_no_fd_behind() {
     verifies_on(&d, "dev", 1);
     d.terminate_adopted();
 }
+
+/// A daemon whose successor settings are of a version this build does not read (a newer
+/// build's, stood in for by fault injection) is refused by the new daemon while it stages:
+/// 409, in phase stage (the guests never paused), naming both versions; the same daemon
+/// serves on and its guests keep running.
+#[test]
+fn successor_settings_of_another_version_are_refused_with_409_while_staging() {
+    if !warmvm_vmm::testing::kvm_available("successor settings of another version") {
+        return;
+    }
+    let dir = scratch("successor-version");
+    let mut d = Daemon::start_with_env(&dir, &[], &[("WARMVM_FAULT_SUCCESSOR_VERSION", "2")]);
+    d.create_reference_vms(&["s0"]);
+    assert!(wait_until(60, || vm_figures(&d).iter().all(|v| v.2 > 0)));
+    let c = d.client();
+    let pid = c.status().unwrap()["pid"].clone();
+    let resp = c
+        .raw("PUT", "/v1/reboot", Some(br#"{"mode": "warm"}"#))
+        .unwrap();
+    let v: Value = serde_json::from_slice(&resp.body).unwrap();
+    assert_eq!(resp.status, 409, "{v}\n{}", d.log());
+    assert_eq!(v["phase"], "stage", "{v}");
+    let error = v["error"].as_str().unwrap();
+    assert!(
+        error.contains("successor settings are version 2; this build reads 1"),
+        "{error}"
+    );
+    assert!(error.contains("run on in this daemon"), "{error}");
+    assert_eq!(c.status().unwrap()["pid"], pid, "the same daemon serves");
+    let after = vm_figures(&d);
+    assert!(wait_until(30, || vm_figures(&d).iter().zip(&after).all(
+        |(now, a)| now.1 == "running" && now.2 > a.2 && now.3 == 0
+    )));
+    assert_eq!(d.terminate().code(), Some(0), "{}", d.log());
+}

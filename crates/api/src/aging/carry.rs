@@ -1,6 +1,6 @@
-//! What the aging monitor hands to the daemon a warm reboot starts (the `aging` key of the
-//! handover's `extra` value): its settings, hold, sample history, decisions and the reboot
-//! history, plus why this reboot happens. Typed, versioned and decoded strictly: a missing
+//! What the aging monitor hands to the daemon a warm reboot starts (`aging` in the
+//! successor settings, [`crate::reboot::successor::Successor`]): its settings, hold, sample
+//! history, decisions and the reboot history, plus why this reboot happens. Typed, versioned and decoded strictly: a missing
 //! field, an unknown one, another format or a value out of range is an error, and the new
 //! daemon then starts with an empty history (and default settings) rather than guess.
 
@@ -38,7 +38,7 @@ pub struct RebootRecord {
     /// How the daemon was rebooted; absent from records of builds that did not say (then
     /// it may have been any).
     #[serde(default)]
-    pub mode: Option<crate::modes::Mode>,
+    pub mode: Option<crate::types::Mode>,
     /// Saved or cold: from the first guest stopping to the last one back, if known.
     #[serde(default)]
     pub downtime_us: Option<u64>,
@@ -77,12 +77,6 @@ pub enum CarryError {
     Invalid(String),
 }
 
-/// The key of a handover's extra that holds the operator's configured aging settings (the
-/// config file's `[aging]`, or the defaults when it has none), passed from daemon to daemon
-/// so that a successor which cannot read the `aging` state still knows them. Absent when the
-/// daemon handing over did not know them (an older build, or one that did not either).
-pub const CONFIGURED_KEY: &str = "aging_configured";
-
 /// AgingConfig fills absent keys with defaults (it is also the config file's table); settings
 /// from another process must name every one.
 fn require_every_setting(config: &serde_json::Value) -> Result<(), CarryError> {
@@ -95,7 +89,8 @@ fn require_every_setting(config: &serde_json::Value) -> Result<(), CarryError> {
     Ok(())
 }
 
-/// Decode the configured settings a handover passed on ([`CONFIGURED_KEY`]), strictly.
+/// Decode the configured settings a handover passed on (`aging_configured` in
+/// [`crate::reboot::successor::Successor`]), strictly.
 pub fn decode_configured(v: &serde_json::Value) -> Result<AgingConfig, CarryError> {
     require_every_setting(v)?;
     let config: AgingConfig = serde_json::from_value(v.clone()).map_err(CarryError::Decode)?;
@@ -165,7 +160,7 @@ mod tests {
                 from_pid: 1,
                 to_pid: 2,
                 host_blackout_us: 900,
-                mode: Some(crate::modes::Mode::Saved),
+                mode: Some(crate::types::Mode::Saved),
                 downtime_us: Some(5000),
             }],
             reason: RebootReason::Schedule,

@@ -124,7 +124,7 @@ pub struct Arrival {
     pub from_pid: u32,
     /// The warm handover's blackout (0 when no VM was handed over).
     pub host_blackout_us: u64,
-    pub mode: crate::modes::Mode,
+    pub mode: crate::types::Mode,
     /// Saved or cold: the guests' downtime, if known.
     pub downtime_us: Option<u64>,
 }
@@ -399,7 +399,7 @@ impl Monitor {
                     from_pid: 1,
                     to_pid: std::process::id(),
                     host_blackout_us: 1,
-                    mode: Some(crate::modes::Mode::Warm),
+                    mode: Some(crate::types::Mode::Warm),
                     downtime_us: None,
                 },
             );
@@ -519,7 +519,7 @@ mod tests {
         let arrival = Arrival {
             from_pid: 42,
             host_blackout_us: 0,
-            mode: crate::modes::Mode::Cold,
+            mode: crate::types::Mode::Cold,
             downtime_us: Some(7000),
         };
         let new = Monitor::new(carry.config.clone(), Some(carry), Some(arrival));
@@ -529,7 +529,7 @@ mod tests {
         assert_eq!(r.reboots.len(), 1);
         assert_eq!(r.reboots[0].from_pid, 42);
         assert_eq!(r.reboots[0].reason, RebootReason::Manual);
-        assert_eq!(r.reboots[0].mode, Some(crate::modes::Mode::Cold));
+        assert_eq!(r.reboots[0].mode, Some(crate::types::Mode::Cold));
         assert_eq!(r.reboots[0].downtime_us, Some(7000));
     }
 }

@@ -30,7 +30,7 @@ impl ApiError {
         self
     }
 
-    pub(super) fn response(&self) -> Response {
+    pub(crate) fn response(&self) -> Response {
         match self.phase {
             Some(phase) => Response::error_in_phase(self.status, &self.message, phase),
             None => Response::error(self.status, &self.message),
@@ -63,7 +63,7 @@ pub(crate) fn file_status(err: &std::io::Error) -> u16 {
 /// size, a TAP in use), of the host (more RAM than it has, huge pages it has not reserved) or
 /// of its other VMs; 500 the host failed. Not 507 for too little RAM: a 5xx says the server
 /// failed, and nothing failed; 507 is kept for a disk that filled up while writing.
-pub(super) fn vm_error_status(err: &VmError, config: Option<&VmConfig>) -> u16 {
+pub(crate) fn vm_error_status(err: &VmError, config: Option<&VmConfig>) -> u16 {
     let has_kernel = config.is_some_and(|c| c.kernel.is_some());
     let hugepages = config.is_some_and(|c| c.hugepages);
     match err {

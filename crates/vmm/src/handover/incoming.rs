@@ -67,8 +67,9 @@ pub fn take_over(channel_fd: OwnedFd, state_dir: &Path) -> Result<Adopted, Takeo
 
 /// What the caller says of the settings handed over in `extra` before the commit: an
 /// error refuses the handover, so the old VMM keeps its VMs (after the commit it would be
-/// too late to say no).
-pub type ExtraCheck<'a> = &'a dyn Fn(&serde_json::Value) -> Result<(), String>;
+/// too late to say no). [`HandoverError::Incompatible`] says they are of a kind this build
+/// does not read (the old VMM reports a refusal), any other error that they are wrong.
+pub type ExtraCheck<'a> = &'a dyn Fn(&serde_json::Value) -> Result<(), HandoverError>;
 
 /// [`take_over`], with `check` run on the handed-over `extra` while staging, before this
 /// VMM says it is prepared.
@@ -454,7 +455,7 @@ impl<'a> Session<'a> {
                     if self.format >= 3 && commit_flag.is_none() {
                         return Err(Violation::NoCommitFlag.into());
                     }
-                    (self.check)(&extra).map_err(Violation::Settings)?;
+                    (self.check)(&extra)?;
                     return Ok(Staged {
                         hv,
                         vms,

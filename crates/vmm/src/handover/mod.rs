@@ -97,6 +97,10 @@ pub enum HandoverError {
         min: u32,
         max: u32,
     },
+    /// The settings the old daemon handed over are of a kind this build does not read (a
+    /// version it does not know): refused while staging, before any guest pauses.
+    #[error("incompatible handover state: {0}")]
+    IncompatibleSettings(String),
     #[error("no answer in time: {0}")]
     Timeout(#[from] Late),
     #[error("the other VMM closed the channel (it exited or crashed)")]
@@ -269,7 +273,9 @@ impl HandoverError {
     /// either side, rather than failed at it.
     pub fn is_refusal(&self) -> bool {
         match self {
-            HandoverError::Refused(_) | HandoverError::Incompatible { .. } => true,
+            HandoverError::Refused(_)
+            | HandoverError::Incompatible { .. }
+            | HandoverError::IncompatibleSettings(_) => true,
             HandoverError::State(e) => e.kind() == StateErrorKind::Incompatible,
             HandoverError::Peer(f) => {
                 matches!(f.kind, FailureKind::Incompatible | FailureKind::Refused)
@@ -281,7 +287,9 @@ impl HandoverError {
     /// How this error is told to the other VMM.
     pub(crate) fn to_failure(&self, phase: Phase) -> Failure {
         let kind = match self {
-            HandoverError::Incompatible { .. } => FailureKind::Incompatible,
+            HandoverError::Incompatible { .. } | HandoverError::IncompatibleSettings(_) => {
+                FailureKind::Incompatible
+            }
             HandoverError::State(e) => match e.kind() {
                 StateErrorKind::Incompatible => FailureKind::Incompatible,
                 StateErrorKind::Invalid => FailureKind::BadState,

@@ -1,95 +1,35 @@
-//! `PUT /v1/reboot` and every other warm reboot of the daemon (a panic, aging, the
-//! schedule): the request, its checks, and the one entry point, [`ApiState::reboot_for`],
-//! which records why.
+//! The reboot room: `PUT /v1/reboot` and every other reboot of the daemon (a panic, aging,
+//! the schedule). Here are the request's checks and the one entry point,
+//! [`ApiState::reboot_for`], which takes a typed [`RebootRequest`] and records why; the
+//! saved and cold modes ([`modes`]); the bring-back manifest and its types
+//! ([`bring_back`]); what the daemon hands the next one ([`successor`]); and the daemon's
+//! own triggers, a panic and the aging policy (`rejuvenation`). The takeover itself, in the
+//! new daemon, is `crate::daemon`'s: it decodes the [`successor::Successor`] while staging.
+//!
+//! Inside: `modes` and `successor` use `bring_back`; `rejuvenation` calls the flow
+//! ([`ApiState::rejuvenate`]) with a typed request, like the router.
 
-use std::ffi::OsString;
-use std::os::fd::RawFd;
+pub mod bring_back;
+pub mod modes;
+pub(crate) mod rejuvenation;
+pub mod successor;
+
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
 use warmvm_vmm::handover::faults::{self, Point};
 use warmvm_vmm::handover::{self, RebootOptions, RebootReport};
 
 use crate::aging::RebootReason;
-use crate::bring_back;
-use crate::modes::{self, Mode};
-use crate::state::{ApiError, ApiState, DEFAULT_STOP_GRACE_SECS, MAX_STOP_GRACE_SECS};
-
-/// The body of `PUT /v1/reboot`.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct RebootRequest {
-    /// `warm`: every VM is handed to a new daemon process without stopping; `saved`: every
-    /// VM is snapshotted to disk and restored by the new daemon; `cold`: every guest is
-    /// powered off and booted again by the new daemon.
-    pub mode: String,
-    /// The new daemon's binary (absolute path); default: this daemon's own binary. When
-    /// present it must be a string: `null` is refused, as the document says.
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        deserialize_with = "warmvm_vmm::config::present"
-    )]
-    pub binary: Option<PathBuf>,
-    /// How long starting the new daemon and preparing every VM may take (the guests run
-    /// meanwhile); default: the daemon's `--stage-timeout-ms`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stage_timeout_ms: Option<u64>,
-    /// How long the guests may be frozen before the new daemon is ready; past it the
-    /// reboot is aborted and the VMs run on here. Default: the daemon's `--ready-budget-ms`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ready_budget_ms: Option<u64>,
-    /// Cold reboot: seconds each guest gets to power off before it is forced (default 10).
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        deserialize_with = "warmvm_vmm::config::present"
-    )]
-    pub grace_secs: Option<u64>,
-    /// Cold reboot: seconds the new daemon waits for each guest to say it is up (default
-    /// 120); a guest that has not by then is reported with an error in `last_reboot`.
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        deserialize_with = "warmvm_vmm::config::present"
-    )]
-    pub boot_wait_secs: Option<u64>,
-}
-
-/// The key of the old daemon's executable (a `BinaryInfo`) in the settings it hands on:
-/// the new daemon's status reports which executable it took over from.
-pub const PREVIOUS_BINARY_KEY: &str = "previous_binary";
-
-/// Bounds of the reboot timeouts a request or a flag may set.
-pub const STAGE_TIMEOUT_MS: std::ops::RangeInclusive<u64> = 100..=600_000;
-pub const READY_BUDGET_MS: std::ops::RangeInclusive<u64> = 10..=60_000;
+use crate::state::{ApiError, ApiState};
+use crate::types::Mode;
+pub use crate::types::{RebootRequest, READY_BUDGET_MS, REBOOT_TIMEOUT, STAGE_TIMEOUT_MS};
+use crate::types::{DEFAULT_STOP_GRACE_SECS, MAX_STOP_GRACE_SECS};
+use successor::Successor;
 
 /// How long a warm reboot waits for VM operations under way before it gives up (409).
 const GATE_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// How long a client waits for a warm reboot's answer, at the least: the longest staging
-/// the daemon allows plus the longest budget and the time to answer.
-pub const REBOOT_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// What a warm reboot needs from the daemon around the API state: how to start the new
-/// daemon, the fds it inherits, and how to stop this daemon's server loop.
-pub struct RebootSetup {
-    /// The new daemon's arguments (`--takeover-fd` is added by the handover).
-    pub args: Vec<OsString>,
-    /// Opaque settings for the new daemon.
-    pub extra: serde_json::Value,
-    /// Named fds for the new daemon: at least `api-listener`.
-    pub extra_fds: Vec<(String, RawFd)>,
-    /// Environment for the new daemon (e.g. the seccomp mode, which older builds ignore).
-    pub env: Vec<(OsString, OsString)>,
-    /// Default stage timeout and ready budget (see [`RebootRequest`]).
-    pub stage_timeout: Duration,
-    pub ready_budget: Duration,
-    /// Stops this daemon's server loop once the VMs are handed over.
-    pub stop: crate::server::StopHandle,
-}
 
 impl ApiState {
     /// Check an operator's reboot request: a mode, timeouts in range, and a binary this
@@ -101,24 +41,30 @@ impl ApiState {
     }
 
     /// Check a reboot request's fields, but not yet which binary it runs.
-    fn parse_reboot_request(body: &[u8]) -> Result<RebootRequest, ApiError> {
+    pub(crate) fn parse_reboot_request(body: &[u8]) -> Result<RebootRequest, ApiError> {
         if body.iter().all(u8::is_ascii_whitespace) {
             return Err(ApiError::new(
                 400,
                 r#"the request body must be JSON, e.g. {"mode": "warm"}"#,
             ));
         }
-        let req: RebootRequest = serde_json::from_slice(body)
-            .map_err(|e| ApiError::new(400, format!("invalid reboot request: {e}")))?;
-        if Mode::parse(&req.mode).is_none() {
-            return Err(ApiError::new(
-                400,
-                format!(
-                    "reboot mode {:?} is not supported: use \"warm\", \"saved\" or \"cold\"",
-                    req.mode
-                ),
-            ));
-        }
+        let req: RebootRequest = serde_json::from_slice(body).map_err(|e| {
+            // A mode none of the three is said as such, not as a malformed body.
+            let text = e.to_string();
+            match text
+                .strip_prefix(Mode::UNSUPPORTED)
+                .and(text.rsplit_once(" at line "))
+            {
+                Some((why, _)) => ApiError::new(400, why),
+                None => ApiError::new(400, format!("invalid reboot request: {text}")),
+            }
+        })?;
+        Self::check_reboot_request(&req)?;
+        Ok(req)
+    }
+
+    /// Check a typed reboot request's values (the mode is one by its type).
+    fn check_reboot_request(req: &RebootRequest) -> Result<(), ApiError> {
         if let Some(g) = req.grace_secs.filter(|g| *g > MAX_STOP_GRACE_SECS) {
             return Err(ApiError::new(
                 400,
@@ -153,21 +99,25 @@ impl ApiState {
                 ));
             }
         }
-        Ok(req)
+        Ok(())
     }
 
     /// Warm reboot: hand every VM to a new daemon process (see
     /// [`warmvm_vmm::handover`]). On success this daemon's server is stopped, the Host lock
     /// stays taken for good (nothing here may touch the handed-over VMs again) and the
     /// caller must exit once the answer is sent. On failure the VMs run on here.
-    pub fn reboot(&self, body: &[u8]) -> Result<RebootReport, ApiError> {
-        self.reboot_for(body, RebootReason::Manual)
+    pub fn reboot(&self, req: &RebootRequest) -> Result<RebootReport, ApiError> {
+        self.reboot_for(req, RebootReason::Manual)
     }
 
-    /// A warm reboot for `reason`, which the new daemon records in its reboot history.
-    pub fn reboot_for(&self, body: &[u8], reason: RebootReason) -> Result<RebootReport, ApiError> {
-        let req = Self::parse_reboot_request(body)?;
-        let binary = reboot_binary(&req, &reason)?;
+    /// A reboot for `reason`, which the new daemon records in its reboot history.
+    pub fn reboot_for(
+        &self,
+        req: &RebootRequest,
+        reason: RebootReason,
+    ) -> Result<RebootReport, ApiError> {
+        Self::check_reboot_request(req)?;
+        let binary = reboot_binary(req, &reason)?;
         let setup = self.reboot.get().ok_or_else(|| {
             ApiError::new(
                 409,
@@ -193,7 +143,7 @@ impl ApiState {
             ));
         }
         let done = Done(self);
-        let mode = Mode::parse(&req.mode).unwrap_or(Mode::Warm);
+        let mode = req.mode;
         self.progress.begin(mode.name(), "waiting", 0);
         let deadline = Instant::now() + GATE_TIMEOUT;
         // Wait (briefly) for every pause, resume or stop under way; none starts until we
@@ -258,33 +208,47 @@ impl ApiState {
             }
             faults::hit(Point::OldManifest);
         }
-        let mut extra = self.successor_extra(&setup.extra, reason.clone());
-        if let (Some(w), Some(map)) = (req.boot_wait_secs, extra.as_object_mut()) {
-            map.insert(modes::BOOT_WAIT_KEY.to_string(), (w * 1000).into());
+        let base = Successor::new(
+            setup.stage_timeout,
+            setup.ready_budget,
+            setup.limits,
+            setup.hands_lock,
+        );
+        let mut successor = self.successor(&base, reason.clone());
+        successor.boot_wait_ms = req.boot_wait_secs.map(|w| w * 1000);
+        #[allow(unused_mut)]
+        let mut bring_back = prepared.as_ref().map(|(bb, _)| bb.clone());
+        // Test builds: stand in for a successor that reads another format.
+        #[cfg(feature = "fault-injection")]
+        if let (Some(bb), Some(n)) = (
+            bring_back.as_mut(),
+            std::env::var("WARMVM_FAULT_BRING_BACK_VERSION")
+                .ok()
+                .and_then(|n| n.parse::<u32>().ok()),
+        ) {
+            bb.version = n;
         }
-        if let (Some((bb, _)), Some(map)) = (&prepared, extra.as_object_mut()) {
-            match serde_json::to_value(bb) {
-                #[allow(unused_mut)]
-                Ok(mut v) => {
-                    // Test builds: stand in for a successor that reads another format.
-                    #[cfg(feature = "fault-injection")]
-                    if let Some(n) = std::env::var("WARMVM_FAULT_BRING_BACK_VERSION")
-                        .ok()
-                        .and_then(|n| n.parse::<u32>().ok())
-                    {
-                        v["version"] = n.into();
-                    }
-                    map.insert(modes::EXTRA_KEY.to_string(), v);
-                }
-                Err(e) => {
-                    let undone =
-                        prepared.map(|(bb, held)| modes::undo(&mut host, held, &bb, &manifest));
-                    return Err(undo_failed(
-                        ApiError::new(500, format!("cannot encode the VMs: {e}")),
-                        undone,
-                    ));
-                }
+        successor.bring_back = bring_back;
+        #[allow(unused_mut)]
+        let mut extra = match successor.encode() {
+            Ok(v) => v,
+            Err(e) => {
+                let undone =
+                    prepared.map(|(bb, held)| modes::undo(&mut host, held, &bb, &manifest));
+                return Err(undo_failed(
+                    ApiError::new(500, format!("cannot encode the VMs: {e}")),
+                    undone,
+                ));
             }
+        };
+        // Test builds: stand in for a daemon of a build whose successor settings are of
+        // another version.
+        #[cfg(feature = "fault-injection")]
+        if let Some(n) = std::env::var("WARMVM_FAULT_SUCCESSOR_VERSION")
+            .ok()
+            .and_then(|n| n.parse::<u64>().ok())
+        {
+            extra[crate::reboot::successor::VERSION_KEY] = n.into();
         }
         // Cold: the powered-off VMs held here keep their TAPs attached; the new daemon
         // boots them on these (kept open until this process exits or undoes the reboot).
@@ -387,26 +351,20 @@ impl ApiState {
     /// A warm reboot into this very binary for `reason` (a bug, aging, the schedule): on
     /// success the caller must exit at once.
     pub fn rejuvenate(&self, reason: RebootReason) -> Result<RebootReport, ApiError> {
-        self.reboot_for(br#"{"mode": "warm"}"#, reason)
+        self.reboot_for(&RebootRequest::new(Mode::Warm), reason)
     }
 
-    /// The daemon's settings for its successor, plus the aging state and why it reboots.
-    fn successor_extra(&self, base: &serde_json::Value, reason: RebootReason) -> serde_json::Value {
-        let mut extra = base.clone();
-        if let (Some(obj), Some(m)) = (extra.as_object_mut(), self.aging()) {
-            obj.insert("aging".into(), m.carry(reason).encode());
+    /// The daemon's settings for its successor, plus the aging state, why it reboots and
+    /// this executable.
+    fn successor(&self, base: &Successor, reason: RebootReason) -> Successor {
+        let mut s = base.clone();
+        if let Some(m) = self.aging() {
+            s.aging = Some(m.carry(reason).encode());
             // So that a successor that cannot read the state still knows the configuration.
-            if let Some(cfg) = m.configured().and_then(|c| serde_json::to_value(c).ok()) {
-                obj.insert(crate::aging::carry::CONFIGURED_KEY.into(), cfg);
-            }
+            s.aging_configured = m.configured().and_then(|c| serde_json::to_value(c).ok());
         }
-        if let (Some(obj), Ok(binary)) = (
-            extra.as_object_mut(),
-            serde_json::to_value(warmvm_vmm::executable::info()),
-        ) {
-            obj.insert(PREVIOUS_BINARY_KEY.into(), binary);
-        }
-        extra
+        s.previous_binary = Some(warmvm_vmm::executable::info());
+        s
     }
 }
 
@@ -555,10 +513,7 @@ mod tests {
 
     #[test]
     fn an_operators_reboot_starts_the_path_a_rejuvenation_the_running_image() {
-        let req = RebootRequest {
-            mode: "warm".into(),
-            ..Default::default()
-        };
+        let req = RebootRequest::new(Mode::Warm);
         let started = warmvm_vmm::executable::started_from()
             .unwrap()
             .to_path_buf();

@@ -6,14 +6,14 @@ use std::sync::Arc;
 
 use warmvm_vmm::AgingConfig;
 
-use crate::aging::carry::{decode_configured, CONFIGURED_KEY};
+use crate::aging::carry::decode_configured;
 use crate::aging::{AgingCarry, Monitor, SettingsSource};
 use crate::state::{ApiState, TakeoverInfo};
 
 /// Rejuvenate on a bug: a panic on any thread but a vCPU's means this process can no
 /// longer be trusted, so its VMs move to a fresh daemon by a warm reboot (on success this
 /// process exits; on failure they run on here, and the next panic tries again).
-pub(super) fn start_rejuvenator(state: Arc<ApiState>) {
+pub(crate) fn start_rejuvenator(state: Arc<ApiState>) {
     let (tx, rx) = std::sync::mpsc::channel::<String>();
     warmvm_vmm::panic::install_hook(move |what| {
         let _ = tx.send(what.to_string());
@@ -51,11 +51,12 @@ pub(super) fn start_rejuvenator(state: Arc<ApiState>) {
 /// history; and if it passed none either, a dry run (it alerts but never reboots by itself),
 /// since the configuration may forbid what the defaults would do. The log and the report say
 /// which settings are in force and where they came from.
-pub(super) fn aging_monitor(
+pub(crate) fn aging_monitor(
     configured: Option<AgingConfig>,
-    inherited: &serde_json::Value,
+    aging: Option<&serde_json::Value>,
+    aging_configured: Option<&serde_json::Value>,
     takeover: Option<&TakeoverInfo>,
-    mode_reboot: Option<&crate::modes::ModeReboot>,
+    mode_reboot: Option<&crate::reboot::modes::ModeReboot>,
 ) -> Monitor {
     let Some(takeover) = takeover else {
         let m = Monitor::new(configured.unwrap_or_default(), None, None);
@@ -63,20 +64,20 @@ pub(super) fn aging_monitor(
         return m;
     };
     #[cfg(feature = "fault-injection")]
-    let faulted = fault_aging_handover(inherited);
+    let (aging, aging_configured) = fault_aging_handover(aging, aging_configured);
     #[cfg(feature = "fault-injection")]
-    let inherited = &faulted;
+    let (aging, aging_configured) = (aging.as_ref(), aging_configured.as_ref());
     let from = takeover
         .previous_pid
         .and_then(|p| u32::try_from(p).ok())
         .unwrap_or(0);
     // What the operator configured, as the previous daemon passed it on.
-    let passed_on = inherited.get(CONFIGURED_KEY).and_then(|v| {
+    let passed_on = aging_configured.and_then(|v| {
         decode_configured(v)
             .map_err(|e| tracing::warn!(error = %e, "the configured aging settings passed on are unusable"))
             .ok()
     });
-    let m = match AgingCarry::decode(inherited.get("aging")) {
+    let m = match AgingCarry::decode(aging) {
         Ok(carry) => {
             tracing::info!(
                 samples = carry.history.len(),
@@ -88,10 +89,11 @@ pub(super) fn aging_monitor(
             // carries the guests' downtime instead.
             let (mode, downtime_us) = match mode_reboot {
                 Some(r) => (
-                    crate::modes::Mode::parse(&r.mode).unwrap_or(crate::modes::Mode::Warm),
+                    crate::reboot::modes::Mode::parse(&r.mode)
+                        .unwrap_or(crate::reboot::modes::Mode::Warm),
                     Some(r.host_downtime_us),
                 ),
-                None => (crate::modes::Mode::Warm, None),
+                None => (crate::reboot::modes::Mode::Warm, None),
             };
             Monitor::new(
                 carry.config.clone(),
@@ -145,23 +147,25 @@ fn log_settings(m: &Monitor) {
 /// (`WARMVM_FAULT_AGING_HANDOVER=unreadable`: another format), or for an older build that
 /// also passed on no configured settings (`=old-build`).
 #[cfg(feature = "fault-injection")]
-fn fault_aging_handover(inherited: &serde_json::Value) -> serde_json::Value {
-    let mut v = inherited.clone();
+fn fault_aging_handover(
+    aging: Option<&serde_json::Value>,
+    configured: Option<&serde_json::Value>,
+) -> (Option<serde_json::Value>, Option<serde_json::Value>) {
     let fault = std::env::var("WARMVM_FAULT_AGING_HANDOVER").unwrap_or_default();
-    if let (Some(map), "unreadable" | "old-build") = (v.as_object_mut(), fault.as_str()) {
-        tracing::warn!(fault = %fault, "fault injected: the handed-over aging state is unreadable");
-        map.insert("aging".into(), serde_json::json!({ "format": 0 }));
-        if fault == "old-build" {
-            map.remove(CONFIGURED_KEY);
+    match fault.as_str() {
+        "unreadable" | "old-build" => {
+            tracing::warn!(fault = %fault, "fault injected: the handed-over aging state is unreadable");
+            let configured = configured.filter(|_| fault != "old-build").cloned();
+            (Some(serde_json::json!({ "format": 0 })), configured)
         }
+        _ => (aging.cloned(), configured.cloned()),
     }
-    v
 }
 
 /// Sample every period; when the policy says so, rejuvenate by a warm reboot into a fresh
 /// copy of this binary (on success this process exits; on failure the VMs run on here, the
 /// failure is recorded and the trigger may fire again).
-pub(super) fn start_aging_monitor(state: Arc<ApiState>, monitor: Arc<Monitor>) {
+pub(crate) fn start_aging_monitor(state: Arc<ApiState>, monitor: Arc<Monitor>) {
     let watch = move || loop {
         std::thread::sleep(monitor.period());
         if state.rebooting() || state.handed_over() {
@@ -227,8 +231,8 @@ mod tests {
         };
         let old = Monitor::new(cfg, None, None);
         old.tick(0);
-        let extra = serde_json::json!({ "aging": old.carry(RebootReason::Manual).encode() });
-        let new = aging_monitor(None, &extra, Some(&takeover()), None);
+        let carry = old.carry(RebootReason::Manual).encode();
+        let new = aging_monitor(None, Some(&carry), None, Some(&takeover()), None);
         let r = new.report();
         assert_eq!(r.settings_source, Some(SettingsSource::Inherited));
         assert_eq!(r.settings_from_pid, Some(41));
@@ -237,15 +241,15 @@ mod tests {
         assert_eq!(r.reboots.len(), 1);
         assert_eq!(r.reboots[0].from_pid, 41);
         assert_eq!(r.reboots[0].host_blackout_us, 700);
-        assert_eq!(r.reboots[0].mode, Some(crate::modes::Mode::Warm));
+        assert_eq!(r.reboots[0].mode, Some(crate::reboot::modes::Mode::Warm));
         assert_eq!(r.reboots[0].downtime_us, None);
     }
 
     #[test]
     fn a_saved_reboot_is_recorded_with_its_downtime_not_a_zero_blackout() {
         let old = Monitor::new(AgingConfig::default(), None, None);
-        let extra = serde_json::json!({ "aging": old.carry(RebootReason::Manual).encode() });
-        let saved = crate::modes::ModeReboot {
+        let carry = old.carry(RebootReason::Manual).encode();
+        let saved = crate::reboot::modes::ModeReboot {
             mode: "saved".into(),
             host_downtime_us: 812_000,
             ..Default::default()
@@ -254,8 +258,8 @@ mod tests {
             host_blackout_us: 0,
             ..takeover()
         };
-        let r = aging_monitor(None, &extra, Some(&takeover), Some(&saved)).report();
-        assert_eq!(r.reboots[0].mode, Some(crate::modes::Mode::Saved));
+        let r = aging_monitor(None, Some(&carry), None, Some(&takeover), Some(&saved)).report();
+        assert_eq!(r.reboots[0].mode, Some(crate::reboot::modes::Mode::Saved));
         assert_eq!(r.reboots[0].downtime_us, Some(812_000));
     }
 
@@ -268,12 +272,10 @@ mod tests {
         old.tick(0);
         let mut carry = old.carry(RebootReason::Panic).encode();
         carry.as_object_mut().unwrap().remove("history");
-        for extra in [
-            serde_json::json!({ "aging": carry }),
-            serde_json::json!({ "previous_pid": 41 }),
-            serde_json::Value::Null,
-        ] {
-            let m = aging_monitor(None, &extra, Some(&takeover()), None);
+        // The state without a field, or none at all (an older build's settings).
+        for aging in [Some(&carry), None] {
+            let extra = format!("{aging:?}");
+            let m = aging_monitor(None, aging, None, Some(&takeover()), None);
             let r = m.report();
             assert_eq!(r.history_len, 0, "{extra}");
             assert!(r.reboots.is_empty());
@@ -306,11 +308,15 @@ mod tests {
                 ..AgingConfig::default()
             },
         ] {
-            let extra = serde_json::json!({
-                "aging": { "format": 0 },
-                CONFIGURED_KEY: serde_json::to_value(&cfg).unwrap(),
-            });
-            let m = aging_monitor(None, &extra, Some(&takeover()), None);
+            let unreadable = serde_json::json!({ "format": 0 });
+            let configured = serde_json::to_value(&cfg).unwrap();
+            let m = aging_monitor(
+                None,
+                Some(&unreadable),
+                Some(&configured),
+                Some(&takeover()),
+                None,
+            );
             let r = m.report();
             assert_eq!(r.config, cfg);
             assert_eq!(r.history_len, 0);
@@ -320,8 +326,15 @@ mod tests {
         // Passed on but unusable (a setting missing): not trusted, so a dry run.
         let mut short = serde_json::to_value(AgingConfig::default()).unwrap();
         short.as_object_mut().unwrap().remove("enabled");
-        let extra = serde_json::json!({ "aging": { "format": 0 }, CONFIGURED_KEY: short });
-        let r = aging_monitor(None, &extra, Some(&takeover()), None).report();
+        let unreadable = serde_json::json!({ "format": 0 });
+        let r = aging_monitor(
+            None,
+            Some(&unreadable),
+            Some(&short),
+            Some(&takeover()),
+            None,
+        )
+        .report();
         assert!(r.config.dry_run);
         assert_eq!(r.settings_source, Some(SettingsSource::Unknown));
     }
@@ -332,7 +345,7 @@ mod tests {
             dry_run: true,
             ..AgingConfig::default()
         };
-        let m = aging_monitor(Some(cfg.clone()), &serde_json::Value::Null, None, None);
+        let m = aging_monitor(Some(cfg.clone()), None, None, None, None);
         assert_eq!(m.config(), cfg);
         assert_eq!(m.configured(), Some(&cfg));
         assert_eq!(m.report().settings_source, Some(SettingsSource::Configured));

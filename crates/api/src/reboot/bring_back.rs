@@ -14,8 +14,8 @@
 //!   then lets it run. Killed in between, that VM is lost with its owner, but it never runs
 //!   again from its older state.
 //! - A daemon started normally on a state directory with a manifest whose writers are gone
-//!   brings the VMs left in it back the same way ([`recover`]); a manifest it cannot trust
-//!   makes it refuse to start, naming the file ([`load`]).
+//!   brings the VMs left in it back the same way ([`super::modes::recover`]); a manifest
+//!   it cannot trust makes it refuse to start, naming the file ([`load`]).
 //!
 //! Every change is made durable: written to a temporary file, fsynced, renamed into place
 //! and the directory fsynced.
@@ -24,7 +24,10 @@ use std::io::Write;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
-use crate::modes::{self, BringBack, Mode, BRING_BACK_VERSION};
+use serde::{Deserialize, Serialize};
+use warmvm_vmm::VmConfig;
+
+use crate::types::Mode;
 
 /// The manifest's file name, in the saved-reboot directory.
 pub const MANIFEST: &str = "bring-back.json";
@@ -57,7 +60,7 @@ pub enum ManifestError {
 
 /// Where the manifest of the state directory `state_dir` lives.
 pub fn path(state_dir: &Path) -> PathBuf {
-    modes::saved_dir(state_dir).join(MANIFEST)
+    saved_dir(state_dir).join(MANIFEST)
 }
 
 /// Write `bb` to `path` durably, replacing what was there; the directory is created
@@ -192,7 +195,7 @@ pub fn live_owner(bb: &BringBack) -> Option<u32> {
 }
 
 fn is_live_daemon(pid: u32) -> bool {
-    modes::process_running(pid)
+    process_running(pid)
         && std::fs::read(format!("/proc/{pid}/cmdline"))
             .is_ok_and(|c| c.split(|&b| b == 0).any(|arg| arg == b"daemon"))
 }
@@ -213,52 +216,70 @@ pub fn pending(state_dir: &Path) -> Result<Option<BringBack>, ManifestError> {
     Ok(Some(bb))
 }
 
-/// The new daemon of a saved or cold reboot, once the handover has committed: bring the
-/// VMs back (while it serves: `reboot_in_progress` in its status says how far it is, and
-/// requests that change anything are refused until it is done) and report it as
-/// `last_reboot`. `boot_wait`: how long a cold-booted guest has to say it is up.
-pub fn after_commit(
-    state: &crate::state::ApiState,
-    bb: &BringBack,
-    taps: std::collections::BTreeMap<String, warmvm_vmm::GivenTaps>,
-    state_dir: &Path,
-    boot_wait: std::time::Duration,
-) {
-    let report = modes::bring_back(state, bb, taps, &path(state_dir), false, boot_wait);
-    state.set_last_reboot(report);
+/// The format of [`BringBack`]; a new daemon refuses another, before the commit. 2: the
+/// receiver takes each VM off the durable manifest (`bring_back.rs`) before it runs it. A
+/// daemon that read format 1 would boot a cold reboot's VMs and leave the manifest behind,
+/// so that a later daemon booted them again.
+pub const BRING_BACK_VERSION: u32 = 2;
+/// The directory, under the state directory, that a saved reboot writes its snapshots to.
+pub const SAVED_DIR: &str = "saved-reboot";
+
+/// What the old daemon hands the new one for a saved or cold reboot, and what the
+/// bring-back manifest (this module) keeps on disk until every VM runs again.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BringBack {
+    pub version: u32,
+    pub mode: Mode,
+    pub previous_pid: u32,
+    /// The new daemon that took the VMs over after the commit (manifest only; absent in
+    /// what the old daemon writes and hands over).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claimed_by: Option<u32>,
+    /// Saving or shutting down every VM, in the old daemon.
+    pub prepare_us: u64,
+    /// CLOCK_MONOTONIC ns when the old daemon had finished preparing.
+    pub prepared_ns: u64,
+    pub vms: Vec<BringBackVm>,
 }
 
-/// A daemon started normally on a state directory whose manifest is [`pending`]: bring
-/// its VMs back as the interrupted reboot's new daemon would have, and report it as
-/// `last_reboot` (with `recovered`).
-pub fn recover(state: &crate::state::ApiState, bb: &BringBack, state_dir: &Path) {
-    tracing::warn!(
-        manifest = %path(state_dir).display(),
-        mode = bb.mode.name(),
-        vms = bb.vms.len(),
-        previous_pid = bb.previous_pid,
-        claimed_by = bb.claimed_by,
-        "a saved or cold reboot was interrupted: bringing its VMs back"
-    );
-    let report = modes::bring_back(
-        state,
-        bb,
-        Default::default(),
-        &path(state_dir),
-        true,
-        modes::DEFAULT_BOOT_WAIT,
-    );
-    state.set_last_reboot(report);
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BringBackVm {
+    pub name: String,
+    /// To boot it again (cold).
+    pub config: VmConfig,
+    /// Its snapshot (saved).
+    pub snapshot: Option<PathBuf>,
+    /// CLOCK_MONOTONIC ns when its guest stopped running (paused, or asked to power off).
+    pub stopped_ns: u64,
+    pub prepare_us: u64,
+    /// Bytes of RAM written to its snapshot.
+    pub bytes: u64,
+    /// Paused when the reboot began: restored paused.
+    pub was_paused: bool,
+}
+
+/// True while `pid` is a process that has not exited (neither gone nor a zombie).
+pub(crate) fn process_running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        // The state follows the command name, which is in parentheses.
+        stat.rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X']))
+    })
+}
+
+/// The state directory's saved-reboot directory.
+pub fn saved_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join(SAVED_DIR)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::modes::BringBackVm;
-    use warmvm_vmm::VmConfig;
 
     fn manifest(dir: &Path, mode: Mode) -> BringBack {
-        let saved = modes::saved_dir(dir);
+        let saved = saved_dir(dir);
         BringBack {
             version: BRING_BACK_VERSION,
             mode,

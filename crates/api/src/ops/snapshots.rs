@@ -1,47 +1,10 @@
 //! `PUT /v1/vms/{name}/snapshot` and `POST /v1/restore`: VM snapshots on disk.
 
-use std::path::PathBuf;
-
-use serde::{Deserialize, Serialize};
 use warmvm_vmm::snapshot::{self, SaveReport};
 use warmvm_vmm::VmReport;
 
-use super::{snapshot_error_status, ApiError, ApiState};
-
-/// The body of `PUT /v1/vms/{name}/snapshot`.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct SnapshotRequest {
-    /// An absolute directory on the daemon's host, created if missing; it must not hold a
-    /// snapshot already.
-    pub dir: PathBuf,
-    /// Leave the VM paused after the snapshot instead of letting it run on.
-    #[serde(default)]
-    pub leave_paused: bool,
-}
-
-/// The body of `POST /v1/restore`.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct RestoreRequest {
-    /// The snapshot's directory (absolute).
-    pub dir: PathBuf,
-    /// The new VM's name; default: the name of the VM the snapshot was taken of.
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        deserialize_with = "warmvm_vmm::config::present"
-    )]
-    pub name: Option<String>,
-    /// Disk images to use instead of those the snapshot recorded, by position (absolute
-    /// paths): a copy restored beside its original needs disks of its own.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub disks: Vec<PathBuf>,
-    /// TAPs to attach instead of those the snapshot recorded, by position: a copy restored
-    /// beside its original needs TAPs of its own.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub taps: Vec<String>,
-}
+use crate::state::{snapshot_error_status, ApiError, ApiState};
+use crate::types::{RestoreRequest, SnapshotRequest};
 
 fn absolute(what: &str, dir: &std::path::Path) -> Result<(), ApiError> {
     if dir.as_os_str().is_empty() || !dir.is_absolute() {
@@ -58,9 +21,7 @@ fn absolute(what: &str, dir: &std::path::Path) -> Result<(), ApiError> {
 
 impl ApiState {
     /// Snapshot a running or paused VM into a directory.
-    pub fn snapshot(&self, name: &str, body: &[u8]) -> Result<SaveReport, ApiError> {
-        let req: SnapshotRequest = serde_json::from_slice(body)
-            .map_err(|e| ApiError::new(400, format!("invalid snapshot request: {e}")))?;
+    pub fn snapshot(&self, name: &str, req: &SnapshotRequest) -> Result<SaveReport, ApiError> {
         absolute("dir", &req.dir)?;
         let _gate = self.op_gate()?;
         let vm = self.find(name)?;
@@ -70,9 +31,7 @@ impl ApiState {
     }
 
     /// Create a VM from a snapshot and let it run as it was.
-    pub fn restore(&self, body: &[u8]) -> Result<VmReport, ApiError> {
-        let req: RestoreRequest = serde_json::from_slice(body)
-            .map_err(|e| ApiError::new(400, format!("invalid restore request: {e}")))?;
+    pub fn restore(&self, req: &RestoreRequest) -> Result<VmReport, ApiError> {
         absolute("dir", &req.dir)?;
         if let Some(n) = &req.name {
             warmvm_vmm::config::validate_name(n).map_err(|e| ApiError::new(400, e.to_string()))?;

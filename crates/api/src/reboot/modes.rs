@@ -4,149 +4,32 @@
 //!
 //! - **saved**: every live VM is paused and snapshotted to `<state dir>/saved-reboot/`,
 //!   the daemon is replaced (a warm reboot that hands over no live VM), and the new daemon
-//!   restores every VM from its snapshot (while it serves: see `crate::bring_back`).
+//!   restores every VM from its snapshot (while it serves: see `super::bring_back`).
 //! - **cold**: every guest is asked to power off (forced after the grace period), the
 //!   daemon is replaced, and the new daemon boots every VM again from its config and waits
 //!   until each guest says it is up.
 //!
 //! The old daemon keeps the VMs it took aside (paused, or their configs) until the new one
 //! has taken over: if replacing the daemon fails, they run on here as before. What the new
-//! daemon needs travels in the handover's `extra` under [`EXTRA_KEY`], strictly typed.
+//! daemon needs travels in the successor settings (`crate::reboot::successor`), strictly typed.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
 use warmvm_vmm::handover::faults::{self, Point};
 use warmvm_vmm::snapshot;
-use warmvm_vmm::{monotonic_ns, Host, Lifecycle, Vm, VmConfig};
+use warmvm_vmm::{monotonic_ns, Host, Lifecycle, Vm};
 
-use crate::bring_back;
+use super::bring_back;
+use super::bring_back::process_running;
+pub use super::bring_back::{saved_dir, BringBack, BringBackVm, BRING_BACK_VERSION, SAVED_DIR};
 use crate::progress::Tracker;
 use crate::state::{ApiError, ApiState};
+pub use crate::types::{Mode, ModeReboot, ModeRebootVm, BOOT_WAIT_SECS, DEFAULT_BOOT_WAIT};
 
-/// Where in the handover's extra data the VMs to bring back travel.
-pub const EXTRA_KEY: &str = "bring_back";
-/// The format of [`BringBack`]; a new daemon refuses another, before the commit. 2: the
-/// receiver takes each VM off the durable manifest (`bring_back.rs`) before it runs it. A
-/// daemon that read format 1 would boot a cold reboot's VMs and leave the manifest behind,
-/// so that a later daemon booted them again.
-pub const BRING_BACK_VERSION: u32 = 2;
-/// The directory, under the state directory, that a saved reboot writes its snapshots to.
-pub const SAVED_DIR: &str = "saved-reboot";
-/// How long the new daemon waits by default for a cold-booted guest to say it is up.
-pub const DEFAULT_BOOT_WAIT: Duration = Duration::from_secs(120);
-/// Bounds of the boot wait a reboot request may set (`boot_wait_secs`).
-pub const BOOT_WAIT_SECS: std::ops::RangeInclusive<u64> = 1..=3600;
-/// The key under which the old daemon passes the boot wait in the handover's settings
-/// (read with `get`: builds that do not know it ignore it).
-pub const BOOT_WAIT_KEY: &str = "boot_wait_ms";
 /// How long the new daemon waits for the old one to exit (and free its RAM) first.
 const OLD_EXIT_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// How to reboot the daemon.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    Warm,
-    Saved,
-    Cold,
-}
-
-impl Mode {
-    pub fn parse(s: &str) -> Option<Mode> {
-        match s {
-            "warm" => Some(Mode::Warm),
-            "saved" => Some(Mode::Saved),
-            "cold" => Some(Mode::Cold),
-            _ => None,
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Mode::Warm => "warm",
-            Mode::Saved => "saved",
-            Mode::Cold => "cold",
-        }
-    }
-}
-
-/// What the old daemon hands the new one for a saved or cold reboot, and what the
-/// bring-back manifest (see [`crate::bring_back`]) keeps on disk until every VM runs again.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BringBack {
-    pub version: u32,
-    pub mode: Mode,
-    pub previous_pid: u32,
-    /// The new daemon that took the VMs over after the commit (manifest only; absent in
-    /// what the old daemon writes and hands over).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub claimed_by: Option<u32>,
-    /// Saving or shutting down every VM, in the old daemon.
-    pub prepare_us: u64,
-    /// CLOCK_MONOTONIC ns when the old daemon had finished preparing.
-    pub prepared_ns: u64,
-    pub vms: Vec<BringBackVm>,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BringBackVm {
-    pub name: String,
-    /// To boot it again (cold).
-    pub config: VmConfig,
-    /// Its snapshot (saved).
-    pub snapshot: Option<PathBuf>,
-    /// CLOCK_MONOTONIC ns when its guest stopped running (paused, or asked to power off).
-    pub stopped_ns: u64,
-    pub prepare_us: u64,
-    /// Bytes of RAM written to its snapshot.
-    pub bytes: u64,
-    /// Paused when the reboot began: restored paused.
-    pub was_paused: bool,
-}
-
-/// How a saved or cold reboot went, as the new daemon reports it (`last_reboot` in
-/// `GET /v1/status`).
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct ModeReboot {
-    pub mode: String,
-    pub previous_pid: u32,
-    /// From the first guest stopping in the old daemon to the last one back in the new.
-    pub host_downtime_us: u64,
-    /// Saving (saved) or shutting down (cold) every VM, in the old daemon.
-    pub prepare_us: u64,
-    /// From the end of that to the new daemon starting to bring the VMs back (starting
-    /// the new daemon, handing the socket over, the old daemon exiting).
-    pub replace_us: u64,
-    /// Restoring (saved) or booting until ready (cold) every VM, in the new daemon.
-    pub bring_back_us: u64,
-    pub bytes_written: u64,
-    pub bytes_read: u64,
-    pub vms: Vec<ModeRebootVm>,
-    /// Brought back by a daemon started after the reboot was interrupted (the new daemon
-    /// died before every VM ran again), from the bring-back manifest.
-    #[serde(default)]
-    pub recovered: bool,
-}
-
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct ModeRebootVm {
-    pub name: String,
-    /// From its guest stopping to it running again (saved) or saying it is up (cold).
-    pub downtime_us: u64,
-    pub prepare_us: u64,
-    pub bring_back_us: u64,
-    pub bytes: u64,
-    /// Why it could not be brought back (its snapshot, if any, is kept).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-}
 
 /// VMs the old daemon holds aside while it is replaced.
 pub struct Held {
@@ -432,15 +315,6 @@ pub fn undo(host: &mut Host, held: Held, bb: &BringBack, manifest: &Path) -> Res
 
 /// Wait (bounded) until the process `pid` has exited, so that its RAM is free. A zombie
 /// (exited, not reaped yet by its parent) has freed its memory: it counts as gone.
-/// True while `pid` is a process that has not exited (neither gone nor a zombie).
-pub(crate) fn process_running(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-        // The state follows the command name, which is in parentheses.
-        stat.rsplit_once(')')
-            .is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X']))
-    })
-}
-
 fn wait_exit(pid: u32) {
     let deadline = Instant::now() + OLD_EXIT_TIMEOUT;
     let alive = || {
@@ -507,7 +381,7 @@ fn with_given_taps(
 /// New side, after the commit (or a daemon started on an interrupted reboot's manifest,
 /// `recovered`): bring every VM back (restore its snapshot, or boot it and wait until it
 /// is up, at most `boot_wait`). Each VM is taken off the manifest at `manifest` after it is
-/// restored or created and before it runs (see [`crate::bring_back`]). A VM that cannot be
+/// restored or created and before it runs (see [`super::bring_back`]). A VM that cannot be
 /// brought back is reported with the reason and stays in the manifest; its snapshot stays.
 ///
 /// The daemon serves meanwhile: the Host lock is held while the VMs are restored or
@@ -700,33 +574,55 @@ pub fn bring_back(
     report
 }
 
-/// Decode what the old daemon passed on, strictly.
-pub fn from_extra(extra: &serde_json::Value) -> Option<Result<BringBack, String>> {
-    let v = extra.get(EXTRA_KEY)?;
-    Some(
-        serde_json::from_value::<BringBack>(v.clone())
-            .map_err(|e| format!("the VMs to bring back are malformed: {e}"))
-            .and_then(|bb| {
-                if bb.version == BRING_BACK_VERSION {
-                    Ok(bb)
-                } else {
-                    Err(format!(
-                        "the VMs to bring back are in format {}, this daemon reads {BRING_BACK_VERSION}",
-                        bb.version
-                    ))
-                }
-            }),
-    )
+/// The new daemon of a saved or cold reboot, once the handover has committed: bring the
+/// VMs back (while it serves: `reboot_in_progress` in its status says how far it is, and
+/// requests that change anything are refused until it is done) and report it as
+/// `last_reboot`. `boot_wait`: how long a cold-booted guest has to say it is up.
+pub fn after_commit(
+    state: &crate::state::ApiState,
+    bb: &BringBack,
+    taps: std::collections::BTreeMap<String, warmvm_vmm::GivenTaps>,
+    state_dir: &Path,
+    boot_wait: std::time::Duration,
+) {
+    let report = bring_back(
+        state,
+        bb,
+        taps,
+        &bring_back::path(state_dir),
+        false,
+        boot_wait,
+    );
+    state.set_last_reboot(report);
 }
 
-/// The state directory's saved-reboot directory.
-pub fn saved_dir(state_dir: &Path) -> PathBuf {
-    state_dir.join(SAVED_DIR)
+/// A daemon started normally on a state directory whose manifest is [`bring_back::pending`]: bring
+/// its VMs back as the interrupted reboot's new daemon would have, and report it as
+/// `last_reboot` (with `recovered`).
+pub fn recover(state: &crate::state::ApiState, bb: &BringBack, state_dir: &Path) {
+    tracing::warn!(
+        manifest = %bring_back::path(state_dir).display(),
+        mode = bb.mode.name(),
+        vms = bb.vms.len(),
+        previous_pid = bb.previous_pid,
+        claimed_by = bb.claimed_by,
+        "a saved or cold reboot was interrupted: bringing its VMs back"
+    );
+    let report = bring_back(
+        state,
+        bb,
+        Default::default(),
+        &bring_back::path(state_dir),
+        true,
+        DEFAULT_BOOT_WAIT,
+    );
+    state.set_last_reboot(report);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use warmvm_vmm::VmConfig;
 
     #[test]
     fn bring_back_crosses_strictly() {
@@ -747,22 +643,37 @@ mod tests {
                 was_paused: false,
             }],
         };
-        let extra = serde_json::json!({ EXTRA_KEY: bb });
-        let back = from_extra(&extra).unwrap().unwrap();
+        use crate::reboot::successor::{Fallbacks, Successor};
+        let fallbacks = Fallbacks {
+            stage_timeout: Duration::from_secs(1),
+            ready_budget: Duration::from_secs(1),
+            limits: crate::limits::Limits::default(),
+        };
+        let mut settings = Successor::new(
+            Duration::from_secs(1),
+            Duration::from_secs(1),
+            Default::default(),
+            false,
+        );
+        settings.bring_back = Some(bb);
+        let extra = settings.encode().unwrap();
+        let back = Successor::decode(&extra, &fallbacks).unwrap();
+        back.check().unwrap();
+        let back = back.bring_back.unwrap();
         assert_eq!(back.vms[0].snapshot.as_deref(), Some(Path::new("/x/a")));
         let mut bad = extra.clone();
-        bad[EXTRA_KEY]["surprise"] = serde_json::json!(1);
-        assert!(from_extra(&bad).unwrap().is_err());
+        bad["bring_back"]["surprise"] = serde_json::json!(1);
+        assert!(Successor::decode(&bad, &fallbacks).is_err());
         let mut newer = extra.clone();
-        newer[EXTRA_KEY]["version"] = serde_json::json!(BRING_BACK_VERSION + 1);
-        assert!(from_extra(&newer).unwrap().unwrap_err().contains("format"));
+        newer["bring_back"]["version"] = serde_json::json!(BRING_BACK_VERSION + 1);
+        let newer = Successor::decode(&newer, &fallbacks).unwrap();
+        assert!(newer.check().unwrap_err().to_string().contains("format"));
         let mut missing = extra;
-        missing[EXTRA_KEY]
+        missing["bring_back"]
             .as_object_mut()
             .unwrap()
             .remove("prepared_ns");
-        assert!(from_extra(&missing).unwrap().is_err());
-        assert!(from_extra(&serde_json::json!({})).is_none());
+        assert!(Successor::decode(&missing, &fallbacks).is_err());
         assert_eq!(Mode::parse("cold"), Some(Mode::Cold));
         assert_eq!(
             parse_cold_tap_name(&cold_tap_name("web/1", 3)),

@@ -1,0 +1,280 @@
+//! The API's requests and answers: one set of serde types, shared by the daemon's
+//! operations ([`crate::ops`]), the HTTP router, the client and the OpenAPI test, so that
+//! what is sent, what is read and what the document describes cannot drift apart.
+//!
+//! Requests are decoded strictly (unknown fields refused, `null` only where the document
+//! allows it); a mode is a [`Mode`] from the moment a request is read.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use warmvm_vmm::VmReport;
+
+/// How long the new daemon waits by default for a cold-booted guest to say it is up.
+pub const DEFAULT_BOOT_WAIT: Duration = Duration::from_secs(120);
+/// Bounds of the boot wait a reboot request may set (`boot_wait_secs`).
+pub const BOOT_WAIT_SECS: std::ops::RangeInclusive<u64> = 1..=3600;
+
+/// How to reboot the daemon. Read from its name (`warm`, `saved`, `cold`), refusing any
+/// other with [`Mode::UNSUPPORTED`]'s message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", try_from = "String")]
+pub enum Mode {
+    Warm,
+    Saved,
+    Cold,
+}
+
+/// A mode name that is none of the three.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("reboot mode {0:?} is not supported: use \"warm\", \"saved\" or \"cold\"")]
+pub struct UnsupportedMode(pub String);
+
+impl TryFrom<String> for Mode {
+    type Error = UnsupportedMode;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        Mode::parse(&s).ok_or(UnsupportedMode(s))
+    }
+}
+
+impl std::str::FromStr for Mode {
+    type Err = UnsupportedMode;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Mode::parse(s).ok_or_else(|| UnsupportedMode(s.to_string()))
+    }
+}
+
+impl Mode {
+    /// The start of the message that refuses another mode.
+    pub const UNSUPPORTED: &'static str = "reboot mode ";
+
+    pub fn parse(s: &str) -> Option<Mode> {
+        match s {
+            "warm" => Some(Mode::Warm),
+            "saved" => Some(Mode::Saved),
+            "cold" => Some(Mode::Cold),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Warm => "warm",
+            Mode::Saved => "saved",
+            Mode::Cold => "cold",
+        }
+    }
+}
+
+/// How a saved or cold reboot went, as the new daemon reports it (`last_reboot` in
+/// `GET /v1/status`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModeReboot {
+    pub mode: String,
+    pub previous_pid: u32,
+    /// From the first guest stopping in the old daemon to the last one back in the new.
+    pub host_downtime_us: u64,
+    /// Saving (saved) or shutting down (cold) every VM, in the old daemon.
+    pub prepare_us: u64,
+    /// From the end of that to the new daemon starting to bring the VMs back (starting
+    /// the new daemon, handing the socket over, the old daemon exiting).
+    pub replace_us: u64,
+    /// Restoring (saved) or booting until ready (cold) every VM, in the new daemon.
+    pub bring_back_us: u64,
+    pub bytes_written: u64,
+    pub bytes_read: u64,
+    pub vms: Vec<ModeRebootVm>,
+    /// Brought back by a daemon started after the reboot was interrupted (the new daemon
+    /// died before every VM ran again), from the bring-back manifest.
+    #[serde(default)]
+    pub recovered: bool,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModeRebootVm {
+    pub name: String,
+    /// From its guest stopping to it running again (saved) or saying it is up (cold).
+    pub downtime_us: u64,
+    pub prepare_us: u64,
+    pub bring_back_us: u64,
+    pub bytes: u64,
+    /// Why it could not be brought back (its snapshot, if any, is kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The body of `PUT /v1/reboot`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RebootRequest {
+    /// `warm`: every VM is handed to a new daemon process without stopping; `saved`: every
+    /// VM is snapshotted to disk and restored by the new daemon; `cold`: every guest is
+    /// powered off and booted again by the new daemon.
+    pub mode: Mode,
+    /// The new daemon's binary (absolute path); default: this daemon's own binary. When
+    /// present it must be a string: `null` is refused, as the document says.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "warmvm_vmm::config::present"
+    )]
+    pub binary: Option<PathBuf>,
+    /// How long starting the new daemon and preparing every VM may take (the guests run
+    /// meanwhile); default: the daemon's `--stage-timeout-ms`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage_timeout_ms: Option<u64>,
+    /// How long the guests may be frozen before the new daemon is ready; past it the
+    /// reboot is aborted and the VMs run on here. Default: the daemon's `--ready-budget-ms`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_budget_ms: Option<u64>,
+    /// Cold reboot: seconds each guest gets to power off before it is forced (default 10).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "warmvm_vmm::config::present"
+    )]
+    pub grace_secs: Option<u64>,
+    /// Cold reboot: seconds the new daemon waits for each guest to say it is up (default
+    /// 120); a guest that has not by then is reported with an error in `last_reboot`.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "warmvm_vmm::config::present"
+    )]
+    pub boot_wait_secs: Option<u64>,
+}
+
+impl RebootRequest {
+    /// A reboot in `mode` with every default.
+    pub fn new(mode: Mode) -> Self {
+        Self {
+            mode,
+            binary: None,
+            stage_timeout_ms: None,
+            ready_budget_ms: None,
+            grace_secs: None,
+            boot_wait_secs: None,
+        }
+    }
+}
+
+/// Bounds of the reboot timeouts a request or a flag may set.
+pub const STAGE_TIMEOUT_MS: std::ops::RangeInclusive<u64> = 100..=600_000;
+pub const READY_BUDGET_MS: std::ops::RangeInclusive<u64> = 10..=60_000;
+
+/// How long a client waits for a warm reboot's answer, at the least: the longest staging
+/// the daemon allows plus the longest budget and the time to answer.
+pub const REBOOT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Seconds a guest gets to power off when `stop` names none.
+pub const DEFAULT_STOP_GRACE_SECS: u64 = 10;
+/// The longest grace a `stop` may ask for.
+pub const MAX_STOP_GRACE_SECS: u64 = 3600;
+
+/// `GET /v1/status`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct DaemonStatus {
+    pub version: String,
+    pub pid: u32,
+    pub uptime_ms: u64,
+    pub vm_count: usize,
+    /// VMs per lifecycle state.
+    pub vms_running: usize,
+    pub vms_paused: usize,
+    pub state_dir: String,
+    /// This build (the version, and the build id a packager set).
+    pub build: String,
+    /// How this daemon took its VMs over by a warm reboot, if it did.
+    pub last_takeover: Option<TakeoverInfo>,
+    /// How the saved or cold reboot that started this daemon went, if one did.
+    pub last_reboot: Option<ModeReboot>,
+    /// What the daemon runs as: uid, gid, groups, capabilities, no_new_privs, seccomp.
+    pub privileges: crate::running_as::DaemonPrivileges,
+    /// The executable this daemon runs: the path it was started from (what a warm reboot
+    /// runs next), version, git commit, and the sha256 of the running image (absent from
+    /// older daemons).
+    #[serde(default)]
+    pub binary: Option<warmvm_vmm::executable::BinaryInfo>,
+    /// A reboot under way in this daemon (or the new daemon bringing a saved or cold
+    /// reboot's VMs back), and how far it is.
+    #[serde(default)]
+    pub reboot_in_progress: Option<crate::progress::RebootInProgress>,
+}
+
+/// How a daemon took its VMs over from the one before it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TakeoverInfo {
+    pub previous_pid: Option<u64>,
+    pub from_build: String,
+    pub to_build: String,
+    /// The state format the old daemon wrote and this one read.
+    pub state_format: u32,
+    /// False when an older build without the commit step handed over.
+    pub commit_protocol: bool,
+    pub host_blackout_us: u64,
+    /// The executables of the daemon before and of this one (absent when an older build
+    /// was one of them).
+    #[serde(default)]
+    pub from_binary: Option<warmvm_vmm::executable::BinaryInfo>,
+    #[serde(default)]
+    pub to_binary: Option<warmvm_vmm::executable::BinaryInfo>,
+}
+
+/// `GET /v1/vms`.
+#[derive(Clone, Debug, Serialize)]
+pub struct VmList {
+    pub vms: Vec<VmReport>,
+}
+
+/// The optional body of `PUT /v1/vms/{name}/stop`.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct StopRequest {
+    /// Seconds the guest gets to power off before it is forced (default 10); not `null`.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "warmvm_vmm::config::present"
+    )]
+    pub grace_secs: Option<u64>,
+}
+
+/// The body of `PUT /v1/vms/{name}/snapshot`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRequest {
+    /// An absolute directory on the daemon's host, created if missing; it must not hold a
+    /// snapshot already.
+    pub dir: PathBuf,
+    /// Leave the VM paused after the snapshot instead of letting it run on.
+    #[serde(default)]
+    pub leave_paused: bool,
+}
+
+/// The body of `POST /v1/restore`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreRequest {
+    /// The snapshot's directory (absolute).
+    pub dir: PathBuf,
+    /// The new VM's name; default: the name of the VM the snapshot was taken of.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "warmvm_vmm::config::present"
+    )]
+    pub name: Option<String>,
+    /// Disk images to use instead of those the snapshot recorded, by position (absolute
+    /// paths): a copy restored beside its original needs disks of its own.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<PathBuf>,
+    /// TAPs to attach instead of those the snapshot recorded, by position: a copy restored
+    /// beside its original needs TAPs of its own.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub taps: Vec<String>,
+}
