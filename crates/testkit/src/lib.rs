@@ -31,6 +31,7 @@ mod daemon;
 mod guest;
 mod judge;
 mod kvm;
+pub mod module_graph;
 mod netns;
 mod process;
 mod scratch;

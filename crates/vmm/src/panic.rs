@@ -15,7 +15,7 @@ pub fn install_hook(on_panic: impl Fn(&str) + Send + Sync + 'static) {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         default(info);
-        if !crate::vcpu::is_vcpu_thread() {
+        if !is_vcpu_thread() {
             let thread = std::thread::current();
             on_panic(&format!(
                 "thread {}: {info}",
@@ -23,6 +23,20 @@ pub fn install_hook(on_panic: impl Fn(&str) + Send + Sync + 'static) {
             ));
         }
     }));
+}
+
+thread_local! {
+    static VCPU_THREAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the calling thread runs a vCPU (its panics end its VM, not the VMM).
+pub fn is_vcpu_thread() -> bool {
+    VCPU_THREAD.with(|v| v.get())
+}
+
+/// The calling thread runs a vCPU from now on.
+pub(crate) fn mark_vcpu_thread() {
+    VCPU_THREAD.with(|v| v.set(true));
 }
 
 /// A panic payload's message.

@@ -401,18 +401,9 @@ impl ExitHandler for Exits<'_> {
     }
 }
 
-thread_local! {
-    static VCPU_THREAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// Whether the calling thread runs a vCPU (its panics end its VM, not the VMM).
-pub fn is_vcpu_thread() -> bool {
-    VCPU_THREAD.with(|v| v.get())
-}
-
 /// The body of a vCPU thread.
 pub(crate) fn run_vcpu(mut vcpu: Vcpu, handle: Arc<VcpuHandle>, vm: Arc<VmShared>) {
-    VCPU_THREAD.with(|v| v.set(true));
+    crate::panic::mark_vcpu_thread();
     // Before the filter, which lets a vCPU thread open no file for writing: the console
     // thread rotates the guest's log when it is full.
     warmvm_devices::console::never_rotate_on_this_thread();

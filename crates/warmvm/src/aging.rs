@@ -5,16 +5,9 @@ use std::process::ExitCode;
 
 use serde_json::Value;
 
-use crate::cli::{ApiArgs, Failure};
+use crate::args::{AgingAction, ApiArgs};
+use crate::failure::Failure;
 use crate::output;
-
-#[derive(clap::Subcommand, Debug, Clone, Copy)]
-pub enum AgingAction {
-    /// Put rejuvenation on hold: triggers are recorded as skipped until `release`.
-    Hold,
-    /// Lift the hold.
-    Release,
-}
 
 pub fn aging(action: Option<AgingAction>, api: &ApiArgs) -> Result<ExitCode, Failure> {
     let c = crate::client::client(api);

@@ -8,7 +8,8 @@ use serde_json::Value;
 use warmvm_api::{Client, ClientError, DaemonError, DaemonOptions};
 use warmvm_vmm::{Config, VmConfig};
 
-use crate::cli::{ApiArgs, Failure, RebootMode, VmCommand, VmFlags, EXIT_BAD_INPUT, EXIT_HOST};
+use crate::args::{ApiArgs, RebootMode, VmCommand, VmFlags};
+use crate::failure::{Failure, EXIT_BAD_INPUT, EXIT_HOST};
 use crate::output;
 
 pub fn daemon(opts: DaemonOptions) -> Result<ExitCode, Failure> {

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use warmvm_api::{Client, ClientError};
 
-use crate::cli::{Failure, EXIT_HOST};
+use crate::failure::{Failure, EXIT_HOST};
 
 /// How often the log is polled for new output while following.
 const POLL: Duration = Duration::from_millis(20);

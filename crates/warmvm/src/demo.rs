@@ -13,7 +13,7 @@ use warmvm_cli_common::stats::{p50_p99_max, percentile, P99_MIN_SAMPLES};
 use warmvm_vmm::handover::{self, RebootOptions, RebootReport};
 use warmvm_vmm::{Config, Host, Lifecycle, VmConfig, VmReport};
 
-use crate::cli::{Failure, EXIT_BAD_INPUT, EXIT_VM_FAILED};
+use crate::failure::{Failure, EXIT_BAD_INPUT, EXIT_VM_FAILED};
 use crate::output;
 
 /// `warmvm demo`'s arguments.

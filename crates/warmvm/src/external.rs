@@ -10,7 +10,7 @@ use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use crate::cli::{Failure, EXIT_HOST};
+use crate::failure::{Failure, EXIT_HOST};
 
 /// The benchmarks' binary, expected beside `warmvm`.
 pub const BENCH_BINARY: &str = "warmvm-bench";
@@ -116,7 +116,7 @@ mod tests {
     /// taken for the subcommand.
     #[test]
     fn the_global_flags_with_a_value_are_all_known() {
-        let cmd = <crate::cli::Cli as clap::CommandFactory>::command();
+        let cmd = <crate::args::Cli as clap::CommandFactory>::command();
         let mut with_value: Vec<String> = cmd
             .get_arguments()
             .filter(|a| a.is_global_set() && a.get_action().takes_values())

@@ -1,11 +1,13 @@
 //! The `warmvm` command.
 
 mod aging;
+mod args;
 mod cli;
 mod client;
 mod console;
 mod demo;
 mod external;
+mod failure;
 mod manpages;
 mod output;
 mod reboot_progress;
@@ -18,7 +20,7 @@ use clap::Parser;
 fn main() -> ExitCode {
     // Before anything can replace the file this process was started from.
     warmvm_vmm::executable::remember();
-    let args = cli::Cli::parse();
+    let args = args::Cli::parse();
     cli::init_logging(&args);
     match cli::dispatch(args) {
         Ok(code) => code,

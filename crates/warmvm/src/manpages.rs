@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::process::ExitCode;
 
-use crate::cli::{Failure, EXIT_BAD_INPUT};
+use crate::failure::{Failure, EXIT_BAD_INPUT};
 
 pub fn write(dir: &Path) -> Result<ExitCode, Failure> {
     std::fs::create_dir_all(dir).map_err(|e| {
@@ -13,7 +13,7 @@ pub fn write(dir: &Path) -> Result<ExitCode, Failure> {
             format!("cannot create {}: {e}", dir.display()),
         )
     })?;
-    let mut cmd = <crate::cli::Cli as clap::CommandFactory>::command();
+    let mut cmd = <crate::args::Cli as clap::CommandFactory>::command();
     // Propagates the global options into every subcommand's page.
     cmd.build();
     let mut written = 0;

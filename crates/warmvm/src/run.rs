@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use warmvm_vmm::{Config, Host, Lifecycle};
 
-use crate::cli::{Failure, EXIT_BAD_INPUT, EXIT_HOST, EXIT_VM_FAILED};
+use crate::failure::{Failure, EXIT_BAD_INPUT, EXIT_HOST, EXIT_VM_FAILED};
 use crate::output;
 
 /// Flags set by SIGINT/SIGTERM.
@@ -34,7 +34,7 @@ pub fn run(
         .validate(warmvm_vmm::HostLimits::probe())
         .map_err(Failure::from)?;
     let given_taps = warmvm_vmm::take_inherited_taps(&config)
-        .map_err(|e| Failure::new(crate::cli::EXIT_BAD_INPUT, e.to_string()))?;
+        .map_err(|e| Failure::new(crate::failure::EXIT_BAD_INPUT, e.to_string()))?;
     let stop = termination_flag()?;
     let mut host = Host::open(&config.state_dir())?;
     host.create_all_with(&config, given_taps)?;

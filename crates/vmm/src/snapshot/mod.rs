@@ -28,6 +28,7 @@
 pub mod fuzzing;
 pub mod ramfile;
 pub mod writer;
+pub mod writer_faults;
 
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};

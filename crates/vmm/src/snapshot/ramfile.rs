@@ -273,10 +273,10 @@ pub unsafe fn write(
         let mut h = crc32fast::Hasher::new();
         h.update(buf);
         full_write(&file, buf, off)?;
-        super::writer::fault_point("mid-ram");
+        super::writer_faults::fault_point("mid-ram");
         Ok(h)
     })?;
-    super::writer::fault_point("before-sync");
+    super::writer_faults::fault_point("before-sync");
     file.sync_all()?;
     Ok((crc, direct))
 }
