@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use serde_json::Value;
-use warmvm_api::{Client, ClientError, DaemonError, DaemonOptions};
+use warmvm_api::{Client, ClientError, DaemonOptions};
 use warmvm_vmm::{Config, VmConfig};
 
 use crate::args::{ApiArgs, RebootMode, VmCommand, VmFlags};
@@ -15,8 +15,7 @@ use crate::output;
 pub fn daemon(opts: DaemonOptions) -> Result<ExitCode, Failure> {
     match warmvm_api::daemon::run(&opts) {
         Ok(()) => Ok(ExitCode::SUCCESS),
-        Err(DaemonError::Input(m)) => Err(Failure::new(EXIT_BAD_INPUT, m)),
-        Err(DaemonError::Host(m)) => Err(Failure::new(EXIT_HOST, m)),
+        Err(e) => Err(Failure::from(e)),
     }
 }
 

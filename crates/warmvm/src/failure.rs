@@ -39,6 +39,18 @@ impl From<HostError> for Failure {
     }
 }
 
+/// The operator's config or flags (2), or the host (3).
+impl From<warmvm_api::DaemonError> for Failure {
+    fn from(e: warmvm_api::DaemonError) -> Self {
+        let code = if e.is_input() {
+            EXIT_BAD_INPUT
+        } else {
+            EXIT_HOST
+        };
+        Self::new(code, chain(&e))
+    }
+}
+
 impl From<ConfigError> for Failure {
     fn from(e: ConfigError) -> Self {
         Self::new(EXIT_BAD_INPUT, chain(&e))

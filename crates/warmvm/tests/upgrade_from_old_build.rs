@@ -20,7 +20,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use warmvm_testkit::{daemon_command, pid_alive, refused, scratch, Daemon, Outcome, Ready, BUSY};
+use warmvm_testkit::{
+    daemon_command, pid_alive, refused, scratch, Daemon, Outcome, Ready, Start, BUSY,
+};
 
 const BIN: &str = env!("CARGO_BIN_EXE_warmvm");
 
@@ -112,6 +114,16 @@ fn old_build(commit: &str, short: &str) -> PathBuf {
     bin
 }
 
+/// An older build's daemon, given the time a release binary of its age needs to answer.
+fn old_daemon(dir: &Path, old_bin: &Path) -> Start {
+    Daemon::builder(dir)
+        .binary(old_bin)
+        .log_level("info")
+        .stop_grace_secs(1)
+        .ready(Ready::Answers, Duration::from_secs(60))
+        .client_timeout(Duration::from_secs(20))
+}
+
 fn status(d: &Daemon) -> Value {
     d.client().status().unwrap()
 }
@@ -179,13 +191,7 @@ fn upgrade_from_the_last_build_without_the_commit_protocol() {
     let old_bin = old_build(OLD_COMMIT, OLD_SHORT);
     let dir = scratch("upgrade");
     // Ready once it answers: the old build may not notify as this one does.
-    let mut d = Daemon::builder(&dir)
-        .binary(&old_bin)
-        .log_level("info")
-        .stop_grace_secs(1)
-        .ready(Ready::Answers, Duration::from_secs(60))
-        .client_timeout(Duration::from_secs(20))
-        .start();
+    let mut d = old_daemon(&dir, &old_bin).start();
     let names: Vec<String> = (0..2).map(|i| format!("vm{i}")).collect();
     // One vCPU each: the older build runs only vCPU 0 of a VM with several.
     d.create_vms(&names, 1, BUSY);
@@ -293,13 +299,8 @@ fn upgrade_from_the_last_build_with_untyped_successor_settings() {
     // The old daemon gets a connection budget of 3 (default 64). A warm reboot's new daemon
     // is started without that flag: only the settings handed over can give it the budget.
     let flags = r#"exec "$0" "$@" --max-connections 3"#;
-    let mut d = Daemon::builder(&dir)
-        .binary(&old_bin)
+    let mut d = old_daemon(&dir, &old_bin)
         .wrapper(&["sh", "-c", flags])
-        .log_level("info")
-        .stop_grace_secs(1)
-        .ready(Ready::Answers, Duration::from_secs(60))
-        .client_timeout(Duration::from_secs(20))
         .start();
     let names: Vec<String> = (0..2).map(|i| format!("vm{i}")).collect();
     d.create_vms(&names, 1, BUSY);

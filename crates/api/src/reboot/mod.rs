@@ -3,8 +3,8 @@
 //! [`ApiState::reboot_for`], which takes a typed [`RebootRequest`] and records why; the
 //! saved and cold modes ([`modes`]); the bring-back manifest and its types
 //! ([`bring_back`]); what the daemon hands the next one ([`successor`]); and the daemon's
-//! own triggers, a panic and the aging policy (`rejuvenation`). The takeover itself, in the
-//! new daemon, is `crate::daemon`'s: it decodes the [`successor::Successor`] while staging.
+//! own triggers, a panic and the aging policy (`rejuvenation`); and the takeover in the new
+//! daemon ([`takeover`]), which decodes the [`successor::Successor`] while staging.
 //!
 //! Inside: `modes` and `successor` use `bring_back`; `rejuvenation` calls the flow
 //! ([`ApiState::rejuvenate`]) with a typed request, like the router.
@@ -13,6 +13,7 @@ pub mod bring_back;
 pub mod modes;
 pub(crate) mod rejuvenation;
 pub mod successor;
+pub mod takeover;
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;

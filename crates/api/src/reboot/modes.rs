@@ -14,7 +14,8 @@
 //! daemon needs travels in the successor settings (`crate::reboot::successor`), strictly typed.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use warmvm_vmm::handover::faults::{self, Point};
@@ -681,5 +682,71 @@ mod tests {
         );
         assert_eq!(parse_cold_tap_name("api-listener"), None);
         assert_eq!(Mode::parse("hot"), None);
+    }
+}
+
+/// The VMs of a saved or cold reboot, to bring back once the daemon serves.
+pub(crate) enum BringBackJob {
+    /// Handed over by the old daemon, with the cold reboot's TAPs and the boot wait.
+    AfterCommit(
+        BringBack,
+        std::collections::BTreeMap<String, warmvm_vmm::GivenTaps>,
+        Duration,
+    ),
+    /// Left in the manifest by an interrupted reboot.
+    Recover(BringBack),
+}
+
+impl BringBackJob {
+    pub(crate) fn what(&self) -> (Mode, usize) {
+        match self {
+            BringBackJob::AfterCommit(bb, ..) | BringBackJob::Recover(bb) => {
+                (bb.mode, bb.vms.len())
+            }
+        }
+    }
+}
+
+/// Bring a saved or cold reboot's VMs back on a thread of its own while the daemon
+/// serves, then let requests change things again. `None` if no thread could be started:
+/// then it is done here, before serving, as a daemon that cannot start threads could not
+/// serve anyway.
+pub(crate) fn bring_back_in_background(
+    state: Arc<ApiState>,
+    job: BringBackJob,
+    state_dir: PathBuf,
+) -> Option<std::thread::JoinHandle<()>> {
+    let job = Arc::new(Mutex::new(Some(job)));
+    let run = {
+        let (state, job) = (state.clone(), job.clone());
+        move || {
+            let taken = job.lock().unwrap_or_else(|p| p.into_inner()).take();
+            match taken {
+                Some(BringBackJob::AfterCommit(bb, taps, wait)) => {
+                    after_commit(&state, &bb, taps, &state_dir, wait)
+                }
+                Some(BringBackJob::Recover(bb)) => recover(&state, &bb, &state_dir),
+                None => {}
+            }
+            state.progress.end();
+            state.rebooting.store(false, Ordering::SeqCst);
+        }
+    };
+    let spawned = std::thread::Builder::new()
+        .name("warmvm-bring-back".into())
+        .spawn({
+            let run = run.clone();
+            move || {
+                warmvm_sandbox::enter_or_log(warmvm_sandbox::ThreadKind::Api);
+                run()
+            }
+        });
+    match spawned {
+        Ok(t) => Some(t),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start a thread to bring the VMs back; doing it before serving");
+            run();
+            None
+        }
     }
 }

@@ -13,31 +13,32 @@
 //! the same socket; the old one answers the request and exits without stopping any VM or
 //! removing the socket. If the new daemon fails, the VMs run on in the old one.
 
+mod error;
+
 use std::ffi::OsString;
 use std::net::{SocketAddr, TcpListener};
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::RawFd;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use warmvm_vmm::devices as warmvm_devices_limits;
-use warmvm_vmm::handover;
-use warmvm_vmm::{Config, Host, HostError};
+use warmvm_vmm::{handover, Config, Host};
 
+pub use self::error::DaemonError;
+use crate::reboot::modes::{bring_back_in_background, BringBackJob};
 use crate::reboot::successor::{Fallbacks, Successor};
+use crate::reboot::takeover::take_over;
 use crate::server::Server;
-use crate::socket::{self, SocketError, SocketFile};
+use crate::socket::{self, SocketFile};
 use crate::state::{ApiState, RebootSetup, TakeoverInfo};
 use crate::state_lock::{self, StateLock};
 
 use crate::reboot::rejuvenation::{aging_monitor, start_aging_monitor, start_rejuvenator};
 
-/// The name under which a warm reboot hands the API listener to the new daemon.
-pub const API_LISTENER_FD: &str = "api-listener";
-/// The name under which a warm reboot hands the metrics listener to the new daemon.
-pub const METRICS_LISTENER_FD: &str = "metrics-listener";
+pub use crate::reboot::takeover::{API_LISTENER_FD, METRICS_LISTENER_FD};
 
 /// The environment variable that gives a warm reboot's new daemon the console limits.
 pub const CONSOLE_LIMITS_ENV: &str = "WARMVM_CONSOLE_LIMITS";
@@ -105,32 +106,6 @@ impl Default for DaemonOptions {
     }
 }
 
-/// Why the daemon could not run.
-#[derive(Debug, thiserror::Error)]
-pub enum DaemonError {
-    /// The operator's input is wrong (config, flags).
-    #[error("{0}")]
-    Input(String),
-    /// The host cannot run the daemon (no KVM, socket taken, I/O errors).
-    #[error("{0}")]
-    Host(String),
-}
-
-impl From<HostError> for DaemonError {
-    fn from(e: HostError) -> Self {
-        match &e {
-            HostError::Hypervisor(_) | HostError::Vm { .. } => DaemonError::Host(e.to_string()),
-            _ => DaemonError::Input(e.to_string()),
-        }
-    }
-}
-
-impl From<SocketError> for DaemonError {
-    fn from(e: SocketError) -> Self {
-        DaemonError::Host(e.to_string())
-    }
-}
-
 /// Refuse anything but a loopback address for the unauthenticated metrics port.
 pub fn check_metrics_addr(addr: &SocketAddr) -> Result<(), String> {
     if addr.ip().is_loopback() {
@@ -165,17 +140,17 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
     // VMs taken over are not created again from the config.
     let config = match (&opts.config, opts.takeover_fd) {
         (Some(path), None) => {
-            let config =
-                Config::from_toml_file(path).map_err(|e| DaemonError::Input(e.to_string()))?;
+            let config = Config::from_toml_file(path).map_err(DaemonError::Config)?;
             if !config.vms.is_empty() {
                 config
                     .validate(warmvm_vmm::HostLimits::probe())
-                    .map_err(|e| DaemonError::Input(e.to_string()))?;
+                    .map_err(DaemonError::Config)?;
             }
             if let Some(aging) = &config.aging {
-                aging
-                    .validate()
-                    .map_err(|e| DaemonError::Input(format!("{}: {e}", path.display())))?;
+                aging.validate().map_err(|source| DaemonError::Aging {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
             }
             Some(config)
         }
@@ -183,13 +158,11 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
     };
     // Before this process opens any TAP of its own (see take_inherited_taps).
     let mut given_taps = match &config {
-        Some(c) => {
-            warmvm_vmm::take_inherited_taps(c).map_err(|e| DaemonError::Input(e.to_string()))?
-        }
+        Some(c) => warmvm_vmm::take_inherited_taps(c)?,
         None => Default::default(),
     };
     if let Some(addr) = &opts.metrics_addr {
-        check_metrics_addr(addr).map_err(DaemonError::Input)?;
+        check_metrics_addr(addr).map_err(DaemonError::Flag)?;
     }
     // A warm reboot's new daemon inherits the dropped privileges; it has none to drop.
     let drop_to = match opts.takeover_fd {
@@ -197,11 +170,11 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
             opts.privileges.as_ref(),
             config.as_ref().and_then(|c| c.privileges.as_ref()),
         )
-        .map_err(|e| DaemonError::Input(e.to_string()))?,
+        .map_err(DaemonError::Privileges)?,
         Some(_) => None,
     };
-    opts.limits.validate().map_err(DaemonError::Input)?;
-    opts.console.validate().map_err(DaemonError::Input)?;
+    opts.limits.validate().map_err(DaemonError::Flag)?;
+    opts.console.validate().map_err(DaemonError::Flag)?;
     // A warm reboot's new daemon gets the console limits in its environment, so that the
     // VMs it stages are bounded from their first byte (the handover's settings come after
     // the VMs, and the guests run as soon as they are ours).
@@ -220,9 +193,12 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
     warmvm_devices_limits::console::set_default_limits(console);
     // Flags relative to the working directory are resolved once, here: the daemon a warm
     // reboot starts gets them absolute.
-    let absolute = |flag: &str, p: &Path| {
-        std::path::absolute(p)
-            .map_err(|e| DaemonError::Input(format!("{flag} {}: {e}", p.display())))
+    let absolute = |flag: &'static str, p: &Path| {
+        std::path::absolute(p).map_err(|source| DaemonError::Path {
+            flag,
+            path: p.to_path_buf(),
+            source,
+        })
     };
     let given_state_dir = match &opts.state_dir {
         Some(p) => Some(absolute("--state-dir", p)?),
@@ -235,11 +211,10 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
             let p = absolute("--socket", p)?;
             match p.parent() {
                 Some(dir) if !dir.is_dir() => {
-                    return Err(DaemonError::Input(format!(
-                        "--socket {}: the directory {} does not exist",
-                        p.display(),
-                        dir.display()
-                    )))
+                    return Err(DaemonError::NoSocketDir {
+                        socket: p.clone(),
+                        dir: dir.to_path_buf(),
+                    })
                 }
                 _ => p,
             }
@@ -260,10 +235,7 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
     // warm reboot's new daemon is handed the old one's lock; it takes the lock itself only
     // from an older build, which holds none (see `state_lock`).
     let (mut lock, lock_holder) = match opts.takeover_fd {
-        None => (
-            Some(StateLock::take(&state_dir).map_err(|e| DaemonError::Host(e.to_string()))?),
-            None,
-        ),
+        None => (Some(StateLock::take(&state_dir)?), None),
         Some(_) => match StateLock::try_take(&state_dir) {
             Ok(Ok(lock)) => (Some(lock), None),
             Ok(Err(holder)) => (None, holder),
@@ -285,21 +257,19 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
     let early_stop = Arc::new(AtomicBool::new(false));
     if opts.takeover_fd.is_some() {
         for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-            signal_hook::flag::register(sig, early_stop.clone())
-                .map_err(|e| DaemonError::Host(format!("cannot install signal handlers: {e}")))?;
+            signal_hook::flag::register(sig, early_stop.clone()).map_err(DaemonError::Signals)?;
         }
     }
     // An interrupted saved or cold reboot's VMs, to bring back once this daemon owns the
     // state directory; a manifest it cannot trust stops it here, before it binds anything.
     let interrupted = match opts.takeover_fd {
-        None => crate::reboot::bring_back::pending(&state_dir)
-            .map_err(|e| DaemonError::Input(e.to_string()))?,
+        None => crate::reboot::bring_back::pending(&state_dir)?,
         Some(_) => None,
     };
     let started = match opts.takeover_fd {
         Some(fd) => {
             enter_sandbox(opts.seccomp)?;
-            take_over(
+            let t = take_over(
                 fd,
                 &state_dir,
                 &socket_path,
@@ -311,7 +281,16 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
                     ready_budget: opts.ready_budget,
                     limits: opts.limits,
                 },
-            )?
+            )?;
+            Started {
+                host: t.host,
+                listener: t.listener,
+                socket_file: t.socket_file,
+                metrics: t.metrics,
+                takeover: Some(t.takeover),
+                inherited: t.inherited,
+                cold_taps: t.cold_taps,
+            }
         }
         None => {
             // KVM and the listeners are open: what needs root is done. Drop before any
@@ -330,7 +309,7 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
                         lock.as_ref().map(|l| l.path()),
                         &Host::kvm_device(),
                     )
-                    .map_err(|e| DaemonError::Host(e.to_string()))?;
+                    .map_err(DaemonError::DropPrivileges)?;
             }
             enter_sandbox(opts.seccomp)?;
             started
@@ -416,12 +395,10 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
     // A daemon that took VMs over never gives them up for an error it can wait out: it
     // logs it and tries again (a fresh daemon fails at once instead: it runs no VM yet).
     let mut server = keep_trying(adopted, "serving the API", || {
-        let l = listener
-            .try_clone()
-            .map_err(|e| DaemonError::Host(format!("cannot serve the API: {e}")))?;
+        let l = listener.try_clone().map_err(serve_api)?;
         Server::new(l, state.clone())
             .map(|s| s.with_limits(limits))
-            .map_err(|e| DaemonError::Host(format!("cannot serve the API: {e}")))
+            .map_err(serve_api)
     })?;
     drop(listener);
     if let Some(m) = metrics {
@@ -431,18 +408,21 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
                 tracing::error!(error = %e, "cannot serve metrics; serving the API without");
                 server = s;
             }
-            Err((_, e)) => return Err(DaemonError::Host(format!("cannot serve metrics: {e}"))),
+            Err((_, source)) => {
+                return Err(DaemonError::Serve {
+                    what: "serve metrics",
+                    source,
+                })
+            }
         }
     }
     keep_trying(adopted, "installing signal handlers", || {
         server
             .stop_on_signals(&[signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT])
-            .map_err(|e| DaemonError::Host(format!("cannot install signal handlers: {e}")))
+            .map_err(DaemonError::Signals)
     })?;
     let stop = keep_trying(adopted, "serving the API", || {
-        server
-            .stop_handle()
-            .map_err(|e| DaemonError::Host(format!("cannot serve the API: {e}")))
+        server.stop_handle().map_err(serve_api)
     })?;
     if early_stop.load(Ordering::SeqCst) {
         tracing::info!("SIGTERM or SIGINT during start-up");
@@ -540,74 +520,13 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
     // Removes the socket file if it is still ours.
     drop(socket_file);
     tracing::info!("warmvm daemon stopped");
-    served.map_err(|e| DaemonError::Host(format!("the API server failed: {e}")))
+    served.map_err(DaemonError::Server)
 }
 
-/// The VMs of a saved or cold reboot, to bring back once the daemon serves.
-enum BringBackJob {
-    /// Handed over by the old daemon, with the cold reboot's TAPs and the boot wait.
-    AfterCommit(
-        crate::reboot::modes::BringBack,
-        std::collections::BTreeMap<String, warmvm_vmm::GivenTaps>,
-        Duration,
-    ),
-    /// Left in the manifest by an interrupted reboot.
-    Recover(crate::reboot::modes::BringBack),
-}
-
-impl BringBackJob {
-    fn what(&self) -> (crate::reboot::modes::Mode, usize) {
-        match self {
-            BringBackJob::AfterCommit(bb, ..) | BringBackJob::Recover(bb) => {
-                (bb.mode, bb.vms.len())
-            }
-        }
-    }
-}
-
-/// Bring a saved or cold reboot's VMs back on a thread of its own while the daemon
-/// serves, then let requests change things again. `None` if no thread could be started:
-/// then it is done here, before serving, as a daemon that cannot start threads could not
-/// serve anyway.
-fn bring_back_in_background(
-    state: Arc<ApiState>,
-    job: BringBackJob,
-    state_dir: PathBuf,
-) -> Option<std::thread::JoinHandle<()>> {
-    let job = Arc::new(Mutex::new(Some(job)));
-    let run = {
-        let (state, job) = (state.clone(), job.clone());
-        move || {
-            let taken = job.lock().unwrap_or_else(|p| p.into_inner()).take();
-            match taken {
-                Some(BringBackJob::AfterCommit(bb, taps, wait)) => {
-                    crate::reboot::modes::after_commit(&state, &bb, taps, &state_dir, wait)
-                }
-                Some(BringBackJob::Recover(bb)) => {
-                    crate::reboot::modes::recover(&state, &bb, &state_dir)
-                }
-                None => {}
-            }
-            state.progress.end();
-            state.rebooting.store(false, Ordering::SeqCst);
-        }
-    };
-    let spawned = std::thread::Builder::new()
-        .name("warmvm-bring-back".into())
-        .spawn({
-            let run = run.clone();
-            move || {
-                warmvm_sandbox::enter_or_log(warmvm_sandbox::ThreadKind::Api);
-                run()
-            }
-        });
-    match spawned {
-        Ok(t) => Some(t),
-        Err(e) => {
-            tracing::error!(error = %e, "cannot start a thread to bring the VMs back; doing it before serving");
-            run();
-            None
-        }
+fn serve_api(source: std::io::Error) -> DaemonError {
+    DaemonError::Serve {
+        what: "serve the API",
+        source,
     }
 }
 
@@ -617,9 +536,8 @@ fn bring_back_in_background(
 fn enter_sandbox(mode: warmvm_sandbox::Mode) -> Result<(), DaemonError> {
     if mode != warmvm_sandbox::Mode::Off {
         warmvm_sandbox::set_mode(mode);
-        warmvm_sandbox::start_helper().map_err(|e| DaemonError::Host(e.to_string()))?;
-        warmvm_sandbox::enter(warmvm_sandbox::ThreadKind::Main)
-            .map_err(|e| DaemonError::Host(e.to_string()))?;
+        warmvm_sandbox::start_helper()?;
+        warmvm_sandbox::enter(warmvm_sandbox::ThreadKind::Main)?;
         // Not from a vCPU thread later: it would inherit the vCPU filter.
         warmvm_devices_limits::console::start_flusher(warmvm_vmm::device_thread_setup());
     }
@@ -683,13 +601,17 @@ fn start_fresh(
             (l, Some(f))
         }
     };
-    let metrics =
-        match &opts.metrics_addr {
-            Some(addr) => Some(TcpListener::bind(addr).map_err(|e| {
-                DaemonError::Host(format!("cannot listen for metrics on {addr}: {e}"))
-            })?),
-            None => None,
-        };
+    let metrics = match &opts.metrics_addr {
+        Some(addr) => {
+            Some(
+                TcpListener::bind(addr).map_err(|source| DaemonError::MetricsListen {
+                    addr: *addr,
+                    source,
+                })?,
+            )
+        }
+        None => None,
+    };
     Ok(Started {
         host,
         listener,
@@ -701,203 +623,8 @@ fn start_fresh(
     })
 }
 
-/// How long a new daemon whose API listener did not come with the VMs tries to bind the
-/// socket itself (the old daemon holds it until it exits).
-const REBIND_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The new daemon of a warm reboot: take the VMs and the listeners over from the old one.
-/// Fails only before the VMs are ours (the old daemon then resumes them); after that, a
-/// missing listener is bound anew rather than giving up running VMs.
-fn take_over(
-    fd: RawFd,
-    state_dir: &Path,
-    socket_path: &Path,
-    metrics_addr: Option<&SocketAddr>,
-    lock: &mut Option<StateLock>,
-    lock_holder: Option<u32>,
-    fallbacks: &Fallbacks,
-) -> Result<Started, DaemonError> {
-    if fd < 3 {
-        return Err(DaemonError::Input("--takeover-fd must be 3 or more".into()));
-    }
-    // SAFETY: F_GETFD only reads the fd's flags; it fails on an fd that is not open.
-    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
-        return Err(DaemonError::Input(format!(
-            "--takeover-fd {fd}: not an open file descriptor"
-        )));
-    }
-    // SAFETY: the fd is open (checked above), and the old daemon started us with it for
-    // the handover alone: nothing else in this process uses it.
-    let channel = unsafe { OwnedFd::from_raw_fd(fd) };
-    // VMs to bring back that this build cannot read are refused before the commit, so the
-    // old daemon keeps them, rather than lost after it.
-    // Nor are VMs taken over without the state directory's lock: an old daemon that does
-    // not hand it over (an older build) holds none, so this daemon took it as it started;
-    // if it could not, another daemon has the directory, and the old one keeps its VMs.
-    // The settings are decoded here, while the new daemon stages: a version this build
-    // does not read is refused as incompatible (409 to the operator), and the guests never
-    // paused.
-    let have_lock = lock.is_some();
-    let decoded = std::cell::RefCell::new(None);
-    let check_extra = |extra: &serde_json::Value| {
-        let refuse =
-            |e: String| handover::HandoverError::BadState(handover::Violation::Settings(e));
-        let s = Successor::decode(extra, fallbacks).map_err(|e| {
-            if e.is_incompatible() {
-                handover::HandoverError::IncompatibleSettings(format!(
-                    "the settings handed over: {}",
-                    e.chain()
-                ))
-            } else {
-                refuse(e.chain())
-            }
-        })?;
-        if !have_lock && !s.state_lock {
-            return Err(refuse(
-                state_lock::LockError::Held {
-                    dir: state_dir.to_path_buf(),
-                    holder: lock_holder,
-                }
-                .to_string(),
-            ));
-        }
-        s.check().map_err(|e| refuse(e.to_string()))?;
-        *decoded.borrow_mut() = Some(s);
-        Ok(())
-    };
-    let adopted = handover::take_over_checked(channel, state_dir, &check_extra).map_err(|e| {
-        DaemonError::Host(format!(
-            "taking the VMs over from the old daemon failed: {e}"
-        ))
-    })?;
-    // From here on the VMs run in this process: nothing may make it give up.
-    let inherited = decoded.into_inner();
-    let takeover = TakeoverInfo {
-        previous_pid: inherited.as_ref().map(|s| u64::from(s.previous_pid)),
-        from_build: adopted.report.from_build.clone(),
-        to_build: adopted.report.to_build.clone(),
-        state_format: adopted.report.state_format,
-        commit_protocol: adopted.report.commit_protocol,
-        host_blackout_us: adopted.report.host_blackout_us,
-        // The old daemon's own account of itself; older builds do not give one.
-        from_binary: inherited.as_ref().and_then(|s| s.previous_binary.clone()),
-        to_binary: adopted.report.to_binary.clone(),
-    };
-    tracing::info!(
-        vms = adopted.host.vms().len(),
-        previous_pid = takeover.previous_pid,
-        previous_version = inherited.as_ref().map(|s| s.previous_version.as_str()),
-        host_blackout_us = adopted.report.host_blackout_us,
-        "took the VMs over by a warm reboot"
-    );
-    let mut api = None;
-    let mut metrics = None;
-    let mut cold_taps: std::collections::BTreeMap<String, warmvm_vmm::GivenTaps> =
-        Default::default();
-    for (name, file) in adopted.extra_fds {
-        if let Some((vm, index)) = crate::reboot::modes::parse_cold_tap_name(&name) {
-            cold_taps.entry(vm).or_default().0.insert(index, file);
-            continue;
-        }
-        match name.as_str() {
-            API_LISTENER_FD => match socket::listener_from_owned(OwnedFd::from(file)) {
-                Ok(l) => api = Some(l),
-                Err(e) => tracing::error!(error = %e, "the API listener handed over is unusable"),
-            },
-            state_lock::STATE_LOCK_FD if lock.is_none() => {
-                match StateLock::adopt(OwnedFd::from(file), state_dir) {
-                    Ok(l) => *lock = Some(l),
-                    Err(e) => {
-                        tracing::error!(error = %e, "the state directory's lock handed over is unusable")
-                    }
-                }
-            }
-            // Taken as we started, so the old daemon held none (not expected of a daemon
-            // that hands one over): ours is the lock.
-            state_lock::STATE_LOCK_FD => {}
-            METRICS_LISTENER_FD => {
-                let l = TcpListener::from(OwnedFd::from(file));
-                if l.local_addr().is_ok() {
-                    metrics = Some(l);
-                }
-            }
-            other => tracing::warn!(name = other, "ignoring an unknown fd handed over"),
-        }
-    }
-    if lock.is_none() {
-        // The old daemon said it hands the lock over and then did not, or handed another
-        // file: it cannot happen between builds that hold the lock, but the VMs are ours
-        // now, so take it as soon as it is free rather than give them up.
-        *lock = Some(take_lock_when_free(state_dir));
-    }
-    // The socket file stays the same across warm reboots: ours to remove at exit.
-    let (listener, socket_file) = match api {
-        Some(l) => (l, SocketFile::adopt(socket_path).ok()),
-        None => {
-            let (l, f) = rebind(socket_path);
-            (l, Some(f))
-        }
-    };
-    if metrics.is_none() {
-        if let Some(addr) = metrics_addr {
-            match TcpListener::bind(addr) {
-                Ok(l) => metrics = Some(l),
-                Err(e) => {
-                    tracing::error!(error = %e, %addr, "cannot listen for metrics; serving without")
-                }
-            }
-        }
-    }
-    Ok(Started {
-        host: adopted.host,
-        listener,
-        socket_file,
-        metrics,
-        takeover: Some(takeover),
-        inherited,
-        cold_taps,
-    })
-}
-
-/// Bind the API socket once the old daemon has let go of it. The VMs run here already:
-/// it keeps trying (saying why every [`REBIND_TIMEOUT`]) rather than give them up.
-fn rebind(socket_path: &Path) -> (UnixListener, SocketFile) {
-    let mut next_report = Instant::now() + REBIND_TIMEOUT;
-    loop {
-        match socket::bind(socket_path) {
-            Ok(bound) => return bound,
-            Err(e) => {
-                if Instant::now() >= next_report {
-                    tracing::error!(error = %e, socket = %socket_path.display(),
-                        "cannot bind the API socket yet; the VMs run on, still trying");
-                    next_report = Instant::now() + REBIND_TIMEOUT;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
-    }
-}
-
-/// Take the state directory's lock, waiting (and saying why every [`REBIND_TIMEOUT`]) until
-/// whoever holds it lets go: the VMs run here already.
-fn take_lock_when_free(state_dir: &Path) -> StateLock {
-    let mut next_report = Instant::now();
-    loop {
-        match StateLock::take(state_dir) {
-            Ok(lock) => return lock,
-            Err(e) => {
-                if Instant::now() >= next_report {
-                    tracing::error!(error = %e, "cannot take the state directory's lock yet; the VMs run on, still trying");
-                    next_report = Instant::now() + REBIND_TIMEOUT;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
-    }
-}
-
 /// Create `dir` (mode 0700, with its parents) if missing; true if this call created it.
-fn create_private_dir(dir: &Path, what: &str) -> Result<bool, DaemonError> {
+fn create_private_dir(dir: &Path, what: &'static str) -> Result<bool, DaemonError> {
     if dir.exists() {
         return Ok(false);
     }
@@ -906,11 +633,10 @@ fn create_private_dir(dir: &Path, what: &str) -> Result<bool, DaemonError> {
         .recursive(true)
         .mode(0o700)
         .create(dir)
-        .map_err(|e| {
-            DaemonError::Host(format!(
-                "cannot create the {what} directory {}: {e}",
-                dir.display()
-            ))
+        .map_err(|source| DaemonError::CreateDir {
+            what,
+            dir: dir.to_path_buf(),
+            source,
         })?;
     Ok(true)
 }
