@@ -620,71 +620,6 @@ pub fn recover(state: &crate::state::ApiState, bb: &BringBack, state_dir: &Path)
     state.set_last_reboot(report);
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use warmvm_vmm::VmConfig;
-
-    #[test]
-    fn bring_back_crosses_strictly() {
-        let bb = BringBack {
-            version: BRING_BACK_VERSION,
-            mode: Mode::Saved,
-            previous_pid: 7,
-            claimed_by: None,
-            prepare_us: 1,
-            prepared_ns: 2,
-            vms: vec![BringBackVm {
-                name: "a".into(),
-                config: VmConfig::reference("a", 64, 1),
-                snapshot: Some("/x/a".into()),
-                stopped_ns: 1,
-                prepare_us: 1,
-                bytes: 3,
-                was_paused: false,
-            }],
-        };
-        use crate::reboot::successor::{Fallbacks, Successor};
-        let fallbacks = Fallbacks {
-            stage_timeout: Duration::from_secs(1),
-            ready_budget: Duration::from_secs(1),
-            limits: crate::limits::Limits::default(),
-        };
-        let mut settings = Successor::new(
-            Duration::from_secs(1),
-            Duration::from_secs(1),
-            Default::default(),
-            false,
-        );
-        settings.bring_back = Some(bb);
-        let extra = settings.encode().unwrap();
-        let back = Successor::decode(&extra, &fallbacks).unwrap();
-        back.check().unwrap();
-        let back = back.bring_back.unwrap();
-        assert_eq!(back.vms[0].snapshot.as_deref(), Some(Path::new("/x/a")));
-        let mut bad = extra.clone();
-        bad["bring_back"]["surprise"] = serde_json::json!(1);
-        assert!(Successor::decode(&bad, &fallbacks).is_err());
-        let mut newer = extra.clone();
-        newer["bring_back"]["version"] = serde_json::json!(BRING_BACK_VERSION + 1);
-        let newer = Successor::decode(&newer, &fallbacks).unwrap();
-        assert!(newer.check().unwrap_err().to_string().contains("format"));
-        let mut missing = extra;
-        missing["bring_back"]
-            .as_object_mut()
-            .unwrap()
-            .remove("prepared_ns");
-        assert!(Successor::decode(&missing, &fallbacks).is_err());
-        assert_eq!(Mode::parse("cold"), Some(Mode::Cold));
-        assert_eq!(
-            parse_cold_tap_name(&cold_tap_name("web/1", 3)),
-            Some(("web/1".to_string(), 3))
-        );
-        assert_eq!(parse_cold_tap_name("api-listener"), None);
-        assert_eq!(Mode::parse("hot"), None);
-    }
-}
-
 /// The VMs of a saved or cold reboot, to bring back once the daemon serves.
 pub(crate) enum BringBackJob {
     /// Handed over by the old daemon, with the cold reboot's TAPs and the boot wait.
@@ -748,5 +683,70 @@ pub(crate) fn bring_back_in_background(
             run();
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use warmvm_vmm::VmConfig;
+
+    #[test]
+    fn bring_back_crosses_strictly() {
+        let bb = BringBack {
+            version: BRING_BACK_VERSION,
+            mode: Mode::Saved,
+            previous_pid: 7,
+            claimed_by: None,
+            prepare_us: 1,
+            prepared_ns: 2,
+            vms: vec![BringBackVm {
+                name: "a".into(),
+                config: VmConfig::reference("a", 64, 1),
+                snapshot: Some("/x/a".into()),
+                stopped_ns: 1,
+                prepare_us: 1,
+                bytes: 3,
+                was_paused: false,
+            }],
+        };
+        use crate::reboot::successor::{Fallbacks, Successor};
+        let fallbacks = Fallbacks {
+            stage_timeout: Duration::from_secs(1),
+            ready_budget: Duration::from_secs(1),
+            limits: crate::limits::Limits::default(),
+        };
+        let mut settings = Successor::new(
+            Duration::from_secs(1),
+            Duration::from_secs(1),
+            Default::default(),
+            false,
+        );
+        settings.bring_back = Some(bb);
+        let extra = settings.encode().unwrap();
+        let back = Successor::decode(&extra, &fallbacks).unwrap();
+        back.check().unwrap();
+        let back = back.bring_back.unwrap();
+        assert_eq!(back.vms[0].snapshot.as_deref(), Some(Path::new("/x/a")));
+        let mut bad = extra.clone();
+        bad["bring_back"]["surprise"] = serde_json::json!(1);
+        assert!(Successor::decode(&bad, &fallbacks).is_err());
+        let mut newer = extra.clone();
+        newer["bring_back"]["version"] = serde_json::json!(BRING_BACK_VERSION + 1);
+        let newer = Successor::decode(&newer, &fallbacks).unwrap();
+        assert!(newer.check().unwrap_err().to_string().contains("format"));
+        let mut missing = extra;
+        missing["bring_back"]
+            .as_object_mut()
+            .unwrap()
+            .remove("prepared_ns");
+        assert!(Successor::decode(&missing, &fallbacks).is_err());
+        assert_eq!(Mode::parse("cold"), Some(Mode::Cold));
+        assert_eq!(
+            parse_cold_tap_name(&cold_tap_name("web/1", 3)),
+            Some(("web/1".to_string(), 3))
+        );
+        assert_eq!(parse_cold_tap_name("api-listener"), None);
+        assert_eq!(Mode::parse("hot"), None);
     }
 }
