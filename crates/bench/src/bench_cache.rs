@@ -104,9 +104,12 @@ impl Setup {
             .collect();
         let image = s.dir.join("site.img");
         std::fs::write(&image, ustar(&files)).map_err(|e| e.to_string())?;
-        let mut in_netns = Command::new("ip");
-        in_netns.args(["netns", "exec", &s.netns]).arg(exe);
-        s.daemon = Some(BenchDaemon::start_cmd(in_netns, &s.dir, daemon_extra)?);
+        s.daemon = Some(BenchDaemon::start_in_netns(
+            exe,
+            &s.dir,
+            &s.netns,
+            daemon_extra,
+        )?);
         let vm = json!({
             "name": "web",
             "memory_mib": 64 + site.cache_mib,

@@ -3,12 +3,12 @@
 //! through the API, and sent `PUT /v1/reboot` again and again; each figure is taken from
 //! the report the daemon answers (and the request's round trip as the client sees it).
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use warmvm_api::Client;
+use warmvm_testkit::{Daemon, Ready, Start, StartError};
 use warmvm_vmm::handover::RebootReport;
 
 use crate::progress::Progress;
@@ -24,11 +24,12 @@ pub struct DaemonCell {
     pub error: Option<String>,
 }
 
-/// A daemon of the bench's own; SIGTERMed (whichever process it is by then) when dropped.
+/// A daemon of the bench's own (the test kit's, in a process group of its own): SIGTERMed
+/// when dropped, whichever process it is by then, so that it powers its VMs off; then
+/// whatever is left of it is killed and its directory removed.
 pub(crate) struct BenchDaemon {
     pub(crate) client: Client,
-    dir: PathBuf,
-    child: std::process::Child,
+    daemon: Daemon,
 }
 
 impl BenchDaemon {
@@ -42,66 +43,60 @@ impl BenchDaemon {
         dir: &Path,
         extra: &[&std::ffi::OsStr],
     ) -> Result<Self, String> {
-        Self::start_cmd(Command::new(exe), dir, extra)
+        Self::start_from(Self::builder(exe, dir, extra))
     }
 
-    /// Start one with `cmd` as the warmvm binary (e.g. `ip netns exec NS warmvm`, which
-    /// runs it in place).
-    pub(crate) fn start_cmd(
-        mut cmd: Command,
+    /// Start one inside network namespace `netns`.
+    pub(crate) fn start_in_netns(
+        exe: &Path,
         dir: &Path,
+        netns: &str,
         extra: &[&std::ffi::OsStr],
     ) -> Result<Self, String> {
-        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let socket = dir.join("api.sock");
-        let log = std::fs::File::create(dir.join("daemon.log")).map_err(|e| e.to_string())?;
-        use std::os::unix::process::CommandExt;
-        // A process group of its own: Ctrl-C at the terminal (SIGINT to the foreground
-        // group) reaches the bench, which ends its run and then stops the daemon, rather
-        // than the daemon stopping under a run that is still reading from it.
-        let child = cmd
-            .process_group(0)
-            .args(["--log-level", "warn", "daemon", "--socket"])
-            .arg(&socket)
-            .arg("--state-dir")
-            .arg(dir.join("state"))
-            .args(["--stop-grace-secs", "2"])
+        Self::start_from(Self::builder(exe, dir, extra).netns(netns))
+    }
+
+    fn builder(exe: &Path, dir: &Path, extra: &[&std::ffi::OsStr]) -> Start {
+        Daemon::builder(dir)
+            .binary(exe)
+            .log_level("warn")
+            .stop_grace_secs(2)
             .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .map_err(|e| format!("cannot start the daemon: {e}"))?;
-        let d = Self {
-            client: Client::new(&socket),
-            dir: dir.to_path_buf(),
-            child,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while d.client.status().is_err() {
-            if Instant::now() > deadline {
-                return Err(format!("the daemon did not start: {}", d.log_tail()));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(d)
+            .ready(Ready::Answers, Duration::from_secs(30))
+            .own_process_group()
+    }
+
+    fn start_from(start: Start) -> Result<Self, String> {
+        let daemon = start.try_start().map_err(|e| match e {
+            // One line: the reason and the daemon's last word.
+            StartError::Exited { status, log } => format!(
+                "the daemon exited at start-up ({status}): {}",
+                log.lines().last().unwrap_or("")
+            ),
+            StartError::NotReady { why, log, .. } => format!(
+                "the daemon did not start: {why}: {}",
+                log.lines().last().unwrap_or("")
+            ),
+            other => other.to_string(),
+        })?;
+        Ok(Self {
+            client: daemon.client(),
+            daemon,
+        })
     }
 
     pub(crate) fn log_tail(&self) -> String {
-        let log = std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default();
-        log.lines().last().unwrap_or("").to_string()
+        self.daemon.log().lines().last().unwrap_or("").to_string()
     }
 }
 
 impl Drop for BenchDaemon {
     fn drop(&mut self) {
         // After a warm reboot the daemon is another process: ask the API for its pid.
-        if let Ok(pid) = self.client.status().map(|s| s["pid"].as_i64().unwrap_or(0)) {
-            if pid > 0 {
-                // SAFETY: kill has no memory effects; the pid is the daemon the bench started
-                // (or its successor), read from its own API.
-                unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-            }
+        if let Ok(pid) = self.client.typed().status().map(|s| s.pid) {
+            // SAFETY: kill has no memory effects; the pid is the daemon the bench started
+            // (or its successor), read from its own API.
+            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
         }
         let deadline = Instant::now() + Duration::from_secs(30);
         while std::os::unix::net::UnixStream::connect(self.client.socket()).is_ok()
@@ -109,9 +104,7 @@ impl Drop for BenchDaemon {
         {
             std::thread::sleep(Duration::from_millis(20));
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        // The kit's daemon, dropped next, kills whatever is left and removes the directory.
     }
 }
 

@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use warmvm_api::Client;
+use warmvm_testkit::{advanced_since, sample, Judgement, Sample};
 use warmvm_vmm::handover::RebootReport;
-use warmvm_vmm::status::GuestFigures;
 
 use crate::bench_cache::{Setup, Site};
 use crate::bench_cache_load::{httperf, FixedRate};
@@ -93,102 +93,21 @@ pub fn verdict(windows: &[Window]) -> Option<Verdict> {
     })
 }
 
-/// One VM as `GET /v1/vms` lists it: what the judge reads.
-#[derive(Debug, Deserialize)]
-struct Listed {
-    name: String,
-    state: String,
-    guest: Option<GuestFigures>,
-}
-
-#[derive(Debug, Deserialize)]
-struct Listing {
-    vms: Vec<Listed>,
-}
-
-/// Each VM's pages verified per vCPU, at one instant.
-type Verified = std::collections::BTreeMap<String, Vec<u64>>;
-
-/// Why a VM failed the judge, or None when every VM is running, clean, and every vCPU
-/// verified more than in `before` (every VM of `before` must still be listed).
-fn judge(before: &Verified, listing: &Listing) -> Result<Option<String>, String> {
-    for vm in &listing.vms {
-        if vm.state == "crashed" {
-            return Err(format!("{} crashed", vm.name));
-        }
-        if let Some(g) = &vm.guest {
-            if g.mismatches > 0 || g.register_check_failures > 0 || g.time_went_backwards > 0 {
-                return Err(format!(
-                    "{}: {} mismatches, {} register-check failures, time went back {} times",
-                    vm.name, g.mismatches, g.register_check_failures, g.time_went_backwards
-                ));
-            }
-        }
-    }
-    for (name, pages) in before {
-        let Some(vm) = listing.vms.iter().find(|v| &v.name == name) else {
-            return Err(format!("{name} is gone"));
-        };
-        let now: Vec<u64> = vm
-            .guest
-            .iter()
-            .flat_map(|g| g.vcpus.iter().map(|v| v.pages_verified))
-            .collect();
-        if vm.state != "running" {
-            return Ok(Some(format!("{name} is {}", vm.state)));
-        }
-        if now.len() != pages.len() {
-            return Err(format!(
-                "{name} reports {} vCPUs, {} before",
-                now.len(),
-                pages.len()
-            ));
-        }
-        if let Some(i) = now.iter().zip(pages).position(|(n, b)| n <= b) {
-            return Ok(Some(format!(
-                "{name}'s vCPU {i} has verified no page since {}",
-                pages[i]
-            )));
-        }
-    }
-    Ok(None)
-}
-
-fn verified(listing: &Listing) -> Verified {
-    listing
-        .vms
-        .iter()
-        .map(|vm| {
-            let pages = vm
-                .guest
-                .iter()
-                .flat_map(|g| g.vcpus.iter().map(|v| v.pages_verified))
-                .collect();
-            (vm.name.clone(), pages)
-        })
-        .collect()
-}
-
-fn list(client: &Client) -> Result<Listing, String> {
-    let r = client
-        .raw("GET", "/v1/vms", None)
-        .map_err(|e| format!("cannot list the VMs: {e}"))?;
-    serde_json::from_slice(&r.body).map_err(|e| format!("the VM list is malformed: {e}"))
-}
-
-/// Wait until every VM of `before` has verified more on each vCPU, or say why not.
-fn judge_after_reboot(client: &Client, before: &Verified) -> Result<Listing, String> {
-    let deadline = Instant::now() + ADVANCE_WITHIN;
-    loop {
-        let listing = list(client)?;
-        match judge(before, &listing)? {
-            None => return Ok(listing),
-            Some(why) if Instant::now() > deadline => {
-                return Err(format!("{why} within {} s", ADVANCE_WITHIN.as_secs()))
-            }
-            Some(_) => std::thread::sleep(Duration::from_millis(10)),
-        }
-    }
+/// Wait until every VM of `before` has verified more on each vCPU, or say why not (the
+/// test kit's judge, polled closely so that the next reboot follows soon).
+fn judge_after_reboot(client: &Client, before: &Sample) -> Result<Sample, String> {
+    let names: Vec<String> = before.keys().cloned().collect();
+    advanced_since(
+        client,
+        &names,
+        before,
+        ADVANCE_WITHIN,
+        Duration::from_millis(10),
+    )
+    .map_err(|j| match j {
+        Judgement::Corrupted(why) => format!("corrupted: {why}"),
+        Judgement::Lost(why) => format!("lost: {why}"),
+    })
 }
 
 /// A process's open fds, threads and anonymous RSS, from /proc: fds and threads are each the
@@ -359,7 +278,8 @@ pub fn soak(args: &SoakArgs) -> Result<ExitCode, Failure> {
     let load_average_before = load_average();
     let mut progress = crate::progress::Progress::new("warmvm bench soak", args.reboots as usize);
 
-    let mut before = verified(&list(&client).map_err(|e| Failure::new(EXIT_HOST, e))?);
+    let mut before = sample(&client)
+        .map_err(|e| Failure::new(EXIT_HOST, format!("cannot list the VMs: {e}")))?;
     let mut windows = Vec::new();
     let mut blackouts_us = Vec::new();
     let mut window_started = (Instant::now(), warmvm_vmm::monotonic_ns());
@@ -388,7 +308,7 @@ pub fn soak(args: &SoakArgs) -> Result<ExitCode, Failure> {
                 ));
             }
             blackouts_us.push(report.host_blackout_us);
-            before = verified(&judge_after_reboot(&client, &before)?);
+            before = judge_after_reboot(&client, &before)?;
             Ok(())
         })();
         progress.done();
@@ -554,13 +474,11 @@ impl Host {
         // against pages verified before it.
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
-            let listing = list(setup.client())?;
-            let all = listing.vms.len() == args.vms as usize
-                && listing.vms.iter().all(|vm| {
-                    vm.guest.as_ref().is_some_and(|g| {
-                        !g.vcpus.is_empty() && g.vcpus.iter().all(|v| v.pages_verified > 0)
-                    })
-                });
+            let vms = sample(setup.client()).map_err(|e| format!("cannot list the VMs: {e}"))?;
+            let all = vms.len() == args.vms as usize
+                && vms
+                    .values()
+                    .all(|vm| !vm.verified.is_empty() && vm.verified.iter().all(|&p| p > 0));
             if all {
                 return Ok(Self { setup });
             }
@@ -708,7 +626,6 @@ fn plot(dir: &Path, windows: &[Window]) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use warmvm_vmm::status::GuestVcpuFigures;
 
     fn window(fds: u64, threads: u64, rss: u64, p50: f64) -> Window {
         Window {
@@ -741,46 +658,5 @@ mod tests {
         assert!((v.rss_anon_ratio - 1.049).abs() < 1e-9);
         assert!(!v.blackout_p50_within_10_percent);
         assert!(verdict(&w[..1]).is_none());
-    }
-
-    fn listed(name: &str, state: &str, pages: &[u64], mismatches: u64) -> Listed {
-        Listed {
-            name: name.into(),
-            state: state.into(),
-            guest: Some(GuestFigures {
-                mismatches,
-                vcpus: pages
-                    .iter()
-                    .map(|&p| GuestVcpuFigures {
-                        pages_verified: p,
-                        ..Default::default()
-                    })
-                    .collect(),
-                ..Default::default()
-            }),
-        }
-    }
-
-    #[test]
-    fn the_judge_waits_for_every_vcpu_and_fails_on_corruption_or_a_lost_vm() {
-        let before: Verified = [("a".to_string(), vec![5, 5])].into();
-        let ok = Listing {
-            vms: vec![listed("a", "running", &[6, 7], 0)],
-        };
-        assert_eq!(judge(&before, &ok), Ok(None));
-        let one_vcpu_still = Listing {
-            vms: vec![listed("a", "running", &[6, 5], 0)],
-        };
-        assert!(judge(&before, &one_vcpu_still).unwrap().is_some());
-        let corrupted = Listing {
-            vms: vec![listed("a", "running", &[6, 7], 1)],
-        };
-        assert!(judge(&before, &corrupted).is_err());
-        let gone = Listing { vms: vec![] };
-        assert!(judge(&before, &gone).is_err());
-        let fewer_vcpus = Listing {
-            vms: vec![listed("a", "running", &[9], 0)],
-        };
-        assert!(judge(&before, &fewer_vcpus).is_err());
     }
 }

@@ -139,6 +139,7 @@ pub struct Start {
     ready: Ready,
     ready_timeout: Duration,
     client_timeout: Option<Duration>,
+    own_process_group: bool,
 }
 
 impl Start {
@@ -192,6 +193,14 @@ impl Start {
     /// A soft RLIMIT_NOFILE of `nofile` (a limit to exhaust).
     pub fn nofile(mut self, nofile: Option<u64>) -> Self {
         self.nofile = nofile;
+        self
+    }
+
+    /// Start the daemon in a process group of its own, so that Ctrl-C at a terminal (SIGINT
+    /// to the foreground group) reaches only the program that started it, which then stops
+    /// the daemon in its own time.
+    pub fn own_process_group(mut self) -> Self {
+        self.own_process_group = true;
         self
     }
 
@@ -261,6 +270,10 @@ impl Start {
         };
         if let Some(n) = self.nofile {
             limit_nofile(&mut cmd, n);
+        }
+        if self.own_process_group {
+            use std::os::unix::process::CommandExt;
+            cmd.process_group(0);
         }
         // Appended to: a daemon started again in the same directory (after one was killed)
         // keeps the earlier daemons' lines.
@@ -363,6 +376,7 @@ impl Daemon {
             nofile: None,
             ready: Ready::Notify,
             ready_timeout: READY_TIMEOUT,
+            own_process_group: false,
             client_timeout: None,
         }
     }

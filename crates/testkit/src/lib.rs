@@ -40,7 +40,10 @@ pub use daemon::{
     daemon_command, refused, warmvm_binary, Daemon, Ready, Start, StartError, READY_TIMEOUT,
 };
 pub use guest::{counter, create, figures, reference_vm, show, verified, verifies_on, BUSY};
-pub use judge::{every_vcpu_advanced, judge, sample, Judgement, Outcome, VmFigures};
+pub use judge::{
+    advanced_since, every_vcpu_advanced, judge, sample, stalled, Judgement, Outcome, Sample,
+    VmFigures,
+};
 pub use kvm::{kvm_available, kvm_required, skip_or_fail};
 pub use netns::{connect_http, enter_netns, http_get, in_netns, ip, Namespace, Netns};
 pub use process::{kill_all_naming, pid_alive, pids_naming, wait_until};
