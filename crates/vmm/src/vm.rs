@@ -16,6 +16,7 @@ use warmvm_memory::GuestRam;
 use crate::config::{BootKind, VmConfig};
 use crate::status::{self, GuestFigures};
 use crate::vcpu::{run_vcpu, VcpuHandle, VcpuStats};
+use crate::virtio::DeviceError;
 
 /// GSI of COM1's interrupt on the in-kernel PIC/IOAPIC.
 const SERIAL_GSI: u32 = 4;
@@ -63,18 +64,9 @@ pub enum VmError {
         state: State,
         action: Action,
     },
-    #[error("{0}")]
-    Disk(#[from] warmvm_devices::virtio::block::BlockError),
-    #[error("{0}")]
-    Virtio(#[from] warmvm_devices::VirtioError),
-    #[error("device placement: {0}")]
-    Bus(#[from] warmvm_devices::BusError),
-    #[error("{0}")]
-    Tap(#[from] warmvm_devices::virtio::tap::TapError),
-    #[error("network interface {index} names tap_fd {fd}, but no such TAP fd was passed")]
-    TapFdMissing { index: usize, fd: i32 },
-    #[error("{disks} virtio devices but {fds} host fds")]
-    DiskFds { disks: usize, fds: usize },
+    /// The VM's virtio devices (disks, network interfaces), with their own message.
+    #[error(transparent)]
+    Devices(#[from] DeviceError),
     #[error("vCPU {vcpu} of VM {vm} did not respond within {secs} s")]
     VcpuUnresponsive { vm: String, vcpu: u32, secs: u64 },
 }
