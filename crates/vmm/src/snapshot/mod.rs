@@ -579,7 +579,7 @@ impl Restored {
         }
         if self.lifecycle == LifecycleState::Running {
             for h in self.vm.handles() {
-                h.request_run(&self.vm.shared);
+                h.request_run();
             }
         }
         Arc::new(self.vm)
