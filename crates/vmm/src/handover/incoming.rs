@@ -612,9 +612,7 @@ fn state_bytes(msg: Msg, files: &mut Vec<File>) -> Result<Vec<u8>, HandoverError
 fn check_refusal_fault() -> Result<(), HandoverError> {
     #[cfg(feature = "fault-injection")]
     if std::env::var(FAULT_ENV).is_ok_and(|f| f == "refuse-state") {
-        return Err(HandoverError::Refused(
-            "fault injected: refuse-state".into(),
-        ));
+        return Err(super::Refusal::InjectedFault.into());
     }
     Ok(())
 }
