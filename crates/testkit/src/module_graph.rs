@@ -76,12 +76,87 @@ fn paths(code: &str, anchor: &str) -> Vec<Vec<String>> {
     found
 }
 
-/// The deepest module `path` names.
-fn resolve(mods: &BTreeMap<String, String>, path: &[String]) -> Option<String> {
-    (1..=path.len())
+/// A module's text without its `mod tests` and its comments.
+fn code(text: &str) -> String {
+    text.split("#[cfg(test)]\nmod tests")
+        .next()
+        .unwrap_or_default()
+        .lines()
+        .map(|l| l.split("//").next().unwrap_or_default())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// `path`, written in module `here`, made absolute (`crate::`, `super::`, `self::` and a
+/// child module's name resolved); `None` when it names another crate.
+fn absolute(
+    mods: &BTreeMap<String, String>,
+    here: &[String],
+    path: &[String],
+) -> Option<Vec<String>> {
+    let (first, rest) = path.split_first()?;
+    let mut full = match first.as_str() {
+        "crate" => Vec::new(),
+        "super" => here[..here.len().saturating_sub(1)].to_vec(),
+        "self" => here.to_vec(),
+        _ => {
+            let mut child = here.to_vec();
+            child.push(first.clone());
+            mods.contains_key(&child.join("::")).then_some(child)?
+        }
+    };
+    full.extend(rest.iter().cloned());
+    Some(full)
+}
+
+/// The names each module re-exports (`pub use`, `pub(crate) use`), with the absolute path
+/// each stands for, so that `crate::Name` counts as an import of the module `Name` comes
+/// from, not of the crate root that only passes it on.
+fn reexports(mods: &BTreeMap<String, String>) -> BTreeMap<String, BTreeMap<String, Vec<String>>> {
+    let mut all = BTreeMap::new();
+    for (m, text) in mods {
+        let here: Vec<String> = if m.is_empty() {
+            Vec::new()
+        } else {
+            m.split("::").map(str::to_string).collect()
+        };
+        let mut names = BTreeMap::new();
+        for anchor in ["pub use ", "pub(crate) use "] {
+            for p in paths(&code(text), anchor) {
+                if let (Some(name), Some(target)) = (p.last(), absolute(mods, &here, &p)) {
+                    names.insert(name.clone(), target);
+                }
+            }
+        }
+        all.insert(m.clone(), names);
+    }
+    all
+}
+
+/// The deepest module `path` names, following the re-exports it goes through (`hops` more
+/// at most).
+fn resolve(
+    mods: &BTreeMap<String, String>,
+    reexported: &BTreeMap<String, BTreeMap<String, Vec<String>>>,
+    path: &[String],
+    hops: usize,
+) -> Option<String> {
+    let k = (0..=path.len())
         .rev()
-        .map(|k| path[..k].join("::"))
-        .find(|m| mods.contains_key(m))
+        .find(|&k| mods.contains_key(&path[..k].join("::")))?;
+    let module = path[..k].join("::");
+    let through = path
+        .get(k)
+        .and_then(|name| reexported.get(&module)?.get(name))
+        .filter(|target| hops > 0 && !target.starts_with(&path[..=k]));
+    match through {
+        Some(target) => {
+            let mut next = target.clone();
+            next.extend(path[k + 1..].iter().cloned());
+            resolve(mods, reexported, &next, hops - 1).or(Some(module))
+        }
+        None => Some(module),
+    }
 }
 
 fn related(a: &str, b: &str) -> bool {
@@ -97,16 +172,10 @@ fn related(a: &str, b: &str) -> bool {
 pub fn import_graph(src: &Path) -> BTreeMap<String, BTreeSet<String>> {
     let mut mods = BTreeMap::new();
     modules(src, &[], &mut mods);
+    let reexported = reexports(&mods);
     let mut edges = BTreeMap::new();
     for (m, text) in &mods {
-        let code = text
-            .split("#[cfg(test)]\nmod tests")
-            .next()
-            .unwrap_or_default()
-            .lines()
-            .map(|l| l.split("//").next().unwrap_or_default())
-            .collect::<Vec<_>>()
-            .join("\n");
+        let code = code(text);
         let here: Vec<String> = if m.is_empty() {
             Vec::new()
         } else {
@@ -122,7 +191,7 @@ pub fn import_graph(src: &Path) -> BTreeMap<String, BTreeSet<String>> {
             full
         }));
         for p in all {
-            if let Some(t) = resolve(&mods, &p) {
+            if let Some(t) = resolve(&mods, &reexported, &p, 8) {
                 if !related(m, &t) {
                     targets.insert(t);
                 }

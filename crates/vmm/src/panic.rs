@@ -39,6 +39,22 @@ pub(crate) fn mark_vcpu_thread() {
     VCPU_THREAD.with(|v| v.set(true));
 }
 
+/// A panic caught on a thread that must outlive it, as an error: what the panic said.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct Panic {
+    pub message: String,
+}
+
+impl Panic {
+    /// The panic `payload` (what `catch_unwind` returns) carried.
+    pub fn from_payload(payload: &(dyn Any + Send)) -> Self {
+        Self {
+            message: message(payload),
+        }
+    }
+}
+
 /// A panic payload's message.
 pub fn message(payload: &(dyn Any + Send)) -> String {
     if let Some(s) = payload.downcast_ref::<&str>() {

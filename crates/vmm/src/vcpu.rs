@@ -13,12 +13,37 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use warmvm_devices::doorbell::WaitEnd;
-use warmvm_devices::{IoAction, Wake};
+use warmvm_devices::doorbell::{Doorbell, WaitEnd};
+use warmvm_devices::{Devices, IoAction, Wake};
 use warmvm_hypervisor::{Exit, ExitHandler, Vcpu, VcpuState};
 use warmvm_lifecycle::{Guard, Next, Order, ParkHooks, Parking, ThreadState};
 
-use crate::vm::{Outcome, VmShared};
+/// How a VM ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The guest powered off through the paravirtual power port, with this exit status.
+    PoweredOff(u32),
+    /// The guest shut itself down through the platform (ACPI S5).
+    Clean,
+    Crashed(String),
+    /// Stopped by the VMM after the guest did not power off in time.
+    Forced,
+}
+
+/// The VM a vCPU thread runs in, as the thread sees it: the devices its exits go to, and
+/// where it reports its first run and the VM's end. The thread holds it until it has
+/// ended, so that what the VM owns (its RAM above all) outlives every KVM_RUN.
+pub(crate) trait VcpuVm: Send + Sync + 'static {
+    fn name(&self) -> &str;
+    fn devices(&self) -> &Devices;
+    /// The guest ran for the first time (the first KVM_RUN of any of its vCPUs).
+    fn note_first_run(&self);
+    /// A vCPU ended the VM: record how, and stop the other vCPUs.
+    fn finish(&self, outcome: Outcome);
+    /// Tests only: whether the next exit panics, as a bug of the VMM's would.
+    #[cfg(feature = "fault-injection")]
+    fn take_injected_panic(&self) -> bool;
+}
 
 /// Work a parked vCPU thread does on its own vCPU (KVM wants a vCPU's state read and
 /// written on the thread that runs it).
@@ -81,6 +106,8 @@ pub struct VcpuStats {
 pub struct VcpuHandle {
     pub id: u32,
     parking: Parking<VcpuPark>,
+    /// The VM's doorbell, to recall the vCPU from a wait-port sleep with each order.
+    doorbell: Arc<Doorbell>,
     thread: OnceLock<libc::pthread_t>,
     /// The thread's kernel id, if it runs in SCHED_OTHER (the only policy
     /// [`VcpuHandle::boost`] raises from and drops back to).
@@ -98,10 +125,11 @@ pub struct VcpuHandle {
 }
 
 impl VcpuHandle {
-    pub(crate) fn new(id: u32) -> Arc<Self> {
+    pub(crate) fn new(id: u32, doorbell: Arc<Doorbell>) -> Arc<Self> {
         Arc::new(Self {
             id,
             parking: Parking::new(Order::Pause, VcpuPark::default()),
+            doorbell,
             thread: OnceLock::new(),
             boostable_tid: OnceLock::new(),
             run_hint: std::sync::atomic::AtomicBool::new(false),
@@ -112,11 +140,11 @@ impl VcpuHandle {
         })
     }
 
-    fn order(&self, order: Order, vm: &VmShared) {
-        self.order_with(order, vm, None);
+    fn order(&self, order: Order) {
+        self.order_with(order, None);
     }
 
-    fn order_with(&self, order: Order, vm: &VmShared, task: Option<Task>) {
+    fn order_with(&self, order: Order, task: Option<Task>) {
         let given = self.parking.order_with(order, |x| {
             if let Some(task) = task {
                 x.task_result = None;
@@ -128,7 +156,7 @@ impl VcpuHandle {
         }
         self.run_hint.store(order == Order::Run, Ordering::Release);
         if order != Order::Run {
-            vm.devices.doorbell.recall();
+            self.doorbell.recall();
             if let Some(t) = self.thread.get() {
                 self.counters.kicks.fetch_add(1, Ordering::Relaxed);
                 if let Err(e) = warmvm_hypervisor::kick_thread(*t) {
@@ -139,14 +167,14 @@ impl VcpuHandle {
     }
 
     /// Park the thread (the VM's lifecycle is the caller's business).
-    pub(crate) fn request_pause(&self, vm: &VmShared) {
-        self.order(Order::Pause, vm);
+    pub(crate) fn request_pause(&self) {
+        self.order(Order::Pause);
     }
 
     /// Park the thread and have it run `task` on its vCPU as soon as it has parked, with no
     /// further wake-up (the handover's capture).
-    pub(crate) fn request_pause_then(&self, vm: &VmShared, task: Task) {
-        self.order_with(Order::Pause, vm, Some(task));
+    pub(crate) fn request_pause_then(&self, task: Task) {
+        self.order_with(Order::Pause, Some(task));
     }
 
     /// Raise the thread, which must have been ordered to pause, to SCHED_FIFO until it
@@ -185,8 +213,8 @@ impl VcpuHandle {
         }
     }
 
-    pub(crate) fn request_run(&self, vm: &VmShared) {
-        self.order(Order::Run, vm);
+    pub(crate) fn request_run(&self) {
+        self.order(Order::Run);
     }
 
     /// Test builds: have the thread hit the `new:vcpu-resume` fault point, on itself, when
@@ -196,8 +224,8 @@ impl VcpuHandle {
         self.resume_fault.store(true, Ordering::Release);
     }
 
-    pub(crate) fn request_stop(&self, vm: &VmShared) {
-        self.order(Order::Stop, vm);
+    pub(crate) fn request_stop(&self) {
+        self.order(Order::Stop);
     }
 
     /// Wait until the thread has parked (or exited). False on timeout.
@@ -358,16 +386,6 @@ impl ParkHooks<VcpuPark> for VcpuHooks<'_> {
     }
 }
 
-/// Whether every vCPU thread of `vms` can have a core of its own beside the thread that
-/// drives a handover. Only then may vCPU threads spin rather than sleep during it (more
-/// spinners would starve the threads still working); only otherwise are they raised to
-/// real-time for it (see [`VcpuHandle::boost`]).
-pub(crate) fn vcpus_have_cores(vms: &[std::sync::Arc<crate::vm::Vm>]) -> bool {
-    let vcpus: usize = vms.iter().map(|vm| vm.handles().len()).sum();
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    vcpus < cores
-}
-
 /// Back to SCHED_OTHER after [`VcpuHandle::boost`], on the boosted thread itself (its
 /// seccomp filter allows just this change of scheduling policy).
 fn drop_boost() -> std::io::Result<()> {
@@ -381,28 +399,28 @@ fn drop_boost() -> std::io::Result<()> {
 
 /// Routes a vCPU's exits to its VM's devices and remembers what the vCPU must do next.
 struct Exits<'a> {
-    vm: &'a VmShared,
+    devices: &'a Devices,
     action: IoAction,
     last_wake: Wake,
 }
 
 impl ExitHandler for Exits<'_> {
     fn pio_read(&mut self, port: u16, data: &mut [u8]) {
-        self.vm.devices.pio_read(port, data, self.last_wake);
+        self.devices.pio_read(port, data, self.last_wake);
     }
     fn pio_write(&mut self, port: u16, data: &[u8]) {
-        self.action = self.vm.devices.pio_write(port, data);
+        self.action = self.devices.pio_write(port, data);
     }
     fn mmio_read(&mut self, addr: u64, data: &mut [u8]) {
-        self.vm.devices.mmio_read(addr, data);
+        self.devices.mmio_read(addr, data);
     }
     fn mmio_write(&mut self, addr: u64, data: &[u8]) {
-        self.action = self.vm.devices.mmio_write(addr, data);
+        self.action = self.devices.mmio_write(addr, data);
     }
 }
 
 /// The body of a vCPU thread.
-pub(crate) fn run_vcpu(mut vcpu: Vcpu, handle: Arc<VcpuHandle>, vm: Arc<VmShared>) {
+pub(crate) fn run_vcpu<V: VcpuVm>(mut vcpu: Vcpu, handle: Arc<VcpuHandle>, vm: Arc<V>) {
     crate::panic::mark_vcpu_thread();
     // Before the filter, which lets a vCPU thread open no file for writing: the console
     // thread rotates the guest's log when it is full.
@@ -420,11 +438,11 @@ pub(crate) fn run_vcpu(mut vcpu: Vcpu, handle: Arc<VcpuHandle>, vm: Arc<VmShared
     // waits for that mark, and must never wait for a thread that is gone.
     let exit_mark = handle.parking.exit_mark();
     vcpu.bind_to_current_thread();
-    let span = tracing::info_span!("vcpu", vm = %vm.name, id = handle.id);
+    let span = tracing::info_span!("vcpu", vm = %vm.name(), id = handle.id);
     let _enter = span.enter();
     // A bug of the VMM's on this thread ends this VM, with the reason, and nothing else.
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        run_loop(&mut vcpu, &handle, &vm)
+        run_loop(&mut vcpu, &handle, &*vm)
     }))
     .unwrap_or_else(|payload| {
         Some(Outcome::Crashed(format!(
@@ -433,7 +451,7 @@ pub(crate) fn run_vcpu(mut vcpu: Vcpu, handle: Arc<VcpuHandle>, vm: Arc<VmShared
             crate::panic::message(payload.as_ref())
         )))
     });
-    vm.devices.flush();
+    vm.devices().flush();
     vcpu.unbind_thread();
     drop(vcpu);
     drop(exit_mark);
@@ -442,15 +460,16 @@ pub(crate) fn run_vcpu(mut vcpu: Vcpu, handle: Arc<VcpuHandle>, vm: Arc<VmShared
     }
 }
 
-fn run_loop(vcpu: &mut Vcpu, handle: &VcpuHandle, vm: &VmShared) -> Option<Outcome> {
+fn run_loop<V: VcpuVm>(vcpu: &mut Vcpu, handle: &VcpuHandle, vm: &V) -> Option<Outcome> {
+    let devices = vm.devices();
     let mut exits = Exits {
-        vm,
+        devices,
         action: IoAction::None,
         last_wake: Wake::Timeout,
     };
     let mut io_pending = false;
     let outcome = loop {
-        let recall = vm.devices.doorbell.recall_generation();
+        let recall = devices.doorbell.recall_generation();
         let mut park_error = None;
         let keep_going = handle.next_order(vcpu, &mut |vcpu| {
             if io_pending {
@@ -459,7 +478,7 @@ fn run_loop(vcpu: &mut Vcpu, handle: &VcpuHandle, vm: &VmShared) -> Option<Outco
                 }
                 io_pending = false;
             }
-            vm.devices.flush();
+            devices.flush();
         });
         if let Some(e) = park_error {
             break Some(Outcome::Crashed(format!("vCPU {}: {e}", handle.id)));
@@ -493,7 +512,7 @@ fn run_loop(vcpu: &mut Vcpu, handle: &VcpuHandle, vm: &VmShared) -> Option<Outco
                 match exits.action {
                     IoAction::None => {}
                     IoAction::Wait { timeout_us } => {
-                        exits.last_wake = sleep(vm, handle, timeout_us, recall);
+                        exits.last_wake = sleep(devices, handle, timeout_us, recall);
                     }
                     IoAction::PowerOff { status } => break Some(Outcome::PoweredOff(status)),
                     IoAction::Shutdown => break Some(Outcome::Clean),
@@ -502,7 +521,7 @@ fn run_loop(vcpu: &mut Vcpu, handle: &VcpuHandle, vm: &VmShared) -> Option<Outco
             Exit::Interrupted => {}
             Exit::Hlt => {
                 c.other_exits.fetch_add(1, Ordering::Relaxed);
-                exits.last_wake = sleep(vm, handle, warmvm_abi::WAIT_FOREVER, recall);
+                exits.last_wake = sleep(devices, handle, warmvm_abi::WAIT_FOREVER, recall);
             }
             Exit::SystemEvent { kind } => {
                 c.other_exits.fetch_add(1, Ordering::Relaxed);
@@ -537,13 +556,13 @@ fn run_loop(vcpu: &mut Vcpu, handle: &VcpuHandle, vm: &VmShared) -> Option<Outco
     outcome
 }
 
-fn sleep(vm: &VmShared, handle: &VcpuHandle, timeout_us: u32, recall: u64) -> Wake {
+fn sleep(devices: &Devices, handle: &VcpuHandle, timeout_us: u32, recall: u64) -> Wake {
     // A guest that waits may have printed a prompt without a newline: show it now.
-    vm.devices.flush();
+    devices.flush();
     let start = Instant::now();
     let deadline = (timeout_us != warmvm_abi::WAIT_FOREVER)
         .then(|| start + Duration::from_micros(u64::from(timeout_us)));
-    let end = vm.devices.doorbell.wait(deadline, recall);
+    let end = devices.doorbell.wait(deadline, recall);
     let c = &handle.counters;
     c.waits.fetch_add(1, Ordering::Relaxed);
     c.wait_ns

@@ -15,7 +15,33 @@ use warmvm_devices::virtio::VirtioCounters;
 use warmvm_devices::{Devices, IrqLine, VirtioMmio};
 
 use crate::config::DiskConfig;
-use crate::vm::VmError;
+
+/// Why a VM's virtio devices could not be opened or wired (each text is the one the VM's
+/// creation has always failed with).
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("{0}")]
+    Disk(#[from] warmvm_devices::virtio::block::BlockError),
+    #[error("cannot read disk image {path}: {err}")]
+    DiskImage {
+        path: std::path::PathBuf,
+        #[source]
+        err: std::io::Error,
+    },
+    #[error("{0}")]
+    Tap(#[from] warmvm_devices::virtio::tap::TapError),
+    #[error("network interface {index} names tap_fd {fd}, but no such TAP fd was passed")]
+    TapFdMissing { index: usize, fd: i32 },
+    #[error("{disks} virtio devices but {fds} host fds")]
+    DiskFds { disks: usize, fds: usize },
+    #[error("{0}")]
+    Virtio(#[from] warmvm_devices::VirtioError),
+    #[error("device placement: {0}")]
+    Bus(#[from] warmvm_devices::BusError),
+    /// An interrupt line or a queue notification KVM would not wire.
+    #[error("{0}")]
+    Hypervisor(#[from] warmvm_hypervisor::Error),
+}
 
 /// GSI of the first virtio device's interrupt (COM1 has 4); device i has `FIRST_GSI + i`.
 pub(crate) const FIRST_GSI: u32 = 5;
@@ -26,7 +52,7 @@ pub(crate) fn window(index: usize) -> u64 {
 }
 
 /// Open a VM's disk images as its config says.
-pub(crate) fn open_disks(disks: &[DiskConfig]) -> Result<Vec<File>, VmError> {
+pub(crate) fn open_disks(disks: &[DiskConfig]) -> Result<Vec<File>, DeviceError> {
     disks
         .iter()
         .map(|d| Ok(open_image(&d.path, d.read_only, d.cache)?))
@@ -99,7 +125,7 @@ pub fn take_inherited_taps(
 pub(crate) fn open_taps(
     config: &crate::VmConfig,
     mut given: GivenTaps,
-) -> Result<(Vec<File>, crate::VmConfig), VmError> {
+) -> Result<(Vec<File>, crate::VmConfig), DeviceError> {
     let mut config = config.clone();
     let mut files = Vec::new();
     for (index, net) in config.nets.iter_mut().enumerate() {
@@ -108,7 +134,7 @@ pub(crate) fn open_taps(
                 let file = given
                     .0
                     .remove(&index)
-                    .ok_or(VmError::TapFdMissing { index, fd })?;
+                    .ok_or(DeviceError::TapFdMissing { index, fd })?;
                 // From here on the VM knows the TAP by name: an fd number means nothing
                 // to the next process, and a cold reboot opens the TAP by its name.
                 net.tap = Some(check_tap(std::os::fd::AsFd::as_fd(&file))?);
@@ -116,7 +142,7 @@ pub(crate) fn open_taps(
                 file
             }
             (None, Some(name)) => open_tap(name)?,
-            (None, None) => return Err(VmError::TapFdMissing { index, fd: -1 }),
+            (None, None) => return Err(DeviceError::TapFdMissing { index, fd: -1 }),
         };
         files.push(file);
     }
@@ -229,9 +255,9 @@ pub(crate) fn attach(
     config: &crate::VmConfig,
     files: HostFiles,
     linux: bool,
-) -> Result<(), VmError> {
+) -> Result<(), DeviceError> {
     if files.disks.len() != config.disks.len() || files.taps.len() != config.nets.len() {
-        return Err(VmError::DiskFds {
+        return Err(DeviceError::DiskFds {
             disks: config.disks.len() + config.nets.len(),
             fds: files.disks.len() + files.taps.len(),
         });
@@ -244,8 +270,7 @@ pub(crate) fn attach(
     for (i, (disk, file)) in config.disks.iter().zip(files.disks).enumerate() {
         let name = format!("disk{i}");
         let backend = Block::new(file, disk.read_only, disk.cache, &name).map_err(|err| {
-            VmError::ReadFile {
-                what: "disk image",
+            DeviceError::DiskImage {
                 path: disk.path.clone(),
                 err,
             }
@@ -292,5 +317,27 @@ mod tests {
             linux_cmdline_args(2),
             " virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6"
         );
+    }
+
+    /// A VM's creation fails with the device's own message and cause, as it did when these
+    /// were the VM's errors: the API and the CLI show the same line.
+    #[test]
+    fn a_device_failure_reads_the_same_through_the_vms_error() {
+        use std::error::Error;
+        let missing = DeviceError::TapFdMissing { index: 1, fd: 7 };
+        assert_eq!(
+            crate::VmError::from(missing).to_string(),
+            "network interface 1 names tap_fd 7, but no such TAP fd was passed"
+        );
+        let image = crate::VmError::from(DeviceError::DiskImage {
+            path: "/d.img".into(),
+            err: std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+        });
+        assert_eq!(
+            image.to_string(),
+            "cannot read disk image /d.img: permission denied"
+        );
+        let source = image.source().map(ToString::to_string);
+        assert_eq!(source.as_deref(), Some("permission denied"));
     }
 }

@@ -15,7 +15,10 @@ use warmvm_memory::GuestRam;
 
 use crate::config::{BootKind, VmConfig};
 use crate::status::{self, GuestFigures};
-use crate::vcpu::{run_vcpu, VcpuHandle, VcpuStats};
+/// How a VM ended: the vCPU thread that ends it says how.
+pub use crate::vcpu::Outcome;
+use crate::vcpu::{run_vcpu, VcpuHandle, VcpuStats, VcpuVm};
+use crate::virtio::DeviceError;
 
 /// GSI of COM1's interrupt on the in-kernel PIC/IOAPIC.
 const SERIAL_GSI: u32 = 4;
@@ -63,32 +66,11 @@ pub enum VmError {
         state: State,
         action: Action,
     },
-    #[error("{0}")]
-    Disk(#[from] warmvm_devices::virtio::block::BlockError),
-    #[error("{0}")]
-    Virtio(#[from] warmvm_devices::VirtioError),
-    #[error("device placement: {0}")]
-    Bus(#[from] warmvm_devices::BusError),
-    #[error("{0}")]
-    Tap(#[from] warmvm_devices::virtio::tap::TapError),
-    #[error("network interface {index} names tap_fd {fd}, but no such TAP fd was passed")]
-    TapFdMissing { index: usize, fd: i32 },
-    #[error("{disks} virtio devices but {fds} host fds")]
-    DiskFds { disks: usize, fds: usize },
+    /// The VM's virtio devices (disks, network interfaces), with their own message.
+    #[error(transparent)]
+    Devices(#[from] DeviceError),
     #[error("vCPU {vcpu} of VM {vm} did not respond within {secs} s")]
     VcpuUnresponsive { vm: String, vcpu: u32, secs: u64 },
-}
-
-/// How a VM ended.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Outcome {
-    /// The guest powered off through the paravirtual power port, with this exit status.
-    PoweredOff(u32),
-    /// The guest shut itself down through the platform (ACPI S5).
-    Clean,
-    Crashed(String),
-    /// Stopped by the VMM after the guest did not power off in time.
-    Forced,
 }
 
 /// How a stop asks a guest to shut down.
@@ -260,22 +242,30 @@ pub struct VmShared {
 }
 
 impl VmShared {
-    #[cfg(feature = "fault-injection")]
-    pub(crate) fn take_injected_panic(&self) -> bool {
-        self.inject_panic
-            .swap(false, std::sync::atomic::Ordering::AcqRel)
-    }
-
-    pub(crate) fn note_first_run(&self) {
-        let _ = self.first_run.set(Instant::now());
-    }
-
     pub(crate) fn lifecycle(&self) -> std::sync::MutexGuard<'_, Lifecycle> {
         self.lifecycle.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A vCPU ended the VM: record how, and stop the other vCPUs.
-    pub(crate) fn finish(&self, outcome: Outcome) {
+    pub fn kvm_vm(&self) -> &warmvm_hypervisor::Vm {
+        &self.kvm_vm
+    }
+}
+
+/// What the vCPU threads see of their VM.
+impl VcpuVm for VmShared {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn devices(&self) -> &Devices {
+        &self.devices
+    }
+
+    fn note_first_run(&self) {
+        let _ = self.first_run.set(Instant::now());
+    }
+
+    fn finish(&self, outcome: Outcome) {
         {
             let mut l = self.lifecycle();
             if !l.is_finished() {
@@ -299,12 +289,14 @@ impl VmShared {
         }
         self.lifecycle_cv.notify_all();
         for v in self.vcpus.get().into_iter().flatten() {
-            v.request_stop(self);
+            v.request_stop();
         }
     }
 
-    pub fn kvm_vm(&self) -> &warmvm_hypervisor::Vm {
-        &self.kvm_vm
+    #[cfg(feature = "fault-injection")]
+    fn take_injected_panic(&self) -> bool {
+        self.inject_panic
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
     }
 }
 
@@ -329,7 +321,7 @@ impl Pausable for Vm {
     fn pause(&self) -> Result<(), VmError> {
         self.transition(Action::Pause)?;
         for h in self.handles() {
-            h.request_pause(&self.shared);
+            h.request_pause();
         }
         for h in self.handles() {
             if !h.wait_parked(VCPU_RESPONSE_TIMEOUT) {
@@ -353,7 +345,7 @@ impl Pausable for Vm {
         // An order to each worker: it cannot fail.
         let _ = self.shared.devices.resume();
         for h in self.handles() {
-            h.request_run(&self.shared);
+            h.request_run();
         }
         Ok(())
     }
@@ -588,8 +580,11 @@ impl Vm {
             ram: p.ram,
         });
         warmvm_hypervisor::install_kick_handler()?;
-        let handles: Vec<Arc<VcpuHandle>> =
-            p.vcpus.iter().map(|v| VcpuHandle::new(v.id())).collect();
+        let handles: Vec<Arc<VcpuHandle>> = p
+            .vcpus
+            .iter()
+            .map(|v| VcpuHandle::new(v.id(), shared.devices.doorbell.clone()))
+            .collect();
         let cpuids = p.vcpus.iter().map(|v| v.cpuid().to_vec()).collect();
         let _ = shared.vcpus.set(handles.clone());
         let mut threads = Vec::new();
@@ -653,7 +648,7 @@ impl Vm {
     pub fn start(&self) -> Result<(), VmError> {
         self.transition(Action::Start)?;
         for h in self.handles() {
-            h.request_run(&self.shared);
+            h.request_run();
         }
         Ok(())
     }
@@ -832,12 +827,22 @@ impl Drop for Vm {
             self.shared.finish(Outcome::Forced);
         }
         for h in self.handles() {
-            h.request_stop(&self.shared);
+            h.request_stop();
         }
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
     }
+}
+
+/// Whether every vCPU thread of `vms` can have a core of its own beside the thread that
+/// drives a handover. Only then may vCPU threads spin rather than sleep during it (more
+/// spinners would starve the threads still working); only otherwise are they raised to
+/// real-time for it (see `VcpuHandle::boost`).
+pub(crate) fn vcpus_have_cores(vms: &[Arc<Vm>]) -> bool {
+    let vcpus: usize = vms.iter().map(|vm| vm.handles().len()).sum();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    vcpus < cores
 }
 
 pub(crate) fn open_log(path: &Path) -> Result<File, VmError> {

@@ -1,7 +1,7 @@
 //! What a subcommand that failed hands the binary: one line (an error and its sources) and
 //! an exit status.
 
-use warmvm_vmm::{ConfigError, HostError, VmError};
+use warmvm_vmm::{ConfigError, DeviceError, HostError, VmError};
 
 pub use warmvm_cli_common::exit::{EXIT_BAD_INPUT, EXIT_HOST, EXIT_VM_FAILED};
 
@@ -31,7 +31,9 @@ impl From<HostError> for Failure {
             | HostError::StillRunning(_)
             | HostError::Snapshot(_) => EXIT_BAD_INPUT,
             HostError::Vm { err, .. } => match err {
-                VmError::Boot(_) | VmError::ReadFile { .. } => EXIT_BAD_INPUT,
+                VmError::Boot(_)
+                | VmError::ReadFile { .. }
+                | VmError::Devices(DeviceError::DiskImage { .. }) => EXIT_BAD_INPUT,
                 _ => EXIT_HOST,
             },
         };

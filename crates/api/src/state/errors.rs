@@ -3,7 +3,7 @@
 
 use warmvm_vmm::handover::Phase;
 use warmvm_vmm::snapshot::SnapshotError;
-use warmvm_vmm::{ConfigError, HostError, VmConfig, VmError};
+use warmvm_vmm::{ConfigError, DeviceError, HostError, VmConfig, VmError};
 
 use crate::http::Response;
 
@@ -69,11 +69,15 @@ pub(crate) fn vm_error_status(err: &VmError, config: Option<&VmConfig>) -> u16 {
     match err {
         VmError::InvalidTransition { .. } => 409,
         // A disk image the client named cannot be used as asked (O_DIRECT, size, in use).
-        VmError::Disk(_) => 409,
+        VmError::Devices(DeviceError::Disk(_)) => 409,
         // A TAP that cannot be created or attached to (permissions, a name in use).
-        VmError::Tap(_) => 409,
+        VmError::Devices(DeviceError::Tap(_)) => 409,
         VmError::ConsoleLog { err, .. } => file_status(err),
-        VmError::ReadFile { err, .. } if has_kernel => file_status(err),
+        VmError::ReadFile { err, .. } | VmError::Devices(DeviceError::DiskImage { err, .. })
+            if has_kernel =>
+        {
+            file_status(err)
+        }
         // A kernel or initrd the client named is not one.
         VmError::Boot(_) if has_kernel => 409,
         // Huge pages the host has not reserved (or not enough of them).
@@ -291,6 +295,23 @@ mod tests {
             ..VmConfig::reference("a", 64, 1)
         };
         assert_eq!(vm_error_status(&read, Some(&with_kernel)), 404);
+        // The virtio devices' own failures, raised by the VM's device set-up.
+        let disk = VmError::from(DeviceError::Disk(
+            warmvm_vmm::devices::virtio::block::BlockError::Size {
+                path: path(),
+                size: 1,
+            },
+        ));
+        assert_eq!(vm_error_status(&disk, None), 409);
+        let tap = VmError::from(DeviceError::Tap(
+            warmvm_vmm::devices::virtio::tap::TapError::BadName("a b".into()),
+        ));
+        assert_eq!(vm_error_status(&tap, None), 409);
+        let image = VmError::from(DeviceError::DiskImage {
+            path: path(),
+            err: missing(),
+        });
+        assert_eq!(vm_error_status(&image, Some(&with_kernel)), 404);
         let log = VmError::ConsoleLog {
             path: path(),
             err: missing(),

@@ -187,7 +187,7 @@ impl<'a> Session<'a> {
         faults::hit(Point::NewPrepared);
         // Asked before the pause: finding the host's cores reads cgroup files (tens of
         // microseconds here).
-        let have_cores = crate::vcpu::vcpus_have_cores(&staged.vms);
+        let have_cores = crate::vm::vcpus_have_cores(&staged.vms);
         let (msg, files) = self.channel.recv::<Msg>().map_err(at(Phase::Transfer))?;
         let received_ns = monotonic_ns();
         let realtime = super::priority::Realtime::enter();
@@ -612,9 +612,7 @@ fn state_bytes(msg: Msg, files: &mut Vec<File>) -> Result<Vec<u8>, HandoverError
 fn check_refusal_fault() -> Result<(), HandoverError> {
     #[cfg(feature = "fault-injection")]
     if std::env::var(FAULT_ENV).is_ok_and(|f| f == "refuse-state") {
-        return Err(HandoverError::Refused(
-            "fault injected: refuse-state".into(),
-        ));
+        return Err(super::Refusal::InjectedFault.into());
     }
     Ok(())
 }
@@ -691,7 +689,7 @@ fn resume(vms: &[Arc<Vm>], lifecycles: &[LifecycleState]) -> Resumed {
             for h in vm.handles() {
                 #[cfg(feature = "fault-injection")]
                 h.arm_resume_fault();
-                h.request_run(&vm.shared);
+                h.request_run();
             }
         }
     }

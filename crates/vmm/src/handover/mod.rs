@@ -36,6 +36,7 @@ mod priority;
 mod stderr;
 
 use crate::channel::ChannelError;
+use crate::panic::Panic;
 /// The envelope is the state's ([`crate::state::envelope`]); re-exported where it was.
 pub use crate::state::envelope;
 use crate::state::{StateError, StateErrorKind};
@@ -129,15 +130,26 @@ pub enum HandoverError {
         #[source]
         err: crate::VmError,
     },
-    /// Declined on purpose (the message says why).
+    /// Declined on purpose.
     #[error("{0}")]
-    Refused(String),
+    Refused(#[from] Refusal),
     #[error("the old VMM aborted the handover")]
     Aborted,
     /// The handover thread itself hit a bug; what it held is dealt with as for any other
     /// failure at that step.
     #[error("the handover hit a bug: {0}")]
-    Panicked(String),
+    Panicked(#[source] Panic),
+}
+
+/// Why a VMM declines a handover on purpose. The other VMM is told it as a refusal
+/// ([`FailureKind::Refused`]), and a build that reads failures by their text alone
+/// recognises it by its wording: keep each variant's text.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    /// Test builds only: the new VMM was told to refuse the state it is sent
+    /// (`WARMVM_HANDOVER_FAULT=refuse-state`).
+    #[error("fault injected: refuse-state")]
+    InjectedFault,
 }
 
 /// What the other VMM sent that the protocol does not allow.
@@ -211,7 +223,7 @@ pub enum Late {
 /// whichever VMM may run them), never unwind past the VMs it holds.
 pub(crate) fn contain<T>(f: impl FnOnce() -> T) -> Result<T, HandoverError> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
-        .map_err(|payload| HandoverError::Panicked(crate::panic::message(&*payload)))
+        .map_err(|payload| HandoverError::Panicked(Panic::from_payload(&*payload)))
 }
 
 /// A state error as the handover always worded its kind (an older build recognises a
@@ -357,7 +369,7 @@ mod tests {
     #[test]
     fn refusals_are_recognised_across_the_channel() {
         for e in [
-            HandoverError::Refused("x".into()),
+            HandoverError::Refused(Refusal::InjectedFault),
             HandoverError::Incompatible {
                 sender: "x".into(),
                 format: 4,
@@ -427,6 +439,26 @@ mod tests {
             late.to_string(),
             "no answer in time: VM a: vCPU 1 did not save its state"
         );
+    }
+
+    /// A refusal and a bug read as they always have: the other VMM, perhaps an older
+    /// build, is told them by their text.
+    #[test]
+    fn refusals_and_bugs_keep_their_wording_and_kind() {
+        let refused = HandoverError::from(Refusal::InjectedFault);
+        assert_eq!(refused.to_string(), "fault injected: refuse-state");
+        let told = refused.to_failure(Phase::Transfer);
+        assert_eq!(told.kind, FailureKind::Refused);
+        assert_eq!(told.message, "fault injected: refuse-state");
+        assert!(HandoverError::Peer(told).is_refusal());
+
+        let bug = contain::<()>(|| panic!("boom {}", 7)).unwrap_err();
+        assert!(matches!(&bug, HandoverError::Panicked(p) if p.message == "boom 7"));
+        assert_eq!(bug.to_string(), "the handover hit a bug: boom 7");
+        assert!(!bug.is_refusal());
+        assert_eq!(bug.to_failure(Phase::Restore).kind, FailureKind::Internal);
+        let cause = std::error::Error::source(&bug).map(ToString::to_string);
+        assert_eq!(cause.as_deref(), Some("boom 7"), "the panic is the source");
     }
 
     #[test]

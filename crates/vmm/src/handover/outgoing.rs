@@ -132,7 +132,7 @@ pub fn warm_reboot(host: &Host, opts: &RebootOptions) -> Result<Handed, RebootEr
     }
 
     // Asked before the pause: finding the host's cores reads cgroup files.
-    let boost = !crate::vcpu::vcpus_have_cores(&vms);
+    let boost = !crate::vm::vcpus_have_cores(&vms);
     // The guests stop here. Until `Commit` is sent, every failure resumes them here.
     let realtime = super::priority::Realtime::enter();
     let t_quiesce = Instant::now();
@@ -613,7 +613,7 @@ fn roll_back(vms: &[Arc<Vm>]) {
         }
         if vm.lifecycle() == Lifecycle::Running {
             for h in vm.handles() {
-                h.request_run(&vm.shared);
+                h.request_run();
             }
         }
     }

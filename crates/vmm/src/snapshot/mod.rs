@@ -579,7 +579,7 @@ impl Restored {
         }
         if self.lifecycle == LifecycleState::Running {
             for h in self.vm.handles() {
-                h.request_run(&self.vm.shared);
+                h.request_run();
             }
         }
         Arc::new(self.vm)
@@ -625,9 +625,9 @@ pub fn restore(
     // any RAM is read.
     let config: crate::VmConfig = spec.config.clone().into();
     let host_files = crate::virtio::HostFiles {
-        disks: crate::virtio::open_disks(&config.disks).map_err(vm_err)?,
+        disks: crate::virtio::open_disks(&config.disks).map_err(|e| vm_err(e.into()))?,
         taps: crate::virtio::open_taps(&config, Default::default())
-            .map_err(vm_err)?
+            .map_err(|e| vm_err(e.into()))?
             .0,
     };
     let ram = GuestRam::create(&vm_name, spec.config.memory_mib << 20, spec.hugepages)

@@ -175,7 +175,7 @@ impl Vm {
             return;
         }
         for h in self.handles() {
-            h.request_pause_then(&self.shared, Box::new(|vcpu| vcpu.save_state().map(Some)));
+            h.request_pause_then(Box::new(|vcpu| vcpu.save_state().map(Some)));
             // With more vCPU threads than cores, until it runs again (after an abort, or
             // never): parking and saving must not queue behind the host's other
             // processes for a core.
