@@ -120,9 +120,10 @@ pub fn config(data: &[u8]) {
 
 /// A kernel image (bzImage or ELF, headers and all) loaded into a small guest RAM.
 pub fn kernel_image(data: &[u8]) {
-    use vm_memory::{GuestAddress, GuestMemoryMmap};
+    use vm_memory::GuestAddress;
+    use warmvm_devices::GuestMemoryMmap;
     const RAM: u64 = 32 << 20;
-    let Ok(mem) = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), RAM as usize)]) else {
+    let Ok(mem) = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM as usize)]) else {
         return;
     };
     let ram = [warmvm_boot::RamRange { start: 0, len: RAM }];
