@@ -286,6 +286,11 @@ pub fn host_memory_bytes() -> u64 {
     meminfo_kib("MemTotal").unwrap_or(0) * 1024
 }
 
+/// Memory the host can still give without swapping (MemAvailable), in bytes (0 if unknown).
+pub fn available_memory_bytes() -> u64 {
+    meminfo_kib("MemAvailable").unwrap_or(0) * 1024
+}
+
 /// Free 2 MiB huge pages on the host, in bytes.
 pub fn free_huge_pages_bytes() -> u64 {
     let free = meminfo_kib("HugePages_Free").unwrap_or(0);
