@@ -27,6 +27,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("device_registers", device_registers),
     ("virtio_queues", virtio_queues),
     ("snapshot", snapshot),
+    ("migration_stream", migration_stream),
 ];
 
 /// A control-channel message from the old VMM.
@@ -49,6 +50,12 @@ pub fn handover_payload(data: &[u8]) {
 pub fn snapshot(data: &[u8]) {
     warmvm_vmm::snapshot::fuzzing::open_state(data);
     warmvm_vmm::snapshot::fuzzing::decode_state_payload(data);
+}
+
+/// A live migration's stream as a destination reads it from its peer: the magic, frames,
+/// each message strictly decoded, a state's envelope and record, a Hello's spec checked.
+pub fn migration_stream(data: &[u8]) {
+    warmvm_vmm::migration::fuzzing::decode(data);
 }
 
 /// Bytes read in pieces, as a socket delivers them; writes (100 Continue) go nowhere.

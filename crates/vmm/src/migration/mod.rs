@@ -31,6 +31,8 @@
 //! TLS), the API and CLI, announcing the guest's MAC after the move, handing over disk
 //! locks, and resolving an in-doubt VM.
 
+#[doc(hidden)]
+pub mod fuzzing;
 mod pages;
 pub mod receive;
 pub mod send;

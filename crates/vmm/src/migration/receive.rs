@@ -215,7 +215,7 @@ fn take<S: Read + Write>(
 
 /// The state's envelope, checked (magic, a format this build reads, length, CRC-32) and
 /// decoded strictly; it must be of the VM announced and live.
-fn decode_state(bytes: &[u8], name: &str) -> Result<VmRecord, MigrationError> {
+pub(crate) fn decode_state(bytes: &[u8], name: &str) -> Result<VmRecord, MigrationError> {
     let (_, payload) = envelope::open_as(&STATE_KIND, bytes).map_err(MigrationError::state)?;
     let record: VmRecord = envelope::decode_payload(payload).map_err(MigrationError::state)?;
     if record.spec.config.name != name {

@@ -367,7 +367,8 @@ impl<S: Read + Write> Source<'_, S> {
             let mut record = vm
                 .save(deadline)
                 .map_err(|e| ("save", MigrationError::state(e)))?;
-            crate::snapshot::flush_disks(vm).map_err(|e| ("save", MigrationError::Disks(Box::new(e))))?;
+            crate::snapshot::flush_disks(vm)
+                .map_err(|e| ("save", MigrationError::Disks(Box::new(e))))?;
             record.lifecycle = crate::state::LifecycleState::Running;
             let save_time = t_state.elapsed();
 

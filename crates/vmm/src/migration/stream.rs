@@ -237,52 +237,54 @@ pub fn decode_stream(bytes: &[u8]) -> Result<Vec<Msg>, StreamError> {
     Ok(out)
 }
 
+/// One message of every kind, valid (tests and the fuzz corpus).
+#[doc(hidden)]
+pub fn sample_messages() -> Vec<Msg> {
+    vec![
+        Msg::Hello(Box::new(Hello {
+            sender: crate::build(),
+            stream_version: STREAM_VERSION,
+            state_format: crate::state::envelope::FORMAT_VERSION,
+            spec: VmSpec::seed(),
+            cpuid_digest: "00".into(),
+        })),
+        Msg::Accepted {
+            receiver: "b".into(),
+        },
+        Msg::Pages(Pages {
+            round: 0,
+            runs: vec![
+                PageRun {
+                    gpa: 0x1000,
+                    len: PAGE,
+                    data: RunData::Bytes(vec![7; PAGE as usize]),
+                },
+                PageRun {
+                    gpa: 0x2000,
+                    len: 16 * PAGE,
+                    data: RunData::Zero,
+                },
+            ],
+        }),
+        Msg::RoundEnd { round: 0 },
+        Msg::RoundAck { round: 0 },
+        Msg::State {
+            envelope: vec![1, 2, 3],
+        },
+        Msg::Ready,
+        Msg::Commit,
+        Msg::Running { resume_us: 5 },
+        Msg::Abort { reason: "x".into() },
+        Msg::Failed {
+            step: "restore".into(),
+            reason: "y".into(),
+        },
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn sample() -> Vec<Msg> {
-        vec![
-            Msg::Hello(Box::new(Hello {
-                sender: crate::build(),
-                stream_version: STREAM_VERSION,
-                state_format: crate::state::envelope::FORMAT_VERSION,
-                spec: VmSpec::seed(),
-                cpuid_digest: "00".into(),
-            })),
-            Msg::Accepted {
-                receiver: "b".into(),
-            },
-            Msg::Pages(Pages {
-                round: 0,
-                runs: vec![
-                    PageRun {
-                        gpa: 0x1000,
-                        len: PAGE,
-                        data: RunData::Bytes(vec![7; PAGE as usize]),
-                    },
-                    PageRun {
-                        gpa: 0x2000,
-                        len: 16 * PAGE,
-                        data: RunData::Zero,
-                    },
-                ],
-            }),
-            Msg::RoundEnd { round: 0 },
-            Msg::RoundAck { round: 0 },
-            Msg::State {
-                envelope: vec![1, 2, 3],
-            },
-            Msg::Ready,
-            Msg::Commit,
-            Msg::Running { resume_us: 5 },
-            Msg::Abort { reason: "x".into() },
-            Msg::Failed {
-                step: "restore".into(),
-                reason: "y".into(),
-            },
-        ]
-    }
 
     fn stream(msgs: &[Msg]) -> Vec<u8> {
         let mut out = MAGIC.to_vec();
@@ -294,7 +296,7 @@ mod tests {
 
     #[test]
     fn every_message_round_trips_and_pages_travel_as_bytes() {
-        let msgs = sample();
+        let msgs = sample_messages();
         let bytes = stream(&msgs);
         assert_eq!(decode_stream(&bytes).unwrap(), msgs);
         // A zero run costs its header, a data run its bytes plus a header: no per-byte
@@ -340,7 +342,7 @@ mod tests {
     /// bit flips of it: it never panics, and every failure is one line.
     #[test]
     fn the_decoder_survives_random_and_truncated_input() {
-        let valid = stream(&sample());
+        let valid = stream(&sample_messages());
         let mut x = 0x9e37_79b9_7f4a_7c15u64;
         let mut rnd = move || {
             x ^= x << 13;
@@ -353,7 +355,7 @@ mod tests {
                 assert!(!e.to_string().contains('\n'), "{e}");
             }
         };
-        let whole = sample().len();
+        let whole = sample_messages().len();
         for cut in 0..valid.len() {
             // Cut at a frame's end, it is a shorter stream; anywhere else, an error.
             match decode_stream(&valid[..cut]) {

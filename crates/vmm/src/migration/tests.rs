@@ -343,3 +343,58 @@ fn an_incompatible_destination_refuses_before_the_pause() {
     wait_verified(&vm, 1);
     vm.stop(Duration::from_millis(100));
 }
+
+/// The stream breaks after `Commit` left, before `Running` came back: the source cannot
+/// know whether the destination runs the VM, so it keeps it paused, in doubt, and
+/// nothing resumes it.
+#[test]
+fn a_stream_that_breaks_after_the_commit_leaves_the_vm_paused_in_doubt() {
+    let test = "a_stream_that_breaks_after_the_commit_leaves_the_vm_paused_in_doubt";
+    if !kvm_available(test) {
+        return;
+    }
+    let dir = ScratchDir::new("migdoubt");
+    let mut a = Host::open(&dir).expect("KVM opens");
+    let vm = running_vm(&mut a, "doubt", 64);
+    let (src, mut dst) = tcp_pair();
+    let fake = std::thread::spawn(move || {
+        stream::read_magic(&mut dst).expect("magic");
+        assert!(matches!(stream::recv(&mut dst), Ok(Msg::Hello(_))));
+        stream::send(
+            &mut dst,
+            &Msg::Accepted {
+                receiver: "fake".into(),
+            },
+        )
+        .expect("sent");
+        loop {
+            match stream::recv(&mut dst).expect("a message") {
+                Msg::RoundEnd { round } => {
+                    stream::send(&mut dst, &Msg::RoundAck { round }).expect("sent");
+                }
+                Msg::State { .. } => stream::send(&mut dst, &Msg::Ready).map(drop).expect("sent"),
+                Msg::Commit => return, // drops the stream without `Running`
+                _ => {}
+            }
+        }
+    });
+    let failed = send(&vm, src, &SendOptions::default()).expect_err("not confirmed");
+    fake.join().expect("the fake destination did not panic");
+    eprintln!("{test}: {}", failed.error);
+    assert!(
+        matches!(failed.error, MigrationError::InDoubt(_)),
+        "{}",
+        failed.error
+    );
+    assert!(matches!(failed.report.end, EndReason::Failed { ref step, .. } if step == "commit"));
+    assert_eq!(vm.lifecycle(), Lifecycle::InDoubt);
+    // Paused: the guest's counter stands still, and a resume is refused.
+    let frozen = vm.guest_figures().expect("figures").counter;
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(vm.guest_figures().expect("figures").counter, frozen);
+    assert!(
+        crate::Pausable::resume(&*vm).is_err(),
+        "an in-doubt VM was resumed"
+    );
+    assert_eq!(vm.guest_figures().expect("figures").counter, frozen);
+}
