@@ -54,7 +54,12 @@ fn migrate(
     });
     let report = sent.expect("migrated");
     let received = received.expect("received");
-    assert_eq!(report.end, EndReason::Converged);
+    let expected = if opts.force {
+        EndReason::Forced
+    } else {
+        EndReason::Converged
+    };
+    assert_eq!(report.end, expected, "{}", summary(&report));
     // The source's copy: handed over, and not running (its counter stands still).
     assert_eq!(vm.lifecycle(), Lifecycle::HandedOver);
     let frozen = vm.guest_figures().expect("figures").counter;
@@ -235,12 +240,7 @@ fn pre_copy_that_does_not_converge_is_cancelled_at_the_round_limit() {
     let (dir_a, dir_b) = (ScratchDir::new("migc-a"), ScratchDir::new("migc-b"));
     let mut a = Host::open(&dir_a).expect("KVM opens");
     let b = Host::open(&dir_b).expect("KVM opens");
-    // Rewrites every page on every pass, without a pause between passes.
-    let mut c = crate::VmConfig::reference("busy", 64, 1);
-    c.cmdline = Some("quiet interval_ms=0 refill_every=1".into());
-    let vm = a.create_vm(&c).expect("VM created");
-    vm.start().expect("VM starts");
-    wait_verified(&vm, 1);
+    let vm = busy_vm(&mut a, "busy");
     let opts = SendOptions {
         downtime: Duration::from_nanos(1),
         max_rounds: 4,
@@ -281,6 +281,45 @@ fn pre_copy_that_does_not_converge_is_cancelled_at_the_round_limit() {
     );
     wait_verified(&vm, 1);
     vm.stop(Duration::from_millis(100));
+}
+
+/// A reference guest of 64 MiB that rewrites every page on every pass, without a pause
+/// between passes: a working set that does not converge under a tiny budget.
+fn busy_vm(host: &mut Host, name: &str) -> Arc<Vm> {
+    let mut c = crate::VmConfig::reference(name, 64, 1);
+    c.cmdline = Some("quiet interval_ms=0 refill_every=1".into());
+    let vm = host.create_vm(&c).expect("VM created");
+    vm.start().expect("VM starts");
+    wait_verified(&vm, 1);
+    vm
+}
+
+/// The same working set with `force`: at the round limit it stops and copies, and the
+/// guest runs on at the destination, verified.
+#[test]
+fn pre_copy_that_does_not_converge_is_forced_at_the_round_limit_with_force() {
+    let test = "pre_copy_that_does_not_converge_is_forced_at_the_round_limit_with_force";
+    if !kvm_available(test) {
+        return;
+    }
+    let (dir_a, dir_b) = (ScratchDir::new("migf-a"), ScratchDir::new("migf-b"));
+    let mut a = Host::open(&dir_a).expect("KVM opens");
+    let mut b = Host::open(&dir_b).expect("KVM opens");
+    let vm = busy_vm(&mut a, "forced");
+    let opts = SendOptions {
+        downtime: Duration::from_nanos(1),
+        max_rounds: 3,
+        force: true,
+        ..Default::default()
+    };
+    let (moved, report) = migrate(&mut a, &mut b, vm, &opts);
+    eprintln!("{test}: {}", summary(&report));
+    assert_eq!(
+        report.rounds.len(),
+        4,
+        "three pre-copy rounds and the final one"
+    );
+    moved.stop(Duration::from_millis(100));
 }
 
 /// Refusals come before anything pauses: a state format too new, a name taken. The VM
