@@ -127,7 +127,15 @@ impl Vm {
     /// it reports. Until the next [`Vm::dirty_log`] every page written from now on is
     /// reported; pages written before are not. Idempotent.
     pub fn start_dirty_log(&self) -> Result<()> {
-        if !self.manual_protect.load(Ordering::Acquire)
+        self.start_dirty_log_as(true)
+    }
+
+    /// [`Vm::start_dirty_log`], with `manual` false to keep KVM's classic log (get and
+    /// clear in one call) where the capability exists: what a host without it does.
+    #[doc(hidden)]
+    pub fn start_dirty_log_as(&self, manual: bool) -> Result<()> {
+        if manual
+            && !self.manual_protect.load(Ordering::Acquire)
             && self
                 .fd
                 .check_extension_raw(u64::from(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2))
@@ -449,6 +457,13 @@ mod tests {
         if !crate::hypervisor::kvm::kvm_available(test) {
             return;
         }
+        // With KVM_CLEAR_DIRTY_LOG, and as on a host without it.
+        for manual in [true, false] {
+            dirty_log_round_trip(test, manual);
+        }
+    }
+
+    fn dirty_log_round_trip(test: &str, manual: bool) {
         let hv = Hypervisor::open().unwrap();
         // SAFETY: a new private anonymous mapping; unmapped at the end of the test, after
         // the VM (and so KVM's use of it) is gone.
@@ -477,8 +492,11 @@ mod tests {
             vm.create_irqchip().unwrap();
             let mut vcpu = vm.create_vcpu(0, 1, &CpuidOptions::default()).unwrap();
             vcpu.set_entry_state(&entry).unwrap();
-            vm.start_dirty_log().unwrap();
+            vm.start_dirty_log_as(manual).unwrap();
             assert!(vm.dirty_logging());
+            if !manual {
+                assert!(!vm.manual_dirty_protect());
+            }
             let slot = vm.memory_slots()[0];
             assert_eq!(slot.pages(), (RAM / 4096) as u64);
             let run_to = |vcpu: &mut crate::Vcpu, port: u16| {

@@ -369,7 +369,17 @@ impl<S: Read + Write> Source<'_, S> {
                 .map_err(|e| ("save", MigrationError::state(e)))?;
             crate::snapshot::flush_disks(vm)
                 .map_err(|e| ("save", MigrationError::Disks(Box::new(e))))?;
-            record.lifecycle = crate::state::LifecycleState::Running;
+            // A guest that powered off (or a VM paused by someone else) meanwhile is not
+            // migrated: it is no longer the running VM the destination prepared for.
+            if record.lifecycle != crate::state::LifecycleState::Running {
+                return Err((
+                    "save",
+                    MigrationError::NotRunning {
+                        vm: vm.name().to_string(),
+                        state: vm.lifecycle().name(),
+                    },
+                ));
+            }
             let save_time = t_state.elapsed();
 
             let t_final = Instant::now();
