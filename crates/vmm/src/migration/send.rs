@@ -364,7 +364,7 @@ impl<S: Read + Write> Source<'_, S> {
             // The devices finish the request in hand and stop; what they wrote is in the
             // VMM's log, harvested below.
             let t_state = Instant::now();
-            let mut record = vm
+            let record = vm
                 .save(deadline)
                 .map_err(|e| ("save", MigrationError::state(e)))?;
             crate::snapshot::flush_disks(vm)
