@@ -42,7 +42,9 @@ mod tests;
 
 pub use pages::RunError;
 pub use receive::{receive, ReceiveOptions, Received};
-pub use send::{send, EndReason, MigrationReport, RoundHook, RoundReport, SendOptions};
+pub use send::{
+    send, EndReason, MigrationReport, Progress, ProgressHook, RoundHook, RoundReport, SendOptions,
+};
 pub use stream::StreamError;
 
 use crate::state::envelope::Kind;

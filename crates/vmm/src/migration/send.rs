@@ -31,9 +31,36 @@ pub struct SendOptions {
     /// must refuse it before the guest pauses).
     #[doc(hidden)]
     pub announce_state_format: Option<u32>,
+    /// Called after each pre-copy round with where the migration stands (for a progress
+    /// display: round, bytes, dirty rate, estimate).
+    pub progress: Option<ProgressHook>,
     /// Tests only: called after each pre-copy round is acknowledged, with its number.
     #[doc(hidden)]
     pub between_rounds: Option<RoundHook>,
+}
+
+/// Where a migration stands after a pre-copy round.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    /// The round just sent.
+    pub round: RoundReport,
+    /// Bytes sent so far.
+    pub bytes_total: u64,
+    /// Dirty now, to send next.
+    pub remaining_bytes: u64,
+    pub bandwidth_bps: u64,
+    /// The pause switching over now would take, estimated (µs; `u64::MAX` if unknown).
+    pub downtime_estimate_us: u64,
+}
+
+/// A progress callback.
+#[derive(Clone)]
+pub struct ProgressHook(pub std::sync::Arc<dyn Fn(&Progress) + Send + Sync>);
+
+impl std::fmt::Debug for ProgressHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ProgressHook")
+    }
 }
 
 /// A test's hook between pre-copy rounds.
@@ -54,6 +81,7 @@ impl Default for SendOptions {
             timeout: Duration::from_secs(600),
             force: false,
             announce_state_format: None,
+            progress: None,
             between_rounds: None,
         }
     }
@@ -317,6 +345,15 @@ impl<S: Read + Write> Source<'_, S> {
             } else {
                 Duration::MAX
             };
+            if let Some(hook) = &self.opts.progress {
+                (hook.0)(&Progress {
+                    round: self.report.rounds.last().cloned().unwrap_or_default(),
+                    bytes_total: self.report.bytes_total,
+                    remaining_bytes: remaining,
+                    bandwidth_bps: bandwidth as u64,
+                    downtime_estimate_us: u64::try_from(estimate.as_micros()).unwrap_or(u64::MAX),
+                });
+            }
             if remaining == 0 || estimate <= self.opts.downtime {
                 return Ok(Decision::Switch(set, EndReason::Converged));
             }

@@ -128,7 +128,21 @@ fn a_reference_guest_migrates_there_and_back_and_never_runs_twice() {
     let mut a = Host::open(&dir_a).expect("KVM opens");
     let mut b = Host::open(&dir_b).expect("KVM opens");
     let vm = running_vm(&mut a, "travel", MIB);
-    let there = migrate(&mut a, &mut b, vm, &SendOptions::default());
+    let seen = Arc::new(std::sync::Mutex::new(Vec::<Progress>::new()));
+    let log = seen.clone();
+    let opts = SendOptions {
+        progress: Some(ProgressHook(Arc::new(move |p| {
+            log.lock().unwrap().push(p.clone())
+        }))),
+        ..Default::default()
+    };
+    let there = migrate(&mut a, &mut b, vm, &opts);
+    // One progress report per pre-copy round, the last one's estimate within the budget.
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), there.1.rounds.len() - 1, "{seen:?}");
+    let last = seen.last().expect("a round");
+    assert!(last.downtime_estimate_us <= 300_000, "{last:?}");
+    assert_eq!(last.bandwidth_bps, there.1.bandwidth_bps);
     eprintln!("{test}: A→B {}", summary(&there.1));
     let back = migrate(&mut b, &mut a, there.0, &SendOptions::default());
     eprintln!("{test}: B→A {}", summary(&back.1));
