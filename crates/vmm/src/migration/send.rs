@@ -367,8 +367,8 @@ impl<S: Read + Write> Source<'_, S> {
                 ))
             } else if self.t0.elapsed() >= self.opts.timeout {
                 Some(format!(
-                    "{} s passed and {} KiB still dirty",
-                    self.opts.timeout.as_secs(),
+                    "{} ms passed and {} KiB still dirty",
+                    self.opts.timeout.as_millis(),
                     remaining >> 10
                 ))
             } else {

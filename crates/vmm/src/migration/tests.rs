@@ -243,11 +243,11 @@ fn a_destination_that_drops_the_stream_before_ready_leaves_the_vm_running_here()
 }
 
 /// A guest that dirties more than a (tiny) budget allows never converges: at the round
-/// limit the migration is cancelled, the destination discards its copy, and the VM runs
-/// on at the source, verified.
+/// or time limit the migration is cancelled, the destination discards its copy, and the
+/// VM runs on at the source, verified.
 #[test]
-fn pre_copy_that_does_not_converge_is_cancelled_at_the_round_limit() {
-    let test = "pre_copy_that_does_not_converge_is_cancelled_at_the_round_limit";
+fn pre_copy_that_does_not_converge_is_cancelled_at_the_round_and_time_limits() {
+    let test = "pre_copy_that_does_not_converge_is_cancelled_at_the_round_and_time_limits";
     if !kvm_available(test) {
         return;
     }
@@ -255,45 +255,58 @@ fn pre_copy_that_does_not_converge_is_cancelled_at_the_round_limit() {
     let mut a = Host::open(&dir_a).expect("KVM opens");
     let b = Host::open(&dir_b).expect("KVM opens");
     let vm = busy_vm(&mut a, "busy");
-    let opts = SendOptions {
+    // At the round limit, and (a second attempt on the same VM) at the time limit.
+    let by_rounds = SendOptions {
         downtime: Duration::from_nanos(1),
         max_rounds: 4,
         between_rounds: Some(let_the_guest_run()),
         ..Default::default()
     };
-    let (src, dst) = tcp_pair();
-    let (sent, received) = std::thread::scope(|s| {
-        let b = &b;
-        let receiver = s.spawn(move || {
-            receive(
-                b.hypervisor(),
-                dst,
-                &ReceiveOptions {
-                    state_dir: b.state_dir().to_path_buf(),
-                    name_taken: &|_| false,
-                },
-            )
+    let by_time = SendOptions {
+        downtime: Duration::from_nanos(1),
+        timeout: Duration::from_millis(1500),
+        between_rounds: Some(let_the_guest_run()),
+        ..Default::default()
+    };
+    for (opts, says) in [(by_rounds, "4 rounds sent"), (by_time, "1500 ms passed")] {
+        let (src, dst) = tcp_pair();
+        let (sent, received) = std::thread::scope(|s| {
+            let b = &b;
+            let receiver = s.spawn(move || {
+                receive(
+                    b.hypervisor(),
+                    dst,
+                    &ReceiveOptions {
+                        state_dir: b.state_dir().to_path_buf(),
+                        name_taken: &|_| false,
+                    },
+                )
+            });
+            (send(&vm, src, &opts), receiver.join().expect("no panic"))
         });
-        (send(&vm, src, &opts), receiver.join().expect("no panic"))
-    });
-    let failed = sent.expect_err("cancelled");
-    eprintln!("{test}: {}: {}", failed.error, summary(&failed.report));
-    assert!(
-        matches!(failed.report.end, EndReason::Cancelled { .. }),
-        "{:?}",
-        failed.report.end
-    );
-    assert_eq!(failed.report.rounds.len(), 4);
-    assert!(
-        failed.report.rounds[1..].iter().all(|r| r.pages > 0),
-        "the guest dirtied pages every round"
-    );
-    assert!(matches!(received, Err(MigrationError::Aborted(_))));
-    assert_eq!(vm.lifecycle(), Lifecycle::Running);
-    assert!(
-        !vm.shared.kvm_vm().dirty_logging(),
-        "logging stops with the migration"
-    );
+        let failed = sent.expect_err("cancelled");
+        eprintln!("{test}: {}: {}", failed.error, summary(&failed.report));
+        assert!(
+            matches!(failed.report.end, EndReason::Cancelled { ref why } if why.contains(says)),
+            "{:?}",
+            failed.report.end
+        );
+        if opts.max_rounds == 4 {
+            assert_eq!(failed.report.rounds.len(), 4);
+        }
+        assert!(
+            failed.report.rounds[1..].iter().all(|r| r.pages > 0),
+            "the guest dirtied pages every round"
+        );
+        assert!(matches!(received, Err(MigrationError::Aborted(_))));
+        assert_eq!(failed.report.downtime_us, 0, "the VM never paused");
+        assert_eq!(vm.lifecycle(), Lifecycle::Running);
+        assert!(
+            !vm.shared.kvm_vm().dirty_logging(),
+            "logging stops with the migration"
+        );
+        wait_verified(&vm, 1);
+    }
     wait_verified(&vm, 1);
     vm.stop(Duration::from_millis(100));
 }
