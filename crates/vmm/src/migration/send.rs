@@ -316,7 +316,9 @@ impl<S: Read + Write> Source<'_, S> {
             if let Some(hook) = &self.opts.between_rounds {
                 (hook.0)(round);
             }
-            if took > Duration::ZERO && bytes > 64 << 10 {
+            // A round of a few pages measures latency more than bandwidth: it counts only
+            // while nothing better has been measured.
+            if took > Duration::ZERO && (bytes > 64 << 10 || bandwidth == 0.0) {
                 bandwidth = bytes as f64 / took.as_secs_f64();
             }
             self.report.bytes_total += bytes;
