@@ -108,8 +108,12 @@ pub enum MigrationError {
     NoSlot(u64),
     #[error("reading the RAM's data extents: {0}")]
     RamExtents(#[source] std::io::Error),
-    #[error("reading guest RAM at {0:#x}: {1}")]
-    ReadRam(u64, String),
+    #[error("reading guest RAM at {gpa:#x}: {err}")]
+    ReadRam {
+        gpa: u64,
+        #[source]
+        err: vm_memory::GuestMemoryError,
+    },
     #[error("vCPU {0} did not stop in time")]
     VcpuNotStopped(u32),
     #[error("flushing the disks: {0}")]

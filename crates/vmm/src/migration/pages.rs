@@ -202,7 +202,7 @@ pub(crate) fn send_set<W: Write>(
         let data = &mut buf[..len as usize];
         ram.memory()
             .read_slice(data, GuestAddress(gpa))
-            .map_err(|e| MigrationError::ReadRam(gpa, e.to_string()))?;
+            .map_err(|err| MigrationError::ReadRam { gpa, err })?;
         // Split the run where pages turn from zero to data and back.
         let mut start = 0usize;
         while start < data.len() {
