@@ -16,7 +16,7 @@ use warmvm_vmm::{Lifecycle, VcpuStats, Vm};
 use crate::state::ApiState;
 
 /// Every state a VM can be in; the state gauge has one series per state.
-const STATES: [&str; 7] = [
+const STATES: [&str; 8] = [
     "created",
     "running",
     "paused",
@@ -24,6 +24,7 @@ const STATES: [&str; 7] = [
     "crashed",
     "stopped",
     "handed-over",
+    "in-doubt",
 ];
 
 /// What one VM contributes, read once per scrape.
@@ -623,7 +624,8 @@ mod tests {
             | Lifecycle::PoweredOff { .. }
             | Lifecycle::Crashed { .. }
             | Lifecycle::Stopped
-            | Lifecycle::HandedOver => l.name(),
+            | Lifecycle::HandedOver
+            | Lifecycle::InDoubt => l.name(),
         };
         for l in [
             Lifecycle::Created,
@@ -635,6 +637,7 @@ mod tests {
             },
             Lifecycle::Stopped,
             Lifecycle::HandedOver,
+            Lifecycle::InDoubt,
         ] {
             assert!(STATES.contains(&all(&l)), "{l:?}");
         }

@@ -178,6 +178,7 @@ fn reports_in_every_state_match_the_schema() {
         },
         Lifecycle::Stopped,
         Lifecycle::HandedOver,
+        Lifecycle::InDoubt,
     ];
     for state in states {
         check(

@@ -19,6 +19,7 @@
 //! The PM1 registers are `warmvm_devices::acpi_pm`; the kernel's SCI arrives through an irqfd
 //! on GSI 9.
 
+use crate::GuestMemoryMmap;
 use acpi_tables::aml::{Name, Package, Path};
 use acpi_tables::facs::FACS;
 use acpi_tables::fadt::{FADTBuilder, Flags};
@@ -28,7 +29,6 @@ use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::Aml;
-use vm_memory::GuestMemoryMmap;
 use warmvm_abi::{PM1A_CNT_LEN, PM1A_CNT_PORT, PM1A_EVT_LEN, PM1A_EVT_PORT, SCI_IRQ, SLP_TYP_S5};
 
 use crate::mptable::{IOAPIC_ADDR, LAPIC_ADDR, MAX_CPUS, MPTABLE_ADDR};

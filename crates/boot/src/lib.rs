@@ -16,6 +16,12 @@
 //! a dependency of `warmvm-hypervisor` (boot depends on the hypervisor's data types, not the
 //! reverse).
 
+/// Guest RAM as this crate sees it: vm-memory's mmap backend with a dirty bitmap per
+/// region (`AtomicBitmap`), so every write that goes through vm-memory (virtio rings and
+/// buffers, boot data) is recorded for live migration. The same type as
+/// `warmvm_memory::GuestMemoryMmap`.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
+
 pub mod acpi;
 pub mod linux;
 mod mptable;

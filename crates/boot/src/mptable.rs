@@ -10,7 +10,7 @@
 //!
 //! Linux reads it only when built with `CONFIG_X86_MPPARSE` and when no ACPI MADT exists.
 
-use vm_memory::GuestMemoryMmap;
+use crate::GuestMemoryMmap;
 
 use crate::x86::write_bytes;
 use crate::Result;

@@ -9,9 +9,10 @@
 
 use std::io::Cursor;
 
+use crate::GuestMemoryMmap;
 use kvm_bindings::{kvm_dtable, kvm_regs, kvm_segment};
 use linux_loader::loader::{elf::Elf, KernelLoader};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
 use warmvm_abi::{layout, BootInfo, MAX_RAM_RANGES, MAX_VCPUS};
 
 use crate::x86::*;
@@ -225,7 +226,7 @@ mod tests {
     use vm_memory::Bytes;
 
     fn ram(mib: u64) -> (GuestMemoryMmap, Vec<RamRange>) {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), (mib << 20) as usize)])
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), (mib << 20) as usize)])
             .expect("anonymous test memory");
         (
             mem,

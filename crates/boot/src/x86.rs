@@ -1,7 +1,8 @@
 //! x86 descriptor and paging encodings shared by the boot protocols.
 
+use crate::GuestMemoryMmap;
 use kvm_bindings::kvm_segment;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 pub use crate::Segments;
 use crate::{BootError, GuestWriteError, Result};

@@ -14,6 +14,12 @@
 //! devices at once as a [`DevicesState`]. How that state crosses a process is not this
 //! crate's business (see the VMM's `state` module).
 
+/// Guest RAM as this crate sees it: vm-memory's mmap backend with a dirty bitmap per
+/// region (`AtomicBitmap`), so every write that goes through vm-memory (virtio rings and
+/// buffers, boot data) is recorded for live migration. The same type as
+/// `warmvm_memory::GuestMemoryMmap`.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
+
 pub mod acpi_pm;
 pub mod bus;
 pub mod console;

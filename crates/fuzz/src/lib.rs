@@ -27,6 +27,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("device_registers", device_registers),
     ("virtio_queues", virtio_queues),
     ("snapshot", snapshot),
+    ("migration_stream", migration_stream),
 ];
 
 /// A control-channel message from the old VMM.
@@ -49,6 +50,12 @@ pub fn handover_payload(data: &[u8]) {
 pub fn snapshot(data: &[u8]) {
     warmvm_vmm::snapshot::fuzzing::open_state(data);
     warmvm_vmm::snapshot::fuzzing::decode_state_payload(data);
+}
+
+/// A live migration's stream as a destination reads it from its peer: the magic, frames,
+/// each message strictly decoded, a state's envelope and record, a Hello's spec checked.
+pub fn migration_stream(data: &[u8]) {
+    warmvm_vmm::migration::fuzzing::decode(data);
 }
 
 /// Bytes read in pieces, as a socket delivers them; writes (100 Continue) go nowhere.
@@ -120,9 +127,10 @@ pub fn config(data: &[u8]) {
 
 /// A kernel image (bzImage or ELF, headers and all) loaded into a small guest RAM.
 pub fn kernel_image(data: &[u8]) {
-    use vm_memory::{GuestAddress, GuestMemoryMmap};
+    use vm_memory::GuestAddress;
+    use warmvm_devices::GuestMemoryMmap;
     const RAM: u64 = 32 << 20;
-    let Ok(mem) = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), RAM as usize)]) else {
+    let Ok(mem) = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM as usize)]) else {
         return;
     };
     let ram = [warmvm_boot::RamRange { start: 0, len: RAM }];

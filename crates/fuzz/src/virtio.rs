@@ -15,11 +15,12 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::net::UnixDatagram;
 use std::sync::Arc;
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 use warmvm_devices::virtio::block::{Block, CacheMode};
 use warmvm_devices::virtio::mmio::{MmioHandles, VirtioBackend, VirtioMmio, QUEUE_NOTIFY};
 use warmvm_devices::virtio::net::Net;
 use warmvm_devices::virtio::VirtioCounters;
+use warmvm_devices::GuestMemoryMmap;
 use warmvm_devices::{Access, BusDevice, Doorbell, IrqLine, Persist, Wake};
 
 /// Guest RAM: every ring address the input can name is inside it or just past it.
@@ -148,7 +149,7 @@ pub fn virtio_queues(data: &[u8]) {
 /// The devices (block, net) and guest RAM after `data`, or `None` if the host refused
 /// the set-up (no memfd or socket: nothing of the input ran).
 fn run(data: &[u8]) -> Option<([VirtioMmio; 2], GuestMemoryMmap)> {
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), RAM)]).ok()?;
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM)]).ok()?;
     let block = Block::new(memfd_disk()?, false, CacheMode::Writeback, "fuzz-disk").ok()?;
     let (ours, theirs) = UnixDatagram::pair().ok()?;
     ours.set_nonblocking(true).ok()?;

@@ -254,6 +254,11 @@ hugepages = false
     for (name, bytes) in warmvm_vmm::snapshot::fuzzing::seeds() {
         put("snapshot", name, &bytes);
     }
+    put(
+        "migration_stream",
+        "every-message",
+        &warmvm_vmm::migration::fuzzing::seed(),
+    );
 }
 
 /// `scripts/fuzz` builds fuzz/afl with `--locked`; its lock file lives apart from the

@@ -27,6 +27,22 @@ pub enum Error {
         #[source]
         err: KvmError,
     },
+    #[error("KVM_ENABLE_CAP {0} failed: {1}")]
+    EnableCap(&'static str, #[source] KvmError),
+    #[error("memory slot {0} is not registered")]
+    NoSuchSlot(u32),
+    #[error("KVM_GET_DIRTY_LOG (slot {slot}) failed: {err}")]
+    GetDirtyLog {
+        slot: u32,
+        #[source]
+        err: KvmError,
+    },
+    #[error("KVM_CLEAR_DIRTY_LOG (slot {slot}) failed: {err}")]
+    ClearDirtyLog {
+        slot: u32,
+        #[source]
+        err: KvmError,
+    },
     #[error("KVM_CREATE_IRQCHIP failed: {0}")]
     CreateIrqchip(#[source] KvmError),
     #[error("KVM_CREATE_PIT2 failed: {0}")]

@@ -132,7 +132,7 @@ impl Hypervisor {
 #[cfg(test)]
 #[allow(dead_code)]
 #[path = "../../testkit/src/kvm.rs"]
-mod kvm;
+pub(crate) mod kvm;
 
 #[cfg(test)]
 mod tests {

@@ -6,9 +6,10 @@
 #![allow(non_snake_case)]
 
 use kvm_bindings::{
-    kvm_clock_data, kvm_cpuid2, kvm_debugregs, kvm_fpu, kvm_ioeventfd, kvm_irqchip, kvm_irqfd,
-    kvm_lapic_state, kvm_mp_state, kvm_msr_list, kvm_msrs, kvm_pit_config, kvm_pit_state2,
-    kvm_regs, kvm_sregs, kvm_userspace_memory_region, kvm_vcpu_events, kvm_xcrs, kvm_xsave, KVMIO,
+    kvm_clear_dirty_log, kvm_clock_data, kvm_cpuid2, kvm_debugregs, kvm_dirty_log, kvm_enable_cap,
+    kvm_fpu, kvm_ioeventfd, kvm_irqchip, kvm_irqfd, kvm_lapic_state, kvm_mp_state, kvm_msr_list,
+    kvm_msrs, kvm_pit_config, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_userspace_memory_region,
+    kvm_vcpu_events, kvm_xcrs, kvm_xsave, KVMIO,
 };
 use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr, ioctl_iowr_nr};
 
@@ -29,7 +30,11 @@ ioctl_iow_nr!(
     0x46,
     kvm_userspace_memory_region
 );
+ioctl_iow_nr!(KVM_GET_DIRTY_LOG, KVMIO, 0x42, kvm_dirty_log);
 ioctl_io_nr!(KVM_SET_TSS_ADDR, KVMIO, 0x47);
+ioctl_iow_nr!(KVM_ENABLE_CAP, KVMIO, 0xa3, kvm_enable_cap);
+// kvm-ioctls has no call for it: `Vm::clear_dirty_log` issues it with this number.
+ioctl_iowr_nr!(KVM_CLEAR_DIRTY_LOG, KVMIO, 0xc0, kvm_clear_dirty_log);
 ioctl_io_nr!(KVM_CREATE_IRQCHIP, KVMIO, 0x60);
 ioctl_iowr_nr!(KVM_GET_IRQCHIP, KVMIO, 0x62, kvm_irqchip);
 // The kernel defines KVM_SET_IRQCHIP as _IOR (and the clock's pair the other way round).
@@ -69,6 +74,11 @@ ioctl_ior_nr!(KVM_GET_XCRS, KVMIO, 0xa6, kvm_xcrs);
 ioctl_iow_nr!(KVM_SET_XCRS, KVMIO, 0xa7, kvm_xcrs);
 ioctl_io_nr!(KVM_KVMCLOCK_CTRL, KVMIO, 0xad);
 ioctl_ior_nr!(KVM_GET_XSAVE2, KVMIO, 0xcf, kvm_xsave);
+
+/// `KVM_CLEAR_DIRTY_LOG`, which kvm-ioctls lacks.
+pub(crate) fn clear_dirty_log() -> u64 {
+    KVM_CLEAR_DIRTY_LOG()
+}
 
 /// `KVM_RUN`, for tests that must tell it from the rest.
 pub fn kvm_run_ioctl() -> u64 {
@@ -133,6 +143,10 @@ pub fn vm_ioctls() -> Vec<u64> {
         KVM_GET_PIT2(),
         KVM_SET_PIT2(),
         KVM_SET_CPUID2(),
+        // Live migration's dirty log.
+        KVM_ENABLE_CAP(),
+        KVM_GET_DIRTY_LOG(),
+        KVM_CLEAR_DIRTY_LOG(),
     ]
 }
 
@@ -153,5 +167,8 @@ mod tests {
         assert_eq!(super::KVM_IOEVENTFD(), 0x4040_ae79);
         assert_eq!(super::KVM_SET_IRQCHIP(), 0x8208_ae63);
         assert_eq!(super::KVM_SET_CPUID2(), 0x4008_ae90);
+        assert_eq!(super::KVM_GET_DIRTY_LOG(), 0x4010_ae42);
+        assert_eq!(super::KVM_ENABLE_CAP(), 0x4068_aea3);
+        assert_eq!(super::KVM_CLEAR_DIRTY_LOG(), 0xc018_aec0);
     }
 }

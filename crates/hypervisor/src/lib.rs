@@ -29,4 +29,4 @@ pub use ioctl_numbers::{kvm_run_ioctl, vcpu_thread_ioctls, vm_ioctls};
 pub use kick::{install_kick_handler, kick_signal, kick_thread};
 pub use state::{required, VcpuState, VmState, MSR_IA32_TSC};
 pub use vcpu::{Exit, ExitHandler, Vcpu};
-pub use vm::{EventFd, Vm};
+pub use vm::{EventFd, MemorySlot, Vm, DIRTY_PAGE_SIZE};

@@ -9,11 +9,21 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd};
 
-use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::mmap::{MmapRegion, MmapRegionBuilder};
+use vm_memory::{FileOffset, GuestAddress};
 use warmvm_abi::layout::{MMIO_HOLE_END, MMIO_HOLE_START};
 
 pub use vm_memory;
+
+/// Guest RAM as the VMM maps it: each region carries a dirty bitmap (one bit per 4 KiB
+/// page) that vm-memory sets on every write made through it, i.e. every write of the VMM
+/// itself (virtio used rings and buffers, block reads, net receive, boot data, the status
+/// area). KVM's dirty log sees only the guest's writes; live migration ORs the two. The
+/// boot and devices crates name the same type.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
+type GuestRegionMmap = vm_memory::GuestRegionMmap<AtomicBitmap>;
+const PAGE: usize = 4096;
 
 const MIB: u64 = 1 << 20;
 const HUGE_PAGE: u64 = 2 * MIB;
@@ -143,7 +153,12 @@ impl GuestRam {
                 .file
                 .try_clone()
                 .map_err(|e| MemoryError::Map(e.to_string()))?;
-            let region = MmapRegionBuilder::new(r.size as usize)
+            let bitmap = AtomicBitmap::new(
+                r.size as usize,
+                std::num::NonZeroUsize::new(PAGE)
+                    .ok_or_else(|| MemoryError::Map("page size".into()))?,
+            );
+            let region = MmapRegionBuilder::new_with_bitmap(r.size as usize, bitmap)
                 .with_file_offset(FileOffset::new(fd, 0))
                 .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
                 .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE)
@@ -185,6 +200,18 @@ impl GuestRam {
                 (r.start_addr().0, r.len(), host)
             })
             .collect()
+    }
+
+    /// The pages of region `index` the VMM has written through [`GuestRam::memory`] since
+    /// the last call (or since the RAM was mapped), one bit per 4 KiB page as in KVM's
+    /// dirty log, and the record emptied. A write racing the call lands either in what it
+    /// returns or in what the next call returns, never in neither: each word is read and
+    /// cleared at once.
+    pub fn take_vmm_dirty(&self, index: usize) -> Option<Vec<u64>> {
+        use vm_memory::GuestMemoryBackend;
+        let region = self.memory.iter().nth(index)?;
+        let mmap: &MmapRegion<AtomicBitmap> = region;
+        Some(mmap.bitmap().get_and_reset())
     }
 
     pub fn size(&self) -> u64 {
@@ -259,6 +286,11 @@ pub fn host_memory_bytes() -> u64 {
     meminfo_kib("MemTotal").unwrap_or(0) * 1024
 }
 
+/// Memory the host can still give without swapping (MemAvailable), in bytes (0 if unknown).
+pub fn available_memory_bytes() -> u64 {
+    meminfo_kib("MemAvailable").unwrap_or(0) * 1024
+}
+
 /// Free 2 MiB huge pages on the host, in bytes.
 pub fn free_huge_pages_bytes() -> u64 {
     let free = meminfo_kib("HugePages_Free").unwrap_or(0);
@@ -311,6 +343,25 @@ mod tests {
         .unwrap();
         let v: u64 = adopted.memory().read_obj(GuestAddress(0x1000)).unwrap();
         assert_eq!(v, 0xdead_beef);
+    }
+
+    #[test]
+    fn the_vmms_own_writes_are_recorded_per_page_and_taken_once() {
+        let ram = GuestRam::create("t", 4 * MIB, false).unwrap();
+        // Mapping is not writing.
+        assert!(ram.take_vmm_dirty(0).unwrap().iter().all(|w| *w == 0));
+        ram.memory().write_obj(7u64, GuestAddress(0x3008)).unwrap();
+        // A write across a page boundary dirties both pages.
+        ram.memory()
+            .write_slice(&[1u8; 8], GuestAddress(0x9ffc))
+            .unwrap();
+        let bits = ram.take_vmm_dirty(0).unwrap();
+        let pages: Vec<u64> = (0..bits.len() as u64 * 64)
+            .filter(|p| bits[(p / 64) as usize] & (1 << (p % 64)) != 0)
+            .collect();
+        assert_eq!(pages, vec![3, 9, 10]);
+        assert!(ram.take_vmm_dirty(0).unwrap().iter().all(|w| *w == 0));
+        assert!(ram.take_vmm_dirty(1).is_none(), "one region below 3 GiB");
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub mod config;
 pub mod executable;
 pub mod handover;
 pub mod host;
+pub mod migration;
 pub mod panic;
 pub mod snapshot;
 pub mod state;

@@ -5,8 +5,9 @@
 use std::mem::{offset_of, size_of};
 
 use serde::Serialize;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress};
 use warmvm_abi::{vcpu_status_offset, StatusHeader, VcpuStatus, MAX_VCPUS, STATUS_MAGIC};
+use warmvm_memory::GuestMemoryMmap;
 
 /// One vCPU's figures, as the guest reported them.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -187,7 +188,7 @@ mod tests {
 
     #[test]
     fn uninitialised_or_garbage_status_reads_as_absent() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
         assert!(read(&mem, GuestAddress(0x8000), 1).is_none());
         mem.write_obj(STATUS_MAGIC, GuestAddress(0x8000)).unwrap();
         mem.write_obj(1000u32, GuestAddress(0x8000 + 12)).unwrap();
@@ -196,7 +197,7 @@ mod tests {
 
     #[test]
     fn a_torn_write_is_retried_then_given_up() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
         mem.write_obj(STATUS_MAGIC, GuestAddress(0x8000)).unwrap();
         mem.write_obj(1u32, GuestAddress(0x8000 + 12)).unwrap();
         let v0 = 0x8000 + vcpu_status_offset(0) as u64;

@@ -251,7 +251,7 @@ pub(crate) struct HostFiles {
 pub(crate) fn attach(
     devices: &mut Devices,
     kvm_vm: &warmvm_hypervisor::Vm,
-    mem: &vm_memory::GuestMemoryMmap,
+    mem: &warmvm_memory::GuestMemoryMmap,
     config: &crate::VmConfig,
     files: HostFiles,
     linux: bool,

@@ -117,8 +117,13 @@ pub enum Lifecycle {
         reason: String,
     },
     Stopped,
-    /// Handed over to another VMM process: this one must not touch it any more.
+    /// Handed over to another VMM process, or migrated to another host: this one must not
+    /// touch it any more.
     HandedOver,
+    /// A live migration sent its commit and lost the stream before the destination said
+    /// the VM runs there: it may run there, so it stays paused here and is never resumed
+    /// blindly; only asking the destination resolves it.
+    InDoubt,
 }
 
 /// A [`Lifecycle`] without its details: what the transition table is written in.
@@ -131,6 +136,7 @@ pub enum State {
     Crashed,
     Stopped,
     HandedOver,
+    InDoubt,
 }
 
 impl State {
@@ -144,6 +150,7 @@ impl State {
             State::Crashed => "crashed",
             State::Stopped => "stopped",
             State::HandedOver => "handed-over",
+            State::InDoubt => "in-doubt",
         }
     }
 }
@@ -199,6 +206,7 @@ impl Lifecycle {
             Lifecycle::Crashed { .. } => State::Crashed,
             Lifecycle::Stopped => State::Stopped,
             Lifecycle::HandedOver => State::HandedOver,
+            Lifecycle::InDoubt => State::InDoubt,
         }
     }
 

@@ -1,6 +1,7 @@
 //! The boot parameter blocks a kernel reads at entry: the zero page (Linux boot protocol)
 //! and `hvm_start_info` with its module list and memory map (PVH).
 
+use crate::GuestMemoryMmap;
 use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::pvh::PvhBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
@@ -11,7 +12,7 @@ use linux_loader::loader::bootparam::{
 use linux_loader::loader::elf::start_info::{
     hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info, XEN_HVM_START_MAGIC_VALUE,
 };
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
 
 use super::{
     MemoryMapEntry, BOOT_FLAG_MAGIC, BZIMAGE_MAGIC, CMDLINE_ADDR, HEAP_END_PTR,

@@ -1,8 +1,8 @@
 //! The vCPU state at a kernel's entry: a flat GDT and TSS, and long mode with identity
 //! paging (Linux boot protocol) or 32-bit protected mode without paging (PVH).
 
+use crate::GuestMemoryMmap;
 use kvm_bindings::{kvm_dtable, kvm_regs};
-use vm_memory::GuestMemoryMmap;
 
 use super::{
     BOOT_STACK_POINTER, GDT_ADDR, IDENTITY_MAP_END, IDT_ADDR, PAGE_TABLES_ADDR, PAGE_TABLES_END,

@@ -3,10 +3,11 @@
 
 use std::io::Cursor;
 
+use crate::GuestMemoryMmap;
 use linux_loader::loader::bootparam::setup_header;
 use linux_loader::loader::elf::Elf;
 use linux_loader::loader::{BzImage, KernelLoader, KernelLoaderResult};
-use vm_memory::{ByteValued, GuestAddress, GuestMemoryMmap};
+use vm_memory::{ByteValued, GuestAddress};
 
 use super::{BOOT_FLAG_MAGIC, BZIMAGE_MAGIC, HIMEM_START, PAGE};
 use crate::{BootError, ElfError, Result};

@@ -52,11 +52,12 @@
 //! them from the ACPI MADT (one local APIC per vCPU); the MP table is written too, for a
 //! kernel booted with `acpi=off` (it reads it only if built with `CONFIG_X86_MPPARSE`).
 
+use crate::GuestMemoryMmap;
 use linux_loader::cmdline::Cmdline;
 use linux_loader::loader::bootparam::{E820_MAX_ENTRIES_ZEROPAGE, XLF_KERNEL_64};
 use linux_loader::loader::elf::PvhBootCapability;
 use linux_loader::loader::load_cmdline;
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
 
 use crate::x86::*;
 use crate::{

@@ -13,7 +13,7 @@ use vm_memory::Bytes;
 const MIB: u64 = 1 << 20;
 
 fn guest(mib: u64) -> (GuestMemoryMmap, Vec<RamRange>) {
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), (mib * MIB) as usize)])
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), (mib * MIB) as usize)])
         .expect("anonymous test memory");
     (
         mem,

@@ -14,8 +14,8 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use crate::GuestMemoryMmap;
 use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT, Reader, Writer};
-use vm_memory::GuestMemoryMmap;
 
 use super::mmio::{read_config_fields, BackendState, DiskShape, StateMismatch, VirtioBackend};
 use super::worker::Serve;
@@ -417,7 +417,7 @@ pub(crate) mod tests {
     }
 
     /// A block device that has served a request, its image and its guest memory.
-    pub(crate) fn driven_device() -> (VirtioMmio, Scratch, vm_memory::GuestMemoryMmap) {
+    pub(crate) fn driven_device() -> (VirtioMmio, Scratch, crate::GuestMemoryMmap) {
         let scratch = Scratch::new(SECTORS, 0);
         let mut d = driver(&scratch);
         d.mem.write_slice(&[7u8; 512], GuestAddress(BUF)).unwrap();
@@ -617,7 +617,7 @@ pub(crate) mod tests {
         assert!(d.needs_reset(), "FEATURES_OK without VERSION_1");
     }
 
-    fn restored_used(mem: &vm_memory::GuestMemoryMmap) -> u16 {
+    fn restored_used(mem: &crate::GuestMemoryMmap) -> u16 {
         mem.read_obj(GuestAddress(USED + 2)).unwrap()
     }
 

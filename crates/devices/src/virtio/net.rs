@@ -12,8 +12,8 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use crate::GuestMemoryMmap;
 use virtio_queue::{QueueOwnedT, QueueT, Reader, Writer};
-use vm_memory::GuestMemoryMmap;
 
 use super::mmio::{read_config_fields, BackendState, StateMismatch, VirtioBackend};
 use super::worker::Serve;

@@ -7,7 +7,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use crate::GuestMemoryMmap;
+use vm_memory::{Address, Bytes, GuestAddress};
 
 use super::mmio::{MmioHandles, VirtioBackend, VirtioMmio, QUEUE_NOTIFY};
 use super::status::*;

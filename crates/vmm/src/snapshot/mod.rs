@@ -397,7 +397,7 @@ pub(crate) fn write_record(
 
 /// Make what the guest wrote to its disks (finished requests, paused devices) durable, so
 /// that the snapshot and its disk images agree after a host crash too.
-fn flush_disks(vm: &Vm) -> Result<(), SnapshotError> {
+pub(crate) fn flush_disks(vm: &Vm) -> Result<(), SnapshotError> {
     let Some(first) = vm.config.disks.first() else {
         return Ok(());
     };

@@ -31,7 +31,9 @@ impl LifecycleState {
                 reason: reason.clone(),
             },
             Lifecycle::Stopped => LifecycleState::Stopped,
-            Lifecycle::HandedOver => return None,
+            // Neither leaves the process as a VM to run: one is another VMM's, the other
+            // may be running on another host.
+            Lifecycle::HandedOver | Lifecycle::InDoubt => return None,
         })
     }
 
