@@ -195,7 +195,7 @@ fn take<S: Read + Write>(
     *vm.shared.lifecycle() = Lifecycle::Running;
     let _ = Pausable::resume(&vm.shared.devices); // an order: never fails
     for h in vm.handles() {
-        h.request_run(&vm.shared);
+        h.request_run();
     }
     for h in vm.handles() {
         h.wait_running(VCPU_RESPONSE_TIMEOUT);
@@ -326,9 +326,10 @@ pub fn cpuid_missing(guest: &[kvm_cpuid_entry2], supported: &CpuId) -> Option<St
 fn build(hv: &Hypervisor, spec: VmSpec) -> Result<Vm, MigrationError> {
     let config: crate::VmConfig = spec.config.clone().into();
     let host_files = crate::virtio::HostFiles {
-        disks: crate::virtio::open_disks(&config.disks).map_err(MigrationError::vm)?,
+        disks: crate::virtio::open_disks(&config.disks)
+            .map_err(|e| MigrationError::vm(e.into()))?,
         taps: crate::virtio::open_taps(&config, Default::default())
-            .map_err(MigrationError::vm)?
+            .map_err(|e| MigrationError::vm(e.into()))?
             .0,
     };
     let ram = GuestRam::create(&config.name, config.memory_mib << 20, spec.hugepages)

@@ -525,7 +525,7 @@ fn resume_here(vm: &Vm) {
     if matches!(vm.lifecycle(), Lifecycle::Running) {
         let _ = Pausable::resume(&vm.shared.devices); // an order: never fails
         for h in vm.handles() {
-            h.request_run(&vm.shared);
+            h.request_run();
         }
     }
 }
