@@ -176,7 +176,8 @@ pub const DEFAULT_STOP_GRACE_SECS: u64 = 10;
 /// The longest grace a `stop` may ask for.
 pub const MAX_STOP_GRACE_SECS: u64 = 3600;
 
-/// `GET /v1/status`.
+/// `GET /v1/status`. The CLI may ask an older daemon (during an upgrade): the fields such a
+/// daemon lacks are optional, each noted with the commit that added it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct DaemonStatus {
     pub version: String,
@@ -187,14 +188,18 @@ pub struct DaemonStatus {
     pub vms_running: usize,
     pub vms_paused: usize,
     pub state_dir: String,
-    /// This build (the version, and the build id a packager set).
+    /// This build (the version, and the build id a packager set). Added by commit c060f0e
+    /// (handover format 3): empty from an older daemon.
+    #[serde(default)]
     pub build: String,
     /// How this daemon took its VMs over by a warm reboot, if it did.
     pub last_takeover: Option<TakeoverInfo>,
     /// How the saved or cold reboot that started this daemon went, if one did.
     pub last_reboot: Option<ModeReboot>,
     /// What the daemon runs as: uid, gid, groups, capabilities, no_new_privs, seccomp.
-    pub privileges: crate::running_as::DaemonPrivileges,
+    /// Added by commit 27d3235: absent from an older daemon (this one always sends it).
+    #[serde(default)]
+    pub privileges: Option<crate::running_as::DaemonPrivileges>,
     /// The executable this daemon runs: the path it was started from (what a warm reboot
     /// runs next), version, git commit, and the sha256 of the running image (absent from
     /// older daemons).
@@ -226,7 +231,7 @@ pub struct TakeoverInfo {
 }
 
 /// `GET /v1/vms`.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct VmList {
     pub vms: Vec<VmReport>,
 }

@@ -280,11 +280,7 @@ impl Monitor {
             },
             str::to_string,
         );
-        let action = match decision.action {
-            Action::Reboot => "reboot",
-            Action::Alert => "alert",
-            Action::Skip => "skip",
-        };
+        let action = decision.action.name();
         *inner
             .decisions
             .entry((action.to_string(), label))
