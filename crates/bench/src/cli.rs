@@ -8,6 +8,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 pub use warmvm_cli_common::bench_args::{BenchCommand, RebootMode};
 pub use warmvm_cli_common::exit::{EXIT_BAD_INPUT, EXIT_HOST, EXIT_VM_FAILED};
+/// A benchmark that failed: one line and an exit status, as `warmvm` prints them.
+pub use warmvm_cli_common::failure::Failure;
 use warmvm_cli_common::globals::GlobalArgs;
 
 #[derive(Parser, Debug)]
@@ -27,22 +29,6 @@ pub enum Command {
     /// against the bare C probe, VMM memory per VM. Needs /dev/kvm, gcc, and a built
     /// `warmvm` (build both with `cargo build --release -p warmvm -p warmvm-bench`).
     Foundation(crate::FoundationArgs),
-}
-
-/// A benchmark that failed: one line and an exit status, as `warmvm` prints them.
-#[derive(Debug)]
-pub struct Failure {
-    pub message: String,
-    pub code: u8,
-}
-
-impl Failure {
-    pub fn new(code: u8, message: impl Into<String>) -> Self {
-        Self {
-            message: message.into(),
-            code,
-        }
-    }
 }
 
 /// The `warmvm` binary beside this one, whose daemons and demo the benchmarks run.

@@ -7,14 +7,17 @@ use warmvm_api::aging::{AgingReport, RebootReason, RebootRecord, SettingsSource}
 use warmvm_api::types::Mode;
 
 use crate::args::{AgingAction, ApiArgs};
-use crate::failure::Failure;
+use crate::failure::{self, Failure};
 use crate::output;
 
 pub fn aging(action: Option<AgingAction>, api: &ApiArgs) -> Result<ExitCode, Failure> {
     let c = crate::client::client(api);
     let report = match action {
-        None => c.typed().aging()?,
-        Some(a) => c.typed().hold(matches!(a, AgingAction::Hold))?,
+        None => c.typed().aging().map_err(failure::api)?,
+        Some(a) => c
+            .typed()
+            .hold(matches!(a, AgingAction::Hold))
+            .map_err(failure::api)?,
     };
     if api.json {
         output::print_json(&report.json);

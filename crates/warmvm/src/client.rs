@@ -16,25 +16,13 @@ use warmvm_vmm::status::GuestFigures;
 use warmvm_vmm::{Config, DeviceKind, Lifecycle, VmConfig, VmReport};
 
 use crate::args::{ApiArgs, RebootMode, VmCommand, VmFlags};
-use crate::failure::{Failure, EXIT_BAD_INPUT, EXIT_HOST};
+use crate::failure::{self, Failure, EXIT_BAD_INPUT, EXIT_HOST};
 use crate::output;
 pub fn daemon(opts: DaemonOptions) -> Result<ExitCode, Failure> {
     match warmvm_api::daemon::run(&opts) {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(DaemonError::Input(m)) => Err(Failure::new(EXIT_BAD_INPUT, m)),
         Err(DaemonError::Host(m)) => Err(Failure::new(EXIT_HOST, m)),
-    }
-}
-
-/// A refusal (4xx: the request, or a file or state it meets) is bad input (2); a failure
-/// (5xx, a full disk's 507 included) and no daemon at all are the host's (3).
-impl From<ClientError> for Failure {
-    fn from(e: ClientError) -> Self {
-        let code = match e.status() {
-            Some(s) if (400..500).contains(&s) => EXIT_BAD_INPUT,
-            _ => EXIT_HOST,
-        };
-        Failure::new(code, e.to_string())
     }
 }
 
@@ -48,7 +36,7 @@ pub fn client(api: &ApiArgs) -> Client {
 
 pub fn status(api: &ApiArgs) -> Result<ExitCode, Failure> {
     let c = client(api);
-    let s = c.typed().status()?;
+    let s = c.typed().status().map_err(failure::api)?;
     if api.json {
         output::print_json(&s.json);
     } else {
@@ -168,12 +156,13 @@ pub fn reboot(args: RebootArgs, api: &ApiArgs) -> Result<ExitCode, Failure> {
     let left = || wait.saturating_sub(started.elapsed());
     let c = client(api);
     let typed = c.typed();
-    let before = typed.status()?;
+    let before = typed.status().map_err(failure::api)?;
     let old_pid = before.pid;
     // Saved: show each VM's snapshot growing.
     let progress = if mode == "saved" && !api.json {
         let vms = typed
-            .list()?
+            .list()
+            .map_err(failure::api)?
             .value
             .vms
             .into_iter()
@@ -225,7 +214,7 @@ pub fn reboot(args: RebootArgs, api: &ApiArgs) -> Result<ExitCode, Failure> {
             (Some(r), after)
         }
         // The daemon refused the reboot or it failed there: its reason.
-        Err(e @ ClientError::Api { .. }) => return Err(e.into()),
+        Err(e @ ClientError::Api { .. }) => return Err(failure::api(e)),
         Err(lost) => {
             // The answer never came (the connection failed, or the time ran out): ask the
             // daemon on the socket what became of the reboot.
@@ -361,7 +350,10 @@ pub fn vm(cmd: VmCommand, api: &ApiArgs) -> Result<ExitCode, Failure> {
                     ));
                 }
             }
-            let r = client(api).typed().create_passing_taps(&vm)?;
+            let r = client(api)
+                .typed()
+                .create_passing_taps(&vm)
+                .map_err(failure::api)?;
             if api.json {
                 output::print_json(&r.json);
             } else {
@@ -375,7 +367,7 @@ pub fn vm(cmd: VmCommand, api: &ApiArgs) -> Result<ExitCode, Failure> {
             }
         }
         VmCommand::List => {
-            let r = client(api).typed().list()?;
+            let r = client(api).typed().list().map_err(failure::api)?;
             if api.json {
                 output::print_json(&r.json);
             } else {
@@ -383,7 +375,7 @@ pub fn vm(cmd: VmCommand, api: &ApiArgs) -> Result<ExitCode, Failure> {
             }
         }
         VmCommand::Show { name } => {
-            let r = client(api).typed().show(&name)?;
+            let r = client(api).typed().show(&name).map_err(failure::api)?;
             if api.json {
                 output::print_json(&r.json);
             } else {
@@ -391,19 +383,25 @@ pub fn vm(cmd: VmCommand, api: &ApiArgs) -> Result<ExitCode, Failure> {
             }
         }
         VmCommand::Pause { name } => {
-            let r = client(api).typed().pause(&name)?;
+            let r = client(api).typed().pause(&name).map_err(failure::api)?;
             done(api, &r, "paused");
         }
         VmCommand::Resume { name } => {
-            let r = client(api).typed().resume(&name)?;
+            let r = client(api).typed().resume(&name).map_err(failure::api)?;
             done(api, &r, "resumed");
         }
         VmCommand::Stop { name, grace_secs } => {
-            let r = client(api).typed().stop(&name, grace_secs)?;
+            let r = client(api)
+                .typed()
+                .stop(&name, grace_secs)
+                .map_err(failure::api)?;
             done(api, &r, &format!("stopped: {}", state(&r)));
         }
         VmCommand::Delete { name, keep_logs } => {
-            let r = client(api).typed().delete(&name, keep_logs)?;
+            let r = client(api)
+                .typed()
+                .delete(&name, keep_logs)
+                .map_err(failure::api)?;
             let what = if keep_logs {
                 format!("deleted; console log kept in {}", r.console_log.display())
             } else {
@@ -421,7 +419,10 @@ pub fn vm(cmd: VmCommand, api: &ApiArgs) -> Result<ExitCode, Failure> {
                 dir: dir.clone(),
                 leave_paused,
             };
-            let r = client(api).typed().snapshot(&name, &req)?;
+            let r = client(api)
+                .typed()
+                .snapshot(&name, &req)
+                .map_err(failure::api)?;
             if api.json {
                 output::print_json(&r.json);
             } else {
@@ -456,7 +457,7 @@ pub fn vm(cmd: VmCommand, api: &ApiArgs) -> Result<ExitCode, Failure> {
                 disks,
                 taps,
             };
-            let r = client(api).typed().restore(&req)?;
+            let r = client(api).typed().restore(&req).map_err(failure::api)?;
             done(
                 api,
                 &r,

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use warmvm_api::{Client, ClientError};
 use warmvm_vmm::Lifecycle;
 
-use crate::failure::{Failure, EXIT_HOST};
+use crate::failure::{self, Failure, EXIT_HOST};
 
 /// How often the log is polled for new output while following.
 const POLL: Duration = Duration::from_millis(20);
@@ -60,7 +60,11 @@ pub fn follow(
     lines: Option<usize>,
     follow: bool,
 ) -> Result<(), Failure> {
-    let report = client.typed().show(name)?.into_value();
+    let report = client
+        .typed()
+        .show(name)
+        .map_err(failure::api)?
+        .into_value();
     let path = report.console_log;
     let unreadable = |e: std::io::Error| {
         Failure::new(
@@ -103,7 +107,7 @@ pub fn follow(
                 Ok(r) => may_write(&r.lifecycle),
                 // Deleted meanwhile: nothing more will come.
                 Err(ClientError::Api { status: 404, .. }) => false,
-                Err(e) => return Err(e.into()),
+                Err(e) => return Err(failure::api(e)),
             };
         }
     }
