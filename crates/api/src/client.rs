@@ -510,6 +510,18 @@ impl TypedClient<'_> {
         decode("PUT /v1/reboot", self.0.reboot_request(req, timeout)?)
     }
 
+    /// Reboot the daemon in `mode` and wait until the new daemon runs every VM (see
+    /// [`Client::reboot_with`]): the old daemon's report of the reboot.
+    pub fn reboot_with(
+        &self,
+        mode: Mode,
+        binary: Option<&Path>,
+        grace_secs: Option<u64>,
+    ) -> Result<Answer<RebootReport>, ClientError> {
+        let json = self.0.reboot_with(mode.name(), binary, grace_secs)?;
+        decode("PUT /v1/reboot", json)
+    }
+
     /// Poll `GET /v1/status` until the daemon answering is `pid` (any, if `None`) and has no
     /// reboot in progress (a new daemon of a saved or cold reboot brings its VMs back while
     /// it serves); returns that status. Errors while the daemon is being replaced are

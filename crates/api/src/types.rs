@@ -192,21 +192,25 @@ pub struct DaemonStatus {
     /// (handover format 3): empty from an older daemon.
     #[serde(default)]
     pub build: String,
-    /// How this daemon took its VMs over by a warm reboot, if it did.
+    /// How this daemon took its VMs over by a warm reboot, if it did. Added by commit
+    /// c060f0e (handover format 3).
+    #[serde(default)]
     pub last_takeover: Option<TakeoverInfo>,
-    /// How the saved or cold reboot that started this daemon went, if one did.
+    /// How the saved or cold reboot that started this daemon went, if one did. Added by
+    /// commit 2f09096 (saved and cold reboots).
+    #[serde(default)]
     pub last_reboot: Option<ModeReboot>,
     /// What the daemon runs as: uid, gid, groups, capabilities, no_new_privs, seccomp.
     /// Added by commit 27d3235: absent from an older daemon (this one always sends it).
     #[serde(default)]
     pub privileges: Option<crate::running_as::DaemonPrivileges>,
     /// The executable this daemon runs: the path it was started from (what a warm reboot
-    /// runs next), version, git commit, and the sha256 of the running image (absent from
-    /// older daemons).
+    /// runs next), version, git commit, and the sha256 of the running image. Added by
+    /// commit 853d824: absent from older daemons.
     #[serde(default)]
     pub binary: Option<warmvm_vmm::executable::BinaryInfo>,
     /// A reboot under way in this daemon (or the new daemon bringing a saved or cold
-    /// reboot's VMs back), and how far it is.
+    /// reboot's VMs back), and how far it is. Added by commit c3dc4c5.
     #[serde(default)]
     pub reboot_in_progress: Option<crate::progress::RebootInProgress>,
 }

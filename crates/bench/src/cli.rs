@@ -31,6 +31,15 @@ pub enum Command {
     Foundation(crate::FoundationArgs),
 }
 
+/// The API's reboot mode for a bench's `--modes` entry.
+pub fn api_mode(mode: RebootMode) -> warmvm_api::types::Mode {
+    match mode {
+        RebootMode::Warm => warmvm_api::types::Mode::Warm,
+        RebootMode::Saved => warmvm_api::types::Mode::Saved,
+        RebootMode::Cold => warmvm_api::types::Mode::Cold,
+    }
+}
+
 /// The `warmvm` binary beside this one, whose daemons and demo the benchmarks run.
 pub fn warmvm_exe() -> Result<PathBuf, Failure> {
     let exe = std::env::current_exe()
