@@ -5,10 +5,15 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::aging::{AgingReport, HoldRequest};
 use crate::http::{self, ClientResponse};
 use crate::types::{
-    DaemonStatus, Mode, RebootRequest, StopRequest, UnsupportedMode, REBOOT_TIMEOUT,
+    DaemonStatus, Mode, RebootRequest, RestoreRequest, SnapshotRequest, StopRequest,
+    UnsupportedMode, VmList, REBOOT_TIMEOUT,
 };
+use warmvm_vmm::handover::RebootReport;
+use warmvm_vmm::snapshot::SaveReport;
+use warmvm_vmm::VmReport;
 
 /// How long the client waits for an answer (a stop waits for its grace period on top).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -30,11 +35,19 @@ pub enum ClientError {
     #[error("{message}")]
     Api { status: u16, message: String },
     /// A reboot was still under way when the client stopped waiting for it.
-    #[error("the reboot was still under way after {} s: {}", waited.as_secs(), status["reboot_in_progress"])]
+    #[error("the reboot was still under way after {} s: {}", waited.as_secs(), under_way(status))]
     RebootUnderWay {
         waited: Duration,
-        status: Box<serde_json::Value>,
+        status: Box<DaemonStatus>,
     },
+}
+
+/// What a status says of the reboot under way, for [`ClientError::RebootUnderWay`].
+fn under_way(status: &DaemonStatus) -> String {
+    match &status.reboot_in_progress {
+        Some(p) => p.to_string(),
+        None => format!("daemon pid {} runs", status.pid),
+    }
 }
 
 impl ClientError {
@@ -286,7 +299,8 @@ impl Client {
         let started = std::time::Instant::now();
         let report = self.reboot_request(&req, timeout)?;
         if mode != Mode::Warm {
-            let new_pid = report["new_pid"].as_u64().unwrap_or(0);
+            let new_pid = serde_json::from_value::<RebootReport>(report.clone())
+                .map_or(0, |r| u64::from(r.new_pid));
             let left = timeout.saturating_sub(started.elapsed());
             match self.wait_reboot_done(Some(new_pid), left) {
                 // The reboot was answered; a new daemon gone since is for the caller to
@@ -313,40 +327,14 @@ impl Client {
     }
 
     /// Poll `GET /v1/status` until the daemon answering is `pid` (any, if `None`) and has no
-    /// reboot in progress (a new daemon of a saved or cold reboot brings its VMs back while
-    /// it serves); returns that status. Errors while the daemon is being replaced are
-    /// retried until `timeout`; then the last status seen (or error) is returned as an
-    /// error. No daemon on the socket at all ends the wait at once.
+    /// reboot in progress: [`TypedClient::wait_reboot_done`], answering with the status's
+    /// JSON.
     pub fn wait_reboot_done(
         &self,
         pid: Option<u64>,
         timeout: Duration,
     ) -> Result<serde_json::Value, ClientError> {
-        let deadline = std::time::Instant::now() + timeout;
-        let polling = self.clone().with_timeout(STATUS_POLL_TIMEOUT);
-        loop {
-            let seen = polling.status();
-            // Nobody holds the socket: neither daemon runs (during a reboot one always
-            // does, as the listener is handed over before the old one exits).
-            if let Err(ClientError::NoDaemon(_)) = seen {
-                return seen;
-            }
-            let done = matches!(&seen, Ok(s) if s["reboot_in_progress"].is_null()
-                && pid.is_none_or(|p| s["pid"].as_u64() == Some(p)));
-            if done {
-                return seen;
-            }
-            if std::time::Instant::now() >= deadline {
-                return Err(match seen {
-                    Ok(s) => ClientError::RebootUnderWay {
-                        waited: timeout,
-                        status: Box::new(s),
-                    },
-                    Err(e) => e,
-                });
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        self.typed().wait_reboot_done(pid, timeout).map(|a| a.json)
     }
 
     /// Snapshot a VM into `dir` (on the daemon's host).
@@ -399,9 +387,32 @@ impl Client {
     }
 }
 
+/// A typed answer and the JSON it was decoded from, as the daemon sent it (what `--json`
+/// prints, unchanged). It reads as its value: `answer.pid` is `answer.value.pid`.
+#[derive(Clone, Debug)]
+pub struct Answer<T> {
+    pub value: T,
+    pub json: serde_json::Value,
+}
+
+impl<T> std::ops::Deref for Answer<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        &self.value
+    }
+}
+
+impl<T> Answer<T> {
+    /// The typed value alone.
+    pub fn into_value(self) -> T {
+        self.value
+    }
+}
+
 /// [`Client`]'s requests with typed answers: the same types the daemon's operations return
-/// and the OpenAPI test checks ([`crate::types`]), decoded strictly from the answer.
-/// (A VM's report, `VmReport`, is not readable back yet: its methods stay on [`Client`].)
+/// and the OpenAPI test checks ([`crate::types`] and the VMM's reports), decoded strictly
+/// from the answer. Each answer keeps its JSON beside its value ([`Answer`]).
 #[derive(Clone, Copy, Debug)]
 pub struct TypedClient<'a>(&'a Client);
 
@@ -412,6 +423,23 @@ impl Client {
     }
 }
 
+/// Decode a 2xx answer's JSON (of `what`, e.g. `GET /v1/status`) as `T`.
+fn decode<T: serde::de::DeserializeOwned>(
+    what: &str,
+    json: serde_json::Value,
+) -> Result<Answer<T>, ClientError> {
+    match T::deserialize(&json) {
+        Ok(value) => Ok(Answer { value, json }),
+        Err(e) => Err(ClientError::Protocol(format!(
+            "unexpected answer to {what}: {e}"
+        ))),
+    }
+}
+
+fn encode(body: &impl serde::Serialize) -> Result<Vec<u8>, ClientError> {
+    serde_json::to_vec(body).map_err(|e| ClientError::Protocol(e.to_string()))
+}
+
 impl TypedClient<'_> {
     /// The JSON answer of a 2xx, decoded as `T`.
     fn call<T: serde::de::DeserializeOwned>(
@@ -419,16 +447,57 @@ impl TypedClient<'_> {
         method: &str,
         path: &str,
         body: Option<&[u8]>,
-    ) -> Result<T, ClientError> {
-        let value = client.call(method, path, body)?;
-        serde_json::from_value(value).map_err(|e| {
-            ClientError::Protocol(format!("unexpected answer to {method} {path}: {e}"))
-        })
+    ) -> Result<Answer<T>, ClientError> {
+        let json = client.call(method, path, body)?;
+        decode(&format!("{method} {path}"), json)
     }
 
     /// `GET /v1/status`.
-    pub fn status(&self) -> Result<DaemonStatus, ClientError> {
+    pub fn status(&self) -> Result<Answer<DaemonStatus>, ClientError> {
         Self::call(self.0, "GET", "/v1/status", None)
+    }
+
+    /// `GET /v1/vms`.
+    pub fn list(&self) -> Result<Answer<VmList>, ClientError> {
+        Self::call(self.0, "GET", "/v1/vms", None)
+    }
+
+    /// `GET /v1/vms/{name}`.
+    pub fn show(&self, name: &str) -> Result<Answer<VmReport>, ClientError> {
+        Self::call(self.0, "GET", &vm_path(name, ""), None)
+    }
+
+    /// `POST /v1/vms`, passing the TAP fds the config names (see
+    /// [`Client::create_passing_taps`]).
+    pub fn create_passing_taps(
+        &self,
+        config: &warmvm_vmm::VmConfig,
+    ) -> Result<Answer<VmReport>, ClientError> {
+        decode("POST /v1/vms", self.0.create_passing_taps(config)?)
+    }
+
+    /// `PUT /v1/vms/{name}/pause`.
+    pub fn pause(&self, name: &str) -> Result<Answer<VmReport>, ClientError> {
+        Self::call(self.0, "PUT", &vm_path(name, "/pause"), None)
+    }
+
+    /// `PUT /v1/vms/{name}/resume`.
+    pub fn resume(&self, name: &str) -> Result<Answer<VmReport>, ClientError> {
+        Self::call(self.0, "PUT", &vm_path(name, "/resume"), None)
+    }
+
+    /// `PUT /v1/vms/{name}/stop` (see [`Client::stop`]).
+    pub fn stop(
+        &self,
+        name: &str,
+        grace_secs: Option<u64>,
+    ) -> Result<Answer<VmReport>, ClientError> {
+        decode("PUT /v1/vms/{name}/stop", self.0.stop(name, grace_secs)?)
+    }
+
+    /// `DELETE /v1/vms/{name}` (see [`Client::delete`]).
+    pub fn delete(&self, name: &str, keep_logs: bool) -> Result<Answer<VmReport>, ClientError> {
+        decode("DELETE /v1/vms/{name}", self.0.delete(name, keep_logs)?)
     }
 
     /// `PUT /v1/reboot`, waiting at most `timeout` for the answer (see
@@ -437,40 +506,94 @@ impl TypedClient<'_> {
         &self,
         req: &RebootRequest,
         timeout: Duration,
-    ) -> Result<warmvm_vmm::handover::RebootReport, ClientError> {
-        let value = self.0.reboot_request(req, timeout)?;
-        serde_json::from_value(value)
-            .map_err(|e| ClientError::Protocol(format!("unexpected answer to PUT /v1/reboot: {e}")))
+    ) -> Result<Answer<RebootReport>, ClientError> {
+        decode("PUT /v1/reboot", self.0.reboot_request(req, timeout)?)
+    }
+
+    /// Reboot the daemon in `mode` and wait until the new daemon runs every VM (see
+    /// [`Client::reboot_with`]): the old daemon's report of the reboot.
+    pub fn reboot_with(
+        &self,
+        mode: Mode,
+        binary: Option<&Path>,
+        grace_secs: Option<u64>,
+    ) -> Result<Answer<RebootReport>, ClientError> {
+        let json = self.0.reboot_with(mode.name(), binary, grace_secs)?;
+        decode("PUT /v1/reboot", json)
+    }
+
+    /// Poll `GET /v1/status` until the daemon answering is `pid` (any, if `None`) and has no
+    /// reboot in progress (a new daemon of a saved or cold reboot brings its VMs back while
+    /// it serves); returns that status. Errors while the daemon is being replaced are
+    /// retried until `timeout`; then the last status seen (or error) is returned as an
+    /// error. No daemon on the socket at all ends the wait at once.
+    pub fn wait_reboot_done(
+        &self,
+        pid: Option<u64>,
+        timeout: Duration,
+    ) -> Result<Answer<DaemonStatus>, ClientError> {
+        let deadline = std::time::Instant::now() + timeout;
+        let polling = self.0.clone().with_timeout(STATUS_POLL_TIMEOUT);
+        loop {
+            let seen = polling.typed().status();
+            // Nobody holds the socket: neither daemon runs (during a reboot one always
+            // does, as the listener is handed over before the old one exits).
+            if let Err(ClientError::NoDaemon(_)) = seen {
+                return seen;
+            }
+            let done = matches!(&seen, Ok(s) if s.reboot_in_progress.is_none()
+                && pid.is_none_or(|p| u64::from(s.pid) == p));
+            if done {
+                return seen;
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(match seen {
+                    Ok(s) => ClientError::RebootUnderWay {
+                        waited: timeout,
+                        status: Box::new(s.into_value()),
+                    },
+                    Err(e) => e,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// `PUT /v1/vms/{name}/snapshot`.
     pub fn snapshot(
         &self,
         name: &str,
-        req: &crate::types::SnapshotRequest,
-    ) -> Result<warmvm_vmm::snapshot::SaveReport, ClientError> {
-        let body = serde_json::to_vec(req).map_err(|e| ClientError::Protocol(e.to_string()))?;
-        let client = self
-            .0
-            .clone()
-            .with_timeout(self.0.timeout.max(Duration::from_secs(600)));
-        Self::call(&client, "PUT", &vm_path(name, "/snapshot"), Some(&body))
+        req: &SnapshotRequest,
+    ) -> Result<Answer<SaveReport>, ClientError> {
+        let json = self.0.snapshot(name, &req.dir, req.leave_paused)?;
+        decode("PUT /v1/vms/{name}/snapshot", json)
+    }
+
+    /// `POST /v1/restore`.
+    pub fn restore(&self, req: &RestoreRequest) -> Result<Answer<VmReport>, ClientError> {
+        let backing = warmvm_vmm::snapshot::Backing {
+            disks: req.disks.clone(),
+            taps: req.taps.clone(),
+        };
+        let json = self.0.restore(&req.dir, req.name.as_deref(), &backing)?;
+        decode("POST /v1/restore", json)
     }
 
     /// `GET /v1/aging`.
-    pub fn aging(&self) -> Result<crate::aging::AgingReport, ClientError> {
+    pub fn aging(&self) -> Result<Answer<AgingReport>, ClientError> {
         Self::call(self.0, "GET", "/v1/aging", None)
     }
 
     /// `GET /v1/aging/history`.
-    pub fn aging_history(&self) -> Result<crate::aging::monitor::AgingHistory, ClientError> {
+    pub fn aging_history(
+        &self,
+    ) -> Result<Answer<crate::aging::monitor::AgingHistory>, ClientError> {
         Self::call(self.0, "GET", "/v1/aging/history", None)
     }
 
     /// `PUT /v1/aging/hold`.
-    pub fn hold(&self, hold: bool) -> Result<crate::aging::AgingReport, ClientError> {
-        let body = serde_json::to_vec(&crate::aging::HoldRequest { hold })
-            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+    pub fn hold(&self, hold: bool) -> Result<Answer<AgingReport>, ClientError> {
+        let body = encode(&HoldRequest { hold })?;
         Self::call(self.0, "PUT", "/v1/aging/hold", Some(&body))
     }
 }
@@ -498,6 +621,68 @@ mod tests {
     fn vm_names_are_encoded_into_paths() {
         assert_eq!(vm_path("web-1.a_b", "/pause"), "/v1/vms/web-1.a_b/pause");
         assert_eq!(vm_path("a/b c", ""), "/v1/vms/a%2Fb%20c");
+    }
+
+    /// `GET /v1/status` of a daemon built before `build` and `privileges` (as commit a412568,
+    /// the oldest build the upgrade test starts from, answers): it reads, with those absent.
+    #[test]
+    fn an_older_daemons_status_is_read() {
+        let json = serde_json::json!({
+            "version": "0.1.0", "pid": 41, "uptime_ms": 1200, "vm_count": 1,
+            "vms_running": 1, "vms_paused": 0, "state_dir": "/run/warmvm",
+        });
+        let s = decode::<DaemonStatus>("GET /v1/status", json.clone()).unwrap();
+        assert_eq!((s.pid, s.vm_count, s.build.as_str()), (41, 1, ""));
+        assert!(s.privileges.is_none() && s.binary.is_none() && s.last_takeover.is_none());
+        assert_eq!(s.json, json, "the answer's JSON is kept as it came");
+        // Anything else missing is a malformed answer, not a default.
+        let mut no_pid = json;
+        no_pid.as_object_mut().unwrap().remove("pid");
+        let e = decode::<DaemonStatus>("GET /v1/status", no_pid).unwrap_err();
+        assert!(
+            matches!(&e, ClientError::Protocol(m) if m.contains("GET /v1/status") && m.contains("pid")),
+            "{e}"
+        );
+    }
+
+    /// A VM's report from a daemon built before the reports listed devices (commit 12d284d).
+    #[test]
+    fn an_older_daemons_vm_report_is_read() {
+        let json = serde_json::json!({
+            "name": "a", "state": "powered-off", "exit_status": 3, "memory_mib": 64,
+            "vcpus": 1, "boot": "ring3", "uptime_ms": 5, "console_log": "/x/console.log",
+            "ram_resident_mib": 2,
+            "exits": [{ "id": 0, "io_exits": 1, "mmio_exits": 0, "other_exits": 0,
+                        "kicks": 0, "waits": 0, "wait_ms": 0 }],
+            "unknown_accesses": { "pio_reads": 0, "pio_writes": 0, "mmio_reads": 0,
+                                  "mmio_writes": 0 },
+            "guest": null,
+        });
+        let r = decode::<VmReport>("GET /v1/vms/a", json).unwrap();
+        assert_eq!(
+            r.lifecycle,
+            warmvm_vmm::Lifecycle::PoweredOff { exit_status: 3 }
+        );
+        assert!(r.devices.is_empty() && r.guest.is_none());
+    }
+
+    #[test]
+    fn a_reboot_under_way_is_told_in_words() {
+        let status: DaemonStatus = serde_json::from_value(serde_json::json!({
+            "version": "0.1.0", "pid": 41, "uptime_ms": 1200, "vm_count": 2,
+            "vms_running": 2, "vms_paused": 0, "state_dir": "/run/warmvm",
+            "reboot_in_progress": { "mode": "saved", "phase": "saving", "vms_done": 1,
+                                    "vms_total": 2, "elapsed_ms": 3500 },
+        }))
+        .unwrap();
+        let e = ClientError::RebootUnderWay {
+            waited: Duration::from_secs(4),
+            status: Box::new(status),
+        };
+        assert_eq!(
+            e.to_string(),
+            "the reboot was still under way after 4 s: saved reboot, saving, 3 s in, 1 of 2 VMs done"
+        );
     }
 
     #[test]

@@ -75,7 +75,7 @@ impl ApiState {
             build: warmvm_vmm::build(),
             last_takeover: self.last_takeover.get().cloned(),
             last_reboot: self.last_reboot.get().cloned(),
-            privileges,
+            privileges: Some(privileges),
             binary: Some(warmvm_vmm::executable::info()),
             reboot_in_progress: self.reboot_in_progress(),
         })

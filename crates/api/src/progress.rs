@@ -28,6 +28,23 @@ pub struct RebootInProgress {
     pub elapsed_ms: u64,
 }
 
+impl std::fmt::Display for RebootInProgress {
+    /// In a few words: `saved reboot, saving, 3 s in, 1 of 2 VMs done`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} reboot, {}, {} s in",
+            self.mode,
+            self.phase,
+            self.elapsed_ms / 1000
+        )?;
+        if self.vms_total > 0 {
+            write!(f, ", {} of {} VMs done", self.vms_done, self.vms_total)?;
+        }
+        Ok(())
+    }
+}
+
 struct Current {
     mode: String,
     phase: &'static str,

@@ -176,7 +176,8 @@ pub const DEFAULT_STOP_GRACE_SECS: u64 = 10;
 /// The longest grace a `stop` may ask for.
 pub const MAX_STOP_GRACE_SECS: u64 = 3600;
 
-/// `GET /v1/status`.
+/// `GET /v1/status`. The CLI may ask an older daemon (during an upgrade): the fields such a
+/// daemon lacks are optional, each noted with the commit that added it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct DaemonStatus {
     pub version: String,
@@ -187,21 +188,29 @@ pub struct DaemonStatus {
     pub vms_running: usize,
     pub vms_paused: usize,
     pub state_dir: String,
-    /// This build (the version, and the build id a packager set).
+    /// This build (the version, and the build id a packager set). Added by commit c060f0e
+    /// (handover format 3): empty from an older daemon.
+    #[serde(default)]
     pub build: String,
-    /// How this daemon took its VMs over by a warm reboot, if it did.
+    /// How this daemon took its VMs over by a warm reboot, if it did. Added by commit
+    /// c060f0e (handover format 3).
+    #[serde(default)]
     pub last_takeover: Option<TakeoverInfo>,
-    /// How the saved or cold reboot that started this daemon went, if one did.
+    /// How the saved or cold reboot that started this daemon went, if one did. Added by
+    /// commit 2f09096 (saved and cold reboots).
+    #[serde(default)]
     pub last_reboot: Option<ModeReboot>,
     /// What the daemon runs as: uid, gid, groups, capabilities, no_new_privs, seccomp.
-    pub privileges: crate::running_as::DaemonPrivileges,
+    /// Added by commit 27d3235: absent from an older daemon (this one always sends it).
+    #[serde(default)]
+    pub privileges: Option<crate::running_as::DaemonPrivileges>,
     /// The executable this daemon runs: the path it was started from (what a warm reboot
-    /// runs next), version, git commit, and the sha256 of the running image (absent from
-    /// older daemons).
+    /// runs next), version, git commit, and the sha256 of the running image. Added by
+    /// commit 853d824: absent from older daemons.
     #[serde(default)]
     pub binary: Option<warmvm_vmm::executable::BinaryInfo>,
     /// A reboot under way in this daemon (or the new daemon bringing a saved or cold
-    /// reboot's VMs back), and how far it is.
+    /// reboot's VMs back), and how far it is. Added by commit c3dc4c5.
     #[serde(default)]
     pub reboot_in_progress: Option<crate::progress::RebootInProgress>,
 }
@@ -226,7 +235,7 @@ pub struct TakeoverInfo {
 }
 
 /// `GET /v1/vms`.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct VmList {
     pub vms: Vec<VmReport>,
 }

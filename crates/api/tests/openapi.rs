@@ -37,11 +37,20 @@ fn binary(path: &str) -> warmvm_vmm::executable::BinaryInfo {
     }
 }
 
-fn check(doc: &Value, name: &str, value: &impl serde::Serialize) {
+/// `value` matches the document's schema `name`, and reads back as its own type unchanged:
+/// what the daemon sends is what the client decodes (one set of types on both sides).
+fn check<T: serde::Serialize + serde::de::DeserializeOwned>(doc: &Value, name: &str, value: &T) {
     let v = serde_json::to_value(value).unwrap();
     if let Err(e) = validate(doc, &schema(name), &v) {
         panic!("{name} does not match docs/openapi.json: {e}\n{v:#}");
     }
+    let back: T = serde_json::from_value(v.clone())
+        .unwrap_or_else(|e| panic!("{name} does not read back: {e}\n{v:#}"));
+    assert_eq!(
+        serde_json::to_value(&back).unwrap(),
+        v,
+        "{name} changes when read back"
+    );
 }
 
 const METHODS: &[&str] = &[
@@ -127,7 +136,7 @@ fn report(lifecycle: Lifecycle, guest: Option<GuestFigures>) -> VmReport {
         devices: vec![
             warmvm_vmm::DeviceReport {
                 name: "disk0".into(),
-                kind: "virtio-blk",
+                kind: warmvm_vmm::DeviceKind::VirtioBlk,
                 mmio_base: 0xd000_0000,
                 irq: None,
                 status: warmvm_vmm::devices::virtio::DeviceHealth::Ok,
@@ -141,7 +150,7 @@ fn report(lifecycle: Lifecycle, guest: Option<GuestFigures>) -> VmReport {
             },
             warmvm_vmm::DeviceReport {
                 name: "net0".into(),
-                kind: "virtio-net",
+                kind: warmvm_vmm::DeviceKind::VirtioNet,
                 mmio_base: 0xd000_1000,
                 irq: Some(6),
                 status: warmvm_vmm::devices::virtio::DeviceHealth::NeedsReset,
@@ -205,14 +214,14 @@ fn reports_in_every_state_match_the_schema() {
         last_takeover: None,
         last_reboot: None,
         binary: Some(binary("/usr/local/bin/warmvm")),
-        privileges: DaemonPrivileges {
+        privileges: Some(DaemonPrivileges {
             uid: 0,
             gid: 0,
             groups: vec![],
             capabilities: vec!["CAP_CHOWN".into(), "CAP_SYS_ADMIN".into()],
             no_new_privs: false,
             seccomp: "false".into(),
-        },
+        }),
         reboot_in_progress: None,
     };
     check(&doc, "DaemonStatus", &fresh);
@@ -254,14 +263,14 @@ fn reports_in_every_state_match_the_schema() {
                 recovered: true,
             }),
             // A dropped daemon, and this test's own thread as the daemon would see it.
-            privileges: DaemonPrivileges {
+            privileges: Some(DaemonPrivileges {
                 uid: 65534,
                 gid: 992,
                 groups: vec![992],
                 capabilities: vec!["CAP_NET_ADMIN".into(), "CAP_63".into()],
                 no_new_privs: true,
                 seccomp: "log".into(),
-            },
+            }),
             reboot_in_progress: Some(warmvm_api::progress::RebootInProgress {
                 mode: "cold".into(),
                 phase: "waiting-for-guests".into(),

@@ -19,10 +19,12 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use serde_json::{json, Value};
-use warmvm_api::aging::{AgingHistory, Metric};
+use serde_json::json;
+use warmvm_api::aging::{AgingHistory, AgingReport, Metric, RebootReason};
+use warmvm_api::client::Answer;
+use warmvm_api::types::Mode;
 pub(crate) use warmvm_cli_common::bench_args::AgingArgs;
-use warmvm_vmm::AgingConfig;
+use warmvm_vmm::{AgingConfig, Lifecycle};
 
 use crate::bench_aging_plot as plot;
 use crate::bench_aging_report::{draw_plots, print_tables};
@@ -52,9 +54,27 @@ fn create_vms(d: &BenchDaemon, n: u32) -> Result<(), String> {
     Ok(())
 }
 
-fn aging_report(d: &BenchDaemon) -> Result<Value, String> {
+fn aging_report(d: &BenchDaemon) -> Result<AgingReport, String> {
     d.client
-        .call("GET", "/v1/aging", None)
+        .typed()
+        .aging()
+        .map(Answer::into_value)
+        .map_err(|e| e.to_string())
+}
+
+fn aging_history(d: &BenchDaemon) -> Result<AgingHistory, String> {
+    d.client
+        .typed()
+        .aging_history()
+        .map(Answer::into_value)
+        .map_err(|e| format!("the history: {e}"))
+}
+
+fn daemon_pid(d: &BenchDaemon) -> Result<u32, String> {
+    d.client
+        .typed()
+        .status()
+        .map(|s| s.pid)
         .map_err(|e| e.to_string())
 }
 
@@ -71,10 +91,10 @@ fn wait_for<T>(secs: u64, mut f: impl FnMut() -> Option<T>) -> Option<T> {
 
 fn baselines(d: &BenchDaemon) -> Option<BTreeMap<String, f64>> {
     let r = aging_report(d).ok()?;
-    let b: BTreeMap<String, f64> = r["metrics"]
-        .as_array()?
+    let b: BTreeMap<String, f64> = r
+        .metrics
         .iter()
-        .filter_map(|m| Some((m["metric"].as_str()?.to_string(), m["baseline"].as_f64()?)))
+        .filter_map(|m| Some((m.metric.name().to_string(), m.baseline?)))
         .collect();
     (b.len() >= 3).then_some(b)
 }
@@ -97,9 +117,7 @@ fn record(exe: &Path, dir: &Path, a: &AgingArgs) -> Result<Recorded, String> {
     )?;
     let d = BenchDaemon::start_with(exe, dir, &[OsStr::new("--config"), cfg.as_os_str()])?;
     create_vms(&d, a.vms)?;
-    let pid = d.client.status().map_err(|e| e.to_string())?["pid"]
-        .as_u64()
-        .unwrap_or(0) as u32;
+    let pid = daemon_pid(&d)?;
     // Load: API requests back to back (lists and metrics, as a busy control plane sends).
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let load = {
@@ -124,12 +142,7 @@ fn record(exe: &Path, dir: &Path, a: &AgingArgs) -> Result<Recorded, String> {
     std::thread::sleep(Duration::from_secs(a.record_secs));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let requests = load.join().unwrap_or(0);
-    let history: AgingHistory = serde_json::from_value(
-        d.client
-            .call("GET", "/v1/aging/history", None)
-            .map_err(|e| e.to_string())?,
-    )
-    .map_err(|e| format!("the history: {e}"))?;
+    let history = aging_history(&d)?;
     // The segment with every VM running, after its first second (start-up).
     let segment: Vec<_> = history
         .samples
@@ -145,9 +158,10 @@ fn record(exe: &Path, dir: &Path, a: &AgingArgs) -> Result<Recorded, String> {
     })?;
     let report = d
         .client
-        .reboot("warm", None)
+        .typed()
+        .reboot_with(Mode::Warm, None, None)
         .map_err(|e| format!("the warm reboot: {e}"))?;
-    let blackout_ms = report["host_blackout_us"].as_f64().unwrap_or(0.0) / 1000.0;
+    let blackout_ms = report.host_blackout_us as f64 / 1000.0;
     eprintln!(
         "warmvm bench aging: recorded {} samples every {} ms under {requests} API requests; one warm reboot: {blackout_ms:.3} ms blackout",
         rec.samples, a.record_period_ms
@@ -174,18 +188,14 @@ pub(crate) struct LiveRun {
 /// Guests running, progressing and uncorrupted.
 fn vms_verified(d: &BenchDaemon) -> bool {
     let counters = |d: &BenchDaemon| -> Option<Vec<(u64, u64)>> {
-        let l = d.client.list().ok()?;
-        l["vms"]
-            .as_array()?
+        let l = d.client.typed().list().ok()?.into_value();
+        l.vms
             .iter()
             .map(|v| {
-                let g = &v["guest"];
-                (v["state"] == "running").then(|| {
-                    (
-                        g["counter"].as_u64().unwrap_or(0),
-                        g["mismatches"].as_u64().unwrap_or(0)
-                            + g["register_check_failures"].as_u64().unwrap_or(0),
-                    )
+                (v.lifecycle == Lifecycle::Running).then(|| {
+                    v.guest.as_ref().map_or((0, 0), |g| {
+                        (g.counter, g.mismatches + g.register_check_failures)
+                    })
                 })
             })
             .collect()
@@ -213,7 +223,7 @@ fn live_leak(exe: &Path, dir: &Path, mib_per_sec: f64) -> Result<Option<LiveRun>
     let d = BenchDaemon::start_with(exe, dir, &[OsStr::new("--config"), cfg.as_os_str()])?;
     create_vms(&d, 2)?;
     let before = wait_for(30, || baselines(&d)).ok_or("no baseline")?;
-    let old_pid = d.client.status().map_err(|e| e.to_string())?["pid"].clone();
+    let old_pid = daemon_pid(&d)?;
     let rate = mib_per_sec * (1u64 << 20) as f64;
     let body = json!({ "heap_bytes_per_sec": rate as u64 }).to_string();
     let started = Instant::now();
@@ -225,7 +235,7 @@ fn live_leak(exe: &Path, dir: &Path, mib_per_sec: f64) -> Result<Option<LiveRun>
         return Ok(None);
     }
     let new_pid = wait_for(180, || {
-        let pid = d.client.status().ok()?["pid"].clone();
+        let pid = daemon_pid(&d).ok()?;
         (pid != old_pid).then_some(pid)
     })
     .ok_or_else(|| format!("no rejuvenation within 180 s: {}", d.log_tail()))?;
@@ -233,25 +243,18 @@ fn live_leak(exe: &Path, dir: &Path, mib_per_sec: f64) -> Result<Option<LiveRun>
     // The new daemon's own baseline (its samples, with every VM).
     let after = wait_for(30, || {
         let r = aging_report(&d).ok()?;
-        let fresh = r["metrics"]
-            .as_array()?
-            .iter()
-            .all(|m| !m["baseline"].is_null());
+        let fresh = r.metrics.iter().all(|m| m.baseline.is_some());
         fresh.then(|| baselines(&d)).flatten()
     })
     .ok_or("no baseline after the reboot")?;
     let report = aging_report(&d)?;
-    let reboot = report["reboots"]
-        .as_array()
-        .and_then(|r| r.last())
-        .cloned()
-        .unwrap_or(Value::Null);
-    let history: AgingHistory = serde_json::from_value(
-        d.client
-            .call("GET", "/v1/aging/history", None)
-            .map_err(|e| e.to_string())?,
-    )
-    .map_err(|e| e.to_string())?;
+    let reason = match report.reboots.last().map(|r| &r.reason) {
+        Some(RebootReason::Aging { metric, detector }) => {
+            format!("{metric} ({})", detector.name())
+        }
+        _ => "? (?)".to_string(),
+    };
+    let history = aging_history(&d)?;
     let old_last = history
         .samples
         .iter()
@@ -283,11 +286,7 @@ fn live_leak(exe: &Path, dir: &Path, mib_per_sec: f64) -> Result<Option<LiveRun>
     Ok(Some(LiveRun {
         heap_mib_per_sec: mib_per_sec,
         delay_secs,
-        reason: format!(
-            "{} ({})",
-            reboot["reason"]["metric"].as_str().unwrap_or("?"),
-            reboot["reason"]["detector"].as_str().unwrap_or("?")
-        ),
+        reason,
         lead_secs,
         horizon_secs: LIVE_HORIZON_SECS,
         baseline_after_ratio: ratio,

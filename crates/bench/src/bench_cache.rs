@@ -14,7 +14,9 @@ use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use warmvm_api::Client;
+use warmvm_api::client::DEFAULT_TIMEOUT;
+use warmvm_api::types::RebootRequest;
+use warmvm_api::{Client, ClientError};
 use warmvm_cli_common::bench_args::CacheArgs;
 use warmvm_vmm::monotonic_ns;
 
@@ -262,20 +264,16 @@ impl Setup {
         httperf(&self.netns, &self.dir, &load, || {
             let Some(mode) = mode else { return Ok(None) };
             std::thread::sleep(Duration::from_secs(args.reboot_after_secs));
+            let req = RebootRequest::new(mode.parse().map_err(|e| format!("{e}"))?);
             let t0 = monotonic_ns();
-            let body = format!(r#"{{"mode":"{mode}"}}"#);
-            let r = self
-                .client
-                .raw("PUT", "/v1/reboot", Some(body.as_bytes()))
-                .map_err(|e| e.to_string())?;
+            let report = match self.client.typed().reboot(&req, DEFAULT_TIMEOUT) {
+                Ok(r) => r.into_value(),
+                Err(e @ ClientError::Api { .. }) => {
+                    return Err(format!("the {mode} reboot failed: {e}"))
+                }
+                Err(e) => return Err(e.to_string()),
+            };
             let t1 = monotonic_ns();
-            if r.status != 200 {
-                return Err(format!(
-                    "the {mode} reboot failed: {}",
-                    String::from_utf8_lossy(&r.body)
-                ));
-            }
-            let report: Value = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
             Ok(Some((t0, t1, report)))
         })
     }
@@ -415,18 +413,19 @@ pub fn cache(args: &CacheArgs) -> Result<ExitCode, Failure> {
             Err(e) => return Err(fail(e)),
         };
         let after = setup.stats().map_err(fail)?;
-        let (t0, t1, report) = run.reboot.clone().unwrap_or((0, 0, Value::Null));
+        let (t0, t1, report) = match &run.reboot {
+            Some((t0, t1, report)) => (*t0, *t1, Some(report)),
+            None => (0, 0, None),
+        };
         let (r0, r1) = (t0 - run.started_ns, t1 - run.started_ns);
         let mut f = figures(&run, r0, r1);
         f["mode"] = json!(name);
-        // A saved or cold reboot may answer before its VMs are back, with no downtime
-        // measured yet (0): that is no figure, not a zero blackout.
-        // Nor is a warm reboot's whose steps are not all known (`errors`).
-        let measured = report["errors"].as_array().is_none_or(|e| e.is_empty());
-        f["host_blackout_ms"] = json!(report["host_blackout_us"]
-            .as_u64()
-            .filter(|_| measured)
-            .or(report["host_downtime_us"].as_u64())
+        // A saved or cold reboot hands no VM over: its report's blackout is 0, which is no
+        // figure, not a zero blackout. Nor is a warm reboot's whose steps are not all known
+        // (`errors`).
+        f["host_blackout_ms"] = json!(report
+            .filter(|r| r.is_measured())
+            .map(|r| r.host_blackout_us)
             .filter(|&us| us > 0)
             .map(|us| us as f64 / 1000.0));
         // A cold reboot restarts the guest (its uptime starts again): every miss is new.

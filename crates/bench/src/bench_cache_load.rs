@@ -7,6 +7,7 @@ use std::io::BufRead;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
+use warmvm_vmm::handover::RebootReport;
 
 use serde_json::{json, Value};
 use warmvm_vmm::monotonic_ns;
@@ -24,7 +25,7 @@ pub struct Run {
     /// The tool's own figures (requests/s, latency, errors by kind).
     pub tool: Value,
     /// (request sent, answer received, the daemon's report) of a reboot during the run.
-    pub reboot: Option<(u64, u64, Value)>,
+    pub reboot: Option<(u64, u64, RebootReport)>,
 }
 
 /// A fixed-rate load: `rate` requests per second from `sessions` keep-alive sessions,
@@ -43,7 +44,7 @@ pub fn httperf(
     netns: &str,
     dir: &Path,
     load: &FixedRate,
-    during: impl FnOnce() -> Result<Option<(u64, u64, Value)>, String>,
+    during: impl FnOnce() -> Result<Option<(u64, u64, RebootReport)>, String>,
 ) -> Result<Run, String> {
     let uris = dir.join("uris");
     let list: Vec<u8> = (0..load.files)

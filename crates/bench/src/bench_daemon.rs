@@ -7,6 +7,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use warmvm_api::types::Mode;
 use warmvm_api::Client;
 use warmvm_testkit::{Daemon, Ready, Start, StartError};
 use warmvm_vmm::handover::RebootReport;
@@ -94,9 +95,11 @@ impl Drop for BenchDaemon {
     fn drop(&mut self) {
         // After a warm reboot the daemon is another process: ask the API for its pid.
         if let Ok(pid) = self.client.typed().status().map(|s| s.pid) {
-            // SAFETY: kill has no memory effects; the pid is the daemon the bench started
-            // (or its successor), read from its own API.
-            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+            if pid > 0 {
+                // SAFETY: kill has no memory effects; the pid is the daemon the bench started
+                // (or its successor), read from its own API.
+                unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+            }
         }
         let deadline = Instant::now() + Duration::from_secs(30);
         while std::os::unix::net::UnixStream::connect(self.client.socket()).is_ok()
@@ -137,11 +140,11 @@ pub fn run_cell(
         // Every guest has started its work before the first reboot.
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
-            let list = d.client.list().map_err(|e| e.to_string())?;
-            let all = list["vms"].as_array().cloned().unwrap_or_default();
-            if all
+            let list = d.client.typed().list().map_err(|e| e.to_string())?;
+            if list
+                .vms
                 .iter()
-                .all(|v| v["guest"]["counter"].as_u64().unwrap_or(0) > 0)
+                .all(|v| v.guest.as_ref().is_some_and(|g| g.counter > 0))
             {
                 break;
             }
@@ -156,13 +159,13 @@ pub fn run_cell(
                 r + 1
             ));
             let t = Instant::now();
-            let answer = d
+            let report = d
                 .client
-                .reboot("warm", None)
-                .map_err(|e| format!("reboot {}: {e}", r + 1))?;
+                .typed()
+                .reboot_with(Mode::Warm, None, None)
+                .map_err(|e| format!("reboot {}: {e}", r + 1))?
+                .into_value();
             request_us.push(t.elapsed().as_micros() as u64);
-            let report: RebootReport = serde_json::from_value(answer)
-                .map_err(|e| format!("the daemon's reboot report is malformed: {e}"))?;
             // The VMs moved, but such a report holds no figure to count.
             if !report.is_measured() {
                 return Err(format!(

@@ -536,11 +536,7 @@ fn reboot_and_judge(
         let _ = child.try_wait();
         alive = trial_processes(socket);
         serving = match alive.len() {
-            1 => client
-                .status()
-                .ok()
-                .and_then(|s| s["pid"].as_u64())
-                .map(|p| p as u32),
+            1 => client.typed().status().ok().map(|s| s.pid),
             _ => None,
         };
         let settled = alive.is_empty() || (serving.is_some() && serving == alive.first().copied());

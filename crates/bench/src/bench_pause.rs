@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use warmvm_vmm::handover::RebootReport;
+use warmvm_vmm::{Lifecycle, VmReport};
 
 use crate::bench_daemon::BenchDaemon;
 use crate::cli::RebootMode;
@@ -291,10 +291,11 @@ pub fn warmvm_pause(
             let start = mono_now();
             let answer = d
                 .client
-                .reboot_with(mode.name(), None, Some(10))
+                .typed()
+                .reboot_with(crate::cli::api_mode(mode), None, Some(10))
                 .map_err(|e| format!("reboot {}: {e}", i + 1))?;
             // A warm reboot's report: its stamps, to lay each guest's pause over.
-            reports.push(serde_json::from_value::<RebootReport>(answer).ok());
+            reports.push(Some(answer.into_value()));
             // The answer can come before the guests run again (a saved reboot's restored
             // VMs): the window ends once every guest is seen verifying in the new daemon.
             wait_progress(&d)?;
@@ -351,12 +352,11 @@ fn wait_verified(d: &BenchDaemon, vms: u32) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
         crate::interrupt::check()?;
-        let list = d.client.list().map_err(|e| e.to_string())?;
-        let all = list["vms"].as_array().cloned().unwrap_or_default();
+        let all = vm_reports(d)?;
         if all.len() == vms as usize
             && all
                 .iter()
-                .all(|v| v["guest"]["min_passes"].as_u64().unwrap_or(0) >= 1)
+                .all(|v| v.guest.as_ref().is_some_and(|g| g.min_passes >= 1))
         {
             return Ok(());
         }
@@ -370,12 +370,9 @@ fn wait_verified(d: &BenchDaemon, vms: u32) -> Result<(), String> {
 /// Wait until every guest's verified-page counter moves: they all run.
 fn wait_progress(d: &BenchDaemon) -> Result<(), String> {
     let verified = |d: &BenchDaemon| -> Result<Vec<u64>, String> {
-        let list = d.client.list().map_err(|e| e.to_string())?;
-        Ok(list["vms"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|v| v["guest"]["pages_verified"].as_u64().unwrap_or(0))
+        Ok(vm_reports(d)?
+            .iter()
+            .map(|v| v.guest.as_ref().map_or(0, |g| g.pages_verified))
             .collect())
     };
     let first = verified(d)?;
@@ -393,25 +390,31 @@ fn wait_progress(d: &BenchDaemon) -> Result<(), String> {
     }
 }
 
+/// Every VM's report, as `GET /v1/vms` answers.
+fn vm_reports(d: &BenchDaemon) -> Result<Vec<VmReport>, String> {
+    let list = d.client.typed().list().map_err(|e| e.to_string())?;
+    Ok(list.into_value().vms)
+}
+
 fn guest_stalls_ms(d: &BenchDaemon) -> Result<Vec<Option<f64>>, String> {
-    let list = d.client.list().map_err(|e| e.to_string())?;
-    Ok(list["vms"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|v| v["guest"]["max_gap_ns"].as_f64().map(|ns| ns / 1e6))
+    Ok(vm_reports(d)?
+        .iter()
+        .map(|v| v.guest.as_ref().map(|g| g.max_gap_ns as f64 / 1e6))
         .collect())
 }
 
 fn check_guests(d: &BenchDaemon, vms: u32) -> Result<(), String> {
-    let list = d.client.list().map_err(|e| e.to_string())?;
-    let all = list["vms"].as_array().cloned().unwrap_or_default();
+    let all = vm_reports(d)?;
     if all.len() != vms as usize {
         return Err(format!("{} of {vms} VMs left after the reboots", all.len()));
     }
     for v in &all {
-        if v["state"] != "running" || v["guest"]["mismatches"].as_u64().unwrap_or(1) != 0 {
-            return Err(format!("a guest is not running clean: {v}"));
+        let clean = v.guest.as_ref().is_some_and(|g| g.mismatches == 0);
+        if v.lifecycle != Lifecycle::Running || !clean {
+            return Err(format!(
+                "a guest is not running clean: {}",
+                serde_json::to_string(v).unwrap_or_default()
+            ));
         }
     }
     Ok(())

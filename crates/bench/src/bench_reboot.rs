@@ -24,6 +24,8 @@ use serde::Serialize;
 use serde_json::{json, Value};
 pub(crate) use warmvm_cli_common::bench_args::RebootBenchArgs;
 
+use warmvm_vmm::Lifecycle;
+
 use crate::bench_daemon::BenchDaemon;
 use crate::cli::{Failure, RebootMode, EXIT_BAD_INPUT, EXIT_HOST};
 use crate::progress::Progress;
@@ -417,44 +419,49 @@ fn run_cell(
             wait_verified(&d, vms)?;
             let answer = d
                 .client
-                .reboot_with(mode.name(), None, Some(10))
+                .typed()
+                .reboot_with(crate::cli::api_mode(mode), None, Some(10))
                 .map_err(|e| format!("reboot {}: {e}", run + 1))?;
-            let ms = |us: &Value| us.as_f64().unwrap_or(0.0) / 1000.0;
+            let ms = |us: u64| us as f64 / 1000.0;
             if mode == RebootMode::Warm {
                 // The VMs moved, but such a report holds no figure to count.
-                if let Some(errors) = answer["errors"].as_array().filter(|e| !e.is_empty()) {
+                if !answer.is_measured() {
                     return Err(format!(
-                        "reboot {}: the blackout was not measured: {errors:?}",
-                        run + 1
+                        "reboot {}: the blackout was not measured: {:?}",
+                        run + 1,
+                        answer.errors
                     ));
                 }
-                cell.host_ms.push(ms(&answer["host_blackout_us"]));
-                for v in answer["vms"].as_array().into_iter().flatten() {
-                    cell.vm_ms.push(ms(&v["blackout_us"]));
+                cell.host_ms.push(ms(answer.host_blackout_us));
+                for v in &answer.vms {
+                    cell.vm_ms.push(ms(v.blackout_us));
                 }
-                let p = &answer["phases"];
+                let p = &answer.phases;
                 phases.push(
                     [
-                        "quiesce", "capture", "transfer", "restore", "commit", "resume",
+                        ("quiesce", p.quiesce_us),
+                        ("capture", p.capture_us),
+                        ("transfer", p.transfer_us),
+                        ("restore", p.restore_us),
+                        ("commit", p.commit_us),
+                        ("resume", p.resume_us),
                     ]
                     .iter()
-                    .map(|k| (k.to_string(), ms(&p[format!("{k}_us")])))
+                    .map(|(k, us)| (k.to_string(), ms(*us)))
                     .collect(),
                 );
             } else {
-                let s = d.client.status().map_err(|e| e.to_string())?;
-                let r = &s["last_reboot"];
-                if let Some(err) = r["vms"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .find_map(|v| v["error"].as_str())
-                {
+                let s = d.client.typed().status().map_err(|e| e.to_string())?;
+                let r = s
+                    .value
+                    .last_reboot
+                    .ok_or("the new daemon's status has no last_reboot")?;
+                if let Some(err) = r.vms.iter().find_map(|v| v.error.as_ref()) {
                     return Err(format!("a VM did not come back: {err}"));
                 }
-                cell.host_ms.push(ms(&r["host_downtime_us"]));
-                for v in r["vms"].as_array().into_iter().flatten() {
-                    cell.vm_ms.push(ms(&v["downtime_us"]));
+                cell.host_ms.push(ms(r.host_downtime_us));
+                for v in &r.vms {
+                    cell.vm_ms.push(ms(v.downtime_us));
                 }
                 let (prep, back) = if mode == RebootMode::Saved {
                     ("save", "restore")
@@ -462,14 +469,14 @@ fn run_cell(
                     ("shut down", "boot until ready")
                 };
                 phases.push(vec![
-                    (prep.to_string(), ms(&r["prepare_us"])),
-                    ("replace daemon".to_string(), ms(&r["replace_us"])),
-                    (back.to_string(), ms(&r["bring_back_us"])),
+                    (prep.to_string(), ms(r.prepare_us)),
+                    ("replace daemon".to_string(), ms(r.replace_us)),
+                    (back.to_string(), ms(r.bring_back_us)),
                 ]);
                 if mode == RebootMode::Saved {
-                    let mib_of = |k: &str| r[k].as_f64().unwrap_or(0.0) / f64::from(1 << 20);
-                    save_rates.push(mib_of("bytes_written") / (ms(&r["prepare_us"]) / 1000.0));
-                    restore_rates.push(mib_of("bytes_read") / (ms(&r["bring_back_us"]) / 1000.0));
+                    let mib = |bytes: u64| bytes as f64 / f64::from(1 << 20);
+                    save_rates.push(mib(r.bytes_written) / (ms(r.prepare_us) / 1000.0));
+                    restore_rates.push(mib(r.bytes_read) / (ms(r.bring_back_us) / 1000.0));
                 }
             }
             cell.runs += 1;
@@ -501,25 +508,31 @@ fn wait_verified(d: &BenchDaemon, vms: u32) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
         crate::interrupt::check()?;
-        let list = d.client.list().map_err(|e| e.to_string())?;
-        let all = list["vms"].as_array().cloned().unwrap_or_default();
+        let all = d
+            .client
+            .typed()
+            .list()
+            .map_err(|e| e.to_string())?
+            .into_value()
+            .vms;
         let ok = all.len() == vms as usize
             && all.iter().all(|v| {
-                let g = &v["guest"];
-                v["state"] == "running"
-                    && g["mismatches"] == 0
-                    && g["min_passes"].as_u64().unwrap_or(0) >= 1
+                v.lifecycle == Lifecycle::Running
+                    && v.guest
+                        .as_ref()
+                        .is_some_and(|g| g.mismatches == 0 && g.min_passes >= 1)
             });
         if ok {
             return Ok(());
         }
-        if let Some(bad) = all
+        if let Some((bad, g)) = all
             .iter()
-            .find(|v| v["guest"]["mismatches"].as_u64().unwrap_or(0) > 0)
+            .find_map(|v| Some((v, v.guest.as_ref().filter(|g| g.mismatches > 0)?)))
         {
             return Err(format!(
                 "{} found a mismatch: {}",
-                bad["name"], bad["guest"]
+                bad.name,
+                serde_json::to_string(g).unwrap_or_default()
             ));
         }
         if Instant::now() > deadline {

@@ -8,6 +8,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 pub use warmvm_cli_common::bench_args::{BenchCommand, RebootMode};
 pub use warmvm_cli_common::exit::{EXIT_BAD_INPUT, EXIT_HOST, EXIT_VM_FAILED};
+/// A benchmark that failed: one line and an exit status, as `warmvm` prints them.
+pub use warmvm_cli_common::failure::Failure;
 use warmvm_cli_common::globals::GlobalArgs;
 
 #[derive(Parser, Debug)]
@@ -29,19 +31,12 @@ pub enum Command {
     Foundation(crate::FoundationArgs),
 }
 
-/// A benchmark that failed: one line and an exit status, as `warmvm` prints them.
-#[derive(Debug)]
-pub struct Failure {
-    pub message: String,
-    pub code: u8,
-}
-
-impl Failure {
-    pub fn new(code: u8, message: impl Into<String>) -> Self {
-        Self {
-            message: message.into(),
-            code,
-        }
+/// The API's reboot mode for a bench's `--modes` entry.
+pub fn api_mode(mode: RebootMode) -> warmvm_api::types::Mode {
+    match mode {
+        RebootMode::Warm => warmvm_api::types::Mode::Warm,
+        RebootMode::Saved => warmvm_api::types::Mode::Saved,
+        RebootMode::Cold => warmvm_api::types::Mode::Cold,
     }
 }
 

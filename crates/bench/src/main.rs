@@ -241,14 +241,10 @@ fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     warmvm_cli_common::globals::init_logging(&cli.global, "warn");
     match cli.command {
-        cli::Command::Bench(what) => match cli::dispatch(cli.global, what) {
-            Ok(code) => code,
-            // As `warmvm bench` printed it when the benchmarks were part of `warmvm`.
-            Err(e) => {
-                eprintln!("warmvm: error: {}", e.message);
-                ExitCode::from(e.code)
-            }
-        },
+        // As `warmvm bench` prints it: the failure is the one both binaries share.
+        cli::Command::Bench(what) => {
+            cli::dispatch(cli.global, what).unwrap_or_else(cli::Failure::exit)
+        }
         cli::Command::Foundation(mut args) => {
             args.json = cli.global.json;
             match foundation(args) {

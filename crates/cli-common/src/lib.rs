@@ -6,6 +6,7 @@
 //!   `warmvm-bench`, which parses them again and runs the benchmark;
 //! - [`globals`]: the global flags (`--json`, `--socket`, logging) both binaries take;
 //! - [`exit`]: the exit statuses both binaries use;
+//! - [`failure`]: how a subcommand of either fails (one line and an exit status);
 //! - [`output`]: plain tables and JSON documents on standard output;
 //! - [`stats`]: the p50/p99/max summaries the demo and the benches print.
 //!
@@ -14,6 +15,7 @@
 
 pub mod bench_args;
 pub mod exit;
+pub mod failure;
 pub mod globals;
 pub mod output;
 pub mod stats;

@@ -11,7 +11,7 @@ pub struct UnknownAccesses {
 }
 
 /// A snapshot of [`UnknownAccesses`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct UnknownCounts {
     pub pio_reads: u64,
     pub pio_writes: u64,

@@ -58,7 +58,9 @@ pub fn device_thread_setup() -> warmvm_devices::ThreadSetup {
 
 pub use host::{Host, HostError};
 pub use vcpu::{monotonic_ns, VcpuStats};
-pub use virtio::{take_inherited_taps, DeviceError, DeviceReport, GivenTaps, InheritedTapError};
+pub use virtio::{
+    take_inherited_taps, DeviceError, DeviceKind, DeviceReport, GivenTaps, InheritedTapError,
+};
 pub use vm::{Action, Lifecycle, PowerButton, State, Vm, VmError, VmReport};
 /// What a VM, its devices and a device's worker implement: pause and resume as a whole.
 pub use warmvm_lifecycle::Pausable;

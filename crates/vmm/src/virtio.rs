@@ -151,12 +151,11 @@ pub(crate) fn open_taps(
 
 /// A virtio device as a VM's report shows it: where the guest finds it, what backs it on
 /// the host, how it stands with its driver, and its counters.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct DeviceReport {
     /// `disk0`, `net0`, ... (the name in metrics and in the handover's fd table).
     pub name: String,
-    /// `virtio-blk` or `virtio-net`.
-    pub kind: &'static str,
+    pub kind: DeviceKind,
     /// The guest-physical address of its 4 KiB virtio-mmio window.
     pub mmio_base: u64,
     /// Its interrupt (GSI), for a guest with a kernel; none for the polling reference guest.
@@ -180,6 +179,24 @@ pub struct DeviceReport {
     pub mac: Option<String>,
 }
 
+/// What a virtio device is, as its report names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeviceKind {
+    VirtioBlk,
+    VirtioNet,
+}
+
+impl DeviceKind {
+    /// The name the report shows: `virtio-blk` or `virtio-net`.
+    pub fn name(self) -> &'static str {
+        match self {
+            DeviceKind::VirtioBlk => "virtio-blk",
+            DeviceKind::VirtioNet => "virtio-net",
+        }
+    }
+}
+
 /// The reports of a VM's devices, from its config (disks, then interfaces: the order
 /// [`attach`] gives them windows and GSIs) and their live figures.
 pub(crate) fn reports(
@@ -193,7 +210,7 @@ pub(crate) fn reports(
         .map(|(i, info)| {
             let mut r = DeviceReport {
                 name: info.name,
-                kind: "virtio-net",
+                kind: DeviceKind::VirtioNet,
                 mmio_base: window(i),
                 irq: linux.then_some(FIRST_GSI + i as u32),
                 status: info.health,
@@ -206,7 +223,7 @@ pub(crate) fn reports(
                 mac: None,
             };
             if let Some(d) = config.disks.get(i) {
-                r.kind = "virtio-blk";
+                r.kind = DeviceKind::VirtioBlk;
                 r.path = Some(d.path.clone());
                 r.read_only = Some(d.read_only);
                 r.cache = Some(d.cache);

@@ -104,7 +104,7 @@ impl PowerButton {
 }
 
 /// Where a VM is in its life.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(tag = "state", rename_all = "kebab-case")]
 pub enum Lifecycle {
     Created,
@@ -413,8 +413,9 @@ pub(crate) fn build_kvm_vm(
     Ok((kvm_vm, irqs))
 }
 
-/// A VM's figures, for the CLI, the API and the benchmarks.
-#[derive(Clone, Debug, Serialize)]
+/// A VM's figures, for the CLI, the API and the benchmarks: what the daemon sends and the
+/// client reads back (an older daemon's report lacks the fields noted below).
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct VmReport {
     pub name: String,
     #[serde(flatten)]
@@ -427,7 +428,9 @@ pub struct VmReport {
     pub ram_resident_mib: u64,
     pub exits: Vec<VcpuStats>,
     pub unknown_accesses: warmvm_devices::unknown::UnknownCounts,
-    /// The VM's virtio devices, disks first.
+    /// The VM's virtio devices, disks first. Added by commit 12d284d (`vm show` lists the
+    /// devices): an older daemon sends none.
+    #[serde(default)]
     pub devices: Vec<crate::virtio::DeviceReport>,
     pub guest: Option<GuestFigures>,
 }

@@ -1,33 +1,27 @@
 //! `warmvm daemon`, `warmvm vm ...` and `warmvm status`: the daemon, and the CLI that calls
-//! its API. The CLI prints tables for people and the daemon's JSON answer with `--json`.
+//! its API. The CLI prints tables for people and the daemon's JSON answer with `--json`:
+//! each answer is read as the type the daemon sent it as (`warmvm_api::types` and the
+//! VMM's reports), and keeps its JSON for `--json`.
 
 use std::path::Path;
 use std::process::ExitCode;
 
-use serde_json::Value;
+use warmvm_api::client::Answer;
+use warmvm_api::running_as::DaemonPrivileges;
+use warmvm_api::types::{
+    Mode, ModeReboot, ModeRebootVm, RebootRequest, RestoreRequest, SnapshotRequest, TakeoverInfo,
+};
 use warmvm_api::{Client, ClientError, DaemonOptions};
-use warmvm_vmm::{Config, VmConfig};
+use warmvm_vmm::status::GuestFigures;
+use warmvm_vmm::{Config, DeviceKind, Lifecycle, VmConfig, VmReport};
 
 use crate::args::{ApiArgs, RebootMode, VmCommand, VmFlags};
-use crate::failure::{Failure, EXIT_BAD_INPUT, EXIT_HOST};
+use crate::failure::{self, Failure, EXIT_BAD_INPUT, EXIT_HOST};
 use crate::output;
-
 pub fn daemon(opts: DaemonOptions) -> Result<ExitCode, Failure> {
     match warmvm_api::daemon::run(&opts) {
         Ok(()) => Ok(ExitCode::SUCCESS),
-        Err(e) => Err(Failure::from(e)),
-    }
-}
-
-/// A refusal (4xx: the request, or a file or state it meets) is bad input (2); a failure
-/// (5xx, a full disk's 507 included) and no daemon at all are the host's (3).
-impl From<ClientError> for Failure {
-    fn from(e: ClientError) -> Self {
-        let code = match e.status() {
-            Some(s) if (400..500).contains(&s) => EXIT_BAD_INPUT,
-            _ => EXIT_HOST,
-        };
-        Failure::new(code, e.to_string())
+        Err(e) => Err(failure::daemon(e)),
     }
 }
 
@@ -41,81 +35,60 @@ pub fn client(api: &ApiArgs) -> Client {
 
 pub fn status(api: &ApiArgs) -> Result<ExitCode, Failure> {
     let c = client(api);
-    let s = c.status()?;
+    let s = c.typed().status().map_err(failure::api)?;
     if api.json {
-        output::print_json(&s);
+        output::print_json(&s.json);
     } else {
         println!(
             "warmvm daemon {}, pid {}, up {}",
-            text(&s["version"]),
-            text(&s["pid"]),
-            duration(s["uptime_ms"].as_u64().unwrap_or(0))
+            s.version,
+            s.pid,
+            duration(s.uptime_ms)
         );
         println!(
             "VMs: {} ({} running, {} paused)",
-            text(&s["vm_count"]),
-            text(&s["vms_running"]),
-            text(&s["vms_paused"])
+            s.vm_count, s.vms_running, s.vms_paused
         );
         println!("socket: {}", c.socket().display());
-        println!("state directory: {}", text(&s["state_dir"]));
+        println!("state directory: {}", s.state_dir);
         // An older daemon does not say.
-        if s["privileges"].is_object() {
-            println!("runs as: {}", runs_as(&s["privileges"]));
+        if let Some(p) = &s.privileges {
+            println!("runs as: {}", runs_as(p));
         }
-        if let Ok(b) =
-            serde_json::from_value::<warmvm_vmm::executable::BinaryInfo>(s["binary"].clone())
-        {
-            println!("binary: {}", output::binary_line(&b));
+        if let Some(b) = &s.binary {
+            println!("binary: {}", output::binary_line(b));
         }
-        if s["reboot_in_progress"].is_object() {
-            println!(
-                "reboot in progress: {}",
-                in_progress(&s["reboot_in_progress"])
-            );
+        if let Some(p) = &s.reboot_in_progress {
+            println!("reboot in progress: {p}");
         }
-        if s["last_takeover"].is_object() {
-            println!("last takeover: {}", takeover(&s["last_takeover"]));
-        }
-        if let Ok(t) =
-            serde_json::from_value::<warmvm_api::state::TakeoverInfo>(s["last_takeover"].clone())
-        {
+        if let Some(t) = &s.last_takeover {
+            println!("last takeover: {}", takeover(t));
             output::print_binaries(t.from_binary.as_ref(), t.to_binary.as_ref());
         }
-        if s["last_reboot"].is_object() {
-            println!("last reboot: {}", last_reboot(&s["last_reboot"]));
+        if let Some(r) = &s.last_reboot {
+            println!("last reboot: {}", last_reboot(r));
         }
     }
     Ok(ExitCode::SUCCESS)
 }
 
 /// `GET /v1/status`'s `privileges` on one line.
-fn runs_as(p: &serde_json::Value) -> String {
-    let list = |v: &serde_json::Value| {
-        let items: Vec<String> = v
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|x| x.as_str().map_or_else(|| x.to_string(), str::to_string))
-            .collect();
+fn runs_as(p: &DaemonPrivileges) -> String {
+    fn list<T: ToString>(items: &[T]) -> String {
         if items.is_empty() {
             "none".to_string()
         } else {
-            items.join(" ")
+            items.iter().map(T::to_string).collect::<Vec<_>>().join(" ")
         }
-    };
+    }
     format!(
         "uid {} gid {}, groups: {}; capabilities: {}; no_new_privs: {}; seccomp: {}",
-        text(&p["uid"]),
-        text(&p["gid"]),
-        list(&p["groups"]),
-        list(&p["capabilities"]),
-        if p["no_new_privs"] == true {
-            "yes"
-        } else {
-            "no"
-        },
-        text(&p["seccomp"])
+        p.uid,
+        p.gid,
+        list(&p.groups),
+        list(&p.capabilities),
+        if p.no_new_privs { "yes" } else { "no" },
+        p.seccomp
     )
 }
 
@@ -158,6 +131,9 @@ impl RebootArgs {
 /// `warmvm reboot`: ask the daemon for a reboot, wait for it (for saved and cold, until the
 /// new daemon has brought every VM back) and print its report. If the answer is lost (the
 /// connection fails, or `--timeout` passes), the daemon's status tells what became of it.
+/// `warmvm reboot`: ask the daemon for a reboot, wait for it (for saved and cold, until the
+/// new daemon has brought every VM back) and print its report. If the answer is lost (the
+/// connection fails, or `--timeout` passes), the daemon's status tells what became of it.
 pub fn reboot(args: RebootArgs, api: &ApiArgs) -> Result<ExitCode, Failure> {
     let mode = args.mode.name();
     if args.timeout == Some(0) {
@@ -178,47 +154,49 @@ pub fn reboot(args: RebootArgs, api: &ApiArgs) -> Result<ExitCode, Failure> {
     let started = std::time::Instant::now();
     let left = || wait.saturating_sub(started.elapsed());
     let c = client(api);
-    let before = c.status()?;
-    let old_pid = before["pid"].as_u64();
+    let typed = c.typed();
+    let before = typed.status().map_err(failure::api)?;
+    let old_pid = before.pid;
     // Saved: show each VM's snapshot growing.
     let progress = if mode == "saved" && !api.json {
-        let state_dir = before["state_dir"].as_str().map(std::path::PathBuf::from);
-        let vms = c.list()?["vms"]
-            .as_array()
+        let vms = typed
+            .list()
+            .map_err(failure::api)?
+            .value
+            .vms
             .into_iter()
-            .flatten()
-            .filter(|v| v["state"] == "running" || v["state"] == "paused")
-            .filter_map(|v| {
-                Some((
-                    v["name"].as_str()?.to_string(),
-                    v["ram_resident_mib"].as_u64()? << 20,
-                ))
-            })
+            .filter(|v| matches!(v.lifecycle, Lifecycle::Running | Lifecycle::Paused))
+            .map(|v| (v.name, v.ram_resident_mib << 20))
             .collect();
-        state_dir.map(|d| crate::reboot_progress::SaveProgress::start(&d, vms))
+        Some(crate::reboot_progress::SaveProgress::start(
+            Path::new(&before.state_dir),
+            vms,
+        ))
     } else {
         None
     };
-    let req = warmvm_api::state::RebootRequest {
+    let req = RebootRequest {
         binary,
         grace_secs: args.grace_secs,
         boot_wait_secs: args.boot_wait_secs,
         stage_timeout_ms: args.stage_timeout_ms,
-        ..warmvm_api::state::RebootRequest::new(match args.mode {
-            RebootMode::Warm => warmvm_api::types::Mode::Warm,
-            RebootMode::Saved => warmvm_api::types::Mode::Saved,
-            RebootMode::Cold => warmvm_api::types::Mode::Cold,
+        ..RebootRequest::new(match args.mode {
+            RebootMode::Warm => Mode::Warm,
+            RebootMode::Saved => Mode::Saved,
+            RebootMode::Cold => Mode::Cold,
         })
     };
     let still_under_way = |e: ClientError| match e {
         ClientError::RebootUnderWay { status, .. } => {
-            let p = &status["reboot_in_progress"];
+            let p = status
+                .reboot_in_progress
+                .as_ref()
+                .map_or_else(|| "-".to_string(), ToString::to_string);
             Failure::new(
                 EXIT_HOST,
                 format!(
-                    "{mode} reboot: still under way after {} s ({}); it goes on: `warmvm status` shows it",
+                    "{mode} reboot: still under way after {} s ({p}); it goes on: `warmvm status` shows it",
                     wait.as_secs(),
-                    in_progress(p)
                 ),
             )
         }
@@ -227,28 +205,28 @@ pub fn reboot(args: RebootArgs, api: &ApiArgs) -> Result<ExitCode, Failure> {
             format!("cannot tell how the {mode} reboot ended: {other}"),
         ),
     };
-    let (report, after) = match c.reboot_request(&req, left()) {
+    let (report, after) = match typed.reboot(&req, left()) {
         Ok(r) => {
-            let after = c
-                .wait_reboot_done(r["new_pid"].as_u64(), left())
+            let after = typed
+                .wait_reboot_done(Some(u64::from(r.new_pid)), left())
                 .map_err(still_under_way)?;
             (Some(r), after)
         }
         // The daemon refused the reboot or it failed there: its reason.
-        Err(e @ ClientError::Api { .. }) => return Err(e.into()),
+        Err(e @ ClientError::Api { .. }) => return Err(failure::api(e)),
         Err(lost) => {
             // The answer never came (the connection failed, or the time ran out): ask the
             // daemon on the socket what became of the reboot.
             tracing::debug!(error = %lost, "the reboot's answer was lost; asking the daemon");
-            let after = c
+            let after = typed
                 .wait_reboot_done(None, left().max(std::time::Duration::from_secs(10)))
                 .map_err(still_under_way)?;
-            if after["pid"].as_u64() == old_pid {
+            if after.pid == old_pid {
                 return Err(Failure::new(
                     EXIT_HOST,
                     format!(
                         "{mode} reboot failed: the daemon (pid {}) runs on with its VMs; its log says why (the answer was lost: {lost})",
-                        text(&after["pid"])
+                        after.pid
                     ),
                 ));
             }
@@ -257,30 +235,25 @@ pub fn reboot(args: RebootArgs, api: &ApiArgs) -> Result<ExitCode, Failure> {
     };
     drop(progress);
     if mode != "warm" {
-        let back = &after["last_reboot"];
+        let back = after.value.last_reboot;
         if api.json {
-            output::print_json(&serde_json::json!({ "handover": report, "reboot": back }));
+            output::print_json(&serde_json::json!({
+                "handover": report.as_ref().map(|r| &r.json),
+                "reboot": back,
+            }));
         } else {
-            let back_report: warmvm_api::modes::ModeReboot = serde_json::from_value(back.clone())
-                .map_err(|e| {
+            let back_report = back.as_ref().ok_or_else(|| {
                 Failure::new(
                     EXIT_HOST,
-                    format!("the new daemon's report is malformed: {e}"),
+                    "the new daemon's report is malformed: its status has no last_reboot",
                 )
             })?;
-            output::print_mode_report(&back_report);
-            if let Some(h) = report.as_ref().and_then(|r| {
-                serde_json::from_value::<warmvm_vmm::handover::RebootReport>(r.clone()).ok()
-            }) {
+            output::print_mode_report(back_report);
+            if let Some(h) = &report {
                 output::print_binaries(h.from_binary.as_ref(), h.to_binary.as_ref());
             }
         }
-        let failed: Vec<String> = back["vms"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|v| Some(format!("{}: {}", v["name"].as_str()?, v["error"].as_str()?)))
-            .collect();
+        let failed = not_back(back.as_ref().map_or(&[], |b| &b.vms));
         if !failed.is_empty() {
             return Err(Failure::new(
                 EXIT_HOST,
@@ -293,83 +266,65 @@ pub fn reboot(args: RebootArgs, api: &ApiArgs) -> Result<ExitCode, Failure> {
         return Ok(ExitCode::SUCCESS);
     }
     match report {
-        Some(r) if api.json => output::print_json(&r),
-        Some(r) => {
-            let report: warmvm_vmm::handover::RebootReport =
-                serde_json::from_value(r).map_err(|e| {
-                    Failure::new(EXIT_HOST, format!("the daemon's report is malformed: {e}"))
-                })?;
-            output::print_reboot_report(&report);
-        }
+        Some(r) if api.json => output::print_json(&r.json),
+        Some(r) => output::print_reboot_report(&r),
         // Only the new daemon's account is left.
         None if api.json => output::print_json(&serde_json::json!({
             "handover": null,
-            "takeover": after["last_takeover"],
+            "takeover": after.last_takeover,
         })),
         None => println!(
             "warm reboot: new daemon pid {}, {} (its answer was lost; from its status)",
-            text(&after["pid"]),
-            takeover(&after["last_takeover"])
+            after.pid,
+            after
+                .last_takeover
+                .as_ref()
+                .map_or_else(|| "-".to_string(), takeover)
         ),
     }
     Ok(ExitCode::SUCCESS)
 }
 
-/// `reboot_in_progress` of `GET /v1/status` in a few words.
-fn in_progress(p: &Value) -> String {
-    let mut s = format!(
-        "{} reboot, {}, {} s in",
-        text(&p["mode"]),
-        text(&p["phase"]),
-        p["elapsed_ms"].as_u64().unwrap_or(0) / 1000
-    );
-    if p["vms_total"].as_u64().unwrap_or(0) > 0 {
-        s.push_str(&format!(
-            ", {} of {} VMs done",
-            text(&p["vms_done"]),
-            text(&p["vms_total"])
-        ));
-    }
-    s
+/// The VMs a saved or cold reboot did not bring back, as `name: why`.
+fn not_back(vms: &[ModeRebootVm]) -> Vec<String> {
+    vms.iter()
+        .filter_map(|v| Some(format!("{}: {}", v.name, v.error.as_ref()?)))
+        .collect()
 }
 
 /// `last_takeover` of `GET /v1/status` on one line.
-fn takeover(t: &Value) -> String {
+fn takeover(t: &TakeoverInfo) -> String {
     format!(
         "from pid {} ({} to {}), state format {}, {}, host-wide blackout {:.3} ms",
-        text(&t["previous_pid"]),
-        text(&t["from_build"]),
-        text(&t["to_build"]),
-        text(&t["state_format"]),
-        if t["commit_protocol"] == true {
+        t.previous_pid
+            .map_or_else(|| "-".to_string(), |p| p.to_string()),
+        t.from_build,
+        t.to_build,
+        t.state_format,
+        if t.commit_protocol {
             "with a commit point"
         } else {
             "without a commit point (an older build)"
         },
-        t["host_blackout_us"].as_u64().unwrap_or(0) as f64 / 1000.0
+        t.host_blackout_us as f64 / 1000.0
     )
 }
 
 /// `last_reboot` of `GET /v1/status` on one line.
-fn last_reboot(r: &Value) -> String {
-    let vms = r["vms"].as_array().map_or(0, Vec::len);
-    let failed: Vec<String> = r["vms"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|v| Some(format!("{}: {}", v["name"].as_str()?, v["error"].as_str()?)))
-        .collect();
+fn last_reboot(r: &ModeReboot) -> String {
+    let failed = not_back(&r.vms);
     let mut s = format!(
-        "{} reboot from pid {}{}, host-wide downtime {:.1} ms, {} of {vms} VMs back",
-        text(&r["mode"]),
-        text(&r["previous_pid"]),
-        if r["recovered"] == true {
+        "{} reboot from pid {}{}, host-wide downtime {:.1} ms, {} of {} VMs back",
+        r.mode,
+        r.previous_pid,
+        if r.recovered {
             " (recovered after an interruption)"
         } else {
             ""
         },
-        r["host_downtime_us"].as_u64().unwrap_or(0) as f64 / 1000.0,
-        vms - failed.len()
+        r.host_downtime_us as f64 / 1000.0,
+        r.vms.len() - failed.len(),
+        r.vms.len()
     );
     if !failed.is_empty() {
         s.push_str(&format!("; NOT BACK: {}", failed.join("; ")));
@@ -394,51 +349,60 @@ pub fn vm(cmd: VmCommand, api: &ApiArgs) -> Result<ExitCode, Failure> {
                     ));
                 }
             }
-            let r = client(api).create_passing_taps(&vm)?;
+            let r = client(api)
+                .typed()
+                .create_passing_taps(&vm)
+                .map_err(failure::api)?;
             if api.json {
-                output::print_json(&r);
+                output::print_json(&r.json);
             } else {
                 println!(
                     "{}: created and started ({} MiB, {} vCPU); console log {}",
-                    text(&r["name"]),
-                    text(&r["memory_mib"]),
-                    text(&r["vcpus"]),
-                    text(&r["console_log"])
+                    r.name,
+                    r.memory_mib,
+                    r.vcpus,
+                    r.console_log.display()
                 );
             }
         }
         VmCommand::List => {
-            let r = client(api).list()?;
+            let r = client(api).typed().list().map_err(failure::api)?;
             if api.json {
-                output::print_json(&r);
+                output::print_json(&r.json);
             } else {
-                print_list(r["vms"].as_array().map(Vec::as_slice).unwrap_or_default());
+                print_list(&r.vms);
             }
         }
         VmCommand::Show { name } => {
-            let r = client(api).show(&name)?;
+            let r = client(api).typed().show(&name).map_err(failure::api)?;
             if api.json {
-                output::print_json(&r);
+                output::print_json(&r.json);
             } else {
                 print_show(&r);
             }
         }
         VmCommand::Pause { name } => {
-            let r = client(api).pause(&name)?;
+            let r = client(api).typed().pause(&name).map_err(failure::api)?;
             done(api, &r, "paused");
         }
         VmCommand::Resume { name } => {
-            let r = client(api).resume(&name)?;
+            let r = client(api).typed().resume(&name).map_err(failure::api)?;
             done(api, &r, "resumed");
         }
         VmCommand::Stop { name, grace_secs } => {
-            let r = client(api).stop(&name, grace_secs)?;
+            let r = client(api)
+                .typed()
+                .stop(&name, grace_secs)
+                .map_err(failure::api)?;
             done(api, &r, &format!("stopped: {}", state(&r)));
         }
         VmCommand::Delete { name, keep_logs } => {
-            let r = client(api).delete(&name, keep_logs)?;
+            let r = client(api)
+                .typed()
+                .delete(&name, keep_logs)
+                .map_err(failure::api)?;
             let what = if keep_logs {
-                format!("deleted; console log kept in {}", text(&r["console_log"]))
+                format!("deleted; console log kept in {}", r.console_log.display())
             } else {
                 "deleted, with its state directory".to_string()
             };
@@ -450,22 +414,29 @@ pub fn vm(cmd: VmCommand, api: &ApiArgs) -> Result<ExitCode, Failure> {
             leave_paused,
         } => {
             let dir = absolute(&dir)?;
-            let r = client(api).snapshot(&name, &dir, leave_paused)?;
+            let req = SnapshotRequest {
+                dir: dir.clone(),
+                leave_paused,
+            };
+            let r = client(api)
+                .typed()
+                .snapshot(&name, &req)
+                .map_err(failure::api)?;
             if api.json {
-                output::print_json(&r);
+                output::print_json(&r.json);
             } else {
-                let mib = |k: &str| r[k].as_u64().unwrap_or(0) as f64 / f64::from(1 << 20);
-                let ms = |k: &str| r[k].as_u64().unwrap_or(0) as f64 / 1000.0;
+                let mib = |bytes: u64| bytes as f64 / f64::from(1 << 20);
+                let ms = |us: u64| us as f64 / 1000.0;
                 println!(
                     "{name}: snapshot in {}: {:.1} MiB of {:.0} MiB RAM written in {:.1} ms ({:.0} MiB/s{}), {}",
                     dir.display(),
-                    mib("written_bytes"),
-                    mib("ram_bytes"),
-                    ms("ram_us"),
-                    mib("written_bytes") / (ms("ram_us") / 1000.0).max(1e-6),
-                    if r["direct_io"] == true { ", direct I/O" } else { "" },
-                    if r["resumed"] == true {
-                        format!("running again after {:.1} ms", ms("downtime_us"))
+                    mib(r.written_bytes),
+                    mib(r.ram_bytes),
+                    ms(r.ram_us),
+                    mib(r.written_bytes) / (ms(r.ram_us) / 1000.0).max(1e-6),
+                    if r.direct_io { ", direct I/O" } else { "" },
+                    if r.resumed {
+                        format!("running again after {:.1} ms", ms(r.downtime_us))
                     } else {
                         "left paused".to_string()
                     }
@@ -479,8 +450,13 @@ pub fn vm(cmd: VmCommand, api: &ApiArgs) -> Result<ExitCode, Failure> {
             disks,
         } => {
             let dir = absolute(&dir)?;
-            let backing = warmvm_vmm::snapshot::Backing { disks, taps };
-            let r = client(api).restore(&dir, name.as_deref(), &backing)?;
+            let req = RestoreRequest {
+                dir: dir.clone(),
+                name,
+                disks,
+                taps,
+            };
+            let r = client(api).typed().restore(&req).map_err(failure::api)?;
             done(
                 api,
                 &r,
@@ -502,11 +478,11 @@ fn absolute(p: &Path) -> Result<std::path::PathBuf, Failure> {
         .map_err(|e| Failure::new(EXIT_BAD_INPUT, format!("{}: {e}", p.display())))
 }
 
-fn done(api: &ApiArgs, report: &Value, what: &str) {
+fn done(api: &ApiArgs, report: &Answer<VmReport>, what: &str) {
     if api.json {
-        output::print_json(report);
+        output::print_json(&report.json);
     } else {
-        println!("{}: {what}", text(&report["name"]));
+        println!("{}: {what}", report.name);
     }
 }
 
@@ -615,21 +591,13 @@ fn one_line(msg: &str) -> String {
     }
 }
 
-fn text(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        Value::Null => "-".into(),
-        other => other.to_string(),
-    }
-}
-
 /// `running`, `powered-off (exit 0)`, `crashed: reason`.
-fn state(r: &Value) -> String {
-    let s = text(&r["state"]);
-    match (&r["exit_status"], &r["reason"]) {
-        (Value::Number(n), _) => format!("{s} (exit {n})"),
-        (_, Value::String(reason)) => format!("{s}: {reason}"),
-        _ => s,
+fn state(r: &VmReport) -> String {
+    let s = r.lifecycle.name();
+    match &r.lifecycle {
+        Lifecycle::PoweredOff { exit_status } => format!("{s} (exit {exit_status})"),
+        Lifecycle::Crashed { reason } => format!("{s}: {reason}"),
+        _ => s.to_string(),
     }
 }
 
@@ -643,7 +611,14 @@ fn duration(ms: u64) -> String {
     }
 }
 
-fn print_list(vms: &[Value]) {
+/// A figure the reference guest reports, or `-` for a guest that reports none.
+fn guest_figure(r: &VmReport, figure: impl Fn(&GuestFigures) -> u64) -> String {
+    r.guest
+        .as_ref()
+        .map_or_else(|| "-".to_string(), |g| figure(g).to_string())
+}
+
+fn print_list(vms: &[VmReport]) {
     if vms.is_empty() {
         println!("no VMs");
         return;
@@ -651,16 +626,15 @@ fn print_list(vms: &[Value]) {
     let rows = vms
         .iter()
         .map(|r| {
-            let g = &r["guest"];
             vec![
-                text(&r["name"]),
-                text(&r["state"]),
-                text(&r["memory_mib"]),
-                text(&r["vcpus"]),
-                duration(r["uptime_ms"].as_u64().unwrap_or(0)),
-                text(&g["counter"]),
-                text(&g["pages_verified"]),
-                text(&g["mismatches"]),
+                r.name.clone(),
+                r.lifecycle.name().to_string(),
+                r.memory_mib.to_string(),
+                r.vcpus.to_string(),
+                duration(r.uptime_ms),
+                guest_figure(r, |g| g.counter),
+                guest_figure(r, |g| g.pages_verified),
+                guest_figure(r, |g| g.mismatches),
             ]
         })
         .collect();
@@ -685,32 +659,40 @@ fn print_list(vms: &[Value]) {
 
 /// The VM's virtio devices, one line each: where the guest finds it, its host backing,
 /// its standing and its counters.
-fn print_devices(r: &Value) {
-    let Some(devices) = r["devices"].as_array().filter(|d| !d.is_empty()) else {
+fn print_devices(r: &VmReport) {
+    if r.devices.is_empty() {
         return;
-    };
-    let rows = devices
+    }
+    let or_dash = |s: Option<&str>| s.unwrap_or("-").to_string();
+    let rows = r
+        .devices
         .iter()
         .map(|d| {
-            let backing = if d["kind"] == "virtio-blk" {
+            let backing = if d.kind == DeviceKind::VirtioBlk {
                 format!(
                     "{}{} cache={}",
-                    text(&d["path"]),
-                    if d["read_only"] == true { " ro" } else { "" },
-                    text(&d["cache"])
+                    d.path
+                        .as_ref()
+                        .map_or_else(|| "-".to_string(), |p| p.display().to_string()),
+                    if d.read_only == Some(true) { " ro" } else { "" },
+                    or_dash(d.cache.map(|c| c.name()))
                 )
             } else {
-                format!("TAP {} mac {}", text(&d["tap"]), text(&d["mac"]))
+                format!(
+                    "TAP {} mac {}",
+                    or_dash(d.tap.as_deref()),
+                    or_dash(d.mac.as_deref())
+                )
             };
             vec![
-                text(&d["name"]),
-                text(&d["kind"]),
-                format!("{:#x}", d["mmio_base"].as_u64().unwrap_or(0)),
-                d["irq"].as_u64().map_or("-".into(), |i| i.to_string()),
+                d.name.clone(),
+                d.kind.name().to_string(),
+                format!("{:#x}", d.mmio_base),
+                d.irq.map_or("-".into(), |i| i.to_string()),
                 backing,
-                text(&d["status"]),
-                text(&d["requests"]),
-                text(&d["failures"]),
+                d.status.name().to_string(),
+                d.requests.to_string(),
+                d.failures.to_string(),
             ]
         })
         .collect();
@@ -731,29 +713,18 @@ const SILENT_HINT_AFTER_MS: u64 = 10_000;
 /// A hint for a kernel (not the reference guest, which reports its own figures) that has
 /// run for a while without writing a byte to its console: "running" alone says nothing
 /// about whether it got anywhere.
-fn silent_guest_hint(r: &Value, console_bytes: Option<u64>) -> Option<String> {
-    let uptime_ms = r["uptime_ms"].as_u64()?;
-    if r["state"] != "running"
-        || r["boot"] == "ring3"
+fn silent_guest_hint(r: &VmReport, console_bytes: Option<u64>) -> Option<String> {
+    if r.lifecycle != Lifecycle::Running
+        || r.boot == "ring3"
         || console_bytes != Some(0)
-        || uptime_ms < SILENT_HINT_AFTER_MS
+        || r.uptime_ms < SILENT_HINT_AFTER_MS
     {
         return None;
     }
-    let exits: u64 = r["exits"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|e| {
-            ["io_exits", "mmio_exits"]
-                .iter()
-                .map(|k| e[*k].as_u64().unwrap_or(0))
-                .sum::<u64>()
-        })
-        .sum();
+    let exits: u64 = r.exits.iter().map(|e| e.io_exits + e.mmio_exits).sum();
     Some(format!(
         "no console output in {} s of running{}: the kernel may be stuck before its serial console starts, or print elsewhere (its cmdline needs console=ttyS0)",
-        uptime_ms / 1000,
+        r.uptime_ms / 1000,
         if exits == 0 {
             " and no I/O or MMIO exit"
         } else {
@@ -762,58 +733,47 @@ fn silent_guest_hint(r: &Value, console_bytes: Option<u64>) -> Option<String> {
     ))
 }
 
-fn print_show(r: &Value) {
+fn print_show(r: &VmReport) {
     let field = |k: &str, v: String| println!("{k:<18} {v}");
-    field("name", text(&r["name"]));
+    field("name", r.name.clone());
     field("state", state(r));
     field(
         "memory",
-        format!(
-            "{} MiB ({} MiB resident)",
-            text(&r["memory_mib"]),
-            text(&r["ram_resident_mib"])
-        ),
+        format!("{} MiB ({} MiB resident)", r.memory_mib, r.ram_resident_mib),
     );
-    field("vcpus", text(&r["vcpus"]));
-    field("boot", text(&r["boot"]));
-    field("uptime", duration(r["uptime_ms"].as_u64().unwrap_or(0)));
-    field("console log", text(&r["console_log"]));
+    field("vcpus", r.vcpus.to_string());
+    field("boot", r.boot.clone());
+    field("uptime", duration(r.uptime_ms));
+    field("console log", r.console_log.display().to_string());
     // The log is on this host when the daemon is (as `vm console` assumes); else no hint.
-    let console_bytes = r["console_log"]
-        .as_str()
-        .and_then(|p| std::fs::metadata(p).ok())
-        .map(|m| m.len());
+    let console_bytes = std::fs::metadata(&r.console_log).ok().map(|m| m.len());
     if let Some(hint) = silent_guest_hint(r, console_bytes) {
         field("hint", hint);
     }
-    let u = &r["unknown_accesses"];
+    let u = &r.unknown_accesses;
     field(
         "unknown accesses",
         format!(
             "pio {}r/{}w, mmio {}r/{}w",
-            text(&u["pio_reads"]),
-            text(&u["pio_writes"]),
-            text(&u["mmio_reads"]),
-            text(&u["mmio_writes"])
+            u.pio_reads, u.pio_writes, u.mmio_reads, u.mmio_writes
         ),
     );
     println!();
-    let exits = r["exits"]
-        .as_array()
-        .into_iter()
-        .flatten()
+    let exits = r
+        .exits
+        .iter()
         .map(|e| {
             [
-                "id",
-                "io_exits",
-                "mmio_exits",
-                "other_exits",
-                "kicks",
-                "waits",
-                "wait_ms",
+                u64::from(e.id),
+                e.io_exits,
+                e.mmio_exits,
+                e.other_exits,
+                e.kicks,
+                e.waits,
+                e.wait_ms,
             ]
             .iter()
-            .map(|k| text(&e[*k]))
+            .map(u64::to_string)
             .collect()
         })
         .collect();
@@ -834,39 +794,36 @@ fn print_show(r: &Value) {
         )
     );
     print_devices(r);
-    let g = &r["guest"];
     println!();
-    if g.is_null() {
+    let Some(g) = &r.guest else {
         println!(
             "no reference-guest figures (not the reference guest, or it has not reported yet)"
         );
         return;
-    }
-    field("pages verified", text(&g["pages_verified"]));
-    field("mismatches", text(&g["mismatches"]));
-    field("counter", text(&g["counter"]));
-    field("min passes", text(&g["min_passes"]));
-    field("register failures", text(&g["register_check_failures"]));
-    field("time backwards", text(&g["time_went_backwards"]));
+    };
+    field("pages verified", g.pages_verified.to_string());
+    field("mismatches", g.mismatches.to_string());
+    field("counter", g.counter.to_string());
+    field("min passes", g.min_passes.to_string());
+    field("register failures", g.register_check_failures.to_string());
+    field("time backwards", g.time_went_backwards.to_string());
     println!();
-    let vcpus = g["vcpus"]
-        .as_array()
-        .into_iter()
-        .flatten()
+    let vcpus = g
+        .vcpus
+        .iter()
         .enumerate()
         .map(|(i, v)| {
-            let mut row = vec![i.to_string()];
+            let mut row = vec![i.to_string(), v.phase.clone()];
             row.extend(
                 [
-                    "phase",
-                    "pages_owned",
-                    "pages_verified",
-                    "mismatches",
-                    "passes",
-                    "counter",
+                    v.pages_owned,
+                    v.pages_verified,
+                    v.mismatches,
+                    v.passes,
+                    v.counter,
                 ]
                 .iter()
-                .map(|k| text(&v[*k])),
+                .map(u64::to_string),
             );
             row
         })
@@ -896,11 +853,25 @@ mod tests {
 
     #[test]
     fn a_kernel_silent_for_a_while_gets_a_hint() {
-        let vm = |boot: &str, state: &str, uptime_ms: u64, io: u64| {
-            serde_json::json!({
-                "boot": boot, "state": state, "uptime_ms": uptime_ms,
-                "exits": [{ "io_exits": io, "mmio_exits": 0 }],
-            })
+        let vm = |boot: &str, state: &str, uptime_ms: u64, io: u64| VmReport {
+            name: "k".into(),
+            lifecycle: match state {
+                "running" => Lifecycle::Running,
+                _ => Lifecycle::Paused,
+            },
+            memory_mib: 64,
+            vcpus: 1,
+            boot: boot.into(),
+            uptime_ms,
+            console_log: PathBuf::from("/nonexistent/console.log"),
+            ram_resident_mib: 1,
+            exits: vec![warmvm_vmm::VcpuStats {
+                io_exits: io,
+                ..Default::default()
+            }],
+            unknown_accesses: Default::default(),
+            devices: Vec::new(),
+            guest: None,
         };
         let hint = silent_guest_hint(&vm("linux", "running", 12_000, 0), Some(0)).unwrap();
         assert!(hint.contains("no console output in 12 s"), "{hint}");

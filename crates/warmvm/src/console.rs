@@ -2,12 +2,12 @@
 //! report, `console_log`) and follow it live, as `tail -f` would, until the VM ends.
 
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use warmvm_api::{Client, ClientError};
+use warmvm_vmm::Lifecycle;
 
-use crate::failure::{Failure, EXIT_HOST};
+use crate::failure::{self, Failure, EXIT_HOST};
 
 /// How often the log is polled for new output while following.
 const POLL: Duration = Duration::from_millis(20);
@@ -15,8 +15,11 @@ const POLL: Duration = Duration::from_millis(20);
 const STATE_POLL: Duration = Duration::from_millis(500);
 
 /// States in which a VM may still write to its console.
-fn may_write(state: &str) -> bool {
-    matches!(state, "created" | "running" | "paused")
+fn may_write(state: &Lifecycle) -> bool {
+    matches!(
+        state,
+        Lifecycle::Created | Lifecycle::Running | Lifecycle::Paused
+    )
 }
 
 /// The byte offset where the last `n` lines of `buf` start.
@@ -57,16 +60,12 @@ pub fn follow(
     lines: Option<usize>,
     follow: bool,
 ) -> Result<(), Failure> {
-    let report = client.show(name)?;
-    let path = report["console_log"]
-        .as_str()
-        .map(PathBuf::from)
-        .ok_or_else(|| {
-            Failure::new(
-                EXIT_HOST,
-                format!("the daemon names no console log for VM {name}"),
-            )
-        })?;
+    let report = client
+        .typed()
+        .show(name)
+        .map_err(failure::api)?
+        .into_value();
+    let path = report.console_log;
     let unreadable = |e: std::io::Error| {
         Failure::new(
             EXIT_HOST,
@@ -81,7 +80,7 @@ pub fn follow(
     if !emit(&mut out, &buf[start..])? || !follow {
         return Ok(());
     }
-    let mut running = report["state"].as_str().is_some_and(may_write);
+    let mut running = may_write(&report.lifecycle);
     let mut asked = Instant::now();
     let mut chunk = vec![0u8; 64 * 1024];
     loop {
@@ -104,11 +103,11 @@ pub fn follow(
         std::thread::sleep(POLL);
         if asked.elapsed() >= STATE_POLL {
             asked = Instant::now();
-            running = match client.show(name) {
-                Ok(r) => r["state"].as_str().is_some_and(may_write),
+            running = match client.typed().show(name) {
+                Ok(r) => may_write(&r.lifecycle),
                 // Deleted meanwhile: nothing more will come.
                 Err(ClientError::Api { status: 404, .. }) => false,
-                Err(e) => return Err(e.into()),
+                Err(e) => return Err(failure::api(e)),
             };
         }
     }

@@ -13,7 +13,7 @@ use warmvm_cli_common::stats::{p50_p99_max, percentile, P99_MIN_SAMPLES};
 use warmvm_vmm::handover::{self, RebootOptions, RebootReport};
 use warmvm_vmm::{Config, Host, Lifecycle, VmConfig, VmReport};
 
-use crate::failure::{Failure, EXIT_BAD_INPUT, EXIT_VM_FAILED};
+use crate::failure::{self, Failure, EXIT_BAD_INPUT, EXIT_VM_FAILED};
 use crate::output;
 
 /// `warmvm demo`'s arguments.
@@ -305,11 +305,11 @@ fn first_vmm(args: &DemoArgs, state_dir: PathBuf) -> Result<ExitCode, Failure> {
     };
     config
         .validate(warmvm_vmm::HostLimits::probe())
-        .map_err(Failure::from)?;
+        .map_err(failure::config)?;
     let started = Instant::now();
-    let mut host = Host::open(&config.state_dir())?;
-    host.create_all(&config)?;
-    host.start_all()?;
+    let mut host = Host::open(&config.state_dir()).map_err(failure::host)?;
+    host.create_all(&config).map_err(failure::host)?;
+    host.start_all().map_err(failure::host)?;
     if !args.json {
         eprintln!(
             "warmvm demo: {} VMs of {} MiB with {} vCPU each; verifying their memory for at least {} s{}",

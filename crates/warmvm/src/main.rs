@@ -22,11 +22,5 @@ fn main() -> ExitCode {
     warmvm_vmm::executable::remember();
     let args = args::Cli::parse();
     cli::init_logging(&args);
-    match cli::dispatch(args) {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("warmvm: error: {}", e.message);
-            ExitCode::from(e.code)
-        }
-    }
+    cli::dispatch(args).unwrap_or_else(failure::Failure::exit)
 }

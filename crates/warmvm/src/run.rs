@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use warmvm_vmm::{Config, Host, Lifecycle};
 
-use crate::failure::{Failure, EXIT_BAD_INPUT, EXIT_HOST, EXIT_VM_FAILED};
+use crate::failure::{self, Failure, EXIT_BAD_INPUT, EXIT_HOST, EXIT_VM_FAILED};
 use crate::output;
 
 /// Flags set by SIGINT/SIGTERM.
@@ -25,20 +25,21 @@ pub fn run(
     state_dir: Option<PathBuf>,
     grace_secs: u64,
 ) -> Result<ExitCode, Failure> {
-    let mut config = Config::from_toml_file(config_path)?;
+    let mut config = Config::from_toml_file(config_path).map_err(failure::config)?;
     if state_dir.is_some() {
         config.state_dir = state_dir;
     }
     // Validate before touching KVM, so config mistakes are reported as such on any host.
     config
         .validate(warmvm_vmm::HostLimits::probe())
-        .map_err(Failure::from)?;
+        .map_err(failure::config)?;
     let given_taps = warmvm_vmm::take_inherited_taps(&config)
         .map_err(|e| Failure::new(crate::failure::EXIT_BAD_INPUT, e.to_string()))?;
     let stop = termination_flag()?;
-    let mut host = Host::open(&config.state_dir())?;
-    host.create_all_with(&config, given_taps)?;
-    host.start_all()?;
+    let mut host = Host::open(&config.state_dir()).map_err(failure::host)?;
+    host.create_all_with(&config, given_taps)
+        .map_err(failure::host)?;
+    host.start_all().map_err(failure::host)?;
     if !json {
         for vm in host.vms() {
             eprintln!(

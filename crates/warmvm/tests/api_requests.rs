@@ -401,7 +401,7 @@ fn typed_client_answers_decode_a_live_daemons_json() {
     assert!(!c.typed().hold(false).unwrap().hold);
     let history = c.typed().aging_history().unwrap();
     assert_eq!(
-        serde_json::to_value(&history).unwrap()["samples"]
+        serde_json::to_value(&history.value).unwrap()["samples"]
             .as_array()
             .map(Vec::len),
         Some(history.samples.len())

@@ -35,11 +35,12 @@ pub struct RebootRecord {
     /// The guests' pause in a warm reboot; 0 in a saved or cold one (no VM was handed over:
     /// see `downtime_us`).
     pub host_blackout_us: u64,
-    /// How the daemon was rebooted; absent from records of builds that did not say (then
-    /// it may have been any).
+    /// How the daemon was rebooted; absent from records of builds before commit 742695a
+    /// (then it may have been any).
     #[serde(default)]
     pub mode: Option<crate::types::Mode>,
-    /// Saved or cold: from the first guest stopping to the last one back, if known.
+    /// Saved or cold: from the first guest stopping to the last one back, if known (added
+    /// by commit 742695a).
     #[serde(default)]
     pub downtime_us: Option<u64>,
 }

@@ -97,10 +97,10 @@ pub struct AgingReport {
     pub events: Vec<Event>,
     pub reboots: Vec<RebootRecord>,
     pub config: AgingConfig,
-    /// Where `config` came from; absent from older daemons' reports.
+    /// Where `config` came from; added by commit 15a672d, absent from older daemons' reports.
     #[serde(default)]
     pub settings_source: Option<SettingsSource>,
-    /// For inherited settings: the daemon that handed them over.
+    /// For inherited settings: the daemon that handed them over (commit 15a672d).
     #[serde(default)]
     pub settings_from_pid: Option<u32>,
 }
@@ -280,11 +280,7 @@ impl Monitor {
             },
             str::to_string,
         );
-        let action = match decision.action {
-            Action::Reboot => "reboot",
-            Action::Alert => "alert",
-            Action::Skip => "skip",
-        };
+        let action = decision.action.name();
         *inner
             .decisions
             .entry((action.to_string(), label))

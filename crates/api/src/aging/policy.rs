@@ -66,6 +66,17 @@ pub enum Action {
     Skip,
 }
 
+impl Action {
+    /// The name the reports use.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Action::Reboot => "reboot",
+            Action::Alert => "alert",
+            Action::Skip => "skip",
+        }
+    }
+}
+
 /// A decision with its trigger and why.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Decision {

@@ -50,6 +50,16 @@ pub enum CacheMode {
     Writeback,
 }
 
+impl CacheMode {
+    /// The name the config and the reports use.
+    pub fn name(self) -> &'static str {
+        match self {
+            CacheMode::None => "none",
+            CacheMode::Writeback => "writeback",
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
     #[error("disk image {path}: {err}")]

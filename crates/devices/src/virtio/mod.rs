@@ -48,7 +48,7 @@ pub const TYPE_NET: u32 = 1;
 pub const TYPE_BLOCK: u32 = 2;
 
 /// How a virtio device stands with its driver, for reports.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum DeviceHealth {
     /// The driver set DRIVER_OK and the device serves.
@@ -59,6 +59,18 @@ pub enum DeviceHealth {
     DriverFailed,
     /// No driver has finished setting the device up (since boot or its last reset).
     NotStarted,
+}
+
+impl DeviceHealth {
+    /// The name the reports use.
+    pub fn name(self) -> &'static str {
+        match self {
+            DeviceHealth::Ok => "ok",
+            DeviceHealth::NeedsReset => "needs-reset",
+            DeviceHealth::DriverFailed => "driver-failed",
+            DeviceHealth::NotStarted => "not-started",
+        }
+    }
 }
 
 /// One virtio device's standing and counters.
