@@ -188,7 +188,7 @@ impl<'a> Session<'a> {
         let have_cores = crate::vcpu::vcpus_have_cores(&staged.vms);
         // Memory to read the state into, touched now rather than page by page inside the
         // blackout.
-        let buf = envelope::prefaulted(super::messages::state_size_hint(&staged.specs));
+        let buf = envelope::prefaulted_beside_heap(super::messages::state_size_hint(&staged.specs));
         faults::hit(Point::NewStaged);
         self.send_prepared().map_err(at(Phase::Stage))?;
         faults::hit(Point::NewPrepared);

@@ -132,7 +132,7 @@ pub fn warm_reboot(host: &Host, opts: &RebootOptions) -> Result<Handed, RebootEr
     // the blackout cost more than encoding the state.
     let hint = state_size_hint(&vms.iter().map(|vm| vm.spec()).collect::<Vec<_>>());
     let out = match envelope::StateMemfd::create(hint) {
-        Ok(memfd) => (envelope::prefaulted(hint), memfd),
+        Ok(memfd) => (envelope::prefaulted_beside_heap(hint), memfd),
         Err(e) => {
             let error = peer.stop_and_explain(HandoverError::from(e));
             tracing::error!(error = %error, "warm reboot failed while staging; the VMs run on");

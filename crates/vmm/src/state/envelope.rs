@@ -121,6 +121,17 @@ pub fn prefaulted(capacity: usize) -> Vec<u8> {
     buf
 }
 
+/// [`prefaulted`], for a buffer that lives across a step which allocates about as much
+/// again (a capture building the VMs' records, a decode): as much heap is touched and
+/// freed around it, so that the step does not fault in fresh heap behind the buffer where
+/// it would have reused what was free.
+pub fn prefaulted_beside_heap(capacity: usize) -> Vec<u8> {
+    let room = prefaulted(capacity);
+    let buf = prefaulted(capacity);
+    drop(room);
+    buf
+}
+
 /// Check and decode an envelope. Returns the value and the format version it was written in.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<(T, u32), StateError> {
     let (version, payload) = open(bytes)?;
