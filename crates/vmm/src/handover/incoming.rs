@@ -182,12 +182,16 @@ impl<'a> Session<'a> {
         let kvm = self.kvm.take();
         let staged = self.stage(kvm).map_err(at(Phase::Stage))?;
         self.binary = Some(crate::executable::info());
+        // Asked before `Prepared`, on which the old VMM pauses the guests: this process
+        // would otherwise take the cores from the blackout's start. Finding the host's
+        // cores reads cgroup files (tens of microseconds here).
+        let have_cores = crate::vm::vcpus_have_cores(&staged.vms);
+        // Memory to read the state into, touched now rather than page by page inside the
+        // blackout.
+        let buf = envelope::prefaulted_beside_heap(super::messages::state_size_hint(&staged.specs));
         faults::hit(Point::NewStaged);
         self.send_prepared().map_err(at(Phase::Stage))?;
         faults::hit(Point::NewPrepared);
-        // Asked before the pause: finding the host's cores reads cgroup files (tens of
-        // microseconds here).
-        let have_cores = crate::vm::vcpus_have_cores(&staged.vms);
         let (msg, files) = self.channel.recv::<Msg>().map_err(at(Phase::Transfer))?;
         let received_ns = monotonic_ns();
         let realtime = super::priority::Realtime::enter();
@@ -205,7 +209,7 @@ impl<'a> Session<'a> {
         }
         faults::hit(Point::NewState);
         let state = self
-            .read_state(msg, files, &staged.specs)
+            .read_state(msg, files, &staged.specs, buf)
             .map_err(at(Phase::Transfer))?;
         let transfer_us = t_transfer.elapsed().as_micros() as u64;
         let read_ns = monotonic_ns();
@@ -357,8 +361,9 @@ impl<'a> Session<'a> {
         msg: Msg,
         mut files: Vec<File>,
         specs: &[VmSpec],
+        buf: Vec<u8>,
     ) -> Result<Received, HandoverError> {
-        let bytes = state_bytes(msg, &mut files)?;
+        let bytes = state_bytes(msg, &mut files, buf)?;
         let (version, payload) = envelope::open(&bytes)?;
         if version != self.format {
             return Err(Violation::FormatMismatch {
@@ -595,7 +600,7 @@ enum Decision {
     Unknown(HandoverError),
 }
 
-fn state_bytes(msg: Msg, files: &mut Vec<File>) -> Result<Vec<u8>, HandoverError> {
+fn state_bytes(msg: Msg, files: &mut Vec<File>, buf: Vec<u8>) -> Result<Vec<u8>, HandoverError> {
     if !matches!(msg, Msg::State) || files.len() != 1 {
         return Err(match msg {
             Msg::Abort => HandoverError::Aborted,
@@ -606,7 +611,7 @@ fn state_bytes(msg: Msg, files: &mut Vec<File>) -> Result<Vec<u8>, HandoverError
             .into(),
         });
     }
-    Ok(envelope::from_sealed_memfd(files.remove(0))?)
+    Ok(envelope::from_sealed_memfd_into(files.remove(0), buf)?)
 }
 
 fn check_refusal_fault() -> Result<(), HandoverError> {

@@ -127,6 +127,20 @@ pub(crate) struct HandoverState {
     pub stage_us: u64,
 }
 
+/// About how many bytes a [`HandoverState`] of VMs with these specs encodes to, erring
+/// high: each spec twice (the vCPUs' CPUIDs travel again in their state), 8 KiB a vCPU
+/// (registers, XSAVE area, local APIC, MSRs) and 8 KiB a VM (irqchips, devices). Both VMMs
+/// make the state's memory ready this large while staging.
+pub(crate) fn state_size_hint(specs: &[VmSpec]) -> usize {
+    specs
+        .iter()
+        .map(|spec| {
+            let encoded = rmp_serde::to_vec_named(spec).map_or(4096, |b| b.len());
+            2 * encoded + 8192 * spec.cpuids.len() + 8192
+        })
+        .sum()
+}
+
 /// One VM's blackout.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct VmBlackout {

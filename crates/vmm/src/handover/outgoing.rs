@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 use super::commit_flag::CommitFlag;
 use super::envelope;
 use super::faults::{self, Point};
-use super::messages::{HandoverState, Msg, Phase, PhaseTimes, RebootReport, RebootStamps};
+use super::messages::{
+    state_size_hint, HandoverState, Msg, Phase, PhaseTimes, RebootReport, RebootStamps,
+};
 use super::stderr::StderrRelay;
 use super::{HandoverError, Late, Violation, COMMIT_FLAG_FD, STDERR_FD};
 use crate::channel::{Channel, ChannelError};
@@ -126,6 +128,17 @@ pub fn warm_reboot(host: &Host, opts: &RebootOptions) -> Result<Handed, RebootEr
         return Err(at(Phase::Stage)(error));
     }
     faults::hit(Point::OldPrepared);
+    // The state's memory, allocated and touched now: faulting it in page by page inside
+    // the blackout cost more than encoding the state.
+    let hint = state_size_hint(&vms.iter().map(|vm| vm.spec()).collect::<Vec<_>>());
+    let out = match envelope::StateMemfd::create(hint) {
+        Ok(memfd) => (envelope::prefaulted_beside_heap(hint), memfd),
+        Err(e) => {
+            let error = peer.stop_and_explain(HandoverError::from(e));
+            tracing::error!(error = %error, "warm reboot failed while staging; the VMs run on");
+            return Err(at(Phase::Stage)(error));
+        }
+    };
     let stage_us = t_stage.elapsed().as_micros() as u64;
     if let Some(hook) = &opts.before_blackout {
         hook();
@@ -175,14 +188,20 @@ pub fn warm_reboot(host: &Host, opts: &RebootOptions) -> Result<Handed, RebootEr
             return Err(at(Phase::Capture)(late(opts.ready_budget, "the capture")));
         }
         reached.set(Phase::Transfer);
-        let bytes = envelope::encode(&state, envelope::FORMAT_VERSION)
-            .and_then(|b| envelope::to_sealed_memfd(&b).map(|memfd| (b.len(), memfd)))
-            .map_err(HandoverError::from)
-            .and_then(|(len, memfd)| {
-                channel.send(&Msg::State, &[memfd.as_raw_fd()])?;
-                Ok(len as u64)
-            })
-            .map_err(at(Phase::Transfer))?;
+        let (mut buf, memfd) = out;
+        let bytes = envelope::encode_into(
+            &envelope::HANDOVER,
+            &state,
+            envelope::FORMAT_VERSION,
+            &mut buf,
+        )
+        .and_then(|()| memfd.seal(&buf).map(|memfd| (buf.len(), memfd)))
+        .map_err(HandoverError::from)
+        .and_then(|(len, memfd)| {
+            channel.send(&Msg::State, &[memfd.as_raw_fd()])?;
+            Ok(len as u64)
+        })
+        .map_err(at(Phase::Transfer))?;
         let sent_ns = monotonic_ns();
         faults::hit(Point::OldStateSent);
         if Instant::now() >= ready_deadline {

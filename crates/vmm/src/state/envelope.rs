@@ -4,7 +4,7 @@
 //! writes it to a file with a magic of its own.
 
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom};
 use std::os::fd::{AsRawFd, FromRawFd};
 
 use serde::{de::DeserializeOwned, Serialize};
@@ -52,14 +52,29 @@ pub fn encode_as<T: Serialize>(
     value: &T,
     version: u32,
 ) -> Result<Vec<u8>, StateError> {
-    let payload = rmp_serde::to_vec_named(value).map_err(|err| StateError::Encode {
+    let mut out = Vec::new();
+    encode_into(kind, value, version, &mut out)?;
+    Ok(out)
+}
+
+/// Encode `value` as an envelope of `kind` into `out` (cleared first), in place: the payload
+/// is written behind room for the header, which is filled in once the payload's length and
+/// checksum are known. Memory `out` already has (see [`prefaulted`]) is reused as it is.
+pub fn encode_into<T: Serialize>(
+    kind: &Kind,
+    value: &T,
+    version: u32,
+    out: &mut Vec<u8>,
+) -> Result<(), StateError> {
+    out.clear();
+    out.resize(HEADER_LEN, 0);
+    rmp_serde::encode::write_named(out, value).map_err(|err| StateError::Encode {
         what: kind.what,
         err,
     })?;
-    let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
-    write_header(&mut out, kind, version, &payload)?;
-    out.extend_from_slice(&payload);
-    Ok(out)
+    let header = header(kind, version, &out[HEADER_LEN..])?;
+    out[..HEADER_LEN].copy_from_slice(&header);
+    Ok(())
 }
 
 /// Append the header of an envelope of `kind` around `payload` (which the caller appends
@@ -70,6 +85,12 @@ pub fn write_header(
     version: u32,
     payload: &[u8],
 ) -> Result<(), StateError> {
+    out.extend_from_slice(&header(kind, version, payload)?);
+    Ok(())
+}
+
+/// The header of an envelope of `kind` around `payload`.
+fn header(kind: &Kind, version: u32, payload: &[u8]) -> Result<[u8; HEADER_LEN], StateError> {
     if payload.len() as u64 > MAX_PAYLOAD {
         return Err(StateError::TooLarge {
             what: kind.what,
@@ -77,13 +98,38 @@ pub fn write_header(
             max: MAX_PAYLOAD,
         });
     }
-    out.extend_from_slice(&kind.magic);
-    out.extend_from_slice(&version.to_le_bytes());
-    out.extend_from_slice(&0u32.to_le_bytes());
-    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-    out.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
-    out.extend_from_slice(&0u32.to_le_bytes());
-    Ok(())
+    let mut out = [0u8; HEADER_LEN];
+    out[..8].copy_from_slice(&kind.magic);
+    out[8..12].copy_from_slice(&version.to_le_bytes());
+    // 12..16: reserved, zero.
+    out[16..24].copy_from_slice(&(payload.len() as u64).to_le_bytes());
+    out[24..28].copy_from_slice(&crc32fast::hash(payload).to_le_bytes());
+    // 28..32: reserved, zero.
+    Ok(out)
+}
+
+/// An empty buffer of `capacity` bytes whose memory has been written once, so that filling
+/// it later takes no page faults (each costs microseconds under nested virtualisation): for
+/// a state encoded or read inside a warm reboot's blackout, made ready while staging.
+// Not `vec![0; capacity]`: that maps zeroed pages without touching them, which is the
+// point here.
+#[allow(clippy::slow_vector_initialization)]
+pub fn prefaulted(capacity: usize) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(capacity);
+    buf.resize(capacity, 0);
+    buf.clear();
+    buf
+}
+
+/// [`prefaulted`], for a buffer that lives across a step which allocates about as much
+/// again (a capture building the VMs' records, a decode): as much heap is touched and
+/// freed around it, so that the step does not fault in fresh heap behind the buffer where
+/// it would have reused what was free.
+pub fn prefaulted_beside_heap(capacity: usize) -> Vec<u8> {
+    let room = prefaulted(capacity);
+    let buf = prefaulted(capacity);
+    drop(room);
+    buf
 }
 
 /// Check and decode an envelope. Returns the value and the format version it was written in.
@@ -138,31 +184,69 @@ pub fn open_as<'a>(kind: &Kind, bytes: &'a [u8]) -> Result<(u32, &'a [u8]), Stat
 
 /// Write an envelope into a new memfd and seal it against any change.
 pub fn to_sealed_memfd(bytes: &[u8]) -> Result<File, StateError> {
-    let io = StateError::Memfd;
-    // SAFETY: a static NUL-terminated name; memfd_create has no memory side effects.
-    let fd = unsafe {
-        libc::memfd_create(
-            c"warmvm-handover".as_ptr(),
-            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
-        )
-    };
-    if fd < 0 {
-        return Err(io(std::io::Error::last_os_error()));
+    StateMemfd::create(0)?.seal(bytes)
+}
+
+/// A memfd for an envelope, created (and its memory allocated) before the envelope exists:
+/// a warm reboot makes it while staging, so that the blackout only copies the state in and
+/// seals it.
+pub struct StateMemfd {
+    file: File,
+}
+
+impl StateMemfd {
+    /// A new memfd with `capacity` bytes of memory allocated (none if 0).
+    pub fn create(capacity: usize) -> Result<Self, StateError> {
+        let io = StateError::Memfd;
+        // SAFETY: a static NUL-terminated name; memfd_create has no memory side effects.
+        let fd = unsafe {
+            libc::memfd_create(
+                c"warmvm-handover".as_ptr(),
+                libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+            )
+        };
+        if fd < 0 {
+            return Err(io(std::io::Error::last_os_error()));
+        }
+        // SAFETY: memfd_create returned a fresh fd that nothing else owns.
+        let file = unsafe { File::from_raw_fd(fd) };
+        if capacity > 0 {
+            // SAFETY: fallocate on an fd we own, within a length that fits an off_t.
+            let r = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, capacity as libc::off_t) };
+            if r < 0 {
+                return Err(io(std::io::Error::last_os_error()));
+            }
+        }
+        Ok(Self { file })
     }
-    // SAFETY: memfd_create returned a fresh fd that nothing else owns.
-    let mut file = unsafe { File::from_raw_fd(fd) };
-    file.write_all(bytes).map_err(io)?;
-    let seals = libc::F_SEAL_WRITE | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
-    // SAFETY: fcntl with an integer argument on an fd we own.
-    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
-        return Err(io(std::io::Error::last_os_error()));
+
+    /// Write `bytes` as the memfd's whole content and seal it against any change.
+    pub fn seal(self, bytes: &[u8]) -> Result<File, StateError> {
+        use std::os::unix::fs::FileExt;
+        let io = StateError::Memfd;
+        let file = self.file;
+        file.write_all_at(bytes, 0).map_err(io)?;
+        // The memory allocated beyond the state goes.
+        file.set_len(bytes.len() as u64).map_err(io)?;
+        let seals =
+            libc::F_SEAL_WRITE | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+        // SAFETY: fcntl with an integer argument on an fd we own.
+        if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
+            return Err(io(std::io::Error::last_os_error()));
+        }
+        Ok(file)
     }
-    Ok(file)
 }
 
 /// Read an envelope out of a memfd received from the other VMM, refusing one that is not
 /// sealed (its sender could still change it under us) or that is too large.
-pub fn from_sealed_memfd(mut file: File) -> Result<Vec<u8>, StateError> {
+pub fn from_sealed_memfd(file: File) -> Result<Vec<u8>, StateError> {
+    from_sealed_memfd_into(file, Vec::new())
+}
+
+/// [`from_sealed_memfd`] into `bytes` (cleared first), whose memory is reused as it is (see
+/// [`prefaulted`]).
+pub fn from_sealed_memfd_into(mut file: File, mut bytes: Vec<u8>) -> Result<Vec<u8>, StateError> {
     // SAFETY: F_GET_SEALS only reads the seals of an fd we own.
     let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
     let need = libc::F_SEAL_WRITE | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
@@ -173,7 +257,8 @@ pub fn from_sealed_memfd(mut file: File) -> Result<Vec<u8>, StateError> {
     if len > MAX_PAYLOAD + HEADER_LEN as u64 {
         return Err(StateError::Oversized(len));
     }
-    let mut bytes = Vec::with_capacity(len as usize);
+    bytes.clear();
+    bytes.reserve(len as usize);
     file.seek(SeekFrom::Start(0))
         .and_then(|_| file.read_to_end(&mut bytes))
         .map_err(StateError::Memfd)?;
@@ -210,6 +295,50 @@ mod tests {
         let back = from_sealed_memfd(file).unwrap();
         let (v, version): (V2, u32) = decode(&back).unwrap();
         assert_eq!((v.a, v.b, version), (7, vec![1, 2], FORMAT_VERSION));
+    }
+
+    /// The in-place encoding is byte for byte the envelope as the header and payload were
+    /// always laid out (older builds read it), and it fills the memory it was given.
+    #[test]
+    fn encoding_in_place_writes_the_same_envelope_into_the_given_memory() {
+        let value = V2 {
+            a: 7,
+            b: vec![9; 100],
+        };
+        let payload = rmp_serde::to_vec_named(&value).unwrap();
+        let mut expected = Vec::new();
+        write_header(&mut expected, &HANDOVER, FORMAT_VERSION, &payload).unwrap();
+        expected.extend_from_slice(&payload);
+        let mut buf = prefaulted(4096);
+        buf.extend_from_slice(b"left over from before");
+        let at = buf.as_ptr();
+        encode_into(&HANDOVER, &value, FORMAT_VERSION, &mut buf).unwrap();
+        assert_eq!(buf, expected);
+        assert_eq!(buf.as_ptr(), at, "the given memory was not used");
+        assert_eq!(encode(&value, FORMAT_VERSION).unwrap(), expected);
+    }
+
+    /// A memfd made ready larger than the state holds exactly the state once sealed, and
+    /// nothing can change it; a read buffer smaller than the state grows to take it whole.
+    #[test]
+    fn a_memfd_made_ready_before_holds_exactly_the_sealed_state() {
+        use std::os::unix::fs::FileExt;
+        let bytes = encode(
+            &V2 {
+                a: 7,
+                b: vec![5; 10_000],
+            },
+            FORMAT_VERSION,
+        )
+        .unwrap();
+        let file = StateMemfd::create(64 << 10).unwrap().seal(&bytes).unwrap();
+        assert_eq!(file.metadata().unwrap().len(), bytes.len() as u64);
+        assert!(file.write_at(b"x", 0).is_err(), "the state can be changed");
+        assert!(file.set_len(1).is_err(), "the state can be cut");
+        let back = from_sealed_memfd_into(file, prefaulted(16)).unwrap();
+        assert_eq!(back, bytes);
+        let (v, _): (V2, u32) = decode(&back).unwrap();
+        assert_eq!((v.a, v.b.len()), (7, 10_000));
     }
 
     #[test]
