@@ -168,6 +168,51 @@ pub fn print_mode_report(r: &warmvm_api::modes::ModeReboot) {
     }
 }
 
+/// A migration's report for a terminal: how it ended, the time and the pause split into
+/// its parts, then one line per round.
+pub fn migration_report(to: &str, r: &warmvm_api::types::MigrationReport) -> String {
+    use warmvm_api::types::EndReason;
+    let ms = |us: u64| us as f64 / 1000.0;
+    let mib = |bytes: u64| bytes as f64 / f64::from(1 << 20);
+    let end = match &r.end {
+        EndReason::Converged => "converged".to_string(),
+        EndReason::Forced => "forced (stopped and copied at the limits)".to_string(),
+        EndReason::Cancelled { why } => format!("cancelled: {why}"),
+        EndReason::Failed { step, error } => format!("failed at {step}: {error}"),
+        EndReason::Unfinished => "unfinished".to_string(),
+    };
+    let mut out = format!(
+        "{}: migrated to {to} ({end}) in {:.1} ms; paused {:.2} ms (final round {:.2}, state {:.2}, commit {:.2}, resume {:.2})\n",
+        r.vm,
+        ms(r.total_us),
+        ms(r.downtime_us),
+        ms(r.final_round_us),
+        ms(r.state_us),
+        ms(r.commit_us),
+        ms(r.resume_us),
+    );
+    out += &format!(
+        "  {} rounds, {:.1} MiB sent of {:.0} MiB RAM ({:.1} MiB state), {:.0} MiB/s\n",
+        r.rounds.len(),
+        mib(r.bytes_total),
+        mib(r.ram_bytes),
+        mib(r.state_bytes),
+        mib(r.bandwidth_bps),
+    );
+    for round in &r.rounds {
+        out += &format!(
+            "  round {}: {} pages ({} zero), {:.1} MiB in {:.1} ms, dirty rate {:.1} MiB/s\n",
+            round.round,
+            round.pages,
+            round.zero_pages,
+            mib(round.bytes),
+            ms(round.duration_us),
+            mib(round.dirty_rate_bps),
+        );
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
