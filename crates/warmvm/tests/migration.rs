@@ -173,7 +173,7 @@ fn a_guest_migrates_there_and_back_over_mutual_tls_and_never_runs_twice() {
     let ca = Ca::new(&dir, "ca");
     let a_cert = ca.issue(&dir, "a", A_ADDR);
     let b_cert = ca.issue(&dir, "b", B_ADDR);
-    let a = daemon(&dir.join("a"), &link.a, A_ADDR, PORT, &a_cert, &ca.pem);
+    let mut a = daemon(&dir.join("a"), &link.a, A_ADDR, PORT, &a_cert, &ca.pem);
     let b = daemon(&dir.join("b"), &link.b, B_ADDR, PORT, &b_cert, &ca.pem);
     let name = "mover";
     create(&a, name);
@@ -200,6 +200,23 @@ fn a_guest_migrates_there_and_back_over_mutual_tls_and_never_runs_twice() {
         "A still lists {name} after it moved"
     );
 
+    // A warm reboot of A hands its migration listener to the new daemon (the old one holds
+    // the port until it exits, so the new one could not bind it itself in time).
+    let out = a.cli(&["reboot", "--mode", "warm"]);
+    assert!(
+        out.status.success(),
+        "warm reboot of A: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        a.log()
+    );
+    let new_pid = a.cli_json(&["status"])["pid"].as_u64().expect("a pid") as u32;
+    a.follow_reboot(new_pid);
+    assert!(
+        a.log().contains("took the migration listener over"),
+        "{}",
+        a.log()
+    );
+
     // B→A through the CLI, which prints one JSON report.
     let (out, _) = watched(&a, &b, name, || {
         b.cli(&[
@@ -223,6 +240,8 @@ fn a_guest_migrates_there_and_back_over_mutual_tls_and_never_runs_twice() {
     assert_eq!(json["end"]["reason"], "converged", "{json}");
     judged(&a, name);
     assert!(!sample(&b.client()).expect("B answers").contains_key(name));
+    drop((a, b));
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -273,4 +292,43 @@ fn migrations_that_cannot_happen_leave_the_guest_running_at_the_source() {
         "B did not log the failed peer\n{}",
         b.log()
     );
+    drop((a, b));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn plain_tcp_is_refused_off_loopback_and_half_a_certificate_set_is_refused() {
+    let dir = scratch("migrate-flags");
+    let socket = dir.join("api.sock");
+    for (args, says) in [
+        (
+            vec![
+                "--migration-listen",
+                "192.0.2.1:7000",
+                "--migration-insecure",
+            ],
+            "only on loopback",
+        ),
+        (
+            vec!["--migration-listen", "127.0.0.1:7000"],
+            "needs --migration-cert",
+        ),
+        (
+            vec!["--migration-cert", "/nonexistent/a.crt"],
+            "--migration-key is missing",
+        ),
+    ] {
+        let out = warmvm_testkit::refused(
+            warmvm_testkit::daemon_command(&socket)
+                .arg("--state-dir")
+                .arg(&dir)
+                .args(&args),
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{args:?}: {stderr}");
+        assert!(!socket.exists(), "{args:?}: the daemon bound its socket");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -192,8 +192,14 @@ pub(crate) fn take_over(
             }
             crate::migration::MIGRATION_LISTENER_FD if addrs.migration.is_some() => {
                 let l = TcpListener::from(OwnedFd::from(file));
-                if l.local_addr().is_ok() {
-                    migration = Some(l);
+                match l.local_addr() {
+                    Ok(addr) => {
+                        tracing::info!(%addr, "took the migration listener over");
+                        migration = Some(l);
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "the migration listener handed over is unusable")
+                    }
                 }
             }
             other => tracing::warn!(name = other, "ignoring an unknown fd handed over"),
