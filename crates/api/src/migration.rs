@@ -483,21 +483,17 @@ fn failure_status(e: &MigrationError) -> u16 {
 impl MigrateRequest {
     /// Check the request; the destination's address.
     pub fn check(&self) -> Result<SocketAddr, ApiError> {
-        let addr: SocketAddr = self.to.parse().map_err(|_| {
-            ApiError::new(
-                400,
-                format!(
-                    "to {:?}: not an address and port (e.g. 192.0.2.7:7000 or [2001:db8::7]:7000)",
-                    self.to
-                ),
-            )
-        })?;
-        if addr.ip().is_unspecified() || addr.ip().is_multicast() || addr.port() == 0 {
-            return Err(ApiError::new(
-                400,
-                format!("to {addr}: not an address a daemon can listen on"),
-            ));
-        }
+        let addr = crate::schema::parse_socket_addr(&self.to)
+            .map(SocketAddr::V4)
+            .ok_or_else(|| {
+                ApiError::new(
+                    400,
+                    format!(
+                        "to {:?}: not an IPv4 address and port (e.g. 192.0.2.7:7000)",
+                        self.to
+                    ),
+                )
+            })?;
         if self.downtime_ms == 0 || self.downtime_ms > 60_000 {
             return Err(ApiError::new(400, "downtime_ms must be 1..=60000"));
         }
@@ -545,7 +541,7 @@ impl ApiState {
             l == to || (l.port() == to.port() && l.ip().is_unspecified() && to.ip().is_loopback())
         }) {
             return Err(ApiError::new(
-                400,
+                409,
                 format!("to {to}: that is this daemon's own migration listener"),
             ));
         }
@@ -703,8 +699,11 @@ mod tests {
         assert!(ok.check().is_ok());
         for bad in [
             r#"{"to": "nowhere"}"#,
-            r#"{"to": "0.0.0.0:7000"}"#,
-            r#"{"to": "192.0.2.7:0"}"#,
+            r#"{"to": "192.0.2.7"}"#,
+            r#"{"to": "192.0.2.07:7000"}"#,
+            r#"{"to": "192.0.2.7:07000"}"#,
+            r#"{"to": "192.0.2.7:65536"}"#,
+            r#"{"to": "[::1]:7000"}"#,
             r#"{"to": "192.0.2.7:7000", "max_rounds": 0}"#,
             r#"{"to": "192.0.2.7:7000", "timeout_secs": 0}"#,
             r#"{"to": "192.0.2.7:7000", "downtime_ms": 0}"#,

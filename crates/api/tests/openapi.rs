@@ -575,9 +575,30 @@ fn aging_answers_match_the_schema() {
 /// The document's patterns are those the checker knows, each checked by the code's own rule.
 #[test]
 fn the_documented_patterns_are_the_checked_ones() {
-    use warmvm_api::schema::{MAC_PATTERN, NO_NUL_PATTERN, TAP_PATTERN};
+    use warmvm_api::schema::{MAC_PATTERN, NO_NUL_PATTERN, SOCKET_ADDR_PATTERN, TAP_PATTERN};
     let doc = doc();
     let s = &doc["components"]["schemas"];
+    assert_eq!(
+        s["MigrateRequest"]["properties"]["to"]["pattern"],
+        SOCKET_ADDR_PATTERN
+    );
+    for (to, valid) in [
+        ("192.0.2.7:7000", true),
+        ("0.0.0.0:0", true),
+        ("255.255.255.255:65535", true),
+        ("192.0.2.7", false),
+        ("192.0.2.07:7000", false),
+        ("192.0.2.7:65536", false),
+        ("[::1]:7000", false),
+    ] {
+        assert_eq!(
+            validate(&doc, &schema("MigrateRequest"), &json!({ "to": to })).is_ok(),
+            valid,
+            "{to}"
+        );
+        let req = warmvm_api::types::MigrateRequest::to(to);
+        assert_eq!(req.check().is_ok(), valid, "{to}");
+    }
     assert_eq!(s["NetConfig"]["properties"]["tap"]["pattern"], TAP_PATTERN);
     assert_eq!(s["NetConfig"]["properties"]["mac"]["pattern"], MAC_PATTERN);
     assert_eq!(

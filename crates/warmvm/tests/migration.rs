@@ -270,7 +270,7 @@ fn migrations_that_cannot_happen_leave_the_guest_running_at_the_source() {
     assert_eq!(status_of(&e), 400, "{e}");
 
     let e = migrate(name, &format!("{A_ADDR}:{PORT}")).expect_err("to itself");
-    assert_eq!(status_of(&e), 400, "{e}");
+    assert_eq!(status_of(&e), 409, "{e}");
 
     // No listener on that port at B.
     let e = migrate(name, &format!("{B_ADDR}:{}", PORT + 1)).expect_err("no listener");
