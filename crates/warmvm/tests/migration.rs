@@ -104,8 +104,12 @@ fn daemon(
 }
 
 fn create(d: &Daemon, name: &str) {
+    create_with(d, name, 64, "quiet interval_ms=20");
+}
+
+fn create_with(d: &Daemon, name: &str, memory_mib: u64, cmdline: &str) {
     let config = serde_json::json!({
-        "name": name, "memory_mib": 64, "vcpus": 2, "cmdline": "quiet interval_ms=20",
+        "name": name, "memory_mib": memory_mib, "vcpus": 2, "cmdline": cmdline,
     });
     d.client()
         .create(&serde_json::from_value(config).expect("a VM config"))
@@ -330,5 +334,78 @@ fn plain_tcp_is_refused_off_loopback_and_half_a_certificate_set_is_refused() {
         assert_eq!(stderr.trim().lines().count(), 1, "{args:?}: {stderr}");
         assert!(!socket.exists(), "{args:?}: the daemon bound its socket");
     }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_migrating_vm_refuses_other_operations_and_reboots_until_it_is_cancelled() {
+    let test = "a_migrating_vm_refuses_other_operations_and_reboots_until_it_is_cancelled";
+    if !warmvm_testkit::kvm_available(test) {
+        return;
+    }
+    let dir = scratch("migrate-busy");
+    let link = link("migbusy");
+    let ca = Ca::new(&dir, "ca");
+    let a_cert = ca.issue(&dir, "a", A_ADDR);
+    let b_cert = ca.issue(&dir, "b", B_ADDR);
+    let a = daemon(&dir.join("a"), &link.a, A_ADDR, PORT, &a_cert, &ca.pem);
+    let b = daemon(&dir.join("b"), &link.b, B_ADDR, PORT, &b_cert, &ca.pem);
+    let name = "busy";
+    // It rewrites its 256 MiB without pause: each of the first rounds has most of it to
+    // send again (seconds here), and a 1 ms budget is never met (saving the state alone is
+    // allowed more), so the round limit cancels the migration, seconds after it began.
+    create_with(&a, name, 256, warmvm_testkit::BUSY);
+    let req = MigrateRequest {
+        downtime_ms: 1,
+        max_rounds: 3,
+        timeout_secs: 120,
+        ..MigrateRequest::to(format!("{B_ADDR}:{PORT}"))
+    };
+    std::thread::scope(|s| {
+        let job = s.spawn(|| a.client().typed().migrate(name, &req));
+        assert!(
+            warmvm_testkit::wait_until(10, || a.log().contains("migrating VM")),
+            "the migration did not start\n{}",
+            a.log()
+        );
+        let c = a.client();
+        let refused = |what: &str, r: Result<serde_json::Value, ClientError>| {
+            let e = r.expect_err(what);
+            assert_eq!(status_of(&e), 409, "{what}: {e}");
+            assert!(e.to_string().contains("migrating"), "{what}: {e}");
+        };
+        refused("pause", c.pause(name));
+        refused("resume", c.resume(name));
+        refused("stop", c.stop(name, Some(1)));
+        refused("delete", c.delete(name, false));
+        refused("snapshot", c.snapshot(name, &dir.join("snap"), false));
+        refused(
+            "a second migration",
+            a.client()
+                .typed()
+                .migrate(name, &req)
+                .map(|answer| answer.json),
+        );
+        for (who, d) in [("source", &a), ("destination", &b)] {
+            let (status, body) = d.reboot(&serde_json::json!({ "mode": "warm" })).expect(who);
+            assert_eq!(status, 409, "{who}: {body}");
+            assert!(body.to_string().contains("migrat"), "{who}: {body}");
+        }
+        assert!(
+            !job.is_finished(),
+            "the migration ended before the checks were done"
+        );
+        let e = job
+            .join()
+            .expect("the migration thread")
+            .expect_err("cancelled");
+        assert_eq!(status_of(&e), 409, "{e}");
+        assert!(e.to_string().contains("did not converge"), "{e}");
+    });
+    judged(&a, name);
+    assert!(sample(&b.client()).expect("B answers").is_empty());
+    // Done: the VM can be operated on again.
+    a.client().pause(name).expect("paused after the migration");
+    drop((a, b));
     let _ = std::fs::remove_dir_all(&dir);
 }
