@@ -460,7 +460,17 @@ fn receive_one(
             let name = received.vm.name().to_string();
             let report = received.report;
             let vm = Arc::new(received.vm);
-            state.lock().attach(vm);
+            // Under the Host lock, as the daemon's shutdown takes its list of VMs to stop.
+            let late = {
+                let mut host = state.lock();
+                host.attach(vm.clone());
+                state.shutting_down.load(Ordering::SeqCst)
+            };
+            if late {
+                // The daemon stops every VM: this one arrived after it took their list.
+                tracing::warn!(vm = %name, "VM migrated in while the daemon stops; stopping it too");
+                vm.stop(Duration::from_secs(crate::state::DEFAULT_STOP_GRACE_SECS));
+            }
             tracing::info!(vm = %name, %peer, sender = %report.sender, pages = report.pages,
                 rounds = report.rounds, restore_us = report.restore_us,
                 resume_us = report.resume_us, "VM migrated in; it runs here");

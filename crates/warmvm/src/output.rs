@@ -237,4 +237,62 @@ mod tests {
         assert_eq!(lines[1].len(), lines[2].len(), "{t}");
         assert!(lines[1].starts_with(&long));
     }
+
+    #[test]
+    fn a_migration_report_says_how_it_ended_what_it_cost_and_each_round() {
+        use warmvm_api::types::{EndReason, MigrationReport, RoundReport};
+        let r = MigrationReport {
+            vm: "web-1".into(),
+            ram_bytes: 64 << 20,
+            end: EndReason::Converged,
+            total_us: 812_300,
+            downtime_us: 13_700,
+            final_round_us: 4_000,
+            state_us: 1_600,
+            commit_us: 8_000,
+            resume_us: 5_800,
+            rounds: vec![
+                RoundReport {
+                    round: 0,
+                    pages: 16384,
+                    zero_pages: 265,
+                    bytes: 64 << 20,
+                    duration_us: 600_000,
+                    dirty_rate_bps: 0,
+                },
+                RoundReport {
+                    round: 1,
+                    pages: 12,
+                    zero_pages: 0,
+                    bytes: 12 << 12,
+                    duration_us: 300,
+                    dirty_rate_bps: 3 << 20,
+                },
+            ],
+            bandwidth_bps: 100 << 20,
+            state_cost_estimate_us: 7_000,
+            bytes_total: (64 << 20) + (12 << 12),
+            state_bytes: 1 << 20,
+        };
+        let text = super::migration_report("192.0.2.8:7000", &r);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 4, "{text}");
+        assert!(
+            lines[0].starts_with("web-1: migrated to 192.0.2.8:7000 (converged) in 812.3 ms; paused 13.70 ms (final round 4.00, state 1.60, commit 8.00, resume 5.80)"),
+            "{text}"
+        );
+        assert!(
+            lines[1].contains("2 rounds, 64.0 MiB sent of 64 MiB RAM (1.0 MiB state), 100 MiB/s"),
+            "{text}"
+        );
+        assert!(
+            lines[2].contains("round 0: 16384 pages (265 zero)"),
+            "{text}"
+        );
+        assert!(
+            lines[3].contains("round 1: 12 pages (0 zero)")
+                && lines[3].contains("dirty rate 3.0 MiB/s"),
+            "{text}"
+        );
+    }
 }
