@@ -36,6 +36,9 @@ pub const MIGRATION_LISTENER_FD: &str = "migration-listener";
 
 /// How long one read or write on a migration stream may wait for the peer.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a peer has for the TLS handshake: one that stalls holds a receiving slot no
+/// longer than this.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the source waits for the destination to accept the TCP connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Incoming migrations received at once; more are closed at once (and logged).
@@ -416,7 +419,16 @@ fn receive_one(
     tls: Option<Arc<rustls::ServerConfig>>,
     counted: &Incoming<'_>,
 ) {
-    if let Err(e) = tcp.set_nonblocking(false).and_then(|()| tune(&tcp)) {
+    let handshake = if tls.is_some() {
+        Some(HANDSHAKE_TIMEOUT)
+    } else {
+        Some(IO_TIMEOUT)
+    };
+    if let Err(e) = tcp
+        .set_nonblocking(false)
+        .and_then(|()| tune(&tcp))
+        .and_then(|()| tcp.set_read_timeout(handshake))
+    {
         tracing::warn!(%peer, error = %e, "migration connection unusable");
         return;
     }
@@ -449,6 +461,10 @@ fn receive_one(
                     tracing::warn!(%peer, error = %e, "migration peer failed authentication; connection closed");
                     return;
                 }
+            }
+            if let Err(e) = tcp.set_read_timeout(Some(IO_TIMEOUT)) {
+                tracing::warn!(%peer, error = %e, "migration connection unusable");
+                return;
             }
             tracing::info!(%peer, "migration peer authenticated");
             migration::receive(hv, rustls::StreamOwned::new(conn, tcp), &opts)
