@@ -191,6 +191,17 @@ fn a_guest_migrates_there_and_back_over_mutual_tls_and_never_runs_twice() {
     let report = sent
         .unwrap_or_else(|e| panic!("A→B: {e}\n{}\n{}", a.log(), b.log()))
         .value;
+    eprintln!(
+        "A→B: total {} ms, paused {} us (final round {}, state {}, commit {}, resume {}), {} rounds, {} KiB",
+        report.total_us / 1000,
+        report.downtime_us,
+        report.final_round_us,
+        report.state_us,
+        report.commit_us,
+        report.resume_us,
+        report.rounds.len(),
+        report.bytes_total >> 10
+    );
     assert_eq!(report.end, EndReason::Converged, "{report:?}");
     assert_eq!(report.vm, name);
     assert!(
@@ -242,6 +253,13 @@ fn a_guest_migrates_there_and_back_over_mutual_tls_and_never_runs_twice() {
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON document");
     assert_eq!(json["vm"], name);
     assert_eq!(json["end"]["reason"], "converged", "{json}");
+    eprintln!(
+        "B→A: total {} us, paused {} us, {} rounds, {} bytes",
+        json["total_us"],
+        json["downtime_us"],
+        json["rounds"].as_array().map_or(0, Vec::len),
+        json["bytes_total"]
+    );
     judged(&a, name);
     assert!(!sample(&b.client()).expect("B answers").contains_key(name));
     drop((a, b));
