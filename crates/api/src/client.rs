@@ -569,6 +569,23 @@ impl TypedClient<'_> {
         decode("PUT /v1/vms/{name}/snapshot", json)
     }
 
+    /// `POST /v1/vms/{name}/migrate`: waits for the migration to end (the request's
+    /// timeout, plus time for the switchover).
+    pub fn migrate(
+        &self,
+        name: &str,
+        req: &crate::types::MigrateRequest,
+    ) -> Result<Answer<crate::types::MigrationReport>, ClientError> {
+        let body = serde_json::to_vec(req).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let wait = Duration::from_secs(req.timeout_secs.saturating_add(120));
+        let json = self.0.clone().with_timeout(self.0.timeout.max(wait)).call(
+            "POST",
+            &vm_path(name, "/migrate"),
+            Some(&body),
+        )?;
+        decode("POST /v1/vms/{name}/migrate", json)
+    }
+
     /// `POST /v1/restore`.
     pub fn restore(&self, req: &RestoreRequest) -> Result<Answer<VmReport>, ClientError> {
         let backing = warmvm_vmm::snapshot::Backing {

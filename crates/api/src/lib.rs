@@ -42,6 +42,7 @@ pub mod daemon;
 pub mod http;
 pub mod limits;
 pub mod metrics;
+pub mod migration;
 pub mod ops;
 pub mod overflow;
 pub mod privileges;

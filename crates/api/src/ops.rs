@@ -143,6 +143,7 @@ impl ApiState {
 
     pub fn pause(&self, name: &str) -> Result<VmReport, ApiError> {
         let _gate = self.op_gate()?;
+        self.refuse_migrating(name)?;
         let vm = self.find(name)?;
         vm.pause()
             .map_err(|e| ApiError::new(vm_error_status(&e, None), e.to_string()))?;
@@ -152,6 +153,7 @@ impl ApiState {
 
     pub fn resume(&self, name: &str) -> Result<VmReport, ApiError> {
         let _gate = self.op_gate()?;
+        self.refuse_migrating(name)?;
         let vm = self.find(name)?;
         vm.resume()
             .map_err(|e| ApiError::new(vm_error_status(&e, None), e.to_string()))?;
@@ -169,6 +171,7 @@ impl ApiState {
             ));
         }
         let _gate = self.op_gate()?;
+        self.refuse_migrating(name)?;
         let vm = self.find(name)?;
         let state = vm.lifecycle();
         if state.is_finished() {
@@ -190,6 +193,7 @@ impl ApiState {
         let vm_dir;
         let vm = {
             let mut host = self.lock_for_change()?;
+            self.refuse_migrating(name)?;
             if let Some(vm) = host.find(name) {
                 let state = vm.lifecycle();
                 if !(state.is_finished() || state == Lifecycle::Created) {

@@ -190,6 +190,9 @@ impl ApiState {
             Op::SnapshotVm => parse(&req.body, "snapshot request")
                 .and_then(|r| self.snapshot(name, &r))
                 .map(|r| Response::json(200, &r)),
+            Op::MigrateVm => parse(&req.body, "migrate request")
+                .and_then(|r| self.migrate(name, &r))
+                .map(|r| Response::json(200, &r)),
             Op::RestoreVm => parse(&req.body, "restore request")
                 .and_then(|r| self.restore(&r))
                 .map(|r| Response::json(201, &r)),

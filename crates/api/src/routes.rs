@@ -20,6 +20,7 @@ pub enum Op {
     StopVm,
     DeleteVm,
     SnapshotVm,
+    MigrateVm,
     RestoreVm,
     Reboot,
     Aging,
@@ -74,6 +75,11 @@ pub const ROUTES: &[Route] = &[
         method: "PUT",
         path: "/v1/vms/{name}/snapshot",
         op: Op::SnapshotVm,
+    },
+    Route {
+        method: "POST",
+        path: "/v1/vms/{name}/migrate",
+        op: Op::MigrateVm,
     },
     Route {
         method: "POST",

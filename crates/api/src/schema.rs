@@ -28,6 +28,17 @@ pub const TAP_PATTERN: &str = "^[A-Za-z0-9._-]+$";
 /// The `pattern` of a MAC address: unicast (the low bit of the first octet clear), checked by
 /// [`warmvm_vmm::config::parse_mac`].
 pub const MAC_PATTERN: &str = "^[0-9A-Fa-f][02468ACEace](:[0-9A-Fa-f]{2}){5}$";
+/// The `pattern` of a migration's destination: an IPv4 address and a port, written as
+/// [`std::net::SocketAddrV4`] writes them (no leading zeros), checked by
+/// [`parse_socket_addr`].
+pub const SOCKET_ADDR_PATTERN: &str = "^(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])(\\.(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])){3}:(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3}|0)$";
+
+/// An address as [`SOCKET_ADDR_PATTERN`] has it, or `None`.
+pub fn parse_socket_addr(s: &str) -> Option<std::net::SocketAddrV4> {
+    s.parse::<std::net::SocketAddrV4>()
+        .ok()
+        .filter(|a| a.to_string() == s)
+}
 /// The `pattern` of a kernel command line: no NUL.
 pub const NO_NUL_PATTERN: &str = "^[^\\u0000]*$";
 
@@ -135,13 +146,16 @@ fn check(doc: &Value, schema: &Value, v: &Value, at: &str) -> Result<(), String>
                 (Some(MAC_PATTERN), Some(mac)) if warmvm_vmm::config::parse_mac(mac).is_none() => {
                     return Err(format!("{at}: {mac:?} is not a unicast MAC address"))
                 }
+                (Some(SOCKET_ADDR_PATTERN), Some(s)) if parse_socket_addr(s).is_none() => {
+                    return Err(format!("{at}: {s:?} is not an IPv4 address and port"))
+                }
                 (Some(NO_NUL_PATTERN), Some(s)) if s.contains('\0') => {
                     return Err(format!("{at}: {s:?} holds a NUL"))
                 }
                 (
                     Some(
                         NAME_PATTERN | ABSOLUTE_PATTERN | TAP_PATTERN | MAC_PATTERN
-                        | NO_NUL_PATTERN,
+                        | NO_NUL_PATTERN | SOCKET_ADDR_PATTERN,
                     ),
                     _,
                 ) => {}

@@ -104,6 +104,10 @@ pub struct ApiState {
     /// The aging monitor, once the daemon has started it.
     aging: OnceLock<Arc<Monitor>>,
     pub(crate) last_reboot: OnceLock<ModeReboot>,
+    /// Migrations under way, in and out (see [`crate::migration`]).
+    pub(crate) migrations: crate::migration::UnderWay,
+    /// How this daemon migrates VMs out, and its own listener's address, once enabled.
+    pub(crate) migration: OnceLock<(crate::migration::Setup, Option<std::net::SocketAddr>)>,
 }
 
 impl ApiState {
@@ -139,6 +143,8 @@ impl ApiState {
             last_takeover: OnceLock::new(),
             aging: OnceLock::new(),
             last_reboot: OnceLock::new(),
+            migrations: Default::default(),
+            migration: OnceLock::new(),
         }
     }
 
@@ -299,6 +305,17 @@ impl ApiState {
                 Err(TryLockError::WouldBlock) => std::thread::sleep(LOCK_POLL),
             }
         }
+    }
+
+    /// 409 if VM `name` is migrating out: nothing else may act on it meanwhile.
+    pub(crate) fn refuse_migrating(&self, name: &str) -> Result<(), ApiError> {
+        if self.migrations.is_outgoing(name) {
+            return Err(ApiError::new(
+                409,
+                format!("VM {name} is migrating; retry when the migration is done"),
+            ));
+        }
+        Ok(())
     }
 
     pub(crate) fn find(&self, name: &str) -> Result<Arc<Vm>, ApiError> {

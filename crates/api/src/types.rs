@@ -287,3 +287,56 @@ pub struct RestoreRequest {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub taps: Vec<String>,
 }
+
+/// The most pre-copy rounds a migration request may allow (`max_rounds`).
+pub const MIGRATE_MAX_ROUNDS: u32 = 1000;
+/// The longest a migration request may allow (`timeout_secs`): a day.
+pub const MIGRATE_MAX_TIMEOUT_SECS: u64 = 86_400;
+
+fn default_downtime_ms() -> u64 {
+    300
+}
+fn default_max_rounds() -> u32 {
+    30
+}
+fn default_migrate_timeout_secs() -> u64 {
+    600
+}
+
+/// The body of `POST /v1/vms/{name}/migrate`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateRequest {
+    /// The destination daemon's migration listener, `ADDR:PORT` (an IP address: the
+    /// destination's certificate must name it).
+    pub to: String,
+    /// Pre-copy stops once what is left would take at most this long with the VM paused.
+    #[serde(default = "default_downtime_ms")]
+    pub downtime_ms: u64,
+    /// Pre-copy rounds after which the migration is cancelled (or, with `force`, the VM
+    /// is stopped and copied).
+    #[serde(default = "default_max_rounds")]
+    pub max_rounds: u32,
+    /// Seconds after which the same happens.
+    #[serde(default = "default_migrate_timeout_secs")]
+    pub timeout_secs: u64,
+    /// At the limits, stop and copy instead of cancelling.
+    #[serde(default)]
+    pub force: bool,
+}
+
+impl MigrateRequest {
+    /// A request with the defaults.
+    pub fn to(to: impl Into<String>) -> Self {
+        MigrateRequest {
+            to: to.into(),
+            downtime_ms: default_downtime_ms(),
+            max_rounds: default_max_rounds(),
+            timeout_secs: default_migrate_timeout_secs(),
+            force: false,
+        }
+    }
+}
+
+/// The answer of `POST /v1/vms/{name}/migrate`.
+pub use warmvm_vmm::migration::{EndReason, MigrationReport, RoundReport};

@@ -575,9 +575,30 @@ fn aging_answers_match_the_schema() {
 /// The document's patterns are those the checker knows, each checked by the code's own rule.
 #[test]
 fn the_documented_patterns_are_the_checked_ones() {
-    use warmvm_api::schema::{MAC_PATTERN, NO_NUL_PATTERN, TAP_PATTERN};
+    use warmvm_api::schema::{MAC_PATTERN, NO_NUL_PATTERN, SOCKET_ADDR_PATTERN, TAP_PATTERN};
     let doc = doc();
     let s = &doc["components"]["schemas"];
+    assert_eq!(
+        s["MigrateRequest"]["properties"]["to"]["pattern"],
+        SOCKET_ADDR_PATTERN
+    );
+    for (to, valid) in [
+        ("192.0.2.7:7000", true),
+        ("0.0.0.0:0", true),
+        ("255.255.255.255:65535", true),
+        ("192.0.2.7", false),
+        ("192.0.2.07:7000", false),
+        ("192.0.2.7:65536", false),
+        ("[::1]:7000", false),
+    ] {
+        assert_eq!(
+            validate(&doc, &schema("MigrateRequest"), &json!({ "to": to })).is_ok(),
+            valid,
+            "{to}"
+        );
+        let req = warmvm_api::types::MigrateRequest::to(to);
+        assert_eq!(req.check().is_ok(), valid, "{to}");
+    }
     assert_eq!(s["NetConfig"]["properties"]["tap"]["pattern"], TAP_PATTERN);
     assert_eq!(s["NetConfig"]["properties"]["mac"]["pattern"], MAC_PATTERN);
     assert_eq!(
@@ -640,4 +661,85 @@ fn the_documented_patterns_are_the_checked_ones() {
         );
         assert_eq!(config.validate_shape(host).is_ok(), valid, "{body}");
     }
+}
+
+#[test]
+fn migration_requests_and_reports_match_the_schema() {
+    use warmvm_api::types::{EndReason, MigrateRequest, MigrationReport, RoundReport};
+    let doc = doc();
+    let req = MigrateRequest {
+        to: "192.0.2.7:7000".into(),
+        downtime_ms: 50,
+        max_rounds: 5,
+        timeout_secs: 30,
+        force: true,
+    };
+    check(&doc, "MigrateRequest", &req);
+    assert_eq!(
+        doc["components"]["schemas"]["MigrateRequest"]["properties"]
+            .as_object()
+            .unwrap()
+            .len(),
+        serde_json::to_value(&req)
+            .unwrap()
+            .as_object()
+            .unwrap()
+            .len()
+    );
+    check(
+        &doc,
+        "MigrateRequest",
+        &MigrateRequest::to("127.0.0.1:7000"),
+    );
+    assert!(validate(
+        &doc,
+        &schema("MigrateRequest"),
+        &json!({ "to": "a:1", "x": 1 })
+    )
+    .is_err());
+    assert!(validate(&doc, &schema("MigrateRequest"), &json!({ "max_rounds": 3 })).is_err());
+    let round = RoundReport {
+        round: 1,
+        pages: 10,
+        zero_pages: 2,
+        bytes: 33_000,
+        duration_us: 120,
+        dirty_rate_bps: 4096,
+    };
+    for end in [
+        EndReason::Converged,
+        EndReason::Forced,
+        EndReason::Cancelled {
+            why: "30 rounds".into(),
+        },
+        EndReason::Failed {
+            step: "commit".into(),
+            error: "the stream broke".into(),
+        },
+        EndReason::Unfinished,
+    ] {
+        let report = MigrationReport {
+            vm: "web-1".into(),
+            ram_bytes: 64 << 20,
+            end,
+            total_us: 1,
+            downtime_us: 2,
+            final_round_us: 3,
+            state_us: 4,
+            commit_us: 5,
+            resume_us: 6,
+            rounds: vec![round.clone(), round.clone()],
+            bandwidth_bps: 7,
+            state_cost_estimate_us: 8,
+            bytes_total: 9,
+            state_bytes: 10,
+        };
+        check(&doc, "MigrationReport", &report);
+    }
+    assert!(validate(
+        &doc,
+        &schema("MigrationEnd"),
+        &json!({ "reason": "teleported" })
+    )
+    .is_err());
 }

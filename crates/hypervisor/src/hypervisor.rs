@@ -55,6 +55,20 @@ impl Hypervisor {
         }
     }
 
+    /// A second handle on the same KVM device (its fd duplicated), for a thread that
+    /// creates VMs while the first handle's owner is busy (the migration receiver beside
+    /// the daemon's Host).
+    pub fn try_clone(&self) -> Result<Self> {
+        // SAFETY: the fd is `self.kvm`'s and stays open while it is borrowed here.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(self.kvm.as_raw_fd()) };
+        let owned = fd.try_clone_to_owned().map_err(|e| {
+            Error::KvmOpen(kvm_ioctls::Error::new(
+                e.raw_os_error().unwrap_or(libc::EBADF),
+            ))
+        })?;
+        Self::from_file(std::fs::File::from(owned))
+    }
+
     /// Check what warmvm needs of an open KVM device and read what it offers.
     fn checked(kvm: Kvm) -> Result<Self> {
         let version = kvm.get_api_version();

@@ -199,7 +199,8 @@ const VMM: &[Allow] = &[
 ];
 
 /// Serving the API and handing over: accepted connections, sd_notify's datagram, the
-/// handover's socket pair and fd passing.
+/// handover's socket pair and fd passing; live migration's TCP streams (the listener's
+/// accepts, the source's connect, both sides' sends and receives).
 const SOCKETS: &[Allow] = &[
     Always(libc::SYS_accept4),
     Always(libc::SYS_accept),

@@ -72,7 +72,9 @@ impl Mode {
 pub enum ThreadKind {
     /// The daemon's main thread (the accept loop); every other thread inherits its filter.
     Main,
-    /// A thread serving an API connection (it creates VMs, and runs the warm reboot).
+    /// A thread serving an API connection (it creates VMs, runs the warm reboot, and sends
+    /// a live migration); also the migration listener and each thread that receives a VM,
+    /// which need the same (TCP, creating a VM).
     Api,
     /// A vCPU thread.
     Vcpu,

@@ -62,5 +62,6 @@ pub use virtio::{
     take_inherited_taps, DeviceError, DeviceKind, DeviceReport, GivenTaps, InheritedTapError,
 };
 pub use vm::{Action, Lifecycle, PowerButton, State, Vm, VmError, VmReport};
+pub use warmvm_hypervisor::Hypervisor;
 /// What a VM, its devices and a device's worker implement: pause and resume as a whole.
 pub use warmvm_lifecycle::Pausable;

@@ -113,6 +113,23 @@ pub enum Command {
         /// [default: none].
         #[arg(long, value_delimiter = ',')]
         keep_caps: Vec<String>,
+        /// Accept live migrations from other daemons on this address, e.g. 192.0.2.7:7000
+        /// (off by default). Needs --migration-cert, --migration-key and --migration-ca.
+        #[arg(long, value_name = "ADDR:PORT")]
+        migration_listen: Option<std::net::SocketAddr>,
+        /// This daemon's certificate (PEM, with its chain), shown to migration peers both
+        /// ways; it must name the --migration-listen address (an IP SAN).
+        #[arg(long, value_name = "FILE")]
+        migration_cert: Option<PathBuf>,
+        /// The key of --migration-cert (PEM).
+        #[arg(long, value_name = "FILE")]
+        migration_key: Option<PathBuf>,
+        /// The CA (PEM) whose certificates this daemon trusts for migration peers.
+        #[arg(long, value_name = "FILE")]
+        migration_ca: Option<PathBuf>,
+        /// Migrate over plain TCP, without authentication: only on loopback addresses.
+        #[arg(long)]
+        migration_insecure: bool,
     },
     /// Reboot the daemon: a new daemon process (the binary at the daemon's path, which a new
     /// build installed there upgrades, or --binary)
@@ -395,6 +412,30 @@ pub enum VmCommand {
         /// Leave the VM paused afterwards.
         #[arg(long)]
         leave_paused: bool,
+    },
+    /// Move a running VM to another warmvm daemon while it runs (live migration): pre-copy
+    /// of its RAM, then a short pause. On success it runs there and is gone from here; on
+    /// a failure it runs on here. Prints the report (total time, the pause and its parts,
+    /// rounds, bytes, how it ended).
+    Migrate {
+        #[arg(value_parser = vm_name)]
+        name: String,
+        /// The destination daemon's migration listener, ADDR:PORT (its --migration-listen).
+        #[arg(long, value_name = "ADDR:PORT")]
+        to: String,
+        /// The pause the switchover may take, in milliseconds: pre-copy goes on until what
+        /// is left fits it.
+        #[arg(long, default_value_t = 300)]
+        downtime_ms: u64,
+        /// Pre-copy rounds after which the migration is cancelled (or forced).
+        #[arg(long, default_value_t = 30)]
+        max_rounds: u32,
+        /// Seconds after which the migration is cancelled (or forced).
+        #[arg(long, value_name = "SECS", default_value_t = 600)]
+        timeout: u64,
+        /// At the limits, pause the VM and copy what is left instead of cancelling.
+        #[arg(long)]
+        force: bool,
     },
     /// Create a VM from the snapshot in DIR and let it run as it was.
     Restore {

@@ -88,6 +88,11 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
             user,
             group,
             keep_caps,
+            migration_listen,
+            migration_cert,
+            migration_key,
+            migration_ca,
+            migration_insecure,
         } => crate::client::daemon(warmvm_api::DaemonOptions {
             socket: api.socket,
             state_dir,
@@ -115,6 +120,13 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
                 group,
                 keep_caps,
             }),
+            migration: warmvm_api::migration::MigrationOptions {
+                listen: migration_listen,
+                cert: migration_cert,
+                key: migration_key,
+                ca: migration_ca,
+                insecure: migration_insecure,
+            },
             ..Default::default()
         }),
         Command::Reboot {

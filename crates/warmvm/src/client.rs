@@ -443,6 +443,31 @@ pub fn vm(cmd: VmCommand, api: &ApiArgs) -> Result<ExitCode, Failure> {
                 );
             }
         }
+        VmCommand::Migrate {
+            name,
+            to,
+            downtime_ms,
+            max_rounds,
+            timeout,
+            force,
+        } => {
+            let req = warmvm_api::types::MigrateRequest {
+                to,
+                downtime_ms,
+                max_rounds,
+                timeout_secs: timeout,
+                force,
+            };
+            let r = client(api)
+                .typed()
+                .migrate(&name, &req)
+                .map_err(failure::api)?;
+            if api.json {
+                output::print_json(&r.json);
+            } else {
+                print!("{}", output::migration_report(&req.to, &r));
+            }
+        }
         VmCommand::Restore {
             dir,
             name,

@@ -168,6 +168,51 @@ pub fn print_mode_report(r: &warmvm_api::modes::ModeReboot) {
     }
 }
 
+/// A migration's report for a terminal: how it ended, the time and the pause split into
+/// its parts, then one line per round.
+pub fn migration_report(to: &str, r: &warmvm_api::types::MigrationReport) -> String {
+    use warmvm_api::types::EndReason;
+    let ms = |us: u64| us as f64 / 1000.0;
+    let mib = |bytes: u64| bytes as f64 / f64::from(1 << 20);
+    let end = match &r.end {
+        EndReason::Converged => "converged".to_string(),
+        EndReason::Forced => "forced (stopped and copied at the limits)".to_string(),
+        EndReason::Cancelled { why } => format!("cancelled: {why}"),
+        EndReason::Failed { step, error } => format!("failed at {step}: {error}"),
+        EndReason::Unfinished => "unfinished".to_string(),
+    };
+    let mut out = format!(
+        "{}: migrated to {to} ({end}) in {:.1} ms; paused {:.2} ms (final round {:.2}, state {:.2}, commit {:.2}, resume {:.2})\n",
+        r.vm,
+        ms(r.total_us),
+        ms(r.downtime_us),
+        ms(r.final_round_us),
+        ms(r.state_us),
+        ms(r.commit_us),
+        ms(r.resume_us),
+    );
+    out += &format!(
+        "  {} rounds, {:.1} MiB sent of {:.0} MiB RAM ({:.1} MiB state), {:.0} MiB/s\n",
+        r.rounds.len(),
+        mib(r.bytes_total),
+        mib(r.ram_bytes),
+        mib(r.state_bytes),
+        mib(r.bandwidth_bps),
+    );
+    for round in &r.rounds {
+        out += &format!(
+            "  round {}: {} pages ({} zero), {:.1} MiB in {:.1} ms, dirty rate {:.1} MiB/s\n",
+            round.round,
+            round.pages,
+            round.zero_pages,
+            mib(round.bytes),
+            ms(round.duration_us),
+            mib(round.dirty_rate_bps),
+        );
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -191,5 +236,63 @@ mod tests {
         // Right-aligned numbers end together.
         assert_eq!(lines[1].len(), lines[2].len(), "{t}");
         assert!(lines[1].starts_with(&long));
+    }
+
+    #[test]
+    fn a_migration_report_says_how_it_ended_what_it_cost_and_each_round() {
+        use warmvm_api::types::{EndReason, MigrationReport, RoundReport};
+        let r = MigrationReport {
+            vm: "web-1".into(),
+            ram_bytes: 64 << 20,
+            end: EndReason::Converged,
+            total_us: 812_300,
+            downtime_us: 13_700,
+            final_round_us: 4_000,
+            state_us: 1_600,
+            commit_us: 8_000,
+            resume_us: 5_800,
+            rounds: vec![
+                RoundReport {
+                    round: 0,
+                    pages: 16384,
+                    zero_pages: 265,
+                    bytes: 64 << 20,
+                    duration_us: 600_000,
+                    dirty_rate_bps: 0,
+                },
+                RoundReport {
+                    round: 1,
+                    pages: 12,
+                    zero_pages: 0,
+                    bytes: 12 << 12,
+                    duration_us: 300,
+                    dirty_rate_bps: 3 << 20,
+                },
+            ],
+            bandwidth_bps: 100 << 20,
+            state_cost_estimate_us: 7_000,
+            bytes_total: (64 << 20) + (12 << 12),
+            state_bytes: 1 << 20,
+        };
+        let text = super::migration_report("192.0.2.8:7000", &r);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 4, "{text}");
+        assert!(
+            lines[0].starts_with("web-1: migrated to 192.0.2.8:7000 (converged) in 812.3 ms; paused 13.70 ms (final round 4.00, state 1.60, commit 8.00, resume 5.80)"),
+            "{text}"
+        );
+        assert!(
+            lines[1].contains("2 rounds, 64.0 MiB sent of 64 MiB RAM (1.0 MiB state), 100 MiB/s"),
+            "{text}"
+        );
+        assert!(
+            lines[2].contains("round 0: 16384 pages (265 zero)"),
+            "{text}"
+        );
+        assert!(
+            lines[3].contains("round 1: 12 pages (0 zero)")
+                && lines[3].contains("dirty rate 3.0 MiB/s"),
+            "{text}"
+        );
     }
 }

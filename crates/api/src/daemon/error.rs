@@ -32,6 +32,9 @@ pub enum DaemonError {
     /// A flag's value is out of range (the limits, the console's, the metrics address).
     #[error("{0}")]
     Flag(String),
+    /// The migration flags, their certificate files, or binding the listener.
+    #[error(transparent)]
+    Migration(crate::migration::SetupError),
     /// A path flag cannot be made absolute.
     #[error("{flag} {}: {source}", path.display())]
     Path {
@@ -102,6 +105,7 @@ impl DaemonError {
             | DaemonError::Privileges(_)
             | DaemonError::Manifest(_) => true,
             DaemonError::Takeover(e) => e.is_input(),
+            DaemonError::Migration(e) => e.is_input(),
             // A VM of the config that this host cannot create is the config's fault;
             // KVM itself failing is the host's.
             DaemonError::Host(e) => !matches!(e, HostError::Hypervisor(_) | HostError::Vm { .. }),

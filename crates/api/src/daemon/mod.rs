@@ -38,6 +38,7 @@ use crate::state_lock::{self, StateLock};
 
 use crate::reboot::rejuvenation::{aging_monitor, start_aging_monitor, start_rejuvenator};
 
+pub use crate::migration::MIGRATION_LISTENER_FD;
 pub use crate::reboot::takeover::{API_LISTENER_FD, METRICS_LISTENER_FD};
 
 /// The environment variable that gives a warm reboot's new daemon the console limits.
@@ -83,6 +84,8 @@ pub struct DaemonOptions {
     /// Whom to run as after start-up (`--user`, `--group`, `--keep-caps`); over the
     /// config's `[privileges]`. A warm reboot's new daemon inherits the result.
     pub privileges: Option<warmvm_vmm::PrivilegesConfig>,
+    /// Live migration: the listener (off by default) and the TLS both directions use.
+    pub migration: crate::migration::MigrationOptions,
 }
 
 impl Default for DaemonOptions {
@@ -102,6 +105,7 @@ impl Default for DaemonOptions {
             console: warmvm_devices_limits::ConsoleLimits::default(),
             seccomp: warmvm_sandbox::Mode::Kill,
             privileges: None,
+            migration: Default::default(),
         }
     }
 }
@@ -123,6 +127,8 @@ struct Started {
     listener: UnixListener,
     socket_file: Option<SocketFile>,
     metrics: Option<TcpListener>,
+    /// The migration listener, if one is configured.
+    migration: Option<TcpListener>,
     /// How we took the VMs over, if we did.
     takeover: Option<TakeoverInfo>,
     /// Settings the daemon before us passed on (see [`Successor`]).
@@ -164,6 +170,8 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
     if let Some(addr) = &opts.metrics_addr {
         check_metrics_addr(addr).map_err(DaemonError::Flag)?;
     }
+    // The certificates are read here, before privileges drop (the key may be root's).
+    let migration_setup = opts.migration.setup().map_err(DaemonError::Migration)?;
     // A warm reboot's new daemon inherits the dropped privileges; it has none to drop.
     let drop_to = match opts.takeover_fd {
         None => crate::privileges::resolve(
@@ -273,7 +281,10 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
                 fd,
                 &state_dir,
                 &socket_path,
-                opts.metrics_addr.as_ref(),
+                crate::reboot::takeover::ListenAddrs {
+                    metrics: opts.metrics_addr,
+                    migration: opts.migration.listen,
+                },
                 &mut lock,
                 lock_holder,
                 &Fallbacks {
@@ -287,6 +298,7 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
                 listener: t.listener,
                 socket_file: t.socket_file,
                 metrics: t.metrics,
+                migration: t.migration,
                 takeover: Some(t.takeover),
                 inherited: t.inherited,
                 cold_taps: t.cold_taps,
@@ -323,6 +335,7 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
         listener,
         mut socket_file,
         metrics,
+        migration: migration_listener,
         takeover,
         inherited,
         mut cold_taps,
@@ -435,6 +448,10 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
     if let Some(fd) = server.metrics_fd() {
         extra_fds.push((METRICS_LISTENER_FD.to_string(), fd));
     }
+    if let Some(l) = &migration_listener {
+        use std::os::fd::AsRawFd;
+        extra_fds.push((MIGRATION_LISTENER_FD.to_string(), l.as_raw_fd()));
+    }
     state.enable_reboot(RebootSetup {
         args: successor_args(opts, &socket_path, &state_dir),
         limits,
@@ -455,10 +472,15 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
         stop,
     });
 
+    let migration_url = match &migration_setup {
+        Some(setup) => start_migration(&state, setup, migration_listener.as_ref(), adopted)?,
+        None => "-".to_string(),
+    };
     tracing::info!(
         socket = %socket_path.display(),
         state_dir = %state_dir.display(),
         metrics = %metrics_url,
+        migration = %migration_url,
         pid = std::process::id(),
         version = env!("CARGO_PKG_VERSION"),
         "warmvm daemon ready"
@@ -579,7 +601,55 @@ fn successor_args(opts: &DaemonOptions, socket: &Path, state_dir: &Path) -> Vec<
     if let Some(addr) = &opts.metrics_addr {
         args.extend(["--metrics-addr".into(), addr.to_string().into()]);
     }
+    args.extend(opts.migration.to_args());
     args
+}
+
+/// Let the daemon migrate VMs out, and accept them on `listener` if it has one. Returns
+/// what the start-up log says of it.
+fn start_migration(
+    state: &Arc<ApiState>,
+    setup: &crate::migration::Setup,
+    listener: Option<&TcpListener>,
+    adopted: bool,
+) -> Result<String, DaemonError> {
+    let listening_on = listener.and_then(|l| l.local_addr().ok());
+    state.enable_migration(setup.clone(), listening_on);
+    let Some(listener) = listener else {
+        return Ok(match setup.listen {
+            // A new daemon that could not bind it: it serves its VMs without.
+            Some(addr) => format!("not listening on {addr}"),
+            None => "outgoing only".to_string(),
+        });
+    };
+    let started = keep_trying(adopted, "accepting migrations", || {
+        let hv = state
+            .lock()
+            .hypervisor()
+            .try_clone()
+            .map_err(|e| DaemonError::Host(e.into()))?;
+        let l = listener.try_clone().map_err(migration_listen)?;
+        crate::migration::start_listener(
+            state.clone(),
+            l,
+            hv,
+            setup.tls.as_ref().map(|t| t.server()),
+        )
+        .map_err(migration_listen)
+    });
+    started?;
+    Ok(match (listening_on, &setup.tls) {
+        (Some(a), Some(_)) => format!("mtls://{a}"),
+        (Some(a), None) => format!("tcp://{a} (insecure)"),
+        (None, _) => "listening".to_string(),
+    })
+}
+
+fn migration_listen(source: std::io::Error) -> DaemonError {
+    DaemonError::Serve {
+        what: "accept migrations",
+        source,
+    }
 }
 
 /// A new daemon: open KVM, bind (or inherit) the socket and the metrics port.
@@ -601,6 +671,10 @@ fn start_fresh(
             (l, Some(f))
         }
     };
+    let migration = match opts.migration.listen {
+        Some(addr) => Some(crate::migration::bind(addr).map_err(DaemonError::Migration)?),
+        None => None,
+    };
     let metrics = match &opts.metrics_addr {
         Some(addr) => {
             Some(
@@ -617,6 +691,7 @@ fn start_fresh(
         listener,
         socket_file,
         metrics,
+        migration,
         takeover: None,
         inherited: None,
         cold_taps: Default::default(),

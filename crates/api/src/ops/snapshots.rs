@@ -24,6 +24,7 @@ impl ApiState {
     pub fn snapshot(&self, name: &str, req: &SnapshotRequest) -> Result<SaveReport, ApiError> {
         absolute("dir", &req.dir)?;
         let _gate = self.op_gate()?;
+        self.refuse_migrating(name)?;
         let vm = self.find(name)?;
         let report = snapshot::save(&vm, &req.dir, !req.leave_paused)
             .map_err(|e| ApiError::new(snapshot_error_status(&e), e.to_string()))?;

@@ -162,6 +162,15 @@ impl ApiState {
                 )),
             }
         };
+        // A migration under way holds a VM that is neither fully here nor there: the
+        // new daemon could not take it over. (None starts now: they pass the gate.)
+        if let Some(why) = self.migrations.any() {
+            drop(gate);
+            return Err(ApiError::new(
+                409,
+                format!("{why}; retry the reboot when it is done"),
+            ));
+        }
         let mut host = self.lock();
         // Held for the whole reboot: readers see these VMs instead of waiting for it.
         self.set_view(Some(host.vms().to_vec()));

@@ -55,6 +55,7 @@ pub(crate) struct TakenOver {
     pub listener: UnixListener,
     pub socket_file: Option<SocketFile>,
     pub metrics: Option<TcpListener>,
+    pub migration: Option<TcpListener>,
     pub takeover: TakeoverInfo,
     /// Settings the daemon before us passed on.
     pub inherited: Option<Successor>,
@@ -66,6 +67,14 @@ pub(crate) struct TakenOver {
 /// socket itself (the old daemon holds it until it exits).
 const REBIND_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Where the new daemon listens for metrics and migrations, should the old one not hand
+/// those listeners over.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct ListenAddrs {
+    pub metrics: Option<SocketAddr>,
+    pub migration: Option<SocketAddr>,
+}
+
 /// The new daemon of a warm reboot: take the VMs and the listeners over from the old one.
 /// Fails only before the VMs are ours (the old daemon then resumes them); after that, a
 /// missing listener is bound anew rather than giving up running VMs.
@@ -73,7 +82,7 @@ pub(crate) fn take_over(
     fd: RawFd,
     state_dir: &Path,
     socket_path: &Path,
-    metrics_addr: Option<&SocketAddr>,
+    addrs: ListenAddrs,
     lock: &mut Option<StateLock>,
     lock_holder: Option<u32>,
     fallbacks: &Fallbacks,
@@ -152,6 +161,7 @@ pub(crate) fn take_over(
     );
     let mut api = None;
     let mut metrics = None;
+    let mut migration = None;
     let mut cold_taps: BTreeMap<String, GivenTaps> = Default::default();
     for (name, file) in adopted.extra_fds {
         if let Some((vm, index)) = super::modes::parse_cold_tap_name(&name) {
@@ -180,6 +190,18 @@ pub(crate) fn take_over(
                     metrics = Some(l);
                 }
             }
+            crate::migration::MIGRATION_LISTENER_FD if addrs.migration.is_some() => {
+                let l = TcpListener::from(OwnedFd::from(file));
+                match l.local_addr() {
+                    Ok(addr) => {
+                        tracing::info!(%addr, "took the migration listener over");
+                        migration = Some(l);
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "the migration listener handed over is unusable")
+                    }
+                }
+            }
             other => tracing::warn!(name = other, "ignoring an unknown fd handed over"),
         }
     }
@@ -198,7 +220,7 @@ pub(crate) fn take_over(
         }
     };
     if metrics.is_none() {
-        if let Some(addr) = metrics_addr {
+        if let Some(addr) = addrs.metrics {
             match TcpListener::bind(addr) {
                 Ok(l) => metrics = Some(l),
                 Err(e) => {
@@ -207,8 +229,19 @@ pub(crate) fn take_over(
             }
         }
     }
+    if migration.is_none() {
+        if let Some(addr) = addrs.migration {
+            match TcpListener::bind(addr) {
+                Ok(l) => migration = Some(l),
+                Err(e) => {
+                    tracing::error!(error = %e, %addr, "cannot listen for migrations; serving without")
+                }
+            }
+        }
+    }
     Ok(TakenOver {
         host: adopted.host,
+        migration,
         listener,
         socket_file,
         metrics,

@@ -1,0 +1,743 @@
+//! Live migration between daemons: the destination's listener, the source's
+//! `POST /v1/vms/{name}/migrate`, and the mutual TLS both speak (see
+//! [`warmvm_vmm::migration`] for the stream itself).
+//!
+//! Trust: each daemon has a certificate and a key, and trusts peers whose certificate a
+//! given CA signed, in both directions. The source checks that the destination's
+//! certificate names the address it connects to (an IP address SAN); the destination
+//! checks only that the source's chains to the CA. A peer that fails the handshake gets
+//! nothing but the TLS alert, and is logged. Plain TCP only with `--migration-insecure`,
+//! which is refused on any address but loopback.
+//!
+//! The listener is bound at start-up (before privileges drop) and handed to the next
+//! daemon by a warm reboot, like the metrics listener. Each accepted connection gets a
+//! thread that runs the receiver and, once the VM runs here, adds it to the Host. While
+//! any migration is under way, in or out, a reboot is refused (409); while a VM migrates
+//! out, operations on it are refused too.
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use warmvm_vmm::migration::{self, MigrationError, MigrationReport, ReceiveOptions, SendOptions};
+use warmvm_vmm::Lifecycle;
+
+use crate::state::{ApiError, ApiState};
+use crate::types::{MigrateRequest, MIGRATE_MAX_ROUNDS, MIGRATE_MAX_TIMEOUT_SECS};
+
+/// The name under which a warm reboot hands the migration listener to the new daemon.
+pub const MIGRATION_LISTENER_FD: &str = "migration-listener";
+
+/// How long one read or write on a migration stream may wait for the peer.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a peer has for the TLS handshake: one that stalls holds a receiving slot no
+/// longer than this.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the source waits for the destination to accept the TCP connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Incoming migrations received at once; more are closed at once (and logged).
+const MAX_INCOMING: usize = 4;
+/// How often the listener looks for connections (and whether a reboot is under way).
+const ACCEPT_POLL: Duration = Duration::from_millis(50);
+
+/// The migration flags of `warmvm daemon`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MigrationOptions {
+    /// Accept migrations on this address (off when `None`).
+    pub listen: Option<SocketAddr>,
+    /// This daemon's certificate chain and key (PEM), and the CA it trusts for its peers.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub ca: Option<PathBuf>,
+    /// Plain TCP, loopback only.
+    pub insecure: bool,
+}
+
+/// Why the migration flags cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("--migration-insecure: plain TCP is allowed only on loopback; --migration-listen {0} is not")]
+    InsecureNotLoopback(SocketAddr),
+    #[error("--migration-insecure cannot be combined with --migration-cert, --migration-key or --migration-ca")]
+    InsecureWithCerts,
+    #[error("--migration-cert, --migration-key and --migration-ca go together: {0} is missing")]
+    Incomplete(&'static str),
+    #[error("--migration-listen needs --migration-cert, --migration-key and --migration-ca (or --migration-insecure on loopback)")]
+    NoTrust,
+    #[error("{flag} {}: {source}", path.display())]
+    Pem {
+        flag: &'static str,
+        path: PathBuf,
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("{flag} {}: no certificate in it", path.display())]
+    NoCertificate { flag: &'static str, path: PathBuf },
+    #[error("--migration-ca {}: {source}", path.display())]
+    Ca {
+        path: PathBuf,
+        #[source]
+        source: rustls::Error,
+    },
+    #[error("the migration certificate and key: {0}")]
+    Tls(#[source] rustls::Error),
+    #[error("the client verifier: {0}")]
+    Verifier(#[source] rustls::server::VerifierBuilderError),
+    #[error("--migration-listen {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl SetupError {
+    /// The operator's flags or files are at fault (not the host).
+    pub fn is_input(&self) -> bool {
+        !matches!(self, SetupError::Listen { .. })
+    }
+}
+
+/// The TLS both ends of a migration speak: ours as a server and as a client.
+#[derive(Clone, Debug)]
+pub struct Tls {
+    server: Arc<rustls::ServerConfig>,
+    client: Arc<rustls::ClientConfig>,
+}
+
+/// ring's provider. rustls marks it deprecated for its lack of post-quantum key exchange
+/// (only aws-lc-rs offers that, at the cost of a cmake C build); recorded traffic of a
+/// migration is worth little once the VM has moved on, and both ends are our daemons.
+#[allow(deprecated)]
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn certs(flag: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, SetupError> {
+    let pem = |source| SetupError::Pem {
+        flag,
+        path: path.to_path_buf(),
+        source,
+    };
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(pem)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(pem)?;
+    if certs.is_empty() {
+        return Err(SetupError::NoCertificate {
+            flag,
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(certs)
+}
+
+impl Tls {
+    /// The configuration the listener serves with.
+    pub fn server(&self) -> Arc<rustls::ServerConfig> {
+        self.server.clone()
+    }
+
+    /// Read the certificate chain, the key and the CA (PEM files) and build both configs.
+    pub fn load(cert: &Path, key: &Path, ca: &Path) -> Result<Self, SetupError> {
+        let chain = certs("--migration-cert", cert)?;
+        let key = PrivateKeyDer::from_pem_file(key).map_err(|source| SetupError::Pem {
+            flag: "--migration-key",
+            path: key.to_path_buf(),
+            source,
+        })?;
+        let mut roots = rustls::RootCertStore::empty();
+        for c in certs("--migration-ca", ca)? {
+            roots.add(c).map_err(|source| SetupError::Ca {
+                path: ca.to_path_buf(),
+                source,
+            })?;
+        }
+        let roots = Arc::new(roots);
+        let verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+                .build()
+                .map_err(SetupError::Verifier)?;
+        let server = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(SetupError::Tls)?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain.clone(), key.clone_key())
+            .map_err(SetupError::Tls)?;
+        let client = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(SetupError::Tls)?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .map_err(SetupError::Tls)?;
+        Ok(Tls {
+            server: Arc::new(server),
+            client: Arc::new(client),
+        })
+    }
+}
+
+/// How this daemon migrates: its trust (none: plain TCP to loopback only) and where it
+/// listens, if it does.
+#[derive(Clone, Debug)]
+pub struct Setup {
+    pub tls: Option<Tls>,
+    pub insecure: bool,
+    pub listen: Option<SocketAddr>,
+}
+
+impl MigrationOptions {
+    /// Check the flags and read the files; nothing is bound yet.
+    pub fn setup(&self) -> Result<Option<Setup>, SetupError> {
+        let given = [
+            ("--migration-cert", &self.cert),
+            ("--migration-key", &self.key),
+            ("--migration-ca", &self.ca),
+        ];
+        let count = given.iter().filter(|(_, p)| p.is_some()).count();
+        if self.insecure && count > 0 {
+            return Err(SetupError::InsecureWithCerts);
+        }
+        if let Some(addr) = self
+            .listen
+            .filter(|a| self.insecure && !a.ip().is_loopback())
+        {
+            return Err(SetupError::InsecureNotLoopback(addr));
+        }
+        if count > 0 && count < given.len() {
+            let missing = given
+                .iter()
+                .find(|(_, p)| p.is_none())
+                .map_or("--migration-ca", |(f, _)| f);
+            return Err(SetupError::Incomplete(missing));
+        }
+        let tls = match (&self.cert, &self.key, &self.ca) {
+            (Some(c), Some(k), Some(a)) => Some(Tls::load(c, k, a)?),
+            _ => None,
+        };
+        if tls.is_none() && !self.insecure {
+            return match self.listen {
+                Some(_) => Err(SetupError::NoTrust),
+                None => Ok(None),
+            };
+        }
+        Ok(Some(Setup {
+            tls,
+            insecure: self.insecure,
+            listen: self.listen,
+        }))
+    }
+
+    /// The flags a warm reboot's new daemon gets to do the same.
+    pub fn to_args(&self) -> Vec<std::ffi::OsString> {
+        let mut args = Vec::new();
+        if let Some(a) = &self.listen {
+            args.extend(["--migration-listen".into(), a.to_string().into()]);
+        }
+        for (flag, p) in [
+            ("--migration-cert", &self.cert),
+            ("--migration-key", &self.key),
+            ("--migration-ca", &self.ca),
+        ] {
+            if let Some(p) = p {
+                args.extend([flag.into(), p.clone().into_os_string()]);
+            }
+        }
+        if self.insecure {
+            args.push("--migration-insecure".into());
+        }
+        args
+    }
+}
+
+/// Bind the migration listener.
+pub fn bind(addr: SocketAddr) -> Result<TcpListener, SetupError> {
+    TcpListener::bind(addr).map_err(|source| SetupError::Listen { addr, source })
+}
+
+/// Migrations under way in this daemon: the VMs going out (by name) and those coming in
+/// (the names they reserved, and how many connections are being received).
+#[derive(Debug, Default)]
+pub struct UnderWay {
+    outgoing: Mutex<BTreeSet<String>>,
+    incoming_names: Mutex<BTreeSet<String>>,
+    incoming: std::sync::atomic::AtomicUsize,
+}
+
+impl UnderWay {
+    fn outgoing(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
+        self.outgoing.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn incoming_names(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
+        self.incoming_names
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether `name` is migrating out.
+    pub fn is_outgoing(&self, name: &str) -> bool {
+        self.outgoing().contains(name)
+    }
+
+    /// Any migration under way, as a reason to refuse a reboot.
+    pub fn any(&self) -> Option<String> {
+        let out = self.outgoing();
+        if let Some(name) = out.iter().next() {
+            return Some(format!("VM {name} is migrating"));
+        }
+        let n = self.incoming.load(Ordering::SeqCst);
+        (n > 0).then(|| format!("{n} incoming migration(s) under way"))
+    }
+}
+
+/// Removes a VM's name from the outgoing set when its migration ends.
+struct Outgoing<'a>(&'a UnderWay, String);
+
+impl Drop for Outgoing<'_> {
+    fn drop(&mut self) {
+        self.0.outgoing().remove(&self.1);
+    }
+}
+
+/// Counts an incoming migration until it ends, and frees the name it reserved.
+struct Incoming<'a> {
+    under_way: &'a UnderWay,
+    name: Mutex<Option<String>>,
+}
+
+impl Drop for Incoming<'_> {
+    fn drop(&mut self) {
+        if let Some(n) = self.name.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            self.under_way.incoming_names().remove(&n);
+        }
+        self.under_way.incoming.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Set a migration stream's timeouts and latency.
+fn tune(tcp: &TcpStream) -> std::io::Result<()> {
+    tcp.set_read_timeout(Some(IO_TIMEOUT))?;
+    tcp.set_write_timeout(Some(IO_TIMEOUT))?;
+    tcp.set_nodelay(true)
+}
+
+/// Start accepting migrations on `listener`: a thread that lives as long as the daemon
+/// serves, and one thread per incoming migration.
+pub fn start_listener(
+    state: Arc<ApiState>,
+    listener: TcpListener,
+    hv: warmvm_vmm::Hypervisor,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> std::io::Result<()> {
+    listener.set_nonblocking(true)?;
+    let hv = Arc::new(hv);
+    std::thread::Builder::new()
+        .name("migration-listen".into())
+        .spawn(move || {
+            warmvm_sandbox::enter_or_log(warmvm_sandbox::ThreadKind::Api);
+            accept_loop(&state, &listener, &hv, tls.as_ref());
+        })?;
+    Ok(())
+}
+
+fn accept_loop(
+    state: &Arc<ApiState>,
+    listener: &TcpListener,
+    hv: &Arc<warmvm_vmm::Hypervisor>,
+    tls: Option<&Arc<rustls::ServerConfig>>,
+) {
+    loop {
+        if state.handed_over() || state.shutting_down.load(Ordering::SeqCst) {
+            // The listener is the new daemon's now, or nothing more is accepted.
+            return;
+        }
+        // During a reboot connections wait in the backlog, for this daemon or the next.
+        if state.rebooting() {
+            std::thread::sleep(ACCEPT_POLL);
+            continue;
+        }
+        let (tcp, peer) = match listener.accept() {
+            Ok(c) => c,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(ACCEPT_POLL);
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accepting a migration connection failed");
+                std::thread::sleep(ACCEPT_POLL);
+                continue;
+            }
+        };
+        // A reboot that began meanwhile, or too many at once: the peer sees the
+        // connection closed before anything was said, and its VM runs on there.
+        let under_way = &state.migrations;
+        let gate = match state.op_gate() {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::warn!(%peer, error = %e.message, "migration connection refused");
+                continue;
+            }
+        };
+        if under_way.incoming.fetch_add(1, Ordering::SeqCst) >= MAX_INCOMING {
+            under_way.incoming.fetch_sub(1, Ordering::SeqCst);
+            tracing::warn!(%peer, max = MAX_INCOMING, "too many incoming migrations; connection closed");
+            continue;
+        }
+        drop(gate);
+        let st = state.clone();
+        let hv = hv.clone();
+        let tls = tls.cloned();
+        let spawned = std::thread::Builder::new()
+            .name("migration-in".into())
+            .spawn(move || {
+                warmvm_sandbox::enter_or_log(warmvm_sandbox::ThreadKind::Api);
+                let counted = Incoming {
+                    under_way: &st.migrations,
+                    name: Mutex::new(None),
+                };
+                receive_one(&st, &hv, tcp, peer, tls, &counted);
+            });
+        if let Err(e) = spawned {
+            state.migrations.incoming.fetch_sub(1, Ordering::SeqCst);
+            tracing::warn!(%peer, error = %e, "cannot start a thread for a migration");
+        }
+    }
+}
+
+fn receive_one(
+    state: &ApiState,
+    hv: &warmvm_vmm::Hypervisor,
+    mut tcp: TcpStream,
+    peer: SocketAddr,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    counted: &Incoming<'_>,
+) {
+    let handshake = if tls.is_some() {
+        Some(HANDSHAKE_TIMEOUT)
+    } else {
+        Some(IO_TIMEOUT)
+    };
+    if let Err(e) = tcp
+        .set_nonblocking(false)
+        .and_then(|()| tune(&tcp))
+        .and_then(|()| tcp.set_read_timeout(handshake))
+    {
+        tracing::warn!(%peer, error = %e, "migration connection unusable");
+        return;
+    }
+    let name_taken = |name: &str| {
+        // Reserve the name for this migration, so that two arriving at once cannot both
+        // take it.
+        let mut names = state.migrations.incoming_names();
+        if names.contains(name) || state.vms().iter().any(|v| v.name() == name) {
+            return true;
+        }
+        names.insert(name.to_string());
+        *counted.name.lock().unwrap_or_else(|p| p.into_inner()) = Some(name.to_string());
+        false
+    };
+    let opts = ReceiveOptions {
+        state_dir: state.state_dir.clone(),
+        name_taken: &name_taken,
+    };
+    let received = match tls {
+        Some(cfg) => {
+            let mut conn = match rustls::ServerConnection::new(cfg) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e, "cannot start TLS for a migration");
+                    return;
+                }
+            };
+            while conn.is_handshaking() {
+                if let Err(e) = conn.complete_io(&mut tcp) {
+                    tracing::warn!(%peer, error = %e, "migration peer failed authentication; connection closed");
+                    return;
+                }
+            }
+            if let Err(e) = tcp.set_read_timeout(Some(IO_TIMEOUT)) {
+                tracing::warn!(%peer, error = %e, "migration connection unusable");
+                return;
+            }
+            tracing::info!(%peer, "migration peer authenticated");
+            migration::receive(hv, rustls::StreamOwned::new(conn, tcp), &opts)
+        }
+        None => migration::receive(hv, tcp, &opts),
+    };
+    match received {
+        Ok(received) => {
+            let name = received.vm.name().to_string();
+            let report = received.report;
+            let vm = Arc::new(received.vm);
+            // Under the Host lock, as the daemon's shutdown takes its list of VMs to stop.
+            let late = {
+                let mut host = state.lock();
+                host.attach(vm.clone());
+                state.shutting_down.load(Ordering::SeqCst)
+            };
+            if late {
+                // The daemon stops every VM: this one arrived after it took their list.
+                tracing::warn!(vm = %name, "VM migrated in while the daemon stops; stopping it too");
+                vm.stop(Duration::from_secs(crate::state::DEFAULT_STOP_GRACE_SECS));
+            }
+            tracing::info!(vm = %name, %peer, sender = %report.sender, pages = report.pages,
+                rounds = report.rounds, restore_us = report.restore_us,
+                resume_us = report.resume_us, "VM migrated in; it runs here");
+        }
+        Err(e) => tracing::warn!(%peer, error = %e, "incoming migration failed; nothing kept"),
+    }
+}
+
+/// The status a failed migration is answered with.
+fn failure_status(e: &MigrationError) -> u16 {
+    match e {
+        MigrationError::NotRunning { .. }
+        | MigrationError::NameTaken(_)
+        | MigrationError::Refused(_)
+        | MigrationError::Cancelled(_) => 409,
+        _ => 502,
+    }
+}
+
+impl MigrateRequest {
+    /// Check the request; the destination's address.
+    pub fn check(&self) -> Result<SocketAddr, ApiError> {
+        let addr = crate::schema::parse_socket_addr(&self.to)
+            .map(SocketAddr::V4)
+            .ok_or_else(|| {
+                ApiError::new(
+                    400,
+                    format!(
+                        "to {:?}: not an IPv4 address and port (e.g. 192.0.2.7:7000)",
+                        self.to
+                    ),
+                )
+            })?;
+        if self.downtime_ms == 0 || self.downtime_ms > 60_000 {
+            return Err(ApiError::new(400, "downtime_ms must be 1..=60000"));
+        }
+        if self.max_rounds == 0 || self.max_rounds > MIGRATE_MAX_ROUNDS {
+            return Err(ApiError::new(
+                400,
+                format!("max_rounds must be 1..={MIGRATE_MAX_ROUNDS}"),
+            ));
+        }
+        if self.timeout_secs == 0 || self.timeout_secs > MIGRATE_MAX_TIMEOUT_SECS {
+            return Err(ApiError::new(
+                400,
+                format!("timeout_secs must be 1..={MIGRATE_MAX_TIMEOUT_SECS}"),
+            ));
+        }
+        Ok(addr)
+    }
+}
+
+impl ApiState {
+    /// Let this daemon migrate VMs out (and refuse to migrate to its own listener).
+    pub fn enable_migration(&self, setup: Setup, listening_on: Option<SocketAddr>) {
+        let _ = self.migration.set((setup, listening_on));
+    }
+
+    /// `POST /v1/vms/{name}/migrate`: move a running VM to another daemon. On success it
+    /// runs there and is gone from here; on a failure before the commit it runs on here;
+    /// after the commit it stays here, paused and in doubt.
+    pub fn migrate(&self, name: &str, req: &MigrateRequest) -> Result<MigrationReport, ApiError> {
+        let to = req.check()?;
+        let vm = self.find(name)?;
+        let Some((setup, listening_on)) = self.migration.get() else {
+            return Err(ApiError::new(
+                409,
+                "this daemon cannot migrate: start it with --migration-cert, --migration-key and --migration-ca (or --migration-insecure for loopback)",
+            ));
+        };
+        if setup.tls.is_none() && !to.ip().is_loopback() {
+            return Err(ApiError::new(
+                400,
+                format!("to {to}: this daemon runs with --migration-insecure, which migrates only to loopback addresses"),
+            ));
+        }
+        if listening_on.is_some_and(|l| {
+            l == to || (l.port() == to.port() && l.ip().is_unspecified() && to.ip().is_loopback())
+        }) {
+            return Err(ApiError::new(
+                409,
+                format!("to {to}: that is this daemon's own migration listener"),
+            ));
+        }
+        let _outgoing = {
+            let _gate = self.op_gate()?;
+            let mut out = self.migrations.outgoing();
+            if out.contains(name) {
+                return Err(ApiError::new(
+                    409,
+                    format!("VM {name} is migrating already"),
+                ));
+            }
+            if vm.lifecycle() != Lifecycle::Running {
+                return Err(ApiError::new(
+                    409,
+                    format!(
+                        "VM {name} is {}; only a running VM can be migrated",
+                        vm.lifecycle().name()
+                    ),
+                ));
+            }
+            out.insert(name.to_string());
+            Outgoing(&self.migrations, name.to_string())
+        };
+        let opts = SendOptions {
+            downtime: Duration::from_millis(req.downtime_ms),
+            max_rounds: req.max_rounds,
+            timeout: Duration::from_secs(req.timeout_secs),
+            force: req.force,
+            ..Default::default()
+        };
+        tracing::info!(vm = %name, %to, downtime_ms = req.downtime_ms, max_rounds = req.max_rounds,
+            timeout_secs = req.timeout_secs, force = req.force, "migrating VM");
+        let unreachable = |e: std::io::Error| {
+            ApiError::new(
+                502,
+                format!("cannot reach a migration listener at {to}: {e}; VM {name} runs on here"),
+            )
+        };
+        let tcp = TcpStream::connect_timeout(&to, CONNECT_TIMEOUT).map_err(unreachable)?;
+        tune(&tcp).map_err(unreachable)?;
+        let sent = match &setup.tls {
+            Some(tls) => {
+                let mut conn =
+                    rustls::ClientConnection::new(tls.client.clone(), ServerName::from(to.ip()))
+                        .map_err(|e| ApiError::new(500, format!("cannot start TLS: {e}")))?;
+                let mut tcp = tcp;
+                while conn.is_handshaking() {
+                    conn.complete_io(&mut tcp).map_err(|e| {
+                        tracing::warn!(vm = %name, %to, error = %e, "migration destination failed authentication");
+                        ApiError::new(
+                            502,
+                            format!("TLS with {to} failed: {e}; VM {name} runs on here"),
+                        )
+                    })?;
+                }
+                send(&vm, rustls::StreamOwned::new(conn, tcp), &opts)
+            }
+            None => send(&vm, tcp, &opts),
+        };
+        match sent {
+            Ok(report) => {
+                // The VM runs at the destination: forget it here (its RAM is freed with
+                // the last reference, outside the lock).
+                let gone = self.lock().detach(name);
+                drop(gone);
+                Ok(report)
+            }
+            Err(failed) => {
+                let status = failure_status(&failed.error);
+                let now = match vm.lifecycle() {
+                    Lifecycle::InDoubt => format!(
+                        "VM {name} stays here, paused and in doubt: ask the destination whether it runs there"
+                    ),
+                    other => format!("VM {name} is {} here", other.name()),
+                };
+                Err(ApiError::new(
+                    status,
+                    format!("migrating {name} to {to} failed: {}; {now}", failed.error),
+                ))
+            }
+        }
+    }
+}
+
+fn send<S: Read + Write>(
+    vm: &warmvm_vmm::Vm,
+    stream: S,
+    opts: &SendOptions,
+) -> Result<MigrationReport, migration::Failed> {
+    migration::send(vm, stream, opts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts() -> MigrationOptions {
+        MigrationOptions::default()
+    }
+
+    #[test]
+    fn insecure_is_refused_off_loopback() {
+        let o = MigrationOptions {
+            listen: Some("10.0.0.1:7000".parse().unwrap()),
+            insecure: true,
+            ..opts()
+        };
+        assert!(matches!(o.setup(), Err(SetupError::InsecureNotLoopback(_))));
+        let o = MigrationOptions {
+            listen: Some("127.0.0.1:7000".parse().unwrap()),
+            insecure: true,
+            ..opts()
+        };
+        assert!(o.setup().expect("loopback is allowed").is_some());
+    }
+
+    #[test]
+    fn a_listener_needs_trust_and_the_files_go_together() {
+        let o = MigrationOptions {
+            listen: Some("10.0.0.1:7000".parse().unwrap()),
+            ..opts()
+        };
+        assert!(matches!(o.setup(), Err(SetupError::NoTrust)));
+        let o = MigrationOptions {
+            cert: Some("/nonexistent/c.pem".into()),
+            ..opts()
+        };
+        assert!(matches!(
+            o.setup(),
+            Err(SetupError::Incomplete("--migration-key"))
+        ));
+        let o = MigrationOptions {
+            cert: Some("/nonexistent/c.pem".into()),
+            key: Some("/nonexistent/k.pem".into()),
+            ca: Some("/nonexistent/ca.pem".into()),
+            ..opts()
+        };
+        let e = o.setup().expect_err("missing files");
+        assert!(
+            e.to_string()
+                .starts_with("--migration-cert /nonexistent/c.pem"),
+            "{e}"
+        );
+        assert!(opts().setup().expect("nothing asked").is_none());
+    }
+
+    #[test]
+    fn migrate_requests_are_checked() {
+        let ok: MigrateRequest = serde_json::from_str(r#"{"to": "192.0.2.7:7000"}"#).unwrap();
+        assert_eq!(
+            (ok.downtime_ms, ok.max_rounds, ok.timeout_secs, ok.force),
+            (300, 30, 600, false)
+        );
+        assert!(ok.check().is_ok());
+        for bad in [
+            r#"{"to": "nowhere"}"#,
+            r#"{"to": "192.0.2.7"}"#,
+            r#"{"to": "192.0.2.07:7000"}"#,
+            r#"{"to": "192.0.2.7:07000"}"#,
+            r#"{"to": "192.0.2.7:65536"}"#,
+            r#"{"to": "[::1]:7000"}"#,
+            r#"{"to": "192.0.2.7:7000", "max_rounds": 0}"#,
+            r#"{"to": "192.0.2.7:7000", "timeout_secs": 0}"#,
+            r#"{"to": "192.0.2.7:7000", "downtime_ms": 0}"#,
+        ] {
+            let r: MigrateRequest = serde_json::from_str(bad).unwrap();
+            assert_eq!(r.check().expect_err(bad).status, 400, "{bad}");
+        }
+        assert!(serde_json::from_str::<MigrateRequest>(r#"{"to": "a:1", "speed": 1}"#).is_err());
+        assert!(serde_json::from_str::<MigrateRequest>(r#"{}"#).is_err());
+    }
+}
