@@ -105,9 +105,9 @@ pub struct ApiState {
     aging: OnceLock<Arc<Monitor>>,
     pub(crate) last_reboot: OnceLock<ModeReboot>,
     /// Migrations under way, in and out (see [`crate::migration`]).
-    pub(crate) migrations: crate::migration::UnderWay,
+    pub(crate) migrations: crate::migration::under_way::UnderWay,
     /// How this daemon migrates VMs out, and its own listener's address, once enabled.
-    pub(crate) migration: OnceLock<(crate::migration::Setup, Option<std::net::SocketAddr>)>,
+    pub(crate) migration: OnceLock<(crate::migration::setup::Setup, Option<std::net::SocketAddr>)>,
 }
 
 impl ApiState {
