@@ -329,6 +329,12 @@ impl ApiState {
                 std::mem::forget(done);
                 // VMs held aside (paused or ended) go with this process.
                 std::mem::forget(prepared);
+                // So do the settings handed over: with a full aging history they are
+                // millions of small allocations, whose freeing (seconds of CPU in a debug
+                // build on a busy host) would come before the answer, while the
+                // fallback that exits without one is already counting.
+                std::mem::forget(opts);
+                std::mem::forget(successor);
                 Ok(handed.report)
             }
             Err(e) => {
