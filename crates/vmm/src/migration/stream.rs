@@ -19,6 +19,14 @@
 //!        ◀── Running
 //!  Abort ─▶ (any time before Commit)                       discard the VM
 //! ```
+//!
+//! Resolving a VM left in doubt is a stream of its own on a new connection, told from a
+//! migration by its first message:
+//!
+//! ```text
+//!  MAGIC, Ask (VM name, migration id) ─▶                   look up that migration
+//!        ◀── Answer (committed | not-committed | undecided)
+//! ```
 
 use std::io::{Read, Write};
 
@@ -88,6 +96,27 @@ pub enum Msg {
     Abort { reason: String },
     /// Destination: it failed at `step`; the source resumes the VM.
     Failed { step: String, reason: String },
+    /// Source of a migration left in doubt, first on a new connection: did that migration
+    /// of that VM commit here?
+    Ask { vm: String, migration_id: String },
+    /// Destination: what became of the migration asked about.
+    Answer {
+        vm: String,
+        migration_id: String,
+        outcome: Outcome,
+    },
+}
+
+/// What the destination knows of a migration the source holds in doubt.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Outcome {
+    /// It read `Commit`: the VM ran here (and runs, unless it was stopped since).
+    Committed,
+    /// It never read `Commit` for that migration: it does not have the VM from it.
+    NotCommitted,
+    /// That VM is still being received here: ask again later.
+    Undecided,
 }
 
 impl Msg {
@@ -106,6 +135,8 @@ impl Msg {
             Msg::Running { .. } => "Running",
             Msg::Abort { .. } => "Abort",
             Msg::Failed { .. } => "Failed",
+            Msg::Ask { .. } => "Ask",
+            Msg::Answer { .. } => "Answer",
         }
     }
 }
@@ -124,6 +155,11 @@ pub struct Hello {
     /// sha256 of the vCPUs' CPUIDs, so that a CPUID damaged in transit is told from one
     /// the destination cannot offer.
     pub cpuid_digest: String,
+    /// This migration's id, unique to it, which the destination keeps with the VM: the
+    /// source asks by it when the stream broke after `Commit`. (Added in stream format 1
+    /// after its first release: a Hello without it has an empty id.)
+    #[serde(default)]
+    pub migration_id: String,
 }
 
 /// Guest pages of one round.
@@ -247,6 +283,7 @@ pub fn sample_messages() -> Vec<Msg> {
             state_format: crate::state::envelope::FORMAT_VERSION,
             spec: VmSpec::seed(),
             cpuid_digest: "00".into(),
+            migration_id: "m-1".into(),
         })),
         Msg::Accepted {
             receiver: "b".into(),
@@ -278,6 +315,15 @@ pub fn sample_messages() -> Vec<Msg> {
         Msg::Failed {
             step: "restore".into(),
             reason: "y".into(),
+        },
+        Msg::Ask {
+            vm: "a".into(),
+            migration_id: "m-1".into(),
+        },
+        Msg::Answer {
+            vm: "a".into(),
+            migration_id: "m-1".into(),
+            outcome: Outcome::Committed,
         },
     ]
 }

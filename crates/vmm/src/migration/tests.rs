@@ -46,6 +46,7 @@ fn migrate(
                 &ReceiveOptions {
                     state_dir: to_ref.state_dir().to_path_buf(),
                     name_taken: &taken,
+                    answer: &|_, _| Outcome::NotCommitted,
                 },
             )
         });
@@ -279,6 +280,7 @@ fn pre_copy_that_does_not_converge_is_cancelled_at_the_round_and_time_limits() {
                     &ReceiveOptions {
                         state_dir: b.state_dir().to_path_buf(),
                         name_taken: &|_| false,
+                        answer: &|_, _| Outcome::NotCommitted,
                     },
                 )
             });
@@ -389,6 +391,7 @@ fn an_incompatible_destination_refuses_before_the_pause() {
                     &ReceiveOptions {
                         state_dir: b.state_dir().to_path_buf(),
                         name_taken: &|_| taken,
+                        answer: &|_, _| Outcome::NotCommitted,
                     },
                 )
             });
