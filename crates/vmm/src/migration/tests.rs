@@ -474,6 +474,23 @@ fn a_stream_that_breaks_after_the_commit_leaves_the_vm_paused_in_doubt() {
         "an in-doubt VM was resumed"
     );
     assert_eq!(vm.guest_figures().expect("figures").counter, frozen);
+
+    // Settled by an answer only: "undecided" changes nothing; "never committed" resumes
+    // it here, and its counter goes on from where it stood.
+    assert!(matches!(
+        settle(&vm, Outcome::Undecided),
+        Err(MigrationError::Undecided)
+    ));
+    assert_eq!(vm.lifecycle(), Lifecycle::InDoubt);
+    settle(&vm, Outcome::NotCommitted).expect("resumed");
+    assert_eq!(vm.lifecycle(), Lifecycle::Running);
+    wait_verified(&vm, 1);
+    assert!(vm.guest_figures().expect("figures").counter > frozen);
+    assert!(matches!(
+        settle(&vm, Outcome::Committed),
+        Err(MigrationError::NotInDoubt { .. })
+    ));
+    assert_eq!(vm.lifecycle(), Lifecycle::Running);
 }
 
 /// The disk's requests per device counter: (failures, requests).
