@@ -599,6 +599,14 @@ fn a_link_cut_after_the_commit_leaves_the_vm_in_doubt_until_resolve_finds_it_run
         .expect_err("unknown");
     assert_eq!(status_of(&e), 404, "{e}");
 
+    // A VM in doubt cannot cross a reboot: refused, nothing changes.
+    let (status, body) = a
+        .reboot(&serde_json::json!({ "mode": "warm" }))
+        .expect("A answers");
+    assert_eq!(status, 409, "{body}");
+    assert!(body.to_string().contains("in doubt"), "{body}");
+    assert_eq!(state_at(&a, name).as_deref(), Some("in-doubt"));
+
     let out = a.cli(&["vm", "migrate", "--resolve", name]);
     assert!(
         out.status.success(),

@@ -189,8 +189,13 @@ fn receive_one(
                 .is_some_and(|n| n == vm)
         {
             migration::Outcome::Committed
-        } else if state.migrations.incoming_names().contains(vm) {
-            // Still being received (perhaps that very migration, waiting for `Commit`).
+        } else if state.migrations.incoming_names().contains(vm)
+            || state.vms().iter().any(|v| v.name() == vm)
+        {
+            // Still being received (perhaps that very migration, waiting for `Commit`),
+            // or a VM of that name runs here whose migration id this daemon does not know
+            // (ids are not handed over by a warm reboot): "not committed" could make two
+            // copies run, so the source is told to wait.
             migration::Outcome::Undecided
         } else {
             migration::Outcome::NotCommitted

@@ -57,6 +57,13 @@ impl UnderWay {
         if let Some(name) = out.iter().next() {
             return Some(format!("VM {name} is migrating"));
         }
+        drop(out);
+        // A VM in doubt cannot cross a reboot (nor could the record of where it went).
+        if let Some(name) = self.in_doubt().keys().next() {
+            return Some(format!(
+                "VM {name} is in doubt after a migration: resolve it first (warmvm vm migrate --resolve {name})"
+            ));
+        }
         let n = self.incoming.load(Ordering::SeqCst);
         (n > 0).then(|| format!("{n} incoming migration(s) under way"))
     }

@@ -130,7 +130,7 @@ pub enum MigrationError {
     NotInDoubt { vm: String, state: &'static str },
     #[error("the destination answered about {got}, not the migration asked about")]
     OtherAnswer { got: String },
-    #[error("the destination is still receiving that migration; ask again")]
+    #[error("the destination cannot tell yet (it is still receiving a VM of that name, or runs one it does not know came by this migration)")]
     Undecided,
 }
 

@@ -115,7 +115,8 @@ pub enum Outcome {
     Committed,
     /// It never read `Commit` for that migration: it does not have the VM from it.
     NotCommitted,
-    /// That VM is still being received here: ask again later.
+    /// It cannot tell: a VM of that name is still being received here, or runs here by a
+    /// migration it has no record of. The source keeps the VM in doubt.
     Undecided,
 }
 
