@@ -485,6 +485,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn migrate_needs_to_unless_it_resolves_and_resolve_takes_no_migration_flags() {
+        use clap::Parser;
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from(["warmvm", "vm", "migrate"].iter().chain(args))
+                .map_err(|e| e.kind())
+        };
+        assert!(parse(&["--resolve", "web-1"]).is_ok());
+        assert!(parse(&["web-1", "--to", "192.0.2.8:7000"]).is_ok());
+        assert_eq!(
+            parse(&["web-1"]).unwrap_err(),
+            clap::error::ErrorKind::MissingRequiredArgument
+        );
+        for both in [
+            &["--resolve", "web-1", "--to", "192.0.2.8:7000"][..],
+            &["--resolve", "web-1", "--force"],
+        ] {
+            assert_eq!(
+                parse(both).unwrap_err(),
+                clap::error::ErrorKind::ArgumentConflict,
+                "{both:?}"
+            );
+        }
+    }
+
+    #[test]
     fn restore_overrides_are_checked_before_any_request() {
         assert_eq!(tap_override("tap=wvtap1").unwrap(), "wvtap1");
         assert!(tap_override("wvtap1").unwrap_err().contains("tap=NAME"));

@@ -372,6 +372,31 @@ mod tests {
     }
 
     #[test]
+    fn a_hello_from_a_build_before_migration_ids_is_read_with_an_empty_id() {
+        let Msg::Hello(hello) = &sample_messages()[0] else {
+            panic!("the first sample is a Hello")
+        };
+        // The Hello as that build wrote it: every field but the id.
+        let named = rmp_serde::to_vec_named(&**hello).unwrap();
+        let mut fields = rmpv::decode::read_value(&mut &named[..]).unwrap();
+        let rmpv::Value::Map(entries) = &mut fields else {
+            panic!("a map: {fields}")
+        };
+        entries.retain(|(k, _)| k.as_str() != Some("migration_id"));
+        let old = rmpv::Value::Map(vec![("Hello".into(), fields)]);
+        let mut payload = Vec::new();
+        rmpv::encode::write_value(&mut payload, &old).unwrap();
+        let mut bytes = MAGIC.to_vec();
+        bytes.extend((payload.len() as u32).to_le_bytes());
+        bytes.extend(payload);
+        let Msg::Hello(read) = decode_stream(&bytes).unwrap().remove(0) else {
+            panic!("not a Hello")
+        };
+        assert_eq!(read.migration_id, "");
+        assert_eq!(read.spec, hello.spec);
+    }
+
+    #[test]
     fn an_oversized_frame_is_refused_before_it_is_read() {
         let mut bytes = MAGIC.to_vec();
         bytes.extend((MAX_FRAME + 1).to_le_bytes());
