@@ -586,6 +586,14 @@ impl TypedClient<'_> {
         decode("POST /v1/vms/{name}/migrate", json)
     }
 
+    /// `POST /v1/vms/{name}/migrate/resolve`.
+    pub fn resolve_migration(
+        &self,
+        name: &str,
+    ) -> Result<Answer<crate::types::MigrationResolution>, ClientError> {
+        Self::call(self.0, "POST", &vm_path(name, "/migrate/resolve"), None)
+    }
+
     /// `POST /v1/restore`.
     pub fn restore(&self, req: &RestoreRequest) -> Result<Answer<VmReport>, ClientError> {
         let backing = warmvm_vmm::snapshot::Backing {

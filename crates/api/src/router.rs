@@ -193,6 +193,9 @@ impl ApiState {
             Op::MigrateVm => parse(&req.body, "migrate request")
                 .and_then(|r| self.migrate(name, &r))
                 .map(|r| Response::json(200, &r)),
+            Op::ResolveMigration => self
+                .resolve_migration(name)
+                .map(|r| Response::json(200, &r)),
             Op::RestoreVm => parse(&req.body, "restore request")
                 .and_then(|r| self.restore(&r))
                 .map(|r| Response::json(201, &r)),

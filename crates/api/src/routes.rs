@@ -21,6 +21,7 @@ pub enum Op {
     DeleteVm,
     SnapshotVm,
     MigrateVm,
+    ResolveMigration,
     RestoreVm,
     Reboot,
     Aging,
@@ -80,6 +81,11 @@ pub const ROUTES: &[Route] = &[
         method: "POST",
         path: "/v1/vms/{name}/migrate",
         op: Op::MigrateVm,
+    },
+    Route {
+        method: "POST",
+        path: "/v1/vms/{name}/migrate/resolve",
+        op: Op::ResolveMigration,
     },
     Route {
         method: "POST",

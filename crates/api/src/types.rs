@@ -338,5 +338,27 @@ impl MigrateRequest {
     }
 }
 
+/// The answer of `POST /v1/vms/{name}/migrate/resolve`: what became of a VM in doubt.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MigrationResolution {
+    pub vm: String,
+    /// The destination asked.
+    pub to: String,
+    /// The migration asked about.
+    pub migration_id: String,
+    pub resolved: Resolved,
+}
+
+/// How a VM in doubt was resolved.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Resolved {
+    /// The destination committed and runs it: the copy here was freed.
+    RunsThere,
+    /// The destination never committed: the VM runs here again.
+    ResumedHere,
+}
+
 /// The answer of `POST /v1/vms/{name}/migrate`.
 pub use warmvm_vmm::migration::{EndReason, MigrationReport, RoundReport};

@@ -742,4 +742,20 @@ fn migration_requests_and_reports_match_the_schema() {
         &json!({ "reason": "teleported" })
     )
     .is_err());
+    use warmvm_api::types::{MigrationResolution, Resolved};
+    for resolved in [Resolved::RunsThere, Resolved::ResumedHere] {
+        let r = MigrationResolution {
+            vm: "web-1".into(),
+            to: "192.0.2.8:7000".into(),
+            migration_id: "1-2".into(),
+            resolved,
+        };
+        check(&doc, "MigrationResolution", &r);
+    }
+    assert!(validate(
+        &doc,
+        &schema("MigrationResolution"),
+        &json!({ "vm": "a", "to": "b", "migration_id": "c", "resolved": "both" })
+    )
+    .is_err());
 }

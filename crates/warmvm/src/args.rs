@@ -416,13 +416,20 @@ pub enum VmCommand {
     /// Move a running VM to another warmvm daemon while it runs (live migration): pre-copy
     /// of its RAM, then a short pause. On success it runs there and is gone from here; on
     /// a failure it runs on here. Prints the report (total time, the pause and its parts,
-    /// rounds, bytes, how it ended).
+    /// rounds, bytes, how it ended). With --resolve, settles a VM left paused and in doubt
+    /// by a migration whose stream broke after the commit: the destination it went to is
+    /// asked whether it runs the VM; yes frees the copy here, no resumes it here, no answer
+    /// leaves it paused.
     Migrate {
         #[arg(value_parser = vm_name)]
         name: String,
         /// The destination daemon's migration listener, ADDR:PORT (its --migration-listen).
-        #[arg(long, value_name = "ADDR:PORT")]
-        to: String,
+        #[arg(long, value_name = "ADDR:PORT", required_unless_present = "resolve")]
+        to: Option<String>,
+        /// Resolve the VM in doubt instead of migrating it (the destination is the one it
+        /// was migrating to).
+        #[arg(long, conflicts_with_all = ["to", "force"])]
+        resolve: bool,
         /// The pause the switchover may take, in milliseconds: pre-copy goes on until what
         /// is left fits it.
         #[arg(long, default_value_t = 300)]
@@ -476,6 +483,31 @@ pub enum AgingAction {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn migrate_needs_to_unless_it_resolves_and_resolve_takes_no_migration_flags() {
+        use clap::Parser;
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from(["warmvm", "vm", "migrate"].iter().chain(args))
+                .map_err(|e| e.kind())
+        };
+        assert!(parse(&["--resolve", "web-1"]).is_ok());
+        assert!(parse(&["web-1", "--to", "192.0.2.8:7000"]).is_ok());
+        assert_eq!(
+            parse(&["web-1"]).unwrap_err(),
+            clap::error::ErrorKind::MissingRequiredArgument
+        );
+        for both in [
+            &["--resolve", "web-1", "--to", "192.0.2.8:7000"][..],
+            &["--resolve", "web-1", "--force"],
+        ] {
+            assert_eq!(
+                parse(both).unwrap_err(),
+                clap::error::ErrorKind::ArgumentConflict,
+                "{both:?}"
+            );
+        }
+    }
 
     #[test]
     fn restore_overrides_are_checked_before_any_request() {

@@ -445,12 +445,32 @@ pub fn vm(cmd: VmCommand, api: &ApiArgs) -> Result<ExitCode, Failure> {
         }
         VmCommand::Migrate {
             name,
+            resolve: true,
+            ..
+        } => {
+            let r = client(api)
+                .typed()
+                .resolve_migration(&name)
+                .map_err(failure::api)?;
+            if api.json {
+                output::print_json(&r.json);
+            } else {
+                print!("{}", output::migration_resolution(&r));
+            }
+        }
+        VmCommand::Migrate {
+            name,
             to,
             downtime_ms,
             max_rounds,
             timeout,
             force,
+            resolve: false,
         } => {
+            // clap requires --to without --resolve.
+            let to = to.ok_or_else(|| {
+                failure::Failure::new(failure::EXIT_BAD_INPUT, "vm migrate needs --to ADDR:PORT")
+            })?;
             let req = warmvm_api::types::MigrateRequest {
                 to,
                 downtime_ms,

@@ -168,6 +168,21 @@ pub fn print_mode_report(r: &warmvm_api::modes::ModeReboot) {
     }
 }
 
+/// How a VM in doubt was resolved, one line.
+pub fn migration_resolution(r: &warmvm_api::types::MigrationResolution) -> String {
+    use warmvm_api::types::Resolved;
+    match r.resolved {
+        Resolved::RunsThere => format!(
+            "{}: runs at {} (migration {} committed there); the copy here is freed\n",
+            r.vm, r.to, r.migration_id
+        ),
+        Resolved::ResumedHere => format!(
+            "{}: {} never committed migration {}; it runs here again\n",
+            r.vm, r.to, r.migration_id
+        ),
+    }
+}
+
 /// A migration's report for a terminal: how it ended, the time and the pause split into
 /// its parts, then one line per round.
 pub fn migration_report(to: &str, r: &warmvm_api::types::MigrationReport) -> String {

@@ -3,7 +3,11 @@
 //! (once through the API, once through the CLI), and at no poll do both daemons list it
 //! running; a migration that cannot happen (an unknown VM, no listener at the destination,
 //! a destination that does not trust the source's certificate) leaves it running at the
-//! source, verified.
+//! source, verified. Faults around the commit point (named fault points of the test build,
+//! `WARMVM_MIGRATION_FAULT`): a destination killed before the commit leaves the VM running
+//! at the source; a source killed after it leaves it running at the destination; a stream
+//! cut after it leaves the VM in doubt at the source until `--resolve` asks the
+//! destination, which settles it to exactly one running copy.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -84,12 +88,31 @@ fn daemon(
     ns: &Namespace,
     ip: &str,
     port: u16,
-    (cert, key): &(PathBuf, PathBuf),
+    cert: &(PathBuf, PathBuf),
     ca: &Path,
 ) -> Daemon {
+    faulty_daemon(dir, ns, ip, port, cert, ca, "")
+}
+
+/// [`daemon`] with the migration faults `faults` (`WARMVM_MIGRATION_FAULT`; none if empty).
+fn faulty_daemon(
+    dir: &Path,
+    ns: &Namespace,
+    ip: &str,
+    port: u16,
+    (cert, key): &(PathBuf, PathBuf),
+    ca: &Path,
+    faults: &str,
+) -> Daemon {
     let listen = format!("{ip}:{port}");
+    let env: &[(&str, &str)] = if faults.is_empty() {
+        &[]
+    } else {
+        &[("WARMVM_MIGRATION_FAULT", faults)]
+    };
     Daemon::builder(dir)
         .netns(&ns.name)
+        .envs(env)
         .args(&[
             "--migration-listen".as_ref(),
             listen.as_ref(),
@@ -426,4 +449,291 @@ fn a_migrating_vm_refuses_other_operations_and_reboots_until_it_is_cancelled() {
     a.client().pause(name).expect("paused after the migration");
     drop((a, b));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Whether `d` lists `name` running; a daemon that does not answer (killed) runs nothing.
+fn runs(d: &Daemon, name: &str) -> bool {
+    sample(&d.client())
+        .ok()
+        .and_then(|s| s.get(name).map(|vm| vm.state == "running"))
+        .unwrap_or(false)
+}
+
+fn state_at(d: &Daemon, name: &str) -> Option<String> {
+    sample(&d.client())
+        .expect("the daemon answers")
+        .get(name)
+        .map(|vm| vm.state.clone())
+}
+
+/// [`watched`] for migrations in which a daemon is killed: one that does not answer is
+/// counted as running nothing. Polls on for `after` once `migrate` has returned.
+fn watched_through_kills<T: Send>(
+    to: &Daemon,
+    from: &Daemon,
+    name: &str,
+    after: Duration,
+    migrate: impl FnOnce() -> T + Send,
+) -> T {
+    std::thread::scope(|s| {
+        let job = s.spawn(migrate);
+        let mut until: Option<std::time::Instant> = None;
+        let mut polls = 0;
+        while until.is_none_or(|u| std::time::Instant::now() < u) {
+            if until.is_none() && job.is_finished() {
+                until = Some(std::time::Instant::now() + after);
+            }
+            let there = runs(to, name);
+            let here = runs(from, name);
+            assert!(
+                !(there && here),
+                "{name} runs in both daemons at poll {polls}\n{}\n{}",
+                from.log(),
+                to.log()
+            );
+            polls += 1;
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(polls > 1, "the migration was never watched");
+        job.join().expect("the migration thread")
+    })
+}
+
+/// The two namespaces, the CA and both daemons' certificates of one fault test.
+struct Rig {
+    dir: PathBuf,
+    link: Link,
+    ca: Ca,
+    a_cert: (PathBuf, PathBuf),
+    b_cert: (PathBuf, PathBuf),
+}
+
+impl Rig {
+    fn new(tag: &str) -> Rig {
+        let dir = scratch(tag);
+        let link = link(tag);
+        let ca = Ca::new(&dir, "ca");
+        let a_cert = ca.issue(&dir, "a", A_ADDR);
+        let b_cert = ca.issue(&dir, "b", B_ADDR);
+        Rig {
+            dir,
+            link,
+            ca,
+            a_cert,
+            b_cert,
+        }
+    }
+
+    fn a(&self, faults: &str) -> Daemon {
+        let dir = self.dir.join("a");
+        faulty_daemon(
+            &dir,
+            &self.link.a,
+            A_ADDR,
+            PORT,
+            &self.a_cert,
+            &self.ca.pem,
+            faults,
+        )
+    }
+
+    /// A daemon at B, in its own directory `sub` (a B killed by a test is replaced by
+    /// another).
+    fn b(&self, sub: &str, faults: &str) -> Daemon {
+        let dir = self.dir.join(sub);
+        faulty_daemon(
+            &dir,
+            &self.link.b,
+            B_ADDR,
+            PORT,
+            &self.b_cert,
+            &self.ca.pem,
+            faults,
+        )
+    }
+}
+
+fn to_b() -> MigrateRequest {
+    MigrateRequest::to(format!("{B_ADDR}:{PORT}"))
+}
+
+#[test]
+fn a_link_cut_after_the_commit_leaves_the_vm_in_doubt_until_resolve_finds_it_runs_there() {
+    let test =
+        "a_link_cut_after_the_commit_leaves_the_vm_in_doubt_until_resolve_finds_it_runs_there";
+    if !warmvm_testkit::kvm_available(test) {
+        return;
+    }
+    let rig = Rig::new("migcut");
+    // A's stream fails right after it sent Commit, as if the link went down there.
+    let a = rig.a("source-committed:cut");
+    let b = rig.b("b", "");
+    let name = "cut";
+    create(&a, name);
+    let sent = watched_through_kills(&b, &a, name, Duration::from_millis(500), || {
+        a.client().typed().migrate(name, &to_b())
+    });
+    let e = sent.expect_err("the commit was never confirmed");
+    assert_eq!(status_of(&e), 502, "{e}");
+    assert!(e.to_string().contains("in doubt"), "{e}");
+    assert_eq!(state_at(&a, name).as_deref(), Some("in-doubt"));
+    judged(&b, name);
+    assert_eq!(
+        state_at(&a, name).as_deref(),
+        Some("in-doubt"),
+        "{}",
+        a.log()
+    );
+
+    // Resolving anything else is refused, and changes nothing.
+    let e = b
+        .client()
+        .typed()
+        .resolve_migration(name)
+        .expect_err("running, not in doubt");
+    assert_eq!(status_of(&e), 409, "{e}");
+    let e = a
+        .client()
+        .typed()
+        .resolve_migration("nobody")
+        .expect_err("unknown");
+    assert_eq!(status_of(&e), 404, "{e}");
+
+    // A VM in doubt cannot cross a reboot: refused, nothing changes.
+    let (status, body) = a
+        .reboot(&serde_json::json!({ "mode": "warm" }))
+        .expect("A answers");
+    assert_eq!(status, 409, "{body}");
+    assert!(body.to_string().contains("in doubt"), "{body}");
+    assert_eq!(state_at(&a, name).as_deref(), Some("in-doubt"));
+
+    let out = a.cli(&["vm", "migrate", "--resolve", name]);
+    assert!(
+        out.status.success(),
+        "resolve: {}\n{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        a.log(),
+        b.log()
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("runs at 10.91.0.2:7000"), "{said}");
+    assert!(
+        !sample(&a.client()).expect("A answers").contains_key(name),
+        "A still holds {name} after the destination said it runs there"
+    );
+    judged(&b, name);
+    drop((a, b));
+    let _ = std::fs::remove_dir_all(&rig.dir);
+}
+
+#[test]
+fn a_destination_killed_after_ready_leaves_the_vm_in_doubt_until_resolve_resumes_it_at_the_source()
+{
+    let test = "a_destination_killed_after_ready_leaves_the_vm_in_doubt_until_resolve_resumes_it_at_the_source";
+    if !warmvm_testkit::kvm_available(test) {
+        return;
+    }
+    let rig = Rig::new("migready");
+    let a = rig.a("");
+    // B dies right after it sent Ready: it never reads Commit.
+    let b = rig.b("b", "dest-ready-sent:kill");
+    let name = "unready";
+    create(&a, name);
+    let sent = watched_through_kills(&b, &a, name, Duration::from_millis(500), || {
+        a.client().typed().migrate(name, &to_b())
+    });
+    let e = sent.expect_err("the destination died");
+    eprintln!("{test}: {e}");
+    // The source had sent Commit (or may have): it holds the VM in doubt.
+    assert_eq!(status_of(&e), 502, "{e}");
+    assert_eq!(state_at(&a, name).as_deref(), Some("in-doubt"), "{e}");
+
+    // Nobody answers at B: nothing changes.
+    let e = a
+        .client()
+        .typed()
+        .resolve_migration(name)
+        .expect_err("B is gone");
+    assert_eq!(status_of(&e), 502, "{e}");
+    assert!(e.to_string().contains("in doubt"), "{e}");
+    assert_eq!(state_at(&a, name).as_deref(), Some("in-doubt"));
+
+    // A new daemon at B never had that migration: resolving resumes the VM at A.
+    drop(b);
+    let b = rig.b("b2", "");
+    let r = a
+        .client()
+        .typed()
+        .resolve_migration(name)
+        .unwrap_or_else(|e| panic!("resolve: {e}\n{}\n{}", a.log(), b.log()))
+        .value;
+    assert_eq!(
+        r.resolved,
+        warmvm_api::types::Resolved::ResumedHere,
+        "{r:?}"
+    );
+    assert_eq!(r.vm, name);
+    judged(&a, name);
+    assert!(sample(&b.client()).expect("B answers").is_empty());
+    drop((a, b));
+    let _ = std::fs::remove_dir_all(&rig.dir);
+}
+
+#[test]
+fn a_destination_killed_before_the_commit_leaves_the_vm_running_at_the_source() {
+    let test = "a_destination_killed_before_the_commit_leaves_the_vm_running_at_the_source";
+    if !warmvm_testkit::kvm_available(test) {
+        return;
+    }
+    let rig = Rig::new("migkill");
+    let a = rig.a("");
+    let name = "survivor";
+    create(&a, name);
+    // During pre-copy (the first round acknowledged), and with the state in hand before
+    // Ready: both before the commit.
+    for (i, fault) in ["dest-precopy:kill", "dest-state:kill"].iter().enumerate() {
+        let b = rig.b(&format!("b{i}"), fault);
+        let (sent, listed, verified_after) =
+            watched_through_kills(&b, &a, name, Duration::from_millis(300), || {
+                let sent = a.client().typed().migrate(name, &to_b());
+                // The source resumes the VM before it answers: the first look after the
+                // answer finds it running.
+                let failed_at = std::time::Instant::now();
+                let listed = runs(&a, name);
+                judged(&a, name);
+                (sent, listed, failed_at.elapsed())
+            });
+        let e = sent.expect_err("the destination died");
+        assert_eq!(status_of(&e), 502, "{fault}: {e}");
+        assert!(e.to_string().contains("is running here"), "{fault}: {e}");
+        assert!(listed, "{fault}: not listed running at A\n{}", a.log());
+        eprintln!(
+            "{test}: {fault}: verified running at A {} ms after the migrate call failed ({e})",
+            verified_after.as_millis()
+        );
+        drop(b);
+    }
+    drop(a);
+    let _ = std::fs::remove_dir_all(&rig.dir);
+}
+
+#[test]
+fn a_source_killed_after_the_commit_leaves_the_vm_running_at_the_destination() {
+    let test = "a_source_killed_after_the_commit_leaves_the_vm_running_at_the_destination";
+    if !warmvm_testkit::kvm_available(test) {
+        return;
+    }
+    let rig = Rig::new("migsrc");
+    let a = rig.a("source-committed:kill");
+    let b = rig.b("b", "");
+    let name = "orphan";
+    create(&a, name);
+    let sent = watched_through_kills(&b, &a, name, Duration::from_millis(500), || {
+        a.client().typed().migrate(name, &to_b())
+    });
+    assert!(sent.is_err(), "the source died mid-call, yet it answered");
+    judged(&b, name);
+    assert!(!runs(&a, name));
+    drop((a, b));
+    let _ = std::fs::remove_dir_all(&rig.dir);
 }

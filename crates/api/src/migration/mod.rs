@@ -14,6 +14,12 @@
 //! thread that runs the receiver and, once the VM runs here, adds it to the Host. While
 //! any migration is under way, in or out, a reboot is refused (409); while a VM migrates
 //! out, operations on it are refused too.
+//!
+//! In doubt: each migration has an id (in its Hello), which the destination keeps once it
+//! commits. A source whose stream broke after `Commit` keeps the VM paused with the
+//! destination's address and that id; `POST /v1/vms/{name}/migrate/resolve` asks the
+//! destination over a new mutual-TLS connection (first message `Ask`) and frees or
+//! resumes the VM by its answer. It is never resumed without an answer.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -30,10 +36,12 @@ pub(crate) mod under_way;
 
 pub use setup::{bind, MigrationOptions, Setup, SetupError, Tls};
 pub use under_way::UnderWay;
-use under_way::{Incoming, Outgoing};
+use under_way::{InDoubt, Incoming, Outgoing};
 
 use crate::state::{ApiError, ApiState};
-use crate::types::{MigrateRequest, MIGRATE_MAX_ROUNDS, MIGRATE_MAX_TIMEOUT_SECS};
+use crate::types::{
+    MigrateRequest, MigrationResolution, Resolved, MIGRATE_MAX_ROUNDS, MIGRATE_MAX_TIMEOUT_SECS,
+};
 
 /// The name under which a warm reboot hands the migration listener to the new daemon.
 pub const MIGRATION_LISTENER_FD: &str = "migration-listener";
@@ -172,9 +180,31 @@ fn receive_one(
         *counted.name.lock().unwrap_or_else(|p| p.into_inner()) = Some(name.to_string());
         false
     };
+    let answer = |vm: &str, id: &str| {
+        if !id.is_empty()
+            && state
+                .migrations
+                .committed_in()
+                .get(id)
+                .is_some_and(|n| n == vm)
+        {
+            migration::Outcome::Committed
+        } else if state.migrations.incoming_names().contains(vm)
+            || state.vms().iter().any(|v| v.name() == vm)
+        {
+            // Still being received (perhaps that very migration, waiting for `Commit`),
+            // or a VM of that name runs here whose migration id this daemon does not know
+            // (ids are not handed over by a warm reboot): "not committed" could make two
+            // copies run, so the source is told to wait.
+            migration::Outcome::Undecided
+        } else {
+            migration::Outcome::NotCommitted
+        }
+    };
     let opts = ReceiveOptions {
         state_dir: state.state_dir.clone(),
         name_taken: &name_taken,
+        answer: &answer,
     };
     let received = match tls {
         Some(cfg) => {
@@ -196,12 +226,20 @@ fn receive_one(
                 return;
             }
             tracing::info!(%peer, "migration peer authenticated");
-            migration::receive(hv, rustls::StreamOwned::new(conn, tcp), &opts)
+            migration::serve(hv, rustls::StreamOwned::new(conn, tcp), &opts)
         }
-        None => migration::receive(hv, tcp, &opts),
+        None => migration::serve(hv, tcp, &opts),
     };
     match received {
-        Ok(received) => {
+        Ok(migration::Served::Answered {
+            vm,
+            migration_id,
+            outcome,
+        }) => {
+            tracing::info!(%vm, %peer, %migration_id, ?outcome, "answered a source holding a VM in doubt");
+        }
+        Ok(migration::Served::Received(received)) => {
+            let received = *received;
             let name = received.vm.name().to_string();
             let report = received.report;
             let vm = Arc::new(received.vm);
@@ -209,6 +247,12 @@ fn receive_one(
             let late = {
                 let mut host = state.lock();
                 host.attach(vm.clone());
+                if !report.migration_id.is_empty() {
+                    state
+                        .migrations
+                        .committed_in()
+                        .insert(report.migration_id.clone(), name.clone());
+                }
                 state.shutting_down.load(Ordering::SeqCst)
             };
             if late {
@@ -230,7 +274,9 @@ fn failure_status(e: &MigrationError) -> u16 {
         MigrationError::NotRunning { .. }
         | MigrationError::NameTaken(_)
         | MigrationError::Refused(_)
-        | MigrationError::Cancelled(_) => 409,
+        | MigrationError::Cancelled(_)
+        | MigrationError::NotInDoubt { .. }
+        | MigrationError::Undecided => 409,
         _ => 502,
     }
 }
@@ -321,42 +367,21 @@ impl ApiState {
             out.insert(name.to_string());
             Outgoing(&self.migrations, name.to_string())
         };
+        let migration_id = new_migration_id(name);
         let opts = SendOptions {
             downtime: Duration::from_millis(req.downtime_ms),
             max_rounds: req.max_rounds,
             timeout: Duration::from_secs(req.timeout_secs),
             force: req.force,
+            migration_id: migration_id.clone(),
             ..Default::default()
         };
-        tracing::info!(vm = %name, %to, downtime_ms = req.downtime_ms, max_rounds = req.max_rounds,
+        tracing::info!(vm = %name, %to, %migration_id, downtime_ms = req.downtime_ms, max_rounds = req.max_rounds,
             timeout_secs = req.timeout_secs, force = req.force, "migrating VM");
-        let unreachable = |e: std::io::Error| {
-            ApiError::new(
-                502,
-                format!("cannot reach a migration listener at {to}: {e}; VM {name} runs on here"),
-            )
-        };
-        let tcp = TcpStream::connect_timeout(&to, CONNECT_TIMEOUT).map_err(unreachable)?;
-        tune(&tcp).map_err(unreachable)?;
-        let sent = match &setup.tls {
-            Some(tls) => {
-                let mut conn =
-                    rustls::ClientConnection::new(tls.client.clone(), ServerName::from(to.ip()))
-                        .map_err(|e| ApiError::new(500, format!("cannot start TLS: {e}")))?;
-                let mut tcp = tcp;
-                while conn.is_handshaking() {
-                    conn.complete_io(&mut tcp).map_err(|e| {
-                        tracing::warn!(vm = %name, %to, error = %e, "migration destination failed authentication");
-                        ApiError::new(
-                            502,
-                            format!("TLS with {to} failed: {e}; VM {name} runs on here"),
-                        )
-                    })?;
-                }
-                send(&vm, rustls::StreamOwned::new(conn, tcp), &opts)
-            }
-            None => send(&vm, tcp, &opts),
-        };
+        let stream = connect(setup, to).map_err(|e| {
+            ApiError::new(e.status, format!("{}; VM {name} runs on here", e.message))
+        })?;
+        let sent = migration::send(&vm, stream, &opts);
         match sent {
             Ok(report) => {
                 // The VM runs at the destination: forget it here (its RAM is freed with
@@ -368,9 +393,14 @@ impl ApiState {
             Err(failed) => {
                 let status = failure_status(&failed.error);
                 let now = match vm.lifecycle() {
-                    Lifecycle::InDoubt => format!(
-                        "VM {name} stays here, paused and in doubt: ask the destination whether it runs there"
-                    ),
+                    Lifecycle::InDoubt => {
+                        self.migrations
+                            .in_doubt()
+                            .insert(name.to_string(), InDoubt { to, migration_id });
+                        format!(
+                            "VM {name} stays here, paused and in doubt: resolve it (warmvm vm migrate --resolve {name}) to ask the destination whether it runs there"
+                        )
+                    }
                     other => format!("VM {name} is {} here", other.name()),
                 };
                 Err(ApiError::new(
@@ -380,14 +410,118 @@ impl ApiState {
             }
         }
     }
+
+    /// `POST /v1/vms/{name}/migrate/resolve`: ask the destination of the migration that
+    /// left VM `name` in doubt whether it runs the VM from that migration. Yes: the copy
+    /// here is freed. No (it never committed, or does not have it): the VM resumes here.
+    /// No answer: nothing changes (409 or 502) and the VM stays paused, in doubt.
+    pub fn resolve_migration(&self, name: &str) -> Result<MigrationResolution, ApiError> {
+        let vm = self.find(name)?;
+        let Some((setup, _)) = self.migration.get() else {
+            return Err(ApiError::new(
+                409,
+                "this daemon cannot migrate: start it with --migration-cert, --migration-key and --migration-ca (or --migration-insecure for loopback)",
+            ));
+        };
+        let _outgoing = {
+            let _gate = self.op_gate()?;
+            let mut out = self.migrations.outgoing();
+            if out.contains(name) {
+                return Err(ApiError::new(
+                    409,
+                    format!("VM {name} is migrating already"),
+                ));
+            }
+            if vm.lifecycle() != Lifecycle::InDoubt {
+                return Err(ApiError::new(
+                    409,
+                    format!(
+                        "VM {name} is {}; only a VM in doubt after a migration is resolved",
+                        vm.lifecycle().name()
+                    ),
+                ));
+            }
+            out.insert(name.to_string());
+            Outgoing(&self.migrations, name.to_string())
+        };
+        let Some(InDoubt { to, migration_id }) = self.migrations.in_doubt().get(name).cloned()
+        else {
+            return Err(ApiError::new(
+                409,
+                format!("VM {name} is in doubt, but this daemon has no record of where it went; it stays paused"),
+            ));
+        };
+        let stays = "; the VM stays here, paused and in doubt";
+        let stream = connect(setup, to)
+            .map_err(|e| ApiError::new(e.status, format!("{}{stays}", e.message)))?;
+        let outcome = migration::ask(stream, name, &migration_id).map_err(|e| {
+            ApiError::new(
+                failure_status(&e),
+                format!("asking {to} about VM {name}: {e}{stays}"),
+            )
+        })?;
+        tracing::info!(vm = %name, %to, %migration_id, ?outcome, "the destination answered about the VM in doubt");
+        migration::settle(&vm, outcome).map_err(|e| {
+            ApiError::new(failure_status(&e), format!("resolving {name}: {e}{stays}"))
+        })?;
+        self.migrations.in_doubt().remove(name);
+        let resolved = if outcome == migration::Outcome::Committed {
+            let gone = self.lock().detach(name);
+            drop(gone);
+            Resolved::RunsThere
+        } else {
+            Resolved::ResumedHere
+        };
+        Ok(MigrationResolution {
+            vm: name.to_string(),
+            to: to.to_string(),
+            migration_id,
+            resolved,
+        })
+    }
 }
 
-fn send<S: Read + Write>(
-    vm: &warmvm_vmm::Vm,
-    stream: S,
-    opts: &SendOptions,
-) -> Result<MigrationReport, migration::Failed> {
-    migration::send(vm, stream, opts)
+/// A migration stream to a peer's listener: TLS over TCP, or plain TCP (loopback only).
+trait Conn: Read + Write + Send {}
+impl<T: Read + Write + Send> Conn for T {}
+
+/// Connect to the migration listener at `to`, with this daemon's TLS if it has it.
+fn connect(setup: &Setup, to: SocketAddr) -> Result<Box<dyn Conn>, ApiError> {
+    let unreachable = |e: std::io::Error| {
+        ApiError::new(
+            502,
+            format!("cannot reach a migration listener at {to}: {e}"),
+        )
+    };
+    let tcp = TcpStream::connect_timeout(&to, CONNECT_TIMEOUT).map_err(unreachable)?;
+    tune(&tcp).map_err(unreachable)?;
+    let Some(tls) = &setup.tls else {
+        return Ok(Box::new(tcp));
+    };
+    let mut conn = rustls::ClientConnection::new(tls.client.clone(), ServerName::from(to.ip()))
+        .map_err(|e| ApiError::new(500, format!("cannot start TLS: {e}")))?;
+    let mut tcp = tcp;
+    while conn.is_handshaking() {
+        conn.complete_io(&mut tcp).map_err(|e| {
+            tracing::warn!(%to, error = %e, "migration peer failed authentication");
+            ApiError::new(502, format!("TLS with {to} failed: {e}"))
+        })?;
+    }
+    Ok(Box::new(rustls::StreamOwned::new(conn, tcp)))
+}
+
+/// A fresh id for a migration of `name`: unique in practice (the time, this process,
+/// and the standard library's per-process random hash keys).
+fn new_migration_id(name: &str) -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write(name.as_bytes());
+    h.write_u32(std::process::id());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    h.write_u128(now);
+    format!("{:x}-{:016x}", now, h.finish())
 }
 
 #[cfg(test)]

@@ -1,7 +1,8 @@
 //! Which migrations are under way in this daemon: what the state consults to refuse
 //! operations on a VM that is leaving, and reboots while any migration runs.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 
@@ -12,6 +13,18 @@ pub struct UnderWay {
     pub(super) outgoing: Mutex<BTreeSet<String>>,
     pub(super) incoming_names: Mutex<BTreeSet<String>>,
     pub(super) incoming: std::sync::atomic::AtomicUsize,
+    /// Migrations that committed here: their ids, with the VM each brought (what a source
+    /// holding one in doubt is told).
+    pub(super) committed_in: Mutex<BTreeMap<String, String>>,
+    /// VMs left in doubt here: where each went, and by which migration.
+    pub(super) in_doubt: Mutex<BTreeMap<String, InDoubt>>,
+}
+
+/// Where a VM in doubt went: what resolving it asks, and whom.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct InDoubt {
+    pub(super) to: SocketAddr,
+    pub(super) migration_id: String,
 }
 
 impl UnderWay {
@@ -25,6 +38,14 @@ impl UnderWay {
             .unwrap_or_else(|p| p.into_inner())
     }
 
+    pub(super) fn committed_in(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, String>> {
+        self.committed_in.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(super) fn in_doubt(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, InDoubt>> {
+        self.in_doubt.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Whether `name` is migrating out.
     pub fn is_outgoing(&self, name: &str) -> bool {
         self.outgoing().contains(name)
@@ -35,6 +56,13 @@ impl UnderWay {
         let out = self.outgoing();
         if let Some(name) = out.iter().next() {
             return Some(format!("VM {name} is migrating"));
+        }
+        drop(out);
+        // A VM in doubt cannot cross a reboot (nor could the record of where it went).
+        if let Some(name) = self.in_doubt().keys().next() {
+            return Some(format!(
+                "VM {name} is in doubt after a migration: resolve it first (warmvm vm migrate --resolve {name})"
+            ));
         }
         let n = self.incoming.load(Ordering::SeqCst);
         (n > 0).then(|| format!("{n} incoming migration(s) under way"))

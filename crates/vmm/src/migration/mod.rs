@@ -29,8 +29,11 @@
 //!
 //! Left to the daemon that will call this: the listener and its authentication (mutual
 //! TLS), the API and CLI, announcing the guest's MAC after the move, handing over disk
-//! locks, and resolving an in-doubt VM.
+//! locks. Resolving an in-doubt VM is here as its two halves: [`ask`] (the source asks
+//! the destination over a new connection) and [`settle`] (the source frees or resumes
+//! its copy by the answer); the destination answers in [`serve`].
 
+pub mod faults;
 #[doc(hidden)]
 pub mod fuzzing;
 mod pages;
@@ -41,11 +44,12 @@ pub mod stream;
 mod tests;
 
 pub use pages::RunError;
-pub use receive::{receive, ReceiveOptions, Received};
+pub use receive::{receive, serve, ReceiveOptions, Received, Served};
 pub use send::{
-    send, EndReason, MigrationReport, Progress, ProgressHook, RoundHook, RoundReport, SendOptions,
+    ask, send, settle, EndReason, MigrationReport, Progress, ProgressHook, RoundHook, RoundReport,
+    SendOptions,
 };
-pub use stream::StreamError;
+pub use stream::{Outcome, StreamError};
 
 use crate::state::envelope::Kind;
 pub use crate::state::VmRecord;
@@ -122,6 +126,12 @@ pub enum MigrationError {
     Cancelled(String),
     #[error("the stream broke after the commit ({0}): the VM stays paused here, in doubt")]
     InDoubt(String),
+    #[error("VM {vm} is {state}, not in doubt")]
+    NotInDoubt { vm: String, state: &'static str },
+    #[error("the destination answered about {got}, not the migration asked about")]
+    OtherAnswer { got: String },
+    #[error("the destination cannot tell yet (it is still receiving a VM of that name, or runs one it does not know came by this migration)")]
+    Undecided,
 }
 
 impl MigrationError {

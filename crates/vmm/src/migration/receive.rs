@@ -10,9 +10,9 @@ use warmvm_devices::Pausable;
 use warmvm_hypervisor::Hypervisor;
 use warmvm_memory::GuestRam;
 
-use super::pages;
 use super::send::cpuid_digest;
-use super::stream::{self, Hello, Msg, MIN_STREAM_VERSION, STREAM_VERSION};
+use super::stream::{self, Hello, Msg, Outcome, MIN_STREAM_VERSION, STREAM_VERSION};
+use super::{faults, pages};
 use super::{MigrationError, STATE_KIND};
 use crate::state::{envelope, StateError, VmRecord, VmSpec};
 use crate::vm::{open_log, Lifecycle, VCPU_RESPONSE_TIMEOUT};
@@ -25,6 +25,8 @@ pub struct ReceiveOptions<'a> {
     /// Whether a VM of that name exists here already (it is refused before the source
     /// pauses anything).
     pub name_taken: &'a dyn Fn(&str) -> bool,
+    /// What this side knows of a migration a source asks about (VM name, migration id).
+    pub answer: &'a dyn Fn(&str, &str) -> Outcome,
 }
 
 /// What the destination measured.
@@ -32,6 +34,8 @@ pub struct ReceiveOptions<'a> {
 pub struct ReceiveReport {
     pub vm: String,
     pub sender: String,
+    /// The migration's id, as the source's Hello gave it.
+    pub migration_id: String,
     /// Building the VM (KVM VM, vCPUs, devices) before the pages came.
     pub build_us: u64,
     pub pages: u64,
@@ -46,6 +50,53 @@ pub struct ReceiveReport {
 pub struct Received {
     pub vm: Vm,
     pub report: ReceiveReport,
+}
+
+/// What a connection to the listener was for.
+pub enum Served {
+    /// A VM arrived and runs here.
+    Received(Box<Received>),
+    /// A source asked about a migration it holds in doubt, and was answered.
+    Answered {
+        vm: String,
+        migration_id: String,
+        outcome: Outcome,
+    },
+}
+
+/// Serve one connection: a migration (first message `Hello`, see [`receive`]) or a
+/// question about one (`Ask`, answered with `opts.answer`).
+pub fn serve<S: Read + Write>(
+    hv: &Hypervisor,
+    mut stream: S,
+    opts: &ReceiveOptions,
+) -> Result<Served, MigrationError> {
+    stream::read_magic(&mut stream)?;
+    match stream::recv(&mut stream)? {
+        Msg::Hello(hello) => {
+            receive_from(hv, stream, *hello, opts).map(|r| Served::Received(Box::new(r)))
+        }
+        Msg::Ask { vm, migration_id } => {
+            let outcome = (opts.answer)(&vm, &migration_id);
+            stream::send(
+                &mut stream,
+                &Msg::Answer {
+                    vm: vm.clone(),
+                    migration_id: migration_id.clone(),
+                    outcome,
+                },
+            )?;
+            Ok(Served::Answered {
+                vm,
+                migration_id,
+                outcome,
+            })
+        }
+        other => Err(MigrationError::Unexpected {
+            wanted: "Hello or Ask",
+            got: other.name(),
+        }),
+    }
 }
 
 /// Receive one VM from `stream` (whose timeouts bound every wait for the source). It runs
@@ -66,6 +117,16 @@ pub fn receive<S: Read + Write>(
             })
         }
     };
+    receive_from(hv, stream, *hello, opts)
+}
+
+/// [`receive`] after the Hello.
+fn receive_from<S: Read + Write>(
+    hv: &Hypervisor,
+    mut stream: S,
+    hello: Hello,
+    opts: &ReceiveOptions,
+) -> Result<Received, MigrationError> {
     let t_build = Instant::now();
     let vm = match check(hv, &hello, opts).and_then(|spec| build(hv, spec)) {
         Ok(vm) => vm,
@@ -84,6 +145,7 @@ pub fn receive<S: Read + Write>(
     let mut report = ReceiveReport {
         vm: vm.name().to_string(),
         sender: hello.sender.clone(),
+        migration_id: hello.migration_id.clone(),
         build_us: t_build.elapsed().as_micros() as u64,
         ..Default::default()
     };
@@ -142,6 +204,7 @@ fn take<S: Read + Write>(
                 fresh = false;
                 report.rounds = round + 1;
                 stream::send(stream, &Msg::RoundAck { round }).map_err(|e| ("pages", e.into()))?;
+                faults::hit(faults::Point::DestPrecopy);
             }
             Msg::State { envelope } => {
                 break decode_state(&envelope, vm.name()).map_err(|e| ("state", e))?
@@ -158,6 +221,7 @@ fn take<S: Read + Write>(
             }
         }
     };
+    faults::hit(faults::Point::DestState);
     let t_restore = Instant::now();
     let Some(mut runtime) = record.runtime else {
         return Err((
@@ -177,6 +241,7 @@ fn take<S: Read + Write>(
     report.restore_us = t_restore.elapsed().as_micros() as u64;
     // Restored; no guest instruction has run.
     stream::send(stream, &Msg::Ready).map_err(|e| ("restore", e.into()))?;
+    faults::hit(faults::Point::DestReadySent);
     match stream::recv(stream).map_err(|e| ("commit", e.into()))? {
         Msg::Commit => {}
         Msg::Abort { reason } => return Err(("commit", MigrationError::Aborted(reason))),

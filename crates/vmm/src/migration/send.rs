@@ -37,6 +37,9 @@ pub struct SendOptions {
     /// Tests only: called after each pre-copy round is acknowledged, with its number.
     #[doc(hidden)]
     pub between_rounds: Option<RoundHook>,
+    /// This migration's id (sent in Hello, kept by the destination): what the source
+    /// asks about if the VM ends in doubt. The caller makes it unique.
+    pub migration_id: String,
 }
 
 /// Where a migration stands after a pre-copy round.
@@ -83,6 +86,7 @@ impl Default for SendOptions {
             announce_state_format: None,
             progress: None,
             between_rounds: None,
+            migration_id: String::new(),
         }
     }
 }
@@ -271,6 +275,7 @@ impl<S: Read + Write> Source<'_, S> {
                 .announce_state_format
                 .unwrap_or(envelope::FORMAT_VERSION),
             cpuid_digest: cpuid_digest(&spec.cpuids),
+            migration_id: self.opts.migration_id.clone(),
             spec,
         };
         stream::write_magic(self.stream).map_err(at("hello"))?;
@@ -464,8 +469,14 @@ impl<S: Read + Write> Source<'_, S> {
         // The commit point. From the moment `Commit` may have left, this VMM never runs
         // the VM again: without `Running` back it is in doubt, not resumed.
         let t_commit = Instant::now();
-        let committed =
-            stream::send(self.stream, &Msg::Commit).and_then(|_| stream::recv(self.stream));
+        let committed = stream::send(self.stream, &Msg::Commit).and_then(|_| {
+            if super::faults::hit(super::faults::Point::SourceCommitted) {
+                return Err(stream::StreamError::Io(std::io::Error::other(
+                    "fault injected: the link was cut after Commit",
+                )));
+            }
+            stream::recv(self.stream)
+        });
         match committed {
             Ok(Msg::Running { resume_us }) => {
                 *vm.shared.lifecycle() = Lifecycle::HandedOver;
@@ -498,6 +509,67 @@ impl<S: Read + Write> Source<'_, S> {
         let _ = stream::send(self.stream, &Msg::Abort { reason });
         (step, error)
     }
+}
+
+/// Ask the destination, over a new connection `stream` (its timeouts bound the wait),
+/// what became of migration `migration_id` of VM `vm`.
+pub fn ask<S: Read + Write>(
+    mut stream: S,
+    vm: &str,
+    migration_id: &str,
+) -> Result<stream::Outcome, MigrationError> {
+    stream::write_magic(&mut stream)?;
+    stream::send(
+        &mut stream,
+        &Msg::Ask {
+            vm: vm.to_string(),
+            migration_id: migration_id.to_string(),
+        },
+    )?;
+    match stream::recv(&mut stream)? {
+        Msg::Answer {
+            vm: v,
+            migration_id: id,
+            outcome,
+        } => {
+            if v != vm || id != migration_id {
+                return Err(MigrationError::OtherAnswer {
+                    got: format!("VM {v}, migration {id}"),
+                });
+            }
+            Ok(outcome)
+        }
+        other => Err(unexpected("Answer", &other)),
+    }
+}
+
+/// Settle a VM left in doubt by the destination's answer: `Committed` frees it here (it
+/// becomes [`Lifecycle::HandedOver`]; its RAM goes with the caller's last reference),
+/// `NotCommitted` resumes it here. `Undecided` changes nothing and is an error, as is a VM
+/// that is not in doubt.
+pub fn settle(vm: &Vm, outcome: stream::Outcome) -> Result<(), MigrationError> {
+    let mut lifecycle = vm.shared.lifecycle();
+    if *lifecycle != Lifecycle::InDoubt {
+        return Err(MigrationError::NotInDoubt {
+            vm: vm.name().to_string(),
+            state: lifecycle.name(),
+        });
+    }
+    match outcome {
+        stream::Outcome::Undecided => return Err(MigrationError::Undecided),
+        stream::Outcome::Committed => {
+            *lifecycle = Lifecycle::HandedOver;
+            tracing::info!(vm = %vm.name(), "the destination runs the VM: the copy in doubt here is freed");
+        }
+        stream::Outcome::NotCommitted => {
+            *lifecycle = Lifecycle::Running;
+            tracing::info!(vm = %vm.name(), "the destination never committed: the VM resumes here");
+        }
+    }
+    drop(lifecycle);
+    vm.shared.lifecycle_cv.notify_all();
+    resume_here(vm);
+    Ok(())
 }
 
 enum Decision {

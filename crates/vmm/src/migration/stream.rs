@@ -19,6 +19,14 @@
 //!        ◀── Running
 //!  Abort ─▶ (any time before Commit)                       discard the VM
 //! ```
+//!
+//! Resolving a VM left in doubt is a stream of its own on a new connection, told from a
+//! migration by its first message:
+//!
+//! ```text
+//!  MAGIC, Ask (VM name, migration id) ─▶                   look up that migration
+//!        ◀── Answer (committed | not-committed | undecided)
+//! ```
 
 use std::io::{Read, Write};
 
@@ -88,6 +96,28 @@ pub enum Msg {
     Abort { reason: String },
     /// Destination: it failed at `step`; the source resumes the VM.
     Failed { step: String, reason: String },
+    /// Source of a migration left in doubt, first on a new connection: did that migration
+    /// of that VM commit here?
+    Ask { vm: String, migration_id: String },
+    /// Destination: what became of the migration asked about.
+    Answer {
+        vm: String,
+        migration_id: String,
+        outcome: Outcome,
+    },
+}
+
+/// What the destination knows of a migration the source holds in doubt.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Outcome {
+    /// It read `Commit`: the VM ran here (and runs, unless it was stopped since).
+    Committed,
+    /// It never read `Commit` for that migration: it does not have the VM from it.
+    NotCommitted,
+    /// It cannot tell: a VM of that name is still being received here, or runs here by a
+    /// migration it has no record of. The source keeps the VM in doubt.
+    Undecided,
 }
 
 impl Msg {
@@ -106,6 +136,8 @@ impl Msg {
             Msg::Running { .. } => "Running",
             Msg::Abort { .. } => "Abort",
             Msg::Failed { .. } => "Failed",
+            Msg::Ask { .. } => "Ask",
+            Msg::Answer { .. } => "Answer",
         }
     }
 }
@@ -124,6 +156,11 @@ pub struct Hello {
     /// sha256 of the vCPUs' CPUIDs, so that a CPUID damaged in transit is told from one
     /// the destination cannot offer.
     pub cpuid_digest: String,
+    /// This migration's id, unique to it, which the destination keeps with the VM: the
+    /// source asks by it when the stream broke after `Commit`. (Added in stream format 1
+    /// after its first release: a Hello without it has an empty id.)
+    #[serde(default)]
+    pub migration_id: String,
 }
 
 /// Guest pages of one round.
@@ -247,6 +284,7 @@ pub fn sample_messages() -> Vec<Msg> {
             state_format: crate::state::envelope::FORMAT_VERSION,
             spec: VmSpec::seed(),
             cpuid_digest: "00".into(),
+            migration_id: "m-1".into(),
         })),
         Msg::Accepted {
             receiver: "b".into(),
@@ -278,6 +316,15 @@ pub fn sample_messages() -> Vec<Msg> {
         Msg::Failed {
             step: "restore".into(),
             reason: "y".into(),
+        },
+        Msg::Ask {
+            vm: "a".into(),
+            migration_id: "m-1".into(),
+        },
+        Msg::Answer {
+            vm: "a".into(),
+            migration_id: "m-1".into(),
+            outcome: Outcome::Committed,
         },
     ]
 }
@@ -322,6 +369,31 @@ mod tests {
         bytes.extend(payload);
         let err = decode_stream(&bytes).unwrap_err();
         assert!(err.to_string().contains("round"), "{err}");
+    }
+
+    #[test]
+    fn a_hello_from_a_build_before_migration_ids_is_read_with_an_empty_id() {
+        let Msg::Hello(hello) = &sample_messages()[0] else {
+            panic!("the first sample is a Hello")
+        };
+        // The Hello as that build wrote it: every field but the id.
+        let named = rmp_serde::to_vec_named(&**hello).unwrap();
+        let mut fields = rmpv::decode::read_value(&mut &named[..]).unwrap();
+        let rmpv::Value::Map(entries) = &mut fields else {
+            panic!("a map: {fields}")
+        };
+        entries.retain(|(k, _)| k.as_str() != Some("migration_id"));
+        let old = rmpv::Value::Map(vec![("Hello".into(), fields)]);
+        let mut payload = Vec::new();
+        rmpv::encode::write_value(&mut payload, &old).unwrap();
+        let mut bytes = MAGIC.to_vec();
+        bytes.extend((payload.len() as u32).to_le_bytes());
+        bytes.extend(payload);
+        let Msg::Hello(read) = decode_stream(&bytes).unwrap().remove(0) else {
+            panic!("not a Hello")
+        };
+        assert_eq!(read.migration_id, "");
+        assert_eq!(read.spec, hello.spec);
     }
 
     #[test]

@@ -46,6 +46,7 @@ fn migrate(
                 &ReceiveOptions {
                     state_dir: to_ref.state_dir().to_path_buf(),
                     name_taken: &taken,
+                    answer: &|_, _| Outcome::NotCommitted,
                 },
             )
         });
@@ -279,6 +280,7 @@ fn pre_copy_that_does_not_converge_is_cancelled_at_the_round_and_time_limits() {
                     &ReceiveOptions {
                         state_dir: b.state_dir().to_path_buf(),
                         name_taken: &|_| false,
+                        answer: &|_, _| Outcome::NotCommitted,
                     },
                 )
             });
@@ -389,6 +391,7 @@ fn an_incompatible_destination_refuses_before_the_pause() {
                     &ReceiveOptions {
                         state_dir: b.state_dir().to_path_buf(),
                         name_taken: &|_| taken,
+                        answer: &|_, _| Outcome::NotCommitted,
                     },
                 )
             });
@@ -471,6 +474,23 @@ fn a_stream_that_breaks_after_the_commit_leaves_the_vm_paused_in_doubt() {
         "an in-doubt VM was resumed"
     );
     assert_eq!(vm.guest_figures().expect("figures").counter, frozen);
+
+    // Settled by an answer only: "undecided" changes nothing; "never committed" resumes
+    // it here, and its counter goes on from where it stood.
+    assert!(matches!(
+        settle(&vm, Outcome::Undecided),
+        Err(MigrationError::Undecided)
+    ));
+    assert_eq!(vm.lifecycle(), Lifecycle::InDoubt);
+    settle(&vm, Outcome::NotCommitted).expect("resumed");
+    assert_eq!(vm.lifecycle(), Lifecycle::Running);
+    wait_verified(&vm, 1);
+    assert!(vm.guest_figures().expect("figures").counter > frozen);
+    assert!(matches!(
+        settle(&vm, Outcome::Committed),
+        Err(MigrationError::NotInDoubt { .. })
+    ));
+    assert_eq!(vm.lifecycle(), Lifecycle::Running);
 }
 
 /// The disk's requests per device counter: (failures, requests).
