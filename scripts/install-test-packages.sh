@@ -26,6 +26,8 @@ packages=(
     fonts-dejavu-core  # the text of bench aging's plots
     acpica-tools    # iasl -d disassembles the ACPI tables built for Linux guests
     systemd         # systemd-analyze verify checks contrib/warmvm.service (nothing is started)
+    protobuf-compiler  # protoc: the etcd client's gRPC code is generated when warmvm builds
+    etcd-server etcd-client  # the fleet tests' etcd members, and etcdctl to look at them
 )
 
 installed() {

@@ -1,0 +1,42 @@
+//! The fleet's errors.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    /// A setting given by the operator (flag or config) is unusable.
+    #[error("{0}")]
+    Invalid(String),
+    #[error("cannot read {what} {path}")]
+    ReadFile {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// etcd refused or failed a call, or could not be reached.
+    #[error("etcd: {what}")]
+    Etcd {
+        what: String,
+        #[source]
+        source: etcd_client::Error,
+    },
+    /// A record in etcd does not decode into its type (written by something else, or by a
+    /// newer format this build cannot read).
+    #[error("etcd record {key} is not a valid {kind}")]
+    Record {
+        key: String,
+        kind: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("cannot start the fleet's runtime")]
+    Runtime(#[source] std::io::Error),
+}
+
+impl FleetError {
+    pub(crate) fn etcd(what: impl Into<String>) -> impl FnOnce(etcd_client::Error) -> FleetError {
+        let what = what.into();
+        move |source| FleetError::Etcd { what, source }
+    }
+}
