@@ -30,6 +30,13 @@ pub enum FleetError {
         #[source]
         source: serde_json::Error,
     },
+    #[error("etcd record {key} is a {kind} of format {format}; this build reads up to {known}")]
+    NewerFormat {
+        key: String,
+        kind: &'static str,
+        format: u32,
+        known: u32,
+    },
     #[error("cannot start the fleet's runtime")]
     Runtime(#[source] std::io::Error),
 }

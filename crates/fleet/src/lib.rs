@@ -1,6 +1,6 @@
 //! warmvm's fleet: many hosts' daemons coordinated through etcd.
 //!
-//! Owns: the fleet's records in etcd and their layout (`keys`), the connection to etcd
+//! Owns: the fleet's records in etcd (`records`) and their layout (`keys`), the connection to etcd
 //! with its TLS (`connect`), and the errors of both (`error`).
 //!
 //! Must never: touch a VM or the daemon's state directly (a host's daemon acts on what it
@@ -11,6 +11,7 @@
 pub mod connect;
 pub mod error;
 pub mod keys;
+pub mod records;
 
 pub use connect::{EtcdOptions, EtcdTls};
 pub use error::FleetError;
