@@ -36,7 +36,7 @@ fn builds_vms(kind: ThreadKind) -> bool {
 }
 
 fn make(call: &str) -> libc::c_long {
-    // SAFETY (all): the pointers passed are valid for the call (a local, a C string) or
+    // SAFETY: (every call below) the pointers passed are valid for the call (a local, a C string) or
     // null where the kernel accepts it.
     unsafe {
         match call {

@@ -395,11 +395,9 @@ mod tests {
             .unwrap()
             .set_len(size - 4096)
             .unwrap();
-        // SAFETY: as above.
-        assert!(matches!(
-            unsafe { read(&path, dst as u64, size, &extents) },
-            Err(ReadError::Length(_))
-        ));
+        // SAFETY: as above: `dst` is a live allocation of `size` bytes.
+        let short = unsafe { read(&path, dst as u64, size, &extents) };
+        assert!(matches!(short, Err(ReadError::Length(_))));
         // SAFETY: allocated above with this layout.
         unsafe {
             std::alloc::dealloc(src, layout);
