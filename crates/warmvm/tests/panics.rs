@@ -131,3 +131,41 @@ fn a_panic_on_a_vcpu_thread_crashes_that_vm_only_and_blocks_no_reboot() {
         .delete("hit", false)
         .expect("delete the crashed VM");
 }
+
+#[test]
+fn a_failed_emergency_reboot_is_retried_after_waits_and_the_vms_run_on() {
+    if !warmvm_testkit::kvm_available("emergency reboot retry") {
+        return;
+    }
+    // Every new daemon dies as it starts, so every attempt fails the same way: the old
+    // daemon must space its attempts out, then keep running the VMs.
+    let mut d = Daemon::builder(&scratch("panic-retry"))
+        .envs(&[("WARMVM_FAULT", "new:hello:kill")])
+        .start();
+    d.create_reference_vms(&["r1"]);
+    let old_pid = d.pid;
+    inject(&d, json!({ "in": "console" })).expect("injected");
+    let attempts = 1 + 5;
+    let failures = || d.log().matches("emergency warm reboot failed").count();
+    assert!(
+        wait_until(120, || failures() >= attempts),
+        "{} of {attempts} attempts failed\n{}",
+        failures(),
+        d.log()
+    );
+    let log = d.log();
+    let retry_times: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("retrying the emergency warm reboot"))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert_eq!(retry_times.len(), attempts - 1, "{log}");
+    assert_eq!(
+        d.client().status().expect("status")["pid"],
+        old_pid,
+        "no daemon took over"
+    );
+    let before = figures(&d);
+    assert_running_and_verifying(&d, &before);
+    d.terminate();
+}

@@ -12,7 +12,10 @@ use crate::state::{ApiState, TakeoverInfo};
 
 /// Rejuvenate on a bug: a panic on any thread but a vCPU's means this process can no
 /// longer be trusted, so its VMs move to a fresh daemon by a warm reboot (on success this
-/// process exits; on failure they run on here, and the next panic tries again).
+/// process exits). A failed attempt is retried after [`RETRY_BACKOFF`]'s waits, panics that
+/// arrive meanwhile counting as one; after the last, the VMs run on here until the next
+/// panic starts the sequence again. Without the waits a panic storm would start new daemons
+/// back to back, each failing the same way.
 pub(crate) fn start_rejuvenator(state: Arc<ApiState>) {
     let (tx, rx) = std::sync::mpsc::channel::<String>();
     warmvm_vmm::panic::install_hook(move |what| {
@@ -20,19 +23,29 @@ pub(crate) fn start_rejuvenator(state: Arc<ApiState>) {
     });
     let rejuvenate = move || {
         warmvm_sandbox::enter_or_log(warmvm_sandbox::ThreadKind::Handover);
-        for what in rx {
+        while let Ok(what) = rx.recv() {
             tracing::error!(panic = %what, "the VMM hit a bug: emergency warm reboot into a fresh process");
-            match state.emergency_reboot() {
-                Ok(report) => {
-                    tracing::info!(
-                        new_pid = report.new_pid,
-                        host_blackout_us = report.host_blackout_us,
-                        "emergency warm reboot done: a fresh daemon runs every VM; this one exits"
-                    );
-                    std::process::exit(0);
+            for (attempt, wait) in std::iter::once(None)
+                .chain(RETRY_BACKOFF.iter().copied().map(Some))
+                .enumerate()
+            {
+                if let Some(wait) = wait {
+                    std::thread::sleep(wait);
+                    let coalesced = rx.try_iter().count();
+                    tracing::warn!(attempt, coalesced, "retrying the emergency warm reboot");
                 }
-                Err(e) => {
-                    tracing::error!(error = %e, "emergency warm reboot failed; the VMs run on here")
+                match state.emergency_reboot() {
+                    Ok(report) => {
+                        tracing::info!(
+                            new_pid = report.new_pid,
+                            host_blackout_us = report.host_blackout_us,
+                            "emergency warm reboot done: a fresh daemon runs every VM; this one exits"
+                        );
+                        std::process::exit(0);
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, attempt, "emergency warm reboot failed; the VMs run on here")
+                    }
                 }
             }
         }
@@ -44,6 +57,16 @@ pub(crate) fn start_rejuvenator(state: Arc<ApiState>) {
         tracing::error!(error = %e, "cannot start the rejuvenation thread; a panic will not move the VMs");
     }
 }
+
+/// The waits before each retry of a failed emergency warm reboot (about half a minute in
+/// all), doubling so that a lasting cause costs a few attempts, not a storm of daemons.
+pub(crate) const RETRY_BACKOFF: [std::time::Duration; 5] = [
+    std::time::Duration::from_secs(1),
+    std::time::Duration::from_secs(2),
+    std::time::Duration::from_secs(4),
+    std::time::Duration::from_secs(8),
+    std::time::Duration::from_secs(16),
+];
 
 /// The aging monitor: the config's settings on a fresh start; after a takeover, the
 /// settings and history the previous daemon handed over. If those are unreadable (a takeover
