@@ -31,7 +31,7 @@ pub const STATE_LOCK_FD: &str = "state-lock";
 
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
-    #[error("the state directory {dir} is in use by another warmvm daemon{}: refusing to start", holder_suffix(*.holder))]
+    #[error("the state directory {dir} is in use by another warmvm process{}: refusing to start", holder_suffix(*.holder))]
     Held { dir: PathBuf, holder: Option<u32> },
     #[error("cannot open the lock file {path}: {source}")]
     Open {
@@ -203,7 +203,7 @@ mod tests {
         assert_eq!(
             e.to_string(),
             format!(
-                "the state directory {} is in use by another warmvm daemon (pid {}): refusing to start",
+                "the state directory {} is in use by another warmvm process (pid {}): refusing to start",
                 dir.display(),
                 std::process::id()
             )
@@ -244,7 +244,7 @@ mod tests {
         let lock = StateLock::take(&dir).unwrap();
         std::fs::write(path(&dir), "not a pid\n").unwrap();
         let e = StateLock::take(&dir).unwrap_err().to_string();
-        assert!(e.contains("another warmvm daemon: refusing"), "{e}");
+        assert!(e.contains("another warmvm process: refusing"), "{e}");
         drop(lock);
         let _ = std::fs::remove_dir_all(&dir);
     }

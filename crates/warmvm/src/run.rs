@@ -1,3 +1,4 @@
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -36,7 +37,25 @@ pub fn run(
     let given_taps = warmvm_vmm::take_inherited_taps(&config)
         .map_err(|e| Failure::new(crate::failure::EXIT_BAD_INPUT, e.to_string()))?;
     let stop = termination_flag()?;
-    let mut host = Host::open(&config.state_dir()).map_err(failure::host)?;
+    // One warmvm per state directory, as for daemons: a `run` beside a daemon on the same
+    // directory would write the same console logs and snapshots. Held until we exit.
+    let state_dir = config.state_dir();
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&state_dir)
+        .map_err(|e| {
+            Failure::new(
+                EXIT_HOST,
+                format!(
+                    "cannot create the state directory {}: {e}",
+                    state_dir.display()
+                ),
+            )
+        })?;
+    let _lock = warmvm_api::state_lock::StateLock::take(&state_dir)
+        .map_err(|e| Failure::new(EXIT_HOST, e.to_string()))?;
+    let mut host = Host::open(&state_dir).map_err(failure::host)?;
     host.create_all_with(&config, given_taps)
         .map_err(failure::host)?;
     host.start_all().map_err(failure::host)?;

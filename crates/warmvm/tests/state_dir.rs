@@ -35,7 +35,7 @@ fn assert_second_refused(d: &Daemon) {
         assert_eq!(
             stderr(&out),
             format!(
-                "warmvm: error: the state directory {} is in use by another warmvm daemon (pid {}): refusing to start",
+                "warmvm: error: the state directory {} is in use by another warmvm process (pid {}): refusing to start",
                 state.display(),
                 d.pid
             )
@@ -69,6 +69,77 @@ fn a_second_daemon_on_a_used_state_directory_is_refused_and_changes_nothing() {
     // Once the daemon is gone the directory is free again.
     let d = Daemon::start(&dir, &[]);
     assert_second_refused(&d);
+}
+
+#[test]
+fn warmvm_run_and_a_daemon_never_share_a_state_directory() {
+    if !warmvm_testkit::kvm_available("run_lock") {
+        return;
+    }
+    let dir = scratch("runlock");
+    let config = dir.join("vm.toml");
+    std::fs::write(&config, "[[vm]]\nname = \"r1\"\nmemory_mib = 64\n").unwrap();
+    let run = |state: &Path| {
+        Command::new(BIN)
+            .args([
+                "run",
+                config.to_str().unwrap(),
+                "--state-dir",
+                state.to_str().unwrap(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("warmvm run starts")
+    };
+    // A daemon holds the directory: `run` is refused with the holder's pid, starts nothing.
+    let d = Daemon::start(&dir.join("d"), &[]);
+    let state = d.dir.join("state");
+    let mut refused_run = run(&state);
+    let exited = warmvm_testkit::wait_until(30, || matches!(refused_run.try_wait(), Ok(Some(_))));
+    if !exited {
+        let _ = refused_run.kill();
+    }
+    let out = refused_run.wait_with_output().unwrap();
+    assert!(
+        exited,
+        "warmvm run started beside the daemon: {}",
+        stderr(&out)
+    );
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert_eq!(
+        stderr(&out),
+        format!(
+            "warmvm: error: the state directory {} is in use by another warmvm process (pid {}): refusing to start",
+            state.display(),
+            d.pid
+        )
+    );
+    assert!(
+        !state.join("r1.console.log").exists(),
+        "the refused run started no VM"
+    );
+    drop(d);
+    // A `run` holds it: a daemon is refused, naming the run's pid.
+    let held = dir.join("held");
+    let mut child = run(&held);
+    let lock = held.join("warmvm.lock");
+    let named = warmvm_testkit::wait_until(30, || {
+        std::fs::read_to_string(&lock).is_ok_and(|t| t.trim() == child.id().to_string())
+    });
+    assert!(named, "warmvm run took no lock in {}", held.display());
+    let out = second_daemon(&dir.join("s.sock"), &held);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(
+        stderr(&out).ends_with(&format!(
+            "in use by another warmvm process (pid {}): refusing to start",
+            child.id()
+        )),
+        "{}",
+        stderr(&out)
+    );
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 #[test]

@@ -141,7 +141,7 @@ fn assert_third_daemon_refused(d: &Daemon) {
     assert_eq!(out.status.code(), Some(3), "{err}");
     assert!(
         err.trim_end().ends_with(&format!(
-            "is in use by another warmvm daemon (pid {}): refusing to start",
+            "is in use by another warmvm process (pid {}): refusing to start",
             d.pid
         )),
         "{err}"
