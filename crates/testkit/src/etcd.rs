@@ -70,6 +70,8 @@ pub struct EtcdCluster {
     dir: PathBuf,
     tls: Option<ClientTls>,
     members: Vec<Member>,
+    /// The members' raft ids, in member order (they survive restarts).
+    ids: Vec<u64>,
     bridge: Namespace,
 }
 
@@ -95,6 +97,7 @@ impl EtcdCluster {
             dir: dir.clone(),
             tls: None,
             members: Vec::new(),
+            ids: Vec::new(),
             bridge,
         };
         cluster.bridge.ip(&["link", "add", "br0", "type", "bridge"]);
@@ -194,6 +197,7 @@ impl EtcdCluster {
                 cluster.log_tails()
             );
         }
+        cluster.ids = cluster.read_member_ids();
         eprintln!(
             "etcd rig {tag}: {members} member(s){} healthy in {:.2} s",
             if tls { " (mTLS)" } else { "" },
@@ -359,33 +363,57 @@ impl EtcdCluster {
         n
     }
 
-    /// Which member leads, as the members that answer `endpoint status` say (None when
-    /// none answers or none knows a leader).
+    /// Member `i`'s raft id (as `endpoint status` and `member list` print it).
+    pub fn member_id(&self, i: usize) -> u64 {
+        self.ids[i]
+    }
+
+    /// Which member leads: the leader a majority of the members follow, each asked from
+    /// its own host's namespace (so a cut host answers too, and host 0's link does not
+    /// matter). None while no majority agrees (an election under way, a majority down).
     pub fn leader(&self) -> Option<usize> {
-        let out = self
-            .etcdctl_command(0, &self.endpoints(), true)
-            .args([
-                "endpoint",
-                "status",
-                "-w",
-                "json",
-                "--dial-timeout=1s",
-                "--command-timeout=1s",
-            ])
-            .output()
-            .ok()?;
-        let statuses: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-        let statuses = statuses.as_array()?;
-        let leader = statuses
+        let asked: Vec<_> = (0..self.len())
+            .filter_map(|i| {
+                self.etcdctl_command(i, &self.member_endpoint(i), true)
+                    .args(["endpoint", "status", "-w", "json"])
+                    .args(["--dial-timeout=1s", "--command-timeout=1s"])
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .ok()
+            })
+            .collect();
+        let mut votes: Vec<u64> = Vec::new();
+        for child in asked {
+            let Ok(out) = child.wait_with_output() else {
+                continue;
+            };
+            let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            // No leader: the field is left out (or 0).
+            match status[0]["Status"]["leader"].as_u64() {
+                Some(l) if l != 0 => votes.push(l),
+                _ => {}
+            }
+        }
+        let leader = votes
             .iter()
-            .filter_map(|s| s["Status"]["leader"].as_u64())
-            .find(|&l| l != 0)?;
-        let endpoint = statuses
-            .iter()
-            .find(|s| s["Status"]["header"]["member_id"].as_u64() == Some(leader))?["Endpoint"]
-            .as_str()?
-            .to_string();
-        (0..self.len()).find(|&i| self.member_endpoint(i) == endpoint)
+            .copied()
+            .find(|l| votes.iter().filter(|v| *v == l).count() * 2 > self.len())?;
+        self.ids.iter().position(|&id| id == leader)
+    }
+
+    /// Wait until a majority follows one leader, at most `timeout`; which member.
+    pub fn wait_leader(&self, timeout: Duration) -> Option<usize> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(l) = self.leader() {
+                return Some(l);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// Wait until every member answers healthy (it has a leader and serves a read), at
@@ -429,6 +457,33 @@ impl EtcdCluster {
             ));
         }
         s
+    }
+
+    /// The members' ids, from `member list`, matched to members by client URL.
+    fn read_member_ids(&self) -> Vec<u64> {
+        let out = self.etcdctl(&["member", "list", "-w", "json"]);
+        let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "etcd rig: member list: {e}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        let members = list["members"].as_array().cloned().unwrap_or_default();
+        (0..self.len())
+            .map(|i| {
+                let url = self.member_endpoint(i);
+                members
+                    .iter()
+                    .find(|m| {
+                        m["clientURLs"]
+                            .as_array()
+                            .is_some_and(|u| u.iter().any(|u| u.as_str() == Some(&url)))
+                    })
+                    .and_then(|m| m["ID"].as_u64())
+                    .unwrap_or_else(|| panic!("etcd rig: member {i} ({url}) not in {list}"))
+            })
+            .collect()
     }
 
     fn spawn(&self, i: usize) {

@@ -52,7 +52,17 @@ fn three_members_agree_a_write_on_one_is_read_on_another() {
     }
     let rig = EtcdCluster::start("agree", 3, false);
     assert_eq!(rig.len(), 3);
-    assert!(rig.leader().is_some(), "a healthy cluster has a leader");
+    let leader = rig.leader().expect("a healthy cluster has a leader");
+    let ids: std::collections::HashSet<u64> = (0..3).map(|i| rig.member_id(i)).collect();
+    assert_eq!(ids.len(), 3, "member ids are distinct");
+    let status = ok(
+        &rig.etcdctl(&["endpoint", "status", "-w", "json"]),
+        "endpoint status",
+    );
+    assert!(
+        status.contains(&format!("\"leader\":{}", rig.member_id(leader))),
+        "member {leader} is not the leader etcd reports: {status}"
+    );
     let out = rig
         .etcdctl_command(0, &rig.member_endpoint(0), true)
         .args(["put", "/rig/k", "from-0"])
@@ -144,7 +154,9 @@ fn writes_resume_after_the_leader_is_killed() {
         "writes resumed {:.2} s after the leader (member {leader}) was killed",
         resumed.as_secs_f64()
     );
-    let new = rig.leader().expect("a new leader");
+    let new = rig
+        .wait_leader(Duration::from_secs(10))
+        .expect("a new leader");
     assert_ne!(new, leader);
 
     rig.restart(leader);
@@ -215,6 +227,10 @@ fn a_write_on_a_cut_member_fails_and_is_never_applied() {
     for i in [other, (cut + 2) % 3] {
         assert_eq!(value_on(&rig, other, i, "/rig/minority"), "", "member {i}");
     }
+    let majority_leader = rig
+        .wait_leader(Duration::from_secs(10))
+        .expect("the majority has a leader");
+    assert_ne!(majority_leader, cut);
 
     rig.link_up(cut);
     assert!(
@@ -263,6 +279,11 @@ fn drop_removes_the_members_and_namespaces_also_on_panic() {
     let pids = rig.pids();
     let dir = rig.dir().to_path_buf();
     assert_eq!((names.len(), pids.len()), (4, 3));
+    for p in &pids {
+        // `ip netns exec` runs etcd in place: the pid the rig kills is etcd's own.
+        let exe = std::fs::read_link(format!("/proc/{p}/exe")).expect("the member's exe");
+        assert_eq!(exe, std::path::Path::new(warmvm_testkit::ETCD));
+    }
     let before = namespaces();
     for n in &names {
         assert!(before.contains(n.as_str()), "{n} not in {before}");
@@ -283,7 +304,7 @@ fn drop_removes_the_members_and_namespaces_also_on_panic() {
         let rig = EtcdCluster::start("panic", 1, false);
         tx.send((rig.namespaces(), rig.pids(), rig.dir().to_path_buf()))
             .unwrap();
-        panic!("the test holding the rig fails");
+        panic!("a deliberate panic: the test holding the rig fails");
     })
     .join();
     assert!(panicked.is_err());
