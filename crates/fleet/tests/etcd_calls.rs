@@ -1,16 +1,18 @@
 //! Every etcd call the fleet makes, against the etcd this machine runs (Debian's 3.4.23
 //! where the client is tested upstream against newer ones): on a 1-member cluster over
 //! plain HTTP and on a 3-member cluster speaking mTLS only, each call's result checked on
-//! the fleet's own keys. Also: a client without a certificate gets nothing from the TLS
-//! cluster. Needs root and etcd (skipped without it, failing under `WARMVM_REQUIRE_KVM=1`
+//! the fleet's own keys. Also: a campaign or lock that must wait longer than one call's
+//! timeout fails and leaves no key behind (so the coordinator retries them in a loop), and
+//! a client without a certificate gets nothing from the TLS cluster. Needs root and etcd (skipped without it, failing under `WARMVM_REQUIRE_KVM=1`
 //! or `CI`).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use etcd_client::{
     Client, Compare, CompareOp, EventType, GetOptions, LeaseTimeToLiveOptions, LockOptions,
     ProclaimOptions, PutOptions, ResignOptions, TxnOp, TxnOpResponse, WatchOptions,
 };
+use warmvm_fleet::connect::CALL_TIMEOUT;
 use warmvm_fleet::{keys, EtcdOptions};
 use warmvm_testkit::{etcd_available, in_netns, EtcdCluster};
 
@@ -293,6 +295,13 @@ async fn calls(options: EtcdOptions, members: usize, endpoints: Vec<String>, ver
     assert!(second.key().starts_with(lock_name.as_bytes()));
     c.unlock(second.key()).await.expect("unlock");
 
+    // The second leader's lease revoked: nobody leads.
+    c.lease_revoke(lease2).await.expect("lease revoke");
+    assert!(
+        c.leader(name.as_str()).await.is_err(),
+        "the election still has a leader after its lease was revoked"
+    );
+
     // Revoking the lease deletes the keys on it.
     c.lease_revoke(id).await.expect("lease revoke");
     assert_eq!(get(&mut c, &host).await, None);
@@ -328,6 +337,81 @@ async fn calls(options: EtcdOptions, members: usize, endpoints: Vec<String>, ver
     assert_eq!(urls, want);
 }
 
+/// A campaign or a lock that waits longer than one call may take
+/// (`warmvm_fleet::connect::CALL_TIMEOUT`) fails with a timeout, and etcd removes the key
+/// it queued: the coordinator must campaign (and lock) in a loop, and each retry starts
+/// clean.
+async fn waiting_calls_time_out_cleanly(options: EtcdOptions) {
+    let mut c = options.connect().await.expect("connect");
+    let held = c.lease_grant(30, None).await.expect("lease grant").id();
+    let waiting = c.lease_grant(30, None).await.expect("lease grant").id();
+    let name = keys::election();
+    let lock_name = keys::ROOT.to_string() + "lock/timeout";
+    c.campaign(name.as_str(), "h0", held)
+        .await
+        .expect("campaign");
+    let lock = c
+        .lock(
+            lock_name.as_str(),
+            Some(LockOptions::new().with_lease(held)),
+        )
+        .await
+        .expect("lock");
+    let started = Instant::now();
+    let campaign = c.campaign(name.as_str(), "h1", waiting).await;
+    let waited = started.elapsed();
+    assert!(campaign.is_err(), "a second campaign won while h0 led");
+    assert!(
+        waited >= CALL_TIMEOUT,
+        "the campaign failed after {waited:?}"
+    );
+    eprintln!(
+        "a waiting campaign failed after {waited:?}: {:?}",
+        campaign.err()
+    );
+    let started = Instant::now();
+    let locked = c
+        .lock(
+            lock_name.as_str(),
+            Some(LockOptions::new().with_lease(waiting)),
+        )
+        .await;
+    let waited = started.elapsed();
+    assert!(locked.is_err(), "a held lock was taken again");
+    assert!(waited >= CALL_TIMEOUT, "the lock failed after {waited:?}");
+    // The waiters' keys go (etcd deletes them when the call is cancelled).
+    let mut left = (Vec::new(), Vec::new());
+    for _ in 0..50 {
+        left = (
+            leases_under(&mut c, &name).await,
+            leases_under(&mut c, &lock_name).await,
+        );
+        if left == (vec![held], vec![held]) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        left,
+        (vec![held], vec![held]),
+        "a timed-out waiter's key stayed"
+    );
+    c.unlock(lock.key()).await.expect("unlock");
+    c.lease_revoke(held).await.expect("lease revoke");
+    c.lease_revoke(waiting).await.expect("lease revoke");
+}
+
+/// The leases of the keys under `prefix`, in key order.
+async fn leases_under(c: &mut Client, prefix: &str) -> Vec<i64> {
+    c.get(prefix, Some(GetOptions::new().with_prefix()))
+        .await
+        .expect("prefix get")
+        .kvs()
+        .iter()
+        .map(|kv| kv.lease())
+        .collect()
+}
+
 /// A client that has the CA but no certificate of its own puts nothing.
 async fn without_certificate(options: EtcdOptions, with_cert: EtcdOptions) {
     match options.connect().await {
@@ -354,6 +438,9 @@ fn every_call_the_fleet_makes_works_on_the_installed_etcd() {
             &rig,
             calls(options(&rig, true), members, endpoints, version.clone()),
         );
+        if !tls {
+            on_host(&rig, waiting_calls_time_out_cleanly(options(&rig, true)));
+        }
         if tls {
             on_host(
                 &rig,
