@@ -191,11 +191,23 @@ impl EtcdCluster {
         for i in 0..members {
             cluster.spawn(i);
         }
-        if !cluster.wait_healthy(HEALTHY_TIMEOUT) {
-            panic!(
-                "etcd rig {tag}: not healthy after {HEALTHY_TIMEOUT:?}\n{}",
-                cluster.log_tails()
-            );
+        let deadline = started + HEALTHY_TIMEOUT;
+        while !cluster.healthy_now() {
+            let exited = cluster.exited();
+            if !exited.is_empty() {
+                panic!(
+                    "etcd rig {tag}: {} before the cluster was healthy\n{}",
+                    exited.join(", "),
+                    cluster.log_tails()
+                );
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "etcd rig {tag}: not healthy after {HEALTHY_TIMEOUT:?}\n{}",
+                    cluster.log_tails()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
         }
         cluster.ids = cluster.read_member_ids();
         eprintln!(
@@ -416,24 +428,12 @@ impl EtcdCluster {
         }
     }
 
-    /// Wait until every member answers healthy (it has a leader and serves a read), at
-    /// most `timeout`.
+    /// Wait until every member answers healthy, at most `timeout`: asked from its own
+    /// host's namespace, it serves a linearizable read (so it is in touch with a leader).
     pub fn wait_healthy(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         loop {
-            let healthy = self
-                .etcdctl_command(0, &self.endpoints(), true)
-                .args([
-                    "endpoint",
-                    "health",
-                    "--dial-timeout=1s",
-                    "--command-timeout=1s",
-                ])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success());
-            if healthy {
+            if self.healthy_now() {
                 return true;
             }
             if Instant::now() >= deadline {
@@ -443,17 +443,55 @@ impl EtcdCluster {
         }
     }
 
+    /// Every member healthy now (asked in parallel, each from its own host).
+    fn healthy_now(&self) -> bool {
+        let checks: Vec<_> = (0..self.len())
+            .map(|i| {
+                self.etcdctl_command(i, &self.member_endpoint(i), true)
+                    .args(["endpoint", "health"])
+                    .args(["--dial-timeout=1s", "--command-timeout=1s"])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+            })
+            .collect();
+        let healthy: Vec<bool> = checks
+            .into_iter()
+            .map(|c| c.and_then(|mut c| c.wait()).is_ok_and(|s| s.success()))
+            .collect();
+        healthy.iter().all(|&h| h)
+    }
+
+    /// The members that have exited (and were not killed by the rig), with how.
+    fn exited(&self) -> Vec<String> {
+        (0..self.len())
+            .filter_map(|i| {
+                let mut child = self.members[i].child.lock().expect("member lock");
+                let status = child.as_mut()?.try_wait().ok()??;
+                Some(format!("member {i} exited ({status})"))
+            })
+            .collect()
+    }
+
     /// The last lines of every member's log, for a failure message.
     pub fn log_tails(&self) -> String {
         let mut s = String::new();
         for (i, m) in self.members.iter().enumerate() {
             let log = crate::read(&m.log);
             let lines: Vec<&str> = log.lines().collect();
-            let tail = &lines[lines.len().saturating_sub(15)..];
+            // Its first lines too: an etcd that refuses its flags says why first.
+            let shown = if lines.len() > 23 {
+                format!(
+                    "{}\n...\n{}",
+                    lines[..3].join("\n"),
+                    lines[lines.len() - 20..].join("\n")
+                )
+            } else {
+                lines.join("\n")
+            };
             s.push_str(&format!(
-                "--- member {i} ({}) ---\n{}\n",
-                m.log.display(),
-                tail.join("\n")
+                "--- member {i} ({}) ---\n{shown}\n",
+                m.log.display()
             ));
         }
         s
