@@ -2,8 +2,8 @@
 //! its own (a "host", where a test also starts that host's daemon), joined by a bridge in
 //! a fourth namespace; with `tls`, members speak mTLS only (clients and peers), with
 //! certificates made here. Faults: SIGKILL and restart, SIGSTOP/SIGCONT, a host's link
-//! cut. Everything (members, namespaces, the scratch directory unless the test failed)
-//! goes when the guard is dropped, also on panic.
+//! cut. Everything (members, namespaces, the scratch directory, of which only the logs
+//! stay when the test failed) goes when the guard is dropped, also on panic.
 //!
 //! Addresses live only inside the namespaces: host `i` is `10.A.B.(i+1)/24` on its `eth0`,
 //! whose veth peer `v{i}` is a port of bridge `br0` in the bridge's namespace. Nothing is
@@ -558,11 +558,15 @@ impl Drop for EtcdCluster {
             // A stopped process dies of SIGKILL as well.
             self.kill(i);
         }
-        // The namespaces go when their guards drop (after this); the scratch directory
-        // stays when the test failed, to read the members' logs.
+        // The namespaces go when their guards drop (after this). When the test failed the
+        // members' logs (and the certificates) stay to read, but not their data
+        // directories: etcd preallocates 64 MB WAL segments, over 100 MB a member.
         if !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.dir);
         } else {
+            for m in &self.members {
+                let _ = std::fs::remove_dir_all(&m.data);
+            }
             eprintln!("etcd rig logs kept in {}", self.dir.display());
         }
     }

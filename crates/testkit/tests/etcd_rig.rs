@@ -348,7 +348,8 @@ fn drop_removes_the_members_and_namespaces_also_on_panic() {
     for p in &pids {
         assert!(!pid_alive(*p), "etcd {p} left running");
     }
-    // A failed test keeps its logs to read.
+    // A failed test keeps its logs to read, not the members' data.
     assert!(dir.join("m0.log").exists());
+    assert!(!dir.join("m0.etcd").exists());
     let _ = std::fs::remove_dir_all(dir);
 }
