@@ -51,7 +51,16 @@ fn on_host<T: Send + 'static>(
     rig: &EtcdCluster,
     f: impl std::future::Future<Output = T> + Send + 'static,
 ) -> T {
-    in_netns(rig.netns(0), move || {
+    on_host_n(rig, 0, f)
+}
+
+/// The same in host `i`'s namespace.
+fn on_host_n<T: Send + 'static>(
+    rig: &EtcdCluster,
+    i: usize,
+    f: impl std::future::Future<Output = T> + Send + 'static,
+) -> T {
+    in_netns(rig.netns(i), move || {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -448,4 +457,118 @@ fn every_call_the_fleet_makes_works_on_the_installed_etcd() {
             );
         }
     }
+}
+
+/// A host cut from the others mid-step: the lease its keep-alives no longer reach runs
+/// out, its record goes with it, and the lock it held passes to a waiter on another host
+/// (who retries, as a lock call lasts at most `CALL_TIMEOUT`). Not before the lease could
+/// have run out: it is the cut host's only fence.
+#[test]
+fn a_cut_hosts_lease_runs_out_and_its_lock_passes_on() {
+    if !etcd_available("a_cut_hosts_lease_runs_out") {
+        return;
+    }
+    const TTL: i64 = 3;
+    let rig = EtcdCluster::start("cutlock", 3, true);
+    // The cut host's member follows, so that the majority keeps its leader (a new leader
+    // would extend every lease by a TTL, as etcd does on a change of leader).
+    let leader = rig.leader().expect("a leader");
+    let (cut_host, waiter) = ((leader + 1) % 3, (leader + 2) % 3);
+    let lock_name = keys::ROOT.to_string() + "lock/cut";
+    let record = keys::host("h0");
+
+    // The cut host holds the lock and its record under a lease it keeps alive every
+    // second.
+    let (held_tx, held_rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+    let holder = {
+        let (options, lock_name, record) = (options(&rig, true), lock_name.clone(), record.clone());
+        let ns = rig.netns(cut_host).to_string();
+        std::thread::spawn(move || {
+            in_netns(&ns, move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("a runtime");
+                rt.block_on(async move {
+                    let mut c = options.connect().await.expect("connect");
+                    let lease = c.lease_grant(TTL, None).await.expect("lease grant").id();
+                    let (mut keeper, mut kept) =
+                        c.lease_keep_alive(lease).await.expect("lease keep alive");
+                    c.lock(lock_name, Some(LockOptions::new().with_lease(lease)))
+                        .await
+                        .expect("lock");
+                    c.put(record, "h0", Some(PutOptions::new().with_lease(lease)))
+                        .await
+                        .expect("put");
+                    held_tx.send(()).expect("tell the test");
+                    while stop_rx.try_recv().is_err() {
+                        let second = Duration::from_secs(1);
+                        let _ = tokio::time::timeout(second, keeper.keep_alive()).await;
+                        let _ = tokio::time::timeout(second, kept.message()).await;
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                })
+            })
+        })
+    };
+    held_rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the host to cut takes the lock");
+    rig.link_down(cut_host);
+    let cut = Instant::now();
+
+    // Another host, which still reaches the majority, waits for the lock.
+    let majority = EtcdOptions {
+        endpoints: vec![rig.member_endpoint(leader), rig.member_endpoint(waiter)],
+        ..options(&rig, true)
+    };
+    let (taken, record_left) = on_host_n(&rig, waiter, async move {
+        let mut c = majority.connect().await.expect("connect");
+        // Should the majority elect a new leader meanwhile, calls fail: retry, as the
+        // fleet does.
+        let lease = loop {
+            match c.lease_grant(30, None).await {
+                Ok(l) => break l.id(),
+                Err(e) if cut.elapsed() < Duration::from_secs(30) => {
+                    eprintln!("waiting for a lease: {e}")
+                }
+                Err(e) => panic!("no lease from the majority: {e}"),
+            }
+        };
+        let key = loop {
+            let attempt = c
+                .lock(
+                    lock_name.as_str(),
+                    Some(LockOptions::new().with_lease(lease)),
+                )
+                .await;
+            match attempt {
+                Ok(k) => break k.key().to_vec(),
+                Err(e) if cut.elapsed() < Duration::from_secs(30) => {
+                    eprintln!("waiting for the lock: {e}")
+                }
+                Err(e) => panic!("the lock never passed on: {e}"),
+            }
+        };
+        let taken = cut.elapsed();
+        let left = get(&mut c, &record).await;
+        c.unlock(key).await.expect("unlock");
+        c.lease_revoke(lease).await.expect("lease revoke");
+        (taken, left)
+    });
+    stop_tx.send(()).expect("stop the cut host's keep-alives");
+    holder.join().expect("the cut host's thread");
+    eprintln!(
+        "the lock passed from the cut host {:.2} s after the cut (lease TTL {TTL} s)",
+        taken.as_secs_f64()
+    );
+    assert_eq!(
+        record_left, None,
+        "the cut host's record outlived its lease"
+    );
+    assert!(
+        taken >= Duration::from_secs(TTL as u64 - 1),
+        "the lock passed on after {taken:?}, before the cut host's lease could have run out"
+    );
 }
