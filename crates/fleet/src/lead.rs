@@ -1,0 +1,223 @@
+//! The coordinator's leadership: etcd's election API, and fenced writes.
+//!
+//! Leading is holding the oldest candidate key under [`keys::election`], under a lease the
+//! candidate keeps alive. A leader can be paused (SIGSTOP, a long GC, a cut link) past its
+//! lease and go on believing it leads while another does; so every coordinator write goes
+//! through [`Leadership::fenced_txn`], which compares the leader key's create revision in
+//! the same transaction. A leader whose key is gone writes nothing that lands.
+
+use std::time::Duration;
+
+use etcd_client::{Client, Compare, CompareOp, Txn, TxnOp, TxnResponse};
+use tokio::sync::watch;
+
+use crate::kv::is_deadline;
+use crate::{keys, FleetError};
+
+/// The leader's key and its fencing token.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Leadership {
+    /// The candidate key etcd made for this leader (`keys::election()/<lease hex>`).
+    pub key: Vec<u8>,
+    /// The key's create revision: the fencing token every write compares.
+    pub create_revision: i64,
+    pub lease: i64,
+}
+
+impl Leadership {
+    pub fn key_text(&self) -> String {
+        String::from_utf8_lossy(&self.key).into_owned()
+    }
+
+    /// The compare that makes a write this leader's only.
+    pub fn fence(&self) -> Compare {
+        Compare::create_revision(self.key.clone(), CompareOp::Equal, self.create_revision)
+    }
+
+    /// Run `ops` if this is still the leader and `compares` hold; `otherwise` runs when
+    /// `compares` fail while leading. A write by a leader that is no longer one is
+    /// [`FleetError::NotLeader`] and lands nowhere.
+    pub async fn fenced_txn(
+        &self,
+        client: &mut Client,
+        compares: Vec<Compare>,
+        ops: Vec<TxnOp>,
+        otherwise: Vec<TxnOp>,
+    ) -> Result<TxnResponse, FleetError> {
+        // The fence is an outer transaction around the caller's: its failure tells "not the
+        // leader" apart from the caller's own compares failing.
+        let inner = Txn::new().when(compares).and_then(ops).or_else(otherwise);
+        let txn = Txn::new()
+            .when([self.fence()])
+            .and_then([TxnOp::txn(inner)]);
+        let r = client
+            .txn(txn)
+            .await
+            .map_err(FleetError::etcd("coordinator write"))?;
+        if !r.succeeded() {
+            return Err(FleetError::NotLeader {
+                key: self.key_text(),
+            });
+        }
+        for op in r.op_responses() {
+            if let etcd_client::TxnOpResponse::Txn(inner) = op {
+                return Ok(inner);
+            }
+        }
+        Err(FleetError::Refused(
+            "etcd answered a fenced write without its inner transaction".into(),
+        ))
+    }
+
+    /// Whether this still leads, as etcd sees it now.
+    pub async fn still_leads(&self, client: &mut Client) -> Result<bool, FleetError> {
+        let r = client
+            .txn(Txn::new().when([self.fence()]))
+            .await
+            .map_err(FleetError::etcd("check the leadership"))?;
+        Ok(r.succeeded())
+    }
+
+    /// Give the leadership up (the next candidate leads at once).
+    pub async fn resign(&self, client: &mut Client) -> Result<(), FleetError> {
+        let leader = etcd_client::LeaderKey::new()
+            .with_name(keys::election())
+            .with_key(self.key.clone())
+            .with_rev(self.create_revision)
+            .with_lease(self.lease);
+        client
+            .resign(Some(etcd_client::ResignOptions::new().with_leader(leader)))
+            .await
+            .map_err(FleetError::etcd("resign"))?;
+        Ok(())
+    }
+}
+
+/// Campaign with `lease` (kept alive by the caller, e.g. a [`Session`]) until this
+/// candidate leads; `name` is what [`leader`] shows of it. The client's per-call deadline
+/// is shorter than a wait to lead, so the call is repeated: etcd finds this lease's
+/// candidate key again and keeps its place in line.
+pub async fn campaign(
+    client: &mut Client,
+    name: &str,
+    lease: i64,
+) -> Result<Leadership, FleetError> {
+    loop {
+        match client.campaign(keys::election(), name, lease).await {
+            Ok(r) => {
+                let Some(leader) = r.leader() else {
+                    return Err(FleetError::Refused(
+                        "etcd answered a campaign without a leader key".into(),
+                    ));
+                };
+                return Ok(Leadership {
+                    key: leader.key().to_vec(),
+                    create_revision: leader.rev(),
+                    lease: leader.lease(),
+                });
+            }
+            Err(e) if is_deadline(&e) => continue,
+            Err(e) => return Err(FleetError::etcd("campaign")(e)),
+        }
+    }
+}
+
+/// The current leader's name, if any leads.
+pub async fn leader(client: &mut Client) -> Result<Option<String>, FleetError> {
+    match client.leader(keys::election()).await {
+        Ok(r) => Ok(r
+            .kv()
+            .map(|kv| String::from_utf8_lossy(kv.value()).into_owned())),
+        // etcd answers "election: no leader" as an error.
+        Err(etcd_client::Error::GRpcStatus(s)) if s.message().contains("no leader") => Ok(None),
+        Err(e) => Err(FleetError::etcd("leader")(e)),
+    }
+}
+
+/// A lease kept alive in the background: the life of a host's membership, slot and
+/// candidacy. `lost()` resolves when the lease could not be renewed before it ran out
+/// (etcd unreachable, or the lease revoked): whoever leads with it stops.
+pub struct Session {
+    pub lease: i64,
+    pub ttl_secs: i64,
+    lost: watch::Receiver<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Session {
+    /// Grant a lease of `ttl_secs` and keep it alive every third of it.
+    pub async fn start(client: &Client, ttl_secs: i64) -> Result<Session, FleetError> {
+        let mut c = client.clone();
+        let lease = c
+            .lease_grant(ttl_secs, None)
+            .await
+            .map_err(FleetError::etcd("grant a lease"))?
+            .id();
+        let (tx, rx) = watch::channel(false);
+        let task = tokio::spawn(keep_alive(c, lease, ttl_secs, tx));
+        Ok(Session {
+            lease,
+            ttl_secs,
+            lost: rx,
+            task,
+        })
+    }
+
+    /// Resolves once the lease is lost.
+    pub async fn lost(&self) {
+        let mut rx = self.lost.clone();
+        let _ = rx.wait_for(|lost| *lost).await;
+    }
+
+    pub fn is_lost(&self) -> bool {
+        *self.lost.borrow()
+    }
+
+    /// Stop renewing and revoke the lease (its keys go at once).
+    pub async fn close(self, client: &mut Client) -> Result<(), FleetError> {
+        self.task.abort();
+        client
+            .lease_revoke(self.lease)
+            .await
+            .map_err(FleetError::etcd("revoke the lease"))?;
+        Ok(())
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn keep_alive(mut client: Client, lease: i64, ttl_secs: i64, lost: watch::Sender<bool>) {
+    let period = Duration::from_millis(u64::try_from(ttl_secs.max(1)).unwrap_or(1) * 1000 / 3);
+    let ttl = Duration::from_secs(u64::try_from(ttl_secs.max(1)).unwrap_or(1));
+    let mut renewed = tokio::time::Instant::now();
+    loop {
+        let attempt = async {
+            let (mut keeper, mut stream) = client.lease_keep_alive(lease).await?;
+            loop {
+                keeper.keep_alive().await?;
+                match stream.message().await? {
+                    Some(r) if r.ttl() > 0 => {
+                        renewed = tokio::time::Instant::now();
+                    }
+                    // TTL 0: etcd no longer knows the lease.
+                    _ => return Ok::<bool, etcd_client::Error>(true),
+                }
+                tokio::time::sleep(period).await;
+            }
+        };
+        match attempt.await {
+            Ok(true) => break,
+            Ok(false) | Err(_) => {
+                if renewed.elapsed() >= ttl {
+                    break;
+                }
+                tokio::time::sleep(period.min(Duration::from_millis(500))).await;
+            }
+        }
+    }
+    let _ = lost.send(true);
+}
