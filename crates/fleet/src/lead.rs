@@ -94,9 +94,15 @@ impl Leadership {
 }
 
 /// Campaign with `lease` (kept alive by the caller, e.g. a [`Session`]) until this
-/// candidate leads; `name` is what [`leader`] shows of it. The client's per-call deadline
-/// is shorter than a wait to lead, so the call is repeated: etcd finds this lease's
-/// candidate key again and keeps its place in line.
+/// candidate leads; `name` is what [`leader`] shows of it.
+///
+/// The client's per-call deadline is shorter than a wait to lead, so the call is
+/// repeated. etcd resigns a campaign whose call ended early, deleting the candidate key;
+/// a repeated call may meanwhile have found that key still there and taken it as its own,
+/// and would then "lead" with a key that is gone. So a campaign that returns is checked:
+/// its key must still be there with the revision it returned, or it campaigns again.
+/// (Were the check itself to race with such a late delete, the fence would still refuse
+/// every write of that leadership: safety never rests on this check.)
 pub async fn campaign(
     client: &mut Client,
     name: &str,
@@ -110,11 +116,18 @@ pub async fn campaign(
                         "etcd answered a campaign without a leader key".into(),
                     ));
                 };
-                return Ok(Leadership {
+                let leadership = Leadership {
                     key: leader.key().to_vec(),
                     create_revision: leader.rev(),
                     lease: leader.lease(),
-                });
+                };
+                if leadership.still_leads(client).await? {
+                    return Ok(leadership);
+                }
+                tracing::debug!(
+                    key = leadership.key_text(),
+                    "the campaign's key was deleted by an earlier call's resign: campaigning again"
+                );
             }
             Err(e) if is_deadline(&e) => continue,
             Err(e) => return Err(FleetError::etcd("campaign")(e)),
