@@ -4,7 +4,8 @@
 //! with its TLS (`connect`), and the errors of both (`error`); plans, their progress and steps
 //! (`plan`), the coordinator's election and fenced writes (`lead`), the disruption budget's
 //! slots (`slots`), the halt (`halt`), the event history (`events`), and the coordinator's
-//! decisions as a pure function of what it reads (`roll`).
+//! decisions as a pure function of what it reads (`roll`) and its rounds that write them
+//! (`coordinate`).
 //!
 //! Must never: touch a VM or the daemon's state directly (a host's daemon acts on what it
 //! reads here), or write as a coordinator without comparing its own election key's
@@ -12,6 +13,7 @@
 //! that lands).
 
 pub mod connect;
+pub mod coordinate;
 pub mod error;
 pub mod events;
 pub mod halt;

@@ -602,6 +602,105 @@ pub async fn start_step(
             state,
         });
     }
+    let event = crate::events::Event::new(crate::events::EventKind::StepStarted, now_unix_ms())
+        .plan(plan)
+        .host(host)
+        .step(&step.id());
+    crate::events::append(client, &[], event).await?;
+    Ok(step)
+}
+
+/// How a host's step ended: its gates' verdicts and the reboot's figures.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StepOutcome {
+    pub gates: Vec<GateResult>,
+    pub to_sha256: Option<String>,
+    pub blackout_p99_us: Option<u64>,
+    /// Why it failed, when it did.
+    pub detail: Option<String>,
+}
+
+impl StepOutcome {
+    /// Passed when there is at least one gate and every gate passed.
+    pub fn passed(&self) -> bool {
+        !self.gates.is_empty() && self.gates.iter().all(|g| g.passed)
+    }
+}
+
+/// A host records how its started step ended (gate-passed or failed), once: only from
+/// `started`, by a transaction on the step's revision as read.
+pub async fn finish_step(
+    client: &mut Client,
+    plan: &str,
+    host: &str,
+    outcome: StepOutcome,
+) -> Result<StepRecord, FleetError> {
+    let key = keys::step(plan, host);
+    let Some((mut step, kv)) = kv::get_record::<StepRecord>(client, &key, "plan step").await?
+    else {
+        return Err(FleetError::Refused(format!(
+            "no step {plan}/{host} is assigned"
+        )));
+    };
+    if step.state != StepState::Started {
+        return Err(FleetError::Refused(format!(
+            "step {} is {}, not started: only a started step ends",
+            step.id(),
+            step.state.as_str()
+        )));
+    }
+    let passed = outcome.passed();
+    step.state = if passed {
+        StepState::GatePassed
+    } else {
+        StepState::Failed
+    };
+    step.finished_unix_ms = Some(now_unix_ms());
+    step.gates = outcome.gates;
+    step.to_sha256 = outcome.to_sha256;
+    step.blackout_p99_us = outcome.blackout_p99_us;
+    step.detail = outcome.detail;
+    let txn = Txn::new()
+        .when([Compare::mod_revision(
+            key.clone(),
+            CompareOp::Equal,
+            kv.mod_revision(),
+        )])
+        .and_then([TxnOp::put(key.clone(), encode(&step), None)]);
+    let r = client
+        .txn(txn)
+        .await
+        .map_err(FleetError::etcd(format!("finish step {plan}/{host}")))?;
+    if !r.succeeded() {
+        return Err(FleetError::Refused(format!(
+            "step {} changed while it was being finished",
+            step.id()
+        )));
+    }
+    let kind = if passed {
+        crate::events::EventKind::GatePassed
+    } else {
+        crate::events::EventKind::GateFailed
+    };
+    let detail = step
+        .gates
+        .iter()
+        .map(|g| {
+            format!(
+                "{}: {} ({})",
+                g.gate,
+                if g.passed { "ok" } else { "FAILED" },
+                g.detail
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    let event = crate::events::Event::new(kind, now_unix_ms())
+        .plan(plan)
+        .host(host)
+        .step(&step.id())
+        .detail(detail);
+    crate::events::append(client, &[], event).await?;
     Ok(step)
 }
 

@@ -12,8 +12,10 @@
 
 use std::collections::BTreeMap;
 
+use crate::events::{Event, EventKind};
+use crate::halt::HaltRecord;
 use crate::plan::{MissingHost, PlanProgress, PlanSpec, PlanStatus, StepRecord, StepState};
-use crate::records::{Health, HostRecord};
+use crate::records::{Health, HostRecord, FORMAT};
 
 /// What the coordinator reads, at one moment.
 #[derive(Clone, Copy, Debug)]
@@ -35,6 +37,9 @@ pub struct RollState<'a> {
 /// transaction.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
+    /// The halt key was set (by a host whose gate failed, or an operator): the plan's
+    /// progress says halted too, so that a resume is seen as one.
+    MarkHalted,
     /// An operator resumed: the plan runs again, and the failed hosts are not retried.
     Resume { acknowledge: Vec<String> },
     /// Write the host's step as assigned (only where it has none).
@@ -84,6 +89,10 @@ pub fn next_actions(state: &RollState<'_>) -> Vec<Action> {
     // Failed hosts an operator resumed past (before, or by the resume decided now).
     let mut acknowledged_failures = state.progress.acknowledged_failures.clone();
     match state.progress.status {
+        PlanStatus::Running if state.halted => {
+            actions.push(Action::MarkHalted);
+            return actions;
+        }
         PlanStatus::Running => {}
         PlanStatus::Halted if !state.halted => {
             let acknowledge: Vec<String> = state
@@ -195,11 +204,118 @@ pub fn next_actions(state: &RollState<'_>) -> Vec<Action> {
     actions
 }
 
+/// What one decision writes, all in one fenced transaction (see `coordinate`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Writes {
+    pub progress: PlanProgress,
+    /// Steps new to the store (assigned or skipped): each lands only where its host has
+    /// none yet.
+    pub new_steps: Vec<StepRecord>,
+    /// The halt to set, where none is set yet.
+    pub halt: Option<HaltRecord>,
+    /// The plan is over: it is no longer the current plan.
+    pub done: bool,
+    /// The history of it, appended once the rest landed.
+    pub events: Vec<Event>,
+}
+
+/// The records that `actions`, decided on `state`, write; `by` names the coordinator.
+pub fn writes(state: &RollState<'_>, actions: &[Action], by: &str) -> Writes {
+    let now = state.now_unix_ms;
+    let plan = state.spec.id.as_str();
+    let mut progress = state.progress.clone();
+    progress.updated_unix_ms = now;
+    let mut w = Writes {
+        progress,
+        new_steps: Vec::new(),
+        halt: None,
+        done: false,
+        events: Vec::new(),
+    };
+    for (host, step) in state.steps {
+        w.progress.steps.insert(host.clone(), step.state);
+    }
+    let event = |kind| Event::new(kind, now).plan(plan);
+    for a in actions {
+        match a {
+            Action::MarkHalted => w.progress.status = PlanStatus::Halted,
+            Action::Resume { acknowledge } => {
+                w.progress.status = PlanStatus::Running;
+                for h in acknowledge {
+                    if !w.progress.acknowledged_failures.contains(h) {
+                        w.progress.acknowledged_failures.push(h.clone());
+                    }
+                }
+            }
+            Action::Assign { host, wave } => {
+                let step = StepRecord::assigned(plan, host, *wave, now);
+                w.progress.steps.insert(host.clone(), StepState::Assigned);
+                w.events.push(
+                    event(EventKind::StepAssigned)
+                        .host(host)
+                        .step(&step.id())
+                        .detail(format!("wave {wave}")),
+                );
+                w.new_steps.push(step);
+            }
+            Action::Skip { host, reason } => {
+                let mut step = StepRecord::assigned(plan, host, w.progress.wave, now);
+                step.state = StepState::Skipped;
+                step.finished_unix_ms = Some(now);
+                step.detail = Some(reason.clone());
+                w.progress.steps.insert(host.clone(), StepState::Skipped);
+                w.events.push(
+                    event(EventKind::HostSkipped)
+                        .host(host)
+                        .step(&step.id())
+                        .detail(reason.clone()),
+                );
+                w.new_steps.push(step);
+            }
+            Action::WaveDone { wave } => {
+                w.progress.wave = wave + 1;
+                w.events
+                    .push(event(EventKind::WaveDone).detail(format!("wave {wave} done")));
+            }
+            Action::StartSoak { until_unix_ms } => {
+                w.progress.soak_until_unix_ms = Some(*until_unix_ms);
+                w.events.push(
+                    event(EventKind::SoakStarted)
+                        .detail(format!("soak of {} s", state.spec.soak_secs)),
+                );
+            }
+            Action::Halt { host, reason } => {
+                w.progress.status = PlanStatus::Halted;
+                w.halt = Some(HaltRecord {
+                    format: FORMAT,
+                    by: by.into(),
+                    plan: Some(plan.into()),
+                    host: host.clone(),
+                    reason: reason.clone(),
+                    at_unix_ms: now,
+                });
+                let mut e = event(EventKind::Halted).detail(format!("by {by}: {reason}"));
+                e.host = host.clone();
+                w.events.push(e);
+            }
+            Action::PlanDone => {
+                w.progress.status = PlanStatus::Done;
+                w.done = true;
+                w.events.push(
+                    event(EventKind::PlanDone)
+                        .detail(format!("{} host(s)", state.spec.hosts.len())),
+                );
+            }
+        }
+    }
+    w
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::plan::{Mode, PlanProgress};
-    use crate::records::{Build, FORMAT};
+    use crate::records::Build;
 
     const NOW: u64 = 1_000_000;
 
@@ -297,6 +413,7 @@ mod tests {
         fn apply(&mut self, actions: &[Action]) {
             for a in actions {
                 match a {
+                    Action::MarkHalted => self.progress.status = PlanStatus::Halted,
                     Action::Resume { acknowledge } => {
                         self.progress.status = PlanStatus::Running;
                         self.progress
@@ -426,10 +543,17 @@ mod tests {
         );
         f.apply(&a);
         assert_eq!(f.next(), []);
-        // The halt key set by a host, before the coordinator saw any failure, stops it too.
+        // The halt key set by a host, before the coordinator saw any failure, stops it too:
+        // the progress says so, and then nothing is decided until it is cleared.
         let mut g = Fleet::new(spec(3, 1, 1, 0));
+        g.apply(&g.next());
+        g.set("h0", StepState::Failed);
         g.halted = true;
+        assert_eq!(g.next(), [Action::MarkHalted]);
+        g.apply(&g.next());
         assert_eq!(g.next(), []);
+        g.halted = false;
+        assert!(matches!(&g.next()[0], Action::Resume { acknowledge } if acknowledge == &["h0"]));
     }
 
     #[test]
@@ -557,5 +681,61 @@ mod tests {
         // budget; no other host starts.
         f.hosts.remove("h0");
         assert_eq!(f.next(), []);
+    }
+
+    #[test]
+    fn a_decision_writes_its_steps_progress_halt_and_events_together() {
+        let mut f = Fleet::new(spec(3, 1, 2, 30));
+        f.apply(&f.next());
+        f.step_then_pass();
+        let state = RollState {
+            spec: &f.spec,
+            progress: &f.progress,
+            steps: &f.steps,
+            hosts: &f.hosts,
+            halted: false,
+            now_unix_ms: NOW,
+            stale_after_ms: 15_000,
+        };
+        let a = next_actions(&state);
+        let w = writes(&state, &a, "coordinator:h2");
+        assert_eq!(w.progress.wave, 1);
+        assert_eq!(w.progress.soak_until_unix_ms, Some(NOW + 30_000));
+        assert_eq!(w.progress.steps["h0"], StepState::GatePassed);
+        assert!(w.new_steps.is_empty() && w.halt.is_none() && !w.done);
+        let kinds: Vec<_> = w.events.iter().map(|e| e.kind).collect();
+        assert_eq!(kinds, [EventKind::WaveDone, EventKind::SoakStarted]);
+
+        let halt = [Action::Halt {
+            host: Some("h1".into()),
+            reason: "h1 is gone".into(),
+        }];
+        let w = writes(&state, &halt, "coordinator:h2");
+        let h = w.halt.unwrap();
+        assert_eq!(
+            (h.by.as_str(), h.host.as_deref(), h.plan.as_deref()),
+            ("coordinator:h2", Some("h1"), Some("plan-1"))
+        );
+        assert_eq!(w.progress.status, PlanStatus::Halted);
+
+        let assign = [
+            assign("h1", 1),
+            Action::Skip {
+                host: "h2".into(),
+                reason: "gone".into(),
+            },
+        ];
+        let w = writes(&state, &assign, "c");
+        assert_eq!(w.new_steps.len(), 2);
+        assert_eq!(
+            (w.new_steps[0].host.as_str(), w.new_steps[0].state),
+            ("h1", StepState::Assigned)
+        );
+        assert_eq!(
+            (w.new_steps[1].host.as_str(), w.new_steps[1].state),
+            ("h2", StepState::Skipped)
+        );
+        assert_eq!(w.progress.steps["h2"], StepState::Skipped);
+        assert!(writes(&state, &[Action::PlanDone], "c").done);
     }
 }

@@ -4,115 +4,19 @@
 //! and the event history. They need root and etcd (skipped without it, failing under
 //! `WARMVM_REQUIRE_KVM=1` or `CI`).
 
+mod common;
+
 use std::collections::BTreeSet;
-use std::future::Future;
 use std::time::{Duration, Instant};
 
-use etcd_client::{Client, GetOptions, PutOptions, TxnOp};
+use common::{keyspace, register, request, value, with_etcd};
+use etcd_client::{GetOptions, TxnOp};
 use warmvm_fleet::events::{self, Event, EventKind};
 use warmvm_fleet::halt::{self, HaltChange, HaltRecord, HaltWatch};
 use warmvm_fleet::lead::{self, Session};
-use warmvm_fleet::plan::{self, MissingHost, PlanRequest, StepRecord, StepState};
-use warmvm_fleet::records::{encode, Build, Health, HostRecord, FORMAT};
-use warmvm_fleet::{keys, slots, EtcdOptions, FleetError};
-use warmvm_testkit::{etcd_available, in_netns, EtcdCluster};
-
-/// Start a one-member cluster and run `test` against it from inside its namespace, on a
-/// current-thread runtime (as the daemon and the CLI run the fleet).
-fn with_etcd<F, Fut>(tag: &str, test: F)
-where
-    F: FnOnce(EtcdOptions) -> Fut + Send + 'static,
-    Fut: Future<Output = ()>,
-{
-    if !etcd_available(tag) {
-        return;
-    }
-    let rig = EtcdCluster::start(tag, 1, false);
-    let options = EtcdOptions::new(&rig.endpoints(), None, None, None).unwrap();
-    in_netns(rig.netns(0), move || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-            .block_on(test(options))
-    });
-}
-
-fn host_record(name: &str) -> HostRecord {
-    HostRecord {
-        format: FORMAT,
-        name: name.into(),
-        build: Build {
-            version: "0.1.0".into(),
-            git_commit: "c".into(),
-            sha256: "00".repeat(32),
-            path: "/usr/bin/warmvm".into(),
-        },
-        pid: 1,
-        updated_unix_ms: warmvm_fleet::kv::now_unix_ms(),
-        health: Health::Ok,
-        vms: Vec::new(),
-        aging: None,
-        migration_addr: None,
-        last_reboot: None,
-    }
-}
-
-/// Register fake hosts as their daemons would: each record under a lease of its own.
-async fn register(client: &mut Client, names: &[&str]) {
-    for name in names {
-        let lease = client.lease_grant(60, None).await.unwrap().id();
-        client
-            .put(
-                keys::host(name),
-                encode(&host_record(name)),
-                Some(PutOptions::new().with_lease(lease)),
-            )
-            .await
-            .unwrap();
-    }
-}
-
-/// Everything under the fleet's root and the store's revision: equal before and after
-/// means nothing at all was written.
-async fn keyspace(client: &mut Client) -> (i64, Vec<(String, Vec<u8>, i64)>) {
-    let r = client
-        .get(keys::ROOT, Some(GetOptions::new().with_prefix()))
-        .await
-        .unwrap();
-    let revision = r.header().unwrap().revision();
-    let kvs = r
-        .kvs()
-        .iter()
-        .map(|kv| {
-            (
-                String::from_utf8_lossy(kv.key()).into_owned(),
-                kv.value().to_vec(),
-                kv.mod_revision(),
-            )
-        })
-        .collect();
-    (revision, kvs)
-}
-
-async fn value(client: &mut Client, key: &str) -> Option<Vec<u8>> {
-    let r = client.get(key, None).await.unwrap();
-    r.kvs().first().map(|kv| kv.value().to_vec())
-}
-
-fn request(hosts: &[&str]) -> PlanRequest {
-    PlanRequest {
-        mode: "warm".into(),
-        canary: 1,
-        max_unavailable: 1,
-        soak_secs: 5,
-        hosts: hosts.iter().map(|h| h.to_string()).collect(),
-        blackout_p99_limit_us: plan::DEFAULT_BLACKOUT_P99_LIMIT_US,
-        on_missing_host: MissingHost::Halt,
-        created_by: "op@test".into(),
-        ..PlanRequest::default()
-    }
-}
+use warmvm_fleet::plan::{self, PlanRequest, StepRecord, StepState};
+use warmvm_fleet::records::encode;
+use warmvm_fleet::{keys, slots, FleetError};
 
 const TTL: i64 = 3;
 
