@@ -161,13 +161,15 @@ impl Session {
     /// Grant a lease of `ttl_secs` and keep it alive every third of it.
     pub async fn start(client: &Client, ttl_secs: i64) -> Result<Session, FleetError> {
         let mut c = client.clone();
+        // The lease runs from no earlier than this.
+        let asked = tokio::time::Instant::now();
         let lease = c
             .lease_grant(ttl_secs, None)
             .await
             .map_err(FleetError::etcd("grant a lease"))?
             .id();
         let (tx, rx) = watch::channel(false);
-        let task = tokio::spawn(keep_alive(c, lease, ttl_secs, tx));
+        let task = tokio::spawn(keep_alive(c, lease, asked, ttl_secs, tx));
         Ok(Session {
             lease,
             ttl_secs,
@@ -203,33 +205,51 @@ impl Drop for Session {
     }
 }
 
-async fn keep_alive(mut client: Client, lease: i64, ttl_secs: i64, lost: watch::Sender<bool>) {
-    let period = Duration::from_millis(u64::try_from(ttl_secs.max(1)).unwrap_or(1) * 1000 / 3);
+/// Renew `lease` every third of its TTL until it cannot be: etcd says it is gone, or no
+/// renewal was answered before the lease's last known expiry. That expiry is counted from
+/// when each renewal was *sent* (etcd renewed it later than that), so this side gives up
+/// no later than etcd lets the lease go.
+async fn keep_alive(
+    mut client: Client,
+    lease: i64,
+    granted: tokio::time::Instant,
+    ttl_secs: i64,
+    lost: watch::Sender<bool>,
+) {
+    use tokio::time::{sleep, timeout_at, Instant};
     let ttl = Duration::from_secs(u64::try_from(ttl_secs.max(1)).unwrap_or(1));
-    let mut renewed = tokio::time::Instant::now();
-    loop {
-        let attempt = async {
-            let (mut keeper, mut stream) = client.lease_keep_alive(lease).await?;
-            loop {
-                keeper.keep_alive().await?;
-                match stream.message().await? {
-                    Some(r) if r.ttl() > 0 => {
-                        renewed = tokio::time::Instant::now();
-                    }
-                    // TTL 0: etcd no longer knows the lease.
-                    _ => return Ok::<bool, etcd_client::Error>(true),
+    let period = ttl / 3;
+    let retry = period.min(Duration::from_millis(500));
+    let mut valid_until = granted + ttl;
+    'connect: while Instant::now() < valid_until {
+        let (mut keeper, mut stream) =
+            match timeout_at(valid_until, client.lease_keep_alive(lease)).await {
+                Ok(Ok(pair)) => pair,
+                Ok(Err(_)) => {
+                    sleep(retry).await;
+                    continue 'connect;
                 }
-                tokio::time::sleep(period).await;
+                Err(_) => break 'connect,
+            };
+        loop {
+            let sent = Instant::now();
+            if keeper.keep_alive().await.is_err() {
+                sleep(retry).await;
+                continue 'connect;
             }
-        };
-        match attempt.await {
-            Ok(true) => break,
-            Ok(false) | Err(_) => {
-                if renewed.elapsed() >= ttl {
-                    break;
+            match timeout_at(valid_until, stream.message()).await {
+                Ok(Ok(Some(r))) if r.ttl() > 0 => {
+                    valid_until = sent + Duration::from_secs(u64::try_from(r.ttl()).unwrap_or(0));
                 }
-                tokio::time::sleep(period.min(Duration::from_millis(500))).await;
+                // TTL 0: etcd no longer knows the lease.
+                Ok(Ok(Some(_))) => break 'connect,
+                Ok(Ok(None)) | Ok(Err(_)) => {
+                    sleep(retry).await;
+                    continue 'connect;
+                }
+                Err(_) => break 'connect,
             }
+            sleep(period).await;
         }
     }
     let _ = lost.send(true);

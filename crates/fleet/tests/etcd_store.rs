@@ -544,3 +544,65 @@ fn events_from_many_writers_are_numbered_in_order_and_never_overwritten() {
         assert_eq!(keyspace(&mut c).await, before);
     });
 }
+
+/// Sends SIGCONT to a stopped process when dropped (also when the test fails).
+struct Resume(u32);
+
+impl Drop for Resume {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-CONT", &self.0.to_string()])
+            .status();
+    }
+}
+
+#[test]
+fn a_session_that_cannot_renew_its_lease_says_it_is_lost() {
+    if !warmvm_testkit::etcd_available("session_lost") {
+        return;
+    }
+    let rig = warmvm_testkit::EtcdCluster::start("lost", 1, false);
+    let options = warmvm_fleet::EtcdOptions::new(&rig.endpoints(), None, None, None).unwrap();
+    let etcd = rig.pid(0).expect("the member runs");
+    warmvm_testkit::in_netns(rig.netns(0), move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async move {
+                let mut c = options.connect().await.unwrap();
+                // Kept alive: not lost after several TTLs.
+                let kept = Session::start(&c, TTL).await.unwrap();
+                tokio::time::sleep(Duration::from_secs(TTL as u64 * 2)).await;
+                assert!(!kept.is_lost());
+                let ttl = c.lease_time_to_live(kept.lease, None).await.unwrap().ttl();
+                assert!(ttl > 0, "the lease was renewed: {ttl}");
+
+                // Revoked by someone else: lost at the next renewal.
+                c.lease_revoke(kept.lease).await.unwrap();
+                tokio::time::timeout(Duration::from_secs(TTL as u64 + 2), kept.lost())
+                    .await
+                    .expect("a revoked lease is seen as lost");
+
+                // etcd stops answering (its process stopped): lost once the TTL has run
+                // out unrenewed.
+                let s = Session::start(&c, TTL).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                let stopped = Instant::now();
+                std::process::Command::new("kill")
+                    .args(["-STOP", &etcd.to_string()])
+                    .status()
+                    .unwrap();
+                let _resume = Resume(etcd);
+                tokio::time::timeout(Duration::from_secs(TTL as u64 + 5), s.lost())
+                    .await
+                    .expect("a lease that cannot be renewed is seen as lost");
+                let after = stopped.elapsed();
+                eprintln!("lost {after:?} after etcd stopped");
+                assert!(
+                    after >= Duration::from_secs(1),
+                    "lost before the TTL could run out: {after:?}"
+                );
+            })
+    });
+}
