@@ -558,11 +558,13 @@ pub async fn read_plan(
 }
 
 /// A host starts its step: only from `assigned`, and only once (the transaction compares
-/// the step's revision as read, so two starts cannot both land).
+/// the step's revision as read, so two starts cannot both land); only while it holds slot
+/// `slot` (see `slots::take`) and no halt is set, both compared in the same transaction.
 pub async fn start_step(
     client: &mut Client,
     plan: &str,
     host: &str,
+    slot: u32,
     from_sha256: Option<String>,
 ) -> Result<StepRecord, FleetError> {
     let key = keys::step(plan, host);
@@ -582,17 +584,32 @@ pub async fn start_step(
     step.started_unix_ms = Some(now_unix_ms());
     step.from_sha256 = from_sha256;
     let txn = Txn::new()
-        .when([Compare::mod_revision(
-            key.clone(),
-            CompareOp::Equal,
-            kv.mod_revision(),
-        )])
+        .when([
+            Compare::mod_revision(key.clone(), CompareOp::Equal, kv.mod_revision()),
+            Compare::value(keys::slot(slot), CompareOp::Equal, host),
+            Compare::create_revision(keys::halt(), CompareOp::Equal, 0),
+        ])
         .and_then([TxnOp::put(key.clone(), encode(&step), None)]);
     let r = client
         .txn(txn)
         .await
         .map_err(FleetError::etcd(format!("start step {plan}/{host}")))?;
     if !r.succeeded() {
+        if let Some(halt) = kv::get(client, &keys::halt()).await? {
+            return Err(FleetError::Refused(format!(
+                "the fleet is halted ({}): step {} does not start",
+                crate::halt::describe(&halt),
+                step.id()
+            )));
+        }
+        let holder = kv::get(client, &keys::slot(slot)).await?;
+        if holder.as_ref().map(|kv| kv.value()) != Some(host.as_bytes()) {
+            return Err(FleetError::Refused(format!(
+                "host {host} does not hold {}: step {} does not start",
+                keys::slot(slot),
+                step.id()
+            )));
+        }
         let state = match kv::get_record::<StepRecord>(client, &key, "plan step").await? {
             Some((s, _)) => s.state.as_str().to_string(),
             None => "gone".into(),

@@ -15,7 +15,7 @@ use warmvm_fleet::halt;
 use warmvm_fleet::lead::{self, Leadership, Session};
 use warmvm_fleet::plan::{self, GateResult, PlanStatus, StepOutcome, StepState};
 use warmvm_fleet::roll::Action;
-use warmvm_fleet::{keys, FleetError};
+use warmvm_fleet::{keys, slots, FleetError};
 
 const STALE_MS: u64 = 60_000;
 
@@ -39,14 +39,27 @@ fn gate(passed: bool, detail: &str) -> StepOutcome {
     }
 }
 
-/// A host does its step: starts it once, then records its gates.
+/// A host takes a slot (of 1: the plans here have max_unavailable 1) under a lease of its
+/// own; its index.
+async fn take_slot(c: &mut Client, host: &str) -> u32 {
+    let lease = c.lease_grant(60, None).await.unwrap().id();
+    slots::take(c, 1, host, lease)
+        .await
+        .unwrap()
+        .expect("a free slot")
+}
+
+/// A host does its step: takes a slot, starts the step once, records its gates and gives
+/// the slot back.
 async fn host_step(c: &mut Client, plan: &str, host: &str, passed: bool) {
-    plan::start_step(c, plan, host, Some("11".repeat(32)))
+    let slot = take_slot(c, host).await;
+    plan::start_step(c, plan, host, slot, Some("11".repeat(32)))
         .await
         .unwrap();
     plan::finish_step(c, plan, host, gate(passed, "0 mismatches"))
         .await
         .unwrap();
+    assert!(slots::release(c, slot, host).await.unwrap());
 }
 
 async fn lead(c: &mut Client, name: &str) -> (Session, Leadership) {
@@ -80,7 +93,10 @@ fn a_new_leader_takes_the_roll_over_where_it_stands_and_no_step_runs_twice() {
             round(&mut ca, &la, "a", STALE_MS).await.unwrap(),
             [Action::WaveDone { wave: 0 }, assign("h1", 1)]
         );
-        plan::start_step(&mut c, &id, "h1", None).await.unwrap();
+        let h1_slot = take_slot(&mut c, "h1").await;
+        plan::start_step(&mut c, &id, "h1", h1_slot, None)
+            .await
+            .unwrap();
 
         // Leader a goes (its lease revoked); b leads and goes on from the same state.
         sa.close(&mut ca).await.unwrap();
@@ -100,7 +116,9 @@ fn a_new_leader_takes_the_roll_over_where_it_stands_and_no_step_runs_twice() {
             "h1 is under way"
         );
         // h1's step, started under a, is not started again under b.
-        let again = plan::start_step(&mut c, &id, "h1", None).await.unwrap_err();
+        let again = plan::start_step(&mut c, &id, "h1", h1_slot, None)
+            .await
+            .unwrap_err();
         assert!(
             matches!(again, FleetError::StepNotAssigned { .. }),
             "{again}"
@@ -108,6 +126,7 @@ fn a_new_leader_takes_the_roll_over_where_it_stands_and_no_step_runs_twice() {
         plan::finish_step(&mut c, &id, "h1", gate(true, "ok"))
             .await
             .unwrap();
+        assert!(slots::release(&mut c, h1_slot, "h1").await.unwrap());
         // Now there is something to write: still nothing of the old leader's lands.
         let before = keyspace(&mut c).await;
         let e = round(&mut ca, &la, "a", STALE_MS).await.unwrap_err();

@@ -336,17 +336,41 @@ fn each_bad_plan_is_refused_with_nothing_stored_and_one_plan_runs_at_a_time() {
 }
 
 #[test]
-fn a_step_is_started_once_only_even_by_two_at_once() {
+fn a_step_is_started_once_only_even_by_two_at_once_and_only_with_a_slot_and_no_halt() {
     with_etcd("steps", |options| async move {
         let mut c = options.connect().await.unwrap();
         let step = StepRecord::assigned("plan-1", "h0", 0, 1);
         c.put(keys::step("plan-1", "h0"), encode(&step), None)
             .await
             .unwrap();
+        let lease = c.lease_grant(60, None).await.unwrap().id();
+        // Without the slot, or while halted, it does not start.
+        let before = keyspace(&mut c).await;
+        let e = plan::start_step(&mut c, "plan-1", "h0", 0, None)
+            .await
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("does not hold /warmvm/slots/0"),
+            "{e}"
+        );
+        assert_eq!(keyspace(&mut c).await, before);
+        let slot = slots::take(&mut c, 1, "h0", lease).await.unwrap().unwrap();
+        halt::set(&mut c, &HaltRecord::new("h9", "gate failed"))
+            .await
+            .unwrap();
+        let before = keyspace(&mut c).await;
+        let e = plan::start_step(&mut c, "plan-1", "h0", slot, None)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("halted (by h9: gate failed)"), "{e}");
+        assert_eq!(keyspace(&mut c).await, before);
+        halt::clear(&mut c, "op").await.unwrap();
+
+        // Two at once: one starts it.
         let (mut a, mut b) = (c.clone(), c.clone());
         let (ra, rb) = tokio::join!(
-            plan::start_step(&mut a, "plan-1", "h0", Some("aa".into())),
-            plan::start_step(&mut b, "plan-1", "h0", Some("bb".into())),
+            plan::start_step(&mut a, "plan-1", "h0", slot, Some("aa".into())),
+            plan::start_step(&mut b, "plan-1", "h0", slot, Some("bb".into())),
         );
         let started: Vec<_> = [&ra, &rb].into_iter().filter(|r| r.is_ok()).collect();
         assert_eq!(started.len(), 1, "{ra:?} {rb:?}");
@@ -356,7 +380,7 @@ fn a_step_is_started_once_only_even_by_two_at_once() {
             matches!(loser, Err(FleetError::StepNotAssigned { .. })),
             "{loser:?}"
         );
-        let again = plan::start_step(&mut c, "plan-1", "h0", None)
+        let again = plan::start_step(&mut c, "plan-1", "h0", slot, None)
             .await
             .unwrap_err();
         assert_eq!(
