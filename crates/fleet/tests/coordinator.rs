@@ -248,3 +248,65 @@ fn a_host_missing_when_its_turn_comes_halts_and_nothing_is_assigned_to_it() {
 async fn keys_exist(c: &mut Client, key: &str) -> bool {
     !c.get(key, None).await.unwrap().kvs().is_empty()
 }
+
+#[test]
+fn with_etcd_down_to_a_minority_no_round_and_no_step_start_lands() {
+    if !warmvm_testkit::etcd_available("minority") {
+        return;
+    }
+    let rig = std::sync::Arc::new(warmvm_testkit::EtcdCluster::start("minority", 3, false));
+    let options = warmvm_fleet::EtcdOptions::new(&rig.endpoints(), None, None, None).unwrap();
+    let r2 = rig.clone();
+    warmvm_testkit::in_netns(rig.netns(0), move || {
+        let rig = r2;
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async move {
+                let mut c = options.connect().await.unwrap();
+                register(&mut c, &["h0", "h1"]).await;
+                let mut r = request(&["h0", "h1"]);
+                r.soak_secs = 0;
+                let id = plan::create_plan(&mut c, &r).await.unwrap().id;
+                let (_s, l) = lead(&mut c, "a").await;
+                assert_eq!(
+                    round(&mut c, &l, "a", STALE_MS).await.unwrap(),
+                    [assign("h0", 0)]
+                );
+                let slot = take_slot(&mut c, "h0").await;
+                let before = keyspace(&mut c).await;
+
+                // Two of three members stop: member 0, reachable, is a minority.
+                rig.stop(1);
+                rig.stop(2);
+                let mut m0 =
+                    warmvm_fleet::EtcdOptions::new(&rig.member_endpoint(0), None, None, None)
+                        .unwrap()
+                        .connect()
+                        .await
+                        .unwrap();
+                let e = plan::start_step(&mut m0, &id, "h0", slot, None)
+                    .await
+                    .unwrap_err();
+                eprintln!("start on a minority: {e}");
+                assert!(matches!(e, FleetError::Etcd { .. }), "{e}");
+                let e = round(&mut m0, &l, "a", STALE_MS).await.unwrap_err();
+                eprintln!("round on a minority: {e}");
+                assert!(matches!(e, FleetError::Etcd { .. }), "{e}");
+
+                // Back to a majority: nothing of the above was applied.
+                rig.cont(1);
+                rig.cont(2);
+                assert!(rig.wait_healthy(std::time::Duration::from_secs(20)));
+                let mut c = options.connect().await.unwrap();
+                let after = keyspace(&mut c).await;
+                assert_eq!(
+                    after.1, before.1,
+                    "a write on the minority side was applied"
+                );
+                let (_, _, steps) = plan::read_plan(&mut c, &id).await.unwrap().unwrap();
+                assert_eq!(steps["h0"].state, StepState::Assigned);
+            })
+    });
+}
