@@ -300,9 +300,16 @@ fn with_etcd_down_to_a_minority_no_round_and_no_step_start_lands() {
                 rig.cont(2);
                 assert!(rig.wait_healthy(std::time::Duration::from_secs(20)));
                 let mut c = options.connect().await.unwrap();
+                // (The leader's own key may be gone: its lease could not be renewed while
+                // the majority was away.)
+                let without_leader = |kvs: Vec<(String, Vec<u8>, i64)>| {
+                    kvs.into_iter()
+                        .filter(|(k, _, _)| !k.starts_with(&keys::election()))
+                        .collect::<Vec<_>>()
+                };
                 let after = keyspace(&mut c).await;
-                assert_eq!(
-                    after.1, before.1,
+                assert!(
+                    without_leader(after.1) == without_leader(before.1),
                     "a write on the minority side was applied"
                 );
                 let (_, _, steps) = plan::read_plan(&mut c, &id).await.unwrap().unwrap();
