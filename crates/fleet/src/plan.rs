@@ -17,6 +17,11 @@ use crate::kv::{self, now_unix_ms};
 use crate::records::{encode, HostRecord, FORMAT};
 use crate::{keys, FleetError};
 
+/// The most hosts one plan names: storing a plan compares every named host's key in one
+/// transaction, and etcd takes at most 128 operations of each kind per transaction by
+/// default (`--max-txn-ops`); a few are the plan's own.
+pub const MAX_PLAN_HOSTS: usize = 120;
+
 /// A plan's default blackout limit for the gate: 50 ms at the p99.
 pub const DEFAULT_BLACKOUT_P99_LIMIT_US: u64 = 50_000;
 
@@ -120,6 +125,12 @@ impl PlanRequest {
             if !seen.insert(h) {
                 return invalid(format!("host {h} is named twice"));
             }
+        }
+        if hosts.len() > MAX_PLAN_HOSTS {
+            return invalid(format!(
+                "the plan names {} hosts; a plan takes at most {MAX_PLAN_HOSTS} (split the fleet into several plans)",
+                hosts.len()
+            ));
         }
         if hosts.is_empty() {
             return invalid(
@@ -828,6 +839,8 @@ mod tests {
             assert!(!e.contains('\n'), "{e:?}");
         }
         assert!(err(&request(), 0).contains("no hosts"));
+        assert!(err(&request(), MAX_PLAN_HOSTS + 1).contains("at most 120"));
+        request().check(&hosts(MAX_PLAN_HOSTS)).unwrap();
         let twice = vec!["a".to_string(), "a".to_string()];
         assert!(request()
             .check(&twice)

@@ -629,3 +629,19 @@ fn a_session_that_cannot_renew_its_lease_says_it_is_lost() {
             })
     });
 }
+
+#[test]
+fn a_plan_naming_the_most_hosts_a_plan_takes_is_stored_in_one_transaction() {
+    with_etcd("bigplan", |options| async move {
+        let mut c = options.connect().await.unwrap();
+        let names: Vec<String> = (0..plan::MAX_PLAN_HOSTS).map(|i| format!("h{i}")).collect();
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        register(&mut c, &refs).await;
+        let spec = plan::create_plan(&mut c, &request(&refs)).await.unwrap();
+        assert_eq!(spec.hosts.len(), plan::MAX_PLAN_HOSTS);
+        assert_eq!(
+            plan::current_plan(&mut c).await.unwrap().as_deref(),
+            Some(spec.id.as_str())
+        );
+    });
+}
