@@ -20,7 +20,7 @@ pub struct EtcdArgs {
     #[arg(long, value_name = "PATH")]
     pub etcd_ca: Option<PathBuf>,
     /// This client's certificate (PEM), for clusters that require one.
-    #[arg(long, value_name = "PATH", requires = "etcd_key")]
+    #[arg(long, value_name = "PATH", requires_all = ["etcd_key", "etcd_ca"])]
     pub etcd_cert: Option<PathBuf>,
     /// The key of --etcd-cert (PEM).
     #[arg(long, value_name = "PATH", requires = "etcd_cert")]
