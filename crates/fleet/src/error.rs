@@ -39,6 +39,20 @@ pub enum FleetError {
     },
     #[error("cannot start the fleet's runtime")]
     Runtime(#[source] std::io::Error),
+    /// The store refused a change as the fleet stands now (a plan runs, the fleet is
+    /// halted, a host is not registered, ...): the text says why; nothing was written.
+    #[error("{0}")]
+    Refused(String),
+    /// This coordinator's election key is gone or is another's: it no longer leads, and
+    /// its write did not land.
+    #[error("no longer the fleet's coordinator (election key {key} is gone or another's)")]
+    NotLeader { key: String },
+    /// A plan step was started once already: it is never started again.
+    #[error("step {step} is {state}, not assigned: a step is started once only")]
+    StepNotAssigned { step: String, state: String },
+    /// The lease behind a session or a leadership could not be kept alive.
+    #[error("etcd lease {lease:x} expired or could not be kept alive")]
+    LeaseLost { lease: i64 },
 }
 
 impl FleetError {

@@ -81,6 +81,13 @@ pub fn events_prefix() -> String {
     format!("{ROOT}events/")
 }
 
+/// The last event's sequence number: every append compares its revision, so two appends
+/// can never take the same number. Outside [`events_prefix`] so that reading the events
+/// does not read it.
+pub fn events_sequence() -> String {
+    format!("{ROOT}events-sequence")
+}
+
 /// The etcd range end that makes `prefix` a prefix query (the prefix with its last byte
 /// incremented), for transactions' compares over a whole prefix.
 pub fn prefix_end(prefix: &str) -> Vec<u8> {
@@ -132,5 +139,10 @@ mod tests {
         assert_eq!(prefix_end("/warmvm/hosts/"), b"/warmvm/hosts0".to_vec());
         assert!(host("a").as_bytes() < prefix_end(&hosts_prefix()).as_slice());
         assert!(drained("a").as_bytes() < hosts_prefix().as_bytes());
+        let events = prefix_end(&events_prefix());
+        assert!(
+            events_sequence().as_bytes() < events_prefix().as_bytes()
+                || events_sequence().as_bytes() >= events.as_slice()
+        );
     }
 }

@@ -1,7 +1,11 @@
 //! warmvm's fleet: many hosts' daemons coordinated through etcd.
 //!
 //! Owns: the fleet's records in etcd (`records`) and their layout (`keys`), the connection to etcd
-//! with its TLS (`connect`), and the errors of both (`error`).
+//! with its TLS (`connect`), and the errors of both (`error`); plans, their progress and steps
+//! (`plan`), the coordinator's election and fenced writes (`lead`), the disruption budget's
+//! slots (`slots`), the halt (`halt`), the event history (`events`), and the coordinator's
+//! decisions as a pure function of what it reads (`roll`) and its rounds that write them
+//! (`coordinate`).
 //!
 //! Must never: touch a VM or the daemon's state directly (a host's daemon acts on what it
 //! reads here), or write as a coordinator without comparing its own election key's
@@ -9,9 +13,17 @@
 //! that lands).
 
 pub mod connect;
+pub mod coordinate;
 pub mod error;
+pub mod events;
+pub mod halt;
 pub mod keys;
+pub mod kv;
+pub mod lead;
+pub mod plan;
 pub mod records;
+pub mod roll;
+pub mod slots;
 
 pub use connect::{EtcdOptions, EtcdTls};
 pub use error::FleetError;

@@ -187,6 +187,11 @@ pub enum Command {
         /// The directory to write to (created if missing).
         dir: PathBuf,
     },
+    /// The fleet on etcd: roll a plan across its hosts, resume after a halt.
+    Fleet {
+        #[command(subcommand)]
+        what: crate::fleet_plan::FleetCommand,
+    },
 }
 
 const CONSOLE: warmvm_vmm::devices::ConsoleLimits = warmvm_vmm::devices::console::DEFAULT_LIMITS;

@@ -156,6 +156,7 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Man { dir } => crate::manpages::write(&dir),
+        Command::Fleet { what } => crate::fleet_plan::fleet(what, api.json),
     }
 }
 
