@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use rustls::pki_types::ServerName;
 use warmvm_vmm::migration::{self, MigrationError, MigrationReport, ReceiveOptions, SendOptions};
-use warmvm_vmm::Lifecycle;
+use warmvm_vmm::{Lifecycle, Vm};
 
 pub(crate) mod setup;
 pub(crate) mod under_way;
@@ -320,18 +320,56 @@ impl ApiState {
         let _ = self.migration.set((setup, listening_on));
     }
 
+    /// How this daemon migrates; 409 if it was started without the migration flags.
+    fn migration_setup(&self) -> Result<(&Setup, Option<SocketAddr>), ApiError> {
+        self.migration
+            .get()
+            .map(|(setup, listening_on)| (setup, *listening_on))
+            .ok_or_else(|| {
+                ApiError::new(
+                    409,
+                    "this daemon cannot migrate: start it with --migration-cert, --migration-key and --migration-ca (or --migration-insecure for loopback)",
+                )
+            })
+    }
+
+    /// Claim `vm` for a migration out (or for resolving one), if it is `wanted` and no
+    /// other claim holds it; under the operation gate, so that no reboot begins meanwhile.
+    /// 409 with `only` (what `wanted` allows) if it is in another state. The claim ends
+    /// when the returned guard is dropped.
+    fn claim_outgoing(
+        &self,
+        vm: &Vm,
+        wanted: Lifecycle,
+        only: &str,
+    ) -> Result<Outgoing<'_>, ApiError> {
+        let name = vm.name();
+        let _gate = self.op_gate()?;
+        let mut out = self.migrations.outgoing();
+        if out.contains(name) {
+            return Err(ApiError::new(
+                409,
+                format!("VM {name} is migrating already"),
+            ));
+        }
+        let now = vm.lifecycle();
+        if now != wanted {
+            return Err(ApiError::new(
+                409,
+                format!("VM {name} is {}; {only}", now.name()),
+            ));
+        }
+        out.insert(name.to_string());
+        Ok(Outgoing(&self.migrations, name.to_string()))
+    }
+
     /// `POST /v1/vms/{name}/migrate`: move a running VM to another daemon. On success it
     /// runs there and is gone from here; on a failure before the commit it runs on here;
     /// after the commit it stays here, paused and in doubt.
     pub fn migrate(&self, name: &str, req: &MigrateRequest) -> Result<MigrationReport, ApiError> {
         let to = req.check()?;
         let vm = self.find(name)?;
-        let Some((setup, listening_on)) = self.migration.get() else {
-            return Err(ApiError::new(
-                409,
-                "this daemon cannot migrate: start it with --migration-cert, --migration-key and --migration-ca (or --migration-insecure for loopback)",
-            ));
-        };
+        let (setup, listening_on) = self.migration_setup()?;
         if setup.tls.is_none() && !to.ip().is_loopback() {
             return Err(ApiError::new(
                 400,
@@ -346,27 +384,8 @@ impl ApiState {
                 format!("to {to}: that is this daemon's own migration listener"),
             ));
         }
-        let _outgoing = {
-            let _gate = self.op_gate()?;
-            let mut out = self.migrations.outgoing();
-            if out.contains(name) {
-                return Err(ApiError::new(
-                    409,
-                    format!("VM {name} is migrating already"),
-                ));
-            }
-            if vm.lifecycle() != Lifecycle::Running {
-                return Err(ApiError::new(
-                    409,
-                    format!(
-                        "VM {name} is {}; only a running VM can be migrated",
-                        vm.lifecycle().name()
-                    ),
-                ));
-            }
-            out.insert(name.to_string());
-            Outgoing(&self.migrations, name.to_string())
-        };
+        let _outgoing =
+            self.claim_outgoing(&vm, Lifecycle::Running, "only a running VM can be migrated")?;
         let migration_id = new_migration_id(name);
         let opts = SendOptions {
             downtime: Duration::from_millis(req.downtime_ms),
@@ -417,33 +436,12 @@ impl ApiState {
     /// No answer: nothing changes (409 or 502) and the VM stays paused, in doubt.
     pub fn resolve_migration(&self, name: &str) -> Result<MigrationResolution, ApiError> {
         let vm = self.find(name)?;
-        let Some((setup, _)) = self.migration.get() else {
-            return Err(ApiError::new(
-                409,
-                "this daemon cannot migrate: start it with --migration-cert, --migration-key and --migration-ca (or --migration-insecure for loopback)",
-            ));
-        };
-        let _outgoing = {
-            let _gate = self.op_gate()?;
-            let mut out = self.migrations.outgoing();
-            if out.contains(name) {
-                return Err(ApiError::new(
-                    409,
-                    format!("VM {name} is migrating already"),
-                ));
-            }
-            if vm.lifecycle() != Lifecycle::InDoubt {
-                return Err(ApiError::new(
-                    409,
-                    format!(
-                        "VM {name} is {}; only a VM in doubt after a migration is resolved",
-                        vm.lifecycle().name()
-                    ),
-                ));
-            }
-            out.insert(name.to_string());
-            Outgoing(&self.migrations, name.to_string())
-        };
+        let (setup, _) = self.migration_setup()?;
+        let _outgoing = self.claim_outgoing(
+            &vm,
+            Lifecycle::InDoubt,
+            "only a VM in doubt after a migration is resolved",
+        )?;
         let Some(InDoubt { to, migration_id }) = self.migrations.in_doubt().get(name).cloned()
         else {
             return Err(ApiError::new(
