@@ -34,7 +34,7 @@ use warmvm_vmm::{Lifecycle, Vm};
 pub(crate) mod setup;
 pub(crate) mod under_way;
 
-pub use setup::{bind, MigrationOptions, Setup, SetupError, Tls};
+pub use setup::{bind, MigrationOptions, Setup, SetupError, Tls, MAX_IO_TIMEOUT_SECS};
 pub use under_way::UnderWay;
 use under_way::{InDoubt, Incoming, Outgoing};
 
@@ -46,7 +46,8 @@ use crate::types::{
 /// The name under which a warm reboot hands the migration listener to the new daemon.
 pub const MIGRATION_LISTENER_FD: &str = "migration-listener";
 
-/// How long one read or write on a migration stream may wait for the peer.
+/// How long one read or write on a migration stream may wait for the peer, unless
+/// `--migration-io-timeout` says otherwise.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a peer has for the TLS handshake: one that stalls holds a receiving slot no
 /// longer than this.
@@ -58,10 +59,10 @@ const MAX_INCOMING: usize = 4;
 /// How often the listener looks for connections (and whether a reboot is under way).
 const ACCEPT_POLL: Duration = Duration::from_millis(50);
 
-/// Set a migration stream's timeouts and latency.
-fn tune(tcp: &TcpStream) -> std::io::Result<()> {
-    tcp.set_read_timeout(Some(IO_TIMEOUT))?;
-    tcp.set_write_timeout(Some(IO_TIMEOUT))?;
+/// Set a migration stream's timeouts (`io`: each read or write) and latency.
+fn tune(tcp: &TcpStream, io: Duration) -> std::io::Result<()> {
+    tcp.set_read_timeout(Some(io))?;
+    tcp.set_write_timeout(Some(io))?;
     tcp.set_nodelay(true)
 }
 
@@ -72,6 +73,7 @@ pub fn start_listener(
     listener: TcpListener,
     hv: warmvm_vmm::Hypervisor,
     tls: Option<Arc<rustls::ServerConfig>>,
+    io_timeout: Duration,
 ) -> std::io::Result<()> {
     listener.set_nonblocking(true)?;
     let hv = Arc::new(hv);
@@ -79,7 +81,7 @@ pub fn start_listener(
         .name("migration-listen".into())
         .spawn(move || {
             warmvm_sandbox::enter_or_log(warmvm_sandbox::ThreadKind::Api);
-            accept_loop(&state, &listener, &hv, tls.as_ref());
+            accept_loop(&state, &listener, &hv, tls.as_ref(), io_timeout);
         })?;
     Ok(())
 }
@@ -89,6 +91,7 @@ fn accept_loop(
     listener: &TcpListener,
     hv: &Arc<warmvm_vmm::Hypervisor>,
     tls: Option<&Arc<rustls::ServerConfig>>,
+    io_timeout: Duration,
 ) {
     loop {
         if state.handed_over() || state.shutting_down.load(Ordering::SeqCst) {
@@ -139,7 +142,7 @@ fn accept_loop(
                     under_way: &st.migrations,
                     name: Mutex::new(None),
                 };
-                receive_one(&st, &hv, tcp, peer, tls, &counted);
+                receive_one(&st, &hv, tcp, peer, tls, io_timeout, &counted);
             });
         if let Err(e) = spawned {
             state.migrations.incoming.fetch_sub(1, Ordering::SeqCst);
@@ -154,16 +157,17 @@ fn receive_one(
     mut tcp: TcpStream,
     peer: SocketAddr,
     tls: Option<Arc<rustls::ServerConfig>>,
+    io_timeout: Duration,
     counted: &Incoming<'_>,
 ) {
     let handshake = if tls.is_some() {
         Some(HANDSHAKE_TIMEOUT)
     } else {
-        Some(IO_TIMEOUT)
+        Some(io_timeout)
     };
     if let Err(e) = tcp
         .set_nonblocking(false)
-        .and_then(|()| tune(&tcp))
+        .and_then(|()| tune(&tcp, io_timeout))
         .and_then(|()| tcp.set_read_timeout(handshake))
     {
         tracing::warn!(%peer, error = %e, "migration connection unusable");
@@ -221,7 +225,7 @@ fn receive_one(
                     return;
                 }
             }
-            if let Err(e) = tcp.set_read_timeout(Some(IO_TIMEOUT)) {
+            if let Err(e) = tcp.set_read_timeout(Some(io_timeout)) {
                 tracing::warn!(%peer, error = %e, "migration connection unusable");
                 return;
             }
@@ -492,7 +496,7 @@ fn connect(setup: &Setup, to: SocketAddr) -> Result<Box<dyn Conn>, ApiError> {
         )
     };
     let tcp = TcpStream::connect_timeout(&to, CONNECT_TIMEOUT).map_err(unreachable)?;
-    tune(&tcp).map_err(unreachable)?;
+    tune(&tcp, setup.io_timeout).map_err(unreachable)?;
     let Some(tls) = &setup.tls else {
         return Ok(Box::new(tcp));
     };
@@ -574,6 +578,32 @@ mod tests {
             "{e}"
         );
         assert!(opts().setup().expect("nothing asked").is_none());
+    }
+
+    #[test]
+    fn the_io_timeout_is_bounded_and_handed_to_the_next_daemon() {
+        let with = |secs| MigrationOptions {
+            insecure: true,
+            io_timeout_secs: Some(secs),
+            ..opts()
+        };
+        for bad in [0, MAX_IO_TIMEOUT_SECS + 1] {
+            let e = with(bad).setup().expect_err("out of range");
+            assert!(e.to_string().contains("--migration-io-timeout"), "{e}");
+        }
+        let s = with(2).setup().expect("in range").expect("a setup");
+        assert_eq!(s.io_timeout, Duration::from_secs(2));
+        let args = with(2).to_args();
+        assert!(
+            args.ends_with(&["--migration-io-timeout".into(), "2".into()]),
+            "{args:?}"
+        );
+        let s = MigrationOptions {
+            insecure: true,
+            ..opts()
+        };
+        assert_eq!(s.setup().unwrap().unwrap().io_timeout, IO_TIMEOUT);
+        assert!(!s.to_args().iter().any(|a| a == "--migration-io-timeout"));
     }
 
     #[test]
