@@ -318,6 +318,9 @@ impl<S: Read + Write> Source<'_, S> {
             }
             let took = t_round.elapsed();
             let rtt = Instant::now().duration_since(t_end);
+            if round == 0 {
+                super::faults::hit(super::faults::Point::SourcePrecopy);
+            }
             if let Some(hook) = &self.opts.between_rounds {
                 (hook.0)(round);
             }
