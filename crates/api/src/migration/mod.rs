@@ -66,6 +66,63 @@ fn tune(tcp: &TcpStream, io: Duration) -> std::io::Result<()> {
     tcp.set_nodelay(true)
 }
 
+/// A migration stream's TCP connection, on which a peer that stalls fails the migration
+/// after the I/O timeout (the socket's timeouts, set by [`tune`]):
+/// - a read or write that waited out the timeout fails with `TimedOut`, not "would block":
+///   rustls's I/O loop treats "would block" as "try the other direction, then again", so
+///   with a peer stalled both ways a blocked write was retried without end;
+/// - a write that waited out the timeout having sent only part of its bytes fails too: a
+///   stopped peer's kernel still takes a trickle of data (each partial write restarted the
+///   timer), so a paused VM waited for as long as the peer was stopped.
+struct Timed<S> {
+    inner: S,
+    timeout: Duration,
+}
+
+impl<S> Timed<S> {
+    fn new(inner: S, timeout: Duration) -> Self {
+        Timed { inner, timeout }
+    }
+}
+
+fn timed_out(e: std::io::Error) -> std::io::Error {
+    if e.kind() == std::io::ErrorKind::WouldBlock {
+        std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("the peer made no progress within the I/O timeout ({e})"),
+        )
+    } else {
+        e
+    }
+}
+
+impl<S: Read> Read for Timed<S> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.inner.read(buf).map_err(timed_out)
+    }
+}
+
+impl<S: Write> Write for Timed<S> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let t = std::time::Instant::now();
+        match self.inner.write(buf) {
+            Ok(n) if n < buf.len() && t.elapsed() >= self.timeout => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "the peer took {n} of {} bytes within the I/O timeout ({} ms)",
+                    buf.len(),
+                    self.timeout.as_millis()
+                ),
+            )),
+            r => r.map_err(timed_out),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush().map_err(timed_out)
+    }
+}
+
 /// Start accepting migrations on `listener`: a thread that lives as long as the daemon
 /// serves, and one thread per incoming migration.
 pub fn start_listener(
@@ -154,7 +211,7 @@ fn accept_loop(
 fn receive_one(
     state: &ApiState,
     hv: &warmvm_vmm::Hypervisor,
-    mut tcp: TcpStream,
+    tcp: TcpStream,
     peer: SocketAddr,
     tls: Option<Arc<rustls::ServerConfig>>,
     io_timeout: Duration,
@@ -220,7 +277,7 @@ fn receive_one(
                 }
             };
             while conn.is_handshaking() {
-                if let Err(e) = conn.complete_io(&mut tcp) {
+                if let Err(e) = conn.complete_io(&mut Timed::new(&tcp, io_timeout)) {
                     tracing::warn!(%peer, error = %e, "migration peer failed authentication; connection closed");
                     return;
                 }
@@ -230,9 +287,13 @@ fn receive_one(
                 return;
             }
             tracing::info!(%peer, "migration peer authenticated");
-            migration::serve(hv, rustls::StreamOwned::new(conn, tcp), &opts)
+            migration::serve(
+                hv,
+                rustls::StreamOwned::new(conn, Timed::new(tcp, io_timeout)),
+                &opts,
+            )
         }
-        None => migration::serve(hv, tcp, &opts),
+        None => migration::serve(hv, Timed::new(tcp, io_timeout), &opts),
     };
     match received {
         Ok(migration::Served::Answered {
@@ -498,11 +559,11 @@ fn connect(setup: &Setup, to: SocketAddr) -> Result<Box<dyn Conn>, ApiError> {
     let tcp = TcpStream::connect_timeout(&to, CONNECT_TIMEOUT).map_err(unreachable)?;
     tune(&tcp, setup.io_timeout).map_err(unreachable)?;
     let Some(tls) = &setup.tls else {
-        return Ok(Box::new(tcp));
+        return Ok(Box::new(Timed::new(tcp, setup.io_timeout)));
     };
     let mut conn = rustls::ClientConnection::new(tls.client.clone(), ServerName::from(to.ip()))
         .map_err(|e| ApiError::new(500, format!("cannot start TLS: {e}")))?;
-    let mut tcp = tcp;
+    let mut tcp = Timed::new(tcp, setup.io_timeout);
     while conn.is_handshaking() {
         conn.complete_io(&mut tcp).map_err(|e| {
             tracing::warn!(%to, error = %e, "migration peer failed authentication");
