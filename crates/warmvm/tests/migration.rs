@@ -499,7 +499,7 @@ fn migrations_that_cannot_happen_leave_the_guest_running_at_the_source() {
 }
 
 #[test]
-fn plain_tcp_is_refused_off_loopback_and_half_a_certificate_set_is_refused() {
+fn plain_tcp_is_refused_off_loopback_and_half_a_certificate_set_or_a_bad_io_timeout_is_refused() {
     let dir = scratch("migrate-flags");
     let socket = dir.join("api.sock");
     for (args, says) in [
@@ -518,6 +518,10 @@ fn plain_tcp_is_refused_off_loopback_and_half_a_certificate_set_is_refused() {
         (
             vec!["--migration-cert", "/nonexistent/a.crt"],
             "--migration-key is missing",
+        ),
+        (
+            vec!["--migration-io-timeout", "0", "--migration-insecure"],
+            "--migration-io-timeout 0: must be 1..=600 seconds",
         ),
     ] {
         let out = warmvm_testkit::refused(
