@@ -938,6 +938,53 @@ fn a_source_stopped_mid_precopy_past_the_io_timeout_runs_on_and_the_destination_
 }
 
 #[test]
+fn a_source_stopped_mid_precopy_past_the_migration_timeout_cancels_it_once_continued() {
+    let test = "a_source_stopped_mid_precopy_past_the_migration_timeout_cancels_it_once_continued";
+    if !warmvm_testkit::kvm_available(test) {
+        return;
+    }
+    // B waits for A as long as the default I/O timeout allows: it is A that gives up, by
+    // the migration's own time limit, as soon as it runs again.
+    let rig = Rig::new("migtstop");
+    let a = rig.a("source-precopy:stop");
+    let b = rig.b("b", "");
+    let name = "overdue";
+    // Rewriting all its memory during the first round, it has everything dirty again
+    // after it: not converged, so the time limit decides.
+    create_with(&a, name, 64, warmvm_testkit::BUSY);
+    let req = MigrateRequest {
+        timeout_secs: 1,
+        ..to_b()
+    };
+    let hold = Duration::from_secs(2);
+    let sent = watched_through_a_stop(
+        &b,
+        &a,
+        name,
+        &a,
+        hold,
+        || {},
+        Duration::from_millis(500),
+        || a.client().typed().migrate(name, &req),
+    );
+    let e = sent.expect_err("the time limit passed while A was stopped");
+    eprintln!("{test}: {e}");
+    assert_eq!(status_of(&e), 409, "{e}");
+    assert!(e.to_string().contains("did not converge"), "{e}");
+    assert!(e.to_string().contains("ms passed"), "{e}");
+    assert!(e.to_string().contains("is running here"), "{e}");
+    judged(&a, name);
+    assert!(
+        warmvm_testkit::wait_until(10, || b
+            .log()
+            .contains("incoming migration failed; nothing kept")),
+        "{}",
+        b.log()
+    );
+    assert!(sample(&b.client()).expect("B answers").is_empty());
+}
+
+#[test]
 fn a_destination_stopped_mid_precopy_past_the_io_timeout_leaves_the_vm_running_at_the_source() {
     let test =
         "a_destination_stopped_mid_precopy_past_the_io_timeout_leaves_the_vm_running_at_the_source";

@@ -668,6 +668,22 @@ mod tests {
     }
 
     #[test]
+    fn a_write_to_a_peer_that_never_reads_fails_as_timed_out() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("a listener");
+        let tcp = TcpStream::connect(listener.local_addr().unwrap()).expect("connected");
+        let (_peer, _) = listener.accept().expect("accepted");
+        let timeout = Duration::from_millis(200);
+        tune(&tcp, timeout).unwrap();
+        // The peer's kernel takes what fits its buffers, then a trickle; it never reads.
+        let chunk = vec![0u8; 1 << 20];
+        let mut w = Timed::new(tcp, timeout);
+        let e = (0..1024)
+            .try_for_each(|_| w.write_all(&chunk))
+            .expect_err("1 GiB never fits a peer that does not read");
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}");
+    }
+
+    #[test]
     fn migrate_requests_are_checked() {
         let ok: MigrateRequest = serde_json::from_str(r#"{"to": "192.0.2.7:7000"}"#).unwrap();
         assert_eq!(
