@@ -899,7 +899,7 @@ fn held_in_doubt(d: &Daemon, name: &str) {
 /// A writer blocked on a stalled peer waits up to this for each write, and a write that
 /// made some progress returns and waits again: so a peer is held at least twice as long,
 /// with a margin.
-const IO_TIMEOUT_SECS: u64 = 1;
+const IO_TIMEOUT_SECS: u64 = 2;
 const HOLD: Duration = Duration::from_secs(2 * IO_TIMEOUT_SECS + 2);
 
 #[test]

@@ -66,60 +66,102 @@ fn tune(tcp: &TcpStream, io: Duration) -> std::io::Result<()> {
     tcp.set_nodelay(true)
 }
 
+/// Bytes a peer must take per I/O timeout spent waiting on it in writes (see [`Timed`]).
+const MIN_PROGRESS: usize = 1 << 20;
+
 /// A migration stream's TCP connection, on which a peer that stalls fails the migration
 /// after the I/O timeout (the socket's timeouts, set by [`tune`]):
 /// - a read or write that waited out the timeout fails with `TimedOut`, not "would block":
 ///   rustls's I/O loop treats "would block" as "try the other direction, then again", so
 ///   with a peer stalled both ways a blocked write was retried without end;
-/// - a write that waited out the timeout having sent only part of its bytes fails too: a
-///   stopped peer's kernel still takes a trickle of data (each partial write restarted the
-///   timer), so a paused VM waited for as long as the peer was stopped.
+/// - writes that together waited the timeout while the peer took less than
+///   [`MIN_PROGRESS`] fail too: a stopped peer's kernel still takes a trickle, and each
+///   partial write restarted the socket's timer, so a paused VM waited as long as the
+///   peer was stopped;
+/// - once it failed, every later read or write fails at once: rustls ignores a write
+///   error once (it retries on the next call), and bytes may have gone out with the
+///   failed write, so nothing more may be sent on it.
 struct Timed<S> {
     inner: S,
     timeout: Duration,
+    /// Time spent in writes, and the bytes they took, since the peer last took
+    /// [`MIN_PROGRESS`].
+    waited: Duration,
+    taken: usize,
+    /// Why the peer is deemed stalled, once it is.
+    stalled: Option<String>,
 }
 
 impl<S> Timed<S> {
     fn new(inner: S, timeout: Duration) -> Self {
-        Timed { inner, timeout }
+        Timed {
+            inner,
+            timeout,
+            waited: Duration::ZERO,
+            taken: 0,
+            stalled: None,
+        }
     }
-}
 
-fn timed_out(e: std::io::Error) -> std::io::Error {
-    if e.kind() == std::io::ErrorKind::WouldBlock {
-        std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            format!("the peer made no progress within the I/O timeout ({e})"),
-        )
-    } else {
-        e
+    /// The stream is dead from here: `why`, now and for every later call.
+    fn stall(&mut self, why: String) -> std::io::Error {
+        self.stalled = Some(why.clone());
+        std::io::Error::new(std::io::ErrorKind::TimedOut, why)
+    }
+
+    fn check(&self) -> std::io::Result<()> {
+        match &self.stalled {
+            Some(why) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                why.clone(),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    fn no_progress(&mut self, e: std::io::Error) -> std::io::Error {
+        if e.kind() == std::io::ErrorKind::WouldBlock {
+            self.stall(format!(
+                "the peer made no progress within the I/O timeout ({} ms)",
+                self.timeout.as_millis()
+            ))
+        } else {
+            e
+        }
     }
 }
 
 impl<S: Read> Read for Timed<S> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.inner.read(buf).map_err(timed_out)
+        self.check()?;
+        self.inner.read(buf).map_err(|e| self.no_progress(e))
     }
 }
 
 impl<S: Write> Write for Timed<S> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.check()?;
         let t = std::time::Instant::now();
-        match self.inner.write(buf) {
-            Ok(n) if n < buf.len() && t.elapsed() >= self.timeout => Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!(
-                    "the peer took {n} of {} bytes within the I/O timeout ({} ms)",
-                    buf.len(),
-                    self.timeout.as_millis()
-                ),
-            )),
-            r => r.map_err(timed_out),
+        let wrote = self.inner.write(buf);
+        self.waited += t.elapsed();
+        let n = wrote.map_err(|e| self.no_progress(e))?;
+        self.taken += n;
+        if self.taken >= MIN_PROGRESS {
+            (self.waited, self.taken) = (Duration::ZERO, 0);
+        } else if self.waited >= self.timeout {
+            return Err(self.stall(format!(
+                "the peer took {} bytes in {} ms of waiting for it (the I/O timeout is {} ms)",
+                self.taken,
+                self.waited.as_millis(),
+                self.timeout.as_millis()
+            )));
         }
+        Ok(n)
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush().map_err(timed_out)
+        self.check()?;
+        self.inner.flush().map_err(|e| self.no_progress(e))
     }
 }
 
@@ -681,6 +723,13 @@ mod tests {
             .try_for_each(|_| w.write_all(&chunk))
             .expect_err("1 GiB never fits a peer that does not read");
         assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}");
+        // Dead from here: nothing more goes out, and nothing is read.
+        let again = w.write(b"x").expect_err("a stalled stream stays failed");
+        assert_eq!(again.kind(), std::io::ErrorKind::TimedOut, "{again}");
+        let read = w
+            .read(&mut [0u8; 1])
+            .expect_err("a stalled stream stays failed");
+        assert_eq!(read.kind(), std::io::ErrorKind::TimedOut, "{read}");
     }
 
     #[test]
