@@ -345,6 +345,18 @@ fn watched<T: Send>(
     })
 }
 
+/// [`judged`] once `d` lists `name` running (at most 10 s): a daemon continued after a stop
+/// answers before it has added the VM it then runs, and the judge's first look must
+/// include the VM.
+fn judged_once_listed(d: &Daemon, name: &str) {
+    assert!(
+        warmvm_testkit::wait_until(10, || runs(d, name)),
+        "{name} is not listed running\n{}",
+        d.log()
+    );
+    judged(d, name);
+}
+
 fn judged(d: &Daemon, name: &str) {
     if let Err(e) = judge(&d.client(), &[name.to_string()]) {
         panic!("{name} is not running verified: {e:?}\n{}", d.log());
@@ -895,12 +907,10 @@ fn held_in_doubt(d: &Daemon, name: &str) {
 }
 
 /// The migration's I/O timeout of the fault tests, and how long they keep a daemon
-/// stopped: longer than it, so that the other side gives up first.
-/// A writer blocked on a stalled peer waits up to this for each write, and a write that
-/// made some progress returns and waits again: so a peer is held at least twice as long,
-/// with a margin.
+/// stopped: longer than it, with a margin, so that the other side gives up first (a read
+/// that gets nothing, or writes a stopped peer takes only a trickle of, fail after it).
 const IO_TIMEOUT_SECS: u64 = 2;
-const HOLD: Duration = Duration::from_secs(2 * IO_TIMEOUT_SECS + 2);
+const HOLD: Duration = Duration::from_secs(IO_TIMEOUT_SECS + 2);
 
 #[test]
 fn a_source_stopped_mid_precopy_past_the_io_timeout_runs_on_and_the_destination_discards() {
@@ -1051,7 +1061,7 @@ fn a_destination_stopped_after_ready_past_the_io_timeout_leaves_the_vm_in_doubt_
     assert_eq!(status_of(&e), 502, "{e}");
     assert!(e.to_string().contains("in doubt"), "{e}");
     // B, continued, read the Commit waiting for it: the VM runs there, and only there.
-    judged(&b, name);
+    judged_once_listed(&b, name);
     held_in_doubt(&a, name);
     let r = a
         .client()
@@ -1164,7 +1174,7 @@ fn a_link_down_right_after_the_commit_leaves_the_vm_in_doubt_until_resolved_over
     eprintln!("{test}: {e}");
     assert_eq!(status_of(&e), 502, "{e}");
     assert!(e.to_string().contains("in doubt"), "{e}");
-    judged(&b, name);
+    judged_once_listed(&b, name);
     held_in_doubt(&a, name);
 
     // Nobody can be asked while the link is down: nothing changes.
