@@ -130,6 +130,11 @@ pub enum Command {
         /// Migrate over plain TCP, without authentication: only on loopback addresses.
         #[arg(long)]
         migration_insecure: bool,
+        /// How long one read or write on a migration stream (in or out) waits for the
+        /// peer before the migration fails at this end, 1..=600 seconds [default: 60].
+        /// A switchover's pause can last up to about twice this when the peer stalls.
+        #[arg(long, value_name = "SECS")]
+        migration_io_timeout: Option<u64>,
     },
     /// Reboot the daemon: a new daemon process (the binary at the daemon's path, which a new
     /// build installed there upgrades, or --binary)

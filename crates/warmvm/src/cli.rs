@@ -93,6 +93,7 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
             migration_key,
             migration_ca,
             migration_insecure,
+            migration_io_timeout,
         } => crate::client::daemon(warmvm_api::DaemonOptions {
             socket: api.socket,
             state_dir,
@@ -126,6 +127,7 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
                 key: migration_key,
                 ca: migration_ca,
                 insecure: migration_insecure,
+                io_timeout_secs: migration_io_timeout,
             },
             ..Default::default()
         }),

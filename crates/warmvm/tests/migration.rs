@@ -8,6 +8,15 @@
 //! at the source; a source killed after it leaves it running at the destination; a stream
 //! cut after it leaves the VM in doubt at the source until `--resolve` asks the
 //! destination, which settles it to exactly one running copy.
+//!
+//! Stalls and dead links, with a short `--migration-io-timeout`: either daemon stopped
+//! (SIGSTOP) mid-precopy for longer than it leaves the VM running at the source and
+//! nothing at the destination; the destination stopped after Ready leaves it in doubt
+//! until resolved; the source stopped after the commit still completes it. The link taken
+//! down mid-precopy leaves it at the source; taken down right after the commit, in doubt
+//! until resolved once the link is back. Over shaped links (tbf's rate, netem's delay
+//! where the kernel has netem, random loss) a busy and a light guest each either migrate
+//! or are cancelled cleanly, and the figures are printed.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -31,12 +40,12 @@ fn link(tag: &str) -> Link {
     let a = Namespace::new(&format!("{tag}-a"));
     let b = Namespace::new(&format!("{tag}-b"));
     a.ip(&[
-        "link", "add", "wvmig0", "type", "veth", "peer", "name", "wvmig1", "netns", &b.name,
+        "link", "add", A_VETH, "type", "veth", "peer", "name", B_VETH, "netns", &b.name,
     ]);
-    a.ip(&["addr", "add", &format!("{A_ADDR}/24"), "dev", "wvmig0"]);
-    b.ip(&["addr", "add", &format!("{B_ADDR}/24"), "dev", "wvmig1"]);
-    a.ip(&["link", "set", "wvmig0", "up"]);
-    b.ip(&["link", "set", "wvmig1", "up"]);
+    a.ip(&["addr", "add", &format!("{A_ADDR}/24"), "dev", A_VETH]);
+    b.ip(&["addr", "add", &format!("{B_ADDR}/24"), "dev", B_VETH]);
+    a.ip(&["link", "set", A_VETH, "up"]);
+    b.ip(&["link", "set", B_VETH, "up"]);
     Link { a, b }
 }
 
@@ -81,49 +90,209 @@ impl Ca {
     }
 }
 
-/// A daemon in namespace `ns` listening for migrations on `ip:port` with `cert`/`key`,
-/// trusting `ca`.
-fn daemon(
-    dir: &Path,
-    ns: &Namespace,
-    ip: &str,
-    port: u16,
-    cert: &(PathBuf, PathBuf),
-    ca: &Path,
-) -> Daemon {
-    faulty_daemon(dir, ns, ip, port, cert, ca, "")
+/// One test's two sides: the namespaces joined by their veth pair, a CA and both
+/// daemons' certificates, and the scratch directory the daemons live in (removed when
+/// dropped, unless the test is failing). Daemons are started from it with the faults a
+/// test wants.
+struct Rig {
+    dir: PathBuf,
+    link: Link,
+    ca: Ca,
+    a_cert: (PathBuf, PathBuf),
+    b_cert: (PathBuf, PathBuf),
+    /// `--migration-io-timeout` of every daemon started (the daemon's default if `None`).
+    io_timeout_secs: Option<u64>,
 }
 
-/// [`daemon`] with the migration faults `faults` (`WARMVM_MIGRATION_FAULT`; none if empty).
-fn faulty_daemon(
-    dir: &Path,
-    ns: &Namespace,
-    ip: &str,
-    port: u16,
-    (cert, key): &(PathBuf, PathBuf),
-    ca: &Path,
-    faults: &str,
-) -> Daemon {
-    let listen = format!("{ip}:{port}");
-    let env: &[(&str, &str)] = if faults.is_empty() {
-        &[]
-    } else {
-        &[("WARMVM_MIGRATION_FAULT", faults)]
-    };
-    Daemon::builder(dir)
-        .netns(&ns.name)
-        .envs(env)
-        .args(&[
-            "--migration-listen".as_ref(),
-            listen.as_ref(),
-            "--migration-cert".as_ref(),
-            cert.as_os_str(),
-            "--migration-key".as_ref(),
-            key.as_os_str(),
-            "--migration-ca".as_ref(),
-            ca.as_os_str(),
-        ] as &[&std::ffi::OsStr])
-        .start()
+/// The veth ends: `A_VETH` in A's namespace, `B_VETH` in B's.
+const A_VETH: &str = "wvmig0";
+const B_VETH: &str = "wvmig1";
+
+impl Rig {
+    fn new(tag: &str) -> Rig {
+        let dir = scratch(tag);
+        let link = link(tag);
+        let ca = Ca::new(&dir, "ca");
+        let a_cert = ca.issue(&dir, "a", A_ADDR);
+        let b_cert = ca.issue(&dir, "b", B_ADDR);
+        Rig {
+            dir,
+            link,
+            ca,
+            a_cert,
+            b_cert,
+            io_timeout_secs: None,
+        }
+    }
+
+    /// Daemons started from here give up on a silent peer after `secs`.
+    fn io_timeout(mut self, secs: u64) -> Rig {
+        self.io_timeout_secs = Some(secs);
+        self
+    }
+
+    /// A daemon in `ns` listening on `ip:PORT` with `cert`, trusting `trust`, in the
+    /// directory `sub`, with the migration faults `faults` (`WARMVM_MIGRATION_FAULT`;
+    /// none if empty).
+    fn start(
+        &self,
+        ns: &Namespace,
+        ip: &str,
+        (cert, key): &(PathBuf, PathBuf),
+        trust: &Path,
+        sub: &str,
+        faults: &str,
+    ) -> Daemon {
+        let listen = format!("{ip}:{PORT}");
+        let mut args: Vec<std::ffi::OsString> = vec![
+            "--migration-listen".into(),
+            listen.into(),
+            "--migration-cert".into(),
+            cert.into(),
+            "--migration-key".into(),
+            key.into(),
+            "--migration-ca".into(),
+            trust.into(),
+        ];
+        if let Some(secs) = self.io_timeout_secs {
+            args.extend(["--migration-io-timeout".into(), secs.to_string().into()]);
+        }
+        let env: &[(&str, &str)] = if faults.is_empty() {
+            &[]
+        } else {
+            &[("WARMVM_MIGRATION_FAULT", faults)]
+        };
+        Daemon::builder(&self.dir.join(sub))
+            .netns(&ns.name)
+            .envs(env)
+            .args(&args)
+            .start()
+    }
+
+    /// The daemon at A (directory `a`).
+    fn a(&self, faults: &str) -> Daemon {
+        self.start(
+            &self.link.a,
+            A_ADDR,
+            &self.a_cert,
+            &self.ca.pem,
+            "a",
+            faults,
+        )
+    }
+
+    /// A daemon at B, in its own directory `sub` (a B killed by a test is replaced by
+    /// another).
+    fn b(&self, sub: &str, faults: &str) -> Daemon {
+        self.b_trusting(sub, faults, &self.ca.pem)
+    }
+
+    /// [`Rig::b`] trusting the CA `trust` instead of the rig's.
+    fn b_trusting(&self, sub: &str, faults: &str, trust: &Path) -> Daemon {
+        self.start(&self.link.b, B_ADDR, &self.b_cert, trust, sub, faults)
+    }
+
+    /// Take the link between A and B down (both ends lose their carrier), or up again.
+    fn link_up(&self, up: bool) {
+        let state = if up { "up" } else { "down" };
+        self.link.a.ip(&["link", "set", A_VETH, state]);
+    }
+
+    /// `tc ARGS` inside A's namespace: whether it succeeded, and its stderr.
+    fn tc_at_a(&self, args: &[&str]) -> Result<(), String> {
+        let out = std::process::Command::new("tc")
+            .args(["-n", &self.link.a.name])
+            .args(args)
+            .output()
+            .expect("tc runs");
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "tc {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
+    }
+
+    /// Shape what A sends to B (the pages): `delay` with netem (if this kernel has it;
+    /// what was done is returned, to be printed), then at most `rate` with tbf.
+    fn shape(&self, rate: &str, delay: &str) -> String {
+        let dev = A_VETH;
+        let netem = self.tc_at_a(&[
+            "qdisc", "add", "dev", dev, "root", "handle", "1:", "netem", "delay", delay,
+        ]);
+        let (parent, said) = match netem {
+            Ok(()) => (
+                vec!["parent", "1:", "handle", "2:"],
+                format!("{rate}, {delay} delay"),
+            ),
+            Err(e) => (
+                vec!["root"],
+                format!(
+                    "{rate}, no delay (netem refused: {})",
+                    e.rsplit(": ").next().unwrap_or_default()
+                ),
+            ),
+        };
+        let mut args = vec!["qdisc", "add", "dev", dev];
+        args.extend(parent);
+        args.extend(["tbf", "rate", rate, "burst", "256kb", "latency", "100ms"]);
+        self.tc_at_a(&args).unwrap_or_else(|e| panic!("{e}"));
+        said
+    }
+
+    /// Drop one in `one_in` of the packets A sends to B, at random: a classic BPF filter
+    /// on the egress hook (it matches when the kernel's random number is below
+    /// 2^32 / `one_in`) redirects them to a veth end that is down, which drops them.
+    /// (netem's loss does the same where the kernel has netem; this needs only clsact,
+    /// cls_bpf and mirred.)
+    fn lose(&self, one_in: u32) {
+        self.link.a.ip(&[
+            "link", "add", "wvdrop0", "type", "veth", "peer", "name", "wvdrop1",
+        ]);
+        // ld rand; jge #threshold → no match; ret -1 (match); ret 0 (no match).
+        let threshold = u32::MAX / one_in;
+        let program = format!("4,32 0 0 4294963256,53 1 0 {threshold},6 0 0 4294967295,6 0 0 0");
+        for args in [
+            &["qdisc", "add", "dev", A_VETH, "clsact"][..],
+            &[
+                "filter", "add", "dev", A_VETH, "egress", "bpf", "bytecode", &program, "action",
+                "mirred", "egress", "redirect", "dev", "wvdrop0",
+            ],
+        ] {
+            self.tc_at_a(args).unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+
+    /// What the loss filter redirected (to be dropped) so far, if there is one.
+    fn lost(&self) -> Option<String> {
+        let out = std::process::Command::new("tc")
+            .args([
+                "-n",
+                &self.link.a.name,
+                "-s",
+                "filter",
+                "show",
+                "dev",
+                A_VETH,
+                "egress",
+            ])
+            .output()
+            .expect("tc runs");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find(|l| l.trim_start().starts_with("Sent"))
+            .map(|l| l.trim().to_string())
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
 }
 
 fn create(d: &Daemon, name: &str) {
@@ -176,6 +345,18 @@ fn watched<T: Send>(
     })
 }
 
+/// [`judged`] once `d` lists `name` running (at most 10 s): a daemon continued after a stop
+/// answers before it has added the VM it then runs, and the judge's first look must
+/// include the VM.
+fn judged_once_listed(d: &Daemon, name: &str) {
+    assert!(
+        warmvm_testkit::wait_until(10, || runs(d, name)),
+        "{name} is not listed running\n{}",
+        d.log()
+    );
+    judged(d, name);
+}
+
 fn judged(d: &Daemon, name: &str) {
     if let Err(e) = judge(&d.client(), &[name.to_string()]) {
         panic!("{name} is not running verified: {e:?}\n{}", d.log());
@@ -195,13 +376,9 @@ fn a_guest_migrates_there_and_back_over_mutual_tls_and_never_runs_twice() {
     if !warmvm_testkit::kvm_available(test) {
         return;
     }
-    let dir = scratch("migrate");
-    let link = link("mig");
-    let ca = Ca::new(&dir, "ca");
-    let a_cert = ca.issue(&dir, "a", A_ADDR);
-    let b_cert = ca.issue(&dir, "b", B_ADDR);
-    let mut a = daemon(&dir.join("a"), &link.a, A_ADDR, PORT, &a_cert, &ca.pem);
-    let b = daemon(&dir.join("b"), &link.b, B_ADDR, PORT, &b_cert, &ca.pem);
+    let rig = Rig::new("mig");
+    let mut a = rig.a("");
+    let b = rig.b("b", "");
     let name = "mover";
     create(&a, name);
 
@@ -285,8 +462,6 @@ fn a_guest_migrates_there_and_back_over_mutual_tls_and_never_runs_twice() {
     );
     judged(&a, name);
     assert!(!sample(&b.client()).expect("B answers").contains_key(name));
-    drop((a, b));
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -295,15 +470,11 @@ fn migrations_that_cannot_happen_leave_the_guest_running_at_the_source() {
     if !warmvm_testkit::kvm_available(test) {
         return;
     }
-    let dir = scratch("migrate-refused");
-    let link = link("migno");
-    let ca = Ca::new(&dir, "ca");
-    let other = Ca::new(&dir, "other-ca");
-    let a_cert = ca.issue(&dir, "a", A_ADDR);
-    let b_cert = ca.issue(&dir, "b", B_ADDR);
-    let a = daemon(&dir.join("a"), &link.a, A_ADDR, PORT, &a_cert, &ca.pem);
+    let rig = Rig::new("migno");
+    let other = Ca::new(&rig.dir, "other-ca");
+    let a = rig.a("");
     // B's certificate is one A trusts, but B trusts another CA only: A is refused.
-    let b = daemon(&dir.join("b"), &link.b, B_ADDR, PORT, &b_cert, &other.pem);
+    let b = rig.b_trusting("b", "", &other.pem);
     let name = "stayer";
     create(&a, name);
     let migrate = |vm: &str, to: &str| a.client().typed().migrate(vm, &MigrateRequest::to(to));
@@ -337,12 +508,10 @@ fn migrations_that_cannot_happen_leave_the_guest_running_at_the_source() {
         "B did not log the failed peer\n{}",
         b.log()
     );
-    drop((a, b));
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
-fn plain_tcp_is_refused_off_loopback_and_half_a_certificate_set_is_refused() {
+fn plain_tcp_is_refused_off_loopback_and_half_a_certificate_set_or_a_bad_io_timeout_is_refused() {
     let dir = scratch("migrate-flags");
     let socket = dir.join("api.sock");
     for (args, says) in [
@@ -361,6 +530,10 @@ fn plain_tcp_is_refused_off_loopback_and_half_a_certificate_set_is_refused() {
         (
             vec!["--migration-cert", "/nonexistent/a.crt"],
             "--migration-key is missing",
+        ),
+        (
+            vec!["--migration-io-timeout", "0", "--migration-insecure"],
+            "--migration-io-timeout 0: must be 1..=600 seconds",
         ),
     ] {
         let out = warmvm_testkit::refused(
@@ -384,13 +557,9 @@ fn a_migrating_vm_refuses_other_operations_and_reboots_until_it_is_cancelled() {
     if !warmvm_testkit::kvm_available(test) {
         return;
     }
-    let dir = scratch("migrate-busy");
-    let link = link("migbusy");
-    let ca = Ca::new(&dir, "ca");
-    let a_cert = ca.issue(&dir, "a", A_ADDR);
-    let b_cert = ca.issue(&dir, "b", B_ADDR);
-    let a = daemon(&dir.join("a"), &link.a, A_ADDR, PORT, &a_cert, &ca.pem);
-    let b = daemon(&dir.join("b"), &link.b, B_ADDR, PORT, &b_cert, &ca.pem);
+    let rig = Rig::new("migbusy");
+    let a = rig.a("");
+    let b = rig.b("b", "");
     let name = "busy";
     // It rewrites its 256 MiB without pause: each of the first rounds has most of it to
     // send again (seconds here), and a 1 ms budget is never met (saving the state alone is
@@ -419,7 +588,7 @@ fn a_migrating_vm_refuses_other_operations_and_reboots_until_it_is_cancelled() {
         refused("resume", c.resume(name));
         refused("stop", c.stop(name, Some(1)));
         refused("delete", c.delete(name, false));
-        refused("snapshot", c.snapshot(name, &dir.join("snap"), false));
+        refused("snapshot", c.snapshot(name, &rig.dir.join("snap"), false));
         refused(
             "a second migration",
             a.client()
@@ -447,13 +616,12 @@ fn a_migrating_vm_refuses_other_operations_and_reboots_until_it_is_cancelled() {
     assert!(sample(&b.client()).expect("B answers").is_empty());
     // Done: the VM can be operated on again.
     a.client().pause(name).expect("paused after the migration");
-    drop((a, b));
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Whether `d` lists `name` running; a daemon that does not answer (killed) runs nothing.
+/// Whether `d` lists `name` running; a daemon that does not answer (killed, or stopped
+/// with every vCPU thread of it) runs nothing.
 fn runs(d: &Daemon, name: &str) -> bool {
-    sample(&d.client())
+    sample(&d.client().with_timeout(Duration::from_secs(1)))
         .ok()
         .and_then(|s| s.get(name).map(|vm| vm.state == "running"))
         .unwrap_or(false)
@@ -497,60 +665,6 @@ fn watched_through_kills<T: Send>(
         assert!(polls > 1, "the migration was never watched");
         job.join().expect("the migration thread")
     })
-}
-
-/// The two namespaces, the CA and both daemons' certificates of one fault test.
-struct Rig {
-    dir: PathBuf,
-    link: Link,
-    ca: Ca,
-    a_cert: (PathBuf, PathBuf),
-    b_cert: (PathBuf, PathBuf),
-}
-
-impl Rig {
-    fn new(tag: &str) -> Rig {
-        let dir = scratch(tag);
-        let link = link(tag);
-        let ca = Ca::new(&dir, "ca");
-        let a_cert = ca.issue(&dir, "a", A_ADDR);
-        let b_cert = ca.issue(&dir, "b", B_ADDR);
-        Rig {
-            dir,
-            link,
-            ca,
-            a_cert,
-            b_cert,
-        }
-    }
-
-    fn a(&self, faults: &str) -> Daemon {
-        let dir = self.dir.join("a");
-        faulty_daemon(
-            &dir,
-            &self.link.a,
-            A_ADDR,
-            PORT,
-            &self.a_cert,
-            &self.ca.pem,
-            faults,
-        )
-    }
-
-    /// A daemon at B, in its own directory `sub` (a B killed by a test is replaced by
-    /// another).
-    fn b(&self, sub: &str, faults: &str) -> Daemon {
-        let dir = self.dir.join(sub);
-        faulty_daemon(
-            &dir,
-            &self.link.b,
-            B_ADDR,
-            PORT,
-            &self.b_cert,
-            &self.ca.pem,
-            faults,
-        )
-    }
 }
 
 fn to_b() -> MigrateRequest {
@@ -622,8 +736,6 @@ fn a_link_cut_after_the_commit_leaves_the_vm_in_doubt_until_resolve_finds_it_run
         "A still holds {name} after the destination said it runs there"
     );
     judged(&b, name);
-    drop((a, b));
-    let _ = std::fs::remove_dir_all(&rig.dir);
 }
 
 #[test]
@@ -675,8 +787,6 @@ fn a_destination_killed_after_ready_leaves_the_vm_in_doubt_until_resolve_resumes
     assert_eq!(r.vm, name);
     judged(&a, name);
     assert!(sample(&b.client()).expect("B answers").is_empty());
-    drop((a, b));
-    let _ = std::fs::remove_dir_all(&rig.dir);
 }
 
 #[test]
@@ -713,8 +823,6 @@ fn a_destination_killed_before_the_commit_leaves_the_vm_running_at_the_source() 
         );
         drop(b);
     }
-    drop(a);
-    let _ = std::fs::remove_dir_all(&rig.dir);
 }
 
 #[test]
@@ -734,6 +842,461 @@ fn a_source_killed_after_the_commit_leaves_the_vm_running_at_the_destination() {
     assert!(sent.is_err(), "the source died mid-call, yet it answered");
     judged(&b, name);
     assert!(!runs(&a, name));
-    drop((a, b));
-    let _ = std::fs::remove_dir_all(&rig.dir);
+}
+
+/// Whether process `pid` is stopped (by SIGSTOP).
+fn is_stopped(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('T'))
+    })
+}
+
+/// Wait (at most 30 s) until daemon `pid` has stopped itself at its fault point, do
+/// `meanwhile`, keep it stopped for `hold` in all, then continue it. Returns false if it
+/// never stopped.
+fn continue_after(pid: u32, hold: Duration, meanwhile: impl FnOnce()) -> bool {
+    if !warmvm_testkit::wait_until(30, || is_stopped(pid)) {
+        return false;
+    }
+    let stopped = std::time::Instant::now();
+    meanwhile();
+    std::thread::sleep(hold.saturating_sub(stopped.elapsed()));
+    let out = std::process::Command::new("kill")
+        .args(["-CONT", &pid.to_string()])
+        .output()
+        .expect("kill runs");
+    assert!(out.status.success(), "SIGCONT to {pid}: {out:?}");
+    true
+}
+
+/// [`watched_through_kills`] for a migration in which `stopped` stops itself at a fault
+/// point: once it has, `meanwhile` runs, and it is continued `hold` after it stopped.
+#[allow(clippy::too_many_arguments)]
+fn watched_through_a_stop<T: Send>(
+    to: &Daemon,
+    from: &Daemon,
+    name: &str,
+    stopped: &Daemon,
+    hold: Duration,
+    meanwhile: impl FnOnce() + Send,
+    after: Duration,
+    migrate: impl FnOnce() -> T + Send,
+) -> T {
+    let pid = stopped.pid;
+    std::thread::scope(|s| {
+        let stopper = s.spawn(move || continue_after(pid, hold, meanwhile));
+        let sent = watched_through_kills(to, from, name, after, migrate);
+        assert!(
+            stopper.join().expect("the stopper thread"),
+            "the daemon never stopped at its fault point\n{}",
+            stopped.log()
+        );
+        sent
+    })
+}
+
+/// `name` at `d` is in doubt and its guest does not advance there (its vCPUs are parked).
+fn held_in_doubt(d: &Daemon, name: &str) {
+    let before = sample(&d.client()).expect("the daemon answers");
+    std::thread::sleep(Duration::from_millis(300));
+    let now = sample(&d.client()).expect("the daemon answers");
+    let (b, n) = (&before[name], &now[name]);
+    assert_eq!(n.state, "in-doubt", "{n:?}\n{}", d.log());
+    assert_eq!(b.verified, n.verified, "{name} runs on while in doubt");
+}
+
+/// The migration's I/O timeout of the fault tests, and how long they keep a daemon
+/// stopped: longer than it, with a margin, so that the other side gives up first (a read
+/// that gets nothing, or writes a stopped peer takes only a trickle of, fail after it).
+const IO_TIMEOUT_SECS: u64 = 2;
+const HOLD: Duration = Duration::from_secs(IO_TIMEOUT_SECS + 2);
+
+#[test]
+fn a_source_stopped_mid_precopy_past_the_io_timeout_runs_on_and_the_destination_discards() {
+    let test =
+        "a_source_stopped_mid_precopy_past_the_io_timeout_runs_on_and_the_destination_discards";
+    if !warmvm_testkit::kvm_available(test) {
+        return;
+    }
+    let rig = Rig::new("migsstop").io_timeout(IO_TIMEOUT_SECS);
+    let a = rig.a("source-precopy:stop");
+    let b = rig.b("b", "");
+    let name = "sleeper";
+    create(&a, name);
+    let sent = watched_through_a_stop(
+        &b,
+        &a,
+        name,
+        &a,
+        HOLD,
+        || {},
+        Duration::from_millis(500),
+        || a.client().typed().migrate(name, &to_b()),
+    );
+    let e = sent.expect_err("the destination gave up meanwhile");
+    eprintln!("{test}: {e}");
+    assert_eq!(status_of(&e), 502, "{e}");
+    assert!(e.to_string().contains("is running here"), "{e}");
+    assert!(
+        b.log().contains("incoming migration failed; nothing kept"),
+        "{}",
+        b.log()
+    );
+    judged(&a, name);
+    assert!(sample(&b.client()).expect("B answers").is_empty());
+}
+
+#[test]
+fn a_source_stopped_mid_precopy_past_the_migration_timeout_cancels_it_once_continued() {
+    let test = "a_source_stopped_mid_precopy_past_the_migration_timeout_cancels_it_once_continued";
+    if !warmvm_testkit::kvm_available(test) {
+        return;
+    }
+    // B waits for A as long as the default I/O timeout allows: it is A that gives up, by
+    // the migration's own time limit, as soon as it runs again.
+    let rig = Rig::new("migtstop");
+    let a = rig.a("source-precopy:stop");
+    let b = rig.b("b", "");
+    let name = "overdue";
+    // Rewriting all its memory during the first round, it has everything dirty again
+    // after it: not converged, so the time limit decides.
+    create_with(&a, name, 64, warmvm_testkit::BUSY);
+    let req = MigrateRequest {
+        timeout_secs: 1,
+        ..to_b()
+    };
+    let hold = Duration::from_secs(2);
+    let sent = watched_through_a_stop(
+        &b,
+        &a,
+        name,
+        &a,
+        hold,
+        || {},
+        Duration::from_millis(500),
+        || a.client().typed().migrate(name, &req),
+    );
+    let e = sent.expect_err("the time limit passed while A was stopped");
+    eprintln!("{test}: {e}");
+    assert_eq!(status_of(&e), 409, "{e}");
+    assert!(e.to_string().contains("did not converge"), "{e}");
+    assert!(e.to_string().contains("ms passed"), "{e}");
+    assert!(e.to_string().contains("is running here"), "{e}");
+    judged(&a, name);
+    assert!(
+        warmvm_testkit::wait_until(10, || b
+            .log()
+            .contains("incoming migration failed; nothing kept")),
+        "{}",
+        b.log()
+    );
+    assert!(sample(&b.client()).expect("B answers").is_empty());
+}
+
+#[test]
+fn a_destination_stopped_mid_precopy_past_the_io_timeout_leaves_the_vm_running_at_the_source() {
+    let test =
+        "a_destination_stopped_mid_precopy_past_the_io_timeout_leaves_the_vm_running_at_the_source";
+    if !warmvm_testkit::kvm_available(test) {
+        return;
+    }
+    let rig = Rig::new("migdstop").io_timeout(IO_TIMEOUT_SECS);
+    let a = rig.a("");
+    let b = rig.b("b", "dest-precopy:stop");
+    let name = "waiter";
+    create(&a, name);
+    let sent = watched_through_a_stop(
+        &b,
+        &a,
+        name,
+        &b,
+        HOLD,
+        || {},
+        Duration::from_millis(500),
+        || a.client().typed().migrate(name, &to_b()),
+    );
+    let e = sent.expect_err("the destination did not answer in time");
+    eprintln!("{test}: {e}");
+    assert_eq!(status_of(&e), 502, "{e}");
+    assert!(e.to_string().contains("is running here"), "{e}");
+    judged(&a, name);
+    // B, continued, finds the migration over and keeps nothing.
+    assert!(
+        warmvm_testkit::wait_until(10, || b
+            .log()
+            .contains("incoming migration failed; nothing kept")),
+        "{}",
+        b.log()
+    );
+    assert!(sample(&b.client()).expect("B answers").is_empty());
+    judged(&a, name);
+}
+
+#[test]
+fn a_destination_stopped_after_ready_past_the_io_timeout_leaves_the_vm_in_doubt_until_resolved() {
+    let test =
+        "a_destination_stopped_after_ready_past_the_io_timeout_leaves_the_vm_in_doubt_until_resolved";
+    if !warmvm_testkit::kvm_available(test) {
+        return;
+    }
+    let rig = Rig::new("migrstop").io_timeout(IO_TIMEOUT_SECS);
+    let a = rig.a("");
+    // B stops right after it sent Ready: A commits, and hears nothing back in time.
+    let b = rig.b("b", "dest-ready-sent:stop");
+    let name = "doubted";
+    create(&a, name);
+    let sent = watched_through_a_stop(
+        &b,
+        &a,
+        name,
+        &b,
+        HOLD,
+        || {},
+        Duration::from_secs(1),
+        || a.client().typed().migrate(name, &to_b()),
+    );
+    let e = sent.expect_err("Running never came in time");
+    eprintln!("{test}: {e}");
+    assert_eq!(status_of(&e), 502, "{e}");
+    assert!(e.to_string().contains("in doubt"), "{e}");
+    // B, continued, read the Commit waiting for it: the VM runs there, and only there.
+    judged_once_listed(&b, name);
+    held_in_doubt(&a, name);
+    let r = a
+        .client()
+        .typed()
+        .resolve_migration(name)
+        .unwrap_or_else(|e| panic!("resolve: {e}\n{}\n{}", a.log(), b.log()))
+        .value;
+    assert_eq!(r.resolved, warmvm_api::types::Resolved::RunsThere, "{r:?}");
+    assert!(!sample(&a.client()).expect("A answers").contains_key(name));
+    judged(&b, name);
+}
+
+#[test]
+fn a_source_stopped_after_the_commit_past_the_io_timeout_still_completes_the_migration() {
+    let test =
+        "a_source_stopped_after_the_commit_past_the_io_timeout_still_completes_the_migration";
+    if !warmvm_testkit::kvm_available(test) {
+        return;
+    }
+    let rig = Rig::new("migcstop").io_timeout(IO_TIMEOUT_SECS);
+    let a = rig.a("source-committed:stop");
+    let b = rig.b("b", "");
+    let name = "late";
+    create(&a, name);
+    // B runs the VM on Commit and answers Running, which waits in A's socket until A is
+    // continued and reads it.
+    let sent = watched_through_a_stop(
+        &b,
+        &a,
+        name,
+        &a,
+        HOLD,
+        || {},
+        Duration::from_millis(500),
+        || a.client().typed().migrate(name, &to_b()),
+    );
+    let report = sent
+        .unwrap_or_else(|e| panic!("{e}\n{}\n{}", a.log(), b.log()))
+        .value;
+    assert_eq!(report.end, EndReason::Converged, "{report:?}");
+    judged(&b, name);
+    assert!(!sample(&a.client()).expect("A answers").contains_key(name));
+}
+
+#[test]
+fn a_link_down_mid_precopy_leaves_the_vm_running_at_the_source_and_the_destination_discards() {
+    let test =
+        "a_link_down_mid_precopy_leaves_the_vm_running_at_the_source_and_the_destination_discards";
+    if !warmvm_testkit::kvm_available(test) {
+        return;
+    }
+    let rig = Rig::new("migdown").io_timeout(IO_TIMEOUT_SECS);
+    // A stops after the first round only so that the link goes down at that point.
+    let a = rig.a("source-precopy:stop");
+    let b = rig.b("b", "");
+    let name = "cutoff";
+    create(&a, name);
+    let sent = watched_through_a_stop(
+        &b,
+        &a,
+        name,
+        &a,
+        Duration::ZERO,
+        || rig.link_up(false),
+        Duration::from_millis(500),
+        || a.client().typed().migrate(name, &to_b()),
+    );
+    let e = sent.expect_err("the link is down");
+    eprintln!("{test}: {e}");
+    assert_eq!(status_of(&e), 502, "{e}");
+    assert!(e.to_string().contains("is running here"), "{e}");
+    judged(&a, name);
+    assert!(
+        warmvm_testkit::wait_until(10, || b
+            .log()
+            .contains("incoming migration failed; nothing kept")),
+        "{}",
+        b.log()
+    );
+    rig.link_up(true);
+    assert!(sample(&b.client()).expect("B answers").is_empty());
+    judged(&a, name);
+}
+
+#[test]
+fn a_link_down_right_after_the_commit_leaves_the_vm_in_doubt_until_resolved_over_the_link_back() {
+    let test =
+        "a_link_down_right_after_the_commit_leaves_the_vm_in_doubt_until_resolved_over_the_link_back";
+    if !warmvm_testkit::kvm_available(test) {
+        return;
+    }
+    let rig = Rig::new("migcdown").io_timeout(IO_TIMEOUT_SECS);
+    let a = rig.a("");
+    // B stops as it has read Commit, before it runs the VM: the link goes down then, so
+    // B's Running never reaches A.
+    let b = rig.b("b", "dest-committed:stop");
+    let name = "stranded";
+    create(&a, name);
+    let sent = watched_through_a_stop(
+        &b,
+        &a,
+        name,
+        &b,
+        Duration::ZERO,
+        || rig.link_up(false),
+        Duration::from_millis(500),
+        || a.client().typed().migrate(name, &to_b()),
+    );
+    let e = sent.expect_err("Running never came");
+    eprintln!("{test}: {e}");
+    assert_eq!(status_of(&e), 502, "{e}");
+    assert!(e.to_string().contains("in doubt"), "{e}");
+    judged_once_listed(&b, name);
+    held_in_doubt(&a, name);
+
+    // Nobody can be asked while the link is down: nothing changes.
+    let e = a
+        .client()
+        .typed()
+        .resolve_migration(name)
+        .expect_err("B cannot be reached");
+    assert_eq!(status_of(&e), 502, "{e}");
+    assert!(e.to_string().contains("in doubt"), "{e}");
+    held_in_doubt(&a, name);
+
+    rig.link_up(true);
+    let out = a.cli(&["vm", "migrate", "--resolve", name]);
+    assert!(
+        out.status.success(),
+        "resolve: {}\n{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        a.log(),
+        b.log()
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&format!("runs at {B_ADDR}:{PORT}")),
+        "{out:?}"
+    );
+    assert!(!sample(&a.client()).expect("A answers").contains_key(name));
+    judged(&b, name);
+}
+
+/// The guests migrated over shaped links: a busy one (64 MiB rewritten non-stop) and a
+/// light one (a tenth of its 64 MiB touched, rewritten now and then).
+const SHAPED_GUESTS: [(&str, &str); 2] = [
+    ("busy", warmvm_testkit::BUSY),
+    ("light", "quiet fill=10 interval_ms=50"),
+];
+
+/// Each of [`SHAPED_GUESTS`] migrates A→B, in turn, over the link as `shape` leaves it.
+/// Each either converges and runs at B, or, when its downtime budget cannot be met within
+/// the rounds allowed, the migration is cancelled and it runs on at A (as documented);
+/// either way exactly one copy runs, verified. Prints the figures.
+fn guests_over_a_shaped_link(test: &str, tag: &str, shape: impl FnOnce(&Rig) -> String) {
+    if !warmvm_testkit::kvm_available(test) {
+        return;
+    }
+    let rig = Rig::new(tag);
+    let a = rig.a("");
+    let b = rig.b("b", "");
+    for (name, cmdline) in SHAPED_GUESTS {
+        create_with(&a, name, 64, cmdline);
+    }
+    let link = shape(&rig);
+    let req = MigrateRequest {
+        max_rounds: 4,
+        timeout_secs: 60,
+        ..to_b()
+    };
+    for (name, _) in SHAPED_GUESTS {
+        let t0 = std::time::Instant::now();
+        let sent = watched_through_kills(&b, &a, name, Duration::from_millis(300), || {
+            a.client().typed().migrate(name, &req)
+        });
+        let took = t0.elapsed();
+        let (here, there) = match sent {
+            Ok(answer) => {
+                let r = answer.value;
+                eprintln!(
+                    "{test}: {link}: {name}: migrated in {} ms, paused {} us (final round {}, state {}, commit {}, resume {}), {} rounds {:?} KiB, {} KiB in all, bandwidth {} KiB/s",
+                    r.total_us / 1000,
+                    r.downtime_us,
+                    r.final_round_us,
+                    r.state_us,
+                    r.commit_us,
+                    r.resume_us,
+                    r.rounds.len(),
+                    r.rounds.iter().map(|x| x.bytes >> 10).collect::<Vec<_>>(),
+                    r.bytes_total >> 10,
+                    r.bandwidth_bps >> 10,
+                );
+                assert_eq!(r.end, EndReason::Converged, "{r:?}");
+                (&b, &a)
+            }
+            Err(e) => {
+                eprintln!(
+                    "{test}: {link}: {name}: cancelled after {} ms: {e}",
+                    took.as_millis()
+                );
+                assert_eq!(status_of(&e), 409, "{e}");
+                assert!(e.to_string().contains("did not converge"), "{e}");
+                assert!(e.to_string().contains("is running here"), "{e}");
+                (&a, &b)
+            }
+        };
+        judged(here, name);
+        assert!(
+            !sample(&there.client())
+                .expect("it answers")
+                .contains_key(name),
+            "{name} is listed at both daemons"
+        );
+    }
+    if let Some(lost) = rig.lost() {
+        eprintln!("{test}: the loss filter took {lost}");
+    }
+}
+
+#[test]
+fn guests_migrate_over_a_slow_link_or_run_on_at_the_source() {
+    guests_over_a_shaped_link(
+        "guests_migrate_over_a_slow_link_or_run_on_at_the_source",
+        "migslow",
+        |rig| rig.shape("200mbit", "5ms"),
+    );
+}
+
+#[test]
+fn guests_migrate_over_a_lossy_link_or_run_on_at_the_source() {
+    guests_over_a_shaped_link(
+        "guests_migrate_over_a_lossy_link_or_run_on_at_the_source",
+        "miglossy",
+        |rig| {
+            rig.lose(100);
+            "1% loss".to_string()
+        },
+    );
 }

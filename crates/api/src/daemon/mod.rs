@@ -634,6 +634,7 @@ fn start_migration(
             l,
             hv,
             setup.tls.as_ref().map(|t| t.server()),
+            setup.io_timeout,
         )
         .map_err(migration_listen)
     });

@@ -29,12 +29,12 @@ use std::time::Duration;
 
 use rustls::pki_types::ServerName;
 use warmvm_vmm::migration::{self, MigrationError, MigrationReport, ReceiveOptions, SendOptions};
-use warmvm_vmm::Lifecycle;
+use warmvm_vmm::{Lifecycle, Vm};
 
 pub(crate) mod setup;
 pub(crate) mod under_way;
 
-pub use setup::{bind, MigrationOptions, Setup, SetupError, Tls};
+pub use setup::{bind, MigrationOptions, Setup, SetupError, Tls, MAX_IO_TIMEOUT_SECS};
 pub use under_way::UnderWay;
 use under_way::{InDoubt, Incoming, Outgoing};
 
@@ -46,7 +46,8 @@ use crate::types::{
 /// The name under which a warm reboot hands the migration listener to the new daemon.
 pub const MIGRATION_LISTENER_FD: &str = "migration-listener";
 
-/// How long one read or write on a migration stream may wait for the peer.
+/// How long one read or write on a migration stream may wait for the peer, unless
+/// `--migration-io-timeout` says otherwise.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a peer has for the TLS handshake: one that stalls holds a receiving slot no
 /// longer than this.
@@ -58,11 +59,110 @@ const MAX_INCOMING: usize = 4;
 /// How often the listener looks for connections (and whether a reboot is under way).
 const ACCEPT_POLL: Duration = Duration::from_millis(50);
 
-/// Set a migration stream's timeouts and latency.
-fn tune(tcp: &TcpStream) -> std::io::Result<()> {
-    tcp.set_read_timeout(Some(IO_TIMEOUT))?;
-    tcp.set_write_timeout(Some(IO_TIMEOUT))?;
+/// Set a migration stream's timeouts (`io`: each read or write) and latency.
+fn tune(tcp: &TcpStream, io: Duration) -> std::io::Result<()> {
+    tcp.set_read_timeout(Some(io))?;
+    tcp.set_write_timeout(Some(io))?;
     tcp.set_nodelay(true)
+}
+
+/// Bytes a peer must take per I/O timeout spent waiting on it in writes (see [`Timed`]).
+const MIN_PROGRESS: usize = 1 << 20;
+
+/// A migration stream's TCP connection, on which a peer that stalls fails the migration
+/// after the I/O timeout (the socket's timeouts, set by [`tune`]):
+/// - a read or write that waited out the timeout fails with `TimedOut`, not "would block":
+///   rustls's I/O loop treats "would block" as "try the other direction, then again", so
+///   with a peer stalled both ways a blocked write was retried without end;
+/// - writes that together waited the timeout while the peer took less than
+///   [`MIN_PROGRESS`] fail too: a stopped peer's kernel still takes a trickle, and each
+///   partial write restarted the socket's timer, so a paused VM waited as long as the
+///   peer was stopped;
+/// - once it failed, every later read or write fails at once: rustls ignores a write
+///   error once (it retries on the next call), and bytes may have gone out with the
+///   failed write, so nothing more may be sent on it.
+struct Timed<S> {
+    inner: S,
+    timeout: Duration,
+    /// Time spent in writes, and the bytes they took, since the peer last took
+    /// [`MIN_PROGRESS`].
+    waited: Duration,
+    taken: usize,
+    /// Why the peer is deemed stalled, once it is.
+    stalled: Option<String>,
+}
+
+impl<S> Timed<S> {
+    fn new(inner: S, timeout: Duration) -> Self {
+        Timed {
+            inner,
+            timeout,
+            waited: Duration::ZERO,
+            taken: 0,
+            stalled: None,
+        }
+    }
+
+    /// The stream is dead from here: `why`, now and for every later call.
+    fn stall(&mut self, why: String) -> std::io::Error {
+        self.stalled = Some(why.clone());
+        std::io::Error::new(std::io::ErrorKind::TimedOut, why)
+    }
+
+    fn check(&self) -> std::io::Result<()> {
+        match &self.stalled {
+            Some(why) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                why.clone(),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    fn no_progress(&mut self, e: std::io::Error) -> std::io::Error {
+        if e.kind() == std::io::ErrorKind::WouldBlock {
+            self.stall(format!(
+                "the peer made no progress within the I/O timeout ({} ms)",
+                self.timeout.as_millis()
+            ))
+        } else {
+            e
+        }
+    }
+}
+
+impl<S: Read> Read for Timed<S> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.check()?;
+        self.inner.read(buf).map_err(|e| self.no_progress(e))
+    }
+}
+
+impl<S: Write> Write for Timed<S> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.check()?;
+        let t = std::time::Instant::now();
+        let wrote = self.inner.write(buf);
+        self.waited += t.elapsed();
+        let n = wrote.map_err(|e| self.no_progress(e))?;
+        self.taken += n;
+        if self.taken >= MIN_PROGRESS {
+            (self.waited, self.taken) = (Duration::ZERO, 0);
+        } else if self.waited >= self.timeout {
+            return Err(self.stall(format!(
+                "the peer took {} bytes in {} ms of waiting for it (the I/O timeout is {} ms)",
+                self.taken,
+                self.waited.as_millis(),
+                self.timeout.as_millis()
+            )));
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.check()?;
+        self.inner.flush().map_err(|e| self.no_progress(e))
+    }
 }
 
 /// Start accepting migrations on `listener`: a thread that lives as long as the daemon
@@ -72,6 +172,7 @@ pub fn start_listener(
     listener: TcpListener,
     hv: warmvm_vmm::Hypervisor,
     tls: Option<Arc<rustls::ServerConfig>>,
+    io_timeout: Duration,
 ) -> std::io::Result<()> {
     listener.set_nonblocking(true)?;
     let hv = Arc::new(hv);
@@ -79,7 +180,7 @@ pub fn start_listener(
         .name("migration-listen".into())
         .spawn(move || {
             warmvm_sandbox::enter_or_log(warmvm_sandbox::ThreadKind::Api);
-            accept_loop(&state, &listener, &hv, tls.as_ref());
+            accept_loop(&state, &listener, &hv, tls.as_ref(), io_timeout);
         })?;
     Ok(())
 }
@@ -89,6 +190,7 @@ fn accept_loop(
     listener: &TcpListener,
     hv: &Arc<warmvm_vmm::Hypervisor>,
     tls: Option<&Arc<rustls::ServerConfig>>,
+    io_timeout: Duration,
 ) {
     loop {
         if state.handed_over() || state.shutting_down.load(Ordering::SeqCst) {
@@ -139,7 +241,7 @@ fn accept_loop(
                     under_way: &st.migrations,
                     name: Mutex::new(None),
                 };
-                receive_one(&st, &hv, tcp, peer, tls, &counted);
+                receive_one(&st, &hv, tcp, peer, tls, io_timeout, &counted);
             });
         if let Err(e) = spawned {
             state.migrations.incoming.fetch_sub(1, Ordering::SeqCst);
@@ -151,19 +253,20 @@ fn accept_loop(
 fn receive_one(
     state: &ApiState,
     hv: &warmvm_vmm::Hypervisor,
-    mut tcp: TcpStream,
+    tcp: TcpStream,
     peer: SocketAddr,
     tls: Option<Arc<rustls::ServerConfig>>,
+    io_timeout: Duration,
     counted: &Incoming<'_>,
 ) {
     let handshake = if tls.is_some() {
         Some(HANDSHAKE_TIMEOUT)
     } else {
-        Some(IO_TIMEOUT)
+        Some(io_timeout)
     };
     if let Err(e) = tcp
         .set_nonblocking(false)
-        .and_then(|()| tune(&tcp))
+        .and_then(|()| tune(&tcp, io_timeout))
         .and_then(|()| tcp.set_read_timeout(handshake))
     {
         tracing::warn!(%peer, error = %e, "migration connection unusable");
@@ -216,19 +319,23 @@ fn receive_one(
                 }
             };
             while conn.is_handshaking() {
-                if let Err(e) = conn.complete_io(&mut tcp) {
+                if let Err(e) = conn.complete_io(&mut Timed::new(&tcp, io_timeout)) {
                     tracing::warn!(%peer, error = %e, "migration peer failed authentication; connection closed");
                     return;
                 }
             }
-            if let Err(e) = tcp.set_read_timeout(Some(IO_TIMEOUT)) {
+            if let Err(e) = tcp.set_read_timeout(Some(io_timeout)) {
                 tracing::warn!(%peer, error = %e, "migration connection unusable");
                 return;
             }
             tracing::info!(%peer, "migration peer authenticated");
-            migration::serve(hv, rustls::StreamOwned::new(conn, tcp), &opts)
+            migration::serve(
+                hv,
+                rustls::StreamOwned::new(conn, Timed::new(tcp, io_timeout)),
+                &opts,
+            )
         }
-        None => migration::serve(hv, tcp, &opts),
+        None => migration::serve(hv, Timed::new(tcp, io_timeout), &opts),
     };
     match received {
         Ok(migration::Served::Answered {
@@ -320,18 +427,56 @@ impl ApiState {
         let _ = self.migration.set((setup, listening_on));
     }
 
+    /// How this daemon migrates; 409 if it was started without the migration flags.
+    fn migration_setup(&self) -> Result<(&Setup, Option<SocketAddr>), ApiError> {
+        self.migration
+            .get()
+            .map(|(setup, listening_on)| (setup, *listening_on))
+            .ok_or_else(|| {
+                ApiError::new(
+                    409,
+                    "this daemon cannot migrate: start it with --migration-cert, --migration-key and --migration-ca (or --migration-insecure for loopback)",
+                )
+            })
+    }
+
+    /// Claim `vm` for a migration out (or for resolving one), if it is `wanted` and no
+    /// other claim holds it; under the operation gate, so that no reboot begins meanwhile.
+    /// 409 with `only` (what `wanted` allows) if it is in another state. The claim ends
+    /// when the returned guard is dropped.
+    fn claim_outgoing(
+        &self,
+        vm: &Vm,
+        wanted: Lifecycle,
+        only: &str,
+    ) -> Result<Outgoing<'_>, ApiError> {
+        let name = vm.name();
+        let _gate = self.op_gate()?;
+        let mut out = self.migrations.outgoing();
+        if out.contains(name) {
+            return Err(ApiError::new(
+                409,
+                format!("VM {name} is migrating already"),
+            ));
+        }
+        let now = vm.lifecycle();
+        if now != wanted {
+            return Err(ApiError::new(
+                409,
+                format!("VM {name} is {}; {only}", now.name()),
+            ));
+        }
+        out.insert(name.to_string());
+        Ok(Outgoing(&self.migrations, name.to_string()))
+    }
+
     /// `POST /v1/vms/{name}/migrate`: move a running VM to another daemon. On success it
     /// runs there and is gone from here; on a failure before the commit it runs on here;
     /// after the commit it stays here, paused and in doubt.
     pub fn migrate(&self, name: &str, req: &MigrateRequest) -> Result<MigrationReport, ApiError> {
         let to = req.check()?;
         let vm = self.find(name)?;
-        let Some((setup, listening_on)) = self.migration.get() else {
-            return Err(ApiError::new(
-                409,
-                "this daemon cannot migrate: start it with --migration-cert, --migration-key and --migration-ca (or --migration-insecure for loopback)",
-            ));
-        };
+        let (setup, listening_on) = self.migration_setup()?;
         if setup.tls.is_none() && !to.ip().is_loopback() {
             return Err(ApiError::new(
                 400,
@@ -346,27 +491,8 @@ impl ApiState {
                 format!("to {to}: that is this daemon's own migration listener"),
             ));
         }
-        let _outgoing = {
-            let _gate = self.op_gate()?;
-            let mut out = self.migrations.outgoing();
-            if out.contains(name) {
-                return Err(ApiError::new(
-                    409,
-                    format!("VM {name} is migrating already"),
-                ));
-            }
-            if vm.lifecycle() != Lifecycle::Running {
-                return Err(ApiError::new(
-                    409,
-                    format!(
-                        "VM {name} is {}; only a running VM can be migrated",
-                        vm.lifecycle().name()
-                    ),
-                ));
-            }
-            out.insert(name.to_string());
-            Outgoing(&self.migrations, name.to_string())
-        };
+        let _outgoing =
+            self.claim_outgoing(&vm, Lifecycle::Running, "only a running VM can be migrated")?;
         let migration_id = new_migration_id(name);
         let opts = SendOptions {
             downtime: Duration::from_millis(req.downtime_ms),
@@ -417,33 +543,12 @@ impl ApiState {
     /// No answer: nothing changes (409 or 502) and the VM stays paused, in doubt.
     pub fn resolve_migration(&self, name: &str) -> Result<MigrationResolution, ApiError> {
         let vm = self.find(name)?;
-        let Some((setup, _)) = self.migration.get() else {
-            return Err(ApiError::new(
-                409,
-                "this daemon cannot migrate: start it with --migration-cert, --migration-key and --migration-ca (or --migration-insecure for loopback)",
-            ));
-        };
-        let _outgoing = {
-            let _gate = self.op_gate()?;
-            let mut out = self.migrations.outgoing();
-            if out.contains(name) {
-                return Err(ApiError::new(
-                    409,
-                    format!("VM {name} is migrating already"),
-                ));
-            }
-            if vm.lifecycle() != Lifecycle::InDoubt {
-                return Err(ApiError::new(
-                    409,
-                    format!(
-                        "VM {name} is {}; only a VM in doubt after a migration is resolved",
-                        vm.lifecycle().name()
-                    ),
-                ));
-            }
-            out.insert(name.to_string());
-            Outgoing(&self.migrations, name.to_string())
-        };
+        let (setup, _) = self.migration_setup()?;
+        let _outgoing = self.claim_outgoing(
+            &vm,
+            Lifecycle::InDoubt,
+            "only a VM in doubt after a migration is resolved",
+        )?;
         let Some(InDoubt { to, migration_id }) = self.migrations.in_doubt().get(name).cloned()
         else {
             return Err(ApiError::new(
@@ -494,13 +599,13 @@ fn connect(setup: &Setup, to: SocketAddr) -> Result<Box<dyn Conn>, ApiError> {
         )
     };
     let tcp = TcpStream::connect_timeout(&to, CONNECT_TIMEOUT).map_err(unreachable)?;
-    tune(&tcp).map_err(unreachable)?;
+    tune(&tcp, setup.io_timeout).map_err(unreachable)?;
     let Some(tls) = &setup.tls else {
-        return Ok(Box::new(tcp));
+        return Ok(Box::new(Timed::new(tcp, setup.io_timeout)));
     };
     let mut conn = rustls::ClientConnection::new(tls.client.clone(), ServerName::from(to.ip()))
         .map_err(|e| ApiError::new(500, format!("cannot start TLS: {e}")))?;
-    let mut tcp = tcp;
+    let mut tcp = Timed::new(tcp, setup.io_timeout);
     while conn.is_handshaking() {
         conn.complete_io(&mut tcp).map_err(|e| {
             tracing::warn!(%to, error = %e, "migration peer failed authentication");
@@ -576,6 +681,55 @@ mod tests {
             "{e}"
         );
         assert!(opts().setup().expect("nothing asked").is_none());
+    }
+
+    #[test]
+    fn the_io_timeout_is_bounded_and_handed_to_the_next_daemon() {
+        let with = |secs| MigrationOptions {
+            insecure: true,
+            io_timeout_secs: Some(secs),
+            ..opts()
+        };
+        for bad in [0, MAX_IO_TIMEOUT_SECS + 1] {
+            let e = with(bad).setup().expect_err("out of range");
+            assert!(e.to_string().contains("--migration-io-timeout"), "{e}");
+        }
+        let s = with(2).setup().expect("in range").expect("a setup");
+        assert_eq!(s.io_timeout, Duration::from_secs(2));
+        let args = with(2).to_args();
+        assert!(
+            args.ends_with(&["--migration-io-timeout".into(), "2".into()]),
+            "{args:?}"
+        );
+        let s = MigrationOptions {
+            insecure: true,
+            ..opts()
+        };
+        assert_eq!(s.setup().unwrap().unwrap().io_timeout, IO_TIMEOUT);
+        assert!(!s.to_args().iter().any(|a| a == "--migration-io-timeout"));
+    }
+
+    #[test]
+    fn a_write_to_a_peer_that_never_reads_fails_as_timed_out() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("a listener");
+        let tcp = TcpStream::connect(listener.local_addr().unwrap()).expect("connected");
+        let (_peer, _) = listener.accept().expect("accepted");
+        let timeout = Duration::from_millis(200);
+        tune(&tcp, timeout).unwrap();
+        // The peer's kernel takes what fits its buffers, then a trickle; it never reads.
+        let chunk = vec![0u8; 1 << 20];
+        let mut w = Timed::new(tcp, timeout);
+        let e = (0..1024)
+            .try_for_each(|_| w.write_all(&chunk))
+            .expect_err("1 GiB never fits a peer that does not read");
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}");
+        // Dead from here: nothing more goes out, and nothing is read.
+        let again = w.write(b"x").expect_err("a stalled stream stays failed");
+        assert_eq!(again.kind(), std::io::ErrorKind::TimedOut, "{again}");
+        let read = w
+            .read(&mut [0u8; 1])
+            .expect_err("a stalled stream stays failed");
+        assert_eq!(read.kind(), std::io::ErrorKind::TimedOut, "{read}");
     }
 
     #[test]

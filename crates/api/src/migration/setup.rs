@@ -4,6 +4,7 @@
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -19,7 +20,13 @@ pub struct MigrationOptions {
     pub ca: Option<PathBuf>,
     /// Plain TCP, loopback only.
     pub insecure: bool,
+    /// How long one read or write on a migration stream waits for the peer, seconds
+    /// (`None`: [`super::IO_TIMEOUT`]).
+    pub io_timeout_secs: Option<u64>,
 }
+
+/// The longest `--migration-io-timeout` accepted, seconds.
+pub const MAX_IO_TIMEOUT_SECS: u64 = 600;
 
 /// Why the migration flags cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +58,8 @@ pub enum SetupError {
     Tls(#[source] rustls::Error),
     #[error("the client verifier: {0}")]
     Verifier(#[source] rustls::server::VerifierBuilderError),
+    #[error("--migration-io-timeout {0}: must be 1..={MAX_IO_TIMEOUT_SECS} seconds")]
+    IoTimeout(u64),
     #[error("--migration-listen {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -152,11 +161,20 @@ pub struct Setup {
     pub tls: Option<Tls>,
     pub insecure: bool,
     pub listen: Option<SocketAddr>,
+    /// How long one read or write on a migration stream, in or out, waits for the peer:
+    /// a peer that stalls (stopped, or its link down) longer than this fails the
+    /// migration at this end.
+    pub io_timeout: Duration,
 }
 
 impl MigrationOptions {
     /// Check the flags and read the files; nothing is bound yet.
     pub fn setup(&self) -> Result<Option<Setup>, SetupError> {
+        let io_timeout = match self.io_timeout_secs {
+            None => super::IO_TIMEOUT,
+            Some(s) if (1..=MAX_IO_TIMEOUT_SECS).contains(&s) => Duration::from_secs(s),
+            Some(s) => return Err(SetupError::IoTimeout(s)),
+        };
         let given = [
             ("--migration-cert", &self.cert),
             ("--migration-key", &self.key),
@@ -193,6 +211,7 @@ impl MigrationOptions {
             tls,
             insecure: self.insecure,
             listen: self.listen,
+            io_timeout,
         }))
     }
 
@@ -213,6 +232,9 @@ impl MigrationOptions {
         }
         if self.insecure {
             args.push("--migration-insecure".into());
+        }
+        if let Some(s) = self.io_timeout_secs {
+            args.extend(["--migration-io-timeout".into(), s.to_string().into()]);
         }
         args
     }

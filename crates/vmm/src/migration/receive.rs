@@ -204,7 +204,9 @@ fn take<S: Read + Write>(
                 fresh = false;
                 report.rounds = round + 1;
                 stream::send(stream, &Msg::RoundAck { round }).map_err(|e| ("pages", e.into()))?;
-                faults::hit(faults::Point::DestPrecopy);
+                if round == 0 {
+                    faults::hit(faults::Point::DestPrecopy);
+                }
             }
             Msg::State { envelope } => {
                 break decode_state(&envelope, vm.name()).map_err(|e| ("state", e))?
@@ -256,6 +258,7 @@ fn take<S: Read + Write>(
         }
     }
     // The VM is this side's from here, whatever happens to the stream.
+    faults::hit(faults::Point::DestCommitted);
     let t_resume = Instant::now();
     *vm.shared.lifecycle() = Lifecycle::Running;
     let _ = Pausable::resume(&vm.shared.devices); // an order: never fails

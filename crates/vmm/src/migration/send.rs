@@ -318,6 +318,9 @@ impl<S: Read + Write> Source<'_, S> {
             }
             let took = t_round.elapsed();
             let rtt = Instant::now().duration_since(t_end);
+            if round == 0 {
+                super::faults::hit(super::faults::Point::SourcePrecopy);
+            }
             if let Some(hook) = &self.opts.between_rounds {
                 (hook.0)(round);
             }
@@ -467,7 +470,11 @@ impl<S: Read + Write> Source<'_, S> {
             return Err(e);
         }
         // The commit point. From the moment `Commit` may have left, this VMM never runs
-        // the VM again: without `Running` back it is in doubt, not resumed.
+        // the VM again: without `Running` back it is in doubt, not resumed. It is in doubt
+        // already while `Running` is awaited (the destination may run it by then), so no
+        // one looking at both hosts ever sees it running here and there.
+        *vm.shared.lifecycle() = Lifecycle::InDoubt;
+        vm.shared.lifecycle_cv.notify_all();
         let t_commit = Instant::now();
         let committed = stream::send(self.stream, &Msg::Commit).and_then(|_| {
             if super::faults::hit(super::faults::Point::SourceCommitted) {
@@ -480,14 +487,13 @@ impl<S: Read + Write> Source<'_, S> {
         match committed {
             Ok(Msg::Running { resume_us }) => {
                 *vm.shared.lifecycle() = Lifecycle::HandedOver;
+                vm.shared.lifecycle_cv.notify_all();
                 self.report.commit_us = t_commit.elapsed().as_micros() as u64;
                 self.report.resume_us = resume_us;
                 self.report.downtime_us = t_pause.elapsed().as_micros() as u64;
                 Ok(())
             }
             other => {
-                *vm.shared.lifecycle() = Lifecycle::InDoubt;
-                vm.shared.lifecycle_cv.notify_all();
                 let why = match other {
                     Ok(msg) => format!("it answered {}", msg.name()),
                     Err(e) => e.to_string(),

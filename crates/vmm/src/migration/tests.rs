@@ -493,6 +493,56 @@ fn a_stream_that_breaks_after_the_commit_leaves_the_vm_paused_in_doubt() {
     assert_eq!(vm.lifecycle(), Lifecycle::Running);
 }
 
+#[test]
+fn once_commit_has_left_the_source_never_reports_the_vm_running() {
+    let test = "once_commit_has_left_the_source_never_reports_the_vm_running";
+    if !kvm_available(test) {
+        return;
+    }
+    let dir = ScratchDir::new("migcommit");
+    let mut a = Host::open(&dir).expect("KVM opens");
+    let vm = running_vm(&mut a, "committing", 64);
+    let (src, mut dst) = tcp_pair();
+    let seen = vm.clone();
+    // A destination that, holding Commit, looks at the source's VM before it answers: it
+    // may run the VM from now on, so the source must not call it running.
+    let fake = std::thread::spawn(move || {
+        stream::read_magic(&mut dst).expect("magic");
+        assert!(matches!(stream::recv(&mut dst), Ok(Msg::Hello(_))));
+        stream::send(
+            &mut dst,
+            &Msg::Accepted {
+                receiver: "fake".into(),
+            },
+        )
+        .expect("sent");
+        loop {
+            match stream::recv(&mut dst).expect("a message") {
+                Msg::RoundEnd { round } => {
+                    stream::send(&mut dst, &Msg::RoundAck { round }).expect("sent");
+                }
+                Msg::State { .. } => stream::send(&mut dst, &Msg::Ready).map(drop).expect("sent"),
+                Msg::Commit => {
+                    let at_commit = seen.lifecycle();
+                    stream::send(&mut dst, &Msg::Running { resume_us: 0 }).expect("sent");
+                    return at_commit;
+                }
+                _ => {}
+            }
+        }
+    });
+    let report = send(&vm, src, &SendOptions::default()).expect("migrated");
+    let at_commit = fake.join().expect("the fake destination did not panic");
+    assert_eq!(report.end, EndReason::Converged);
+    assert_eq!(
+        at_commit,
+        Lifecycle::InDoubt,
+        "the source called the VM {} while the destination held Commit",
+        at_commit.name()
+    );
+    assert_eq!(vm.lifecycle(), Lifecycle::HandedOver);
+}
+
 /// The disk's requests per device counter: (failures, requests).
 fn disk_counters(vm: &Vm) -> (u64, u64) {
     let counters = vm.shared.devices.virtio_counters();
