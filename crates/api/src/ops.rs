@@ -78,6 +78,7 @@ impl ApiState {
             privileges: Some(privileges),
             binary: Some(warmvm_vmm::executable::info()),
             reboot_in_progress: self.reboot_in_progress(),
+            fleet: self.fleet().map(|f| f.status()),
         })
     }
 

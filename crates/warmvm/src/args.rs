@@ -21,6 +21,8 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once per run: the daemon's many flags make its variant large, which costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Boot the VMs a TOML config file describes and wait until they all power off
@@ -130,6 +132,24 @@ pub enum Command {
         /// Migrate over plain TCP, without authentication: only on loopback addresses.
         #[arg(long)]
         migration_insecure: bool,
+        /// Join the fleet whose etcd members these are (http(s)://HOST:PORT, comma
+        /// separated): the daemon keeps its host record /warmvm/hosts/NAME there under a
+        /// lease. Needs --host-name. etcd unreachable is not fatal: the daemon retries.
+        #[arg(long, value_name = "URL[,URL...]")]
+        fleet_etcd: Option<String>,
+        /// This host's name in the fleet (1-63 of a-z, 0-9 and '-').
+        #[arg(long, value_name = "NAME")]
+        host_name: Option<String>,
+        /// The CA (PEM) that signed the etcd members' certificates (https endpoints).
+        #[arg(long, value_name = "FILE")]
+        fleet_etcd_ca: Option<PathBuf>,
+        /// This daemon's client certificate (PEM) for etcd, as clusters with client
+        /// authentication require; with --fleet-etcd-key.
+        #[arg(long, value_name = "FILE")]
+        fleet_etcd_cert: Option<PathBuf>,
+        /// The key of --fleet-etcd-cert (PEM).
+        #[arg(long, value_name = "FILE")]
+        fleet_etcd_key: Option<PathBuf>,
     },
     /// Reboot the daemon: a new daemon process (the binary at the daemon's path, which a new
     /// build installed there upgrades, or --binary)
@@ -168,6 +188,11 @@ pub enum Command {
     Vm(VmCommand),
     /// Show the daemon's version, pid, uptime and VM count.
     Status,
+    /// The fleet of hosts coordinated through etcd: see docs/daemon.md, "Fleet".
+    Fleet {
+        #[command(subcommand)]
+        what: crate::fleet::FleetCommand,
+    },
     /// Show the daemon's aging monitor: each resource's trend, slope and estimated time to
     /// exhaustion, the last and the next action, the warm reboots and their reasons; or
     /// hold or release rejuvenation.

@@ -43,7 +43,11 @@ fn quiet_on_closed_stdout() {
 pub fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
     if matches!(
         cli.command,
-        Command::Vm(_) | Command::Status | Command::Aging { .. } | Command::Completions { .. }
+        Command::Vm(_)
+            | Command::Status
+            | Command::Aging { .. }
+            | Command::Fleet { .. }
+            | Command::Completions { .. }
     ) {
         quiet_on_closed_stdout();
     }
@@ -93,6 +97,11 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
             migration_key,
             migration_ca,
             migration_insecure,
+            fleet_etcd,
+            host_name,
+            fleet_etcd_ca,
+            fleet_etcd_cert,
+            fleet_etcd_key,
         } => crate::client::daemon(warmvm_api::DaemonOptions {
             socket: api.socket,
             state_dir,
@@ -127,6 +136,13 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
                 ca: migration_ca,
                 insecure: migration_insecure,
             },
+            fleet: warmvm_api::fleet::FleetOptions {
+                etcd: fleet_etcd,
+                host_name,
+                etcd_ca: fleet_etcd_ca,
+                etcd_cert: fleet_etcd_cert,
+                etcd_key: fleet_etcd_key,
+            },
             ..Default::default()
         }),
         Command::Reboot {
@@ -149,6 +165,7 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
         ),
         Command::Vm(cmd) => crate::client::vm(cmd, &api),
         Command::Status => crate::client::status(&api),
+        Command::Fleet { what } => crate::fleet::fleet(what, api.json),
         Command::Aging { action } => crate::aging::aging(action, &api),
         Command::Completions { shell } => {
             let mut cmd = without_hidden(&<Cli as clap::CommandFactory>::command());

@@ -8,6 +8,7 @@ mod console;
 mod demo;
 mod external;
 mod failure;
+mod fleet;
 mod manpages;
 mod output;
 mod reboot_progress;

@@ -67,6 +67,12 @@ pub struct Successor {
     /// `aging` still knows them (`aging::carry::decode_configured`); JSON for that reason.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aging_configured: Option<serde_json::Value>,
+    /// The fleet membership lease (etcd's id) the new daemon keeps alive instead of
+    /// granting its own, so that the host's record stays through the reboot. Added with
+    /// the fleet's membership; absent when the daemon joins no fleet, so that an older
+    /// build, which refuses keys it does not know, can still follow such a daemon.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet_lease: Option<i64>,
 }
 
 /// The settings of a build before versioning: the untyped object those builds wrote. Every
@@ -175,6 +181,7 @@ impl Successor {
             bring_back: None,
             aging: None,
             aging_configured: None,
+            fleet_lease: None,
         }
     }
 
@@ -242,6 +249,7 @@ impl Successor {
             bring_back: l.bring_back,
             aging: l.aging,
             aging_configured: l.aging_configured,
+            fleet_lease: None,
         })
     }
 
