@@ -15,6 +15,9 @@
 //! - the one KVM gate ([`kvm_available`], [`skip_or_fail`], [`kvm_required`]) honouring
 //!   `WARMVM_REQUIRE_KVM=1`;
 //! - the network-namespace guard ([`Namespace`], and [`Netns`] with a TAP in it);
+//! - the fleet's etcd rig ([`EtcdCluster`]): 1 or 3 members in namespaces of their own
+//!   joined by a bridge, optionally mTLS only, with faults (kill, stop, link cut), and its
+//!   gate [`etcd_available`];
 //! - [`pid_alive`] and [`wait_until`].
 //!
 //! It must never: be a normal dependency of a crate that ships in the daemon (it is for
@@ -28,6 +31,7 @@
 //! executable, where cargo builds it), or one a test names with [`Start::binary`].
 
 mod daemon;
+mod etcd;
 mod guest;
 mod judge;
 mod kvm;
@@ -39,6 +43,7 @@ mod scratch;
 pub use daemon::{
     daemon_command, refused, warmvm_binary, Daemon, Ready, Start, StartError, READY_TIMEOUT,
 };
+pub use etcd::{etcd_available, ClientTls, EtcdCluster, ETCD, ETCDCTL, HEALTHY_TIMEOUT};
 pub use guest::{counter, create, figures, reference_vm, show, verified, verifies_on, BUSY};
 pub use judge::{
     advanced_since, every_vcpu_advanced, judge, sample, stalled, Judgement, Outcome, Sample,
