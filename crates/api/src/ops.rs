@@ -139,6 +139,7 @@ impl ApiState {
             vm
         };
         tracing::info!(vm = %config.name, memory_mib = config.memory_mib, vcpus = config.vcpus, "VM started");
+        self.fleet_changed();
         Ok(vm.report())
     }
 
@@ -225,6 +226,7 @@ impl ApiState {
             }
         }
         tracing::info!(vm = %name, keep_logs, "VM deleted");
+        self.fleet_changed();
         Ok(report)
     }
 

@@ -165,6 +165,14 @@ impl ApiState {
         self.fleet.get()
     }
 
+    /// The host's VMs changed: its fleet record is written now rather than at the next
+    /// refresh (never waits on etcd).
+    pub(crate) fn fleet_changed(&self) {
+        if let Some(f) = self.fleet.get() {
+            f.refresh();
+        }
+    }
+
     pub fn aging(&self) -> Option<&Arc<Monitor>> {
         self.aging.get()
     }

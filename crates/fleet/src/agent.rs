@@ -193,7 +193,10 @@ impl Runner {
             let end = self.session().await;
             match end {
                 End::Stopped => return,
-                End::Lost(why) => self.set(false, Some(why)),
+                End::Lost(why) => {
+                    let why = self.hint(why);
+                    self.set(false, Some(why))
+                }
             }
             // Wait before trying again, still obeying a stop.
             let sleep = tokio::time::sleep(RETRY);
@@ -216,6 +219,18 @@ impl Runner {
                     },
                 }
             }
+        }
+    }
+
+    /// `why` with what the operator may have missed: a cluster that requires client
+    /// certificates drops a client without one mid-handshake, which the client library
+    /// reports only as a transport error (of one kind or another).
+    fn hint(&self, why: String) -> String {
+        let no_cert = self.etcd.tls.as_ref().is_some_and(|t| t.cert.is_none());
+        if no_cert && why.to_lowercase().contains("transport") {
+            format!("{why} (this daemon has no etcd client certificate: a cluster that requires one, as with --client-cert-auth, refuses it; see --fleet-etcd-cert and --fleet-etcd-key)")
+        } else {
+            why
         }
     }
 
