@@ -361,6 +361,29 @@ mod tests {
         assert!(FleetOptions::default().to_args().is_empty());
     }
 
+    #[test]
+    fn the_configs_fleet_table_is_read_strictly() {
+        let dir = std::env::temp_dir().join(format!("warmvm-fleet-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.toml");
+        std::fs::write(
+            &path,
+            "[fleet]\netcd = [\"http://10.0.0.1:2379\"]\nhost_name = \"h1\"\n",
+        )
+        .unwrap();
+        let c = warmvm_vmm::Config::from_toml_file(&path).unwrap();
+        let setup = FleetOptions::default()
+            .over(c.fleet.as_ref())
+            .setup()
+            .unwrap()
+            .unwrap();
+        assert_eq!(setup.host_name, "h1");
+        assert_eq!(setup.etcd.endpoints, ["http://10.0.0.1:2379"]);
+        std::fs::write(&path, "[fleet]\netcd_endpoints = []\n").unwrap();
+        assert!(warmvm_vmm::Config::from_toml_file(&path).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     fn vm(name: &str, lifecycle: &str, mismatches: u64) -> HostVm {
         HostVm {
             name: name.into(),

@@ -535,6 +535,50 @@ mod tests {
     }
 
     #[test]
+    fn the_fleet_group_takes_its_etcd_flags_and_json() {
+        use clap::Parser;
+        let cli = Cli::try_parse_from([
+            "warmvm",
+            "fleet",
+            "status",
+            "--etcd",
+            "https://a:1",
+            "--etcd-ca",
+            "/ca",
+            "--json",
+        ])
+        .unwrap();
+        assert!(cli.global.json);
+        let Command::Fleet {
+            what: crate::fleet::FleetCommand::Status { etcd },
+        } = cli.command
+        else {
+            panic!("not fleet status");
+        };
+        assert_eq!(etcd.etcd, "https://a:1");
+        assert_eq!(etcd.etcd_ca.as_deref(), Some(std::path::Path::new("/ca")));
+        // --etcd is required.
+        assert!(Cli::try_parse_from(["warmvm", "fleet", "status"]).is_err());
+        let daemon = Cli::try_parse_from([
+            "warmvm",
+            "daemon",
+            "--fleet-etcd",
+            "http://a:1",
+            "--host-name",
+            "h1",
+        ])
+        .unwrap();
+        assert!(matches!(
+            daemon.command,
+            Command::Daemon {
+                fleet_etcd: Some(_),
+                host_name: Some(_),
+                ..
+            }
+        ));
+    }
+
+    #[test]
     fn restore_overrides_are_checked_before_any_request() {
         assert_eq!(tap_override("tap=wvtap1").unwrap(), "wvtap1");
         assert!(tap_override("wvtap1").unwrap_err().contains("tap=NAME"));

@@ -12,7 +12,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 use warmvm_testkit::{
-    etcd_available, judge, kvm_available, scratch, wait_until, warmvm_binary, Daemon, EtcdCluster,
+    daemon_command, etcd_available, judge, kvm_available, refused, scratch, wait_until,
+    warmvm_binary, Daemon, EtcdCluster,
 };
 
 /// The membership lease's TTL (warmvm_fleet::membership::LEASE_TTL_SECS).
@@ -437,4 +438,73 @@ fn a_second_daemon_with_the_same_name_is_refused_and_the_first_keeps_its_record(
         "{}",
         fleet_status(&second)
     );
+}
+
+/// Bad fleet flags or config: one line naming the flag, exit 2, before any VM of the
+/// config starts and before the socket is bound. Needs neither KVM nor etcd.
+#[test]
+fn bad_fleet_flags_stop_the_daemon_at_start_with_one_line() {
+    let dir = scratch("fleet-badflags");
+    let config = dir.join("vms.toml");
+    std::fs::write(&config, "[[vm]]\nname = \"a\"\nmemory_mib = 64\n").unwrap();
+    let cases: [(&[&str], &str); 6] = [
+        (
+            &["--fleet-etcd", "http://10.0.0.1:2379"],
+            "needs --host-name",
+        ),
+        (&["--host-name", "h1"], "needs --fleet-etcd"),
+        (
+            &["--fleet-etcd", "http://10.0.0.1:2379", "--host-name", "H_1"],
+            "--host-name \"H_1\"",
+        ),
+        (
+            &["--fleet-etcd", "10.0.0.1:2379", "--host-name", "h1"],
+            "http://HOST:PORT",
+        ),
+        (
+            &["--fleet-etcd", "https://10.0.0.1:2379", "--host-name", "h1"],
+            "--fleet-etcd-ca",
+        ),
+        (
+            &[
+                "--fleet-etcd",
+                "https://10.0.0.1:2379",
+                "--host-name",
+                "h1",
+                "--fleet-etcd-ca",
+                "/nonexistent/ca.pem",
+            ],
+            "/nonexistent/ca.pem",
+        ),
+    ];
+    for (args, says) in cases {
+        let sock = dir.join("x.sock");
+        let out = refused(
+            daemon_command(&sock)
+                .arg("--state-dir")
+                .arg(dir.join("state"))
+                .arg("--config")
+                .arg(&config)
+                .args(args),
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+        assert!(!sock.exists(), "{args:?}");
+        assert!(!err.contains("VM started"), "{args:?}: {err}");
+    }
+    // The config's [fleet] is checked the same way.
+    let with_fleet = dir.join("fleet.toml");
+    std::fs::write(&with_fleet, "[fleet]\netcd = [\"http://10.0.0.1:2379\"]\n").unwrap();
+    let out = refused(
+        daemon_command(&dir.join("y.sock"))
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .arg("--config")
+            .arg(&with_fleet),
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("needs --host-name"));
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -331,6 +331,26 @@ mod tests {
     }
 
     #[test]
+    fn the_fleet_lease_travels_only_when_there_is_one() {
+        // No fleet: the key is not written, so an older build (which refuses keys it does
+        // not know) still reads the settings.
+        let v = ours().encode().unwrap();
+        assert!(v.get("fleet_lease").is_none(), "{v}");
+        assert_eq!(
+            Successor::decode(&v, &fallbacks()).unwrap().fleet_lease,
+            None
+        );
+        let mut s = ours();
+        s.fleet_lease = Some(0x694d_8f3c_2b1a_0e07);
+        let v = s.encode().unwrap();
+        let back = Successor::decode(&v, &fallbacks()).unwrap();
+        assert_eq!(back.fleet_lease, Some(0x694d_8f3c_2b1a_0e07));
+        let mut bad = v;
+        bad["fleet_lease"] = json!("not a lease");
+        assert!(Successor::decode(&bad, &fallbacks()).is_err());
+    }
+
+    #[test]
     fn unknown_or_missing_fields_are_refused() {
         let v = ours().encode().unwrap();
         let mut unknown = v.clone();
