@@ -87,6 +87,30 @@ fn wait_registered(rig: &EtcdCluster, name: &str, pid: u32, d: &Daemon) {
     );
 }
 
+/// The daemon's fleet thread runs under its own seccomp filter stacked on the main
+/// thread's (mode 2, the main thread's two programs and its kind's two).
+fn assert_fleet_thread_filtered(pid: u32) {
+    let mut found = false;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let task = task.unwrap().path();
+        let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
+        if comm.trim() != "warmvm-fleet" {
+            continue;
+        }
+        let status = std::fs::read_to_string(task.join("status")).unwrap();
+        let field = |name: &str| -> u32 {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map_or(0, |v| v.trim().parse().unwrap())
+        };
+        assert_eq!(field("Seccomp:"), 2, "the fleet thread is unfiltered");
+        assert!(field("Seccomp_filters:") >= 4, "{status}");
+        found = true;
+    }
+    assert!(found, "no warmvm-fleet thread in daemon {pid}");
+}
+
 /// `warmvm fleet status ARGS` from host 0's namespace against the rig.
 fn fleet_cli(rig: &EtcdCluster, extra: &[&str]) -> Output {
     let mut c = Command::new("ip");
@@ -194,6 +218,7 @@ fn three_hosts_register_keep_their_record_through_a_warm_reboot_and_leave_when_k
         .collect();
     for (d, n) in hosts.iter().zip(names) {
         wait_registered(&rig, n, d.pid, d);
+        assert_fleet_thread_filtered(d.pid);
     }
     // The guests verify, and the records say so (refreshed about every second).
     assert!(
@@ -260,6 +285,7 @@ fn three_hosts_register_keep_their_record_through_a_warm_reboot_and_leave_when_k
         "{events:?}"
     );
     assert_eq!(lease_of(&rig, "h0"), lease_before, "the lease was adopted");
+    assert_fleet_thread_filtered(new_pid);
     let fleet = fleet_status(&hosts[0]);
     assert_eq!(fleet["connected"], true, "{fleet}");
     let rec = record(&rig, "h0").unwrap();
