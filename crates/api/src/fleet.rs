@@ -384,6 +384,65 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// The record read from a real daemon state with a reference VM (needs /dev/kvm).
+    #[test]
+    fn the_record_is_read_from_the_daemons_state() {
+        if !warmvm_vmm::testing::kvm_available("the_record_is_read_from_the_daemons_state") {
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("warmvm-fleet-rec-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let state = ApiState::new(warmvm_vmm::Host::open(&dir).unwrap());
+        let empty = record(&state, "h1").unwrap();
+        assert_eq!(empty.name, "h1");
+        assert_eq!(empty.format, FORMAT);
+        assert_eq!(empty.pid, std::process::id());
+        assert!(empty.vms.is_empty());
+        assert_eq!(empty.health, Health::Ok);
+        assert_eq!(empty.last_reboot, None);
+        assert_eq!(empty.migration_addr, None);
+        assert_eq!(empty.build.sha256, warmvm_vmm::executable::sha256());
+
+        let mut vm = warmvm_vmm::VmConfig::reference("r1", 64, 2);
+        vm.cmdline = Some("quiet interval_ms=20".into());
+        state.create_config(&vm).unwrap();
+        let verified = || {
+            record(&state, "h1")
+                .unwrap()
+                .vms
+                .first()
+                .and_then(|v| v.guest.clone())
+                .is_some_and(|g| g.verified_clean && g.counter > 0)
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !verified() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the guest never verified"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let r = record(&state, "h1").unwrap();
+        assert_eq!(r.vms.len(), 1);
+        let v = &r.vms[0];
+        assert_eq!((v.name.as_str(), v.lifecycle.as_str()), ("r1", "running"));
+        assert_eq!((v.memory_mib, v.vcpus), (64, 2));
+        assert_eq!(r.health, Health::Ok);
+        state.pause("r1").unwrap();
+        assert_eq!(record(&state, "h1").unwrap().vms[0].lifecycle, "paused");
+        // While the VMs are handed to a new daemon, this one writes nothing.
+        state
+            .handing_over
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(record(&state, "h1"), None);
+        state
+            .handing_over
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        state.shutdown(Duration::from_secs(1));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     fn vm(name: &str, lifecycle: &str, mismatches: u64) -> HostVm {
         HostVm {
             name: name.into(),
