@@ -247,6 +247,12 @@ fn three_hosts_register_keep_their_record_through_a_warm_reboot_and_leave_when_k
         let fleet = fleet_status(d);
         assert_eq!(fleet["connected"], true, "{n}: {fleet}");
         assert_eq!(fleet["host_name"], n, "{n}: {fleet}");
+        let metrics = d.client().raw("GET", "/metrics", None).expect("metrics");
+        let metrics = String::from_utf8_lossy(&metrics.body).into_owned();
+        assert!(
+            metrics.contains(&format!("warmvm_fleet_connected{{host=\"{n}\"}} 1")),
+            "{metrics}"
+        );
     }
     let table = fleet_cli(&rig, &[]);
     let table = text(&table);
@@ -349,6 +355,12 @@ fn with_every_etcd_member_down_the_daemons_and_guests_run_on_and_the_records_com
         assert!(f["error"].as_str().is_some_and(|e| !e.is_empty()), "{f}");
         let line = text(&d.cli(&["status"]));
         assert!(line.contains("NOT connected"), "{line}");
+        let metrics = d.client().raw("GET", "/metrics", None).expect("metrics");
+        let metrics = String::from_utf8_lossy(&metrics.body).into_owned();
+        assert!(
+            metrics.contains(&format!("warmvm_fleet_connected{{host=\"{n}\"}} 0")),
+            "{metrics}"
+        );
     }
     // Past the lease's TTL: nothing of the VMs depends on etcd.
     std::thread::sleep(TTL + Duration::from_secs(1));
