@@ -394,6 +394,11 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let state = ApiState::new(warmvm_vmm::Host::open(&dir).unwrap());
+        assert_eq!(
+            state.fleet_connected(),
+            None,
+            "no fleet without --fleet-etcd"
+        );
         let empty = record(&state, "h1").unwrap();
         assert_eq!(empty.name, "h1");
         assert_eq!(empty.format, FORMAT);

@@ -165,6 +165,13 @@ impl ApiState {
         self.fleet.get()
     }
 
+    /// Whether a fleet step may start here: `Some(true)` while the daemon reaches etcd and
+    /// holds its record, `Some(false)` while it does not (a step must not start), `None`
+    /// when it joins no fleet.
+    pub fn fleet_connected(&self) -> Option<bool> {
+        self.fleet.get().map(|f| f.status().connected)
+    }
+
     /// The host's VMs changed: its fleet record is written now rather than at the next
     /// refresh (never waits on etcd).
     pub(crate) fn fleet_changed(&self) {
