@@ -39,6 +39,7 @@ pub mod aging;
 pub mod client;
 pub mod control;
 pub mod daemon;
+pub mod fleet;
 pub mod http;
 pub mod limits;
 pub mod metrics;

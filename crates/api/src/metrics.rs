@@ -505,6 +505,15 @@ pub fn render(state: &ApiState) -> String {
     if let Some(m) = state.aging() {
         aging(&mut o, m);
     }
+    if let Some(f) = state.fleet() {
+        let f = f.status();
+        o.family(
+            "warmvm_fleet_connected",
+            Gauge,
+            "1 while the daemon reaches etcd and holds its host record (--fleet-etcd).",
+        )
+        .int(&[("host", &f.host_name)], u64::from(f.connected));
+    }
     encode(o)
 }
 

@@ -78,6 +78,7 @@ impl ApiState {
             privileges: Some(privileges),
             binary: Some(warmvm_vmm::executable::info()),
             reboot_in_progress: self.reboot_in_progress(),
+            fleet: self.fleet().map(|f| f.status()),
         })
     }
 
@@ -138,6 +139,7 @@ impl ApiState {
             vm
         };
         tracing::info!(vm = %config.name, memory_mib = config.memory_mib, vcpus = config.vcpus, "VM started");
+        self.fleet_changed();
         Ok(vm.report())
     }
 
@@ -224,6 +226,7 @@ impl ApiState {
             }
         }
         tracing::info!(vm = %name, keep_logs, "VM deleted");
+        self.fleet_changed();
         Ok(report)
     }
 

@@ -108,6 +108,8 @@ pub struct ApiState {
     pub(crate) migrations: crate::migration::under_way::UnderWay,
     /// How this daemon migrates VMs out, and its own listener's address, once enabled.
     pub(crate) migration: OnceLock<(crate::migration::setup::Setup, Option<std::net::SocketAddr>)>,
+    /// The fleet agent, when the daemon joins a fleet (`--fleet-etcd`).
+    fleet: OnceLock<warmvm_fleet::Agent>,
 }
 
 impl ApiState {
@@ -145,12 +147,37 @@ impl ApiState {
             last_reboot: OnceLock::new(),
             migrations: Default::default(),
             migration: OnceLock::new(),
+            fleet: OnceLock::new(),
         }
     }
 
     /// Serve the aging monitor's report and hand its state over on a warm reboot.
     pub fn set_aging(&self, monitor: Arc<Monitor>) {
         let _ = self.aging.set(monitor);
+    }
+
+    /// Keep the fleet agent: its status is served, its lease handed over on a reboot.
+    pub fn set_fleet(&self, agent: warmvm_fleet::Agent) {
+        let _ = self.fleet.set(agent);
+    }
+
+    pub fn fleet(&self) -> Option<&warmvm_fleet::Agent> {
+        self.fleet.get()
+    }
+
+    /// Whether a fleet step may start here: `Some(true)` while the daemon reaches etcd and
+    /// holds its record, `Some(false)` while it does not (a step must not start), `None`
+    /// when it joins no fleet.
+    pub fn fleet_connected(&self) -> Option<bool> {
+        self.fleet.get().map(|f| f.status().connected)
+    }
+
+    /// The host's VMs changed: its fleet record is written now rather than at the next
+    /// refresh (never waits on etcd).
+    pub(crate) fn fleet_changed(&self) {
+        if let Some(f) = self.fleet.get() {
+            f.refresh();
+        }
     }
 
     pub fn aging(&self) -> Option<&Arc<Monitor>> {

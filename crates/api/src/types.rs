@@ -213,6 +213,11 @@ pub struct DaemonStatus {
     /// reboot's VMs back), and how far it is. Added by commit c3dc4c5.
     #[serde(default)]
     pub reboot_in_progress: Option<crate::progress::RebootInProgress>,
+    /// The daemon's membership in a fleet (`--fleet-etcd`): whether it reaches etcd and
+    /// holds its record, since when, and why not. Null when it joins no fleet. Added with
+    /// the fleet's membership: absent from older daemons.
+    #[serde(default)]
+    pub fleet: Option<warmvm_fleet::AgentStatus>,
 }
 
 /// How a daemon took its VMs over from the one before it.

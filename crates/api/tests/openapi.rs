@@ -223,8 +223,23 @@ fn reports_in_every_state_match_the_schema() {
             seccomp: "false".into(),
         }),
         reboot_in_progress: None,
+        fleet: None,
     };
     check(&doc, "DaemonStatus", &fresh);
+    check(
+        &doc,
+        "DaemonStatus",
+        &DaemonStatus {
+            fleet: Some(warmvm_fleet::AgentStatus {
+                host_name: "h1".into(),
+                connected: false,
+                since_unix_ms: 1,
+                lease: Some("694d8f3c2b1a0e07".into()),
+                error: Some("etcd: connect to https://10.0.0.1:2379: timed out".into()),
+            }),
+            ..fresh.clone()
+        },
+    );
     check(
         &doc,
         "DaemonStatus",

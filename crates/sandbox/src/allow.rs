@@ -222,6 +222,31 @@ const SOCKETS: &[Allow] = &[
     Always(libc::SYS_epoll_pwait),
 ];
 
+/// A network client on an async runtime (the fleet agent's etcd connection): outgoing TCP
+/// streams (and a name's lookup, UDP), the runtime's epoll and its wake-up eventfd, and
+/// no accepting, no binding. (Its kind adds the host ioctls, for `FIONBIO` on a socket
+/// made non-blocking after the fact.)
+const NET_CLIENT: &[Allow] = &[
+    Always(libc::SYS_socket),
+    Always(libc::SYS_connect),
+    Always(libc::SYS_recvfrom),
+    Always(libc::SYS_sendto),
+    Always(libc::SYS_recvmsg),
+    Always(libc::SYS_sendmsg),
+    Always(libc::SYS_recvmmsg),
+    Always(libc::SYS_sendmmsg),
+    Always(libc::SYS_shutdown),
+    Always(libc::SYS_setsockopt),
+    Always(libc::SYS_getsockopt),
+    Always(libc::SYS_getsockname),
+    Always(libc::SYS_getpeername),
+    Always(libc::SYS_epoll_create1),
+    Always(libc::SYS_epoll_ctl),
+    Always(libc::SYS_epoll_wait),
+    Always(libc::SYS_epoll_pwait),
+    Always(libc::SYS_eventfd2),
+];
+
 /// Binding listeners: only the main thread (a new daemon whose listener did not come
 /// with the handover binds the socket again).
 const LISTEN: &[Allow] = &[Always(libc::SYS_bind), Always(libc::SYS_listen)];
@@ -293,6 +318,8 @@ impl ThreadKind {
             ThreadKind::Main => {
                 let mut g = vmm_wide;
                 g.push(LISTEN);
+                // The fleet agent's thread is the main thread's child.
+                g.push(NET_CLIENT);
                 g
             }
             // API threads create VMs (and so vCPU threads), snapshot, restore and run
@@ -310,6 +337,8 @@ impl ThreadKind {
             // Console logs: writes, and rotation (copy to <log>.1, truncate).
             ThreadKind::Console => vec![EVERY_THREAD, FILES],
             ThreadKind::DeviceWorker => vec![EVERY_THREAD, DEVICE_IO],
+            // A name's lookup may run on a thread of its own (THREADS).
+            ThreadKind::Fleet => vec![EVERY_THREAD, THREADS, NET_CLIENT, &[HostIoctls]],
             // Its RAM-writing threads (THREADS), each writing by offset and syncing
             // (DEVICE_IO).
             ThreadKind::SnapshotWriter => vec![EVERY_THREAD, THREADS, DEVICE_IO, WRITER],

@@ -88,9 +88,12 @@ pub enum ThreadKind {
     /// The `warmvm snapshot-writer` process (snapshots and saved reboots): a process of
     /// its own, started unfiltered by the helper, so this filter is its only one.
     SnapshotWriter,
+    /// The fleet agent: an etcd client (gRPC over TCP, TLS) on a single-threaded async
+    /// runtime (epoll, an eventfd to wake it, timers as epoll timeouts).
+    Fleet,
 }
 
-pub const ALL_KINDS: [ThreadKind; 7] = [
+pub const ALL_KINDS: [ThreadKind; 8] = [
     ThreadKind::Main,
     ThreadKind::Api,
     ThreadKind::Vcpu,
@@ -98,6 +101,7 @@ pub const ALL_KINDS: [ThreadKind; 7] = [
     ThreadKind::Handover,
     ThreadKind::DeviceWorker,
     ThreadKind::SnapshotWriter,
+    ThreadKind::Fleet,
 ];
 
 #[derive(Debug, thiserror::Error)]

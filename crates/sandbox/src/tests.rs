@@ -14,7 +14,7 @@ const CHILD_ENV: &str = "WARMVM_SANDBOX_TEST_CHILD";
 fn forbidden_calls(kind: ThreadKind) -> Vec<&'static str> {
     let mine = match kind {
         ThreadKind::Main => "unshare(0)",
-        ThreadKind::Api | ThreadKind::Handover => "listen(-1)",
+        ThreadKind::Api | ThreadKind::Handover | ThreadKind::Fleet => "listen(-1)",
         ThreadKind::Vcpu => "ioctl(FIONBIO)",
         ThreadKind::Console | ThreadKind::SnapshotWriter => "socket(AF_UNIX)",
         ThreadKind::DeviceWorker => "openat(O_WRONLY)",
@@ -104,6 +104,9 @@ fn child() {
     );
     set_mode(Mode::parse(mode).unwrap());
     start_helper().unwrap();
+    // A server for the network client kinds to reach, bound before any filter.
+    let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let server_addr = server.local_addr().unwrap();
     std::thread::spawn(move || {
         enter(kind).unwrap();
         // Allowed: reading files, threads where the kind starts some (clone with
@@ -115,6 +118,10 @@ fn child() {
         if builds_vms(kind) {
             make("ioctl(FIONBIO)");
         }
+        if kind == ThreadKind::Fleet {
+            net_client(server_addr);
+        }
+        drop(server);
         println!("filtered");
         let rc = make(&call);
         println!("survived {call} = {rc}");
@@ -127,6 +134,38 @@ fn child() {
     })
     .join()
     .unwrap();
+}
+
+/// What the fleet agent's runtime does: connect out, non-blocking, an epoll with an
+/// eventfd to wake it, send and receive.
+fn net_client(addr: std::net::SocketAddr) {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_nonblocking(true).unwrap();
+    s.write_all(b"x").unwrap();
+    // SAFETY: plain fd-creating calls; the fds are closed below.
+    let (ep, ev) = unsafe {
+        (
+            libc::epoll_create1(libc::EPOLL_CLOEXEC),
+            libc::eventfd(0, libc::EFD_CLOEXEC),
+        )
+    };
+    assert!(ep >= 0 && ev >= 0);
+    let mut event = libc::epoll_event {
+        events: libc::EPOLLIN as u32,
+        u64: 1,
+    };
+    // SAFETY: `ep` and `ev` are open fds and `event` is valid for the call.
+    let rc = unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, ev, &mut event) };
+    assert_eq!(rc, 0);
+    // SAFETY: `event` is valid for writes of one event.
+    let n = unsafe { libc::epoll_wait(ep, &mut event, 1, 0) };
+    assert_eq!(n, 0);
+    // SAFETY: both fds are ours and open.
+    unsafe {
+        libc::close(ev);
+        libc::close(ep);
+    }
 }
 
 fn run_child(kind: ThreadKind, mode: &str, call: &str) -> (std::process::ExitStatus, String) {

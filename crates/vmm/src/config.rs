@@ -100,6 +100,28 @@ pub struct Config {
     /// its `--user`, `--group` and `--keep-caps` flags win).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub privileges: Option<PrivilegesConfig>,
+    /// The fleet this daemon joins through etcd (`warmvm daemon` only; its `--fleet-etcd`,
+    /// `--host-name` and `--fleet-etcd-*` flags win, each over its key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<FleetConfig>,
+}
+
+/// `[fleet]`: the etcd cluster and this host's name in it (checked by the daemon).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct FleetConfig {
+    /// `http(s)://HOST:PORT` of each etcd member.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub etcd: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_name: Option<String>,
+    /// mTLS: the CA of etcd's certificates, and this daemon's client certificate and key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etcd_ca: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etcd_cert: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etcd_key: Option<PathBuf>,
 }
 
 /// `[privileges]`: the uid/gid and capabilities the daemon drops to after opening KVM and

@@ -31,7 +31,7 @@ mod virtio;
 pub mod vm;
 
 pub use aging_config::AgingConfig;
-pub use config::{Config, ConfigError, HostLimits, PrivilegesConfig, VmConfig};
+pub use config::{Config, ConfigError, FleetConfig, HostLimits, PrivilegesConfig, VmConfig};
 /// The devices crate, for the console's limits and figures.
 pub use warmvm_devices as devices;
 

@@ -33,6 +33,7 @@ fn sixteen_waiting_vms_leave_the_host_nearly_idle() {
             .collect(),
         aging: None,
         privileges: None,
+        fleet: None,
     };
     let mut host = Host::open(&dir).expect("KVM opens");
     host.create_all(&config)

@@ -62,6 +62,7 @@ fn a_crashing_guest_is_contained_and_its_stray_accesses_counted() {
         vms: vec![rogue, good],
         aging: None,
         privileges: None,
+        fleet: None,
     };
     let mut host = Host::open(&dir).expect("KVM opens");
     host.create_all(&config).expect("VMs are created");

@@ -21,6 +21,8 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once per run: the daemon's many flags make its variant large, which costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Boot the VMs a TOML config file describes and wait until they all power off
@@ -135,6 +137,24 @@ pub enum Command {
         /// A switchover's pause can last up to about twice this when the peer stalls.
         #[arg(long, value_name = "SECS")]
         migration_io_timeout: Option<u64>,
+        /// Join the fleet whose etcd members these are (http(s)://HOST:PORT, comma
+        /// separated): the daemon keeps its host record /warmvm/hosts/NAME there under a
+        /// lease. Needs --host-name. etcd unreachable is not fatal: the daemon retries.
+        #[arg(long, value_name = "URL[,URL...]")]
+        fleet_etcd: Option<String>,
+        /// This host's name in the fleet (1-63 of a-z, 0-9 and '-').
+        #[arg(long, value_name = "NAME")]
+        host_name: Option<String>,
+        /// The CA (PEM) that signed the etcd members' certificates (https endpoints).
+        #[arg(long, value_name = "FILE")]
+        fleet_etcd_ca: Option<PathBuf>,
+        /// This daemon's client certificate (PEM) for etcd, as clusters with client
+        /// authentication require; with --fleet-etcd-key.
+        #[arg(long, value_name = "FILE")]
+        fleet_etcd_cert: Option<PathBuf>,
+        /// The key of --fleet-etcd-cert (PEM).
+        #[arg(long, value_name = "FILE")]
+        fleet_etcd_key: Option<PathBuf>,
     },
     /// Reboot the daemon: a new daemon process (the binary at the daemon's path, which a new
     /// build installed there upgrades, or --binary)
@@ -173,6 +193,12 @@ pub enum Command {
     Vm(VmCommand),
     /// Show the daemon's version, pid, uptime and VM count.
     Status,
+    /// The fleet of hosts coordinated through etcd: its status, rolling plans, resuming
+    /// after a halt (see docs/fleet.md).
+    Fleet {
+        #[command(subcommand)]
+        what: crate::fleet::FleetCommand,
+    },
     /// Show the daemon's aging monitor: each resource's trend, slope and estimated time to
     /// exhaustion, the last and the next action, the warm reboots and their reasons; or
     /// hold or release rejuvenation.
@@ -191,11 +217,6 @@ pub enum Command {
     Man {
         /// The directory to write to (created if missing).
         dir: PathBuf,
-    },
-    /// The fleet on etcd: roll a plan across its hosts, resume after a halt.
-    Fleet {
-        #[command(subcommand)]
-        what: crate::fleet_plan::FleetCommand,
     },
 }
 
@@ -517,6 +538,50 @@ mod tests {
                 "{both:?}"
             );
         }
+    }
+
+    #[test]
+    fn the_fleet_group_takes_its_etcd_flags_and_json() {
+        use clap::Parser;
+        let cli = Cli::try_parse_from([
+            "warmvm",
+            "fleet",
+            "status",
+            "--etcd",
+            "https://a:1",
+            "--etcd-ca",
+            "/ca",
+            "--json",
+        ])
+        .unwrap();
+        assert!(cli.global.json);
+        let Command::Fleet {
+            what: crate::fleet::FleetCommand::Status { etcd },
+        } = cli.command
+        else {
+            panic!("not fleet status");
+        };
+        assert_eq!(etcd.etcd, "https://a:1");
+        assert_eq!(etcd.etcd_ca.as_deref(), Some(std::path::Path::new("/ca")));
+        // --etcd is required.
+        assert!(Cli::try_parse_from(["warmvm", "fleet", "status"]).is_err());
+        let daemon = Cli::try_parse_from([
+            "warmvm",
+            "daemon",
+            "--fleet-etcd",
+            "http://a:1",
+            "--host-name",
+            "h1",
+        ])
+        .unwrap();
+        assert!(matches!(
+            daemon.command,
+            Command::Daemon {
+                fleet_etcd: Some(_),
+                host_name: Some(_),
+                ..
+            }
+        ));
     }
 
     #[test]

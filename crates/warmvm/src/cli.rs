@@ -43,7 +43,11 @@ fn quiet_on_closed_stdout() {
 pub fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
     if matches!(
         cli.command,
-        Command::Vm(_) | Command::Status | Command::Aging { .. } | Command::Completions { .. }
+        Command::Vm(_)
+            | Command::Status
+            | Command::Aging { .. }
+            | Command::Fleet { .. }
+            | Command::Completions { .. }
     ) {
         quiet_on_closed_stdout();
     }
@@ -94,6 +98,11 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
             migration_ca,
             migration_insecure,
             migration_io_timeout,
+            fleet_etcd,
+            host_name,
+            fleet_etcd_ca,
+            fleet_etcd_cert,
+            fleet_etcd_key,
         } => crate::client::daemon(warmvm_api::DaemonOptions {
             socket: api.socket,
             state_dir,
@@ -129,6 +138,13 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
                 insecure: migration_insecure,
                 io_timeout_secs: migration_io_timeout,
             },
+            fleet: warmvm_api::fleet::FleetOptions {
+                etcd: fleet_etcd,
+                host_name,
+                etcd_ca: fleet_etcd_ca,
+                etcd_cert: fleet_etcd_cert,
+                etcd_key: fleet_etcd_key,
+            },
             ..Default::default()
         }),
         Command::Reboot {
@@ -151,6 +167,7 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
         ),
         Command::Vm(cmd) => crate::client::vm(cmd, &api),
         Command::Status => crate::client::status(&api),
+        Command::Fleet { what } => crate::fleet::fleet(what, api.json),
         Command::Aging { action } => crate::aging::aging(action, &api),
         Command::Completions { shell } => {
             let mut cmd = without_hidden(&<Cli as clap::CommandFactory>::command());
@@ -158,7 +175,6 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Man { dir } => crate::manpages::write(&dir),
-        Command::Fleet { what } => crate::fleet_plan::fleet(what, api.json),
     }
 }
 

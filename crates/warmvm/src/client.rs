@@ -68,6 +68,9 @@ pub fn status(api: &ApiArgs) -> Result<ExitCode, Failure> {
         if let Some(r) = &s.last_reboot {
             println!("last reboot: {}", last_reboot(r));
         }
+        if let Some(f) = &s.fleet {
+            println!("fleet: {}", crate::fleet::membership_line(f));
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -302,6 +302,7 @@ fn first_vmm(args: &DemoArgs, state_dir: PathBuf) -> Result<ExitCode, Failure> {
             .collect(),
         aging: None,
         privileges: None,
+        fleet: None,
     };
     config
         .validate(warmvm_vmm::HostLimits::probe())

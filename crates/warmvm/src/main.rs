@@ -8,6 +8,7 @@ mod console;
 mod demo;
 mod external;
 mod failure;
+mod fleet;
 mod fleet_plan;
 mod manpages;
 mod output;

@@ -402,6 +402,11 @@ impl Monitor {
         }
     }
 
+    /// The last sample taken, if any (the fleet's host record shows its figures).
+    pub fn latest(&self) -> Option<Sample> {
+        self.lock().history.back().cloned()
+    }
+
     pub fn history(&self) -> AgingHistory {
         AgingHistory {
             samples: self.lock().history.iter().cloned().collect(),

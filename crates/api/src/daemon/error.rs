@@ -35,6 +35,10 @@ pub enum DaemonError {
     /// The migration flags, their certificate files, or binding the listener.
     #[error(transparent)]
     Migration(crate::migration::SetupError),
+    /// The fleet flags (or the config's `[fleet]`), their TLS files, or the fleet agent's
+    /// thread.
+    #[error("fleet: {}", chain(.0))]
+    Fleet(warmvm_fleet::FleetError),
     /// A path flag cannot be made absolute.
     #[error("{flag} {}: {source}", path.display())]
     Path {
@@ -91,6 +95,17 @@ pub enum DaemonError {
     Takeover(#[from] TakeoverError),
 }
 
+/// An error and its causes on one line (the daemon's start-up error is one line).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    text
+}
+
 impl DaemonError {
     /// Whether the operator's input is at fault (config, flags, files they named), rather
     /// than the host (no KVM, the socket taken, I/O errors).
@@ -106,6 +121,7 @@ impl DaemonError {
             | DaemonError::Manifest(_) => true,
             DaemonError::Takeover(e) => e.is_input(),
             DaemonError::Migration(e) => e.is_input(),
+            DaemonError::Fleet(e) => !matches!(e, warmvm_fleet::FleetError::Runtime(_)),
             // A VM of the config that this host cannot create is the config's fault;
             // KVM itself failing is the host's.
             DaemonError::Host(e) => !matches!(e, HostError::Hypervisor(_) | HostError::Vm { .. }),

@@ -86,6 +86,9 @@ pub struct DaemonOptions {
     pub privileges: Option<warmvm_vmm::PrivilegesConfig>,
     /// Live migration: the listener (off by default) and the TLS both directions use.
     pub migration: crate::migration::MigrationOptions,
+    /// The fleet this daemon joins through etcd (off by default); over the config's
+    /// `[fleet]`.
+    pub fleet: crate::fleet::FleetOptions,
 }
 
 impl Default for DaemonOptions {
@@ -106,6 +109,7 @@ impl Default for DaemonOptions {
             seccomp: warmvm_sandbox::Mode::Kill,
             privileges: None,
             migration: Default::default(),
+            fleet: Default::default(),
         }
     }
 }
@@ -172,6 +176,13 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
     }
     // The certificates are read here, before privileges drop (the key may be root's).
     let migration_setup = opts.migration.setup().map_err(DaemonError::Migration)?;
+    // The fleet's flags over the config's; a warm reboot's new daemon gets them as flags.
+    // Checked (and the TLS files read) before any VM starts; etcd is not reached here.
+    let fleet_setup = opts
+        .fleet
+        .over(config.as_ref().and_then(|c| c.fleet.as_ref()))
+        .setup()
+        .map_err(DaemonError::Fleet)?;
     // A warm reboot's new daemon inherits the dropped privileges; it has none to drop.
     let drop_to = match opts.takeover_fd {
         None => crate::privileges::resolve(
@@ -379,6 +390,7 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
         takeover.as_ref(),
         state.last_reboot().as_ref(),
     ));
+    let adopt_lease = inherited.as_ref().and_then(|s| s.fleet_lease);
     // The handed-over settings, history included, have been decoded: do not keep the JSON
     // tree for the process's lifetime (it would count as the new daemon's own memory).
     drop(inherited);
@@ -453,7 +465,12 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
         extra_fds.push((MIGRATION_LISTENER_FD.to_string(), l.as_raw_fd()));
     }
     state.enable_reboot(RebootSetup {
-        args: successor_args(opts, &socket_path, &state_dir),
+        args: successor_args(
+            opts,
+            &socket_path,
+            &state_dir,
+            fleet_setup.as_ref().map(|f| &f.options),
+        ),
         limits,
         hands_lock: lock.is_some(),
         extra_fds,
@@ -500,6 +517,16 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
         tracing::warn!(error = %e, "cannot notify systemd");
     }
 
+    if let Some(setup) = &fleet_setup {
+        // etcd unreachable is not an error here: the agent keeps trying, the VMs run.
+        let started = crate::fleet::start(&state, setup, adopt_lease, fleet_thread_setup());
+        if let Err(e) = started {
+            if !adopted {
+                return Err(DaemonError::Fleet(e));
+            }
+            tracing::error!(error = %e, "cannot start the fleet agent; serving without the fleet");
+        }
+    }
     let bringing_back =
         bring_back.map(|job| bring_back_in_background(state.clone(), job, state_dir.clone()));
     start_rejuvenator(state.clone());
@@ -528,6 +555,8 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
     // VMs still being brought back: the wait for their guests ends, and they are stopped
     // with the others.
     state.shutting_down.store(true, Ordering::SeqCst);
+    // Leave the fleet first: the lease is revoked, so the host's record goes at once.
+    crate::fleet::leave(&state, Duration::from_secs(3));
     if let Some(Some(t)) = bringing_back {
         let _ = t.join();
     }
@@ -587,7 +616,12 @@ fn keep_trying<T>(
 
 /// The arguments of the daemon a warm reboot starts: the same settings, resolved, without
 /// the config (its VMs are handed over, not created again).
-fn successor_args(opts: &DaemonOptions, socket: &Path, state_dir: &Path) -> Vec<OsString> {
+fn successor_args(
+    opts: &DaemonOptions,
+    socket: &Path,
+    state_dir: &Path,
+    fleet: Option<&crate::fleet::FleetOptions>,
+) -> Vec<OsString> {
     let mut args = opts.successor_args.clone();
     args.extend([
         "daemon".into(),
@@ -602,7 +636,15 @@ fn successor_args(opts: &DaemonOptions, socket: &Path, state_dir: &Path) -> Vec<
         args.extend(["--metrics-addr".into(), addr.to_string().into()]);
     }
     args.extend(opts.migration.to_args());
+    if let Some(f) = fleet {
+        args.extend(f.to_args());
+    }
     args
+}
+
+/// What the fleet agent's thread runs first: its seccomp filter (a network client).
+fn fleet_thread_setup() -> Box<dyn FnOnce() + Send> {
+    Box::new(|| warmvm_sandbox::enter_or_log(warmvm_sandbox::ThreadKind::Fleet))
 }
 
 /// Let the daemon migrate VMs out, and accept them on `listener` if it has one. Returns

@@ -380,6 +380,7 @@ impl ApiState {
             s.aging_configured = m.configured().and_then(|c| serde_json::to_value(c).ok());
         }
         s.previous_binary = Some(warmvm_vmm::executable::info());
+        s.fleet_lease = self.fleet().and_then(|f| f.lease());
         s
     }
 }

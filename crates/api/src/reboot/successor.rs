@@ -67,6 +67,12 @@ pub struct Successor {
     /// `aging` still knows them (`aging::carry::decode_configured`); JSON for that reason.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aging_configured: Option<serde_json::Value>,
+    /// The fleet membership lease (etcd's id) the new daemon keeps alive instead of
+    /// granting its own, so that the host's record stays through the reboot. Added with
+    /// the fleet's membership; absent when the daemon joins no fleet, so that an older
+    /// build, which refuses keys it does not know, can still follow such a daemon.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet_lease: Option<i64>,
 }
 
 /// The settings of a build before versioning: the untyped object those builds wrote. Every
@@ -175,6 +181,7 @@ impl Successor {
             bring_back: None,
             aging: None,
             aging_configured: None,
+            fleet_lease: None,
         }
     }
 
@@ -242,6 +249,7 @@ impl Successor {
             bring_back: l.bring_back,
             aging: l.aging,
             aging_configured: l.aging_configured,
+            fleet_lease: None,
         })
     }
 
@@ -320,6 +328,26 @@ mod tests {
         assert_eq!(back.encode().unwrap(), v);
         assert_eq!(back.limits.api_connections, 3);
         assert_eq!(back.stage_timeout(), Duration::from_millis(7000));
+    }
+
+    #[test]
+    fn the_fleet_lease_travels_only_when_there_is_one() {
+        // No fleet: the key is not written, so an older build (which refuses keys it does
+        // not know) still reads the settings.
+        let v = ours().encode().unwrap();
+        assert!(v.get("fleet_lease").is_none(), "{v}");
+        assert_eq!(
+            Successor::decode(&v, &fallbacks()).unwrap().fleet_lease,
+            None
+        );
+        let mut s = ours();
+        s.fleet_lease = Some(0x694d_8f3c_2b1a_0e07);
+        let v = s.encode().unwrap();
+        let back = Successor::decode(&v, &fallbacks()).unwrap();
+        assert_eq!(back.fleet_lease, Some(0x694d_8f3c_2b1a_0e07));
+        let mut bad = v;
+        bad["fleet_lease"] = json!("not a lease");
+        assert!(Successor::decode(&bad, &fallbacks()).is_err());
     }
 
     #[test]
