@@ -177,6 +177,11 @@ impl Watch {
         Watch { child, events }
     }
 
+    /// What the watch has seen so far.
+    fn seen(&self) -> Vec<Event> {
+        self.events.lock().unwrap().clone()
+    }
+
     fn stop(mut self) -> Vec<Event> {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -265,8 +270,17 @@ fn three_hosts_register_keep_their_record_through_a_warm_reboot_and_leave_when_k
     let lease_before = lease_of(&rig, "h0");
     assert_ne!(lease_before, 0);
     let watch = Watch::start(&rig, &host_key("h0"));
-    std::thread::sleep(Duration::from_millis(500));
     let old_pid = hosts[0].pid;
+    // The watch is in place once it has seen the old daemon's refresh (etcdctl takes a
+    // while to start on a loaded machine).
+    assert!(
+        wait_until(15, || watch
+            .seen()
+            .iter()
+            .any(|(_, p)| *p == Some(u64::from(old_pid)))),
+        "the watch saw no refresh by the old daemon: {:?}",
+        watch.seen()
+    );
     let report = hosts[0]
         .client()
         .reboot("warm", None)
