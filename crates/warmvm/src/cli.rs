@@ -33,7 +33,9 @@ fn global_args(cli: &Cli) -> Vec<std::ffi::OsString> {
 /// For the commands that only print what the daemon answered: end quietly, as other Unix
 /// tools do, when the reader of stdout has gone (`warmvm status | head -1`), instead of
 /// panicking in `println!` on EPIPE. Not for the daemon, benches or reboots, which must see
-/// EPIPE as an error and go on.
+/// EPIPE as an error and go on, nor for the fleet commands: their etcd connection is a
+/// socket too, and a member closing it (a client without a certificate) must be an error,
+/// not a silent death by SIGPIPE.
 fn quiet_on_closed_stdout() {
     // SAFETY: restoring the default disposition of SIGPIPE installs no handler and touches
     // no memory; this process is a short-lived client with a single thread here.
@@ -43,11 +45,7 @@ fn quiet_on_closed_stdout() {
 pub fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
     if matches!(
         cli.command,
-        Command::Vm(_)
-            | Command::Status
-            | Command::Aging { .. }
-            | Command::Fleet { .. }
-            | Command::Completions { .. }
+        Command::Vm(_) | Command::Status | Command::Aging { .. } | Command::Completions { .. }
     ) {
         quiet_on_closed_stdout();
     }

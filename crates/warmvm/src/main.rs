@@ -9,7 +9,6 @@ mod demo;
 mod external;
 mod failure;
 mod fleet;
-mod fleet_plan;
 mod manpages;
 mod output;
 mod reboot_progress;

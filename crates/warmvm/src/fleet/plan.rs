@@ -7,8 +7,8 @@ use clap::Args;
 use warmvm_fleet::plan::{MissingHost, PlanRequest, PlanSpec, DEFAULT_BLACKOUT_P99_LIMIT_US};
 use warmvm_fleet::FleetError;
 
+use super::etcd::{fleet_failure, EtcdArgs};
 use crate::failure::Failure;
-use crate::fleet::{fleet_failure, EtcdArgs};
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 pub enum OnMissingHost {

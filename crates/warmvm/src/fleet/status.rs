@@ -1,98 +1,16 @@
-//! `warmvm fleet ...`: the fleet of hosts as etcd holds it. Each subcommand names the etcd
-//! cluster itself (`--etcd`, and its TLS files); none needs a daemon on this host.
+//! `warmvm fleet status`: the hosts and the fleet-wide keys as etcd holds them.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use warmvm_fleet::records::{Health, HostRecord};
 use warmvm_fleet::view::FleetView;
-use warmvm_fleet::{AgentStatus, EtcdOptions, FleetError};
+use warmvm_fleet::AgentStatus;
 
-use crate::failure::{Failure, EXIT_BAD_INPUT, EXIT_HOST};
+use super::etcd::{fleet_failure, EtcdArgs};
+use crate::failure::Failure;
 
-#[derive(clap::Subcommand, Debug)]
-pub enum FleetCommand {
-    /// List the hosts (build, pid, health, VMs, verified guests, how fresh the record is)
-    /// and the fleet-wide keys (halt, slots). With --json: the records themselves.
-    Status {
-        #[command(flatten)]
-        etcd: EtcdArgs,
-    },
-    /// Store a plan that reboots the fleet's hosts in waves: the canary host(s), a soak,
-    /// then the rest at most --max-unavailable at a time; optionally onto a new build
-    /// (--binary, staged at that path on every host, and its --sha256). Prints the plan's
-    /// id. Nothing is stored when anything is refused.
-    Roll {
-        #[command(flatten)]
-        etcd: EtcdArgs,
-        #[command(flatten)]
-        plan: crate::fleet_plan::RollArgs,
-    },
-    /// Clear the fleet's halt after an operator has looked: the plan goes on (past the
-    /// failed host, which is not retried).
-    Resume {
-        #[command(flatten)]
-        etcd: EtcdArgs,
-    },
-}
-
-/// How a fleet command reaches etcd.
-#[derive(clap::Args, Debug, Clone)]
-pub struct EtcdArgs {
-    /// The etcd members, http(s)://HOST:PORT, comma separated.
-    #[arg(long, value_name = "URL[,URL...]")]
-    pub etcd: String,
-    /// The CA (PEM) that signed the etcd members' certificates (https endpoints).
-    #[arg(long, value_name = "FILE")]
-    pub etcd_ca: Option<PathBuf>,
-    /// A client certificate (PEM) for etcd; with --etcd-key.
-    #[arg(long, value_name = "FILE", requires_all = ["etcd_key", "etcd_ca"])]
-    pub etcd_cert: Option<PathBuf>,
-    /// The key of --etcd-cert (PEM).
-    #[arg(long, value_name = "FILE", requires = "etcd_cert")]
-    pub etcd_key: Option<PathBuf>,
-}
-
-impl EtcdArgs {
-    /// Checked whole before anything is connected.
-    pub fn options(&self) -> Result<EtcdOptions, Failure> {
-        // The daemon's flags are named --fleet-etcd*; here they are --etcd*.
-        let rename = |m: String| m.replace("--fleet-etcd", "--etcd");
-        let o = EtcdOptions::new(
-            &self.etcd,
-            self.etcd_ca.clone(),
-            self.etcd_cert.clone(),
-            self.etcd_key.clone(),
-        )
-        .map_err(|e| Failure::new(EXIT_BAD_INPUT, rename(e.to_string())))?;
-        o.connect_options()
-            .map_err(|e| Failure::from_error(EXIT_BAD_INPUT, &e))?;
-        Ok(o)
-    }
-}
-
-pub fn fleet(what: FleetCommand, json: bool) -> Result<ExitCode, Failure> {
-    match what {
-        FleetCommand::Status { etcd } => status(&etcd, json),
-        FleetCommand::Roll { etcd, plan } => crate::fleet_plan::roll(&etcd, plan, json),
-        FleetCommand::Resume { etcd } => crate::fleet_plan::resume(&etcd, json),
-    }
-}
-
-/// The operator's mistakes exit 2; etcd or the host failing, 3.
-pub(crate) fn fleet_failure(e: FleetError) -> Failure {
-    let code = match &e {
-        FleetError::Invalid(_)
-        | FleetError::Refused(_)
-        | FleetError::ReadFile { .. }
-        | FleetError::StepNotAssigned { .. } => EXIT_BAD_INPUT,
-        _ => EXIT_HOST,
-    };
-    Failure::from_error(code, &e)
-}
-
-fn status(etcd: &EtcdArgs, json: bool) -> Result<ExitCode, Failure> {
+pub fn status(etcd: &EtcdArgs, json: bool) -> Result<ExitCode, Failure> {
     let options = etcd.options()?;
     let view = warmvm_fleet::view::read(&options).map_err(fleet_failure)?;
     if json {
@@ -282,18 +200,5 @@ mod tests {
         assert!(lines[2].contains(" 0/1 "), "{t}");
         assert!(t.contains("halt: gate failed on h2"), "{t}");
         assert!(t.contains("slot /warmvm/slots/0: h1"), "{t}");
-    }
-
-    #[test]
-    fn bad_etcd_flags_are_bad_input_and_named_as_this_commands() {
-        let args = EtcdArgs {
-            etcd: "https://10.0.0.1:2379".into(),
-            etcd_ca: None,
-            etcd_cert: None,
-            etcd_key: None,
-        };
-        let e = args.options().unwrap_err();
-        assert!(e.to_string().contains("--etcd-ca"), "{e}");
-        assert!(!e.to_string().contains("--fleet-etcd"), "{e}");
     }
 }
