@@ -195,26 +195,25 @@ fn events(rig: &EtcdCluster) -> Vec<Value> {
     get_prefix(rig, "/warmvm/events/")
 }
 
-fn roll(f: &Fleet, binary: &Path, sha: &str) -> String {
+fn roll(f: &Fleet, binary: &Path, sha: &str, extra: &[&str]) -> String {
     let bin = binary.display().to_string();
-    let out = fleet(
-        &f.rig,
-        &[
-            "roll",
-            "--mode",
-            "warm",
-            "--binary",
-            &bin,
-            "--sha256",
-            sha,
-            "--soak",
-            "5",
-            "--max-unavailable",
-            "1",
-            "--hosts",
-            "h0,h1,h2",
-        ],
-    );
+    let mut args = vec![
+        "roll",
+        "--mode",
+        "warm",
+        "--binary",
+        &bin,
+        "--sha256",
+        sha,
+        "--soak",
+        "5",
+        "--max-unavailable",
+        "1",
+        "--hosts",
+        "h0,h1,h2",
+    ];
+    args.extend(extra);
+    let out = fleet(&f.rig, &args);
     assert!(out.status.success(), "fleet roll: {}", text(&out));
     let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
     assert!(id.starts_with("plan-"), "{id}");
@@ -236,7 +235,7 @@ fn the_daemons_roll_a_new_build_across_three_hosts_one_at_a_time_and_no_vm_resta
     assert_ne!(old_sha, sha);
     let uptimes_before: Vec<BTreeMap<String, u64>> = f.hosts.iter().map(uptimes).collect();
     let started = Instant::now();
-    let id = roll(&f, &binary, &sha);
+    let id = roll(&f, &binary, &sha, &[]);
     let finished = watch_roll(&mut f, Duration::from_secs(240), &|rig| {
         progress(rig, &id)["status"] == "done"
     });
@@ -319,4 +318,106 @@ fn the_daemons_roll_a_new_build_across_three_hosts_one_at_a_time_and_no_vm_resta
                 - s["started_unix_ms"].as_u64().unwrap_or(0)
         );
     }
+}
+
+#[test]
+fn a_canary_that_fails_its_gate_halts_the_fleet_goes_back_to_its_build_and_no_other_host_starts() {
+    if !can_run("fleet_roll_hosts_halt") {
+        return;
+    }
+    let mut f = fleet_of_three("rollhalt");
+    let dir = scratch(&format!("fleet-halt-build-{}", now_ms() % 100_000));
+    let (binary, sha) = other_build(&dir, b"fleet-roll-canary");
+    let old_sha = host_record(&f.rig, "h0").unwrap()["build"]["sha256"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let pids: Vec<u32> = f.hosts.iter().map(|d| d.pid).collect();
+    let uptimes_before: Vec<BTreeMap<String, u64>> = f.hosts.iter().map(uptimes).collect();
+    let started = Instant::now();
+    // No warm reboot has a blackout of 1 us: the canary's blackout gate fails.
+    let id = roll(&f, &binary, &sha, &["--blackout-limit-us", "1"]);
+    // The canary reboots twice: into the new build, then back to its own.
+    let back = watch_roll(&mut f, Duration::from_secs(180), &|rig| {
+        get(rig, "/warmvm/halt").is_some()
+            && host_record(rig, "h0").is_some_and(|r| {
+                r["build"]["sha256"] == old_sha.as_str()
+                    && r["last_reboot"]["from_sha256"] == sha.as_str()
+            })
+    });
+    let logs: String = f.hosts.iter().map(|d| d.log()).collect();
+    assert!(
+        back,
+        "the canary did not halt and go back: halt {:?}\nh0: {:#?}\nsteps: {:#?}\nevents: {:#?}\n{logs}",
+        get(&f.rig, "/warmvm/halt"),
+        host_record(&f.rig, "h0"),
+        steps(&f.rig, &id),
+        events(&f.rig)
+    );
+    let took = started.elapsed();
+    let halt = get(&f.rig, "/warmvm/halt").unwrap();
+    assert_eq!(halt["host"], "h0", "{halt:#}");
+    assert_eq!(halt["plan"], id.as_str(), "{halt:#}");
+    assert!(
+        halt["reason"].as_str().unwrap().contains("blackout"),
+        "{halt:#}"
+    );
+    // Give the coordinator a few rounds: still no other host is assigned.
+    std::thread::sleep(Duration::from_secs(3));
+    let all = steps(&f.rig, &id);
+    assert_eq!(all.len(), 1, "another host got a step: {all:#?}");
+    let s = &all[0];
+    assert_eq!(s["host"], "h0");
+    assert_eq!(s["state"], "failed", "{s:#}");
+    assert_eq!(s["to_sha256"], sha.as_str(), "{s:#}");
+    let blackout = s["gates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["gate"] == "blackout")
+        .cloned()
+        .unwrap_or(Value::Null);
+    assert_eq!(blackout["passed"], false, "{s:#}");
+    let history = events(&f.rig);
+    let count = |kind: &str, host: &str| {
+        history
+            .iter()
+            .filter(|e| e["kind"] == kind && e["host"] == host)
+            .count()
+    };
+    assert_eq!(count("step-started", "h0"), 1, "{history:#?}");
+    assert_eq!(count("gate-failed", "h0"), 1, "{history:#?}");
+    for n in ["h1", "h2"] {
+        assert_eq!(count("step-started", n), 0, "{history:#?}");
+    }
+    let out = f
+        .rig
+        .etcdctl(&["get", "/warmvm/slots/", "--prefix", "--keys-only"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).trim().is_empty(),
+        "a slot is still held: {}",
+        text(&out)
+    );
+    // h1 and h2 never rebooted; every VM runs and verifies, none restarted.
+    assert_eq!(f.hosts[1].pid, pids[1]);
+    assert_eq!(f.hosts[2].pid, pids[2]);
+    assert_ne!(f.hosts[0].pid, pids[0]);
+    for (i, n) in f.names.iter().enumerate() {
+        let r = host_record(&f.rig, n).unwrap();
+        assert_eq!(r["build"]["sha256"], old_sha.as_str(), "{n}: {r:#}");
+        judge(&f.hosts[i].client(), &vm_names(n))
+            .unwrap_or_else(|e| panic!("{n}'s guests: {e:?}\n{}", f.hosts[i].log()));
+        let after = uptimes(&f.hosts[i]);
+        for (vm, before) in &uptimes_before[i] {
+            let now = after.get(vm).copied().unwrap_or(0);
+            assert!(
+                now >= before + took.as_millis() as u64 - 1000,
+                "{vm} restarted: uptime {before} ms before, {now} ms after ({took:?} later)"
+            );
+        }
+    }
+    eprintln!(
+        "canary failed its gate, halted and back on its build {:.1} s after the plan",
+        took.as_secs_f64()
+    );
 }
