@@ -163,7 +163,10 @@ fn start_reboots(state: &Arc<ApiState>) -> Result<std::sync::mpsc::Sender<Reboot
             // The thread kind that runs an operator's reboot.
             warmvm_sandbox::enter_or_log(warmvm_sandbox::ThreadKind::Api);
             while let Ok(ask) = rx.recv() {
-                let Some(state) = weak.upgrade() else { return };
+                let Some(state) = weak.upgrade() else {
+                    ask.busy.store(false, std::sync::atomic::Ordering::SeqCst);
+                    return;
+                };
                 let mode = match ask.mode {
                     warmvm_fleet::plan::Mode::Warm => crate::types::Mode::Warm,
                     warmvm_fleet::plan::Mode::Saved => crate::types::Mode::Saved,
@@ -183,6 +186,7 @@ fn start_reboots(state: &Arc<ApiState>) -> Result<std::sync::mpsc::Sender<Reboot
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "fleet: the plan step's reboot failed; the VMs run on here");
+                        ask.busy.store(false, std::sync::atomic::Ordering::SeqCst);
                         let _ = ask.done.send(Err(e.to_string()));
                     }
                 }

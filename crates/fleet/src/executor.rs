@@ -42,6 +42,11 @@ pub struct RebootAsk {
     /// For the log: the plan's step and what the reboot is for.
     pub why: String,
     pub done: oneshot::Sender<Result<(), String>>,
+    /// Set while the reboot is under way; the daemon clears it when the reboot failed,
+    /// before it answers. The executor starts nothing while it is set, even if the
+    /// session that asked ended meanwhile (a reconnected executor must not judge a step
+    /// whose reboot is still running).
+    pub busy: Arc<AtomicBool>,
 }
 
 /// The daemon's host record, read by the agent's session and its executor.
@@ -171,6 +176,7 @@ impl Executor {
             binary,
             why,
             done,
+            busy: self.busy.clone(),
         });
         let r = match asked {
             Err(_) => Err("the daemon takes no reboot request (it is stopping)".to_string()),

@@ -270,6 +270,13 @@ fn the_daemons_roll_a_new_build_across_three_hosts_one_at_a_time_and_no_vm_resta
         assert_eq!(count("gate-failed"), 0, "{n}: {history:#?}");
     }
     assert!(get(&f.rig, "/warmvm/halt").is_none());
+    // One election only: every host rebooted, the leader's too, and its new daemon led on
+    // with the election key its lease kept instead of campaigning again.
+    let elected: Vec<&Value> = history
+        .iter()
+        .filter(|e| e["kind"] == "leader-elected")
+        .collect();
+    assert_eq!(elected.len(), 1, "{history:#?}");
     let out = f
         .rig
         .etcdctl(&["get", "/warmvm/slots/", "--prefix", "--keys-only"]);
