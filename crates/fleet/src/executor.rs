@@ -24,7 +24,7 @@ use crate::kv::{self, now_unix_ms};
 use crate::plan::{
     self, GateResult, Mode, PlanSpec, StepOutcome, StepRecord, StepStart, StepState,
 };
-use crate::records::HostRecord;
+use crate::records::{Health, HostRecord};
 use crate::{keys, slots, FleetError};
 
 /// How often the executor looks at its step.
@@ -102,6 +102,9 @@ impl Executor {
             return Ok(());
         };
         match step.state {
+            // A reboot or migration of the daemon's own is under way: the step waits
+            // for it rather than failing on it.
+            StepState::Assigned if record.health == Health::Busy => Ok(()),
             StepState::Assigned => self.start(client, &spec, &record).await,
             _ => self.resume(client, &spec, &step, &record).await,
         }
@@ -346,6 +349,7 @@ impl Executor {
         if !missing.is_empty() {
             problems.push(format!("VMs gone: {missing:?}"));
         }
+        problems.sort();
         problems.dedup();
         ok(
             "vms-running",
