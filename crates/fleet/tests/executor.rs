@@ -1,7 +1,8 @@
 //! A host's step executor against a real etcd, with a fake daemon (its record and its
 //! reboot requests are the test's): a plan's binary whose sha256 on disk is not the plan's
 //! fails the step and halts the fleet without asking for a reboot; a reboot that fails
-//! does the same, and the slot is given back either way. Needs root and etcd (skipped
+//! does the same, and the slot is given back either way; so does a step found started by a
+//! daemon that did not come from its reboot. Needs root and etcd (skipped
 //! without them, failing under `WARMVM_REQUIRE_KVM=1` or `CI`).
 
 mod common;
@@ -146,6 +147,39 @@ fn a_reboot_that_fails_leaves_the_old_build_fails_the_step_and_halts() {
                 .contains("refused the handover"),
             "{s:?}"
         );
+        assert!(halt::get(&mut c).await.unwrap().is_some());
+        assert!(slots::holders(&mut c).await.unwrap().is_empty());
+    });
+}
+
+#[test]
+fn a_started_step_whose_daemon_did_not_come_from_its_reboot_fails_and_halts() {
+    with_etcd("exec-orphan", |options| async move {
+        let mut c = options.connect().await.unwrap();
+        register(&mut c, &["h0", "h1"]).await;
+        let id = plan::create_plan(&mut c, &request(&["h0", "h1"]))
+            .await
+            .unwrap()
+            .id;
+        let _leader = assign_canary(&mut c).await;
+        // The daemon that started the step is gone before its reboot; this one (no reboot
+        // in its record) was started afresh.
+        let lease = c.lease_grant(60, None).await.unwrap().id();
+        let slot = slots::take(&mut c, 1, "h0", lease).await.unwrap().unwrap();
+        plan::start_step(&mut c, &id, "h0", slot, Some("00".repeat(32)))
+            .await
+            .unwrap();
+        let (asks, task) = executor(&c).await;
+        let s = wait_failed(&mut c, &id).await;
+        task.abort();
+        assert!(
+            s.detail
+                .as_deref()
+                .unwrap()
+                .contains("did not come from its reboot"),
+            "{s:?}"
+        );
+        assert!(asks.try_recv().is_err(), "a reboot was asked for");
         assert!(halt::get(&mut c).await.unwrap().is_some());
         assert!(slots::holders(&mut c).await.unwrap().is_empty());
     });
