@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use warmvm_fleet::executor::RebootAsk;
 use warmvm_fleet::records::{
     AgingFigures, Build, GuestProgress, Health, HostRecord, HostVm, LastReboot, FORMAT,
 };
@@ -136,15 +137,63 @@ pub fn start(
 ) -> Result<(), FleetError> {
     let weak = Arc::downgrade(state);
     let name = setup.host_name.clone();
+    let reboots = start_reboots(state)?;
     let agent = Agent::start(AgentConfig {
         etcd: setup.etcd.clone(),
         host_name: setup.host_name.clone(),
         adopt_lease,
         record: Box::new(move || weak.upgrade().and_then(|s| record(&s, &name))),
         thread_setup,
+        reboots: Some(reboots),
     })?;
     state.set_fleet(agent);
     Ok(())
+}
+
+/// The daemon's side of a fleet step's reboot: a thread that takes the agent's requests
+/// and runs the same reboot as `PUT /v1/reboot` (the agent never touches a VM). On
+/// success this process has handed everything to the new daemon and exits at once, as
+/// after an emergency rejuvenation; on failure the VMs run on here and the agent hears why.
+fn start_reboots(state: &Arc<ApiState>) -> Result<std::sync::mpsc::Sender<RebootAsk>, FleetError> {
+    let (tx, rx) = std::sync::mpsc::channel::<RebootAsk>();
+    let weak = Arc::downgrade(state);
+    std::thread::Builder::new()
+        .name("warmvm-fleet-reboot".into())
+        .spawn(move || {
+            // The thread kind that runs an operator's reboot.
+            warmvm_sandbox::enter_or_log(warmvm_sandbox::ThreadKind::Api);
+            while let Ok(ask) = rx.recv() {
+                let Some(state) = weak.upgrade() else {
+                    ask.busy.store(false, std::sync::atomic::Ordering::SeqCst);
+                    return;
+                };
+                let mode = match ask.mode {
+                    warmvm_fleet::plan::Mode::Warm => crate::types::Mode::Warm,
+                    warmvm_fleet::plan::Mode::Saved => crate::types::Mode::Saved,
+                    warmvm_fleet::plan::Mode::Cold => crate::types::Mode::Cold,
+                };
+                let mut req = crate::types::RebootRequest::new(mode);
+                req.binary = ask.binary.clone();
+                tracing::info!(why = ask.why, binary = ?ask.binary, "fleet: rebooting for a plan step");
+                match state.reboot_for(&req, crate::aging::RebootReason::Manual) {
+                    Ok(report) => {
+                        tracing::info!(
+                            new_pid = report.new_pid,
+                            host_blackout_us = report.host_blackout_us,
+                            "fleet: the plan step's reboot is done: the new daemon runs every VM; this one exits"
+                        );
+                        std::process::exit(0);
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "fleet: the plan step's reboot failed; the VMs run on here");
+                        ask.busy.store(false, std::sync::atomic::Ordering::SeqCst);
+                        let _ = ask.done.send(Err(e.to_string()));
+                    }
+                }
+            }
+        })
+        .map_err(FleetError::Runtime)?;
+    Ok(tx)
 }
 
 fn now_ms() -> u64 {

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use crate::connect::CALL_TIMEOUT;
+use crate::executor::{Executor, RebootAsk, SharedRecord};
 use crate::membership::{self, Written};
 use crate::records::HostRecord;
 use crate::{EtcdOptions, FleetError};
@@ -51,6 +52,10 @@ pub struct AgentConfig {
     pub record: Box<dyn FnMut() -> Option<HostRecord> + Send>,
     /// Run first thing on the agent's thread (the daemon installs its seccomp filter).
     pub thread_setup: Box<dyn FnOnce() + Send>,
+    /// Where the agent asks its daemon for a plan step's reboot. With it the agent also
+    /// campaigns to coordinate and carries out this host's steps; without it, it only
+    /// keeps the record.
+    pub reboots: Option<std_mpsc::Sender<RebootAsk>>,
 }
 
 enum Command {
@@ -103,8 +108,11 @@ impl Agent {
             lease: lease.clone(),
             commands: rx,
             etcd: config.etcd,
-            record: config.record,
+            record: Arc::new(Mutex::new(config.record)),
             logged: None,
+            host_name: config.host_name.clone(),
+            reboots: config.reboots,
+            busy: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         };
         let setup = config.thread_setup;
         std::thread::Builder::new()
@@ -153,9 +161,25 @@ struct Runner {
     lease: Arc<Mutex<Option<i64>>>,
     commands: mpsc::UnboundedReceiver<Command>,
     etcd: EtcdOptions,
-    record: Box<dyn FnMut() -> Option<HostRecord> + Send>,
+    record: SharedRecord,
     /// The state last logged: (connected, error).
     logged: Option<(bool, Option<String>)>,
+    host_name: String,
+    reboots: Option<std_mpsc::Sender<RebootAsk>>,
+    /// A step's reboot is under way (kept across sessions).
+    busy: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Tasks of one session with etcd (the coordinator's, the step executor's): they end
+/// with it, so nothing of the fleet is decided or started without etcd and the lease.
+struct SessionTasks(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for SessionTasks {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
 }
 
 /// How a session with etcd ended.
@@ -303,6 +327,7 @@ impl Runner {
             Ok(k) => k,
             Err(e) => return End::Lost(e),
         };
+        let mut tasks = SessionTasks(Vec::new());
         loop {
             // The lease first: a record is only worth writing under a live lease.
             let kept = timed("keep the lease alive", async {
@@ -325,15 +350,41 @@ impl Runner {
                 }
                 Err(e) => return End::Lost(e),
             }
-            if let Some(record) = (self.record)() {
+            let record = {
+                let mut f = self.record.lock().unwrap_or_else(|p| p.into_inner());
+                f()
+            };
+            if let Some(record) = record {
                 match timed(
                     "write the record",
                     membership::write(&mut client, lease, &record),
                 )
                 .await
                 {
-                    Ok(Written::Ours) => self.set(true, None),
+                    Ok(Written::Ours) => {
+                        self.set(true, None);
+                        // Once the record is ours: lead and run steps under this lease.
+                        if tasks.0.is_empty() {
+                            if let Some(reboots) = &self.reboots {
+                                tasks.0.push(tokio::spawn(crate::coordinate::lead(
+                                    client.clone(),
+                                    self.host_name.clone(),
+                                    lease,
+                                )));
+                                let executor = Executor {
+                                    host: self.host_name.clone(),
+                                    lease,
+                                    record: self.record.clone(),
+                                    reboots: reboots.clone(),
+                                    busy: self.busy.clone(),
+                                };
+                                tasks.0.push(tokio::spawn(executor.run(client.clone())));
+                            }
+                        }
+                    }
                     Ok(Written::HeldByOther { lease: other, pid }) => {
+                        // Not this daemon's record: it neither leads nor runs steps.
+                        tasks = SessionTasks(Vec::new());
                         let pid = pid.map_or(String::new(), |p| format!(" (pid {p})"));
                         self.set(
                             false,

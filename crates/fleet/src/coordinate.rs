@@ -146,3 +146,64 @@ pub async fn round(
     }
     Ok(actions)
 }
+
+/// How often a leader runs a round.
+pub const ROUND_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A host record older than this is stale: its host is not assigned a step. A record is
+/// written every second; a warm reboot pauses it for the handover.
+pub const STALE_AFTER_MS: u64 = 10_000;
+
+/// A daemon's candidacy and leadership, for as long as the caller lets it run (the agent
+/// aborts it when it loses etcd or its lease): campaign under `lease` (or recognise the
+/// election key already under it, left by this host's daemon before a warm reboot), then
+/// run a round every [`ROUND_EVERY`] until it no longer leads, then campaign again.
+pub async fn lead(mut client: Client, name: String, lease: i64) {
+    loop {
+        let leadership = match crate::lead::own_leadership(&mut client, lease).await {
+            Ok(Some(l)) => {
+                tracing::info!(
+                    key = l.key_text(),
+                    "fleet: this host's election key leads (kept across the warm reboot): coordinating"
+                );
+                l
+            }
+            Ok(None) => match crate::lead::campaign(&mut client, &name, lease).await {
+                Ok(l) => {
+                    tracing::info!(key = l.key_text(), "fleet: elected the coordinator");
+                    let e = events::Event::new(events::EventKind::LeaderElected, now_unix_ms())
+                        .host(&name)
+                        .detail(l.key_text());
+                    if let Err(e) = events::append(&mut client, &[l.fence()], e).await {
+                        tracing::debug!(error = %e, "fleet: cannot record the election");
+                    }
+                    l
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "fleet: campaign failed; trying again");
+                    tokio::time::sleep(ROUND_EVERY).await;
+                    continue;
+                }
+            },
+            Err(e) => {
+                tracing::debug!(error = %e, "fleet: cannot read the leader; trying again");
+                tokio::time::sleep(ROUND_EVERY).await;
+                continue;
+            }
+        };
+        loop {
+            tokio::time::sleep(ROUND_EVERY).await;
+            match round(&mut client, &leadership, &name, STALE_AFTER_MS).await {
+                Ok(actions) if !actions.is_empty() => {
+                    tracing::info!(?actions, "fleet: coordinator round")
+                }
+                Ok(_) => {}
+                Err(FleetError::NotLeader { key }) => {
+                    tracing::warn!(key, "fleet: no longer the coordinator; campaigning again");
+                    break;
+                }
+                Err(e) => tracing::debug!(error = %e, "fleet: coordinator round failed"),
+            }
+        }
+    }
+}

@@ -147,6 +147,27 @@ pub async fn leader(client: &mut Client) -> Result<Option<String>, FleetError> {
     }
 }
 
+/// The leadership held under `lease`, if the current leader's key is under it: a warm
+/// reboot's new daemon adopts its host's lease, and with it the election key the old
+/// daemon won; it leads with that key instead of campaigning behind itself.
+pub async fn own_leadership(
+    client: &mut Client,
+    lease: i64,
+) -> Result<Option<Leadership>, FleetError> {
+    match client.leader(keys::election()).await {
+        Ok(r) => Ok(r
+            .kv()
+            .filter(|kv| kv.lease() == lease)
+            .map(|kv| Leadership {
+                key: kv.key().to_vec(),
+                create_revision: kv.create_revision(),
+                lease,
+            })),
+        Err(etcd_client::Error::GRpcStatus(s)) if s.message().contains("no leader") => Ok(None),
+        Err(e) => Err(FleetError::etcd("leader")(e)),
+    }
+}
+
 /// A lease kept alive in the background: the life of a host's membership, slot and
 /// candidacy. `lost()` resolves when the lease could not be renewed before it ran out
 /// (etcd unreachable, or the lease revoked): whoever leads with it stops.

@@ -7,7 +7,8 @@
 //! (`plan`), the coordinator's election and fenced writes (`lead`), the disruption budget's
 //! slots (`slots`), the halt (`halt`), the event history (`events`), and the coordinator's
 //! decisions as a pure function of what it reads (`roll`) and its rounds that write them
-//! (`coordinate`).
+//! (`coordinate`, with the agent's candidacy and leadership); a host's step executor, which
+//! asks its daemon for the reboot and gates it (`executor`).
 //!
 //! Must never: touch a VM or the daemon's state directly (a host's daemon acts on what it
 //! reads here), or write as a coordinator without comparing its own election key's
@@ -19,6 +20,7 @@ pub mod connect;
 pub mod coordinate;
 pub mod error;
 pub mod events;
+pub mod executor;
 pub mod halt;
 pub mod keys;
 pub mod kv;

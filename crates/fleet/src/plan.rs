@@ -336,6 +336,15 @@ pub struct StepRecord {
     pub gates: Vec<GateResult>,
     /// Why it failed or was skipped.
     pub detail: Option<String>,
+    /// The path of the build the host ran when it started the step: what a failed gate
+    /// reboots back into (its sha256 is `from_sha256`). Added with the hosts' step
+    /// executor; absent in steps started by hand.
+    #[serde(default)]
+    pub from_path: Option<String>,
+    /// The VMs the host ran when it started the step: each must still run at the gate.
+    /// Added with the hosts' step executor.
+    #[serde(default)]
+    pub vms_before: Vec<String>,
 }
 
 impl StepRecord {
@@ -354,6 +363,8 @@ impl StepRecord {
             blackout_p99_us: None,
             gates: Vec::new(),
             detail: None,
+            from_path: None,
+            vms_before: Vec::new(),
         }
     }
 
@@ -578,6 +589,30 @@ pub async fn start_step(
     slot: u32,
     from_sha256: Option<String>,
 ) -> Result<StepRecord, FleetError> {
+    let from = StepStart {
+        from_sha256,
+        ..StepStart::default()
+    };
+    start_step_from(client, plan, host, slot, from).await
+}
+
+/// What a host records as it starts its step: the build it runs (to come back to) and
+/// its VMs (each must run at the gate).
+#[derive(Clone, Debug, Default)]
+pub struct StepStart {
+    pub from_sha256: Option<String>,
+    pub from_path: Option<String>,
+    pub vms: Vec<String>,
+}
+
+/// [`start_step`] recording `from` in the step.
+pub async fn start_step_from(
+    client: &mut Client,
+    plan: &str,
+    host: &str,
+    slot: u32,
+    from: StepStart,
+) -> Result<StepRecord, FleetError> {
     let key = keys::step(plan, host);
     let Some((mut step, kv)) = kv::get_record::<StepRecord>(client, &key, "plan step").await?
     else {
@@ -593,7 +628,9 @@ pub async fn start_step(
     }
     step.state = StepState::Started;
     step.started_unix_ms = Some(now_unix_ms());
-    step.from_sha256 = from_sha256;
+    step.from_sha256 = from.from_sha256;
+    step.from_path = from.from_path;
+    step.vms_before = from.vms;
     let txn = Txn::new()
         .when([
             Compare::mod_revision(key.clone(), CompareOp::Equal, kv.mod_revision()),

@@ -111,6 +111,7 @@ fn an_adopted_lease_keeps_the_record_and_a_stop_with_revoke_removes_it() {
                 adopt_lease: adopt,
                 record: Box::new(move || Some(host("h1", pid))),
                 thread_setup: Box::new(|| {}),
+                reboots: None,
             })
             .expect("the agent starts")
         };
