@@ -1,9 +1,12 @@
 //! What `warmvm fleet status` shows: every host's record, and the fleet-wide keys (the
-//! halt, the slots) as they stand, read in one etcd revision. Blocking: the CLI has no
+//! halt, the slots) as they stand, read in one etcd revision; then the current plan with
+//! its progress and steps, and, when asked, the last events of the history. Blocking: the CLI has no
 //! runtime of its own, so this makes a current-thread one for the call.
 
 use serde::{Deserialize, Serialize};
 
+use crate::events::Event;
+use crate::plan::{PlanProgress, PlanSpec, StepRecord};
 use crate::records::{decode, HostRecord};
 use crate::{keys, EtcdOptions, FleetError};
 
@@ -21,6 +24,23 @@ pub struct FleetView {
     pub halt: Option<String>,
     /// `/warmvm/slots/*`, key and value as stored.
     pub slots: Vec<RawKey>,
+    /// The plan that runs now (or ran last), where it stands and its steps. Added with
+    /// the plan's view in `fleet status`.
+    #[serde(default)]
+    pub plan: Option<PlanView>,
+    /// The last events of the history, oldest first (only when asked for). Added with
+    /// `fleet status --events`.
+    #[serde(default)]
+    pub events: Vec<Event>,
+}
+
+/// A plan as `fleet status` shows it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PlanView {
+    pub spec: PlanSpec,
+    pub progress: PlanProgress,
+    /// Its steps, by host name.
+    pub steps: Vec<StepRecord>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -35,20 +55,65 @@ pub struct RawKey {
     pub value: String,
 }
 
-/// Read the fleet (blocking; at most the client's timeouts).
-pub fn read(options: &EtcdOptions) -> Result<FleetView, FleetError> {
+/// Read the fleet with the last `events` events (blocking; at most the client's timeouts).
+pub fn read(options: &EtcdOptions, events: u32) -> Result<FleetView, FleetError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .enable_time()
         .build()
         .map_err(FleetError::Runtime)?;
-    runtime.block_on(read_async(options))
+    runtime.block_on(async {
+        let mut client = options.connect().await?;
+        let mut view = read_async(&mut client).await?;
+        let current = crate::plan::current_plan(&mut client).await?;
+        let shown = match current {
+            Some(id) => Some(id),
+            None => last_plan_id(&mut client).await?,
+        };
+        if let Some(id) = shown {
+            view.plan =
+                crate::plan::read_plan(&mut client, &id)
+                    .await?
+                    .map(|(spec, progress, steps)| PlanView {
+                        spec,
+                        progress,
+                        steps: steps.into_values().collect(),
+                    });
+        }
+        view.events = crate::events::last(&mut client, events).await?;
+        Ok(view)
+    })
 }
 
-/// Read the fleet.
-pub async fn read_async(options: &EtcdOptions) -> Result<FleetView, FleetError> {
+/// The newest plan's id, running or not: ids are the creation time in base 36, so the
+/// last key under the plans' prefix is the newest plan's.
+async fn last_plan_id(client: &mut etcd_client::Client) -> Result<Option<String>, FleetError> {
+    use etcd_client::{GetOptions, SortOrder, SortTarget};
+    let prefix = format!("{}plans/", keys::ROOT);
+    let r = client
+        .get(
+            prefix.clone(),
+            Some(
+                GetOptions::new()
+                    .with_prefix()
+                    .with_keys_only()
+                    .with_sort(SortTarget::Key, SortOrder::Descend)
+                    .with_limit(1),
+            ),
+        )
+        .await
+        .map_err(FleetError::etcd("read the plans"))?;
+    Ok(r.kvs().first().and_then(|kv| {
+        let key = String::from_utf8_lossy(kv.key());
+        key.strip_prefix(&prefix)
+            .and_then(|rest| rest.split('/').next())
+            .map(str::to_string)
+    }))
+}
+
+/// Read the hosts and the fleet-wide keys at one revision.
+pub async fn read_async(client: &mut etcd_client::Client) -> Result<FleetView, FleetError> {
     use etcd_client::{GetOptions, Txn, TxnOp, TxnOpResponse};
-    let mut client = options.connect().await?;
     let prefix = |p: String| {
         TxnOp::get(
             p.clone(),
@@ -77,6 +142,8 @@ pub async fn read_async(options: &EtcdOptions) -> Result<FleetView, FleetError> 
             unreadable: Vec::new(),
             halt: None,
             slots: Vec::new(),
+            plan: None,
+            events: Vec::new(),
         });
     };
     let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
@@ -93,6 +160,8 @@ pub async fn read_async(options: &EtcdOptions) -> Result<FleetView, FleetError> 
                 value: text(kv.value()),
             })
             .collect(),
+        plan: None,
+        events: Vec::new(),
     };
     for kv in hosts.kvs() {
         let key = text(kv.key());

@@ -556,13 +556,29 @@ mod tests {
         .unwrap();
         assert!(cli.global.json);
         let Command::Fleet {
-            what: crate::fleet::FleetCommand::Status { etcd },
+            what: crate::fleet::FleetCommand::Status { etcd, events },
         } = cli.command
         else {
             panic!("not fleet status");
         };
+        assert_eq!(events, None, "no events unless asked");
         assert_eq!(etcd.etcd, "https://a:1");
         assert_eq!(etcd.etcd_ca.as_deref(), Some(std::path::Path::new("/ca")));
+        // --events alone means the last 20; --events N the last N.
+        for (extra, want) in [
+            (vec!["--events"], Some(20)),
+            (vec!["--events", "5"], Some(5)),
+        ] {
+            let mut args = vec!["warmvm", "fleet", "status", "--etcd", "http://a:1"];
+            args.extend(extra);
+            let Command::Fleet {
+                what: crate::fleet::FleetCommand::Status { events, .. },
+            } = Cli::try_parse_from(args).unwrap().command
+            else {
+                panic!("not fleet status");
+            };
+            assert_eq!(events, want);
+        }
         // --etcd is required.
         assert!(Cli::try_parse_from(["warmvm", "fleet", "status"]).is_err());
         let daemon = Cli::try_parse_from([

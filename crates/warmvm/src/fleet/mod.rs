@@ -15,10 +15,14 @@ use crate::failure::Failure;
 #[derive(clap::Subcommand, Debug)]
 pub enum FleetCommand {
     /// List the hosts (build, pid, health, VMs, verified guests, how fresh the record is)
-    /// and the fleet-wide keys (halt, slots). With --json: the records themselves.
+    /// the fleet-wide keys (halt, slots), and the current or last plan with its steps. With
+    /// --json: the records themselves.
     Status {
         #[command(flatten)]
         etcd: EtcdArgs,
+        /// Also print the last N events of the fleet's history [N: 20].
+        #[arg(long, value_name = "N", num_args = 0..=1, default_missing_value = "20")]
+        events: Option<u32>,
     },
     /// Store a plan that reboots the fleet's hosts in waves: the canary host(s), a soak,
     /// then the rest at most --max-unavailable at a time; optionally onto a new build
@@ -40,7 +44,7 @@ pub enum FleetCommand {
 
 pub fn fleet(what: FleetCommand, json: bool) -> Result<ExitCode, Failure> {
     match what {
-        FleetCommand::Status { etcd } => status::status(&etcd, json),
+        FleetCommand::Status { etcd, events } => status::status(&etcd, events.unwrap_or(0), json),
         FleetCommand::Roll { etcd, plan } => plan::roll(&etcd, plan, json),
         FleetCommand::Resume { etcd } => plan::resume(&etcd, json),
     }

@@ -3,16 +3,17 @@
 use std::process::ExitCode;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use warmvm_fleet::events::Event;
 use warmvm_fleet::records::{Health, HostRecord};
-use warmvm_fleet::view::FleetView;
+use warmvm_fleet::view::{FleetView, PlanView};
 use warmvm_fleet::AgentStatus;
 
 use super::etcd::{fleet_failure, EtcdArgs};
 use crate::failure::Failure;
 
-pub fn status(etcd: &EtcdArgs, json: bool) -> Result<ExitCode, Failure> {
+pub fn status(etcd: &EtcdArgs, events: u32, json: bool) -> Result<ExitCode, Failure> {
     let options = etcd.options()?;
-    let view = warmvm_fleet::view::read(&options).map_err(fleet_failure)?;
+    let view = warmvm_fleet::view::read(&options, events).map_err(fleet_failure)?;
     if json {
         crate::output::print_json(&serde_json::to_value(&view).unwrap_or_default());
     } else {
@@ -105,7 +106,89 @@ fn table(view: &FleetView, now_ms: u64) -> String {
     for s in &view.slots {
         out.push_str(&format!("slot {}: {}\n", s.key, s.value));
     }
+    if let Some(p) = &view.plan {
+        out.push_str(&plan_lines(p));
+    }
+    if !view.events.is_empty() {
+        out.push_str("events:\n");
+        for e in &view.events {
+            out.push_str(&event_line(e));
+        }
+    }
     out
+}
+
+/// The plan: its id, status, wave and target, then a line per step.
+fn plan_lines(p: &PlanView) -> String {
+    let target = p.spec.target.as_ref().map_or_else(
+        || "rejuvenation (same build)".to_string(),
+        |t| format!("to {}", t.sha256.chars().take(12).collect::<String>()),
+    );
+    let soak = p
+        .progress
+        .soak_until_unix_ms
+        .map_or(String::new(), |t| format!(", soak until {t}"));
+    let mut out = format!(
+        "plan {}: {}, wave {}{soak}, {} {target}, at most {} at a time\n",
+        p.spec.id,
+        serde_plain(&p.progress.status),
+        p.progress.wave,
+        serde_plain(&p.spec.mode),
+        p.spec.max_unavailable,
+    );
+    for s in &p.steps {
+        let blackout = s.blackout_p99_us.map_or(String::new(), |b| {
+            format!(", blackout p99 {:.1} ms", b as f64 / 1000.0)
+        });
+        let failed: Vec<&str> = s
+            .gates
+            .iter()
+            .filter(|g| !g.passed)
+            .map(|g| g.gate.as_str())
+            .collect();
+        let failed = if failed.is_empty() {
+            String::new()
+        } else {
+            format!(", failed gates: {}", failed.join(", "))
+        };
+        let detail = s
+            .detail
+            .as_ref()
+            .map_or(String::new(), |d| format!(" ({d})"));
+        out.push_str(&format!(
+            "  step {}: {}{blackout}{failed}{detail}\n",
+            s.host,
+            s.state.as_str()
+        ));
+    }
+    out
+}
+
+fn event_line(e: &Event) -> String {
+    let mut parts = vec![format!(
+        "  #{} {} {}",
+        e.seq,
+        e.at_unix_ms,
+        serde_plain(&e.kind)
+    )];
+    if let Some(h) = &e.host {
+        parts.push(format!("host {h}"));
+    }
+    if let Some(p) = &e.plan {
+        parts.push(format!("plan {p}"));
+    }
+    if !e.detail.is_empty() {
+        parts.push(e.detail.clone());
+    }
+    format!("{}\n", parts.join(" "))
+}
+
+/// A unit enum's name as its records spell it (kebab-case).
+fn serde_plain<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_else(|| "?".into())
 }
 
 /// `warmvm status`'s fleet line: connected or not, since when, and why not.
@@ -184,6 +267,8 @@ mod tests {
                 key: "/warmvm/slots/0".into(),
                 value: "h1".into(),
             }],
+            plan: None,
+            events: vec![],
         };
         let t = table(&view, 3_500);
         let lines: Vec<&str> = t.lines().collect();
@@ -200,5 +285,68 @@ mod tests {
         assert!(lines[2].contains(" 0/1 "), "{t}");
         assert!(t.contains("halt: gate failed on h2"), "{t}");
         assert!(t.contains("slot /warmvm/slots/0: h1"), "{t}");
+    }
+
+    #[test]
+    fn the_plan_its_steps_and_the_events_are_one_line_each() {
+        use warmvm_fleet::events::{Event, EventKind};
+        use warmvm_fleet::plan::{
+            GateResult, PlanProgress, PlanSpec, PlanStatus, StepRecord, StepState,
+        };
+        let spec: PlanSpec = serde_json::from_value(serde_json::json!({
+            "format": FORMAT, "id": "plan-abc", "mode": "warm",
+            "target": {"path": "/usr/bin/warmvm.new", "sha256": "ab".repeat(32)},
+            "canary": 1, "max_unavailable": 2, "soak_secs": 5, "hosts": ["h1", "h2"],
+            "blackout_p99_limit_us": 50000, "on_missing_host": "halt",
+            "created_unix_ms": 1, "created_by": "op@box"
+        }))
+        .unwrap_or_else(|e| panic!("a spec: {e}"));
+        let mut progress = PlanProgress::new("plan-abc", 1);
+        progress.status = PlanStatus::Halted;
+        progress.wave = 1;
+        let mut failed = StepRecord::assigned("plan-abc", "h2", 1, 2);
+        failed.state = StepState::Failed;
+        failed.blackout_p99_us = Some(2_500);
+        failed.gates = vec![GateResult {
+            gate: "blackout".into(),
+            passed: false,
+            detail: "2500 us over 1 us".into(),
+        }];
+        failed.detail = Some("gate failed".into());
+        let mut view = FleetView {
+            revision: 1,
+            hosts: vec![],
+            unreadable: vec![],
+            halt: None,
+            slots: vec![],
+            plan: Some(PlanView {
+                spec,
+                progress,
+                steps: vec![StepRecord::assigned("plan-abc", "h1", 1, 2), failed],
+            }),
+            events: vec![],
+        };
+        let mut e = Event::new(EventKind::GateFailed, 9);
+        e.seq = 4;
+        e.host = Some("h2".into());
+        e.plan = Some("plan-abc".into());
+        e.detail = "blackout".into();
+        view.events.push(e);
+        let t = table(&view, 10);
+        assert!(
+            t.contains("plan plan-abc: halted, wave 1, warm to abababababab, at most 2 at a time"),
+            "{t}"
+        );
+        assert!(t.contains("  step h1: assigned\n"), "{t}");
+        assert!(
+            t.contains(
+                "  step h2: failed, blackout p99 2.5 ms, failed gates: blackout (gate failed)"
+            ),
+            "{t}"
+        );
+        assert!(
+            t.contains("  #4 9 gate-failed host h2 plan plan-abc blackout"),
+            "{t}"
+        );
     }
 }
