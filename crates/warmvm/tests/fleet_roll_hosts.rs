@@ -270,6 +270,21 @@ fn the_daemons_roll_a_new_build_across_three_hosts_one_at_a_time_and_no_vm_resta
         assert_eq!(count("gate-failed"), 0, "{n}: {history:#?}");
     }
     assert!(get(&f.rig, "/warmvm/halt").is_none());
+    // `fleet status` shows the finished plan, its steps and the history.
+    let out = fleet(&f.rig, &["status", "--events", "200"]);
+    let shown = text(&out);
+    assert!(out.status.success(), "{shown}");
+    assert!(shown.contains(&format!("plan {id}: done")), "{shown}");
+    for n in f.names {
+        assert!(
+            shown.contains(&format!("  step {n}: gate-passed")),
+            "{shown}"
+        );
+        assert!(
+            shown.contains(&format!(" gate-passed host {n} plan {id}")),
+            "{shown}"
+        );
+    }
     // One election only: every host rebooted, the leader's too, and its new daemon led on
     // with the election key its lease kept instead of campaigning again.
     let elected: Vec<&Value> = history
@@ -427,4 +442,100 @@ fn a_canary_that_fails_its_gate_halts_the_fleet_goes_back_to_its_build_and_no_ot
         "canary failed its gate, halted and back on its build {:.1} s after the plan",
         took.as_secs_f64()
     );
+}
+
+#[test]
+fn the_leader_killed_mid_roll_is_replaced_within_its_lease_and_no_step_runs_twice() {
+    if !can_run("fleet_roll_hosts_leader_killed") {
+        return;
+    }
+    let mut f = fleet_of_three("rollkill");
+    let dir = scratch(&format!("fleet-kill-build-{}", now_ms() % 100_000));
+    let (binary, sha) = other_build(&dir, b"fleet-roll-leader-killed");
+    let elected = |rig: &EtcdCluster| -> Vec<Value> {
+        events(rig)
+            .into_iter()
+            .filter(|e| e["kind"] == "leader-elected")
+            .collect()
+    };
+    assert!(
+        wait_until(30, || !elected(&f.rig).is_empty()),
+        "nobody leads: {:#?}",
+        events(&f.rig)
+    );
+    let leader = elected(&f.rig)[0]["host"]
+        .as_str()
+        .expect("the leader names its host")
+        .to_string();
+    let leader_index = f
+        .names
+        .iter()
+        .position(|n| *n == leader)
+        .expect("a host of ours");
+    // A host that is gone when its turn comes is skipped, so the roll can complete without
+    // the killed leader (whose VMs die with it: the process that owned them was killed).
+    let id = roll(&f, &binary, &sha, &["--on-missing-host", "skip"]);
+    let canary_passed = |rig: &EtcdCluster| {
+        events(rig)
+            .iter()
+            .any(|e| e["kind"] == "gate-passed" && e["host"] == "h0" && e["plan"] == id.as_str())
+    };
+    assert!(
+        watch_roll(&mut f, Duration::from_secs(120), &canary_passed),
+        "the canary never passed: {:#?}",
+        events(&f.rig)
+    );
+    // Mid-roll, in the soak after the canary: the leader's daemon is killed.
+    let killed_pid = f.hosts[leader_index].pid;
+    let killed_at = now_ms();
+    let status = Command::new("kill")
+        .args(["-KILL", &killed_pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let finished = watch_roll(&mut f, Duration::from_secs(240), &|rig| {
+        progress(rig, &id)["status"] == "done"
+    });
+    let history = events(&f.rig);
+    assert!(
+        finished,
+        "the plan did not finish after the leader was killed: {:#}\n{history:#?}",
+        progress(&f.rig, &id)
+    );
+    // Another host leads, within the lease's TTL (5 s) and 3 s.
+    let next = elected(&f.rig)
+        .into_iter()
+        .find(|e| e["host"] != leader.as_str() && e["at_unix_ms"].as_u64() > Some(killed_at))
+        .unwrap_or_else(|| panic!("no other host took the lead: {history:#?}"));
+    let took_ms = next["at_unix_ms"].as_u64().unwrap() - killed_at;
+    eprintln!(
+        "leader {leader} killed; {} leads {took_ms} ms later",
+        next["host"].as_str().unwrap_or_default()
+    );
+    assert!(
+        took_ms <= 8_000,
+        "the new leader took {took_ms} ms: {history:#?}"
+    );
+    // No step ran twice; every host still alive passed its gate on the new build.
+    for (i, n) in f.names.iter().enumerate() {
+        let count = |kind: &str| {
+            history
+                .iter()
+                .filter(|e| e["kind"] == kind && e["host"] == *n && e["plan"] == id.as_str())
+                .count()
+        };
+        assert!(
+            count("step-started") <= 1,
+            "{n} started twice: {history:#?}"
+        );
+        if i == leader_index {
+            continue;
+        }
+        assert_eq!(count("step-started"), 1, "{n}: {history:#?}");
+        assert_eq!(count("gate-passed"), 1, "{n}: {history:#?}");
+        let r = host_record(&f.rig, n).unwrap();
+        assert_eq!(r["build"]["sha256"], sha.as_str(), "{n}: {r:#}");
+        judge(&f.hosts[i].client(), &vm_names(n))
+            .unwrap_or_else(|e| panic!("{n}'s guests: {e:?}\n{}", f.hosts[i].log()));
+    }
 }
